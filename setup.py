@@ -1,0 +1,42 @@
+"""infalign-jax: inference-aware alignment (InfAlign / CTRL) in JAX."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.6.0",
+    "flax>=0.10.4",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "chex>=0.1.88",
+    "ml-collections>=1.0.0",
+    "transformers>=4.46.0",
+    "tokenizers>=0.20.0",
+    "safetensors>=0.4.5",
+    "numpy>=1.26",
+    "absl-py>=2.1.0",
+    "gguf>=0.10.0",        # GGUF checkpoint import (llama.cpp files)
+    "sentencepiece>=0.2.0",  # some GGUF/HF tokenizers need it
+    "matplotlib>=3.8",     # plots written by experiments and the analytic tool
+]
+
+EXTRAS_REQUIRE = {
+    # Parity tests compare against Hugging Face's PyTorch models; torch 2.13.0
+    # is the CPU wheel available offline on the project's machines.
+    "test": ["pytest>=8.0", "scipy>=1.11", "torch==2.13.0"],
+    # TFDS builder / array_record data sources (no TensorFlow needed for
+    # tfds.data_source; add tensorflow yourself for as_dataset).
+    "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5.1"],
+}
+
+setup(
+    name="infalign-jax",
+    version="0.1.0",
+    description="Inference-aware alignment of language models (calibrate-and-transform RL) in JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["infalign_jax", "infalign_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
