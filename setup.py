@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "gguf>=0.10.0",        # GGUF checkpoint import (llama.cpp files)
     "sentencepiece>=0.2.0",  # some GGUF/HF tokenizers need it
     "matplotlib>=3.8",     # plots written by experiments and the analytic tool
+    "grain>=0.2.10",       # deterministic, checkpointable data loading
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,300 @@
+"""Evaluation maths (infalign_jax/evaluation.py) against brute force, closed forms and numpy."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from infalign_jax import evaluation as ev
+
+# ------------------------------------------------------------------ plug-in win rates
+
+
+def _brute_force(pol, ref, n, procedure, against):
+    """Enumerate every n-tuple (with replacement) of policy samples and m-tuple of reference ones."""
+    pick = max if procedure == "bon" else min
+    m = n if against == "transformed" else 1
+    xs = [pick(t) for t in itertools.product(pol, repeat=n)]
+    ys = [pick(t) for t in itertools.product(ref, repeat=m)]
+    return np.mean([(x > y) + 0.5 * (x == y) for x in xs for y in ys])
+
+
+TIED_CASES = [
+    ([1.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 2.0]),
+    ([2.0, 2.0, 2.0, 5.0], [2.0, 5.0, 5.0, 1.0]),
+    ([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.1, 0.9]),
+    ([3.0, 1.0, 4.0, 1.0], [1.0, 5.0, 9.0, 2.0]),
+]
+
+
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+@pytest.mark.parametrize("against", ["transformed", "base"])
+def test_plugin_matches_brute_force_enumeration_with_ties(procedure, against):
+    pol = np.array([c[0] for c in TIED_CASES])
+    ref = np.array([c[1] for c in TIED_CASES])
+    got = ev.plugin_win_rates(pol, ref, [1, 2, 3], procedure, against)
+    assert got.shape == (len(TIED_CASES), 3)
+    for b, (p, r) in enumerate(TIED_CASES):
+        for g, n in enumerate((1, 2, 3)):
+            assert got[b, g] == pytest.approx(_brute_force(p, r, n, procedure, against), abs=1e-12)
+
+
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+@pytest.mark.parametrize("against", ["transformed", "base"])
+def test_plugin_with_masks_and_n_larger_than_m(procedure, against):
+    # Masked samples are not part of the empirical distribution; their values must not matter.
+    pol = np.array([[1.0, 7.0, 1.0, np.nan], [4.0, 0.0, 2.0, 2.0]])
+    pol_valid = np.array([[1, 0, 1, 0], [1, 1, 1, 1]], bool)
+    ref = np.array([[1.0, 0.0, -3.0], [2.0, 9.0, 2.0]])
+    ref_valid = np.array([[1, 1, 0], [1, 0, 1]], bool)
+    ns = [1, 2, 5]  # n = 5 > M: defined, since draws are with replacement
+    got = ev.plugin_win_rates(pol, ref, ns, procedure, against, pol_valid, ref_valid)
+    for b in range(2):
+        p, r = pol[b][pol_valid[b]].tolist(), ref[b][ref_valid[b]].tolist()
+        for g, n in enumerate(ns):
+            assert got[b, g] == pytest.approx(_brute_force(p, r, n, procedure, against), abs=1e-12)
+
+
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+def test_policy_equal_to_base_gives_one_half_for_every_n(procedure):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, (20, 12)).astype(float)  # heavy ties
+    valid = rng.random((20, 12)) < 0.8
+    valid[:, 0] = True
+    ns = [1, 2, 3, 8, 32, 100]
+    got = ev.plugin_win_rates(scores, scores, ns, procedure, "transformed", valid, valid)
+    np.testing.assert_allclose(got, 0.5, atol=1e-12)
+    # Swapping the sides gives the complement, for any pair of distributions.
+    other = rng.integers(0, 5, (20, 7)).astype(float)
+    forward = ev.plugin_win_rates(scores, other, ns, procedure, "transformed", valid)
+    backward = ev.plugin_win_rates(other, scores, ns, procedure, "transformed", None, valid)
+    np.testing.assert_allclose(forward + backward, 1.0, atol=1e-12)
+
+
+def test_plugin_matches_monte_carlo_draws_of_n_tuples():
+    pol = np.array([0.0, 1.0, 1.0, 2.0, 3.0])
+    ref = np.array([1.0, 1.0, 2.0, 0.5])
+    rng = np.random.default_rng(1)
+    draws = 200_000
+    for procedure, pick in (("bon", np.max), ("won", np.min)):
+        for n in (2, 4, 7):
+            x = pick(rng.choice(pol, (draws, n)), axis=1)
+            y = pick(rng.choice(ref, (draws, n)), axis=1)
+            wins = (x > y) + 0.5 * (x == y)
+            se = wins.std() / np.sqrt(draws)
+            got = ev.plugin_win_rates(pol[None], ref[None], n, procedure)[0, 0]
+            assert abs(got - wins.mean()) < 4 * se, (procedure, n, got, wins.mean(), se)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_closed_forms_for_a_bon_k_policy_with_continuous_scores(k):
+    """pi = BoN_k(pi_ref), continuous: standard and BoN_N-vs-BoN_N win rates are k/(k+1),
+    BoN_N(pi) vs plain pi_ref is kN/(kN+1); pi = WoN_k(pi_ref) under WoN_N gives 1/(k+1)."""
+    rng = np.random.default_rng(10 + k)
+    num_prompts, m = 100, 300
+    ref = rng.random((num_prompts, m))
+    best = rng.random((num_prompts, m, k)).max(-1)
+    worst = rng.random((num_prompts, m, k)).min(-1)
+    ns = [1, 2, 4]
+    checks = [
+        (ev.plugin_win_rates(best, ref, ns, "bon", "transformed"), [k / (k + 1)] * 3),
+        (ev.plugin_win_rates(best, ref, ns, "bon", "base"), [k * n / (k * n + 1) for n in ns]),
+        (ev.plugin_win_rates(worst, ref, ns, "won", "transformed"), [1 / (k + 1)] * 3),
+    ]
+    for per_prompt, want in checks:
+        se = per_prompt.std(0, ddof=1) / np.sqrt(num_prompts)
+        # Plug-in bias for n << m is O(n / m), well inside 4 standard errors here.
+        assert np.all(np.abs(per_prompt.mean(0) - want) < 4 * se + 1e-3), (per_prompt.mean(0), want, se)
+
+
+def test_standard_and_paired_win_rates():
+    pol = np.array([[1.0, 2.0], [0.0, 0.0]])
+    ref = np.array([[2.0, 0.0, 1.0], [0.0, 1.0, -1.0]])
+    # Row 0 pairs: 1 vs (2,0,1) -> 0,1,.5 ; 2 vs (2,0,1) -> .5,1,1  => 4/6
+    np.testing.assert_allclose(ev.standard_win_rate(pol, ref), [4 / 6, 3 / 6], atol=1e-15)
+    np.testing.assert_array_equal(ev.paired_win_rate([1.0, 2.0, 3.0], [1.0, 3.0, 0.0]), [0.5, 0, 1])
+    with pytest.raises(ValueError, match="pol_B"):
+        ev.paired_win_rate([np.nan], [1.0])
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    good = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="ns must all be >= 1"):
+        ev.plugin_win_rates(good, good, [1, 0])
+    with pytest.raises(ValueError, match="ns must be an int"):
+        ev.plugin_win_rates(good, good, 1.5)
+    with pytest.raises(ValueError, match="procedure"):
+        ev.plugin_win_rates(good, good, 1, "median")
+    with pytest.raises(ValueError, match="against"):
+        ev.plugin_win_rates(good, good, 1, "bon", "nobody")
+    bad = good.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"pol_BxM has 1 NaN"):
+        ev.plugin_win_rates(bad, good)
+    with pytest.raises(ValueError, match=r"ref_BxK has 1 NaN"):
+        ev.win_rate(good, bad)
+    with pytest.raises(ValueError, match="same number of prompts"):
+        ev.plugin_win_rates(good, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"ref_BxK: prompt rows \[0\] have no valid"):
+        ev.plugin_win_rates(good, good, ref_valid_BxK=np.array([[0, 0, 0], [1, 1, 1]], bool))
+    with pytest.raises(ValueError, match="pol_BxM must be"):
+        ev.plugin_win_rates(np.zeros(3), good)
+
+
+def test_nan_skip_policy_counts_what_it_drops():
+    pol = np.array([[1.0, np.nan], [np.nan, np.nan], [0.0, 2.0]])
+    ref = np.array([[0.0, 1.0], [0.0, 1.0], [np.nan, 1.0]])
+    est = ev.win_rate(pol, ref, ns=[1, 2], nan_policy="skip", num_resamples=50)
+    assert (est.skipped_samples, est.skipped_prompts, est.num_prompts) == (4, 1, 2)
+    # Remaining: prompt 0 = {1} vs {0, 1}; prompt 2 = {0, 2} vs {1}.
+    want = [np.mean([_brute_force([1.0], [0.0, 1.0], n, "bon", "transformed"),
+                     _brute_force([0.0, 2.0], [1.0], n, "bon", "transformed")]) for n in (1, 2)]
+    np.testing.assert_allclose(est.point, want, atol=1e-12)
+    with pytest.raises(ValueError, match="nan_policy"):
+        ev.win_rate(pol, ref, nan_policy="ignore")
+    with pytest.raises(ValueError, match="no prompt has a valid"):
+        ev.win_rate(pol[1:2], ref[1:2], nan_policy="skip")
+    with pytest.raises(ValueError, match="same number of prompts"):
+        ev.win_rate(pol, ref[:2], nan_policy="skip")
+
+
+# ------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_covers_the_truth_and_shrinks_with_more_prompts():
+    """pi = BoN_k(pi_ref) with k drawn per prompt from {1, 2, 3}; continuous scores, so the
+    per-prompt standard plug-in is unbiased and the truth is mean_k k/(k+1)."""
+    truth = np.mean([k / (k + 1) for k in (1, 2, 3)])
+    rng = np.random.default_rng(2)
+
+    def simulate(num_prompts, seed):
+        ks = rng.integers(1, 4, num_prompts)
+        pol = np.stack([rng.random((8, k)).max(-1) for k in ks])
+        ref = rng.random((num_prompts, 8))
+        return ev.win_rate(pol, ref, num_resamples=400, seed=seed)
+
+    repeats = 150
+    results = [simulate(40, s) for s in range(repeats)]
+    coverage = np.mean([float(r.lower[0] <= truth <= r.upper[0]) for r in results])
+    assert 0.88 <= coverage <= 0.99, coverage
+    width_40 = np.mean([r.upper[0] - r.lower[0] for r in results[:20]])
+    width_160 = np.mean([(r.upper[0] - r.lower[0]) for r in (simulate(160, s) for s in range(20))])
+    assert 0.35 < width_160 / width_40 < 0.65, (width_40, width_160)  # ~ 1/2 for 4x prompts
+
+
+def test_bootstrap_stderr_matches_the_standard_error_of_the_mean():
+    values = np.random.default_rng(3).normal(size=(200, 2)) * [1.0, 3.0]
+    est = ev.bootstrap_mean(values, num_resamples=4000, seed=0)
+    plug_in_se = values.std(0, ddof=0) / np.sqrt(200)  # the bootstrap targets the ddof=0 SE
+    np.testing.assert_allclose(est.stderr, plug_in_se, rtol=0.06)
+    np.testing.assert_allclose(est.point, values.mean(0), rtol=0, atol=1e-15)
+    assert np.all(est.lower < est.point) and np.all(est.point < est.upper)
+    np.testing.assert_allclose(est.upper - est.lower, 2 * 1.96 * plug_in_se, rtol=0.1)
+    same = ev.bootstrap_mean(values, num_resamples=4000, seed=0)
+    np.testing.assert_array_equal(same.lower, est.lower)  # the seed fixes the interval
+    with pytest.raises(ValueError, match="level"):
+        ev.bootstrap_mean(values, level=1.5)
+    with pytest.raises(ValueError, match="non-finite"):
+        ev.bootstrap_mean([1.0, np.nan])
+
+
+# ------------------------------------------------------------------ KL estimators
+
+
+def _np_log_softmax(x):
+    x = x.astype(np.float64)
+    return x - logsumexp(x, axis=-1, keepdims=True)
+
+
+def test_identical_policies_give_zero_kl():
+    rng = np.random.default_rng(4)
+    logp = jnp.asarray(np.log(rng.random((6, 10))), jnp.float32)
+    mask = jnp.asarray(rng.random((6, 10)) < 0.7)
+    for estimate in (ev.kl_k1(logp, logp, mask), ev.kl_k3(logp, logp, mask)):
+        assert float(estimate.mean) == 0.0 and float(estimate.stderr) == 0.0
+        np.testing.assert_array_equal(estimate.per_sequence_B, 0.0)
+    logits = jnp.asarray(rng.normal(size=(6, 10, 11)), jnp.float32)
+    np.testing.assert_allclose(ev.kl_full_vocab(logits, logits, mask).per_sequence_B, 0.0, atol=1e-6)
+
+
+def test_k1_k3_match_numpy_and_respect_the_mask():
+    rng = np.random.default_rng(5)
+    logp = np.log(rng.random((5, 8))).astype(np.float32)
+    ref_logp = np.log(rng.random((5, 8))).astype(np.float32)
+    lengths = np.array([8, 3, 0, 5, 1])
+    mask = np.arange(8)[None] < lengths[:, None]  # tokens after EOS are masked out
+    garbage = np.where(mask, logp, np.nan).astype(np.float32)  # padding may hold anything
+    k1 = ev.kl_k1(jnp.asarray(garbage), jnp.asarray(ref_logp), jnp.asarray(mask))
+    want_k1 = np.array([np.sum(logp[b, :n].astype(np.float64) - ref_logp[b, :n]) for b, n in enumerate(lengths)])
+    np.testing.assert_allclose(k1.per_sequence_B, want_k1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k1.mean, want_k1.mean(), rtol=1e-5)
+    np.testing.assert_allclose(k1.stderr, want_k1.std(ddof=1) / np.sqrt(5), rtol=1e-4)
+    k3 = ev.kl_k3(jnp.asarray(garbage), jnp.asarray(ref_logp), jnp.asarray(mask))
+    ratio = np.exp(ref_logp.astype(np.float64) - logp)
+    want_k3 = np.array([np.sum((ratio[b, :n] - 1) - np.log(ratio[b, :n])) for b, n in enumerate(lengths)])
+    np.testing.assert_allclose(k3.per_sequence_B, want_k3, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(ev.token_k3(jnp.asarray(logp), jnp.asarray(ref_logp))) >= 0)
+    tiny = jnp.asarray(logp) + jnp.asarray(rng.normal(size=logp.shape) * 1e-7, jnp.float32)
+    assert np.all(np.asarray(ev.token_k3(jnp.asarray(logp), tiny)) >= 0)
+
+
+def test_full_vocab_kl_matches_numpy():
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(4, 6, 13)).astype(np.float32) * 2
+    ref_logits = rng.normal(size=(4, 6, 13)).astype(np.float32) * 2
+    logits[0, 0, :5] = -np.inf  # zero-probability tokens under pi contribute nothing
+    mask = np.arange(6)[None] < np.array([6, 2, 4, 0])[:, None]
+    lp, lq = _np_log_softmax(logits), _np_log_softmax(ref_logits)
+    p = np.exp(lp)
+    with np.errstate(invalid="ignore"):  # 0 * -inf in the unselected branch
+        per_token = np.sum(np.where(p > 0, p * (lp - lq), 0.0), axis=-1)
+    got = ev.token_kl_full_vocab(jnp.asarray(logits), jnp.asarray(ref_logits))
+    np.testing.assert_allclose(got, per_token, rtol=1e-5, atol=1e-6)
+    bad_ref = np.where(mask[..., None], ref_logits, np.nan).astype(np.float32)
+    est = jax.jit(ev.kl_full_vocab)(jnp.asarray(logits), jnp.asarray(bad_ref), jnp.asarray(mask))
+    np.testing.assert_allclose(est.per_sequence_B, np.where(mask, per_token, 0).sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_k1_and_k3_are_unbiased_for_the_exact_kl():
+    """Tokens drawn i.i.d. per position from p: E[k1] = E[k3] = T * KL(p || q) (Monte Carlo)."""
+    rng = np.random.default_rng(7)
+    num_seq, length, vocab = 20_000, 4, 5
+    p = rng.dirichlet(np.ones(vocab))
+    q = rng.dirichlet(np.ones(vocab))
+    exact = length * np.sum(p * np.log(p / q))
+    tokens = rng.choice(vocab, size=(num_seq, length), p=p)
+    logp = jnp.asarray(np.log(p)[tokens], jnp.float32)
+    ref_logp = jnp.asarray(np.log(q)[tokens], jnp.float32)
+    mask = jnp.ones((num_seq, length), bool)
+    for estimate in (ev.kl_k1(logp, ref_logp, mask), ev.kl_k3(logp, ref_logp, mask)):
+        assert abs(float(estimate.mean) - exact) < 4 * float(estimate.stderr), (estimate.mean, exact)
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (2, length, vocab))
+    ref_logits = jnp.broadcast_to(jnp.log(jnp.asarray(q, jnp.float32)), (2, length, vocab))
+    full = ev.kl_full_vocab(logits, ref_logits, jnp.ones((2, length), bool))
+    np.testing.assert_allclose(full.per_sequence_B, exact, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ KL bounds
+
+
+def test_kl_bounds_match_the_spec_table():
+    # Spec section 7 (CD best-of-K bounds, 4 decimals).
+    table = {2: 0.1931, 3: 0.4319, 4: 0.6363, 6: 0.9584, 8: 1.2044, 16: 1.8351, 32: 2.4970, 50: 2.9320}
+    got = ev.bon_kl_bound(list(table))
+    np.testing.assert_allclose(got, list(table.values()), atol=5e-5)
+    assert ev.bon_kl_bound(1) == 0.0
+    # Blockwise: (L / M) (log K - (K-1)/K); 64 tokens in blocks of 16 at K = 6 -> 4 x 0.9584.
+    got = ev.blockwise_cd_kl_bound(np.array([64, 40]), 16, 6)
+    np.testing.assert_allclose(got, [4 * 0.95842614, 2.5 * 0.95842614], rtol=1e-7)
+    np.testing.assert_allclose(ev.blockwise_cd_kl_bound(40, 16, 6, ceil_blocks=True), 3 * 0.95842614)
+    with pytest.raises(ValueError, match="n must be"):
+        ev.bon_kl_bound(0)
+    with pytest.raises(ValueError, match="num_candidates_K"):
+        ev.blockwise_cd_kl_bound(10, 4, 0.5)
+    with pytest.raises(ValueError, match="block_size_M"):
+        ev.blockwise_cd_kl_bound(10, 0, 4)
+    with pytest.raises(ValueError, match="num_tokens_L"):
+        ev.blockwise_cd_kl_bound(-1, 4, 4)
