@@ -1,0 +1,276 @@
+"""KL estimators and policy-gradient losses (infalign_jax/losses.py) vs numpy and hand values."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infalign_jax import losses as L
+
+B, T, V = 5, 7, 6
+VARIANTS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
+
+
+def _mask(rng, b=B, t=T):
+    """Response masks of varied lengths (one empty row, one full row) with a random start."""
+    mask = np.zeros((b, t), bool)
+    for i in range(b):
+        start = rng.integers(0, 3)
+        length = 0 if i == 0 else (t - start if i == 1 else rng.integers(1, t - start + 1))
+        mask[i, start:start + length] = True
+    return mask
+
+
+def _logps(seed):
+    rng = np.random.default_rng(seed)
+    logp = np.log(rng.uniform(0.05, 1.0, (B, T))).astype(np.float32)
+    ref = np.log(rng.uniform(0.05, 1.0, (B, T))).astype(np.float32)
+    return rng, logp, ref, _mask(rng)
+
+
+def _np_masked_mean(x, m):
+    return float((x * m).sum() / max(m.sum(), 1))
+
+
+# ----------------------------------------------------------------------------- KL estimators
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kl_estimators_match_numpy(variant, seed):
+    _, logp, ref, mask = _logps(seed)
+    d = logp.astype(np.float64) - ref
+    expected = {"k1": d, "k2": 0.5 * d ** 2, "k3": np.exp(-d) - 1 + d}
+    for name, want in expected.items():
+        got = variant(functools.partial(L.kl_per_token, name))(logp, ref, mask)
+        np.testing.assert_allclose(np.asarray(got), np.where(mask, want, 0), rtol=1e-5, atol=1e-6)
+        got_nomask = variant(L.KL_ESTIMATORS[name])(logp, ref)
+        np.testing.assert_allclose(np.asarray(got_nomask), want, rtol=1e-5, atol=1e-6)
+        assert got.dtype == jnp.float32
+
+
+def test_k3_nonnegative_and_zero_for_identical_policies():
+    rng = np.random.default_rng(3)
+    logp = rng.normal(0, 8, (64, 32)).astype(np.float32)
+    ref = rng.normal(0, 8, (64, 32)).astype(np.float32)
+    k3 = np.asarray(L.kl_k3(logp, ref))
+    assert np.all(k3 >= 0) and np.all(np.isfinite(k3))
+    tiny = (logp[:, :1] + np.float32(1e-6) * rng.normal(size=(64, 1))).astype(np.float32)
+    assert np.all(np.asarray(L.kl_k3(tiny, logp[:, :1])) >= 0)
+    for f in (L.kl_k1, L.kl_k2, L.kl_k3):
+        assert np.all(np.asarray(f(logp, logp)) == 0.0)
+
+
+def test_k1_and_k3_are_unbiased_for_exact_kl():
+    """Monte Carlo on a 5-way categorical: E_{y~p}[k] = KL(p || q) within 4 standard errors."""
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = np.array([0.2, 0.2, 0.2, 0.3, 0.1])
+    exact = float(np.sum(p * np.log(p / q)))
+    y = rng.choice(5, size=(200, 1000), p=p)
+    logp, logq = np.log(p)[y].astype(np.float32), np.log(q)[y].astype(np.float32)
+    for f in (L.kl_k1, L.kl_k3):
+        samples = np.asarray(f(logp, logq), np.float64)
+        se = samples.std() / np.sqrt(samples.size)
+        assert abs(samples.mean() - exact) < 4 * se, (f.__name__, samples.mean(), exact, se)
+    # k2 is biased here (it is only second-order accurate): make sure the test could tell.
+    k2 = np.asarray(L.kl_k2(logp, logq), np.float64)
+    assert abs(k2.mean() - exact) > 4 * k2.std() / np.sqrt(k2.size)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exact_kl_and_entropy_from_logits_match_numpy(variant):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 2, (B, T, V)).astype(np.float32)
+    ref_logits = rng.normal(0, 2, (B, T, V)).astype(np.float32)
+    mask = _mask(rng)
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
+            -1, keepdims=True)
+
+    lp, lq = log_softmax(logits), log_softmax(ref_logits)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    ent = -(np.exp(lp) * lp).sum(-1)
+    got = variant(L.exact_kl_from_logits)(logits, ref_logits, mask)
+    np.testing.assert_allclose(np.asarray(got), np.where(mask, kl, 0), rtol=1e-5, atol=1e-6)
+    got = variant(L.entropy_from_logits)(logits, mask)
+    np.testing.assert_allclose(np.asarray(got), np.where(mask, ent, 0), rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(L.exact_kl_from_logits(logits, logits)) == 0)
+    np.testing.assert_allclose(np.asarray(L.entropy_from_logits(np.zeros((1, 2, V)))), np.log(V),
+                               rtol=1e-6)
+
+
+def test_exact_kl_with_zero_probabilities():
+    neg = -np.inf
+    logits = np.array([[[0.0, 0.0, neg]]], np.float32)      # p = (1/2, 1/2, 0)
+    ref = np.array([[[0.0, neg, neg]]], np.float32)         # q = (1, 0, 0)
+    assert float(L.exact_kl_from_logits(ref, logits)[0, 0]) == pytest.approx(np.log(2), 1e-6)
+    assert np.isposinf(float(L.exact_kl_from_logits(logits, ref)[0, 0]))
+    assert float(L.entropy_from_logits(logits)[0, 0]) == pytest.approx(np.log(2), 1e-6)
+
+
+def test_masked_reductions():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(B, T)).astype(np.float32)
+    mask = _mask(rng)
+    x_bad = np.where(mask, x, np.nan).astype(np.float32)   # garbage where masked
+    assert float(L.masked_sum(x_bad, mask)) == pytest.approx(float((x * mask).sum()), 1e-5)
+    assert float(L.reduce_tokens(x_bad, mask, "token")) == pytest.approx(_np_masked_mean(x, mask),
+                                                                         1e-5)
+    rows = [x[i][mask[i]].mean() for i in range(B) if mask[i].any()]
+    assert float(L.reduce_tokens(x_bad, mask, "sequence")) == pytest.approx(np.mean(rows), 1e-5)
+    empty = np.zeros((B, T), bool)
+    for red in L.REDUCTIONS:
+        assert float(L.reduce_tokens(x_bad, empty, red)) == 0.0
+
+
+# ----------------------------------------------------------------------------- PPO
+def _np_ppo(logp, old, adv, mask, eps, reduction):
+    ratio = np.exp(logp.astype(np.float64) - old)
+    per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
+    if reduction == "token":
+        return _np_masked_mean(per, mask)
+    return np.mean([per[i][mask[i]].mean() for i in range(len(mask)) if mask[i].any()])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reduction", L.REDUCTIONS)
+def test_ppo_loss_value_and_metrics_match_numpy(variant, reduction):
+    rng, old, _, mask = _logps(6)
+    logp = (old + rng.normal(0, 0.3, old.shape)).astype(np.float32)
+    adv = rng.normal(size=(B, T)).astype(np.float32)
+    fn = variant(functools.partial(L.ppo_policy_loss, clip_eps=0.2, reduction=reduction))
+    loss, metrics = fn(logp, old, adv, mask)
+    assert float(loss) == pytest.approx(_np_ppo(logp, old, adv, mask, 0.2, reduction), rel=1e-5)
+    d = logp.astype(np.float64) - old
+    assert float(metrics["clip_fraction"]) == pytest.approx(
+        _np_masked_mean(np.abs(np.exp(d) - 1) > 0.2, mask), abs=1e-6)
+    assert float(metrics["approx_kl"]) == pytest.approx(
+        _np_masked_mean(np.exp(-d) - 1 + d, mask), rel=1e-4)
+    # Per-sequence advantages broadcast over tokens.
+    adv_B = adv[:, 0]
+    loss_b, _ = fn(logp, old, adv_B, mask)
+    loss_bt, _ = fn(logp, old, np.repeat(adv_B[:, None], T, 1), mask)
+    assert float(loss_b) == pytest.approx(float(loss_bt), rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", L.REDUCTIONS)
+def test_ppo_gradient_at_ratio_one_is_policy_gradient(reduction):
+    rng, old, _, mask = _logps(7)
+    adv = rng.normal(size=(B, T)).astype(np.float32)
+    grad = jax.grad(lambda lp: L.ppo_policy_loss(lp, old, adv, mask, 0.2, reduction)[0])(old)
+    # Hand-derived: d/dlogp of reduce(-A logp) is -A m / (token count), per the reduction.
+    if reduction == "token":
+        weight = mask / mask.sum()
+    else:
+        n_rows = mask.any(1).sum()
+        weight = mask / np.maximum(mask.sum(1, keepdims=True), 1) / n_rows
+    np.testing.assert_allclose(np.asarray(grad), -adv * weight, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("adv, ratio, expect_zero", [
+    (1.0, 1.5, True),     # A > 0, ratio already above 1 + eps: no push further up
+    (1.0, 0.5, False),    # A > 0, ratio below 1 - eps: still pushed up
+    (-1.0, 0.5, True),    # A < 0, ratio already below 1 - eps: no push further down
+    (-1.0, 1.5, False),   # A < 0, ratio above 1 + eps: still pushed down
+    (1.0, 1.1, False),    # inside the trust region
+])
+def test_ppo_clipping_zeroes_gradient_in_the_right_direction(adv, ratio, expect_zero):
+    old = np.zeros((1, 1), np.float32)
+    logp = np.full((1, 1), np.log(ratio), np.float32)
+    grad = jax.grad(lambda lp: L.ppo_policy_loss(lp, old, np.array([[adv]], np.float32),
+                                                 np.ones((1, 1), bool), 0.2)[0])(logp)
+    # d/dlogp (-A exp(logp - old)) = -A ratio where unclipped.
+    expected = 0.0 if expect_zero else -adv * ratio
+    assert float(grad[0, 0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_ppo_ignores_tokens_after_eos():
+    rng, old, _, mask = _logps(8)
+    logp = (old + rng.normal(0, 0.5, old.shape)).astype(np.float32)
+    adv = rng.normal(size=(B, T)).astype(np.float32)
+
+    def loss(lp, o, a):
+        return L.ppo_policy_loss(lp, o, a, mask, 0.2)[0]
+
+    base, base_grad = jax.value_and_grad(loss)(logp, old, adv)
+    junk = np.where(mask, 0, np.float32(1e4) * rng.normal(size=mask.shape)).astype(np.float32)
+    for perturbed in [(logp + junk, old, adv), (logp, old - junk, adv), (logp, old, adv + junk),
+                      (np.where(mask, logp, np.inf), np.where(mask, old, np.nan), adv)]:
+        val, g = jax.value_and_grad(loss)(*[np.asarray(p, np.float32) for p in perturbed])
+        assert float(val) == float(base)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(base_grad))
+    assert np.all(np.asarray(base_grad)[~mask] == 0)
+
+
+# ----------------------------------------------------------------------------- value, REINFORCE, KL
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_value_loss_matches_numpy(variant):
+    rng = np.random.default_rng(9)
+    mask = _mask(rng)
+    old = rng.normal(size=(B, T)).astype(np.float32)
+    values = (old + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+    returns = rng.normal(size=(B, T)).astype(np.float32)
+    loss, metrics = variant(L.value_loss)(values, old, returns, mask, 0.2)
+    clipped_v = old + np.clip(values - old, -0.2, 0.2)
+    plain, clipped = 0.5 * (values - returns) ** 2, 0.5 * (clipped_v - returns) ** 2
+    assert float(loss) == pytest.approx(_np_masked_mean(np.maximum(plain, clipped), mask), 1e-5)
+    assert float(metrics["clip_fraction"]) == pytest.approx(_np_masked_mean(clipped > plain, mask))
+    loss, _ = variant(functools.partial(L.value_loss, clip_eps=None))(values, old, returns, mask)
+    assert float(loss) == pytest.approx(_np_masked_mean(plain, mask), 1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reinforce_loss_value_and_gradient(variant):
+    rng, logp, _, mask = _logps(10)
+    adv = rng.normal(size=(B,)).astype(np.float32)
+    loss = variant(L.reinforce_loss)(logp, mask, adv)
+    assert float(loss) == pytest.approx(float(np.mean(-adv * (logp * mask).sum(1))), rel=1e-5)
+    grad = jax.grad(L.reinforce_loss)(logp, mask, adv)
+    np.testing.assert_allclose(np.asarray(grad), -adv[:, None] * mask / B, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kl_penalty_loss_value_and_gradient(variant):
+    _, logp, ref, mask = _logps(11)
+    beta = 0.3
+    d = logp.astype(np.float64) - ref
+    fn = variant(functools.partial(L.kl_penalty_loss, beta=beta))
+    assert float(fn(logp, ref, mask)) == pytest.approx(
+        beta * _np_masked_mean(np.exp(-d) - 1 + d, mask), rel=1e-5)
+    grad = jax.grad(lambda lp: L.kl_penalty_loss(lp, ref, mask, beta))(logp)
+    np.testing.assert_allclose(np.asarray(grad), beta * (1 - np.exp(-d)) * mask / mask.sum(),
+                               rtol=1e-5, atol=1e-8)
+    assert np.all(np.asarray(jax.grad(lambda lp: L.kl_penalty_loss(lp, lp * 1, mask, beta))(
+        logp)) == 0)
+    k1 = L.kl_penalty_loss(logp, ref, mask, beta, estimator="k1", reduction="sequence")
+    rows = [d[i][mask[i]].mean() for i in range(B) if mask[i].any()]
+    assert float(k1) == pytest.approx(beta * np.mean(rows), rel=1e-5)
+
+
+def test_bad_inputs_raise_value_errors():
+    x = np.zeros((B, T), np.float32)
+    with pytest.raises(ValueError, match="logp_BxT"):
+        L.kl_k1(np.zeros(T), np.zeros(T))
+    with pytest.raises(ValueError, match="logp_BxT vs ref_logp_BxT"):
+        L.kl_k3(x, np.zeros((B, T + 1)))
+    with pytest.raises(ValueError, match="mask_BxT"):
+        L.kl_k3(x, x, np.ones((B, T + 1)))
+    with pytest.raises(ValueError, match="known"):
+        L.kl_per_token("k4", x, x)
+    with pytest.raises(ValueError, match="reduction"):
+        L.ppo_policy_loss(x, x, x, x > -1, reduction="batch")
+    with pytest.raises(ValueError, match="clip_eps"):
+        L.ppo_policy_loss(x, x, x, x > -1, clip_eps=0.0)
+    with pytest.raises(ValueError, match="advantages"):
+        L.ppo_policy_loss(x, x, np.zeros((B, T, 1)), x > -1)
+    with pytest.raises(ValueError, match="beta"):
+        L.kl_penalty_loss(x, x, x > -1, beta=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        L.kl_penalty_loss(x, x, x > -1, beta=np.float32(-1.0))
+    with pytest.raises(ValueError, match="beta must be a scalar"):
+        L.kl_penalty_loss(x, x, x > -1, beta=np.ones(2))
+    with pytest.raises(ValueError, match="advantages_B"):
+        L.reinforce_loss(x, x > -1, np.zeros(B + 1))
