@@ -131,8 +131,12 @@ def _raw() -> Transform:
 def _optimal(u: Any = None, phi: Any = None, path: str | None = None) -> Transform:
     """Tabulated transform (u_grid, phi) from the analytic solver, linearly interpolated."""
     if path is not None:
-        with np.load(path) as table:
-            u, phi = table["u"], table["phi"]
+        try:
+            with np.load(path) as table:
+                u, phi = table["u"], table["phi"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"transform 'optimal': cannot read a (u, phi) table from {path!r}: "
+                             f"{e}") from e
     if u is None or phi is None:
         raise ValueError("transform 'optimal' needs a table: u=..., phi=... or path=... (.npz)")
     u = np.asarray(u, np.float64)

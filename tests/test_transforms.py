@@ -1,0 +1,174 @@
+"""Reward transform registry (infalign_jax/transforms.py, spec section 1.4): closed forms computed
+with numpy/scipy, strict monotonicity, the tabulated optimal transform, and error messages."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from infalign_jax import transforms as T
+
+U = np.linspace(0.001, 0.999, 999).astype(np.float32)
+U64 = U.astype(np.float64)
+
+
+def _apply(name, x=U, /, **params):
+    return np.asarray(T.get_transform(name, **params)(x), np.float64)
+
+
+# ------------------------------------------------------------------------------ closed forms
+def test_exp_hand_values():
+    # t = 2 at u = 1/2: (e^{2 * 1/2} - 1) / 2 = (e - 1) / 2.
+    assert _apply("exp", np.float32(0.5), t=2.0) == pytest.approx((math.e - 1) / 2, rel=1e-6)
+    # t = -3: (e^{-3u} - 1) / (-3) = (1 - e^{-3u}) / 3, the paper's -e^{-3u} up to an affine map.
+    np.testing.assert_allclose(_apply("exp", t=-3.0), (1 - np.exp(-3 * U64)) / 3, rtol=1e-5)
+    np.testing.assert_allclose(_apply("exp", t=0.7), np.expm1(0.7 * U64) / 0.7, rtol=1e-5)
+    # t = 0 is the identity, and small t approaches it.
+    np.testing.assert_array_equal(_apply("exp", t=0.0), U64)
+    np.testing.assert_allclose(_apply("exp", t=1e-4), U64, rtol=1e-4)
+
+
+def test_identity_log_logistic_logit_probit():
+    np.testing.assert_array_equal(_apply("identity"), U64)
+    np.testing.assert_allclose(_apply("log"), np.log(U64), rtol=1e-6)
+    assert _apply("log", np.float32(0.0)) == pytest.approx(math.log(T.EPS), rel=1e-6)  # floored
+    np.testing.assert_allclose(_apply("logistic", s=7.0, c=0.3),
+                               1 / (1 + np.exp(-7 * (U64 - 0.3))), rtol=1e-5)
+    np.testing.assert_allclose(_apply("logit"), np.log(U64 / (1 - U64)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_apply("probit"), stats.norm.ppf(U64), rtol=1e-4, atol=1e-5)
+    edges = np.array([0.0, 1.0], np.float32)
+    np.testing.assert_allclose(_apply("probit", edges), stats.norm.ppf([T.EPS, 1 - T.EPS]),
+                               rtol=1e-3)
+    assert np.all(np.isfinite(_apply("logit", edges)))
+
+
+def test_power_closed_form_and_log_limit():
+    np.testing.assert_allclose(_apply("power", p=0.5), (np.sqrt(U64) - 1) / 0.5, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(_apply("power", p=-2.0), (U64 ** -2 - 1) / -2, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(_apply("power", p=0.0), np.log(U64), rtol=1e-6)
+    # (u^p - 1)/p - log u = p log(u)^2 / 2 + O(p^2): the error shrinks linearly as p -> 0.
+    u = U[U >= 0.05]
+    errors = [np.max(np.abs(_apply("power", u, p=p) - np.log(u.astype(np.float64))))
+              for p in (1e-1, 1e-2, 1e-3)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01
+    assert errors[0] == pytest.approx(0.1 * np.log(0.05) ** 2 / 2, rel=0.15)
+
+
+def test_smoothed_flags_mark_transforms_that_diverge_at_zero():
+    assert T.get_transform("log").smoothed and T.get_transform("power", p=0.0).smoothed
+    assert T.get_transform("power", p=-0.5).smoothed
+    assert not T.get_transform("power", p=0.5).smoothed
+    for name, params in (("identity", {}), ("exp", {"t": 3.0}), ("logit", {})):
+        assert not T.get_transform(name, **params).smoothed
+
+
+# ------------------------------------------------------------------------------- monotonicity
+MONOTONE_CASES = (
+    [("identity", {}), ("log", {}), ("logit", {}), ("probit", {})]
+    + [("exp", {"t": t}) for t in (-8.0, -2.0, -0.5, 0.0, 0.5, 2.0, 8.0)]
+    + [("power", {"p": p}) for p in (-2.0, -0.5, 0.0, 0.5, 1.0, 2.0)]
+    + [("logistic", {"s": s, "c": c}) for s in (1.0, 10.0) for c in (0.2, 0.5, 0.8)]
+    + [("optimal", {"u": np.linspace(0, 1, 11), "phi": np.linspace(0, 1, 11) ** 3 - 2})]
+)
+
+
+@pytest.mark.parametrize("name,params", MONOTONE_CASES,
+                         ids=[n + "".join(f"-{k}{v}" for k, v in p.items() if k in "tpsc")
+                              for n, p in MONOTONE_CASES])
+def test_strictly_increasing_on_a_grid(name, params):
+    values = _apply(name, **params)
+    assert np.all(np.isfinite(values))
+    assert np.all(np.diff(values) > 0), f"{name} {params} is not strictly increasing"
+
+
+# ---------------------------------------------------------------------------- optimal table
+def test_optimal_interpolates_like_numpy_and_loads_from_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    grid = np.sort(np.concatenate([[0.0, 1.0], rng.uniform(0, 1, 30)]))
+    phi = np.cumsum(rng.uniform(0.1, 1.0, grid.size))
+    queries = rng.uniform(-0.1, 1.1, 200).astype(np.float32)  # includes both ends' clamping
+    want = np.interp(queries.astype(np.float64), grid, phi)
+    np.testing.assert_allclose(_apply("optimal", queries, u=grid, phi=phi), want, rtol=1e-5,
+                               atol=1e-5)
+    path = str(tmp_path / "phi_star.npz")
+    np.savez(path, u=grid, phi=phi)
+    loaded = T.get_transform("optimal", path=path)
+    np.testing.assert_allclose(np.asarray(loaded(queries)), want, rtol=1e-5, atol=1e-5)
+    assert loaded.params["path"] == path and loaded.params["size"] == grid.size
+
+
+def test_optimal_rejects_bad_tables():
+    with pytest.raises(ValueError, match="needs a table"):
+        T.get_transform("optimal")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        T.get_transform("optimal", u=[0.0, 0.5, 0.5, 1.0], phi=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="non-finite"):
+        T.get_transform("optimal", u=[0.0, 1.0], phi=[0.0, np.nan])
+    with pytest.raises(ValueError, match="equal length"):
+        T.get_transform("optimal", u=[0.0, 0.5, 1.0], phi=[0.0, 1.0])
+
+
+# ------------------------------------------------------------------------------ raw and errors
+def test_raw_needs_the_raw_reward():
+    raw = T.get_transform("raw")
+    assert raw.uses_raw
+    with pytest.raises(ValueError, match="raw"):
+        raw(U)
+    r = np.array([-3.5, 0.0, 12.25])
+    out = raw(np.array([0.1, 0.5, 0.9]), raw=r)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), r.astype(np.float32))
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError, match="unknown transform 'expo'") as info:
+        T.get_transform("expo", t=1.0)
+    for name in ("identity", "log", "exp", "power", "logistic", "logit", "probit", "raw",
+                 "optimal"):
+        assert name in str(info.value)
+    assert set(T.known_transforms()) == {"identity", "log", "exp", "power", "logistic", "logit",
+                                         "probit", "raw", "optimal"}
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, "two"])
+def test_non_finite_or_non_numeric_t_names_t(bad):
+    with pytest.raises(ValueError, match="'t'"):
+        T.get_transform("exp", t=bad)
+
+
+def test_other_parameter_errors():
+    with pytest.raises(ValueError, match="'p'"):
+        T.get_transform("power", p=math.nan)
+    with pytest.raises(ValueError, match="s must be > 0"):
+        T.get_transform("logistic", s=0.0)
+    with pytest.raises(ValueError, match="floor"):
+        T.get_transform("log", floor=1.5)
+    with pytest.raises(ValueError, match="bad parameters"):
+        T.get_transform("exp", q=1.0)
+
+
+# --------------------------------------------------------------------------------------- jit
+JIT_CASES = [("identity", {}), ("log", {}), ("exp", {"t": 3.0}), ("exp", {"t": -3.0}),
+             ("power", {"p": 0.5}), ("logistic", {}), ("logit", {}), ("probit", {}),
+             ("optimal", {"u": [0.0, 0.5, 1.0], "phi": [0.0, 2.0, 3.0]})]
+
+
+@pytest.mark.parametrize("name,params", JIT_CASES)
+def test_jit_matches_eager(name, params):
+    transform = T.get_transform(name, **params)
+    u = jnp.asarray(U.reshape(27, 37))
+    eager = transform(u)
+    jitted = jax.jit(lambda x: transform(x))(u)
+    assert jitted.dtype == jnp.float32 and jitted.shape == (27, 37)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-7)
+
+
+def test_raw_under_jit():
+    raw = T.get_transform("raw")
+    out = jax.jit(lambda u, r: raw(u, raw=r))(jnp.zeros(3), jnp.array([1.0, -2.0, 3.0]))
+    np.testing.assert_array_equal(np.asarray(out), [1.0, -2.0, 3.0])
