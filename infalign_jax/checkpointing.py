@@ -1,0 +1,296 @@
+"""Checkpoints that survive a kill and resume exactly: a thin layer over Orbax's CheckpointManager.
+
+A checkpoint holds two items, saved together under one step directory:
+
+* ``state``: any pytree of `jax.Array`s / numpy arrays (parameters, optax state, step, PRNG key
+  -- new-style typed keys from `jax.random.key` included --, data-iterator position), written
+  with ``ocp.args.StandardSave`` and read back with ``ocp.args.StandardRestore(abstract_state)``
+  so every array comes back with the shape, dtype and *sharding* of the abstract leaf;
+* ``meta``: a JSON object (resolved config, data position, anything a human reads).
+
+Design choices:
+
+* Atomicity is Orbax's: a step is written into ``<step>.orbax-checkpoint-tmp`` and renamed to
+  ``<step>`` only once every item (and, on several hosts, every process) has finished. A process
+  killed mid-save therefore leaves only a temporary directory, which the manager never lists as
+  a step; on the next start we log its name and let Orbax delete it
+  (``cleanup_tmp_directories=True``). `tests/test_checkpointing.py` kills a worker mid-save to
+  check this.
+* A committed step can still be damaged afterwards (truncated file, partial copy, disk fault).
+  `restore_latest` walks the steps newest first; a step that fails to restore is reported
+  (warning naming the step and the error) and the next older one is tried. Once a good step is
+  found, the bad newer ones are renamed to ``<step>.corrupt`` (kept for inspection, invisible to
+  Orbax): otherwise Orbax would refuse to save those step numbers again when training replays
+  them. If no step restores, nothing is renamed -- the likely cause is then a wrong
+  ``abstract_state`` rather than damage -- and `CheckpointRestoreError` lists every reason.
+* ``save(..., check_finite=True)`` refuses a state with a NaN/Inf floating leaf
+  (`NonFiniteError`, naming the leaf paths), so a diverged run can never push the last good
+  checkpoint out of the ``max_to_keep`` window. The check runs only on steps that will actually
+  be saved, since it costs a device-to-host transfer per floating leaf.
+* `check_writable` writes and deletes a probe file (and can demand free space) before training
+  starts, so a read-only, missing-permission or full work directory fails in the first second,
+  not at the first save hours later.
+* Nothing is process-0-only except the rename of corrupt steps, which the primary host does
+  between two Orbax barriers; saving, retention and temporary-directory clean-up are Orbax's own
+  multi-host protocol. Every process must call `save` / `restore_latest` with the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+logger = logging.getLogger(__name__)
+
+PyTree = Any
+TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of a step that was never committed.
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class NonFiniteError(ValueError):
+    """The state holds NaN or Inf in a floating leaf; ``paths`` names those leaves."""
+
+    def __init__(self, step: int, paths: list[str]):
+        self.step = step
+        self.paths = paths
+        super().__init__(
+            f"refusing to save checkpoint step {step}: non-finite values in leaves {paths}")
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint step in the directory could be restored."""
+
+
+class WorkdirError(OSError):
+    """The checkpoint directory cannot be created or written, or has too little free space."""
+
+
+class Restored(NamedTuple):
+    step: int
+    state: PyTree
+    meta: dict[str, Any]
+
+
+def check_writable(workdir: str | os.PathLike, min_free_bytes: int = 0) -> None:
+    """Creates ``workdir`` if needed, writes, syncs and deletes a probe file in it.
+
+    Raises `WorkdirError` naming the directory if any of that fails, or if the file system
+    (local paths only) has fewer than ``min_free_bytes`` bytes free.
+    """
+    path = epath.Path(workdir)
+    # Host name and pid keep probes of several processes sharing one directory apart.
+    probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if "://" in os.fspath(workdir):
+            probe.write_bytes(b"\0" * 4096)
+        else:
+            with open(os.fspath(probe), "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise WorkdirError(f"checkpoint directory {os.fspath(workdir)!r} is not writable: "
+                           f"{reason} ({type(e).__name__})") from e
+    if min_free_bytes > 0 and "://" not in os.fspath(workdir):
+        free = shutil.disk_usage(os.fspath(path)).free
+        if free < min_free_bytes:
+            raise WorkdirError(f"checkpoint directory {os.fspath(workdir)!r} has {free} bytes "
+                               f"free, fewer than the {min_free_bytes} required")
+
+
+def nonfinite_leaves(tree: PyTree) -> list[str]:
+    """Key paths (``jax.tree_util.keystr``) of floating leaves holding a NaN or Inf."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    paths, flags = [], []
+    for key_path, leaf in leaves:
+        if isinstance(leaf, float):
+            paths.append(jax.tree_util.keystr(key_path))
+            flags.append(math.isfinite(leaf))
+        elif hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            paths.append(jax.tree_util.keystr(key_path))
+            # A full reduction leaves a replicated scalar, readable on every host.
+            flags.append(np.all(np.isfinite(leaf)) if isinstance(leaf, np.ndarray)
+                         else jnp.all(jnp.isfinite(leaf)))
+    flags = jax.device_get(flags)
+    return [p for p, ok in zip(paths, flags) if not bool(ok)]
+
+
+def abstract_state(state: PyTree) -> PyTree:
+    """`jax.ShapeDtypeStruct` tree of ``state`` keeping each `jax.Array`'s sharding.
+
+    What `Checkpointer.restore` needs when a concrete (e.g. freshly initialised) state is at
+    hand; `jax.eval_shape` of a jitted initialiser with ``out_shardings`` gives the same without
+    allocating.
+    """
+    def leaf(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, (np.ndarray, np.generic)):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return x
+    return jax.tree.map(leaf, state)
+
+
+class Checkpointer:
+    """Saves and restores ``(step, state, meta)`` under ``directory`` with Orbax.
+
+    Args:
+      directory: root of the step directories (created; probed with `check_writable`).
+      max_to_keep: newest committed steps kept; older ones are deleted after each save
+        (None keeps all).
+      save_interval_steps: `save` writes only steps that are multiples of this (plus the first
+        save, and whenever Orbax sees a preemption signal); ``force=True`` overrides.
+      async_save: write in a background thread; `save` returns once arrays are copied to host.
+      min_free_bytes: free space demanded by the start-up probe.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 save_interval_steps: int = 1, async_save: bool = True,
+                 min_free_bytes: int = 0):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        self.directory = epath.Path(directory).absolute() if "://" not in os.fspath(directory) \
+            else epath.Path(directory)
+        check_writable(self.directory, min_free_bytes)
+        for leftover in sorted(self.directory.iterdir()):
+            if TMP_DIR_SUFFIX in leftover.name:
+                logger.warning("ignoring and removing %s: an uncommitted checkpoint left by an "
+                               "interrupted save", leftover)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        return self._manager.should_save(int(step))
+
+    def save(self, step: int, state: PyTree, meta: Mapping[str, Any] | None = None, *,
+             force: bool = False, check_finite: bool = True) -> bool:
+        """Saves ``state`` and JSON ``meta`` as ``step`` if the interval (or ``force``) says so.
+
+        Returns whether a save was started. Raises `NonFiniteError` before writing anything if
+        ``check_finite`` and a floating leaf is not finite, and `ValueError` if ``meta`` is not
+        a JSON-serialisable mapping.
+        """
+        step = int(step)
+        if not force and not self._manager.should_save(step):
+            return False
+        meta = {} if meta is None else meta
+        if not isinstance(meta, Mapping):
+            raise ValueError(f"meta must be a mapping, got {type(meta).__name__}")
+        try:
+            meta = json.loads(json.dumps(dict(meta)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta for checkpoint step {step} is not JSON-serialisable: {e}") from e
+        if check_finite:
+            bad = nonfinite_leaves(state)
+            if bad:
+                raise NonFiniteError(step, bad)
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
+            force=force)
+
+    def wait(self) -> None:
+        """Blocks until a background save has committed (or raised)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, step: int, abstract: PyTree) -> Restored:
+        """Restores ``step``; leaves take shape, dtype and sharding from ``abstract``'s leaves."""
+        self._manager.wait_until_finished()
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                    meta=ocp.args.JsonRestore()))
+        return Restored(int(step), out.state, out.meta)
+
+    def restore_latest(self, abstract: PyTree) -> Restored | None:
+        """Restores the newest step that restores cleanly; None if there is no step at all.
+
+        Steps newer than the one restored failed to restore: each is logged with its error and
+        renamed to ``<step>.corrupt``. Raises `CheckpointRestoreError` if every step fails.
+        """
+        self._manager.wait_until_finished()
+        failures: list[tuple[int, Exception]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, abstract)
+            except Exception as e:  # noqa: BLE001  (Orbax/TensorStore/JSON raise many types)
+                logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); "
+                               "falling back to the previous step", step, self.directory,
+                               type(e).__name__, _first_line(e))
+                failures.append((step, e))
+                continue
+            if failures:
+                logger.warning("restored checkpoint step %d instead of newer bad step(s) %s",
+                               step, [s for s, _ in failures])
+                self._quarantine([s for s, _ in failures])
+            return restored
+        if not failures:
+            return None
+        reasons = "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}"
+                            for s, e in failures)
+        raise CheckpointRestoreError(
+            f"no checkpoint in {self.directory} could be restored with the given abstract state "
+            f"({reasons})") from failures[0][1]
+
+    def _quarantine(self, steps: list[int]) -> None:
+        ocp.multihost.sync_global_processes("infalign_checkpoint_quarantine_start")
+        if ocp.multihost.is_primary_host(0):
+            for step in steps:
+                src = self.directory / str(step)
+                dst = self.directory / f"{step}{CORRUPT_SUFFIX}"
+                n = 1
+                while dst.exists():
+                    dst = self.directory / f"{step}{CORRUPT_SUFFIX}{n}"
+                    n += 1
+                src.rename(dst)
+                logger.warning("moved bad checkpoint %s to %s", src, dst)
+        ocp.multihost.sync_global_processes("infalign_checkpoint_quarantine_end")
+        self._manager.reload()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
