@@ -1,0 +1,145 @@
+"""Model properties: causality, KV cache = full forward, padding, reward position, precision."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infalign_jax import models, sampling
+from infalign_jax.models import ModelConfig
+
+LLAMA = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, d_ff=48, max_len=40, heads=("lm", "reward", "value"), init_std=0.3)
+GPT2 = dataclasses.replace(LLAMA, family="gpt2", n_kv_heads=4, activation="gelu_tanh")
+
+
+# Jitted once per config: eager Linen runs op by op and is many times slower.
+apply = jax.jit(models.apply, static_argnums=2)
+prefill = jax.jit(models.prefill, static_argnums=2)
+decode_step = jax.jit(models.decode_step, static_argnums=2)
+
+
+def _randomise(params, seed=0):
+    # Zero-initialised heads and unit norms would hide mistakes: make every leaf random.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(params=[LLAMA, GPT2], ids=["llama", "gpt2"])
+def model(request):
+    cfg = request.param
+    return cfg, _randomise(models.init_params(cfg, jax.random.key(0)))
+
+
+def test_causal_by_gradient(model):
+    # Untied embeddings, so the gradient w.r.t. the embedding table is the input path only.
+    cfg = dataclasses.replace(model[0], tie_embeddings=False)
+    params = _randomise(models.init_params(cfg, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, cfg.vocab_size)
+    emb = params["embed"]
+
+    def logit_at(e, t):
+        p = dict(params, embed=e)
+        return apply(p, tokens, cfg).logits[0, t].sum()
+
+    grad = jax.jit(jax.grad(logit_at), static_argnums=1)
+    for t in (0, 4, 9):
+        g = grad(emb, t)
+        # embedding rows of tokens strictly after t (that do not also occur at or before t) get no gradient
+        before = set(np.asarray(tokens[0, : t + 1]).tolist())
+        after = set(np.asarray(tokens[0, t + 1:]).tolist()) - before
+        for tok in after:
+            assert float(jnp.abs(g[tok]).max()) == 0.0
+        for tok in before:
+            assert float(jnp.abs(g[tok]).max()) > 0.0
+
+
+def test_kv_cache_decode_equals_full_forward(model):
+    cfg, params = model
+    tokens = jax.random.randint(jax.random.key(2), (3, 11), 0, cfg.vocab_size)
+    mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0] + [1] * 10, [1] * 11], bool)
+    full = apply(params, tokens, cfg, attention_mask_BxT=mask).logits
+    prompt_len = 6
+    cache = models.init_cache(cfg, 3, 16)
+    logits, cache = prefill(params, tokens[:, :prompt_len], cfg, cache, mask[:, :prompt_len])
+    np.testing.assert_allclose(np.where(mask[:, :prompt_len, None], logits, 0),
+                               np.where(mask[:, :prompt_len, None], full[:, :prompt_len], 0), atol=1e-5)
+    for t in range(prompt_len, 11):
+        step, cache = decode_step(params, tokens[:, t], cfg, cache)
+        np.testing.assert_allclose(step, full[:, t], atol=1e-5)
+    assert float(jnp.abs(full).max()) > 1.0  # the comparison is not between near-zero numbers
+
+
+def test_padding_invariance_and_reward_position(model):
+    cfg, params = model
+    seq = jax.random.randint(jax.random.key(3), (1, 7), 0, cfg.vocab_size)
+    plain = apply(params, seq, cfg)
+    pad = jnp.zeros((1, 4), seq.dtype)
+    left = apply(params, jnp.concatenate([pad, seq], 1), cfg,
+                        attention_mask_BxT=jnp.array([[0] * 4 + [1] * 7], bool))
+    right = apply(params, jnp.concatenate([seq, pad], 1), cfg,
+                         attention_mask_BxT=jnp.array([[1] * 7 + [0] * 4], bool))
+    np.testing.assert_allclose(left.logits[:, 4:], plain.logits, atol=1e-5)
+    np.testing.assert_allclose(right.logits[:, :7], plain.logits, atol=1e-5)
+    np.testing.assert_allclose(left.values[:, 4:], plain.values, atol=1e-5)
+    # The reward is read at the last real token, with any padding.
+    np.testing.assert_allclose(left.reward, plain.reward, atol=1e-5)
+    np.testing.assert_allclose(right.reward, plain.reward, atol=1e-5)
+    # and it is not the value at any other position of the unpadded sequence
+    shorter = apply(params, seq[:, :6], cfg)
+    assert abs(float(shorter.reward[0] - plain.reward[0])) > 1e-4
+
+
+def test_last_token_index():
+    mask = jnp.array([[0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], bool)
+    np.testing.assert_array_equal(models.last_token_index(mask), [3, 1, 3, 1])
+
+
+def test_bfloat16_params_give_float32_logprobs():
+    cfg = dataclasses.replace(LLAMA, dtype="bfloat16", param_dtype="bfloat16")
+    params = models.init_params(cfg, jax.random.key(0))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
+    out = apply(params, tokens, cfg)
+    assert out.logits.dtype == jnp.float32 and out.reward.dtype == jnp.float32
+    logp = models.token_logprobs(out.logits, tokens)
+    assert logp.dtype == jnp.float32
+    # compare with a float32 run of the same (bf16-representable) weights
+    cfg32 = dataclasses.replace(cfg, dtype="float32", param_dtype="float32")
+    out32 = apply(jax.tree.map(lambda x: x.astype(jnp.float32), params), tokens, cfg32)
+    # bf16 keeps ~3 significant digits: a few percent of the logit scale after two layers.
+    scale = float(jnp.abs(out32.logits).max())
+    assert float(jnp.abs(out.logits - out32.logits).max()) < 0.05 * scale
+
+
+def test_token_logprobs_matches_numpy():
+    logits = jax.random.normal(jax.random.key(5), (2, 3, 7)) * 3
+    targets = jnp.array([[0, 6, 3], [1, 1, 2]])
+    x = np.asarray(logits, np.float64)
+    want = np.take_along_axis(x - np.log(np.exp(x).sum(-1, keepdims=True)),
+                              np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(models.token_logprobs(logits, targets), want, atol=1e-5)
+
+
+def test_sampler_logprobs_equal_teacher_forced(model):
+    cfg, params = model
+    fns = models.decoder_fns(cfg)
+    prompt = jnp.array([[0, 0, 5, 7, 9], [3, 4, 5, 6, 7]])
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    scfg = sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=2, temperature=0.8)
+    out = jax.jit(lambda p, r: sampling.sample(fns, p, prompt, mask, r, scfg))(params, jax.random.key(7))
+    p, pm, r, rm = sampling.flatten_samples(prompt, mask, out)
+    tf = sampling.sequence_logprobs(fns, params, p, pm, r, rm)
+    np.testing.assert_allclose(tf, out.logp_BxNxL.reshape(6, 6), atol=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("family", "mamba"), ("n_kv_heads", 3), ("head_dim", 7),
+                                         ("heads", ("lm", "critic")), ("dtype", "float16"),
+                                         ("vocab_size", 0), ("norm_eps", 0.0)])
+def test_config_errors_name_field(field, value):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+        dataclasses.replace(LLAMA, **{field: value})
