@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2.0",  # some GGUF/HF tokenizers need it
     "matplotlib>=3.8",     # plots written by experiments and the analytic tool
     "grain>=0.2.10",       # deterministic, checkpointable data loading
+    "vaderSentiment>=3.3.2",  # offline sentiment judge for the real tasks and the demo
 ]
 
 EXTRAS_REQUIRE = {
