@@ -147,6 +147,15 @@ def mean_cosine_similarity(embeddings_BxNxD: Array, valid_BxN: Array | None = No
     return total_BxN / jnp.maximum(jnp.sum(w_BxN, axis=-1, keepdims=True), 1.0)
 
 
+def mean_pool(hidden_BxTxD: Array, mask_BxT: Array) -> Array:
+    """Mean of the hidden states over real tokens: the default RBoN-WD embedding (a model's own
+    mean-pooled last hidden states, as sentence-transformers pools all-MiniLM-L6-v2)."""
+    chex.assert_rank([hidden_BxTxD, mask_BxT], [3, 2])
+    w_BxT = mask_BxT.astype(jnp.float32)
+    total_BxD = jnp.einsum("btd,bt->bd", hidden_BxTxD.astype(jnp.float32), w_BxT)
+    return total_BxD / jnp.maximum(w_BxT.sum(axis=1, keepdims=True), 1.0)
+
+
 def rbon_wd(rewards_BxN: Array, embeddings_BxNxD: Array, beta: float | Array,
             valid_BxN: Array | None = None, n: int | None = None) -> Selection:
     """Wasserstein-regularised BoN = MBR-BoN (Jinnai et al. 2024, RBoN_WD).

@@ -218,3 +218,13 @@ def test_rank_and_shape_asserts():
         inf.rbon_kl(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 0.1)
     with pytest.raises(AssertionError):
         inf.best_of_n(jnp.zeros((2, 3)), jnp.ones((2, 4), bool))
+
+
+def test_mean_pool_matches_numpy_and_ignores_padding():
+    from infalign_jax.inference import mean_pool
+    h = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
+    m = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    want = np.stack([h[b][m[b]].mean(0) for b in range(3)])
+    np.testing.assert_allclose(np.asarray(mean_pool(jnp.asarray(h), jnp.asarray(m))), want, rtol=1e-5)
+    h2 = h.copy(); h2[~m] = 1e6
+    np.testing.assert_allclose(np.asarray(mean_pool(jnp.asarray(h2), jnp.asarray(m))), want, rtol=1e-5)
