@@ -43,7 +43,7 @@ class DecoderFns(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample. `top_k=0` and `top_p=1` switch those filters off."""
+    """How to sample. `top_k=0` and `top_p=1` switch those filters off; `temperature=0` is greedy."""
 
     n: int = 1
     max_new_tokens: int = 32
@@ -58,8 +58,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.n must be an integer >= 1, got {self.n!r}")
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"SamplingConfig.top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -120,8 +120,11 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
     def step(carry, key):
         logits, cache, done = carry
         logits = logits.astype(jnp.float32)
-        token = jax.random.categorical(
-            key, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
+        if cfg.temperature == 0:
+            token = jnp.argmax(logits, axis=-1)
+        else:
+            token = jax.random.categorical(
+                key, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], 1)[:, 0]
         valid = ~done
         token = jnp.where(valid, token, cfg.pad_id).astype(jnp.int32)

@@ -136,8 +136,20 @@ def test_filter_logits_matches_numpy(temperature, top_k, top_p):
     np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
 
 
-@pytest.mark.parametrize("field,value", [("n", 0), ("max_new_tokens", 0), ("temperature", 0.0),
+@pytest.mark.parametrize("field,value", [("n", 0), ("max_new_tokens", 0), ("temperature", -1.0),
                                          ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5)])
 def test_config_errors_name_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**{field: value})
+
+
+def test_greedy_follows_argmax():
+    table = _table(3)
+    prompt = jnp.array([[1, 2]]); mask = jnp.ones_like(prompt, bool)
+    out = sampling.sample(toy_fns(), table, prompt, mask, jax.random.key(0),
+                          SamplingConfig(n=3, max_new_tokens=4, temperature=0.0))
+    t = np.asarray(table)
+    count, last, want = 2, 2, []
+    for _ in range(4):
+        last = int(np.argmax(t[min(count, C - 1), last])); count += 1; want.append(last)
+    np.testing.assert_array_equal(np.asarray(out.tokens_BxNxL), np.array([[want] * 3]))
