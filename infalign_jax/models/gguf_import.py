@@ -254,6 +254,5 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
 def load_gguf_checkpoint(path: str | os.PathLike[str], dtype: str = "float32") -> tuple[Any, Any]:
     """(ModelConfig, params) of the Flax decoder for a llama-architecture GGUF file."""
     hf_config, state_dict = read_gguf(path)
-    hf_config["torch_dtype"] = dtype
-    cfg = config_from_hf(hf_config)
-    return cfg, params_from_hf_state_dict(cfg, state_dict, source=os.fspath(path))
+    cfg = config_from_hf(hf_config, param_dtype=dtype)
+    return cfg, params_from_hf_state_dict(cfg, state_dict, source=os.fspath(path), dtype=dtype)
