@@ -1,0 +1,212 @@
+"""Controlled decoding against exact enumeration on a tabular policy and a tiny transformer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infalign_jax import controlled_decoding as cd
+from infalign_jax import evaluation, models, sampling
+from infalign_jax.sampling import DecoderFns, SamplingConfig
+
+V, C, EOS, PAD, TARGET = 5, 8, 4, 0, 2
+
+
+def _table(seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(0, 1.0, (C, V, V)), jnp.float32)
+
+
+def tab_fns():
+    """Tabular policy: next-token logits = table[#real tokens seen, last token]."""
+    def prefill(table, tokens_BxP, mask_BxP, max_len):
+        count = mask_BxP.sum(1).astype(jnp.int32)
+        last = tokens_BxP[:, -1]
+        return table[jnp.minimum(count, C - 1), last], {"count": count}
+
+    def decode(table, token_B, cache):
+        count = cache["count"] + 1
+        return table[jnp.minimum(count, C - 1), token_B], {"count": count}
+
+    def logits(table, tokens_BxT, mask_BxT):
+        count = jnp.cumsum(mask_BxT, axis=1).astype(jnp.int32)
+        return table[jnp.minimum(count, C - 1), tokens_BxT]
+
+    return DecoderFns(prefill, decode, logits)
+
+
+def count_target(tokens_BxT, mask_BxT):
+    """Prefix scorer: number of TARGET tokens among the real tokens (one value per row)."""
+    return jnp.sum((tokens_BxT == TARGET) & mask_BxT.astype(bool), axis=1).astype(jnp.float32)
+
+
+def _prompt(batch):
+    prompt = jnp.tile(jnp.array([[1, 3]], jnp.int32), (batch, 1))
+    return prompt, jnp.ones_like(prompt, bool)
+
+
+def _first_step_exact(table, lam, top_k):
+    """numpy: pi_lambda over the vocabulary at the first response token after prompt [1, 3]."""
+    logits = np.asarray(table, np.float64)[2, 3]
+    logp = logits - np.log(np.exp(logits).sum())
+    top = np.argsort(-logits)[:top_k]
+    w = np.zeros(V)
+    w[top] = np.exp(logp[top] + lam * (top == TARGET))
+    q = w / w.sum()
+    p = np.exp(logp)
+    kl = np.sum(q[top] * np.log(q[top] / p[top]))
+    return q, kl
+
+
+@pytest.mark.parametrize("lam,top_k", [(0.0, 3), (1.5, 3), (0.7, V)])
+def test_tokenwise_first_step_matches_enumeration(lam, top_k):
+    table = _table()
+    q, kl = _first_step_exact(table, lam, top_k)
+    n = 20000
+    prompt, mask = _prompt(n)
+    out = jax.jit(lambda r: cd.tokenwise_decode(
+        tab_fns(), table, count_target, prompt, mask, r, lam=lam, top_k=top_k,
+        max_new_tokens=1))(jax.random.key(1))
+    freq = np.bincount(np.asarray(out.tokens_BxL[:, 0]), minlength=V) / n
+    # Tokens outside the top-k have probability exactly 0; the rest within 5 binomial s.e.
+    np.testing.assert_array_equal(freq[q == 0], 0.0)
+    assert np.all(np.abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / n) + 1e-12)
+    np.testing.assert_allclose(np.asarray(out.kl_B), kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(out.logp_BxL[:, 0])),
+                               q[np.asarray(out.tokens_BxL[:, 0])], rtol=1e-5)
+
+
+def test_tokenwise_lambda_zero_full_vocab_is_pi_ref():
+    """lambda=0, k=|V|: the whole sequence distribution is pi_ref's (enumerated, 3 tokens)."""
+    table = _table(3)
+    n = 20000
+    prompt, mask = _prompt(n)
+    out = jax.jit(lambda r: cd.tokenwise_decode(
+        tab_fns(), table, count_target, prompt, mask, r, lam=0.0, top_k=V,
+        max_new_tokens=3, eos_id=EOS, pad_id=PAD))(jax.random.key(2))
+    np.testing.assert_allclose(out.logp_BxL, out.ref_logp_BxL, atol=1e-5)
+    np.testing.assert_allclose(out.kl_B, 0.0, atol=1e-5)
+    # Teacher-forced pi_ref log-probs agree with the decoder's.
+    ref = sampling.sequence_logprobs(tab_fns(), table, prompt, mask, out.tokens_BxL, out.mask_BxL)
+    np.testing.assert_allclose(ref, out.ref_logp_BxL, atol=1e-5)
+    # Empirical probability of each observed sequence vs exp(sum ref logp).
+    seqs, counts = np.unique(np.asarray(out.tokens_BxL), axis=0, return_counts=True)
+    probs = {tuple(s): float(p) for s, p in zip(np.asarray(out.tokens_BxL),
+                                                np.exp(np.asarray(ref).sum(1)))}
+    p = np.array([probs[tuple(s)] for s in seqs])
+    assert np.all(np.abs(counts / n - p) <= 5 * np.sqrt(p * (1 - p) / n) + 2e-4)
+    assert abs(p.sum() - 1.0) < 0.02  # nearly all sequences of mass seen
+
+
+def test_tokenwise_large_lambda_picks_argmax_value():
+    table = _table(5)
+    prompt, mask = _prompt(64)
+    out = jax.jit(lambda r: cd.tokenwise_decode(
+        tab_fns(), table, count_target, prompt, mask, r, lam=1e3, top_k=V,
+        max_new_tokens=4))(jax.random.key(0))
+    assert np.all(np.asarray(out.tokens_BxL) == TARGET)
+    assert np.all(np.asarray(out.mask_BxL))
+
+
+def test_tokenwise_logits_closed_form():
+    ref = jnp.array([[0.1, -1.0, 2.0, 0.3]])
+    idx = jnp.array([[2, 3]])
+    vals = jnp.array([[0.5, -2.0]])
+    got = cd.tokenwise_logits(ref, vals, idx, 2.0)
+    logp = np.asarray(ref[0]) - np.log(np.exp(np.asarray(ref[0])).sum())
+    np.testing.assert_allclose(got[0], [logp[2] + 1.0, logp[3] - 4.0], rtol=1e-6)
+
+
+def test_blockwise_increases_target_count_and_bound():
+    table = _table(7)
+    n = 512
+    prompt, mask = _prompt(n)
+    m, k, length = 2, 16, 6
+    f = jax.jit(lambda r, kk: cd.blockwise_decode(
+        tab_fns(), table, count_target, prompt, mask, r, num_candidates=kk, block_size=m,
+        max_new_tokens=length, eos_id=EOS, pad_id=PAD), static_argnums=1)
+    best = f(jax.random.key(0), k)
+    base = sampling.sample(tab_fns(), table, prompt, mask, jax.random.key(1),
+                           SamplingConfig(n=1, max_new_tokens=length, eos_id=EOS, pad_id=PAD))
+    base_count = np.asarray(count_target(base.tokens_BxNxL[:, 0], base.mask_BxNxL[:, 0])).mean()
+    best_count = np.asarray(count_target(best.tokens_BxL, best.mask_BxL)).mean()
+    assert best_count > 2.0 * base_count + 0.5, (best_count, base_count)
+    np.testing.assert_allclose(best.score_B, count_target(best.tokens_BxL, best.mask_BxL))
+    # Kept tokens carry their pi_ref log-probs; EOS ends a row.
+    ref = sampling.sequence_logprobs(tab_fns(), table, prompt, mask, best.tokens_BxL, best.mask_BxL)
+    np.testing.assert_allclose(ref, best.ref_logp_BxL, atol=1e-5)
+    toks, msk = np.asarray(best.tokens_BxL), np.asarray(best.mask_BxL)
+    for row_t, row_m in zip(toks, msk):
+        eos_at = np.flatnonzero(row_t == EOS)
+        if eos_at.size:
+            assert row_m[:eos_at[0] + 1].all() and not row_m[eos_at[0] + 1:].any()
+        else:
+            assert row_m.all()
+    expected = evaluation.blockwise_cd_kl_bound(msk.sum(1), m, k)
+    np.testing.assert_allclose(best.kl_bound_B, expected, rtol=1e-5)
+
+
+def test_blockwise_k1_is_pi_ref_first_token():
+    """K=1 keeps the only candidate: the first token follows pi_ref exactly."""
+    table = _table(9)
+    n = 20000
+    prompt, mask = _prompt(n)
+    out = jax.jit(lambda r: cd.blockwise_decode(
+        tab_fns(), table, count_target, prompt, mask, r, num_candidates=1, block_size=2,
+        max_new_tokens=2))(jax.random.key(3))
+    q, _ = _first_step_exact(table, 0.0, V)
+    freq = np.bincount(np.asarray(out.tokens_BxL[:, 0]), minlength=V) / n
+    assert np.all(np.abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / n) + 1e-12)
+    np.testing.assert_allclose(out.kl_bound_B, 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_blockwise_one_token_is_best_of_k(k):
+    """M = L = 1: P(TARGET) = 1 - (1 - p)^K; other tokens share the rest in pi_ref's proportions."""
+    table = _table(11)
+    n = 20000
+    prompt, mask = _prompt(n)
+    out = jax.jit(lambda r: cd.blockwise_decode(
+        tab_fns(), table, count_target, prompt, mask, r, num_candidates=k, block_size=1,
+        max_new_tokens=1))(jax.random.key(4))
+    p, _ = _first_step_exact(table, 0.0, V)
+    q = p * (1 - p[TARGET]) ** (k - 1)
+    q[TARGET] = 1 - (1 - p[TARGET]) ** k
+    freq = np.bincount(np.asarray(out.tokens_BxL[:, 0]), minlength=V) / n
+    assert np.all(np.abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / n) + 1e-12), (freq, q)
+
+
+def test_value_head_scorer_with_tiny_model():
+    cfg = models.ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                             head_dim=8, d_ff=32, max_len=16, heads=("lm", "value"))
+    params = models.init_params(cfg, jax.random.key(0))
+    # The value head starts at zero; perturb every weight so that V separates the candidates.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.5 * jax.random.normal(k, x.shape)
+                                          for x, k in zip(leaves, keys)])
+    scorer = cd.value_head_scorer(cfg, params)
+    prompt = jnp.array([[0, 1, 2], [3, 4, 5]], jnp.int32)
+    mask = jnp.array([[False, True, True], [True, True, True]])
+    out = jax.jit(lambda r: cd.tokenwise_decode(
+        models.decoder_fns(cfg), params, scorer, prompt, mask, r, lam=1e4, top_k=6,
+        max_new_tokens=1))(jax.random.key(0))
+    # With lambda huge the chosen token is the argmax of V over all candidates (enumerated).
+    for b in range(2):
+        cands = jnp.concatenate([jnp.tile(prompt[b], (6, 1)), jnp.arange(6)[:, None]], 1)
+        cmask = jnp.concatenate([jnp.tile(mask[b], (6, 1)), jnp.ones((6, 1), bool)], 1)
+        values = models.apply(params, cands, cfg, attention_mask_BxT=cmask).values[:, -1]
+        assert int(out.tokens_BxL[b, 0]) == int(jnp.argmax(values))
+    with pytest.raises(ValueError, match="value"):
+        cd.value_head_scorer(models.ModelConfig(vocab_size=6, d_model=16, n_layers=1, n_heads=2,
+                                                n_kv_heads=2, head_dim=8, d_ff=32), params)
+
+
+def test_bad_arguments():
+    table = _table()
+    prompt, mask = _prompt(2)
+    with pytest.raises(ValueError, match="top_k"):
+        cd.tokenwise_decode(tab_fns(), table, count_target, prompt, mask, jax.random.key(0),
+                            lam=1.0, top_k=0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="block_size"):
+        cd.blockwise_decode(tab_fns(), table, count_target, prompt, mask, jax.random.key(0),
+                            num_candidates=2, block_size=0, max_new_tokens=2)
