@@ -87,14 +87,18 @@ def check_procedure(procedure: str, n: Any, reading: str = "both") -> int:
     return n
 
 
-def check_kl(kl: Any) -> float:
+def _positive_finite(name: str, value: Any) -> float:
     try:
-        kl = float(kl)
+        value = float(value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"kl must be a positive finite number, got {kl!r}") from e
-    if not math.isfinite(kl) or kl <= 0:
-        raise ValueError(f"kl must be a positive finite number, got {kl}")
-    return kl
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from e
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
+def check_kl(kl: Any) -> float:
+    return _positive_finite("kl", kl)
 
 
 def check_grid(m: Any) -> int:
@@ -376,10 +380,4 @@ def best_t(procedure: str, n: int, kl: float, t_grid: Any = None, *, reading: st
 
 
 def _check_beta(beta: Any) -> float:
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}") from e
-    if not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a positive finite number, got {beta}")
-    return beta
+    return _positive_finite("beta", beta)
