@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",     # plots written by experiments and the analytic tool
     "grain>=0.2.10",       # deterministic, checkpointable data loading
     "vaderSentiment>=3.3.2",  # offline sentiment judge for the real tasks and the demo
+    "alt-profanity-check>=1.9.1",  # offline offensiveness judge (pins its scikit-learn)
+    "tensorboard>=2.16",   # event files for metrics (its own writer; no TensorFlow)
 ]
 
 EXTRAS_REQUIRE = {
@@ -37,6 +39,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["infalign_jax", "infalign_jax.*"]),
+    package_data={"infalign_jax": ["prompts/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -27,6 +27,7 @@ affine map, i.e. the same policy family.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -178,3 +179,33 @@ def get_transform(name: str, **params: Any) -> Transform:
         return _REGISTRY[name](**params)
     except TypeError as e:
         raise ValueError(f"transform {name!r}: bad parameters {sorted(params)}: {e}") from e
+
+
+def transform_param_names(name: str) -> tuple[str, ...]:
+    """The keyword parameters transform `name` accepts (from its factory's signature)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown transform {name!r}; known transforms: {', '.join(known_transforms())}")
+    return tuple(inspect.signature(_REGISTRY[name]).parameters)
+
+
+def transform_from_config(section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, params) from a config section such as ``{name: "exp", t: 4.0, p: 0.5, path: ""}``.
+
+    A config section carries the parameters of every family so that ``--config.transform.t=4``
+    works whatever the default name; only those the chosen family accepts are passed on (an empty
+    string means "not set"). Keys no family accepts are an error, so typos do not pass silently.
+    """
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    if "name" not in section:
+        raise ValueError("transform config needs a 'name' "
+                         f"(one of {', '.join(known_transforms())})")
+    name = section.pop("name")
+    known = set().union(*(transform_param_names(n) for n in _REGISTRY))
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"transform config: unknown keys {unknown}; parameters of the known "
+                         f"families: {sorted(known)}")
+    accepted = transform_param_names(name)
+    params = {k: v for k, v in section.items() if k in accepted and v != ""}
+    get_transform(name, **params)  # fail now, naming the parameters, if the values are bad
+    return name, params

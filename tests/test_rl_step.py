@@ -51,7 +51,8 @@ def test_step_pure_updates_params_not_frozen(algorithm, kl_mode):
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert set(m1) == {"reward", "calibrated_reward", "transformed_reward", "kl_k1", "kl_k3",
-                       "loss", "grad_norm", "clip_fraction"}
+                       "loss", "grad_norm", "clip_fraction", "kl_full_vocab", "entropy",
+                       "response_length"}
     assert all(np.isfinite(float(v)) for v in m1.values())
     assert float(m1["kl_k3"]) >= 0 and float(m1["grad_norm"]) > 0
     # Without jit the step gives the same numbers (it is a plain pure function).

@@ -1,0 +1,32 @@
+"""CTRL on the enumerable exact task: every KL and win rate of the trained policy is exact.
+
+Command (about 1 minute on 2 CPU cores):
+    .venv/bin/python experiments/train_policy.py --config=configs/ctrl_exact.py --workdir=runs/ctrl_exact
+Variants: `--config=configs/ctrl_exact.py:transform=identity,beta=0.15` or flags such as
+`--config.transform.t=4 --config.rl.beta=1.5 --config.train.num_steps=400`.
+Expected result (defaults: exp t=3, beta=1.5, RLOO, 400 steps): eval.jsonl's last row has
+exact_bon1 within 0.01 of target_bon1 and exact_kl within 10% of target_kl (the exact optimum
+pi* ∝ pi_ref exp(Phi(C)/beta) for the same reference table); see tests/test_exact_task.py.
+"""
+
+from infalign_jax.config_utils import parse_arg
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, transform="exp", t=3.0, beta=1.5, algorithm="rloo", steps=400,
+                  samples=256, seed=0)
+    c = parse_arg(None, seed=a.seed)
+    c.task = parse_arg(None, name="exact", vocab=4, length=3, num_prompts=2, d_model=32, seed=0)
+    c.reference = parse_arg(None, k=4096, seed=1)
+    # Parameters of every family live here so that --config.transform.<p>=... always works;
+    # only those the chosen family takes are used ("" = unset).
+    c.transform = parse_arg(None, name=a.transform, t=a.t, p=0.5, s=10.0, c=0.5, path="")
+    c.rl = parse_arg(None, algorithm=a.algorithm, beta=a.beta, samples_per_prompt=a.samples,
+                     max_new_tokens=3, learning_rate=3e-3, ppo_epochs=4, ppo_clip=0.2,
+                     kl_mode="reward", max_grad_norm=0.0, decay_steps=a.steps, full_kl=True)
+    c.train = parse_arg(None, num_steps=a.steps, batch_size=2, log_every=25, eval_every=100,
+                        checkpoint_every=100, keep_checkpoints=3, nan_policy="stop",
+                        async_checkpoint=True, tensorboard=True)
+    c.mesh = parse_arg(None, data=-1, fsdp=1, tensor=1)
+    c.lock()
+    return c
