@@ -1,0 +1,296 @@
+"""Readers for preference pairs and RL prompts stored as JSON lines (`.jsonl` or `.jsonl.gz`).
+
+Formats:
+* Anthropic HH-RLHF (Bai et al. 2022): `{"chosen": transcript, "rejected": transcript}`, each
+  transcript a "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogue. The prompt is the shared prefix
+  up to and including the final "\\n\\nAssistant:"; the responses are the final assistant turns.
+* TL;DR comparisons (Stiennon et al. 2020, summarize-from-feedback): `{"info": {"post", "title",
+  "subreddit", ...}, "summaries": [{"text"}, {"text"}], "choice": 0|1}`.
+* generic `{"prompt", "chosen", "rejected"}`.
+* prompts only, for RL: `{"prompt"}` with an optional `"id"`.
+
+Nothing is dropped silently: the first bad record raises `DataError` naming file, line and what
+was expected, or, with `skip_bad=True`, is counted in a `SkipReport`. Blank lines are not records
+and are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+HH_MARKER = "\n\nAssistant:"
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+FORMATS = ("auto", "hh", "tldr", "jsonl")
+
+
+class DataError(ValueError):
+    """Bad input data: `str(err)` is "path:line: what is wrong (what was expected)"."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, reason: str, detail: str):
+        self.path, self.line, self.reason, self.detail = str(path), line, reason, detail
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {detail}")
+
+    def __reduce__(self):  # exceptions with custom __init__ need this to pickle (worker processes)
+        return (DataError, (self.path, self.line, self.reason, self.detail))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+    line: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptExample:
+    prompt_id: str
+    prompt: str
+    source: str
+    line: int
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """What was skipped and why: counts per reason plus the first `max_examples` errors."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    examples: list[tuple[str, int | None, str, str]] = dataclasses.field(default_factory=list)
+    kept: int = 0
+    max_examples: int = 5
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, err: DataError) -> None:
+        self.counts[err.reason] = self.counts.get(err.reason, 0) + 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append((err.path, err.line, err.reason, str(err)))
+
+    def merge(self, other: "SkipReport") -> "SkipReport":
+        out = SkipReport(dict(self.counts), list(self.examples), self.kept + other.kept,
+                         self.max_examples)
+        for reason, count in other.counts.items():
+            out.counts[reason] = out.counts.get(reason, 0) + count
+        out.examples = (out.examples + other.examples)[: self.max_examples]
+        return out
+
+    def summary(self) -> str:
+        if not self.total:
+            return f"kept {self.kept} records, skipped none"
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.counts.items()))
+        return (f"kept {self.kept} records, skipped {self.total} ({reasons}); "
+                f"first: {self.examples[0][3]}")
+
+
+def _handle(err: DataError, skip_bad: bool, report: SkipReport) -> None:
+    if not skip_bad:
+        raise err
+    report.add(err)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[int, dict]]:
+    """(1-based line, JSON object) for every non-blank line; bad lines raise or are counted."""
+    if not path.is_file():
+        raise DataError(path, None, "missing_file", "file not found (expected a .jsonl or "
+                        ".jsonl.gz file)")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    seen_any = False
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                seen_any = True
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    _handle(DataError(path, lineno, "bad_encoding",
+                                      f"line is not valid UTF-8 ({e.reason})"), skip_bad, report)
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    _handle(DataError(path, lineno, "malformed_json",
+                                      f"malformed JSON ({e.msg} at column {e.colno}); expected "
+                                      "one JSON object per line"), skip_bad, report)
+                    continue
+                if not isinstance(obj, dict):
+                    _handle(DataError(path, lineno, "wrong_type", "expected a JSON object, got "
+                                      f"{type(obj).__name__}"), skip_bad, report)
+                    continue
+                yield lineno, obj
+    except (OSError, EOFError, zlib.error) as e:  # corrupt gzip stream, unreadable file
+        raise DataError(path, None, "unreadable", f"cannot read file: {e}") from e
+    if not seen_any:
+        raise DataError(path, None, "empty_file", "file holds no records (expected JSON lines)")
+
+
+def _field(obj: dict, key: str, kind: type, path: Path, line: int, where: str = "") -> Any:
+    name = f"{where}{key}"
+    if key not in obj:
+        raise DataError(path, line, "missing_field",
+                        f"field {name!r} missing (expected {_kind_name(kind)})")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise DataError(path, line, "wrong_type", f"field {name!r} is "
+                        f"{type(value).__name__} (expected {_kind_name(kind)})")
+    return value
+
+
+def _kind_name(kind: type | tuple) -> str:
+    names = {str: "a string", dict: "an object", list: "a list", int: "an integer"}
+    return names.get(kind, "a value")
+
+
+def _strip_leading_space(text: str) -> str:
+    return text[1:] if text.startswith(" ") else text
+
+
+def _check_pair(prompt: str, chosen: str, rejected: str, path: Path, line: int
+                ) -> PreferenceExample:
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(path, line, "empty_response",
+                            f"response {name!r} is empty (expected non-blank text)")
+    if not prompt.strip():
+        raise DataError(path, line, "empty_prompt", "prompt is empty (expected non-blank text)")
+    if chosen == rejected:
+        raise DataError(path, line, "identical_responses",
+                        "chosen and rejected responses are identical (expected two different "
+                        "responses)")
+    return PreferenceExample(prompt, chosen, rejected, str(path), line)
+
+
+def _split_hh(transcript: str, name: str, path: Path, line: int) -> tuple[str, str]:
+    cut = transcript.rfind(HH_MARKER)
+    if cut < 0:
+        raise DataError(path, line, "missing_marker", f"field {name!r} has no {HH_MARKER!r} turn "
+                        "(expected an HH-RLHF transcript)")
+    cut += len(HH_MARKER)
+    return transcript[:cut], _strip_leading_space(transcript[cut:])
+
+
+def _parse_hh(obj: dict, path: Path, line: int) -> PreferenceExample:
+    prompt, chosen = _split_hh(_field(obj, "chosen", str, path, line), "chosen", path, line)
+    prompt_r, rejected = _split_hh(_field(obj, "rejected", str, path, line), "rejected", path,
+                                   line)
+    if prompt != prompt_r:
+        raise DataError(path, line, "mismatched_prefix", "'chosen' and 'rejected' differ before "
+                        "the last Assistant turn (expected a shared dialogue prefix)")
+    return _check_pair(prompt, chosen, rejected, path, line)
+
+
+def _parse_tldr(obj: dict, path: Path, line: int) -> PreferenceExample:
+    info = _field(obj, "info", dict, path, line)
+    parts = {key: _field(info, key, str, path, line, "info.")
+             for key in ("subreddit", "title", "post")}
+    summaries = _field(obj, "summaries", list, path, line)
+    if len(summaries) != 2:
+        raise DataError(path, line, "wrong_type", f"field 'summaries' has {len(summaries)} "
+                        "entries (expected exactly 2)")
+    texts = []
+    for k, summary in enumerate(summaries):
+        if not isinstance(summary, dict):
+            raise DataError(path, line, "wrong_type", f"field 'summaries[{k}]' is "
+                            f"{type(summary).__name__} (expected an object)")
+        texts.append(_strip_leading_space(_field(summary, "text", str, path, line,
+                                                 f"summaries[{k}].")))
+    choice = _field(obj, "choice", int, path, line)
+    if choice not in (0, 1):
+        raise DataError(path, line, "bad_choice", f"field 'choice' is {choice} (expected 0 or 1)")
+    return _check_pair(TLDR_TEMPLATE.format(**parts), texts[choice], texts[1 - choice], path, line)
+
+
+def _parse_jsonl(obj: dict, path: Path, line: int) -> PreferenceExample:
+    prompt, chosen, rejected = (_field(obj, key, str, path, line)
+                                for key in ("prompt", "chosen", "rejected"))
+    return _check_pair(prompt, chosen, rejected, path, line)
+
+
+_PARSERS: dict[str, Callable[[dict, Path, int], PreferenceExample]] = {
+    "hh": _parse_hh, "tldr": _parse_tldr, "jsonl": _parse_jsonl}
+
+
+def detect_format(obj: dict) -> str | None:
+    """The preference format a record's keys indicate, or None."""
+    keys = set(obj)
+    if {"info", "summaries"} <= keys:
+        return "tldr"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "jsonl"
+    if {"chosen", "rejected"} <= keys:
+        return "hh"
+    return None
+
+
+def read_preferences(path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False
+                     ) -> tuple[list[PreferenceExample], SkipReport]:
+    """Reads preference pairs; `format="auto"` decides from the first JSON object's keys."""
+    if format not in FORMATS:
+        raise ValueError(f"read_preferences: format must be one of {FORMATS}, got {format!r}")
+    path = Path(path)
+    report, out = SkipReport(), []
+    for line, obj in _records(path, skip_bad, report):
+        if format == "auto":
+            format = detect_format(obj) or "auto"
+            if format == "auto":
+                raise DataError(path, line, "unknown_format", f"cannot detect the format from "
+                                f"keys {sorted(obj)} (expected 'chosen'+'rejected' for HH-RLHF, "
+                                "'prompt'+'chosen'+'rejected' for JSONL, or 'info'+'summaries'+"
+                                "'choice' for TL;DR)")
+        try:
+            out.append(_PARSERS[format](obj, path, line))
+        except DataError as err:
+            _handle(err, skip_bad, report)
+    return _finish(out, report, path)
+
+
+def read_prompts(path: str | os.PathLike, *, skip_bad: bool = False
+                 ) -> tuple[list[PromptExample], SkipReport]:
+    """Reads `{"prompt", "id"?}` lines; the default id is "<file stem>:<line>"."""
+    path = Path(path)
+    report, out, first_line = SkipReport(), [], {}
+    for line, obj in _records(path, skip_bad, report):
+        try:
+            prompt = _field(obj, "prompt", str, path, line)
+            if not prompt.strip():
+                raise DataError(path, line, "empty_prompt",
+                                "prompt is empty (expected non-blank text)")
+            prompt_id = obj.get("id", f"{_stem(path)}:{line}")
+            if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
+                raise DataError(path, line, "wrong_type", f"field 'id' is "
+                                f"{type(prompt_id).__name__} (expected a string or integer)")
+            prompt_id = str(prompt_id)
+            if prompt_id in first_line:
+                raise DataError(path, line, "duplicate_id", f"prompt id {prompt_id!r} already "
+                                f"used on line {first_line[prompt_id]} (expected unique ids)")
+            first_line[prompt_id] = line
+            out.append(PromptExample(prompt_id, prompt, str(path), line))
+        except DataError as err:
+            _handle(err, skip_bad, report)
+    return _finish(out, report, path)
+
+
+def _finish(out: list, report: SkipReport, path: Path) -> tuple[list, SkipReport]:
+    report.kept = len(out)
+    if not out:
+        raise DataError(path, None, "no_records",
+                        f"no usable records (expected at least one); {report.summary()}")
+    return out, report

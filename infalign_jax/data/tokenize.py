@@ -1,0 +1,221 @@
+"""Tokenisation and packing of prompts and preference pairs into fixed-shape numpy arrays.
+
+Layout (the convention of `infalign_jax.sampling`): prompts are LEFT-padded so every prompt ends
+at column P-1 and generation continues from there; responses are RIGHT-padded. Shapes are the
+configured limits, not the longest example, so every dataset packs to the same shapes and a
+jitted step compiles once.
+
+Truncation: prompts lose tokens on the left (the end of a dialogue, with its "Assistant:" cue,
+is what conditions the response); responses lose tokens on the right. EOS is appended before
+truncating, so a truncated response carries no EOS: it did not end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from infalign_jax.data.readers import DataError, PreferenceExample, PromptExample, SkipReport
+
+Encoder = Callable[[str], list[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """Length limits (in tokens; the response limit counts the appended EOS) and special ids."""
+
+    max_prompt_len: int
+    max_response_len: int
+    prompt_truncation: str = "left"      # "left" | "error"
+    response_truncation: str = "right"   # "right" | "error"
+    append_eos: bool = True
+    eos_id: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self):
+        for name in ("max_prompt_len", "max_response_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TokenizeConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.prompt_truncation not in ("left", "error"):
+            raise ValueError("TokenizeConfig.prompt_truncation must be 'left' or 'error', got "
+                             f"{self.prompt_truncation!r}")
+        if self.response_truncation not in ("right", "error"):
+            raise ValueError("TokenizeConfig.response_truncation must be 'right' or 'error', got "
+                             f"{self.response_truncation!r}")
+        if not isinstance(self.append_eos, bool):
+            raise ValueError(f"TokenizeConfig.append_eos must be a bool, got {self.append_eos!r}")
+        if self.append_eos and self.eos_id is None:
+            raise ValueError("TokenizeConfig.eos_id must be set when append_eos=True")
+        for name in ("eos_id", "pad_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"TokenizeConfig.{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedPrompts:
+    prompt_NxP: np.ndarray        # int32, left-padded with pad_id
+    prompt_mask_NxP: np.ndarray   # bool, True on real tokens
+    line_N: np.ndarray            # int32 source line of each example
+    prompt_ids: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.prompt_NxP.shape[0]
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """The numeric arrays, for `pipeline.make_loader` (ids/sources: index with the rows)."""
+        return {"prompt_NxP": self.prompt_NxP, "prompt_mask_NxP": self.prompt_mask_NxP,
+                "line_N": self.line_N}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedPairs:
+    prompt_NxP: np.ndarray
+    prompt_mask_NxP: np.ndarray
+    chosen_NxR: np.ndarray        # int32, right-padded with pad_id
+    chosen_mask_NxR: np.ndarray
+    rejected_NxR: np.ndarray
+    rejected_mask_NxR: np.ndarray
+    line_N: np.ndarray
+    sources: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.prompt_NxP.shape[0]
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "sources"}
+
+
+def as_encoder(tokenizer: Any) -> Encoder:
+    """text -> token ids from a tokenizer object with `encode` or a plain callable.
+
+    Hugging Face tokenizers get `add_special_tokens=False`: BOS/EOS placement is the packer's
+    job, and a BOS in the middle of [prompt | response] would corrupt the sequence.
+    `tokenizers.Tokenizer.encode` returns an `Encoding`; its `.ids` are used.
+    """
+    fn = getattr(tokenizer, "encode", None)
+    if fn is None:
+        if not callable(tokenizer):
+            raise TypeError("tokenizer must have an encode(text) method or be callable, got "
+                            f"{type(tokenizer).__name__}")
+        fn = tokenizer
+    try:
+        params = inspect.signature(fn).parameters
+        special_kw = "add_special_tokens" in params
+    except (TypeError, ValueError):  # builtins without a signature
+        special_kw = False
+
+    def encode(text: str) -> list[int]:
+        out = fn(text, add_special_tokens=False) if special_kw else fn(text)
+        out = getattr(out, "ids", out)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        ids = np.asarray(out)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise TypeError(f"tokenizer returned {type(out).__name__} of shape {ids.shape} "
+                            "(expected a flat list of integer ids)")
+        return [int(i) for i in ids]
+
+    return encode
+
+
+def _pack_prompt(ids: list[int], cfg: TokenizeConfig, source: str, line: int) -> list[int]:
+    if not ids:
+        raise DataError(source, line, "empty_prompt",
+                        "prompt is empty after tokenisation (expected at least one token)")
+    if len(ids) > cfg.max_prompt_len:
+        if cfg.prompt_truncation == "error":
+            raise DataError(source, line, "too_long", f"prompt has {len(ids)} tokens (limit "
+                            f"max_prompt_len={cfg.max_prompt_len})")
+        ids = ids[-cfg.max_prompt_len:]
+    return ids
+
+
+def _pack_response(ids: list[int], name: str, cfg: TokenizeConfig, source: str, line: int
+                   ) -> list[int]:
+    if not ids:
+        raise DataError(source, line, "empty_response", f"response {name!r} is empty after "
+                        "tokenisation (expected at least one token)")
+    if cfg.append_eos:
+        ids = ids + [cfg.eos_id]
+    if len(ids) > cfg.max_response_len:
+        if cfg.response_truncation == "error":
+            eos = " including EOS" if cfg.append_eos else ""
+            raise DataError(source, line, "too_long", f"response {name!r} has {len(ids)} tokens"
+                            f"{eos} (limit max_response_len={cfg.max_response_len})")
+        ids = ids[: cfg.max_response_len]
+    return ids
+
+
+def _pad(rows: Sequence[list[int]], width: int, pad_id: int, left: bool
+         ) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, ids in enumerate(rows):
+        cols = slice(width - len(ids), width) if left else slice(0, len(ids))
+        tokens[i, cols] = ids
+        mask[i, cols] = True
+    return tokens, mask
+
+
+def _no_records(examples: Sequence, report: SkipReport) -> DataError:
+    source = examples[0].source if examples else "<no examples>"
+    return DataError(source, None, "no_records", "no examples survived tokenisation (expected "
+                     f"at least one); {report.summary()}")
+
+
+def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: TokenizeConfig, *,
+                     skip_bad: bool = False) -> tuple[PackedPrompts, SkipReport]:
+    encode, report, kept = as_encoder(tokenizer), SkipReport(), []
+    for ex in examples:
+        try:
+            kept.append((ex, _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            report.add(err)
+    report.kept = len(kept)
+    if not kept:
+        raise _no_records(examples, report)
+    prompt, prompt_mask = _pad([ids for _, ids in kept], cfg.max_prompt_len, cfg.pad_id, True)
+    return PackedPrompts(prompt, prompt_mask, np.array([ex.line for ex, _ in kept], np.int32),
+                         tuple(ex.prompt_id for ex, _ in kept),
+                         tuple(ex.source for ex, _ in kept)), report
+
+
+def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer: Any,
+                         cfg: TokenizeConfig, *, skip_bad: bool = False
+                         ) -> tuple[PackedPairs, SkipReport]:
+    encode, report, kept = as_encoder(tokenizer), SkipReport(), []
+    for ex in examples:
+        try:
+            prompt = _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)
+            chosen = _pack_response(encode(ex.chosen), "chosen", cfg, ex.source, ex.line)
+            rejected = _pack_response(encode(ex.rejected), "rejected", cfg, ex.source, ex.line)
+            if chosen == rejected:
+                # Truncation can make two different texts identical; such a pair carries no
+                # preference signal, so it is an error like an identical pair in the file.
+                raise DataError(ex.source, ex.line, "identical_responses", "chosen and rejected "
+                                f"are identical after tokenisation and truncation to "
+                                f"max_response_len={cfg.max_response_len} tokens")
+            kept.append((ex, prompt, chosen, rejected))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            report.add(err)
+    report.kept = len(kept)
+    if not kept:
+        raise _no_records(examples, report)
+    prompt, prompt_mask = _pad([k[1] for k in kept], cfg.max_prompt_len, cfg.pad_id, True)
+    chosen, chosen_mask = _pad([k[2] for k in kept], cfg.max_response_len, cfg.pad_id, False)
+    rejected, rejected_mask = _pad([k[3] for k in kept], cfg.max_response_len, cfg.pad_id, False)
+    return PackedPairs(prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask,
+                       np.array([k[0].line for k in kept], np.int32),
+                       tuple(k[0].source for k in kept)), report

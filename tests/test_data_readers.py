@@ -1,0 +1,299 @@
+"""Readers (HH-RLHF, TL;DR, JSONL, prompts), their errors, and tokenisation/packing."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from infalign_jax.data import (DataError, PreferenceExample, TokenizeConfig, as_encoder,
+                               read_preferences, read_prompts, tokenize_preferences,
+                               tokenize_prompts)
+from infalign_jax.data.readers import PromptExample
+
+
+def write_lines(path, lines, gz=False):
+    data = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+HH = [
+    {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
+     "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."},
+    {"chosen": "\n\nHuman: 2+2?\n\nAssistant: Let me think.\n\nHuman: And?\n\nAssistant: 4",
+     "rejected": "\n\nHuman: 2+2?\n\nAssistant: Let me think.\n\nHuman: And?\n\nAssistant: 5"},
+]
+HH_EXPECTED = [
+    ("\n\nHuman: Hi there\n\nAssistant:", "Hello! How can I help?", "Go away."),
+    ("\n\nHuman: 2+2?\n\nAssistant: Let me think.\n\nHuman: And?\n\nAssistant:", "4", "5"),
+]
+
+
+def tldr(choice=1, **info_overrides):
+    info = {"id": "t3_abc", "post": "My cat sits on my laptop.", "title": "Cat help",
+            "subreddit": "cats", **info_overrides}
+    return {"info": info, "summaries": [{"text": " cat on laptop"}, {"text": " cat problem"}],
+            "choice": choice}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_hh_parses_prompt_and_final_turns(tmp_path, gz):
+    path = write_lines(tmp_path / ("hh.jsonl.gz" if gz else "hh.jsonl"), HH, gz)
+    examples, report = read_preferences(path)           # auto-detected
+    got = [(e.prompt, e.chosen, e.rejected) for e in examples]
+    assert got == HH_EXPECTED
+    assert [e.line for e in examples] == [1, 2] and examples[0].source == str(path)
+    assert report.total == 0 and report.kept == 2
+
+
+def test_tldr_prompt_template_and_choice(tmp_path):
+    path = write_lines(tmp_path / "tldr.jsonl", [tldr(choice=1), tldr(choice=0)])
+    examples, _ = read_preferences(path, format="tldr")
+    prompt = "SUBREDDIT: r/cats\nTITLE: Cat help\nPOST: My cat sits on my laptop.\nTL;DR:"
+    assert examples[0] == PreferenceExample(prompt, "cat problem", "cat on laptop", str(path), 1)
+    assert (examples[1].chosen, examples[1].rejected) == ("cat on laptop", "cat problem")
+    assert read_preferences(path)[0] == examples        # auto gives the same
+
+
+def test_generic_jsonl_with_blank_lines(tmp_path):
+    rows = [{"prompt": "Q1", "chosen": "a", "rejected": "b"}, "",
+            {"prompt": "Q2", "chosen": " c ", "rejected": "d", "extra": 1}]
+    path = write_lines(tmp_path / "pairs.jsonl", rows)
+    examples, _ = read_preferences(path)
+    assert [(e.prompt, e.chosen, e.rejected, e.line) for e in examples] == [
+        ("Q1", "a", "b", 1), ("Q2", " c ", "d", 3)]
+
+
+def test_prompts_default_and_explicit_ids(tmp_path):
+    path = write_lines(tmp_path / "rl.jsonl.gz", [{"prompt": "p one"}, {"prompt": "p two",
+                                                                        "id": 7}], gz=True)
+    examples, _ = read_prompts(path)
+    assert examples == [PromptExample("rl:1", "p one", str(path), 1),
+                        PromptExample("7", "p two", str(path), 2)]
+
+
+PAIR = {"prompt": "Q", "chosen": "a", "rejected": "b"}
+BAD_PAIRS = [  # (format, bad record as written, reason)
+    ("jsonl", '{"prompt": "Q", "chosen": "a", ', "malformed_json"),
+    ("jsonl", "[1, 2]", "wrong_type"),
+    ("jsonl", {"prompt": "Q", "chosen": "a"}, "missing_field"),
+    ("jsonl", {"prompt": "Q", "chosen": "a", "rejected": 3}, "wrong_type"),
+    ("jsonl", {"prompt": "Q", "chosen": "a", "rejected": "  "}, "empty_response"),
+    ("jsonl", {"prompt": "", "chosen": "a", "rejected": "b"}, "empty_prompt"),
+    ("jsonl", {"prompt": "Q", "chosen": "same", "rejected": "same"}, "identical_responses"),
+    ("hh", {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"},
+     "mismatched_prefix"),
+    ("hh", {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: A only"},
+     "missing_marker"),
+    ("hh", {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: A\n\nAssistant: "},
+     "empty_response"),
+    ("tldr", tldr(choice=2), "bad_choice"),
+    ("tldr", tldr(choice=True), "wrong_type"),
+    ("tldr", tldr(post=None), "wrong_type"),
+    ("tldr", {"info": {"title": "t", "subreddit": "s"}, "summaries": [{"text": "a"},
+                                                                       {"text": "b"}],
+              "choice": 0}, "missing_field"),
+    ("tldr", {**tldr(), "summaries": [{"text": "a"}]}, "wrong_type"),
+]
+GOOD = {"jsonl": PAIR, "hh": HH[0], "tldr": tldr()}
+
+
+@pytest.mark.parametrize("fmt,bad,reason", BAD_PAIRS)
+def test_bad_pair_names_file_line_reason(tmp_path, fmt, bad, reason):
+    path = write_lines(tmp_path / "d.jsonl", [GOOD[fmt], GOOD[fmt], bad, GOOD[fmt]])
+    with pytest.raises(DataError) as info:
+        read_preferences(path, format=fmt)
+    err = info.value
+    assert (err.path, err.line, err.reason) == (str(path), 3, reason)
+    assert str(err).startswith(f"{path}:3: ")
+    # skip_bad keeps the three good records and counts the bad one
+    examples, report = read_preferences(path, format=fmt, skip_bad=True)
+    assert [e.line for e in examples] == [1, 2, 4]
+    assert report.counts == {reason: 1} and report.total == 1 and report.kept == 3
+    assert report.examples[0][:3] == (str(path), 3, reason) and reason in report.summary()
+
+
+def test_missing_field_message_names_field_and_expectation(tmp_path):
+    path = write_lines(tmp_path / "hh.jsonl", [HH[0], {"chosen": HH[0]["chosen"]}])
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: field 'rejected' missing \(expected a "
+                                        r"string\)"):
+        read_preferences(path, format="hh")
+
+
+def test_skip_report_counts_several_reasons(tmp_path):
+    rows = ["{bad", PAIR, {"prompt": "Q", "chosen": "x", "rejected": "x"}, "{also bad",
+            {"prompt": "Q", "chosen": "a"}, PAIR]
+    path = write_lines(tmp_path / "d.jsonl", rows)
+    examples, report = read_preferences(path, format="jsonl", skip_bad=True)
+    assert [e.line for e in examples] == [2, 6]
+    assert report.counts == {"malformed_json": 2, "identical_responses": 1, "missing_field": 1}
+    assert report.total == 4 and [x[1] for x in report.examples] == [1, 3, 4, 5]
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl") as info:
+        read_preferences(tmp_path / "nope.jsonl")
+    assert info.value.reason == "missing_file" and info.value.line is None
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError) as info:
+        read_prompts(empty)
+    assert info.value.reason == "empty_file"
+    all_bad = write_lines(tmp_path / "bad.jsonl", ["{x", "{y"])
+    with pytest.raises(DataError) as info:
+        read_preferences(all_bad, format="jsonl", skip_bad=True)
+    assert info.value.reason == "no_records" and "2 malformed_json" in str(info.value)
+    corrupt = tmp_path / "c.jsonl.gz"
+    corrupt.write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 50)[:40])
+    with pytest.raises(DataError) as info:
+        read_prompts(corrupt)
+    assert info.value.reason == "unreadable"
+
+
+def test_auto_detect_reports_keys_it_saw(tmp_path):
+    path = write_lines(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"\['answer', 'question'\]") as info:
+        read_preferences(path)
+    assert (info.value.line, info.value.reason) == (1, "unknown_format")
+    with pytest.raises(ValueError, match="format must be one of"):
+        read_preferences(path, format="csv")
+
+
+def test_prompt_errors(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": "a", "id": "x"}, {"prompt": "b"},
+                                              {"prompt": "c", "id": "x"}, {"prompt": " "},
+                                              {"prompt": "d", "id": [1]}])
+    with pytest.raises(DataError, match="already used on line 1") as info:
+        read_prompts(path)
+    assert (info.value.line, info.value.reason) == (3, "duplicate_id")
+    examples, report = read_prompts(path, skip_bad=True)
+    assert [e.prompt_id for e in examples] == ["x", "p:2"]
+    assert report.counts == {"duplicate_id": 1, "empty_prompt": 1, "wrong_type": 1}
+
+
+# ---------------------------------------------------------------- tokenisation and packing
+VOCAB = {w: i for i, w in enumerate("<pad> <eos> <bos> a b c d e f g h".split())}
+
+
+def char_tokenizer(text):
+    """One token per non-space character: an independent, hand-checkable encoder."""
+    return [VOCAB[ch] for ch in text if ch != " "]
+
+
+def pairs(*rows):
+    return [PreferenceExample(p, c, r, "f.jsonl", i + 1) for i, (p, c, r) in enumerate(rows)]
+
+
+def unpad(tokens, mask):
+    return [list(t[m]) for t, m in zip(tokens, mask)]
+
+
+def test_pack_pairs_shapes_padding_masks_and_roundtrip():
+    cfg = TokenizeConfig(max_prompt_len=4, max_response_len=3, eos_id=1, pad_id=0)
+    examples = pairs(("ab", "c", "de"), ("abcd", "ef", "g"))
+    packed, report = tokenize_preferences(examples, char_tokenizer, cfg)
+    assert packed.prompt_NxP.shape == (2, 4) and packed.chosen_NxR.shape == (2, 3)
+    assert packed.prompt_NxP.dtype == np.int32 and packed.prompt_mask_NxP.dtype == bool
+    # left-padded prompts, right-padded responses with EOS appended
+    np.testing.assert_array_equal(packed.prompt_NxP, [[0, 0, 3, 4], [3, 4, 5, 6]])
+    np.testing.assert_array_equal(packed.prompt_mask_NxP, [[0, 0, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(packed.chosen_NxR, [[5, 1, 0], [7, 8, 1]])
+    np.testing.assert_array_equal(packed.rejected_mask_NxR, [[1, 1, 1], [1, 1, 0]])
+    for i, ex in enumerate(examples):
+        assert unpad(packed.prompt_NxP, packed.prompt_mask_NxP)[i] == char_tokenizer(ex.prompt)
+        assert unpad(packed.chosen_NxR, packed.chosen_mask_NxR)[i] == char_tokenizer(
+            ex.chosen) + [1]
+        assert unpad(packed.rejected_NxR, packed.rejected_mask_NxR)[i] == char_tokenizer(
+            ex.rejected) + [1]
+    assert list(packed.line_N) == [1, 2] and report.total == 0
+    assert set(packed.as_dict()) == {"prompt_NxP", "prompt_mask_NxP", "chosen_NxR",
+                                     "chosen_mask_NxR", "rejected_NxR", "rejected_mask_NxR",
+                                     "line_N"}
+
+
+def test_truncation_keeps_prompt_end_and_response_start():
+    cfg = TokenizeConfig(max_prompt_len=2, max_response_len=3, eos_id=1, pad_id=0)
+    packed, _ = tokenize_preferences(pairs(("abcd", "efgh", "ab")), char_tokenizer, cfg)
+    np.testing.assert_array_equal(packed.prompt_NxP, [[VOCAB["c"], VOCAB["d"]]])
+    np.testing.assert_array_equal(packed.chosen_NxR, [[7, 8, 9]])         # e f g, no EOS
+    np.testing.assert_array_equal(packed.rejected_NxR, [[3, 4, 1]])       # a b <eos>
+
+
+@pytest.mark.parametrize("row,reason,match", [
+    (("abcde", "a", "b"), "too_long", "prompt has 5 tokens.*max_prompt_len=4"),
+    (("a", "abc", "b"), "too_long", "'chosen' has 4 tokens including EOS.*max_response_len=3"),
+    ((" ", "a", "b"), "empty_prompt", "empty after tokenisation"),
+    (("a", "b", "  "), "empty_response", "'rejected' is empty"),
+])
+def test_pack_errors_name_file_line_and_counts(row, reason, match):
+    cfg = TokenizeConfig(4, 3, prompt_truncation="error", response_truncation="error",
+                         eos_id=1)
+    examples = pairs(("a", "b", "c"), row)
+    with pytest.raises(DataError, match=match) as info:
+        tokenize_preferences(examples, char_tokenizer, cfg)
+    assert (info.value.path, info.value.line, info.value.reason) == ("f.jsonl", 2, reason)
+    packed, report = tokenize_preferences(examples, char_tokenizer, cfg, skip_bad=True)
+    assert len(packed) == 1 and report.counts == {reason: 1}
+
+
+def test_identical_after_truncation_is_an_error():
+    cfg = TokenizeConfig(4, 2, eos_id=1)
+    with pytest.raises(DataError, match="identical after tokenisation") as info:
+        tokenize_preferences(pairs(("a", "abc", "abd")), char_tokenizer, cfg)
+    assert info.value.reason == "identical_responses"
+
+
+def test_tokenize_prompts_and_no_eos():
+    cfg = TokenizeConfig(3, 2, append_eos=False, pad_id=2)
+    examples = [PromptExample("x", "ab", "p.jsonl", 1), PromptExample("y", "gh ab", "p.jsonl", 4)]
+    packed, _ = tokenize_prompts(examples, char_tokenizer, cfg)
+    np.testing.assert_array_equal(packed.prompt_NxP, [[2, 3, 4], [10, 3, 4]])
+    np.testing.assert_array_equal(packed.prompt_mask_NxP, [[0, 1, 1], [1, 1, 1]])
+    assert packed.prompt_ids == ("x", "y") and list(packed.line_N) == [1, 4]
+
+
+def test_hf_tokenizer_without_special_tokens(tmp_path):
+    import tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "[PAD]": 3, "hello": 4, "world": 5, "cat": 6}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    assert tok.encode("hello cat").ids == [1, 4, 6]     # the BOS the packer must not get
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                            pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for t in (hf, tok):
+        assert as_encoder(t)("hello world cat") == [4, 5, 6]
+    cfg = TokenizeConfig(3, 3, eos_id=hf.eos_token_id, pad_id=hf.pad_token_id)
+    packed, _ = tokenize_preferences(pairs(("hello", "world", "cat dog")), hf, cfg)
+    np.testing.assert_array_equal(packed.prompt_NxP, [[3, 3, 4]])
+    np.testing.assert_array_equal(packed.rejected_NxR, [[6, 0, 2]])
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(max_prompt_len=0, max_response_len=2, eos_id=1), "max_prompt_len"),
+    (dict(max_prompt_len=2, max_response_len=1.5, eos_id=1), "max_response_len"),
+    (dict(max_prompt_len=2, max_response_len=2, prompt_truncation="right", eos_id=1),
+     "prompt_truncation"),
+    (dict(max_prompt_len=2, max_response_len=2, response_truncation="left", eos_id=1),
+     "response_truncation"),
+    (dict(max_prompt_len=2, max_response_len=2), "eos_id"),
+    (dict(max_prompt_len=2, max_response_len=2, eos_id=1, pad_id=-1), "pad_id"),
+])
+def test_tokenize_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=f"TokenizeConfig.{field}"):
+        TokenizeConfig(**kwargs)
+
+
+def test_bad_tokenizer_output_is_a_type_error():
+    with pytest.raises(TypeError, match="flat list of integer ids"):
+        as_encoder(lambda s: [[1, 2]])("ab")
+    with pytest.raises(TypeError, match="encode"):
+        as_encoder(42)
