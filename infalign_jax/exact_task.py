@@ -25,6 +25,7 @@ is close to the population calibration, but the comparison never depends on that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
@@ -78,7 +79,7 @@ def make_task(seed: int = 0, *, vocab: int = 4, length: int = 3, num_prompts: in
     cfg = models.ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=2,
                              n_kv_heads=2, head_dim=16, d_ff=2 * d_model, max_len=32,
                              init_std=init_std)
-    params = models.init_params(cfg, jax.random.key(seed))
+    params = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(seed))
     rs = np.random.RandomState(seed)
     prompts = rs.randint(0, vocab, size=(num_prompts, prompt_len)).astype(np.int32)
     n_resp = vocab ** length
@@ -95,14 +96,19 @@ def table_reward_fn(rewards_PxY: Array, prompt_idx_B: Array, tokens_BxL: Array,
     return rewards_PxY[prompt_idx_B, response_codes(tokens_BxL, vocab)]
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_logprobs(cfg: models.ModelConfig):
+    # Op-by-op dispatch of the enumeration forward pass takes seconds; compiled it takes ms.
+    return jax.jit(functools.partial(sequence_logprobs, models.decoder_fns(cfg)))
+
+
 def policy_logprobs(task: ExactTask, params: Any) -> np.ndarray:
     """log pi(y|x) for every prompt and response under `params` (teacher forced, exact): PxY."""
-    fns = models.decoder_fns(task.model_cfg)
     n_p, n_y = task.rewards_PxY.shape
     prompt = jnp.asarray(np.repeat(task.prompts_PxS, n_y, axis=0))
     resp = jnp.asarray(np.tile(task.responses_YxL, (n_p, 1)))
-    logp_BxL = sequence_logprobs(fns, params, prompt, jnp.ones(prompt.shape, bool), resp,
-                                 jnp.ones(resp.shape, bool))
+    logp_BxL = _jitted_logprobs(task.model_cfg)(params, prompt, jnp.ones(prompt.shape, bool), resp,
+                                                jnp.ones(resp.shape, bool))
     return np.asarray(jnp.sum(logp_BxL, axis=-1), np.float64).reshape(n_p, n_y)
 
 
