@@ -4,6 +4,9 @@ Command (about 1 minute on 2 CPU cores):
     .venv/bin/python experiments/train_policy.py --config=configs/ctrl_exact.py --workdir=runs/ctrl_exact
 Variants: `--config=configs/ctrl_exact.py:transform=identity,beta=0.15` or flags such as
 `--config.transform.t=4 --config.rl.beta=1.5 --config.train.num_steps=400`.
+Sweep (t grid x beta grid, one run per point, results in runs/sweep/sweep_results.md):
+    .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py --workdir=runs/sweep
+    (add --sweep=print for one command line per point; --sweep_arg="ts=-5;5,betas=1.5")
 Expected result (defaults: exp t=3, beta=1.5, RLOO, 400 steps): eval.jsonl's last row has
 exact_bon1 within 0.01 of target_bon1 and exact_kl within 10% of target_kl (the exact optimum
 pi* ∝ pi_ref exp(Phi(C)/beta) for the same reference table); see tests/test_exact_task.py.
@@ -30,3 +33,9 @@ def get_config(arg=None):
     c.mesh = parse_arg(None, data=-1, fsdp=1, tensor=1)
     c.lock()
     return c
+
+
+def get_sweep(arg=None):
+    """The t sweep of the paper (t < 0 for WoN, t > 0 for BoN; t = 0 is the identity) x beta."""
+    a = parse_arg(arg, ts=(-10.0, -5.0, -1.0, 0.0, 1.0, 5.0, 10.0), betas=(1.5,))
+    return [{"transform.name": "exp", "transform.t": t, "rl.beta": b} for b in a.betas for t in a.ts]

@@ -1,0 +1,43 @@
+"""Runs a config's `get_sweep()` points one after another, or prints one command per point.
+
+    .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py --workdir=runs/sweep
+    .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py --workdir=runs/sweep \
+        --sweep=print --sweep_arg="ts=-5;5" --config.train.num_steps=200
+
+Flags on the config (--config.x=...) apply to every point; the point's overrides come last.
+Results: <workdir>/sweep_results.{csv,md}, one row per point.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from infalign_jax import sweep, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/ctrl_exact.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one run dir per point).",
+                               required=True)
+_MODE = flags.DEFINE_enum("sweep", "local", ["local", "print"],
+                          "local: run the points here; print: one command line per point.")
+_ARG = flags.DEFINE_string("sweep_arg", None, "Argument passed to the config's get_sweep().")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    points = sweep.sweep_points(sweep.load_config_module(path), _ARG.value)
+    if _MODE.value == "print":
+        shared = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        print("\n".join(sweep.command_lines("experiments/train_policy.py", path, _WORKDIR.value,
+                                            points, shared)))
+        return
+    rows = sweep.run_sweep(_CONFIG.value, points, _WORKDIR.value, train.train_and_evaluate)
+    print(sweep.markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+
+
+if __name__ == "__main__":
+    app.run(main)
