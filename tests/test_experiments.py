@@ -61,7 +61,8 @@ def test_entrypoint_rejects_unknown_override(tmp_path):
 def test_demo_entrypoint(tmp_path):
     out = tmp_path / "demo"
     _run("demo.py", f"--workdir={out}", "--config=configs/demo.py:prompts=2,k_ref=6,n=2",
-         "--config.max_new_tokens=8", tmp_path=tmp_path)
+         "--config.max_new_tokens=8", "--config.train_size=smoke",
+         "--config.train_methods=identity,exp_bon", tmp_path=tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert len(results["prompts"]) == 2
     for p in results["prompts"]:
@@ -69,3 +70,7 @@ def test_demo_entrypoint(tmp_path):
             assert 0.0 <= s["calibrated"] <= 1.0
     assert {r["procedure"] for r in results["analytic"]} == {"bon_2", "won_2"}
     assert (out / "manifest.json").exists() and (out / "reference_table.npz").exists()
+    rows = results["ctrl_exact"]
+    assert [r["method"].split(" ")[0] for r in rows] == ["calibrated", "CTRL"]
+    assert all(0 < r["exact_bon1"] < 1 and r["exact_kl"] >= 0 for r in rows)
+    assert (out / "ctrl" / "exact_table.md").exists() and (out / "ctrl" / "exact_methods.png").exists()

@@ -1,0 +1,117 @@
+"""Sweeps (overrides, names, commands, resume of finished points) and the reproduction stages."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from infalign_jax import exact_task as et
+from infalign_jax import reproduce, sweep
+from infalign_jax.transforms import get_transform
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CTRL_EXACT = os.path.join(ROOT, "configs", "ctrl_exact.py")
+
+
+def _base():
+    return sweep.load_config_module(CTRL_EXACT).get_config()
+
+
+def test_get_sweep_is_the_t_grid_times_beta_grid():
+    points = sweep.sweep_points(sweep.load_config_module(CTRL_EXACT), "ts=-5;5,betas=0.5;1.5")
+    assert [(p["transform.t"], p["rl.beta"]) for p in points] == [
+        (-5.0, 0.5), (5.0, 0.5), (-5.0, 1.5), (5.0, 1.5)]
+    assert {p["transform.name"] for p in points} == {"exp"}
+    default = sweep.sweep_points(sweep.load_config_module(CTRL_EXACT))
+    assert [p["transform.t"] for p in default] == [-10, -5, -1, 0, 1, 5, 10]
+
+
+def test_apply_overrides_copies_and_refuses_unknown_or_mistyped():
+    base = _base()
+    cfg = sweep.apply_overrides(base, {"transform.t": 4, "rl.beta": 0.05})
+    assert cfg.transform.t == 4.0 and cfg.rl.beta == 0.05 and base.transform.t == 3.0
+    with pytest.raises(ValueError, match="unknown key"):
+        sweep.apply_overrides(base, {"rl.betta": 1.0})
+    with pytest.raises(ValueError, match="no section 'rll'"):
+        sweep.apply_overrides(base, {"rll.beta": 1.0})
+    with pytest.raises(TypeError):
+        sweep.apply_overrides(base, {"rl.beta": "high"})
+
+
+def test_point_names_and_command_lines():
+    points = [{"transform.t": -5.0, "rl.beta": 1.5}, {"transform.t": 10.0, "rl.beta": 0.25}]
+    assert sweep.point_name(points[0]) == "t=-5,beta=1.5"
+    lines = sweep.command_lines("experiments/train_policy.py", "configs/ctrl_exact.py", "runs/s",
+                                points, ["--config.train.num_steps=50"])
+    assert lines[1] == ("python experiments/train_policy.py --config=configs/ctrl_exact.py "
+                        "--workdir=runs/s/t=10,beta=0.25 --config.train.num_steps=50 "
+                        "--config.transform.t=10.0 --config.rl.beta=0.25")
+
+
+def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
+    calls = []
+
+    def runner(cfg, run_dir):
+        calls.append(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps, "eval": {"exact_kl": cfg.transform.t / 10},
+                   "last_train_metrics": {"kl_k1": 0.5, "loss": 1.0}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        return summary
+
+    points = [{"transform.t": 1.0}, {"transform.t": 2.0}]
+    rows = sweep.run_sweep(_base(), points, str(tmp_path), runner, log=lambda s: None)
+    assert len(calls) == 2 and [r["eval.exact_kl"] for r in rows] == [0.1, 0.2]
+    assert "train.loss" not in rows[0] and rows[0]["train.kl_k1"] == 0.5
+    rows2 = sweep.run_sweep(_base(), points, str(tmp_path), runner, log=lambda s: None)
+    assert len(calls) == 2 and rows2 == rows  # finished points are read back, not re-run
+    text = (tmp_path / "sweep_results.md").read_text()
+    assert "| t=2 | 2.0000 | 0.2000 | 0.5000 |" in text
+    # A longer run of the same points is not "finished": it runs (and would resume).
+    longer = sweep.apply_overrides(_base(), {"train.num_steps": 500})
+    sweep.run_sweep(longer, points[:1], str(tmp_path), runner, log=lambda s: None)
+    assert len(calls) == 3
+
+
+def test_beta_for_kl_hits_the_budget_and_is_monotone():
+    task = et.make_task(0)
+    table = et.sample_reference_table(task, 256, seed=1)
+    ref_logp = et.policy_logprobs(task, task.ref_params)
+    for name, params in (("identity", {}), ("exp", {"t": 5.0}), ("exp", {"t": -5.0})):
+        tr = get_transform(name, **params)
+        cal = et.calibrated_table(task, table, tr.smoothed)
+        betas = [reproduce.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, kl)
+                 for kl in (0.2, 0.8)]
+        assert betas[0] > betas[1]
+        for beta, kl in zip(betas, (0.2, 0.8)):
+            tgt = et.target_policy(ref_logp, cal, tr, beta)
+            assert et.exact_kl(tgt, np.exp(ref_logp)) == pytest.approx(kl, rel=1e-6)
+    with pytest.raises(ValueError, match="outside the reachable range"):
+        reproduce.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, 50.0)
+
+
+def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
+    rows = reproduce.run_exact_stage(_base(), str(tmp_path), size="smoke",
+                                     keys=("identity", "vbon"), log=lambda s: None,
+                                     devices=jax.devices()[:1])
+    assert [r["method"] for r in rows] == ["calibrated identity", "vBoN (log, beta=1/(N-1), N=4)"]
+    assert rows[1]["beta"] == pytest.approx(1 / 3)
+    # Matched KL: both exact targets sit at the same budget.
+    assert rows[0]["target_kl"] == pytest.approx(rows[1]["target_kl"], rel=1e-6)
+    for name in ("exact_table.md", "exact_table.json", "exact_methods.png", "manifest.json"):
+        assert (tmp_path / name).exists(), name
+    with pytest.raises(ValueError, match="non-empty subset"):
+        reproduce.run_exact_stage(_base(), str(tmp_path), keys=("nope",))
+    with pytest.raises(ValueError, match="size must be one of"):
+        reproduce.run_exact_stage(_base(), str(tmp_path), size="huge")
+
+
+def test_reproduce_rejects_unknown_stage(tmp_path):
+    cfg = ml_collections.ConfigDict({"stages": "analytic,bogus", "size": "tiny", "seed": 0})
+    with pytest.raises(ValueError, match=r"unknown stages \['bogus'\]"):
+        reproduce.run(cfg, str(tmp_path))
+    assert len(jax.devices()) == 8
