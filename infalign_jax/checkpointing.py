@@ -116,18 +116,26 @@ def check_writable(workdir: str | os.PathLike, min_free_bytes: int = 0) -> None:
 def nonfinite_leaves(tree: PyTree) -> list[str]:
     """Key paths (``jax.tree_util.keystr``) of floating leaves holding a NaN or Inf."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    paths, flags = [], []
+    paths, flags, device_paths, device_leaves = [], [], [], []
     for key_path, leaf in leaves:
+        path = jax.tree_util.keystr(key_path)
         if isinstance(leaf, float):
-            paths.append(jax.tree_util.keystr(key_path))
+            paths.append(path)
             flags.append(math.isfinite(leaf))
-        elif hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
-            paths.append(jax.tree_util.keystr(key_path))
-            # A full reduction leaves a replicated scalar, readable on every host.
-            flags.append(np.all(np.isfinite(leaf)) if isinstance(leaf, np.ndarray)
-                         else jnp.all(jnp.isfinite(leaf)))
-    flags = jax.device_get(flags)
-    return [p for p, ok in zip(paths, flags) if not bool(ok)]
+        elif isinstance(leaf, np.ndarray) and np.issubdtype(leaf.dtype, np.inexact):
+            paths.append(path)
+            flags.append(bool(np.all(np.isfinite(leaf))))
+        elif isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            device_paths.append(path)
+            device_leaves.append(leaf)
+    if device_leaves:
+        # One program for all leaves: the full reductions leave replicated scalars readable on
+        # every host, and a single collective program (not one per leaf) cannot interleave
+        # differently across processes (many small eager ones deadlock gloo on CPU).
+        device_flags = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])(device_leaves)
+        paths += device_paths
+        flags += [bool(f) for f in jax.device_get(device_flags)]
+    return [p for p, ok in zip(paths, flags) if not ok]
 
 
 def abstract_state(state: PyTree) -> PyTree:
