@@ -7,6 +7,7 @@ start-up with the key named.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
@@ -51,3 +52,23 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
             raise ValueError(f"unknown config arg {key!r}; known: {', '.join(sorted(defaults))}")
         values[key] = _coerce(key, text, defaults[key])
     return ml_collections.ConfigDict(values)
+
+
+def section(config: Any, name: str) -> dict[str, Any]:
+    """`config[name]` as a plain dict; a missing section is an error naming it."""
+    if name not in config:
+        raise ValueError(f"config has no section {name!r}")
+    value = config[name]
+    return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+
+
+def dataclass_from(cls: type, values: dict[str, Any], where: str, **extra: Any) -> Any:
+    """`cls(**values, **extra)` with unknown keys and bad values reported as ``config.<where>``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config.{where}: unknown keys {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**values, **extra)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.{where}: {e}") from e

@@ -40,6 +40,7 @@ import numpy as np
 from infalign_jax import checkpointing, models, provenance, rl, rl_tasks, sharding
 from infalign_jax.data import pipeline
 from infalign_jax.calibration import ReferenceTable, load_reference_table
+from infalign_jax.config_utils import dataclass_from, section
 from infalign_jax.metrics_io import MetricsWriter, Progress, read_jsonl, truncate_after
 from infalign_jax.transforms import transform_from_config
 
@@ -76,34 +77,16 @@ class TrainConfig:
                              f"got {self.nan_policy!r}")
 
 
-def _section(config: Any, name: str) -> dict[str, Any]:
-    if name not in config:
-        raise ValueError(f"config has no section {name!r}")
-    value = config[name]
-    return dict(value.to_dict() if hasattr(value, "to_dict") else value)
-
-
-def _dataclass_from(cls: type, section: dict[str, Any], where: str, **extra: Any) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"config.{where}: unknown keys {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**section, **extra)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config.{where}: {e}") from e
-
-
 def rl_config(config: Any, task: rl_tasks.RLTask) -> rl.RLConfig:
     """`rl.RLConfig` from `config.rl` + `config.transform`; the task sets EOS/pad ids."""
-    name, params = transform_from_config(_section(config, "transform"))
-    section = _section(config, "rl")
-    return _dataclass_from(rl.RLConfig, section, "rl", transform=name, transform_params=params,
+    name, params = transform_from_config(section(config, "transform"))
+    values = section(config, "rl")
+    return dataclass_from(rl.RLConfig, values, "rl", transform=name, transform_params=params,
                            eos_id=task.eos_id, pad_id=task.pad_id)
 
 
 def train_config(config: Any) -> TrainConfig:
-    return _dataclass_from(TrainConfig, _section(config, "train"), "train")
+    return dataclass_from(TrainConfig, section(config, "train"), "train")
 
 
 def batch_shards(mesh: jax.sharding.Mesh) -> int:
@@ -188,11 +171,11 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     task = rl_tasks.build_task(config.task)
     cfg = rl_config(config, task)
     transform = cfg.get_transform()
-    ref_section = _section(config, "reference")
+    ref_section = section(config, "reference")
     if tcfg.batch_size > len(task.prompt_ids):
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
                          f"{len(task.prompt_ids)} prompts")
-    mesh = sharding.make_mesh(sharding.mesh_config_from_dict(_section(config, "mesh")), devices)
+    mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
     shards = batch_shards(mesh)
     if (tcfg.batch_size * jax.process_count()) % shards:
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the "

@@ -1,0 +1,27 @@
+"""Trains a Bradley-Terry reward model (or ensemble) from a config; resumes from --workdir.
+
+    .venv/bin/python experiments/train_reward.py --config=configs/reward_model.py --workdir=runs/rm
+
+All the work is in infalign_jax.train_reward.run; the config's docstring gives runtime and result.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from infalign_jax import train_reward
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/reward_model.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, manifest).",
+                               required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    train_reward.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

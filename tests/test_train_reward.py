@@ -1,0 +1,136 @@
+"""Reward-model run loop: learns a known preference rule, resumes exactly, refuses bad data."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from infalign_jax import train_reward
+from infalign_jax.data import DataError
+from infalign_jax.data.byte_tokenizer import ByteTokenizer
+from infalign_jax.data.synthetic import make_judged_pairs, write_jsonl
+
+ONE = jax.devices()[:1]
+
+
+def _count_judge(prompts, responses):
+    """A rule the model can learn from bytes: more '!' is better (ties are not emitted)."""
+    return np.array([r.count("!") + 0.1 * len(r) for r in responses], np.float64)
+
+
+def _write_rule_data(tmp_path, n_train=256, n_eval=64):
+    rs = np.random.RandomState(0)
+
+    def row():
+        a, b = rs.randint(0, 4, size=2)
+        while a == b:
+            b = rs.randint(0, 4)
+        x, y = "ok" + "!" * a, "ok" + "!" * b
+        return {"prompt": "rate", "chosen": max(x, y, key=len), "rejected": min(x, y, key=len)}
+
+    train = write_jsonl(str(tmp_path / "train.jsonl"), [row() for _ in range(n_train)])
+    ev = write_jsonl(str(tmp_path / "eval.jsonl"), [row() for _ in range(n_eval)])
+    return train, ev
+
+
+def _config(train_path, eval_path, **train):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(synthetic="", synthetic_train_pairs=0, synthetic_eval_pairs=0,
+                  train_path=train_path, eval_path=eval_path, format="jsonl", skip_bad=False,
+                  max_prompt_len=8, max_response_len=8)
+    c.model = dict(source="tiny", d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                   d_ff=64, max_len=16)
+    c.rm = dict(learning_rate=3e-3, weight_decay=0.0, max_grad_norm=1.0, margin=0.0,
+                label_smoothing=0.0, warmup_steps=0, total_steps=0)
+    c.train = dict(num_steps=40, batch_size=16, log_every=20, eval_every=0, checkpoint_every=10,
+                   keep_checkpoints=2, ensemble_size=1, bootstrap=False, async_checkpoint=True)
+    c.train.update(train)
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    return c
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+def test_learns_rule_and_writes_outputs(tmp_path):
+    train, ev = _write_rule_data(tmp_path)
+    _, summary = train_reward.run(_config(train, ev), str(tmp_path / "run"), log=lambda s: None,
+                                  devices=ONE)
+    assert summary["eval"]["eval_pairs"] == 64
+    assert summary["eval"]["eval_accuracy"] > 0.9, summary["eval"]
+    info = json.load(open(tmp_path / "run" / "reward_model.json"))
+    assert info["reward_model_id"] == summary["reward_model_id"]
+    assert info["reward_model_id"].startswith("rm[1x32,bytes-v1]:")
+    assert (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_resume_is_exact(tmp_path):
+    train, ev = _write_rule_data(tmp_path, 64, 16)
+    full, _ = train_reward.run(_config(train, ev, num_steps=8, checkpoint_every=2),
+                               str(tmp_path / "a"), log=lambda s: None, devices=ONE)
+    train_reward.run(_config(train, ev, num_steps=4, checkpoint_every=2), str(tmp_path / "b"),
+                     log=lambda s: None, devices=ONE)
+    lines = []
+    resumed, summary = train_reward.run(_config(train, ev, num_steps=8, checkpoint_every=2),
+                                        str(tmp_path / "b"), log=lines.append, devices=ONE)
+    assert summary["resumed_from"] == 4 and any("resumed" in line for line in lines)
+    for a, b in zip(_leaves(full), _leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ensemble_with_bootstrap_trains_members_differently(tmp_path):
+    train, ev = _write_rule_data(tmp_path, 64, 16)
+    state, summary = train_reward.run(
+        _config(train, ev, num_steps=4, ensemble_size=3, bootstrap=True),
+        str(tmp_path / "e"), log=lambda s: None, devices=ONE)
+    emb = np.asarray(state.params["embed"])
+    assert emb.shape[0] == 3 and not np.allclose(emb[0], emb[1])
+    assert 0 <= summary["eval"]["eval_accuracy"] <= 1
+
+
+def test_bad_data_line_is_named_or_skipped(tmp_path):
+    train, ev = _write_rule_data(tmp_path, 32, 8)
+    with open(train, "a") as f:
+        f.write('{"prompt": "rate", "chosen": "same", "rejected": "same"}\n')
+        f.write("{not json\n")
+    with pytest.raises(DataError, match=r"train.jsonl:33: .*identical"):
+        train_reward.run(_config(train, ev), str(tmp_path / "x"), log=lambda s: None, devices=ONE)
+    assert not (tmp_path / "x" / "checkpoints").exists()
+    cfg = _config(train, ev, num_steps=2)
+    cfg.data.skip_bad = True
+    lines = []
+    _, summary = train_reward.run(cfg, str(tmp_path / "y"), log=lines.append, devices=ONE)
+    assert summary["train_data"]["skipped"] == {"identical_responses": 1, "malformed_json": 1}
+    assert summary["train_data"]["pairs"] == 32
+    assert any("skipped" in line.lower() for line in lines)
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("model", "source", "gpt5", r"config.model.source must be one of"),
+    ("model", "n_heads", 3, r"config.model: ModelConfig"),
+    ("rm", "learning_rate", -1.0, r"config.rm: RMConfig.learning_rate"),
+    ("train", "batch_size", 0, r"config.train.batch_size must be a positive integer"),
+    ("train", "epochs", 3, r"config.train: unknown keys \['epochs'\]"),
+])
+def test_bad_config_is_named(tmp_path, section, key, value, match):
+    cfg = _config("unused", "unused")
+    cfg[section][key] = value
+    with pytest.raises(ValueError, match=match):
+        train_reward.run(cfg, str(tmp_path), log=lambda s: None, devices=ONE)
+
+
+def test_synthetic_vader_pairs_are_labelled_by_the_judge():
+    from infalign_jax.judges import get_judge
+    judge = get_judge("vader")
+    pairs = make_judged_pairs(judge, 50, seed=3)
+    assert len(pairs) == 50
+    c = judge([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    r = judge([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    assert np.all(c > r)
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(pairs[0]["chosen"])) == pairs[0]["chosen"]
