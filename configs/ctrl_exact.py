@@ -26,7 +26,17 @@ def get_config(arg=None):
     c.transform = parse_arg(None, name=a.transform, t=a.t, p=0.5, s=10.0, c=0.5, path="")
     c.rl = parse_arg(None, algorithm=a.algorithm, beta=a.beta, samples_per_prompt=a.samples,
                      max_new_tokens=3, learning_rate=3e-3, ppo_epochs=4, ppo_clip=0.2,
-                     kl_mode="reward", max_grad_norm=0.0, decay_steps=a.steps, full_kl=True)
+                     kl_mode="reward", max_grad_norm=0.0, decay_steps=a.steps, full_kl=True,
+                     beta_schedule="constant", beta_final=0.0, beta_steps=0, kl_target=0.0,
+                     kl_horizon=10000.0, advantage="rloo", gamma=1.0, gae_lambda=0.95,
+                     whiten_advantages=True, value_learning_rate=1e-3, value_clip=0.2,
+                     grad_accum_steps=1)
+    # method="bonbon": BoN distillation over the same data path (bonbon section; the rl section's
+    # learning rate, decay and response length apply). vBoN is method="ctrl" with the log
+    # transform and beta = 1/(N-1).
+    c.method = "ctrl"
+    c.bonbon = parse_arg(None, n=4, alpha=0.5, variant="ipo", beta=0.0, data="online",
+                         max_grad_norm=0.0, grad_accum_steps=1, monitor_samples=4, full_kl=True)
     c.train = parse_arg(None, num_steps=a.steps, batch_size=2, log_every=25, eval_every=100,
                         checkpoint_every=100, keep_checkpoints=3, nan_policy="stop",
                         async_checkpoint=True, tensorboard=True)

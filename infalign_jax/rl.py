@@ -17,8 +17,37 @@ Design:
   grad (E_pi[Phi(C)] - beta KL(pi || pi_ref)), whose maximiser is pi* ∝ pi_ref exp(Phi(C) / beta).
   KL "loss" mode: score = Phi(C) and beta * k3 (Schulman 2020), summed over tokens, is added to
   the loss (GRPO style; its gradient is a per-token, not a sequence-level, KL gradient).
-* PPO (Schulman et al. 2017): the same per-sequence RLOO advantages, `ppo_epochs` full-batch
-  epochs over the rollout with the clipped ratio against the sampling policy's log-probs.
+* PPO (Schulman et al. 2017): `ppo_epochs` full-batch epochs over the rollout with the clipped
+  ratio against the sampling policy's log-probs. Advantages: per-sequence RLOO (`advantage="rloo"`)
+  or per-token GAE(gamma, lambda) with a learned critic (`advantage="gae"`, below).
+* beta schedules (`beta_schedule`): "constant"; "linear" from `beta` to `beta_final` over
+  `beta_steps` steps; "adaptive", the proportional KL controller of Ziegler et al. 2019
+  (arXiv 1909.08593, section 2.2): e = clip(KL / kl_target - 1, -0.2, 0.2),
+  beta <- beta (1 + e n / kl_horizon), with n the rollouts in the (global) batch and KL the batch
+  mean of the summed k1 (the sequence-level KL estimate the paper uses). The beta the *next* step
+  uses lives in `TrainState.beta`, so a checkpoint resumes it exactly; metric `beta` is the value
+  this step used.
+* Critic (`advantage="gae"`): a *separate* small value model (`value_model` = `ModelConfig` kwargs,
+  head "value"), with its own parameters and optimiser state in `TrainState.value_params` /
+  `value_opt_state`. Not a head on the policy trunk: a shared trunk lets the regression loss move
+  the policy, so the policy's fixed point would no longer be the KL-regularised target
+  pi_ref exp(Phi / beta) the exact-task tests check, and a value loss coefficient would have to be
+  tuned against the policy loss; InstructGPT (Ouyang et al. 2022) also keeps a separate value model.
+  V_t is read at the position that predicts response token t (the state where action y_t is taken);
+  per-token rewards are `advantages.kl_shaped_rewards` (Phi(C) at the last valid token,
+  -beta k1 per token; in kl_mode="loss" only the score), advantages `gae_advantages`, whitened over
+  valid tokens (`whiten_advantages`), the critic trained on the GAE returns with `losses.value_loss`
+  (clipped at `value_clip`; 0 = plain squared error), one critic update per PPO epoch.
+* Gradient accumulation (`grad_accum_steps` = k > 1): the optimisers are wrapped in
+  `optax.MultiSteps`, so every `optimizer.update` is a micro-step and parameters move once per k,
+  with the mean gradient (clipping and the lr schedule act on the mean; `decay_steps` counts real
+  updates). Each RLOO step is one micro-step; PPO is only allowed with `ppo_epochs=1`, since epochs
+  over one micro-batch would otherwise be accumulated as if they were different data.
+
+Metrics: response_length, reward, calibrated_reward, transformed_reward, kl_k1, kl_k3 (sequence
+sums, batch means), loss, grad_norm (first epoch), clip_fraction, beta, and with `full_kl`
+kl_full_vocab, entropy; with advantage="gae" also value_loss (first epoch), value_clip_fraction,
+explained_variance (1 - Var(R - V) / Var(R) over valid tokens, before the update).
 """
 
 from __future__ import annotations
@@ -30,8 +59,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from infalign_jax import losses
-from infalign_jax.advantages import rloo_advantages
+from infalign_jax import losses, models
+from infalign_jax.advantages import gae_advantages, kl_shaped_rewards, rloo_advantages, whiten
 from infalign_jax.calibration import calibrate
 from infalign_jax.evaluation import token_kl_full_vocab
 from infalign_jax.sampling import (DecoderFns, SamplingConfig, concat_prompt_response, sample,
@@ -45,6 +74,8 @@ RewardFn = Callable[[Any, Array, Array, Array], Array]
 
 ALGORITHMS = ("rloo", "ppo")
 KL_MODES = ("reward", "loss")
+BETA_SCHEDULES = ("constant", "linear", "adaptive")
+ADVANTAGES = ("rloo", "gae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +83,7 @@ class RLConfig:
     """CTRL hyper-parameters; bad values fail here, naming the field."""
 
     algorithm: str = "rloo"
-    beta: float = 0.1
+    beta: float = 0.1            # the constant beta, or the schedule's initial beta
     transform: str = "identity"
     transform_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     samples_per_prompt: int = 4
@@ -66,10 +97,29 @@ class RLConfig:
     max_grad_norm: float = 0.0   # 0 = no clipping
     decay_steps: int = 0         # > 0: cosine decay of the learning rate to 10% over these steps
     full_kl: bool = True         # log the exact per-token full-vocabulary KL and the entropy
+    beta_schedule: str = "constant"
+    beta_final: float = 0.0      # "linear": beta after beta_steps steps (> 0)
+    beta_steps: int = 0          # "linear": steps of the ramp (>= 1)
+    kl_target: float = 0.0       # "adaptive": target sequence KL (> 0)
+    kl_horizon: float = 10000.0  # "adaptive": horizon, in rollouts
+    advantage: str = "rloo"
+    gamma: float = 1.0           # "gae": discount
+    gae_lambda: float = 0.95     # "gae": lambda
+    whiten_advantages: bool = True
+    value_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig kwargs
+    value_learning_rate: float = 1e-3
+    value_clip: float = 0.2      # 0 = unclipped value loss
+    grad_accum_steps: int = 1
 
     def __post_init__(self):
         def fail(field, msg):
             raise ValueError(f"RLConfig.{field}: {msg} (got {getattr(self, field)!r})")
+
+        def positive_int(field):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(field, "must be a positive integer")
+
         if self.algorithm not in ALGORITHMS:
             fail("algorithm", f"must be one of {ALGORITHMS}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
@@ -78,22 +128,43 @@ class RLConfig:
             get_transform(self.transform, **dict(self.transform_params))
         except ValueError as e:
             raise ValueError(f"RLConfig.transform: {e}") from e
-        for field in ("samples_per_prompt", "max_new_tokens", "ppo_epochs"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(field, "must be a positive integer")
+        for field in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "grad_accum_steps"):
+            positive_int(field)
         if self.algorithm == "rloo" and self.samples_per_prompt < 2:
             fail("samples_per_prompt", "RLOO needs >= 2 samples per prompt")
-        if not self.learning_rate > 0:
-            fail("learning_rate", "must be > 0")
-        if not self.ppo_clip > 0:
-            fail("ppo_clip", "must be > 0")
+        for field in ("learning_rate", "ppo_clip", "value_learning_rate", "kl_horizon"):
+            if not getattr(self, field) > 0:
+                fail(field, "must be > 0")
         if self.kl_mode not in KL_MODES:
             fail("kl_mode", f"must be one of {KL_MODES}")
         if not (isinstance(self.decay_steps, int) and self.decay_steps >= 0):
             fail("decay_steps", "must be an integer >= 0")
-        if not self.max_grad_norm >= 0:
-            fail("max_grad_norm", "must be >= 0")
+        for field in ("max_grad_norm", "value_clip"):
+            if not getattr(self, field) >= 0:
+                fail(field, "must be >= 0")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            fail("beta_schedule", f"must be one of {BETA_SCHEDULES}")
+        if self.beta_schedule == "linear":
+            if not self.beta_final > 0:
+                fail("beta_final", "beta_schedule='linear' needs beta_final > 0")
+            positive_int("beta_steps")
+        if self.beta_schedule == "adaptive" and not self.kl_target > 0:
+            fail("kl_target", "beta_schedule='adaptive' needs kl_target > 0")
+        if self.advantage not in ADVANTAGES:
+            fail("advantage", f"must be one of {ADVANTAGES}")
+        if self.advantage == "gae":
+            if self.algorithm != "ppo":
+                fail("advantage", "'gae' (per-token advantages) needs algorithm='ppo'")
+            for field in ("gamma", "gae_lambda"):
+                if not 0 <= getattr(self, field) <= 1:
+                    fail(field, "must be in [0, 1]")
+            try:
+                self.value_model_config()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"RLConfig.value_model: {e}") from e
+        if self.grad_accum_steps > 1 and self.algorithm == "ppo" and self.ppo_epochs != 1:
+            fail("grad_accum_steps", "with algorithm='ppo' needs ppo_epochs=1 (each epoch would "
+                 "be accumulated as a separate micro-batch)")
 
     def get_transform(self) -> Transform:
         return get_transform(self.transform, **dict(self.transform_params))
@@ -102,11 +173,27 @@ class RLConfig:
         return SamplingConfig(n=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
                               eos_id=self.eos_id, pad_id=self.pad_id)
 
+    def value_model_config(self) -> models.ModelConfig:
+        """The critic's `ModelConfig`: `value_model` with heads=("value",)."""
+        kw = dict(self.value_model)
+        if not kw:
+            raise ValueError("advantage='gae' needs value_model (ModelConfig keyword arguments, "
+                             "at least vocab_size matching the policy)")
+        if tuple(kw.pop("heads", ("value",))) != ("value",):
+            raise ValueError("the critic has the single head 'value'; leave heads out")
+        return models.ModelConfig(**kw, heads=("value",))
+
 
 class TrainState(NamedTuple):
+    """Trainable state. The fields after `step` default to None (a plain constant-beta RLOO/PPO
+    run does not need them); `init_state` / `init_extra_state` fill them for the config."""
+
     params: Params
     opt_state: Any
     step: Array
+    beta: Array | None = None          # float32 scalar: the beta the next step uses
+    value_params: Params | None = None  # critic (advantage="gae")
+    value_opt_state: Any = None
 
 
 class Frozen(NamedTuple):
@@ -118,19 +205,76 @@ class Frozen(NamedTuple):
     ref_count_P: Array
 
 
-def make_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
-    lr = cfg.learning_rate
+def _adam(cfg: Any, learning_rate: float) -> optax.GradientTransformation:
+    lr = learning_rate
     if cfg.decay_steps > 0:
         # Decaying the step size averages out the REINFORCE noise around the fixed point.
-        lr = optax.cosine_decay_schedule(cfg.learning_rate, cfg.decay_steps, alpha=0.1)
-    adam = optax.adam(lr)
+        lr = optax.cosine_decay_schedule(learning_rate, cfg.decay_steps, alpha=0.1)
+    tx = optax.adam(lr)
     if cfg.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adam)
-    return adam
+        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, cfg.grad_accum_steps).gradient_transformation()
+    return tx
 
 
-def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+def make_optimizer(cfg: Any) -> optax.GradientTransformation:
+    """Adam (+ cosine decay, global-norm clipping, `optax.MultiSteps` accumulation as configured).
+
+    Reads only learning_rate, decay_steps, max_grad_norm and grad_accum_steps, so any config with
+    those fields (e.g. `bon_distillation.BoNBoNConfig`) can use it.
+    """
+    return _adam(cfg, cfg.learning_rate)
+
+
+def make_value_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
+    return _adam(cfg, cfg.value_learning_rate)
+
+
+def init_extra_state(cfg: RLConfig, rng: Array | None = None) -> dict[str, Any]:
+    """The TrainState fields after `step` for this config: `beta` always; for advantage="gae" a
+    freshly initialised critic (`rng` needed) and its optimiser state."""
+    extra: dict[str, Any] = {"beta": jnp.asarray(cfg.beta, jnp.float32)}
+    if cfg.advantage == "gae":
+        if rng is None:
+            raise ValueError("init_extra_state: advantage='gae' needs rng to initialise the critic")
+        value_params = models.init_params(cfg.value_model_config(), rng)
+        extra.update(value_params=value_params,
+                     value_opt_state=make_value_optimizer(cfg).init(value_params))
+    return extra
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation,
+               cfg: RLConfig | None = None, rng: Array | None = None) -> TrainState:
+    """Step-0 state; without `cfg` only params/opt_state/step (enough for constant beta + RLOO)."""
+    extra = {} if cfg is None else init_extra_state(cfg, rng)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), **extra)
+
+
+def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
+    """beta at `step` (0-based) of the "constant" / "linear" schedules."""
+    if cfg.beta_schedule == "linear":
+        frac = jnp.minimum(jnp.asarray(step, jnp.float32) / cfg.beta_steps, 1.0)
+        return jnp.float32(cfg.beta) + (cfg.beta_final - cfg.beta) * frac
+    return jnp.float32(cfg.beta)
+
+
+def adaptive_beta_update(beta: Array, kl: Array, kl_target: float, kl_horizon: float,
+                         n_rollouts: int | Array) -> Array:
+    """Ziegler et al. 2019 (arXiv 1909.08593, sec. 2.2) proportional controller:
+    beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    error = jnp.clip(kl / kl_target - 1.0, -0.2, 0.2)
+    return beta * (1.0 + error * n_rollouts / kl_horizon)
+
+
+def current_beta(cfg: RLConfig, state: TrainState) -> Array:
+    if cfg.beta_schedule == "adaptive":
+        if state.beta is None:
+            raise ValueError("RLConfig.beta_schedule='adaptive' keeps beta in TrainState.beta; "
+                             "build the state with rl.init_state(params, optimizer, cfg) or pass "
+                             "**rl.init_extra_state(cfg, rng) to TrainState")
+        return state.beta.astype(jnp.float32)
+    return scheduled_beta(cfg, state.step)
 
 
 def score_rollout(cfg: RLConfig, transform: Transform, rewards_BxM: Array, ref_sorted_BxK: Array,
@@ -147,6 +291,30 @@ def response_logits(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_m
                                           response_mask_BxL)
     logits_BxTxV = fns.logits(params, tokens, mask).astype(jnp.float32)
     return logits_BxTxV[:, prompt_BxP.shape[1] - 1:-1]
+
+
+def response_values(value_cfg: models.ModelConfig, value_params: Params, prompt_BxP: Array,
+                    prompt_mask_BxP: Array, response_BxL: Array, response_mask_BxL: Array
+                    ) -> Array:
+    """Critic values V_t of the state before each response token (0 where masked): BxL."""
+    tokens, mask = concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxL,
+                                          response_mask_BxL)
+    values_BxT = models.apply(value_params, tokens, value_cfg, attention_mask_BxT=mask).values
+    values_BxL = values_BxT[:, prompt_BxP.shape[1] - 1:-1].astype(jnp.float32)
+    return jnp.where(response_mask_BxL.astype(bool), values_BxL, 0.0)
+
+
+def gae_rollout_advantages(cfg: RLConfig, score_R: Array, logp_RxL: Array, ref_logp_RxL: Array,
+                           values_RxL: Array, mask_RxL: Array, beta: float | Array
+                           ) -> tuple[Array, Array]:
+    """(advantages, value targets), RxL, of the critic path: KL-shaped per-token rewards
+    (Ziegler et al. 2019), GAE(gamma, lambda) (Schulman et al. 2016), whitened if configured."""
+    token_rewards_RxL = kl_shaped_rewards(score_R, logp_RxL, ref_logp_RxL, mask_RxL, beta)
+    adv_RxL, returns_RxL = gae_advantages(token_rewards_RxL, values_RxL, mask_RxL, cfg.gamma,
+                                          cfg.gae_lambda)
+    if cfg.whiten_advantages:
+        adv_RxL = whiten(adv_RxL, mask_RxL)
+    return adv_RxL, returns_RxL
 
 
 def full_vocab_metrics(fns: DecoderFns, params: Params, ref_params: Params, prompt_BxP: Array,
@@ -174,11 +342,16 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
     transform = cfg.get_transform()
     scfg = cfg.sampling()
     m = cfg.samples_per_prompt
+    gae = cfg.advantage == "gae"
+    value_cfg = cfg.value_model_config() if gae else None
+    value_opt = make_value_optimizer(cfg) if gae else None
+    value_clip = cfg.value_clip if cfg.value_clip > 0 else None
 
     def rl_step(state: TrainState, frozen: Frozen, batch: Mapping[str, Array], rng: Array):
         prompt_BxP, pmask_BxP = batch["prompt_BxP"], batch["prompt_mask_BxP"]
         idx_B = batch["prompt_idx_B"]
         b = prompt_BxP.shape[0]
+        beta = current_beta(cfg, state)
         samples = sample(fns, state.params, prompt_BxP, pmask_BxP, rng, scfg)
         resp_RxL = samples.tokens_BxNxL.reshape(b * m, -1)
         rmask_RxL = samples.mask_BxNxL.reshape(b * m, -1)
@@ -186,26 +359,37 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
         prompt_RxP = jnp.repeat(prompt_BxP, m, axis=0)
         pmask_RxP = jnp.repeat(pmask_BxP, m, axis=0)
         idx_R = jnp.repeat(idx_B, m)
+        rollout = (prompt_RxP, pmask_RxP, resp_RxL, rmask_RxL)
 
         rewards_BxM = reward_fn(frozen.reward_params, idx_R, resp_RxL, rmask_RxL).reshape(b, m)
         cal_BxM, phi_BxM = score_rollout(cfg, transform, rewards_BxM,
                                          frozen.ref_sorted_PxK[idx_B], frozen.ref_count_P[idx_B])
         ref_logp_RxL = jax.lax.stop_gradient(sequence_logprobs(
-            fns, frozen.ref_params, prompt_RxP, pmask_RxP, resp_RxL, rmask_RxL))
+            fns, frozen.ref_params, *rollout))
         k1_R = losses.masked_sum(losses.kl_k1(old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
         k3_R = losses.masked_sum(losses.kl_k3(old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
-        score_BxM = phi_BxM
-        if cfg.kl_mode == "reward":
-            score_BxM = phi_BxM - cfg.beta * k1_R.reshape(b, m)
-        adv_R = rloo_advantages(score_BxM).reshape(b * m)
+        reward_beta = beta if cfg.kl_mode == "reward" else 0.0
+        metrics: dict[str, Array] = {}
+        if gae:
+            old_values_RxL = jax.lax.stop_gradient(
+                response_values(value_cfg, state.value_params, *rollout))
+            adv, returns_RxL = gae_rollout_advantages(cfg, phi_BxM.reshape(-1), old_logp_RxL,
+                                                      ref_logp_RxL, old_values_RxL, rmask_RxL,
+                                                      reward_beta)
+            resid = returns_RxL - old_values_RxL
+            var = lambda x: losses.masked_mean(  # noqa: E731
+                jnp.square(x - losses.masked_mean(x, rmask_RxL)), rmask_RxL)
+            metrics["explained_variance"] = 1.0 - var(resid) / jnp.maximum(var(returns_RxL), 1e-8)
+        else:
+            adv = rloo_advantages(phi_BxM - reward_beta * k1_R.reshape(b, m)).reshape(b * m)
 
         def loss_fn(params):
-            logp_RxL = sequence_logprobs(fns, params, prompt_RxP, pmask_RxP, resp_RxL, rmask_RxL)
+            logp_RxL = sequence_logprobs(fns, params, *rollout)
             aux = {"clip_fraction": jnp.zeros(())}
             if cfg.algorithm == "rloo":
-                loss = losses.reinforce_loss(logp_RxL, rmask_RxL, adv_R)
+                loss = losses.reinforce_loss(logp_RxL, rmask_RxL, adv)
             else:
-                pg, ppo_m = losses.ppo_policy_loss(logp_RxL, old_logp_RxL, adv_R, rmask_RxL,
+                pg, ppo_m = losses.ppo_policy_loss(logp_RxL, old_logp_RxL, adv, rmask_RxL,
                                                    cfg.ppo_clip, reduction="sequence")
                 # "sequence" averages over tokens; scale back to the sequence sum so the step
                 # size matches RLOO's per-sequence REINFORCE loss.
@@ -213,33 +397,64 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
                 aux["clip_fraction"] = ppo_m["clip_fraction"]
             if cfg.kl_mode == "loss":
                 k3 = losses.kl_k3(logp_RxL, ref_logp_RxL, rmask_RxL)
-                loss = loss + cfg.beta * jnp.mean(losses.masked_sum(k3, rmask_RxL, -1))
+                loss = loss + beta * jnp.mean(losses.masked_sum(k3, rmask_RxL, -1))
             return loss, aux
 
+        def value_loss_fn(value_params):
+            values_RxL = response_values(value_cfg, value_params, *rollout)
+            return losses.value_loss(values_RxL, old_values_RxL, returns_RxL, rmask_RxL,
+                                     value_clip)
+
         def update(carry, _):
-            params, opt_state = carry
+            params, opt_state, value_params, value_opt_state = carry
             (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state), (loss, optax.tree.norm(grads), aux["clip_fraction"])
+            out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "clip_fraction": aux["clip_fraction"]}
+            if gae:
+                (vloss, vaux), vgrads = jax.value_and_grad(value_loss_fn, has_aux=True)(
+                    value_params)
+                vupdates, value_opt_state = value_opt.update(vgrads, value_opt_state, value_params)
+                value_params = optax.apply_updates(value_params, vupdates)
+                out.update(value_loss=vloss, value_clip_fraction=vaux["clip_fraction"])
+            return (params, opt_state, value_params, value_opt_state), out
 
+        if gae and state.value_params is None:
+            raise ValueError("RLConfig.advantage='gae' trains a critic kept in "
+                             "TrainState.value_params; build the state with "
+                             "rl.init_state(params, optimizer, cfg, rng)")
         epochs = 1 if cfg.algorithm == "rloo" else cfg.ppo_epochs
-        (params, opt_state), (loss_E, gnorm_E, clip_E) = jax.lax.scan(
-            update, (state.params, state.opt_state), None, length=epochs)
-        metrics = {
+        carry = (state.params, state.opt_state, state.value_params, state.value_opt_state)
+        (params, opt_state, value_params, value_opt_state), per_epoch = jax.lax.scan(
+            update, carry, None, length=epochs)
+        metrics.update({
             "response_length": jnp.mean(jnp.sum(rmask_RxL, -1)),
             "reward": jnp.mean(rewards_BxM),
             "calibrated_reward": jnp.mean(cal_BxM),
             "transformed_reward": jnp.mean(phi_BxM),
             "kl_k1": jnp.mean(k1_R),
             "kl_k3": jnp.mean(k3_R),
-            "loss": loss_E[0],
-            "grad_norm": gnorm_E[0],
-            "clip_fraction": jnp.mean(clip_E),
-        }
+            "loss": per_epoch["loss"][0],
+            "grad_norm": per_epoch["grad_norm"][0],
+            "clip_fraction": jnp.mean(per_epoch["clip_fraction"]),
+            "beta": beta,
+        })
+        if gae:
+            metrics.update(value_loss=per_epoch["value_loss"][0],
+                           value_clip_fraction=jnp.mean(per_epoch["value_clip_fraction"]))
         if cfg.full_kl:
             metrics.update(jax.lax.stop_gradient(full_vocab_metrics(
-                fns, state.params, frozen.ref_params, prompt_RxP, pmask_RxP, resp_RxL, rmask_RxL)))
-        return TrainState(params, opt_state, state.step + 1), metrics
+                fns, state.params, frozen.ref_params, *rollout)))
+        next_beta = state.beta
+        if state.beta is not None:
+            if cfg.beta_schedule == "adaptive":
+                next_beta = adaptive_beta_update(beta, jnp.mean(k1_R), cfg.kl_target,
+                                                 cfg.kl_horizon, b * m)
+            else:
+                next_beta = scheduled_beta(cfg, state.step + 1)
+            next_beta = jax.lax.stop_gradient(next_beta).astype(jnp.float32)
+        return TrainState(params, opt_state, state.step + 1, next_beta, value_params,
+                          value_opt_state), metrics
 
     return rl_step

@@ -47,6 +47,8 @@ class RLTask:
     reference_table: Callable[[int, int], ReferenceTable]
     # evaluate(params, transform, beta, ref_table) -> scalars (exact or estimated)
     evaluate: Callable[..., dict[str, float]] | None = None
+    # Tasks whose reward reads fixed-length responses (no EOS) demand this many new tokens.
+    response_length: int | None = None
 
 
 def _exact_task(section: Any) -> RLTask:
@@ -80,7 +82,7 @@ def _exact_task(section: Any) -> RLTask:
         reward_fn=functools.partial(et.table_reward_fn, vocab=task.vocab),
         reward_params=jnp.asarray(task.rewards_PxY), reward_model_id=f"exact_reward[{tag}]",
         base_model_id=f"exact_base[{tag}]", eos_id=None, pad_id=0,
-        reference_table=reference_table, evaluate=evaluate)
+        reference_table=reference_table, evaluate=evaluate, response_length=task.length)
 
 
 _BUILDERS: dict[str, Callable[[Any], RLTask]] = {"exact": _exact_task}

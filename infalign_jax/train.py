@@ -3,8 +3,9 @@
     train_and_evaluate(config, workdir) -> summary dict
 
 `config` is the `ConfigDict` of `configs/ctrl_*.py` (sections task, reference, transform, rl, train,
-mesh, eval). Every step is the pure `rl.rl_step` (wrapped by `guard_nonfinite`), jitted once with
-explicit in/out shardings from the mesh module and the state donated.
+mesh; optionally method and bonbon). Every step is the pure `rl.rl_step` — or, with
+`method="bonbon"`, `bon_distillation.make_bonbon_step`, same signature — wrapped by
+`guard_nonfinite` and jitted once with explicit in/out shardings and the state donated.
 
 Exact resume. Everything a step depends on is a function of what the checkpoint holds:
 * params, optimiser state and the step counter are the checkpointed `TrainState`;
@@ -37,15 +38,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infalign_jax import checkpointing, models, provenance, rl, rl_tasks, sharding
+from infalign_jax import (bon_distillation, checkpointing, models, provenance, rl, rl_tasks,
+                          sharding)
 from infalign_jax.data import pipeline
-from infalign_jax.calibration import ReferenceTable, load_reference_table
+from infalign_jax.calibration import ReferenceTable, ReferenceTableError, load_reference_table
 from infalign_jax.config_utils import dataclass_from, section
 from infalign_jax.metrics_io import MetricsWriter, Progress, read_jsonl, truncate_after
 from infalign_jax.transforms import transform_from_config
 
 logger = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
+METHODS = ("ctrl", "bonbon")   # the KL-regularised RL step, or BoN distillation (BoNBoN)
 
 
 class NonFiniteStepError(FloatingPointError):
@@ -85,6 +88,14 @@ def rl_config(config: Any, task: rl_tasks.RLTask) -> rl.RLConfig:
                            eos_id=task.eos_id, pad_id=task.pad_id)
 
 
+def bonbon_config(config: Any, task: rl_tasks.RLTask) -> bon_distillation.BoNBoNConfig:
+    """BoNBoN (Gui et al. 2024) from `config.bonbon`; sampling length/ids as the RL section's."""
+    return dataclass_from(bon_distillation.BoNBoNConfig, section(config, "bonbon"), "bonbon",
+                          max_new_tokens=int(config.rl.max_new_tokens), eos_id=task.eos_id,
+                          pad_id=task.pad_id, learning_rate=float(config.rl.learning_rate),
+                          decay_steps=int(config.rl.decay_steps))
+
+
 def train_config(config: Any) -> TrainConfig:
     return dataclass_from(TrainConfig, section(config, "train"), "train")
 
@@ -111,16 +122,44 @@ def guard_nonfinite(step_fn: Callable) -> Callable:
     return guarded
 
 
+def reference_settings(config: Any) -> tuple[int, int]:
+    """(K, seed) of `config.reference`, validated."""
+    values = section(config, "reference")
+    unknown = sorted(set(values) - {"k", "seed"})
+    if unknown:
+        raise ValueError(f"config.reference: unknown keys {unknown}; known: ['k', 'seed']")
+    k, seed = values.get("k"), values.get("seed")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"config.reference.k (reference samples per prompt) must be an integer "
+                         f">= 1, got {k!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"config.reference.seed must be an integer, got {seed!r}")
+    return k, seed
+
+
 def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int) -> ReferenceTable:
-    """Loads `path` (checking it belongs to this task's reward and base models) or builds it once."""
+    """Loads `path` (checking it belongs to this task's reward and base models and was built with
+    this K and seed, recorded beside it) or builds it once."""
+    settings_path = os.path.splitext(path)[0] + ".json"
     if os.path.exists(path):
         table = load_reference_table(path, expected_reward_model_id=task.reward_model_id,
                                      expected_base_model_id=task.base_model_id)
-        logger.info("reusing reference table %s (%d prompts, K=%d)", path, table.num_prompts,
-                    table.sorted_rewards_BxK.shape[1])
+        table.lookup(list(task.prompt_ids))  # every training prompt must be in it
+        built = {"k": int(table.sorted_rewards_BxK.shape[1])}
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                built = json.load(f)
+        if built.get("k") != k or built.get("seed", seed) != seed:
+            raise ReferenceTableError(
+                f"{path} was built with K={built.get('k')}, seed={built.get('seed')} but "
+                f"config.reference.k={k}, config.reference.seed={seed}; use another work dir, "
+                f"or delete the table to rebuild it")
+        logger.info("reusing reference table %s (%d prompts, K=%d)", path, table.num_prompts, k)
         return table
     table = task.reference_table(k, seed)
     table.save(path)
+    with open(settings_path, "w") as f:
+        json.dump({"k": k, "seed": seed}, f)
     return table
 
 
@@ -170,8 +209,16 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     checkpointing.check_writable(workdir)          # before any expensive work
     task = rl_tasks.build_task(config.task)
     cfg = rl_config(config, task)
+    method = str(config.get("method", "ctrl"))
+    if method not in METHODS:
+        raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
+    bonbon = bonbon_config(config, task) if method == "bonbon" else None
     transform = cfg.get_transform()
-    ref_section = section(config, "reference")
+    ref_k, ref_seed = reference_settings(config)
+    if task.response_length is not None and cfg.max_new_tokens != task.response_length:
+        raise ValueError(f"config.rl.max_new_tokens={cfg.max_new_tokens} but task "
+                         f"{task.name!r} scores responses of exactly length "
+                         f"{task.response_length}; set them equal")
     if tcfg.batch_size > len(task.prompt_ids):
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
                          f"{len(task.prompt_ids)} prompts")
@@ -182,24 +229,27 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
                          f"{shards} batch shards of the mesh {dict(mesh.shape)}; change the "
                          f"batch size or config.mesh")
     table_path = os.path.join(workdir, "reference_table.npz")
-    table = prepare_reference_table(task, table_path, int(ref_section["k"]), int(ref_section["seed"]))
-    manifest = dict(config=config, seeds={"seed": seed, "reference": int(ref_section["seed"])},
+    table = prepare_reference_table(task, table_path, ref_k, ref_seed)
+    manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
                     inputs={"reference_table": table_path}, mesh=mesh, started=started)
-    provenance.write_manifest(workdir, **manifest)
 
     with sharding.axis_rules(mesh):
         logical = models.param_logical_axes(task.model_cfg)
         param_sh = sharding.logical_to_shardings(logical, task.ref_params, mesh)
-        optimizer = rl.make_optimizer(cfg)
+        optimizer = rl.make_optimizer(cfg if bonbon is None else bonbon)
         params = jax.device_put(rl_tasks.replicate_params(task.ref_params), param_sh)
         rep = sharding.replicated(mesh)
+        extra = {} if bonbon is not None else rl.init_extra_state(cfg, jax.random.key(seed + 1))
         state = rl.TrainState(params, sharding.sharded_optimizer_init(optimizer, params, mesh),
-                              jax.device_put(jnp.zeros((), jnp.int32), rep))
+                              jax.device_put(jnp.zeros((), jnp.int32), rep),
+                              **jax.device_put(extra, rep))
         frozen = _frozen(task, table, param_sh, mesh)
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-        step_fn = jax.jit(guard_nonfinite(rl.make_rl_step(
-            cfg, models.decoder_fns(task.model_cfg), task.reward_fn, optimizer)),
+        fns = models.decoder_fns(task.model_cfg)
+        make_step = rl.make_rl_step if bonbon is None else bon_distillation.make_bonbon_step
+        step_fn = jax.jit(guard_nonfinite(make_step(
+            cfg if bonbon is None else bonbon, fns, task.reward_fn, optimizer)),
             in_shardings=(state_sh, frozen_sh, None, rep), out_shardings=(state_sh, rep),
             donate_argnums=(0,))
 
@@ -216,6 +266,8 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
             state, start = restored.state, restored.step
             skips = int(restored.meta.get("skips", 0))
             log(f"resumed from checkpoint step {start} in {ckpt.directory}")
+        # Only now: a refused resume must not overwrite the manifest of the run in workdir.
+        provenance.write_manifest(workdir, **manifest)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         truncate_after(metrics_path, start + 1)
         truncate_after(os.path.join(workdir, "eval.jsonl"), start + 1)

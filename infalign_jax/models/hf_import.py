@@ -36,8 +36,17 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+class _Fields(dict):
+    """config.json as a dict whose missing keys raise CheckpointError naming the key."""
+
+    def __missing__(self, key: str) -> Any:
+        raise CheckpointError(f"config.json ({self.get('model_type')}): required key {key!r} is "
+                              f"missing")
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict."""
+    hf = _Fields(hf)
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         raise CheckpointError(f"unknown architecture model_type={model_type!r}; supported: "
@@ -73,7 +82,10 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
                       activation=act, qkv_bias=model_type == "qwen2",
                       embed_scale=model_type == "gemma", rmsnorm_unit_offset=model_type == "gemma")
     fields.update(overrides)
-    return ModelConfig(**fields)
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json ({model_type}): {e}") from e
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -266,8 +278,12 @@ def load_hf_checkpoint(directory: str, dtype: str = "float32", **overrides: Any
     cfg = config_from_hf(hf, param_dtype=dtype, **overrides)
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: cannot read the shard index (expected JSON with a "
+                                  f"'weight_map' of tensor name -> file): {e!r}") from e
     else:
         files = ["model.safetensors"]
     state: dict[str, np.ndarray] = {}
