@@ -52,7 +52,6 @@ explained_variance (1 - Var(R - V) / Var(R) over valid tokens, before the update
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -63,126 +62,17 @@ from infalign_jax import losses, models
 from infalign_jax.advantages import gae_advantages, kl_shaped_rewards, rloo_advantages, whiten
 from infalign_jax.calibration import calibrate
 from infalign_jax.evaluation import token_kl_full_vocab
-from infalign_jax.sampling import (DecoderFns, SamplingConfig, concat_prompt_response, sample,
+from infalign_jax.sampling import (DecoderFns, concat_prompt_response, sample,
                                    sequence_logprobs)
-from infalign_jax.transforms import Transform, get_transform
+from infalign_jax.rl_config import (ADVANTAGES, ALGORITHMS, BETA_SCHEDULES, KL_MODES,  # noqa: F401
+                                    RLConfig, adaptive_beta_update, make_optimizer,
+                                    make_value_optimizer, scheduled_beta)
+from infalign_jax.transforms import Transform
 
 Array = jax.Array
 Params = Any
 # reward_fn(reward_params, prompt_idx_B, response_BxL, response_mask_BxL) -> rewards_B
 RewardFn = Callable[[Any, Array, Array, Array], Array]
-
-ALGORITHMS = ("rloo", "ppo")
-KL_MODES = ("reward", "loss")
-BETA_SCHEDULES = ("constant", "linear", "adaptive")
-ADVANTAGES = ("rloo", "gae")
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """CTRL hyper-parameters; bad values fail here, naming the field."""
-
-    algorithm: str = "rloo"
-    beta: float = 0.1            # the constant beta, or the schedule's initial beta
-    transform: str = "identity"
-    transform_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    samples_per_prompt: int = 4
-    max_new_tokens: int = 8
-    eos_id: int | None = None
-    pad_id: int = 0
-    learning_rate: float = 1e-3
-    ppo_epochs: int = 4
-    ppo_clip: float = 0.2
-    kl_mode: str = "reward"
-    max_grad_norm: float = 0.0   # 0 = no clipping
-    decay_steps: int = 0         # > 0: cosine decay of the learning rate to 10% over these steps
-    full_kl: bool = True         # log the exact per-token full-vocabulary KL and the entropy
-    beta_schedule: str = "constant"
-    beta_final: float = 0.0      # "linear": beta after beta_steps steps (> 0)
-    beta_steps: int = 0          # "linear": steps of the ramp (>= 1)
-    kl_target: float = 0.0       # "adaptive": target sequence KL (> 0)
-    kl_horizon: float = 10000.0  # "adaptive": horizon, in rollouts
-    advantage: str = "rloo"
-    gamma: float = 1.0           # "gae": discount
-    gae_lambda: float = 0.95     # "gae": lambda
-    whiten_advantages: bool = True
-    value_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig kwargs
-    value_learning_rate: float = 1e-3
-    value_clip: float = 0.2      # 0 = unclipped value loss
-    grad_accum_steps: int = 1
-
-    def __post_init__(self):
-        def fail(field, msg):
-            raise ValueError(f"RLConfig.{field}: {msg} (got {getattr(self, field)!r})")
-
-        def positive_int(field):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(field, "must be a positive integer")
-
-        if self.algorithm not in ALGORITHMS:
-            fail("algorithm", f"must be one of {ALGORITHMS}")
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            fail("beta", "must be > 0")
-        try:
-            get_transform(self.transform, **dict(self.transform_params))
-        except ValueError as e:
-            raise ValueError(f"RLConfig.transform: {e}") from e
-        for field in ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "grad_accum_steps"):
-            positive_int(field)
-        if self.algorithm == "rloo" and self.samples_per_prompt < 2:
-            fail("samples_per_prompt", "RLOO needs >= 2 samples per prompt")
-        for field in ("learning_rate", "ppo_clip", "value_learning_rate", "kl_horizon"):
-            if not getattr(self, field) > 0:
-                fail(field, "must be > 0")
-        if self.kl_mode not in KL_MODES:
-            fail("kl_mode", f"must be one of {KL_MODES}")
-        if not (isinstance(self.decay_steps, int) and self.decay_steps >= 0):
-            fail("decay_steps", "must be an integer >= 0")
-        for field in ("max_grad_norm", "value_clip"):
-            if not getattr(self, field) >= 0:
-                fail(field, "must be >= 0")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            fail("beta_schedule", f"must be one of {BETA_SCHEDULES}")
-        if self.beta_schedule == "linear":
-            if not self.beta_final > 0:
-                fail("beta_final", "beta_schedule='linear' needs beta_final > 0")
-            positive_int("beta_steps")
-        if self.beta_schedule == "adaptive" and not self.kl_target > 0:
-            fail("kl_target", "beta_schedule='adaptive' needs kl_target > 0")
-        if self.advantage not in ADVANTAGES:
-            fail("advantage", f"must be one of {ADVANTAGES}")
-        if self.advantage == "gae":
-            if self.algorithm != "ppo":
-                fail("advantage", "'gae' (per-token advantages) needs algorithm='ppo'")
-            for field in ("gamma", "gae_lambda"):
-                if not 0 <= getattr(self, field) <= 1:
-                    fail(field, "must be in [0, 1]")
-            try:
-                self.value_model_config()
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"RLConfig.value_model: {e}") from e
-        if self.grad_accum_steps > 1 and self.algorithm == "ppo" and self.ppo_epochs != 1:
-            fail("grad_accum_steps", "with algorithm='ppo' needs ppo_epochs=1 (each epoch would "
-                 "be accumulated as a separate micro-batch)")
-
-    def get_transform(self) -> Transform:
-        return get_transform(self.transform, **dict(self.transform_params))
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(n=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
-                              eos_id=self.eos_id, pad_id=self.pad_id)
-
-    def value_model_config(self) -> models.ModelConfig:
-        """The critic's `ModelConfig`: `value_model` with heads=("value",)."""
-        kw = dict(self.value_model)
-        if not kw:
-            raise ValueError("advantage='gae' needs value_model (ModelConfig keyword arguments, "
-                             "at least vocab_size matching the policy)")
-        if tuple(kw.pop("heads", ("value",))) != ("value",):
-            raise ValueError("the critic has the single head 'value'; leave heads out")
-        return models.ModelConfig(**kw, heads=("value",))
-
 
 class TrainState(NamedTuple):
     """Trainable state. The fields after `step` default to None (a plain constant-beta RLOO/PPO
@@ -205,32 +95,6 @@ class Frozen(NamedTuple):
     ref_count_P: Array
 
 
-def _adam(cfg: Any, learning_rate: float) -> optax.GradientTransformation:
-    lr = learning_rate
-    if cfg.decay_steps > 0:
-        # Decaying the step size averages out the REINFORCE noise around the fixed point.
-        lr = optax.cosine_decay_schedule(learning_rate, cfg.decay_steps, alpha=0.1)
-    tx = optax.adam(lr)
-    if cfg.max_grad_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
-    if cfg.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, cfg.grad_accum_steps).gradient_transformation()
-    return tx
-
-
-def make_optimizer(cfg: Any) -> optax.GradientTransformation:
-    """Adam (+ cosine decay, global-norm clipping, `optax.MultiSteps` accumulation as configured).
-
-    Reads only learning_rate, decay_steps, max_grad_norm and grad_accum_steps, so any config with
-    those fields (e.g. `bon_distillation.BoNBoNConfig`) can use it.
-    """
-    return _adam(cfg, cfg.learning_rate)
-
-
-def make_value_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
-    return _adam(cfg, cfg.value_learning_rate)
-
-
 def init_extra_state(cfg: RLConfig, rng: Array | None = None) -> dict[str, Any]:
     """The TrainState fields after `step` for this config: `beta` always; for advantage="gae" a
     freshly initialised critic (`rng` needed) and its optimiser state."""
@@ -249,22 +113,6 @@ def init_state(params: Params, optimizer: optax.GradientTransformation,
     """Step-0 state; without `cfg` only params/opt_state/step (enough for constant beta + RLOO)."""
     extra = {} if cfg is None else init_extra_state(cfg, rng)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), **extra)
-
-
-def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
-    """beta at `step` (0-based) of the "constant" / "linear" schedules."""
-    if cfg.beta_schedule == "linear":
-        frac = jnp.minimum(jnp.asarray(step, jnp.float32) / cfg.beta_steps, 1.0)
-        return jnp.float32(cfg.beta) + (cfg.beta_final - cfg.beta) * frac
-    return jnp.float32(cfg.beta)
-
-
-def adaptive_beta_update(beta: Array, kl: Array, kl_target: float, kl_horizon: float,
-                         n_rollouts: int | Array) -> Array:
-    """Ziegler et al. 2019 (arXiv 1909.08593, sec. 2.2) proportional controller:
-    beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
-    error = jnp.clip(kl / kl_target - 1.0, -0.2, 0.2)
-    return beta * (1.0 + error * n_rollouts / kl_horizon)
 
 
 def current_beta(cfg: RLConfig, state: TrainState) -> Array:

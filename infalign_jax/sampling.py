@@ -8,6 +8,9 @@ policies used in exact-enumeration tests:
   decode(params, token_B, cache)                 -> (logits_BxV for the next token, cache)
   logits(params, tokens_BxT, mask_BxT)           -> logits_BxTxV (teacher forcing, no cache)
 
+plus, optionally, `max_len`: the longest prompt + response the decoder supports (the model's
+context, e.g. `ModelConfig.max_len`); `sample` refuses longer requests.
+
 Every leaf of `cache` has the batch as its leading axis, which is what lets the prompt be
 prefilled once and its cache repeated to the N continuations (B -> B*N rows) instead of running N
 prefills.
@@ -20,6 +23,19 @@ Conventions (the classic RLHF bugs this avoids):
   the raw logits in float32), whatever temperature / top-k / top-p shaped the sampling
   distribution: it is the quantity the trainer recomputes by teacher forcing, and the two must
   agree (`sequence_logprobs`).
+
+Bad input fails while tracing, on static shapes and dtypes, so jitted callers pay nothing: wrong
+ranks, shapes or dtypes, a prompt plus `max_new_tokens` longer than the decoder's `max_len`,
+`eos_id` / `pad_id` outside the vocabulary (read from the logits' shape). A prompt row with no
+real token is data-dependent: eager calls raise; under `jit` (no host sync) such a row gets an
+empty response (mask all False, `pad_id` tokens, log-prob 0).
+
+Speed (decode is per-step overhead bound on CPU): the draw is Gumbel-max exactly as
+`jax.random.categorical` does it (same bits, same tokens), but the noise is materialised before
+the arg-max and the arg-max is a max plus a first-index min; XLA:CPU otherwise fuses the random
+bit generation into its variadic arg-max reduction and runs both as slow scalar code (measured
+~3x on the whole draw). The log-prob of the drawn token is read as `x_t - max - log sum exp`,
+the same arithmetic as gathering from `log_softmax` without writing the B x V result.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ from typing import Any, Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Params = Any
@@ -39,6 +56,7 @@ class DecoderFns(NamedTuple):
     prefill: Callable[..., tuple[Array, Any]]
     decode: Callable[..., tuple[Array, Any]]
     logits: Callable[..., Array]
+    max_len: int | None = None  # longest prompt + response; None: no limit known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +72,30 @@ class SamplingConfig:
     pad_id: int = 0
 
     def __post_init__(self):
-        if not (isinstance(self.n, int) and self.n >= 1):
-            raise ValueError(f"SamplingConfig.n must be an integer >= 1, got {self.n!r}")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"SamplingConfig.top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        def fail(field, expected):
+            raise ValueError(f"SamplingConfig.{field} must be {expected}, got "
+                             f"{getattr(self, field)!r}")
+
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        def is_real(x):
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+        if not (is_int(self.n) and self.n >= 1):
+            fail("n", "an integer >= 1")
+        if not (is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
+            fail("max_new_tokens", "an integer >= 1")
+        if not (is_real(self.temperature) and self.temperature >= 0):
+            fail("temperature", "a number >= 0 (0 is greedy)")
+        if not (is_int(self.top_k) and self.top_k >= 0):
+            fail("top_k", "an integer >= 0 (0 is off)")
+        if not (is_real(self.top_p) and 0 < self.top_p <= 1):
+            fail("top_p", "a number in (0, 1] (1 is off)")
+        if not (self.eos_id is None or (is_int(self.eos_id) and self.eos_id >= 0)):
+            fail("eos_id", "None or a token id >= 0")
+        if not (is_int(self.pad_id) and self.pad_id >= 0):
+            fail("pad_id", "a token id >= 0")
 
 
 class Samples(NamedTuple):
@@ -98,34 +130,120 @@ def filter_logits(logits_BxV: Array, temperature: float = 1.0, top_k: int = 0,
 
 
 def _repeat_batch(tree: Any, n: int) -> Any:
+    if n == 1:
+        return tree
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
+
+
+def _first_argmax(z_BxV: Array) -> Array:
+    """`jnp.argmax(z, -1)` (first maximum; first NaN if any) as two vectorisable reductions."""
+    vocab = z_BxV.shape[-1]
+    top = jnp.max(z_BxV, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (z_BxV == top) | jnp.isnan(z_BxV)
+    iota = jax.lax.broadcasted_iota(jnp.int32, z_BxV.shape, z_BxV.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, vocab), axis=-1)
+
+
+def _categorical(key: Array, logits_BxV: Array) -> Array:
+    """Bit-for-bit `jax.random.categorical(key, logits_BxV)`: Gumbel-max over the last axis."""
+    gumbel = jax.random.gumbel(key, logits_BxV.shape, logits_BxV.dtype)
+    return _first_argmax(jax.lax.optimization_barrier(gumbel) + logits_BxV)
+
+
+def _token_logprob(logits_BxV: Array, token_B: Array) -> Array:
+    """log_softmax(logits)[token], computed like `jax.nn.log_softmax` without the B x V output."""
+    top = jax.lax.stop_gradient(jnp.max(logits_BxV, axis=-1, keepdims=True))
+    shifted = logits_BxV - top
+    picked = jnp.take_along_axis(shifted, token_B[:, None], axis=1)[:, 0]
+    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(fns: DecoderFns, prompt_BxP: Any, prompt_mask_BxP: Any, cfg: Any) -> None:
+    """Trace-time checks on static shapes and dtypes (plus a host check when not traced)."""
+    if not isinstance(fns, DecoderFns):
+        raise ValueError(f"sample: fns must be a DecoderFns, got {type(fns).__name__}")
+    if not isinstance(cfg, SamplingConfig):
+        raise ValueError(f"sample: cfg must be a SamplingConfig, got {type(cfg).__name__}")
+    shape, mask_shape = np.shape(prompt_BxP), np.shape(prompt_mask_BxP)
+    if len(shape) != 2:
+        raise ValueError(f"sample: prompt_BxP must have rank 2 (batch, prompt_len), got shape "
+                         f"{shape}")
+    if mask_shape != shape:
+        raise ValueError(f"sample: prompt_mask_BxP must have the prompt's shape {shape}, got "
+                         f"{mask_shape}")
+    if 0 in shape:
+        raise ValueError(f"sample: prompt_BxP must have at least one row and one column, got "
+                         f"shape {shape}")
+    dtype = jnp.result_type(prompt_BxP)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"sample: prompt_BxP must hold integer token ids, got dtype {dtype}")
+    mask_dtype = jnp.result_type(prompt_mask_BxP)
+    if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
+        raise ValueError(f"sample: prompt_mask_BxP must be bool (or 0/1 integers), got dtype "
+                         f"{mask_dtype}")
+    total = shape[1] + cfg.max_new_tokens
+    if fns.max_len is not None and total > fns.max_len:
+        raise ValueError(
+            f"sample: prompt length {shape[1]} (prompt_BxP.shape[1]) + max_new_tokens "
+            f"{cfg.max_new_tokens} = {total} exceeds the decoder's max_len {fns.max_len}; "
+            "shorten the prompt padding or max_new_tokens")
+    if _is_concrete(prompt_mask_BxP):
+        empty = np.flatnonzero(~np.asarray(prompt_mask_BxP).astype(bool).any(axis=1))
+        if empty.size:
+            raise ValueError(f"sample: prompt_mask_BxP rows {empty[:10].tolist()} have no real "
+                             "token (all padding); every prompt needs at least one")
+
+
+def _check_vocab(cfg: SamplingConfig, vocab: int, prompt_BxP: Any = None,
+                 prompt_mask_BxP: Any = None) -> None:
+    if prompt_BxP is not None and _is_concrete(prompt_BxP) and _is_concrete(prompt_mask_BxP):
+        # A tokenizer of another model gives ids the embedding gather would silently clamp.
+        ids = np.asarray(prompt_BxP)[np.asarray(prompt_mask_BxP).astype(bool)]
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(f"sample: prompt_BxP holds token ids outside the decoder's vocabulary "
+                             f"[0, {vocab}): {np.unique(bad)[:10].tolist()} (a tokenizer of "
+                             f"another model?)")
+    for field in ("eos_id", "pad_id"):
+        value = getattr(cfg, field)
+        if value is not None and value >= vocab:
+            raise ValueError(f"SamplingConfig.{field} must be a token id in [0, {vocab}) (the "
+                             f"decoder's vocabulary), got {value}")
 
 
 def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
            rng: Array, cfg: SamplingConfig) -> Samples:
     """Samples `cfg.n` responses per prompt; the prompt is prefilled once (not n times).
 
-    Pure and jittable (close over `fns` and `cfg`, which are static).
+    Pure and jittable (close over `fns` and `cfg`, which are static). Raises ValueError on bad
+    input (see the module docstring) while tracing.
     """
-    chex.assert_rank([prompt_BxP, prompt_mask_BxP], 2)
-    chex.assert_equal_shape([prompt_BxP, prompt_mask_BxP])
-    batch, prompt_len = prompt_BxP.shape
+    _check_inputs(fns, prompt_BxP, prompt_mask_BxP, cfg)
+    batch, prompt_len = np.shape(prompt_BxP)
     n, steps = cfg.n, cfg.max_new_tokens
     max_len = prompt_len + steps
     logits_BxV, cache = fns.prefill(params, prompt_BxP, prompt_mask_BxP, max_len)
+    chex.assert_rank(logits_BxV, 2)
+    _check_vocab(cfg, logits_BxV.shape[-1], prompt_BxP, prompt_mask_BxP)
     logits = _repeat_batch(logits_BxV, n)                  # (B*N, V), row b*N + j
     cache = _repeat_batch(cache, n)
     eos = -1 if cfg.eos_id is None else cfg.eos_id
+    filtered = cfg.temperature > 0 and (cfg.temperature != 1 or cfg.top_k or cfg.top_p < 1)
 
     def step(carry, key):
         logits, cache, done = carry
         logits = logits.astype(jnp.float32)
         if cfg.temperature == 0:
-            token = jnp.argmax(logits, axis=-1)
+            token = _first_argmax(logits)
+        elif filtered:
+            token = _categorical(key, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))
         else:
-            token = jax.random.categorical(
-                key, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], 1)[:, 0]
+            token = _categorical(key, logits)
+        logp = _token_logprob(logits, token)
         valid = ~done
         token = jnp.where(valid, token, cfg.pad_id).astype(jnp.int32)
         logp = jnp.where(valid, logp, 0.0)
@@ -134,7 +252,9 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
         return (next_logits, cache, done), (token, valid, logp)
 
     keys = jax.random.split(rng, steps)
-    done = jnp.zeros((batch * n,), bool)
+    # A row without any real prompt token (only detectable on device under jit) is born done.
+    no_prompt_B = ~jnp.any(jnp.asarray(prompt_mask_BxP).astype(bool), axis=1)
+    done = _repeat_batch(no_prompt_B, n)
     _, (tokens_LxR, valid_LxR, logp_LxR) = jax.lax.scan(step, (logits, cache, done), keys)
 
     def out(x_LxR):

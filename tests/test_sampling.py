@@ -1,5 +1,7 @@
 """Sampler tests on a tabular policy whose sequence distribution can be enumerated exactly."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +155,170 @@ def test_greedy_follows_argmax():
     for _ in range(4):
         last = int(np.argmax(t[min(count, C - 1), last])); count += 1; want.append(last)
     np.testing.assert_array_equal(np.asarray(out.tokens_BxNxL), np.array([[want] * 3]))
+
+
+# ------------------------------------------------------------------------ bad input, fast path
+
+def _ok_inputs():
+    return jnp.array([[1, 2, 3], [0, 2, 1]]), jnp.array([[1, 1, 1], [0, 1, 1]], bool)
+
+
+_BAD_INPUT = [
+    ("too_long", r"prompt length 3 .* \+ max_new_tokens 4 = 7 exceeds the decoder's max_len 6"),
+    ("all_padding_row", r"rows \[1\] have no real token"),
+    ("mask_shape", r"prompt_mask_BxP must have the prompt's shape \(2, 3\), got \(2, 2\)"),
+    ("prompt_rank", r"prompt_BxP must have rank 2 .* got shape \(3,\)"),
+    ("float_prompt", r"prompt_BxP must hold integer token ids, got dtype float32"),
+    ("float_mask", r"prompt_mask_BxP must be bool .* got dtype float32"),
+    ("eos_outside_vocab", r"SamplingConfig.eos_id must be a token id in \[0, 5\) .* got 5"),
+    ("pad_outside_vocab", r"SamplingConfig.pad_id must be a token id in \[0, 5\) .* got 7"),
+]
+
+
+# An all-padding row is data-dependent, so only eager calls can raise for it; under jit it gets
+# an empty response (test_all_padding_row_under_jit_gets_empty_response).
+@pytest.mark.parametrize("case,match,jit", [(c, m, j) for c, m in _BAD_INPUT for j in (False, True)
+                                            if not (j and c == "all_padding_row")])
+def test_sample_bad_input_raises_at_trace_time(case, match, jit):
+    prompt, mask = _ok_inputs()
+    fns, cfg = toy_fns(), SamplingConfig(n=2, max_new_tokens=4, eos_id=EOS, pad_id=PAD)
+    if case == "too_long":
+        fns = fns._replace(max_len=6)
+    elif case == "all_padding_row":
+        mask = mask.at[1].set(False)
+    elif case == "mask_shape":
+        mask = mask[:, 1:]
+    elif case == "prompt_rank":
+        prompt, mask = prompt[0], mask[0]
+    elif case == "float_prompt":
+        prompt = prompt.astype(jnp.float32)
+    elif case == "float_mask":
+        mask = mask.astype(jnp.float32)
+    elif case == "eos_outside_vocab":
+        cfg = SamplingConfig(max_new_tokens=4, eos_id=V)
+    elif case == "pad_outside_vocab":
+        cfg = SamplingConfig(max_new_tokens=4, pad_id=7)
+    run = lambda p, m: sampling.sample(fns, _table(), p, m, jax.random.key(0), cfg)  # noqa: E731
+    with pytest.raises(ValueError, match=match):
+        (jax.jit(run) if jit else run)(prompt, mask)
+
+
+def test_max_len_boundary_is_allowed():
+    prompt, mask = _ok_inputs()
+    out = sampling.sample(toy_fns()._replace(max_len=7), _table(), prompt, mask, jax.random.key(0),
+                          SamplingConfig(max_new_tokens=4))
+    assert out.tokens_BxNxL.shape == (2, 1, 4)
+
+
+def test_all_padding_row_under_jit_gets_empty_response():
+    prompt, mask = _ok_inputs()
+    cfg = SamplingConfig(n=3, max_new_tokens=4, eos_id=EOS, pad_id=PAD)
+    run = jax.jit(lambda m: sampling.sample(toy_fns(), _table(), prompt, m, jax.random.key(7), cfg))
+    bad, good = run(mask.at[1].set(False)), run(mask)
+    assert not np.asarray(bad.mask_BxNxL[1]).any()
+    assert (np.asarray(bad.tokens_BxNxL[1]) == PAD).all()
+    assert (np.asarray(bad.logp_BxNxL[1]) == 0).all()
+    # The noise of row 0 does not depend on row 1, so its samples are unchanged.
+    for a, b in zip(bad, good):
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("n", 0), ("n", True), ("n", 2.0), ("max_new_tokens", 0), ("max_new_tokens", -3),
+    ("temperature", -0.5), ("temperature", float("nan")), ("temperature", "1"),
+    ("top_p", 0.0), ("top_p", 1.0001), ("top_p", float("nan")), ("top_k", -1), ("top_k", 2.5),
+    ("eos_id", -1), ("eos_id", 1.0), ("pad_id", -1), ("pad_id", None)])
+def test_config_errors_name_field_and_values(field, value):
+    match = rf"SamplingConfig\.{field} must be .*, got {re.escape(repr(value))}"
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**{field: value})
+
+
+def test_fast_argmax_and_categorical_match_jax_bit_for_bit():
+    x = jax.random.normal(jax.random.key(0), (64, 37)) * 3
+    x = x.at[1, 5].set(jnp.inf).at[2].set(-jnp.inf).at[3, 4].set(jnp.nan).at[3, 9].set(jnp.nan)
+    x = x.at[4].set(0.0).at[5, :10].set(-jnp.inf)                    # ties: first index wins
+    want = np.asarray(jnp.argmax(x, -1))
+    assert want[2] == 0 and want[3] == 4 and want[4] == 0             # the cases exercised
+    np.testing.assert_array_equal(np.asarray(jax.jit(sampling._first_argmax)(x)), want)
+    for i in range(5):
+        key = jax.random.key(i)
+        logits = jnp.where(jnp.isnan(x), 0.0, x).at[1, 5].set(0.0)
+        logits = jnp.where(jnp.isinf(logits) & (logits < 0), -jnp.inf, logits)
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(sampling._categorical)(key, logits)),
+            np.asarray(jax.jit(jax.random.categorical)(key, logits)))
+
+
+def test_token_logprob_matches_log_softmax():
+    x = jax.random.normal(jax.random.key(1), (8, 50)) * 4
+    tok = jax.random.randint(jax.random.key(2), (8,), 0, 50)
+    x64 = np.asarray(x, np.float64)
+    lse = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+    want = x64[np.arange(8), np.asarray(tok)] - lse
+    np.testing.assert_allclose(np.asarray(sampling._token_logprob(x, tok)), want, atol=1e-6)
+
+
+def _tiny_model():
+    from infalign_jax import models
+    cfg = models.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_len=24, init_std=0.5)
+    return models, cfg, models.init_params(cfg, jax.random.key(0))
+
+
+def test_model_prefill_last_logits_equal_teacher_forced():
+    models, cfg, params = _tiny_model()
+    prompt = jax.random.randint(jax.random.key(1), (3, 7), 0, cfg.vocab_size)
+    mask = jnp.ones_like(prompt, bool).at[1, :3].set(False)
+    fns = models.decoder_fns(cfg)
+    assert fns.max_len == cfg.max_len
+    logits_BxV, _ = jax.jit(lambda p: fns.prefill(p, prompt, mask, 12))(params)
+    teacher_forced = jax.jit(lambda p: models.apply(p, prompt, cfg, attention_mask_BxT=mask).logits)
+    full = teacher_forced(params)[:, -1]
+    np.testing.assert_allclose(np.asarray(logits_BxV), np.asarray(full), atol=1e-5)
+    with pytest.raises(ValueError, match="max_len 24"):
+        sampling.sample(fns, params, prompt, mask, jax.random.key(0),
+                        SamplingConfig(max_new_tokens=18))
+
+
+# -------------------------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("mesh_cfg", [{"data": 8}, {"data": 4, "tensor": 2}])
+def test_sharded_sample_matches_single_device(mesh_cfg):
+    from jax.sharding import PartitionSpec
+    from infalign_jax import sharding
+    from infalign_jax.models.transformer import Transformer
+    models, cfg, _ = _tiny_model()
+    mesh = sharding.make_mesh(mesh_cfg)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    def init(r):
+        return Transformer(cfg).init(r, tokens, tokens, jnp.ones((1, 1, 1), bool))["params"]
+    params = sharding.sharded_init(init, jax.random.key(3), mesh)
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    if "tensor" in mesh_cfg:   # the rules really split something over "tensor"
+        assert any("tensor" in str(s.spec) for s in jax.tree.leaves(param_shardings))
+    prompt = np.asarray(jax.random.randint(jax.random.key(4), (8, 6), 1, cfg.vocab_size))
+    mask = np.ones_like(prompt, bool)
+    mask[1, :2] = mask[5, :5] = False
+    scfg = SamplingConfig(n=3, max_new_tokens=5, eos_id=2, pad_id=0, temperature=0.9)
+    fns = models.decoder_fns(cfg)
+    rng = jax.random.key(11)
+    host_params = jax.device_get(params)
+    want = jax.jit(lambda p, t, m, r: sampling.sample(fns, p, t, m, r, scfg))(
+        host_params, prompt, mask, rng)
+
+    prompt_s, mask_s = sharding.shard_batch((prompt, mask), mesh)
+    b2, b3 = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 3)
+    with sharding.axis_rules(mesh):
+        fn = jax.jit(lambda p, t, m, r: sampling.sample(fns, p, t, m, r, scfg),
+                     in_shardings=(param_shardings, b2, b2, sharding.replicated(mesh)),
+                     out_shardings=sampling.Samples(b3, b3, b3))
+        got = fn(params, prompt_s, mask_s, rng)
+    # Batch rows split over ("data", "fsdp") (fsdp has size 1 here): B / data rows per shard.
+    for x in got:
+        assert x.sharding.spec == PartitionSpec(("data", "fsdp"), None, None)
+        assert {s.data.shape for s in x.addressable_shards} == {(8 // mesh.shape["data"], 3, 5)}
+    np.testing.assert_array_equal(np.asarray(got.tokens_BxNxL), np.asarray(want.tokens_BxNxL))
+    np.testing.assert_array_equal(np.asarray(got.mask_BxNxL), np.asarray(want.mask_BxNxL))
+    np.testing.assert_allclose(np.asarray(got.logp_BxNxL), np.asarray(want.logp_BxNxL), atol=1e-5)
+    assert np.asarray(want.mask_BxNxL).sum() > 8  # the comparison covers real tokens

@@ -104,7 +104,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
             "next_pos": jnp.zeros((batch,), jnp.int32)}      # position of the next real token
 
 
-def _cached_forward(params, tokens_BxS, mask_BxS, positions_BxS, cfg, cache):
+def _cached_forward(params, tokens_BxS, mask_BxS, positions_BxS, cfg, cache,
+                    last_logits_only=False):
     index = cache["index"][0]
     s = tokens_BxS.shape[1]
     max_len = cache["key_mask"].shape[1]
@@ -113,7 +114,7 @@ def _cached_forward(params, tokens_BxS, mask_BxS, positions_BxS, cfg, cache):
     query_slots = index + jnp.arange(s)
     attn = (slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
     out = Transformer(cfg).apply({"params": params}, tokens_BxS, positions_BxS, attn,
-                                 cache["layers"], index)
+                                 cache["layers"], index, last_logits_only)
     new_cache = {"layers": out["cache_layers"], "index": cache["index"] + s,
                  "key_mask": key_mask,
                  "next_pos": cache["next_pos"] + mask_BxS.astype(jnp.int32).sum(1)}
@@ -121,12 +122,17 @@ def _cached_forward(params, tokens_BxS, mask_BxS, positions_BxS, cfg, cache):
 
 
 def prefill(params: Params, tokens_BxT: Array, cfg: ModelConfig, cache: dict[str, Any],
-            attention_mask_BxT: Array | None = None) -> tuple[Array, dict[str, Any]]:
-    """Runs the (left-padded) prompt through the model, filling the cache: (logits_BxTxV, cache)."""
+            attention_mask_BxT: Array | None = None, *, last_logits_only: bool = False
+            ) -> tuple[Array, dict[str, Any]]:
+    """Runs the (left-padded) prompt through the model, filling the cache: (logits_BxTxV, cache).
+
+    With `last_logits_only` the logits are those of the last position only: (B, 1, V).
+    """
     mask = (jnp.ones(tokens_BxT.shape, bool) if attention_mask_BxT is None
             else attention_mask_BxT.astype(bool))
     positions = cache["next_pos"][:, None] + default_positions(mask)
-    out, cache = _cached_forward(params, tokens_BxT, mask, positions, cfg, cache)
+    out, cache = _cached_forward(params, tokens_BxT, mask, positions, cfg, cache,
+                                 last_logits_only)
     return out["logits"], cache
 
 
@@ -144,7 +150,7 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
 
     def _prefill(params, tokens_BxP, mask_BxP, max_len):
         cache = init_cache(cfg, tokens_BxP.shape[0], max_len)
-        logits, cache = prefill(params, tokens_BxP, cfg, cache, mask_BxP)
+        logits, cache = prefill(params, tokens_BxP, cfg, cache, mask_BxP, last_logits_only=True)
         return logits[:, -1], cache
 
     def _decode(params, token_B, cache):
@@ -153,4 +159,4 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     def _logits(params, tokens_BxT, mask_BxT):
         return apply(params, tokens_BxT, cfg, attention_mask_BxT=mask_BxT).logits
 
-    return DecoderFns(_prefill, _decode, _logits)
+    return DecoderFns(_prefill, _decode, _logits, cfg.max_len)

@@ -187,7 +187,9 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxS: Array, positions_BxS: Array, mask_BxSxT: Array,
                  cache_layers: tuple[dict[str, Array], ...] | None = None,
-                 index: Array | None = None) -> dict[str, Any]:
+                 index: Array | None = None, last_logits_only: bool = False) -> dict[str, Any]:
+        """`last_logits_only`: lm logits for the last position only (B, 1, V) -- a prefill
+        needs no others, and at a large vocabulary they are a third of its FLOPs."""
         cfg = self.cfg
         dt = _dtype(cfg.dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -214,7 +216,8 @@ class Transformer(nn.Module):
             else:
                 kernel_DxV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size),
                                     ("embed", "vocab"), _normal(cfg), cfg)
-            logits = jnp.einsum("bsd,dv->bsv", hidden, kernel_DxV.astype(hidden.dtype),
+            lm_in = hidden[:, -1:] if last_logits_only else hidden
+            logits = jnp.einsum("bsd,dv->bsv", lm_in, kernel_DxV.astype(hidden.dtype),
                                 preferred_element_type=jnp.float32)
             out["logits"] = _constrain(logits, ("batch", "length", "act_vocab"))
         for head in ("reward", "value"):

@@ -323,9 +323,6 @@ def test_bad_hf_checkpoint_names_file_and_field(tmp_path, tiny_params, edit, mat
         hf_import.load_hf_checkpoint(str(directory))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: token ids >= the model's vocabulary (a tokenizer "
-                   "of another model) are not checked: the embedding gather clamps them and "
-                   "sampling runs on garbage")
 def test_token_ids_outside_the_model_vocabulary_are_refused(tiny_params):
     # A tokenizer with a larger vocabulary than the model produced id 100 (vocab 16).
     prompt = jnp.array([[3, 100]])
