@@ -43,11 +43,13 @@ class RLTask:
     base_model_id: str
     eos_id: int | None
     pad_id: int
-    # reference_table(k, seed) -> ReferenceTable of K pi_ref rewards per prompt id
+    # reference_table(k, seed, partial_path=None, progress=None) -> ReferenceTable of K pi_ref
+    # rewards per prompt id (a long calibration pass resumes from partial_path)
     reference_table: Callable[[int, int], ReferenceTable]
     # evaluate(params, transform, beta, ref_table) -> scalars (exact or estimated)
     evaluate: Callable[..., dict[str, float]] | None = None
-    # Tasks whose reward reads fixed-length responses (no EOS) demand this many new tokens.
+    # Rollouts must use exactly this many new tokens (`config.rl.max_new_tokens`): a fixed-length
+    # reward (the exact task), or the budget the reference table was drawn with (real tasks).
     response_length: int | None = None
 
 
@@ -57,7 +59,9 @@ def _exact_task(section: Any) -> RLTask:
     ids = tuple(f"p{i}" for i in range(task.prompts_PxS.shape[0]))
     tag = f"vocab={task.vocab},length={task.length},prompts={len(ids)},seed={int(section.seed)}"
 
-    def reference_table(k: int, seed: int) -> ReferenceTable:
+    def reference_table(k: int, seed: int, partial_path: str | None = None,
+                        progress: Any = None) -> ReferenceTable:
+        del partial_path, progress  # exact sampling from the enumeration takes milliseconds
         sorted_PxK = et.sample_reference_table(task, k, seed=seed)
         return build_reference_table(ids, sorted_PxK, reward_model_id=f"exact_reward[{tag}]",
                                      base_model_id=f"exact_base[{tag}]")
@@ -94,6 +98,8 @@ def known_tasks() -> tuple[str, ...]:
 
 def build_task(task_section: Any) -> RLTask:
     name = task_section.name
+    if name not in _BUILDERS:
+        import infalign_jax.real_rl_tasks  # noqa: F401  (registers the SmolLM2 tasks; heavy)
     if name not in _BUILDERS:
         raise ValueError(f"config.task.name: unknown task {name!r}; known: {', '.join(known_tasks())}")
     return _BUILDERS[name](task_section)

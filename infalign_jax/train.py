@@ -137,7 +137,8 @@ def reference_settings(config: Any) -> tuple[int, int]:
     return k, seed
 
 
-def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int) -> ReferenceTable:
+def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
+                            log: Callable[[str], None] | None = None) -> ReferenceTable:
     """Loads `path` (checking it belongs to this task's reward and base models and was built with
     this K and seed, recorded beside it) or builds it once."""
     settings_path = os.path.splitext(path)[0] + ".json"
@@ -156,7 +157,8 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int)
                 f"or delete the table to rebuild it")
         logger.info("reusing reference table %s (%d prompts, K=%d)", path, table.num_prompts, k)
         return table
-    table = task.reference_table(k, seed)
+    table = task.reference_table(k, seed, partial_path=os.path.splitext(path)[0] + ".partial.npz",
+                                 progress=lambda line: (log or logger.info)(f"calibration: {line}"))
     table.save(path)
     with open(settings_path, "w") as f:
         json.dump({"k": k, "seed": seed}, f)
@@ -218,7 +220,8 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     if task.response_length is not None and cfg.max_new_tokens != task.response_length:
         raise ValueError(f"config.rl.max_new_tokens={cfg.max_new_tokens} but task "
                          f"{task.name!r} scores responses of exactly length "
-                         f"{task.response_length}; set them equal")
+                         f"{task.response_length} (its reward / reference table assume that "
+                         f"budget); set them equal")
     if tcfg.batch_size > len(task.prompt_ids):
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
                          f"{len(task.prompt_ids)} prompts")
@@ -229,7 +232,7 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
                          f"{shards} batch shards of the mesh {dict(mesh.shape)}; change the "
                          f"batch size or config.mesh")
     table_path = os.path.join(workdir, "reference_table.npz")
-    table = prepare_reference_table(task, table_path, ref_k, ref_seed)
+    table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
                     inputs={"reference_table": table_path}, mesh=mesh, started=started)
 

@@ -1,0 +1,153 @@
+"""The calibration pass against hand sampling with the same keys, masking, progress, resume."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infalign_jax import calibration_pass as cp
+from infalign_jax import models, sampling
+from infalign_jax.calibration import load_reference_table
+
+CFG = models.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                         head_dim=8, d_ff=32, max_len=32)
+PARAMS = models.init_params(CFG, jax.random.key(0))
+FNS = models.decoder_fns(CFG)
+# Three prompts of different lengths, left-padded with 0.
+PROMPTS = np.array([[0, 0, 1, 2], [0, 3, 4, 1], [2, 2, 6, 7]], np.int32)
+MASK = PROMPTS != 0
+MASK[2] = True
+IDS = ["a", "b", "c"]
+TOKEN, EOS = 3, 5
+
+
+def count_reward(reward_params, idx_R, resp_RxL, mask_RxL):
+    del reward_params, idx_R
+    return jnp.sum((resp_RxL == TOKEN) & mask_RxL, axis=-1).astype(jnp.float32)
+
+
+def _hand(k, batch_prompts, scfg, seed):
+    """(rewards_PxK, ended_PxK) drawn with plain `sampling.sample` (its own prefill) and numpy."""
+    num = PROMPTS.shape[0]
+    rewards = np.zeros((num, k))
+    ended = np.zeros((num, k), bool)
+    for b in range(-(-num // batch_prompts)):
+        rows = np.minimum(np.arange(b * batch_prompts, (b + 1) * batch_prompts), num - 1)
+        real = rows[: min(batch_prompts, num - b * batch_prompts)]
+        for c in range(-(-k // scfg.n)):
+            out = sampling.sample(FNS, PARAMS, jnp.asarray(PROMPTS[rows]), jnp.asarray(MASK[rows]),
+                                  cp.chunk_key(seed, b, c), scfg)
+            tok = np.asarray(out.tokens_BxNxL)[: len(real)]
+            msk = np.asarray(out.mask_BxNxL)[: len(real)]
+            lo, hi = c * scfg.n, min((c + 1) * scfg.n, k)
+            for j in range(lo, hi):
+                for r, p in enumerate(real):
+                    seq = tok[r, j - lo][msk[r, j - lo]].tolist()
+                    rewards[p, j] = seq.count(TOKEN)
+                    ended[p, j] = EOS in seq
+    return rewards, ended
+
+
+def _run(**kw):
+    args = dict(k=7, batch_prompts=2, seed=3, base_model_id="tiny-base",
+                reward_model_id="count-3", progress=None,
+                sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS, pad_id=0))
+    args.update(kw)
+    return cp.run_calibration(FNS, PARAMS, PROMPTS, MASK, IDS, **args)
+
+
+def test_table_equals_hand_sampling_with_same_keys(tmp_path):
+    path = str(tmp_path / "table.npz")
+    table = _run(reward_fn=count_reward, out_path=path)
+    rewards, _ = _hand(7, 2, sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS), 3)
+    np.testing.assert_array_equal(table.sorted_rewards_BxK, np.sort(rewards, axis=1))
+    np.testing.assert_array_equal(table.counts_B, [7, 7, 7])
+    assert list(table.prompt_ids) == IDS
+    assert rewards.std() > 0  # the reward is not trivially constant
+    loaded = load_reference_table(path, expected_reward_model_id="count-3",
+                                  expected_base_model_id="tiny-base")
+    np.testing.assert_array_equal(loaded.sorted_rewards_BxK, table.sorted_rewards_BxK)
+    assert loaded.created["seed"] == 3 and loaded.created["num_invalid"] == 0
+
+
+def test_judge_path_matches_reward_fn():
+    # A text judge (text length) through detokenize gives the hand count of non-pad characters.
+    detok = lambda ids: "".join("x" if int(t) == TOKEN else "" for t in ids)
+    judge = lambda prompts, responses: np.array([len(r) for r in responses], np.float32)
+    table = _run(judge=judge, detokenize=detok, prompts_text=["p0", "p1", "p2"])
+    rewards, _ = _hand(7, 2, sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS), 3)
+    np.testing.assert_array_equal(table.sorted_rewards_BxK, np.sort(rewards, axis=1))
+
+
+def test_invalid_samples_without_eos_are_masked():
+    table = _run(reward_fn=count_reward, k=8, require_eos=True, on_empty="drop")
+    rewards, ended = _hand(8, 2, sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS), 3)
+    assert 0 < ended.sum() < ended.size  # both kinds occur, so masking is exercised
+    keep = ended.any(axis=1)
+    assert list(table.prompt_ids) == [i for i, k in zip(IDS, keep) if k]
+    np.testing.assert_array_equal(table.counts_B, ended.sum(axis=1)[keep])
+    for row, p in enumerate(np.flatnonzero(keep)):
+        want = np.sort(rewards[p][ended[p]])
+        np.testing.assert_array_equal(table.sorted_rewards_BxK[row, : len(want)], want)
+        assert np.all(np.isinf(table.sorted_rewards_BxK[row, len(want):]))
+    assert table.created["num_invalid"] == int((~ended).sum())
+
+
+def test_progress_lines():
+    lines = []
+    _run(reward_fn=count_reward, progress=lines.append)
+    chunk_lines = [s for s in lines if "samples/s" in s]
+    assert len(chunk_lines) == 2 * 3  # 2 prompt batches x ceil(7 / 3) chunks
+    assert "prompts 0/3" in chunk_lines[0] and "prompts 2/3" in chunk_lines[2]
+    assert "prompts 3/3" in chunk_lines[-1] and "ETA 0m00s" in chunk_lines[-1]
+    assert all("ETA" in s for s in chunk_lines) and "done" in lines[-1]
+
+
+def test_resume_reuses_finished_chunks(tmp_path):
+    partial = str(tmp_path / "table.partial.npz")
+    calls = []
+
+    def dies_after_two(rp, idx, resp, mask):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill in the middle of the third chunk
+        calls.append(idx)
+        return count_reward(rp, idx, resp, mask)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(reward_fn=dies_after_two, partial_path=partial)
+    assert os.path.exists(partial)
+
+    scored = []
+
+    def counting(rp, idx, resp, mask):
+        scored.append(np.asarray(idx))
+        return count_reward(rp, idx, resp, mask)
+
+    lines = []
+    resumed = _run(reward_fn=counting, partial_path=partial, progress=lines.append)
+    assert len(scored) == 6 - 2 and "resuming" in lines[0] and "2/6 chunks done" in lines[0]
+    assert not os.path.exists(partial)
+    fresh = _run(reward_fn=count_reward)
+    np.testing.assert_array_equal(resumed.sorted_rewards_BxK, fresh.sorted_rewards_BxK)
+
+    with pytest.raises(KeyboardInterrupt):
+        calls.clear()
+        _run(reward_fn=dies_after_two, partial_path=partial)
+    with pytest.raises(ValueError, match=r"other settings \(seed: file 3 vs now 4\)"):
+        _run(reward_fn=count_reward, partial_path=partial, seed=4)
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="exactly one of reward_fn or judge"):
+        _run()
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        _run(reward_fn=count_reward, k=0)
+    with pytest.raises(ValueError, match="require_eos=True needs sampling_cfg.eos_id"):
+        _run(reward_fn=count_reward, require_eos=True,
+             sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=4))
+    with pytest.raises(ValueError, match="a judge needs detokenize"):
+        _run(judge=lambda p, r: np.zeros(len(r)))

@@ -1,0 +1,118 @@
+"""Real RL tasks: config presets, section validation, and one CTRL step with SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from infalign_jax import real_rl_tasks, rl_tasks, train
+from infalign_jax.calibration import load_reference_table
+from infalign_jax.metrics_io import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config_module(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ctrl_real = _config_module("ctrl_real")
+calibrate_real = _config_module("calibrate_real")
+
+
+def test_tasks_are_registered():
+    assert {"helpfulness", "harmlessness", "exact"} <= set(rl_tasks.known_tasks())
+
+
+@pytest.mark.parametrize("task", ["helpfulness", "harmlessness"])
+@pytest.mark.parametrize("size", ["tiny", "small", "full"])
+def test_configs_agree_on_the_reference_table(task, size):
+    train_cfg = ctrl_real.get_config(f"task={task},size={size}")
+    calib_cfg = calibrate_real.get_config(f"task={task},size={size}")
+    # Same task section and reference (k, seed): calibrate.py's table is the one train reuses.
+    assert train_cfg.task.to_dict() == calib_cfg.task.to_dict()
+    assert train_cfg.reference.to_dict() == calib_cfg.reference.to_dict()
+    # The reference is drawn with the rollout budget and temperature of the RL step.
+    assert train_cfg.rl.max_new_tokens == train_cfg.task.max_new_tokens
+    assert train_cfg.task.temperature == 1.0
+    assert train_cfg.train.batch_size <= train_cfg.task.num_prompts
+    section = real_rl_tasks.parse_section(train_cfg.task)
+    assert section.name == task and section.eval_prompts <= section.num_prompts
+    # InfAlign's sign: t > 0 for Best-of-N (helpfulness), t < 0 for Worst-of-N (harmlessness).
+    assert (train_cfg.transform.t > 0) == (task == "helpfulness")
+    with pytest.raises(ValueError, match="size"):
+        ctrl_real.get_config("size=huge")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"name": "summaries"}, r"config.task.name: unknown real task 'summaries'"),
+    ({"num_prompts": 0}, r"config.task.num_prompts must be a positive integer"),
+    ({"eval_samples": -1}, r"config.task.eval_samples must be an integer >= 0"),
+    ({"eval_prompts": 9, "num_prompts": 4}, r"config.task.eval_prompts=9 exceeds"),
+    ({"temperature": 0.0}, r"config.task.temperature must be > 0"),
+    ({"gguf_path": "/nonexistent.gguf"}, r"config.task.gguf_path: no such file"),
+    ({"promts": 3}, r"config.task: unknown keys \['promts'\]"),
+])
+def test_bad_task_section_names_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        real_rl_tasks.parse_section(dict(real_rl_tasks.TASK_DEFAULTS, **change))
+
+
+def test_base_model_id_carries_the_sampling_budget():
+    a = real_rl_tasks.parse_section(dict(real_rl_tasks.TASK_DEFAULTS, max_new_tokens=12))
+    b = real_rl_tasks.parse_section(dict(real_rl_tasks.TASK_DEFAULTS, max_new_tokens=32))
+    ida = real_rl_tasks.base_model_id("/x/SmolLM2-135M-Instruct.Q4_1.gguf", a)
+    assert ida.startswith("SmolLM2-135M-Instruct.Q4_1.gguf|max_new_tokens=12")
+    assert ida != real_rl_tasks.base_model_id("/x/SmolLM2-135M-Instruct.Q4_1.gguf", b)
+
+
+@pytest.mark.slow
+def test_one_ctrl_step_on_helpfulness_with_smollm2(tmp_path):
+    start = time.perf_counter()
+    c = ctrl_real.get_config("task=helpfulness,size=tiny")
+    c.unlock()
+    # Evaluation off (its own compiles would double the runtime); evaluate() runs in the tiny
+    # config's end-to-end command instead (see configs/ctrl_real.py).
+    c.task.num_prompts, c.task.eval_prompts, c.task.eval_samples = 2, 1, 0
+    c.task.max_new_tokens = c.rl.max_new_tokens = 6
+    c.reference.k = 4
+    c.rl.samples_per_prompt = 2
+    c.rl.full_kl = False  # two fewer 30-layer forwards to compile (host callbacks defeat the cache)
+    c.train.num_steps, c.train.batch_size, c.train.tensorboard = 1, 2, False
+    c.lock()
+    lines = []
+    _, summary = train.run(c, str(tmp_path), log=lines.append, devices=jax.devices()[:1])
+    seconds = time.perf_counter() - start
+
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1] and summary["skipped_steps"] == 0
+    for key in ("reward", "calibrated_reward", "transformed_reward", "kl_k1", "kl_k3", "loss",
+                "grad_norm"):
+        assert np.isfinite(rows[0][key]), key
+    assert 0.0 <= rows[0]["calibrated_reward"] <= 1.0 and -1.0 <= rows[0]["reward"] <= 1.0
+    # The first step samples pi_ref itself: the sampler's log-probs and pi_ref's teacher-forced
+    # ones agree, so the k1 KL estimate is 0 up to float rounding (not sampling noise).
+    assert abs(rows[0]["kl_k1"]) < 1e-3 and rows[0]["grad_norm"] > 0
+
+    table = load_reference_table(str(tmp_path / "reference_table.npz"))
+    assert table.reward_model_id == "vader"
+    assert table.base_model_id == ("SmolLM2-135M-Instruct.Q4_1.gguf|max_new_tokens=6,"
+                                   "temperature=1.0,require_eos=False")
+    assert list(table.prompt_ids) == ["help-000", "help-001"]
+    np.testing.assert_array_equal(table.counts_B, [4, 4])
+    assert np.all(np.abs(table.sorted_rewards_BxK) <= 1.0)
+
+    assert summary["eval"] == {}
+    with open(tmp_path / "manifest.json") as f:
+        assert json.load(f)["config"]["task"]["name"] == "helpfulness"
+    print(f"\none CTRL step on helpfulness (2 prompts, K=4) incl. load, calibration, compile: "
+          f"{seconds:.1f} s; metrics: {rows[0]}")
