@@ -125,7 +125,10 @@ def bench_sampler(quick: bool) -> dict:
                    pad_token_id=0)
     with torch.no_grad():
         model.generate(ids, **gen_cfg)
-        t = time.perf_counter(); model.generate(ids, **gen_cfg); hf = time.perf_counter() - t
+        hf = float("inf")
+        for _ in range(3):  # best of 3, as for ours: one call is at the mercy of the machine
+            t = time.perf_counter(); model.generate(ids, **gen_cfg)
+            hf = min(hf, time.perf_counter() - t)
     tokens = batch * new
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new, "params": cfg.n_params,
             "ours_tokens_s": tokens / ours, "hf_generate_tokens_s": tokens / hf,

@@ -170,12 +170,39 @@ def _plot(rows: list[dict[str, Any]], path: str, n: int) -> None:
 
 
 STAGES = ("analytic", "exact", "real")
-_REAL_RUNNERS: dict[str, Callable[..., str]] = {}
+REAL_CONFIG = "configs/ctrl_real.py"
+# (task, method label, ctrl_real.py arg) of the real stage: calibrated identity vs CTRL exp-t
+REAL_METHODS = (("helpfulness", "calibrated identity", "transform=identity"),
+                ("helpfulness", "CTRL exp t=4 (BoN)", "transform=exp,t=4"),
+                ("harmlessness", "calibrated identity", "transform=identity"),
+                ("harmlessness", "CTRL exp t=-4 (WoN)", "transform=exp,t=-4"))
 
 
-def register_real_stage(runner: Callable[..., str]) -> None:
-    """`runner(config, workdir, log) -> markdown` for the real offline tasks' stage."""
-    _REAL_RUNNERS["real"] = runner
+def run_real_stage(size: str, workdir: str, log: Callable[[str], None] = print) -> str:
+    """SmolLM2 tasks judged by the offline gold judges: the paper's table shape (estimates with
+    95% intervals = 1.96 standard errors over prompts); returns the markdown."""
+    module = sweep.load_config_module(REAL_CONFIG)
+    rows = []
+    for task, method, arg in REAL_METHODS:
+        cfg = module.get_config(f"task={task},size={size},{arg}")
+        run_dir = os.path.join(workdir, f"{task}__{arg.replace('=', '-').replace(',', '_')}")
+        log(f"  real: {task} / {method} ({run_dir})")
+        _, summary = train.run(cfg, run_dir, log=lambda line: None)
+        ev = summary["eval"]
+        row = {"task": task, "method": method, "KL (k1)": ev.get("est_kl_k1", math.nan)}
+        for key in ("standard", "bon_4", "won_4"):
+            p, se = ev.get(f"est_{key}", math.nan), ev.get(f"est_{key}_stderr", math.nan)
+            row[key] = f"{p:.3f} ± {1.96 * se:.3f}"
+        rows.append(row)
+    table = sweep.markdown_table(rows, ["task", "method", "KL (k1)", "standard", "bon_4", "won_4"])
+    text = (f"## 3. Real offline tasks (size {size})\n\nWin rates of the trained policy against "
+            f"pi_ref under the gold judge (VADER for helpfulness, 1 - P(offensive) for "
+            f"harmlessness), estimated from fresh samples; ± is a 95% interval over prompts.\n\n"
+            f"{table}\n")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "real_table.md"), "w") as f:
+        f.write(text)
+    return text
 
 
 def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> str:
@@ -209,9 +236,8 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> str:
             parts.append("## 2. Exact task: methods at matched KL\n\nPlot: exact/exact_methods.png"
                          "\n\n" + f.read())
     if "real" in stages:
-        if "real" not in _REAL_RUNNERS:
-            raise ValueError("config.stages has 'real' but no real-task stage is registered")
-        parts.append(_REAL_RUNNERS["real"](config, os.path.join(workdir, "real"), log))
+        size = "tiny" if config.size == "smoke" else config.size
+        parts.append(run_real_stage(size, os.path.join(workdir, "real"), log))
     path = os.path.join(workdir, "results.md")
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
