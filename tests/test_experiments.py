@@ -113,3 +113,27 @@ def test_sweep_print_mode_lists_one_command_per_point(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all("--config.train.num_steps=7" in line for line in lines)
     assert "--config.transform.t=-5.0" in lines[0] and "--config.transform.t=5.0" in lines[1]
+
+
+@pytest.mark.slow
+def test_reproduce_entrypoint_exact_stage_smoke(tmp_path):
+    out = tmp_path / "repro"
+    _run("reproduce.py", "--config=configs/reproduce.py:size=smoke", f"--workdir={out}",
+         "--config.stages=exact", "--config.methods=identity,exp_bon", tmp_path=tmp_path)
+    text = (out / "results.md").read_text()
+    assert "## 2. Exact task" in text and "calibrated identity" in text and "CTRL exp t=5" in text
+    assert (out / "exact" / "exact_methods.png").exists() and (out / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_entrypoint_builds_the_table_train_policy_reuses(tmp_path):
+    """The real-task calibration pass (SmolLM2 + VADER) through its entrypoint, 2 prompts, K=2."""
+    out = tmp_path / "cal"
+    _run("calibrate.py", "--config=configs/calibrate_real.py:task=helpfulness,size=tiny",
+         f"--workdir={out}", "--config.task.num_prompts=2", "--config.task.eval_prompts=2",
+         "--config.reference.k=2",
+         "--config.task.max_new_tokens=4", tmp_path=tmp_path)
+    from infalign_jax.calibration import load_reference_table
+    table = load_reference_table(str(out / "reference_table.npz"), expected_reward_model_id="vader")
+    assert table.num_prompts == 2 and table.sorted_rewards_BxK.shape[1] == 2
+    assert list(table.prompt_ids) == ["help-000", "help-001"]
