@@ -122,6 +122,8 @@ def _train(name, params, beta, algorithm, lr, steps, m=256, **kw):
     ("log", {}, 1 / 3, "rloo", 3e-3, 400),
     ("exp", {"t": 3.0}, 1.5, "rloo", 3e-3, 400),
     ("identity", {}, 0.15, "ppo", 3e-3, 200),
+    ("log", {}, 1 / 3, "ppo", 3e-3, 300),
+    ("exp", {"t": 3.0}, 1.5, "ppo", 3e-3, 200),
 ])
 def test_ctrl_reaches_exact_target(name, params, beta, algorithm, lr, steps):
     want, got = _train(name, params, beta, algorithm, lr, steps)
