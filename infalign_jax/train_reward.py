@@ -69,19 +69,42 @@ def build_model(model_section: dict[str, Any]) -> tuple[models.ModelConfig, Byte
     return cfg, tok
 
 
-def ensure_synthetic_data(data: dict[str, Any], workdir: str, seed: int) -> dict[str, Any]:
-    """With `data.synthetic = "<judge>"`, writes judge-labelled pairs into workdir/data once."""
+def ensure_synthetic_data(data: dict[str, Any], workdir: str, seed: int,
+                          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Writes gold-judge-labelled pairs into workdir/data once, when `data.synthetic` says so:
+
+    * ``"<judge>"`` (e.g. "vader"): templated review pairs labelled by that judge;
+    * ``"task:<real task>"`` (e.g. "task:helpfulness"): pairs of SmolLM2 base samples of the
+      task's prompts labelled by the task's gold judge, train and eval on disjoint prompts, with
+      `data.label_noise` of the training labels flipped (the proxy-vs-gold set-up).
+    """
     if not data.get("synthetic"):
         return data
-    from infalign_jax.data.synthetic import make_judged_pairs, write_jsonl
-    from infalign_jax.judges import get_judge
-    judge = get_judge(data["synthetic"])
+    from infalign_jax.data import synthetic
     data = dict(data)
+    name = data["synthetic"]
     for split, n, offset in (("train", data["synthetic_train_pairs"], 0),
                              ("eval", data["synthetic_eval_pairs"], 1)):
-        path = os.path.join(workdir, "data", f"{data['synthetic']}_{split}.jsonl")
+        path = os.path.join(workdir, "data", f"{name.replace(':', '_')}_{split}.jsonl")
         if not os.path.exists(path):
-            write_jsonl(path, make_judged_pairs(judge, n, seed=seed * 1000 + offset))
+            if name.startswith("task:"):
+                per_prompt = data["pairs_per_prompt"]
+                prompts = -(-n // per_prompt)
+                first = 0 if split == "train" else data["eval_first_prompt"]
+                if split == "train" and prompts > data["eval_first_prompt"]:
+                    raise ValueError(
+                        f"config.data: {n} training pairs at {per_prompt} per prompt need "
+                        f"{prompts} prompts, which overlap the eval prompts from "
+                        f"eval_first_prompt={data['eval_first_prompt']}")
+                rows = synthetic.sample_judged_pairs(
+                    name[5:], num_prompts=prompts, samples_per_prompt=data["samples_per_prompt"],
+                    pairs_per_prompt=per_prompt, max_new_tokens=data["sample_new_tokens"],
+                    seed=seed * 1000 + offset, first_prompt=first, progress=log,
+                    label_noise=data["label_noise"] if split == "train" else 0.0)[:n]
+            else:
+                from infalign_jax.judges import get_judge
+                rows = synthetic.make_judged_pairs(get_judge(name), n, seed=seed * 1000 + offset)
+            synthetic.write_jsonl(path, rows)
         data[f"{split}_path"] = path
     return data
 
@@ -129,7 +152,7 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     rcfg = dataclass_from(rt.RMConfig, section(config, "rm"), "rm")
     model_cfg, tok = build_model(section(config, "model"))
     checkpointing.check_writable(workdir)
-    data = ensure_synthetic_data(section(config, "data"), workdir, seed)
+    data = ensure_synthetic_data(section(config, "data"), workdir, seed, log)
     train_arrays, train_info = load_pairs(data, "train", tok, log)
     eval_arrays, eval_info = load_pairs(data, "eval", tok, log)
     n = train_info["pairs"]

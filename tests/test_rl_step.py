@@ -297,6 +297,7 @@ def test_grad_accumulation_equals_full_batch():
         adv = jax.random.normal(jax.random.key(100 + r), (16,))
         rounds.append((s.tokens_BxNxL[:, 0], s.mask_BxNxL[:, 0], adv))
 
+    @jax.jit
     def grad(params, rows, tokens, mask, adv):
         def loss(p):
             lp = sequence_logprobs(fns, p, prompts[rows], pmask[rows], tokens[rows], mask[rows])
@@ -306,13 +307,14 @@ def test_grad_accumulation_equals_full_batch():
     def run(accum):
         cfg = rl.RLConfig(learning_rate=1e-3, max_grad_norm=0.5, grad_accum_steps=accum)
         opt = rl.make_optimizer(cfg)
+        update = jax.jit(opt.update)
         params, opt_state = task.ref_params, opt.init(task.ref_params)
         chunks = np.split(np.arange(16), accum)
         for tokens, mask, adv in rounds:
             for j, rows in enumerate(chunks):
                 before = params
-                g = grad(params, rows, tokens, mask, adv)
-                updates, opt_state = opt.update(g, opt_state, params)
+                g = grad(params, jnp.asarray(rows), tokens, mask, adv)
+                updates, opt_state = update(g, opt_state, params)
                 params = optax.apply_updates(params, updates)
                 if j < accum - 1:   # no parameter change before the k-th micro-step
                     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)):

@@ -134,3 +134,24 @@ def test_synthetic_vader_pairs_are_labelled_by_the_judge():
     assert np.all(c > r)
     tok = ByteTokenizer()
     assert tok.decode(tok.encode(pairs[0]["chosen"])) == pairs[0]["chosen"]
+
+
+def test_pairs_from_samples_orders_by_gold_and_flips_at_the_noise_rate():
+    from infalign_jax.data.synthetic import pairs_from_samples
+    rs = np.random.RandomState(0)
+    prompts = [f"p{i}" for i in range(200)]
+    responses = [[f"r{i}-{j}" for j in range(6)] for i in range(200)]
+    scores = [rs.rand(6) for _ in range(200)]
+    clean = pairs_from_samples(prompts, responses, scores, pairs_per_prompt=5, seed=1)
+    assert len(clean) == 1000 and not any(r["label_flipped"] for r in clean)
+    assert all(r["gold_chosen"] > r["gold_rejected"] for r in clean)
+    noisy = pairs_from_samples(prompts, responses, scores, pairs_per_prompt=5, seed=1,
+                               label_noise=0.2)
+    flipped = np.array([r["label_flipped"] for r in noisy])
+    assert abs(flipped.mean() - 0.2) < 4 * np.sqrt(0.2 * 0.8 / len(noisy))
+    assert all((r["gold_chosen"] < r["gold_rejected"]) == r["label_flipped"] for r in noisy)
+    # Ties and identical texts never form a pair.
+    tie = pairs_from_samples(["p"], [["a", "b", "a "]], [[0.5, 0.5, 0.9]], pairs_per_prompt=9)
+    assert [(r["chosen"], r["rejected"]) for r in tie] == [("a ", "b")]
+    with pytest.raises(ValueError, match="label_noise"):
+        pairs_from_samples(prompts, responses, scores, 1, label_noise=0.5)

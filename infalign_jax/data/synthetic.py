@@ -59,3 +59,71 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> str:
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def pairs_from_samples(prompts: Sequence[str], responses: Sequence[Sequence[str]],
+                       scores: Sequence[Sequence[float]], pairs_per_prompt: int, seed: int = 0,
+                       label_noise: float = 0.0, min_gap: float = 1e-3) -> list[dict[str, str]]:
+    """Preference pairs from scored samples of each prompt (the proxy-vs-gold set-up).
+
+    For each prompt, up to `pairs_per_prompt` distinct pairs (i, j) of its samples with
+    |score_i - score_j| > min_gap and different texts; the higher-scored sample is `chosen`, except
+    that with probability `label_noise` the label is flipped (noisy annotators). Deterministic in
+    `seed`. Each row also records the gold scores and whether its label was flipped.
+    """
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise must lie in [0, 0.5), got {label_noise}")
+    if len(prompts) != len(responses) or len(prompts) != len(scores):
+        raise ValueError(f"prompts ({len(prompts)}), responses ({len(responses)}) and scores "
+                         f"({len(scores)}) must have one entry per prompt")
+    rs = np.random.RandomState(seed)
+    rows: list[dict] = []
+    for prompt, texts, s in zip(prompts, responses, scores):
+        s = np.asarray(s, np.float64)
+        if len(texts) != len(s):
+            raise ValueError(f"prompt {prompt[:40]!r}: {len(texts)} responses but {len(s)} scores")
+        candidates = [(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
+                      if abs(s[i] - s[j]) > min_gap and texts[i].strip() != texts[j].strip()
+                      and texts[i].strip() and texts[j].strip()]
+        for k in rs.permutation(len(candidates))[:pairs_per_prompt]:
+            i, j = candidates[k]
+            hi, lo = (i, j) if s[i] > s[j] else (j, i)
+            flipped = bool(rs.rand() < label_noise)
+            chosen, rejected = (lo, hi) if flipped else (hi, lo)
+            rows.append({"prompt": prompt, "chosen": texts[chosen], "rejected": texts[rejected],
+                         "gold_chosen": float(s[chosen]), "gold_rejected": float(s[rejected]),
+                         "label_flipped": flipped})
+    return rows
+
+
+def sample_judged_pairs(task_name: str, *, num_prompts: int, samples_per_prompt: int,
+                        pairs_per_prompt: int, max_new_tokens: int, seed: int = 0,
+                        label_noise: float = 0.0, first_prompt: int = 0,
+                        progress: Callable[[str], None] = print) -> list[dict]:
+    """Pairs of the real task's *base-policy samples* (SmolLM2), labelled by its gold judge.
+
+    Prompts `first_prompt .. first_prompt + num_prompts` of the task's prompt file (so train and
+    eval sets can use disjoint prompts); one jitted sampling call per prompt batch.
+    """
+    import jax
+    from infalign_jax import models, real_tasks, sampling
+    task = real_tasks.get_real_task(task_name)
+    loaded = real_tasks.load_real_task(task_name, first_prompt + num_prompts)
+    _, texts = real_tasks.task_prompts(task_name, first_prompt + num_prompts)
+    rows = slice(first_prompt, first_prompt + num_prompts)
+    prompt_BxP, mask_BxP = loaded.prompt_BxP[rows], loaded.prompt_mask_BxP[rows]
+    texts = texts[rows]
+    scfg = real_tasks.sampling_config(task, loaded.tokenizer, samples_per_prompt,
+                                      max_new_tokens=max_new_tokens)
+    fns = models.decoder_fns(loaded.model_cfg)
+    out = jax.jit(lambda p, x, m, r: sampling.sample(fns, p, x, m, r, scfg))(
+        loaded.params, prompt_BxP, mask_BxP, jax.random.key(seed))
+    detok = real_tasks.detokenizer(loaded.tokenizer)
+    toks, masks = np.asarray(out.tokens_BxNxL), np.asarray(out.mask_BxNxL)
+    responses = [[detok(toks[b, n][masks[b, n]]) for n in range(toks.shape[1])]
+                 for b in range(toks.shape[0])]
+    scores = [loaded.judge([texts[b]] * len(responses[b]), responses[b])
+              for b in range(len(responses))]
+    progress(f"sampled {len(texts)} prompts x {samples_per_prompt} responses of "
+             f"{task_name!r} and scored them with {loaded.judge.name!r}")
+    return pairs_from_samples(texts, responses, scores, pairs_per_prompt, seed, label_noise)
