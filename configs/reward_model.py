@@ -14,6 +14,8 @@ work dir, so the run is offline; the model is a fresh byte-level 2-layer decoder
 Expected result (measured, seed 0): held-out pairwise accuracy of the proxy against the VADER
 labels 0.81 after 300 steps with ECE 0.019 (summary.json: eval.eval_accuracy, eval.eval_ece); the
 proxy is imperfect on purpose, as a learned reward model is next to its gold judge.
+`:data=helpfulness` / `:data=harmlessness` (measured, seed 0, ~3.5 min each): held-out accuracy
+0.585 / 0.580 against the gold judge on prompts not seen in training (ECE 0.23 / 0.22).
 """
 
 from infalign_jax.config_utils import parse_arg
