@@ -313,8 +313,11 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
                             f"config.train.nan_policy='skip' to skip such steps.")
                     skips += 1
                     log(f"step {done}: non-finite {bad or 'parameters'}; step skipped ({skips} so far)")
-                tokens = metrics["response_length"] * tcfg.batch_size * cfg.samples_per_prompt
-                metrics.update(step_time_s=dt, tokens_per_s=tokens / dt, skipped_total=skips)
+                metrics.update(step_time_s=dt, skipped_total=skips)
+                if "response_length" in metrics:  # BoNBoN without monitor samples has none
+                    per_prompt = cfg.samples_per_prompt if bonbon is None else bonbon.n
+                    metrics["tokens_per_s"] = (metrics["response_length"] * tcfg.batch_size
+                                               * per_prompt / dt)
                 writer.write(done, metrics)
                 if done % tcfg.log_every == 0 or done == tcfg.num_steps or done == start + 1:
                     progress.update(done, {k: metrics[k] for k in (
