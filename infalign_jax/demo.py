@@ -25,21 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax import analytic, analytic_solver, calibration, models, provenance, sampling
+from infalign_jax.data.tokenize import pad_rows
 from infalign_jax.inference import best_of_n, worst_of_n
 from infalign_jax.models import gguf_import
 from infalign_jax.transforms import get_transform
 
 THINGS = ("pizza place", "science museum", "mountain hike", "jazz concert", "bookshop", "train ride")
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r):] = r
-        mask[i, width - len(r):] = True
-    return tokens, mask
 
 
 def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
@@ -66,7 +57,7 @@ def run_demo(out_dir: str, *, num_prompts: int = 4, k_ref: int = 24, n: int = 4,
         ids = tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                             add_generation_prompt=True)
         rows.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    prompt_BxP, mask_BxP = _left_pad(rows, pad_id)
+    prompt_BxP, mask_BxP = pad_rows(rows, max(len(r) for r in rows), pad_id, left=True)
 
     log(f"[2/6] sampling {k_ref} reference + {n} fresh responses for {num_prompts} prompts "
         f"(one prefill per prompt, {max_new_tokens} new tokens) ...")

@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from infalign_jax import judges
+from infalign_jax.data.tokenize import pad_rows
 from infalign_jax.models import gguf_import
 from infalign_jax.sampling import SamplingConfig
 
@@ -161,13 +162,7 @@ def encode_prompts(tokenizer: Any, prompts: list[str], use_chat_template: bool =
             ids = tokenizer(p)
         rows.append([int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
     _, pad_id = special_ids(tokenizer)
-    width = max(len(r) for r in rows)
-    prompt_BxP = np.full((len(rows), width), pad_id, np.int32)
-    mask_BxP = np.zeros((len(rows), width), bool)
-    for i, r in enumerate(rows):
-        prompt_BxP[i, width - len(r):] = r
-        mask_BxP[i, width - len(r):] = True
-    return prompt_BxP, mask_BxP
+    return pad_rows(rows, max(len(r) for r in rows), pad_id, left=True)
 
 
 def detokenizer(tokenizer: Any) -> Callable[[np.ndarray], str]:

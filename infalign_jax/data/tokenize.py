@@ -154,8 +154,9 @@ def _pack_response(ids: list[int], name: str, cfg: TokenizeConfig, source: str, 
     return ids
 
 
-def _pad(rows: Sequence[list[int]], width: int, pad_id: int, left: bool
-         ) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(rows: Sequence[list[int]], width: int, pad_id: int, left: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 tokens, bool mask) of `rows` padded to `width`, on the left or on the right."""
     tokens = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, ids in enumerate(rows):
@@ -184,7 +185,7 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: Tok
     report.kept = len(kept)
     if not kept:
         raise _no_records(examples, report)
-    prompt, prompt_mask = _pad([ids for _, ids in kept], cfg.max_prompt_len, cfg.pad_id, True)
+    prompt, prompt_mask = pad_rows([ids for _, ids in kept], cfg.max_prompt_len, cfg.pad_id, True)
     return PackedPrompts(prompt, prompt_mask, np.array([ex.line for ex, _ in kept], np.int32),
                          tuple(ex.prompt_id for ex, _ in kept),
                          tuple(ex.source for ex, _ in kept)), report
@@ -213,9 +214,9 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer: Any,
     report.kept = len(kept)
     if not kept:
         raise _no_records(examples, report)
-    prompt, prompt_mask = _pad([k[1] for k in kept], cfg.max_prompt_len, cfg.pad_id, True)
-    chosen, chosen_mask = _pad([k[2] for k in kept], cfg.max_response_len, cfg.pad_id, False)
-    rejected, rejected_mask = _pad([k[3] for k in kept], cfg.max_response_len, cfg.pad_id, False)
+    prompt, prompt_mask = pad_rows([k[1] for k in kept], cfg.max_prompt_len, cfg.pad_id, True)
+    chosen, chosen_mask = pad_rows([k[2] for k in kept], cfg.max_response_len, cfg.pad_id, False)
+    rejected, rejected_mask = pad_rows([k[3] for k in kept], cfg.max_response_len, cfg.pad_id, False)
     return PackedPairs(prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask,
                        np.array([k[0].line for k in kept], np.int32),
                        tuple(k[0].source for k in kept)), report
