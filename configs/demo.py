@@ -21,6 +21,6 @@ def get_config(arg=None):
     # Step 6: CTRL trained with three transforms on the exact task (configs/ctrl_exact.py).
     config.ctrl_config = "configs/ctrl_exact.py"
     config.train_methods = "identity,vbon,exp_bon"
-    config.train_size = "tiny"
+    config.train_size = "demo"
     config.lock()
     return config

@@ -1,9 +1,14 @@
 """An enumerable alignment task on which every CTRL quantity is exact (the trainer's validation).
 
-The task: P prompts of fixed length over a vocabulary of V content tokens; responses are every
-sequence in {0..V-1}^L (fixed length, no EOS, so |Y| = V^L); the base policy pi_ref is a small
-randomly initialised `infalign_jax.models` decoder sampled at temperature 1; the reward is a seeded
-random table r[x, y] with distinct values per prompt (so the calibrated reward has no ties).
+The task: P prompts of fixed length; responses are every sequence the sampler can produce with a
+budget of L new tokens, so the response set Y is small enough to enumerate:
+  * without EOS (default), every sequence in {0..V-1}^L (|Y| = V^L);
+  * with EOS (`eos=True`; token V-1 is EOS), every c_1..c_{k-1} EOS for k = 1..L plus the L-token
+    responses that never emit EOS (|Y| = sum_{k<=L} (V-1)^{k-1} + (V-1)^L; 40 for V=4, L=3), so
+    response lengths vary from 1 to L, as with a real tokenizer's end-of-sequence token.
+The base policy pi_ref is a small randomly initialised `infalign_jax.models` decoder sampled at
+temperature 1; the reward is a seeded random table r[x, y] with distinct values per prompt (so the
+calibrated reward has no ties).
 
 Because Y is small, pi_ref(y|x) is exact (teacher-forced log-probs over the whole enumeration),
 and so are, for any policy given by its probability table:
@@ -12,7 +17,9 @@ and so are, for any policy given by its probability table:
   * the BoN_N / WoN_N win rates: the same with Y ~ T(pi), Z ~ T(pi_ref) (InfAlign's reading,
     spec section 1.2), where in reward order F the selected output has
     P[BoN_N = y] = F(<= y)^N - F(< y)^N and P[WoN_N = y] = (1 - F(< y))^N - (1 - F(<= y))^N.
-    Ties happen only when both sides pick the same response (rewards are distinct), counted 1/2.
+    Ties happen only when both sides pick the same response (rewards are distinct), counted 1/2;
+  * the convergence of a trained policy: KL(pi || pi*) (`exact_kl`), which is
+    (J(pi*) - J(pi)) / beta for the trainer's objective J = E_pi[Phi] - beta KL(pi || pi_ref).
 
 The exact CTRL target (spec section 0): pi*(y|x) ∝ pi_ref(y|x) exp(Phi(C(x,y)) / beta). Which C:
 the trainer calibrates against a *finite* reference table of K samples of pi_ref (InfAlign Eq. 12),
@@ -27,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any
 
 import jax
@@ -48,8 +56,11 @@ class ExactTask:
     model_cfg: models.ModelConfig
     ref_params: Any
     prompts_PxS: np.ndarray        # int32 prompt tokens (all real, no padding)
-    responses_YxL: np.ndarray      # int32, every response, row index = response code
+    responses_YxL: np.ndarray      # int32, every response (pad_id after EOS), row = response index
     rewards_PxY: np.ndarray        # float32, distinct within each prompt
+    response_mask_YxL: np.ndarray | None = None  # bool, True up to and including EOS
+    eos_id: int | None = None
+    pad_id: int = 0
 
     @property
     def vocab(self) -> int:
@@ -59,41 +70,109 @@ class ExactTask:
     def length(self) -> int:
         return self.responses_YxL.shape[1]
 
+    @property
+    def mask_YxL(self) -> np.ndarray:
+        if self.response_mask_YxL is None:
+            return np.ones(self.responses_YxL.shape, bool)
+        return self.response_mask_YxL
+
+    @functools.cached_property
+    def key_to_index(self) -> np.ndarray:
+        """`response_keys` value -> row of the enumeration (-1: not a response of this task)."""
+        keys = np.asarray(response_keys(jnp.asarray(self.responses_YxL),
+                                        jnp.asarray(self.mask_YxL), self.vocab))
+        lookup = np.full((self.vocab + 1) ** self.length, -1, np.int32)
+        lookup[keys] = np.arange(len(keys), dtype=np.int32)
+        return lookup
+
 
 def enumerate_responses(vocab: int, length: int) -> np.ndarray:
     """All vocab**length responses; row i is i written in base `vocab`, most significant first."""
     return np.array(list(itertools.product(range(vocab), repeat=length)), np.int32)
 
 
+def enumerate_eos_responses(vocab: int, length: int, eos_id: int, pad_id: int = 0
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens_YxL, mask_YxL) of every response with a budget of `length` tokens: content tokens
+    (every id but `eos_id`) ending with EOS at position k = 1..length, then those with no EOS."""
+    content = [v for v in range(vocab) if v != eos_id]
+    rows, masks = [], []
+    for k in range(1, length + 1):
+        for head in itertools.product(content, repeat=k - 1):
+            rows.append(list(head) + [eos_id] + [pad_id] * (length - k))
+            masks.append([True] * k + [False] * (length - k))
+    for full in itertools.product(content, repeat=length):
+        rows.append(list(full))
+        masks.append([True] * length)
+    return np.array(rows, np.int32), np.array(masks, bool)
+
+
 def response_codes(tokens_BxL: Array, vocab: int) -> Array:
-    """Row index into `enumerate_responses` of each response (the inverse of the enumeration)."""
+    """Row index into `enumerate_responses` of each fixed-length response (its inverse)."""
     length = tokens_BxL.shape[-1]
     weights_L = vocab ** jnp.arange(length - 1, -1, -1)
     return jnp.sum(tokens_BxL.astype(jnp.int32) * weights_L, axis=-1)
 
 
+def response_keys(tokens_BxL: Array, mask_BxL: Array, vocab: int) -> Array:
+    """An integer per response that ignores what follows EOS: the valid tokens as base-(V+1)
+    digits token + 1, masked positions as digit 0."""
+    length = tokens_BxL.shape[-1]
+    digits_BxL = jnp.where(jnp.asarray(mask_BxL, bool), tokens_BxL.astype(jnp.int32) + 1, 0)
+    return jnp.sum(digits_BxL * (vocab + 1) ** jnp.arange(length - 1, -1, -1), axis=-1)
+
+
 def make_task(seed: int = 0, *, vocab: int = 4, length: int = 3, num_prompts: int = 2,
               prompt_len: int = 2, d_model: int = 32, n_layers: int = 2,
-              init_std: float = 0.5) -> ExactTask:
-    """A seeded task. `init_std` well above the usual 0.02 makes pi_ref far from uniform."""
+              init_std: float = 0.2, eos: bool = False) -> ExactTask:
+    """A seeded task. `init_std` above the usual 0.02 makes pi_ref clearly non-uniform (0.2: its
+    largest response probability is 6x uniform for seed 0); much larger values (0.5) saturate the
+    random network, pi_ref becomes nearly deterministic for some seeds (max probability 0.994)
+    and the saturated softmaxes stall even exact-gradient training (docs/results.md)."""
     cfg = models.ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=2,
                              n_kv_heads=2, head_dim=16, d_ff=2 * d_model, max_len=32,
                              init_std=init_std)
     params = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(seed))
     rs = np.random.RandomState(seed)
-    prompts = rs.randint(0, vocab, size=(num_prompts, prompt_len)).astype(np.int32)
-    n_resp = vocab ** length
+    content = vocab - 1 if eos else vocab
+    if num_prompts > content ** prompt_len:
+        raise ValueError(f"num_prompts={num_prompts} exceeds the {content ** prompt_len} distinct "
+                         f"prompts of length {prompt_len} over {content} content tokens")
+    # Distinct prompts: two equal prompts with different reward tables have no common optimum.
+    codes = rs.choice(content ** prompt_len, size=num_prompts, replace=False)
+    prompts = np.array([[(c // content ** i) % content for i in range(prompt_len)]
+                        for c in codes], np.int32)
+    if eos:
+        eos_id = vocab - 1
+        responses, mask = enumerate_eos_responses(vocab, length, eos_id)
+    else:
+        eos_id, responses, mask = None, enumerate_responses(vocab, length), None
+    n_resp = responses.shape[0]
     # A random permutation per prompt: distinct rewards by construction.
     rewards = np.stack([rs.permutation(n_resp) for _ in range(num_prompts)]).astype(np.float32)
     rewards = rewards / n_resp + 0.1 * rs.randn(num_prompts, 1).astype(np.float32)
-    return ExactTask(cfg, params, prompts, enumerate_responses(vocab, length), rewards)
+    return ExactTask(cfg, params, prompts, responses, rewards, mask, eos_id)
 
 
 def table_reward_fn(rewards_PxY: Array, prompt_idx_B: Array, tokens_BxL: Array,
-                    mask_BxL: Array, *, vocab: int) -> Array:
-    """The task's reward as a reward function (what `rl.RLConfig`'s trainer calls): a lookup."""
-    del mask_BxL  # responses have fixed length
-    return rewards_PxY[prompt_idx_B, response_codes(tokens_BxL, vocab)]
+                    mask_BxL: Array, *, vocab: int, key_to_index: Array | None = None) -> Array:
+    """The task's reward as a reward function (what `rl.RLConfig`'s trainer calls): a lookup.
+
+    Without `key_to_index` responses have fixed length (`response_codes`); with it (EOS tasks,
+    `ExactTask.key_to_index`) the row is looked up from `response_keys`.
+    """
+    if key_to_index is None:
+        return rewards_PxY[prompt_idx_B, response_codes(tokens_BxL, vocab)]
+    rows_B = jnp.asarray(key_to_index)[response_keys(tokens_BxL, mask_BxL, vocab)]
+    return rewards_PxY[prompt_idx_B, rows_B]
+
+
+def reward_fn(task: ExactTask):
+    """`table_reward_fn` bound to this task (reward params: `task.rewards_PxY`)."""
+    if task.eos_id is None:
+        return functools.partial(table_reward_fn, vocab=task.vocab)
+    return functools.partial(table_reward_fn, vocab=task.vocab,
+                             key_to_index=jnp.asarray(task.key_to_index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,8 +186,9 @@ def policy_logprobs(task: ExactTask, params: Any) -> np.ndarray:
     n_p, n_y = task.rewards_PxY.shape
     prompt = jnp.asarray(np.repeat(task.prompts_PxS, n_y, axis=0))
     resp = jnp.asarray(np.tile(task.responses_YxL, (n_p, 1)))
+    mask = jnp.asarray(np.tile(task.mask_YxL, (n_p, 1)))
     logp_BxL = _jitted_logprobs(task.model_cfg)(params, prompt, jnp.ones(prompt.shape, bool), resp,
-                                                jnp.ones(resp.shape, bool))
+                                                mask)
     return np.asarray(jnp.sum(logp_BxL, axis=-1), np.float64).reshape(n_p, n_y)
 
 
@@ -129,14 +209,61 @@ def calibrated_table(task: ExactTask, ref_sorted_PxK: np.ndarray, smoothed: bool
                                 smoothed=smoothed), np.float64)
 
 
+def target_logprobs(ref_logp_PxY: np.ndarray, calibrated_PxY: np.ndarray, transform: Transform,
+                    beta: float, raw_PxY: np.ndarray | None = None) -> np.ndarray:
+    """log pi*, pi* ∝ pi_ref exp(Phi(C) / beta) (spec section 0, KL-RLHF solution): PxY, float64,
+    exact even where pi* underflows to 0."""
+    phi = np.asarray(transform(jnp.asarray(calibrated_PxY), raw=raw_PxY), np.float64)
+    logits = np.asarray(ref_logp_PxY, np.float64) + phi / beta
+    top = logits.max(axis=1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+
+
 def target_policy(ref_logp_PxY: np.ndarray, calibrated_PxY: np.ndarray, transform: Transform,
                   beta: float, raw_PxY: np.ndarray | None = None) -> np.ndarray:
-    """pi* ∝ pi_ref exp(Phi(C) / beta) (spec section 0, KL-RLHF solution): probabilities PxY."""
+    """pi* ∝ pi_ref exp(Phi(C) / beta): probabilities PxY."""
+    return np.exp(target_logprobs(ref_logp_PxY, calibrated_PxY, transform, beta, raw_PxY))
+
+
+def kl_from_logprobs(logp_PxY: np.ndarray, logq_PxY: np.ndarray) -> float:
+    """mean over prompts of KL(p || q) from log-probabilities (finite where q underflows)."""
+    logp, logq = np.asarray(logp_PxY, np.float64), np.asarray(logq_PxY, np.float64)
+    p = np.exp(logp)
+    return float(np.where(p > 0, p * (logp - logq), 0.0).sum(axis=1).mean())
+
+
+# A run has converged when KL(pi || pi*) <= this (nats, mean over prompts). Chosen from
+# measurement (docs/results.md, "Convergence"): runs whose KL(pi || pi_ref) is within 2% of the
+# target's and whose exact win rates are within 0.005 of it sit below 0.01, while the stalled
+# runs of the same measurement (a prefix pushed to probability ~0) sit at 0.05-0.4.
+CONVERGED_KL = 0.01
+
+
+def beta_for_kl(ref_logp_PxY: np.ndarray, cal_PxY: np.ndarray, raw_PxY: np.ndarray,
+                transform: Transform, kl: float, lo: float = 1e-5, hi: float = 1e5) -> float:
+    """beta whose exact target has KL(pi* || pi_ref) = kl (bisection in log beta; KL falls with beta)."""
+    ref = np.exp(ref_logp_PxY)
+
+    def kl_at(beta: float) -> float:
+        return exact_kl(target_policy(ref_logp_PxY, cal_PxY, transform, beta, raw_PxY), ref)
+
+    if not kl_at(hi) < kl < kl_at(lo):
+        raise ValueError(f"KL budget {kl} outside the reachable range ({kl_at(hi):.3g}, "
+                         f"{kl_at(lo):.3g}) of transform {transform.name}")
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(60):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if kl_at(math.exp(mid)) > kl else (a, mid)
+    return math.exp(0.5 * (a + b))
+
+
+def target_sharpness(calibrated_PxY: np.ndarray, transform: Transform, beta: float,
+                     raw_PxY: np.ndarray | None = None) -> float:
+    """range(Phi) / beta: the largest spread over a prompt's responses of Phi(C) / beta, i.e. of
+    log pi*/pi_ref. Large values (tens) mean a sharp target that is slow to reach (see
+    `rl_config.scheduled_beta`)."""
     phi = np.asarray(transform(jnp.asarray(calibrated_PxY), raw=raw_PxY), np.float64)
-    logits = ref_logp_PxY + phi / beta
-    logits = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    return probs / probs.sum(axis=1, keepdims=True)
+    return float(np.max(phi.max(axis=1) - phi.min(axis=1)) / beta)
 
 
 def exact_kl(probs_PxY: np.ndarray, ref_probs_PxY: np.ndarray) -> float:

@@ -11,7 +11,8 @@ values); models and trainers live elsewhere and call these inside their own `jax
 | ppo_policy_loss       | E max(-A rho, -A clip(rho, 1-eps, 1+eps)) | Schulman 2017, eq. 7    |
 | value_loss            | E 1/2 max((V-R)^2, (V_clip-R)^2)          | baselines ppo2 practice |
 | reinforce_loss        | -A sum_t log pi                           | Williams 1992; RLOO     |
-| kl_penalty_loss       | beta E k3 (KL in the loss)                | Schulman 2020; GRPO     |
+| kl_score_function_loss| sum_t rho_t (sum_{t'>=t} d_t' - b)        | Williams 1992; see doc  |
+| kl_penalty_loss       | beta E k3 (a per-token penalty; see doc)  | Schulman 2020; GRPO     |
 
 Preference losses (Bradley-Terry, DPO, IPO, BoNBoN) live in `preference_losses.py`; advantages
 (KL-shaped rewards, GAE, RLOO) in `advantages.py`.
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-REDUCTIONS = ("token", "sequence")
+REDUCTIONS = ("token", "sequence", "sequence_sum")
 
 
 # --------------------------------------------------------------------------- checks and masks
@@ -96,9 +97,14 @@ def masked_mean(x_BxT: Array, mask_BxT: Array, axis: int | None = None) -> Array
 def reduce_tokens(loss_BxT: Array, mask_BxT: Array, reduction: str = "token") -> Array:
     """Scalar from per-token values.
 
-    "token":    sum_{b,t} m l / sum_{b,t} m   (every valid token weighs the same);
-    "sequence": mean over sequences with >= 1 valid token of the per-sequence token mean
-                (every sequence weighs the same, whatever its length).
+    "token":        sum_{b,t} m l / sum_{b,t} m   (every valid token weighs the same);
+    "sequence":     mean over sequences with >= 1 valid token of the per-sequence token mean
+                    (every sequence weighs the same, whatever its length);
+    "sequence_sum": sum_{b,t} m l / B, the per-sequence token *sum* averaged over sequences.
+    Only "sequence_sum" gives a policy-gradient surrogate sum_t A_t log pi(y_t) the gradient of
+    the sequence objective when responses have different lengths: "sequence" weighs each
+    sequence by 1/len (its stationary point is not pi*), and "token" divides by the batch's
+    token count, which depends on the sampled lengths (Liu et al. 2025, arXiv 2503.20783, "Dr. GRPO").
     """
     if reduction == "token":
         return masked_mean(loss_BxT, mask_BxT)
@@ -106,6 +112,8 @@ def reduce_tokens(loss_BxT: Array, mask_BxT: Array, reduction: str = "token") ->
         per_seq_B = masked_mean(loss_BxT, mask_BxT, axis=-1)
         has_B = jnp.any(jnp.asarray(mask_BxT).astype(bool), axis=-1)
         return masked_mean(per_seq_B, has_B)
+    if reduction == "sequence_sum":
+        return jnp.sum(masked_sum(loss_BxT, mask_BxT, axis=-1)) / loss_BxT.shape[0]
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
@@ -282,14 +290,55 @@ def reinforce_loss(logp_BxT: Array, mask_BxT: Array, advantages_B: Array) -> Arr
     return jnp.mean(-jax.lax.stop_gradient(advantages_B) * seq_logp_B)
 
 
+def kl_score_function_loss(logp_BxT: Array, old_logp_BxT: Array, ref_logp_BxT: Array,
+                           mask_BxT: Array, baseline_B: Array | None = None) -> Array:
+    """Surrogate whose gradient estimates grad_theta KL(pi_theta || pi_ref) over whole sequences.
+
+    With d_t = log pi(y_t | y_<t) - log pi_ref(y_t | y_<t) and y ~ pi,
+        KL = E[sum_t d_t],   grad KL = E[sum_t grad log pi(y_t | y_<t) * (G_t - b)],
+    G_t = sum_{t' >= t} d_t' the KL-to-go: the score-function (REINFORCE) term of the sequence
+    KL with causality (d_t' for t' < t does not depend on y_t) and a baseline b independent of
+    the sample (e.g. the mean sequence KL of the other samples of its prompt). The pathwise term
+    E[sum_t grad d_t] = E[sum_t grad log pi(y_t | .)] is 0 and left out. The surrogate is
+    mean_b sum_t rho_t sg(G_t - b_b) with rho_t = exp(logp_t - sg(old_logp_t)), which equals 1
+    and has gradient grad log pi_t at the sampling parameters (old = current): the gradient is
+    then the estimator above (for PPO's later epochs, the importance-weighted one per token).
+
+    This is the KL-in-the-loss whose fixed point is the KL-regularised optimum
+    pi* ∝ pi_ref exp(R / beta). A per-token penalty (k1/k2/k3 of `kl_penalty_loss`) is not: its
+    gradient ignores how y_t changes the distribution of the tokens after t, i.e. it regularises
+    each next-token distribution on the current prefixes, and with k3 its expected gradient is
+    that of KL(pi_ref || pi) (Tang and Munos 2025, arXiv 2506.09477). Masked tokens count 0.
+    Old and reference log-probs are constants.
+    """
+    logp_BxT = check_rank(logp_BxT, 2, "logp_BxT")
+    old_logp_BxT = check_rank(old_logp_BxT, 2, "old_logp_BxT")
+    check_same_shape([logp_BxT, old_logp_BxT], "logp_BxT vs old_logp_BxT")
+    d_BxT, mask_BxT = _log_ratio(jax.lax.stop_gradient(old_logp_BxT),
+                                 jax.lax.stop_gradient(ref_logp_BxT), mask_BxT)
+    # KL-to-go: reverse cumulative sum over valid tokens (masked d are already 0).
+    to_go_BxT = jnp.flip(jnp.cumsum(jnp.flip(d_BxT, -1), -1), -1)
+    if baseline_B is not None:
+        baseline_B = check_rank(baseline_B, 1, "baseline_B")
+        if baseline_B.shape[0] != logp_BxT.shape[0]:
+            raise ValueError(f"baseline_B has {baseline_B.shape[0]} rows, logp_BxT has "
+                             f"{logp_BxT.shape[0]}")
+        to_go_BxT = to_go_BxT - baseline_B[:, None]
+    log_ratio_BxT = jnp.where(mask_BxT, logp_BxT - jax.lax.stop_gradient(old_logp_BxT), 0.0)
+    rho_BxT = jnp.exp(log_ratio_BxT)
+    return reduce_tokens(rho_BxT * jax.lax.stop_gradient(to_go_BxT), mask_BxT, "sequence_sum")
+
+
 def kl_penalty_loss(logp_BxT: Array, ref_logp_BxT: Array, mask_BxT: Array,
                     beta: float | Array, estimator: str = "k3",
                     reduction: str = "token") -> Array:
-    """beta * reduce_t k(logp, ref_logp): the KL term in the loss (the alternative to KL in reward).
+    """beta * reduce_t k(logp, ref_logp): a per-token KL penalty in the loss (GRPO style).
 
-    With k3 (default) the per-token gradient is (1 - pi_ref/pi) grad log pi, which has the
-    expectation grad KL(pi || pi_ref) under y ~ pi (Schulman 2020; used this way by GRPO,
-    Shao et al. 2024). The reference log-probs are constants.
+    Not the gradient of the sequence KL(pi || pi_ref): see `kl_score_function_loss`, which is
+    what the CTRL step uses for `kl_mode="loss"`. With k3 the per-token gradient is
+    (1 - pi_ref/pi) grad log pi, whose expectation under y_t ~ pi is grad KL(pi_ref || pi) of
+    the next-token distribution (Tang and Munos 2025); k2's is grad KL(pi || pi_ref) of the
+    next-token distribution on fixed prefixes. Kept for comparisons and tests.
     """
     beta = check_scalar(beta, "beta", low=0.0)
     k_BxT = kl_per_token(estimator, logp_BxT, jax.lax.stop_gradient(ref_logp_BxT), mask_BxT)

@@ -6,8 +6,11 @@ pi* ∝ pi_ref exp(Phi(C)/beta) has the same KL budget (vBoN's beta is fixed at 
 definition, and that fixes the budget for everyone). The table then reports, by enumeration, the
 trained policy's KL and its standard / BoN_N / WoN_N win rates against pi_ref, next to its target's.
 What the paper claims, in calibrated space (spec 1.4): at matched KL, exp(t C) with t > 0 beats the
-identity and log for BoN_N, t < 0 wins for WoN_N, the identity is best for the standard win rate,
-and the solver's optimal transform bounds them all.
+identity and log for BoN_N, t < 0 wins for WoN_N, and the identity is best for the standard win
+rate. The analytic solver's optimal transform is optimal in *continuous* calibrated space; on the
+discrete task (64 responses, a finite reference table) it is one more transform, not a bound.
+Every method is trained with several seeds (`SIZES`); the table gives mean ± sd and the exact
+distance KL(pi || pi*) of each trained policy to its target, so "reaches its optimum" is measured.
 
 Methods (name -> transform, beta rule): raw-reward RLHF (`raw`), calibrated RLHF (`identity`),
 vBoN (`log`, beta = 1/(N-1)), CTRL exp t>0 (BoN) and t<0 (WoN), and CTRL with the analytic
@@ -23,13 +26,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from infalign_jax import analytic_solver, exact_task as et, provenance, sweep, train
+from infalign_jax import analytic_solver, exact_task as et, provenance, rl_tasks, sweep, train
 from infalign_jax.transforms import Transform, get_transform
 
-SIZES = {"smoke": dict(steps=2, samples=8, k=64),   # plumbing only (tests)
-         "tiny": dict(steps=300, samples=128, k=1024),
-         "small": dict(steps=600, samples=256, k=4096),
-         "full": dict(steps=2000, samples=512, k=16384)}
+SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumbing only
+         # one seed, 64 samples per prompt: the `make demo` step (about a minute a method)
+         "demo": dict(steps=1500, anneal=1000, samples=64, k=4096, seeds=(0,)),
+         "tiny": dict(steps=1500, anneal=1000, samples=256, k=4096, seeds=(0, 1, 2)),
+         "small": dict(steps=1500, anneal=1000, samples=256, k=4096, seeds=(0, 1, 2, 3, 4)),
+         "full": dict(steps=3000, anneal=2000, samples=512, k=16384, seeds=(0, 1, 2, 3, 4))}
 
 
 def methods(n: int, t: float) -> list[dict[str, Any]]:
@@ -49,24 +54,6 @@ def methods(n: int, t: float) -> list[dict[str, Any]]:
         {"key": "optimal_won", "method": f"CTRL optimal (WoN_{n})",
          "transform": {"name": "optimal", "procedure": "won"}, "beta": None},
     ]
-
-
-def beta_for_kl(ref_logp_PxY: np.ndarray, cal_PxY: np.ndarray, raw_PxY: np.ndarray,
-                transform: Transform, kl: float, lo: float = 1e-3, hi: float = 1e3) -> float:
-    """beta whose exact target has KL(pi* || pi_ref) = kl (bisection in log beta; KL falls with beta)."""
-    ref = np.exp(ref_logp_PxY)
-
-    def kl_at(beta: float) -> float:
-        return et.exact_kl(et.target_policy(ref_logp_PxY, cal_PxY, transform, beta, raw_PxY), ref)
-
-    if not kl_at(hi) < kl < kl_at(lo):
-        raise ValueError(f"KL budget {kl} outside the reachable range ({kl_at(hi):.3g}, "
-                         f"{kl_at(lo):.3g}) of transform {transform.name}")
-    a, b = math.log(lo), math.log(hi)
-    for _ in range(60):
-        mid = 0.5 * (a + b)
-        a, b = (mid, b) if kl_at(math.exp(mid)) > kl else (a, mid)
-    return math.exp(0.5 * (a + b))
 
 
 def _transform_section(spec: dict[str, Any], kl: float, n: int, workdir: str) -> dict[str, Any]:
@@ -97,53 +84,86 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
     os.makedirs(workdir, exist_ok=True)
     base = sweep.apply_overrides(base_config, {
         "train.num_steps": knobs["steps"], "rl.decay_steps": knobs["steps"],
-        "rl.samples_per_prompt": knobs["samples"], "reference.k": knobs["k"],
-        "train.eval_every": 0})
-    s = base.task
-    task = et.make_task(int(s.seed), vocab=int(s.vocab), length=int(s.length),
-                        num_prompts=int(s.num_prompts), d_model=int(s.d_model))
+        "rl.beta_anneal_steps": knobs["anneal"], "rl.samples_per_prompt": knobs["samples"],
+        "reference.k": knobs["k"], "train.eval_every": 0})
+    task = rl_tasks.exact_task_from_section(base.task)
     table = et.sample_reference_table(task, int(base.reference.k), seed=int(base.reference.seed))
     ref_logp = et.policy_logprobs(task, task.ref_params)
     vbon = get_transform("log")
     budget = et.exact_kl(et.target_policy(ref_logp, et.calibrated_table(task, table, True), vbon,
                                           1.0 / (n - 1)), np.exp(ref_logp))
-    log(f"exact stage: KL budget {budget:.4f} (vBoN's target at N={n}); {len(chosen)} methods")
+    seeds = knobs["seeds"]
+    log(f"exact stage: KL budget {budget:.4f} (vBoN's target at N={n}); {len(chosen)} methods x "
+        f"{len(seeds)} seeds")
     rows = []
     for spec in chosen:
         section = _transform_section(spec["transform"], budget, n, workdir)
         transform = get_transform(section["name"], **{k: v for k, v in section.items()
                                                       if k != "name"})
         cal = et.calibrated_table(task, table, transform.smoothed)
-        beta = spec["beta"] or beta_for_kl(ref_logp, cal, task.rewards_PxY, transform, budget)
+        beta = spec["beta"] or et.beta_for_kl(ref_logp, cal, task.rewards_PxY, transform, budget)
         overrides = {"rl.beta": float(beta), "transform.name": section["name"]}
         overrides.update({f"transform.{k}": v for k, v in section.items() if k != "name"})
-        run_dir = os.path.join(workdir, sweep.point_name({"m": spec["method"]}).replace(" ", "_"))
         log(f"  {spec['method']}: beta={beta:.4g}")
-        _, summary = train.run(sweep.apply_overrides(base, overrides), run_dir,
-                               log=lambda line: None, devices=devices)
-        ev = summary["eval"]
-        rows.append({"method": spec["method"], "beta": beta, **{k: ev[k] for k in sorted(ev)}})
-        log("    trained: KL {exact_kl:.3f} std {exact_bon1:.3f} BoN_{n} {b:.3f} WoN_{n} {w:.3f}"
-            " | target: KL {target_kl:.3f} std {target_bon1:.3f} BoN_{n} {tb:.3f} WoN_{n} {tw:.3f}"
-            .format(n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], tb=ev[f"target_bon{n}"],
-                    tw=ev[f"target_won{n}"], **ev))
+        runs = []
+        for seed in seeds:
+            run_dir = os.path.join(workdir, sweep.point_name({"m": spec["method"]}).replace(
+                " ", "_"), f"seed={seed}")
+            _, summary = train.run(sweep.apply_overrides(base, {**overrides, "seed": seed}),
+                                   run_dir, log=lambda line: None, devices=devices)
+            runs.append(summary["eval"])
+            ev = summary["eval"]
+            log("    seed {s}: KL {exact_kl:.3f} (target {target_kl:.3f}) KL(pi||pi*) "
+                "{exact_kl_to_target:.4f} std {exact_bon1:.3f} BoN_{n} {b:.3f} WoN_{n} {w:.3f}"
+                .format(s=seed, n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], **ev))
+        rows.append(seed_summary(spec["method"], beta, runs))
     write_exact_outputs(rows, workdir, n, budget)
-    provenance.write_manifest(workdir, base, seeds={"seed": int(base.seed)},
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)},
                               extra={"stage": "exact", "size": size, "n": n, "t": t,
                                      "kl_budget": budget})
     return rows
 
 
-EXACT_COLUMNS = ("method", "beta", "target_kl", "exact_kl", "target_bon1", "exact_bon1")
+def seed_summary(method: str, beta: float, runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One table row from the runs of several seeds: mean and sd (ddof 1) of every exact_*
+    quantity, the target's values, the worst seed's KL(pi || pi*) and how many converged."""
+    row: dict[str, Any] = {"method": method, "beta": beta, "seeds": len(runs)}
+    for key in sorted(runs[0]):
+        values = np.array([r[key] for r in runs], np.float64)
+        if key.startswith("target_") or key == "range_phi_over_beta":
+            row[key] = float(values[0])
+        else:
+            row[key] = float(values.mean())
+            row[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    dists = [r["exact_kl_to_target"] for r in runs]
+    row["max_kl_to_target"] = float(max(dists))
+    row["converged"] = f"{sum(d <= et.CONVERGED_KL for d in dists)}/{len(dists)}"
+    return row
+
+
+def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    return f"{row[key]:.{digits}f} ± {row.get(key + '_sd', 0.0):.{digits}f}"
 
 
 def write_exact_outputs(rows: list[dict[str, Any]], workdir: str, n: int, budget: float) -> str:
-    columns = [*EXACT_COLUMNS, f"target_bon{n}", f"exact_bon{n}", f"target_won{n}",
-               f"exact_won{n}"]
-    md = sweep.markdown_table(rows, columns)
+    """exact_table.md (mean ± sd over seeds next to each target), .json and the plot."""
+    head = ["method", "β", "range(Φ)/β", "KL target", "KL trained", "KL(π‖π*) mean / max",
+            "converged", "std target", "std trained", f"BoN_{n} target", f"BoN_{n} trained",
+            f"WoN_{n} target", f"WoN_{n} trained"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['beta']:.4g}", f"{r['range_phi_over_beta']:.1f}",
+                 f"{r['target_kl']:.3f}", _pm(r, "exact_kl"),
+                 f"{r['exact_kl_to_target']:.4f} / {r['max_kl_to_target']:.4f}", r["converged"],
+                 f"{r['target_bon1']:.3f}", _pm(r, "exact_bon1"), f"{r[f'target_bon{n}']:.3f}",
+                 _pm(r, f"exact_bon{n}"), f"{r[f'target_won{n}']:.3f}", _pm(r, f"exact_won{n}")]
+        lines.append("| " + " | ".join(cells) + " |")
     path = os.path.join(workdir, "exact_table.md")
+    seeds = rows[0]["seeds"] if rows else 0
     with open(path, "w") as f:
-        f.write(f"KL budget {budget:.4f}; win rates against pi_ref by enumeration (exact).\n\n{md}\n")
+        f.write(f"KL budget {budget:.4f}; win rates against pi_ref by enumeration (exact); trained "
+                f"columns are mean ± sd over {seeds} seeds; converged: KL(pi || pi*) <= "
+                f"{et.CONVERGED_KL}.\n\n" + "\n".join(lines) + "\n")
     with open(os.path.join(workdir, "exact_table.json"), "w") as f:
         json.dump({"kl_budget": budget, "n": n, "rows": rows}, f, indent=2)
     _plot(rows, os.path.join(workdir, "exact_methods.png"), n)
@@ -159,17 +179,100 @@ def _plot(rows: list[dict[str, Any]], path: str, n: int) -> None:
                               ("standard win rate", f"BoN_{n} win rate", f"WoN_{n} win rate")):
         for i, r in enumerate(rows):
             ax.scatter(r["target_kl"], r[f"target_{key}"], marker="x", color=f"C{i}")
-            ax.scatter(r["exact_kl"], r[f"exact_{key}"], marker="o", color=f"C{i}",
-                       label=r["method"])
+            ax.errorbar(r["exact_kl"], r[f"exact_{key}"], xerr=r.get("exact_kl_sd", 0.0),
+                        yerr=r.get(f"exact_{key}_sd", 0.0), fmt="o", color=f"C{i}",
+                        label=r["method"])
         ax.set_xlabel("KL(pi || pi_ref)")
-        ax.set_title(f"{title} (o trained, x exact target)", fontsize=9)
+        ax.set_title(f"{title} (o trained, mean ± sd over seeds; x exact target)", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-STAGES = ("analytic", "exact", "real")
+# The convergence grid: every transform of the registry at several KL budgets, 3+ seeds each.
+CONVERGENCE_TRANSFORMS = (("exp", {"t": -10.0}), ("exp", {"t": -5.0}), ("exp", {"t": -1.0}),
+                          ("exp", {"t": 1.0}), ("exp", {"t": 5.0}), ("exp", {"t": 10.0}),
+                          ("identity", {}), ("log", {}), ("raw", {}),
+                          ("optimal", {"procedure": "bon"}), ("optimal", {"procedure": "won"}))
+
+
+def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, ...],
+                          size: str = "tiny", n: int = 4,
+                          transforms: tuple[tuple[str, dict], ...] = CONVERGENCE_TRANSFORMS,
+                          log: Callable[[str], None] = print, devices: Any = None
+                          ) -> list[dict[str, Any]]:
+    """Trains each transform at each KL budget (beta solved from the exact target) for every
+    seed of the size with the config's schedule; writes convergence_table.{md,json}: how many
+    seeds reached KL(pi || pi*) <= et.CONVERGED_KL, with the target's range(Phi)/beta."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    knobs = SIZES[size]
+    os.makedirs(workdir, exist_ok=True)
+    base = sweep.apply_overrides(base_config, {
+        "train.num_steps": knobs["steps"], "rl.decay_steps": knobs["steps"],
+        "rl.beta_anneal_steps": knobs["anneal"], "rl.samples_per_prompt": knobs["samples"],
+        "reference.k": knobs["k"], "train.eval_every": 0})
+    rows = []
+    for kl in kls:
+        for name, params in transforms:
+            label = name + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {v}"
+                                   for k, v in params.items())
+            spec = {"name": name, **params}
+            section = _transform_section(spec, kl, n, workdir)
+            overrides = {"task.kl_budget": float(kl), "transform.name": name}
+            overrides.update({f"transform.{k}": v for k, v in section.items() if k != "name"})
+            runs, beta, unreachable = [], math.nan, None
+            for seed in knobs["seeds"]:
+                run_dir = os.path.join(workdir, f"kl={kl:g}", label.replace(" ", "_"),
+                                       f"seed={seed}")
+                try:
+                    _, summary = train.run(sweep.apply_overrides(base, {**overrides,
+                                                                        "seed": seed}),
+                                           run_dir, log=lambda line: None, devices=devices)
+                except ValueError as e:
+                    if "outside the reachable range" not in str(e):
+                        raise
+                    unreachable = str(e)
+                    break
+                beta = json.load(open(os.path.join(run_dir, "manifest.json")))["extra"]["beta"]
+                runs.append(summary["eval"])
+            if unreachable:
+                log(f"  KL {kl:g} {label}: unreachable ({unreachable})")
+                rows.append({"kl_budget": kl, "transform": label, "unreachable": True})
+                continue
+            row = {"kl_budget": kl, "transform": label, **seed_summary(label, beta, runs)}
+            log(f"  KL {kl:g} {label}: beta {beta:.4g}, range(Phi)/beta "
+                f"{row['range_phi_over_beta']:.1f}, converged {row['converged']}, KL(pi||pi*) "
+                f"mean {row['exact_kl_to_target']:.4f} max {row['max_kl_to_target']:.4f}")
+            rows.append(row)
+    head = ["KL budget", "transform", "β", "range(Φ)/β", "converged", "KL(π‖π*) mean / max",
+            "KL trained / target", "BoN_4 trained − target", "WoN_4 trained − target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("unreachable"):
+            lines.append(f"| {r['kl_budget']:g} | {r['transform']} | — | — | unreachable "
+                         f"(the budget exceeds the transform's largest KL) | | | | |")
+            continue
+        lines.append("| " + " | ".join([
+            f"{r['kl_budget']:g}", r["transform"], f"{r['beta']:.4g}",
+            f"{r['range_phi_over_beta']:.1f}", r["converged"],
+            f"{r['exact_kl_to_target']:.4f} / {r['max_kl_to_target']:.4f}",
+            f"{r['exact_kl'] / r['target_kl']:.3f} ± {r['exact_kl_sd'] / r['target_kl']:.3f}",
+            f"{r[f'exact_bon{n}'] - r[f'target_bon{n}']:+.4f}",
+            f"{r[f'exact_won{n}'] - r[f'target_won{n}']:+.4f}"]) + " |")
+    with open(os.path.join(workdir, "convergence_table.md"), "w") as f:
+        f.write(f"Seeds {list(knobs['seeds'])}, {knobs['steps']} steps, beta warm-up over "
+                f"{knobs['anneal']}, {knobs['samples']} samples per prompt; converged: "
+                f"KL(pi || pi*) <= {et.CONVERGED_KL}.\n\n" + "\n".join(lines) + "\n")
+    with open(os.path.join(workdir, "convergence_table.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(knobs["seeds"])},
+                              extra={"stage": "convergence", "size": size, "kls": list(kls)})
+    return rows
+
+
+STAGES = ("analytic", "exact", "convergence", "real")
 REAL_CONFIG = "configs/ctrl_real.py"
 # (task, method label, ctrl_real.py arg) of the real stage: calibrated identity vs CTRL exp-t
 REAL_METHODS = (("helpfulness", "calibrated identity", "transform=identity"),
@@ -235,8 +338,15 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> str:
         with open(os.path.join(out, "exact_table.md")) as f:
             parts.append("## 2. Exact task: methods at matched KL\n\nPlot: exact/exact_methods.png"
                          "\n\n" + f.read())
+    if "convergence" in stages:
+        out = os.path.join(workdir, "convergence")
+        base = sweep.load_config_module(config.exact_config).get_config()
+        run_convergence_stage(base, out, kls=tuple(float(k) for k in config.convergence_kls),
+                              size=config.size, n=int(config.n), log=log)
+        with open(os.path.join(out, "convergence_table.md")) as f:
+            parts.append("## Exact task: convergence of every transform\n\n" + f.read())
     if "real" in stages:
-        size = "tiny" if config.size == "smoke" else config.size
+        size = config.size if config.size in ("tiny", "small", "full") else "tiny"
         parts.append(run_real_stage(size, os.path.join(workdir, "real"), log))
     path = os.path.join(workdir, "results.md")
     os.makedirs(workdir, exist_ok=True)

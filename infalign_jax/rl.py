@@ -15,11 +15,17 @@ Design:
   (standard RLHF, spec 1.5 JAX recipe). With the RLOO leave-one-out baseline (Kool et al. 2019;
   Ahmadian et al. 2024, arXiv 2402.14740) the REINFORCE gradient is unbiased for
   grad (E_pi[Phi(C)] - beta KL(pi || pi_ref)), whose maximiser is pi* ∝ pi_ref exp(Phi(C) / beta).
-  KL "loss" mode: score = Phi(C) and beta * k3 (Schulman 2020), summed over tokens, is added to
-  the loss (GRPO style; its gradient is a per-token, not a sequence-level, KL gradient).
+  KL "loss" mode: score = Phi(C), and beta times `losses.kl_score_function_loss` is added to the
+  loss: the score-function gradient of the *sequence* KL(pi || pi_ref) with the KL-to-go of each
+  token and the other samples' mean KL as baseline, so its fixed point is the same pi*. (A
+  per-token k1/k2/k3 penalty, GRPO style, has another fixed point; see that function.) It is not
+  clipped by PPO; with whitened GAE advantages it is divided by the whitening scale, so whitening
+  changes the step size but not the effective beta.
 * PPO (Schulman et al. 2017): `ppo_epochs` full-batch epochs over the rollout with the clipped
   ratio against the sampling policy's log-probs. Advantages: per-sequence RLOO (`advantage="rloo"`)
-  or per-token GAE(gamma, lambda) with a learned critic (`advantage="gae"`, below).
+  or per-token GAE(gamma, lambda) with a learned critic (`advantage="gae"`, below). Token terms are
+  summed per sequence and averaged over sequences (`reduction="sequence_sum"`), so at ratio 1 the
+  gradient is RLOO's sum_t A_t grad log pi(y_t) whatever the response lengths.
 * beta schedules (`beta_schedule`): "constant"; "linear" from `beta` to `beta_final` over
   `beta_steps` steps; "adaptive", the proportional KL controller of Ziegler et al. 2019
   (arXiv 1909.08593, section 2.2): e = clip(KL / kl_target - 1, -0.2, 0.2),
@@ -98,7 +104,8 @@ class Frozen(NamedTuple):
 def init_extra_state(cfg: RLConfig, rng: Array | None = None) -> dict[str, Any]:
     """The TrainState fields after `step` for this config: `beta` always; for advantage="gae" a
     freshly initialised critic (`rng` needed) and its optimiser state."""
-    extra: dict[str, Any] = {"beta": jnp.asarray(cfg.beta, jnp.float32)}
+    first = cfg.beta if cfg.beta_schedule == "adaptive" else scheduled_beta(cfg, 0)
+    extra: dict[str, Any] = {"beta": jnp.asarray(first, jnp.float32)}
     if cfg.advantage == "gae":
         if rng is None:
             raise ValueError("init_extra_state: advantage='gae' needs rng to initialise the critic")
@@ -154,15 +161,24 @@ def response_values(value_cfg: models.ModelConfig, value_params: Params, prompt_
 
 def gae_rollout_advantages(cfg: RLConfig, score_R: Array, logp_RxL: Array, ref_logp_RxL: Array,
                            values_RxL: Array, mask_RxL: Array, beta: float | Array
-                           ) -> tuple[Array, Array]:
-    """(advantages, value targets), RxL, of the critic path: KL-shaped per-token rewards
-    (Ziegler et al. 2019), GAE(gamma, lambda) (Schulman et al. 2016), whitened if configured."""
+                           ) -> tuple[Array, Array, Array]:
+    """(advantages, value targets, scale), RxL, RxL and a scalar, of the critic path: KL-shaped
+    per-token rewards (Ziegler et al. 2019), GAE(gamma, lambda) (Schulman et al. 2016), whitened
+    if configured. `scale` is what whitening divided the advantages by (1 without whitening): a
+    KL term kept outside the advantages (kl_mode="loss") must be divided by it too, or whitening
+    changes the effective beta and with it the fixed point."""
     token_rewards_RxL = kl_shaped_rewards(score_R, logp_RxL, ref_logp_RxL, mask_RxL, beta)
     adv_RxL, returns_RxL = gae_advantages(token_rewards_RxL, values_RxL, mask_RxL, cfg.gamma,
                                           cfg.gae_lambda)
+    scale = jnp.float32(1.0)
     if cfg.whiten_advantages:
-        adv_RxL = whiten(adv_RxL, mask_RxL)
-    return adv_RxL, returns_RxL
+        white_RxL = whiten(adv_RxL, mask_RxL)
+        centred_RxL = adv_RxL - losses.masked_mean(adv_RxL, mask_RxL)
+        # whiten() = centred / scale on valid tokens; recover the scale it used
+        scale = jax.lax.stop_gradient(jnp.sqrt(losses.masked_mean(
+            jnp.square(centred_RxL), mask_RxL) + 1e-8))
+        adv_RxL = white_RxL
+    return adv_RxL, returns_RxL, scale
 
 
 def full_vocab_metrics(fns: DecoderFns, params: Params, ref_params: Params, prompt_BxP: Array,
@@ -217,19 +233,22 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
         k1_R = losses.masked_sum(losses.kl_k1(old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
         k3_R = losses.masked_sum(losses.kl_k3(old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
         reward_beta = beta if cfg.kl_mode == "reward" else 0.0
+        # kl_mode="loss": each sample's KL gradient uses the other samples' mean KL as baseline.
+        kl_baseline_R = (k1_R.reshape(b, m) - rloo_advantages(k1_R.reshape(b, m))).reshape(-1)
         metrics: dict[str, Array] = {}
         if gae:
             old_values_RxL = jax.lax.stop_gradient(
                 response_values(value_cfg, state.value_params, *rollout))
-            adv, returns_RxL = gae_rollout_advantages(cfg, phi_BxM.reshape(-1), old_logp_RxL,
-                                                      ref_logp_RxL, old_values_RxL, rmask_RxL,
-                                                      reward_beta)
+            adv, returns_RxL, adv_scale = gae_rollout_advantages(
+                cfg, phi_BxM.reshape(-1), old_logp_RxL, ref_logp_RxL, old_values_RxL, rmask_RxL,
+                reward_beta)
             resid = returns_RxL - old_values_RxL
             var = lambda x: losses.masked_mean(  # noqa: E731
                 jnp.square(x - losses.masked_mean(x, rmask_RxL)), rmask_RxL)
             metrics["explained_variance"] = 1.0 - var(resid) / jnp.maximum(var(returns_RxL), 1e-8)
         else:
             adv = rloo_advantages(phi_BxM - reward_beta * k1_R.reshape(b, m)).reshape(b * m)
+            adv_scale = jnp.float32(1.0)
 
         def loss_fn(params):
             logp_RxL = sequence_logprobs(fns, params, *rollout)
@@ -237,15 +256,12 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
             if cfg.algorithm == "rloo":
                 loss = losses.reinforce_loss(logp_RxL, rmask_RxL, adv)
             else:
-                pg, ppo_m = losses.ppo_policy_loss(logp_RxL, old_logp_RxL, adv, rmask_RxL,
-                                                   cfg.ppo_clip, reduction="sequence")
-                # "sequence" averages over tokens; scale back to the sequence sum so the step
-                # size matches RLOO's per-sequence REINFORCE loss.
-                loss = pg * rmask_RxL.shape[1]
+                loss, ppo_m = losses.ppo_policy_loss(logp_RxL, old_logp_RxL, adv, rmask_RxL,
+                                                     cfg.ppo_clip, reduction="sequence_sum")
                 aux["clip_fraction"] = ppo_m["clip_fraction"]
             if cfg.kl_mode == "loss":
-                k3 = losses.kl_k3(logp_RxL, ref_logp_RxL, rmask_RxL)
-                loss = loss + beta * jnp.mean(losses.masked_sum(k3, rmask_RxL, -1))
+                loss = loss + beta / adv_scale * losses.kl_score_function_loss(
+                    logp_RxL, old_logp_RxL, ref_logp_RxL, rmask_RxL, kl_baseline_R)
             return loss, aux
 
         def value_loss_fn(value_params):

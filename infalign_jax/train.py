@@ -165,6 +165,41 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
     return table
 
 
+def _beta_for_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, table: ReferenceTable,
+                     bonbon: bool, log: Callable[[str], None]) -> rl.RLConfig:
+    """`cfg` with beta solved from `config.task.kl_budget` (> 0) for tasks with an exact target."""
+    budget = float(config.task.get("kl_budget", 0.0) or 0.0)
+    if budget <= 0:
+        return cfg
+    if task.beta_for_kl is None:
+        raise ValueError(f"config.task.kl_budget={budget}: task {task.name!r} has no exact target "
+                         f"to solve beta from; set config.rl.beta instead")
+    if bonbon:
+        raise ValueError("config.task.kl_budget sets the CTRL beta; method='bonbon' has none")
+    beta = task.beta_for_kl(budget, cfg.get_transform(), table)
+    log(f"beta = {beta:.6g}: the exact target's KL(pi* || pi_ref) is config.task.kl_budget = "
+        f"{budget:g} (config.rl.beta={cfg.beta:g} is not used)")
+    return dataclasses.replace(cfg, beta=beta)
+
+
+def convergence_report(task: rl_tasks.RLTask, scalars: dict[str, float],
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """For tasks with an exact target: whether the run reached it (KL(pi || pi*) <= the task's
+    threshold), said in the log and returned for summary.json; {} otherwise."""
+    if task.converged_kl is None or "exact_kl_to_target" not in scalars:
+        return {}
+    dist = scalars["exact_kl_to_target"]
+    converged = bool(dist <= task.converged_kl)
+    if converged:
+        log(f"converged: KL(pi || pi*) = {dist:.4g} <= {task.converged_kl}")
+    else:
+        log(f"NOT CONVERGED: KL(pi || pi*) = {dist:.4g} > {task.converged_kl}; the target is "
+            f"range(Phi)/beta = {scalars.get('range_phi_over_beta', float('nan')):.1f} sharp "
+            f"(above ~20 it needs config.rl.beta_anneal_steps and more steps); the exact_* numbers "
+            f"are not those of pi*")
+    return {"converged": converged, "kl_to_target": dist, "converged_kl": task.converged_kl}
+
+
 def _frozen(task: rl_tasks.RLTask, table: ReferenceTable, param_shardings: Any,
             mesh: jax.sharding.Mesh) -> rl.Frozen:
     sorted_PxK, count_P = table.lookup(list(task.prompt_ids))  # a missing prompt fails here
@@ -215,13 +250,16 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     if method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
     bonbon = bonbon_config(config, task) if method == "bonbon" else None
-    transform = cfg.get_transform()
     ref_k, ref_seed = reference_settings(config)
     if task.response_length is not None and cfg.max_new_tokens != task.response_length:
         raise ValueError(f"config.rl.max_new_tokens={cfg.max_new_tokens} but task "
                          f"{task.name!r} scores responses of exactly length "
                          f"{task.response_length} (its reward / reference table assume that "
                          f"budget); set them equal")
+    if bonbon is None and cfg.beta_anneal_steps > tcfg.num_steps:
+        log(f"warning: config.rl.beta_anneal_steps={cfg.beta_anneal_steps} > "
+            f"config.train.num_steps={tcfg.num_steps}: the run ends before beta reaches "
+            f"config.rl.beta, so it cannot reach the target pi* of that beta")
     if tcfg.batch_size > len(task.prompt_ids):
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
                          f"{len(task.prompt_ids)} prompts")
@@ -233,8 +271,11 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
                          f"batch size or config.mesh")
     table_path = os.path.join(workdir, "reference_table.npz")
     table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
+    cfg = _beta_for_budget(config, task, cfg, table, bonbon is not None, log)
+    transform = cfg.get_transform()
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
-                    inputs={"reference_table": table_path}, mesh=mesh, started=started)
+                    inputs={"reference_table": table_path}, mesh=mesh, started=started,
+                    extra={"beta": cfg.beta})
 
     with sharding.axis_rules(mesh):
         logical = models.param_logical_axes(task.model_cfg)
@@ -337,10 +378,12 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
 
     summary = {"final_step": tcfg.num_steps, "resumed_from": start, "skipped_steps": skips,
                "last_train_metrics": summary, "eval": last_eval}
+    summary.update(convergence_report(task, last_eval, log))
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     _plot_curves(metrics_path, os.path.join(workdir, "training_curves.png"))
-    provenance.write_manifest(workdir, **manifest, extra={"summary": summary})
+    provenance.write_manifest(workdir, **{**manifest, "extra": {**manifest["extra"],
+                                                                "summary": summary}})
     log(f"done: results in {workdir} (summary.json, metrics.jsonl, eval.jsonl, tb/, "
         f"training_curves.png)")
     return state, summary

@@ -121,6 +121,9 @@ def test_masked_reductions():
                                                                          1e-5)
     rows = [x[i][mask[i]].mean() for i in range(B) if mask[i].any()]
     assert float(L.reduce_tokens(x_bad, mask, "sequence")) == pytest.approx(np.mean(rows), 1e-5)
+    sums = [x[i][mask[i]].sum() for i in range(B)]
+    assert float(L.reduce_tokens(x_bad, mask, "sequence_sum")) == pytest.approx(np.mean(sums),
+                                                                                1e-5)
     empty = np.zeros((B, T), bool)
     for red in L.REDUCTIONS:
         assert float(L.reduce_tokens(x_bad, empty, red)) == 0.0
@@ -132,6 +135,8 @@ def _np_ppo(logp, old, adv, mask, eps, reduction):
     per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
     if reduction == "token":
         return _np_masked_mean(per, mask)
+    if reduction == "sequence_sum":
+        return np.sum([per[i][mask[i]].sum() for i in range(len(mask))]) / len(mask)
     return np.mean([per[i][mask[i]].mean() for i in range(len(mask)) if mask[i].any()])
 
 
@@ -164,6 +169,8 @@ def test_ppo_gradient_at_ratio_one_is_policy_gradient(reduction):
     # Hand-derived: d/dlogp of reduce(-A logp) is -A m / (token count), per the reduction.
     if reduction == "token":
         weight = mask / mask.sum()
+    elif reduction == "sequence_sum":
+        weight = mask / B   # every token of every sequence counts once: sum_t A_t grad log pi
     else:
         n_rows = mask.any(1).sum()
         weight = mask / np.maximum(mask.sum(1, keepdims=True), 1) / n_rows
@@ -274,3 +281,77 @@ def test_bad_inputs_raise_value_errors():
         L.kl_penalty_loss(x, x, x > -1, beta=np.ones(2))
     with pytest.raises(ValueError, match="advantages_B"):
         L.reinforce_loss(x, x > -1, np.zeros(B + 1))
+
+
+# --------------------------------------------------------------------------- KL in the loss
+def _tabular_policy(theta, ref_logits, vocab, length, eos):
+    """Every response of a tabular autoregressive policy (next-token logits indexed by prefix),
+    with EOS ending a response early: (tokens_YxL, mask_YxL, logp_YxL, ref_logp_YxL)."""
+    import itertools
+    rows = []
+    for k in range(1, length + 1):
+        for head in itertools.product([v for v in range(vocab) if v != eos], repeat=k - 1):
+            rows.append(list(head) + [eos] + [0] * (length - k))
+    rows += [list(r) for r in itertools.product([v for v in range(vocab) if v != eos],
+                                                 repeat=length)]
+    tokens = np.array(rows, np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    for i, r in enumerate(rows):
+        n = r.index(eos) + 1 if eos in r else length
+        mask[i, :n] = True
+    # prefix id: position t and the tokens before it (base vocab), one row of logits each
+    prefix = np.zeros(tokens.shape, np.int32)
+    for i, r in enumerate(rows):
+        for t in range(length):
+            prefix[i, t] = sum(r[j] * vocab ** j for j in range(t)) + t * vocab ** length
+
+    def logps(logits):
+        lp = jax.nn.log_softmax(logits[prefix], axis=-1)
+        return jnp.where(mask, jnp.take_along_axis(lp, tokens[..., None], -1)[..., 0], 0.0)
+
+    return tokens, mask, logps(theta), logps(ref_logits), logps
+
+
+def test_kl_score_function_loss_has_the_sequence_kl_gradient():
+    """E_{y~pi}[grad surrogate] = grad KL(pi || pi_ref) exactly (enumeration, variable lengths,
+    with and without a baseline); the per-token k3 and k2 penalties have other gradients."""
+    vocab, length, eos = 3, 3, 2
+    rng = np.random.default_rng(0)
+    n_prefix = length * vocab ** length + vocab ** length
+    theta = jnp.asarray(rng.normal(0, 1.0, (n_prefix, vocab)), jnp.float32)
+    ref_logits = jnp.asarray(rng.normal(0, 1.0, (n_prefix, vocab)), jnp.float32)
+    _, mask, _, ref_lp, logps = _tabular_policy(theta, ref_logits, vocab, length, eos)
+
+    def seq_kl(th):
+        lp = logps(th)
+        p = jnp.exp(jnp.sum(lp, -1))
+        return jnp.sum(p * jnp.sum(lp - ref_lp, -1))
+
+    want = np.asarray(jax.grad(seq_kl)(theta), np.float64)
+    probs = np.exp(np.sum(np.asarray(logps(theta), np.float64), -1))
+    assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+    old = jax.lax.stop_gradient(logps(theta))
+
+    def expected_grad(loss_per_sample):
+        # sum_y pi(y) grad loss(y), each sample's loss a scalar function of theta
+        return np.asarray(jax.grad(lambda th: jnp.sum(jnp.asarray(probs, jnp.float32)
+                                                      * loss_per_sample(th)))(theta), np.float64)
+
+    def surrogate(baseline):
+        def per_sample(th):
+            lp = logps(th)
+            return jnp.stack([L.kl_score_function_loss(lp[i:i + 1], old[i:i + 1],
+                                                       ref_lp[i:i + 1], mask[i:i + 1],
+                                                       None if baseline is None
+                                                       else jnp.full((1,), baseline))
+                              for i in range(lp.shape[0])])
+        return per_sample
+
+    for baseline in (None, 0.7):
+        got = expected_grad(surrogate(baseline))
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    # Per-token penalties are not the sequence-KL gradient (the bug this replaces).
+    for est in ("k3", "k2"):
+        per_tok = expected_grad(lambda th: jnp.sum(
+            L.kl_per_token(est, logps(th), ref_lp, mask), -1))
+        assert np.max(np.abs(per_tok - want)) > 1e-2, est

@@ -207,7 +207,7 @@ def test_beta_lives_in_state_and_follows_schedules():
              jax.random.key(0))
 
 
-def _np_gae_path(score, logp, ref, values, mask, beta, gamma, lam):
+def _np_gae_path(score, logp, ref, values, mask, beta, gamma, lam, whiten=True):
     """Independent numpy: KL-shaped rewards, GAE over valid tokens, whitening."""
     R, L = logp.shape
     rew = np.where(mask, -beta * (logp - ref), 0.0)
@@ -220,6 +220,8 @@ def _np_gae_path(score, logp, ref, values, mask, beta, gamma, lam):
             next_a = rew[r, t] + gamma * next_v - values[r, t] + gamma * lam * next_a
             adv[r, t], next_v = next_a, values[r, t]
     returns = np.where(mask, adv + values, 0.0)
+    if not whiten:
+        return adv, returns
     a = adv[mask]
     white = np.where(mask, (adv - a.mean()) / np.sqrt(a.var() + 1e-8), 0.0)
     return white, returns
@@ -251,14 +253,23 @@ def test_gae_path_matches_numpy_on_a_rollout():
     want_adv, want_ret = _np_gae_path(score, np.asarray(logp, np.float64),
                                       np.asarray(ref, np.float64),
                                       np.asarray(values, np.float64), mask_np, 0.2, 0.9, 0.8)
-    adv, ret = rl.gae_rollout_advantages(cfg, jnp.asarray(score), logp, ref, values, mask, 0.2)
+    adv, ret, scale = rl.gae_rollout_advantages(cfg, jnp.asarray(score), logp, ref, values, mask,
+                                                0.2)
     np.testing.assert_allclose(np.asarray(adv), want_adv, atol=2e-5)
+    raw_adv, _ = _np_gae_path(score, np.asarray(logp, np.float64), np.asarray(ref, np.float64),
+                              np.asarray(values, np.float64), mask_np, 0.2, 0.9, 0.8, whiten=False)
+    assert float(scale) == pytest.approx(np.std(raw_adv[mask_np]), rel=1e-4)
     np.testing.assert_allclose(np.asarray(ret), want_ret, atol=2e-5)
-    # The step uses exactly these: at ratio 1 its PPO loss is -L * mean_r mean_t A (sequence
-    # reduction times L), its first value loss 1/2 mean_t (V - R)^2 over valid tokens.
+    # The step uses exactly these: at ratio 1 its PPO loss is -mean_r sum_t A (token sums per
+    # sequence, whatever its length), its first value loss 1/2 mean_t (V - R)^2 over valid tokens.
     _, met = step(state, frozen, batch, key)
-    per_seq = (want_adv * mask_np).sum(1) / mask_np.sum(1)
-    assert float(met["loss"]) == pytest.approx(-3 * per_seq.mean(), abs=1e-4)
+    assert float(met["loss"]) == pytest.approx(-(want_adv * mask_np).sum() / 16, abs=1e-4)
+    _, _, raw_step, *_ = _step_with(
+        algorithm="ppo", advantage="gae", value_model=VALUE_MODEL, gamma=0.9, gae_lambda=0.8,
+        ppo_epochs=1, eos_id=1, samples_per_prompt=8, whiten_advantages=False)
+    want = -(raw_adv * mask_np).sum() / 16
+    assert abs(want) > 0.05
+    assert float(raw_step(state, frozen, batch, key)[1]["loss"]) == pytest.approx(want, abs=1e-4)
     v = np.asarray(values, np.float64)
     want_vloss = 0.5 * np.mean((v - want_ret)[mask_np] ** 2)
     assert float(met["value_loss"]) == pytest.approx(want_vloss, rel=1e-4)

@@ -20,10 +20,10 @@ def _base():
     return sweep.load_config_module(CTRL_EXACT).get_config()
 
 
-def test_get_sweep_is_the_t_grid_times_beta_grid():
-    points = sweep.sweep_points(sweep.load_config_module(CTRL_EXACT), "ts=-5;5,betas=0.5;1.5")
-    assert [(p["transform.t"], p["rl.beta"]) for p in points] == [
-        (-5.0, 0.5), (5.0, 0.5), (-5.0, 1.5), (5.0, 1.5)]
+def test_get_sweep_is_the_t_grid_at_matched_kl_budgets():
+    points = sweep.sweep_points(sweep.load_config_module(CTRL_EXACT), "ts=-5;5,kls=0.5;1")
+    assert [(p["transform.t"], p["task.kl_budget"]) for p in points] == [
+        (-5.0, 0.5), (5.0, 0.5), (-5.0, 1.0), (5.0, 1.0)]
     assert {p["transform.name"] for p in points} == {"exp"}
     default = sweep.sweep_points(sweep.load_config_module(CTRL_EXACT))
     assert [p["transform.t"] for p in default] == [-10, -5, -1, 0, 1, 5, 10]
@@ -84,14 +84,14 @@ def test_beta_for_kl_hits_the_budget_and_is_monotone():
     for name, params in (("identity", {}), ("exp", {"t": 5.0}), ("exp", {"t": -5.0})):
         tr = get_transform(name, **params)
         cal = et.calibrated_table(task, table, tr.smoothed)
-        betas = [reproduce.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, kl)
+        betas = [et.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, kl)
                  for kl in (0.2, 0.8)]
         assert betas[0] > betas[1]
         for beta, kl in zip(betas, (0.2, 0.8)):
             tgt = et.target_policy(ref_logp, cal, tr, beta)
             assert et.exact_kl(tgt, np.exp(ref_logp)) == pytest.approx(kl, rel=1e-6)
     with pytest.raises(ValueError, match="outside the reachable range"):
-        reproduce.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, 50.0)
+        et.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, 50.0)
 
 
 def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
@@ -108,6 +108,29 @@ def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
         reproduce.run_exact_stage(_base(), str(tmp_path), keys=("nope",))
     with pytest.raises(ValueError, match="size must be one of"):
         reproduce.run_exact_stage(_base(), str(tmp_path), size="huge")
+
+
+def test_convergence_stage_smoke_table_and_unreachable_budgets(tmp_path):
+    rows = reproduce.run_convergence_stage(
+        _base(), str(tmp_path), kls=(0.5, 50.0), size="smoke",
+        transforms=(("identity", {}), ("exp", {"t": -5.0})), log=lambda s: None,
+        devices=jax.devices()[:1])
+    assert [(r["kl_budget"], r["transform"]) for r in rows] == [
+        (0.5, "identity"), (0.5, "exp t=-5"), (50.0, "identity"), (50.0, "exp t=-5")]
+    assert rows[0]["target_kl"] == pytest.approx(0.5, rel=1e-6)
+    assert rows[0]["converged"] == "0/1"          # two steps are far from pi*
+    assert rows[2]["unreachable"] and rows[3]["unreachable"]
+    table = (tmp_path / "convergence_table.md").read_text()
+    assert "| 0.5 | exp t=-5 |" in table and "unreachable" in table
+
+
+def test_seed_summary_mean_sd_and_convergence_count():
+    runs = [{"exact_kl": kl, "target_kl": 0.5, "exact_kl_to_target": d,
+             "range_phi_over_beta": 4.0} for kl, d in ((0.49, 0.004), (0.51, 0.02), (0.50, 0.01))]
+    row = reproduce.seed_summary("m", 0.3, runs)
+    assert row["exact_kl"] == pytest.approx(0.5) and row["exact_kl_sd"] == pytest.approx(0.01)
+    assert row["target_kl"] == 0.5 and "target_kl_sd" not in row
+    assert row["max_kl_to_target"] == 0.02 and row["converged"] == "2/3" and row["seeds"] == 3
 
 
 def test_reproduce_rejects_unknown_stage(tmp_path):

@@ -103,6 +103,9 @@ def test_outputs_metrics_tensorboard_manifest(uninterrupted):
     ev = summary["eval"]
     assert 0 < ev["exact_kl"] and 0.5 < ev["target_bon1"] < 1
     assert read_jsonl(os.path.join(workdir, "eval.jsonl"))[-1]["step"] == 6
+    # Six steps are far from pi*: the summary says so, with the measured distance.
+    assert ev["exact_kl_to_target"] > 0.01 and ev["range_phi_over_beta"] > 0
+    assert summary["converged"] is False and summary["kl_to_target"] == ev["exact_kl_to_target"]
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps == [2, 4, 6]
 
@@ -229,3 +232,21 @@ def _seeded(seed):
     c.seed = seed
     c.lock()
     return c
+
+
+def test_kl_budget_solves_beta_and_unconverged_runs_say_so(tmp_path):
+    lines = []
+    cfg = _config(**{"task.kl_budget": 0.5, "train.num_steps": 2, "task.eos": True})
+    _, summary = train.run(cfg, str(tmp_path), log=lines.append, devices=ONE)
+    beta = json.load(open(tmp_path / "manifest.json"))["extra"]["beta"]
+    assert beta != cfg.rl.beta and any("config.task.kl_budget = 0.5" in ln for ln in lines)
+    # The evaluation enumerates the target for that beta: its KL is the budget.
+    assert summary["eval"]["target_kl"] == pytest.approx(0.5, rel=1e-6)
+    assert any(line.startswith("NOT CONVERGED: KL(pi || pi*)") and "range(Phi)/beta" in line
+               for line in lines)
+    assert summary["converged"] is False
+    bonbon = _config(**{"task.kl_budget": 0.5})
+    bonbon.unlock()
+    bonbon.method = "bonbon"
+    with pytest.raises(ValueError, match="kl_budget"):
+        train.run(bonbon, str(tmp_path / "b"), log=_quiet, devices=ONE)

@@ -156,7 +156,7 @@ def test_bad_config_value_names_the_field(tmp_path, key, value, match):
 
 
 @pytest.mark.parametrize("overrides", [
-    {"rl.beta_schedule": "adaptive", "rl.kl_target": 1.0},
+    {"rl.beta_schedule": "adaptive", "rl.kl_target": 1.0, "rl.beta_anneal_steps": 0},
     {"rl.algorithm": "ppo", "rl.advantage": "gae", "rl.value_model": {
         "vocab_size": 4, "d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2,
         "head_dim": 8, "d_ff": 32, "max_len": 32}},
