@@ -39,7 +39,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["infalign_jax", "infalign_jax.*"]),
-    package_data={"infalign_jax": ["prompts/*.jsonl"]},
+    package_data={"infalign_jax": ["rl/tasks/prompts/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -41,8 +41,10 @@ def _setup(d: int, layers: int, batch: int, m: int, prompt_len: int, new: int, k
 
 def time_split(d: int = 256, layers: int = 4, batch: int = 8, m: int = 4, prompt_len: int = 32,
                new: int = 32) -> dict:
-    from infalign_jax import losses, models, rl, sampling
-    from infalign_jax.advantages import rloo_advantages
+    from infalign_jax.core import losses
+    from infalign_jax import models, rl
+    from infalign_jax.decoding import sampling
+    from infalign_jax.core.advantages import rloo_advantages
     cfg, params, prompt, pmask, rcfg, ref_sorted = _setup(d, layers, batch, m, prompt_len, new)
     fns = models.decoder_fns(cfg)
     rm_cfg = models.ModelConfig(**{**cfg.__dict__, "heads": ("reward",)})

@@ -68,7 +68,7 @@ def bench_bandwidth(quick: bool) -> dict:
 
 
 def bench_calibrate(quick: bool, bandwidth_gb_s: float) -> dict:
-    from infalign_jax.calibration import calibrate
+    from infalign_jax.core.calibration import calibrate
     b, k, m = (4096, 256, 16) if quick else (40960, 256, 16)   # B*K = 1e6 / 1e7
     rng = np.random.default_rng(0)
     ref = np.sort(rng.normal(size=(b, k)).astype(np.float32), axis=1)
@@ -106,7 +106,8 @@ def _tiny_llama(d: int, layers: int, vocab: int):
 def bench_sampler(quick: bool) -> dict:
     import torch
     import transformers
-    from infalign_jax import models, sampling
+    from infalign_jax import models
+    from infalign_jax.decoding import sampling
     from infalign_jax.models import hf_import
     cfg = _tiny_llama(256, 4, 8192)
     params = models.init_params(cfg, jax.random.key(0))
@@ -136,7 +137,8 @@ def bench_sampler(quick: bool) -> dict:
 
 
 def bench_prefill(quick: bool) -> dict:
-    from infalign_jax import models, sampling
+    from infalign_jax import models
+    from infalign_jax.decoding import sampling
     cfg = _tiny_llama(256, 4, 8192)
     params = models.init_params(cfg, jax.random.key(0))
     batch, prompt_len, new, n = (2, 256, 8, 8) if quick else (4, 512, 8, 8)

@@ -2,20 +2,18 @@
 
 Command (about 50 s on 2 CPU cores; seconds on a GPU):
     .venv/bin/python experiments/analytic.py --config=configs/analytic.py --workdir=runs/analytic
-Variants: `--config=configs/analytic.py:grid=4000,reading=vs_ref`, or flags such as
+Variants: `--config=configs/analytic.py:grid=4000,against=base`, or flags such as
 `--config.kls="(0.5,1.0)"`.
-Expected result (grid 2000, reading T(pi) vs T(pi_ref)): at KL 0.5, BoN_4 win rates identity
+Expected result (grid 2000, T(pi) against T(pi_ref)): at KL 0.5, BoN_4 win rates identity
 0.7998, log 0.7682, best exp-t (t ~ 12.6) 0.8727, optimal 0.8732; WoN_4 identity 0.8860,
 log 0.9270, best exp-t (t ~ -9.7) 0.9476, optimal 0.9479.
 """
 
-from infalign_jax.config_utils import parse_arg
+from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.workflows.analytic_report import AnalyticConfig
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, grid=2000, reading="both")
-    config = a
-    config.ns = (1, 2, 4, 8, 32)
-    config.kls = (0.1, 0.25, 0.5, 1.0)
+    config = parse_arg(arg, **config_section(AnalyticConfig).to_dict())
     config.lock()
     return config

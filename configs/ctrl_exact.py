@@ -17,39 +17,35 @@ eval.jsonl's last row has every exact_* win rate within 0.01 of its target_* and
 and KL budgets converge with these defaults, over 3 seeds, is in docs/results.md section 2.
 """
 
-from infalign_jax.config_utils import parse_arg
+from infalign_jax.core.transforms import transform_section
+from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.infra.sharding import MeshConfig
+from infalign_jax.loops.train import TrainConfig
+from infalign_jax.rl import RLConfig
+from infalign_jax.rl.bon_distillation import BoNBoNConfig
+from infalign_jax.rl.tasks import ReferenceConfig
+from infalign_jax.rl.tasks.exact import ExactTaskConfig
 
 
 def get_config(arg=None):
     a = parse_arg(arg, transform="exp", t=3.0, beta=1.5, algorithm="rloo", steps=1500,
                   samples=256, seed=0)
     c = parse_arg(None, seed=a.seed)
-    # kl_budget > 0 solves rl.beta so that the exact target's KL(pi* || pi_ref) is the budget.
-    c.task = parse_arg(None, name="exact", vocab=4, length=3, num_prompts=2, d_model=32, seed=0,
-                       init_std=0.2, eos=False, kl_budget=0.0)
-    c.reference = parse_arg(None, k=4096, seed=1)
-    # Parameters of every family live here so that --config.transform.<p>=... always works;
-    # only those the chosen family takes are used ("" = unset).
-    c.transform = parse_arg(None, name=a.transform, t=a.t, p=0.5, s=10.0, c=0.5, path="")
-    c.rl = parse_arg(None, algorithm=a.algorithm, beta=a.beta, samples_per_prompt=a.samples,
-                     max_new_tokens=3, learning_rate=3e-3, ppo_epochs=4, ppo_clip=0.2,
-                     kl_mode="reward", max_grad_norm=0.0, decay_steps=a.steps, full_kl=True,
-                     beta_schedule="constant", beta_final=0.0, beta_steps=0, kl_target=0.0,
-                     kl_horizon=10000.0, beta_anneal_steps=a.steps * 2 // 3,
-                     beta_anneal_factor=10.0,
-                     advantage="rloo", gamma=1.0, gae_lambda=0.95,
-                     whiten_advantages=True, value_learning_rate=1e-3, value_clip=0.2,
-                     grad_accum_steps=1)
+    # task.kl_budget > 0 solves rl.beta so that the exact target's KL(pi* || pi_ref) is the budget.
+    c.task = config_section(ExactTaskConfig)
+    c.reference = config_section(ReferenceConfig)
+    c.transform = transform_section(a.transform, t=a.t)
+    c.rl = config_section(RLConfig, algorithm=a.algorithm, beta=a.beta, samples_per_prompt=a.samples,
+                          max_new_tokens=3, learning_rate=3e-3, decay_steps=a.steps,
+                          beta_anneal_steps=a.steps * 2 // 3)
     # method="bonbon": BoN distillation over the same data path (bonbon section; the rl section's
     # learning rate, decay and response length apply). vBoN is method="ctrl" with the log
     # transform and beta = 1/(N-1).
     c.method = "ctrl"
-    c.bonbon = parse_arg(None, n=4, alpha=0.5, variant="ipo", beta=0.0, data="online",
-                         max_grad_norm=0.0, grad_accum_steps=1, monitor_samples=4, full_kl=True)
-    c.train = parse_arg(None, num_steps=a.steps, batch_size=2, log_every=100, eval_every=250,
-                        checkpoint_every=250, keep_checkpoints=3, nan_policy="stop",
-                        async_checkpoint=True, tensorboard=True)
-    c.mesh = parse_arg(None, data=-1, fsdp=1, tensor=1)
+    c.bonbon = config_section(BoNBoNConfig, n=4)
+    c.train = config_section(TrainConfig, num_steps=a.steps, batch_size=2, log_every=100,
+                             eval_every=250, checkpoint_every=250)
+    c.mesh = config_section(MeshConfig)
     c.lock()
     return c
 

@@ -3,7 +3,7 @@
 Command (tiny: about 4 min on a quiet 2-core CPU, 15.5 min measured at load ~10; most of it is
 compiling the SmolLM2 RL step, whose host callback keeps it out of the compilation cache):
     .venv/bin/python experiments/calibrate.py \
-        --config=configs/calibrate_real.py:task=helpfulness,size=tiny \
+        --config=configs/ctrl_real.py:task=helpfulness,size=tiny \
         --workdir=runs/ctrl_real_help_tiny        # optional: the table alone, resumable
     .venv/bin/python experiments/train_policy.py \
         --config=configs/ctrl_real.py:task=helpfulness,size=tiny \
@@ -11,7 +11,8 @@ compiling the SmolLM2 RL step, whose host callback keeps it out of the compilati
 Variants: `task=harmlessness`, `size=small|full`, `transform=identity`, `beta=0.5`, `t=-4`, or
 flags such as `--config.rl.learning_rate=1e-5 --config.train.num_steps=20`.
 
-Sizes (SIZES in infalign_jax/real_rl_tasks.py; shared with configs/calibrate_real.py):
+Sizes (SIZES below; experiments/calibrate.py reads this file's task and reference sections, so the
+table it builds is the one training reuses):
 * tiny: 4 prompts, K=16, 2 prompts x 4 samples a step, 12 new tokens, 4 steps, eval 4 prompts x 4
   samples. Measured here, quiet machine (load ~3): model load ~10 s, calibration 9 s, step 1
   87 s (compiling the jitted step: 30 unrolled layers through sampling, backward and the
@@ -33,40 +34,46 @@ Transform default (`t=0` in the arg picks it): exp with t=+4 for the Best-of-N t
 (helpfulness) and t=-4 for the Worst-of-N task (harmlessness), the signs InfAlign prescribes.
 """
 
-import infalign_jax.real_rl_tasks as real_rl_tasks  # registers the real tasks with rl_tasks
-from infalign_jax import real_tasks
-from infalign_jax.config_utils import parse_arg
+from infalign_jax.core.transforms import transform_section
+from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.infra.sharding import MeshConfig
+from infalign_jax.loops.train import TrainConfig
+from infalign_jax.rl import RLConfig
+from infalign_jax.rl.tasks import ReferenceConfig
+from infalign_jax.rl.tasks.real import RealTaskConfig, get_real_task
 
-
-def task_and_reference(a):
-    """config.task and config.reference for task `a.task` at size `a.size` (shared presets)."""
-    if a.size not in real_rl_tasks.SIZES:
-        raise ValueError(f"config arg size: {a.size!r} is not one of "
-                         f"{', '.join(real_rl_tasks.SIZES)}")
-    size = real_rl_tasks.SIZES[a.size]
-    task = dict(real_rl_tasks.TASK_DEFAULTS, name=a.task)
-    task.update({k: v for k, v in size.items() if k in task})
-    return parse_arg(None, **task), parse_arg(None, k=size["k"], seed=a.reference_seed)
+# Task fields, reference K, RL samples per prompt, steps, prompts per step.
+SIZES = {
+    "tiny": dict(num_prompts=4, max_new_tokens=12, eval_samples=4, eval_prompts=4, k=16,
+                 samples=4, steps=4, batch_size=2, calib_chunk=16, calib_batch_prompts=4),
+    "small": dict(num_prompts=16, max_new_tokens=32, eval_samples=16, eval_prompts=8, k=64,
+                  samples=8, steps=50, batch_size=4, calib_chunk=32, calib_batch_prompts=8),
+    "full": dict(num_prompts=48, max_new_tokens=48, eval_samples=64, eval_prompts=48, k=512,
+                 samples=16, steps=500, batch_size=16, calib_chunk=128, calib_batch_prompts=16),
+}
+TASK_KEYS = ("num_prompts", "max_new_tokens", "eval_samples", "eval_prompts", "calib_chunk",
+             "calib_batch_prompts")
 
 
 def get_config(arg=None):
     a = parse_arg(arg, task="helpfulness", size="tiny", transform="exp", t=0.0, beta=0.1,
                   algorithm="rloo", learning_rate=1e-5, seed=0, reference_seed=1)
-    size = real_rl_tasks.SIZES.get(a.size, {})
+    if a.size not in SIZES:
+        raise ValueError(f"config arg size: {a.size!r} is not one of {', '.join(SIZES)}")
+    size = SIZES[a.size]
     c = parse_arg(None, seed=a.seed)
-    c.task, c.reference = task_and_reference(a)
-    procedure = real_tasks.get_real_task(a.task).procedure
-    t = a.t or (4.0 if procedure == "bon" else -4.0)
-    c.transform = parse_arg(None, name=a.transform, t=t, p=0.5, s=10.0, c=0.5, path="")
-    c.rl = parse_arg(None, algorithm=a.algorithm, beta=a.beta, samples_per_prompt=size["samples"],
-                     max_new_tokens=c.task.max_new_tokens, learning_rate=a.learning_rate,
-                     ppo_epochs=2, ppo_clip=0.2, kl_mode="reward", max_grad_norm=1.0,
-                     decay_steps=0, full_kl=True)
+    c.task = config_section(RealTaskConfig, name=a.task, **{k: size[k] for k in TASK_KEYS})
+    c.reference = config_section(ReferenceConfig, k=size["k"], seed=a.reference_seed)
+    t = a.t or (4.0 if get_real_task(a.task).procedure == "bon" else -4.0)
+    c.transform = transform_section(a.transform, t=t)
+    # Rollouts sample like the reference table (same length, temperature 1).
+    c.rl = config_section(RLConfig, algorithm=a.algorithm, beta=a.beta,
+                          samples_per_prompt=size["samples"], max_new_tokens=c.task.max_new_tokens,
+                          learning_rate=a.learning_rate, ppo_epochs=2, max_grad_norm=1.0)
     steps = size["steps"]
-    c.train = parse_arg(None, num_steps=steps, batch_size=size["batch_size"],
-                        log_every=1 if steps < 20 else 10, eval_every=0,
-                        checkpoint_every=max(1, steps // 5), keep_checkpoints=2,
-                        nan_policy="stop", async_checkpoint=True, tensorboard=True)
-    c.mesh = parse_arg(None, data=-1, fsdp=1, tensor=1)
+    c.train = config_section(TrainConfig, num_steps=steps, batch_size=size["batch_size"],
+                             log_every=1 if steps < 20 else 10, eval_every=0,
+                             checkpoint_every=max(1, steps // 5), keep_checkpoints=2)
+    c.mesh = config_section(MeshConfig)
     c.lock()
     return c

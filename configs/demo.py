@@ -10,17 +10,11 @@ exp(t=5) at one matched KL and prints each trained policy's exact KL and standar
 win rates next to its exact optimum (exp t>0 the highest BoN_4, log the highest WoN_4 of the three).
 """
 
-from infalign_jax.config_utils import parse_arg
+from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.workflows.demo import DemoConfig
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, prompts=4, k_ref=24, n=4, seed=0)
-    config = a
-    config.max_new_tokens = 24
-    config.kl = 0.5
-    # Step 6: CTRL trained with three transforms on the exact task (configs/ctrl_exact.py).
-    config.ctrl_config = "configs/ctrl_exact.py"
-    config.train_methods = "identity,vbon,exp_bon"
-    config.train_size = "demo"
+    config = parse_arg(arg, **config_section(DemoConfig).to_dict())
     config.lock()
     return config

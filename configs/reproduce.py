@@ -15,19 +15,13 @@ trained policies (CTRL exp t>0 highest in BoN_4 and t<0 in WoN_4 among exp/ident
 docs/results.md for a recorded run and which claims hold at this scale.
 """
 
-from infalign_jax.config_utils import parse_arg
+from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.workflows.analytic_report import AnalyticConfig
+from infalign_jax.workflows.reproduce import ReproduceConfig
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="tiny", n=4, t=5.0, seed=0)
-    c = a
-    c.stages = "analytic,exact"
-    c.analytic = parse_arg(None, grid=2000, reading="both", ns=(1, 4, 32), kls=(0.25, 0.5, 1.0))
-    c.exact_config = "configs/ctrl_exact.py"
-    # "all" or a comma-separated subset of raw,identity,vbon,exp_bon,exp_won,optimal_bon,optimal_won
-    c.methods = "all"
-    # The "convergence" stage (not in the default stages: ~100 minutes at size tiny): every
-    # transform at these KL budgets, each seed of the size.
-    c.convergence_kls = (0.25, 1.0, 2.0)
+    c = parse_arg(arg, **config_section(ReproduceConfig).to_dict())
+    c.analytic = config_section(AnalyticConfig, ns=(1, 4, 32), kls=(0.25, 0.5, 1.0))
     c.lock()
     return c

@@ -18,29 +18,29 @@ proxy is imperfect on purpose, as a learned reward model is next to its gold jud
 0.585 / 0.580 against the gold judge on prompts not seen in training (ECE 0.23 / 0.22).
 """
 
-from infalign_jax.config_utils import parse_arg
+from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.infra.sharding import MeshConfig
+from infalign_jax.loops.train_reward import MODEL_FIXED, RMDataConfig, RMTrainConfig
+from infalign_jax.models import ModelConfig
+from infalign_jax.rewards.reward_models import RMConfig
 
 
 def get_config(arg=None):
     a = parse_arg(arg, ensemble=1, steps=300, seed=0, data="vader", label_noise=0.0)
     c = parse_arg(None, seed=a.seed)
     real = a.data in ("helpfulness", "harmlessness")
-    c.data = parse_arg(None, synthetic=f"task:{a.data}" if real else a.data,
-                       synthetic_train_pairs=600 if real else 4000,
-                       synthetic_eval_pairs=200 if real else 500, train_path="", eval_path="",
-                       format="auto", skip_bad=False, max_prompt_len=96 if real else 64,
-                       max_response_len=128 if real else 64,
-                       # "task:<name>" only: SmolLM2 samples per prompt, pairs per prompt, new
-                       # tokens per sample, first eval prompt (train prompts come before it)
-                       samples_per_prompt=8, pairs_per_prompt=20, sample_new_tokens=32,
-                       eval_first_prompt=36, label_noise=a.label_noise)
-    c.model = parse_arg(None, source="tiny", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
-                        head_dim=16, d_ff=128, max_len=256 if real else 128)
-    c.rm = parse_arg(None, learning_rate=1e-3, weight_decay=0.01, max_grad_norm=1.0, margin=0.0,
-                     label_smoothing=0.0, warmup_steps=20, total_steps=a.steps)
-    c.train = parse_arg(None, num_steps=a.steps, batch_size=32, log_every=25, eval_every=100,
-                        checkpoint_every=100, keep_checkpoints=3, ensemble_size=a.ensemble,
-                        bootstrap=a.ensemble > 1, async_checkpoint=True)
-    c.mesh = parse_arg(None, data=-1, fsdp=1, tensor=1)
+    c.data = config_section(RMDataConfig, synthetic=f"task:{a.data}" if real else a.data,
+                            label_noise=a.label_noise)
+    if real:  # SmolLM2 answers to the task's prompts: fewer, longer pairs
+        c.data.update(synthetic_train_pairs=600, synthetic_eval_pairs=200, max_prompt_len=96,
+                      max_response_len=128)
+    c.model = config_section(ModelConfig, exclude=MODEL_FIXED, max_len=256 if real else 128)
+    c.model.source = "tiny"
+    c.rm = config_section(RMConfig, learning_rate=1e-3, weight_decay=0.01, warmup_steps=20,
+                          total_steps=a.steps)
+    c.train = config_section(RMTrainConfig, num_steps=a.steps, log_every=25, eval_every=100,
+                             checkpoint_every=100, ensemble_size=a.ensemble,
+                             bootstrap=a.ensemble > 1)
+    c.mesh = config_section(MeshConfig)
     c.lock()
     return c

@@ -1,23 +1,31 @@
 """Reproduces the paper's tables at the chosen size; see configs/reproduce.py.
 
-All the work is in infalign_jax.reproduce.
+The exact and convergence stages train configs/ctrl_exact.py's config (`--exact_config`, whose
+keys can be overridden like any config: `--exact_config.rl.learning_rate=1e-3`); the real stage
+builds its runs from configs/ctrl_real.py (`--real_config`). All the work is in
+infalign_jax.workflows.reproduce.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from infalign_jax import reproduce
+from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.workflows import reproduce
+from infalign_jax.infra import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Experiment config.")
+_EXACT = config_flags.DEFINE_config_file("exact_config", "configs/ctrl_exact.py",
+                                         "Base config of the exact-task stages.")
+_REAL = flags.DEFINE_string("real_config", "configs/ctrl_real.py",
+                            "Config file of the real stage's runs (get_config(arg)).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Output directory.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    reproduce.run(_CONFIG.value, _WORKDIR.value, log=lambda s: print(s, flush=True))
+    cli.start(argv)
+    real = load_config_module(_REAL.value).get_config
+    reproduce.run(_CONFIG.value, _WORKDIR.value, exact_config=_EXACT.value, real_config=real,
+                  log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":

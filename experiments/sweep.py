@@ -10,10 +10,13 @@ Results: <workdir>/sweep_results.{csv,md}, one row per point.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from infalign_jax import sweep, train
+from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.workflows import sweep
+from infalign_jax.loops import train
+from infalign_jax.infra import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ctrl_exact.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one run dir per point).",
@@ -24,18 +27,16 @@ _ARG = flags.DEFINE_string("sweep_arg", None, "Argument passed to the config's g
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     path = config_flags.get_config_filename(flags.FLAGS["config"])
-    points = sweep.sweep_points(sweep.load_config_module(path), _ARG.value)
+    points = sweep.sweep_points(load_config_module(path), _ARG.value)
     if _MODE.value == "print":
         shared = [a for a in sys.argv[1:] if a.startswith("--config.")]
         print("\n".join(sweep.command_lines("experiments/train_policy.py", path, _WORKDIR.value,
                                             points, shared)))
         return
-    rows = sweep.run_sweep(_CONFIG.value, points, _WORKDIR.value, train.train_and_evaluate)
+    rows = sweep.run(_CONFIG.value, points, _WORKDIR.value,
+                     lambda config, workdir: train.run(config, workdir)[1])
     print(sweep.markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
 
 

@@ -3,14 +3,15 @@
     .venv/bin/python experiments/train_policy.py --config=configs/ctrl_exact.py \
         --workdir=runs/ctrl_exact --config.transform.t=4 --config.rl.beta=1.5
 
-All the work is in infalign_jax.train.train_and_evaluate; the config's docstring gives the
+All the work is in infalign_jax.loops.train.run; the config's docstring gives the
 expected runtime and result.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from infalign_jax import train
+from infalign_jax.loops import train
+from infalign_jax.infra import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ctrl_exact.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, manifest).",
@@ -18,11 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    cli.start(argv)
+    train.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

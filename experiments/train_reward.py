@@ -2,13 +2,14 @@
 
     .venv/bin/python experiments/train_reward.py --config=configs/reward_model.py --workdir=runs/rm
 
-All the work is in infalign_jax.train_reward.run; the config's docstring gives runtime and result.
+All the work is in infalign_jax.loops.train_reward.run; the config's docstring gives runtime and result.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from infalign_jax import train_reward
+from infalign_jax.loops import train_reward
+from infalign_jax.infra import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reward_model.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, manifest).",
@@ -16,10 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     train_reward.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -63,7 +63,7 @@ def run_uninterrupted(num_steps: int) -> dict[str, np.ndarray]:
 
 
 def main(workdir: str, num_steps: int, out_path: str, ballast_floats: int) -> None:
-    from infalign_jax.checkpointing import Checkpointer
+    from infalign_jax.infra.checkpointing import Checkpointer
 
     ckpt = Checkpointer(workdir, max_to_keep=2)
     ballast = np.random.default_rng(0).standard_normal(ballast_floats).astype(np.float32)

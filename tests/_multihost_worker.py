@@ -27,7 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from infalign_jax import distributed as dist  # noqa: E402  (imports jax; backends start lazily)
+from infalign_jax.infra import distributed as dist# noqa: E402  (imports jax; backends start lazily)
 
 SEED = 11
 NUM_PROMPTS = 8       # the global batch: one row per prompt, split 8 ways over (data, fsdp)
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from infalign_jax import exact_task as et
+    from infalign_jax.rl.tasks import exact as et
     from infalign_jax import models, rl
-    from infalign_jax import sharding as sh
-    from infalign_jax.checkpointing import Checkpointer, abstract_state
+    from infalign_jax.infra import sharding as sh
+    from infalign_jax.infra.checkpointing import Checkpointer, abstract_state
 
     if args.num_processes > 1:
         from absl import flags
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Host-side data, identical on every process (seeded numpy and single-device jax).
     task = et.make_task(0, vocab=4, length=3, num_prompts=NUM_PROMPTS, d_model=32)
-    table_PxK = et.sample_reference_table(task, TABLE_K, seed=1)
+    table_XxK = et.sample_reference_table(task, TABLE_K, seed=1)
     rl_cfg = rl.RLConfig(algorithm="rloo", beta=0.2, transform="exp",
                          transform_params={"t": 2.0}, samples_per_prompt=4, max_new_tokens=3,
                          learning_rate=1e-2)
@@ -95,19 +95,19 @@ def main(argv: list[str] | None = None) -> None:
         # Start away from pi_ref so that the KL terms are not trivially zero.
         return jax.tree.map(lambda x: x * 1.1, models.init_params(task.model_cfg, key))
 
-    def fresh_state(seed: int) -> rl.TrainState:
+    def fresh_state(seed: int) -> rl.RLState:
         # One init function object for every call, so its jit is compiled once.
         params = sh.sharded_init(policy_init, jax.random.key(seed), mesh, specs)
         step = dist.global_from_host(np.zeros((), np.int32), sh.replicated(mesh))
-        return rl.TrainState(params, sh.sharded_optimizer_init(opt, params, mesh), step)
+        return rl.RLState(params, sh.sharded_optimizer_init(opt, params, mesh), step)
 
     rep = sh.replicated(mesh)
     frozen = rl.Frozen(ref_params, *dist.global_from_host(
-        (task.rewards_PxY, table_PxK, np.full((NUM_PROMPTS,), TABLE_K, np.int32)), rep))
+        (task.rewards_XxY, table_XxK, np.full((NUM_PROMPTS,), TABLE_K, np.int32)), rep))
 
     # Each process feeds only its rows; they must be the ones the mesh assigns to it.
-    global_batch = {"prompt_BxP": task.prompts_PxS,
-                    "prompt_mask_BxP": np.ones(task.prompts_PxS.shape, bool),
+    global_batch = {"prompt_BxP": task.prompts_XxP,
+                    "prompt_mask_BxP": np.ones(task.prompts_XxP.shape, bool),
                     "prompt_idx_B": np.arange(NUM_PROMPTS, dtype=np.int32)}
     rows = dist.process_shard(NUM_PROMPTS)
     local_batch = {k: v[rows] for k, v in global_batch.items()}

@@ -1,4 +1,4 @@
-"""Rewards and advantage estimators (infalign_jax/advantages.py) against plain-Python loops."""
+"""Rewards and advantage estimators (infalign_jax/core/advantages.py) against plain-Python loops."""
 
 import functools
 
@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from infalign_jax import advantages as A
+from infalign_jax.core import advantages as A
+from infalign_jax.core.losses import last_valid_index
 
 B, T, M = 6, 9, 4
 VARIANTS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
@@ -153,7 +154,7 @@ def test_whiten_matches_numpy(variant):
 
 def test_last_valid_index():
     mask = np.array([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1]], bool)
-    idx, has = A.last_valid_index(mask)
+    idx, has = last_valid_index(mask)
     np.testing.assert_array_equal(np.asarray(idx), [2, 0, 3])
     np.testing.assert_array_equal(np.asarray(has), [True, False, True])
 

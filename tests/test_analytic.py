@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import analytic as A
-from infalign_jax import analytic_solver as S
-from infalign_jax.transforms import get_transform
+from infalign_jax.analysis import analytic as A
+from infalign_jax.analysis import analytic_solver as S
+from infalign_jax.core.transforms import get_transform
 
 SPEC_TABLE = {2: (0.1931, 0.6667), 4: (0.6363, 0.8000), 8: (1.2044, 0.8889),
               16: (1.8351, 0.9412), 32: (2.4970, 0.9697)}
@@ -65,11 +65,11 @@ def test_reference_policy_win_rates(n):
     with jax.enable_x64(True):
         u, p = jnp.asarray(A.grid(m)), jnp.full((m,), 1.0 / m)
         w = {(proc, rd): float(A.win_rate_from_masses(p, u, proc, n, rd))
-             for proc in ("bon", "won") for rd in ("both", "vs_ref")}
-    assert w["bon", "both"] == pytest.approx(0.5, abs=1e-9)
-    assert w["won", "both"] == pytest.approx(0.5, abs=1e-9)
-    assert w["bon", "vs_ref"] == pytest.approx(n / (n + 1), abs=1e-9)
-    assert w["won", "vs_ref"] == pytest.approx(1 / (n + 1), abs=1e-9)
+             for proc in ("bon", "won") for rd in ("transformed", "base")}
+    assert w["bon", "transformed"] == pytest.approx(0.5, abs=1e-9)
+    assert w["won", "transformed"] == pytest.approx(0.5, abs=1e-9)
+    assert w["bon", "base"] == pytest.approx(n / (n + 1), abs=1e-9)
+    assert w["won", "base"] == pytest.approx(1 / (n + 1), abs=1e-9)
 
 
 @pytest.mark.parametrize("kl", [0.2, 1.0])
@@ -94,12 +94,12 @@ def test_optimal_dominates_exp_family(procedure):
     assert (t > 0) == (procedure == "bon")  # InfAlign: positive exponent for BoN, negative for WoN
 
 
-def _closed_form_phi(procedure, reading, n, u, G):
+def _closed_form_phi(procedure, against, n, u, G):
     """Spec 1.3 table: Phi*(v) = -c int_v^1 h(u) du, integrated with numpy's trapezoid."""
     if procedure == "bon":
-        h = n * n * (u * G) ** (n - 1) if reading == "both" else n * G ** (n - 1)
+        h = n * n * (u * G) ** (n - 1) if against == "transformed" else n * G ** (n - 1)
     else:
-        h = (n * n * ((1 - u) * (1 - G)) ** (n - 1) if reading == "both"
+        h = (n * n * ((1 - u) * (1 - G)) ** (n - 1) if against == "transformed"
              else n * (1 - G) ** (n - 1))
     pieces = 0.5 * (h[1:] + h[:-1]) * np.diff(u)
     tail = np.concatenate([np.cumsum(pieces[::-1])[::-1], [0.0]])
@@ -107,17 +107,17 @@ def _closed_form_phi(procedure, reading, n, u, G):
 
 
 @pytest.mark.parametrize("procedure", ["bon", "won"])
-@pytest.mark.parametrize("reading", ["both", "vs_ref"])
-def test_functional_derivative_matches_closed_form(procedure, reading):
+@pytest.mark.parametrize("against", ["transformed", "base"])
+def test_functional_derivative_matches_closed_form(procedure, against):
     m, n = 2000, 3
     u = A.grid(m)
     g = np.exp(2.0 * u + 0.5 * np.sin(6 * u))
     p = g / g.sum()
     with jax.enable_x64(True):
         phi = np.asarray(S.functional_derivative(jnp.asarray(p), jnp.asarray(u), procedure, n,
-                                                 reading))
+                                                 against))
     G = np.cumsum(p) - 0.5 * p  # CDF at the bin midpoints
-    ref = _closed_form_phi(procedure, reading, n, u, G)
+    ref = _closed_form_phi(procedure, against, n, u, G)
     diff = (phi - phi.mean()) - (ref - ref.mean())
     assert np.max(np.abs(diff)) < 1e-4 * np.ptp(ref)
 
@@ -128,7 +128,7 @@ def _closed_form_phi_bin_average(procedure, n, p, sub=16):
     x = (np.arange(sub) + 0.5) / sub
     u_fine = ((np.arange(m)[:, None] + x[None]) / m).ravel()
     G_fine = ((np.cumsum(p) - p)[:, None] + p[:, None] * x[None]).ravel()
-    phi_fine = _closed_form_phi(procedure, "both", n, u_fine, G_fine)
+    phi_fine = _closed_form_phi(procedure, "transformed", n, u_fine, G_fine)
     return phi_fine.reshape(m, sub).mean(axis=1)
 
 
@@ -150,7 +150,7 @@ def test_lbfgs_fallback_agrees_with_fixed_point():
     assert sol.method == "fixed_point"
     with jax.enable_x64(True):
         logp, _, _ = S._lbfgs(jnp.zeros(m, jnp.float64), jnp.asarray(A.grid(m)), beta, 1e-12,
-                              procedure="bon", n=n, reading="both", max_iter=2000)
+                              procedure="bon", n=n, against="transformed", max_iter=2000)
     assert np.max(np.abs(np.exp(np.asarray(logp)) * m - sol.g)) < 1e-5
 
 
@@ -161,16 +161,16 @@ def _sample(u, g, size, rng):
     return np.interp(rng.random(size), cdf, np.arange(m + 1) / m)
 
 
-@pytest.mark.parametrize("procedure,reading", [("bon", "both"), ("won", "both"),
-                                               ("bon", "vs_ref"), ("won", "vs_ref")])
-def test_monte_carlo(procedure, reading):
+@pytest.mark.parametrize("procedure,against", [("bon", "transformed"), ("won", "transformed"),
+                                               ("bon", "base"), ("won", "base")])
+def test_monte_carlo(procedure, against):
     rng = np.random.default_rng(0)
     n, pairs, beta = 4, 400_000, 0.3
     u, g = A.tilted_density("exp", beta, t=3.0)
-    _, w = A.kl_and_win_rate("exp", beta, procedure, n, reading=reading, t=3.0)
+    _, w = A.kl_and_win_rate("exp", beta, procedure, n, against=against, t=3.0)
     pick = np.max if procedure == "bon" else np.min
     x = pick(_sample(u, g, (pairs, n), rng), axis=1)
-    y = pick(rng.random((pairs, n if reading == "both" else 1)), axis=1)
+    y = pick(rng.random((pairs, n if against == "transformed" else 1)), axis=1)
     wins = (x > y).astype(np.float64)
     se = wins.std() / math.sqrt(pairs)
     assert abs(wins.mean() - w) < 4 * se + 1e-5, (wins.mean(), w, se)
@@ -233,7 +233,7 @@ def test_optimal_table_round_trip(tmp_path):
     (lambda: A.win_rate_at_kl("identity", 0.5, "bon", 2.5), "n must"),
     (lambda: A.win_rate_at_kl("identity", 0.5, "best", 2), "procedure"),
     (lambda: A.win_rate_at_kl("identity", 0.5, "standard", 2), "n must be 1"),
-    (lambda: A.win_rate_at_kl("identity", 0.5, "bon", 2, reading="x"), "reading"),
+    (lambda: A.win_rate_at_kl("identity", 0.5, "bon", 2, against="x"), "against"),
     (lambda: A.win_rate_at_kl("identity", 0.0, "bon", 2), "kl"),
     (lambda: A.win_rate_at_kl("identity", -1.0, "bon", 2), "kl"),
     (lambda: A.win_rate_at_kl("identity", float("nan"), "bon", 2), "kl"),

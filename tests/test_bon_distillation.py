@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import bon_distillation as bd
-from infalign_jax import exact_task as et
+from infalign_jax.rl import bon_distillation as bd
+from infalign_jax.rl.tasks import exact as et
 from infalign_jax import models, rl
-from infalign_jax.preference_losses import harmonic_number
+from infalign_jax.core.preference_losses import harmonic_number
 
 
 def test_vbon_config_is_log_transform_with_beta_one_over_n_minus_one():
@@ -52,9 +52,9 @@ def test_bonbon_default_beta_is_beta_star():
 def _setup(reps=2, **kw):
     task = et.make_task(0)
     table = et.sample_reference_table(task, 256, seed=1)
-    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_PxY), jnp.asarray(table),
+    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_XxY), jnp.asarray(table),
                        jnp.full((2,), 256, jnp.int32))
-    batch = {"prompt_BxP": jnp.asarray(np.tile(task.prompts_PxS, (reps, 1))),
+    batch = {"prompt_BxP": jnp.asarray(np.tile(task.prompts_XxP, (reps, 1))),
              "prompt_mask_BxP": jnp.ones((2 * reps, 2), bool),
              "prompt_idx_B": jnp.tile(jnp.arange(2), reps)}
     cfg = bd.BoNBoNConfig(**{**dict(n=4, max_new_tokens=3, learning_rate=3e-3), **kw})
@@ -74,7 +74,7 @@ def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
                                          batch["prompt_mask_BxP"], jax.random.split(key)[0])
     codes = np.asarray(et.response_codes(data.tokens_BxNxL, 4))            # B x N
     idx = np.asarray(batch["prompt_idx_B"])
-    r = task.rewards_PxY[idx[:, None], codes]
+    r = task.rewards_XxY[idx[:, None], codes]
     best, worst = codes[np.arange(4), r.argmax(1)], codes[np.arange(4), r.argmin(1)]
     logp = et.policy_logprobs(task, task.ref_params)                         # pi = pi_ref here
     nll = -np.mean(logp[idx, best])
@@ -96,13 +96,13 @@ def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def _bon_policy(probs_PxY, rewards_PxY, n):
+def _bon_policy(probs_XxY, rewards_XxY, n):
     """Exact BoN_n for distinct rewards: P[best = y] = F(<= y)^n - F(< y)^n."""
-    out = np.zeros_like(probs_PxY)
-    for p in range(probs_PxY.shape[0]):
-        order = np.argsort(rewards_PxY[p])
-        le = np.cumsum(probs_PxY[p][order])
-        out[p, order] = le ** n - (le - probs_PxY[p][order]) ** n
+    out = np.zeros_like(probs_XxY)
+    for p in range(probs_XxY.shape[0]):
+        order = np.argsort(rewards_XxY[p])
+        le = np.cumsum(probs_XxY[p][order])
+        out[p, order] = le ** n - (le - probs_XxY[p][order]) ** n
     return out
 
 
@@ -128,7 +128,7 @@ def test_bonbon_moves_policy_to_exact_bon(variant):
     task, cfg, fns, step, state, frozen, batch = _setup(
         reps=16, n=n, variant=variant, alpha=0.5, decay_steps=steps, monitor_samples=0)
     ref = np.exp(et.policy_logprobs(task, task.ref_params))
-    bon = _bon_policy(ref, task.rewards_PxY, n)
+    bon = _bon_policy(ref, task.rewards_XxY, n)
     want = et.policy_report(task, bon, ns=(1,))
     # Discrete rewards: KL(BoN_4 || pi_ref) is below the continuous log 4 - 3/4 = 0.636.
     assert 0.3 < want["kl"] < np.log(n) - (n - 1) / n

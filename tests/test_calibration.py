@@ -1,4 +1,4 @@
-"""Empirical calibration (infalign_jax/calibration.py, InfAlign Eq. 12) against independent
+"""Empirical calibration (infalign_jax/core/calibration.py, InfAlign Eq. 12) against independent
 references: a plain-Python per-prompt loop, hand-computed values, monotone invariance, the
 Unif[0,1] law of calibrated base draws, and sharded execution on 8 CPU devices."""
 
@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
-from infalign_jax import calibration as cal
+from infalign_jax.core import calibration as cal
 
 METHODS = ["search", "compare", "auto"]
 

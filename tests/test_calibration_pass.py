@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import calibration_pass as cp
-from infalign_jax import models, sampling
-from infalign_jax.calibration import load_reference_table
+from infalign_jax.rl import calibration_pass as cp
+from infalign_jax import models
+from infalign_jax.decoding import sampling
+from infalign_jax.core.calibration import load_reference_table
 
 CFG = models.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
                          head_dim=8, d_ff=32, max_len=32)
@@ -31,7 +32,7 @@ def count_reward(reward_params, idx_R, resp_RxL, mask_RxL):
 
 
 def _hand(k, batch_prompts, scfg, seed):
-    """(rewards_PxK, ended_PxK) drawn with plain `sampling.sample` (its own prefill) and numpy."""
+    """(rewards_XxK, ended_XxK) drawn with plain `sampling.sample` (its own prefill) and numpy."""
     num = PROMPTS.shape[0]
     rewards = np.zeros((num, k))
     ended = np.zeros((num, k), bool)

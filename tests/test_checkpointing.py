@@ -1,4 +1,4 @@
-"""Tests of `infalign_jax.checkpointing`: exact round trips, retention, sharded restore, fallback
+"""Tests of `infalign_jax.infra.checkpointing`: exact round trips, retention, sharded restore, fallback
 from a damaged newest step, NaN refusal, unwritable directories, and a worker killed (also in the
 middle of a save) and restarted that must end bitwise equal to an uninterrupted run."""
 
@@ -21,12 +21,12 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from infalign_jax.checkpointing import (CheckpointRestoreError, Checkpointer, NonFiniteError,
+from infalign_jax.infra.checkpointing import (CheckpointRestoreError, Checkpointer, NonFiniteError,
                                         WorkdirError, abstract_state, check_writable,
                                         nonfinite_leaves)
 
 REPO = Path(__file__).resolve().parents[1]
-LOGGER = "infalign_jax.checkpointing"
+LOGGER = "infalign_jax.infra.checkpointing"
 
 
 def _example_state(seed: int = 0) -> dict:

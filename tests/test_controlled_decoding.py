@@ -5,9 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import controlled_decoding as cd
-from infalign_jax import evaluation, models, sampling
-from infalign_jax.sampling import DecoderFns, SamplingConfig
+from infalign_jax.decoding import controlled_decoding as cd
+from infalign_jax.core import kl
+from infalign_jax import models
+from infalign_jax.decoding import sampling
+from infalign_jax.decoding.sampling import SamplingConfig
+from infalign_jax.core.types import DecoderFns
 
 V, C, EOS, PAD, TARGET = 5, 8, 4, 0, 2
 
@@ -141,7 +144,7 @@ def test_blockwise_increases_target_count_and_bound():
             assert row_m[:eos_at[0] + 1].all() and not row_m[eos_at[0] + 1:].any()
         else:
             assert row_m.all()
-    expected = evaluation.blockwise_cd_kl_bound(msk.sum(1), m, k)
+    expected = kl.blockwise_cd_kl_bound(msk.sum(1), m, k)
     np.testing.assert_allclose(best.kl_bound_B, expected, rtol=1e-5)
 
 

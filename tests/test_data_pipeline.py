@@ -172,9 +172,9 @@ def test_file_to_batches_end_to_end(tmp_path):
     loader = make_loader(packed, LoaderConfig(batch_size=4, seed=0, num_epochs=1))
     seen = []
     for batch in loader:
-        assert batch["prompt_NxP"].shape == (4, 6) and batch["chosen_NxR"].shape == (4, 3)
-        for row, line, mask in zip(batch["example_index_B"], batch["line_N"],
-                                   batch["chosen_mask_NxR"]):
+        assert batch["prompt_BxP"].shape == (4, 6) and batch["chosen_BxL"].shape == (4, 3)
+        for row, line, mask in zip(batch["example_index_B"], batch["line_B"],
+                                   batch["chosen_mask_BxL"]):
             assert line == row + 1                      # rows are the file's lines in order
             assert mask.sum() == len(rows[row]["chosen"]) + 1
         seen += batch["example_index_B"].tolist()

@@ -197,31 +197,31 @@ def test_pack_pairs_shapes_padding_masks_and_roundtrip():
     cfg = TokenizeConfig(max_prompt_len=4, max_response_len=3, eos_id=1, pad_id=0)
     examples = pairs(("ab", "c", "de"), ("abcd", "ef", "g"))
     packed, report = tokenize_preferences(examples, char_tokenizer, cfg)
-    assert packed.prompt_NxP.shape == (2, 4) and packed.chosen_NxR.shape == (2, 3)
-    assert packed.prompt_NxP.dtype == np.int32 and packed.prompt_mask_NxP.dtype == bool
+    assert packed.prompt_BxP.shape == (2, 4) and packed.chosen_BxL.shape == (2, 3)
+    assert packed.prompt_BxP.dtype == np.int32 and packed.prompt_mask_BxP.dtype == bool
     # left-padded prompts, right-padded responses with EOS appended
-    np.testing.assert_array_equal(packed.prompt_NxP, [[0, 0, 3, 4], [3, 4, 5, 6]])
-    np.testing.assert_array_equal(packed.prompt_mask_NxP, [[0, 0, 1, 1], [1, 1, 1, 1]])
-    np.testing.assert_array_equal(packed.chosen_NxR, [[5, 1, 0], [7, 8, 1]])
-    np.testing.assert_array_equal(packed.rejected_mask_NxR, [[1, 1, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(packed.prompt_BxP, [[0, 0, 3, 4], [3, 4, 5, 6]])
+    np.testing.assert_array_equal(packed.prompt_mask_BxP, [[0, 0, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(packed.chosen_BxL, [[5, 1, 0], [7, 8, 1]])
+    np.testing.assert_array_equal(packed.rejected_mask_BxL, [[1, 1, 1], [1, 1, 0]])
     for i, ex in enumerate(examples):
-        assert unpad(packed.prompt_NxP, packed.prompt_mask_NxP)[i] == char_tokenizer(ex.prompt)
-        assert unpad(packed.chosen_NxR, packed.chosen_mask_NxR)[i] == char_tokenizer(
+        assert unpad(packed.prompt_BxP, packed.prompt_mask_BxP)[i] == char_tokenizer(ex.prompt)
+        assert unpad(packed.chosen_BxL, packed.chosen_mask_BxL)[i] == char_tokenizer(
             ex.chosen) + [1]
-        assert unpad(packed.rejected_NxR, packed.rejected_mask_NxR)[i] == char_tokenizer(
+        assert unpad(packed.rejected_BxL, packed.rejected_mask_BxL)[i] == char_tokenizer(
             ex.rejected) + [1]
-    assert list(packed.line_N) == [1, 2] and report.total == 0
-    assert set(packed.as_dict()) == {"prompt_NxP", "prompt_mask_NxP", "chosen_NxR",
-                                     "chosen_mask_NxR", "rejected_NxR", "rejected_mask_NxR",
-                                     "line_N"}
+    assert list(packed.line_B) == [1, 2] and report.total == 0
+    assert set(packed.as_dict()) == {"prompt_BxP", "prompt_mask_BxP", "chosen_BxL",
+                                     "chosen_mask_BxL", "rejected_BxL", "rejected_mask_BxL",
+                                     "line_B"}
 
 
 def test_truncation_keeps_prompt_end_and_response_start():
     cfg = TokenizeConfig(max_prompt_len=2, max_response_len=3, eos_id=1, pad_id=0)
     packed, _ = tokenize_preferences(pairs(("abcd", "efgh", "ab")), char_tokenizer, cfg)
-    np.testing.assert_array_equal(packed.prompt_NxP, [[VOCAB["c"], VOCAB["d"]]])
-    np.testing.assert_array_equal(packed.chosen_NxR, [[7, 8, 9]])         # e f g, no EOS
-    np.testing.assert_array_equal(packed.rejected_NxR, [[3, 4, 1]])       # a b <eos>
+    np.testing.assert_array_equal(packed.prompt_BxP, [[VOCAB["c"], VOCAB["d"]]])
+    np.testing.assert_array_equal(packed.chosen_BxL, [[7, 8, 9]])         # e f g, no EOS
+    np.testing.assert_array_equal(packed.rejected_BxL, [[3, 4, 1]])       # a b <eos>
 
 
 @pytest.mark.parametrize("row,reason,match", [
@@ -252,9 +252,9 @@ def test_tokenize_prompts_and_no_eos():
     cfg = TokenizeConfig(3, 2, append_eos=False, pad_id=2)
     examples = [PromptExample("x", "ab", "p.jsonl", 1), PromptExample("y", "gh ab", "p.jsonl", 4)]
     packed, _ = tokenize_prompts(examples, char_tokenizer, cfg)
-    np.testing.assert_array_equal(packed.prompt_NxP, [[2, 3, 4], [10, 3, 4]])
-    np.testing.assert_array_equal(packed.prompt_mask_NxP, [[0, 1, 1], [1, 1, 1]])
-    assert packed.prompt_ids == ("x", "y") and list(packed.line_N) == [1, 4]
+    np.testing.assert_array_equal(packed.prompt_BxP, [[2, 3, 4], [10, 3, 4]])
+    np.testing.assert_array_equal(packed.prompt_mask_BxP, [[0, 1, 1], [1, 1, 1]])
+    assert packed.prompt_ids == ("x", "y") and list(packed.line_B) == [1, 4]
 
 
 def test_hf_tokenizer_without_special_tokens(tmp_path):
@@ -273,8 +273,8 @@ def test_hf_tokenizer_without_special_tokens(tmp_path):
         assert as_encoder(t)("hello world cat") == [4, 5, 6]
     cfg = TokenizeConfig(3, 3, eos_id=hf.eos_token_id, pad_id=hf.pad_token_id)
     packed, _ = tokenize_preferences(pairs(("hello", "world", "cat dog")), hf, cfg)
-    np.testing.assert_array_equal(packed.prompt_NxP, [[3, 3, 4]])
-    np.testing.assert_array_equal(packed.rejected_NxR, [[6, 0, 2]])
+    np.testing.assert_array_equal(packed.prompt_BxP, [[3, 3, 4]])
+    np.testing.assert_array_equal(packed.rejected_BxL, [[6, 0, 2]])
 
 
 @pytest.mark.parametrize("kwargs,field", [

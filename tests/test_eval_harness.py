@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import eval_harness, models, sampling
+from infalign_jax.analysis import eval_harness
+from infalign_jax import models
+from infalign_jax.decoding import sampling
 
 V, L = 4, 3
 CFG = models.ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
@@ -160,7 +162,7 @@ def test_bad_inputs(params):
 def test_decoder_blockwise_single_block_is_bon(params):
     """Blockwise CD with one block of L tokens and the judge as scorer is exactly BoN_K(pi_ref):
     its standard win rate against pi_ref is the enumerated P(max of K > Z) + 1/2 P(=)."""
-    from infalign_jax import controlled_decoding as cd
+    from infalign_jax.decoding import controlled_decoding as cd
 
     _, ref = params
     prompts, mask = _prompts(8)

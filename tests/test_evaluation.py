@@ -1,4 +1,4 @@
-"""Evaluation maths (infalign_jax/evaluation.py) against brute force, closed forms and numpy."""
+"""Evaluation maths (infalign_jax/analysis/evaluation.py) against brute force, closed forms and numpy."""
 
 import itertools
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from infalign_jax import evaluation as ev
+from infalign_jax.analysis import evaluation as ev
+from infalign_jax.core import kl as K
 
 # ------------------------------------------------------------------ plug-in win rates
 
@@ -213,11 +214,11 @@ def test_identical_policies_give_zero_kl():
     rng = np.random.default_rng(4)
     logp = jnp.asarray(np.log(rng.random((6, 10))), jnp.float32)
     mask = jnp.asarray(rng.random((6, 10)) < 0.7)
-    for estimate in (ev.kl_k1(logp, logp, mask), ev.kl_k3(logp, logp, mask)):
+    for estimate in (K.sequence_kl("k1", logp, logp, mask), K.sequence_kl("k3", logp, logp, mask)):
         assert float(estimate.mean) == 0.0 and float(estimate.stderr) == 0.0
         np.testing.assert_array_equal(estimate.per_sequence_B, 0.0)
     logits = jnp.asarray(rng.normal(size=(6, 10, 11)), jnp.float32)
-    np.testing.assert_allclose(ev.kl_full_vocab(logits, logits, mask).per_sequence_B, 0.0, atol=1e-6)
+    np.testing.assert_allclose(K.sequence_kl_from_logits(logits, logits, mask).per_sequence_B, 0.0, atol=1e-6)
 
 
 def test_k1_k3_match_numpy_and_respect_the_mask():
@@ -227,18 +228,18 @@ def test_k1_k3_match_numpy_and_respect_the_mask():
     lengths = np.array([8, 3, 0, 5, 1])
     mask = np.arange(8)[None] < lengths[:, None]  # tokens after EOS are masked out
     garbage = np.where(mask, logp, np.nan).astype(np.float32)  # padding may hold anything
-    k1 = ev.kl_k1(jnp.asarray(garbage), jnp.asarray(ref_logp), jnp.asarray(mask))
+    k1 = K.sequence_kl("k1", jnp.asarray(garbage), jnp.asarray(ref_logp), jnp.asarray(mask))
     want_k1 = np.array([np.sum(logp[b, :n].astype(np.float64) - ref_logp[b, :n]) for b, n in enumerate(lengths)])
     np.testing.assert_allclose(k1.per_sequence_B, want_k1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(k1.mean, want_k1.mean(), rtol=1e-5)
     np.testing.assert_allclose(k1.stderr, want_k1.std(ddof=1) / np.sqrt(5), rtol=1e-4)
-    k3 = ev.kl_k3(jnp.asarray(garbage), jnp.asarray(ref_logp), jnp.asarray(mask))
+    k3 = K.sequence_kl("k3", jnp.asarray(garbage), jnp.asarray(ref_logp), jnp.asarray(mask))
     ratio = np.exp(ref_logp.astype(np.float64) - logp)
     want_k3 = np.array([np.sum((ratio[b, :n] - 1) - np.log(ratio[b, :n])) for b, n in enumerate(lengths)])
     np.testing.assert_allclose(k3.per_sequence_B, want_k3, rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(ev.token_k3(jnp.asarray(logp), jnp.asarray(ref_logp))) >= 0)
+    assert np.all(np.asarray(K.kl_k3(jnp.asarray(logp), jnp.asarray(ref_logp))) >= 0)
     tiny = jnp.asarray(logp) + jnp.asarray(rng.normal(size=logp.shape) * 1e-7, jnp.float32)
-    assert np.all(np.asarray(ev.token_k3(jnp.asarray(logp), tiny)) >= 0)
+    assert np.all(np.asarray(K.kl_k3(jnp.asarray(logp), tiny)) >= 0)
 
 
 def test_full_vocab_kl_matches_numpy():
@@ -251,10 +252,10 @@ def test_full_vocab_kl_matches_numpy():
     p = np.exp(lp)
     with np.errstate(invalid="ignore"):  # 0 * -inf in the unselected branch
         per_token = np.sum(np.where(p > 0, p * (lp - lq), 0.0), axis=-1)
-    got = ev.token_kl_full_vocab(jnp.asarray(logits), jnp.asarray(ref_logits))
+    got = K.kl_from_logits(jnp.asarray(logits), jnp.asarray(ref_logits))
     np.testing.assert_allclose(got, per_token, rtol=1e-5, atol=1e-6)
     bad_ref = np.where(mask[..., None], ref_logits, np.nan).astype(np.float32)
-    est = jax.jit(ev.kl_full_vocab)(jnp.asarray(logits), jnp.asarray(bad_ref), jnp.asarray(mask))
+    est = jax.jit(K.sequence_kl_from_logits)(jnp.asarray(logits), jnp.asarray(bad_ref), jnp.asarray(mask))
     np.testing.assert_allclose(est.per_sequence_B, np.where(mask, per_token, 0).sum(1), rtol=1e-5, atol=1e-6)
 
 
@@ -269,11 +270,11 @@ def test_k1_and_k3_are_unbiased_for_the_exact_kl():
     logp = jnp.asarray(np.log(p)[tokens], jnp.float32)
     ref_logp = jnp.asarray(np.log(q)[tokens], jnp.float32)
     mask = jnp.ones((num_seq, length), bool)
-    for estimate in (ev.kl_k1(logp, ref_logp, mask), ev.kl_k3(logp, ref_logp, mask)):
+    for estimate in (K.sequence_kl("k1", logp, ref_logp, mask), K.sequence_kl("k3", logp, ref_logp, mask)):
         assert abs(float(estimate.mean) - exact) < 4 * float(estimate.stderr), (estimate.mean, exact)
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (2, length, vocab))
     ref_logits = jnp.broadcast_to(jnp.log(jnp.asarray(q, jnp.float32)), (2, length, vocab))
-    full = ev.kl_full_vocab(logits, ref_logits, jnp.ones((2, length), bool))
+    full = K.sequence_kl_from_logits(logits, ref_logits, jnp.ones((2, length), bool))
     np.testing.assert_allclose(full.per_sequence_B, exact, rtol=1e-5)
 
 
@@ -283,18 +284,18 @@ def test_k1_and_k3_are_unbiased_for_the_exact_kl():
 def test_kl_bounds_match_the_spec_table():
     # Spec section 7 (CD best-of-K bounds, 4 decimals).
     table = {2: 0.1931, 3: 0.4319, 4: 0.6363, 6: 0.9584, 8: 1.2044, 16: 1.8351, 32: 2.4970, 50: 2.9320}
-    got = ev.bon_kl_bound(list(table))
+    got = K.bon_kl_bound(list(table))
     np.testing.assert_allclose(got, list(table.values()), atol=5e-5)
-    assert ev.bon_kl_bound(1) == 0.0
+    assert K.bon_kl_bound(1) == 0.0
     # Blockwise: (L / M) (log K - (K-1)/K); 64 tokens in blocks of 16 at K = 6 -> 4 x 0.9584.
-    got = ev.blockwise_cd_kl_bound(np.array([64, 40]), 16, 6)
+    got = K.blockwise_cd_kl_bound(np.array([64, 40]), 16, 6)
     np.testing.assert_allclose(got, [4 * 0.95842614, 2.5 * 0.95842614], rtol=1e-7)
-    np.testing.assert_allclose(ev.blockwise_cd_kl_bound(40, 16, 6, ceil_blocks=True), 3 * 0.95842614)
+    np.testing.assert_allclose(K.blockwise_cd_kl_bound(40, 16, 6, ceil_blocks=True), 3 * 0.95842614)
     with pytest.raises(ValueError, match="n must be"):
-        ev.bon_kl_bound(0)
-    with pytest.raises(ValueError, match="num_candidates_K"):
-        ev.blockwise_cd_kl_bound(10, 4, 0.5)
-    with pytest.raises(ValueError, match="block_size_M"):
-        ev.blockwise_cd_kl_bound(10, 0, 4)
-    with pytest.raises(ValueError, match="num_tokens_L"):
-        ev.blockwise_cd_kl_bound(-1, 4, 4)
+        K.bon_kl_bound(0)
+    with pytest.raises(ValueError, match="num_candidates"):
+        K.blockwise_cd_kl_bound(10, 4, 0.5)
+    with pytest.raises(ValueError, match="block_size"):
+        K.blockwise_cd_kl_bound(10, 0, 4)
+    with pytest.raises(ValueError, match="num_tokens"):
+        K.blockwise_cd_kl_bound(-1, 4, 4)

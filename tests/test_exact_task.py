@@ -5,7 +5,6 @@ exact (enumerated) KL and win rates with those of the exact target pi* ∝ pi_re
 where C_hat is the calibration against the same K = 4096-sample reference table the trainer uses.
 """
 
-import functools
 import itertools
 
 import jax
@@ -13,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import exact_task as et
+from infalign_jax.rl.tasks import exact as et
 from infalign_jax import models, rl
-from infalign_jax.transforms import get_transform
+from infalign_jax.core.transforms import get_transform
 
 
 def _brute_win_rate(p, q, r, n, how):
@@ -53,8 +52,12 @@ def test_win_rate_properties_and_kl():
     p = rs.dirichlet(np.ones(5), size=3)
     want = np.mean([sum(p[i, j] * np.log(p[i, j] / q[i, j]) for j in range(5)) for i in range(3)])
     assert et.exact_kl(p, q) == pytest.approx(want, rel=1e-12)
-    with pytest.raises(ValueError, match="distinct"):
-        et.exact_win_rate(p, q, np.zeros((3, 5)))
+    # Tied rewards (two responses judged equal) count 1/2, as in the brute force.
+    tied = np.stack([rs.randint(0, 2, 5) for _ in range(3)]).astype(float)
+    for n, how in ((1, "bon"), (2, "bon"), (2, "won")):
+        want = np.mean([_brute_win_rate(p[i], q[i], tied[i], n, how) for i in range(3)])
+        assert et.exact_win_rate(p, q, tied, n, how) == pytest.approx(want, abs=1e-12)
+    assert et.exact_win_rate(p, q, np.zeros((3, 5))) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_enumeration_and_exact_reference_probabilities():
@@ -65,13 +68,13 @@ def test_enumeration_and_exact_reference_probabilities():
     logp = et.policy_logprobs(task, task.ref_params)
     np.testing.assert_allclose(np.exp(logp).sum(1), 1.0, atol=1e-5)
     # Independent check of one entry: chain rule with full forward passes, token by token.
-    x, y = task.prompts_PxS[1], task.responses_YxL[5]
+    x, y = task.prompts_XxP[1], task.responses_YxL[5]
     seq = np.concatenate([x, y])[None]
     logits = models.apply(task.ref_params, jnp.asarray(seq), task.model_cfg).logits[0]
     lp = jax.nn.log_softmax(logits, -1)
     want = sum(float(lp[len(x) - 1 + j, y[j]]) for j in range(len(y)))
     assert logp[1, 5] == pytest.approx(want, abs=1e-4)
-    assert all(len(np.unique(row)) == row.size for row in task.rewards_PxY)
+    assert all(len(np.unique(row)) == row.size for row in task.rewards_XxY)
 
 
 def test_eos_task_enumerates_every_sampler_response():
@@ -84,9 +87,9 @@ def test_eos_task_enumerates_every_sampler_response():
     probs = np.exp(et.policy_logprobs(task, task.ref_params))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # What the sampler draws is looked up to the same rows, with the enumerated frequencies.
-    from infalign_jax.sampling import SamplingConfig, sample
+    from infalign_jax.decoding.sampling import SamplingConfig, sample
     out = sample(models.decoder_fns(task.model_cfg), task.ref_params,
-                 jnp.asarray(task.prompts_PxS), jnp.ones(task.prompts_PxS.shape, bool),
+                 jnp.asarray(task.prompts_XxP), jnp.ones(task.prompts_XxP.shape, bool),
                  jax.random.key(0), SamplingConfig(n=4000, max_new_tokens=3, eos_id=3))
     keys = et.response_keys(out.tokens_BxNxL.reshape(-1, 3), out.mask_BxNxL.reshape(-1, 3), 4)
     rows = task.key_to_index[np.asarray(keys)].reshape(2, -1)
@@ -94,15 +97,15 @@ def test_eos_task_enumerates_every_sampler_response():
     for p in range(2):
         freq = np.bincount(rows[p], minlength=40) / rows.shape[1]
         assert np.abs(freq - probs[p]).max() < 0.03
-    rewards = et.reward_fn(task)(jnp.asarray(task.rewards_PxY), jnp.repeat(jnp.arange(2), 4000),
+    rewards = et.reward_fn(task)(jnp.asarray(task.rewards_XxY), jnp.repeat(jnp.arange(2), 4000),
                                  out.tokens_BxNxL.reshape(-1, 3), out.mask_BxNxL.reshape(-1, 3))
     np.testing.assert_array_equal(np.asarray(rewards).reshape(2, -1),
-                                  np.take_along_axis(task.rewards_PxY, rows, 1))
+                                  np.take_along_axis(task.rewards_XxY, rows, 1))
 
 
 def test_prompts_are_distinct():
     for seed in range(20):
-        prompts = et.make_task(seed, eos=True).prompts_PxS
+        prompts = et.make_task(seed, eos=True).prompts_XxP
         assert len({tuple(p) for p in prompts}) == len(prompts)
     with pytest.raises(ValueError, match="distinct prompts"):
         et.make_task(0, vocab=2, num_prompts=5, prompt_len=2)
@@ -149,18 +152,18 @@ def train_seeds(transform, params, *, eos=False, seeds=SEEDS, steps=STEPS, **rl_
     table = et.sample_reference_table(task, K_REF, seed=1)
     tr = get_transform(transform, **params)
     cal = et.calibrated_table(task, table, tr.smoothed)
-    beta = et.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, KL_BUDGET)
+    beta = et.beta_for_kl(ref_logp, cal, task.rewards_XxY, tr, KL_BUDGET)
     cfg = rl.RLConfig(beta=beta, transform=transform, transform_params=params,
                       max_new_tokens=task.length, eos_id=task.eos_id, full_kl=False,
                       **{**SCHEDULE, **rl_kw})
-    target = et.target_logprobs(ref_logp, cal, tr, beta, task.rewards_PxY)
+    target = et.target_logprobs(ref_logp, cal, tr, beta, task.rewards_XxY)
     opt = rl.make_optimizer(cfg)
     step = rl.make_rl_step(cfg, models.decoder_fns(task.model_cfg), et.reward_fn(task), opt)
-    n_p = task.prompts_PxS.shape[0]
-    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_PxY), jnp.asarray(table),
+    n_p = task.prompts_XxP.shape[0]
+    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_XxY), jnp.asarray(table),
                        jnp.full((n_p,), K_REF, jnp.int32))
-    batch = {"prompt_BxP": jnp.asarray(task.prompts_PxS),
-             "prompt_mask_BxP": jnp.ones(task.prompts_PxS.shape, bool),
+    batch = {"prompt_BxP": jnp.asarray(task.prompts_XxP),
+             "prompt_mask_BxP": jnp.ones(task.prompts_XxP.shape, bool),
              "prompt_idx_B": jnp.arange(n_p)}
     states = [rl.init_state(task.ref_params, opt, cfg, jax.random.key(100 + s)) for s in seeds]
     state = jax.tree.map(lambda *x: jnp.stack(x), *states)

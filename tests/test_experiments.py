@@ -1,7 +1,6 @@
 """Every config loads, is locked, and its entrypoint runs end to end on a tiny setting."""
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,20 +8,15 @@ import sys
 
 import pytest
 
+from infalign_jax.infra.config_utils import load_config_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_config_is_locked_and_documented(path):
-    mod = _load(path)
+    mod = load_config_module(path)
     assert "Command" in (mod.__doc__ or "") and "Expected" in mod.__doc__
     config = mod.get_config()
     with pytest.raises(AttributeError):
@@ -131,11 +125,11 @@ def test_reproduce_entrypoint_exact_stage_smoke(tmp_path):
 def test_calibrate_entrypoint_builds_the_table_train_policy_reuses(tmp_path):
     """The real-task calibration pass (SmolLM2 + VADER) through its entrypoint, 2 prompts, K=2."""
     out = tmp_path / "cal"
-    _run("calibrate.py", "--config=configs/calibrate_real.py:task=helpfulness,size=tiny",
+    _run("calibrate.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
          f"--workdir={out}", "--config.task.num_prompts=2", "--config.task.eval_prompts=2",
          "--config.reference.k=2",
          "--config.task.max_new_tokens=4", tmp_path=tmp_path)
-    from infalign_jax.calibration import load_reference_table
+    from infalign_jax.core.calibration import load_reference_table
     table = load_reference_table(str(out / "reference_table.npz"), expected_reward_model_id="vader")
     assert table.num_prompts == 2 and table.sorted_rewards_BxK.shape[1] == 2
     assert list(table.prompt_ids) == ["help-000", "help-001"]

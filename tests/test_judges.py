@@ -9,7 +9,7 @@ import pytest
 from profanity_check import predict_prob
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from infalign_jax import judges
+from infalign_jax.rewards import judges
 
 TEXTS = ["What a wonderful, sunny day -- I love it!",
          "This is the worst service I have ever had. Terrible.",

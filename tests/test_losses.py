@@ -1,4 +1,4 @@
-"""KL estimators and policy-gradient losses (infalign_jax/losses.py) vs numpy and hand values."""
+"""KL estimators (infalign_jax/core/kl.py) and policy-gradient losses (core/losses.py) vs numpy and hand values."""
 
 import functools
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import losses as L
+from infalign_jax.core import kl as K
+from infalign_jax.core import losses as L
 
 B, T, V = 5, 7, 6
 VARIANTS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
@@ -42,9 +43,9 @@ def test_kl_estimators_match_numpy(variant, seed):
     d = logp.astype(np.float64) - ref
     expected = {"k1": d, "k2": 0.5 * d ** 2, "k3": np.exp(-d) - 1 + d}
     for name, want in expected.items():
-        got = variant(functools.partial(L.kl_per_token, name))(logp, ref, mask)
+        got = variant(functools.partial(K.kl_per_token, name))(logp, ref, mask)
         np.testing.assert_allclose(np.asarray(got), np.where(mask, want, 0), rtol=1e-5, atol=1e-6)
-        got_nomask = variant(L.KL_ESTIMATORS[name])(logp, ref)
+        got_nomask = variant(K.KL_ESTIMATORS[name])(logp, ref)
         np.testing.assert_allclose(np.asarray(got_nomask), want, rtol=1e-5, atol=1e-6)
         assert got.dtype == jnp.float32
 
@@ -53,11 +54,11 @@ def test_k3_nonnegative_and_zero_for_identical_policies():
     rng = np.random.default_rng(3)
     logp = rng.normal(0, 8, (64, 32)).astype(np.float32)
     ref = rng.normal(0, 8, (64, 32)).astype(np.float32)
-    k3 = np.asarray(L.kl_k3(logp, ref))
+    k3 = np.asarray(K.kl_k3(logp, ref))
     assert np.all(k3 >= 0) and np.all(np.isfinite(k3))
     tiny = (logp[:, :1] + np.float32(1e-6) * rng.normal(size=(64, 1))).astype(np.float32)
-    assert np.all(np.asarray(L.kl_k3(tiny, logp[:, :1])) >= 0)
-    for f in (L.kl_k1, L.kl_k2, L.kl_k3):
+    assert np.all(np.asarray(K.kl_k3(tiny, logp[:, :1])) >= 0)
+    for f in (K.kl_k1, K.kl_k2, K.kl_k3):
         assert np.all(np.asarray(f(logp, logp)) == 0.0)
 
 
@@ -69,12 +70,12 @@ def test_k1_and_k3_are_unbiased_for_exact_kl():
     exact = float(np.sum(p * np.log(p / q)))
     y = rng.choice(5, size=(200, 1000), p=p)
     logp, logq = np.log(p)[y].astype(np.float32), np.log(q)[y].astype(np.float32)
-    for f in (L.kl_k1, L.kl_k3):
+    for f in (K.kl_k1, K.kl_k3):
         samples = np.asarray(f(logp, logq), np.float64)
         se = samples.std() / np.sqrt(samples.size)
         assert abs(samples.mean() - exact) < 4 * se, (f.__name__, samples.mean(), exact, se)
     # k2 is biased here (it is only second-order accurate): make sure the test could tell.
-    k2 = np.asarray(L.kl_k2(logp, logq), np.float64)
+    k2 = np.asarray(K.kl_k2(logp, logq), np.float64)
     assert abs(k2.mean() - exact) > 4 * k2.std() / np.sqrt(k2.size)
 
 
@@ -93,12 +94,12 @@ def test_exact_kl_and_entropy_from_logits_match_numpy(variant):
     lp, lq = log_softmax(logits), log_softmax(ref_logits)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     ent = -(np.exp(lp) * lp).sum(-1)
-    got = variant(L.exact_kl_from_logits)(logits, ref_logits, mask)
+    got = variant(K.kl_from_logits)(logits, ref_logits, mask)
     np.testing.assert_allclose(np.asarray(got), np.where(mask, kl, 0), rtol=1e-5, atol=1e-6)
-    got = variant(L.entropy_from_logits)(logits, mask)
+    got = variant(K.entropy_from_logits)(logits, mask)
     np.testing.assert_allclose(np.asarray(got), np.where(mask, ent, 0), rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(L.exact_kl_from_logits(logits, logits)) == 0)
-    np.testing.assert_allclose(np.asarray(L.entropy_from_logits(np.zeros((1, 2, V)))), np.log(V),
+    assert np.all(np.asarray(K.kl_from_logits(logits, logits)) == 0)
+    np.testing.assert_allclose(np.asarray(K.entropy_from_logits(np.zeros((1, 2, V)))), np.log(V),
                                rtol=1e-6)
 
 
@@ -106,9 +107,9 @@ def test_exact_kl_with_zero_probabilities():
     neg = -np.inf
     logits = np.array([[[0.0, 0.0, neg]]], np.float32)      # p = (1/2, 1/2, 0)
     ref = np.array([[[0.0, neg, neg]]], np.float32)         # q = (1, 0, 0)
-    assert float(L.exact_kl_from_logits(ref, logits)[0, 0]) == pytest.approx(np.log(2), 1e-6)
-    assert np.isposinf(float(L.exact_kl_from_logits(logits, ref)[0, 0]))
-    assert float(L.entropy_from_logits(logits)[0, 0]) == pytest.approx(np.log(2), 1e-6)
+    assert float(K.kl_from_logits(ref, logits)[0, 0]) == pytest.approx(np.log(2), 1e-6)
+    assert np.isposinf(float(K.kl_from_logits(logits, ref)[0, 0]))
+    assert float(K.entropy_from_logits(logits)[0, 0]) == pytest.approx(np.log(2), 1e-6)
 
 
 def test_masked_reductions():
@@ -244,15 +245,15 @@ def test_kl_penalty_loss_value_and_gradient(variant):
     _, logp, ref, mask = _logps(11)
     beta = 0.3
     d = logp.astype(np.float64) - ref
-    fn = variant(functools.partial(L.kl_penalty_loss, beta=beta))
+    fn = variant(functools.partial(K.kl_penalty_loss, beta=beta))
     assert float(fn(logp, ref, mask)) == pytest.approx(
         beta * _np_masked_mean(np.exp(-d) - 1 + d, mask), rel=1e-5)
-    grad = jax.grad(lambda lp: L.kl_penalty_loss(lp, ref, mask, beta))(logp)
+    grad = jax.grad(lambda lp: K.kl_penalty_loss(lp, ref, mask, beta))(logp)
     np.testing.assert_allclose(np.asarray(grad), beta * (1 - np.exp(-d)) * mask / mask.sum(),
                                rtol=1e-5, atol=1e-8)
-    assert np.all(np.asarray(jax.grad(lambda lp: L.kl_penalty_loss(lp, lp * 1, mask, beta))(
+    assert np.all(np.asarray(jax.grad(lambda lp: K.kl_penalty_loss(lp, lp * 1, mask, beta))(
         logp)) == 0)
-    k1 = L.kl_penalty_loss(logp, ref, mask, beta, estimator="k1", reduction="sequence")
+    k1 = K.kl_penalty_loss(logp, ref, mask, beta, estimator="k1", reduction="sequence")
     rows = [d[i][mask[i]].mean() for i in range(B) if mask[i].any()]
     assert float(k1) == pytest.approx(beta * np.mean(rows), rel=1e-5)
 
@@ -260,13 +261,13 @@ def test_kl_penalty_loss_value_and_gradient(variant):
 def test_bad_inputs_raise_value_errors():
     x = np.zeros((B, T), np.float32)
     with pytest.raises(ValueError, match="logp_BxT"):
-        L.kl_k1(np.zeros(T), np.zeros(T))
+        K.kl_k1(np.zeros(T), np.zeros(T))
     with pytest.raises(ValueError, match="logp_BxT vs ref_logp_BxT"):
-        L.kl_k3(x, np.zeros((B, T + 1)))
+        K.kl_k3(x, np.zeros((B, T + 1)))
     with pytest.raises(ValueError, match="mask_BxT"):
-        L.kl_k3(x, x, np.ones((B, T + 1)))
+        K.kl_k3(x, x, np.ones((B, T + 1)))
     with pytest.raises(ValueError, match="known"):
-        L.kl_per_token("k4", x, x)
+        K.kl_per_token("k4", x, x)
     with pytest.raises(ValueError, match="reduction"):
         L.ppo_policy_loss(x, x, x, x > -1, reduction="batch")
     with pytest.raises(ValueError, match="clip_eps"):
@@ -274,11 +275,11 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="advantages"):
         L.ppo_policy_loss(x, x, np.zeros((B, T, 1)), x > -1)
     with pytest.raises(ValueError, match="beta"):
-        L.kl_penalty_loss(x, x, x > -1, beta=-1.0)
+        K.kl_penalty_loss(x, x, x > -1, beta=-1.0)
     with pytest.raises(ValueError, match="beta"):
-        L.kl_penalty_loss(x, x, x > -1, beta=np.float32(-1.0))
+        K.kl_penalty_loss(x, x, x > -1, beta=np.float32(-1.0))
     with pytest.raises(ValueError, match="beta must be a scalar"):
-        L.kl_penalty_loss(x, x, x > -1, beta=np.ones(2))
+        K.kl_penalty_loss(x, x, x > -1, beta=np.ones(2))
     with pytest.raises(ValueError, match="advantages_B"):
         L.reinforce_loss(x, x > -1, np.zeros(B + 1))
 
@@ -340,7 +341,7 @@ def test_kl_score_function_loss_has_the_sequence_kl_gradient():
     def surrogate(baseline):
         def per_sample(th):
             lp = logps(th)
-            return jnp.stack([L.kl_score_function_loss(lp[i:i + 1], old[i:i + 1],
+            return jnp.stack([K.kl_score_function_loss(lp[i:i + 1], old[i:i + 1],
                                                        ref_lp[i:i + 1], mask[i:i + 1],
                                                        None if baseline is None
                                                        else jnp.full((1,), baseline))
@@ -353,5 +354,5 @@ def test_kl_score_function_loss_has_the_sequence_kl_gradient():
     # Per-token penalties are not the sequence-KL gradient (the bug this replaces).
     for est in ("k3", "k2"):
         per_tok = expected_grad(lambda th: jnp.sum(
-            L.kl_per_token(est, logps(th), ref_lp, mask), -1))
+            K.kl_per_token(est, logps(th), ref_lp, mask), -1))
         assert np.max(np.abs(per_tok - want)) > 1e-2, est

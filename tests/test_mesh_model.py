@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from infalign_jax import models
-from infalign_jax import sharding as sh
+from infalign_jax.infra import sharding as sh
 
 TOL = 1e-5
 

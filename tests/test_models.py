@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import models, sampling
+from infalign_jax import models
+from infalign_jax.decoding import sampling
 from infalign_jax.models import ModelConfig
+from infalign_jax.core.losses import last_valid_index
 
 LLAMA = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                     head_dim=8, d_ff=48, max_len=40, heads=("lm", "reward", "value"), init_std=0.3)
@@ -96,7 +98,7 @@ def test_padding_invariance_and_reward_position(model):
 
 def test_last_token_index():
     mask = jnp.array([[0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], bool)
-    np.testing.assert_array_equal(models.last_token_index(mask), [3, 1, 3, 1])
+    np.testing.assert_array_equal(last_valid_index(mask)[0], [3, 1, 3, 1])
 
 
 def test_bfloat16_params_give_float32_logprobs():

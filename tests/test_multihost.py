@@ -1,4 +1,4 @@
-"""Tests of `infalign_jax.distributed`: config validation, environment parsing, per-process rows,
+"""Tests of `infalign_jax.infra.distributed`: config validation, environment parsing, per-process rows,
 and a real two-process CTRL run (gloo CPU collectives) against a one-process reference.
 
 The two-process test starts `tests/_multihost_worker.py` twice (4 CPU devices each, one global
@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from infalign_jax import distributed as dist
-from infalign_jax import sharding as sh
+from infalign_jax.infra import distributed as dist
+from infalign_jax.infra import sharding as sh
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_multihost_worker.py"

@@ -1,4 +1,4 @@
-"""Preference losses (infalign_jax/preference_losses.py) against hand values and closed forms."""
+"""Preference losses (infalign_jax/core/preference_losses.py) against hand values and closed forms."""
 
 import functools
 import math
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from infalign_jax import preference_losses as P
+from infalign_jax.core import preference_losses as P
 
 VARIANTS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 

@@ -14,10 +14,11 @@ import numpy as np
 import optax
 import pytest
 
-from infalign_jax import controlled_decoding as cd
-from infalign_jax import exact_task as et
+from infalign_jax.decoding import controlled_decoding as cd
+from infalign_jax.rl.tasks import exact as et
 from infalign_jax import models
-from infalign_jax import prefix_scorers as ps
+from infalign_jax.core.types import init_train_state
+from infalign_jax.rewards import prefix_scorers as ps
 
 
 # ------------------------------------------------------------------------------ hand cases
@@ -92,10 +93,10 @@ def _exact():
     """The task, pi_ref's exact probabilities and V* for each (prompt, response, position)."""
     task = et.make_task(0, init_std=0.5)  # a peaked pi_ref: V* varies a lot under it
     v, length = task.vocab, task.length
-    n_p = task.prompts_PxS.shape[0]
+    n_p = task.prompts_XxP.shape[0]
     probs = np.exp(et.policy_logprobs(task, task.ref_params))
     probs = probs / probs.sum(1, keepdims=True)
-    r = task.rewards_PxY.astype(np.float64)
+    r = task.rewards_XxY.astype(np.float64)
     codes = np.arange(v ** length)
     cols = []
     for t in range(length):
@@ -128,7 +129,7 @@ def test_fudge_minimiser_is_v_star():
     prompt_B = np.repeat(np.arange(n_p), n)
     codes_B = np.concatenate([rs.choice(v ** length, size=n, p=probs[p]) for p in range(n_p)])
     ids_BxL, per_prompt, _ = _prefix_ids(codes_B, prompt_B, v, length)
-    reward_B = jnp.asarray(task.rewards_PxY[prompt_B, codes_B])
+    reward_B = jnp.asarray(task.rewards_XxY[prompt_B, codes_B])
     mask = jnp.ones(ids_BxL.shape, bool)
 
     def loss(table):
@@ -147,7 +148,7 @@ def test_fudge_minimiser_is_v_star():
     assert np.max(np.abs(g_star)) < 1e-3 * np.max(np.abs(g0))
     counts = np.bincount(ids_BxL.ravel(), minlength=size)
     want, sd = np.zeros(size), np.zeros(size)
-    r = task.rewards_PxY.astype(np.float64)
+    r = task.rewards_XxY.astype(np.float64)
     for p in range(n_p):
         for t in range(length):
             level = p * per_prompt + _prefix_ids(np.arange(v ** (t + 1)) * v ** (length - 1 - t),
@@ -174,7 +175,7 @@ def test_cdq_fixed_point_is_v_star_exactly():
     n_y = v ** length
     prompt_B, codes_B = np.repeat(np.arange(n_p), n_y), np.tile(np.arange(n_y), n_p)
     resp = jnp.asarray(task.responses_YxL[codes_B])
-    prompts = jnp.asarray(task.prompts_PxS[prompt_B])
+    prompts = jnp.asarray(task.prompts_XxP[prompt_B])
     ones_r, ones_p = jnp.ones(resp.shape, bool), jnp.ones(prompts.shape, bool)
     ids, logp = ps.ref_next_token_logprobs(models.decoder_fns(task.model_cfg), task.ref_params,
                                            prompts, ones_p, resp, ones_r)
@@ -187,7 +188,7 @@ def test_cdq_fixed_point_is_v_star_exactly():
     for t in range(length - 1):
         child_BxLxV[:, t] = (prompt_B * per_prompt + offsets[t + 1]
                              + codes_B // v ** (length - 1 - t) * v)[:, None] + np.arange(v)
-    reward_B = jnp.asarray(task.rewards_PxY[prompt_B, codes_B])
+    reward_B = jnp.asarray(task.rewards_XxY[prompt_B, codes_B])
     table = jnp.asarray(np.random.RandomState(0).randn(n_p * per_prompt), jnp.float32)
     for _ in range(length + 1):
         targets = ps.cdq_targets(table[child_BxLxV], logp, ones_r, reward_B)
@@ -270,9 +271,9 @@ def test_next_token_values_and_cdq_step_match_brute_force():
 
     step = ps.make_scorer_step(cfg, "cdq", optax.sgd(1.0))
     batch = dict(prompt_BxP=prompt, prompt_mask_BxP=pmask, response_BxL=resp,
-                 response_mask_BxL=rmask, final_reward_B=reward, next_ids_BxLxK=ids,
-                 ref_next_logprobs_BxLxK=logp)
-    state, metrics = jax.jit(step)(ps.init_state(params, optax.sgd(1.0)), batch)
+                 response_mask_BxL=rmask, final_reward_B=reward, next_ids_BxLxJ=ids,
+                 ref_next_logprobs_BxLxJ=logp)
+    state, metrics = jax.jit(step)(init_train_state(params, optax.sgd(1.0)), batch)
     loss, grads = jax.jit(jax.value_and_grad(brute_loss))(params)
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-4)
     moved = jax.tree.map(lambda a, b: a - b, params, state.params)
@@ -283,7 +284,7 @@ def test_next_token_values_and_cdq_step_match_brute_force():
 
 def test_ref_next_token_logprobs_top_k():
     task = et.make_task(0)
-    prompt, pmask = jnp.asarray(task.prompts_PxS), jnp.ones(task.prompts_PxS.shape, bool)
+    prompt, pmask = jnp.asarray(task.prompts_XxP), jnp.ones(task.prompts_XxP.shape, bool)
     resp = jnp.asarray(task.responses_YxL[[5, 17]])
     fns = models.decoder_fns(task.model_cfg)
     full_ids, full = ps.ref_next_token_logprobs(fns, task.ref_params, prompt, pmask, resp,
@@ -325,7 +326,7 @@ def _exact_cd_rewards(task, probs, values_PxYxL, lam, k):
                     q = np.zeros_like(sel)
                     np.put_along_axis(q, order, sel, -1)
                 seq = (seq[:, None] * q).reshape(-1)
-            out[how].append(np.sum(seq * task.rewards_PxY[p]))
+            out[how].append(np.sum(seq * task.rewards_XxY[p]))
     return {how: float(np.mean(vals)) for how, vals in out.items()}
 
 
@@ -338,13 +339,13 @@ def test_fudge_trained_scorer_tracks_v_star_and_cd_raises_reward():
     steps, batch_size = 400, 256
     opt = optax.adam(optax.cosine_decay_schedule(5e-3, steps, 0.05))
     step = jax.jit(ps.make_scorer_step(cfg, "fudge", opt))
-    state = ps.init_state(models.init_params(cfg, jax.random.key(1)), opt)
+    state = init_train_state(models.init_params(cfg, jax.random.key(1)), opt)
     rs = np.random.RandomState(0)
     cdf = np.cumsum(probs, 1)
     # One left-padding column: the step must read the value model through padded prompts.
-    prompt_pad = np.concatenate([np.zeros((n_p, 1), np.int32), task.prompts_PxS], 1)
+    prompt_pad = np.concatenate([np.zeros((n_p, 1), np.int32), task.prompts_XxP], 1)
     pmask = np.concatenate([np.zeros((batch_size, 1), bool),
-                            np.ones((batch_size, task.prompts_PxS.shape[1]), bool)], 1)
+                            np.ones((batch_size, task.prompts_XxP.shape[1]), bool)], 1)
     first = None
     for _ in range(steps):
         p_idx = rs.randint(0, n_p, batch_size)
@@ -353,15 +354,15 @@ def test_fudge_trained_scorer_tracks_v_star_and_cd_raises_reward():
         state, metrics = step(state, dict(
             prompt_BxP=prompt_pad[p_idx], prompt_mask_BxP=pmask, response_BxL=resp,
             response_mask_BxL=np.ones(resp.shape, bool),
-            final_reward_B=task.rewards_PxY[p_idx, codes]))
+            final_reward_B=task.rewards_XxY[p_idx, codes]))
         first = float(metrics["loss"]) if first is None else first
     assert float(metrics["loss"]) < first
 
     scorer = ps.scorer_from_params(cfg, state.params)
     n_y = v ** length
-    tokens = jnp.asarray(np.concatenate([np.repeat(task.prompts_PxS, n_y, 0),
+    tokens = jnp.asarray(np.concatenate([np.repeat(task.prompts_XxP, n_y, 0),
                                          np.tile(task.responses_YxL, (n_p, 1))], 1))
-    prompt_len = task.prompts_PxS.shape[1]
+    prompt_len = task.prompts_XxP.shape[1]
     values = np.asarray(scorer(tokens, jnp.ones(tokens.shape, bool)))[:, prompt_len:]
     values = values.reshape(n_p, n_y, length)
     # pi_ref-weighted over (prompt, response, position) = CD's learning target L* (spec 2).
@@ -378,7 +379,7 @@ def test_fudge_trained_scorer_tracks_v_star_and_cd_raises_reward():
     assert rel_err < 0.6, rel_err
     assert corr > 0.8, corr
 
-    base = float(np.mean(np.sum(probs * task.rewards_PxY, 1)))
+    base = float(np.mean(np.sum(probs * task.rewards_XxY, 1)))
     lam, k = 5.0, 4
     trained = _exact_cd_rewards(task, probs, values, lam, k)
     oracle = _exact_cd_rewards(task, probs, vstar, lam, k)
@@ -390,7 +391,7 @@ def test_fudge_trained_scorer_tracks_v_star_and_cd_raises_reward():
 
     # The decoders themselves, with the trained scorer, reach the enumerated expected reward.
     n = 3000
-    prompt = jnp.asarray(np.repeat(task.prompts_PxS, n, 0))
+    prompt = jnp.asarray(np.repeat(task.prompts_XxP, n, 0))
     pm = jnp.ones(prompt.shape, bool)
     fns = models.decoder_fns(task.model_cfg)
     runs = {
@@ -402,7 +403,7 @@ def test_fudge_trained_scorer_tracks_v_star_and_cd_raises_reward():
             max_new_tokens=length).tokens_BxL)}
     for how, run in runs.items():
         toks = run(jax.random.key(3))
-        rewards = np.asarray(et.table_reward_fn(jnp.asarray(task.rewards_PxY),
+        rewards = np.asarray(et.table_reward_fn(jnp.asarray(task.rewards_XxY),
                                                 jnp.repeat(jnp.arange(n_p), n), toks,
                                                 None, vocab=v))
         se = rewards.std() / np.sqrt(len(rewards))
@@ -420,11 +421,11 @@ def test_bad_inputs_fail_clearly():
         ps.fudge_targets(jnp.zeros((2, 1)), mask)
     with pytest.raises(ValueError, match="values_BxT vs mask_BxT"):
         ps.fudge_loss(jnp.zeros((2, 4)), jnp.zeros(2), mask)
-    with pytest.raises(ValueError, match="next_values_BxTxK vs ref_next_logprobs_BxTxK"):
+    with pytest.raises(ValueError, match="next_values_BxTxJ vs ref_next_logprobs_BxTxJ"):
         ps.cdq_targets(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 5)), mask, jnp.zeros(2))
-    with pytest.raises(ValueError, match="next_values_BxTxK vs mask_BxT"):
+    with pytest.raises(ValueError, match="next_values_BxTxJ vs mask_BxT"):
         ps.cdq_targets(jnp.zeros((2, 4, 4)), jnp.zeros((2, 4, 4)), mask, jnp.zeros(2))
-    with pytest.raises(ValueError, match="ref_next_logprobs_BxTxK"):
+    with pytest.raises(ValueError, match="ref_next_logprobs_BxTxJ"):
         ps.cdq_targets(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3)), mask, jnp.zeros(2))
     with pytest.raises(ValueError, match="mask_BxT"):
         ps.terminal_mask(jnp.ones(3, bool))
@@ -443,9 +444,9 @@ def test_bad_inputs_fail_clearly():
     prompt, pmask, resp, rmask = _padded_batch()
     batch = dict(prompt_BxP=prompt, prompt_mask_BxP=pmask, response_BxL=resp,
                  response_mask_BxL=rmask, final_reward_B=jnp.zeros(2))
-    with pytest.raises(ValueError, match="missing.*next_ids_BxLxK"):
-        step(ps.init_state(params, optax.sgd(0.1)), batch)
-    with pytest.raises(ValueError, match="next_ids_BxLxK vs response_BxL"):
+    with pytest.raises(ValueError, match="missing.*next_ids_BxLxJ"):
+        step(init_train_state(params, optax.sgd(0.1)), batch)
+    with pytest.raises(ValueError, match="next_ids_BxLxJ vs response_BxL"):
         ps.next_token_values(cfg, params, prompt, pmask, resp, rmask, jnp.zeros((2, 3, 2), int))
     with pytest.raises(ValueError, match="top_k"):
         ps.ref_next_token_logprobs(models.decoder_fns(cfg), params, prompt, pmask, resp, rmask,

@@ -5,8 +5,9 @@ import json
 import subprocess
 
 import ml_collections
+import pytest
 
-from infalign_jax import provenance
+from infalign_jax.infra import provenance
 
 
 def test_manifest_contents(tmp_path):
@@ -27,3 +28,17 @@ def test_manifest_contents(tmp_path):
         assert m["git"]["revision"] == head
         assert isinstance(m["git"]["dirty"], bool)
     assert not (tmp_path / "out" / "manifest.json.tmp").exists()
+
+
+def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
+    from infalign_jax.infra.files import atomic_open, write_json
+    path = tmp_path / "summary.json"
+    write_json(str(path), {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_open(str(path)) as f:
+            f.write('{"a": 2')          # torn write, then the run dies
+            raise RuntimeError("killed")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]   # no temporary left
+    write_json(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}

@@ -11,41 +11,45 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import judges, models, real_tasks, sampling
+from infalign_jax.rewards import judges
+from infalign_jax import models
+from infalign_jax.rl.tasks import real
+from infalign_jax.decoding import sampling
+from infalign_jax.data import tokenize
 
 
 @pytest.mark.parametrize("name,prefix", [("helpfulness", "help-"), ("harmlessness", "harm-")])
 def test_prompt_files_parse_with_unique_ids(name, prefix):
-    task = real_tasks.get_real_task(name)
+    task = real.get_real_task(name)
     with open(task.prompts_path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     assert 40 <= len(rows) <= 60
-    ids, texts = real_tasks.load_prompts(task.prompts_path)
+    ids, texts = real.load_prompts(task.prompts_path)
     assert ids == [r["id"] for r in rows] and texts == [r["prompt"] for r in rows]
     assert len(set(ids)) == len(ids) and len(set(texts)) == len(texts)
     assert all(i.startswith(prefix) for i in ids)
-    assert real_tasks.task_prompts(name, 3) == (ids[:3], texts[:3])
+    assert real.task_prompts(name, 3) == (ids[:3], texts[:3])
 
 
 def test_task_registry_and_validation():
-    help_task = real_tasks.get_real_task("helpfulness")
-    harm_task = real_tasks.get_real_task("harmlessness")
+    help_task = real.get_real_task("helpfulness")
+    harm_task = real.get_real_task("harmlessness")
     assert (help_task.judge, help_task.procedure) == ("vader", "bon")
     assert (harm_task.judge, harm_task.procedure) == ("harmlessness", "won")
     assert harm_task.reward_model_id == judges.get_judge("harmlessness").name
     with pytest.raises(ValueError,
                        match="unknown real task 'summaries'.*harmlessness, helpfulness"):
-        real_tasks.get_real_task("summaries")
+        real.get_real_task("summaries")
     with pytest.raises(ValueError, match="RealTask.procedure must be one of"):
-        real_tasks.RealTask("t", "p.jsonl", judge="vader", procedure="best")
+        real.RealTask("t", "p.jsonl", judge="vader", procedure="best")
     with pytest.raises(ValueError, match="RealTask.judge 'bleu' is not a known judge"):
-        real_tasks.RealTask("t", "p.jsonl", judge="bleu", procedure="bon")
+        real.RealTask("t", "p.jsonl", judge="bleu", procedure="bon")
     with pytest.raises(ValueError, match="RealTask.max_new_tokens"):
-        real_tasks.RealTask("t", "p.jsonl", judge="vader", procedure="bon", max_new_tokens=0)
+        real.RealTask("t", "p.jsonl", judge="vader", procedure="bon", max_new_tokens=0)
     with pytest.raises(ValueError, match="RealTask.prompts_file must be a .jsonl"):
-        real_tasks.RealTask("t", "p.txt", judge="vader", procedure="bon")
+        real.RealTask("t", "p.txt", judge="vader", procedure="bon")
     with pytest.raises(ValueError, match=r"num_prompts must be an integer in \[1, 48\]"):
-        real_tasks.task_prompts("helpfulness", 49)
+        real.task_prompts("helpfulness", 49)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -61,7 +65,7 @@ def test_load_prompts_errors_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(str(path)) + message):
-        real_tasks.load_prompts(str(path))
+        real.load_prompts(str(path))
 
 
 class _FakeTokenizer:
@@ -84,33 +88,33 @@ class _FakeTokenizer:
 
 def test_encode_prompts_left_pads():
     tok = _FakeTokenizer()
-    prompt_BxP, mask_BxP = real_tasks.encode_prompts(tok, ["hi", "hello"])
+    prompt_BxP, mask_BxP = tokenize.encode_prompts(tok, ["hi", "hello"])
     np.testing.assert_array_equal(prompt_BxP, [[0, 0, 0, 7, 8, 104, 105, 9],
                                                [7, 8, 104, 101, 108, 108, 111, 9]])
     np.testing.assert_array_equal(mask_BxP, [[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
-    raw_BxP, raw_mask = real_tasks.encode_prompts(tok, ["ab", "c"], use_chat_template=False)
+    raw_BxP, raw_mask = tokenize.encode_prompts(tok, ["ab", "c"], use_chat_template=False)
     np.testing.assert_array_equal(raw_BxP, [[97, 98], [0, 99]])
     np.testing.assert_array_equal(raw_mask, [[1, 1], [0, 1]])
-    assert real_tasks.special_ids(tok) == (5, 0)
-    scfg = real_tasks.sampling_config(real_tasks.get_real_task("helpfulness"), tok, n=3)
+    assert tokenize.special_ids(tok) == (5, 0)
+    scfg = real.sampling_config(real.get_real_task("helpfulness"), tok, n=3)
     assert (scfg.n, scfg.max_new_tokens, scfg.eos_id, scfg.pad_id) == (3, 48, 5, 0)
 
 
 @pytest.mark.slow
 def test_helpfulness_smoke_with_smollm2():
     start = time.perf_counter()
-    cfg, params, tokenizer, ids, prompt_BxP, mask_BxP, judge = real_tasks.load_real_task(
+    cfg, params, tokenizer, ids, prompt_BxP, mask_BxP, judge = real.load_real_task(
         "helpfulness", num_prompts=2)
     load_s = time.perf_counter() - start
-    _, texts = real_tasks.task_prompts("helpfulness", 2)
+    _, texts = real.task_prompts("helpfulness", 2)
     assert ids == ["help-000", "help-001"] and prompt_BxP.shape[0] == 2
     for row, mask, text in zip(prompt_BxP, mask_BxP, texts):
         decoded = tokenizer.decode(row[mask].tolist())
         assert text in decoded and decoded.endswith("<|im_start|>assistant\n")
         assert mask[-1] and not mask[:np.argmax(mask)].any()  # left padding only
 
-    task = real_tasks.get_real_task("helpfulness")
-    scfg = real_tasks.sampling_config(task, tokenizer, n=2, max_new_tokens=8)
+    task = real.get_real_task("helpfulness")
+    scfg = real.sampling_config(task, tokenizer, n=2, max_new_tokens=8)
     fns = models.decoder_fns(cfg)
     out = jax.jit(lambda p, r: sampling.sample(fns, p, jnp.asarray(prompt_BxP),
                                                jnp.asarray(mask_BxP), r, scfg))(
@@ -119,7 +123,7 @@ def test_helpfulness_smoke_with_smollm2():
     mask_RxL = np.asarray(out.mask_BxNxL).reshape(4, -1)
     assert tokens_RxL.shape == (4, 8) and mask_RxL.sum() > 0
 
-    detokenize = real_tasks.detokenizer(tokenizer)
+    detokenize = tokenize.detokenizer(tokenizer)
     responses = [detokenize(t[m]) for t, m in zip(tokens_RxL, mask_RxL)]
     prompts = [texts[i] for i in (0, 0, 1, 1)]
     scores = judge(prompts, responses)

@@ -8,9 +8,21 @@ import numpy as np
 import optax
 import pytest
 
-from infalign_jax import exact_task as et
-from infalign_jax import losses, models, rl
-from infalign_jax.transforms import get_transform
+from infalign_jax.rl.tasks import exact as et
+from infalign_jax.core import losses
+from infalign_jax import models, rl
+from infalign_jax.core.transforms import get_transform
+
+
+def _frozen_and_batch(task):
+    """pi_ref, the reward table and a K = 64 reference table; one batch of both prompts."""
+    table = et.sample_reference_table(task, 64, seed=1)
+    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_XxY), jnp.asarray(table),
+                       jnp.full((2,), 64, jnp.int32))
+    batch = {"prompt_BxP": jnp.asarray(task.prompts_XxP),
+             "prompt_mask_BxP": jnp.ones(task.prompts_XxP.shape, bool),
+             "prompt_idx_B": jnp.arange(2)}
+    return frozen, batch
 
 
 def _setup(algorithm="rloo", kl_mode="reward", transform="exp", params=None, m=8):
@@ -22,12 +34,7 @@ def _setup(algorithm="rloo", kl_mode="reward", transform="exp", params=None, m=8
     opt = rl.make_optimizer(cfg)
     step = rl.make_rl_step(cfg, models.decoder_fns(task.model_cfg),
                            functools.partial(et.table_reward_fn, vocab=task.vocab), opt)
-    table = et.sample_reference_table(task, 64, seed=1)
-    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_PxY), jnp.asarray(table),
-                       jnp.full((2,), 64, jnp.int32))
-    batch = {"prompt_BxP": jnp.asarray(task.prompts_PxS),
-             "prompt_mask_BxP": jnp.ones(task.prompts_PxS.shape, bool),
-             "prompt_idx_B": jnp.arange(2)}
+    frozen, batch = _frozen_and_batch(task)
     # Start away from pi_ref so the KL terms are non-trivial.
     params = jax.tree.map(lambda x: x * 1.1, task.ref_params)
     return step, rl.init_state(params, opt), frozen, batch
@@ -64,7 +71,7 @@ def test_step_pure_updates_params_not_frozen(algorithm, kl_mode):
 
 def test_step_metrics_match_independent_rollout_scoring():
     """Re-scores the same rollout by hand (numpy calibration, closed-form transform)."""
-    from infalign_jax.sampling import sample
+    from infalign_jax.decoding.sampling import sample
     step, state, frozen, batch = _setup("rloo", "reward", "exp", {"t": 2.0}, m=8)
     key = jax.random.key(7)
     _, metrics = step(state, frozen, batch, key)
@@ -74,7 +81,7 @@ def test_step_metrics_match_independent_rollout_scoring():
     toks = np.asarray(samples.tokens_BxNxL)
     codes = (toks * np.array([16, 4, 1])).sum(-1)
     rewards = np.asarray(frozen.reward_params)[np.arange(2)[:, None], codes]
-    ref = np.asarray(frozen.ref_sorted_PxK)
+    ref = np.asarray(frozen.ref_sorted_XxK)
     cal = np.array([[(np.sum(ref[b] < r) + 0.5 * np.sum(ref[b] == r)) / ref.shape[1]
                      for r in rewards[b]] for b in range(2)])
     phi = np.expm1(2.0 * cal) / 2.0
@@ -167,12 +174,7 @@ def _step_with(**kw):
     opt = rl.make_optimizer(cfg)
     fns = models.decoder_fns(task.model_cfg)
     step = rl.make_rl_step(cfg, fns, functools.partial(et.table_reward_fn, vocab=task.vocab), opt)
-    table = et.sample_reference_table(task, 64, seed=1)
-    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_PxY), jnp.asarray(table),
-                       jnp.full((2,), 64, jnp.int32))
-    batch = {"prompt_BxP": jnp.asarray(task.prompts_PxS),
-             "prompt_mask_BxP": jnp.ones(task.prompts_PxS.shape, bool),
-             "prompt_idx_B": jnp.arange(2)}
+    frozen, batch = _frozen_and_batch(task)
     params = jax.tree.map(lambda x: x * 1.1, task.ref_params)
     state = rl.init_state(params, opt, cfg, jax.random.key(11))
     return cfg, fns, step, state, frozen, batch
@@ -200,10 +202,10 @@ def test_beta_lives_in_state_and_follows_schedules():
         state, met = jstep(state, frozen, batch, jax.random.key(i))
         assert float(met["beta"]) == pytest.approx(want, rel=1e-6)
         assert float(state.beta) == pytest.approx(want - 0.025, rel=1e-6)
-    # A state without beta (rl.TrainState(params, opt_state, step)) cannot run the controller.
+    # A state without beta (rl.RLState(params, opt_state, step)) cannot run the controller.
     cfg, _, step, state, frozen, batch = _step_with(beta_schedule="adaptive", kl_target=0.05)
-    with pytest.raises(ValueError, match="TrainState.beta"):
-        step(rl.TrainState(state.params, state.opt_state, state.step), frozen, batch,
+    with pytest.raises(ValueError, match="RLState.beta"):
+        step(rl.RLState(state.params, state.opt_state, state.step), frozen, batch,
              jax.random.key(0))
 
 
@@ -228,7 +230,7 @@ def _np_gae_path(score, logp, ref, values, mask, beta, gamma, lam, whiten=True):
 
 
 def test_gae_path_matches_numpy_on_a_rollout():
-    from infalign_jax.sampling import sample, sequence_logprobs
+    from infalign_jax.decoding.sampling import sample, sequence_logprobs
     # EOS = token 1 gives responses of different lengths (masked tails).
     cfg, fns, step, state, frozen, batch = _step_with(
         algorithm="ppo", advantage="gae", value_model=VALUE_MODEL, gamma=0.9, gae_lambda=0.8,
@@ -247,8 +249,8 @@ def test_gae_path_matches_numpy_on_a_rollout():
     values = rl.response_values(cfg.value_model_config(), state.value_params, prompt, pmask,
                                 resp, mask)
     rewards = et.table_reward_fn(frozen.reward_params, idx, resp, mask, vocab=4).reshape(2, 8)
-    _, phi = rl.score_rollout(cfg, cfg.get_transform(), rewards, frozen.ref_sorted_PxK,
-                              frozen.ref_count_P)
+    _, phi = rl.score_rollout(cfg, cfg.get_transform(), rewards, frozen.ref_sorted_XxK,
+                              frozen.ref_count_X)
     score = np.asarray(phi).reshape(-1)
     want_adv, want_ret = _np_gae_path(score, np.asarray(logp, np.float64),
                                       np.asarray(ref, np.float64),
@@ -295,11 +297,11 @@ def test_value_loss_decreases():
 def test_grad_accumulation_equals_full_batch():
     """k micro-steps over k batches == one step over the concatenated batch (3 real updates,
     so Adam's magnitude-dependent second and third steps are compared too)."""
-    from infalign_jax.sampling import sample, sequence_logprobs
+    from infalign_jax.decoding.sampling import sample, sequence_logprobs
     k = 4
     task = et.make_task(0, vocab=4, length=3, d_model=32)
     fns = models.decoder_fns(task.model_cfg)
-    prompts = jnp.asarray(np.repeat(task.prompts_PxS, 8, axis=0))       # 16 rows
+    prompts = jnp.asarray(np.repeat(task.prompts_XxP, 8, axis=0))       # 16 rows
     pmask = jnp.ones(prompts.shape, bool)
     scfg = rl.RLConfig(algorithm="ppo", samples_per_prompt=1, max_new_tokens=3).sampling()
     rounds = []
@@ -371,10 +373,10 @@ def _exact_run(steps, m, **kw):
     opt = rl.make_optimizer(cfg)
     step = jax.jit(rl.make_rl_step(cfg, models.decoder_fns(task.model_cfg),
                                    functools.partial(et.table_reward_fn, vocab=task.vocab), opt))
-    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_PxY), jnp.asarray(table),
+    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_XxY), jnp.asarray(table),
                        jnp.full((2,), 1024, jnp.int32))
-    batch = {"prompt_BxP": jnp.asarray(task.prompts_PxS),
-             "prompt_mask_BxP": jnp.ones(task.prompts_PxS.shape, bool),
+    batch = {"prompt_BxP": jnp.asarray(task.prompts_XxP),
+             "prompt_mask_BxP": jnp.ones(task.prompts_XxP.shape, bool),
              "prompt_idx_B": jnp.arange(2)}
     state = rl.init_state(task.ref_params, opt, cfg, jax.random.key(5))
     rng = jax.random.key(0)

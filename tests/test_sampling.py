@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from infalign_jax import sampling
-from infalign_jax.sampling import DecoderFns, SamplingConfig
+from infalign_jax.decoding import sampling
+from infalign_jax.decoding.sampling import SamplingConfig
+from infalign_jax.core.types import DecoderFns
 
 V, C, EOS, PAD = 5, 6, 4, 0
 
@@ -286,7 +287,7 @@ def test_model_prefill_last_logits_equal_teacher_forced():
 @pytest.mark.parametrize("mesh_cfg", [{"data": 8}, {"data": 4, "tensor": 2}])
 def test_sharded_sample_matches_single_device(mesh_cfg):
     from jax.sharding import PartitionSpec
-    from infalign_jax import sharding
+    from infalign_jax.infra import sharding
     from infalign_jax.models.transformer import Transformer
     models, cfg, _ = _tiny_model()
     mesh = sharding.make_mesh(mesh_cfg)

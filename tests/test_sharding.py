@@ -1,4 +1,4 @@
-"""Tests for infalign_jax.sharding on the 8 fake CPU devices set up in conftest.py."""
+"""Tests for infalign_jax.infra.sharding on the 8 fake CPU devices set up in conftest.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from infalign_jax import sharding as sh
+from infalign_jax.infra import sharding as sh
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,6 @@ def test_tokenizer_loads_offline_with_chat_template(tokenizer):
 
 @pytest.fixture(scope="module")
 def flax_model(path):
-    from infalign_jax import models
     cfg, params = gguf_import.load_gguf_checkpoint(path)
     return cfg, params
 
@@ -154,7 +153,8 @@ def test_logits_equal_transformers_with_padding(flax_model, reference, tokenizer
 def test_greedy_answer_equals_transformers(flax_model, reference, tokenizer):
     import jax
     import jax.numpy as jnp
-    from infalign_jax import models, sampling
+    from infalign_jax import models
+    from infalign_jax.decoding import sampling
     cfg, params = flax_model
     model, _ = reference
     ids = _chat_ids(tokenizer, QUESTION)

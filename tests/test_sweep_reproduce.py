@@ -8,24 +8,26 @@ import ml_collections
 import numpy as np
 import pytest
 
-from infalign_jax import exact_task as et
-from infalign_jax import reproduce, sweep
-from infalign_jax.transforms import get_transform
+from infalign_jax.rl.tasks import exact as et
+from infalign_jax.infra import provenance
+from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.workflows import reproduce, sweep
+from infalign_jax.core.transforms import get_transform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CTRL_EXACT = os.path.join(ROOT, "configs", "ctrl_exact.py")
 
 
 def _base():
-    return sweep.load_config_module(CTRL_EXACT).get_config()
+    return load_config_module(CTRL_EXACT).get_config()
 
 
 def test_get_sweep_is_the_t_grid_at_matched_kl_budgets():
-    points = sweep.sweep_points(sweep.load_config_module(CTRL_EXACT), "ts=-5;5,kls=0.5;1")
+    points = sweep.sweep_points(load_config_module(CTRL_EXACT), "ts=-5;5,kls=0.5;1")
     assert [(p["transform.t"], p["task.kl_budget"]) for p in points] == [
         (-5.0, 0.5), (5.0, 0.5), (-5.0, 1.0), (5.0, 1.0)]
     assert {p["transform.name"] for p in points} == {"exp"}
-    default = sweep.sweep_points(sweep.load_config_module(CTRL_EXACT))
+    default = sweep.sweep_points(load_config_module(CTRL_EXACT))
     assert [p["transform.t"] for p in default] == [-10, -5, -1, 0, 1, 5, 10]
 
 
@@ -61,20 +63,25 @@ def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
                    "last_train_metrics": {"kl_k1": 0.5, "loss": 1.0}}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f)
+        provenance.write_manifest(run_dir, cfg, with_devices=False)   # as train.run does
         return summary
 
     points = [{"transform.t": 1.0}, {"transform.t": 2.0}]
-    rows = sweep.run_sweep(_base(), points, str(tmp_path), runner, log=lambda s: None)
+    rows = sweep.run(_base(), points, str(tmp_path), runner, log=lambda s: None)
     assert len(calls) == 2 and [r["eval.exact_kl"] for r in rows] == [0.1, 0.2]
     assert "train.loss" not in rows[0] and rows[0]["train.kl_k1"] == 0.5
-    rows2 = sweep.run_sweep(_base(), points, str(tmp_path), runner, log=lambda s: None)
+    rows2 = sweep.run(_base(), points, str(tmp_path), runner, log=lambda s: None)
     assert len(calls) == 2 and rows2 == rows  # finished points are read back, not re-run
     text = (tmp_path / "sweep_results.md").read_text()
     assert "| t=2 | 2.0000 | 0.2000 | 0.5000 |" in text
     # A longer run of the same points is not "finished": it runs (and would resume).
     longer = sweep.apply_overrides(_base(), {"train.num_steps": 500})
-    sweep.run_sweep(longer, points[:1], str(tmp_path), runner, log=lambda s: None)
+    sweep.run(longer, points[:1], str(tmp_path), runner, log=lambda s: None)
     assert len(calls) == 3
+    # Nor is a finished point rerun with other settings: its stale summary is not reused.
+    other = sweep.apply_overrides(_base(), {"rl.learning_rate": 1e-4})
+    sweep.run(other, points[1:], str(tmp_path), runner, log=lambda s: None)
+    assert len(calls) == 4
 
 
 def test_beta_for_kl_hits_the_budget_and_is_monotone():
@@ -84,14 +91,14 @@ def test_beta_for_kl_hits_the_budget_and_is_monotone():
     for name, params in (("identity", {}), ("exp", {"t": 5.0}), ("exp", {"t": -5.0})):
         tr = get_transform(name, **params)
         cal = et.calibrated_table(task, table, tr.smoothed)
-        betas = [et.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, kl)
+        betas = [et.beta_for_kl(ref_logp, cal, task.rewards_XxY, tr, kl)
                  for kl in (0.2, 0.8)]
         assert betas[0] > betas[1]
         for beta, kl in zip(betas, (0.2, 0.8)):
             tgt = et.target_policy(ref_logp, cal, tr, beta)
             assert et.exact_kl(tgt, np.exp(ref_logp)) == pytest.approx(kl, rel=1e-6)
     with pytest.raises(ValueError, match="outside the reachable range"):
-        et.beta_for_kl(ref_logp, cal, task.rewards_PxY, tr, 50.0)
+        et.beta_for_kl(ref_logp, cal, task.rewards_XxY, tr, 50.0)
 
 
 def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
@@ -138,3 +145,9 @@ def test_reproduce_rejects_unknown_stage(tmp_path):
     with pytest.raises(ValueError, match=r"unknown stages \['bogus'\]"):
         reproduce.run(cfg, str(tmp_path))
     assert len(jax.devices()) == 8
+
+
+def test_reproduce_refuses_an_exact_stage_without_its_config(tmp_path):
+    cfg = ml_collections.ConfigDict({"stages": "exact", "size": "tiny", "seed": 0})
+    with pytest.raises(ValueError, match="stage 'exact' needs exact_config"):
+        reproduce.run(cfg, str(tmp_path))

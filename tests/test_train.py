@@ -9,24 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import rl_tasks, train
+from infalign_jax.rl import tasks as rl_tasks
+from infalign_jax.rl.tasks import exact as exact_tasks
+from infalign_jax.loops import train
 from infalign_jax.data import pipeline
-from infalign_jax.calibration import ReferenceTableError, build_reference_table
-from infalign_jax.metrics_io import read_jsonl
+from infalign_jax.core.calibration import ReferenceTableError, build_reference_table
+from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.infra.metrics_io import read_jsonl
 
 TIMING_KEYS = {"step_time_s", "tokens_per_s"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_config_module(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ctrl_exact = _load_config_module("ctrl_exact")
+ctrl_exact = load_config_module(os.path.join(ROOT, "configs", "ctrl_exact.py"))
 
 
 def _config(**overrides):
@@ -130,7 +125,7 @@ def _poisoned_exact(bad_prompt: int):
     """The exact task whose reward is NaN for one prompt (a NaN reward at chosen steps)."""
 
     def build(section):
-        task = rl_tasks._exact_task(section)
+        task = exact_tasks.rl_task(section)
         base = task.reward_fn
 
         def reward_fn(params, idx_R, tokens, mask):
@@ -175,7 +170,7 @@ def test_guard_keeps_state_bitwise_on_nonfinite_step():
         new = jax.tree.map(lambda x: x * batch["scale"], state)
         return new._replace(step=state.step + 1), {"loss": jnp.sum(new.params["w"])}
 
-    state = rl.TrainState({"w": jnp.arange(3.0)}, {"mu": jnp.ones(3)}, jnp.zeros((), jnp.int32))
+    state = rl.RLState({"w": jnp.arange(3.0)}, {"mu": jnp.ones(3)}, jnp.zeros((), jnp.int32))
     guarded = jax.jit(train.guard_nonfinite(step))
     good, m_good = guarded(state, None, {"scale": 2.0}, None)
     bad, m_bad = guarded(state, None, {"scale": jnp.nan}, None)
@@ -192,7 +187,7 @@ def test_batch_not_divisible_by_mesh_fails_at_start(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("rl.beta", 0.0, r"config.rl: RLConfig.beta: must be > 0"),
+    ("rl.beta", 0.0, r"config.rl: RLConfig.beta must be a finite number > 0"),
     ("rl.beta", -1.0, r"RLConfig.beta"),
     ("transform.name", "nope", r"unknown transform 'nope'; known transforms"),
     ("transform.name", "optimal", r"needs a table"),
@@ -200,7 +195,7 @@ def test_batch_not_divisible_by_mesh_fails_at_start(tmp_path):
     ("train.batch_size", 3, r"batch_size=3 exceeds the task's 2 prompts"),
     ("train.nan_policy", "ignore", r"nan_policy must be one of"),
     ("train.num_steps", 0, r"num_steps must be a positive integer"),
-    ("rl.samples_per_prompt", 1, r"RLOO needs >= 2 samples"),
+    ("rl.samples_per_prompt", 1, r"samples_per_prompt must be >= 2 for RLOO"),
     ("rl.kl_mode", "both", r"kl_mode"),
     ("mesh.data", 3, r"multiply to 3 but there are 1 devices"),
 ])
@@ -224,6 +219,22 @@ def test_resume_with_another_seed_is_refused(uninterrupted, tmp_path):
     shutil.copytree(workdir, tmp_path / "run")
     with pytest.raises(ValueError, match="seed 0, the config says 5"):
         train.run(_seeded(5), str(tmp_path / "run"), log=_quiet, devices=ONE)
+
+
+def test_resume_with_another_config_is_refused_naming_the_keys(uninterrupted, tmp_path):
+    workdir, _, _ = uninterrupted
+    import shutil
+    shutil.copytree(workdir, tmp_path / "run")
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    changed = _config(**{"transform.t": 8.0, "rl.beta": 0.5})
+    with pytest.raises(ValueError, match=r"another config \(rl.beta: checkpoint 1.5, config 0.5; "
+                                         r"transform.t: checkpoint 3.0, config 8.0\)"):
+        train.run(changed, str(tmp_path / "run"), log=_quiet, devices=ONE)
+    assert (tmp_path / "run" / "manifest.json").read_text() == manifest   # left as it was
+    # Running longer, reporting differently or on another mesh is a resume of the same run.
+    longer = _config(**{"train.num_steps": 8, "train.log_every": 1, "mesh.data": 1})
+    _, summary = train.run(longer, str(tmp_path / "run"), log=_quiet, devices=ONE)
+    assert summary["resumed_from"] == 6 and summary["final_step"] == 8
 
 
 def _seeded(seed):

@@ -1,14 +1,13 @@
 """Reward-model run loop: learns a known preference rule, resumes exactly, refuses bad data."""
 
 import json
-import os
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from infalign_jax import train_reward
+from infalign_jax.loops import train_reward
 from infalign_jax.data import DataError
 from infalign_jax.data.byte_tokenizer import ByteTokenizer
 from infalign_jax.data.synthetic import make_judged_pairs, write_jsonl
@@ -125,7 +124,7 @@ def test_bad_config_is_named(tmp_path, section, key, value, match):
 
 
 def test_synthetic_vader_pairs_are_labelled_by_the_judge():
-    from infalign_jax.judges import get_judge
+    from infalign_jax.rewards.judges import get_judge
     judge = get_judge("vader")
     pairs = make_judged_pairs(judge, 50, seed=3)
     assert len(pairs) == 50

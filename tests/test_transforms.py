@@ -1,4 +1,4 @@
-"""Reward transform registry (infalign_jax/transforms.py, spec section 1.4): closed forms computed
+"""Reward transform registry (infalign_jax/core/transforms.py, spec section 1.4): closed forms computed
 with numpy/scipy, strict monotonicity, the tabulated optimal transform, and error messages."""
 
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from infalign_jax import transforms as T
+from infalign_jax.core import transforms as T
 
 U = np.linspace(0.001, 0.999, 999).astype(np.float32)
 U64 = U.astype(np.float64)

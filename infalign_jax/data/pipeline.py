@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import grain
 import numpy as np
+from infalign_jax.infra import validate as check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,30 +35,18 @@ class LoaderConfig:
     process_count: int = 1
 
     def __post_init__(self):
-        def need(ok: bool, field: str, expected: str):
-            if not ok:
-                raise ValueError(f"LoaderConfig.{field} must be {expected}, got "
-                                 f"{getattr(self, field)!r}")
-
-        def is_int(x: Any) -> bool:
-            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-        need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
-        need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-        need(isinstance(self.shuffle, bool), "shuffle", "a bool")
-        need(isinstance(self.drop_remainder, bool), "drop_remainder", "a bool")
-        need(self.num_epochs is None or is_int(self.num_epochs) and self.num_epochs >= 1,
-             "num_epochs", "None (infinite) or an integer >= 1")
-        need(is_int(self.process_count) and self.process_count >= 1, "process_count",
-             "an integer >= 1")
-        need(is_int(self.process_index) and 0 <= self.process_index < self.process_count,
-             "process_index", f"an integer in [0, process_count={self.process_count})")
-        need(self.batch_size % self.process_count == 0, "batch_size",
-             f"divisible by process_count={self.process_count}")
+        check.ints(self, ("batch_size", "process_count"))
+        check.ints(self, ("seed",), low=0)
+        check.bools(self, ("shuffle", "drop_remainder"))
+        check.ints(self, ("num_epochs",), optional=True)      # None: infinite
+        if not (check.is_int(self.process_index) and 0 <= self.process_index < self.process_count):
+            check.fail(self, "process_index", f"an integer in [0, process_count={self.process_count})")
+        if self.batch_size % self.process_count:
+            check.fail(self, "batch_size", f"divisible by process_count={self.process_count}")
         # A short last batch cannot be split into equal per-process shards, and JAX needs equal
         # shards to assemble a global array.
-        need(self.drop_remainder or self.process_count == 1, "drop_remainder",
-             "True when process_count > 1")
+        if not (self.drop_remainder or self.process_count == 1):
+            check.fail(self, "drop_remainder", "True when process_count > 1")
 
 
 @functools.lru_cache(maxsize=8)

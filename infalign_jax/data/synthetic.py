@@ -9,10 +9,10 @@ The files are the generic {prompt, chosen, rejected} JSONL that `read_preference
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Sequence
 
 import numpy as np
+from infalign_jax.infra.files import atomic_open
 
 THINGS = ("pizza place", "museum", "hike", "concert", "bookshop", "train ride", "hotel", "cafe",
           "film", "park", "library", "market")
@@ -52,12 +52,9 @@ def make_judged_pairs(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -94,36 +91,3 @@ def pairs_from_samples(prompts: Sequence[str], responses: Sequence[Sequence[str]
                          "gold_chosen": float(s[chosen]), "gold_rejected": float(s[rejected]),
                          "label_flipped": flipped})
     return rows
-
-
-def sample_judged_pairs(task_name: str, *, num_prompts: int, samples_per_prompt: int,
-                        pairs_per_prompt: int, max_new_tokens: int, seed: int = 0,
-                        label_noise: float = 0.0, first_prompt: int = 0,
-                        progress: Callable[[str], None] = print) -> list[dict]:
-    """Pairs of the real task's *base-policy samples* (SmolLM2), labelled by its gold judge.
-
-    Prompts `first_prompt .. first_prompt + num_prompts` of the task's prompt file (so train and
-    eval sets can use disjoint prompts); one jitted sampling call per prompt batch.
-    """
-    import jax
-    from infalign_jax import models, real_tasks, sampling
-    task = real_tasks.get_real_task(task_name)
-    loaded = real_tasks.load_real_task(task_name, first_prompt + num_prompts)
-    _, texts = real_tasks.task_prompts(task_name, first_prompt + num_prompts)
-    rows = slice(first_prompt, first_prompt + num_prompts)
-    prompt_BxP, mask_BxP = loaded.prompt_BxP[rows], loaded.prompt_mask_BxP[rows]
-    texts = texts[rows]
-    scfg = real_tasks.sampling_config(task, loaded.tokenizer, samples_per_prompt,
-                                      max_new_tokens=max_new_tokens)
-    fns = models.decoder_fns(loaded.model_cfg)
-    out = jax.jit(lambda p, x, m, r: sampling.sample(fns, p, x, m, r, scfg))(
-        loaded.params, prompt_BxP, mask_BxP, jax.random.key(seed))
-    detok = real_tasks.detokenizer(loaded.tokenizer)
-    toks, masks = np.asarray(out.tokens_BxNxL), np.asarray(out.mask_BxNxL)
-    responses = [[detok(toks[b, n][masks[b, n]]) for n in range(toks.shape[1])]
-                 for b in range(toks.shape[0])]
-    scores = [loaded.judge([texts[b]] * len(responses[b]), responses[b])
-              for b in range(len(responses))]
-    progress(f"sampled {len(texts)} prompts x {samples_per_prompt} responses of "
-             f"{task_name!r} and scored them with {loaded.judge.name!r}")
-    return pairs_from_samples(texts, responses, scores, pairs_per_prompt, seed, label_noise)

@@ -1,6 +1,6 @@
 """Tokenisation and packing of prompts and preference pairs into fixed-shape numpy arrays.
 
-Layout (the convention of `infalign_jax.sampling`): prompts are LEFT-padded so every prompt ends
+Layout (the convention of `infalign_jax.decoding.sampling`): prompts are LEFT-padded so every prompt ends
 at column P-1 and generation continues from there; responses are RIGHT-padded. Shapes are the
 configured limits, not the longest example, so every dataset packs to the same shapes and a
 jitted step compiles once.
@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from infalign_jax.data.readers import DataError, PreferenceExample, PromptExample, SkipReport
+from infalign_jax.infra import validate as check
 
 Encoder = Callable[[str], list[int]]
 
@@ -36,57 +37,46 @@ class TokenizeConfig:
     pad_id: int = 0
 
     def __post_init__(self):
-        for name in ("max_prompt_len", "max_response_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TokenizeConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.prompt_truncation not in ("left", "error"):
-            raise ValueError("TokenizeConfig.prompt_truncation must be 'left' or 'error', got "
-                             f"{self.prompt_truncation!r}")
-        if self.response_truncation not in ("right", "error"):
-            raise ValueError("TokenizeConfig.response_truncation must be 'right' or 'error', got "
-                             f"{self.response_truncation!r}")
-        if not isinstance(self.append_eos, bool):
-            raise ValueError(f"TokenizeConfig.append_eos must be a bool, got {self.append_eos!r}")
+        check.ints(self, ("max_prompt_len", "max_response_len"))
+        check.choice(self, "prompt_truncation", ("left", "error"))
+        check.choice(self, "response_truncation", ("right", "error"))
+        check.bools(self, ("append_eos",))
         if self.append_eos and self.eos_id is None:
-            raise ValueError("TokenizeConfig.eos_id must be set when append_eos=True")
-        for name in ("eos_id", "pad_id"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 0):
-                raise ValueError(f"TokenizeConfig.{name} must be an integer >= 0, got {value!r}")
+            check.fail(self, "eos_id", "set when append_eos=True")
+        check.ints(self, ("eos_id",), low=0, optional=True)
+        check.ints(self, ("pad_id",), low=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedPrompts:
-    prompt_NxP: np.ndarray        # int32, left-padded with pad_id
-    prompt_mask_NxP: np.ndarray   # bool, True on real tokens
-    line_N: np.ndarray            # int32 source line of each example
+    prompt_BxP: np.ndarray        # int32, left-padded with pad_id
+    prompt_mask_BxP: np.ndarray   # bool, True on real tokens
+    line_B: np.ndarray            # int32 source line of each example
     prompt_ids: tuple[str, ...]
     sources: tuple[str, ...]
 
     def __len__(self) -> int:
-        return self.prompt_NxP.shape[0]
+        return self.prompt_BxP.shape[0]
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """The numeric arrays, for `pipeline.make_loader` (ids/sources: index with the rows)."""
-        return {"prompt_NxP": self.prompt_NxP, "prompt_mask_NxP": self.prompt_mask_NxP,
-                "line_N": self.line_N}
+        return {"prompt_BxP": self.prompt_BxP, "prompt_mask_BxP": self.prompt_mask_BxP,
+                "line_B": self.line_B}
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedPairs:
-    prompt_NxP: np.ndarray
-    prompt_mask_NxP: np.ndarray
-    chosen_NxR: np.ndarray        # int32, right-padded with pad_id
-    chosen_mask_NxR: np.ndarray
-    rejected_NxR: np.ndarray
-    rejected_mask_NxR: np.ndarray
-    line_N: np.ndarray
+    prompt_BxP: np.ndarray
+    prompt_mask_BxP: np.ndarray
+    chosen_BxL: np.ndarray        # int32, right-padded with pad_id
+    chosen_mask_BxL: np.ndarray
+    rejected_BxL: np.ndarray
+    rejected_mask_BxL: np.ndarray
+    line_B: np.ndarray
     sources: tuple[str, ...]
 
     def __len__(self) -> int:
-        return self.prompt_NxP.shape[0]
+        return self.prompt_BxP.shape[0]
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -172,12 +162,14 @@ def _no_records(examples: Sequence, report: SkipReport) -> DataError:
                      f"at least one); {report.summary()}")
 
 
-def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: TokenizeConfig, *,
-                     skip_bad: bool = False) -> tuple[PackedPrompts, SkipReport]:
-    encode, report, kept = as_encoder(tokenizer), SkipReport(), []
+def _pack_each(examples: Sequence[Any], pack: Callable[[Any], tuple], skip_bad: bool
+               ) -> tuple[list[tuple], SkipReport]:
+    """[(example, *pack(example))] for the examples that pack; a bad one (DataError) is raised,
+    or with `skip_bad` counted in the report and dropped. No record left is an error."""
+    report, kept = SkipReport(), []
     for ex in examples:
         try:
-            kept.append((ex, _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)))
+            kept.append((ex, *pack(ex)))
         except DataError as err:
             if not skip_bad:
                 raise
@@ -185,6 +177,14 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: Tok
     report.kept = len(kept)
     if not kept:
         raise _no_records(examples, report)
+    return kept, report
+
+
+def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: TokenizeConfig, *,
+                     skip_bad: bool = False) -> tuple[PackedPrompts, SkipReport]:
+    encode = as_encoder(tokenizer)
+    kept, report = _pack_each(
+        examples, lambda ex: (_pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line),), skip_bad)
     prompt, prompt_mask = pad_rows([ids for _, ids in kept], cfg.max_prompt_len, cfg.pad_id, True)
     return PackedPrompts(prompt, prompt_mask, np.array([ex.line for ex, _ in kept], np.int32),
                          tuple(ex.prompt_id for ex, _ in kept),
@@ -194,29 +194,56 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: Tok
 def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer: Any,
                          cfg: TokenizeConfig, *, skip_bad: bool = False
                          ) -> tuple[PackedPairs, SkipReport]:
-    encode, report, kept = as_encoder(tokenizer), SkipReport(), []
-    for ex in examples:
-        try:
-            prompt = _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)
-            chosen = _pack_response(encode(ex.chosen), "chosen", cfg, ex.source, ex.line)
-            rejected = _pack_response(encode(ex.rejected), "rejected", cfg, ex.source, ex.line)
-            if chosen == rejected:
-                # Truncation can make two different texts identical; such a pair carries no
-                # preference signal, so it is an error like an identical pair in the file.
-                raise DataError(ex.source, ex.line, "identical_responses", "chosen and rejected "
-                                f"are identical after tokenisation and truncation to "
-                                f"max_response_len={cfg.max_response_len} tokens")
-            kept.append((ex, prompt, chosen, rejected))
-        except DataError as err:
-            if not skip_bad:
-                raise
-            report.add(err)
-    report.kept = len(kept)
-    if not kept:
-        raise _no_records(examples, report)
+    encode = as_encoder(tokenizer)
+
+    def pack(ex: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
+        prompt = _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)
+        chosen = _pack_response(encode(ex.chosen), "chosen", cfg, ex.source, ex.line)
+        rejected = _pack_response(encode(ex.rejected), "rejected", cfg, ex.source, ex.line)
+        if chosen == rejected:
+            # Truncation can make two different texts identical; such a pair carries no
+            # preference signal, so it is an error like an identical pair in the file.
+            raise DataError(ex.source, ex.line, "identical_responses", "chosen and rejected "
+                            f"are identical after tokenisation and truncation to "
+                            f"max_response_len={cfg.max_response_len} tokens")
+        return prompt, chosen, rejected
+
+    kept, report = _pack_each(examples, pack, skip_bad)
     prompt, prompt_mask = pad_rows([k[1] for k in kept], cfg.max_prompt_len, cfg.pad_id, True)
     chosen, chosen_mask = pad_rows([k[2] for k in kept], cfg.max_response_len, cfg.pad_id, False)
     rejected, rejected_mask = pad_rows([k[3] for k in kept], cfg.max_response_len, cfg.pad_id, False)
     return PackedPairs(prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask,
                        np.array([k[0].line for k in kept], np.int32),
                        tuple(k[0].source for k in kept)), report
+
+
+# ------------------------------------------------ Hugging Face chat tokenizers (SmolLM2)
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+    """(eos_id, pad_id): the chat end-of-turn token ends a response; pad falls back to it."""
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if eos_id is None or eos_id == tokenizer.unk_token_id:
+        eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    return int(eos_id), int(pad_id)
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], use_chat_template: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded (prompt_BxP int32, prompt_mask_BxP bool), as the sampler expects."""
+    rows = []
+    for p in prompts:
+        if use_chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                add_generation_prompt=True)
+        else:
+            ids = tokenizer(p)
+        rows.append([int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    _, pad_id = special_ids(tokenizer)
+    return pad_rows(rows, max(len(r) for r in rows), pad_id, left=True)
+
+
+def detokenizer(tokenizer: Any) -> Callable[[np.ndarray], str]:
+    """`detokenize(token_ids) -> text` without special tokens or surrounding whitespace."""
+    def detokenize(ids: np.ndarray) -> str:
+        return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True).strip()
+    return detokenize

@@ -17,14 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from infalign_jax.models.config import ModelConfig
-from infalign_jax.models.transformer import Transformer, _dtype
-from infalign_jax.sampling import DecoderFns
+from infalign_jax.models.transformer import Transformer, as_dtype
+from infalign_jax.core.types import DecoderFns
+from infalign_jax.core.losses import last_valid_index
 
 Array = jax.Array
 Params = Any
 
 __all__ = ["ModelConfig", "ModelOutput", "init_params", "param_logical_axes", "apply",
-           "token_logprobs", "last_token_index", "init_cache", "prefill", "decode_step",
+           "token_logprobs", "init_cache", "prefill", "decode_step",
            "decoder_fns", "default_positions"]
 
 
@@ -56,12 +57,6 @@ def default_positions(mask_BxT: Array) -> Array:
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def last_token_index(mask_BxT: Array) -> Array:
-    """Index of the last real token of each row (works for left and right padding)."""
-    t = mask_BxT.shape[1]
-    return t - 1 - jnp.argmax(mask_BxT[:, ::-1].astype(jnp.int32), axis=1)
-
-
 def _causal_mask(mask_BxT: Array) -> Array:
     t = mask_BxT.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
@@ -78,7 +73,7 @@ def apply(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     out = Transformer(cfg).apply({"params": params}, tokens_BxT, positions, _causal_mask(mask))
     reward = None
     if "reward" in out:
-        idx = last_token_index(mask)
+        idx, _ = last_valid_index(mask)
         reward = jnp.take_along_axis(out["reward"], idx[:, None], axis=1)[:, 0]
     return ModelOutput(out.get("logits"), out["hidden"], reward, out.get("value"))
 
@@ -94,7 +89,7 @@ def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None
                ) -> dict[str, Any]:
     """Empty cache. Every leaf has the batch as its leading axis (the sampler repeats rows)."""
-    dt = _dtype(dtype or cfg.dtype)
+    dt = as_dtype(dtype or cfg.dtype)
     shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     layers = tuple({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
                    for _ in range(cfg.n_layers))
@@ -146,7 +141,7 @@ def decode_step(params: Params, tokens_B: Array, cfg: ModelConfig, cache: dict[s
 
 
 def decoder_fns(cfg: ModelConfig) -> DecoderFns:
-    """The prefill / decode / teacher-forced-logits triple used by `infalign_jax.sampling`."""
+    """The prefill / decode / teacher-forced-logits triple used by `infalign_jax.decoding.sampling`."""
 
     def _prefill(params, tokens_BxP, mask_BxP, max_len):
         cache = init_cache(cfg, tokens_BxP.shape[0], max_len)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from infalign_jax.infra import validate as check
 
 FAMILIES = ("llama", "gpt2")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -45,35 +46,26 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        def fail(field, msg):
-            raise ValueError(f"ModelConfig.{field}: {msg} (got {getattr(self, field)!r})")
+        def fail(field, expected):
+            check.fail(self, field, expected)
 
-        if self.family not in FAMILIES:
-            fail("family", f"must be one of {FAMILIES}")
-        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                      "d_ff", "max_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(field, "must be a positive integer")
+        check.choice(self, "family", FAMILIES)
+        check.ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                          "d_ff", "max_len"))
         if self.n_heads % self.n_kv_heads:
-            fail("n_kv_heads", f"must divide n_heads={self.n_heads}")
+            fail("n_kv_heads", f"a divisor of n_heads={self.n_heads}")
         if self.family == "llama" and self.head_dim % 2:
-            fail("head_dim", "must be even for rotary embeddings")
-        if not self.norm_eps > 0:
-            fail("norm_eps", "must be > 0")
-        if not self.rope_theta > 0:
-            fail("rope_theta", "must be > 0")
-        if self.activation not in ACTIVATIONS:
-            fail("activation", f"must be one of {ACTIVATIONS}")
-        for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in DTYPES:
-                fail(field, f"must be one of {DTYPES}")
+            fail("head_dim", "even for rotary embeddings")
+        check.numbers(self, ("norm_eps", "rope_theta"), strict=True)
+        check.choice(self, "activation", ACTIVATIONS)
+        check.choice(self, "dtype", DTYPES)
+        check.choice(self, "param_dtype", DTYPES)
         heads = tuple(self.heads)
         object.__setattr__(self, "heads", heads)
         if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
-            fail("heads", f"must be a non-empty tuple of distinct names from {HEADS}")
+            fail("heads", f"a non-empty tuple of distinct names from {HEADS}")
         if self.family == "gpt2" and self.n_kv_heads != self.n_heads:
-            fail("n_kv_heads", "GPT-2 has no grouped-query attention: must equal n_heads")
+            fail("n_kv_heads", "equal to n_heads (GPT-2 has no grouped-query attention)")
 
     @property
     def n_params(self) -> int:

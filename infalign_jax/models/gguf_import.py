@@ -23,7 +23,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import gguf
 import numpy as np

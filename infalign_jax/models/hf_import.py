@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax.models.config import ModelConfig
+from infalign_jax.infra.files import atomic_path
 
 SUPPORTED = ("llama", "qwen2", "gemma", "gpt2")
 
@@ -185,7 +186,7 @@ def _strip_prefix(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> dic
 def params_from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndarray], source: str,
                               dtype: str | None = None) -> dict[str, Any]:
     """Our parameter tree from HF-named tensors. Heads absent from the checkpoint start at zero."""
-    from infalign_jax import models  # the init gives the target shapes
+    from infalign_jax import models# the init gives the target shapes
 
     state = _strip_prefix(state_dict, cfg)
     shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
@@ -303,9 +304,8 @@ def save_hf_checkpoint(directory: str, cfg: ModelConfig, params: Mapping[str, An
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
-    tmp = os.path.join(directory, "model.safetensors.tmp")
-    save_file(hf_state_dict_from_params(cfg, params), tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(directory, "model.safetensors"))
+    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
+        save_file(hf_state_dict_from_params(cfg, params), tmp, metadata={"format": "pt"})
 
 
 def load_tokenizer(directory: str):

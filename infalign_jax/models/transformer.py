@@ -3,7 +3,7 @@
 Why Linen: its parameters are a plain nested dict whose leaves map one-to-one onto checkpoint
 tensors (Hugging Face, GGUF), and `module.apply(params, ...)` is already a pure function, which is
 what the jitted RL step, the sampler and `jax.grad` want. Logical axis names are attached with
-`nn.with_logical_partitioning` and read back as data by `infalign_jax.sharding`; activations carry
+`nn.with_logical_partitioning` and read back as data by `infalign_jax.infra.sharding`; activations carry
 `nn.with_logical_constraint` at block boundaries (a no-op outside a rules context).
 
 The KV cache is explicit state passed in and returned (no mutable Linen collections): per layer
@@ -29,14 +29,14 @@ Array = jax.Array
 NEG_INF = -1e30
 
 
-def _dtype(name: str):
+def as_dtype(name: str):
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
            init: Any, cfg: ModelConfig) -> Array:
     return module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                        _dtype(cfg.param_dtype))
+                        as_dtype(cfg.param_dtype))
 
 
 def _normal(cfg: ModelConfig):
@@ -191,7 +191,7 @@ class Transformer(nn.Module):
         """`last_logits_only`: lm logits for the last position only (B, 1, V) -- a prefill
         needs no others, and at a large vocabulary they are a third of its FLOPs."""
         cfg = self.cfg
-        dt = _dtype(cfg.dtype)
+        dt = as_dtype(cfg.dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            _normal(cfg), cfg)
         x = jnp.take(embedding, tokens_BxS, axis=0).astype(dt)

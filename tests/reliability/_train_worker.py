@@ -29,14 +29,14 @@ def poisoned_builder(kind: str, prompt: int):
     """A task builder: the exact task whose reward is `POISON_VALUES[kind]` for one prompt."""
     import jax.numpy as jnp
 
-    from infalign_jax import rl_tasks
+    from infalign_jax.rl.tasks import exact as exact_tasks
 
     value = POISON_VALUES[kind]
 
     def build(section):
         exact = dict(section.to_dict() if hasattr(section, "to_dict") else section)
         exact["name"] = "exact"
-        task = rl_tasks._exact_task(_Section(exact))
+        task = exact_tasks.rl_task(_Section(exact))
         base = task.reward_fn
 
         def reward_fn(params, idx_R, tokens, mask):
@@ -62,7 +62,7 @@ def main() -> None:
     sys.path.insert(0, ROOT)
     poison = os.environ.get("RELIABILITY_POISON")
     if poison:
-        from infalign_jax import rl_tasks
+        from infalign_jax.rl import tasks as rl_tasks
         kind, prompt = poison.split(":")
         rl_tasks.register_task(POISONED_TASK, poisoned_builder(kind, int(prompt)))
     script = os.path.join(ROOT, "experiments", "train_policy.py")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import models, sampling, train
-from infalign_jax.calibration import ReferenceTableError, build_reference_table
-from infalign_jax.checkpointing import CheckpointRestoreError
+from infalign_jax import models
+from infalign_jax.decoding import sampling
+from infalign_jax.loops import train
+from infalign_jax.core.calibration import ReferenceTableError, build_reference_table
+from infalign_jax.infra.checkpointing import CheckpointRestoreError
 from infalign_jax.data import DataError, TokenizeConfig, read_preferences, read_prompts
 from infalign_jax.data import tokenize_prompts
 from infalign_jax.models import hf_import
@@ -119,10 +119,10 @@ def _assert_no_complete_output(workdir: Path) -> None:
 
 
 CONFIG_CASES = [
-    ("rl.samples_per_prompt", 0, r"RLConfig.samples_per_prompt: must be a positive integer"),
-    ("rl.max_new_tokens", 0, r"RLConfig.max_new_tokens: must be a positive integer"),
-    ("rl.beta", float("nan"), r"RLConfig.beta: must be > 0"),
-    ("rl.learning_rate", -1e-3, r"RLConfig.learning_rate: must be > 0"),
+    ("rl.samples_per_prompt", 0, r"RLConfig.samples_per_prompt must be a positive integer"),
+    ("rl.max_new_tokens", 0, r"RLConfig.max_new_tokens must be a positive integer"),
+    ("rl.beta", float("nan"), r"RLConfig.beta must be a finite number > 0"),
+    ("rl.learning_rate", -1e-3, r"RLConfig.learning_rate must be a finite number > 0"),
     ("transform.t", float("inf"), r"transform parameter 't' must be finite, got inf"),
     ("transform.t", float("nan"), r"transform parameter 't' must be finite, got nan"),
     ("train.checkpoint_every", 0, r"config.train.checkpoint_every must be a positive integer"),
@@ -170,7 +170,7 @@ def test_options_rlconfig_accepts_also_train(tmp_path, overrides):
 CLI_CASES = [
     ("--config.rl.betta=1", "betta"),                 # unknown key in a locked config
     ("--config.rl.beta=abc", "beta"),                 # wrong type
-    ("--config.rl.beta=-1", "RLConfig.beta: must be > 0"),
+    ("--config.rl.beta=-1", "RLConfig.beta must be a finite number > 0"),
 ]
 
 
@@ -189,7 +189,7 @@ def test_bad_cli_flag_exits_nonzero_naming_the_key(tmp_path, flag, match):
 # ---- reference tables ------------------------------------------------------------------------
 
 def _exact_ids() -> tuple[str, str]:
-    from infalign_jax import rl_tasks
+    from infalign_jax.rl import tasks as rl_tasks
     task = rl_tasks.build_task(_load_config().task)
     return task.reward_model_id, task.base_model_id
 
@@ -313,7 +313,7 @@ def _bad_index(directory):
 @pytest.mark.parametrize("edit,match", [
     (lambda d: (d / "config.json").write_text(json.dumps(
         {**json.loads((d / "config.json").read_text()), "vocab_size": "many"})),
-     r"ModelConfig.vocab_size: must be a positive integer \(got 'many'\)"),
+     r"ModelConfig.vocab_size must be a positive integer, got 'many'"),
     pytest.param(_drop_key("num_hidden_layers"), r"config.json.*num_hidden_layers"),
     pytest.param(_bad_index, r"model.safetensors.index.json"),
 ], ids=["vocab-is-string", "missing-config-key", "malformed-shard-index"])

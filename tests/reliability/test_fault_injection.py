@@ -30,10 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import checkpointing, rl, rl_tasks, train
-from infalign_jax.checkpointing import Checkpointer
+from infalign_jax.infra import checkpointing
+from infalign_jax import rl
+from infalign_jax.rl import tasks as rl_tasks
+from infalign_jax.rl.tasks import exact as exact_tasks
+from infalign_jax.loops import train
+from infalign_jax.infra.checkpointing import Checkpointer
 from infalign_jax.data import pipeline
-from infalign_jax.metrics_io import read_jsonl
+from infalign_jax.infra.metrics_io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "reliability" / "_train_worker.py"
@@ -94,21 +98,21 @@ def _load_config(**overrides):
     return c
 
 
-def _restore(workdir: Path, step: int, config=None) -> tuple[rl.TrainState, dict]:
+def _restore(workdir: Path, step: int, config=None) -> tuple[rl.RLState, dict]:
     """Restores checkpoint `step` of a run of `config` (the CLI flags above by default)."""
     config = config or _load_config()
     task = rl_tasks.build_task(config.task) if config.task.name in rl_tasks.known_tasks() \
-        else rl_tasks._exact_task(config.task)
+        else exact_tasks.rl_task(config.task)
     cfg = train.rl_config(config, task)
     optimizer = rl.make_optimizer(cfg)
-    state = rl.TrainState(task.ref_params, optimizer.init(task.ref_params),
+    state = rl.RLState(task.ref_params, optimizer.init(task.ref_params),
                           jnp.zeros((), jnp.int32))
     with Checkpointer(workdir / "checkpoints", max_to_keep=None) as ckpt:
         restored = ckpt.restore(step, jax.eval_shape(lambda: state))
     return restored.state, restored.meta
 
 
-def _assert_states_equal(a: rl.TrainState, b: rl.TrainState, what: str) -> None:
+def _assert_states_equal(a: rl.RLState, b: rl.RLState, what: str) -> None:
     leaves_a = jax.tree_util.tree_flatten_with_path(jax.device_get(a))[0]
     leaves_b = jax.tree.leaves(jax.device_get(b))
     assert len(leaves_a) == len(leaves_b), what

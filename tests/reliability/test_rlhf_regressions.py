@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infalign_jax import advantages, losses, models, rl, sampling
-from infalign_jax.reward_training import reward_fn_from_model
-from infalign_jax.sampling import SamplingConfig
+from infalign_jax.core import advantages, kl
+from infalign_jax import models, rl
+from infalign_jax.decoding import sampling
+from infalign_jax.rewards.reward_models import reward_fn_from_model
+from infalign_jax.decoding.sampling import SamplingConfig
 
 V, EOS, PAD = 12, 11, 0
 POLICY = models.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -107,7 +109,7 @@ def test_k3_is_never_negative_in_float32():
     d = np.concatenate([np.linspace(-30, 30, 20001), np.geomspace(1e-12, 1, 4001),
                         -np.geomspace(1e-12, 1, 4001), [tiny, -tiny, 0.0]]).astype(np.float32)
     ref = np.zeros_like(d)
-    k3 = np.asarray(losses.kl_k3(jnp.asarray(d)[None], jnp.asarray(ref)[None]))
+    k3 = np.asarray(kl.kl_k3(jnp.asarray(d)[None], jnp.asarray(ref)[None]))
     assert (k3 >= 0).all(), d[np.argmin(k3)]
     # and it matches the float64 value r - 1 - log r, r = exp(-d)
     r = np.exp(-d.astype(np.float64))
@@ -129,7 +131,7 @@ def test_single_sample_per_prompt_advantages():
     np.testing.assert_allclose(np.asarray(ret), [[0.95 ** 2, 0.95, 1.0]], rtol=1e-6)
     assert np.isfinite(np.asarray(adv)).all()
     # The RLOO algorithm needs a leave-one-out baseline: M = 1 is refused, naming the field.
-    with pytest.raises(ValueError, match=r"RLConfig.samples_per_prompt: RLOO needs >= 2"):
+    with pytest.raises(ValueError, match=r"RLConfig.samples_per_prompt must be >= 2 for RLOO"):
         rl.RLConfig(algorithm="rloo", samples_per_prompt=1)
 
 

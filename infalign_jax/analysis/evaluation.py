@@ -1,0 +1,251 @@
+"""Evaluation maths: plug-in (inference-time) win rates, bootstrap CIs, KL estimators, KL bounds.
+
+Two array back-ends, on purpose:
+  * Win rates, bootstrap CIs and KL bounds are **numpy, float64, host-side**. They run once per
+    evaluation on small [prompts x samples] tables of judge scores; float64 keeps the
+    tie-sensitive sums exact to ~1e-15 (a policy against itself gives 1/2 to machine precision),
+    and input checks can raise `ValueError` naming the argument.
+  * KL estimators are **JAX, float32** pure functions (STYLE.md habit 5: log-probs and KL in float32),
+    since they consume model outputs (`logits_BxTxV`) on the device; callers jit them.
+
+Plug-in win rates (spec 1.2, ties count 1/2). Per prompt, pi_hat is the empirical distribution of
+the M policy judge scores and pi_ref_hat that of the K reference scores (uniform over samples, so
+repeated values carry their multiplicity). For X ~ T_n(pi_hat), Y ~ T_m(pi_ref_hat), with T_n the
+max (BoN) or min (WoN) of n i.i.d. draws *with replacement*,
+    W = P(X > Y) + 1/2 P(X = Y) = sum_v P(X = v) [P(Y < v) + 1/2 P(Y = v)].
+With F(v) = P(pi_hat <= v), F-(v) = P(pi_hat < v) (H, H- for the reference):
+    BoN: P(X <= v) = F^n, so P(X = v) = F^n - F-^n;  P(Y < v) + P(Y = v)/2 = (H-^m + H^m) / 2.
+    WoN: P(X >= v) = (1 - F-)^n, so P(X = v) = (1 - F-)^n - (1 - F)^n;
+         P(Y < v) + P(Y = v)/2 = 1 - ((1 - H-)^m + (1 - H)^m) / 2.
+The sum over distinct values v is taken as a sum over policy samples i, each carrying
+P(X = p_i) / c_i where c_i = M (F(p_i) - F-(p_i)) is the number of copies of p_i. This is exact
+for any ties. `against="transformed"` uses m = n (W_r(T(pi) > T(pi_ref)), the spec's main
+reading, which gives exactly 1/2 for pi = pi_ref); `against="base"` uses m = 1 (T(pi) vs plain
+pi_ref, the alternative reading). n = 1 is the standard win rate.
+
+n may exceed M: draws are with replacement, so the plug-in is defined for every n >= 1. It is the
+exact win rate between the *empirical* distributions; as an estimate of the population quantity its
+bias grows as n approaches M (the top sample is over-represented), so keep M a few times n.
+
+Entry points: `plugin_win_rates` (per prompt, [B, G] over an n grid), `win_rate` (mean over
+prompts with a bootstrap CI over prompts and a NaN policy), `bootstrap_mean` for any per-prompt
+metric. The judge scores are whatever judge the caller used (spec 1.5: the reward r itself or
+another judge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from infalign_jax.core.selection import AGAINST, PROCEDURES
+
+Array = jax.Array
+
+NAN_POLICIES = ("raise", "skip")
+
+
+# ---------------------------------------------------------------- plug-in win rates (numpy)
+
+def _mask(name: str, scores: np.ndarray, valid) -> np.ndarray:
+    if scores.ndim != 2 or scores.shape[1] < 1:
+        raise ValueError(f"{name} must be [num_prompts, num_samples>=1], got shape {scores.shape}")
+    valid = np.ones(scores.shape, bool) if valid is None else np.asarray(valid, bool)
+    if valid.shape != scores.shape:
+        raise ValueError(f"valid mask for {name} must have shape {scores.shape}, got {valid.shape}")
+    return valid
+
+
+def _scores(name: str, scores, valid) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, np.float64)
+    valid = _mask(name, scores, valid)
+    bad = valid & np.isnan(scores)
+    if bad.any():
+        raise ValueError(f"{name} has {int(bad.sum())} NaN judge score(s) in prompt rows "
+                         f"{np.flatnonzero(bad.any(1))[:10].tolist()} (mask them out or use "
+                         f"nan_policy='skip')")
+    empty = ~valid.any(1)
+    if empty.any():
+        raise ValueError(f"{name}: prompt rows {np.flatnonzero(empty)[:10].tolist()} have no valid "
+                         f"sample")
+    return scores, valid
+
+
+def _ns(ns) -> np.ndarray:
+    ns_G = np.atleast_1d(np.asarray(ns))
+    if ns_G.ndim != 1 or ns_G.size == 0 or not np.issubdtype(ns_G.dtype, np.integer):
+        raise ValueError(f"ns must be an int or a 1-D sequence of ints, got {ns!r}")
+    if (ns_G < 1).any():
+        raise ValueError(f"ns must all be >= 1, got {ns_G.tolist()}")
+    return ns_G.astype(np.float64)
+
+
+def _fractions_le_lt(values_BxK: np.ndarray, weights_BxK: np.ndarray, queries_BxM: np.ndarray,
+                     chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per row b: the weight share of values <= q and < q, for each query q (weights sum to 1 per
+    row; 0 for invalid samples). O(B M K), memory-chunked over rows."""
+    le_BxM = np.empty(queries_BxM.shape)
+    lt_BxM = np.empty(queries_BxM.shape)
+    for s in range(0, values_BxK.shape[0], chunk):
+        v = values_BxK[s:s + chunk, None, :]
+        w = weights_BxK[s:s + chunk, None, :]
+        q = queries_BxM[s:s + chunk, :, None]
+        le_BxM[s:s + chunk] = np.sum(np.where(v <= q, w, 0.0), -1)
+        lt_BxM[s:s + chunk] = np.sum(np.where(v < q, w, 0.0), -1)
+    return le_BxM, lt_BxM
+
+
+def _weights(name: str, valid_BxM: np.ndarray, weights) -> np.ndarray:
+    """Per-row probabilities of the samples: uniform over valid ones, or `weights` normalised."""
+    if weights is None:
+        w = valid_BxM.astype(np.float64)
+    else:
+        w = np.asarray(weights, np.float64)
+        if w.shape != valid_BxM.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError(f"weights for {name} must be finite, >= 0 and of shape "
+                             f"{valid_BxM.shape}")
+        w = np.where(valid_BxM, w, 0.0)
+    total = w.sum(1, keepdims=True)
+    if np.any(total <= 0):
+        raise ValueError(f"{name}: prompt rows {np.flatnonzero(total[:, 0] <= 0)[:10].tolist()} "
+                         f"have no weight on a valid sample")
+    return w / total
+
+
+def plugin_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: str = "transformed",
+                     pol_valid_BxM=None, ref_valid_BxK=None, pol_weights_BxM=None,
+                     ref_weights_BxK=None) -> np.ndarray:
+    """Exact per-prompt win rate of T_n(pi_hat) against T_m(pi_ref_hat); returns [B, G].
+
+    See the module docstring for the formula. pi_hat is uniform over the valid samples (the
+    plug-in estimate) or, with `pol_weights_BxM`, puts those weights on them: with the outcomes of
+    a discrete policy and their probabilities this is that policy's exact win rate (the exact
+    task's). Invalid (masked) samples are dropped; every prompt needs at least one valid sample
+    on each side.
+    """
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
+    if against not in AGAINST:
+        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
+    pol_BxM, pol_valid_BxM = _scores("pol_BxM", pol_BxM, pol_valid_BxM)
+    ref_BxK, ref_valid_BxK = _scores("ref_BxK", ref_BxK, ref_valid_BxK)
+    if pol_BxM.shape[0] != ref_BxK.shape[0]:
+        raise ValueError(f"pol_BxM and ref_BxK must have the same number of prompts, got "
+                         f"{pol_BxM.shape[0]} and {ref_BxK.shape[0]}")
+    pol_w_BxM = _weights("pol_BxM", pol_valid_BxM, pol_weights_BxM)
+    ref_w_BxK = _weights("ref_BxK", ref_valid_BxK, ref_weights_BxK)
+    n_G = _ns(ns)
+    m_G = n_G if against == "transformed" else np.ones_like(n_G)
+
+    f_le, f_lt = _fractions_le_lt(pol_BxM, pol_w_BxM, pol_BxM)
+    h_le, h_lt = _fractions_le_lt(ref_BxK, ref_w_BxK, pol_BxM)
+    f_le, f_lt, h_le, h_lt = (a[..., None] for a in (f_le, f_lt, h_le, h_lt))  # [B, M, 1]
+    if procedure == "bon":
+        mass_BxMxG = f_le ** n_G - f_lt ** n_G
+        below_BxMxG = 0.5 * (h_lt ** m_G + h_le ** m_G)
+    else:
+        mass_BxMxG = (1.0 - f_lt) ** n_G - (1.0 - f_le) ** n_G
+        below_BxMxG = 1.0 - 0.5 * ((1.0 - h_lt) ** m_G + (1.0 - h_le) ** m_G)
+    # Split P(X = p_i) over the samples tied at p_i in proportion to their weights (equal shares
+    # for the plug-in); f_le - f_lt >= w_i > 0 for every sample with weight.
+    w_BxMx1 = pol_w_BxM[..., None]
+    tied_BxMx1 = np.where(w_BxMx1 > 0, np.maximum(f_le - f_lt, w_BxMx1), 1.0)
+    share_BxMxG = mass_BxMxG * w_BxMx1 / tied_BxMx1
+    return np.sum(share_BxMxG * below_BxMxG, axis=1)
+
+
+def standard_win_rate(pol_BxM, ref_BxK, pol_valid_BxM=None, ref_valid_BxK=None) -> np.ndarray:
+    """Per-prompt W_r(pi > pi_ref) = mean over pairs of 1{p > r} + 1/2 1{p = r}; returns [B]."""
+    return plugin_win_rates(pol_BxM, ref_BxK, 1, "bon", "transformed",
+                            pol_valid_BxM, ref_valid_BxK)[:, 0]
+
+
+def paired_win_rate(pol_B, ref_B) -> np.ndarray:
+    """1{a > b} + 1/2 1{a = b} per prompt, for one selected output per side (spec 1.5 eval 3)."""
+    pol_B, ref_B = np.asarray(pol_B, np.float64), np.asarray(ref_B, np.float64)
+    if pol_B.shape != ref_B.shape or pol_B.ndim != 1:
+        raise ValueError(f"pol_B and ref_B must be 1-D of equal length, got {pol_B.shape}, "
+                         f"{ref_B.shape}")
+    for name, a in (("pol_B", pol_B), ("ref_B", ref_B)):
+        if np.isnan(a).any():
+            raise ValueError(f"{name} has {int(np.isnan(a).sum())} NaN judge score(s)")
+    return (pol_B > ref_B) + 0.5 * (pol_B == ref_B)
+
+
+# ---------------------------------------------------------------- bootstrap over prompts
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Mean over prompts with a bootstrap percentile interval (arrays shaped like one row)."""
+
+    point: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    stderr: np.ndarray
+    num_prompts: int
+    skipped_prompts: int = 0
+    skipped_samples: int = 0
+
+
+def bootstrap_mean(values_B, num_resamples: int = 1000, seed: int | np.random.Generator = 0,
+                   level: float = 0.95) -> Estimate:
+    """Mean over prompts (axis 0) with a percentile bootstrap CI, resampling prompts.
+
+    stderr is the standard deviation of the bootstrap means (~ s / sqrt(B)).
+    """
+    values_B = np.asarray(values_B, np.float64)
+    if values_B.ndim < 1 or values_B.shape[0] < 1:
+        raise ValueError(f"values_B needs at least one prompt, got shape {values_B.shape}")
+    if not np.isfinite(values_B).all():
+        raise ValueError("values_B contains non-finite values")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if num_resamples < 2:
+        raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    num = values_B.shape[0]
+    idx_RxB = rng.integers(0, num, size=(num_resamples, num))
+    means_R = values_B[idx_RxB].mean(axis=1)
+    lower, upper = np.quantile(means_R, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return Estimate(values_B.mean(0), lower, upper, means_R.std(0, ddof=1), num)
+
+
+def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bon",
+             against: str = "transformed", pol_valid_BxM=None, ref_valid_BxK=None,
+             nan_policy: str = "raise", num_resamples: int = 1000, seed=0,
+             level: float = 0.95) -> Estimate:
+    """Plug-in win rate averaged over prompts, with a bootstrap CI; arrays over the ns grid.
+
+    nan_policy="raise": a NaN judge score raises ValueError naming pol_BxM / ref_BxK.
+    nan_policy="skip": NaN scores are dropped (counted in skipped_samples) and prompts left
+    without a valid sample on either side are dropped (counted in skipped_prompts).
+    """
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    pol = np.asarray(pol_BxM, np.float64)
+    ref = np.asarray(ref_BxK, np.float64)
+    skipped_samples = skipped_prompts = 0
+    if nan_policy == "skip":
+        pol_valid = _mask("pol_BxM", pol, pol_valid_BxM)
+        ref_valid = _mask("ref_BxK", ref, ref_valid_BxK)
+        nan_pol, nan_ref = pol_valid & np.isnan(pol), ref_valid & np.isnan(ref)
+        skipped_samples = int(nan_pol.sum() + nan_ref.sum())
+        pol_valid, ref_valid = pol_valid & ~nan_pol, ref_valid & ~nan_ref
+        if pol.shape[0] != ref.shape[0]:
+            raise ValueError(f"pol_BxM and ref_BxK must have the same number of prompts, got "
+                             f"{pol.shape[0]} and {ref.shape[0]}")
+        keep_B = pol_valid.any(1) & ref_valid.any(1)
+        skipped_prompts = int((~keep_B).sum())
+        if not keep_B.any():
+            raise ValueError("win_rate: no prompt has a valid, non-NaN score on both sides")
+        pol, ref = pol[keep_B], ref[keep_B]
+        pol_valid_BxM, ref_valid_BxK = pol_valid[keep_B], ref_valid[keep_B]
+    per_prompt_BxG = plugin_win_rates(pol, ref, ns, procedure, against, pol_valid_BxM,
+                                      ref_valid_BxK)
+    est = bootstrap_mean(per_prompt_BxG, num_resamples, seed, level)
+    return dataclasses.replace(est, skipped_prompts=skipped_prompts,
+                               skipped_samples=skipped_samples)
+
+

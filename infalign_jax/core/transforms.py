@@ -1,0 +1,231 @@
+"""Reward transforms Phi of the calibrated reward (InfAlign, spec section 1.4).
+
+A transform maps the calibrated reward u = C(x, y) in [0, 1] to the reward R = Phi(u) that
+KL-regularised RL then maximises; the optimal policy is pi_ref * exp(Phi(C) / beta). Only
+Phi / beta matters, so every family here is normalised to be increasing with Phi'(0) of order 1
+and additive constants are irrelevant.
+
+Each transform is a small frozen object of pure array functions, looked up by name in one
+registry. An unknown name fails with the list of known names.
+
+| name       | Phi(u)                              | what it matches                              |
+|------------|-------------------------------------|----------------------------------------------|
+| identity   | u                                   | calibrated RLHF; optimal for N = 1           |
+| log        | log u   (smoothed calibration)      | BoN distillation / vBoN (beta = 1/(N-1))     |
+| exp        | (exp(t u) - 1) / t, t=0 -> u        | InfAlign: t > 0 for BoN, t < 0 for WoN       |
+| power      | (u^p - 1) / p, p=0 -> log u         | Box-Cox family between log and identity      |
+| logistic   | sigmoid(s (u - c))                  | soft threshold at quantile c                 |
+| logit      | log(u / (1 - u))                    | idealised Bradley-Terry raw reward           |
+| probit     | Gaussian quantile of u              | idealised Gaussian raw reward                |
+| raw        | the uncalibrated reward r(x, y)     | standard RLHF baseline                       |
+| optimal    | tabulated Phi*, linear interpolation| fixed point of the analytic solver           |
+
+For t < 0, (exp(t u) - 1)/t = (1 - exp(-|t| u))/|t| is the paper's -exp(-|t| u) up to an
+affine map, i.e. the same policy family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Calibrated rewards are clipped into [EPS, 1 - EPS] by transforms that diverge at the ends.
+EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A named reward transform.
+
+    Attributes:
+      name: registry name.
+      params: the parameters it was built with (for logging and manifests).
+      fn: pure function of the calibrated reward array (same shape out).
+      uses_raw: if True, the transform ignores the calibration and returns the raw reward.
+      smoothed: if True, feed it the smoothed calibration (#{ref < r} + 1) / (K + 1), which is
+        never 0 (the log transform needs that; vBoN's code does the same).
+    """
+
+    name: str
+    params: Mapping[str, Any]
+    fn: Callable[[Array], Array]
+    uses_raw: bool = False
+    smoothed: bool = False
+
+    def __call__(self, calibrated: Array, raw: Array | None = None) -> Array:
+        if self.uses_raw:
+            if raw is None:
+                raise ValueError(f"transform {self.name!r} needs the raw reward (raw=...)")
+            return jnp.asarray(raw, jnp.float32)
+        return self.fn(jnp.asarray(calibrated, jnp.float32))
+
+
+def _finite(name: str, value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"transform parameter {name!r} must be a number, got {value!r}") from e
+    if not math.isfinite(value):
+        raise ValueError(f"transform parameter {name!r} must be finite, got {value}")
+    return value
+
+
+def _identity() -> Transform:
+    return Transform("identity", {}, lambda u: u)
+
+
+def _log(floor: float = EPS) -> Transform:
+    floor = _finite("floor", floor)
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"transform 'log': floor must be in (0, 1), got {floor}")
+    return Transform("log", {"floor": floor}, lambda u: jnp.log(jnp.maximum(u, floor)), smoothed=True)
+
+
+def _exp(t: float = 1.0) -> Transform:
+    t = _finite("t", t)
+    if t == 0.0:
+        return Transform("exp", {"t": t}, lambda u: u)
+    return Transform("exp", {"t": t}, lambda u: jnp.expm1(t * u) / t)
+
+
+def _power(p: float = 0.5, floor: float = EPS) -> Transform:
+    p = _finite("p", p)
+    floor = _finite("floor", floor)
+    if p == 0.0:
+        return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)), smoothed=True)
+    # For p < 0 the transform diverges at u = 0 like log does: use the smoothed calibration.
+    return Transform("power", {"p": p},
+                     lambda u: (jnp.power(jnp.maximum(u, floor), p) - 1.0) / p, smoothed=p < 0)
+
+
+def _logistic(s: float = 10.0, c: float = 0.5) -> Transform:
+    s, c = _finite("s", s), _finite("c", c)
+    if s <= 0:
+        raise ValueError(f"transform 'logistic': s must be > 0, got {s}")
+    return Transform("logistic", {"s": s, "c": c}, lambda u: jax.nn.sigmoid(s * (u - c)))
+
+
+def _logit() -> Transform:
+    def fn(u):
+        u = jnp.clip(u, EPS, 1.0 - EPS)
+        return jnp.log(u) - jnp.log1p(-u)
+    return Transform("logit", {}, fn)
+
+
+def _probit() -> Transform:
+    return Transform("probit", {},
+                     lambda u: jax.scipy.special.ndtri(jnp.clip(u, EPS, 1.0 - EPS)))
+
+
+def _raw() -> Transform:
+    return Transform("raw", {}, lambda u: u, uses_raw=True)
+
+
+def _optimal(u: Any = None, phi: Any = None, path: str | None = None) -> Transform:
+    """Tabulated transform (u_grid, phi) from the analytic solver, linearly interpolated."""
+    if path is not None:
+        try:
+            with np.load(path) as table:
+                u, phi = table["u"], table["phi"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"transform 'optimal': cannot read a (u, phi) table from {path!r}: "
+                             f"{e}") from e
+    if u is None or phi is None:
+        raise ValueError("transform 'optimal' needs a table: u=..., phi=... or path=... (.npz)")
+    u = np.asarray(u, np.float64)
+    phi = np.asarray(phi, np.float64)
+    if u.ndim != 1 or u.shape != phi.shape or u.size < 2:
+        raise ValueError(f"transform 'optimal': u and phi must be 1-D of equal length >= 2, "
+                         f"got {u.shape} and {phi.shape}")
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(phi))):
+        raise ValueError("transform 'optimal': table contains non-finite values")
+    if np.any(np.diff(u) <= 0):
+        raise ValueError("transform 'optimal': u grid must be strictly increasing")
+    u_j, phi_j = jnp.asarray(u, jnp.float32), jnp.asarray(phi, jnp.float32)
+    return Transform("optimal", {"path": path, "size": int(u.size)},
+                     lambda c: jnp.interp(c, u_j, phi_j))
+
+
+_REGISTRY: dict[str, Callable[..., Transform]] = {
+    "identity": _identity,
+    "log": _log,
+    "exp": _exp,
+    "power": _power,
+    "logistic": _logistic,
+    "logit": _logit,
+    "probit": _probit,
+    "raw": _raw,
+    "optimal": _optimal,
+}
+
+
+def known_transforms() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_transform(name: str, **params: Any) -> Transform:
+    """Builds the transform `name` with `params`; unknown names list the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown transform {name!r}; known transforms: {', '.join(known_transforms())}")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as e:
+        raise ValueError(f"transform {name!r}: bad parameters {sorted(params)}: {e}") from e
+
+
+def transform_param_names(name: str) -> tuple[str, ...]:
+    """The keyword parameters transform `name` accepts (from its factory's signature)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown transform {name!r}; known transforms: {', '.join(known_transforms())}")
+    return tuple(inspect.signature(_REGISTRY[name]).parameters)
+
+
+def transform_section(name: str, **params: Any) -> dict[str, Any]:
+    """The `config.transform` section: `name` and the parameters of every family at their
+    defaults (numbers; a file path as ""), then `params`. Carrying every family's parameters lets
+    ``--config.transform.t=4`` work whatever the default name; `transform_from_config` passes on
+    only those the chosen family takes."""
+    values: dict[str, Any] = {}
+    for factory in _REGISTRY.values():
+        for p in inspect.signature(factory).parameters.values():
+            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool):
+                values.setdefault(p.name, float(p.default))
+            elif p.name == "path":
+                values.setdefault(p.name, "")
+    unknown = sorted(set(params) - set(values))
+    if unknown:
+        raise ValueError(f"transform_section: unknown parameters {unknown}; known: "
+                         f"{sorted(values)}")
+    get_transform(name, **{k: v for k, v in params.items() if k in transform_param_names(name)})
+    return {"name": name, **values, **params}
+
+
+def transform_from_config(section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, params) from a config section such as ``{name: "exp", t: 4.0, p: 0.5, path: ""}``.
+
+    A config section carries the parameters of every family so that ``--config.transform.t=4``
+    works whatever the default name; only those the chosen family accepts are passed on (an empty
+    string means "not set"). Keys no family accepts are an error, so typos do not pass silently.
+    """
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    if "name" not in section:
+        raise ValueError("transform config needs a 'name' "
+                         f"(one of {', '.join(known_transforms())})")
+    name = section.pop("name")
+    known = set().union(*(transform_param_names(n) for n in _REGISTRY))
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"transform config: unknown keys {unknown}; parameters of the known "
+                         f"families: {sorted(known)}")
+    accepted = transform_param_names(name)
+    params = {k: v for k, v in section.items() if k in accepted and v != ""}
+    get_transform(name, **params)  # fail now, naming the parameters, if the values are bad
+    return name, params

@@ -1,0 +1,67 @@
+"""Types shared by every layer: arrays, parameters, decoders, reward functions, judges, states.
+
+Defined once here, at the bottom of the house, so that models, decoding, rewards and the RL step
+can all speak of them without importing one another.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+Params = Any     # a pytree of parameter arrays
+PyTree = Any
+
+
+class DecoderFns(NamedTuple):
+    """The three pure functions a sampler needs from a decoder (see `decoding.sampling`):
+
+      prefill(params, tokens_BxP, mask_BxP, max_len) -> (logits_BxV at the last prompt token, cache)
+      decode(params, token_B, cache)                 -> (logits_BxV for the next token, cache)
+      logits(params, tokens_BxT, mask_BxT)           -> logits_BxTxV (teacher forcing, no cache)
+
+    and `max_len`, the longest prompt + response the decoder supports (None: no limit known).
+    """
+
+    prefill: Callable[..., tuple[Array, Any]]
+    decode: Callable[..., tuple[Array, Any]]
+    logits: Callable[..., Array]
+    max_len: int | None = None
+
+
+# reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL) -> rewards_R: the raw
+# reward r(x, y) of R responses to the prompts `prompt_idx_R` (row indices of the task's prompts).
+RewardFn = Callable[[Any, Array, Array, Array], Array]
+
+
+class Judge(Protocol):
+    """A text judge: one score per (prompt, response) pair, higher is better (numpy, host side);
+    `name` identifies it in reference tables."""
+
+    name: str
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
+
+
+# A judge of token arrays: (prompt_BxP, prompt_mask_BxP, response_BxL, response_mask_BxL) -> B
+# scores (e.g. a reward model, or the exact task's table lookup).
+TokenJudge = Callable[[Array, Array, Array, Array], Array]
+
+
+class TrainState(NamedTuple):
+    """Parameters, optimiser state and step of a supervised step `(state, batch) -> (state,
+    metrics)` (reward models, prefix scorers). The RL step extends it (`rl.step.RLState`)."""
+
+    params: Params
+    opt_state: Any
+    step: Array
+
+
+def init_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step-0 `TrainState`."""
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))

@@ -1,0 +1,280 @@
+"""Autoregressive sampling with a KV cache: one prefill per prompt, N continuations.
+
+The sampler is written against three pure functions of a decoder (`DecoderFns`), so the same code
+samples from the Flax transformer (`infalign_jax.models.decoder_fns`) and from tiny tabular
+policies used in exact-enumeration tests:
+
+  prefill(params, tokens_BxP, mask_BxP, max_len) -> (logits_BxV at the last prompt token, cache)
+  decode(params, token_B, cache)                 -> (logits_BxV for the next token, cache)
+  logits(params, tokens_BxT, mask_BxT)           -> logits_BxTxV (teacher forcing, no cache)
+
+plus, optionally, `max_len`: the longest prompt + response the decoder supports (the model's
+context, e.g. `ModelConfig.max_len`); `sample` refuses longer requests.
+
+Every leaf of `cache` has the batch as its leading axis, which is what lets the prompt be
+prefilled once and its cache repeated to the N continuations (B -> B*N rows) instead of running N
+prefills.
+
+Conventions (the classic RLHF bugs this avoids):
+* Prompts are left-padded (`mask_BxP` marks real tokens); responses are right-padded.
+* The EOS token itself is a valid response token (rewards are read there); every token after it
+  has mask 0, log-prob 0 and is `pad_id`.
+* `logp` is the log-probability of the sampled token under the *policy itself* (log-softmax of
+  the raw logits in float32), whatever temperature / top-k / top-p shaped the sampling
+  distribution: it is the quantity the trainer recomputes by teacher forcing, and the two must
+  agree (`sequence_logprobs`).
+
+Bad input fails while tracing, on static shapes and dtypes, so jitted callers pay nothing: wrong
+ranks, shapes or dtypes, a prompt plus `max_new_tokens` longer than the decoder's `max_len`,
+`eos_id` / `pad_id` outside the vocabulary (read from the logits' shape). A prompt row with no
+real token is data-dependent: eager calls raise; under `jit` (no host sync) such a row gets an
+empty response (mask all False, `pad_id` tokens, log-prob 0).
+
+Speed (decode is per-step overhead bound on CPU): the draw is Gumbel-max exactly as
+`jax.random.categorical` does it (same bits, same tokens), but the noise is materialised before
+the arg-max and the arg-max is a max plus a first-index min; XLA:CPU otherwise fuses the random
+bit generation into its variadic arg-max reduction and runs both as slow scalar code (measured
+~3x on the whole draw). The log-prob of the drawn token is read as `x_t - max - log sum exp`,
+the same arithmetic as gathering from `log_softmax` without writing the B x V result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infalign_jax.core.types import Array, DecoderFns, Params
+from infalign_jax.infra import validate as check
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. `top_k=0` and `top_p=1` switch those filters off; `temperature=0` is greedy."""
+
+    n: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self):
+        check.ints(self, ("n", "max_new_tokens"))
+        check.numbers(self, ("temperature",))          # 0 is greedy
+        check.ints(self, ("top_k", "pad_id"), low=0)   # top_k 0 is off
+        check.numbers(self, ("top_p",), strict=True, high=1.0)  # 1 is off
+        check.ints(self, ("eos_id",), low=0, optional=True)
+
+
+class Samples(NamedTuple):
+    tokens_BxNxL: Array  # int32, pad_id after EOS
+    mask_BxNxL: Array    # bool, True up to and including EOS
+    logp_BxNxL: Array    # float32 policy log-probs of the sampled tokens, 0 where masked
+
+
+def filter_logits(logits_BxV: Array, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Array:
+    """Logits of the sampling distribution: temperature, then top-k, then nucleus (top-p).
+
+    Removed tokens get -inf. Top-p keeps the smallest set of most likely tokens whose total
+    probability reaches `top_p` (the most likely token is always kept; Holtzman et al. 2020).
+    """
+    chex.assert_rank(logits_BxV, 2)
+    logits = logits_BxV.astype(jnp.float32) / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def _repeat_batch(tree: Any, n: int) -> Any:
+    if n == 1:
+        return tree
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
+
+
+def _first_argmax(z_BxV: Array) -> Array:
+    """`jnp.argmax(z, -1)` (first maximum; first NaN if any) as two vectorisable reductions."""
+    vocab = z_BxV.shape[-1]
+    top = jnp.max(z_BxV, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (z_BxV == top) | jnp.isnan(z_BxV)
+    iota = jax.lax.broadcasted_iota(jnp.int32, z_BxV.shape, z_BxV.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, vocab), axis=-1)
+
+
+def _categorical(key: Array, logits_BxV: Array) -> Array:
+    """Bit-for-bit `jax.random.categorical(key, logits_BxV)`: Gumbel-max over the last axis."""
+    gumbel = jax.random.gumbel(key, logits_BxV.shape, logits_BxV.dtype)
+    return _first_argmax(jax.lax.optimization_barrier(gumbel) + logits_BxV)
+
+
+def _token_logprob(logits_BxV: Array, token_B: Array) -> Array:
+    """log_softmax(logits)[token], computed like `jax.nn.log_softmax` without the B x V output."""
+    top = jax.lax.stop_gradient(jnp.max(logits_BxV, axis=-1, keepdims=True))
+    shifted = logits_BxV - top
+    picked = jnp.take_along_axis(shifted, token_B[:, None], axis=1)[:, 0]
+    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(fns: DecoderFns, prompt_BxP: Any, prompt_mask_BxP: Any, cfg: Any) -> None:
+    """Trace-time checks on static shapes and dtypes (plus a host check when not traced)."""
+    if not isinstance(fns, DecoderFns):
+        raise ValueError(f"sample: fns must be a DecoderFns, got {type(fns).__name__}")
+    if not isinstance(cfg, SamplingConfig):
+        raise ValueError(f"sample: cfg must be a SamplingConfig, got {type(cfg).__name__}")
+    shape, mask_shape = np.shape(prompt_BxP), np.shape(prompt_mask_BxP)
+    if len(shape) != 2:
+        raise ValueError(f"sample: prompt_BxP must have rank 2 (batch, prompt_len), got shape "
+                         f"{shape}")
+    if mask_shape != shape:
+        raise ValueError(f"sample: prompt_mask_BxP must have the prompt's shape {shape}, got "
+                         f"{mask_shape}")
+    if 0 in shape:
+        raise ValueError(f"sample: prompt_BxP must have at least one row and one column, got "
+                         f"shape {shape}")
+    dtype = jnp.result_type(prompt_BxP)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"sample: prompt_BxP must hold integer token ids, got dtype {dtype}")
+    mask_dtype = jnp.result_type(prompt_mask_BxP)
+    if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
+        raise ValueError(f"sample: prompt_mask_BxP must be bool (or 0/1 integers), got dtype "
+                         f"{mask_dtype}")
+    total = shape[1] + cfg.max_new_tokens
+    if fns.max_len is not None and total > fns.max_len:
+        raise ValueError(
+            f"sample: prompt length {shape[1]} (prompt_BxP.shape[1]) + max_new_tokens "
+            f"{cfg.max_new_tokens} = {total} exceeds the decoder's max_len {fns.max_len}; "
+            "shorten the prompt padding or max_new_tokens")
+    if _is_concrete(prompt_mask_BxP):
+        empty = np.flatnonzero(~np.asarray(prompt_mask_BxP).astype(bool).any(axis=1))
+        if empty.size:
+            raise ValueError(f"sample: prompt_mask_BxP rows {empty[:10].tolist()} have no real "
+                             "token (all padding); every prompt needs at least one")
+
+
+def _check_vocab(cfg: SamplingConfig, vocab: int, prompt_BxP: Any = None,
+                 prompt_mask_BxP: Any = None) -> None:
+    if prompt_BxP is not None and _is_concrete(prompt_BxP) and _is_concrete(prompt_mask_BxP):
+        # A tokenizer of another model gives ids the embedding gather would silently clamp.
+        ids = np.asarray(prompt_BxP)[np.asarray(prompt_mask_BxP).astype(bool)]
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(f"sample: prompt_BxP holds token ids outside the decoder's vocabulary "
+                             f"[0, {vocab}): {np.unique(bad)[:10].tolist()} (a tokenizer of "
+                             f"another model?)")
+    for field in ("eos_id", "pad_id"):
+        value = getattr(cfg, field)
+        if value is not None and value >= vocab:
+            raise ValueError(f"SamplingConfig.{field} must be a token id in [0, {vocab}) (the "
+                             f"decoder's vocabulary), got {value}")
+
+
+def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
+           rng: Array, cfg: SamplingConfig) -> Samples:
+    """Samples `cfg.n` responses per prompt; the prompt is prefilled once (not n times).
+
+    Pure and jittable (close over `fns` and `cfg`, which are static). Raises ValueError on bad
+    input (see the module docstring) while tracing.
+    """
+    _check_inputs(fns, prompt_BxP, prompt_mask_BxP, cfg)
+    batch, prompt_len = np.shape(prompt_BxP)
+    n, steps = cfg.n, cfg.max_new_tokens
+    max_len = prompt_len + steps
+    logits_BxV, cache = fns.prefill(params, prompt_BxP, prompt_mask_BxP, max_len)
+    chex.assert_rank(logits_BxV, 2)
+    _check_vocab(cfg, logits_BxV.shape[-1], prompt_BxP, prompt_mask_BxP)
+    logits = _repeat_batch(logits_BxV, n)                  # (B*N, V), row b*N + j
+    cache = _repeat_batch(cache, n)
+    eos = -1 if cfg.eos_id is None else cfg.eos_id
+    filtered = cfg.temperature > 0 and (cfg.temperature != 1 or cfg.top_k or cfg.top_p < 1)
+
+    def step(carry, key):
+        logits, cache, done = carry
+        logits = logits.astype(jnp.float32)
+        if cfg.temperature == 0:
+            token = _first_argmax(logits)
+        elif filtered:
+            token = _categorical(key, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))
+        else:
+            token = _categorical(key, logits)
+        logp = _token_logprob(logits, token)
+        valid = ~done
+        token = jnp.where(valid, token, cfg.pad_id).astype(jnp.int32)
+        logp = jnp.where(valid, logp, 0.0)
+        done = done | (token == eos)
+        next_logits, cache = fns.decode(params, token, cache)
+        return (next_logits, cache, done), (token, valid, logp)
+
+    keys = jax.random.split(rng, steps)
+    # A row without any real prompt token (only detectable on device under jit) is born done.
+    no_prompt_B = ~jnp.any(jnp.asarray(prompt_mask_BxP).astype(bool), axis=1)
+    done = _repeat_batch(no_prompt_B, n)
+    _, (tokens_LxR, valid_LxR, logp_LxR) = jax.lax.scan(step, (logits, cache, done), keys)
+
+    def out(x_LxR):
+        return jnp.moveaxis(x_LxR, 0, 1).reshape(batch, n, steps)
+
+    return Samples(out(tokens_LxR), out(valid_LxR), out(logp_LxR))
+
+
+def concat_prompt_response(prompt_BxP: Array, prompt_mask_BxP: Array, response_BxL: Array,
+                           response_mask_BxL: Array) -> tuple[Array, Array]:
+    """[left-padded prompt | right-padded response] and its attention mask."""
+    tokens = jnp.concatenate([prompt_BxP, response_BxL.astype(prompt_BxP.dtype)], axis=1)
+    mask = jnp.concatenate([prompt_mask_BxP.astype(bool), response_mask_BxL.astype(bool)], axis=1)
+    return tokens, mask
+
+
+def response_positions(x_BxTx: Array, prompt_len: int) -> Array:
+    """The positions whose outputs predict the response tokens: position t predicts token t+1,
+    so response token j (at P + j) is predicted at P - 1 + j; returns x[:, P-1:-1] (BxLx...)."""
+    return x_BxTx[:, prompt_len - 1:-1]
+
+
+def response_logits(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
+                    response_BxL: Array, response_mask_BxL: Array) -> Array:
+    """float32 logits predicting each response token (teacher forcing): BxLxV."""
+    tokens, mask = concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxL,
+                                          response_mask_BxL)
+    logits_BxTxV = fns.logits(params, tokens, mask).astype(jnp.float32)
+    return response_positions(logits_BxTxV, prompt_BxP.shape[1])
+
+
+def sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
+                      response_BxL: Array, response_mask_BxL: Array) -> Array:
+    """Teacher-forced float32 log-probs of each response token (0 where masked): logp_BxL."""
+    chex.assert_rank([prompt_BxP, response_BxL], 2)
+    pred = response_logits(fns, params, prompt_BxP, prompt_mask_BxP, response_BxL,
+                           response_mask_BxL)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(pred, axis=-1),
+                               response_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.where(response_mask_BxL.astype(bool), logp, 0.0)
+
+
+def flatten_samples(prompt_BxP: Array, prompt_mask_BxP: Array, samples: Samples
+                    ) -> tuple[Array, Array, Array, Array]:
+    """Repeats the prompts to match the B*N flattened samples, for scoring and training."""
+    batch, n, length = samples.tokens_BxNxL.shape
+    return (jnp.repeat(prompt_BxP, n, axis=0), jnp.repeat(prompt_mask_BxP, n, axis=0),
+            samples.tokens_BxNxL.reshape(batch * n, length),
+            samples.mask_BxNxL.reshape(batch * n, length))

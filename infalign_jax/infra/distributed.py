@@ -1,0 +1,285 @@
+"""Multi-process (multi-host) set-up: one JAX process per host, one global mesh over all devices.
+
+JAX on several hosts is multi-controller: every process runs the same program, sees every device
+through `jax.devices()` but addresses only its own (`jax.local_devices()`), and global arrays are
+assembled from the shards each process holds. This module holds the few things that differ from
+the single-process path; everything else (mesh, shardings, jitted steps, Orbax checkpoints) is
+unchanged code:
+
+* `DistributedConfig` / `from_env` / `initialize`: start `jax.distributed` before any JAX
+  computation. One process is a no-op (apart from the CPU device count); `"auto"` as coordinator
+  defers to `jax.distributed.initialize()`'s cluster detection (Cloud TPU pods, SLURM, Open MPI).
+* `is_primary`: process 0, the one that logs and writes host-side files (Orbax coordinates its
+  own multi-host writes: every process calls `save`). `barrier`: all processes meet, without a
+  device computation (see its docstring for why that matters on CPU).
+* `process_shard` / `host_local_batch`: which rows of a global batch, prompt set or reference
+  table this process feeds to `sharding.shard_batch` (`jax.make_array_from_process_local_data`).
+* `global_from_host`: a global array from a host value every process holds identically (reward or
+  reference tables), without a cross-process `device_put`.
+* `gather_to_host`: a global array (tree) as numpy on every host, for metrics and final results.
+
+On CPU, cross-process collectives need an implementation: `jax_cpu_collectives_implementation`
+("gloo" over TCP, the jax 0.10 default, or "mpi"); without one a multi-process CPU computation
+that needs communication fails. The option is read only when the CPU client is created, so
+`initialize` sets it first. Two gloo hazards measured with jax 0.10.2 on a busy 2-core host:
+a process reaching a new collective more than ~30 s after its peers fails (`barrier` after long
+compilations avoids it), and many small collective programs dispatched without waiting (e.g. one
+eager reduction per leaf of a sharded tree) can deadlock: put such work in one jitted program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax._src import distributed as jax_distributed  # the client, for barriers
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+CPU_COLLECTIVES = ("gloo", "mpi")
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Where this process sits in a multi-process run; bad values fail here, naming the field.
+
+    coordinator_address: "host:port" of process 0's coordinator service, `"auto"` (let
+      `jax.distributed.initialize()` detect everything on TPU pods / SLURM / Open MPI), or None
+      for a single process.
+    local_device_count: on CPU, the number of devices this process creates
+      (`jax_num_cpu_devices`); None keeps the default (or `XLA_FLAGS`). Ignored off CPU.
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
+    local_device_count: int | None = None
+    cpu_collectives: str = "gloo"
+    initialization_timeout: int = 120
+
+    def __post_init__(self) -> None:
+        def fail(field: str, msg: str) -> None:
+            raise ValueError(f"DistributedConfig.{field}: {msg} (got {getattr(self, field)!r})")
+
+        for field in ("num_processes", "process_id", "initialization_timeout"):
+            if not _is_int(getattr(self, field)):
+                fail(field, "must be an int")
+        if self.num_processes < 1:
+            fail("num_processes", "must be >= 1")
+        if not 0 <= self.process_id < self.num_processes:
+            fail("process_id", f"must be in [0, num_processes={self.num_processes})")
+        if self.initialization_timeout < 1:
+            fail("initialization_timeout", "must be >= 1 second")
+        if self.local_device_count is not None and (
+                not _is_int(self.local_device_count) or self.local_device_count < 1):
+            fail("local_device_count", "must be None or an int >= 1")
+        if self.cpu_collectives not in CPU_COLLECTIVES:
+            fail("cpu_collectives", f"must be one of {CPU_COLLECTIVES}")
+        address = self.coordinator_address
+        if address is None:
+            if self.num_processes > 1:
+                fail("coordinator_address",
+                     f"is required when num_processes={self.num_processes} > 1 ('host:port' or"
+                     f" {AUTO!r})")
+        elif address == AUTO:
+            # Cluster detection supplies both; explicit values here would be silently ignored.
+            if (self.num_processes, self.process_id) != (1, 0):
+                fail("num_processes",
+                     f"with coordinator_address={AUTO!r} leave num_processes=1 and process_id=0:"
+                     " the cluster environment supplies them")
+        else:
+            host, sep, port = str(address).rpartition(":")
+            if not isinstance(address, str) or not sep or not host or not port.isdigit() \
+                    or not 0 < int(port) < 65536:
+                fail("coordinator_address", f"must be 'host:port' with port in 1..65535, or"
+                                            f" {AUTO!r}, or None")
+
+    @property
+    def is_multi_process(self) -> bool:
+        return self.num_processes > 1 or self.coordinator_address == AUTO
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> DistributedConfig:
+    """`DistributedConfig` from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+
+    None of them set means one process. JAX_COORDINATOR_ADDRESS=auto means cluster detection.
+    `overrides` are further `DistributedConfig` fields (e.g. local_device_count).
+    """
+    env = os.environ if environ is None else environ
+    kwargs: dict[str, Any] = {}
+    address = env.get(ENV_COORDINATOR, "").strip()
+    if address:
+        kwargs["coordinator_address"] = address
+    for var, field in ((ENV_NUM_PROCESSES, "num_processes"), (ENV_PROCESS_ID, "process_id")):
+        text = env.get(var, "").strip()
+        if not text:
+            continue
+        try:
+            kwargs[field] = int(text)
+        except ValueError:
+            raise ValueError(f"environment variable {var}={text!r}: expected an integer") from None
+    kwargs.update(overrides)
+    return DistributedConfig(**kwargs)
+
+
+def _may_use_cpu() -> bool:
+    platforms = jax.config.jax_platforms
+    return not platforms or "cpu" in str(platforms).split(",")
+
+
+def initialize(cfg: DistributedConfig) -> None:
+    """Starts `jax.distributed` for `cfg`; call before any JAX computation (backends start lazily).
+
+    One process: only the CPU device count is applied. Several: the CPU collectives
+    implementation is set (it only affects the CPU client, so it is harmless on GPU/TPU hosts,
+    whose CPU client is secondary) and `jax.distributed.initialize` is called, which blocks until
+    all `num_processes` have connected or `initialization_timeout` seconds have passed.
+    """
+    if cfg.local_device_count is not None and _may_use_cpu():
+        jax.config.update("jax_num_cpu_devices", int(cfg.local_device_count))
+    if not cfg.is_multi_process:
+        return
+    if jax.distributed.is_initialized():
+        raise RuntimeError("initialize: jax.distributed is already initialized in this process")
+    if _may_use_cpu():
+        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    if cfg.coordinator_address == AUTO:
+        jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
+    else:
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                                   num_processes=cfg.num_processes, process_id=cfg.process_id,
+                                   initialization_timeout=cfg.initialization_timeout)
+    logger.info("process %d of %d: %d local / %d global devices", jax.process_index(),
+                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_primary() -> bool:
+    """Whether this is process 0: the one that logs and writes host-side outputs."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+    """Waits until every process reaches `barrier(name)`; a no-op on one process.
+
+    Uses the coordination service (no device computation), so it can sit right after an
+    expensive compilation: gloo waits only ~30 s (fixed in XLA, not configurable from jax 0.10)
+    for peers to join a new communicator, and processes that compile at different speeds (a
+    busy host) would otherwise fail the first collective with "Gloo context initialization
+    failed: DEADLINE_EXCEEDED". `name` must be unique per barrier and equal on all processes.
+    """
+    if jax.process_count() == 1:
+        return
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("barrier: several processes but jax.distributed has no client")
+    client.wait_at_barrier(f"infalign_{name}", timeout_in_ms=int(timeout_s * 1000))
+
+
+def process_shard(n: int, process_index: int | None = None,
+                  process_count: int | None = None) -> slice:
+    """This process's contiguous, equal slice of `n` rows (prompts, reference-table rows, ...).
+
+    Process i gets rows [i * n / count, (i + 1) * n / count). That is the layout
+    `make_array_from_process_local_data` expects when the processes' devices follow each other
+    along the batch axes of the mesh (what `jax.make_mesh` gives); `host_local_batch` reads the
+    rows off the sharding instead, for any mesh.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not _is_int(n) or n < 0:
+        raise ValueError(f"process_shard: n must be an int >= 0, got {n!r}")
+    if not _is_int(count) or count < 1:
+        raise ValueError(f"process_shard: process_count must be an int >= 1, got {count!r}")
+    if not _is_int(index) or not 0 <= index < count:
+        raise ValueError(f"process_shard: process_index must be in [0, {count}), got {index!r}")
+    if n % count:
+        raise ValueError(f"process_shard: {n} rows are not divisible by {count} processes; pad"
+                         f" or trim to a multiple of {count}")
+    per = n // count
+    return slice(index * per, (index + 1) * per)
+
+
+def _local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
+    """The rows of a `shape` array whose shards live on this process; must be contiguous."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    rows = sorted({(s[0].start or 0, shape[0] if s[0].stop is None else s[0].stop)
+                   for s in index_map.values()})
+    for (_, stop), (start, _) in zip(rows, rows[1:]):
+        if start != stop:
+            raise ValueError(f"this process's batch rows {rows} are not contiguous on mesh"
+                             f" {dict(sharding.mesh.shape)}: order the mesh devices by process")
+    return slice(rows[0][0], rows[-1][1])
+
+
+def host_local_batch(global_batch: Any, mesh: Mesh) -> Any:
+    """This process's rows of a host batch every process holds whole (numpy leaves).
+
+    The rows are read from `sharding.batch_sharding` on `mesh`, so passing the result to
+    `sharding.shard_batch` rebuilds exactly `global_batch` as a global array. Scalars pass
+    through (they are replicated).
+    """
+    from infalign_jax.infra.sharding import batch_sharding
+
+    def take(x: Any) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return x
+        return x[_local_rows(batch_sharding(mesh, x.ndim), x.shape)]
+
+    return jax.tree.map(take, global_batch)
+
+
+def global_from_host(tree: Any, shardings: Any) -> Any:
+    """Global arrays from host values that every process holds identically.
+
+    `shardings` is one `Sharding` or a matching tree. Each process copies only the slices its own
+    devices hold (`jax.make_array_from_callback`), so no cross-process transfer happens and
+    nothing checks that the hosts really agree: build such data deterministically.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Every leaf (a global `jax.Array`, possibly spread over hosts) as a full numpy array.
+
+    A collective: all processes must call it with the same tree. Leaves with a `NamedSharding`
+    are replicated by one jitted identity for the whole tree (one compilation, not one per
+    leaf as with `multihost_utils.process_allgather`); other leaves go through the latter.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    named = [i for i, x in enumerate(leaves)
+             if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)]
+    out: list[Any] = list(leaves)
+    if named:
+        shardings = [NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in named]
+        copies = jax.jit(lambda xs: xs, out_shardings=shardings)([leaves[i] for i in named])
+        for i, x in zip(named, copies):
+            out[i] = np.asarray(x.addressable_data(0))
+    rest = [i for i in range(len(leaves)) if i not in set(named)]
+    if rest:
+        gathered = multihost_utils.process_allgather([leaves[i] for i in rest], tiled=True)
+        for i, x in zip(rest, gathered):
+            out[i] = np.asarray(x)
+    return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,54 @@
+"""Atomic file writes: readers see the old file or the complete new one, never a torn one.
+
+Every output a run may be killed while writing (manifests, summaries, reference tables, metrics
+rewritten on resume, data files, exported checkpoints) goes through `atomic_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path beside `path`; on success it is fsynced and renamed onto `path`,
+    on an exception it is removed and `path` is left as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it 0600)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[Any]:
+    """`open(path, mode)` ("w" or "wb") whose content appears at `path` only when complete."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+
+
+def write_json(path: str, obj: Any, **dump_kwargs: Any) -> str:
+    """`json.dump(obj)` to `path` atomically (indent=2 unless given); returns the path."""
+    dump_kwargs.setdefault("indent", 2)
+    with atomic_open(path) as f:
+        json.dump(obj, f, **dump_kwargs)
+    return path

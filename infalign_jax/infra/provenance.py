@@ -1,0 +1,113 @@
+"""Run manifests: what is needed to reproduce the numbers next to which they are written.
+
+Every run writes `manifest.json` beside its outputs: the resolved config, seeds, package
+versions, devices, git revision and dirty state, start/end time, and hashes of the input
+files (reference tables, checkpoints) it used.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from typing import Any, Iterable, Mapping
+from infalign_jax.infra.files import write_json
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections",
+            "transformers", "numpy", "infalign-jax")
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state(path: str | None = None) -> dict[str, Any]:
+    """Git revision and dirty flag of the repository holding `path` (None outside git)."""
+    cwd = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip() != ""
+        return {"revision": rev, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None, "dirty": None}
+
+
+def device_info() -> dict[str, Any]:
+    import jax  # imported lazily: manifests are also written by numpy-only tools
+    devices = jax.devices()
+    kinds: dict[str, int] = {}
+    for d in devices:
+        kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
+    return {"backend": jax.default_backend(), "process_count": jax.process_count(),
+            "process_index": jax.process_index(), "device_count": len(devices),
+            "local_device_count": jax.local_device_count(), "kinds": kinds}
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None,
+                   inputs: Mapping[str, str] | None = None, mesh: Any = None,
+                   started: str | None = None, extra: Mapping[str, Any] | None = None,
+                   with_devices: bool = True) -> dict[str, Any]:
+    """The manifest dict. `inputs` maps a role (e.g. "reference_table") to a file path, hashed."""
+    manifest = {
+        "config": _jsonable(config),
+        "seeds": dict(seeds or {}),
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git": git_state(),
+        "argv": list(sys.argv),
+        "started": started,
+        "finished": now(),
+        "inputs": {role: {"path": os.path.abspath(p), "sha256": file_sha256(p)}
+                   for role, p in (inputs or {}).items() if os.path.isfile(p)},
+    }
+    if with_devices:
+        manifest["devices"] = device_info()
+    if mesh is not None:
+        manifest["mesh"] = {str(k): int(v) for k, v in dict(mesh.shape).items()}
+    if extra:
+        manifest["extra"] = _jsonable(dict(extra))
+    return manifest
+
+
+def write_manifest(out_dir: str, config: Any = None, **kwargs: Any) -> str:
+    """Writes `out_dir/manifest.json` atomically and returns its path."""
+    return write_json(os.path.join(out_dir, "manifest.json"), build_manifest(config, **kwargs),
+                      sort_keys=True)

@@ -1,0 +1,167 @@
+"""The run-loop skeleton the policy and reward-model trainers share.
+
+    resume (refusing another seed) -> manifest -> for each step: step_fn, metrics.jsonl, progress,
+    periodic evaluation (eval.jsonl), checkpoint -> final evaluation
+
+What a trainer brings is its state, its `step_fn(state, step, context) -> (state, metrics)` (the
+batch of `step` is a pure function of the seed and the step, so a resumed run sees the same data)
+and optionally `evaluate(state, step) -> scalars`. Counters (e.g. skipped non-finite steps) are
+saved in every checkpoint's metadata and restored with it, and so is the resolved config: a work
+dir is only resumed by the same experiment (`RESUMABLE_KEYS` may change: length, reporting,
+checkpointing, device layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+from infalign_jax.infra import checkpointing, provenance
+from infalign_jax.infra.metrics_io import MetricsWriter, Progress, truncate_after
+
+
+class LoopSettings(Protocol):
+    """The `config.train` fields the skeleton reads (TrainConfig, RMTrainConfig)."""
+
+    num_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    async_checkpoint: bool
+    tensorboard: bool
+
+
+class LoopResult(NamedTuple):
+    state: Any
+    resumed_from: int
+    last_metrics: dict[str, float]
+    last_eval: dict[str, float]
+    counters: dict[str, int]
+
+
+class LoopContext:
+    """What a step function may ask of the loop: the counters it keeps in checkpoint metadata,
+    and the latest checkpoint (for error messages that say what survives)."""
+
+    def __init__(self, counters: dict[str, int], ckpt: checkpointing.Checkpointer):
+        self.counters = counters
+        self._ckpt = ckpt
+
+    def latest_checkpoint(self) -> int | None:
+        return self._ckpt.latest_step()
+
+
+StepFn = Callable[[Any, int, LoopContext], tuple[Any, dict[str, float]]]
+
+# Keys a resumed run may change: how long it runs, how it reports and checkpoints, the device
+# layout. Any other difference (the transform, beta, the data, the learning rate...) means the
+# checkpoint belongs to another experiment.
+RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
+                  "train.tensorboard", "train.nan_policy", "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+def config_record(config: Any) -> dict[str, Any]:
+    """The config as flat JSON-able {dotted key: value}, without the RESUMABLE_KEYS."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if hasattr(value, "to_dict"):
+            value = value.to_dict()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            key = prefix[:-1]
+            if key not in RESUMABLE_KEYS:
+                flat[key] = list(value) if isinstance(value, tuple) else value
+    walk("", config if config is not None else {})
+    return json.loads(json.dumps(flat, default=str))
+
+
+def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuses to resume a checkpoint written under another config, naming the keys."""
+    if saved is None:
+        raise ValueError(f"{workdir} holds a checkpoint without a config record (written by an "
+                         f"older version); it cannot be checked against this config, so it is "
+                         f"not resumed: use another work dir")
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    if keys:
+        diff = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, config "
+                         f"{now.get(k, '<absent>')!r}" for k in keys[:8])
+        raise ValueError(f"{workdir} holds a run of another config ({diff}"
+                         f"{'; ...' if len(keys) > 8 else ''}); use another work dir (only "
+                         f"{', '.join(RESUMABLE_KEYS)} may change on resume)")
+
+
+def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, *, seed: int,
+             manifest: dict[str, Any], log: Callable[[str], None],
+             progress_keys: Sequence[str],
+             evaluate: Callable[[Any, int], dict[str, float]] | None = None,
+             counters: Sequence[str] = ()) -> LoopResult:
+    """Runs steps [resumed step, num_steps) of one training run in `workdir` (see the module doc).
+
+    `state` is the fresh step-0 state (its structure and shardings are the restore target).
+    Its length is the loop's order (resume, manifest, steps, checkpoints, final evaluation), the
+    one thing the trainers share.
+    """
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      max_to_keep=settings.keep_checkpoints,
+                                      save_interval_steps=settings.checkpoint_every,
+                                      async_save=settings.async_checkpoint)
+    restored = ckpt.restore_latest(checkpointing.abstract_state(state))
+    start, count = 0, {name: 0 for name in counters}
+    record = config_record(manifest.get("config"))
+    if restored is not None:
+        try:
+            if restored.meta.get("seed") != seed:
+                raise ValueError(f"{workdir} holds a run with seed {restored.meta.get('seed')}, "
+                                 f"the config says {seed}; use another work dir")
+            check_same_config(workdir, restored.meta.get("config"), record)
+        except ValueError:
+            ckpt.close()
+            raise
+        state, start = restored.state, restored.step
+        count.update({name: int(restored.meta.get(name, 0)) for name in counters})
+        log(f"resumed from checkpoint step {start} in {ckpt.directory}")
+    # Only now: a refused resume must not overwrite the manifest of the run in workdir.
+    provenance.write_manifest(workdir, **manifest)
+    for stream in ("metrics", "eval"):
+        truncate_after(os.path.join(workdir, f"{stream}.jsonl"), start + 1)
+    writer = MetricsWriter(workdir, "metrics", tensorboard=settings.tensorboard)
+    eval_writer = MetricsWriter(workdir, "eval", tensorboard=settings.tensorboard)
+    progress = Progress(settings.num_steps, start, out=log)
+    context = LoopContext(count, ckpt)
+    last_metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+
+    def run_eval(step: int) -> dict[str, float]:
+        scalars = evaluate(state, step)
+        eval_writer.write(step, scalars)
+        log(f"eval @ {step}: " + " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+        return scalars
+
+    try:
+        for step in range(start, settings.num_steps):
+            state, metrics = step_fn(state, step, context)
+            done = step + 1
+            writer.write(done, metrics)
+            if done % settings.log_every == 0 or done in (settings.num_steps, start + 1):
+                progress.update(done, {k: metrics[k] for k in progress_keys if k in metrics})
+            if (evaluate is not None and settings.eval_every and done % settings.eval_every == 0
+                    and done != settings.num_steps):
+                last_eval = run_eval(done)
+            ckpt.save(done, state, {"seed": seed, "step": done, "data_position": done,
+                                    "config": record, **count},
+                      force=done == settings.num_steps)
+            last_metrics = metrics
+        ckpt.wait()
+        if evaluate is not None:
+            last_eval = run_eval(settings.num_steps)
+    finally:
+        ckpt.close()
+        writer.close()
+        eval_writer.close()
+    return LoopResult(state, start, last_metrics, last_eval, count)

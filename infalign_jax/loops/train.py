@@ -1,0 +1,358 @@
+"""The CTRL run loop: rollout -> score -> calibrate -> transform -> update, checkpointed.
+
+    run(config, workdir) -> (final state, summary dict)
+
+`config` is the `ConfigDict` of `configs/ctrl_*.py` (sections task, reference, transform, rl, train,
+mesh; optionally method and bonbon). Every step is the pure `rl.rl_step` — or, with
+`method="bonbon"`, `bon_distillation.make_bonbon_step`, same signature — wrapped by
+`guard_nonfinite` and jitted once with explicit in/out shardings and the state donated.
+
+Exact resume. Everything a step depends on is a function of what the checkpoint holds:
+* params, optimiser state and the step counter are the checkpointed `RLState`;
+* the step's RNG key is `fold_in(key(seed), step)`, not a carried key;
+* the step's prompts are `data.pipeline.batch_indices(loader_cfg, n, step)`, a pure function of
+  (seed, epoch, index) (each process takes its slice of the global batch);
+so a run killed after step k and restarted from the work dir produces the same parameters as a run
+that was never interrupted (tests/test_train.py checks bit equality).
+
+Non-finite steps. The jitted step keeps the previous state when any metric or new parameter is not
+finite and reports `skipped = 1`. With `train.nan_policy = "stop"` (default) the loop then stops with
+the step and the offending metrics named; the last checkpoint is the last good state. With
+"skip" the loop counts the skip and goes on.
+
+Outputs in the work dir: `manifest.json` (config, seeds, packages, devices, mesh, git, input hashes),
+`reference_table.npz`, `checkpoints/`, `metrics.jsonl` + `tb/` (TensorBoard) every step,
+`eval.jsonl` every `eval_every` steps, `summary.json` and `training_curves.png` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infalign_jax.rl import bon_distillation, tasks as rl_tasks
+from infalign_jax.infra import checkpointing, provenance, sharding
+from infalign_jax.infra import validate as check
+from infalign_jax import models, rl
+from infalign_jax.data import pipeline
+from infalign_jax.core.calibration import ReferenceTable, ReferenceTableError, load_reference_table
+from infalign_jax.infra.config_utils import dataclass_from, section
+from infalign_jax.infra.metrics_io import read_jsonl
+from infalign_jax.loops.skeleton import LoopContext, run_loop
+from infalign_jax.core.transforms import transform_from_config
+from infalign_jax.infra.files import write_json
+
+logger = logging.getLogger(__name__)
+NAN_POLICIES = ("stop", "skip")
+METHODS = ("ctrl", "bonbon")   # the KL-regularised RL step, or BoN distillation (BoNBoN)
+
+
+class NonFiniteStepError(FloatingPointError):
+    """A step produced NaN/Inf; the state was left at the previous step's values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    _config_owner = "config.train"
+    num_steps: int = 100
+    batch_size: int = 8            # prompts per step (times rl.samples_per_prompt responses)
+    log_every: int = 10
+    eval_every: int = 0            # 0: evaluate at the end only
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    nan_policy: str = "stop"
+    async_checkpoint: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        check.ints(self, ("num_steps", "batch_size", "log_every", "checkpoint_every",
+                          "keep_checkpoints"))
+        check.ints(self, ("eval_every",), low=0)
+        check.choice(self, "nan_policy", NAN_POLICIES)
+
+
+def rl_config(config: Any, task: rl_tasks.RLTask) -> rl.RLConfig:
+    """`rl.RLConfig` from `config.rl` + `config.transform`; the task sets EOS/pad ids."""
+    name, params = transform_from_config(section(config, "transform"))
+    values = section(config, "rl")
+    return dataclass_from(rl.RLConfig, values, "rl", transform=name, transform_params=params,
+                           eos_id=task.eos_id, pad_id=task.pad_id)
+
+
+def bonbon_config(config: Any, task: rl_tasks.RLTask) -> bon_distillation.BoNBoNConfig:
+    """BoNBoN (Gui et al. 2024) from `config.bonbon`; sampling length/ids as the RL section's."""
+    return dataclass_from(bon_distillation.BoNBoNConfig, section(config, "bonbon"), "bonbon",
+                          max_new_tokens=int(config.rl.max_new_tokens), eos_id=task.eos_id,
+                          pad_id=task.pad_id, learning_rate=float(config.rl.learning_rate),
+                          decay_steps=int(config.rl.decay_steps))
+
+
+def train_config(config: Any) -> TrainConfig:
+    return dataclass_from(TrainConfig, section(config, "train"), "train")
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the mesh splits a batch (the product of the "batch" rule's axes)."""
+    spec = sharding.batch_sharding(mesh, 1).spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def guard_nonfinite(step_fn: Callable) -> Callable:
+    """Wraps a step: if a metric or a new parameter is non-finite, keep the old state (counted)."""
+
+    def guarded(state: rl.RLState, frozen: rl.Frozen, batch: Any, rng: jax.Array):
+        new_state, metrics = step_fn(state, frozen, batch, rng)
+        finite = [jnp.all(jnp.isfinite(v)) for v in metrics.values()]
+        finite += [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_state.params)]
+        ok = jnp.all(jnp.stack(finite))
+        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        kept = kept._replace(step=state.step + 1)
+        return kept, {**metrics, "skipped": (~ok).astype(jnp.int32)}
+
+    return guarded
+
+
+def reference_settings(config: Any) -> tuple[int, int]:
+    """(K, seed) of `config.reference`, validated."""
+    c = dataclass_from(rl_tasks.ReferenceConfig, section(config, "reference"), "reference")
+    return c.k, c.seed
+
+
+def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
+                            log: Callable[[str], None] | None = None) -> ReferenceTable:
+    """Loads `path` (checking it belongs to this task's reward and base models and was built with
+    this K and seed, recorded beside it) or builds it once."""
+    settings_path = os.path.splitext(path)[0] + ".json"
+    if os.path.exists(path):
+        table = load_reference_table(path, expected_reward_model_id=task.reward_model_id,
+                                     expected_base_model_id=task.base_model_id)
+        table.lookup(list(task.prompt_ids))  # every training prompt must be in it
+        built = {"k": int(table.sorted_rewards_BxK.shape[1])}
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                built = json.load(f)
+        if built.get("k") != k or built.get("seed", seed) != seed:
+            raise ReferenceTableError(
+                f"{path} was built with K={built.get('k')}, seed={built.get('seed')} but "
+                f"config.reference.k={k}, config.reference.seed={seed}; use another work dir, "
+                f"or delete the table to rebuild it")
+        logger.info("reusing reference table %s (%d prompts, K=%d)", path, table.num_prompts, k)
+        return table
+    table = task.reference_table(k, seed, partial_path=os.path.splitext(path)[0] + ".partial.npz",
+                                 progress=lambda line: (log or logger.info)(f"calibration: {line}"))
+    table.save(path)
+    write_json(settings_path, {"k": k, "seed": seed}, indent=None)
+    return table
+
+
+def _beta_for_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, table: ReferenceTable,
+                     bonbon: bool, log: Callable[[str], None]) -> rl.RLConfig:
+    """`cfg` with beta solved from `config.task.kl_budget` (> 0) for tasks with an exact target."""
+    budget = float(config.task.get("kl_budget", 0.0) or 0.0)
+    if budget <= 0:
+        return cfg
+    if task.beta_for_kl is None:
+        raise ValueError(f"config.task.kl_budget={budget}: task {task.name!r} has no exact target "
+                         f"to solve beta from; set config.rl.beta instead")
+    if bonbon:
+        raise ValueError("config.task.kl_budget sets the CTRL beta; method='bonbon' has none")
+    beta = task.beta_for_kl(budget, cfg.get_transform(), table)
+    log(f"beta = {beta:.6g}: the exact target's KL(pi* || pi_ref) is config.task.kl_budget = "
+        f"{budget:g} (config.rl.beta={cfg.beta:g} is not used)")
+    return dataclasses.replace(cfg, beta=beta)
+
+
+def convergence_report(task: rl_tasks.RLTask, scalars: dict[str, float],
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """For tasks with an exact target: whether the run reached it (KL(pi || pi*) <= the task's
+    threshold), said in the log and returned for summary.json; {} otherwise."""
+    if task.converged_kl is None or "exact_kl_to_target" not in scalars:
+        return {}
+    dist = scalars["exact_kl_to_target"]
+    converged = bool(dist <= task.converged_kl)
+    if converged:
+        log(f"converged: KL(pi || pi*) = {dist:.4g} <= {task.converged_kl}")
+    else:
+        log(f"NOT CONVERGED: KL(pi || pi*) = {dist:.4g} > {task.converged_kl}; the target is "
+            f"range(Phi)/beta = {scalars.get('range_phi_over_beta', float('nan')):.1f} sharp "
+            f"(above ~20 it needs config.rl.beta_anneal_steps and more steps); the exact_* numbers "
+            f"are not those of pi*")
+    return {"converged": converged, "kl_to_target": dist, "converged_kl": task.converged_kl}
+
+
+def _frozen(task: rl_tasks.RLTask, table: ReferenceTable, param_shardings: Any,
+            mesh: jax.sharding.Mesh) -> rl.Frozen:
+    sorted_XxK, count_X = table.lookup(list(task.prompt_ids))  # a missing prompt fails here
+    rep = sharding.replicated(mesh)
+    return rl.Frozen(jax.device_put(task.ref_params, param_shardings),
+                     jax.device_put(task.reward_params, rep),
+                     jax.device_put(jnp.asarray(sorted_XxK), rep),
+                     jax.device_put(jnp.asarray(count_X), rep))
+
+
+def _plot_curves(metrics_path: str, out_path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        return
+    keys = [k for k in ("transformed_reward", "calibrated_reward", "kl_k1", "kl_full_vocab",
+                        "entropy", "grad_norm") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        ax.plot(steps, [float(r[key]) for r in rows], lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def _check_run(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
+               bonbon: bool, mesh: jax.sharding.Mesh, log: Callable[[str], None]) -> None:
+    """Refuses (or warns about) settings the task, the schedule or the mesh cannot honour."""
+    if task.response_length is not None and cfg.max_new_tokens != task.response_length:
+        raise ValueError(f"config.rl.max_new_tokens={cfg.max_new_tokens} but task "
+                         f"{task.name!r} scores responses of exactly length "
+                         f"{task.response_length} (its reward / reference table assume that "
+                         f"budget); set them equal")
+    if not bonbon and cfg.beta_anneal_steps > tcfg.num_steps:
+        log(f"warning: config.rl.beta_anneal_steps={cfg.beta_anneal_steps} > "
+            f"config.train.num_steps={tcfg.num_steps}: the run ends before beta reaches "
+            f"config.rl.beta, so it cannot reach the target pi* of that beta")
+    if tcfg.batch_size > len(task.prompt_ids):
+        raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
+                         f"{len(task.prompt_ids)} prompts")
+    shards = batch_shards(mesh)
+    if (tcfg.batch_size * jax.process_count()) % shards:
+        raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the "
+                         f"{shards} batch shards of the mesh {dict(mesh.shape)}; change the "
+                         f"batch size or config.mesh")
+
+
+def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table: ReferenceTable,
+                   mesh: jax.sharding.Mesh, seed: int, bonbon: bool) -> tuple[Any, ...]:
+    """(state, frozen, jitted step) laid out on `mesh`; the policy starts as a copy of pi_ref."""
+    logical = models.param_logical_axes(task.model_cfg)
+    param_sh = sharding.logical_to_shardings(logical, task.ref_params, mesh)
+    optimizer = rl.make_optimizer(step_cfg)
+    params = jax.device_put(rl_tasks.replicate_params(task.ref_params), param_sh)
+    rep = sharding.replicated(mesh)
+    extra = {} if bonbon else rl.init_extra_state(cfg, jax.random.key(seed + 1))
+    state = rl.RLState(params, sharding.sharded_optimizer_init(optimizer, params, mesh),
+                       jax.device_put(jnp.zeros((), jnp.int32), rep),
+                       **jax.device_put(extra, rep))
+    frozen = _frozen(task, table, param_sh, mesh)
+    make_step = bon_distillation.make_bonbon_step if bonbon else rl.make_rl_step
+    step = make_step(step_cfg, models.decoder_fns(task.model_cfg), task.reward_fn, optimizer)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    step_fn = jax.jit(guard_nonfinite(step), in_shardings=(state_sh, frozen_sh, None, rep),
+                      out_shardings=(state_sh, rep), donate_argnums=(0,))
+    return state, frozen, step_fn
+
+
+def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
+        devices: Any = None) -> tuple[rl.RLState, dict[str, Any]]:
+    """Runs (or resumes) the CTRL run of `config` in `workdir`; returns the final state and the
+    summary. `devices` restricts the mesh.
+
+    The order is the contract (and why this is one function): every config and mesh check before
+    any expensive work, the reference table before the state, the manifest only once the resume
+    is accepted (`loops.skeleton`), the summary and plots after the last checkpoint.
+    """
+    started = provenance.now()
+    log = log or (lambda s: print(s, flush=True))
+    seed = int(config.seed)
+    tcfg = train_config(config)
+    checkpointing.check_writable(workdir)          # before any expensive work
+    task = rl_tasks.build_task(config.task)
+    cfg = rl_config(config, task)
+    method = str(config.get("method", "ctrl"))
+    if method not in METHODS:
+        raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
+    bonbon = bonbon_config(config, task) if method == "bonbon" else None
+    ref_k, ref_seed = reference_settings(config)
+    mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
+    _check_run(config, task, cfg, tcfg, bonbon is not None, mesh, log)
+    table_path = os.path.join(workdir, "reference_table.npz")
+    table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
+    cfg = _beta_for_budget(config, task, cfg, table, bonbon is not None, log)
+    transform = cfg.get_transform()
+    manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
+                    inputs={"reference_table": table_path}, mesh=mesh, started=started,
+                    extra={"beta": cfg.beta})
+    per_prompt = cfg.samples_per_prompt if bonbon is None else bonbon.n
+    loader_cfg = pipeline.LoaderConfig(batch_size=tcfg.batch_size, seed=seed,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    root = jax.random.key(seed)
+
+    with sharding.axis_rules(mesh):
+        state, frozen, step_fn = _sharded_start(task, bonbon or cfg, cfg, table, mesh, seed,
+                                                bonbon is not None)
+
+        def one_step(state: rl.RLState, step: int, context: LoopContext):
+            idx = pipeline.batch_indices(loader_cfg, len(task.prompt_ids), step)
+            batch = sharding.shard_batch({"prompt_BxP": task.prompts_XxP[idx],
+                                          "prompt_mask_BxP": task.prompt_mask_XxP[idx],
+                                          "prompt_idx_B": idx.astype(np.int32)}, mesh)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(root, step))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t0
+            if metrics.pop("skipped"):
+                _handle_nonfinite(tcfg, step + 1, metrics, context, log)
+            metrics.update(step_time_s=dt, skipped_total=context.counters["skips"])
+            if "response_length" in metrics:  # BoNBoN without monitor samples has none
+                metrics["tokens_per_s"] = (metrics["response_length"] * tcfg.batch_size
+                                           * per_prompt / dt)
+            return state, metrics
+
+        def evaluate(state: rl.RLState, step: int) -> dict[str, float]:
+            return task.evaluate(jax.device_get(state.params), transform, cfg.beta, table)
+
+        result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,
+                          progress_keys=("transformed_reward", "calibrated_reward", "kl_k1",
+                                         "kl_full_vocab", "step_time_s"),
+                          evaluate=None if task.evaluate is None else evaluate,
+                          counters=("skips",))
+
+    summary = {"final_step": tcfg.num_steps, "resumed_from": result.resumed_from,
+               "skipped_steps": result.counters["skips"],
+               "last_train_metrics": result.last_metrics, "eval": result.last_eval}
+    summary.update(convergence_report(task, result.last_eval, log))
+    write_json(os.path.join(workdir, "summary.json"), summary, sort_keys=True)
+    _plot_curves(os.path.join(workdir, "metrics.jsonl"),
+                 os.path.join(workdir, "training_curves.png"))
+    provenance.write_manifest(workdir, **{**manifest, "extra": {**manifest["extra"],
+                                                                "summary": summary}})
+    log(f"done: results in {workdir} (summary.json, metrics.jsonl, eval.jsonl, tb/, "
+        f"training_curves.png)")
+    return result.state, summary
+
+
+def _handle_nonfinite(tcfg: TrainConfig, done: int, metrics: dict[str, float],
+                      context: LoopContext, log: Callable[[str], None]) -> None:
+    """A step the guard skipped (non-finite metrics or parameters): stop, or count and go on."""
+    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if tcfg.nan_policy == "stop":
+        raise NonFiniteStepError(
+            f"step {done}: non-finite values (metrics {bad or 'finite'}, or the updated "
+            f"parameters); the state was not updated and the last checkpoint (step "
+            f"{context.latest_checkpoint()}) is intact. Set config.train.nan_policy='skip' to "
+            f"skip such steps.")
+    context.counters["skips"] += 1
+    log(f"step {done}: non-finite {bad or 'parameters'}; step skipped "
+        f"({context.counters['skips']} so far)")

@@ -1,0 +1,182 @@
+"""Best-of-N distillation baselines on the CTRL data path: vBoN and BoNBoN (spec sections 4, 5).
+
+* vBoN (Amini et al. 2024, arXiv 2407.06057; spec 5): the practical lower bound of
+  -KL(pi || pi_bon) is RLHF with reward log F(r) and beta = 1/(N-1) ("n = 1/beta + 1" in their
+  README). Here that is the CTRL step itself with the `log` transform of the smoothed calibration
+  (#{ref < r} + 1)/(K + 1), the F estimate of their code: `vbon_rl_config(n, **kw)`.
+* BoNBoN (Gui et al. 2024, arXiv 2406.00832; spec 4): for each prompt draw N responses from
+  pi_ref, keep the best and the worst by reward and minimise
+  alpha * NLL(y_best) + (1 - alpha) * L_pref(h; beta*_N), h the log-ratio gap of (best, worst)
+  (`preference_losses.bonbon_loss`, variant "ipo" as in the paper or "dpo" as in their code).
+  SFT on best-of-N draws alone has the exact BoN_N policy as its minimiser; the IPO term with
+  beta*_N = 1/(2 (N-1) H_{N-1}) matches BoN_N's mean log-ratio gap (N-1) H_{N-1}.
+
+`make_bonbon_step(cfg, fns, reward_fn, optimizer)` returns a pure
+`step(state, frozen, batch, rng) -> (state, metrics)` with the signature and state (`rl.RLState`,
+`rl.Frozen`) of `rl.make_rl_step`, so the run loop can use either; `rl.make_optimizer(cfg)` accepts a
+`BoNBoNConfig`. Data: `data="online"` draws fresh pi_ref samples inside the step (an unbounded
+offline data set, same distribution); `data="offline"` reads them from the batch
+(`response_BxNxL`, `response_mask_BxNxL`, e.g. made once by `sample_reference_responses`).
+Ties in reward are broken by the first index (argmax / argmin).
+
+Metrics: loss, nll, pref, h_mean, accuracy, beta (beta*_N or the configured one), grad_norm,
+best_reward, worst_reward (of the pi_ref draws); from `monitor_samples` policy samples per prompt
+(the same quantities the RL step logs): reward, calibrated_reward, kl_k1, kl_k3,
+response_length, and with `full_kl` kl_full_vocab, entropy. With monitor_samples = 0 only
+response_length is kept (of y_best).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from infalign_jax.core import kl, losses
+from infalign_jax import rl
+from infalign_jax.core.calibration import calibrate
+from infalign_jax.core.preference_losses import BONBON_VARIANTS, bonbon_beta, bonbon_loss, vbon_beta
+from infalign_jax.core.selection import best_of_n, select, worst_of_n
+from infalign_jax.decoding.sampling import (Samples, SamplingConfig, flatten_samples, sample,
+                                            sequence_logprobs)
+from infalign_jax.core.types import DecoderFns, RewardFn
+from infalign_jax.infra import validate as check
+from infalign_jax.infra.config_utils import SET_BY
+
+Array = jax.Array
+DATA_MODES = ("online", "offline")
+
+
+def vbon_rl_config(n: int, **kw: Any) -> rl.RLConfig:
+    """`rl.RLConfig` of vBoN for BoN_n: transform "log", beta = 1/(n-1); other fields from kw."""
+    beta = vbon_beta(n)
+    for field, fixed in (("transform", "log"), ("beta", beta), ("beta_schedule", "constant")):
+        if field in kw and kw[field] != fixed:
+            raise ValueError(f"vbon_rl_config: {field} is fixed to {fixed!r} by n={n}, "
+                             f"got {kw[field]!r}")
+    if kw.get("transform_params"):
+        raise ValueError(f"vbon_rl_config: transform_params is fixed to {{}}, "
+                         f"got {kw['transform_params']!r}")
+    return rl.RLConfig(**{**kw, "transform": "log", "transform_params": {}, "beta": beta})
+
+
+@dataclasses.dataclass(frozen=True)
+class BoNBoNConfig:
+    """BoNBoN hyper-parameters; bad values fail here, naming the field."""
+
+    n: int = 8                  # draws per prompt (BoN_n is the target)
+    alpha: float = 0.5          # weight of the SFT NLL on y_best
+    variant: str = "ipo"
+    beta: float = 0.0           # 0: beta*_n = 1/(2 (n-1) H_{n-1})
+    data: str = "online"
+    # Sampling length, learning rate and decay are the rl section's; the ids are the task's.
+    max_new_tokens: int = dataclasses.field(default=8, metadata={SET_BY: "rl section"})
+    eos_id: int | None = dataclasses.field(default=None, metadata={SET_BY: "task"})
+    pad_id: int = dataclasses.field(default=0, metadata={SET_BY: "task"})
+    learning_rate: float = dataclasses.field(default=1e-3, metadata={SET_BY: "rl section"})
+    decay_steps: int = dataclasses.field(default=0, metadata={SET_BY: "rl section"})
+    max_grad_norm: float = 0.0
+    grad_accum_steps: int = 1
+    monitor_samples: int = 4    # policy samples per prompt for the KL / reward metrics
+    full_kl: bool = True
+
+    def __post_init__(self):
+        check.ints(self, ("n",), low=2)
+        check.ints(self, ("max_new_tokens", "grad_accum_steps"))
+        check.ints(self, ("decay_steps", "monitor_samples"), low=0)
+        check.numbers(self, ("alpha",), high=1.0)
+        check.choice(self, "variant", BONBON_VARIANTS)
+        check.numbers(self, ("beta", "max_grad_norm"))   # beta 0 = beta*_n
+        check.choice(self, "data", DATA_MODES)
+        check.numbers(self, ("learning_rate",), strict=True)
+
+    @property
+    def pref_beta(self) -> float:
+        return self.beta if self.beta > 0 else bonbon_beta(self.n)
+
+    def sampling(self, n: int | None = None) -> SamplingConfig:
+        return SamplingConfig(n=self.n if n is None else n, max_new_tokens=self.max_new_tokens,
+                              eos_id=self.eos_id, pad_id=self.pad_id)
+
+
+def sample_reference_responses(cfg: BoNBoNConfig, fns: DecoderFns, ref_params: Any,
+                               prompt_BxP: Array, prompt_mask_BxP: Array, rng: Array) -> Samples:
+    """N draws per prompt from pi_ref: the data of one BoNBoN step (what "online" draws itself
+    with the first half of `jax.random.split(rng)`)."""
+    return sample(fns, ref_params, prompt_BxP, prompt_mask_BxP, rng, cfg.sampling())
+
+
+def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
+                     optimizer: optax.GradientTransformation
+                     ) -> Callable[[rl.RLState, rl.Frozen, Mapping[str, Array], Array],
+                                   tuple[rl.RLState, dict[str, Array]]]:
+    """The pure BoNBoN step; `batch` as for `rl_step` (+ the responses when data="offline")."""
+    n, beta = cfg.n, cfg.pref_beta
+
+    def step(state: rl.RLState, frozen: rl.Frozen, batch: Mapping[str, Array], rng: Array):
+        prompt_BxP, pmask_BxP = batch["prompt_BxP"], batch["prompt_mask_BxP"]
+        idx_B = batch["prompt_idx_B"]
+        b = prompt_BxP.shape[0]
+        data_key, monitor_key = jax.random.split(rng)
+        if cfg.data == "offline":
+            tokens_BxNxL, mask_BxNxL = batch["response_BxNxL"], batch["response_mask_BxNxL"]
+        else:
+            s = sample_reference_responses(cfg, fns, frozen.ref_params, prompt_BxP, pmask_BxP,
+                                           data_key)
+            tokens_BxNxL, mask_BxNxL = s.tokens_BxNxL, s.mask_BxNxL
+        rewards_BxN = reward_fn(frozen.reward_params, jnp.repeat(idx_B, n),
+                                tokens_BxNxL.reshape(b * n, -1),
+                                mask_BxNxL.reshape(b * n, -1)).reshape(b, n)
+        best_B, worst_B = best_of_n(rewards_BxN).index_B, worst_of_n(rewards_BxN).index_B
+        # Rows 0..B-1 are the best responses, B..2B-1 the worst: one forward pass for both.
+        resp_2BxL = jnp.concatenate([select(tokens_BxNxL, best_B), select(tokens_BxNxL, worst_B)])
+        rmask_2BxL = jnp.concatenate([select(mask_BxNxL, best_B), select(mask_BxNxL, worst_B)])
+        pair = (jnp.tile(prompt_BxP, (2, 1)), jnp.tile(pmask_BxP, (2, 1)), resp_2BxL, rmask_2BxL)
+        ref_2B = jax.lax.stop_gradient(losses.masked_sum(
+            sequence_logprobs(fns, frozen.ref_params, *pair), rmask_2BxL, -1))
+
+        def loss_fn(params):
+            logp_2B = losses.masked_sum(sequence_logprobs(fns, params, *pair), rmask_2BxL, -1)
+            return bonbon_loss(logp_2B[:b], logp_2B[b:], ref_2B[:b], ref_2B[b:], n, cfg.alpha,
+                               beta, cfg.variant)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "best_reward": jnp.mean(select(rewards_BxN, best_B)),
+                   "worst_reward": jnp.mean(select(rewards_BxN, worst_B)),
+                   "response_length": jnp.mean(jnp.sum(rmask_2BxL[:b], -1)),
+                   **{k: aux[k] for k in ("nll", "pref", "h_mean", "accuracy", "beta")}}
+        if cfg.monitor_samples:
+            metrics.update(_monitor(cfg, fns, reward_fn, state.params, frozen, prompt_BxP,
+                                    pmask_BxP, idx_B, monitor_key))
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return step
+
+
+def _monitor(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn, params: Any,
+             frozen: rl.Frozen, prompt_BxP: Array, pmask_BxP: Array, idx_B: Array, rng: Array
+             ) -> dict[str, Array]:
+    """The RL step's rollout metrics for the current policy (no gradient)."""
+    m = cfg.monitor_samples
+    b = prompt_BxP.shape[0]
+    s = sample(fns, params, prompt_BxP, pmask_BxP, rng, cfg.sampling(m))
+    rollout = flatten_samples(prompt_BxP, pmask_BxP, s)
+    rmask_RxL, logp_RxL = rollout[3], s.logp_BxNxL.reshape(b * m, -1)
+    rewards_BxM = reward_fn(frozen.reward_params, jnp.repeat(idx_B, m), rollout[2],
+                            rmask_RxL).reshape(b, m)
+    cal_BxM = calibrate(rewards_BxM, frozen.ref_sorted_XxK[idx_B], frozen.ref_count_X[idx_B])
+    ref_RxL = sequence_logprobs(fns, frozen.ref_params, *rollout)
+    out = {"reward": jnp.mean(rewards_BxM), "calibrated_reward": jnp.mean(cal_BxM),
+           "response_length": jnp.mean(jnp.sum(rmask_RxL, -1))}
+    for name, estimator in (("kl_k1", kl.kl_k1), ("kl_k3", kl.kl_k3)):
+        per_token_RxL = estimator(logp_RxL, ref_RxL, rmask_RxL)
+        out[name] = jnp.mean(losses.masked_sum(per_token_RxL, rmask_RxL, -1))
+    if cfg.full_kl:
+        out.update(rl.full_vocab_metrics(fns, params, frozen.ref_params, *rollout))
+    return jax.lax.stop_gradient(out)

@@ -1,0 +1,184 @@
+"""CTRL hyper-parameters (`RLConfig`, validated on creation), optimisers and beta schedules.
+
+Split from `rl.py`, which re-exports everything here; see its docstring for what each option does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from infalign_jax import models
+from infalign_jax.decoding.sampling import SamplingConfig
+from infalign_jax.core.transforms import Transform, get_transform
+from infalign_jax.infra import validate as check
+from infalign_jax.infra.config_utils import SET_BY
+
+Array = jax.Array
+
+ALGORITHMS = ("rloo", "ppo")
+KL_MODES = ("reward", "loss")
+BETA_SCHEDULES = ("constant", "linear", "adaptive")
+ADVANTAGES = ("rloo", "gae")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """CTRL hyper-parameters; bad values fail here, naming the field."""
+
+    algorithm: str = "rloo"
+    beta: float = 0.1            # the constant beta, or the schedule's initial beta
+    # From the config's `transform` section (`core.transforms.transform_from_config`).
+    transform: str = dataclasses.field(default="identity", metadata={SET_BY: "transform section"})
+    transform_params: Mapping[str, Any] = dataclasses.field(
+        default_factory=dict, metadata={SET_BY: "transform section"})
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 8
+    eos_id: int | None = dataclasses.field(default=None, metadata={SET_BY: "task"})
+    pad_id: int = dataclasses.field(default=0, metadata={SET_BY: "task"})
+    learning_rate: float = 1e-3
+    ppo_epochs: int = 4
+    ppo_clip: float = 0.2
+    kl_mode: str = "reward"
+    max_grad_norm: float = 0.0   # 0 = no clipping
+    decay_steps: int = 0         # > 0: cosine decay of the learning rate to 10% over these steps
+    full_kl: bool = True         # log the exact per-token full-vocabulary KL and the entropy
+    beta_schedule: str = "constant"
+    beta_final: float = 0.0      # "linear": beta after beta_steps steps (> 0)
+    beta_steps: int = 0          # "linear": steps of the ramp (>= 1)
+    kl_target: float = 0.0       # "adaptive": target sequence KL (> 0)
+    kl_horizon: float = 10000.0  # "adaptive": horizon, in rollouts
+    # Warm-up of beta (with "constant" / "linear"): for the first beta_anneal_steps steps beta is
+    # multiplied by beta_anneal_factor ** (1 - step / beta_anneal_steps), a geometric decay from
+    # factor x beta to the schedule's beta. The fixed point is unchanged (the run ends at beta);
+    # see `scheduled_beta` for why this is needed when range(Phi) / beta is large.
+    beta_anneal_steps: int = 0
+    beta_anneal_factor: float = 10.0
+    advantage: str = "rloo"
+    gamma: float = 1.0           # "gae": discount
+    gae_lambda: float = 0.95     # "gae": lambda
+    whiten_advantages: bool = True
+    value_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig kwargs
+    value_learning_rate: float = 1e-3
+    value_clip: float = 0.2      # 0 = unclipped value loss
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        def fail(field, expected):
+            check.fail(self, field, expected)
+
+        check.choice(self, "algorithm", ALGORITHMS)
+        check.numbers(self, ("beta", "learning_rate", "ppo_clip", "value_learning_rate",
+                             "kl_horizon"), strict=True)
+        try:
+            get_transform(self.transform, **dict(self.transform_params))
+        except ValueError as e:
+            raise ValueError(f"RLConfig.transform: {e}") from e
+        check.ints(self, ("samples_per_prompt", "max_new_tokens", "ppo_epochs", "grad_accum_steps"))
+        if self.algorithm == "rloo" and self.samples_per_prompt < 2:
+            fail("samples_per_prompt", ">= 2 for RLOO (a leave-one-out baseline)")
+        check.choice(self, "kl_mode", KL_MODES)
+        check.ints(self, ("decay_steps", "beta_anneal_steps"), low=0)
+        check.numbers(self, ("max_grad_norm", "value_clip"))
+        check.choice(self, "beta_schedule", BETA_SCHEDULES)
+        if self.beta_schedule == "linear":
+            check.numbers(self, ("beta_final",), strict=True)
+            check.ints(self, ("beta_steps",))
+        if self.beta_schedule == "adaptive":
+            check.numbers(self, ("kl_target",), strict=True)
+        # The warm-up starts at factor x beta.
+        check.numbers(self, ("beta_anneal_factor",), low=1.0)
+        if self.beta_anneal_steps and self.beta_schedule == "adaptive":
+            fail("beta_anneal_steps", "0 with beta_schedule='adaptive' (the controller sets beta)")
+        check.choice(self, "advantage", ADVANTAGES)
+        if self.advantage == "gae":
+            if self.algorithm != "ppo":
+                fail("advantage", "'rloo' unless algorithm='ppo' ('gae' is per-token PPO)")
+            check.numbers(self, ("gamma", "gae_lambda"), high=1.0)
+            try:
+                self.value_model_config()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"RLConfig.value_model: {e}") from e
+        if self.grad_accum_steps > 1 and self.algorithm == "ppo" and self.ppo_epochs != 1:
+            fail("grad_accum_steps", "1 with algorithm='ppo' and ppo_epochs > 1 (each epoch "
+                 "would be accumulated as a separate micro-batch)")
+
+    def get_transform(self) -> Transform:
+        return get_transform(self.transform, **dict(self.transform_params))
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(n=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
+                              eos_id=self.eos_id, pad_id=self.pad_id)
+
+    def value_model_config(self) -> models.ModelConfig:
+        """The critic's `ModelConfig`: `value_model` with heads=("value",)."""
+        kw = dict(self.value_model)
+        if not kw:
+            raise ValueError("advantage='gae' needs value_model (ModelConfig keyword arguments, "
+                             "at least vocab_size matching the policy)")
+        if tuple(kw.pop("heads", ("value",))) != ("value",):
+            raise ValueError("the critic has the single head 'value'; leave heads out")
+        return models.ModelConfig(**kw, heads=("value",))
+
+
+def _adam(cfg: Any, learning_rate: float) -> optax.GradientTransformation:
+    lr = learning_rate
+    if cfg.decay_steps > 0:
+        # Decaying the step size averages out the REINFORCE noise around the fixed point.
+        lr = optax.cosine_decay_schedule(learning_rate, cfg.decay_steps, alpha=0.1)
+    tx = optax.adam(lr)
+    if cfg.max_grad_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, cfg.grad_accum_steps).gradient_transformation()
+    return tx
+
+
+def make_optimizer(cfg: Any) -> optax.GradientTransformation:
+    """Adam (+ cosine decay, global-norm clipping, `optax.MultiSteps` accumulation as configured).
+
+    Reads only learning_rate, decay_steps, max_grad_norm and grad_accum_steps, so any config with
+    those fields (e.g. `bon_distillation.BoNBoNConfig`) can use it.
+    """
+    return _adam(cfg, cfg.learning_rate)
+
+
+def make_value_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
+    return _adam(cfg, cfg.value_learning_rate)
+
+
+def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
+    """beta at `step` (0-based) of the "constant" / "linear" schedules, times the warm-up factor.
+
+    Why the warm-up: with an autoregressive softmax policy, E[Phi] - beta KL has traps. Early on,
+    while the continuations after a prefix are still those of pi_ref, a prefix whose *optimal*
+    continuations are good can look bad and be pushed towards probability 0; once there, both
+    the reward and the KL gradients of its logit scale with its probability, so it never comes
+    back (reverse-KL mode seeking). Measured on the exact task with exact gradients: at
+    KL(pi* || pi_ref) = 2 runs stalled at KL(pi || pi*) = 0.12-0.33 for every transform; starting
+    at 10 x beta and decaying geometrically over 60% of the run they reached 0.002-0.006.
+    Large beta keeps pi near pi_ref while the continuations learn, and the optimum moves slowly
+    along pi*_beta as beta falls (a homotopy), so the policy stays in its basin.
+    """
+    step_f = jnp.asarray(step, jnp.float32)
+    if cfg.beta_schedule == "linear":
+        frac = jnp.minimum(step_f / cfg.beta_steps, 1.0)
+        beta = jnp.float32(cfg.beta) + (cfg.beta_final - cfg.beta) * frac
+    else:
+        beta = jnp.float32(cfg.beta)
+    if cfg.beta_anneal_steps:
+        left = jnp.maximum(1.0 - step_f / cfg.beta_anneal_steps, 0.0)
+        beta = beta * jnp.float32(cfg.beta_anneal_factor) ** left
+    return beta
+
+
+def adaptive_beta_update(beta: Array, kl: Array, kl_target: float, kl_horizon: float,
+                         n_rollouts: int | Array) -> Array:
+    """Ziegler et al. 2019 (arXiv 1909.08593, sec. 2.2) proportional controller:
+    beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    error = jnp.clip(kl / kl_target - 1.0, -0.2, 0.2)
+    return beta * (1.0 + error * n_rollouts / kl_horizon)

@@ -1,0 +1,408 @@
+"""Paper-table reproduction: analytic figures and the exact task's methods at matched KL.
+
+`run_exact_stage` trains each method of the comparison on the enumerable exact task with the same
+run loop (`train.run`), with each method's beta chosen so that its *exact target* policy
+pi* ∝ pi_ref exp(Phi(C)/beta) has the same KL budget (vBoN's beta is fixed at 1/(N-1) by its
+definition, and that fixes the budget for everyone). The table then reports, by enumeration, the
+trained policy's KL and its standard / BoN_N / WoN_N win rates against pi_ref, next to its target's.
+What the paper claims, in calibrated space (spec 1.4): at matched KL, exp(t C) with t > 0 beats the
+identity and log for BoN_N, t < 0 wins for WoN_N, and the identity is best for the standard win
+rate. The analytic solver's optimal transform is optimal in *continuous* calibrated space; on the
+discrete task (64 responses, a finite reference table) it is one more transform, not a bound.
+Every method is trained with several seeds (`SIZES`); the table gives mean ± sd and the exact
+distance KL(pi || pi*) of each trained policy to its target, so "reaches its optimum" is measured.
+
+Methods (name -> transform, beta rule): raw-reward RLHF (`raw`), calibrated RLHF (`identity`),
+vBoN (`log`, beta = 1/(N-1)), CTRL exp t>0 (BoN) and t<0 (WoN), and CTRL with the analytic
+solver's optimal transform for BoN_N and WoN_N at the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from infalign_jax.analysis import analytic_solver
+from infalign_jax.rl.tasks import exact as et
+from infalign_jax.infra import provenance
+
+from infalign_jax.workflows import sweep
+from infalign_jax.loops import train
+from infalign_jax.core.transforms import get_transform
+from infalign_jax.infra import validate as check
+from infalign_jax.infra.config_utils import as_dict, dataclass_from
+
+SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumbing only
+         # one seed, 64 samples per prompt: the `make demo` step (about a minute a method)
+         "demo": dict(steps=1500, anneal=1000, samples=64, k=4096, seeds=(0,)),
+         "tiny": dict(steps=1500, anneal=1000, samples=256, k=4096, seeds=(0, 1, 2)),
+         "small": dict(steps=1500, anneal=1000, samples=256, k=4096, seeds=(0, 1, 2, 3, 4)),
+         "full": dict(steps=3000, anneal=2000, samples=512, k=16384, seeds=(0, 1, 2, 3, 4))}
+
+
+def sized_config(base_config: Any, size: str) -> Any:
+    """The exact-task config with the size's schedule, samples and reference K (no evaluations
+    during training: each run is evaluated once, at the end)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    knobs = SIZES[size]
+    return sweep.apply_overrides(base_config, {
+        "train.num_steps": knobs["steps"], "rl.decay_steps": knobs["steps"],
+        "rl.beta_anneal_steps": knobs["anneal"], "rl.samples_per_prompt": knobs["samples"],
+        "reference.k": knobs["k"], "train.eval_every": 0})
+
+
+def methods(n: int, t: float) -> list[dict[str, Any]]:
+    """The comparison; `beta=None` means "solve beta for the shared KL budget"."""
+    return [
+        {"key": "raw", "method": "RLHF raw reward", "transform": {"name": "raw"}, "beta": None},
+        {"key": "identity", "method": "calibrated identity", "transform": {"name": "identity"},
+         "beta": None},
+        {"key": "vbon", "method": f"vBoN (log, beta=1/(N-1), N={n})", "transform": {"name": "log"},
+         "beta": 1.0 / (n - 1)},
+        {"key": "exp_bon", "method": f"CTRL exp t={t:g} (BoN)", "transform": {"name": "exp", "t": t},
+         "beta": None},
+        {"key": "exp_won", "method": f"CTRL exp t={-t:g} (WoN)",
+         "transform": {"name": "exp", "t": -t}, "beta": None},
+        {"key": "optimal_bon", "method": f"CTRL optimal (BoN_{n})",
+         "transform": {"name": "optimal", "procedure": "bon"}, "beta": None},
+        {"key": "optimal_won", "method": f"CTRL optimal (WoN_{n})",
+         "transform": {"name": "optimal", "procedure": "won"}, "beta": None},
+    ]
+
+
+def _transform_section(spec: dict[str, Any], kl: float, n: int, workdir: str) -> dict[str, Any]:
+    """Config `transform` section; the optimal table is solved at the budget and saved."""
+    if spec["name"] != "optimal":
+        return dict(spec)
+    u, phi = analytic_solver.optimal_transform_table(kl, spec["procedure"], n)
+    path = analytic_solver.save_optimal_table(
+        os.path.join(workdir, f"optimal_{spec['procedure']}{n}_kl{kl:.3f}.npz"), u, phi)
+    return {"name": "optimal", "path": path}
+
+
+def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.0,
+                    size: str = "tiny", keys: tuple[str, ...] | None = None,
+                    log: Callable[[str], None] = print, devices: Any = None
+                    ) -> list[dict[str, Any]]:
+    """Trains every method (or those in `keys`) on the exact task at matched KL.
+
+    Writes exact_table.{md,json}, exact_methods.png and a manifest into `workdir`.
+    """
+    base = sized_config(base_config, size)
+    known = [m["key"] for m in methods(n, t)]
+    if keys is not None and (not keys or set(keys) - set(known)):
+        raise ValueError(f"keys must be a non-empty subset of {known}, got {keys}")
+    chosen = [m for m in methods(n, t) if keys is None or m["key"] in keys]
+    knobs = SIZES[size]
+    os.makedirs(workdir, exist_ok=True)
+    task = et.task_from_section(base.task)
+    table = et.sample_reference_table(task, int(base.reference.k), seed=int(base.reference.seed))
+    ref_logp = et.policy_logprobs(task, task.ref_params)
+    vbon = get_transform("log")
+    budget = et.exact_kl(et.target_policy(ref_logp, et.calibrated_table(task, table, True), vbon,
+                                          1.0 / (n - 1)), np.exp(ref_logp))
+    seeds = knobs["seeds"]
+    log(f"exact stage: KL budget {budget:.4f} (vBoN's target at N={n}); {len(chosen)} methods x "
+        f"{len(seeds)} seeds")
+    rows = []
+    for spec in chosen:
+        section = _transform_section(spec["transform"], budget, n, workdir)
+        transform = get_transform(section["name"], **{k: v for k, v in section.items()
+                                                      if k != "name"})
+        cal = et.calibrated_table(task, table, transform.smoothed)
+        beta = spec["beta"] or et.beta_for_kl(ref_logp, cal, task.rewards_XxY, transform, budget)
+        overrides = {"rl.beta": float(beta), "transform.name": section["name"]}
+        overrides.update({f"transform.{k}": v for k, v in section.items() if k != "name"})
+        log(f"  {spec['method']}: beta={beta:.4g}")
+        runs = []
+        for seed in seeds:
+            run_dir = os.path.join(workdir, sweep.point_name({"m": spec["method"]}).replace(
+                " ", "_"), f"seed={seed}")
+            _, summary = train.run(sweep.apply_overrides(base, {**overrides, "seed": seed}),
+                                   run_dir, log=lambda line: None, devices=devices)
+            runs.append(summary["eval"])
+            ev = summary["eval"]
+            log("    seed {s}: KL {exact_kl:.3f} (target {target_kl:.3f}) KL(pi||pi*) "
+                "{exact_kl_to_target:.4f} std {exact_bon1:.3f} BoN_{n} {b:.3f} WoN_{n} {w:.3f}"
+                .format(s=seed, n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], **ev))
+        rows.append(seed_summary(spec["method"], beta, runs))
+    write_exact_outputs(rows, workdir, n, budget)
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)},
+                              extra={"stage": "exact", "size": size, "n": n, "t": t,
+                                     "kl_budget": budget})
+    return rows
+
+
+def seed_summary(method: str, beta: float, runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One table row from the runs of several seeds: mean and sd (ddof 1) of every exact_*
+    quantity, the target's values, the worst seed's KL(pi || pi*) and how many converged."""
+    row: dict[str, Any] = {"method": method, "beta": beta, "seeds": len(runs)}
+    for key in sorted(runs[0]):
+        values = np.array([r[key] for r in runs], np.float64)
+        if key.startswith("target_") or key == "range_phi_over_beta":
+            row[key] = float(values[0])
+        else:
+            row[key] = float(values.mean())
+            row[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    dists = [r["exact_kl_to_target"] for r in runs]
+    row["max_kl_to_target"] = float(max(dists))
+    row["converged"] = f"{sum(d <= et.CONVERGED_KL for d in dists)}/{len(dists)}"
+    return row
+
+
+def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    return f"{row[key]:.{digits}f} ± {row.get(key + '_sd', 0.0):.{digits}f}"
+
+
+def write_exact_outputs(rows: list[dict[str, Any]], workdir: str, n: int, budget: float) -> str:
+    """exact_table.md (mean ± sd over seeds next to each target), .json and the plot."""
+    head = ["method", "β", "range(Φ)/β", "KL target", "KL trained", "KL(π‖π*) mean / max",
+            "converged", "std target", "std trained", f"BoN_{n} target", f"BoN_{n} trained",
+            f"WoN_{n} target", f"WoN_{n} trained"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['beta']:.4g}", f"{r['range_phi_over_beta']:.1f}",
+                 f"{r['target_kl']:.3f}", _pm(r, "exact_kl"),
+                 f"{r['exact_kl_to_target']:.4f} / {r['max_kl_to_target']:.4f}", r["converged"],
+                 f"{r['target_bon1']:.3f}", _pm(r, "exact_bon1"), f"{r[f'target_bon{n}']:.3f}",
+                 _pm(r, f"exact_bon{n}"), f"{r[f'target_won{n}']:.3f}", _pm(r, f"exact_won{n}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    path = os.path.join(workdir, "exact_table.md")
+    seeds = rows[0]["seeds"] if rows else 0
+    with open(path, "w") as f:
+        f.write(f"KL budget {budget:.4f}; win rates against pi_ref by enumeration (exact); trained "
+                f"columns are mean ± sd over {seeds} seeds; converged: KL(pi || pi*) <= "
+                f"{et.CONVERGED_KL}.\n\n" + "\n".join(lines) + "\n")
+    with open(os.path.join(workdir, "exact_table.json"), "w") as f:
+        json.dump({"kl_budget": budget, "n": n, "rows": rows}, f, indent=2)
+    _plot(rows, os.path.join(workdir, "exact_methods.png"), n)
+    return path
+
+
+def _plot(rows: list[dict[str, Any]], path: str, n: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, title in zip(axes, ("bon1", f"bon{n}", f"won{n}"),
+                              ("standard win rate", f"BoN_{n} win rate", f"WoN_{n} win rate")):
+        for i, r in enumerate(rows):
+            ax.scatter(r["target_kl"], r[f"target_{key}"], marker="x", color=f"C{i}")
+            ax.errorbar(r["exact_kl"], r[f"exact_{key}"], xerr=r.get("exact_kl_sd", 0.0),
+                        yerr=r.get(f"exact_{key}_sd", 0.0), fmt="o", color=f"C{i}",
+                        label=r["method"])
+        ax.set_xlabel("KL(pi || pi_ref)")
+        ax.set_title(f"{title} (o trained, mean ± sd over seeds; x exact target)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# The convergence grid: every transform of the registry at several KL budgets, 3+ seeds each.
+CONVERGENCE_TRANSFORMS = (("exp", {"t": -10.0}), ("exp", {"t": -5.0}), ("exp", {"t": -1.0}),
+                          ("exp", {"t": 1.0}), ("exp", {"t": 5.0}), ("exp", {"t": 10.0}),
+                          ("identity", {}), ("log", {}), ("raw", {}),
+                          ("optimal", {"procedure": "bon"}), ("optimal", {"procedure": "won"}))
+
+
+def convergence_markdown(rows: list[dict[str, Any]], n: int, knobs: dict[str, Any]) -> str:
+    """The convergence table of `run_convergence_stage` as markdown."""
+    head = ["KL budget", "transform", "β", "range(Φ)/β", "converged", "KL(π‖π*) mean / max",
+            "KL trained / target", "BoN_4 trained − target", "WoN_4 trained − target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("unreachable"):
+            lines.append(f"| {r['kl_budget']:g} | {r['transform']} | — | — | unreachable "
+                         f"(the budget exceeds the transform's largest KL) | | | | |")
+            continue
+        lines.append("| " + " | ".join([
+            f"{r['kl_budget']:g}", r["transform"], f"{r['beta']:.4g}",
+            f"{r['range_phi_over_beta']:.1f}", r["converged"],
+            f"{r['exact_kl_to_target']:.4f} / {r['max_kl_to_target']:.4f}",
+            f"{r['exact_kl'] / r['target_kl']:.3f} ± {r['exact_kl_sd'] / r['target_kl']:.3f}",
+            f"{r[f'exact_bon{n}'] - r[f'target_bon{n}']:+.4f}",
+            f"{r[f'exact_won{n}'] - r[f'target_won{n}']:+.4f}"]) + " |")
+    return (f"Seeds {list(knobs['seeds'])}, {knobs['steps']} steps, beta warm-up over "
+            f"{knobs['anneal']}, {knobs['samples']} samples per prompt; converged: "
+            f"KL(pi || pi*) <= {et.CONVERGED_KL}.\n\n" + "\n".join(lines) + "\n")
+
+
+def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, ...],
+                          size: str = "tiny", n: int = 4,
+                          transforms: tuple[tuple[str, dict], ...] = CONVERGENCE_TRANSFORMS,
+                          log: Callable[[str], None] = print, devices: Any = None
+                          ) -> list[dict[str, Any]]:
+    """Trains each transform at each KL budget (beta solved from the exact target) for every
+    seed of the size with the config's schedule; writes convergence_table.{md,json}: how many
+    seeds reached KL(pi || pi*) <= et.CONVERGED_KL, with the target's range(Phi)/beta."""
+    base = sized_config(base_config, size)
+    knobs = SIZES[size]
+    os.makedirs(workdir, exist_ok=True)
+    rows = []
+    for kl in kls:
+        for name, params in transforms:
+            label = name + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {v}"
+                                   for k, v in params.items())
+            spec = {"name": name, **params}
+            section = _transform_section(spec, kl, n, workdir)
+            overrides = {"task.kl_budget": float(kl), "transform.name": name}
+            overrides.update({f"transform.{k}": v for k, v in section.items() if k != "name"})
+            runs, beta, unreachable = [], math.nan, None
+            for seed in knobs["seeds"]:
+                run_dir = os.path.join(workdir, f"kl={kl:g}", label.replace(" ", "_"),
+                                       f"seed={seed}")
+                try:
+                    _, summary = train.run(sweep.apply_overrides(base, {**overrides,
+                                                                        "seed": seed}),
+                                           run_dir, log=lambda line: None, devices=devices)
+                except ValueError as e:
+                    if "outside the reachable range" not in str(e):
+                        raise
+                    unreachable = str(e)
+                    break
+                beta = json.load(open(os.path.join(run_dir, "manifest.json")))["extra"]["beta"]
+                runs.append(summary["eval"])
+            if unreachable:
+                log(f"  KL {kl:g} {label}: unreachable ({unreachable})")
+                rows.append({"kl_budget": kl, "transform": label, "unreachable": True})
+                continue
+            row = {"kl_budget": kl, "transform": label, **seed_summary(label, beta, runs)}
+            log(f"  KL {kl:g} {label}: beta {beta:.4g}, range(Phi)/beta "
+                f"{row['range_phi_over_beta']:.1f}, converged {row['converged']}, KL(pi||pi*) "
+                f"mean {row['exact_kl_to_target']:.4f} max {row['max_kl_to_target']:.4f}")
+            rows.append(row)
+    with open(os.path.join(workdir, "convergence_table.md"), "w") as f:
+        f.write(convergence_markdown(rows, n, knobs))
+    with open(os.path.join(workdir, "convergence_table.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(knobs["seeds"])},
+                              extra={"stage": "convergence", "size": size, "kls": list(kls)})
+    return rows
+
+
+STAGES = ("analytic", "exact", "convergence", "real")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproduceConfig:
+    """configs/reproduce.py's top level (its `analytic` section is an `AnalyticConfig`)."""
+
+    _config_owner = "config"
+    size: str = "tiny"
+    n: int = 4                     # the N of BoN_N / WoN_N and of vBoN
+    t: float = 5.0                 # CTRL exp's |t| (t for BoN, -t for WoN)
+    seed: int = 0
+    stages: str = "analytic,exact"  # comma-separated, of STAGES
+    methods: str = "all"           # "all" or comma-separated keys of `methods`
+    convergence_kls: tuple[float, ...] = (0.25, 1.0, 2.0)
+
+    def __post_init__(self):
+        check.choice(self, "size", tuple(SIZES))
+        check.ints(self, ("n",), low=2)
+        check.numbers(self, ("t",), strict=True)
+        check.ints(self, ("seed",), low=0)
+        unknown = sorted(set(self.stage_list) - set(STAGES))
+        if unknown:
+            raise ValueError(f"config.stages: unknown stages {unknown}; known: {list(STAGES)}")
+        object.__setattr__(self, "convergence_kls", tuple(float(k) for k in self.convergence_kls))
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in str(self.stages).split(",") if s.strip()]
+# (task, method label, ctrl_real.py arg) of the real stage: calibrated identity vs CTRL exp-t
+REAL_METHODS = (("helpfulness", "calibrated identity", "transform=identity"),
+                ("helpfulness", "CTRL exp t=4 (BoN)", "transform=exp,t=4"),
+                ("harmlessness", "calibrated identity", "transform=identity"),
+                ("harmlessness", "CTRL exp t=-4 (WoN)", "transform=exp,t=-4"))
+
+
+def run_real_stage(real_config: Callable[[str], Any], size: str, workdir: str,
+                   log: Callable[[str], None] = print) -> str:
+    """SmolLM2 tasks judged by the offline gold judges: the paper's table shape (estimates with
+    95% intervals = 1.96 standard errors over prompts); returns the markdown. `real_config(arg)`
+    is configs/ctrl_real.py's `get_config`."""
+    rows = []
+    for task, method, arg in REAL_METHODS:
+        cfg = real_config(f"task={task},size={size},{arg}")
+        run_dir = os.path.join(workdir, f"{task}__{arg.replace('=', '-').replace(',', '_')}")
+        log(f"  real: {task} / {method} ({run_dir})")
+        _, summary = train.run(cfg, run_dir, log=lambda line: None)
+        ev = summary["eval"]
+        row = {"task": task, "method": method, "KL (k1)": ev.get("est_kl_k1", math.nan)}
+        for key in ("standard", "bon_4", "won_4"):
+            p, se = ev.get(f"est_{key}", math.nan), ev.get(f"est_{key}_stderr", math.nan)
+            row[key] = f"{p:.3f} ± {1.96 * se:.3f}"
+        rows.append(row)
+    table = sweep.markdown_table(rows, ["task", "method", "KL (k1)", "standard", "bon_4", "won_4"])
+    text = (f"## 3. Real offline tasks (size {size})\n\nWin rates of the trained policy against "
+            f"pi_ref under the gold judge (VADER for helpfulness, 1 - P(offensive) for "
+            f"harmlessness), estimated from fresh samples; ± is a 95% interval over prompts.\n\n"
+            f"{table}\n")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "real_table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def run(config: Any, workdir: str, *, exact_config: Any = None,
+        real_config: Callable[[str], Any] | None = None,
+        log: Callable[[str], None] = print) -> str:
+    """Runs the configured stages into `workdir` and writes `workdir/results.md`; returns its path.
+
+    `exact_config` (configs/ctrl_exact.py's config) is the base of the exact and convergence
+    stages; `real_config(arg)` (configs/ctrl_real.py's `get_config`) builds the real stage's runs.
+    """
+    from infalign_jax.workflows import analytic_report
+    manifest_config = config
+    values = as_dict(config)
+    analytic_section = values.pop("analytic", {})
+    config = dataclass_from(ReproduceConfig, values, "reproduce")
+    stages = config.stage_list
+    for stage, given, name in (("exact", exact_config, "exact_config"),
+                               ("convergence", exact_config, "exact_config"),
+                               ("real", real_config, "real_config")):
+        if stage in stages and given is None:
+            raise ValueError(f"stage {stage!r} needs {name}")
+    started = provenance.now()
+    parts = [f"# Reproduction (size {config.size})\n"]
+    if "analytic" in stages:
+        out = os.path.join(workdir, "analytic")
+        analytic_report.run(analytic_section, out, progress=log)
+        with open(os.path.join(out, "tables.md")) as f:
+            parts.append("## 1. Analytic tool\n\nPlots: analytic/frontier_bon.png, "
+                         "analytic/frontier_won.png, analytic/best_t.png.\n\n" +
+                         f.read().replace("# Analytic tool", "### Analytic tool"))
+    if "exact" in stages:
+        out = os.path.join(workdir, "exact")
+        keys = None if config.methods == "all" else tuple(
+            k.strip() for k in config.methods.split(",") if k.strip())
+        run_exact_stage(exact_config, out, n=config.n, t=config.t, size=config.size,
+                        keys=keys, log=log)
+        with open(os.path.join(out, "exact_table.md")) as f:
+            parts.append("## 2. Exact task: methods at matched KL\n\nPlot: exact/exact_methods.png"
+                         "\n\n" + f.read())
+    if "convergence" in stages:
+        out = os.path.join(workdir, "convergence")
+        run_convergence_stage(exact_config, out, kls=config.convergence_kls, size=config.size,
+                              n=config.n, log=log)
+        with open(os.path.join(out, "convergence_table.md")) as f:
+            parts.append("## Exact task: convergence of every transform\n\n" + f.read())
+    if "real" in stages:
+        size = config.size if config.size in ("tiny", "small", "full") else "tiny"
+        parts.append(run_real_stage(real_config, size, os.path.join(workdir, "real"), log))
+    path = os.path.join(workdir, "results.md")
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n\n".join(parts) + "\n")
+    provenance.write_manifest(workdir, manifest_config, seeds={"seed": config.seed}, started=started,
+                              extra={"exact_config": None if exact_config is None
+                                     else exact_config.to_dict()})
+    log(f"results: {path}")
+    return path

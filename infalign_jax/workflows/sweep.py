@@ -1,0 +1,135 @@
+"""Sweeps over an experiment config: `get_sweep()` beside `get_config()`, run here or on a cluster.
+
+A config module may define ``get_sweep(arg=None) -> list[dict]``, each dict a point of dotted
+overrides, e.g. ``{"transform.t": 4.0, "rl.beta": 1.5}`` (big_vision's habit: the sweep lives next
+to the config). `run` trains every point one after another in ``<workdir>/<point name>`` and
+gathers each run's `summary.json` into one table; `command_lines` prints one command per point for
+a cluster scheduler instead. Points already finished are skipped on a re-run (their summary is
+read back), and an unfinished one resumes from its checkpoints, so a killed sweep just restarts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+from infalign_jax.loops.skeleton import config_record
+
+
+def sweep_points(module: Any, arg: str | None = None) -> list[dict[str, Any]]:
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"config {module.__name__} defines no get_sweep(); nothing to sweep")
+    points = list(module.get_sweep(arg) if arg else module.get_sweep())
+    if not points or not all(isinstance(p, Mapping) and p for p in points):
+        raise ValueError(f"{module.__name__}.get_sweep() must return a non-empty list of non-empty "
+                         f"dicts of overrides, got {points!r}")
+    return [dict(p) for p in points]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+                    ) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted overrides; unknown keys and type changes are errors."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.lock()
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            if part not in node:
+                raise ValueError(f"sweep override {dotted!r}: config has no section {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"sweep override {dotted!r}: unknown key; known: {sorted(node.keys())}")
+        node[leaf] = value  # ConfigDict refuses a value of another type, naming the key
+    return config
+
+
+def point_name(overrides: Mapping[str, Any]) -> str:
+    """A directory name for a point: ``t=4,beta=1.5`` (last part of each dotted key)."""
+    parts = []
+    for dotted, value in overrides.items():
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"{dotted.rsplit('.', 1)[-1]}={text}")
+    return ",".join(parts).replace("/", "_")
+
+
+def command_lines(entrypoint: str, config_path: str, workdir: str,
+                  points: Sequence[Mapping[str, Any]], shared: Sequence[str] = ()) -> list[str]:
+    """One shell command per point (for a cluster scheduler); `shared` flags go to every point."""
+    lines = []
+    for p in points:
+        args = [f"--config={config_path}", f"--workdir={os.path.join(workdir, point_name(p))}",
+                *shared]
+        args += [f"--config.{k}={v}" for k, v in p.items()]
+        lines.append(" ".join(shlex.quote(a) for a in ["python", entrypoint, *args]))
+    return lines
+
+
+def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
+        workdir: str, runner: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Runs every point (skipping finished ones); returns one flat row per point."""
+    rows = []
+    configs = [apply_overrides(config, p) for p in points]  # all errors before any training
+    for i, (p, cfg) in enumerate(zip(points, configs)):
+        run_dir = os.path.join(workdir, point_name(p))
+        summary_path = os.path.join(run_dir, "summary.json")
+        done = _finished(summary_path, cfg)
+        log(f"[sweep {i + 1}/{len(points)}] {point_name(p)}" + (" (done, reusing)" if done else ""))
+        summary = done or runner(cfg, run_dir)
+        rows.append(flat_row(p, summary))
+    write_table(rows, workdir)
+    return rows
+
+
+def _finished(summary_path: str, cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The point's summary if its run finished *this* config's steps; else None, and the runner
+    resumes it (or refuses, naming the keys, if the work dir holds another config's run)."""
+    if not os.path.exists(summary_path):
+        return None
+    with open(summary_path) as f:
+        summary = json.load(f)
+    manifest_path = os.path.join(os.path.dirname(summary_path), "manifest.json")
+    if not os.path.exists(manifest_path):
+        return None
+    with open(manifest_path) as f:
+        ran = json.load(f).get("config")
+    if summary.get("final_step") != cfg.train.num_steps or \
+            config_record(ran) != config_record(cfg):
+        return None
+    return summary
+
+
+def flat_row(point: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
+    row = {"point": point_name(point), **dict(point)}
+    row.update({f"eval.{k}": v for k, v in summary.get("eval", {}).items()})
+    row.update({f"train.{k}": v for k, v in summary.get("last_train_metrics", {}).items()
+                if k in ("kl_k1", "kl_full_vocab", "calibrated_reward", "transformed_reward")})
+    return row
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], workdir: str) -> tuple[str, str]:
+    """`sweep_results.csv` and `sweep_results.md` in `workdir`."""
+    os.makedirs(workdir, exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path = os.path.join(workdir, "sweep_results.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path = os.path.join(workdir, "sweep_results.md")
+    with open(md_path, "w") as f:
+        f.write(markdown_table(rows, columns) + "\n")
+    return csv_path, md_path
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
