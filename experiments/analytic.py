@@ -3,7 +3,7 @@
 All the work is in infalign_jax.workflows.analytic_report.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from infalign_jax.workflows import analytic_report
@@ -19,4 +19,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,7 +7,7 @@
 All the work is in infalign_jax.workflows.calibrate.run.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from infalign_jax.workflows import calibrate
@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,7 +3,7 @@
 All the work is in infalign_jax.workflows.demo.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from infalign_jax.workflows import demo
@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

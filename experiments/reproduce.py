@@ -6,7 +6,7 @@ builds its runs from configs/ctrl_real.py (`--real_config`). All the work is in
 infalign_jax.workflows.reproduce.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from infalign_jax.infra.config_utils import load_config_module
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

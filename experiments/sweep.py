@@ -10,7 +10,7 @@ Results: <workdir>/sweep_results.{csv,md}, one row per point.
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from infalign_jax.infra.config_utils import load_config_module
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

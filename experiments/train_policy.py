@@ -7,7 +7,7 @@ All the work is in infalign_jax.loops.train.run; the config's docstring gives th
 expected runtime and result.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from infalign_jax.loops import train
@@ -24,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,7 +9,7 @@ import pytest
 from infalign_jax.data import (DataError, PreferenceExample, TokenizeConfig, as_encoder,
                                read_preferences, read_prompts, tokenize_preferences,
                                tokenize_prompts)
-from infalign_jax.data.readers import PromptExample
+from infalign_jax.data.readers import PromptExample, SkipReport
 
 
 def write_lines(path, lines, gz=False):
@@ -297,3 +297,12 @@ def test_bad_tokenizer_output_is_a_type_error():
         as_encoder(lambda s: [[1, 2]])("ab")
     with pytest.raises(TypeError, match="encode"):
         as_encoder(42)
+
+
+def test_skip_reports_of_two_stages_add_up():
+    # Reading kept 10 of 12 records, tokenising kept 9 of those 10: 9 survive, 3 were dropped.
+    read = SkipReport({"bad_json": 2}, kept=10)
+    tokenised = SkipReport({"prompt_too_long": 1}, kept=9)
+    both = read.merge(tokenised)
+    assert both.kept == 9 and both.counts == {"bad_json": 2, "prompt_too_long": 1}
+    assert both.total + both.kept == 12

@@ -44,7 +44,8 @@ def test_empty_responses_get_the_documented_score():
     got = {name: judges.get_judge(name)(["p"] * 3, responses) for name in judges.known_judges()}
     np.testing.assert_array_equal(got["vader"][:2], [-1.0, -1.0])
     np.testing.assert_array_equal(got["offensiveness"][:2], [0.0, 0.0])
-    np.testing.assert_array_equal(got["harmlessness"][:2], [1.0, 1.0])
+    # Every judge's minimum: stopping at once is never rewarded (no EOS reward hack).
+    np.testing.assert_array_equal(got["harmlessness"][:2], [0.0, 0.0])
     # the non-empty response in the same batch is still scored by the library
     assert got["vader"][2] == pytest.approx(
         SentimentIntensityAnalyzer().polarity_scores(POLITE)["compound"], abs=1e-6)

@@ -42,3 +42,14 @@ def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]   # no temporary left
     write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
+
+
+def test_progress_rate_and_eta_leave_out_the_compiling_first_step(monkeypatch):
+    from infalign_jax.infra import metrics_io
+    clock = iter([0.0, 60.0, 70.0])   # construction; step 1 after 60 s compiling; step 11 10 s on
+    monkeypatch.setattr(metrics_io.time, "perf_counter", lambda: next(clock))
+    progress = metrics_io.Progress(total=101)
+    assert "60.0s to step 1 (compiling) eta ?" in progress.line(1, {})
+    # 10 steps in 10 s: 1 it/s, 90 steps left -> 1m30s (a rate that counted the compile would
+    # say 0.16 it/s and 9 minutes).
+    assert "1.00 it/s eta 1m30s" in progress.line(11, {})

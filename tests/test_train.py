@@ -237,6 +237,19 @@ def test_resume_with_another_config_is_refused_naming_the_keys(uninterrupted, tm
     assert summary["resumed_from"] == 6 and summary["final_step"] == 8
 
 
+def test_rerunning_a_finished_run_adds_no_rows_and_keeps_its_start_time(uninterrupted, tmp_path):
+    workdir, _, summary = uninterrupted
+    import shutil
+    shutil.copytree(workdir, tmp_path / "run")
+    before = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    evals = read_jsonl(str(tmp_path / "run" / "eval.jsonl"))
+    _, again = train.run(_config(), str(tmp_path / "run"), log=_quiet, devices=ONE)
+    assert again["resumed_from"] == 6 and again["eval"] == summary["eval"]
+    assert read_jsonl(str(tmp_path / "run" / "eval.jsonl")) == evals
+    after = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert after["started"] == before["started"]
+
+
 def _seeded(seed):
     c = _config()
     c.unlock()

@@ -77,8 +77,9 @@ class SkipReport:
             self.examples.append((err.path, err.line, err.reason, str(err)))
 
     def merge(self, other: "SkipReport") -> "SkipReport":
-        out = SkipReport(dict(self.counts), list(self.examples), self.kept + other.kept,
-                         self.max_examples)
+        """This stage followed by `other` (e.g. reading, then tokenising the records read): the
+        skips of both, and the records `other` kept (they passed both stages)."""
+        out = SkipReport(dict(self.counts), list(self.examples), other.kept, self.max_examples)
         for reason, count in other.counts.items():
             out.counts[reason] = out.counts.get(reason, 0) + count
         out.examples = (out.examples + other.examples)[: self.max_examples]

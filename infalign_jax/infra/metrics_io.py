@@ -129,25 +129,35 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """A one-line progress report: ``[####......] 40/100 2.1 it/s eta 0m28s | key=val ...``."""
+    """A one-line progress report: ``[####......] 40/100 2.1 it/s eta 0m28s | key=val ...``.
+
+    The rate and ETA count from the first report on: the first step pays for compilation (often
+    most of a short run), so a rate that included it would be off by orders of magnitude. The
+    first report says how long that step took instead.
+    """
 
     def __init__(self, total: int, start: int = 0, width: int = 20,
                  out: Callable[[str], None] | None = None, stream: TextIO | None = None):
         self.total, self.start, self.width = total, start, width
         self.t0 = time.perf_counter()
+        self._first: tuple[int, float] | None = None
         stream = stream or sys.stdout
         self.out = out or (lambda s: print(s, file=stream, flush=True))
 
     def line(self, step: int, scalars: Mapping[str, Any]) -> str:
-        done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (step, now)
+        first_step, first_time = self._first
+        rate = (step - first_step) / (now - first_time) if now > first_time else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         filled = int(self.width * step / max(self.total, 1))
         bar = "#" * filled + "." * (self.width - filled)
         keys = " ".join(f"{k}={float(v):.4g}" for k, v in scalars.items() if np.ndim(v) == 0)
         eta_s = _duration(eta) if math.isfinite(eta) else "?"
-        return f"[{bar}] {step}/{self.total} {rate:.2f} it/s eta {eta_s} | {keys}"
+        speed = f"{rate:.2f} it/s" if rate > 0 else \
+            f"{now - self.t0:.1f}s to step {step} (compiling)"
+        return f"[{bar}] {step}/{self.total} {speed} eta {eta_s} | {keys}"
 
     def update(self, step: int, scalars: Mapping[str, Any]) -> None:
         if _is_primary():

@@ -96,6 +96,15 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
                          f"{', '.join(RESUMABLE_KEYS)} may change on resume)")
 
 
+def _first_start(workdir: str) -> str | None:
+    """When the run in `workdir` first started (its manifest's "started"), kept across resumes."""
+    try:
+        with open(os.path.join(workdir, "manifest.json")) as f:
+            return json.load(f).get("started")
+    except (OSError, ValueError):
+        return None
+
+
 def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, *, seed: int,
              manifest: dict[str, Any], log: Callable[[str], None],
              progress_keys: Sequence[str],
@@ -126,10 +135,12 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         state, start = restored.state, restored.step
         count.update({name: int(restored.meta.get(name, 0)) for name in counters})
         log(f"resumed from checkpoint step {start} in {ckpt.directory}")
+        manifest["started"] = _first_start(workdir) or manifest.get("started")
     # Only now: a refused resume must not overwrite the manifest of the run in workdir.
     provenance.write_manifest(workdir, **manifest)
-    for stream in ("metrics", "eval"):
-        truncate_after(os.path.join(workdir, f"{stream}.jsonl"), start + 1)
+    truncate_after(os.path.join(workdir, "metrics.jsonl"), start + 1)
+    # The final evaluation always runs again (a finished run rerun rewrites its last row once).
+    truncate_after(os.path.join(workdir, "eval.jsonl"), min(start + 1, settings.num_steps))
     writer = MetricsWriter(workdir, "metrics", tensorboard=settings.tensorboard)
     eval_writer = MetricsWriter(workdir, "eval", tensorboard=settings.tensorboard)
     progress = Progress(settings.num_steps, start, out=log)

@@ -277,6 +277,7 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     seed = int(config.seed)
     tcfg = train_config(config)
     checkpointing.check_writable(workdir)          # before any expensive work
+    log(f"task {config.task.name}: loading ...")
     task = rl_tasks.build_task(config.task)
     cfg = rl_config(config, task)
     method = str(config.get("method", "ctrl"))
@@ -302,6 +303,7 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     with sharding.axis_rules(mesh):
         state, frozen, step_fn = _sharded_start(task, bonbon or cfg, cfg, table, mesh, seed,
                                                 bonbon is not None)
+        log(f"{method} step on mesh {dict(mesh.shape)}: the first step compiles it ...")
 
         def one_step(state: rl.RLState, step: int, context: LoopContext):
             idx = pipeline.batch_indices(loader_cfg, len(task.prompt_ids), step)

@@ -162,7 +162,7 @@ def load_pairs(data: RMDataConfig, split: str, tok: ByteTokenizer, log: Callable
                           max_response_len=data.max_response_len, eos_id=tok.eos_id,
                           pad_id=tok.pad_id)
     packed, tok_report = tokenize_preferences(examples, tok, tcfg, skip_bad=data.skip_bad)
-    report.merge(tok_report)
+    report = report.merge(tok_report)
     if report.total:
         log(f"{split}: {path}: {report.summary()}")
     arrays = {k: v for k, v in packed.as_dict().items() if k in rt.BATCH_KEYS}

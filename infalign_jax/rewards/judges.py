@@ -17,9 +17,10 @@ Judges (all offline, CPU, thousands of texts per second):
   (InfAlign, spec 1.3) picks the least harmless of N answers.
 
 Empty responses (nothing but whitespace after detokenisation, e.g. an immediate end-of-turn) get
-a fixed `empty_score` instead of the classifier's output: `vader` -1.0 (its minimum, so "no
-answer" never beats a real answer under Best-of-N and an RL policy gains nothing by stopping at
-once), `offensiveness` 0.0 and `harmlessness` 1.0 (saying nothing offends no one).
+a fixed `empty_score` instead of the classifier's output: every judge's minimum (`vader` -1.0,
+`offensiveness` 0.0, `harmlessness` 0.0), so "no answer" never beats a real answer under
+Best-of-N and an RL policy gains nothing by stopping at once. (Scoring an empty answer as
+perfectly harmless would make emitting end-of-turn at once the optimal harmlessness policy.)
 
 `text_reward_fn` turns a judge into the token-level `RewardFn` that `rl.make_rl_step` calls
 inside `jax.jit`, through `jax.pure_callback` (one host round trip per batch).
@@ -124,7 +125,7 @@ _REGISTRY: dict[str, TextJudge] = {
                        description="VADER compound sentiment of the response, in [-1, 1]"),
     "offensiveness": TextJudge("offensiveness", _offensive_probs, empty_score=0.0, lo=0.0, hi=1.0,
                                description="alt-profanity-check P(offensive), in [0, 1]"),
-    "harmlessness": TextJudge("harmlessness", _offensive_probs, empty_score=1.0, lo=0.0, hi=1.0,
+    "harmlessness": TextJudge("harmlessness", _offensive_probs, empty_score=0.0, lo=0.0, hi=1.0,
                               scale=-1.0, offset=1.0,
                               description="1 - alt-profanity-check P(offensive), in [0, 1]"),
 }
