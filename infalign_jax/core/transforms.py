@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from infalign_jax.infra.config_utils import as_dict
 
 Array = jax.Array
 
@@ -215,7 +216,7 @@ def transform_from_config(section: Mapping[str, Any]) -> tuple[str, dict[str, An
     works whatever the default name; only those the chosen family accepts are passed on (an empty
     string means "not set"). Keys no family accepts are an error, so typos do not pass silently.
     """
-    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    section = as_dict(section)
     if "name" not in section:
         raise ValueError("transform config needs a 'name' "
                          f"(one of {', '.join(known_transforms())})")

@@ -64,13 +64,14 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` (a ConfigDict, mapping, sequence or scalar) as JSON data; other objects as repr."""
     if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
         value = value.to_dict()
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
@@ -86,7 +87,7 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
                    with_devices: bool = True) -> dict[str, Any]:
     """The manifest dict. `inputs` maps a role (e.g. "reference_table") to a file path, hashed."""
     manifest = {
-        "config": _jsonable(config),
+        "config": jsonable(config),
         "seeds": dict(seeds or {}),
         "packages": package_versions(),
         "python": sys.version.split()[0],
@@ -103,7 +104,7 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
     if mesh is not None:
         manifest["mesh"] = {str(k): int(v) for k, v in dict(mesh.shape).items()}
     if extra:
-        manifest["extra"] = _jsonable(dict(extra))
+        manifest["extra"] = jsonable(dict(extra))
     return manifest
 
 

@@ -64,21 +64,18 @@ RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
 
 
 def config_record(config: Any) -> dict[str, Any]:
-    """The config as flat JSON-able {dotted key: value}, without the RESUMABLE_KEYS."""
+    """The config as the manifest writes it (`provenance.jsonable`), flattened to
+    {dotted key: value}, without the RESUMABLE_KEYS."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if hasattr(value, "to_dict"):
-            value = value.to_dict()
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}{k}.", v)
-        else:
-            key = prefix[:-1]
-            if key not in RESUMABLE_KEYS:
-                flat[key] = list(value) if isinstance(value, tuple) else value
-    walk("", config if config is not None else {})
-    return json.loads(json.dumps(flat, default=str))
+        elif prefix[:-1] not in RESUMABLE_KEYS:
+            flat[prefix[:-1]] = value
+    walk("", provenance.jsonable(config if config is not None else {}))
+    return flat
 
 
 def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -87,7 +84,8 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
         raise ValueError(f"{workdir} holds a checkpoint without a config record (written by an "
                          f"older version); it cannot be checked against this config, so it is "
                          f"not resumed: use another work dir")
-    keys = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    keys = sorted(k for k in set(saved) | set(now)
+                  if saved.get(k, "<absent>") != now.get(k, "<absent>"))
     if keys:
         diff = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, config "
                          f"{now.get(k, '<absent>')!r}" for k in keys[:8])

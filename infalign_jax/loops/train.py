@@ -219,7 +219,7 @@ def _plot_curves(metrics_path: str, out_path: str) -> None:
     plt.close(fig)
 
 
-def _check_run(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
+def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
                bonbon: bool, mesh: jax.sharding.Mesh, log: Callable[[str], None]) -> None:
     """Refuses (or warns about) settings the task, the schedule or the mesh cannot honour."""
     if task.response_length is not None and cfg.max_new_tokens != task.response_length:
@@ -286,7 +286,7 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     bonbon = bonbon_config(config, task) if method == "bonbon" else None
     ref_k, ref_seed = reference_settings(config)
     mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
-    _check_run(config, task, cfg, tcfg, bonbon is not None, mesh, log)
+    _check_run(task, cfg, tcfg, bonbon is not None, mesh, log)
     table_path = os.path.join(workdir, "reference_table.npz")
     table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
     cfg = _beta_for_budget(config, task, cfg, table, bonbon is not None, log)

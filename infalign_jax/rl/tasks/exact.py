@@ -49,7 +49,7 @@ from infalign_jax.core.transforms import Transform
 from infalign_jax.core.types import Params
 from infalign_jax.rl.tasks.base import RLTask
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import dataclass_from
+from infalign_jax.infra.config_utils import as_dict, dataclass_from
 
 Array = jax.Array
 
@@ -331,10 +331,14 @@ class ExactTaskConfig:
         check.bools(self, ("eos",))
 
 
+def exact_task_config(section: Any) -> ExactTaskConfig:
+    """A config's `task` section, validated (other keys are refused)."""
+    return dataclass_from(ExactTaskConfig, as_dict(section), "task")
+
+
 def task_from_section(section: Any) -> ExactTask:
-    """The exact task of a config's `task` section (`ExactTaskConfig`; other keys are refused)."""
-    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    c = dataclass_from(ExactTaskConfig, values, "task")
+    """The exact task of a config's `task` section (`ExactTaskConfig`)."""
+    c = exact_task_config(section)
     return make_task(c.seed, vocab=c.vocab, length=c.length, num_prompts=c.num_prompts,
                      d_model=c.d_model, init_std=c.init_std, eos=c.eos)
 
@@ -342,9 +346,9 @@ def task_from_section(section: Any) -> ExactTask:
 def rl_task(section: Any) -> RLTask:
     """The exact task of `config.task` as an `RLTask` with exact evaluation (see the module doc)."""
     task = task_from_section(section)
-    seed = int(section.get("seed", ExactTaskConfig.seed))
     ids = tuple(f"p{i}" for i in range(task.prompts_XxP.shape[0]))
-    tag = (f"vocab={task.vocab},length={task.length},prompts={len(ids)},seed={seed}"
+    tag = (f"vocab={task.vocab},length={task.length},prompts={len(ids)},"
+           f"seed={exact_task_config(section).seed}"
            f",init_std={task.model_cfg.init_std:g},eos={task.eos_id is not None}")
 
     def reference_table(k: int, seed: int, partial_path: str | None = None,

@@ -57,7 +57,7 @@ from infalign_jax.rewards import judges
 from infalign_jax.rl import calibration_pass
 from infalign_jax.rl.tasks.base import RLTask
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import dataclass_from
+from infalign_jax.infra.config_utils import as_dict, dataclass_from
 from infalign_jax.core.selection import PROCEDURES
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -240,8 +240,7 @@ class RealTaskConfig:
 
 
 def parse_section(section: Any) -> RealTaskConfig:
-    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    return dataclass_from(RealTaskConfig, values, "task")
+    return dataclass_from(RealTaskConfig, as_dict(section), "task")
 
 
 def base_model_id(gguf_path: str, s: RealTaskConfig) -> str:
