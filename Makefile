@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The maths, configs, data and model tests that take seconds (no RL training, no end-to-end
-# runs, no real model; the analytic solver, the sampler and three model tests that compile
+# runs, no real model; the analytic solver, the sampler and four model tests that compile
 # backward passes are in `make test` only): 104 s measured on 2 quiet CPU cores. Run it while
 # editing; run `make test` before a commit.
 FAST_TESTS := tests/test_layers.py tests/test_config_utils.py tests/test_provenance.py \
@@ -31,7 +31,7 @@ FAST_TESTS := tests/test_layers.py tests/test_config_utils.py tests/test_provena
 	tests/test_advantages.py tests/test_preference_losses.py tests/test_selection.py \
 	tests/test_evaluation.py tests/test_data_readers.py tests/test_data_pipeline.py \
 	tests/test_models.py
-FAST_SKIP := not bfloat16 and not causal_by_gradient and not sampler_logprobs
+FAST_SKIP := not bfloat16 and not causal_by_gradient and not sampler_logprobs and not remat
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -k "$(FAST_SKIP)" $(FAST_TESTS)

@@ -1,7 +1,9 @@
 """CTRL on a real offline task: SmolLM2-135M-Instruct, shipped prompts, an offline judge as reward.
 
-Command (tiny: about 4 min on a quiet 2-core CPU, 15.5 min measured at load ~10; most of it is
-compiling the SmolLM2 RL step, whose host callback keeps it out of the compilation cache):
+Command (tiny: about 4 min on a quiet 2-core CPU, 15.5 min measured at load ~10, both at revision
+89e32c3, whose unrolled layers and in-graph judge made the first step mostly compiling; the step is
+now two scanned programs around the judge, compiled in ~10 s and cached for a rerun, see
+docs/benchmarks.md):
     .venv/bin/python experiments/calibrate.py \
         --config=configs/ctrl_real.py:task=helpfulness,size=tiny \
         --workdir=runs/ctrl_real_help_tiny        # optional: the table alone, resumable
@@ -14,9 +16,9 @@ flags such as `--config.rl.learning_rate=1e-5 --config.train.num_steps=20`.
 Sizes (SIZES below; experiments/calibrate.py reads this file's task and reference sections, so the
 table it builds is the one training reuses):
 * tiny: 4 prompts, K=16, 2 prompts x 4 samples a step, 12 new tokens, 4 steps, eval 4 prompts x 4
-  samples. Measured here, quiet machine (load ~3): model load ~10 s, calibration 9 s, step 1
-  87 s (compiling the jitted step: 30 unrolled layers through sampling, backward and the
-  full-vocabulary KL), later steps 19-20 s. At load ~10: calibration 53 s, step 1 582 s, steps
+  samples. Measured here at revision 89e32c3, quiet machine (load ~3): model load ~10 s,
+  calibration 9 s, step 1 87 s (then compiling 30 unrolled layers through sampling, backward and
+  the full-vocabulary KL), later steps 19-20 s. At load ~10: calibration 53 s, step 1 582 s, steps
   32-53 s, evaluation ~2 min, 15.5 min in all. A smoke run: the numbers move little.
 * small: 16 prompts, K=64, 4 x 8 samples a step, 32 new tokens, 50 steps, eval 8 x 16. Estimated
   (not measured) for this CPU when idle: calibration 3-5 min (32k new tokens at ~150-200 tokens/s),

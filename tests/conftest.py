@@ -7,11 +7,10 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402  (must come after XLA_FLAGS)
+# The persistent compilation cache roughly halves compile time across runs (jax is imported
+# here, after XLA_FLAGS).
+from infalign_jax.infra.cli import enable_compilation_cache  # noqa: E402
 
-# The persistent compilation cache roughly halves compile time across runs.
-jax.config.update(
-      "jax_compilation_cache_dir",
-      os.environ.get("INFALIGN_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+enable_compilation_cache(os.environ.get("INFALIGN_JAX_CACHE",
+                                        os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
+                         min_compile_s=0.5)

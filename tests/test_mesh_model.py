@@ -116,12 +116,12 @@ def test_sharded_forward_and_train_step_match_single_device(family, optimizer):
              for k, a in jax.tree_util.tree_flatten_with_path(new_params)[0]}
     assert any("tensor" in _mesh_axes_used(s) for s in specs.values()), specs
     assert any("fsdp" in _mesh_axes_used(s) for s in specs.values()), specs
-    q = new_params["layer_0"]["attn"]["q_kernel"]
-    assert q.sharding.spec == P("fsdp", "tensor", None)
-    assert {s.data.shape for s in q.addressable_shards} == {(16, 2, 8)}
+    q = new_params["layers"]["attn"]["q_kernel"]   # stacked: (layers, d, heads, head_dim)
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert {s.data.shape for s in q.addressable_shards} == {(q.shape[0], 16, 2, 8)}
     if family == "llama":
-        k = new_params["layer_0"]["attn"]["k_kernel"]  # one KV head: replicated on that dim
-        assert k.sharding.spec == P("fsdp", None, None)
+        k = new_params["layers"]["attn"]["k_kernel"]  # one KV head: replicated on that dim
+        assert k.sharding.spec == P(None, "fsdp", None, None)
     assert out.logits.sharding.spec == P(("data", "fsdp"), None, None)
 
     ref_new_params, ref_opt_state, ref_loss, ref_out, ref_grads = ref_step

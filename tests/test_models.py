@@ -19,7 +19,7 @@ GPT2 = dataclasses.replace(LLAMA, family="gpt2", n_kv_heads=4, activation="gelu_
 
 # Jitted once per config: eager Linen runs op by op and is many times slower.
 apply = jax.jit(models.apply, static_argnums=2)
-prefill = jax.jit(models.prefill, static_argnums=2)
+prefill = jax.jit(models.prefill, static_argnums=2, static_argnames=("max_new_tokens", "n"))
 decode_step = jax.jit(models.decode_step, static_argnums=2)
 
 
@@ -61,19 +61,29 @@ def test_causal_by_gradient(model):
 
 
 def test_kv_cache_decode_equals_full_forward(model):
+    """Prefill once, then two continuations per prompt (rows b*2 + j) through the two-part cache
+    (shared prompt KV, own response KV): each row's logits equal the full forward of its own
+    sequence."""
     cfg, params = model
     tokens = jax.random.randint(jax.random.key(2), (3, 11), 0, cfg.vocab_size)
     mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0] + [1] * 10, [1] * 11], bool)
-    full = apply(params, tokens, cfg, attention_mask_BxT=mask).logits
     prompt_len = 6
-    cache = models.init_cache(cfg, 3, 16)
-    logits, cache = prefill(params, tokens[:, :prompt_len], cfg, cache, mask[:, :prompt_len])
+    other = tokens.at[:, prompt_len:].set(
+        jax.random.randint(jax.random.key(3), (3, 11 - prompt_len), 0, cfg.vocab_size))
+    full = apply(params, tokens, cfg, attention_mask_BxT=mask).logits
+    full_other = apply(params, other, cfg, attention_mask_BxT=mask).logits
+    logits, cache = prefill(params, tokens[:, :prompt_len], cfg, mask[:, :prompt_len],
+                            max_new_tokens=11 - prompt_len, n=2)
     np.testing.assert_allclose(np.where(mask[:, :prompt_len, None], logits, 0),
                                np.where(mask[:, :prompt_len, None], full[:, :prompt_len], 0), atol=1e-5)
+    assert cache["pk"].shape[1] == 3 and cache["rk"].shape[1] == 6  # prompt KV not repeated
     for t in range(prompt_len, 11):
-        step, cache = decode_step(params, tokens[:, t], cfg, cache)
-        np.testing.assert_allclose(step, full[:, t], atol=1e-5)
+        rows = jnp.stack([tokens[:, t], other[:, t]], axis=1).reshape(6)
+        step, cache = decode_step(params, rows, cfg, cache)
+        np.testing.assert_allclose(step[0::2], full[:, t], atol=1e-5)
+        np.testing.assert_allclose(step[1::2], full_other[:, t], atol=1e-5)
     assert float(jnp.abs(full).max()) > 1.0  # the comparison is not between near-zero numbers
+    assert float(jnp.abs(full[:, -1] - full_other[:, -1]).max()) > 1e-2  # the rows differ
 
 
 def test_padding_invariance_and_reward_position(model):
@@ -145,3 +155,31 @@ def test_sampler_logprobs_equal_teacher_forced(model):
 def test_config_errors_name_field(field, value):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
         dataclasses.replace(LLAMA, **{field: value})
+
+
+def test_remat_policies_give_the_same_gradients_and_save_memory():
+    """`ModelConfig.remat` changes what the backward pass keeps, not what it computes: the same
+    loss gradients under "none", "full" and "save_dots"; "full" keeps fewer activations (compiled
+    temp bytes) than "none" at a shape where activations dominate."""
+    base = dataclasses.replace(LLAMA, n_layers=3, d_model=32, d_ff=128, max_len=64)
+    params = _randomise(models.init_params(base, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (8, 64), 0, base.vocab_size)
+
+    def grad_fn(cfg):
+        def loss(p):
+            out = models.apply(p, tokens, cfg)
+            return jnp.mean(models.token_logprobs(out.logits[:, :-1], tokens[:, 1:]))
+        return jax.jit(jax.grad(loss))
+
+    grads, temp = {}, {}
+    for policy in ("none", "full", "save_dots"):
+        fn = grad_fn(dataclasses.replace(base, remat=policy))
+        grads[policy] = fn(params)
+        temp[policy] = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+    for policy in ("full", "save_dots"):
+        for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
+            # float32 sums in another order: equal to 1e-4 of the leaf's scale
+            np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(a).max()) + 1e-9)
+    assert temp["full"] < 0.8 * temp["none"], temp
+    with pytest.raises(ValueError, match="remat"):
+        ModelConfig(remat="some")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from infalign_jax.decoding import sampling
+from infalign_jax.decoding import sampling, sampling_head as head
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns
 
@@ -74,10 +74,13 @@ def test_sample_distribution_matches_enumeration():
     assert stats.chisquare(observed, expected).pvalue > 1e-3
 
 
-def test_logp_equals_teacher_forced_and_masks_stop_at_eos():
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 4, 1.0), (1.0, 0, 0.8), (1.3, 3, 0.7),
+                                                     (1.0, 0, 1.0)])
+def test_logp_equals_teacher_forced_and_masks_stop_at_eos(temperature, top_k, top_p):
     table = _table(1)
     prompt = jnp.array([[0, 0, 3, 1], [2, 1, 3, 3]]); mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
-    cfg = SamplingConfig(n=64, max_new_tokens=6, eos_id=EOS, pad_id=PAD, temperature=0.7, top_k=4)
+    cfg = SamplingConfig(n=64, max_new_tokens=6, eos_id=EOS, pad_id=PAD, temperature=temperature,
+                         top_k=top_k, top_p=top_p)
     out = sampling.sample(toy_fns(), table, prompt, mask, jax.random.key(1), cfg)
     tok, m, logp = (np.asarray(x) for x in out)
     assert logp.dtype == np.float32
@@ -113,6 +116,8 @@ def test_left_padding_does_not_change_samples():
 
 
 def _np_filter(logits, temperature, top_k, top_p):
+    """Sort-based reference (float64): top-k keeps the k largest, top-p the shortest prefix of the
+    sorted probabilities whose mass reaches top_p. Equals `filter_logits` when there are no ties."""
     out = []
     for row in np.asarray(logits, np.float64) / temperature:
         keep = np.ones(row.shape, bool)
@@ -129,14 +134,91 @@ def _np_filter(logits, temperature, top_k, top_p):
     return np.array(out)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 3, 1.0), (1.0, 0, 0.6),
-                                                     (2.0, 5, 0.9), (1.0, 1, 1.0)])
-def test_filter_logits_matches_numpy(temperature, top_k, top_p):
-    logits = jax.random.normal(jax.random.key(4), (6, 11)) * 2
-    got = np.asarray(sampling.filter_logits(logits, temperature, top_k, top_p))
-    want = _np_filter(logits, temperature, top_k, top_p)
+def _assert_same_filter(got, want):
+    got = np.asarray(got)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
+
+
+def _no_tie_logits(seed, shape, scale):
+    x = np.array(jax.random.normal(jax.random.key(seed), shape) * scale, np.float32)
+    x += np.arange(shape[1], dtype=np.float32) * np.float32(1e-6)  # float32 normals do tie
+    for row in x:
+        assert np.unique(row).size == row.size  # the reference assumes no ties
+    return x
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.5, 3, 1.0), (1.0, 0, 0.6), (2.0, 5, 0.9), (1.0, 1, 1.0), (1.0, 11, 1.0),
+    (1.0, 50, 1.0), (1.0, 10, 0.9999), (0.7, 0, 1e-6), (1.0, 1, 0.5), (1.0, 4, 1e-6),
+    (0.3, 0, 0.95)])
+def test_filter_logits_matches_numpy(temperature, top_k, top_p):
+    # k >= V (11, 50) is off, p = 1 is off, k = 1 and a tiny p keep the arg-max only.
+    logits = _no_tie_logits(4, (6, 11), 2.0)
+    logits[1, [2, 5, 7]] = -np.inf      # masked vocabulary
+    logits[2, 1:] = -np.inf             # a single finite token
+    got = sampling.filter_logits(logits, temperature, top_k, top_p)
+    _assert_same_filter(got, _np_filter(logits, temperature, top_k, top_p))
+    if top_k == 1 or top_p == 1e-6:
+        assert (np.isfinite(np.asarray(got)).sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(20, 1.0), (0, 0.9), (0, 0.5), (20, 0.9), (7, 0.99),
+                                         (200, 0.8), (0, 1e-6)])
+def test_filter_logits_pruned_paths_match_numpy(top_k, top_p):
+    """The candidate-buffer searches (small groups so that they engage at V = 2000), on rows the
+    top-p buffer serves (peaked) and rows it does not (flat: the full-vocabulary fallback)."""
+    x = _no_tie_logits(5, (7, 2000), 1.0)           # flat rows: top-p 0.9 keeps ~1200 tokens
+    x[:2] *= 4.0                                    # peaked rows: a few dominant tokens
+    x[:2, [3, 500, 1999]] += np.float32(30.0)
+    x[2] = _no_tie_logits(6, (1, 2000), 5.0)[0]     # top-p 0.9 keeps 22 tokens
+    x[5, ::3] = -np.inf                             # masked vocabulary
+    kw = dict(group=4, top_p_groups=32, fallback_rows=2)   # a buffer of 128 tokens
+    got = head.filter_logits(jnp.asarray(x), 1.0, top_k, top_p, **kw)
+    _assert_same_filter(got, _np_filter(x, 1.0, top_k, top_p))
+    if top_k == 0 and top_p == 0.9:                 # both top-p paths really ran
+        top = x.max(1, keepdims=True)
+        served = np.asarray(head._buffer_suffices(jnp.asarray(np.exp(x - top)), top_p, 32, 4)[3])
+        np.testing.assert_array_equal(served, [True] * 3 + [False] * 4)
+        assert np.isfinite(np.asarray(got)[2]).sum() == 22
+    # The same with the pruning sized off (every search over the whole vocabulary).
+    _assert_same_filter(head.filter_logits(jnp.asarray(x), 1.0, top_k, top_p, group=1000),
+                        _np_filter(x, 1.0, top_k, top_p))
+
+
+def test_pruned_filter_keeps_ties_outside_the_candidate_buffer():
+    """1990 tokens tie at the k-th largest value, almost all of them outside the buffers."""
+    x = np.zeros((2, 2000), np.float32)
+    x[:, np.arange(10) * 197] = 10.0 - 0.5 * np.arange(10)   # 10 distinct leaders, then ties
+    x[1] = np.roll(x[1], 3)
+    kw = dict(group=4, top_p_groups=32, fallback_rows=2)
+    kept = lambda k, p: np.isfinite(np.asarray(  # noqa: E731
+        head.filter_logits(jnp.asarray(x), 1.0, k, p, **kw))).sum(1)
+    np.testing.assert_array_equal(kept(20, 1.0), [2000, 2000])   # the k-th largest is a tie
+    np.testing.assert_array_equal(kept(5, 1.0), [5, 5])
+    np.testing.assert_array_equal(kept(20, 0.99), [2000, 2000])  # the leaders hold 96.6%
+    np.testing.assert_array_equal(kept(0, 0.99), [2000, 2000])
+    want = np.isfinite(_np_filter(x, 1.0, 20, 0.9)).sum(1)
+    assert 1 < want[0] < 10
+    np.testing.assert_array_equal(kept(20, 0.9), want)
+    np.testing.assert_array_equal(kept(0, 0.9), want)
+
+
+def test_filter_logits_keeps_boundary_ties_and_poisons_nan_rows():
+    x = jnp.array([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0],        # k-th largest (k=2) tied three times
+                   [0.0, 0.0, 0.0, 0.0, -1.0, -jnp.inf],  # top-p: the 4 tied tokens are kept
+                   [1.0, jnp.nan, 0.0, 2.0, 3.0, 4.0],    # NaN: the whole row is NaN
+                   [-jnp.inf] * 6,                        # all -inf: unchanged
+                   [1.0, jnp.inf, 0.0, jnp.inf, 2.0, 3.0]])  # +inf holds all the mass
+    k2 = np.asarray(sampling.filter_logits(x, 1.0, 2, 1.0))
+    np.testing.assert_array_equal(np.isfinite(k2[0]), [1, 0, 1, 1, 0, 1])
+    np.testing.assert_array_equal(np.isfinite(k2[1]), [1, 1, 1, 1, 0, 0])
+    p = np.asarray(sampling.filter_logits(x, 1.0, 0, 0.3))
+    np.testing.assert_array_equal(np.isfinite(p[1]), [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(p[4], [-np.inf, np.inf, -np.inf, np.inf, -np.inf, -np.inf])
+    for out in (k2, p, np.asarray(sampling.filter_logits(x, 0.5))):
+        assert np.isnan(out[2]).all() and not np.isnan(out[[0, 1, 3, 4]]).any()
+        assert np.isneginf(out[3]).all()
 
 
 @pytest.mark.parametrize("field,value", [("n", 0), ("max_new_tokens", 0), ("temperature", -1.0),
@@ -235,20 +317,106 @@ def test_config_errors_name_field_and_values(field, value):
         SamplingConfig(**{field: value})
 
 
-def test_fast_argmax_and_categorical_match_jax_bit_for_bit():
+def test_fast_argmax_matches_jnp_argmax():
     x = jax.random.normal(jax.random.key(0), (64, 37)) * 3
     x = x.at[1, 5].set(jnp.inf).at[2].set(-jnp.inf).at[3, 4].set(jnp.nan).at[3, 9].set(jnp.nan)
     x = x.at[4].set(0.0).at[5, :10].set(-jnp.inf)                    # ties: first index wins
     want = np.asarray(jnp.argmax(x, -1))
     assert want[2] == 0 and want[3] == 4 and want[4] == 0             # the cases exercised
     np.testing.assert_array_equal(np.asarray(jax.jit(sampling._first_argmax)(x)), want)
-    for i in range(5):
-        key = jax.random.key(i)
-        logits = jnp.where(jnp.isnan(x), 0.0, x).at[1, 5].set(0.0)
-        logits = jnp.where(jnp.isinf(logits) & (logits < 0), -jnp.inf, logits)
-        np.testing.assert_array_equal(
-            np.asarray(jax.jit(sampling._categorical)(key, logits)),
-            np.asarray(jax.jit(jax.random.categorical)(key, logits)))
+
+
+def _draws(logits_V, n, seed, block_size, filt=None):
+    """n draws from one row of logits (the row repeated n times, one key), optionally filtered."""
+    x = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
+    fn = lambda r, x: head.draw(r, x if filt is None else sampling.filter_logits(x, *filt),  # noqa: E731
+                                block_size)
+    return np.asarray(jax.jit(fn)(jax.random.key(seed), x))
+
+
+def _chi2_pvalue(tokens, probs):
+    """Goodness of fit of the drawn tokens to `probs` (float64); none may fall where probs is 0."""
+    counts = np.bincount(tokens, minlength=probs.size)
+    assert counts.size == probs.size and not counts[probs == 0].any()
+    expected = probs[probs > 0] * tokens.size
+    assert expected.min() >= 5  # the chi-square approximation holds
+    return stats.chisquare(counts[probs > 0], expected).pvalue
+
+
+def _uneven_logits(seed=0, vocab=37):
+    rng = np.random.default_rng(seed)
+    return (np.linspace(-3, 2.5, vocab) + rng.normal(0, 0.3, vocab))[rng.permutation(vocab)]
+
+
+@pytest.mark.parametrize("block_size", [8, 5, 1024])  # several blocks + padding; V=37 in one block
+def test_draw_matches_softmax_chi_square(block_size):
+    logits = _uneven_logits()
+    probs = np.exp(logits - logits.max()); probs /= probs.sum()
+    assert probs.max() / probs.min() > 100                  # uneven
+    tokens = _draws(logits, 20000, 0, block_size)
+    assert _chi2_pvalue(tokens, probs) > 1e-3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 10, 1.0), (0.8, 0, 0.7),
+                                                     (1.5, 12, 0.8), (1.0, 0, 0.995)])
+def test_filtered_draw_matches_renormalised_filter_chi_square(temperature, top_k, top_p):
+    logits = _uneven_logits(1)
+    kept = _np_filter(logits[None], temperature, top_k, top_p)[0]   # numpy, by sorting
+    probs = np.where(np.isfinite(kept), np.exp(kept - kept.max()), 0.0); probs /= probs.sum()
+    assert 2 < (probs > 0).sum() < logits.size or top_p == 0.995
+    tokens = _draws(logits, 20000, 2, 8, (temperature, top_k, top_p))
+    assert _chi2_pvalue(tokens, probs) > 1e-3
+
+
+def test_draw_at_real_vocabulary_size_matches_softmax_by_bins():
+    """Default block size (1024) over V = 2500 (3 blocks, the last padded): the mass of 10 bins of
+    tokens chosen across blocks."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, 2500)
+    probs = np.exp(logits - logits.max()); probs /= probs.sum()
+    bins = rng.permutation(2500) % 10
+    tokens = _draws(logits, 4000, 4, head.DRAW_BLOCK)
+    counts = np.bincount(bins[tokens], minlength=10)
+    expected = np.bincount(bins, weights=probs, minlength=10) * tokens.size
+    assert stats.chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_draw_never_returns_a_zero_probability_token():
+    rng = np.random.default_rng(5)
+    x = np.full((512, 37), -np.inf, np.float32)
+    for row in x:  # 1..4 allowed tokens anywhere, first and last positions included
+        row[rng.choice(37, rng.integers(1, 5), replace=False)] = rng.normal(0, 3, 1)
+    x[0, :] = -np.inf; x[0, 36] = 0.0                       # only the last token
+    x[1, :] = -np.inf; x[1, 0] = 0.0                        # only the first token
+    x[2, :] = -200.0; x[2, 17] = 0.0                        # exp underflow: zero mass
+    x[3, :] = -np.inf; x[3, [7, 8]] = [0.0, -120.0]         # 8: finite but zero mass in float32
+    allowed = np.exp(x.astype(np.float64) - x.max(1, keepdims=True)) > 1e-30
+    xs = jnp.asarray(x)
+    for block_size in (8, 1024):
+        fn = jax.jit(lambda r: head.draw(r, xs, block_size))
+        for seed in range(40):
+            tok = np.asarray(fn(jax.random.key(seed)))
+            assert allowed[np.arange(512), tok].all()
+
+
+def test_pick_lands_on_positive_mass_at_the_boundaries():
+    mass = jnp.array([[0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]] * 5)
+    u = jnp.array([0.0, 0.5, 0.4999, 1.0 - 2.0 ** -24, 1.0])   # 1.0 itself never comes from draw
+    np.testing.assert_array_equal(np.asarray(head._pick(mass, u)), [2, 4, 2, 4, 4])
+    uniform = head._uniform24(jnp.array([0, 255, 256, 2 ** 32 - 1], jnp.uint32))
+    np.testing.assert_array_equal(np.asarray(uniform), [0.0, 0.0, 2.0 ** -24, 1.0 - 2.0 ** -24])
+
+
+def test_draw_degenerate_rows_and_row_independence():
+    x = jax.random.normal(jax.random.key(6), (5, 37))
+    bad = (x.at[0, 3].set(jnp.nan).at[0, 9].set(jnp.nan).at[1, 7].set(jnp.inf)
+           .at[1, 20].set(jnp.inf).at[2].set(-jnp.inf))
+    key = jax.random.key(8)
+    tok = np.asarray(head.draw(key, bad, 8))
+    np.testing.assert_array_equal(tok[:3], [3, 7, 0])   # first NaN, first +inf, 0 (as argmax)
+    np.testing.assert_array_equal(tok[3:], np.asarray(head.draw(key, x, 8))[3:])
+    logp = np.asarray(sampling._token_logprob(bad, jnp.asarray(tok)))
+    assert np.isnan(logp[:3]).all() and np.isfinite(logp[3:]).all()
 
 
 def test_token_logprob_matches_log_softmax():
@@ -323,3 +491,32 @@ def test_sharded_sample_matches_single_device(mesh_cfg):
     np.testing.assert_array_equal(np.asarray(got.mask_BxNxL), np.asarray(want.mask_BxNxL))
     np.testing.assert_allclose(np.asarray(got.logp_BxNxL), np.asarray(want.logp_BxNxL), atol=1e-5)
     assert np.asarray(want.mask_BxNxL).sum() > 8  # the comparison covers real tokens
+
+
+def test_decoding_stops_once_every_row_has_emitted_eos():
+    """Early exit: with EOS certain at response token k (for every row), the decoder runs k - 1
+    times, not max_new_tokens - 1; the outputs are as without the exit (EOS kept, padding after)."""
+    decodes = []
+
+    def counted(fns):
+        def decode(table, token_B, cache):
+            jax.debug.callback(lambda: decodes.append(1))
+            return fns.decode(table, token_B, cache)
+        return fns._replace(decode=decode)
+
+    prompt = jnp.array([[1, 2], [3, 3]])
+    mask = jnp.ones_like(prompt, bool)
+    for k in (1, 3):
+        # count = prompt tokens + generated: EOS is certain when count reaches 2 + k - 1.
+        table = _table(1).at[2 + k - 1].set(jnp.where(jnp.arange(V) == EOS, 50.0, -50.0))
+        decodes.clear()
+        cfg = SamplingConfig(n=3, max_new_tokens=8, eos_id=EOS, pad_id=PAD)
+        s = jax.jit(lambda t, r: sampling.sample(counted(toy_fns()), t, prompt, mask, r, cfg))(
+            table, jax.random.key(k))
+        jax.effects_barrier()
+        lengths = np.asarray(s.mask_BxNxL).sum(-1)
+        ended = np.asarray(s.tokens_BxNxL)[..., :8][np.arange(2)[:, None], np.arange(3),
+                                                   lengths - 1]
+        assert (lengths <= k).all() and (ended == EOS).all()
+        assert len(decodes) == int(lengths.max()) - 1 <= k - 1
+        assert (np.asarray(s.tokens_BxNxL)[~np.asarray(s.mask_BxNxL)] == PAD).all()

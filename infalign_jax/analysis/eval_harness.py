@@ -49,9 +49,14 @@ def _sample(fns, params, prompt_BxP, mask_BxP, rng, cfg):
     return sampling.sample(fns, params, prompt_BxP, mask_BxP, rng, cfg)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _response_logits(fns, params, prompt_BxP, mask_BxP, resp_BxL, resp_mask_BxL):
-    return sampling.response_logits(fns, params, prompt_BxP, mask_BxP, resp_BxL, resp_mask_BxL)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _response_kl_terms(fns, ref_fns, params, ref_params, prompt_BxP, mask_BxP, resp_BxL,
+                       resp_mask_BxL):
+    """(pi_ref's log-probs of the responses, exact per-position KL(pi || pi_ref)), both BxL."""
+    rollout = (prompt_BxP, mask_BxP, resp_BxL, resp_mask_BxL)
+    ref_logp = sampling.sequence_logprobs(ref_fns, ref_params, *rollout)
+    kl_BxL, _ = sampling.response_kl_entropy(fns, params, ref_fns, ref_params, *rollout)
+    return ref_logp, kl_BxL
 
 
 def _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context):
@@ -165,14 +170,12 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     record.update(_win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed))
 
     rollout = (p_rep, pm_rep, pol_resp, pol_rmask)
-    pol_logits = _response_logits(policy_fns, policy_params, *rollout)
-    ref_logits = _response_logits(ref_fns, ref_params, *rollout)
-    ref_logp = jnp.where(pol_rmask, jnp.take_along_axis(
-        jax.nn.log_softmax(ref_logits, -1), pol_resp[..., None], -1)[..., 0], 0.0)
+    ref_logp, kl_RxL = _response_kl_terms(policy_fns, ref_fns, policy_params, ref_params,
+                                          *rollout)
     pol_logp = pol.logp_BxNxL.reshape(batch * m, -1)
     k1 = kl.sequence_kl("k1", pol_logp, ref_logp, pol_rmask)
     k3 = kl.sequence_kl("k3", pol_logp, ref_logp, pol_rmask)
-    full = kl.sequence_kl_from_logits(pol_logits, ref_logits, pol_rmask)
+    full = kl.summarise_sequences(jnp.sum(kl_RxL, axis=-1))
     record["kl"] = {name_: {"mean": float(e.mean), "stderr": float(e.stderr)}
                     for name_, e in (("k1", k1), ("k3", k3), ("full_vocab", full))}
     record["mean_response_length"] = float(np.asarray(pol_rmask).sum(1).mean())

@@ -6,6 +6,7 @@ can all speak of them without importing one another.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
@@ -18,20 +19,45 @@ Params = Any     # a pytree of parameter arrays
 PyTree = Any
 
 
+@dataclasses.dataclass(frozen=True)
+class HostReward:
+    """A `RewardFn` computed on the host (a text judge). Called like any `RewardFn` it runs inside
+    jitted code through a host callback (`in_graph`); `host(prompt_idx_R, response_RxL, mask_RxL)`
+    takes and returns numpy arrays, for loops that run it between jitted programs instead
+    (a program with a host callback is never stored in JAX's persistent compilation cache)."""
+
+    host: Callable[..., Any]
+    in_graph: Callable[..., Any]
+
+    def __call__(self, reward_params: Any, prompt_idx_R: Any, response_RxL: Any,
+                 response_mask_RxL: Any) -> Any:
+        return self.in_graph(reward_params, prompt_idx_R, response_RxL, response_mask_RxL)
+
+
 class DecoderFns(NamedTuple):
-    """The three pure functions a sampler needs from a decoder (see `decoding.sampling`):
+    """The pure functions a sampler needs from a decoder (see `decoding.sampling`):
 
       prefill(params, tokens_BxP, mask_BxP, max_len) -> (logits_BxV at the last prompt token, cache)
-      decode(params, token_B, cache)                 -> (logits_BxV for the next token, cache)
+      decode(params, token_R, cache)                 -> (logits_RxV for the next token, cache)
       logits(params, tokens_BxT, mask_BxT)           -> logits_BxTxV (teacher forcing, no cache)
 
     and `max_len`, the longest prompt + response the decoder supports (None: no limit known).
+    Optional:
+      expand(cache, n) -> the prefill's cache continued by n rows per prompt (rows b*n + j); by
+        default every cache leaf is repeated along its leading (batch) axis. A decoder that keeps
+        the prompt's KV once per prompt gives its own.
+      hidden(params, tokens_BxT, mask_BxT) -> BxTxD and lm_kernel(params) -> DxV: a linear lm
+        head, logits = hidden @ kernel; with them the trainer computes log-probs at the response
+        positions only and over vocabulary chunks, never the B x T x V logits.
     """
 
     prefill: Callable[..., tuple[Array, Any]]
     decode: Callable[..., tuple[Array, Any]]
     logits: Callable[..., Array]
     max_len: int | None = None
+    expand: Callable[..., Any] | None = None
+    hidden: Callable[..., Array] | None = None
+    lm_kernel: Callable[..., Array] | None = None
 
 
 # reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL) -> rewards_R: the raw

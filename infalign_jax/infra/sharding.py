@@ -61,6 +61,7 @@ MeshAxes = str | tuple[str, ...] | None
 LogicalRules = tuple[tuple[str, MeshAxes], ...]
 
 PARAM_RULES: LogicalRules = (
+    ("layers", None),   # the stacked decoder layers' leading axis (scanned, never split)
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),

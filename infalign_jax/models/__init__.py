@@ -4,8 +4,9 @@
   param_logical_axes(cfg)                      -> PartitionSpec tree of logical axis names
   apply(params, tokens_BxT, cfg, ...)          -> ModelOutput(logits, hidden, reward, values)
   token_logprobs(logits_BxTxV, targets_BxT)    -> float32 log-probs
-  init_cache / prefill / decode_step           KV-cache decoding
-  decoder_fns(cfg)                             the three functions the sampler needs
+  hidden_states / lm_head_kernel               the trunk alone, and the head's (D, V) kernel
+  prefill / expand_cache / decode_step         KV-cache decoding (prompt KV shared by N samples)
+  decoder_fns(cfg)                             the functions the sampler and trainer need
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from infalign_jax.models.config import ModelConfig
-from infalign_jax.models.transformer import Transformer, as_dtype
+from infalign_jax.models.transformer import Transformer
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.core.losses import last_valid_index
 
@@ -25,7 +26,8 @@ Array = jax.Array
 Params = Any
 
 __all__ = ["ModelConfig", "ModelOutput", "init_params", "param_logical_axes", "apply",
-           "token_logprobs", "init_cache", "prefill", "decode_step",
+           "token_logprobs", "hidden_states", "lm_head_kernel", "prefill", "expand_cache",
+           "decode_step",
            "decoder_fns", "default_positions"]
 
 
@@ -78,6 +80,26 @@ def apply(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     return ModelOutput(out.get("logits"), out["hidden"], reward, out.get("value"))
 
 
+def hidden_states(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
+                  attention_mask_BxT: Array | None = None) -> Array:
+    """The final-norm hidden states (B, T, D), no head computed: with `lm_head_kernel` the lm
+    logits of any positions are hidden @ kernel, so callers can compute them only where needed
+    (and over vocabulary chunks)."""
+    mask = (jnp.ones(tokens_BxT.shape, bool) if attention_mask_BxT is None
+            else attention_mask_BxT.astype(bool))
+    out = Transformer(cfg).apply({"params": params}, tokens_BxT, default_positions(mask),
+                                 _causal_mask(mask), heads=())
+    return out["hidden"]
+
+
+def lm_head_kernel(params: Params, cfg: ModelConfig) -> Array:
+    """The lm head's (D, V) kernel (the embedding transposed when tied)."""
+    if "lm" not in cfg.heads:
+        raise ValueError("lm_head_kernel: the model has no 'lm' head (ModelConfig.heads="
+                         f"{cfg.heads})")
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
 def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
     """log p(target) from logits, in float32 whatever the activation dtype."""
     logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
@@ -85,67 +107,70 @@ def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
 
 
 # ------------------------------------------------------------------------------- KV cache
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None
-               ) -> dict[str, Any]:
-    """Empty cache. Every leaf has the batch as its leading axis (the sampler repeats rows)."""
-    dt = as_dtype(dtype or cfg.dtype)
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-    layers = tuple({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-                   for _ in range(cfg.n_layers))
-    return {"layers": layers,
-            "index": jnp.zeros((batch,), jnp.int32),         # next slot to write (same in all rows)
-            "key_mask": jnp.zeros((batch, max_len), bool),   # which slots hold real tokens
-            "next_pos": jnp.zeros((batch,), jnp.int32)}      # position of the next real token
+#
+# The decoding cache has two parts, so that N samples of one prompt share its KV:
+#   pk, pv   (layers, B, H_kv, P, Dh)  the prompt's keys and values, once per prompt
+#   pmask    (B, P)                    which prompt slots hold real tokens (left padding)
+#   rk, rv   (layers, R, H_kv, L, Dh)  each sampled row's response keys and values, R = B * N,
+#                                      row b * N + j continuing prompt b
+#   index    ()                        the next response slot to write (the same for every row)
+#   next_pos (R,)                      the position of each row's next token
 
 
-def _cached_forward(params, tokens_BxS, mask_BxS, positions_BxS, cfg, cache,
-                    last_logits_only=False):
-    index = cache["index"][0]
-    s = tokens_BxS.shape[1]
-    max_len = cache["key_mask"].shape[1]
-    key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], mask_BxS.astype(bool), (0, index))
-    slots = jnp.arange(max_len)
-    query_slots = index + jnp.arange(s)
-    attn = (slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
-    out = Transformer(cfg).apply({"params": params}, tokens_BxS, positions_BxS, attn,
-                                 cache["layers"], index, last_logits_only)
-    new_cache = {"layers": out["cache_layers"], "index": cache["index"] + s,
-                 "key_mask": key_mask,
-                 "next_pos": cache["next_pos"] + mask_BxS.astype(jnp.int32).sum(1)}
-    return out, new_cache
+def prefill(params: Params, tokens_BxP: Array, cfg: ModelConfig,
+            attention_mask_BxP: Array | None = None, *, max_new_tokens: int, n: int = 1,
+            last_logits_only: bool = False) -> tuple[Array, dict[str, Any]]:
+    """Runs the (left-padded) prompt once and returns (logits_BxPxV, cache) with room for
+    `max_new_tokens` tokens in each of `n` continuations per prompt (rows b * n + j).
+
+    With `last_logits_only` the logits are those of the last position only: (B, 1, V)."""
+    mask = (jnp.ones(tokens_BxP.shape, bool) if attention_mask_BxP is None
+            else attention_mask_BxP.astype(bool))
+    out = Transformer(cfg).apply({"params": params}, tokens_BxP, default_positions(mask),
+                                 _causal_mask(mask), return_kv=True,
+                                 last_logits_only=last_logits_only)
+    pk, pv = out["kv"]
+    batch = tokens_BxP.shape[0]
+    resp = jnp.zeros((cfg.n_layers, batch, cfg.n_kv_heads, max_new_tokens, cfg.head_dim), pk.dtype)
+    cache = {"pk": pk, "pv": pv, "pmask": mask, "rk": resp, "rv": resp,
+             "index": jnp.zeros((), jnp.int32),
+             "next_pos": mask.astype(jnp.int32).sum(1)}
+    return out["logits"], expand_cache(cache, n)
 
 
-def prefill(params: Params, tokens_BxT: Array, cfg: ModelConfig, cache: dict[str, Any],
-            attention_mask_BxT: Array | None = None, *, last_logits_only: bool = False
-            ) -> tuple[Array, dict[str, Any]]:
-    """Runs the (left-padded) prompt through the model, filling the cache: (logits_BxTxV, cache).
-
-    With `last_logits_only` the logits are those of the last position only: (B, 1, V).
-    """
-    mask = (jnp.ones(tokens_BxT.shape, bool) if attention_mask_BxT is None
-            else attention_mask_BxT.astype(bool))
-    positions = cache["next_pos"][:, None] + default_positions(mask)
-    out, cache = _cached_forward(params, tokens_BxT, mask, positions, cfg, cache,
-                                 last_logits_only)
-    return out["logits"], cache
+def expand_cache(cache: dict[str, Any], n: int) -> dict[str, Any]:
+    """The cache of a prefill continued by `n` rows per prompt (empty response part; the prompt
+    part is not copied). Only before the first decode step."""
+    if n == 1:
+        return cache
+    layers, rows, heads, slots, dh = cache["rk"].shape
+    resp = jnp.zeros((layers, rows * n, heads, slots, dh), cache["rk"].dtype)
+    return {**cache, "rk": resp, "rv": resp, "next_pos": jnp.repeat(cache["next_pos"], n)}
 
 
-def decode_step(params: Params, tokens_B: Array, cfg: ModelConfig, cache: dict[str, Any]
+def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[str, Any]
                 ) -> tuple[Array, dict[str, Any]]:
-    """One token per row through the cache: (logits_BxV, cache)."""
-    mask = jnp.ones((tokens_B.shape[0], 1), bool)
-    positions = cache["next_pos"][:, None]
-    out, cache = _cached_forward(params, tokens_B[:, None], mask, positions, cfg, cache)
-    return out["logits"][:, 0], cache
+    """One token per row through the cache: (logits_RxV, cache)."""
+    decode = {k: cache[k] for k in ("pk", "pv", "pmask", "rk", "rv", "index")}
+    out = Transformer(cfg).apply({"params": params}, tokens_R[:, None],
+                                 cache["next_pos"][:, None], None, decode, return_kv=True)
+    k_new, v_new = out["kv"]                 # (layers, R, H_kv, 1, Dh): one slot, in place
+    start = (0, 0, 0, cache["index"], 0)
+    new_cache = {**cache, "rk": jax.lax.dynamic_update_slice(cache["rk"], k_new.astype(
+                     cache["rk"].dtype), start),
+                 "rv": jax.lax.dynamic_update_slice(cache["rv"], v_new.astype(
+                     cache["rv"].dtype), start),
+                 "index": cache["index"] + 1, "next_pos": cache["next_pos"] + 1}
+    return out["logits"][:, 0], new_cache
 
 
 def decoder_fns(cfg: ModelConfig) -> DecoderFns:
-    """The prefill / decode / teacher-forced-logits triple used by `infalign_jax.decoding.sampling`."""
+    """The prefill / decode / teacher-forced-logits functions used by `infalign_jax.decoding.sampling`."""
 
     def _prefill(params, tokens_BxP, mask_BxP, max_len):
-        cache = init_cache(cfg, tokens_BxP.shape[0], max_len)
-        logits, cache = prefill(params, tokens_BxP, cfg, cache, mask_BxP, last_logits_only=True)
+        logits, cache = prefill(params, tokens_BxP, cfg, mask_BxP,
+                                max_new_tokens=max_len - tokens_BxP.shape[1],
+                                last_logits_only=True)
         return logits[:, -1], cache
 
     def _decode(params, token_B, cache):
@@ -154,4 +179,8 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     def _logits(params, tokens_BxT, mask_BxT):
         return apply(params, tokens_BxT, cfg, attention_mask_BxT=mask_BxT).logits
 
-    return DecoderFns(_prefill, _decode, _logits, cfg.max_len)
+    def _hidden(params, tokens_BxT, mask_BxT):
+        return hidden_states(params, tokens_BxT, cfg, attention_mask_BxT=mask_BxT)
+
+    return DecoderFns(_prefill, _decode, _logits, cfg.max_len, expand=expand_cache,
+                      hidden=_hidden, lm_kernel=lambda params: lm_head_kernel(params, cfg))

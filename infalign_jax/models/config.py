@@ -9,6 +9,7 @@ FAMILIES = ("llama", "gpt2")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 HEADS = ("lm", "reward", "value")
 DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,9 @@ class ModelConfig:
       attention, gated MLP. Llama / SmolLM, Qwen2 (`qkv_bias`) and Gemma v1 (`embed_scale`,
       `rmsnorm_unit_offset`, `activation="gelu_tanh"`) are switches of it.
     family "gpt2": learned positions, LayerNorm with bias, GELU MLP, biases everywhere.
+    remat: rematerialisation of each decoder layer in the backward pass: "none" (keep every
+      activation), "full" (keep only the layer inputs; recompute the rest) or "save_dots" (keep
+      the outputs of the weight matmuls, recompute the rest).
     heads: which outputs exist over the shared trunk: "lm" (policy logits), "reward" (a scalar
       read at the last real token), "value" (a scalar at every position: value head / prefix
       scorer for controlled decoding).
@@ -44,6 +48,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     heads: tuple[str, ...] = ("lm",)
     init_std: float = 0.02
+    remat: str = "none"
 
     def __post_init__(self):
         def fail(field, expected):
@@ -60,6 +65,7 @@ class ModelConfig:
         check.choice(self, "activation", ACTIVATIONS)
         check.choice(self, "dtype", DTYPES)
         check.choice(self, "param_dtype", DTYPES)
+        check.choice(self, "remat", REMAT)
         heads = tuple(self.heads)
         object.__setattr__(self, "heads", heads)
         if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax.models.config import ModelConfig
+from infalign_jax.models.transformer import stack_layers, unstack_layers
 from infalign_jax.infra.files import atomic_path
 
 SUPPORTED = ("llama", "qwen2", "gemma", "gpt2")
@@ -189,7 +190,7 @@ def params_from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndar
     from infalign_jax import models# the init gives the target shapes
 
     state = _strip_prefix(state_dict, cfg)
-    shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    shapes = unstack_layers(jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0))))
     target = jnp.bfloat16 if (dtype or cfg.param_dtype) == "bfloat16" else jnp.float32
     out: dict[str, Any] = {}
     tensor_map = _tensor_map(cfg)
@@ -221,13 +222,13 @@ def params_from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndar
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    return jax.tree.map(lambda x: jnp.asarray(x, target), out)
+    return jax.tree.map(lambda x: jnp.asarray(x, target), stack_layers(out, cfg.n_layers))
 
 
 def hf_state_dict_from_params(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf_state_dict` (float32 numpy, HF names)."""
     flat = {tuple(p.key for p in path): np.asarray(v, np.float32)
-            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+            for path, v in jax.tree_util.tree_flatten_with_path(unstack_layers(params))[0]}
     out: dict[str, np.ndarray] = {}
     fused: dict[str, list] = {}
     for keys, (name, kind) in _tensor_map(cfg).items():

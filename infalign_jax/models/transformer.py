@@ -6,9 +6,13 @@ what the jitted RL step, the sampler and `jax.grad` want. Logical axis names are
 `nn.with_logical_partitioning` and read back as data by `infalign_jax.infra.sharding`; activations carry
 `nn.with_logical_constraint` at block boundaries (a no-op outside a rules context).
 
-The KV cache is explicit state passed in and returned (no mutable Linen collections): per layer
-`k`, `v` in layout (B, H_kv, T, Dh) -- on CPU twice as fast as (B, T, H, Dh) because XLA would
-otherwise transpose the whole cache every step.
+Decoder layers are one `nn.scan` over parameters stacked on a leading "layers" axis: one compiled
+layer body whatever the depth, with a configurable rematerialisation policy (`ModelConfig.remat`).
+
+The KV cache is explicit state passed in and returned (no mutable Linen collections), in layout
+(layers, B, H_kv, T, Dh) -- on CPU twice as fast as (B, T, H, Dh) because XLA would otherwise
+transpose the whole cache every step. Decoding keeps it in two parts (see `models.prefill`): the
+prompt's KV once per prompt, and each sampled row's own response KV.
 
 Numerics: activations in `cfg.dtype`; norms, attention softmax, logits and everything downstream
 in float32.
@@ -20,6 +24,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -85,7 +90,65 @@ def rope(x_BxSxHxD: Array, positions_BxS: Array, theta: float) -> Array:
     return x_BxSxHxD * cos + rotated * sin
 
 
+def _attend(q_BxSxHxD: Array, k_BxHxTxD: Array, v_BxHxTxD: Array, mask_BxSxT: Array,
+            n_kv_heads: int) -> Array:
+    """Grouped-query softmax attention of S queries over T keys: (B, S, H, D)."""
+    b, s, heads, dh = q_BxSxHxD.shape
+    groups = heads // n_kv_heads
+    q = q_BxSxHxD.reshape(b, s, n_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bhgsd,bhtd->bhgst", q, k_BxHxTxD.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(mask_BxSxT[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bhgst,bhtd->bshgd", probs, v_BxHxTxD.astype(probs.dtype))
+    return out.reshape(b, s, heads, dh)
+
+
+def _attend_cached(q_RxSxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask_BxP: Array,
+                   rk_RxHxLxD: Array, rv_RxHxLxD: Array, index: Array, k_RxHxSxD: Array,
+                   v_RxHxSxD: Array, n_kv_heads: int) -> Array:
+    """Attention of R = B*N response rows, one softmax over three parts: their prompt's shared KV
+    (stored once per prompt; rows b*N..b*N+N-1 read prompt b), their own earlier response slots
+    (< `index`) and the S new tokens themselves (causal). The cache is read, never written here."""
+    r, s, heads, dh = q_RxSxHxD.shape
+    b, p = pmask_BxP.shape
+    n, groups, slots = r // b, heads // n_kv_heads, rk_RxHxLxD.shape[2]
+    q = q_RxSxHxD.reshape(b, n, s, n_kv_heads, groups, dh)
+    scale = 1.0 / math.sqrt(dh)
+
+    def per_row(x_RxHxTxD):
+        return x_RxHxTxD.reshape(b, n, *x_RxHxTxD.shape[1:]).astype(q.dtype)
+
+    # Prompt part: the N samples of a prompt are extra query rows against one copy of its keys.
+    sp = jnp.einsum("bnshgd,bhpd->bnhgsp", q, pk_BxHxPxD.astype(q.dtype),
+                    preferred_element_type=jnp.float32) * scale
+    sp = jnp.where(pmask_BxP[:, None, None, None, None, :], sp, NEG_INF)
+    sr = jnp.einsum("bnshgd,bnhld->bnhgsl", q, per_row(rk_RxHxLxD),
+                    preferred_element_type=jnp.float32) * scale
+    sr = jnp.where(jnp.arange(slots) < index, sr, NEG_INF)
+    ss = jnp.einsum("bnshgd,bnhtd->bnhgst", q, per_row(k_RxHxSxD),
+                    preferred_element_type=jnp.float32) * scale
+    ss = jnp.where(jnp.tril(jnp.ones((s, s), bool)), ss, NEG_INF)
+    probs = jax.nn.softmax(jnp.concatenate([sp, sr, ss], axis=-1), axis=-1).astype(q.dtype)
+    pp, pr, ps = probs[..., :p], probs[..., p:p + slots], probs[..., p + slots:]
+    out = (jnp.einsum("bnhgsp,bhpd->bnshgd", pp, pv_BxHxPxD.astype(q.dtype))
+           + jnp.einsum("bnhgsl,bnhld->bnshgd", pr, per_row(rv_RxHxLxD))
+           + jnp.einsum("bnhgst,bnhtd->bnshgd", ps, per_row(v_RxHxSxD)))
+    return out.reshape(r, s, heads, dh)
+
+
 class Attention(nn.Module):
+    """Self-attention. Two modes, by `decode`:
+
+    * None: over the sequence itself with `mask_BxSxT` (teacher forcing, prefill);
+    * a dict (decoding, see `models.decode_step`): this layer's prompt KV `pk`/`pv` (B rows), the
+      prompt mask `pmask`, this layer's response KV `rk`/`rv` (R rows, L slots) and the number of
+      slots already written, `index`.
+    Either way the second output is the S new tokens' own (k, v) in cache layout (B, H_kv, S, Dh):
+    the caller writes them into the cache once for all layers (an in-place update of one slot),
+    so the layer loop never carries or copies the cache.
+    """
+
     cfg: ModelConfig
 
     def _proj(self, name, x, heads, axes_heads):
@@ -100,9 +163,8 @@ class Attention(nn.Module):
         return y
 
     @nn.compact
-    def __call__(self, x_BxSxD: Array, positions_BxS: Array, mask_BxSxT: Array,
-                 kv: dict[str, Array] | None, index: Array | None
-                 ) -> tuple[Array, dict[str, Array] | None]:
+    def __call__(self, x_BxSxD: Array, positions_BxS: Array, mask_BxSxT: Array | None,
+                 decode: dict[str, Array] | None) -> tuple[Array, tuple[Array, Array]]:
         cfg = self.cfg
         q = self._proj("q", x_BxSxD, cfg.n_heads, "q_heads")
         k = self._proj("k", x_BxSxD, cfg.n_kv_heads, "kv_heads")
@@ -112,21 +174,13 @@ class Attention(nn.Module):
             k = rope(k, positions_BxS, cfg.rope_theta)
         k_BxHxSxD = jnp.swapaxes(k, 1, 2)
         v_BxHxSxD = jnp.swapaxes(v, 1, 2)
-        new_kv = None
-        if kv is not None:
-            start = (0, 0, index, 0)
-            k_BxHxSxD = jax.lax.dynamic_update_slice(kv["k"], k_BxHxSxD.astype(kv["k"].dtype), start)
-            v_BxHxSxD = jax.lax.dynamic_update_slice(kv["v"], v_BxHxSxD.astype(kv["v"].dtype), start)
-            new_kv = {"k": k_BxHxSxD, "v": v_BxHxSxD}
-        b, s = q.shape[:2]
-        groups = cfg.n_heads // cfg.n_kv_heads
-        q_BxHxGxSxD = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bhgsd,bhtd->bhgst", q_BxHxGxSxD, k_BxHxSxD.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
-        scores = jnp.where(mask_BxSxT[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x_BxSxD.dtype)
-        out = jnp.einsum("bhgst,bhtd->bshgd", probs, v_BxHxSxD.astype(probs.dtype))
-        out = out.reshape(b, s, cfg.n_heads, cfg.head_dim)
+        if decode is None:
+            out = _attend(q, k_BxHxSxD, v_BxHxSxD, mask_BxSxT, cfg.n_kv_heads)
+        else:
+            out = _attend_cached(q, decode["pk"], decode["pv"], decode["pmask"], decode["rk"],
+                                 decode["rv"], decode["index"], k_BxHxSxD, v_BxHxSxD,
+                                 cfg.n_kv_heads)
+        kv_out = (k_BxHxSxD, v_BxHxSxD)
         out = _constrain(out, ("batch", "length", "act_heads", None))
         o_kernel = _param(self, "o_kernel", (cfg.n_heads, cfg.head_dim, cfg.d_model),
                           ("q_heads", "head_dim", "embed"), _normal(cfg), cfg)
@@ -134,7 +188,7 @@ class Attention(nn.Module):
         if cfg.family == "gpt2":
             y = y + _param(self, "o_bias", (cfg.d_model,), ("norm",), nn.initializers.zeros,
                            cfg).astype(y.dtype)
-        return y, new_kv
+        return y, kv_out
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -168,28 +222,65 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer, in the form `nn.scan` wants: (x, per-layer input) -> (x, per-layer out).
+
+    Per-layer input: this layer's cache (pk, pv, rk, rv), all None unless decoding; output: the
+    new tokens' own (k, v) when `return_kv` (prefill, decoding), else None.
+    """
+
     cfg: ModelConfig
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv, index):
-        h, new_kv = Attention(self.cfg, name="attn")(Norm(self.cfg, name="attn_norm")(x),
-                                                      positions, mask, kv, index)
+    def __call__(self, x, layer_kv, positions, mask, pmask, index):
+        pk, pv, rk, rv = layer_kv
+        decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=pmask,
+                                              index=index)
+        h, kv = Attention(self.cfg, name="attn")(Norm(self.cfg, name="attn_norm")(x),
+                                                 positions, mask, decode)
         x = x + h
         x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
-        return _constrain(x, ("batch", "length", "act_embed")), new_kv
+        x = _constrain(x, ("batch", "length", "act_embed"))
+        return x, (kv if self.return_kv else None)
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: the layer's forward runs again in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _scanned_blocks(cfg: ModelConfig, return_kv: bool) -> nn.Module:
+    """The decoder layers as one `nn.scan` over parameters stacked on a leading "layers" axis (one
+    compiled layer body instead of n_layers copies), rematerialised as `cfg.remat` says."""
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, return_kv, name="layers")
 
 
 class Transformer(nn.Module):
-    """Trunk plus heads. Returns hidden states, logits, per-position reward and value scalars."""
+    """Trunk plus heads. Returns hidden states, logits, per-position reward and value scalars.
+
+    Parameters of the decoder layers are stacked: `params["layers"][...]` has a leading axis of
+    n_layers (checkpoint import and export convert per-layer tensors to and from it).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxS: Array, positions_BxS: Array, mask_BxSxT: Array,
-                 cache_layers: tuple[dict[str, Array], ...] | None = None,
-                 index: Array | None = None, last_logits_only: bool = False) -> dict[str, Any]:
-        """`last_logits_only`: lm logits for the last position only (B, 1, V) -- a prefill
-        needs no others, and at a large vocabulary they are a third of its FLOPs."""
+    def __call__(self, tokens_BxS: Array, positions_BxS: Array, mask_BxSxT: Array | None,
+                 decode: dict[str, Array] | None = None, return_kv: bool = False,
+                 last_logits_only: bool = False, heads: tuple[str, ...] | None = None
+                 ) -> dict[str, Any]:
+        """`decode`: the cache of `models.decode_step` ({pk, pv, pmask, rk, rv, index}), or None.
+        `return_kv`: also return every layer's (k, v) of this sequence (stacked), for a prefill.
+        `last_logits_only`: lm logits for the last position only (B, 1, V) -- a prefill needs no
+        others, and at a large vocabulary they are a third of its FLOPs. `heads`: which heads to
+        compute (default all of `cfg.heads`); "hidden" alone skips the lm head."""
         cfg = self.cfg
         dt = as_dtype(cfg.dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -203,28 +294,71 @@ class Transformer(nn.Module):
                                nn.initializers.normal(0.01), cfg)
             x = x + jnp.take(pos_table, positions_BxS, axis=0).astype(dt)
         x = _constrain(x, ("batch", "length", "act_embed"))
-        new_cache = []
-        for i in range(cfg.n_layers):
-            kv = None if cache_layers is None else cache_layers[i]
-            x, new_kv = Block(cfg, name=f"layer_{i}")(x, positions_BxS, mask_BxSxT, kv, index)
-            new_cache.append(new_kv)
+        if decode is None:
+            layer_kv, pmask, index = (None, None, None, None), None, None
+        else:
+            layer_kv = (decode["pk"], decode["pv"], decode["rk"], decode["rv"])
+            pmask, index = decode["pmask"], decode["index"]
+        x, kv = _scanned_blocks(cfg, return_kv)(x, layer_kv, positions_BxS, mask_BxSxT, pmask,
+                                                index)
         hidden = Norm(cfg, name="final_norm")(x)
-        out: dict[str, Any] = {"hidden": hidden, "cache_layers": tuple(new_cache)}
+        out: dict[str, Any] = {"hidden": hidden}
+        if return_kv:
+            out["kv"] = kv                      # (k, v), each (layers, B, H_kv, S, Dh)
+        wanted = cfg.heads if heads is None else heads
         if "lm" in cfg.heads:
-            if cfg.tie_embeddings:
-                kernel_DxV = embedding.T
-            else:
-                kernel_DxV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size),
-                                    ("embed", "vocab"), _normal(cfg), cfg)
-            lm_in = hidden[:, -1:] if last_logits_only else hidden
-            logits = jnp.einsum("bsd,dv->bsv", lm_in, kernel_DxV.astype(hidden.dtype),
-                                preferred_element_type=jnp.float32)
-            out["logits"] = _constrain(logits, ("batch", "length", "act_vocab"))
+            kernel_DxV = lm_kernel(self, cfg, embedding)
+            if "lm" in wanted:
+                lm_in = hidden[:, -1:] if last_logits_only else hidden
+                logits = jnp.einsum("bsd,dv->bsv", lm_in, kernel_DxV.astype(hidden.dtype),
+                                    preferred_element_type=jnp.float32)
+                out["logits"] = _constrain(logits, ("batch", "length", "act_vocab"))
         for head in ("reward", "value"):
             if head in cfg.heads:
                 kernel = _param(self, f"{head}_head_kernel", (cfg.d_model, 1), ("embed", "scalar"),
                                 nn.initializers.zeros, cfg)
                 bias = _param(self, f"{head}_head_bias", (1,), ("scalar",), nn.initializers.zeros, cfg)
-                out[head] = (jnp.einsum("bsd,do->bso", hidden.astype(jnp.float32),
-                                        kernel.astype(jnp.float32)) + bias.astype(jnp.float32))[..., 0]
+                if head in wanted:
+                    out[head] = (jnp.einsum("bsd,do->bso", hidden.astype(jnp.float32),
+                                            kernel.astype(jnp.float32))
+                                 + bias.astype(jnp.float32))[..., 0]
         return out
+
+
+def lm_kernel(module: nn.Module, cfg: ModelConfig, embedding: Array) -> Array:
+    """The lm head's (D, V) kernel: the embedding transposed when tied."""
+    if cfg.tie_embeddings:
+        return embedding.T
+    return _param(module, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                  _normal(cfg), cfg)
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameter tree with the stacked "layers" subtree split into `layer_0`, `layer_1`, ...
+    (one subtree per decoder layer, as checkpoints name them). Works on shape trees too."""
+    if "layers" not in params:
+        raise ValueError("unstack_layers: no 'layers' subtree (not a stacked parameter tree); "
+                         f"top-level keys: {sorted(params)}")
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+
+    def pick(i):
+        return lambda x: (jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+                          if isinstance(x, jax.ShapeDtypeStruct) else x[i])
+
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out.update({f"layer_{i}": jax.tree.map(pick(i), stacked) for i in range(n)})
+    return out
+
+
+def stack_layers(params: dict[str, Any], n_layers: int, stack=np.stack) -> dict[str, Any]:
+    """Inverse of `unstack_layers`: `layer_0` ... `layer_{n-1}` stacked into "layers"."""
+    names = [f"layer_{i}" for i in range(n_layers)]
+    missing = [n for n in names if n not in params]
+    extra = sorted(k for k in params if k.startswith("layer_") and k not in names)
+    if missing or extra:
+        raise ValueError(f"stack_layers: expected subtrees layer_0..layer_{n_layers - 1}; missing "
+                         f"{missing}, unexpected {extra}")
+    out = {k: v for k, v in params.items() if k not in names}
+    out["layers"] = jax.tree.map(lambda *xs: stack(xs), *(params[n] for n in names))
+    return out

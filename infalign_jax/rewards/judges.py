@@ -22,8 +22,9 @@ a fixed `empty_score` instead of the classifier's output: every judge's minimum 
 Best-of-N and an RL policy gains nothing by stopping at once. (Scoring an empty answer as
 perfectly harmless would make emitting end-of-turn at once the optimal harmlessness policy.)
 
-`text_reward_fn` turns a judge into the token-level `RewardFn` that `rl.make_rl_step` calls
-inside `jax.jit`, through `jax.pure_callback` (one host round trip per batch).
+`text_reward_fn` turns a judge into a token-level `HostReward`: a `RewardFn` that jitted code
+calls through `jax.pure_callback` (one host round trip per batch), and whose `host` function the
+CTRL loop calls between its jitted rollout and update programs (`rl.make_rl_programs`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infalign_jax.core.types import Judge, RewardFn
+from infalign_jax.core.types import HostReward, Judge
 
 
 def _vader_scores(texts: list[str]) -> np.ndarray:
@@ -143,7 +144,7 @@ def get_judge(name: str) -> TextJudge:
 
 
 def text_reward_fn(judge: Judge, detokenize: Callable[[np.ndarray], str],
-                   prompts_text: Sequence[str]) -> RewardFn:
+                   prompts_text: Sequence[str]) -> HostReward:
     """A jittable `RewardFn` scoring token responses with a text judge on the host.
 
     `reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL) -> rewards_R`:
@@ -154,7 +155,8 @@ def text_reward_fn(judge: Judge, detokenize: Callable[[np.ndarray], str],
     leading axes are flattened into that one call. The rewards carry no gradient. Under a
     sharded jit XLA gathers the batch to one device for the call (it warns "Involuntary full
     rematerialization"; harmless at these sizes); in a multi-process run every process would
-    need the judge, which is not tested here.
+    need the judge, which is not tested here. `.host(prompt_idx_R, response_RxL, mask_RxL)` is
+    the same scoring on numpy arrays, outside any jitted program.
     """
     prompts = list(prompts_text)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -186,4 +188,4 @@ def text_reward_fn(judge: Judge, detokenize: Callable[[np.ndarray], str],
         return jax.pure_callback(host, out, prompt_idx_R, response_RxL, response_mask_RxL,
                                  vmap_method="broadcast_all")
 
-    return reward_fn
+    return HostReward(host=host, in_graph=reward_fn)

