@@ -66,11 +66,8 @@ def _setup(args):
 
 
 def _rewards(s, ro):
-    import jax
-    import numpy as np
-    _, _, resp, mask = jax.device_get(ro.tokens)
-    return np.asarray(s["reward"].host(np.asarray(jax.device_get(ro.prompt_idx_R)), resp, mask),
-                      np.float32)
+    from infalign_jax import rl
+    return rl.host_rollout_rewards(s["reward"], ro)
 
 
 def _memory(compiled) -> dict:

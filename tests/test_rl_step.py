@@ -10,6 +10,7 @@ import pytest
 
 from infalign_jax.rl.tasks import exact as et
 from infalign_jax.core import losses
+from infalign_jax.core.types import HostReward
 from infalign_jax import models, rl
 from infalign_jax.core.transforms import get_transform
 
@@ -445,7 +446,7 @@ def test_programs_around_a_host_reward_equal_the_one_program_step():
     roll, learn = jax.jit(programs.roll), jax.jit(programs.learn)
     key = jax.random.key(3)
     ro = roll(state, batch, key)
-    rewards = host(ro.prompt_idx_R, ro.tokens[2], ro.tokens[3])
+    rewards = rl.host_rollout_rewards(HostReward(host=host, in_graph=None), ro)
     split_state, split_met = learn(state, frozen, ro, jnp.asarray(rewards))
     one_state, one_met = jax.jit(step)(state, frozen, batch, key)
     assert calls == [(8, 3)]

@@ -282,9 +282,7 @@ def _host_reward_step(cfg: rl.RLConfig, fns: Any, reward: HostReward, optimizer:
 
     def step_fn(state: rl.RLState, frozen: rl.Frozen, batch: Any, rng: jax.Array):
         ro = roll(state, batch, rng)
-        _, _, resp_RxL, mask_RxL = jax.device_get(ro.tokens)
-        rewards_R = reward.host(np.asarray(jax.device_get(ro.prompt_idx_R)), resp_RxL, mask_RxL)
-        return learn(state, frozen, ro, jax.device_put(np.asarray(rewards_R, np.float32), rep))
+        return learn(state, frozen, ro, jax.device_put(rl.host_rollout_rewards(reward, ro), rep))
 
     return step_fn
 

@@ -59,6 +59,11 @@ def default_positions(mask_BxT: Array) -> Array:
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def _mask_or_ones(mask_BxT: Array | None, tokens_BxT: Array) -> Array:
+    """The attention mask as bool; every token real when None."""
+    return jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else mask_BxT.astype(bool)
+
+
 def _causal_mask(mask_BxT: Array) -> Array:
     t = mask_BxT.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
@@ -69,8 +74,7 @@ def apply(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
           attention_mask_BxT: Array | None = None, positions_BxT: Array | None = None
           ) -> ModelOutput:
     """Teacher-forced forward pass over whole sequences (no cache)."""
-    mask = (jnp.ones(tokens_BxT.shape, bool) if attention_mask_BxT is None
-            else attention_mask_BxT.astype(bool))
+    mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
     positions = default_positions(mask) if positions_BxT is None else positions_BxT
     out = Transformer(cfg).apply({"params": params}, tokens_BxT, positions, _causal_mask(mask))
     reward = None
@@ -85,8 +89,7 @@ def hidden_states(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     """The final-norm hidden states (B, T, D), no head computed: with `lm_head_kernel` the lm
     logits of any positions are hidden @ kernel, so callers can compute them only where needed
     (and over vocabulary chunks)."""
-    mask = (jnp.ones(tokens_BxT.shape, bool) if attention_mask_BxT is None
-            else attention_mask_BxT.astype(bool))
+    mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
     out = Transformer(cfg).apply({"params": params}, tokens_BxT, default_positions(mask),
                                  _causal_mask(mask), heads=())
     return out["hidden"]
@@ -124,8 +127,7 @@ def prefill(params: Params, tokens_BxP: Array, cfg: ModelConfig,
     `max_new_tokens` tokens in each of `n` continuations per prompt (rows b * n + j).
 
     With `last_logits_only` the logits are those of the last position only: (B, 1, V)."""
-    mask = (jnp.ones(tokens_BxP.shape, bool) if attention_mask_BxP is None
-            else attention_mask_BxP.astype(bool))
+    mask = _mask_or_ones(attention_mask_BxP, tokens_BxP)
     out = Transformer(cfg).apply({"params": params}, tokens_BxP, default_positions(mask),
                                  _causal_mask(mask), return_kv=True,
                                  last_logits_only=last_logits_only)

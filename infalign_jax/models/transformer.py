@@ -351,7 +351,7 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stack_layers(params: dict[str, Any], n_layers: int, stack=np.stack) -> dict[str, Any]:
+def stack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
     """Inverse of `unstack_layers`: `layer_0` ... `layer_{n-1}` stacked into "layers"."""
     names = [f"layer_{i}" for i in range(n_layers)]
     missing = [n for n in names if n not in params]
@@ -360,5 +360,5 @@ def stack_layers(params: dict[str, Any], n_layers: int, stack=np.stack) -> dict[
         raise ValueError(f"stack_layers: expected subtrees layer_0..layer_{n_layers - 1}; missing "
                          f"{missing}, unexpected {extra}")
     out = {k: v for k, v in params.items() if k not in names}
-    out["layers"] = jax.tree.map(lambda *xs: stack(xs), *(params[n] for n in names))
+    out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *(params[n] for n in names))
     return out

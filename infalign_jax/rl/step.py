@@ -62,6 +62,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from infalign_jax.core import kl, losses
@@ -77,7 +78,7 @@ from infalign_jax.rl.config import (ADVANTAGES, ALGORITHMS, BETA_SCHEDULES, KL_M
                                     make_value_optimizer, scheduled_beta)
 from infalign_jax.core.transforms import Transform
 
-from infalign_jax.core.types import Array, Params, RewardFn
+from infalign_jax.core.types import Array, HostReward, Params, RewardFn
 
 class RLState(NamedTuple):
     """Trainable state. The fields after `step` default to None (a plain constant-beta RLOO/PPO
@@ -236,6 +237,13 @@ def rollout_rewards(reward_fn: RewardFn, frozen: Frozen, ro: Rollout) -> Array:
     """Phase 2a: the raw reward of each response, R."""
     _, _, resp_RxL, rmask_RxL = ro.tokens
     return reward_fn(frozen.reward_params, ro.prompt_idx_R, resp_RxL, rmask_RxL)
+
+
+def host_rollout_rewards(reward: HostReward, ro: Rollout) -> np.ndarray:
+    """Phase 2a outside jitted code: the rollout's prompt indices and responses fetched once, the
+    host reward (a text judge) on numpy arrays; float32 rewards, R."""
+    idx_R, resp_RxL, mask_RxL = jax.device_get((ro.prompt_idx_R, ro.tokens[2], ro.tokens[3]))
+    return np.asarray(reward.host(idx_R, resp_RxL, mask_RxL), np.float32)
 
 
 def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, ro: Rollout,
