@@ -17,8 +17,8 @@ eval.jsonl's last row has every exact_* win rate within 0.01 of its target_* and
 and KL budgets converge with these defaults, over 3 seeds, is in docs/results.md section 2.
 """
 
-from infalign_jax.core.transforms import transform_section
-from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.core.transforms import transform_param_names, transform_section
+from infalign_jax.infra.config_utils import arg_keys, config_section, parse_arg
 from infalign_jax.infra.sharding import MeshConfig
 from infalign_jax.loops.train import TrainConfig
 from infalign_jax.rl import RLConfig
@@ -34,7 +34,9 @@ def get_config(arg=None):
     # task.kl_budget > 0 solves rl.beta so that the exact target's KL(pi* || pi_ref) is the budget.
     c.task = config_section(ExactTaskConfig)
     c.reference = config_section(ReferenceConfig)
-    c.transform = transform_section(a.transform, t=a.t)
+    # t goes to the transforms that take it (exp); written for another one, it is refused.
+    takes_t = "t" in transform_param_names(a.transform) or "t" in arg_keys(arg)
+    c.transform = transform_section(a.transform, **({"t": a.t} if takes_t else {}))
     c.rl = config_section(RLConfig, algorithm=a.algorithm, beta=a.beta, samples_per_prompt=a.samples,
                           max_new_tokens=3, learning_rate=3e-3, decay_steps=a.steps,
                           beta_anneal_steps=a.steps * 2 // 3)

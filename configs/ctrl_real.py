@@ -36,8 +36,8 @@ Transform default (`t=0` in the arg picks it): exp with t=+4 for the Best-of-N t
 (helpfulness) and t=-4 for the Worst-of-N task (harmlessness), the signs InfAlign prescribes.
 """
 
-from infalign_jax.core.transforms import transform_section
-from infalign_jax.infra.config_utils import config_section, parse_arg
+from infalign_jax.core.transforms import transform_param_names, transform_section
+from infalign_jax.infra.config_utils import arg_keys, config_section, parse_arg
 from infalign_jax.infra.sharding import MeshConfig
 from infalign_jax.loops.train import TrainConfig
 from infalign_jax.rl import RLConfig
@@ -67,7 +67,9 @@ def get_config(arg=None):
     c.task = config_section(RealTaskConfig, name=a.task, **{k: size[k] for k in TASK_KEYS})
     c.reference = config_section(ReferenceConfig, k=size["k"], seed=a.reference_seed)
     t = a.t or (4.0 if get_real_task(a.task).procedure == "bon" else -4.0)
-    c.transform = transform_section(a.transform, t=t)
+    # t goes to the transforms that take it (exp); written for another one, it is refused.
+    takes_t = "t" in transform_param_names(a.transform) or "t" in arg_keys(arg)
+    c.transform = transform_section(a.transform, **({"t": t} if takes_t else {}))
     # Rollouts sample like the reference table (same length, temperature 1).
     c.rl = config_section(RLConfig, algorithm=a.algorithm, beta=a.beta,
                           samples_per_prompt=size["samples"], max_new_tokens=c.task.max_new_tokens,

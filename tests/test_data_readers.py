@@ -152,6 +152,14 @@ def test_file_level_errors(tmp_path):
     corrupt.write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 50)[:40])
     with pytest.raises(DataError) as info:
         read_prompts(corrupt)
+    # 40 bytes hold the 50 repeated lines but not the end of the stream: named as a cut file,
+    # with the line it reached.
+    assert info.value.reason == "truncated_file" and info.value.line == 51
+    assert "50 lines read before the cut" in str(info.value)
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_bytes(b'{"prompt": "a"}\n')
+    with pytest.raises(DataError, match="Not a gzipped file") as info:
+        read_prompts(not_gzip)
     assert info.value.reason == "unreadable"
 
 

@@ -85,7 +85,7 @@ def test_outputs_metrics_tensorboard_manifest(uninterrupted):
         assert all(np.isfinite(r[key]) for r in rows), key
     acc = EventAccumulator(os.path.join(workdir, "tb"))
     acc.Reload()
-    events = acc.Scalars("kl_k1")
+    events = acc.Scalars("train/kl_k1")   # tags say which stream: train/..., eval/...
     assert [e.step for e in events] == list(range(1, 7))
     np.testing.assert_allclose([e.value for e in events], [r["kl_k1"] for r in rows], rtol=1e-6)
     manifest = json.load(open(os.path.join(workdir, "manifest.json")))

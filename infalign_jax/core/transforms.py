@@ -189,11 +189,15 @@ def transform_param_names(name: str) -> tuple[str, ...]:
     return tuple(inspect.signature(_REGISTRY[name]).parameters)
 
 
-def transform_section(name: str, **params: Any) -> dict[str, Any]:
-    """The `config.transform` section: `name` and the parameters of every family at their
-    defaults (numbers; a file path as ""), then `params`. Carrying every family's parameters lets
-    ``--config.transform.t=4`` work whatever the default name; `transform_from_config` passes on
-    only those the chosen family takes."""
+def _unset(default: Any) -> Any:
+    """The unset value of a parameter in a config section: a typed placeholder (None, so
+    ``--config.transform.t=4`` can still set it), or "" for a file path."""
+    from ml_collections.config_dict import placeholder
+    return "" if isinstance(default, str) else placeholder(type(default))
+
+
+def _section_defaults() -> dict[str, Any]:
+    """{parameter: its default} over every family (numbers as floats; a file path as "")."""
     values: dict[str, Any] = {}
     for factory in _REGISTRY.values():
         for p in inspect.signature(factory).parameters.values():
@@ -201,20 +205,57 @@ def transform_section(name: str, **params: Any) -> dict[str, Any]:
                 values.setdefault(p.name, float(p.default))
             elif p.name == "path":
                 values.setdefault(p.name, "")
-    unknown = sorted(set(params) - set(values))
+    return values
+
+
+def transform_section(name: str, **params: Any) -> Any:
+    """The `config.transform` section (a ConfigDict): `name`, the parameters family `name` takes
+    at their defaults, then `params`; every other family's parameters are present but unset
+    (None, "" for a path), so ``--config.transform.t=4`` reaches the section whatever the
+    default name, and a run refuses a set parameter its transform does not take
+    (`transform_from_config(..., strict=True)`). A parameter `name` does not take is an error."""
+    import ml_collections
+    defaults = _section_defaults()
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise ValueError(f"transform_section: unknown parameters {unknown}; known: "
-                         f"{sorted(values)}")
-    get_transform(name, **{k: v for k, v in params.items() if k in transform_param_names(name)})
-    return {"name": name, **values, **params}
+                         f"{sorted(defaults)}")
+    taken = transform_param_names(name)
+    foreign = sorted(set(params) - set(taken))
+    if foreign:
+        raise ValueError(f"transform_section: transform {name!r} does not take "
+                         f"{', '.join(foreign)} ({_takes(name)})")
+    get_transform(name, **params)
+    values = {k: (v if k in taken else _unset(v)) for k, v in defaults.items()}
+    return ml_collections.ConfigDict({"name": name, **values, **params})
 
 
-def transform_from_config(section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(name, params) from a config section such as ``{name: "exp", t: 4.0, p: 0.5, path: ""}``.
+def transform_overrides(name: str, **params: Any) -> dict[str, Any]:
+    """Dotted overrides ("transform.<key>": value) that turn a config's transform section into
+    `transform_section(name, **params)`: the parameters of other families unset, so a section
+    switched from exp t=3 to identity does not keep t (which a run would refuse)."""
+    return {f"transform.{k}": v for k, v in transform_section(name, **params).items()}
+
+
+def _takes(name: str) -> str:
+    taken = [p for p in transform_param_names(name) if p in _section_defaults()]
+    return f"it takes {', '.join(taken)}" if taken else "it takes no parameters"
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value != ""
+
+
+def transform_from_config(section: Mapping[str, Any], *, strict: bool = False
+                          ) -> tuple[str, dict[str, Any]]:
+    """(name, params) from a config section such as ``{name: "exp", t: 4.0, p: None, path: ""}``.
 
     A config section carries the parameters of every family so that ``--config.transform.t=4``
-    works whatever the default name; only those the chosen family accepts are passed on (an empty
-    string means "not set"). Keys no family accepts are an error, so typos do not pass silently.
+    works whatever the default name; the set ones (not None, not "") that the chosen family takes
+    are passed on. Keys no family accepts are an error, so typos do not pass silently. With
+    `strict` (a run's config), a set parameter the chosen family does not take is an error too
+    (``transform.name=identity`` with ``t=10`` is refused, naming config.transform.t), instead
+    of being ignored as when code switches the family of a section.
     """
     section = as_dict(section)
     if "name" not in section:
@@ -227,6 +268,14 @@ def transform_from_config(section: Mapping[str, Any]) -> tuple[str, dict[str, An
         raise ValueError(f"transform config: unknown keys {unknown}; parameters of the known "
                          f"families: {sorted(known)}")
     accepted = transform_param_names(name)
-    params = {k: v for k, v in section.items() if k in accepted and v != ""}
+    params = {k: v for k, v in section.items() if k in accepted and _is_set(v)}
     get_transform(name, **params)  # fail now, naming the parameters, if the values are bad
+    foreign = sorted(k for k, v in section.items() if k not in accepted and _is_set(v))
+    if strict and foreign:
+        key = foreign[0]
+        owners = [n for n in known_transforms() if key in transform_param_names(n)]
+        raise ValueError(f"config.transform.{key}={section[key]!r}: transform {name!r} does not "
+                         f"take {key} ({_takes(name)}; {key} is a parameter of "
+                         f"{', '.join(repr(n) for n in owners)}). To switch transforms, use "
+                         f"the config file's argument, e.g. --config=<file>:transform={name}")
     return name, params

@@ -4,6 +4,8 @@ Formats:
 * Anthropic HH-RLHF (Bai et al. 2022): `{"chosen": transcript, "rejected": transcript}`, each
   transcript a "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogue. The prompt is the shared prefix
   up to and including the final "\\n\\nAssistant:"; the responses are the final assistant turns.
+  A response that itself contains "\\n\\nAssistant:" is kept: the prompt then ends at the last
+  marker the two transcripts share.
 * TL;DR comparisons (Stiennon et al. 2020, summarize-from-feedback): `{"info": {"post", "title",
   "subreddit", ...}, "summaries": [{"text"}, {"text"}], "choice": 0|1}`.
 * generic `{"prompt", "chosen", "rejected"}`.
@@ -11,7 +13,8 @@ Formats:
 
 Nothing is dropped silently: the first bad record raises `DataError` naming file, line and what
 was expected, or, with `skip_bad=True`, is counted in a `SkipReport`. Blank lines are not records
-and are ignored.
+and are ignored. A Git LFS pointer in place of the data is named as such; a `.gz` file cut short
+names the line reached (with `skip_bad`, the records before the cut are kept and the cut counted).
 """
 
 from __future__ import annotations
@@ -60,12 +63,15 @@ class PromptExample:
 
 @dataclasses.dataclass
 class SkipReport:
-    """What was skipped and why: counts per reason plus the first `max_examples` errors."""
+    """What was skipped and why: counts per reason plus the first `max_examples` errors; and
+    what was kept but cut short (`truncated`: records per part cut at its length limit, e.g.
+    {"prompt": 3, "chosen": 1})."""
 
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: list[tuple[str, int | None, str, str]] = dataclasses.field(default_factory=list)
     kept: int = 0
     max_examples: int = 5
+    truncated: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -76,20 +82,36 @@ class SkipReport:
         if len(self.examples) < self.max_examples:
             self.examples.append((err.path, err.line, err.reason, str(err)))
 
+    def add_truncated(self, part: str) -> None:
+        self.truncated[part] = self.truncated.get(part, 0) + 1
+
     def merge(self, other: "SkipReport") -> "SkipReport":
         """This stage followed by `other` (e.g. reading, then tokenising the records read): the
-        skips of both, and the records `other` kept (they passed both stages)."""
-        out = SkipReport(dict(self.counts), list(self.examples), other.kept, self.max_examples)
+        skips and truncations of both, and the records `other` kept (they passed both stages)."""
+        out = SkipReport(dict(self.counts), list(self.examples), other.kept, self.max_examples,
+                         dict(self.truncated))
         for reason, count in other.counts.items():
             out.counts[reason] = out.counts.get(reason, 0) + count
+        for part, count in other.truncated.items():
+            out.truncated[part] = out.truncated.get(part, 0) + count
         out.examples = (out.examples + other.examples)[: self.max_examples]
         return out
 
+    def as_dict(self) -> dict[str, Any]:
+        """For a run's summary: records read, kept (what reaches training), skipped per reason
+        and in total, and the kept records cut at a length limit, per part."""
+        return {"read": self.kept + self.total, "kept": self.kept, "skipped": dict(self.counts),
+                "skipped_total": self.total, "truncated": dict(self.truncated)}
+
     def summary(self) -> str:
+        cut = ""
+        if self.truncated:
+            cut = " (cut at the length limit: " + ", ".join(
+                f"{n} {part}" for part, n in sorted(self.truncated.items())) + ")"
         if not self.total:
-            return f"kept {self.kept} records, skipped none"
+            return f"kept {self.kept} records{cut}, skipped none"
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.counts.items()))
-        return (f"kept {self.kept} records, skipped {self.total} ({reasons}); "
+        return (f"kept {self.kept} records{cut}, skipped {self.total} ({reasons}); "
                 f"first: {self.examples[0][3]}")
 
 
@@ -106,41 +128,96 @@ def _stem(path: Path) -> str:
     return name
 
 
-def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[int, dict]]:
-    """(1-based line, JSON object) for every non-blank line; bad lines raise or are counted."""
-    if not path.is_file():
-        raise DataError(path, None, "missing_file", "file not found (expected a .jsonl or "
-                        ".jsonl.gz file)")
+LFS_POINTER = b"version https://git-lfs.github.com/spec"
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line, raw bytes) of every line. A compressed stream that ends early raises
+    `_Cut(lines read)` after the last complete line (a partial line is part of the cut)."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    seen_any = False
+    done, pending = 0, None   # each line waits for the next: only then is it known complete
     try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                seen_any = True
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    _handle(DataError(path, lineno, "bad_encoding",
-                                      f"line is not valid UTF-8 ({e.reason})"), skip_bad, report)
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    _handle(DataError(path, lineno, "malformed_json",
-                                      f"malformed JSON ({e.msg} at column {e.colno}); expected "
-                                      "one JSON object per line"), skip_bad, report)
-                    continue
-                if not isinstance(obj, dict):
-                    _handle(DataError(path, lineno, "wrong_type", "expected a JSON object, got "
-                                      f"{type(obj).__name__}"), skip_bad, report)
-                    continue
-                yield lineno, obj
-    except (OSError, EOFError, zlib.error) as e:  # corrupt gzip stream, unreadable file
+                if pending is not None:
+                    yield pending
+                    done = pending[0]
+                pending = (lineno, raw)
+    except (EOFError, zlib.error) as e:
+        if pending is not None and pending[1].endswith(b"\n"):
+            yield pending
+            done = pending[0]
+        raise _Cut(done, e) from e
+    if pending is not None:
+        yield pending
+
+
+class _Cut(Exception):
+    def __init__(self, lines: int, cause: BaseException):
+        self.lines, self.cause = lines, cause
+
+
+def _check_not_lfs_pointer(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise DataError(path, None, "lfs_pointer", "is a Git LFS pointer file, not the data "
+                        "(fetch the file with `git lfs pull`)")
+
+
+def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[int, dict]]:
+    """(1-based line, JSON object) for every non-blank line; bad lines raise or are counted.
+
+    A compressed file cut short (a partial download) raises naming the line reached, or with
+    `skip_bad` keeps the records before the cut and counts the cut ("truncated_file")."""
+    if not path.is_file():
+        raise DataError(path, None, "missing_file", "file not found (expected a .jsonl or "
+                        ".jsonl.gz file)")
+    seen_any = False
+    try:
+        _check_not_lfs_pointer(path)
+        for lineno, raw in _lines(path):
+            if not raw.strip():
+                continue
+            seen_any = True
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _handle(DataError(path, lineno, "bad_encoding",
+                                  f"line is not valid UTF-8 ({e.reason})"), skip_bad, report)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                _handle(DataError(path, lineno, "malformed_json",
+                                  f"malformed JSON ({_json_problem(e)}); expected one JSON "
+                                  "object per line"), skip_bad, report)
+                continue
+            if not isinstance(obj, dict):
+                _handle(DataError(path, lineno, "wrong_type", "expected a JSON object, got "
+                                  f"{type(obj).__name__}"), skip_bad, report)
+                continue
+            yield lineno, obj
+    except _Cut as cut:
+        seen_any = True
+        _handle(DataError(path, cut.lines + 1, "truncated_file",
+                          f"compressed file ends early (truncated: {_first(cut.cause)}); "
+                          f"{cut.lines} lines read before the cut"), skip_bad, report)
+    except OSError as e:  # not gzip data, unreadable file
         raise DataError(path, None, "unreadable", f"cannot read file: {e}") from e
     if not seen_any:
         raise DataError(path, None, "empty_file", "file holds no records (expected JSON lines)")
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    """The decoder's message with the column, e.g. "Unterminated string starting at column 12"
+    (some of its messages end in "at" already: "at at" is not written)."""
+    msg = e.msg if e.msg.endswith(" at") else f"{e.msg} at"
+    return f"{msg} column {e.pos + 1}"
+
+
+def _first(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _field(obj: dict, key: str, kind: type, path: Path, line: int, where: str = "") -> Any:
@@ -188,13 +265,28 @@ def _split_hh(transcript: str, name: str, path: Path, line: int) -> tuple[str, s
     return transcript[:cut], _strip_leading_space(transcript[cut:])
 
 
+def _shared_prompt_end(chosen: str, rejected: str) -> int:
+    """Where the prompt of an HH pair ends: after the last Assistant marker inside the shared
+    prefix of the two transcripts (-1 if none). A response may itself contain role markers
+    ("\n\nAssistant:"), so the last marker of each transcript is not always the prompt's."""
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(HH_MARKER, 0, shared)
+    return cut + len(HH_MARKER) if cut >= 0 else -1
+
+
 def _parse_hh(obj: dict, path: Path, line: int) -> PreferenceExample:
-    prompt, chosen = _split_hh(_field(obj, "chosen", str, path, line), "chosen", path, line)
-    prompt_r, rejected = _split_hh(_field(obj, "rejected", str, path, line), "rejected", path,
-                                   line)
-    if prompt != prompt_r:
-        raise DataError(path, line, "mismatched_prefix", "'chosen' and 'rejected' differ before "
-                        "the last Assistant turn (expected a shared dialogue prefix)")
+    chosen_t = _field(obj, "chosen", str, path, line)
+    rejected_t = _field(obj, "rejected", str, path, line)
+    prompt, chosen = _split_hh(chosen_t, "chosen", path, line)
+    prompt_r, rejected = _split_hh(rejected_t, "rejected", path, line)
+    if prompt != prompt_r:   # a role marker inside a response: split at the shared prefix
+        cut = _shared_prompt_end(chosen_t, rejected_t)
+        if cut < 0:
+            raise DataError(path, line, "mismatched_prefix", "'chosen' and 'rejected' share no "
+                            "dialogue up to an Assistant turn (expected a shared dialogue prefix)")
+        prompt = chosen_t[:cut]
+        chosen = _strip_leading_space(chosen_t[cut:])
+        rejected = _strip_leading_space(rejected_t[cut:])
     return _check_pair(prompt, chosen, rejected, path, line)
 
 

@@ -7,7 +7,8 @@ jitted step compiles once.
 
 Truncation: prompts lose tokens on the left (the end of a dialogue, with its "Assistant:" cue,
 is what conditions the response); responses lose tokens on the right. EOS is appended before
-truncating, so a truncated response carries no EOS: it did not end.
+truncating, so a truncated response carries no EOS: it did not end. Every cut is counted in the
+returned `SkipReport.truncated` (per part: prompt, chosen, rejected).
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def as_encoder(tokenizer: Any) -> Encoder:
     return encode
 
 
-def _pack_prompt(ids: list[int], cfg: TokenizeConfig, source: str, line: int) -> list[int]:
+def _pack_prompt(ids: list[int], cfg: TokenizeConfig, source: str, line: int
+                 ) -> tuple[list[int], bool]:
+    """(ids, whether they were cut to max_prompt_len)."""
     if not ids:
         raise DataError(source, line, "empty_prompt",
                         "prompt is empty after tokenisation (expected at least one token)")
@@ -124,12 +127,13 @@ def _pack_prompt(ids: list[int], cfg: TokenizeConfig, source: str, line: int) ->
         if cfg.prompt_truncation == "error":
             raise DataError(source, line, "too_long", f"prompt has {len(ids)} tokens (limit "
                             f"max_prompt_len={cfg.max_prompt_len})")
-        ids = ids[-cfg.max_prompt_len:]
-    return ids
+        return ids[-cfg.max_prompt_len:], True
+    return ids, False
 
 
 def _pack_response(ids: list[int], name: str, cfg: TokenizeConfig, source: str, line: int
-                   ) -> list[int]:
+                   ) -> tuple[list[int], bool]:
+    """(ids with EOS appended, whether they were cut to max_response_len)."""
     if not ids:
         raise DataError(source, line, "empty_response", f"response {name!r} is empty after "
                         "tokenisation (expected at least one token)")
@@ -140,8 +144,8 @@ def _pack_response(ids: list[int], name: str, cfg: TokenizeConfig, source: str, 
             eos = " including EOS" if cfg.append_eos else ""
             raise DataError(source, line, "too_long", f"response {name!r} has {len(ids)} tokens"
                             f"{eos} (limit max_response_len={cfg.max_response_len})")
-        ids = ids[: cfg.max_response_len]
-    return ids
+        return ids[: cfg.max_response_len], True
+    return ids, False
 
 
 def pad_rows(rows: Sequence[list[int]], width: int, pad_id: int, left: bool
@@ -162,18 +166,23 @@ def _no_records(examples: Sequence, report: SkipReport) -> DataError:
                      f"at least one); {report.summary()}")
 
 
-def _pack_each(examples: Sequence[Any], pack: Callable[[Any], tuple], skip_bad: bool
-               ) -> tuple[list[tuple], SkipReport]:
-    """[(example, *pack(example))] for the examples that pack; a bad one (DataError) is raised,
-    or with `skip_bad` counted in the report and dropped. No record left is an error."""
+def _pack_each(examples: Sequence[Any], pack: Callable[[Any], tuple[tuple, tuple[str, ...]]],
+               skip_bad: bool) -> tuple[list[tuple], SkipReport]:
+    """[(example, *rows)] for the examples that pack (`pack(ex) -> (rows, parts cut)`, the cut
+    parts counted in the report's `truncated`); a bad one (DataError) is raised, or with
+    `skip_bad` counted in the report and dropped. No record left is an error."""
     report, kept = SkipReport(), []
     for ex in examples:
         try:
-            kept.append((ex, *pack(ex)))
+            rows, cut = pack(ex)
         except DataError as err:
             if not skip_bad:
                 raise
             report.add(err)
+            continue
+        kept.append((ex, *rows))
+        for part in cut:
+            report.add_truncated(part)
     report.kept = len(kept)
     if not kept:
         raise _no_records(examples, report)
@@ -183,8 +192,12 @@ def _pack_each(examples: Sequence[Any], pack: Callable[[Any], tuple], skip_bad: 
 def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: TokenizeConfig, *,
                      skip_bad: bool = False) -> tuple[PackedPrompts, SkipReport]:
     encode = as_encoder(tokenizer)
-    kept, report = _pack_each(
-        examples, lambda ex: (_pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line),), skip_bad)
+
+    def pack(ex: PromptExample) -> tuple[tuple, tuple[str, ...]]:
+        ids, cut = _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)
+        return (ids,), ("prompt",) * cut
+
+    kept, report = _pack_each(examples, pack, skip_bad)
     prompt, prompt_mask = pad_rows([ids for _, ids in kept], cfg.max_prompt_len, cfg.pad_id, True)
     return PackedPrompts(prompt, prompt_mask, np.array([ex.line for ex, _ in kept], np.int32),
                          tuple(ex.prompt_id for ex, _ in kept),
@@ -196,17 +209,19 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer: Any,
                          ) -> tuple[PackedPairs, SkipReport]:
     encode = as_encoder(tokenizer)
 
-    def pack(ex: PreferenceExample) -> tuple[list[int], list[int], list[int]]:
-        prompt = _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)
-        chosen = _pack_response(encode(ex.chosen), "chosen", cfg, ex.source, ex.line)
-        rejected = _pack_response(encode(ex.rejected), "rejected", cfg, ex.source, ex.line)
-        if chosen == rejected:
+    def pack(ex: PreferenceExample) -> tuple[tuple, tuple[str, ...]]:
+        packed = {"prompt": _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line),
+                  "chosen": _pack_response(encode(ex.chosen), "chosen", cfg, ex.source, ex.line),
+                  "rejected": _pack_response(encode(ex.rejected), "rejected", cfg, ex.source,
+                                             ex.line)}
+        if packed["chosen"][0] == packed["rejected"][0]:
             # Truncation can make two different texts identical; such a pair carries no
             # preference signal, so it is an error like an identical pair in the file.
             raise DataError(ex.source, ex.line, "identical_responses", "chosen and rejected "
                             f"are identical after tokenisation and truncation to "
                             f"max_response_len={cfg.max_response_len} tokens")
-        return prompt, chosen, rejected
+        return (tuple(ids for ids, _ in packed.values()),
+                tuple(part for part, (_, cut) in packed.items() if cut))
 
     kept, report = _pack_each(examples, pack, skip_bad)
     prompt, prompt_mask = pad_rows([k[1] for k in kept], cfg.max_prompt_len, cfg.pad_id, True)

@@ -299,6 +299,70 @@ class Checkpointer:
         self._manager.reload()
 
 
+def _checkpoint_root(path: str) -> tuple[epath.Path, int | None]:
+    """(directory of step directories, the step asked for or None for the newest) of `path`: a
+    run directory holding checkpoints/, that checkpoints/ directory, or one step directory."""
+    p = epath.Path(path)
+    if not p.is_dir():
+        raise ValueError(f"config.train.init_from={path!r} is not a directory (expected a run "
+                         f"directory, its checkpoints/ directory or one step directory in it)")
+    if (p / "checkpoints").is_dir():
+        return p / "checkpoints", None
+    if p.name.isdigit() and (p / "meta").is_dir():
+        return p.parent, int(p.name)
+    return p, None
+
+
+def restore_params(path: str, abstract_params: PyTree) -> tuple[PyTree, int, dict[str, Any]]:
+    """(params, step, meta) of a checkpoint under `path` (`_checkpoint_root`: the newest step
+    unless a step directory is given), read-only; the parameters take the shapes, dtypes and
+    shardings of `abstract_params` (a state's ``params``; the rest of that checkpoint's state,
+    e.g. its optimiser state, is not read). A directory without checkpoints, or parameters of
+    another shape, is a ValueError naming `path`."""
+    root, step = _checkpoint_root(path)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    absl_log = logging.getLogger("absl")   # Orbax warns that a read-only manager is read-only
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        manager = ocp.CheckpointManager(root.absolute(), options=options)
+    finally:
+        absl_log.setLevel(level)
+    try:
+        steps = sorted(manager.all_steps())
+        if step is None and not steps:
+            raise ValueError(f"config.train.init_from={path!r} holds no checkpoint (expected a "
+                             f"run directory, its checkpoints/ directory or one step directory)")
+        step = steps[-1] if step is None else step
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore({"params": abstract_params},
+                                             restore_args={"params": restore_args},
+                                             partial_restore=True),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types)
+            raise ValueError(f"config.train.init_from={path!r}: checkpoint step {step} does not "
+                             f"hold parameters of this run's model ({type(e).__name__}: "
+                             f"{_first_line(e)})") from e
+    finally:
+        manager.close()
+    params = out.state["params"]
+    # Orbax restores a stored array of another shape as stored: refuse it here.
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want = jax.tree.leaves(abstract_params)
+    for (key, leaf), spec in zip(got, want):
+        if (leaf.shape, leaf.dtype) != (spec.shape, spec.dtype):
+            raise ValueError(f"config.train.init_from={path!r}: checkpoint step {step} holds "
+                             f"params{jax.tree_util.keystr(key)} of shape {leaf.shape} "
+                             f"{leaf.dtype}, this run's model needs {spec.shape} {spec.dtype} "
+                             f"(it does not hold parameters of this run's model)")
+    if len(got) != len(want):
+        raise ValueError(f"config.train.init_from={path!r}: checkpoint step {step} holds "
+                         f"{len(got)} parameter arrays, this run's model has {len(want)}")
+    return params, int(step), dict(out.meta or {})
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -44,9 +45,59 @@ def start(argv: Sequence[str]) -> None:
     enable_compilation_cache()
 
 
+def _innermost_text(err: BaseException) -> str:
+    """The message of a KeyError that ml_collections may have wrapped in an AttributeError."""
+    arg: Any = err
+    while isinstance(arg, BaseException):
+        arg = arg.args[0] if arg.args else str(arg)
+    return str(arg)
+
+
+def config_key_message(argv: Sequence[str], err: BaseException) -> str:
+    """One line for an override of a config key that does not exist, e.g.
+    ``config key rl.bta does not exist; did you mean rl.beta?`` (ml_collections' own message is
+    a quoted repr with a newline in it)."""
+    text = _innermost_text(err)
+    looked_up = re.search(r"Attempting to lookup: (\S+)", text)
+    bad = re.match(r"'([^']+)'", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    for arg in argv[1:]:
+        flag, _, _ = arg.lstrip("-").partition("=")
+        name, _, path = flag.partition(".")
+        parts = path.split(".")
+        if not path or (looked_up and path != looked_up.group(1)) or \
+                (not looked_up and (not bad or bad.group(1) not in parts)):
+            continue
+        if looked_up:
+            return f"{name} key {path} does not exist ({'.'.join(parts[:-1])} holds a value, " \
+                   f"not a section)"
+        fixed = [hint.group(1) if p == bad.group(1) else p for p in parts] if hint else None
+        return f"{name} key {path} does not exist" + \
+            (f"; did you mean {'.'.join(fixed)}?" if fixed else "")
+    return f"config key {bad.group(1) if bad else text.splitlines()[0]!s} does not exist"
+
+
+def _verbose(argv: Sequence[str]) -> bool:
+    return any(re.match(r"-{1,2}(verbosity|v)(=|$)", a) for a in argv[1:])
+
+
+def parse_flags(argv: Sequence[str]) -> Any:
+    """absl's flag parsing, with an override of a config key that does not exist (a typo such as
+    ``--config.rl.bta=1``) reported in one line, exit status 2 (`config_key_message`)."""
+    try:
+        return app.parse_flags_with_usage(list(argv))
+    except (AttributeError, KeyError) as e:
+        if _verbose(argv):
+            raise
+        print(f"error: {config_key_message(argv, e)}\n(run with --verbosity=1 for the "
+              f"traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def run(main: Callable[[Sequence[str]], Any]) -> None:
     """`app.run(main)`, with bad input reported as one line on stderr and exit status 2 instead of
-    a long traceback (`--verbosity=1` keeps the traceback)."""
+    a long traceback (`--verbosity=1` keeps the traceback): config keys that do not exist
+    (`parse_flags`), bad values, data files and work dirs (`INPUT_ERRORS`)."""
     def guarded(argv: Sequence[str]) -> Any:
         try:
             return main(argv)
@@ -57,4 +108,4 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
                   file=sys.stderr, flush=True)
             sys.exit(2)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=parse_flags)

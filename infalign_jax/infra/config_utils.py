@@ -63,6 +63,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
+def arg_keys(arg: str | None) -> set[str]:
+    """The keys written in a "key=val,key=val" arg (not those left at their defaults), so a
+    config can tell a value asked for from a default, e.g. a transform parameter to refuse."""
+    return {item.split("=", 1)[0].strip() for item in (arg or "").split(",") if "=" in item}
+
+
 def as_dict(values: Any) -> dict[str, Any]:
     """A ConfigDict (or any mapping) as a plain dict."""
     return dict(values.to_dict() if hasattr(values, "to_dict") else values)

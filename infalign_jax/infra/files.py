@@ -1,7 +1,8 @@
 """Atomic file writes: readers see the old file or the complete new one, never a torn one.
 
 Every output a run may be killed while writing (manifests, summaries, reference tables, metrics
-rewritten on resume, data files, exported checkpoints) goes through `atomic_path`.
+rewritten on resume, data files, exported checkpoints) goes through `atomic_path`. A run refused at
+start-up leaves no empty directory behind (`no_empty_dirs_left`).
 """
 
 from __future__ import annotations
@@ -52,3 +53,34 @@ def write_json(path: str, obj: Any, **dump_kwargs: Any) -> str:
     with atomic_open(path) as f:
         json.dump(obj, f, **dump_kwargs)
     return path
+
+
+@contextlib.contextmanager
+def no_empty_dirs_left(path: str) -> Iterator[None]:
+    """On an exception inside, removes the directories under and including `path` that did not
+    exist on entry and are empty (e.g. the work dir of a run refused at start-up), then re-raises.
+    Nothing that existed before is touched, and no file is deleted."""
+    if "://" in os.fspath(path):   # object stores have no empty directories to leave
+        yield
+        return
+    path = os.path.abspath(path)
+    created, parent = [], path
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        yield
+    except BaseException:
+        if created:
+            for root, _, _ in sorted(os.walk(created[0]), key=lambda w: -len(w[0])):
+                _rmdir_if_empty(root)
+            for directory in created[1:]:
+                _rmdir_if_empty(directory)
+        raise
+
+
+def _rmdir_if_empty(directory: str) -> None:
+    try:
+        os.rmdir(directory)   # fails on a directory that holds anything
+    except OSError:
+        pass

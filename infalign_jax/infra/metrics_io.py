@@ -1,15 +1,17 @@
 """Where training metrics go: JSONL (for scripts), TensorBoard event files, a console progress line.
 
 `MetricsWriter.write(step, scalars)` appends one JSON object per call to `<dir>/metrics.jsonl` and
-one TensorBoard scalar per key to `<dir>/tb/`; `Progress` prints a bar with rate and ETA. Only the
-primary process (process 0) writes, so multi-host runs do not produce N copies.
+one TensorBoard scalar per key to `<dir>/tb/`, tagged `train/<key>` (the "eval" stream:
+`eval/<key>`); `Progress` prints a bar with rate and ETA. Only the primary process (process 0)
+writes, so multi-host runs do not produce N copies.
 
 TensorBoard files are written with the `tensorboard` package's own event writer and protos (no
 TensorFlow needed); the tests read them back with TensorBoard's `EventAccumulator`.
 
 On resume a run appends to the same `metrics.jsonl`; rows of steps at or after the resume step that
-an interrupted run had already written are dropped first (`truncate_after`), so the file holds
-each step once and matches an uninterrupted run.
+an interrupted run had already written are dropped first (`truncate_stream`: the JSONL rows with
+`truncate_after`, the TensorBoard events with `truncate_events_after`), so the file and the event
+files hold each step once and match an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -72,11 +74,58 @@ def truncate_after(path: str, step: int) -> int:
     return dropped
 
 
+def _event_files(tb_dir: str, name: str) -> list[str]:
+    """The event files `MetricsWriter(..., name)` wrote into `tb_dir`, oldest first."""
+    if not os.path.isdir(tb_dir):
+        return []
+    return sorted(os.path.join(tb_dir, f) for f in os.listdir(tb_dir)
+                  if f.startswith("events.out.tfevents.") and f.endswith(f".{name}"))
+
+
+def truncate_events_after(tb_dir: str, name: str, step: int) -> int:
+    """Drops the scalar events with ``event.step >= step`` from the event files of stream `name`
+    (rewritten atomically; a file left with no scalars is removed); returns how many were dropped.
+    A torn last record (a killed writer) is dropped with them."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    dropped = 0
+    for path in _event_files(tb_dir, name):
+        records = list(RawEventFileLoader(path).Load())
+        events = [event_pb2.Event.FromString(r) for r in records]
+        keep = [r for r, e in zip(records, events) if not e.HasField("summary") or e.step < step]
+        n_dropped = len(records) - len(keep)
+        dropped += n_dropped
+        if not any(e.HasField("summary") and e.step < step for e in events):
+            os.remove(path)
+        elif n_dropped:
+            with atomic_open(path, "wb") as f:
+                writer = RecordWriter(f)
+                for record in keep:
+                    writer.write(record)
+    return dropped
+
+
+def truncate_stream(directory: str, name: str, step: int) -> None:
+    """Drops what stream `name` holds of steps >= `step`: its JSONL rows and its TensorBoard
+    events (a resumed run writes them again). Only the primary process, the one that writes."""
+    if not _is_primary():
+        return
+    truncate_after(os.path.join(directory, f"{name}.jsonl"), step)
+    truncate_events_after(os.path.join(directory, "tb"), name, step)
+
+
+# TensorBoard tag prefix of each stream ("train/kl_k1", "eval/exact_kl").
+TAG_PREFIX = {"metrics": "train", "eval": "eval"}
+
+
 class MetricsWriter:
-    """Appends scalars per step to ``<directory>/<name>.jsonl`` and TensorBoard ``<directory>/tb``."""
+    """Appends scalars per step to ``<directory>/<name>.jsonl`` and TensorBoard ``<directory>/tb``
+    (tags ``<prefix>/<key>``, the prefix from `TAG_PREFIX`, else the stream's name)."""
 
     def __init__(self, directory: str, name: str = "metrics", tensorboard: bool = True):
         self.primary = _is_primary()
+        self.prefix = TAG_PREFIX.get(name, name)
         self.path = os.path.join(directory, f"{name}.jsonl")
         self._file: TextIO | None = None
         self._tb = None
@@ -97,7 +146,7 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             from tensorboard.compat.proto import event_pb2, summary_pb2
-            values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+            values = [summary_pb2.Summary.Value(tag=f"{self.prefix}/{k}", simple_value=float(v))
                       for k, v in scalars.items() if np.ndim(v) == 0]
             self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                                summary=summary_pb2.Summary(value=values)))

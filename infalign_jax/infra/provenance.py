@@ -1,8 +1,9 @@
 """Run manifests: what is needed to reproduce the numbers next to which they are written.
 
 Every run writes `manifest.json` beside its outputs: the resolved config, seeds, package
-versions, devices, git revision and dirty state, start/end time, and hashes of the input
-files (reference tables, checkpoints) it used.
+versions, devices, git revision and dirty state, start/end time (the first start of a resumed
+run, and each resume's time and step), what it started from, and hashes of the input files
+(reference tables, checkpoints) it used.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 from infalign_jax.infra.files import write_json
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections",
@@ -84,8 +85,11 @@ def now() -> str:
 def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None,
                    inputs: Mapping[str, str] | None = None, mesh: Any = None,
                    started: str | None = None, extra: Mapping[str, Any] | None = None,
-                   with_devices: bool = True) -> dict[str, Any]:
-    """The manifest dict. `inputs` maps a role (e.g. "reference_table") to a file path, hashed."""
+                   with_devices: bool = True, resumes: Sequence[Mapping[str, Any]] | None = None,
+                   init_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest dict. `inputs` maps a role (e.g. "reference_table") to a file path, hashed.
+    `resumes`: [{time, step}] of each resume of the run (`started` is its first start);
+    `init_from`: the checkpoint whose parameters it started from."""
     manifest = {
         "config": jsonable(config),
         "seeds": dict(seeds or {}),
@@ -103,6 +107,10 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
         manifest["devices"] = device_info()
     if mesh is not None:
         manifest["mesh"] = {str(k): int(v) for k, v in dict(mesh.shape).items()}
+    if resumes is not None:
+        manifest["resumes"] = jsonable(list(resumes))
+    if init_from:
+        manifest["init_from"] = jsonable(dict(init_from))
     if extra:
         manifest["extra"] = jsonable(dict(extra))
     return manifest

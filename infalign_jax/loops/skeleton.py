@@ -1,14 +1,17 @@
 """The run-loop skeleton the policy and reward-model trainers share.
 
-    resume (refusing another seed) -> manifest -> for each step: step_fn, metrics.jsonl, progress,
-    periodic evaluation (eval.jsonl), checkpoint -> final evaluation
+    resume (refusing another seed or config) or start (from `train.init_from`'s parameters if set)
+    -> manifest -> for each step: step_fn, metrics.jsonl, progress, periodic evaluation
+    (eval.jsonl), checkpoint -> final evaluation
 
 What a trainer brings is its state, its `step_fn(state, step, context) -> (state, metrics)` (the
 batch of `step` is a pure function of the seed and the step, so a resumed run sees the same data)
 and optionally `evaluate(state, step) -> scalars`. Counters (e.g. skipped non-finite steps) are
 saved in every checkpoint's metadata and restored with it, and so is the resolved config: a work
 dir is only resumed by the same experiment (`RESUMABLE_KEYS` may change: length, reporting,
-checkpointing, device layout).
+checkpointing, device layout). Another experiment may start from a run's parameters with
+`train.init_from` (a fresh run: its own optimiser state, step 0). The manifest keeps the run's
+first start time, what it started from and a list of its resumes ({time, step}).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import json
 import os
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
+from infalign_jax.core.transforms import known_transforms, transform_param_names
 from infalign_jax.infra import checkpointing, provenance
-from infalign_jax.infra.metrics_io import MetricsWriter, Progress, truncate_after
+from infalign_jax.infra.metrics_io import MetricsWriter, Progress, truncate_stream
 
 
 class LoopSettings(Protocol):
@@ -31,6 +35,7 @@ class LoopSettings(Protocol):
     keep_checkpoints: int
     async_checkpoint: bool
     tensorboard: bool
+    init_from: str
 
 
 class LoopResult(NamedTuple):
@@ -60,22 +65,42 @@ StepFn = Callable[[Any, int, LoopContext], tuple[Any, dict[str, float]]]
 # checkpoint belongs to another experiment.
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
-                  "train.tensorboard", "train.nan_policy", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                  "train.tensorboard", "train.nan_policy", "train.init_from", "mesh.data",
+                  "mesh.fsdp", "mesh.tensor")
 
 
 def config_record(config: Any) -> dict[str, Any]:
     """The config as the manifest writes it (`provenance.jsonable`), flattened to
-    {dotted key: value}, without the RESUMABLE_KEYS."""
+    {dotted key: value}, without the RESUMABLE_KEYS (`canonical_record`)."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}{k}.", v)
-        elif prefix[:-1] not in RESUMABLE_KEYS:
+        else:
             flat[prefix[:-1]] = value
     walk("", provenance.jsonable(config if config is not None else {}))
-    return flat
+    return canonical_record(flat)
+
+
+def canonical_record(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat config record without the RESUMABLE_KEYS and without the transform parameters the
+    named transform does not use (unset, or another family's), so records written before those
+    were unset compare equal to today's."""
+    name = flat.get("transform.name")
+    taken = transform_param_names(name) if name in known_transforms() else None
+
+    def used(key: str, value: Any) -> bool:
+        if taken is None or not key.startswith("transform.") or key == "transform.name":
+            return True
+        return key.split(".", 1)[1] in taken and value is not None and value != ""
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS and used(k, v)}
+
+
+def differing_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(saved) | set(now)
+                  if saved.get(k, "<absent>") != now.get(k, "<absent>"))
 
 
 def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -83,24 +108,40 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
     if saved is None:
         raise ValueError(f"{workdir} holds a checkpoint without a config record (written by an "
                          f"older version); it cannot be checked against this config, so it is "
-                         f"not resumed: use another work dir")
-    keys = sorted(k for k in set(saved) | set(now)
-                  if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+                         f"not resumed: use another work dir (--config.train.init_from={workdir} "
+                         f"starts a fresh run from its parameters)")
+    keys = differing_keys(canonical_record(saved), now)
     if keys:
         diff = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, config "
                          f"{now.get(k, '<absent>')!r}" for k in keys[:8])
         raise ValueError(f"{workdir} holds a run of another config ({diff}"
-                         f"{'; ...' if len(keys) > 8 else ''}); use another work dir (only "
-                         f"{', '.join(RESUMABLE_KEYS)} may change on resume)")
+                         f"{'; ...' if len(keys) > 8 else ''}); use another work dir, with "
+                         f"--config.train.init_from={workdir} to start a fresh run from its "
+                         f"parameters (only {', '.join(RESUMABLE_KEYS)} may change on resume)")
 
 
-def _first_start(workdir: str) -> str | None:
-    """When the run in `workdir` first started (its manifest's "started"), kept across resumes."""
+def _previous_manifest(workdir: str) -> dict[str, Any]:
+    """The manifest of the run in `workdir` ({} if none): its first start, what it started from
+    and its resumes are kept across resumes."""
     try:
         with open(os.path.join(workdir, "manifest.json")) as f:
-            return json.load(f).get("started")
-    except (OSError, ValueError):
-        return None
+            return dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _init_from(path: str, state: Any, record: dict[str, Any], log: Callable[[str], None]
+               ) -> tuple[Any, dict[str, Any]]:
+    """`state` with the parameters of the newest checkpoint under `path`, and what the manifest
+    records of it (path, step, the config keys in which that run differs)."""
+    params, step, meta = checkpointing.restore_params(
+        path, checkpointing.abstract_state(state.params))
+    differs = differing_keys(canonical_record(meta.get("config") or {}), record)
+    log(f"started from the parameters of {path} (checkpoint step {step}); this run's own "
+        f"optimiser state and step 0" + (f"; its config differs in {', '.join(differs)}"
+                                         if differs else ""))
+    return state._replace(params=params), {"path": os.path.abspath(path), "step": step,
+                                           "config_differs": differs}
 
 
 def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, *, seed: int,
@@ -133,12 +174,25 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         state, start = restored.state, restored.step
         count.update({name: int(restored.meta.get(name, 0)) for name in counters})
         log(f"resumed from checkpoint step {start} in {ckpt.directory}")
-        manifest["started"] = _first_start(workdir) or manifest.get("started")
+        previous = _previous_manifest(workdir)
+        manifest["started"] = previous.get("started") or manifest.get("started")
+        manifest["resumes"] = [*previous.get("resumes", []),
+                               {"time": provenance.now(), "step": start}]
+        if previous.get("init_from"):
+            manifest["init_from"] = previous["init_from"]
+    else:
+        manifest["resumes"] = []
+        if settings.init_from:
+            try:
+                state, manifest["init_from"] = _init_from(settings.init_from, state, record, log)
+            except Exception:
+                ckpt.close()
+                raise
     # Only now: a refused resume must not overwrite the manifest of the run in workdir.
     provenance.write_manifest(workdir, **manifest)
-    truncate_after(os.path.join(workdir, "metrics.jsonl"), start + 1)
+    truncate_stream(workdir, "metrics", start + 1)
     # The final evaluation always runs again (a finished run rerun rewrites its last row once).
-    truncate_after(os.path.join(workdir, "eval.jsonl"), min(start + 1, settings.num_steps))
+    truncate_stream(workdir, "eval", min(start + 1, settings.num_steps))
     writer = MetricsWriter(workdir, "metrics", tensorboard=settings.tensorboard)
     eval_writer = MetricsWriter(workdir, "eval", tensorboard=settings.tensorboard)
     progress = Progress(settings.num_steps, start, out=log)

@@ -49,7 +49,7 @@ from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.core.types import HostReward
-from infalign_jax.infra.files import write_json
+from infalign_jax.infra.files import no_empty_dirs_left, write_json
 
 logger = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
@@ -72,17 +72,22 @@ class TrainConfig:
     nan_policy: str = "stop"
     async_checkpoint: bool = True
     tensorboard: bool = True
+    # A run dir, its checkpoints/ dir or a step dir: a fresh run starts from those parameters
+    # (e.g. another config's run, which cannot be resumed under this one).
+    init_from: str = ""
 
     def __post_init__(self):
         check.ints(self, ("num_steps", "batch_size", "log_every", "checkpoint_every",
                           "keep_checkpoints"))
         check.ints(self, ("eval_every",), low=0)
         check.choice(self, "nan_policy", NAN_POLICIES)
+        if not isinstance(self.init_from, str):
+            check.fail(self, "init_from", "a directory path or ''")
 
 
 def rl_config(config: Any, task: rl_tasks.RLTask) -> rl.RLConfig:
     """`rl.RLConfig` from `config.rl` + `config.transform`; the task sets EOS/pad ids."""
-    name, params = transform_from_config(section(config, "transform"))
+    name, params = transform_from_config(section(config, "transform"), strict=True)
     values = section(config, "rl")
     return dataclass_from(rl.RLConfig, values, "rl", transform=name, transform_params=params,
                            eos_id=task.eos_id, pad_id=task.pad_id)
@@ -290,12 +295,18 @@ def _host_reward_step(cfg: rl.RLConfig, fns: Any, reward: HostReward, optimizer:
 def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
         devices: Any = None) -> tuple[rl.RLState, dict[str, Any]]:
     """Runs (or resumes) the CTRL run of `config` in `workdir`; returns the final state and the
-    summary. `devices` restricts the mesh.
+    summary. `devices` restricts the mesh. A run that fails leaves no empty work dir behind.
 
-    The order is the contract (and why this is one function): every config and mesh check before
-    any expensive work, the reference table before the state, the manifest only once the resume
-    is accepted (`loops.skeleton`), the summary and plots after the last checkpoint.
+    The order is the contract (and why `_run` is one function): every config and mesh check
+    before any expensive work, the reference table before the state, the manifest only once the
+    resume is accepted (`loops.skeleton`), the summary and plots after the last checkpoint.
     """
+    with no_empty_dirs_left(workdir):
+        return _run(config, workdir, log, devices)
+
+
+def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any
+         ) -> tuple[rl.RLState, dict[str, Any]]:
     started = provenance.now()
     log = log or (lambda s: print(s, flush=True))
     seed = int(config.seed)
@@ -355,7 +366,10 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
                           evaluate=None if task.evaluate is None else evaluate,
                           counters=("skips",))
 
+    # The task's prompts reach training whole (padded to the longest, never cut or dropped).
     summary = {"final_step": tcfg.num_steps, "resumed_from": result.resumed_from,
+               "train_data": {"prompts": len(task.prompt_ids),
+                              "prompt_tokens": int(task.prompts_XxP.shape[1])},
                "skipped_steps": result.counters["skips"],
                "last_train_metrics": result.last_metrics, "eval": result.last_eval}
     summary.update(convergence_report(task, result.last_eval, log))

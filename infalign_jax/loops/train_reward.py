@@ -34,7 +34,7 @@ from infalign_jax.data import (LoaderConfig, TokenizeConfig, batch_indices, read
                                tokenize_preferences)
 from infalign_jax.data.byte_tokenizer import ByteTokenizer
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.files import write_json
+from infalign_jax.infra.files import no_empty_dirs_left, write_json
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 
 MODEL_SOURCES = ("tiny",)
@@ -53,11 +53,14 @@ class RMTrainConfig:
     bootstrap: bool = False
     async_checkpoint: bool = True
     tensorboard: bool = True
+    init_from: str = ""            # a run / checkpoint dir whose parameters a fresh run starts from
 
     def __post_init__(self):
         check.ints(self, ("num_steps", "batch_size", "log_every", "checkpoint_every",
                           "keep_checkpoints", "ensemble_size"))
         check.ints(self, ("eval_every",), low=0)
+        if not isinstance(self.init_from, str):
+            check.fail(self, "init_from", "a directory path or ''")
 
 
 # The model section: `source` and the ModelConfig fields the tokenizer and the reward head do not fix.
@@ -163,10 +166,11 @@ def load_pairs(data: RMDataConfig, split: str, tok: ByteTokenizer, log: Callable
                           pad_id=tok.pad_id)
     packed, tok_report = tokenize_preferences(examples, tok, tcfg, skip_bad=data.skip_bad)
     report = report.merge(tok_report)
-    if report.total:
+    if report.total or report.truncated:
         log(f"{split}: {path}: {report.summary()}")
     arrays = {k: v for k, v in packed.as_dict().items() if k in rt.BATCH_KEYS}
-    return arrays, {"path": path, "pairs": len(packed), "skipped": dict(report.counts)}
+    # What was read, what reached training ("pairs"), what was dropped (per reason) or cut.
+    return arrays, {"path": path, "pairs": len(packed), **report.as_dict()}
 
 
 def _eval(eval_fn, params, arrays: dict[str, np.ndarray], batch: int, ensemble: bool
@@ -192,9 +196,16 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
     """Trains (or resumes) the reward model (or bootstrap ensemble) of `config` in `workdir`;
     returns the final state and the summary (held-out accuracy, ECE, the model id to cite).
 
-    One function for the same reason as `train.run`: the order of checks, data, state, loop
-    (`loops.skeleton`) and outputs is the contract.
+    One function (`_run`) for the same reason as `train.run`: the order of checks, data, state,
+    loop (`loops.skeleton`) and outputs is the contract. A run that fails leaves no empty work
+    dir behind.
     """
+    with no_empty_dirs_left(workdir):
+        return _run(config, workdir, log, devices)
+
+
+def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any
+         ) -> tuple[rt.TrainState, dict[str, Any]]:
     started = provenance.now()
     log = log or (lambda s: print(s, flush=True))
     seed = int(config.seed)

@@ -33,7 +33,7 @@ from infalign_jax.infra import provenance
 
 from infalign_jax.workflows import sweep
 from infalign_jax.loops import train
-from infalign_jax.core.transforms import get_transform
+from infalign_jax.core.transforms import get_transform, transform_overrides
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
 
@@ -117,8 +117,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
                                                       if k != "name"})
         cal = et.calibrated_table(task, table, transform.smoothed)
         beta = spec["beta"] or et.beta_for_kl(ref_logp, cal, task.rewards_XxY, transform, budget)
-        overrides = {"rl.beta": float(beta), "transform.name": section["name"]}
-        overrides.update({f"transform.{k}": v for k, v in section.items() if k != "name"})
+        overrides = {"rl.beta": float(beta), **transform_overrides(**section)}
         log(f"  {spec['method']}: beta={beta:.4g}")
         runs = []
         for seed in seeds:
@@ -252,8 +251,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
                                    for k, v in params.items())
             spec = {"name": name, **params}
             section = _transform_section(spec, kl, n, workdir)
-            overrides = {"task.kl_budget": float(kl), "transform.name": name}
-            overrides.update({f"transform.{k}": v for k, v in section.items() if k != "name"})
+            overrides = {"task.kl_budget": float(kl), **transform_overrides(**section)}
             runs, beta, unreachable = [], math.nan, None
             for seed in knobs["seeds"]:
                 run_dir = os.path.join(workdir, f"kl={kl:g}", label.replace(" ", "_"),

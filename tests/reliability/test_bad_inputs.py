@@ -97,7 +97,7 @@ def test_empty_and_truncated_gzip_files_name_the_file(tmp_path):
         read_prompts(empty)
     whole = gzip.compress(b'{"prompt": "a"}\n' * 200)
     cut = _write(tmp_path, "cut.jsonl.gz", [], whole[: len(whole) // 2])
-    with pytest.raises(DataError, match=f"^{cut}: cannot read file"):
+    with pytest.raises(DataError, match=f"^{cut}:[0-9]+: compressed file ends early"):
         read_prompts(cut)
 
 

@@ -290,8 +290,10 @@ def test_nonfinite_skip_mode_keeps_params_and_optimizer_bitwise(tmp_path, monkey
                                                                 transform, metrics):
     bad_step0 = 2
     _register_poison(monkeypatch, kind, _prompt_first_seen_at(bad_step0))
+    # raw takes no t: the section's t (exp's) is unset, or the run refuses it.
     cfg = _poisoned_config(**{"train.nan_policy": "skip", "train.num_steps": 5,
-                              "transform.name": transform})
+                              "transform.name": transform,
+                              **({"transform.t": None} if transform == "raw" else {})})
     lines: list[str] = []
     state, summary = train.run(cfg, str(tmp_path), log=lines.append, devices=ONE)
     assert summary["skipped_steps"] == 1
