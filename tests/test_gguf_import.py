@@ -135,8 +135,8 @@ def test_config_dict_matches_hf_config(tiny):
         assert hf_config[key] == getattr(config, key), key
     assert hf_config["model_type"] == "llama"
     assert hf_config["rms_norm_eps"] == pytest.approx(1e-6, rel=1e-6)  # stored as float32
-    assert hf_config["rope_theta"] == 5e4
-    rebuilt = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "rope_theta"})
+    assert hf_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e4}
+    rebuilt = transformers.LlamaConfig(**hf_config)
     assert rebuilt.rope_parameters["rope_theta"] == 5e4 and rebuilt.num_key_value_heads == 2
 
 
@@ -221,8 +221,8 @@ def test_not_a_gguf_file(tmp_path):
 
 def test_wrong_architecture_is_named(tmp_path):
     config, state = hf_tiny_llama(tie=True)
-    path = write_llama_gguf(tmp_path / "g.gguf", config, state, arch="gpt2")
-    with pytest.raises(CheckpointError, match="'gpt2'"):
+    path = write_llama_gguf(tmp_path / "g.gguf", config, state, arch="falcon")
+    with pytest.raises(CheckpointError, match="'falcon'.*supported: llama, qwen2"):
         read_gguf(path)
 
 
@@ -233,12 +233,24 @@ def test_missing_tensor_is_named(tmp_path):
         read_gguf(path)
 
 
-def test_unknown_tensor_is_named(tmp_path):
+@pytest.mark.parametrize("name,shape", [("blk.0.ffn_gate_inp.weight", (4, 32)),   # MoE router
+                                        ("blk.1.attn_rot_embd.weight", (4,))])
+def test_unknown_tensor_is_named(tmp_path, name, shape):
     config, state = hf_tiny_llama(tie=True)
     path = write_llama_gguf(tmp_path / "u.gguf", config, state,
-                            extra={"rope_freqs.weight": np.ones(4, np.float32)})
-    with pytest.raises(CheckpointError, match="rope_freqs.weight"):
+                            extra={name: np.ones(shape, np.float32)})
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
         read_gguf(path)
+
+
+def test_all_ones_rope_freqs_is_no_scaling(tmp_path):
+    """llama.cpp divides each frequency by its rope_freqs entry: all ones changes nothing."""
+    config, state = hf_tiny_llama(tie=True)
+    path = write_llama_gguf(tmp_path / "r.gguf", config, state,
+                            extra={"rope_freqs.weight": np.ones(4, np.float32)})
+    hf_config, read = read_gguf(path)
+    assert hf_config["rope_parameters"]["rope_type"] == "default"
+    assert "rope_freqs.weight" not in read
 
 
 def test_checkpoint_error_is_a_value_error():

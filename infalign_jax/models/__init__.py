@@ -100,6 +100,9 @@ def lm_head_kernel(params: Params, cfg: ModelConfig) -> Array:
     if "lm" not in cfg.heads:
         raise ValueError("lm_head_kernel: the model has no 'lm' head (ModelConfig.heads="
                          f"{cfg.heads})")
+    if cfg.final_softcap:
+        raise ValueError("lm_head_kernel: the logits are soft-capped (ModelConfig.final_softcap="
+                         f"{cfg.final_softcap}), not hidden @ kernel; use apply(...).logits")
     return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 
@@ -184,5 +187,9 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     def _hidden(params, tokens_BxT, mask_BxT):
         return hidden_states(params, tokens_BxT, cfg, attention_mask_BxT=mask_BxT)
 
-    return DecoderFns(_prefill, _decode, _logits, cfg.max_len, expand=expand_cache,
+    # Dynamic rotary scaling exists to run past max_position_embeddings: no length limit then.
+    max_len = None if cfg.rope_type == "dynamic" else cfg.max_len
+    if cfg.final_softcap:   # not a linear head: log-probs from the full logits
+        return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache)
+    return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache,
                       hidden=_hidden, lm_kernel=lambda params: lm_head_kernel(params, cfg))

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints (local directories only) to and from our Flax parameters.
 
-Supported `model_type`s: llama (also SmolLM), qwen2, gemma (v1), gpt2. Nothing here touches the
-hub: directories hold config.json plus model.safetensors (or a sharded index).
+Supported `model_type`s: see `hf_config.SUPPORTED` (config.json translation, with every key
+handled, inert or refused, lives there). Nothing here touches the hub: directories hold
+config.json plus model.safetensors (or a sharded index).
 
 Names map one-to-one; the only reshapes are (out, in) linear weights to our (in, heads, head_dim)
 kernels, and GPT-2's fused Conv1D `c_attn` split into q, k, v. The whole tree is built and checked
@@ -19,100 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax.models.config import ModelConfig
+from infalign_jax.models.hf_config import (SUPPORTED, CheckpointError, config_from_hf,
+                                           config_to_hf)
 from infalign_jax.models.transformer import stack_layers, unstack_layers
+
+__all__ = ["SUPPORTED", "CheckpointError", "config_from_hf", "config_to_hf",
+           "params_from_hf_state_dict", "hf_state_dict_from_params", "load_hf_checkpoint",
+           "save_hf_checkpoint", "load_tokenizer"]
 from infalign_jax.infra.files import atomic_path
-
-SUPPORTED = ("llama", "qwen2", "gemma", "gpt2")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
-
-
-def _rope_theta(hf: Mapping[str, Any]) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", None):
-        raise CheckpointError(f"rope type {kind!r} is not supported (only the default rotary embedding)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-class _Fields(dict):
-    """config.json as a dict whose missing keys raise CheckpointError naming the key."""
-
-    def __missing__(self, key: str) -> Any:
-        raise CheckpointError(f"config.json ({self.get('model_type')}): required key {key!r} is "
-                              f"missing")
-
-
-def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict."""
-    hf = _Fields(hf)
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED:
-        raise CheckpointError(f"unknown architecture model_type={model_type!r}; supported: "
-                              f"{', '.join(SUPPORTED)}")
-    if model_type == "gpt2":
-        d = hf["n_embd"]
-        act = hf.get("activation_function", "gelu_new")
-        fields = dict(family="gpt2", vocab_size=hf["vocab_size"], d_model=d,
-                      n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
-                      head_dim=d // hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-                      max_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                      tie_embeddings=True,
-                      activation="gelu_tanh" if act in ("gelu_new", "gelu_pytorch_tanh") else "gelu")
-    else:
-        if hf.get("attention_bias") and model_type != "qwen2":
-            raise CheckpointError(f"{model_type}: attention_bias=True is not supported")
-        if hf.get("mlp_bias"):
-            raise CheckpointError(f"{model_type}: mlp_bias=True is not supported")
-        heads = hf["num_attention_heads"]
-        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-        act = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu": "gelu"}.get(act)
-        if act is None:
-            raise CheckpointError(f"{model_type}: activation {hf.get('hidden_act')!r} not supported")
-        fields = dict(family="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-                      n_layers=hf["num_hidden_layers"], n_heads=heads,
-                      n_kv_heads=hf.get("num_key_value_heads") or heads,
-                      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                      d_ff=hf["intermediate_size"],
-                      max_len=hf.get("max_position_embeddings", 2048),
-                      norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf),
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
-                      activation=act, qkv_bias=model_type == "qwen2",
-                      embed_scale=model_type == "gemma", rmsnorm_unit_offset=model_type == "gemma")
-    fields.update(overrides)
-    try:
-        return ModelConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"config.json ({model_type}): {e}") from e
-
-
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """A config.json dict that `transformers` loads for these parameters."""
-    if cfg.family == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-                "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
-                "n_head": cfg.n_heads, "n_inner": cfg.d_ff, "n_positions": cfg.max_len,
-                "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
-                "tie_word_embeddings": True}
-    model_type = "gemma" if cfg.embed_scale else "qwen2" if cfg.qkv_bias else "llama"
-    arch = {"gemma": "GemmaForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-    act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[cfg.activation]
-    out = {"model_type": model_type, "architectures": [arch[model_type]],
-           "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-           "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-           "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-           "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_len,
-           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-           "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": act}
-    if model_type == "gemma":
-        out["hidden_activation"] = act
-    return out
-
 
 def _tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, str]]:
     """Our param path -> (HF tensor name, conversion kind)."""
@@ -136,19 +51,34 @@ def _tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, str]]:
             m[(l, "mlp", "down_bias")] = (h + "mlp.c_proj.bias", "copy")
         m[("final_norm", "scale")] = ("ln_f.weight", "copy")
         m[("final_norm", "bias")] = ("ln_f.bias", "copy")
+        if "lm" in cfg.heads and not cfg.tie_embeddings:
+            m[("lm_head",)] = ("lm_head.weight", "transpose")
         return m
     m[("embed",)] = ("model.embed_tokens.weight", "copy")
     for i in range(cfg.n_layers):
         h, l = f"model.layers.{i}.", f"layer_{i}"
         m[(l, "attn_norm", "scale")] = (h + "input_layernorm.weight", "copy")
-        m[(l, "mlp_norm", "scale")] = (h + "post_attention_layernorm.weight", "copy")
+        if cfg.post_norms:   # Gemma 2/3: post_attention_layernorm is the norm *after* attention
+            m[(l, "attn_post_norm", "scale")] = (h + "post_attention_layernorm.weight", "copy")
+            m[(l, "mlp_norm", "scale")] = (h + "pre_feedforward_layernorm.weight", "copy")
+            m[(l, "mlp_post_norm", "scale")] = (h + "post_feedforward_layernorm.weight", "copy")
+        else:
+            m[(l, "mlp_norm", "scale")] = (h + "post_attention_layernorm.weight", "copy")
         for name in "qkv":
             m[(l, "attn", f"{name}_kernel")] = (h + f"self_attn.{name}_proj.weight", "out_heads")
             if cfg.qkv_bias:
                 m[(l, "attn", f"{name}_bias")] = (h + f"self_attn.{name}_proj.bias", "heads_bias")
+        if cfg.qk_norm:
+            for name in "qk":
+                m[(l, "attn", f"{name}_norm", "scale")] = (h + f"self_attn.{name}_norm.weight",
+                                                           "copy")
         m[(l, "attn", "o_kernel")] = (h + "self_attn.o_proj.weight", "o_proj")
+        if cfg.o_bias:
+            m[(l, "attn", "o_bias")] = (h + "self_attn.o_proj.bias", "copy")
         for name in ("gate", "up", "down"):
             m[(l, "mlp", f"{name}_kernel")] = (h + f"mlp.{name}_proj.weight", "transpose")
+            if cfg.mlp_bias:
+                m[(l, "mlp", f"{name}_bias")] = (h + f"mlp.{name}_proj.bias", "copy")
     m[("final_norm", "scale")] = ("model.norm.weight", "copy")
     if "lm" in cfg.heads and not cfg.tie_embeddings:
         m[("lm_head",)] = ("lm_head.weight", "transpose")
@@ -250,9 +180,9 @@ def hf_state_dict_from_params(cfg: ModelConfig, params: Mapping[str, Any]) -> di
     for name, parts in fused.items():
         out[name] = np.concatenate(parts, axis=-1)
     if cfg.family == "gpt2":
-        out = {"transformer." + k: v for k, v in out.items()}
-    if "reward_head_kernel" in flat:
-        out["score.weight"] = flat["reward_head_kernel"].T
+        out = {k if k == "lm_head.weight" else "transformer." + k: v for k, v in out.items()}
+    if ("reward_head_kernel",) in flat:
+        out["score.weight"] = flat[("reward_head_kernel",)].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -268,16 +198,23 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
 
 
-def load_hf_checkpoint(directory: str, dtype: str = "float32", **overrides: Any
-                       ) -> tuple[ModelConfig, dict[str, Any]]:
-    """(ModelConfig, params) from a local HF directory (config.json + safetensors)."""
+def load_hf_checkpoint(directory: str, dtype: str = "float32", ignore_keys: tuple[str, ...] = (),
+                       **overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, params) from a local HF directory (config.json + safetensors).
+
+    `ignore_keys`: config.json keys the loader does not know, checked by the caller not to change
+    the forward pass (otherwise they are refused by name)."""
     config_path = os.path.join(directory, "config.json")
     try:
         with open(config_path, encoding="utf-8") as f:
             hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: cannot read the model config ({e})") from e
-    cfg = config_from_hf(hf, param_dtype=dtype, **overrides)
+    scorer = _is_sequence_classifier(hf, config_path)
+    if scorer:
+        overrides.setdefault("heads", ("reward",))
+    cfg = config_from_hf(hf, source=config_path, ignore_keys=ignore_keys, param_dtype=dtype,
+                         **overrides)
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -294,17 +231,106 @@ def load_hf_checkpoint(directory: str, dtype: str = "float32", **overrides: Any
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: weights file not found")
         state.update(_read_safetensors(path))
-    if cfg.family == "llama" and not cfg.tie_embeddings and "lm_head.weight" not in state:
+    if hf.get("model_type") == "phi3":
+        state = _split_phi3(state, cfg, directory)
+    if "lm" in cfg.heads and not cfg.tie_embeddings and "lm_head.weight" not in state:
         raise CheckpointError(f"{directory}: missing tensor 'lm_head.weight' (untied embeddings)")
+    if scorer and "reward" in cfg.heads and "score.weight" not in state:
+        raise CheckpointError(f"{directory}: a sequence-classification checkpoint without its "
+                              "score head (tensor 'score.weight')")
     return cfg, params_from_hf_state_dict(cfg, state, source=directory, dtype=dtype)
 
 
-def save_hf_checkpoint(directory: str, cfg: ModelConfig, params: Mapping[str, Any]) -> None:
-    """Writes config.json + model.safetensors that `transformers` can load."""
+def _split_phi3(state: dict[str, np.ndarray], cfg: ModelConfig, source: str
+                ) -> dict[str, np.ndarray]:
+    """Phi-3's fused `qkv_proj` (rows q | k | v) and `gate_up_proj` (rows gate | up) as the
+    separate Llama tensors they equal."""
+    out = dict(state)
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        h = f"model.layers.{i}."
+        for fused, parts in (("self_attn.qkv_proj.weight",
+                              (("self_attn.q_proj.weight", q_rows),
+                               ("self_attn.k_proj.weight", kv_rows),
+                               ("self_attn.v_proj.weight", kv_rows))),
+                             ("mlp.gate_up_proj.weight", (("mlp.gate_proj.weight", cfg.d_ff),
+                                                          ("mlp.up_proj.weight", cfg.d_ff)))):
+            if h + fused not in out:
+                raise CheckpointError(f"{source}: missing tensor {h + fused!r}")
+            w = out.pop(h + fused)
+            if w.shape[0] != sum(n for _, n in parts):
+                raise CheckpointError(f"{source}: tensor {h + fused!r} has {w.shape[0]} rows; "
+                                      f"expected {sum(n for _, n in parts)}")
+            start = 0
+            for name, rows in parts:
+                out[h + name] = w[start:start + rows]
+                start += rows
+    return out
+
+
+def _is_sequence_classifier(hf: Mapping[str, Any], source: str) -> bool:
+    """Whether config.json describes a `...ForSequenceClassification` model; it must have one
+    label (a scalar reward; the score is read at the last real token, which is where
+    transformers reads it -- the rightmost non-pad token -- when pads are only padding)."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        return False
+    labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+    if labels != 1:
+        raise CheckpointError(f"{source}: a sequence-classification checkpoint with {labels} "
+                              "labels; a reward model has one score (num_labels=1)")
+    return True
+
+
+_SCORER_ARCH = {"gemma3_text": "Gemma3TextForSequenceClassification"}
+
+
+def _export_config(cfg: ModelConfig, params: Mapping[str, Any], tokenizer: Any,
+                   pad_token_id: int | None) -> dict[str, Any]:
+    """config.json for an export: a causal LM (heads "lm") or a reward model (heads "reward",
+    as `...ForSequenceClassification` with one label). Heads transformers has no place for are
+    refused rather than dropped."""
+    out = config_to_hf(cfg)
+    heads = set(cfg.heads)
+    if heads not in ({"lm"}, {"reward"}):
+        raise CheckpointError(f"save_hf_checkpoint: heads {cfg.heads} have no transformers "
+                              "counterpart; export heads ('lm',) (a causal LM) or ('reward',) (a "
+                              "sequence classifier): drop the other heads' parameters and set "
+                              "ModelConfig.heads")
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                out[key] = int(getattr(tokenizer, key))
+    if pad_token_id is not None:
+        out["pad_token_id"] = int(pad_token_id)
+    if heads == {"reward"}:
+        bias = float(np.asarray(params["reward_head_bias"]).reshape(-1)[0])
+        if bias != 0.0:
+            raise CheckpointError(f"save_hf_checkpoint: the reward head has a bias ({bias:.6g}); "
+                                  "transformers' score layer has none. Subtract it from the "
+                                  "rewards (set params['reward_head_bias'] to 0) to export.")
+        if out.get("pad_token_id") is None:
+            raise CheckpointError("save_hf_checkpoint: a reward model needs pad_token_id (from "
+                                  "the tokenizer or the pad_token_id argument): transformers "
+                                  "finds the scored token as the last one that is not padding")
+        arch = out["architectures"][0].replace("ForCausalLM", "").replace("LMHeadModel", "")
+        out["architectures"] = [_SCORER_ARCH.get(out["model_type"],
+                                                 arch + "ForSequenceClassification")]
+        out["id2label"], out["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    return out
+
+
+def save_hf_checkpoint(directory: str, cfg: ModelConfig, params: Mapping[str, Any],
+                       tokenizer: Any = None, pad_token_id: int | None = None) -> None:
+    """Writes config.json + model.safetensors (+ the tokenizer's files when given) that
+    `transformers` loads with `from_pretrained`: a causal LM, or for a reward model (heads
+    ("reward",)) a sequence classifier with one label."""
     from safetensors.numpy import save_file
+    config = _export_config(cfg, params, tokenizer, pad_token_id)
     os.makedirs(directory, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+        json.dump(config, f, indent=2)
     with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
         save_file(hf_state_dict_from_params(cfg, params), tmp, metadata={"format": "pt"})
 

@@ -28,6 +28,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from infalign_jax.models import rotary
 from infalign_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -78,26 +79,26 @@ class Norm(nn.Module):
         return (scale.astype(x.dtype) * h.astype(x.dtype))
 
 
-def rope(x_BxSxHxD: Array, positions_BxS: Array, theta: float) -> Array:
-    """Rotary embedding, rotate-half convention (Su et al. 2021; Hugging Face's layout)."""
-    dim = x_BxSxHxD.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    freqs = positions_BxS.astype(jnp.float32)[..., None] * inv_freq  # (B, S, D/2)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x_BxSxHxD.dtype), jnp.sin(emb).astype(x_BxSxHxD.dtype)
-    x1, x2 = jnp.split(x_BxSxHxD, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_BxSxHxD * cos + rotated * sin
+def softcap(x: Array, cap: float) -> Array:
+    """cap * tanh(x / cap) (Gemma 2's attention-score and logit capping); identity when cap = 0."""
+    return x if not cap else cap * jnp.tanh(x / cap)
+
+
+def window_mask(q_pos: Array, k_pos: Array, window: Array) -> Array:
+    """Whether a key at position `k_pos` lies in the sliding window of a query at `q_pos`: the
+    `window` most recent positions, the query's own included (no window when `window` is 0).
+    Left padding does not shift positions, so this equals transformers' index rule."""
+    return (window == 0) | (q_pos - k_pos < window)
 
 
 def _attend(q_BxSxHxD: Array, k_BxHxTxD: Array, v_BxHxTxD: Array, mask_BxSxT: Array,
-            n_kv_heads: int) -> Array:
+            n_kv_heads: int, scale: Array, cap: float) -> Array:
     """Grouped-query softmax attention of S queries over T keys: (B, S, H, D)."""
     b, s, heads, dh = q_BxSxHxD.shape
     groups = heads // n_kv_heads
     q = q_BxSxHxD.reshape(b, s, n_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bhgsd,bhtd->bhgst", q, k_BxHxTxD.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = softcap(jnp.einsum("bhgsd,bhtd->bhgst", q, k_BxHxTxD.astype(q.dtype),
+                                preferred_element_type=jnp.float32) * scale, cap)
     scores = jnp.where(mask_BxSxT[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bhgst,bhtd->bshgd", probs, v_BxHxTxD.astype(probs.dtype))
@@ -106,29 +107,42 @@ def _attend(q_BxSxHxD: Array, k_BxHxTxD: Array, v_BxHxTxD: Array, mask_BxSxT: Ar
 
 def _attend_cached(q_RxSxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask_BxP: Array,
                    rk_RxHxLxD: Array, rv_RxHxLxD: Array, index: Array, k_RxHxSxD: Array,
-                   v_RxHxSxD: Array, n_kv_heads: int) -> Array:
+                   v_RxHxSxD: Array, n_kv_heads: int, scale: Array, cap: float,
+                   positions_RxS: Array, window: Array | None) -> Array:
     """Attention of R = B*N response rows, one softmax over three parts: their prompt's shared KV
     (stored once per prompt; rows b*N..b*N+N-1 read prompt b), their own earlier response slots
-    (< `index`) and the S new tokens themselves (causal). The cache is read, never written here."""
+    (< `index`) and the S new tokens themselves (causal). The cache is read, never written here.
+    `window` (None: no sliding window in the model) limits each part to the window's keys."""
     r, s, heads, dh = q_RxSxHxD.shape
     b, p = pmask_BxP.shape
     n, groups, slots = r // b, heads // n_kv_heads, rk_RxHxLxD.shape[2]
     q = q_RxSxHxD.reshape(b, n, s, n_kv_heads, groups, dh)
-    scale = 1.0 / math.sqrt(dh)
 
     def per_row(x_RxHxTxD):
         return x_RxHxTxD.reshape(b, n, *x_RxHxTxD.shape[1:]).astype(q.dtype)
 
     # Prompt part: the N samples of a prompt are extra query rows against one copy of its keys.
-    sp = jnp.einsum("bnshgd,bhpd->bnhgsp", q, pk_BxHxPxD.astype(q.dtype),
-                    preferred_element_type=jnp.float32) * scale
-    sp = jnp.where(pmask_BxP[:, None, None, None, None, :], sp, NEG_INF)
-    sr = jnp.einsum("bnshgd,bnhld->bnhgsl", q, per_row(rk_RxHxLxD),
-                    preferred_element_type=jnp.float32) * scale
-    sr = jnp.where(jnp.arange(slots) < index, sr, NEG_INF)
-    ss = jnp.einsum("bnshgd,bnhtd->bnhgst", q, per_row(k_RxHxSxD),
-                    preferred_element_type=jnp.float32) * scale
-    ss = jnp.where(jnp.tril(jnp.ones((s, s), bool)), ss, NEG_INF)
+    sp = softcap(jnp.einsum("bnshgd,bhpd->bnhgsp", q, pk_BxHxPxD.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * scale, cap)
+    sr = softcap(jnp.einsum("bnshgd,bnhld->bnhgsl", q, per_row(rk_RxHxLxD),
+                            preferred_element_type=jnp.float32) * scale, cap)
+    ss = softcap(jnp.einsum("bnshgd,bnhtd->bnhgst", q, per_row(k_RxHxSxD),
+                            preferred_element_type=jnp.float32) * scale, cap)
+    keep_p = jnp.broadcast_to(pmask_BxP[:, None, None, :], (b, n, s, p))
+    keep_r = jnp.broadcast_to(jnp.arange(slots) < index, (b, n, s, slots))
+    keep_s = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (b, n, s, s))
+    if window is not None:
+        # Positions: the prompt's real tokens count from 0; response slot l was written `index - l`
+        # steps before the first new token.
+        q_pos = positions_RxS.reshape(b, n, s)
+        p_pos = jnp.maximum(jnp.cumsum(pmask_BxP.astype(jnp.int32), axis=1) - 1, 0)
+        slot_pos = q_pos[:, :, :1] - index + jnp.arange(slots)
+        keep_p &= window_mask(q_pos[..., None], p_pos[:, None, None, :], window)
+        keep_r &= window_mask(q_pos[..., None], slot_pos[:, :, None, :], window)
+        keep_s &= window_mask(q_pos[..., None], q_pos[:, :, None, :], window)
+    sp = jnp.where(keep_p[:, :, None, None], sp, NEG_INF)
+    sr = jnp.where(keep_r[:, :, None, None], sr, NEG_INF)
+    ss = jnp.where(keep_s[:, :, None, None], ss, NEG_INF)
     probs = jax.nn.softmax(jnp.concatenate([sp, sr, ss], axis=-1), axis=-1).astype(q.dtype)
     pp, pr, ps = probs[..., :p], probs[..., p:p + slots], probs[..., p + slots:]
     out = (jnp.einsum("bnhgsp,bhpd->bnshgd", pp, pv_BxHxPxD.astype(q.dtype))
@@ -160,32 +174,43 @@ class Attention(nn.Module):
             bias = _param(self, f"{name}_bias", (heads, cfg.head_dim), (axes_heads, "head_dim"),
                           nn.initializers.zeros, cfg)
             y = y + bias.astype(x.dtype)
+        if cfg.qk_norm and name in ("q", "k"):
+            y = Norm(cfg, name=f"{name}_norm")(y)
         return y
 
     @nn.compact
     def __call__(self, x_BxSxD: Array, positions_BxS: Array, mask_BxSxT: Array | None,
-                 decode: dict[str, Array] | None) -> tuple[Array, tuple[Array, Array]]:
+                 decode: dict[str, Array] | None, consts: dict[str, Array]
+                 ) -> tuple[Array, tuple[Array, Array]]:
+        """`consts`: this layer's rotary inverse frequencies `freq`, score `scale` and sliding
+        `window` (0: none), see `layer_constants`."""
         cfg = self.cfg
         q = self._proj("q", x_BxSxD, cfg.n_heads, "q_heads")
         k = self._proj("k", x_BxSxD, cfg.n_kv_heads, "kv_heads")
         v = self._proj("v", x_BxSxD, cfg.n_kv_heads, "kv_heads")
         if cfg.family == "llama":
-            q = rope(q, positions_BxS, cfg.rope_theta)
-            k = rope(k, positions_BxS, cfg.rope_theta)
+            q = rotary.apply(q, positions_BxS, consts["freq"], cfg)
+            k = rotary.apply(k, positions_BxS, consts["freq"], cfg)
         k_BxHxSxD = jnp.swapaxes(k, 1, 2)
         v_BxHxSxD = jnp.swapaxes(v, 1, 2)
+        window = consts["window"] if cfg.sliding_window else None
         if decode is None:
-            out = _attend(q, k_BxHxSxD, v_BxHxSxD, mask_BxSxT, cfg.n_kv_heads)
+            if window is not None:
+                mask_BxSxT = mask_BxSxT & window_mask(positions_BxS[:, :, None],
+                                                      positions_BxS[:, None, :], window)
+            out = _attend(q, k_BxHxSxD, v_BxHxSxD, mask_BxSxT, cfg.n_kv_heads, consts["scale"],
+                          cfg.attn_softcap)
         else:
             out = _attend_cached(q, decode["pk"], decode["pv"], decode["pmask"], decode["rk"],
                                  decode["rv"], decode["index"], k_BxHxSxD, v_BxHxSxD,
-                                 cfg.n_kv_heads)
+                                 cfg.n_kv_heads, consts["scale"], cfg.attn_softcap,
+                                 positions_BxS, window)
         kv_out = (k_BxHxSxD, v_BxHxSxD)
         out = _constrain(out, ("batch", "length", "act_heads", None))
         o_kernel = _param(self, "o_kernel", (cfg.n_heads, cfg.head_dim, cfg.d_model),
                           ("q_heads", "head_dim", "embed"), _normal(cfg), cfg)
         y = jnp.einsum("bshk,hkd->bsd", out, o_kernel.astype(out.dtype))
-        if cfg.family == "gpt2":
+        if cfg.family == "gpt2" or cfg.o_bias:
             y = y + _param(self, "o_bias", (cfg.d_model,), ("norm",), nn.initializers.zeros,
                            cfg).astype(y.dtype)
         return y, kv_out
@@ -194,6 +219,10 @@ class Attention(nn.Module):
 def _activation(name: str, x: Array) -> Array:
     if name == "silu":
         return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
     return jax.nn.gelu(x, approximate=(name == "gelu_tanh"))
 
 
@@ -207,7 +236,11 @@ class Mlp(nn.Module):
         if cfg.family == "llama":
             gate = _param(self, "gate_kernel", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg), cfg)
             up = _param(self, "up_kernel", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg), cfg)
-            h = _activation(cfg.activation, x @ gate.astype(dt)) * (x @ up.astype(dt))
+            g, u = x @ gate.astype(dt), x @ up.astype(dt)
+            if cfg.mlp_bias:
+                g = g + self._bias("gate_bias", cfg.d_ff, "mlp", dt)
+                u = u + self._bias("up_bias", cfg.d_ff, "mlp", dt)
+            h = _activation(cfg.activation, g) * u
         else:
             fc = _param(self, "fc_kernel", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg), cfg)
             fc_b = _param(self, "fc_bias", (cfg.d_ff,), ("mlp",), nn.initializers.zeros, cfg)
@@ -215,31 +248,41 @@ class Mlp(nn.Module):
         h = _constrain(h, ("batch", "length", "act_mlp"))
         down = _param(self, "down_kernel", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), _normal(cfg), cfg)
         y = h @ down.astype(dt)
-        if cfg.family == "gpt2":
-            y = y + _param(self, "down_bias", (cfg.d_model,), ("norm",), nn.initializers.zeros,
-                           cfg).astype(dt)
+        if cfg.family == "gpt2" or cfg.mlp_bias:
+            y = y + self._bias("down_bias", cfg.d_model, "norm", dt)
         return y
+
+    def _bias(self, name: str, size: int, axis: str, dt) -> Array:
+        return _param(self, name, (size,), (axis,), nn.initializers.zeros, self.cfg).astype(dt)
 
 
 class Block(nn.Module):
     """One decoder layer, in the form `nn.scan` wants: (x, per-layer input) -> (x, per-layer out).
 
-    Per-layer input: this layer's cache (pk, pv, rk, rv), all None unless decoding; output: the
-    new tokens' own (k, v) when `return_kv` (prefill, decoding), else None.
+    Per-layer input: this layer's cache (pk, pv, rk, rv), all None unless decoding, and its
+    constants (`layer_constants`); output: the new tokens' own (k, v) when `return_kv` (prefill,
+    decoding), else None. With `post_norms` (Gemma 2/3) the attention and MLP outputs are
+    normed again before the residual add.
     """
 
     cfg: ModelConfig
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_kv, positions, mask, pmask, index):
-        pk, pv, rk, rv = layer_kv
+    def __call__(self, x, layer_in, positions, mask, pmask, index):
+        (pk, pv, rk, rv), consts = layer_in
+        cfg = self.cfg
         decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=pmask,
                                               index=index)
-        h, kv = Attention(self.cfg, name="attn")(Norm(self.cfg, name="attn_norm")(x),
-                                                 positions, mask, decode)
+        h, kv = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), positions, mask,
+                                            decode, consts)
+        if cfg.post_norms:
+            h = Norm(cfg, name="attn_post_norm")(h)
         x = x + h
-        x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
+        h = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        if cfg.post_norms:
+            h = Norm(cfg, name="mlp_post_norm")(h)
+        x = x + h
         x = _constrain(x, ("batch", "length", "act_embed"))
         return x, (kv if self.return_kv else None)
 
@@ -299,8 +342,9 @@ class Transformer(nn.Module):
         else:
             layer_kv = (decode["pk"], decode["pv"], decode["rk"], decode["rv"])
             pmask, index = decode["pmask"], decode["index"]
-        x, kv = _scanned_blocks(cfg, return_kv)(x, layer_kv, positions_BxS, mask_BxSxT, pmask,
-                                                index)
+        consts = {k: jnp.asarray(v) for k, v in layer_constants(cfg).items()}
+        x, kv = _scanned_blocks(cfg, return_kv)(x, (layer_kv, consts), positions_BxS, mask_BxSxT,
+                                                pmask, index)
         hidden = Norm(cfg, name="final_norm")(x)
         out: dict[str, Any] = {"hidden": hidden}
         if return_kv:
@@ -310,8 +354,8 @@ class Transformer(nn.Module):
             kernel_DxV = lm_kernel(self, cfg, embedding)
             if "lm" in wanted:
                 lm_in = hidden[:, -1:] if last_logits_only else hidden
-                logits = jnp.einsum("bsd,dv->bsv", lm_in, kernel_DxV.astype(hidden.dtype),
-                                    preferred_element_type=jnp.float32)
+                logits = softcap(jnp.einsum("bsd,dv->bsv", lm_in, kernel_DxV.astype(hidden.dtype),
+                                            preferred_element_type=jnp.float32), cfg.final_softcap)
                 out["logits"] = _constrain(logits, ("batch", "length", "act_vocab"))
         for head in ("reward", "value"):
             if head in cfg.heads:
@@ -323,6 +367,26 @@ class Transformer(nn.Module):
                                             kernel.astype(jnp.float32))
                                  + bias.astype(jnp.float32))[..., 0]
         return out
+
+
+def layer_constants(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Per-layer static data, stacked over layers for the scanned body: rotary inverse
+    frequencies `freq` (n_layers, head_dim / 2), the attention score `scale` (n_layers,) and the
+    sliding `window` (n_layers,; 0 = the whole causal prefix)."""
+    n = cfg.n_layers
+    if cfg.query_pre_attn_scalar:
+        base = cfg.query_pre_attn_scalar ** -0.5
+    else:
+        base = cfg.head_dim ** -0.5 if cfg.attn_scale_weights else 1.0
+    scale = np.array([base / (i + 1) if cfg.attn_scale_inverse_layer else base for i in range(n)],
+                     np.float32)
+    window = np.array([cfg.sliding_window if cfg.layer_is_sliding(i) else 0 for i in range(n)],
+                      np.int32)
+    if cfg.family == "llama":
+        freq = rotary.layer_inv_freqs(cfg)
+    else:
+        freq = np.zeros((n, 1), np.float32)   # learned positions: unused
+    return {"freq": freq, "scale": scale, "window": window}
 
 
 def lm_kernel(module: nn.Module, cfg: ModelConfig, embedding: Array) -> Array:

@@ -1,0 +1,277 @@
+"""Model families and their options against transformers' PyTorch implementations.
+
+For each family option: a tiny random transformers model (perturbed so every tensor matters) is
+saved with `save_pretrained`, loaded with `hf_import.load_hf_checkpoint`, and compared on a
+left-padded float32 batch (logits at real positions), by greedy decoding through our KV-cache
+sampler against `generate`, and after export with `save_hf_checkpoint` and `from_pretrained`.
+Sliding windows are shorter than the sequences, and soft-caps small enough to bite.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from infalign_jax import models
+from infalign_jax.decoding import sampling
+from infalign_jax.models import hf_config, hf_import
+from infalign_jax.models.hf_config import CheckpointError
+from hf_tiny import CONFIG_CLASSES, left_padded_batch, hf_logits as _hf_logits, our_logits as _our_logits, save_tiny
+
+VOCAB = 97
+LLAMA_BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=0)
+GPT2_BASE = dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                 eos_token_id=None)
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "rope_theta": 100000.0, "factor": 4.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}
+
+CASES = {
+    "llama3_rope": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=5000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama_linear_rope": ("llama", dict(rope_parameters=dict(rope_type="linear",
+                                                             rope_theta=10000.0, factor=4.0))),
+    # max_position_embeddings below the sequence length, so the base grows with it
+    "llama_dynamic_rope": ("llama", dict(max_position_embeddings=8, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "llama_biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "mistral_window": ("mistral", dict(sliding_window=4, head_dim=16)),
+    "qwen2_window": ("qwen2", dict(use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)),
+    "qwen3": ("qwen3", dict(head_dim=24)),
+    "qwen3_bias_window": ("qwen3", dict(head_dim=16, attention_bias=True, use_sliding_window=True,
+                                        sliding_window=5, max_window_layers=0)),
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3_text": ("gemma3_text", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, rope_parameters=GEMMA3_ROPE,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "phi3": ("phi3", dict(pad_token_id=0)),
+    "phi3_window": ("phi3", dict(sliding_window=4, num_key_value_heads=4)),
+    "gpt2_untied": ("gpt2", dict(tie_word_embeddings=False)),
+    "gpt2_inverse_layer_scale": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
+    "gpt2_unscaled": ("gpt2", dict(scale_attn_weights=False)),
+    "gpt2_gelu_fast": ("gpt2", dict(activation_function="gelu_fast")),
+    "gpt2_quick_gelu": ("gpt2", dict(activation_function="quick_gelu")),
+    "gpt2_relu": ("gpt2", dict(activation_function="relu")),
+    "gpt2_silu": ("gpt2", dict(activation_function="silu")),
+}
+
+
+def _hf_config(model_type: str, **kw):
+    base = GPT2_BASE if model_type == "gpt2" else LLAMA_BASE
+    return getattr(transformers, CONFIG_CLASSES[model_type])(**{**base, **kw})
+
+
+def _save(tmp_path, model_type, kw, seed=0):
+    return save_tiny(tmp_path, _hf_config(model_type, **kw), seed)
+
+
+def _reload(path):
+    """A fresh transformers model (dynamic rope keeps state between calls)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _batch():
+    return left_padded_batch(VOCAB)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    name = request.param
+    model_type, kw = CASES[name]
+    path = _save(tmp_path_factory.mktemp(name), model_type, kw)
+    cfg, params = hf_import.load_hf_checkpoint(str(path))
+    return name, path, cfg, params
+
+
+def test_logits_match_transformers(case):
+    name, path, cfg, params = case
+    tokens, mask, positions = _batch()
+    want = _hf_logits(_reload(path), tokens, mask, positions)
+    err = np.abs(_our_logits(cfg, params, tokens, mask) - want)[mask].max()
+    print(f"{name}: max |logit diff| = {err:.2e}")
+    assert err < 1e-4
+
+
+def test_greedy_decoding_equals_generate(case):
+    name, path, cfg, params = case
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(1, VOCAB, (2, 8))
+    pmask = np.ones((2, 8), bool)
+    pmask[0, :3] = False
+    prompt[0, :3] = 0
+    new = 12      # prompt + response well past every sliding window
+    scfg = sampling.SamplingConfig(n=1, max_new_tokens=new, temperature=0.0)
+    out = jax.jit(lambda p: sampling.sample(models.decoder_fns(cfg), p, jnp.asarray(prompt),
+                                            jnp.asarray(pmask), jax.random.key(0), scfg))(params)
+    ours = np.asarray(out.tokens_BxNxL[:, 0])
+    with torch.no_grad():
+        ref = _reload(path).generate(
+            input_ids=torch.tensor(prompt), attention_mask=torch.tensor(pmask.astype(np.int64)),
+            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+            eos_token_id=None)[:, 8:].numpy()
+    np.testing.assert_array_equal(ours, ref, err_msg=name)
+
+
+def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path):
+    name, path, cfg, params = case
+    hf_import.save_hf_checkpoint(str(tmp_path), cfg, params)
+    tokens, mask, positions = _batch()
+    want = _hf_logits(_reload(path), tokens, mask, positions)
+    got = _hf_logits(_reload(tmp_path), tokens, mask, positions)
+    assert np.abs(got - want)[mask].max() < 1e-5, name
+    assert hf_config.config_from_hf(json.load(open(tmp_path / "config.json"))) == cfg
+
+
+def test_gemma_legacy_gelu_is_the_tanh_form(tmp_path):
+    """transformers reads Gemma 1's `hidden_act: "gelu"` as the tanh approximation."""
+    path = _save(tmp_path, "gemma", dict(head_dim=16))
+    config = json.loads((path / "config.json").read_text())
+    config.pop("hidden_activation", None)
+    config["hidden_act"] = "gelu"
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, params = hf_import.load_hf_checkpoint(str(path))
+    assert cfg.activation == "gelu_tanh"
+    tokens, mask, positions = _batch()
+    want = _hf_logits(_reload(path), tokens, mask, positions)
+    assert np.abs(_our_logits(cfg, params, tokens, mask) - want)[mask].max() < 1e-4
+
+
+# ------------------------------------------------------------------ every config key accounted
+
+
+@pytest.mark.parametrize("model_type", hf_config.SUPPORTED)
+def test_every_field_of_the_transformers_config_class_is_handled_or_inert(model_type):
+    fields = set(_hf_config(model_type).to_dict())
+    known = hf_config.HANDLED[model_type] | hf_config.INERT[model_type]
+    assert not sorted(fields - known), f"{model_type}: fields neither handled nor inert"
+    # and the default config of the class loads (nothing refused, nothing left over)
+    hf_config.config_from_hf(_hf_config(model_type).to_dict())
+
+
+@pytest.mark.parametrize("model_type,key,value,match", [
+    ("llama", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+     "rope_type 'yarn'"),
+    ("llama", "rope_parameters", {"rope_type": "default", "rope_theta": 1e4,
+                                  "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("llama", "rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0},
+     "without 'low_freq_factor'"),
+    ("gemma2", "use_bidirectional_attention", True, "use_bidirectional_attention"),
+    ("gpt2", "add_cross_attention", True, "add_cross_attention"),
+    ("mistral", "attention_bias", True, "attention_bias=True"),      # not a Mistral field
+    ("llama", "quantization_config", {"quant_method": "gptq"}, "quantization_config"),
+    ("qwen2", "layer_types", ["full_attention", "chunked_attention", "full_attention"],
+     "layer_types"),
+    ("gpt2", "activation_function", "gelu_10", "activation_function='gelu_10'"),
+])
+def test_forward_changing_keys_are_refused_by_name(model_type, key, value, match):
+    config = _hf_config(model_type).to_dict()
+    config[key] = value
+    with pytest.raises(CheckpointError, match=match):
+        hf_config.config_from_hf(config)
+
+
+def test_an_unknown_key_can_be_accepted_explicitly():
+    config = {**_hf_config("llama").to_dict(), "my_note": 3}
+    with pytest.raises(CheckpointError, match=r"my_note=3.*ignore_keys=\('my_note',\)"):
+        hf_config.config_from_hf(config)
+    assert hf_config.config_from_hf(config, ignore_keys=("my_note",)).vocab_size == VOCAB
+
+
+def test_export_refuses_a_mix_no_transformers_family_has():
+    cfg = models.ModelConfig(qkv_bias=True, o_bias=True, sliding_window=4)
+    with pytest.raises(CheckpointError, match="no transformers model_type"):
+        hf_config.config_to_hf(cfg)
+
+
+# ------------------------------------------------------------------ reward models, tokenizer
+
+
+def _save_scorer(path, model_type, kw, seed=3, num_labels=1):
+    config = _hf_config(model_type, **kw, num_labels=num_labels, pad_token_id=0)
+    return save_tiny(path, config, seed, auto=transformers.AutoModelForSequenceClassification)
+
+
+def _padded_batch():
+    """Left- and right-padded rows with pad id 0 only at padding (transformers scores the
+    rightmost non-pad token)."""
+    tokens, mask, _ = _batch()
+    mask[1, 10:] = False
+    return np.where(mask, tokens, 0), mask
+
+
+def _hf_scores(path, tokens, mask):
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)   # real positions (GPT-2's are absolute)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens), position_ids=torch.tensor(positions),
+                     attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()[:, 0]
+
+
+@pytest.mark.parametrize("model_type,kw", [("llama", {}), ("qwen3", dict(head_dim=16)),
+                                           ("gemma2", dict(head_dim=16, sliding_window=4)),
+                                           ("gpt2", {})])
+def test_sequence_classifier_is_a_reward_model_with_the_same_scores(tmp_path, model_type, kw):
+    path = _save_scorer(tmp_path / "rm", model_type, kw)
+    cfg, params = hf_import.load_hf_checkpoint(str(path))
+    assert cfg.heads == ("reward",)
+    tokens, mask = _padded_batch()
+    want = _hf_scores(path, tokens, mask)
+    got = np.asarray(models.apply(params, jnp.asarray(tokens), cfg,
+                                  attention_mask_BxT=jnp.asarray(mask)).reward)
+    print(f"{model_type} scorer: max |score diff| = {np.abs(got - want).max():.2e}")
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # exported back as a sequence classifier, transformers gives the same scores
+    hf_import.save_hf_checkpoint(str(tmp_path / "out"), cfg, params, pad_token_id=0)
+    np.testing.assert_allclose(_hf_scores(tmp_path / "out", tokens, mask), want, atol=1e-5)
+
+
+def test_a_classifier_with_two_labels_is_refused(tmp_path):
+    path = _save_scorer(tmp_path, "llama", {}, num_labels=2)
+    with pytest.raises(CheckpointError, match="2 labels; a reward model has one"):
+        hf_import.load_hf_checkpoint(str(path))
+
+
+def test_export_refuses_what_transformers_cannot_hold(tmp_path):
+    cfg = models.ModelConfig(vocab_size=VOCAB, heads=("reward",))
+    params = models.init_params(cfg, jax.random.key(0))
+    with pytest.raises(CheckpointError, match="needs pad_token_id"):
+        hf_import.save_hf_checkpoint(str(tmp_path), cfg, params)
+    params = {**params, "reward_head_bias": jnp.ones((1,))}
+    with pytest.raises(CheckpointError, match="reward head has a bias"):
+        hf_import.save_hf_checkpoint(str(tmp_path), cfg, params, pad_token_id=0)
+    cfg = models.ModelConfig(vocab_size=VOCAB, heads=("lm", "value"))
+    with pytest.raises(CheckpointError, match=r"heads \('lm', 'value'\) have no transformers"):
+        hf_import.save_hf_checkpoint(str(tmp_path), cfg, models.init_params(cfg, jax.random.key(0)))
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                eos_token="<eos>")
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "gpt2_untied", "gemma2"])
+def test_export_writes_the_tokenizer_and_its_special_ids(name, tmp_path):
+    cfg, params = hf_import.load_hf_checkpoint(str(_save(tmp_path / "src", *CASES[name])))
+    tmp_path = tmp_path / "out"
+    tokenizer = _word_tokenizer()
+    hf_import.save_hf_checkpoint(str(tmp_path), cfg, params, tokenizer=tokenizer)
+    back = hf_import.load_tokenizer(str(tmp_path))
+    text = "w5 w17 w96 w2"
+    assert back(text)["input_ids"] == tokenizer(text)["input_ids"] == [5, 17, 96, 2]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["pad_token_id"], config["eos_token_id"]) == (0, 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.eos_token_id == 1
