@@ -26,10 +26,16 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Parity tests compare against Hugging Face's PyTorch models; torch 2.13.0
     # is the CPU wheel available offline on the project's machines.
-    "test": ["pytest>=8.0", "scipy>=1.11", "torch==2.13.0"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "torch==2.13.0"],
     # TFDS builder / array_record data sources (no TensorFlow needed for
     # tfds.data_source; add tensorflow yourself for as_dataset).
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5.1"],
+    # Ahead-of-time compilation for TPU topologies on a machine without a TPU
+    # (experiments/compile_check.py, `make test-tpu`). Install it in its own virtualenv
+    # (`make venv-tpu`): with libtpu present JAX probes for a TPU at every start-up. 0.0.52 is
+    # the release checked to compile with jax 0.10.2 (jax's own `[tpu]` extra names an older
+    # one).
+    "tpu-aot": ["libtpu==0.0.52"],
 }
 
 setup(

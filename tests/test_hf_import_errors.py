@@ -63,7 +63,7 @@ def test_shape_mismatch(ckpt, tmp_path):
 
 def test_unknown_architecture(ckpt, tmp_path):
     bad = _copy(ckpt, tmp_path, edit_config=lambda c: c.update(model_type="mamba"))
-    with pytest.raises(CheckpointError, match="model_type='mamba'.*supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, gpt2"):
+    with pytest.raises(CheckpointError, match="model_type='mamba'.*supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, gpt2"):
         hf_import.load_hf_checkpoint(bad)
 
 

@@ -337,7 +337,9 @@ def test_stopping_at_once_earns_every_judges_minimum(name):
 def test_transform_parameter_the_transform_does_not_take_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^config.transform.t=10.0: transform 'identity' does "
                                          r"not take t \(it takes no parameters; t is a parameter "
-                                         r"of 'exp'\)$"):
+                                         r"of 'exp'\)\. To switch transforms, use the config "
+                                         r"file's argument, e\.g\. "
+                                         r"--config=<file>:transform=identity$"):
         train.run(_config(**{"transform.name": "identity", "transform.t": 10.0}),
                   str(tmp_path / "run"), log=_quiet, devices=ONE)
     assert not (tmp_path / "run").exists()
