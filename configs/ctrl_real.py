@@ -12,6 +12,10 @@ docs/benchmarks.md):
         --workdir=runs/ctrl_real_help_tiny
 Variants: `task=harmlessness`, `size=small|full`, `transform=identity`, `beta=0.5`, `t=-4`, or
 flags such as `--config.rl.learning_rate=1e-5 --config.train.num_steps=20`.
+Your own policy, reward model and prompts (README "Your policy, your reward model, your prompts"):
+    --config.task.policy.checkpoint=DIR_OR_GGUF --config.task.reward.kind=hf \
+    --config.task.reward.checkpoint=RM_DIR --config.task.data.prompts=PROMPTS.jsonl
+(tiny models: 2 steps in ~45 s, tests/test_workflow.py).
 
 Sizes (SIZES below; experiments/calibrate.py reads this file's task and reference sections, so the
 table it builds is the one training reuses):

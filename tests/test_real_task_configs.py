@@ -59,6 +59,17 @@ def test_bad_task_section_names_the_field(change, message):
         real.parse_section(change)
 
 
+def test_config_has_the_policy_reward_and_data_subsections():
+    from infalign_jax.infra.config_utils import config_fields
+    from infalign_jax.rl.tasks import sources
+    c = ctrl_real.get_config("task=harmlessness,size=tiny")
+    for name, cls in sources.SECTIONS.items():
+        assert set(c.task[name]) == {f.name for f in config_fields(cls)}, name
+    section = real.parse_section(c.task)   # the defaults: SmolLM2, the task's judge, its prompts
+    assert (section.policy.checkpoint, section.reward.kind, section.data.prompts) == \
+        ("", "judge", "")
+
+
 def test_base_model_id_carries_the_sampling_budget():
     a = real.parse_section(dict(max_new_tokens=12))
     b = real.parse_section(dict(max_new_tokens=32))

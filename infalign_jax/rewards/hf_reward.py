@@ -1,0 +1,147 @@
+"""A transformers sequence-classification checkpoint as a text judge (and ensembles of them).
+
+The policy and the reward model rarely share a tokenizer, so the reward of a response is computed
+from text, as a user of the reward model would: the policy's response tokens are decoded with the
+policy's tokenizer (`judges.text_reward_fn` does that), the (prompt, response) text is rendered
+(`template`), re-encoded with the reward model's own tokenizer on the host, padded into fixed
+(batch_size, bucket) shapes, and scored by the Flax decoder with its `("reward",)` head under
+`jit` (`models.apply(...).reward`, read at the last real token, the token transformers scores).
+One program is compiled per bucket length (powers of two up to `max_len`).
+
+Truncation keeps the end of the text (the response, where the score is read) and counts the cut
+rows in `truncated`.
+
+`EnsembleJudge` scores with several such models and returns mean - k * std over the members (a
+pessimistic, uncertainty-penalised reward; Coste et al. 2024, "Reward model ensembles help
+mitigate overoptimization", the UWO objective).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infalign_jax import models
+from infalign_jax.models import hf_import
+
+logger = logging.getLogger(__name__)
+DEFAULT_TEMPLATE = "{prompt}\n{response}"
+PADDING_SIDES = ("left", "right")
+
+
+def _bucket(n: int, max_len: int, smallest: int = 16) -> int:
+    width = smallest
+    while width < n:
+        width *= 2
+    return min(width, max_len)
+
+
+def render(tokenizer: Any, template: str, prompt: str, response: str) -> str:
+    """The text the reward model scores: its chat template ("chat") or `template.format(...)`."""
+    if template == "chat":
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            tokenize=False)
+    return template.format(prompt=prompt, response=response)
+
+
+class SequenceClassifierJudge:
+    """Scores (prompt, response) texts with a one-label `...ForSequenceClassification` directory.
+
+    `template`: "auto" (the reward tokenizer's chat template when it has one, else
+    `DEFAULT_TEMPLATE`), "chat", or a format string with `{prompt}` and `{response}`.
+    Texts are encoded with the tokenizer's defaults (special tokens such as BOS included), as
+    `tokenizer(text)` encodes them for transformers.
+    """
+
+    def __init__(self, directory: str, *, template: str = "auto", max_len: int = 512,
+                 batch_size: int = 16, padding: str = "right", where: str = "reward"):
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise ValueError(f"{where}: {directory!r} is not a transformers directory "
+                             f"(no config.json)")
+        self.directory = directory
+        self.cfg, params = hf_import.load_hf_checkpoint(directory)
+        self.params = jax.device_put(params)   # once, not at every call
+        if "reward" not in self.cfg.heads:
+            raise ValueError(f"{where}: {directory!r} is not a sequence-classification checkpoint "
+                             f"(no score head; heads {self.cfg.heads})")
+        try:
+            self.tokenizer = hf_import.load_tokenizer(directory)
+        except Exception as e:  # transformers raises several types for a missing tokenizer
+            raise ValueError(f"{where}: cannot load the tokenizer saved in {directory!r} "
+                             f"({type(e).__name__}: {e})") from e
+        if template == "auto":
+            template = "chat" if getattr(self.tokenizer, "chat_template", None) else \
+                DEFAULT_TEMPLATE
+        elif template != "chat" and ("{prompt}" not in template or "{response}" not in template):
+            raise ValueError(f"{where}.template must be 'auto', 'chat' or a format string with "
+                             f"{{prompt}} and {{response}}, got {template!r}")
+        if padding not in PADDING_SIDES:
+            raise ValueError(f"{where}.padding must be one of {PADDING_SIDES}, got {padding!r}")
+        self.template, self.max_len, self.batch_size, self.padding = \
+            template, int(max_len), int(batch_size), padding
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+        self.name = f"hf:{os.path.basename(os.path.normpath(directory))}"
+        self.truncated = 0
+        cfg = self.cfg
+        self._score = jax.jit(lambda p, t, m: models.apply(p, t, cfg, attention_mask_BxT=m).reward)
+
+    @property
+    def id(self) -> str:
+        """Identifies the reward in reference tables: the directory and what changes the score."""
+        return f"{self.name}|max_len={self.max_len}"
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of the rendered texts, cut on the left to `max_len` (cuts counted)."""
+        rows = []
+        for p, r in zip(prompts, responses, strict=True):
+            ids = [int(i) for i in self.tokenizer(render(self.tokenizer, self.template, p, r))
+                   ["input_ids"]]
+            if len(ids) > self.max_len:
+                self.truncated += 1
+                ids = ids[-self.max_len:]
+            rows.append(ids or [self.pad_id])
+        return rows
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        rows = self.encode(prompts, responses)
+        out = np.zeros((len(rows),), np.float32)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            width = _bucket(max(len(r) for r in chunk), self.max_len)
+            tokens_BxT = np.full((self.batch_size, width), self.pad_id, np.int32)
+            mask_BxT = np.zeros((self.batch_size, width), bool)
+            mask_BxT[len(chunk):, -1 if self.padding == "left" else 0] = True  # filler rows
+            for b, ids in enumerate(chunk):
+                cols = slice(width - len(ids), width) if self.padding == "left" else \
+                    slice(0, len(ids))
+                tokens_BxT[b, cols], mask_BxT[b, cols] = ids, True
+            scores_B = self._score(self.params, jnp.asarray(tokens_BxT), jnp.asarray(mask_BxT))
+            out[start:start + len(chunk)] = np.asarray(scores_B)[:len(chunk)]
+        return out
+
+
+class EnsembleJudge:
+    """mean - k * std (population std) of several judges' scores, one per (prompt, response)."""
+
+    def __init__(self, members: Sequence[Any], k: float):
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 reward models, got {len(members)}")
+        self.members, self.k = list(members), float(k)
+        self.name = "ensemble(" + ",".join(m.name for m in self.members) + f")-{self.k:g}std"
+
+    @property
+    def id(self) -> str:
+        return "ensemble(" + ",".join(getattr(m, "id", m.name) for m in self.members) + \
+            f")-{self.k:g}std"
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        scores_MxR = np.stack([np.asarray(m(prompts, responses), np.float32)
+                               for m in self.members])
+        return (scores_MxR.mean(0) - self.k * scores_MxR.std(0)).astype(np.float32)

@@ -1,0 +1,331 @@
+"""The researcher's workflow (issue 18): their policy, reward model and prompts from one config.
+
+Everything is built here: tiny Llama policy / sequence-classifier directories saved with
+`save_pretrained`, each with its own word-level tokenizer (the reward model's maps the same words
+to other ids and adds a [CLS] token, so a reward computed on the policy's token ids would be
+wrong), and a prompt JSONL. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from infalign_jax.core.calibration import load_reference_table
+from infalign_jax.core.types import HostReward
+from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.infra.metrics_io import read_jsonl
+from infalign_jax.rewards import hf_reward, judges
+from infalign_jax.rl.tasks import real, sources
+from hf_tiny import save_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = [f"w{i}" for i in range(3, 40)]
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None)
+
+
+def _tokenizer(vocab: dict[str, int], **special):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token=special["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if "cls_token" in special:  # the reward model's tokenizer starts every text with [CLS]
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A", special_tokens=[("[CLS]", vocab["[CLS]"])])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def policy_tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    return _tokenizer(vocab, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def rm_tokenizer():
+    perm = np.random.default_rng(7).permutation(len(WORDS))
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, **{WORDS[j]: 3 + i for i, j in enumerate(perm)},
+             "extra": 3 + len(WORDS)}
+    return _tokenizer(vocab, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workflow")
+    tok = policy_tokenizer()
+    policy = save_tiny(str(root / "policy"), transformers.LlamaConfig(
+        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False, **TINY))
+    tok.save_pretrained(policy)
+    rms = []
+    for seed in (1, 2):
+        rtok = rm_tokenizer()
+        rm = save_tiny(str(root / f"rm{seed}"), transformers.LlamaConfig(
+            vocab_size=len(rtok), pad_token_id=0, num_labels=1, **TINY), seed=seed,
+            auto=transformers.AutoModelForSequenceClassification)
+        rtok.save_pretrained(rm)
+        rms.append(rm)
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"p{i}", "prompt": " ".join(rng.choice(WORDS, 3 + i % 4))} for i in range(12)]
+    rows.append({"id": "dup", "prompt": rows[3]["prompt"]})  # the same prompt under another id
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return dict(policy=policy, rm=rms[0], rm2=rms[1], prompts=str(prompts), rows=rows)
+
+
+def transformers_scores(rm_dir: str, texts: list[str]) -> np.ndarray:
+    """The reward model's score of each text, one unpadded text at a time, in transformers."""
+    tok = transformers.AutoTokenizer.from_pretrained(rm_dir)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    with torch.no_grad():
+        return np.array([float(model(**tok(t, return_tensors="pt")).logits[0, 0])
+                         for t in texts])
+
+
+# ------------------------------------------------------------------------------------ policy
+def test_policy_from_a_transformers_directory(dirs):
+    p = sources.load_policy(sources.PolicyConfig(dirs["policy"]))
+    assert p.model_cfg.heads == ("lm",) and p.source == dirs["policy"]
+    assert p.tokenizer("w3 w5")["input_ids"] == [3, 5] and p.tokenizer.eos_token_id == 1
+    with pytest.raises(ValueError, match=r"config.task.policy.checkpoint: .*not a causal LM"):
+        sources.load_policy(sources.PolicyConfig(dirs["rm"]))
+
+
+def _policy_gguf(directory: str, path) -> str:
+    """The policy directory as a llama GGUF file (tensors as convert_hf_to_gguf writes them), its
+    vocabulary as a sentencepiece-style token list (enough to decode; encoding is SmolLM2's job
+    in the slow tests)."""
+    import gguf
+    from safetensors.numpy import load_file
+    import test_gguf_families as tg
+    config = json.loads(open(os.path.join(directory, "config.json")).read())
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    tg._metadata(w, config)
+    words = ["\u2581" + word for word in WORDS]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<pad>", "<eos>", "<unk>"] + words)
+    w.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(words))])
+    w.add_token_types([3, 3, 2] + [1] * len(words))
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(0)
+    w.add_unk_token_id(2)
+    for name, values in tg._tensors(config, load_file(os.path.join(
+            directory, "model.safetensors"))).items():
+        w.add_tensor(name, values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_policy_from_a_gguf_file_with_its_tokenizer(dirs, tmp_path):
+    hf = sources.load_policy(sources.PolicyConfig(dirs["policy"]))
+    path = _policy_gguf(dirs["policy"], tmp_path / "policy.gguf")
+    p = sources.load_policy(sources.PolicyConfig(path))
+    assert p.source == path and p.model_cfg.n_layers == hf.model_cfg.n_layers == 2
+    for a, b in zip(jax.tree.leaves(p.params), jax.tree.leaves(hf.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert (p.tokenizer.eos_token_id, p.tokenizer.pad_token_id) == (1, 0)
+    assert p.tokenizer.decode([5, 7, 1], skip_special_tokens=True).strip() == "w5 w7"
+
+
+def test_policy_and_gguf_path_keys(dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"config.task.policy.checkpoint: no such file"):
+        real.parse_section({"policy": {"checkpoint": str(tmp_path / "missing")}})
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"config.task.policy.checkpoint: .* not a .gguf file"):
+        real.parse_section({"policy": {"checkpoint": str(tmp_path / "notes.txt")}})
+    with pytest.raises(ValueError, match=r"config.task.policy.checkpoint: directory .* no "
+                                         r"config.json .* not a run directory"):
+        real.parse_section({"policy": {"checkpoint": str(tmp_path)}})
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.warns(DeprecationWarning, match="config.task.policy.checkpoint"):
+        s = real.parse_section({"gguf_path": str(gguf)})
+    assert s.policy.checkpoint == str(gguf)
+    with pytest.raises(ValueError, match="config.task.gguf_path is deprecated and conflicts"):
+        real.parse_section({"gguf_path": str(gguf), "policy": {"checkpoint": dirs["policy"]}})
+
+
+# ------------------------------------------------------------------------------------ reward
+@pytest.mark.parametrize("padding,batch_size", [("right", 3), ("left", 2)])
+def test_hf_reward_equals_transformers_on_the_reencoded_text(dirs, padding, batch_size):
+    judge = hf_reward.SequenceClassifierJudge(dirs["rm"], padding=padding, batch_size=batch_size)
+    prompts = [r["prompt"] for r in dirs["rows"][:5]]
+    responses = ["w4 w9", "", "w30 w31 w32 w33 w34 w35", "w3", "w7 w7 w7"]
+    texts = [f"{p}\n{r}" for p, r in zip(prompts, responses)]
+    np.testing.assert_allclose(judge(prompts, responses),
+                               transformers_scores(dirs["rm"], texts), atol=2e-5)
+    assert judge.id == "hf:rm1|max_len=512" and judge.truncated == 0
+
+
+def test_hf_reward_truncates_on_the_left_and_counts(dirs):
+    judge = hf_reward.SequenceClassifierJudge(dirs["rm"], max_len=5, template="Q {prompt} A "
+                                              "{response}")
+    long_text = "Q w3 w4 w5 w6 A w7 w8"
+    ids = judge.encode(["w3 w4 w5 w6"], ["w7 w8"])[0]
+    assert len(ids) == 5 and judge.truncated == 1
+    tok = transformers.AutoTokenizer.from_pretrained(dirs["rm"])
+    assert ids == tok(long_text)["input_ids"][-5:]   # the end (the response) is kept
+    with pytest.raises(ValueError, match=r"config.task.reward.template must be"):
+        hf_reward.SequenceClassifierJudge(dirs["rm"], template="{prompt}",
+                                          where="config.task.reward")
+
+
+def test_ensemble_is_mean_minus_k_std(dirs):
+    a, b = (hf_reward.SequenceClassifierJudge(dirs[k]) for k in ("rm", "rm2"))
+    ens = sources.make_judge(sources.RewardConfig(kind="ensemble", std_penalty=2.0,
+                                                  checkpoints=(dirs["rm"], dirs["rm2"])), "vader")
+    prompts, responses = ["w3 w4", "w5"], ["w6", "w7 w8"]
+    sa, sb = a(prompts, responses), b(prompts, responses)
+    want = (sa + sb) / 2 - 2.0 * np.abs(sa - sb) / 2
+    np.testing.assert_allclose(ens(prompts, responses), want, atol=1e-6)
+    assert ens.id.startswith("ensemble(hf:rm1|max_len=512,hf:rm2|max_len=512)")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"kind": "rm"}, r"config.task.reward.kind must be one of \('judge', 'hf', 'ensemble'\)"),
+    ({"kind": "hf"}, r"config.task.reward.checkpoint must name a sequence-classification"),
+    ({"kind": "hf", "checkpoint": "/nonexistent"}, r"config.task.reward.checkpoint: "
+                                                   r"'/nonexistent' is not a transformers"),
+    ({"kind": "ensemble", "checkpoints": ("/a",)}, r"config.task.reward.checkpoints must list"),
+    ({"judge": "bleu"}, r"config.task.reward.judge must be '' or one of"),
+    ({"max_len": 0}, r"config.task.reward.max_len must be a positive integer"),
+    ({"padding": "middle"}, r"config.task.reward.padding must be one of"),
+    ({"kidn": "hf"}, r"config.task.reward: unknown keys \['kidn'\]"),
+    ({"checkpoint": "/rm"}, r"config.task.reward.checkpoint is set but config.task.reward.kind="
+                            r"'judge' does not use it"),
+])
+def test_bad_reward_section_names_the_key(change, message):
+    with pytest.raises(ValueError, match=message):
+        real.parse_section({"reward": change})
+
+
+def test_judge_kind_keeps_the_builtin_judges():
+    assert sources.make_judge(sources.RewardConfig(), "vader").id == "vader"
+    assert sources.make_judge(sources.RewardConfig(judge="harmlessness"), "vader").id == \
+        judges.get_judge("harmlessness").id
+
+
+# ----------------------------------------------------------------------------------- prompts
+def test_prompt_split_is_seeded_disjoint_and_groups_duplicates(dirs):
+    a = sources.split_prompts(dirs["prompts"], 5, 3, seed=0)
+    assert a == sources.split_prompts(dirs["prompts"], 5, 3, seed=0)
+    assert a != sources.split_prompts(dirs["prompts"], 5, 3, seed=1)
+    assert len(a.train_texts) == 5 and len(a.eval_texts) == 3
+    assert not set(a.train_texts) & set(a.eval_texts)
+    assert not set(a.train_ids) & set(a.eval_ids) and "dup" not in a.train_ids + a.eval_ids
+    full = sources.split_prompts(dirs["prompts"], 10, 2, seed=3)   # all 12 distinct texts
+    assert sorted(full.train_texts + full.eval_texts) == sorted({r["prompt"] for r in dirs["rows"]})
+    with pytest.raises(ValueError, match=r"has 12 distinct prompts; config.task.num_prompts=11 "
+                                         r"\+ config.task.eval_prompts=2 need 13"):
+        sources.split_prompts(dirs["prompts"], 11, 2, seed=0)
+    with pytest.raises(ValueError, match=r"config.task.data.prompts: no such file"):
+        real.parse_section({"data": {"prompts": "/nonexistent.jsonl"}})
+
+
+def test_prompts_from_preference_files(tmp_path):
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("".join(json.dumps({
+        "chosen": f"\n\nHuman: question {i // 2}\n\nAssistant: good {i}",
+        "rejected": f"\n\nHuman: question {i // 2}\n\nAssistant: bad {i}"}) + "\n"
+        for i in range(8)), encoding="utf-8")   # 4 prompts, two pairs each
+    rows = sources.read_prompt_file(str(hh))
+    assert len(rows) == 8 and rows[0][0] == "hh:1"
+    split = sources.split_prompts(str(hh), 3, 1, seed=0)
+    assert sorted(split.train_texts + split.eval_texts) == \
+        [f"\n\nHuman: question {i}\n\nAssistant:" for i in range(4)]
+    tldr = tmp_path / "tldr.jsonl"
+    tldr.write_text("".join(json.dumps({
+        "info": {"subreddit": "r", "title": f"t{i}", "post": "p"}, "choice": 0,
+        "summaries": [{"text": " a"}, {"text": " b"}]}) + "\n" for i in range(3)))
+    assert sources.split_prompts(str(tldr), 2, 1, seed=0, format="tldr").eval_ids[0] in \
+        ("tldr:1", "tldr:2", "tldr:3")
+    with pytest.raises(ValueError, match=r"hh.jsonl:1"):   # not a prompt file
+        sources.read_prompt_file(str(hh), "prompts")
+    with pytest.raises(ValueError, match=r"config.task.data.format must be one of"):
+        real.parse_section({"data": {"format": "csv"}})
+
+
+# ------------------------------------------------------------------------------- end to end
+def _recording(records: list):
+    make = judges.text_reward_fn
+
+    def text_reward_fn(judge, detokenize, prompts_text):
+        inner = make(judge, detokenize, prompts_text)
+
+        def host(idx, resp, mask):
+            scores = inner.host(idx, resp, mask)
+            records.append((np.asarray(idx), np.asarray(resp), np.asarray(mask), scores))
+            return scores
+
+        return HostReward(host=host, in_graph=inner.in_graph)
+
+    return text_reward_fn
+
+
+@pytest.mark.slow
+def test_ctrl_on_the_researchers_policy_reward_model_and_prompts(dirs, tmp_path, monkeypatch):
+    records: list = []
+    monkeypatch.setattr(judges, "text_reward_fn", _recording(records))
+    seen_prompts: list[str] = []
+    call = hf_reward.SequenceClassifierJudge.__call__
+    monkeypatch.setattr(hf_reward.SequenceClassifierJudge, "__call__",
+                        lambda self, p, r: (seen_prompts.extend(p), call(self, p, r))[1])
+    from infalign_jax.loops import train
+    c = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py")).get_config(
+        "task=helpfulness,size=tiny")
+    c.unlock()
+    c.task.policy.checkpoint = dirs["policy"]
+    c.task.reward.kind, c.task.reward.checkpoint = "hf", dirs["rm"]
+    c.task.data.prompts, c.task.data.split_seed = dirs["prompts"], 5
+    c.task.num_prompts, c.task.eval_prompts, c.task.eval_samples = 4, 2, 2
+    c.task.max_new_tokens = c.rl.max_new_tokens = 5
+    c.reference.k, c.rl.samples_per_prompt = 4, 2
+    c.train.num_steps, c.train.batch_size, c.train.tensorboard = 2, 2, False
+    c.lock()
+    state, summary = train.run(c, str(tmp_path), log=lambda _: None, devices=jax.devices()[:1])
+
+    split = sources.split_prompts(dirs["prompts"], 4, 2, seed=5)
+    table = load_reference_table(str(tmp_path / "reference_table.npz"))
+    assert list(table.prompt_ids) == split.train_ids
+    assert table.reward_model_id == "hf:rm1|max_len=512"
+    assert table.base_model_id.startswith("policy|max_new_tokens=5")
+    assert not set(split.train_texts) & set(split.eval_texts)
+    # evaluation scored its own prompts, as raw text (not the detokenised prompt tokens)
+    assert set(split.eval_texts) <= set(seen_prompts)
+    assert set(seen_prompts) <= set(split.train_texts) | set(split.eval_texts)
+
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2] and summary["skipped_steps"] == 0
+    assert summary["train_data"]["prompts"] == 4 and "est_standard" in summary["eval"]
+    # The last two reward calls are the two RL steps (calibration came first): the trainer's
+    # mean reward is theirs, and each score is the reward model's, recomputed independently in
+    # transformers from the policy's tokens decoded with its own tokenizer.
+    assert len(records) >= 3
+    ptok = transformers.AutoTokenizer.from_pretrained(dirs["policy"])
+    for (idx, resp, mask, scores), row in zip(records[-2:], rows):
+        assert scores.shape == (4,) and abs(float(np.mean(scores)) - row["reward"]) < 1e-5
+        texts = [split.train_texts[i] + "\n" +
+                 ptok.decode(r[m].tolist(), skip_special_tokens=True).strip()
+                 for i, r, m in zip(idx, resp, mask.astype(bool))]
+        np.testing.assert_allclose(scores, transformers_scores(dirs["rm"], texts), atol=2e-5)
+    used = np.concatenate([s for *_, s in records[-2:]])
+    assert np.ptp(used) > 0 and any(m.any() for _, _, m, _ in records[-2:])  # not degenerate
+    with open(tmp_path / "manifest.json") as f:
+        task = json.load(f)["config"]["task"]
+    assert task["data"] == {"prompts": dirs["prompts"], "format": "auto", "split_seed": 5,
+                            "chat_template": "auto"}
+    assert (task["num_prompts"], task["eval_prompts"]) == (4, 2)
+
+    # The run itself as the next run's policy: its last checkpoint on the base policy's config
+    # and tokenizer.
+    trained = sources.load_policy(sources.PolicyConfig(str(tmp_path)))
+    assert trained.source == f"{tmp_path}@2" and trained.tokenizer("w3")["input_ids"] == [3]
+    for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(jax.device_get(state.params))):
+        np.testing.assert_array_equal(a, b)
