@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 import time
 
 import gguf
@@ -179,19 +180,25 @@ def _tensors(config: dict, state: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
+def _placeholder_vocabulary(w, config):
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"tok{i}" for i in range(config["vocab_size"])])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
 def write_gguf(directory, path, *, arch: str | None = None, quantise=None, kv=None,
-               extra_tensors=None, drop=()) -> str:
+               extra_tensors=None, drop=(), vocabulary=_placeholder_vocabulary) -> str:
     """GGUF file of the saved HF model in `directory`, as convert_hf_to_gguf writes it (F32, or
-    every weight matrix in `quantise` as llama-quantize leaves it: norms and biases stay F32)."""
+    every weight matrix in `quantise` as llama-quantize leaves it: norms and biases stay F32).
+    `vocabulary(writer, config)` writes the tokenizer keys."""
+    directory = pathlib.Path(directory)
     config = json.loads((directory / "config.json").read_text())
     state = load_file(str(directory / "model.safetensors"))
     w = gguf.GGUFWriter(str(path), arch or GGUF_ARCH[config["model_type"]])
     w.add_name("tiny")
     _metadata(w, config)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"tok{i}" for i in range(config["vocab_size"])])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    vocabulary(w, config)
     for key, value in (kv or {}).items():   # replaces what the converter wrote under `key`
         for shard in w.kv_data:
             shard.pop(key, None)

@@ -98,29 +98,18 @@ def _policy_gguf(directory: str, path) -> str:
     """The policy directory as a llama GGUF file (tensors as convert_hf_to_gguf writes them), its
     vocabulary as a sentencepiece-style token list (enough to decode; encoding is SmolLM2's job
     in the slow tests)."""
-    import gguf
-    from safetensors.numpy import load_file
     import test_gguf_families as tg
-    config = json.loads(open(os.path.join(directory, "config.json")).read())
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny")
-    tg._metadata(w, config)
-    words = ["\u2581" + word for word in WORDS]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<eos>", "<unk>"] + words)
-    w.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(words))])
-    w.add_token_types([3, 3, 2] + [1] * len(words))
-    w.add_eos_token_id(1)
-    w.add_pad_token_id(0)
-    w.add_unk_token_id(2)
-    for name, values in tg._tensors(config, load_file(os.path.join(
-            directory, "model.safetensors"))).items():
-        w.add_tensor(name, values)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+
+    def vocabulary(w, config):
+        words = ["\u2581" + word for word in WORDS]
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<pad>", "<eos>", "<unk>"] + words)
+        w.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(words))])
+        w.add_token_types([3, 3, 2] + [1] * len(words))
+        w.add_eos_token_id(1)
+        w.add_pad_token_id(0)
+        w.add_unk_token_id(2)
+    return tg.write_gguf(directory, path, arch="llama", vocabulary=vocabulary)
 
 
 def test_policy_from_a_gguf_file_with_its_tokenizer(dirs, tmp_path):

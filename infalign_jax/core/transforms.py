@@ -242,7 +242,8 @@ def _takes(name: str) -> str:
     return f"it takes {', '.join(taken)}" if taken else "it takes no parameters"
 
 
-def _is_set(value: Any) -> bool:
+def is_set(value: Any) -> bool:
+    """Whether a transform parameter in a config section is set (None and "" mean unset)."""
     return value is not None and value != ""
 
 
@@ -268,9 +269,9 @@ def transform_from_config(section: Mapping[str, Any], *, strict: bool = False
         raise ValueError(f"transform config: unknown keys {unknown}; parameters of the known "
                          f"families: {sorted(known)}")
     accepted = transform_param_names(name)
-    params = {k: v for k, v in section.items() if k in accepted and _is_set(v)}
+    params = {k: v for k, v in section.items() if k in accepted and is_set(v)}
     get_transform(name, **params)  # fail now, naming the parameters, if the values are bad
-    foreign = sorted(k for k, v in section.items() if k not in accepted and _is_set(v))
+    foreign = sorted(k for k, v in section.items() if k not in accepted and is_set(v))
     if strict and foreign:
         key = foreign[0]
         owners = [n for n in known_transforms() if key in transform_param_names(n)]

@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
-from infalign_jax.core.transforms import known_transforms, transform_param_names
+from infalign_jax.core.transforms import is_set, known_transforms, transform_param_names
 from infalign_jax.infra import checkpointing, provenance
 from infalign_jax.infra.metrics_io import MetricsWriter, Progress, truncate_stream
 
@@ -94,7 +94,7 @@ def canonical_record(flat: dict[str, Any]) -> dict[str, Any]:
     def used(key: str, value: Any) -> bool:
         if taken is None or not key.startswith("transform.") or key == "transform.name":
             return True
-        return key.split(".", 1)[1] in taken and value is not None and value != ""
+        return key.split(".", 1)[1] in taken and is_set(value)
     return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS and used(k, v)}
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from infalign_jax.models.config import ModelConfig
-from infalign_jax.models.transformer import Transformer
+from infalign_jax.models.transformer import Transformer, default_positions
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.core.losses import last_valid_index
 
@@ -52,11 +52,6 @@ def param_logical_axes(cfg: ModelConfig) -> Params:
     boxed = jax.eval_shape(lambda r: Transformer(cfg).init(r, *_dummy_inputs(cfg))["params"],
                            jax.random.key(0))
     return nn.get_partition_spec(boxed)
-
-
-def default_positions(mask_BxT: Array) -> Array:
-    """Position of each token among the real tokens (left padding does not shift positions)."""
-    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def _mask_or_ones(mask_BxT: Array | None, tokens_BxT: Array) -> Array:
@@ -189,7 +184,9 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
 
     # Dynamic rotary scaling exists to run past max_position_embeddings: no length limit then.
     max_len = None if cfg.rope_type == "dynamic" else cfg.max_len
-    if cfg.final_softcap:   # not a linear head: log-probs from the full logits
-        return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache)
+    # Soft-capped logits are not hidden @ kernel: log-probs then come from the full logits.
+    linear_head = not cfg.final_softcap
     return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache,
-                      hidden=_hidden, lm_kernel=lambda params: lm_head_kernel(params, cfg))
+                      hidden=_hidden if linear_head else None,
+                      lm_kernel=(lambda params: lm_head_kernel(params, cfg)) if linear_head
+                      else None)

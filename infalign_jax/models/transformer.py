@@ -79,6 +79,11 @@ class Norm(nn.Module):
         return (scale.astype(x.dtype) * h.astype(x.dtype))
 
 
+def default_positions(mask_BxT: Array) -> Array:
+    """Position of each token among the real tokens (left padding does not shift positions)."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
 def softcap(x: Array, cap: float) -> Array:
     """cap * tanh(x / cap) (Gemma 2's attention-score and logit capping); identity when cap = 0."""
     return x if not cap else cap * jnp.tanh(x / cap)
@@ -108,11 +113,12 @@ def _attend(q_BxSxHxD: Array, k_BxHxTxD: Array, v_BxHxTxD: Array, mask_BxSxT: Ar
 def _attend_cached(q_RxSxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask_BxP: Array,
                    rk_RxHxLxD: Array, rv_RxHxLxD: Array, index: Array, k_RxHxSxD: Array,
                    v_RxHxSxD: Array, n_kv_heads: int, scale: Array, cap: float,
-                   positions_RxS: Array, window: Array | None) -> Array:
+                   positions_RxS: Array, window: Array | None, ppos_BxP: Array | None) -> Array:
     """Attention of R = B*N response rows, one softmax over three parts: their prompt's shared KV
     (stored once per prompt; rows b*N..b*N+N-1 read prompt b), their own earlier response slots
     (< `index`) and the S new tokens themselves (causal). The cache is read, never written here.
-    `window` (None: no sliding window in the model) limits each part to the window's keys."""
+    `window` (None: no sliding window in the model) limits each part to the window's keys;
+    `ppos_BxP` holds the prompt tokens' positions then."""
     r, s, heads, dh = q_RxSxHxD.shape
     b, p = pmask_BxP.shape
     n, groups, slots = r // b, heads // n_kv_heads, rk_RxHxLxD.shape[2]
@@ -135,9 +141,8 @@ def _attend_cached(q_RxSxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask
         # Positions: the prompt's real tokens count from 0; response slot l was written `index - l`
         # steps before the first new token.
         q_pos = positions_RxS.reshape(b, n, s)
-        p_pos = jnp.maximum(jnp.cumsum(pmask_BxP.astype(jnp.int32), axis=1) - 1, 0)
         slot_pos = q_pos[:, :, :1] - index + jnp.arange(slots)
-        keep_p &= window_mask(q_pos[..., None], p_pos[:, None, None, :], window)
+        keep_p &= window_mask(q_pos[..., None], ppos_BxP[:, None, None, :], window)
         keep_r &= window_mask(q_pos[..., None], slot_pos[:, :, None, :], window)
         keep_s &= window_mask(q_pos[..., None], q_pos[:, :, None, :], window)
     sp = jnp.where(keep_p[:, :, None, None], sp, NEG_INF)
@@ -156,8 +161,9 @@ class Attention(nn.Module):
 
     * None: over the sequence itself with `mask_BxSxT` (teacher forcing, prefill);
     * a dict (decoding, see `models.decode_step`): this layer's prompt KV `pk`/`pv` (B rows), the
-      prompt mask `pmask`, this layer's response KV `rk`/`rv` (R rows, L slots) and the number of
-      slots already written, `index`.
+      prompt mask `pmask` (and its positions `ppos` when the model has sliding windows), this
+      layer's response KV `rk`/`rv` (R rows, L slots) and the number of slots already written,
+      `index`.
     Either way the second output is the S new tokens' own (k, v) in cache layout (B, H_kv, S, Dh):
     the caller writes them into the cache once for all layers (an in-place update of one slot),
     so the layer loop never carries or copies the cache.
@@ -204,7 +210,7 @@ class Attention(nn.Module):
             out = _attend_cached(q, decode["pk"], decode["pv"], decode["pmask"], decode["rk"],
                                  decode["rv"], decode["index"], k_BxHxSxD, v_BxHxSxD,
                                  cfg.n_kv_heads, consts["scale"], cfg.attn_softcap,
-                                 positions_BxS, window)
+                                 positions_BxS, window, decode["ppos"])
         kv_out = (k_BxHxSxD, v_BxHxSxD)
         out = _constrain(out, ("batch", "length", "act_heads", None))
         o_kernel = _param(self, "o_kernel", (cfg.n_heads, cfg.head_dim, cfg.d_model),
@@ -269,11 +275,11 @@ class Block(nn.Module):
     return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_in, positions, mask, pmask, index):
+    def __call__(self, x, layer_in, positions, mask, prompt, index):
         (pk, pv, rk, rv), consts = layer_in
         cfg = self.cfg
-        decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=pmask,
-                                              index=index)
+        decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=prompt[0],
+                                              ppos=prompt[1], index=index)
         h, kv = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), positions, mask,
                                             decode, consts)
         if cfg.post_norms:
@@ -338,13 +344,16 @@ class Transformer(nn.Module):
             x = x + jnp.take(pos_table, positions_BxS, axis=0).astype(dt)
         x = _constrain(x, ("batch", "length", "act_embed"))
         if decode is None:
-            layer_kv, pmask, index = (None, None, None, None), None, None
+            layer_kv, prompt, index = (None, None, None, None), None, None
         else:
             layer_kv = (decode["pk"], decode["pv"], decode["rk"], decode["rv"])
-            pmask, index = decode["pmask"], decode["index"]
+            # The prompt's mask, and its positions once for every layer when windows need them.
+            pmask = decode["pmask"]
+            prompt = (pmask, default_positions(pmask) if cfg.sliding_window else None)
+            index = decode["index"]
         consts = {k: jnp.asarray(v) for k, v in layer_constants(cfg).items()}
         x, kv = _scanned_blocks(cfg, return_kv)(x, (layer_kv, consts), positions_BxS, mask_BxSxT,
-                                                pmask, index)
+                                                prompt, index)
         hidden = Norm(cfg, name="final_norm")(x)
         out: dict[str, Any] = {"hidden": hidden}
         if return_kv:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax import models
+from infalign_jax.data.tokenize import pad_rows
 from infalign_jax.models import hf_import
 
 logger = logging.getLogger(__name__)
@@ -115,13 +116,9 @@ class SequenceClassifierJudge:
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
             width = _bucket(max(len(r) for r in chunk), self.max_len)
-            tokens_BxT = np.full((self.batch_size, width), self.pad_id, np.int32)
-            mask_BxT = np.zeros((self.batch_size, width), bool)
-            mask_BxT[len(chunk):, -1 if self.padding == "left" else 0] = True  # filler rows
-            for b, ids in enumerate(chunk):
-                cols = slice(width - len(ids), width) if self.padding == "left" else \
-                    slice(0, len(ids))
-                tokens_BxT[b, cols], mask_BxT[b, cols] = ids, True
+            filler = [[self.pad_id]] * (self.batch_size - len(chunk))   # one fixed shape
+            tokens_BxT, mask_BxT = pad_rows(chunk + filler, width, self.pad_id,
+                                            left=self.padding == "left")
             scores_B = self._score(self.params, jnp.asarray(tokens_BxT), jnp.asarray(mask_BxT))
             out[start:start + len(chunk)] = np.asarray(scores_B)[:len(chunk)]
         return out
