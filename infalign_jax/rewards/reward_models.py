@@ -312,17 +312,35 @@ def ensemble_rewards(model_cfg: models.ModelConfig, params_E: Params, tokens_BxT
     return jnp.mean(all_ExB, axis=0), jnp.std(all_ExB, axis=0, ddof=ddof), all_ExB
 
 
+def reward_fn_with_prompt_table(model_cfg: models.ModelConfig) -> RewardFn:
+    """`core.types.RewardFn` of a reward model whose frozen parameters carry the (left-padded)
+    prompt table: reward_params = {"params", "prompts_XxP", "prompt_mask_XxP"}; it scores
+    [prompts_XxP[prompt_idx] | response]. The table is a jit argument (shardable), not a
+    compile-time constant."""
+    _check_reward_head(model_cfg)
+
+    def reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL):
+        return sequence_rewards(model_cfg, reward_params["params"],
+                                reward_params["prompts_XxP"][prompt_idx_R],
+                                reward_params["prompt_mask_XxP"][prompt_idx_R],
+                                response_RxL, response_mask_RxL)
+
+    return reward_fn
+
+
 def reward_fn_from_model(model_cfg: models.ModelConfig, prompts_XxP: Array,
                          prompt_mask_XxP: Array) -> RewardFn:
     """`core.types.RewardFn` of a reward model: reward_fn(params, prompt_idx_R, response_RxL, mask_RxL)
     scores [prompts_XxP[prompt_idx] | response]. The (left-padded) prompt table is captured in
-    the closure, so under jit it is a compile-time constant: keep it to the prompts in play."""
-    _check_reward_head(model_cfg)
-    prompts_XxP, prompt_mask_XxP = jnp.asarray(prompts_XxP), jnp.asarray(prompt_mask_XxP, bool)
+    the closure, so under jit it is a compile-time constant: keep it to the prompts in play
+    (`reward_fn_with_prompt_table` takes it as an argument instead)."""
+    with_table = reward_fn_with_prompt_table(model_cfg)
+    table = {"prompts_XxP": jnp.asarray(prompts_XxP),
+             "prompt_mask_XxP": jnp.asarray(prompt_mask_XxP, bool)}
 
     def reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL):
-        return sequence_rewards(model_cfg, reward_params, prompts_XxP[prompt_idx_R],
-                                prompt_mask_XxP[prompt_idx_R], response_RxL, response_mask_RxL)
+        return with_table({"params": reward_params, **table}, prompt_idx_R, response_RxL,
+                          response_mask_RxL)
 
     return reward_fn
 

@@ -37,7 +37,7 @@ from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.infra import aot, sharding
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import dataclass_from, section
-from infalign_jax.rewards.reward_models import sequence_rewards
+from infalign_jax.rewards.reward_models import reward_fn_with_prompt_table
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -94,19 +94,6 @@ def configs(config: Any) -> tuple[models.ModelConfig, rl.RLConfig, sharding.Mesh
                          f"{work.prompt_len + rl_cfg.max_new_tokens} exceeds "
                          f"config.model.max_len={model_cfg.max_len}")
     return model_cfg, rl_cfg, mesh_cfg, work
-
-
-def reward_model_fn(rm_cfg: models.ModelConfig) -> Any:
-    """`RewardFn` of a reward model whose frozen parameters carry the prompt table:
-    reward_params = {"params", "prompts_XxP", "prompt_mask_XxP"}."""
-
-    def reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL):
-        return sequence_rewards(rm_cfg, reward_params["params"],
-                                reward_params["prompts_XxP"][prompt_idx_R],
-                                reward_params["prompt_mask_XxP"][prompt_idx_R],
-                                response_RxL, response_mask_RxL)
-
-    return reward_fn
 
 
 def _abstract_params(cfg: models.ModelConfig, mesh: Any, dtype: Any = None) -> Any:
@@ -187,7 +174,7 @@ def compile_step(model_cfg: models.ModelConfig, rl_cfg: rl.RLConfig, work: Workl
     optimizer = rl.make_optimizer(rl_cfg)
     inputs = abstract_inputs(model_cfg, rl_cfg, work, mesh, frozen_dtype, optimizer)
     rm_cfg = dataclasses.replace(model_cfg, heads=("reward",))
-    step = rl.make_rl_step(rl_cfg, models.decoder_fns(model_cfg), reward_model_fn(rm_cfg),
+    step = rl.make_rl_step(rl_cfg, models.decoder_fns(model_cfg), reward_fn_with_prompt_table(rm_cfg),
                            optimizer)
     state_sh = jax.tree.map(lambda x: x.sharding, inputs[0])
     start = time.perf_counter()
