@@ -249,3 +249,40 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
                                skipped_samples=skipped_samples)
 
 
+
+
+def paired_difference(a_SxB, b_SxB, num_resamples: int = 2000,
+                      seed: int | np.random.Generator = 0, level: float = 0.95) -> Estimate:
+    """Mean over prompts of method a minus method b, each trained with several seeds, with a
+    bootstrap CI over prompts *and* seeds (the reproduction's "difference against calibrated
+    identity").
+
+    `a_SxB` / `b_SxB`: a per-prompt quantity (e.g. the per-prompt BoN_N win rate against pi_ref)
+    for S_a / S_b independently trained seeds of each method on the same B evaluation prompts.
+    Each resample draws the B prompts with replacement, shared by both methods (the comparison is
+    paired by prompt, which removes the prompts' common difficulty), and each method's seeds with
+    replacement, independently (seed s of a and seed s of b are unrelated runs), so the interval
+    carries the seed-to-seed spread as well as the prompt sampling. With one seed per method it is
+    the prompt bootstrap of the per-prompt differences. point = mean(a) - mean(b).
+    """
+    a = np.asarray(a_SxB, np.float64)
+    b = np.asarray(b_SxB, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] < 1:
+        raise ValueError(f"a_SxB and b_SxB must be [seeds, prompts] over the same prompts, got "
+                         f"{a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired_difference: non-finite values")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if num_resamples < 2:
+        raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    (sa, num), sb = a.shape, b.shape[0]
+    diffs_R = np.empty(num_resamples)
+    for r in range(num_resamples):
+        idx_B = rng.integers(0, num, num)
+        diffs_R[r] = (a[rng.integers(0, sa, sa)][:, idx_B].mean()
+                      - b[rng.integers(0, sb, sb)][:, idx_B].mean())
+    lower, upper = np.quantile(diffs_R, [(1 - level) / 2, (1 + level) / 2])
+    return Estimate(np.asarray(a.mean() - b.mean()), np.asarray(lower), np.asarray(upper),
+                    np.asarray(diffs_R.std(ddof=1)), num)

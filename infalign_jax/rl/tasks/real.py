@@ -61,7 +61,7 @@ from infalign_jax.decoding.sampling import SamplingConfig, sample
 from infalign_jax.models import gguf_import
 from infalign_jax.rewards import judges
 from infalign_jax.rl import calibration_pass
-from infalign_jax.rl.tasks import sources
+from infalign_jax.rl.tasks import prompt_sets, sources
 from infalign_jax.rl.tasks.base import RLTask
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
@@ -248,14 +248,15 @@ class RealTaskConfig:
         check.ints(self, ("num_prompts", "max_new_tokens", "eval_prompts", "calib_chunk",
                           "calib_batch_prompts"))
         check.ints(self, ("eval_samples",), low=0)     # 0: no evaluation
-        if self.eval_prompts > self.num_prompts:
-            raise ValueError(f"config.task.eval_prompts={self.eval_prompts} exceeds "
-                             f"config.task.num_prompts={self.num_prompts}")
         check.numbers(self, ("temperature",), strict=True)
         if self.gguf_path and not os.path.isfile(self.gguf_path):
             raise ValueError(f"config.task.gguf_path: no such file {self.gguf_path!r}")
         for name in sources.SECTIONS:
             object.__setattr__(self, name, sources.parse_subsection(name, getattr(self, name)))
+        if not self.data.prompts and self.eval_prompts > self.num_prompts:
+            # the shipped prompts: evaluation takes the first eval_prompts training prompts
+            raise ValueError(f"config.task.eval_prompts={self.eval_prompts} exceeds "
+                             f"config.task.num_prompts={self.num_prompts}")
         if self.gguf_path:
             if self.policy.checkpoint:
                 raise ValueError("config.task.gguf_path is deprecated and conflicts with "
@@ -303,6 +304,13 @@ class _PromptTextJudge:
 
 def _task_prompts(s: RealTaskConfig) -> sources.Split:
     """Training and evaluation prompts: disjoint from `data.prompts`, else the shipped ones."""
+    if s.data.prompts == sources.GENERATED:
+        train, evals = prompt_sets.split(s.name, s.num_prompts, s.eval_prompts, s.data.split_seed)
+        print(f"config.task.data.prompts=generated: {len(train)} training and {len(evals)} "
+              f"evaluation prompts of {s.name!r}, disjoint by topic (split_seed="
+              f"{s.data.split_seed})")
+        return sources.Split([p.id for p in train], [p.text for p in train],
+                             [p.id for p in evals], [p.text for p in evals])
     if s.data.prompts:
         split = sources.split_prompts(s.data.prompts, s.num_prompts, s.eval_prompts,
                                       s.data.split_seed, s.data.format)

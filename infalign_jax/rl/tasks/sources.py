@@ -13,7 +13,8 @@ Three sub-sections of `config.task` (`real.RealTaskConfig`), each a validated fr
 * `config.task.data.prompts`: "" (the task's shipped prompts; evaluation uses the first
   `eval_prompts` of the training prompts, as before) or a JSONL file of `{"prompt", "id"?}` lines
   (`data.readers.read_prompts`), split by prompt text into disjoint training and evaluation sets
-  with `data.split_seed`.
+  with `data.split_seed`; or "generated": the task's templated prompt set (`prompt_sets`), split
+  by topic so no evaluation topic is trained on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from infalign_jax.rewards import judges
 REWARD_KINDS = ("judge", "hf", "ensemble")
 CHAT_TEMPLATE = ("auto", "on", "off")
 PROMPT_FORMATS = ("auto", "prompts", "hh", "tldr", "jsonl")
+GENERATED = "generated"            # data.prompts: the task's templated prompt set (prompt_sets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +101,13 @@ class RewardConfig:
 @dataclasses.dataclass(frozen=True)
 class PromptsConfig:
     _config_owner = "config.task.data"
-    prompts: str = ""              # "": the task's shipped prompts; else a JSONL file
+    prompts: str = ""              # "": the task's shipped prompts; "generated"; else a JSONL file
     format: str = "auto"           # "prompts" | "hh" | "tldr" | "jsonl" (preference pairs)
     split_seed: int = 0            # shuffles the file's prompts before the train/eval split
     chat_template: str = "auto"    # "auto": the policy tokenizer's chat template if it has one
 
     def __post_init__(self):
-        if self.prompts and not os.path.isfile(self.prompts):
+        if self.prompts and self.prompts != GENERATED and not os.path.isfile(self.prompts):
             raise ValueError(f"config.task.data.prompts: no such file {self.prompts!r}")
         check.choice(self, "format", PROMPT_FORMATS)
         check.ints(self, ("split_seed",), low=0)

@@ -1,0 +1,66 @@
+"""Generated prompt sets: enough distinct prompts, and training / evaluation disjoint by topic."""
+
+import re
+
+import pytest
+
+from infalign_jax.rl.tasks import prompt_sets, real
+
+
+def _topic(task, text):
+    """(group, filler text) recovered from a prompt's text by matching the phrasings as patterns,
+    independently of the ids and indices `generate` assigns."""
+    found = []
+    for g, (phrasings, _) in enumerate(prompt_sets.TEMPLATES[task]):
+        for phrasing in phrasings:
+            head, tail = phrasing.split("{}")
+            m = re.fullmatch(re.escape(head) + "(.+)" + re.escape(tail), text)
+            if m:
+                found.append((g, m.group(1)))
+    assert len(set(found)) == 1, (text, found)
+    return found[0]
+
+
+@pytest.mark.parametrize("task", sorted(prompt_sets.TEMPLATES))
+def test_enough_distinct_prompts_for_the_reproduction(task):
+    prompts = prompt_sets.generate(task)
+    texts = [p.text for p in prompts]
+    assert len(set(texts)) == len(texts) >= 256 + 128 + 128
+    assert len({p.id for p in prompts}) == len(prompts)
+    assert all("{" not in t and "}" not in t and t.strip() == t for t in texts)
+
+
+@pytest.mark.parametrize("task", sorted(prompt_sets.TEMPLATES))
+def test_split_is_disjoint_by_topic_and_seeded(task):
+    train, evals = prompt_sets.split(task, 256, 128, seed=3)
+    assert len(train) == 256 and len(evals) == 128
+    train_topics = {_topic(task, p.text) for p in train}
+    eval_topics = {_topic(task, p.text) for p in evals}
+    assert not train_topics & eval_topics
+    # every group contributes to both sides
+    assert {g for g, _ in train_topics} == {g for g, _ in eval_topics} == set(
+        range(len(prompt_sets.TEMPLATES[task])))
+    again = prompt_sets.split(task, 256, 128, seed=3)
+    assert [p.id for p in again[0]] == [p.id for p in train]
+    other = prompt_sets.split(task, 256, 128, seed=4)
+    assert {p.id for p in other[1]} != {p.id for p in evals}
+
+
+def test_too_many_prompts_refused_with_the_pool_sizes():
+    with pytest.raises(ValueError, match=r"num_prompts=10000"):
+        prompt_sets.split("helpfulness", 10000, 8, seed=0)
+    with pytest.raises(ValueError, match="no templates for task 'nope'"):
+        prompt_sets.generate("nope")
+
+
+def test_task_config_reads_the_generated_set():
+    s = real.parse_section({"name": "harmlessness", "num_prompts": 8, "eval_prompts": 12,
+                            "data": {"prompts": "generated", "split_seed": 2}})
+    split = real._task_prompts(s)
+    assert len(split.train_texts) == 8 and len(split.eval_texts) == 12
+    train, evals = prompt_sets.split("harmlessness", 8, 12, seed=2)
+    assert split.train_texts == [p.text for p in train]
+    assert split.eval_ids == [p.id for p in evals]
+    # shipped prompts: evaluation is a prefix of training, so it cannot be the larger
+    with pytest.raises(ValueError, match="eval_prompts=12 exceeds"):
+        real.parse_section({"name": "harmlessness", "num_prompts": 8, "eval_prompts": 12})
