@@ -245,3 +245,39 @@ def test_compiled_memory_is_not_n_by_v():
     assert chunked_grad < logits_bytes / 4, (chunked_grad, logits_bytes)
     assert chunked_fwd < logits_bytes / 3, (chunked_fwd, logits_bytes)
     assert kl_fwd < logits_bytes / 2, (kl_fwd, logits_bytes)
+
+
+# ----------------------------------------------------------------------------- top_k_logprobs
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("k", [1, 5, 60])
+def test_top_k_logprobs_match_float64_numpy(chunk, k):
+    hidden, kernel, _ = _head(11)
+    # duplicated columns: exact ties, which the lower vocabulary id wins (as a stable sort)
+    kernel = kernel.at[:, 250].set(kernel[:, 3]).at[:, 299].set(kernel[:, 64])
+    ids, logp = VC.top_k_logprobs(hidden, kernel, k, chunk=chunk)
+    ref = _np_log_softmax(_np_logits(hidden, kernel))
+    ids, logp = np.asarray(ids), np.asarray(logp)
+    assert ids.shape == logp.shape == (B, L, k) and ids.dtype == np.int32
+    # the k largest log-probs, in order, each under its own id (float32 logits may order two
+    # values closer than their rounding differently from float64, so ids are checked by value)
+    np.testing.assert_allclose(logp, -np.sort(-ref, axis=-1)[..., :k], atol=2e-5)
+    np.testing.assert_allclose(np.take_along_axis(ref, ids, -1), logp, atol=2e-5)
+    assert all(len(set(row)) == k for row in ids.reshape(-1, k))
+    for a, b in ((3, 250), (64, 299)):  # exact ties: the lower id first
+        both = (ids == a).any(-1) & (ids == b).any(-1)
+        assert (np.argmax(ids == a, -1) < np.argmax(ids == b, -1))[both].all()
+    if k == 60:
+        assert ((ids == 3).any(-1) & (ids == 250).any(-1)).any()
+
+
+def test_top_k_logprobs_memory_and_bad_k():
+    n, d, v = 512, 64, 50_000
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    kern = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    temp = jax.jit(lambda a, b: VC.top_k_logprobs(a, b, 20, chunk=4096)).lower(
+        h, kern).compile().memory_analysis().temp_size_in_bytes
+    assert temp < n * v * 4 / 3, temp
+    hidden, kernel, _ = _head(0)
+    for bad in (0, V + 1, 2.0):
+        with pytest.raises(ValueError, match="k must be a Python int"):
+            VC.top_k_logprobs(hidden, kernel, bad)

@@ -287,3 +287,46 @@ def kl_and_entropy(hidden_p_NxD: Array, kernel_p_DxV: Array, hidden_q_NxD: Array
                                        hidden_q_NxD.reshape(-1, hidden_q_NxD.shape[-1]),
                                        kernel_q_DxV, chunk)
     return kl_N.reshape(lead), entropy_N.reshape(lead)
+
+
+# --------------------------------------------------------------------------- top-k log-probs
+def _top_k_flat(hidden_NxD: Array, kernel_DxV: Array, k: int, chunk: int) -> tuple[Array, Array]:
+    width, num = _num_chunks(kernel_DxV.shape[1], chunk)
+    n = hidden_NxD.shape[0]
+
+    def body(carry, i):
+        m_N, s_N, top_NxK, ids_NxK = carry
+        z_NxC, _, cols_C, valid_C, _ = _chunk_logits(hidden_NxD, kernel_DxV, i, width)
+        m_new_N, scale_N, _ = _rescale(m_N, s_N, _masked_max(z_NxC, valid_C))
+        s_N = scale_N * s_N + jnp.sum(_masked_exp(z_NxC, m_new_N, valid_C), -1)
+        if valid_C is not None:  # columns the previous chunk covered cannot enter the top k twice
+            z_NxC = jnp.where(valid_C, z_NxC, -jnp.inf)
+        # the running top k merged with this chunk's logits; ties keep the lower vocabulary id
+        # (earlier chunks first, `lax.top_k` keeps the earlier of equal entries)
+        both = jnp.concatenate([top_NxK, z_NxC], axis=1)
+        both_ids = jnp.concatenate([ids_NxK, jnp.broadcast_to(cols_C, z_NxC.shape)], axis=1)
+        top_NxK, where = jax.lax.top_k(both, k)
+        return (m_new_N, s_N, top_NxK, jnp.take_along_axis(both_ids, where, 1)), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+            jnp.full((n, k), -jnp.inf, jnp.float32), jnp.zeros((n, k), jnp.int32))
+    (m_N, s_N, top_NxK, ids_NxK), _ = jax.lax.scan(body, init, jnp.arange(num))
+    return ids_NxK.astype(jnp.int32), top_NxK - (m_N + jnp.log(s_N))[:, None]
+
+
+def top_k_logprobs(hidden_NxD: Array, kernel_DxV: Array, k: int, *,
+                   chunk: int = DEFAULT_CHUNK) -> tuple[Array, Array]:
+    """The k most likely tokens of softmax(hidden @ kernel) per position and their log-probs
+    (normalised over the whole vocabulary), by one pass over vocabulary chunks carrying the online
+    logsumexp and a running top k (the k best of [top k so far | this chunk]).
+
+    Returns (ids [..., k] int32 in descending log-prob order, logp [..., k] float32); k <= V.
+    Forward only (the ids are discrete; use it under `stop_gradient`).
+    """
+    chunk = _check_chunk(chunk)
+    hidden_NxD, kernel_DxV = _check_head(hidden_NxD, kernel_DxV, "hidden_NxD", "kernel_DxV")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= kernel_DxV.shape[1]:
+        raise ValueError(f"k must be a Python int in [1, V={kernel_DxV.shape[1]}], got {k!r}")
+    lead = hidden_NxD.shape[:-1]
+    ids, logp = _top_k_flat(hidden_NxD.reshape(-1, hidden_NxD.shape[-1]), kernel_DxV, k, chunk)
+    return ids.reshape(lead + (k,)), logp.reshape(lead + (k,))

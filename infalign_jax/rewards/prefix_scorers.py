@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from infalign_jax.core import losses
+from infalign_jax.core import losses, vocab_chunks
 from infalign_jax import models
 from infalign_jax.decoding.controlled_decoding import PrefixScorer, value_head_scorer
 from infalign_jax.models.config import ModelConfig
@@ -140,12 +140,25 @@ def ref_next_token_logprobs(fns: DecoderFns, ref_params: Params, prompt_BxP: Arr
     Entry t is the distribution after response token t (logits at sequence position P + t).
     `top_k=None` gives the whole vocabulary (K = V, exact CD-Q expectation); otherwise pi_ref's
     top-k tokens at each position with their (unrenormalised) log-probs. float32.
+    With a linear lm head (`fns.hidden`, `fns.lm_kernel`) no logits exist at the prompt
+    positions, and the top-k comes from one pass over vocabulary chunks
+    (`vocab_chunks.top_k_logprobs`): B x L x K, never B x L x V.
     """
     check.int_arg("top_k", top_k, optional=True)
     chex.assert_rank([prompt_BxP, response_BxL], 2)
     tokens, mask = concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxL,
                                           response_mask_BxL)
-    logits_BxLxV = fns.logits(ref_params, tokens, mask)[:, prompt_BxP.shape[1]:]
+    plen = prompt_BxP.shape[1]
+    if fns.hidden is not None and fns.lm_kernel is not None:
+        hidden_BxLxD = fns.hidden(ref_params, tokens, mask)[:, plen:]
+        kernel_DxV = fns.lm_kernel(ref_params)
+        if top_k is not None and top_k < kernel_DxV.shape[1]:
+            return vocab_chunks.top_k_logprobs(hidden_BxLxD, kernel_DxV, top_k)
+        logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD,
+                                  kernel_DxV.astype(hidden_BxLxD.dtype),
+                                  preferred_element_type=jnp.float32)
+    else:
+        logits_BxLxV = fns.logits(ref_params, tokens, mask)[:, plen:]
     logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
     batch, length, vocab = logp_BxLxV.shape
     if top_k is None or top_k >= vocab:
