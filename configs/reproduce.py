@@ -7,8 +7,8 @@ Command (tiny: 39 minutes measured on 2 CPU cores shared with a test run; small,
 Sizes: smoke (plumbing, seconds), tiny (3 seeds per method), small (5 seeds), full. Stages:
 `--config.stages="analytic,exact,convergence,real"` (comma-separated; "convergence" trains every
 transform at config.convergence_kls with each seed: 56 minutes per budget measured at tiny on a
-shared machine; "real" trains the SmolLM2 tasks of configs/ctrl_real.py at the same size: tiny
-takes about 4 x 4 minutes more).
+shared machine; "real" runs configs/compare_real.py's comparison of every method at matched KL,
+sized by `--real_config=configs/compare_real.py:size=smoke|small|medium`).
 Expected result: runs/reproduce/results.md with (1) the analytic frontier table (exp-t beats
 identity and log for BoN_N / WoN_N at matched KL, exp-t within 0.0012 of the optimum), (2) the
 exact-task table: every method trained with 3 seeds to the exact target of its transform at

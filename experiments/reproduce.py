@@ -2,29 +2,28 @@
 
 The exact and convergence stages train configs/ctrl_exact.py's config (`--exact_config`, whose
 keys can be overridden like any config: `--exact_config.rl.learning_rate=1e-3`); the real stage
-builds its runs from configs/ctrl_real.py (`--real_config`). All the work is in
+is configs/compare_real.py's comparison (`--real_config`, e.g.
+`--real_config=configs/compare_real.py:size=small`). All the work is in
 infalign_jax.workflows.reproduce.
 """
 
 from absl import flags
 from ml_collections import config_flags
 
-from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.workflows import reproduce
 from infalign_jax.infra import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Experiment config.")
 _EXACT = config_flags.DEFINE_config_file("exact_config", "configs/ctrl_exact.py",
                                          "Base config of the exact-task stages.")
-_REAL = flags.DEFINE_string("real_config", "configs/ctrl_real.py",
-                            "Config file of the real stage's runs (get_config(arg)).")
+_REAL = config_flags.DEFINE_config_file("real_config", "configs/compare_real.py",
+                                        "Config of the real stage's comparison.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Output directory.")
 
 
 def main(argv):
     cli.start(argv)
-    real = load_config_module(_REAL.value).get_config
-    reproduce.run(_CONFIG.value, _WORKDIR.value, exact_config=_EXACT.value, real_config=real,
+    reproduce.run(_CONFIG.value, _WORKDIR.value, exact_config=_EXACT.value, real_config=_REAL.value,
                   log=lambda s: print(s, flush=True))
 
 

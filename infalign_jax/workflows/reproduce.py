@@ -314,48 +314,13 @@ class ReproduceConfig:
     @property
     def stage_list(self) -> list[str]:
         return [s.strip() for s in str(self.stages).split(",") if s.strip()]
-# (task, method label, ctrl_real.py arg) of the real stage: calibrated identity vs CTRL exp-t
-REAL_METHODS = (("helpfulness", "calibrated identity", "transform=identity"),
-                ("helpfulness", "CTRL exp t=4 (BoN)", "transform=exp,t=4"),
-                ("harmlessness", "calibrated identity", "transform=identity"),
-                ("harmlessness", "CTRL exp t=-4 (WoN)", "transform=exp,t=-4"))
-
-
-def run_real_stage(real_config: Callable[[str], Any], size: str, workdir: str,
-                   log: Callable[[str], None] = print) -> str:
-    """SmolLM2 tasks judged by the offline gold judges: the paper's table shape (estimates with
-    95% intervals = 1.96 standard errors over prompts); returns the markdown. `real_config(arg)`
-    is configs/ctrl_real.py's `get_config`."""
-    rows = []
-    for task, method, arg in REAL_METHODS:
-        cfg = real_config(f"task={task},size={size},{arg}")
-        run_dir = os.path.join(workdir, f"{task}__{arg.replace('=', '-').replace(',', '_')}")
-        log(f"  real: {task} / {method} ({run_dir})")
-        _, summary = train.run(cfg, run_dir, log=lambda line: None)
-        ev = summary["eval"]
-        row = {"task": task, "method": method, "KL (k1)": ev.get("est_kl_k1", math.nan)}
-        for key in ("standard", "bon_4", "won_4"):
-            p, se = ev.get(f"est_{key}", math.nan), ev.get(f"est_{key}_stderr", math.nan)
-            row[key] = f"{p:.3f} ± {1.96 * se:.3f}"
-        rows.append(row)
-    table = sweep.markdown_table(rows, ["task", "method", "KL (k1)", "standard", "bon_4", "won_4"])
-    text = (f"## 3. Real offline tasks (size {size})\n\nWin rates of the trained policy against "
-            f"pi_ref under the gold judge (VADER for helpfulness, 1 - P(offensive) for "
-            f"harmlessness), estimated from fresh samples; ± is a 95% interval over prompts.\n\n"
-            f"{table}\n")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "real_table.md"), "w") as f:
-        f.write(text)
-    return text
-
-
-def run(config: Any, workdir: str, *, exact_config: Any = None,
-        real_config: Callable[[str], Any] | None = None,
+def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any = None,
         log: Callable[[str], None] = print) -> str:
     """Runs the configured stages into `workdir` and writes `workdir/results.md`; returns its path.
 
     `exact_config` (configs/ctrl_exact.py's config) is the base of the exact and convergence
-    stages; `real_config(arg)` (configs/ctrl_real.py's `get_config`) builds the real stage's runs.
+    stages; `real_config` (configs/compare_real.py's config) is the real stage's comparison
+    (`workflows.real_comparison`: every method at matched KL with several seeds).
     """
     from infalign_jax.workflows import analytic_report
     manifest_config = config
@@ -393,14 +358,20 @@ def run(config: Any, workdir: str, *, exact_config: Any = None,
         with open(os.path.join(out, "convergence_table.md")) as f:
             parts.append("## Exact task: convergence of every transform\n\n" + f.read())
     if "real" in stages:
-        size = config.size if config.size in ("tiny", "small", "full") else "tiny"
-        parts.append(run_real_stage(real_config, size, os.path.join(workdir, "real"), log))
+        from infalign_jax.workflows import real_comparison
+        out = real_comparison.run(real_comparison.task_configs(real_config),
+                                  real_config.comparison, os.path.join(workdir, "real"), log)
+        with open(out) as f:
+            parts.append(f"## 3. Real tasks: methods at matched KL (configs/compare_real.py:"
+                         f"size={real_config.size})\n\n" + f.read())
     path = os.path.join(workdir, "results.md")
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
         f.write("\n\n".join(parts) + "\n")
     provenance.write_manifest(workdir, manifest_config, seeds={"seed": config.seed}, started=started,
                               extra={"exact_config": None if exact_config is None
-                                     else exact_config.to_dict()})
+                                     else exact_config.to_dict(),
+                                     "real_config": None if real_config is None
+                                     else real_config.to_dict()})
     log(f"results: {path}")
     return path

@@ -322,9 +322,25 @@ def _task_prompts(s: RealTaskConfig) -> sources.Split:
     return sources.Split(ids, texts, ids[:s.eval_prompts], texts[:s.eval_prompts])
 
 
-def rl_task(section: Any) -> RLTask:
-    """The `RLTask` of `config.task` (name "helpfulness" or "harmlessness"): its policy, reward
-    and prompts from the `policy`, `reward` and `data` sub-sections (`sources`)."""
+class TaskInputs(NamedTuple):
+    """What a real task's `config.task` resolves to: pi_ref, the reward, the encoded prompts."""
+    section: RealTaskConfig
+    task: RealTask
+    policy: sources.Policy
+    judge: Any                     # the training reward, a text judge (`sources.make_judge`)
+    split: sources.Split
+    prompt_BxP: np.ndarray         # training prompts, left padded
+    mask_BxP: np.ndarray
+    eval_BxP: np.ndarray           # evaluation prompts, left padded
+    eval_mask_BxP: np.ndarray
+    eos_id: int
+    pad_id: int
+    detokenize: Callable[[Any], str]
+
+
+def task_inputs(section: Any) -> TaskInputs:
+    """Loads `config.task`'s policy, reward and prompts and encodes the prompts (chat template
+    when the task and the tokenizer have one, left padding)."""
     s = parse_section(section)
     task = get_real_task(s.name)
     split = _task_prompts(s)
@@ -334,7 +350,15 @@ def rl_task(section: Any) -> RLTask:
     prompt_BxP, mask_BxP = encode_prompts(policy.tokenizer, split.train_texts, chat)
     eval_BxP, eval_mask_BxP = encode_prompts(policy.tokenizer, split.eval_texts, chat)
     eos_id, pad_id = special_ids(policy.tokenizer)
-    detokenize = detokenizer(policy.tokenizer)
+    return TaskInputs(s, task, policy, judge, split, prompt_BxP, mask_BxP, eval_BxP,
+                      eval_mask_BxP, eos_id, pad_id, detokenizer(policy.tokenizer))
+
+
+def rl_task(section: Any) -> RLTask:
+    """The `RLTask` of `config.task` (name "helpfulness" or "harmlessness"): its policy, reward
+    and prompts from the `policy`, `reward` and `data` sub-sections (`sources`)."""
+    (s, task, policy, judge, split, prompt_BxP, mask_BxP, eval_BxP, eval_mask_BxP, eos_id, pad_id,
+     detokenize) = task_inputs(section)
     base_id = base_model_id(policy.source, s)
     fns = models.decoder_fns(policy.model_cfg)
     reward = judges.text_reward_fn(judge, detokenize, split.train_texts)

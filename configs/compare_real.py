@@ -1,0 +1,59 @@
+"""Every method of the paper's comparison on the real tasks, at matched KL, with several seeds.
+
+Command (smoke: plumbing only, a few minutes; small: the CPU size; medium: a GPU):
+    .venv/bin/python experiments/compare_real.py --config=configs/compare_real.py:size=small \\
+        --workdir=runs/compare_real
+Training on a proxy reward model and judging with the gold judge (claim (c)):
+    --config.base.task.reward.kind=trained --config.base.task.reward.checkpoint=runs/rm
+Variants: `:tasks=harmlessness`, `--config.comparison.methods=vbon,identity,exp`,
+`--config.comparison.seeds='(0,1,2,3,4)'`, `--config.comparison.kl_target=0.3`, and any key of the
+base run config (configs/ctrl_real.py), e.g. `--config.base.rl.learning_rate=3e-5`.
+What it does and how claims are decided: infalign_jax/workflows/real_comparison.py. Prompts are
+the tasks' generated sets (`task.data.prompts="generated"`), training and evaluation disjoint by
+topic.
+Sizes (SIZES): not yet measured end to end; `small` is sized for this 2-core CPU (about 3 minutes
+a run, 16 runs a task) and is still to be timed and tuned.
+"""
+
+import os
+
+from infalign_jax.infra.config_utils import config_section, load_config_module, parse_arg
+from infalign_jax.workflows.real_comparison import ComparisonConfig
+
+# base run config (ctrl_real.py keys) and comparison settings per size
+SIZES = {
+    "smoke": dict(task=dict(num_prompts=4, eval_prompts=4, max_new_tokens=6, eval_samples=0),
+                  k=8, samples=2, steps=1, batch_size=2, lr=1e-5,
+                  comparison=dict(seeds=(0, 1), n=2, eval_samples=2, num_resamples=200)),
+    "small": dict(task=dict(num_prompts=256, eval_prompts=128, max_new_tokens=16, eval_samples=0),
+                  k=32, samples=4, steps=30, batch_size=4, lr=5e-5,
+                  comparison=dict(seeds=(0, 1, 2), n=4, eval_samples=8)),
+    "medium": dict(task=dict(num_prompts=384, eval_prompts=192, max_new_tokens=32,
+                             eval_samples=0),
+                   k=128, samples=8, steps=300, batch_size=16, lr=2e-5,
+                   comparison=dict(seeds=(0, 1, 2), n=4, eval_samples=16)),
+}
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, size="smoke", tasks="helpfulness,harmlessness")
+    if a.size not in SIZES:
+        raise ValueError(f"config arg size: {a.size!r} is not one of {', '.join(SIZES)}")
+    z = SIZES[a.size]
+    base = load_config_module(os.path.join(os.path.dirname(__file__), "ctrl_real.py")).get_config(
+        f"task=helpfulness,size=tiny,transform=identity,learning_rate={z['lr']}")
+    base.unlock()
+    base.task.update(z["task"])
+    base.task.data.prompts = "generated"
+    base.task.calib_chunk = min(base.task.calib_chunk, z["k"])
+    base.reference.k = z["k"]
+    base.rl.samples_per_prompt = z["samples"]
+    base.rl.max_new_tokens = z["task"]["max_new_tokens"]
+    base.train.update(num_steps=z["steps"], batch_size=z["batch_size"], log_every=1,
+                      checkpoint_every=max(1, z["steps"] // 3))
+    base.lock()
+    c = parse_arg(None, size=a.size, tasks=a.tasks)
+    c.base = base
+    c.comparison = config_section(ComparisonConfig, **z["comparison"])
+    c.lock()
+    return c

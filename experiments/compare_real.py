@@ -1,0 +1,24 @@
+"""The paper's methods compared on the real tasks at matched KL; see configs/compare_real.py.
+
+All the work is in infalign_jax.workflows.real_comparison.
+"""
+
+from absl import flags
+from ml_collections import config_flags
+
+from infalign_jax.infra import cli
+from infalign_jax.workflows import real_comparison
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/compare_real.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/compare_real", "Output directory.")
+
+
+def main(argv):
+    cli.start(argv)
+    config = _CONFIG.value
+    real_comparison.run(real_comparison.task_configs(config), config.comparison, _WORKDIR.value,
+                        log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,523 @@
+"""The paper's comparison on a real language model: every method at matched KL, several seeds.
+
+InfAlign's claims (spec 1.4, 1.7), on a real task (`configs/ctrl_real.py`: SmolLM2 as pi_ref,
+helpfulness judged for Best-of-N, harmlessness for Worst-of-N), at matched KL:
+  (a) CTRL exp(t C), t > 0, beats calibrated identity, which beats raw-reward RLHF, on BoN_N;
+  (b) exp with t < 0 is best for WoN_N;
+  (c) calibration is more robust to reward hacking (train on a proxy, judge with the gold judge);
+  (d) calibrated identity is a strong baseline for the standard win rate.
+
+`run` trains each method with each seed through the ordinary run loop (`loops.train.run`), all of
+them on one reference table built once, then evaluates every trained policy on the same held-out
+prompts against the same pi_ref samples, under the gold judge (the task's own) and under the
+training reward (the proxy, when `config.task.reward` is a reward model):
+
+* methods: raw-reward RLHF (`raw`), calibrated RLHF (`identity`), CTRL `exp` (t = +|t| for a BoN
+  task, -|t| for a WoN task), the log transform (`vbon`: vBoN's beta = 1/(N - 1)), BoNBoN
+  (`bonbon`, BoN distillation), and Best-of-N sampling from pi_ref itself (`bon_ref`, selected by
+  the training reward; no training, KL = log N - (N - 1)/N).
+* matched KL: vBoN is trained first at its own beta; its mean held-out KL becomes the target of
+  the adaptive beta controller (`rl.beta_schedule="adaptive"`, Ziegler et al.) for the other
+  CTRL methods (or `kl_target` when set, and then vBoN is controlled too). BoNBoN has no beta; its
+  KL is whatever its loss gives. Each row's KL is the full-vocabulary KL(pi || pi_ref) summed
+  along the policy's samples on the evaluation prompts; rows more than `kl_tolerance` from the
+  target are flagged, and a claim that rests on a flagged row is "unresolved".
+* statistics: per prompt, the plug-in standard / BoN_N / WoN_N win rate against the shared pi_ref
+  samples (`evaluation.plugin_win_rates`); a method's difference against calibrated identity with
+  a bootstrap over prompts (paired) and seeds (`evaluation.paired_difference`). A claim holds when
+  its 95% interval lies on the claimed side of 0, does not hold when it lies on the other side,
+  and is unresolved otherwise.
+
+Outputs in the work dir: `<task>/<method>/seed=<s>/` (each a normal run directory),
+`<task>/evaluation/<method>_seed<s>.npz` (per-prompt scores, win rates and KL), `comparison.json`,
+`comparison.md` (tables, differences, claims) and `<task>/win_rate_vs_kl.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infalign_jax import models
+from infalign_jax.analysis import evaluation
+from infalign_jax.core import kl as kl_lib
+from infalign_jax.decoding import sampling
+from infalign_jax.decoding.sampling import SamplingConfig
+from infalign_jax.infra import provenance
+from infalign_jax.infra import validate as check
+from infalign_jax.infra.config_utils import as_dict, dataclass_from
+from infalign_jax.infra.files import write_json
+from infalign_jax.loops import train
+from infalign_jax.rewards import judges
+from infalign_jax.rl import tasks as rl_tasks
+from infalign_jax.rl.tasks import real, sources
+from infalign_jax.workflows import sweep
+
+METHODS = ("raw", "identity", "exp", "vbon", "bonbon", "bon_ref")
+TRAINED = ("raw", "identity", "exp", "vbon", "bonbon")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonConfig:
+    """`config.comparison`: what is compared and how it is measured."""
+
+    _config_owner = "config.comparison"
+    methods: str = "all"           # "all" or comma-separated names of METHODS
+    seeds: tuple = (0, 1, 2)
+    n: int = 4                     # the N of BoN_N / WoN_N, of vBoN and of BoNBoN
+    t: float = 4.0                 # |t| of CTRL exp; its sign is the task's procedure's
+    kl_target: float = 0.0         # 0: vBoN's measured KL; > 0: every CTRL method's target
+    kl_tolerance: float = 0.1      # relative KL mismatch beyond which a row is flagged
+    eval_samples: int = 8          # samples per evaluation prompt, per policy and for pi_ref
+    eval_batch_prompts: int = 16   # evaluation prompts per sampler call
+    eval_seed: int = 1234
+    num_resamples: int = 2000
+
+    def __post_init__(self):
+        unknown = sorted(set(self.method_list) - set(METHODS))
+        if unknown or not self.method_list:
+            check.fail(self, "methods", f"'all' or a comma-separated subset of {METHODS} "
+                                        f"(unknown: {unknown})")
+        seeds = tuple(self.seeds)
+        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                            for s in seeds) or len(set(seeds)) != len(seeds):
+            check.fail(self, "seeds", "a non-empty tuple of distinct integers >= 0")
+        object.__setattr__(self, "seeds", seeds)
+        check.ints(self, ("n",), low=2)
+        check.ints(self, ("eval_samples", "eval_batch_prompts", "num_resamples"))
+        check.ints(self, ("eval_seed",), low=0)
+        check.numbers(self, ("t", "kl_tolerance"), strict=True)
+        check.numbers(self, ("kl_target",))
+        if self.eval_samples < self.n:
+            check.fail(self, "eval_samples", f">= n = {self.n} (the BoN_N plug-in needs M >= N)")
+        if "vbon" not in self.method_list and self.kl_target == 0 and any(
+                m in self.method_list for m in ("raw", "identity", "exp")):
+            check.fail(self, "kl_target", "> 0 when 'vbon' is not among the methods (its KL is "
+                                          "the default target)")
+
+    @property
+    def method_list(self) -> list[str]:
+        if self.methods == "all":
+            return list(METHODS)
+        return [m.strip() for m in str(self.methods).split(",") if m.strip()]
+
+
+def parse_comparison(section: Any) -> ComparisonConfig:
+    values = as_dict(section)
+    if "seeds" in values:
+        values["seeds"] = tuple(values["seeds"])
+    return dataclass_from(ComparisonConfig, values, "comparison")
+
+
+def method_overrides(method: str, procedure: str, n: int, t: float) -> dict[str, Any]:
+    """Config overrides (on configs/ctrl_real.py's config) that make `method`; the KL controller
+    is added by `run`."""
+    sign = 1.0 if procedure == "bon" else -1.0
+    return {
+        "raw": {"transform.name": "raw"},
+        "identity": {"transform.name": "identity"},
+        "exp": {"transform.name": "exp", "transform.t": sign * abs(t)},
+        "vbon": {"transform.name": "log", "rl.beta": 1.0 / (n - 1)},
+        "bonbon": {"method": "bonbon", "bonbon.n": n},
+    }[method]
+
+
+def _set_transform(base: Any, overrides: dict[str, Any]) -> Any:
+    """`base` with its transform section replaced when the overrides name another transform (a
+    transform's parameters are its own keys; `sweep.apply_overrides` refuses new keys)."""
+    import ml_collections
+    from infalign_jax.core.transforms import transform_section
+    name = overrides.get("transform.name")
+    if name is None:
+        return base
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    params = {k.split(".", 1)[1]: v for k, v in overrides.items()
+              if k.startswith("transform.") and k != "transform.name"}
+    cfg.transform = transform_section(name, **params)
+    return cfg
+
+
+def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: float) -> Any:
+    """The run config of one (method, seed): the method's overrides, the seed, and for the CTRL
+    methods other than a fixed-beta vBoN the adaptive KL controller aimed at `kl_target`."""
+    procedure = real.get_real_task(base.task.name).procedure
+    over = method_overrides(method, procedure, n, t)
+    cfg = _set_transform(base, over)
+    rest = {k: v for k, v in over.items() if not k.startswith("transform.")}
+    if method == "bonbon":
+        import ml_collections
+        from infalign_jax.rl.bon_distillation import BoNBoNConfig
+        from infalign_jax.infra.config_utils import config_section
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        if "bonbon" not in cfg:
+            cfg.bonbon = config_section(BoNBoNConfig)
+        if "method" not in cfg:
+            cfg.method = "ctrl"
+    rest["seed"] = int(seed)
+    if method in ("raw", "identity", "exp") or (method == "vbon" and kl_target > 0):
+        rest.update({"rl.beta_schedule": "adaptive", "rl.kl_target": float(kl_target)})
+        rest.pop("rl.beta", None)
+    return sweep.apply_overrides(cfg, rest)
+
+
+# ------------------------------------------------------------------------------ evaluation
+class Evaluator:
+    """pi_ref's samples on the evaluation prompts, scored once by both judges; then any policy's.
+
+    Every policy is compared with the *same* pi_ref samples (a paired comparison across methods).
+    """
+
+    def __init__(self, inputs: real.TaskInputs, gold: Any, cc: ComparisonConfig,
+                 log: Callable[[str], None] = print):
+        self.inputs, self.gold, self.proxy, self.cc, self.log = inputs, gold, inputs.judge, cc, log
+        self.fns = models.decoder_fns(inputs.policy.model_cfg)
+        self.ref_params = inputs.policy.params
+        s = inputs.section
+        self.scfg = SamplingConfig(n=cc.eval_samples, max_new_tokens=s.max_new_tokens,
+                                   temperature=float(s.temperature), eos_id=inputs.eos_id,
+                                   pad_id=inputs.pad_id)
+        self.texts = list(inputs.split.eval_texts)
+        fns = self.fns
+        self._sample = jax.jit(lambda p, x, m, r, c: sampling.sample(fns, p, x, m, r, c),
+                               static_argnums=4)
+        self._kl = jax.jit(lambda p, q, x, m, y, ym: jnp.sum(sampling.response_kl_entropy(
+            fns, p, fns, q, x, m, y, ym)[0], -1))
+        ref = self.sample_and_score(self.ref_params, cc.eval_seed, self.scfg)
+        self.ref_gold_BxM, self.ref_proxy_BxM = ref["gold_BxM"], ref["proxy_BxM"]
+        self.ref_texts = ref["texts"]
+        self.same_judge = self.proxy.id == self.gold.id
+
+    def sample_and_score(self, params: Any, seed: int, scfg: SamplingConfig,
+                         kl: bool = False) -> dict[str, np.ndarray]:
+        """M samples per evaluation prompt; their gold and proxy scores (B x M), response texts,
+        and with `kl` the full-vocabulary KL(pi || pi_ref) of each sample (B x M)."""
+        inp, m = self.inputs, scfg.n
+        step = self.cc.eval_batch_prompts
+        out: dict[str, list] = {"gold_BxM": [], "proxy_BxM": [], "kl_BxM": [], "texts": []}
+        for start in range(0, len(self.texts), step):
+            rows = slice(start, start + step)
+            x, xm = jnp.asarray(inp.eval_BxP[rows]), jnp.asarray(inp.eval_mask_BxP[rows])
+            key = jax.random.fold_in(jax.random.key(seed), start)
+            smp = self._sample(params, x, xm, key, scfg)
+            xr, xmr, resp, rmask = sampling.flatten_samples(x, xm, smp)
+            r_np, rm_np = np.asarray(resp), np.asarray(rmask, bool)
+            texts = [inp.detokenize(r[k]) for r, k in zip(r_np, rm_np)]
+            prompts = [t for t in self.texts[rows] for _ in range(m)]
+            b = x.shape[0]
+            out["texts"] += texts
+            out["gold_BxM"].append(np.asarray(self.gold(prompts, texts), np.float64).reshape(b, m))
+            out["proxy_BxM"].append(np.asarray(self.proxy(prompts, texts),
+                                               np.float64).reshape(b, m))
+            if kl:
+                out["kl_BxM"].append(np.asarray(self._kl(params, self.ref_params, xr, xmr, resp,
+                                                         rmask), np.float64).reshape(b, m))
+        return {k: (np.concatenate(v) if v and k != "texts" else v) for k, v in out.items()}
+
+    def win_rates(self, gold_BxM: np.ndarray, proxy_BxM: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-prompt plug-in win rates against the shared pi_ref samples, under each judge."""
+        n = self.cc.n
+        out = {}
+        for judge, pol, ref in (("gold", gold_BxM, self.ref_gold_BxM),
+                                ("proxy", proxy_BxM, self.ref_proxy_BxM)):
+            out[f"{judge}_standard_B"] = evaluation.standard_win_rate(pol, ref)
+            for proc in ("bon", "won"):
+                out[f"{judge}_{proc}{n}_B"] = evaluation.plugin_win_rates(pol, ref, n, proc)[:, 0]
+        return out
+
+    def evaluate_policy(self, params: Any, seed: int) -> dict[str, Any]:
+        got = self.sample_and_score(params, seed, self.scfg, kl=True)
+        return {**self.win_rates(got["gold_BxM"], got["proxy_BxM"]), "kl_B": got["kl_BxM"].mean(1),
+                "gold_BxM": got["gold_BxM"], "proxy_BxM": got["proxy_BxM"], "texts": got["texts"]}
+
+    def evaluate_bon_ref(self, seed: int) -> dict[str, Any]:
+        """Best-of-N sampling from pi_ref: N M samples per prompt, the best of each N by the
+        training reward (what a deployment has), scored by both judges; KL is BoN's analytic
+        log N - (N - 1)/N."""
+        n, m = self.cc.n, self.cc.eval_samples
+        got = self.sample_and_score(self.ref_params, seed,
+                                    dataclasses.replace(self.scfg, n=n * m))
+        b = got["gold_BxM"].shape[0]
+        proxy = got["proxy_BxM"].reshape(b, m, n)
+        pick = np.argmax(proxy, -1)[..., None]
+        gold = np.take_along_axis(got["gold_BxM"].reshape(b, m, n), pick, -1)[..., 0]
+        proxy = np.take_along_axis(proxy, pick, -1)[..., 0]
+        texts = np.asarray(got["texts"], object).reshape(b, m, n)
+        chosen = np.take_along_axis(texts, pick, -1)[..., 0].reshape(-1).tolist()
+        return {**self.win_rates(gold, proxy), "kl_B": np.full(b, float(kl_lib.bon_kl_bound(n))),
+                "gold_BxM": gold, "proxy_BxM": proxy, "texts": chosen}
+
+
+def _save_eval(path: str, ev: dict[str, Any], prompt_ids: Sequence[str], prompts: Sequence[str],
+               m: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, **{k: v for k, v in ev.items() if k != "texts"})
+    with open(os.path.splitext(path)[0] + "_texts.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(ev["texts"]):
+            b, j = divmod(i, m)
+            f.write(json.dumps({"prompt_id": prompt_ids[b], "prompt": prompts[b], "sample": j,
+                                "response": text, "gold": float(ev["gold_BxM"][b, j]),
+                                "proxy": float(ev["proxy_BxM"][b, j])}) + "\n")
+
+
+def _load_eval(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------------------------ the run
+def _train(cfg: Any, run_dir: str, table_files: Sequence[str], devices: Any = None) -> Any:
+    """Trains (or resumes) one run on the shared reference table; returns its policy params."""
+    os.makedirs(run_dir, exist_ok=True)
+    for src in table_files:
+        dst = os.path.join(run_dir, os.path.basename(src))
+        if not os.path.exists(dst):
+            shutil.copyfile(src, dst)
+    train.run(cfg, run_dir, log=lambda line: None, devices=devices)
+    return sources.load_policy(sources.PolicyConfig(run_dir)).params
+
+
+def run_task(base: Any, cc: ComparisonConfig, workdir: str,
+             log: Callable[[str], None] = print, devices: Any = None) -> dict[str, Any]:
+    """Every method x seed of one real task (configs/ctrl_real.py's config `base`); returns the
+    per-method evaluations. `devices` restricts the training runs' mesh."""
+    inputs = real.task_inputs(base.task)
+    task_name = inputs.section.name
+    gold = judges.get_judge(inputs.task.judge)
+    log(f"{task_name}: {len(inputs.split.train_ids)} training / {len(inputs.split.eval_ids)} "
+        f"evaluation prompts; reward {inputs.judge.id!r}, gold judge {gold.id!r}")
+    os.makedirs(workdir, exist_ok=True)
+    # One reference table for every run (it depends on the task, reward, K and seed only).
+    table_path = os.path.join(workdir, "reference_table.npz")
+    rl_task = rl_tasks.build_task(base.task)
+    k, ref_seed = train.reference_settings(base)
+    train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
+    table_files = [table_path, os.path.splitext(table_path)[0] + ".json"]
+    del rl_task
+    evaluator = Evaluator(inputs, gold, cc, log)
+    ids, prompts, m = inputs.split.eval_ids, inputs.split.eval_texts, cc.eval_samples
+    _save_eval(os.path.join(workdir, "evaluation", "pi_ref.npz"),
+               {"gold_BxM": evaluator.ref_gold_BxM, "proxy_BxM": evaluator.ref_proxy_BxM,
+                "texts": evaluator.ref_texts}, ids, prompts, m)
+    evals: dict[str, list[dict[str, Any]]] = {}
+    kl_target = cc.kl_target
+
+    def evaluate(method: str, seed: int) -> dict[str, Any]:
+        path = os.path.join(workdir, "evaluation", f"{method}_seed{seed}.npz")
+        got = _load_eval(path)
+        if got is None:
+            if method == "bon_ref":
+                got = evaluator.evaluate_bon_ref(cc.eval_seed + 1 + seed)
+            else:
+                cfg = run_config(base, method, seed, cc.n, cc.t, kl_target)
+                log(f"  {method} seed {seed}: training ({int(cfg.train.num_steps)} steps) ...")
+                params = _train(cfg, os.path.join(workdir, method, f"seed={seed}"), table_files,
+                                devices)
+                got = evaluator.evaluate_policy(params, cc.eval_seed + 1 + seed)
+            _save_eval(path, got, ids, prompts, m)
+        log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}, gold BoN_{cc.n} "
+            f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
+            f"{got[f'gold_won{cc.n}_B'].mean():.3f}, standard "
+            f"{got['gold_standard_B'].mean():.3f}")
+        return got
+
+    order = [mth for mth in ("vbon",) if mth in cc.method_list and cc.kl_target == 0]
+    order += [mth for mth in cc.method_list if mth not in order]
+    for method in order:
+        evals[method] = [evaluate(method, seed) for seed in cc.seeds]
+        if method == "vbon" and cc.kl_target == 0:
+            kl_target = float(np.mean([e["kl_B"].mean() for e in evals[method]]))
+            log(f"  KL target for the controlled methods: {kl_target:.4f} (vBoN's, held out)")
+    return {"task": task_name, "procedure": inputs.task.procedure, "kl_target": kl_target,
+            "evals": evals, "same_judge": evaluator.same_judge, "gold": gold.id,
+            "proxy": inputs.judge.id}
+
+
+# ------------------------------------------------------------------------------ summaries
+def _interval(est: evaluation.Estimate) -> dict[str, float]:
+    return {"point": float(est.point), "lower": float(est.lower), "upper": float(est.upper)}
+
+
+def _verdict(diff: dict[str, float], sign: float, flagged: bool) -> str:
+    if flagged:
+        return "unresolved (KL not matched)"
+    lo, hi = sign * diff["lower"], sign * diff["upper"]
+    lo, hi = min(lo, hi), max(lo, hi)
+    if lo > 0:
+        return "holds"
+    if hi < 0:
+        return "does not hold"
+    return "unresolved"
+
+
+def summarise(result: dict[str, Any], cc: ComparisonConfig) -> dict[str, Any]:
+    """Per-method rows (mean +- sd over seeds), differences against calibrated identity, claims."""
+    n, evals, target = cc.n, result["evals"], result["kl_target"]
+    metrics = ["gold_standard_B", f"gold_bon{n}_B", f"gold_won{n}_B", "proxy_standard_B",
+               f"proxy_bon{n}_B", f"proxy_won{n}_B"]
+    rows, flagged = [], {}
+    for method, runs in evals.items():
+        kls = np.array([r["kl_B"].mean() for r in runs])
+        controlled = method in ("raw", "identity", "exp") or (method == "vbon" and cc.kl_target)
+        off = bool(target > 0 and abs(kls.mean() - target) > cc.kl_tolerance * target)
+        flagged[method] = off and method != "bon_ref"
+        row = {"method": method, "seeds": len(runs), "kl": float(kls.mean()),
+               "kl_sd": float(kls.std(ddof=1)) if len(kls) > 1 else 0.0,
+               "kl_matched": "n/a" if method == "bon_ref" else ("no" if off else "yes"),
+               "controlled": bool(controlled)}
+        for key in metrics:
+            per_seed = np.array([r[key].mean() for r in runs])
+            row[key[:-2]] = float(per_seed.mean())
+            row[key[:-2] + "_sd"] = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+        rows.append(row)
+    diffs = {}
+    if "identity" in evals:
+        base = evals["identity"]
+        for method, runs in evals.items():
+            if method == "identity":
+                continue
+            diffs[method] = {key[:-2]: _interval(evaluation.paired_difference(
+                np.stack([r[key] for r in runs]), np.stack([r[key] for r in base]),
+                cc.num_resamples, seed=cc.eval_seed)) for key in metrics}
+    claims = _claims(result, diffs, flagged, n)
+    return {"task": result["task"], "procedure": result["procedure"], "kl_target": target,
+            "rows": rows, "differences_vs_identity": diffs, "claims": claims,
+            "gold": result["gold"], "proxy": result["proxy"], "same_judge": result["same_judge"]}
+
+
+def _claims(result: dict[str, Any], diffs: dict[str, Any], flagged: dict[str, bool], n: int
+            ) -> list[dict[str, str]]:
+    proc = result["procedure"]
+    metric = f"gold_{proc}{n}"
+    out = []
+
+    def claim(name: str, text: str, method: str, key: str, sign: float, also: str = "") -> None:
+        if method not in diffs:
+            return
+        d = diffs[method][key]
+        bad = flagged.get(method, False) or flagged.get("identity", False)
+        out.append({"claim": name, "statement": text, "interval": d,
+                    "verdict": _verdict(d, sign, bad), "note": also})
+
+    if proc == "bon":
+        claim("a", f"CTRL exp t>0 beats calibrated identity on BoN_{n} (gold)", "exp", metric, 1)
+        claim("a", f"calibrated identity beats raw-reward RLHF on BoN_{n} (gold)", "raw", metric,
+              -1)
+    else:
+        claim("b", f"CTRL exp t<0 beats calibrated identity on WoN_{n} (gold)", "exp", metric, 1)
+    claim("d", "calibrated identity is at least as good as raw RLHF on the standard win rate "
+               "(gold)", "raw", "gold_standard", -1)
+    if not result["same_judge"]:
+        claim("c", "calibrated identity beats raw RLHF under the gold judge when both train on "
+                   "the proxy", "raw", metric, -1)
+    return out
+
+
+def markdown(summary: dict[str, Any], cc: ComparisonConfig) -> str:
+    n = cc.n
+    cols = ["method", "seeds", "kl", "kl_matched", "gold_standard", f"gold_bon{n}",
+            f"gold_won{n}", "proxy_standard", f"proxy_bon{n}", f"proxy_won{n}"]
+    rows = []
+    for r in summary["rows"]:
+        row = {"method": r["method"], "seeds": r["seeds"], "kl_matched": r["kl_matched"],
+               "kl": f"{r['kl']:.3f} ± {r['kl_sd']:.3f}"}
+        for c in cols[4:]:
+            row[c] = f"{r[c]:.3f} ± {r[c + '_sd']:.3f}"
+        rows.append(row)
+    lines = [f"### {summary['task']} ({summary['procedure'].upper()}_{n})", "",
+             f"Reward (proxy) `{summary['proxy']}`, gold judge `{summary['gold']}`; KL target "
+             f"{summary['kl_target']:.4f}. Win rates against pi_ref's samples on the held-out "
+             f"prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response.",
+             "", sweep.markdown_table(rows, cols), ""]
+    if summary["differences_vs_identity"]:
+        dcols = ["method", "gold_standard", f"gold_{summary['procedure']}{n}",
+                 f"proxy_{summary['procedure']}{n}"]
+        drows = [{"method": m, **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**d[c])
+                                  for c in dcols[1:]}}
+                 for m, d in summary["differences_vs_identity"].items()]
+        lines += ["Difference against calibrated identity (95% bootstrap over prompts and seeds):",
+                  "", sweep.markdown_table(drows, dcols), ""]
+    if summary["claims"]:
+        lines += ["| claim | statement | difference [95%] | verdict |", "|---|---|---|---|"]
+        for c in summary["claims"]:
+            i = c["interval"]
+            lines.append(f"| ({c['claim']}) | {c['statement']} | {i['point']:+.3f} "
+                         f"[{i['lower']:+.3f}, {i['upper']:+.3f}] | {c['verdict']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], cc: ComparisonConfig, path: str) -> str:
+    """Gold BoN_N / WoN_N win rate (the task's procedure) against KL, one point per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key = f"gold_{result['procedure']}{cc.n}_B"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, runs in result["evals"].items():
+        ax.scatter([r["kl_B"].mean() for r in runs], [r[key].mean() for r in runs], label=method)
+    if result["kl_target"] > 0:
+        ax.axvline(result["kl_target"], color="grey", lw=0.5, ls="--")
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("KL(pi || pi_ref), held-out prompts")
+    ax.set_ylabel(f"{result['procedure'].upper()}_{cc.n} win rate (gold judge)")
+    ax.set_title(f"{result['task']}: one point per seed", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def task_configs(config: Any) -> list[Any]:
+    """configs/compare_real.py's `base` run config once per task of `config.tasks`."""
+    import ml_collections
+    names = [t.strip() for t in str(config.tasks).split(",") if t.strip()]
+    unknown = sorted(set(names) - set(real.known_tasks()))
+    if unknown or not names:
+        raise ValueError(f"config.tasks must be a comma-separated list of {real.known_tasks()}, "
+                         f"got {config.tasks!r}")
+    out = []
+    for name in names:
+        cfg = ml_collections.ConfigDict(config.base.to_dict())
+        cfg.task.name = name
+        cfg.lock()
+        out.append(cfg)
+    return out
+
+
+def run(base_configs: Sequence[Any], comparison: Any, workdir: str,
+        log: Callable[[str], None] = print, devices: Any = None) -> str:
+    """Runs the comparison for each real-task config in `base_configs`; writes comparison.md /
+    .json and the plots into `workdir`; returns the markdown path."""
+    cc = comparison if isinstance(comparison, ComparisonConfig) else \
+        parse_comparison(comparison)
+    started = provenance.now()
+    parts, summaries = [], []
+    for base in base_configs:
+        name = str(base.task.name)
+        result = run_task(base, cc, os.path.join(workdir, name), log, devices)
+        summary = summarise(result, cc)
+        summaries.append(summary)
+        plot(result, cc, os.path.join(workdir, name, "win_rate_vs_kl.png"))
+        parts.append(markdown(summary, cc))
+    write_json(os.path.join(workdir, "comparison.json"), summaries)
+    path = os.path.join(workdir, "comparison.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    provenance.write_manifest(workdir, None, seeds={"seeds": list(cc.seeds),
+                                                   "eval_seed": cc.eval_seed},
+                              started=started,
+                              extra={"comparison": dataclasses.asdict(cc),
+                                     "configs": [b.to_dict() for b in base_configs]})
+    log(f"comparison: {path}")
+    return path
