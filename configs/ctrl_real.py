@@ -43,7 +43,7 @@ Transform default (`t=0` in the arg picks it): exp with t=+4 for the Best-of-N t
 from infalign_jax.core.transforms import transform_param_names, transform_section
 from infalign_jax.infra.config_utils import arg_keys, config_section, parse_arg
 from infalign_jax.infra.sharding import MeshConfig
-from infalign_jax.loops.train import TrainConfig
+from infalign_jax.loops.train import ExportConfig, TrainConfig
 from infalign_jax.rl import RLConfig
 from infalign_jax.rl.tasks import ReferenceConfig
 from infalign_jax.rl.tasks.real import RealTaskConfig, get_real_task
@@ -83,5 +83,7 @@ def get_config(arg=None):
                              log_every=1 if steps < 20 else 10, eval_every=0,
                              checkpoint_every=max(1, steps // 5), keep_checkpoints=2)
     c.mesh = config_section(MeshConfig)
+    # --config.export.hf=true: the trained policy as a transformers checkpoint, export/hf
+    c.export = config_section(ExportConfig)
     c.lock()
     return c

@@ -4,7 +4,10 @@
         --workdir=runs/ctrl_exact --config.transform.t=4 --config.rl.beta=1.5
 
 All the work is in infalign_jax.loops.train.run; the config's docstring gives the
-expected runtime and result.
+expected runtime and result. With configs/ctrl_real.py, `--config.export.hf=true` also writes the
+trained policy as a transformers checkpoint to <workdir>/export/hf (`experiments/export.py` does
+the same for any real-task run); `--config.rl.lora.rank=8` trains LoRA adapters instead of the
+whole policy (merged on export).
 """
 
 from absl import flags

@@ -66,7 +66,7 @@ StepFn = Callable[[Any, int, LoopContext], tuple[Any, dict[str, float]]]
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
                   "train.tensorboard", "train.nan_policy", "train.init_from", "mesh.data",
-                  "mesh.fsdp", "mesh.tensor")
+                  "mesh.fsdp", "mesh.tensor", "export.hf", "export.dir")
 
 
 def config_record(config: Any) -> dict[str, Any]:
@@ -95,7 +95,9 @@ def canonical_record(flat: dict[str, Any]) -> dict[str, Any]:
         if taken is None or not key.startswith("transform.") or key == "transform.name":
             return True
         return key.split(".", 1)[1] in taken and is_set(value)
-    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS and used(k, v)}
+    lora_off = not flat.get("rl.lora.rank")   # then its other keys are unused (or not recorded)
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS and used(k, v)
+            and not (lora_off and k.startswith("rl.lora."))}
 
 
 def differing_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

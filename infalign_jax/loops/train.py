@@ -22,7 +22,13 @@ the step and the offending metrics named; the last checkpoint is the last good s
 
 Outputs in the work dir: `manifest.json` (config, seeds, packages, devices, mesh, git, input hashes),
 `reference_table.npz`, `checkpoints/`, `metrics.jsonl` + `tb/` (TensorBoard) every step,
-`eval.jsonl` every `eval_every` steps, `summary.json` and `training_curves.png` at the end.
+`eval.jsonl` every `eval_every` steps, `summary.json` and `training_curves.png` at the end; with
+`config.export.hf` (real tasks) the trained policy as a transformers checkpoint in `export/hf`
+(`export_hf`, also `experiments/export.py`).
+
+LoRA (`config.rl.lora.rank` > 0, `models.lora`): the state's params (and the checkpoints) are the
+adapters; the policy is pi_ref's parameters with them merged in (`rl.step.policy_params`), and the
+manifest records the base (`extra.lora`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from infalign_jax.rl import bon_distillation, tasks as rl_tasks
 from infalign_jax.infra import checkpointing, provenance, sharding
 from infalign_jax.infra import validate as check
 from infalign_jax import models, rl
+from infalign_jax.models import lora
+from infalign_jax.rl.step import policy_params
 from infalign_jax.data import pipeline
 from infalign_jax.core.calibration import ReferenceTable, ReferenceTableError, load_reference_table
 from infalign_jax.infra.config_utils import dataclass_from, section
@@ -83,6 +91,54 @@ class TrainConfig:
         check.choice(self, "nan_policy", NAN_POLICIES)
         if not isinstance(self.init_from, str):
             check.fail(self, "init_from", "a directory path or ''")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    _config_owner = "config.export"
+    hf: bool = False    # at the end of the run, the trained policy as a transformers checkpoint
+    dir: str = ""       # where; "" = <workdir>/export/hf
+
+    def __post_init__(self):
+        check.bools(self, ("hf",))
+        if not isinstance(self.dir, str):
+            check.fail(self, "dir", "a directory path or ''")
+
+
+def export_config(config: Any) -> ExportConfig:
+    """`config.export` (a section only some configs have; none: no export)."""
+    return dataclass_from(ExportConfig, section(config, "export") if "export" in config else {},
+                          "export")
+
+
+def export_hf(run_dir: str, out_dir: str, step: int | None = None) -> dict[str, Any]:
+    """Writes the policy of CTRL run `run_dir` (its newest checkpoint, or `step`; a LoRA run's
+    adapters merged into its base) as a transformers checkpoint (config.json, model.safetensors,
+    the base policy's tokenizer) in `out_dir`; returns what was written. Only real-task runs have
+    a transformers policy and tokenizer; other runs are refused by name."""
+    from infalign_jax.models import hf_import
+    from infalign_jax.rl.tasks import sources
+    manifest = sources.run_manifest(run_dir)
+    if not manifest:
+        raise ValueError(f"export: {run_dir!r} is not a run directory (manifest.json + "
+                         f"checkpoints/)")
+    with open(manifest, encoding="utf-8") as f:
+        task = (json.load(f).get("config") or {}).get("task") or {}
+    if "policy" not in task and "gguf_path" not in task:
+        raise ValueError(f"export: the run {run_dir!r} is a {task.get('name', '?')!r} run; its "
+                         f"policy is not a transformers model with a tokenizer (only real-task "
+                         f"runs, config.task.policy, can be exported)")
+    path = run_dir if step is None else os.path.join(os.path.dirname(manifest), "checkpoints",
+                                                     str(int(step)))
+    if step is not None and not os.path.isdir(path):
+        raise ValueError(f"export: the run {run_dir!r} has no checkpoint step {step}")
+    policy = sources.load_run_policy(path, manifest)
+    if not hasattr(policy.tokenizer, "save_pretrained"):
+        raise ValueError(f"export: the run {run_dir!r}'s tokenizer "
+                         f"({type(policy.tokenizer).__name__}) is not a transformers tokenizer")
+    hf_import.save_hf_checkpoint(out_dir, policy.model_cfg, policy.params,
+                                 tokenizer=policy.tokenizer)
+    return {"dir": os.path.abspath(out_dir), "checkpoint": policy.source}
 
 
 def rl_config(config: Any, task: rl_tasks.RLTask) -> rl.RLConfig:
@@ -239,6 +295,8 @@ def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
         log(f"warning: config.rl.beta_anneal_steps={cfg.beta_anneal_steps} > "
             f"config.train.num_steps={tcfg.num_steps}: the run ends before beta reaches "
             f"config.rl.beta, so it cannot reach the target pi* of that beta")
+    if cfg.lora.rank:
+        lora.target_names(cfg.lora, task.ref_params)   # a target the model lacks fails here
     if tcfg.batch_size > len(task.prompt_ids):
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
                          f"{len(task.prompt_ids)} prompts")
@@ -255,8 +313,12 @@ def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table
     logical = models.param_logical_axes(task.model_cfg)
     param_sh = sharding.logical_to_shardings(logical, task.ref_params, mesh)
     optimizer = rl.make_optimizer(step_cfg)
-    params = jax.device_put(rl_tasks.replicate_params(task.ref_params), param_sh)
     rep = sharding.replicated(mesh)
+    if cfg.lora.rank:   # the trained params are the adapters (small: replicated)
+        params = jax.device_put(lora.init_adapters(cfg.lora, task.ref_params,
+                                                   jax.random.key(seed + 2)), rep)
+    else:
+        params = jax.device_put(rl_tasks.replicate_params(task.ref_params), param_sh)
     extra = {} if bonbon else rl.init_extra_state(cfg, jax.random.key(seed + 1))
     state = rl.RLState(params, sharding.sharded_optimizer_init(optimizer, params, mesh),
                        jax.device_put(jnp.zeros((), jnp.int32), rep),
@@ -281,12 +343,12 @@ def _host_reward_step(cfg: rl.RLConfig, fns: Any, reward: HostReward, optimizer:
     host with numpy arrays, the jitted (guarded) update. Neither program holds a host callback,
     so a second run of the same config loads both from JAX's persistent compilation cache."""
     programs = rl.make_rl_programs(cfg, fns, optimizer)
-    roll = jax.jit(programs.roll, in_shardings=(state_sh, None, rep))
+    roll = jax.jit(programs.roll, in_shardings=(state_sh, None, rep, frozen_sh))
     learn = jax.jit(guard_nonfinite(programs.learn), in_shardings=(state_sh, frozen_sh, None, rep),
                     out_shardings=(state_sh, rep), donate_argnums=(0,))
 
     def step_fn(state: rl.RLState, frozen: rl.Frozen, batch: Any, rng: jax.Array):
-        ro = roll(state, batch, rng)
+        ro = roll(state, batch, rng, frozen)
         return learn(state, frozen, ro, jax.device_put(rl.host_rollout_rewards(reward, ro), rep))
 
     return step_fn
@@ -312,6 +374,11 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     seed = int(config.seed)
     tcfg = train_config(config)
     checkpointing.check_writable(workdir)          # before any expensive work
+    export = export_config(config)
+    if export.hf and "policy" not in config.task:
+        raise ValueError(f"config.export.hf=True: task {config.task.name!r} has no transformers "
+                         f"policy and tokenizer to export (only the real tasks' "
+                         f"config.task.policy)")
     log(f"task {config.task.name}: loading ...")
     task = rl_tasks.build_task(config.task)
     cfg = rl_config(config, task)
@@ -319,6 +386,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     if method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
     bonbon = bonbon_config(config, task) if method == "bonbon" else None
+    if bonbon is not None and cfg.lora.rank:
+        raise ValueError("config.rl.lora.rank > 0 is for the CTRL step; method='bonbon' trains "
+                         "the whole policy (set config.rl.lora.rank=0)")
     ref_k, ref_seed = reference_settings(config)
     mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
     _check_run(task, cfg, tcfg, bonbon is not None, mesh, log)
@@ -329,6 +399,12 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
                     inputs={"reference_table": table_path}, mesh=mesh, started=started,
                     extra={"beta": cfg.beta})
+    if cfg.lora.rank:
+        manifest["extra"]["lora"] = {
+            "base": task.base_model_id,
+            "targets": list(lora.target_names(cfg.lora, task.ref_params)),
+            "adapter_params": lora.num_adapter_params(lora.adapter_shapes(cfg.lora,
+                                                                          task.ref_params))}
     per_prompt = cfg.samples_per_prompt if bonbon is None else bonbon.n
     loader_cfg = pipeline.LoaderConfig(batch_size=tcfg.batch_size, seed=seed,
                                        process_index=jax.process_index(),
@@ -358,7 +434,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
             return state, metrics
 
         def evaluate(state: rl.RLState, step: int) -> dict[str, float]:
-            return task.evaluate(jax.device_get(state.params), transform, cfg.beta, table)
+            return task.evaluate(jax.device_get(policy_params(cfg, state.params, frozen)),
+                                 transform, cfg.beta, table)
 
         result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,
                           progress_keys=("transformed_reward", "calibrated_reward", "kl_k1",
@@ -373,6 +450,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                "skipped_steps": result.counters["skips"],
                "last_train_metrics": result.last_metrics, "eval": result.last_eval}
     summary.update(convergence_report(task, result.last_eval, log))
+    if export.hf:   # from the last checkpoint (the final state), as experiments/export.py does
+        summary["export"] = export_hf(workdir, export.dir or os.path.join(workdir, "export", "hf"))
+        log(f"exported {summary['export']['checkpoint']} as a transformers checkpoint to "
+            f"{summary['export']['dir']}")
     write_json(os.path.join(workdir, "summary.json"), summary, sort_keys=True)
     _plot_curves(os.path.join(workdir, "metrics.jsonl"),
                  os.path.join(workdir, "training_curves.png"))

@@ -16,7 +16,8 @@ from infalign_jax import models
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.transforms import Transform, get_transform
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import SET_BY
+from infalign_jax.infra.config_utils import SET_BY, as_dict, config_section, dataclass_from
+from infalign_jax.models.lora import LoraConfig
 
 Array = jax.Array
 
@@ -66,10 +67,19 @@ class RLConfig:
     value_learning_rate: float = 1e-3
     value_clip: float = 0.2      # 0 = unclipped value loss
     grad_accum_steps: int = 1
+    # LoRA (`models.lora`): rank > 0 trains adapters on pi_ref's frozen parameters instead of
+    # the whole policy (the sub-section `config.rl.lora`: rank, alpha, targets).
+    lora: Any = dataclasses.field(default_factory=lambda: config_section(LoraConfig))
 
     def __post_init__(self):
         def fail(field, expected):
             check.fail(self, field, expected)
+
+        if not isinstance(self.lora, LoraConfig):
+            values = as_dict(self.lora)
+            if "targets" in values:
+                values["targets"] = tuple(values["targets"] or ())
+            object.__setattr__(self, "lora", dataclass_from(LoraConfig, values, "rl.lora"))
 
         check.choice(self, "algorithm", ALGORITHMS)
         check.numbers(self, ("beta", "learning_rate", "ppo_clip", "value_learning_rate",

@@ -49,6 +49,10 @@ Design:
   with the mean gradient (clipping and the lr schedule act on the mean; `decay_steps` counts real
   updates). Each RLOO step is one micro-step; PPO is only allowed with `ppo_epochs=1`, since epochs
   over one micro-batch would otherwise be accumulated as if they were different data.
+* LoRA (`lora.rank` > 0, `models.lora`): `RLState.params` are the adapters only; the policy is
+  `policy_params(cfg, state.params, frozen)` = pi_ref's parameters (`frozen.ref_params`, never
+  differentiated) with the adapters merged in, so gradients and optimiser state are adapter-sized
+  and pi_ref stays the base. The rollout then needs `frozen` too (`RLPrograms.roll`'s 4th argument).
 
 Metrics: response_length, reward, calibrated_reward, transformed_reward, kl_k1, kl_k3 (sequence
 sums, batch means), loss, grad_norm (first epoch), clip_fraction, beta, and with `full_kl`
@@ -77,6 +81,7 @@ from infalign_jax.rl.config import (ADVANTAGES, ALGORITHMS, BETA_SCHEDULES, KL_M
                                     RLConfig, adaptive_beta_update, make_optimizer,
                                     make_value_optimizer, scheduled_beta)
 from infalign_jax.core.transforms import Transform
+from infalign_jax.models import lora
 
 from infalign_jax.core.types import Array, HostReward, Params, RewardFn
 
@@ -120,6 +125,18 @@ def init_state(params: Params, optimizer: optax.GradientTransformation,
     """Step-0 state; without `cfg` only params/opt_state/step (enough for constant beta + RLOO)."""
     extra = {} if cfg is None else init_extra_state(cfg, rng)
     return RLState(params, optimizer.init(params), jnp.zeros((), jnp.int32), **extra)
+
+
+def policy_params(cfg: RLConfig, params: Params, frozen: Frozen | None) -> Params:
+    """The policy's parameters: `params` itself, or with LoRA pi_ref's parameters with the
+    adapters `params` merged in (W + alpha / rank * A @ B)."""
+    if not cfg.lora.rank:
+        return params
+    if frozen is None:
+        raise ValueError("RLConfig.lora.rank > 0: the policy is pi_ref's parameters plus the "
+                         "adapters, so the rollout needs `frozen`: roll(state, batch, rng, "
+                         "frozen)")
+    return lora.merge(frozen.ref_params, params, cfg.lora)
 
 
 def current_beta(cfg: RLConfig, state: RLState) -> Array:
@@ -311,11 +328,12 @@ def policy_loss(cfg: RLConfig, fns: DecoderFns, params: Params, beta: Array, ro:
 
 
 def update(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformation,
-           state: RLState, beta: Array, ro: Rollout, sc: Scores, av: Advantages
+           state: RLState, beta: Array, ro: Rollout, sc: Scores, av: Advantages,
+           frozen: Frozen | None = None
            ) -> tuple[tuple[Params, Any, Params, Any], dict[str, Array]]:
     """Phase 5: one (RLOO) or `ppo_epochs` (PPO) full-batch updates of the policy, and of the
     critic with GAE; returns the new (params, opt_state, value_params, value_opt_state) and the
-    per-epoch metrics."""
+    per-epoch metrics. With LoRA `frozen` holds the base the adapters are merged into."""
     gae = cfg.advantage == "gae"
     value_cfg = cfg.value_model_config() if gae else None
     value_opt = make_value_optimizer(cfg) if gae else None
@@ -329,7 +347,8 @@ def update(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformati
     def epoch(carry, _):
         params, opt_state, value_params, value_opt_state = carry
         (loss, aux), grads = jax.value_and_grad(
-            lambda p: policy_loss(cfg, fns, p, beta, ro, sc, av), has_aux=True)(params)
+            lambda p: policy_loss(cfg, fns, policy_params(cfg, p, frozen), beta, ro, sc, av),
+            has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
@@ -386,7 +405,7 @@ class RLPrograms(NamedTuple):
     (text judges): jit each, and call the judge between them with plain arrays, so neither program
     holds a host callback (which would keep it out of JAX's persistent compilation cache).
 
-      roll(state, batch, rng)                     -> Rollout
+      roll(state, batch, rng, frozen=None)        -> Rollout   (frozen needed with LoRA)
       learn(state, frozen, rollout, rewards_R)    -> (state, metrics)
     """
 
@@ -394,24 +413,31 @@ class RLPrograms(NamedTuple):
     learn: Callable[..., tuple[RLState, dict[str, Array]]]
 
 
-def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformation
-                     ) -> RLPrograms:
-    """rollout, then (given the rewards) score -> advantages -> update -> next beta."""
+def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformation,
+                     rollout_params: Callable[[Params], Params] | None = None) -> RLPrograms:
+    """rollout, then (given the rewards) score -> advantages -> update -> next beta.
+
+    `rollout_params` (hook): maps the policy parameters to the layout the rollout decodes from,
+    once per step (`infra.sharding.rollout_resharder`); None decodes from them as they are."""
     transform = cfg.get_transform()
 
-    def roll(state: RLState, batch: Mapping[str, Array], rng: Array) -> Rollout:
-        return rollout(cfg, fns, state.params, batch, rng)
+    def roll(state: RLState, batch: Mapping[str, Array], rng: Array,
+             frozen: Frozen | None = None) -> Rollout:
+        params = policy_params(cfg, state.params, frozen)
+        if rollout_params is not None:
+            params = rollout_params(params)
+        return rollout(cfg, fns, params, batch, rng)
 
     def learn(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
         beta = current_beta(cfg, state)
         sc = score(cfg, fns, transform, frozen, ro, rewards_R)
         av, metrics = advantages(cfg, state, beta, ro, sc)
         (params, opt_state, value_params, value_opt_state), per_epoch = update(
-            cfg, fns, optimizer, state, beta, ro, sc, av)
+            cfg, fns, optimizer, state, beta, ro, sc, av, frozen)
         metrics.update(step_metrics(cfg, ro, sc, beta, per_epoch))
         if cfg.full_kl:
             metrics.update(jax.lax.stop_gradient(full_vocab_metrics(
-                fns, state.params, frozen.ref_params, *ro.tokens)))
+                fns, policy_params(cfg, state.params, frozen), frozen.ref_params, *ro.tokens)))
         new_state = RLState(params, opt_state, state.step + 1, next_beta(cfg, state, beta, sc.k1_R),
                             value_params, value_opt_state)
         return new_state, metrics
@@ -420,7 +446,8 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
 
 
 def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
-                 optimizer: optax.GradientTransformation
+                 optimizer: optax.GradientTransformation,
+                 rollout_params: Callable[[Params], Params] | None = None
                  ) -> Callable[[RLState, Frozen, Mapping[str, Array], Array],
                                tuple[RLState, dict[str, Array]]]:
     """The pure step for this config. `batch` holds prompt_BxP, prompt_mask_BxP, prompt_idx_B.
@@ -429,10 +456,10 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
     -> next beta; each phase is a function of this module (`make_rl_programs` has the same step
     split around the reward call).
     """
-    programs = make_rl_programs(cfg, fns, optimizer)
+    programs = make_rl_programs(cfg, fns, optimizer, rollout_params)
 
     def rl_step(state: RLState, frozen: Frozen, batch: Mapping[str, Array], rng: Array):
-        ro = programs.roll(state, batch, rng)
+        ro = programs.roll(state, batch, rng, frozen)
         return programs.learn(state, frozen, ro, rollout_rewards(reward_fn, frozen, ro))
 
     return rl_step

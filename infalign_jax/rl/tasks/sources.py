@@ -153,25 +153,34 @@ def run_manifest(path: str) -> str:
     return ""
 
 
-def _load_run_policy(path: str, manifest_path: str) -> Policy:
+def load_run_policy(path: str, manifest_path: str) -> Policy:
     """The policy a CTRL run trained: its base policy (from the run's manifest) with the
-    parameters of the newest checkpoint under `path` (or the step directory `path` names)."""
+    parameters of the newest checkpoint under `path` (or the step directory `path` names); a
+    LoRA run's checkpoint holds adapters, merged into the base here."""
     import json
     import jax
     from infalign_jax.infra import checkpointing
+    from infalign_jax.models import lora
     with open(manifest_path, encoding="utf-8") as f:
-        task = (json.load(f).get("config") or {}).get("task") or {}
+        config = json.load(f).get("config") or {}
+    task = config.get("task") or {}
     if "name" not in task or "num_prompts" not in task:
         raise ValueError(f"config.task.policy.checkpoint: the run {path!r} is not a real-task "
                          f"CTRL run (its manifest has no real config.task)")
     base_path = (task.get("policy") or {}).get("checkpoint") or task.get("gguf_path") or ""
     base = load_policy(PolicyConfig(base_path))
+    lora_cfg = dataclass_from(lora.LoraConfig, dict((config.get("rl") or {}).get("lora") or {}),
+                              "rl.lora")
+    trained = (lora.init_adapters(lora_cfg, base.params, jax.random.key(0)) if lora_cfg.rank
+               else base.params)
     try:
         params, step, _ = checkpointing.restore_params(
-            path, checkpointing.abstract_state(jax.device_put(base.params, jax.devices()[0])))
+            path, checkpointing.abstract_state(jax.device_put(trained, jax.devices()[0])))
     except ValueError as e:
         raise ValueError(str(e).replace("config.train.init_from",
                                         "config.task.policy.checkpoint")) from e
+    if lora_cfg.rank:
+        params = lora.merge(base.params, params, lora_cfg)
     return Policy(base.model_cfg, jax.device_get(params), base.tokenizer, f"{path}@{step}")
 
 
@@ -182,7 +191,7 @@ def load_policy(p: PolicyConfig) -> Policy:
     from infalign_jax.models import gguf_import, hf_import
     path = p.checkpoint or gguf_import.smollm2_gguf_path()
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        return _load_run_policy(path, run_manifest(path))
+        return load_run_policy(path, run_manifest(path))
     if os.path.isfile(path):
         cfg, params = gguf_import.load_gguf_checkpoint(path)
         return Policy(cfg, params, gguf_import.load_gguf_tokenizer(path), path)
