@@ -40,6 +40,7 @@ from infalign_jax.core.types import DecoderFns, Judge, TokenJudge
 
 Array = jax.Array
 Params = Any
+OnScored = Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]
 # `judge` is a TokenJudge (token arrays -> scores_B) or, when a `detokenize` function is given, a
 # text Judge (prompt texts, response texts -> scores_B).
 
@@ -103,6 +104,25 @@ def _judge_scores(judge, detokenize, prompt, pmask, resp, rmask) -> np.ndarray:
     return scores
 
 
+def _report(on_scored, policy: tuple, reference: tuple) -> None:
+    if on_scored is not None:
+        for side, (resp, mask, scores) in (("policy", policy), ("reference", reference)):
+            on_scored(side, np.asarray(resp), np.asarray(mask, bool), scores)
+
+
+def sample_scored(fns: DecoderFns, params: Params, prompt_BxP, prompt_mask_BxP,
+                  judge: TokenJudge | Judge, cfg: SamplingConfig, seed: int,
+                  detokenize: Callable | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`cfg.n` samples per prompt and their judge scores, on the host: (response_RxL, mask_RxL,
+    scores_BxN); row b*N + j of the responses is sample j of prompt b."""
+    prompt = jnp.asarray(prompt_BxP, jnp.int32)
+    pmask = jnp.asarray(prompt_mask_BxP, bool)
+    out = _sample(fns, params, prompt, pmask, jax.random.key(seed), cfg)
+    p_rep, pm_rep, resp, rmask = sampling.flatten_samples(prompt, pmask, out)
+    scores = _judge_scores(judge, detokenize, p_rep, pm_rep, resp, rmask)
+    return np.asarray(resp), np.asarray(rmask, bool), scores.reshape(prompt.shape[0], cfg.n)
+
+
 def _estimate(est: evaluation.Estimate, i: int) -> dict[str, float]:
     return {"point": float(est.point[i]), "lower": float(est.lower[i]),
             "upper": float(est.upper[i]), "stderr": float(est.stderr[i])}
@@ -143,11 +163,13 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
                     eos_id: int | None = None, pad_id: int = 0, temperature: float = 1.0,
                     max_context: int | None = None, detokenize: Callable | None = None,
                     nan_policy: str = "raise", num_resamples: int = 1000,
-                    name: str = "policy") -> dict[str, Any]:
+                    name: str = "policy", on_scored: OnScored | None = None) -> dict[str, Any]:
     """Win rates (standard, BoN_N, WoN_N vs the same procedure on pi_ref) and KL(pi||pi_ref).
 
     nan_policy="raise": a NaN judge score raises ValueError; "skip": NaN samples are dropped from
     the win rates and counted in the record ("skipped_samples", "skipped_prompts").
+    `on_scored(side, response_RxL, mask_RxL, scores_R)` ("policy", then "reference"; row b*M + j
+    is sample j of prompt b) sees every scored sample, e.g. to save the texts.
     Returns a JSON-serialisable dict; see the module docstring.
     """
     ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context)
@@ -164,6 +186,7 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
 
     pol_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, pol_resp, pol_rmask)
     ref_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, ref_resp, ref_rmask)
+    _report(on_scored, (pol_resp, pol_rmask, pol_scores), (ref_resp, ref_rmask, ref_scores))
     pol_BxM, ref_BxM = pol_scores.reshape(batch, m), ref_scores.reshape(batch, m)
 
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
@@ -189,13 +212,14 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
                      max_new_tokens: int = 16, eos_id: int | None = None, pad_id: int = 0,
                      max_context: int | None = None, detokenize: Callable | None = None,
                      nan_policy: str = "raise", num_resamples: int = 1000, kl_kind: str = "exact",
-                     name: str = "decoder") -> dict[str, Any]:
+                     name: str = "decoder", on_scored: OnScored | None = None) -> dict[str, Any]:
     """Like `evaluate_policy` for a decoder without logits of its own (controlled decoding).
 
     `decode(prompt_RxP, mask_RxP, rng) -> (tokens_RxL, mask_RxL, kl_R)` runs on the prompts
     repeated M times (row b*M + j); kl_R is the decoder's own per-sequence KL (tokenwise CD: the
     exact path KL, `kl_kind="exact"`; blockwise CD: CD's bound, `kl_kind="bound"`), reported as
-    record["kl"][kl_kind] with its standard error over sequences.
+    record["kl"][kl_kind] with its standard error over sequences. `on_scored` as in
+    `evaluate_policy` ("policy" is the decoder's side).
     """
     ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context)
     prompt = jnp.asarray(prompt_BxP, jnp.int32)
@@ -211,6 +235,7 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
         raise ValueError(f"decode must return kl_R of shape ({batch * m},), got {kl_R.shape}")
     pol_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, pol_resp, pol_rmask)
     ref_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, ref_resp, ref_rmask)
+    _report(on_scored, (pol_resp, pol_rmask, pol_scores), (ref_resp, ref_rmask, ref_scores))
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
     record.update(_win_rates(pol_scores.reshape(batch, m), ref_scores.reshape(batch, m), ns_G,
                              nan_policy, num_resamples, seed))
@@ -270,6 +295,36 @@ def plot_win_rate_vs_kl(records: Sequence[dict[str, Any]], path: str,
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", label=label)
     ax.set_xlabel(f"KL(pi || pi_ref) [{kl}]")
     ax.set_ylabel("win rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rate_series(series: dict[str, Sequence[tuple[float, dict[str, float]]]], path: str,
+                         xlabel: str = "N", log2_x: bool = True, title: str = "") -> str:
+    """Win rate (with 95% CI bars) against x (N, or a KL), one line per label; `series` maps a
+    label to (x, {"point", "lower", "upper"}) points."""
+    if not series:
+        raise ValueError("plot_win_rate_series needs at least one series")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        pts = sorted(points, key=lambda p: p[0])
+        y = [e["point"] for _, e in pts]
+        err = [[e["point"] - e["lower"] for _, e in pts], [e["upper"] - e["point"] for _, e in pts]]
+        ax.errorbar([n for n, _ in pts], y, yerr=err, marker="o", capsize=3, label=label)
+    ax.axhline(0.5, color="grey", lw=0.5)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("win rate")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)

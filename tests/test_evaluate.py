@@ -1,0 +1,243 @@
+"""experiments/evaluate.py: a policy checkpoint against pi_ref under inference-time procedures.
+
+Tiny Llama policy / reference / two sequence-classifier directories with their own tokenizers
+(built as in test_workflow.py) and a prompt JSONL are made here. Every win rate the run reports is
+recomputed from the saved per-sample scores by brute-force enumeration of the N-tuples (numpy),
+every selection from the saved candidate scores, and a sample of the scores in transformers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import transformers
+
+from hf_tiny import save_tiny
+from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.infra.metrics_io import read_jsonl
+from infalign_jax.workflows import evaluate
+from test_workflow import TINY, WORDS, policy_tokenizer, rm_tokenizer, transformers_scores
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+M, NS, B, TRAIN = 4, (1, 2, 4), 3, 3
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    out = {}
+    for name, seed in (("policy", 0), ("reference", 5)):
+        tok = policy_tokenizer()
+        out[name] = save_tiny(str(root / name), transformers.LlamaConfig(
+            vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+            **TINY), seed=seed)
+        tok.save_pretrained(out[name])
+    for name, seed in (("rm1", 1), ("rm2", 2)):
+        rtok = rm_tokenizer()
+        out[name] = save_tiny(str(root / name), transformers.LlamaConfig(
+            vocab_size=len(rtok), pad_token_id=0, num_labels=1, **TINY), seed=seed,
+            auto=transformers.AutoModelForSequenceClassification)
+        rtok.save_pretrained(out[name])
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"p{i}", "prompt": " ".join(rng.choice(WORDS, 2 + i % 3))} for i in range(24)]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out["prompts"] = str(prompts)
+    return out
+
+
+def tiny_config(dirs, procedures, **changes):
+    c = load_config_module(os.path.join(ROOT, "configs", "evaluate.py")).get_config(
+        f"prompts={B},samples={M},max_new_tokens=4")
+    c.unlock()
+    c.policy.checkpoint, c.reference.checkpoint = dirs["policy"], dirs["reference"]
+    c.data.prompts = dirs["prompts"]
+    c.reward.kind, c.reward.checkpoints, c.reward.std_penalty = "ensemble", (dirs["rm1"],
+                                                                             dirs["rm2"]), 0.5
+    c.eval.procedures, c.eval.ns, c.eval.num_resamples = procedures, NS, 200
+    c.cd.update(scorer_prompts=TRAIN, scorer_samples=4, scorer_steps=3, top_k=4,
+                num_candidates=2, block_size=2)
+    for key, value in changes.items():
+        section, field = key.split("__")
+        c[section][field] = value
+    c.lock()
+    return c
+
+
+# ---------------------------------------------------------------- independent recomputation
+def tuple_extremes(x, n, worst=False):
+    """max (min) of x over every ordered n-tuple drawn with replacement."""
+    f = np.min if worst else np.max
+    return np.array([f([x[i] for i in t]) for t in itertools.product(range(len(x)), repeat=n)])
+
+
+def beats(a, b):
+    """mean over all pairs of 1{a > b} + 1/2 1{a = b}."""
+    a, b = np.asarray(a)[:, None], np.asarray(b)[None, :]
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def scores_by_prompt(rows, method, ids):
+    out = {pid: [] for pid in ids}
+    for r in rows:
+        if r["method"] == method:
+            out[r["prompt_id"]].append((r["sample"], r["score"]))
+    return [np.array([s for _, s in sorted(out[pid])]) for pid in ids]
+
+
+def find(result_rows, procedure, n, against):
+    (row,) = [r for r in result_rows if (r["procedure"], r["n"], r["against"]) ==
+              (procedure, n, against)]
+    return row
+
+
+def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path):
+    procs = ("bon", "won", "rbon_kl", "rbon_wd", "uncertainty_bon", "cd_tokenwise",
+             "cd_blockwise")
+    config = tiny_config(dirs, procs)
+    lines = []
+    res = evaluate.run(config, str(tmp_path), progress=lines.append)
+    assert any("prefix scorer" in s for s in lines) and any("selections at N=4" in s for s in lines)
+    for name in ("manifest.json", "results.json", "win_rates.csv", "samples.jsonl", "policy.json",
+                 "cd_tokenwise.csv", "win_rate_vs_n.png", "win_rate_vs_kl.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "win_rate_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["policy"]["checkpoint"] == dirs["policy"]
+    assert manifest["config"]["eval"]["procedures"] == list(procs)
+    assert manifest["inputs"]["prompts"]["path"] == dirs["prompts"]
+
+    ids = res["prompts"]["eval_ids"]
+    train_ids = res["prompts"]["scorer_train_ids"]
+    assert len(ids) == B and len(train_ids) == TRAIN and not set(ids) & set(train_ids)
+    rows = read_jsonl(str(tmp_path / "samples.jsonl"))
+    count = {}
+    for r in rows:
+        count[r["method"]] = count.get(r["method"], 0) + 1
+    sel_names = ("bon_selection", "rbon_kl", "rbon_wd", "uncertainty_bon")
+    want = {"policy": B * M, "pi_ref": B * M, "pi_ref_candidates": B * M,
+            "scorer_training/pi_ref": TRAIN * 4,
+            **{f"{d}{side}": B * M for d in ("cd_tokenwise", "cd_blockwise")
+               for side in ("", "/pi_ref")},
+            **{f"{s}@N={n}": B * (M // n) for s in sel_names for n in NS}}
+    assert count == want
+    prompt_of = {json.loads(x)["id"]: json.loads(x)["prompt"]
+                 for x in open(dirs["prompts"], encoding="utf-8")}
+    assert all(r["prompt"] == prompt_of[r["prompt_id"]] for r in rows)
+    assert {r["prompt_id"] for r in rows if r["method"] == "scorer_training/pi_ref"} == \
+        set(train_ids)
+
+    # Scores: the ensemble judge (mean - 0.5 std of two reward models) in transformers.
+    check = [r for r in rows if r["method"] in ("policy", "cd_blockwise")][::5]
+    texts = [f"{r['prompt']}\n{r['response']}" for r in check]
+    s1, s2 = transformers_scores(dirs["rm1"], texts), transformers_scores(dirs["rm2"], texts)
+    np.testing.assert_allclose([r["score"] for r in check],
+                               (s1 + s2) / 2 - 0.5 * np.abs(s1 - s2) / 2, atol=3e-5)
+
+    out = res["rows"]
+    # The policy against pi_ref: standard, BoN_N, WoN_N by enumeration of N-tuples.
+    for pol_m, ref_m, name in (("policy", "pi_ref", "policy"),
+                               ("cd_tokenwise", "cd_tokenwise/pi_ref", "cd_tokenwise"),
+                               ("cd_blockwise", "cd_blockwise/pi_ref", "cd_blockwise")):
+        pol, ref = scores_by_prompt(rows, pol_m, ids), scores_by_prompt(rows, ref_m, ids)
+        assert find(out, name, 1, "pi_ref")["win_rate"]["point"] == pytest.approx(
+            np.mean([beats(p, r) for p, r in zip(pol, ref)]), abs=1e-9)
+        for n in NS:
+            for proc, worst, tag in (("bon", False, "BoN"), ("won", True, "WoN")):
+                got = find(out, f"{name}:{proc}", n, f"{tag}_N(pi_ref)")["win_rate"]
+                brute = np.mean([beats(tuple_extremes(p, n, worst), tuple_extremes(r, n, worst))
+                                 for p, r in zip(pol, ref)])
+                assert got["point"] == pytest.approx(brute, abs=1e-9)
+                assert got["lower"] <= got["point"] <= got["upper"]
+    assert res["records"]["policy"]["kl"]["full_vocab"]["mean"] > 0  # two different models
+
+    # Selections: recomputed from the candidate pool's scores (and pi_ref log-probs, and the
+    # ensemble members' scores in transformers), then their win rates by enumeration.
+    cands = {pid: sorted((r for r in rows if r["method"] == "pi_ref_candidates"
+                          and r["prompt_id"] == pid), key=lambda r: r["sample"]) for pid in ids}
+    texts = [f"{c['prompt']}\n{c['response']}" for pid in ids for c in cands[pid]]
+    members = np.stack([transformers_scores(dirs[k], texts) for k in ("rm1", "rm2")])
+    members = members.reshape(2, B, M)
+    np.testing.assert_allclose([c["score"] for pid in ids for c in cands[pid]],
+                               (members.mean(0) - 0.5 * members.std(0)).reshape(-1), atol=3e-5)
+    ref = scores_by_prompt(rows, "pi_ref", ids)
+    beta_kl, k_unc = config.select.rbon_kl_beta, config.select.uncertainty_k
+    for n in NS:
+        for name in sel_names:
+            chosen = {pid: sorted((r for r in rows if r["method"] == f"{name}@N={n}"
+                                   and r["prompt_id"] == pid), key=lambda r: r["sample"])
+                      for pid in ids}
+            for b, pid in enumerate(ids):
+                score = np.array([c["score"] for c in cands[pid]])
+                logp = np.array([c["ref_logprob"] for c in cands[pid]], np.float32)
+                key = {"bon_selection": score,
+                       "rbon_kl": score.astype(np.float32) + np.float32(beta_kl) * logp,
+                       "uncertainty_bon": members[:, b].mean(0) - k_unc * members[:, b].std(0)
+                       }.get(name)
+                for g, row in enumerate(chosen[pid]):
+                    assert row["n"] == n and n * g <= row["candidate"] < n * (g + 1)
+                    assert row["score"] == score[row["candidate"]]
+                    assert row["response"] == cands[pid][row["candidate"]]["response"]
+                    if key is not None and name != "uncertainty_bon":
+                        assert row["candidate"] == n * g + int(np.argmax(key[n * g:n * (g + 1)]))
+                    elif key is not None:  # members recomputed in float64: allow a near tie
+                        group = key[n * g:n * (g + 1)]
+                        assert group[row["candidate"] - n * g] >= group.max() - 1e-4
+            sel = [np.array([r["score"] for r in chosen[pid]]) for pid in ids]
+            assert find(out, name, n, "pi_ref")["win_rate"]["point"] == pytest.approx(
+                np.mean([beats(s, r) for s, r in zip(sel, ref)]), abs=1e-9)
+            assert find(out, name, n, "BoN_N(pi_ref)")["win_rate"]["point"] == pytest.approx(
+                np.mean([beats(s, tuple_extremes(r, n)) for s, r in zip(sel, ref)]), abs=1e-9)
+            assert find(out, name, n, "pi_ref")["kl"]["mean"] == pytest.approx(
+                np.log(n) - ((n - 1) / n if name == "bon_selection" else 0.0))
+    csv_rows = (tmp_path / "win_rates.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(out)
+
+
+def test_policy_against_itself_is_one_half_through_the_command(dirs, tmp_path):
+    workdir = tmp_path / "self"
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "evaluate.py"),
+           "--config=" + os.path.join(ROOT, "configs", "evaluate.py") + ":prompts=16,samples=8",
+           f"--workdir={workdir}", f"--config.policy.checkpoint={dirs['policy']}",
+           f"--config.reference.checkpoint={dirs['policy']}",
+           f"--config.data.prompts={dirs['prompts']}", "--config.reward.kind=hf",
+           f"--config.reward.checkpoint={dirs['rm1']}", "--config.eval.procedures=('bon','won')",
+           "--config.eval.max_new_tokens=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "INFALIGN_JAX_CACHE": "off"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((workdir / "results.json").read_text())
+    assert res["records"]["policy"]["kl"]["full_vocab"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    for r in res["rows"]:
+        w = r["win_rate"]
+        assert w["lower"] <= 0.5 <= w["upper"], r
+        assert abs(w["point"] - 0.5) < 0.2, r
+    assert "policy:bon" in proc.stdout and len(read_jsonl(str(workdir / "samples.jsonl"))) == 2 * 16 * 8
+
+
+def test_bad_procedure_names_are_refused(dirs, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "evaluate.py"),
+           f"--workdir={tmp_path / 'w'}", "--config.eval.procedures=('bon','rbon_kk')"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "config.eval.procedures: unknown procedure(s) ['rbon_kk']" in proc.stderr
+    assert not (tmp_path / "w").exists()
+    # uncertainty-penalised BoN needs an ensemble, named before any sampling
+    config = tiny_config(dirs, ("uncertainty_bon",), reward__kind="hf",
+                         reward__checkpoint=dirs["rm1"], reward__checkpoints=())
+    with pytest.raises(ValueError, match=r"'uncertainty_bon' needs a reward with ensemble "
+                                         r"members .*kind='hf'"):
+        evaluate.run(config, str(tmp_path / "u"))
+    assert not (tmp_path / "u").exists()
+    with pytest.raises(ValueError, match=r"config.policy.checkpoint: no such file"):
+        evaluate.run(tiny_config(dirs, ("bon",), policy__checkpoint=str(tmp_path / "nope")),
+                     str(tmp_path / "v"))
+    with pytest.raises(ValueError, match=r"config.eval.ns must be a non-empty list of integers "
+                                         r"in \[1, eval.samples=4\]"):
+        evaluate.parse_config(tiny_config(dirs, ("bon",), eval__ns=(1, 8)))
