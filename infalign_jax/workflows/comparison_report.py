@@ -1,0 +1,154 @@
+"""Tables, claims and plots of the real-task comparison (`workflows.real_comparison`).
+
+`summarise(result, cc)` turns the per-prompt evaluations of every method x seed into rows (mean and
+sd over seeds), differences against calibrated identity (`evaluation.paired_difference`: a
+bootstrap over prompts, paired, and seeds) and the paper's claims, each decided
+holds / does not hold / unresolved from its 95% interval; `markdown` and `plot` render them.
+`cc` is the run's `real_comparison.ComparisonConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from infalign_jax.analysis import evaluation
+from infalign_jax.workflows import sweep
+
+
+def _interval(est: evaluation.Estimate) -> dict[str, float]:
+    return {"point": float(est.point), "lower": float(est.lower), "upper": float(est.upper)}
+
+
+def _verdict(diff: dict[str, float], sign: float, flagged: bool) -> str:
+    if flagged:
+        return "unresolved (KL not matched)"
+    lo, hi = sign * diff["lower"], sign * diff["upper"]
+    lo, hi = min(lo, hi), max(lo, hi)
+    if lo > 0:
+        return "holds"
+    if hi < 0:
+        return "does not hold"
+    return "unresolved"
+
+
+def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
+    """Per-method rows (mean +- sd over seeds), differences against calibrated identity, claims."""
+    n, evals, target = cc.n, result["evals"], result["kl_target"]
+    metrics = ["gold_standard_B", f"gold_bon{n}_B", f"gold_won{n}_B", "proxy_standard_B",
+               f"proxy_bon{n}_B", f"proxy_won{n}_B"]
+    rows, flagged = [], {}
+    for method, runs in evals.items():
+        kls = np.array([r["kl_B"].mean() for r in runs])
+        controlled = method in ("raw", "identity", "exp") or (method == "vbon" and cc.kl_target)
+        off = bool(target > 0 and abs(kls.mean() - target) > cc.kl_tolerance * target)
+        flagged[method] = off and method != "bon_ref"
+        row = {"method": method, "seeds": len(runs), "kl": float(kls.mean()),
+               "kl_sd": float(kls.std(ddof=1)) if len(kls) > 1 else 0.0,
+               "kl_matched": "n/a" if method == "bon_ref" else ("no" if off else "yes"),
+               "controlled": bool(controlled)}
+        for key in metrics:
+            per_seed = np.array([r[key].mean() for r in runs])
+            row[key[:-2]] = float(per_seed.mean())
+            row[key[:-2] + "_sd"] = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+        rows.append(row)
+    diffs = {}
+    if "identity" in evals:
+        base = evals["identity"]
+        for method, runs in evals.items():
+            if method == "identity":
+                continue
+            diffs[method] = {key[:-2]: _interval(evaluation.paired_difference(
+                np.stack([r[key] for r in runs]), np.stack([r[key] for r in base]),
+                cc.num_resamples, seed=cc.eval_seed)) for key in metrics}
+    claims = _claims(result, diffs, flagged, n)
+    return {"task": result["task"], "procedure": result["procedure"], "kl_target": target,
+            "rows": rows, "differences_vs_identity": diffs, "claims": claims,
+            "gold": result["gold"], "proxy": result["proxy"], "same_judge": result["same_judge"]}
+
+
+def _claims(result: dict[str, Any], diffs: dict[str, Any], flagged: dict[str, bool], n: int
+            ) -> list[dict[str, str]]:
+    proc = result["procedure"]
+    metric = f"gold_{proc}{n}"
+    out = []
+
+    def claim(name: str, text: str, method: str, key: str, sign: float, also: str = "") -> None:
+        if method not in diffs:
+            return
+        d = diffs[method][key]
+        bad = flagged.get(method, False) or flagged.get("identity", False)
+        out.append({"claim": name, "statement": text, "interval": d,
+                    "verdict": _verdict(d, sign, bad), "note": also})
+
+    if proc == "bon":
+        claim("a", f"CTRL exp t>0 beats calibrated identity on BoN_{n} (gold)", "exp", metric, 1)
+        claim("a", f"calibrated identity beats raw-reward RLHF on BoN_{n} (gold)", "raw", metric,
+              -1)
+    else:
+        claim("b", f"CTRL exp t<0 beats calibrated identity on WoN_{n} (gold)", "exp", metric, 1)
+    claim("d", "calibrated identity is at least as good as raw RLHF on the standard win rate "
+               "(gold)", "raw", "gold_standard", -1)
+    if not result["same_judge"]:
+        claim("c", "calibrated identity beats raw RLHF under the gold judge when both train on "
+                   "the proxy", "raw", metric, -1)
+    return out
+
+
+def markdown(summary: dict[str, Any], cc: Any) -> str:
+    n = cc.n
+    cols = ["method", "seeds", "kl", "kl_matched", "gold_standard", f"gold_bon{n}",
+            f"gold_won{n}", "proxy_standard", f"proxy_bon{n}", f"proxy_won{n}"]
+    rows = []
+    for r in summary["rows"]:
+        row = {"method": r["method"], "seeds": r["seeds"], "kl_matched": r["kl_matched"],
+               "kl": f"{r['kl']:.3f} ± {r['kl_sd']:.3f}"}
+        for c in cols[4:]:
+            row[c] = f"{r[c]:.3f} ± {r[c + '_sd']:.3f}"
+        rows.append(row)
+    lines = [f"### {summary['task']} ({summary['procedure'].upper()}_{n})", "",
+             f"Reward (proxy) `{summary['proxy']}`, gold judge `{summary['gold']}`; KL target "
+             f"{summary['kl_target']:.4f}. Win rates against pi_ref's samples on the held-out "
+             f"prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response.",
+             "", sweep.markdown_table(rows, cols), ""]
+    if summary["differences_vs_identity"]:
+        dcols = ["method", "gold_standard", f"gold_{summary['procedure']}{n}",
+                 f"proxy_{summary['procedure']}{n}"]
+        drows = [{"method": m, **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**d[c])
+                                  for c in dcols[1:]}}
+                 for m, d in summary["differences_vs_identity"].items()]
+        lines += ["Difference against calibrated identity (95% bootstrap over prompts and seeds):",
+                  "", sweep.markdown_table(drows, dcols), ""]
+    if summary["claims"]:
+        lines += ["| claim | statement | difference [95%] | verdict |", "|---|---|---|---|"]
+        for c in summary["claims"]:
+            i = c["interval"]
+            lines.append(f"| ({c['claim']}) | {c['statement']} | {i['point']:+.3f} "
+                         f"[{i['lower']:+.3f}, {i['upper']:+.3f}] | {c['verdict']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], cc: Any, path: str) -> str:
+    """Gold BoN_N / WoN_N win rate (the task's procedure) against KL, one point per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key = f"gold_{result['procedure']}{cc.n}_B"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, runs in result["evals"].items():
+        ax.scatter([r["kl_B"].mean() for r in runs], [r[key].mean() for r in runs], label=method)
+    if result["kl_target"] > 0:
+        ax.axvline(result["kl_target"], color="grey", lw=0.5, ls="--")
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("KL(pi || pi_ref), held-out prompts")
+    ax.set_ylabel(f"{result['procedure'].upper()}_{cc.n} win rate (gold judge)")
+    ax.set_title(f"{result['task']}: one point per seed", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
