@@ -1,7 +1,14 @@
 """Trains a Bradley-Terry reward model (or ensemble) from a config; resumes from --workdir.
 
     .venv/bin/python experiments/train_reward.py --config=configs/reward_model.py --workdir=runs/rm
+    # from a pretrained trunk (SmolLM2-135M-Instruct from the wheel; or a transformers dir / GGUF
+    # file), on the researcher's pairs, reward head only:
+    .venv/bin/python experiments/train_reward.py \
+        --config=configs/reward_model.py:trunk=smollm2,trainable=head --workdir=runs/rm_smollm2 \
+        --config.data.train_path=train.jsonl --config.data.eval_path=eval.jsonl
 
+The run directory is then a CTRL reward: `--config.task.reward.kind=trained
+--config.task.reward.checkpoint=runs/rm_smollm2`.
 All the work is in infalign_jax.loops.train_reward.run; the config's docstring gives runtime and result.
 """
 

@@ -110,7 +110,7 @@ def test_bad_data_line_is_named_or_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("section,key,value,match", [
-    ("model", "source", "gpt5", r"config.model.source must be one of"),
+    ("model", "source", "gpt5", r"config.model.source must be 'tiny', a transformers directory"),
     ("model", "n_heads", 3, r"config.model: ModelConfig"),
     ("rm", "learning_rate", -1.0, r"config.rm: RMConfig.learning_rate"),
     ("train", "batch_size", 0, r"config.train.batch_size must be a positive integer"),

@@ -178,7 +178,8 @@ def test_ensemble_is_mean_minus_k_std(dirs):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"kind": "rm"}, r"config.task.reward.kind must be one of \('judge', 'hf', 'ensemble'\)"),
+    ({"kind": "rm"}, r"config.task.reward.kind must be one of \('judge', 'hf', 'trained', "
+                       r"'ensemble'\)"),
     ({"kind": "hf"}, r"config.task.reward.checkpoint must name a sequence-classification"),
     ({"kind": "hf", "checkpoint": "/nonexistent"}, r"config.task.reward.checkpoint: "
                                                    r"'/nonexistent' is not a transformers"),

@@ -9,9 +9,22 @@ from the work dir is exact (the same design as `train.py`). A bad record in the 
 with file and line before any training (or is counted with `data.skip_bad=True`, and the counts
 are written to the summary).
 
-Models: `model.source = "tiny"` builds a fresh decoder of the given size with the byte tokenizer
-(everything offline); the config records it, and `reward_model.json` in the work dir holds the id
-(`reward_model_id`) that reference tables built with this model carry.
+Models (`build_model`): `model.source = "tiny"` builds a fresh decoder of the given size with the
+byte tokenizer (everything offline). A transformers directory (a causal LM or a one-label sequence
+classifier) or a GGUF file is a pretrained trunk: its parameters are loaded, an lm head dropped
+and a reward head added (zeros, as `models.init_params` starts it; a sequence classifier keeps its
+score head), and its own tokenizer encodes the pairs (`data.tokenize_preferences`, no special
+tokens; the response ends with the chat end-of-turn token, else EOS: `data.tokenize.special_ids`).
+The trunk fixes the ModelConfig, so `config.model` holds only `source` and `TRUNK_KEYS`.
+`train.trainable` ("all" | "head" | "last:<n>": the reward head, the final norm and the last n
+layers) freezes the rest: an optax mask on the updates, and a stopped gradient in the step so a
+wholly frozen part costs no backward pass. Ensemble members over one trunk start from the trunk's
+head plus N(0, init_std^2) noise each, so they differ before the first step.
+
+Outputs: the manifest (`extra.reward_model`: the model config, the absolute source, special ids
+and length limits, what `load_run` needs), `reward_model.json` with the id (`reward_model_id`)
+that reference tables built with this model carry, and summary.json (held-out accuracy, data
+counts with truncation per part).
 """
 
 from __future__ import annotations
@@ -20,11 +33,12 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from infalign_jax.infra import checkpointing, provenance, sharding
 from infalign_jax import models
@@ -33,11 +47,27 @@ from infalign_jax.infra.config_utils import dataclass_from, section
 from infalign_jax.data import (LoaderConfig, TokenizeConfig, batch_indices, read_preferences,
                                tokenize_preferences)
 from infalign_jax.data.byte_tokenizer import ByteTokenizer
+from infalign_jax.data.tokenize import special_ids
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.files import no_empty_dirs_left, write_json
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 
-MODEL_SOURCES = ("tiny",)
+# With a pretrained trunk these ModelConfig keys may still be set: they change how the trunk is
+# computed (rematerialisation, activation dtype), not what it computes.
+TRUNK_KEYS = ("remat", "dtype")
+TRAINABLE = "'all', 'head' or 'last:<n>' (the reward head, final norm and last n layers)"
+
+
+def _parse_trainable(value: Any) -> int | None:
+    """Layers that train: None for "all", 0 for "head", n for "last:<n>"; anything else refused."""
+    if value == "all":
+        return None
+    if value == "head":
+        return 0
+    if isinstance(value, str) and value.startswith("last:") and value[5:].isdigit() \
+            and int(value[5:]) > 0:
+        return int(value[5:])
+    raise ValueError(f"config.train.trainable must be {TRAINABLE}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +84,10 @@ class RMTrainConfig:
     async_checkpoint: bool = True
     tensorboard: bool = True
     init_from: str = ""            # a run / checkpoint dir whose parameters a fresh run starts from
+    trainable: str = "all"         # "all" | "head" | "last:<n>" (see the module docstring)
 
     def __post_init__(self):
+        _parse_trainable(self.trainable)
         check.ints(self, ("num_steps", "batch_size", "log_every", "checkpoint_every",
                           "keep_checkpoints", "ensemble_size"))
         check.ints(self, ("eval_every",), low=0)
@@ -63,7 +95,8 @@ class RMTrainConfig:
             check.fail(self, "init_from", "a directory path or ''")
 
 
-# The model section: `source` and the ModelConfig fields the tokenizer and the reward head do not fix.
+# The "tiny" model section: `source` and the ModelConfig fields the byte tokenizer and the reward
+# head do not fix.
 MODEL_FIXED = ("vocab_size", "heads")
 
 
@@ -72,9 +105,10 @@ class RMDataConfig:
     """`config.data`: preference pairs from files, or made offline by a gold judge (`synthetic`)."""
 
     _config_owner = "config.data"
-    # "": read train_path / eval_path; "<judge>" (e.g. "vader"): templated review pairs labelled
-    # by that judge; "task:<real task>": SmolLM2 samples of that task labelled by its judge.
-    synthetic: str = "vader"
+    # "auto": read train_path / eval_path when given, else "vader"; "": read them; "<judge>" (e.g.
+    # "vader"): templated review pairs labelled by that judge; "task:<real task>": SmolLM2
+    # samples of that task labelled by its judge. A judge with paths given is refused.
+    synthetic: str = "auto"
     synthetic_train_pairs: int = 4000
     synthetic_eval_pairs: int = 500
     train_path: str = ""
@@ -90,6 +124,14 @@ class RMDataConfig:
     label_noise: float = 0.0         # fraction of training labels flipped (proxy vs gold)
 
     def __post_init__(self):
+        paths = self.train_path or self.eval_path
+        if self.synthetic == "auto":
+            object.__setattr__(self, "synthetic", "" if paths else "vader")
+        elif self.synthetic and paths:
+            given = "train_path" if self.train_path else "eval_path"
+            raise ValueError(f"config.data.{given} is set but config.data.synthetic="
+                             f"{self.synthetic!r} makes the pairs; set config.data.synthetic="
+                             f"'auto' (or '') to read the files")
         check.ints(self, ("max_prompt_len", "max_response_len", "samples_per_prompt",
                           "pairs_per_prompt", "sample_new_tokens"))
         # The pair counts only matter when pairs are made here.
@@ -98,23 +140,122 @@ class RMDataConfig:
         check.ints(self, ("eval_first_prompt",), low=0)
         check.bools(self, ("skip_bad",))
         check.numbers(self, ("label_noise",), high=1.0)
-        if not self.synthetic and not (self.train_path and self.eval_path):
-            check.fail(self, "train_path", "set (with eval_path) when synthetic is ''")
+        if not self.synthetic:
+            for key, other in (("train_path", "eval_path"), ("eval_path", "train_path")):
+                if not getattr(self, key):
+                    raise ValueError(f"config.data.{key} must name a preference file (with "
+                                     f"config.data.{other}) when no synthetic pairs are made")
 
 
-def build_model(model_section: dict[str, Any]) -> tuple[models.ModelConfig, ByteTokenizer]:
+class RMModel(NamedTuple):
+    cfg: models.ModelConfig
+    tokenizer: Any
+    params: Any                    # the pretrained trunk with its reward head; None for "tiny"
+    tokenizer_name: str
+    eos_id: int
+    pad_id: int
+
+
+def trunk_tokenizer(source: str, where: str = "config.model.source") -> tuple[Any, int, int]:
+    """(tokenizer, eos_id, pad_id) of a transformers directory or GGUF file."""
+    from infalign_jax.rewards.hf_reward import load_tokenizer
+    tok = load_tokenizer(source, where)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    if (im_end is None or im_end == tok.unk_token_id) and tok.eos_token_id is None:
+        raise ValueError(f"{where}: the tokenizer of {source!r} has no EOS token (a response "
+                         f"must end with one)")
+    eos_id, pad_id = special_ids(tok)
+    return tok, eos_id, pad_id
+
+
+def _load_trunk(source: str, overrides: dict[str, Any]) -> tuple[models.ModelConfig, Any]:
+    from infalign_jax.models import gguf_import, hf_import
+    if os.path.isfile(source):
+        hf, state = gguf_import.read_gguf(source)
+        cfg = hf_import.config_from_hf(hf, source=source, **overrides)
+        return cfg, hf_import.params_from_hf_state_dict(cfg, state, source=source)
+    return hf_import.load_hf_checkpoint(source, **overrides)
+
+
+def build_model(model_section: dict[str, Any]) -> RMModel:
+    """The reward model of `config.model` (see the module docstring): "tiny" (fresh, byte
+    tokenizer; parameters initialised by the caller) or a pretrained trunk with its tokenizer."""
     values = dict(model_section)
     source = values.pop("source", None)
-    if source not in MODEL_SOURCES:
-        raise ValueError(f"config.model.source must be one of {MODEL_SOURCES}, got {source!r}")
-    for key in MODEL_FIXED:
-        if key in values:
-            raise ValueError(f"config.model.{key} is fixed by the byte tokenizer and the reward "
-                             f"head; remove it")
-    tok = ByteTokenizer()
-    cfg = dataclass_from(models.ModelConfig, values, "model", vocab_size=tok.vocab_size,
-                         heads=("reward",))
-    return cfg, tok
+    if source == "tiny":
+        for key in MODEL_FIXED:
+            if key in values:
+                raise ValueError(f"config.model.{key} is fixed by the byte tokenizer and the "
+                                 f"reward head; remove it")
+        tok = ByteTokenizer()
+        cfg = dataclass_from(models.ModelConfig, values, "model", vocab_size=tok.vocab_size,
+                             heads=("reward",))
+        return RMModel(cfg, tok, None, tok.name, tok.eos_id, tok.pad_id)
+    if not isinstance(source, str) or not (
+            (os.path.isfile(source) and source.endswith(".gguf"))
+            or os.path.isfile(os.path.join(source, "config.json"))):
+        raise ValueError(f"config.model.source must be 'tiny', a transformers directory (with "
+                         f"config.json) or a .gguf file, got {source!r}")
+    fixed = sorted(k for k in values if k not in TRUNK_KEYS)
+    if fixed:
+        raise ValueError(f"config.model.{fixed[0]} is fixed by the pretrained trunk "
+                         f"config.model.source={source!r}; remove it"
+                         + (f" (and {', '.join(fixed[1:])})" if fixed[1:] else "")
+                         + f": only {', '.join(TRUNK_KEYS)} may be set "
+                         f"(configs/reward_model.py:trunk=<path> writes such a section)")
+    tok, eos_id, pad_id = trunk_tokenizer(source)
+    cfg, params = _load_trunk(source, dict(values, heads=("reward",)))
+    name = os.path.basename(os.path.normpath(source))
+    return RMModel(cfg, tok, params, name, eos_id, pad_id)
+
+
+def trainable_mask(trainable: str, cfg: models.ModelConfig) -> Any:
+    """None ("all") or a tree like the parameters: True / False per leaf, and for the stacked
+    decoder layers a bool (n_layers,) array (`reward_models.stop_frozen_gradients`)."""
+    n = _parse_trainable(trainable)
+    if n is None:
+        return None
+    if n > cfg.n_layers:
+        raise ValueError(f"config.train.trainable={trainable!r}: the model has only "
+                         f"{cfg.n_layers} layers")
+    shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+
+    def leaf(path, _):
+        top = path[0].key
+        if top == "layers":
+            return np.arange(cfg.n_layers) >= cfg.n_layers - n
+        return top.startswith("reward_head") or (top == "final_norm" and n > 0)
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def freeze_optimizer(optimizer: optax.GradientTransformation, trainable: Any
+                     ) -> optax.GradientTransformation:
+    """`optimizer` whose updates are zero where `trainable` is False (weight decay included): a
+    stateless optax mask after it, so the optimiser state keeps the parameters' structure (and
+    layout). The step stops those gradients (`stop_frozen_gradients`), so clipping and the
+    moments see the trainable parameters only."""
+    if trainable is None:
+        return optimizer
+
+    def keep_only_trainable(updates, params=None):
+        del params
+
+        def one(u, t):
+            t = np.asarray(t, bool)
+            if t.all():
+                return u
+            return u * jnp.asarray(t.reshape(t.shape + (1,) * (u.ndim - t.ndim)), u.dtype)
+        return jax.tree.map(one, updates, trainable)
+    return optax.chain(optimizer, optax.stateless(keep_only_trainable))
+
+
+def _trunk_ensemble(cfg: models.ModelConfig, params: Any, key: jax.Array, size: int) -> Any:
+    """`size` copies of the trunk stacked on a leading axis, each reward head the trunk's plus
+    N(0, init_std^2) noise of its own."""
+    stacked = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x)[None], size, 0), params)
+    head = stacked["reward_head_kernel"]
+    noise = jax.random.normal(key, head.shape, head.dtype) * cfg.init_std
+    return dict(stacked, reward_head_kernel=head + noise)
 
 
 def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
@@ -154,17 +295,18 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
                 rows = synthetic.make_judged_pairs(get_judge(name), n, seed=seed * 1000 + offset)
             synthetic.write_jsonl(path, rows)
         paths[f"{split}_path"] = path
-    return dataclasses.replace(data, **paths)
+    return dataclasses.replace(data, synthetic="", **paths)  # now read from the files
 
 
-def load_pairs(data: RMDataConfig, split: str, tok: ByteTokenizer, log: Callable[[str], None]
+def load_pairs(data: RMDataConfig, split: str, model: RMModel, log: Callable[[str], None]
                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     path = getattr(data, f"{split}_path")
     examples, report = read_preferences(path, data.format, skip_bad=data.skip_bad)
     tcfg = TokenizeConfig(max_prompt_len=data.max_prompt_len,
-                          max_response_len=data.max_response_len, eos_id=tok.eos_id,
-                          pad_id=tok.pad_id)
-    packed, tok_report = tokenize_preferences(examples, tok, tcfg, skip_bad=data.skip_bad)
+                          max_response_len=data.max_response_len, eos_id=model.eos_id,
+                          pad_id=model.pad_id)
+    packed, tok_report = tokenize_preferences(examples, model.tokenizer, tcfg,
+                                              skip_bad=data.skip_bad)
     report = report.merge(tok_report)
     if report.total or report.truncated:
         log(f"{split}: {path}: {report.summary()}")
@@ -211,30 +353,55 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     seed = int(config.seed)
     tcfg = dataclass_from(RMTrainConfig, section(config, "train"), "train")
     rcfg = dataclass_from(rt.RMConfig, section(config, "rm"), "rm")
-    model_cfg, tok = build_model(section(config, "model"))
+    data = dataclass_from(RMDataConfig, section(config, "data"), "data")
+    model = build_model(section(config, "model"))
+    model_cfg = model.cfg
+    if data.max_prompt_len + data.max_response_len > model_cfg.max_len:
+        raise ValueError(f"config.data.max_prompt_len + config.data.max_response_len = "
+                         f"{data.max_prompt_len + data.max_response_len} exceed the model's "
+                         f"max_len={model_cfg.max_len}")
+    trainable = trainable_mask(tcfg.trainable, model_cfg)
+    source = section(config, "model")["source"]
+    source_path = source if source == "tiny" else os.path.abspath(source)
+    tok_name, eos_id, pad_id = model.tokenizer_name, model.eos_id, model.pad_id
     checkpointing.check_writable(workdir)
-    data = ensure_synthetic_data(dataclass_from(RMDataConfig, section(config, "data"), "data"),
-                                 workdir, seed, log)
-    train_arrays, train_info = load_pairs(data, "train", tok, log)
-    eval_arrays, eval_info = load_pairs(data, "eval", tok, log)
+    data = ensure_synthetic_data(data, workdir, seed, log)
+    train_arrays, train_info = load_pairs(data, "train", model, log)
+    eval_arrays, eval_info = load_pairs(data, "eval", model, log)
     n = train_info["pairs"]
     loader_cfg = LoaderConfig(batch_size=tcfg.batch_size, seed=seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
     mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
     ensemble = tcfg.ensemble_size > 1
-    optimizer = rt.make_optimizer(rcfg)
+    optimizer = freeze_optimizer(rt.make_optimizer(rcfg), trainable)
     key = jax.random.key(seed)
     if ensemble:  # members are vmapped on the default device layout
-        state = rt.init_ensemble_state(rt.init_ensemble(model_cfg, key, tcfg.ensemble_size),
-                                       optimizer)
-        step_fn = jax.jit(rt.make_ensemble_rm_step(model_cfg, rcfg, optimizer), donate_argnums=0)
+        params = (rt.init_ensemble(model_cfg, key, tcfg.ensemble_size) if model.params is None
+                  else _trunk_ensemble(model_cfg, model.params, key, tcfg.ensemble_size))
+        state = rt.init_ensemble_state(params, optimizer)
+        step_fn = jax.jit(rt.make_ensemble_rm_step(model_cfg, rcfg, optimizer, trainable),
+                          donate_argnums=0)
         pair_fn = jax.jit(jax.vmap(lambda p, b: rt.pair_rewards(model_cfg, p, b), (0, None)))
     else:
-        state = rt.init_rm_state(rt.init_rm_params(model_cfg, key, mesh), optimizer, mesh)
-        step_fn = rt.jit_rm_step(rt.make_rm_step(model_cfg, rcfg, optimizer), state, mesh)
+        if model.params is None:
+            params = rt.init_rm_params(model_cfg, key, mesh)
+        else:
+            params = jax.device_put(model.params, sharding.logical_to_shardings(
+                models.param_logical_axes(model_cfg), model.params, mesh))
+        state = rt.init_rm_state(params, optimizer, mesh)
+        step_fn = rt.jit_rm_step(rt.make_rm_step(model_cfg, rcfg, optimizer, trainable), state,
+                                 mesh)
         pair_fn = jax.jit(lambda p, b: rt.pair_rewards(model_cfg, p, b))
+    del params, model  # the state holds the parameters now (the trunk is not kept twice)
+    # What `load_run` needs to score text with this run's checkpoints.
+    run_info = {"model_config": dataclasses.asdict(model_cfg), "source": source_path,
+                "tokenizer": tok_name, "eos_id": eos_id, "pad_id": pad_id,
+                "max_prompt_len": data.max_prompt_len,
+                "max_response_len": data.max_response_len,
+                "ensemble_size": tcfg.ensemble_size}
     manifest = dict(config=config, seeds={"seed": seed}, mesh=mesh, started=started,
-                    inputs={"train": train_info["path"], "eval": eval_info["path"]})
+                    inputs={"train": train_info["path"], "eval": eval_info["path"]},
+                    extra={"reward_model": run_info})
 
     boot_key = jax.random.key(seed + 1)
 
@@ -264,14 +431,80 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     state, start, last_eval = result.state, result.resumed_from, result.last_eval
     digest = hashlib.sha256(b"".join(np.asarray(x).tobytes()
                                      for x in jax.tree.leaves(jax.device_get(state.params))))
-    model_id = f"rm[{model_cfg.n_layers}x{model_cfg.d_model},{tok.name}]:{digest.hexdigest()[:16]}"
+    model_id = f"rm[{model_cfg.n_layers}x{model_cfg.d_model},{tok_name}]:{digest.hexdigest()[:16]}"
     info = {"reward_model_id": model_id, "model_config": dataclasses.asdict(model_cfg),
-            "tokenizer": tok.name, "ensemble_size": tcfg.ensemble_size,
+            "tokenizer": tok_name, "ensemble_size": tcfg.ensemble_size,
             "checkpoint_step": tcfg.num_steps}
     write_json(os.path.join(workdir, "reward_model.json"), info)
     summary = {"final_step": tcfg.num_steps, "resumed_from": start, "eval": last_eval,
                "train_data": train_info, "eval_data": eval_info, "reward_model_id": model_id}
     write_json(os.path.join(workdir, "summary.json"), summary)
-    provenance.write_manifest(workdir, **manifest, extra={"summary": summary})
+    manifest["extra"] = {"reward_model": run_info, "summary": summary}
+    provenance.write_manifest(workdir, **manifest)
     log(f"done: reward model {model_id}; results in {workdir}")
     return state, summary
+
+
+# ------------------------------------------------------------------ a run's model, read back
+class RewardRun(NamedTuple):
+    cfg: models.ModelConfig
+    params: Any                    # the newest checkpoint's; a leading member axis if ensemble
+    tokenizer: Any
+    info: dict[str, Any]           # the manifest's extra.reward_model (limits, special ids)
+    step: int
+    path: str
+
+
+def load_run(path: str, where: str = "config.task.reward.checkpoint") -> RewardRun:
+    """The reward model of a `train_reward.py` run directory: its config from the run's manifest
+    (`extra.reward_model`), the parameters of its newest checkpoint, its tokenizer."""
+    import json
+    manifest_path = os.path.join(path, "manifest.json")
+    if not (os.path.isfile(manifest_path) and os.path.isdir(os.path.join(path, "checkpoints"))):
+        raise ValueError(f"{where}: {path!r} is not a run directory (expected manifest.json and "
+                         f"checkpoints/ written by experiments/train_reward.py)")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            info = (json.load(f).get("extra") or {}).get("reward_model")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot read {manifest_path} ({e})") from e
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: {path!r} is not a reward-model run (its manifest has no "
+                         f"extra.reward_model; experiments/train_reward.py writes it)")
+    cfg = models.ModelConfig(**info["model_config"])
+    tok = ByteTokenizer() if info["source"] == "tiny" else trunk_tokenizer(info["source"],
+                                                                            where)[0]
+    size = int(info["ensemble_size"])
+    shapes = jax.eval_shape((lambda k: rt.init_ensemble(cfg, k, size)) if size > 1
+                            else (lambda k: models.init_params(cfg, k)), jax.random.key(0))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            shapes)
+    try:
+        params, step, _ = checkpointing.restore_params(path, abstract)
+    except ValueError as e:
+        raise ValueError(str(e).replace("config.train.init_from", where)) from e
+    return RewardRun(cfg, params, tok, info, step, os.path.abspath(path))
+
+
+def run_judge(path: str, *, std_penalty: float = 1.0, batch_size: int = 16,
+              padding: str = "right", where: str = "config.task.reward.checkpoint") -> Any:
+    """A text judge (`hf_reward.PairLayoutJudge`) of a run's newest checkpoint; for an ensemble
+    run, mean - std_penalty * std over its members (`hf_reward.EnsembleJudge`)."""
+    from infalign_jax.rewards import hf_reward
+    run = load_run(path, where)
+    info = run.info
+
+    def member(params, name):
+        return hf_reward.PairLayoutJudge(
+            run.cfg, params, run.tokenizer, name=name, eos_id=info["eos_id"],
+            pad_id=info["pad_id"], max_prompt_len=info["max_prompt_len"],
+            max_response_len=info["max_response_len"], batch_size=batch_size, padding=padding,
+            where=where.rsplit(".", 1)[0])
+    name = f"rm:{run.path}@{run.step}"
+    size = int(info["ensemble_size"])
+    if size == 1:
+        return member(run.params, name)
+    return hf_reward.EnsembleJudge(
+        [member(jax.tree.map(lambda x, e=e: x[e], run.params), f"{name}#{e}")
+         for e in range(size)], std_penalty)

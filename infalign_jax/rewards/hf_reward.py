@@ -1,4 +1,5 @@
-"""A transformers sequence-classification checkpoint as a text judge (and ensembles of them).
+"""A reward model as a text judge: a transformers sequence-classification checkpoint, a
+`train_reward.py` run (`PairLayoutJudge`), and ensembles of them.
 
 The policy and the reward model rarely share a tokenizer, so the reward of a response is computed
 from text, as a user of the reward model would: the policy's response tokens are decoded with the
@@ -11,6 +12,10 @@ One program is compiled per bucket length (powers of two up to `max_len`).
 Truncation keeps the end of the text (the response, where the score is read) and counts the cut
 rows in `truncated`.
 
+`ModelJudge` takes (cfg, params, tokenizer); `SequenceClassifierJudge` loads them from a
+transformers directory; `PairLayoutJudge` encodes (prompt, response) as `train_reward.py` packed
+its pairs (`loops.train_reward.run_judge` builds it from a run directory).
+
 `EnsembleJudge` scores with several such models and returns mean - k * std over the members (a
 pessimistic, uncertainty-penalised reward; Coste et al. 2024, "Reward model ensembles help
 mitigate overoptimization", the UWO objective).
@@ -18,6 +23,7 @@ mitigate overoptimization", the UWO objective).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -27,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax import models
-from infalign_jax.data.tokenize import pad_rows
+from infalign_jax.data.tokenize import as_encoder, pad_rows
 from infalign_jax.models import hf_import
 
 logger = logging.getLogger(__name__)
@@ -51,51 +57,61 @@ def render(tokenizer: Any, template: str, prompt: str, response: str) -> str:
     return template.format(prompt=prompt, response=response)
 
 
-class SequenceClassifierJudge:
-    """Scores (prompt, response) texts with a one-label `...ForSequenceClassification` directory.
+def load_tokenizer(source: str, where: str) -> Any:
+    """The tokenizer of a transformers directory or a GGUF file; a failure names `where`."""
+    from infalign_jax.models import gguf_import
+    try:
+        if os.path.isfile(source):
+            return gguf_import.load_gguf_tokenizer(source)
+        return hf_import.load_tokenizer(source)
+    except Exception as e:  # transformers raises several types for a missing tokenizer
+        raise ValueError(f"{where}: cannot load the tokenizer saved in {source!r} "
+                         f"({type(e).__name__}: {e})") from e
 
-    `template`: "auto" (the reward tokenizer's chat template when it has one, else
-    `DEFAULT_TEMPLATE`), "chat", or a format string with `{prompt}` and `{response}`.
-    Texts are encoded with the tokenizer's defaults (special tokens such as BOS included), as
-    `tokenizer(text)` encodes them for transformers.
+
+@functools.lru_cache(maxsize=None)
+def _scorer(cfg: models.ModelConfig):
+    """The jitted reward forward of `cfg`, shared by every judge (and ensemble member) of it."""
+    return jax.jit(lambda p, t, m: models.apply(p, t, cfg, attention_mask_BxT=m).reward)
+
+
+class ModelJudge:
+    """Scores (prompt, response) texts with the `("reward",)` head of a decoder given as
+    (cfg, params, tokenizer): the rendered text (`template`) is encoded and scored in padded
+    batches (see the module docstring).
+
+    `template`: "auto" (the tokenizer's chat template when it has one, else `DEFAULT_TEMPLATE`),
+    "chat", or a format string with `{prompt}` and `{response}`. Texts are encoded with the
+    tokenizer's defaults (special tokens such as BOS included), as `tokenizer(text)` encodes them
+    for transformers. Subclasses may encode otherwise (`encode`).
     """
 
-    def __init__(self, directory: str, *, template: str = "auto", max_len: int = 512,
-                 batch_size: int = 16, padding: str = "right", where: str = "reward"):
-        if not os.path.isfile(os.path.join(directory, "config.json")):
-            raise ValueError(f"{where}: {directory!r} is not a transformers directory "
-                             f"(no config.json)")
-        self.directory = directory
-        self.cfg, params = hf_import.load_hf_checkpoint(directory)
-        self.params = jax.device_put(params)   # once, not at every call
-        if "reward" not in self.cfg.heads:
-            raise ValueError(f"{where}: {directory!r} is not a sequence-classification checkpoint "
-                             f"(no score head; heads {self.cfg.heads})")
-        try:
-            self.tokenizer = hf_import.load_tokenizer(directory)
-        except Exception as e:  # transformers raises several types for a missing tokenizer
-            raise ValueError(f"{where}: cannot load the tokenizer saved in {directory!r} "
-                             f"({type(e).__name__}: {e})") from e
+    def __init__(self, cfg: models.ModelConfig, params: Any, tokenizer: Any, *, name: str,
+                 template: str = "auto", max_len: int = 512, batch_size: int = 16,
+                 padding: str = "right", where: str = "reward", pad_id: int | None = None):
+        if "reward" not in cfg.heads:
+            raise ValueError(f"{where}: {name} has no reward head (heads {cfg.heads})")
         if template == "auto":
-            template = "chat" if getattr(self.tokenizer, "chat_template", None) else \
-                DEFAULT_TEMPLATE
+            template = "chat" if getattr(tokenizer, "chat_template", None) else DEFAULT_TEMPLATE
         elif template != "chat" and ("{prompt}" not in template or "{response}" not in template):
             raise ValueError(f"{where}.template must be 'auto', 'chat' or a format string with "
                              f"{{prompt}} and {{response}}, got {template!r}")
         if padding not in PADDING_SIDES:
             raise ValueError(f"{where}.padding must be one of {PADDING_SIDES}, got {padding!r}")
+        self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
+        self.params = jax.device_put(params)   # once, not at every call
         self.template, self.max_len, self.batch_size, self.padding = \
             template, int(max_len), int(batch_size), padding
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
-        self.name = f"hf:{os.path.basename(os.path.normpath(directory))}"
+        if pad_id is None:
+            pad = tokenizer.pad_token_id
+            pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = int(pad_id)
         self.truncated = 0
-        cfg = self.cfg
-        self._score = jax.jit(lambda p, t, m: models.apply(p, t, cfg, attention_mask_BxT=m).reward)
+        self._score = _scorer(cfg)
 
     @property
     def id(self) -> str:
-        """Identifies the reward in reference tables: the directory and what changes the score."""
+        """Identifies the reward in reference tables: the model and what changes the score."""
         return f"{self.name}|max_len={self.max_len}"
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
@@ -122,6 +138,48 @@ class SequenceClassifierJudge:
             scores_B = self._score(self.params, jnp.asarray(tokens_BxT), jnp.asarray(mask_BxT))
             out[start:start + len(chunk)] = np.asarray(scores_B)[:len(chunk)]
         return out
+
+
+class SequenceClassifierJudge(ModelJudge):
+    """A one-label `...ForSequenceClassification` directory with its own tokenizer."""
+
+    def __init__(self, directory: str, *, where: str = "reward", **kw: Any):
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise ValueError(f"{where}: {directory!r} is not a transformers directory "
+                             f"(no config.json)")
+        self.directory = directory
+        cfg, params = hf_import.load_hf_checkpoint(directory)
+        if "reward" not in cfg.heads:
+            raise ValueError(f"{where}: {directory!r} is not a sequence-classification checkpoint "
+                             f"(no score head; heads {cfg.heads})")
+        super().__init__(cfg, params, load_tokenizer(directory, where), where=where,
+                         name=f"hf:{os.path.basename(os.path.normpath(directory))}", **kw)
+
+
+class PairLayoutJudge(ModelJudge):
+    """A reward model scored on text laid out as `train_reward.py` trained it: the prompt's ids
+    (no special tokens, cut on the left to `max_prompt_len`) followed by the response's ids and
+    `eos_id` (cut on the right to `max_response_len`), as `data.tokenize_preferences` packs a
+    pair; a row with either part cut is counted in `truncated`."""
+
+    def __init__(self, cfg: models.ModelConfig, params: Any, tokenizer: Any, *, name: str,
+                 eos_id: int, pad_id: int, max_prompt_len: int, max_response_len: int,
+                 batch_size: int = 16, padding: str = "right", where: str = "reward"):
+        super().__init__(cfg, params, tokenizer, name=name, template=DEFAULT_TEMPLATE,
+                         max_len=max_prompt_len + max_response_len, batch_size=batch_size,
+                         padding=padding, where=where, pad_id=pad_id)
+        self.eos_id, self.max_prompt_len, self.max_response_len = \
+            int(eos_id), int(max_prompt_len), int(max_response_len)
+        self._encode = as_encoder(tokenizer)
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        rows = []
+        for p, r in zip(prompts, responses, strict=True):
+            prompt, response = self._encode(p), self._encode(r) + [self.eos_id]
+            if len(prompt) > self.max_prompt_len or len(response) > self.max_response_len:
+                self.truncated += 1
+            rows.append(prompt[-self.max_prompt_len:] + response[:self.max_response_len])
+        return rows
 
 
 class EnsembleJudge:

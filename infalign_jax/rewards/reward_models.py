@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from infalign_jax import models
@@ -200,17 +201,38 @@ def _zero_bias_grad(grads: Params) -> Params:
     return grads
 
 
+def stop_frozen_gradients(params: Params, trainable: Params | None) -> Params:
+    """`params` with the gradient stopped where `trainable` (a tree of the same structure; each
+    leaf True, False, or a bool array over the leaf's leading axes, e.g. (n_layers,) for the
+    stacked layers) is False: frozen parameters get an exact zero gradient, and a wholly frozen
+    leaf no backward pass at all. None: everything trains."""
+    if trainable is None:
+        return params
+
+    def one(p, t):
+        t = np.asarray(t, bool)
+        if t.all():
+            return p
+        if not t.any():
+            return jax.lax.stop_gradient(p)
+        keep = jnp.asarray(t.reshape(t.shape + (1,) * (p.ndim - t.ndim)))
+        return jnp.where(keep, p, jax.lax.stop_gradient(p))
+    return jax.tree.map(one, params, trainable)
+
+
 def make_rm_step(model_cfg: models.ModelConfig, cfg: RMConfig,
-                 optimizer: optax.GradientTransformation
+                 optimizer: optax.GradientTransformation, trainable: Params | None = None
                  ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """The pure BT step. Metrics: loss, accuracy (ties 1/2), reward_gap (mean r_c - r_r), and
-    grad_norm (global norm before clipping). Callers jit it (`jit_rm_step`)."""
+    grad_norm (global norm before clipping). Callers jit it (`jit_rm_step`). `trainable`: see
+    `stop_frozen_gradients` (the optimizer must leave the frozen parameters alone too)."""
     _check_reward_head(model_cfg)
 
     def rm_step(state: TrainState, batch: Batch):
         margin = batch.get("margin_B", cfg.margin)
 
         def loss_fn(params):
+            params = stop_frozen_gradients(params, trainable)
             r_chosen_B, r_rejected_B = pair_rewards(model_cfg, params, batch)
             return bradley_terry_loss(r_chosen_B, r_rejected_B, margin, cfg.label_smoothing)
 
@@ -272,14 +294,15 @@ def bootstrap_indices(rng: Array, size: int, batch_size: int) -> Array:
 
 
 def make_ensemble_rm_step(model_cfg: models.ModelConfig, cfg: RMConfig,
-                          optimizer: optax.GradientTransformation
+                          optimizer: optax.GradientTransformation,
+                          trainable: Params | None = None
                           ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """`make_rm_step` vmapped over the member axis; every metric comes back with shape (E,).
 
     With `batch["member_idx_ExB"]` member e trains on the rows member_idx_ExB[e] of the batch
     (bootstrap); without it all members share the batch and differ only by initialisation.
     """
-    rm_step = make_rm_step(model_cfg, cfg, optimizer)
+    rm_step = make_rm_step(model_cfg, cfg, optimizer, trainable)
 
     def member_step(state: TrainState, batch: Batch, idx_B: Array):
         return rm_step(state, jax.tree.map(lambda x: jnp.take(x, idx_B, axis=0), batch))

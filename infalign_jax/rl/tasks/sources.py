@@ -8,8 +8,10 @@ Three sub-sections of `config.task` (`real.RealTaskConfig`), each a validated fr
   manifest names). The tokenizer comes from the same place. The policy is also pi_ref.
 * `config.task.reward.kind`: "judge" (a built-in offline judge, `reward.judge`, "" = the task's),
   "hf" (a one-label `...ForSequenceClassification` directory, `reward.checkpoint`, with its own
-  tokenizer; see `rewards.hf_reward`) or "ensemble" (`reward.checkpoints`, scored as
-  mean - `reward.std_penalty` * std).
+  tokenizer; see `rewards.hf_reward`), "trained" (`reward.checkpoint` = an
+  `experiments/train_reward.py` run directory: its newest checkpoint with its tokenizer, text laid
+  out as it trained; an ensemble run scores mean - `reward.std_penalty` * std) or "ensemble"
+  (`reward.checkpoints`, scored as mean - `reward.std_penalty` * std).
 * `config.task.data.prompts`: "" (the task's shipped prompts; evaluation uses the first
   `eval_prompts` of the training prompts, as before) or a JSONL file of `{"prompt", "id"?}` lines
   (`data.readers.read_prompts`), split by prompt text into disjoint training and evaluation sets
@@ -30,7 +32,7 @@ from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, config_section, dataclass_from
 from infalign_jax.rewards import judges
 
-REWARD_KINDS = ("judge", "hf", "ensemble")
+REWARD_KINDS = ("judge", "hf", "trained", "ensemble")
 CHAT_TEMPLATE = ("auto", "on", "off")
 PROMPT_FORMATS = ("auto", "prompts", "hh", "tldr", "jsonl")
 GENERATED = "generated"            # data.prompts: the task's templated prompt set (prompt_sets)
@@ -62,11 +64,13 @@ class RewardConfig:
     _config_owner = "config.task.reward"
     kind: str = "judge"
     judge: str = ""                # kind=judge: a built-in judge; "": the task's own
-    checkpoint: str = ""           # kind=hf: a sequence-classification directory
+    checkpoint: str = ""           # kind=hf: a sequence-classification directory; kind=trained:
+    #                                a train_reward.py run directory
     checkpoints: tuple = ()        # kind=ensemble: two or more such directories
     std_penalty: float = 1.0       # kind=ensemble: k of mean - k * std
     template: str = "auto"         # "auto" | "chat" | a format string with {prompt}, {response}
     max_len: int = 512             # reward-model tokens; longer texts lose their start
+    #                                (kind=trained: the run's max_prompt_len/max_response_len)
     batch_size: int = 16           # texts per jitted reward-model call
     padding: str = "right"         # "left" | "right"
 
@@ -78,12 +82,26 @@ class RewardConfig:
         check.numbers(self, ("std_penalty",))
         check.choice(self, "padding", ("left", "right"))
         unused = {"judge": ("checkpoint", "checkpoints"), "hf": ("judge", "checkpoints"),
+                  "trained": ("judge", "checkpoints"),
                   "ensemble": ("judge", "checkpoint")}[self.kind]
         for key in unused:
             if getattr(self, key):
                 raise ValueError(f"config.task.reward.{key} is set but config.task.reward.kind="
-                                 f"{self.kind!r} does not use it (kinds: judge -> judge, hf -> "
-                                 f"checkpoint, ensemble -> checkpoints)")
+                                 f"{self.kind!r} does not use it (kinds: judge -> judge, hf and "
+                                 f"trained -> checkpoint, ensemble -> checkpoints)")
+        if self.kind == "trained":
+            # The run fixes the text layout and the length limits it trained with.
+            for key in ("template", "max_len"):
+                default = RewardConfig.__dataclass_fields__[key].default
+                if getattr(self, key) != default:
+                    raise ValueError(f"config.task.reward.{key}={getattr(self, key)!r} is set "
+                                     f"but kind='trained' scores text as its run trained "
+                                     f"(its config.data limits); remove it")
+            if not (self.checkpoint and os.path.isdir(self.checkpoint)):
+                raise ValueError(f"config.task.reward.checkpoint must name a train_reward.py "
+                                 f"run directory when config.task.reward.kind='trained', got "
+                                 f"{self.checkpoint!r}")
+            return
         dirs = {"hf": (self.checkpoint,), "ensemble": tuple(self.checkpoints)}.get(self.kind, ())
         key = "checkpoint" if self.kind == "hf" else "checkpoints"
         if self.kind == "hf" and not self.checkpoint:
@@ -214,6 +232,10 @@ def make_judge(r: RewardConfig, task_judge: str) -> Any:
     """The text judge of `config.task.reward`: judge(prompts, responses) -> scores, with `.id`."""
     if r.kind == "judge":
         return judges.get_judge(r.judge or task_judge)
+    if r.kind == "trained":
+        from infalign_jax.loops import train_reward
+        return train_reward.run_judge(r.checkpoint, std_penalty=r.std_penalty,
+                                      batch_size=r.batch_size, padding=r.padding)
     from infalign_jax.rewards import hf_reward
     kw = dict(template=r.template, max_len=r.max_len, batch_size=r.batch_size, padding=r.padding)
     if r.kind == "hf":

@@ -1,0 +1,303 @@
+"""Reward models trained from a pretrained trunk (a transformers directory or a GGUF file) and read
+back as the CTRL reward (`task.reward.kind = "trained"`).
+
+The trunks are tiny Llama models built here (`hf_tiny.save_tiny`, a word-level tokenizer; the GGUF
+file written by `test_gguf_families.write_gguf` with a byte-level BPE vocabulary that encodes).
+Independent references: transformers' hidden states, the tokenizers called directly, and a direct
+forward of the checkpoint's parameters on each text, one unpadded row at a time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from infalign_jax import models
+from infalign_jax.data.synthetic import write_jsonl
+from infalign_jax.loops import train_reward
+from infalign_jax.rl.tasks import sources
+from hf_tiny import save_tiny
+from test_workflow import TINY, WORDS, policy_tokenizer
+
+ONE = jax.devices()[:1]
+GGUF_TOKENS = ["<pad>", "<eos>", "<unk>", "\u0120", "w", "\u0120w"] + [str(i) for i in range(10)]
+
+
+def _gguf_vocabulary(w, config):
+    """Byte-level BPE (the "gpt2" tokenizer model) over the characters of the words: it encodes."""
+    tokens = GGUF_TOKENS + [f"x{i}" for i in range(config["vocab_size"] - len(GGUF_TOKENS))]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges(["\u0120 w"])
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(0)
+    w.add_unk_token_id(2)
+
+
+def _rows(rng, n):
+    """Random pairs of distinct word sequences (a few steps need no learnable rule)."""
+    out = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS, rng.integers(2, 7)))
+        a, b = (" ".join(rng.choice(WORDS, rng.integers(1, 5))) for _ in range(2))
+        while a == b:
+            b = " ".join(rng.choice(WORDS, rng.integers(1, 5)))
+        out.append({"prompt": prompt, "chosen": a, "rejected": b})
+    return out
+
+
+@pytest.fixture(scope="module")
+def trunk(tmp_path_factory):
+    import test_gguf_families as tg
+    root = tmp_path_factory.mktemp("trunk")
+    tok = policy_tokenizer()
+    hf = save_tiny(str(root / "lm"), transformers.LlamaConfig(
+        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False, **TINY))
+    tok.save_pretrained(hf)
+    gguf = tg.write_gguf(hf, root / "lm.gguf", arch="llama", vocabulary=_gguf_vocabulary)
+    rng = np.random.default_rng(0)
+    train = write_jsonl(str(root / "train.jsonl"), _rows(rng, 24))
+    ev = write_jsonl(str(root / "eval.jsonl"), _rows(rng, 8))
+    return dict(hf=hf, gguf=gguf, train=train, eval=ev, root=root)
+
+
+def _config(source, train, ev, *, max_prompt_len=4, max_response_len=6, **train_kw):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(train_path=train, eval_path=ev, format="jsonl", max_prompt_len=max_prompt_len,
+                  max_response_len=max_response_len)
+    c.model = dict(source=source)
+    c.rm = dict(learning_rate=1e-2, warmup_steps=0, total_steps=0)
+    c.train = dict(num_steps=3, batch_size=4, log_every=10, eval_every=0, checkpoint_every=1,
+                   keep_checkpoints=2, async_checkpoint=False, tensorboard=False)
+    c.train.update(train_kw)
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    return c
+
+
+def _run(config, workdir):
+    return train_reward.run(config, str(workdir), log=lambda s: None, devices=ONE)
+
+
+def _flat(params):
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]}
+
+
+# ---------------------------------------------------------------------------- the trunk as loaded
+def _transformers_hidden(directory, tokens, mask):
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return model.model(input_ids=torch.tensor(tokens),
+                           attention_mask=torch.tensor(mask.astype(np.int64))
+                           ).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_trunk_equals_its_source_with_a_fresh_reward_head(trunk, kind):
+    model = train_reward.build_model({"source": trunk[kind]})
+    assert model.cfg.heads == ("reward",) and "lm_head" not in model.params
+    assert not np.any(np.asarray(model.params["reward_head_kernel"]))
+    tokens = np.random.default_rng(1).integers(3, 40, (2, 9))
+    mask = np.ones(tokens.shape, bool)
+    mask[1, 6:] = False                          # right padding in one row
+    ours = np.asarray(models.hidden_states(model.params, jnp.asarray(tokens), model.cfg,
+                                           attention_mask_BxT=jnp.asarray(mask)))
+    theirs = _transformers_hidden(trunk["hf"], tokens, mask)
+    np.testing.assert_allclose(ours[mask], theirs[mask], atol=2e-5, rtol=1e-4)
+    # The trunk's own tokenizer and its end token (no <|im_end|> here: EOS).
+    text = "w5 w7 w19"
+    direct = (transformers.AutoTokenizer.from_pretrained(trunk["hf"]) if kind == "hf" else
+              model.tokenizer)(text, add_special_tokens=False)["input_ids"]
+    assert model.tokenizer.decode(direct) == text and len(direct) >= 3
+    assert (model.eos_id, model.pad_id) == (1, 0)
+
+
+def test_sequence_classifier_trunk_keeps_its_score_head(tmp_path):
+    from test_workflow import rm_tokenizer
+    tok = rm_tokenizer()
+    directory = save_tiny(str(tmp_path / "rm"), transformers.LlamaConfig(
+        vocab_size=len(tok), pad_token_id=0, num_labels=1, **TINY), seed=4,
+        auto=transformers.AutoModelForSequenceClassification)
+    tok.save_pretrained(directory)
+    with pytest.raises(ValueError, match=r"config.model.source: the tokenizer of .* has no EOS"):
+        train_reward.build_model({"source": directory})
+    tok.eos_token = "extra"
+    tok.save_pretrained(directory)
+    model = train_reward.build_model({"source": directory})
+    assert model.cfg.heads == ("reward",)
+    assert (model.eos_id, model.pad_id) == (tok.convert_tokens_to_ids("extra"), 0)
+    tokens = np.random.default_rng(2).integers(3, 40, (3, 7))
+    ours = np.asarray(models.apply(model.params, jnp.asarray(tokens), model.cfg).reward)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(tokens)).logits[:, 0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ training
+def _expected_truncation(tokenizer, path, max_prompt_len, max_response_len):
+    """Parts longer than the limits, counted with the tokenizer called directly (EOS appended)."""
+    counts = {"prompt": 0, "chosen": 0, "rejected": 0}
+    for line in open(path, encoding="utf-8"):
+        row = json.loads(line)
+        for part, limit, extra in (("prompt", max_prompt_len, 0), ("chosen", max_response_len, 1),
+                                   ("rejected", max_response_len, 1)):
+            n = len(tokenizer(row[part], add_special_tokens=False)["input_ids"]) + extra
+            counts[part] += n > limit
+    return {k: v for k, v in counts.items() if v}
+
+
+def test_hf_trunk_trains_resumes_exactly_and_counts_truncation(trunk, tmp_path):
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"])
+    full, summary = _run(c, tmp_path / "full")
+    tok = transformers.AutoTokenizer.from_pretrained(trunk["hf"])
+    assert summary["train_data"]["truncated"] == _expected_truncation(tok, trunk["train"], 4, 6)
+    assert summary["eval_data"]["truncated"] == _expected_truncation(tok, trunk["eval"], 4, 6)
+    assert summary["train_data"]["pairs"] == 24 and summary["eval"]["eval_pairs"] == 8
+    assert summary["reward_model_id"].startswith("rm[2x32,lm]:")
+    start = train_reward.build_model({"source": trunk["hf"]}).params
+    trained = _flat(full.params)
+    assert np.any(trained["['reward_head_kernel']"] != 0)
+    assert not np.allclose(trained["['layers']['mlp']['up_kernel']"],
+                           _flat(start)["['layers']['mlp']['up_kernel']"])
+    _run(_config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=2), tmp_path / "part")
+    resumed, s2 = _run(c, tmp_path / "part")
+    assert s2["resumed_from"] == 2
+    for key, value in _flat(resumed.params).items():
+        np.testing.assert_array_equal(value, trained[key], err_msg=key)
+
+
+@pytest.mark.parametrize("trainable", ["head", "last:1"])
+def test_gguf_trunk_trains_only_what_is_trainable(trunk, tmp_path, trainable):
+    start = _flat(train_reward.build_model({"source": trunk["gguf"]}).params)
+    state, summary = _run(_config(trunk["gguf"], trunk["train"], trunk["eval"], num_steps=2,
+                                  trainable=trainable), tmp_path / "g")
+    after = _flat(state.params)
+    assert summary["train_data"]["pairs"] == 24
+    moved = {k for k in after if not np.array_equal(after[k], start[k])}
+    assert "['reward_head_kernel']" in moved and "['embed']" not in moved
+    layered = [k for k in after if k.startswith("['layers']")]
+    if trainable == "head":
+        assert moved == {"['reward_head_kernel']"}   # the bias's gradient is 0 by design
+    else:   # layer 1 of 2 and the final norm train; layer 0 does not move at all
+        assert "['final_norm']['scale']" in moved
+        for k in layered:
+            np.testing.assert_array_equal(after[k][0], start[k][0], err_msg=k)
+        assert all(not np.array_equal(after[k][1], start[k][1]) for k in layered)
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_pretrained_trunk_refuses_model_keys_by_name(trunk, tmp_path):
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"])
+    c.model.d_model = 64
+    c.model.remat = "full"        # allowed: how the trunk is computed, not what
+    with pytest.raises(ValueError, match=r"config.model.d_model is fixed by the pretrained trunk"):
+        _run(c, tmp_path / "r")
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"], max_prompt_len=100,
+                max_response_len=100)
+    with pytest.raises(ValueError, match=r"config.data.max_prompt_len \+ config.data."
+                                         r"max_response_len = 200 exceed the model's max_len"):
+        _run(c, tmp_path / "r")
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"], trainable="last:3")
+    with pytest.raises(ValueError, match=r"config.train.trainable='last:3': the model has only 2"):
+        _run(c, tmp_path / "r")
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"], trainable="top")
+    with pytest.raises(ValueError, match=r"config.train.trainable must be 'all', 'head' or"):
+        _run(c, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_paths_switch_synthetic_pairs_off(tmp_path):
+    data = train_reward.RMDataConfig
+    assert data().synthetic == "vader"
+    made = train_reward.ensure_synthetic_data(
+        data(synthetic_train_pairs=3, synthetic_eval_pairs=2), str(tmp_path), 0, lambda s: None)
+    assert made.synthetic == "" and made.train_path.startswith(str(tmp_path))
+    assert [len(open(p).readlines()) for p in (made.train_path, made.eval_path)] == [3, 2]
+    assert data(train_path="a.jsonl", eval_path="b.jsonl").synthetic == ""
+    with pytest.raises(ValueError, match=r"config.data.eval_path must name a preference file"):
+        data(train_path="a.jsonl")
+    with pytest.raises(ValueError, match=r"config.data.train_path must name a preference file"):
+        data(eval_path="b.jsonl")
+    with pytest.raises(ValueError, match=r"config.data.train_path is set but config.data."
+                                         r"synthetic='vader' makes the pairs"):
+        data(synthetic="vader", train_path="a.jsonl", eval_path="b.jsonl")
+
+
+# ---------------------------------------------------------------------- kind = "trained"
+def _direct_rewards(cfg, params, tokenizer, prompts, responses, eos, max_p, max_r):
+    """Each text encoded by the tokenizer itself, laid out as training packs it, scored alone."""
+    out = []
+    for p, r in zip(prompts, responses):
+        ids = (tokenizer(p, add_special_tokens=False)["input_ids"][-max_p:]
+               + (tokenizer(r, add_special_tokens=False)["input_ids"] + [eos])[:max_r])
+        out.append(float(models.apply(params, jnp.asarray([ids]), cfg).reward[0]))
+    return np.array(out)
+
+
+def _texts():
+    rng = np.random.default_rng(3)
+    prompts = [" ".join(rng.choice(WORDS, n)) for n in (1, 3, 6, 2, 5)]
+    responses = [" ".join(rng.choice(WORDS, n)) for n in (2, 7, 1, 4, 3)]
+    return prompts, responses
+
+
+def test_trained_kind_scores_the_newest_checkpoint_on_reencoded_text(trunk, tmp_path):
+    run_dir = tmp_path / "rm"
+    state, _ = _run(_config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=2), run_dir)
+    judge = sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(run_dir),
+                                                    batch_size=2), "vader")
+    prompts, responses = _texts()
+    got = judge(prompts, responses)
+    tok = transformers.AutoTokenizer.from_pretrained(trunk["hf"])
+    cfg = train_reward.build_model({"source": trunk["hf"]}).cfg
+    want = _direct_rewards(cfg, state.params, tok, prompts, responses, 1, 4, 6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.ptp(want) > 0                      # a trained head: the texts score differently
+    # Prompts of 6 and 5 words exceed 4 tokens; a response of 7 words + EOS exceeds 6.
+    assert judge.truncated == 3
+    assert judge.id.startswith(f"rm:{run_dir}@2")
+
+
+def test_trained_kind_of_an_ensemble_run_is_mean_minus_k_std(trunk, tmp_path):
+    run_dir = tmp_path / "ens"
+    state, _ = _run(_config(trunk["gguf"], trunk["train"], trunk["eval"], num_steps=2,
+                            ensemble_size=2, bootstrap=True, trainable="head"), run_dir)
+    judge = sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(run_dir),
+                                                    std_penalty=0.5), "vader")
+    prompts, responses = _texts()
+    model = train_reward.build_model({"source": trunk["gguf"]})
+    members = np.stack([_direct_rewards(model.cfg, jax.tree.map(lambda x, e=e: x[e],
+                                                                state.params),
+                                        model.tokenizer, prompts, responses, 1, 4, 6)
+                        for e in range(2)])
+    assert np.all(np.abs(members[0] - members[1]) > 0)  # members differ (heads, bootstrap)
+    np.testing.assert_allclose(judge(prompts, responses),
+                               members.mean(0) - 0.5 * members.std(0), atol=1e-5)
+
+
+def test_trained_kind_refuses_what_is_not_a_reward_model_run(trunk, tmp_path):
+    with pytest.raises(ValueError, match=r"config.task.reward.checkpoint must name a "
+                                         r"train_reward.py run directory"):
+        sources.RewardConfig(kind="trained")
+    with pytest.raises(ValueError, match=r"config.task.reward.checkpoint: .* is not a run "
+                                         r"directory"):
+        sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=trunk["hf"]), "vader")
+    fake = tmp_path / "policy_run"
+    (fake / "checkpoints").mkdir(parents=True)
+    (fake / "manifest.json").write_text(json.dumps({"config": {"task": {}}}))
+    with pytest.raises(ValueError, match=r"config.task.reward.checkpoint: .* is not a "
+                                         r"reward-model run"):
+        sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(fake)), "vader")
+    with pytest.raises(ValueError, match=r"config.task.reward.template='chat' is set but "
+                                         r"kind='trained'"):
+        sources.RewardConfig(kind="trained", checkpoint=str(fake), template="chat")
