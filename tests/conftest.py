@@ -14,3 +14,6 @@ from infalign_jax.infra.cli import enable_compilation_cache  # noqa: E402
 enable_compilation_cache(os.environ.get("INFALIGN_JAX_CACHE",
                                         os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
                          min_compile_s=0.5)
+
+# `dirs`: the tiny policy / reward-model / prompt files of the workflow tests (module scope).
+from workflow_files import dirs  # noqa: E402, F401

@@ -16,7 +16,7 @@ import transformers
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.workflows import real_comparison as rc
 from hf_tiny import save_tiny
-from test_workflow import TINY, policy_tokenizer, rm_tokenizer
+from workflow_files import TINY, policy_tokenizer, rm_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,7 +22,7 @@ from hf_tiny import save_tiny
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.workflows import evaluate
-from test_workflow import TINY, WORDS, policy_tokenizer, rm_tokenizer, transformers_scores
+from workflow_files import TINY, WORDS, policy_tokenizer, rm_tokenizer, transformers_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M, NS, B, TRAIN = 4, (1, 2, 4), 3, 3

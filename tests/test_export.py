@@ -19,12 +19,11 @@ from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.loops import train
 from infalign_jax.models import hf_import, lora
 from hf_tiny import hf_logits, left_padded_batch, our_logits
-from test_workflow import dirs  # noqa: F401  (the tiny policy / reward model / prompts fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(dirs, lora_rank: int = 0, export_hf: bool = False):  # noqa: F811
+def _config(dirs, lora_rank: int = 0, export_hf: bool = False):
     c = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py")).get_config(
         "task=helpfulness,size=tiny")
     c.unlock()
@@ -63,7 +62,7 @@ def _check_export(out: str, base_dir: str, cfg, params) -> None:
 
 
 @pytest.mark.slow
-def test_export_at_the_end_of_training(dirs, tmp_path):  # noqa: F811
+def test_export_at_the_end_of_training(dirs, tmp_path):
     c = _config(dirs, export_hf=True)
     state, summary = train.run(c, str(tmp_path), log=lambda _: None, devices=jax.devices()[:1])
     out = str(tmp_path / "export" / "hf")
@@ -75,7 +74,7 @@ def test_export_at_the_end_of_training(dirs, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_lora_run_resumes_and_exports_merged_weights_from_the_command_line(dirs, tmp_path):  # noqa: F811
+def test_lora_run_resumes_and_exports_merged_weights_from_the_command_line(dirs, tmp_path):
     c = _config(dirs, lora_rank=4)
     run = tmp_path / "run"
     state, summary = train.run(c, str(run), log=lambda _: None, devices=jax.devices()[:1])

@@ -1,9 +1,7 @@
 """The researcher's workflow (issue 18): their policy, reward model and prompts from one config.
 
-Everything is built here: tiny Llama policy / sequence-classifier directories saved with
-`save_pretrained`, each with its own word-level tokenizer (the reward model's maps the same words
-to other ids and adds a [CLS] token, so a reward computed on the policy's token ids would be
-wrong), and a prompt JSONL. Nothing is downloaded.
+Everything is built by the tests (`workflow_files`): tiny Llama policy / sequence-classifier
+directories, each with its own tokenizer, and a prompt JSONL. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from infalign_jax.core.calibration import load_reference_table
@@ -23,67 +20,10 @@ from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.rewards import hf_reward, judges
 from infalign_jax.rl.tasks import real, sources
-from hf_tiny import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = [f"w{i}" for i in range(3, 40)]
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None)
-
-
-def _tokenizer(vocab: dict[str, int], **special):
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
-    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token=special["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if "cls_token" in special:  # the reward model's tokenizer starts every text with [CLS]
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A", special_tokens=[("[CLS]", vocab["[CLS]"])])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
-
-
-def policy_tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    return _tokenizer(vocab, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def rm_tokenizer():
-    perm = np.random.default_rng(7).permutation(len(WORDS))
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, **{WORDS[j]: 3 + i for i, j in enumerate(perm)},
-             "extra": 3 + len(WORDS)}
-    return _tokenizer(vocab, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("workflow")
-    tok = policy_tokenizer()
-    policy = save_tiny(str(root / "policy"), transformers.LlamaConfig(
-        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False, **TINY))
-    tok.save_pretrained(policy)
-    rms = []
-    for seed in (1, 2):
-        rtok = rm_tokenizer()
-        rm = save_tiny(str(root / f"rm{seed}"), transformers.LlamaConfig(
-            vocab_size=len(rtok), pad_token_id=0, num_labels=1, **TINY), seed=seed,
-            auto=transformers.AutoModelForSequenceClassification)
-        rtok.save_pretrained(rm)
-        rms.append(rm)
-    rng = np.random.default_rng(0)
-    rows = [{"id": f"p{i}", "prompt": " ".join(rng.choice(WORDS, 3 + i % 4))} for i in range(12)]
-    rows.append({"id": "dup", "prompt": rows[3]["prompt"]})  # the same prompt under another id
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return dict(policy=policy, rm=rms[0], rm2=rms[1], prompts=str(prompts), rows=rows)
-
-
-def transformers_scores(rm_dir: str, texts: list[str]) -> np.ndarray:
-    """The reward model's score of each text, one unpadded text at a time, in transformers."""
-    tok = transformers.AutoTokenizer.from_pretrained(rm_dir)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    with torch.no_grad():
-        return np.array([float(model(**tok(t, return_tensors="pt")).logits[0, 0])
-                         for t in texts])
-
+from workflow_files import (TINY, WORDS, policy_tokenizer, rm_tokenizer,  # noqa: F401
+                            transformers_scores)
 
 # ------------------------------------------------------------------------------------ policy
 def test_policy_from_a_transformers_directory(dirs):

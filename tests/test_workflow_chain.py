@@ -17,12 +17,11 @@ from infalign_jax.loops import train
 from infalign_jax.rl.tasks import sources
 from infalign_jax.workflows import calibrate, evaluate
 from hf_tiny import hf_logits, left_padded_batch, our_logits
-from test_workflow import dirs  # noqa: F401  (the tiny policy / reward model / prompts fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_calibrate_train_evaluate_export(dirs, tmp_path):  # noqa: F811
+def test_calibrate_train_evaluate_export(dirs, tmp_path):
     import transformers
     c = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py")).get_config(
         "task=helpfulness,size=tiny")

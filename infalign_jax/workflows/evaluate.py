@@ -455,7 +455,7 @@ class _Context:
         self.ref_fns = self.pol_fns if same else models.decoder_fns(self.reference.model_cfg)
         # The judge sees the raw prompt texts, not the chat-formatted ones the sampler decodes.
         raw = {self.detokenize(row[m]): t for row, m, t in zip(all_BxP, all_mask, texts)}
-        self.judge = real._PromptTextJudge(judge, raw)
+        self.judge = real.PromptTextJudge(judge, raw)
         self.members = getattr(judge, "members", None)   # an ensemble's reward models
         self.judge_id = getattr(judge, "id", judge.name)
         self.temperature, self.max_new_tokens = e.temperature, e.max_new_tokens

@@ -290,7 +290,7 @@ def _estimate_keys(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-class _PromptTextJudge:
+class PromptTextJudge:
     """`judge` called with the raw prompt texts: the evaluation harness passes the detokenised
     (chat-formatted) prompt, while training and calibration score the raw text."""
 
@@ -362,7 +362,7 @@ def rl_task(section: Any) -> RLTask:
     base_id = base_model_id(policy.source, s)
     fns = models.decoder_fns(policy.model_cfg)
     reward = judges.text_reward_fn(judge, detokenize, split.train_texts)
-    eval_judge = _PromptTextJudge(judge, {detokenize(row[m]): text for row, m, text in
+    eval_judge = PromptTextJudge(judge, {detokenize(row[m]): text for row, m, text in
                                           zip(eval_BxP, eval_mask_BxP, split.eval_texts)})
 
     def host_reward_fn(reward_params: Any, idx: Any, resp: Any, mask: Any) -> np.ndarray:
