@@ -5,7 +5,8 @@ Command (smoke: plumbing only, a few minutes; small: the CPU size; medium: a GPU
         --workdir=runs/compare_real
 Training on a proxy reward model and judging with the gold judge (claim (c)):
     --config.base.task.reward.kind=trained --config.base.task.reward.checkpoint=runs/rm
-Variants: `:tasks=harmlessness`, `--config.comparison.methods=vbon,identity,exp`,
+Variants: `:tasks=harmlessness` (several: `:tasks=helpfulness+harmlessness`, or
+`--config.tasks=helpfulness,harmlessness`), `--config.comparison.methods=vbon,identity,exp`,
 `--config.comparison.seeds='(0,1,2,3,4)'`, `--config.comparison.kl_target=0.3`, and any key of the
 base run config (configs/ctrl_real.py), e.g. `--config.base.rl.learning_rate=3e-5`.
 What it does and how claims are decided: infalign_jax/workflows/real_comparison.py. Prompts are
@@ -52,7 +53,7 @@ def get_config(arg=None):
     base.train.update(num_steps=z["steps"], batch_size=z["batch_size"], log_every=1,
                       checkpoint_every=max(1, z["steps"] // 3))
     base.lock()
-    c = parse_arg(None, size=a.size, tasks=a.tasks)
+    c = parse_arg(None, size=a.size, tasks=a.tasks.replace("+", ","))
     c.base = base
     c.comparison = config_section(ComparisonConfig, **z["comparison"])
     c.lock()
