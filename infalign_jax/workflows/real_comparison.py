@@ -282,7 +282,9 @@ def _train(cfg: Any, run_dir: str, table_files: Sequence[str], devices: Any = No
         dst = os.path.join(run_dir, os.path.basename(src))
         if not os.path.exists(dst):
             shutil.copyfile(src, dst)
-    train.run(cfg, run_dir, log=lambda line: None, devices=devices)
+    state, _ = train.run(cfg, run_dir, log=lambda line: None, devices=devices)
+    if not cfg.rl.get("lora", {}).get("rank", 0):
+        return jax.device_get(state.params)   # the policy itself (LoRA: adapters, merged below)
     return sources.load_policy(sources.PolicyConfig(run_dir)).params
 
 
