@@ -7,6 +7,9 @@ Variants: `model=llama2_7b|llama3_8b|tiny`, `topology=v5p:4x4x4` (any of
 `infra.aot.TOPOLOGIES`), `batch_size=256`, `prompt_len=1024`, `samples=8`, `new_tokens=128`;
 any value with flags such as `--config.model.remat=save_dots --config.mesh.tensor=4
 --config.rl.full_kl=false`.
+Programs: `--config.check.programs=rl,calibration,reward` (the step, one calibration-pass call,
+reward-model scoring); rollout layouts: `--config.check.layouts=train,serve` (decode from the
+FSDP training layout, or from the serving layout resharded once per step; `infra.sharding`).
 
 Expected: the TPU compiler's per-chip bytes (arguments, outputs, temporaries, total) against the
 chip's HBM, FLOPs per step and a roofline step time; exit status 1 when the step leaves less
@@ -26,6 +29,7 @@ from infalign_jax.infra.config_utils import config_section, parse_arg
 from infalign_jax.infra.sharding import MeshConfig
 from infalign_jax.models import ModelConfig
 from infalign_jax.rl import RLConfig
+from infalign_jax.workflows.compile_check import CheckConfig
 
 _BF16 = dict(dtype="bfloat16", param_dtype="bfloat16", remat="full")
 MODELS = {
@@ -65,5 +69,12 @@ def get_config(arg=None):
                           max_grad_norm=1.0)
     # Full FSDP over the slice (docs/scaling.md section 2).
     c.mesh = config_section(MeshConfig, data=1, fsdp=-1, tensor=1)
+    # What to compile: programs among rl, calibration, reward; rollout layouts among train, serve.
+    # A calibration call and a reward call default to the shapes of the step's rollout.
+    c.check = config_section(CheckConfig, programs="rl", layouts="train",
+                             calibration_prompts=c.batch_size,
+                             calibration_chunk=c.rl.samples_per_prompt,
+                             reward_batch=c.batch_size * c.rl.samples_per_prompt,
+                             reward_len=c.prompt_len + c.rl.max_new_tokens)
     c.lock()
     return c

@@ -35,7 +35,7 @@ def _pod_config(arg):
 
 @pytest.fixture(scope="module")
 def tiny_check():
-    return compile_check.run(_pod_config("model=tiny,topology=v5e:2x2"))
+    return compile_check.check_one(_pod_config("model=tiny,topology=v5e:2x2"), "rl")
 
 
 def test_argument_bytes_are_what_the_shardings_imply(tiny_check):
@@ -75,7 +75,7 @@ def test_report_is_consistent(tiny_check):
     # XLA counts each scan body once (layers, decode steps), so it reports less than the
     # shape-based count, but the same order of magnitude at 2 layers.
     assert 0 < r.flops < tiny_check.flops_estimate < 20 * r.flops
-    assert r.compile_s < 60
+    assert 0 < r.compile_s < 600   # wall time: generous, the CI machine may be loaded
 
 
 @pytest.mark.parametrize("generation", sorted(aot.TOPOLOGIES))
@@ -111,8 +111,10 @@ def test_cli_exits_1_naming_the_largest_buffers_when_it_does_not_fit():
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "total / device" in proc.stdout and "arguments implied by shardings" in proc.stdout
     assert "error: does not fit" in proc.stderr
-    listed = proc.stderr.split("largest buffers:")[1].strip().splitlines()
+    after = proc.stderr.split("largest buffers:")[1].splitlines()
+    listed = [line for line in after if line.startswith("  ")]
     assert len(listed) == 5 and all("[" in line for line in listed), proc.stderr[-2000:]
+    assert after[-1] == "error: does not fit: rl (rollout layout train)", proc.stderr[-2000:]
 
 
 def test_a_step_whose_temporaries_exceed_hbm_is_refused_by_name():

@@ -13,6 +13,8 @@ partitioned program's cost (`compiled.cost_analysis()`). Nothing is allocated.
   abstract(tree, shardings)              ShapeDtypeStructs carrying their shardings
   sharded_bytes(tree)                    bytes per chip that a tree's shardings imply
   compile_report(compiled, chip)         a `CompileReport` (bytes, FLOPs, roofline step time)
+  collective_bytes(hlo_text)             bytes the collectives of a compiled program move per device,
+                                         loops counted at their trip counts, decode loops apart
 
 The layout rules are those of `infra.sharding` (the one home of mesh axes and logical rules).
 """
@@ -21,14 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
-from infalign_jax.infra.sharding import MeshConfig, make_mesh
+from infalign_jax.infra.sharding import MESH_AXES, MeshConfig, make_mesh
 
 GIB = 1024 ** 3
 
@@ -54,15 +57,21 @@ CHIPS: dict[str, Chip] = {
     "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
-# Slices a user would rent, by generation (names as libtpu's topology parser takes them).
+# Slices a user can rent, by generation (libtpu's topology names). From Google Cloud's TPU pages
+# (v5e, v6e: the 2D slice shapes up to a 256-chip pod; v5p: the accelerator types v5p-8 ..
+# the largest single slice 16x16x24; v4: AxBxC with A <= B <= C each <= 4 or a multiple of 4,
+# the common shapes up to the 4096-chip pod), read 2026-12. libtpu itself accepts any shape its
+# hosts (2x2x1 chips) tile, e.g. "v5e:32x32" or "v5p:2x2x3", which Google does not rent.
 TOPOLOGIES: dict[str, tuple[str, ...]] = {
     "v5e": ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:8x16",
             "v5e:16x16"),
-    "v5p": ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8",
-            "v5p:8x8x8"),
-    "v4": ("v4:2x2x1", "v4:2x2x2", "v4:2x2x4", "v4:2x4x4", "v4:4x4x4", "v4:4x4x8"),
     "v6e": ("v6e:1x1", "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16",
             "v6e:16x16"),
+    "v5p": ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8",
+            "v5p:4x8x8", "v5p:8x8x8", "v5p:8x8x16", "v5p:8x16x16", "v5p:16x16x16",
+            "v5p:16x16x24"),
+    "v4": ("v4:2x2x1", "v4:2x2x2", "v4:2x2x4", "v4:2x4x4", "v4:4x4x4", "v4:4x4x8", "v4:4x8x8",
+           "v4:8x8x8", "v4:8x8x12", "v4:8x8x16", "v4:8x16x16", "v4:16x16x16"),
 }
 
 
@@ -98,8 +107,17 @@ def topology_devices(topology: str) -> list[Any]:
 
 
 def topology_mesh(topology: str, mesh_cfg: MeshConfig) -> Mesh:
-    """The ("data", "fsdp", "tensor") mesh of `mesh_cfg` over a slice's abstract devices."""
-    return make_mesh(mesh_cfg, topology_devices(topology))
+    """The ("data", "fsdp", "tensor") mesh of `mesh_cfg` over a slice's abstract devices.
+
+    libtpu shows a v4 chip as 2 devices (its TensorCores), which `jax.make_mesh` refuses for
+    TPUs after v3 (it lays out one device per chip); such a slice's devices are reshaped in
+    libtpu's order instead, which changes collective placement, not per-device bytes."""
+    devices = topology_devices(topology)
+    if len(devices) == chips_in(topology):
+        return make_mesh(mesh_cfg, devices)
+    shape = mesh_cfg.resolve(len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -133,6 +151,117 @@ def _cost(compiled: Any) -> dict[str, float]:
 
 
 @dataclasses.dataclass(frozen=True)
+class CollectiveBytes:
+    """Bytes produced by the collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
+    collective-permute) of one device's partitioned program, read from the optimised HLO.
+
+    Each collective counts the bytes of its result; a loop counts its body (and condition) times
+    its trip count, read from the condition's `counter < constant` compare. A loop whose
+    condition has other terms stops early (the sampler's decode loop stops when every row has
+    emitted EOS) and counts at its bound: `total` and `decode` are upper bounds. `decode` is the
+    part inside such early-exit loops, `decode_per_token` one iteration of them."""
+
+    total: float
+    decode: float
+    decode_per_token: float
+    ops: int          # collective instructions in the program text
+
+
+_COLLECTIVE_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                   "collective-permute", "all-gather-start", "all-reduce-start",
+                   "collective-permute-start", "all-to-all-start", "reduce-scatter-start")
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+                "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)="
+                    r"%([\w.\-]+)")
+
+
+def _array_bytes(type_text: str, last_only: bool = False) -> float:
+    arrays = [(t, d) for t, d in _ARRAY.findall(type_text) if t in _DTYPE_BYTES]
+    if last_only and arrays:
+        arrays = arrays[-1:]
+    return sum(_DTYPE_BYTES[t] * math.prod(int(x) for x in d.split(",") if x) for t, d in arrays)
+
+
+def collective_bytes(hlo_text: str) -> CollectiveBytes:
+    """`CollectiveBytes` of an optimised HLO module (`compiled.as_text()`)."""
+    comps: dict[str, list[tuple[str, str, str, str]]] = {}   # name -> [(name, type, op, rest)]
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():
+            head = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
+            current = head.group(2) if head else None
+            if head:
+                comps[current] = []
+                entry = current if head.group(1) else entry
+            continue
+        m = _INSTR.match(line) if current else None
+        if m:
+            comps[current].append(m.groups())
+
+    def trips(cond: str) -> tuple[int, bool]:
+        """(trip count, early exit?) of a while loop from its condition: the constant the
+        counter is compared with (`counter < N`); early exit when other terms are and-ed in."""
+        instrs = comps.get(cond, [])
+        values = {name: int(v.group(1)) for name, _, op, rest in instrs
+                  if op == "constant" and (v := re.match(r"(-?\d+)\)", rest))}
+        bound = 1
+        for _, _, op, rest in instrs:
+            if op == "compare" and "direction=LT" in rest:
+                operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+                bound = max([values[o] for o in operands if o in values] or [1])
+        return bound, any(op in ("and", "or", "not") for _, _, op, _ in instrs)
+
+    memo: dict[str, tuple[float, float, float, int]] = {}
+
+    def walk(name: str) -> tuple[float, float, float, int]:
+        """(bytes, bytes in early-exit loops, one iteration of those, collective ops)."""
+        if name in memo:
+            return memo[name]
+        memo[name] = (0.0, 0.0, 0.0, 0)   # recursion guard
+        total = decode = per_token = 0.0
+        ops = 0
+        for _, type_text, op, rest in comps.get(name, []):
+            if op in _COLLECTIVE_OPS:
+                total += _array_bytes(type_text, last_only=op.endswith("-start"))
+                ops += 1
+            called = _CALLS.findall(rest)
+            if op == "while":
+                body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                cond = re.search(r"condition=%([\w.\-]+)", rest).group(1)
+                n, early = trips(cond)
+                parts = [walk(body), walk(cond)]
+                one = sum(p[0] for p in parts)
+                total += n * one
+                ops += sum(p[3] for p in parts)
+                if early:
+                    decode += n * one
+                    per_token += one
+                else:
+                    decode += n * sum(p[1] for p in parts)
+                    per_token += n * sum(p[2] for p in parts)
+                continue
+            for child in called:
+                t, d, p, o = walk(child)
+                total, decode, per_token, ops = total + t, decode + d, per_token + p, ops + o
+            for child in re.findall(r"branch_computations=\{([^}]*)\}", rest):
+                branches = [walk(b) for b in re.findall(r"%([\w.\-]+)", child)]
+                if branches:
+                    t, d, p, o = max(branches)
+                    total, decode, per_token, ops = total + t, decode + d, per_token + p, ops + o
+        memo[name] = (total, decode, per_token, ops)
+        return memo[name]
+
+    if entry is None:
+        raise ValueError("collective_bytes: no ENTRY computation in the HLO text")
+    total, decode, per_token, ops = walk(entry)
+    return CollectiveBytes(total, decode, per_token, ops)
+
+
+@dataclasses.dataclass(frozen=True)
 class CompileReport:
     """What the TPU compiler reports for one chip of a compiled SPMD program.
 
@@ -155,6 +284,7 @@ class CompileReport:
     flops: float
     bytes_accessed: float
     compile_s: float
+    collectives: CollectiveBytes | None = None   # None: the compiler could not print the HLO
 
     @property
     def hbm_bytes(self) -> float:
@@ -190,7 +320,12 @@ def compile_report(compiled: Any, topology: str, num_devices: int, compile_s: fl
     `num_devices` devices."""
     mem = compiled.memory_analysis()
     cost = _cost(compiled)
+    try:
+        text = compiled.as_text()
+    except jax.errors.JaxRuntimeError:   # libtpu 0.0.52 cannot print some v5p modules
+        text = None                      # (RET_CHECK on async-update operands)
     return CompileReport(
+        collectives=collective_bytes(text) if text else None,
         topology=topology, chip=chip_of(topology), num_chips=chips_in(topology),
         num_devices=num_devices,
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),

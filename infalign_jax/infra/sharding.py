@@ -18,6 +18,9 @@ and never mention devices. This module holds the other half:
   sharded `ShapeDtypeStruct`s (a checkpoint-restore target); `sharded_optimizer_init` lays the
   optimizer state out like the parameters.
 * `batch_sharding` / `shard_batch`: host batches to global arrays split over ("data", "fsdp").
+* `ROLLOUT_LAYOUTS` / `rollout_resharder`: the layout the rollout decodes from, "train" (the
+  parameters as they are, FSDP) or "serve" (`SERVE_RULES`: split over "tensor" only, replicated
+  over "data" and "fsdp"), applied once per step at the rollout's program boundary.
 
 Design choices:
 
@@ -81,6 +84,16 @@ ACTIVATION_RULES: LogicalRules = (
     ("act_vocab", "tensor"),
 )
 DEFAULT_RULES: LogicalRules = PARAM_RULES + ACTIVATION_RULES
+
+# The serving layout of the rollout: no parameter is split over "fsdp" (nor "data"), only over
+# "tensor". Decoding from the training layout all-gathers every FSDP-split weight at every decode
+# step (once per token); resharded to this layout once per step, the weights are gathered once
+# and every decode step reads them locally, at the price of holding params / tensor bytes per
+# device during the rollout. Activations keep the training rules (batch over data x fsdp).
+SERVE_PARAM_RULES: LogicalRules = tuple(
+    (name, None if name == "embed" else axes) for name, axes in PARAM_RULES)
+SERVE_RULES: LogicalRules = SERVE_PARAM_RULES + ACTIVATION_RULES
+ROLLOUT_LAYOUTS: dict[str, LogicalRules] = {"train": DEFAULT_RULES, "serve": SERVE_RULES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,3 +404,27 @@ def sharded_optimizer_init(
         transform_non_params=lambda _: replicated(mesh),
     )
     return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def rollout_rules(layout: str) -> LogicalRules:
+    """The logical rules of a rollout layout ("train" or "serve", `ROLLOUT_LAYOUTS`)."""
+    if layout not in ROLLOUT_LAYOUTS:
+        raise ValueError(f"rollout layout {layout!r} is not one of {sorted(ROLLOUT_LAYOUTS)}")
+    return ROLLOUT_LAYOUTS[layout]
+
+
+def rollout_resharder(layout: str, logical_specs_tree: Any, mesh: Mesh
+                      ) -> Callable[[Any], Any]:
+    """params -> params in the rollout layout, for use inside the jitted step (the `rollout_params`
+    hook of `rl.make_rl_programs`): the identity for "train"; for "serve" a sharding constraint
+    to the `SERVE_RULES` shardings of `logical_specs_tree` (e.g. `models.param_logical_axes`), so
+    the compiler gathers the FSDP shards once per step, before the decode loop."""
+    rules = rollout_rules(layout)
+    if layout == "train":
+        return lambda params: params
+
+    def reshard(params: Any) -> Any:
+        shardings = logical_to_shardings(logical_specs_tree, params, mesh, rules)
+        return jax.lax.with_sharding_constraint(params, shardings)
+
+    return reshard
