@@ -181,6 +181,23 @@ def test_guard_keeps_state_bitwise_on_nonfinite_step():
     assert int(bad.step) == 1
 
 
+def test_serving_rollout_layout_gives_the_training_layouts_numbers(tmp_path):
+    """mesh.rollout="serve" reshards the policy once per step for decoding (weights split over
+    tensor only): the same rollouts, hence the same run, as decoding from the FSDP layout."""
+    overrides = {"task.num_prompts": 8, "train.batch_size": 8, "train.num_steps": 2,
+                 "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    fsdp, s_fsdp = train.run(_config(**overrides), str(tmp_path / "train"), log=_quiet)
+    serve, s_serve = train.run(_config(**overrides, **{"mesh.rollout": "serve"}),
+                               str(tmp_path / "serve"), log=_quiet)
+    for a, b in zip(_leaves(fsdp), _leaves(serve)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+    m1, m2 = s_fsdp["last_train_metrics"], s_serve["last_train_metrics"]
+    for key in ("reward", "kl_k1", "kl_full_vocab", "loss", "response_length"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-6, abs=1e-7), key
+    with pytest.raises(ValueError, match=r"config.mesh.rollout must be one of \['serve', 'train'\]"):
+        train.run(_config(**{"mesh.rollout": "decode"}), str(tmp_path / "bad"), log=_quiet)
+
+
 def test_batch_not_divisible_by_mesh_fails_at_start(tmp_path):
     with pytest.raises(ValueError, match="batch_size=2 is not divisible by the 8 batch shards"):
         train.run(_config(), str(tmp_path), log=_quiet)

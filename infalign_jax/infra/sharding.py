@@ -98,13 +98,19 @@ ROLLOUT_LAYOUTS: dict[str, LogicalRules] = {"train": DEFAULT_RULES, "serve": SER
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the ("data", "fsdp", "tensor") mesh axes; at most one may be -1 (= the rest)."""
+    """Sizes of the ("data", "fsdp", "tensor") mesh axes; at most one may be -1 (= the rest).
+    `rollout`: the layout the CTRL rollout decodes from (`ROLLOUT_LAYOUTS`: "train" = the FSDP
+    training layout, "serve" = resharded once per step to `SERVE_RULES`)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    rollout: str = "train"
 
     def __post_init__(self) -> None:
+        if self.rollout not in ROLLOUT_LAYOUTS:
+            raise ValueError(f"config.mesh.rollout must be one of {sorted(ROLLOUT_LAYOUTS)}, got "
+                             f"{self.rollout!r}")
         for name in MESH_AXES:
             size = getattr(self, name)
             if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
@@ -136,16 +142,18 @@ class MeshConfig:
 
 
 def mesh_config_from_dict(config: Mapping[str, Any] | Any) -> MeshConfig:
-    """`MeshConfig` from a dict or `ml_collections.ConfigDict` with keys among data/fsdp/tensor."""
+    """`MeshConfig` from a dict or `ml_collections.ConfigDict` with keys among data/fsdp/tensor
+    and rollout."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     if not isinstance(config, Mapping):
         raise ValueError(
             f"mesh config must be a mapping or ConfigDict, got {type(config).__name__}"
         )
-    unknown = sorted(set(config) - set(MESH_AXES))
+    known = list(MESH_AXES) + ["rollout"]
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise ValueError(f"mesh config has unknown keys {unknown}; known keys: {list(MESH_AXES)}")
+        raise ValueError(f"mesh config has unknown keys {unknown}; known keys: {known}")
     return MeshConfig(**dict(config))
 
 

@@ -66,7 +66,7 @@ StepFn = Callable[[Any, int, LoopContext], tuple[Any, dict[str, float]]]
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
                   "train.tensorboard", "train.nan_policy", "train.init_from", "mesh.data",
-                  "mesh.fsdp", "mesh.tensor", "export.hf", "export.dir")
+                  "mesh.fsdp", "mesh.tensor", "mesh.rollout", "export.hf", "export.dir")
 
 
 def config_record(config: Any) -> dict[str, Any]:

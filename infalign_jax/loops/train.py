@@ -308,8 +308,11 @@ def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
 
 
 def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table: ReferenceTable,
-                   mesh: jax.sharding.Mesh, seed: int, bonbon: bool) -> tuple[Any, ...]:
-    """(state, frozen, jitted step) laid out on `mesh`; the policy starts as a copy of pi_ref."""
+                   mesh: jax.sharding.Mesh, seed: int, bonbon: bool, rollout_layout: str = "train"
+                   ) -> tuple[Any, ...]:
+    """(state, frozen, jitted step) laid out on `mesh`; the policy starts as a copy of pi_ref.
+    The CTRL rollout decodes from `rollout_layout` (`sharding.rollout_resharder`; LoRA adapters
+    are merged first, so the merged weights are what is resharded)."""
     logical = models.param_logical_axes(task.model_cfg)
     param_sh = sharding.logical_to_shardings(logical, task.ref_params, mesh)
     optimizer = rl.make_optimizer(step_cfg)
@@ -327,22 +330,26 @@ def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     fns = models.decoder_fns(task.model_cfg)
+    reshard = sharding.rollout_resharder(rollout_layout, logical, mesh)
     if not bonbon and isinstance(task.reward_fn, HostReward) and jax.process_count() == 1:
         return state, frozen, _host_reward_step(step_cfg, fns, task.reward_fn, optimizer,
-                                                state_sh, frozen_sh, rep)
-    make_step = bon_distillation.make_bonbon_step if bonbon else rl.make_rl_step
-    step = make_step(step_cfg, fns, task.reward_fn, optimizer)
+                                                state_sh, frozen_sh, rep, reshard)
+    if bonbon:
+        step = bon_distillation.make_bonbon_step(step_cfg, fns, task.reward_fn, optimizer)
+    else:
+        step = rl.make_rl_step(step_cfg, fns, task.reward_fn, optimizer, reshard)
     step_fn = jax.jit(guard_nonfinite(step), in_shardings=(state_sh, frozen_sh, None, rep),
                       out_shardings=(state_sh, rep), donate_argnums=(0,))
     return state, frozen, step_fn
 
 
 def _host_reward_step(cfg: rl.RLConfig, fns: Any, reward: HostReward, optimizer: Any,
-                      state_sh: Any, frozen_sh: Any, rep: Any) -> Callable:
+                      state_sh: Any, frozen_sh: Any, rep: Any,
+                      reshard: Callable | None = None) -> Callable:
     """The CTRL step for a host-side reward (a text judge): the jitted rollout, the judge on the
     host with numpy arrays, the jitted (guarded) update. Neither program holds a host callback,
     so a second run of the same config loads both from JAX's persistent compilation cache."""
-    programs = rl.make_rl_programs(cfg, fns, optimizer)
+    programs = rl.make_rl_programs(cfg, fns, optimizer, reshard)
     roll = jax.jit(programs.roll, in_shardings=(state_sh, None, rep, frozen_sh))
     learn = jax.jit(guard_nonfinite(programs.learn), in_shardings=(state_sh, frozen_sh, None, rep),
                     out_shardings=(state_sh, rep), donate_argnums=(0,))
@@ -390,7 +397,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         raise ValueError("config.rl.lora.rank > 0 is for the CTRL step; method='bonbon' trains "
                          "the whole policy (set config.rl.lora.rank=0)")
     ref_k, ref_seed = reference_settings(config)
-    mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
+    mesh_cfg = sharding.mesh_config_from_dict(section(config, "mesh"))
+    mesh = sharding.make_mesh(mesh_cfg, devices)
     _check_run(task, cfg, tcfg, bonbon is not None, mesh, log)
     table_path = os.path.join(workdir, "reference_table.npz")
     table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
@@ -413,7 +421,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
 
     with sharding.axis_rules(mesh):
         state, frozen, step_fn = _sharded_start(task, bonbon or cfg, cfg, table, mesh, seed,
-                                                bonbon is not None)
+                                                bonbon is not None, mesh_cfg.rollout)
         log(f"{method} step on mesh {dict(mesh.shape)}: the first step compiles it ...")
 
         def one_step(state: rl.RLState, step: int, context: LoopContext):
