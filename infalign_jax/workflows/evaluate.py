@@ -1,6 +1,6 @@
 """A policy checkpoint against pi_ref under inference-time procedures, for `experiments/evaluate.py`.
 
-Sections of the config (`configs/evaluate.py`), each a validated frozen dataclass:
+Sections of the config (`configs/evaluate.py`; the dataclasses in `workflows.evaluate_config`):
   * `policy`, `reference`: `sources.PolicyConfig` (transformers dir | GGUF file | CTRL run dir;
     "" = SmolLM2-135M-Instruct from the wheel). Both must encode the prompts identically.
   * `reward`: `sources.RewardConfig`, turned into the judge by `sources.make_judge`.
@@ -38,13 +38,11 @@ win_rate_vs_n.png and win_rate_vs_kl.png.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,133 +58,12 @@ from infalign_jax.decoding import controlled_decoding as cd_lib
 from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import files, provenance
-from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import as_dict, dataclass_from
 from infalign_jax.rewards import prefix_scorers
 from infalign_jax.rl.tasks import real, sources
 
-PROCEDURES = {
-    "bon": "BoN_N(policy) vs BoN_N(pi_ref) over eval.ns",
-    "won": "WoN_N(policy) vs WoN_N(pi_ref) over eval.ns",
-    "rbon_kl": "RBoN-KL selection from pi_ref samples (select.rbon_kl_beta)",
-    "rbon_wd": "RBoN-WD selection from pi_ref samples (select.rbon_wd_beta)",
-    "uncertainty_bon": "mean - k std BoN selection over the reward ensemble (select.uncertainty_k)",
-    "cd_tokenwise": "tokenwise controlled decoding of pi_ref with the trained prefix scorer",
-    "cd_blockwise": "blockwise best-of-K controlled decoding of pi_ref with the prefix scorer",
-}
-SELECTIONS = ("rbon_kl", "rbon_wd", "uncertainty_bon")
-DECODERS = ("cd_tokenwise", "cd_blockwise")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    _config_owner = "config.eval"
-    task: str = "helpfulness"      # the default judge and the prompts used when data.prompts=""
-    procedures: tuple = ("bon", "won", "rbon_kl", "rbon_wd", "cd_tokenwise", "cd_blockwise")
-    num_prompts: int = 4           # evaluation prompts
-    samples: int = 8               # M samples per prompt and side
-    ns: tuple = (1, 2, 4, 8)       # the N grid, max(ns) <= samples
-    max_new_tokens: int = 8
-    temperature: float = 1.0       # policy and pi_ref sampling (controlled decoding: 1)
-    seed: int = 0
-    num_resamples: int = 1000      # bootstrap resamples of the prompts
-
-    def __post_init__(self):
-        if self.task not in real.known_tasks():
-            check.fail(self, "task", f"one of {real.known_tasks()}")
-        procs = tuple(self.procedures)
-        object.__setattr__(self, "procedures", procs)
-        unknown = [p for p in procs if p not in PROCEDURES]
-        if unknown:
-            raise ValueError(f"config.eval.procedures: unknown procedure(s) {unknown}; known: "
-                             f"{list(PROCEDURES)}")
-        if len(set(procs)) != len(procs):
-            check.fail(self, "procedures", "a list without repeats")
-        check.ints(self, ("num_prompts", "samples", "max_new_tokens", "num_resamples"))
-        check.ints(self, ("seed",), low=0)
-        check.numbers(self, ("temperature",), strict=True)
-        ns = tuple(self.ns)
-        object.__setattr__(self, "ns", ns)
-        if not ns or not all(check.is_int(n) and 1 <= n <= self.samples for n in ns):
-            check.fail(self, "ns", f"a non-empty list of integers in [1, eval.samples="
-                                   f"{self.samples}]")
-        if self.num_resamples < 2:
-            check.fail(self, "num_resamples", "an integer >= 2")
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectConfig:
-    _config_owner = "config.select"
-    rbon_kl_beta: float = 0.1      # r + beta * log pi_ref(y)
-    rbon_wd_beta: float = 1.0      # r + beta * mean cosine similarity
-    uncertainty_k: float = 1.0     # mean - k * std (or var) over the ensemble members
-    uncertainty_penalty: str = "std"
-
-    def __post_init__(self):
-        check.numbers(self, ("rbon_kl_beta", "rbon_wd_beta", "uncertainty_k"))
-        check.choice(self, "uncertainty_penalty", selection.PENALTIES)
-
-
-@dataclasses.dataclass(frozen=True)
-class CDConfig:
-    _config_owner = "config.cd"
-    lam: float = 5.0               # tokenwise: pi_ref(z) exp(lam * V([x, y, z])) over the top-k
-    top_k: int = 8                 # tokenwise candidates per step (also CD-Q's next tokens)
-    num_candidates: int = 4        # blockwise: K blocks per step
-    block_size: int = 4            # blockwise: M tokens per block
-    scorer_method: str = "fudge"   # "fudge" | "cdq"
-    scorer_prompts: int = 4        # training prompts, disjoint from the evaluation prompts
-    scorer_samples: int = 8        # pi_ref samples per training prompt, scored by the judge
-    scorer_steps: int = 60         # full-batch Adam steps
-    scorer_learning_rate: float = 3e-3
-    scorer_d_model: int = 32       # the fresh value model: width (a multiple of 4), depth
-    scorer_layers: int = 2
-
-    def __post_init__(self):
-        check.numbers(self, ("lam",))
-        check.ints(self, ("top_k", "num_candidates", "block_size", "scorer_prompts",
-                          "scorer_samples", "scorer_steps", "scorer_d_model", "scorer_layers"))
-        check.choice(self, "scorer_method", prefix_scorers.SCORER_METHODS)
-        check.numbers(self, ("scorer_learning_rate",), strict=True)
-        if self.scorer_d_model % 4:
-            check.fail(self, "scorer_d_model", "a multiple of 4")
-
-
-SECTIONS = {"policy": sources.PolicyConfig, "reference": sources.PolicyConfig,
-            "reward": sources.RewardConfig, "data": sources.PromptsConfig, "eval": EvalConfig,
-            "select": SelectConfig, "cd": CDConfig}
-
-
-@contextlib.contextmanager
-def _renamed(**keys: str) -> Iterator[None]:
-    """ValueErrors of `sources` name `config.task.<x>`; here the keys live elsewhere."""
-    try:
-        yield
-    except ValueError as e:
-        text = str(e)
-        for old, new in keys.items():
-            text = text.replace(old.replace("__", "."), new)
-        for new in keys.values():  # dataclass_from's prefix before an already-named key
-            text = text.replace(f"{new}: {new}", new)
-        raise ValueError(text) from e
-
-
-def parse_config(config: Any) -> dict[str, Any]:
-    """Every section of `config` as its dataclass; unknown or missing sections are refused."""
-    names = set(as_dict(config))
-    if names != set(SECTIONS):
-        raise ValueError(f"config: sections {sorted(names)} differ from the known "
-                         f"{sorted(SECTIONS)} (unknown {sorted(names - set(SECTIONS))}, missing "
-                         f"{sorted(set(SECTIONS) - names)})")
-    out = {}
-    for name, cls in SECTIONS.items():
-        values = as_dict(config[name])
-        if "checkpoints" in values:
-            values["checkpoints"] = tuple(values["checkpoints"] or ())
-        owner = getattr(cls, "_config_owner")
-        with _renamed(**{owner.replace(".", "__"): f"config.{name}"}):
-            out[name] = dataclass_from(cls, values, name)
-    return out
+from infalign_jax.workflows.evaluate_config import (  # noqa: F401  (configs/evaluate.py)
+    DECODERS, PROCEDURES, SECTIONS, SELECTIONS, CDConfig, EvalConfig, SelectConfig, parse_config,
+    renamed_errors)
 
 
 # --------------------------------------------------------------------------- the samples log
@@ -259,7 +136,7 @@ def _selection_rows(name: str, n: int, chosen_BxR: np.ndarray, ref_BxM: np.ndarr
 
 # --------------------------------------------------------------------------- steps
 def _load(p: sources.PolicyConfig, key: str) -> sources.Policy:
-    with _renamed(config__task__policy=f"config.{key}"):
+    with renamed_errors(config__task__policy=f"config.{key}"):
         return sources.load_policy(p)
 
 
@@ -271,7 +148,7 @@ def _split(s: dict[str, Any], num_train: int) -> tuple[str, sources.Split]:
         return "generated", sources.Split([p.id for p in train], [p.text for p in train],
                                           [p.id for p in evals], [p.text for p in evals])
     path = d.prompts or real.get_real_task(e.task).prompts_path
-    with _renamed(config__task__data="config.data", config__task__num_prompts="config.cd."
+    with renamed_errors(config__task__data="config.data", config__task__num_prompts="config.cd."
                   "scorer_prompts", config__task__eval_prompts="config.eval.num_prompts"):
         return path, sources.split_prompts(path, num_train, e.num_prompts, d.split_seed, d.format)
 
@@ -426,7 +303,7 @@ class _Context:
         same = s["reference"].checkpoint == s["policy"].checkpoint
         self.reference = self.policy if same else _load(s["reference"], "reference")
         task = real.get_real_task(e.task)
-        with _renamed(config__task__reward="config.reward"):
+        with renamed_errors(config__task__reward="config.reward"):
             judge = sources.make_judge(s["reward"], task.judge)
         if "uncertainty_bon" in e.procedures and not getattr(judge, "members", None):
             raise ValueError(f"config.eval.procedures: 'uncertainty_bon' needs a reward with "
