@@ -37,7 +37,7 @@ FAST_TESTS := tests/test_layers.py tests/test_config_utils.py tests/test_provena
 	tests/test_calibration.py tests/test_transforms.py tests/test_losses.py \
 	tests/test_advantages.py tests/test_preference_losses.py tests/test_selection.py \
 	tests/test_evaluation.py tests/test_data_readers.py tests/test_data_pipeline.py \
-	tests/test_models.py
+	tests/test_models.py tests/test_prompt_sets.py
 FAST_SKIP := not bfloat16 and not causal_by_gradient and not sampler_logprobs and not remat
 
 test-fast: $(STAMP)
