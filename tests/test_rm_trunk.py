@@ -301,3 +301,100 @@ def test_trained_kind_refuses_what_is_not_a_reward_model_run(trunk, tmp_path):
     with pytest.raises(ValueError, match=r"config.task.reward.template='chat' is set but "
                                          r"kind='trained'"):
         sources.RewardConfig(kind="trained", checkpoint=str(fake), template="chat")
+
+
+# ------------------------------------------------------------ trainable="head" on cached features
+def _metric_rows(workdir, name="metrics"):
+    return [json.loads(line) for line in open(workdir / f"{name}.jsonl", encoding="utf-8")]
+
+
+def test_cached_head_features_match_the_full_forward_path(trunk, tmp_path):
+    """N steps on cached features = N steps through the trunk: the same head, the same per-step
+    loss / accuracy / grad norm, the same held-out accuracy and ECE; the trunk is untouched."""
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=6, trainable="head",
+                eval_every=3)
+    c.rm.update(weight_decay=0.01, max_grad_norm=0.05)   # clipping and decay both act
+    slow, s_slow = train_reward.run(c, str(tmp_path / "slow"), log=lambda s: None, devices=ONE,
+                                    cache_head_features=False)
+    logs = []
+    fast, s_fast = train_reward.run(c, str(tmp_path / "fast"), log=logs.append, devices=ONE)
+    assert "head_features" not in s_slow and set(s_fast["head_features"]) == {"train", "eval"}
+    assert any("features train: 24/24 pairs (48 sequences)" in line for line in logs)
+    a, b = _flat(slow.params), _flat(fast.params)
+    start = _flat(train_reward.build_model({"source": trunk["hf"]}).params)
+    assert a.keys() == b.keys() == start.keys()
+    for key in a:
+        if "reward_head" in key:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        else:
+            np.testing.assert_array_equal(b[key], start[key], err_msg=key)
+            np.testing.assert_array_equal(a[key], start[key], err_msg=key)
+    assert np.abs(a["['reward_head_kernel']"]).max() > 1e-3       # the head did train
+    for name in ("metrics", "eval"):
+        rows_a, rows_b = _metric_rows(tmp_path / "slow", name), _metric_rows(tmp_path / "fast", name)
+        assert len(rows_a) == len(rows_b) == (6 if name == "metrics" else 2)
+        for ra, rb in zip(rows_a, rows_b):
+            for k in ra:
+                if k not in ("step_time_s", "time", "wall_time"):
+                    np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in ("eval_accuracy", "eval_ece", "eval_reward_gap", "eval_pairs"):
+        np.testing.assert_allclose(s_fast["eval"][k], s_slow["eval"][k], rtol=1e-5, atol=1e-6)
+    # The checkpoint is the whole model: `kind="trained"` scores with the trained head.
+    judge = sources.make_judge(sources.RewardConfig(kind="trained",
+                                                    checkpoint=str(tmp_path / "fast")), "vader")
+    prompts, responses = _texts()
+    tok = transformers.AutoTokenizer.from_pretrained(trunk["hf"])
+    cfg = train_reward.build_model({"source": trunk["hf"]}).cfg
+    np.testing.assert_allclose(judge(prompts, responses),
+                               _direct_rewards(cfg, fast.params, tok, prompts, responses, 1, 4, 6),
+                               atol=1e-5)
+
+
+def test_cached_features_are_transformers_hidden_states_at_the_last_real_token(trunk, tmp_path):
+    """The cache holds, per pair, transformers' final hidden state of [prompt | response] at its
+    last real token (left-padded prompt, right-padded response, positions counting real tokens)."""
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=1, trainable="head")
+    _, summary = _run(c, tmp_path / "f")
+    model = train_reward.build_model({"source": trunk["hf"]})
+    data = train_reward.RMDataConfig(train_path=trunk["train"], eval_path=trunk["eval"],
+                                     format="jsonl", max_prompt_len=4, max_response_len=6)
+    arrays, _ = train_reward.load_pairs(data, "eval", model, lambda s: None)
+    cached = np.load(summary["head_features"]["eval"])
+    for part in ("chosen", "rejected"):
+        tokens = np.concatenate([arrays["prompt_BxP"], arrays[f"{part}_BxL"]], 1)
+        mask = np.concatenate([arrays["prompt_mask_BxP"], arrays[f"{part}_mask_BxL"]], 1)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(trunk["hf"]).eval()
+        with torch.no_grad():
+            hidden = hf.model(input_ids=torch.tensor(tokens),
+                              attention_mask=torch.tensor(mask.astype(np.int64)),
+                              position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
+                              ).last_hidden_state.numpy()
+        last = np.array([np.flatnonzero(row)[-1] for row in mask])
+        np.testing.assert_allclose(cached[f"{part}_BxD"], hidden[np.arange(len(last)), last],
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_feature_cache_is_reused_on_resume_and_rerun_and_keyed_by_the_data(trunk, tmp_path):
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=4, trainable="head")
+    full, _ = _run(c, tmp_path / "full")
+    logs = []
+    part = _config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=2, trainable="head")
+    train_reward.run(part, str(tmp_path / "part"), log=logs.append, devices=ONE)
+    assert sum("pairs read from" in line for line in logs) == 0
+    logs.clear()
+    resumed, s2 = train_reward.run(c, str(tmp_path / "part"), log=logs.append, devices=ONE)
+    assert s2["resumed_from"] == 2
+    assert sum("pairs read from" in line for line in logs) == 2     # train and eval, no forward
+    assert not any("sequences)" in line for line in logs)
+    for key, value in _flat(resumed.params).items():
+        np.testing.assert_array_equal(value, _flat(full.params)[key], err_msg=key)
+    # Other packing (a shorter response limit) is another key: computed, not read.
+    other = _config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=1, trainable="head",
+                    max_response_len=5)
+    logs.clear()
+    (tmp_path / "other").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "full" / "features", tmp_path / "other" / "features")
+    train_reward.run(other, str(tmp_path / "other"), log=logs.append, devices=ONE)
+    assert not any("pairs read from" in line for line in logs)
+    assert len(list((tmp_path / "other" / "features").iterdir())) == 4

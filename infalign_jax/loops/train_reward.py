@@ -21,6 +21,16 @@ layers) freezes the rest: an optax mask on the updates, and a stopped gradient i
 wholly frozen part costs no backward pass. Ensemble members over one trunk start from the trunk's
 head plus N(0, init_std^2) noise each, so they differ before the first step.
 
+`trainable="head"` (one model): the frozen trunk and final norm make the reward the head applied
+to one fixed feature per sequence, the final hidden state at the token the head reads
+(`reward_models.pair_features`). These are computed once, one trunk forward pass over every
+(prompt, chosen) and (prompt, rejected) of both splits, and cached in workdir/features/, keyed
+by the trunk's parameters, the model config and the packed token arrays (so the data and
+packing settings): a resume or rerun reads them, another trunk or data computes its own. The
+steps then run the same BT loss and optimiser on the head alone (`make_rm_step` with
+`head_pair_rewards`), exactly the slow path's updates, and the checkpoints hold the whole model
+(trunk and trained head) with the head's optimiser state.
+
 Outputs: the manifest (`extra.reward_model`: the model config, the absolute source, special ids
 and length limits, what `load_run` needs), `reward_model.json` with the id (`reward_model_id`)
 that reference tables built with this model carry, and summary.json (held-out accuracy, data
@@ -315,6 +325,56 @@ def load_pairs(data: RMDataConfig, split: str, model: RMModel, log: Callable[[st
     return arrays, {"path": path, "pairs": len(packed), **report.as_dict()}
 
 
+def _trunk_digest(params: Any, model_cfg: models.ModelConfig) -> str:
+    """sha256 over the model config and every parameter but the reward head (path, dtype,
+    shape, bytes): what the cached features depend on."""
+    h = hashlib.sha256(repr(sorted(dataclasses.asdict(model_cfg).items())).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if path[0].key in rt.HEAD_KEYS:
+            continue
+        leaf = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def cached_features(workdir: str, split: str, trunk_digest: str, arrays: dict[str, np.ndarray],
+                    feature_fn: Callable[[dict[str, Any]], tuple[Any, Any]], batch: int,
+                    log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], str]:
+    """({chosen_BxD, rejected_BxD}, file) of a split: read from workdir/features/ when the key
+    (trunk digest + the packed arrays) matches, else computed batch by batch with `feature_fn`
+    (one trunk forward over 2 x batch sequences) and written there."""
+    h = hashlib.sha256(trunk_digest.encode())
+    for k in sorted(arrays):
+        h.update(f"{k}:{arrays[k].dtype}:{arrays[k].shape}".encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    path = os.path.join(workdir, "features", f"{split}-{h.hexdigest()[:20]}.npz")
+    n = len(next(iter(arrays.values())))
+    if os.path.exists(path):
+        with np.load(path) as f:
+            out = {k: f[k] for k in rt.FEATURE_KEYS}
+        log(f"features {split}: {n} pairs read from {path}")
+        return out, path
+    log(f"features {split}: one trunk forward pass over {n} pairs ({2 * n} sequences), "
+        f"cached in {path}")
+    t0 = last = time.perf_counter()
+    parts = []
+    for start in range(0, n, batch):
+        rows = {k: jnp.asarray(v[start:start + batch]) for k, v in arrays.items()}
+        parts.append(jax.device_get(feature_fn(rows)))
+        done, now = min(start + batch, n), time.perf_counter()
+        if done == n or now - last >= 30:
+            log(f"features {split}: {done}/{n} pairs ({2 * done} sequences), "
+                f"{now - t0:.0f} s")
+            last = now
+    out = {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(rt.FEATURE_KEYS)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path[:-4] + ".tmp.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+    return out, path
+
+
 def _eval(eval_fn, params, arrays: dict[str, np.ndarray], batch: int, ensemble: bool
           ) -> dict[str, float]:
     """Accuracy / loss / ECE over the whole eval set (batched; ECE from all rewards at once)."""
@@ -334,20 +394,23 @@ def _eval(eval_fn, params, arrays: dict[str, np.ndarray], batch: int, ensemble: 
 
 
 def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
-        devices: Any = None) -> tuple[rt.TrainState, dict[str, Any]]:
+        devices: Any = None, cache_head_features: bool = True
+        ) -> tuple[rt.TrainState, dict[str, Any]]:
     """Trains (or resumes) the reward model (or bootstrap ensemble) of `config` in `workdir`;
     returns the final state and the summary (held-out accuracy, ECE, the model id to cite).
+    `cache_head_features=False` runs `trainable="head"` through the trunk at every step (the
+    reference the cached-feature path is tested against).
 
     One function (`_run`) for the same reason as `train.run`: the order of checks, data, state,
     loop (`loops.skeleton`) and outputs is the contract. A run that fails leaves no empty work
     dir behind.
     """
     with no_empty_dirs_left(workdir):
-        return _run(config, workdir, log, devices)
+        return _run(config, workdir, log, devices, cache_head_features)
 
 
-def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any
-         ) -> tuple[rt.TrainState, dict[str, Any]]:
+def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any,
+         cache_head_features: bool) -> tuple[rt.TrainState, dict[str, Any]]:
     started = provenance.now()
     log = log or (lambda s: print(s, flush=True))
     seed = int(config.seed)
@@ -373,6 +436,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                               process_index=jax.process_index(), process_count=jax.process_count())
     mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
     ensemble = tcfg.ensemble_size > 1
+    head_only = tcfg.trainable == "head" and cache_head_features and not ensemble
+    if tcfg.trainable == "head" and ensemble:
+        log("train.trainable='head' with an ensemble: every step runs the trunk (features are "
+            "cached for a single model only)")
     optimizer = freeze_optimizer(rt.make_optimizer(rcfg), trainable)
     key = jax.random.key(seed)
     if ensemble:  # members are vmapped on the default device layout
@@ -388,10 +455,20 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         else:
             params = jax.device_put(model.params, sharding.logical_to_shardings(
                 models.param_logical_axes(model_cfg), model.params, mesh))
-        state = rt.init_rm_state(params, optimizer, mesh)
-        step_fn = rt.jit_rm_step(rt.make_rm_step(model_cfg, rcfg, optimizer, trainable), state,
-                                 mesh)
-        pair_fn = jax.jit(lambda p, b: rt.pair_rewards(model_cfg, p, b))
+        if head_only:  # the head alone trains, on cached features; the state keeps the trunk
+            optimizer = rt.make_optimizer(rcfg)
+            head_state = rt.init_rm_state({k: params[k] for k in rt.HEAD_KEYS}, optimizer, mesh)
+            state = rt.TrainState(params, head_state.opt_state, head_state.step)
+            step_fn = rt.jit_rm_step(rt.make_rm_step(model_cfg, rcfg, optimizer,
+                                                     rewards=rt.head_pair_rewards),
+                                     head_state, mesh)
+            pair_fn = jax.jit(rt.head_pair_rewards)
+            feature_fn = jax.jit(lambda p, b: rt.pair_features(model_cfg, p, b))
+        else:
+            state = rt.init_rm_state(params, optimizer, mesh)
+            step_fn = rt.jit_rm_step(rt.make_rm_step(model_cfg, rcfg, optimizer, trainable),
+                                     state, mesh)
+            pair_fn = jax.jit(lambda p, b: rt.pair_rewards(model_cfg, p, b))
     del params, model  # the state holds the parameters now (the trunk is not kept twice)
     # What `load_run` needs to score text with this run's checkpoints.
     run_info = {"model_config": dataclasses.asdict(model_cfg), "source": source_path,
@@ -404,10 +481,28 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                     extra={"reward_model": run_info})
 
     boot_key = jax.random.key(seed + 1)
+    features: dict[str, dict[str, np.ndarray]] = {}
+    feature_files: dict[str, str] = {}
+
+    def head_features(params: Any) -> dict[str, dict[str, np.ndarray]]:
+        """The splits' features under this trunk (the state's: a resumed or init_from trunk)."""
+        if not features:
+            digest = _trunk_digest(params, model_cfg)
+            for split, arrays in (("train", train_arrays), ("eval", eval_arrays)):
+                features[split], feature_files[split] = cached_features(
+                    workdir, split, digest, arrays, lambda b: feature_fn(params, b),
+                    tcfg.batch_size, log)
+        return features
+
+    def head_of(state: rt.TrainState) -> dict[str, Any]:
+        return {k: state.params[k] for k in rt.HEAD_KEYS}
 
     def one_step(state: rt.TrainState, step: int, context: LoopContext):
         rows = batch_indices(loader_cfg, n, step)
-        batch = {k: v[rows] for k, v in train_arrays.items()}
+        if head_only:
+            batch = {k: v[rows] for k, v in head_features(state.params)["train"].items()}
+        else:
+            batch = {k: v[rows] for k, v in train_arrays.items()}
         if ensemble and tcfg.bootstrap:
             batch["member_idx_ExB"] = np.asarray(rt.bootstrap_indices(
                 jax.random.fold_in(boot_key, step), tcfg.ensemble_size, len(rows)))
@@ -416,7 +511,13 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         else:
             batch = sharding.shard_batch(batch, mesh)
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, batch)
+        if head_only:
+            head_state, metrics = step_fn(rt.TrainState(head_of(state), state.opt_state,
+                                                        state.step), batch)
+            state = rt.TrainState(dict(state.params, **head_state.params), head_state.opt_state,
+                                  head_state.step)
+        else:
+            state, metrics = step_fn(state, batch)
         metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
         if not all(np.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"step {step + 1}: non-finite metrics {metrics}; the last "
@@ -424,10 +525,14 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         metrics["step_time_s"] = time.perf_counter() - t0
         return state, metrics
 
+    def evaluate(state: rt.TrainState, step: int) -> dict[str, float]:
+        if head_only:
+            return _eval(pair_fn, head_of(state), head_features(state.params)["eval"],
+                         tcfg.batch_size, ensemble)
+        return _eval(pair_fn, state.params, eval_arrays, tcfg.batch_size, ensemble)
+
     result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,
-                      progress_keys=("loss", "accuracy"),
-                      evaluate=lambda state, step: _eval(pair_fn, state.params, eval_arrays,
-                                                         tcfg.batch_size, ensemble))
+                      progress_keys=("loss", "accuracy"), evaluate=evaluate)
     state, start, last_eval = result.state, result.resumed_from, result.last_eval
     digest = hashlib.sha256(b"".join(np.asarray(x).tobytes()
                                      for x in jax.tree.leaves(jax.device_get(state.params))))
@@ -438,6 +543,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     write_json(os.path.join(workdir, "reward_model.json"), info)
     summary = {"final_step": tcfg.num_steps, "resumed_from": start, "eval": last_eval,
                "train_data": train_info, "eval_data": eval_info, "reward_model_id": model_id}
+    if feature_files:
+        summary["head_features"] = feature_files
     write_json(os.path.join(workdir, "summary.json"), summary)
     manifest["extra"] = {"reward_model": run_info, "summary": summary}
     provenance.write_manifest(workdir, **manifest)

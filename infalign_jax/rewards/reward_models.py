@@ -30,7 +30,7 @@ import optax
 
 from infalign_jax import models
 from infalign_jax.core.selection import uncertainty_penalised_scores
-from infalign_jax.core.losses import check_rank, check_same_shape
+from infalign_jax.core.losses import check_rank, check_same_shape, last_valid_index
 from infalign_jax.core.preference_losses import bradley_terry_loss
 from infalign_jax.core.types import RewardFn, TrainState, init_train_state
 from infalign_jax.decoding.sampling import concat_prompt_response
@@ -124,20 +124,66 @@ def sequence_rewards(model_cfg: models.ModelConfig, params: Params, prompt_BxP: 
     return models.apply(params, tokens_BxT, model_cfg, attention_mask_BxT=mask_BxT).reward
 
 
-def pair_rewards(model_cfg: models.ModelConfig, params: Params, batch: Batch
-                 ) -> tuple[Array, Array]:
-    """(r_chosen_B, r_rejected_B) from ONE forward pass over the 2B stacked sequences."""
+def _stacked_pairs(batch: Batch) -> tuple[int, tuple[Array, Array, Array, Array]]:
+    """(B, (prompt, prompt_mask, response, response_mask)) of the 2B rows [chosen; rejected]."""
     b = _check_batch(batch)
     length = max(batch["chosen_BxL"].shape[1], batch["rejected_BxL"].shape[1])
 
     def stacked(chosen, rejected):  # right padding to a common length keeps masks valid
         return jnp.concatenate([jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
                                 for x in (batch[chosen], batch[rejected])])
-    r_2B = sequence_rewards(model_cfg, params, jnp.concatenate([batch["prompt_BxP"]] * 2),
-                            jnp.concatenate([batch["prompt_mask_BxP"]] * 2),
-                            stacked("chosen_BxL", "rejected_BxL"),
-                            stacked("chosen_mask_BxL", "rejected_mask_BxL").astype(bool))
+    return b, (jnp.concatenate([batch["prompt_BxP"]] * 2),
+               jnp.concatenate([batch["prompt_mask_BxP"]] * 2),
+               stacked("chosen_BxL", "rejected_BxL"),
+               stacked("chosen_mask_BxL", "rejected_mask_BxL").astype(bool))
+
+
+def pair_rewards(model_cfg: models.ModelConfig, params: Params, batch: Batch
+                 ) -> tuple[Array, Array]:
+    """(r_chosen_B, r_rejected_B) from ONE forward pass over the 2B stacked sequences."""
+    b, rows = _stacked_pairs(batch)
+    r_2B = sequence_rewards(model_cfg, params, *rows)
     return r_2B[:b], r_2B[b:]
+
+
+# The reward head's parameters: with a frozen trunk (and final norm), the reward is this head
+# applied to a fixed feature per sequence (`pair_features`), so the head trains on cached features.
+HEAD_KEYS = ("reward_head_kernel", "reward_head_bias")
+FEATURE_KEYS = ("chosen_BxD", "rejected_BxD")
+
+
+def sequence_features(model_cfg: models.ModelConfig, params: Params, prompt_BxP: Array,
+                      prompt_mask_BxP: Array, response_BxL: Array, response_mask_BxL: Array
+                      ) -> Array:
+    """float32 BxD: the final (normed) hidden state where `sequence_rewards` reads the reward
+    head, the last real token of [prompt | response] (`models.apply`'s `last_valid_index`)."""
+    _check_reward_head(model_cfg)
+    tokens_BxT, mask_BxT = concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxL,
+                                                  response_mask_BxL)
+    hidden_BxTxD = models.apply(params, tokens_BxT, model_cfg, attention_mask_BxT=mask_BxT).hidden
+    idx_B, _ = last_valid_index(mask_BxT)
+    return jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0].astype(
+        jnp.float32)
+
+
+def pair_features(model_cfg: models.ModelConfig, params: Params, batch: Batch
+                  ) -> tuple[Array, Array]:
+    """(chosen_BxD, rejected_BxD) from one forward pass over the 2B stacked sequences."""
+    b, rows = _stacked_pairs(batch)
+    f_2BxD = sequence_features(model_cfg, params, *rows)
+    return f_2BxD[:b], f_2BxD[b:]
+
+
+def head_rewards(head: Params, features_BxD: Array) -> Array:
+    """The reward head (`HEAD_KEYS`) on features: what `models.apply` computes at that token."""
+    kernel, bias = head["reward_head_kernel"], head["reward_head_bias"]
+    return (jnp.einsum("bd,do->bo", features_BxD.astype(jnp.float32), kernel.astype(jnp.float32))
+            + bias.astype(jnp.float32))[:, 0]
+
+
+def head_pair_rewards(head: Params, batch: Batch) -> tuple[Array, Array]:
+    """(r_chosen_B, r_rejected_B) of a batch of cached features (`FEATURE_KEYS`)."""
+    return tuple(head_rewards(head, batch[k]) for k in FEATURE_KEYS)
 
 
 def _gap(r_chosen_B: Array, r_rejected_B: Array) -> Array:
@@ -221,19 +267,24 @@ def stop_frozen_gradients(params: Params, trainable: Params | None) -> Params:
 
 
 def make_rm_step(model_cfg: models.ModelConfig, cfg: RMConfig,
-                 optimizer: optax.GradientTransformation, trainable: Params | None = None
+                 optimizer: optax.GradientTransformation, trainable: Params | None = None,
+                 rewards: Callable[[Params, Batch], tuple[Array, Array]] | None = None
                  ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """The pure BT step. Metrics: loss, accuracy (ties 1/2), reward_gap (mean r_c - r_r), and
     grad_norm (global norm before clipping). Callers jit it (`jit_rm_step`). `trainable`: see
-    `stop_frozen_gradients` (the optimizer must leave the frozen parameters alone too)."""
+    `stop_frozen_gradients` (the optimizer must leave the frozen parameters alone too).
+    `rewards(params, batch) -> (r_chosen_B, r_rejected_B)`: default `pair_rewards`;
+    `head_pair_rewards` trains a reward head alone on cached features."""
     _check_reward_head(model_cfg)
+    if rewards is None:
+        rewards = functools.partial(pair_rewards, model_cfg)
 
     def rm_step(state: TrainState, batch: Batch):
         margin = batch.get("margin_B", cfg.margin)
 
         def loss_fn(params):
             params = stop_frozen_gradients(params, trainable)
-            r_chosen_B, r_rejected_B = pair_rewards(model_cfg, params, batch)
+            r_chosen_B, r_rejected_B = rewards(params, batch)
             return bradley_terry_loss(r_chosen_B, r_rejected_B, margin, cfg.label_smoothing)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
