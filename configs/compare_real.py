@@ -12,8 +12,14 @@ base run config (configs/ctrl_real.py), e.g. `--config.base.rl.learning_rate=3e-
 What it does and how claims are decided: infalign_jax/workflows/real_comparison.py. Prompts are
 the tasks' generated sets (`task.data.prompts="generated"`), training and evaluation disjoint by
 topic.
-Sizes (SIZES): not yet measured end to end; `small` is sized for this 2-core CPU (about 3 minutes
-a run, 16 runs a task) and is still to be timed and tuned.
+Sizes (SIZES): `smoke` measured end to end on SmolLM2 (helpfulness: 20 minutes at load ~10 on
+2 CPU cores); `small` is sized for this 2-core CPU (about 3 minutes a run, 16 runs a task) and is
+still to be timed and tuned.
+Expected result: comparison.md with one table per task (KL and standard / BoN_N / WoN_N win rates
+against pi_ref, mean +- sd over seeds, under the gold judge and the proxy), the differences
+against calibrated identity with 95% intervals over prompts and seeds, and each claim marked holds
+/ does not hold / unresolved. At `smoke` (one step a run) every claim is unresolved (docs/results.md
+section 5); whether `small` resolves any is the open question.
 """
 
 import os

@@ -14,7 +14,7 @@ rows in `truncated`.
 
 `ModelJudge` takes (cfg, params, tokenizer); `SequenceClassifierJudge` loads them from a
 transformers directory; `PairLayoutJudge` encodes (prompt, response) as `train_reward.py` packed
-its pairs (`loops.train_reward.run_judge` builds it from a run directory).
+its pairs (`rewards.reward_runs.run_judge` builds it from a run directory).
 
 `EnsembleJudge` scores with several such models and returns mean - k * std over the members (a
 pessimistic, uncertainty-penalised reward; Coste et al. 2024, "Reward model ensembles help

@@ -233,8 +233,8 @@ def make_judge(r: RewardConfig, task_judge: str) -> Any:
     if r.kind == "judge":
         return judges.get_judge(r.judge or task_judge)
     if r.kind == "trained":
-        from infalign_jax.loops import train_reward
-        return train_reward.run_judge(r.checkpoint, std_penalty=r.std_penalty,
+        from infalign_jax.rewards import reward_runs
+        return reward_runs.run_judge(r.checkpoint, std_penalty=r.std_penalty,
                                       batch_size=r.batch_size, padding=r.padding)
     from infalign_jax.rewards import hf_reward
     kw = dict(template=r.template, max_len=r.max_len, batch_size=r.batch_size, padding=r.padding)
