@@ -19,26 +19,13 @@ from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.loops import train
 from infalign_jax.models import hf_import, lora
 from hf_tiny import hf_logits, left_padded_batch, our_logits
+from workflow_files import real_task_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(dirs, lora_rank: int = 0, export_hf: bool = False):
-    c = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py")).get_config(
-        "task=helpfulness,size=tiny")
-    c.unlock()
-    c.task.policy.checkpoint = dirs["policy"]
-    c.task.reward.kind, c.task.reward.checkpoint = "hf", dirs["rm"]
-    c.task.data.prompts = dirs["prompts"]
-    c.task.num_prompts, c.task.eval_prompts, c.task.eval_samples = 4, 2, 0
-    c.task.max_new_tokens = c.rl.max_new_tokens = 5
-    c.reference.k, c.rl.samples_per_prompt = 4, 2
-    c.rl.learning_rate = 1e-2          # large enough that 2 steps move the logits visibly
-    c.rl.lora.rank, c.rl.lora.alpha = lora_rank, 8.0
-    c.train.num_steps, c.train.batch_size, c.train.tensorboard = 2, 2, False
-    c.export.hf = export_hf
-    c.lock()
-    return c
+    return real_task_config(dirs, lora_rank=lora_rank, export_hf=export_hf)
 
 
 def _check_export(out: str, base_dir: str, cfg, params) -> None:

@@ -17,25 +17,14 @@ from infalign_jax.loops import train
 from infalign_jax.rl.tasks import sources
 from infalign_jax.workflows import calibrate, evaluate
 from hf_tiny import hf_logits, left_padded_batch, our_logits
+from workflow_files import real_task_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_calibrate_train_evaluate_export(dirs, tmp_path):
     import transformers
-    c = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py")).get_config(
-        "task=helpfulness,size=tiny")
-    c.unlock()
-    c.task.policy.checkpoint = dirs["policy"]
-    c.task.reward.kind, c.task.reward.checkpoint = "hf", dirs["rm"]
-    c.task.data.prompts = dirs["prompts"]
-    c.task.num_prompts, c.task.eval_prompts, c.task.eval_samples = 4, 2, 0
-    c.task.max_new_tokens = c.rl.max_new_tokens = 5
-    c.reference.k, c.rl.samples_per_prompt = 4, 2
-    c.rl.learning_rate = 1e-2
-    c.train.num_steps, c.train.batch_size, c.train.tensorboard = 2, 2, False
-    c.export.hf = True
-    c.lock()
+    c = real_task_config(dirs, export_hf=True)
     run_dir = str(tmp_path / "run")
 
     # 1. calibrate: the table the run then reuses (same reward and base ids)

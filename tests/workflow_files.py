@@ -7,6 +7,7 @@ score of a text in transformers. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ import torch
 import transformers
 
 from hf_tiny import save_tiny
+from infalign_jax.infra.config_utils import load_config_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = [f"w{i}" for i in range(3, 40)]
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -72,3 +76,24 @@ def transformers_scores(rm_dir: str, texts: list[str]) -> np.ndarray:
     with torch.no_grad():
         return np.array([float(model(**tok(t, return_tensors="pt")).logits[0, 0])
                          for t in texts])
+
+
+def real_task_config(dirs, *, lora_rank: int = 0, export_hf: bool = False):
+    """configs/ctrl_real.py on the tiny files: the policy dir, the first reward model, the prompt
+    file (4 training / 2 evaluation prompts, no in-run evaluation), 2 steps of 2 prompts x 2
+    samples of 5 tokens, K = 4, a learning rate large enough that 2 steps move the logits."""
+    c = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py")).get_config(
+        "task=helpfulness,size=tiny")
+    c.unlock()
+    c.task.policy.checkpoint = dirs["policy"]
+    c.task.reward.kind, c.task.reward.checkpoint = "hf", dirs["rm"]
+    c.task.data.prompts = dirs["prompts"]
+    c.task.num_prompts, c.task.eval_prompts, c.task.eval_samples = 4, 2, 0
+    c.task.max_new_tokens = c.rl.max_new_tokens = 5
+    c.reference.k, c.rl.samples_per_prompt = 4, 2
+    c.rl.learning_rate = 1e-2
+    c.rl.lora.rank, c.rl.lora.alpha = lora_rank, 8.0
+    c.train.num_steps, c.train.batch_size, c.train.tensorboard = 2, 2, False
+    c.export.hf = export_hf
+    c.lock()
+    return c

@@ -176,6 +176,16 @@ def paired_win_rate(pol_B, ref_B) -> np.ndarray:
 
 # ---------------------------------------------------------------- bootstrap over prompts
 
+def _bootstrap_rng(level: float, num_resamples: int, seed: int | np.random.Generator
+                   ) -> np.random.Generator:
+    """The resampling generator, after checking the interval's level and resample count."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if num_resamples < 2:
+        raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """Mean over prompts with a bootstrap percentile interval (arrays shaped like one row)."""
@@ -200,11 +210,7 @@ def bootstrap_mean(values_B, num_resamples: int = 1000, seed: int | np.random.Ge
         raise ValueError(f"values_B needs at least one prompt, got shape {values_B.shape}")
     if not np.isfinite(values_B).all():
         raise ValueError("values_B contains non-finite values")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if num_resamples < 2:
-        raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = _bootstrap_rng(level, num_resamples, seed)
     num = values_B.shape[0]
     idx_RxB = rng.integers(0, num, size=(num_resamples, num))
     means_R = values_B[idx_RxB].mean(axis=1)
@@ -272,11 +278,7 @@ def paired_difference(a_SxB, b_SxB, num_resamples: int = 2000,
                          f"{a.shape} and {b.shape}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("paired_difference: non-finite values")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if num_resamples < 2:
-        raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = _bootstrap_rng(level, num_resamples, seed)
     (sa, num), sb = a.shape, b.shape[0]
     diffs_R = np.empty(num_resamples)
     for r in range(num_resamples):
