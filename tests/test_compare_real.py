@@ -11,12 +11,10 @@ import os
 import jax
 import numpy as np
 import pytest
-import transformers
 
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.workflows import real_comparison as rc
-from hf_tiny import save_tiny
-from workflow_files import TINY, policy_tokenizer, rm_tokenizer
+from workflow_files import save_policy, save_reward_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # trained end to end here (raw and BoNBoN differ only in their run config, checked below)
@@ -38,15 +36,8 @@ def _brute_force(pol_M, ref_M, n, procedure):
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    tok = policy_tokenizer()
-    policy = save_tiny(str(root / "policy"), transformers.LlamaConfig(
-        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False, **TINY))
-    tok.save_pretrained(policy)
-    rtok = rm_tokenizer()
-    rm = save_tiny(str(root / "rm"), transformers.LlamaConfig(
-        vocab_size=len(rtok), pad_token_id=0, num_labels=1, **TINY), seed=3,
-        auto=transformers.AutoModelForSequenceClassification)
-    rtok.save_pretrained(rm)
+    policy = save_policy(root / "policy")
+    rm = save_reward_model(root / "rm", seed=3)
     config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
         "size=smoke,tasks=harmlessness")
     config.base.task.policy.checkpoint = policy

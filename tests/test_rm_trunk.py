@@ -1,8 +1,9 @@
 """Reward models trained from a pretrained trunk (a transformers directory or a GGUF file) and read
 back as the CTRL reward (`task.reward.kind = "trained"`).
 
-The trunks are tiny Llama models built here (`hf_tiny.save_tiny`, a word-level tokenizer; the GGUF
-file written by `test_gguf_families.write_gguf` with a byte-level BPE vocabulary that encodes).
+The trunks are tiny Llama models built here (`workflow_files.save_policy`, a word-level
+tokenizer; the GGUF file written by `test_gguf_families.write_gguf` with a byte-level BPE
+vocabulary that encodes).
 Independent references: transformers' hidden states, the tokenizers called directly, and a direct
 forward of the checkpoint's parameters on each text, one unpadded row at a time.
 """
@@ -23,8 +24,7 @@ from infalign_jax import models
 from infalign_jax.data.synthetic import write_jsonl
 from infalign_jax.loops import train_reward
 from infalign_jax.rl.tasks import sources
-from hf_tiny import save_tiny
-from test_workflow import TINY, WORDS, policy_tokenizer
+from workflow_files import WORDS, save_policy, save_reward_model
 
 ONE = jax.devices()[:1]
 GGUF_TOKENS = ["<pad>", "<eos>", "<unk>", "\u0120", "w", "\u0120w"] + [str(i) for i in range(10)]
@@ -58,10 +58,7 @@ def _rows(rng, n):
 def trunk(tmp_path_factory):
     import test_gguf_families as tg
     root = tmp_path_factory.mktemp("trunk")
-    tok = policy_tokenizer()
-    hf = save_tiny(str(root / "lm"), transformers.LlamaConfig(
-        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False, **TINY))
-    tok.save_pretrained(hf)
+    hf = save_policy(root / "lm")
     gguf = tg.write_gguf(hf, root / "lm.gguf", arch="llama", vocabulary=_gguf_vocabulary)
     rng = np.random.default_rng(0)
     train = write_jsonl(str(root / "train.jsonl"), _rows(rng, 24))
@@ -122,12 +119,8 @@ def test_trunk_equals_its_source_with_a_fresh_reward_head(trunk, kind):
 
 
 def test_sequence_classifier_trunk_keeps_its_score_head(tmp_path):
-    from test_workflow import rm_tokenizer
-    tok = rm_tokenizer()
-    directory = save_tiny(str(tmp_path / "rm"), transformers.LlamaConfig(
-        vocab_size=len(tok), pad_token_id=0, num_labels=1, **TINY), seed=4,
-        auto=transformers.AutoModelForSequenceClassification)
-    tok.save_pretrained(directory)
+    directory = save_reward_model(tmp_path / "rm", seed=4)
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
     with pytest.raises(ValueError, match=r"config.model.source: the tokenizer of .* has no EOS"):
         train_reward.build_model({"source": directory})
     tok.eos_token = "extra"

@@ -22,8 +22,7 @@ from infalign_jax.rewards import hf_reward, judges
 from infalign_jax.rl.tasks import real, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from workflow_files import (TINY, WORDS, policy_tokenizer, rm_tokenizer,  # noqa: F401
-                            transformers_scores)
+from workflow_files import WORDS, transformers_scores
 
 # ------------------------------------------------------------------------------------ policy
 def test_policy_from_a_transformers_directory(dirs):

@@ -46,21 +46,30 @@ def rm_tokenizer():
     return _tokenizer(vocab, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
 
 
+def save_policy(directory) -> str:
+    """A tiny Llama causal LM with the policy tokenizer, saved to `directory`."""
+    tok = policy_tokenizer()
+    path = save_tiny(str(directory), transformers.LlamaConfig(
+        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False, **TINY))
+    tok.save_pretrained(path)
+    return path
+
+
+def save_reward_model(directory, seed: int) -> str:
+    """A tiny one-label Llama sequence classifier with the reward-model tokenizer."""
+    tok = rm_tokenizer()
+    path = save_tiny(str(directory), transformers.LlamaConfig(
+        vocab_size=len(tok), pad_token_id=0, num_labels=1, **TINY), seed=seed,
+        auto=transformers.AutoModelForSequenceClassification)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
-    tok = policy_tokenizer()
-    policy = save_tiny(str(root / "policy"), transformers.LlamaConfig(
-        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False, **TINY))
-    tok.save_pretrained(policy)
-    rms = []
-    for seed in (1, 2):
-        rtok = rm_tokenizer()
-        rm = save_tiny(str(root / f"rm{seed}"), transformers.LlamaConfig(
-            vocab_size=len(rtok), pad_token_id=0, num_labels=1, **TINY), seed=seed,
-            auto=transformers.AutoModelForSequenceClassification)
-        rtok.save_pretrained(rm)
-        rms.append(rm)
+    policy = save_policy(root / "policy")
+    rms = [save_reward_model(root / f"rm{seed}", seed) for seed in (1, 2)]
     rng = np.random.default_rng(0)
     rows = [{"id": f"p{i}", "prompt": " ".join(rng.choice(WORDS, 3 + i % 4))} for i in range(12)]
     rows.append({"id": "dup", "prompt": rows[3]["prompt"]})  # the same prompt under another id
