@@ -57,7 +57,6 @@ from infalign_jax.infra.config_utils import as_dict, dataclass_from
 from infalign_jax.infra.files import write_json
 from infalign_jax.loops import train
 from infalign_jax.rewards import judges
-from infalign_jax.rl import tasks as rl_tasks
 from infalign_jax.rl.tasks import real, sources
 from infalign_jax.workflows import comparison_report as report, sweep
 
@@ -300,11 +299,10 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     # One reference table for every run (it depends on the task, reward, K and seed only).
     table_path = os.path.join(workdir, "reference_table.npz")
-    rl_task = rl_tasks.build_task(base.task)
+    rl_task = real.rl_task_from(inputs)   # the same loaded policy and reward, not a second load
     k, ref_seed = train.reference_settings(base)
     train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
     table_files = [table_path, os.path.splitext(table_path)[0] + ".json"]
-    del rl_task
     evaluator = Evaluator(inputs, gold, cc, log)
     ids, prompts, m = inputs.split.eval_ids, inputs.split.eval_texts, cc.eval_samples
     _save_eval(os.path.join(workdir, "evaluation", "pi_ref.npz"),

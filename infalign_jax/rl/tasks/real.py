@@ -357,8 +357,13 @@ def task_inputs(section: Any) -> TaskInputs:
 def rl_task(section: Any) -> RLTask:
     """The `RLTask` of `config.task` (name "helpfulness" or "harmlessness"): its policy, reward
     and prompts from the `policy`, `reward` and `data` sub-sections (`sources`)."""
+    return rl_task_from(task_inputs(section))
+
+
+def rl_task_from(inputs: TaskInputs) -> RLTask:
+    """The `RLTask` of already loaded `task_inputs` (a caller that needs both loads once)."""
     (s, task, policy, judge, split, prompt_BxP, mask_BxP, eval_BxP, eval_mask_BxP, eos_id, pad_id,
-     detokenize) = task_inputs(section)
+     detokenize) = inputs
     base_id = base_model_id(policy.source, s)
     fns = models.decoder_fns(policy.model_cfg)
     reward = judges.text_reward_fn(judge, detokenize, split.train_texts)
