@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -291,6 +292,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
              log: Callable[[str], None] = print, devices: Any = None) -> dict[str, Any]:
     """Every method x seed of one real task (configs/ctrl_real.py's config `base`); returns the
     per-method evaluations. `devices` restricts the training runs' mesh."""
+    clock = time.perf_counter()
     inputs = real.task_inputs(base.task)
     task_name = inputs.section.name
     gold = judges.get_judge(inputs.task.judge)
@@ -304,6 +306,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
     table_files = [table_path, os.path.splitext(table_path)[0] + ".json"]
     evaluator = Evaluator(inputs, gold, cc, log)
+    log(f"  pi_ref sampled and scored on the evaluation prompts ({_elapsed(clock)} into the task)")
     ids, prompts, m = inputs.split.eval_ids, inputs.split.eval_texts, cc.eval_samples
     _save_eval(os.path.join(workdir, "evaluation", "pi_ref.npz"),
                {"gold_BxM": evaluator.ref_gold_BxM, "proxy_BxM": evaluator.ref_proxy_BxM,
@@ -313,6 +316,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
 
     def evaluate(method: str, seed: int) -> dict[str, Any]:
         path = os.path.join(workdir, "evaluation", f"{method}_seed{seed}.npz")
+        started = time.perf_counter()
         got = _load_eval(path)
         if got is None:
             if method == "bon_ref":
@@ -327,7 +331,8 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
         log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}, gold BoN_{cc.n} "
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
             f"{got[f'gold_won{cc.n}_B'].mean():.3f}, standard "
-            f"{got['gold_standard_B'].mean():.3f}")
+            f"{got['gold_standard_B'].mean():.3f} ({time.perf_counter() - started:.0f} s; "
+            f"{_elapsed(clock)} into the task)")
         return got
 
     order = [mth for mth in ("vbon",) if mth in cc.method_list and cc.kl_target == 0]
@@ -340,6 +345,11 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     return {"task": task_name, "procedure": inputs.task.procedure, "kl_target": kl_target,
             "evals": evals, "same_judge": evaluator.same_judge, "gold": gold.id,
             "proxy": inputs.judge.id}
+
+
+def _elapsed(since: float) -> str:
+    minutes, seconds = divmod(int(time.perf_counter() - since), 60)
+    return f"{minutes}m{seconds:02d}s"
 
 
 def task_configs(config: Any) -> list[Any]:
