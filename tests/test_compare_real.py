@@ -141,3 +141,24 @@ def test_run_configs_of_every_method():
     bonbon = rc.run_config(help_, "bonbon", 1, n=4, t=3.0, kl_target=0.5)
     assert bonbon.method == "bonbon" and bonbon.bonbon.n == 4
     assert bonbon.rl.beta_schedule == "constant"   # BoNBoN has no beta to control
+
+
+def test_a_rerun_of_another_config_is_refused(tmp_path):
+    """The work dir's evaluations are reused on a rerun only under the same config: a change to
+    the trained runs or to the evaluation samples is refused by name, more seeds are not."""
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke,tasks=helpfulness")
+    (base,) = rc.task_configs(config)
+    cc = rc.parse_comparison(config.comparison)
+    task_dir = str(tmp_path / "helpfulness")
+    rc.check_resume(task_dir, base, cc)                       # the first run writes the record
+    assert os.path.exists(os.path.join(task_dir, "comparison_config.json"))
+    rc.check_resume(task_dir, base, cc)
+    rc.check_resume(task_dir, base, rc.parse_comparison({**cc.__dict__, "seeds": (0, 1, 2)}))
+    with pytest.raises(ValueError, match=r"comparison.eval_samples: saved 2, now 4"):
+        rc.check_resume(task_dir, base, rc.parse_comparison({**cc.__dict__, "eval_samples": 4}))
+    longer = rc.task_configs(config)[0]
+    longer.unlock()
+    longer.train.num_steps = 5
+    with pytest.raises(ValueError, match=r"train.num_steps: saved 1, now 5"):
+        rc.check_resume(task_dir, longer, cc)

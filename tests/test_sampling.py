@@ -520,3 +520,34 @@ def test_decoding_stops_once_every_row_has_emitted_eos():
         assert (lengths <= k).all() and (ended == EOS).all()
         assert len(decodes) == int(lengths.max()) - 1 <= k - 1
         assert (np.asarray(s.tokens_BxNxL)[~np.asarray(s.mask_BxNxL)] == PAD).all()
+
+
+@pytest.mark.parametrize("model", ["toy", "transformer"])
+def test_shared_prompt_kl_equals_the_full_forward(model):
+    """KL and entropy teacher-forced through the shared prompt KV (each prompt prefilled once per
+    model) equal `response_kl_entropy` of the flattened rows (a forward pass per row), with
+    left-padded prompts and rows that stopped at EOS; the toy decoder has no `expand`."""
+    if model == "toy":
+        fns, params, ref_params = toy_fns(), _table(1), _table(2)
+        prompt = jnp.array([[0, 0, 3, 1], [2, 1, 3, 3]])
+        mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
+        cfg = SamplingConfig(n=16, max_new_tokens=5, eos_id=EOS, pad_id=PAD)
+    else:
+        models, mcfg, params = _tiny_model()
+        fns, ref_params = models.decoder_fns(mcfg), models.init_params(mcfg, jax.random.key(5))
+        prompt = jax.random.randint(jax.random.key(1), (3, 7), 0, mcfg.vocab_size)
+        mask = jnp.ones_like(prompt, bool).at[1, :3].set(False)
+        free = sampling.sample(fns, params, prompt, mask, jax.random.key(3),
+                               SamplingConfig(n=4, max_new_tokens=6))
+        eos = int(free.tokens_BxNxL[0, 0, 2])   # a token drawn early, as EOS: row 0 stops there
+        cfg = SamplingConfig(n=4, max_new_tokens=6, eos_id=eos, pad_id=0)
+    out = sampling.sample(fns, params, prompt, mask, jax.random.key(3), cfg)
+    assert (~np.asarray(out.mask_BxNxL)).any() and np.asarray(out.mask_BxNxL).any()
+    got = jax.jit(lambda p, q: sampling.shared_prompt_kl_entropy(fns, p, fns, q, prompt, mask,
+                                                                 out))(params, ref_params)
+    want = sampling.response_kl_entropy(fns, params, fns, ref_params,
+                                        *sampling.flatten_samples(prompt, mask, out))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    assert float(jnp.sum(got[0])) > 0.1   # the two models differ

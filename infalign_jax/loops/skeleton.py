@@ -72,6 +72,11 @@ RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
 def config_record(config: Any) -> dict[str, Any]:
     """The config as the manifest writes it (`provenance.jsonable`), flattened to
     {dotted key: value}, without the RESUMABLE_KEYS (`canonical_record`)."""
+    return canonical_record(flat_record(config))
+
+
+def flat_record(config: Any) -> dict[str, Any]:
+    """The config as the manifest writes it (`provenance.jsonable`), as {dotted key: value}."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -81,7 +86,7 @@ def config_record(config: Any) -> dict[str, Any]:
         else:
             flat[prefix[:-1]] = value
     walk("", provenance.jsonable(config if config is not None else {}))
-    return canonical_record(flat)
+    return flat
 
 
 def canonical_record(flat: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
 from infalign_jax.infra.files import write_json
-from infalign_jax.loops import train
+from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
 from infalign_jax.rl.tasks import real, sources
 from infalign_jax.workflows import comparison_report as report, sweep
@@ -188,8 +188,9 @@ class Evaluator:
         fns = self.fns
         self._sample = jax.jit(lambda p, x, m, r, c: sampling.sample(fns, p, x, m, r, c),
                                static_argnums=4)
-        self._kl = jax.jit(lambda p, q, x, m, y, ym: jnp.sum(sampling.response_kl_entropy(
-            fns, p, fns, q, x, m, y, ym)[0], -1))
+        # each prompt prefilled once per model, its samples decoded over the shared prompt KV
+        self._kl = jax.jit(lambda p, q, x, m, smp: jnp.sum(sampling.shared_prompt_kl_entropy(
+            fns, p, fns, q, x, m, smp)[0], -1))
         ref = self.sample_and_score(self.ref_params, cc.eval_seed, self.scfg)
         self.ref_gold_BxM, self.ref_proxy_BxM = ref["gold_BxM"], ref["proxy_BxM"]
         self.ref_texts = ref["texts"]
@@ -207,8 +208,8 @@ class Evaluator:
             x, xm = jnp.asarray(inp.eval_BxP[rows]), jnp.asarray(inp.eval_mask_BxP[rows])
             key = jax.random.fold_in(jax.random.key(seed), start)
             smp = self._sample(params, x, xm, key, scfg)
-            xr, xmr, resp, rmask = sampling.flatten_samples(x, xm, smp)
-            r_np, rm_np = np.asarray(resp), np.asarray(rmask, bool)
+            r_np = np.asarray(smp.tokens_BxNxL).reshape(-1, scfg.max_new_tokens)
+            rm_np = np.asarray(smp.mask_BxNxL, bool).reshape(r_np.shape)
             texts = [inp.detokenize(r[k]) for r, k in zip(r_np, rm_np)]
             prompts = [t for t in self.texts[rows] for _ in range(m)]
             b = x.shape[0]
@@ -217,8 +218,8 @@ class Evaluator:
             out["proxy_BxM"].append(np.asarray(self.proxy(prompts, texts),
                                                np.float64).reshape(b, m))
             if kl:
-                out["kl_BxM"].append(np.asarray(self._kl(params, self.ref_params, xr, xmr, resp,
-                                                         rmask), np.float64).reshape(b, m))
+                out["kl_BxM"].append(np.asarray(self._kl(params, self.ref_params, x, xm, smp),
+                                                np.float64).reshape(b, m))
         return {k: (np.concatenate(v) if v and k != "texts" else v) for k, v in out.items()}
 
     def win_rates(self, gold_BxM: np.ndarray, proxy_BxM: np.ndarray) -> dict[str, np.ndarray]:
@@ -275,6 +276,39 @@ def _load_eval(path: str) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------ the run
+# What a rerun into the same work dir may change: which methods and seeds are compared (each has
+# its own files), how the report resamples and flags, and the base run keys that change neither
+# the samples nor the trained parameters (logging, checkpointing, the device layout). Anything
+# else (the steps, the learning rate, the evaluation samples...) would mix its evaluations with
+# the saved ones.
+COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds", "comparison.num_resamples",
+                        "comparison.kl_tolerance") + tuple(
+    k for k in skeleton.RESUMABLE_KEYS if k not in ("train.num_steps", "train.init_from"))
+
+
+def check_resume(task_dir: str, base: Any, cc: ComparisonConfig) -> None:
+    """Writes `<task_dir>/comparison_config.json` (the base run config and the comparison
+    settings, flat) on the first run; on a rerun, refuses a config that differs from it in any key
+    outside COMPARISON_RESUMABLE, naming the keys."""
+    now = {**skeleton.flat_record(base),
+           **skeleton.flat_record({"comparison": dataclasses.asdict(cc)})}
+    now = {k: v for k, v in now.items() if k not in COMPARISON_RESUMABLE}
+    path = os.path.join(task_dir, "comparison_config.json")
+    if not os.path.exists(path):
+        os.makedirs(task_dir, exist_ok=True)
+        write_json(path, now)
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    keys = skeleton.differing_keys(saved, now)
+    if keys:
+        diff = "; ".join(f"{k}: saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}"
+                         for k in keys[:8])
+        raise ValueError(f"{task_dir} holds a comparison of another config ({diff}"
+                         f"{'; ...' if len(keys) > 8 else ''}); its evaluations would be mixed "
+                         f"with this one's: use another work dir (only "
+                         f"{', '.join(COMPARISON_RESUMABLE)} may change on a rerun)")
+
 def _train(cfg: Any, run_dir: str, table_files: Sequence[str], devices: Any = None) -> Any:
     """Trains (or resumes) one run on the shared reference table; returns its policy params."""
     os.makedirs(run_dir, exist_ok=True)
@@ -298,7 +332,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     gold = judges.get_judge(inputs.task.judge)
     log(f"{task_name}: {len(inputs.split.train_ids)} training / {len(inputs.split.eval_ids)} "
         f"evaluation prompts; reward {inputs.judge.id!r}, gold judge {gold.id!r}")
-    os.makedirs(workdir, exist_ok=True)
+    check_resume(workdir, base, cc)
     # One reference table for every run (it depends on the task, reward, K and seed only).
     table_path = os.path.join(workdir, "reference_table.npz")
     rl_task = real.rl_task_from(inputs)   # the same loaded policy and reward, not a second load
