@@ -523,10 +523,11 @@ def test_decoding_stops_once_every_row_has_emitted_eos():
 
 
 @pytest.mark.parametrize("model", ["toy", "transformer"])
-def test_shared_prompt_kl_equals_the_full_forward(model):
-    """KL and entropy teacher-forced through the shared prompt KV (each prompt prefilled once per
-    model) equal `response_kl_entropy` of the flattened rows (a forward pass per row), with
-    left-padded prompts and rows that stopped at EOS; the toy decoder has no `expand`."""
+def test_shared_prompt_path_terms_equal_the_full_forward(model):
+    """KL, entropy and pi_ref's log-probs teacher-forced through the shared prompt KV (each prompt
+    prefilled once per model) equal `response_kl_entropy` / `sequence_logprobs` of the flattened
+    rows (a forward pass per row), with left-padded prompts and rows that stopped at EOS; the
+    toy decoder has no `expand`."""
     if model == "toy":
         fns, params, ref_params = toy_fns(), _table(1), _table(2)
         prompt = jnp.array([[0, 0, 3, 1], [2, 1, 3, 3]])
@@ -543,11 +544,12 @@ def test_shared_prompt_kl_equals_the_full_forward(model):
         cfg = SamplingConfig(n=4, max_new_tokens=6, eos_id=eos, pad_id=0)
     out = sampling.sample(fns, params, prompt, mask, jax.random.key(3), cfg)
     assert (~np.asarray(out.mask_BxNxL)).any() and np.asarray(out.mask_BxNxL).any()
-    got = jax.jit(lambda p, q: sampling.shared_prompt_kl_entropy(fns, p, fns, q, prompt, mask,
+    got = jax.jit(lambda p, q: sampling.shared_prompt_path_terms(fns, p, fns, q, prompt, mask,
                                                                  out))(params, ref_params)
-    want = sampling.response_kl_entropy(fns, params, fns, ref_params,
-                                        *sampling.flatten_samples(prompt, mask, out))
+    flat = sampling.flatten_samples(prompt, mask, out)
+    want = (*sampling.response_kl_entropy(fns, params, fns, ref_params, *flat),
+            sampling.sequence_logprobs(fns, ref_params, *flat))
     for g, w in zip(got, want):
         assert g.shape == w.shape
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
-    assert float(jnp.sum(got[0])) > 0.1   # the two models differ
+    assert float(jnp.sum(got.kl_RxL)) > 0.1   # the two models differ

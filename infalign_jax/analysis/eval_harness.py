@@ -51,13 +51,11 @@ def _sample(fns, params, prompt_BxP, mask_BxP, rng, cfg):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _response_kl_terms(fns, ref_fns, params, ref_params, prompt_BxP, mask_BxP, resp_BxL,
-                       resp_mask_BxL):
-    """(pi_ref's log-probs of the responses, exact per-position KL(pi || pi_ref)), both BxL."""
-    rollout = (prompt_BxP, mask_BxP, resp_BxL, resp_mask_BxL)
-    ref_logp = sampling.sequence_logprobs(ref_fns, ref_params, *rollout)
-    kl_BxL, _ = sampling.response_kl_entropy(fns, params, ref_fns, ref_params, *rollout)
-    return ref_logp, kl_BxL
+def _path_terms(fns, ref_fns, params, ref_params, prompt_BxP, mask_BxP, samples):
+    """pi_ref's log-probs of the M samples per prompt and the exact per-position KL(pi || pi_ref),
+    through each prompt's shared KV (`sampling.shared_prompt_path_terms`)."""
+    return sampling.shared_prompt_path_terms(fns, params, ref_fns, ref_params, prompt_BxP,
+                                             mask_BxP, samples)
 
 
 def _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context):
@@ -192,9 +190,8 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
     record.update(_win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed))
 
-    rollout = (p_rep, pm_rep, pol_resp, pol_rmask)
-    ref_logp, kl_RxL = _response_kl_terms(policy_fns, ref_fns, policy_params, ref_params,
-                                          *rollout)
+    path = _path_terms(policy_fns, ref_fns, policy_params, ref_params, prompt, pmask, pol)
+    ref_logp, kl_RxL = path.ref_logp_RxL, path.kl_RxL
     pol_logp = pol.logp_BxNxL.reshape(batch * m, -1)
     k1 = kl.sequence_kl("k1", pol_logp, ref_logp, pol_rmask)
     k3 = kl.sequence_kl("k3", pol_logp, ref_logp, pol_rmask)

@@ -305,16 +305,24 @@ def response_kl_entropy(fns: DecoderFns, params: Params, ref_fns: DecoderFns, re
     return kl.kl_from_logits(logits, ref_logits, mask_BxL), kl.entropy_from_logits(logits, mask_BxL)
 
 
-def shared_prompt_kl_entropy(fns: DecoderFns, params: Params, ref_fns: DecoderFns,
+class PathTerms(NamedTuple):
+    """Per-position terms along given responses (0 where masked), rows b*N + j."""
+    kl_RxL: Array           # KL(pi(.|prefix) || pi_ref(.|prefix)) over the whole vocabulary
+    entropy_RxL: Array      # H(pi(.|prefix))
+    ref_logp_RxL: Array     # log pi_ref(token | prefix)
+
+
+def shared_prompt_path_terms(fns: DecoderFns, params: Params, ref_fns: DecoderFns,
                              ref_params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
-                             samples: Samples) -> tuple[Array, Array]:
-    """`response_kl_entropy` of N responses per prompt (rows b*N + j: (kl_RxL, entropy_RxL)),
-    teacher-forced through the KV cache: each model prefills each prompt once and decodes the N
-    responses over the shared prompt KV (as `sample` does), instead of a forward pass over prompt
-    and response for every one of the N rows -- the prompt's cost is paid once, not N times."""
+                             samples: Samples) -> PathTerms:
+    """`response_kl_entropy` (and pi_ref's log-probs) of N responses per prompt, teacher-forced
+    through the KV cache: each model prefills each prompt once and decodes the N responses over
+    the shared prompt KV (as `sample` does), instead of a forward pass over prompt and response
+    for every one of the N rows -- the prompt's cost is paid once, not N times."""
     batch, n, length = samples.tokens_BxNxL.shape
     max_len = prompt_BxP.shape[1] + length
     tokens_LxR = jnp.moveaxis(samples.tokens_BxNxL.reshape(batch * n, length), 0, 1)
+    tokens_LxR = tokens_LxR.astype(jnp.int32)
     mask_LxR = jnp.moveaxis(samples.mask_BxNxL.reshape(batch * n, length), 0, 1).astype(bool)
 
     def start(f: DecoderFns, p: Params) -> tuple[Array, Any]:
@@ -322,22 +330,23 @@ def shared_prompt_kl_entropy(fns: DecoderFns, params: Params, ref_fns: DecoderFn
         return _repeat_batch(logits_BxV, n), (
             _repeat_batch(cache, n) if f.expand is None else f.expand(cache, n))
 
-    def terms(logits_RxV: Array, ref_logits_RxV: Array, valid_R: Array) -> tuple[Array, Array]:
-        lg, ref = logits_RxV[:, None], ref_logits_RxV[:, None]
+    def terms(logits_RxV: Array, ref_logits_RxV: Array, token_R: Array, valid_R: Array):
+        lg, ref = logits_RxV.astype(jnp.float32)[:, None], ref_logits_RxV[:, None]
+        ref_logp = _token_logprob(ref_logits_RxV.astype(jnp.float32), token_R)
         return (kl.kl_from_logits(lg, ref, valid_R[:, None])[:, 0],
-                kl.entropy_from_logits(lg, valid_R[:, None])[:, 0])
+                kl.entropy_from_logits(lg, valid_R[:, None])[:, 0],
+                jnp.where(valid_R, ref_logp, 0.0))
 
     def body(carry, x):
         logits, cache, ref_logits, ref_cache = carry
         token_R, valid_R = x
-        out = terms(logits, ref_logits, valid_R)
-        logits, cache = fns.decode(params, token_R.astype(jnp.int32), cache)
-        ref_logits, ref_cache = ref_fns.decode(ref_params, token_R.astype(jnp.int32), ref_cache)
+        out = terms(logits, ref_logits, token_R, valid_R)
+        logits, cache = fns.decode(params, token_R, cache)
+        ref_logits, ref_cache = ref_fns.decode(ref_params, token_R, ref_cache)
         return (logits, cache, ref_logits, ref_cache), out
 
     carry = (*start(fns, params), *start(ref_fns, ref_params))
-    carry, (kl_LxR, ent_LxR) = jax.lax.scan(body, carry, (tokens_LxR[:-1], mask_LxR[:-1]))
-    kl_R, ent_R = terms(carry[0], carry[2], mask_LxR[-1])   # the last token needs no decode
-    kl_LxR = jnp.concatenate([kl_LxR, kl_R[None]])
-    ent_LxR = jnp.concatenate([ent_LxR, ent_R[None]])
-    return jnp.moveaxis(kl_LxR, 0, 1), jnp.moveaxis(ent_LxR, 0, 1)
+    carry, per_step = jax.lax.scan(body, carry, (tokens_LxR[:-1], mask_LxR[:-1]))
+    last = terms(carry[0], carry[2], tokens_LxR[-1], mask_LxR[-1])   # needs no decode
+    return PathTerms(*(jnp.moveaxis(jnp.concatenate([a, b[None]]), 0, 1)
+                       for a, b in zip(per_step, last)))

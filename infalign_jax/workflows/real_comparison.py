@@ -189,8 +189,8 @@ class Evaluator:
         self._sample = jax.jit(lambda p, x, m, r, c: sampling.sample(fns, p, x, m, r, c),
                                static_argnums=4)
         # each prompt prefilled once per model, its samples decoded over the shared prompt KV
-        self._kl = jax.jit(lambda p, q, x, m, smp: jnp.sum(sampling.shared_prompt_kl_entropy(
-            fns, p, fns, q, x, m, smp)[0], -1))
+        self._kl = jax.jit(lambda p, q, x, m, smp: jnp.sum(sampling.shared_prompt_path_terms(
+            fns, p, fns, q, x, m, smp).kl_RxL, -1))
         ref = self.sample_and_score(self.ref_params, cc.eval_seed, self.scfg)
         self.ref_gold_BxM, self.ref_proxy_BxM = ref["gold_BxM"], ref["proxy_BxM"]
         self.ref_texts = ref["texts"]
