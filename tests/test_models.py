@@ -86,6 +86,38 @@ def test_kv_cache_decode_equals_full_forward(model):
     assert float(jnp.abs(full[:, -1] - full_other[:, -1]).max()) > 1e-2  # the rows differ
 
 
+@pytest.mark.parametrize("window", [0, 3])
+def test_shared_prompt_hidden_equals_the_full_forward_with_its_gradient(model, window):
+    """Two responses per prompt, the prompt run once (`models.shared_prompt_hidden`): the hidden
+    states predicting each response token, and the parameter gradient of a function of them,
+    equal those of the full forward over [prompt | response] per row (left-padded prompts; with
+    and without a sliding window, which also masks prompt keys)."""
+    cfg, params = model
+    cfg = dataclasses.replace(cfg, sliding_window=window)
+    prompt = jax.random.randint(jax.random.key(4), (3, 6), 0, cfg.vocab_size)
+    pmask = jnp.array([[0, 0, 1, 1, 1, 1], [0] + [1] * 5, [1] * 6], bool)
+    resp = jax.random.randint(jax.random.key(5), (6, 5), 0, cfg.vocab_size)
+    weight = jax.random.normal(jax.random.key(6), (6, 5, cfg.d_model))
+
+    def full(p):
+        tokens, mask = sampling.concat_prompt_response(
+            jnp.repeat(prompt, 2, 0), jnp.repeat(pmask, 2, 0), resp, jnp.ones(resp.shape, bool))
+        return sampling.response_positions(models.hidden_states(p, tokens, cfg,
+                                                                attention_mask_BxT=mask), 6)
+
+    def shared(p):
+        return models.shared_prompt_hidden(p, prompt, pmask, resp, cfg)
+
+    for f in (full, shared):
+        f.value = jax.jit(f)(params)
+        f.grad = jax.jit(jax.grad(lambda p: jnp.sum(f(p) * weight)))(params)
+    np.testing.assert_allclose(shared.value, full.value, rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(shared.grad), jax.tree.leaves(full.grad)):
+        # float32 sums in another order: tolerance relative to the leaf's largest entry
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(w).max())))
+    assert float(jnp.abs(full.value[0] - full.value[1]).max()) > 1e-2   # the rows differ
+
+
 def test_padding_invariance_and_reward_position(model):
     cfg, params = model
     seq = jax.random.randint(jax.random.key(3), (1, 7), 0, cfg.vocab_size)

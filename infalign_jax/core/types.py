@@ -49,6 +49,9 @@ class DecoderFns(NamedTuple):
       hidden(params, tokens_BxT, mask_BxT) -> BxTxD and lm_kernel(params) -> DxV: a linear lm
         head, logits = hidden @ kernel; with them the trainer computes log-probs at the response
         positions only and over vocabulary chunks, never the B x T x V logits.
+      shared_hidden(params, prompt_BxP, mask_BxP, response_RxL) -> RxLxD: with a linear head,
+        the hidden states predicting each token of R = B*N responses (rows b*N + j continue
+        prompt b), each prompt run once (`models.shared_prompt_hidden`).
     """
 
     prefill: Callable[..., tuple[Array, Any]]
@@ -58,6 +61,7 @@ class DecoderFns(NamedTuple):
     expand: Callable[..., Any] | None = None
     hidden: Callable[..., Array] | None = None
     lm_kernel: Callable[..., Array] | None = None
+    shared_hidden: Callable[..., Array] | None = None
 
 
 # reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL) -> rewards_R: the raw

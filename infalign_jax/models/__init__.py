@@ -164,6 +164,35 @@ def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[s
     return out["logits"][:, 0], new_cache
 
 
+def shared_prompt_hidden(params: Params, tokens_BxP: Array, mask_BxP: Array,
+                         response_RxL: Array, cfg: ModelConfig) -> Array:
+    """Final-norm hidden states at the positions predicting each response token (R x L x D),
+    teacher-forced, for R = B * N responses (rows b * N + j continue prompt b): the prompt runs
+    once per prompt, and the responses attend to its keys and values through the decoding path
+    (`Attention`'s two-part cache, with the L tokens as one causal chunk). Equals
+    `hidden_states` over [prompt | response] at those positions, without the prompt's N-fold
+    cost; differentiable, and the gradient through the shared prompt is the sum over its N rows."""
+    mask = _mask_or_ones(mask_BxP, tokens_BxP)
+    prompt = Transformer(cfg).apply({"params": params}, tokens_BxP, default_positions(mask),
+                                    _causal_mask(mask), return_kv=True, heads=())
+    pk, pv = prompt["kv"]
+    batch, (rows, length) = tokens_BxP.shape[0], response_RxL.shape
+    n = rows // batch
+    if n * batch != rows:
+        raise ValueError(f"shared_prompt_hidden: {rows} response rows is not a multiple of the "
+                         f"{batch} prompts")
+    # no earlier response slots: one slot, masked off by index 0
+    empty = jnp.zeros((cfg.n_layers, rows, cfg.n_kv_heads, 1, cfg.head_dim), pk.dtype)
+    decode = {"pk": pk, "pv": pv, "pmask": mask, "rk": empty, "rv": empty,
+              "index": jnp.zeros((), jnp.int32)}
+    positions = jnp.repeat(mask.astype(jnp.int32).sum(1), n)[:, None] + jnp.arange(length)
+    resp = Transformer(cfg).apply({"params": params}, response_RxL.astype(jnp.int32), positions,
+                                  None, decode, heads=())
+    # token 0 is predicted at the prompt's last position (left padding: always a real token)
+    first = jnp.repeat(prompt["hidden"][:, -1:], n, axis=0)
+    return jnp.concatenate([first, resp["hidden"][:, :-1]], axis=1)
+
+
 def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     """The prefill / decode / teacher-forced-logits functions used by `infalign_jax.decoding.sampling`."""
 
@@ -186,7 +215,11 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     max_len = None if cfg.rope_type == "dynamic" else cfg.max_len
     # Soft-capped logits are not hidden @ kernel: log-probs then come from the full logits.
     linear_head = not cfg.final_softcap
+    def _shared_hidden(params, tokens_BxP, mask_BxP, response_RxL):
+        return shared_prompt_hidden(params, tokens_BxP, mask_BxP, response_RxL, cfg)
+
     return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache,
                       hidden=_hidden if linear_head else None,
+                      shared_hidden=_shared_hidden if linear_head else None,
                       lm_kernel=(lambda params: lm_head_kernel(params, cfg)) if linear_head
                       else None)
