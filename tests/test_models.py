@@ -86,14 +86,15 @@ def test_kv_cache_decode_equals_full_forward(model):
     assert float(jnp.abs(full[:, -1] - full_other[:, -1]).max()) > 1e-2  # the rows differ
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_shared_prompt_hidden_equals_the_full_forward_with_its_gradient(model, window):
+@pytest.mark.parametrize("cfg,window", [(LLAMA, 0), (LLAMA, 3), (GPT2, 0)],
+                         ids=["llama", "llama-window", "gpt2"])
+def test_shared_prompt_hidden_equals_the_full_forward_with_its_gradient(cfg, window):
     """Two responses per prompt, the prompt run once (`models.shared_prompt_hidden`): the hidden
     states predicting each response token, and the parameter gradient of a function of them,
     equal those of the full forward over [prompt | response] per row (left-padded prompts; with
     and without a sliding window, which also masks prompt keys)."""
-    cfg, params = model
     cfg = dataclasses.replace(cfg, sliding_window=window)
+    params = _randomise(models.init_params(cfg, jax.random.key(0)))
     prompt = jax.random.randint(jax.random.key(4), (3, 6), 0, cfg.vocab_size)
     pmask = jnp.array([[0, 0, 1, 1, 1, 1], [0] + [1] * 5, [1] * 6], bool)
     resp = jax.random.randint(jax.random.key(5), (6, 5), 0, cfg.vocab_size)
