@@ -267,6 +267,20 @@ def sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt
     return jnp.where(response_mask_BxL.astype(bool), logp, 0.0)
 
 
+def shared_sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array,
+                             prompt_mask_BxP: Array, response_RxL: Array,
+                             response_mask_RxL: Array) -> Array:
+    """`sequence_logprobs` of R = B*N responses (rows b*N + j continue prompt b) with each prompt
+    run once (`fns.shared_hidden`, a linear head): logp_RxL, 0 where masked."""
+    if fns.shared_hidden is None or fns.lm_kernel is None:
+        raise ValueError("shared_sequence_logprobs needs a decoder with a linear lm head "
+                         "(DecoderFns.shared_hidden and lm_kernel)")
+    targets_RxL = response_RxL.astype(jnp.int32)
+    hidden = fns.shared_hidden(params, prompt_BxP, prompt_mask_BxP, targets_RxL)
+    logp = vocab_chunks.token_logprobs(hidden, fns.lm_kernel(params), targets_RxL)
+    return jnp.where(response_mask_RxL.astype(bool), logp, 0.0)
+
+
 def response_hidden(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
                     response_BxL: Array, response_mask_BxL: Array) -> Array:
     """Hidden states at the positions predicting each response token (teacher forcing), for a

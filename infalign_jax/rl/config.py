@@ -48,6 +48,10 @@ class RLConfig:
     max_grad_norm: float = 0.0   # 0 = no clipping
     decay_steps: int = 0         # > 0: cosine decay of the learning rate to 10% over these steps
     full_kl: bool = True         # log the exact per-token full-vocabulary KL and the entropy
+    # Teacher-forced passes (pi_ref's and the policy's log-probs, the full-vocabulary KL) run each
+    # prompt once for its samples_per_prompt responses (`models.shared_prompt_hidden`) instead of
+    # once per response; the same numbers up to float32 rounding. Needs a linear lm head.
+    shared_prompt: bool = False
     beta_schedule: str = "constant"
     beta_final: float = 0.0      # "linear": beta after beta_steps steps (> 0)
     beta_steps: int = 0          # "linear": steps of the ramp (>= 1)

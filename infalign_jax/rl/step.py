@@ -73,9 +73,10 @@ from infalign_jax.core import kl, losses
 from infalign_jax import models
 from infalign_jax.core.advantages import gae_advantages, kl_shaped_rewards, rloo_advantages, whiten
 from infalign_jax.core.calibration import calibrate
-from infalign_jax.decoding.sampling import (concat_prompt_response, flatten_samples,
+from infalign_jax.decoding.sampling import (Samples, concat_prompt_response, flatten_samples,
                                             response_kl_entropy, response_positions, sample,
-                                            sequence_logprobs)
+                                            sequence_logprobs, shared_prompt_path_terms,
+                                            shared_sequence_logprobs)
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.rl.config import (ADVANTAGES, ALGORITHMS, BETA_SCHEDULES, KL_MODES,  # noqa: F401
                                     RLConfig, adaptive_beta_update, make_optimizer,
@@ -210,10 +211,34 @@ class Rollout(NamedTuple):
     old_logp_RxL: Array                          # log-probs under the sampling policy
     prompt_idx_B: Array
     prompt_idx_R: Array
+    prompt: tuple[Array, Array]                  # (prompt_BxP, prompt_mask_BxP), not repeated
 
     @property
     def mask_RxL(self) -> Array:
         return self.tokens[3]
+
+
+def rollout_logprobs(cfg: RLConfig, fns: DecoderFns, params: Params, ro: Rollout) -> Array:
+    """Teacher-forced log-probs of the rollout's responses under `params` (RxL): each prompt run
+    once for its samples with `cfg.shared_prompt`, else once per response."""
+    if cfg.shared_prompt:
+        return shared_sequence_logprobs(fns, params, *ro.prompt, *ro.tokens[2:])
+    return sequence_logprobs(fns, params, *ro.tokens)
+
+
+def rollout_full_vocab_metrics(cfg: RLConfig, fns: DecoderFns, params: Params,
+                               ref_params: Params, ro: Rollout) -> dict[str, Array]:
+    """`full_vocab_metrics` of the rollout (through each prompt's shared KV with
+    `cfg.shared_prompt`)."""
+    if not cfg.shared_prompt:
+        return full_vocab_metrics(fns, params, ref_params, *ro.tokens)
+    b, m = ro.prompt_idx_B.shape[0], cfg.samples_per_prompt
+    resp_RxL, mask_RxL = ro.tokens[2:]
+    samples = Samples(resp_RxL.reshape(b, m, -1), mask_RxL.reshape(b, m, -1),
+                      ro.old_logp_RxL.reshape(b, m, -1))
+    terms = shared_prompt_path_terms(fns, params, fns, ref_params, *ro.prompt, samples)
+    return {"kl_full_vocab": jnp.mean(jnp.sum(terms.kl_RxL, -1)),
+            "entropy": jnp.mean(jnp.sum(terms.entropy_RxL, -1))}
 
 
 class Scores(NamedTuple):
@@ -247,7 +272,7 @@ def rollout(cfg: RLConfig, fns: DecoderFns, params: Params, batch: Mapping[str, 
     tokens = flatten_samples(prompt_BxP, pmask_BxP, samples)
     m = cfg.samples_per_prompt
     old_logp_RxL = samples.logp_BxNxL.reshape(prompt_BxP.shape[0] * m, -1)
-    return Rollout(tokens, old_logp_RxL, idx_B, jnp.repeat(idx_B, m))
+    return Rollout(tokens, old_logp_RxL, idx_B, jnp.repeat(idx_B, m), (prompt_BxP, pmask_BxP))
 
 
 def rollout_rewards(reward_fn: RewardFn, frozen: Frozen, ro: Rollout) -> Array:
@@ -273,7 +298,7 @@ def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, 
     cal_BxM, phi_BxM = score_rollout(cfg, transform, rewards_BxM,
                                      frozen.ref_sorted_XxK[ro.prompt_idx_B],
                                      frozen.ref_count_X[ro.prompt_idx_B])
-    ref_logp_RxL = jax.lax.stop_gradient(sequence_logprobs(fns, frozen.ref_params, *ro.tokens))
+    ref_logp_RxL = jax.lax.stop_gradient(rollout_logprobs(cfg, fns, frozen.ref_params, ro))
     k1_R = losses.masked_sum(kl.kl_k1(ro.old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
     k3_R = losses.masked_sum(kl.kl_k3(ro.old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
     return Scores(rewards_BxM, cal_BxM, phi_BxM, ref_logp_RxL, k1_R, k3_R)
@@ -313,7 +338,7 @@ def policy_loss(cfg: RLConfig, fns: DecoderFns, params: Params, beta: Array, ro:
                 sc: Scores, av: Advantages) -> tuple[Array, dict[str, Array]]:
     """REINFORCE (RLOO) or PPO's clipped loss, plus beta times the sequence-KL score-function
     term in kl_mode="loss"."""
-    logp_RxL = sequence_logprobs(fns, params, *ro.tokens)
+    logp_RxL = rollout_logprobs(cfg, fns, params, ro)
     aux = {"clip_fraction": jnp.zeros(())}
     if cfg.algorithm == "rloo":
         loss = losses.reinforce_loss(logp_RxL, ro.mask_RxL, av.adv)
@@ -420,6 +445,9 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
     `rollout_params` (hook): maps the policy parameters to the layout the rollout decodes from,
     once per step (`infra.sharding.rollout_resharder`); None decodes from them as they are."""
     transform = cfg.get_transform()
+    if cfg.shared_prompt and (fns.shared_hidden is None or fns.lm_kernel is None):
+        raise ValueError("config.rl.shared_prompt=True needs a decoder with a linear lm head "
+                         "(DecoderFns.shared_hidden and lm_kernel; soft-capped logits have none)")
 
     def roll(state: RLState, batch: Mapping[str, Array], rng: Array,
              frozen: Frozen | None = None) -> Rollout:
@@ -436,8 +464,8 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
             cfg, fns, optimizer, state, beta, ro, sc, av, frozen)
         metrics.update(step_metrics(cfg, ro, sc, beta, per_epoch))
         if cfg.full_kl:
-            metrics.update(jax.lax.stop_gradient(full_vocab_metrics(
-                fns, policy_params(cfg, state.params, frozen), frozen.ref_params, *ro.tokens)))
+            metrics.update(jax.lax.stop_gradient(rollout_full_vocab_metrics(
+                cfg, fns, policy_params(cfg, state.params, frozen), frozen.ref_params, ro)))
         new_state = RLState(params, opt_state, state.step + 1, next_beta(cfg, state, beta, sc.k1_R),
                             value_params, value_opt_state)
         return new_state, metrics
