@@ -131,6 +131,7 @@ def test_run_configs_of_every_method():
     raw = rc.run_config(help_, "raw", 2, n=4, t=3.0, kl_target=0.5)
     assert raw.transform.name == "raw" and raw.seed == 2
     assert (raw.rl.beta_schedule, raw.rl.kl_target) == ("adaptive", 0.5)
+    assert raw.rl.beta == pytest.approx(1 / 3)   # the controller starts from vBoN's beta
     exp_help = rc.run_config(help_, "exp", 0, n=4, t=3.0, kl_target=0.5)
     exp_harm = rc.run_config(harm, "exp", 0, n=4, t=3.0, kl_target=0.5)
     assert (exp_help.transform.t, exp_harm.transform.t) == (3.0, -3.0)  # BoN task t > 0, WoN t < 0

@@ -18,10 +18,11 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   the training reward; no training, KL = log N - (N - 1)/N).
 * matched KL: vBoN is trained first at its own beta; its mean held-out KL becomes the target of
   the adaptive beta controller (`rl.beta_schedule="adaptive"`, Ziegler et al.) for the other
-  CTRL methods (or `kl_target` when set, and then vBoN is controlled too). BoNBoN has no beta; its
-  KL is whatever its loss gives. Each row's KL is the full-vocabulary KL(pi || pi_ref) summed
-  along the policy's samples on the evaluation prompts; rows more than `kl_tolerance` from the
-  target are flagged, and a claim that rests on a flagged row is "unresolved".
+  CTRL methods, started from vBoN's beta (or `kl_target` when set, and then vBoN is controlled
+  too). BoNBoN has no beta; its KL is whatever its loss gives. Each row's KL is the
+  full-vocabulary KL(pi || pi_ref) summed along the policy's samples on the evaluation prompts;
+  rows more than `kl_tolerance` from the target are flagged, and a claim that rests on a flagged
+  row is "unresolved".
 * statistics: per prompt, the plug-in standard / BoN_N / WoN_N win rate against the shared pi_ref
   samples (`evaluation.plugin_win_rates`); a method's difference against calibrated identity with
   a bootstrap over prompts (paired) and seeds (`evaluation.paired_difference`). A claim holds when
@@ -163,8 +164,10 @@ def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: f
             cfg.method = "ctrl"
     rest["seed"] = int(seed)
     if method in ("raw", "identity", "exp") or (method == "vbon" and kl_target > 0):
-        rest.update({"rl.beta_schedule": "adaptive", "rl.kl_target": float(kl_target)})
-        rest.pop("rl.beta", None)
+        # The controller starts from vBoN's beta, the operating point whose KL is the target: a
+        # short run cannot move beta far (at most a factor (1 +- 0.2 rollouts / horizon) a step).
+        rest.update({"rl.beta_schedule": "adaptive", "rl.kl_target": float(kl_target),
+                     "rl.beta": 1.0 / (n - 1)})
     return sweep.apply_overrides(cfg, rest)
 
 
