@@ -336,9 +336,9 @@ def shared_prompt_path_terms(fns: DecoderFns, params: Params, ref_fns: DecoderFn
     `shared_hidden` and a linear head run the responses as one chunk over the prompt's KV and
     compute the terms over vocabulary chunks; others go token by token through `decode`."""
     batch, n, length = samples.tokens_BxNxL.shape
+    tokens_RxL = samples.tokens_BxNxL.reshape(batch * n, length).astype(jnp.int32)
+    mask_RxL = samples.mask_BxNxL.reshape(batch * n, length).astype(bool)
     if all(f.shared_hidden is not None and f.lm_kernel is not None for f in (fns, ref_fns)):
-        tokens_RxL = samples.tokens_BxNxL.reshape(batch * n, length).astype(jnp.int32)
-        mask_RxL = samples.mask_BxNxL.reshape(batch * n, length).astype(bool)
         hidden = fns.shared_hidden(params, prompt_BxP, prompt_mask_BxP, tokens_RxL)
         ref_hidden = ref_fns.shared_hidden(ref_params, prompt_BxP, prompt_mask_BxP, tokens_RxL)
         ref_kernel = ref_fns.lm_kernel(ref_params)
@@ -347,9 +347,7 @@ def shared_prompt_path_terms(fns: DecoderFns, params: Params, ref_fns: DecoderFn
         ref_logp = vocab_chunks.token_logprobs(ref_hidden, ref_kernel, tokens_RxL)
         return PathTerms(*(jnp.where(mask_RxL, x, 0.0) for x in (kl_RxL, ent_RxL, ref_logp)))
     max_len = prompt_BxP.shape[1] + length
-    tokens_LxR = jnp.moveaxis(samples.tokens_BxNxL.reshape(batch * n, length), 0, 1)
-    tokens_LxR = tokens_LxR.astype(jnp.int32)
-    mask_LxR = jnp.moveaxis(samples.mask_BxNxL.reshape(batch * n, length), 0, 1).astype(bool)
+    tokens_LxR, mask_LxR = jnp.moveaxis(tokens_RxL, 0, 1), jnp.moveaxis(mask_RxL, 0, 1)
 
     def start(f: DecoderFns, p: Params) -> tuple[Array, Any]:
         logits_BxV, cache = f.prefill(p, prompt_BxP, prompt_mask_BxP, max_len)

@@ -110,6 +110,14 @@ def differing_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
                   if saved.get(k, "<absent>") != now.get(k, "<absent>"))
 
 
+def describe_differences(keys: Sequence[str], saved: dict[str, Any], now: dict[str, Any],
+                         saved_name: str, now_name: str) -> str:
+    """'key: <saved_name> value, <now_name> value; ...' for the first 8 `keys`."""
+    diff = "; ".join(f"{k}: {saved_name} {saved.get(k, '<absent>')!r}, {now_name} "
+                     f"{now.get(k, '<absent>')!r}" for k in keys[:8])
+    return diff + ("; ..." if len(keys) > 8 else "")
+
+
 def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     """Refuses to resume a checkpoint written under another config, naming the keys."""
     if saved is None:
@@ -119,12 +127,10 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
                          f"starts a fresh run from its parameters)")
     keys = differing_keys(canonical_record(saved), now)
     if keys:
-        diff = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, config "
-                         f"{now.get(k, '<absent>')!r}" for k in keys[:8])
-        raise ValueError(f"{workdir} holds a run of another config ({diff}"
-                         f"{'; ...' if len(keys) > 8 else ''}); use another work dir, with "
-                         f"--config.train.init_from={workdir} to start a fresh run from its "
-                         f"parameters (only {', '.join(RESUMABLE_KEYS)} may change on resume)")
+        diff = describe_differences(keys, saved, now, "checkpoint", "config")
+        raise ValueError(f"{workdir} holds a run of another config ({diff}); use another "
+                         f"work dir, with --config.train.init_from={workdir} to start a fresh run "
+                         f"from its parameters (only {', '.join(RESUMABLE_KEYS)} may change on resume)")
 
 
 def _previous_manifest(workdir: str) -> dict[str, Any]:

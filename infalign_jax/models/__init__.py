@@ -211,13 +211,13 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     def _hidden(params, tokens_BxT, mask_BxT):
         return hidden_states(params, tokens_BxT, cfg, attention_mask_BxT=mask_BxT)
 
+    def _shared_hidden(params, tokens_BxP, mask_BxP, response_RxL):
+        return shared_prompt_hidden(params, tokens_BxP, mask_BxP, response_RxL, cfg)
+
     # Dynamic rotary scaling exists to run past max_position_embeddings: no length limit then.
     max_len = None if cfg.rope_type == "dynamic" else cfg.max_len
     # Soft-capped logits are not hidden @ kernel: log-probs then come from the full logits.
     linear_head = not cfg.final_softcap
-    def _shared_hidden(params, tokens_BxP, mask_BxP, response_RxL):
-        return shared_prompt_hidden(params, tokens_BxP, mask_BxP, response_RxL, cfg)
-
     return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache,
                       hidden=_hidden if linear_head else None,
                       shared_hidden=_shared_hidden if linear_head else None,

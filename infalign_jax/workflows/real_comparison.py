@@ -305,11 +305,9 @@ def check_resume(task_dir: str, base: Any, cc: ComparisonConfig) -> None:
         saved = json.load(f)
     keys = skeleton.differing_keys(saved, now)
     if keys:
-        diff = "; ".join(f"{k}: saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}"
-                         for k in keys[:8])
-        raise ValueError(f"{task_dir} holds a comparison of another config ({diff}"
-                         f"{'; ...' if len(keys) > 8 else ''}); its evaluations would be mixed "
-                         f"with this one's: use another work dir (only "
+        diff = skeleton.describe_differences(keys, saved, now, "saved", "now")
+        raise ValueError(f"{task_dir} holds a comparison of another config ({diff}); its "
+                         f"evaluations would be mixed with this one's: use another work dir (only "
                          f"{', '.join(COMPARISON_RESUMABLE)} may change on a rerun)")
 
 def _train(cfg: Any, run_dir: str, table_files: Sequence[str], devices: Any = None) -> Any:
