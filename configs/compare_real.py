@@ -35,7 +35,7 @@ from infalign_jax.workflows.real_comparison import ComparisonConfig
 # base run config (ctrl_real.py keys) and comparison settings per size
 SIZES = {
     "smoke": dict(task=dict(num_prompts=4, eval_prompts=4, max_new_tokens=6, eval_samples=0),
-                  k=8, samples=2, steps=1, batch_size=2, lr=1e-5,
+                  k=8, samples=2, steps=1, batch_size=2, lr=1e-5, lora_rank=2,
                   comparison=dict(seeds=(0, 1), n=2, eval_samples=2, num_resamples=200)),
     # small: one task's 15 runs of 16 LoRA steps (about two hours here, see the docstring);
     # rank-8 adapters at 3e-4 move KL(pi || pi_ref) by ~0.5 nats in 16 steps (vBoN) where
@@ -66,6 +66,9 @@ def get_config(arg=None):
     base.rl.samples_per_prompt = z["samples"]
     base.rl.max_new_tokens = z["task"]["max_new_tokens"]
     base.rl.lora.rank = z.get("lora_rank", 0)
+    # pi_ref's and the policy's log-probs over each prompt's KV computed once for its samples
+    # (the same numbers; the update 1.6x faster at the small size, docs/benchmarks.md)
+    base.rl.shared_prompt = True
     if "kl_horizon" in z:   # the adaptive beta controller reacts within a short run
         base.rl.kl_horizon = z["kl_horizon"]
     base.train.update(num_steps=z["steps"], batch_size=z["batch_size"], log_every=1,

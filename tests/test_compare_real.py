@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 
 import jax
 import numpy as np
 import pytest
 
+from infalign_jax.core.calibration import ReferenceTable
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.workflows import real_comparison as rc
 from workflow_files import save_policy, save_reward_model
@@ -128,13 +130,34 @@ def test_run_configs_of_every_method():
     config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
         "size=smoke,tasks=harmlessness+helpfulness")
     harm, help_ = rc.task_configs(config)
-    raw = rc.run_config(help_, "raw", 2, n=4, t=3.0, kl_target=0.5)
+    # one prompt whose K = 4 samples are (0, 0, 0, 1): the raw tilt's KL is closed-form
+    table = ReferenceTable(np.array(["p"]), np.array([[0.0, 0.0, 0.0, 1.0]]), np.array([4]),
+                           "base", "judge")
+    raw = rc.run_config(help_, "raw", 2, n=4, t=3.0, kl_target=0.5, table=table)
     assert raw.transform.name == "raw" and raw.seed == 2
     assert (raw.rl.beta_schedule, raw.rl.kl_target) == ("adaptive", 0.5)
-    assert raw.rl.beta == pytest.approx(1 / 3)   # the controller starts from vBoN's beta
+    e = math.exp(1 / raw.rl.beta)
+    top, rest = e / (e + 3), 1 / (e + 3)
+    assert top * math.log(4 * top) + 3 * rest * math.log(4 * rest) == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="needs the reference table"):
+        rc.run_config(help_, "raw", 2, n=4, t=3.0, kl_target=0.5)
+    with pytest.raises(ValueError, match="outside the range"):   # KL <= log 4 on 4 samples
+        rc.run_config(help_, "raw", 2, n=4, t=3.0, kl_target=1.5, table=table)
+    # calibrated transforms start where the tilt exp(Phi(u) / beta) of the uniform has the target
+    # KL: closed form for identity, quadrature for exp (Phi = (exp(t u) - 1) / t)
+    ident = rc.run_config(help_, "identity", 0, n=4, t=3.0, kl_target=0.5)
+    lam = 1 / ident.rl.beta
+    mean_u = 1 / (1 - math.exp(-lam)) - 1 / lam
+    assert lam * mean_u + math.log(lam / math.expm1(lam)) == pytest.approx(0.5, rel=1e-3)
     exp_help = rc.run_config(help_, "exp", 0, n=4, t=3.0, kl_target=0.5)
     exp_harm = rc.run_config(harm, "exp", 0, n=4, t=3.0, kl_target=0.5)
     assert (exp_help.transform.t, exp_harm.transform.t) == (3.0, -3.0)  # BoN task t > 0, WoN t < 0
+    u = (np.arange(200_000) + 0.5) / 200_000
+    for cfg in (exp_help, exp_harm):
+        t = cfg.transform.t
+        logg = np.expm1(t * u) / t / cfg.rl.beta
+        logg -= np.logaddexp.reduce(logg) - math.log(u.size)   # log density, mean of g is 1
+        assert np.mean(np.exp(logg) * logg) == pytest.approx(0.5, rel=1e-3)
     vbon = rc.run_config(help_, "vbon", 0, n=4, t=3.0, kl_target=0.0)
     assert vbon.transform.name == "log" and vbon.rl.beta == pytest.approx(1 / 3)
     assert vbon.rl.beta_schedule == "constant"

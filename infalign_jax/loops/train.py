@@ -335,7 +335,8 @@ def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table
         return state, frozen, _host_reward_step(step_cfg, fns, task.reward_fn, optimizer,
                                                 state_sh, frozen_sh, rep, reshard)
     if bonbon:
-        step = bon_distillation.make_bonbon_step(step_cfg, fns, task.reward_fn, optimizer)
+        step = bon_distillation.make_bonbon_step(step_cfg, fns, task.reward_fn, optimizer,
+                                                 cfg.lora)
     else:
         step = rl.make_rl_step(step_cfg, fns, task.reward_fn, optimizer, reshard)
     step_fn = jax.jit(guard_nonfinite(step), in_shardings=(state_sh, frozen_sh, None, rep),
@@ -393,9 +394,6 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     if method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
     bonbon = bonbon_config(config, task) if method == "bonbon" else None
-    if bonbon is not None and cfg.lora.rank:
-        raise ValueError("config.rl.lora.rank > 0 is for the CTRL step; method='bonbon' trains "
-                         "the whole policy (set config.rl.lora.rank=0)")
     ref_k, ref_seed = reference_settings(config)
     mesh_cfg = sharding.mesh_config_from_dict(section(config, "mesh"))
     mesh = sharding.make_mesh(mesh_cfg, devices)

@@ -45,6 +45,7 @@ from infalign_jax.decoding.sampling import (Samples, SamplingConfig, flatten_sam
 from infalign_jax.core.types import DecoderFns, RewardFn
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import SET_BY
+from infalign_jax.models import lora
 
 Array = jax.Array
 DATA_MODES = ("online", "offline")
@@ -110,11 +111,19 @@ def sample_reference_responses(cfg: BoNBoNConfig, fns: DecoderFns, ref_params: A
 
 
 def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
-                     optimizer: optax.GradientTransformation
+                     optimizer: optax.GradientTransformation,
+                     lora_cfg: lora.LoraConfig | None = None
                      ) -> Callable[[rl.RLState, rl.Frozen, Mapping[str, Array], Array],
                                    tuple[rl.RLState, dict[str, Array]]]:
-    """The pure BoNBoN step; `batch` as for `rl_step` (+ the responses when data="offline")."""
+    """The pure BoNBoN step; `batch` as for `rl_step` (+ the responses when data="offline").
+    With `lora_cfg` of rank > 0 the state's params are LoRA adapters on pi_ref's parameters
+    (`lora.merge`), as in the CTRL step."""
     n, beta = cfg.n, cfg.pref_beta
+
+    def policy(params: Any, frozen: rl.Frozen) -> Any:
+        if lora_cfg is None or not lora_cfg.rank:
+            return params
+        return lora.merge(frozen.ref_params, params, lora_cfg)
 
     def step(state: rl.RLState, frozen: rl.Frozen, batch: Mapping[str, Array], rng: Array):
         prompt_BxP, pmask_BxP = batch["prompt_BxP"], batch["prompt_mask_BxP"]
@@ -139,7 +148,8 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
             sequence_logprobs(fns, frozen.ref_params, *pair), rmask_2BxL, -1))
 
         def loss_fn(params):
-            logp_2B = losses.masked_sum(sequence_logprobs(fns, params, *pair), rmask_2BxL, -1)
+            logp_2B = losses.masked_sum(sequence_logprobs(fns, policy(params, frozen), *pair),
+                                        rmask_2BxL, -1)
             return bonbon_loss(logp_2B[:b], logp_2B[b:], ref_2B[:b], ref_2B[b:], n, cfg.alpha,
                                beta, cfg.variant)
 
@@ -152,8 +162,8 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
                    "response_length": jnp.mean(jnp.sum(rmask_2BxL[:b], -1)),
                    **{k: aux[k] for k in ("nll", "pref", "h_mean", "accuracy", "beta")}}
         if cfg.monitor_samples:
-            metrics.update(_monitor(cfg, fns, reward_fn, state.params, frozen, prompt_BxP,
-                                    pmask_BxP, idx_B, monitor_key))
+            metrics.update(_monitor(cfg, fns, reward_fn, policy(state.params, frozen), frozen,
+                                    prompt_BxP, pmask_BxP, idx_B, monitor_key))
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return step

@@ -18,8 +18,9 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   the training reward; no training, KL = log N - (N - 1)/N).
 * matched KL: vBoN is trained first at its own beta; its mean held-out KL becomes the target of
   the adaptive beta controller (`rl.beta_schedule="adaptive"`, Ziegler et al.) for the other
-  CTRL methods, started from vBoN's beta (or `kl_target` when set, and then vBoN is controlled
-  too). BoNBoN has no beta; its KL is whatever its loss gives. Each row's KL is the
+  CTRL methods (or `kl_target` when set, and then vBoN is controlled too), each started from the
+  beta whose KL-RLHF optimum has that KL (`start_beta`: analytic in calibrated space; for the
+  raw reward, tilting the reference table). BoNBoN has no beta; its KL is whatever its loss gives. Each row's KL is the
   full-vocabulary KL(pi || pi_ref) summed along the policy's samples on the evaluation prompts;
   rows more than `kl_tolerance` from the target are flagged, and a claim that rests on a flagged
   row is "unresolved".
@@ -49,8 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax import models
-from infalign_jax.analysis import evaluation
+from infalign_jax.analysis import analytic, evaluation
 from infalign_jax.core import kl as kl_lib
+from infalign_jax.core.calibration import ReferenceTable
+from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import provenance
@@ -146,9 +149,53 @@ def _set_transform(base: Any, overrides: dict[str, Any]) -> Any:
     return cfg
 
 
-def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: float) -> Any:
+def raw_beta_at_kl(table: ReferenceTable, kl: float, lo: float = 1e-4, hi: float = 1e4) -> float:
+    """The beta at which tilting each prompt's reference samples by exp(r / beta) has mean
+    KL(tilt || pi_ref) = kl over the table's prompts (the raw reward has no calibrated-space
+    form; its tilt is measured on the K samples per prompt, so KL <= log K). Bisection in log
+    beta (KL falls with beta)."""
+    r_BxK = np.asarray(table.sorted_rewards_BxK, np.float64)
+    counts_B = np.asarray(table.counts_B)
+    valid_BxK = np.arange(r_BxK.shape[1]) < counts_B[:, None]
+
+    def kl_at(beta: float) -> float:
+        z_BxK = np.where(valid_BxK, r_BxK / beta, -np.inf)
+        logp_BxK = z_BxK - np.logaddexp.reduce(z_BxK, axis=1, keepdims=True)
+        p_BxK = np.exp(logp_BxK)
+        terms = np.where(valid_BxK, p_BxK * (logp_BxK + np.log(counts_B)[:, None]), 0.0)
+        return float(terms.sum(axis=1).mean())
+
+    if not kl_at(hi) < kl < kl_at(lo):
+        raise ValueError(f"KL target {kl:g} outside the range ({kl_at(hi):.3g}, {kl_at(lo):.3g}) "
+                         f"that tilting the reference table's {r_BxK.shape[1]} raw rewards per "
+                         f"prompt reaches")
+    a, b = np.log(lo), np.log(hi)
+    for _ in range(60):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if kl_at(float(np.exp(mid))) > kl else (a, mid)
+    return float(np.exp(0.5 * (a + b)))
+
+
+def start_beta(cfg: Any, kl_target: float, table: ReferenceTable | None) -> float:
+    """The KL controller's first beta for the run config `cfg`: the beta at which the KL-RLHF
+    optimum pi_ref exp(Phi / beta) has KL(pi* || pi_ref) = kl_target. Analytic in calibrated
+    space for a calibrated transform (`analytic.beta_at_kl`); for the raw reward, from the
+    reference table (`raw_beta_at_kl`). A short run moves beta by at most a factor
+    (1 +- 0.2 rollouts / horizon) a step, so the start decides most of where its KL lands: from
+    vBoN's 1/(N - 1), exp(4 C) is ~12x too sharp (docs/results.md section 5)."""
+    name, params = transform_from_config(cfg.transform)
+    if name != "raw":
+        return analytic.beta_at_kl(name, kl_target, **params)
+    if table is None:
+        raise ValueError("the raw reward's starting beta needs the reference table")
+    return raw_beta_at_kl(table, kl_target)
+
+
+def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: float,
+               table: ReferenceTable | None = None) -> Any:
     """The run config of one (method, seed): the method's overrides, the seed, and for the CTRL
-    methods other than a fixed-beta vBoN the adaptive KL controller aimed at `kl_target`."""
+    methods other than a fixed-beta vBoN the adaptive KL controller aimed at `kl_target`,
+    started from `start_beta` (`table`: the shared reference table, needed for `raw`)."""
     procedure = real.get_real_task(base.task.name).procedure
     over = method_overrides(method, procedure, n, t)
     cfg = _set_transform(base, over)
@@ -164,10 +211,8 @@ def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: f
             cfg.method = "ctrl"
     rest["seed"] = int(seed)
     if method in ("raw", "identity", "exp") or (method == "vbon" and kl_target > 0):
-        # The controller starts from vBoN's beta, the operating point whose KL is the target: a
-        # short run cannot move beta far (at most a factor (1 +- 0.2 rollouts / horizon) a step).
         rest.update({"rl.beta_schedule": "adaptive", "rl.kl_target": float(kl_target),
-                     "rl.beta": 1.0 / (n - 1)})
+                     "rl.beta": start_beta(cfg, kl_target, table)})
     return sweep.apply_overrides(cfg, rest)
 
 
@@ -338,7 +383,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     table_path = os.path.join(workdir, "reference_table.npz")
     rl_task = real.rl_task_from(inputs)   # the same loaded policy and reward, not a second load
     k, ref_seed = train.reference_settings(base)
-    train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
+    table = train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
     table_files = [table_path, os.path.splitext(table_path)[0] + ".json"]
     evaluator = Evaluator(inputs, gold, cc, log)
     log(f"  pi_ref sampled and scored on the evaluation prompts ({_elapsed(clock)} into the task)")
@@ -357,7 +402,10 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             if method == "bon_ref":
                 got = evaluator.evaluate_bon_ref(cc.eval_seed + 1 + seed)
             else:
-                cfg = run_config(base, method, seed, cc.n, cc.t, kl_target)
+                cfg = run_config(base, method, seed, cc.n, cc.t, kl_target, table)
+                if cfg.rl.beta_schedule == "adaptive":
+                    log(f"  {method} seed {seed}: beta starts at {cfg.rl.beta:.4g} (the optimum "
+                        f"at KL {kl_target:.4f})")
                 log(f"  {method} seed {seed}: training ({int(cfg.train.num_steps)} steps) ...")
                 params = _train(cfg, os.path.join(workdir, method, f"seed={seed}"), table_files,
                                 devices)
