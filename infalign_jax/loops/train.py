@@ -212,7 +212,7 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
         logger.info("reusing reference table %s (%d prompts, K=%d)", path, table.num_prompts, k)
         return table
     table = task.reference_table(k, seed, partial_path=os.path.splitext(path)[0] + ".partial.npz",
-                                 progress=lambda line: (log or logger.info)(f"calibration: {line}"))
+                                 progress=log or logger.info)
     table.save(path)
     write_json(settings_path, {"k": k, "seed": seed}, indent=None)
     return table
