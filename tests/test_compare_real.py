@@ -15,7 +15,7 @@ import pytest
 
 from infalign_jax.core.calibration import ReferenceTable
 from infalign_jax.infra.config_utils import load_config_module
-from infalign_jax.workflows import real_comparison as rc
+from infalign_jax.workflows import kl_match, real_comparison as rc
 from workflow_files import save_policy, save_reward_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +99,19 @@ def test_kl_target_is_vbons_held_out_kl_and_the_summary_is_its_data(comparison):
         assert rl["beta_schedule"] == "adaptive" and rl["kl_target"] == pytest.approx(vbon_kl)
     manifest = json.load(open(os.path.join(out, "vbon", "seed=0", "manifest.json")))
     assert manifest["config"]["rl"]["beta"] == pytest.approx(1.0)  # 1 / (N - 1), N = 2
+    # the target-setting vBoN is evaluated as trained; the others moved towards the target KL
+    assert "alpha" not in np.load(os.path.join(ev, "vbon_seed0.npz"))
+    cc = rc.parse_comparison(comparison["config"].comparison)
+    for method, seed in itertools.product(("identity", "exp"), (0, 1)):
+        got = np.load(os.path.join(ev, f"{method}_seed{seed}.npz"))
+        hist = got["alpha_history_Ax2"]
+        assert hist[0, 0] == 1.0 and len(hist) <= 1 + cc.kl_match_tries
+        # the saved evaluation is the recorded one nearest the target, at the saved alpha
+        nearest = hist[np.argmin(np.abs(hist[:, 1] / vbon_kl - 1))]
+        assert (float(got["alpha"]), got["kl_B"].mean()) == pytest.approx(tuple(nearest))
+        if len(hist) < 1 + cc.kl_match_tries and 0 < hist[-1, 0] < kl_match.MAX_ALPHA \
+                and hist[-1, 1] > 0:   # stopped early, not at a limit: in band
+            assert abs(hist[-1, 1] / vbon_kl - 1) <= cc.kl_tolerance / 2
     summary = json.load(open(os.path.join(comparison["workdir"], "comparison.json")))[0]
     assert summary["kl_target"] == pytest.approx(vbon_kl)
     d = summary["differences_vs_identity"]["exp"]["gold_won2"]

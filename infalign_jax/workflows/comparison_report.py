@@ -48,7 +48,9 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
         row = {"method": method, "seeds": len(runs), "kl": float(kls.mean()),
                "kl_sd": float(kls.std(ddof=1)) if len(kls) > 1 else 0.0,
                "kl_matched": "n/a" if method == "bon_ref" else ("no" if off else "yes"),
-               "controlled": bool(controlled)}
+               "controlled": bool(controlled),
+               "alpha": (float(np.mean([float(r["alpha"]) for r in runs]))
+                         if all("alpha" in r for r in runs) else None)}
         for key in metrics:
             per_seed = np.array([r[key].mean() for r in runs])
             row[key[:-2]] = float(per_seed.mean())
@@ -99,19 +101,21 @@ def _claims(result: dict[str, Any], diffs: dict[str, Any], flagged: dict[str, bo
 
 def markdown(summary: dict[str, Any], cc: Any) -> str:
     n = cc.n
-    cols = ["method", "seeds", "kl", "kl_matched", "gold_standard", f"gold_bon{n}",
+    cols = ["method", "seeds", "kl", "kl_matched", "alpha", "gold_standard", f"gold_bon{n}",
             f"gold_won{n}", "proxy_standard", f"proxy_bon{n}", f"proxy_won{n}"]
     rows = []
     for r in summary["rows"]:
         row = {"method": r["method"], "seeds": r["seeds"], "kl_matched": r["kl_matched"],
-               "kl": f"{r['kl']:.3f} ± {r['kl_sd']:.3f}"}
-        for c in cols[4:]:
+               "kl": f"{r['kl']:.3f} ± {r['kl_sd']:.3f}",
+               "alpha": "—" if r.get("alpha") is None else f"{r['alpha']:.2f}"}
+        for c in cols[5:]:
             row[c] = f"{r[c]:.3f} ± {r[c + '_sd']:.3f}"
         rows.append(row)
     lines = [f"### {summary['task']} ({summary['procedure'].upper()}_{n})", "",
              f"Reward (proxy) `{summary['proxy']}`, gold judge `{summary['gold']}`; KL target "
              f"{summary['kl_target']:.4f}. Win rates against pi_ref's samples on the held-out "
-             f"prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response.",
+             f"prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response; "
+             f"alpha = mean weight of the trained policy on its line from pi_ref (1: as trained).",
              "", sweep.markdown_table(rows, cols), ""]
     if summary["differences_vs_identity"]:
         dcols = ["method", "gold_standard", f"gold_{summary['procedure']}{n}",

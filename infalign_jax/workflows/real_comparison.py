@@ -20,10 +20,14 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   the adaptive beta controller (`rl.beta_schedule="adaptive"`, Ziegler et al.) for the other
   CTRL methods (or `kl_target` when set, and then vBoN is controlled too), each started from the
   beta whose KL-RLHF optimum has that KL (`start_beta`: analytic in calibrated space; for the
-  raw reward, tilting the reference table). BoNBoN has no beta; its KL is whatever its loss gives. Each row's KL is the
-  full-vocabulary KL(pi || pi_ref) summed along the policy's samples on the evaluation prompts;
-  rows more than `kl_tolerance` from the target are flagged, and a claim that rests on a flagged
-  row is "unresolved".
+  raw reward, tilting the reference table). BoNBoN has no beta. A short run's KL still scatters
+  across seeds, so each trained run (all but the target-setting vBoN) whose held-out KL is more
+  than kl_tolerance / 2 from the target is evaluated instead at theta_ref + alpha (theta -
+  theta_ref), alpha from at most `kl_match_tries` interpolated evaluations
+  (`kl_match.match_kl`; `kl_match="none"` turns it off); each row reports its mean alpha. Each
+  row's KL is the full-vocabulary KL(pi || pi_ref) summed along the policy's samples on the
+  evaluation prompts; rows whose mean is more than `kl_tolerance` from the target are flagged, and
+  a claim that rests on a flagged row is "unresolved".
 * statistics: per prompt, the plug-in standard / BoN_N / WoN_N win rate against the shared pi_ref
   samples (`evaluation.plugin_win_rates`); a method's difference against calibrated identity with
   a bootstrap over prompts (paired) and seeds (`evaluation.paired_difference`). A claim holds when
@@ -63,7 +67,7 @@ from infalign_jax.infra.files import write_json
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
 from infalign_jax.rl.tasks import real, sources
-from infalign_jax.workflows import comparison_report as report, sweep
+from infalign_jax.workflows import comparison_report as report, kl_match, sweep
 
 METHODS = ("raw", "identity", "exp", "vbon", "bonbon", "bon_ref")
 TRAINED = ("raw", "identity", "exp", "vbon", "bonbon")
@@ -80,6 +84,9 @@ class ComparisonConfig:
     t: float = 4.0                 # |t| of CTRL exp; its sign is the task's procedure's
     kl_target: float = 0.0         # 0: vBoN's measured KL; > 0: every CTRL method's target
     kl_tolerance: float = 0.1      # relative KL mismatch beyond which a row is flagged
+    kl_match: str = "interpolate"  # "interpolate": each trained run moved to the target KL along
+                                   # its line from pi_ref (workflows/kl_match.py); "none"
+    kl_match_tries: int = 2        # interpolated evaluations at most per run
     eval_samples: int = 8          # samples per evaluation prompt, per policy and for pi_ref
     eval_batch_prompts: int = 16   # evaluation prompts per sampler call
     eval_seed: int = 1234
@@ -97,6 +104,8 @@ class ComparisonConfig:
         object.__setattr__(self, "seeds", seeds)
         check.ints(self, ("n",), low=2)
         check.ints(self, ("eval_samples", "eval_batch_prompts", "num_resamples"))
+        check.ints(self, ("kl_match_tries",), low=0)
+        check.choice(self, "kl_match", ("interpolate", "none"))
         check.ints(self, ("eval_seed",), low=0)
         check.numbers(self, ("t", "kl_tolerance"), strict=True)
         check.numbers(self, ("kl_target",))
@@ -394,6 +403,12 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     evals: dict[str, list[dict[str, Any]]] = {}
     kl_target = cc.kl_target
 
+    def matched(method: str) -> bool:
+        """Whether `method`'s runs are moved to the target KL (every trained method but the
+        vBoN that sets the target)."""
+        return (cc.kl_match == "interpolate" and kl_target > 0 and method in TRAINED
+                and not (method == "vbon" and cc.kl_target == 0))
+
     def evaluate(method: str, seed: int) -> dict[str, Any]:
         path = os.path.join(workdir, "evaluation", f"{method}_seed{seed}.npz")
         started = time.perf_counter()
@@ -409,9 +424,17 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
                 log(f"  {method} seed {seed}: training ({int(cfg.train.num_steps)} steps) ...")
                 params = _train(cfg, os.path.join(workdir, method, f"seed={seed}"), table_files,
                                 devices)
-                got = evaluator.evaluate_policy(params, cc.eval_seed + 1 + seed)
+                eval_seed = cc.eval_seed + 1 + seed
+                if matched(method):
+                    got = kl_match.match_kl(
+                        lambda p: evaluator.evaluate_policy(p, eval_seed), evaluator.ref_params,
+                        params, kl_target, cc.kl_tolerance / 2, cc.kl_match_tries,
+                        log=lambda line: log(f"  {method} seed {seed}: {line}"))
+                else:
+                    got = evaluator.evaluate_policy(params, eval_seed)
             _save_eval(path, got, ids, prompts, m)
-        log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}, gold BoN_{cc.n} "
+        alpha = f" at alpha {float(got['alpha']):.3f}" if "alpha" in got else ""
+        log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}{alpha}, gold BoN_{cc.n} "
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
             f"{got[f'gold_won{cc.n}_B'].mean():.3f}, standard "
             f"{got['gold_standard_B'].mean():.3f} ({time.perf_counter() - started:.0f} s; "

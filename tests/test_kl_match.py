@@ -1,0 +1,75 @@
+"""KL matching by interpolation towards pi_ref (workflows/kl_match.py): the interpolation itself,
+the alpha update against power laws it must solve exactly, and the search on a real categorical
+policy whose KL is computed in closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infalign_jax.workflows import kl_match
+
+
+def test_interpolate_is_the_line_from_pi_ref_leaf_by_leaf():
+    ref = {"w": np.array([1.0, 2.0], np.float32), "n": np.array([3], np.int32)}
+    pol = {"w": np.array([3.0, -2.0], np.float32), "n": np.array([3], np.int32)}
+    np.testing.assert_array_equal(kl_match.interpolate(ref, pol, 0.0)["w"], ref["w"])
+    np.testing.assert_array_equal(kl_match.interpolate(ref, pol, 1.0)["w"], pol["w"])
+    half = kl_match.interpolate(ref, pol, 0.5)
+    np.testing.assert_array_equal(half["w"], [2.0, 0.0])
+    assert half["w"].dtype == np.float32 and half["n"].dtype == np.int32
+    np.testing.assert_array_equal(kl_match.interpolate(ref, pol, 1.5)["w"], [4.0, -4.0])
+    with pytest.raises(ValueError, match="non-float parameter differs"):
+        kl_match.interpolate(ref, {**pol, "n": np.array([4], np.int32)}, 0.5)
+
+
+def test_next_alpha_solves_power_laws():
+    # one point: the quadratic guess, exact when KL = c alpha^2
+    assert kl_match.next_alpha([(1.0, 0.8)], 0.2) == pytest.approx(0.5)
+    # two points of KL = 0.3 alpha^3: the fitted exponent makes the next step exact
+    kl = lambda a: 0.3 * a ** 3
+    a = kl_match.next_alpha([(1.0, kl(1.0)), (0.7, kl(0.7))], 0.1)
+    assert kl(a) == pytest.approx(0.1, rel=1e-12)
+    # the step is capped
+    assert kl_match.next_alpha([(1.0, 0.01)], 10.0, max_alpha=2.0) == 2.0
+
+
+def _categorical_policy_kl(theta_ref, theta):
+    p, q = np.exp(theta - theta.max()), np.exp(theta_ref - theta_ref.max())
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(p * (np.log(p) - np.log(q))))
+
+
+@pytest.mark.parametrize("target", [0.05, 0.3, 0.6])
+def test_match_kl_on_a_categorical_policy_reaches_the_target(target):
+    rng = np.random.default_rng(0)
+    ref = {"logits": rng.normal(size=50)}
+    pol = {"logits": ref["logits"] + rng.normal(scale=1.0, size=50)}
+    calls = []
+
+    def evaluate(params):
+        calls.append(params)
+        return {"kl_B": np.full(4, _categorical_policy_kl(ref["logits"], params["logits"])),
+                "win_B": np.zeros(4)}
+
+    kl1 = _categorical_policy_kl(ref["logits"], pol["logits"])
+    got = kl_match.match_kl(evaluate, ref, pol, target, band=0.05, tries=3)
+    assert abs(got["kl_B"].mean() / target - 1) <= 0.05
+    assert got["alpha_history_Ax2"][0].tolist() == [1.0, pytest.approx(kl1)]
+    assert len(calls) == len(got["alpha_history_Ax2"]) <= 4
+    # the returned evaluation is the one at the returned alpha
+    want = _categorical_policy_kl(ref["logits"], kl_match.interpolate(
+        ref, pol, float(got["alpha"]))["logits"])
+    assert got["kl_B"].mean() == pytest.approx(want)
+
+
+def test_match_kl_keeps_a_policy_already_in_band_and_one_with_no_direction():
+    evaluate = lambda params: {"kl_B": np.array([params["w"][0] ** 2])}
+    ref, pol = {"w": np.zeros(1)}, {"w": np.ones(1)}
+    got = kl_match.match_kl(evaluate, ref, pol, 1.02, band=0.05)
+    assert float(got["alpha"]) == 1.0 and len(got["alpha_history_Ax2"]) == 1
+    lines = []
+    got = kl_match.match_kl(evaluate, ref, ref, 0.5, band=0.05, log=lines.append)
+    assert float(got["alpha"]) == 1.0 and "no direction" in lines[0]
+    with pytest.raises(ValueError, match="target > 0"):
+        kl_match.match_kl(evaluate, ref, pol, 0.0, band=0.05)
