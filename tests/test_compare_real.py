@@ -199,3 +199,36 @@ def test_a_rerun_of_another_config_is_refused(tmp_path):
     longer.train.num_steps = 5
     with pytest.raises(ValueError, match=r"train.num_steps: saved 1, now 5"):
         rc.check_resume(task_dir, longer, cc)
+
+
+def _identity_tilt_at_kl(kl):
+    """The tilt exp(u / beta) of U(0, 1) with KL = kl, in closed form: lam = 1/beta,
+    Z = (e^lam - 1)/lam, E[u] = 1/(1 - e^-lam) - 1/lam, KL = lam E[u] - log Z; lam by bisection."""
+    def kl_of(lam):
+        eu = 1 / (1 - np.exp(-lam)) - 1 / lam
+        return lam * eu - np.log(np.expm1(lam) / lam), eu
+    lo, hi = 1e-6, 200.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if kl_of(mid)[0] < kl else (lo, mid)
+    lam = 0.5 * (lo + hi)
+    return lam, kl_of(lam)[1]
+
+
+def test_the_convergence_measure_is_the_calibrated_optimum_in_closed_form():
+    from infalign_jax.workflows import comparison_report as report
+    for kl in (0.1, 0.574, 1.5):
+        lam, eu = _identity_tilt_at_kl(kl)
+        got = report.optimum("identity", "bon", 4, 4.0, kl)
+        assert got["standard"] == pytest.approx(eu, abs=1e-4)
+        # BoN_4 of the tilt against BoN_4 of U(0, 1): E over the max of 4 draws of its CDF v^4
+        v = (np.arange(200000) + 0.5) / 200000
+        cdf = np.expm1(lam * v) / np.expm1(lam)
+        dens = lam * np.exp(lam * v) / np.expm1(lam)
+        want = np.mean(4 * cdf ** 3 * dens * v ** 4)
+        assert got["bon4"] == pytest.approx(want, abs=1e-4)
+    assert report.optimum("raw", "bon", 4, 4.0, 0.5) is None
+    assert report.optimum("exp", "won", 4, 4.0, 0.0) is None
+    # the sign of t follows the procedure: exp(-4 C) is the WoN optimum, better than identity there
+    assert report.optimum("exp", "won", 4, 4.0, 0.5)["won4"] > \
+        report.optimum("identity", "won", 4, 4.0, 0.5)["won4"]

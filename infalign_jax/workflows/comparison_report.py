@@ -1,9 +1,11 @@
 """Tables, claims and plots of the real-task comparison (`workflows.real_comparison`).
 
 `summarise(result, cc)` turns the per-prompt evaluations of every method x seed into rows (mean and
-sd over seeds), differences against calibrated identity (`evaluation.paired_difference`: a
-bootstrap over prompts, paired, and seeds) and the paper's claims, each decided
-holds / does not hold / unresolved from its 95% interval; `markdown` and `plot` render them.
+sd over seeds, and for the calibrated transforms the analytic optimum at the row's KL: how far
+training is from converged), differences against calibrated identity
+(`evaluation.paired_difference`: a bootstrap over prompts, paired, and seeds) and the paper's
+claims, each decided holds / does not hold / unresolved from its 95% interval; `markdown` and
+`plot` render them (the plot with the optimum's win rate against KL as a line per transform).
 `cc` is the run's `real_comparison.ComparisonConfig`.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from infalign_jax.analysis import evaluation
+from infalign_jax.analysis import analytic, evaluation
 from infalign_jax.workflows import sweep
 
 
@@ -32,6 +34,20 @@ def _verdict(diff: dict[str, float], sign: float, flagged: bool) -> str:
     if hi < 0:
         return "does not hold"
     return "unresolved"
+
+
+def optimum(method: str, procedure: str, n: int, t: float, kl: float) -> dict[str, float] | None:
+    """The standard and procedure-N win rates (under the training reward) of the KL-RLHF optimum
+    of `method`'s calibrated transform at `kl` (analytic, calibrated space): what the trained
+    policy would reach at its KL if training had converged. None for the methods without a
+    calibrated transform (raw, BoNBoN, BoN sampling)."""
+    spec = {"identity": ("identity", {}), "vbon": ("log", {}),
+            "exp": ("exp", {"t": (1.0 if procedure == "bon" else -1.0) * abs(t)})}.get(method)
+    if spec is None or not 0 < kl < analytic.max_resolved_kl(analytic.DEFAULT_GRID):
+        return None
+    name, params = spec
+    return {"standard": analytic.win_rate_at_kl(name, kl, "standard", 1, **params),
+            f"{procedure}{n}": analytic.win_rate_at_kl(name, kl, procedure, n, **params)}
 
 
 def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
@@ -55,6 +71,7 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
             per_seed = np.array([r[key].mean() for r in runs])
             row[key[:-2]] = float(per_seed.mean())
             row[key[:-2] + "_sd"] = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+        row["optimum"] = optimum(method, result["procedure"], n, cc.t, row["kl"])
         rows.append(row)
     diffs = {}
     if "identity" in evals:
@@ -117,6 +134,23 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
              f"prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response; "
              f"alpha = mean weight of the trained policy on its line from pi_ref (1: as trained).",
              "", sweep.markdown_table(rows, cols), ""]
+    proc = f"{summary['procedure']}{n}"
+    conv = [r for r in summary["rows"] if r.get("optimum")]
+    if conv:
+        ccols = ["method", "kl", "proxy_standard", "optimum_standard", "gain_fraction_standard",
+                 f"proxy_{proc}", f"optimum_{proc}", f"gain_fraction_{proc}"]
+        crows = []
+        for r in conv:
+            row = {"method": r["method"], "kl": f"{r['kl']:.3f}"}
+            for key in ("standard", proc):
+                got, best = r[f"proxy_{key}"], r["optimum"][key]
+                row.update({f"proxy_{key}": f"{got:.3f}", f"optimum_{key}": f"{best:.3f}",
+                            f"gain_fraction_{key}": f"{(got - 0.5) / (best - 0.5):.2f}"})
+            crows.append(row)
+        lines += ["Convergence: each calibrated method against the KL-RLHF optimum of its own "
+                  "transform at the same KL (analytic, calibrated space; under the training "
+                  "reward), gain fraction = (win rate - 1/2) / (optimum - 1/2):", "",
+                  sweep.markdown_table(crows, ccols), ""]
     if summary["differences_vs_identity"]:
         dcols = ["method", "gold_standard", f"gold_{summary['procedure']}{n}",
                  f"proxy_{summary['procedure']}{n}"]
@@ -142,8 +176,19 @@ def plot(result: dict[str, Any], cc: Any, path: str) -> str:
     import matplotlib.pyplot as plt
     key = f"gold_{result['procedure']}{cc.n}_B"
     fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {}
     for method, runs in result["evals"].items():
-        ax.scatter([r["kl_B"].mean() for r in runs], [r[key].mean() for r in runs], label=method)
+        dots = ax.scatter([r["kl_B"].mean() for r in runs], [r[key].mean() for r in runs],
+                          label=method)
+        colours[method] = dots.get_facecolor()[0]
+    kls = [r["kl_B"].mean() for runs in result["evals"].values() for r in runs]
+    if result["same_judge"] and kls:   # the optimum is the training reward's (here the gold's)
+        grid = np.linspace(0.02, 1.2 * max(kls), 25)
+        for method in ("identity", "exp", "vbon"):
+            best = [optimum(method, result["procedure"], cc.n, cc.t, k) for k in grid]
+            if method in result["evals"] and all(best):
+                ax.plot(grid, [b[f"{result['procedure']}{cc.n}"] for b in best], lw=0.8,
+                        ls="--", color=colours[method], label=f"{method}: optimum")
     if result["kl_target"] > 0:
         ax.axvline(result["kl_target"], color="grey", lw=0.5, ls="--")
     ax.axhline(0.5, color="grey", lw=0.5)
