@@ -75,7 +75,7 @@ def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
     codes = np.asarray(et.response_codes(data.tokens_BxNxL, 4))            # B x N
     idx = np.asarray(batch["prompt_idx_B"])
     r = task.rewards_XxY[idx[:, None], codes]
-    best, worst = codes[np.arange(4), r.argmax(1)], codes[np.arange(4), r.argmin(1)]
+    best = codes[np.arange(4), r.argmax(1)]
     logp = et.policy_logprobs(task, task.ref_params)                         # pi = pi_ref here
     nll = -np.mean(logp[idx, best])
     tau = 1 / (2 * cfg.pref_beta)                                            # h = 0 at pi = pi_ref
@@ -84,6 +84,8 @@ def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
     assert float(met["nll"]) == pytest.approx(nll, rel=1e-4)
     assert float(met["best_reward"]) == pytest.approx(r.max(1).mean(), rel=1e-6)
     assert float(met["worst_reward"]) == pytest.approx(r.min(1).mean(), rel=1e-6)
+    # the preference margin h (best's log-ratio minus worst's) is 0 when pi = pi_ref
+    assert float(met["h_mean"]) == pytest.approx(0.0, abs=1e-5)
     for k in ("reward", "calibrated_reward", "kl_k1", "kl_k3", "kl_full_vocab", "entropy",
               "response_length", "grad_norm", "beta", "h_mean", "accuracy", "pref"):
         assert np.isfinite(float(met[k])), k
