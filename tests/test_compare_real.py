@@ -15,7 +15,7 @@ import pytest
 
 from infalign_jax.core.calibration import ReferenceTable
 from infalign_jax.infra.config_utils import load_config_module
-from infalign_jax.workflows import kl_match, real_comparison as rc
+from infalign_jax.workflows import comparison_report as report, kl_match, real_comparison as rc
 from workflow_files import save_policy, save_reward_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +178,19 @@ def test_run_configs_of_every_method():
     bonbon = rc.run_config(help_, "bonbon", 1, n=4, t=3.0, kl_target=0.5)
     assert bonbon.method == "bonbon" and bonbon.bonbon.n == 4
     assert bonbon.rl.beta_schedule == "constant"   # BoNBoN has no beta to control
+    # the report's "controlled" column and its optimum's transform are read off the same rules
+    # that made these run configs
+    for method, cfg, procedure, kl_target in (
+            ("raw", raw, "bon", 0.5), ("identity", ident, "bon", 0.5), ("exp", exp_harm, "won", 0.5),
+            ("vbon", vbon, "bon", 0.0), ("bonbon", bonbon, "bon", 0.5)):
+        assert report.kl_controlled(method, kl_target) == (cfg.rl.beta_schedule == "adaptive")
+        spec = report.calibrated_transform(method, procedure, 3.0)
+        if method in ("raw", "bonbon"):
+            assert spec is None
+        else:
+            assert spec[0] == cfg.transform.name
+            assert all(cfg.transform[k] == v for k, v in spec[1].items())
+    assert report.kl_controlled("vbon", 0.5)
 
 
 def test_a_rerun_of_another_config_is_refused(tmp_path):

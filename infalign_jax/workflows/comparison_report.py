@@ -36,13 +36,34 @@ def _verdict(diff: dict[str, float], sign: float, flagged: bool) -> str:
     return "unresolved"
 
 
+def calibrated_transform(method: str, procedure: str, t: float
+                         ) -> tuple[str, dict[str, float]] | None:
+    """The calibrated transform (name, parameters) `method` trains with: exp's t takes the
+    procedure's sign (t > 0 for BoN, t < 0 for WoN); None for the methods without one (raw,
+    BoNBoN, BoN sampling)."""
+    return {"identity": ("identity", {}), "vbon": ("log", {}),
+            "exp": ("exp", {"t": (1.0 if procedure == "bon" else -1.0) * abs(t)})}.get(method)
+
+
+def sets_kl_target(method: str, kl_target: float) -> bool:
+    """Whether `method` is trained at its own beta and its held-out KL becomes the target of the
+    others (vBoN when the comparison's `kl_target` is 0)."""
+    return method == "vbon" and kl_target == 0
+
+
+def kl_controlled(method: str, kl_target: float) -> bool:
+    """Whether `method` trains under the adaptive KL controller aimed at the target (raw and the
+    calibrated transforms; vBoN too unless it sets the target). `kl_target`: the comparison's."""
+    return method in ("raw", "identity", "exp") or (
+        method == "vbon" and not sets_kl_target(method, kl_target))
+
+
 def optimum(method: str, procedure: str, n: int, t: float, kl: float) -> dict[str, float] | None:
     """The standard and procedure-N win rates (under the training reward) of the KL-RLHF optimum
     of `method`'s calibrated transform at `kl` (analytic, calibrated space): what the trained
     policy would reach at its KL if training had converged. None for the methods without a
     calibrated transform (raw, BoNBoN, BoN sampling)."""
-    spec = {"identity": ("identity", {}), "vbon": ("log", {}),
-            "exp": ("exp", {"t": (1.0 if procedure == "bon" else -1.0) * abs(t)})}.get(method)
+    spec = calibrated_transform(method, procedure, t)
     if spec is None or not 0 < kl < analytic.max_resolved_kl(analytic.DEFAULT_GRID):
         return None
     name, params = spec
@@ -58,13 +79,12 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
     rows, flagged = [], {}
     for method, runs in evals.items():
         kls = np.array([r["kl_B"].mean() for r in runs])
-        controlled = method in ("raw", "identity", "exp") or (method == "vbon" and cc.kl_target)
         off = bool(target > 0 and abs(kls.mean() - target) > cc.kl_tolerance * target)
         flagged[method] = off and method != "bon_ref"
         row = {"method": method, "seeds": len(runs), "kl": float(kls.mean()),
                "kl_sd": float(kls.std(ddof=1)) if len(kls) > 1 else 0.0,
                "kl_matched": "n/a" if method == "bon_ref" else ("no" if off else "yes"),
-               "controlled": bool(controlled),
+               "controlled": kl_controlled(method, cc.kl_target),
                "alpha": (float(np.mean([float(r["alpha"]) for r in runs]))
                          if all("alpha" in r for r in runs) else None)}
         for key in metrics:

@@ -111,8 +111,8 @@ class ComparisonConfig:
         check.numbers(self, ("kl_target",))
         if self.eval_samples < self.n:
             check.fail(self, "eval_samples", f">= n = {self.n} (the BoN_N plug-in needs M >= N)")
-        if "vbon" not in self.method_list and self.kl_target == 0 and any(
-                m in self.method_list for m in ("raw", "identity", "exp")):
+        if "vbon" not in self.method_list and any(
+                report.kl_controlled(m, self.kl_target) for m in self.method_list):
             check.fail(self, "kl_target", "> 0 when 'vbon' is not among the methods (its KL is "
                                           "the default target)")
 
@@ -133,14 +133,13 @@ def parse_comparison(section: Any) -> ComparisonConfig:
 def method_overrides(method: str, procedure: str, n: int, t: float) -> dict[str, Any]:
     """Config overrides (on configs/ctrl_real.py's config) that make `method`; the KL controller
     is added by `run`."""
-    sign = 1.0 if procedure == "bon" else -1.0
-    return {
-        "raw": {"transform.name": "raw"},
-        "identity": {"transform.name": "identity"},
-        "exp": {"transform.name": "exp", "transform.t": sign * abs(t)},
-        "vbon": {"transform.name": "log", "rl.beta": 1.0 / (n - 1)},
-        "bonbon": {"method": "bonbon", "bonbon.n": n},
-    }[method]
+    spec = report.calibrated_transform(method, procedure, t)
+    if spec is not None:
+        name, params = spec
+        over = {"transform.name": name, **{f"transform.{k}": v for k, v in params.items()}}
+        return {**over, "rl.beta": 1.0 / (n - 1)} if method == "vbon" else over
+    return {"raw": {"transform.name": "raw"},
+            "bonbon": {"method": "bonbon", "bonbon.n": n}}[method]
 
 
 def _set_transform(base: Any, overrides: dict[str, Any]) -> Any:
@@ -219,7 +218,7 @@ def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: f
         if "method" not in cfg:
             cfg.method = "ctrl"
     rest["seed"] = int(seed)
-    if method in ("raw", "identity", "exp") or (method == "vbon" and kl_target > 0):
+    if report.kl_controlled(method, kl_target):
         rest.update({"rl.beta_schedule": "adaptive", "rl.kl_target": float(kl_target),
                      "rl.beta": start_beta(cfg, kl_target, table)})
     return sweep.apply_overrides(cfg, rest)
@@ -407,7 +406,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
         """Whether `method`'s runs are moved to the target KL (every trained method but the
         vBoN that sets the target)."""
         return (cc.kl_match == "interpolate" and kl_target > 0 and method in TRAINED
-                and not (method == "vbon" and cc.kl_target == 0))
+                and not report.sets_kl_target(method, cc.kl_target))
 
     def evaluate(method: str, seed: int) -> dict[str, Any]:
         path = os.path.join(workdir, "evaluation", f"{method}_seed{seed}.npz")
@@ -441,11 +440,11 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             f"{_elapsed(clock)} into the task)")
         return got
 
-    order = [mth for mth in ("vbon",) if mth in cc.method_list and cc.kl_target == 0]
+    order = [mth for mth in cc.method_list if report.sets_kl_target(mth, cc.kl_target)]
     order += [mth for mth in cc.method_list if mth not in order]
     for method in order:
         evals[method] = [evaluate(method, seed) for seed in cc.seeds]
-        if method == "vbon" and cc.kl_target == 0:
+        if report.sets_kl_target(method, cc.kl_target):
             kl_target = float(np.mean([e["kl_B"].mean() for e in evals[method]]))
             log(f"  KL target for the controlled methods: {kl_target:.4f} (vBoN's, held out)")
     return {"task": task_name, "procedure": inputs.task.procedure, "kl_target": kl_target,
