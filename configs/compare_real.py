@@ -14,17 +14,17 @@ the tasks' generated sets (`task.data.prompts="generated"`), training and evalua
 topic.
 Sizes (SIZES): `smoke` measured end to end on SmolLM2 (helpfulness: 20 minutes at load ~10 on
 2 CPU cores); `small` is the CPU size: one task's 15 training runs (5 methods x 3 seeds, rank-8
-LoRA, 16 steps of 4 prompts x 4 samples) with 256 training / 128 evaluation prompts. Measured at
-revision f89d90f (helpfulness, clean clone, 2 cores shared with test runs part of the time):
-calibration 3m15s, pi_ref's evaluation samples 1 min, then 5.7-8.5 min a run (steps 14-17 s,
-evaluation ~3 min of which the per-row KL forward was ~2); 12 of the 15 runs took 89 min, so a
-task is about two hours here, not the 90 minutes issue 20 asks for (the shared-prompt KL since
-then cuts the evaluation; `rl.shared_prompt` the update, not yet measured). `medium` is for a GPU.
+LoRA, 16 steps of 4 prompts x 4 samples, `rl.shared_prompt`) with 256 training / 128 evaluation
+prompts, every run but the target-setting vBoN moved to the target KL by interpolation in weight
+space (`comparison.kl_match`, one evaluation more a run). Measured at revision 5835d9b
+(helpfulness, clean clone, 2 CPU cores, docs/results.md section 5): 83 min 31 s wall, peak RSS
+5.8 GB, every method's KL within 2% of vBoN's 0.574. `medium` is for a GPU.
 Expected result: comparison.md with one table per task (KL and standard / BoN_N / WoN_N win rates
 against pi_ref, mean +- sd over seeds, under the gold judge and the proxy), the differences
 against calibrated identity with 95% intervals over prompts and seeds, and each claim marked holds
 / does not hold / unresolved. At `smoke` (one step a run) every claim is unresolved (docs/results.md
-section 5); whether `small` resolves any is the open question.
+section 5); at `small` on helpfulness (a) and (d) are unresolved, with intervals of about
++-0.05 (section 5 there).
 """
 
 import os
@@ -37,7 +37,7 @@ SIZES = {
     "smoke": dict(task=dict(num_prompts=4, eval_prompts=4, max_new_tokens=6, eval_samples=0),
                   k=8, samples=2, steps=1, batch_size=2, lr=1e-5, lora_rank=2,
                   comparison=dict(seeds=(0, 1), n=2, eval_samples=2, num_resamples=200)),
-    # small: one task's 15 runs of 16 LoRA steps (about two hours here, see the docstring);
+    # small: one task's 15 runs of 16 LoRA steps (83.5 minutes here, see the docstring);
     # rank-8 adapters at 3e-4 move KL(pi || pi_ref) by ~0.5 nats in 16 steps (vBoN) where
     # full-parameter Adam at 5e-5 overshoots to 1.3 nats in one.
     "small": dict(task=dict(num_prompts=256, eval_prompts=128, max_new_tokens=16, eval_samples=0,
