@@ -291,3 +291,17 @@ def test_kl_budget_solves_beta_and_unconverged_runs_say_so(tmp_path):
     bonbon.method = "bonbon"
     with pytest.raises(ValueError, match="kl_budget"):
         train.run(bonbon, str(tmp_path / "b"), log=_quiet, devices=ONE)
+
+
+def test_runs_recorded_before_shared_prompt_or_remat_resume_under_either_setting():
+    """rl.shared_prompt and model.remat change how the same quantities are computed, not what
+    is trained: a record without them (written before they existed) resumes under either value,
+    while a change of what is trained is still refused by name."""
+    from infalign_jax.loops import skeleton
+    old = {"rl.beta": 0.1, "transform.name": "identity"}
+    for shared, remat in ((False, "none"), (True, "full")):
+        now = skeleton.canonical_record({**old, "rl.shared_prompt": shared, "model.remat": remat})
+        skeleton.check_same_config("run", old, now)
+    other = skeleton.canonical_record({**old, "rl.beta": 0.2, "rl.shared_prompt": True})
+    with pytest.raises(ValueError, match=r"another config \(rl.beta: checkpoint 0.1, config 0.2\)"):
+        skeleton.check_same_config("run", old, other)

@@ -9,9 +9,10 @@ batch of `step` is a pure function of the seed and the step, so a resumed run se
 and optionally `evaluate(state, step) -> scalars`. Counters (e.g. skipped non-finite steps) are
 saved in every checkpoint's metadata and restored with it, and so is the resolved config: a work
 dir is only resumed by the same experiment (`RESUMABLE_KEYS` may change: length, reporting,
-checkpointing, device layout). Another experiment may start from a run's parameters with
-`train.init_from` (a fresh run: its own optimiser state, step 0). The manifest keeps the run's
-first start time, what it started from and a list of its resumes ({time, step}).
+checkpointing, device layout, how the same quantities are computed). Another experiment may start
+from a run's parameters with `train.init_from` (a fresh run: its own optimiser state, step 0).
+The manifest keeps the run's first start time, what it started from and a list of its resumes
+({time, step}).
 """
 
 from __future__ import annotations
@@ -61,12 +62,15 @@ class LoopContext:
 StepFn = Callable[[Any, int, LoopContext], tuple[Any, dict[str, float]]]
 
 # Keys a resumed run may change: how long it runs, how it reports and checkpoints, the device
-# layout. Any other difference (the transform, beta, the data, the learning rate...) means the
-# checkpoint belongs to another experiment.
+# layout, and how the same quantities are computed (the prompt's KV shared by its samples in the
+# update, rematerialisation; a record written before such a key existed has it absent). Any other
+# difference (the transform, beta, the data, the learning rate...) means the checkpoint belongs to
+# another experiment.
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
                   "train.tensorboard", "train.nan_policy", "train.init_from", "mesh.data",
-                  "mesh.fsdp", "mesh.tensor", "mesh.rollout", "export.hf", "export.dir")
+                  "mesh.fsdp", "mesh.tensor", "mesh.rollout", "export.hf", "export.dir",
+                  "rl.shared_prompt", "model.remat")
 
 
 def config_record(config: Any) -> dict[str, Any]:
