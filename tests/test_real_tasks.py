@@ -86,6 +86,24 @@ class _FakeTokenizer:
         return {"input_ids": [ord(c) for c in text]}
 
 
+@pytest.mark.parametrize("known, eos, pad, expected", [
+    ({"<end_of_turn>": 6}, 2, 0, (6, 0)),                   # Gemma's end of turn
+    ({"<|eot_id|>": 4, "<|end|>": 3}, 2, None, (4, 4)),     # Llama 3's first; pad falls back
+    ({}, 2, 0, (2, 0)),                                     # no chat format known: EOS
+])
+def test_special_ids_find_each_chat_formats_end_of_turn(known, eos, pad, expected):
+    tok = _FakeTokenizer()
+    tok.convert_tokens_to_ids = lambda token: known.get(token, tok.unk_token_id)
+    tok.eos_token_id, tok.pad_token_id = eos, pad
+    assert tokenize.special_ids(tok) == expected
+    tok.eos_token_id = None
+    if known:
+        assert tokenize.special_ids(tok)[0] == expected[0]
+    else:
+        with pytest.raises(ValueError, match="no end-of-turn token .* and no EOS token"):
+            tokenize.special_ids(tok)
+
+
 def test_encode_prompts_left_pads():
     tok = _FakeTokenizer()
     prompt_BxP, mask_BxP = tokenize.encode_prompts(tok, ["hi", "hello"])

@@ -233,11 +233,26 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer: Any,
 
 
 # ------------------------------------------------ Hugging Face chat tokenizers (SmolLM2)
+# The end-of-turn token of each chat format, in the order they are looked for: ChatML (SmolLM2,
+# Qwen), Llama 3, Gemma, Phi-3. A chat response ends there, not at the tokenizer's end of text.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
 def special_ids(tokenizer: Any) -> tuple[int, int]:
-    """(eos_id, pad_id): the chat end-of-turn token ends a response; pad falls back to it."""
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if eos_id is None or eos_id == tokenizer.unk_token_id:
+    """(eos_id, pad_id): the first END_OF_TURN_TOKENS entry the tokenizer knows ends a response,
+    else its EOS token; pad falls back to that id."""
+    eos_id = None
+    for token in END_OF_TURN_TOKENS:
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got is not None and got != tokenizer.unk_token_id:
+            eos_id = got
+            break
+    if eos_id is None:
         eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no end-of-turn token (none of "
+                         f"{', '.join(END_OF_TURN_TOKENS)}) and no EOS token: a response could "
+                         f"not end")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     return int(eos_id), int(pad_id)
 
