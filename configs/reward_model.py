@@ -59,7 +59,9 @@ pairs but do not carry VADER's helpfulness labels to held-out prompts.
 
 from infalign_jax.infra.config_utils import config_section, parse_arg
 from infalign_jax.infra.sharding import MeshConfig
-from infalign_jax.loops.train_reward import MODEL_FIXED, RMDataConfig, RMTrainConfig
+from infalign_jax.loops.rm_data import RMDataConfig
+from infalign_jax.loops.rm_model import MODEL_FIXED
+from infalign_jax.loops.train_reward import RMTrainConfig
 from infalign_jax.models import ModelConfig
 from infalign_jax.models.gguf_import import smollm2_gguf_path
 from infalign_jax.rewards.reward_models import RMConfig

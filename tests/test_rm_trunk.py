@@ -22,7 +22,7 @@ import transformers
 
 from infalign_jax import models
 from infalign_jax.data.synthetic import write_jsonl
-from infalign_jax.loops import train_reward
+from infalign_jax.loops import rm_data, rm_model, train_reward
 from infalign_jax.rl.tasks import sources
 from workflow_files import WORDS, save_policy, save_reward_model
 
@@ -100,7 +100,7 @@ def _transformers_hidden(directory, tokens, mask):
 
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
 def test_trunk_equals_its_source_with_a_fresh_reward_head(trunk, kind):
-    model = train_reward.build_model({"source": trunk[kind]})
+    model = rm_model.build_model({"source": trunk[kind]})
     assert model.cfg.heads == ("reward",) and "lm_head" not in model.params
     assert not np.any(np.asarray(model.params["reward_head_kernel"]))
     tokens = np.random.default_rng(1).integers(3, 40, (2, 9))
@@ -122,10 +122,10 @@ def test_sequence_classifier_trunk_keeps_its_score_head(tmp_path):
     directory = save_reward_model(tmp_path / "rm", seed=4)
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     with pytest.raises(ValueError, match=r"config.model.source: the tokenizer of .* has no EOS"):
-        train_reward.build_model({"source": directory})
+        rm_model.build_model({"source": directory})
     tok.eos_token = "extra"
     tok.save_pretrained(directory)
-    model = train_reward.build_model({"source": directory})
+    model = rm_model.build_model({"source": directory})
     assert model.cfg.heads == ("reward",)
     assert (model.eos_id, model.pad_id) == (tok.convert_tokens_to_ids("extra"), 0)
     tokens = np.random.default_rng(2).integers(3, 40, (3, 7))
@@ -157,7 +157,7 @@ def test_hf_trunk_trains_resumes_exactly_and_counts_truncation(trunk, tmp_path):
     assert summary["eval_data"]["truncated"] == _expected_truncation(tok, trunk["eval"], 4, 6)
     assert summary["train_data"]["pairs"] == 24 and summary["eval"]["eval_pairs"] == 8
     assert summary["reward_model_id"].startswith("rm[2x32,lm]:")
-    start = train_reward.build_model({"source": trunk["hf"]}).params
+    start = rm_model.build_model({"source": trunk["hf"]}).params
     trained = _flat(full.params)
     assert np.any(trained["['reward_head_kernel']"] != 0)
     assert not np.allclose(trained["['layers']['mlp']['up_kernel']"],
@@ -171,7 +171,7 @@ def test_hf_trunk_trains_resumes_exactly_and_counts_truncation(trunk, tmp_path):
 
 @pytest.mark.parametrize("trainable", ["head", "last:1"])
 def test_gguf_trunk_trains_only_what_is_trainable(trunk, tmp_path, trainable):
-    start = _flat(train_reward.build_model({"source": trunk["gguf"]}).params)
+    start = _flat(rm_model.build_model({"source": trunk["gguf"]}).params)
     state, summary = _run(_config(trunk["gguf"], trunk["train"], trunk["eval"], num_steps=2,
                                   trainable=trainable), tmp_path / "g")
     after = _flat(state.params)
@@ -210,9 +210,9 @@ def test_pretrained_trunk_refuses_model_keys_by_name(trunk, tmp_path):
 
 
 def test_data_paths_switch_synthetic_pairs_off(tmp_path):
-    data = train_reward.RMDataConfig
+    data = rm_data.RMDataConfig
     assert data().synthetic == "vader"
-    made = train_reward.ensure_synthetic_data(
+    made = rm_data.ensure_synthetic_data(
         data(synthetic_train_pairs=3, synthetic_eval_pairs=2), str(tmp_path), 0, lambda s: None)
     assert made.synthetic == "" and made.train_path.startswith(str(tmp_path))
     assert [len(open(p).readlines()) for p in (made.train_path, made.eval_path)] == [3, 2]
@@ -252,7 +252,7 @@ def test_trained_kind_scores_the_newest_checkpoint_on_reencoded_text(trunk, tmp_
     prompts, responses = _texts()
     got = judge(prompts, responses)
     tok = transformers.AutoTokenizer.from_pretrained(trunk["hf"])
-    cfg = train_reward.build_model({"source": trunk["hf"]}).cfg
+    cfg = rm_model.build_model({"source": trunk["hf"]}).cfg
     want = _direct_rewards(cfg, state.params, tok, prompts, responses, 1, 4, 6)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.ptp(want) > 0                      # a trained head: the texts score differently
@@ -268,7 +268,7 @@ def test_trained_kind_of_an_ensemble_run_is_mean_minus_k_std(trunk, tmp_path):
     judge = sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(run_dir),
                                                     std_penalty=0.5), "vader")
     prompts, responses = _texts()
-    model = train_reward.build_model({"source": trunk["gguf"]})
+    model = rm_model.build_model({"source": trunk["gguf"]})
     members = np.stack([_direct_rewards(model.cfg, jax.tree.map(lambda x, e=e: x[e],
                                                                 state.params),
                                         model.tokenizer, prompts, responses, 1, 4, 6)
@@ -314,7 +314,7 @@ def test_cached_head_features_match_the_full_forward_path(trunk, tmp_path):
     assert "head_features" not in s_slow and set(s_fast["head_features"]) == {"train", "eval"}
     assert any("features train: 24/24 pairs (48 sequences)" in line for line in logs)
     a, b = _flat(slow.params), _flat(fast.params)
-    start = _flat(train_reward.build_model({"source": trunk["hf"]}).params)
+    start = _flat(rm_model.build_model({"source": trunk["hf"]}).params)
     assert a.keys() == b.keys() == start.keys()
     for key in a:
         if "reward_head" in key:
@@ -337,7 +337,7 @@ def test_cached_head_features_match_the_full_forward_path(trunk, tmp_path):
                                                     checkpoint=str(tmp_path / "fast")), "vader")
     prompts, responses = _texts()
     tok = transformers.AutoTokenizer.from_pretrained(trunk["hf"])
-    cfg = train_reward.build_model({"source": trunk["hf"]}).cfg
+    cfg = rm_model.build_model({"source": trunk["hf"]}).cfg
     np.testing.assert_allclose(judge(prompts, responses),
                                _direct_rewards(cfg, fast.params, tok, prompts, responses, 1, 4, 6),
                                atol=1e-5)
@@ -348,10 +348,10 @@ def test_cached_features_are_transformers_hidden_states_at_the_last_real_token(t
     last real token (left-padded prompt, right-padded response, positions counting real tokens)."""
     c = _config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=1, trainable="head")
     _, summary = _run(c, tmp_path / "f")
-    model = train_reward.build_model({"source": trunk["hf"]})
-    data = train_reward.RMDataConfig(train_path=trunk["train"], eval_path=trunk["eval"],
+    model = rm_model.build_model({"source": trunk["hf"]})
+    data = rm_data.RMDataConfig(train_path=trunk["train"], eval_path=trunk["eval"],
                                      format="jsonl", max_prompt_len=4, max_response_len=6)
-    arrays, _ = train_reward.load_pairs(data, "eval", model, lambda s: None)
+    arrays, _ = rm_data.load_pairs(data, "eval", model, lambda s: None)
     cached = np.load(summary["head_features"]["eval"])
     for part in ("chosen", "rejected"):
         tokens = np.concatenate([arrays["prompt_BxP"], arrays[f"{part}_BxL"]], 1)

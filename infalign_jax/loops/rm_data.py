@@ -1,0 +1,177 @@
+"""The preference pairs of a `train_reward` run: `RMDataConfig` (`config.data`), pairs made
+offline by a gold judge (`ensure_synthetic_data`), read and packed for the model's tokenizer
+(`load_pairs`, with what was dropped or cut counted), and the frozen trunk's per-sequence features
+cached on disk for `train.trainable="head"` (`trunk_digest`, `cached_features`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infalign_jax import models
+from infalign_jax.data import TokenizeConfig, read_preferences, tokenize_preferences
+from infalign_jax.infra import validate as check
+from infalign_jax.loops.rm_model import RMModel
+from infalign_jax.rewards import reward_models as rt
+
+
+@dataclasses.dataclass(frozen=True)
+class RMDataConfig:
+    """`config.data`: preference pairs from files, or made offline by a gold judge (`synthetic`)."""
+
+    _config_owner = "config.data"
+    # "auto": read train_path / eval_path when given, else "vader"; "": read them; "<judge>" (e.g.
+    # "vader"): templated review pairs labelled by that judge; "task:<real task>": SmolLM2
+    # samples of that task labelled by its judge. A judge with paths given is refused.
+    synthetic: str = "auto"
+    synthetic_train_pairs: int = 4000
+    synthetic_eval_pairs: int = 500
+    train_path: str = ""
+    eval_path: str = ""
+    format: str = "auto"
+    skip_bad: bool = False
+    max_prompt_len: int = 64
+    max_response_len: int = 64
+    samples_per_prompt: int = 8      # task:<name>: base samples per prompt, pairs drawn among them
+    pairs_per_prompt: int = 20
+    sample_new_tokens: int = 32
+    eval_first_prompt: int = 36      # task:<name>: eval pairs come from prompts from this one on
+    label_noise: float = 0.0         # fraction of training labels flipped (proxy vs gold)
+
+    def __post_init__(self):
+        paths = self.train_path or self.eval_path
+        if self.synthetic == "auto":
+            object.__setattr__(self, "synthetic", "" if paths else "vader")
+        elif self.synthetic and paths:
+            given = "train_path" if self.train_path else "eval_path"
+            raise ValueError(f"config.data.{given} is set but config.data.synthetic="
+                             f"{self.synthetic!r} makes the pairs; set config.data.synthetic="
+                             f"'auto' (or '') to read the files")
+        check.ints(self, ("max_prompt_len", "max_response_len", "samples_per_prompt",
+                          "pairs_per_prompt", "sample_new_tokens"))
+        # The pair counts only matter when pairs are made here.
+        check.ints(self, ("synthetic_train_pairs", "synthetic_eval_pairs"),
+                   low=1 if self.synthetic else 0)
+        check.ints(self, ("eval_first_prompt",), low=0)
+        check.bools(self, ("skip_bad",))
+        check.numbers(self, ("label_noise",), high=1.0)
+        if not self.synthetic:
+            for key, other in (("train_path", "eval_path"), ("eval_path", "train_path")):
+                if not getattr(self, key):
+                    raise ValueError(f"config.data.{key} must name a preference file (with "
+                                     f"config.data.{other}) when no synthetic pairs are made")
+
+
+def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
+                          log: Callable[[str], None] = print) -> RMDataConfig:
+    """Writes gold-judge-labelled pairs into workdir/data once, when `data.synthetic` says so:
+
+    * ``"<judge>"`` (e.g. "vader"): templated review pairs labelled by that judge;
+    * ``"task:<real task>"`` (e.g. "task:helpfulness"): pairs of SmolLM2 base samples of the
+      task's prompts labelled by the task's gold judge, train and eval on disjoint prompts, with
+      `data.label_noise` of the training labels flipped (the proxy-vs-gold set-up).
+    """
+    if not data.synthetic:
+        return data
+    from infalign_jax.data import synthetic
+    from infalign_jax.rl.tasks import real
+    name, paths = data.synthetic, {}
+    for split, n, offset in (("train", data.synthetic_train_pairs, 0),
+                             ("eval", data.synthetic_eval_pairs, 1)):
+        path = os.path.join(workdir, "data", f"{name.replace(':', '_')}_{split}.jsonl")
+        if not os.path.exists(path):
+            if name.startswith("task:"):
+                per_prompt = data.pairs_per_prompt
+                prompts = -(-n // per_prompt)
+                first = 0 if split == "train" else data.eval_first_prompt
+                if split == "train" and prompts > data.eval_first_prompt:
+                    raise ValueError(
+                        f"config.data: {n} training pairs at {per_prompt} per prompt need "
+                        f"{prompts} prompts, which overlap the eval prompts from "
+                        f"eval_first_prompt={data.eval_first_prompt}")
+                rows = real.sample_judged_pairs(
+                    name[5:], num_prompts=prompts, samples_per_prompt=data.samples_per_prompt,
+                    pairs_per_prompt=per_prompt, max_new_tokens=data.sample_new_tokens,
+                    seed=seed * 1000 + offset, first_prompt=first, progress=log,
+                    label_noise=data.label_noise if split == "train" else 0.0)[:n]
+            else:
+                from infalign_jax.rewards.judges import get_judge
+                rows = synthetic.make_judged_pairs(get_judge(name), n, seed=seed * 1000 + offset)
+            synthetic.write_jsonl(path, rows)
+        paths[f"{split}_path"] = path
+    return dataclasses.replace(data, synthetic="", **paths)  # now read from the files
+
+
+def load_pairs(data: RMDataConfig, split: str, model: RMModel, log: Callable[[str], None]
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    path = getattr(data, f"{split}_path")
+    examples, report = read_preferences(path, data.format, skip_bad=data.skip_bad)
+    tcfg = TokenizeConfig(max_prompt_len=data.max_prompt_len,
+                          max_response_len=data.max_response_len, eos_id=model.eos_id,
+                          pad_id=model.pad_id)
+    packed, tok_report = tokenize_preferences(examples, model.tokenizer, tcfg,
+                                              skip_bad=data.skip_bad)
+    report = report.merge(tok_report)
+    if report.total or report.truncated:
+        log(f"{split}: {path}: {report.summary()}")
+    arrays = {k: v for k, v in packed.as_dict().items() if k in rt.BATCH_KEYS}
+    # What was read, what reached training ("pairs"), what was dropped (per reason) or cut.
+    return arrays, {"path": path, "pairs": len(packed), **report.as_dict()}
+
+
+def trunk_digest(params: Any, model_cfg: models.ModelConfig) -> str:
+    """sha256 over the model config and every parameter but the reward head (path, dtype,
+    shape, bytes): what the cached features depend on."""
+    h = hashlib.sha256(repr(sorted(dataclasses.asdict(model_cfg).items())).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if path[0].key in rt.HEAD_KEYS:
+            continue
+        leaf = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def cached_features(workdir: str, split: str, trunk_digest: str, arrays: dict[str, np.ndarray],
+                    feature_fn: Callable[[dict[str, Any]], tuple[Any, Any]], batch: int,
+                    log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], str]:
+    """({chosen_BxD, rejected_BxD}, file) of a split: read from workdir/features/ when the key
+    (trunk digest + the packed arrays) matches, else computed batch by batch with `feature_fn`
+    (one trunk forward over 2 x batch sequences) and written there."""
+    h = hashlib.sha256(trunk_digest.encode())
+    for k in sorted(arrays):
+        h.update(f"{k}:{arrays[k].dtype}:{arrays[k].shape}".encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    path = os.path.join(workdir, "features", f"{split}-{h.hexdigest()[:20]}.npz")
+    n = len(next(iter(arrays.values())))
+    if os.path.exists(path):
+        with np.load(path) as f:
+            out = {k: f[k] for k in rt.FEATURE_KEYS}
+        log(f"features {split}: {n} pairs read from {path}")
+        return out, path
+    log(f"features {split}: one trunk forward pass over {n} pairs ({2 * n} sequences), "
+        f"cached in {path}")
+    t0 = last = time.perf_counter()
+    parts = []
+    for start in range(0, n, batch):
+        rows = {k: jnp.asarray(v[start:start + batch]) for k, v in arrays.items()}
+        parts.append(jax.device_get(feature_fn(rows)))
+        done, now = min(start + batch, n), time.perf_counter()
+        if done == n or now - last >= 30:
+            log(f"features {split}: {done}/{n} pairs ({2 * done} sequences), "
+                f"{now - t0:.0f} s")
+            last = now
+    out = {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(rt.FEATURE_KEYS)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path[:-4] + ".tmp.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+    return out, path
