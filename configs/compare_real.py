@@ -18,13 +18,14 @@ LoRA, 16 steps of 4 prompts x 4 samples, `rl.shared_prompt`) with 256 training /
 prompts, every run but the target-setting vBoN moved to the target KL by interpolation in weight
 space (`comparison.kl_match`, one evaluation more a run). Measured at revision 5835d9b
 (helpfulness, clean clone, 2 CPU cores, docs/results.md section 5): 83 min 31 s wall, peak RSS
-5.8 GB, every method's KL within 2% of vBoN's 0.574. `medium` is for a GPU.
+5.8 GB, every method's KL within 2% of vBoN's 0.574; harmlessness at 47bf0e6: 92 min 38 s with
+other work at nice 19 on the cores for 29 of them. `medium` is for a GPU.
 Expected result: comparison.md with one table per task (KL and standard / BoN_N / WoN_N win rates
 against pi_ref, mean +- sd over seeds, under the gold judge and the proxy), the differences
 against calibrated identity with 95% intervals over prompts and seeds, and each claim marked holds
 / does not hold / unresolved. At `smoke` (one step a run) every claim is unresolved (docs/results.md
-section 5); at `small` on helpfulness (a) and (d) are unresolved, with intervals of about
-+-0.05 (section 5 there).
+section 5); at `small` (a), (b) and (d) are unresolved, with intervals of about +-0.05 (section
+5 there).
 """
 
 import os
@@ -37,7 +38,7 @@ SIZES = {
     "smoke": dict(task=dict(num_prompts=4, eval_prompts=4, max_new_tokens=6, eval_samples=0),
                   k=8, samples=2, steps=1, batch_size=2, lr=1e-5, lora_rank=2,
                   comparison=dict(seeds=(0, 1), n=2, eval_samples=2, num_resamples=200)),
-    # small: one task's 15 runs of 16 LoRA steps (83.5 minutes here, see the docstring);
+    # small: one task's 15 runs of 16 LoRA steps (83.5-93 minutes here, see the docstring);
     # rank-8 adapters at 3e-4 move KL(pi || pi_ref) by ~0.5 nats in 16 steps (vBoN) where
     # full-parameter Adam at 5e-5 overshoots to 1.3 nats in one.
     "small": dict(task=dict(num_prompts=256, eval_prompts=128, max_new_tokens=16, eval_samples=0,
