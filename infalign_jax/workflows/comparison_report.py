@@ -20,6 +20,9 @@ from infalign_jax.analysis import analytic, evaluation
 from infalign_jax.workflows import sweep
 
 
+_NAMES = {"bon": "BoN", "won": "WoN"}   # how the tables and plots write each procedure
+
+
 def _interval(est: evaluation.Estimate) -> dict[str, float]:
     return {"point": float(est.point), "lower": float(est.lower), "upper": float(est.upper)}
 
@@ -148,7 +151,7 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
         for c in cols[5:]:
             row[c] = f"{r[c]:.3f} ± {r[c + '_sd']:.3f}"
         rows.append(row)
-    lines = [f"### {summary['task']} ({summary['procedure'].upper()}_{n})", "",
+    lines = [f"### {summary['task']} ({_NAMES[summary['procedure']]}_{n})", "",
              f"Reward (proxy) `{summary['proxy']}`, gold judge `{summary['gold']}`; KL target "
              f"{summary['kl_target']:.4f}. Win rates against pi_ref's samples on the held-out "
              f"prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response; "
@@ -213,7 +216,7 @@ def plot(result: dict[str, Any], cc: Any, path: str) -> str:
         ax.axvline(result["kl_target"], color="grey", lw=0.5, ls="--")
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_xlabel("KL(pi || pi_ref), held-out prompts")
-    ax.set_ylabel(f"{result['procedure'].upper()}_{cc.n} win rate (gold judge)")
+    ax.set_ylabel(f"{_NAMES[result['procedure']]}_{cc.n} win rate (gold judge)")
     ax.set_title(f"{result['task']}: one point per seed", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
