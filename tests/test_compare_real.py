@@ -133,6 +133,9 @@ def test_bad_comparison_keys_are_refused_by_name():
         rc.parse_comparison({"methods": "identity,ppo"})
     with pytest.raises(ValueError, match=r"config.comparison.kl_target must be > 0 when 'vbon'"):
         rc.parse_comparison({"methods": "identity,exp"})
+    # with a target given, the controlled methods need no vBoN to set it
+    assert rc.parse_comparison({"methods": "raw,identity", "kl_target": 0.5}).method_list == [
+        "raw", "identity"]
     with pytest.raises(ValueError, match=r"config.comparison.eval_samples must be >= n"):
         rc.parse_comparison({"n": 4, "eval_samples": 2})
     with pytest.raises(ValueError, match=r"config.comparison: unknown keys \['seed'\]"):

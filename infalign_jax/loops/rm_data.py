@@ -140,13 +140,13 @@ def trunk_digest(params: Any, model_cfg: models.ModelConfig) -> str:
     return h.hexdigest()
 
 
-def cached_features(workdir: str, split: str, trunk_digest: str, arrays: dict[str, np.ndarray],
+def cached_features(workdir: str, split: str, digest: str, arrays: dict[str, np.ndarray],
                     feature_fn: Callable[[dict[str, Any]], tuple[Any, Any]], batch: int,
                     log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], str]:
     """({chosen_BxD, rejected_BxD}, file) of a split: read from workdir/features/ when the key
-    (trunk digest + the packed arrays) matches, else computed batch by batch with `feature_fn`
-    (one trunk forward over 2 x batch sequences) and written there."""
-    h = hashlib.sha256(trunk_digest.encode())
+    (`digest`, the trunk's `trunk_digest`, and the packed arrays) matches, else computed batch by
+    batch with `feature_fn` (one trunk forward over 2 x batch sequences) and written there."""
+    h = hashlib.sha256(digest.encode())
     for k in sorted(arrays):
         h.update(f"{k}:{arrays[k].dtype}:{arrays[k].shape}".encode())
         h.update(np.ascontiguousarray(arrays[k]).tobytes())

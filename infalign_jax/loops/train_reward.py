@@ -64,6 +64,7 @@ from infalign_jax.loops.rm_model import (build_model, freeze_optimizer, parse_tr
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 from infalign_jax.rewards import reward_models as rt
 
+
 @dataclasses.dataclass(frozen=True)
 class RMTrainConfig:
     _config_owner = "config.train"

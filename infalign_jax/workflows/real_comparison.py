@@ -111,7 +111,7 @@ class ComparisonConfig:
         check.numbers(self, ("kl_target",))
         if self.eval_samples < self.n:
             check.fail(self, "eval_samples", f">= n = {self.n} (the BoN_N plug-in needs M >= N)")
-        if "vbon" not in self.method_list and any(
+        if self.kl_target == 0 and "vbon" not in self.method_list and any(
                 report.kl_controlled(m, self.kl_target) for m in self.method_list):
             check.fail(self, "kl_target", "> 0 when 'vbon' is not among the methods (its KL is "
                                           "the default target)")
