@@ -128,6 +128,45 @@ def test_bonbon_step_with_lora_adapters():
     assert float(met["kl_full_vocab"]) > 1e-3   # the monitor samples the merged policy
 
 
+@pytest.mark.parametrize("full_kl", [True, False])
+def test_bonbon_shared_prompt_step_equals_the_per_row_step(full_kl):
+    """`shared_prompt` (each prompt run once for its best/worst pair and the monitor's samples)
+    gives the per-row step's state and metrics, on the EOS task (masked responses) with a policy
+    away from pi_ref (h != 0, KL > 0); the run's config passes rl.shared_prompt through."""
+    task = et.make_task(3, vocab=4, length=3, d_model=32, eos=True)   # mean length ~2.5
+    table = et.sample_reference_table(task, 256, seed=1)
+    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_XxY), jnp.asarray(table),
+                       jnp.full((2,), 256, jnp.int32))
+    batch = {"prompt_BxP": jnp.asarray(np.tile(task.prompts_XxP, (2, 1))),
+             "prompt_mask_BxP": jnp.ones((4, task.prompts_XxP.shape[1]), bool),
+             "prompt_idx_B": jnp.tile(jnp.arange(2), 2)}
+    fns = models.decoder_fns(task.model_cfg)
+    params = jax.tree.map(lambda x: x * 1.1, task.ref_params)
+    out = {}
+    for shared in (False, True):
+        cfg = bd.BoNBoNConfig(n=4, max_new_tokens=3, eos_id=task.eos_id, learning_rate=1e-2,
+                              monitor_samples=4, full_kl=full_kl, shared_prompt=shared)
+        opt = rl.make_optimizer(cfg)
+        step = jax.jit(bd.make_bonbon_step(cfg, fns, functools.partial(et.table_reward_fn,
+                                                                       vocab=4), opt))
+        out[shared] = step(rl.init_state(params, opt), frozen, batch, jax.random.key(3))
+    (s0, m0), (s1, m1) = out[False], out[True]
+    assert 0 < float(m0["response_length"]) < 3          # some responses stopped at EOS
+    assert abs(float(m0["h_mean"])) > 1e-3 and float(m0["kl_k3"]) > 0
+    assert set(m1) == set(m0) and ("kl_full_vocab" in m0) == full_kl
+    for k in m0:
+        np.testing.assert_allclose(m1[k], m0[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # The config plumbing: rl.shared_prompt reaches BoNBoN.
+    from infalign_jax.loops import train
+    import ml_collections
+    config = ml_collections.ConfigDict({
+        "bonbon": {"n": 4}, "rl": {"max_new_tokens": 3, "learning_rate": 1e-3, "decay_steps": 0,
+                                   "shared_prompt": True}})
+    assert train.bonbon_config(config, task).shared_prompt
+
+
 def _bon_policy(probs_XxY, rewards_XxY, n):
     """Exact BoN_n for distinct rewards: P[best = y] = F(<= y)^n - F(< y)^n."""
     out = np.zeros_like(probs_XxY)

@@ -23,7 +23,8 @@ Metrics: loss, nll, pref, h_mean, accuracy, beta (beta*_N or the configured one)
 best_reward, worst_reward (of the pi_ref draws); from `monitor_samples` policy samples per prompt
 (the same quantities the RL step logs): reward, calibrated_reward, kl_k1, kl_k3,
 response_length, and with `full_kl` kl_full_vocab, entropy. With monitor_samples = 0 only
-response_length is kept (of y_best).
+response_length is kept (of y_best). With `shared_prompt` (the rl section's) each prompt is run
+once for its best/worst pair and for the monitor's samples, as in the CTRL step.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from infalign_jax.core.calibration import calibrate
 from infalign_jax.core.preference_losses import BONBON_VARIANTS, bonbon_beta, bonbon_loss, vbon_beta
 from infalign_jax.core.selection import best_of_n, select, worst_of_n
 from infalign_jax.decoding.sampling import (Samples, SamplingConfig, flatten_samples, sample,
-                                            sequence_logprobs)
+                                            sequence_logprobs, shared_prompt_path_terms,
+                                            shared_sequence_logprobs)
 from infalign_jax.core.types import DecoderFns, RewardFn
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import SET_BY
@@ -79,6 +81,8 @@ class BoNBoNConfig:
     pad_id: int = dataclasses.field(default=0, metadata={SET_BY: "task"})
     learning_rate: float = dataclasses.field(default=1e-3, metadata={SET_BY: "rl section"})
     decay_steps: int = dataclasses.field(default=0, metadata={SET_BY: "rl section"})
+    # Each prompt run once for its responses (the pair, the monitor's samples): rl.shared_prompt.
+    shared_prompt: bool = dataclasses.field(default=False, metadata={SET_BY: "rl section"})
     max_grad_norm: float = 0.0
     grad_accum_steps: int = 1
     monitor_samples: int = 4    # policy samples per prompt for the KL / reward metrics
@@ -119,6 +123,9 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
     With `lora_cfg` of rank > 0 the state's params are LoRA adapters on pi_ref's parameters
     (`lora.merge`), as in the CTRL step."""
     n, beta = cfg.n, cfg.pref_beta
+    if cfg.shared_prompt and (fns.shared_hidden is None or fns.lm_kernel is None):
+        raise ValueError("config.rl.shared_prompt=True needs a decoder with a linear lm head "
+                         "(DecoderFns.shared_hidden and lm_kernel; soft-capped logits have none)")
 
     def policy(params: Any, frozen: rl.Frozen) -> Any:
         if lora_cfg is None or not lora_cfg.rank:
@@ -140,18 +147,22 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
                                 tokens_BxNxL.reshape(b * n, -1),
                                 mask_BxNxL.reshape(b * n, -1)).reshape(b, n)
         best_B, worst_B = best_of_n(rewards_BxN).index_B, worst_of_n(rewards_BxN).index_B
-        # Rows 0..B-1 are the best responses, B..2B-1 the worst: one forward pass for both.
-        resp_2BxL = jnp.concatenate([select(tokens_BxNxL, best_B), select(tokens_BxNxL, worst_B)])
-        rmask_2BxL = jnp.concatenate([select(mask_BxNxL, best_B), select(mask_BxNxL, worst_B)])
-        pair = (jnp.tile(prompt_BxP, (2, 1)), jnp.tile(pmask_BxP, (2, 1)), resp_2BxL, rmask_2BxL)
-        ref_2B = jax.lax.stop_gradient(losses.masked_sum(
-            sequence_logprobs(fns, frozen.ref_params, *pair), rmask_2BxL, -1))
+        # Rows 2b and 2b+1 are prompt b's best and worst responses: one forward pass for both.
+        resp_2BxL = jnp.stack([select(tokens_BxNxL, best_B), select(tokens_BxNxL, worst_B)],
+                              1).reshape(2 * b, -1)
+        rmask_2BxL = jnp.stack([select(mask_BxNxL, best_B), select(mask_BxNxL, worst_B)],
+                               1).reshape(2 * b, -1)
+
+        def pair_logprobs(params):     # B x 2: (best, worst)
+            return losses.masked_sum(_logprobs(cfg, fns, params, prompt_BxP, pmask_BxP, resp_2BxL,
+                                               rmask_2BxL), rmask_2BxL, -1).reshape(b, 2)
+
+        ref_Bx2 = jax.lax.stop_gradient(pair_logprobs(frozen.ref_params))
 
         def loss_fn(params):
-            logp_2B = losses.masked_sum(sequence_logprobs(fns, policy(params, frozen), *pair),
-                                        rmask_2BxL, -1)
-            return bonbon_loss(logp_2B[:b], logp_2B[b:], ref_2B[:b], ref_2B[b:], n, cfg.alpha,
-                               beta, cfg.variant)
+            logp_Bx2 = pair_logprobs(policy(params, frozen))
+            return bonbon_loss(logp_Bx2[:, 0], logp_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1], n,
+                               cfg.alpha, beta, cfg.variant)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -159,7 +170,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "best_reward": jnp.mean(select(rewards_BxN, best_B)),
                    "worst_reward": jnp.mean(select(rewards_BxN, worst_B)),
-                   "response_length": jnp.mean(jnp.sum(rmask_2BxL[:b], -1)),
+                   "response_length": jnp.mean(jnp.sum(rmask_2BxL[::2], -1)),
                    **{k: aux[k] for k in ("nll", "pref", "h_mean", "accuracy", "beta")}}
         if cfg.monitor_samples:
             metrics.update(_monitor(cfg, fns, reward_fn, policy(state.params, frozen), frozen,
@@ -167,6 +178,17 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return step
+
+
+def _logprobs(cfg: BoNBoNConfig, fns: DecoderFns, params: Any, prompt_BxP: Array,
+              pmask_BxP: Array, resp_RxL: Array, rmask_RxL: Array) -> Array:
+    """Teacher-forced log-probs (RxL) of R = B*M responses, rows b*M + j continuing prompt b:
+    each prompt run once with `cfg.shared_prompt`, else once per response."""
+    if cfg.shared_prompt:
+        return shared_sequence_logprobs(fns, params, prompt_BxP, pmask_BxP, resp_RxL, rmask_RxL)
+    m = resp_RxL.shape[0] // prompt_BxP.shape[0]
+    return sequence_logprobs(fns, params, jnp.repeat(prompt_BxP, m, 0),
+                             jnp.repeat(pmask_BxP, m, 0), resp_RxL, rmask_RxL)
 
 
 def _monitor(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn, params: Any,
@@ -181,12 +203,19 @@ def _monitor(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn, params: An
     rewards_BxM = reward_fn(frozen.reward_params, jnp.repeat(idx_B, m), rollout[2],
                             rmask_RxL).reshape(b, m)
     cal_BxM = calibrate(rewards_BxM, frozen.ref_sorted_XxK[idx_B], frozen.ref_count_X[idx_B])
-    ref_RxL = sequence_logprobs(fns, frozen.ref_params, *rollout)
     out = {"reward": jnp.mean(rewards_BxM), "calibrated_reward": jnp.mean(cal_BxM),
            "response_length": jnp.mean(jnp.sum(rmask_RxL, -1))}
+    if cfg.full_kl and cfg.shared_prompt:      # pi_ref's log-probs come with the KL terms
+        terms = shared_prompt_path_terms(fns, params, fns, frozen.ref_params, prompt_BxP,
+                                         pmask_BxP, s)
+        ref_RxL = terms.ref_logp_RxL
+        out.update({"kl_full_vocab": jnp.mean(jnp.sum(terms.kl_RxL, -1)),
+                    "entropy": jnp.mean(jnp.sum(terms.entropy_RxL, -1))})
+    else:
+        ref_RxL = _logprobs(cfg, fns, frozen.ref_params, prompt_BxP, pmask_BxP, *rollout[2:])
+        if cfg.full_kl:
+            out.update(rl.full_vocab_metrics(fns, params, frozen.ref_params, *rollout))
     for name, estimator in (("kl_k1", kl.kl_k1), ("kl_k3", kl.kl_k3)):
         per_token_RxL = estimator(logp_RxL, ref_RxL, rmask_RxL)
         out[name] = jnp.mean(losses.masked_sum(per_token_RxL, rmask_RxL, -1))
-    if cfg.full_kl:
-        out.update(rl.full_vocab_metrics(fns, params, frozen.ref_params, *rollout))
     return jax.lax.stop_gradient(out)
