@@ -121,6 +121,28 @@ def test_kl_target_is_vbons_held_out_kl_and_the_summary_is_its_data(comparison):
     assert d["lower"] <= d["point"] <= d["upper"]
 
 
+def test_gain_over_pi_ref_is_the_win_rate_above_one_half_with_its_interval(comparison):
+    """Each method's gain over pi_ref: mean over seeds and prompts of its win rate - 1/2, under
+    the gold judge and the proxy, with a bootstrap interval around it; rendered with both judges
+    (the fixture's proxy is not the gold judge)."""
+    ev = os.path.join(comparison["workdir"], "harmlessness", "evaluation")
+    summary = json.load(open(os.path.join(comparison["workdir"], "comparison.json")))[0]
+    assert not summary["same_judge"] and set(summary["gain_over_ref"]) == set(
+        TRAINED_HERE.split(","))
+    for method, key in itertools.product(("identity", "bon_ref"),
+                                         ("gold_standard", "gold_won2", "proxy_standard")):
+        per_SxB = np.stack([np.load(os.path.join(ev, f"{method}_seed{s}.npz"))[key + "_B"]
+                            for s in (0, 1)])
+        got = summary["gain_over_ref"][method][key]
+        assert got["point"] == pytest.approx(per_SxB.mean() - 0.5, abs=1e-12)
+        assert got["lower"] <= got["point"] <= got["upper"]
+        # an interval of width 0 only where every prompt's win rate is the same (e.g. all ties)
+        assert (got["lower"] < got["upper"]) == (per_SxB.std() > 0), (method, key)
+    text = open(comparison["path"]).read()
+    assert "Gain over pi_ref" in text and "| method | gold_standard | gold_won2 | proxy_standard " \
+        "| proxy_won2 |" in text
+
+
 def test_a_second_run_reuses_every_evaluation(comparison):
     lines = []
     rc.run(rc.task_configs(comparison["config"]), comparison["config"].comparison,

@@ -2,8 +2,11 @@
 
 `summarise(result, cc)` turns the per-prompt evaluations of every method x seed into rows (mean and
 sd over seeds, and for the calibrated transforms the analytic optimum at the row's KL: how far
-training is from converged), differences against calibrated identity
-(`evaluation.paired_difference`: a bootstrap over prompts, paired, and seeds) and the paper's
+training is from converged), each method's gain over pi_ref (win rate - 1/2 under the gold judge
+and under the training reward, with a bootstrap over prompts and seeds: with a proxy reward, what
+it gained under the proxy and what of that the gold judge confirms), differences against
+calibrated identity (`evaluation.paired_difference`: a bootstrap over prompts, paired, and
+seeds) and the paper's
 claims, each decided holds / does not hold / unresolved from its 95% interval; `markdown` and
 `plot` render them (the plot with the optimum's win rate against KL as a line per transform).
 `cc` is the run's `real_comparison.ComparisonConfig`.
@@ -96,6 +99,10 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
             row[key[:-2] + "_sd"] = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
         row["optimum"] = optimum(method, result["procedure"], n, cc.t, row["kl"])
         rows.append(row)
+    # Win rates are against pi_ref's samples: 1/2 is pi_ref itself.
+    gains = {method: {key[:-2]: _interval(evaluation.paired_difference(
+        np.stack([r[key] for r in runs]), np.full((1, runs[0][key].shape[0]), 0.5),
+        cc.num_resamples, seed=cc.eval_seed)) for key in metrics} for method, runs in evals.items()}
     diffs = {}
     if "identity" in evals:
         base = evals["identity"]
@@ -107,7 +114,8 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
                 cc.num_resamples, seed=cc.eval_seed)) for key in metrics}
     claims = _claims(result, diffs, flagged, n)
     return {"task": result["task"], "procedure": result["procedure"], "kl_target": target,
-            "rows": rows, "differences_vs_identity": diffs, "claims": claims,
+            "rows": rows, "gain_over_ref": gains, "differences_vs_identity": diffs,
+            "claims": claims,
             "gold": result["gold"], "proxy": result["proxy"], "same_judge": result["same_judge"]}
 
 
@@ -174,6 +182,17 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
                   "transform at the same KL (analytic, calibrated space; under the training "
                   "reward), gain fraction = (win rate - 1/2) / (optimum - 1/2):", "",
                   sweep.markdown_table(crows, ccols), ""]
+    gcols = ["method", "gold_standard", f"gold_{proc}"] + (
+        [] if summary["same_judge"] else ["proxy_standard", f"proxy_{proc}"])
+    grows = [{"method": m, **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**g[c])
+                              for c in gcols[1:]}}
+             for m, g in summary["gain_over_ref"].items()]
+    if grows:
+        lines += ["Gain over pi_ref (win rate - 1/2, 95% bootstrap over prompts and seeds"
+                  + ("" if summary["same_judge"] else
+                     "; with a proxy reward: what the policy gained under the proxy and what "
+                     "of it the gold judge confirms") + "):", "",
+                  sweep.markdown_table(grows, gcols), ""]
     if summary["differences_vs_identity"]:
         dcols = ["method", "gold_standard", f"gold_{summary['procedure']}{n}",
                  f"proxy_{summary['procedure']}{n}"]
