@@ -147,8 +147,7 @@ def test_bonbon_shared_prompt_step_equals_the_per_row_step(full_kl):
         cfg = bd.BoNBoNConfig(n=4, max_new_tokens=3, eos_id=task.eos_id, learning_rate=1e-2,
                               monitor_samples=4, full_kl=full_kl, shared_prompt=shared)
         opt = rl.make_optimizer(cfg)
-        step = jax.jit(bd.make_bonbon_step(cfg, fns, functools.partial(et.table_reward_fn,
-                                                                       vocab=4), opt))
+        step = jax.jit(bd.make_bonbon_step(cfg, fns, et.reward_fn(task), opt))
         out[shared] = step(rl.init_state(params, opt), frozen, batch, jax.random.key(3))
     (s0, m0), (s1, m1) = out[False], out[True]
     assert 0 < float(m0["response_length"]) < 3          # some responses stopped at EOS

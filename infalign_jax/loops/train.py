@@ -155,7 +155,8 @@ def bonbon_config(config: Any, task: rl_tasks.RLTask) -> bon_distillation.BoNBoN
                           max_new_tokens=int(config.rl.max_new_tokens), eos_id=task.eos_id,
                           pad_id=task.pad_id, learning_rate=float(config.rl.learning_rate),
                           decay_steps=int(config.rl.decay_steps),
-                          shared_prompt=bool(config.rl.get("shared_prompt", False)))
+                          shared_prompt=config.rl.get("shared_prompt",
+                                                      rl.RLConfig.shared_prompt))
 
 
 def train_config(config: Any) -> TrainConfig:

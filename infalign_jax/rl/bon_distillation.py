@@ -96,6 +96,7 @@ class BoNBoNConfig:
         check.choice(self, "variant", BONBON_VARIANTS)
         check.numbers(self, ("beta", "max_grad_norm"))   # beta 0 = beta*_n
         check.choice(self, "data", DATA_MODES)
+        check.bools(self, ("shared_prompt", "full_kl"))
         check.numbers(self, ("learning_rate",), strict=True)
 
     @property
@@ -121,7 +122,9 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
                                    tuple[rl.RLState, dict[str, Array]]]:
     """The pure BoNBoN step; `batch` as for `rl_step` (+ the responses when data="offline").
     With `lora_cfg` of rank > 0 the state's params are LoRA adapters on pi_ref's parameters
-    (`lora.merge`), as in the CTRL step."""
+    (`lora.merge`), as in the CTRL step. With `cfg.shared_prompt` each prompt is run once for its
+    best/worst pair and for the monitor's samples (a decoder without a linear lm head is refused,
+    ValueError)."""
     n, beta = cfg.n, cfg.pref_beta
     if cfg.shared_prompt and (fns.shared_hidden is None or fns.lm_kernel is None):
         raise ValueError("config.rl.shared_prompt=True needs a decoder with a linear lm head "

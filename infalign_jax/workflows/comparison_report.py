@@ -4,11 +4,11 @@
 sd over seeds, and for the calibrated transforms the analytic optimum at the row's KL: how far
 training is from converged), each method's gain over pi_ref (win rate - 1/2 under the gold judge
 and under the training reward, with a bootstrap over prompts and seeds: with a proxy reward, what
-it gained under the proxy and what of that the gold judge confirms), differences against
-calibrated identity (`evaluation.paired_difference`: a bootstrap over prompts, paired, and
-seeds) and the paper's
-claims, each decided holds / does not hold / unresolved from its 95% interval; `markdown` and
-`plot` render them (the plot with the optimum's win rate against KL as a line per transform).
+the policy gained under the proxy and under the gold judge), differences against calibrated
+identity (`evaluation.paired_difference`: a bootstrap over prompts, paired, and seeds) and the
+paper's claims, each decided holds / does not hold / unresolved from its 95% interval;
+`markdown` and `plot` render them (the plot with the optimum's win rate against KL as a line per
+transform).
 `cc` is the run's `real_comparison.ComparisonConfig`.
 """
 
@@ -78,7 +78,8 @@ def optimum(method: str, procedure: str, n: int, t: float, kl: float) -> dict[st
 
 
 def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
-    """Per-method rows (mean +- sd over seeds), differences against calibrated identity, claims."""
+    """Per-method rows (mean +- sd over seeds), gains over pi_ref, differences against calibrated
+    identity, claims."""
     n, evals, target = cc.n, result["evals"], result["kl_target"]
     metrics = ["gold_standard_B", f"gold_bon{n}_B", f"gold_won{n}_B", "proxy_standard_B",
                f"proxy_bon{n}_B", f"proxy_won{n}_B"]
@@ -190,8 +191,8 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
     if grows:
         lines += ["Gain over pi_ref (win rate - 1/2, 95% bootstrap over prompts and seeds"
                   + ("" if summary["same_judge"] else
-                     "; with a proxy reward: what the policy gained under the proxy and what "
-                     "of it the gold judge confirms") + "):", "",
+                     "; with a proxy reward: what the policy gained under the proxy and under "
+                     "the gold judge") + "):", "",
                   sweep.markdown_table(grows, gcols), ""]
     if summary["differences_vs_identity"]:
         dcols = ["method", "gold_standard", f"gold_{summary['procedure']}{n}",
