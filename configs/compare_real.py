@@ -18,14 +18,16 @@ LoRA, 16 steps of 4 prompts x 4 samples, `rl.shared_prompt`) with 256 training /
 prompts, every run but the target-setting vBoN moved to the target KL by interpolation in weight
 space (`comparison.kl_match`, one evaluation more a run). Measured at revision 5835d9b
 (helpfulness, clean clone, 2 CPU cores, docs/results.md section 5): 83 min 31 s wall, peak RSS
-5.8 GB, every method's KL within 2% of vBoN's 0.574; harmlessness at 47bf0e6: 92 min 38 s with
-other work at nice 19 on the cores for 29 of them. `medium` is for a GPU.
+5.8 GB, every method's KL within 2% of vBoN's 0.574; harmlessness at bacf951 (clean clone, quiet
+machine): 88 min 01 s, the same numbers as at 47bf0e6 (92 min 38 s with other work at nice 19 on
+the cores). Claim (c) (raw and identity on the tiny proxy, helpfulness): 44 min 41 s. `medium`
+is for a GPU.
 Expected result: comparison.md with one table per task (KL and standard / BoN_N / WoN_N win rates
 against pi_ref, mean +- sd over seeds, under the gold judge and the proxy), the differences
 against calibrated identity with 95% intervals over prompts and seeds, and each claim marked holds
 / does not hold / unresolved. At `smoke` (one step a run) every claim is unresolved (docs/results.md
-section 5); at `small` (a), (b) and (d) are unresolved, with intervals of about +-0.05 (section
-5 there).
+section 5); at `small` (a), (b), (c) and (d) are unresolved, with intervals of about +-0.05
+(section 5 there).
 """
 
 import os
