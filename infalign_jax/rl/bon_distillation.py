@@ -48,6 +48,7 @@ from infalign_jax.core.types import DecoderFns, RewardFn
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import SET_BY
 from infalign_jax.models import lora
+from infalign_jax.rl.step import check_shared_prompt, path_terms_metrics
 
 Array = jax.Array
 DATA_MODES = ("online", "offline")
@@ -126,9 +127,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
     best/worst pair and for the monitor's samples (a decoder without a linear lm head is refused,
     ValueError)."""
     n, beta = cfg.n, cfg.pref_beta
-    if cfg.shared_prompt and (fns.shared_hidden is None or fns.lm_kernel is None):
-        raise ValueError("config.rl.shared_prompt=True needs a decoder with a linear lm head "
-                         "(DecoderFns.shared_hidden and lm_kernel; soft-capped logits have none)")
+    check_shared_prompt(cfg.shared_prompt, fns)
 
     def policy(params: Any, frozen: rl.Frozen) -> Any:
         if lora_cfg is None or not lora_cfg.rank:
@@ -212,8 +211,7 @@ def _monitor(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn, params: An
         terms = shared_prompt_path_terms(fns, params, fns, frozen.ref_params, prompt_BxP,
                                          pmask_BxP, s)
         ref_RxL = terms.ref_logp_RxL
-        out.update({"kl_full_vocab": jnp.mean(jnp.sum(terms.kl_RxL, -1)),
-                    "entropy": jnp.mean(jnp.sum(terms.entropy_RxL, -1))})
+        out.update(path_terms_metrics(terms))
     else:
         ref_RxL = _logprobs(cfg, fns, frozen.ref_params, prompt_BxP, pmask_BxP, *rollout[2:])
         if cfg.full_kl:

@@ -200,7 +200,24 @@ def full_vocab_metrics(fns: DecoderFns, params: Params, ref_params: Params, prom
     """
     kl_BxL, ent_BxL = response_kl_entropy(fns, params, fns, ref_params, prompt_BxP,
                                           prompt_mask_BxP, response_BxL, response_mask_BxL)
-    return {"kl_full_vocab": jnp.mean(jnp.sum(kl_BxL, -1)), "entropy": jnp.mean(jnp.sum(ent_BxL, -1))}
+    return _kl_entropy_metrics(kl_BxL, ent_BxL)
+
+
+def _kl_entropy_metrics(kl_RxL: Array, entropy_RxL: Array) -> dict[str, Array]:
+    return {"kl_full_vocab": jnp.mean(jnp.sum(kl_RxL, -1)),
+            "entropy": jnp.mean(jnp.sum(entropy_RxL, -1))}
+
+
+def path_terms_metrics(terms: Any) -> dict[str, Array]:
+    """`full_vocab_metrics` from `sampling.shared_prompt_path_terms`' per-token terms."""
+    return _kl_entropy_metrics(terms.kl_RxL, terms.entropy_RxL)
+
+
+def check_shared_prompt(shared_prompt: bool, fns: DecoderFns) -> None:
+    """Refuses `rl.shared_prompt` for a decoder whose prompt cannot be shared (no linear head)."""
+    if shared_prompt and (fns.shared_hidden is None or fns.lm_kernel is None):
+        raise ValueError("config.rl.shared_prompt=True needs a decoder with a linear lm head "
+                         "(DecoderFns.shared_hidden and lm_kernel; soft-capped logits have none)")
 
 
 # ---------------------------------------------------------------------------- the phases
@@ -236,9 +253,8 @@ def rollout_full_vocab_metrics(cfg: RLConfig, fns: DecoderFns, params: Params,
     resp_RxL, mask_RxL = ro.tokens[2:]
     samples = Samples(resp_RxL.reshape(b, m, -1), mask_RxL.reshape(b, m, -1),
                       ro.old_logp_RxL.reshape(b, m, -1))
-    terms = shared_prompt_path_terms(fns, params, fns, ref_params, *ro.prompt, samples)
-    return {"kl_full_vocab": jnp.mean(jnp.sum(terms.kl_RxL, -1)),
-            "entropy": jnp.mean(jnp.sum(terms.entropy_RxL, -1))}
+    return path_terms_metrics(shared_prompt_path_terms(fns, params, fns, ref_params, *ro.prompt,
+                                                       samples))
 
 
 class Scores(NamedTuple):
@@ -445,9 +461,7 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
     `rollout_params` (hook): maps the policy parameters to the layout the rollout decodes from,
     once per step (`infra.sharding.rollout_resharder`); None decodes from them as they are."""
     transform = cfg.get_transform()
-    if cfg.shared_prompt and (fns.shared_hidden is None or fns.lm_kernel is None):
-        raise ValueError("config.rl.shared_prompt=True needs a decoder with a linear lm head "
-                         "(DecoderFns.shared_hidden and lm_kernel; soft-capped logits have none)")
+    check_shared_prompt(cfg.shared_prompt, fns)
 
     def roll(state: RLState, batch: Mapping[str, Array], rng: Array,
              frozen: Frozen | None = None) -> Rollout:
