@@ -42,7 +42,7 @@ def unrolled_logits(cfg, params, layers, tokens_B, cache):
         kv = (cache["pk"][i], cache["pv"][i], cache["rk"][i], cache["rv"][i])
         x, _ = T.Block(cfg, return_kv=True).apply(
             {"params": layers[i]}, x, (kv, {k: jnp.asarray(v[i]) for k, v in consts.items()}),
-            cache["next_pos"][:, None], None, cache["pmask"], cache["index"])
+            cache["next_pos"][:, None], None, (cache["pmask"], None), cache["index"])
     h = T.Norm(cfg).apply({"params": params["final_norm"]}, x)
     return jnp.einsum("bsd,dv->bsv", h, models.lm_head_kernel(params, cfg),
                       preferred_element_type=jnp.float32)[:, 0]
