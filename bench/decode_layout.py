@@ -1,18 +1,22 @@
-"""Where a SmolLM2 decode step's time goes: the layer scan against unrolled layers, and the
-response-cache length. Baseline: the library's `models.decode_step` (layers as one `nn.scan`),
-measured in the same run as
+"""Where a SmolLM2 decode step's time goes. Baseline: the library's `models.decode_step` (layers
+as one `nn.scan`), measured in the same run as
 
   * the same step with the layers unrolled in Python over pre-split per-layer parameters,
-  * the same with static slices of the stacked parameters inside the jitted step,
-  * the library step with 8, 64 and 256 response-cache slots (the attention masks unused slots).
+  * the library step with 8 and 256 response-cache slots (the attention masks unused slots).
 
-Prints ms per step, the ratios to the baseline and the logits' max |difference| (must be 0), with
-the devices named. Usage: .venv/bin/python bench/decode_layout.py [--batch 32] [--prompt 64]
+The machine's speed drifts by 10-20% between runs here, so the variants are timed interleaved,
+round after round, and each is reported as the median over rounds of its ms per step and of its
+ratio to the baseline timed in the same round. Prints the logits' max |difference| to the
+baseline (float32 rounding only) and the devices. `--profile`: the baseline's time per XLA
+operation from a `jax.profiler` trace (copies, slices and matmuls by name; summed over the
+concurrently running operations, so the total exceeds the wall time).
+Usage: .venv/bin/python bench/decode_layout.py [--batch 32] [--prompt 64] [--rounds 5] [--profile]
 """
 
 import argparse
 import json
 import platform
+import re
 import time
 
 import jax
@@ -24,14 +28,49 @@ from infalign_jax.models import gguf_import
 from infalign_jax.models import transformer as T
 
 
-def _ms(f, *args, n: int = 10) -> tuple[float, jax.Array]:
-    out = f(*args)
-    out.block_until_ready()
+def _ms(f, *args, n: int = 6) -> tuple[float, jax.Array]:
     t0 = time.perf_counter()
     for _ in range(n):
         out = f(*args)
     out.block_until_ready()
     return (time.perf_counter() - t0) / n * 1e3, out
+
+
+def op_profile(f, args, steps: int = 5, top: int = 20) -> list[tuple[str, float, int]]:
+    """(XLA operation, ms per step, calls per step) of `f(*args)`, the `top` largest, from a
+    perfetto trace of `steps` calls."""
+    import collections
+    import glob
+    import gzip
+    import tempfile
+
+    f(*args).block_until_ready()
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                out = f(*args)
+            out.block_until_ready()
+        (path,) = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as fh:
+            trace = json.load(fh)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(("ThunkExecutor", "$", "Slinky")):
+            total[e["name"]] += e.get("dur", 0)
+            calls[e["name"]] += 1
+    return [(k, v / steps / 1e3, calls[k] // steps) for k, v in total.most_common(top)]
+
+
+def hlo_ops(compiled_text: str) -> dict[str, str]:
+    """XLA operation name -> 'shape  (the JAX op it came from)', read from compiled HLO text."""
+    out = {}
+    for line in compiled_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) ", line)
+        if m and m.group(1) not in out:
+            op = re.search(r'op_name="([^"]*)"', line)
+            out[m.group(1)] = f"{m.group(2)}  {op.group(1).split('/')[-1] if op else ''}".rstrip()
+    return out
 
 
 def unrolled_logits(cfg, params, layers, tokens_B, cache):
@@ -52,6 +91,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     cfg, params = gguf_import.load_gguf_checkpoint(gguf_import.smollm2_gguf_path())
@@ -59,36 +100,54 @@ def main() -> None:
     prompt = jnp.asarray(rng.integers(10, 1000, (a.batch, a.prompt)), jnp.int32)
     pmask = jnp.ones(prompt.shape, bool)
     tokens = jnp.asarray(rng.integers(10, 1000, (a.batch,)), jnp.int32)
-    step = jax.jit(lambda p, t, c: models.decode_step(p, t, cfg, c)[0])
 
     def cache_of(slots):
         _, cache = models.prefill(params, prompt, cfg, pmask, max_new_tokens=slots)
         return {**cache, "index": jnp.asarray(slots // 2, jnp.int32)}
 
     cache = cache_of(64)
+    step = jax.jit(lambda p, t, c: models.decode_step(p, t, cfg, c)[0])
     layers = [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(cfg.n_layers)]
     split = jax.jit(lambda p, ls, t, c: unrolled_logits(cfg, p, ls, t, c))
-    sliced = jax.jit(lambda p, t, c: unrolled_logits(
-        cfg, p, [jax.tree.map(lambda x, i=i: x[i], p["layers"]) for i in range(cfg.n_layers)],
-        t, c))
-    base, want = _ms(step, params, tokens, cache)
-    rows = {"scan (library), 64 slots": (base, 0.0)}
-    for name, f, args in (("unrolled, pre-split params", split, (params, layers, tokens, cache)),
-                          ("unrolled, static slices", sliced, (params, tokens, cache))):
-        ms, got = _ms(f, *args)
-        rows[name] = (ms, float(jnp.abs(got - want).max()))
-    for slots in (8, 256):
-        ms, _ = _ms(step, params, tokens, cache_of(slots))
-        rows[f"scan (library), {slots} slots"] = (ms, 0.0)
+    variants = {
+        "library: scan, 64 slots": (step, (params, tokens, cache)),
+        "layers unrolled, pre-split parameters": (split, (params, layers, tokens, cache)),
+        "library, 8 slots": (step, (params, tokens, cache_of(8))),
+        "library, 256 slots": (step, (params, tokens, cache_of(256))),
+    }
+    want = step(params, tokens, cache)
+    diffs = {}
+    for name, (f, args) in variants.items():     # compile and warm every variant first
+        got = f(*args)
+        # (other cache lengths attend over other slots: no logits to compare)
+        diffs[name] = float(jnp.abs(got - want).max()) if args[-1] is cache else float("nan")
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(a.rounds):
+        for name, (f, args) in variants.items():
+            times[name].append(_ms(f, *args)[0])
+    base = np.asarray(times["library: scan, 64 slots"])
+    rows = {name: (float(np.median(t)), float(np.median(np.asarray(t) / base)), diffs[name])
+            for name, t in times.items()}
     print(f"devices: {jax.devices()}  host: {platform.processor() or platform.machine()}")
-    print(f"SmolLM2-135M f32 decode step, batch {a.batch}, prompt {a.prompt}")
-    print("| variant | ms / step | vs library | max abs diff |\n|---|---|---|---|")
-    for name, (ms, diff) in rows.items():
-        print(f"| {name} | {ms:.1f} | {ms / base:.2f}x | {diff:.1e} |")
+    print(f"SmolLM2-135M f32 decode step, batch {a.batch}, prompt {a.prompt}; median of "
+          f"{a.rounds} interleaved rounds")
+    print("| variant | ms / step | vs library (same round) | logits max abs diff |\n|---|---|---|---|")
+    for name, (ms, ratio, diff) in rows.items():
+        print(f"| {name} | {ms:.1f} | {ratio:.2f}x | {diff:.1e} |")
+    print("ms per step by round: " + "; ".join(
+        f"{name.split(':')[0]}: {', '.join(f'{t:.0f}' for t in ts)}" for name, ts in times.items()))
+    result = {k: {"ms": v[0], "ratio": v[1], "max_abs_diff": v[2], "rounds_ms": times[k]}
+              for k, v in rows.items()}
+    if a.profile:
+        print("\nlibrary step, time per XLA operation (ms per step, calls per step):")
+        prof = op_profile(step, (params, tokens, cache))
+        what = hlo_ops(step.lower(params, tokens, cache).compile().as_text())
+        for name, ms, calls in prof:
+            print(f"  {ms:8.2f} ms  x{calls:<4d} {name:32s} {what.get(name, '')}")
+        result["profile"] = [dict(op=n, ms=m, calls=c, what=what.get(n, "")) for n, m, c in prof]
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({k: {"ms": v[0], "max_abs_diff": v[1]} for k, v in rows.items()}, f,
-                      indent=2)
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

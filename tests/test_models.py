@@ -60,11 +60,14 @@ def test_causal_by_gradient(model):
             assert float(jnp.abs(g[tok]).max()) > 0.0
 
 
-def test_kv_cache_decode_equals_full_forward(model):
+@pytest.mark.parametrize("cfg", [LLAMA, dataclasses.replace(LLAMA, sliding_window=3, attn_softcap=2.0),
+                                 GPT2], ids=["llama", "llama-window-softcap", "gpt2"])
+def test_kv_cache_decode_equals_full_forward(cfg):
     """Prefill once, then two continuations per prompt (rows b*2 + j) through the two-part cache
     (shared prompt KV, own response KV): each row's logits equal the full forward of its own
-    sequence."""
-    cfg, params = model
+    sequence, also with a sliding window (which masks prompt keys and earlier response slots) and
+    capped attention scores."""
+    params = _randomise(models.init_params(cfg, jax.random.key(0)))
     tokens = jax.random.randint(jax.random.key(2), (3, 11), 0, cfg.vocab_size)
     mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0] + [1] * 10, [1] * 11], bool)
     prompt_len = 6

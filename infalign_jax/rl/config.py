@@ -96,6 +96,7 @@ class RLConfig:
         if self.algorithm == "rloo" and self.samples_per_prompt < 2:
             fail("samples_per_prompt", ">= 2 for RLOO (a leave-one-out baseline)")
         check.choice(self, "kl_mode", KL_MODES)
+        check.bools(self, ("full_kl", "shared_prompt", "whiten_advantages"))
         check.ints(self, ("decay_steps", "beta_anneal_steps"), low=0)
         check.numbers(self, ("max_grad_norm", "value_clip"))
         check.choice(self, "beta_schedule", BETA_SCHEDULES)
