@@ -14,9 +14,13 @@ Usage: .venv/bin/python bench/decode_layout.py [--batch 32] [--prompt 64] [--rou
 """
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import platform
 import re
+import tempfile
 import time
 
 import jax
@@ -39,11 +43,6 @@ def _ms(f, *args, n: int = 6) -> tuple[float, jax.Array]:
 def op_profile(f, args, steps: int = 5, top: int = 20) -> list[tuple[str, float, int]]:
     """(XLA operation, ms per step, calls per step) of `f(*args)`, the `top` largest, from a
     perfetto trace of `steps` calls."""
-    import collections
-    import glob
-    import gzip
-    import tempfile
-
     f(*args).block_until_ready()
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):

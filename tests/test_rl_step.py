@@ -492,10 +492,9 @@ def test_shared_prompt_step_equals_the_per_row_step(kw):
         np.testing.assert_allclose(m1[k], m0[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # Adam's first step moves each parameter by about lr * g / (|g| + eps): where a gradient is
     # within rounding of 0 (some LoRA adapter entries, |g| ~ 1e-9), the step amplifies rounding
-    # to a sizeable fraction of lr, so adapters are compared through the metrics (loss,
-    # grad_norm, KL) and full parameters directly.
-    # Full parameters: all but a few such entries agree to rtol 1e-4, and none by more than the
-    # optimiser steps taken (PPO: 4 epochs of lr = 1e-2 each).
+    # to a sizeable fraction of lr. So adapters are compared through the metrics (loss,
+    # grad_norm, KL); full parameters directly: all but a few such entries agree to rtol 1e-4,
+    # and none by more than the optimiser steps taken (PPO: 4 epochs of lr = 1e-2 each).
     if not cfg.lora.rank:
         for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params)):
             a, b = np.asarray(a), np.asarray(b)
