@@ -14,6 +14,8 @@ from infalign_jax.core.types import HostReward
 from infalign_jax import models, rl
 from infalign_jax.core.transforms import get_transform
 
+from adam_numerics import assert_agree_after_adam
+
 
 def _frozen_and_batch(task):
     """pi_ref, the reward table and a K = 64 reference table; one batch of both prompts."""
@@ -490,16 +492,15 @@ def test_shared_prompt_step_equals_the_per_row_step(kw):
     assert 0 < float(m0["response_length"]) < 3   # some responses stopped at EOS
     for k in m0:
         np.testing.assert_allclose(m1[k], m0[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    # Adam's first step moves each parameter by about lr * g / (|g| + eps): where a gradient is
-    # within rounding of 0 (some LoRA adapter entries, |g| ~ 1e-9), the step amplifies rounding
-    # to a sizeable fraction of lr. So adapters are compared through the metrics (loss,
-    # grad_norm, KL); full parameters directly: all but a few such entries agree to rtol 1e-4,
-    # and none by more than the optimiser steps taken (PPO: 4 epochs of lr = 1e-2 each).
+    # Adapters are compared through the metrics (loss, grad_norm, KL): Adam amplifies the rounding
+    # of their near-zero gradients (|g| ~ 1e-9 for some entries at B's start) to a sizeable
+    # fraction of lr. Full parameters directly (`adam_numerics`): all within Adam's displacement
+    # over the 4 PPO epochs, and 99% of entries to rtol 1e-4 (measured: 99.85-99.98% on
+    # different machines; the rest are entries whose gradient is within rounding of 0).
     if not cfg.lora.rank:
-        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params)):
-            a, b = np.asarray(a), np.asarray(b)
-            assert np.isclose(a, b, rtol=1e-4, atol=1e-6).mean() >= 0.999
-            assert np.abs(a - b).max() <= cfg.ppo_epochs * cfg.learning_rate
+        updates = cfg.ppo_epochs if cfg.algorithm == "ppo" else 1
+        assert_agree_after_adam(s1.params, s0.params, learning_rate=cfg.learning_rate,
+                                updates=updates, min_fraction=0.99)
     assert float(m0["kl_full_vocab"]) > 0 and float(m0["loss"]) != 0
 
 

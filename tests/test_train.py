@@ -17,6 +17,8 @@ from infalign_jax.core.calibration import ReferenceTableError, build_reference_t
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.infra.metrics_io import read_jsonl
 
+from adam_numerics import assert_agree_after_adam
+
 TIMING_KEYS = {"step_time_s", "tokens_per_s"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,8 +116,10 @@ def test_one_and_eight_devices_give_the_same_numbers(tmp_path):
                                                   "mesh.tensor": 2}),
                           str(tmp_path / "eight"), log=_quiet)
     assert len(jax.devices()) == 8
-    for a, b in zip(_leaves(one), _leaves(eight)):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    # Other reduction orders, so Adam's rounding caveat applies (`adam_numerics`).
+    assert_agree_after_adam(_leaves(one), _leaves(eight), min_fraction=0.99, atol=2e-5, rtol=1e-4,
+                            learning_rate=_config().rl.learning_rate,
+                            updates=overrides["train.num_steps"])
     m1, m8 = s1["last_train_metrics"], s8["last_train_metrics"]
     for key in ("reward", "calibrated_reward", "kl_k1", "kl_full_vocab", "loss"):
         assert m1[key] == pytest.approx(m8[key], rel=1e-4, abs=1e-5), key
@@ -189,8 +193,11 @@ def test_serving_rollout_layout_gives_the_training_layouts_numbers(tmp_path):
     fsdp, s_fsdp = train.run(_config(**overrides), str(tmp_path / "train"), log=_quiet)
     serve, s_serve = train.run(_config(**overrides, **{"mesh.rollout": "serve"}),
                                str(tmp_path / "serve"), log=_quiet)
-    for a, b in zip(_leaves(fsdp), _leaves(serve)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+    # The update runs in the same layout, but the rollout's reductions differ, so Adam's rounding
+    # caveat applies (`adam_numerics`; one entry in 2048 differed by 3e-6 on one machine).
+    assert_agree_after_adam(_leaves(fsdp), _leaves(serve), min_fraction=0.99, atol=1e-6, rtol=1e-6,
+                            learning_rate=_config().rl.learning_rate,
+                            updates=overrides["train.num_steps"])
     m1, m2 = s_fsdp["last_train_metrics"], s_serve["last_train_metrics"]
     for key in ("reward", "kl_k1", "kl_full_vocab", "loss", "response_length"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-6, abs=1e-7), key
