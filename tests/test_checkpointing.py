@@ -25,6 +25,8 @@ from infalign_jax.infra.checkpointing import (CheckpointRestoreError, Checkpoint
                                         WorkdirError, abstract_state, check_writable,
                                         nonfinite_leaves)
 
+from xla_env import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 LOGGER = "infalign_jax.infra.checkpointing"
 
@@ -268,7 +270,7 @@ def _load_worker():
 
 def _start_worker(workdir: Path, out: Path, stderr_path: Path) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env["XLA_FLAGS"] = ""  # one device is enough; keeps start-up short
+    env["XLA_FLAGS"] = xla_flags()  # one device is enough; keeps start-up short
     env.setdefault("INFALIGN_JAX_CACHE", str(REPO / ".jax_cache"))
     return subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "_ckpt_worker.py"), str(workdir), str(NUM_STEPS),

@@ -182,6 +182,7 @@ def train_seeds(transform, params, *, eos=False, seeds=SEEDS, steps=STEPS, **rl_
 
 
 @pytest.mark.slow
+@pytest.mark.long_run
 @pytest.mark.parametrize("name,params,eos,rl_kw", [
     pytest.param("exp", {"t": -5.0}, False, {}, id="rloo-exp-t-5"),
     pytest.param("exp", {"t": 5.0}, False, {}, id="rloo-exp-t5"),

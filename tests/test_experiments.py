@@ -10,6 +10,8 @@ import pytest
 
 from infalign_jax.infra.config_utils import load_config_module
 
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
@@ -26,7 +28,7 @@ def test_config_is_locked_and_documented(path):
 
 
 def _run(script, *args, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="")  # the entrypoints run on one device like a user's run
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # one device, like a user's run
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -44,7 +46,7 @@ def test_analytic_entrypoint(tmp_path):
 
 
 def test_entrypoint_rejects_unknown_override(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "analytic.py"),
                            f"--workdir={tmp_path}", "--config.no_such=1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -60,6 +60,9 @@ def test_causal_by_gradient(model):
             assert float(jnp.abs(g[tok]).max()) > 0.0
 
 
+DECODE_ATOL = 3e-5
+
+
 @pytest.mark.parametrize("cfg", [LLAMA, dataclasses.replace(LLAMA, sliding_window=3, attn_softcap=2.0),
                                  GPT2], ids=["llama", "llama-window-softcap", "gpt2"])
 def test_kv_cache_decode_equals_full_forward(cfg):
@@ -80,11 +83,14 @@ def test_kv_cache_decode_equals_full_forward(cfg):
     np.testing.assert_allclose(np.where(mask[:, :prompt_len, None], logits, 0),
                                np.where(mask[:, :prompt_len, None], full[:, :prompt_len], 0), atol=1e-5)
     assert cache["pk"].shape[1] == 3 and cache["rk"].shape[1] == 6  # prompt KV not repeated
+    # The cached decode sums its attention over two KV blocks, the full forward over one causal
+    # row: f32 rounding of the reordered sums reached 1.1e-5 (XLA's CPU optimisation level 0).
+    # A wrong slot, mask or position moves these logits by far more than ATOL (the last assert).
     for t in range(prompt_len, 11):
         rows = jnp.stack([tokens[:, t], other[:, t]], axis=1).reshape(6)
         step, cache = decode_step(params, rows, cfg, cache)
-        np.testing.assert_allclose(step[0::2], full[:, t], atol=1e-5)
-        np.testing.assert_allclose(step[1::2], full_other[:, t], atol=1e-5)
+        np.testing.assert_allclose(step[0::2], full[:, t], atol=DECODE_ATOL)
+        np.testing.assert_allclose(step[1::2], full_other[:, t], atol=DECODE_ATOL)
     assert float(jnp.abs(full).max()) > 1.0  # the comparison is not between near-zero numbers
     assert float(jnp.abs(full[:, -1] - full_other[:, -1]).max()) > 1e-2  # the rows differ
 

@@ -35,6 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from infalign_jax.infra import distributed as dist
 from infalign_jax.infra import sharding as sh
 
+from xla_env import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_multihost_worker.py"
 RTOL, ATOL = 1e-5, 1e-6
@@ -180,7 +182,7 @@ def _launch(process_id: int, num_processes: int, devices: int, port: int, out: P
             ) -> tuple[subprocess.Popen, Path]:
     env = dict(os.environ)
     # Replaces conftest's 8-device flag: the device count per process is the point here.
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("INFALIGN_JAX_CACHE", str(REPO / ".jax_cache"))
     log = out / f"worker{process_id}.log"

@@ -199,8 +199,11 @@ def test_serving_rollout_layout_gives_the_training_layouts_numbers(tmp_path):
                             learning_rate=_config().rl.learning_rate,
                             updates=overrides["train.num_steps"])
     m1, m2 = s_fsdp["last_train_metrics"], s_serve["last_train_metrics"]
-    for key in ("reward", "kl_k1", "kl_full_vocab", "loss", "response_length"):
+    for key in ("reward", "kl_k1", "kl_full_vocab", "response_length"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-6, abs=1e-7), key
+    # The loss is a mean of advantage-weighted log-probs whose terms cancel, so its relative
+    # rounding is larger than its terms' (1.4e-6 at XLA's CPU optimisation level 0).
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-7)
     with pytest.raises(ValueError, match=r"config.mesh.rollout must be one of \['serve', 'train'\]"):
         train.run(_config(**{"mesh.rollout": "decode"}), str(tmp_path / "bad"), log=_quiet)
 

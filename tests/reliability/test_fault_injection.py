@@ -10,7 +10,7 @@
   optimiser state bit-identical across the skipped step.
 * An unwritable or full work directory fails before any training output is written.
 
-Subprocesses use one CPU device (XLA_FLAGS="") and the persistent compilation cache.
+Subprocesses use one CPU device (`xla_env.xla_flags()`) and the persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from infalign_jax.infra.checkpointing import Checkpointer
 from infalign_jax.data import pipeline
 from infalign_jax.infra.metrics_io import read_jsonl
 
+from xla_env import xla_flags
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "reliability" / "_train_worker.py"
 CLI = REPO / "experiments" / "train_policy.py"
@@ -52,7 +54,7 @@ FLAGS = ["--config=configs/ctrl_exact.py", "--config.rl.samples_per_prompt=8",
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     env.setdefault("JAX_COMPILATION_CACHE_DIR",
                    os.environ.get("INFALIGN_JAX_CACHE", str(REPO / ".jax_cache")))
