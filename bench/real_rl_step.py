@@ -35,7 +35,7 @@ def _setup(args):
     import numpy as np
     from infalign_jax import models, rl
     from infalign_jax.loops.train import guard_nonfinite
-    from infalign_jax.models import gguf_import
+    from infalign_jax.models import gguf_import, lora
     from infalign_jax.rewards import judges
 
     t0 = time.perf_counter()
@@ -52,14 +52,17 @@ def _setup(args):
     reward = judges.text_reward_fn(judges.get_judge("vader"),
                                    lambda ids: tokenizer.decode(list(ids)), texts)
     rcfg = rl.RLConfig(samples_per_prompt=args.samples, max_new_tokens=args.new, full_kl=True,
-                       learning_rate=1e-6, shared_prompt=args.shared_prompt)
+                       learning_rate=1e-6, shared_prompt=args.shared_prompt,
+                       lora={"rank": args.lora_rank})
     opt = rl.make_optimizer(rcfg)
     programs = rl.make_rl_programs(rcfg, models.decoder_fns(cfg), opt)
-    state = rl.init_state(params, opt, rcfg)
     ref_sorted = jnp.sort(jnp.asarray(rng.uniform(-1, 1, (args.prompts, 64)), jnp.float32), -1)
-    # pi_ref is a copy: the update donates the state, and with it the policy's buffers.
-    frozen = rl.Frozen(jax.tree.map(jnp.copy, params), None, ref_sorted,
-                       jnp.full((args.prompts,), 64, jnp.int32))
+    if args.lora_rank:   # the state is the adapters; pi_ref's parameters are their base
+        trained, ref = lora.init_adapters(rcfg.lora, params, jax.random.key(0)), params
+    else:   # pi_ref is a copy: the update donates the state, and with it the policy's buffers
+        trained, ref = params, jax.tree.map(jnp.copy, params)
+    state = rl.init_state(trained, opt, rcfg)
+    frozen = rl.Frozen(ref, None, ref_sorted, jnp.full((args.prompts,), 64, jnp.int32))
     roll = jax.jit(programs.roll)
     learn = jax.jit(guard_nonfinite(programs.learn), donate_argnums=0)
     return dict(cfg=cfg, state=state, frozen=frozen, batch=batch, reward=reward, roll=roll,
@@ -92,10 +95,11 @@ def measure(args) -> dict:
     s = _setup(args)
     key = jax.random.key(0)
     out = {"load_s": s["load_s"], "shape": {k: getattr(args, k) for k in
-                                            ("prompts", "samples", "prompt_len", "new")}}
+                                            ("prompts", "samples", "prompt_len", "new",
+                                             "lora_rank")}}
     if args.rerun:
         t0 = time.perf_counter()
-        ro = jax.block_until_ready(s["roll"](s["state"], s["batch"], key))
+        ro = jax.block_until_ready(s["roll"](s["state"], s["batch"], key, s["frozen"]))
         t1 = time.perf_counter()
         rewards = jnp.asarray(_rewards(s, ro))
         t2 = time.perf_counter()
@@ -104,8 +108,9 @@ def measure(args) -> dict:
         t3 = time.perf_counter()
         out.update(to_step_1_s=t3 - t0, rollout_s=t1 - t0, reward_s=t2 - t1, update_s=t3 - t2)
         return out
-    roll_c, roll_lower, roll_compile = _timed_compile(s["roll"], s["state"], s["batch"], key)
-    ro = roll_c(s["state"], s["batch"], key)
+    roll_c, roll_lower, roll_compile = _timed_compile(s["roll"], s["state"], s["batch"], key,
+                                                      s["frozen"])
+    ro = roll_c(s["state"], s["batch"], key, s["frozen"])
     rewards = jnp.asarray(_rewards(s, ro))
     learn_c, learn_lower, learn_compile = _timed_compile(s["learn"], s["state"], s["frozen"], ro,
                                                          rewards)
@@ -120,7 +125,7 @@ def measure(args) -> dict:
     times = []
     for i in range(4):
         t0 = time.perf_counter()
-        ro = jax.block_until_ready(roll_c(state, s["batch"], jax.random.key(i)))
+        ro = jax.block_until_ready(roll_c(state, s["batch"], jax.random.key(i), s["frozen"]))
         t1 = time.perf_counter()
         rewards = jnp.asarray(_rewards(s, ro))
         t2 = time.perf_counter()
@@ -144,6 +149,8 @@ def main():
     parser.add_argument("--rerun", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shared_prompt", action="store_true",
                         help="rl.shared_prompt: each prompt run once for its samples")
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="rl.lora.rank: train rank-r adapters on pi_ref (0: the whole policy)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.rerun:
@@ -154,7 +161,8 @@ def main():
         args.cache = args.cache or cache
         result = {"hardware": hardware(), **measure(args)}
         cmd = [sys.executable, __file__, "--rerun", "--cache", args.cache] + [
-            f"--{k}={getattr(args, k)}" for k in ("prompts", "samples", "prompt_len", "new")] + (
+            f"--{k}={getattr(args, k)}" for k in ("prompts", "samples", "prompt_len", "new",
+                                                  "lora_rank")] + (
             ["--shared_prompt"] if args.shared_prompt else [])
         rerun = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                           text=True).stdout.strip().splitlines()[-1])
@@ -163,7 +171,8 @@ def main():
     c, m = result["compile_s"], result["memory_bytes"]
     print(f"hardware: {result['hardware']}")
     print(f"SmolLM2-135M CTRL step, {args.prompts} prompts x {args.samples} samples, prompt "
-          f"{args.prompt_len}, {args.new} new tokens, shared_prompt={args.shared_prompt} (model "
+          f"{args.prompt_len}, {args.new} new tokens, shared_prompt={args.shared_prompt}, lora rank "
+          f"{args.lora_rank} (model "
           f"load {result['load_s']:.1f} s)")
     for k, (lo, co) in c.items():
         print(f"  compile {k:22s} lower {lo:5.1f} s + compile {co:5.1f} s")

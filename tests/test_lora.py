@@ -84,6 +84,47 @@ def test_merge_equals_numpy_w_plus_scaled_a_b():
     assert merged["embed"] is task.ref_params["embed"]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attached_adapters_give_the_merged_models_outputs(family):
+    """`attach` (factors applied inside each layer) is the same function as `merge`: full forward,
+    prefill and decode through the two-part cache, and the shared-prompt hidden states agree with
+    the merged parameters', for every target of both families (gpt2: fc instead of gate/up)."""
+    cfg = models.ModelConfig(family=family, vocab_size=32, d_model=16, n_layers=2, n_heads=2,
+                             n_kv_heads=2 if family == "gpt2" else 1, head_dim=8, d_ff=24,
+                             activation="gelu" if family == "gpt2" else "silu", max_len=32)
+    params = models.init_params(cfg, jax.random.key(0))
+    lcfg = lora.LoraConfig(**LORA)
+    adapters = _random_adapters(lcfg, params, seed=7)
+    merged, attached = lora.merge(params, adapters, lcfg), lora.attach(params, adapters, lcfg)
+    assert set(attached["lora"]["layers"]["mlp"]) == (
+        {"fc_kernel_a", "fc_kernel_b", "down_kernel_a", "down_kernel_b"} if family == "gpt2" else
+        {f"{k}_kernel_{f}" for k in ("gate", "up", "down") for f in "ab"})
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    want = models.apply(merged, tokens, cfg).logits
+    got = models.apply(attached, tokens, cfg).logits
+    base = models.apply(params, tokens, cfg).logits
+    assert float(jnp.abs(want - base).max()) > 1e-2   # the adapters change the function
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    (lw, cw), (lg, cg) = (models.prefill(p, tokens[:, :5], cfg, max_new_tokens=4, n=2)
+                          for p in (merged, attached))
+    np.testing.assert_allclose(lg, lw, atol=1e-5)
+    for t in range(5, 9):
+        rows = jnp.repeat(tokens[:, t], 2)
+        (lw, cw), (lg, cg) = (models.decode_step(p, rows, cfg, c)
+                              for p, c in ((merged, cw), (attached, cg)))
+        np.testing.assert_allclose(lg, lw, atol=1e-5)
+    mask = jnp.ones((2, 5), bool)
+    resp = jnp.repeat(tokens[:, 5:], 2, axis=0)
+    np.testing.assert_allclose(models.shared_prompt_hidden(attached, tokens[:, :5], mask, resp, cfg),
+                               models.shared_prompt_hidden(merged, tokens[:, :5], mask, resp, cfg),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=r"lora.attach: unknown adapter targets \['qkv'\]"):
+        lora.attach(params, {"qkv": adapters["q"]}, lcfg)
+    if family == "gpt2":
+        with pytest.raises(ValueError, match=r"lora.attach: the base parameters have no 'gate'"):
+            lora.attach(params, {"gate": adapters["fc"]}, lcfg)
+
+
 def test_config_refuses_unknown_and_missing_targets():
     with pytest.raises(ValueError, match=r"config.rl.lora.targets must be a subset"):
         rl.RLConfig(lora={"rank": 2, "targets": ("qkv",)})

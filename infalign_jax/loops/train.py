@@ -27,7 +27,7 @@ Outputs in the work dir: `manifest.json` (config, seeds, packages, devices, mesh
 (`export_hf`, also `experiments/export.py`).
 
 LoRA (`config.rl.lora.rank` > 0, `models.lora`): the state's params (and the checkpoints) are the
-adapters; the policy is pi_ref's parameters with them merged in (`rl.step.policy_params`), and the
+adapters; the policy is pi_ref's parameters with them attached (`rl.step.policy_params`), and the
 manifest records the base (`extra.lora`).
 """
 
@@ -313,8 +313,8 @@ def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table
                    mesh: jax.sharding.Mesh, seed: int, bonbon: bool, rollout_layout: str = "train"
                    ) -> tuple[Any, ...]:
     """(state, frozen, jitted step) laid out on `mesh`; the policy starts as a copy of pi_ref.
-    The CTRL rollout decodes from `rollout_layout` (`sharding.rollout_resharder`; LoRA adapters
-    are merged first, so the merged weights are what is resharded)."""
+    The CTRL rollout decodes from `rollout_layout` (`sharding.rollout_resharder`; with LoRA the
+    base weights are resharded and the adapters attached as they are)."""
     logical = models.param_logical_axes(task.model_cfg)
     param_sh = sharding.logical_to_shardings(logical, task.ref_params, mesh)
     optimizer = rl.make_optimizer(step_cfg)

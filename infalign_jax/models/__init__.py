@@ -1,6 +1,7 @@
 """Pure functional interface to the decoder: params are plain dicts, every function is pure.
 
   init_params(cfg, rng)                        -> params
+  variables(params)                            -> Flax variables (LoRA adapters as their collection)
   param_logical_axes(cfg)                      -> PartitionSpec tree of logical axis names
   apply(params, tokens_BxT, cfg, ...)          -> ModelOutput(logits, hidden, reward, values)
   token_logprobs(logits_BxTxV, targets_BxT)    -> float32 log-probs
@@ -18,14 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from infalign_jax.models.config import ModelConfig
-from infalign_jax.models.transformer import Transformer, default_positions
+from infalign_jax.models.transformer import LORA, Transformer, default_positions
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.core.losses import last_valid_index
 
 Array = jax.Array
 Params = Any
 
-__all__ = ["ModelConfig", "ModelOutput", "init_params", "param_logical_axes", "apply",
+__all__ = ["ModelConfig", "ModelOutput", "init_params", "variables", "param_logical_axes", "apply",
            "token_logprobs", "hidden_states", "lm_head_kernel", "prefill", "expand_cache",
            "decode_step",
            "decoder_fns", "default_positions"]
@@ -54,6 +55,14 @@ def param_logical_axes(cfg: ModelConfig) -> Params:
     return nn.get_partition_spec(boxed)
 
 
+def variables(params: Params) -> dict[str, Any]:
+    """The Flax variables of a parameter tree: {"params": params}, and with LoRA adapters attached
+    (`models.lora.attach`: a top-level "lora" entry) those as the "lora" collection."""
+    if LORA not in params:
+        return {"params": params}
+    return {"params": {k: v for k, v in params.items() if k != LORA}, LORA: params[LORA]}
+
+
 def _mask_or_ones(mask_BxT: Array | None, tokens_BxT: Array) -> Array:
     """The attention mask as bool; every token real when None."""
     return jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else mask_BxT.astype(bool)
@@ -71,7 +80,7 @@ def apply(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     """Teacher-forced forward pass over whole sequences (no cache)."""
     mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
     positions = default_positions(mask) if positions_BxT is None else positions_BxT
-    out = Transformer(cfg).apply({"params": params}, tokens_BxT, positions, _causal_mask(mask))
+    out = Transformer(cfg).apply(variables(params), tokens_BxT, positions, _causal_mask(mask))
     reward = None
     if "reward" in out:
         idx, _ = last_valid_index(mask)
@@ -85,7 +94,7 @@ def hidden_states(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     logits of any positions are hidden @ kernel, so callers can compute them only where needed
     (and over vocabulary chunks)."""
     mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
-    out = Transformer(cfg).apply({"params": params}, tokens_BxT, default_positions(mask),
+    out = Transformer(cfg).apply(variables(params), tokens_BxT, default_positions(mask),
                                  _causal_mask(mask), heads=())
     return out["hidden"]
 
@@ -126,7 +135,7 @@ def prefill(params: Params, tokens_BxP: Array, cfg: ModelConfig,
 
     With `last_logits_only` the logits are those of the last position only: (B, 1, V)."""
     mask = _mask_or_ones(attention_mask_BxP, tokens_BxP)
-    out = Transformer(cfg).apply({"params": params}, tokens_BxP, default_positions(mask),
+    out = Transformer(cfg).apply(variables(params), tokens_BxP, default_positions(mask),
                                  _causal_mask(mask), return_kv=True,
                                  last_logits_only=last_logits_only)
     pk, pv = out["kv"]
@@ -152,7 +161,7 @@ def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[s
                 ) -> tuple[Array, dict[str, Any]]:
     """One token per row through the cache: (logits_RxV, cache)."""
     decode = {k: cache[k] for k in ("pk", "pv", "pmask", "rk", "rv", "index")}
-    out = Transformer(cfg).apply({"params": params}, tokens_R[:, None],
+    out = Transformer(cfg).apply(variables(params), tokens_R[:, None],
                                  cache["next_pos"][:, None], None, decode, return_kv=True)
     k_new, v_new = out["kv"]                 # (layers, R, H_kv, 1, Dh): one slot, in place
     start = (0, 0, 0, cache["index"], 0)
@@ -173,7 +182,7 @@ def shared_prompt_hidden(params: Params, tokens_BxP: Array, mask_BxP: Array,
     `hidden_states` over [prompt | response] at those positions, without the prompt's N-fold
     cost; differentiable, and the gradient through the shared prompt is the sum over its N rows."""
     mask = _mask_or_ones(mask_BxP, tokens_BxP)
-    prompt = Transformer(cfg).apply({"params": params}, tokens_BxP, default_positions(mask),
+    prompt = Transformer(cfg).apply(variables(params), tokens_BxP, default_positions(mask),
                                     _causal_mask(mask), return_kv=True, heads=())
     pk, pv = prompt["kv"]
     batch, (rows, length) = tokens_BxP.shape[0], response_RxL.shape
@@ -186,7 +195,7 @@ def shared_prompt_hidden(params: Params, tokens_BxP: Array, mask_BxP: Array,
     decode = {"pk": pk, "pv": pv, "pmask": mask, "rk": empty, "rv": empty,
               "index": jnp.zeros((), jnp.int32)}
     positions = jnp.repeat(mask.astype(jnp.int32).sum(1), n)[:, None] + jnp.arange(length)
-    resp = Transformer(cfg).apply({"params": params}, response_RxL.astype(jnp.int32), positions,
+    resp = Transformer(cfg).apply(variables(params), response_RxL.astype(jnp.int32), positions,
                                   None, decode, heads=())
     # token 0 is predicted at the prompt's last position (left padding: always a real token)
     first = jnp.repeat(prompt["hidden"][:, -1:], n, axis=0)

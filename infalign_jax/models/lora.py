@@ -2,6 +2,8 @@
 
     init_adapters(cfg, base_params, rng) -> adapters     the trainable tree, adapter-sized
     merge(base_params, adapters, cfg)    -> params       W + (alpha / rank) * A @ B per target
+    attach(base_params, adapters, cfg)   -> params       the same function, the factors applied
+                                                         inside each layer (no merged kernel)
 
 A target kernel W of the layer-stacked tree (`layers/attn/q_kernel` of shape (L, D, H, Dh), ...)
 is read as L matrices (d_in x d_out): q, k, v, gate, up, fc and down keep their first axis after
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from infalign_jax.infra import validate as check
+from infalign_jax.models.transformer import LORA
 
 Params = Any
 
@@ -119,6 +122,24 @@ def merge(base_params: Params, adapters: dict[str, Any], cfg: LoraConfig) -> Par
         layers[block] = {**layers[block],
                          leaf: (w + delta(adapter, w.shape, cfg.scale).astype(w.dtype))}
     return {**base_params, "layers": layers}
+
+
+def attach(base_params: Params, adapters: dict[str, Any], cfg: LoraConfig) -> Params:
+    """The base parameters with the adapters attached as factors (a top-level "lora" entry, read
+    by `models.variables`): the model then computes x @ W + (x @ A) @ (scale * B) inside each
+    layer. The same function as `merge`, without forming any W + scale * A @ B or, under `grad`
+    with respect to the adapters, its full-size gradient: what training and decoding use."""
+    unknown = sorted(set(adapters) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"lora.attach: unknown adapter targets {unknown}")
+    factors: dict[str, dict[str, Any]] = {}
+    for name, adapter in adapters.items():
+        if _kernel(base_params, name) is None:
+            raise ValueError(f"lora.attach: the base parameters have no {name!r} kernel")
+        (block, leaf), _ = TARGETS[name]
+        factors.setdefault(block, {}).update({f"{leaf}_a": adapter["a"],
+                                              f"{leaf}_b": cfg.scale * adapter["b"]})
+    return {**base_params, LORA: {"layers": factors}}
 
 
 def num_adapter_params(adapters: Any) -> int:

@@ -45,6 +45,22 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
                         as_dtype(cfg.param_dtype))
 
 
+LORA = "lora"   # the variable collection of LoRA adapters (`models.lora.attach`)
+
+
+def _with_lora(module: nn.Module, name: str, x: Array, y: Array) -> Array:
+    """`y` = x @ W of kernel `name`, plus the LoRA update (x @ A) @ B when the "lora" collection
+    holds `name`'s factors: A (d_in, r) and B (r, d_out), the scale already in B. The input and
+    output axes of W are read flattened (q: D -> H * Dh, o: H * Dh -> D), as in `models.lora`;
+    the full-size W + A @ B is never formed, nor its gradient."""
+    if not module.has_variable(LORA, f"{name}_a"):
+        return y
+    a = module.get_variable(LORA, f"{name}_a").astype(x.dtype)
+    b = module.get_variable(LORA, f"{name}_b").astype(x.dtype)
+    x_in = x.reshape(*x.shape[:2], a.shape[0])
+    return y + ((x_in @ a) @ b).reshape(y.shape)
+
+
 def _normal(cfg: ModelConfig):
     return nn.initializers.normal(stddev=cfg.init_std)
 
@@ -175,7 +191,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         kernel = _param(self, f"{name}_kernel", (cfg.d_model, heads, cfg.head_dim),
                         ("embed", axes_heads, "head_dim"), _normal(cfg), cfg)
-        y = jnp.einsum("bsd,dhk->bshk", x, kernel.astype(x.dtype))
+        y = _with_lora(self, f"{name}_kernel", x,
+                       jnp.einsum("bsd,dhk->bshk", x, kernel.astype(x.dtype)))
         if cfg.qkv_bias or cfg.family == "gpt2":
             bias = _param(self, f"{name}_bias", (heads, cfg.head_dim), (axes_heads, "head_dim"),
                           nn.initializers.zeros, cfg)
@@ -215,7 +232,8 @@ class Attention(nn.Module):
         out = _constrain(out, ("batch", "length", "act_heads", None))
         o_kernel = _param(self, "o_kernel", (cfg.n_heads, cfg.head_dim, cfg.d_model),
                           ("q_heads", "head_dim", "embed"), _normal(cfg), cfg)
-        y = jnp.einsum("bshk,hkd->bsd", out, o_kernel.astype(out.dtype))
+        y = _with_lora(self, "o_kernel", out,
+                       jnp.einsum("bshk,hkd->bsd", out, o_kernel.astype(out.dtype)))
         if cfg.family == "gpt2" or cfg.o_bias:
             y = y + _param(self, "o_bias", (cfg.d_model,), ("norm",), nn.initializers.zeros,
                            cfg).astype(y.dtype)
@@ -242,7 +260,8 @@ class Mlp(nn.Module):
         if cfg.family == "llama":
             gate = _param(self, "gate_kernel", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg), cfg)
             up = _param(self, "up_kernel", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg), cfg)
-            g, u = x @ gate.astype(dt), x @ up.astype(dt)
+            g = _with_lora(self, "gate_kernel", x, x @ gate.astype(dt))
+            u = _with_lora(self, "up_kernel", x, x @ up.astype(dt))
             if cfg.mlp_bias:
                 g = g + self._bias("gate_bias", cfg.d_ff, "mlp", dt)
                 u = u + self._bias("up_bias", cfg.d_ff, "mlp", dt)
@@ -250,10 +269,11 @@ class Mlp(nn.Module):
         else:
             fc = _param(self, "fc_kernel", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), _normal(cfg), cfg)
             fc_b = _param(self, "fc_bias", (cfg.d_ff,), ("mlp",), nn.initializers.zeros, cfg)
-            h = _activation(cfg.activation, x @ fc.astype(dt) + fc_b.astype(dt))
+            h = _activation(cfg.activation,
+                            _with_lora(self, "fc_kernel", x, x @ fc.astype(dt)) + fc_b.astype(dt))
         h = _constrain(h, ("batch", "length", "act_mlp"))
         down = _param(self, "down_kernel", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), _normal(cfg), cfg)
-        y = h @ down.astype(dt)
+        y = _with_lora(self, "down_kernel", h, h @ down.astype(dt))
         if cfg.family == "gpt2" or cfg.mlp_bias:
             y = y + self._bias("down_bias", cfg.d_model, "norm", dt)
         return y
@@ -305,7 +325,7 @@ def _scanned_blocks(cfg: ModelConfig, return_kv: bool) -> nn.Module:
     block = Block
     if cfg.remat != "none":
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    scanned = nn.scan(block, variable_axes={"params": 0, LORA: 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, return_kv, name="layers")

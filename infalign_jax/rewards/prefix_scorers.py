@@ -194,7 +194,7 @@ def _tree_forward(cfg: ModelConfig, params: Params, prompt_BxP: Array, prompt_ma
                                      jnp.eye(length * k, dtype=bool)], axis=0)
     attn_BxSxS = jnp.concatenate(
         [base_keys_BxSxT, jnp.broadcast_to(cand_keys, (batch,) + cand_keys.shape)], 2)
-    out = Transformer(cfg).apply({"params": params}, all_tokens, positions, attn_BxSxS)
+    out = Transformer(cfg).apply(models.variables(params), all_tokens, positions, attn_BxSxS)
     values = out["value"].astype(jnp.float32)
     return values[:, plen:n], values[:, n:].reshape(batch, length, k)
 

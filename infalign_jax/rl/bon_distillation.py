@@ -123,7 +123,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
                                    tuple[rl.RLState, dict[str, Array]]]:
     """The pure BoNBoN step; `batch` as for `rl_step` (+ the responses when data="offline").
     With `lora_cfg` of rank > 0 the state's params are LoRA adapters on pi_ref's parameters
-    (`lora.merge`), as in the CTRL step. With `cfg.shared_prompt` each prompt is run once for its
+    (`lora.attach`), as in the CTRL step. With `cfg.shared_prompt` each prompt is run once for its
     best/worst pair and for the monitor's samples (a decoder without a linear lm head is refused,
     ValueError)."""
     n, beta = cfg.n, cfg.pref_beta
@@ -132,7 +132,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
     def policy(params: Any, frozen: rl.Frozen) -> Any:
         if lora_cfg is None or not lora_cfg.rank:
             return params
-        return lora.merge(frozen.ref_params, params, lora_cfg)
+        return lora.attach(frozen.ref_params, params, lora_cfg)
 
     def step(state: rl.RLState, frozen: rl.Frozen, batch: Mapping[str, Array], rng: Array):
         prompt_BxP, pmask_BxP = batch["prompt_BxP"], batch["prompt_mask_BxP"]

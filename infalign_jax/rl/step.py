@@ -51,7 +51,8 @@ Design:
   over one micro-batch would otherwise be accumulated as if they were different data.
 * LoRA (`lora.rank` > 0, `models.lora`): `RLState.params` are the adapters only; the policy is
   `policy_params(cfg, state.params, frozen)` = pi_ref's parameters (`frozen.ref_params`, never
-  differentiated) with the adapters merged in, so gradients and optimiser state are adapter-sized
+  differentiated) with the adapters attached (`lora.attach`: applied in factors inside each layer,
+  no merged kernel), so gradients and optimiser state are adapter-sized
   and pi_ref stays the base. The rollout then needs `frozen` too (`RLPrograms.roll`'s 4th argument).
 
 Metrics: response_length, reward, calibrated_reward, transformed_reward, kl_k1, kl_k3 (sequence
@@ -128,16 +129,19 @@ def init_state(params: Params, optimizer: optax.GradientTransformation,
     return RLState(params, optimizer.init(params), jnp.zeros((), jnp.int32), **extra)
 
 
-def policy_params(cfg: RLConfig, params: Params, frozen: Frozen | None) -> Params:
+def policy_params(cfg: RLConfig, params: Params, frozen: Frozen | None,
+                  layout: Callable[[Params], Params] | None = None) -> Params:
     """The policy's parameters: `params` itself, or with LoRA pi_ref's parameters with the
-    adapters `params` merged in (W + alpha / rank * A @ B)."""
+    adapters `params` attached (`lora.attach`: W + alpha / rank * A @ B, applied in factors).
+    `layout` (e.g. the rollout's resharding) maps the full-size parameters, not the adapters."""
+    layout = layout or (lambda p: p)
     if not cfg.lora.rank:
-        return params
+        return layout(params)
     if frozen is None:
         raise ValueError("RLConfig.lora.rank > 0: the policy is pi_ref's parameters plus the "
                          "adapters, so the rollout needs `frozen`: roll(state, batch, rng, "
                          "frozen)")
-    return lora.merge(frozen.ref_params, params, cfg.lora)
+    return lora.attach(layout(frozen.ref_params), params, cfg.lora)
 
 
 def current_beta(cfg: RLConfig, state: RLState) -> Array:
@@ -374,7 +378,7 @@ def update(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformati
            ) -> tuple[tuple[Params, Any, Params, Any], dict[str, Array]]:
     """Phase 5: one (RLOO) or `ppo_epochs` (PPO) full-batch updates of the policy, and of the
     critic with GAE; returns the new (params, opt_state, value_params, value_opt_state) and the
-    per-epoch metrics. With LoRA `frozen` holds the base the adapters are merged into."""
+    per-epoch metrics. With LoRA `frozen` holds the base the adapters are attached to."""
     gae = cfg.advantage == "gae"
     value_cfg = cfg.value_model_config() if gae else None
     value_opt = make_value_optimizer(cfg) if gae else None
@@ -465,9 +469,7 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
 
     def roll(state: RLState, batch: Mapping[str, Array], rng: Array,
              frozen: Frozen | None = None) -> Rollout:
-        params = policy_params(cfg, state.params, frozen)
-        if rollout_params is not None:
-            params = rollout_params(params)
+        params = policy_params(cfg, state.params, frozen, rollout_params)
         return rollout(cfg, fns, params, batch, rng)
 
     def learn(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
