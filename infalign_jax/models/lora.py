@@ -11,8 +11,10 @@ the layer axis as the input, o (L, H, Dh, D) takes the two head axes. Its adapte
 {"a": (L, d_in, r), "b": (L, r, d_out)}: A ~ normal(0, 1/d_in) (fan-in scaled, as the LoRA paper's
 Gaussian A), B = 0, so the merged parameters at initialisation are the base parameters exactly.
 
-The base parameters are never trained: a caller differentiates a function of `merge(base,
-adapters)` with respect to `adapters` only, so gradients and optimiser state are adapter-sized.
+The base parameters are never trained: a caller differentiates a function of `attach(base,
+adapters)` (or `merge`) with respect to `adapters` only, so gradients and optimiser state are
+adapter-sized. With bfloat16 parameters the two differ by rounding: `merge` rounds W + s·A·B to
+W's dtype, `attach` adds the update in the activation dtype.
 Everything the base holds besides the target kernels (embeddings, norms, biases, heads) is the
 base's, unchanged.
 """
