@@ -2,7 +2,9 @@
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
+from xla_env import DEVICE_COUNT
+
+_FLAG = f"{DEVICE_COUNT}=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -111,12 +111,16 @@ def delta(adapter: dict[str, Any], shape: tuple[int, ...], scale: float) -> jax.
     return (scale * jnp.einsum("lir,lro->lio", adapter["a"], adapter["b"])).reshape(shape)
 
 
+def _refuse_unknown(adapters: dict[str, Any], caller: str) -> None:
+    unknown = sorted(set(adapters) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"lora.{caller}: unknown adapter targets {unknown}")
+
+
 def merge(base_params: Params, adapters: dict[str, Any], cfg: LoraConfig) -> Params:
     """The base parameters with each adapted kernel replaced by W + scale * A @ B (in W's dtype);
     every other leaf is the base's own array."""
-    unknown = sorted(set(adapters) - set(TARGETS))
-    if unknown:
-        raise ValueError(f"lora.merge: unknown adapter targets {unknown}")
+    _refuse_unknown(adapters, "merge")
     layers = dict(base_params["layers"])
     for name, adapter in adapters.items():
         (block, leaf), _ = TARGETS[name]
@@ -131,9 +135,7 @@ def attach(base_params: Params, adapters: dict[str, Any], cfg: LoraConfig) -> Pa
     by `models.variables`): the model then computes x @ W + (x @ A) @ (scale * B) inside each
     layer. The same function as `merge`, without forming any W + scale * A @ B or, under `grad`
     with respect to the adapters, its full-size gradient: what training and decoding use."""
-    unknown = sorted(set(adapters) - set(TARGETS))
-    if unknown:
-        raise ValueError(f"lora.attach: unknown adapter targets {unknown}")
+    _refuse_unknown(adapters, "attach")
     factors: dict[str, dict[str, Any]] = {}
     for name, adapter in adapters.items():
         if _kernel(base_params, name) is None:
