@@ -206,7 +206,29 @@ def test_pretrained_trunk_refuses_model_keys_by_name(trunk, tmp_path):
     c = _config(trunk["hf"], trunk["train"], trunk["eval"], trainable="top")
     with pytest.raises(ValueError, match=r"config.train.trainable must be 'all', 'head' or"):
         _run(c, tmp_path / "r")
+    for layers, message in ((3, r"config.model.trunk_layers=3: the trunk .* has only 2 layers"),
+                            (-1, r"config.model.trunk_layers must be an int >= 0"),
+                            (1.5, r"config.model.trunk_layers must be an int >= 0")):
+        c = _config(trunk["hf"], trunk["train"], trunk["eval"])
+        c.model.trunk_layers = layers
+        with pytest.raises(ValueError, match=message):
+            _run(c, tmp_path / "r")
+    with pytest.raises(ValueError, match=r"config.model.trunk_layers=2 cuts a pretrained trunk"):
+        rm_model.build_model({"source": "tiny", "trunk_layers": 2})
+    c = _config(trunk["hf"], trunk["train"], trunk["eval"])
+    c.model.reward_pool = "max"
+    with pytest.raises(ValueError, match=r"reward_pool"):
+        _run(c, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_mean_pool_reward_model_is_not_exported_as_a_last_token_classifier(trunk, tmp_path):
+    from infalign_jax.models import hf_import
+    model = rm_model.build_model({"source": trunk["hf"], "reward_pool": "mean"})
+    with pytest.raises(hf_import.CheckpointError, match=r"these fields would change: "
+                                                        r"\['reward_pool'\]"):
+        hf_import.save_hf_checkpoint(str(tmp_path / "x"), model.cfg, model.params,
+                                     tokenizer=model.tokenizer)
 
 
 def test_data_paths_switch_synthetic_pairs_off(tmp_path):
@@ -297,15 +319,79 @@ def test_trained_kind_refuses_what_is_not_a_reward_model_run(trunk, tmp_path):
 
 
 # ------------------------------------------------------------ trainable="head" on cached features
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_trunk_layers_keep_the_first_layers_as_transformers_does(trunk, kind):
+    """`trunk_layers=1` is the checkpoint loaded by transformers with num_hidden_layers=1 (its
+    first layer, then the final norm); the full trunk's output differs from it."""
+    full = rm_model.build_model({"source": trunk[kind]})
+    cut = rm_model.build_model({"source": trunk[kind], "trunk_layers": 1})
+    assert (full.cfg.n_layers, cut.cfg.n_layers) == (2, 1)
+    assert all(x.shape[0] == 1 for x in jax.tree.leaves(cut.params["layers"]))
+    tokens = np.random.default_rng(2).integers(3, 40, (2, 7))
+    mask = np.ones(tokens.shape, bool)
+    mask[0, 5:] = False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(trunk["hf"],
+                                                           num_hidden_layers=1).eval()
+    with torch.no_grad():
+        theirs = hf.model(input_ids=torch.tensor(tokens),
+                          attention_mask=torch.tensor(mask.astype(np.int64))
+                          ).last_hidden_state.numpy()
+
+    def hidden(model):
+        return np.asarray(models.hidden_states(model.params, jnp.asarray(tokens), model.cfg,
+                                               attention_mask_BxT=jnp.asarray(mask)))
+    np.testing.assert_allclose(hidden(cut)[mask], theirs[mask], atol=2e-5, rtol=1e-4)
+    assert np.abs(hidden(full)[mask] - theirs[mask]).max() > 1e-2
+    assert rm_model.build_model({"source": trunk[kind], "trunk_layers": 2}).cfg == full.cfg
+
+
+def test_mean_pool_reads_the_head_at_the_mean_hidden_state(trunk):
+    """reward_pool="mean": the reward is the head at the mean of transformers' final hidden
+    states over the real tokens, and the cached feature is that mean (head-only training)."""
+    from infalign_jax.rewards import reward_models
+    model = rm_model.build_model({"source": trunk["hf"], "reward_pool": "mean"})
+    assert model.cfg.reward_pool == "mean"
+    rng = np.random.default_rng(4)
+    params = {**model.params,
+              "reward_head_kernel": jnp.asarray(rng.normal(size=(model.cfg.d_model, 1)),
+                                                jnp.float32),
+              "reward_head_bias": jnp.asarray([0.3], jnp.float32)}
+    prompt = rng.integers(3, 40, (3, 4))
+    prompt_mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]], bool)   # left-padded
+    response = rng.integers(3, 40, (3, 5))
+    response_mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    tokens = np.concatenate([prompt, response], 1)
+    mask = np.concatenate([prompt_mask, response_mask], 1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(trunk["hf"]).eval()
+    with torch.no_grad():
+        hidden = hf.model(input_ids=torch.tensor(tokens),
+                          attention_mask=torch.tensor(mask.astype(np.int64)),
+                          position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
+                          ).last_hidden_state.numpy()
+    mean = np.stack([hidden[b][mask[b]].mean(0) for b in range(3)])
+    want = mean @ np.asarray(params["reward_head_kernel"])[:, 0] + 0.3
+    args = [jnp.asarray(x) for x in (prompt, prompt_mask, response, response_mask)]
+    got = reward_models.sequence_rewards(model.cfg, params, *args)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    features = reward_models.sequence_features(model.cfg, params, *args)
+    np.testing.assert_allclose(features, mean, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(reward_models.head_rewards(params, features), got, atol=1e-5)
+    last = rm_model.build_model({"source": trunk["hf"]}).cfg      # the default reads the last token
+    assert np.abs(np.asarray(reward_models.sequence_rewards(last, params, *args)) - want).max() > 1e-3
+
+
 def _metric_rows(workdir, name="metrics"):
     return [json.loads(line) for line in open(workdir / f"{name}.jsonl", encoding="utf-8")]
 
 
-def test_cached_head_features_match_the_full_forward_path(trunk, tmp_path):
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_cached_head_features_match_the_full_forward_path(trunk, tmp_path, pool):
     """N steps on cached features = N steps through the trunk: the same head, the same per-step
-    loss / accuracy / grad norm, the same held-out accuracy and ECE; the trunk is untouched."""
+    loss / accuracy / grad norm, the same held-out accuracy and ECE; the trunk is untouched.
+    For either place the head reads (`reward_pool`), the trained run scores as it trained."""
     c = _config(trunk["hf"], trunk["train"], trunk["eval"], num_steps=6, trainable="head",
                 eval_every=3)
+    c.model.reward_pool = pool
     c.rm.update(weight_decay=0.01, max_grad_norm=0.05)   # clipping and decay both act
     slow, s_slow = train_reward.run(c, str(tmp_path / "slow"), log=lambda s: None, devices=ONE,
                                     cache_head_features=False)
@@ -337,7 +423,7 @@ def test_cached_head_features_match_the_full_forward_path(trunk, tmp_path):
                                                     checkpoint=str(tmp_path / "fast")), "vader")
     prompts, responses = _texts()
     tok = transformers.AutoTokenizer.from_pretrained(trunk["hf"])
-    cfg = rm_model.build_model({"source": trunk["hf"]}).cfg
+    cfg = rm_model.build_model({"source": trunk["hf"], "reward_pool": pool}).cfg
     np.testing.assert_allclose(judge(prompts, responses),
                                _direct_rewards(cfg, fast.params, tok, prompts, responses, 1, 4, 6),
                                atol=1e-5)

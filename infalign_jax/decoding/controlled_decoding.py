@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from infalign_jax.decoding import sampling
-from infalign_jax.core.losses import last_valid_index
-from infalign_jax.models import apply
+from infalign_jax.models import apply, pool_sequence
 from infalign_jax.models.config import ModelConfig
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.kl import bon_kl_bound
@@ -84,7 +83,7 @@ def score_last(scorer: PrefixScorer, tokens_BxT: Array, mask_BxT: Array) -> Arra
     values = jnp.asarray(scorer(tokens_BxT, mask_BxT), jnp.float32)
     if values.ndim == 2:
         chex.assert_shape(values, tokens_BxT.shape)
-        values = jnp.take_along_axis(values, last_valid_index(mask_BxT)[0][:, None], axis=1)[:, 0]
+        values = pool_sequence(values, mask_BxT, "last")
     chex.assert_shape(values, tokens_BxT.shape[:1])
     return values
 

@@ -20,8 +20,11 @@ from infalign_jax.infra.config_utils import dataclass_from
 from infalign_jax.rewards.reward_runs import trunk_tokenizer
 
 # With a pretrained trunk these ModelConfig keys may still be set: they change how the trunk is
-# computed (rematerialisation, activation dtype), not what it computes.
-TRUNK_KEYS = ("remat", "dtype")
+# computed (rematerialisation, activation dtype) or where the reward head reads it (`reward_pool`:
+# the last real token or the mean over real tokens), not the trunk's parameters. Besides them,
+# `trunk_layers` (> 0) keeps only the trunk's first that many decoder layers (`models.first_layers`).
+TRUNK_KEYS = ("remat", "dtype", "reward_pool")
+TRUNK_LAYERS = "trunk_layers"
 TRAINABLE = "'all', 'head' or 'last:<n>' (the reward head, final norm and last n layers)"
 
 
@@ -65,7 +68,11 @@ def build_model(model_section: dict[str, Any]) -> RMModel:
     tokenizer; parameters initialised by the caller) or a pretrained trunk with its tokenizer."""
     values = dict(model_section)
     source = values.pop("source", None)
+    layers = values.pop(TRUNK_LAYERS, 0)
     if source == "tiny":
+        if layers:
+            raise ValueError(f"config.model.{TRUNK_LAYERS}={layers!r} cuts a pretrained trunk; "
+                             f"the tiny model's depth is config.model.n_layers")
         for key in MODEL_FIXED:
             if key in values:
                 raise ValueError(f"config.model.{key} is fixed by the byte tokenizer and the "
@@ -84,10 +91,18 @@ def build_model(model_section: dict[str, Any]) -> RMModel:
         raise ValueError(f"config.model.{fixed[0]} is fixed by the pretrained trunk "
                          f"config.model.source={source!r}; remove it"
                          + (f" (and {', '.join(fixed[1:])})" if fixed[1:] else "")
-                         + f": only {', '.join(TRUNK_KEYS)} may be set "
+                         + f": only {', '.join(TRUNK_KEYS + (TRUNK_LAYERS,))} may be set "
                          f"(configs/reward_model.py:trunk=<path> writes such a section)")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        raise ValueError(f"config.model.{TRUNK_LAYERS} must be an int >= 0 (0: every layer), "
+                         f"got {layers!r}")
     tok, eos_id, pad_id = trunk_tokenizer(source)
     cfg, params = _load_trunk(source, dict(values, heads=("reward",)))
+    if layers > cfg.n_layers:
+        raise ValueError(f"config.model.{TRUNK_LAYERS}={layers}: the trunk {source!r} has only "
+                         f"{cfg.n_layers} layers")
+    if layers:
+        cfg, params = models.first_layers(cfg, params, layers)
     name = os.path.basename(os.path.normpath(source))
     return RMModel(cfg, tok, params, name, eos_id, pad_id)
 

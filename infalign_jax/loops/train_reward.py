@@ -16,15 +16,17 @@ classifier) or a GGUF file is a pretrained trunk: its parameters are loaded, an 
 and a reward head added (zeros, as `models.init_params` starts it; a sequence classifier keeps its
 score head), and its own tokenizer encodes the pairs (`data.tokenize_preferences`, no special
 tokens; the response ends with the chat end-of-turn token, else EOS: `data.tokenize.special_ids`).
-The trunk fixes the ModelConfig, so `config.model` holds only `source` and
-`rm_model.TRUNK_KEYS`.
+The trunk fixes the ModelConfig, so `config.model` holds only `source`,
+`rm_model.TRUNK_KEYS` (`reward_pool="mean"` reads the head at the mean hidden state over the real
+tokens instead of the last one) and `trunk_layers` (keep the trunk's first n layers: a cheaper
+reward model).
 `train.trainable` ("all" | "head" | "last:<n>": the reward head, the final norm and the last n
 layers) freezes the rest: an optax mask on the updates, and a stopped gradient in the step so a
 wholly frozen part costs no backward pass. Ensemble members over one trunk start from the trunk's
 head plus N(0, init_std^2) noise each, so they differ before the first step.
 
 `trainable="head"` (one model): the frozen trunk and final norm make the reward the head applied
-to one fixed feature per sequence, the final hidden state at the token the head reads
+to one fixed feature per sequence, the final hidden state where the head reads it
 (`reward_models.pair_features`). These are computed once, one trunk forward pass over every
 (prompt, chosen) and (prompt, rejected) of both splits, and cached in workdir/features/, keyed
 by the trunk's parameters, the model config and the packed token arrays (so the data and

@@ -4,6 +4,8 @@
   variables(params)                            -> Flax variables (LoRA adapters as their collection)
   param_logical_axes(cfg)                      -> PartitionSpec tree of logical axis names
   apply(params, tokens_BxT, cfg, ...)          -> ModelOutput(logits, hidden, reward, values)
+  pool_sequence(x_BxTx..., mask_BxT, pool)     where the reward head reads a sequence
+  first_layers(cfg, params, n)                 the model cut to its first n decoder layers
   token_logprobs(logits_BxTxV, targets_BxT)    -> float32 log-probs
   hidden_states / lm_head_kernel               the trunk alone, and the head's (D, V) kernel
   prefill / expand_cache / decode_step         KV-cache decoding (prompt KV shared by N samples)
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -27,6 +30,7 @@ Array = jax.Array
 Params = Any
 
 __all__ = ["ModelConfig", "ModelOutput", "init_params", "variables", "param_logical_axes", "apply",
+           "pool_sequence", "first_layers",
            "token_logprobs", "hidden_states", "lm_head_kernel", "prefill", "expand_cache",
            "decode_step",
            "decoder_fns", "default_positions"]
@@ -35,7 +39,7 @@ __all__ = ["ModelConfig", "ModelOutput", "init_params", "variables", "param_logi
 class ModelOutput(NamedTuple):
     logits: Array | None   # (B, T, V) float32
     hidden: Array          # (B, T, D)
-    reward: Array | None   # (B,) float32, read at the last real token
+    reward: Array | None   # (B,) float32, read where cfg.reward_pool says (`pool_sequence`)
     values: Array | None   # (B, T) float32, one scalar per position
 
 
@@ -82,10 +86,36 @@ def apply(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     positions = default_positions(mask) if positions_BxT is None else positions_BxT
     out = Transformer(cfg).apply(variables(params), tokens_BxT, positions, _causal_mask(mask))
     reward = None
-    if "reward" in out:
-        idx, _ = last_valid_index(mask)
-        reward = jnp.take_along_axis(out["reward"], idx[:, None], axis=1)[:, 0]
+    if "reward" in out:   # the head is linear: its mean over tokens is the head of the mean
+        reward = pool_sequence(out["reward"], mask, cfg.reward_pool)
     return ModelOutput(out.get("logits"), out["hidden"], reward, out.get("value"))
+
+
+def pool_sequence(x_BxT: Array, mask_BxT: Array, pool: str) -> Array:
+    """One value per row of `x_BxT` (B, T, ...): at the last real token (`pool="last"`) or the
+    float32 mean over the real tokens (`"mean"`); `ModelConfig.reward_pool`."""
+    if pool == "last":
+        idx, _ = last_valid_index(mask_BxT)
+        idx = idx.reshape(idx.shape + (1,) * (x_BxT.ndim - 1))
+        return jnp.take_along_axis(x_BxT, idx, axis=1)[:, 0]
+    if pool == "mean":
+        w = mask_BxT.astype(jnp.float32)
+        w = w.reshape(w.shape + (1,) * (x_BxT.ndim - 2))
+        return (x_BxT.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+    raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
+
+
+def first_layers(cfg: ModelConfig, params: Params, n: int) -> tuple[ModelConfig, Params]:
+    """(cfg, params) of the model cut to its first `n` decoder layers, the final norm and the
+    heads kept: what transformers loads with `num_hidden_layers=n` from the same checkpoint.
+    A cheaper trunk for a reward model (`config.model.trunk_layers`)."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= cfg.n_layers:
+        raise ValueError(f"first_layers: n must be an int in [1, {cfg.n_layers}] (the model's "
+                         f"layers), got {n!r}")
+    if n == cfg.n_layers:
+        return cfg, params
+    cut = dataclasses.replace(cfg, n_layers=n, layer_types=tuple(cfg.layer_types[:n]))
+    return cut, {**params, "layers": jax.tree.map(lambda x: x[:n], params["layers"])}
 
 
 def hidden_states(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,

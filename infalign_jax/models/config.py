@@ -12,6 +12,7 @@ LAYER_TYPES = ("full", "sliding")
 HEADS = ("lm", "reward", "value")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_dots")
+REWARD_POOLS = ("last", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,12 @@ class ModelConfig:
       activation), "full" (keep only the layer inputs; recompute the rest) or "save_dots" (keep
       the outputs of the weight matmuls, recompute the rest).
     heads: which outputs exist over the shared trunk: "lm" (policy logits), "reward" (a scalar
-      read at the last real token), "value" (a scalar at every position: value head / prefix
-      scorer for controlled decoding).
+      per sequence, read where `reward_pool` says), "value" (a scalar at every position: value
+      head / prefix scorer for controlled decoding).
+    reward_pool: where the reward head reads a sequence: "last" (the final hidden state of its
+      last real token, as transformers' sequence classifiers do) or "mean" (the mean of the
+      final hidden states over its real tokens; the head is linear, so this is the mean of the
+      per-token head outputs).
     """
 
     family: str = "llama"
@@ -83,6 +88,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     attn_scale_weights: bool = True
     attn_scale_inverse_layer: bool = False
+    reward_pool: str = "last"
 
     def __post_init__(self):
         def fail(field, expected):
@@ -100,6 +106,7 @@ class ModelConfig:
         check.choice(self, "dtype", DTYPES)
         check.choice(self, "param_dtype", DTYPES)
         check.choice(self, "remat", REMAT)
+        check.choice(self, "reward_pool", REWARD_POOLS)
         heads = tuple(self.heads)
         object.__setattr__(self, "heads", heads)
         if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):

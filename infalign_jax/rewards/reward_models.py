@@ -8,7 +8,8 @@ A batch is the packed preference format of the data package: LEFT-padded prompts
 `prompt_mask_BxP` and RIGHT-padded responses `chosen_BxL`, `chosen_mask_BxL`, `rejected_BxL`,
 `rejected_mask_BxL`; optionally a per-pair `margin_B` (Llama 2's margin, replacing
 `RMConfig.margin`) and, for ensembles, `member_idx_ExB`. The reward of (x, y) is the model's
-reward head read at the last real token of [prompt | response] (`models.apply`).
+reward head on [prompt | response], read at its last real token or averaged over its real tokens
+(`ModelConfig.reward_pool`, `models.apply`).
 
 Ensembles (Coste et al. 2023; the uncertainty-penalised BoN of Yang et al. 2024, arXiv 2402.13210):
 every member starts from its own random initialisation (`init_ensemble`). Without
@@ -30,7 +31,7 @@ import optax
 
 from infalign_jax import models
 from infalign_jax.core.selection import uncertainty_penalised_scores
-from infalign_jax.core.losses import check_rank, check_same_shape, last_valid_index
+from infalign_jax.core.losses import check_rank, check_same_shape
 from infalign_jax.core.preference_losses import bradley_terry_loss
 from infalign_jax.core.types import RewardFn, TrainState, init_train_state
 from infalign_jax.decoding.sampling import concat_prompt_response
@@ -117,7 +118,8 @@ def _check_batch(batch: Batch) -> int:
 def sequence_rewards(model_cfg: models.ModelConfig, params: Params, prompt_BxP: Array,
                      prompt_mask_BxP: Array, response_BxL: Array, response_mask_BxL: Array
                      ) -> Array:
-    """r(x, y) for each row: reward head at the last real token of [prompt | response]."""
+    """r(x, y) for each row: the reward head on [prompt | response], read where
+    `model_cfg.reward_pool` says (`models.apply`)."""
     _check_reward_head(model_cfg)
     tokens_BxT, mask_BxT = concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxL,
                                                   response_mask_BxL)
@@ -155,15 +157,14 @@ FEATURE_KEYS = ("chosen_BxD", "rejected_BxD")
 def sequence_features(model_cfg: models.ModelConfig, params: Params, prompt_BxP: Array,
                       prompt_mask_BxP: Array, response_BxL: Array, response_mask_BxL: Array
                       ) -> Array:
-    """float32 BxD: the final (normed) hidden state where `sequence_rewards` reads the reward
-    head, the last real token of [prompt | response] (`models.apply`'s `last_valid_index`)."""
+    """float32 BxD: the final (normed) hidden state of [prompt | response] where
+    `sequence_rewards` reads the reward head (`model_cfg.reward_pool`: its last real token, or
+    the mean over its real tokens; `models.pool_sequence`)."""
     _check_reward_head(model_cfg)
     tokens_BxT, mask_BxT = concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxL,
                                                   response_mask_BxL)
     hidden_BxTxD = models.apply(params, tokens_BxT, model_cfg, attention_mask_BxT=mask_BxT).hidden
-    idx_B, _ = last_valid_index(mask_BxT)
-    return jnp.take_along_axis(hidden_BxTxD, idx_B[:, None, None], axis=1)[:, 0].astype(
-        jnp.float32)
+    return models.pool_sequence(hidden_BxTxD, mask_BxT, model_cfg.reward_pool).astype(jnp.float32)
 
 
 def pair_features(model_cfg: models.ModelConfig, params: Params, batch: Batch
