@@ -90,11 +90,13 @@ def _flat(params):
 
 
 # ---------------------------------------------------------------------------- the trunk as loaded
-def _transformers_hidden(directory, tokens, mask):
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+def _transformers_hidden(directory, tokens, mask, **from_pretrained):
+    """transformers' final hidden states, positions counting the real tokens (as ours do)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, **from_pretrained).eval()
     with torch.no_grad():
         return model.model(input_ids=torch.tensor(tokens),
-                           attention_mask=torch.tensor(mask.astype(np.int64))
+                           attention_mask=torch.tensor(mask.astype(np.int64)),
+                           position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
                            ).last_hidden_state.numpy()
 
 
@@ -330,12 +332,7 @@ def test_trunk_layers_keep_the_first_layers_as_transformers_does(trunk, kind):
     tokens = np.random.default_rng(2).integers(3, 40, (2, 7))
     mask = np.ones(tokens.shape, bool)
     mask[0, 5:] = False
-    hf = transformers.AutoModelForCausalLM.from_pretrained(trunk["hf"],
-                                                           num_hidden_layers=1).eval()
-    with torch.no_grad():
-        theirs = hf.model(input_ids=torch.tensor(tokens),
-                          attention_mask=torch.tensor(mask.astype(np.int64))
-                          ).last_hidden_state.numpy()
+    theirs = _transformers_hidden(trunk["hf"], tokens, mask, num_hidden_layers=1)
 
     def hidden(model):
         return np.asarray(models.hidden_states(model.params, jnp.asarray(tokens), model.cfg,
@@ -362,12 +359,7 @@ def test_mean_pool_reads_the_head_at_the_mean_hidden_state(trunk):
     response_mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
     tokens = np.concatenate([prompt, response], 1)
     mask = np.concatenate([prompt_mask, response_mask], 1)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(trunk["hf"]).eval()
-    with torch.no_grad():
-        hidden = hf.model(input_ids=torch.tensor(tokens),
-                          attention_mask=torch.tensor(mask.astype(np.int64)),
-                          position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
-                          ).last_hidden_state.numpy()
+    hidden = _transformers_hidden(trunk["hf"], tokens, mask)
     mean = np.stack([hidden[b][mask[b]].mean(0) for b in range(3)])
     want = mean @ np.asarray(params["reward_head_kernel"])[:, 0] + 0.3
     args = [jnp.asarray(x) for x in (prompt, prompt_mask, response, response_mask)]
@@ -442,12 +434,7 @@ def test_cached_features_are_transformers_hidden_states_at_the_last_real_token(t
     for part in ("chosen", "rejected"):
         tokens = np.concatenate([arrays["prompt_BxP"], arrays[f"{part}_BxL"]], 1)
         mask = np.concatenate([arrays["prompt_mask_BxP"], arrays[f"{part}_mask_BxL"]], 1)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(trunk["hf"]).eval()
-        with torch.no_grad():
-            hidden = hf.model(input_ids=torch.tensor(tokens),
-                              attention_mask=torch.tensor(mask.astype(np.int64)),
-                              position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0))
-                              ).last_hidden_state.numpy()
+        hidden = _transformers_hidden(trunk["hf"], tokens, mask)
         last = np.array([np.flatnonzero(row)[-1] for row in mask])
         np.testing.assert_allclose(cached[f"{part}_BxD"], hidden[np.arange(len(last)), last],
                                    atol=2e-5, rtol=1e-4)
