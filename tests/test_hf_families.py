@@ -101,6 +101,24 @@ def test_logits_match_transformers(case):
     assert err < 1e-4
 
 
+def test_first_layers_equal_transformers_loaded_with_fewer_layers(case):
+    """`models.first_layers(cfg, params, 2)` is the checkpoint transformers loads with 2 of its
+    3 layers (per-layer window types, gpt2's inverse-layer scale and rotary bases included)."""
+    name, path, cfg, params = case
+    config = transformers.AutoConfig.from_pretrained(path)
+    setattr(config, "n_layer" if cfg.family == "gpt2" else "num_hidden_layers", 2)
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:2]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, config=config).eval()
+    tokens, mask, positions = _batch()
+    cut_cfg, cut = models.first_layers(cfg, params, 2)
+    assert cut_cfg.n_layers == 2 and len(cut_cfg.layer_types) in (0, 2)
+    ours = _our_logits(cut_cfg, cut, tokens, mask)
+    err = np.abs(ours - _hf_logits(theirs, tokens, mask, positions))[mask].max()
+    assert err < 1e-4, (name, err)
+    assert np.abs(ours - _our_logits(cfg, params, tokens, mask))[mask].max() > 1e-3
+
+
 def test_greedy_decoding_equals_generate(case):
     name, path, cfg, params = case
     rng = np.random.default_rng(2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from infalign_jax import models
 from infalign_jax.rl.tasks import real
 from infalign_jax.rl import tasks as rl_tasks
 from infalign_jax.loops import train
@@ -85,9 +85,7 @@ def _first_layers(n):
     load = gguf_import.load_gguf_checkpoint
 
     def truncated(path, *args, **kwargs):
-        cfg, params = load(path, *args, **kwargs)
-        params = {**params, "layers": jax.tree.map(lambda x: x[:n], params["layers"])}
-        return dataclasses.replace(cfg, n_layers=n), params
+        return models.first_layers(*load(path, *args, **kwargs), n)
 
     return truncated
 

@@ -219,9 +219,27 @@ def test_pretrained_trunk_refuses_model_keys_by_name(trunk, tmp_path):
         rm_model.build_model({"source": "tiny", "trunk_layers": 2})
     c = _config(trunk["hf"], trunk["train"], trunk["eval"])
     c.model.reward_pool = "max"
-    with pytest.raises(ValueError, match=r"reward_pool"):
+    with pytest.raises(ValueError, match=r"config.model.reward_pool must be one of \('last', "
+                                         r"'mean'\), got 'max'"):
         _run(c, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_reward_model_config_pools_an_lm_trunk_and_reads_a_classifier_at_its_last_token(
+        trunk, tmp_path):
+    from infalign_jax.infra.config_utils import load_config_module
+    rm_config = load_config_module("configs/reward_model.py").get_config
+    assert rm_config(f"trunk={trunk['gguf']}").model.reward_pool == "mean"
+    assert rm_config(f"trunk={trunk['hf']},pool=last,trunk_layers=1").model.to_dict() == {
+        "source": trunk["hf"], "remat": "none", "reward_pool": "last", "trunk_layers": 1}
+    classifier = save_reward_model(tmp_path / "cls", seed=4)
+    assert rm_config(f"trunk={classifier}").model.reward_pool == "last"
+    assert rm_config("").model.reward_pool == "last"       # the tiny byte model
+    with pytest.raises(ValueError, match=r"config arg trunk_layers cuts a pretrained trunk"):
+        rm_config("trunk_layers=2")
+    model = rm_model.build_model({"source": trunk["hf"]})
+    with pytest.raises(ValueError, match=r"first_layers: the parameters carry LoRA adapters"):
+        models.first_layers(model.cfg, {**model.params, "lora": {}}, 1)
 
 
 def test_a_mean_pool_reward_model_is_not_exported_as_a_last_token_classifier(trunk, tmp_path):
@@ -390,6 +408,7 @@ def test_cached_head_features_match_the_full_forward_path(trunk, tmp_path, pool)
     logs = []
     fast, s_fast = train_reward.run(c, str(tmp_path / "fast"), log=logs.append, devices=ONE)
     assert "head_features" not in s_slow and set(s_fast["head_features"]) == {"train", "eval"}
+    assert (",mean]" in s_fast["reward_model_id"]) == (pool == "mean")   # the id names the pool
     assert any("features train: 24/24 pairs (48 sequences)" in line for line in logs)
     a, b = _flat(slow.params), _flat(fast.params)
     start = _flat(rm_model.build_model({"source": trunk["hf"]}).params)

@@ -315,3 +315,16 @@ def test_runs_recorded_before_shared_prompt_or_remat_resume_under_either_setting
     other = skeleton.canonical_record({**old, "rl.beta": 0.2, "rl.shared_prompt": True})
     with pytest.raises(ValueError, match=r"another config \(rl.beta: checkpoint 0.1, config 0.2\)"):
         skeleton.check_same_config("run", old, other)
+
+
+def test_runs_recorded_before_the_reward_pool_resume_only_at_the_value_they_had():
+    """model.reward_pool and model.trunk_layers were added later: a record without them resumes
+    under their earlier values ("last", 0), and under any other value it is refused by name."""
+    from infalign_jax.loops import skeleton
+    old = {"model.d_model": 64, "transform.name": "identity"}
+    now = skeleton.canonical_record({**old, "model.reward_pool": "last", "model.trunk_layers": 0})
+    skeleton.check_same_config("run", old, now)
+    for key, value in (("model.reward_pool", "mean"), ("model.trunk_layers", 4)):
+        with pytest.raises(ValueError, match=rf"another config \({key}: checkpoint '<absent>', "
+                                             rf"config {value!r}\)"):
+            skeleton.check_same_config("run", old, skeleton.canonical_record({**old, key: value}))

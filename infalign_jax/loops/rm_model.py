@@ -16,6 +16,7 @@ import optax
 
 from infalign_jax import models
 from infalign_jax.data.byte_tokenizer import ByteTokenizer
+from infalign_jax.models.config import REWARD_POOLS
 from infalign_jax.infra.config_utils import dataclass_from
 from infalign_jax.rewards.reward_runs import trunk_tokenizer
 
@@ -63,14 +64,28 @@ def _load_trunk(source: str, overrides: dict[str, Any]) -> tuple[models.ModelCon
     return hf_import.load_hf_checkpoint(source, **overrides)
 
 
+def default_pool(source: str) -> str:
+    """Where the reward head of a model from `source` reads by default: "last" for the tiny byte
+    model and for a sequence classifier (its score head was trained there), "mean" for a causal
+    LM trunk (the mean carries a word-level judge's labels to new prompts where the last token's
+    state does not: configs/reward_model.py)."""
+    from infalign_jax.models import hf_import
+    if source == "tiny" or (os.path.isdir(source) and hf_import.is_sequence_classifier(source)):
+        return "last"
+    return "mean"
+
+
 def build_model(model_section: dict[str, Any]) -> RMModel:
     """The reward model of `config.model` (see the module docstring): "tiny" (fresh, byte
     tokenizer; parameters initialised by the caller) or a pretrained trunk with its tokenizer."""
     values = dict(model_section)
     source = values.pop("source", None)
     layers = values.pop(TRUNK_LAYERS, 0)
+    if values.get("reward_pool", "last") not in REWARD_POOLS:
+        raise ValueError(f"config.model.reward_pool must be one of {REWARD_POOLS}, "
+                         f"got {values['reward_pool']!r}")
     if source == "tiny":
-        if layers:
+        if layers is not None and layers != 0:
             raise ValueError(f"config.model.{TRUNK_LAYERS}={layers!r} cuts a pretrained trunk; "
                              f"the tiny model's depth is config.model.n_layers")
         for key in MODEL_FIXED:

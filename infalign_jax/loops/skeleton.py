@@ -72,6 +72,10 @@ RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
                   "mesh.fsdp", "mesh.tensor", "mesh.rollout", "export.hf", "export.dir",
                   "rl.shared_prompt", "model.remat")
 
+# Keys added after runs were recorded, with the value every earlier run had: a record holding
+# that value compares equal to one written before the key existed.
+ADDED_KEYS = {"model.reward_pool": "last", "model.trunk_layers": 0}
+
 
 def config_record(config: Any) -> dict[str, Any]:
     """The config as the manifest writes it (`provenance.jsonable`), flattened to
@@ -94,9 +98,10 @@ def flat_record(config: Any) -> dict[str, Any]:
 
 
 def canonical_record(flat: dict[str, Any]) -> dict[str, Any]:
-    """A flat config record without the RESUMABLE_KEYS and without the transform parameters the
-    named transform does not use (unset, or another family's), so records written before those
-    were unset compare equal to today's."""
+    """A flat config record without the RESUMABLE_KEYS, without the transform parameters the
+    named transform does not use (unset, or another family's), and without the ADDED_KEYS at
+    their earlier value, so records written before those were unset or added compare equal to
+    today's."""
     name = flat.get("transform.name")
     taken = transform_param_names(name) if name in known_transforms() else None
 
@@ -106,7 +111,8 @@ def canonical_record(flat: dict[str, Any]) -> dict[str, Any]:
         return key.split(".", 1)[1] in taken and is_set(value)
     lora_off = not flat.get("rl.lora.rank")   # then its other keys are unused (or not recorded)
     return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS and used(k, v)
-            and not (lora_off and k.startswith("rl.lora."))}
+            and not (lora_off and k.startswith("rl.lora."))
+            and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def differing_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -253,7 +253,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     state, start, last_eval = result.state, result.resumed_from, result.last_eval
     digest = hashlib.sha256(b"".join(np.asarray(x).tobytes()
                                      for x in jax.tree.leaves(jax.device_get(state.params))))
-    model_id = f"rm[{model_cfg.n_layers}x{model_cfg.d_model},{tok_name}]:{digest.hexdigest()[:16]}"
+    pool = "" if model_cfg.reward_pool == "last" else f",{model_cfg.reward_pool}"
+    model_id = (f"rm[{model_cfg.n_layers}x{model_cfg.d_model},{tok_name}{pool}]:"
+                f"{digest.hexdigest()[:16]}")
     info = {"reward_model_id": model_id, "model_config": dataclasses.asdict(model_cfg),
             "tokenizer": tok_name, "ensemble_size": tcfg.ensemble_size,
             "checkpoint_step": tcfg.num_steps}

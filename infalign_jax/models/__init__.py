@@ -112,6 +112,9 @@ def first_layers(cfg: ModelConfig, params: Params, n: int) -> tuple[ModelConfig,
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= cfg.n_layers:
         raise ValueError(f"first_layers: n must be an int in [1, {cfg.n_layers}] (the model's "
                          f"layers), got {n!r}")
+    if "lora" in params:
+        raise ValueError("first_layers: the parameters carry LoRA adapters ('lora'); cut the base "
+                         "model before attaching them (models.lora.attach)")
     if n == cfg.n_layers:
         return cfg, params
     cut = dataclasses.replace(cfg, n_layers=n, layer_types=tuple(cfg.layer_types[:n]))

@@ -281,6 +281,16 @@ def _is_sequence_classifier(hf: Mapping[str, Any], source: str) -> bool:
     return True
 
 
+def is_sequence_classifier(directory: str) -> bool:
+    """Whether the transformers directory holds a one-label `...ForSequenceClassification`."""
+    config_path = os.path.join(directory, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return _is_sequence_classifier(json.load(f), config_path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: cannot read the model config ({e})") from e
+
+
 _SCORER_ARCH = {"gemma3_text": "Gemma3TextForSequenceClassification"}
 
 

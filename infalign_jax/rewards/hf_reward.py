@@ -6,11 +6,12 @@ from text, as a user of the reward model would: the policy's response tokens are
 policy's tokenizer (`judges.text_reward_fn` does that), the (prompt, response) text is rendered
 (`template`), re-encoded with the reward model's own tokenizer on the host, padded into fixed
 (batch_size, bucket) shapes, and scored by the Flax decoder with its `("reward",)` head under
-`jit` (`models.apply(...).reward`, read at the last real token, the token transformers scores).
+`jit` (`models.apply(...).reward`, read where `ModelConfig.reward_pool` says: the last real
+token, the token transformers scores, or the mean over the real tokens for a run trained so).
 One program is compiled per bucket length (powers of two up to `max_len`).
 
-Truncation keeps the end of the text (the response, where the score is read) and counts the cut
-rows in `truncated`.
+Truncation keeps the end of the text (the response, where a last-token score is read) and counts
+the cut rows in `truncated`.
 
 `ModelJudge` takes (cfg, params, tokenizer); `SequenceClassifierJudge` loads them from a
 transformers directory; `PairLayoutJudge` encodes (prompt, response) as `train_reward.py` packed
