@@ -215,8 +215,9 @@ def test_pretrained_trunk_refuses_model_keys_by_name(trunk, tmp_path):
         c.model.trunk_layers = layers
         with pytest.raises(ValueError, match=message):
             _run(c, tmp_path / "r")
-    with pytest.raises(ValueError, match=r"config.model.trunk_layers=2 cuts a pretrained trunk"):
-        rm_model.build_model({"source": "tiny", "trunk_layers": 2})
+    for layers in (2, False):   # False == 0, but it is not a layer count
+        with pytest.raises(ValueError, match=rf"config.model.trunk_layers={layers} cuts a pretrained"):
+            rm_model.build_model({"source": "tiny", "trunk_layers": layers})
     c = _config(trunk["hf"], trunk["train"], trunk["eval"])
     c.model.reward_pool = "max"
     with pytest.raises(ValueError, match=r"config.model.reward_pool must be one of \('last', "

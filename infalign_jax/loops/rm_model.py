@@ -85,7 +85,7 @@ def build_model(model_section: dict[str, Any]) -> RMModel:
         raise ValueError(f"config.model.reward_pool must be one of {REWARD_POOLS}, "
                          f"got {values['reward_pool']!r}")
     if source == "tiny":
-        if layers is not None and layers != 0:
+        if isinstance(layers, bool) or (layers is not None and layers != 0):
             raise ValueError(f"config.model.{TRUNK_LAYERS}={layers!r} cuts a pretrained trunk; "
                              f"the tiny model's depth is config.model.n_layers")
         for key in MODEL_FIXED:
