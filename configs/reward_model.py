@@ -57,13 +57,18 @@ share 10 prompts). The command of the SmolLM2 proxy `configs/compare_real.py` tr
 | SmolLM2, all 30 layers, mean pool | 0.710 | 0.15 | 3.9 min (0.15 s a sequence) |
 | SmolLM2, all 30 layers, last token | 0.570 | 0.25 | the same |
 | tiny byte model (`:data=helpfulness`, 300 steps, revision 47bf0e6) | 0.550 | 0.29 | — |
+| harmlessness (`:data=harmlessness`), SmolLM2, first 4 layers, mean pool (seed 0) | 0.595 | 0.18 | 2 min 26 s the run, peak RSS 2.6 GB |
+| harmlessness, tiny byte model (300 steps, revision 47bf0e6) | 0.530 | 0.29 | — |
 
 (Measured 2026-12-04 on 2 CPU cores, the runs one after another; a seed changes only the
 head's start and the batches, the features are the same.) VADER scores words, so the mean of
 the trunk's token states carries its label to new prompts where the last token's state does not;
 four layers do as well as thirty here (the held-out set is small: 0.745 vs 0.710 is about one
 standard error). The head over-fits after ~100 steps (held-out 0.775 at step 100, training
-accuracy near 1).
+accuracy near 1). On harmlessness the same recipe reaches 0.595 (0.585-0.595 at every evaluation
+from step 100 on): the judge (1 - offensiveness) puts most base samples near 1, so half the
+held-out pairs (48.5%) differ by less than 0.05 in the gold score (median 0.051), and the trunk's mean state separates them little
+better than chance.
 Earlier, with the last-token head over all 30 layers (seeds 0 / 1 / 2 on the data then): 0.575 /
 0.590 / 0.550, training accuracy 0.96 — the trunk's last-token feature separates the training
 pairs without carrying VADER's labels to held-out prompts.
