@@ -270,3 +270,29 @@ def test_the_convergence_measure_is_the_calibrated_optimum_in_closed_form():
     # the sign of t follows the procedure: exp(-4 C) is the WoN optimum, better than identity there
     assert report.optimum("exp", "won", 4, 4.0, 0.5)["won4"] > \
         report.optimum("identity", "won", 4, 4.0, 0.5)["won4"]
+
+
+def test_claims_are_oriented_to_their_claimed_side():
+    from infalign_jax.workflows import comparison_report as report
+
+    def iv(lo, hi):
+        return {"point": (lo + hi) / 2, "lower": lo, "upper": hi}
+
+    # method - identity, as the report's difference table holds them
+    diffs = {"exp": {"gold_bon4": iv(0.01, 0.03), "gold_standard": iv(-0.1, 0.1)},
+             "raw": {"gold_bon4": iv(-0.10, -0.05), "gold_standard": iv(0.02, 0.06)}}
+    result = {"procedure": "bon", "same_judge": False}
+    got = {(c["claim"], c["difference"]): c
+           for c in report._claims(result, diffs, {}, 4)}
+    exp_a = got[("a", "exp - identity")]
+    assert exp_a["verdict"] == "holds" and exp_a["interval"] == iv(0.01, 0.03)
+    id_a = got[("a", "identity - raw")]   # raw 0.05-0.10 below identity: identity beats raw
+    assert id_a["verdict"] == "holds"
+    assert id_a["interval"] == pytest.approx({"point": 0.075, "lower": 0.05, "upper": 0.10})
+    assert got[("d", "identity - raw")]["verdict"] == "does not hold"   # raw above identity
+    assert got[("c", "identity - raw")]["verdict"] == "holds"
+    flagged = report._claims(result, diffs, {"raw": True}, 4)
+    assert {c["verdict"] for c in flagged if "raw" in c["difference"]} == {
+        "unresolved (KL not matched)"}
+    assert not any(c["claim"] == "c" for c in report._claims({**result, "same_judge": True},
+                                                              diffs, {}, 4))

@@ -127,12 +127,17 @@ def _claims(result: dict[str, Any], diffs: dict[str, Any], flagged: dict[str, bo
     out = []
 
     def claim(name: str, text: str, method: str, key: str, sign: float, also: str = "") -> None:
+        """`diffs` hold method - identity; a claim's interval is oriented so that positive is
+        the claimed side (sign -1: identity - method), and `difference` names it."""
         if method not in diffs:
             return
         d = diffs[method][key]
+        if sign < 0:
+            d = {"point": -d["point"], "lower": -d["upper"], "upper": -d["lower"]}
         bad = flagged.get(method, False) or flagged.get("identity", False)
         out.append({"claim": name, "statement": text, "interval": d,
-                    "verdict": _verdict(d, sign, bad), "note": also})
+                    "difference": f"{method} - identity" if sign > 0 else f"identity - {method}",
+                    "verdict": _verdict(d, 1.0, bad), "note": also})
 
     if proc == "bon":
         claim("a", f"CTRL exp t>0 beats calibrated identity on BoN_{n} (gold)", "exp", metric, 1)
@@ -203,11 +208,14 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
         lines += ["Difference against calibrated identity (95% bootstrap over prompts and seeds):",
                   "", sweep.markdown_table(drows, dcols), ""]
     if summary["claims"]:
-        lines += ["| claim | statement | difference [95%] | verdict |", "|---|---|---|---|"]
+        lines += ["Claims: each difference is oriented so that a positive value is on the claimed "
+                  "side.", "",
+                  "| claim | statement | difference | [95%] | verdict |", "|---|---|---|---|---|"]
         for c in summary["claims"]:
             i = c["interval"]
-            lines.append(f"| ({c['claim']}) | {c['statement']} | {i['point']:+.3f} "
-                         f"[{i['lower']:+.3f}, {i['upper']:+.3f}] | {c['verdict']} |")
+            lines.append(f"| ({c['claim']}) | {c['statement']} | {c['difference']} = "
+                         f"{i['point']:+.3f} | [{i['lower']:+.3f}, {i['upper']:+.3f}] | "
+                         f"{c['verdict']} |")
         lines.append("")
     return "\n".join(lines)
 
