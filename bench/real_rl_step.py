@@ -44,8 +44,7 @@ def _setup(args):
     from infalign_jax.rewards import judges
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir:
-        weights = smollm2_weights.load(args.weights, workdir)
+    weights = smollm2_weights.load(args.weights)
     cfg, params = weights.cfg, weights.params
     if args.dtype != cfg.dtype:   # activations in bf16, parameters and optimizer state in f32
         cfg = dataclasses.replace(cfg, dtype=args.dtype)
@@ -215,7 +214,8 @@ def main():
         result["rerun_to_step_1_s"] = rerun["to_step_1_s"]
     c, m = result["compile_s"], result["memory_bytes"]
     print(f"hardware: {result['hardware']}")
-    print(f"SmolLM2-135M ({args.weights} weights) CTRL step, {args.prompts} prompts x {args.samples} samples, prompt "
+    print(f"SmolLM2-135M ({args.weights} weights) CTRL step, {args.prompts} prompts x "
+          f"{args.samples} samples, prompt "
           f"{args.prompt_len}, {args.new} new tokens, shared_prompt={args.shared_prompt}, lora rank "
           f"{args.lora_rank} (model "
           f"load {result['load_s']:.1f} s)")

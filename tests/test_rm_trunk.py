@@ -216,7 +216,8 @@ def test_pretrained_trunk_refuses_model_keys_by_name(trunk, tmp_path):
         with pytest.raises(ValueError, match=message):
             _run(c, tmp_path / "r")
     for layers in (2, False):   # False == 0, but it is not a layer count
-        with pytest.raises(ValueError, match=rf"config.model.trunk_layers={layers} cuts a pretrained"):
+        with pytest.raises(ValueError,
+                           match=rf"config.model.trunk_layers={layers} cuts a pretrained"):
             rm_model.build_model({"source": "tiny", "trunk_layers": layers})
     c = _config(trunk["hf"], trunk["train"], trunk["eval"])
     c.model.reward_pool = "max"
