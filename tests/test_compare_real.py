@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -86,6 +87,34 @@ def test_saved_win_rates_match_brute_force_enumeration(comparison):
                     _brute_force(pol_BxM[b], ref_BxM[b], 1, "bon"), abs=1e-12)
     bon = np.load(os.path.join(ev, "bon_ref_seed0.npz"))
     np.testing.assert_allclose(bon["kl_B"], np.log(2) - 0.5)
+
+
+def test_a_rerun_with_the_unbiased_estimator_re_reports_the_saved_scores(comparison, tmp_path):
+    """`comparison.win_rates="unbiased"` into a copy of the finished work dir: nothing is trained
+    or evaluated again, and every row's BoN_2 / WoN_2 is now max (min) of a policy's 2 samples
+    against max (min) of pi_ref's 2, over the saved scores (M = N = 2: one subset a side)."""
+    workdir = str(tmp_path / "out")
+    shutil.copytree(comparison["workdir"], workdir)
+    config = comparison["config"]
+    config.comparison.win_rates = "unbiased"
+    lines = []
+    try:
+        path = rc.run(rc.task_configs(config), config.comparison, workdir, log=lines.append,
+                      devices=jax.devices()[:1])
+    finally:
+        config.comparison.win_rates = "plugin"
+    assert not any(": training (" in line for line in lines), lines
+    assert "unbiased: N of the M samples drawn without replacement" in open(path).read()
+    ev = os.path.join(workdir, "harmlessness", "evaluation")
+    ref = np.load(os.path.join(ev, "pi_ref.npz"))["gold_BxM"]
+    summary = json.load(open(os.path.join(workdir, "comparison.json")))[0]
+    rows = {r["method"]: r for r in summary["rows"]}
+    for method in ("identity", "exp"):
+        pol = [np.load(os.path.join(ev, f"{method}_seed{s}.npz"))["gold_BxM"] for s in (0, 1)]
+        for proc, pick in (("bon", np.max), ("won", np.min)):
+            want = np.mean([np.mean((pick(p, 1) > pick(ref, 1)) + 0.5 * (pick(p, 1) == pick(ref, 1)))
+                            for p in pol])
+            assert rows[method][f"gold_{proc}2"] == pytest.approx(want, abs=1e-12)
 
 
 def test_kl_target_is_vbons_held_out_kl_and_the_summary_is_its_data(comparison):
@@ -291,6 +320,9 @@ def test_claims_are_oriented_to_their_claimed_side():
     assert id_a["interval"] == pytest.approx({"point": 0.075, "lower": 0.05, "upper": 0.10})
     assert got[("d", "identity - raw")]["verdict"] == "does not hold"   # raw above identity
     assert got[("c", "identity - raw")]["verdict"] == "holds"
+    # on a BoN task (c) is (a)'s identity - raw difference again, and says so
+    assert got[("c", "identity - raw")]["interval"] == id_a["interval"]
+    assert "(a)'s identity - raw" in got[("c", "identity - raw")]["note"]
     flagged = report._claims(result, diffs, {"raw": True}, 4)
     assert {c["verdict"] for c in flagged if "raw" in c["difference"]} == {
         "unresolved (KL not matched)"}

@@ -111,6 +111,68 @@ def test_closed_forms_for_a_bon_k_policy_with_continuous_scores(k):
         assert np.all(np.abs(per_prompt.mean(0) - want) < 4 * se + 1e-3), (per_prompt.mean(0), want, se)
 
 
+def _brute_force_subsets(pol, ref, n, procedure, against):
+    """Enumerate every n-subset (without replacement) of policy samples and m-subset of
+    reference ones, by position, so tied values count once per sample."""
+    pick = max if procedure == "bon" else min
+    m = n if against == "transformed" else 1
+    xs = [pick(t) for t in itertools.combinations(pol, n)]
+    ys = [pick(t) for t in itertools.combinations(ref, m)]
+    return np.mean([(x > y) + 0.5 * (x == y) for x in xs for y in ys])
+
+
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+@pytest.mark.parametrize("against", ["transformed", "base"])
+def test_unbiased_matches_subset_enumeration_with_ties_and_masks(procedure, against):
+    pol = np.array([c[0] for c in TIED_CASES] + [[4.0, 0.0, np.nan, 2.0]])
+    ref = np.array([c[1] for c in TIED_CASES] + [[2.0, 9.0, 2.0, 1.0]])
+    pol_valid = np.ones(pol.shape, bool)
+    ref_valid = np.ones(ref.shape, bool)
+    pol_valid[-1, 2] = False     # a masked sample's value must not matter
+    ref_valid[-1, 1] = False
+    got = ev.subset_win_rates(pol, ref, [1, 2, 3], procedure, against, pol_valid, ref_valid)
+    assert got.shape == (len(pol), 3)
+    for b in range(len(pol)):
+        p, r = pol[b][pol_valid[b]].tolist(), ref[b][ref_valid[b]].tolist()
+        for g, n in enumerate((1, 2, 3)):
+            want = _brute_force_subsets(p, r, n, procedure, against)
+            assert got[b, g] == pytest.approx(want, abs=1e-12), (b, n)
+    # n = 1 draws one sample either way: the plug-in's standard win rate
+    np.testing.assert_allclose(got[:, 0], ev.plugin_win_rates(pol, ref, 1, procedure, against,
+                                                              pol_valid, ref_valid)[:, 0],
+                               atol=1e-12)
+
+
+def test_unbiased_estimator_is_unbiased_where_the_plug_in_is_not():
+    """Calibrated scores, pi with CDF u^a against uniform pi_ref, M = K = n = 4 (the `small`
+    comparison's evaluation): BoN_4 vs BoN_4 is a / (a + 1); WoN_4 vs WoN_4 is
+    P(min of pi's 4 > min of pi_ref's 4) = int_0^1 4 (1 - u)^3 (1 - u^a)^4 du (midpoint rule)."""
+    rng = np.random.default_rng(3)
+    num_prompts, m, n, a = 40_000, 4, 4, 2.0
+    pol = rng.random((num_prompts, m)) ** (1 / a)
+    ref = rng.random((num_prompts, m))
+    u = (np.arange(200_000) + 0.5) / 200_000
+    truth = {"bon": a / (a + 1),
+             "won": float(np.mean(n * (1 - u) ** (n - 1) * (1 - u ** a) ** n))}
+    for procedure in ("bon", "won"):
+        unbiased = ev.subset_win_rates(pol, ref, n, procedure)[:, 0]
+        se = unbiased.std(ddof=1) / np.sqrt(num_prompts)
+        assert abs(unbiased.mean() - truth[procedure]) < 4 * se, (procedure, unbiased.mean(), se)
+    # the plug-in at M = n shrinks WoN_4 towards 1/2 by far more than that
+    plug = ev.plugin_win_rates(pol, ref, n, "won")[:, 0]
+    assert truth["won"] - plug.mean() > 0.03
+
+
+def test_unbiased_refuses_fewer_samples_than_n():
+    pol = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    valid = np.array([[1, 1, 1], [1, 1, 0]], bool)
+    with pytest.raises(ValueError, match=r"pol_BxM: prompt rows \[1\].*n = 3"):
+        ev.subset_win_rates(pol, pol, 3, "bon", "transformed", valid, None)
+    with pytest.raises(ValueError, match="ref_BxK"):
+        ev.subset_win_rates(pol, pol[:, :2], 3, "won")
+    assert ev.subset_win_rates(pol, pol[:, :2], 3, "won", "base").shape == (2, 1)
+
+
 def test_standard_and_paired_win_rates():
     pol = np.array([[1.0, 2.0], [0.0, 0.0]])
     ref = np.array([[2.0, 0.0, 1.0], [0.0, 1.0, -1.0]])

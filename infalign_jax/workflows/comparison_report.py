@@ -145,12 +145,20 @@ def _claims(result: dict[str, Any], diffs: dict[str, Any], flagged: dict[str, bo
               -1)
     else:
         claim("b", f"CTRL exp t<0 beats calibrated identity on WoN_{n} (gold)", "exp", metric, 1)
-    claim("d", "calibrated identity is at least as good as raw RLHF on the standard win rate "
-               "(gold)", "raw", "gold_standard", -1)
+    claim("d", "calibrated identity beats raw RLHF on the standard win rate (gold)", "raw",
+          "gold_standard", -1,
+          "the paper: a strong baseline; an interval across 0 is consistent with 'as good as' "
+          "and reads unresolved here")
     if not result["same_judge"]:
         claim("c", "calibrated identity beats raw RLHF under the gold judge when both train on "
-                   "the proxy", "raw", metric, -1)
+                   "the proxy", "raw", metric, -1,
+              "the same difference as (a)'s identity - raw: one piece of evidence, not two"
+              if proc == "bon" else "")
     return out
+
+
+_ESTIMATORS = {"plugin": "plug-in: the empirical distributions' exact win rate",
+               "unbiased": "unbiased: N of the M samples drawn without replacement"}
 
 
 def markdown(summary: dict[str, Any], cc: Any) -> str:
@@ -167,8 +175,8 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
         rows.append(row)
     lines = [f"### {summary['task']} ({_NAMES[summary['procedure']]}_{n})", "",
              f"Reward (proxy) `{summary['proxy']}`, gold judge `{summary['gold']}`; KL target "
-             f"{summary['kl_target']:.4f}. Win rates against pi_ref's samples on the held-out "
-             f"prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response; "
+             f"{summary['kl_target']:.4f}. Win rates ({_ESTIMATORS[cc.win_rates]}) against pi_ref's "
+             f"samples on the held-out prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response; "
              f"alpha = mean weight of the trained policy on its line from pi_ref (1: as trained).",
              "", sweep.markdown_table(rows, cols), ""]
     proc = f"{summary['procedure']}{n}"
@@ -213,7 +221,8 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
                   "| claim | statement | difference | [95%] | verdict |", "|---|---|---|---|---|"]
         for c in summary["claims"]:
             i = c["interval"]
-            lines.append(f"| ({c['claim']}) | {c['statement']} | {c['difference']} = "
+            note = f" ({c['note']})" if c.get("note") else ""
+            lines.append(f"| ({c['claim']}) | {c['statement']}{note} | {c['difference']} = "
                          f"{i['point']:+.3f} | [{i['lower']:+.3f}, {i['upper']:+.3f}] | "
                          f"{c['verdict']} |")
         lines.append("")

@@ -28,8 +28,13 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   row's KL is the full-vocabulary KL(pi || pi_ref) summed along the policy's samples on the
   evaluation prompts; rows whose mean is more than `kl_tolerance` from the target are flagged, and
   a claim that rests on a flagged row is "unresolved".
-* statistics: per prompt, the plug-in standard / BoN_N / WoN_N win rate against the shared pi_ref
-  samples (`evaluation.plugin_win_rates`); a method's difference against calibrated identity with
+* statistics: per prompt, the standard / BoN_N / WoN_N win rate against the shared pi_ref
+  samples, by the plug-in (`win_rates="plugin"`, `evaluation.plugin_win_rates`: the empirical
+  distributions' exact win rate, draws with replacement; biased towards 1/2 when eval_samples is
+  close to N, most for WoN_N) or the unbiased subset estimator (`"unbiased"`,
+  `evaluation.subset_win_rates`: draws without replacement). Win rates are recomputed from the
+  saved judge scores whenever the report is made, so a rerun into the same work dir with another
+  `win_rates` re-reports without training or sampling the policies. A method's difference against calibrated identity with
   a bootstrap over prompts (paired) and seeds (`evaluation.paired_difference`). A claim holds when
   its 95% interval lies on the claimed side of 0, does not hold when it lies on the other side,
   and is unresolved otherwise.
@@ -91,6 +96,8 @@ class ComparisonConfig:
     eval_batch_prompts: int = 16   # evaluation prompts per sampler call
     eval_seed: int = 1234
     num_resamples: int = 2000
+    win_rates: str = "plugin"      # per-prompt estimator: "plugin" or "unbiased"
+                                   # (evaluation.WIN_RATE_ESTIMATORS)
 
     def __post_init__(self):
         unknown = sorted(set(self.method_list) - set(METHODS))
@@ -106,11 +113,14 @@ class ComparisonConfig:
         check.ints(self, ("eval_samples", "eval_batch_prompts", "num_resamples"))
         check.ints(self, ("kl_match_tries",), low=0)
         check.choice(self, "kl_match", ("interpolate", "none"))
+        check.choice(self, "win_rates", tuple(evaluation.WIN_RATE_ESTIMATORS))
         check.ints(self, ("eval_seed",), low=0)
         check.numbers(self, ("t", "kl_tolerance"), strict=True)
         check.numbers(self, ("kl_target",))
         if self.eval_samples < self.n:
-            check.fail(self, "eval_samples", f">= n = {self.n} (the BoN_N plug-in needs M >= N)")
+            check.fail(self, "eval_samples", f">= n = {self.n} (the unbiased estimator draws N of "
+                                             f"them without replacement; the plug-in's bias "
+                                             f"grows as M nears N)")
         if self.kl_target == 0 and "vbon" not in self.method_list and any(
                 report.kl_controlled(m, self.kl_target) for m in self.method_list):
             check.fail(self, "kl_target", "> 0 when 'vbon' is not among the methods (its KL is "
@@ -279,14 +289,16 @@ class Evaluator:
         return {k: (np.concatenate(v) if v and k != "texts" else v) for k, v in out.items()}
 
     def win_rates(self, gold_BxM: np.ndarray, proxy_BxM: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-prompt plug-in win rates against the shared pi_ref samples, under each judge."""
+        """Per-prompt win rates against the shared pi_ref samples, under each judge, by the
+        estimator `cc.win_rates`."""
         n = self.cc.n
+        estimate = evaluation.WIN_RATE_ESTIMATORS[self.cc.win_rates]
         out = {}
         for judge, pol, ref in (("gold", gold_BxM, self.ref_gold_BxM),
                                 ("proxy", proxy_BxM, self.ref_proxy_BxM)):
             out[f"{judge}_standard_B"] = evaluation.standard_win_rate(pol, ref)
             for proc in ("bon", "won"):
-                out[f"{judge}_{proc}{n}_B"] = evaluation.plugin_win_rates(pol, ref, n, proc)[:, 0]
+                out[f"{judge}_{proc}{n}_B"] = estimate(pol, ref, n, proc)[:, 0]
         return out
 
     def evaluate_policy(self, params: Any, seed: int) -> dict[str, Any]:
@@ -338,7 +350,7 @@ def _load_eval(path: str) -> dict[str, Any] | None:
 # else (the steps, the learning rate, the evaluation samples...) would mix its evaluations with
 # the saved ones.
 COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds", "comparison.num_resamples",
-                        "comparison.kl_tolerance") + tuple(
+                        "comparison.kl_tolerance", "comparison.win_rates") + tuple(
     k for k in skeleton.RESUMABLE_KEYS if k not in ("train.num_steps", "train.init_from"))
 
 
@@ -432,6 +444,8 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
                 else:
                     got = evaluator.evaluate_policy(params, eval_seed)
             _save_eval(path, got, ids, prompts, m)
+        else:   # the saved scores, re-estimated by this run's estimator
+            got.update(evaluator.win_rates(got["gold_BxM"], got["proxy_BxM"]))
         alpha = f" at alpha {float(got['alpha']):.3f}" if "alpha" in got else ""
         log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}{alpha}, gold BoN_{cc.n} "
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
