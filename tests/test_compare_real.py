@@ -117,6 +117,33 @@ def test_a_rerun_with_the_unbiased_estimator_re_reports_the_saved_scores(compari
             assert rows[method][f"gold_{proc}2"] == pytest.approx(want, abs=1e-12)
 
 
+def test_a_rerun_with_more_seeds_keeps_the_kl_target_the_saved_runs_matched(comparison,
+                                                                            tmp_path):
+    """A third seed of vBoN moves its mean KL; the new identity seed is still controlled towards
+    the first run's target, which the saved identity seeds were matched to."""
+    workdir = str(tmp_path / "out")
+    shutil.copytree(comparison["workdir"], workdir)
+    task_dir = os.path.join(workdir, "harmlessness")
+    first = json.load(open(os.path.join(task_dir, "kl_target.json")))["kl_target"]
+    config = comparison["config"]
+    config.comparison.seeds, config.comparison.methods = (0, 1, 2), "vbon,identity"
+    lines = []
+    try:
+        rc.run(rc.task_configs(config), config.comparison, workdir, log=lines.append,
+               devices=jax.devices()[:1])
+    finally:
+        config.comparison.seeds, config.comparison.methods = (0, 1), TRAINED_HERE
+    ev = os.path.join(task_dir, "evaluation")
+    three = np.mean([np.load(os.path.join(ev, f"vbon_seed{s}.npz"))["kl_B"].mean()
+                     for s in (0, 1, 2)])
+    assert three != pytest.approx(first, abs=1e-9)
+    assert any("kept from the first run" in line for line in lines), lines
+    manifest = json.load(open(os.path.join(task_dir, "identity", "seed=2", "manifest.json")))
+    assert manifest["config"]["rl"]["kl_target"] == pytest.approx(first, abs=1e-12)
+    summary = json.load(open(os.path.join(workdir, "comparison.json")))[0]
+    assert summary["kl_target"] == pytest.approx(first, abs=1e-12)
+
+
 def test_kl_target_is_vbons_held_out_kl_and_the_summary_is_its_data(comparison):
     out = os.path.join(comparison["workdir"], "harmlessness")
     ev = os.path.join(out, "evaluation")
@@ -143,6 +170,8 @@ def test_kl_target_is_vbons_held_out_kl_and_the_summary_is_its_data(comparison):
             assert abs(hist[-1, 1] / vbon_kl - 1) <= cc.kl_tolerance / 2
     summary = json.load(open(os.path.join(comparison["workdir"], "comparison.json")))[0]
     assert summary["kl_target"] == pytest.approx(vbon_kl)
+    assert json.load(open(os.path.join(out, "kl_target.json")))["kl_target"] == \
+        pytest.approx(vbon_kl)
     d = summary["differences_vs_identity"]["exp"]["gold_won2"]
     per = {m: np.mean([np.load(os.path.join(ev, f"{m}_seed{s}.npz"))["gold_won2_B"].mean()
                        for s in (0, 1)]) for m in ("exp", "identity")}

@@ -40,7 +40,8 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   and is unresolved otherwise.
 
 Outputs in the work dir: `<task>/<method>/seed=<s>/` (each a normal run directory),
-`<task>/evaluation/<method>_seed<s>.npz` (per-prompt scores, win rates and KL), `comparison.json`,
+`<task>/evaluation/<method>_seed<s>.npz` (per-prompt scores, win rates and KL),
+`<task>/kl_target.json` (vBoN's target, kept by a rerun with other seeds), `comparison.json`,
 `comparison.md` (tables, differences, claims; `comparison_report`) and
 `<task>/win_rate_vs_kl.png`.
 """
@@ -459,11 +460,30 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     for method in order:
         evals[method] = [evaluate(method, seed) for seed in cc.seeds]
         if report.sets_kl_target(method, cc.kl_target):
-            kl_target = float(np.mean([e["kl_B"].mean() for e in evals[method]]))
-            log(f"  KL target for the controlled methods: {kl_target:.4f} (vBoN's, held out)")
+            kl_target = _kl_target(workdir, float(np.mean([e["kl_B"].mean()
+                                                           for e in evals[method]])), log)
     return {"task": task_name, "procedure": inputs.task.procedure, "kl_target": kl_target,
             "evals": evals, "same_judge": evaluator.same_judge, "gold": gold.id,
             "proxy": inputs.judge.id}
+
+
+def _kl_target(workdir: str, measured: float, log: Callable[[str], None]) -> float:
+    """The KL target vBoN's runs set: their mean held-out KL, written to
+    `<task>/kl_target.json` the first time. A rerun with another seed set keeps the written
+    target, which the saved runs were matched to, so old and new runs share one target."""
+    path = os.path.join(workdir, "kl_target.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = float(json.load(f)["kl_target"])
+        if saved != measured:
+            log(f"  KL target for the controlled methods: {saved:.4f}, kept from the first run "
+                f"(the saved runs were matched to it; vBoN's mean over these seeds is "
+                f"{measured:.4f})")
+            return saved
+    else:
+        write_json(path, {"kl_target": measured, "source": "vbon mean held-out KL"})
+    log(f"  KL target for the controlled methods: {measured:.4f} (vBoN's, held out)")
+    return measured
 
 
 def _elapsed(since: float) -> str:
