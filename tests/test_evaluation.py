@@ -163,6 +163,19 @@ def test_unbiased_estimator_is_unbiased_where_the_plug_in_is_not():
     assert truth["won"] - plug.mean() > 0.03
 
 
+def test_unbiased_is_one_half_against_itself_and_complementary_at_large_m():
+    """C(2000, 1000) overflows a float: the weights are formed in log space."""
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 50, (3, 2000)).astype(float)   # ties
+    other = rng.random((3, 1500)) * 50
+    for procedure in ("bon", "won"):
+        np.testing.assert_allclose(ev.subset_win_rates(scores, scores, [4, 1000], procedure),
+                                   0.5, atol=1e-9)
+        forward = ev.subset_win_rates(scores, other, [3, 700], procedure)
+        backward = ev.subset_win_rates(other, scores, [3, 700], procedure)
+        np.testing.assert_allclose(forward + backward, 1.0, atol=1e-9)
+
+
 def test_unbiased_refuses_fewer_samples_than_n():
     pol = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
     valid = np.array([[1, 1, 1], [1, 1, 0]], bool)

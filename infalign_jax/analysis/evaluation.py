@@ -159,11 +159,17 @@ def plugin_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: st
     return np.sum(share_BxMxG * below_BxMxG, axis=1)
 
 
-def _comb(a, k) -> np.ndarray:
-    """Binomial coefficients C(a, k) elementwise for integer arrays; 0 where a < k or a < 0."""
-    a, k = np.broadcast_arrays(np.asarray(a, np.int64), np.asarray(k, np.int64))
-    out = [math.comb(int(x), int(y)) if x >= 0 else 0 for x, y in zip(a.ravel(), k.ravel())]
-    return np.asarray(out, np.float64).reshape(a.shape)
+_LGAMMA = np.frompyfunc(math.lgamma, 1, 1)
+
+
+def _log_comb(a, k) -> np.ndarray:
+    """log C(a, k) elementwise for integer arrays, -inf where k > a or a < 0 (log space, so
+    that C(2000, 1000) does not overflow a float)."""
+    a, k = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(k, np.float64))
+    ok = (a >= 0) & (k >= 0) & (k <= a)
+    a1, k1 = np.where(ok, a, 0.0), np.where(ok, k, 0.0)
+    out = (_LGAMMA(a1 + 1) - _LGAMMA(k1 + 1) - _LGAMMA(a1 - k1 + 1)).astype(np.float64)
+    return np.where(ok, out, -np.inf)
 
 
 def _subset_extreme_weights(name: str, scores_BxM: np.ndarray, valid_BxM: np.ndarray,
@@ -184,8 +190,8 @@ def _subset_extreme_weights(name: str, scores_BxM: np.ndarray, valid_BxM: np.nda
     np.put_along_axis(rank_BxM, order, np.arange(1, scores_BxM.shape[1] + 1)[None], axis=1)
     r, m_b = rank_BxM[..., None], count_B[:, None, None]
     n = n_G.astype(np.int64)[None, None, :]
-    above = _comb(r - 1, n - 1) if procedure == "bon" else _comb(m_b - r, n - 1)
-    return np.where(valid_BxM[..., None], above / _comb(m_b, n), 0.0)
+    above = _log_comb(r - 1, n - 1) if procedure == "bon" else _log_comb(m_b - r, n - 1)
+    return np.where(valid_BxM[..., None], np.exp(above - _log_comb(m_b, n)), 0.0)
 
 
 def subset_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: str = "transformed",
