@@ -117,6 +117,20 @@ def _weights(name: str, valid_BxM: np.ndarray, weights) -> np.ndarray:
     return w / total
 
 
+def _pair(pol_BxM, ref_BxK, pol_valid_BxM, ref_valid_BxK, procedure: str, against: str):
+    """The checked inputs of a per-prompt win rate: scores as float64 and their valid masks."""
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
+    if against not in AGAINST:
+        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
+    pol_BxM, pol_valid_BxM = _scores("pol_BxM", pol_BxM, pol_valid_BxM)
+    ref_BxK, ref_valid_BxK = _scores("ref_BxK", ref_BxK, ref_valid_BxK)
+    if pol_BxM.shape[0] != ref_BxK.shape[0]:
+        raise ValueError(f"pol_BxM and ref_BxK must have the same number of prompts, got "
+                         f"{pol_BxM.shape[0]} and {ref_BxK.shape[0]}")
+    return pol_BxM, pol_valid_BxM, ref_BxK, ref_valid_BxK
+
+
 def plugin_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: str = "transformed",
                      pol_valid_BxM=None, ref_valid_BxK=None, pol_weights_BxM=None,
                      ref_weights_BxK=None) -> np.ndarray:
@@ -128,15 +142,8 @@ def plugin_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: st
     task's). Invalid (masked) samples are dropped; every prompt needs at least one valid sample
     on each side.
     """
-    if procedure not in PROCEDURES:
-        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
-    if against not in AGAINST:
-        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
-    pol_BxM, pol_valid_BxM = _scores("pol_BxM", pol_BxM, pol_valid_BxM)
-    ref_BxK, ref_valid_BxK = _scores("ref_BxK", ref_BxK, ref_valid_BxK)
-    if pol_BxM.shape[0] != ref_BxK.shape[0]:
-        raise ValueError(f"pol_BxM and ref_BxK must have the same number of prompts, got "
-                         f"{pol_BxM.shape[0]} and {ref_BxK.shape[0]}")
+    pol_BxM, pol_valid_BxM, ref_BxK, ref_valid_BxK = _pair(
+        pol_BxM, ref_BxK, pol_valid_BxM, ref_valid_BxK, procedure, against)
     pol_w_BxM = _weights("pol_BxM", pol_valid_BxM, pol_weights_BxM)
     ref_w_BxK = _weights("ref_BxK", ref_valid_BxK, ref_weights_BxK)
     n_G = _ns(ns)
@@ -207,15 +214,8 @@ def subset_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: st
     expectation is the win rate itself for i.i.d. samples. It needs M >= n and K >= m valid
     samples on every row and takes no sample weights. At n = 1 it equals the plug-in.
     """
-    if procedure not in PROCEDURES:
-        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
-    if against not in AGAINST:
-        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
-    pol_BxM, pol_valid_BxM = _scores("pol_BxM", pol_BxM, pol_valid_BxM)
-    ref_BxK, ref_valid_BxK = _scores("ref_BxK", ref_BxK, ref_valid_BxK)
-    if pol_BxM.shape[0] != ref_BxK.shape[0]:
-        raise ValueError(f"pol_BxM and ref_BxK must have the same number of prompts, got "
-                         f"{pol_BxM.shape[0]} and {ref_BxK.shape[0]}")
+    pol_BxM, pol_valid_BxM, ref_BxK, ref_valid_BxK = _pair(
+        pol_BxM, ref_BxK, pol_valid_BxM, ref_valid_BxK, procedure, against)
     n_G = _ns(ns)
     m_G = n_G if against == "transformed" else np.ones_like(n_G)
     p_BxMxG = _subset_extreme_weights("pol_BxM", pol_BxM, pol_valid_BxM, n_G, procedure)
