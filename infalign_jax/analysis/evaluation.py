@@ -192,7 +192,8 @@ def _subset_extreme_weights(name: str, scores_BxM: np.ndarray, valid_BxM: np.nda
                          f"valid samples ({int(count_B.min())}) than n = {int(n_G.max())}; the "
                          f"unbiased estimator draws n of them without replacement (the plug-in "
                          f"`plugin_win_rates` draws with replacement and takes any n)")
-    order = np.argsort(np.where(valid_BxM, scores_BxM, np.inf), axis=1, kind="stable")
+    # valid samples first (ascending), masked ones after, whatever their values (even +inf)
+    order = np.lexsort((np.where(valid_BxM, scores_BxM, 0.0), ~valid_BxM), axis=1)
     rank_BxM = np.empty_like(order)
     np.put_along_axis(rank_BxM, order, np.arange(1, scores_BxM.shape[1] + 1)[None], axis=1)
     r, m_b = rank_BxM[..., None], count_B[:, None, None]
