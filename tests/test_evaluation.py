@@ -176,6 +176,18 @@ def test_unbiased_is_one_half_against_itself_and_complementary_at_large_m():
         np.testing.assert_allclose(forward + backward, 1.0, atol=1e-9)
 
 
+def test_unbiased_ranks_a_valid_inf_above_a_masked_one():
+    # the masked +inf comes first; the valid +inf must keep the top rank
+    pol = np.array([[np.inf, np.inf, 1.0, 2.0]])
+    valid = np.array([[0, 1, 1, 1]], bool)
+    ref = np.array([[0.0, 3.0, np.inf]])
+    for procedure in ("bon", "won"):
+        got = ev.subset_win_rates(pol, ref, 2, procedure, "transformed", valid)[0, 0]
+        want = _brute_force_subsets([np.inf, 1.0, 2.0], ref[0].tolist(), 2, procedure,
+                                    "transformed")
+        assert got == pytest.approx(want, abs=1e-12), procedure
+
+
 def test_unbiased_refuses_fewer_samples_than_n():
     pol = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
     valid = np.array([[1, 1, 1], [1, 1, 0]], bool)

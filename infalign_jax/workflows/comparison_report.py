@@ -116,7 +116,7 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
     claims = _claims(result, diffs, flagged, n)
     return {"task": result["task"], "procedure": result["procedure"], "kl_target": target,
             "rows": rows, "gain_over_ref": gains, "differences_vs_identity": diffs,
-            "claims": claims,
+            "claims": claims, "win_rates": cc.win_rates,
             "gold": result["gold"], "proxy": result["proxy"], "same_judge": result["same_judge"]}
 
 

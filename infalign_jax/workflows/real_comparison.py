@@ -49,6 +49,7 @@ Outputs in the work dir: `<task>/<method>/seed=<s>/` (each a normal run director
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -413,7 +414,9 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
                {"gold_BxM": evaluator.ref_gold_BxM, "proxy_BxM": evaluator.ref_proxy_BxM,
                 "texts": evaluator.ref_texts}, ids, prompts, m)
     evals: dict[str, list[dict[str, Any]]] = {}
-    kl_target = cc.kl_target
+    # vBoN's target from an earlier run (kl_target.json), so that runs evaluated now without
+    # vBoN among the methods are matched to what the saved runs were matched to
+    kl_target = cc.kl_target or _saved_kl_target(workdir, log)
 
     def matched(method: str) -> bool:
         """Whether `method`'s runs are moved to the target KL (every trained method but the
@@ -429,7 +432,11 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             if method == "bon_ref":
                 got = evaluator.evaluate_bon_ref(cc.eval_seed + 1 + seed)
             else:
-                cfg = run_config(base, method, seed, cc.n, cc.t, kl_target, table)
+                # vBoN setting the target trains at its own beta, even when an earlier run's
+                # target is already known
+                cfg = run_config(base, method, seed, cc.n, cc.t,
+                                 0.0 if report.sets_kl_target(method, cc.kl_target)
+                                 else kl_target, table)
                 if cfg.rl.beta_schedule == "adaptive":
                     log(f"  {method} seed {seed}: beta starts at {cfg.rl.beta:.4g} (the optimum "
                         f"at KL {kl_target:.4f})")
@@ -444,9 +451,14 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
                         log=lambda line: log(f"  {method} seed {seed}: {line}"))
                 else:
                     got = evaluator.evaluate_policy(params, eval_seed)
+            got["win_rate_estimator"] = np.asarray(cc.win_rates)
             _save_eval(path, got, ids, prompts, m)
-        else:   # the saved scores, re-estimated by this run's estimator
-            got.update(evaluator.win_rates(got["gold_BxM"], got["proxy_BxM"]))
+        elif str(got.get("win_rate_estimator", "plugin")) != cc.win_rates:
+            # the saved scores, re-estimated by this run's estimator and saved again, so the
+            # evaluation files agree with the report
+            got.update(evaluator.win_rates(got["gold_BxM"], got["proxy_BxM"]),
+                       win_rate_estimator=np.asarray(cc.win_rates))
+            np.savez(path, **got)
         alpha = f" at alpha {float(got['alpha']):.3f}" if "alpha" in got else ""
         log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}{alpha}, gold BoN_{cc.n} "
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
@@ -465,6 +477,29 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     return {"task": task_name, "procedure": inputs.task.procedure, "kl_target": kl_target,
             "evals": evals, "same_judge": evaluator.same_judge, "gold": gold.id,
             "proxy": inputs.judge.id}
+
+
+def _saved_kl_target(workdir: str, log: Callable[[str], None]) -> float:
+    """vBoN's target as an earlier run into `workdir` set it (0.0 if none did): from
+    `kl_target.json`, or, in a work dir written before that file existed, from the run config
+    of a KL-controlled training run (`rl.kl_target`), which is then written to the file."""
+    path = os.path.join(workdir, "kl_target.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return float(json.load(f)["kl_target"])
+    for method in TRAINED:
+        for run_dir in sorted(glob.glob(os.path.join(workdir, method, "seed=*"))):
+            manifest = os.path.join(run_dir, "manifest.json")
+            if not os.path.exists(manifest):
+                continue
+            with open(manifest, encoding="utf-8") as f:
+                rl = json.load(f)["config"]["rl"]
+            if rl.get("beta_schedule") == "adaptive" and rl.get("kl_target", 0) > 0:
+                target = float(rl["kl_target"])
+                write_json(path, {"kl_target": target, "source": f"{manifest} rl.kl_target"})
+                log(f"  KL target {target:.4f} recovered from {manifest}")
+                return target
+    return 0.0
 
 
 def _kl_target(workdir: str, measured: float, log: Callable[[str], None]) -> float:
