@@ -25,7 +25,8 @@ machine): 88 min 01 s, the same numbers as at 47bf0e6 (92 min 38 s with other wo
 the cores). Claim (c) (raw and identity on a proxy, helpfulness): 44 min 41 s on the tiny byte
 proxy, 43 min 01 s on the SmolLM2 4-layer mean-pool proxy (docs/results.md section 5); every
 method on that proxy (no `methods` / `kl_target` override): 81 min 45 s at 8981dc1, peak RSS
-5.0 GB. `medium` is for a GPU.
+5.0 GB; harmlessness on its SmolLM2 proxy: 83 min 18 s at 96c5160, peak RSS 5.2 GB. `medium` is
+for a GPU.
 Expected result: comparison.md with one table per task (KL and standard / BoN_N / WoN_N win rates
 against pi_ref, mean +- sd over seeds, under the gold judge and the proxy), the differences
 against calibrated identity with 95% intervals over prompts and seeds, and each claim marked holds
