@@ -254,7 +254,8 @@ def plot(result: dict[str, Any], cc: Any, path: str) -> str:
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_xlabel("KL(pi || pi_ref), held-out prompts")
     ax.set_ylabel(f"{_NAMES[result['procedure']]}_{cc.n} win rate (gold judge)")
-    ax.set_title(f"{result['task']}: one point per seed", fontsize=9)
+    ax.set_title(f"{result['task']}: one point per seed ({cc.win_rates} win-rate estimate)",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
