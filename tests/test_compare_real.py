@@ -104,6 +104,9 @@ def test_a_rerun_with_the_unbiased_estimator_re_reports_the_saved_scores(compari
     finally:
         config.comparison.win_rates = "plugin"
     assert not any(": training (" in line for line in lines), lines
+    # compared with the saved pi_ref samples the saved evaluations were scored against
+    assert any("pi_ref's saved evaluation samples loaded" in line for line in lines), lines
+    assert not any("pi_ref sampled" in line for line in lines), lines
     assert "unbiased: N of the M samples drawn without replacement" in open(path).read()
     ev = os.path.join(workdir, "harmlessness", "evaluation")
     ref = np.load(os.path.join(ev, "pi_ref.npz"))["gold_BxM"]
@@ -167,6 +170,13 @@ def test_a_rerun_with_more_seeds_keeps_the_kl_target_the_saved_runs_matched(comp
     assert rc._saved_kl_target(task_dir, lines.append) == pytest.approx(first, abs=1e-12)
     assert json.load(open(os.path.join(task_dir, "kl_target.json")))["kl_target"] == \
         pytest.approx(first, abs=1e-12)
+    # saved pi_ref samples of another shape are refused, not compared with
+    ref_path = os.path.join(task_dir, "evaluation", "pi_ref.npz")
+    ref = dict(np.load(ref_path))
+    np.savez(ref_path, **{k: v[:, :1] for k, v in ref.items()})
+    with pytest.raises(ValueError, match=r"saved pi_ref evaluation's gold_BxM has shape \(4, 1\)"):
+        rc.run(rc.task_configs(config), config.comparison, workdir, log=lines.append,
+               devices=jax.devices()[:1])
 
 
 def test_kl_target_is_vbons_held_out_kl_and_the_summary_is_its_data(comparison):

@@ -244,7 +244,7 @@ class Evaluator:
     """
 
     def __init__(self, inputs: real.TaskInputs, gold: Any, cc: ComparisonConfig,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, saved_ref: dict[str, Any] | None = None):
         self.inputs, self.gold, self.proxy, self.cc, self.log = inputs, gold, inputs.judge, cc, log
         self.fns = models.decoder_fns(inputs.policy.model_cfg)
         self.ref_params = inputs.policy.params
@@ -259,9 +259,17 @@ class Evaluator:
         # each prompt prefilled once per model, its samples decoded over the shared prompt KV
         self._kl = jax.jit(lambda p, q, x, m, smp: jnp.sum(sampling.shared_prompt_path_terms(
             fns, p, fns, q, x, m, smp).kl_RxL, -1))
-        ref = self.sample_and_score(self.ref_params, cc.eval_seed, self.scfg)
+        if saved_ref is None:
+            ref = self.sample_and_score(self.ref_params, cc.eval_seed, self.scfg)
+            self.ref_texts = ref["texts"]
+        else:   # an earlier run's (`saved_ref`: its evaluation/pi_ref.npz), scored already
+            ref, self.ref_texts = saved_ref, None
+            want = (len(self.texts), cc.eval_samples)
+            for key in ("gold_BxM", "proxy_BxM"):
+                if ref[key].shape != want:
+                    raise ValueError(f"the saved pi_ref evaluation's {key} has shape "
+                                     f"{ref[key].shape}, this comparison needs {want}")
         self.ref_gold_BxM, self.ref_proxy_BxM = ref["gold_BxM"], ref["proxy_BxM"]
-        self.ref_texts = ref["texts"]
         self.same_judge = self.proxy.id == self.gold.id
 
     def sample_and_score(self, params: Any, seed: int, scfg: SamplingConfig,
@@ -407,12 +415,19 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     k, ref_seed = train.reference_settings(base)
     table = train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
     table_files = [table_path, os.path.splitext(table_path)[0] + ".json"]
-    evaluator = Evaluator(inputs, gold, cc, log)
-    log(f"  pi_ref sampled and scored on the evaluation prompts ({_elapsed(clock)} into the task)")
+    # A rerun compares with the pi_ref samples the saved evaluations were scored against.
+    ref_path = os.path.join(workdir, "evaluation", "pi_ref.npz")
+    saved_ref = _load_eval(ref_path)
+    evaluator = Evaluator(inputs, gold, cc, log, saved_ref)
     ids, prompts, m = inputs.split.eval_ids, inputs.split.eval_texts, cc.eval_samples
-    _save_eval(os.path.join(workdir, "evaluation", "pi_ref.npz"),
-               {"gold_BxM": evaluator.ref_gold_BxM, "proxy_BxM": evaluator.ref_proxy_BxM,
-                "texts": evaluator.ref_texts}, ids, prompts, m)
+    if saved_ref is None:
+        log(f"  pi_ref sampled and scored on the evaluation prompts ({_elapsed(clock)} into the "
+            f"task)")
+        _save_eval(ref_path, {"gold_BxM": evaluator.ref_gold_BxM,
+                              "proxy_BxM": evaluator.ref_proxy_BxM,
+                              "texts": evaluator.ref_texts}, ids, prompts, m)
+    else:
+        log(f"  pi_ref's saved evaluation samples loaded from {ref_path}")
     evals: dict[str, list[dict[str, Any]]] = {}
     # vBoN's target from an earlier run (kl_target.json), so that runs evaluated now without
     # vBoN among the methods are matched to what the saved runs were matched to
