@@ -32,9 +32,9 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   samples, by the plug-in (`win_rates="plugin"`, `evaluation.plugin_win_rates`: the empirical
   distributions' exact win rate, draws with replacement; biased towards 1/2 when eval_samples is
   close to N, most for WoN_N) or the unbiased subset estimator (`"unbiased"`,
-  `evaluation.subset_win_rates`: draws without replacement). Win rates are recomputed from the
-  saved judge scores whenever the report is made, so a rerun into the same work dir with another
-  `win_rates` re-reports without training or sampling the policies. A method's difference against calibrated identity with
+  `evaluation.subset_win_rates`: draws without replacement). A rerun into the same work dir with
+  another `win_rates` re-estimates the saved evaluations from their judge scores (and saves
+  them so), against the saved pi_ref samples, without training or sampling. A method's difference against calibrated identity with
   a bootstrap over prompts (paired) and seeds (`evaluation.paired_difference`). A claim holds when
   its 95% interval lies on the claimed side of 0, does not hold when it lies on the other side,
   and is unresolved otherwise.
