@@ -175,9 +175,10 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
         rows.append(row)
     lines = [f"### {summary['task']} ({_NAMES[summary['procedure']]}_{n})", "",
              f"Reward (proxy) `{summary['proxy']}`, gold judge `{summary['gold']}`; KL target "
-             f"{summary['kl_target']:.4f}. Win rates ({_ESTIMATORS[cc.win_rates]}) against pi_ref's "
-             f"samples on the held-out prompts, mean ± sd over seeds; KL = full-vocabulary KL(pi || pi_ref) per response; "
-             f"alpha = mean weight of the trained policy on its line from pi_ref (1: as trained).",
+             f"{summary['kl_target']:.4f}. Win rates ({_ESTIMATORS[cc.win_rates]}) against "
+             f"pi_ref's samples on the held-out prompts, mean ± sd over seeds; KL = "
+             f"full-vocabulary KL(pi || pi_ref) per response; alpha = mean weight of the trained "
+             f"policy on its line from pi_ref (1: as trained).",
              "", sweep.markdown_table(rows, cols), ""]
     proc = f"{summary['procedure']}{n}"
     conv = [r for r in summary["rows"] if r.get("optimum")]

@@ -34,8 +34,9 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   close to N, most for WoN_N) or the unbiased subset estimator (`"unbiased"`,
   `evaluation.subset_win_rates`: draws without replacement). A rerun into the same work dir with
   another `win_rates` re-estimates the saved evaluations from their judge scores (and saves
-  them so), against the saved pi_ref samples, without training or sampling. A method's difference against calibrated identity with
-  a bootstrap over prompts (paired) and seeds (`evaluation.paired_difference`). A claim holds when
+  them so), against the saved pi_ref samples, without training or sampling. A method's
+  difference against calibrated identity with a bootstrap over prompts (paired) and seeds
+  (`evaluation.paired_difference`). A claim holds when
   its 95% interval lies on the claimed side of 0, does not hold when it lies on the other side,
   and is unresolved otherwise.
 
@@ -487,8 +488,8 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     for method in order:
         evals[method] = [evaluate(method, seed) for seed in cc.seeds]
         if report.sets_kl_target(method, cc.kl_target):
-            kl_target = _kl_target(workdir, float(np.mean([e["kl_B"].mean()
-                                                           for e in evals[method]])), log)
+            measured = float(np.mean([e["kl_B"].mean() for e in evals[method]]))
+            kl_target = _kl_target(workdir, measured, kl_target, log)
     return {"task": task_name, "procedure": inputs.task.procedure, "kl_target": kl_target,
             "evals": evals, "same_judge": evaluator.same_judge, "gold": gold.id,
             "proxy": inputs.judge.id}
@@ -517,21 +518,20 @@ def _saved_kl_target(workdir: str, log: Callable[[str], None]) -> float:
     return 0.0
 
 
-def _kl_target(workdir: str, measured: float, log: Callable[[str], None]) -> float:
-    """The KL target vBoN's runs set: their mean held-out KL, written to
-    `<task>/kl_target.json` the first time. A rerun with another seed set keeps the written
-    target, which the saved runs were matched to, so old and new runs share one target."""
-    path = os.path.join(workdir, "kl_target.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = float(json.load(f)["kl_target"])
-        if saved != measured:
-            log(f"  KL target for the controlled methods: {saved:.4f}, kept from the first run "
-                f"(the saved runs were matched to it; vBoN's mean over these seeds is "
-                f"{measured:.4f})")
-            return saved
-    else:
-        write_json(path, {"kl_target": measured, "source": "vbon mean held-out KL"})
+def _kl_target(workdir: str, measured: float, saved: float,
+               log: Callable[[str], None]) -> float:
+    """The KL target vBoN's runs set: their mean held-out KL `measured`, written to
+    `<task>/kl_target.json` the first time. A rerun with another seed set keeps the `saved`
+    target (`_saved_kl_target`; 0.0: none), which the saved runs were matched to, so old and new
+    runs share one target."""
+    if saved > 0 and saved != measured:
+        log(f"  KL target for the controlled methods: {saved:.4f}, kept from the first run "
+            f"(the saved runs were matched to it; vBoN's mean over these seeds is "
+            f"{measured:.4f})")
+        return saved
+    if saved == 0:
+        write_json(os.path.join(workdir, "kl_target.json"),
+                   {"kl_target": measured, "source": "vbon mean held-out KL"})
     log(f"  KL target for the controlled methods: {measured:.4f} (vBoN's, held out)")
     return measured
 
