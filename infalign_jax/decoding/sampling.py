@@ -43,6 +43,12 @@ flat row whose nucleus needs the whole vocabulary), the draw ~2 ms; the sort-bas
 the Gumbel draw took ~400, ~550 and ~12 ms. Greedy (temperature 0) is `_first_argmax`, a max plus
 a first-index min. The log-prob of the drawn token is read as `x_t - max - log sum exp`, the same
 arithmetic as gathering from `log_softmax` without writing the B x V result.
+
+A decoder with `grow` (the Flax transformer) is prefilled with room for `FIRST_CACHE_SLOTS`
+response tokens and its cache doubled as decoding fills it (`cache_phases`: 16, 32, 63 slots for 64
+tokens), one `while_loop` per size, so a step's attention reads at most twice the slots written
+instead of all `max_new_tokens`: SmolLM2 at 64 new tokens samples 4-6% faster on a 2-core CPU
+(more for longer responses), for one more compiled decode step per phase.
 """
 
 from __future__ import annotations
@@ -158,6 +164,21 @@ def _check_vocab(cfg: SamplingConfig, vocab: int, prompt_BxP: Any = None,
                              f"decoder's vocabulary), got {value}")
 
 
+FIRST_CACHE_SLOTS = 16
+
+
+def cache_phases(steps: int, first: int = FIRST_CACHE_SLOTS) -> list[int]:
+    """The response-cache sizes a decoder with `grow` decodes `steps` tokens through: `first`
+    slots, doubled while short of the `steps - 1` that decoding writes (the last sampled token
+    is never fed back), the last capped there. [16, 32, 63] for 64 tokens; one size for a
+    short response."""
+    need = max(steps - 1, 1)
+    sizes = [min(first, need)]
+    while sizes[-1] < need:
+        sizes.append(min(2 * sizes[-1], need))
+    return sizes
+
+
 def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
            rng: Array, cfg: SamplingConfig) -> Samples:
     """Samples `cfg.n` responses per prompt; the prompt is prefilled once (not n times), and a
@@ -170,8 +191,9 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
     _check_inputs(fns, prompt_BxP, prompt_mask_BxP, cfg)
     batch, prompt_len = np.shape(prompt_BxP)
     n, steps = cfg.n, cfg.max_new_tokens
-    max_len = prompt_len + steps
-    logits_BxV, cache = fns.prefill(params, prompt_BxP, prompt_mask_BxP, max_len)
+    # Response-cache sizes, one decoding phase each; a single phase without `fns.grow`.
+    phases = cache_phases(steps, FIRST_CACHE_SLOTS) if fns.grow is not None else [steps]
+    logits_BxV, cache = fns.prefill(params, prompt_BxP, prompt_mask_BxP, prompt_len + phases[0])
     chex.assert_rank(logits_BxV, 2)
     _check_vocab(cfg, logits_BxV.shape[-1], prompt_BxP, prompt_mask_BxP)
     logits = _repeat_batch(logits_BxV, n)                  # (B*N, V), row b*N + j
@@ -202,11 +224,6 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
     valid_LxR = jnp.zeros((steps, rows), bool).at[0].set(valid)
     logp_LxR = jnp.zeros((steps, rows), jnp.float32).at[0].set(logp)
 
-    def more(carry):
-        # Early exit: stop decoding once every row has emitted EOS (the rest stays padding).
-        t, done = carry[0], carry[2]
-        return (t < steps) & ~jnp.all(done)
-
     def body(carry):
         t, token, done, cache, tokens_LxR, valid_LxR, logp_LxR = carry
         logits, cache = fns.decode(params, token, cache)
@@ -215,7 +232,18 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
                 valid_LxR.at[t].set(valid), logp_LxR.at[t].set(logp))
 
     carry = (jnp.int32(1), token, done, cache, tokens_LxR, valid_LxR, logp_LxR)
-    *_, tokens_LxR, valid_LxR, logp_LxR = jax.lax.while_loop(more, body, carry)
+    for i, slots in enumerate(phases):
+        if i:
+            carry = (*carry[:3], fns.grow(carry[3], slots), *carry[4:])
+
+        def more(carry, end=slots):
+            # Step t writes cache slot t - 1. Early exit: stop decoding once every row has
+            # emitted EOS (the rest stays padding); later phases then run no step.
+            t, done = carry[0], carry[2]
+            return (t < min(end + 1, steps)) & ~jnp.all(done)
+
+        carry = jax.lax.while_loop(more, body, carry)
+    *_, tokens_LxR, valid_LxR, logp_LxR = carry
 
     def out(x_LxR):
         return jnp.moveaxis(x_LxR, 0, 1).reshape(batch, n, steps)

@@ -155,7 +155,8 @@ def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
 #   pk, pv   (layers, B, H_kv, P, Dh)  the prompt's keys and values, once per prompt
 #   pmask    (B, P)                    which prompt slots hold real tokens (left padding)
 #   rk, rv   (layers, R, H_kv, L, Dh)  each sampled row's response keys and values, R = B * N,
-#                                      row b * N + j continuing prompt b
+#                                      row b * N + j continuing prompt b; L slots, which the
+#                                      sampler grows as they fill (`grow_cache`)
 #   index    ()                        the next response slot to write (the same for every row)
 #   next_pos (R,)                      the position of each row's next token
 
@@ -188,6 +189,19 @@ def expand_cache(cache: dict[str, Any], n: int) -> dict[str, Any]:
     layers, rows, heads, slots, dh = cache["rk"].shape
     resp = jnp.zeros((layers, rows * n, heads, slots, dh), cache["rk"].dtype)
     return {**cache, "rk": resp, "rv": resp, "next_pos": jnp.repeat(cache["next_pos"], n)}
+
+
+def grow_cache(cache: dict[str, Any], slots: int) -> dict[str, Any]:
+    """The cache with room for `slots` response tokens: empty slots appended to the response
+    part, the written ones (< `index`) kept. Decoding attends over every allocated slot (the
+    empty ones masked), so a cache grown as it fills costs less per step than one allocated at
+    full length."""
+    have = cache["rk"].shape[3]
+    if slots < have:
+        raise ValueError(f"grow_cache: the cache already has {have} response slots, more than "
+                         f"the {slots} asked for")
+    pad = [(0, 0)] * 3 + [(0, slots - have), (0, 0)]
+    return {**cache, "rk": jnp.pad(cache["rk"], pad), "rv": jnp.pad(cache["rv"], pad)}
 
 
 def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[str, Any]
@@ -260,7 +274,7 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     max_len = None if cfg.rope_type == "dynamic" else cfg.max_len
     # Soft-capped logits are not hidden @ kernel: log-probs then come from the full logits.
     linear_head = not cfg.final_softcap
-    return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache,
+    return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache, grow=grow_cache,
                       hidden=_hidden if linear_head else None,
                       shared_hidden=_shared_hidden if linear_head else None,
                       lm_kernel=(lambda params: lm_head_kernel(params, cfg)) if linear_head
