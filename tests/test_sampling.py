@@ -450,31 +450,32 @@ def test_model_prefill_last_logits_equal_teacher_forced():
                         SamplingConfig(max_new_tokens=18))
 
 
-def test_cache_phases_double_up_to_the_slots_decoding_writes():
-    assert sampling.cache_phases(64) == [16, 32, 63]     # 64 tokens: 63 fed back
-    assert sampling.cache_phases(17) == [16]
-    assert sampling.cache_phases(40, first=4) == [4, 8, 16, 32, 39]
-    assert sampling.cache_phases(1) == sampling.cache_phases(2) == [1]
+def test_decode_windows_double_up_to_the_slots_decoding_writes():
+    assert sampling.decode_windows(64) == [16, 32, 63]     # 64 tokens: 63 fed back
+    assert sampling.decode_windows(17) == [16]
+    assert sampling.decode_windows(40, first=4) == [4, 8, 16, 32, 39]
+    assert sampling.decode_windows(1) == sampling.decode_windows(2) == [1]
 
 
 @pytest.mark.parametrize("first", [2, 5])
-def test_growing_cache_samples_as_one_allocated_at_full_length(first, monkeypatch):
-    """Decoding through a response cache grown in phases (`DecoderFns.grow`, from `first` slots)
-    gives the tokens and log-probs of a cache allocated at full length (no `grow`), and those
-    log-probs are the teacher-forced ones; rows stop at EOS at different phases."""
+def test_windowed_decoding_samples_as_attending_the_whole_cache(first, monkeypatch):
+    """Decoding in phases whose attention reads a doubling window of the response cache
+    (`DecoderFns.decode_window`, from `first` slots) gives the tokens and log-probs of attending
+    over the whole cache every step (no `decode_window`), and those log-probs are the
+    teacher-forced ones; rows stop at EOS in several phases."""
     models, cfg, params = _tiny_model()
     prompt = jax.random.randint(jax.random.key(2), (3, 5), 1, cfg.vocab_size)
     mask = jnp.ones_like(prompt, bool).at[1, :2].set(False)
     scfg = SamplingConfig(n=4, max_new_tokens=19, eos_id=3, pad_id=0, temperature=1.3, top_p=0.95)
     fns = models.decoder_fns(cfg)
-    monkeypatch.setattr(sampling, "FIRST_CACHE_SLOTS", first)
-    phases = sampling.cache_phases(19, first)
+    monkeypatch.setattr(sampling, "FIRST_WINDOW", first)
+    phases = sampling.decode_windows(19, first)
     assert len(phases) >= 3
     run = lambda f: jax.jit(lambda p, r: sampling.sample(f, p, prompt, mask, r, scfg))  # noqa: E731
     stopped_in = set()
     for seed in range(3):
         got = run(fns)(params, jax.random.key(seed))
-        want = run(fns._replace(grow=None))(params, jax.random.key(seed))
+        want = run(fns._replace(decode_window=None))(params, jax.random.key(seed))
         np.testing.assert_array_equal(np.asarray(got.tokens_BxNxL), np.asarray(want.tokens_BxNxL))
         np.testing.assert_array_equal(np.asarray(got.mask_BxNxL), np.asarray(want.mask_BxNxL))
         np.testing.assert_allclose(np.asarray(got.logp_BxNxL), np.asarray(want.logp_BxNxL),
@@ -489,13 +490,17 @@ def test_growing_cache_samples_as_one_allocated_at_full_length(first, monkeypatc
     assert len(stopped_in) >= 2   # rows stopped at EOS in more than one phase
 
 
-def test_grow_cache_refuses_to_shrink():
+def test_decode_step_window_is_checked():
     models, cfg, params = _tiny_model()
     prompt = jnp.ones((2, 3), jnp.int32)
     _, cache = models.prefill(params, prompt, cfg, max_new_tokens=6)
-    assert models.grow_cache(cache, 9)["rk"].shape[3] == 9
-    with pytest.raises(ValueError, match="already has 6 response slots"):
-        models.grow_cache(cache, 4)
+    token = jnp.ones((2,), jnp.int32)
+    full, _ = models.decode_step(params, token, cfg, cache)
+    window, _ = models.decode_step(params, token, cfg, cache, slots=1)   # index 0: none written
+    np.testing.assert_allclose(np.asarray(window), np.asarray(full), atol=1e-6)
+    for slots in (0, 7):
+        with pytest.raises(ValueError, match=r"slots must be in \[1, 6\]"):
+            models.decode_step(params, token, cfg, cache, slots=slots)
 
 
 # -------------------------------------------------------------------------------- sharding

@@ -52,10 +52,10 @@ class DecoderFns(NamedTuple):
       shared_hidden(params, prompt_BxP, mask_BxP, response_RxL) -> RxLxD: with a linear head,
         the hidden states predicting each token of R = B*N responses (rows b*N + j continue
         prompt b), each prompt run once (`models.shared_prompt_hidden`).
-      grow(cache, slots) -> the cache with room for `slots` response tokens, the ones written
-        kept: the sampler then prefills with room for a first block of tokens and grows the
-        cache as decoding fills it, so a step attends over the slots allocated so far (at
-        most twice those written) instead of all `max_new_tokens` (`decoding.sampling.sample`).
+      decode_window(params, token_R, cache, slots) -> decode attending over the first `slots`
+        response slots only (static; those written are below it): the sampler then decodes in
+        phases of doubling windows, so a step reads at most twice the slots written instead of
+        all `max_new_tokens` (`decoding.sampling.sample`).
     """
 
     prefill: Callable[..., tuple[Array, Any]]
@@ -66,7 +66,7 @@ class DecoderFns(NamedTuple):
     hidden: Callable[..., Array] | None = None
     lm_kernel: Callable[..., Array] | None = None
     shared_hidden: Callable[..., Array] | None = None
-    grow: Callable[..., Any] | None = None
+    decode_window: Callable[..., tuple[Array, Any]] | None = None
 
 
 # reward_fn(reward_params, prompt_idx_R, response_RxL, response_mask_RxL) -> rewards_R: the raw

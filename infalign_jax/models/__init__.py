@@ -155,8 +155,8 @@ def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
 #   pk, pv   (layers, B, H_kv, P, Dh)  the prompt's keys and values, once per prompt
 #   pmask    (B, P)                    which prompt slots hold real tokens (left padding)
 #   rk, rv   (layers, R, H_kv, L, Dh)  each sampled row's response keys and values, R = B * N,
-#                                      row b * N + j continuing prompt b; L slots, which the
-#                                      sampler grows as they fill (`grow_cache`)
+#                                      row b * N + j continuing prompt b; a decode step may
+#                                      read only the first slots (`decode_step(slots=)`)
 #   index    ()                        the next response slot to write (the same for every row)
 #   next_pos (R,)                      the position of each row's next token
 
@@ -191,23 +191,18 @@ def expand_cache(cache: dict[str, Any], n: int) -> dict[str, Any]:
     return {**cache, "rk": resp, "rv": resp, "next_pos": jnp.repeat(cache["next_pos"], n)}
 
 
-def grow_cache(cache: dict[str, Any], slots: int) -> dict[str, Any]:
-    """The cache with room for `slots` response tokens: empty slots appended to the response
-    part, the written ones (< `index`) kept. Decoding attends over every allocated slot (the
-    empty ones masked), so a cache grown as it fills costs less per step than one allocated at
-    full length."""
-    have = cache["rk"].shape[3]
-    if slots < have:
-        raise ValueError(f"grow_cache: the cache already has {have} response slots, more than "
-                         f"the {slots} asked for")
-    pad = [(0, 0)] * 3 + [(0, slots - have), (0, 0)]
-    return {**cache, "rk": jnp.pad(cache["rk"], pad), "rv": jnp.pad(cache["rv"], pad)}
-
-
-def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[str, Any]
-                ) -> tuple[Array, dict[str, Any]]:
-    """One token per row through the cache: (logits_RxV, cache)."""
+def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[str, Any],
+                slots: int | None = None) -> tuple[Array, dict[str, Any]]:
+    """One token per row through the cache: (logits_RxV, cache). With `slots` the token attends
+    over the first `slots` response slots only (static; the caller keeps `index` below it): a
+    step's attention then costs what the slots written so far need, not the whole allocation."""
     decode = {k: cache[k] for k in ("pk", "pv", "pmask", "rk", "rv", "index")}
+    if slots is not None:
+        have = cache["rk"].shape[3]
+        if not 0 < slots <= have:
+            raise ValueError(f"decode_step: slots must be in [1, {have}] (the cache's response "
+                             f"slots), got {slots}")
+        decode["window"] = slots
     out = Transformer(cfg).apply(variables(params), tokens_R[:, None],
                                  cache["next_pos"][:, None], None, decode, return_kv=True)
     k_new, v_new = out["kv"]                 # (layers, R, H_kv, 1, Dh): one slot, in place
@@ -261,6 +256,9 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     def _decode(params, token_B, cache):
         return decode_step(params, token_B, cfg, cache)
 
+    def _decode_window(params, token_B, cache, slots):
+        return decode_step(params, token_B, cfg, cache, slots)
+
     def _logits(params, tokens_BxT, mask_BxT):
         return apply(params, tokens_BxT, cfg, attention_mask_BxT=mask_BxT).logits
 
@@ -274,7 +272,8 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     max_len = None if cfg.rope_type == "dynamic" else cfg.max_len
     # Soft-capped logits are not hidden @ kernel: log-probs then come from the full logits.
     linear_head = not cfg.final_softcap
-    return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache, grow=grow_cache,
+    return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache,
+                      decode_window=_decode_window,
                       hidden=_hidden if linear_head else None,
                       shared_hidden=_shared_hidden if linear_head else None,
                       lm_kernel=(lambda params: lm_head_kernel(params, cfg)) if linear_head

@@ -288,16 +288,27 @@ class Block(nn.Module):
     Per-layer input: this layer's cache (pk, pv, rk, rv), all None unless decoding, and its
     constants (`layer_constants`); output: the new tokens' own (k, v) when `return_kv` (prefill,
     decoding), else None. With `post_norms` (Gemma 2/3) the attention and MLP outputs are
-    normed again before the residual add.
+    normed again before the residual add. With `window` (decoding through
+    `models.decode_step(slots=)`) the response cache arrives whole, broadcast in `prompt`, and
+    the layer reads its own first `window` slots with one dynamic slice: slicing the window
+    before the scan instead costs a second copy of it every step.
     """
 
     cfg: ModelConfig
     return_kv: bool = False
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x, layer_in, positions, mask, prompt, index):
         (pk, pv, rk, rv), consts = layer_in
         cfg = self.cfg
+        if self.window is not None:
+            # this layer's first `window` response slots, read from the whole cache (broadcast)
+            rk_all, rv_all = prompt[2]
+            start = (consts["layer"], 0, 0, 0, 0)
+            size = (1, *rk_all.shape[1:3], self.window, rk_all.shape[4])
+            rk = jax.lax.dynamic_slice(rk_all, start, size)[0]
+            rv = jax.lax.dynamic_slice(rv_all, start, size)[0]
         decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=prompt[0],
                                               ppos=prompt[1], index=index)
         h, kv = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), positions, mask,
@@ -319,7 +330,7 @@ REMAT_POLICIES = {
 }
 
 
-def _scanned_blocks(cfg: ModelConfig, return_kv: bool) -> nn.Module:
+def _scanned_blocks(cfg: ModelConfig, return_kv: bool, window: int | None = None) -> nn.Module:
     """The decoder layers as one `nn.scan` over parameters stacked on a leading "layers" axis (one
     compiled layer body instead of n_layers copies), rematerialised as `cfg.remat` says."""
     block = Block
@@ -328,7 +339,7 @@ def _scanned_blocks(cfg: ModelConfig, return_kv: bool) -> nn.Module:
     scanned = nn.scan(block, variable_axes={"params": 0, LORA: 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(cfg, return_kv, name="layers")
+    return scanned(cfg, return_kv, window, name="layers")
 
 
 class Transformer(nn.Module):
@@ -366,14 +377,20 @@ class Transformer(nn.Module):
         if decode is None:
             layer_kv, prompt, index = (None, None, None, None), None, None
         else:
-            layer_kv = (decode["pk"], decode["pv"], decode["rk"], decode["rv"])
+            window = decode.get("window")
             # The prompt's mask, and its positions once for every layer when windows need them.
             pmask = decode["pmask"]
             prompt = (pmask, default_positions(pmask) if cfg.sliding_window else None)
+            if window is None:
+                layer_kv = (decode["pk"], decode["pv"], decode["rk"], decode["rv"])
+            else:   # each layer reads its window of the response cache itself
+                layer_kv = (decode["pk"], decode["pv"], None, None)
+                prompt = (*prompt, (decode["rk"], decode["rv"]))
             index = decode["index"]
         consts = {k: jnp.asarray(v) for k, v in layer_constants(cfg).items()}
-        x, kv = _scanned_blocks(cfg, return_kv)(x, (layer_kv, consts), positions_BxS, mask_BxSxT,
-                                                prompt, index)
+        consts["layer"] = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        x, kv = _scanned_blocks(cfg, return_kv, window if decode is not None else None)(
+            x, (layer_kv, consts), positions_BxS, mask_BxSxT, prompt, index)
         hidden = Norm(cfg, name="final_norm")(x)
         out: dict[str, Any] = {"hidden": hidden}
         if return_kv:
