@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
-ORDER=${ORDER:-real_model,real_rl_step,decode,peak_suite,rl_iteration,scaling}
+ORDER=${ORDER:-real_model,real_rl_step,decode,windows,peak_suite,rl_iteration,scaling}
 BUDGET_S=${BUDGET_S:-540}
 mkdir -p "$OUT"
 start=$SECONDS

@@ -13,7 +13,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench_out}
 W="--weights=${WEIGHTS:-wheel}"
 D="--dtype=${DTYPE:-float32}"
-ALL=peak_suite,rl_iteration,real_model,real_rl_step,decode,scaling
+ALL=peak_suite,rl_iteration,real_model,real_rl_step,decode,windows,scaling
 STEPS=${STEPS:-$ALL}
 for s in ${STEPS//,/ }; do
   [[ ",$ALL," == *",$s,"* ]] || { echo "STEPS: unknown step '$s' (steps: $ALL)" >&2; exit 2; }
@@ -38,6 +38,7 @@ step real_rl_step "$PY" bench/real_rl_step.py "$W" "$D" --out "$OUT/real_rl_step
 step real_rl_step "$PY" bench/real_rl_step.py --shared_prompt "$W" "$D" \
     --out "$OUT/real_rl_step_shared_prompt.json"
 step decode "$PY" bench/decode_layout.py --profile "$W" --out "$OUT/decode_layout.json"
+step windows "$PY" bench/decode_windows.py ${QUICK:+--new 64} "$W" --out "$OUT/decode_windows.json"
 step scaling bash -c "\"\$0\" bench/scaling_plan.py > \"\$1\"" "$PY" "$OUT/scaling_plan.md"
 echo "results in $OUT/"
 if (( ${#failed[@]} )); then echo "failed steps: ${failed[*]}" >&2; exit 1; fi
