@@ -202,7 +202,7 @@ def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[s
         if not 0 < slots <= have:
             raise ValueError(f"decode_step: slots must be in [1, {have}] (the cache's response "
                              f"slots), got {slots}")
-        decode["window"] = slots
+        decode["slots"] = slots
     out = Transformer(cfg).apply(variables(params), tokens_R[:, None],
                                  cache["next_pos"][:, None], None, decode, return_kv=True)
     k_new, v_new = out["kv"]                 # (layers, R, H_kv, 1, Dh): one slot, in place

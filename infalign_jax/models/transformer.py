@@ -288,25 +288,25 @@ class Block(nn.Module):
     Per-layer input: this layer's cache (pk, pv, rk, rv), all None unless decoding, and its
     constants (`layer_constants`); output: the new tokens' own (k, v) when `return_kv` (prefill,
     decoding), else None. With `post_norms` (Gemma 2/3) the attention and MLP outputs are
-    normed again before the residual add. With `window` (decoding through
+    normed again before the residual add. With `response_slots` (decoding through
     `models.decode_step(slots=)`) the response cache arrives whole, broadcast in `prompt`, and
-    the layer reads its own first `window` slots with one dynamic slice: slicing the window
-    before the scan instead costs a second copy of it every step.
+    the layer reads its own first `response_slots` slots with one dynamic slice: slicing them
+    before the scan instead costs a second copy every step.
     """
 
     cfg: ModelConfig
     return_kv: bool = False
-    window: int | None = None
+    response_slots: int | None = None
 
     @nn.compact
     def __call__(self, x, layer_in, positions, mask, prompt, index):
         (pk, pv, rk, rv), consts = layer_in
         cfg = self.cfg
-        if self.window is not None:
-            # this layer's first `window` response slots, read from the whole cache (broadcast)
+        if self.response_slots is not None:
+            # this layer's first response slots, read from the whole cache (broadcast)
             rk_all, rv_all = prompt[2]
             start = (consts["layer"], 0, 0, 0, 0)
-            size = (1, *rk_all.shape[1:3], self.window, rk_all.shape[4])
+            size = (1, *rk_all.shape[1:3], self.response_slots, rk_all.shape[4])
             rk = jax.lax.dynamic_slice(rk_all, start, size)[0]
             rv = jax.lax.dynamic_slice(rv_all, start, size)[0]
         decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=prompt[0],
@@ -330,7 +330,8 @@ REMAT_POLICIES = {
 }
 
 
-def _scanned_blocks(cfg: ModelConfig, return_kv: bool, window: int | None = None) -> nn.Module:
+def _scanned_blocks(cfg: ModelConfig, return_kv: bool, response_slots: int | None = None
+                    ) -> nn.Module:
     """The decoder layers as one `nn.scan` over parameters stacked on a leading "layers" axis (one
     compiled layer body instead of n_layers copies), rematerialised as `cfg.remat` says."""
     block = Block
@@ -339,7 +340,7 @@ def _scanned_blocks(cfg: ModelConfig, return_kv: bool, window: int | None = None
     scanned = nn.scan(block, variable_axes={"params": 0, LORA: 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(cfg, return_kv, window, name="layers")
+    return scanned(cfg, return_kv, response_slots, name="layers")
 
 
 class Transformer(nn.Module):
@@ -356,7 +357,8 @@ class Transformer(nn.Module):
                  decode: dict[str, Array] | None = None, return_kv: bool = False,
                  last_logits_only: bool = False, heads: tuple[str, ...] | None = None
                  ) -> dict[str, Any]:
-        """`decode`: the cache of `models.decode_step` ({pk, pv, pmask, rk, rv, index}), or None.
+        """`decode`: the cache of `models.decode_step` ({pk, pv, pmask, rk, rv, index}, and
+        optionally `slots`, the response slots attended: a static int), or None.
         `return_kv`: also return every layer's (k, v) of this sequence (stacked), for a prefill.
         `last_logits_only`: lm logits for the last position only (B, 1, V) -- a prefill needs no
         others, and at a large vocabulary they are a third of its FLOPs. `heads`: which heads to
@@ -375,21 +377,21 @@ class Transformer(nn.Module):
             x = x + jnp.take(pos_table, positions_BxS, axis=0).astype(dt)
         x = _constrain(x, ("batch", "length", "act_embed"))
         if decode is None:
-            layer_kv, prompt, index = (None, None, None, None), None, None
+            layer_kv, prompt, index, slots = (None, None, None, None), None, None, None
         else:
-            window = decode.get("window")
+            slots = decode.get("slots")
             # The prompt's mask, and its positions once for every layer when windows need them.
             pmask = decode["pmask"]
             prompt = (pmask, default_positions(pmask) if cfg.sliding_window else None)
-            if window is None:
+            if slots is None:
                 layer_kv = (decode["pk"], decode["pv"], decode["rk"], decode["rv"])
-            else:   # each layer reads its window of the response cache itself
+            else:   # each layer reads its first `slots` of the response cache itself
                 layer_kv = (decode["pk"], decode["pv"], None, None)
                 prompt = (*prompt, (decode["rk"], decode["rv"]))
             index = decode["index"]
         consts = {k: jnp.asarray(v) for k, v in layer_constants(cfg).items()}
         consts["layer"] = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        x, kv = _scanned_blocks(cfg, return_kv, window if decode is not None else None)(
+        x, kv = _scanned_blocks(cfg, return_kv, slots)(
             x, (layer_kv, consts), positions_BxS, mask_BxSxT, prompt, index)
         hidden = Norm(cfg, name="final_norm")(x)
         out: dict[str, Any] = {"hidden": hidden}
