@@ -48,8 +48,9 @@ A decoder with `decode_window` (the Flax transformer) decodes in phases whose at
 doubling window of the response cache (`decode_windows`: the first 16, 32, then 63 slots for 64
 tokens), one `while_loop` each, so a step reads at most twice the slots written instead of all
 `max_new_tokens`; the cache is allocated once at full length (no copies, the same peak memory).
-Each phase compiles one more decode step. SmolLM2 on a 2-core CPU, batch 32: 1.22x faster at 256
-new tokens (1.14-1.28x over 3 rounds; compile 1.8 -> 4.2 s), no resolved difference at 64.
+Each phase compiles one more decode step. SmolLM2 on a 2-core CPU, batch 32: 1.22-1.23x faster at
+256 new tokens (two runs of 3 rounds, 1.14-1.33x by round), no resolved difference at 64
+(`bench/decode_windows.py`).
 """
 
 from __future__ import annotations
