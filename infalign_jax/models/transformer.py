@@ -390,7 +390,8 @@ class Transformer(nn.Module):
                 prompt = (*prompt, (decode["rk"], decode["rv"]))
             index = decode["index"]
         consts = {k: jnp.asarray(v) for k, v in layer_constants(cfg).items()}
-        consts["layer"] = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        if slots is not None:   # the layer's index, to slice its response slots out of the cache
+            consts["layer"] = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         x, kv = _scanned_blocks(cfg, return_kv, slots)(
             x, (layer_kv, consts), positions_BxS, mask_BxSxT, prompt, index)
         hidden = Norm(cfg, name="final_norm")(x)
