@@ -172,6 +172,62 @@ def _attend_cached(q_RxSxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask
     return out.reshape(r, s, heads, dh)
 
 
+def _attend_one(q_RxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask_BxP: Array,
+                rk_RxHxLxD: Array, rv_RxHxLxD: Array, index: Array, k_RxHxD: Array,
+                v_RxHxD: Array, n_kv_heads: int, scale: Array, cap: float, positions_R: Array,
+                window: Array | None, ppos_BxP: Array | None) -> Array:
+    """`_attend_cached` for one new token per row (a decode step), as products XLA runs well on
+    CPU: the scores of the three parts are never concatenated (one max over all of them, then
+    each part's exp and its own value product); the prompt part takes a prompt's N x G query
+    heads as the rows of one product per KV head, the response part each row's G heads; the
+    token's own key is a dot product. (R, H * G, D); the same numbers up to float32 rounding."""
+    r, heads, dh = q_RxHxD.shape
+    b, p = pmask_BxP.shape
+    n, groups, slots = r // b, heads // n_kv_heads, rk_RxHxLxD.shape[2]
+    q = q_RxHxD.reshape(r, n_kv_heads, groups, dh)                          # R, H, G, D
+
+    def by_prompt(x_RxHxGx):   # (R, H, G, ...) <-> (B, H, N*G, ...): cheap, x is small
+        x = x_RxHxGx.reshape(b, n, n_kv_heads, groups, *x_RxHxGx.shape[3:])
+        return jnp.moveaxis(x, 1, 2).reshape(b, n_kv_heads, n * groups, *x.shape[4:])
+
+    def by_row(x_BxHxMx):
+        x = x_BxHxMx.reshape(b, n_kv_heads, n, groups, *x_BxHxMx.shape[3:])
+        return jnp.moveaxis(x, 2, 1).reshape(r, n_kv_heads, groups, *x.shape[4:])
+
+    f32 = jnp.float32
+    sp = softcap(jnp.einsum("bhmd,bhpd->bhmp", by_prompt(q), pk_BxHxPxD.astype(q.dtype),
+                            preferred_element_type=f32) * scale, cap)        # B, H, N*G, P
+    sr = softcap(jnp.einsum("rhgd,rhld->rhgl", q, rk_RxHxLxD.astype(q.dtype),
+                            preferred_element_type=f32) * scale, cap)        # R, H, G, L
+    ss = softcap(jnp.einsum("rhgd,rhd->rhg", q, k_RxHxD.astype(q.dtype),
+                            preferred_element_type=f32)[..., None] * scale, cap)   # R, H, G, 1
+    keep_p = pmask_BxP[:, None, None, :]                                    # B, 1, 1, P
+    keep_r = jnp.arange(slots) < index                                      # L
+    if window is not None:
+        # The prompt's real tokens count from 0; response slot l was written `index - l` steps
+        # before this token; the token itself is always in its window.
+        q_pos = positions_R
+        q_pos_BxM = jnp.repeat(q_pos.reshape(b, n), groups, axis=1)         # by_prompt's rows
+        keep_p = keep_p & window_mask(q_pos_BxM[:, None, :, None], ppos_BxP[:, None, None, :],
+                                      window)                               # B, 1, N*G, P
+        slot_pos = q_pos[:, None] - index + jnp.arange(slots)               # R, L
+        keep_r = keep_r & window_mask(q_pos[:, None], slot_pos, window)[:, None, None, :]
+    sp = jnp.where(keep_p, sp, NEG_INF)
+    sr = jnp.where(keep_r, sr, NEG_INF)
+    top = jnp.maximum(jnp.maximum(by_row(jnp.max(sp, -1, keepdims=True)),
+                                  jnp.max(sr, -1, keepdims=True)), ss)      # R, H, G, 1
+    ep = jnp.exp(sp - by_prompt(top))
+    er = jnp.exp(sr - top)
+    es = jnp.exp(ss - top)
+    total = by_row(jnp.sum(ep, -1, keepdims=True)) + jnp.sum(er, -1, keepdims=True) + es
+    out = (by_row(jnp.einsum("bhmp,bhpd->bhmd", ep.astype(q.dtype),
+                             pv_BxHxPxD.astype(q.dtype), preferred_element_type=f32))
+           + jnp.einsum("rhgl,rhld->rhgd", er.astype(q.dtype), rv_RxHxLxD.astype(q.dtype),
+                        preferred_element_type=f32)
+           + es * v_RxHxD[:, :, None, :].astype(f32))
+    return (out / total).astype(q.dtype).reshape(r, heads, dh)
+
+
 class Attention(nn.Module):
     """Self-attention. Two modes, by `decode`:
 
@@ -179,7 +235,8 @@ class Attention(nn.Module):
     * a dict (decoding, see `models.decode_step`): this layer's prompt KV `pk`/`pv` (B rows), the
       prompt mask `pmask` (and its positions `ppos` when the model has sliding windows), this
       layer's response KV `rk`/`rv` (R rows, L slots) and the number of slots already written,
-      `index`.
+      `index`. One new token per row (a decode step) goes through `_attend_one`, a chunk of S
+      tokens (`models.shared_prompt_hidden`) through `_attend_cached`.
     Either way the second output is the S new tokens' own (k, v) in cache layout (B, H_kv, S, Dh):
     the caller writes them into the cache once for all layers (an in-place update of one slot),
     so the layer loop never carries or copies the cache.
@@ -223,6 +280,12 @@ class Attention(nn.Module):
                                                       positions_BxS[:, None, :], window)
             out = _attend(q, k_BxHxSxD, v_BxHxSxD, mask_BxSxT, cfg.n_kv_heads, consts["scale"],
                           cfg.attn_softcap)
+        elif q.shape[1] == 1:   # a decode step: one new token per row
+            out = _attend_one(q[:, 0], decode["pk"], decode["pv"], decode["pmask"], decode["rk"],
+                              decode["rv"], decode["index"], k_BxHxSxD[:, :, 0],
+                              v_BxHxSxD[:, :, 0], cfg.n_kv_heads, consts["scale"],
+                              cfg.attn_softcap, positions_BxS[:, 0], window,
+                              decode["ppos"])[:, None]
         else:
             out = _attend_cached(q, decode["pk"], decode["pv"], decode["pmask"], decode["rk"],
                                  decode["rv"], decode["index"], k_BxHxSxD, v_BxHxSxD,
