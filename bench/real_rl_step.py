@@ -9,6 +9,7 @@ text judge through `judges.text_reward_fn(...).host`), the jitted update with th
 guard (RLOO, KL in the reward, full-vocabulary KL metric on). Printed:
   compile     lower + compile seconds of the rollout and of the update, each with a cold cache
               (a fresh cache directory), and the update compiled without the guard, for scale
+              (both with the state donated)
   rerun       a second process with the same cache: seconds from model loaded to step 1 done
   memory      `compiled.memory_analysis()` of both programs (temp, arguments, outputs)
   step        seconds per step (best of 3 after the first) and the process's peak RSS
@@ -143,7 +144,9 @@ def measure(args) -> dict:
     rewards = jnp.asarray(_rewards(s, ro))
     learn_c, learn_lower, learn_compile = _timed_compile(s["learn"], s["state"], s["frozen"], ro,
                                                          rewards)
-    plain = jax.jit(s["programs"].learn)
+    # donated like the guarded update: without donation XLA keeps temporaries in the output
+    # buffers, which would make the guard look like it costs their size
+    plain = jax.jit(s["programs"].learn, donate_argnums=0)
     plain_c, plain_lower, plain_compile = _timed_compile(plain, s["state"], s["frozen"], ro,
                                                          rewards)
     out["compile_s"] = {"rollout": [roll_lower, roll_compile], "update": [learn_lower, learn_compile],
