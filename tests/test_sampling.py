@@ -478,9 +478,11 @@ def test_windowed_decoding_samples_as_attending_the_whole_cache(first, monkeypat
         want = run(fns._replace(decode_window=None))(params, jax.random.key(seed))
         np.testing.assert_array_equal(np.asarray(got.tokens_BxNxL), np.asarray(want.tokens_BxNxL))
         np.testing.assert_array_equal(np.asarray(got.mask_BxNxL), np.asarray(want.mask_BxNxL))
-        # float32 rounding only: the softmax sums run over the window or the whole cache
+        # float32 rounding only (the softmax sums run over the window or the whole cache, and
+        # XLA's CPU reductions split differently by thread; 3.6e-6 seen): a window missing a
+        # written slot moves these log-probs by orders of magnitude more
         np.testing.assert_allclose(np.asarray(got.logp_BxNxL), np.asarray(want.logp_BxNxL),
-                                   rtol=2e-6, atol=1e-6)
+                                   rtol=1e-5, atol=1e-5)
         lengths = np.asarray(got.mask_BxNxL).sum(-1)
         stopped_in |= {int(np.searchsorted(phases, n - 1)) for n in lengths.ravel() if n < 19}
         p, pm, r, rm = sampling.flatten_samples(prompt, mask, got)
