@@ -2,7 +2,10 @@
 as one `nn.scan`), measured in the same run as
 
   * the same step with the layers unrolled in Python over pre-split per-layer parameters,
-  * the library step with 8 and 256 response-cache slots (the attention masks unused slots).
+  * the library step with 8 and 256 response-cache slots (the attention masks unused slots),
+  * the step's dense products alone (the same layers' projections, MLP, norms and lm head, as a
+    scan over the stacked parameters; no attention, no cache): its floor at this machine's
+    matmul rate.
 
 The machine's speed drifts by 10-20% between runs here, so the variants are timed interleaved,
 round after round, and each is reported as the median over rounds of its ms per step and of its
@@ -80,10 +83,34 @@ def unrolled_logits(cfg, params, layers, tokens_B, cache):
         kv = (cache["pk"][i], cache["pv"][i], cache["rk"][i], cache["rv"][i])
         x, _ = T.Block(cfg, return_kv=True).apply(
             {"params": layers[i]}, x, (kv, {k: jnp.asarray(v[i]) for k, v in consts.items()}),
-            cache["next_pos"][:, None], None, (cache["pmask"], None), cache["index"])
+            cache["next_pos"][:, None], None, {"pmask": cache["pmask"], "ppos": None},
+            cache["index"])
     h = T.Norm(cfg).apply({"params": params["final_norm"]}, x)
     return jnp.einsum("bsd,dv->bsv", h, models.lm_head_kernel(params, cfg),
                       preferred_element_type=jnp.float32)[:, 0]
+
+
+def dense_only_logits(cfg, params, tokens_B):
+    """A decode step without its attention: every layer's q, k, v, o and MLP products and norms,
+    the queries (plus k and v, to keep them live) standing in for the attention's output."""
+    x = jnp.take(params["embed"], tokens_B, axis=0)
+    groups = cfg.n_heads // cfg.n_kv_heads
+
+    def layer(x, p):
+        h = T.Norm(cfg).apply({"params": p["attn_norm"]}, x[:, None])[:, 0]
+        q = jnp.einsum("bd,dhk->bhk", h, p["attn"]["q_kernel"])
+        kv = (jnp.einsum("bd,dhk->bhk", h, p["attn"]["k_kernel"])
+              + jnp.einsum("bd,dhk->bhk", h, p["attn"]["v_kernel"]))
+        a = (q.reshape(q.shape[0], cfg.n_kv_heads, groups, -1) + kv[:, :, None]).reshape(q.shape)
+        x = x + jnp.einsum("bhk,hkd->bd", a, p["attn"]["o_kernel"])
+        h = T.Norm(cfg).apply({"params": p["mlp_norm"]}, x[:, None])[:, 0]
+        m = p["mlp"]
+        return x + (jax.nn.silu(h @ m["gate_kernel"]) * (h @ m["up_kernel"])) @ m["down_kernel"], None
+
+    x, _ = jax.lax.scan(layer, x, params["layers"])
+    h = T.Norm(cfg).apply({"params": params["final_norm"]}, x[:, None])[:, 0]
+    return jnp.einsum("bd,dv->bv", h, models.lm_head_kernel(params, cfg),
+                      preferred_element_type=jnp.float32)
 
 
 def main() -> None:
@@ -117,12 +144,15 @@ def main() -> None:
         "layers unrolled, pre-split parameters": (split, (params, layers, tokens, cache)),
         "library, 8 slots": (step, (params, tokens, cache_of(8))),
         "library, 256 slots": (step, (params, tokens, cache_of(256))),
+        "dense products only (no attention, no cache)": (
+            jax.jit(lambda p, t: dense_only_logits(cfg, p, t)), (params, tokens)),
     }
     want = step(params, tokens, cache)
     diffs = {}
     for name, (f, args) in variants.items():     # compile and warm every variant first
         got = f(*args)
-        # (other cache lengths attend over other slots: no logits to compare)
+        # (other cache lengths attend over other slots, the dense products over nothing: no
+        # logits to compare)
         diffs[name] = float(jnp.abs(got - want).max()) if args[-1] is cache else float("nan")
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(a.rounds):

@@ -95,54 +95,61 @@ def test_kv_cache_decode_equals_full_forward(cfg):
     assert float(jnp.abs(full[:, -1] - full_other[:, -1]).max()) > 1e-2  # the rows differ
 
 
-def _numpy_one_token_attention(q, pk, pv, pmask, rk, rv, index, k, v, n_kv, scale, cap,
-                                positions, window, ppos):
-    """Row by row and head by head: the softmax over the row's prompt keys, its first `index`
-    response slots and its own key, each kept when inside the sliding window."""
-    rows, heads, dh = q.shape
+def _numpy_cached_attention(q, pk, pv, pmask, rk, rv, index, k, v, n_kv, scale, cap,
+                            positions, window, ppos):
+    """Row by row, token by token and head by head: the softmax over the row's prompt keys, its
+    first `index` response slots and its own new tokens up to this one, each kept when inside
+    the sliding window. q (R, S, H, D); k, v (R, S, H_kv, D); positions (R, S)."""
+    rows, s_new, heads, dh = q.shape
     n, groups = rows // pk.shape[0], heads // n_kv
-    out = np.zeros((rows, heads, dh))
+    out = np.zeros((rows, s_new, heads, dh))
     for r in range(rows):
-        b, pos = r // n, positions[r]
+        b = r // n
         keys, vals, pos_k = [], [], []
         for j in np.flatnonzero(pmask[b]):
             keys.append(pk[b, :, j]), vals.append(pv[b, :, j]), pos_k.append(ppos[b, j])
         for slot in range(index):
-            keys.append(rk[r, :, slot]), vals.append(rv[r, :, slot]), pos_k.append(pos - index + slot)
-        keys.append(k[r]), vals.append(v[r]), pos_k.append(pos)
-        keep = np.array([window == 0 or pos - pk_ < window for pk_ in pos_k])
-        keys, vals = np.stack(keys)[keep], np.stack(vals)[keep]        # T, H_kv, D
-        for h in range(heads):
-            s = keys[:, h // groups] @ q[r, h] * scale
-            s = cap * np.tanh(s / cap) if cap else s
-            w = np.exp(s - s.max())
-            out[r, h] = (w / w.sum()) @ vals[:, h // groups]
+            keys.append(rk[r, :, slot]), vals.append(rv[r, :, slot])
+            pos_k.append(positions[r, 0] - index + slot)
+        for t in range(s_new):
+            keys.append(k[r, t]), vals.append(v[r, t]), pos_k.append(positions[r, t])
+            pos = positions[r, t]
+            keep = np.array([window == 0 or pos - pk_ < window for pk_ in pos_k])
+            kk, vv = np.stack(keys)[keep], np.stack(vals)[keep]        # T, H_kv, D
+            for h in range(heads):
+                sc = kk[:, h // groups] @ q[r, t, h] * scale
+                sc = cap * np.tanh(sc / cap) if cap else sc
+                w = np.exp(sc - sc.max())
+                out[r, t, h] = (w / w.sum()) @ vv[:, h // groups]
     return out
 
 
+@pytest.mark.parametrize("s_new", [1, 3], ids=["decode-step", "chunk"])
 @pytest.mark.parametrize("window,cap", [(0, 0.0), (4, 2.0)])
-def test_one_token_attention_equals_a_numpy_softmax(window, cap):
-    """A decode step's attention (`transformer._attend_one`): 3 prompts x 2 rows each, left
-    padding, 5 of 7 response slots written, grouped query heads; with a sliding window (masking
-    prompt keys and early slots) and capped scores."""
+def test_cached_attention_equals_a_numpy_softmax(window, cap, s_new):
+    """The cached attention (`transformer._attend_cached`) of one token per row (a decode step)
+    and of a causal chunk of 3: 3 prompts x 2 rows each, left padding, 5 of 7 response slots
+    written, grouped query heads; with a sliding window (masking prompt keys, early slots and
+    the chunk's own early tokens) and capped scores."""
     from infalign_jax.models import transformer as T
     rng = np.random.default_rng(0)
     b, n, p, slots, n_kv, groups, dh, index = 3, 2, 6, 7, 2, 3, 8, 5
     f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    q, k, v = f(b * n, n_kv * groups, dh), f(b * n, n_kv, dh), f(b * n, n_kv, dh)
+    q, k, v = f(b * n, s_new, n_kv * groups, dh), f(b * n, s_new, n_kv, dh), f(b * n, s_new, n_kv, dh)
     pk, pv, rk, rv = f(b, n_kv, p, dh), f(b, n_kv, p, dh), f(b * n, n_kv, slots, dh), f(b * n, n_kv, slots, dh)
     pmask = np.ones((b, p), bool)
     pmask[0, :3] = pmask[1, :1] = False
     ppos = np.maximum(np.cumsum(pmask, 1) - 1, 0)
-    positions = np.repeat(pmask.sum(1), n) + index
+    positions = np.repeat(pmask.sum(1), n)[:, None] + index + np.arange(s_new)
     args = (q, pk, pv, pmask, rk, rv, index, k, v, n_kv, 0.3, cap, positions)
-    got = T._attend_one(*(jnp.asarray(a) for a in args[:7]), jnp.asarray(k), jnp.asarray(v),
-                        n_kv, jnp.float32(0.3), cap, jnp.asarray(positions),
-                        jnp.int32(window) if window else None, jnp.asarray(ppos))
-    want = _numpy_one_token_attention(*args, window, ppos)
+    got = T._attend_cached(*(jnp.asarray(a) for a in args[:7]), jnp.asarray(k).swapaxes(1, 2),
+                           jnp.asarray(v).swapaxes(1, 2), n_kv, jnp.float32(0.3), cap,
+                           jnp.asarray(positions), jnp.int32(window) if window else None,
+                           jnp.asarray(ppos))
+    want = _numpy_cached_attention(*args, window, ppos)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
     if window:   # the window changes the answer (it is not a no-op here)
-        assert np.abs(_numpy_one_token_attention(*args, 0, ppos) - want).max() > 1e-2
+        assert np.abs(_numpy_cached_attention(*args, 0, ppos) - want).max() > 1e-2
 
 
 @pytest.mark.parametrize("cfg,window", [(LLAMA, 0), (LLAMA, 3), (GPT2, 0)],

@@ -130,102 +130,70 @@ def _attend_cached(q_RxSxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask
                    rk_RxHxLxD: Array, rv_RxHxLxD: Array, index: Array, k_RxHxSxD: Array,
                    v_RxHxSxD: Array, n_kv_heads: int, scale: Array, cap: float,
                    positions_RxS: Array, window: Array | None, ppos_BxP: Array | None) -> Array:
-    """Attention of R = B*N response rows, one softmax over three parts: their prompt's shared KV
-    (stored once per prompt; rows b*N..b*N+N-1 read prompt b), their own earlier response slots
-    (< `index`) and the S new tokens themselves (causal). The cache is read, never written here.
-    `window` (None: no sliding window in the model) limits each part to the window's keys;
-    `ppos_BxP` holds the prompt tokens' positions then."""
+    """Attention of S new tokens in each of R = B*N rows, one softmax over three parts: their
+    prompt's shared KV (stored once per prompt; rows b*N..b*N+N-1 read prompt b), their own earlier
+    response slots (< `index`) and the S new tokens themselves (causal). The cache is read, never
+    written here. `window` (None: no sliding window in the model) limits each part to the window's
+    keys; `ppos_BxP` holds the prompt tokens' positions then. (R, S, H * G, D).
+
+    S = 1 is a decode step, S > 1 a teacher-forced chunk (`models.shared_prompt_hidden`). In the
+    form XLA runs well on CPU: the parts' scores are never concatenated (one max over all of them,
+    then each part's exp and its own value product), and the prompt part takes a prompt's
+    N x G x S queries per KV head as the rows of one product."""
     r, s, heads, dh = q_RxSxHxD.shape
     b, p = pmask_BxP.shape
     n, groups, slots = r // b, heads // n_kv_heads, rk_RxHxLxD.shape[2]
-    q = q_RxSxHxD.reshape(b, n, s, n_kv_heads, groups, dh)
+    m = groups * s                      # query rows per (row, KV head), row g * S + j
+    q = jnp.transpose(q_RxSxHxD.reshape(r, s, n_kv_heads, groups, dh),
+                      (0, 2, 3, 1, 4)).reshape(r, n_kv_heads, m, dh)       # R, H, M, D
 
-    def per_row(x_RxHxTxD):
-        return x_RxHxTxD.reshape(b, n, *x_RxHxTxD.shape[1:]).astype(q.dtype)
+    def by_prompt(x_RxHxMx):   # (R, H, M, ...) <-> (B, H, N*M, ...): cheap, x is small
+        x = x_RxHxMx.reshape(b, n, n_kv_heads, m, *x_RxHxMx.shape[3:])
+        return jnp.moveaxis(x, 1, 2).reshape(b, n_kv_heads, n * m, *x.shape[4:])
 
-    # Prompt part: the N samples of a prompt are extra query rows against one copy of its keys.
-    sp = softcap(jnp.einsum("bnshgd,bhpd->bnhgsp", q, pk_BxHxPxD.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * scale, cap)
-    sr = softcap(jnp.einsum("bnshgd,bnhld->bnhgsl", q, per_row(rk_RxHxLxD),
-                            preferred_element_type=jnp.float32) * scale, cap)
-    ss = softcap(jnp.einsum("bnshgd,bnhtd->bnhgst", q, per_row(k_RxHxSxD),
-                            preferred_element_type=jnp.float32) * scale, cap)
-    keep_p = jnp.broadcast_to(pmask_BxP[:, None, None, :], (b, n, s, p))
-    keep_r = jnp.broadcast_to(jnp.arange(slots) < index, (b, n, s, slots))
-    keep_s = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (b, n, s, s))
-    if window is not None:
-        # Positions: the prompt's real tokens count from 0; response slot l was written `index - l`
-        # steps before the first new token.
-        q_pos = positions_RxS.reshape(b, n, s)
-        slot_pos = q_pos[:, :, :1] - index + jnp.arange(slots)
-        keep_p &= window_mask(q_pos[..., None], ppos_BxP[:, None, None, :], window)
-        keep_r &= window_mask(q_pos[..., None], slot_pos[:, :, None, :], window)
-        keep_s &= window_mask(q_pos[..., None], q_pos[:, :, None, :], window)
-    sp = jnp.where(keep_p[:, :, None, None], sp, NEG_INF)
-    sr = jnp.where(keep_r[:, :, None, None], sr, NEG_INF)
-    ss = jnp.where(keep_s[:, :, None, None], ss, NEG_INF)
-    probs = jax.nn.softmax(jnp.concatenate([sp, sr, ss], axis=-1), axis=-1).astype(q.dtype)
-    pp, pr, ps = probs[..., :p], probs[..., p:p + slots], probs[..., p + slots:]
-    out = (jnp.einsum("bnhgsp,bhpd->bnshgd", pp, pv_BxHxPxD.astype(q.dtype))
-           + jnp.einsum("bnhgsl,bnhld->bnshgd", pr, per_row(rv_RxHxLxD))
-           + jnp.einsum("bnhgst,bnhtd->bnshgd", ps, per_row(v_RxHxSxD)))
-    return out.reshape(r, s, heads, dh)
+    def by_row(x_BxHxNMx):
+        x = x_BxHxNMx.reshape(b, n_kv_heads, n, m, *x_BxHxNMx.shape[3:])
+        return jnp.moveaxis(x, 2, 1).reshape(r, n_kv_heads, m, *x.shape[4:])
 
-
-def _attend_one(q_RxHxD: Array, pk_BxHxPxD: Array, pv_BxHxPxD: Array, pmask_BxP: Array,
-                rk_RxHxLxD: Array, rv_RxHxLxD: Array, index: Array, k_RxHxD: Array,
-                v_RxHxD: Array, n_kv_heads: int, scale: Array, cap: float, positions_R: Array,
-                window: Array | None, ppos_BxP: Array | None) -> Array:
-    """`_attend_cached` for one new token per row (a decode step), as products XLA runs well on
-    CPU: the scores of the three parts are never concatenated (one max over all of them, then
-    each part's exp and its own value product); the prompt part takes a prompt's N x G query
-    heads as the rows of one product per KV head, the response part each row's G heads; the
-    token's own key is a dot product. (R, H * G, D); the same numbers up to float32 rounding."""
-    r, heads, dh = q_RxHxD.shape
-    b, p = pmask_BxP.shape
-    n, groups, slots = r // b, heads // n_kv_heads, rk_RxHxLxD.shape[2]
-    q = q_RxHxD.reshape(r, n_kv_heads, groups, dh)                          # R, H, G, D
-
-    def by_prompt(x_RxHxGx):   # (R, H, G, ...) <-> (B, H, N*G, ...): cheap, x is small
-        x = x_RxHxGx.reshape(b, n, n_kv_heads, groups, *x_RxHxGx.shape[3:])
-        return jnp.moveaxis(x, 1, 2).reshape(b, n_kv_heads, n * groups, *x.shape[4:])
-
-    def by_row(x_BxHxMx):
-        x = x_BxHxMx.reshape(b, n_kv_heads, n, groups, *x_BxHxMx.shape[3:])
-        return jnp.moveaxis(x, 2, 1).reshape(r, n_kv_heads, groups, *x.shape[4:])
-
-    f32 = jnp.float32
-    sp = softcap(jnp.einsum("bhmd,bhpd->bhmp", by_prompt(q), pk_BxHxPxD.astype(q.dtype),
-                            preferred_element_type=f32) * scale, cap)        # B, H, N*G, P
-    sr = softcap(jnp.einsum("rhgd,rhld->rhgl", q, rk_RxHxLxD.astype(q.dtype),
-                            preferred_element_type=f32) * scale, cap)        # R, H, G, L
-    ss = softcap(jnp.einsum("rhgd,rhd->rhg", q, k_RxHxD.astype(q.dtype),
-                            preferred_element_type=f32)[..., None] * scale, cap)   # R, H, G, 1
+    f32, dt = jnp.float32, q.dtype
+    sp = softcap(jnp.einsum("bhmd,bhpd->bhmp", by_prompt(q), pk_BxHxPxD.astype(dt),
+                            preferred_element_type=f32) * scale, cap)        # B, H, N*M, P
+    sr = softcap(jnp.einsum("rhmd,rhld->rhml", q, rk_RxHxLxD.astype(dt),
+                            preferred_element_type=f32) * scale, cap)        # R, H, M, L
+    ss = softcap(jnp.einsum("rhmd,rhtd->rhmt", q, k_RxHxSxD.astype(dt),
+                            preferred_element_type=f32) * scale, cap)        # R, H, M, S
     keep_p = pmask_BxP[:, None, None, :]                                    # B, 1, 1, P
     keep_r = jnp.arange(slots) < index                                      # L
+    keep_s = jnp.tile(jnp.tril(jnp.ones((s, s), bool)), (groups, 1))        # M, S
     if window is not None:
         # The prompt's real tokens count from 0; response slot l was written `index - l` steps
-        # before this token; the token itself is always in its window.
-        q_pos = positions_R
-        q_pos_BxM = jnp.repeat(q_pos.reshape(b, n), groups, axis=1)         # by_prompt's rows
-        keep_p = keep_p & window_mask(q_pos_BxM[:, None, :, None], ppos_BxP[:, None, None, :],
-                                      window)                               # B, 1, N*G, P
-        slot_pos = q_pos[:, None] - index + jnp.arange(slots)               # R, L
-        keep_r = keep_r & window_mask(q_pos[:, None], slot_pos, window)[:, None, None, :]
+        # before the first new token.
+        q_pos = jnp.broadcast_to(positions_RxS[:, None], (r, groups, s)).reshape(r, 1, m, 1)
+        keep_p = keep_p & window_mask(q_pos.reshape(b, 1, n * m, 1), ppos_BxP[:, None, None, :],
+                                      window)                               # B, 1, N*M, P
+        slot_pos = positions_RxS[:, :1] - index + jnp.arange(slots)         # R, L
+        keep_r = keep_r & window_mask(q_pos, slot_pos[:, None, None, :], window)   # R, 1, M, L
+        keep_s = keep_s & window_mask(q_pos, positions_RxS[:, None, None, :], window)
     sp = jnp.where(keep_p, sp, NEG_INF)
     sr = jnp.where(keep_r, sr, NEG_INF)
-    top = jnp.maximum(jnp.maximum(by_row(jnp.max(sp, -1, keepdims=True)),
-                                  jnp.max(sr, -1, keepdims=True)), ss)      # R, H, G, 1
+    ss = jnp.where(keep_s, ss, NEG_INF)
+    # The softmax is shift-invariant: the shift needs no gradient. Each row keeps its own token.
+    top = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(
+        by_row(jnp.max(sp, -1, keepdims=True)), jnp.max(sr, -1, keepdims=True)),
+        jnp.max(ss, -1, keepdims=True)))                                    # R, H, M, 1
     ep = jnp.exp(sp - by_prompt(top))
     er = jnp.exp(sr - top)
     es = jnp.exp(ss - top)
-    total = by_row(jnp.sum(ep, -1, keepdims=True)) + jnp.sum(er, -1, keepdims=True) + es
-    out = (by_row(jnp.einsum("bhmp,bhpd->bhmd", ep.astype(q.dtype),
-                             pv_BxHxPxD.astype(q.dtype), preferred_element_type=f32))
-           + jnp.einsum("rhgl,rhld->rhgd", er.astype(q.dtype), rv_RxHxLxD.astype(q.dtype),
+    total = (by_row(jnp.sum(ep, -1, keepdims=True)) + jnp.sum(er, -1, keepdims=True)
+             + jnp.sum(es, -1, keepdims=True))
+    out = (by_row(jnp.einsum("bhmp,bhpd->bhmd", ep.astype(dt), pv_BxHxPxD.astype(dt),
+                             preferred_element_type=f32))
+           + jnp.einsum("rhml,rhld->rhmd", er.astype(dt), rv_RxHxLxD.astype(dt),
                         preferred_element_type=f32)
-           + es * v_RxHxD[:, :, None, :].astype(f32))
-    return (out / total).astype(q.dtype).reshape(r, heads, dh)
+           + jnp.einsum("rhmt,rhtd->rhmd", es.astype(dt), v_RxHxSxD.astype(dt),
+                        preferred_element_type=f32))
+    out = (out / total).astype(dt).reshape(r, n_kv_heads, groups, s, dh)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(r, s, heads, dh)
 
 
 class Attention(nn.Module):
@@ -235,8 +203,8 @@ class Attention(nn.Module):
     * a dict (decoding, see `models.decode_step`): this layer's prompt KV `pk`/`pv` (B rows), the
       prompt mask `pmask` (and its positions `ppos` when the model has sliding windows), this
       layer's response KV `rk`/`rv` (R rows, L slots) and the number of slots already written,
-      `index`. One new token per row (a decode step) goes through `_attend_one`, a chunk of S
-      tokens (`models.shared_prompt_hidden`) through `_attend_cached`.
+      `index`: `_attend_cached`, for one new token per row (a decode step) or a chunk of S
+      tokens (`models.shared_prompt_hidden`).
     Either way the second output is the S new tokens' own (k, v) in cache layout (B, H_kv, S, Dh):
     the caller writes them into the cache once for all layers (an in-place update of one slot),
     so the layer loop never carries or copies the cache.
@@ -280,12 +248,6 @@ class Attention(nn.Module):
                                                       positions_BxS[:, None, :], window)
             out = _attend(q, k_BxHxSxD, v_BxHxSxD, mask_BxSxT, cfg.n_kv_heads, consts["scale"],
                           cfg.attn_softcap)
-        elif q.shape[1] == 1:   # a decode step: one new token per row
-            out = _attend_one(q[:, 0], decode["pk"], decode["pv"], decode["pmask"], decode["rk"],
-                              decode["rv"], decode["index"], k_BxHxSxD[:, :, 0],
-                              v_BxHxSxD[:, :, 0], cfg.n_kv_heads, consts["scale"],
-                              cfg.attn_softcap, positions_BxS[:, 0], window,
-                              decode["ppos"])[:, None]
         else:
             out = _attend_cached(q, decode["pk"], decode["pv"], decode["pmask"], decode["rk"],
                                  decode["rv"], decode["index"], k_BxHxSxD, v_BxHxSxD,
@@ -350,11 +312,13 @@ class Block(nn.Module):
 
     Per-layer input: this layer's cache (pk, pv, rk, rv), all None unless decoding, and its
     constants (`layer_constants`); output: the new tokens' own (k, v) when `return_kv` (prefill,
-    decoding), else None. With `post_norms` (Gemma 2/3) the attention and MLP outputs are
-    normed again before the residual add. With `response_slots` (decoding through
-    `models.decode_step(slots=)`) the response cache arrives whole, broadcast in `prompt`, and
-    the layer reads its own first `response_slots` slots with one dynamic slice: slicing them
-    before the scan instead costs a second copy every step.
+    decoding), else None. `shared` (None unless decoding) holds what every layer reads alike:
+    the prompt's mask `pmask`, its positions `ppos` (None without sliding windows) and, with
+    `response_slots`, the whole response cache `response` = (rk, rv). With `post_norms` (Gemma
+    2/3) the attention and MLP outputs are normed again before the residual add. With
+    `response_slots` (decoding through `models.decode_step(slots=)`) the layer reads its own
+    first `response_slots` slots of `response` with one dynamic slice: slicing them before the
+    scan instead costs a second copy every step.
     """
 
     cfg: ModelConfig
@@ -362,18 +326,18 @@ class Block(nn.Module):
     response_slots: int | None = None
 
     @nn.compact
-    def __call__(self, x, layer_in, positions, mask, prompt, index):
+    def __call__(self, x, layer_in, positions, mask, shared, index):
         (pk, pv, rk, rv), consts = layer_in
         cfg = self.cfg
         if self.response_slots is not None:
             # this layer's first response slots, read from the whole cache (broadcast)
-            rk_all, rv_all = prompt[2]
+            rk_all, rv_all = shared["response"]
             start = (consts["layer"], 0, 0, 0, 0)
             size = (1, *rk_all.shape[1:3], self.response_slots, rk_all.shape[4])
             rk = jax.lax.dynamic_slice(rk_all, start, size)[0]
             rv = jax.lax.dynamic_slice(rv_all, start, size)[0]
-        decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=prompt[0],
-                                              ppos=prompt[1], index=index)
+        decode = None if rk is None else dict(pk=pk, pv=pv, rk=rk, rv=rv, pmask=shared["pmask"],
+                                              ppos=shared["ppos"], index=index)
         h, kv = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), positions, mask,
                                             decode, consts)
         if cfg.post_norms:
@@ -440,23 +404,24 @@ class Transformer(nn.Module):
             x = x + jnp.take(pos_table, positions_BxS, axis=0).astype(dt)
         x = _constrain(x, ("batch", "length", "act_embed"))
         if decode is None:
-            layer_kv, prompt, index, slots = (None, None, None, None), None, None, None
+            layer_kv, shared, index, slots = (None, None, None, None), None, None, None
         else:
             slots = decode.get("slots")
             # The prompt's mask, and its positions once for every layer when windows need them.
             pmask = decode["pmask"]
-            prompt = (pmask, default_positions(pmask) if cfg.sliding_window else None)
+            shared = {"pmask": pmask,
+                      "ppos": default_positions(pmask) if cfg.sliding_window else None}
             if slots is None:
                 layer_kv = (decode["pk"], decode["pv"], decode["rk"], decode["rv"])
             else:   # each layer reads its first `slots` of the response cache itself
                 layer_kv = (decode["pk"], decode["pv"], None, None)
-                prompt = (*prompt, (decode["rk"], decode["rv"]))
+                shared["response"] = (decode["rk"], decode["rv"])
             index = decode["index"]
         consts = {k: jnp.asarray(v) for k, v in layer_constants(cfg).items()}
         if slots is not None:   # the layer's index, to slice its response slots out of the cache
             consts["layer"] = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         x, kv = _scanned_blocks(cfg, return_kv, slots)(
-            x, (layer_kv, consts), positions_BxS, mask_BxSxT, prompt, index)
+            x, (layer_kv, consts), positions_BxS, mask_BxSxT, shared, index)
         hidden = Norm(cfg, name="final_norm")(x)
         out: dict[str, Any] = {"hidden": hidden}
         if return_kv:
