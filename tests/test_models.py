@@ -125,12 +125,13 @@ def _numpy_cached_attention(q, pk, pv, pmask, rk, rv, index, k, v, n_kv, scale, 
 
 
 @pytest.mark.parametrize("s_new", [1, 3], ids=["decode-step", "chunk"])
-@pytest.mark.parametrize("window,cap", [(0, 0.0), (4, 2.0)])
+@pytest.mark.parametrize("window,cap", [(0, 0.0), (2, 2.0), (7, 0.0)])
 def test_cached_attention_equals_a_numpy_softmax(window, cap, s_new):
     """The cached attention (`transformer._attend_cached`) of one token per row (a decode step)
     and of a causal chunk of 3: 3 prompts x 2 rows each, left padding, 5 of 7 response slots
-    written, grouped query heads; with a sliding window (masking prompt keys, early slots and
-    the chunk's own early tokens) and capped scores."""
+    written, grouped query heads; with capped scores, and with sliding windows: one of 2 (which
+    masks the chunk's own first token for its last, and all but the last written slot) and one
+    of 7 (which keeps a prompt's last key for the first new token and masks it for the next)."""
     from infalign_jax.models import transformer as T
     rng = np.random.default_rng(0)
     b, n, p, slots, n_kv, groups, dh, index = 3, 2, 6, 7, 2, 3, 8, 5
