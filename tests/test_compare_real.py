@@ -243,6 +243,54 @@ def test_a_second_run_reuses_every_evaluation(comparison):
     assert not [x for x in lines if "steps) ..." in x]
 
 
+def test_an_evaluation_killed_while_saving_is_evaluated_again(tmp_path, monkeypatch):
+    """A run killed while saving an evaluation leaves no file a rerun would take as done: the
+    npz (the rerun's marker) appears whole or not at all, and after its texts."""
+    ev = {"gold_BxM": np.arange(6.0).reshape(2, 3), "proxy_BxM": -np.arange(6.0).reshape(2, 3),
+          "kl_B": np.array([0.1, 0.2]), "texts": [f"response {i}" for i in range(6)]}
+    path = str(tmp_path / "evaluation" / "exp_seed0.npz")
+    ids, prompts = ["p0", "p1"], ["first prompt", "second prompt"]
+
+    def killed_midway(file, **arrays):   # part of a zip written, then the kill
+        if isinstance(file, (str, os.PathLike)):
+            file = open(file, "wb")
+        file.write(b"PK\x03\x04 a torn archive")
+        file.flush()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", killed_midway)
+        with pytest.raises(KeyboardInterrupt):
+            rc._save_eval(path, ev, ids, prompts, 3)
+    assert rc._load_eval(path) is None               # the rerun evaluates again
+    assert sorted(os.listdir(tmp_path / "evaluation")) == ["exp_seed0_texts.jsonl"]
+
+    calls = []
+
+    def killed_in_texts(obj):
+        calls.append(obj)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return json.JSONEncoder().encode(obj)
+
+    with monkeypatch.context() as m:
+        m.setattr(rc.json, "dumps", killed_in_texts)
+        with pytest.raises(KeyboardInterrupt):
+            rc._save_eval(path.replace("seed0", "seed1"), ev, ids, prompts, 3)
+    assert not os.path.exists(path.replace("seed0", "seed1"))
+    assert not os.path.exists(path.replace("seed0.npz", "seed1_texts.jsonl"))
+
+    rc._save_eval(path, ev, ids, prompts, 3)
+    saved = rc._load_eval(path)
+    assert sorted(saved) == ["gold_BxM", "kl_B", "proxy_BxM"]
+    np.testing.assert_array_equal(saved["proxy_BxM"], ev["proxy_BxM"])
+    with open(path.replace(".npz", "_texts.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["prompt_id"], r["sample"], r["response"], r["gold"]) for r in rows] == [
+        (ids[i // 3], i % 3, f"response {i}", float(i)) for i in range(6)]
+    assert sorted(os.listdir(tmp_path / "evaluation")) == ["exp_seed0.npz", "exp_seed0_texts.jsonl"]
+
+
 def test_bad_comparison_keys_are_refused_by_name():
     with pytest.raises(ValueError, match=r"config.comparison.methods must be"):
         rc.parse_comparison({"methods": "identity,ppo"})

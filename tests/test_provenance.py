@@ -44,6 +44,31 @@ def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
     assert json.loads(path.read_text()) == {"a": 2}
 
 
+def test_a_figure_is_saved_whole_or_not_at_all(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from infalign_jax.infra.files import save_figure
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = tmp_path / "curves.png"
+    save_figure(fig, str(path), dpi=50)
+    first = path.read_bytes()
+    assert first.startswith(b"\x89PNG")   # the format from the extension, not the temp name
+    plt.close(fig)
+
+    class KilledWhileSaving:
+        def savefig(self, where, **kwargs):
+            with open(where, "wb") as f:
+                f.write(b"\x89PNG torn")
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        save_figure(KilledWhileSaving(), str(path))
+    assert path.read_bytes() == first
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]   # no temporary left
+
+
 def test_progress_rate_and_eta_leave_out_the_compiling_first_step(monkeypatch):
     from infalign_jax.infra import metrics_io
     clock = iter([0.0, 60.0, 70.0])   # construction; step 1 after 60 s compiling; step 11 10 s on

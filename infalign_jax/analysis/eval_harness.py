@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -37,6 +36,7 @@ from infalign_jax.core import kl
 from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns, Judge, TokenJudge
+from infalign_jax.infra.files import atomic_open, save_figure, write_json
 
 Array = jax.Array
 Params = Any
@@ -243,13 +243,13 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
 
 
 def write_record(out_dir: str, record: dict[str, Any], stem: str = "eval") -> tuple[str, str]:
-    """Writes `<stem>.json` (the whole record) and `<stem>.csv` (one row per metric)."""
+    """Writes `<stem>.json` (the whole record) and `<stem>.csv` (one row per metric), each
+    atomically."""
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{stem}.json")
     csv_path = os.path.join(out_dir, f"{stem}.csv")
-    with open(json_path, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    with open(csv_path, "w", newline="") as f:
+    write_json(json_path, record, indent=2, sort_keys=True)
+    with atomic_open(csv_path) as f:
         writer = csv.writer(f)
         writer.writerow(["name", "metric", "point", "lower", "upper", "stderr"])
         for metric, e in record["win_rate"].items():
@@ -294,7 +294,7 @@ def plot_win_rate_vs_kl(records: Sequence[dict[str, Any]], path: str,
     ax.set_ylabel("win rate")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -324,6 +324,6 @@ def plot_win_rate_series(series: dict[str, Sequence[tuple[float, dict[str, float
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -1,7 +1,8 @@
 """Atomic file writes: readers see the old file or the complete new one, never a torn one.
 
 Every output a run may be killed while writing (manifests, summaries, reference tables, metrics
-rewritten on resume, data files, exported checkpoints) goes through `atomic_path`. A run refused at
+rewritten on resume, data files, evaluations, reports and plots, exported checkpoints) goes
+through `atomic_path`. A run refused at
 start-up leaves no empty directory behind (`no_empty_dirs_left`).
 """
 
@@ -52,6 +53,14 @@ def write_json(path: str, obj: Any, **dump_kwargs: Any) -> str:
     dump_kwargs.setdefault("indent", 2)
     with atomic_open(path) as f:
         json.dump(obj, f, **dump_kwargs)
+    return path
+
+
+def save_figure(fig: Any, path: str, **savefig_kwargs: Any) -> str:
+    """A matplotlib figure's `fig.savefig` to `path` atomically (the format from its extension);
+    returns the path. The caller closes the figure."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **savefig_kwargs)
     return path
 
 

@@ -57,7 +57,7 @@ from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.core.types import HostReward
-from infalign_jax.infra.files import no_empty_dirs_left, write_json
+from infalign_jax.infra.files import no_empty_dirs_left, save_figure, write_json
 
 logger = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
@@ -281,7 +281,7 @@ def _plot_curves(metrics_path: str, out_path: str) -> None:
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    save_figure(fig, out_path, dpi=110)
     plt.close(fig)
 
 

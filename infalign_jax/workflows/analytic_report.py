@@ -25,6 +25,7 @@ from infalign_jax.analysis import analytic_solver as S
 from infalign_jax.core.selection import AGAINST
 from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
+from infalign_jax.infra.files import atomic_open, save_figure
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
 
 FRONTIER_COLUMNS = ("procedure", "n", "kl", "w_identity", "w_log", "best_t", "w_best_exp",
@@ -77,7 +78,7 @@ def bonbon_rows(ns: Sequence[int], grid_size: int = A.DEFAULT_GRID) -> list[dict
 
 
 def write_csv(path: str, rows: list[dict], columns: Sequence[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows([{c: r.get(c, "") for c in columns} for r in rows])
@@ -111,7 +112,7 @@ def plot_frontiers(path: str, rows: list[dict], procedure: str) -> None:
     axes[0][0].set_ylabel("inference-time win rate")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -131,7 +132,7 @@ def plot_best_t(path: str, rows: list[dict]) -> None:
     ax.set_ylabel("best t")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

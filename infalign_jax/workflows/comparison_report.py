@@ -14,12 +14,12 @@ transform).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from infalign_jax.analysis import analytic, evaluation
+from infalign_jax.infra.files import save_figure
 from infalign_jax.workflows import sweep
 
 
@@ -259,7 +259,6 @@ def plot(result: dict[str, Any], cc: Any, path: str) -> str:
                  fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

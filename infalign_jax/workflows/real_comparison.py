@@ -71,7 +71,7 @@ from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
-from infalign_jax.infra.files import write_json
+from infalign_jax.infra.files import atomic_open, write_json
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
 from infalign_jax.rl.tasks import real, sources
@@ -337,14 +337,22 @@ class Evaluator:
 
 def _save_eval(path: str, ev: dict[str, Any], prompt_ids: Sequence[str], prompts: Sequence[str],
                m: int) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, **{k: v for k, v in ev.items() if k != "texts"})
-    with open(os.path.splitext(path)[0] + "_texts.jsonl", "w", encoding="utf-8") as f:
+    """An evaluation's texts (`<stem>_texts.jsonl`, one row per sample) and then its arrays
+    (`path`, npz). Each file appears whole or not at all, and the npz, which a rerun takes as the
+    evaluation being done (`_load_eval`), last: a run killed while saving evaluates again."""
+    with atomic_open(os.path.splitext(path)[0] + "_texts.jsonl") as f:
         for i, text in enumerate(ev["texts"]):
             b, j = divmod(i, m)
             f.write(json.dumps({"prompt_id": prompt_ids[b], "prompt": prompts[b], "sample": j,
                                 "response": text, "gold": float(ev["gold_BxM"][b, j]),
                                 "proxy": float(ev["proxy_BxM"][b, j])}) + "\n")
+    _save_arrays(path, {k: v for k, v in ev.items() if k != "texts"})
+
+
+def _save_arrays(path: str, arrays: dict[str, Any]) -> None:
+    """The evaluation's arrays to `path` (npz), atomically."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _load_eval(path: str) -> dict[str, Any] | None:
@@ -474,7 +482,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             # evaluation files agree with the report
             got.update(evaluator.win_rates(got["gold_BxM"], got["proxy_BxM"]),
                        win_rate_estimator=np.asarray(cc.win_rates))
-            np.savez(path, **got)
+            _save_arrays(path, got)
         alpha = f" at alpha {float(got['alpha']):.3f}" if "alpha" in got else ""
         log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}{alpha}, gold BoN_{cc.n} "
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
@@ -575,7 +583,7 @@ def run(base_configs: Sequence[Any], comparison: Any, workdir: str,
         parts.append(report.markdown(summary, cc))
     write_json(os.path.join(workdir, "comparison.json"), summaries)
     path = os.path.join(workdir, "comparison.md")
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         f.write("\n".join(parts))
     provenance.write_manifest(workdir, None, seeds={"seeds": list(cc.seeds),
                                                    "eval_seed": cc.eval_seed},

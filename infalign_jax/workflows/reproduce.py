@@ -30,6 +30,7 @@ import numpy as np
 from infalign_jax.analysis import analytic_solver
 from infalign_jax.rl.tasks import exact as et
 from infalign_jax.infra import provenance
+from infalign_jax.infra.files import atomic_open, save_figure, write_json
 
 from infalign_jax.workflows import sweep
 from infalign_jax.loops import train
@@ -174,12 +175,12 @@ def write_exact_outputs(rows: list[dict[str, Any]], workdir: str, n: int, budget
         lines.append("| " + " | ".join(cells) + " |")
     path = os.path.join(workdir, "exact_table.md")
     seeds = rows[0]["seeds"] if rows else 0
-    with open(path, "w") as f:
+    with atomic_open(path) as f:
         f.write(f"KL budget {budget:.4f}; win rates against pi_ref by enumeration (exact); trained "
                 f"columns are mean ± sd over {seeds} seeds; converged: KL(pi || pi*) <= "
                 f"{et.CONVERGED_KL}.\n\n" + "\n".join(lines) + "\n")
-    with open(os.path.join(workdir, "exact_table.json"), "w") as f:
-        json.dump({"kl_budget": budget, "n": n, "rows": rows}, f, indent=2)
+    write_json(os.path.join(workdir, "exact_table.json"), {"kl_budget": budget, "n": n,
+                                                          "rows": rows})
     _plot(rows, os.path.join(workdir, "exact_methods.png"), n)
     return path
 
@@ -200,7 +201,7 @@ def _plot(rows: list[dict[str, Any]], path: str, n: int) -> None:
         ax.set_title(f"{title} (o trained, mean ± sd over seeds; x exact target)", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -276,10 +277,9 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
                 f"{row['range_phi_over_beta']:.1f}, converged {row['converged']}, KL(pi||pi*) "
                 f"mean {row['exact_kl_to_target']:.4f} max {row['max_kl_to_target']:.4f}")
             rows.append(row)
-    with open(os.path.join(workdir, "convergence_table.md"), "w") as f:
+    with atomic_open(os.path.join(workdir, "convergence_table.md")) as f:
         f.write(convergence_markdown(rows, n, knobs))
-    with open(os.path.join(workdir, "convergence_table.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    write_json(os.path.join(workdir, "convergence_table.json"), rows)
     provenance.write_manifest(workdir, base, seeds={"seeds": list(knobs["seeds"])},
                               extra={"stage": "convergence", "size": size, "kls": list(kls)})
     return rows
@@ -366,7 +366,7 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
                          f"size={real_config.size})\n\n" + f.read())
     path = os.path.join(workdir, "results.md")
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_open(path) as f:
         f.write("\n\n".join(parts) + "\n")
     provenance.write_manifest(workdir, manifest_config, seeds={"seed": config.seed}, started=started,
                               extra={"exact_config": None if exact_config is None

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 from infalign_jax.loops.skeleton import config_record
+from infalign_jax.infra.files import atomic_open
 
 
 def sweep_points(module: Any, arg: str | None = None) -> list[dict[str, Any]]:
@@ -117,12 +118,12 @@ def write_table(rows: Sequence[Mapping[str, Any]], workdir: str) -> tuple[str, s
     os.makedirs(workdir, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = os.path.join(workdir, "sweep_results.csv")
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path) as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
     md_path = os.path.join(workdir, "sweep_results.md")
-    with open(md_path, "w") as f:
+    with atomic_open(md_path) as f:
         f.write(markdown_table(rows, columns) + "\n")
     return csv_path, md_path
 
