@@ -44,6 +44,25 @@ def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
     assert json.loads(path.read_text()) == {"a": 2}
 
 
+def test_an_npz_is_written_whole_or_not_at_all(tmp_path):
+    import numpy as np
+    from infalign_jax.infra.files import write_npz
+    path = tmp_path / "table.npz"
+    write_npz(str(path), x=np.arange(3))
+
+    class KilledMidway:   # the archive's second member fails after the first is written
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_npz(str(path), x=np.arange(5), y=KilledMidway())
+    with np.load(path) as z:
+        assert z.files == ["x"] and z["x"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["table.npz"]   # no temporary left
+    with pytest.raises(ValueError, match="'.npz'"):   # np.savez would write elsewhere: table.npz
+        write_npz(str(tmp_path / "table"), x=np.arange(3))
+
+
 def test_a_figure_is_saved_whole_or_not_at_all(tmp_path):
     import matplotlib
     matplotlib.use("Agg")

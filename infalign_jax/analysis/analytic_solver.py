@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from infalign_jax.analysis import analytic as A
+from infalign_jax.infra.files import write_npz
 
 DAMPING = 0.3
 SATURATED = 1e-6  # win rates this close to 1 make the fixed point degenerate
@@ -273,9 +274,10 @@ def optimal_transform_table(kl: float, procedure: str, n: int = 1, *, against: s
 
 
 def save_optimal_table(path: str, u: np.ndarray, phi: np.ndarray) -> str:
-    """Writes the table as .npz with keys `u`, `phi` (the registry's `optimal` path= format)."""
-    np.savez(path, u=np.asarray(u, np.float64), phi=np.asarray(phi, np.float64))
-    return path if path.endswith(".npz") else path + ".npz"
+    """Writes the table as .npz with keys `u`, `phi` (the registry's `optimal` path= format),
+    atomically; ".npz" is appended to `path` unless it ends in it. Returns the file's path."""
+    path = path if path.endswith(".npz") else path + ".npz"
+    return write_npz(path, u=np.asarray(u, np.float64), phi=np.asarray(phi, np.float64))
 
 
 def exp_family_gap(procedure: str, n: int, kl: float, *, against: str = "transformed",

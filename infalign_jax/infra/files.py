@@ -14,6 +14,8 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+import numpy as np
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -53,6 +55,16 @@ def write_json(path: str, obj: Any, **dump_kwargs: Any) -> str:
     dump_kwargs.setdefault("indent", 2)
     with atomic_open(path) as f:
         json.dump(obj, f, **dump_kwargs)
+    return path
+
+
+def write_npz(path: str, **arrays: Any) -> str:
+    """`np.savez(path, **arrays)` atomically; `path` must end in ".npz" (which np.savez would
+    otherwise append). Returns the path."""
+    if not path.endswith(".npz"):
+        raise ValueError(f"write_npz: the path must end in '.npz', got {path!r}")
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from infalign_jax import models
 from infalign_jax.data import TokenizeConfig, read_preferences, tokenize_preferences
 from infalign_jax.infra import validate as check
+from infalign_jax.infra.files import write_npz
 from infalign_jax.loops.rm_model import RMModel
 from infalign_jax.rewards import reward_models as rt
 
@@ -170,8 +171,5 @@ def cached_features(workdir: str, split: str, digest: str, arrays: dict[str, np.
                 f"{now - t0:.0f} s")
             last = now
     out = {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(rt.FEATURE_KEYS)}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path[:-4] + ".tmp.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    write_npz(path, **out)
     return out, path

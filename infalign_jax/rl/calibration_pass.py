@@ -51,7 +51,7 @@ from infalign_jax.core.calibration import ReferenceTable, build_reference_table
 from infalign_jax.core.types import RewardFn
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns
-from infalign_jax.infra.files import atomic_open
+from infalign_jax.infra.files import write_npz
 from infalign_jax.infra import validate as check
 
 Params = Any
@@ -87,11 +87,6 @@ def _fmt_s(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _write_npz_atomic(path: str, **arrays: Any) -> None:
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def _load_partial(path: str, fingerprint: dict[str, Any], shape: tuple[int, int, int, int]
@@ -244,7 +239,7 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             rewards_XxK[real, lo:hi], valid_XxK[real, lo:hi] = scores, ok
             done_BxC[b, c] = True
             if partial_path:
-                _write_npz_atomic(partial_path, rewards_XxK=rewards_XxK, valid_XxK=valid_XxK,
+                write_npz(partial_path, rewards_XxK=rewards_XxK, valid_XxK=valid_XxK,
                                   done_BxC=done_BxC,
                                   fingerprint=np.asarray(json.dumps(fingerprint)))
             drawn += samples_in(b, c)

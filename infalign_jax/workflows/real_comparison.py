@@ -71,7 +71,7 @@ from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
-from infalign_jax.infra.files import atomic_open, write_json
+from infalign_jax.infra.files import atomic_open, write_json, write_npz
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
 from infalign_jax.rl.tasks import real, sources
@@ -346,13 +346,7 @@ def _save_eval(path: str, ev: dict[str, Any], prompt_ids: Sequence[str], prompts
             f.write(json.dumps({"prompt_id": prompt_ids[b], "prompt": prompts[b], "sample": j,
                                 "response": text, "gold": float(ev["gold_BxM"][b, j]),
                                 "proxy": float(ev["proxy_BxM"][b, j])}) + "\n")
-    _save_arrays(path, {k: v for k, v in ev.items() if k != "texts"})
-
-
-def _save_arrays(path: str, arrays: dict[str, Any]) -> None:
-    """The evaluation's arrays to `path` (npz), atomically."""
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
+    write_npz(path, **{k: v for k, v in ev.items() if k != "texts"})
 
 
 def _load_eval(path: str) -> dict[str, Any] | None:
@@ -482,7 +476,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             # evaluation files agree with the report
             got.update(evaluator.win_rates(got["gold_BxM"], got["proxy_BxM"]),
                        win_rate_estimator=np.asarray(cc.win_rates))
-            _save_arrays(path, got)
+            write_npz(path, **got)
         alpha = f" at alpha {float(got['alpha']):.3f}" if "alpha" in got else ""
         log(f"  {method} seed {seed}: KL {got['kl_B'].mean():.3f}{alpha}, gold BoN_{cc.n} "
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
