@@ -170,7 +170,7 @@ def run(config: Any, out_dir: str, progress: Callable[[str], None] = print) -> d
     write_csv(os.path.join(out_dir, "bonbon.csv"), bonbon, BONBON_COLUMNS)
     best_t_rows = [{k: r[k] for k in ("procedure", "n", "kl", "best_t", "w_best_exp",
                                       "w_optimal", "gap_optimal_minus_exp")} for r in rows]
-    with open(os.path.join(out_dir, "tables.md"), "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(out_dir, "tables.md")) as f:
         f.write(f"# Analytic tool (grid {grid_size}, against {against!r})\n\n## Win rate at KL\n\n")
         f.write(markdown_table(rows, FRONTIER_COLUMNS[:-1]) + "\n\n## Best t\n\n")
         f.write(markdown_table(best_t_rows, list(best_t_rows[0])) + "\n\n")
