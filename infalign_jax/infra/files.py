@@ -2,8 +2,8 @@
 
 Every output a run may be killed while writing (manifests, summaries, reference tables, metrics
 rewritten on resume, data files, evaluations, reports and plots, exported checkpoints) goes
-through `atomic_path`. A run refused at
-start-up leaves no empty directory behind (`no_empty_dirs_left`).
+through `atomic_path`. A run refused at start-up leaves no empty directory behind
+(`no_empty_dirs_left`).
 """
 
 from __future__ import annotations

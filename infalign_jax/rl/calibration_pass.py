@@ -240,8 +240,7 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             done_BxC[b, c] = True
             if partial_path:
                 write_npz(partial_path, rewards_XxK=rewards_XxK, valid_XxK=valid_XxK,
-                                  done_BxC=done_BxC,
-                                  fingerprint=np.asarray(json.dumps(fingerprint)))
+                          done_BxC=done_BxC, fingerprint=np.asarray(json.dumps(fingerprint)))
             drawn += samples_in(b, c)
             elapsed = time.perf_counter() - start
             prompts_done = sum(min(batch_prompts, num - i * batch_prompts)
