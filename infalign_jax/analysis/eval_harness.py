@@ -245,7 +245,6 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
 def write_record(out_dir: str, record: dict[str, Any], stem: str = "eval") -> tuple[str, str]:
     """Writes `<stem>.json` (the whole record) and `<stem>.csv` (one row per metric), each
     atomically."""
-    os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{stem}.json")
     csv_path = os.path.join(out_dir, f"{stem}.csv")
     write_json(json_path, record, indent=2, sort_keys=True)

@@ -365,7 +365,6 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
             parts.append(f"## 3. Real tasks: methods at matched KL (configs/compare_real.py:"
                          f"size={real_config.size})\n\n" + f.read())
     path = os.path.join(workdir, "results.md")
-    os.makedirs(workdir, exist_ok=True)
     with atomic_open(path) as f:
         f.write("\n\n".join(parts) + "\n")
     provenance.write_manifest(workdir, manifest_config, seeds={"seed": config.seed}, started=started,

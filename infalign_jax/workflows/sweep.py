@@ -115,7 +115,6 @@ def flat_row(point: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, 
 
 def write_table(rows: Sequence[Mapping[str, Any]], workdir: str) -> tuple[str, str]:
     """`sweep_results.csv` and `sweep_results.md` in `workdir`."""
-    os.makedirs(workdir, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = os.path.join(workdir, "sweep_results.csv")
     with atomic_open(csv_path) as f:
