@@ -8,6 +8,7 @@ Sliding windows are shorter than the sequences, and soft-caps small enough to bi
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -293,3 +294,30 @@ def test_export_writes_the_tokenizer_and_its_special_ids(name, tmp_path):
     assert (config["pad_token_id"], config["eos_token_id"]) == (0, 1)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.eos_token_id == 1
+
+
+def test_an_export_killed_while_writing_the_tokenizer_leaves_the_old_files_whole(tmp_path):
+    cfg, params = hf_import.load_hf_checkpoint(str(_save(tmp_path / "src", *CASES["llama3_rope"])))
+    out = tmp_path / "out"
+    hf_import.save_hf_checkpoint(str(out), cfg, params, tokenizer=_word_tokenizer())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    class KilledWhileSaving:   # the export of a second run dies inside save_pretrained
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+        def save_pretrained(self, directory):
+            with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+                f.write('{"torn')
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        hf_import.save_hf_checkpoint(str(out), cfg, params,
+                                     tokenizer=KilledWhileSaving(_word_tokenizer()))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    text = "w5 w17 w96 w2"
+    assert hf_import.load_tokenizer(str(out))(text)["input_ids"] == [5, 17, 96, 2]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 
 import ml_collections
@@ -97,3 +98,23 @@ def test_progress_rate_and_eta_leave_out_the_compiling_first_step(monkeypatch):
     # 10 steps in 10 s: 1 it/s, 90 steps left -> 1m30s (a rate that counted the compile would
     # say 0.16 it/s and 9 minutes).
     assert "1.00 it/s eta 1m30s" in progress.line(11, {})
+
+
+def test_files_named_by_a_writer_are_moved_in_whole_or_not_at_all(tmp_path):
+    from infalign_jax.infra.files import atomic_files_into
+    out = tmp_path / "export"
+    with atomic_files_into(str(out)) as tmp:
+        (tmp_path / "export" / "old.txt").write_text("kept")
+        os.makedirs(os.path.join(tmp, "sub"))
+        for name in ("a.json", os.path.join("sub", "b.txt")):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("first")
+    assert (out / "a.json").read_text() == "first" and (out / "sub" / "b.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_files_into(str(out)) as tmp:
+            with open(os.path.join(tmp, "a.json"), "w") as f:
+                f.write("torn")
+            raise RuntimeError("killed")
+    assert (out / "a.json").read_text() == "first" and (out / "old.txt").read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]   # no temporary left
+

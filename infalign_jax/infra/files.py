@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator
 
@@ -42,12 +43,38 @@ def atomic_path(path: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w") -> Iterator[Any]:
-    """`open(path, mode)` ("w" or "wb") whose content appears at `path` only when complete."""
+    """`open(path, mode)` ("w" or "wb") whose content appears at `path` only when complete.
+    Text is UTF-8 with "\n" written as is (newline="", as the csv module asks for)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+        with open(tmp, mode, **text) as f:
             yield f
+
+
+@contextlib.contextmanager
+def atomic_files_into(directory: str) -> Iterator[str]:
+    """Yields an empty temporary directory beside `directory` for a writer that names its own
+    files (e.g. a tokenizer's `save_pretrained`); on success each file written there is fsynced
+    and renamed into `directory` (subdirectories kept), so each file there is whole: the old one
+    or the complete new one. On an exception nothing is moved. The temporary is removed."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".tmp-")
+    try:
+        yield tmp
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+        for root, _, names in os.walk(tmp):
+            target = os.path.join(directory, os.path.relpath(root, tmp))
+            os.makedirs(target, exist_ok=True)
+            for name in names:
+                os.replace(os.path.join(root, name), os.path.join(target, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str, obj: Any, **dump_kwargs: Any) -> str:

@@ -27,7 +27,7 @@ from infalign_jax.models.transformer import stack_layers, unstack_layers
 __all__ = ["SUPPORTED", "CheckpointError", "config_from_hf", "config_to_hf",
            "params_from_hf_state_dict", "hf_state_dict_from_params", "load_hf_checkpoint",
            "save_hf_checkpoint", "load_tokenizer"]
-from infalign_jax.infra.files import atomic_path, write_json
+from infalign_jax.infra.files import atomic_files_into, atomic_path, write_json
 
 def _tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, str]]:
     """Our param path -> (HF tensor name, conversion kind)."""
@@ -337,8 +337,9 @@ def save_hf_checkpoint(directory: str, cfg: ModelConfig, params: Mapping[str, An
     from safetensors.numpy import save_file
     config = _export_config(cfg, params, tokenizer, pad_token_id)
     os.makedirs(directory, exist_ok=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    if tokenizer is not None:   # each of its files whole, as config.json and the weights are
+        with atomic_files_into(directory) as tmp:
+            tokenizer.save_pretrained(tmp)
     write_json(os.path.join(directory, "config.json"), config)
     with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
         save_file(hf_state_dict_from_params(cfg, params), tmp, metadata={"format": "pt"})
