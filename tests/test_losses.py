@@ -154,7 +154,7 @@ def test_ppo_loss_value_and_metrics_match_numpy(variant, reduction):
     assert float(metrics["clip_fraction"]) == pytest.approx(
         _np_masked_mean(np.abs(np.exp(d) - 1) > 0.2, mask), abs=1e-6)
     assert float(metrics["approx_kl"]) == pytest.approx(
-        _np_masked_mean(np.exp(-d) - 1 + d, mask), rel=1e-4)
+        _np_masked_mean(np.exp(d) - 1 - d, mask), rel=1e-4)
     # Per-sequence advantages broadcast over tokens.
     adv_B = adv[:, 0]
     loss_b, _ = fn(logp, old, adv_B, mask)
@@ -356,3 +356,18 @@ def test_kl_score_function_loss_has_the_sequence_kl_gradient():
         per_tok = expected_grad(lambda th: jnp.sum(
             K.kl_per_token(est, logps(th), ref_lp, mask), -1))
         assert np.max(np.abs(per_tok - want)) > 1e-2, est
+
+
+def test_ppo_approx_kl_is_kl_of_the_old_policy_from_the_new_under_the_old_samples():
+    # Samples whose empirical distribution is pi_old exactly: outcomes 0, 0, 1, 2 of
+    # pi_old = (1/2, 1/4, 1/4). The masked mean over them is then E_old[.] itself, so an unbiased
+    # estimator of KL(pi_old || pi_theta) must equal it.
+    old_p = np.array([0.5, 0.25, 0.25])
+    new_p = np.array([0.2, 0.3, 0.5])
+    outcomes = np.array([0, 0, 1, 2])
+    logp = np.log(new_p[outcomes])[None].astype(np.float32)
+    old = np.log(old_p[outcomes])[None].astype(np.float32)
+    _, metrics = L.ppo_policy_loss(logp, old, np.zeros((1, 4), np.float32),
+                                   np.ones((1, 4), bool), clip_eps=0.2)
+    kl_old_new = float(np.sum(old_p * np.log(old_p / new_p)))
+    assert float(metrics["approx_kl"]) == pytest.approx(kl_old_new, rel=1e-5)

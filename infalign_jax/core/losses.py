@@ -166,8 +166,8 @@ def ppo_policy_loss(logp_BxT: Array, old_logp_BxT: Array, advantages: Array, mas
     metrics = {
         "clip_fraction": masked_mean((jnp.abs(ratio_BxT - 1.0) > clip_eps).astype(jnp.float32),
                                      mask_BxT),
-        "approx_kl": masked_mean(jnp.expm1(-jax.lax.stop_gradient(log_ratio_BxT))
-                                 + jax.lax.stop_gradient(log_ratio_BxT), mask_BxT),
+        "approx_kl": masked_mean(jnp.expm1(jax.lax.stop_gradient(log_ratio_BxT))
+                                 - jax.lax.stop_gradient(log_ratio_BxT), mask_BxT),
         "ratio_mean": masked_mean(ratio_BxT, mask_BxT),
     }
     return loss, metrics
