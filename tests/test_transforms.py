@@ -172,3 +172,22 @@ def test_raw_under_jit():
     raw = T.get_transform("raw")
     out = jax.jit(lambda u, r: raw(u, raw=r))(jnp.zeros(3), jnp.array([1.0, -2.0, 3.0]))
     np.testing.assert_array_equal(np.asarray(out), [1.0, -2.0, 3.0])
+
+
+def test_a_transform_beyond_float32_rl_arithmetic_is_refused():
+    # exp's range on [0, 1] is (e^t - 1) / t: 2.8e14 at t = 38, 5.9e15 at 40, inf at 100.
+    assert float(T.get_transform("exp", t=38.0)(jnp.float32(1.0))) == pytest.approx(
+        math.expm1(38.0) / 38.0, rel=1e-5)
+    for t in (40.0, 100.0):
+        with pytest.raises(ValueError, match=r"transform 'exp' with \{'t': %s\}.*'optimal'" % t):
+            T.get_transform("exp", t=t)
+    assert np.isfinite(np.asarray(T.get_transform("exp", t=-1000.0)(U))).all()  # bounded by 1/|t|
+    # power with p < 0 is (floor^p - 1) / p at u = 0: (1e-6)^-3 / 3 = 3.3e17; a floor of 1e-4: 3.3e11.
+    with pytest.raises(ValueError, match="raise the floor"):
+        T.get_transform("power", p=-3.0)
+    assert float(T.get_transform("power", p=-3.0, floor=1e-4)(jnp.float32(0.0))) == pytest.approx(
+        (1e-4 ** -3 - 1) / -3, rel=1e-5)
+    with pytest.raises(ValueError, match=r"config.transform: transform 'exp'"):
+        T.transform_from_config({"name": "exp", "t": 100.0})
+    built = jax.jit(lambda u: T.get_transform("exp", t=4.0)(u))(U)   # built inside a trace
+    np.testing.assert_allclose(np.asarray(built), np.expm1(4.0 * U) / 4.0, rtol=1e-5)

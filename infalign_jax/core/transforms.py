@@ -40,6 +40,9 @@ Array = jax.Array
 
 # Calibrated rewards are clipped into [EPS, 1 - EPS] by transforms that diverge at the ends.
 EPS = 1e-6
+# The largest |Phi(u)| on [0, 1] a transform may reach: RL squares rewards and advantages in
+# float32 (whitening, value errors; max 3.4e38), with room for sums over a batch.
+MAX_ABS_REWARD = 1e15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +180,32 @@ def get_transform(name: str, **params: Any) -> Transform:
     if name not in _REGISTRY:
         raise ValueError(f"unknown transform {name!r}; known transforms: {', '.join(known_transforms())}")
     try:
-        return _REGISTRY[name](**params)
+        transform = _REGISTRY[name](**params)
     except TypeError as e:
         raise ValueError(f"transform {name!r}: bad parameters {sorted(params)}: {e}") from e
+    _check_range(transform)
+    return transform
+
+
+def _check_range(transform: Transform) -> None:
+    """Refuses a transform whose float32 values on [0, 1] are not finite or exceed
+    MAX_ABS_REWARD (e.g. exp with t above ~38: (e^t - 1) / t; power with p = -3 and floor
+    1e-6)."""
+    if transform.uses_raw:
+        return
+    with jax.ensure_compile_time_eval():   # concrete even when built inside a traced function
+        ends = np.asarray(transform.fn(jnp.asarray([0.0, EPS, 0.5, 1.0 - EPS, 1.0], jnp.float32)),
+                          np.float64)
+    if np.all(np.isfinite(ends)) and np.max(np.abs(ends)) <= MAX_ABS_REWARD:
+        return
+    hint = {"exp": " (for t > 0 the range grows like e^t / t, so t must stay below ~38; for "
+                   "Best-of-N at large N use transform 'optimal', the analytic solver's table)",
+            "power": " (for p < 0 it is (floor^p - 1) / p at u = 0: raise the floor)",
+            }.get(transform.name, "")
+    raise ValueError(
+        f"transform {transform.name!r} with {transform.params}: Phi(u) reaches "
+        f"{ends[np.argmax(np.where(np.isfinite(ends), np.abs(ends), np.inf))]:.3g} on [0, 1], "
+        f"beyond the {MAX_ABS_REWARD:.0e} that float32 RL arithmetic holds{hint}")
 
 
 def transform_param_names(name: str) -> tuple[str, ...]:
@@ -270,7 +296,10 @@ def transform_from_config(section: Mapping[str, Any], *, strict: bool = False
                          f"families: {sorted(known)}")
     accepted = transform_param_names(name)
     params = {k: v for k, v in section.items() if k in accepted and is_set(v)}
-    get_transform(name, **params)  # fail now, naming the parameters, if the values are bad
+    try:   # fail now, naming the section, if the values are bad
+        get_transform(name, **params)
+    except ValueError as e:
+        raise ValueError(f"config.transform: {e}") from e
     foreign = sorted(k for k, v in section.items() if k not in accepted and is_set(v))
     if strict and foreign:
         key = foreign[0]
