@@ -9,6 +9,9 @@
   4. KL(pi || pi_ref) along the policy's samples: k1 (with its standard error), k3 and the exact
      per-token full-vocabulary KL summed along sampled prefixes (`kl.sequence_kl_from_logits`), plus
      the BoN KL bound log N - (N - 1)/N for each N (what BoN_N(pi_ref) itself would cost).
+With `temperature` != 1 both sides are sampled at it (the deployed procedure T includes the
+temperature), while the KL stays the trained policy's KL(pi || pi_ref), the x-axis of the
+frontier: it is estimated on a second set of M policy samples a prompt drawn at temperature 1.
 The record is a plain dict of floats / lists / strings, JSON-serialisable; `write_record` writes it
 as JSON and as a flat CSV, and `plot_win_rate_vs_kl` draws win rate against KL for several
 records (one per checkpoint or beta) with optional analytic curves overlaid.
@@ -23,6 +26,7 @@ Host-side orchestration (numpy, Python); the model calls are jitted once per (fn
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
 from typing import Any, Callable, Sequence
@@ -190,11 +194,16 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
     record.update(_win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed))
 
-    path = _path_terms(policy_fns, ref_fns, policy_params, ref_params, prompt, pmask, pol)
+    # KL(pi || pi_ref) needs samples of pi itself (log-probs are untempered, see `sampling`).
+    on_pi = pol if temperature == 1.0 else _sample(
+        policy_fns, policy_params, prompt, pmask, jax.random.fold_in(key_pol, 1),
+        dataclasses.replace(cfg, temperature=1.0))
+    path = _path_terms(policy_fns, ref_fns, policy_params, ref_params, prompt, pmask, on_pi)
     ref_logp, kl_RxL = path.ref_logp_RxL, path.kl_RxL
-    pol_logp = pol.logp_BxNxL.reshape(batch * m, -1)
-    k1 = kl.sequence_kl("k1", pol_logp, ref_logp, pol_rmask)
-    k3 = kl.sequence_kl("k3", pol_logp, ref_logp, pol_rmask)
+    pol_logp = on_pi.logp_BxNxL.reshape(batch * m, -1)
+    on_pi_rmask = on_pi.mask_BxNxL.reshape(batch * m, -1)
+    k1 = kl.sequence_kl("k1", pol_logp, ref_logp, on_pi_rmask)
+    k3 = kl.sequence_kl("k3", pol_logp, ref_logp, on_pi_rmask)
     full = kl.summarise_sequences(jnp.sum(kl_RxL, axis=-1))
     record["kl"] = {name_: {"mean": float(e.mean), "stderr": float(e.stderr)}
                     for name_, e in (("k1", k1), ("k3", k3), ("full_vocab", full))}

@@ -40,7 +40,7 @@ class EvalConfig:
     samples: int = 8               # M samples per prompt and side
     ns: tuple = (1, 2, 4, 8)       # the N grid, max(ns) <= samples
     max_new_tokens: int = 8
-    temperature: float = 1.0       # policy and pi_ref sampling (controlled decoding: 1)
+    temperature: float = 1.0       # policy and pi_ref sampling (controlled decoding: 1; KL: 1)
     seed: int = 0
     num_resamples: int = 1000      # bootstrap resamples of the prompts
 
