@@ -4,12 +4,11 @@ All the work is in infalign_jax.workflows.analytic_report.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.workflows import analytic_report
 from infalign_jax.infra import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/analytic.py", "Experiment config.")
+_CONFIG = cli.define_config("config", "configs/analytic.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/analytic", "Output directory.")
 
 

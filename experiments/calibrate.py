@@ -8,12 +8,11 @@ All the work is in infalign_jax.workflows.calibrate.run.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.workflows import calibrate
 from infalign_jax.infra import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ctrl_real.py", "Task config.")
+_CONFIG = cli.define_config("config", "configs/ctrl_real.py", "Task config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (reference_table.npz, manifest).",
                                required=True)
 

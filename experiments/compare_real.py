@@ -4,12 +4,11 @@ All the work is in infalign_jax.workflows.real_comparison.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.infra import cli
 from infalign_jax.workflows import real_comparison
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/compare_real.py", "Experiment config.")
+_CONFIG = cli.define_config("config", "configs/compare_real.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_real", "Output directory.")
 
 

@@ -14,12 +14,10 @@ import os
 import sys
 import tempfile
 
-from ml_collections import config_flags
-
 from infalign_jax.infra import aot, cli
 from infalign_jax.workflows import compile_check
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pod.py", "Pod config.")
+_CONFIG = cli.define_config("config", "configs/pod.py", "Pod config.")
 
 
 def main(argv):

@@ -4,13 +4,12 @@ All the work is in infalign_jax.workflows.demo.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.workflows import demo
 from infalign_jax.infra import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")
-_CTRL = config_flags.DEFINE_config_file("ctrl_config", "configs/ctrl_exact.py",
+_CONFIG = cli.define_config("config", "configs/demo.py", "Experiment config.")
+_CTRL = cli.define_config("ctrl_config", "configs/ctrl_exact.py",
                                         "Config of step 6's CTRL training (the exact task).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where results and the manifest go.")
 

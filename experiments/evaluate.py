@@ -9,12 +9,11 @@ All the work is in infalign_jax.workflows.evaluate.run.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.infra import cli
 from infalign_jax.workflows import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate.py", "Evaluation config.")
+_CONFIG = cli.define_config("config", "configs/evaluate.py", "Evaluation config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the results, samples and manifest go.",
                                required=True)
 

@@ -8,15 +8,14 @@ infalign_jax.workflows.reproduce.
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.workflows import reproduce
 from infalign_jax.infra import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Experiment config.")
-_EXACT = config_flags.DEFINE_config_file("exact_config", "configs/ctrl_exact.py",
+_CONFIG = cli.define_config("config", "configs/reproduce.py", "Experiment config.")
+_EXACT = cli.define_config("exact_config", "configs/ctrl_exact.py",
                                          "Base config of the exact-task stages.")
-_REAL = config_flags.DEFINE_config_file("real_config", "configs/compare_real.py",
+_REAL = cli.define_config("real_config", "configs/compare_real.py",
                                         "Config of the real stage's comparison.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Output directory.")
 

@@ -18,7 +18,7 @@ from infalign_jax.workflows import sweep
 from infalign_jax.loops import train
 from infalign_jax.infra import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ctrl_exact.py", "Experiment config.")
+_CONFIG = cli.define_config("config", "configs/ctrl_exact.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one run dir per point).",
                                required=True)
 _MODE = flags.DEFINE_enum("sweep", "local", ["local", "print"],

@@ -11,12 +11,11 @@ whole policy (merged on export).
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.loops import train
 from infalign_jax.infra import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ctrl_exact.py", "Experiment config.")
+_CONFIG = cli.define_config("config", "configs/ctrl_exact.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, manifest).",
                                required=True)
 

@@ -13,12 +13,11 @@ All the work is in infalign_jax.loops.train_reward.run; the config's docstring g
 """
 
 from absl import flags
-from ml_collections import config_flags
 
 from infalign_jax.loops import train_reward
 from infalign_jax.infra import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/reward_model.py", "Experiment config.")
+_CONFIG = cli.define_config("config", "configs/reward_model.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, manifest).",
                                required=True)
 

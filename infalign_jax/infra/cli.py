@@ -81,6 +81,26 @@ def _verbose(argv: Sequence[str]) -> bool:
     return any(re.match(r"-{1,2}(verbosity|v)(=|$)", a) for a in argv[1:])
 
 
+def _key_error_exit(argv: Sequence[str], err: BaseException) -> None:
+    """Reports a config key that does not exist in one line and exits with status 2."""
+    print(f"error: {config_key_message(argv, err)}\n(run with --verbosity=1 for the "
+          f"traceback)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def define_config(name: str, default: str, help_string: str) -> Any:
+    """`config_flags.DEFINE_config_file(name, default, help_string)`. ml_collections loads the
+    default file and applies its ``--<name>.*`` overrides from sys.argv right here, at import
+    time, so a typo in one is reported here, as `parse_flags` reports it for a given file."""
+    from ml_collections import config_flags
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_string)
+    except (AttributeError, KeyError) as e:
+        if _verbose(sys.argv):
+            raise
+        _key_error_exit(sys.argv, e)
+
+
 def parse_flags(argv: Sequence[str]) -> Any:
     """absl's flag parsing, with an override of a config key that does not exist (a typo such as
     ``--config.rl.bta=1``) reported in one line, exit status 2 (`config_key_message`)."""
@@ -89,9 +109,7 @@ def parse_flags(argv: Sequence[str]) -> Any:
     except (AttributeError, KeyError) as e:
         if _verbose(argv):
             raise
-        print(f"error: {config_key_message(argv, e)}\n(run with --verbosity=1 for the "
-              f"traceback)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _key_error_exit(argv, e)
 
 
 def run(main: Callable[[Sequence[str]], Any]) -> None:

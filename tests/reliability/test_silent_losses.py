@@ -376,13 +376,19 @@ def test_config_key_typo_is_one_clean_line():
         "config key rl.beta.x does not exist (rl.beta holds a value, not a section)"
 
 
-def test_config_key_typo_from_the_cli_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "train_policy.py"),
-                           "--config=configs/ctrl_exact.py", f"--workdir={tmp_path / 'run'}",
-                           "--config.rl.bta=1"], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2
+@pytest.mark.parametrize("entrypoint, config, typo, name", [
+    ("train_policy", "--config=configs/ctrl_exact.py", "--config.rl.bta=1", "config"),
+    # The entrypoint's default file: ml_collections applies the override at import time.
+    ("train_policy", None, "--config.rl.bta=1", "config"),
+    ("reproduce", None, "--exact_config.rl.bta=1", "exact_config"),
+])
+def test_config_key_typo_from_the_cli_exits_2_with_one_line(tmp_path, entrypoint, config, typo,
+                                                             name):
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / f"{entrypoint}.py"),
+                           *filter(None, [config]), f"--workdir={tmp_path / 'run'}", typo],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines() == [
-        "error: config key rl.bta does not exist; did you mean rl.beta?",
+        f"error: {name} key rl.bta does not exist; did you mean rl.beta?",
         "(run with --verbosity=1 for the traceback)"]
     assert not (tmp_path / "run").exists()
