@@ -1,5 +1,6 @@
 """Reward-model run loop: learns a known preference rule, resumes exactly, refuses bad data."""
 
+import dataclasses
 import json
 
 import jax
@@ -154,3 +155,30 @@ def test_pairs_from_samples_orders_by_gold_and_flips_at_the_noise_rate():
     assert [(r["chosen"], r["rejected"]) for r in tie] == [("a ", "b")]
     with pytest.raises(ValueError, match="label_noise"):
         pairs_from_samples(prompts, responses, scores, 1, label_noise=0.5)
+
+
+def test_judge_made_pairs_flip_at_the_noise_rate_and_noise_is_refused_where_not_applied(tmp_path):
+    from infalign_jax.loops.rm_data import RMDataConfig, ensure_synthetic_data
+    from infalign_jax.rewards.judges import get_judge
+    judge = get_judge("vader")
+    data = RMDataConfig(synthetic="vader", synthetic_train_pairs=400, synthetic_eval_pairs=20,
+                        label_noise=0.3)
+    made = ensure_synthetic_data(data, str(tmp_path), seed=0, log=lambda s: None)
+    rows = [json.loads(line) for line in open(made.train_path)]
+    gold = judge([r["prompt"] for r in rows], [r["chosen"] for r in rows]) > \
+        judge([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    flipped = np.array([r["label_flipped"] for r in rows])
+    assert np.array_equal(flipped, ~gold)   # a flipped row is exactly one the gold judge disagrees with
+    assert abs(flipped.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(rows))
+    eval_rows = [json.loads(line) for line in open(made.eval_path)]
+    assert all(judge([r["prompt"]], [r["chosen"]]) > judge([r["prompt"]], [r["rejected"]])
+               for r in eval_rows)   # evaluation keeps the gold labels
+    # Pairs made with another noise are not reused: the clean run writes its own file.
+    clean = ensure_synthetic_data(dataclasses.replace(data, label_noise=0.0), str(tmp_path),
+                                  seed=0, log=lambda s: None)
+    assert clean.train_path != made.train_path
+    assert not any("label_flipped" in json.loads(line) for line in open(clean.train_path))
+    with pytest.raises(ValueError, match=r"config.data.label_noise=0.2 flips labels of pairs"):
+        RMDataConfig(train_path="a.jsonl", eval_path="b.jsonl", label_noise=0.2)
+    with pytest.raises(ValueError, match=r"config.data.label_noise"):
+        RMDataConfig(synthetic="vader", label_noise=0.5)

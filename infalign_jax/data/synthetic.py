@@ -9,7 +9,7 @@ The files are the generic {prompt, chosen, rejected} JSONL that `read_preference
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from infalign_jax.infra.files import atomic_open
@@ -32,8 +32,12 @@ def _response(rs: np.random.RandomState, thing: str) -> str:
 
 
 def make_judged_pairs(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray], n: int,
-                      seed: int = 0, min_gap: float = 1e-3) -> list[dict[str, str]]:
-    """`n` pairs {prompt, chosen, rejected} with judge(chosen) > judge(rejected) + min_gap."""
+                      seed: int = 0, min_gap: float = 1e-3, label_noise: float = 0.0
+                      ) -> list[dict[str, Any]]:
+    """`n` pairs {prompt, chosen, rejected} with judge(chosen) > judge(rejected) + min_gap; with
+    `label_noise` > 0 each label is flipped with that probability (rows then say
+    "label_flipped"), drawn apart from the pairs, which stay those of `label_noise` = 0."""
+    _check_label_noise(label_noise)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rs = np.random.RandomState(seed)
@@ -48,7 +52,16 @@ def make_judged_pairs(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray
             if abs(s - t) > min_gap and len(pairs) < n:
                 chosen, rejected = (x, y) if s > t else (y, x)
                 pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    if label_noise > 0:
+        flips = np.random.RandomState([seed, 1]).rand(n) < label_noise
+        pairs = [dict(p, chosen=p["rejected"], rejected=p["chosen"], label_flipped=True) if flip
+                 else dict(p, label_flipped=False) for p, flip in zip(pairs, flips)]
     return pairs
+
+
+def _check_label_noise(label_noise: float) -> None:
+    if not 0.0 <= label_noise < 0.5:
+        raise ValueError(f"label_noise must lie in [0, 0.5), got {label_noise}")
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> str:
@@ -68,8 +81,7 @@ def pairs_from_samples(prompts: Sequence[str], responses: Sequence[Sequence[str]
     that with probability `label_noise` the label is flipped (noisy annotators). Deterministic in
     `seed`. Each row also records the gold scores and whether its label was flipped.
     """
-    if not 0.0 <= label_noise < 0.5:
-        raise ValueError(f"label_noise must lie in [0, 0.5), got {label_noise}")
+    _check_label_noise(label_noise)
     if len(prompts) != len(responses) or len(prompts) != len(scores):
         raise ValueError(f"prompts ({len(prompts)}), responses ({len(responses)}) and scores "
                          f"({len(scores)}) must have one entry per prompt")

@@ -63,7 +63,12 @@ class RMDataConfig:
                    low=1 if self.synthetic else 0)
         check.ints(self, ("eval_first_prompt",), low=0)
         check.bools(self, ("skip_bad",))
-        check.numbers(self, ("label_noise",), high=1.0)
+        if not (check.is_number(self.label_noise) and 0.0 <= self.label_noise < 0.5):
+            check.fail(self, "label_noise", "a number in [0, 0.5) (at 0.5 a label says nothing)")
+        if self.label_noise and not self.synthetic:
+            raise ValueError(f"config.data.label_noise={self.label_noise} flips labels of pairs "
+                             f"made here (config.data.synthetic); the files' labels are read as "
+                             f"they are")
         if not self.synthetic:
             for key, other in (("train_path", "eval_path"), ("eval_path", "train_path")):
                 if not getattr(self, key):
@@ -77,8 +82,10 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
 
     * ``"<judge>"`` (e.g. "vader"): templated review pairs labelled by that judge;
     * ``"task:<real task>"`` (e.g. "task:helpfulness"): pairs of SmolLM2 base samples of the
-      task's prompts labelled by the task's gold judge, train and eval on disjoint prompts, with
-      `data.label_noise` of the training labels flipped (the proxy-vs-gold set-up).
+      task's prompts labelled by the task's gold judge, train and eval on disjoint prompts.
+
+    With either, `data.label_noise` of the training labels are flipped (the proxy-vs-gold set-up);
+    its training file is named for the noise, so pairs made with another noise are not reused.
     """
     if not data.synthetic:
         return data
@@ -87,7 +94,9 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
     name, paths = data.synthetic, {}
     for split, n, offset in (("train", data.synthetic_train_pairs, 0),
                              ("eval", data.synthetic_eval_pairs, 1)):
-        path = os.path.join(workdir, "data", f"{name.replace(':', '_')}_{split}.jsonl")
+        noise = data.label_noise if split == "train" else 0.0
+        path = os.path.join(workdir, "data", f"{name.replace(':', '_')}_{split}"
+                                             f"{f'_noise{noise:g}' if noise else ''}.jsonl")
         if not os.path.exists(path):
             if name.startswith("task:"):
                 per_prompt = data.pairs_per_prompt
@@ -102,13 +111,15 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
                     name[5:], num_prompts=prompts, samples_per_prompt=data.samples_per_prompt,
                     pairs_per_prompt=per_prompt, max_new_tokens=data.sample_new_tokens,
                     seed=seed * 1000 + offset, first_prompt=first, progress=log,
-                    label_noise=data.label_noise if split == "train" else 0.0)[:n]
+                    label_noise=noise)[:n]
             else:
                 from infalign_jax.rewards.judges import get_judge
-                rows = synthetic.make_judged_pairs(get_judge(name), n, seed=seed * 1000 + offset)
+                rows = synthetic.make_judged_pairs(get_judge(name), n, seed=seed * 1000 + offset,
+                                                   label_noise=noise)
             synthetic.write_jsonl(path, rows)
         paths[f"{split}_path"] = path
-    return dataclasses.replace(data, synthetic="", **paths)  # now read from the files
+    # Now read from the files, whose labels carry the noise.
+    return dataclasses.replace(data, synthetic="", label_noise=0.0, **paths)
 
 
 def load_pairs(data: RMDataConfig, split: str, model: RMModel, log: Callable[[str], None]
