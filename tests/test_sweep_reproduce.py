@@ -111,6 +111,15 @@ def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
     assert rows[0]["target_kl"] == pytest.approx(rows[1]["target_kl"], rel=1e-6)
     for name in ("exact_table.md", "exact_table.json", "exact_methods.png", "manifest.json"):
         assert (tmp_path / name).exists(), name
+    # The training seeds start at first_seed (configs/reproduce.py's config.seed); a seed in
+    # the base config would be replaced per run, so it is refused.
+    reproduce.run_exact_stage(_base(), str(tmp_path / "from3"), size="smoke", keys=("vbon",),
+                              first_seed=3, log=lambda s: None, devices=jax.devices()[:1])
+    manifest = json.loads((tmp_path / "from3" / "manifest.json").read_text())
+    assert manifest["seeds"] == {"seeds": [3]}
+    assert [p.name for p in (tmp_path / "from3").glob("*/seed=*")] == ["seed=3"]
+    with pytest.raises(ValueError, match=r"exact_config.seed=5 is not used.*config.seed"):
+        reproduce.run_exact_stage(sweep.apply_overrides(_base(), {"seed": 5}), str(tmp_path))
     with pytest.raises(ValueError, match="non-empty subset"):
         reproduce.run_exact_stage(_base(), str(tmp_path), keys=("nope",))
     with pytest.raises(ValueError, match="size must be one of"):

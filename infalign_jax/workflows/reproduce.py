@@ -48,14 +48,25 @@ SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumb
 
 def sized_config(base_config: Any, size: str) -> Any:
     """The exact-task config with the size's schedule, samples and reference K (no evaluations
-    during training: each run is evaluated once, at the end)."""
+    during training: each run is evaluated once, at the end). Its `seed` is set per run
+    (`size_seeds`), so a base config that sets one is refused rather than ignored."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if int(base_config.seed) != 0:
+        raise ValueError(f"exact_config.seed={base_config.seed} is not used: each run of the "
+                         f"exact and convergence stages takes its seed from the size, starting "
+                         f"at the reproduction's config.seed (set that instead)")
     knobs = SIZES[size]
     return sweep.apply_overrides(base_config, {
         "train.num_steps": knobs["steps"], "rl.decay_steps": knobs["steps"],
         "rl.beta_anneal_steps": knobs["anneal"], "rl.samples_per_prompt": knobs["samples"],
         "reference.k": knobs["k"], "train.eval_every": 0})
+
+
+def size_seeds(size: str, first_seed: int = 0) -> tuple[int, ...]:
+    """The training seeds of a size's exact and convergence stages: first_seed, first_seed + 1,
+    ... (as many as SIZES[size] has)."""
+    return tuple(first_seed + i for i in range(len(SIZES[size]["seeds"])))
 
 
 def methods(n: int, t: float) -> list[dict[str, Any]]:
@@ -89,8 +100,8 @@ def _transform_section(spec: dict[str, Any], kl: float, n: int, workdir: str) ->
 
 def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.0,
                     size: str = "tiny", keys: tuple[str, ...] | None = None,
-                    log: Callable[[str], None] = print, devices: Any = None
-                    ) -> list[dict[str, Any]]:
+                    first_seed: int = 0, log: Callable[[str], None] = print,
+                    devices: Any = None) -> list[dict[str, Any]]:
     """Trains every method (or those in `keys`) on the exact task at matched KL.
 
     Writes exact_table.{md,json}, exact_methods.png and a manifest into `workdir`.
@@ -108,7 +119,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
     vbon = get_transform("log")
     budget = et.exact_kl(et.target_policy(ref_logp, et.calibrated_table(task, table, True), vbon,
                                           1.0 / (n - 1)), np.exp(ref_logp))
-    seeds = knobs["seeds"]
+    seeds = size_seeds(size, first_seed)
     log(f"exact stage: KL budget {budget:.4f} (vBoN's target at N={n}); {len(chosen)} methods x "
         f"{len(seeds)} seeds")
     rows = []
@@ -237,8 +248,8 @@ def convergence_markdown(rows: list[dict[str, Any]], n: int, knobs: dict[str, An
 def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, ...],
                           size: str = "tiny", n: int = 4,
                           transforms: tuple[tuple[str, dict], ...] = CONVERGENCE_TRANSFORMS,
-                          log: Callable[[str], None] = print, devices: Any = None
-                          ) -> list[dict[str, Any]]:
+                          first_seed: int = 0, log: Callable[[str], None] = print,
+                          devices: Any = None) -> list[dict[str, Any]]:
     """Trains each transform at each KL budget (beta solved from the exact target) for every
     seed of the size with the config's schedule; writes convergence_table.{md,json}: how many
     seeds reached KL(pi || pi*) <= et.CONVERGED_KL, with the target's range(Phi)/beta."""
@@ -254,7 +265,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
             section = _transform_section(spec, kl, n, workdir)
             overrides = {"task.kl_budget": float(kl), **transform_overrides(**section)}
             runs, beta, unreachable = [], math.nan, None
-            for seed in knobs["seeds"]:
+            for seed in size_seeds(size, first_seed):
                 run_dir = os.path.join(workdir, f"kl={kl:g}", label.replace(" ", "_"),
                                        f"seed={seed}")
                 try:
@@ -278,9 +289,9 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
                 f"mean {row['exact_kl_to_target']:.4f} max {row['max_kl_to_target']:.4f}")
             rows.append(row)
     with atomic_open(os.path.join(workdir, "convergence_table.md")) as f:
-        f.write(convergence_markdown(rows, n, knobs))
+        f.write(convergence_markdown(rows, n, {**knobs, "seeds": size_seeds(size, first_seed)}))
     write_json(os.path.join(workdir, "convergence_table.json"), rows)
-    provenance.write_manifest(workdir, base, seeds={"seeds": list(knobs["seeds"])},
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(size_seeds(size, first_seed))},
                               extra={"stage": "convergence", "size": size, "kls": list(kls)})
     return rows
 
@@ -296,7 +307,7 @@ class ReproduceConfig:
     size: str = "tiny"
     n: int = 4                     # the N of BoN_N / WoN_N and of vBoN
     t: float = 5.0                 # CTRL exp's |t| (t for BoN, -t for WoN)
-    seed: int = 0
+    seed: int = 0                  # the exact and convergence stages train seeds seed, seed + 1, ...
     stages: str = "analytic,exact"  # comma-separated, of STAGES
     methods: str = "all"           # "all" or comma-separated keys of `methods`
     convergence_kls: tuple[float, ...] = (0.25, 1.0, 2.0)
@@ -347,14 +358,14 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
         keys = None if config.methods == "all" else tuple(
             k.strip() for k in config.methods.split(",") if k.strip())
         run_exact_stage(exact_config, out, n=config.n, t=config.t, size=config.size,
-                        keys=keys, log=log)
+                        keys=keys, first_seed=config.seed, log=log)
         with open(os.path.join(out, "exact_table.md")) as f:
             parts.append("## 2. Exact task: methods at matched KL\n\nPlot: exact/exact_methods.png"
                          "\n\n" + f.read())
     if "convergence" in stages:
         out = os.path.join(workdir, "convergence")
         run_convergence_stage(exact_config, out, kls=config.convergence_kls, size=config.size,
-                              n=config.n, log=log)
+                              n=config.n, first_seed=config.seed, log=log)
         with open(os.path.join(out, "convergence_table.md")) as f:
             parts.append("## Exact task: convergence of every transform\n\n" + f.read())
     if "real" in stages:
@@ -367,7 +378,8 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
     path = os.path.join(workdir, "results.md")
     with atomic_open(path) as f:
         f.write("\n\n".join(parts) + "\n")
-    provenance.write_manifest(workdir, manifest_config, seeds={"seed": config.seed}, started=started,
+    seeds = {"exact_and_convergence": list(size_seeds(config.size, config.seed))}
+    provenance.write_manifest(workdir, manifest_config, seeds=seeds, started=started,
                               extra={"exact_config": None if exact_config is None
                                      else exact_config.to_dict(),
                                      "real_config": None if real_config is None
