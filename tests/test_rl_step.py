@@ -511,3 +511,46 @@ def test_shared_prompt_needs_a_linear_head():
     cfg = rl.RLConfig(samples_per_prompt=4, max_new_tokens=3, shared_prompt=True)
     with pytest.raises(ValueError, match="shared_prompt=True needs a decoder with a linear"):
         rl.make_rl_programs(cfg, fns, rl.make_optimizer(cfg))
+
+
+def _applied_lr(opt, opt_state, params):
+    """The step size the next `opt.update` applies, read off the update itself: Adam's update is
+    -lr * m_hat / (sqrt(v_hat) + eps), with m_hat, v_hat the bias-corrected moments it returns."""
+    g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(7), p.shape, p.dtype), params)
+    updates, new_state = opt.update(g, opt_state, params)
+    adam, = [s for s in jax.tree.leaves(new_state, is_leaf=lambda s: isinstance(
+        s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    t = float(adam.count)
+    ratios = []
+    leaves = jax.tree.leaves
+    for u, m, v in zip(leaves(updates), leaves(adam.mu), leaves(adam.nu)):
+        direction = (np.asarray(m) / (1 - 0.9 ** t)) / (np.sqrt(np.asarray(v) / (1 - 0.999 ** t))
+                                                        + 1e-8)
+        big = np.abs(direction) > 0.1
+        ratios.append(-np.asarray(u)[big] / direction[big])
+    ratios = np.concatenate(ratios)
+    np.testing.assert_allclose(ratios, np.median(ratios), rtol=1e-4)   # one scalar step size
+    return float(np.median(ratios))
+
+
+@pytest.mark.parametrize("kw,steps,window", [
+    (dict(), 3, 3),
+    (dict(algorithm="ppo", ppo_epochs=3, advantage="gae", value_model=VALUE_MODEL), 2, 2),
+    # One real update per 2 steps: the one closing the window [4, 6) uses the value at step 4.
+    (dict(grad_accum_steps=2), 5, 4)])
+def test_lr_decay_counts_rl_steps(kw, steps, window):
+    """`decay_steps` counts RL steps whatever the optimiser updates per step: the step size the
+    policy's (and critic's) next update applies after `steps` RL steps is the closed-form cosine
+    lr (0.1 + 0.9 (1 + cos(pi s / D)) / 2) at s = the RL step it belongs to."""
+    d, lr, vlr = 8, 1e-2, 3e-2
+    cfg, _, step, state, frozen, batch = _step_with(decay_steps=d, learning_rate=lr,
+                                                    value_learning_rate=vlr, **kw)
+    jstep = jax.jit(step)
+    for i in range(steps):
+        state, _ = jstep(state, frozen, batch, jax.random.key(i))
+    cosine = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * window / d))
+    opt = rl.make_optimizer(cfg)
+    assert _applied_lr(opt, state.opt_state, state.params) == pytest.approx(lr * cosine, rel=1e-4)
+    if state.value_params is not None:
+        got = _applied_lr(rl.make_value_optimizer(cfg), state.value_opt_state, state.value_params)
+        assert got == pytest.approx(vlr * cosine, rel=1e-4)

@@ -1,8 +1,8 @@
 """The run-loop skeleton the policy and reward-model trainers share.
 
-    resume (refusing another seed or config) or start (from `train.init_from`'s parameters if set)
-    -> manifest -> for each step: step_fn, metrics.jsonl, progress, periodic evaluation
-    (eval.jsonl), checkpoint -> final evaluation
+    resume (refusing another seed or config, or num_steps below the checkpoint's step) or start
+    (from `train.init_from`'s parameters if set) -> manifest -> for each step: step_fn,
+    metrics.jsonl, progress, periodic evaluation (eval.jsonl), checkpoint -> final evaluation
 
 What a trainer brings is its state, its `step_fn(state, step, context) -> (state, metrics)` (the
 batch of `step` is a pure function of the seed and the step, so a resumed run sees the same data)
@@ -191,6 +191,12 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
                 raise ValueError(f"{workdir} holds a run with seed {restored.meta.get('seed')}, "
                                  f"the config says {seed}; use another work dir")
             check_same_config(workdir, restored.meta.get("config"), record)
+            if restored.step > settings.num_steps:
+                # Nothing would be trained, and the final evaluation and summary would label the
+                # restored state with the smaller step.
+                raise ValueError(f"config.train.num_steps={settings.num_steps} is below the "
+                                 f"checkpoint step {restored.step} found in {workdir}; set "
+                                 f"num_steps >= {restored.step} or use a fresh work dir")
         except ValueError:
             ckpt.close()
             raise

@@ -46,7 +46,9 @@ class RLConfig:
     ppo_clip: float = 0.2
     kl_mode: str = "reward"
     max_grad_norm: float = 0.0   # 0 = no clipping
-    decay_steps: int = 0         # > 0: cosine decay of the learning rate to 10% over these steps
+    # > 0: cosine decay of the learning rate (policy and critic) to 10% over this many RL steps,
+    # whatever the optimiser updates per step (`ppo_epochs` under PPO, 1 / grad_accum_steps).
+    decay_steps: int = 0
     full_kl: bool = True         # log the exact per-token full-vocabulary KL and the entropy
     # Teacher-forced passes (pi_ref's and the policy's log-probs, the full-vocabulary KL) run each
     # prompt once for its samples_per_prompt responses (`models.shared_prompt_hidden`) instead of
@@ -140,11 +142,25 @@ class RLConfig:
         return models.ModelConfig(**kw, heads=("value",))
 
 
+def _step_schedule(cfg: Any, learning_rate: float) -> optax.Schedule:
+    """The cosine decay over `decay_steps` RL steps, as a function of Adam's update count c.
+
+    PPO makes E = `ppo_epochs` updates per RL step; `grad_accum_steps` = k makes one per k steps
+    (never both, see `RLConfig`); BoNBoN (no `algorithm`) one per step. Update c is made in RL step
+    c k // E: every epoch of a step, and the update closing an accumulation window, uses the value
+    at the first RL step whose gradient it applies.
+    """
+    # Decaying the step size averages out the REINFORCE noise around the fixed point.
+    cosine = optax.cosine_decay_schedule(learning_rate, cfg.decay_steps, alpha=0.1)
+    epochs = cfg.ppo_epochs if getattr(cfg, "algorithm", None) == "ppo" else 1
+    accum = cfg.grad_accum_steps
+    if epochs == 1 and accum == 1:
+        return cosine
+    return lambda count: cosine(count * accum // epochs)
+
+
 def _adam(cfg: Any, learning_rate: float) -> optax.GradientTransformation:
-    lr = learning_rate
-    if cfg.decay_steps > 0:
-        # Decaying the step size averages out the REINFORCE noise around the fixed point.
-        lr = optax.cosine_decay_schedule(learning_rate, cfg.decay_steps, alpha=0.1)
+    lr = _step_schedule(cfg, learning_rate) if cfg.decay_steps > 0 else learning_rate
     tx = optax.adam(lr)
     if cfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
@@ -156,8 +172,9 @@ def _adam(cfg: Any, learning_rate: float) -> optax.GradientTransformation:
 def make_optimizer(cfg: Any) -> optax.GradientTransformation:
     """Adam (+ cosine decay, global-norm clipping, `optax.MultiSteps` accumulation as configured).
 
-    Reads only learning_rate, decay_steps, max_grad_norm and grad_accum_steps, so any config with
-    those fields (e.g. `bon_distillation.BoNBoNConfig`) can use it.
+    Reads only learning_rate, decay_steps, max_grad_norm and grad_accum_steps (and algorithm /
+    ppo_epochs where present, so that decay_steps counts RL steps), so any config with those
+    fields (e.g. `bon_distillation.BoNBoNConfig`) can use it.
     """
     return _adam(cfg, cfg.learning_rate)
 

@@ -46,9 +46,12 @@ Design:
   (clipped at `value_clip`; 0 = plain squared error), one critic update per PPO epoch.
 * Gradient accumulation (`grad_accum_steps` = k > 1): the optimisers are wrapped in
   `optax.MultiSteps`, so every `optimizer.update` is a micro-step and parameters move once per k,
-  with the mean gradient (clipping and the lr schedule act on the mean; `decay_steps` counts real
-  updates). Each RLOO step is one micro-step; PPO is only allowed with `ppo_epochs=1`, since epochs
-  over one micro-batch would otherwise be accumulated as if they were different data.
+  with the mean gradient (clipping and the lr schedule act on the mean). Each RLOO step is one
+  micro-step; PPO is only allowed with `ppo_epochs=1`, since epochs over one micro-batch would
+  otherwise be accumulated as if they were different data.
+* Learning-rate decay (`decay_steps` > 0): the cosine counts RL steps whatever the updates per
+  step, for the policy and the critic: all `ppo_epochs` updates of step s use its value at s, and
+  the update closing an accumulation window its value at the window's first step.
 * LoRA (`lora.rank` > 0, `models.lora`): `RLState.params` are the adapters only; the policy is
   `policy_params(cfg, state.params, frozen)` = pi_ref's parameters (`frozen.ref_params`, never
   differentiated) with the adapters attached (`lora.attach`: applied in factors inside each layer,
