@@ -367,8 +367,13 @@ def test_a_rerun_of_another_config_is_refused(tmp_path):
     (base,) = rc.task_configs(config)
     cc = rc.parse_comparison(config.comparison)
     task_dir = str(tmp_path / "helpfulness")
-    rc.check_resume(task_dir, base, cc)                       # the first run writes the record
-    assert os.path.exists(os.path.join(task_dir, "comparison_config.json"))
+    # A first run that stopped before any output (a bad value) does not bind the directory.
+    rc.check_resume(task_dir, base, rc.parse_comparison({**cc.__dict__, "eval_samples": 4}))
+    rc.check_resume(task_dir, base, cc)                       # the record is rewritten
+    assert json.loads(open(os.path.join(task_dir, "comparison_config.json")).read())[
+        "comparison.eval_samples"] == cc.eval_samples
+    with open(os.path.join(task_dir, "reference_table.npz"), "wb"):   # an output: now bound
+        pass
     rc.check_resume(task_dir, base, cc)
     rc.check_resume(task_dir, base, rc.parse_comparison({**cc.__dict__, "seeds": (0, 1, 2)}))
     with pytest.raises(ValueError, match=r"comparison.eval_samples: saved 2, now 4"):

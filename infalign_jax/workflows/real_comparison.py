@@ -370,12 +370,13 @@ COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds", "comparison.nu
 def check_resume(task_dir: str, base: Any, cc: ComparisonConfig) -> None:
     """Writes `<task_dir>/comparison_config.json` (the base run config and the comparison
     settings, flat) on the first run; on a rerun, refuses a config that differs from it in any key
-    outside COMPARISON_RESUMABLE, naming the keys."""
+    outside COMPARISON_RESUMABLE, naming the keys, unless the record is all the directory holds
+    (a first run that stopped before any output, e.g. on a bad value: it is rewritten)."""
     now = {**skeleton.flat_record(base),
            **skeleton.flat_record({"comparison": dataclasses.asdict(cc)})}
     now = {k: v for k, v in now.items() if k not in COMPARISON_RESUMABLE}
     path = os.path.join(task_dir, "comparison_config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.listdir(task_dir) == ["comparison_config.json"]:
         os.makedirs(task_dir, exist_ok=True)
         write_json(path, now)
         return
