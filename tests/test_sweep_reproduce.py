@@ -39,8 +39,11 @@ def test_apply_overrides_copies_and_refuses_unknown_or_mistyped():
         sweep.apply_overrides(base, {"rl.betta": 1.0})
     with pytest.raises(ValueError, match="no section 'rll'"):
         sweep.apply_overrides(base, {"rll.beta": 1.0})
-    with pytest.raises(TypeError):
+    # A ValueError (reported in one line by the CLI), naming the override.
+    with pytest.raises(ValueError, match=r"sweep override rl.beta='high'"):
         sweep.apply_overrides(base, {"rl.beta": "high"})
+    with pytest.raises(ValueError, match=r"sweep override train.num_steps=2.5"):
+        sweep.apply_overrides(base, {"train.num_steps": 2.5})
 
 
 def test_point_names_and_command_lines():

@@ -45,7 +45,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
             node = node[part]
         if leaf not in node:
             raise ValueError(f"sweep override {dotted!r}: unknown key; known: {sorted(node.keys())}")
-        node[leaf] = value  # ConfigDict refuses a value of another type, naming the key
+        try:
+            node[leaf] = value  # ConfigDict refuses a value of another type
+        except TypeError as e:
+            raise ValueError(f"sweep override {dotted}={value!r}: {e}") from e
     return config
 
 
