@@ -244,6 +244,8 @@ def test_optimal_table_round_trip(tmp_path):
     (lambda: A.win_rate_at_kl("optimal", 1.0, "bon", 2, u=[0.0, 0.5], phi=[0.0, 1.0]),
      "unreachable"),
     (lambda: A.best_t("bon", 2, 0.5, t_grid=[1.0, float("inf")]), "t_grid"),
+    (lambda: A.solve_rows_at_kl(np.linspace(0, 1, 64)[None], 0.5, "bon", 2, unreachable="skip"),
+     "unreachable must be"),
     (lambda: A.best_t("won", 0, 0.5), "n must"),
     (lambda: S.optimal_win_rate_at_kl(-0.5, "bon", 2), "kl"),
     (lambda: S.optimal_win_rate_at_kl(0.5, "bon", 1.5), "n must"),

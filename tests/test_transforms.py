@@ -189,5 +189,9 @@ def test_a_transform_beyond_float32_rl_arithmetic_is_refused():
         (1e-4 ** -3 - 1) / -3, rel=1e-5)
     with pytest.raises(ValueError, match=r"config.transform: transform 'exp'"):
         T.transform_from_config({"name": "exp", "t": 100.0})
+    # The analytic tool computes in float64, where t = 100 is fine: (e^100 - 1) / 100.
+    with jax.enable_x64(True):
+        phi = T.get_transform("exp", t=100.0, float32_range=False).fn(jnp.float64(1.0))
+    assert float(phi) == pytest.approx(math.expm1(100.0) / 100.0, rel=1e-12)
     built = jax.jit(lambda u: T.get_transform("exp", t=4.0)(u))(U)   # built inside a trace
     np.testing.assert_allclose(np.asarray(built), np.expm1(4.0 * U) / 4.0, rtol=1e-5)

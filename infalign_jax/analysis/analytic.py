@@ -112,9 +112,10 @@ def max_resolved_kl(m: int) -> float:
 
 
 def resolve_transform(transform: str | Transform, **params: Any) -> Transform:
-    """A Transform from a registry name (+ params) or a Transform; `raw` is refused."""
+    """A Transform from a registry name (+ params) or a Transform; `raw` is refused. Its values
+    are computed in float64 here, so exp's t may pass what float32 RL holds (t > ~38)."""
     if isinstance(transform, str):
-        transform = get_transform(transform, **params)
+        transform = get_transform(transform, float32_range=False, **params)
     elif not isinstance(transform, Transform):
         raise ValueError(f"transform must be a registry name or a Transform, got {transform!r}")
     elif params:
@@ -232,6 +233,8 @@ def solve_rows_at_kl(phi_BxM: np.ndarray, kl: float, procedure: str, n: int = 1,
     """
     kl = check_kl(kl)
     n = check_procedure(procedure, n, against)
+    if unreachable not in ("raise", "nan"):
+        raise ValueError(f"unreachable must be 'raise' or 'nan', got {unreachable!r}")
     phi_BxM = np.asarray(phi_BxM, np.float64)
     m = phi_BxM.shape[1]
     if kl > max_resolved_kl(m):

@@ -175,15 +175,18 @@ def known_transforms() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def get_transform(name: str, **params: Any) -> Transform:
-    """Builds the transform `name` with `params`; unknown names list the known ones."""
+def get_transform(name: str, *, float32_range: bool = True, **params: Any) -> Transform:
+    """Builds the transform `name` with `params`; unknown names list the known ones. Its float32
+    values, what RL computes with, must stay within MAX_ABS_REWARD (`float32_range`; the analytic
+    tool, which evaluates `fn` in float64, turns this off)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown transform {name!r}; known transforms: {', '.join(known_transforms())}")
     try:
         transform = _REGISTRY[name](**params)
     except TypeError as e:
         raise ValueError(f"transform {name!r}: bad parameters {sorted(params)}: {e}") from e
-    _check_range(transform)
+    if float32_range:
+        _check_range(transform)
     return transform
 
 
