@@ -111,7 +111,6 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
     if keys is not None and (not keys or set(keys) - set(known)):
         raise ValueError(f"keys must be a non-empty subset of {known}, got {keys}")
     chosen = [m for m in methods(n, t) if keys is None or m["key"] in keys]
-    knobs = SIZES[size]
     os.makedirs(workdir, exist_ok=True)
     task = et.task_from_section(base.task)
     table = et.sample_reference_table(task, int(base.reference.k), seed=int(base.reference.seed))
