@@ -129,6 +129,11 @@ def test_greedy_decoding_equals_generate(case):
     prompt[0, :3] = 0
     new = 12      # prompt + response well past every sliding window
     scfg = sampling.SamplingConfig(n=1, max_new_tokens=new, temperature=0.0)
+    if cfg.rope_type == "dynamic":   # 8 + 12 > max_position_embeddings 8: no cached decoding
+        with pytest.raises(ValueError, match="max_len 8"):    # equals the full forward there
+            sampling.sample(models.decoder_fns(cfg), params, jnp.asarray(prompt),
+                            jnp.asarray(pmask), jax.random.key(0), scfg)
+        return       # within max_len: test_dynamic_rope_greedy_decoding_within_max_len
     out = jax.jit(lambda p: sampling.sample(models.decoder_fns(cfg), p, jnp.asarray(prompt),
                                             jnp.asarray(pmask), jax.random.key(0), scfg))(params)
     ours = np.asarray(out.tokens_BxNxL[:, 0])
@@ -321,3 +326,81 @@ def test_an_export_killed_while_writing_the_tokenizer_leaves_the_old_files_whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     text = "w5 w17 w96 w2"
     assert hf_import.load_tokenizer(str(out))(text)["input_ids"] == [5, 17, 96, 2]
+
+
+# ------------------------------------------------- keys config.json leaves out: transformers' defaults
+
+
+def _wide_config(model_type: str) -> dict:
+    """A full config dict whose values differ from the class defaults (32 heads so that every
+    class's default key-value head count divides them)."""
+    if model_type == "gpt2":
+        kw = dict(n_embd=256, n_head=32, n_inner=80, n_positions=48, layer_norm_epsilon=1e-4)
+    else:
+        kw = dict(hidden_size=256, num_attention_heads=32, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=48, rms_norm_eps=1e-4)
+        if model_type in ("mistral", "phi3"):
+            kw.update(sliding_window=5)
+        if model_type in ("qwen2", "qwen3"):
+            kw.update(use_sliding_window=True, sliding_window=5, max_window_layers=1)
+        if model_type in ("gemma2", "gemma3_text"):
+            kw.update(sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                      final_logit_softcapping=3.0)
+    return _hf_config(model_type, **kw).to_dict()
+
+
+@pytest.mark.parametrize("model_type", hf_config.SUPPORTED)
+def test_a_key_missing_from_config_json_loads_as_transformers_fills_it(model_type):
+    """Each handled key left out of config.json: our config equals the one we read from what
+    transformers' config class fills in for it (its defaults), or the load is refused by name."""
+    cls = getattr(transformers, CONFIG_CLASSES[model_type])
+    full = _wide_config(model_type)
+    for key in sorted(hf_config.HANDLED[model_type] & set(full)):
+        missing = {k: v for k, v in full.items() if k != key}
+        try:
+            ours = hf_config.config_from_hf(missing)
+        except CheckpointError:   # refused, with the key named (e.g. a required size)
+            continue
+        filled = cls(**{k: v for k, v in missing.items() if k != "model_type"}).to_dict()
+        assert ours == hf_config.config_from_hf(filled), (model_type, key)
+
+
+def test_gemma2_soft_caps_missing_from_config_json_are_transformers_defaults():
+    """A Gemma 2 config.json without the soft-cap keys is capped as transformers' Gemma2Config
+    caps it; an explicit null is off; Gemma 3 keeps its own defaults (read from transformers)."""
+    for model_type, cls in (("gemma2", transformers.Gemma2Config),
+                            ("gemma3_text", transformers.Gemma3TextConfig)):
+        defaults = cls()
+        full = _wide_config(model_type)
+        missing = {k: v for k, v in full.items()
+                   if k not in ("attn_logit_softcapping", "final_logit_softcapping")}
+        cfg = hf_config.config_from_hf(missing)
+        assert cfg.attn_softcap == (defaults.attn_logit_softcapping or 0.0), model_type
+        assert cfg.final_softcap == (defaults.final_logit_softcapping or 0.0), model_type
+        off = hf_config.config_from_hf({**missing, "attn_logit_softcapping": None,
+                                        "final_logit_softcapping": None})
+        assert off.attn_softcap == off.final_softcap == 0.0
+    assert transformers.Gemma2Config().final_logit_softcapping   # the gemma2 case bites
+
+
+def test_dynamic_rope_greedy_decoding_within_max_len_equals_generate(tmp_path):
+    """Dynamic rope sampled right up to max_position_embeddings equals `generate` (past it the
+    sampler refuses: transformers' cached decoding there differs from its own full forward)."""
+    path = _save(tmp_path, "llama", dict(max_position_embeddings=20, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0)))
+    cfg, params = hf_import.load_hf_checkpoint(str(path))
+    assert cfg.rope_type == "dynamic" and cfg.max_len == 20
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(1, VOCAB, (2, 8))
+    pmask = np.ones((2, 8), bool)
+    pmask[0, :3] = False
+    prompt[0, :3] = 0
+    scfg = sampling.SamplingConfig(n=1, max_new_tokens=12, temperature=0.0)   # 8 + 12 = 20
+    out = sampling.sample(models.decoder_fns(cfg), params, jnp.asarray(prompt),
+                          jnp.asarray(pmask), jax.random.key(0), scfg)
+    with torch.no_grad():
+        ref = _reload(path).generate(
+            input_ids=torch.tensor(prompt), attention_mask=torch.tensor(pmask.astype(np.int64)),
+            max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+            eos_token_id=None)[:, 8:].numpy()
+    np.testing.assert_array_equal(np.asarray(out.tokens_BxNxL[:, 0]), ref)

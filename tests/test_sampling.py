@@ -609,3 +609,74 @@ def test_shared_prompt_path_terms_equal_the_full_forward(model):
         assert g.shape == w.shape
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     assert float(jnp.sum(got.kl_RxL)) > 0.1   # the two models differ
+
+
+@pytest.mark.parametrize("temperature", [1e-37, 1e-38, 1e-40, 1e-46])
+def test_tiny_temperature_draws_the_argmax_not_an_overflowed_token(temperature):
+    """x / T overflows float32 at these temperatures (several tokens +inf, or 0 / 0 = NaN);
+    the tempered distribution is the point mass on the arg-max (numpy), whatever the draw."""
+    x = np.array([[1.0, 2.0, -3.0, 1.5],
+                  [0.0, 0.5, 0.2, -1.0],        # a logit of exactly 0
+                  [50.0, 300.0, 299.0, 1.0],    # large logits: x / T overflows even at 1e-37
+                  [-2.0, -1.0, -jnp.inf, -5.0]], np.float32)
+    f = np.asarray(sampling.filter_logits(jnp.asarray(x), temperature))
+    assert not np.isnan(f).any()
+    top = f.max(1, keepdims=True)
+    p = np.exp(f.astype(np.float64) - top)
+    np.testing.assert_array_equal(p / p.sum(1, keepdims=True), np.eye(4)[x.argmax(1)])
+    draws = np.stack([np.asarray(head.draw(jax.random.key(i), jnp.asarray(f)))
+                      for i in range(8)])
+    np.testing.assert_array_equal(draws, np.broadcast_to(x.argmax(1), draws.shape))
+
+
+def test_tiny_temperature_sampling_is_greedy_with_the_policy_logprob():
+    """Through `sample`: the tokens are the greedy ones and their log-probs are the untempered
+    policy's (teacher forcing), as at temperature 0."""
+    table, prompt = _table(3), jnp.array([[1, 2], [3, 0]])
+    mask = jnp.ones_like(prompt, bool)
+    greedy = sampling.sample(toy_fns(), table, prompt, mask, jax.random.key(0),
+                             SamplingConfig(n=2, max_new_tokens=4, temperature=0.0))
+    tiny = sampling.sample(toy_fns(), table, prompt, mask, jax.random.key(0),
+                           SamplingConfig(n=2, max_new_tokens=4, temperature=1e-39))
+    np.testing.assert_array_equal(np.asarray(tiny.tokens_BxNxL), np.asarray(greedy.tokens_BxNxL))
+    flat = sampling.flatten_samples(prompt, mask, tiny)
+    want = sampling.sequence_logprobs(toy_fns(), table, *flat)
+    np.testing.assert_allclose(np.asarray(tiny.logp_BxNxL).reshape(want.shape),
+                               np.asarray(want), atol=1e-6)
+    assert float(np.asarray(tiny.logp_BxNxL).min()) < -0.05   # not the tempered log-prob (0)
+
+
+def test_dynamic_rope_paths_agree_within_max_len_and_refuse_past_it():
+    """Dynamic NTK rope: within max_len the sampler's log-probs, the teacher-forced ones and the
+    shared-prompt ones agree (one base, rope_theta). Past max_len the base depends on the
+    longest position of each call, so prefill, every decode step and the shared-prompt chunk
+    would each use another base than the full forward: refused with the lengths and rope named."""
+    from infalign_jax import models
+    cfg = models.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_len=16, init_std=0.3, rope_type="dynamic",
+                             rope_factor=2.0)
+    params, fns = models.init_params(cfg, jax.random.key(1)), models.decoder_fns(cfg)
+    prompt = jax.random.randint(jax.random.key(2), (2, 6), 1, 64)
+    mask = jnp.ones_like(prompt, bool).at[1, :3].set(False)
+    s = sampling.sample(fns, params, prompt, mask, jax.random.key(3),
+                        SamplingConfig(n=2, max_new_tokens=10))           # 6 + 10 = max_len
+    flat = sampling.flatten_samples(prompt, mask, s)
+    tf = sampling.sequence_logprobs(fns, params, *flat)
+    np.testing.assert_allclose(np.asarray(s.logp_BxNxL).reshape(tf.shape), np.asarray(tf),
+                               atol=1e-5)
+    shared = sampling.shared_sequence_logprobs(fns, params, prompt, mask, *flat[2:])
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(tf), atol=1e-5)
+    # Past max_len: every cached path refuses (the full forward alone is defined there).
+    with pytest.raises(ValueError, match=r"max_len 16"):
+        sampling.sample(fns, params, prompt, mask, jax.random.key(3),
+                        SamplingConfig(n=2, max_new_tokens=20))
+    too_long = r"6 \+ 20 new tokens = 26 exceeds max_len 16 with rope_type='dynamic'"
+    with pytest.raises(ValueError, match=too_long):
+        models.prefill(params, prompt, cfg, mask, max_new_tokens=20)
+    with pytest.raises(ValueError, match=too_long):
+        models.shared_prompt_hidden(params, prompt, mask, jnp.ones((4, 20), jnp.int32), cfg)
+    _, cache = models.prefill(params, prompt, cfg, mask, max_new_tokens=10)
+    long_cache = {**cache, "rk": jnp.zeros(cache["rk"].shape[:3] + (20, cfg.head_dim)),
+                  "rv": jnp.zeros(cache["rv"].shape[:3] + (20, cfg.head_dim))}
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        models.decode_step(params, jnp.ones((2,), jnp.int32), cfg, long_cache)

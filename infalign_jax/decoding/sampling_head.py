@@ -53,6 +53,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from infalign_jax.core.types import Array
 
@@ -216,6 +217,25 @@ def _nucleus_threshold_after_top_k(p_BxV: Array, top_p: float, idx_BxN: Array, g
 
 # ------------------------------------------------------------------------------- filtering
 
+def _tempered(x_BxV: Array, temperature: float) -> Array:
+    """x / temperature, the same distribution without overflow at tiny temperatures.
+
+    At T >= 1e-4, x / T bit for bit (it overflows only for |x| > 3.4e34). Below, x / T could
+    overflow float32 (several tokens at +inf: the draw would take the first, not the arg-max), so
+    it is (x - max) / T: the same softmax, the arg-max at 0, +inf, -inf and NaN rows keeping their
+    meaning. A temperature below float32's smallest normal number (which would round or flush to
+    0: 0 / 0 = NaN) is the greedy limit: the arg-max tokens (ties all kept) at 0, the rest -inf.
+    """
+    t = np.float32(temperature)
+    if t >= 1e-4:
+        return x_BxV / t
+    top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+    finite_top_Bx1 = jnp.isfinite(top_Bx1)
+    if not t >= np.finfo(np.float32).tiny:
+        return jnp.where(x_BxV == top_Bx1, jnp.where(finite_top_Bx1, 0.0, top_Bx1), -jnp.inf)
+    return (x_BxV - jnp.where(finite_top_Bx1, top_Bx1, 0.0)) / t
+
+
 def filter_logits(logits_BxV: Array, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, *, group: int = GROUP,
                   top_p_groups: int = TOP_P_GROUPS, fallback_rows: int = FALLBACK_ROWS
@@ -230,7 +250,7 @@ def filter_logits(logits_BxV: Array, temperature: float = 1.0, top_k: int = 0,
     pruning, which never changes the result).
     """
     chex.assert_rank(logits_BxV, 2)
-    logits = logits_BxV.astype(jnp.float32) / temperature
+    logits = _tempered(logits_BxV.astype(jnp.float32), temperature)
     vocab = logits.shape[-1]
     top_k_buffer = None
     if 0 < top_k < vocab:

@@ -161,13 +161,27 @@ def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
 #   next_pos (R,)                      the position of each row's next token
 
 
+def _check_cached_len(cfg: ModelConfig, prompt_len: int, new_tokens: int, where: str) -> None:
+    """Dynamic NTK rope past `max_len` has no cached forward equal to the full one (the base
+    depends on the longest position of each call; `rotary` module docstring): refused, so that
+    sampled / shared-prompt log-probs always equal the teacher-forced `apply`."""
+    if cfg.rope_type == "dynamic" and prompt_len + new_tokens > cfg.max_len:
+        raise ValueError(
+            f"{where}: prompt length {prompt_len} + {new_tokens} new tokens = "
+            f"{prompt_len + new_tokens} exceeds max_len {cfg.max_len} with rope_type='dynamic': "
+            "past max_len the rotary base grows with the sequence, so cached decoding would not "
+            "equal the full forward (apply / sequence_logprobs); stay within max_len")
+
+
 def prefill(params: Params, tokens_BxP: Array, cfg: ModelConfig,
             attention_mask_BxP: Array | None = None, *, max_new_tokens: int, n: int = 1,
             last_logits_only: bool = False) -> tuple[Array, dict[str, Any]]:
     """Runs the (left-padded) prompt once and returns (logits_BxPxV, cache) with room for
     `max_new_tokens` tokens in each of `n` continuations per prompt (rows b * n + j).
 
-    With `last_logits_only` the logits are those of the last position only: (B, 1, V)."""
+    With `last_logits_only` the logits are those of the last position only: (B, 1, V).
+    With dynamic rope, prompt + `max_new_tokens` must fit in `cfg.max_len`."""
+    _check_cached_len(cfg, tokens_BxP.shape[1], max_new_tokens, "prefill")
     mask = _mask_or_ones(attention_mask_BxP, tokens_BxP)
     out = Transformer(cfg).apply(variables(params), tokens_BxP, default_positions(mask),
                                  _causal_mask(mask), return_kv=True,
@@ -196,6 +210,7 @@ def decode_step(params: Params, tokens_R: Array, cfg: ModelConfig, cache: dict[s
     """One token per row through the cache: (logits_RxV, cache). With `slots` the token attends
     over the first `slots` response slots only (static; the caller keeps `index` below it): a
     step's attention then costs what the slots written so far need, not the whole allocation."""
+    _check_cached_len(cfg, cache["pk"].shape[3], cache["rk"].shape[3], "decode_step")
     decode = {k: cache[k] for k in ("pk", "pv", "pmask", "rk", "rv", "index")}
     if slots is not None:
         have = cache["rk"].shape[3]
@@ -222,7 +237,9 @@ def shared_prompt_hidden(params: Params, tokens_BxP: Array, mask_BxP: Array,
     once per prompt, and the responses attend to its keys and values through the decoding path
     (`Attention`'s two-part cache, with the L tokens as one causal chunk). Equals
     `hidden_states` over [prompt | response] at those positions, without the prompt's N-fold
-    cost; differentiable, and the gradient through the shared prompt is the sum over its N rows."""
+    cost; differentiable, and the gradient through the shared prompt is the sum over its N rows.
+    With dynamic rope, prompt + response must fit in `cfg.max_len`."""
+    _check_cached_len(cfg, tokens_BxP.shape[1], response_RxL.shape[1], "shared_prompt_hidden")
     mask = _mask_or_ones(mask_BxP, tokens_BxP)
     prompt = Transformer(cfg).apply(variables(params), tokens_BxP, default_positions(mask),
                                     _causal_mask(mask), return_kv=True, heads=())
@@ -268,8 +285,8 @@ def decoder_fns(cfg: ModelConfig) -> DecoderFns:
     def _shared_hidden(params, tokens_BxP, mask_BxP, response_RxL):
         return shared_prompt_hidden(params, tokens_BxP, mask_BxP, response_RxL, cfg)
 
-    # Dynamic rotary scaling exists to run past max_position_embeddings: no length limit then.
-    max_len = None if cfg.rope_type == "dynamic" else cfg.max_len
+    # Dynamic rope too: past max_len its cached paths cannot equal the teacher-forced one.
+    max_len = cfg.max_len
     # Soft-capped logits are not hidden @ kernel: log-probs then come from the full logits.
     linear_head = not cfg.final_softcap
     return DecoderFns(_prefill, _decode, _logits, max_len, expand=expand_cache,

@@ -81,6 +81,28 @@ INERT: dict[str, set[str]] = {
 for _t in INERT:
     INERT[_t] |= _GENERIC_INERT
 
+# What transformers' config class of each model_type (its `__init__` defaults) puts in a key
+# that config.json leaves out, where that is not what the readers below would otherwise assume
+# (the head count, hidden_size / heads, no window, no soft-cap, ...). Only an absent key takes
+# these: an explicit null keeps its meaning (a null soft-cap is off, as in transformers).
+# tests/test_hf_families.py checks every handled key against the classes themselves.
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8,
+                "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32,
+              "max_window_layers": 28, "sliding_window": 4096},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128,
+              "max_window_layers": 28, "sliding_window": 4096},
+    "gemma": {"max_position_embeddings": 8192, "num_key_value_heads": 16, "head_dim": 256},
+    "gemma2": {"max_position_embeddings": 8192, "num_key_value_heads": 4, "head_dim": 256,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3_text": {"max_position_embeddings": 131072, "num_key_value_heads": 4,
+                    "head_dim": 256},
+    "phi3": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "gpt2": {},
+}
+
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
               "original_max_position_embeddings", "partial_rotary_factor"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -93,7 +115,8 @@ class _Reader:
     `HANDLED` set does not list is a bug in this module, not in the checkpoint."""
 
     def __init__(self, hf: Mapping[str, Any], model_type: str, source: str):
-        self.hf, self.model_type, self.source = dict(hf), model_type, source
+        self.hf = {**CLASS_DEFAULTS[model_type], **hf}   # absent keys: transformers' defaults
+        self.model_type, self.source = model_type, source
         self.used: set[str] = set()
 
     def fail(self, message: str) -> CheckpointError:
@@ -256,6 +279,7 @@ def _llama_like(r: _Reader) -> dict[str, Any]:
         r.get("original_max_position_embeddings")   # read by longrope only, which is refused
     if t in ("gemma2", "gemma3_text"):
         fields.update(query_pre_attn_scalar=float(r.get("query_pre_attn_scalar", 256)),
+                      # absent: the class default (Gemma 2: 50 / 30, Gemma 3: off); null: off
                       attn_softcap=float(r.get("attn_logit_softcapping", 0.0)),
                       final_softcap=float(r.get("final_logit_softcapping", 0.0)))
     return fields

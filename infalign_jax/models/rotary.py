@@ -5,6 +5,14 @@ longest position in the call once it passes `max_len`) and Llama 3.1's frequency
 The per-layer inverse frequencies are static numpy data computed from the config (float32, in
 the same operation order as `transformers`), stacked over layers so the scanned decoder body
 reads its own row; only the dynamic scaling depends on the positions of the call.
+
+Dynamic NTK past `max_len`: a full forward (`models.apply`) equals transformers' full forward
+(one base from the longest position of the batch). Transformers recomputes the base as the
+sequence grows, so its own cached decoding (`generate`: keys cached under the bases of earlier
+steps) and its full forward disagree there; no cached path can equal the full forward. So the
+cached and shared-prompt paths (`models.prefill`, `decode_step`, `shared_prompt_hidden`, and the
+sampler through `decoder_fns(cfg).max_len`) refuse sequences longer than `max_len` with dynamic
+rope; within `max_len` the base is `rope_theta` in every path and they all agree.
 """
 
 from __future__ import annotations
