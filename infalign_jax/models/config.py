@@ -28,7 +28,8 @@ class ModelConfig:
       attention scores / final logits, 0 = off); `query_pre_attn_scalar` (scores scaled by its
       inverse square root instead of head_dim's, 0 = head_dim).
       Rotary scaling: `rope_type` default | linear (positions / rope_factor) | dynamic (NTK:
-      the base grows with the longest position in the call past `max_len`) | llama3 (Llama 3.1
+      the base grows with the longest position in the call past `max_len`; only `apply` goes
+      past it, the cached and shared-prompt paths refuse to, `rotary`) | llama3 (Llama 3.1
       frequency bands, `rope_low_freq_factor`, `rope_high_freq_factor`,
       `rope_original_max_len`). `rope_local_theta` > 0: sliding layers use an unscaled rotation
       of that base (Gemma 3).
