@@ -328,3 +328,189 @@ def test_runs_recorded_before_the_reward_pool_resume_only_at_the_value_they_had(
         with pytest.raises(ValueError, match=rf"another config \({key}: checkpoint '<absent>', "
                                              rf"config {value!r}\)"):
             skeleton.check_same_config("run", old, skeleton.canonical_record({**old, key: value}))
+
+
+def test_guard_skips_a_ppo_step_whose_critic_goes_nan():
+    """A PPO/GAE step whose critic update goes NaN (its Adam second moment made negative, so
+    mu / sqrt(nu) is NaN) while the policy and the logged metrics (the first epoch's, computed
+    before that update) stay finite: the guard skips it and keeps the critic."""
+    import functools
+    import optax
+    from infalign_jax import models, rl
+    task = exact_tasks.make_task(0, vocab=4, length=3, d_model=32)
+    cfg = rl.RLConfig(algorithm="ppo", advantage="gae", ppo_epochs=2, beta=0.2,
+                      samples_per_prompt=4, max_new_tokens=3, learning_rate=1e-2, full_kl=False,
+                      value_model=dict(vocab_size=4, d_model=16, n_layers=1, n_heads=2,
+                                       n_kv_heads=2, head_dim=8, d_ff=32, max_len=32))
+    opt = rl.make_optimizer(cfg)
+    step = rl.make_rl_step(cfg, models.decoder_fns(task.model_cfg),
+                           functools.partial(exact_tasks.table_reward_fn, vocab=task.vocab), opt)
+    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_XxY),
+                       jnp.asarray(exact_tasks.sample_reference_table(task, 64, seed=1)),
+                       jnp.full((2,), 64, jnp.int32))
+    batch = {"prompt_BxP": jnp.asarray(task.prompts_XxP),
+             "prompt_mask_BxP": jnp.ones(task.prompts_XxP.shape, bool),
+             "prompt_idx_B": jnp.arange(2)}
+    state = rl.init_state(task.ref_params, opt, cfg, jax.random.key(11))
+    poison = lambda s: s._replace(nu=jax.tree.map(lambda x: -jnp.ones_like(x), s.nu))
+    state = state._replace(value_opt_state=jax.tree.map(
+        lambda s: poison(s) if isinstance(s, optax.ScaleByAdamState) else s,
+        state.value_opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState)))
+    # Unguarded, the step is exactly the failure the guard must catch.
+    raw, raw_metrics = jax.jit(step)(state, frozen, batch, jax.random.key(0))
+    assert all(np.isfinite(float(v)) for v in raw_metrics.values())
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(raw.params))
+    assert not all(np.isfinite(x).all() for x in jax.tree.leaves(raw.value_params))
+    kept, metrics = jax.jit(train.guard_nonfinite(step))(state, frozen, batch, jax.random.key(0))
+    assert int(metrics["skipped"]) == 1 and int(kept.step) == 1
+    for a, b in zip(jax.tree.leaves(kept.value_params), jax.tree.leaves(state.value_params)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_evaluation_targets_the_beta_the_linear_schedule_ends_at(tmp_path):
+    """beta_schedule="linear" from rl.beta = 1.5 to beta_final = 0.3 in 2 steps: after 3 steps the
+    evaluation's target is pi* of 0.3, checked against the closed form
+    pi* ∝ pi_ref exp(Phi(C) / beta) enumerated here."""
+    cfg = _config(**{"train.num_steps": 3, "rl.beta_schedule": "linear", "rl.beta_final": 0.3,
+                     "rl.beta_steps": 2, "rl.beta_anneal_steps": 0})
+    state, summary = train.run(cfg, str(tmp_path), log=_quiet, devices=ONE)
+    task = exact_tasks.make_task(0)
+    ref_logp = exact_tasks.policy_logprobs(task, task.ref_params)
+    sorted_XxK = np.load(tmp_path / "reference_table.npz")["sorted_rewards_BxK"]
+    ref_XxK = np.asarray(sorted_XxK, np.float64)
+    # C(x, y) = (#{ref < r} + 1/2 #{ref = r}) / K  (no ties here; the exp transform is unsmoothed)
+    cal = ((ref_XxK[:, None, :] < task.rewards_XxY[:, :, None]).sum(-1)
+           + 0.5 * (ref_XxK[:, None, :] == task.rewards_XxY[:, :, None]).sum(-1)) / ref_XxK.shape[1]
+    t = float(cfg.transform.t)
+
+    def target(beta):
+        logits = ref_logp + np.expm1(t * cal) / t / beta   # exp transform: (e^{tC} - 1) / t
+        return logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+    def kl(logp, logq):
+        return float((np.exp(logp) * (logp - logq)).sum(1).mean())
+
+    end = target(0.3)
+    assert json.load(open(tmp_path / "manifest.json"))["extra"]["end_beta"] == pytest.approx(0.3)
+    assert summary["eval"]["target_kl"] == pytest.approx(kl(end, ref_logp), rel=1e-4)
+    assert kl(target(1.5), ref_logp) < 0.5 * kl(end, ref_logp)   # the start's pi* is far away
+    logp = exact_tasks.policy_logprobs(task, jax.device_get(state.params))
+    assert summary["eval"]["exact_kl_to_target"] == pytest.approx(kl(logp, end), rel=1e-4)
+
+
+@pytest.mark.parametrize("schedule", [
+    {"rl.beta_schedule": "linear", "rl.beta_final": 0.3, "rl.beta_steps": 2,
+     "rl.beta_anneal_steps": 0},
+    {"rl.beta_schedule": "adaptive", "rl.kl_target": 1.0, "rl.beta_anneal_steps": 0}])
+def test_kl_budget_with_a_moving_beta_is_refused_before_the_table(tmp_path, schedule):
+    with pytest.raises(ValueError, match=r"config.task.kl_budget=0.5 solves one constant beta, "
+                                         r"but config.rl.beta_schedule="):
+        train.run(_config(**{"task.kl_budget": 0.5}, **schedule), str(tmp_path), log=_quiet,
+                  devices=ONE)
+    assert not os.path.exists(tmp_path / "reference_table.npz")
+
+
+def test_bonbon_offline_data_is_refused_at_start(tmp_path):
+    cfg = _config(**{"bonbon.data": "offline"})
+    cfg.unlock()
+    cfg.method = "bonbon"
+    cfg.lock()
+    with pytest.raises(ValueError, match=r"config.bonbon.data='offline'"):
+        train.run(cfg, str(tmp_path), log=_quiet, devices=ONE)
+    assert not os.path.exists(tmp_path / "reference_table.npz")
+
+
+def test_negative_seed_is_refused_at_start_naming_config_seed(tmp_path):
+    with pytest.raises(ValueError, match=r"config.seed must be an integer >= 0, got -1"):
+        train.run(_seeded(-1), str(tmp_path), log=_quiet, devices=ONE)
+    assert not os.path.exists(tmp_path / "reference_table.npz")
+
+
+def test_reference_table_records_k_and_seed_and_refuses_others(tmp_path):
+    task = exact_tasks.rl_task(_config().task)
+    path = str(tmp_path / "reference_table.npz")
+    # A table saved without its settings (an older writer, or one killed before its settings
+    # file) is refused, not assumed to be of whatever K and seed the config asks for.
+    task.reference_table(64, 0).save(path)
+    with pytest.raises(ReferenceTableError, match=r"does not record the config.reference.k"):
+        train.prepare_reference_table(task, path, 64, 5)
+    os.remove(path)
+    built = train.prepare_reference_table(task, path, 64, 0)
+    assert sorted(os.listdir(tmp_path)) == ["reference_table.npz"]   # recorded inside the npz
+    with pytest.raises(ReferenceTableError, match=r"\(config.reference.seed: table 0, config 5\)"):
+        train.prepare_reference_table(task, path, 64, 5)
+    with pytest.raises(ReferenceTableError, match=r"\(config.reference.k: table 64, config 32; "
+                                                  r"config.reference.seed: table 0, config 7\)"):
+        train.prepare_reference_table(task, path, 32, 7)
+    again = train.prepare_reference_table(task, path, 64, 0)
+    np.testing.assert_array_equal(again.sorted_rewards_BxK, built.sorted_rewards_BxK)
+    np.testing.assert_array_equal(built.sorted_rewards_BxK,
+                                  task.reference_table(64, 0).sorted_rewards_BxK)
+
+
+def test_calibrate_refuses_an_existing_table_of_other_settings(tmp_path, monkeypatch):
+    """workflows.calibrate on the exact task (its real-task loader swapped out): a second pass
+    with other K / seed is refused naming them, and train refuses the table under another seed."""
+    from infalign_jax.rl.tasks import real
+    from infalign_jax.workflows import calibrate
+    monkeypatch.setattr(real, "rl_task", exact_tasks.rl_task)
+    c = _config()
+    path = calibrate.run(c, str(tmp_path), progress=_quiet)
+    with pytest.raises(ReferenceTableError, match=r"config.reference.k: table 64, config 128; "
+                                                  r"config.reference.seed: table 1, config 7"):
+        calibrate.run(_config(**{"reference.k": 128, "reference.seed": 7}), str(tmp_path),
+                      progress=_quiet)
+    assert c.reference.k == 64 and c.reference.seed == 1
+    task = exact_tasks.rl_task(c.task)
+    with pytest.raises(ReferenceTableError, match=r"config.reference.seed: table 1, config 5"):
+        train.prepare_reference_table(task, path, 64, 5)
+    assert calibrate.run(c, str(tmp_path), progress=_quiet) == path   # same settings: kept
+
+
+def test_exact_table_of_another_d_model_is_refused(tmp_path):
+    """pi_ref depends on task.d_model, so the table's model ids must too."""
+    path = str(tmp_path / "reference_table.npz")
+    train.prepare_reference_table(exact_tasks.rl_task(_config(**{"task.d_model": 32}).task),
+                                  path, 64, 0)
+    other = exact_tasks.rl_task(_config(**{"task.d_model": 16}).task)
+    with pytest.raises(ReferenceTableError, match=r"d_model=32.*d_model=16"):
+        train.prepare_reference_table(other, path, 64, 0)
+
+
+def test_guard_skips_an_infinite_optimiser_moment_beside_finite_params():
+    """Adam's nu at +inf leaves mu / sqrt(nu) = 0, so the parameters stay finite while the
+    moment is poisoned for good: the guard checks it too (in the reduction it shares with the
+    parameters of its shape)."""
+    from infalign_jax import rl
+
+    def step(state, scale):
+        nu = state.opt_state["nu"].at[1].multiply(scale)
+        return state._replace(params={"w": state.params["w"] + 1.0}, opt_state={"nu": nu},
+                              beta=state.beta * 0.5, step=state.step + 1), {"loss": jnp.float32(1)}
+
+    state = rl.RLState({"w": jnp.arange(3.0)}, {"nu": jnp.ones(3)}, jnp.zeros((), jnp.int32),
+                       jnp.float32(0.2))
+    guarded = jax.jit(train.guard_nonfinite(step))
+    good, m_good = guarded(state, 2.0)
+    assert int(m_good["skipped"]) == 0 and float(good.beta) == pytest.approx(0.1)
+    bad, m_bad = guarded(state, jnp.inf)
+    assert int(m_bad["skipped"]) == 1
+    np.testing.assert_array_equal(bad.opt_state["nu"], [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(bad.params["w"], [0.0, 1.0, 2.0])
+
+
+def test_a_calibration_pass_table_is_checked_against_the_seed_and_k_it_records(tmp_path):
+    """`rl.calibration_pass` tables (the real tasks') record their own seed and K in `created`:
+    a work dir holding one is reused under those settings and refused under others."""
+    import dataclasses
+    task = exact_tasks.rl_task(_config().task)
+    path = str(tmp_path / "reference_table.npz")
+    table = task.reference_table(64, 3)
+    dataclasses.replace(table, created={**table.created, "seed": 3}).save(path)
+    assert table.created["num_samples_per_prompt"] == 64
+    reused = train.prepare_reference_table(task, path, 64, 3)
+    np.testing.assert_array_equal(reused.sorted_rewards_BxK, table.sorted_rewards_BxK)
+    with pytest.raises(ReferenceTableError, match=r"config.reference.seed: table 3, config 4"):
+        train.prepare_reference_table(task, path, 64, 4)

@@ -124,6 +124,14 @@ def test_bad_config_is_named(tmp_path, section, key, value, match):
         train_reward.run(cfg, str(tmp_path), log=lambda s: None, devices=ONE)
 
 
+def test_negative_seed_is_refused_naming_config_seed(tmp_path):
+    cfg = _config("unused", "unused")
+    cfg.seed = -1
+    with pytest.raises(ValueError, match=r"config.seed must be an integer >= 0, got -1"):
+        train_reward.run(cfg, str(tmp_path / "run"), log=lambda s: None, devices=ONE)
+    assert not (tmp_path / "run").exists()
+
+
 def test_synthetic_vader_pairs_are_labelled_by_the_judge():
     from infalign_jax.rewards.judges import get_judge
     judge = get_judge("vader")

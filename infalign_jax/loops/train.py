@@ -15,8 +15,9 @@ Exact resume. Everything a step depends on is a function of what the checkpoint 
 so a run killed after step k and restarted from the work dir produces the same parameters as a run
 that was never interrupted (tests/test_train.py checks bit equality).
 
-Non-finite steps. The jitted step keeps the previous state when any metric or new parameter is not
-finite and reports `skipped = 1`. With `train.nan_policy = "stop"` (default) the loop then stops with
+Non-finite steps. The jitted step keeps the previous state when any metric or any floating leaf of
+the new state (parameters, optimiser states, critic, beta) is not finite and reports
+`skipped = 1`. With `train.nan_policy = "stop"` (default) the loop then stops with
 the step and the offending metrics named; the last checkpoint is the last good state. With
 "skip" the loop counts the skip and goes on.
 
@@ -171,12 +172,22 @@ def batch_shards(mesh: jax.sharding.Mesh) -> int:
 
 
 def guard_nonfinite(step_fn: Callable) -> Callable:
-    """Wraps a step: if a metric or a new parameter is non-finite, keep the old state (counted)."""
+    """Wraps a step: if a metric or any floating leaf of the new state (params, optimiser states,
+    critic, beta) is non-finite, keep the old state (counted)."""
 
     def guarded(state: rl.RLState, *args: Any):
         new_state, metrics = step_fn(state, *args)
         finite = [jnp.all(jnp.isfinite(v)) for v in metrics.values()]
-        finite += [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_state.params)]
+        # The whole state, not only the policy: a NaN critic, Adam moment or accumulated gradient
+        # kept here poisons every later step. Leaves of one shape and dtype share one reduction
+        # (x * 0 is 0, or NaN where x is not finite; fused elementwise, no copy): a reduction per
+        # leaf would triple the params-only check's ~800 at SmolLM2's size and its compile time.
+        zeros: dict[Any, jax.Array] = {}
+        for x in jax.tree.leaves(new_state):
+            if jnp.issubdtype(x.dtype, jnp.inexact):
+                key = (x.shape, x.dtype)
+                zeros[key] = zeros[key] + x * 0 if key in zeros else x * 0
+        finite += [jnp.all(jnp.isfinite(z)) for z in zeros.values()]
         ok = jnp.all(jnp.stack(finite))
         # One branch over the whole state, not a select per leaf: a per-leaf `where` copies the
         # flag into every parameter's fusion (~800 at SmolLM2's size) and quadruples the compile.
@@ -193,48 +204,102 @@ def reference_settings(config: Any) -> tuple[int, int]:
     return c.k, c.seed
 
 
+def _recorded_settings(table: ReferenceTable, path: str) -> dict[str, Any] | None:
+    """The (K, seed) `table` was built with: recorded inside the npz (`created["reference"]`; a
+    `calibration_pass` table's own `seed` and K), or, for tables written before that, in the
+    `reference_table.json` the trainer wrote after them; None when nothing records them."""
+    if "reference" in table.created:
+        return dict(table.created["reference"])
+    if "seed" in table.created and "num_samples_per_prompt" in table.created:
+        return {"k": int(table.created["num_samples_per_prompt"]),
+                "seed": int(table.created["seed"])}
+    legacy = os.path.splitext(path)[0] + ".json"
+    if os.path.exists(legacy):
+        with open(legacy) as f:
+            return json.load(f)
+    return None
+
+
 def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
                             log: Callable[[str], None] | None = None) -> ReferenceTable:
-    """Loads `path` (checking it belongs to this task's reward and base models and was built with
-    this K and seed, recorded beside it) or builds it once."""
-    settings_path = os.path.splitext(path)[0] + ".json"
+    """Loads `path` (checking it belongs to this task's reward and base models, holds every
+    training prompt and was built with this K and seed) or builds it once.
+
+    K and seed are recorded inside the npz (its metadata's `created["reference"]`), written in
+    the same atomic save as the table, so a table never lies beside a settings file that is
+    missing or another table's. A table that records no settings is refused, never assumed.
+    """
+    log = log or logger.info
     if os.path.exists(path):
         table = load_reference_table(path, expected_reward_model_id=task.reward_model_id,
                                      expected_base_model_id=task.base_model_id)
         table.lookup(list(task.prompt_ids))  # every training prompt must be in it
-        built = {"k": int(table.sorted_rewards_BxK.shape[1])}
-        if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                built = json.load(f)
-        if built.get("k") != k or built.get("seed", seed) != seed:
+        built = _recorded_settings(table, path)
+        if built is None:
             raise ReferenceTableError(
-                f"{path} was built with K={built.get('k')}, seed={built.get('seed')} but "
-                f"config.reference.k={k}, config.reference.seed={seed}; use another work dir, "
-                f"or delete the table to rebuild it")
-        logger.info("reusing reference table %s (%d prompts, K=%d)", path, table.num_prompts, k)
+                f"{path} does not record the config.reference.k and config.reference.seed it "
+                f"was built with (an older or interrupted write); delete it to rebuild it with "
+                f"config.reference.k={k}, config.reference.seed={seed}, or use another work dir")
+        differ = [f"config.reference.{key}: table {built.get(key)}, config {want}"
+                  for key, want in (("k", k), ("seed", seed)) if built.get(key) != want]
+        if differ:
+            raise ReferenceTableError(
+                f"{path} was built with other reference settings ({'; '.join(differ)}); use "
+                f"another work dir, or delete the table to rebuild it")
+        log(f"reusing reference table {path} ({table.num_prompts} prompts, K={k}, seed={seed})")
         return table
     table = task.reference_table(k, seed, partial_path=os.path.splitext(path)[0] + ".partial.npz",
-                                 progress=log or logger.info)
+                                 progress=log)
+    table = dataclasses.replace(table, created={**table.created,
+                                                "reference": {"k": int(k), "seed": int(seed)}})
     table.save(path)
-    write_json(settings_path, {"k": k, "seed": seed}, indent=None)
     return table
 
 
-def _beta_for_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, table: ReferenceTable,
-                     bonbon: bool, log: Callable[[str], None]) -> rl.RLConfig:
-    """`cfg` with beta solved from `config.task.kl_budget` (> 0) for tasks with an exact target."""
-    budget = float(config.task.get("kl_budget", 0.0) or 0.0)
+def _kl_budget(config: Any) -> float:
+    return float(config.task.get("kl_budget", 0.0) or 0.0)
+
+
+def _check_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, bonbon: bool) -> None:
+    """Refuses a `config.task.kl_budget` the run cannot honour (before the table is built)."""
+    budget = _kl_budget(config)
     if budget <= 0:
-        return cfg
+        return
     if task.beta_for_kl is None:
         raise ValueError(f"config.task.kl_budget={budget}: task {task.name!r} has no exact target "
                          f"to solve beta from; set config.rl.beta instead")
     if bonbon:
         raise ValueError("config.task.kl_budget sets the CTRL beta; method='bonbon' has none")
+    if cfg.beta_schedule != "constant":
+        raise ValueError(f"config.task.kl_budget={budget} solves one constant beta, but "
+                         f"config.rl.beta_schedule={cfg.beta_schedule!r} moves beta during the "
+                         f"run; set config.rl.beta_schedule='constant' or "
+                         f"config.task.kl_budget=0")
+
+
+def end_beta(cfg: rl.RLConfig, state: rl.RLState, num_steps: int) -> float:
+    """The beta the run ends at, whose pi* the evaluation compares with: the schedule's beta at
+    the last step (0-based num_steps - 1; "linear" and an unfinished warm-up included), or the
+    adaptive controller's current beta (`state.beta`)."""
+    if cfg.beta_schedule == "adaptive":
+        return float(jax.device_get(state.beta))
+    return float(rl.scheduled_beta(cfg, num_steps - 1))
+
+
+def _beta_for_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, table: ReferenceTable,
+                     num_steps: int, log: Callable[[str], None]) -> rl.RLConfig:
+    """`cfg` with beta solved from `config.task.kl_budget` (> 0; `_check_budget` passed) so that
+    the beta the run ends at (after a warm-up that outlasts the run, too) has the budget's KL."""
+    budget = _kl_budget(config)
+    if budget <= 0:
+        return cfg
     beta = task.beta_for_kl(budget, cfg.get_transform(), table)
-    log(f"beta = {beta:.6g}: the exact target's KL(pi* || pi_ref) is config.task.kl_budget = "
-        f"{budget:g} (config.rl.beta={cfg.beta:g} is not used)")
-    return dataclasses.replace(cfg, beta=beta)
+    warmup = float(rl.scheduled_beta(dataclasses.replace(cfg, beta=1.0), num_steps - 1))
+    log(f"beta = {beta:.6g} at the last step: the exact target's KL(pi* || pi_ref) is "
+        f"config.task.kl_budget = {budget:g} (config.rl.beta={cfg.beta:g} is not used"
+        + (f"; the warm-up still multiplies beta by {warmup:.4g} there" if warmup != 1.0 else "")
+        + ")")
+    return dataclasses.replace(cfg, beta=beta / warmup)
 
 
 def convergence_report(task: rl_tasks.RLTask, scalars: dict[str, float],
@@ -286,17 +351,25 @@ def _plot_curves(metrics_path: str, out_path: str) -> None:
 
 
 def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
-               bonbon: bool, mesh: jax.sharding.Mesh, log: Callable[[str], None]) -> None:
+               bonbon: bon_distillation.BoNBoNConfig | None, mesh: jax.sharding.Mesh,
+               log: Callable[[str], None]) -> None:
     """Refuses (or warns about) settings the task, the schedule or the mesh cannot honour."""
+    if bonbon is not None and bonbon.data != "online":
+        # The step reads data="offline" responses from the batch, which this loop (prompts
+        # only) has no source for; the library's step takes them (bon_distillation).
+        raise ValueError(f"config.bonbon.data={bonbon.data!r}: the training loop feeds prompts "
+                         f"only, so BoNBoN runs here need config.bonbon.data='online' (offline "
+                         f"responses are for bon_distillation.make_bonbon_step called directly)")
     if task.response_length is not None and cfg.max_new_tokens != task.response_length:
         raise ValueError(f"config.rl.max_new_tokens={cfg.max_new_tokens} but task "
                          f"{task.name!r} scores responses of exactly length "
                          f"{task.response_length} (its reward / reference table assume that "
                          f"budget); set them equal")
-    if not bonbon and cfg.beta_anneal_steps > tcfg.num_steps:
+    if bonbon is None and cfg.beta_anneal_steps > tcfg.num_steps:
         log(f"warning: config.rl.beta_anneal_steps={cfg.beta_anneal_steps} > "
             f"config.train.num_steps={tcfg.num_steps}: the run ends before beta reaches "
-            f"config.rl.beta, so it cannot reach the target pi* of that beta")
+            f"config.rl.beta, so it cannot reach the target pi* of that beta (the evaluation "
+            f"compares with pi* of the beta it ends at)")
     if cfg.lora.rank:
         lora.target_names(cfg.lora, task.ref_params)   # a target the model lacks fails here
     if tcfg.batch_size > len(task.prompt_ids):
@@ -381,7 +454,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
          ) -> tuple[rl.RLState, dict[str, Any]]:
     started = provenance.now()
     log = log or (lambda s: print(s, flush=True))
-    seed = int(config.seed)
+    seed = int(check.int_arg("config.seed", config.get("seed"), low=0))
     tcfg = train_config(config)
     checkpointing.check_writable(workdir)          # before any expensive work
     export = export_config(config)
@@ -399,14 +472,17 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     ref_k, ref_seed = reference_settings(config)
     mesh_cfg = sharding.mesh_config_from_dict(section(config, "mesh"))
     mesh = sharding.make_mesh(mesh_cfg, devices)
-    _check_run(task, cfg, tcfg, bonbon is not None, mesh, log)
+    _check_run(task, cfg, tcfg, bonbon, mesh, log)
+    _check_budget(config, task, cfg, bonbon is not None)
     table_path = os.path.join(workdir, "reference_table.npz")
     table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
-    cfg = _beta_for_budget(config, task, cfg, table, bonbon is not None, log)
+    cfg = _beta_for_budget(config, task, cfg, table, tcfg.num_steps, log)
     transform = cfg.get_transform()
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
                     inputs={"reference_table": table_path}, mesh=mesh, started=started,
                     extra={"beta": cfg.beta})
+    if bonbon is None and cfg.beta_schedule != "adaptive":   # the beta of the evaluation's pi*
+        manifest["extra"]["end_beta"] = float(rl.scheduled_beta(cfg, tcfg.num_steps - 1))
     if cfg.lora.rank:
         manifest["extra"]["lora"] = {
             "base": task.base_model_id,
@@ -442,8 +518,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
             return state, metrics
 
         def evaluate(state: rl.RLState, step: int) -> dict[str, float]:
+            # pi* of the beta the run ends at, not cfg.beta (the schedule's start).
+            beta = cfg.beta if bonbon is not None else end_beta(cfg, state, tcfg.num_steps)
             return task.evaluate(jax.device_get(policy_params(cfg, state.params, frozen)),
-                                 transform, cfg.beta, table)
+                                 transform, beta, table)
 
         result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,
                           progress_keys=("transformed_reward", "calibrated_reward", "kl_k1",

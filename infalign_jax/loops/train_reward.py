@@ -130,7 +130,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
          cache_head_features: bool) -> tuple[rt.TrainState, dict[str, Any]]:
     started = provenance.now()
     log = log or (lambda s: print(s, flush=True))
-    seed = int(config.seed)
+    seed = int(check.int_arg("config.seed", config.get("seed"), low=0))
     tcfg = dataclass_from(RMTrainConfig, section(config, "train"), "train")
     rcfg = dataclass_from(rt.RMConfig, section(config, "rm"), "rm")
     data = dataclass_from(RMDataConfig, section(config, "data"), "data")

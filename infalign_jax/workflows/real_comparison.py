@@ -71,7 +71,7 @@ from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
-from infalign_jax.infra.files import atomic_open, write_json, write_npz
+from infalign_jax.infra.files import atomic_open, atomic_path, write_json, write_npz
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
 from infalign_jax.rl.tasks import real, sources
@@ -394,8 +394,9 @@ def _train(cfg: Any, run_dir: str, table_files: Sequence[str], devices: Any = No
     os.makedirs(run_dir, exist_ok=True)
     for src in table_files:
         dst = os.path.join(run_dir, os.path.basename(src))
-        if not os.path.exists(dst):
-            shutil.copyfile(src, dst)
+        if not os.path.exists(dst):   # whole or absent: a rerun trusts a table that is there
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
     state, _ = train.run(cfg, run_dir, log=lambda line: None, devices=devices)
     if not cfg.rl.get("lora", {}).get("rank", 0):
         return jax.device_get(state.params)   # the policy itself (LoRA: adapters, merged below)
@@ -418,7 +419,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     rl_task = real.rl_task_from(inputs)   # the same loaded policy and reward, not a second load
     k, ref_seed = train.reference_settings(base)
     table = train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
-    table_files = [table_path, os.path.splitext(table_path)[0] + ".json"]
+    table_files = [table_path]   # it records its K and seed itself
     # A rerun compares with the pi_ref samples the saved evaluations were scored against.
     ref_path = os.path.join(workdir, "evaluation", "pi_ref.npz")
     saved_ref = _load_eval(ref_path)

@@ -276,7 +276,8 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
                         raise
                     unreachable = str(e)
                     break
-                beta = json.load(open(os.path.join(run_dir, "manifest.json")))["extra"]["beta"]
+                extra = json.load(open(os.path.join(run_dir, "manifest.json")))["extra"]
+                beta = extra.get("end_beta", extra["beta"])   # the beta of the run's pi*
                 runs.append(summary["eval"])
             if unreachable:
                 log(f"  KL {kl:g} {label}: unreachable ({unreachable})")

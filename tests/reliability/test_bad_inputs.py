@@ -272,6 +272,14 @@ def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
 def test_checkpoint_of_another_model_is_refused_and_manifest_kept(tmp_path):
     train.run(_load_config(**{"train.num_steps": 2}), str(tmp_path), log=_quiet, devices=ONE)
     before = (tmp_path / "manifest.json").read_text()
+    # Its reference table names the model it was built for, so it is refused before the
+    # checkpoint is read (which would refuse the parameters' shapes).
+    with pytest.raises(ReferenceTableError, match=r"built for reward model .*d_model=32.*but "
+                                                  r"reward model .*d_model=16.* was expected"):
+        train.run(_load_config(**{"train.num_steps": 3, "task.d_model": 16}), str(tmp_path),
+                  log=_quiet, devices=ONE)
+    assert (tmp_path / "manifest.json").read_text() == before
+    (tmp_path / "reference_table.npz").unlink()   # then the checkpoint's shapes refuse it
     with pytest.raises(CheckpointRestoreError, match=r"Requested shape: \([0-9, ]+\) is not "
                        r"compatible with the stored shape"):
         train.run(_load_config(**{"train.num_steps": 3, "task.d_model": 16}), str(tmp_path),

@@ -343,13 +343,23 @@ def task_from_section(section: Any) -> ExactTask:
                      d_model=c.d_model, init_std=c.init_std, eos=c.eos)
 
 
+# Fields of `ExactTaskConfig` that change neither pi_ref nor the rewards, hence not the table.
+_NOT_IN_TABLE = ("name", "kl_budget")
+
+
+def table_tag(c: ExactTaskConfig) -> str:
+    """The reward and base model ids' tag: every field that changes pi_ref or the reward table
+    (all but `_NOT_IN_TABLE`), so a work dir's table of another task is refused, never reused."""
+    return ",".join(f"{f.name}={getattr(c, f.name):g}" if isinstance(getattr(c, f.name), float)
+                    else f"{f.name}={getattr(c, f.name)}"
+                    for f in dataclasses.fields(c) if f.name not in _NOT_IN_TABLE)
+
+
 def rl_task(section: Any) -> RLTask:
     """The exact task of `config.task` as an `RLTask` with exact evaluation (see the module doc)."""
     task = task_from_section(section)
     ids = tuple(f"p{i}" for i in range(task.prompts_XxP.shape[0]))
-    tag = (f"vocab={task.vocab},length={task.length},prompts={len(ids)},"
-           f"seed={exact_task_config(section).seed}"
-           f",init_std={task.model_cfg.init_std:g},eos={task.eos_id is not None}")
+    tag = table_tag(exact_task_config(section))
 
     def reference_table(k: int, seed: int, partial_path: str | None = None,
                         progress: Any = None) -> ReferenceTable:
