@@ -44,7 +44,7 @@ from infalign_jax.workflows.real_comparison import ComparisonConfig
 SIZES = {
     "smoke": dict(task=dict(num_prompts=4, eval_prompts=4, max_new_tokens=6, eval_samples=0),
                   k=8, samples=2, steps=1, batch_size=2, lr=1e-5, lora_rank=2,
-                  comparison=dict(seeds=(0, 1), n=2, eval_samples=2, num_resamples=200)),
+                  comparison=dict(seeds=(0, 1), n=2, eval_samples=2)),
     # small: one task's 15 runs of 16 LoRA steps (83.5-93 minutes here, see the docstring);
     # rank-8 adapters at 3e-4 move KL(pi || pi_ref) by ~0.5 nats in 16 steps (vBoN) where
     # full-parameter Adam at 5e-5 overshoots to 1.3 nats in one.

@@ -397,31 +397,47 @@ def _two_methods(rng, delta, seeds, prompts, seed_sd, noise_sd=0.3):
     return a, b
 
 
-def test_paired_difference_one_seed_is_the_prompt_bootstrap_of_differences():
+def test_paired_difference_one_seed_is_the_t_interval_of_the_differences():
+    from scipy import stats
     rng = np.random.default_rng(0)
     a, b = _two_methods(rng, 0.1, 1, 400, seed_sd=0.0)
-    est = ev.paired_difference(a, b, num_resamples=4000, seed=1)
+    est = ev.paired_difference(a, b)
     d = a[0] - b[0]
     assert est.point == pytest.approx(d.mean(), abs=1e-12)
-    # the bootstrap standard error of a mean is s / sqrt(B); the shared difficulty cancels
-    assert est.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(400), rel=0.08)
+    # one seed a method: the paired t interval of the per-prompt differences (the shared
+    # difficulty cancels)
+    assert est.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(400), rel=1e-12)
+    assert est.upper - est.point == pytest.approx(stats.t.ppf(0.975, 399) * est.stderr, rel=1e-9)
     assert est.stderr < 0.5 * np.sqrt(a.var() / 400 + b.var() / 400)
 
 
-def test_paired_difference_covers_the_true_difference_with_seed_spread():
+@pytest.mark.parametrize("seeds, seed_sd, noise_sd, se_ratio", [
+    (5, 0.15, 0.3, (0.9, 1.1)),    # seed offsets dominate
+    (3, 0.3, 0.2, (0.9, 1.1)),     # few seeds, offsets dominate (a joint resampling of seeds and
+                                   # prompts covered 0.82)
+    (1, 0.0, 1.0, (0.9, 1.1)),
+    # Residual noise alone: a joint resampling counted it twice (1.48x the true standard error,
+    # coverage 0.997); the seed variance clipped at 0 is biased up here (1.17x).
+    (3, 0.0, 1.0, (1.0, 1.25)),
+])
+def test_paired_difference_covers_the_true_difference_at_its_level(seeds, seed_sd, noise_sd,
+                                                                   se_ratio):
     rng = np.random.default_rng(1)
-    trials, covered, covered_prompts_only = 150, 0, 0
+    trials, covered, covered_prompts_only, ratio = 400, 0, 0, []
     for i in range(trials):
-        a, b = _two_methods(rng, 0.2, seeds=5, prompts=48, seed_sd=0.15)
-        est = ev.paired_difference(a, b, num_resamples=400, seed=i)
+        a, b = _two_methods(rng, 0.2, seeds, prompts=48, seed_sd=seed_sd, noise_sd=noise_sd)
+        est = ev.paired_difference(a, b)
         covered += est.lower <= 0.2 <= est.upper
-        prompts_only = ev.bootstrap_mean(a.mean(0) - b.mean(0), num_resamples=400, seed=i)
+        ratio.append(est.stderr)
+        prompts_only = ev.bootstrap_mean(a.mean(0) - b.mean(0), num_resamples=200, seed=i)
         covered_prompts_only += prompts_only.lower <= 0.2 <= prompts_only.upper
-    # seed offsets dominate here: resampling seeds keeps the interval honest (5 seeds resampled
-    # under-state the spread by a factor (S-1)/S, hence the loose lower bound), while a
-    # prompt-only bootstrap ignores them and covers far less often
-    assert 0.82 <= covered / trials <= 0.99
-    assert covered_prompts_only / trials < 0.6
+    # The true standard error of mean(a) - mean(b) in this model.
+    true_se = np.sqrt(2 * seed_sd ** 2 / seeds + 2 * noise_sd ** 2 / (seeds * 48))
+    assert 0.92 <= covered / trials <= 0.99, covered / trials
+    rms = np.sqrt(np.mean(np.square(ratio)))
+    assert se_ratio[0] <= rms / true_se <= se_ratio[1], rms / true_se
+    if seed_sd:   # a prompt-only bootstrap ignores the seed offsets and covers far less often
+        assert covered_prompts_only / trials < 0.6
 
 
 def test_paired_difference_refuses_mismatched_prompts():

@@ -332,34 +332,54 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
 
 
 
-def paired_difference(a_SxB, b_SxB, num_resamples: int = 2000,
-                      seed: int | np.random.Generator = 0, level: float = 0.95) -> Estimate:
+def paired_difference(a_SxB, b_SxB, level: float = 0.95) -> Estimate:
     """Mean over prompts of method a minus method b, each trained with several seeds, with a
-    bootstrap CI over prompts *and* seeds (the reproduction's "difference against calibrated
-    identity").
+    confidence interval that carries the prompt sampling and the seed-to-seed spread (the
+    reproduction's "difference against calibrated identity").
 
     `a_SxB` / `b_SxB`: a per-prompt quantity (e.g. the per-prompt BoN_N win rate against pi_ref)
     for S_a / S_b independently trained seeds of each method on the same B evaluation prompts.
-    Each resample draws the B prompts with replacement, shared by both methods (the comparison is
-    paired by prompt, which removes the prompts' common difficulty), and each method's seeds with
-    replacement, independently (seed s of a and seed s of b are unrelated runs), so the interval
-    carries the seed-to-seed spread as well as the prompt sampling. With one seed per method it is
-    the prompt bootstrap of the per-prompt differences. point = mean(a) - mean(b).
+    Each method's table is read as x_sb = mu + alpha_s + beta_b + e_sb (seed, prompt, residual),
+    so Var(mean a - mean b) is the sum of
+      * the prompt term: the variance over prompts of d_b = mean_s a_sb - mean_s b_sb, over B
+        (paired by prompt: the prompts' common difficulty cancels), B - 1 degrees of freedom;
+      * a seed term per method: sigma_alpha^2 / S, with sigma_alpha^2 = Var_s(row means) -
+        MS_residual / B (clipped at 0), S - 1 degrees of freedom; 0 with one seed, which holds
+        no seed spread.
+    The interval is point +- t * sqrt(Var), t at Welch-Satterthwaite's degrees of freedom.
+    (Resampling seeds and prompts together counts the residual twice: 1.48x the true standard
+    error with residual noise alone.) point = mean(a) - mean(b); stderr = sqrt(Var).
     """
+    from scipy import stats
     a = np.asarray(a_SxB, np.float64)
     b = np.asarray(b_SxB, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] < 1:
-        raise ValueError(f"a_SxB and b_SxB must be [seeds, prompts] over the same prompts, got "
-                         f"{a.shape} and {b.shape}")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] < 2:
+        raise ValueError(f"a_SxB and b_SxB must be [seeds, prompts] over the same prompts (at "
+                         f"least 2), got {a.shape} and {b.shape}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("paired_difference: non-finite values")
-    rng = _bootstrap_rng(level, num_resamples, seed)
-    (sa, num), sb = a.shape, b.shape[0]
-    diffs_R = np.empty(num_resamples)
-    for r in range(num_resamples):
-        idx_B = rng.integers(0, num, num)
-        diffs_R[r] = (a[rng.integers(0, sa, sa)][:, idx_B].mean()
-                      - b[rng.integers(0, sb, sb)][:, idx_B].mean())
-    lower, upper = np.quantile(diffs_R, [(1 - level) / 2, (1 + level) / 2])
-    return Estimate(np.asarray(a.mean() - b.mean()), np.asarray(lower), np.asarray(upper),
-                    np.asarray(diffs_R.std(ddof=1)), num)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    num = a.shape[1]
+    d_B = a.mean(0) - b.mean(0)
+    terms = [(d_B.var(ddof=1) / num, num - 1)] + [_seed_term(x) for x in (a, b)]
+    var = sum(v for v, _ in terms)
+    point = a.mean() - b.mean()
+    if var > 0:
+        dof = var ** 2 / sum(v ** 2 / k for v, k in terms if v > 0)
+        half = stats.t.ppf((1 + level) / 2, dof) * math.sqrt(var)
+    else:
+        half = 0.0
+    return Estimate(np.asarray(point), np.asarray(point - half), np.asarray(point + half),
+                    np.asarray(math.sqrt(var)), num)
+
+
+def _seed_term(x_SxB: np.ndarray) -> tuple[float, int]:
+    """(sigma_alpha^2 / S, S - 1) of a seeds x prompts table (additive two-way model)."""
+    seeds, num = x_SxB.shape
+    if seeds < 2:
+        return 0.0, 1
+    rows_S, cols_B = x_SxB.mean(1), x_SxB.mean(0)
+    resid = x_SxB - rows_S[:, None] - cols_B[None, :] + x_SxB.mean()
+    ms_resid = (resid ** 2).sum() / ((seeds - 1) * (num - 1))
+    return max(rows_S.var(ddof=1) - ms_resid / num, 0.0) / seeds, seeds - 1

@@ -3,9 +3,9 @@
 `summarise(result, cc)` turns the per-prompt evaluations of every method x seed into rows (mean and
 sd over seeds, and for the calibrated transforms the analytic optimum at the row's KL: how far
 training is from converged), each method's gain over pi_ref (win rate - 1/2 under the gold judge
-and under the training reward, with a bootstrap over prompts and seeds: with a proxy reward, what
+and under the training reward, with an interval over prompts and seeds: with a proxy reward, what
 the policy gained under the proxy and under the gold judge), differences against calibrated
-identity (`evaluation.paired_difference`: a bootstrap over prompts, paired, and seeds) and the
+identity (`evaluation.paired_difference`: prompts, paired, and seeds as variance components) and the
 paper's claims, each decided holds / does not hold / unresolved from its 95% interval;
 `markdown` and `plot` render them (the plot with the optimum's win rate against KL as a line per
 transform).
@@ -102,8 +102,8 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
         rows.append(row)
     # Win rates are against pi_ref's samples: 1/2 is pi_ref itself.
     gains = {method: {key[:-2]: _interval(evaluation.paired_difference(
-        np.stack([r[key] for r in runs]), np.full((1, runs[0][key].shape[0]), 0.5),
-        cc.num_resamples, seed=cc.eval_seed)) for key in metrics} for method, runs in evals.items()}
+        np.stack([r[key] for r in runs]), np.full((1, runs[0][key].shape[0]), 0.5)))
+        for key in metrics} for method, runs in evals.items()}
     diffs = {}
     if "identity" in evals:
         base = evals["identity"]
@@ -111,8 +111,8 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
             if method == "identity":
                 continue
             diffs[method] = {key[:-2]: _interval(evaluation.paired_difference(
-                np.stack([r[key] for r in runs]), np.stack([r[key] for r in base]),
-                cc.num_resamples, seed=cc.eval_seed)) for key in metrics}
+                np.stack([r[key] for r in runs]), np.stack([r[key] for r in base])))
+                for key in metrics}
     claims = _claims(result, diffs, flagged, n)
     return {"task": result["task"], "procedure": result["procedure"], "kl_target": target,
             "rows": rows, "gain_over_ref": gains, "differences_vs_identity": diffs,
@@ -203,7 +203,7 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
                               for c in gcols[1:]}}
              for m, g in summary["gain_over_ref"].items()]
     if grows:
-        lines += ["Gain over pi_ref (win rate - 1/2, 95% bootstrap over prompts and seeds"
+        lines += ["Gain over pi_ref (win rate - 1/2, 95% interval over prompts and seeds"
                   + ("" if summary["same_judge"] else
                      "; with a proxy reward: what the policy gained under the proxy and under "
                      "the gold judge") + "):", "",
@@ -214,7 +214,7 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
         drows = [{"method": m, **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**d[c])
                                   for c in dcols[1:]}}
                  for m, d in summary["differences_vs_identity"].items()]
-        lines += ["Difference against calibrated identity (95% bootstrap over prompts and seeds):",
+        lines += ["Difference against calibrated identity (95% interval over prompts and seeds):",
                   "", sweep.markdown_table(drows, dcols), ""]
     if summary["claims"]:
         lines += ["Claims: each difference is oriented so that a positive value is on the claimed "

@@ -35,7 +35,7 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   `evaluation.subset_win_rates`: draws without replacement). A rerun into the same work dir with
   another `win_rates` re-estimates the saved evaluations from their judge scores (and saves
   them so), against the saved pi_ref samples, without training or sampling. A method's
-  difference against calibrated identity with a bootstrap over prompts (paired) and seeds
+  difference against calibrated identity with an interval over prompts (paired) and seeds
   (`evaluation.paired_difference`). A claim holds when
   its 95% interval lies on the claimed side of 0, does not hold when it lies on the other side,
   and is unresolved otherwise.
@@ -98,7 +98,6 @@ class ComparisonConfig:
     eval_samples: int = 8          # samples per evaluation prompt, per policy and for pi_ref
     eval_batch_prompts: int = 16   # evaluation prompts per sampler call
     eval_seed: int = 1234
-    num_resamples: int = 2000
     win_rates: str = "plugin"      # per-prompt estimator: "plugin" or "unbiased"
                                    # (evaluation.WIN_RATE_ESTIMATORS)
 
@@ -113,7 +112,7 @@ class ComparisonConfig:
             check.fail(self, "seeds", "a non-empty tuple of distinct integers >= 0")
         object.__setattr__(self, "seeds", seeds)
         check.ints(self, ("n",), low=2)
-        check.ints(self, ("eval_samples", "eval_batch_prompts", "num_resamples"))
+        check.ints(self, ("eval_samples", "eval_batch_prompts"))
         check.ints(self, ("kl_match_tries",), low=0)
         check.choice(self, "kl_match", ("interpolate", "none"))
         check.choice(self, "win_rates", tuple(evaluation.WIN_RATE_ESTIMATORS))
@@ -362,7 +361,7 @@ def _load_eval(path: str) -> dict[str, Any] | None:
 # the samples nor the trained parameters (logging, checkpointing, the device layout). Anything
 # else (the steps, the learning rate, the evaluation samples...) would mix its evaluations with
 # the saved ones.
-COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds", "comparison.num_resamples",
+COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds",
                         "comparison.kl_tolerance", "comparison.win_rates") + tuple(
     k for k in skeleton.RESUMABLE_KEYS if k not in ("train.num_steps", "train.init_from"))
 
