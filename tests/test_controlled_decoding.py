@@ -144,8 +144,39 @@ def test_blockwise_increases_target_count_and_bound():
             assert row_m[:eos_at[0] + 1].all() and not row_m[eos_at[0] + 1:].any()
         else:
             assert row_m.all()
-    expected = kl.blockwise_cd_kl_bound(msk.sum(1), m, k)
+    # One best-of-K bound per accepted block: ceil(tokens / M) (a block cut by EOS is one).
+    expected = kl.blockwise_cd_kl_bound(msk.sum(1), m, k, ceil_blocks=True)
     np.testing.assert_allclose(best.kl_bound_B, expected, rtol=1e-5)
+
+
+def last_token_id(tokens_BxT, mask_BxT):
+    """Prefix scorer: the id of the last real token (distinct values, so no ties)."""
+    last = jnp.max(jnp.where(mask_BxT.astype(bool), jnp.arange(tokens_BxT.shape[1]), -1), axis=1)
+    return jnp.take_along_axis(tokens_BxT, last[:, None], 1)[:, 0].astype(jnp.float32)
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_blockwise_bound_is_at_least_the_exact_kl_when_a_block_is_longer_than_the_response(
+        block_size):
+    """One token decoded, blocks of M >= 1: the decoder's distribution is best-of-K over pi_ref's
+    first token by id, q_i = F_i^K - F_{i-1}^K, whose KL the bound must cover. CD's L / M counted
+    a quarter of a block at M = 4 (0.32 below this exact KL of 0.69 at K = 8)."""
+    table = _table(5)
+    k = 8
+    prompt, mask = _prompt(4)
+    out = cd.blockwise_decode(tab_fns(), table, last_token_id, prompt, mask, jax.random.key(0),
+                              num_candidates=k, block_size=block_size, max_new_tokens=1)
+    p, _ = _first_step_exact(table, 0.0, V)
+    cdf = np.cumsum(p)
+    q = cdf ** k - np.concatenate([[0.0], cdf[:-1]]) ** k
+    exact = float(np.sum(q * np.log(q / p)))
+    assert exact > 0.5 * float(kl.bon_kl_bound(k))   # the old count would fall below it
+    np.testing.assert_allclose(out.kl_bound_B, float(kl.bon_kl_bound(k)), rtol=1e-6)
+    assert float(out.kl_bound_B[0]) >= exact
+    with pytest.raises(ValueError, match="temperature=0.5"):
+        cd.blockwise_decode(tab_fns(), table, last_token_id, prompt, mask, jax.random.key(0),
+                            num_candidates=k, block_size=block_size, max_new_tokens=1,
+                            temperature=0.5)
 
 
 def test_blockwise_k1_is_pi_ref_first_token():

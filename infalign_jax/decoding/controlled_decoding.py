@@ -24,7 +24,10 @@ block, so the block loop is a Python loop (unrolled under jit, ceil(L/M) blocks)
 
 KL: tokenwise returns the exact sum over steps of KL(pi_lambda(.|prefix) || pi_ref(.|prefix))
 along the sampled path (the Rao-Blackwellised sequence KL, unbiased for KL(pi_lambda || pi_ref));
-blockwise returns CD's bound (L_x / M) * (log K - (K - 1) / K) per sequence (CD section 4.4).
+blockwise returns the best-of-K bound log K - (K - 1) / K per block it accepted (by the chain rule
+a bound on the sequence's KL, block by block). CD section 4.4 writes (L_x / M) (log K - (K - 1) / K),
+which equals it when every block holds M tokens but is no bound for a shorter last block, a block
+cut by EOS or M > L (one block of L tokens then counted as L / M of one).
 All functions are pure and jittable (close over `fns`, `scorer` and the static ints); callers jit.
 """
 
@@ -63,7 +66,7 @@ class BlockwiseOutput(NamedTuple):
     mask_BxL: Array
     ref_logp_BxL: Array   # float32 log pi_ref of each kept token (0 where masked)
     score_B: Array        # scorer value of the final prefix [x, y]
-    kl_bound_B: Array     # (L_x / M) * (log K - (K - 1) / K), CD section 4.4
+    kl_bound_B: Array     # accepted blocks x (log K - (K - 1) / K); CD section 4.4: L_x / M blocks
 
 
 def value_head_scorer(cfg: ModelConfig, params: Params) -> PrefixScorer:
@@ -165,8 +168,13 @@ def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
     """Blockwise best-of-K CD (CD Eq. 7): K blocks of M tokens from pi_ref, keep the best-scored.
 
     The last block is shorter when M does not divide `max_new_tokens`. Rows that have accepted a
-    block containing EOS stop (their later tokens are pad_id with mask False).
+    block containing EOS stop (their later tokens are pad_id with mask False). The blocks are
+    pi_ref's own, so `temperature` must be 1 (the KL bound holds for them only).
     """
+    if temperature != 1.0:
+        raise ValueError(f"blockwise_decode: temperature={temperature}: the K candidate blocks "
+                         f"are pi_ref's own samples, so its best-of-K KL bound holds at "
+                         f"temperature 1 only")
     chex.assert_rank([prompt_BxP, prompt_mask_BxP], 2)
     chex.assert_equal_shape([prompt_BxP, prompt_mask_BxP])
     _check_ints(num_candidates=num_candidates, block_size=block_size,
@@ -181,6 +189,7 @@ def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
     prefix = prompt_BxP.astype(jnp.int32)
     prefix_mask = prompt_mask_BxP.astype(bool)
     score_B = jnp.zeros((batch,), jnp.float32)
+    blocks_B = jnp.zeros((batch,), jnp.float32)   # blocks accepted (each a best-of-K choice)
     for start in range(0, max_new_tokens, block_size):
         m = min(block_size, max_new_tokens - start)
         rng, sub = jax.random.split(rng)
@@ -204,12 +213,11 @@ def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         block_mask = valid_Bx1 & pick(samples.mask_BxNxL)
         block_logp = jnp.where(block_mask, pick(samples.logp_BxNxL), 0.0)
         score_B = jnp.where(done, score_B, jnp.take_along_axis(values_BxJ, best_B[:, None], 1)[:, 0])
+        blocks_B = blocks_B + jnp.any(block_mask, axis=1)
         done = done | jnp.any(block_mask & (block == eos), axis=1)
         resp = jnp.concatenate([resp, block], 1)
         resp_mask = jnp.concatenate([resp_mask, block_mask], 1)
         ref_logp = jnp.concatenate([ref_logp, block_logp], 1)
         prefix = jnp.concatenate([prefix, block], 1)
         prefix_mask = jnp.concatenate([prefix_mask, block_mask], 1)
-    num_tokens_B = resp_mask.sum(1).astype(jnp.float32)
-    kl_bound_B = num_tokens_B / block_size * float(bon_kl_bound(kk))
-    return BlockwiseOutput(resp, resp_mask, ref_logp, score_B, kl_bound_B)
+    return BlockwiseOutput(resp, resp_mask, ref_logp, score_B, blocks_B * float(bon_kl_bound(kk)))
