@@ -8,6 +8,7 @@ import pytest
 
 from infalign_jax.data import (LoaderConfig, batch_indices, epoch_permutation, example_index,
                                global_batch_indices, make_loader)
+from infalign_jax.data.pipeline import dropped_per_epoch
 
 N = 23
 
@@ -179,3 +180,24 @@ def test_file_to_batches_end_to_end(tmp_path):
             assert mask.sum() == len(rows[row]["chosen"]) + 1
         seen += batch["example_index_B"].tolist()
     assert len(seen) == 8 and len(set(seen)) == 8
+
+
+def test_rows_left_out_by_drop_remainder_are_counted():
+    # 23 rows in batches of 5: 4 batches, 3 rows left out of every epoch.
+    cfg = LoaderConfig(batch_size=5, seed=3, num_epochs=6)
+    loader = make_loader(arrays(), cfg)
+    assert loader.dropped_per_epoch == dropped_per_epoch(cfg, N) == 3
+    rows = np.stack([b["example_index_B"] for b in loader]).reshape(6, 20)
+    for e in range(6):
+        assert N - len(set(rows[e].tolist())) == loader.dropped_per_epoch
+    # Each epoch's own permutation leaves out other rows, so over epochs every row is seen;
+    # unshuffled, the same last rows are left out every time.
+    assert len({tuple(sorted(set(range(N)) - set(r.tolist()))) for r in rows}) > 1
+    assert set(rows.ravel().tolist()) == set(range(N))
+    plain = LoaderConfig(batch_size=5, seed=3, num_epochs=2, shuffle=False)
+    seen = np.concatenate([b["example_index_B"] for b in make_loader(arrays(), plain)])
+    assert set(range(N)) - set(seen.tolist()) == {20, 21, 22}
+    assert dropped_per_epoch(plain, N) == 3
+    keep = LoaderConfig(batch_size=5, seed=3, drop_remainder=False)
+    assert make_loader(arrays(), keep).dropped_per_epoch == dropped_per_epoch(keep, N) == 0
+    assert dropped_per_epoch(LoaderConfig(batch_size=4, seed=0, process_count=2), 24) == 0

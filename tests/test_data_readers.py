@@ -314,3 +314,74 @@ def test_skip_reports_of_two_stages_add_up():
     both = read.merge(tokenised)
     assert both.kept == 9 and both.counts == {"bad_json": 2, "prompt_too_long": 1}
     assert both.total + both.kept == 12
+
+
+# ---------------------------------------------------------------- encodings (review 2)
+def test_lone_surrogate_escape_is_a_counted_bad_encoding(tmp_path):
+    # "\ud83d" alone is half of an emoji's surrogate pair: json.loads accepts it, but no
+    # tokenizer can encode it. The whole pair "\ud83d\ude00" is one valid character.
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "fine \\ud83d\\ude00", "chosen": "a", "rejected": "b"}\n'
+                    '{"prompt": "cut emoji \\ud83d", "chosen": "a", "rejected": "b"}\n'
+                    '{"prompt": "q", "chosen": "a", "rejected": "b", "meta": [{"x": "\\udc00"}]}\n'
+                    '{"prompt": "last", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'prompt' is not valid Unicode") as e:
+        read_preferences(path)
+    assert e.value.reason == "bad_encoding"
+    examples, report = read_preferences(path, skip_bad=True)
+    assert [ex.line for ex in examples] == [1, 4] and examples[0].prompt == "fine \U0001F600"
+    assert report.counts == {"bad_encoding": 2} and "field 'meta[0].x'" in report.examples[1][3]
+    packed, tok_report = tokenize_preferences(examples, lambda s: list(s.encode("utf-8")),
+                                              TokenizeConfig(16, 4, eos_id=1), skip_bad=True)
+    assert len(packed) == 2 and tok_report.total == 0
+
+
+def test_tokenize_counts_text_that_is_not_unicode():
+    # Examples built in code, not read from a file, can hold a lone surrogate too.
+    cfg = TokenizeConfig(8, 4, eos_id=1)
+    examples = pairs(("a", "b", "c"), ("a", "half \ud83d", "c"))
+    with pytest.raises(DataError, match=r"f\.jsonl:2: chosen is not valid Unicode") as info:
+        tokenize_preferences(examples, lambda s: list(s.encode("utf-8")), cfg)
+    assert info.value.reason == "bad_encoding"
+    packed, report = tokenize_preferences(examples, lambda s: list(s.encode("utf-8")), cfg,
+                                          skip_bad=True)
+    assert list(packed.line_B) == [1] and report.counts == {"bad_encoding": 1}
+    prompts = [PromptExample("x", "ok", "p.jsonl", 1), PromptExample("y", "\udc00", "p.jsonl", 2)]
+    packed, report = tokenize_prompts(prompts, lambda s: list(s.encode("utf-8")), cfg,
+                                      skip_bad=True)
+    assert packed.prompt_ids == ("x",) and report.counts == {"bad_encoding": 1}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_utf8_byte_order_mark_is_not_a_bad_record(tmp_path, gz):
+    data = "\ufeff" + json.dumps(PAIR) + "\n" + json.dumps(PAIR) + "\n"
+    path = tmp_path / ("bom.jsonl.gz" if gz else "bom.jsonl")
+    if gz:
+        path.write_bytes(gzip.compress(data.encode("utf-8")))
+    else:
+        path.write_text(data, encoding="utf-8")
+    examples, report = read_preferences(path)
+    assert [ex.line for ex in examples] == [1, 2] and report.total == 0
+    assert examples[0].prompt == PAIR["prompt"]
+    prompts, _ = read_prompts(write_lines(tmp_path / "p.jsonl", ["\ufeff" + json.dumps(
+        {"prompt": "hi", "id": "a"})]))
+    assert [(p.prompt_id, p.prompt) for p in prompts] == [("a", "hi")]
+
+
+def test_hh_dialogues_that_differ_before_the_last_turn_are_refused(tmp_path):
+    # The two transcripts share only the first exchange: splitting at the last shared
+    # Assistant marker would train on responses holding whole Human turns.
+    rows = [HH[0],
+            {"chosen": "\n\nHuman: q\n\nAssistant: a\n\nHuman: follow-up one\n\nAssistant: X",
+             "rejected": "\n\nHuman: q\n\nAssistant: a\n\nHuman: other question\n\nAssistant: Y"},
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected":
+             "\n\nHuman: q\n\nAssistant: b\n\nHuman: more?\n\nAssistant: c"},
+            HH[1]]
+    path = write_lines(tmp_path / "hh.jsonl", rows)
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: 'chosen' and 'rejected' differ before "
+                                        r"their last Assistant turn") as info:
+        read_preferences(path, format="hh")
+    assert info.value.reason == "mismatched_prefix"
+    examples, report = read_preferences(path, skip_bad=True)
+    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == HH_EXPECTED
+    assert report.counts == {"mismatched_prefix": 2} and "'rejected' has a" in report.examples[1][3]

@@ -514,3 +514,12 @@ def test_a_calibration_pass_table_is_checked_against_the_seed_and_k_it_records(t
     np.testing.assert_array_equal(reused.sorted_rewards_BxK, table.sorted_rewards_BxK)
     with pytest.raises(ReferenceTableError, match=r"config.reference.seed: table 3, config 4"):
         train.prepare_reference_table(task, path, 64, 4)
+
+
+def test_prompts_that_fit_no_batch_are_counted_and_said(tmp_path):
+    lines = []
+    _, summary = train.run(_config(**{"task.num_prompts": 3, "train.num_steps": 1}),
+                           str(tmp_path), log=lines.append, devices=ONE)
+    assert summary["train_data"]["prompts"] == 3
+    assert summary["train_data"]["dropped_per_epoch"] == 1    # batches of 2
+    assert any("1 of 3 prompts fit no batch each epoch" in line for line in lines)

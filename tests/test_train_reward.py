@@ -108,6 +108,13 @@ def test_bad_data_line_is_named_or_skipped(tmp_path):
     assert summary["train_data"]["skipped"] == {"identical_responses": 1, "malformed_json": 1}
     assert summary["train_data"]["pairs"] == 32
     assert any("skipped" in line.lower() for line in lines)
+    # 32 pairs in batches of 12: 8 fit no batch of an epoch, counted and said.
+    cfg = _config(train, ev, num_steps=1, batch_size=12)
+    cfg.data.skip_bad = True
+    lines = []
+    _, summary = train_reward.run(cfg, str(tmp_path / "z"), log=lines.append, devices=ONE)
+    assert summary["train_data"]["dropped_per_epoch"] == 8
+    assert any("8 of 32 pairs fit no batch each epoch" in line for line in lines)
 
 
 @pytest.mark.parametrize("section,key,value,match", [

@@ -181,6 +181,24 @@ def test_prompts_from_preference_files(tmp_path):
         real.parse_section({"data": {"format": "csv"}})
 
 
+def test_auto_format_names_a_prompt_files_own_error(tmp_path):
+    # A prompt file's bad record is its error, not a cue to read it as preferences ("cannot
+    # detect the format from keys ['id', 'prompt']" named neither the line nor the problem).
+    bad = {"dup.jsonl": ('{"id": "a", "prompt": "hello"}\n{"id": "a", "prompt": "again"}\n',
+                         r"dup.jsonl:2: prompt id 'a' already used on line 1"),
+           "blank.jsonl": ('{"prompt": "hello"}\n{"prompt": "  "}\n',
+                           r"blank.jsonl:2: prompt is empty")}
+    for name, (text, match) in bad.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=match):
+            sources.read_prompt_file(str(tmp_path / name))
+        with pytest.raises(ValueError, match=match):
+            sources.split_prompts(str(tmp_path / name), 1, 0, seed=0)
+    good = tmp_path / "p.jsonl"
+    good.write_text('\n{"id": "a", "prompt": "hello"}\n{"prompt": "again"}\n')
+    assert sources.read_prompt_file(str(good)) == [("a", "hello"), ("p:3", "again")]
+
+
 # ------------------------------------------------------------------------------- end to end
 def _recording(records: list):
     make = judges.text_reward_fn

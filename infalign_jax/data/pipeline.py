@@ -78,6 +78,15 @@ def steps_per_epoch(cfg: LoaderConfig, n: int) -> int:
     return n // cfg.batch_size if cfg.drop_remainder else -(-n // cfg.batch_size)
 
 
+def dropped_per_epoch(cfg: LoaderConfig, n: int) -> int:
+    """Rows of `n` that no batch of an epoch holds: the `n % batch_size` left over with
+    drop_remainder=True, else 0. Shuffled, each epoch leaves out other rows (its own random
+    permutation's tail), so over many epochs every row is almost surely seen but none is
+    promised; unshuffled, the same last rows are left out every epoch and never seen."""
+    steps_per_epoch(cfg, n)   # refuses n < batch_size as the loader does
+    return n % cfg.batch_size if cfg.drop_remainder else 0
+
+
 def global_batch_indices(cfg: LoaderConfig, n: int, step: int) -> np.ndarray:
     """Rows of the global batch (all processes) at global step `step`."""
     spe = steps_per_epoch(cfg, n)
@@ -117,12 +126,16 @@ class Loader:
     Built on grain: a `MapDataset` over global step numbers mapped to batches, read through
     grain's `DatasetIterator` (no reader threads: gathering rows from memory is cheap and
     threads would only compete for this machine's cores).
+
+    `dropped_per_epoch`: rows no batch of an epoch holds (`n % batch_size` with drop_remainder;
+    see `dropped_per_epoch()`), to be reported by whoever trains on the batches.
     """
 
     def __init__(self, arrays: Any, cfg: LoaderConfig):
         self._arrays, self.cfg = _check_arrays(arrays), cfg
         self.n = next(iter(self._arrays.values())).shape[0]
         self.steps_per_epoch = steps_per_epoch(cfg, self.n)
+        self.dropped_per_epoch = dropped_per_epoch(cfg, self.n)
         self.num_steps = (sys.maxsize if cfg.num_epochs is None
                           else self.steps_per_epoch * cfg.num_epochs)
         self._start(0)

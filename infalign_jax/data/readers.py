@@ -5,7 +5,8 @@ Formats:
   transcript a "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogue. The prompt is the shared prefix
   up to and including the final "\\n\\nAssistant:"; the responses are the final assistant turns.
   A response that itself contains "\\n\\nAssistant:" is kept: the prompt then ends at the last
-  marker the two transcripts share.
+  marker the two transcripts share, and the pair is refused ("mismatched_prefix") when a
+  "\\n\\nHuman:" turn follows that marker (the two dialogues differ before their last turn).
 * TL;DR comparisons (Stiennon et al. 2020, summarize-from-feedback): `{"info": {"post", "title",
   "subreddit", ...}, "summaries": [{"text"}, {"text"}], "choice": 0|1}`.
 * generic `{"prompt", "chosen", "rejected"}`.
@@ -13,12 +14,16 @@ Formats:
 
 Nothing is dropped silently: the first bad record raises `DataError` naming file, line and what
 was expected, or, with `skip_bad=True`, is counted in a `SkipReport`. Blank lines are not records
-and are ignored. A Git LFS pointer in place of the data is named as such; a `.gz` file cut short
-names the line reached (with `skip_bad`, the records before the cut are kept and the cut counted).
+and are ignored; a UTF-8 byte-order mark before a line (Windows editors write one) is ignored. A
+string that is not valid Unicode (a lone surrogate escape such as "\\ud83d", half an emoji) is
+a bad record ("bad_encoding"): no tokenizer can encode it. A Git LFS pointer in place of the
+data is named as such; a `.gz` file cut short names the line reached (with `skip_bad`, the records
+before the cut are kept and the cut counted).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import json
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 HH_MARKER = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 FORMATS = ("auto", "hh", "tldr", "jsonl")
 
@@ -177,6 +183,8 @@ def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[i
     try:
         _check_not_lfs_pointer(path)
         for lineno, raw in _lines(path):
+            if raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             if not raw.strip():
                 continue
             seen_any = True
@@ -197,6 +205,12 @@ def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[i
                 _handle(DataError(path, lineno, "wrong_type", "expected a JSON object, got "
                                   f"{type(obj).__name__}"), skip_bad, report)
                 continue
+            bad = _not_unicode(obj) if "\\u" in text else None   # only escapes make surrogates
+            if bad is not None:
+                _handle(DataError(path, lineno, "bad_encoding", f"{bad} is not valid Unicode "
+                                  "(a lone surrogate escape such as \"\\ud83d\", e.g. an emoji "
+                                  "cut in half; expected UTF-8 text)"), skip_bad, report)
+                continue
             yield lineno, obj
     except _Cut as cut:
         seen_any = True
@@ -207,6 +221,31 @@ def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[i
         raise DataError(path, None, "unreadable", f"cannot read file: {e}") from e
     if not seen_any:
         raise DataError(path, None, "empty_file", "file holds no records (expected JSON lines)")
+
+
+def _not_unicode(value: Any, where: str = "") -> str | None:
+    """Where the first string that UTF-8 cannot encode sits in a JSON value ("field 'a.b[0]'"),
+    or None. `json.loads` accepts lone surrogate escapes; every tokenizer then fails on them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"field {where!r}" if where else "a string"
+        return None
+    if isinstance(value, list):
+        items = ((f"{where}[{k}]", item) for k, item in enumerate(value))
+    elif isinstance(value, dict):
+        for key in value:
+            if _not_unicode(key) is not None:
+                return f"a key of {f'field {where!r}' if where else 'the record'}"
+        items = ((f"{where}.{key}" if where else key, item) for key, item in value.items())
+    else:
+        return None
+    for name, item in items:
+        bad = _not_unicode(item, name)
+        if bad is not None:
+            return bad
+    return None
 
 
 def _json_problem(e: json.JSONDecodeError) -> str:
@@ -287,6 +326,14 @@ def _parse_hh(obj: dict, path: Path, line: int) -> PreferenceExample:
         prompt = chosen_t[:cut]
         chosen = _strip_leading_space(chosen_t[cut:])
         rejected = _strip_leading_space(rejected_t[cut:])
+        # A response may hold an Assistant marker, but a Human turn after the shared prefix
+        # means the dialogues differ before their last turn: no single prompt fits both.
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if HH_HUMAN in text:
+                raise DataError(path, line, "mismatched_prefix", f"'chosen' and 'rejected' "
+                                f"differ before their last Assistant turn ({name!r} has a "
+                                f"{HH_HUMAN!r} turn after the shared dialogue; expected the "
+                                "same dialogue up to the final responses)")
     return _check_pair(prompt, chosen, rejected, path, line)
 
 
@@ -331,6 +378,16 @@ def detect_format(obj: dict) -> str | None:
     if {"chosen", "rejected"} <= keys:
         return "hh"
     return None
+
+
+def first_record(path: str | os.PathLike) -> tuple[int, dict]:
+    """(line, JSON object) of a file's first record, for deciding what kind of file it is; a
+    bad first record or file raises as the readers do."""
+    records = _records(Path(path), False, SkipReport())
+    try:
+        return next(records)
+    finally:
+        records.close()
 
 
 def read_preferences(path: str | os.PathLike, format: str = "auto", *, skip_bad: bool = False

@@ -117,6 +117,18 @@ def as_encoder(tokenizer: Any) -> Encoder:
     return encode
 
 
+def _valid(text: str, part: str, source: str, line: int) -> str:
+    """`text`, or a counted "bad_encoding" error for a string UTF-8 cannot hold (a lone
+    surrogate: examples built outside `data.readers`); tokenizers would raise an uncounted
+    UnicodeEncodeError or TypeError on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(source, line, "bad_encoding", f"{part} is not valid Unicode ({e.reason} "
+                        f"at character {e.start}; expected UTF-8 text)") from None
+    return text
+
+
 def _pack_prompt(ids: list[int], cfg: TokenizeConfig, source: str, line: int
                  ) -> tuple[list[int], bool]:
     """(ids, whether they were cut to max_prompt_len)."""
@@ -194,7 +206,8 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: Any, cfg: Tok
     encode = as_encoder(tokenizer)
 
     def pack(ex: PromptExample) -> tuple[tuple, tuple[str, ...]]:
-        ids, cut = _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line)
+        ids, cut = _pack_prompt(encode(_valid(ex.prompt, "prompt", ex.source, ex.line)), cfg,
+                                ex.source, ex.line)
         return (ids,), ("prompt",) * cut
 
     kept, report = _pack_each(examples, pack, skip_bad)
@@ -210,9 +223,11 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer: Any,
     encode = as_encoder(tokenizer)
 
     def pack(ex: PreferenceExample) -> tuple[tuple, tuple[str, ...]]:
-        packed = {"prompt": _pack_prompt(encode(ex.prompt), cfg, ex.source, ex.line),
-                  "chosen": _pack_response(encode(ex.chosen), "chosen", cfg, ex.source, ex.line),
-                  "rejected": _pack_response(encode(ex.rejected), "rejected", cfg, ex.source,
+        tokens = {part: encode(_valid(getattr(ex, part), part, ex.source, ex.line))
+                  for part in ("prompt", "chosen", "rejected")}
+        packed = {"prompt": _pack_prompt(tokens["prompt"], cfg, ex.source, ex.line),
+                  "chosen": _pack_response(tokens["chosen"], "chosen", cfg, ex.source, ex.line),
+                  "rejected": _pack_response(tokens["rejected"], "rejected", cfg, ex.source,
                                              ex.line)}
         if packed["chosen"][0] == packed["rejected"][0]:
             # Truncation can make two different texts identical; such a pair carries no

@@ -493,6 +493,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     loader_cfg = pipeline.LoaderConfig(batch_size=tcfg.batch_size, seed=seed,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
+    dropped = pipeline.dropped_per_epoch(loader_cfg, len(task.prompt_ids))
+    if dropped:   # shuffled, each epoch leaves out other prompts
+        log(f"{dropped} of {len(task.prompt_ids)} prompts fit no batch each epoch "
+            f"(config.train.batch_size={tcfg.batch_size})")
     root = jax.random.key(seed)
 
     with sharding.axis_rules(mesh):
@@ -529,9 +533,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                           evaluate=None if task.evaluate is None else evaluate,
                           counters=("skips",))
 
-    # The task's prompts reach training whole (padded to the longest, never cut or dropped).
+    # The task's prompts reach training whole (padded to the longest, never cut); those that fit
+    # no batch of an epoch are counted.
     summary = {"final_step": tcfg.num_steps, "resumed_from": result.resumed_from,
-               "train_data": {"prompts": len(task.prompt_ids),
+               "train_data": {"prompts": len(task.prompt_ids), "dropped_per_epoch": dropped,
                               "prompt_tokens": int(task.prompts_XxP.shape[1])},
                "skipped_steps": result.counters["skips"],
                "last_train_metrics": result.last_metrics, "eval": result.last_eval}

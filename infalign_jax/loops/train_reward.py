@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax import models
-from infalign_jax.data import LoaderConfig, batch_indices
+from infalign_jax.data import LoaderConfig, batch_indices, dropped_per_epoch
 from infalign_jax.infra import checkpointing, provenance, sharding
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import dataclass_from, section
@@ -151,6 +151,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     n = train_info["pairs"]
     loader_cfg = LoaderConfig(batch_size=tcfg.batch_size, seed=seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
+    train_info["dropped_per_epoch"] = dropped_per_epoch(loader_cfg, n)
+    if train_info["dropped_per_epoch"]:   # shuffled, each epoch leaves out other pairs
+        log(f"{train_info['dropped_per_epoch']} of {n} pairs fit no batch each epoch "
+            f"(config.train.batch_size={tcfg.batch_size})")
     mesh = sharding.make_mesh(sharding.mesh_config_from_dict(section(config, "mesh")), devices)
     ensemble = tcfg.ensemble_size > 1
     head_only = tcfg.trainable == "head" and cache_head_features and not ensemble

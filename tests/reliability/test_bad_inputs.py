@@ -65,7 +65,9 @@ DATA_CASES = [
     ("id-is-bool", "prompts", [{"prompt": "a", "id": True}], 1, "field 'id' is bool"),
     ("duplicate-id", "prompts", [{"prompt": "a", "id": 1}, {"prompt": "b", "id": "1"}], 2,
      "prompt id '1' already used on line 1"),
-    ("utf8-bom", "prompts", b'\xef\xbb\xbf{"prompt": "a"}\n', 1, "BOM"),
+    # (a UTF-8 byte-order mark is read past: test_utf8_byte_order_mark_is_not_a_bad_record)
+    ("lone-surrogate", "prompts", b'{"prompt": "a"}\n{"prompt": "\\ud83d"}\n', 2,
+     "field 'prompt' is not valid Unicode"),
     ("not-utf8", "prompts", b'{"prompt": "\xff\xfe"}\n', 1, "not valid UTF-8"),
     ("tldr-choice-2", "prefs", [dict(TLDR, choice=2)], 1, "field 'choice' is 2 (expected 0 or 1)"),
     ("tldr-3-summaries", "prefs", [dict(TLDR, summaries=[{"text": "a"}] * 3)], 1,

@@ -243,7 +243,7 @@ def test_reward_model_summary_says_what_was_read_dropped_cut_and_trained_on(tmp_
     assert summary["train_data"] == {
         "path": str(train_path), "pairs": 7, "read": 9, "kept": 7,
         "skipped": {"identical_responses": 1, "malformed_json": 1}, "skipped_total": 2,
-        "truncated": {"chosen": 1}}
+        "truncated": {"chosen": 1}, "dropped_per_epoch": 1}   # 7 pairs in batches of 2
 
 
 def test_hh_response_holding_a_role_marker_is_kept_split_at_the_shared_prefix(tmp_path):

@@ -261,16 +261,15 @@ class Split(NamedTuple):
 def read_prompt_file(path: str, format: str = "auto") -> list[tuple[str, str]]:
     """(id, prompt) of every record of a prompt file (`{"prompt", "id"?}` lines) or of a
     preference file's pairs (HH-RLHF, TL;DR, `{"prompt", "chosen", "rejected"}`; id
-    "<file stem>:<line>"), through `data.readers`. "auto": a prompt file if every line parses as
-    one, else a preference file of the format its first record shows."""
-    if format in ("auto", "prompts"):
-        try:
-            examples, _ = readers.read_prompts(path)
-            return [(ex.prompt_id, ex.prompt) for ex in examples]
-        except readers.DataError:
-            if format == "prompts":
-                raise
-    pairs, _ = readers.read_preferences(path, "auto" if format == "auto" else format)
+    "<file stem>:<line>"), through `data.readers`. "auto": a prompt file if its first record has
+    a "prompt" field (then any bad record is that file's error: a duplicate id is not a sign of
+    a preference file), else a preference file of the format its first record shows."""
+    if format == "auto" and "prompt" in readers.first_record(path)[1]:
+        format = "prompts"
+    if format == "prompts":
+        examples, _ = readers.read_prompts(path)
+        return [(ex.prompt_id, ex.prompt) for ex in examples]
+    pairs, _ = readers.read_preferences(path, format)
     stem = os.path.basename(path).split(".")[0]
     return [(f"{stem}:{ex.line}", ex.prompt) for ex in pairs]
 
