@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20.0",
     "safetensors>=0.4.5",
     "numpy>=1.26",
+    "scipy>=1.11",         # t quantiles of the comparison's intervals
     "absl-py>=2.1.0",
     "gguf>=0.10.0",        # GGUF checkpoint import (llama.cpp files)
     "sentencepiece>=0.2.0",  # some GGUF/HF tokenizers need it
@@ -26,7 +27,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Parity tests compare against Hugging Face's PyTorch models; torch 2.13.0
     # is the CPU wheel available offline on the project's machines.
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "torch==2.13.0"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0"],
     # TFDS builder / array_record data sources (no TensorFlow needed for
     # tfds.data_source; add tensorflow yourself for as_dataset).
     "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.5.1"],
