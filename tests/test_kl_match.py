@@ -34,6 +34,38 @@ def test_next_alpha_solves_power_laws():
     assert kl_match.next_alpha([(1.0, 0.01)], 10.0, max_alpha=2.0) == 2.0
 
 
+@pytest.mark.parametrize("power", [3.0, 5.0, 8.0])
+def test_next_alpha_stays_inside_a_bracket_and_solves_steep_power_laws(power):
+    # KL = alpha^p with the target 0.5 between alpha 0.707 and 1: the fit clipped to p <= 4
+    # missed it by 30% at p = 5 and left the bracket (alpha 1.19, KL 4) at p = 8.
+    kl = lambda a: a ** power
+    history = [(1.0, kl(1.0)), (0.5 ** 0.5, kl(0.5 ** 0.5))]
+    a = kl_match.next_alpha(history, 0.5)
+    assert 0.5 ** 0.5 <= a <= 1.0
+    assert kl(a) == pytest.approx(0.5, rel=1e-9)
+    # where KL does not grow with alpha across the bracket: the geometric mean of the alphas
+    assert kl_match.next_alpha([(1.0, 0.9), (1.5, 0.2)], 0.5) == pytest.approx(1.5 ** 0.5)
+
+
+def test_interpolate_takes_bfloat16_and_match_kl_stops_at_a_nan_kl():
+    import ml_dtypes
+    ref = {"w": np.array([1.0, 2.0], ml_dtypes.bfloat16)}
+    pol = {"w": np.array([3.0, -2.0], ml_dtypes.bfloat16)}
+    half = kl_match.interpolate(ref, pol, 0.5)["w"]
+    assert half.dtype == ml_dtypes.bfloat16 and half.astype(np.float32).tolist() == [2.0, 0.0]
+    kls = iter([2.0, float("nan")])
+    calls, lines = [], []
+
+    def evaluate(params):
+        calls.append(params)
+        return {"kl_B": np.array([next(kls)])}
+
+    got = kl_match.match_kl(evaluate, {"w": np.zeros(1)}, {"w": np.ones(1)}, 0.5, band=0.05,
+                            tries=3, log=lines.append)
+    assert len(calls) == 2 and float(got["alpha"]) == 1.0   # the finite evaluation is kept
+    assert "not finite" in lines[-1]
+
+
 def _categorical_policy_kl(theta_ref, theta):
     p, q = np.exp(theta - theta.max()), np.exp(theta_ref - theta_ref.max())
     p, q = p / p.sum(), q / q.sum()

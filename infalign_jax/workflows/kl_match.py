@@ -22,6 +22,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 MAX_ALPHA = 2.0   # the farthest extrapolation along the training direction
@@ -31,7 +32,7 @@ def interpolate(ref_params: Any, params: Any, alpha: float) -> Any:
     """theta_ref + alpha (theta - theta_ref), leaf by leaf, in each leaf's dtype."""
     def one(r, p):
         r, p = np.asarray(r), np.asarray(p)
-        if not np.issubdtype(p.dtype, np.floating):
+        if not jnp.issubdtype(p.dtype, jnp.floating):   # bfloat16 too
             if not np.array_equal(r, p):
                 raise ValueError("a non-float parameter differs between the policy and pi_ref")
             return p
@@ -42,7 +43,17 @@ def interpolate(ref_params: Any, params: Any, alpha: float) -> Any:
 def next_alpha(history: list[tuple[float, float]], target: float, max_alpha: float = MAX_ALPHA
                ) -> float:
     """The next alpha from the evaluated (alpha, KL) pairs (alpha > 0, KL > 0): KL = c alpha^p
-    with p = 2 from one point, or p fitted (in [1, 4]) to the last two."""
+    with p = 2 from one point, or p fitted (in [1, 4]) to the last two. Once two evaluations
+    bracket the target, inside the tightest bracket: the power law through its ends (any p > 0),
+    or the geometric mean of the two alphas where KL does not grow with alpha there."""
+    below = [(a, k) for a, k in history if 0 < k < target]
+    above = [(a, k) for a, k in history if k > target]
+    if below and above:
+        (a0, k0), (a1, k1) = max(below), min(above)
+        if a0 >= a1:   # KL does not grow with alpha there
+            return float(math.sqrt(a0 * a1))
+        p = math.log(k1 / k0) / math.log(a1 / a0)   # > 0: k1 > k0 and a1 > a0
+        return float(a0 * (target / k0) ** (1.0 / p))
     a1, k1 = history[-1]
     p = 2.0
     if len(history) >= 2:
@@ -68,6 +79,9 @@ def match_kl(evaluate: Callable[[Any], dict[str, Any]], ref_params: Any, params:
     for _ in range(tries):
         alpha, kl = history[-1]
         if abs(kl / target - 1) <= band:
+            break
+        if not math.isfinite(kl):
+            log(f"KL {kl} at alpha {alpha:g}: not finite; the nearest evaluation kept")
             break
         if kl <= 0:
             log(f"KL {kl:.3g} at alpha {alpha:g}: no direction to scale; kept")
