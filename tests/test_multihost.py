@@ -274,3 +274,35 @@ def test_two_processes_match_one_process_and_restore_exactly(tmp_path):
     assert got["metrics/reward"].shape == (STEPS + 1,)
     # The step after the restore moved the policy (a no-op step would also "match").
     assert not np.allclose(got["final.params['embed']"], got["saved.params['embed']"])
+
+
+BATCH_WORKER = REPO / "tests" / "_multihost_batch_worker.py"
+
+
+@pytest.mark.slow
+def test_every_mesh_layout_gets_the_global_batch_across_processes(tmp_path):
+    """`train.step_batch` on two processes: whether the batch axes span both, one or neither
+    process (tensor=8 across the two hosts), the global batch is step 0's 8 prompts. Feeding
+    each process its loader slice gave a (4, 3) "batch" under tensor=8 whose sum differed
+    between the processes (60 and 87 for a true 147)."""
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
+    procs = {}
+    for i in range(2):
+        log = tmp_path / f"batch{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, str(BATCH_WORKER), "--process_id", str(i), "--port", str(port),
+                 "--out", str(tmp_path)], env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT),
+                log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+    import json
+    got = json.loads((tmp_path / "batch.json").read_text())
+    rows = got.pop("rows")
+    assert len(rows) == 8 and len(set(rows)) == 8
+    prompts = np.arange(16 * 3).reshape(16, 3)
+    for layout, out in got.items():
+        assert out["shape"] == [8, 3], layout
+        assert out["prompt_idx"] == rows, layout
+        assert out["first_tokens"] == prompts[rows, 0].tolist(), layout
+        assert out["sum"] == float(prompts[rows].sum()), layout

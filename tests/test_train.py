@@ -523,3 +523,16 @@ def test_prompts_that_fit_no_batch_are_counted_and_said(tmp_path):
     assert summary["train_data"]["prompts"] == 3
     assert summary["train_data"]["dropped_per_epoch"] == 1    # batches of 2
     assert any("1 of 3 prompts fit no batch each epoch" in line for line in lines)
+
+
+def test_a_global_batch_the_mesh_cannot_split_is_refused_at_start_on_several_processes(
+        tmp_path, monkeypatch):
+    """config.train.batch_size is the global batch: 4 prompts over data=8 is refused on two
+    processes as on one (the check took it per process, 4 x 2 = 8, and passed it; the first
+    step then failed after the reference table was built)."""
+    cfg = _config(**{"task.num_prompts": 8, "train.batch_size": 4, "mesh.data": 8})
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"config.train.batch_size=4 is not divisible by the 8 "
+                                         r"batch shards"):
+        train.run(cfg, str(tmp_path), log=_quiet)
+    assert not os.path.exists(tmp_path / "reference_table.npz")

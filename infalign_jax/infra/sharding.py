@@ -310,11 +310,16 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: LogicalRules = DEFAULT_RULES) -
     return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+def shard_batch(batch_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES,
+                global_rows: int | None = None) -> Any:
     """Global arrays from host arrays, leading dim split by `batch_sharding`; scalars replicated.
 
-    Each leaf holds this process's rows (on one process: the whole batch); the global batch is
-    `rows * jax.process_count()` and must be divisible by the number of batch shards — pad it.
+    Each leaf holds this process's rows (on one process: the whole batch). With `global_rows`
+    (the trainers': rows from `distributed.host_local_batch`) the global batch has that many rows
+    and JAX checks each process's rows against the mesh; without, it is `rows *
+    jax.process_count()`, which holds only when the batch axes span the processes (else the
+    processes' different rows would be taken for copies of one array). It must be divisible by
+    the number of batch shards — pad it.
     """
 
     def put(path: Any, x: Any) -> jax.Array:
@@ -323,14 +328,16 @@ def shard_batch(batch_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
             return jax.make_array_from_process_local_data(replicated(mesh), x)
         sharding = batch_sharding(mesh, x.ndim, rules)
         shards = math.prod(mesh.shape[a] for a in _as_axes(sharding.spec[0]))
-        global_rows = x.shape[0] * jax.process_count()
-        if global_rows % shards:
+        rows = x.shape[0] * jax.process_count() if global_rows is None else global_rows
+        if rows % shards:
             raise ValueError(
-                f"shard_batch: batch leaf {jax.tree_util.keystr(path)} has {global_rows} global"
+                f"shard_batch: batch leaf {jax.tree_util.keystr(path)} has {rows} global"
                 f" rows, not divisible by the {shards} batch shards of mesh {dict(mesh.shape)};"
                 " pad the batch"
             )
-        return jax.make_array_from_process_local_data(sharding, x)
+        if global_rows is None:
+            return jax.make_array_from_process_local_data(sharding, x)
+        return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
 
     return jax.tree_util.tree_map_with_path(put, batch_tree)
 

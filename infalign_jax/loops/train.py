@@ -10,8 +10,9 @@ mesh; optionally method and bonbon). Every step is the pure `rl.rl_step` — or,
 Exact resume. Everything a step depends on is a function of what the checkpoint holds:
 * params, optimiser state and the step counter are the checkpointed `RLState`;
 * the step's RNG key is `fold_in(key(seed), step)`, not a carried key;
-* the step's prompts are `data.pipeline.batch_indices(loader_cfg, n, step)`, a pure function of
-  (seed, epoch, index) (each process takes its slice of the global batch);
+* the step's prompts are `data.pipeline.global_batch_indices(loader_cfg, n, step)`, a pure
+  function of (seed, epoch, index); each process feeds the rows the mesh puts on its devices
+  (`distributed.host_local_batch`);
 so a run killed after step k and restarted from the work dir produces the same parameters as a run
 that was never interrupted (tests/test_train.py checks bit equality).
 
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax.rl import bon_distillation, tasks as rl_tasks
-from infalign_jax.infra import checkpointing, provenance, sharding
+from infalign_jax.infra import checkpointing, distributed, provenance, sharding
 from infalign_jax.infra import validate as check
 from infalign_jax import models, rl
 from infalign_jax.models import lora
@@ -140,6 +141,20 @@ def export_hf(run_dir: str, out_dir: str, step: int | None = None) -> dict[str, 
     hf_import.save_hf_checkpoint(out_dir, policy.model_cfg, policy.params,
                                  tokenizer=policy.tokenizer)
     return {"dir": os.path.abspath(out_dir), "checkpoint": policy.source}
+
+
+def step_batch(prompts_XxP: np.ndarray, prompt_mask_XxP: np.ndarray,
+               loader_cfg: pipeline.LoaderConfig, mesh: jax.sharding.Mesh, step: int
+               ) -> dict[str, jax.Array]:
+    """The prompts of `step` as global arrays on `mesh`: the global batch
+    (`pipeline.global_batch_indices`), each process feeding the rows the mesh puts on its
+    devices (`distributed.host_local_batch`; on one process all of them), whatever axes span
+    the processes."""
+    idx = pipeline.global_batch_indices(loader_cfg, len(prompts_XxP), step)
+    host = {"prompt_BxP": prompts_XxP[idx], "prompt_mask_BxP": prompt_mask_XxP[idx],
+            "prompt_idx_B": idx.astype(np.int32)}
+    return sharding.shard_batch(distributed.host_local_batch(host, mesh), mesh,
+                                global_rows=len(idx))
 
 
 def rl_config(config: Any, task: rl_tasks.RLTask) -> rl.RLConfig:
@@ -376,7 +391,7 @@ def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
                          f"{len(task.prompt_ids)} prompts")
     shards = batch_shards(mesh)
-    if (tcfg.batch_size * jax.process_count()) % shards:
+    if tcfg.batch_size % shards:   # the global batch (every process's rows together)
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the "
                          f"{shards} batch shards of the mesh {dict(mesh.shape)}; change the "
                          f"batch size or config.mesh")
@@ -505,10 +520,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         log(f"{method} step on mesh {dict(mesh.shape)}: the first step compiles it ...")
 
         def one_step(state: rl.RLState, step: int, context: LoopContext):
-            idx = pipeline.batch_indices(loader_cfg, len(task.prompt_ids), step)
-            batch = sharding.shard_batch({"prompt_BxP": task.prompts_XxP[idx],
-                                          "prompt_mask_BxP": task.prompt_mask_XxP[idx],
-                                          "prompt_idx_B": idx.astype(np.int32)}, mesh)
+            batch = step_batch(task.prompts_XxP, task.prompt_mask_XxP, loader_cfg, mesh, step)
             t0 = time.perf_counter()
             state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(root, step))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -524,7 +536,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         def evaluate(state: rl.RLState, step: int) -> dict[str, float]:
             # pi* of the beta the run ends at, not cfg.beta (the schedule's start).
             beta = cfg.beta if bonbon is not None else end_beta(cfg, state, tcfg.num_steps)
-            return task.evaluate(jax.device_get(policy_params(cfg, state.params, frozen)),
+            # A collective: parameters may be spread over the devices of several processes.
+            return task.evaluate(distributed.gather_to_host(policy_params(cfg, state.params,
+                                                                          frozen)),
                                  transform, beta, table)
 
         result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,

@@ -4,7 +4,8 @@
 
 `config` is `configs/reward_model.py`'s ConfigDict (sections data, model, rm, train, mesh). The step
 is `reward_training.make_rm_step` (or its vmapped ensemble), jitted with the state donated; batches
-are `data.pipeline.batch_indices(loader_cfg, n, step)`, a pure function of (seed, step), so resume
+are `data.pipeline.global_batch_indices(loader_cfg, n, step)`, a pure function of (seed, step),
+each process feeding the rows the mesh puts on its devices, so resume
 from the work dir is exact (the same design as `train.py`). A bad record in the data files fails
 with file and line before any training (or is counted with `data.skip_bad=True`, and the counts
 are written to the summary).
@@ -54,8 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax import models
-from infalign_jax.data import LoaderConfig, batch_indices, dropped_per_epoch
-from infalign_jax.infra import checkpointing, provenance, sharding
+from infalign_jax.data import LoaderConfig, dropped_per_epoch, global_batch_indices
+from infalign_jax.infra import checkpointing, distributed, provenance, sharding
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import dataclass_from, section
 from infalign_jax.infra.files import no_empty_dirs_left, write_json
@@ -99,7 +100,7 @@ def _eval(eval_fn, params, arrays: dict[str, np.ndarray], batch: int, ensemble: 
     outs = []
     for start in range(0, n, batch):
         rows = {k: jnp.asarray(v[start:start + batch]) for k, v in arrays.items()}
-        outs.append(jax.device_get(eval_fn(params, rows)))
+        outs.append(distributed.gather_to_host(eval_fn(params, rows)))
     rc = np.concatenate([o[0] for o in outs], axis=-1)
     rr = np.concatenate([o[1] for o in outs], axis=-1)
     if ensemble:  # the ensemble's prediction is its mean reward
@@ -219,7 +220,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         return {k: state.params[k] for k in rt.HEAD_KEYS}
 
     def one_step(state: rt.TrainState, step: int, context: LoopContext):
-        rows = batch_indices(loader_cfg, n, step)
+        rows = global_batch_indices(loader_cfg, n, step)
         if head_only:
             batch = {k: v[rows] for k, v in head_features(state.params)["train"].items()}
         else:
@@ -229,8 +230,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                 jax.random.fold_in(boot_key, step), tcfg.ensemble_size, len(rows)))
         if ensemble:  # members are vmapped on the default device layout
             batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        else:
-            batch = sharding.shard_batch(batch, mesh)
+        else:   # each process feeds the rows the mesh puts on its devices
+            batch = sharding.shard_batch(distributed.host_local_batch(batch, mesh), mesh,
+                                         global_rows=len(rows))
         t0 = time.perf_counter()
         if head_only:
             head_state, metrics = step_fn(rt.TrainState(head_of(state), state.opt_state,
@@ -256,7 +258,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                       progress_keys=("loss", "accuracy"), evaluate=evaluate)
     state, start, last_eval = result.state, result.resumed_from, result.last_eval
     digest = hashlib.sha256(b"".join(np.asarray(x).tobytes()
-                                     for x in jax.tree.leaves(jax.device_get(state.params))))
+                                     for x in jax.tree.leaves(distributed.gather_to_host(
+                                         state.params))))
     pool = "" if model_cfg.reward_pool == "last" else f",{model_cfg.reward_pool}"
     model_id = (f"rm[{model_cfg.n_layers}x{model_cfg.d_model},{tok_name}{pool}]:"
                 f"{digest.hexdigest()[:16]}")
