@@ -303,6 +303,13 @@ def test_bad_comparison_keys_are_refused_by_name():
         rc.parse_comparison({"n": 4, "eval_samples": 2})
     with pytest.raises(ValueError, match=r"config.comparison: unknown keys \['seed'\]"):
         rc.parse_comparison({"seed": 1})
+    # the KL each run is matched at is estimated on the evaluation samples: pi's own
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke,tasks=helpfulness")
+    config.unlock()
+    config.base.task.temperature = 0.7
+    with pytest.raises(ValueError, match=r"config.base.task.temperature=0.7: the comparison"):
+        rc.task_configs(config)
 
 
 def test_run_configs_of_every_method():

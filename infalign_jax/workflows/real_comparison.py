@@ -552,6 +552,13 @@ def task_configs(config: Any) -> list[Any]:
     if unknown or not names:
         raise ValueError(f"config.tasks must be a comma-separated list of {real.known_tasks()}, "
                          f"got {config.tasks!r}")
+    temperature = float(config.base.task.get("temperature", 1.0))
+    if temperature != 1.0:
+        # The evaluation samples carry the KL(pi || pi_ref) each run is matched at: they must be
+        # pi's own (the RL rollouts and the sampler's log-probs are at temperature 1).
+        raise ValueError(f"config.base.task.temperature={temperature}: the comparison estimates "
+                         f"KL(pi || pi_ref) on its evaluation samples, which must be drawn at "
+                         f"temperature 1")
     out = []
     for name in names:
         cfg = ml_collections.ConfigDict(config.base.to_dict())
