@@ -195,3 +195,39 @@ def test_a_transform_beyond_float32_rl_arithmetic_is_refused():
     assert float(phi) == pytest.approx(math.expm1(100.0) / 100.0, rel=1e-12)
     built = jax.jit(lambda u: T.get_transform("exp", t=4.0)(u))(U)   # built inside a trace
     np.testing.assert_allclose(np.asarray(built), np.expm1(4.0 * U) / 4.0, rtol=1e-5)
+
+
+def test_building_transforms_and_configs_starts_no_jax_backend():
+    """`experiments/compile_check.py` sets XLA's dump flags after its config is loaded, and XLA
+    reads them when a backend starts: building transforms (as config validation does) must not
+    start one. The float32 range check once evaluated Phi with JAX and lost the TPU compiler's
+    buffer report."""
+    import subprocess
+    import sys
+    code = (
+        "from jax._src import xla_bridge as xb\n"
+        "from infalign_jax.core import transforms as T\n"
+        "from infalign_jax.infra.config_utils import load_config_module\n"
+        "for name, kw in [('identity', {}), ('log', {}), ('exp', {'t': 4.0}), ('power', {'p': -1.0}),"
+        " ('logistic', {}), ('logit', {}), ('probit', {}), ('raw', {}),"
+        " ('optimal', {'u': [0.0, 1.0], 'phi': [0.0, 2.0]})]:\n"
+        "    T.get_transform(name, **kw)\n"
+        "load_config_module('configs/pod.py').get_config('model=tiny,topology=v5e:2x2')\n"
+        "load_config_module('configs/ctrl_exact.py').get_config()\n"
+        "assert not xb.backends_are_initialized(), 'a backend was started'\n")
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_transforms_range_is_its_values_on_the_unit_interval():
+    u = np.concatenate([[0.0], np.linspace(1e-6, 1 - 1e-6, 20001), [1.0]])
+    for name, kw in [("identity", {}), ("log", {}), ("exp", {"t": 4.0}), ("exp", {"t": -7.0}),
+                     ("exp", {"t": 30.0}), ("power", {"p": -1.5}), ("power", {"p": 0.5}),
+                     ("logistic", {"s": 3.0}), ("logit", {}), ("probit", {}),
+                     ("optimal", {"u": [0.0, 1.0], "phi": [-3.0, 2.0]})]:
+        tr = T.get_transform(name, **kw)
+        with jax.enable_x64(True):
+            values = np.asarray(tr.fn(jnp.asarray(u, jnp.float64)), np.float64)
+        assert tr.sup_abs == pytest.approx(np.abs(values).max(), rel=1e-6), (name, kw)

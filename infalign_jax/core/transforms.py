@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import statistics
 from typing import Any, Callable, Mapping
 
 import jax
@@ -56,6 +57,8 @@ class Transform:
       uses_raw: if True, the transform ignores the calibration and returns the raw reward.
       smoothed: if True, feed it the smoothed calibration (#{ref < r} + 1) / (K + 1), which is
         never 0 (the log transform needs that; vBoN's code does the same).
+      sup_abs: max |Phi(u)| over u in [0, 1], worked out in float64 without JAX (so building a
+        transform never starts a backend); None when unknown (raw, a hand-made transform).
     """
 
     name: str
@@ -63,6 +66,7 @@ class Transform:
     fn: Callable[[Array], Array]
     uses_raw: bool = False
     smoothed: bool = False
+    sup_abs: float | None = None
 
     def __call__(self, calibrated: Array, raw: Array | None = None) -> Array:
         if self.uses_raw:
@@ -83,50 +87,57 @@ def _finite(name: str, value: Any) -> float:
 
 
 def _identity() -> Transform:
-    return Transform("identity", {}, lambda u: u)
+    return Transform("identity", {}, lambda u: u, sup_abs=1.0)
 
 
 def _log(floor: float = EPS) -> Transform:
     floor = _finite("floor", floor)
     if not 0.0 < floor < 1.0:
         raise ValueError(f"transform 'log': floor must be in (0, 1), got {floor}")
-    return Transform("log", {"floor": floor}, lambda u: jnp.log(jnp.maximum(u, floor)), smoothed=True)
+    return Transform("log", {"floor": floor}, lambda u: jnp.log(jnp.maximum(u, floor)),
+                     smoothed=True, sup_abs=-math.log(floor))
 
 
 def _exp(t: float = 1.0) -> Transform:
     t = _finite("t", t)
     if t == 0.0:
-        return Transform("exp", {"t": t}, lambda u: u)
-    return Transform("exp", {"t": t}, lambda u: jnp.expm1(t * u) / t)
+        return Transform("exp", {"t": t}, lambda u: u, sup_abs=1.0)
+    return Transform("exp", {"t": t}, lambda u: jnp.expm1(t * u) / t,
+                     sup_abs=abs(_expm1(t) / t))   # at u = 1
 
 
 def _power(p: float = 0.5, floor: float = EPS) -> Transform:
     p = _finite("p", p)
     floor = _finite("floor", floor)
     if p == 0.0:
-        return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)), smoothed=True)
+        return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)),
+                         smoothed=True, sup_abs=-math.log(floor))
     # For p < 0 the transform diverges at u = 0 like log does: use the smoothed calibration.
+    at_floor = (floor ** p - 1.0) / p if p > 0 or p * math.log(floor) < 700 else math.inf
     return Transform("power", {"p": p},
-                     lambda u: (jnp.power(jnp.maximum(u, floor), p) - 1.0) / p, smoothed=p < 0)
+                     lambda u: (jnp.power(jnp.maximum(u, floor), p) - 1.0) / p, smoothed=p < 0,
+                     sup_abs=abs(at_floor))   # at u = 0 (0 at u = 1)
 
 
 def _logistic(s: float = 10.0, c: float = 0.5) -> Transform:
     s, c = _finite("s", s), _finite("c", c)
     if s <= 0:
         raise ValueError(f"transform 'logistic': s must be > 0, got {s}")
-    return Transform("logistic", {"s": s, "c": c}, lambda u: jax.nn.sigmoid(s * (u - c)))
+    return Transform("logistic", {"s": s, "c": c}, lambda u: jax.nn.sigmoid(s * (u - c)),
+                     sup_abs=1.0 / (1.0 + _exp(-s * (1.0 - c))))   # at u = 1
 
 
 def _logit() -> Transform:
     def fn(u):
         u = jnp.clip(u, EPS, 1.0 - EPS)
         return jnp.log(u) - jnp.log1p(-u)
-    return Transform("logit", {}, fn)
+    return Transform("logit", {}, fn, sup_abs=math.log((1.0 - EPS) / EPS))
 
 
 def _probit() -> Transform:
     return Transform("probit", {},
-                     lambda u: jax.scipy.special.ndtri(jnp.clip(u, EPS, 1.0 - EPS)))
+                     lambda u: jax.scipy.special.ndtri(jnp.clip(u, EPS, 1.0 - EPS)),
+                     sup_abs=-statistics.NormalDist().inv_cdf(EPS))
 
 
 def _raw() -> Transform:
@@ -153,9 +164,9 @@ def _optimal(u: Any = None, phi: Any = None, path: str | None = None) -> Transfo
         raise ValueError("transform 'optimal': table contains non-finite values")
     if np.any(np.diff(u) <= 0):
         raise ValueError("transform 'optimal': u grid must be strictly increasing")
-    u_j, phi_j = jnp.asarray(u, jnp.float32), jnp.asarray(phi, jnp.float32)
+    u_32, phi_32 = u.astype(np.float32), phi.astype(np.float32)   # numpy: no backend started
     return Transform("optimal", {"path": path, "size": int(u.size)},
-                     lambda c: jnp.interp(c, u_j, phi_j))
+                     lambda c: jnp.interp(c, u_32, phi_32), sup_abs=float(np.abs(phi).max()))
 
 
 _REGISTRY: dict[str, Callable[..., Transform]] = {
@@ -191,24 +202,29 @@ def get_transform(name: str, *, float32_range: bool = True, **params: Any) -> Tr
 
 
 def _check_range(transform: Transform) -> None:
-    """Refuses a transform whose float32 values on [0, 1] are not finite or exceed
-    MAX_ABS_REWARD (e.g. exp with t above ~38: (e^t - 1) / t; power with p = -3 and floor
-    1e-6)."""
-    if transform.uses_raw:
-        return
-    with jax.ensure_compile_time_eval():   # concrete even when built inside a traced function
-        ends = np.asarray(transform.fn(jnp.asarray([0.0, EPS, 0.5, 1.0 - EPS, 1.0], jnp.float32)),
-                          np.float64)
-    if np.all(np.isfinite(ends)) and np.max(np.abs(ends)) <= MAX_ABS_REWARD:
+    """Refuses a transform whose values on [0, 1] (`sup_abs`) exceed MAX_ABS_REWARD, e.g. exp
+    with t above ~38: (e^t - 1) / t; power with p = -3 and floor 1e-6."""
+    if transform.sup_abs is None or transform.sup_abs <= MAX_ABS_REWARD:
         return
     hint = {"exp": " (for t > 0 the range grows like e^t / t, so t must stay below ~38; for "
                    "Best-of-N at large N use transform 'optimal', the analytic solver's table)",
             "power": " (for p < 0 it is (floor^p - 1) / p at u = 0: raise the floor)",
             }.get(transform.name, "")
     raise ValueError(
-        f"transform {transform.name!r} with {transform.params}: Phi(u) reaches "
-        f"{ends[np.argmax(np.where(np.isfinite(ends), np.abs(ends), np.inf))]:.3g} on [0, 1], "
-        f"beyond the {MAX_ABS_REWARD:.0e} that float32 RL arithmetic holds{hint}")
+        f"transform {transform.name!r} with {transform.params}: |Phi(u)| reaches "
+        f"{transform.sup_abs:.3g} on [0, 1], beyond the {MAX_ABS_REWARD:.0e} that float32 RL "
+        f"arithmetic holds{hint}")
+
+
+def _expm1(x: float) -> float:
+    try:
+        return math.expm1(x)
+    except OverflowError:
+        return math.inf
+
+
+def _exp(x: float) -> float:
+    return _expm1(x) + 1.0
 
 
 def transform_param_names(name: str) -> tuple[str, ...]:
