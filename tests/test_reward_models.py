@@ -254,7 +254,8 @@ def test_vmapped_ensemble_equals_members_trained_alone(bootstrap):
     assert not np.allclose(params_E["embed"][0], params_E["embed"][1])
     for s in range(steps):
         batch = {k: jnp.asarray(v) for k, v in _padded_batch(10 + s, b=8, rc=4, rr=4).items()}
-        idx_ExB = rt.bootstrap_indices(jax.random.key(s), e, 8)
+        idx_ExB = rt.bootstrap_indices(jax.random.key(s),
+                                       rt.bootstrap_counts(jax.random.key(7), e, 8))
         state_E, metrics_E = ens_step(state_E, dict(batch, member_idx_ExB=idx_ExB)
                                       if bootstrap else batch)
         assert metrics_E["loss"].shape == (e,)
@@ -357,3 +358,34 @@ def test_bad_inputs_fail_clearly():
         rt.pairwise_accuracy(np.zeros((2, 2)), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="r_chosen_B vs r_rejected_B"):
         rt.expected_calibration_error(np.zeros(3), np.zeros(4))
+
+
+def test_each_member_trains_on_its_own_fixed_bootstrap_resample():
+    """Over many batches a member draws each example in proportion to its count in the member's
+    resample, never one its resample left out (about 37% of them), and the members' resamples
+    differ. Redrawing every batch's rows independently let every member see every example as
+    epochs went by."""
+    e, n, b = 3, 64, 16
+    counts_ExN = np.asarray(rt.bootstrap_counts(jax.random.key(0), e, n))
+    assert (counts_ExN.sum(1) == n).all()
+    left_out = (counts_ExN == 0).mean()
+    assert 0.25 < left_out < 0.5                      # 1 - (1 - 1/n)^n ~ 0.37
+    assert not (counts_ExN[0] == counts_ExN[1]).all()
+    drawn_ExN = np.zeros((e, n))
+    rng = np.random.default_rng(0)
+    for step in range(2000):
+        rows = rng.permutation(n)[:b]
+        idx_ExB = np.asarray(rt.bootstrap_indices(jax.random.key(step), counts_ExN[:, rows]))
+        assert idx_ExB.shape == (e, b) and idx_ExB.min() >= 0 and idx_ExB.max() < b
+        for m in range(e):
+            np.add.at(drawn_ExN[m], rows[idx_ExB[m]], 1)
+    assert (drawn_ExN[counts_ExN == 0] == 0).all()    # left-out examples never reach the member
+    for m in range(e):
+        seen = counts_ExN[m] > 0
+        share = drawn_ExN[m, seen] / drawn_ExN[m].sum()
+        # the expected share of example i: its count over the counts of the batch it came with;
+        # uniform batches make it close to count_i / n (within sampling noise and batch effects)
+        assert np.corrcoef(share, counts_ExN[m, seen])[0, 1] > 0.9
+    # a member holding none of a batch's examples draws its rows uniformly
+    idx = np.asarray(rt.bootstrap_indices(jax.random.key(1), np.zeros((1, b), np.int32)))
+    assert idx.shape == (1, b) and idx.max() < b

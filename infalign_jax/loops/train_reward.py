@@ -78,7 +78,7 @@ class RMTrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     ensemble_size: int = 1
-    bootstrap: bool = False
+    bootstrap: bool = False        # each member on its own bootstrap resample of the pairs
     async_checkpoint: bool = True
     tensorboard: bool = True
     init_from: str = ""            # a run / checkpoint dir whose parameters a fresh run starts from
@@ -203,6 +203,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                     extra={"reward_model": run_info})
 
     boot_key = jax.random.key(seed + 1)
+    # Each member's bootstrap resample of the training pairs, fixed for the run.
+    counts_ExN = (np.asarray(rt.bootstrap_counts(jax.random.key(seed + 2), tcfg.ensemble_size, n))
+                  if ensemble and tcfg.bootstrap else None)
     features: dict[str, dict[str, np.ndarray]] = {}
     feature_files: dict[str, str] = {}
 
@@ -227,7 +230,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
             batch = {k: v[rows] for k, v in train_arrays.items()}
         if ensemble and tcfg.bootstrap:
             batch["member_idx_ExB"] = np.asarray(rt.bootstrap_indices(
-                jax.random.fold_in(boot_key, step), tcfg.ensemble_size, len(rows)))
+                jax.random.fold_in(boot_key, step), counts_ExN[:, rows]))
         if ensemble:  # members are vmapped on the default device layout
             batch = {k: jnp.asarray(v) for k, v in batch.items()}
         else:   # each process feeds the rows the mesh puts on its devices

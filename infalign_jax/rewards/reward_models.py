@@ -14,8 +14,9 @@ reward head on [prompt | response], read at its last real token or averaged over
 Ensembles (Coste et al. 2023; the uncertainty-penalised BoN of Yang et al. 2024, arXiv 2402.13210):
 every member starts from its own random initialisation (`init_ensemble`). Without
 `member_idx_ExB` every member sees the same batch, so members differ by their initialisation only;
-with it (`bootstrap_indices`) member e trains on rows `member_idx_ExB[e]` of the batch, a bootstrap
-resample. The loss is the BT objective of `preference_losses.bradley_terry_loss`, not restated here.
+with it member e trains on rows `member_idx_ExB[e]` of the batch: its own bootstrap resample of the
+training set (`bootstrap_counts`, drawn once), seen batch by batch (`bootstrap_indices`), so about
+37% of the pairs never reach a member however many epochs it trains. The loss is the BT objective of `preference_losses.bradley_terry_loss`, not restated here.
 """
 
 from __future__ import annotations
@@ -340,9 +341,24 @@ def init_ensemble_state(params_E: Params, optimizer: optax.GradientTransformatio
     return jax.vmap(lambda p: init_rm_state(p, optimizer))(params_E)
 
 
-def bootstrap_indices(rng: Array, size: int, batch_size: int) -> Array:
-    """member_idx_ExB: for each member, batch_size row indices drawn with replacement."""
-    return jax.random.randint(rng, (size, batch_size), 0, batch_size)
+def bootstrap_counts(rng: Array, size: int, n: int) -> Array:
+    """counts_ExN: how often each of the n training examples is in member e's bootstrap resample
+    of the training set (n draws with replacement; for each member about 37% are 0). Drawn once
+    per run, so the members' data differ for the whole run, not only batch by batch."""
+    draws_ExN = jax.random.randint(rng, (size, n), 0, n)
+    return jax.vmap(lambda d: jnp.bincount(d, length=n))(draws_ExN)
+
+
+def bootstrap_indices(rng: Array, counts_ExB: Array) -> Array:
+    """member_idx_ExB: for each member, B rows of the batch drawn with replacement in proportion
+    to its counts of their examples (`bootstrap_counts` at the batch's rows): the member's resample
+    seen through this batch, rows it left out never drawn. A member whose resample holds none of
+    the batch's rows draws them uniformly (probability about 0.37^B)."""
+    counts_ExB = jnp.asarray(counts_ExB, jnp.float32)
+    none_Ex1 = jnp.sum(counts_ExB, axis=1, keepdims=True) == 0
+    logits_ExB = jnp.log(jnp.where(none_Ex1, 1.0, counts_ExB))   # log 0 = -inf: never drawn
+    size, batch = counts_ExB.shape
+    return jax.random.categorical(rng, logits_ExB[:, None, :], axis=-1, shape=(size, batch))
 
 
 def make_ensemble_rm_step(model_cfg: models.ModelConfig, cfg: RMConfig,
