@@ -404,3 +404,14 @@ def test_dynamic_rope_greedy_decoding_within_max_len_equals_generate(tmp_path):
             max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
             eos_token_id=None)[:, 8:].numpy()
     np.testing.assert_array_equal(np.asarray(out.tokens_BxNxL[:, 0]), ref)
+
+
+def test_a_rope_key_set_to_null_reads_as_left_out():
+    """`rope_parameters` with `"rope_theta": null` (or a null factor) loads as if the key were
+    absent, as a null top-level key does; it was a bare TypeError from float(None)."""
+    config = _hf_config("llama").to_dict()
+    theta = float(hf_config.config_from_hf(config).rope_theta)
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": None}
+    assert float(hf_config.config_from_hf(config).rope_theta) == theta
+    config["rope_parameters"] = {"rope_type": "linear", "rope_theta": 1e4, "factor": None}
+    assert float(hf_config.config_from_hf(config).rope_factor) == 1.0

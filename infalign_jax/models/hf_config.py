@@ -156,14 +156,19 @@ def _activation(r: _Reader, key: str, default: str) -> str:
     return _ACTIVATIONS[name]
 
 
+def _set_keys(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def _rope_fields(r: _Reader, default_theta: float) -> dict[str, Any]:
-    params = r.get("rope_parameters") or {}
-    legacy = r.get("rope_scaling") or {}
+    # A key set to null reads as left out, as the reader's `get` treats top-level keys.
+    params = _set_keys(r.get("rope_parameters") or {})
+    legacy = _set_keys(r.get("rope_scaling") or {})
     top_theta = r.get("rope_theta")
     out: dict[str, Any] = {}
     if "full_attention" in params or "sliding_attention" in params:   # per layer type (Gemma 3)
-        local = params.get("sliding_attention") or {}
-        params = params.get("full_attention") or {}
+        local = _set_keys(params.get("sliding_attention") or {})
+        params = _set_keys(params.get("full_attention") or {})
         if local.get("rope_type", "default") != "default":
             raise r.refuse("rope_parameters", "sliding layers' rope must be the default one")
         out["rope_local_theta"] = float(local.get("rope_theta", 10000.0))
