@@ -124,7 +124,7 @@ def _logistic(s: float = 10.0, c: float = 0.5) -> Transform:
     if s <= 0:
         raise ValueError(f"transform 'logistic': s must be > 0, got {s}")
     return Transform("logistic", {"s": s, "c": c}, lambda u: jax.nn.sigmoid(s * (u - c)),
-                     sup_abs=1.0 / (1.0 + _exp(-s * (1.0 - c))))   # at u = 1
+                     sup_abs=1.0 / (2.0 + _expm1(-s * (1.0 - c))))   # at u = 1
 
 
 def _logit() -> Transform:
@@ -221,10 +221,6 @@ def _expm1(x: float) -> float:
         return math.expm1(x)
     except OverflowError:
         return math.inf
-
-
-def _exp(x: float) -> float:
-    return _expm1(x) + 1.0
 
 
 def transform_param_names(name: str) -> tuple[str, ...]:

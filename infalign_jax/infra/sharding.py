@@ -335,9 +335,8 @@ def shard_batch(batch_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
                 f" rows, not divisible by the {shards} batch shards of mesh {dict(mesh.shape)};"
                 " pad the batch"
             )
-        if global_rows is None:
-            return jax.make_array_from_process_local_data(sharding, x)
-        return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
+        return jax.make_array_from_process_local_data(
+            sharding, x, None if global_rows is None else (rows, *x.shape[1:]))
 
     return jax.tree_util.tree_map_with_path(put, batch_tree)
 

@@ -292,10 +292,10 @@ def _check_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, bonbon: 
                          f"config.task.kl_budget=0")
 
 
-def end_beta(cfg: rl.RLConfig, state: rl.RLState, num_steps: int) -> float:
+def end_beta(cfg: rl.RLConfig, state: rl.RLState | None, num_steps: int) -> float:
     """The beta the run ends at, whose pi* the evaluation compares with: the schedule's beta at
     the last step (0-based num_steps - 1; "linear" and an unfinished warm-up included), or the
-    adaptive controller's current beta (`state.beta`)."""
+    adaptive controller's current beta (`state.beta`; only it reads `state`)."""
     if cfg.beta_schedule == "adaptive":
         return float(jax.device_get(state.beta))
     return float(rl.scheduled_beta(cfg, num_steps - 1))
@@ -497,7 +497,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                     inputs={"reference_table": table_path}, mesh=mesh, started=started,
                     extra={"beta": cfg.beta})
     if bonbon is None and cfg.beta_schedule != "adaptive":   # the beta of the evaluation's pi*
-        manifest["extra"]["end_beta"] = float(rl.scheduled_beta(cfg, tcfg.num_steps - 1))
+        manifest["extra"]["end_beta"] = end_beta(cfg, None, tcfg.num_steps)
     if cfg.lora.rank:
         manifest["extra"]["lora"] = {
             "base": task.base_model_id,

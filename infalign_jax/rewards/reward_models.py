@@ -16,7 +16,8 @@ every member starts from its own random initialisation (`init_ensemble`). Withou
 `member_idx_ExB` every member sees the same batch, so members differ by their initialisation only;
 with it member e trains on rows `member_idx_ExB[e]` of the batch: its own bootstrap resample of the
 training set (`bootstrap_counts`, drawn once), seen batch by batch (`bootstrap_indices`), so about
-37% of the pairs never reach a member however many epochs it trains. The loss is the BT objective of `preference_losses.bradley_terry_loss`, not restated here.
+37% of the pairs never reach a member however many epochs it trains. The loss is the BT objective
+of `preference_losses.bradley_terry_loss`, not restated here.
 """
 
 from __future__ import annotations

@@ -388,14 +388,13 @@ def check_resume(task_dir: str, base: Any, cc: ComparisonConfig) -> None:
                          f"evaluations would be mixed with this one's: use another work dir (only "
                          f"{', '.join(COMPARISON_RESUMABLE)} may change on a rerun)")
 
-def _train(cfg: Any, run_dir: str, table_files: Sequence[str], devices: Any = None) -> Any:
+def _train(cfg: Any, run_dir: str, table_path: str, devices: Any = None) -> Any:
     """Trains (or resumes) one run on the shared reference table; returns its policy params."""
     os.makedirs(run_dir, exist_ok=True)
-    for src in table_files:
-        dst = os.path.join(run_dir, os.path.basename(src))
-        if not os.path.exists(dst):   # whole or absent: a rerun trusts a table that is there
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(src, tmp)
+    dst = os.path.join(run_dir, os.path.basename(table_path))
+    if not os.path.exists(dst):   # whole or absent: a rerun trusts a table that is there
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(table_path, tmp)
     state, _ = train.run(cfg, run_dir, log=lambda line: None, devices=devices)
     if not cfg.rl.get("lora", {}).get("rank", 0):
         return jax.device_get(state.params)   # the policy itself (LoRA: adapters, merged below)
@@ -418,7 +417,6 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     rl_task = real.rl_task_from(inputs)   # the same loaded policy and reward, not a second load
     k, ref_seed = train.reference_settings(base)
     table = train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)
-    table_files = [table_path]   # it records its K and seed itself
     # A rerun compares with the pi_ref samples the saved evaluations were scored against.
     ref_path = os.path.join(workdir, "evaluation", "pi_ref.npz")
     saved_ref = _load_eval(ref_path)
@@ -460,7 +458,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
                     log(f"  {method} seed {seed}: beta starts at {cfg.rl.beta:.4g} (the optimum "
                         f"at KL {kl_target:.4f})")
                 log(f"  {method} seed {seed}: training ({int(cfg.train.num_steps)} steps) ...")
-                params = _train(cfg, os.path.join(workdir, method, f"seed={seed}"), table_files,
+                params = _train(cfg, os.path.join(workdir, method, f"seed={seed}"), table_path,
                                 devices)
                 eval_seed = cc.eval_seed + 1 + seed
                 if matched(method):

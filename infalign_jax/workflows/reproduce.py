@@ -253,7 +253,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
     seed of the size with the config's schedule; writes convergence_table.{md,json}: how many
     seeds reached KL(pi || pi*) <= et.CONVERGED_KL, with the target's range(Phi)/beta."""
     base = sized_config(base_config, size)
-    knobs = SIZES[size]
+    knobs, seeds = SIZES[size], size_seeds(size, first_seed)
     os.makedirs(workdir, exist_ok=True)
     rows = []
     for kl in kls:
@@ -264,7 +264,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
             section = _transform_section(spec, kl, n, workdir)
             overrides = {"task.kl_budget": float(kl), **transform_overrides(**section)}
             runs, beta, unreachable = [], math.nan, None
-            for seed in size_seeds(size, first_seed):
+            for seed in seeds:
                 run_dir = os.path.join(workdir, f"kl={kl:g}", label.replace(" ", "_"),
                                        f"seed={seed}")
                 try:
@@ -289,9 +289,9 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
                 f"mean {row['exact_kl_to_target']:.4f} max {row['max_kl_to_target']:.4f}")
             rows.append(row)
     with atomic_open(os.path.join(workdir, "convergence_table.md")) as f:
-        f.write(convergence_markdown(rows, n, {**knobs, "seeds": size_seeds(size, first_seed)}))
+        f.write(convergence_markdown(rows, n, {**knobs, "seeds": seeds}))
     write_json(os.path.join(workdir, "convergence_table.json"), rows)
-    provenance.write_manifest(workdir, base, seeds={"seeds": list(size_seeds(size, first_seed))},
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)},
                               extra={"stage": "convergence", "size": size, "kls": list(kls)})
     return rows
 
