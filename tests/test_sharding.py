@@ -307,3 +307,36 @@ def test_sharded_optimizer_init_follows_params(mesh222):
         assert adam.mu[name].sharding == p.sharding and adam.nu[name].sharding == p.sharding
         np.testing.assert_array_equal(np.asarray(adam.mu[name]), np.zeros(p.shape))
     assert adam.count.sharding == sh.replicated(mesh222)
+
+
+def test_divisibility_fallbacks_are_reported_once(mesh222, caplog):
+    """A dimension the mesh cannot split is held whole on each device: logged, with its arrays
+    and their size; a dimension skipped because its axes are taken, or split by a later rule for
+    its name, is not."""
+    sh._REPORTED.clear()
+    specs = {"k": P("embed", "kv_heads", "head_dim"), "q": P("embed", "q_heads", "head_dim"),
+             "v": P("embed", "kv_heads", "head_dim")}
+    shapes = {"k": jax.ShapeDtypeStruct((16, 1, 8), jnp.float32),
+              "q": jax.ShapeDtypeStruct((16, 4, 8), jnp.float32),
+              "v": jax.ShapeDtypeStruct((16, 1, 8), jnp.bfloat16)}
+    with caplog.at_level("WARNING", logger=sh.__name__):
+        sh.logical_to_shardings(specs, shapes, mesh222)
+        sh.logical_to_shardings(specs, shapes, mesh222)  # the same report is not repeated
+    reports = [r.getMessage() for r in caplog.records]
+    assert len(reports) == 1, reports
+    (line,) = [ln for ln in reports[0].splitlines() if "kv_heads" in ln]
+    assert "size 1 is not divisible by tensor=2: 2 arrays" in line
+    assert f"({(16 * 8 * 4 + 16 * 8 * 2) / 2**20:.1f} MiB)" in line
+    assert "['k']" in line and "['v']" in line and "q_heads" not in reports[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=sh.__name__):
+        # taken axes (the by-design skip) and a later rule that splits: no report
+        rules = (("embed", "fsdp"), ("mlp", "fsdp"), ("mlp", "tensor"), ("batch", "data"))
+        out = sh.logical_to_shardings({"w": P("embed", "mlp")},
+                                      {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32)},
+                                      mesh222, rules)
+        assert out["w"].spec == P("fsdp", "tensor")
+        rules = (("embed", "fsdp"), ("mlp", "fsdp"), ("batch", "data"))
+        sh.logical_to_shardings({"w": P("embed", "mlp")},
+                                {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32)}, mesh222, rules)
+    assert not caplog.records

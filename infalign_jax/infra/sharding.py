@@ -32,7 +32,8 @@ Design choices:
   (with Auto axes) because it orders devices to follow the physical topology on TPU/GPU.
 * Divisibility fallback: `jit` and `device_put` refuse a sharding whose tiling does not divide the
   dimension (e.g. 1 KV head over tensor=2), so `logical_to_shardings` replicates such a
-  dimension instead. For a multi-axis rule such as "batch" -> ("data", "fsdp") the longest
+  dimension instead, and logs a warning naming the arrays and the memory they then take on
+  every device (once per distinct report). For a multi-axis rule such as "batch" -> ("data", "fsdp") the longest
   prefix of the axes that divides is used first (a batch of 2 then splits over "data" only).
   Inside jitted code, `with_sharding_constraint` accepts uneven splits (GSPMD pads), so the
   model's activation constraints need no such fallback.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -57,6 +59,8 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
@@ -201,10 +205,22 @@ def logical_to_mesh_spec(
     assigned in this array and (b) whose total size divides the dimension; if no non-empty prefix
     qualifies the dimension stays replicated. An empty spec (or None) means fully replicated.
     """
+    return _mesh_spec(logical_spec, shape, mesh, rules)[0]
+
+
+def _mesh_spec(
+    logical_spec: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: LogicalRules,
+) -> tuple[PartitionSpec, list[tuple[str, int, dict[str, int]]]]:
+    """`logical_to_mesh_spec`'s spec, and the divisibility fallbacks it took: (logical name,
+    size, {free mesh axis: size}) for each dimension left replicated only because no free prefix
+    of its rule's axes (with more than one device) divides it."""
     shape = tuple(shape)
     names = tuple(logical_spec) if logical_spec is not None else ()
     if not names:
-        return PartitionSpec()
+        return PartitionSpec(), []
     if len(names) != len(shape):
         raise ValueError(
             f"logical spec {names} has {len(names)} names but the array has shape {shape}"
@@ -220,6 +236,7 @@ def logical_to_mesh_spec(
             raise ValueError(f"logical axis name {name!r} occurs twice in spec {names}")
     assigned: list[tuple[str, ...] | None] = [None] * len(names)
     used: set[str] = set()
+    fallbacks: list[tuple[Any, ...]] = []
     for rule_name, rule_axes in rules:
         if rule_name not in names:
             continue
@@ -227,17 +244,23 @@ def logical_to_mesh_spec(
         if assigned[dim] is not None:
             continue
         axes = _as_axes(rule_axes)
+        tried: tuple[str, ...] = ()
         for end in range(len(axes), 0, -1):
             prefix = axes[:end]
             if used.intersection(prefix):
                 continue
+            tried = tried or prefix
             if shape[dim] % math.prod(mesh.shape[a] for a in prefix) == 0:
                 assigned[dim] = prefix
                 used.update(prefix)
                 break
-    return PartitionSpec(
-        *(None if a is None else (a[0] if len(a) == 1 else a) for a in assigned)
-    )
+        else:
+            if tried:  # not split for divisibility, not because its axes were taken
+                fallbacks.append((dim, rule_name, shape[dim],
+                                  {a: mesh.shape[a] for a in tried if mesh.shape[a] > 1}))
+    spec = PartitionSpec(*(None if a is None else (a[0] if len(a) == 1 else a) for a in assigned))
+    # a dimension a later rule for the same name did split is not a fallback
+    return spec, [f[1:] for f in fallbacks if assigned[f[0]] is None]
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -274,14 +297,41 @@ def logical_to_shardings(
             f" {only_specs}, only in shapes: {only_shapes}"
         )
     spec_leaves = [spec for _, spec in spec_paths]
-    shardings = []
+    shardings, fallbacks = [], []
     for spec, (path, leaf) in zip(spec_leaves, path_leaves):
         try:
-            mesh_spec = logical_to_mesh_spec(spec, np.shape(leaf), mesh, rules)
+            mesh_spec, fell_back = _mesh_spec(spec, np.shape(leaf), mesh, rules)
         except ValueError as err:
             raise ValueError(f"parameter {jax.tree_util.keystr(path)}: {err}") from None
         shardings.append(NamedSharding(mesh, mesh_spec))
+        fallbacks += [(jax.tree_util.keystr(path), leaf, *f) for f in fell_back]
+    if fallbacks:
+        _report_fallbacks(fallbacks, mesh)
     return jax.tree.unflatten(shape_def, shardings)
+
+
+_REPORTED: set[str] = set()
+
+
+def _report_fallbacks(fallbacks: list[tuple[Any, ...]], mesh: Mesh) -> None:
+    """Logs (once per distinct report) the arrays a dimension of which the mesh could not split:
+    they are held whole on every device of those axes, a memory cost the user should see."""
+    by_dim: dict[tuple[str, int, tuple[tuple[str, int], ...]], list[tuple[str, Any]]] = {}
+    for path, leaf, name, size, free in fallbacks:
+        by_dim.setdefault((name, size, tuple(free.items())), []).append((path, leaf))
+    lines = []
+    for (name, size, free), leaves in sorted(by_dim.items()):
+        nbytes = sum(math.prod(np.shape(x)) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+                     for _, x in leaves)
+        axes = ", ".join(f"{a}={n}" for a, n in free)
+        paths = ", ".join(p for p, _ in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
+        lines.append(f"  '{name}' of size {size} is not divisible by {axes}: {len(leaves)} arrays "
+                     f"({nbytes / 2**20:.1f} MiB) replicated along that dimension ({paths})")
+    report = (f"sharding on mesh {dict(mesh.shape)}: some dimensions stay whole on every device "
+              f"of their axes (each device holds the full size):\n" + "\n".join(lines))
+    if report not in _REPORTED:
+        _REPORTED.add(report)
+        logger.warning(report)
 
 
 @contextlib.contextmanager
