@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from infalign_jax.infra import provenance
@@ -118,3 +120,22 @@ def test_files_named_by_a_writer_are_moved_in_whole_or_not_at_all(tmp_path):
     assert (out / "a.json").read_text() == "first" and (out / "old.txt").read_text() == "kept"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]   # no temporary left
 
+
+
+def test_params_digest_is_content_and_layout():
+    import jax.numpy as jnp
+    from infalign_jax.infra.provenance import params_digest
+    tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": {"c": np.zeros(4, np.int32)}}
+    d = params_digest(tree)
+    assert len(d) == 64 and d == params_digest(jax.tree.map(jnp.asarray, tree))  # host or device
+    changed = jax.tree.map(np.copy, tree)
+    changed["a"][1, 2] += 1e-6
+    variants = [changed,
+                {**tree, "a": tree["a"].reshape(3, 2)},                       # same bytes, shape
+                {**tree, "b": {"c": np.zeros(4, np.float32)}},                # same bytes, dtype
+                {"a2": tree["a"], "b": tree["b"]}]                            # same bytes, key
+    assert len({d, *(params_digest(v) for v in variants)}) == 1 + len(variants)
+    skip_b = params_digest(tree, skip=lambda path: path[0].key == "b")
+    assert skip_b == params_digest({"a": tree["a"]}) != d
+    assert params_digest({"s": np.float32(2.0)}) != params_digest({"s": np.asarray([2.0],
+                                                                                    np.float32)})

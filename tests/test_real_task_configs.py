@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from infalign_jax import models
-from infalign_jax.rl.tasks import real
+from infalign_jax.rl.tasks import real, sources
 from infalign_jax.rl import tasks as rl_tasks
 from infalign_jax.loops import train
 from infalign_jax.core.calibration import load_reference_table
@@ -73,9 +74,11 @@ def test_config_has_the_policy_reward_and_data_subsections():
 def test_base_model_id_carries_the_sampling_budget():
     a = real.parse_section(dict(max_new_tokens=12))
     b = real.parse_section(dict(max_new_tokens=32))
-    ida = real.base_model_id("/x/SmolLM2-135M-Instruct.Q4_1.gguf", a)
-    assert ida.startswith("SmolLM2-135M-Instruct.Q4_1.gguf|max_new_tokens=12")
-    assert ida != real.base_model_id("/x/SmolLM2-135M-Instruct.Q4_1.gguf", b)
+    policy = sources.Policy(None, {"w": np.arange(3.0)}, None, "/x/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ida = real.base_model_id(policy, a)
+    assert re.fullmatch(r"SmolLM2-135M-Instruct\.Q4_1\.gguf#[0-9a-f]{16}\|max_new_tokens=12,"
+                        r"temperature=1\.0,require_eos=False", ida)
+    assert ida != real.base_model_id(policy, b)
 
 
 def _first_layers(n):
@@ -122,8 +125,8 @@ def test_one_ctrl_step_on_helpfulness_with_smollm2(tmp_path, monkeypatch):
 
     table = load_reference_table(str(tmp_path / "reference_table.npz"))
     assert table.reward_model_id == "vader"
-    assert table.base_model_id == ("SmolLM2-135M-Instruct.Q4_1.gguf|max_new_tokens=6,"
-                                   "temperature=1.0,require_eos=False")
+    assert re.fullmatch(r"SmolLM2-135M-Instruct\.Q4_1\.gguf#[0-9a-f]{16}\|max_new_tokens=6,"
+                        r"temperature=1\.0,require_eos=False", table.base_model_id)
     assert list(table.prompt_ids) == ["help-000", "help-001"]
     np.testing.assert_array_equal(table.counts_B, [4, 4])
     assert np.all(np.abs(table.sorted_rewards_BxK) <= 1.0)

@@ -7,7 +7,9 @@ directories, each with its own tokenizer, and a prompt JSONL. Nothing is downloa
 from __future__ import annotations
 
 import json
+import re
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -89,7 +91,7 @@ def test_hf_reward_equals_transformers_on_the_reencoded_text(dirs, padding, batc
     texts = [f"{p}\n{r}" for p, r in zip(prompts, responses)]
     np.testing.assert_allclose(judge(prompts, responses),
                                transformers_scores(dirs["rm"], texts), atol=2e-5)
-    assert judge.id == "hf:rm1|max_len=512" and judge.truncated == 0
+    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512", judge.id) and judge.truncated == 0
 
 
 def test_hf_reward_truncates_on_the_left_and_counts(dirs):
@@ -113,7 +115,27 @@ def test_ensemble_is_mean_minus_k_std(dirs):
     sa, sb = a(prompts, responses), b(prompts, responses)
     want = (sa + sb) / 2 - 2.0 * np.abs(sa - sb) / 2
     np.testing.assert_allclose(ens(prompts, responses), want, atol=1e-6)
-    assert ens.id.startswith("ensemble(hf:rm1|max_len=512,hf:rm2|max_len=512)")
+    assert ens.id == f"ensemble({a.id},{b.id})-2std"
+
+
+def test_model_ids_tell_apart_checkpoints_in_folders_of_one_name(dirs, tmp_path):
+    """Reference tables are keyed by the base and reward model ids: two checkpoints in folders of
+    the same name (e.g. two runs' export/hf) must not share a table, and a copy of one must."""
+    for sub, src in (("a", "rm"), ("b", "rm2"), ("c", "rm")):
+        shutil.copytree(dirs[src], tmp_path / sub / "rm")
+    ida, idb, idc = (hf_reward.SequenceClassifierJudge(str(tmp_path / sub / "rm")).id
+                     for sub in "abc")
+    assert ida.split("#")[0] == idb.split("#")[0] == "hf:rm" and ida != idb and ida == idc
+    s = real.parse_section({})
+    policy = sources.load_policy(sources.PolicyConfig(dirs["policy"]))
+    leaves, treedef = jax.tree.flatten(policy.params)
+    first = np.array(leaves[0])
+    first.flat[3] += 1e-3                                # one weight differs
+    other = jax.tree.unflatten(treedef, [first, *leaves[1:]])
+    moved = policy._replace(source="/elsewhere/" + os.path.basename(policy.source))
+    assert real.base_model_id(moved, s) == real.base_model_id(policy, s)
+    assert real.base_model_id(policy._replace(params=other), s) != real.base_model_id(policy, s)
+    assert real.base_model_id(policy, s).startswith(os.path.basename(dirs["policy"]) + "#")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -241,8 +263,8 @@ def test_ctrl_on_the_researchers_policy_reward_model_and_prompts(dirs, tmp_path,
     split = sources.split_prompts(dirs["prompts"], 4, 2, seed=5)
     table = load_reference_table(str(tmp_path / "reference_table.npz"))
     assert list(table.prompt_ids) == split.train_ids
-    assert table.reward_model_id == "hf:rm1|max_len=512"
-    assert table.base_model_id.startswith("policy|max_new_tokens=5")
+    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512", table.reward_model_id)
+    assert re.fullmatch(r"policy#[0-9a-f]{16}\|max_new_tokens=5,.*", table.base_model_id)
     assert not set(split.train_texts) & set(split.eval_texts)
     # evaluation scored its own prompts, as raw text (not the detokenised prompt tokens)
     assert set(split.eval_texts) <= set(seen_prompts)

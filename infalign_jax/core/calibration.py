@@ -353,7 +353,9 @@ def load_reference_table(path: str, *, expected_reward_model_id: str | None = No
         if expected is not None and expected != found:
             raise ReferenceTableError(
                 f"reference table {path} was built for {what} model {found!r}, but {what} model "
-                f"{expected!r} was expected")
+                f"{expected!r} was expected (ids hold the model's name, a digest of its "
+                f"parameters and the settings that change its output); use another work dir, "
+                f"or delete the table to rebuild it")
     try:
         return ReferenceTable(arrays["prompt_ids"], arrays["sorted_rewards_BxK"],
                               arrays["counts_B"], base_model_id=base_id, reward_model_id=reward_id,

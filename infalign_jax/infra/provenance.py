@@ -15,7 +15,9 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 from infalign_jax.infra.files import write_json
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections",
@@ -62,6 +64,21 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def params_digest(params: Any, skip: Callable[[tuple[Any, ...]], bool] | None = None) -> str:
+    """sha256 (hex) of a parameter tree's content: each leaf's key path, dtype, shape and bytes,
+    in tree order, leaving out the leaves whose key path `skip` accepts. Identifies a model by
+    what it computes, not by where its files lie (two `export/hf` folders differ)."""
+    import jax  # the manifest's other helpers need no JAX
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if skip is not None and skip(path):
+            continue
+        leaf = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+        h.update(np.ascontiguousarray(leaf).reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from infalign_jax import models
 from infalign_jax.data import TokenizeConfig, read_preferences, tokenize_preferences
-from infalign_jax.infra import validate as check
+from infalign_jax.infra import provenance, validate as check
 from infalign_jax.infra.files import write_npz
 from infalign_jax.loops.rm_model import RMModel
 from infalign_jax.rewards import reward_models as rt
@@ -140,15 +140,11 @@ def load_pairs(data: RMDataConfig, split: str, model: RMModel, log: Callable[[st
 
 
 def trunk_digest(params: Any, model_cfg: models.ModelConfig) -> str:
-    """sha256 over the model config and every parameter but the reward head (path, dtype,
-    shape, bytes): what the cached features depend on."""
+    """sha256 over the model config and every parameter but the reward head
+    (`provenance.params_digest`): what the cached features depend on."""
     h = hashlib.sha256(repr(sorted(dataclasses.asdict(model_cfg).items())).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if path[0].key in rt.HEAD_KEYS:
-            continue
-        leaf = np.asarray(jax.device_get(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
+    h.update(provenance.params_digest(params, skip=lambda path: path[0].key in rt.HEAD_KEYS)
+             .encode())
     return h.hexdigest()
 
 

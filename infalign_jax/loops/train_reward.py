@@ -45,7 +45,6 @@ accuracy, data counts with truncation per part).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from typing import Any, Callable
@@ -260,12 +259,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,
                       progress_keys=("loss", "accuracy"), evaluate=evaluate)
     state, start, last_eval = result.state, result.resumed_from, result.last_eval
-    digest = hashlib.sha256(b"".join(np.asarray(x).tobytes()
-                                     for x in jax.tree.leaves(distributed.gather_to_host(
-                                         state.params))))
+    digest = provenance.params_digest(distributed.gather_to_host(state.params))
     pool = "" if model_cfg.reward_pool == "last" else f",{model_cfg.reward_pool}"
-    model_id = (f"rm[{model_cfg.n_layers}x{model_cfg.d_model},{tok_name}{pool}]:"
-                f"{digest.hexdigest()[:16]}")
+    model_id = f"rm[{model_cfg.n_layers}x{model_cfg.d_model},{tok_name}{pool}]:{digest[:16]}"
     info = {"reward_model_id": model_id, "model_config": dataclasses.asdict(model_cfg),
             "tokenizer": tok_name, "ensemble_size": tcfg.ensemble_size,
             "checkpoint_step": tcfg.num_steps}

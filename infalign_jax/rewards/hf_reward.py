@@ -35,6 +35,7 @@ import numpy as np
 
 from infalign_jax import models
 from infalign_jax.data.tokenize import as_encoder, pad_rows
+from infalign_jax.infra import provenance
 from infalign_jax.models import hf_import
 
 logger = logging.getLogger(__name__)
@@ -110,10 +111,12 @@ class ModelJudge:
         self.truncated = 0
         self._score = _scorer(cfg)
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        """Identifies the reward in reference tables: the model and what changes the score."""
-        return f"{self.name}|max_len={self.max_len}"
+        """Identifies the reward in reference tables: the model (its name and the digest of its
+        parameters, so two checkpoints in folders of one name never share a table) and what
+        changes the score."""
+        return f"{self.name}#{provenance.params_digest(self.params)[:16]}|max_len={self.max_len}"
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of the rendered texts, cut on the left to `max_len` (cuts counted)."""

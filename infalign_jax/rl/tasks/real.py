@@ -20,8 +20,9 @@ template, left padded) and an offline judge as the reward r, bridged into the ji
 `judges.text_reward_fn`:
 
 * reward_model_id = the judge's id ("vader", "harmlessness");
-* base_model_id = the GGUF file name plus the sampling settings that define the reference
-  distribution ("...gguf|max_new_tokens=12,temperature=1.0,require_eos=False"): a reference table
+* base_model_id = the GGUF file name, its parameters' digest and the sampling settings that
+  define the reference distribution
+  ("...gguf#<16 hex>|max_new_tokens=12,temperature=1.0,require_eos=False"): a reference table
   is pi_ref's *budget-truncated* reward distribution, so `train.prepare_reference_table` must not
   reuse a table drawn with another budget;
 * `reference_table(k, seed)` runs the calibration pass (`calibration_pass.run_calibration`);
@@ -63,7 +64,7 @@ from infalign_jax.rewards import judges
 from infalign_jax.rl import calibration_pass
 from infalign_jax.rl.tasks import prompt_sets, sources
 from infalign_jax.rl.tasks.base import RLTask
-from infalign_jax.infra import validate as check
+from infalign_jax.infra import provenance, validate as check
 from infalign_jax.infra.config_utils import as_dict, dataclass_from
 from infalign_jax.core.selection import PROCEDURES
 
@@ -270,11 +271,15 @@ def parse_section(section: Any) -> RealTaskConfig:
     return dataclass_from(RealTaskConfig, as_dict(section), "task")
 
 
-def base_model_id(policy_path: str, s: RealTaskConfig) -> str:
-    """What sampled the reference table: the GGUF file or transformers directory, and the
-    sampling settings."""
-    return (f"{os.path.basename(os.path.normpath(policy_path))}|max_new_tokens={s.max_new_tokens},"
-            f"temperature={float(s.temperature)},require_eos={s.require_eos}")
+def base_model_id(policy: sources.Policy, s: RealTaskConfig) -> str:
+    """What sampled the reference table: the GGUF file, transformers directory or run (by name,
+    for people), the digest of its parameters (`provenance.params_digest`, so two policies in
+    folders of one name, or a run retrained in place, never share a table) and the sampling
+    settings."""
+    name = os.path.basename(os.path.normpath(policy.source))
+    return (f"{name}#{provenance.params_digest(policy.params)[:16]}|"
+            f"max_new_tokens={s.max_new_tokens},temperature={float(s.temperature)},"
+            f"require_eos={s.require_eos}")
 
 
 def _estimate_keys(record: dict[str, Any]) -> dict[str, float]:
@@ -364,7 +369,7 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
     """The `RLTask` of already loaded `task_inputs` (a caller that needs both loads once)."""
     (s, task, policy, judge, split, prompt_BxP, mask_BxP, eval_BxP, eval_mask_BxP, eos_id, pad_id,
      detokenize) = inputs
-    base_id = base_model_id(policy.source, s)
+    base_id = base_model_id(policy, s)
     fns = models.decoder_fns(policy.model_cfg)
     reward = judges.text_reward_fn(judge, detokenize, split.train_texts)
     eval_judge = PromptTextJudge(judge, {detokenize(row[m]): text for row, m, text in
