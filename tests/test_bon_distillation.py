@@ -64,6 +64,28 @@ def _setup(reps=2, **kw):
     return task, cfg, fns, step, rl.init_state(task.ref_params, opt), frozen, batch
 
 
+def test_bonbon_prompts_whose_rewards_all_tie_have_no_preference_pair():
+    """All n rewards equal: best and worst are one response, h = 0 by construction. Such a prompt
+    carries no preference; it must not enter L_pref (it used to add 1/(2 beta)^2 to `pref` and
+    dilute its gradient), while its best response still enters the NLL."""
+    task, cfg, fns, _, state, frozen, batch = _setup(variant="ipo", alpha=0.3)
+    opt = rl.make_optimizer(cfg)
+
+    def flat(params, idx_B, resp_BxL, mask_BxL):      # every response scores the same
+        return jnp.zeros(resp_BxL.shape[:1], jnp.float32)
+
+    step = bd.make_bonbon_step(cfg, fns, flat, opt)
+    key = jax.random.key(3)
+    _, met = jax.jit(step)(state, frozen, batch, key)
+    data = bd.sample_reference_responses(cfg, fns, task.ref_params, batch["prompt_BxP"],
+                                         batch["prompt_mask_BxP"], jax.random.split(key)[0])
+    codes = np.asarray(et.response_codes(data.tokens_BxNxL, 4))
+    idx = np.asarray(batch["prompt_idx_B"])
+    nll = -np.mean(et.policy_logprobs(task, task.ref_params)[idx, codes[:, 0]])  # first index
+    assert float(met["tied"]) == 1.0 and float(met["pref"]) == 0.0
+    assert float(met["loss"]) == pytest.approx(0.3 * nll, rel=1e-4)
+
+
 def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
     task, cfg, fns, step, state, frozen, batch = _setup(variant="ipo", alpha=0.3)
     key = jax.random.key(3)
@@ -86,6 +108,7 @@ def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
     assert float(met["worst_reward"]) == pytest.approx(r.min(1).mean(), rel=1e-6)
     # the preference margin h (best's log-ratio minus worst's) is 0 when pi = pi_ref
     assert float(met["h_mean"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(met["tied"]) == pytest.approx(np.mean(r.max(1) == r.min(1)))
     for k in ("reward", "calibrated_reward", "kl_k1", "kl_k3", "kl_full_vocab", "entropy",
               "response_length", "grad_norm", "beta", "h_mean", "accuracy", "pref"):
         assert np.isfinite(float(met[k])), k

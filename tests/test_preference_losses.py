@@ -161,6 +161,34 @@ def test_bonbon_loss_hand_values(variant):
     assert float(loss) == pytest.approx(nll, 1e-6)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_pair_mask_averages_over_the_pairs_it_keeps(variant):
+    """Masked rows leave the loss, its gradient and its metrics: equal to the loss on the kept
+    rows alone (an independent call), and 0 when none is kept."""
+    pw, pl, rw, rl, h_hand, _ = _pairs()
+    keep = np.array([1, 0, 1], bool)
+    for fn in (functools.partial(P.dpo_loss, beta=0.5), functools.partial(P.ipo_loss, beta=0.5)):
+        loss, m = variant(lambda *a, fn=fn: fn(*a, pair_mask_B=keep))(pw, pl, rw, rl)
+        sub_loss, sub_m = fn(pw[keep], pl[keep], rw[keep], rl[keep])
+        assert float(loss) == pytest.approx(float(sub_loss), 1e-6)
+        for k in ("accuracy", "h_mean"):
+            assert float(m[k]) == pytest.approx(float(sub_m[k]), 1e-6), k
+        g = jax.grad(lambda x, fn=fn: fn(x, pl, rw, rl, pair_mask_B=keep)[0])(pw)
+        assert float(g[1]) == 0.0
+    # BoNBoN: L_pref over the kept pairs, the NLL over every best response
+    loss, m = variant(lambda *a: P.bonbon_loss(*a, n=4, alpha=0.25, pair_mask_B=keep))(
+        pw, pl, rw, rl)
+    sub_pref = P.ipo_loss(pw[keep], pl[keep], rw[keep], rl[keep], beta=P.bonbon_beta(4))[0]
+    want = 0.25 * -np.mean(pw) + 0.75 * float(sub_pref)
+    assert float(loss) == pytest.approx(want, 1e-6)
+    assert float(m["pref"]) == pytest.approx(float(sub_pref), 1e-6)
+    assert float(m["tied"]) == pytest.approx(1 / 3)
+    loss, m = P.ipo_loss(pw, pl, rw, rl, beta=0.5, pair_mask_B=np.zeros(3, bool))
+    assert float(loss) == 0.0 and float(m["accuracy"]) == 0.0
+    with pytest.raises(ValueError, match="pair_mask_B"):
+        P.dpo_loss(pw, pl, rw, rl, beta=0.5, pair_mask_B=keep[:2])
+
+
 def test_bad_inputs_raise_value_errors():
     x = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="r_rejected_B"):

@@ -43,10 +43,18 @@ def _pairs(names: tuple[str, ...], *arrays: Array) -> list[Array]:
     return out
 
 
-def _win_accuracy(diff_B: Array) -> Array:
+def _mean(x_B: Array, mask_B: Array | None) -> Array:
+    """Mean over the pairs `mask_B` keeps (all when None); 0 when it keeps none."""
+    if mask_B is None:
+        return jnp.mean(x_B)
+    mask_B = jnp.asarray(mask_B, x_B.dtype)
+    return jnp.sum(jnp.where(mask_B > 0, x_B, 0.0)) / jnp.maximum(jnp.sum(mask_B), 1.0)
+
+
+def _win_accuracy(diff_B: Array, mask_B: Array | None = None) -> Array:
     """Share of pairs with diff > 0; ties count 1/2."""
     diff_B = jax.lax.stop_gradient(diff_B)
-    return jnp.mean(jnp.where(diff_B > 0, 1.0, jnp.where(diff_B == 0, 0.5, 0.0)))
+    return _mean(jnp.where(diff_B > 0, 1.0, jnp.where(diff_B == 0, 0.5, 0.0)), mask_B)
 
 
 def _smoothed_logistic(z_B: Array, label_smoothing: Array) -> Array:
@@ -87,40 +95,55 @@ def preference_log_ratio(policy_chosen_logp_B: Array, policy_rejected_logp_B: Ar
     return (pw - pl) - ref_B
 
 
-def _direct_metrics(h_B: Array, beta: Array) -> dict:
-    return {"accuracy": _win_accuracy(h_B), "h_mean": jax.lax.stop_gradient(jnp.mean(h_B)),
-            "implicit_reward_margin": jax.lax.stop_gradient(beta * jnp.mean(h_B))}
+def _direct_metrics(h_B: Array, beta: Array, mask_B: Array | None) -> dict:
+    h_mean = jax.lax.stop_gradient(_mean(h_B, mask_B))
+    return {"accuracy": _win_accuracy(h_B, mask_B), "h_mean": h_mean,
+            "implicit_reward_margin": beta * h_mean}
+
+
+def _pair_mask(mask_B: Array | None, h_B: Array) -> Array | None:
+    if mask_B is None:
+        return None
+    mask_B = jnp.asarray(mask_B)
+    check_same_shape([mask_B, h_B], "pair_mask_B vs the log-probs")
+    return mask_B
 
 
 def dpo_loss(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array,
              ref_chosen_logp_B: Array, ref_rejected_logp_B: Array, beta: float | Array,
-             label_smoothing: float = 0.0) -> tuple[Array, dict]:
+             label_smoothing: float = 0.0, pair_mask_B: Array | None = None
+             ) -> tuple[Array, dict]:
     """Direct preference optimisation: mean -log sigmoid(beta h) (Rafailov et al. 2023,
     arXiv 2305.18290, eq. 7); with label smoothing eps the conservative cDPO form
     -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (Mitchell 2023).
 
     Metrics: accuracy (P[h > 0], ties 1/2), h_mean, implicit_reward_margin (beta * mean h).
+    `pair_mask_B` (1 = a pair, 0 = none, e.g. a chosen response that is the rejected one): the
+    loss and metrics are means over the pairs it keeps (0 when it keeps none).
     """
     beta = check_scalar(beta, "beta", low=0.0, low_open=True)
     label_smoothing = check_scalar(label_smoothing, "label_smoothing", low=0.0, high=0.5)
     h_B = preference_log_ratio(policy_chosen_logp_B, policy_rejected_logp_B,
                                ref_chosen_logp_B, ref_rejected_logp_B)
-    loss = jnp.mean(_smoothed_logistic(beta * h_B, label_smoothing))
-    return loss, _direct_metrics(h_B, beta)
+    mask_B = _pair_mask(pair_mask_B, h_B)
+    loss = _mean(_smoothed_logistic(beta * h_B, label_smoothing), mask_B)
+    return loss, _direct_metrics(h_B, beta, mask_B)
 
 
 def ipo_loss(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array,
              ref_chosen_logp_B: Array, ref_rejected_logp_B: Array,
-             beta: float | Array) -> tuple[Array, dict]:
+             beta: float | Array, pair_mask_B: Array | None = None) -> tuple[Array, dict]:
     """Identity preference optimisation: mean (h - 1/(2 beta))^2 (Azar et al. 2023,
     arXiv 2310.12036v2, eq. 17; their tau is beta here). Minimised at h = 1/(2 beta): unlike DPO
-    the target log-ratio gap stays finite even for deterministic preferences.
+    the target log-ratio gap stays finite even for deterministic preferences. `pair_mask_B` as
+    for `dpo_loss`.
     """
     beta = check_scalar(beta, "beta", low=0.0, low_open=True)
     h_B = preference_log_ratio(policy_chosen_logp_B, policy_rejected_logp_B,
                                ref_chosen_logp_B, ref_rejected_logp_B)
-    loss = jnp.mean(jnp.square(h_B - 1.0 / (2.0 * beta)))
-    return loss, _direct_metrics(h_B, beta)
+    mask_B = _pair_mask(pair_mask_B, h_B)
+    loss = _mean(jnp.square(h_B - 1.0 / (2.0 * beta)), mask_B)
+    return loss, _direct_metrics(h_B, beta, mask_B)
 
 
 def _check_n(n: int, name: str) -> int:
@@ -153,7 +176,8 @@ def vbon_beta(n: int) -> float:
 
 def bonbon_loss(policy_best_logp_B: Array, policy_worst_logp_B: Array, ref_best_logp_B: Array,
                 ref_worst_logp_B: Array, n: int, alpha: float,
-                beta: float | Array | None = None, variant: str = "ipo") -> tuple[Array, dict]:
+                beta: float | Array | None = None, variant: str = "ipo",
+                pair_mask_B: Array | None = None) -> tuple[Array, dict]:
     """BoNBoN alignment loss (Gui et al. 2024, arXiv 2406.00832; spec 4):
 
         L = alpha * mean(-log pi(y_best)) + (1 - alpha) * L_pref(h; beta),
@@ -165,6 +189,9 @@ def bonbon_loss(policy_best_logp_B: Array, policy_worst_logp_B: Array, ref_best_
     logging it as ".../ipo" (spec 4, code caveat); offered for reproducing their runs.
     The NLL is of the whole sequence (summed token log-probs), as in their code; pass a length-
     normalised log-prob to get a per-token NLL. Metrics: nll, pref, h_mean, accuracy, beta.
+    `pair_mask_B` = 0 where the best and worst responses are one and the same (all n rewards
+    tied): such a prompt has no preference pair, so L_pref and its metrics average over the
+    others, while its best response still enters the NLL; metric `tied` is the share left out.
     """
     n = _check_n(n, "bonbon_loss")
     alpha = check_scalar(alpha, "alpha", low=0.0, high=1.0)
@@ -173,9 +200,11 @@ def bonbon_loss(policy_best_logp_B: Array, policy_worst_logp_B: Array, ref_best_
     beta = bonbon_beta(n) if beta is None else beta
     pref_fn = ipo_loss if variant == "ipo" else dpo_loss
     pref, metrics = pref_fn(policy_best_logp_B, policy_worst_logp_B, ref_best_logp_B,
-                            ref_worst_logp_B, beta)
+                            ref_worst_logp_B, beta, pair_mask_B=pair_mask_B)
     nll = -jnp.mean(check_rank(policy_best_logp_B, 1, "policy_best_logp_B"))
     loss = alpha * nll + (1.0 - alpha) * pref
+    tied = (jnp.float32(0.0) if pair_mask_B is None
+            else 1.0 - jnp.mean(jnp.asarray(pair_mask_B, jnp.float32)))
     metrics = dict(metrics, nll=jax.lax.stop_gradient(nll), pref=jax.lax.stop_gradient(pref),
-                   beta=jnp.asarray(beta, jnp.float32))
+                   beta=jnp.asarray(beta, jnp.float32), tied=tied)
     return loss, metrics

@@ -17,10 +17,12 @@
 `BoNBoNConfig`. Data: `data="online"` draws fresh pi_ref samples inside the step (an unbounded
 offline data set, same distribution); `data="offline"` reads them from the batch
 (`response_BxNxL`, `response_mask_BxNxL`, e.g. made once by `sample_reference_responses`).
-Ties in reward are broken by the first index (argmax / argmin).
+Ties in reward are broken by the first index (argmax / argmin); a prompt whose n rewards all
+tie has one response as both best and worst, so no preference pair: it is left out of L_pref
+(metric `tied`, the share of such prompts) and its best response still enters the NLL.
 
-Metrics: loss, nll, pref, h_mean, accuracy, beta (beta*_N or the configured one), grad_norm,
-best_reward, worst_reward (of the pi_ref draws); from `monitor_samples` policy samples per prompt
+Metrics: loss, nll, pref, h_mean, accuracy, tied, beta (beta*_N or the configured one),
+grad_norm, best_reward, worst_reward (of the pi_ref draws); from `monitor_samples` policy samples per prompt
 (the same quantities the RL step logs): reward, calibrated_reward, kl_k1, kl_k3,
 response_length, and with `full_kl` kl_full_vocab, entropy. With monitor_samples = 0 only
 response_length is kept (of y_best). With `shared_prompt` (the rl section's) each prompt is run
@@ -164,7 +166,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
         def loss_fn(params):
             logp_Bx2 = pair_logprobs(policy(params, frozen))
             return bonbon_loss(logp_Bx2[:, 0], logp_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1], n,
-                               cfg.alpha, beta, cfg.variant)
+                               cfg.alpha, beta, cfg.variant, pair_mask_B=best_B != worst_B)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -173,7 +175,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
                    "best_reward": jnp.mean(select(rewards_BxN, best_B)),
                    "worst_reward": jnp.mean(select(rewards_BxN, worst_B)),
                    "response_length": jnp.mean(jnp.sum(rmask_2BxL[::2], -1)),
-                   **{k: aux[k] for k in ("nll", "pref", "h_mean", "accuracy", "beta")}}
+                   **{k: aux[k] for k in ("nll", "pref", "h_mean", "accuracy", "beta", "tied")}}
         if cfg.monitor_samples:
             metrics.update(_monitor(cfg, fns, reward_fn, policy(state.params, frozen), frozen,
                                     prompt_BxP, pmask_BxP, idx_B, monitor_key))
