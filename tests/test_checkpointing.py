@@ -165,6 +165,43 @@ def test_damaged_newest_step_falls_back_to_previous(tmp_path, caplog, damage):
         assert ckpt.restore_latest(abstract).step == 3
 
 
+def test_a_passing_read_error_is_retried_not_quarantined(tmp_path, caplog, monkeypatch):
+    """The newest step fails once (a transient read error), the older one then restores: the
+    newest is tried again and restored, never renamed. Out of memory is raised as it is."""
+    states = {step: _example_state(seed=step) for step in (1, 2, 3)}
+    abstract = jax.eval_shape(lambda: states[1])
+    root = tmp_path / "ckpt"
+    with Checkpointer(root, max_to_keep=3) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"step": step})
+        ckpt.wait()
+    real_restore, calls = Checkpointer.restore, []
+
+    def flaky(self, step, abstract_state):
+        calls.append(step)
+        if calls == [3]:
+            raise OSError("stale file handle")
+        return real_restore(self, step, abstract_state)
+
+    monkeypatch.setattr(Checkpointer, "restore", flaky)
+    with Checkpointer(root, max_to_keep=3) as ckpt, caplog.at_level(logging.WARNING, LOGGER):
+        step, state, _ = ckpt.restore_latest(abstract)
+        assert step == 3 and calls == [3, 2, 3]
+        _assert_trees_equal(state, states[3])
+        assert ckpt.all_steps() == [1, 2, 3] and not list(root.glob("*.corrupt*"))
+        assert any("second try" in r.getMessage() for r in caplog.records)
+
+    for error in (MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")):
+        def no_memory(self, step, abstract_state, error=error):
+            raise error
+
+        monkeypatch.setattr(Checkpointer, "restore", no_memory)
+        with Checkpointer(root, max_to_keep=3) as ckpt:
+            with pytest.raises(type(error)):
+                ckpt.restore_latest(abstract)
+            assert ckpt.all_steps() == [1, 2, 3]
+
+
 def test_no_restorable_step_is_a_clear_error_and_renames_nothing(tmp_path):
     state = _example_state()
     root = tmp_path / "ckpt"

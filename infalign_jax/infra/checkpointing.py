@@ -257,7 +257,10 @@ class Checkpointer:
         """Restores the newest step that restores cleanly; None if there is no step at all.
 
         Steps newer than the one restored failed to restore: each is logged with its error and
-        renamed to ``<step>.corrupt``. Raises `CheckpointRestoreError` if every step fails.
+        tried once more (a passing read error, e.g. of a network file system, is not corruption:
+        the storage has just served the older step); a step that fails again is renamed to
+        ``<step>.corrupt``. Running out of memory is raised, never taken for corruption. Raises
+        `CheckpointRestoreError` if every step fails.
         """
         self._manager.wait_until_finished()
         failures: list[tuple[int, Exception]] = []
@@ -265,12 +268,17 @@ class Checkpointer:
             try:
                 restored = self.restore(step, abstract)
             except Exception as e:  # noqa: BLE001  (Orbax/TensorStore/JSON raise many types)
+                if _out_of_memory(e):
+                    raise
                 logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); "
                                "falling back to the previous step", step, self.directory,
                                type(e).__name__, _first_line(e))
                 failures.append((step, e))
                 continue
             if failures:
+                retried = self._retry(failures, abstract)
+                if retried is not None:
+                    return retried
                 logger.warning("restored checkpoint step %d instead of newer bad step(s) %s",
                                step, [s for s, _ in failures])
                 self._quarantine([s for s, _ in failures])
@@ -282,6 +290,24 @@ class Checkpointer:
         raise CheckpointRestoreError(
             f"no checkpoint in {self.directory} could be restored with the given abstract state "
             f"({reasons})") from failures[0][1]
+
+    def _retry(self, failures: list[tuple[int, Exception]], abstract: PyTree
+               ) -> Restored | None:
+        """The newest of the failed steps that restores on a second try (None if none does);
+        the steps newer than it are left in `failures`."""
+        for i, (step, _) in enumerate(failures):
+            try:
+                restored = self.restore(step, abstract)
+            except Exception as e:  # noqa: BLE001
+                if _out_of_memory(e):
+                    raise
+                continue
+            logger.warning("checkpoint step %d restored on a second try", step)
+            del failures[i:]
+            if failures:
+                self._quarantine([s for s, _ in failures])
+            return restored
+        return None
 
     def _quarantine(self, steps: list[int]) -> None:
         ocp.multihost.sync_global_processes("infalign_checkpoint_quarantine_start")
@@ -297,6 +323,12 @@ class Checkpointer:
                 logger.warning("moved bad checkpoint %s to %s", src, dst)
         ocp.multihost.sync_global_processes("infalign_checkpoint_quarantine_end")
         self._manager.reload()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Host (MemoryError) or accelerator (XLA's RESOURCE_EXHAUSTED) memory ran out: a reason to
+    stop, not a sign of a corrupt checkpoint."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
 
 
 def _checkpoint_root(path: str) -> tuple[epath.Path, int | None]:
