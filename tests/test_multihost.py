@@ -306,3 +306,68 @@ def test_every_mesh_layout_gets_the_global_batch_across_processes(tmp_path):
         assert out["prompt_idx"] == rows, layout
         assert out["first_tokens"] == prompts[rows, 0].tolist(), layout
         assert out["sum"] == float(prompts[rows].sum()), layout
+
+
+CALIBRATION_WORKER = REPO / "tests" / "_multihost_calibration_worker.py"
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_calibration_pass(tmp_path):
+    """Each of two processes draws every other prompt batch; both return the table one process
+    draws alone (the same keys per batch and chunk), and the pass's progress counts only each
+    process's share. The shared table is written once, by process 0, and reused by both."""
+    import test_calibration_pass as tc
+    from infalign_jax.decoding import sampling
+    from infalign_jax.rl import calibration_pass as cp
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+    procs = {}
+    for i in range(2):
+        log = tmp_path / f"calibration{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, str(CALIBRATION_WORKER), "--process_id", str(i), "--port",
+                 str(port), "--out", str(tmp_path)], env=env, cwd=REPO, stdout=f,
+                stderr=subprocess.STDOUT), log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+    import json
+    for bp in (1, 2):
+        alone = cp.run_calibration(
+            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
+            batch_prompts=bp, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+            progress=None)
+        for i in range(2):
+            with np.load(tmp_path / f"table_p{i}_bp{bp}.npz") as got:
+                np.testing.assert_array_equal(got["sorted_rewards_BxK"], alone.sorted_rewards_BxK)
+                np.testing.assert_array_equal(got["counts_B"], alone.counts_B)
+                assert int(got["processes"]) == 2
+    assert not list(tmp_path.glob("partial*"))          # each process's side file is removed
+    logs = [json.loads((tmp_path / f"log_p{i}.json").read_text()) for i in range(2)]
+    # batch_prompts=1: process 0 draws batches 0 and 2 (2 prompts), process 1 batch 1
+    assert any("prompts 2/2 (process 0's share)" in line for line in logs[0])
+    assert any("prompts 1/1 (process 1's share)" in line for line in logs[1])
+    assert all(not line.startswith("calibration") or "share" in line or "done" in line
+               for line in logs[0] + logs[1])
+    assert sorted(p.name for p in tmp_path.glob("reference_table*")) == ["reference_table.npz"]
+    for log in logs:
+        assert sum("reusing reference table" in line for line in log) == 1
+
+
+def test_combining_shares_needs_every_process():
+    """One process told that two share the pass cannot make up the other's rows."""
+    import test_calibration_pass as tc
+    from infalign_jax.decoding import sampling
+    from infalign_jax.rl import calibration_pass as cp
+    with pytest.raises(ValueError, match="process_count=2, but 1 processes took part"):
+        cp.run_calibration(
+            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
+            batch_prompts=1, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+            progress=None, process_index=0, process_count=2)
+    with pytest.raises(ValueError, match=r"process_index=2 is not in \[0, process_count=2\)"):
+        cp.run_calibration(
+            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
+            batch_prompts=1, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+            progress=None, process_index=2, process_count=2)

@@ -261,6 +261,15 @@ def global_from_host(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
+def stack_from_processes(tree: Any) -> Any:
+    """Each leaf (a host array, the same shape and dtype on every process) stacked over the
+    processes: [process_count, ...], row i from process i; one process: a leading axis of 1.
+    A collective: all processes must call it with the same tree."""
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: np.asarray(x)[None], tree)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=False))
+
+
 def gather_to_host(tree: Any) -> Any:
     """Every leaf (a global `jax.Array`, possibly spread over hosts) as a full numpy array.
 

@@ -22,7 +22,7 @@ import os
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 from infalign_jax.core.transforms import is_set, known_transforms, transform_param_names
-from infalign_jax.infra import checkpointing, provenance
+from infalign_jax.infra import checkpointing, distributed, provenance
 from infalign_jax.infra.metrics_io import MetricsWriter, Progress, truncate_stream
 
 
@@ -218,7 +218,8 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
                 ckpt.close()
                 raise
     # Only now: a refused resume must not overwrite the manifest of the run in workdir.
-    provenance.write_manifest(workdir, **manifest)
+    if distributed.is_primary():   # one writer: the manifest records process 0's view
+        provenance.write_manifest(workdir, **manifest)
     truncate_stream(workdir, "metrics", start + 1)
     # The final evaluation always runs again (a finished run rerun rewrites its last row once).
     truncate_stream(workdir, "eval", min(start + 1, settings.num_steps))

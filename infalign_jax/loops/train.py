@@ -36,6 +36,7 @@ manifest records the base (`extra.lora`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -243,9 +244,21 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
     K and seed are recorded inside the npz (its metadata's `created["reference"]`), written in
     the same atomic save as the table, so a table never lies beside a settings file that is
     missing or another table's. A table that records no settings is refused, never assumed.
+
+    Several processes: all must see the file or none (the work dir is shared); a table built
+    here is drawn by all of them together (each its share of the prompts) and written by
+    process 0, which the others wait for.
     """
     log = log or logger.info
-    if os.path.exists(path):
+    exists = os.path.exists(path)
+    if jax.process_count() > 1:
+        seen = distributed.stack_from_processes(np.asarray(exists))
+        if seen.any() and not seen.all():
+            raise ReferenceTableError(
+                f"{path} exists for processes {np.flatnonzero(seen).tolist()} but not for "
+                f"{np.flatnonzero(~seen).tolist()}: the work dir must be one file system that "
+                f"every process shares")
+    if exists:
         table = load_reference_table(path, expected_reward_model_id=task.reward_model_id,
                                      expected_base_model_id=task.base_model_id)
         table.lookup(list(task.prompt_ids))  # every training prompt must be in it
@@ -267,8 +280,13 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
                                  progress=log)
     table = dataclasses.replace(table, created={**table.created,
                                                 "reference": {"k": int(k), "seed": int(seed)}})
-    table.save(path)
+    if distributed.is_primary():
+        table.save(path)
+    distributed.barrier(f"reference_table_saved:{path}:{next(_TABLE_WRITES)}")
     return table
+
+
+_TABLE_WRITES = itertools.count()   # barrier names are unique per process run
 
 
 def _kl_budget(config: Any) -> float:
@@ -559,11 +577,12 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         summary["export"] = export_hf(workdir, export.dir or os.path.join(workdir, "export", "hf"))
         log(f"exported {summary['export']['checkpoint']} as a transformers checkpoint to "
             f"{summary['export']['dir']}")
-    write_json(os.path.join(workdir, "summary.json"), summary, sort_keys=True)
-    _plot_curves(os.path.join(workdir, "metrics.jsonl"),
-                 os.path.join(workdir, "training_curves.png"))
-    provenance.write_manifest(workdir, **{**manifest, "extra": {**manifest["extra"],
-                                                                "summary": summary}})
+    if distributed.is_primary():   # one writer of the run's files; every process returns them
+        write_json(os.path.join(workdir, "summary.json"), summary, sort_keys=True)
+        _plot_curves(os.path.join(workdir, "metrics.jsonl"),
+                     os.path.join(workdir, "training_curves.png"))
+        provenance.write_manifest(workdir, **{**manifest, "extra": {**manifest["extra"],
+                                                                    "summary": summary}})
     log(f"done: results in {workdir} (summary.json, metrics.jsonl, eval.jsonl, tb/, "
         f"training_curves.png)")
     return result.state, summary

@@ -265,14 +265,15 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     info = {"reward_model_id": model_id, "model_config": dataclasses.asdict(model_cfg),
             "tokenizer": tok_name, "ensemble_size": tcfg.ensemble_size,
             "checkpoint_step": tcfg.num_steps}
-    write_json(os.path.join(workdir, "reward_model.json"), info)
     summary = {"final_step": tcfg.num_steps, "resumed_from": start, "eval": last_eval,
                "train_data": train_info, "eval_data": eval_info, "reward_model_id": model_id}
     if feature_files:
         summary["head_features"] = feature_files
-    write_json(os.path.join(workdir, "summary.json"), summary)
     manifest["extra"] = {"reward_model": run_info, "summary": summary}
-    provenance.write_manifest(workdir, **manifest)
+    if distributed.is_primary():   # one writer of the run's files
+        write_json(os.path.join(workdir, "reward_model.json"), info)
+        write_json(os.path.join(workdir, "summary.json"), summary)
+        provenance.write_manifest(workdir, **manifest)
     log(f"done: reward model {model_id}; results in {workdir}")
     return state, summary
 

@@ -23,6 +23,13 @@ than `min_count` valid samples fail (or are dropped with `on_empty="drop"`). The
 reference must come from the same budget-truncated pi_ref for C to be uniform under pi_ref. Use
 True only where truncated answers are discarded downstream as well.
 
+Several processes (a pod). Each process draws the prompt batches b with b % process_count ==
+process_index on its own devices, with the same keys, and the processes then exchange their rows
+(`distributed.stack_from_processes`): every process returns the table one process would have
+built, at 1/process_count of the sampling each. Every process must call `run_calibration` with
+the same arguments. Each keeps its own partial file (`<partial_path>` with
+`.process<i>of<n>` before the extension).
+
 Resuming. With `partial_path`, the rewards and validity of every finished chunk are written there
 atomically (one small `.npz`) after each chunk, together with a fingerprint of the settings; a
 re-run with the same settings skips the finished chunks (same keys, so the same table results),
@@ -79,6 +86,27 @@ def _jitted(fns: DecoderFns, max_len: int, cfg: SamplingConfig) -> tuple[Callabl
         return sampling.sample(cached, p, t, m, key, cfg)
 
     return prefill, decode_chunk
+
+
+def _combine(rewards_XxK: np.ndarray, valid_XxK: np.ndarray, done_BxC: np.ndarray,
+             mine_B: np.ndarray, batch_prompts: int, count: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The whole table's rows from every process's share: prompt batch b from process
+    b % count. Refuses a share with unfinished chunks (a process that left the loop early)."""
+    from infalign_jax.infra import distributed
+    if not done_BxC[mine_B].all():
+        raise RuntimeError("calibration: this process left chunks of its batches undrawn")
+    got = distributed.stack_from_processes({"rewards": rewards_XxK, "valid": valid_XxK,
+                                            "done": done_BxC})
+    if got["rewards"].shape[0] != count:
+        raise ValueError(f"calibration: process_count={count}, but {got['rewards'].shape[0]} "
+                         f"processes took part")
+    owner_X = np.arange(rewards_XxK.shape[0]) // batch_prompts % count
+    rows = np.arange(rewards_XxK.shape[0])
+    owner_B = np.arange(done_BxC.shape[0]) % count
+    if not all(got["done"][owner_B[b], b].all() for b in range(done_BxC.shape[0])):
+        raise RuntimeError("calibration: a process returned its share with chunks undrawn")
+    return got["rewards"][owner_X, rows], got["valid"][owner_X, rows]
 
 
 def _fmt_s(seconds: float) -> str:
@@ -173,7 +201,9 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
                     reward_model_id: str, require_eos: bool = False, min_count: int = 1,
                     on_empty: str = "raise", partial_path: str | None = None,
                     out_path: str | None = None,
-                    progress: Callable[[str], None] | None = print) -> ReferenceTable:
+                    progress: Callable[[str], None] | None = print,
+                    process_index: int | None = None,
+                    process_count: int | None = None) -> ReferenceTable:
     """Reference table of K pi_ref samples per prompt (InfAlign Algorithm 1, step 1).
 
     Args:
@@ -187,6 +217,8 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
       require_eos / min_count / on_empty: invalid-sample masking (module docstring).
       partial_path: side file that makes the pass resumable; out_path: save the table there.
       progress: called with one line after every chunk (prompts done, samples/s, ETA); None: quiet.
+      process_index / process_count: this process and how many share the pass (default JAX's);
+        each draws its share of the prompt batches (module docstring).
 
     One function on purpose: the loops over prompt batches and sample chunks, the resume
     bookkeeping (`done_BxC`, the partial file) and the progress line share every index.
@@ -202,6 +234,14 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
     cfg, chunk = sampling_cfg, sampling_cfg.n
     batch_prompts = min(batch_prompts, num)
     num_batches, num_chunks = math.ceil(num / batch_prompts), math.ceil(k / chunk)
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= index < count:
+        raise ValueError(f"process_index={index} is not in [0, process_count={count})")
+    mine_B = np.arange(num_batches) % count == index
+    if count > 1 and partial_path:
+        stem, ext = os.path.splitext(partial_path)
+        partial_path = f"{stem}.process{index}of{count}{ext}"
     fingerprint = _fingerprint(ids, prompt_BxP, prompt_mask_BxP, k, batch_prompts, cfg, seed,
                                require_eos, base_model_id, reward_model_id)
     shape = (num, k, num_batches, num_chunks)
@@ -219,10 +259,10 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
     def samples_in(b: int, c: int) -> int:
         return min(batch_prompts, num - b * batch_prompts) * (min((c + 1) * chunk, k) - c * chunk)
 
-    total = sum(samples_in(b, c) for b, c in zip(*np.nonzero(~done_BxC)))
+    total = sum(samples_in(b, c) for b, c in zip(*np.nonzero(~done_BxC & mine_B[:, None])))
     start, drawn = time.perf_counter(), 0
     for b in range(num_batches):
-        if done_BxC[b].all():
+        if done_BxC[b].all() or not mine_B[b]:
             continue
         rows = np.minimum(np.arange(b * batch_prompts, (b + 1) * batch_prompts), num - 1)
         real = rows[: min(batch_prompts, num - b * batch_prompts)]
@@ -244,11 +284,17 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             drawn += samples_in(b, c)
             elapsed = time.perf_counter() - start
             prompts_done = sum(min(batch_prompts, num - i * batch_prompts)
-                               for i in range(num_batches) if done_BxC[i].all())
-            say(f"calibration: prompts {prompts_done}/{num} (batch {b + 1}/{num_batches}, chunk "
-                f"{c + 1}/{num_chunks}), {drawn / elapsed:.1f} samples/s, elapsed "
+                               for i in range(num_batches) if done_BxC[i].all() and mine_B[i])
+            mine = sum(min(batch_prompts, num - i * batch_prompts)
+                       for i in range(num_batches) if mine_B[i])
+            whose = f" (process {index}'s share)" if count > 1 else ""
+            say(f"calibration: prompts {prompts_done}/{mine}{whose} (batch {b + 1}/{num_batches}, "
+                f"chunk {c + 1}/{num_chunks}), {drawn / elapsed:.1f} samples/s, elapsed "
                 f"{_fmt_s(elapsed)}, ETA {_fmt_s((total - drawn) * elapsed / drawn)}")
 
+    if count > 1:
+        rewards_XxK, valid_XxK = _combine(rewards_XxK, valid_XxK, done_BxC, mine_B,
+                                          batch_prompts, count)
     seconds = time.perf_counter() - start
     table = build_reference_table(ids, rewards_XxK, valid_XxK, base_model_id=base_model_id,
                                   reward_model_id=reward_model_id, min_count=min_count,
@@ -257,8 +303,8 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
         table.created, seed=int(seed), batch_prompts=int(batch_prompts), chunk=int(chunk),
         max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
         require_eos=bool(require_eos), num_invalid=int((~valid_XxK).sum()),
-        seconds=round(seconds, 3)))
-    if out_path:
+        seconds=round(seconds, 3), processes=count))
+    if out_path and index == 0:   # one writer; every process returns the same table
         table.save(out_path)
     if partial_path and os.path.exists(partial_path):
         os.remove(partial_path)

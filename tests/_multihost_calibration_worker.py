@@ -1,0 +1,68 @@
+"""One process of a two-process calibration pass; driven by
+`tests/test_multihost.py::test_two_processes_share_the_calibration_pass`.
+
+Usage::
+
+    python tests/_multihost_calibration_worker.py --process_id I --port P --out DIR
+
+Each process draws its share of the prompt batches of `tests/test_calibration_pass.py`'s tiny
+decoder (batch sizes 1 and 2), and the processes exchange their rows; each writes the table it
+returned to DIR/table_p<I>_bp<batch_prompts>.npz and what it drew to a log. It then builds the
+exact task's table through `train.prepare_reference_table` (process 0 writes it) and, after a
+barrier, reloads it from the shared directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from infalign_jax.infra import distributed as dist  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--process_id", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dist.initialize(dist.DistributedConfig(coordinator_address=f"127.0.0.1:{args.port}",
+                                           num_processes=2, process_id=args.process_id,
+                                           initialization_timeout=60))
+    import numpy as np
+
+    import test_calibration_pass as tc
+    from infalign_jax.decoding import sampling
+    from infalign_jax.infra.config_utils import load_config_module
+    from infalign_jax.loops import train
+    from infalign_jax.rl import calibration_pass as cp
+    from infalign_jax.rl.tasks import exact as exact_tasks
+
+    pid, lines = args.process_id, []
+    for bp in (1, 2):
+        table = cp.run_calibration(
+            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
+            batch_prompts=bp, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+            partial_path=os.path.join(args.out, f"partial_bp{bp}.npz"), progress=lines.append)
+        np.savez(os.path.join(args.out, f"table_p{pid}_bp{bp}.npz"),
+                 sorted_rewards_BxK=table.sorted_rewards_BxK, counts_B=table.counts_B,
+                 processes=table.created["processes"])
+    c = load_config_module(os.path.join(REPO, "configs", "ctrl_exact.py")).get_config()
+    task = exact_tasks.rl_task(c.task)
+    path = os.path.join(args.out, "reference_table.npz")
+    built = train.prepare_reference_table(task, path, 64, 0, log=lines.append)
+    reused = train.prepare_reference_table(task, path, 64, 0, log=lines.append)
+    np.testing.assert_array_equal(built.sorted_rewards_BxK, reused.sorted_rewards_BxK)
+    with open(os.path.join(args.out, f"log_p{pid}.json"), "w") as f:
+        json.dump(lines, f)
+
+
+if __name__ == "__main__":
+    main()
