@@ -11,6 +11,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -291,11 +292,21 @@ def test_an_evaluation_killed_while_saving_is_evaluated_again(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path / "evaluation")) == ["exp_seed0.npz", "exp_seed0_texts.jsonl"]
 
 
-def test_bad_comparison_keys_are_refused_by_name():
+def test_bad_comparison_keys_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"config.comparison.methods must be"):
         rc.parse_comparison({"methods": "identity,ppo"})
+    # no target given, no vBoN to set one: refused unless an earlier run saved one
+    cc = rc.parse_comparison({"methods": "identity,exp"})
+    with pytest.raises(ValueError, match=r"config.comparison.kl_target must be > 0 when 'vbon' "
+                                         r"is not among .* holds no kl_target.json"):
+        rc.check_kl_target(cc, str(tmp_path), print)
+    base = ml_collections.ConfigDict({"task": {"name": "helpfulness"}})
     with pytest.raises(ValueError, match=r"config.comparison.kl_target must be > 0 when 'vbon'"):
-        rc.parse_comparison({"methods": "identity,exp"})
+        rc.run([base], cc, str(tmp_path))     # refused before the task loads anything
+    assert not os.listdir(tmp_path)
+    (tmp_path / "helpfulness").mkdir()
+    (tmp_path / "helpfulness" / "kl_target.json").write_text(json.dumps({"kl_target": 0.3}))
+    rc.check_kl_target(cc, str(tmp_path / "helpfulness"), print)   # the saved target serves
     # with a target given, the controlled methods need no vBoN to set it
     assert rc.parse_comparison({"methods": "raw,identity", "kl_target": 0.5}).method_list == [
         "raw", "identity"]

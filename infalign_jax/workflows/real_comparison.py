@@ -123,10 +123,6 @@ class ComparisonConfig:
             check.fail(self, "eval_samples", f">= n = {self.n} (the unbiased estimator draws N of "
                                              f"them without replacement; the plug-in's bias "
                                              f"grows as M nears N)")
-        if self.kl_target == 0 and "vbon" not in self.method_list and any(
-                report.kl_controlled(m, self.kl_target) for m in self.method_list):
-            check.fail(self, "kl_target", "> 0 when 'vbon' is not among the methods (its KL is "
-                                          "the default target)")
 
     @property
     def method_list(self) -> list[str]:
@@ -566,12 +562,26 @@ def task_configs(config: Any) -> list[Any]:
     return out
 
 
+def check_kl_target(cc: ComparisonConfig, task_dir: str, log: Callable[[str], None]) -> None:
+    """Refuses a comparison whose KL-controlled methods would have no target: none given
+    (`kl_target` 0), no vBoN among the methods to set one, and none saved in `task_dir` by an
+    earlier run (`kl_target.json`)."""
+    if cc.kl_target == 0 and "vbon" not in cc.method_list and any(
+            report.kl_controlled(m, cc.kl_target) for m in cc.method_list) and \
+            _saved_kl_target(task_dir, log) == 0:
+        check.fail(cc, "kl_target", f"> 0 when 'vbon' is not among the methods (its KL is the "
+                                    f"default target) and {task_dir} holds no kl_target.json "
+                                    f"from an earlier run")
+
+
 def run(base_configs: Sequence[Any], comparison: Any, workdir: str,
         log: Callable[[str], None] = print, devices: Any = None) -> str:
     """Runs the comparison for each real-task config in `base_configs`; writes comparison.md /
     .json and the plots into `workdir`; returns the markdown path."""
     cc = comparison if isinstance(comparison, ComparisonConfig) else \
         parse_comparison(comparison)
+    for base in base_configs:   # before any task starts
+        check_kl_target(cc, os.path.join(workdir, str(base.task.name)), log)
     started = provenance.now()
     parts, summaries = [], []
     for base in base_configs:
