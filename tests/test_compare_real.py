@@ -462,3 +462,40 @@ def test_claims_are_oriented_to_their_claimed_side():
         "unresolved (KL not matched)"}
     assert not any(c["claim"] == "c" for c in report._claims({**result, "same_judge": True},
                                                               diffs, {}, 4))
+
+
+def test_kl_matching_is_checked_per_seed_and_on_the_mean():
+    from infalign_jax.workflows import comparison_report as report
+    seeds = (0, 1, 2)
+    assert report.kl_match_status(np.array([0.98, 1.0, 1.03]), 1.0, 0.1, seeds) == "yes"
+    # the mean is on target, but seeds 0 and 2 are 30% off it on either side
+    assert report.kl_match_status(np.array([0.7, 1.0, 1.3]), 1.0, 0.1, seeds) == \
+        "no (seed 0: 0.700, seed 2: 1.300)"
+    assert report.kl_match_status(np.array([0.7, 1.0, 1.3]), 1.0, 0.1, seeds,
+                                  per_seed=False) == "yes"      # vBoN setting the target
+    assert report.kl_match_status(np.array([1.2, 1.25, 1.3]), 1.0, 0.1, seeds) == \
+        "no (mean; seed 0: 1.200, seed 1: 1.250, seed 2: 1.300)"
+    assert report.kl_match_status(np.array([1.2, 1.25]), 1.0, 0.1, seeds, False) == "no (mean)"
+    assert report.kl_match_status(np.array([5.0]), 0.0, 0.1, seeds) == "yes"   # no target
+
+    # in the summary, a per-seed mismatch flags the row and leaves its claims unresolved
+    rng = np.random.default_rng(0)
+
+    def run(kl, lift):
+        ev = {"kl_B": np.full(6, kl)}
+        for key in ("gold_standard_B", "gold_bon4_B", "gold_won4_B", "proxy_standard_B",
+                    "proxy_bon4_B", "proxy_won4_B"):
+            ev[key] = np.clip(0.5 + lift + 0.01 * rng.standard_normal(6), 0, 1)
+        return ev
+
+    evals = {"identity": [run(1.0, 0.05) for _ in seeds],
+             "exp": [run(kl, 0.2) for kl in (0.7, 1.0, 1.3)]}
+    cc = rc.parse_comparison({"methods": "identity,exp", "kl_target": 1.0, "n": 4})
+    summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
+                                "evals": evals, "same_judge": True, "gold": "g", "proxy": "p"},
+                               cc)
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert rows["identity"]["kl_matched"] == "yes"
+    assert rows["exp"]["kl_matched"].startswith("no (seed 0")
+    (claim,) = [c for c in summary["claims"] if c["difference"] == "exp - identity"]
+    assert claim["verdict"] == "unresolved (KL not matched)"

@@ -26,8 +26,10 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   theta_ref), alpha from at most `kl_match_tries` interpolated evaluations
   (`kl_match.match_kl`; `kl_match="none"` turns it off); each row reports its mean alpha. Each
   row's KL is the full-vocabulary KL(pi || pi_ref) summed along the policy's samples on the
-  evaluation prompts; rows whose mean is more than `kl_tolerance` from the target are flagged, and
-  a claim that rests on a flagged row is "unresolved".
+  evaluation prompts; a row is flagged when its mean, or any of its seeds (but for the
+  target-setting vBoN's), is more than `kl_tolerance` from the target
+  (`comparison_report.kl_match_status` names them), and a claim that rests on a flagged row is
+  "unresolved".
 * statistics: per prompt, the standard / BoN_N / WoN_N win rate against the shared pi_ref
   samples, by the plug-in (`win_rates="plugin"`, `evaluation.plugin_win_rates`: the empirical
   distributions' exact win rate, draws with replacement; biased towards 1/2 when eval_samples is
@@ -91,7 +93,7 @@ class ComparisonConfig:
     n: int = 4                     # the N of BoN_N / WoN_N, of vBoN and of BoNBoN
     t: float = 4.0                 # |t| of CTRL exp; its sign is the task's procedure's
     kl_target: float = 0.0         # 0: vBoN's measured KL; > 0: every CTRL method's target
-    kl_tolerance: float = 0.1      # relative KL mismatch beyond which a row is flagged
+    kl_tolerance: float = 0.1      # relative KL mismatch (mean or a seed) that flags a row
     kl_match: str = "interpolate"  # "interpolate": each trained run moved to the target KL along
                                    # its line from pi_ref (workflows/kl_match.py); "none"
     kl_match_tries: int = 2        # interpolated evaluations at most per run
