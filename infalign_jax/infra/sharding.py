@@ -68,6 +68,7 @@ MeshAxes = str | tuple[str, ...] | None
 LogicalRules = tuple[tuple[str, MeshAxes], ...]
 
 PARAM_RULES: LogicalRules = (
+    ("ensemble", ("data", "fsdp")),   # a reward-model ensemble's member axis (`ensemble_shardings`)
     ("layers", None),   # the stacked decoder layers' leading axis (scanned, never split)
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -332,6 +333,26 @@ def _report_fallbacks(fallbacks: list[tuple[Any, ...]], mesh: Mesh) -> None:
     if report not in _REPORTED:
         _REPORTED.add(report)
         logger.warning(report)
+
+
+def ensemble_shardings(tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """Shardings of a tree whose every leaf stacks ensemble members on its leading axis (the
+    vmapped parameters, optimiser state and step of a reward-model ensemble): that axis split over
+    the "ensemble" rule's mesh axes (members side by side on the batch devices, each whole on its
+    own), the rest replicated; a leaf without the axis (a scalar) is replicated."""
+    _check_rules(rules, mesh)
+    fallbacks = []
+
+    def one(path: Any, x: Any) -> NamedSharding:
+        names = ("ensemble",) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else ()
+        spec, fell_back = _mesh_spec(names, np.shape(x), mesh, rules)
+        fallbacks.extend((jax.tree_util.keystr(path), x, *f) for f in fell_back)
+        return NamedSharding(mesh, spec)
+
+    out = jax.tree_util.tree_map_with_path(one, tree)
+    if fallbacks:
+        _report_fallbacks(fallbacks, mesh)
+    return out
 
 
 @contextlib.contextmanager

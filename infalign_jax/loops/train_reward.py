@@ -3,7 +3,8 @@
     run(config, workdir) -> (state, summary)
 
 `config` is `configs/reward_model.py`'s ConfigDict (sections data, model, rm, train, mesh). The step
-is `reward_training.make_rm_step` (or its vmapped ensemble), jitted with the state donated; batches
+is `reward_training.make_rm_step` (or its vmapped ensemble, whose members lie side by side over
+the mesh's "data" x "fsdp" devices: `sharding.ensemble_shardings`), jitted with the state donated; batches
 are `data.pipeline.global_batch_indices(loader_cfg, n, step)`, a pure function of (seed, step),
 each process feeding the rows the mesh puts on its devices, so resume
 from the work dir is exact (the same design as `train.py`). A bad record in the data files fails
@@ -163,10 +164,11 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
             "cached for a single model only)")
     optimizer = freeze_optimizer(rt.make_optimizer(rcfg), trainable)
     key = jax.random.key(seed)
-    if ensemble:  # members are vmapped on the default device layout
+    if ensemble:  # members vmapped, side by side over the mesh's batch devices
         params = (rt.init_ensemble(model_cfg, key, tcfg.ensemble_size) if model.params is None
                   else trunk_ensemble(model_cfg, model.params, key, tcfg.ensemble_size))
-        state = rt.init_ensemble_state(params, optimizer)
+        state = jax.device_get(rt.init_ensemble_state(params, optimizer))
+        state = distributed.global_from_host(state, sharding.ensemble_shardings(state, mesh))
         step_fn = jax.jit(rt.make_ensemble_rm_step(model_cfg, rcfg, optimizer, trainable),
                           donate_argnums=0)
         pair_fn = jax.jit(jax.vmap(lambda p, b: rt.pair_rewards(model_cfg, p, b), (0, None)))
@@ -230,8 +232,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         if ensemble and tcfg.bootstrap:
             batch["member_idx_ExB"] = np.asarray(rt.bootstrap_indices(
                 jax.random.fold_in(boot_key, step), counts_ExN[:, rows]))
-        if ensemble:  # members are vmapped on the default device layout
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        if ensemble:  # every member sees the whole batch (or its own rows of it)
+            batch = distributed.global_from_host(batch, sharding.replicated(mesh))
         else:   # each process feeds the rows the mesh puts on its devices
             batch = sharding.shard_batch(distributed.host_local_batch(batch, mesh), mesh,
                                          global_rows=len(rows))
@@ -243,7 +245,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                                   head_state.step)
         else:
             state, metrics = step_fn(state, batch)
-        metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+        metrics = distributed.gather_to_host(metrics) if ensemble else jax.device_get(metrics)
+        metrics = {k: float(np.mean(v)) for k, v in metrics.items()}
         if not all(np.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"step {step + 1}: non-finite metrics {metrics}; the last "
                                      f"checkpoint (step {context.latest_checkpoint()}) is intact")
