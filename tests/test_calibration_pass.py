@@ -152,3 +152,18 @@ def test_bad_arguments_fail_clearly():
              sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=4))
     with pytest.raises(ValueError, match="a judge needs detokenize"):
         _run(judge=lambda p, r: np.zeros(len(r)))
+
+
+def test_rows_split_over_local_devices_give_the_one_device_table():
+    """A batch's prompts split over the local devices (the most that divide the batch: 3 of 4
+    for 3 prompts) draw the very samples one device draws."""
+    one = _run(reward_fn=count_reward, batch_prompts=3, local_devices=jax.devices()[:1])
+    lines = []
+    split = _run(reward_fn=count_reward, batch_prompts=3, local_devices=jax.devices()[:4],
+                 progress=lines.append)
+    assert "each batch of 3 prompts split over 3 of 4 local devices" in lines[0]
+    np.testing.assert_array_equal(split.sorted_rewards_BxK, one.sorted_rewards_BxK)
+    rewards, _ = _hand(7, 3, sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS), 3)
+    np.testing.assert_array_equal(split.sorted_rewards_BxK, np.sort(rewards, axis=1))
+    with pytest.raises(ValueError, match="local_devices must name at least one device"):
+        _run(reward_fn=count_reward, local_devices=[])

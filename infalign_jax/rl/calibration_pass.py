@@ -23,7 +23,9 @@ than `min_count` valid samples fail (or are dropped with `on_empty="drop"`). The
 reference must come from the same budget-truncated pi_ref for C to be uniform under pi_ref. Use
 True only where truncated answers are discarded downstream as well.
 
-Several processes (a pod). Each process draws the prompt batches b with b % process_count ==
+Devices and processes. A batch's prompt rows are split over the process's local devices (the
+most of them that divide `batch_prompts`; pi_ref is copied to each), which draw the samples one
+device would. Each process (on a pod) draws the prompt batches b with b % process_count ==
 process_index on its own devices, with the same keys, and the processes then exchange their rows
 (`distributed.stack_from_processes`): every process returns the table one process would have
 built, at 1/process_count of the sampling each. Every process must call `run_calibration` with
@@ -86,6 +88,22 @@ def _jitted(fns: DecoderFns, max_len: int, cfg: SamplingConfig) -> tuple[Callabl
         return sampling.sample(cached, p, t, m, key, cfg)
 
     return prefill, decode_chunk
+
+
+def _row_placement(devices: list[Any], batch_prompts: int, params: Params
+                   ) -> tuple[jax.sharding.Sharding, Params]:
+    """(the sharding of a batch's prompt rows, pi_ref's parameters placed for it): rows split
+    over the most of `devices` whose count divides `batch_prompts`, pi_ref replicated on them
+    (one device: its own placement, nothing copied)."""
+    if not devices:
+        raise ValueError("local_devices must name at least one device")
+    g = max(d for d in range(1, len(devices) + 1) if batch_prompts % d == 0)
+    if g == 1:
+        return jax.sharding.SingleDeviceSharding(devices[0]), jax.device_put(params, devices[0])
+    mesh = jax.sharding.Mesh(np.asarray(devices[:g]), ("rows",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    return rows, jax.device_put(params, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
 
 
 def _combine(rewards_XxK: np.ndarray, valid_XxK: np.ndarray, done_BxC: np.ndarray,
@@ -203,7 +221,8 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
                     out_path: str | None = None,
                     progress: Callable[[str], None] | None = print,
                     process_index: int | None = None,
-                    process_count: int | None = None) -> ReferenceTable:
+                    process_count: int | None = None,
+                    local_devices: Sequence[Any] | None = None) -> ReferenceTable:
     """Reference table of K pi_ref samples per prompt (InfAlign Algorithm 1, step 1).
 
     Args:
@@ -219,6 +238,9 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
       progress: called with one line after every chunk (prompts done, samples/s, ETA); None: quiet.
       process_index / process_count: this process and how many share the pass (default JAX's);
         each draws its share of the prompt batches (module docstring).
+      local_devices: the devices a batch's rows are split over (default this process's
+        `jax.local_devices()`; pi_ref is copied to each). The most of them that divide
+        `batch_prompts` are used, so the table does not depend on how many there are.
 
     One function on purpose: the loops over prompt batches and sample chunks, the resume
     bookkeeping (`done_BxC`, the partial file) and the progress line share every index.
@@ -255,6 +277,11 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             f"{done_BxC.size} chunks done)")
 
     prefill, decode_chunk = _jitted(fns, prompt_BxP.shape[1] + cfg.max_new_tokens, cfg)
+    devices = list(jax.local_devices() if local_devices is None else local_devices)
+    place, params = _row_placement(devices, batch_prompts, params)
+    if len(devices) > 1:
+        say(f"calibration: each batch of {batch_prompts} prompts split over "
+            f"{place.num_devices} of {len(devices)} local devices")
 
     def samples_in(b: int, c: int) -> int:
         return min(batch_prompts, num - b * batch_prompts) * (min((c + 1) * chunk, k) - c * chunk)
@@ -266,7 +293,7 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             continue
         rows = np.minimum(np.arange(b * batch_prompts, (b + 1) * batch_prompts), num - 1)
         real = rows[: min(batch_prompts, num - b * batch_prompts)]
-        tokens, mask = jnp.asarray(prompt_BxP[rows]), jnp.asarray(prompt_mask_BxP[rows])
+        tokens, mask = jax.device_put((prompt_BxP[rows], prompt_mask_BxP[rows]), place)
         logits_BxV, cache = prefill(params, tokens, mask)
         for c in range(num_chunks):
             if done_BxC[b, c]:
