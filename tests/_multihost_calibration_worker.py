@@ -54,12 +54,16 @@ def main() -> None:
         np.savez(os.path.join(args.out, f"table_p{pid}_bp{bp}.npz"),
                  sorted_rewards_BxK=table.sorted_rewards_BxK, counts_B=table.counts_B,
                  processes=table.created["processes"])
+    from infalign_jax.core import calibration
+    saves, save = [], calibration.ReferenceTable.save
+    calibration.ReferenceTable.save = lambda self, p: (saves.append(p), save(self, p))[1]
     c = load_config_module(os.path.join(REPO, "configs", "ctrl_exact.py")).get_config()
     task = exact_tasks.rl_task(c.task)
     path = os.path.join(args.out, "reference_table.npz")
     built = train.prepare_reference_table(task, path, 64, 0, log=lines.append)
     reused = train.prepare_reference_table(task, path, 64, 0, log=lines.append)
     np.testing.assert_array_equal(built.sorted_rewards_BxK, reused.sorted_rewards_BxK)
+    lines.append(f"table saves: {len(saves)}")
     with open(os.path.join(args.out, f"log_p{pid}.json"), "w") as f:
         json.dump(lines, f)
 

@@ -21,6 +21,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from infalign_jax.infra import checkpointing
 from infalign_jax.infra.checkpointing import (CheckpointRestoreError, Checkpointer, NonFiniteError,
                                         WorkdirError, abstract_state, check_writable,
                                         nonfinite_leaves)
@@ -166,8 +167,9 @@ def test_damaged_newest_step_falls_back_to_previous(tmp_path, caplog, damage):
 
 
 def test_a_passing_read_error_is_retried_not_quarantined(tmp_path, caplog, monkeypatch):
-    """The newest step fails once (a transient read error), the older one then restores: the
-    newest is tried again and restored, never renamed. Out of memory is raised as it is."""
+    """The newest step fails once (a transient read error): it is tried again before any older
+    step is restored (one state in memory at a time), restored, and never renamed. Out of memory
+    on the newest step is raised as it is, with an older step intact and nothing renamed."""
     states = {step: _example_state(seed=step) for step in (1, 2, 3)}
     abstract = jax.eval_shape(lambda: states[1])
     root = tmp_path / "ckpt"
@@ -183,23 +185,27 @@ def test_a_passing_read_error_is_retried_not_quarantined(tmp_path, caplog, monke
             raise OSError("stale file handle")
         return real_restore(self, step, abstract_state)
 
+    monkeypatch.setattr(checkpointing, "RETRY_PAUSE_S", 0.0)
     monkeypatch.setattr(Checkpointer, "restore", flaky)
     with Checkpointer(root, max_to_keep=3) as ckpt, caplog.at_level(logging.WARNING, LOGGER):
         step, state, _ = ckpt.restore_latest(abstract)
-        assert step == 3 and calls == [3, 2, 3]
+        assert step == 3 and calls == [3, 3]
         _assert_trees_equal(state, states[3])
         assert ckpt.all_steps() == [1, 2, 3] and not list(root.glob("*.corrupt*"))
         assert any("second try" in r.getMessage() for r in caplog.records)
 
     for error in (MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")):
-        def no_memory(self, step, abstract_state, error=error):
-            raise error
+        def no_memory_at_3(self, step, abstract_state, error=error):
+            if step == 3:
+                raise error
+            return real_restore(self, step, abstract_state)
 
-        monkeypatch.setattr(Checkpointer, "restore", no_memory)
+        monkeypatch.setattr(Checkpointer, "restore", no_memory_at_3)
         with Checkpointer(root, max_to_keep=3) as ckpt:
-            with pytest.raises(type(error)):
+            with pytest.raises(type(error)) as info:
                 ckpt.restore_latest(abstract)
-            assert ckpt.all_steps() == [1, 2, 3]
+            assert not isinstance(info.value, checkpointing.CheckpointRestoreError)
+            assert ckpt.all_steps() == [1, 2, 3] and not list(root.glob("*.corrupt*"))
 
 
 def test_no_restorable_step_is_a_clear_error_and_renames_nothing(tmp_path):

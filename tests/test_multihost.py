@@ -352,6 +352,7 @@ def test_two_processes_share_the_calibration_pass(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("reference_table*")) == ["reference_table.npz"]
     for log in logs:
         assert sum("reusing reference table" in line for line in log) == 1
+    assert "table saves: 1" in logs[0] and "table saves: 0" in logs[1]   # process 0 writes
 
 
 def test_combining_shares_needs_every_process():

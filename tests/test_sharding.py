@@ -328,6 +328,13 @@ def test_divisibility_fallbacks_are_reported_once(mesh222, caplog):
     assert "size 1 is not divisible by tensor=2: 2 arrays" in line
     assert f"({(16 * 8 * 4 + 16 * 8 * 2) / 2**20:.1f} MiB)" in line
     assert "['k']" in line and "['v']" in line and "q_heads" not in reports[0]
+    # a batch-like dimension "split" over data=1 only (fsdp=4 does not divide it) is whole too
+    caplog.clear()
+    mesh14 = sh.make_mesh(sh.MeshConfig(data=1, fsdp=4, tensor=2))
+    with caplog.at_level("WARNING", logger=sh.__name__):
+        out = sh.ensemble_shardings({"e": jax.ShapeDtypeStruct((2, 3), jnp.float32)}, mesh14)
+    assert out["e"].spec == P("data", None)
+    assert "'ensemble' of size 2 is not divisible by fsdp=4: 1 arrays" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger=sh.__name__):
         # taken axes (the by-design skip) and a later rule that splits: no report

@@ -212,6 +212,8 @@ def test_ensemble_members_are_spread_over_the_mesh_and_train_as_on_one_device(tm
     emb = spread.params["embed"]
     assert len(emb.sharding.device_set) == 4
     assert {s.data.shape[0] for s in emb.addressable_shards} == {1}   # one member per device
+    for leaf in jax.tree.leaves(spread):   # the optimiser state and steps too
+        assert {s.data.shape[0] for s in leaf.addressable_shards} == {1}
     # float32 rounding of another summation order (measured 2e-6); a member trained on other
     # rows, or not trained, is off by about the Adam step, 3e-3
     for a, b in zip(_leaves(one), _leaves(spread)):

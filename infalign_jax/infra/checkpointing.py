@@ -43,6 +43,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -256,29 +257,23 @@ class Checkpointer:
     def restore_latest(self, abstract: PyTree) -> Restored | None:
         """Restores the newest step that restores cleanly; None if there is no step at all.
 
-        Steps newer than the one restored failed to restore: each is logged with its error and
-        tried once more (a passing read error, e.g. of a network file system, is not corruption:
-        the storage has just served the older step); a step that fails again is renamed to
-        ``<step>.corrupt``. Running out of memory is raised, never taken for corruption. Raises
-        `CheckpointRestoreError` if every step fails.
+        A step that fails is tried once more after `RETRY_PAUSE_S` (a passing read error, e.g. of
+        a network file system, is not corruption); one that fails again is logged with its error
+        and, once an older step has restored, renamed to ``<step>.corrupt``. Running out of
+        memory is raised, never taken for corruption; only one step's state is held at a time.
+        Raises `CheckpointRestoreError` if every step fails.
         """
         self._manager.wait_until_finished()
         failures: list[tuple[int, Exception]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                restored = self.restore(step, abstract)
-            except Exception as e:  # noqa: BLE001  (Orbax/TensorStore/JSON raise many types)
-                if _out_of_memory(e):
-                    raise
+            restored, error = self._restore_twice(step, abstract)
+            if error is not None:
                 logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); "
                                "falling back to the previous step", step, self.directory,
-                               type(e).__name__, _first_line(e))
-                failures.append((step, e))
+                               type(error).__name__, _first_line(error))
+                failures.append((step, error))
                 continue
             if failures:
-                retried = self._retry(failures, abstract)
-                if retried is not None:
-                    return retried
                 logger.warning("restored checkpoint step %d instead of newer bad step(s) %s",
                                step, [s for s, _ in failures])
                 self._quarantine([s for s, _ in failures])
@@ -291,23 +286,25 @@ class Checkpointer:
             f"no checkpoint in {self.directory} could be restored with the given abstract state "
             f"({reasons})") from failures[0][1]
 
-    def _retry(self, failures: list[tuple[int, Exception]], abstract: PyTree
-               ) -> Restored | None:
-        """The newest of the failed steps that restores on a second try (None if none does);
-        the steps newer than it are left in `failures`."""
-        for i, (step, _) in enumerate(failures):
+    def _restore_twice(self, step: int, abstract: PyTree
+                       ) -> tuple[Restored | None, Exception | None]:
+        """(the restored step, None), or (None, the second try's error)."""
+        for attempt in (1, 2):
             try:
                 restored = self.restore(step, abstract)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001  (Orbax/TensorStore/JSON raise many types)
                 if _out_of_memory(e):
                     raise
+                if attempt == 2:
+                    return None, e
+                logger.warning("checkpoint step %d failed to restore (%s: %s); trying once more",
+                               step, type(e).__name__, _first_line(e))
+                time.sleep(RETRY_PAUSE_S)
                 continue
-            logger.warning("checkpoint step %d restored on a second try", step)
-            del failures[i:]
-            if failures:
-                self._quarantine([s for s, _ in failures])
-            return restored
-        return None
+            if attempt == 2:
+                logger.warning("checkpoint step %d restored on a second try", step)
+            return restored, None
+        raise AssertionError("unreachable")
 
     def _quarantine(self, steps: list[int]) -> None:
         ocp.multihost.sync_global_processes("infalign_checkpoint_quarantine_start")
@@ -323,6 +320,9 @@ class Checkpointer:
                 logger.warning("moved bad checkpoint %s to %s", src, dst)
         ocp.multihost.sync_global_processes("infalign_checkpoint_quarantine_end")
         self._manager.reload()
+
+
+RETRY_PAUSE_S = 1.0   # before a failed step's second try
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -30,6 +30,7 @@ eager reduction per leaf of a sharded tree) can deadlock: put such work in one j
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Mapping
@@ -264,10 +265,16 @@ def global_from_host(tree: Any, shardings: Any) -> Any:
 def stack_from_processes(tree: Any) -> Any:
     """Each leaf (a host array, the same shape and dtype on every process) stacked over the
     processes: [process_count, ...], row i from process i; one process: a leading axis of 1.
-    A collective: all processes must call it with the same tree."""
+    A collective: all processes must call it with the same tree, in the same order as their
+    other calls. The processes first meet at a `barrier` (the coordination service), so one that
+    arrives much later (a slower share of work, a longer load) does not fail the collective."""
     if jax.process_count() == 1:
         return jax.tree.map(lambda x: np.asarray(x)[None], tree)
+    barrier(f"stack_from_processes_{next(_STACKS)}")
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=False))
+
+
+_STACKS = itertools.count()   # barrier names, equal on every process (same call order)
 
 
 def gather_to_host(tree: Any) -> Any:

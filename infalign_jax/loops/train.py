@@ -282,7 +282,7 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
                                                 "reference": {"k": int(k), "seed": int(seed)}})
     if distributed.is_primary():
         table.save(path)
-    distributed.barrier(f"reference_table_saved:{path}:{next(_TABLE_WRITES)}")
+    distributed.barrier(f"reference_table_saved_{next(_TABLE_WRITES)}")
     return table
 
 

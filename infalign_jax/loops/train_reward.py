@@ -165,10 +165,14 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     optimizer = freeze_optimizer(rt.make_optimizer(rcfg), trainable)
     key = jax.random.key(seed)
     if ensemble:  # members vmapped, side by side over the mesh's batch devices
-        params = (rt.init_ensemble(model_cfg, key, tcfg.ensemble_size) if model.params is None
-                  else trunk_ensemble(model_cfg, model.params, key, tcfg.ensemble_size))
-        state = jax.device_get(rt.init_ensemble_state(params, optimizer))
-        state = distributed.global_from_host(state, sharding.ensemble_shardings(state, mesh))
+        def init_state(key: Any, trunk: Any) -> rt.TrainState:
+            params = (rt.init_ensemble(model_cfg, key, tcfg.ensemble_size) if trunk is None
+                      else trunk_ensemble(model_cfg, trunk, key, tcfg.ensemble_size))
+            return rt.init_ensemble_state(params, optimizer)
+        # built in place: no device holds more members than its share
+        layout = sharding.ensemble_shardings(jax.eval_shape(init_state, key, model.params), mesh)
+        state = jax.jit(init_state, out_shardings=layout)(key, model.params)
+        params = None
         step_fn = jax.jit(rt.make_ensemble_rm_step(model_cfg, rcfg, optimizer, trainable),
                           donate_argnums=0)
         pair_fn = jax.jit(jax.vmap(lambda p, b: rt.pair_rewards(model_cfg, p, b), (0, None)))

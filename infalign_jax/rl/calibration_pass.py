@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -64,6 +65,9 @@ from infalign_jax.infra.files import write_npz
 from infalign_jax.infra import validate as check
 
 Params = Any
+
+
+_SAVES = itertools.count()   # barrier names, equal on every process
 
 
 def chunk_key(seed: int, batch_index: int, chunk_index: int) -> jax.Array:
@@ -331,8 +335,12 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
         max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
         require_eos=bool(require_eos), num_invalid=int((~valid_XxK).sum()),
         seconds=round(seconds, 3), processes=count))
-    if out_path and index == 0:   # one writer; every process returns the same table
-        table.save(out_path)
+    if out_path:   # one writer; every process returns the same table once it is written
+        if index == 0:
+            table.save(out_path)
+        if count > 1:
+            from infalign_jax.infra import distributed
+            distributed.barrier(f"calibration_table_saved_{next(_SAVES)}")
     if partial_path and os.path.exists(partial_path):
         os.remove(partial_path)
     say(f"calibration: done, {num} prompts x K={k} in {_fmt_s(seconds)} "

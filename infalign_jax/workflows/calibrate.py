@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from infalign_jax.infra import provenance
+from infalign_jax.infra import distributed, provenance
 from infalign_jax.loops import train
 from infalign_jax.rl.tasks import real
 
@@ -26,8 +26,9 @@ def run(config: Any, workdir: str, progress: Any = print) -> str:
     path = os.path.join(workdir, "reference_table.npz")
     k, seed = train.reference_settings(config)
     table = train.prepare_reference_table(task, path, k, seed, progress)
-    provenance.write_manifest(os.path.join(workdir, "calibration"), config,
-                              seeds={"reference": seed}, inputs={"reference_table": path},
-                              started=started, extra={"table": table.metadata(),
-                                                      "jax_devices": str(jax.devices())})
+    if distributed.is_primary():   # one writer
+        provenance.write_manifest(os.path.join(workdir, "calibration"), config,
+                                  seeds={"reference": seed}, inputs={"reference_table": path},
+                                  started=started, extra={"table": table.metadata(),
+                                                          "jax_devices": str(jax.devices())})
     return path

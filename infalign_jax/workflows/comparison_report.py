@@ -87,8 +87,9 @@ def kl_match_status(kls: np.ndarray, target: float, tolerance: float, seeds: tup
     if target <= 0:
         return "yes"
     band = tolerance * target
-    off = [f"seed {s}: {kl:.3f}" for s, kl in zip(seeds, kls) if abs(kl - target) > band]
-    if abs(float(np.mean(kls)) - target) > band:
+    # `not <=`: a NaN KL is off the target too
+    off = [f"seed {s}: {kl:.3f}" for s, kl in zip(seeds, kls) if not abs(kl - target) <= band]
+    if not abs(float(np.mean(kls)) - target) <= band:
         return "no (mean)" if not (per_seed and off) else f"no (mean; {', '.join(off)})"
     return f"no ({', '.join(off)})" if per_seed and off else "yes"
 
