@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ def test_lora_run_resumes_and_exports_merged_weights_from_the_command_line(dirs,
     with open(run / "manifest.json") as f:
         record = json.load(f)["extra"]["lora"]
     assert record["adapter_params"] == lora.num_adapter_params(adapters)
-    assert record["base"].startswith("policy|")
+    assert re.match(r"policy#[0-9a-f]{16}\|", record["base"])
     out = tmp_path / "exported"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "export.py"),
                            f"--run={run}", f"--out={out}", "--step=2"], cwd=ROOT,
