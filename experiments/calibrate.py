@@ -18,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (reference_table.
 
 
 def main(argv):
-    cli.start(argv)
+    cli.start(argv, processes=True)
     path = calibrate.run(_CONFIG.value, _WORKDIR.value,
                                           progress=lambda s: print(s, flush=True))
     print(f"reference table: {path}", flush=True)

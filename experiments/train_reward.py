@@ -23,7 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 
 
 def main(argv):
-    cli.start(argv)
+    cli.start(argv, processes=True)
     train_reward.run(_CONFIG.value, _WORKDIR.value)
 
 

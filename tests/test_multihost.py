@@ -372,3 +372,52 @@ def test_combining_shares_needs_every_process():
             batch_prompts=1, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
             sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
             progress=None, process_index=2, process_count=2)
+
+
+@pytest.mark.slow
+def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_path):
+    """`experiments/train_policy.py` started twice with JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID (one CPU device each, mesh data=2) trains as one process
+    does on two devices; one manifest, written by process 0, records both processes. A command
+    that runs as one process refuses that environment by name."""
+    from infalign_jax.infra.config_utils import load_config_module
+    from infalign_jax.infra.metrics_io import read_jsonl
+    from infalign_jax.loops import train
+    spec, steps = "samples=8,steps=3", 3
+    port = _free_port()
+    procs = {}
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
+                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        log = tmp_path / f"cli{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, "experiments/train_policy.py",
+                 f"--config=configs/ctrl_exact.py:{spec}", "--config.mesh.data=2",
+                 "--config.train.tensorboard=false", f"--workdir={tmp_path / 'run'}"],
+                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+    config = load_config_module(str(REPO / "configs" / "ctrl_exact.py")).get_config(spec)
+    config.unlock()
+    config.mesh.data, config.train.tensorboard = 2, False
+    config.lock()
+    train.run(config, str(tmp_path / "one"), log=lambda _: None, devices=jax.devices()[:2])
+    two = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    one = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] and len(one) >= 1
+    for a, b in zip(two, one):
+        for key in ("loss", "reward", "kl_k1", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), key
+    import json
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["devices"]["process_count"] == 2 and manifest["devices"]["process_index"] == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == steps
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS="127.0.0.1:1",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
+    out = subprocess.run([sys.executable, "experiments/analytic.py"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "analytic.py runs as one process, but the environment asks for several " \
+           "(JAX_COORDINATOR_ADDRESS='127.0.0.1:1', JAX_NUM_PROCESSES=2)" in out.stderr

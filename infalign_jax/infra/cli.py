@@ -34,15 +34,32 @@ def enable_compilation_cache(path: str | None = None, min_compile_s: float = 1.0
     return path
 
 
-def start(argv: Sequence[str]) -> None:
+def start(argv: Sequence[str], *, processes: bool = False) -> None:
     """No positional arguments (a mistyped flag would land there); absl logging at WARNING unless
     --verbosity is given (Orbax logs every checkpoint save at INFO); the persistent compilation
-    cache on (`enable_compilation_cache`)."""
+    cache on (`enable_compilation_cache`); `jax.distributed` started from the environment
+    (`distributed.from_env`: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) before
+    any JAX computation. An entrypoint that does not run on several processes (`processes`
+    False) refuses an environment that asks for them, naming the variables."""
+    from infalign_jax.infra import distributed
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
+    cfg = distributed.from_env()
+    if cfg.is_multi_process and not processes:
+        raise ValueError(
+            f"{os.path.basename(sys.argv[0])} runs as one process, but the environment asks for "
+            f"several ({distributed.ENV_COORDINATOR}={cfg.coordinator_address!r}, "
+            f"{distributed.ENV_NUM_PROCESSES}={cfg.num_processes}); unset them, or use "
+            f"experiments/train_policy.py, train_reward.py or calibrate.py")
+    if cfg.is_multi_process:
+        # Orbax's barriers through the coordination service (not a device collective, which
+        # CPU gloo fails when a process arrives > 30 s late)
+        import orbax.checkpoint  # noqa: F401  (defines the flag)
+        flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
+    distributed.initialize(cfg)
 
 
 def _innermost_text(err: BaseException) -> str:

@@ -17,6 +17,8 @@ unchanged code:
 * `global_from_host`: a global array from a host value every process holds identically (reward or
   reference tables), without a cross-process `device_put`.
 * `gather_to_host`: a global array (tree) as numpy on every host, for metrics and final results.
+* `stack_from_processes`: host values (each process's own) stacked over the processes on every
+  host, e.g. the rows of the calibration pass each process drew.
 
 On CPU, cross-process collectives need an implementation: `jax_cpu_collectives_implementation`
 ("gloo" over TCP, the jax 0.10 default, or "mpi"); without one a multi-process CPU computation

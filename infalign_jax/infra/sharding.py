@@ -374,6 +374,16 @@ def axis_rules(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[Mesh
         yield mesh
 
 
+@contextlib.contextmanager
+def no_mesh() -> Iterator[None]:
+    """Leaves `axis_rules`' mesh for host-side work inside a sharded loop (an evaluation on
+    gathered parameters): arrays stay on this process's default device, so they can be fetched
+    on every process; without it the model's constraints would spread them over every process's
+    devices, which no process can read back alone."""
+    with jax.set_mesh(None), nn.logical_axis_rules(()):
+        yield
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding that keeps a full copy on every device."""
     return NamedSharding(mesh, PartitionSpec())

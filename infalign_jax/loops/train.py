@@ -555,9 +555,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
             # pi* of the beta the run ends at, not cfg.beta (the schedule's start).
             beta = cfg.beta if bonbon is not None else end_beta(cfg, state, tcfg.num_steps)
             # A collective: parameters may be spread over the devices of several processes.
-            return task.evaluate(distributed.gather_to_host(policy_params(cfg, state.params,
-                                                                          frozen)),
-                                 transform, beta, table)
+            params = distributed.gather_to_host(policy_params(cfg, state.params, frozen))
+            with sharding.no_mesh():   # on this host's device, readable by every process
+                return task.evaluate(params, transform, beta, table)
 
         result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,
                           progress_keys=("transformed_reward", "calibrated_reward", "kl_k1",
