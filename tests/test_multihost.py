@@ -421,3 +421,48 @@ def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_pat
     assert out.returncode == 2
     assert "analytic.py runs as one process, but the environment asks for several " \
            "(JAX_COORDINATOR_ADDRESS='127.0.0.1:1', JAX_NUM_PROCESSES=2)" in out.stderr
+
+
+@pytest.mark.slow
+def test_the_reward_command_runs_an_ensemble_on_two_processes(tmp_path):
+    """`experiments/train_reward.py`, a 2-member ensemble over two processes (one member on each
+    process's device, mesh data=2), trains as one process does on two devices."""
+    from infalign_jax.infra.config_utils import load_config_module
+    from infalign_jax.infra.metrics_io import read_jsonl
+    from infalign_jax.loops import train_reward
+    flags_ = ["--config.train.num_steps=3", "--config.train.log_every=1",
+              "--config.train.eval_every=3", "--config.mesh.data=2",
+              "--config.data.synthetic_train_pairs=64", "--config.data.synthetic_eval_pairs=16",
+              "--config.train.tensorboard=false"]
+    port = _free_port()
+    procs = {}
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
+                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        log = tmp_path / f"rm{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, "experiments/train_reward.py",
+                 "--config=configs/reward_model.py:ensemble=2", *flags_,
+                 f"--workdir={tmp_path / 'run'}"],
+                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+    config = load_config_module(str(REPO / "configs" / "reward_model.py")).get_config("ensemble=2")
+    config.unlock()
+    for flag in flags_:
+        key, value = flag[len("--config."):].split("=")
+        section, name = key.split(".")
+        config[section][name] = type(config[section][name])(
+            value == "true" if isinstance(config[section][name], bool) else value)
+    config.lock()
+    _, summary = train_reward.run(config, str(tmp_path / "one"), log=lambda _: None,
+                                  devices=jax.devices()[:2])
+    two = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    one = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=RTOL, abs=ATOL)
+    import json
+    got = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert got["eval"]["eval_accuracy"] == pytest.approx(summary["eval"]["eval_accuracy"])
