@@ -466,3 +466,43 @@ def test_the_reward_command_runs_an_ensemble_on_two_processes(tmp_path):
     import json
     got = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert got["eval"]["eval_accuracy"] == pytest.approx(summary["eval"]["eval_accuracy"])
+
+
+@pytest.mark.slow
+def test_the_calibrate_command_shares_a_real_task_table_over_two_processes(dirs, tmp_path):
+    """`experiments/calibrate.py` on a transformers policy and reward model over two processes:
+    each draws every other prompt, and the table process 0 writes equals one process's."""
+    from workflow_files import real_task_config
+    from infalign_jax.core.calibration import load_reference_table
+    from infalign_jax.workflows import calibrate
+    overrides = {"task.policy.checkpoint": dirs["policy"], "task.reward.kind": "hf",
+                 "task.reward.checkpoint": dirs["rm"], "task.data.prompts": dirs["prompts"],
+                 "task.num_prompts": 4, "task.eval_prompts": 2, "task.eval_samples": 0,
+                 "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
+                 "task.calib_batch_prompts": 1}
+    port = _free_port()
+    procs = {}
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
+                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        log = tmp_path / f"calibrate{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, "experiments/calibrate.py",
+                 "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+                 *(f"--config.{k}={v}" for k, v in overrides.items()),
+                 f"--workdir={tmp_path / 'run'}"],
+                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+    c = real_task_config(dirs)
+    c.unlock()
+    c.task.calib_batch_prompts = 1
+    c.lock()
+    one = load_reference_table(calibrate.run(c, str(tmp_path / "one"), progress=lambda _: None))
+    two = load_reference_table(str(tmp_path / "run" / "reference_table.npz"))
+    assert list(two.prompt_ids) == list(one.prompt_ids)
+    np.testing.assert_array_equal(two.sorted_rewards_BxK, one.sorted_rewards_BxK)
+    assert two.base_model_id == one.base_model_id and two.created["processes"] == 2
+    logs = [(tmp_path / f"calibrate{i}.log").read_text() for i in range(2)]
+    assert "prompts 2/2 (process 0's share)" in logs[0] and "(process 1's share)" in logs[1]
