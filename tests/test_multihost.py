@@ -506,3 +506,45 @@ def test_the_calibrate_command_shares_a_real_task_table_over_two_processes(dirs,
     assert two.base_model_id == one.base_model_id and two.created["processes"] == 2
     logs = [(tmp_path / f"calibrate{i}.log").read_text() for i in range(2)]
     assert "prompts 2/2 (process 0's share)" in logs[0] and "(process 1's share)" in logs[1]
+
+
+@pytest.mark.slow
+def test_the_training_command_runs_a_real_task_on_two_processes(dirs, tmp_path):
+    """`experiments/train_policy.py` on a transformers policy scored by a transformers reward
+    model (the text judge runs on each process's host), two processes, mesh data=2: the same
+    steps as one process on two devices."""
+    from workflow_files import real_task_config
+    from infalign_jax.infra.metrics_io import read_jsonl
+    from infalign_jax.loops import train
+    overrides = {"task.policy.checkpoint": dirs["policy"], "task.reward.kind": "hf",
+                 "task.reward.checkpoint": dirs["rm"], "task.data.prompts": dirs["prompts"],
+                 "task.num_prompts": 4, "task.eval_prompts": 2, "task.eval_samples": 0,
+                 "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
+                 "rl.samples_per_prompt": 2, "rl.learning_rate": 0.01, "train.num_steps": 2,
+                 "train.batch_size": 2, "train.tensorboard": "false", "mesh.data": 2}
+    port = _free_port()
+    procs = {}
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
+                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        log = tmp_path / f"real{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, "experiments/train_policy.py",
+                 "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+                 *(f"--config.{k}={v}" for k, v in overrides.items()),
+                 f"--workdir={tmp_path / 'run'}"],
+                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+    c = real_task_config(dirs)
+    c.unlock()
+    c.mesh.data = 2
+    c.lock()
+    train.run(c, str(tmp_path / "one"), log=lambda _: None, devices=jax.devices()[:2])
+    two = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    one = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(two, one):
+        for key in ("reward", "calibrated_reward", "kl_k1", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), key
