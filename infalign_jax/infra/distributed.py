@@ -193,6 +193,15 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     client.wait_at_barrier(f"infalign_{name}", timeout_in_ms=int(timeout_s * 1000))
 
 
+_BARRIERS = itertools.count()
+
+
+def numbered(name: str) -> str:
+    """`name` with this process's next barrier number: a fresh name for a barrier met more than
+    once in a run, equal on every process as long as all meet their barriers in the same order."""
+    return f"{name}_{next(_BARRIERS)}"
+
+
 def process_shard(n: int, process_index: int | None = None,
                   process_count: int | None = None) -> slice:
     """This process's contiguous, equal slice of `n` rows (prompts, reference-table rows, ...).
@@ -272,11 +281,9 @@ def stack_from_processes(tree: Any) -> Any:
     arrives much later (a slower share of work, a longer load) does not fail the collective."""
     if jax.process_count() == 1:
         return jax.tree.map(lambda x: np.asarray(x)[None], tree)
-    barrier(f"stack_from_processes_{next(_STACKS)}")
+    barrier(numbered("stack_from_processes"))
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=False))
 
-
-_STACKS = itertools.count()   # barrier names, equal on every process (same call order)
 
 
 def gather_to_host(tree: Any) -> Any:

@@ -36,7 +36,6 @@ manifest records the base (`extra.lora`).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -282,11 +281,9 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
                                                 "reference": {"k": int(k), "seed": int(seed)}})
     if distributed.is_primary():
         table.save(path)
-    distributed.barrier(f"reference_table_saved_{next(_TABLE_WRITES)}")
+    distributed.barrier(distributed.numbered("reference_table_saved"))
     return table
 
-
-_TABLE_WRITES = itertools.count()   # barrier names are unique per process run
 
 
 def _kl_budget(config: Any) -> float:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -65,9 +64,6 @@ from infalign_jax.infra.files import write_npz
 from infalign_jax.infra import validate as check
 
 Params = Any
-
-
-_SAVES = itertools.count()   # barrier names, equal on every process
 
 
 def chunk_key(seed: int, batch_index: int, chunk_index: int) -> jax.Array:
@@ -340,7 +336,7 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             table.save(out_path)
         if count > 1:
             from infalign_jax.infra import distributed
-            distributed.barrier(f"calibration_table_saved_{next(_SAVES)}")
+            distributed.barrier(distributed.numbered("calibration_table_saved"))
     if partial_path and os.path.exists(partial_path):
         os.remove(partial_path)
     say(f"calibration: done, {num} prompts x K={k} in {_fmt_s(seconds)} "
