@@ -374,6 +374,23 @@ def test_combining_shares_needs_every_process():
             progress=None, process_index=2, process_count=2)
 
 
+def _command_on_two_processes(args: list, tmp_path: Path, name: str) -> None:
+    """Runs `python args...` as two processes of one job (one CPU device each), started from
+    the environment variables a pod launcher sets; logs in tmp_path/<name><i>.log."""
+    port = _free_port()
+    procs = {}
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
+                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        log = tmp_path / f"{name}{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, *map(str, args)], env=env, cwd=REPO, stdout=f,
+                stderr=subprocess.STDOUT), log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+
+
 @pytest.mark.slow
 def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_path):
     """`experiments/train_policy.py` started twice with JAX_COORDINATOR_ADDRESS /
@@ -384,20 +401,10 @@ def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_pat
     from infalign_jax.infra.metrics_io import read_jsonl
     from infalign_jax.loops import train
     spec, steps = "samples=8,steps=3", 3
-    port = _free_port()
-    procs = {}
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
-                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        log = tmp_path / f"cli{i}.log"
-        with open(log, "w") as f:
-            procs[f"process {i}"] = (subprocess.Popen(
-                [sys.executable, "experiments/train_policy.py",
-                 f"--config=configs/ctrl_exact.py:{spec}", "--config.mesh.data=2",
-                 "--config.train.tensorboard=false", f"--workdir={tmp_path / 'run'}"],
-                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    _command_on_two_processes(
+        ["experiments/train_policy.py", f"--config=configs/ctrl_exact.py:{spec}",
+         "--config.mesh.data=2", "--config.train.tensorboard=false",
+         f"--workdir={tmp_path / 'run'}"], tmp_path, "cli")
     config = load_config_module(str(REPO / "configs" / "ctrl_exact.py")).get_config(spec)
     config.unlock()
     config.mesh.data, config.train.tensorboard = 2, False
@@ -434,20 +441,9 @@ def test_the_reward_command_runs_an_ensemble_on_two_processes(tmp_path):
               "--config.train.eval_every=3", "--config.mesh.data=2",
               "--config.data.synthetic_train_pairs=64", "--config.data.synthetic_eval_pairs=16",
               "--config.train.tensorboard=false"]
-    port = _free_port()
-    procs = {}
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
-                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        log = tmp_path / f"rm{i}.log"
-        with open(log, "w") as f:
-            procs[f"process {i}"] = (subprocess.Popen(
-                [sys.executable, "experiments/train_reward.py",
-                 "--config=configs/reward_model.py:ensemble=2", *flags_,
-                 f"--workdir={tmp_path / 'run'}"],
-                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    _command_on_two_processes(
+        ["experiments/train_reward.py", "--config=configs/reward_model.py:ensemble=2", *flags_,
+         f"--workdir={tmp_path / 'run'}"], tmp_path, "rm")
     config = load_config_module(str(REPO / "configs" / "reward_model.py")).get_config("ensemble=2")
     config.unlock()
     for flag in flags_:
@@ -480,21 +476,10 @@ def test_the_calibrate_command_shares_a_real_task_table_over_two_processes(dirs,
                  "task.num_prompts": 4, "task.eval_prompts": 2, "task.eval_samples": 0,
                  "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
                  "task.calib_batch_prompts": 1}
-    port = _free_port()
-    procs = {}
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
-                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        log = tmp_path / f"calibrate{i}.log"
-        with open(log, "w") as f:
-            procs[f"process {i}"] = (subprocess.Popen(
-                [sys.executable, "experiments/calibrate.py",
-                 "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
-                 *(f"--config.{k}={v}" for k, v in overrides.items()),
-                 f"--workdir={tmp_path / 'run'}"],
-                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    _command_on_two_processes(
+        ["experiments/calibrate.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+         *(f"--config.{k}={v}" for k, v in overrides.items()), f"--workdir={tmp_path / 'run'}"],
+        tmp_path, "calibrate")
     c = real_task_config(dirs)
     c.unlock()
     c.task.calib_batch_prompts = 1
@@ -522,21 +507,10 @@ def test_the_training_command_runs_a_real_task_on_two_processes(dirs, tmp_path):
                  "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
                  "rl.samples_per_prompt": 2, "rl.learning_rate": 0.01, "train.num_steps": 2,
                  "train.batch_size": 2, "train.tensorboard": "false", "mesh.data": 2}
-    port = _free_port()
-    procs = {}
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
-                   INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        log = tmp_path / f"real{i}.log"
-        with open(log, "w") as f:
-            procs[f"process {i}"] = (subprocess.Popen(
-                [sys.executable, "experiments/train_policy.py",
-                 "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
-                 *(f"--config.{k}={v}" for k, v in overrides.items()),
-                 f"--workdir={tmp_path / 'run'}"],
-                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    _command_on_two_processes(
+        ["experiments/train_policy.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+         *(f"--config.{k}={v}" for k, v in overrides.items()), f"--workdir={tmp_path / 'run'}"],
+        tmp_path, "real")
     c = real_task_config(dirs)
     c.unlock()
     c.mesh.data = 2
