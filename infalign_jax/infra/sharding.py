@@ -68,7 +68,6 @@ MeshAxes = str | tuple[str, ...] | None
 LogicalRules = tuple[tuple[str, MeshAxes], ...]
 
 PARAM_RULES: LogicalRules = (
-    ("ensemble", ("data", "fsdp")),   # a reward-model ensemble's member axis (`ensemble_shardings`)
     ("layers", None),   # the stacked decoder layers' leading axis (scanned, never split)
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -88,7 +87,10 @@ ACTIVATION_RULES: LogicalRules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
-DEFAULT_RULES: LogicalRules = PARAM_RULES + ACTIVATION_RULES
+# A reward-model ensemble's member axis (`ensemble_shardings`): members side by side on the batch
+# devices. Not a parameter rule: the serving layout (below) never holds an ensemble.
+ENSEMBLE_RULES: LogicalRules = (("ensemble", ("data", "fsdp")),)
+DEFAULT_RULES: LogicalRules = PARAM_RULES + ACTIVATION_RULES + ENSEMBLE_RULES
 
 # The serving layout of the rollout: no parameter is split over "fsdp" (nor "data"), only over
 # "tensor". Decoding from the training layout all-gathers every FSDP-split weight at every decode
