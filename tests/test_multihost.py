@@ -313,14 +313,15 @@ CALIBRATION_WORKER = REPO / "tests" / "_multihost_calibration_worker.py"
 
 @pytest.mark.slow
 def test_two_processes_share_the_calibration_pass(tmp_path):
-    """Each of two processes draws every other prompt batch; both return the table one process
-    draws alone (the same keys per batch and chunk), and the pass's progress counts only each
+    """Each of two processes (2 CPU devices each) draws every other prompt batch, its rows split
+    over its own devices when the batch has 2 prompts; both return the table one process draws
+    alone (the same keys per batch and chunk), and the pass's progress counts only each
     process's share. The shared table is written once, by process 0, and reused by both."""
     import test_calibration_pass as tc
     from infalign_jax.decoding import sampling
     from infalign_jax.rl import calibration_pass as cp
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     procs = {}
     for i in range(2):
         log = tmp_path / f"calibration{i}.log"
@@ -348,7 +349,11 @@ def test_two_processes_share_the_calibration_pass(tmp_path):
     assert any("prompts 2/2 (process 0's share)" in line for line in logs[0])
     assert any("prompts 1/1 (process 1's share)" in line for line in logs[1])
     assert all(not line.startswith("calibration") or "share" in line or "done" in line
-               for line in logs[0] + logs[1])
+               or "split over" in line for line in logs[0] + logs[1])
+    for log in logs:   # batch_prompts 1, then 2
+        splits = [line for line in log if "split over" in line]
+        assert [line.split("split over ")[1] for line in splits] == [
+            "1 of 2 local devices", "2 of 2 local devices"], splits
     assert sorted(p.name for p in tmp_path.glob("reference_table*")) == ["reference_table.npz"]
     for log in logs:
         assert sum("reusing reference table" in line for line in log) == 1
