@@ -285,7 +285,6 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
     return table
 
 
-
 def _kl_budget(config: Any) -> float:
     return float(config.task.get("kl_budget", 0.0) or 0.0)
 
