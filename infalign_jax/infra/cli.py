@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
+from infalign_jax.infra import distributed
 from infalign_jax.infra.checkpointing import WorkdirError
 
 # Errors that describe bad input (a config value, a data file, a work dir): reported in one line.
@@ -41,7 +42,6 @@ def start(argv: Sequence[str], *, processes: bool = False) -> None:
     (`distributed.from_env`: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) before
     any JAX computation. An entrypoint that does not run on several processes (`processes`
     False) refuses an environment that asks for them, naming the variables."""
-    from infalign_jax.infra import distributed
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:

@@ -257,18 +257,17 @@ def _mesh_spec(
                 assigned[dim] = prefix
                 used.update(prefix)
                 break
-        # not split for divisibility (not because its axes were taken), or "split" only over
-        # axes of size 1 (e.g. "data" of 1 when "fsdp" of 4 does not divide)
         free = {a: mesh.shape[a] for a in tried if mesh.shape[a] > 1}
-        if free and (assigned[dim] is None or
-                     math.prod(mesh.shape[a] for a in assigned[dim]) == 1):
+        if free:   # its axes were free (not taken by another dimension) and had devices
             fallbacks.append((dim, rule_name, shape[dim], free))
 
     def unsplit(dim: int) -> bool:
         return assigned[dim] is None or math.prod(mesh.shape[a] for a in assigned[dim]) == 1
 
     spec = PartitionSpec(*(None if a is None else (a[0] if len(a) == 1 else a) for a in assigned))
-    # a dimension a later rule for the same name did split is not a fallback
+    # a fallback is a dimension left whole (not split for divisibility, or "split" over axes of
+    # size 1 only, e.g. "data" of 1 when "fsdp" of 4 does not divide), by this rule or a later
+    # one for the same name
     return spec, [f[1:] for f in fallbacks if unsplit(f[0])]
 
 

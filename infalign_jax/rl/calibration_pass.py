@@ -61,7 +61,7 @@ from infalign_jax.core.types import RewardFn
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.infra.files import write_npz
-from infalign_jax.infra import validate as check
+from infalign_jax.infra import distributed, validate as check
 
 Params = Any
 
@@ -111,7 +111,6 @@ def _combine(rewards_XxK: np.ndarray, valid_XxK: np.ndarray, done_BxC: np.ndarra
              ) -> tuple[np.ndarray, np.ndarray]:
     """The whole table's rows from every process's share: prompt batch b from process
     b % count. Refuses a share with unfinished chunks (a process that left the loop early)."""
-    from infalign_jax.infra import distributed
     if not done_BxC[mine_B].all():
         raise RuntimeError("calibration: this process left chunks of its batches undrawn")
     got = distributed.stack_from_processes({"rewards": rewards_XxK, "valid": valid_XxK,
@@ -287,6 +286,8 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
         return min(batch_prompts, num - b * batch_prompts) * (min((c + 1) * chunk, k) - c * chunk)
 
     total = sum(samples_in(b, c) for b, c in zip(*np.nonzero(~done_BxC & mine_B[:, None])))
+    mine = sum(min(batch_prompts, num - i * batch_prompts) for i in np.flatnonzero(mine_B))
+    whose = f" (process {index}'s share)" if count > 1 else ""
     start, drawn = time.perf_counter(), 0
     for b in range(num_batches):
         if done_BxC[b].all() or not mine_B[b]:
@@ -312,9 +313,6 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             elapsed = time.perf_counter() - start
             prompts_done = sum(min(batch_prompts, num - i * batch_prompts)
                                for i in range(num_batches) if done_BxC[i].all() and mine_B[i])
-            mine = sum(min(batch_prompts, num - i * batch_prompts)
-                       for i in range(num_batches) if mine_B[i])
-            whose = f" (process {index}'s share)" if count > 1 else ""
             say(f"calibration: prompts {prompts_done}/{mine}{whose} (batch {b + 1}/{num_batches}, "
                 f"chunk {c + 1}/{num_chunks}), {drawn / elapsed:.1f} samples/s, elapsed "
                 f"{_fmt_s(elapsed)}, ETA {_fmt_s((total - drawn) * elapsed / drawn)}")
@@ -335,7 +333,6 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
         if index == 0:
             table.save(out_path)
         if count > 1:
-            from infalign_jax.infra import distributed
             distributed.barrier(distributed.numbered("calibration_table_saved"))
     if partial_path and os.path.exists(partial_path):
         os.remove(partial_path)
