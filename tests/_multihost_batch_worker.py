@@ -14,7 +14,6 @@ writes what each layout gave to DIR/batch.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import _multihost_pair  # noqa: E402  (tests/, the script's own directory)
 from infalign_jax.infra import distributed as dist  # noqa: E402
 
 LAYOUTS = {"data=4,fsdp=2": dict(data=4, fsdp=2), "data=2,tensor=4": dict(data=2, tensor=4),
@@ -29,14 +29,7 @@ LAYOUTS = {"data=4,fsdp=2": dict(data=4, fsdp=2), "data=2,tensor=4": dict(data=2
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--process_id", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    dist.initialize(dist.DistributedConfig(coordinator_address=f"127.0.0.1:{args.port}",
-                                           num_processes=2, process_id=args.process_id,
-                                           initialization_timeout=60))
+    args = _multihost_pair.start()
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -14,7 +14,6 @@ barrier, reloads it from the shared directory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,18 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from infalign_jax.infra import distributed as dist  # noqa: E402
+import _multihost_pair  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--process_id", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    dist.initialize(dist.DistributedConfig(coordinator_address=f"127.0.0.1:{args.port}",
-                                           num_processes=2, process_id=args.process_id,
-                                           initialization_timeout=60))
+    args = _multihost_pair.start()
     import numpy as np
 
     import test_calibration_pass as tc

@@ -139,19 +139,24 @@ def _garble_meta(step_dir: Path) -> None:
     (step_dir / "meta" / "metadata").write_text('{"data_pos": ')
 
 
+def _three_saved_steps(tmp_path: Path):
+    """(states by step, their abstract tree, the directory) of steps 1-3 saved, each {"step": s}."""
+    states = {step: _example_state(seed=step) for step in (1, 2, 3)}
+    root = tmp_path / "ckpt"
+    with Checkpointer(root, max_to_keep=3) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"step": step})
+        ckpt.wait()
+    return states, jax.eval_shape(lambda: states[1]), root
+
+
 # A failed TensorStore read leaves Orbax's pending asyncio reads to be torn down with their loop;
 # the resulting "Event loop is closed" report is Orbax-internal noise, not a failure.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", [_truncate_array_data, _delete_array_data, _garble_meta],
                          ids=["truncated-data", "deleted-manifest", "garbled-meta"])
 def test_damaged_newest_step_falls_back_to_previous(tmp_path, caplog, damage):
-    states = {step: _example_state(seed=step) for step in (1, 2, 3)}
-    abstract = jax.eval_shape(lambda: states[1])
-    root = tmp_path / "ckpt"
-    with Checkpointer(root, max_to_keep=3) as ckpt:
-        for step, state in states.items():
-            ckpt.save(step, state, {"step": step})
-        ckpt.wait()
+    states, abstract, root = _three_saved_steps(tmp_path)
     damage(root / "3")
     with Checkpointer(root, max_to_keep=3) as ckpt, caplog.at_level(logging.WARNING, LOGGER):
         step, state, meta = ckpt.restore_latest(abstract)
@@ -170,13 +175,7 @@ def test_a_passing_read_error_is_retried_not_quarantined(tmp_path, caplog, monke
     """The newest step fails once (a transient read error): it is tried again before any older
     step is restored (one state in memory at a time), restored, and never renamed. Out of memory
     on the newest step is raised as it is, with an older step intact and nothing renamed."""
-    states = {step: _example_state(seed=step) for step in (1, 2, 3)}
-    abstract = jax.eval_shape(lambda: states[1])
-    root = tmp_path / "ckpt"
-    with Checkpointer(root, max_to_keep=3) as ckpt:
-        for step, state in states.items():
-            ckpt.save(step, state, {"step": step})
-        ckpt.wait()
+    states, abstract, root = _three_saved_steps(tmp_path)
     real_restore, calls = Checkpointer.restore, []
 
     def flaky(self, step, abstract_state):

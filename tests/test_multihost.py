@@ -279,23 +279,29 @@ def test_two_processes_match_one_process_and_restore_exactly(tmp_path):
 BATCH_WORKER = REPO / "tests" / "_multihost_batch_worker.py"
 
 
+def _worker_on_two_processes(worker: Path, tmp_path: Path, name: str, devices: int) -> None:
+    """Runs a worker script (`_multihost_pair.start`'s arguments) as the two processes of one
+    job, `devices` CPU devices each, writing to tmp_path; logs in tmp_path/<name><i>.log."""
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+    procs = {}
+    for i in range(2):
+        log = tmp_path / f"{name}{i}.log"
+        with open(log, "w") as f:
+            procs[f"process {i}"] = (subprocess.Popen(
+                [sys.executable, str(worker), "--process_id", str(i), "--port", str(port),
+                 "--out", str(tmp_path)], env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT),
+                log)
+    _wait_all(procs, WORKER_TIMEOUT_S)
+
+
 @pytest.mark.slow
 def test_every_mesh_layout_gets_the_global_batch_across_processes(tmp_path):
     """`train.step_batch` on two processes: whether the batch axes span both, one or neither
     process (tensor=8 across the two hosts), the global batch is step 0's 8 prompts. Feeding
     each process its loader slice gave a (4, 3) "batch" under tensor=8 whose sum differed
     between the processes (60 and 87 for a true 147)."""
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
-    procs = {}
-    for i in range(2):
-        log = tmp_path / f"batch{i}.log"
-        with open(log, "w") as f:
-            procs[f"process {i}"] = (subprocess.Popen(
-                [sys.executable, str(BATCH_WORKER), "--process_id", str(i), "--port", str(port),
-                 "--out", str(tmp_path)], env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT),
-                log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    _worker_on_two_processes(BATCH_WORKER, tmp_path, "batch", devices=4)
     import json
     got = json.loads((tmp_path / "batch.json").read_text())
     rows = got.pop("rows")
@@ -320,17 +326,7 @@ def test_two_processes_share_the_calibration_pass(tmp_path):
     import test_calibration_pass as tc
     from infalign_jax.decoding import sampling
     from infalign_jax.rl import calibration_pass as cp
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
-    procs = {}
-    for i in range(2):
-        log = tmp_path / f"calibration{i}.log"
-        with open(log, "w") as f:
-            procs[f"process {i}"] = (subprocess.Popen(
-                [sys.executable, str(CALIBRATION_WORKER), "--process_id", str(i), "--port",
-                 str(port), "--out", str(tmp_path)], env=env, cwd=REPO, stdout=f,
-                stderr=subprocess.STDOUT), log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    _worker_on_two_processes(CALIBRATION_WORKER, tmp_path, "calibration", devices=2)
     import json
     for bp in (1, 2):
         alone = cp.run_calibration(
@@ -473,22 +469,15 @@ def test_the_reward_command_runs_an_ensemble_on_two_processes(tmp_path):
 def test_the_calibrate_command_shares_a_real_task_table_over_two_processes(dirs, tmp_path):
     """`experiments/calibrate.py` on a transformers policy and reward model over two processes:
     each draws every other prompt, and the table process 0 writes equals one process's."""
-    from workflow_files import real_task_config
+    from workflow_files import REAL_TASK_SPEC, as_flags, real_task_config, real_task_overrides
     from infalign_jax.core.calibration import load_reference_table
     from infalign_jax.workflows import calibrate
-    overrides = {"task.policy.checkpoint": dirs["policy"], "task.reward.kind": "hf",
-                 "task.reward.checkpoint": dirs["rm"], "task.data.prompts": dirs["prompts"],
-                 "task.num_prompts": 4, "task.eval_prompts": 2, "task.eval_samples": 0,
-                 "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
-                 "task.calib_batch_prompts": 1}
+    extra = {"task.calib_batch_prompts": 1}
     _command_on_two_processes(
-        ["experiments/calibrate.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
-         *(f"--config.{k}={v}" for k, v in overrides.items()), f"--workdir={tmp_path / 'run'}"],
+        ["experiments/calibrate.py", f"--config=configs/ctrl_real.py:{REAL_TASK_SPEC}",
+         *as_flags({**real_task_overrides(dirs), **extra}), f"--workdir={tmp_path / 'run'}"],
         tmp_path, "calibrate")
-    c = real_task_config(dirs)
-    c.unlock()
-    c.task.calib_batch_prompts = 1
-    c.lock()
+    c = real_task_config(dirs, extra=extra)
     one = load_reference_table(calibrate.run(c, str(tmp_path / "one"), progress=lambda _: None))
     two = load_reference_table(str(tmp_path / "run" / "reference_table.npz"))
     assert list(two.prompt_ids) == list(one.prompt_ids)
@@ -503,23 +492,15 @@ def test_the_training_command_runs_a_real_task_on_two_processes(dirs, tmp_path):
     """`experiments/train_policy.py` on a transformers policy scored by a transformers reward
     model (the text judge runs on each process's host), two processes, mesh data=2: the same
     steps as one process on two devices."""
-    from workflow_files import real_task_config
+    from workflow_files import REAL_TASK_SPEC, as_flags, real_task_config, real_task_overrides
     from infalign_jax.infra.metrics_io import read_jsonl
     from infalign_jax.loops import train
-    overrides = {"task.policy.checkpoint": dirs["policy"], "task.reward.kind": "hf",
-                 "task.reward.checkpoint": dirs["rm"], "task.data.prompts": dirs["prompts"],
-                 "task.num_prompts": 4, "task.eval_prompts": 2, "task.eval_samples": 0,
-                 "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
-                 "rl.samples_per_prompt": 2, "rl.learning_rate": 0.01, "train.num_steps": 2,
-                 "train.batch_size": 2, "train.tensorboard": "false", "mesh.data": 2}
+    extra = {"mesh.data": 2}
     _command_on_two_processes(
-        ["experiments/train_policy.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
-         *(f"--config.{k}={v}" for k, v in overrides.items()), f"--workdir={tmp_path / 'run'}"],
+        ["experiments/train_policy.py", f"--config=configs/ctrl_real.py:{REAL_TASK_SPEC}",
+         *as_flags({**real_task_overrides(dirs), **extra}), f"--workdir={tmp_path / 'run'}"],
         tmp_path, "real")
-    c = real_task_config(dirs)
-    c.unlock()
-    c.mesh.data = 2
-    c.lock()
+    c = real_task_config(dirs, extra=extra)
     train.run(c, str(tmp_path / "one"), log=lambda _: None, devices=jax.devices()[:2])
     two = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
     one = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))

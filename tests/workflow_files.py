@@ -87,22 +87,42 @@ def transformers_scores(rm_dir: str, texts: list[str]) -> np.ndarray:
                          for t in texts])
 
 
-def real_task_config(dirs, *, lora_rank: int = 0, export_hf: bool = False):
+REAL_TASK_SPEC = "task=helpfulness,size=tiny"   # configs/ctrl_real.py's argument
+
+
+def real_task_overrides(dirs, *, lora_rank: int = 0, export_hf: bool = False) -> dict:
+    """`real_task_config`'s changes to configs/ctrl_real.py, by dotted key (`--config.<key>`
+    flags for a command on the same config)."""
+    return {"task.policy.checkpoint": dirs["policy"], "task.reward.kind": "hf",
+            "task.reward.checkpoint": dirs["rm"], "task.data.prompts": dirs["prompts"],
+            "task.num_prompts": 4, "task.eval_prompts": 2, "task.eval_samples": 0,
+            "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
+            "rl.samples_per_prompt": 2, "rl.learning_rate": 1e-2, "rl.lora.rank": lora_rank,
+            "rl.lora.alpha": 8.0, "train.num_steps": 2, "train.batch_size": 2,
+            "train.tensorboard": False, "export.hf": export_hf}
+
+
+def real_task_config(dirs, *, lora_rank: int = 0, export_hf: bool = False,
+                     extra: dict | None = None):
     """configs/ctrl_real.py on the tiny files: the policy dir, the first reward model, the prompt
     file (4 training / 2 evaluation prompts, no in-run evaluation), 2 steps of 2 prompts x 2
-    samples of 5 tokens, K = 4, a learning rate large enough that 2 steps move the logits."""
+    samples of 5 tokens, K = 4, a learning rate large enough that 2 steps move the logits;
+    `extra`: further changes by dotted key (e.g. {"mesh.data": 2})."""
     c = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py")).get_config(
-        "task=helpfulness,size=tiny")
+        REAL_TASK_SPEC)
     c.unlock()
-    c.task.policy.checkpoint = dirs["policy"]
-    c.task.reward.kind, c.task.reward.checkpoint = "hf", dirs["rm"]
-    c.task.data.prompts = dirs["prompts"]
-    c.task.num_prompts, c.task.eval_prompts, c.task.eval_samples = 4, 2, 0
-    c.task.max_new_tokens = c.rl.max_new_tokens = 5
-    c.reference.k, c.rl.samples_per_prompt = 4, 2
-    c.rl.learning_rate = 1e-2
-    c.rl.lora.rank, c.rl.lora.alpha = lora_rank, 8.0
-    c.train.num_steps, c.train.batch_size, c.train.tensorboard = 2, 2, False
-    c.export.hf = export_hf
+    for key, value in {**real_task_overrides(dirs, lora_rank=lora_rank, export_hf=export_hf),
+                       **(extra or {})}.items():
+        *path, name = key.split(".")
+        section = c
+        for part in path:
+            section = section[part]
+        section[name] = value
     c.lock()
     return c
+
+
+def as_flags(overrides: dict) -> list:
+    """`--config.<key>=<value>` flags for dotted-key config changes."""
+    return [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in overrides.items()]
