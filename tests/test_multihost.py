@@ -20,6 +20,7 @@ finiteness check instead of `Checkpointer.save`'s per-leaf one).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -302,7 +303,6 @@ def test_every_mesh_layout_gets_the_global_batch_across_processes(tmp_path):
     each process its loader slice gave a (4, 3) "batch" under tensor=8 whose sum differed
     between the processes (60 and 87 for a true 147)."""
     _worker_on_two_processes(BATCH_WORKER, tmp_path, "batch", devices=4)
-    import json
     got = json.loads((tmp_path / "batch.json").read_text())
     rows = got.pop("rows")
     assert len(rows) == 8 and len(set(rows)) == 8
@@ -315,6 +315,7 @@ def test_every_mesh_layout_gets_the_global_batch_across_processes(tmp_path):
 
 
 CALIBRATION_WORKER = REPO / "tests" / "_multihost_calibration_worker.py"
+LOAD_WORKER = REPO / "tests" / "_multihost_load_worker.py"
 
 
 @pytest.mark.slow
@@ -327,7 +328,6 @@ def test_two_processes_share_the_calibration_pass(tmp_path):
     from infalign_jax.decoding import sampling
     from infalign_jax.rl import calibration_pass as cp
     _worker_on_two_processes(CALIBRATION_WORKER, tmp_path, "calibration", devices=2)
-    import json
     for bp in (1, 2):
         alone = cp.run_calibration(
             tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
@@ -417,7 +417,6 @@ def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_pat
     for a, b in zip(two, one):
         for key in ("loss", "reward", "kl_k1", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), key
-    import json
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["devices"]["process_count"] == 2 and manifest["devices"]["process_index"] == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == steps
@@ -460,9 +459,15 @@ def test_the_reward_command_runs_an_ensemble_on_two_processes(tmp_path):
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
     for a, b in zip(two, one):
         assert a["loss"] == pytest.approx(b["loss"], rel=RTOL, abs=ATOL)
-    import json
     got = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert got["eval"]["eval_accuracy"] == pytest.approx(summary["eval"]["eval_accuracy"])
+    # the run as a trained judge (config.task.reward.kind="trained"), read on each process
+    from infalign_jax.infra import provenance
+    from infalign_jax.rewards import reward_runs
+    loaded = _load_on_two_processes(tmp_path, reward_run=str(tmp_path / "run"))
+    alone = reward_runs.load_run(str(tmp_path / "run"))
+    assert [got["reward"] for got in loaded] == [
+        [provenance.params_digest(alone.params), alone.step]] * 2
 
 
 @pytest.mark.slow
@@ -495,7 +500,7 @@ def test_the_training_command_runs_a_real_task_on_two_processes(dirs, tmp_path):
     from workflow_files import REAL_TASK_SPEC, as_flags, real_task_config, real_task_overrides
     from infalign_jax.infra.metrics_io import read_jsonl
     from infalign_jax.loops import train
-    extra = {"mesh.data": 2}
+    extra = {"mesh.data": 2, "export.hf": True}
     _command_on_two_processes(
         ["experiments/train_policy.py", f"--config=configs/ctrl_real.py:{REAL_TASK_SPEC}",
          *as_flags({**real_task_overrides(dirs), **extra}), f"--workdir={tmp_path / 'run'}"],
@@ -508,3 +513,33 @@ def test_the_training_command_runs_a_real_task_on_two_processes(dirs, tmp_path):
     for a, b in zip(two, one):
         for key in ("reward", "calibrated_reward", "kl_k1", "loss"):
             assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), key
+    # config.export.hf: written once, by process 0, from the checkpoint both processes saved
+    from safetensors.numpy import load_file
+    exported = [load_file(str(tmp_path / run / "export" / "hf" / "model.safetensors"))
+                for run in ("run", "one")]
+    assert sorted(exported[0]) == sorted(exported[1]) and len(exported[0]) > 1
+    for name, value in exported[0].items():
+        np.testing.assert_allclose(value, exported[1][name], rtol=RTOL, atol=ATOL, err_msg=name)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["export"]["dir"] == str(tmp_path / "run" / "export" / "hf")
+    logs = [(tmp_path / f"real{i}.log").read_text() for i in range(2)]
+    assert all("as a transformers checkpoint to" in log for log in logs)
+    # the run as config.task.policy.checkpoint, read on each process's own device
+    from infalign_jax.infra import provenance
+    from infalign_jax.rl.tasks import sources
+    loaded = _load_on_two_processes(tmp_path, policy_run=str(tmp_path / "run"))
+    alone = sources.load_policy(sources.PolicyConfig(str(tmp_path / "run")))
+    assert [got["policy"] for got in loaded] == [
+        [provenance.params_digest(alone.params), f"{tmp_path / 'run'}@2"]] * 2
+
+
+def _load_on_two_processes(tmp_path: Path, **request: str) -> list[dict]:
+    """What `_multihost_load_worker.py` loaded on each of two processes (one device each)."""
+    (tmp_path / "load_request.json").write_text(json.dumps(request))
+    _worker_on_two_processes(LOAD_WORKER, tmp_path, "load", devices=1)
+    got = [json.loads((tmp_path / f"loaded_p{i}.json").read_text()) for i in range(2)]
+    # distributed.from_primary: process 0's value on both; its failure raised on both at once
+    assert [g["shared"] for g in got] == [{"by": True}] * 2
+    assert got[0]["failed"] == "OSError: disk full\nsecond line"
+    assert got[1]["failed"] == "RuntimeError: failing: process 0 failed (OSError: disk full)"
+    return got

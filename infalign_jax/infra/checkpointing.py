@@ -155,6 +155,14 @@ def abstract_state(state: PyTree) -> PyTree:
     return jax.tree.map(leaf, state)
 
 
+def local_abstract(tree: PyTree) -> PyTree:
+    """`jax.ShapeDtypeStruct` tree of `tree` (arrays or shape structs) on this process's first
+    device: what a reader that wants whole parameters on its own host restores into, on any
+    process of a job (`jax.devices()[0]` belongs to process 0; another cannot address it)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
 class Checkpointer:
     """Saves and restores ``(step, state, meta)`` under ``directory`` with Orbax.
 
@@ -331,6 +339,13 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
 
 
+def _on_this_process(abstract: PyTree) -> bool:
+    """Whether every leaf's sharding lies on this process's devices."""
+    mine = set(jax.local_devices())
+    return all(getattr(x, "sharding", None) is not None and x.sharding.device_set <= mine
+               for x in jax.tree.leaves(abstract))
+
+
 def _checkpoint_root(path: str) -> tuple[epath.Path, int | None]:
     """(directory of step directories, the step asked for or None for the newest) of `path`: a
     run directory holding checkpoints/, that checkpoints/ directory, or one step directory."""
@@ -349,10 +364,21 @@ def restore_params(path: str, abstract_params: PyTree) -> tuple[PyTree, int, dic
     """(params, step, meta) of a checkpoint under `path` (`_checkpoint_root`: the newest step
     unless a step directory is given), read-only; the parameters take the shapes, dtypes and
     shardings of `abstract_params` (a state's ``params``; the rest of that checkpoint's state,
-    e.g. its optimiser state, is not read). A directory without checkpoints, or parameters of
-    another shape, is a ValueError naming `path`."""
+    e.g. its optimiser state, is not read). Into shardings of this process's devices alone
+    (`local_abstract`) it reads without the other processes; into global shardings every process
+    must call it. A directory without checkpoints, or parameters of another shape, is a
+    ValueError naming `path`."""
     root, step = _checkpoint_root(path)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    if _on_this_process(abstract_params):
+        # This process alone: a read into its own devices needs no peer, so a process may read
+        # where others do not (process 0 exporting a run) or at another time (Orbax's default
+        # waits for every process).
+        me = jax.process_index()
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read_p{me}"))
     absl_log = logging.getLogger("absl")   # Orbax warns that a read-only manager is read-only
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)

@@ -19,6 +19,8 @@ unchanged code:
 * `gather_to_host`: a global array (tree) as numpy on every host, for metrics and final results.
 * `stack_from_processes`: host values (each process's own) stacked over the processes on every
   host, e.g. the rows of the calibration pass each process drew.
+* `from_primary`: work only process 0 does (a file it writes), its JSON result on every process;
+  its failure is every process's, at once.
 
 On CPU, cross-process collectives need an implementation: `jax_cpu_collectives_implementation`
 ("gloo" over TCP, the jax 0.10 default, or "mpi"); without one a multi-process CPU computation
@@ -33,9 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -187,13 +190,41 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     """
     if jax.process_count() == 1:
         return
-    client = jax_distributed.global_state.client
-    if client is None:
-        raise RuntimeError("barrier: several processes but jax.distributed has no client")
-    client.wait_at_barrier(f"infalign_{name}", timeout_in_ms=int(timeout_s * 1000))
+    _client().wait_at_barrier(f"infalign_{name}", timeout_in_ms=int(timeout_s * 1000))
+
+
+def from_primary(name: str, fn: Callable[[], Any], timeout_s: float = 600.0) -> Any:
+    """`fn()` run by process 0 alone (e.g. writing a file once); every process returns its
+    result, which must be JSON (it travels through the coordination service's key-value store).
+    The others wait for it (up to `timeout_s`), so on return the work is done; if `fn` raises,
+    process 0 raises it and the others raise a RuntimeError naming it, without waiting out the
+    timeout. `name` must be unique per call and equal on all processes (`numbered`)."""
+    if jax.process_count() == 1:
+        return fn()
+    key = f"infalign_from_primary/{name}"
+    if is_primary():
+        try:
+            value = fn()
+        except BaseException as e:
+            _client().key_value_set(key, json.dumps(
+                {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+            raise
+        _client().key_value_set(key, json.dumps({"value": value}))
+        return value
+    got = json.loads(_client().blocking_key_value_get(key, int(timeout_s * 1000)))
+    if "error" in got:
+        raise RuntimeError(f"{name}: process 0 failed ({got['error']})")
+    return got["value"]
 
 
 _BARRIERS = itertools.count()
+
+
+def _client() -> Any:
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("several processes but jax.distributed has no client")
+    return client
 
 
 def numbered(name: str) -> str:

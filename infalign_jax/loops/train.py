@@ -570,7 +570,9 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                "last_train_metrics": result.last_metrics, "eval": result.last_eval}
     summary.update(convergence_report(task, result.last_eval, log))
     if export.hf:   # from the last checkpoint (the final state), as experiments/export.py does
-        summary["export"] = export_hf(workdir, export.dir or os.path.join(workdir, "export", "hf"))
+        out_dir = export.dir or os.path.join(workdir, "export", "hf")
+        summary["export"] = distributed.from_primary(distributed.numbered("export_hf"),
+                                                     lambda: export_hf(workdir, out_dir))
         log(f"exported {summary['export']['checkpoint']} as a transformers checkpoint to "
             f"{summary['export']['dir']}")
     if distributed.is_primary():   # one writer of the run's files; every process returns them

@@ -65,11 +65,8 @@ def load_run(path: str, where: str = "config.task.reward.checkpoint") -> RewardR
     size = int(info["ensemble_size"])
     shapes = jax.eval_shape((lambda k: rt.init_ensemble(cfg, k, size)) if size > 1
                             else (lambda k: models.init_params(cfg, k)), jax.random.key(0))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            shapes)
     try:
-        params, step, _ = checkpointing.restore_params(path, abstract)
+        params, step, _ = checkpointing.restore_params(path, checkpointing.local_abstract(shapes))
     except ValueError as e:
         raise ValueError(str(e).replace("config.train.init_from", where)) from e
     return RewardRun(cfg, params, tok, info, step, os.path.abspath(path))

@@ -192,8 +192,8 @@ def load_run_policy(path: str, manifest_path: str) -> Policy:
     trained = (lora.init_adapters(lora_cfg, base.params, jax.random.key(0)) if lora_cfg.rank
                else base.params)
     try:
-        params, step, _ = checkpointing.restore_params(
-            path, checkpointing.abstract_state(jax.device_put(trained, jax.devices()[0])))
+        params, step, _ = checkpointing.restore_params(path,
+                                                       checkpointing.local_abstract(trained))
     except ValueError as e:
         raise ValueError(str(e).replace("config.train.init_from",
                                         "config.task.policy.checkpoint")) from e
