@@ -51,6 +51,34 @@ def test_identity_tilt_closed_form(c):
     assert w == pytest.approx(w_ref, abs=1e-6)
 
 
+@pytest.mark.parametrize("beta", [1e-6, 1e-20, 1e-25])
+def test_exp_tilt_with_very_negative_t_by_quadrature(beta):
+    """Phi = (e^{tu} - 1)/t at t = -80: near u = 1 it is 1/80 less a term below float64's
+    resolution, yet at these beta that term decides the tilt. Against adaptive quadrature of
+    g(u) ~ exp(-e^{tu} / (|t| beta)) (the same tilt up to a constant). The flat evaluation gave
+    KL 0.606 for 0.724 at beta = 1e-20."""
+    from scipy import integrate
+    t = -80.0
+    f = lambda u: -np.exp(t * u) / (abs(t) * beta) + np.exp(t) / (abs(t) * beta)  # noqa: E731
+    edge = math.log(1.0 / (abs(t) * beta)) / abs(t)   # where the tilt turns on
+    points = [min(max(edge + d, 1e-9), 1 - 1e-9) for d in (-0.1, 0.0, 0.1)]
+    quad = lambda h: integrate.quad(h, 0.0, 1.0, points=points, limit=200,  # noqa: E731
+                                    epsabs=1e-13)[0]
+    z = quad(lambda u: np.exp(f(u)))
+    kl_ref = quad(lambda u: np.exp(f(u)) / z * (f(u) - math.log(z)))
+    w_ref = quad(lambda u: u * np.exp(f(u)) / z)
+    kl, w = A.kl_and_win_rate("exp", beta, t=t)
+    assert kl == pytest.approx(kl_ref, abs=1e-4) and w == pytest.approx(w_ref, abs=1e-5)
+
+
+def test_exp_with_very_negative_t_reaches_any_kl():
+    """The KL solve of the registry transform (it called KL 0.5 unreachable at t = -150) agrees
+    with the exp family's own table (`best_t`'s form)."""
+    for kl in (0.5, 2.0):
+        want = A.solve_rows_at_kl(A.exp_family_table([-150.0]), kl, "won", 8)[1][0]
+        assert A.win_rate_at_kl("exp", kl, "won", 8, t=-150.0) == pytest.approx(want, abs=1e-9)
+
+
 @pytest.mark.parametrize("a", [0.5, 3.0])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_power_law_bon_win_rate_independent_of_n(a, n):

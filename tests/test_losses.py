@@ -103,6 +103,23 @@ def test_exact_kl_and_entropy_from_logits_match_numpy(variant):
                                rtol=1e-6)
 
 
+def test_exact_kl_and_entropy_gradients_with_masked_tokens():
+    """A -inf logit (a token ruled out in both) gets gradient 0, and the others' gradients are
+    those of the vocabulary without it: finite, not NaN."""
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    ref = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    masked, ref_masked = logits.copy(), ref.copy()
+    masked[..., 2] = ref_masked[..., 2] = -np.inf
+    kept = [0, 1, 3, 4]
+    for fn in (lambda x, q: K.kl_from_logits(x, q).sum(),
+               lambda x, q: K.entropy_from_logits(x).sum()):
+        got = np.asarray(jax.grad(fn)(masked, ref_masked))
+        want = np.asarray(jax.grad(fn)(logits[..., kept], ref[..., kept]))
+        np.testing.assert_array_equal(got[..., 2], 0.0)
+        np.testing.assert_allclose(got[..., kept], want, rtol=1e-5, atol=1e-7)
+
+
 def test_exact_kl_with_zero_probabilities():
     neg = -np.inf
     logits = np.array([[[0.0, 0.0, neg]]], np.float32)      # p = (1/2, 1/2, 0)
@@ -251,8 +268,11 @@ def test_kl_penalty_loss_value_and_gradient(variant):
     grad = jax.grad(lambda lp: K.kl_penalty_loss(lp, ref, mask, beta))(logp)
     np.testing.assert_allclose(np.asarray(grad), beta * (1 - np.exp(-d)) * mask / mask.sum(),
                                rtol=1e-5, atol=1e-8)
-    assert np.all(np.asarray(jax.grad(lambda lp: K.kl_penalty_loss(lp, lp * 1, mask, beta))(
-        logp)) == 0)
+    # pi_ref gets no gradient: with ref = lp + 0.4 the ratio is constant, so a gradient through
+    # ref would cancel the policy's to 0; stopped, it is beta (1 - e^{0.4}) per counted token.
+    grad = jax.grad(lambda lp: K.kl_penalty_loss(lp, lp + 0.4, mask, beta))(logp)
+    np.testing.assert_allclose(np.asarray(grad), beta * (1 - np.exp(0.4)) * mask / mask.sum(),
+                               rtol=1e-5, atol=1e-8)
     k1 = K.kl_penalty_loss(logp, ref, mask, beta, estimator="k1", reduction="sequence")
     rows = [d[i][mask[i]].mean() for i in range(B) if mask[i].any()]
     assert float(k1) == pytest.approx(beta * np.mean(rows), rel=1e-5)

@@ -134,6 +134,25 @@ def test_rbon_wd_matches_loop(variant):
                                   inf.best_of_n(jnp.asarray(rewards)).index_B)
 
 
+def test_rbon_wd_ignores_what_invalid_candidates_hold():
+    """An invalid candidate's embedding (NaN, inf) reaches neither the valid candidates'
+    closeness nor the choice: the same as with a finite one there."""
+    rng = np.random.default_rng(6)
+    rewards = rng.normal(size=(B, N)).astype(np.float32)
+    emb = rng.normal(size=(B, N, D)).astype(np.float32)
+    valid = np.ones((B, N), bool)
+    valid[:, -1] = False
+    closeness = _loop_mean_cos(emb, valid)
+    ref = _loop_argmax(rewards + 0.5 * closeness, valid)
+    for junk in (np.nan, np.inf):
+        bad = emb.copy()
+        bad[:, -1] = junk
+        got = inf.mean_cosine_similarity(jnp.asarray(bad), jnp.asarray(valid))
+        np.testing.assert_allclose(np.asarray(got)[valid], closeness[valid], atol=1e-5)
+        sel = inf.rbon_wd(jnp.asarray(rewards), jnp.asarray(bad), 0.5, jnp.asarray(valid))
+        np.testing.assert_array_equal(sel.index_B, ref)
+
+
 def test_rbon_wd_includes_self_similarity():
     # Two orthogonal embeddings: mean over {self (1), other (0)} = 1/2 each, not 0.
     emb = jnp.array([[[1.0, 0.0], [0.0, 2.0]]])
@@ -226,5 +245,7 @@ def test_mean_pool_matches_numpy_and_ignores_padding():
     m = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
     want = np.stack([h[b][m[b]].mean(0) for b in range(3)])
     np.testing.assert_allclose(np.asarray(mean_pool(jnp.asarray(h), jnp.asarray(m))), want, rtol=1e-5)
-    h2 = h.copy(); h2[~m] = 1e6
-    np.testing.assert_allclose(np.asarray(mean_pool(jnp.asarray(h2), jnp.asarray(m))), want, rtol=1e-5)
+    for pad in (1e6, np.nan, np.inf):   # e.g. a fully masked attention row's NaN
+        h2 = h.copy(); h2[~m] = pad
+        np.testing.assert_allclose(np.asarray(mean_pool(jnp.asarray(h2), jnp.asarray(m))), want,
+                                   rtol=1e-5)

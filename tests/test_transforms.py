@@ -29,6 +29,9 @@ def test_exp_hand_values():
     # t = 0 is the identity, and small t approaches it.
     np.testing.assert_array_equal(_apply("exp", t=0.0), U64)
     np.testing.assert_allclose(_apply("exp", t=1e-4), U64, rtol=1e-4)
+    # A t too small for float32 (0 there, so (e^{0} - 1) / 0 = NaN) is the limit itself.
+    for t in (1e-40, -1e-40, 1e-300):
+        np.testing.assert_allclose(_apply("exp", t=t), U64, rtol=1e-6)
 
 
 def test_identity_log_logistic_logit_probit():
@@ -51,6 +54,8 @@ def test_power_closed_form_and_log_limit():
     np.testing.assert_allclose(_apply("power", p=-2.0), (U64 ** -2 - 1) / -2, rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(_apply("power", p=0.0), np.log(U64), rtol=1e-6)
+    for p in (1e-46, -1e-300):   # below float32's range: the log limit, not 0 / 0
+        np.testing.assert_allclose(_apply("power", p=p), np.log(U64), rtol=1e-6)
     # (u^p - 1)/p - log u = p log(u)^2 / 2 + O(p^2): the error shrinks linearly as p -> 0.
     u = U[U >= 0.05]
     errors = [np.max(np.abs(_apply("power", u, p=p) - np.log(u.astype(np.float64))))

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infalign_jax.core import transforms
 from infalign_jax.core.transforms import Transform, get_transform
 from infalign_jax.core.selection import AGAINST, WIN_RATES
 
@@ -137,8 +138,14 @@ def grid(m: int = DEFAULT_GRID) -> np.ndarray:
 def phi_table(transform: str | Transform, m: int = DEFAULT_GRID, **params: Any) -> np.ndarray:
     """Phi(u_i) on the grid, float64."""
     tr = resolve_transform(transform, **params)
-    with jax.enable_x64(True):
-        phi_U = np.asarray(tr.fn(jnp.asarray(grid(m))), np.float64)
+    t = tr.params.get("t", 0.0) if tr.name == "exp" else 0.0
+    if t <= -transforms.LIMIT_BELOW:
+        # (e^{tu} - 1)/t = 1/|t| - e^{tu}/|t|. The constant cancels in every tilt and is left
+        # out: float64 rounds 1/|t| - e^{tu}/|t| to 1/|t| near u = 1 once t << 0 (t = -80).
+        phi_U = -np.exp(t * grid(m)) / abs(t)
+    else:
+        with jax.enable_x64(True):
+            phi_U = np.asarray(tr.fn(jnp.asarray(grid(m))), np.float64)
     if phi_U.shape != (m,) or not np.all(np.isfinite(phi_U)):
         raise ValueError(f"transform {tr.name!r} gave non-finite or mis-shaped values on the grid")
     return phi_U

@@ -92,7 +92,11 @@ def kl_from_logits(logits_BxTxV: Array, ref_logits_BxTxV: Array,
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     logq_BxTxV = jax.nn.log_softmax(ref_logits_BxTxV.astype(jnp.float32), axis=-1)
     p_BxTxV = jnp.exp(logp_BxTxV)
-    terms_BxTxV = jnp.where(p_BxTxV > 0, p_BxTxV * (logp_BxTxV - logq_BxTxV), 0.0)
+    live_BxTxV = p_BxTxV > 0
+    # -inf log-probs (masked tokens) replaced before the product too: where's gradient of the
+    # branch it drops is 0 * (-inf) = NaN otherwise
+    ratio_BxTxV = jnp.where(live_BxTxV, logp_BxTxV, 0.0) - jnp.where(live_BxTxV, logq_BxTxV, 0.0)
+    terms_BxTxV = jnp.where(live_BxTxV, p_BxTxV * ratio_BxTxV, 0.0)
     return jnp.where(mask_BxT, jnp.sum(terms_BxTxV, axis=-1), 0.0)
 
 
@@ -102,7 +106,9 @@ def entropy_from_logits(logits_BxTxV: Array, mask_BxT: Array | None = None) -> A
     mask_BxT = mask_like(mask_BxT, logits_BxTxV[..., 0])
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     p_BxTxV = jnp.exp(logp_BxTxV)
-    ent_BxT = -jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * logp_BxTxV, 0.0), axis=-1)
+    live_BxTxV = p_BxTxV > 0   # as in kl_from_logits: no -inf inside the product
+    ent_BxT = -jnp.sum(jnp.where(live_BxTxV, p_BxTxV * jnp.where(live_BxTxV, logp_BxTxV, 0.0),
+                                 0.0), axis=-1)
     return jnp.where(mask_BxT, ent_BxT, 0.0)
 
 

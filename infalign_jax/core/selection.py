@@ -150,7 +150,8 @@ def mean_cosine_similarity(embeddings_BxNxD: Array, valid_BxN: Array | None = No
         return jnp.mean(cos_BxNxN, axis=-1)
     chex.assert_shape(valid_BxN, embeddings_BxNxD.shape[:2])
     w_BxN = valid_BxN.astype(jnp.float32)
-    total_BxN = jnp.einsum("bij,bj->bi", cos_BxNxN, w_BxN)
+    # where, not a product with w: an invalid candidate's NaN embedding must not reach the others
+    total_BxN = jnp.sum(jnp.where(valid_BxN[:, None, :], cos_BxNxN, 0.0), axis=-1)
     return total_BxN / jnp.maximum(jnp.sum(w_BxN, axis=-1, keepdims=True), 1.0)
 
 
@@ -159,7 +160,9 @@ def mean_pool(hidden_BxTxD: Array, mask_BxT: Array) -> Array:
     mean-pooled last hidden states, as sentence-transformers pools all-MiniLM-L6-v2)."""
     chex.assert_rank([hidden_BxTxD, mask_BxT], [3, 2])
     w_BxT = mask_BxT.astype(jnp.float32)
-    total_BxD = jnp.einsum("btd,bt->bd", hidden_BxTxD.astype(jnp.float32), w_BxT)
+    # padding may hold anything, NaN included (a fully masked attention row): left out, not x 0
+    total_BxD = jnp.sum(jnp.where(mask_BxT[..., None], hidden_BxTxD.astype(jnp.float32), 0.0),
+                        axis=1)
     return total_BxD / jnp.maximum(w_BxT.sum(axis=1, keepdims=True), 1.0)
 
 

@@ -98,9 +98,15 @@ def _log(floor: float = EPS) -> Transform:
                      smoothed=True, sup_abs=-math.log(floor))
 
 
+# Below this |t| (or |p|) the exp (power) transform is its t -> 0 limit, the identity (log):
+# the difference is under float32's resolution, and a tiny t such as 1e-40 would be 0 in float32
+# (0 / 0 everywhere).
+LIMIT_BELOW = 1e-8
+
+
 def _exp(t: float = 1.0) -> Transform:
     t = _finite("t", t)
-    if t == 0.0:
+    if abs(t) < LIMIT_BELOW:
         return Transform("exp", {"t": t}, lambda u: u, sup_abs=1.0)
     return Transform("exp", {"t": t}, lambda u: jnp.expm1(t * u) / t,
                      sup_abs=abs(_expm1(t) / t))   # at u = 1
@@ -109,7 +115,7 @@ def _exp(t: float = 1.0) -> Transform:
 def _power(p: float = 0.5, floor: float = EPS) -> Transform:
     p = _finite("p", p)
     floor = _finite("floor", floor)
-    if p == 0.0:
+    if abs(p) < LIMIT_BELOW:
         return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)),
                          smoothed=True, sup_abs=-math.log(floor))
     # For p < 0 the transform diverges at u = 0 like log does: use the smoothed calibration.
