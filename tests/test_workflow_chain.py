@@ -9,6 +9,8 @@ import json
 import re
 import os
 
+import pytest
+
 import jax
 import numpy as np
 
@@ -70,3 +72,18 @@ def test_calibrate_train_evaluate_export(dirs, tmp_path):
     np.testing.assert_allclose(hf_logits(model, tokens, mask, positions)[real],
                                our_logits(trained.model_cfg, trained.params, tokens, mask)[real],
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"task.temperature": 0.7}, r"config.task.temperature=0.7: the reference table would "
+                                r"calibrate pi_ref's samples at that temperature, but the "
+                                r"rollouts sample at temperature 1"),
+    # e.g. --config.task.max_new_tokens=8 alone: configs/ctrl_real.py set rl's from the default
+    ({"task.max_new_tokens": 8}, r"config.rl.max_new_tokens=5 but task 'helpfulness' scores "
+                                 r"responses of exactly length 8"),
+])
+def test_training_refuses_a_table_drawn_unlike_the_rollouts(dirs, tmp_path, extra, message):
+    c = real_task_config(dirs, extra=extra)
+    with pytest.raises(ValueError, match=message):
+        train.run(c, str(tmp_path / "run"), log=lambda _: None, devices=jax.devices()[:1])
+    assert not (tmp_path / "run" / "reference_table.npz").exists()

@@ -394,6 +394,11 @@ def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
                          f"{task.name!r} scores responses of exactly length "
                          f"{task.response_length} (its reward / reference table assume that "
                          f"budget); set them equal")
+    if task.reference_temperature != 1.0:
+        raise ValueError(f"config.task.temperature={task.reference_temperature}: the reference "
+                         f"table would calibrate pi_ref's samples at that temperature, but the "
+                         f"rollouts sample at temperature 1; train with 1.0 (other temperatures "
+                         f"are for experiments/calibrate.py and evaluate.py)")
     if bonbon is None and cfg.beta_anneal_steps > tcfg.num_steps:
         log(f"warning: config.rl.beta_anneal_steps={cfg.beta_anneal_steps} > "
             f"config.train.num_steps={tcfg.num_steps}: the run ends before beta reaches "

@@ -56,6 +56,9 @@ class RLTask:
     # Rollouts must use exactly this many new tokens (`config.rl.max_new_tokens`): a fixed-length
     # reward (the exact task), or the budget the reference table was drawn with (real tasks).
     response_length: int | None = None
+    # The temperature the reference table samples pi_ref at; rollouts sample at 1, so training
+    # needs 1 (other temperatures serve calibrate/evaluate runs).
+    reference_temperature: float = 1.0
     # beta_for_kl(kl, transform, ref_table) -> the beta whose exact target has this KL (tasks
     # with an exact target only; `config.task.kl_budget`)
     beta_for_kl: Callable[..., float] | None = None

@@ -37,9 +37,9 @@ researcher's own: a transformers directory or GGUF file as pi_ref, a sequence-cl
 reward model (or an ensemble) scored on re-encoded text, and a JSONL prompt file split into
 disjoint training and evaluation prompts. The task name still picks the default judge and the
 inference-time procedure (BoN for helpfulness, WoN for harmlessness).
-The RL rollouts use `config.rl.max_new_tokens` at temperature 1; keep `task.max_new_tokens` and
-`task.temperature` equal to them (`configs/ctrl_real.py` does), or the table calibrates against
-another distribution than the one the policy is sampled from.
+The RL rollouts use `config.rl.max_new_tokens` at temperature 1; training refuses a
+`task.max_new_tokens` or `task.temperature` that differs (the table would calibrate against
+another distribution than the one the policy is sampled from).
 """
 
 from __future__ import annotations
@@ -409,7 +409,7 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
         base_model_id=base_id, eos_id=eos_id, pad_id=pad_id, reference_table=reference_table,
         evaluate=evaluate if s.eval_samples > 0 else None,
         # The reference table was drawn with this budget; rollouts must use the same one.
-        response_length=int(s.max_new_tokens))
+        response_length=int(s.max_new_tokens), reference_temperature=float(s.temperature))
 
 
 def sample_judged_pairs(task_name: str, *, num_prompts: int, samples_per_prompt: int,
