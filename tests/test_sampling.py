@@ -186,6 +186,20 @@ def test_filter_logits_pruned_paths_match_numpy(top_k, top_p):
                         _np_filter(x, 1.0, top_k, top_p))
 
 
+@pytest.mark.parametrize("top_p", [1e-30, 1e-39, 1e-45])
+def test_a_top_p_below_float32_range_keeps_the_most_likely_token(top_p):
+    """A top_p that float32 flushes to 0 still keeps the arg-max (and only it) on the full
+    vocabulary, pruned, and after top-k paths; it kept nothing, and `draw` returned token 0."""
+    x = _no_tie_logits(7, (3, 2000), 2.0)
+    want = np.zeros(x.shape, bool)
+    want[np.arange(3), x.argmax(1)] = True
+    for kw in ({}, dict(group=4, top_p_groups=32, fallback_rows=2)):
+        for top_k in (0, 20):
+            got = np.isfinite(np.asarray(head.filter_logits(jnp.asarray(x), 1.0, top_k, top_p,
+                                                            **kw)))
+            np.testing.assert_array_equal(got, want, err_msg=f"{kw} top_k={top_k}")
+
+
 def test_pruned_filter_keeps_ties_outside_the_candidate_buffer():
     """1990 tokens tie at the k-th largest value, almost all of them outside the buffers."""
     x = np.zeros((2, 2000), np.float32)

@@ -271,6 +271,10 @@ def filter_logits(logits_BxV: Array, temperature: float = 1.0, top_k: int = 0,
                                                       *top_k_buffer[1:])
         else:
             tau_bits = _nucleus_threshold(p, top_p, top_p_groups, group, fallback_rows)
+        # The most likely token (p = 1.0) always stays, also where a top_p below float32's
+        # smallest normal (flushed to 0) would let the search pass every candidate.
+        tau_bits = jnp.minimum(tau_bits, jax.lax.bitcast_convert_type(jnp.float32(1.0),
+                                                                      jnp.int32))
         logits = jnp.where(jax.lax.bitcast_convert_type(p, jnp.int32) >= tau_bits, logits,
                            -jnp.inf)
     # The searches rank NaN as a number; poison the row rather than return a valid distribution.

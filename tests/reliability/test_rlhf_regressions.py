@@ -19,6 +19,7 @@ from infalign_jax import models, rl
 from infalign_jax.decoding import sampling
 from infalign_jax.rewards.reward_models import reward_fn_from_model
 from infalign_jax.decoding.sampling import SamplingConfig
+from random_params import randomise
 
 V, EOS, PAD = 12, 11, 0
 POLICY = models.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -61,11 +62,12 @@ def test_masks_stop_at_eos_and_sampler_logp_equals_teacher_forcing(policy_params
 
 
 def test_reward_is_read_at_eos_never_on_padding(samples):
-    params = models.init_params(REWARD, jax.random.key(3))
+    params = randomise(models.init_params(REWARD, jax.random.key(3)), seed=3)
     p, pm, r, rm = sampling.flatten_samples(PROMPT_BxP, PMASK_BxP, samples)
     idx_R = jnp.repeat(jnp.arange(3), 16)
     reward_fn = jax.jit(reward_fn_from_model(REWARD, PROMPT_BxP, PMASK_BxP))
     got = np.asarray(reward_fn(params, idx_R, r, rm))
+    assert np.std(got) > 1e-2   # a zero reward head would make every check below 0 == 0
     # Independent: score each row on its unpadded tokens alone (prompt real tokens + response
     # up to and including EOS), where the last token is the one the reward must be read at.
     lengths = np.asarray(rm).sum(1)
