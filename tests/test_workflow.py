@@ -91,7 +91,30 @@ def test_hf_reward_equals_transformers_on_the_reencoded_text(dirs, padding, batc
     texts = [f"{p}\n{r}" for p, r in zip(prompts, responses)]
     np.testing.assert_allclose(judge(prompts, responses),
                                transformers_scores(dirs["rm"], texts), atol=2e-5)
-    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512", judge.id) and judge.truncated == 0
+    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512\|last_not_pad=0", judge.id)
+    assert judge.truncated == 0
+
+
+def test_hf_reward_padding_with_eos_is_read_where_transformers_reads(tmp_path):
+    """A reward model whose config pads with its EOS, and a template that ends the text with it:
+    transformers reads the score at the last token that is not the pad id (before the EOS), so
+    must the judge (it read the EOS itself: -0.42 for -0.41 in the review's case)."""
+    from hf_tiny import save_tiny
+    from workflow_files import TINY, _tokenizer
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = _tokenizer(vocab, pad_token="<eos>", eos_token="<eos>", unk_token="<unk>")
+    path = save_tiny(str(tmp_path / "rm_eos"), transformers.LlamaConfig(
+        vocab_size=len(vocab), pad_token_id=1, eos_token_id=1, num_labels=1, **TINY), seed=3,
+        auto=transformers.AutoModelForSequenceClassification)
+    tok.save_pretrained(path)
+    template = "{prompt} {response} <eos>"
+    prompts, responses = ["w5 w6 w7", "w9", "w4"], ["w10 w11", "w12 w13 w14 w15", "w8 <eos>"]
+    texts = [template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+    for padding in ("right", "left"):
+        judge = hf_reward.SequenceClassifierJudge(path, template=template, padding=padding,
+                                                  batch_size=2)
+        np.testing.assert_allclose(judge(prompts, responses), transformers_scores(path, texts),
+                                   atol=2e-5)
 
 
 def test_hf_reward_truncates_on_the_left_and_counts(dirs):
@@ -263,7 +286,7 @@ def test_ctrl_on_the_researchers_policy_reward_model_and_prompts(dirs, tmp_path,
     split = sources.split_prompts(dirs["prompts"], 4, 2, seed=5)
     table = load_reference_table(str(tmp_path / "reference_table.npz"))
     assert list(table.prompt_ids) == split.train_ids
-    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512", table.reward_model_id)
+    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512\|last_not_pad=0", table.reward_model_id)
     assert re.fullmatch(r"policy#[0-9a-f]{16}\|max_new_tokens=5,.*", table.base_model_id)
     assert not set(split.train_texts) & set(split.eval_texts)
     # evaluation scored its own prompts, as raw text (not the detokenised prompt tokens)

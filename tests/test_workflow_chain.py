@@ -33,7 +33,7 @@ def test_calibrate_train_evaluate_export(dirs, tmp_path):
     # 1. calibrate: the table the run then reuses (same reward and base ids)
     table_path = calibrate.run(c, run_dir, progress=lambda _: None)
     table = load_reference_table(table_path)
-    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512", table.reward_model_id)
+    assert re.fullmatch(r"hf:rm1#[0-9a-f]{16}\|max_len=512\|last_not_pad=0", table.reward_model_id)
     mtime = os.path.getmtime(table_path)
 
     # 2. CTRL, 2 steps, exported at the end

@@ -25,6 +25,7 @@ mitigate overoptimization", the UWO objective).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -116,7 +117,11 @@ class ModelJudge:
         """Identifies the reward in reference tables: the model (its name and the digest of its
         parameters, so two checkpoints in folders of one name never share a table) and what
         changes the score."""
-        return f"{self.name}#{provenance.params_digest(self.params)[:16]}|max_len={self.max_len}"
+        return (f"{self.name}#{provenance.params_digest(self.params)[:16]}|max_len={self.max_len}"
+                + self._id_suffix())
+
+    def _id_suffix(self) -> str:
+        return ""
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of the rendered texts, cut on the left to `max_len` (cuts counted)."""
@@ -158,6 +163,29 @@ class SequenceClassifierJudge(ModelJudge):
                              f"(no score head; heads {cfg.heads})")
         super().__init__(cfg, params, load_tokenizer(directory, where), where=where,
                          name=f"hf:{os.path.basename(os.path.normpath(directory))}", **kw)
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            pad = json.load(f).get("pad_token_id")
+        self.hf_pad_id = pad if isinstance(pad, int) else None
+
+    def _id_suffix(self) -> str:
+        # Tables scored before the score was read past trailing pad ids are not this reward's.
+        return "" if self.hf_pad_id is None else f"|last_not_pad={self.hf_pad_id}"
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """As transformers reads a sequence classifier's score: at the last token whose id is not
+        the checkpoint's `pad_token_id`. Many reward models pad with EOS, and a text ending in
+        EOS is then scored at the token before it; the trailing pad ids are dropped here (by
+        causal attention they cannot change the score at that token)."""
+        rows = super().encode(prompts, responses)
+        if self.hf_pad_id is None:
+            return rows
+        out = []
+        for ids in rows:
+            n = len(ids)
+            while n > 1 and ids[n - 1] == self.hf_pad_id:
+                n -= 1
+            out.append(ids[:n])
+        return out
 
 
 class PairLayoutJudge(ModelJudge):
