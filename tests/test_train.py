@@ -11,6 +11,7 @@ import pytest
 
 from infalign_jax.rl import tasks as rl_tasks
 from infalign_jax.rl.tasks import exact as exact_tasks
+from infalign_jax.infra import provenance
 from infalign_jax.loops import train
 from infalign_jax.data import pipeline
 from infalign_jax.core.calibration import ReferenceTableError, build_reference_table
@@ -262,6 +263,30 @@ def test_resume_with_another_config_is_refused_naming_the_keys(uninterrupted, tm
     longer = _config(**{"train.num_steps": 8, "train.log_every": 1, "mesh.data": 1})
     _, summary = train.run(longer, str(tmp_path / "run"), log=_quiet, devices=ONE)
     assert summary["resumed_from"] == 6 and summary["final_step"] == 8
+
+
+def test_resume_with_another_optimal_table_behind_the_same_path_is_refused(tmp_path):
+    """The optimal transform names its table by path; a run resumed after the file changed
+    would train on another transform (found by a review: it resumed and its targets moved)."""
+    table = tmp_path / "phi.npz"
+    u = np.linspace(0.0, 1.0, 9)
+    np.savez(table, u=u, phi=np.log(np.maximum(u, 1e-3)))
+
+    def config(steps):
+        c = ctrl_exact.get_config(f"samples=8,steps={steps},transform=identity")
+        c.unlock()   # as --config.transform.name=optimal --config.transform.path=... set it
+        c.reference.k, c.train.eval_every = 64, 0
+        c.transform.name, c.transform.path = "optimal", str(table)
+        c.lock()
+        return c
+    train.run(config(2), str(tmp_path / "run"), log=_quiet, devices=ONE)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    want = provenance.file_sha256(str(table))
+    assert manifest["inputs"]["transform_table"]["sha256"] == want
+    np.savez(table, u=u, phi=-np.exp(-4.0 * u))   # another table, the same path
+    with pytest.raises(ValueError, match=r"another config \(transform_table.sha256: checkpoint "
+                                         + f"'{want}'"):   # rerun (or resumed) as it was
+        train.run(config(2), str(tmp_path / "run"), log=_quiet, devices=ONE)
 
 
 def test_rerunning_a_finished_run_adds_no_rows_and_keeps_its_start_time(uninterrupted, tmp_path):

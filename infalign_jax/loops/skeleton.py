@@ -77,10 +77,21 @@ RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
 ADDED_KEYS = {"model.reward_pool": "last", "model.trunk_layers": 0}
 
 
+# The content of a file a config names by path only, recorded under this key: a run resumes (or
+# a sweep reuses a point) only with the same table behind the path.
+TABLE_DIGEST_KEY = "transform_table.sha256"
+
+
 def config_record(config: Any) -> dict[str, Any]:
     """The config as the manifest writes it (`provenance.jsonable`), flattened to
-    {dotted key: value}, without the RESUMABLE_KEYS (`canonical_record`)."""
-    return canonical_record(flat_record(config))
+    {dotted key: value}, without the RESUMABLE_KEYS (`canonical_record`); an `optimal`
+    transform's table is recorded by its sha256 as well as its path (TABLE_DIGEST_KEY)."""
+    record = canonical_record(flat_record(config))
+    path = record.get("transform.path")
+    if record.get("transform.name") == "optimal" and isinstance(path, str) and path \
+            and os.path.isfile(path):
+        record[TABLE_DIGEST_KEY] = provenance.file_sha256(path)
+    return record
 
 
 def flat_record(config: Any) -> dict[str, Any]:

@@ -515,6 +515,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
                     inputs={"reference_table": table_path}, mesh=mesh, started=started,
                     extra={"beta": cfg.beta})
+    if bonbon is None and transform.params.get("path"):   # an optimal transform's table
+        manifest["inputs"]["transform_table"] = transform.params["path"]
     if bonbon is None and cfg.beta_schedule != "adaptive":   # the beta of the evaluation's pi*
         manifest["extra"]["end_beta"] = end_beta(cfg, None, tcfg.num_steps)
     if cfg.lora.rank:
