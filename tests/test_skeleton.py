@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import pytest
@@ -57,3 +58,39 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     assert _run(tmp_path, 4).last_eval == {"count": 4.0}
     longer = _run(tmp_path, 6)
     assert longer.resumed_from == 4 and longer.last_eval == {"count": 6.0}
+
+
+class _Counter(NamedTuple):
+    params: dict   # {"count": int32}: a state `train.init_from` can start from
+
+
+def _run_from(workdir, num_steps, init_from=""):
+    def step_fn(state, step, context):
+        return _Counter({"count": state.params["count"] + 1}), {"loss": 0.0}
+
+    def evaluate(state, step):
+        return {"count": float(state.params["count"])}
+
+    return run_loop(str(workdir), _Counter({"count": jnp.zeros((), jnp.int32)}), step_fn,
+                    _Settings(num_steps, init_from=str(init_from)), seed=0,
+                    manifest={"config": {"seed": 0}}, log=lambda _: None,
+                    progress_keys=("loss",), evaluate=evaluate)
+
+
+def test_init_from_on_a_resume_must_be_the_one_the_run_started_from(tmp_path):
+    """A resume continues from its own checkpoint: an init_from it would ignore (another run's,
+    or one given to a run that started fresh) is refused, not recorded as if used."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert _run_from(a, 4).last_eval == {"count": 4.0}
+    assert _run_from(c, 1).last_eval == {"count": 1.0}
+    assert _run_from(b, 2, init_from=a).last_eval == {"count": 6.0}   # from a's 4, two steps
+    longer = _run_from(b, 3, init_from=a)            # the same command, longer: a resume
+    assert longer.resumed_from == 2 and longer.last_eval == {"count": 7.0}
+    before = _snapshot(b)
+    with pytest.raises(ValueError, match=r"config.train.init_from=.*/c', but .*/b holds a run "
+                                         r"\(checkpoint step 3\) that started from .*/a; a resume"):
+        _run_from(b, 3, init_from=c)
+    assert _snapshot(b) == before
+    with pytest.raises(ValueError, match=r"that started from its own initialisation"):
+        _run_from(a, 4, init_from=c)
+    assert _run_from(b, 3).resumed_from == 3          # without init_from: resumed

@@ -208,6 +208,14 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
                 raise ValueError(f"config.train.num_steps={settings.num_steps} is below the "
                                  f"checkpoint step {restored.step} found in {workdir}; set "
                                  f"num_steps >= {restored.step} or use a fresh work dir")
+            was = (_previous_manifest(workdir).get("init_from") or {}).get("path")
+            if settings.init_from and os.path.abspath(settings.init_from) != was:
+                # A resume continues from its own checkpoint; init_from would be ignored.
+                raise ValueError(
+                    f"config.train.init_from={settings.init_from!r}, but {workdir} holds a run "
+                    f"(checkpoint step {restored.step}) that started from "
+                    f"{was or 'its own initialisation'}; a resume continues from that "
+                    f"checkpoint: drop init_from to resume, or use another work dir")
         except ValueError:
             ckpt.close()
             raise
