@@ -226,6 +226,8 @@ def test_batch_not_divisible_by_mesh_fails_at_start(tmp_path):
     ("rl.samples_per_prompt", 1, r"samples_per_prompt must be >= 2 for RLOO"),
     ("rl.kl_mode", "both", r"kl_mode"),
     ("mesh.data", 3, r"multiply to 3 but there are 1 devices"),
+    ("bonbon.n", -5, r"config.bonbon: BoNBoNConfig.n"),   # checked under method="ctrl" too
+    ("bonbon.data", "bogus", r"BoNBoNConfig.data must be one of"),
 ])
 def test_bad_config_fails_before_training(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):

@@ -502,7 +502,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     method = str(config.get("method", "ctrl"))
     if method not in METHODS:
         raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
-    bonbon = bonbon_config(config, task) if method == "bonbon" else None
+    # The section is checked wherever a config has it (a bad value there is refused under
+    # method="ctrl" too), and read only under method="bonbon".
+    parsed = bonbon_config(config, task) if method == "bonbon" or "bonbon" in config else None
+    bonbon = parsed if method == "bonbon" else None
     ref_k, ref_seed = reference_settings(config)
     mesh_cfg = sharding.mesh_config_from_dict(section(config, "mesh"))
     mesh = sharding.make_mesh(mesh_cfg, devices)
