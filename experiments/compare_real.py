@@ -3,6 +3,8 @@
 All the work is in infalign_jax.workflows.real_comparison.
 """
 
+import sys
+
 from absl import flags
 
 from infalign_jax.infra import cli
@@ -14,6 +16,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_real", "Output directory
 
 def main(argv):
     cli.start(argv)
+    cli.refuse_overrides(sys.argv, "config", real_comparison.KEYS_SET,
+                         "the comparison sets it per run (or, for size, in --config=...:size=)")
     config = _CONFIG.value
     real_comparison.run(real_comparison.task_configs(config), config.comparison, _WORKDIR.value,
                         log=lambda s: print(s, flush=True))

@@ -7,9 +7,11 @@ is configs/compare_real.py's comparison (`--real_config`, e.g.
 infalign_jax.workflows.reproduce.
 """
 
+import sys
+
 from absl import flags
 
-from infalign_jax.workflows import reproduce
+from infalign_jax.workflows import real_comparison, reproduce
 from infalign_jax.infra import cli
 
 _CONFIG = cli.define_config("config", "configs/reproduce.py", "Experiment config.")
@@ -22,6 +24,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Output directory.")
 
 def main(argv):
     cli.start(argv)
+    cli.refuse_overrides(sys.argv, "exact_config", reproduce.EXACT_KEYS_SET,
+                         "each exact-stage run sets it from the size and its method")
+    cli.refuse_overrides(sys.argv, "real_config", real_comparison.KEYS_SET,
+                         "the comparison sets it per run (or, for size, in "
+                         "--real_config=...:size=)")
     reproduce.run(_CONFIG.value, _WORKDIR.value, exact_config=_EXACT.value, real_config=_REAL.value,
                   log=lambda s: print(s, flush=True))
 

@@ -163,3 +163,29 @@ def test_reproduce_refuses_an_exact_stage_without_its_config(tmp_path):
     cfg = ml_collections.ConfigDict({"stages": "exact", "size": "tiny", "seed": 0})
     with pytest.raises(ValueError, match="stage 'exact' needs exact_config"):
         reproduce.run(cfg, str(tmp_path))
+
+
+@pytest.mark.slow   # a command start each
+@pytest.mark.parametrize("command,flag,message", [
+    ("reproduce.py", "--exact_config.train.num_steps=7",
+     r"--exact_config.train.num_steps is not used: each exact-stage run sets it from the size"),
+    ("reproduce.py", "--exact_config.task.kl_budget=1.0", r"--exact_config.task.kl_budget is "),
+    ("reproduce.py", "--exact_config.transform.t=2", r"--exact_config.transform.t is not used"),
+    ("reproduce.py", "--real_config.base.seed=7", r"--real_config.base.seed is not used"),
+    ("compare_real.py", "--config.base.rl.beta=0.5",
+     r"--config.base.rl.beta is not used: the comparison sets it per run"),
+    ("compare_real.py", "--config.size=small", r"--config.size is not used: .*:size="),
+])
+def test_commands_refuse_overrides_of_keys_they_set_per_run(tmp_path, command, flag, message):
+    """A key the command sets for every run was accepted, recorded, then replaced (the exact
+    table even labelled its rows with a kl_budget the runs never had)."""
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join("experiments", command), flag,
+                          f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert re.search(message, out.stderr), out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -94,6 +94,20 @@ def config_key_message(argv: Sequence[str], err: BaseException) -> str:
     return f"config key {bad.group(1) if bad else text.splitlines()[0]!s} does not exist"
 
 
+def refuse_overrides(argv: Sequence[str], name: str, keys: Sequence[str], why: str) -> None:
+    """Refuses a ``--<name>.<key>`` flag for a key the command sets itself (it would be accepted
+    and then replaced): `keys` are dotted keys, or sections ending in "."; `why` says who sets
+    them."""
+    for arg in argv[1:]:
+        flag = arg.lstrip("-").partition("=")[0]
+        if not (arg.startswith("--") and flag.startswith(f"{name}.")):
+            continue
+        key = flag[len(name) + 1:]
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys):
+            raise ValueError(f"--{name}.{key} is not used: {why}, so the value given would be "
+                             f"replaced; leave it out")
+
+
 def _verbose(argv: Sequence[str]) -> bool:
     return any(re.match(r"-{1,2}(verbosity|v)(=|$)", a) for a in argv[1:])
 

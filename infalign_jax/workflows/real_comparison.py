@@ -209,6 +209,13 @@ def start_beta(cfg: Any, kl_target: float, table: ReferenceTable | None) -> floa
     return raw_beta_at_kl(table, kl_target)
 
 
+# Keys of the comparison's config that its runs set themselves (per method and seed: the seed,
+# transform, beta and its schedule and target, BoNBoN's n) or that only label it (`size`, which
+# takes effect in the config argument, `:size=...`).
+KEYS_SET = ("size", "base.seed", "base.method", "base.rl.beta", "base.rl.beta_schedule",
+            "base.rl.kl_target", "base.transform.", "base.bonbon.n")
+
+
 def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: float,
                table: ReferenceTable | None = None) -> Any:
     """The run config of one (method, seed): the method's overrides, the seed, and for the CTRL

@@ -46,6 +46,13 @@ SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumb
          "full": dict(steps=3000, anneal=2000, samples=512, k=16384, seeds=(0, 1, 2, 3, 4))}
 
 
+# The exact-config keys each exact-stage run sets itself: the size's schedule, samples and K
+# (`sized_config`), and per method its beta, KL budget and transform.
+EXACT_KEYS_SET = ("train.num_steps", "rl.decay_steps", "rl.beta_anneal_steps",
+                  "rl.samples_per_prompt", "reference.k", "train.eval_every", "rl.beta",
+                  "task.kl_budget", "transform.")
+
+
 def sized_config(base_config: Any, size: str) -> Any:
     """The exact-task config with the size's schedule, samples and reference K (no evaluations
     during training: each run is evaluated once, at the end). Its `seed` is set per run
