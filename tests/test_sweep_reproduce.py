@@ -123,6 +123,9 @@ def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
     assert [p.name for p in (tmp_path / "from3").glob("*/seed=*")] == ["seed=3"]
     with pytest.raises(ValueError, match=r"exact_config.seed=5 is not used.*config.seed"):
         reproduce.run_exact_stage(sweep.apply_overrides(_base(), {"seed": 5}), str(tmp_path))
+    with pytest.raises(ValueError, match=r"exact_config.task.kl_budget=1.0 is not used"):
+        reproduce.run_exact_stage(sweep.apply_overrides(_base(), {"task.kl_budget": 1.0}),
+                                  str(tmp_path))
     with pytest.raises(ValueError, match="non-empty subset"):
         reproduce.run_exact_stage(_base(), str(tmp_path), keys=("nope",))
     with pytest.raises(ValueError, match="size must be one of"):

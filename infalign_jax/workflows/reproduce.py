@@ -63,6 +63,10 @@ def sized_config(base_config: Any, size: str) -> Any:
         raise ValueError(f"exact_config.seed={base_config.seed} is not used: each run of the "
                          f"exact and convergence stages takes its seed from the size, starting "
                          f"at the reproduction's config.seed (set that instead)")
+    if float(base_config.task.get("kl_budget", 0.0)):
+        raise ValueError(f"exact_config.task.kl_budget={base_config.task.kl_budget} is not used: "
+                         f"each method's beta is solved for the stage's own KL budget (vBoN's "
+                         f"target, or the convergence stage's budgets)")
     knobs = SIZES[size]
     return sweep.apply_overrides(base_config, {
         "train.num_steps": knobs["steps"], "rl.decay_steps": knobs["steps"],
