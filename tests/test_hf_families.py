@@ -195,11 +195,22 @@ def test_every_field_of_the_transformers_config_class_is_handled_or_inert(model_
     ("qwen2", "layer_types", ["full_attention", "chunked_attention", "full_attention"],
      "layer_types"),
     ("gpt2", "activation_function", "gelu_10", "activation_function='gelu_10'"),
+    # transformers' Gemma 3 keeps the field but never caps: capping would be another model
+    ("gemma3_text", "attn_logit_softcapping", 2.0,
+     "attn_logit_softcapping=2.0 is not supported: transformers' Gemma 3 does not apply it"),
 ])
 def test_forward_changing_keys_are_refused_by_name(model_type, key, value, match):
     config = _hf_config(model_type).to_dict()
     config[key] = value
     with pytest.raises(CheckpointError, match=match):
+        hf_config.config_from_hf(config)
+
+
+def test_a_legacy_rope_scaling_refusal_names_that_key():
+    config = {**_hf_config("llama").to_dict(), "rope_parameters": None,
+              "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(CheckpointError, match=r"rope_scaling=\{'rope_type': 'yarn', 'factor': "
+                                              r"4.0\} is not supported: rope_type 'yarn'"):
         hf_config.config_from_hf(config)
 
 
@@ -214,6 +225,10 @@ def test_export_refuses_a_mix_no_transformers_family_has():
     cfg = models.ModelConfig(qkv_bias=True, o_bias=True, sliding_window=4)
     with pytest.raises(CheckpointError, match="no transformers model_type"):
         hf_config.config_to_hf(cfg)
+    gemma3 = models.ModelConfig(post_norms=True, qk_norm=True, embed_scale=True,
+                                rmsnorm_unit_offset=True, attn_softcap=2.0)
+    with pytest.raises(CheckpointError, match="transformers' Gemma 3 does not apply it"):
+        hf_config.config_to_hf(gemma3)
 
 
 # ------------------------------------------------------------------ reward models, tokenizer
@@ -343,9 +358,9 @@ def _wide_config(model_type: str) -> dict:
             kw.update(sliding_window=5)
         if model_type in ("qwen2", "qwen3"):
             kw.update(use_sliding_window=True, sliding_window=5, max_window_layers=1)
-        if model_type in ("gemma2", "gemma3_text"):
-            kw.update(sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
-                      final_logit_softcapping=3.0)
+        if model_type in ("gemma2", "gemma3_text"):   # Gemma 3 applies no attention cap
+            kw.update(sliding_window=5, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+                      attn_logit_softcapping=2.0 if model_type == "gemma2" else None)
     return _hf_config(model_type, **kw).to_dict()
 
 

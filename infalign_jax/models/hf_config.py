@@ -175,15 +175,16 @@ def _rope_fields(r: _Reader, default_theta: float) -> dict[str, Any]:
     elif r.model_type == "gemma3_text":
         out["rope_local_theta"] = float(r.get("rope_local_base_freq", 10000.0))
     rope = {**legacy, **params}
+    src = "rope_parameters" if params or not legacy else "rope_scaling"   # named in refusals
     unknown = sorted(set(rope) - _ROPE_KEYS)
     if unknown:
-        raise r.refuse("rope_parameters", f"unknown rope keys {unknown}")
+        raise r.refuse(src, f"unknown rope keys {unknown}")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear", "dynamic", "llama3"):
-        raise r.refuse("rope_parameters", f"rope_type {kind!r}; supported: default, linear, "
+        raise r.refuse(src, f"rope_type {kind!r}; supported: default, linear, "
                        "dynamic, llama3")
     if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise r.refuse("rope_parameters", "partial_rotary_factor != 1")
+        raise r.refuse(src, "partial_rotary_factor != 1")
     theta = rope.get("rope_theta", top_theta if top_theta is not None else default_theta)
     out.update(rope_type=kind, rope_theta=float(theta))
     if kind != "default":
@@ -193,12 +194,12 @@ def _rope_fields(r: _Reader, default_theta: float) -> dict[str, Any]:
                              ("rope_high_freq_factor", "high_freq_factor"),
                              ("rope_original_max_len", "original_max_position_embeddings")):
             if theirs not in rope:
-                raise r.refuse("rope_parameters", f"llama3 scaling without {theirs!r}")
+                raise r.refuse(src, f"llama3 scaling without {theirs!r}")
             out[ours] = rope[theirs] if ours == "rope_original_max_len" else float(rope[theirs])
     if kind == "dynamic":
         original = rope.get("original_max_position_embeddings")
         if original is not None and original != r.get("max_position_embeddings"):
-            raise r.refuse("rope_parameters", "dynamic scaling whose original_max_position_"
+            raise r.refuse(src, "dynamic scaling whose original_max_position_"
                            "embeddings differs from max_position_embeddings (transformers' result "
                            "then depends on the calls made before)")
     return out
@@ -282,6 +283,11 @@ def _llama_like(r: _Reader) -> dict[str, Any]:
         if float(r.get("partial_rotary_factor", 1.0)) != 1.0:
             raise r.refuse("partial_rotary_factor", "rotation of part of each head")
         r.get("original_max_position_embeddings")   # read by longrope only, which is refused
+    if t == "gemma3_text" and r.get("attn_logit_softcapping"):
+        # The config class keeps the field, but transformers' Gemma 3 attention never applies it
+        # (Gemma 2's does): capping here would make another model than the checkpoint's.
+        raise r.refuse("attn_logit_softcapping", "transformers' Gemma 3 does not apply it (set "
+                       "it to null; released Gemma 3 configs do)")
     if t in ("gemma2", "gemma3_text"):
         fields.update(query_pre_attn_scalar=float(r.get("query_pre_attn_scalar", 256)),
                       # absent: the class default (Gemma 2: 50 / 30, Gemma 3: off); null: off
