@@ -119,6 +119,30 @@ def _key_error_exit(argv: Sequence[str], err: BaseException) -> None:
     sys.exit(2)
 
 
+def _unresolved_override(argv: Sequence[str], name: str, default: str) -> str | None:
+    """The first ``--<name>.<path>`` argument whose path the config does not hold (ml_collections
+    names only the missing key's last part, which a valid override may share), or None when the
+    config cannot be loaded here or every path resolves."""
+    from infalign_jax.infra.config_utils import load_config_module
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{name}=")), default)
+    path, _, arg = spec.partition(":")
+    try:
+        module = load_config_module(path)
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001  (the flag's own loading reports the file's problems)
+        return None
+    for a in argv[1:]:
+        flag = a.lstrip("-").partition("=")[0]
+        if not (a.startswith("--") and flag.startswith(f"{name}.")):
+            continue
+        node = config
+        for part in flag[len(name) + 1:].split("."):
+            if not hasattr(node, "keys") or part not in node.keys():
+                return a
+            node = node[part]
+    return None
+
+
 def define_config(name: str, default: str, help_string: str) -> Any:
     """`config_flags.DEFINE_config_file(name, default, help_string)`. ml_collections loads the
     default file and applies its ``--<name>.*`` overrides from sys.argv right here, at import
@@ -129,7 +153,8 @@ def define_config(name: str, default: str, help_string: str) -> Any:
     except (AttributeError, KeyError) as e:
         if _verbose(sys.argv):
             raise
-        _key_error_exit(sys.argv, e)
+        bad = _unresolved_override(sys.argv, name, default)
+        _key_error_exit(sys.argv if bad is None else [sys.argv[0], bad], e)
 
 
 def parse_flags(argv: Sequence[str]) -> Any:
@@ -140,6 +165,13 @@ def parse_flags(argv: Sequence[str]) -> Any:
     except (AttributeError, KeyError) as e:
         if _verbose(argv):
             raise
+        for name in dict.fromkeys(a[2:].split(".", 1)[0] for a in argv[1:]
+                                  if a.startswith("--") and "." in a.partition("=")[0]):
+            flag = flags.FLAGS[name] if name in flags.FLAGS else None
+            default = (getattr(flag, "default_as_str", None) or "").strip("'\"") or None
+            bad = _unresolved_override(argv, name, default) if isinstance(default, str) else None
+            if bad is not None:
+                _key_error_exit([argv[0], bad], e)
         _key_error_exit(argv, e)
 
 

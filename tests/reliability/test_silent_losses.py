@@ -392,3 +392,21 @@ def test_config_key_typo_from_the_cli_exits_2_with_one_line(tmp_path, entrypoint
         f"error: {name} key rl.bta does not exist; did you mean rl.beta?",
         "(run with --verbosity=1 for the traceback)"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("entrypoint, flags_, name, bad", [
+    # a valid override sharing the bad key's last part comes first (it was named instead)
+    ("train_policy", ["--config.rl.learning_rate=1e-3", "--config.train.learning_rate=1e-3"],
+     "config", "train.learning_rate"),
+    ("train_policy", ["--config.seed=1", "--config.train.seed=3"], "config", "train.seed"),
+    ("reproduce", ["--exact_config.rl.learning_rate=1", "--exact_config.task.learning_rate=1"],
+     "exact_config", "task.learning_rate"),
+])
+def test_a_typo_is_named_among_valid_overrides_of_the_same_name(tmp_path, entrypoint, flags_,
+                                                                  name, bad):
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / f"{entrypoint}.py"),
+                           f"--workdir={tmp_path / 'run'}", *flags_], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[0].startswith(f"error: {name} key {bad} does not exist"), \
+        proc.stderr[-2000:]
