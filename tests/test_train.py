@@ -475,6 +475,21 @@ def test_reference_table_records_k_and_seed_and_refuses_others(tmp_path):
     np.testing.assert_array_equal(again.sorted_rewards_BxK, built.sorted_rewards_BxK)
     np.testing.assert_array_equal(built.sorted_rewards_BxK,
                                   task.reference_table(64, 0).sorted_rewards_BxK)
+    # A prompt's text edited under the same id: its row was drawn for the old text.
+    prompts = task.prompts_XxP.copy()
+    row = int(np.flatnonzero(task.prompt_mask_XxP[1])[0])
+    prompts[1, row] = (prompts[1, row] + 1) % task.model_cfg.vocab_size
+    edited = dataclasses.replace(task, prompts_XxP=prompts)
+    with pytest.raises(ReferenceTableError, match=rf"other texts of 1 prompt\(s\) under the same "
+                                                  rf"ids \(e.g. \['{task.prompt_ids[1]}'\]\)"):
+        train.prepare_reference_table(edited, path, 64, 0)
+    # A table recorded before the digests: used, with a warning that it cannot be checked.
+    older = dataclasses.replace(built, created={**built.created,
+                                                "reference": {"k": 64, "seed": 0}})
+    older.save(path)
+    lines = []
+    train.prepare_reference_table(edited, path, 64, 0, log=lines.append)
+    assert any("predates prompt digests" in line for line in lines)
 
 
 def test_calibrate_refuses_an_existing_table_of_other_settings(tmp_path, monkeypatch):

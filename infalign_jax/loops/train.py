@@ -36,6 +36,7 @@ manifest records the base (`extra.lora`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -235,6 +236,14 @@ def _recorded_settings(table: ReferenceTable, path: str) -> dict[str, Any] | Non
     return None
 
 
+def prompt_digests(task: rl_tasks.RLTask) -> dict[str, str]:
+    """{prompt id: sha256 (16 hex) of its token ids}: what a table's row was drawn for, so a
+    prompt file edited under the same ids is not scored against the old texts' references."""
+    return {str(pid): hashlib.sha256(np.asarray(row)[np.asarray(m, bool)].astype(np.int64)
+                                     .tobytes()).hexdigest()[:16]
+            for pid, row, m in zip(task.prompt_ids, task.prompts_XxP, task.prompt_mask_XxP)}
+
+
 def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
                             log: Callable[[str], None] | None = None) -> ReferenceTable:
     """Loads `path` (checking it belongs to this task's reward and base models, holds every
@@ -273,12 +282,23 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
             raise ReferenceTableError(
                 f"{path} was built with other reference settings ({'; '.join(differ)}); use "
                 f"another work dir, or delete the table to rebuild it")
+        recorded = built.get("prompts")
+        if recorded is None:
+            log(f"warning: {path} predates prompt digests, so it cannot be checked against "
+                f"edited prompt texts; delete it to rebuild it if the prompts changed")
+        else:
+            changed = [pid for pid, d in prompt_digests(task).items() if recorded.get(pid) != d]
+            if changed:
+                raise ReferenceTableError(
+                    f"{path} was drawn for other texts of {len(changed)} prompt(s) under the "
+                    f"same ids (e.g. {changed[:5]}); delete it to rebuild it, or use another "
+                    f"work dir")
         log(f"reusing reference table {path} ({table.num_prompts} prompts, K={k}, seed={seed})")
         return table
     table = task.reference_table(k, seed, partial_path=os.path.splitext(path)[0] + ".partial.npz",
                                  progress=log)
-    table = dataclasses.replace(table, created={**table.created,
-                                                "reference": {"k": int(k), "seed": int(seed)}})
+    table = dataclasses.replace(table, created={**table.created, "reference": {
+        "k": int(k), "seed": int(seed), "prompts": prompt_digests(task)}})
     if distributed.is_primary():
         table.save(path)
     distributed.barrier(distributed.numbered("reference_table_saved"))
