@@ -57,7 +57,9 @@ def test_masks_stop_at_eos_and_sampler_logp_equals_teacher_forcing(policy_params
     p, pm, r, rm = sampling.flatten_samples(PROMPT_BxP, PMASK_BxP, samples)
     tf = np.asarray(sampling.sequence_logprobs(models.decoder_fns(POLICY), policy_params,
                                                p, pm, r, rm))
-    np.testing.assert_allclose(tf, logp.reshape(-1, 8), atol=1e-5, rtol=0)
+    # float32 in two summation orders: 1.04e-5 at -1.63 on an AVX-512 Xeon at XLA's
+    # optimisation level 0 (CI's), so relative 1e-5 as well
+    np.testing.assert_allclose(tf, logp.reshape(-1, 8), atol=1e-5, rtol=1e-5)
     assert (logp[~mask] == 0).all() and (tf[~rows_m] == 0).all()
 
 
