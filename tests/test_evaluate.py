@@ -204,6 +204,16 @@ def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path):
     csv_rows = (tmp_path / "win_rates.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(out)
 
+    # The same work dir again with fewer procedures: the decoders' records of the first run are
+    # removed (they would sit beside this run's manifest as its own), the policy's rewritten.
+    lines = []
+    evaluate.run(tiny_config(dirs, ("bon", "won")), str(tmp_path), progress=lines.append)
+    assert not any((tmp_path / f"{d}.{ext}").exists() for d in ("cd_tokenwise", "cd_blockwise")
+                   for ext in ("json", "csv"))
+    assert (tmp_path / "policy.json").is_file() and (tmp_path / "policy.csv").is_file()
+    assert any("removed the records an earlier evaluation here wrote and this one does not: "
+               "['cd_blockwise', 'cd_tokenwise']" in line for line in lines)
+
 
 def test_policy_against_itself_is_one_half_through_the_command(dirs, tmp_path):
     workdir = tmp_path / "self"

@@ -347,7 +347,25 @@ class _Context:
 
 
 # --------------------------------------------------------------------------- outputs
-def _write_outputs(workdir: str, rows: list, records: dict, log: SampleLog) -> dict[str, str]:
+def _remove_stale_records(workdir: str, records: dict) -> list[str]:
+    """Removes the <record>.json/.csv an earlier evaluation in `workdir` wrote (named in its
+    results.json) that this one does not (fewer procedures): they would sit beside this run's
+    manifest as if they were its own. Returns the removed names."""
+    try:
+        with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+            earlier = set(json.load(f).get("records") or {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    removed = sorted(earlier - set(records))
+    for name in removed:
+        for ext in (".json", ".csv"):
+            path = os.path.join(workdir, name + ext)
+            if os.path.isfile(path):
+                os.remove(path)
+    return removed
+
+
+def _write_outputs(workdir: str, rows: list, records: dict, log: SampleLog) -> dict[str, Any]:
     paths = {"samples": os.path.join(workdir, "samples.jsonl"),
              "win_rates": os.path.join(workdir, "win_rates.csv"),
              "plot_n": os.path.join(workdir, "win_rate_vs_n.png"),
@@ -365,6 +383,7 @@ def _write_outputs(workdir: str, rows: list, records: dict, log: SampleLog) -> d
                              w["upper"], w["stderr"], k.get("kind", ""), k.get("mean", "")])
     for name, record in records.items():
         eval_harness.write_record(workdir, record, stem=name)
+    paths["stale_records_removed"] = _remove_stale_records(workdir, records)
     by_n: dict[str, list] = {}
     by_kl: dict[str, list] = {}
     for r in rows:
@@ -425,5 +444,8 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
             extra={"prompts": results["prompts"], "judge": ctx.judge_id,
                    "policy": ctx.policy.source, "reference": ctx.reference.source,
                    "outputs": paths})
+    if paths["stale_records_removed"]:
+        say(f"evaluate: removed the records an earlier evaluation here wrote and this one does "
+            f"not: {paths['stale_records_removed']}")
     say(f"evaluate: wrote {len(log.rows)} samples and {len(rows)} win rates to {workdir}")
     return results
