@@ -94,15 +94,21 @@ def config_key_message(argv: Sequence[str], err: BaseException) -> str:
     return f"config key {bad.group(1) if bad else text.splitlines()[0]!s} does not exist"
 
 
+def _overrides(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
+    """(argument, dotted key) of each ``--<name>.<key>[=value]`` argument, in order."""
+    out = []
+    for arg in argv[1:]:
+        flag = arg.lstrip("-").partition("=")[0]
+        if arg.startswith("--") and flag.startswith(f"{name}."):
+            out.append((arg, flag[len(name) + 1:]))
+    return out
+
+
 def refuse_overrides(argv: Sequence[str], name: str, keys: Sequence[str], why: str) -> None:
     """Refuses a ``--<name>.<key>`` flag for a key the command sets itself (it would be accepted
     and then replaced): `keys` are dotted keys, or sections ending in "."; `why` says who sets
     them."""
-    for arg in argv[1:]:
-        flag = arg.lstrip("-").partition("=")[0]
-        if not (arg.startswith("--") and flag.startswith(f"{name}.")):
-            continue
-        key = flag[len(name) + 1:]
+    for _, key in _overrides(argv, name):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys):
             raise ValueError(f"--{name}.{key} is not used: {why}, so the value given would be "
                              f"replaced; leave it out")
@@ -131,14 +137,11 @@ def _unresolved_override(argv: Sequence[str], name: str, default: str) -> str | 
         config = module.get_config(arg) if arg else module.get_config()
     except Exception:  # noqa: BLE001  (the flag's own loading reports the file's problems)
         return None
-    for a in argv[1:]:
-        flag = a.lstrip("-").partition("=")[0]
-        if not (a.startswith("--") and flag.startswith(f"{name}.")):
-            continue
+    for arg, key in _overrides(argv, name):
         node = config
-        for part in flag[len(name) + 1:].split("."):
+        for part in key.split("."):
             if not hasattr(node, "keys") or part not in node.keys():
-                return a
+                return arg
             node = node[part]
     return None
 
