@@ -1,7 +1,8 @@
-"""The top-p filter's cost at SmolLM2's vocabulary: `sampling_head.filter_logits` on [B, V]
-random normal logits times a scale (flat rows for small scales, peaked for large), against no
-filter, and how many rows the candidate buffer serves (the others take the full-vocabulary
-search).
+"""The top-p head's cost at SmolLM2's vocabulary, on [B, V] random normal logits times a scale
+(flat rows for small scales, peaked for large): `sampling_head.filter_logits` against no filter
+(and how many rows its candidate buffer serves; the others take the full-vocabulary search), and
+a top-p token draw as the sampler makes it (`draw_filtered`, by rejection) against the filter
+then `draw`, and against the unfiltered `draw`.
 
     .venv/bin/python bench/top_p_filter.py [--batch 32 --vocab 49152 --top_p 0.9 --calls 30]
 """
@@ -39,14 +40,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     plain = jax.jit(lambda x: head.filter_logits(x, 1.0, 0, 1.0))
     top_p = jax.jit(lambda x: head.filter_logits(x, 1.0, 0, args.top_p))
-    print(f"hardware: {hardware()}; [{args.batch}, {args.vocab}], top_p {args.top_p}")
+    key = jax.random.key(0)
+    draw = jax.jit(lambda x: head.draw(key, x))
+    filter_draw = jax.jit(lambda x: head.draw(key, head.filter_logits(x, 1.0, 0, args.top_p)))
+    rejection = jax.jit(lambda x: head.draw_filtered(key, x, 1.0, 0, args.top_p))
+    print(f"hardware: {hardware()}; [{args.batch}, {args.vocab}], top_p {args.top_p}, "
+          f"rejection rounds at most {head.rejection_rounds(args.top_p)}")
     for scale in (1.0, 3.0, 6.0, 10.0):
         x = jnp.asarray(rng.normal(size=(args.batch, args.vocab)).astype(np.float32) * scale)
         p = jnp.exp(x - x.max(-1, keepdims=True))
         served = int(head._buffer_suffices(p, args.top_p, head.TOP_P_GROUPS, head.GROUP)[3].sum())
         none_ms, p_ms = ms(plain, x), ms(top_p, x)
+        draw_ms, fd_ms, rej_ms = ms(draw, x), ms(filter_draw, x), ms(rejection, x)
         print(f"  scale {scale:4.1f}: buffer serves {served}/{args.batch} rows; no filter "
-              f"{none_ms:.2f} ms, top-p {p_ms:.2f} ms ({p_ms / none_ms:.1f}x)")
+              f"{none_ms:.2f} ms, top-p {p_ms:.2f} ms ({p_ms / none_ms:.1f}x); draw {draw_ms:.2f} "
+              f"ms, filter then draw {fd_ms:.2f} ms, draw_filtered {rej_ms:.2f} ms "
+              f"({rej_ms - draw_ms:+.2f} ms over the draw)")
 
 
 if __name__ == "__main__":

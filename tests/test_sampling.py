@@ -157,7 +157,7 @@ def test_filter_logits_matches_numpy(temperature, top_k, top_p):
     logits = _no_tie_logits(4, (6, 11), 2.0)
     logits[1, [2, 5, 7]] = -np.inf      # masked vocabulary
     logits[2, 1:] = -np.inf             # a single finite token
-    got = sampling.filter_logits(logits, temperature, top_k, top_p)
+    got = head.filter_logits(logits, temperature, top_k, top_p)
     _assert_same_filter(got, _np_filter(logits, temperature, top_k, top_p))
     if top_k == 1 or top_p == 1e-6:
         assert (np.isfinite(np.asarray(got)).sum(1) == 1).all()
@@ -225,13 +225,13 @@ def test_filter_logits_keeps_boundary_ties_and_poisons_nan_rows():
                    [1.0, jnp.nan, 0.0, 2.0, 3.0, 4.0],    # NaN: the whole row is NaN
                    [-jnp.inf] * 6,                        # all -inf: unchanged
                    [1.0, jnp.inf, 0.0, jnp.inf, 2.0, 3.0]])  # +inf holds all the mass
-    k2 = np.asarray(sampling.filter_logits(x, 1.0, 2, 1.0))
+    k2 = np.asarray(head.filter_logits(x, 1.0, 2, 1.0))
     np.testing.assert_array_equal(np.isfinite(k2[0]), [1, 0, 1, 1, 0, 1])
     np.testing.assert_array_equal(np.isfinite(k2[1]), [1, 1, 1, 1, 0, 0])
-    p = np.asarray(sampling.filter_logits(x, 1.0, 0, 0.3))
+    p = np.asarray(head.filter_logits(x, 1.0, 0, 0.3))
     np.testing.assert_array_equal(np.isfinite(p[1]), [1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(p[4], [-np.inf, np.inf, -np.inf, np.inf, -np.inf, -np.inf])
-    for out in (k2, p, np.asarray(sampling.filter_logits(x, 0.5))):
+    for out in (k2, p, np.asarray(head.filter_logits(x, 0.5))):
         assert np.isnan(out[2]).all() and not np.isnan(out[[0, 1, 3, 4]]).any()
         assert np.isneginf(out[3]).all()
 
@@ -341,11 +341,15 @@ def test_fast_argmax_matches_jnp_argmax():
     np.testing.assert_array_equal(np.asarray(jax.jit(sampling._first_argmax)(x)), want)
 
 
-def _draws(logits_V, n, seed, block_size, filt=None):
-    """n draws from one row of logits (the row repeated n times, one key), optionally filtered."""
+def _draws(logits_V, n, seed, block_size, filt=None, rejection=False):
+    """n draws from one row of logits (the row repeated n times, one key), optionally filtered:
+    by `draw(filter_logits(...))`, or with `rejection` by `draw_filtered`."""
     x = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
-    fn = lambda r, x: head.draw(r, x if filt is None else sampling.filter_logits(x, *filt),  # noqa: E731
-                                block_size)
+    if rejection:
+        fn = lambda r, x: head.draw_filtered(r, x, *filt, block_size=block_size)  # noqa: E731
+    else:
+        fn = lambda r, x: head.draw(r, x if filt is None else head.filter_logits(x, *filt),  # noqa: E731
+                                    block_size)
     return np.asarray(jax.jit(fn)(jax.random.key(seed), x))
 
 
@@ -372,15 +376,96 @@ def test_draw_matches_softmax_chi_square(block_size):
     assert _chi2_pvalue(tokens, probs) > 1e-3
 
 
+@pytest.mark.parametrize("rejection", [False, True], ids=["filter_then_draw", "draw_filtered"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 10, 1.0), (0.8, 0, 0.7),
-                                                     (1.5, 12, 0.8), (1.0, 0, 0.995)])
-def test_filtered_draw_matches_renormalised_filter_chi_square(temperature, top_k, top_p):
+                                                     (1.5, 12, 0.8), (1.0, 0, 0.995),
+                                                     (1.2, 0, 0.9), (1.0, 0, 0.4)])
+def test_filtered_draw_matches_renormalised_filter_chi_square(temperature, top_k, top_p,
+                                                              rejection):
     logits = _uneven_logits(1)
     kept = _np_filter(logits[None], temperature, top_k, top_p)[0]   # numpy, by sorting
     probs = np.where(np.isfinite(kept), np.exp(kept - kept.max()), 0.0); probs /= probs.sum()
     assert 2 < (probs > 0).sum() < logits.size or top_p == 0.995
-    tokens = _draws(logits, 20000, 2, 8, (temperature, top_k, top_p))
+    tokens = _draws(logits, 20000, 2, 8, (temperature, top_k, top_p), rejection)
     assert _chi2_pvalue(tokens, probs) > 1e-3
+
+
+def test_rejection_rounds():
+    """Rounds such that a row is still rejected with probability <= 1e-4 (each round keeps it
+    with probability >= top_p); 0 (the exact path) past 8 rounds or when top-p is off."""
+    assert [head.rejection_rounds(p) for p in (0.995, 0.9, 0.8, 0.7, 0.68, 0.5, 1.0)] == \
+        [2, 4, 6, 8, 0, 0, 0]
+    for p in (0.995, 0.9, 0.8, 0.7):
+        r = head.rejection_rounds(p)
+        assert (1 - p) ** r <= 1e-4 < (1 - p) ** (r - 1)
+
+
+def test_rejected_rows_take_the_exact_path_and_the_mixture_is_the_filtered_softmax(monkeypatch):
+    """One round only (a row keeps its first draw with probability ~0.7, else the exact path
+    draws it): the mixture of both is still the renormalised filter."""
+    monkeypatch.setattr(head, "REJECTED_AFTER_ROUNDS", 0.5)
+    assert head.rejection_rounds(0.7) == 1
+    logits = _uneven_logits(1)
+    kept = _np_filter(logits[None], 0.8, 0, 0.7)[0]
+    probs = np.where(np.isfinite(kept), np.exp(kept - kept.max()), 0.0); probs /= probs.sum()
+    tokens = _draws(logits, 20000, 3, 8, (0.8, 0, 0.7), rejection=True)
+    assert _chi2_pvalue(tokens, probs) > 1e-3
+
+
+def _nucleus_inputs(x, temperature, top_p):
+    """p and target as `draw_filtered` computes them (float32)."""
+    x = head._tempered(jnp.asarray(x, jnp.float32), temperature)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    p = jnp.where(x == top, 1.0, jnp.exp(x - top))
+    return p, top_p * jnp.sum(p, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5, 1e-30, 1e-45])
+def test_in_nucleus_is_the_kept_set_of_filter_logits(top_p):
+    """Every token of every row tested: `in_nucleus` accepts exactly the tokens `filter_logits`
+    keeps (flat and peaked rows, a row with ties at the boundary, one with zero-mass tokens)."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(6, 300)) * np.array([[0.3], [1.0], [3.0], [8.0], [1.0], [1.0]])
+    x[4] = np.round(x[4] * 2) / 2                            # many ties (9 distinct values)
+    x[5, :250] = -200.0                                      # exp underflows: zero mass
+    x = x.astype(np.float32)
+    kept = np.isfinite(np.asarray(head.filter_logits(jnp.asarray(x), 1.0, 0, top_p)))
+    p, target = _nucleus_inputs(x, 1.0, top_p)
+    every = jnp.repeat(jnp.arange(300, dtype=jnp.int32)[None], 6, axis=0)
+    got = np.stack([np.asarray(head.in_nucleus(p, target, every[:, j])) for j in range(300)], 1)
+    np.testing.assert_array_equal(got, kept)
+    assert 1 <= kept.sum(1).min() and kept.sum(1).max() < 300 and kept[4].sum() > 1
+
+
+def test_draw_filtered_keeps_each_rows_first_accepted_draw():
+    """The loop's wiring, against the rounds written out: round r draws with fold_in(key, r),
+    a row keeps its first draw inside the nucleus; none left after the rounds here."""
+    x = jax.random.normal(jax.random.key(4), (64, 500)) * 1.5
+    key = jax.random.key(9)
+    got = np.asarray(jax.jit(lambda k, x: head.draw_filtered(k, x, 1.0, 0, 0.8, 64))(key, x))
+    p, target = _nucleus_inputs(x, 1.0, 0.8)
+    blocks = head._blocks(p, 64)
+    want = np.full(64, -1)
+    for r in range(head.rejection_rounds(0.8)):
+        bits = jax.random.bits(jax.random.fold_in(key, r), (2, 64), jnp.uint32)
+        cand = np.asarray(head._draw_blocks(*blocks, bits))
+        ok = np.asarray(head.in_nucleus(p, target, jnp.asarray(cand)))
+        want = np.where((want < 0) & ok, cand, want)
+    assert (want >= 0).all()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_draw_filtered_degenerate_rows_are_those_of_the_exact_path():
+    x = jax.random.normal(jax.random.key(6), (5, 37))
+    bad = (x.at[0, 3].set(jnp.nan).at[0, 9].set(jnp.nan).at[1, 7].set(jnp.inf)
+           .at[1, 20].set(jnp.inf).at[2].set(-jnp.inf))
+    tok = np.asarray(head.draw_filtered(jax.random.key(8), bad, 1.0, 0, 0.9, 8))
+    exact = np.asarray(head.draw(jax.random.key(0), head.filter_logits(bad, 1.0, 0, 0.9), 8))
+    # The filter poisons the NaN row whole (its first NaN is token 0); first +inf; 0 (argmax).
+    np.testing.assert_array_equal(exact[:3], [0, 7, 0])
+    np.testing.assert_array_equal(tok[:3], exact[:3])
+    kept = np.isfinite(np.asarray(head.filter_logits(x, 1.0, 0, 0.9)))
+    assert kept[np.arange(3, 5), tok[3:]].all()
 
 
 def test_draw_at_real_vocabulary_size_matches_softmax_by_bins():
@@ -634,7 +719,7 @@ def test_tiny_temperature_draws_the_argmax_not_an_overflowed_token(temperature):
                   [0.0, 0.5, 0.2, -1.0],        # a logit of exactly 0
                   [50.0, 300.0, 299.0, 1.0],    # large logits: x / T overflows even at 1e-37
                   [-2.0, -1.0, -jnp.inf, -5.0]], np.float32)
-    f = np.asarray(sampling.filter_logits(jnp.asarray(x), temperature))
+    f = np.asarray(head.filter_logits(jnp.asarray(x), temperature))
     assert not np.isnan(f).any()
     top = f.max(1, keepdims=True)
     p = np.exp(f.astype(np.float64) - top)

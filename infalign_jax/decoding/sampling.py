@@ -37,10 +37,13 @@ bit patterns, on a few thousand candidate tokens whenever that suffices, instead
 vocabulary; ties at a top-k / top-p boundary are all kept. Every temperature > 0 draws by a
 blocked inverse CDF (`sampling_head.draw`: one 64-bit random number per row, exp and block sums
 over the vocabulary, a cumulative sum inside the chosen block), so the tokens follow
-softmax(filtered logits) as `jax.random.categorical`'s do, but are not the same bits. Measured at
-batch 32 x vocabulary 49152 on a 2-core CPU: top-k 50 ~3 ms, top-p 0.9 ~8 ms (~1 ms more per
-flat row whose nucleus needs the whole vocabulary), the draw ~2 ms; the sort-based filters and
-the Gumbel draw took ~400, ~550 and ~12 ms. Greedy (temperature 0) is `_first_argmax`, a max plus
+softmax(filtered logits) as `jax.random.categorical`'s do, but are not the same bits. Top-p
+alone is drawn by rejection (`sampling_head.draw_filtered`: draw from the tempered softmax, keep
+the token if it is in the nucleus, one pass over the row, else draw again), so no threshold is
+searched. Measured at batch 32 x vocabulary 49152 on a 2-core CPU: top-k 50 ~3 ms, the draw
+~1.5-2 ms, a top-p 0.9 draw 2-3 ms more than that for flat and peaked rows alike (filtering by
+the threshold search, then drawing: 5-6 ms more for peaked rows, ~22 ms for flat ones); the
+sort-based filters and the Gumbel draw took ~400, ~550 and ~12 ms. Greedy (temperature 0) is `_first_argmax`, a max plus
 a first-index min. The log-prob of the drawn token is read as `x_t - max - log sum exp`, the same
 arithmetic as gathering from `log_softmax` without writing the B x V result.
 
@@ -66,7 +69,7 @@ import numpy as np
 
 from infalign_jax.core import kl, vocab_chunks
 from infalign_jax.core.types import Array, DecoderFns, Params
-from infalign_jax.decoding.sampling_head import _first_argmax, draw, filter_logits
+from infalign_jax.decoding.sampling_head import _first_argmax, draw, draw_filtered
 from infalign_jax.infra import validate as check
 
 
@@ -212,7 +215,7 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
         if cfg.temperature == 0:
             token = _first_argmax(logits)
         elif filtered:
-            token = draw(key, filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p))
+            token = draw_filtered(key, logits, cfg.temperature, cfg.top_k, cfg.top_p)
         else:
             token = draw(key, logits)
         logp = _token_logprob(logits, token)

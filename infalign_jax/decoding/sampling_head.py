@@ -27,6 +27,14 @@ Filtering (`filter_logits`): temperature, then top-k, then top-p; removed tokens
   row, whose nucleus is large) over the whole vocabulary, `FALLBACK_ROWS` rows at a time: same
   result, only the cost differs (~1 ms per flat row at V = 49152 on a 2-core CPU).
 
+Top-p alone in the sampler (`draw_filtered`) skips the threshold search: it draws from the
+tempered softmax and keeps the token when it is in the nucleus, which one pass over the row
+decides (`in_nucleus`: y is kept iff the tokens strictly more likely than y hold less than
+`top_p` of the mass), else draws again (rejection sampling: each round keeps a row with
+probability >= top_p, and the kept token follows the renormalised nucleus exactly). About two
+rounds at top_p = 0.9 and batch 32, for flat and peaked rows alike; rows still rejected after
+`rejection_rounds(top_p)` rounds (probability <= 1e-4 each) draw by the exact filter.
+
 The draw (`draw`): a blocked inverse-CDF draw from softmax(logits). The unnormalised
 probabilities exp(x - max) (float32) are summed per block of `block_size` tokens (the vocabulary
 is padded with zero mass to a multiple of it); a first uniform chooses the block by the
@@ -62,6 +70,8 @@ GROUP = 32           # tokens per group of the candidate pruning
 TOP_P_GROUPS = 128   # groups in top-p's candidate buffer (4096 tokens)
 FALLBACK_ROWS = 2    # rows per full-vocabulary top-p search, for rows the buffer does not serve
 _MAX_PRUNED = 0.25   # prune only when the buffer is at most this fraction of the vocabulary
+REJECTED_AFTER_ROUNDS = 1e-4  # top-p rejection: a row's chance to need the exact path
+MAX_REJECTION_ROUNDS = 8      # above this many rounds (top_p < ~0.69), the exact path alone
 
 
 def _first_argmax(z_BxV: Array) -> Array:
@@ -305,6 +315,27 @@ def _pick(mass_BxN: Array, u_B: Array) -> Array:
     return jnp.where(next_positive < n, next_positive, last_positive)
 
 
+def _blocks(p_BxV: Array, block_size: int) -> tuple[Array, Array]:
+    """Unnormalised probabilities as B x blocks x size (padded with zero mass) and their block
+    sums (B x blocks): what every draw from the row reads."""
+    batch, vocab = p_BxV.shape
+    size = min(block_size, vocab)
+    blocks = -(-vocab // size)
+    if blocks * size != vocab:
+        p_BxV = jnp.pad(p_BxV, ((0, 0), (0, blocks * size - vocab)))  # zero mass
+    p_BxNxS = p_BxV.reshape(batch, blocks, size)
+    return p_BxNxS, jnp.sum(p_BxNxS, axis=-1)
+
+
+def _draw_blocks(p_BxNxS: Array, sums_BxN: Array, bits_2xB: Array) -> Array:
+    """The blocked inverse-CDF draw for one pair of 32-bit random words per row: the block by
+    the first uniform, the token inside it by the second."""
+    u_2xB = _uniform24(bits_2xB)
+    block_B = _pick(sums_BxN, u_2xB[0])
+    p_BxS = jnp.take_along_axis(p_BxNxS, block_B[:, None, None], axis=1)[:, 0]
+    return block_B * p_BxNxS.shape[-1] + _pick(p_BxS, u_2xB[1])
+
+
 def draw(key: Array, logits_BxV: Array, block_size: int = DRAW_BLOCK) -> Array:
     """One token per row from softmax(logits) (int32, B): a blocked inverse-CDF draw.
 
@@ -313,18 +344,81 @@ def draw(key: Array, logits_BxV: Array, block_size: int = DRAW_BLOCK) -> Array:
     """
     chex.assert_rank(logits_BxV, 2)
     x = logits_BxV.astype(jnp.float32)
-    batch, vocab = x.shape
+    batch, _ = x.shape
     top_B = jnp.max(x, axis=-1)
     p = jnp.exp(x - top_B[:, None])  # (0, 1], 0 for -inf; NaN only where the max is not finite
-    size = min(block_size, vocab)
-    blocks = -(-vocab // size)
-    if blocks * size != vocab:
-        p = jnp.pad(p, ((0, 0), (0, blocks * size - vocab)))  # zero mass
-    p_BxNxS = p.reshape(batch, blocks, size)
-    u_2xB = _uniform24(jax.random.bits(key, (2, batch), jnp.uint32))
-    block_B = _pick(jnp.sum(p_BxNxS, axis=-1), u_2xB[0])
-    p_BxS = jnp.take_along_axis(p_BxNxS, block_B[:, None, None], axis=1)[:, 0]
-    token_B = block_B * size + _pick(p_BxS, u_2xB[1])
+    token_B = _draw_blocks(*_blocks(p, block_size), jax.random.bits(key, (2, batch), jnp.uint32))
     finite_B = jnp.isfinite(top_B)
     return jax.lax.cond(jnp.all(finite_B), lambda: token_B,
                         lambda: jnp.where(finite_B, token_B, _first_argmax(x)))
+
+
+# ------------------------------------------------------------------ top-p by rejection
+
+def rejection_rounds(top_p: float) -> int:
+    """Rounds of `draw_filtered`'s top-p rejection: the fewest after which a row is still
+    rejected with probability <= REJECTED_AFTER_ROUNDS (each round accepts with probability >=
+    top_p); 0 (use `filter_logits`) when that takes more than MAX_REJECTION_ROUNDS."""
+    if not 0.0 < top_p < 1.0:
+        return 0
+    rounds = int(np.ceil(np.log(REJECTED_AFTER_ROUNDS) / np.log1p(-top_p)))
+    return max(rounds, 1) if rounds <= MAX_REJECTION_ROUNDS else 0
+
+
+def in_nucleus(p_BxV: Array, target_Bx1: Array, token_B: Array) -> Array:
+    """Whether each row's token is in the top-p set {p >= tau*} of `filter_logits` (B bools),
+    from one pass over the row: tau* is the largest tau with mass{p >= tau} >= target, so
+    p_y >= tau* exactly when the tokens strictly more likely than y hold less than the target
+    (float32 sums of non-negative terms are monotone in the set summed). The most likely token
+    (p = 1) is always in."""
+    p_y = jnp.take_along_axis(p_BxV, token_B[:, None], axis=1)
+    y_bits = jax.lax.bitcast_convert_type(p_y, jnp.int32)
+    return ((_mass_at_or_above(p_BxV, y_bits + 1) < target_Bx1) | (p_y == 1.0))[:, 0]
+
+
+def draw_filtered(key: Array, logits_BxV: Array, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, block_size: int = DRAW_BLOCK) -> Array:
+    """One token per row from softmax(filter_logits(logits, temperature, top_k, top_p)) (int32,
+    B): the same distribution as `draw(key, filter_logits(...))`, not the same bits.
+
+    Top-p alone (top_k = 0) draws by rejection instead of searching for the nucleus threshold:
+    a token drawn from the tempered softmax is kept when it is in the nucleus (`in_nucleus`, one
+    pass over the row), else the row draws again, for at most `rejection_rounds(top_p)` rounds
+    (each keeps a row with probability >= top_p; the loop ends early once every row has kept
+    one). The kept token follows the softmax restricted to the nucleus, renormalised: exactly
+    the filtered distribution. Rows still rejected after the last round, and degenerate rows
+    (NaN, +inf, all -inf), take `draw(filter_logits(...))` with another key (a `cond`: skipped
+    when there are none). A flat row whose nucleus holds most of the vocabulary costs ~2 passes
+    over it instead of the 30 of the exact search. Other settings: `draw(filter_logits(...))`.
+    """
+    chex.assert_rank(logits_BxV, 2)
+    rounds = rejection_rounds(top_p) if top_k == 0 else 0
+    if not rounds:
+        return draw(key, filter_logits(logits_BxV, temperature, top_k, top_p), block_size)
+    x = _tempered(logits_BxV.astype(jnp.float32), temperature)
+    batch, _ = x.shape
+    top_Bx1 = jnp.max(x, axis=-1, keepdims=True)
+    finite_B = jnp.isfinite(top_Bx1[:, 0])  # False for NaN, +inf and all -inf rows
+    p = jnp.where(x == top_Bx1, 1.0, jnp.exp(x - top_Bx1))  # as `filter_logits` computes it
+    p_BxNxS, sums_BxN = _blocks(p, block_size)
+    target_Bx1 = top_p * jnp.sum(sums_BxN, axis=-1, keepdims=True)
+
+    def round_(state):
+        r, token_B, done_B = state
+        candidate_B = _draw_blocks(p_BxNxS, sums_BxN,
+                                   jax.random.bits(jax.random.fold_in(key, r), (2, batch),
+                                                   jnp.uint32))
+        keep_B = ~done_B & in_nucleus(p, target_Bx1, candidate_B)
+        return r + 1, jnp.where(keep_B, candidate_B, token_B), done_B | keep_B
+
+    _, token_B, done_B = jax.lax.while_loop(
+        lambda s: (s[0] < rounds) & ~jnp.all(s[2]), round_,
+        (jnp.int32(0), jnp.zeros((batch,), jnp.int32), ~finite_B))
+    exact_B = ~done_B | ~finite_B
+
+    def exact():
+        fallback = draw(jax.random.fold_in(key, rounds),
+                        filter_logits(logits_BxV, temperature, top_k, top_p), block_size)
+        return jnp.where(exact_B, fallback, token_B)
+
+    return jax.lax.cond(jnp.any(exact_B), exact, lambda: token_B)
