@@ -122,6 +122,19 @@ def test_optimal_dominates_exp_family(procedure):
     assert (t > 0) == (procedure == "bon")  # InfAlign: positive exponent for BoN, negative for WoN
 
 
+def test_optimal_at_kl_steps_up_from_a_first_guess_where_the_solver_fails():
+    """Worst-of-32 at KL 0.2: the n = 1 guess of beta is ~3.5e-5, where the solver does not
+    converge (the optimum has beta ~1e-3). The start now steps beta up by decades; it used to
+    raise. The result is at the KL asked and at least the best exp-t transform's win rate."""
+    with pytest.raises(RuntimeError, match="did not converge"):
+        S.solve_optimal("won", 32, 3.5e-5)
+    kl = 0.2
+    sol = S.optimal_at_kl(kl, "won", 32)
+    assert sol.kl == pytest.approx(kl, rel=1e-6)
+    _, w_t = A.best_t("won", 32, kl)
+    assert sol.win_rate >= w_t - 1e-9 and sol.win_rate < 1.0
+
+
 def _closed_form_phi(procedure, against, n, u, G):
     """Spec 1.3 table: Phi*(v) = -c int_v^1 h(u) du, integrated with numpy's trapezoid."""
     if procedure == "bon":

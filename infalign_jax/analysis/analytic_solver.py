@@ -37,6 +37,7 @@ from infalign_jax.infra.files import write_npz
 DAMPING = 0.3
 SATURATED = 1e-6  # win rates this close to 1 make the fixed point degenerate
 MARCH_STEP = 0.35  # log-beta step of the continuation in optimal_at_kl
+START_DECADES = 15  # optimal_at_kl: decades above the first guess of beta tried for a start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,11 +208,22 @@ def optimal_at_kl(kl: float, procedure: str, n: int = 1, *, against: str = "tran
                                                                                   1e-300)))
         return sol, math.log(sol.kl) - math.log(kl)
 
+    # 0) Start: the n = 1 guess can be decades too small for other procedures (Worst-of-32:
+    #    1e-13 where the optimum at KL 0.2 has beta ~1e-3), where the solver fails; larger beta
+    #    is closer to pi_ref and converges, so step up a decade at a time until a solve does.
+    x = math.log(beta0)
+    for tries in range(START_DECADES + 1):
+        try:
+            sol, f = solve(x, None)
+            break
+        except RuntimeError as err:
+            if tries == START_DECADES:
+                raise RuntimeError(f"optimal_at_kl: no converged optimum for {procedure} n={n} "
+                                   f"from beta {beta0:.3g} to {math.exp(x):.3g}") from err
+            x += math.log(10.0)
     # 1) Continuation in log beta (small steps, each warm-started) until kl is bracketed;
     #    f = log KL - log kl is decreasing in x = log beta.
-    x, step = math.log(beta0), MARCH_STEP
-    sol, f = solve(x, None)
-    solves = 1
+    step, solves = MARCH_STEP, 1
     while abs(f) >= rtol:
         direction = 1.0 if f > 0 else -1.0
         if direction < 0 and sol.win_rate > 1.0 - SATURATED:
@@ -220,10 +232,14 @@ def optimal_at_kl(kl: float, procedure: str, n: int = 1, *, against: str = "tran
                 f"at KL {sol.kl:.4g} < {kl}; the optimum at kl is within {SATURATED:g} of 1")
         try:
             new_sol, new_f = solve(x + direction * step, sol)
-        except RuntimeError:
+        except RuntimeError as err:
             step /= 2
             if step < 1e-3:
-                raise
+                raise RuntimeError(
+                    f"optimal_at_kl: kl={kl} not reached for {procedure} n={n}: the solver "
+                    f"converges up to KL {sol.kl:.4g} (beta {math.exp(x):.3g}, win rate "
+                    f"{sol.win_rate:.10f}, 1 - W = {1.0 - sol.win_rate:.2g}) and fails "
+                    f"beyond it") from err
             continue
         solves += 1
         if solves > max_solves:
