@@ -625,7 +625,7 @@ def test_sharded_sample_matches_single_device(mesh_cfg):
     prompt = np.asarray(jax.random.randint(jax.random.key(4), (8, 6), 1, cfg.vocab_size))
     mask = np.ones_like(prompt, bool)
     mask[1, :2] = mask[5, :5] = False
-    scfg = SamplingConfig(n=3, max_new_tokens=5, eos_id=2, pad_id=0, temperature=0.9)
+    scfg = SamplingConfig(n=3, max_new_tokens=5, eos_id=2, pad_id=0, temperature=0.9, top_p=0.9)
     fns = models.decoder_fns(cfg)
     rng = jax.random.key(11)
     host_params = jax.device_get(params)
