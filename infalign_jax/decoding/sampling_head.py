@@ -386,7 +386,9 @@ def draw_filtered(key: Array, logits_BxV: Array, temperature: float = 1.0, top_k
     pass over the row), else the row draws again, for at most `rejection_rounds(top_p)` rounds
     (each keeps a row with probability >= top_p; the loop ends early once every row has kept
     one). The kept token follows the softmax restricted to the nucleus, renormalised: exactly
-    the filtered distribution. Rows still rejected after the last round, and degenerate rows
+    the filtered distribution (its target mass is summed by blocks, `filter_logits`' in one
+    reduction, so a token whose mass lands within float32 rounding of the boundary may be in
+    one set and not the other). Rows still rejected after the last round, and degenerate rows
     (NaN, +inf, all -inf), take `draw(filter_logits(...))` with another key (a `cond`: skipped
     when there are none). A flat row whose nucleus holds most of the vocabulary costs ~2 passes
     over it instead of the 30 of the exact search. Other settings: `draw(filter_logits(...))`.
