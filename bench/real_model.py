@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import smollm2_weights  # noqa: E402
-from run_benchmarks import bench_bandwidth, bench_peak, hardware, timeit  # noqa: E402
+from run_benchmarks import bench_bandwidth, bench_peak, hardware, interleaved, timeit  # noqa: E402
 
 CASES = "abcdefg"
 PARITY_TOL = 1e-3
@@ -171,18 +171,6 @@ def decode_step(cfg, fns, params, prompt: np.ndarray, new: int, peak_gflops: flo
             "param_bytes": param_bytes, "cache_bytes": cache_bytes,
             "bandwidth_gb_s": bandwidth_gb_s, "roofline_compute_s": compute_s,
             "roofline_memory_s": memory_s, "step_vs_roofline": step_s / max(compute_s, memory_s)}
-
-
-def interleaved(calls: dict, rounds: int) -> dict:
-    """Best wall time of each call over `rounds` rounds that run every call once in turn, so a
-    slow spell of the machine hits all of them alike (the ratio of two is what is reported)."""
-    best = {name: float("inf") for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
 
 
 # ---------------------------------------------------------------------------------- report

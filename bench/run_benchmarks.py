@@ -40,6 +40,18 @@ def timeit(fn, *, repeat: int = 5, warmup: int = 1) -> float:
     return best
 
 
+def interleaved(calls: dict, rounds: int) -> dict:
+    """Best wall time of each call over `rounds` rounds that run every call once in turn, so a
+    slow spell of the machine hits all of them alike (the ratio of two is what is reported)."""
+    best = {name: float("inf") for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def hardware() -> dict:
     d = jax.devices()[0]
     return {"backend": jax.default_backend(), "device": d.device_kind, "devices": jax.device_count(),
