@@ -41,11 +41,12 @@ softmax(filtered logits) as `jax.random.categorical`'s do, but are not the same 
 alone is drawn by rejection (`sampling_head.draw_filtered`: draw from the tempered softmax, keep
 the token if it is in the nucleus, one pass over the row, else draw again), so no threshold is
 searched. Measured at batch 32 x vocabulary 49152 on a 2-core CPU: top-k 50 ~3 ms, the draw
-~1.5-2 ms, a top-p 0.9 draw 2.3-3.6 ms more than that for flat and peaked rows alike (filtering by
-the threshold search, then drawing: 5-6 ms more for peaked rows, ~22 ms for flat ones); the
-sort-based filters and the Gumbel draw took ~400, ~550 and ~12 ms. Greedy (temperature 0) is `_first_argmax`, a max plus
-a first-index min. The log-prob of the drawn token is read as `x_t - max - log sum exp`, the same
-arithmetic as gathering from `log_softmax` without writing the B x V result.
+~1.5-2 ms, a top-p 0.9 draw 2.3-3.6 ms more than that for flat and peaked rows alike
+(filtering by the threshold search, then drawing: 5-6 ms more for peaked rows, ~22 ms for flat
+ones); the sort-based filters and the Gumbel draw took ~400, ~550 and ~12 ms. Greedy
+(temperature 0) is `_first_argmax`, a max plus a first-index min. The log-prob of the drawn
+token is read as `x_t - max - log sum exp`, the same arithmetic as gathering from `log_softmax`
+without writing the B x V result.
 
 A decoder with `decode_window` (the Flax transformer) decodes in phases whose attention reads a
 doubling window of the response cache (`decode_windows`: the first 16, 32, then 63 slots for 64
