@@ -413,10 +413,8 @@ def test_rejected_rows_take_the_exact_path_and_the_mixture_is_the_filtered_softm
 
 
 def _nucleus_inputs(x, temperature, top_p):
-    """p and target as `draw_filtered` computes them (float32)."""
-    x = head._tempered(jnp.asarray(x, jnp.float32), temperature)
-    top = jnp.max(x, axis=-1, keepdims=True)
-    p = jnp.where(x == top, 1.0, jnp.exp(x - top))
+    """p as both top-p paths compute it, and the target mass as `filter_logits` sums it."""
+    p = head._probs_below_max(head._tempered(jnp.asarray(x, jnp.float32), temperature))
     return p, top_p * jnp.sum(p, axis=-1, keepdims=True)
 
 
@@ -443,8 +441,9 @@ def test_draw_filtered_keeps_each_rows_first_accepted_draw():
     x = jax.random.normal(jax.random.key(4), (64, 500)) * 1.5
     key = jax.random.key(9)
     got = np.asarray(jax.jit(lambda k, x: head.draw_filtered(k, x, 1.0, 0, 0.8, 64))(key, x))
-    p, target = _nucleus_inputs(x, 1.0, 0.8)
+    p, _ = _nucleus_inputs(x, 1.0, 0.8)
     blocks = head._blocks(p, 64)
+    target = 0.8 * jnp.sum(blocks[1], axis=-1, keepdims=True)   # summed by blocks, as it is
     want = np.full(64, -1)
     for r in range(head.rejection_rounds(0.8)):
         bits = jax.random.bits(jax.random.fold_in(key, r), (2, 64), jnp.uint32)

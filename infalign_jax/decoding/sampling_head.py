@@ -227,6 +227,14 @@ def _nucleus_threshold_after_top_k(p_BxV: Array, top_p: float, idx_BxN: Array, g
 
 # ------------------------------------------------------------------------------- filtering
 
+def _probs_below_max(x_BxV: Array) -> Array:
+    """exp(x - max) in [0, 1] with the maximum exactly 1, also when the max is +inf (the +inf
+    tokens hold all the mass) or -inf (an all -inf row keeps everything: stays all -inf): the
+    unnormalised probabilities both top-p paths measure the nucleus in."""
+    top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+    return jnp.where(x_BxV == top_Bx1, 1.0, jnp.exp(x_BxV - top_Bx1))
+
+
 def _tempered(x_BxV: Array, temperature: float) -> Array:
     """x / temperature, the same distribution without overflow at tiny temperatures.
 
@@ -272,10 +280,7 @@ def filter_logits(logits_BxV: Array, temperature: float = 1.0, top_k: int = 0,
             kth_Bx1 = _kth_largest_exact(logits, top_k)
         logits = jnp.where(logits >= kth_Bx1, logits, -jnp.inf)
     if top_p < 1.0:
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        # exp(x - max) in [0, 1] with the maximum exactly 1, also when the max is +inf (the +inf
-        # tokens hold all the mass) or -inf (an all -inf row keeps everything: stays all -inf).
-        p = jnp.where(logits == top, 1.0, jnp.exp(logits - top))
+        p = _probs_below_max(logits)
         if top_k_buffer is not None:
             tau_bits = _nucleus_threshold_after_top_k(p, top_p, top_k_buffer[0], group,
                                                       *top_k_buffer[1:])
@@ -399,9 +404,8 @@ def draw_filtered(key: Array, logits_BxV: Array, temperature: float = 1.0, top_k
         return draw(key, filter_logits(logits_BxV, temperature, top_k, top_p), block_size)
     x = _tempered(logits_BxV.astype(jnp.float32), temperature)
     batch, _ = x.shape
-    top_Bx1 = jnp.max(x, axis=-1, keepdims=True)
-    finite_B = jnp.isfinite(top_Bx1[:, 0])  # False for NaN, +inf and all -inf rows
-    p = jnp.where(x == top_Bx1, 1.0, jnp.exp(x - top_Bx1))  # as `filter_logits` computes it
+    finite_B = jnp.isfinite(jnp.max(x, axis=-1))  # False for NaN, +inf and all -inf rows
+    p = _probs_below_max(x)
     p_BxNxS, sums_BxN = _blocks(p, block_size)
     target_Bx1 = top_p * jnp.sum(sums_BxN, axis=-1, keepdims=True)
 
