@@ -46,6 +46,40 @@ def test_apply_overrides_copies_and_refuses_unknown_or_mistyped():
         sweep.apply_overrides(base, {"train.num_steps": 2.5})
 
 
+@pytest.mark.parametrize("option,value,switch,off,on", [
+    ("rl.ppo_clip", 0.1, "rl.algorithm", "rloo", "ppo"),
+    ("rl.ppo_epochs", 2, "rl.algorithm", "rloo", "ppo"),
+    ("rl.gae_lambda", 0.9, "rl.advantage", "rloo", "gae"),
+    ("rl.value_clip", 0.0, "rl.advantage", "rloo", "gae"),
+    ("rl.beta_final", 0.5, "rl.beta_schedule", "constant", "linear"),
+    ("rl.kl_horizon", 50.0, "rl.beta_schedule", "linear", "adaptive"),
+    ("rl.beta_anneal_factor", 3.0, "rl.beta_anneal_steps", 0, 5),
+])
+def test_apply_overrides_refuses_an_rl_option_the_run_does_not_read(option, value, switch, off,
+                                                                    on):
+    base = sweep.apply_overrides(_base(), {switch: off})  # a setting alone is never refused
+    reader = f"{switch} > 0" if isinstance(on, int) else f"{switch}={on!r}"
+    with pytest.raises(ValueError, match=rf"sweep override {option} is not used by this run: it "
+                                         rf"is read only with {reader} \(this config has"):
+        sweep.apply_overrides(base, {option: value})
+    # set together with the setting that reads it, in either order
+    for overrides in ({switch: on, option: value}, {option: value, switch: on}):
+        assert sweep.apply_overrides(base, overrides).rl[option[3:]] == value
+
+
+def test_rl_unused_options_cover_every_option_of_a_setting():
+    from infalign_jax.rl import config as rl_config
+    rl = rl_config.RLConfig()
+    unused = rl_config.unused_options({})  # every setting at its default
+    assert set(unused) == {"ppo_epochs", "ppo_clip", "gamma", "gae_lambda", "value_model",
+                           "value_learning_rate", "value_clip", "beta_final", "beta_steps",
+                           "kl_target", "kl_horizon", "beta_anneal_factor"}
+    assert rl.algorithm == "rloo" and unused["ppo_clip"].startswith("rl.algorithm='ppo'")
+    used = rl_config.unused_options({"algorithm": "ppo", "advantage": "gae",
+                                     "beta_schedule": "adaptive", "beta_anneal_steps": 3})
+    assert set(used) == {"beta_final", "beta_steps"}
+
+
 def test_point_names_and_command_lines():
     points = [{"transform.t": -5.0, "rl.beta": 1.5}, {"transform.t": 10.0, "rl.beta": 0.25}]
     assert sweep.point_name(points[0]) == "t=-5,beta=1.5"

@@ -11,6 +11,7 @@ from absl import app, flags, logging
 
 from infalign_jax.infra import distributed
 from infalign_jax.infra.checkpointing import WorkdirError
+from infalign_jax.infra.config_utils import refuse_unused_overrides
 
 # Errors that describe bad input (a config value, a data file, a work dir): reported in one line.
 INPUT_ERRORS = (ValueError, WorkdirError, FileNotFoundError)
@@ -178,12 +179,25 @@ def parse_flags(argv: Sequence[str]) -> Any:
         _key_error_exit(argv, e)
 
 
+def refuse_unused_flags() -> None:
+    """Refuses a ``--config.rl.<option>`` flag the resolved config does not read (e.g.
+    ``--config.rl.ppo_clip=0.1`` while ``rl.algorithm`` is 'rloo'), naming the setting that would
+    read it (`config_utils.refuse_unused_overrides`)."""
+    for name in list(flags.FLAGS):
+        flag = flags.FLAGS[name]
+        keys = getattr(flag, "override_values", None)
+        if keys and flag.value is not None:
+            refuse_unused_overrides(flag.value, keys, f"--{name}.")
+
+
 def run(main: Callable[[Sequence[str]], Any]) -> None:
     """`app.run(main)`, with bad input reported as one line on stderr and exit status 2 instead of
     a long traceback (`--verbosity=1` keeps the traceback): config keys that do not exist
-    (`parse_flags`), bad values, data files and work dirs (`INPUT_ERRORS`)."""
+    (`parse_flags`), overrides the run would not read (`refuse_unused_flags`), bad values, data
+    files and work dirs (`INPUT_ERRORS`)."""
     def guarded(argv: Sequence[str]) -> Any:
         try:
+            refuse_unused_flags()
             return main(argv)
         except INPUT_ERRORS as e:
             if flags.FLAGS["verbosity"].present:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 
@@ -82,6 +82,26 @@ def section(config: Any, name: str) -> dict[str, Any]:
 
 
 SET_BY = "set_by"
+
+# A config section's name -> a function of its values giving the options those values leave
+# unread, each with the setting that would read it (`rl.config.unused_options` registers "rl").
+UNUSED_OPTIONS: dict[str, Callable[[Mapping[str, Any]], dict[str, str]]] = {}
+
+
+def refuse_unused_overrides(config: Any, keys: Iterable[str], source: str) -> None:
+    """Refuses an override of a top-level ``<section>.<option>`` (a command-line flag, a sweep
+    point) that the resolved `config` does not read (`UNUSED_OPTIONS`), e.g. ``rl.ppo_clip`` with
+    ``rl.algorithm='rloo'``: the run would be the same as without it. A config file may set such
+    options ahead (its ``ppo_epochs`` for when the algorithm is switched); only overrides are
+    refused. `source` names them in the message ("--config.", "sweep override ")."""
+    for key in keys:
+        section, _, name = key.partition(".")
+        if section not in UNUSED_OPTIONS or section not in config:
+            continue
+        unused = UNUSED_OPTIONS[section](as_dict(config[section]))
+        if name in unused:
+            raise ValueError(f"{source}{key} is not used by this run: it is read only with "
+                             f"{unused[name]}; set that too, or leave {key} out")
 
 
 def config_fields(cls: type) -> list[dataclasses.Field]:

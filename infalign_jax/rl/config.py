@@ -16,7 +16,8 @@ from infalign_jax import models
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.transforms import Transform, get_transform
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import SET_BY, as_dict, config_section, dataclass_from
+from infalign_jax.infra.config_utils import (SET_BY, UNUSED_OPTIONS, as_dict, config_section,
+                                             dataclass_from)
 from infalign_jax.models.lora import LoraConfig
 
 Array = jax.Array
@@ -25,6 +26,14 @@ ALGORITHMS = ("rloo", "ppo")
 KL_MODES = ("reward", "loss")
 BETA_SCHEDULES = ("constant", "linear", "adaptive")
 ADVANTAGES = ("rloo", "gae")
+# Options read only under one setting: (the setting's field, its value that uses them, options).
+USED_ONLY_WITH = (
+    ("algorithm", "ppo", ("ppo_epochs", "ppo_clip")),
+    ("advantage", "gae", ("gamma", "gae_lambda", "value_model", "value_learning_rate",
+                          "value_clip")),
+    ("beta_schedule", "linear", ("beta_final", "beta_steps")),
+    ("beta_schedule", "adaptive", ("kl_target", "kl_horizon")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +149,26 @@ class RLConfig:
         if tuple(kw.pop("heads", ("value",))) != ("value",):
             raise ValueError("the critic has the single head 'value'; leave heads out")
         return models.ModelConfig(**kw, heads=("value",))
+
+
+def unused_options(rl: Mapping[str, Any]) -> dict[str, str]:
+    """The options an `rl` config section's settings leave unread, each with the setting that
+    would read it (absent fields at their `RLConfig` defaults)."""
+    fields = RLConfig.__dataclass_fields__
+
+    def get(name):
+        return rl[name] if name in rl else fields[name].default
+
+    unused = {name: f"rl.{switch}={value!r} (this config has {get(switch)!r})"
+              for switch, value, options in USED_ONLY_WITH
+              if get(switch) != value for name in options}
+    if not get("beta_anneal_steps"):
+        unused["beta_anneal_factor"] = "rl.beta_anneal_steps > 0 (this config has 0)"
+    return unused
+
+
+# Overrides of these options are refused where the run would not read them.
+UNUSED_OPTIONS["rl"] = unused_options
 
 
 def _step_schedule(cfg: Any, learning_rate: float) -> optax.Schedule:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 from infalign_jax.loops.skeleton import config_record
+from infalign_jax.infra.config_utils import refuse_unused_overrides
 from infalign_jax.infra.files import atomic_open
 
 
@@ -33,7 +34,8 @@ def sweep_points(module: Any, arg: str | None = None) -> list[dict[str, Any]]:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
                     ) -> ml_collections.ConfigDict:
-    """A copy of `config` with dotted overrides; unknown keys and type changes are errors."""
+    """A copy of `config` with dotted overrides; unknown keys, type changes and RL options the
+    result does not read (`config_utils.refuse_unused_overrides`) are errors."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.lock()
     for dotted, value in overrides.items():
@@ -49,6 +51,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
             node[leaf] = value  # ConfigDict refuses a value of another type
         except TypeError as e:
             raise ValueError(f"sweep override {dotted}={value!r}: {e}") from e
+    refuse_unused_overrides(config, overrides, "sweep override ")
     return config
 
 

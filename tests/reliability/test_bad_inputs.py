@@ -173,11 +173,15 @@ CLI_CASES = [
     ("--config.rl.betta=1", "betta"),                 # unknown key in a locked config
     ("--config.rl.beta=abc", "beta"),                 # wrong type
     ("--config.rl.beta=-1", "RLConfig.beta must be a finite number > 0"),
+    # an option the run would not read: PPO's clip under RLOO
+    ("--config.rl.ppo_clip=0.1", "--config.rl.ppo_clip is not used by this run: it is read only "
+                                 "with rl.algorithm='ppo' (this config has 'rloo')"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag,match", CLI_CASES, ids=["unknown-key", "wrong-type", "negative"])
+@pytest.mark.parametrize("flag,match", CLI_CASES, ids=["unknown-key", "wrong-type", "negative",
+                                                         "unused-option"])
 def test_bad_cli_flag_exits_nonzero_naming_the_key(tmp_path, flag, match):
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "train_policy.py"),
