@@ -378,6 +378,12 @@ def test_combining_shares_needs_every_process():
 def _command_on_two_processes(args: list, tmp_path: Path, name: str) -> None:
     """Runs `python args...` as two processes of one job (one CPU device each), started from
     the environment variables a pod launcher sets; logs in tmp_path/<name><i>.log."""
+    _wait_all(_start_on_two_processes(args, tmp_path, name), WORKER_TIMEOUT_S)
+
+
+def _start_on_two_processes(args: list, tmp_path: Path, name: str
+                            ) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """`_command_on_two_processes`' two processes, started and not waited for."""
     port = _free_port()
     procs = {}
     for i in range(2):
@@ -389,7 +395,56 @@ def _command_on_two_processes(args: list, tmp_path: Path, name: str) -> None:
             procs[f"process {i}"] = (subprocess.Popen(
                 [sys.executable, *map(str, args)], env=env, cwd=REPO, stdout=f,
                 stderr=subprocess.STDOUT), log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    return procs
+
+
+FAIL_WORKER = REPO / "tests" / "_multihost_fail_worker.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail,at,what", [(1, "barrier", "barrier meet"),
+                                          (0, "from_primary", "from_primary value")])
+def test_a_process_that_fails_stops_its_peer_waiting_for_it(tmp_path, fail, at, what):
+    """One process of two fails (through `cli.run`, as every entrypoint) before the point where
+    its peer waits for it, a barrier or process 0's `from_primary` work. The peer stops at once
+    with `PeerFailed` naming the error, instead of waiting out its 300 s timeout and reporting
+    only a missed deadline; both exit, each with its own error."""
+    timeout_s = 300
+    procs = _start_on_two_processes([FAIL_WORKER, f"--fail={fail}", f"--at={at}",
+                                     f"--timeout_s={timeout_s}"], tmp_path, "fail")
+    deadline = time.monotonic() + timeout_s / 2
+    while any(p.poll() is None for p, _ in procs.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    waiting = [n for n, (p, _) in procs.items() if p.poll() is None]
+    for p, _ in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    logs = {n: log.read_text() for n, (_, log) in procs.items()}
+    assert not waiting, f"{waiting} still waiting after {timeout_s / 2:.0f} s:\n{logs}"
+    failing, peer = f"process {fail}", f"process {1 - fail}"
+    message = f"process {fail} fails before the {at}"
+    error = f"ValueError: {message}"
+    assert procs[failing][0].returncode == 2, logs[failing][-3000:]
+    assert f"error (ValueError): {message}" in logs[failing], logs[failing][-3000:]
+    assert procs[peer][0].returncode == 1, logs[peer][-3000:]
+    assert f"PeerFailed: {what}: process {fail} failed ({error})" in logs[peer], logs[peer][-3000:]
+    assert "passed the meeting point" not in logs[peer]
+
+
+@pytest.mark.slow
+def test_a_barrier_that_times_out_names_the_missing_process(tmp_path):
+    """Process 1 comes 20 s late to a barrier process 0 waits at for 3 s: process 0's TimeoutError
+    names process 1, and process 1, arriving, stops at once on process 0's failure."""
+    procs = _start_on_two_processes([FAIL_WORKER, "--fail=1", "--at=barrier", "--late_s=20",
+                                     "--timeout_s=3"], tmp_path, "late")
+    for p, _ in procs.values():
+        p.wait(timeout=WORKER_TIMEOUT_S)
+    logs = [log.read_text() for _, log in procs.values()]
+    timeout = "TimeoutError: barrier meet: not done after 3 s: process(es) [1] did not arrive"
+    assert procs["process 0"][0].returncode == 1 and timeout in logs[0], logs[0][-3000:]
+    assert procs["process 1"][0].returncode == 1, logs[1][-3000:]
+    assert f"PeerFailed: barrier meet: process 0 failed ({timeout})" in logs[1], logs[1][-3000:]
 
 
 @pytest.mark.slow

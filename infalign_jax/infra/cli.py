@@ -194,13 +194,17 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
     """`app.run(main)`, with bad input reported as one line on stderr and exit status 2 instead of
     a long traceback (`--verbosity=1` keeps the traceback): config keys that do not exist
     (`parse_flags`), overrides the run would not read (`refuse_unused_flags`), bad values, data
-    files and work dirs (`INPUT_ERRORS`)."""
+    files and work dirs (`INPUT_ERRORS`). Any error is first reported to the other processes of a
+    multi-process job (`distributed.report_failure`), which stop waiting for this one."""
     def guarded(argv: Sequence[str]) -> Any:
         try:
             refuse_unused_flags()
             return main(argv)
-        except INPUT_ERRORS as e:
-            if flags.FLAGS["verbosity"].present:
+        except BaseException as e:
+            # on several processes, peers waiting for this one stop at once, naming the error
+            if not (isinstance(e, SystemExit) and e.code in (0, None)):
+                distributed.report_failure(e)
+            if not isinstance(e, INPUT_ERRORS) or flags.FLAGS["verbosity"].present:
                 raise
             print(f"error ({type(e).__name__}): {e}\n(run with --verbosity=1 for the traceback)",
                   file=sys.stderr, flush=True)

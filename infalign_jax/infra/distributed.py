@@ -11,7 +11,9 @@ unchanged code:
   defers to `jax.distributed.initialize()`'s cluster detection (Cloud TPU pods, SLURM, Open MPI).
 * `is_primary`: process 0, the one that logs and writes host-side files (Orbax coordinates its
   own multi-host writes: every process calls `save`). `barrier`: all processes meet, without a
-  device computation (see its docstring for why that matters on CPU).
+  device computation (see its docstring for why that matters on CPU). `report_failure`: a
+  process's error, so that peers waiting for it in `barrier` or `from_primary` raise
+  `PeerFailed` naming it at once (every entrypoint reports through `cli.run`).
 * `process_shard` / `host_local_batch`: which rows of a global batch, prompt set or reference
   table this process feeds to `sharding.shard_batch` (`jax.make_array_from_process_local_data`).
 * `global_from_host`: a global array from a host value every process holds identically (reward or
@@ -38,6 +40,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -179,18 +182,79 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+FAILED = "infalign_failed/"   # key-value directory: process index -> its error, once it fails
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the job failed while this one waited for it."""
+
+
+def report_failure(error: BaseException) -> None:
+    """Records this process's failure in the coordination service, so that every peer waiting
+    in `barrier` or `from_primary` raises `PeerFailed` naming it at once instead of waiting out
+    the timeout (`cli.run` calls it for any error of an entrypoint). A no-op on one process or
+    before `jax.distributed` starts; never raises (it runs while an error propagates)."""
+    state = jax_distributed.global_state
+    if state.client is None or (state.num_processes or 1) == 1:
+        return
+    try:
+        state.client.key_value_set(f"{FAILED}{state.process_id}", _first_line(error),
+                                   allow_overwrite=True)
+    except Exception as e:  # the service may be gone already; the original error goes on
+        logger.warning("could not report this process's failure to its peers: %s", e)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"
+
+
+def _wait(what: str, timeout_s: float, ready: Callable[[], bool]) -> None:
+    """Polls `ready()` until it holds; raises `PeerFailed` as soon as any process has reported a
+    failure (`report_failure`; checked first: a peer that met this point and then gave up, e.g. at
+    its timeout, is not met), and TimeoutError after `timeout_s`."""
+    client, start, pause = _client(), time.monotonic(), 0.005
+    while True:
+        failed = sorted(client.key_value_dir_get(FAILED))
+        if failed:
+            key, error = failed[0]
+            raise PeerFailed(f"{what}: process {key.rsplit('/', 1)[-1]} failed ({error})")
+        if ready():
+            return
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what}: not done after {timeout_s:g} s")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.25)
+
+
 def barrier(name: str, timeout_s: float = 600.0) -> None:
     """Waits until every process reaches `barrier(name)`; a no-op on one process.
 
-    Uses the coordination service (no device computation), so it can sit right after an
-    expensive compilation: gloo waits only ~30 s (fixed in XLA, not configurable from jax 0.10)
-    for peers to join a new communicator, and processes that compile at different speeds (a
-    busy host) would otherwise fail the first collective with "Gloo context initialization
-    failed: DEADLINE_EXCEEDED". `name` must be unique per barrier and equal on all processes.
+    Meets through the coordination service's key-value store (no device computation), so it can
+    sit right after an expensive compilation: gloo waits only ~30 s (fixed in XLA, not
+    configurable from jax 0.10) for peers to join a new communicator, and processes that compile
+    at different speeds (a busy host) would otherwise fail the first collective with "Gloo context
+    initialization failed: DEADLINE_EXCEEDED". A peer that fails first (`report_failure`) ends the
+    wait at once with `PeerFailed` naming its error; a peer that never comes, with TimeoutError
+    naming the missing processes after `timeout_s`. `name` must be unique per barrier and equal
+    on all processes (`numbered`).
     """
-    if jax.process_count() == 1:
+    count = jax.process_count()
+    if count == 1:
         return
-    _client().wait_at_barrier(f"infalign_{name}", timeout_in_ms=int(timeout_s * 1000))
+    client, where = _client(), f"infalign_barrier/{name}/"
+    client.key_value_set(f"{where}{jax.process_index()}", "1")
+    arrived: list[str] = []
+
+    def everyone() -> bool:
+        arrived[:] = [k.rsplit("/", 1)[-1] for k, _ in client.key_value_dir_get(where)]
+        return len(arrived) >= count
+
+    try:
+        _wait(f"barrier {name}", timeout_s, everyone)
+    except TimeoutError as e:
+        missing = sorted(set(range(count)) - {int(i) for i in arrived})
+        raise TimeoutError(f"{e}: process(es) {missing} did not arrive") from None
 
 
 def from_primary(name: str, fn: Callable[[], Any], timeout_s: float = 600.0) -> Any:
@@ -198,20 +262,27 @@ def from_primary(name: str, fn: Callable[[], Any], timeout_s: float = 600.0) -> 
     result, which must be JSON (it travels through the coordination service's key-value store).
     The others wait for it (up to `timeout_s`), so on return the work is done; if `fn` raises,
     process 0 raises it and the others raise a RuntimeError naming it, without waiting out the
-    timeout. `name` must be unique per call and equal on all processes (`numbered`)."""
+    timeout, as they do (`PeerFailed`) when any process fails first. `name` must be unique per
+    call and equal on all processes (`numbered`)."""
     if jax.process_count() == 1:
         return fn()
-    key = f"infalign_from_primary/{name}"
+    where = f"infalign_from_primary/{name}/"
     if is_primary():
         try:
             value = fn()
         except BaseException as e:
-            _client().key_value_set(key, json.dumps(
-                {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+            _client().key_value_set(f"{where}result", json.dumps({"error": _first_line(e)}))
             raise
-        _client().key_value_set(key, json.dumps({"value": value}))
+        _client().key_value_set(f"{where}result", json.dumps({"value": value}))
         return value
-    got = json.loads(_client().blocking_key_value_get(key, int(timeout_s * 1000)))
+    result: list[str] = []
+
+    def posted() -> bool:
+        result[:] = [v for _, v in _client().key_value_dir_get(where)]
+        return bool(result)
+
+    _wait(f"from_primary {name}", timeout_s, posted)
+    got = json.loads(result[0])
     if "error" in got:
         raise RuntimeError(f"{name}: process 0 failed ({got['error']})")
     return got["value"]
