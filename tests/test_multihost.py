@@ -381,15 +381,16 @@ def _command_on_two_processes(args: list, tmp_path: Path, name: str) -> None:
     _wait_all(_start_on_two_processes(args, tmp_path, name), WORKER_TIMEOUT_S)
 
 
-def _start_on_two_processes(args: list, tmp_path: Path, name: str
+def _start_on_two_processes(args: list, tmp_path: Path, name: str, **extra_env: str
                             ) -> dict[str, tuple[subprocess.Popen, Path]]:
-    """`_command_on_two_processes`' two processes, started and not waited for."""
+    """`_command_on_two_processes`' two processes (with `extra_env` in their environment),
+    started and not waited for."""
     port = _free_port()
     procs = {}
     for i in range(2):
         env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
                    INFALIGN_JAX_CACHE="off", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), **extra_env)
         log = tmp_path / f"{name}{i}.log"
         with open(log, "w") as f:
             procs[f"process {i}"] = (subprocess.Popen(
@@ -433,18 +434,50 @@ def test_a_process_that_fails_stops_its_peer_waiting_for_it(tmp_path, fail, at, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fail", [1, 0])
+def test_a_process_that_fails_during_training_stops_its_peer_blocked_in_a_collective(tmp_path,
+                                                                                     fail):
+    """`experiments/train_policy.py` on two processes; one raises while building step 2's batch,
+    so its peer enters the step and blocks in its cross-process collective, which nothing in
+    Python can interrupt (without `distributed.watch_peers` it waited for ever). The peer's watch
+    names the failure and stops it with status 3 (`EXIT_PEER_FAILED`); the failing process exits
+    with its own one-line error. Process 0 failing also stops the coordination service's host."""
+    procs = _start_on_two_processes(
+        [REPO / "tests" / "_multihost_train_fail_worker.py",
+         "--config=configs/ctrl_exact.py:samples=8,steps=6", "--config.mesh.data=2",
+         "--config.train.tensorboard=false", f"--workdir={tmp_path / 'run'}"], tmp_path, "train",
+        FAIL_PROCESS=str(fail), FAIL_STEP="2")
+    try:
+        for p, _ in procs.values():
+            p.wait(timeout=WORKER_TIMEOUT_S)
+    finally:
+        for p, _ in procs.values():
+            if p.poll() is None:
+                p.kill()
+    logs = {n: log.read_text() for n, (_, log) in procs.items()}
+    failing, peer = procs[f"process {fail}"][0], procs[f"process {1 - fail}"][0]
+    error = f"process {fail} fails at step 2"
+    assert failing.returncode == 2, logs
+    assert f"error (ValueError): {error}" in logs[f"process {fail}"], logs
+    assert peer.returncode == dist.EXIT_PEER_FAILED, logs
+    assert (f"process {fail} failed (ValueError: {error}); process {1 - fail} stops"
+            in logs[f"process {1 - fail}"]), logs
+
+
+@pytest.mark.slow
 def test_a_barrier_that_times_out_names_the_missing_process(tmp_path):
-    """Process 1 comes 20 s late to a barrier process 0 waits at for 3 s: process 0's TimeoutError
-    names process 1, and process 1, arriving, stops at once on process 0's failure."""
-    procs = _start_on_two_processes([FAIL_WORKER, "--fail=1", "--at=barrier", "--late_s=20",
+    """Process 1 comes 60 s late to a barrier process 0 waits at for 3 s: process 0's TimeoutError
+    names process 1, and process 1, still on its way, is stopped by its watch of the peers."""
+    procs = _start_on_two_processes([FAIL_WORKER, "--fail=1", "--at=barrier", "--late_s=60",
                                      "--timeout_s=3"], tmp_path, "late")
     for p, _ in procs.values():
         p.wait(timeout=WORKER_TIMEOUT_S)
     logs = [log.read_text() for _, log in procs.values()]
     timeout = "TimeoutError: barrier meet: not done after 3 s: process(es) [1] did not arrive"
     assert procs["process 0"][0].returncode == 1 and timeout in logs[0], logs[0][-3000:]
-    assert procs["process 1"][0].returncode == 1, logs[1][-3000:]
-    assert f"PeerFailed: barrier meet: process 0 failed ({timeout})" in logs[1], logs[1][-3000:]
+    assert procs["process 1"][0].returncode == dist.EXIT_PEER_FAILED, logs[1][-3000:]
+    assert f"process 0 failed ({timeout}); process 1 stops" in logs[1], logs[1][-3000:]
+    assert "passed the meeting point" not in logs[1]
 
 
 @pytest.mark.slow

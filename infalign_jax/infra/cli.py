@@ -41,8 +41,9 @@ def start(argv: Sequence[str], *, processes: bool = False) -> None:
     --verbosity is given (Orbax logs every checkpoint save at INFO); the persistent compilation
     cache on (`enable_compilation_cache`); `jax.distributed` started from the environment
     (`distributed.from_env`: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) before
-    any JAX computation. An entrypoint that does not run on several processes (`processes`
-    False) refuses an environment that asks for them, naming the variables."""
+    any JAX computation, with `distributed.watch_peers` stopping this process when another one
+    fails. An entrypoint that does not run on several processes (`processes` False) refuses an
+    environment that asks for them, naming the variables."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
@@ -61,6 +62,8 @@ def start(argv: Sequence[str], *, processes: bool = False) -> None:
         import orbax.checkpoint  # noqa: F401  (defines the flag)
         flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
     distributed.initialize(cfg)
+    # a peer's failure stops this process even inside a collective that will never complete
+    distributed.watch_peers()
 
 
 def _innermost_text(err: BaseException) -> str:

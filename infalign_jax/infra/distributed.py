@@ -13,7 +13,8 @@ unchanged code:
   own multi-host writes: every process calls `save`). `barrier`: all processes meet, without a
   device computation (see its docstring for why that matters on CPU). `report_failure`: a
   process's error, so that peers waiting for it in `barrier` or `from_primary` raise
-  `PeerFailed` naming it at once (every entrypoint reports through `cli.run`).
+  `PeerFailed` naming it at once (every entrypoint reports through `cli.run`); `watch_peers`:
+  stops a process blocked in a collective with a failed peer (`cli.start` starts it).
 * `process_shard` / `host_local_batch`: which rows of a global batch, prompt set or reference
   table this process feeds to `sharding.shard_batch` (`jax.make_array_from_process_local_data`).
 * `global_from_host`: a global array from a host value every process holds identically (reward or
@@ -40,6 +41,8 @@ import itertools
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -202,6 +205,50 @@ def report_failure(error: BaseException) -> None:
                                    allow_overwrite=True)
     except Exception as e:  # the service may be gone already; the original error goes on
         logger.warning("could not report this process's failure to its peers: %s", e)
+
+
+EXIT_PEER_FAILED = 3   # the exit status of a process `watch_peers` stopped
+
+
+def watch_peers(poll_s: float = 1.0, grace_s: float = 10.0, shutdown_s: float = 30.0,
+                exit_fn: Callable[[int], Any] = os._exit) -> threading.Thread | None:
+    """Starts a daemon thread that stops this process when another one fails (`report_failure`).
+
+    A process blocked in a cross-process collective (a training step's all-reduce) waits for a
+    failed peer for ever: nothing can interrupt it from Python. The thread polls the failures
+    every `poll_s`; on one it waits `grace_s` for the main thread to stop by itself (a `barrier`
+    or `from_primary` raises `PeerFailed`), then names the failed process on stderr, shuts
+    `jax.distributed` down (waiting at most `shutdown_s`, so that the failed process's own
+    shutdown completes) and exits with `EXIT_PEER_FAILED` without unwinding the blocked thread.
+    Checkpoints stay consistent: an interrupted Orbax save leaves only a temporary directory,
+    which a resume removes. A no-op (None) on one process or before `jax.distributed` starts.
+    """
+    state = jax_distributed.global_state
+    if state.client is None or (state.num_processes or 1) == 1:
+        return None
+    me, client = str(state.process_id), state.client
+
+    def watch() -> None:
+        failed: list[tuple[str, str]] = []
+        while not failed:
+            time.sleep(poll_s)
+            try:
+                failed = sorted((k.rsplit("/", 1)[-1], v) for k, v in client.key_value_dir_get(
+                    FAILED) if k.rsplit("/", 1)[-1] != me)
+            except Exception:  # the coordination service is gone: the job is ending anyway
+                return
+        time.sleep(grace_s)
+        who, error = failed[0]
+        print(f"process {who} failed ({error}); process {me} stops (it may be blocked in a "
+              f"collective with it)", file=sys.stderr, flush=True)
+        closer = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+        closer.start()
+        closer.join(shutdown_s)
+        exit_fn(EXIT_PEER_FAILED)
+
+    thread = threading.Thread(target=watch, name="infalign-watch-peers", daemon=True)
+    thread.start()
+    return thread
 
 
 def _first_line(error: BaseException) -> str:
