@@ -102,6 +102,61 @@ def test_initialize_and_barrier_single_process_are_no_ops():
     dist.barrier("single_process")  # would raise without a client if it tried to sync
 
 
+class _KeyValueStore:
+    """The coordination client's key-value calls, in memory."""
+
+    def __init__(self):
+        self.kv: dict[str, str] = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        assert allow_overwrite or key not in self.kv, key
+        self.kv[key] = value
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+@pytest.fixture
+def two_process_client(monkeypatch):
+    """This process as process 1 of 2, with an in-memory coordination client."""
+    client = _KeyValueStore()
+    state = dist.jax_distributed.global_state
+    monkeypatch.setattr(state, "client", client)
+    monkeypatch.setattr(state, "num_processes", 2)
+    monkeypatch.setattr(state, "process_id", 1)
+    return client
+
+
+def test_report_failure_records_the_cause_and_waits_end_on_it(two_process_client):
+    kv = two_process_client.kv
+    dist.report_failure(dist.PeerFailed("barrier x: process 0 failed (OSError: disk full)"))
+    assert kv == {}   # an echo of another process's failure is not recorded
+    dist._wait("barrier y", 60, lambda: True)   # no failure: returns once ready
+    with pytest.raises(TimeoutError, match=r"barrier y: not done after 0.05 s"):
+        dist._wait("barrier y", 0.05, lambda: False)
+    dist.report_failure(OSError("disk full\nsecond line"))
+    assert kv == {"infalign_failed/1": "OSError: disk full"}
+    # a failure ends a wait before its condition is checked: a peer that came and gave up is
+    # not met
+    with pytest.raises(dist.PeerFailed, match=r"^barrier y: process 1 failed \(OSError: disk "
+                                              r"full\)$"):
+        dist._wait("barrier y", 60, lambda: True)
+
+
+def test_report_failure_is_a_no_op_on_one_process_and_never_raises(two_process_client,
+                                                                  monkeypatch):
+    monkeypatch.setattr(dist.jax_distributed.global_state, "num_processes", 1)
+    dist.report_failure(ValueError("alone"))
+    assert two_process_client.kv == {}
+    monkeypatch.setattr(dist.jax_distributed.global_state, "num_processes", 2)
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("coordination service unavailable")
+
+    monkeypatch.setattr(two_process_client, "key_value_set", unreachable)
+    dist.report_failure(ValueError("the original error goes on"))   # logged, not raised
+
+
 # -- rows per process -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,count", [(8, 2), (12, 3), (5, 1), (0, 4), (64, 8)])

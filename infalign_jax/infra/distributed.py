@@ -195,10 +195,12 @@ class PeerFailed(RuntimeError):
 def report_failure(error: BaseException) -> None:
     """Records this process's failure in the coordination service, so that every peer waiting
     in `barrier` or `from_primary` raises `PeerFailed` naming it at once instead of waiting out
-    the timeout (`cli.run` calls it for any error of an entrypoint). A no-op on one process or
-    before `jax.distributed` starts; never raises (it runs while an error propagates)."""
+    the timeout (`cli.run` calls it for any error of an entrypoint). A `PeerFailed` is not
+    recorded (the failure it names is, so peers name the cause, not its echo). A no-op on one
+    process or before `jax.distributed` starts; never raises (it runs while an error
+    propagates)."""
     state = jax_distributed.global_state
-    if state.client is None or (state.num_processes or 1) == 1:
+    if state.client is None or (state.num_processes or 1) == 1 or isinstance(error, PeerFailed):
         return
     try:
         state.client.key_value_set(f"{FAILED}{state.process_id}", _first_line(error),
