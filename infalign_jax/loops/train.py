@@ -20,7 +20,10 @@ Non-finite steps. The jitted step keeps the previous state when any metric or an
 the new state (parameters, optimiser states, critic, beta) is not finite and reports
 `skipped = 1`. With `train.nan_policy = "stop"` (default) the loop then stops with
 the step and the offending metrics named; the last checkpoint is the last good state. With
-"skip" the loop counts the skip and goes on.
+"skip" the loop counts the skip and goes on. A skipped step keeps the optimiser state whole, its
+update count included, so the learning-rate decay (`rl.decay_steps`, a function of that count)
+falls one step behind per skip, as under `optax.apply_if_finite`; the step counter, and with it
+the batch, the rollout key and the beta schedule, moves on.
 
 Outputs in the work dir: `manifest.json` (config, seeds, packages, devices, mesh, git, input hashes),
 `reference_table.npz`, `checkpoints/`, `metrics.jsonl` + `tb/` (TensorBoard) every step,
