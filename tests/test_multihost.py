@@ -103,17 +103,33 @@ def test_initialize_and_barrier_single_process_are_no_ops():
 
 
 class _KeyValueStore:
-    """The coordination client's key-value calls, in memory."""
+    """The coordination client's key-value calls, in memory (one process's view)."""
 
     def __init__(self):
         self.kv: dict[str, str] = {}
+        self.counters: dict[str, int] = {}
+        self.shut_down = False
 
     def key_value_set(self, key, value, allow_overwrite=False):
-        assert allow_overwrite or key not in self.kv, key
+        if key in self.kv and not allow_overwrite:
+            raise jax.errors.JaxRuntimeError(f"ALREADY_EXISTS: key {key} already exists.")
         self.kv[key] = value
+
+    def key_value_increment(self, key, increment):
+        self.counters[key] = self.counters.get(key, 0) + increment
+        return self.counters[key]
 
     def key_value_dir_get(self, prefix):
         return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+        if key not in self.kv:
+            time.sleep(timeout_in_ms / 1000)
+            raise jax.errors.JaxRuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out: {key}")
+        return self.kv[key]
+
+    def shutdown(self):
+        self.shut_down = True
 
 
 @pytest.fixture
@@ -124,23 +140,34 @@ def two_process_client(monkeypatch):
     monkeypatch.setattr(state, "client", client)
     monkeypatch.setattr(state, "num_processes", 2)
     monkeypatch.setattr(state, "process_id", 1)
+    monkeypatch.setattr(dist, "_EXITING", dist.threading.Event())
     return client
 
 
-def test_report_failure_records_the_cause_and_waits_end_on_it(two_process_client):
+def _as_process(monkeypatch, index):
+    monkeypatch.setattr(dist.jax_distributed.global_state, "process_id", index)
+
+
+def test_report_failure_records_the_cause_and_waits_end_on_it(two_process_client, monkeypatch):
     kv = two_process_client.kv
     dist.report_failure(dist.PeerFailed("barrier x: process 0 failed (OSError: disk full)"))
     assert kv == {}   # an echo of another process's failure is not recorded
-    dist._wait("barrier y", 60, lambda: True)   # no failure: returns once ready
-    with pytest.raises(TimeoutError, match=r"barrier y: not done after 0.05 s"):
-        dist._wait("barrier y", 0.05, lambda: False)
+    kv["ready"] = "yes"
+    assert dist._wait("barrier y", 60, "ready") == "yes"   # no failure: the key's value
+    with pytest.raises(TimeoutError, match=r"^barrier y: not done after 0.05 s$"):
+        dist._wait("barrier y", 0.05, "absent", slice_s=0.01)
     dist.report_failure(OSError("disk full\nsecond line"))
-    assert kv == {"infalign_failed/1": "OSError: disk full"}
-    # a failure ends a wait before its condition is checked: a peer that came and gave up is
-    # not met
+    assert json.loads(kv["infalign_failed/000000001"]) == {"process": 1,
+                                                           "error": "OSError: disk full"}
+    _as_process(monkeypatch, 0)
+    dist.report_failure(RuntimeError("gloo: connection reset"))   # a later failure, an echo
+    # a failure ends a wait before its key is read (a peer that came and gave up is not met),
+    # naming the first failure reported, not the lowest process
     with pytest.raises(dist.PeerFailed, match=r"^barrier y: process 1 failed \(OSError: disk "
                                               r"full\)$"):
-        dist._wait("barrier y", 60, lambda: True)
+        dist._wait("barrier y", 60, "ready")
+    assert dist._first_failure(two_process_client, other_than=1) == (
+        0, "RuntimeError: gloo: connection reset")
 
 
 def test_report_failure_is_a_no_op_on_one_process_and_never_raises(two_process_client,
@@ -153,8 +180,41 @@ def test_report_failure_is_a_no_op_on_one_process_and_never_raises(two_process_c
     def unreachable(*args, **kwargs):
         raise RuntimeError("coordination service unavailable")
 
-    monkeypatch.setattr(two_process_client, "key_value_set", unreachable)
+    monkeypatch.setattr(two_process_client, "key_value_increment", unreachable)
     dist.report_failure(ValueError("the original error goes on"))   # logged, not raised
+
+
+def test_a_reused_barrier_name_is_refused(two_process_client, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    two_process_client.kv["infalign_barrier/b/arrived/0"] = "1"   # process 0 came first
+    two_process_client.counters["infalign_barrier/b/count"] = 1
+    dist.barrier("b")   # process 1, the last, posts "done" and passes
+    assert two_process_client.kv["infalign_barrier/b/done"] == "1"
+    with pytest.raises(ValueError, match="barrier 'b' was met before"):
+        dist.barrier("b")
+
+
+def test_watch_peers_stops_this_process_on_a_peer_failure_unless_it_is_exiting(
+        two_process_client, monkeypatch, capsys):
+    exits = []
+    _as_process(monkeypatch, 0)
+    dist.report_failure(ValueError("out of memory"))    # process 0's failure ...
+    _as_process(monkeypatch, 1)
+    monkeypatch.setattr(dist, "_EXITING", dist.threading.Event())   # ... seen from process 1
+    thread = dist.watch_peers(poll_s=0.01, grace_s=0.0, exit_fn=exits.append)
+    thread.join(10)
+    assert exits == [dist.EXIT_PEER_FAILED] and two_process_client.shut_down
+    assert ("process 0 failed (ValueError: out of memory); process 1 stops"
+            in capsys.readouterr().err)
+
+    # its own failure reported, a process is on its way out: its watch leaves it alone
+    exits.clear()
+    monkeypatch.setattr(dist.jax_distributed.global_state, "client", two_process_client)
+    dist.report_failure(KeyError("its own"))
+    thread = dist.watch_peers(poll_s=0.01, grace_s=0.0, exit_fn=exits.append)
+    thread.join(10)
+    assert not thread.is_alive() and exits == []
 
 
 # -- rows per process -------------------------------------------------------------------------

@@ -71,8 +71,9 @@ def test_rl_unused_options_cover_every_option_of_a_setting():
     from infalign_jax.rl import config as rl_config
     rl = rl_config.RLConfig()
     unused = rl_config.unused_options({})  # every setting at its default
-    assert set(unused) == {"ppo_epochs", "ppo_clip", "gamma", "gae_lambda", "value_model",
-                           "value_learning_rate", "value_clip", "beta_final", "beta_steps",
+    assert set(unused) == {"ppo_epochs", "ppo_clip", "gamma", "gae_lambda", "whiten_advantages",
+                           "value_model", "value_learning_rate", "value_clip", "beta_final",
+                           "beta_steps",
                            "kl_target", "kl_horizon", "beta_anneal_factor"}
     assert rl.algorithm == "rloo" and unused["ppo_clip"].startswith("rl.algorithm='ppo'")
     used = rl_config.unused_options({"algorithm": "ppo", "advantage": "gae",

@@ -36,6 +36,7 @@ eager reduction per leaf of a sharded tree) can deadlock: put such work in one j
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import json
@@ -185,7 +186,13 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-FAILED = "infalign_failed/"   # key-value directory: process index -> its error, once it fails
+# Key-value directory of reported failures: one key per report, numbered in the order of the
+# reports (`key_value_increment`), so that peers name the first failure, the likely cause.
+FAILED = "infalign_failed/"
+_FAILURE_COUNT = "infalign_failure_count"
+# Set when this process is on its way out by itself (it reported its own error, or the
+# interpreter is exiting), so that `watch_peers` leaves it to finish.
+_EXITING = threading.Event()
 
 
 class PeerFailed(RuntimeError):
@@ -195,18 +202,31 @@ class PeerFailed(RuntimeError):
 def report_failure(error: BaseException) -> None:
     """Records this process's failure in the coordination service, so that every peer waiting
     in `barrier` or `from_primary` raises `PeerFailed` naming it at once instead of waiting out
-    the timeout (`cli.run` calls it for any error of an entrypoint). A `PeerFailed` is not
-    recorded (the failure it names is, so peers name the cause, not its echo). A no-op on one
-    process or before `jax.distributed` starts; never raises (it runs while an error
+    the timeout, and peers blocked elsewhere are stopped by `watch_peers` (`cli.run` calls it
+    for any error of an entrypoint). A `PeerFailed` is not recorded (the failure it names is, so
+    peers name the cause, not its echo). This process's own watch then stands down. A no-op on
+    one process or before `jax.distributed` starts; never raises (it runs while an error
     propagates)."""
+    _EXITING.set()
     state = jax_distributed.global_state
     if state.client is None or (state.num_processes or 1) == 1 or isinstance(error, PeerFailed):
         return
     try:
-        state.client.key_value_set(f"{FAILED}{state.process_id}", _first_line(error),
-                                   allow_overwrite=True)
+        number = state.client.key_value_increment(_FAILURE_COUNT, 1)
+        state.client.key_value_set(f"{FAILED}{number:09d}", json.dumps(
+            {"process": state.process_id, "error": _first_line(error)}))
     except Exception as e:  # the service may be gone already; the original error goes on
         logger.warning("could not report this process's failure to its peers: %s", e)
+
+
+def _first_failure(client: Any, other_than: int | None = None) -> tuple[int, str] | None:
+    """(process, error) of the earliest reported failure (of a process other than
+    `other_than`), or None."""
+    for _, value in sorted(client.key_value_dir_get(FAILED)):
+        got = json.loads(value)
+        if got["process"] != other_than:
+            return got["process"], got["error"]
+    return None
 
 
 EXIT_PEER_FAILED = 3   # the exit status of a process `watch_peers` stopped
@@ -219,8 +239,9 @@ def watch_peers(poll_s: float = 1.0, grace_s: float = 10.0, shutdown_s: float = 
     A process blocked in a cross-process collective (a training step's all-reduce) waits for a
     failed peer for ever: nothing can interrupt it from Python. The thread polls the failures
     every `poll_s`; on one it waits `grace_s` for the main thread to stop by itself (a `barrier`
-    or `from_primary` raises `PeerFailed`), then names the failed process on stderr, shuts
-    `jax.distributed` down (waiting at most `shutdown_s`, so that the failed process's own
+    or `from_primary` raises `PeerFailed`). If this process is not then on its way out by itself
+    (its own error reported, or the interpreter exiting), it names the failed process on stderr,
+    shuts `jax.distributed` down (waiting at most `shutdown_s`, so that the failed process's own
     shutdown completes) and exits with `EXIT_PEER_FAILED` without unwinding the blocked thread.
     Checkpoints stay consistent: an interrupted Orbax save leaves only a temporary directory,
     which a resume removes. A no-op (None) on one process or before `jax.distributed` starts.
@@ -228,19 +249,23 @@ def watch_peers(poll_s: float = 1.0, grace_s: float = 10.0, shutdown_s: float = 
     state = jax_distributed.global_state
     if state.client is None or (state.num_processes or 1) == 1:
         return None
-    me, client = str(state.process_id), state.client
+    me, client = state.process_id, state.client
+    atexit.register(_EXITING.set)   # runs before jax's own shutdown at exit (registered earlier)
 
     def watch() -> None:
-        failed: list[tuple[str, str]] = []
-        while not failed:
+        failed = None
+        while failed is None:
             time.sleep(poll_s)
+            if _EXITING.is_set():
+                return
             try:
-                failed = sorted((k.rsplit("/", 1)[-1], v) for k, v in client.key_value_dir_get(
-                    FAILED) if k.rsplit("/", 1)[-1] != me)
+                failed = _first_failure(client, other_than=me)
             except Exception:  # the coordination service is gone: the job is ending anyway
                 return
         time.sleep(grace_s)
-        who, error = failed[0]
+        if _EXITING.is_set():
+            return
+        who, error = failed
         print(f"process {who} failed ({error}); process {me} stops (it may be blocked in a "
               f"collective with it)", file=sys.stderr, flush=True)
         closer = threading.Thread(target=jax.distributed.shutdown, daemon=True)
@@ -258,22 +283,25 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _wait(what: str, timeout_s: float, ready: Callable[[], bool]) -> None:
-    """Polls `ready()` until it holds; raises `PeerFailed` as soon as any process has reported a
-    failure (`report_failure`; checked first: a peer that met this point and then gave up, e.g. at
-    its timeout, is not met), and TimeoutError after `timeout_s`."""
-    client, start, pause = _client(), time.monotonic(), 0.005
+def _wait(what: str, timeout_s: float, key: str, slice_s: float = 1.0) -> str:
+    """The value of `key` once some process sets it, read by blocking reads of at most `slice_s`
+    each (the coordination service answers as soon as the key is set: one call per process per
+    slice, whatever the number of processes). Raises `PeerFailed` as soon as any process has
+    reported a failure (`report_failure`; checked before each read: a peer that came here and
+    then gave up, e.g. at its timeout, is not met), and TimeoutError after `timeout_s`."""
+    client, start = _client(), time.monotonic()
     while True:
-        failed = sorted(client.key_value_dir_get(FAILED))
-        if failed:
-            key, error = failed[0]
-            raise PeerFailed(f"{what}: process {key.rsplit('/', 1)[-1]} failed ({error})")
-        if ready():
-            return
-        if time.monotonic() - start > timeout_s:
+        failed = _first_failure(client)
+        if failed is not None:
+            raise PeerFailed(f"{what}: process {failed[0]} failed ({failed[1]})")
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
             raise TimeoutError(f"{what}: not done after {timeout_s:g} s")
-        time.sleep(pause)
-        pause = min(2 * pause, 0.25)
+        try:
+            return client.blocking_key_value_get(key, max(1, int(min(slice_s, left) * 1000)))
+        except jax.errors.JaxRuntimeError as e:
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
 
 
 def barrier(name: str, timeout_s: float = 600.0) -> None:
@@ -283,26 +311,31 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     sit right after an expensive compilation: gloo waits only ~30 s (fixed in XLA, not
     configurable from jax 0.10) for peers to join a new communicator, and processes that compile
     at different speeds (a busy host) would otherwise fail the first collective with "Gloo context
-    initialization failed: DEADLINE_EXCEEDED". A peer that fails first (`report_failure`) ends the
-    wait at once with `PeerFailed` naming its error; a peer that never comes, with TimeoutError
-    naming the missing processes after `timeout_s`. `name` must be unique per barrier and equal
-    on all processes (`numbered`).
+    initialization failed: DEADLINE_EXCEEDED". Each process marks its arrival and counts itself
+    in; the last to come posts "done", which the others wait for (`_wait`). A peer that fails
+    first (`report_failure`) ends the wait at once with `PeerFailed` naming its error; a peer
+    that never comes, with TimeoutError naming the missing processes after `timeout_s`. `name`
+    must be unique per barrier and equal on all processes (`numbered`); a reused name is refused.
     """
     count = jax.process_count()
     if count == 1:
         return
     client, where = _client(), f"infalign_barrier/{name}/"
-    client.key_value_set(f"{where}{jax.process_index()}", "1")
-    arrived: list[str] = []
-
-    def everyone() -> bool:
-        arrived[:] = [k.rsplit("/", 1)[-1] for k, _ in client.key_value_dir_get(where)]
-        return len(arrived) >= count
-
     try:
-        _wait(f"barrier {name}", timeout_s, everyone)
+        client.key_value_set(f"{where}arrived/{jax.process_index()}", "1")
+    except jax.errors.JaxRuntimeError as e:
+        if "ALREADY_EXISTS" in str(e):
+            raise ValueError(f"barrier {name!r} was met before: each barrier needs a name of its "
+                             f"own (distributed.numbered)") from None
+        raise
+    if client.key_value_increment(f"{where}count", 1) == count:
+        client.key_value_set(f"{where}done", "1")
+    try:
+        _wait(f"barrier {name}", timeout_s, f"{where}done")
     except TimeoutError as e:
-        missing = sorted(set(range(count)) - {int(i) for i in arrived})
+        arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in client.key_value_dir_get(
+            f"{where}arrived/")}
+        missing = sorted(set(range(count)) - arrived)
         raise TimeoutError(f"{e}: process(es) {missing} did not arrive") from None
 
 
@@ -315,23 +348,16 @@ def from_primary(name: str, fn: Callable[[], Any], timeout_s: float = 600.0) -> 
     call and equal on all processes (`numbered`)."""
     if jax.process_count() == 1:
         return fn()
-    where = f"infalign_from_primary/{name}/"
+    key = f"infalign_from_primary/{name}"
     if is_primary():
         try:
             value = fn()
         except BaseException as e:
-            _client().key_value_set(f"{where}result", json.dumps({"error": _first_line(e)}))
+            _client().key_value_set(key, json.dumps({"error": _first_line(e)}))
             raise
-        _client().key_value_set(f"{where}result", json.dumps({"value": value}))
+        _client().key_value_set(key, json.dumps({"value": value}))
         return value
-    result: list[str] = []
-
-    def posted() -> bool:
-        result[:] = [v for _, v in _client().key_value_dir_get(where)]
-        return bool(result)
-
-    _wait(f"from_primary {name}", timeout_s, posted)
-    got = json.loads(result[0])
+    got = json.loads(_wait(f"from_primary {name}", timeout_s, key))
     if "error" in got:
         raise RuntimeError(f"{name}: process 0 failed ({got['error']})")
     return got["value"]

@@ -29,8 +29,8 @@ ADVANTAGES = ("rloo", "gae")
 # Options read only under one setting: (the setting's field, its value that uses them, options).
 USED_ONLY_WITH = (
     ("algorithm", "ppo", ("ppo_epochs", "ppo_clip")),
-    ("advantage", "gae", ("gamma", "gae_lambda", "value_model", "value_learning_rate",
-                          "value_clip")),
+    ("advantage", "gae", ("gamma", "gae_lambda", "whiten_advantages", "value_model",
+                          "value_learning_rate", "value_clip")),
     ("beta_schedule", "linear", ("beta_final", "beta_steps")),
     ("beta_schedule", "adaptive", ("kl_target", "kl_horizon")),
 )
