@@ -4,7 +4,8 @@
     .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py --workdir=runs/sweep \
         --sweep=print --sweep_arg="ts=-5;5" --config.train.num_steps=200
 
-Flags on the config (--config.x=...) apply to every point; the point's overrides come last.
+Flags on the config (--config.x=...) apply to every point; the point's overrides come last. An RL
+option flag a point's config does not read is refused (a point may set its setting itself).
 Results: <workdir>/sweep_results.{csv,md}, one row per point.
 """
 
@@ -30,15 +31,18 @@ def main(argv):
     cli.start(argv)
     path = config_flags.get_config_filename(flags.FLAGS["config"])
     points = sweep.sweep_points(load_config_module(path), _ARG.value)
+    flag_keys = cli.config_overrides("config")
     if _MODE.value == "print":
+        sweep.point_configs(_CONFIG.value, points, flag_keys)   # errors before any command
         shared = [a for a in sys.argv[1:] if a.startswith("--config.")]
         print("\n".join(sweep.command_lines("experiments/train_policy.py", path, _WORKDIR.value,
                                             points, shared)))
         return
     rows = sweep.run(_CONFIG.value, points, _WORKDIR.value,
-                     lambda config, workdir: train.run(config, workdir)[1])
+                     lambda config, workdir: train.run(config, workdir)[1], flag_keys=flag_keys)
     print(sweep.markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    # --config.* flags apply to every point and are checked against each point's config
+    cli.run(main, overrides_checked_by_main=("config",))

@@ -111,6 +111,14 @@ def test_sweep_print_mode_lists_one_command_per_point(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all("--config.train.num_steps=7" in line for line in lines)
     assert "--config.transform.t=-5.0" in lines[0] and "--config.transform.t=5.0" in lines[1]
+    # a flag no point's config reads is refused before any command is printed
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+                          "--config=configs/ctrl_exact.py", f"--workdir={tmp_path}",
+                          "--sweep=print", "--config.rl.ppo_clip=0.1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and not bad.stdout.strip(), bad.stdout + bad.stderr
+    assert "--config.rl.ppo_clip is not used by this run" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow

@@ -67,6 +67,24 @@ def test_apply_overrides_refuses_an_rl_option_the_run_does_not_read(option, valu
         assert sweep.apply_overrides(base, overrides).rl[option[3:]] == value
 
 
+def test_a_flag_is_checked_against_each_points_config():
+    """A --config flag applies to every point; a point may set the setting that reads it."""
+    base = sweep.apply_overrides(_base(), {"rl.beta_schedule": "constant"})
+    base.unlock()
+    base.rl.kl_horizon = 50.0   # as --config.rl.kl_horizon=50 would
+    base.lock()
+    adaptive = [{"rl.beta_schedule": "adaptive", "rl.kl_target": 0.5, "transform.t": t}
+                for t in (1.0, 2.0)]
+    cfgs = sweep.point_configs(base, adaptive, flag_keys=["rl.kl_horizon"])
+    assert [c.rl.kl_horizon for c in cfgs] == [50.0, 50.0]
+    with pytest.raises(ValueError, match=r"^--config.rl.kl_horizon is not used by this run: it is "
+                                         r"read only with rl.beta_schedule='adaptive'"):
+        sweep.point_configs(base, [adaptive[0], {"transform.t": 3.0}], flag_keys=["rl.kl_horizon"])
+    with pytest.raises(ValueError, match=r"^--config.rl.kl_horizon is not used"):
+        sweep.run(base, [{"transform.t": 3.0}], "unused-dir", runner=None, log=lambda s: None,
+                  flag_keys=["rl.kl_horizon"])
+
+
 def test_rl_unused_options_cover_every_option_of_a_setting():
     from infalign_jax.rl import config as rl_config
     rl = rl_config.RLConfig()

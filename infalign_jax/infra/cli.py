@@ -182,26 +182,34 @@ def parse_flags(argv: Sequence[str]) -> Any:
         _key_error_exit(argv, e)
 
 
-def refuse_unused_flags() -> None:
+def config_overrides(name: str) -> list[str]:
+    """The keys ``--<name>.<key>=...`` flags set on config flag `name`."""
+    return list(getattr(flags.FLAGS[name], "override_values", None) or ())
+
+
+def refuse_unused_flags(skip: Sequence[str] = ()) -> None:
     """Refuses a ``--config.rl.<option>`` flag the resolved config does not read (e.g.
     ``--config.rl.ppo_clip=0.1`` while ``rl.algorithm`` is 'rloo'), naming the setting that would
-    read it (`config_utils.refuse_unused_overrides`)."""
+    read it (`config_utils.refuse_unused_overrides`). Config flags in `skip` are left to the
+    entrypoint (a sweep checks them against each point's config)."""
     for name in list(flags.FLAGS):
         flag = flags.FLAGS[name]
         keys = getattr(flag, "override_values", None)
-        if keys and flag.value is not None:
+        if keys and flag.value is not None and name not in skip:
             refuse_unused_overrides(flag.value, keys, f"--{name}.")
 
 
-def run(main: Callable[[Sequence[str]], Any]) -> None:
+def run(main: Callable[[Sequence[str]], Any], *, overrides_checked_by_main: Sequence[str] = ()
+        ) -> None:
     """`app.run(main)`, with bad input reported as one line on stderr and exit status 2 instead of
     a long traceback (`--verbosity=1` keeps the traceback): config keys that do not exist
     (`parse_flags`), overrides the run would not read (`refuse_unused_flags`), bad values, data
     files and work dirs (`INPUT_ERRORS`). Any error is first reported to the other processes of a
-    multi-process job (`distributed.report_failure`), which stop waiting for this one."""
+    multi-process job (`distributed.report_failure`), which stop waiting for this one.
+    `overrides_checked_by_main`: config flags whose overrides `main` checks itself."""
     def guarded(argv: Sequence[str]) -> Any:
         try:
-            refuse_unused_flags()
+            refuse_unused_flags(skip=overrides_checked_by_main)
             return main(argv)
         except BaseException as e:
             # on several processes, peers waiting for this one stop at once, naming the error

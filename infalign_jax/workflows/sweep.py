@@ -14,7 +14,7 @@ import csv
 import json
 import os
 import shlex
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 from infalign_jax.loops.skeleton import config_record
@@ -76,12 +76,26 @@ def command_lines(entrypoint: str, config_path: str, workdir: str,
     return lines
 
 
+def point_configs(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
+                  flag_keys: Iterable[str] = ()) -> list[ml_collections.ConfigDict]:
+    """Each point's config (`apply_overrides`), all errors before any training. `flag_keys`:
+    the keys the command line set on `config` for every point (``--config.<key>``), refused when
+    a point's config does not read them (`config_utils.refuse_unused_overrides`): checked per
+    point, since a point may set the option's setting (``rl.beta_schedule``) itself."""
+    configs = [apply_overrides(config, p) for p in points]
+    for cfg in configs:
+        refuse_unused_overrides(cfg, flag_keys, "--config.")
+    return configs
+
+
 def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
         workdir: str, runner: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Runs every point (skipping finished ones); returns one flat row per point."""
+        log: Callable[[str], None] = print, flag_keys: Iterable[str] = ()
+        ) -> list[dict[str, Any]]:
+    """Runs every point (skipping finished ones); returns one flat row per point. `flag_keys`:
+    see `point_configs`."""
     rows = []
-    configs = [apply_overrides(config, p) for p in points]  # all errors before any training
+    configs = point_configs(config, points, flag_keys)  # all errors before any training
     for i, (p, cfg) in enumerate(zip(points, configs)):
         run_dir = os.path.join(workdir, point_name(p))
         summary_path = os.path.join(run_dir, "summary.json")
