@@ -517,6 +517,20 @@ def _start_on_two_processes(args: list, tmp_path: Path, name: str, **extra_env: 
 FAIL_WORKER = REPO / "tests" / "_multihost_fail_worker.py"
 
 
+def _finish(procs: dict[str, tuple[subprocess.Popen, Path]], timeout_s: float
+            ) -> tuple[list[str], dict[str, str]]:
+    """Waits up to `timeout_s` for every process, whatever its exit status; kills those still
+    running. Returns their names and every process's log."""
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p, _ in procs.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    waiting = [n for n, (p, _) in procs.items() if p.poll() is None]
+    for name in waiting:
+        procs[name][0].kill()
+        procs[name][0].wait()
+    return waiting, {n: log.read_text() for n, (_, log) in procs.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fail,at,what", [(1, "barrier", "barrier meet"),
                                           (0, "from_primary", "from_primary value")])
@@ -528,15 +542,7 @@ def test_a_process_that_fails_stops_its_peer_waiting_for_it(tmp_path, fail, at, 
     timeout_s = 300
     procs = _start_on_two_processes([FAIL_WORKER, f"--fail={fail}", f"--at={at}",
                                      f"--timeout_s={timeout_s}"], tmp_path, "fail")
-    deadline = time.monotonic() + timeout_s / 2
-    while any(p.poll() is None for p, _ in procs.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    waiting = [n for n, (p, _) in procs.items() if p.poll() is None]
-    for p, _ in procs.values():
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    logs = {n: log.read_text() for n, (_, log) in procs.items()}
+    waiting, logs = _finish(procs, timeout_s / 2)
     assert not waiting, f"{waiting} still waiting after {timeout_s / 2:.0f} s:\n{logs}"
     failing, peer = f"process {fail}", f"process {1 - fail}"
     message = f"process {fail} fails before the {at}"
@@ -562,14 +568,8 @@ def test_a_process_that_fails_during_training_stops_its_peer_blocked_in_a_collec
          "--config=configs/ctrl_exact.py:samples=8,steps=6", "--config.mesh.data=2",
          "--config.train.tensorboard=false", f"--workdir={tmp_path / 'run'}"], tmp_path, "train",
         FAIL_PROCESS=str(fail), FAIL_STEP="2")
-    try:
-        for p, _ in procs.values():
-            p.wait(timeout=WORKER_TIMEOUT_S)
-    finally:
-        for p, _ in procs.values():
-            if p.poll() is None:
-                p.kill()
-    logs = {n: log.read_text() for n, (_, log) in procs.items()}
+    waiting, logs = _finish(procs, WORKER_TIMEOUT_S)
+    assert not waiting, logs
     failing, peer = procs[f"process {fail}"][0], procs[f"process {1 - fail}"][0]
     error = f"process {fail} fails at step 2"
     assert failing.returncode == 2, logs
@@ -585,9 +585,9 @@ def test_a_barrier_that_times_out_names_the_missing_process(tmp_path):
     names process 1, and process 1, still on its way, is stopped by its watch of the peers."""
     procs = _start_on_two_processes([FAIL_WORKER, "--fail=1", "--at=barrier", "--late_s=60",
                                      "--timeout_s=3"], tmp_path, "late")
-    for p, _ in procs.values():
-        p.wait(timeout=WORKER_TIMEOUT_S)
-    logs = [log.read_text() for _, log in procs.values()]
+    waiting, by_name = _finish(procs, WORKER_TIMEOUT_S)
+    assert not waiting, by_name
+    logs = [by_name["process 0"], by_name["process 1"]]
     timeout = "TimeoutError: barrier meet: not done after 3 s: process(es) [1] did not arrive"
     assert procs["process 0"][0].returncode == 1 and timeout in logs[0], logs[0][-3000:]
     assert procs["process 1"][0].returncode == dist.EXIT_PEER_FAILED, logs[1][-3000:]

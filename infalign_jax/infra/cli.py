@@ -193,10 +193,9 @@ def refuse_unused_flags(skip: Sequence[str] = ()) -> None:
     read it (`config_utils.refuse_unused_overrides`). Config flags in `skip` are left to the
     entrypoint (a sweep checks them against each point's config)."""
     for name in list(flags.FLAGS):
-        flag = flags.FLAGS[name]
-        keys = getattr(flag, "override_values", None)
-        if keys and flag.value is not None and name not in skip:
-            refuse_unused_overrides(flag.value, keys, f"--{name}.")
+        keys = config_overrides(name)
+        if keys and flags.FLAGS[name].value is not None and name not in skip:
+            refuse_unused_overrides(flags.FLAGS[name].value, keys, f"--{name}.")
 
 
 def run(main: Callable[[Sequence[str]], Any], *, overrides_checked_by_main: Sequence[str] = ()

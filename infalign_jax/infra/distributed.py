@@ -208,15 +208,22 @@ def report_failure(error: BaseException) -> None:
     one process or before `jax.distributed` starts; never raises (it runs while an error
     propagates)."""
     _EXITING.set()
-    state = jax_distributed.global_state
-    if state.client is None or (state.num_processes or 1) == 1 or isinstance(error, PeerFailed):
+    client = _job_client()
+    if client is None or isinstance(error, PeerFailed):
         return
     try:
-        number = state.client.key_value_increment(_FAILURE_COUNT, 1)
-        state.client.key_value_set(f"{FAILED}{number:09d}", json.dumps(
-            {"process": state.process_id, "error": _first_line(error)}))
+        number = client.key_value_increment(_FAILURE_COUNT, 1)
+        client.key_value_set(f"{FAILED}{number:09d}", json.dumps(
+            {"process": jax_distributed.global_state.process_id, "error": _first_line(error)}))
     except Exception as e:  # the service may be gone already; the original error goes on
         logger.warning("could not report this process's failure to its peers: %s", e)
+
+
+def _job_client() -> Any:
+    """The coordination client of a job of several processes; None on one process or before
+    `jax.distributed` starts (without starting a backend, unlike `jax.process_count`)."""
+    state = jax_distributed.global_state
+    return None if (state.num_processes or 1) == 1 else state.client
 
 
 def _first_failure(client: Any, other_than: int | None = None) -> tuple[int, str] | None:
@@ -246,10 +253,10 @@ def watch_peers(poll_s: float = 1.0, grace_s: float = 10.0, shutdown_s: float = 
     Checkpoints stay consistent: an interrupted Orbax save leaves only a temporary directory,
     which a resume removes. A no-op (None) on one process or before `jax.distributed` starts.
     """
-    state = jax_distributed.global_state
-    if state.client is None or (state.num_processes or 1) == 1:
+    client = _job_client()
+    if client is None:
         return None
-    me, client = state.process_id, state.client
+    me = jax_distributed.global_state.process_id
     atexit.register(_EXITING.set)   # runs before jax's own shutdown at exit (registered earlier)
 
     def watch() -> None:
