@@ -85,6 +85,36 @@ def test_a_flag_is_checked_against_each_points_config():
                   flag_keys=["rl.kl_horizon"])
 
 
+def test_bonbon_refuses_rl_overrides_it_does_not_read():
+    """method="bonbon" reads only rl.max_new_tokens / learning_rate / decay_steps /
+    shared_prompt / lora / beta (test_train.py checks that the others change nothing)."""
+    bonbon = sweep.apply_overrides(_base(), {"method": "bonbon"})
+    with pytest.raises(ValueError, match=r"sweep override rl.max_grad_norm is not used by this "
+                                         r"run: it is read only with method='ctrl' \(this config "
+                                         r"has 'bonbon'; BoNBoN's own is bonbon.max_grad_norm\)"):
+        sweep.apply_overrides(bonbon, {"rl.max_grad_norm": 1.0})
+    # unread for two reasons: both are named
+    with pytest.raises(ValueError, match=r"read only with rl.algorithm='ppo' \(this config has "
+                                         r"'rloo'\) and method='ctrl' .*; set those too"):
+        sweep.apply_overrides(bonbon, {"rl.ppo_clip": 0.1})
+    for option, value in (("rl.learning_rate", 1e-2), ("rl.max_new_tokens", 3),
+                          ("rl.decay_steps", 5), ("rl.shared_prompt", True), ("rl.beta", 2.0),
+                          ("rl.lora.rank", 2), ("bonbon.max_grad_norm", 1.0)):
+        assert sweep.apply_overrides(bonbon, {option: value}) is not None
+    # the same override is read under CTRL, and under BoNBoN set after the method is switched
+    assert sweep.apply_overrides(_base(), {"rl.max_grad_norm": 1.0}).rl.max_grad_norm == 1.0
+    assert sweep.apply_overrides(bonbon, {"method": "ctrl", "rl.max_grad_norm": 1.0}
+                                 ).method == "ctrl"
+
+
+def test_an_override_inside_an_unread_option_is_refused_with_it():
+    from infalign_jax.infra.config_utils import refuse_unused_overrides
+    with pytest.raises(ValueError, match=r"^--config.rl.value_model.d_model is not used by this "
+                                         r"run: it is read only with rl.advantage='gae'"):
+        refuse_unused_overrides(_base(), ["rl.value_model.d_model"], "--config.")
+    refuse_unused_overrides(_base(), ["rl.lora.rank", "rl.beta"], "--config.")   # read: no error
+
+
 def test_rl_unused_options_cover_every_option_of_a_setting():
     from infalign_jax.rl import config as rl_config
     rl = rl_config.RLConfig()

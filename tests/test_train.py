@@ -449,6 +449,51 @@ def test_bonbon_offline_data_is_refused_at_start(tmp_path):
     assert not os.path.exists(tmp_path / "reference_table.npz")
 
 
+# Every rl option BoNBoN leaves unread, at a valid value other than ctrl_exact's.
+BONBON_UNREAD = {
+    "algorithm": "ppo", "samples_per_prompt": 3, "ppo_epochs": 1, "ppo_clip": 0.05,
+    "kl_mode": "loss", "max_grad_norm": 1e-4, "full_kl": False, "beta_schedule": "linear",
+    "beta_final": 0.5, "beta_steps": 3, "kl_target": 0.3, "kl_horizon": 50.0,
+    "beta_anneal_steps": 1, "beta_anneal_factor": 3.0, "advantage": "gae", "gamma": 0.9,
+    "gae_lambda": 0.5, "whiten_advantages": False, "value_learning_rate": 1e-2,
+    "value_clip": 0.0, "grad_accum_steps": 2,
+    "value_model": dict(vocab_size=4, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                        head_dim=8, d_ff=32, max_len=32)}
+
+
+def _bonbon(rl_changes=None):
+    c = _config(**{"train.num_steps": 2, "train.checkpoint_every": 2})
+    c.unlock()
+    c.method = "bonbon"
+    for name, value in (rl_changes or {}).items():
+        c.rl[name] = value
+    c.lock()
+    return c
+
+
+def test_bonbon_reads_none_of_the_rl_options_whose_overrides_it_refuses(tmp_path):
+    """Under method="bonbon" overrides of the rl options `bon_distillation.unused_rl_options`
+    names are refused. Set in the config itself, all of them changed at once leave the run
+    bit-identical, while a read option (rl.learning_rate) changes it."""
+    from infalign_jax.infra.config_utils import as_dict
+    from infalign_jax.rl.bon_distillation import unused_rl_options
+    assert set(unused_rl_options(as_dict(_bonbon()))) == {f"rl.{k}" for k in BONBON_UNREAD}
+
+    def trained(name, changes=None):
+        state, summary = train.run(_bonbon(changes), str(tmp_path / name), log=_quiet,
+                                   devices=ONE)
+        metrics = {k: v for k, v in summary["last_train_metrics"].items()
+                   if k not in TIMING_KEYS}
+        return _leaves(state), metrics, summary["eval"]
+
+    base, changed, lr = trained("base"), trained("changed", BONBON_UNREAD), trained(
+        "lr", {"learning_rate": 2 * _bonbon().rl.learning_rate})
+    for a, b in zip(base[0], changed[0]):
+        np.testing.assert_array_equal(a, b)
+    assert base[1:] == changed[1:]
+    assert any(not np.array_equal(a, b) for a, b in zip(base[0], lr[0]))
+
+
 def test_negative_seed_is_refused_at_start_naming_config_seed(tmp_path):
     with pytest.raises(ValueError, match=r"config.seed must be an integer >= 0, got -1"):
         train.run(_seeded(-1), str(tmp_path), log=_quiet, devices=ONE)

@@ -83,25 +83,35 @@ def section(config: Any, name: str) -> dict[str, Any]:
 
 SET_BY = "set_by"
 
-# A config section's name -> a function of its values giving the options those values leave
-# unread, each with the setting that would read it (`rl.config.unused_options` registers "rl").
-UNUSED_OPTIONS: dict[str, Callable[[Mapping[str, Any]], dict[str, str]]] = {}
+# Rules giving the options a resolved config leaves unread: each maps the config (a plain dict) to
+# {"<section>.<option>": the setting that would read it}. `rl.config` registers the RL section's
+# own switches, `rl.bon_distillation` the RL options that method="bonbon" leaves unread.
+UNUSED_OPTION_RULES: list[Callable[[Mapping[str, Any]], dict[str, str]]] = []
 
 
 def refuse_unused_overrides(config: Any, keys: Iterable[str], source: str) -> None:
-    """Refuses an override of a top-level ``<section>.<option>`` (a command-line flag, a sweep
-    point) that the resolved `config` does not read (`UNUSED_OPTIONS`), e.g. ``rl.ppo_clip`` with
-    ``rl.algorithm='rloo'``: the run would be the same as without it. A config file may set such
-    options ahead (its ``ppo_epochs`` for when the algorithm is switched); only overrides are
-    refused. `source` names them in the message ("--config.", "sweep override ")."""
+    """Refuses an override (a command-line flag, a sweep point) that the resolved `config` does
+    not read (`UNUSED_OPTION_RULES`), e.g. ``rl.ppo_clip`` with ``rl.algorithm='rloo'``: the run
+    would be the same as without it. An override inside an unread option (``rl.value_model.*``)
+    is refused with it. A config file may set such options ahead (its ``ppo_epochs`` for when
+    the algorithm is switched); only overrides are refused. `source` names them in the message
+    ("--config.", "sweep override ")."""
+    keys = list(keys)
+    if not keys:
+        return
+    values = as_dict(config)
+    readers: dict[str, list[str]] = {}
+    for rule in UNUSED_OPTION_RULES:
+        for option, reader in rule(values).items():
+            readers.setdefault(option, []).append(reader)
     for key in keys:
-        section, _, name = key.partition(".")
-        if section not in UNUSED_OPTIONS or section not in config:
-            continue
-        unused = UNUSED_OPTIONS[section](as_dict(config[section]))
-        if name in unused:
-            raise ValueError(f"{source}{key} is not used by this run: it is read only with "
-                             f"{unused[name]}; set that too, or leave {key} out")
+        parts = key.split(".")
+        for option in (".".join(parts[:i]) for i in range(2, len(parts) + 1)):
+            if option in readers:
+                raise ValueError(
+                    f"{source}{key} is not used by this run: it is read only with "
+                    f"{' and '.join(readers[option])}; set "
+                    f"{'that' if len(readers[option]) == 1 else 'those'} too, or leave {key} out")
 
 
 def config_fields(cls: type) -> list[dataclasses.Field]:

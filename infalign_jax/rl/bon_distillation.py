@@ -48,7 +48,7 @@ from infalign_jax.decoding.sampling import (Samples, SamplingConfig, flatten_sam
                                             shared_sequence_logprobs)
 from infalign_jax.core.types import DecoderFns, RewardFn
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import SET_BY
+from infalign_jax.infra.config_utils import SET_BY, UNUSED_OPTION_RULES
 from infalign_jax.models import lora
 from infalign_jax.rl.step import check_shared_prompt, path_terms_metrics
 
@@ -109,6 +109,30 @@ class BoNBoNConfig:
     def sampling(self, n: int | None = None) -> SamplingConfig:
         return SamplingConfig(n=self.n if n is None else n, max_new_tokens=self.max_new_tokens,
                               eos_id=self.eos_id, pad_id=self.pad_id)
+
+
+# The rl section's options a method="bonbon" run reads besides those above marked SET_BY
+# "rl section": the adapters' settings and the beta of the evaluation's target pi*.
+RL_OPTIONS_READ = ("lora", "beta")
+# The rl options that have a BoNBoN counterpart in the bonbon section.
+OWN_OPTIONS = {"samples_per_prompt": "bonbon.n / bonbon.monitor_samples",
+               "max_grad_norm": "bonbon.max_grad_norm",
+               "grad_accum_steps": "bonbon.grad_accum_steps", "full_kl": "bonbon.full_kl"}
+
+
+def unused_rl_options(config: Mapping[str, Any]) -> dict[str, str]:
+    """The rl options a method="bonbon" config leaves unread (none under another method)."""
+    if config.get("method") != "bonbon" or "rl" not in config:
+        return {}
+    read = {f.name for f in dataclasses.fields(BoNBoNConfig)
+            if f.metadata.get(SET_BY) == "rl section"} | set(RL_OPTIONS_READ)
+    return {f"rl.{name}": ("method='ctrl' (this config has 'bonbon'"
+                           + (f"; BoNBoN's own is {OWN_OPTIONS[name]})" if name in OWN_OPTIONS
+                              else ")"))
+            for name in config["rl"] if name not in read}
+
+
+UNUSED_OPTION_RULES.append(unused_rl_options)
 
 
 def sample_reference_responses(cfg: BoNBoNConfig, fns: DecoderFns, ref_params: Any,

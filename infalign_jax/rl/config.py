@@ -16,7 +16,7 @@ from infalign_jax import models
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.transforms import Transform, get_transform
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import (SET_BY, UNUSED_OPTIONS, as_dict, config_section,
+from infalign_jax.infra.config_utils import (SET_BY, UNUSED_OPTION_RULES, as_dict, config_section,
                                              dataclass_from)
 from infalign_jax.models.lora import LoraConfig
 
@@ -168,7 +168,9 @@ def unused_options(rl: Mapping[str, Any]) -> dict[str, str]:
 
 
 # Overrides of these options are refused where the run would not read them.
-UNUSED_OPTIONS["rl"] = unused_options
+UNUSED_OPTION_RULES.append(lambda config: {f"rl.{name}": reader for name, reader in
+                                           unused_options(config["rl"]).items()}
+                           if "rl" in config else {})
 
 
 def _step_schedule(cfg: Any, learning_rate: float) -> optax.Schedule:

@@ -176,16 +176,20 @@ CLI_CASES = [
     # an option the run would not read: PPO's clip under RLOO
     ("--config.rl.ppo_clip=0.1", "--config.rl.ppo_clip is not used by this run: it is read only "
                                  "with rl.algorithm='ppo' (this config has 'rloo')"),
+    # an RL option BoNBoN does not read (space-separated flags)
+    ("--config.method=bonbon --config.rl.max_grad_norm=1",
+     "--config.rl.max_grad_norm is not used by this run: it is read only with method='ctrl' "
+     "(this config has 'bonbon'; BoNBoN's own is bonbon.max_grad_norm)"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flag,match", CLI_CASES, ids=["unknown-key", "wrong-type", "negative",
-                                                         "unused-option"])
+                                                         "unused-option", "unused-by-bonbon"])
 def test_bad_cli_flag_exits_nonzero_naming_the_key(tmp_path, flag, match):
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "train_policy.py"),
-                           "--config=configs/ctrl_exact.py", f"--workdir={workdir}", flag],
+                           "--config=configs/ctrl_exact.py", f"--workdir={workdir}", *flag.split()],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert match in proc.stderr, proc.stderr[-2000:]
