@@ -19,6 +19,7 @@ def main(argv):
     cli.refuse_overrides(sys.argv, "config", real_comparison.KEYS_SET,
                          "the comparison sets it per run (or, for size, in --config=...:size=)")
     config = _CONFIG.value
+    real_comparison.refuse_unread_base_overrides(config, cli.config_overrides("config"))
     real_comparison.run(real_comparison.task_configs(config), config.comparison, _WORKDIR.value,
                         log=lambda s: print(s, flush=True))
 

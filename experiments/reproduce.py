@@ -29,6 +29,8 @@ def main(argv):
     cli.refuse_overrides(sys.argv, "real_config", real_comparison.KEYS_SET,
                          "the comparison sets it per run (or, for size, in "
                          "--real_config=...:size=)")
+    real_comparison.refuse_unread_base_overrides(_REAL.value, cli.config_overrides("real_config"),
+                                                 "real_config")
     reproduce.run(_CONFIG.value, _WORKDIR.value, exact_config=_EXACT.value, real_config=_REAL.value,
                   log=lambda s: print(s, flush=True))
 

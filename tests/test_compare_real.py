@@ -323,6 +323,40 @@ def test_bad_comparison_keys_are_refused_by_name(tmp_path):
         rc.task_configs(config)
 
 
+def test_base_overrides_no_trained_method_reads_are_refused():
+    """`--config.base.<key>` is checked against each trained method's run config; one method
+    reading it is enough (kl_horizon: the KL-controlled methods), none is refused."""
+    def config(**comparison):
+        c = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+            "size=smoke,tasks=helpfulness")
+        c.unlock()
+        c.comparison.update(comparison)
+        return c
+
+    every = config()
+    with pytest.raises(ValueError, match=r"^--config.base.rl.ppo_clip is not used by this run: it "
+                                         r"is read only with rl.algorithm='ppo' .*\(under every "
+                                         r"trained method of the comparison: raw, identity, exp, "
+                                         r"vbon, bonbon\)$"):
+        rc.refuse_unread_base_overrides(every, ["base.rl.ppo_clip"])
+    rc.refuse_unread_base_overrides(every, ["base.rl.kl_horizon", "base.rl.learning_rate",
+                                            "comparison.n", "base.bonbon.alpha"])
+    # BoNBoN alone (bon_ref trains nothing): the controller's horizon is read by no run
+    bonbon = config(methods="bonbon,bon_ref", kl_target=0.5)
+    with pytest.raises(ValueError, match=r"base.rl.kl_horizon is not used .* and method='ctrl' "
+                                         r".*\(under every trained method of the comparison: "
+                                         r"bonbon\)"):
+        rc.refuse_unread_base_overrides(bonbon, ["base.rl.kl_horizon"])
+    rc.refuse_unread_base_overrides(bonbon, ["base.rl.learning_rate", "base.rl.lora.rank"])
+    # vBoN setting the target itself trains at its fixed beta: no controller either
+    with pytest.raises(ValueError, match=r"read only with rl.beta_schedule='adaptive' \(this "
+                                         r"config has 'constant'\)"):
+        rc.refuse_unread_base_overrides(config(methods="vbon", kl_target=0.0),
+                                        ["base.rl.kl_horizon"], "real_config")
+    assert rc.refuse_unread_base_overrides(config(methods="vbon", kl_target=0.5),
+                                           ["base.rl.kl_horizon"]) is None
+
+
 def test_run_configs_of_every_method():
     config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
         "size=smoke,tasks=harmlessness+helpfulness")

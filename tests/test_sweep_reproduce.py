@@ -261,6 +261,12 @@ def test_reproduce_refuses_an_exact_stage_without_its_config(tmp_path):
     ("compare_real.py", "--config.base.rl.beta=0.5",
      r"--config.base.rl.beta is not used: the comparison sets it per run"),
     ("compare_real.py", "--config.size=small", r"--config.size is not used: .*:size="),
+    # an option no run of the comparison reads
+    ("compare_real.py", "--config.base.rl.ppo_clip=0.1",
+     r"--config.base.rl.ppo_clip is not used by this run: it is read only with "
+     r"rl.algorithm='ppo' .*\(under every trained method of the comparison: raw, identity"),
+    ("reproduce.py", "--real_config.base.rl.gae_lambda=0.5",
+     r"--real_config.base.rl.gae_lambda is not used by this run: .*rl.advantage='gae'"),
 ])
 def test_commands_refuse_overrides_of_keys_they_set_per_run(tmp_path, command, flag, message):
     """A key the command sets for every run was accepted, recorded, then replaced (the exact

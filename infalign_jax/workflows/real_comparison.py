@@ -216,11 +216,11 @@ KEYS_SET = ("size", "base.seed", "base.method", "base.rl.beta", "base.rl.beta_sc
             "base.rl.kl_target", "base.transform.", "base.bonbon.n")
 
 
-def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: float,
-               table: ReferenceTable | None = None) -> Any:
-    """The run config of one (method, seed): the method's overrides, the seed, and for the CTRL
-    methods other than a fixed-beta vBoN the adaptive KL controller aimed at `kl_target`,
-    started from `start_beta` (`table`: the shared reference table, needed for `raw`)."""
+def _method_config(base: Any, method: str, n: int, t: float, kl_target: float
+                   ) -> tuple[Any, dict[str, Any]]:
+    """`base` with `method`'s transform (and for BoNBoN its section) in place, and the overrides
+    still to apply: the method's own and, for a KL-controlled method, the adaptive schedule aimed
+    at `kl_target` (its start beta is `run_config`'s)."""
     procedure = real.get_real_task(base.task.name).procedure
     over = method_overrides(method, procedure, n, t)
     cfg = _set_transform(base, over)
@@ -234,11 +234,45 @@ def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: f
             cfg.bonbon = config_section(BoNBoNConfig)
         if "method" not in cfg:
             cfg.method = "ctrl"
+    if report.kl_controlled(method, kl_target):
+        rest.update({"rl.beta_schedule": "adaptive", "rl.kl_target": float(kl_target)})
+    return cfg, rest
+
+
+def run_config(base: Any, method: str, seed: int, n: int, t: float, kl_target: float,
+               table: ReferenceTable | None = None) -> Any:
+    """The run config of one (method, seed): the method's overrides, the seed, and for the CTRL
+    methods other than a fixed-beta vBoN the adaptive KL controller aimed at `kl_target`,
+    started from `start_beta` (`table`: the shared reference table, needed for `raw`)."""
+    cfg, rest = _method_config(base, method, n, t, kl_target)
     rest["seed"] = int(seed)
     if report.kl_controlled(method, kl_target):
-        rest.update({"rl.beta_schedule": "adaptive", "rl.kl_target": float(kl_target),
-                     "rl.beta": start_beta(cfg, kl_target, table)})
+        rest["rl.beta"] = start_beta(cfg, kl_target, table)
     return sweep.apply_overrides(cfg, rest)
+
+
+def refuse_unread_base_overrides(config: Any, keys: Sequence[str], flag: str = "config") -> None:
+    """Refuses a ``--<flag>.base.<key>`` override that no run of the comparison reads: each
+    trained method's run config is checked as a training run's flags are
+    (`config_utils.refuse_unused_overrides`; e.g. ``base.rl.ppo_clip`` under RLOO, or an RL option
+    BoNBoN leaves unread when BoNBoN is the only method); one method reading it is enough."""
+    from infalign_jax.infra.config_utils import refuse_unused_overrides
+    cc = parse_comparison(config.comparison)
+    methods = [m for m in cc.method_list if m in TRAINED]
+    base = task_configs(config)[0]
+    for key in (k[len("base."):] for k in keys if k.startswith("base.")):
+        errors = []
+        for method in methods:
+            cfg, rest = _method_config(base, method, cc.n, cc.t, cc.kl_target)
+            try:
+                refuse_unused_overrides(sweep.apply_overrides(cfg, rest), [key], f"--{flag}.base.")
+            except ValueError as e:
+                errors.append(str(e))
+            else:
+                break
+        if errors and len(errors) == len(methods):
+            raise ValueError(f"{errors[0]} (under every trained method of the comparison: "
+                             f"{', '.join(methods)})")
 
 
 # ------------------------------------------------------------------------------ evaluation
