@@ -46,6 +46,21 @@ def test_split_is_disjoint_by_topic_and_seeded(task):
     assert {p.id for p in other[1]} != {p.id for p in evals}
 
 
+def test_split_passes_over_excluded_prompts():
+    train, evals = prompt_sets.split("helpfulness", 20, 10, seed=1)
+    assert prompt_sets.split("helpfulness", 20, 10, seed=1,
+                             exclude=["not a prompt of the set"]) == (train, evals)
+    hit = [evals[0].text, train[0].text]
+    train2, evals2 = prompt_sets.split("helpfulness", 20, 10, seed=1, exclude=hit)
+    assert len(train2) == 20 and len(evals2) == 10
+    assert not set(hit) & {p.text for p in train2 + evals2}
+    assert [p.id for p in evals2[:9]] == [p.id for p in evals[1:]]   # the same order, one on
+    everything = [p.text for p in prompt_sets.generate("helpfulness")]
+    with pytest.raises(ValueError, match=r"has 0 training and 0 held-out-topic evaluation "
+                                         r"prompts \(leaving out the prompts the policy trained"):
+        prompt_sets.split("helpfulness", 1, 1, seed=1, exclude=everything)
+
+
 def test_too_many_prompts_refused_with_the_pool_sizes():
     with pytest.raises(ValueError, match=r"num_prompts=10000"):
         prompt_sets.split("helpfulness", 10000, 8, seed=0)

@@ -203,6 +203,52 @@ def test_prompt_split_is_seeded_disjoint_and_groups_duplicates(dirs):
         real.parse_section({"data": {"prompts": "/nonexistent.jsonl"}})
 
 
+def test_prompt_split_passes_over_excluded_prompts_in_its_order(dirs):
+    """`exclude` (a policy's training prompts) never enters either side; a split the excluded
+    texts do not reach is the split without them."""
+    plain = sources.split_prompts(dirs["prompts"], 3, 2, seed=0)
+    texts = sorted({r["prompt"] for r in dirs["rows"]})
+    unreached = [t for t in texts if t not in plain.train_texts + plain.eval_texts]
+    assert sources.split_prompts(dirs["prompts"], 3, 2, seed=0, exclude=unreached) == plain
+    hit = plain.eval_texts[:1] + plain.train_texts[-1:]
+    split = sources.split_prompts(dirs["prompts"], 3, 2, seed=0, exclude=hit)
+    assert len(split.eval_texts) == 2 and len(split.train_texts) == 3
+    assert not set(hit) & set(split.eval_texts + split.train_texts)
+    assert split.eval_texts[0] == plain.eval_texts[1]        # the next in the same order
+    with pytest.raises(ValueError, match=r"has 12 distinct prompts \(leaving out the 3 the "
+                                         r"policy trained on\); .* need 10"):
+        sources.split_prompts(dirs["prompts"], 8, 2, seed=0, exclude=texts[:3] + ["not there"])
+
+
+def test_evaluate_passes_over_a_runs_training_prompts_or_says_it_cannot_tell(dirs, tmp_path):
+    from infalign_jax.workflows import evaluate
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    task = {"name": "helpfulness", "num_prompts": 4, "eval_prompts": 2,
+            "data": {"prompts": dirs["prompts"]}}
+    (run / "manifest.json").write_text(json.dumps({"config": {"task": task}}))
+    e = load_config_module(os.path.join(ROOT, "configs", "evaluate.py")).get_config("prompts=3")
+    e.unlock()
+    e.policy.checkpoint, e.data.prompts = str(run), dirs["prompts"]
+    said = []
+    _, split, check = evaluate._held_out_split(evaluate.parse_config(e), 0, said.append)
+    trained = sources.split_prompts(dirs["prompts"], 4, 2, seed=0).train_texts
+    assert not set(split.eval_texts) & set(trained) and len(split.eval_texts) == 3
+    assert check == {"policy_training_prompts": 4, "left_out": 1}
+    assert said == [f"evaluate: passed over 1 prompts of {dirs['prompts']} that the policy's run "
+                    f"trained on (4 training prompts)"]
+    # a run whose prompt file is gone: evaluated all the same, with a warning and the reason
+    task["data"]["prompts"] = str(tmp_path / "gone.jsonl")
+    (run / "manifest.json").write_text(json.dumps({"config": {"task": task}}))
+    said.clear()
+    _, split, check = evaluate._held_out_split(evaluate.parse_config(e), 0, said.append)
+    assert len(split.eval_texts) == 3
+    assert check["policy_training_prompts"].startswith("unknown (config.task.data.prompts: no "
+                                                       "such file")
+    assert len(said) == 1 and said[0].startswith(f"evaluate: warning: cannot tell which prompts "
+                                                 f"{run} trained on")
+
+
 def test_prompts_from_preference_files(tmp_path):
     hh = tmp_path / "hh.jsonl"
     hh.write_text("".join(json.dumps({

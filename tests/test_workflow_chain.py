@@ -41,9 +41,10 @@ def test_calibrate_train_evaluate_export(dirs, tmp_path):
     assert os.path.getmtime(table_path) == mtime            # reused, not rebuilt
     assert summary["export"]["dir"] == os.path.join(run_dir, "export", "hf")
 
-    # 3. evaluate the run against its base on the file's held-out prompts
+    # 3. evaluate the run against its base on the file's held-out prompts: 3 of them, where the
+    # run held out 2 (split_seed 0 both), so the plain split would take one training prompt
     e = load_config_module(os.path.join(ROOT, "configs", "evaluate.py")).get_config(
-        "prompts=2,samples=4,max_new_tokens=5")
+        "prompts=3,samples=4,max_new_tokens=5")
     e.unlock()
     e.policy.checkpoint, e.reference.checkpoint = run_dir, dirs["policy"]
     e.reward.kind, e.reward.checkpoint = "hf", dirs["rm"]
@@ -57,7 +58,13 @@ def test_calibrate_train_evaluate_export(dirs, tmp_path):
     rows = [json.loads(x) for x in open(tmp_path / "eval" / "samples.jsonl")]
     assert {r["prompt_id"] for r in rows} and all("response" in r for r in rows)
     policy_rows = [r for r in rows if r["method"] == "policy"]
-    assert len(policy_rows) == 2 * 4
+    assert len(policy_rows) == 3 * 4
+    trained_on = sources.split_prompts(dirs["prompts"], c.task.num_prompts, c.task.eval_prompts,
+                                       seed=0).train_texts
+    assert len(trained_on) == 4 and not {r["prompt"] for r in policy_rows} & set(trained_on)
+    assert len(set(sources.split_prompts(dirs["prompts"], 0, 3, seed=0).eval_texts)
+               & set(trained_on)) == 1
+    assert results["prompts"]["held_out"] == {"policy_training_prompts": 4, "left_out": 1}
     record = json.load(open(tmp_path / "eval" / "policy.json"))
     assert record["kl"]["full_vocab"]["mean"] > 1e-4    # the trained policy is not its base
 

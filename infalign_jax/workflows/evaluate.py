@@ -7,6 +7,9 @@ Sections of the config (`configs/evaluate.py`; the dataclasses in `workflows.eva
   * `data`: `sources.PromptsConfig`; "" = the shipped prompts of `eval.task`. The file is split by
     prompt text (`data.split_seed`) into `eval.num_prompts` evaluation prompts and, when a
     controlled decoder runs, `cd.scorer_prompts` disjoint prompts to train its prefix scorer on.
+    When the policy is a real-task CTRL run, the prompts it trained on (re-split from its
+    manifest's config.task) are passed over, counted in results.json (`prompts.held_out`); a
+    run whose record cannot say (its prompt file is gone) is evaluated with a warning.
   * `eval` (`EvalConfig`): which procedures, M samples a prompt, the N grid, budget, seed.
   * `select` (`SelectConfig`): RBoN-KL / RBoN-WD betas, the uncertainty penalty k.
   * `cd` (`CDConfig`): the decoders and their prefix scorer.
@@ -42,7 +45,7 @@ import csv
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
@@ -143,17 +146,46 @@ def _load(p: sources.PolicyConfig, key: str) -> sources.Policy:
         return sources.load_policy(p)
 
 
-def _split(s: dict[str, Any], num_train: int) -> tuple[str, sources.Split]:
+def _split(s: dict[str, Any], num_train: int, exclude: Collection[str] = ()
+           ) -> tuple[str, sources.Split]:
     d, e = s["data"], s["eval"]
     if d.prompts == getattr(sources, "GENERATED", None):
         from infalign_jax.rl.tasks import prompt_sets
-        train, evals = prompt_sets.split(e.task, num_train, e.num_prompts, d.split_seed)
+        train, evals = prompt_sets.split(e.task, num_train, e.num_prompts, d.split_seed, exclude)
         return "generated", sources.Split([p.id for p in train], [p.text for p in train],
                                           [p.id for p in evals], [p.text for p in evals])
     path = d.prompts or real.get_real_task(e.task).prompts_path
     with renamed_errors(config__task__data="config.data", config__task__num_prompts="config.cd."
                   "scorer_prompts", config__task__eval_prompts="config.eval.num_prompts"):
-        return path, sources.split_prompts(path, num_train, e.num_prompts, d.split_seed, d.format)
+        return path, sources.split_prompts(path, num_train, e.num_prompts, d.split_seed, d.format,
+                                           exclude)
+
+
+def _held_out_split(s: dict[str, Any], num_train: int, say: Callable[[str], None]
+                    ) -> tuple[str, sources.Split, dict[str, Any]]:
+    """`_split` passing over the prompts the policy trained on, when it is a real-task CTRL run
+    (re-split from its manifest's config.task): the evaluation is on prompts it never saw. Also
+    what was checked, for results.json."""
+    path = s["policy"].checkpoint
+    manifest = sources.run_manifest(path) if path else ""
+    trained: list[str] = []
+    check = {"policy_training_prompts": "unknown (not a CTRL run)", "left_out": 0}
+    if manifest:
+        try:
+            trained = real.run_training_prompts(manifest)
+            check["policy_training_prompts"] = len(trained)
+        except (ValueError, OSError) as err:
+            check["policy_training_prompts"] = f"unknown ({err})"
+            say(f"evaluate: warning: cannot tell which prompts {path} trained on ({err}); the "
+                f"evaluation prompts may include some of them")
+    prompts_path, split = _split(s, num_train, trained)
+    if trained:
+        _, plain = _split(s, num_train)
+        check["left_out"] = len(set(plain.eval_texts + plain.train_texts) & set(trained))
+        if check["left_out"]:
+            say(f"evaluate: passed over {check['left_out']} prompts of {prompts_path} that the "
+                f"policy's run trained on ({len(trained)} training prompts)")
+    return prompts_path, split, check
 
 
 def _candidate_features(ref_fns, ref_params, prompt_BxP, mask_BxP, resp, rmask, m: int):
@@ -406,7 +438,8 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
     say = lambda msg: progress(f"[{time.time() - t0:6.1f}s] {msg}")
     decoders = any(p in DECODERS for p in e.procedures)
     with files.no_empty_dirs_left(workdir):
-        prompts_path, split = _split(s, s["cd"].scorer_prompts if decoders else 0)
+        prompts_path, split, held_out = _held_out_split(
+            s, s["cd"].scorer_prompts if decoders else 0, say)
         ctx = _Context(s, split)
         say(f"evaluate: {ctx.policy.source} vs pi_ref {ctx.reference.source}, judge "
             f"{ctx.judge_id}, {len(split.eval_ids)} prompts x {e.samples} samples")
@@ -434,7 +467,7 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
         results = {"rows": rows, "records": records, "scorer": scorer, "judge": ctx.judge_id,
                    "policy": ctx.policy.source, "reference": ctx.reference.source,
                    "prompts": {"source": prompts_path, "eval_ids": split.eval_ids,
-                               "scorer_train_ids": split.train_ids}}
+                               "scorer_train_ids": split.train_ids, "held_out": held_out}}
         paths["results"] = files.write_json(os.path.join(workdir, "results.json"), results)
         inputs = {"prompts": prompts_path} if os.path.isfile(prompts_path) else {}
         provenance.write_manifest(

@@ -14,7 +14,7 @@ Select it with `--config.task.data.prompts=generated` (`sources.PromptsConfig`);
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Collection, NamedTuple
 
 import numpy as np
 
@@ -235,28 +235,38 @@ def generate(task: str) -> list[Prompt]:
             for k, phrasing in enumerate(phrasings)]
 
 
-def split(task: str, num_train: int, num_eval: int, seed: int
+def split(task: str, num_train: int, num_eval: int, seed: int, exclude: Collection[str] = ()
           ) -> tuple[list[Prompt], list[Prompt]]:
     """`num_train` training and `num_eval` evaluation prompts with no topic in common.
 
     Per group, the fillers are shuffled with `seed` (numpy PCG64) and a third of them
     (`HELD_OUT`) held out: every phrasing of a held-out filler is an evaluation prompt, every
     phrasing of the others a training prompt. The two pools are then shuffled and their first
-    `num_train` / `num_eval` taken. More prompts than a pool holds are refused with its size.
+    `num_train` / `num_eval` taken, passing over texts in `exclude` (the prompts a policy under
+    evaluation trained on; a split they do not reach is unchanged). More prompts than a pool
+    holds are refused with its size.
     """
     rng = np.random.default_rng(seed)
     held: set[tuple[int, int]] = set()
     for g, (_, fillers) in enumerate(_groups(task)):
         order = rng.permutation(len(fillers))
         held.update((g, int(f)) for f in order[:int(round(HELD_OUT * len(fillers)))])
+    excluded = set(exclude)
     prompts = generate(task)
     eval_pool = [p for p in prompts if (p.group, p.filler) in held]
     train_pool = [p for p in prompts if (p.group, p.filler) not in held]
-    if num_train > len(train_pool) or num_eval > len(eval_pool):
+    sizes = [sum(p.text not in excluded for p in pool) for pool in (train_pool, eval_pool)]
+    if num_train > sizes[0] or num_eval > sizes[1]:
+        left_out = (" (leaving out the prompts the policy trained on)"
+                    if sizes != [len(train_pool), len(eval_pool)] else "")
         raise ValueError(f"config.task.data.prompts='generated': task {task!r} has "
-                         f"{len(train_pool)} training and {len(eval_pool)} held-out-topic "
-                         f"evaluation prompts; config.task.num_prompts={num_train} and "
+                         f"{sizes[0]} training and {sizes[1]} held-out-topic "
+                         f"evaluation prompts{left_out}; config.task.num_prompts={num_train} and "
                          f"config.task.eval_prompts={num_eval} asked for more")
-    train = [train_pool[i] for i in rng.permutation(len(train_pool))[:num_train]]
-    evals = [eval_pool[i] for i in rng.permutation(len(eval_pool))[:num_eval]]
+
+    def draw(pool: list[Prompt], n: int) -> list[Prompt]:
+        return [pool[i] for i in rng.permutation(len(pool)) if pool[i].text not in excluded][:n]
+
+    train = draw(train_pool, num_train)   # drawn first, as always
+    evals = draw(eval_pool, num_eval)
     return train, evals

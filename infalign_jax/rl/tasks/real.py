@@ -309,22 +309,42 @@ class PromptTextJudge:
 
 def _task_prompts(s: RealTaskConfig) -> sources.Split:
     """Training and evaluation prompts: disjoint from `data.prompts`, else the shipped ones."""
-    if s.data.prompts == sources.GENERATED:
-        train, evals = prompt_sets.split(s.name, s.num_prompts, s.eval_prompts, s.data.split_seed)
-        print(f"config.task.data.prompts=generated: {len(train)} training and {len(evals)} "
-              f"evaluation prompts of {s.name!r}, disjoint by topic (split_seed="
-              f"{s.data.split_seed})")
+    return task_split(s.name, s.num_prompts, s.eval_prompts, s.data)
+
+
+def task_split(name: str, num_prompts: int, eval_prompts: int, data: sources.PromptsConfig,
+               say: Callable[[str], None] | None = print) -> sources.Split:
+    """The training and evaluation prompts of a real task's config (`_task_prompts`); `say`
+    (None: quiet) gets where they come from."""
+    say = say or (lambda _: None)
+    if data.prompts == sources.GENERATED:
+        train, evals = prompt_sets.split(name, num_prompts, eval_prompts, data.split_seed)
+        say(f"config.task.data.prompts=generated: {len(train)} training and {len(evals)} "
+            f"evaluation prompts of {name!r}, disjoint by topic (split_seed={data.split_seed})")
         return sources.Split([p.id for p in train], [p.text for p in train],
                              [p.id for p in evals], [p.text for p in evals])
-    if s.data.prompts:
-        split = sources.split_prompts(s.data.prompts, s.num_prompts, s.eval_prompts,
-                                      s.data.split_seed, s.data.format)
-        print(f"config.task.data.prompts: {len(split.train_ids)} training and "
-              f"{len(split.eval_ids)} evaluation prompts (disjoint; split_seed="
-              f"{s.data.split_seed}) from {s.data.prompts}")
+    if data.prompts:
+        split = sources.split_prompts(data.prompts, num_prompts, eval_prompts, data.split_seed,
+                                      data.format)
+        say(f"config.task.data.prompts: {len(split.train_ids)} training and "
+            f"{len(split.eval_ids)} evaluation prompts (disjoint; split_seed={data.split_seed}) "
+            f"from {data.prompts}")
         return split
-    ids, texts = task_prompts(s.name, s.num_prompts)
-    return sources.Split(ids, texts, ids[:s.eval_prompts], texts[:s.eval_prompts])
+    ids, texts = task_prompts(name, num_prompts)
+    return sources.Split(ids, texts, ids[:eval_prompts], texts[:eval_prompts])
+
+
+def run_training_prompts(manifest_path: str) -> list[str]:
+    """The prompt texts a real-task CTRL run (its manifest.json) trained on, re-split from its
+    recorded `config.task`; a ValueError when the record cannot say (not a real-task run, or its
+    prompt file is not here)."""
+    with open(manifest_path, encoding="utf-8") as f:
+        task = (json.load(f).get("config") or {}).get("task") or {}
+    if not all(k in task for k in ("name", "num_prompts", "eval_prompts")):
+        raise ValueError(f"{manifest_path} records no real config.task")
+    data = dataclass_from(sources.PromptsConfig, dict(task.get("data") or {}), "task.data")
+    return task_split(task["name"], int(task["num_prompts"]), int(task["eval_prompts"]), data,
+                      say=None).train_texts
 
 
 class TaskInputs(NamedTuple):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, NamedTuple
+from typing import Any, Collection, NamedTuple
 
 import numpy as np
 
@@ -275,23 +275,29 @@ def read_prompt_file(path: str, format: str = "auto") -> list[tuple[str, str]]:
 
 
 def split_prompts(path: str, num_train: int, num_eval: int, seed: int,
-                  format: str = "auto") -> Split:
+                  format: str = "auto", exclude: Collection[str] = ()) -> Split:
     """`num_train` training and `num_eval` evaluation prompts of a file, disjoint by text.
 
     Identical prompt texts (under different ids, or the several pairs of one HH prompt) are one
     prompt: the distinct texts are shuffled with `seed` (numpy PCG64) and the first `num_eval` go
-    to evaluation, the next `num_train` to training; each keeps the first id it appears under. A
-    file with too few distinct prompts is refused rather than split smaller.
+    to evaluation, the next `num_train` to training; each keeps the first id it appears under.
+    Texts in `exclude` (the prompts a policy under evaluation trained on) are passed over in that
+    order, so a split they do not reach is unchanged. A file with too few distinct prompts is
+    refused rather than split smaller.
     """
     first: dict[str, str] = {}
     for pid, text in read_prompt_file(path, format):
         first.setdefault(text, pid)
     texts = list(first)
-    if len(texts) < num_train + num_eval:
-        raise ValueError(f"config.task.data.prompts: {path} has {len(texts)} distinct prompts; "
-                         f"config.task.num_prompts={num_train} + config.task.eval_prompts="
-                         f"{num_eval} need {num_train + num_eval}")
-    order = np.random.default_rng(seed).permutation(len(texts))
+    excluded = set(exclude) & set(texts)
+    if len(texts) - len(excluded) < num_train + num_eval:
+        left_out = (f" (leaving out the {len(excluded)} the policy trained on)" if excluded
+                    else "")
+        raise ValueError(f"config.task.data.prompts: {path} has {len(texts)} distinct prompts"
+                         f"{left_out}; config.task.num_prompts={num_train} + "
+                         f"config.task.eval_prompts={num_eval} need {num_train + num_eval}")
+    order = [i for i in np.random.default_rng(seed).permutation(len(texts))
+             if texts[i] not in excluded]
     ev, tr = order[:num_eval], order[num_eval:num_eval + num_train]
     return Split([first[texts[i]] for i in tr], [texts[i] for i in tr],
                  [first[texts[i]] for i in ev], [texts[i] for i in ev])
