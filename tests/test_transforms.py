@@ -64,6 +64,17 @@ def test_power_closed_form_and_log_limit():
     assert errors[0] == pytest.approx(0.1 * np.log(0.05) ** 2 / 2, rel=0.15)
 
 
+@pytest.mark.parametrize("p", [1e-3, 1e-5, 1e-6, 1e-7, -1e-6, 3e-8])
+def test_power_keeps_its_digits_and_its_order_for_small_p(p):
+    """(u^p - 1)/p in float32 lost every digit for small p (p = 1e-6: Phi(0.99) = 0, and ranks
+    tied); against float64's expm1(p log u)/p the error is float32 rounding."""
+    got = _apply("power", p=p)
+    np.testing.assert_allclose(got, np.expm1(p * np.log(U64)) / p, rtol=1e-6, atol=0)
+    assert np.all(np.diff(got) > 0)   # strictly increasing, as the calibrated ranks are
+    assert T.get_transform("power", p=p).sup_abs == pytest.approx(
+        abs(np.expm1(p * np.log(T.EPS)) / p), rel=1e-12)
+
+
 def test_smoothed_flags_mark_transforms_that_diverge_at_zero():
     assert T.get_transform("log").smoothed and T.get_transform("power", p=0.0).smoothed
     assert T.get_transform("power", p=-0.5).smoothed

@@ -119,10 +119,13 @@ def _power(p: float = 0.5, floor: float = EPS) -> Transform:
         return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)),
                          smoothed=True, sup_abs=-math.log(floor))
     # For p < 0 the transform diverges at u = 0 like log does: use the smoothed calibration.
-    at_floor = (floor ** p - 1.0) / p if p > 0 or p * math.log(floor) < 700 else math.inf
+    # expm1(p log u) / p, not (u^p - 1) / p: for small p, u^p is within a few float32 steps of 1
+    # and the subtraction would lose every digit (p = 1e-6: Phi(0.99) = 0, ties between ranks).
+    log_floor = math.log(floor)
+    at_floor = _expm1(p * log_floor) / p if p * log_floor < 700 else math.inf
     return Transform("power", {"p": p},
-                     lambda u: (jnp.power(jnp.maximum(u, floor), p) - 1.0) / p, smoothed=p < 0,
-                     sup_abs=abs(at_floor))   # at u = 0 (0 at u = 1)
+                     lambda u: jnp.expm1(p * jnp.log(jnp.maximum(u, floor))) / p,
+                     smoothed=p < 0, sup_abs=abs(at_floor))   # at u = 0 (0 at u = 1)
 
 
 def _logistic(s: float = 10.0, c: float = 0.5) -> Transform:
