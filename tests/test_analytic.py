@@ -79,6 +79,19 @@ def test_exp_with_very_negative_t_reaches_any_kl():
         assert A.win_rate_at_kl("exp", kl, "won", 8, t=-150.0) == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.parametrize("t", [-300.0, -400.0])
+def test_exp_at_the_far_end_of_best_ts_grid_reaches_kl_2(t):
+    """t = -400 needs range(Phi) / beta ~ e^346 for KL 2 (it was called unreachable, and best_t's
+    candidates there were NaN): the solved beta's tilt, recomputed in numpy, has KL 2."""
+    table = A.exp_family_table([t])
+    beta, w = A.solve_rows_at_kl(table, 2.0, "won", 8)
+    z = table[0] / beta[0]
+    logp = z - z.max() - np.log(np.sum(np.exp(z - z.max())))
+    assert np.sum(np.exp(logp) * (logp + np.log(z.size))) == pytest.approx(2.0, abs=1e-6)
+    assert 0.999 < w[0] <= 1.0
+    assert A.win_rate_at_kl("exp", 2.0, "won", 8, t=t) == pytest.approx(w[0], abs=1e-9)
+
+
 @pytest.mark.parametrize("a", [0.5, 3.0])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_power_law_bon_win_rate_independent_of_n(a, n):

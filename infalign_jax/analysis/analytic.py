@@ -55,8 +55,9 @@ Array = jax.Array
 DEFAULT_GRID = 4000
 MIN_BINS = 20
 # Bisection bracket on log(theta) for Phi normalised to a unit range.
-# The top is large because steep exp-t (t = -150) needs theta ~ exp(|t| u0) to cut below u0.
-LOG_THETA_LO, LOG_THETA_HI, BISECTION_STEPS = -20.0, 300.0, 70
+# The top is large because steep exp-t (t = -400, the far end of `best_t`'s grid) needs
+# theta ~ exp(|t| u0) to cut below u0; theta * Phi stays finite in float64 up to log theta ~709.
+LOG_THETA_LO, LOG_THETA_HI, BISECTION_STEPS = -20.0, 700.0, 72
 GAUSS_NODES = 4
 _T_OUTER = np.arange(40.0, 301.0, 10.0)
 DEFAULT_T_GRID = np.concatenate([-_T_OUTER[::-1], np.linspace(-30.0, 30.0, 61), _T_OUTER])
@@ -260,7 +261,8 @@ def solve_rows_at_kl(phi_BxM: np.ndarray, kl: float, procedure: str, n: int = 1,
     elif bad.size:
         who = names[bad[0]] if names else f"row {bad[0]}"
         raise ValueError(f"kl={kl} is unreachable by transform {who}: its KL saturates at "
-                         f"{kl_max[bad[0]]:.4g} as beta -> 0")
+                         f"{kl_max[bad[0]]:.4g} as beta -> 0 (range(Phi) / beta up to "
+                         f"e^{LOG_THETA_HI:g})")
     return beta, wins
 
 
