@@ -137,9 +137,10 @@ def whiten(x: Array, mask: Array | None = None, shift_mean: bool = True,
            eps: float = 1e-8) -> Array:
     """(x - mean) / sqrt(var + eps) with mean and (population) variance over valid entries only.
 
-    `shift_mean=False` adds the mean back (rescale only), as some PPO implementations do for
-    advantages whose sign carries information. Masked entries come out 0. Any rank; mask of the
-    same shape.
+    `shift_mean=False` adds the original mean back afterwards, (x - mean) / std + mean, TRL's
+    convention for rewards: unit spread around the old mean. It is not a rescaling of x (it does
+    not keep signs: [0.1, 0.2, 0.3] -> [-1.02, 0.2, 1.42]). Masked entries come out 0. Any
+    rank; mask of the same shape.
     """
     x = jnp.asarray(x, jnp.float32)
     mask = mask_like(mask, x, "mask")
