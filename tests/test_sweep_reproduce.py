@@ -170,6 +170,32 @@ def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
     assert len(calls) == 4
 
 
+def test_a_finished_point_whose_input_file_changed_is_not_reused(tmp_path):
+    """The manifest's input digests: a transform table rewritten behind its path sends the point
+    back to the runner (whose resume then refuses it, naming transform_table.sha256)."""
+    table = tmp_path / "phi.npz"
+    table.write_bytes(b"first table")
+    calls = []
+
+    def runner(cfg, run_dir):
+        calls.append(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps, "eval": {}, "last_train_metrics": {}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        provenance.write_manifest(run_dir, cfg, inputs={"transform_table": str(table)},
+                                  with_devices=False)
+        return summary
+
+    points = [{"transform.t": 1.0}]
+    sweep.run(_base(), points, str(tmp_path / "s"), runner, log=lambda s: None)
+    sweep.run(_base(), points, str(tmp_path / "s"), runner, log=lambda s: None)
+    assert len(calls) == 1
+    table.write_bytes(b"another table")
+    sweep.run(_base(), points, str(tmp_path / "s"), runner, log=lambda s: None)
+    assert len(calls) == 2
+
+
 def test_beta_for_kl_hits_the_budget_and_is_monotone():
     task = et.make_task(0)
     table = et.sample_reference_table(task, 256, seed=1)

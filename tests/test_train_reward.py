@@ -83,6 +83,30 @@ def test_resume_is_exact(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_resume_after_the_data_file_changed_is_refused(tmp_path):
+    """The data files are named by path: a resume after the training pairs were replaced would
+    have trained its two parts on different data (found by a review)."""
+    from infalign_jax.infra import provenance
+    from infalign_jax.loops import skeleton
+    train, ev = _write_rule_data(tmp_path, 64, 16)
+    train_reward.run(_config(train, ev, num_steps=2, checkpoint_every=2), str(tmp_path / "run"),
+                     log=lambda s: None, devices=ONE)
+    before = provenance.file_sha256(train)
+    rows = [json.loads(line) for line in open(train)]
+    write_jsonl(train, [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows])
+    with pytest.raises(ValueError, match=r"another config \(data.train_path.sha256: checkpoint "
+                                         + f"'{before}'"):
+        train_reward.run(_config(train, ev, num_steps=4, checkpoint_every=2),
+                         str(tmp_path / "run"), log=lambda s: None, devices=ONE)
+    # a record written before the digests resumes (compared without them); another path does not
+    now = skeleton.config_record(_config(train, ev))
+    old = {k: v for k, v in now.items() if not k.endswith(".sha256")}
+    assert {"data.train_path.sha256", "data.eval_path.sha256"} <= set(now)
+    skeleton.check_same_config("run", old, now)
+    with pytest.raises(ValueError, match=r"data.eval_path: checkpoint"):
+        skeleton.check_same_config("run", {**old, "data.eval_path": "other.jsonl"}, now)
+
+
 def test_ensemble_with_bootstrap_trains_members_differently(tmp_path):
     train, ev = _write_rule_data(tmp_path, 64, 16)
     state, summary = train_reward.run(

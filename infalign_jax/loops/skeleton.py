@@ -80,17 +80,26 @@ ADDED_KEYS = {"model.reward_pool": "last", "model.trunk_layers": 0}
 # The content of a file a config names by path only, recorded under this key: a run resumes (or
 # a sweep reuses a point) only with the same table behind the path.
 TABLE_DIGEST_KEY = "transform_table.sha256"
+# Data files a config names by path, recorded by content under "<key>.sha256" as well: a run
+# resumes only on the same data (a reward model's pairs, a real task's prompt file). Records
+# written before these were added lack the digests and are compared without them.
+DATA_FILE_KEYS = ("data.train_path", "data.eval_path", "task.data.prompts")
 
 
 def config_record(config: Any) -> dict[str, Any]:
     """The config as the manifest writes it (`provenance.jsonable`), flattened to
     {dotted key: value}, without the RESUMABLE_KEYS (`canonical_record`); an `optimal`
-    transform's table is recorded by its sha256 as well as its path (TABLE_DIGEST_KEY)."""
+    transform's table (TABLE_DIGEST_KEY) and the data files (DATA_FILE_KEYS) are recorded by
+    their sha256 as well as their path."""
     record = canonical_record(flat_record(config))
     path = record.get("transform.path")
     if record.get("transform.name") == "optimal" and isinstance(path, str) and path \
             and os.path.isfile(path):
         record[TABLE_DIGEST_KEY] = provenance.file_sha256(path)
+    for key in DATA_FILE_KEYS:
+        path = record.get(key)
+        if isinstance(path, str) and path and os.path.isfile(path):
+            record[f"{key}.sha256"] = provenance.file_sha256(path)
     return record
 
 
@@ -146,7 +155,10 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
                          f"older version); it cannot be checked against this config, so it is "
                          f"not resumed: use another work dir (--config.train.init_from={workdir} "
                          f"starts a fresh run from its parameters)")
-    keys = differing_keys(canonical_record(saved), now)
+    saved = canonical_record(saved)
+    now = {k: v for k, v in now.items()   # a record from before the data digests: without them
+           if not (k.removesuffix(".sha256") in DATA_FILE_KEYS and k not in saved)}
+    keys = differing_keys(saved, now)
     if keys:
         diff = describe_differences(keys, saved, now, "checkpoint", "config")
         raise ValueError(f"{workdir} holds a run of another config ({diff}); use another "

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_collections
 from infalign_jax.loops.skeleton import config_record
 from infalign_jax.infra.config_utils import refuse_unused_overrides
+from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open
 
 
@@ -108,8 +109,10 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
 
 
 def _finished(summary_path: str, cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
-    """The point's summary if its run finished *this* config's steps; else None, and the runner
-    resumes it (or refuses, naming the keys, if the work dir holds another config's run)."""
+    """The point's summary if its run finished *this* config's steps on the same input files
+    (the manifest's `inputs` digests: a transform table rewritten behind its path); else None,
+    and the runner resumes it (or refuses, naming the keys, if the work dir holds another
+    config's run)."""
     if not os.path.exists(summary_path):
         return None
     with open(summary_path) as f:
@@ -118,10 +121,14 @@ def _finished(summary_path: str, cfg: ml_collections.ConfigDict) -> dict[str, An
     if not os.path.exists(manifest_path):
         return None
     with open(manifest_path) as f:
-        ran = json.load(f).get("config")
+        manifest = json.load(f)
     if summary.get("final_step") != cfg.train.num_steps or \
-            config_record(ran) != config_record(cfg):
+            config_record(manifest.get("config")) != config_record(cfg):
         return None
+    for recorded in (manifest.get("inputs") or {}).values():
+        if os.path.isfile(recorded["path"]) and \
+                provenance.file_sha256(recorded["path"]) != recorded["sha256"]:
+            return None
     return summary
 
 
