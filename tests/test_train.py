@@ -330,6 +330,22 @@ def test_kl_budget_solves_beta_and_unconverged_runs_say_so(tmp_path):
         train.run(bonbon, str(tmp_path / "b"), log=_quiet, devices=ONE)
 
 
+def test_a_kl_budget_run_resumes_only_at_the_beta_it_solved(tmp_path):
+    """task.kl_budget's beta is solved for the last step; while the warm-up outlasts the run it
+    depends on train.num_steps, so extending such a run would train its rest at another beta
+    (found by a review: not the uninterrupted run). Refused, naming the solved beta; without a
+    warm-up in the way the same extension resumes."""
+    def config(steps, anneal):
+        return _config(**{"task.kl_budget": 0.5, "train.num_steps": steps,
+                          "train.checkpoint_every": 2, "rl.beta_anneal_steps": anneal})
+    train.run(config(2, 4), str(tmp_path / "warm"), log=_quiet, devices=ONE)
+    with pytest.raises(ValueError, match=r"another config \(derived.rl.beta: checkpoint "):
+        train.run(config(4, 4), str(tmp_path / "warm"), log=_quiet, devices=ONE)
+    train.run(config(2, 0), str(tmp_path / "plain"), log=_quiet, devices=ONE)
+    _, summary = train.run(config(4, 0), str(tmp_path / "plain"), log=_quiet, devices=ONE)
+    assert summary["resumed_from"] == 2
+
+
 def test_runs_recorded_before_shared_prompt_or_remat_resume_under_either_setting():
     """rl.shared_prompt and model.remat change how the same quantities are computed, not what
     is trained: a record without them (written before they existed) resumes under either value,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 from infalign_jax.core.transforms import is_set, known_transforms, transform_param_names
 from infalign_jax.infra import checkpointing, distributed, provenance
@@ -84,6 +84,10 @@ TABLE_DIGEST_KEY = "transform_table.sha256"
 # resumes only on the same data (a reward model's pairs, a real task's prompt file). Records
 # written before these were added lack the digests and are compared without them.
 DATA_FILE_KEYS = ("data.train_path", "data.eval_path", "task.data.prompts")
+# Values a run derives from its config and inputs (`run_loop`'s `derived`, e.g. the beta solved
+# for a KL budget, which depends on train.num_steps when a warm-up outlasts the run), recorded
+# under this prefix and compared on resume like config keys.
+DERIVED = "derived."
 
 
 def config_record(config: Any) -> dict[str, Any]:
@@ -156,8 +160,9 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
                          f"not resumed: use another work dir (--config.train.init_from={workdir} "
                          f"starts a fresh run from its parameters)")
     saved = canonical_record(saved)
-    now = {k: v for k, v in now.items()   # a record from before the data digests: without them
-           if not (k.removesuffix(".sha256") in DATA_FILE_KEYS and k not in saved)}
+    now = {k: v for k, v in now.items()   # a record from before the data digests and the derived
+           if k in saved or not (k.removesuffix(".sha256") in DATA_FILE_KEYS   # values: without
+                                 or k.startswith(DERIVED))}                    # them
     keys = differing_keys(saved, now)
     if keys:
         diff = describe_differences(keys, saved, now, "checkpoint", "config")
@@ -194,8 +199,11 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
              manifest: dict[str, Any], log: Callable[[str], None],
              progress_keys: Sequence[str],
              evaluate: Callable[[Any, int], dict[str, float]] | None = None,
-             counters: Sequence[str] = ()) -> LoopResult:
+             counters: Sequence[str] = (), derived: Mapping[str, Any] | None = None
+             ) -> LoopResult:
     """Runs steps [resumed step, num_steps) of one training run in `workdir` (see the module doc).
+    `derived`: values computed from the config that a resume must reproduce (recorded under
+    DERIVED with the config record).
 
     `state` is the fresh step-0 state (its structure and shardings are the restore target).
     Its length is the loop's order (resume, manifest, steps, checkpoints, final evaluation), the
@@ -208,6 +216,7 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
     restored = ckpt.restore_latest(checkpointing.abstract_state(state))
     start, count = 0, {name: 0 for name in counters}
     record = config_record(manifest.get("config"))
+    record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
     if restored is not None:
         try:
             if restored.meta.get("seed") != seed:

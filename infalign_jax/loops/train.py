@@ -592,7 +592,11 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                           progress_keys=("transformed_reward", "calibrated_reward", "kl_k1",
                                          "kl_full_vocab", "step_time_s"),
                           evaluate=None if task.evaluate is None else evaluate,
-                          counters=("skips",))
+                          counters=("skips",),
+                          # the solved beta depends on num_steps while a warm-up outlasts the
+                          # run: a resume with more steps would train its rest at another beta
+                          derived={"rl.beta": float(f"{cfg.beta:.10g}")} if _kl_budget(config) > 0
+                          else None)
 
     # The task's prompts reach training whole (padded to the longest, never cut); those that fit
     # no batch of an epoch are counted.
