@@ -149,6 +149,15 @@ def test_rebuild_reuses_same_inputs_and_refuses_changed_ones(tmp_path):
     assert len(tfds_source(tmp_path / "tfds", "train")) == 2   # the old build is untouched
     build_tfds(TfdsConfig({"train": path}, name="v2"), tmp_path / "tfds")
     assert len(tfds_source(tmp_path / "tfds", "train", "v2")) == 3
+    # records moved from one file of a split to the next: the same bytes end to end, but other
+    # sources and lines (the fingerprint hashed the files' bytes back to back)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, JSONL[:3]), write_jsonl(b, JSONL[3:])
+    two = TfdsConfig({"train": [a, b]}, name="moved")
+    build_tfds(two, tmp_path / "tfds")
+    write_jsonl(a, JSONL[:2]), write_jsonl(b, JSONL[2:])
+    with pytest.raises(ValueError, match="already built from other inputs"):
+        build_tfds(two, tmp_path / "tfds")
 
 
 @needs_tfds
@@ -160,8 +169,19 @@ def test_bad_records_fail_or_are_skipped_like_the_reader(tmp_path):
         build_tfds(TfdsConfig({"train": path}), tmp_path / "tfds")
     build_tfds(TfdsConfig({"train": path}, name="skipped", skip_bad=True), tmp_path / "tfds")
     got = read_tfds_examples(tmp_path / "tfds", "train", "skipped")
-    assert got == read_preferences(path, skip_bad=True)[0]
+    examples, read = read_preferences(path, skip_bad=True)
+    assert got == examples
     assert [ex.line for ex in got] == [1, 4]
+    # the report counts what reading skipped at build time, as the default path's does (it
+    # said nothing was skipped); a second file of the split adds its own
+    _, packed = tokenize_preferences(examples, TOK, TCFG)
+    _, report = load_as_packed(tmp_path / "tfds", "train", TOK, TCFG, "skipped")
+    assert report.as_dict() == read.merge(packed).as_dict()
+    assert report.total == 2 and report.kept == 2
+    more = write_jsonl(tmp_path / "more.jsonl", ["{not json", JSONL[2]])
+    build_tfds(TfdsConfig({"train": [path, more]}, name="two", skip_bad=True), tmp_path / "tfds")
+    _, report = load_as_packed(tmp_path / "tfds", "train", TOK, TCFG, "two")
+    assert report.as_dict()["read"] == 6 and report.kept == 3 and report.total == 3
 
 
 @needs_tfds

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from infalign_jax.infra import files
 from infalign_jax.data.readers import FORMATS, PreferenceExample, SkipReport, read_preferences
 from infalign_jax.data.tokenize import PackedPairs, TokenizeConfig, tokenize_preferences
 
@@ -87,14 +88,18 @@ class TfdsConfig:
 
 
 def _fingerprint(cfg: TfdsConfig) -> str:
-    """Hash of the reading options and every input file's bytes (a stale build is refused)."""
+    """Hash of the reading options and of each input file's bytes, file by file (split, path,
+    sha256), so records moved from one file of a split to the next change it too (their source
+    and line do); a stale build is refused."""
     h = hashlib.sha256(json.dumps([cfg.format, cfg.skip_bad, cfg.files], sort_keys=True).encode())
     for split in sorted(cfg.files):
         for path in cfg.files[split]:
             if os.path.isfile(path):   # a missing file fails in read_preferences with its name
+                digest = hashlib.sha256()
                 with open(path, "rb") as f:
                     for block in iter(functools.partial(f.read, 1 << 20), b""):
-                        h.update(block)
+                        digest.update(block)
+                h.update(json.dumps([split, path, digest.hexdigest()]).encode())
     return h.hexdigest()
 
 
@@ -118,6 +123,7 @@ def _builder_class() -> type:
 
         def __init__(self, *, cfg: TfdsConfig | None = None, **kwargs):
             self._cfg = cfg
+            self.read_reports: dict[str, dict[str, Any]] = {}   # per split, when generated
             if cfg is not None:
                 kwargs["config"] = tfds.core.BuilderConfig(
                     name=cfg.name, description=_FINGERPRINT + _fingerprint(cfg))
@@ -136,16 +142,18 @@ def _builder_class() -> type:
             del dl_manager   # local files only: nothing is downloaded
             if self._cfg is None:
                 raise ValueError(f"{DATASET_NAME}: building needs a TfdsConfig naming the files")
-            return {split: self._generate_examples(paths)
+            return {split: self._generate_examples(split, paths)
                     for split, paths in self._cfg.files.items()}
 
-        def _generate_examples(self, paths):
+        def _generate_examples(self, split, paths):
             key = 0
             for path in paths:
                 examples, report = read_preferences(path, self._cfg.format,
                                                     skip_bad=self._cfg.skip_bad)
                 if report.total:
                     logging.warning("%s: %s: %s", DATASET_NAME, path, report.summary())
+                self.read_reports[split] = _add_reports(self.read_reports.get(split),
+                                                        _report_record(report))
                 for ex in examples:
                     yield key, {"prompt": ex.prompt, "chosen": ex.chosen,
                                 "rejected": ex.rejected, "source": ex.source, "line": ex.line}
@@ -156,6 +164,28 @@ def _builder_class() -> type:
 
 def dataset_dir(data_dir: str | os.PathLike, name: str = "default") -> Path:
     return Path(data_dir) / DATASET_NAME / name / VERSION
+
+
+# What reading the files skipped at build time, per split, beside TFDS's dataset_info.json:
+# `load_as_packed` reports it with the packer's skips, as the default path does.
+READ_REPORT = "read_report.json"
+
+
+def _report_record(report: SkipReport) -> dict[str, Any]:
+    return {"counts": dict(report.counts), "examples": [list(e) for e in report.examples],
+            "kept": report.kept, "truncated": dict(report.truncated)}
+
+
+def _add_reports(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Two files' reading reports as one (the files of a split are read side by side)."""
+    if a is None:
+        return b
+
+    def added(x, y):
+        return {k: x.get(k, 0) + y.get(k, 0) for k in {**x, **y}}
+    return {"counts": added(a["counts"], b["counts"]),
+            "examples": (a["examples"] + b["examples"])[:SkipReport.max_examples],
+            "kept": a["kept"] + b["kept"], "truncated": added(a["truncated"], b["truncated"])}
 
 
 def build_tfds(cfg: TfdsConfig, data_dir: str | os.PathLike) -> Path:
@@ -175,6 +205,8 @@ def build_tfds(cfg: TfdsConfig, data_dir: str | os.PathLike) -> Path:
                              f"now {wanted!r}); use another TfdsConfig.name or delete the folder")
     builder = _builder_class()(cfg=cfg, data_dir=os.fspath(data_dir))
     builder.download_and_prepare(file_format="array_record")
+    if builder.read_reports:   # generated now (a reused build keeps its report)
+        files.write_json(os.fspath(out / READ_REPORT), builder.read_reports, sort_keys=True)
     return out
 
 
@@ -206,9 +238,18 @@ def read_tfds_examples(data_dir: str | os.PathLike, split: str, name: str = "def
 def load_as_packed(data_dir: str | os.PathLike, split: str, tokenizer: Any,
                    cfg: TokenizeConfig, name: str = "default", *, skip_bad: bool = False
                    ) -> tuple[PackedPairs, SkipReport]:
-    """The whole split packed in memory, for `make_loader` (same result as the default path)."""
-    return tokenize_preferences(read_tfds_examples(data_dir, split, name), tokenizer, cfg,
-                                skip_bad=skip_bad)
+    """The whole split packed in memory, for `make_loader` (same result as the default path,
+    the report included: the records reading skipped at build time, then the packer's)."""
+    path = dataset_dir(data_dir, name) / READ_REPORT
+    examples = read_tfds_examples(data_dir, split, name)
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: built without its {READ_REPORT} (what reading skipped); "
+                         f"build it again with build_tfds")
+    read = json.loads(path.read_text())[split]
+    packed, report = tokenize_preferences(examples, tokenizer, cfg, skip_bad=skip_bad)
+    built = SkipReport(read["counts"], [tuple(e) for e in read["examples"]], read["kept"],
+                       truncated=read["truncated"])
+    return packed, built.merge(report)
 
 
 class PackedPairsSource:
