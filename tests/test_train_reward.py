@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import ml_collections
@@ -217,6 +218,19 @@ def test_judge_made_pairs_flip_at_the_noise_rate_and_noise_is_refused_where_not_
                                   seed=0, log=lambda s: None)
     assert clean.train_path != made.train_path
     assert not any("label_flipped" in json.loads(line) for line in open(clean.train_path))
+    # Nor pairs made with another count or seed (a fresh start in a killed run's work dir): the
+    # same settings reuse their files, others write their own
+    mtime = os.path.getmtime(clean.train_path)
+    again = ensure_synthetic_data(dataclasses.replace(data, label_noise=0.0), str(tmp_path),
+                                  seed=0, log=lambda s: None)
+    assert again.train_path == clean.train_path and os.path.getmtime(again.train_path) == mtime
+    for changes, seed in (({"synthetic_train_pairs": 30}, 0), ({}, 1)):
+        other = ensure_synthetic_data(dataclasses.replace(data, label_noise=0.0, **changes),
+                                      str(tmp_path), seed=seed, log=lambda s: None)
+        assert other.train_path != clean.train_path
+        rows = open(other.train_path).read().splitlines()
+        assert len(rows) == changes.get("synthetic_train_pairs", 400)
+        assert rows != open(clean.train_path).read().splitlines()
     with pytest.raises(ValueError, match=r"config.data.label_noise=0.2 flips labels of pairs"):
         RMDataConfig(train_path="a.jsonl", eval_path="b.jsonl", label_noise=0.2)
     with pytest.raises(ValueError, match=r"config.data.label_noise"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from typing import Any, Callable
@@ -84,8 +85,10 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
     * ``"task:<real task>"`` (e.g. "task:helpfulness"): pairs of SmolLM2 base samples of the
       task's prompts labelled by the task's gold judge, train and eval on disjoint prompts.
 
-    With either, `data.label_noise` of the training labels are flipped (the proxy-vs-gold set-up);
-    its training file is named for the noise, so pairs made with another noise are not reused.
+    With either, `data.label_noise` of the training labels are flipped (the proxy-vs-gold set-up).
+    Each file is named for everything that makes its pairs (judge, split, noise and a digest of
+    the count, seed and sampling settings), so pairs made under other settings (a fresh start in
+    the work dir of a run killed before its first checkpoint) are never reused.
     """
     if not data.synthetic:
         return data
@@ -95,8 +98,12 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
     for split, n, offset in (("train", data.synthetic_train_pairs, 0),
                              ("eval", data.synthetic_eval_pairs, 1)):
         noise = data.label_noise if split == "train" else 0.0
+        makes = [n, seed, noise] + ([data.samples_per_prompt, data.pairs_per_prompt,
+                                     data.sample_new_tokens, data.eval_first_prompt]
+                                    if name.startswith("task:") else [])
+        digest = hashlib.sha256(json.dumps(makes).encode()).hexdigest()[:12]
         path = os.path.join(workdir, "data", f"{name.replace(':', '_')}_{split}"
-                                             f"{f'_noise{noise:g}' if noise else ''}.jsonl")
+                                             f"{f'_noise{noise:g}' if noise else ''}_{digest}.jsonl")
         if not os.path.exists(path):
             if name.startswith("task:"):
                 per_prompt = data.pairs_per_prompt
