@@ -50,6 +50,10 @@ def test_task_registry_and_validation():
         real.RealTask("t", "p.txt", judge="vader", procedure="bon")
     with pytest.raises(ValueError, match=r"num_prompts must be an integer in \[1, 48\]"):
         real.task_prompts("helpfulness", 49)
+    # a task config's count is named as the config key (calibrate and training reach it here)
+    with pytest.raises(ValueError, match=r"^config.task.num_prompts must be an integer in "
+                                         r"\[1, 48\] for task 'helpfulness', got 100"):
+        real.task_split("helpfulness", 100, 4, real.sources.PromptsConfig(), say=None)
 
 
 @pytest.mark.parametrize("content,message", [

@@ -167,12 +167,14 @@ def load_prompts(path: str) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def task_prompts(name: str, num_prompts: int | None = None) -> tuple[list[str], list[str]]:
-    """(ids, prompt texts) of task `name`, the first `num_prompts` of them (all when None)."""
+def task_prompts(name: str, num_prompts: int | None = None, key: str = "num_prompts"
+                 ) -> tuple[list[str], list[str]]:
+    """(ids, prompt texts) of task `name`, the first `num_prompts` of them (all when None); `key`
+    names `num_prompts` in the error for a count the task does not have."""
     ids, texts = load_prompts(get_real_task(name).prompts_path)
     if num_prompts is not None:
         if not (isinstance(num_prompts, int) and 1 <= num_prompts <= len(ids)):
-            raise ValueError(f"num_prompts must be an integer in [1, {len(ids)}] for task "
+            raise ValueError(f"{key} must be an integer in [1, {len(ids)}] for task "
                              f"{name!r}, got {num_prompts!r}")
         ids, texts = ids[:num_prompts], texts[:num_prompts]
     return ids, texts
@@ -330,7 +332,7 @@ def task_split(name: str, num_prompts: int, eval_prompts: int, data: sources.Pro
             f"{len(split.eval_ids)} evaluation prompts (disjoint; split_seed={data.split_seed}) "
             f"from {data.prompts}")
         return split
-    ids, texts = task_prompts(name, num_prompts)
+    ids, texts = task_prompts(name, num_prompts, "config.task.num_prompts")
     return sources.Split(ids, texts, ids[:eval_prompts], texts[:eval_prompts])
 
 
