@@ -272,6 +272,23 @@ def test_exact_enumeration(name, params, phi_fn, beta):
     assert abs(exact["won"] - w_won) < tol
 
 
+def test_illinois_stops_on_true_residuals_not_the_halved_weights():
+    """Illinois halves the kept end's residual as an interpolation weight; the stopping test
+    read those halved values and returned points whose true |f| was above rtol (here 1.25e-3,
+    found by a random search over such brackets)."""
+    from infalign_jax.analysis.analytic_solver import _illinois
+
+    def solve(x, warm):
+        f = math.copysign(abs(0.5 - x) ** (1 / 3), 0.5 - x) * 4.463745201315836
+        return x, f
+
+    lo, hi = (solve(0.37245803782054654, None)), solve(0.7477225891950996, None)
+    x = _illinois(solve, (lo[0], lo[1], lo[0]), (hi[0], hi[1], hi[0]), 1e-3, 100, "test")
+    assert abs(solve(x, None)[1]) < 1e-3
+    with pytest.raises(RuntimeError, match="no convergence for test"):
+        _illinois(solve, (lo[0], lo[1], lo[0]), (hi[0], hi[1], hi[0]), 1e-12, 3, "test")
+
+
 def test_optimal_table_round_trip(tmp_path):
     kl, proc, n = 0.5, "bon", 4
     sol = S.optimal_at_kl(kl, proc, n, grid_size=2000)

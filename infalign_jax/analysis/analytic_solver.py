@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -187,8 +188,8 @@ def optimal_at_kl(kl: float, procedure: str, n: int = 1, *, against: str = "tran
                   max_solves: int = 100) -> OptimalSolution:
     """The optimum whose KL(pi* || pi_ref) equals kl (continuation in log beta, then regula falsi).
 
-    One function: the two phases are one root-finder in x = log beta that shares its iterates,
-    warm starts and solve budget.
+    The two phases are one root-finder in x = log beta that shares its iterates, warm starts and
+    solve budget (the regula falsi is `_illinois`, given what the march left of the budget).
     """
     kl = A.check_kl(kl)
     n = A.check_procedure(procedure, n, against)
@@ -251,25 +252,39 @@ def optimal_at_kl(kl: float, procedure: str, n: int = 1, *, against: str = "tran
         return sol
     # 2) Illinois regula falsi inside the bracket [a (KL too big), b (KL too small)].
     pts = sorted([(x, f, sol), (x + direction * step, new_f, new_sol)], key=lambda t: t[0])
-    (a, fa, sa), (b, fb, sb) = pts
-    side = 0
-    while abs(fb) >= rtol and abs(fa) >= rtol:
+    return _illinois(solve, pts[0], pts[1], rtol, max_solves - solves,
+                     f"kl={kl} ({procedure}, n={n})")
+
+
+def _illinois(solve: Callable[[float, Any], tuple[Any, float]], lo: tuple, hi: tuple,
+              rtol: float, max_solves: int, what: str) -> Any:
+    """The Illinois variant of regula falsi for a decreasing residual f bracketed by lo = (x,
+    f > 0, solution) and hi = (x, f < 0, solution); `solve(x, warm start) -> (solution, f)`.
+    Returns the solution of the first iterate with |f| < rtol (a RuntimeError naming `what`
+    after `max_solves` solves)."""
+    (a, fa, sa), (b, fb, sb) = lo, hi
+    # ta, tb: the true residuals, for the stopping test and the answer; fa, fb: the weights of
+    # the interpolation, which Illinois halves on the side that stays (halving the residual the
+    # test reads stopped at points whose true |f| was above rtol)
+    ta, tb = fa, fb
+    side, solves = 0, 0
+    while abs(tb) >= rtol and abs(ta) >= rtol:
         c = b - fb * (b - a) / (fb - fa)
         sc, fc = solve(c, sa if abs(c - a) < abs(c - b) else sb)
         solves += 1
         if solves > max_solves:
-            raise RuntimeError(f"optimal_at_kl: no convergence for kl={kl} ({procedure}, n={n})")
+            raise RuntimeError(f"optimal_at_kl: no convergence for {what}")
         if fc > 0:
-            a, fa, sa = c, fc, sc
+            a, fa, ta, sa = c, fc, fc, sc
             if side == -1:
                 fb /= 2
             side = -1
         else:
-            b, fb, sb = c, fc, sc
+            b, fb, tb, sb = c, fc, fc, sc
             if side == 1:
                 fa /= 2
             side = 1
-    return sa if abs(fa) < rtol else sb
+    return sa if abs(ta) < rtol else sb
 
 
 def optimal_win_rate_at_kl(kl: float, procedure: str, n: int = 1, *, against: str = "transformed",
