@@ -230,6 +230,17 @@ def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
     manifest = json.loads((tmp_path / "from3" / "manifest.json").read_text())
     assert manifest["seeds"] == {"seeds": [3]}
     assert [p.name for p in (tmp_path / "from3").glob("*/seed=*")] == ["seed=3"]
+    # Another N (the exact task evaluated N = 1, 2, 4 only: --config.n=8 raised a KeyError after
+    # the first seed's training)
+    rows8 = reproduce.run_exact_stage(_base(), str(tmp_path / "n8"), size="smoke", n=8,
+                                      keys=("vbon",), log=lambda s: None,
+                                      devices=jax.devices()[:1])
+    assert rows8[0]["beta"] == pytest.approx(1 / 7) and "exact_bon8" in rows8[0]
+    assert rows8[0]["exact_won8"] != rows8[0]["exact_won4"]
+    assert "BoN_8" in (tmp_path / "n8" / "exact_table.md").read_text()
+    with pytest.raises(ValueError, match=r"config.task.eval_ns must be a non-empty tuple of "
+                                         r"integers >= 1, got \(0,\)"):
+        et.exact_task_config({"eval_ns": (0,)})
     with pytest.raises(ValueError, match=r"exact_config.seed=5 is not used.*config.seed"):
         reproduce.run_exact_stage(sweep.apply_overrides(_base(), {"seed": 5}), str(tmp_path))
     with pytest.raises(ValueError, match=r"exact_config.task.kl_budget=1.0 is not used"):
@@ -253,6 +264,13 @@ def test_convergence_stage_smoke_table_and_unreachable_budgets(tmp_path):
     assert rows[2]["unreachable"] and rows[3]["unreachable"]
     table = (tmp_path / "convergence_table.md").read_text()
     assert "| 0.5 | exp t=-5 |" in table and "unreachable" in table
+    assert "BoN_4 trained − target" in table
+    row = {**rows[0], "exact_bon3": 0.6, "target_bon3": 0.5, "exact_won3": 0.7,
+           "target_won3": 0.75}
+    three = reproduce.convergence_markdown([row], 3, {"seeds": [0], "steps": 2, "anneal": 1,
+                                                      "samples": 2})
+    assert "BoN_3 trained − target | WoN_3 trained − target |" in three
+    assert "| +0.1000 | -0.0500 |" in three
 
 
 def test_seed_summary_mean_sd_and_convergence_count():

@@ -50,12 +50,13 @@ SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumb
 # (`sized_config`), and per method its beta, KL budget and transform.
 EXACT_KEYS_SET = ("train.num_steps", "rl.decay_steps", "rl.beta_anneal_steps",
                   "rl.samples_per_prompt", "reference.k", "train.eval_every", "rl.beta",
-                  "task.kl_budget", "transform.")
+                  "task.kl_budget", "task.eval_ns", "transform.")
 
 
-def sized_config(base_config: Any, size: str) -> Any:
+def sized_config(base_config: Any, size: str, n: int = 4) -> Any:
     """The exact-task config with the size's schedule, samples and reference K (no evaluations
-    during training: each run is evaluated once, at the end). Its `seed` is set per run
+    during training: each run is evaluated once, at the end, at N = 1, 2, 4 and `n`, the tables'
+    BoN_N / WoN_N). Its `seed` is set per run
     (`size_seeds`), so a base config that sets one is refused rather than ignored."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -71,7 +72,8 @@ def sized_config(base_config: Any, size: str) -> Any:
     return sweep.apply_overrides(base_config, {
         "train.num_steps": knobs["steps"], "rl.decay_steps": knobs["steps"],
         "rl.beta_anneal_steps": knobs["anneal"], "rl.samples_per_prompt": knobs["samples"],
-        "reference.k": knobs["k"], "train.eval_every": 0})
+        "reference.k": knobs["k"], "train.eval_every": 0,
+        "task.eval_ns": tuple(sorted({1, 2, 4, int(n)}))})
 
 
 def size_seeds(size: str, first_seed: int = 0) -> tuple[int, ...]:
@@ -117,7 +119,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
 
     Writes exact_table.{md,json}, exact_methods.png and a manifest into `workdir`.
     """
-    base = sized_config(base_config, size)
+    base = sized_config(base_config, size, n)
     known = [m["key"] for m in methods(n, t)]
     if keys is not None and (not keys or set(keys) - set(known)):
         raise ValueError(f"keys must be a non-empty subset of {known}, got {keys}")
@@ -236,7 +238,7 @@ CONVERGENCE_TRANSFORMS = (("exp", {"t": -10.0}), ("exp", {"t": -5.0}), ("exp", {
 def convergence_markdown(rows: list[dict[str, Any]], n: int, knobs: dict[str, Any]) -> str:
     """The convergence table of `run_convergence_stage` as markdown."""
     head = ["KL budget", "transform", "β", "range(Φ)/β", "converged", "KL(π‖π*) mean / max",
-            "KL trained / target", "BoN_4 trained − target", "WoN_4 trained − target"]
+            "KL trained / target", f"BoN_{n} trained − target", f"WoN_{n} trained − target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("unreachable"):
@@ -263,7 +265,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
     """Trains each transform at each KL budget (beta solved from the exact target) for every
     seed of the size with the config's schedule; writes convergence_table.{md,json}: how many
     seeds reached KL(pi || pi*) <= et.CONVERGED_KL, with the target's range(Phi)/beta."""
-    base = sized_config(base_config, size)
+    base = sized_config(base_config, size, n)
     knobs, seeds = SIZES[size], size_seeds(size, first_seed)
     os.makedirs(workdir, exist_ok=True)
     rows = []

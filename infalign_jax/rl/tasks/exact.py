@@ -322,8 +322,15 @@ class ExactTaskConfig:
     eos: bool = False
     # > 0: the run loop solves rl.beta so that the exact target's KL(pi* || pi_ref) is this.
     kl_budget: float = 0.0
+    # The N of the exact BoN_N / WoN_N win rates the evaluation reports (exact_bon<N>, ...).
+    eval_ns: tuple = (1, 2, 4)
 
     def __post_init__(self):
+        ns = self.eval_ns
+        if isinstance(ns, (str, bytes)) or not hasattr(ns, "__iter__") or not ns or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in ns):
+            check.fail(self, "eval_ns", "a non-empty tuple of integers >= 1")
+        object.__setattr__(self, "eval_ns", tuple(ns))
         check.ints(self, ("seed",), low=0)
         check.ints(self, ("vocab", "length", "num_prompts", "d_model"))
         check.numbers(self, ("init_std",), strict=True)
@@ -344,7 +351,7 @@ def task_from_section(section: Any) -> ExactTask:
 
 
 # Fields of `ExactTaskConfig` that change neither pi_ref nor the rewards, hence not the table.
-_NOT_IN_TABLE = ("name", "kl_budget")
+_NOT_IN_TABLE = ("name", "kl_budget", "eval_ns")
 
 
 def table_tag(c: ExactTaskConfig) -> str:
@@ -359,7 +366,8 @@ def rl_task(section: Any) -> RLTask:
     """The exact task of `config.task` as an `RLTask` with exact evaluation (see the module doc)."""
     task = task_from_section(section)
     ids = tuple(f"p{i}" for i in range(task.prompts_XxP.shape[0]))
-    tag = table_tag(exact_task_config(section))
+    c = exact_task_config(section)
+    tag = table_tag(c)
 
     def reference_table(k: int, seed: int, partial_path: str | None = None,
                         progress: Any = None) -> ReferenceTable:
@@ -375,7 +383,7 @@ def rl_task(section: Any) -> RLTask:
         return calibrated_table(task, sorted_XxK, transform.smoothed)
 
     def evaluate(params: Params, transform, beta: float, table: ReferenceTable,
-                 ns: tuple[int, ...] = (1, 2, 4)) -> dict[str, float]:
+                 ns: tuple[int, ...] = c.eval_ns) -> dict[str, float]:
         logp = policy_logprobs(task, params)
         cal = calibrated(transform, table)
         target = target_logprobs(ref_logp_XxY, cal, transform, beta, raw_XxY=task.rewards_XxY)
