@@ -91,6 +91,16 @@ def test_step_metrics_match_independent_rollout_scoring():
     assert float(metrics["reward"]) == pytest.approx(rewards.mean(), rel=1e-5)
     assert float(metrics["calibrated_reward"]) == pytest.approx(cal.mean(), rel=1e-5)
     assert float(metrics["transformed_reward"]) == pytest.approx(phi.mean(), rel=1e-5)
+    # A transform that reads the smoothed calibration (log) logs the same calibrated_reward (it
+    # logged the smoothed (#{ref < r} + 1)/(K + 1), another quantity under the same name), while
+    # Phi still reads the smoothed one.
+    step_log, state_log, _, _ = _setup("rloo", "reward", "log", {}, m=8)
+    _, metrics_log = step_log(state, frozen, batch, key)
+    assert float(metrics_log["calibrated_reward"]) == pytest.approx(cal.mean(), rel=1e-5)
+    smoothed = np.array([[(np.sum(ref[b] < r) + 1) / (ref.shape[1] + 1) for r in rewards[b]]
+                         for b in range(2)])
+    assert float(metrics_log["transformed_reward"]) == pytest.approx(np.log(smoothed).mean(),
+                                                                     rel=1e-5)
 
 
 def test_score_rollout_hand_made():

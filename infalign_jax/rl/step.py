@@ -58,8 +58,9 @@ Design:
   no merged kernel), so gradients and optimiser state are adapter-sized
   and pi_ref stays the base. The rollout then needs `frozen` too (`RLPrograms.roll`'s 4th argument).
 
-Metrics: response_length, reward, calibrated_reward, transformed_reward, kl_k1, kl_k3 (sequence
-sums, batch means), loss, grad_norm (first epoch), clip_fraction, beta, and with `full_kl`
+Metrics: response_length, reward, calibrated_reward (the spec's Eq. 12 quantile, also where the
+transform reads the smoothed (#{ref < r} + 1)/(K + 1): one meaning across transforms),
+transformed_reward, kl_k1, kl_k3 (sequence sums, batch means), loss, grad_norm (first epoch), clip_fraction, beta, and with `full_kl`
 kl_full_vocab, entropy; with advantage="gae" also value_loss (first epoch), value_clip_fraction,
 explained_variance (1 - Var(R - V) / Var(R) over valid tokens, before the update).
 """
@@ -265,8 +266,9 @@ def rollout_full_vocab_metrics(cfg: RLConfig, fns: DecoderFns, params: Params,
 
 
 class Scores(NamedTuple):
-    """Phases 2-3: raw rewards, calibrated C_hat and transformed Phi(C_hat) (BxM), with the
-    reference log-probs and sequence KL estimates the regulariser needs."""
+    """Phases 2-3: raw rewards, calibrated C_hat (spec Eq. 12, whichever calibration the
+    transform reads) and transformed Phi(C_hat) (BxM), with the reference log-probs and
+    sequence KL estimates the regulariser needs."""
 
     rewards_BxM: Array
     calibrated_BxM: Array
@@ -318,9 +320,11 @@ def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, 
     b, m = ro.prompt_idx_B.shape[0], cfg.samples_per_prompt
     rmask_RxL = ro.mask_RxL
     rewards_BxM = jnp.asarray(rewards_R, jnp.float32).reshape(b, m)
-    cal_BxM, phi_BxM = score_rollout(cfg, transform, rewards_BxM,
-                                     frozen.ref_sorted_XxK[ro.prompt_idx_B],
-                                     frozen.ref_count_X[ro.prompt_idx_B])
+    ref_sorted_BxK = frozen.ref_sorted_XxK[ro.prompt_idx_B]
+    ref_count_B = frozen.ref_count_X[ro.prompt_idx_B]
+    cal_BxM, phi_BxM = score_rollout(cfg, transform, rewards_BxM, ref_sorted_BxK, ref_count_B)
+    if transform.smoothed:   # Phi reads the smoothed C; the metric is C itself (spec Eq. 12)
+        cal_BxM = calibrate(rewards_BxM, ref_sorted_BxK, ref_count_B)
     ref_logp_RxL = jax.lax.stop_gradient(rollout_logprobs(cfg, fns, frozen.ref_params, ro))
     k1_R = losses.masked_sum(kl.kl_k1(ro.old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
     k3_R = losses.masked_sum(kl.kl_k3(ro.old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)
