@@ -8,8 +8,9 @@ Training on a proxy reward model and judging with the gold judge (claim (c)):
 Variants: `:tasks=harmlessness` (several: `:tasks=helpfulness+harmlessness`, or
 `--config.tasks=helpfulness,harmlessness`), `--config.comparison.methods=vbon,identity,exp`,
 `--config.comparison.seeds='(0,1,2,3,4)'`, `--config.comparison.kl_target=0.3`,
-`--config.comparison.win_rates=unbiased` (the unbiased BoN_N / WoN_N estimator instead of the
-plug-in; rerun into a finished work dir, it re-reports the saved scores), and any key of the
+`--config.comparison.win_rates=plugin` (the plug-in BoN_N / WoN_N estimator instead of the
+unbiased one, the default since stop 45; rerun into a finished work dir, either re-reports the
+saved scores), and any key of the
 base run config (configs/ctrl_real.py), e.g. `--config.base.rl.learning_rate=3e-5` (one that
 no trained method's run would read, e.g. `base.rl.ppo_clip` under RLOO, is refused).
 What it does and how claims are decided: infalign_jax/workflows/real_comparison.py. Prompts are

@@ -48,6 +48,8 @@ def comparison(tmp_path_factory):
     config.base.task.reward.kind = "hf"
     config.base.task.reward.checkpoint = rm
     config.comparison.methods = TRAINED_HERE
+    # the plug-in (not the default), so a rerun can re-estimate with the unbiased estimator
+    config.comparison.win_rates = "plugin"
     lines = []
     workdir = str(root / "out")
     path = rc.run(rc.task_configs(config), config.comparison, workdir, log=lines.append,

@@ -101,6 +101,26 @@ def test_matches_exact_enumeration(params):
     json.dumps(rec)
 
 
+def test_at_n_equal_m_the_default_estimator_is_unbiased_and_the_plug_in_is_not(params):
+    """N = M = 4 on 4096 prompts: the unbiased subset estimate (the default) is within its
+    interval of the exact WoN_4 / BoN_4; the plug-in of the same samples misses the truth with
+    its own 95% interval (its bias, 0.014 here, does not shrink with more prompts)."""
+    pol, ref = params
+    prompts, mask = _prompts(2048)
+    exact = [_exact(pol, ref, pr) for pr in ([1, 2], [3, 0])]
+    truth = {k: np.mean([e[k] for e in exact]) for k in exact[0]}
+    kw = dict(m=4, ns=[4], seed=1, max_new_tokens=L, num_resamples=400)
+    rec = eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, **kw)
+    plug = eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge,
+                                        win_rates="plugin", **kw)
+    assert rec["win_rate_estimator"] == "unbiased" and plug["win_rate_estimator"] == "plugin"
+    for metric in ("bon_4", "won_4"):
+        e = rec["win_rate"][metric]
+        assert abs(e["point"] - truth[metric]) <= 4 * e["stderr"], (metric, e, truth[metric])
+    e = plug["win_rate"]["won_4"]
+    assert not e["lower"] <= truth["won_4"] <= e["upper"], (e, truth["won_4"])
+
+
 def test_at_another_temperature_win_rates_are_tempered_and_kl_is_the_policys(params):
     # Both sides are decoded at temperature 0.5 (the deployed procedure); the KL is still the
     # trained policy's KL(pi || pi_ref). Sampling the KL's paths at 0.5 gave k1 3.118 +- 0.004

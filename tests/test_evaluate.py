@@ -2,7 +2,7 @@
 
 Tiny Llama policy / reference / two sequence-classifier directories with their own tokenizers
 (built as in test_workflow.py) and a prompt JSONL are made here. Every win rate the run reports is
-recomputed from the saved per-sample scores by brute-force enumeration of the N-tuples (numpy),
+recomputed from the saved per-sample scores by brute-force enumeration of the N-subsets (numpy),
 every selection from the saved candidate scores, and a sample of the scores in transformers.
 """
 
@@ -72,9 +72,10 @@ def tiny_config(dirs, procedures, **changes):
 
 # ---------------------------------------------------------------- independent recomputation
 def tuple_extremes(x, n, worst=False):
-    """max (min) of x over every ordered n-tuple drawn with replacement."""
+    """max (min) of x over every n-subset drawn without replacement (the unbiased estimator the
+    evaluation uses; the plug-in would draw ordered n-tuples with replacement)."""
     f = np.min if worst else np.max
-    return np.array([f([x[i] for i in t]) for t in itertools.product(range(len(x)), repeat=n)])
+    return np.array([f([x[i] for i in t]) for t in itertools.combinations(range(len(x)), n)])
 
 
 def subset_extremes(x, n):
@@ -146,7 +147,7 @@ def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path):
                                (s1 + s2) / 2 - 0.5 * np.abs(s1 - s2) / 2, atol=3e-5)
 
     out = res["rows"]
-    # The policy against pi_ref: standard, BoN_N, WoN_N by enumeration of N-tuples.
+    # The policy against pi_ref: standard, BoN_N, WoN_N by enumeration of N-subsets.
     for pol_m, ref_m, name in (("policy", "pi_ref", "policy"),
                                ("cd_tokenwise", "cd_tokenwise/pi_ref", "cd_tokenwise"),
                                ("cd_blockwise", "cd_blockwise/pi_ref", "cd_blockwise")):

@@ -247,6 +247,20 @@ def test_nan_skip_policy_counts_what_it_drops():
         ev.win_rate(pol[1:2], ref[1:2], nan_policy="skip")
     with pytest.raises(ValueError, match="same number of prompts"):
         ev.win_rate(pol, ref[:2], nan_policy="skip")
+    # The unbiased estimator needs N valid samples a side: prompts with fewer are dropped too
+    pol4 = np.array([[1.0, 3.0, 0.5], [np.nan, 2.0, 1.0], [0.0, 2.0, 4.0]])
+    ref4 = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 3.0], [1.0, np.nan, 2.5]])
+    est = ev.win_rate(pol4, ref4, ns=2, nan_policy="skip", num_resamples=50,
+                      estimator="unbiased")
+    assert (est.skipped_samples, est.skipped_prompts, est.num_prompts) == (2, 0, 3)
+    want = np.mean([ev.subset_win_rates(p[~np.isnan(p)][None], r[~np.isnan(r)][None], 2)[0, 0]
+                    for p, r in zip(pol4, ref4)])
+    assert float(est.point[0]) == pytest.approx(want, abs=1e-12)
+    est = ev.win_rate(pol4, ref4, ns=3, nan_policy="skip", num_resamples=50,
+                      estimator="unbiased")
+    assert (est.skipped_prompts, est.num_prompts) == (2, 1)
+    with pytest.raises(ValueError, match=r"estimator must be one of \('plugin', 'unbiased'\)"):
+        ev.win_rate(pol4, ref4, estimator="subset")
 
 
 # ------------------------------------------------------------------ bootstrap

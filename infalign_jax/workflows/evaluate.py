@@ -14,8 +14,10 @@ Sections of the config (`configs/evaluate.py`; the dataclasses in `workflows.eva
   * `select` (`SelectConfig`): RBoN-KL / RBoN-WD betas, the uncertainty penalty k.
   * `cd` (`CDConfig`): the decoders and their prefix scorer.
 
-Procedures (`PROCEDURES`; unknown names are refused by name). Every win rate is a plug-in estimate
-with a bootstrap 95% CI over prompts, ties 1/2 (`analysis.evaluation`):
+Procedures (`PROCEDURES`; unknown names are refused by name). Every BoN_N / WoN_N win rate is
+the unbiased subset estimate (N of the M samples without replacement; the plug-in's bias at N
+near M does not shrink with more prompts) with a bootstrap 95% CI over prompts, ties 1/2
+(`analysis.evaluation`):
   * always, "policy": M samples of the policy and M of pi_ref per prompt; the standard win rate
     and KL(pi || pi_ref) (k1, k3, full-vocabulary) of `eval_harness.evaluate_policy`.
   * "bon" / "won": BoN_N(pi) vs BoN_N(pi_ref) (WoN_N) for N in `eval.ns`, from those samples.

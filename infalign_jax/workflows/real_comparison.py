@@ -31,10 +31,13 @@ training reward (the proxy, when `config.task.reward` is a reward model):
   (`comparison_report.kl_match_status` names them), and a claim that rests on a flagged row is
   "unresolved".
 * statistics: per prompt, the standard / BoN_N / WoN_N win rate against the shared pi_ref
-  samples, by the plug-in (`win_rates="plugin"`, `evaluation.plugin_win_rates`: the empirical
-  distributions' exact win rate, draws with replacement; biased towards 1/2 when eval_samples is
-  close to N, most for WoN_N) or the unbiased subset estimator (`"unbiased"`,
-  `evaluation.subset_win_rates`: draws without replacement). A rerun into the same work dir with
+  samples, by the unbiased subset estimator (`win_rates="unbiased"`, the default,
+  `evaluation.subset_win_rates`: draws without replacement) or the plug-in (`"plugin"`,
+  `evaluation.plugin_win_rates`: the empirical distributions' exact win rate, draws with
+  replacement). The plug-in is biased when eval_samples is close to N, most for WoN_N, and not
+  only towards 1/2: its bias differs between policies (two of equal WoN_4 differ by +0.018 in
+  expectation at M = 4; with tied scores it moves WoN_4 away from 1/2), so it can move the
+  differences the claims are decided on. A rerun into the same work dir with
   another `win_rates` re-estimates the saved evaluations from their judge scores (and saves
   them so), against the saved pi_ref samples, without training or sampling. A method's
   difference against calibrated identity with an interval over prompts (paired) and seeds
@@ -100,7 +103,7 @@ class ComparisonConfig:
     eval_samples: int = 8          # samples per evaluation prompt, per policy and for pi_ref
     eval_batch_prompts: int = 16   # evaluation prompts per sampler call
     eval_seed: int = 1234
-    win_rates: str = "plugin"      # per-prompt estimator: "plugin" or "unbiased"
+    win_rates: str = "unbiased"    # per-prompt estimator: "unbiased" or "plugin"
                                    # (evaluation.WIN_RATE_ESTIMATORS)
 
     def __post_init__(self):
