@@ -454,6 +454,19 @@ def test_paired_difference_covers_the_true_difference_at_its_level(seeds, seed_s
         assert covered_prompts_only / trials < 0.6
 
 
+def test_a_gain_over_a_constant_with_few_dominant_seeds_covers_near_its_level():
+    """One method's seeds against the constant 1/2 (the comparison's gain over pi_ref): a single
+    seed term on S - 1 = 2 degrees of freedom. Satterthwaite's count alone covered 0.918 here."""
+    rng = np.random.default_rng(1)
+    trials, covered = 2000, 0
+    for _ in range(trials):
+        u_B = rng.normal(0.0, 0.5, 48)
+        a = 0.7 + u_B + rng.normal(0, 0.3, (3, 1)) + rng.normal(0, 0.2, (3, 48))
+        est = ev.paired_difference(a, np.full((1, 48), 0.5))
+        covered += est.lower <= 0.2 <= est.upper
+    assert covered / trials >= 0.93, covered / trials
+
+
 def test_paired_difference_refuses_mismatched_prompts():
     with pytest.raises(ValueError, match="same prompts"):
         ev.paired_difference(np.zeros((3, 4)), np.zeros((3, 5)))

@@ -356,7 +356,11 @@ def paired_difference(a_SxB, b_SxB, level: float = 0.95) -> Estimate:
       * a seed term per method: sigma_alpha^2 / S, with sigma_alpha^2 = Var_s(row means) -
         MS_residual / B (clipped at 0), S - 1 degrees of freedom; 0 with one seed, which holds
         no seed spread.
-    The interval is point +- t * sqrt(Var), t at Welch-Satterthwaite's degrees of freedom.
+    The interval is point +- t * sqrt(Var), t at Welch-Satterthwaite's degrees of freedom, but
+    at most the seed terms' S - 1 when they hold half of Var or more: with 2-3 seeds the seed
+    variance is estimated on 1-2 degrees of freedom, and where it dominates Satterthwaite's count
+    was too large (a gain over a constant 1/2, 3 seeds, seed sd 0.3, residual 0.2: coverage
+    0.918, now 0.939; 2 seeds: 0.871, now 0.881, simulated over 2000 trials).
     (Resampling seeds and prompts together counts the residual twice: 1.48x the true standard
     error with residual noise alone.) point = mean(a) - mean(b); stderr = sqrt(Var).
     """
@@ -377,6 +381,9 @@ def paired_difference(a_SxB, b_SxB, level: float = 0.95) -> Estimate:
     point = a.mean() - b.mean()
     if var > 0:
         dof = var ** 2 / sum(v ** 2 / k for v, k in terms if v > 0)
+        seed_terms = [(v, k) for v, k in terms[1:] if v > 0]
+        if sum(v for v, _ in seed_terms) >= 0.5 * var:
+            dof = min(dof, min(k for _, k in seed_terms))
         half = stats.t.ppf((1 + level) / 2, dof) * math.sqrt(var)
     else:
         half = 0.0
