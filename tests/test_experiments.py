@@ -84,9 +84,9 @@ def _metrics(path):
 @pytest.mark.parametrize("script,config,flags", [
     ("train_policy.py", "configs/ctrl_exact.py",
      ["--config.train.num_steps=2", "--config.reference.k=64", "--config.rl.samples_per_prompt=8"]),
+    # (BoNBoN draws bonbon.n samples a prompt: rl.samples_per_prompt would be refused, unused)
     ("train_policy.py", "configs/ctrl_exact.py:transform=log,beta=0.333",
-     ["--config.train.num_steps=2", "--config.reference.k=64", "--config.rl.samples_per_prompt=8",
-      "--config.method=bonbon"]),
+     ["--config.train.num_steps=2", "--config.reference.k=64", "--config.method=bonbon"]),
     ("train_reward.py", "configs/reward_model.py",
      ["--config.train.num_steps=2", "--config.data.synthetic_train_pairs=64",
       "--config.data.synthetic_eval_pairs=16", "--config.train.batch_size=8"]),
