@@ -61,12 +61,11 @@ class LoopContext:
 
 StepFn = Callable[[Any, int, LoopContext], tuple[Any, dict[str, float]]]
 
-# Keys a resumed run may change: how long it runs, how it reports and checkpoints, the device
-# layout, and how the same quantities are computed (the prompt's KV shared by its samples in the
-# update, rematerialisation, the N the exact task evaluates; a record written before such a key
-# existed has it absent). Any other
-# difference (the transform, beta, the data, the learning rate...) means the checkpoint belongs to
-# another experiment.
+# Keys a resumed run may change: how long it runs, how it reports (the N the exact task
+# evaluates) and checkpoints, the device layout, and how the same quantities are computed (the
+# prompt's KV shared by its samples in the update, rematerialisation; a record written before
+# such a key existed has it absent). Any other difference (the transform, beta, the data, the
+# learning rate...) means the checkpoint belongs to another experiment.
 RESUMABLE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
                   "train.tensorboard", "train.nan_policy", "train.init_from", "mesh.data",
