@@ -103,6 +103,13 @@ class SkipReport:
         out.examples = (out.examples + other.examples)[: self.max_examples]
         return out
 
+    def plus(self, other: "SkipReport") -> "SkipReport":
+        """This report and `other` of sources read side by side (the files of one split): the
+        skips, truncations and kept records of both."""
+        out = self.merge(other)
+        out.kept = self.kept + other.kept
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         """For a run's summary: records read, kept (what reaches training), skipped per reason
         and in total, and the kept records cut at a length limit, per part."""

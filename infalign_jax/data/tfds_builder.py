@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from infalign_jax.infra import files
+from infalign_jax.infra import files, provenance
 from infalign_jax.data.readers import FORMATS, PreferenceExample, SkipReport, read_preferences
 from infalign_jax.data.tokenize import PackedPairs, TokenizeConfig, tokenize_preferences
 
@@ -95,11 +95,7 @@ def _fingerprint(cfg: TfdsConfig) -> str:
     for split in sorted(cfg.files):
         for path in cfg.files[split]:
             if os.path.isfile(path):   # a missing file fails in read_preferences with its name
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(functools.partial(f.read, 1 << 20), b""):
-                        digest.update(block)
-                h.update(json.dumps([split, path, digest.hexdigest()]).encode())
+                h.update(json.dumps([split, path, provenance.file_sha256(path)]).encode())
     return h.hexdigest()
 
 
@@ -123,7 +119,7 @@ def _builder_class() -> type:
 
         def __init__(self, *, cfg: TfdsConfig | None = None, **kwargs):
             self._cfg = cfg
-            self.read_reports: dict[str, dict[str, Any]] = {}   # per split, when generated
+            self.read_reports: dict[str, SkipReport] = {}   # per split, when generated
             if cfg is not None:
                 kwargs["config"] = tfds.core.BuilderConfig(
                     name=cfg.name, description=_FINGERPRINT + _fingerprint(cfg))
@@ -152,8 +148,8 @@ def _builder_class() -> type:
                                                     skip_bad=self._cfg.skip_bad)
                 if report.total:
                     logging.warning("%s: %s: %s", DATASET_NAME, path, report.summary())
-                self.read_reports[split] = _add_reports(self.read_reports.get(split),
-                                                        _report_record(report))
+                before = self.read_reports.get(split)
+                self.read_reports[split] = report if before is None else before.plus(report)
                 for ex in examples:
                     yield key, {"prompt": ex.prompt, "chosen": ex.chosen,
                                 "rejected": ex.rejected, "source": ex.source, "line": ex.line}
@@ -169,23 +165,6 @@ def dataset_dir(data_dir: str | os.PathLike, name: str = "default") -> Path:
 # What reading the files skipped at build time, per split, beside TFDS's dataset_info.json:
 # `load_as_packed` reports it with the packer's skips, as the default path does.
 READ_REPORT = "read_report.json"
-
-
-def _report_record(report: SkipReport) -> dict[str, Any]:
-    return {"counts": dict(report.counts), "examples": [list(e) for e in report.examples],
-            "kept": report.kept, "truncated": dict(report.truncated)}
-
-
-def _add_reports(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
-    """Two files' reading reports as one (the files of a split are read side by side)."""
-    if a is None:
-        return b
-
-    def added(x, y):
-        return {k: x.get(k, 0) + y.get(k, 0) for k in {**x, **y}}
-    return {"counts": added(a["counts"], b["counts"]),
-            "examples": (a["examples"] + b["examples"])[:SkipReport.max_examples],
-            "kept": a["kept"] + b["kept"], "truncated": added(a["truncated"], b["truncated"])}
 
 
 def build_tfds(cfg: TfdsConfig, data_dir: str | os.PathLike) -> Path:
@@ -206,7 +185,9 @@ def build_tfds(cfg: TfdsConfig, data_dir: str | os.PathLike) -> Path:
     builder = _builder_class()(cfg=cfg, data_dir=os.fspath(data_dir))
     builder.download_and_prepare(file_format="array_record")
     if builder.read_reports:   # generated now (a reused build keeps its report)
-        files.write_json(os.fspath(out / READ_REPORT), builder.read_reports, sort_keys=True)
+        files.write_json(os.fspath(out / READ_REPORT), {
+            split: dataclasses.asdict(report) for split, report in builder.read_reports.items()},
+            sort_keys=True)
     return out
 
 
@@ -247,8 +228,7 @@ def load_as_packed(data_dir: str | os.PathLike, split: str, tokenizer: Any,
                          f"build it again with build_tfds")
     read = json.loads(path.read_text())[split]
     packed, report = tokenize_preferences(examples, tokenizer, cfg, skip_bad=skip_bad)
-    built = SkipReport(read["counts"], [tuple(e) for e in read["examples"]], read["kept"],
-                       truncated=read["truncated"])
+    built = SkipReport(**{**read, "examples": [tuple(e) for e in read["examples"]]})
     return packed, built.merge(report)
 
 
