@@ -42,6 +42,20 @@ def ints(obj: Any, fields: Iterable[str], low: int = 1, *, optional: bool = Fals
             fail(obj, field, ("None or " if optional else "") + wanted)
 
 
+def int_tuple(obj: Any, field: str, expected: str, low: int = 1, *, high: int | None = None,
+              distinct: bool = False) -> None:
+    """The field is a non-empty sequence of integers in [low, high] (without repeats when
+    `distinct`), stored back as a tuple; `expected` words the error."""
+    value = getattr(obj, field)
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+        value = tuple(value)
+        object.__setattr__(obj, field, value)
+        if value and all(is_int(n) and n >= low and (high is None or n <= high) for n in value) \
+                and not (distinct and len(set(value)) != len(value)):
+            return
+    fail(obj, field, expected)
+
+
 def numbers(obj: Any, fields: Iterable[str], low: float = 0.0, *, strict: bool = False,
             high: float | None = None) -> None:
     """Each field is a finite number >= low (> low when `strict`), and <= high if given."""

@@ -160,9 +160,10 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
                          f"not resumed: use another work dir (--config.train.init_from={workdir} "
                          f"starts a fresh run from its parameters)")
     saved = canonical_record(saved)
-    now = {k: v for k, v in now.items()   # a record from before the data digests and the derived
-           if k in saved or not (k.removesuffix(".sha256") in DATA_FILE_KEYS   # values: without
-                                 or k.startswith(DERIVED))}                    # them
+    # a record from before the data digests and the derived values is compared without them
+    added_since = [k for k in now if k not in saved and (
+        k.removesuffix(".sha256") in DATA_FILE_KEYS or k.startswith(DERIVED))]
+    now = {k: v for k, v in now.items() if k not in added_since}
     keys = differing_keys(saved, now)
     if keys:
         diff = describe_differences(keys, saved, now, "checkpoint", "config")

@@ -58,11 +58,8 @@ class EvalConfig:
         check.ints(self, ("num_prompts", "samples", "max_new_tokens", "num_resamples"))
         check.ints(self, ("seed",), low=0)
         check.numbers(self, ("temperature",), strict=True)
-        ns = tuple(self.ns)
-        object.__setattr__(self, "ns", ns)
-        if not ns or not all(check.is_int(n) and 1 <= n <= self.samples for n in ns):
-            check.fail(self, "ns", f"a non-empty list of integers in [1, eval.samples="
-                                   f"{self.samples}]")
+        check.int_tuple(self, "ns", f"a non-empty list of integers in [1, eval.samples="
+                                    f"{self.samples}]", high=self.samples)
         if self.num_resamples < 2:
             check.fail(self, "num_resamples", "an integer >= 2")
 

@@ -111,11 +111,8 @@ class ComparisonConfig:
         if unknown or not self.method_list:
             check.fail(self, "methods", f"'all' or a comma-separated subset of {METHODS} "
                                         f"(unknown: {unknown})")
-        seeds = tuple(self.seeds)
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                            for s in seeds) or len(set(seeds)) != len(seeds):
-            check.fail(self, "seeds", "a non-empty tuple of distinct integers >= 0")
-        object.__setattr__(self, "seeds", seeds)
+        check.int_tuple(self, "seeds", "a non-empty tuple of distinct integers >= 0", low=0,
+                        distinct=True)
         check.ints(self, ("n",), low=2)
         check.ints(self, ("eval_samples", "eval_batch_prompts"))
         check.ints(self, ("kl_match_tries",), low=0)
@@ -262,13 +259,17 @@ def refuse_unread_base_overrides(config: Any, keys: Sequence[str], flag: str = "
     from infalign_jax.infra.config_utils import refuse_unused_overrides
     cc = parse_comparison(config.comparison)
     methods = [m for m in cc.method_list if m in TRAINED]
+    base_keys = [k[len("base."):] for k in keys if k.startswith("base.")]
+    if not base_keys:
+        return
     base = task_configs(config)[0]
-    for key in (k[len("base."):] for k in keys if k.startswith("base.")):
+    run_cfgs = [sweep.apply_overrides(*_method_config(base, method, cc.n, cc.t, cc.kl_target))
+                for method in methods]
+    for key in base_keys:
         errors = []
-        for method in methods:
-            cfg, rest = _method_config(base, method, cc.n, cc.t, cc.kl_target)
+        for cfg in run_cfgs:
             try:
-                refuse_unused_overrides(sweep.apply_overrides(cfg, rest), [key], f"--{flag}.base.")
+                refuse_unused_overrides(cfg, [key], f"--{flag}.base.")
             except ValueError as e:
                 errors.append(str(e))
             else:

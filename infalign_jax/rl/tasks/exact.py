@@ -326,11 +326,7 @@ class ExactTaskConfig:
     eval_ns: tuple = (1, 2, 4)
 
     def __post_init__(self):
-        ns = self.eval_ns
-        if isinstance(ns, (str, bytes)) or not hasattr(ns, "__iter__") or not ns or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in ns):
-            check.fail(self, "eval_ns", "a non-empty tuple of integers >= 1")
-        object.__setattr__(self, "eval_ns", tuple(ns))
+        check.int_tuple(self, "eval_ns", "a non-empty tuple of integers >= 1")
         check.ints(self, ("seed",), low=0)
         check.ints(self, ("vocab", "length", "num_prompts", "d_model"))
         check.numbers(self, ("init_std",), strict=True)
