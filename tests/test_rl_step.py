@@ -465,7 +465,13 @@ def test_programs_around_a_host_reward_equal_the_one_program_step():
     assert calls == [(8, 3)]
     for k in one_met:
         np.testing.assert_allclose(split_met[k], one_met[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    for a, b in zip(jax.tree.leaves(split_state), jax.tree.leaves(one_state)):
+    # The two are different programs, so XLA may fuse (and round) them differently: the gradient
+    # agrees to rounding (the metrics above, grad_norm among them), the parameters as Adam's
+    # normalised step allows (`adam_numerics`), the rest of the state to rounding.
+    assert_agree_after_adam(split_state.params, one_state.params, learning_rate=cfg.learning_rate,
+                            updates=1, min_fraction=0.99, rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(split_state._replace(params=None)),
+                    jax.tree.leaves(one_state._replace(params=None)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert float(one_met["loss"]) != 0.0
     for text in (roll.lower(state, batch, key).as_text(),
