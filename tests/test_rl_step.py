@@ -223,6 +223,21 @@ def test_beta_lives_in_state_and_follows_schedules():
              jax.random.key(0))
 
 
+def test_beta_schedules_hold_each_accumulation_window_at_its_first_steps_value():
+    """grad_accum_steps = 2: the two micro-steps of a window use one beta (the schedule at the
+    window's first step), so their mean gradient is one batch's at one beta; the warm-up too."""
+    cfg, _, step, state, frozen, batch = _step_with(
+        grad_accum_steps=2, beta_schedule="linear", beta=1.0, beta_final=0.2, beta_steps=4,
+        beta_anneal_steps=4, beta_anneal_factor=2.0)
+    jstep = jax.jit(step)
+    want = [1.0 * 2.0, 1.0 * 2.0, 0.6 * 2.0 ** 0.5, 0.6 * 2.0 ** 0.5, 0.2, 0.2]
+    for i, beta in enumerate(want):
+        state, met = jstep(state, frozen, batch, jax.random.key(i))
+        assert float(met["beta"]) == pytest.approx(beta, rel=1e-6), i
+        assert float(state.beta) == pytest.approx(float(rl.scheduled_beta(cfg, i + 1)), rel=1e-6)
+    assert float(rl.scheduled_beta(cfg, 3)) == pytest.approx(0.6 * 2.0 ** 0.5, rel=1e-6)
+
+
 def _np_gae_path(score, logp, ref, values, mask, beta, gamma, lam, whiten=True):
     """Independent numpy: KL-shaped rewards, GAE over valid tokens, whitening."""
     R, L = logp.shape

@@ -216,6 +216,9 @@ def make_value_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
 
 def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
     """beta at `step` (0-based) of the "constant" / "linear" schedules, times the warm-up factor.
+    Under gradient accumulation (`grad_accum_steps` = k > 1) every step of an accumulation window
+    uses the value at the window's first step, so the k micro-batches whose mean gradient makes
+    one update are one batch at one beta (as the learning rate, `_step_schedule`).
 
     Why the warm-up: with an autoregressive softmax policy, E[Phi] - beta KL has traps. Early on,
     while the continuations after a prefix are still those of pi_ref, a prefix whose *optimal*
@@ -227,7 +230,8 @@ def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
     Large beta keeps pi near pi_ref while the continuations learn, and the optimum moves slowly
     along pi*_beta as beta falls (a homotopy), so the policy stays in its basin.
     """
-    step_f = jnp.asarray(step, jnp.float32)
+    step = jnp.asarray(step)
+    step_f = (step - step % cfg.grad_accum_steps).astype(jnp.float32)
     if cfg.beta_schedule == "linear":
         frac = jnp.minimum(step_f / cfg.beta_steps, 1.0)
         beta = jnp.float32(cfg.beta) + (cfg.beta_final - cfg.beta) * frac

@@ -48,7 +48,9 @@ Design:
   `optax.MultiSteps`, so every `optimizer.update` is a micro-step and parameters move once per k,
   with the mean gradient (clipping and the lr schedule act on the mean). Each RLOO step is one
   micro-step; PPO is only allowed with `ppo_epochs=1`, since epochs over one micro-batch would
-  otherwise be accumulated as if they were different data.
+  otherwise be accumulated as if they were different data. The "constant" / "linear" beta
+  schedules and the warm-up hold each window at its first step's value (`scheduled_beta`); the
+  adaptive controller updates after every micro-step, from that micro-batch's KL.
 * Learning-rate decay (`decay_steps` > 0): the cosine counts RL steps whatever the updates per
   step, for the policy and the critic: all `ppo_epochs` updates of step s use its value at s, and
   the update closing an accumulation window its value at the window's first step.
