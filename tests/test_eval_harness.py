@@ -243,3 +243,21 @@ def test_decoder_blockwise_single_block_is_bon(params):
     assert np.mean(truth) > 0.6  # well above 1/2: the check is not the trivial one
     assert abs(e["point"] - np.mean(truth)) <= 4 * e["stderr"] + 0.005, (e, truth)
     assert rec["kl"]["bound"]["mean"] == pytest.approx(np.log(k) - (k - 1) / k, rel=1e-5)
+
+
+def test_decoder_kl_standard_error_is_over_prompts(params):
+    """`evaluate_decoder` reads kl_R's rows b*M + j as prompt b's M samples: its standard error
+    is that of the per-prompt means, not of B*M independent sequences."""
+    _, ref = params
+    prompts, mask = _prompts(2)                       # 4 prompts
+    m = 3
+    kl_R = np.array([10.0 * (i // m) + 0.1 * (i % m) for i in range(4 * m)])
+
+    def run(p, pm, r):
+        return jnp.zeros((p.shape[0], L), jnp.int32), jnp.ones((p.shape[0], L), bool), kl_R
+
+    rec = eval_harness.evaluate_decoder(run, FNS, ref, prompts, mask, judge, m=m, ns=[1],
+                                        max_new_tokens=L, num_resamples=50)
+    means = kl_R.reshape(4, m).mean(1)
+    assert rec["kl"]["exact"]["stderr"] == pytest.approx(means.std(ddof=1) / 2, rel=1e-5)
+    assert rec["kl"]["exact"]["mean"] == pytest.approx(kl_R.mean())

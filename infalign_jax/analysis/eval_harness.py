@@ -7,9 +7,10 @@
   3. standard, BoN_N and WoN_N win rates over an N grid, ties 1/2, against T(pi_ref) (the
      spec's main reading) with bootstrap 95% CIs over prompts (`evaluation.win_rate`), by the
      unbiased subset estimator (`win_rates="unbiased"`, the default) or the plug-in;
-  4. KL(pi || pi_ref) along the policy's samples: k1 (with its standard error), k3 and the exact
-     per-token full-vocabulary KL summed along sampled prefixes (`kl.sequence_kl_from_logits`), plus
-     the BoN KL bound log N - (N - 1)/N for each N (what BoN_N(pi_ref) itself would cost).
+  4. KL(pi || pi_ref) along the policy's samples: k1, k3 and the exact per-token full-vocabulary
+     KL summed along sampled prefixes (`kl.sequence_kl_from_logits`), each with its standard error
+     over prompts, plus the BoN KL bound log N - (N - 1)/N for each N (what BoN_N(pi_ref) itself
+     would cost).
 With `temperature` != 1 both sides are sampled at it (the deployed procedure T includes the
 temperature), while the KL stays the trained policy's KL(pi || pi_ref), the x-axis of the
 frontier: it is estimated on a second set of M policy samples a prompt drawn at temperature 1.
@@ -211,9 +212,10 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     ref_logp, kl_RxL = path.ref_logp_RxL, path.kl_RxL
     pol_logp = on_pi.logp_BxNxL.reshape(batch * m, -1)
     on_pi_rmask = on_pi.mask_BxNxL.reshape(batch * m, -1)
-    k1 = kl.sequence_kl("k1", pol_logp, ref_logp, on_pi_rmask)
-    k3 = kl.sequence_kl("k3", pol_logp, ref_logp, on_pi_rmask)
-    full = kl.summarise_sequences(jnp.sum(kl_RxL, axis=-1))
+    # Standard errors over prompts (each prompt's M samples share it), as the win rates resample.
+    k1 = kl.sequence_kl("k1", pol_logp, ref_logp, on_pi_rmask, m)
+    k3 = kl.sequence_kl("k3", pol_logp, ref_logp, on_pi_rmask, m)
+    full = kl.summarise_sequences(jnp.sum(kl_RxL, axis=-1), m)
     record["kl"] = {name_: {"mean": float(e.mean), "stderr": float(e.stderr)}
                     for name_, e in (("k1", k1), ("k3", k3), ("full_vocab", full))}
     record["mean_response_length"] = float(np.asarray(pol_rmask).sum(1).mean())
@@ -234,7 +236,7 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
     `decode(prompt_RxP, mask_RxP, rng) -> (tokens_RxL, mask_RxL, kl_R)` runs on the prompts
     repeated M times (row b*M + j); kl_R is the decoder's own per-sequence KL (tokenwise CD: the
     exact path KL, `kl_kind="exact"`; blockwise CD: CD's bound, `kl_kind="bound"`), reported as
-    record["kl"][kl_kind] with its standard error over sequences. `on_scored` as in
+    record["kl"][kl_kind] with its standard error over prompts. `on_scored` as in
     `evaluate_policy` ("policy" is the decoder's side).
     """
     ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context)
@@ -255,8 +257,8 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
     record.update(_win_rates(pol_scores.reshape(batch, m), ref_scores.reshape(batch, m), ns_G,
                              nan_policy, num_resamples, seed, win_rates))
-    stderr = float(kl_R.std(ddof=1) / np.sqrt(kl_R.size)) if kl_R.size > 1 else float("nan")
-    record["kl"] = {kl_kind: {"mean": float(kl_R.mean()), "stderr": stderr}}
+    est = kl.summarise_sequences(jnp.asarray(kl_R), m)
+    record["kl"] = {kl_kind: {"mean": float(kl_R.mean()), "stderr": float(est.stderr)}}
     record["mean_response_length"] = float(np.asarray(pol_rmask).sum(1).mean())
     return record
 

@@ -174,7 +174,11 @@ def kl_penalty_loss(logp_BxT: Array, ref_logp_BxT: Array, mask_BxT: Array,
 class KLEstimate(NamedTuple):
     """Sequence-level KL estimate: mean over sequences, its standard error, per-sequence values.
 
-    stderr = std(ddof=1) / sqrt(B); NaN when B = 1.
+    With one sequence per prompt, stderr = std(ddof=1) / sqrt(B). With `samples_per_prompt` M > 1
+    (rows b*M .. b*M + M - 1 are prompt b's), the M samples of a prompt share it, so the standard
+    error is that of the mean over prompts: std(ddof=1) of the B per-prompt means / sqrt(B)
+    (treating the B*M sequences as independent understates it when KL varies between prompts).
+    NaN when there is one prompt.
     """
 
     mean: Array
@@ -182,17 +186,23 @@ class KLEstimate(NamedTuple):
     per_sequence_B: Array
 
 
-def summarise_sequences(per_sequence_B: Array) -> KLEstimate:
+def summarise_sequences(per_sequence_B: Array, samples_per_prompt: int = 1) -> KLEstimate:
     num = per_sequence_B.shape[0]
+    if samples_per_prompt < 1 or num % samples_per_prompt:
+        raise ValueError(f"summarise_sequences: {num} sequences are not whole groups of "
+                         f"samples_per_prompt={samples_per_prompt}")
     mean = jnp.mean(per_sequence_B)
-    if num < 2:
+    prompts = num // samples_per_prompt
+    if prompts < 2:
         return KLEstimate(mean, jnp.full((), jnp.nan, jnp.float32), per_sequence_B)
-    return KLEstimate(mean, jnp.std(per_sequence_B, ddof=1) / jnp.sqrt(num), per_sequence_B)
+    per_prompt = jnp.mean(per_sequence_B.reshape(prompts, samples_per_prompt), axis=1)
+    return KLEstimate(mean, jnp.std(per_prompt, ddof=1) / jnp.sqrt(prompts), per_sequence_B)
 
 
 def sequence_kl(estimator: str, logp_BxT: Array, ref_logp_BxT: Array,
-                mask_BxT: Array) -> KLEstimate:
-    """sum_t of the per-token estimator over the valid tokens of y ~ pi, summarised over sequences.
+                mask_BxT: Array, samples_per_prompt: int = 1) -> KLEstimate:
+    """sum_t of the per-token estimator over the valid tokens of y ~ pi, summarised over sequences
+    (`summarise_sequences`: rows b*M .. b*M + M - 1 are prompt b's M = `samples_per_prompt`).
 
     k1 and k3 are unbiased for the sequence KL(pi || pi_ref). k3 is clamped at 0 per token: it is
     non-negative in exact arithmetic and only rounding could push it below.
@@ -200,7 +210,7 @@ def sequence_kl(estimator: str, logp_BxT: Array, ref_logp_BxT: Array,
     per_token_BxT = kl_per_token(estimator, logp_BxT, ref_logp_BxT, mask_BxT)
     if estimator == "k3":
         per_token_BxT = jnp.maximum(per_token_BxT, 0.0)
-    return summarise_sequences(masked_sum(per_token_BxT, mask_BxT, axis=-1))
+    return summarise_sequences(masked_sum(per_token_BxT, mask_BxT, axis=-1), samples_per_prompt)
 
 
 def sequence_kl_from_logits(logits_BxTxV: Array, ref_logits_BxTxV: Array,
