@@ -149,6 +149,38 @@ def test_blockwise_increases_target_count_and_bound():
     np.testing.assert_allclose(best.kl_bound_B, expected, rtol=1e-5)
 
 
+def test_a_scorer_without_finite_values_is_counted_and_blockwise_keeps_an_unguided_block():
+    """Row 1's prefixes are all scored NaN: blockwise keeps each block's first candidate (what a
+    constant scorer, every candidate tied, keeps; it took the last one through index -1) and both
+    decoders count the steps; row 0, scored as usual, counts none. `evaluate` refuses such runs."""
+    from infalign_jax.workflows.evaluate import refuse_unscored
+    table = _table(3)
+    prompt = jnp.array([[1, 3], [2, 3]], jnp.int32)
+    mask = jnp.ones_like(prompt, bool)
+
+    def nan_on_row_1(tokens_BxT, mask_BxT):
+        return jnp.where(tokens_BxT[:, 0] == 2, jnp.nan, count_target(tokens_BxT, mask_BxT))
+
+    def constant(tokens_BxT, mask_BxT):
+        return jnp.zeros(tokens_BxT.shape[0], jnp.float32)
+
+    def block(scorer):
+        return cd.blockwise_decode(tab_fns(), table, scorer, prompt, mask, jax.random.key(4),
+                                   num_candidates=4, block_size=2, max_new_tokens=6, pad_id=PAD)
+
+    got, unguided = block(nan_on_row_1), block(constant)
+    np.testing.assert_array_equal(got.unscored_B, [0, 3])
+    np.testing.assert_array_equal(got.tokens_BxL[1], unguided.tokens_BxL[1])
+    assert np.all(np.asarray(got.kl_bound_B) > 0)
+    tok = cd.tokenwise_decode(tab_fns(), table, nan_on_row_1, prompt, mask, jax.random.key(4),
+                              lam=1.0, top_k=3, max_new_tokens=6, pad_id=PAD)
+    np.testing.assert_array_equal(tok.unscored_B, [0, 6])
+    refuse_unscored("cd_blockwise", np.zeros(4, np.int32), {"last_loss": 0.1})
+    with pytest.raises(ValueError, match=r"cd_blockwise: .* at 3 decoding steps of 1 of 2 "
+                                         r"sequences .*loss nan"):
+        refuse_unscored("cd_blockwise", got.unscored_B, {"last_loss": float("nan")})
+
+
 def last_token_id(tokens_BxT, mask_BxT):
     """Prefix scorer: the id of the last real token (distinct values, so no ties)."""
     last = jnp.max(jnp.where(mask_BxT.astype(bool), jnp.arange(tokens_BxT.shape[1]), -1), axis=1)

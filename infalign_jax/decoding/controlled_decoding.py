@@ -59,6 +59,7 @@ class TokenwiseOutput(NamedTuple):
     logp_BxL: Array       # float32 log pi_lambda of each sampled token (0 where masked)
     ref_logp_BxL: Array   # float32 log pi_ref of each sampled token (0 where masked)
     kl_B: Array           # exact sum_t KL(pi_lambda(.|prefix_t) || pi_ref(.|prefix_t))
+    unscored_B: Array     # int32: steps at which a candidate's scorer value was not finite
 
 
 class BlockwiseOutput(NamedTuple):
@@ -67,6 +68,8 @@ class BlockwiseOutput(NamedTuple):
     ref_logp_BxL: Array   # float32 log pi_ref of each kept token (0 where masked)
     score_B: Array        # scorer value of the final prefix [x, y]
     kl_bound_B: Array     # accepted blocks x (log K - (K - 1) / K); CD section 4.4: L_x / M blocks
+    unscored_B: Array     # int32: blocks at which the scorer gave every candidate NaN (the first
+                          # candidate, an unguided pi_ref block, was kept)
 
 
 def value_head_scorer(cfg: ModelConfig, params: Params) -> PrefixScorer:
@@ -125,7 +128,7 @@ def tokenwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         [prompt_mask_BxP.astype(bool), jnp.zeros((batch, max_new_tokens), bool)], 1)
 
     def step(t, carry):
-        tokens, mask, done, logp, ref_logp, kl, key = carry
+        tokens, mask, done, logp, ref_logp, kl, unscored, key = carry
         key, sub = jax.random.split(key)
         logits_BxTxV = fns.logits(params, tokens, mask).astype(jnp.float32)
         ref_logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, plen - 1 + t, 1, False)
@@ -151,14 +154,16 @@ def tokenwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         logp = logp.at[:, t].set(pick(log_q_BxJ))
         ref_logp = ref_logp.at[:, t].set(pick(log_p_BxJ))
         kl = kl + jnp.where(valid, step_kl_B, 0.0)
+        unscored = unscored + (valid & ~jnp.all(jnp.isfinite(values_BxJ), -1))
         done = done | (token == eos)
-        return tokens, mask, done, logp, ref_logp, kl, key
+        return tokens, mask, done, logp, ref_logp, kl, unscored, key
 
     zeros = jnp.zeros((batch, max_new_tokens), jnp.float32)
     carry = (tokens0, mask0, jnp.zeros((batch,), bool), zeros, zeros,
-             jnp.zeros((batch,), jnp.float32), rng)
-    tokens, mask, _, logp, ref_logp, kl, _ = jax.lax.fori_loop(0, max_new_tokens, step, carry)
-    return TokenwiseOutput(tokens[:, plen:], mask[:, plen:], logp, ref_logp, kl)
+             jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32), rng)
+    tokens, mask, _, logp, ref_logp, kl, unscored, _ = jax.lax.fori_loop(0, max_new_tokens, step,
+                                                                         carry)
+    return TokenwiseOutput(tokens[:, plen:], mask[:, plen:], logp, ref_logp, kl, unscored)
 
 
 def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prompt_BxP: Array,
@@ -190,6 +195,7 @@ def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
     prefix_mask = prompt_mask_BxP.astype(bool)
     score_B = jnp.zeros((batch,), jnp.float32)
     blocks_B = jnp.zeros((batch,), jnp.float32)   # blocks accepted (each a best-of-K choice)
+    unscored_B = jnp.zeros((batch,), jnp.int32)
     for start in range(0, max_new_tokens, block_size):
         m = min(block_size, max_new_tokens - start)
         rng, sub = jax.random.split(rng)
@@ -203,7 +209,11 @@ def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         values_BxJ = score_last(scorer, cand, cand_mask).reshape(batch, kk)
         # best_of_n breaks ties by the first index; the K blocks are i.i.d., so that is a uniformly
         # random choice among the tied blocks.
-        best_B = best_of_n(values_BxJ).index_B
+        # A row whose K values are all NaN has no best block: its first candidate, an unguided
+        # pi_ref block, is kept and counted in unscored_B.
+        best = best_of_n(values_BxJ)
+        best_B = jnp.where(best.has_valid_B, best.index_B, 0)
+        unscored_B = unscored_B + (~done & ~best.has_valid_B)
 
         def pick(x_BxJxL):
             return jnp.take_along_axis(x_BxJxL, best_B[:, None, None], 1)[:, 0]
@@ -220,4 +230,5 @@ def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         ref_logp = jnp.concatenate([ref_logp, block_logp], 1)
         prefix = jnp.concatenate([prefix, block], 1)
         prefix_mask = jnp.concatenate([prefix_mask, block_mask], 1)
-    return BlockwiseOutput(resp, resp_mask, ref_logp, score_B, blocks_B * float(bon_kl_bound(kk)))
+    return BlockwiseOutput(resp, resp_mask, ref_logp, score_B, blocks_B * float(bon_kl_bound(kk)),
+                           unscored_B)

@@ -297,6 +297,20 @@ def train_scorer(s, ctx, log: SampleLog, progress) -> tuple[Any, Any, dict[str, 
     return vcfg, state.params, summary
 
 
+def refuse_unscored(name: str, unscored_R, scorer: dict) -> None:
+    """Controlled decoding whose prefix scorer gave values that are not finite is refused: the
+    decoder cannot rank its candidates there (blockwise keeps an unguided block, tokenwise's
+    softmax is NaN), so its win rates would be reported for another procedure."""
+    unscored_R = np.asarray(unscored_R)
+    rows = int(np.count_nonzero(unscored_R))
+    if rows:
+        raise ValueError(
+            f"evaluate: {name}: the prefix scorer's values were not finite at "
+            f"{int(unscored_R.sum())} decoding steps of {rows} of {unscored_R.size} sequences "
+            f"(the scorer's training ended at loss {scorer.get('last_loss')}); nothing is "
+            f"reported for a decoder that could not rank its candidates")
+
+
 def run_decoders(s, ctx, log: SampleLog, progress) -> tuple[list, dict, dict]:
     e, c = s["eval"], s["cd"]
     vcfg, vparams, scorer = train_scorer(s, ctx, log, progress)
@@ -306,20 +320,26 @@ def run_decoders(s, ctx, log: SampleLog, progress) -> tuple[list, dict, dict]:
     def tokenwise(rp, vp, p, pm, rng):
         out = cd_lib.tokenwise_decode(ctx.ref_fns, rp, prefix_scorers.scorer_from_params(vcfg, vp),
                                       p, pm, rng, lam=c.lam, top_k=c.top_k, **kw)
-        return out.tokens_BxL, out.mask_BxL, out.kl_B
+        return out.tokens_BxL, out.mask_BxL, out.kl_B, out.unscored_B
 
     @jax.jit
     def blockwise(rp, vp, p, pm, rng):
         out = cd_lib.blockwise_decode(ctx.ref_fns, rp, prefix_scorers.scorer_from_params(vcfg, vp),
                                       p, pm, rng, num_candidates=c.num_candidates,
                                       block_size=c.block_size, **kw)
-        return out.tokens_BxL, out.mask_BxL, out.kl_bound_B
+        return out.tokens_BxL, out.mask_BxL, out.kl_bound_B, out.unscored_B
 
     rows, records = [], {}
     for name in (p for p in e.procedures if p in DECODERS):
         fn, kl_kind = (tokenwise, "exact") if name == "cd_tokenwise" else (blockwise, "bound")
+
+        def decode(p, pm, rng, fn=fn, name=name):
+            tokens, mask, kl, unscored = fn(ctx.reference.params, vparams, p, pm, rng)
+            refuse_unscored(name, unscored, scorer)
+            return tokens, mask, kl
+
         record = eval_harness.evaluate_decoder(
-            lambda p, pm, rng: fn(ctx.reference.params, vparams, p, pm, rng), ctx.ref_fns,
+            decode, ctx.ref_fns,
             ctx.reference.params, ctx.eval_BxP, ctx.eval_mask, ctx.judge, m=e.samples, ns=e.ns,
             seed=e.seed, detokenize=ctx.detokenize, num_resamples=e.num_resamples,
             kl_kind=kl_kind, name=name, on_scored=log.hook(name, f"{name}/pi_ref"), **kw)
