@@ -12,6 +12,7 @@ from infalign_jax.rl import bon_distillation as bd
 from infalign_jax.rl.tasks import exact as et
 from infalign_jax import models, rl
 from infalign_jax.core.preference_losses import harmonic_number
+from infalign_jax.loops.train import guard_nonfinite
 
 
 def test_vbon_config_is_log_transform_with_beta_one_over_n_minus_one():
@@ -84,6 +85,36 @@ def test_bonbon_prompts_whose_rewards_all_tie_have_no_preference_pair():
     nll = -np.mean(et.policy_logprobs(task, task.ref_params)[idx, codes[:, 0]])  # first index
     assert float(met["tied"]) == 1.0 and float(met["pref"]) == 0.0
     assert float(met["loss"]) == pytest.approx(0.3 * nll, rel=1e-4)
+
+
+@pytest.mark.parametrize("nan_rows", ["a whole prompt", "one draw"])
+def test_a_nan_reward_among_the_draws_makes_the_guarded_bonbon_step_skip(nan_rows):
+    """The selection passes over NaN rewards, so without a trace in the metrics a prompt whose
+    draws are all NaN trained on an empty "tied" pair and a NaN draw left a best-of-(n-1) pick,
+    with the step reported as taken. The draws' reward metrics now carry the NaN, so the guard
+    keeps the old state, as for a CTRL step with a NaN reward."""
+    task, cfg, fns, _, state, frozen, batch = _setup(variant="ipo", alpha=0.3, monitor_samples=0)
+    opt = rl.make_optimizer(cfg)
+
+    def reward(bad):
+        def fn(params, idx_B, resp_BxL, mask_BxL):
+            r = et.table_reward_fn(params, idx_B, resp_BxL, mask_BxL, vocab=4)
+            return jnp.where(bad(jnp.arange(r.shape[0])), jnp.nan, r)
+        return fn
+
+    bad = (lambda i: i < cfg.n) if nan_rows == "a whole prompt" else (lambda i: i == 5)
+    guarded = lambda fn: jax.jit(guard_nonfinite(bd.make_bonbon_step(cfg, fns, fn, opt)))
+    key = jax.random.key(3)
+    kept, met = guarded(reward(bad))(state, frozen, batch, key)
+    assert int(met["skipped"]) == 1
+    assert np.isnan(float(met["best_reward"])) and np.isnan(float(met["worst_reward"]))
+    for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The same step with finite rewards is taken.
+    moved, met = guarded(reward(lambda i: i < 0))(state, frozen, batch, key)
+    assert int(met["skipped"]) == 0 and np.isfinite(float(met["best_reward"]))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(state.params)))
 
 
 def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():

@@ -20,6 +20,9 @@ offline data set, same distribution); `data="offline"` reads them from the batch
 Ties in reward are broken by the first index (argmax / argmin); a prompt whose n rewards all
 tie has one response as both best and worst, so no preference pair: it is left out of L_pref
 (metric `tied`, the share of such prompts) and its best response still enters the NLL.
+A NaN reward among a step's pi_ref draws makes best_reward and worst_reward NaN, so the run
+loop's non-finite guard skips the step (and `train.nan_policy="stop"` stops, naming them), as it
+does for a CTRL step; a best or worst pick that passed over NaN-scored draws is not trained on.
 
 Metrics: loss, nll, pref, h_mean, accuracy, tied, beta (beta*_N or the configured one),
 grad_norm, best_reward, worst_reward (of the pi_ref draws); from `monitor_samples` policy samples per prompt
@@ -195,9 +198,15 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A NaN reward would otherwise leave the selection quietly (a row without any finite
+        # one trains on an empty "tied" pair): the draws' reward metrics carry it, so the guarded
+        # step is skipped, as a CTRL step with a NaN reward is.
+        scored_B = ~jnp.any(jnp.isnan(rewards_BxN), axis=1)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "best_reward": jnp.mean(select(rewards_BxN, best_B)),
-                   "worst_reward": jnp.mean(select(rewards_BxN, worst_B)),
+                   "best_reward": jnp.mean(jnp.where(scored_B, select(rewards_BxN, best_B),
+                                                     jnp.nan)),
+                   "worst_reward": jnp.mean(jnp.where(scored_B, select(rewards_BxN, worst_B),
+                                                      jnp.nan)),
                    "response_length": jnp.mean(jnp.sum(rmask_2BxL[::2], -1)),
                    **{k: aux[k] for k in ("nll", "pref", "h_mean", "accuracy", "beta", "tied")}}
         if cfg.monitor_samples:
