@@ -181,6 +181,31 @@ def test_a_scorer_without_finite_values_is_counted_and_blockwise_keeps_an_unguid
         refuse_unscored("cd_blockwise", got.unscored_B, {"last_loss": float("nan")})
 
 
+def test_tokenwise_counts_a_step_as_unscored_only_where_its_candidates_have_no_distribution():
+    """A scorer value of -inf with lambda > 0 gives that candidate probability 0, a usable
+    distribution (it was counted as unscored, and `evaluate` refused the run); with lambda < 0
+    the same value is a +inf logit and the softmax is NaN, counted at every step."""
+    table = _table(6)
+    prompt, mask = _prompt(4)
+
+    def never_target(tokens_BxT, mask_BxT):
+        return jnp.where(last_token_id(tokens_BxT, mask_BxT) == TARGET, -jnp.inf, 0.0)
+
+    def decode(lam):
+        return cd.tokenwise_decode(tab_fns(), table, never_target, prompt, mask,
+                                   jax.random.key(5), lam=lam, top_k=V, max_new_tokens=6,
+                                   pad_id=PAD)
+
+    usable = decode(1.0)
+    np.testing.assert_array_equal(usable.unscored_B, [0, 0, 0, 0])
+    real = np.asarray(usable.mask_BxL)
+    assert not np.any(np.asarray(usable.tokens_BxL)[real] == TARGET)
+    assert np.all(np.isfinite(np.asarray(usable.logp_BxL))) and np.all(np.isfinite(usable.kl_B))
+    broken = decode(-1.0)
+    np.testing.assert_array_equal(broken.unscored_B, np.asarray(broken.mask_BxL).sum(1))
+    assert np.all(np.asarray(broken.unscored_B) > 0)
+
+
 def last_token_id(tokens_BxT, mask_BxT):
     """Prefix scorer: the id of the last real token (distinct values, so no ties)."""
     last = jnp.max(jnp.where(mask_BxT.astype(bool), jnp.arange(tokens_BxT.shape[1]), -1), axis=1)

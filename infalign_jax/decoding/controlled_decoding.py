@@ -59,7 +59,8 @@ class TokenwiseOutput(NamedTuple):
     logp_BxL: Array       # float32 log pi_lambda of each sampled token (0 where masked)
     ref_logp_BxL: Array   # float32 log pi_ref of each sampled token (0 where masked)
     kl_B: Array           # exact sum_t KL(pi_lambda(.|prefix_t) || pi_ref(.|prefix_t))
-    unscored_B: Array     # int32: steps at which a candidate's scorer value was not finite
+    unscored_B: Array     # int32: steps at which the scorer's values left no distribution over
+                          # the candidates (NaN, or lambda * V = +inf, or all -inf)
 
 
 class BlockwiseOutput(NamedTuple):
@@ -154,7 +155,9 @@ def tokenwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         logp = logp.at[:, t].set(pick(log_q_BxJ))
         ref_logp = ref_logp.at[:, t].set(pick(log_p_BxJ))
         kl = kl + jnp.where(valid, step_kl_B, 0.0)
-        unscored = unscored + (valid & ~jnp.all(jnp.isfinite(values_BxJ), -1))
+        # Undefined where the candidates' softmax is: a NaN value, a +inf logit or all -inf. A
+        # single -inf logit is a candidate with q = 0, still a distribution.
+        unscored = unscored + (valid & jnp.any(jnp.isnan(log_q_BxJ), -1))
         done = done | (token == eos)
         return tokens, mask, done, logp, ref_logp, kl, unscored, key
 

@@ -298,14 +298,15 @@ def train_scorer(s, ctx, log: SampleLog, progress) -> tuple[Any, Any, dict[str, 
 
 
 def refuse_unscored(name: str, unscored_R, scorer: dict) -> None:
-    """Controlled decoding whose prefix scorer gave values that are not finite is refused: the
-    decoder cannot rank its candidates there (blockwise keeps an unguided block, tokenwise's
-    softmax is NaN), so its win rates would be reported for another procedure."""
+    """Controlled decoding whose prefix scorer could not rank a step's candidates is refused
+    (blockwise: every value NaN, so an unguided block was kept; tokenwise: NaN or infinite values
+    that leave no softmax), so its win rates would be reported for another procedure."""
     unscored_R = np.asarray(unscored_R)
     rows = int(np.count_nonzero(unscored_R))
     if rows:
         raise ValueError(
-            f"evaluate: {name}: the prefix scorer's values were not finite at "
+            f"evaluate: {name}: the prefix scorer's values (NaN or infinite) could not rank the "
+            f"candidates at "
             f"{int(unscored_R.sum())} decoding steps of {rows} of {unscored_R.size} sequences "
             f"(the scorer's training ended at loss {scorer.get('last_loss')}); nothing is "
             f"reported for a decoder that could not rank its candidates")
