@@ -13,6 +13,7 @@ from infalign_jax.rl.tasks import exact as et
 from infalign_jax import models, rl
 from infalign_jax.core.preference_losses import harmonic_number
 from infalign_jax.loops.train import guard_nonfinite
+from infalign_jax.analysis import evaluation
 
 
 def test_vbon_config_is_log_transform_with_beta_one_over_n_minus_one():
@@ -220,26 +221,26 @@ def test_bonbon_shared_prompt_step_equals_the_per_row_step(full_kl):
     assert train.bonbon_config(config, task).shared_prompt
 
 
-def _bon_policy(probs_XxY, rewards_XxY, n):
-    """Exact BoN_n for distinct rewards: P[best = y] = F(<= y)^n - F(< y)^n."""
-    out = np.zeros_like(probs_XxY)
-    for p in range(probs_XxY.shape[0]):
-        order = np.argsort(rewards_XxY[p])
-        le = np.cumsum(probs_XxY[p][order])
-        out[p, order] = le ** n - (le - probs_XxY[p][order]) ** n
-    return out
-
-
-def test_bon_policy_formula_matches_brute_force():
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+def test_selected_distribution_matches_brute_force_with_ties(procedure):
+    """`evaluation.selected_probs` (BoN_n / WoN_n of a discrete policy, the exact task's BoNBoN
+    target) against every ordered n-tuple of draws, the pick being the first draw at the best
+    (worst) reward, as `selection.best_of_n` breaks ties; rewards with ties and a zero weight."""
     rs = np.random.RandomState(0)
     q = rs.dirichlet(np.ones(5), size=2)
-    r = np.stack([rs.permutation(5) for _ in range(2)]).astype(float)
-    for n in (2, 3):
+    q[1, 2] = 0.0
+    q /= q.sum(1, keepdims=True)
+    r = np.array([[3.0, 1.0, 3.0, 0.0, 2.0], [1.0, 1.0, 4.0, 0.0, 1.0]])
+    sign = 1.0 if procedure == "bon" else -1.0
+    for n in (1, 2, 3):
         want = np.zeros_like(q)
         for p in range(2):
             for draws in itertools.product(range(5), repeat=n):
-                want[p, max(draws, key=lambda y: r[p, y])] += np.prod(q[p, list(draws)])
-        np.testing.assert_allclose(_bon_policy(q, r, n), want, atol=1e-12)
+                pick = draws[int(np.argmax(sign * r[p, list(draws)]))]
+                want[p, pick] += np.prod(q[p, list(draws)])
+        got = evaluation.selected_probs(r, n, procedure, weights_BxM=q)
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-12)
 
 
 @pytest.mark.slow
@@ -252,7 +253,7 @@ def test_bonbon_moves_policy_to_exact_bon(variant):
     task, cfg, fns, step, state, frozen, batch = _setup(
         reps=16, n=n, variant=variant, alpha=0.5, decay_steps=steps, monitor_samples=0)
     ref = np.exp(et.policy_logprobs(task, task.ref_params))
-    bon = _bon_policy(ref, task.rewards_XxY, n)
+    bon = np.exp(et.bon_logprobs(np.log(ref), task.rewards_XxY, n))
     want = et.policy_report(task, bon, ns=(1,))
     # Discrete rewards: KL(BoN_4 || pi_ref) is below the continuous log 4 - 3/4 = 0.636.
     assert 0.3 < want["kl"] < np.log(n) - (n - 1) / n

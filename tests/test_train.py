@@ -487,6 +487,35 @@ def _bonbon(rl_changes=None):
     return c
 
 
+def test_a_bonbon_run_is_evaluated_against_bon_n_of_pi_ref(tmp_path):
+    """BoNBoN distills BoN_n(pi_ref): its evaluation's target_* numbers, exact_kl_to_target and
+    the converged verdict are of BoN_n, enumerated here in reward order (distinct rewards),
+    P[y] = F(<= y)^n - F(< y)^n; they were of pi* of the transform and rl.beta, which a BoNBoN
+    run does not optimise."""
+    cfg = _bonbon()
+    n = cfg.bonbon.n
+    lines = []
+    state, summary = train.run(cfg, str(tmp_path), log=lines.append, devices=ONE)
+    task = exact_tasks.make_task(0)
+    ref_logp = exact_tasks.policy_logprobs(task, task.ref_params)
+    ref, r = np.exp(ref_logp), np.asarray(task.rewards_XxY, np.float64)
+    assert all(np.unique(row).size == row.size for row in r)
+    bon = np.zeros_like(ref)
+    for x in range(r.shape[0]):
+        order = np.argsort(r[x])
+        le = np.cumsum(ref[x, order])
+        bon[x, order] = le ** n - np.concatenate([[0.0], le[:-1]]) ** n
+    logp = exact_tasks.policy_logprobs(task, jax.device_get(state.params))
+    kl = lambda p_log, q: float((np.exp(p_log) * (p_log - np.log(q))).sum(1).mean())
+    ev = summary["eval"]
+    assert ev["target_kl"] == pytest.approx(kl(np.log(bon), ref), rel=1e-6)
+    assert ev["target_kl"] < np.log(n) - (n - 1) / n      # KL(BoN_n || pi_ref), discrete
+    assert ev["exact_kl_to_target"] == pytest.approx(kl(logp, bon), rel=1e-5)
+    assert "range_phi_over_beta" not in ev
+    assert summary["target"] == f"BoN_{n}" and summary["kl_to_target"] == ev["exact_kl_to_target"]
+    assert any(f"KL(pi || BoN_{n})" in line for line in lines)
+
+
 def test_bonbon_reads_none_of_the_rl_options_whose_overrides_it_refuses(tmp_path):
     """Under method="bonbon" overrides of the rl options `bon_distillation.unused_rl_options`
     names are refused. Set in the config itself, all of them changed at once leave the run

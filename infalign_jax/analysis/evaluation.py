@@ -151,19 +151,42 @@ def plugin_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: st
 
     f_le, f_lt = _fractions_le_lt(pol_BxM, pol_w_BxM, pol_BxM)
     h_le, h_lt = _fractions_le_lt(ref_BxK, ref_w_BxK, pol_BxM)
-    f_le, f_lt, h_le, h_lt = (a[..., None] for a in (f_le, f_lt, h_le, h_lt))  # [B, M, 1]
+    h_le, h_lt = h_le[..., None], h_lt[..., None]                                  # [B, M, 1]
     if procedure == "bon":
-        mass_BxMxG = f_le ** n_G - f_lt ** n_G
         below_BxMxG = 0.5 * (h_lt ** m_G + h_le ** m_G)
     else:
-        mass_BxMxG = (1.0 - f_lt) ** n_G - (1.0 - f_le) ** n_G
         below_BxMxG = 1.0 - 0.5 * ((1.0 - h_lt) ** m_G + (1.0 - h_le) ** m_G)
-    # Split P(X = p_i) over the samples tied at p_i in proportion to their weights (equal shares
-    # for the plug-in); f_le - f_lt >= w_i > 0 for every sample with weight.
-    w_BxMx1 = pol_w_BxM[..., None]
-    tied_BxMx1 = np.where(w_BxMx1 > 0, np.maximum(f_le - f_lt, w_BxMx1), 1.0)
-    share_BxMxG = mass_BxMxG * w_BxMx1 / tied_BxMx1
+    share_BxMxG = _selected_shares(f_le, f_lt, pol_w_BxM, n_G, procedure)
     return np.sum(share_BxMxG * below_BxMxG, axis=1)
+
+
+def _selected_shares(f_le_BxM: np.ndarray, f_lt_BxM: np.ndarray, w_BxM: np.ndarray,
+                     n_G: np.ndarray, procedure: str) -> np.ndarray:
+    """[B, M, G]: P(T_n = sample i), T_n the best (BoN) or worst (WoN) of n draws with
+    replacement from the weighted samples. P(X = p_i) is split over the samples tied at p_i in
+    proportion to their weights (a tie between draws goes to one of them, which is distributed as
+    the weights restricted to the tie); f_le - f_lt >= w_i > 0 for every sample with weight."""
+    f_le, f_lt, w = f_le_BxM[..., None], f_lt_BxM[..., None], w_BxM[..., None]
+    if procedure == "bon":
+        mass_BxMxG = f_le ** n_G - f_lt ** n_G
+    else:
+        mass_BxMxG = (1.0 - f_lt) ** n_G - (1.0 - f_le) ** n_G
+    tied = np.where(w > 0, np.maximum(f_le - f_lt, w), 1.0)
+    return mass_BxMxG * w / tied
+
+
+def selected_probs(scores_BxM, n: int, procedure: str = "bon", weights_BxM=None,
+                   valid_BxM=None) -> np.ndarray:
+    """[B, M]: the distribution of T_n(pi) over the samples, T_n = BoN_n / WoN_n with
+    replacement, pi uniform over the valid samples or the given weights. With a discrete policy's
+    outcomes and probabilities this is T_n(pi) exactly, e.g. the BoN_n(pi_ref) that Best-of-N
+    distillation targets (spec 4, 5). Rows sum to 1."""
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
+    scores_BxM, valid_BxM = _scores("scores_BxM", scores_BxM, valid_BxM)
+    w_BxM = _weights("scores_BxM", valid_BxM, weights_BxM)
+    f_le, f_lt = _fractions_le_lt(scores_BxM, w_BxM, scores_BxM)
+    return _selected_shares(f_le, f_lt, w_BxM, _ns(n), procedure)[..., 0]
 
 
 _LGAMMA = np.frompyfunc(math.lgamma, 1, 1)

@@ -355,21 +355,29 @@ def _beta_for_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, table
 
 
 def convergence_report(task: rl_tasks.RLTask, scalars: dict[str, float],
-                       log: Callable[[str], None]) -> dict[str, Any]:
-    """For tasks with an exact target: whether the run reached it (KL(pi || pi*) <= the task's
-    threshold), said in the log and returned for summary.json; {} otherwise."""
+                       log: Callable[[str], None], bon_n: int | None = None) -> dict[str, Any]:
+    """For tasks with an exact target: whether the run reached it (KL(pi || target) <= the task's
+    threshold), said in the log and returned for summary.json; {} otherwise. The target is pi*,
+    or BoN_n(pi_ref) for a BoNBoN run (`bon_n`)."""
     if task.converged_kl is None or "exact_kl_to_target" not in scalars:
         return {}
     dist = scalars["exact_kl_to_target"]
     converged = bool(dist <= task.converged_kl)
+    name = "pi*" if bon_n is None else f"BoN_{bon_n}"
     if converged:
-        log(f"converged: KL(pi || pi*) = {dist:.4g} <= {task.converged_kl}")
-    else:
+        log(f"converged: KL(pi || {name}) = {dist:.4g} <= {task.converged_kl}")
+    elif bon_n is None:
         log(f"NOT CONVERGED: KL(pi || pi*) = {dist:.4g} > {task.converged_kl}; the target is "
             f"range(Phi)/beta = {scalars.get('range_phi_over_beta', float('nan')):.1f} sharp "
             f"(above ~20 it needs config.rl.beta_anneal_steps and more steps); the exact_* numbers "
             f"are not those of pi*")
-    return {"converged": converged, "kl_to_target": dist, "converged_kl": task.converged_kl}
+    else:
+        log(f"NOT CONVERGED: KL(pi || {name}) = {dist:.4g} > {task.converged_kl}; BoNBoN's loss "
+            f"has BoN_{bon_n} as its minimiser only at bonbon.alpha = 1 (its preference term "
+            f"matches BoN_{bon_n}'s mean log-ratio gap, not the policy); the exact_* numbers are "
+            f"not those of BoN_{bon_n}")
+    return {"converged": converged, "kl_to_target": dist, "converged_kl": task.converged_kl,
+            "target": name}
 
 
 def _frozen(task: rl_tasks.RLTask, table: ReferenceTable, param_shardings: Any,
@@ -581,12 +589,14 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
             return state, metrics
 
         def evaluate(state: rl.RLState, step: int) -> dict[str, float]:
-            # pi* of the beta the run ends at, not cfg.beta (the schedule's start).
+            # pi* of the beta the run ends at, not cfg.beta (the schedule's start); BoNBoN's
+            # target is BoN_n(pi_ref), whatever the transform and beta.
             beta = cfg.beta if bonbon is not None else end_beta(cfg, state, tcfg.num_steps)
+            target = {} if bonbon is None else {"bon_n": bonbon.n}
             # A collective: parameters may be spread over the devices of several processes.
             params = distributed.gather_to_host(policy_params(cfg, state.params, frozen))
             with sharding.no_mesh():   # on this host's device, readable by every process
-                return task.evaluate(params, transform, beta, table)
+                return task.evaluate(params, transform, beta, table, **target)
 
         result = run_loop(workdir, state, one_step, tcfg, seed=seed, manifest=manifest, log=log,
                           progress_keys=("transformed_reward", "calibrated_reward", "kl_k1",
@@ -605,7 +615,8 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                               "prompt_tokens": int(task.prompts_XxP.shape[1])},
                "skipped_steps": result.counters["skips"],
                "last_train_metrics": result.last_metrics, "eval": result.last_eval}
-    summary.update(convergence_report(task, result.last_eval, log))
+    summary.update(convergence_report(task, result.last_eval, log,
+                                      None if bonbon is None else bonbon.n))
     if export.hf:   # from the last checkpoint (the final state), as experiments/export.py does
         out_dir = export.dir or os.path.join(workdir, "export", "hf")
         summary["export"] = distributed.from_primary(distributed.numbered("export_hf"),

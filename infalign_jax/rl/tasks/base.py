@@ -51,7 +51,8 @@ class RLTask:
     # reference_table(k, seed, partial_path=None, progress=None) -> ReferenceTable of K pi_ref
     # rewards per prompt id (a long calibration pass resumes from partial_path)
     reference_table: Callable[[int, int], ReferenceTable]
-    # evaluate(params, transform, beta, ref_table) -> scalars (exact or estimated)
+    # evaluate(params, transform, beta, ref_table, bon_n=None) -> scalars (exact or estimated);
+    # bon_n: the run distills BoN_n(pi_ref) (method="bonbon"), which is then the exact target
     evaluate: Callable[..., dict[str, float]] | None = None
     # Rollouts must use exactly this many new tokens (`config.rl.max_new_tokens`): a fixed-length
     # reward (the exact task), or the budget the reference table was drawn with (real tasks).
@@ -62,8 +63,8 @@ class RLTask:
     # beta_for_kl(kl, transform, ref_table) -> the beta whose exact target has this KL (tasks
     # with an exact target only; `config.task.kl_budget`)
     beta_for_kl: Callable[..., float] | None = None
-    # With an exact target: `evaluate` reports exact_kl_to_target = KL(pi || pi*), and a run is
-    # converged when it is <= converged_kl.
+    # With an exact target: `evaluate` reports exact_kl_to_target = KL(pi || pi*) (or
+    # KL(pi || BoN_n) with bon_n), and a run is converged when it is <= converged_kl.
     converged_kl: float | None = None
 
 

@@ -230,6 +230,14 @@ def target_policy(ref_logp_XxY: np.ndarray, calibrated_XxY: np.ndarray, transfor
     return np.exp(target_logprobs(ref_logp_XxY, calibrated_XxY, transform, beta, raw_XxY))
 
 
+def bon_logprobs(ref_logp_XxY: np.ndarray, rewards_XxY: np.ndarray, n: int) -> np.ndarray:
+    """log BoN_n(pi_ref): PxY, float64, the policy Best-of-N distillation (BoNBoN, vBoN) targets,
+    P[BoN_n = y] = F(<= y)^n - F(< y)^n in reward order (`evaluation.selected_probs`)."""
+    probs = evaluation.selected_probs(rewards_XxY, n, "bon", weights_BxM=np.exp(ref_logp_XxY))
+    with np.errstate(divide="ignore"):
+        return np.log(probs)
+
+
 def kl_from_logprobs(logp_XxY: np.ndarray, logq_XxY: np.ndarray) -> float:
     """mean over prompts of KL(p || q) from log-probabilities (finite where q underflows)."""
     logp, logq = np.asarray(logp_XxY, np.float64), np.asarray(logq_XxY, np.float64)
@@ -379,14 +387,21 @@ def rl_task(section: Any) -> RLTask:
         return calibrated_table(task, sorted_XxK, transform.smoothed)
 
     def evaluate(params: Params, transform, beta: float, table: ReferenceTable,
-                 ns: tuple[int, ...] = c.eval_ns) -> dict[str, float]:
+                 ns: tuple[int, ...] = c.eval_ns, bon_n: int | None = None) -> dict[str, float]:
+        """target_* and exact_kl_to_target are of pi* (transform, beta), or with `bon_n` of
+        BoN_n(pi_ref), the target of a Best-of-N distillation run (transform and beta unused)."""
         logp = policy_logprobs(task, params)
-        cal = calibrated(transform, table)
-        target = target_logprobs(ref_logp_XxY, cal, transform, beta, raw_XxY=task.rewards_XxY)
+        if bon_n is None:
+            cal = calibrated(transform, table)
+            target = target_logprobs(ref_logp_XxY, cal, transform, beta,
+                                     raw_XxY=task.rewards_XxY)
+        else:
+            target = bon_logprobs(ref_logp_XxY, task.rewards_XxY, bon_n)
         out = {f"exact_{k}": v for k, v in policy_report(task, np.exp(logp), ns).items()}
         out.update({f"target_{k}": v for k, v in policy_report(task, np.exp(target), ns).items()})
         out["exact_kl_to_target"] = kl_from_logprobs(logp, target)
-        out["range_phi_over_beta"] = target_sharpness(cal, transform, beta, task.rewards_XxY)
+        if bon_n is None:
+            out["range_phi_over_beta"] = target_sharpness(cal, transform, beta, task.rewards_XxY)
         return out
 
     def solve_beta(kl: float, transform, table: ReferenceTable) -> float:

@@ -412,9 +412,10 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
             base_model_id=base_id, reward_model_id=judge.id, require_eos=s.require_eos,
             partial_path=partial_path, progress=progress)
 
-    def evaluate(params: Any, transform: Any, beta: float, table: ReferenceTable
-                 ) -> dict[str, float]:
-        del transform, beta, table  # estimated from fresh samples and the judge, not the table
+    def evaluate(params: Any, transform: Any, beta: float, table: ReferenceTable,
+                 bon_n: int | None = None) -> dict[str, float]:
+        # estimated from fresh samples and the judge, not the table; no exact target
+        del transform, beta, table, bon_n
         m = s.eval_samples
         record = eval_harness.evaluate_policy(
             fns, params, fns, policy.params, eval_BxP, eval_mask_BxP, eval_judge, m=m,
