@@ -61,6 +61,7 @@ CPU_COLLECTIVES = ("gloo", "mpi")
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_HEARTBEAT = "INFALIGN_HEARTBEAT_TIMEOUT_S"
 
 
 def _is_int(x: Any) -> bool:
@@ -76,6 +77,10 @@ class DistributedConfig:
       for a single process.
     local_device_count: on CPU, the number of devices this process creates
       (`jax_num_cpu_devices`); None keeps the default (or `XLA_FLAGS`). Ignored off CPU.
+    heartbeat_timeout: seconds without a heartbeat after which the coordination service declares
+      a process dead and stops the others; None keeps jax's default (100 s). A process killed
+      outright (SIGKILL, the out-of-memory killer, a lost host) reports nothing, so this is how
+      long its peers wait for it (env INFALIGN_HEARTBEAT_TIMEOUT_S).
     """
 
     coordinator_address: str | None = None
@@ -84,6 +89,7 @@ class DistributedConfig:
     local_device_count: int | None = None
     cpu_collectives: str = "gloo"
     initialization_timeout: int = 120
+    heartbeat_timeout: int | None = None
 
     def __post_init__(self) -> None:
         def fail(field: str, msg: str) -> None:
@@ -98,6 +104,9 @@ class DistributedConfig:
             fail("process_id", f"must be in [0, num_processes={self.num_processes})")
         if self.initialization_timeout < 1:
             fail("initialization_timeout", "must be >= 1 second")
+        if self.heartbeat_timeout is not None and (
+                not _is_int(self.heartbeat_timeout) or self.heartbeat_timeout < 1):
+            fail("heartbeat_timeout", "must be None or an int >= 1 (seconds)")
         if self.local_device_count is not None and (
                 not _is_int(self.local_device_count) or self.local_device_count < 1):
             fail("local_device_count", "must be None or an int >= 1")
@@ -128,7 +137,8 @@ class DistributedConfig:
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> DistributedConfig:
-    """`DistributedConfig` from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    """`DistributedConfig` from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (and
+    INFALIGN_HEARTBEAT_TIMEOUT_S).
 
     None of them set means one process. JAX_COORDINATOR_ADDRESS=auto means cluster detection.
     `overrides` are further `DistributedConfig` fields (e.g. local_device_count).
@@ -138,7 +148,8 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Dist
     address = env.get(ENV_COORDINATOR, "").strip()
     if address:
         kwargs["coordinator_address"] = address
-    for var, field in ((ENV_NUM_PROCESSES, "num_processes"), (ENV_PROCESS_ID, "process_id")):
+    for var, field in ((ENV_NUM_PROCESSES, "num_processes"), (ENV_PROCESS_ID, "process_id"),
+                       (ENV_HEARTBEAT, "heartbeat_timeout")):
         text = env.get(var, "").strip()
         if not text:
             continue
@@ -171,12 +182,15 @@ def initialize(cfg: DistributedConfig) -> None:
         raise RuntimeError("initialize: jax.distributed is already initialized in this process")
     if _may_use_cpu():
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    timeouts: dict[str, int] = {"initialization_timeout": cfg.initialization_timeout}
+    if cfg.heartbeat_timeout is not None:
+        timeouts["heartbeat_timeout_seconds"] = cfg.heartbeat_timeout
     if cfg.coordinator_address == AUTO:
-        jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
+        jax.distributed.initialize(**timeouts)
     else:
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
                                    num_processes=cfg.num_processes, process_id=cfg.process_id,
-                                   initialization_timeout=cfg.initialization_timeout)
+                                   **timeouts)
     logger.info("process %d of %d: %d local / %d global devices", jax.process_index(),
                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
