@@ -148,6 +148,17 @@ def test_optimal_at_kl_steps_up_from_a_first_guess_where_the_solver_fails():
     assert sol.win_rate >= w_t - 1e-9 and sol.win_rate < 1.0
 
 
+def test_reported_win_rates_stay_in_the_unit_interval_at_a_saturated_win_rate():
+    """Worst-of-32 at KL 2 and 4: the best exp-t transform wins with probability within 1e-12
+    of 1, where the quadrature's rounding gave 1 + 2.3e-14 and 1 + 6.7e-15."""
+    for kl in (2.0, 4.0):
+        t, w = A.best_t("won", 32, kl)
+        assert 1.0 - 1e-9 < w <= 1.0, (kl, t, w)
+        _, wins = A.solve_rows_at_kl(A.exp_family_table([t]), kl, "won", 32)
+        assert 0.0 <= wins[0] <= 1.0
+        assert 0.0 <= A.kl_and_win_rate("exp", A.beta_at_kl("exp", kl, t=t), "won", 32, t=t)[1] <= 1.0
+
+
 def _closed_form_phi(procedure, against, n, u, G):
     """Spec 1.3 table: Phi*(v) = -c int_v^1 h(u) du, integrated with numpy's trapezoid."""
     if procedure == "bon":

@@ -197,6 +197,13 @@ def win_rate_from_masses(p_U: Array, u_U: Array, procedure: str, n: int,
     return jnp.sum(p_U * inner_U)
 
 
+def as_probability(w: Any) -> np.ndarray:
+    """A reported win rate, clipped to [0, 1] (NaN kept): the quadrature's rounding can put one
+    ~1e-14 outside (best_t("won", 32, kl=2) gave 1 + 2.3e-14). The differentiable
+    `win_rate_from_masses` itself is left unclipped, for its gradient."""
+    return np.clip(np.asarray(w, np.float64), 0.0, 1.0)
+
+
 # ------------------------------------------------------------------------------ batched KL solve
 
 def _normalise(phi_BxM: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +262,7 @@ def solve_rows_at_kl(phi_BxM: np.ndarray, kl: float, procedure: str, n: int = 1,
                                               against=against)
     kl_max = np.asarray(kl_max)
     bad = np.nonzero(kl_max < kl * (1 - 1e-9))[0]
-    wins, beta = np.array(wins), scale_B / np.exp(np.asarray(log_theta))
+    wins, beta = as_probability(wins), scale_B / np.exp(np.asarray(log_theta))
     if unreachable == "nan":
         wins[bad], beta[bad] = np.nan, np.nan
     elif bad.size:
@@ -289,7 +296,7 @@ def kl_and_win_rate(transform: str | Transform, beta: float, procedure: str = "s
         logp_U = tilted_log_masses(jnp.asarray(phi_U), beta)
         w = win_rate_from_masses(jnp.exp(logp_U), jnp.asarray(grid(grid_size)), procedure, n,
                                  against)
-        return float(kl_from_log_masses(logp_U)), float(w)
+        return float(kl_from_log_masses(logp_U)), float(as_probability(w))
 
 
 def curve(transform: str | Transform, betas: Any, procedure: str = "standard", n: int = 1, *,

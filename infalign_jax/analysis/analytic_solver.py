@@ -179,7 +179,8 @@ def solve_optimal(procedure: str, n: int, beta: float, *, against: str = "transf
         kl = A.kl_from_log_masses(logp)
         phi = np.asarray(phi - jnp.max(phi))
         return OptimalSolution(beta=beta, u=u, g=np.asarray(p_U) * m, phi=phi, kl=float(kl),
-                               win_rate=float(win), method=method, iterations=iters,
+                               win_rate=float(A.as_probability(win)), method=method,
+                               iterations=iters,
                                residual=residual)
 
 
