@@ -72,6 +72,19 @@ def test_demo_entrypoint(tmp_path):
     assert (out / "ctrl" / "exact_table.md").exists() and (out / "ctrl" / "exact_methods.png").exists()
 
 
+def test_the_demo_reports_no_best_or_worst_text_for_a_prompt_without_a_valid_sample():
+    """Prompt 1's fresh samples are all empty (invalid): its selection index is -1, which read
+    the row's last text (a reference sample in the demo's rows) as its Best-of-N; it is None."""
+    import jax.numpy as jnp
+    from infalign_jax.core.selection import best_of_n, worst_of_n
+    from infalign_jax.workflows.demo import chosen_texts
+    texts = [["a", "bb", "ccc"], ["", "", ""]]
+    scores = jnp.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
+    valid = jnp.array([[True, True, True], [False, False, False]])
+    assert chosen_texts(texts, best_of_n(scores, valid)) == ["bb", None]
+    assert chosen_texts(texts, worst_of_n(scores, valid)) == ["a", None]
+
+
 TIMING = {"step_time_s", "tokens_per_s"}
 
 

@@ -29,7 +29,7 @@ from infalign_jax.core import calibration
 from infalign_jax import models
 from infalign_jax.infra import provenance
 from infalign_jax.decoding import sampling
-from infalign_jax.core.selection import best_of_n, worst_of_n
+from infalign_jax.core.selection import Selection, best_of_n, worst_of_n
 from infalign_jax.models import gguf_import
 from infalign_jax.core.transforms import get_transform
 from infalign_jax.data.tokenize import detokenizer, encode_prompts, special_ids
@@ -65,6 +65,13 @@ class DemoConfig:
     @property
     def methods(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.train_methods.split(",") if m.strip())
+
+
+def chosen_texts(texts_BxN: list[list[str]], choice: Selection) -> list[str | None]:
+    """The selected text of each prompt, None where no candidate was valid (index -1, which
+    would read another sample from the row's end)."""
+    index_B, ok_B = np.asarray(choice.index_B), np.asarray(choice.has_valid_B)
+    return [row[int(i)] if ok else None for row, i, ok in zip(texts_BxN, index_B, ok_B)]
 
 
 def analytic_prediction(procedure: str, n: int, kl: float, log: Callable[[str], None]
@@ -145,8 +152,15 @@ def run(config: Any, out_dir: str, *, ctrl_config: Any = None,
                    "exp(t=4)": get_transform("exp", t=4.0)(calibrated),
                    "exp(t=-4)": get_transform("exp", t=-4.0)(calibrated),
                    "log": get_transform("log")(smoothed)}
-    best = np.asarray(best_of_n(jnp.asarray(calibrated), jnp.asarray(valid[:, k_ref:])).index_B)
-    worst = np.asarray(worst_of_n(jnp.asarray(calibrated), jnp.asarray(valid[:, k_ref:])).index_B)
+    fresh_texts = [row[k_ref:] for row in texts]
+    best = chosen_texts(fresh_texts, best_of_n(jnp.asarray(calibrated),
+                                               jnp.asarray(valid[:, k_ref:])))
+    worst = chosen_texts(fresh_texts, worst_of_n(jnp.asarray(calibrated),
+                                                 jnp.asarray(valid[:, k_ref:])))
+    unchosen = sum(b is None for b in best)
+    if unchosen:
+        log(f"  {unchosen} of {num_prompts} prompt(s) have no non-empty fresh sample: no "
+            f"Best-/Worst-of-{n} for them (null in results.json)")
     per_prompt = []
     for b in range(num_prompts):
         per_prompt.append({
@@ -155,12 +169,13 @@ def run(config: Any, out_dir: str, *, ctrl_config: Any = None,
                        "calibrated": float(calibrated[b, j]),
                        **{name: float(np.asarray(v)[b, j]) for name, v in transformed.items()}}
                       for j in range(n)],
-            "best_of_n": texts[b][k_ref + int(best[b])], "worst_of_n": texts[b][k_ref + int(worst[b])]})
+            "best_of_n": best[b], "worst_of_n": worst[b]})
         log(f"  prompt: {prompts[b]}")
         for j in range(n):
             log(f"    r={fresh[b, j]:+.3f}  C={calibrated[b, j]:.3f}  exp4={float(transformed['exp(t=4)'][b, j]):7.3f}"
                 f"  | {texts[b][k_ref + j][:70]!r}")
-        log(f"    Best-of-{n}:  {texts[b][k_ref + int(best[b])][:90]!r}")
+        log(f"    Best-of-{n}:  " + ("none (every fresh sample is empty)" if best[b] is None
+                                        else repr(best[b][:90])))
 
     log(f"[5/6] analytic prediction at KL={kl} (win rate of T(pi) vs T(pi_ref), calibrated space) ...")
     analytic_rows = [analytic_prediction(proc, n, kl, log) for proc in ("bon", "won")]
