@@ -22,7 +22,7 @@ class _Settings:
     init_from: str = ""
 
 
-def _run(workdir, num_steps):
+def _run(workdir, num_steps, log=lambda _: None):
     """Steps of a state that counts them; its evaluation reports the count."""
     def step_fn(state, step, context):
         return {"count": state["count"] + 1}, {"loss": 0.0}
@@ -32,7 +32,7 @@ def _run(workdir, num_steps):
 
     return run_loop(str(workdir), {"count": jnp.zeros((), jnp.int32)}, step_fn,
                     _Settings(num_steps), seed=0, manifest={"config": {"seed": 0}},
-                    log=lambda _: None, progress_keys=("loss",), evaluate=evaluate)
+                    log=log, progress_keys=("loss",), evaluate=evaluate)
 
 
 def _snapshot(workdir):
@@ -94,3 +94,31 @@ def test_init_from_on_a_resume_must_be_the_one_the_run_started_from(tmp_path):
     with pytest.raises(ValueError, match=r"that started from its own initialisation"):
         _run_from(a, 4, init_from=c)
     assert _run_from(b, 3).resumed_from == 3          # without init_from: resumed
+
+
+def test_a_resume_under_other_code_is_said_and_each_segments_code_is_recorded(tmp_path,
+                                                                             monkeypatch):
+    """The manifest's git and packages were rewritten by each resume, so a run trained partly
+    under one revision and partly under another recorded only the last. The first start's are
+    kept (`started_with`), each resume records its own, and a change is said in the log."""
+    import json
+    from infalign_jax.infra import provenance
+    first_git, first_packages = provenance.git_state(), provenance.package_versions()
+    _run(tmp_path, 2)
+    lines = []
+    _run(tmp_path, 3, lines.append)       # same code: nothing said
+    assert not [line for line in lines if "other code" in line]
+    other = {"revision": "f" * 40, "dirty": True}
+    monkeypatch.setattr(provenance, "git_state", lambda path=None: other)
+    monkeypatch.setattr(provenance, "package_versions",
+                        lambda names=provenance.PACKAGES: {**first_packages, "jax": "9.9.9"})
+    _run(tmp_path, 5, lines.append)
+    said = [line for line in lines if "other code" in line]
+    assert len(said) == 1 and "step 3" in said[0] and "-> ffffffffff (dirty)" in said[0], lines
+    assert f"jax {first_packages['jax']} -> 9.9.9" in said[0]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["started_with"] == {"git": first_git, "packages": first_packages}
+    assert [r["step"] for r in manifest["resumes"]] == [2, 3]
+    assert manifest["resumes"][0]["git"] == first_git and manifest["resumes"][1]["git"] == other
+    assert manifest["resumes"][1]["packages"]["jax"] == "9.9.9"
+    assert manifest["git"] == other

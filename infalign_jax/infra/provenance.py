@@ -103,10 +103,13 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
                    inputs: Mapping[str, str] | None = None, mesh: Any = None,
                    started: str | None = None, extra: Mapping[str, Any] | None = None,
                    with_devices: bool = True, resumes: Sequence[Mapping[str, Any]] | None = None,
-                   init_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   init_from: Mapping[str, Any] | None = None,
+                   started_with: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest dict. `inputs` maps a role (e.g. "reference_table") to a file path, hashed.
-    `resumes`: [{time, step}] of each resume of the run (`started` is its first start);
-    `init_from`: the checkpoint whose parameters it started from."""
+    `resumes`: [{time, step, git, packages}] of each resume of the run (`started` is its first
+    start); `started_with`: the git state and packages of its first start (with `resumes`; the
+    top-level "git" and "packages" are this process's); `init_from`: the checkpoint whose
+    parameters it started from."""
     manifest = {
         "config": jsonable(config),
         "seeds": dict(seeds or {}),
@@ -126,6 +129,8 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
         manifest["mesh"] = {str(k): int(v) for k, v in dict(mesh.shape).items()}
     if resumes is not None:
         manifest["resumes"] = jsonable(list(resumes))
+        manifest["started_with"] = jsonable(dict(started_with or {
+            "git": manifest["git"], "packages": manifest["packages"]}))
     if init_from:
         manifest["init_from"] = jsonable(dict(init_from))
     if extra:

@@ -11,8 +11,9 @@ saved in every checkpoint's metadata and restored with it, and so is the resolve
 dir is only resumed by the same experiment (`RESUMABLE_KEYS` may change: length, reporting,
 checkpointing, device layout, how the same quantities are computed). Another experiment may start
 from a run's parameters with `train.init_from` (a fresh run: its own optimiser state, step 0).
-The manifest keeps the run's first start time, what it started from and a list of its resumes
-({time, step}).
+The manifest keeps the run's first start time, what it started from, the git state and package
+versions of its first start (`started_with`) and a list of its resumes ({time, step, git,
+packages}); a resume under another git revision or package version says so in the log.
 """
 
 from __future__ import annotations
@@ -172,6 +173,20 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
                          f"from its parameters (only {', '.join(RESUMABLE_KEYS)} may change on resume)")
 
 
+def code_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between two {git, packages} records (an unrecorded side counts as unknown,
+    not as a change): the git revision, its dirty flag, and each package's version."""
+    out = []
+    git_a, git_b = before.get("git") or {}, now.get("git") or {}
+    if git_a.get("revision") and git_b.get("revision") and git_a != git_b:
+        out.append(f"git {str(git_a['revision'])[:10]}{' (dirty)' if git_a.get('dirty') else ''}"
+                   f" -> {str(git_b['revision'])[:10]}{' (dirty)' if git_b.get('dirty') else ''}")
+    pk_a, pk_b = before.get("packages") or {}, now.get("packages") or {}
+    out += [f"{name} {pk_a[name]} -> {pk_b.get(name)}" for name in sorted(pk_a)
+            if name in pk_b and pk_a[name] != pk_b[name]]
+    return out
+
+
 def _previous_manifest(workdir: str) -> dict[str, Any]:
     """The manifest of the run in `workdir` ({} if none): its first start, what it started from
     and its resumes are kept across resumes."""
@@ -246,8 +261,16 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         log(f"resumed from checkpoint step {start} in {ckpt.directory}")
         previous = _previous_manifest(workdir)
         manifest["started"] = previous.get("started") or manifest.get("started")
+        here = {"git": provenance.git_state(), "packages": provenance.package_versions()}
+        # The manifest was last written by the segment that made the checkpoint.
+        manifest["started_with"] = previous.get("started_with") or {
+            k: previous.get(k) for k in here}
+        changed = code_changes({k: previous.get(k) for k in here}, here)
+        if changed:
+            log(f"resuming under other code than step {start} was trained with: "
+                f"{'; '.join(changed)} (each segment's is in manifest.json's resumes)")
         manifest["resumes"] = [*previous.get("resumes", []),
-                               {"time": provenance.now(), "step": start}]
+                               {"time": provenance.now(), "step": start, **here}]
         if previous.get("init_from"):
             manifest["init_from"] = previous["init_from"]
     else:
