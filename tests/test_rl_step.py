@@ -173,6 +173,21 @@ def test_adaptive_controller_hand_computed():
         assert float(beta) == pytest.approx(w, rel=1e-6)
 
 
+def test_adaptive_controller_refuses_a_horizon_that_could_make_beta_negative():
+    """Horizon 100 with 1024 rollouts an update: at KL below 0.8 x target the factor
+    1 + (-0.2) * 1024 / 100 = -1.05 made beta -0.105 from 0.1, rewarding KL. The controller
+    now refuses a horizon of n / 5 or less, naming rl.kl_horizon and the bound."""
+    with pytest.raises(ValueError, match=r"rl.kl_horizon=100 with 1024 rollouts .*reaches -1.05"
+                                         r".*kl_horizon > 204.8"):
+        rl.adaptive_beta_update(jnp.float32(0.1), jnp.float32(0.5), 4.0, 100.0, 1024)
+    with pytest.raises(ValueError, match=r"kl_horizon > 2"):
+        rl.adaptive_beta_update(jnp.float32(0.1), jnp.float32(0.5), 4.0, 2.0, 10)
+    # just above the bound the factor stays positive for every error
+    for kl in (0.0, 4.0, 100.0):
+        assert float(rl.adaptive_beta_update(jnp.float32(0.1), jnp.float32(kl), 4.0, 2.05,
+                                             10)) > 0
+
+
 def test_linear_schedule_values():
     cfg = rl.RLConfig(beta=1.0, beta_schedule="linear", beta_final=0.5, beta_steps=10)
     got = [float(rl.scheduled_beta(cfg, jnp.int32(s))) for s in (0, 1, 5, 10, 25)]

@@ -455,6 +455,17 @@ def test_kl_budget_with_a_moving_beta_is_refused_before_the_table(tmp_path, sche
     assert not os.path.exists(tmp_path / "reference_table.npz")
 
 
+def test_an_adaptive_horizon_that_could_make_beta_negative_is_refused_before_the_table(tmp_path):
+    """batch 2 x 8 samples = 16 rollouts an update: a horizon of 3 puts the controller's factor
+    at 1 - 0.2 * 16 / 3 < 0; refused at start, before the reference table is built."""
+    cfg = _config(**{"rl.beta_schedule": "adaptive", "rl.kl_target": 0.5, "rl.kl_horizon": 3.0,
+                     "rl.beta_anneal_steps": 0})
+    n = cfg.train.batch_size * cfg.rl.samples_per_prompt
+    with pytest.raises(ValueError, match=rf"rl.kl_horizon=3 with {n} rollouts per update"):
+        train.run(cfg, str(tmp_path), log=_quiet, devices=ONE)
+    assert not os.path.exists(tmp_path / "reference_table.npz")
+
+
 def test_bonbon_offline_data_is_refused_at_start(tmp_path):
     cfg = _config(**{"bonbon.data": "offline"})
     cfg.unlock()

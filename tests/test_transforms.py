@@ -164,6 +164,11 @@ def test_other_parameter_errors():
         T.get_transform("logistic", s=0.0)
     with pytest.raises(ValueError, match="floor"):
         T.get_transform("log", floor=1.5)
+    # power's floor as log's: 2.0 made Phi constant (0.828 at p = 0.5 for every u), so every
+    # advantage was 0 and nothing trained, without an error
+    for floor in (2.0, 0.0, -1e-3):
+        with pytest.raises(ValueError, match=r"transform 'power': floor must be in \(0, 1\)"):
+            T.get_transform("power", p=0.5, floor=floor)
     with pytest.raises(ValueError, match="bad parameters"):
         T.get_transform("exp", q=1.0)
 

@@ -115,6 +115,8 @@ def _exp(t: float = 1.0) -> Transform:
 def _power(p: float = 0.5, floor: float = EPS) -> Transform:
     p = _finite("p", p)
     floor = _finite("floor", floor)
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"transform 'power': floor must be in (0, 1), got {floor}")
     if abs(p) < LIMIT_BELOW:
         return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)),
                          smoothed=True, sup_abs=-math.log(floor))

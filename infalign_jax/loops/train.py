@@ -56,6 +56,7 @@ from infalign_jax.infra import validate as check
 from infalign_jax import models, rl
 from infalign_jax.models import lora
 from infalign_jax.rl.step import policy_params
+from infalign_jax.rl.config import check_kl_horizon
 from infalign_jax.data import pipeline
 from infalign_jax.core.calibration import ReferenceTable, ReferenceTableError, load_reference_table
 from infalign_jax.infra.config_utils import dataclass_from, section
@@ -437,6 +438,8 @@ def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
             f"compares with pi* of the beta it ends at)")
     if cfg.lora.rank:
         lora.target_names(cfg.lora, task.ref_params)   # a target the model lacks fails here
+    if bonbon is None and cfg.beta_schedule == "adaptive":   # before the reference table
+        check_kl_horizon(cfg.kl_horizon, tcfg.batch_size * cfg.samples_per_prompt)
     if tcfg.batch_size > len(task.prompt_ids):
         raise ValueError(f"config.train.batch_size={tcfg.batch_size} exceeds the task's "
                          f"{len(task.prompt_ids)} prompts")

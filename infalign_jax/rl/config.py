@@ -243,9 +243,23 @@ def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
     return beta
 
 
+def check_kl_horizon(kl_horizon: float, n_rollouts: int) -> None:
+    """Refuses a controller horizon of n / 5 rollouts or less (see `adaptive_beta_update`)."""
+    if not 0.2 * n_rollouts < kl_horizon:
+        raise ValueError(f"rl.kl_horizon={kl_horizon:g} with {n_rollouts} rollouts per update: "
+                         f"the adaptive controller's factor 1 + e * n / kl_horizon "
+                         f"(e in [-0.2, 0.2]) reaches {1 - 0.2 * n_rollouts / kl_horizon:.3g}, so "
+                         f"beta could turn 0 or negative; use kl_horizon > "
+                         f"{0.2 * n_rollouts:g} (Ziegler et al.: 10000 rollouts)")
+
+
 def adaptive_beta_update(beta: Array, kl: Array, kl_target: float, kl_horizon: float,
                          n_rollouts: int | Array) -> Array:
     """Ziegler et al. 2019 (arXiv 1909.08593, sec. 2.2) proportional controller:
-    beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon). A horizon of n / 5 rollouts or
+    less is refused (ValueError, with n a Python int): the factor would reach 0 or below at
+    error -0.2, and beta would stop at 0 or turn negative, rewarding KL."""
+    if isinstance(n_rollouts, int):
+        check_kl_horizon(kl_horizon, n_rollouts)
     error = jnp.clip(kl / kl_target - 1.0, -0.2, 0.2)
     return beta * (1.0 + error * n_rollouts / kl_horizon)
