@@ -27,7 +27,8 @@ def loop_calibrate(rewards_BxM, rows, smoothed=False):
         for m, r in enumerate(np.asarray(rewards_BxM)[b]):
             less = sum(1 for v in row if v < r)
             equal = sum(1 for v in row if v == r)
-            out[b, m] = (less + 1) / (len(row) + 1) if smoothed else (less + 0.5 * equal) / len(row)
+            out[b, m] = ((less + 0.5 * equal + 1) / (len(row) + 1) if smoothed
+                         else (less + 0.5 * equal) / len(row))
     return out
 
 
@@ -89,9 +90,9 @@ def test_hand_computed_values(method):
     want = np.array([[0, 0.125, 0.5, 0.75, 0.875, 1, 0], [0.5, 0, 1, 1, 0, 0.5, 0.5]])
     got = cal.calibrate(rewards, table, counts, method=method)
     np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
-    # Smoothed: (#{ref < r} + 1) / (K + 1).
-    want_s = np.array([[1 / 5, 1 / 5, 2 / 5, 4 / 5, 4 / 5, 1, 1 / 5],
-                       [1 / 2, 1 / 2, 1, 1, 1 / 2, 1 / 2, 1 / 2]])
+    # Smoothed: (#{ref < r} + 1/2 #{ref = r} + 1) / (K + 1); r=2 -> (1 + 1 + 1)/5.
+    want_s = np.array([[1 / 5, 1.5 / 5, 3 / 5, 4 / 5, 4.5 / 5, 1, 1 / 5],
+                       [0.75, 1 / 2, 1, 1, 1 / 2, 0.75, 0.75]])
     got_s = cal.calibrate(rewards, table, counts, smoothed=True, method=method)
     np.testing.assert_allclose(np.asarray(got_s), want_s, rtol=1e-7)
 
@@ -103,7 +104,8 @@ def test_non_finite_inside_kernel_gives_nan(method):
     rewards = np.array([[np.nan, 2.0], [2.0, 2.0], [2.0, 2.0]], np.float32)
     for smoothed in (False, True):
         got = np.asarray(cal.calibrate(rewards, table, counts, smoothed=smoothed, method=method))
-        assert np.isnan(got[0, 0]) and got[0, 1] == 0.5  # (1 + 1/2)/3 and (1 + 1)/4
+        # (1 + 1/2)/3 and (1 + 1/2 + 1)/4
+        assert np.isnan(got[0, 0]) and got[0, 1] == (0.625 if smoothed else 0.5)
         assert np.all(np.isnan(got[1]))  # NaN in the valid part poisons the whole row
         assert np.all(np.isnan(got[2]))  # K_b = 0 is never silently 1/2
 
@@ -371,3 +373,20 @@ def test_load_rejects_other_models_versions_and_corrupt_files(tmp_path):
         cal.load_reference_table(str(no_meta))
     with pytest.raises(FileNotFoundError, match="absent.npz"):
         cal.load_reference_table(str(tmp_path / "absent.npz"))
+
+
+def test_smoothed_calibration_tells_a_tie_with_every_reference_from_a_loss():
+    """A binary reward: all K = 8 references score 1, responses [0, 0, 1, 1]. The smoothed
+    (#{ref < r} + 1) / (K + 1) gave all four 1/9, so log's RLOO advantages were 0 and a success
+    was scored as a failure; with Eq. 12's half count the successes get (4 + 1) / 9."""
+    from infalign_jax.core.advantages import rloo_advantages
+    got = np.asarray(cal.calibrate(jnp.array([[0.0, 0.0, 1.0, 1.0]]), jnp.ones((1, 8)),
+                                   smoothed=True))
+    np.testing.assert_allclose(got, [[1 / 9, 1 / 9, 5 / 9, 5 / 9]], rtol=1e-7)
+    adv = np.asarray(rloo_advantages(jnp.log(jnp.asarray(got))))
+    assert adv[0, 2] > 0 > adv[0, 0]
+    # without ties it is vBoN's estimator (#{ref < r} + 1) / (K + 1)
+    ref = jnp.arange(8.0)[None]
+    np.testing.assert_allclose(np.asarray(cal.calibrate(jnp.array([[-1.0, 3.5, 9.0]]), ref,
+                                                        smoothed=True)),
+                               [[1 / 9, 5 / 9, 1.0]], rtol=1e-7)

@@ -97,8 +97,8 @@ def test_step_metrics_match_independent_rollout_scoring():
     step_log, state_log, _, _ = _setup("rloo", "reward", "log", {}, m=8)
     _, metrics_log = step_log(state, frozen, batch, key)
     assert float(metrics_log["calibrated_reward"]) == pytest.approx(cal.mean(), rel=1e-5)
-    smoothed = np.array([[(np.sum(ref[b] < r) + 1) / (ref.shape[1] + 1) for r in rewards[b]]
-                         for b in range(2)])
+    smoothed = np.array([[(np.sum(ref[b] < r) + 0.5 * np.sum(ref[b] == r) + 1)
+                          / (ref.shape[1] + 1) for r in rewards[b]] for b in range(2)])
     assert float(metrics_log["transformed_reward"]) == pytest.approx(np.log(smoothed).mean(),
                                                                      rel=1e-5)
 
@@ -111,10 +111,10 @@ def test_score_rollout_hand_made():
     cal, phi = rl.score_rollout(cfg, get_transform("identity"), rewards_1x3, ref_1x4, counts)
     np.testing.assert_allclose(np.asarray(cal), [[(1 + 0.5 * 2) / 4, 0.0, 1.0]])
     np.testing.assert_allclose(np.asarray(phi), np.asarray(cal))
-    # log asks for the smoothed calibration (#{ref < r} + 1) / (K + 1).
+    # log asks for the smoothed calibration (#{ref < r} + 1/2 #{ref = r} + 1) / (K + 1).
     cal, phi = rl.score_rollout(cfg, get_transform("log"), rewards_1x3, ref_1x4, counts)
-    np.testing.assert_allclose(np.asarray(cal), [[2 / 5, 1 / 5, 5 / 5]])
-    np.testing.assert_allclose(np.asarray(phi), np.log([[2 / 5, 1 / 5, 1.0]]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(cal), [[3 / 5, 1 / 5, 5 / 5]])
+    np.testing.assert_allclose(np.asarray(phi), np.log([[3 / 5, 1 / 5, 1.0]]), rtol=1e-6)
     # Only the first K_b entries of a row count.
     cal, _ = rl.score_rollout(cfg, get_transform("identity"), rewards_1x3, ref_1x4,
                               jnp.array([2]))

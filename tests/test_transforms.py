@@ -78,7 +78,8 @@ def test_power_keeps_its_digits_and_its_order_for_small_p(p):
 def test_smoothed_flags_mark_transforms_that_diverge_at_zero():
     assert T.get_transform("log").smoothed and T.get_transform("power", p=0.0).smoothed
     assert T.get_transform("power", p=-0.5).smoothed
-    assert not T.get_transform("power", p=0.5).smoothed
+    # every power reads it, as its limit log does (continuity in p at 0: below)
+    assert T.get_transform("power", p=0.5).smoothed
     for name, params in (("identity", {}), ("exp", {"t": 3.0}), ("logit", {})):
         assert not T.get_transform(name, **params).smoothed
 
@@ -252,3 +253,21 @@ def test_every_transforms_range_is_its_values_on_the_unit_interval():
         with jax.enable_x64(True):
             values = np.asarray(tr.fn(jnp.asarray(u, jnp.float64)), np.float64)
         assert tr.sup_abs == pytest.approx(np.abs(values).max(), rel=1e-6), (name, kw)
+
+
+def test_power_is_continuous_in_p_at_zero_on_the_calibration_it_reads():
+    """K = 4 references, one response at each rank: Phi of the calibration each transform reads.
+    p = +1e-7 read the unsmoothed C, whose 0 the floor mapped to log(1e-6) = -13.8, while
+    p = -1e-7 and p = 0 (log) read the smoothed one (-1.6): a sweep over p jumped at 0."""
+    ref = jnp.array([[1.0, 2.0, 3.0, 4.0]])
+    rewards = jnp.array([[0.0, 1.5, 2.5, 3.5, 5.0]])
+    from infalign_jax.core.calibration import calibrate
+
+    def phi(p):
+        tr = T.get_transform("power", p=p)
+        return np.asarray(tr(calibrate(rewards, ref, smoothed=tr.smoothed)), np.float64)[0]
+
+    at_zero = phi(0.0)
+    np.testing.assert_allclose(at_zero, np.log(np.arange(1, 6) / 5), rtol=1e-6)
+    for p in (1e-7, -1e-7, 1e-3, -1e-3):
+        np.testing.assert_allclose(phi(p), at_zero, atol=2e-3 if abs(p) > 1e-5 else 1e-5)

@@ -7,7 +7,13 @@ The calibrated reward of a response y to prompt x is its win rate against the ba
 estimated from K offline base-policy rollouts z_1..z_K per prompt (spec section 0 and 1.5):
 
     C_hat(x, y) = (#{k : r_k < r} + 1/2 #{k : r_k = r}) / K                         (Eq. 12)
-    C_smooth(x, y) = (#{k : r_k < r} + 1) / (K + 1)          (vBoN's estimator; never 0, for log)
+    C_smooth(x, y) = (#{k : r_k < r} + 1/2 #{k : r_k = r} + 1) / (K + 1) = (K C_hat + 1) / (K + 1)
+
+C_smooth is never 0 (the log transform needs that). Without ties it is vBoN's estimator
+(#{r_k < r} + 1) / (K + 1), the spec's smoothing (section 1.5). With ties it keeps Eq. 12's half
+count, a deviation from the spec's literal formula: with #{r_k < r} alone, a response tied with
+every reference scores 1 / (K + 1), as one below them all, so a binary reward (all references
+1, responses [0, 0, 1, 1]) gave every response the same C_smooth and RLOO advantages of 0.
 
 This module holds two things:
 
@@ -99,7 +105,8 @@ def _calibrate_row(r_M: Array, ref_K: Array, count: Array, smoothed: bool, metho
         lt_M, le_M = _counts_search(r_M, ref_K, None if full else valid_K)
     count_f = count.astype(jnp.float32)
     if smoothed:
-        c_M = (lt_M.astype(jnp.float32) + 1.0) / (count_f + 1.0)
+        # (#{<} + #{=} / 2 + 1) / (K + 1), as (lt + le + 2) / (2 (K + 1)): exact in integers.
+        c_M = (lt_M + le_M + 2).astype(jnp.float32) / (2.0 * (count_f + 1.0))
     else:
         # lt + le = 2 #{<} + #{=}: exact in integers, one rounding in the division.
         c_M = (lt_M + le_M).astype(jnp.float32) / (2.0 * count_f)
@@ -112,7 +119,7 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
     """Empirical calibrated reward C_hat (InfAlign Eq. 12, spec section 1.5), per prompt.
 
         C[b, m] = (#{k < K_b : ref[b, k] < r[b, m]} + 1/2 #{k < K_b : ref[b, k] = r[b, m]}) / K_b
-        smoothed: (#{k < K_b : ref[b, k] < r[b, m]} + 1) / (K_b + 1)
+        smoothed: (#{k < K_b : ref[b, k] < r[b, m]} + 1/2 #{... = r[b, m]} + 1) / (K_b + 1)
 
     Args:
       rewards_BxM: M rewards to calibrate for each of B prompts.
@@ -120,7 +127,8 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
         entries; later entries are padding and never count (any value, NaN included).
       ref_count_B: K_b per prompt (int); None means every row is fully valid (K_b = K). Values
         outside [0, K] are an error for concrete numpy input and are clipped when traced.
-      smoothed: use vBoN's (#{ref < r} + 1) / (K + 1), which is never 0 (for the log transform).
+      smoothed: use (K C_hat + 1) / (K + 1), never 0 (for the log transform); vBoN's
+        (#{ref < r} + 1) / (K + 1) where r ties no reference (see the module docstring).
       method: "search" (O(M log K)), "compare" (O(M K), fast for small K) or "auto"
         (compare when K <= COMPARE_MAX_K).
 

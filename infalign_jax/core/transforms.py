@@ -13,7 +13,7 @@ registry. An unknown name fails with the list of known names.
 | identity   | u                                   | calibrated RLHF; optimal for N = 1           |
 | log        | log u   (smoothed calibration)      | BoN distillation / vBoN (beta = 1/(N-1))     |
 | exp        | (exp(t u) - 1) / t, t=0 -> u        | InfAlign: t > 0 for BoN, t < 0 for WoN       |
-| power      | (u^p - 1) / p, p=0 -> log u         | Box-Cox family between log and identity      |
+| power      | (u^p - 1) / p, p=0 -> log u (smoothed) | Box-Cox family between log and identity   |
 | logistic   | sigmoid(s (u - c))                  | soft threshold at quantile c                 |
 | logit      | log(u / (1 - u))                    | idealised Bradley-Terry raw reward           |
 | probit     | Gaussian quantile of u              | idealised Gaussian raw reward                |
@@ -55,8 +55,8 @@ class Transform:
       params: the parameters it was built with (for logging and manifests).
       fn: pure function of the calibrated reward array (same shape out).
       uses_raw: if True, the transform ignores the calibration and returns the raw reward.
-      smoothed: if True, feed it the smoothed calibration (#{ref < r} + 1) / (K + 1), which is
-        never 0 (the log transform needs that; vBoN's code does the same).
+      smoothed: if True, feed it the smoothed calibration (K C + 1) / (K + 1), which is never
+        0 (the log transform needs that; without ties it is vBoN's (#{ref < r} + 1) / (K + 1)).
       sup_abs: max |Phi(u)| over u in [0, 1], worked out in float64 without JAX (so building a
         transform never starts a backend); None when unknown (raw, a hand-made transform).
     """
@@ -120,14 +120,17 @@ def _power(p: float = 0.5, floor: float = EPS) -> Transform:
     if abs(p) < LIMIT_BELOW:
         return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)),
                          smoothed=True, sup_abs=-math.log(floor))
-    # For p < 0 the transform diverges at u = 0 like log does: use the smoothed calibration.
+    # Every p reads the smoothed calibration, as its p -> 0 limit log does: for p < 0 the
+    # transform diverges at u = 0, and for small p > 0 the lowest rank's value would be the
+    # floor's (p = 1e-7: -13.8 against -1.6 at p = -1e-7), so a sweep over p jumped at 0. For
+    # p >= 1 it is an affine map of C's, the same policy at another beta.
     # expm1(p log u) / p, not (u^p - 1) / p: for small p, u^p is within a few float32 steps of 1
     # and the subtraction would lose every digit (p = 1e-6: Phi(0.99) = 0, ties between ranks).
     log_floor = math.log(floor)
     at_floor = _expm1(p * log_floor) / p if p * log_floor < 700 else math.inf
     return Transform("power", {"p": p},
                      lambda u: jnp.expm1(p * jnp.log(jnp.maximum(u, floor))) / p,
-                     smoothed=p < 0, sup_abs=abs(at_floor))   # at u = 0 (0 at u = 1)
+                     smoothed=True, sup_abs=abs(at_floor))   # at u = 0 (0 at u = 1)
 
 
 def _logistic(s: float = 10.0, c: float = 0.5) -> Transform:

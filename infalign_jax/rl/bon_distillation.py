@@ -3,7 +3,8 @@
 * vBoN (Amini et al. 2024, arXiv 2407.06057; spec 5): the practical lower bound of
   -KL(pi || pi_bon) is RLHF with reward log F(r) and beta = 1/(N-1) ("n = 1/beta + 1" in their
   README). Here that is the CTRL step itself with the `log` transform of the smoothed calibration
-  (#{ref < r} + 1)/(K + 1), the F estimate of their code: `vbon_rl_config(n, **kw)`.
+  (#{ref < r} + 1)/(K + 1), the F estimate of their code, with ties to references counted half
+  (`calibration`): `vbon_rl_config(n, **kw)`.
 * BoNBoN (Gui et al. 2024, arXiv 2406.00832; spec 4): for each prompt draw N responses from
   pi_ref, keep the best and the worst by reward and minimise
   alpha * NLL(y_best) + (1 - alpha) * L_pref(h; beta*_N), h the log-ratio gap of (best, worst)

@@ -61,7 +61,7 @@ Design:
   and pi_ref stays the base. The rollout then needs `frozen` too (`RLPrograms.roll`'s 4th argument).
 
 Metrics: response_length, reward, calibrated_reward (the spec's Eq. 12 quantile, also where the
-transform reads the smoothed (#{ref < r} + 1)/(K + 1): one meaning across transforms),
+transform reads the smoothed (K C + 1)/(K + 1): one meaning across transforms),
 transformed_reward, kl_k1, kl_k3 (sequence sums, batch means), loss, grad_norm (first epoch),
 clip_fraction, beta, and with `full_kl` kl_full_vocab, entropy; with advantage="gae" also
 value_loss (first epoch), value_clip_fraction, explained_variance (1 - Var(R - V) / Var(R) over
