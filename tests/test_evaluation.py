@@ -393,6 +393,48 @@ def test_full_vocab_kl_matches_numpy():
     np.testing.assert_allclose(est.per_sequence_B, np.where(mask, per_token, 0).sum(1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("garbage", [np.nan, np.inf, -np.inf])
+def test_full_vocab_kl_and_entropy_gradients_ignore_masked_positions(garbage):
+    """NaN, +inf or all -inf logits after EOS (masked) made the gradients of kl_from_logits and
+    entropy_from_logits NaN through the branch `where` drops, although the values were right;
+    the module promises masked positions change neither. The gradient at valid positions equals
+    the one with clean logits there; at masked positions it is 0."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    ref = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    mask = np.array([[True, True, False], [True, False, False]])
+    dirty, dirty_ref = logits.copy(), ref.copy()
+    dirty[~mask], dirty_ref[~mask] = garbage, garbage
+
+    def total(fn):
+        return lambda x, r: jnp.sum(fn(x, r))
+
+    for fn in (lambda x, r: K.kl_from_logits(x, r, jnp.asarray(mask)),
+               lambda x, r: K.entropy_from_logits(x, jnp.asarray(mask))):
+        g_dirty = np.asarray(jax.grad(total(fn))(jnp.asarray(dirty), jnp.asarray(dirty_ref)))
+        g_clean = np.asarray(jax.grad(total(fn))(jnp.asarray(logits), jnp.asarray(ref)))
+        assert np.all(np.isfinite(g_dirty))
+        np.testing.assert_allclose(g_dirty[mask], g_clean[mask], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(g_dirty[~mask], 0.0)
+        np.testing.assert_allclose(fn(jnp.asarray(dirty), jnp.asarray(dirty_ref)),
+                                   fn(jnp.asarray(logits), jnp.asarray(ref)), rtol=1e-6)
+
+
+def test_full_vocab_sequence_kl_standard_error_is_over_prompts():
+    """`sequence_kl_from_logits` with samples_per_prompt: the standard error of the mean over
+    prompts of each prompt's mean (as `sequence_kl`), not of B*M independent sequences."""
+    rng = np.random.default_rng(8)
+    b, m = 4, 8
+    logits = jnp.asarray(rng.normal(size=(b * m, 3, 5)) * rng.uniform(0.2, 3, (b * m, 1, 1))
+                         .repeat(1, 0), jnp.float32)
+    ref = jnp.asarray(rng.normal(size=(b * m, 3, 5)), jnp.float32)
+    mask = jnp.ones((b * m, 3), bool)
+    est = K.sequence_kl_from_logits(logits, ref, mask, samples_per_prompt=m)
+    per_prompt = np.asarray(est.per_sequence_B, np.float64).reshape(b, m).mean(1)
+    assert float(est.stderr) == pytest.approx(per_prompt.std(ddof=1) / np.sqrt(b), rel=1e-5)
+    assert float(est.mean) == pytest.approx(per_prompt.mean(), rel=1e-5)
+
+
 def test_k1_and_k3_are_unbiased_for_the_exact_kl():
     """Tokens drawn i.i.d. per position from p: E[k1] = E[k3] = T * KL(p || q) (Monte Carlo)."""
     rng = np.random.default_rng(7)

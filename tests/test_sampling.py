@@ -779,3 +779,60 @@ def test_dynamic_rope_paths_agree_within_max_len_and_refuse_past_it():
                   "rv": jnp.zeros(cache["rv"].shape[:3] + (20, cfg.head_dim))}
     with pytest.raises(ValueError, match="rope_type='dynamic'"):
         models.decode_step(params, jnp.ones((2,), jnp.int32), cfg, long_cache)
+
+
+def test_padding_on_the_wrong_side_is_refused_naming_the_rows():
+    """A right-padded prompt conditioned its first token on a pad (greedy [2, 14, 0, 2] against
+    [10, 16, 12, 3] left-padded), and a response mask with a hole gave sequence_logprobs and
+    shared_sequence_logprobs different values; both are refused, as is a response mask of
+    another shape (the shared path broadcast a (L,) mask over every row)."""
+    models, cfg, params = _tiny_model()
+    fns = models.decoder_fns(cfg)
+    prompt = jnp.array([[5, 6, 7, 0], [0, 5, 6, 7]], jnp.int32)
+    right = jnp.array([[True, True, True, False], [False, True, True, True]])
+    scfg = SamplingConfig(n=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"sample: prompt_mask_BxP rows \[0\] are not "
+                                         r"left-padded"):
+        sampling.sample(fns, params, prompt, right, jax.random.key(0), scfg)
+    left = jnp.array([[False, True, True, True], [False, True, True, True]])
+    resp = jnp.array([[3, 4, 5], [3, 4, 5], [6, 7, 8], [6, 7, 8]], jnp.int32)
+    holes = jnp.array([[True, True, True], [False, True, True], [True, False, True],
+                       [True, True, False]])
+    for fn in (sampling.sequence_logprobs, sampling.shared_sequence_logprobs):
+        name = fn.__name__
+        with pytest.raises(ValueError, match=rf"{name}: response mask rows \[1, 2\] are not"):
+            fn(fns, params, prompt, left, resp, holes)
+        with pytest.raises(ValueError, match=rf"{name}: prompt_mask_BxP rows \[0\]"):
+            fn(fns, params, prompt, right, resp, jnp.ones((4, 3), bool))
+        with pytest.raises(ValueError, match=rf"{name}: the response mask must have"):
+            fn(fns, params, prompt, left, resp, jnp.ones((3,), bool))
+    # the accepted layout: both paths agree
+    ok = jnp.array([[True, True, True], [True, True, False], [True, False, False],
+                    [False, False, False]])
+    reps = jnp.repeat(prompt, 2, 0), jnp.repeat(left, 2, 0)
+    np.testing.assert_allclose(
+        sampling.shared_sequence_logprobs(fns, params, prompt, left, resp, ok),
+        sampling.sequence_logprobs(fns, params, *reps, resp, ok), atol=1e-5)
+
+
+def test_a_pad_id_outside_the_vocabulary_changes_nothing():
+    """A tokenizer's added pad token can lie past the model's vocabulary: its embedding gather
+    gave NaN, which stayed NaN under zero attention weight, so whole rows sampled token 0 with
+    log-prob NaN. Padding ids are now replaced before the embedding: results equal pad id 0's."""
+    models, cfg, params = _tiny_model()
+    fns = models.decoder_fns(cfg)
+    mask = jnp.array([[False, False, True, True], [True, True, True, True]])
+    prompt = jnp.array([[0, 0, 5, 6], [4, 5, 6, 7]], jnp.int32)
+    foreign = prompt.at[0, :2].set(cfg.vocab_size + 3)
+    scfg = SamplingConfig(n=2, max_new_tokens=4, eos_id=None)
+    a = sampling.sample(fns, params, prompt, mask, jax.random.key(1), scfg)
+    b = sampling.sample(fns, params, foreign, mask, jax.random.key(1), scfg)
+    np.testing.assert_array_equal(a.tokens_BxNxL, b.tokens_BxNxL)
+    np.testing.assert_allclose(a.logp_BxNxL, b.logp_BxNxL, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(b.logp_BxNxL)))
+    resp, rmask = a.tokens_BxNxL.reshape(4, -1), a.mask_BxNxL.reshape(4, -1)
+    for fn, p, m in ((sampling.shared_sequence_logprobs, foreign, mask),
+                     (sampling.sequence_logprobs, jnp.repeat(foreign, 2, 0),
+                      jnp.repeat(mask, 2, 0))):
+        np.testing.assert_allclose(fn(fns, params, p, m, resp, rmask),
+                                   a.logp_BxNxL.reshape(4, -1), atol=1e-5)

@@ -78,6 +78,11 @@ def kl_per_token(estimator: str, logp_BxT: Array, ref_logp_BxT: Array,
     return KL_ESTIMATORS[estimator](logp_BxT, ref_logp_BxT, mask_BxT)
 
 
+def _live_logits(logits_BxTxV: Array, mask_BxT: Array) -> Array:
+    """float32 logits with masked positions' replaced by 0 (a uniform row) before any exp/log."""
+    return jnp.where(mask_BxT[..., None], logits_BxTxV.astype(jnp.float32), 0.0)
+
+
 def kl_from_logits(logits_BxTxV: Array, ref_logits_BxTxV: Array,
                    mask_BxT: Array | None = None) -> Array:
     """KL(pi(.|prefix) || pi_ref(.|prefix)) per position, summed over the full vocabulary.
@@ -89,8 +94,10 @@ def kl_from_logits(logits_BxTxV: Array, ref_logits_BxTxV: Array,
     ref_logits_BxTxV = check_rank(ref_logits_BxTxV, 3, "ref_logits_BxTxV")
     check_same_shape([logits_BxTxV, ref_logits_BxTxV], "logits_BxTxV vs ref_logits_BxTxV")
     mask_BxT = mask_like(mask_BxT, logits_BxTxV[..., 0])
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    logq_BxTxV = jax.nn.log_softmax(ref_logits_BxTxV.astype(jnp.float32), axis=-1)
+    # Masked positions' logits replaced before the softmax (module docstring): a NaN or inf
+    # there made the gradient NaN through the dropped branch.
+    logp_BxTxV = jax.nn.log_softmax(_live_logits(logits_BxTxV, mask_BxT), axis=-1)
+    logq_BxTxV = jax.nn.log_softmax(_live_logits(ref_logits_BxTxV, mask_BxT), axis=-1)
     p_BxTxV = jnp.exp(logp_BxTxV)
     live_BxTxV = p_BxTxV > 0
     # -inf log-probs (masked tokens) replaced before the product too: where's gradient of the
@@ -104,7 +111,7 @@ def entropy_from_logits(logits_BxTxV: Array, mask_BxT: Array | None = None) -> A
     """H(pi(.|prefix)) = -sum_v p_v log p_v per position (float32; 0 on masked tokens)."""
     logits_BxTxV = check_rank(logits_BxTxV, 3, "logits_BxTxV")
     mask_BxT = mask_like(mask_BxT, logits_BxTxV[..., 0])
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    logp_BxTxV = jax.nn.log_softmax(_live_logits(logits_BxTxV, mask_BxT), axis=-1)
     p_BxTxV = jnp.exp(logp_BxTxV)
     live_BxTxV = p_BxTxV > 0   # as in kl_from_logits: no -inf inside the product
     ent_BxT = -jnp.sum(jnp.where(live_BxTxV, p_BxTxV * jnp.where(live_BxTxV, logp_BxTxV, 0.0),
@@ -214,14 +221,14 @@ def sequence_kl(estimator: str, logp_BxT: Array, ref_logp_BxT: Array,
 
 
 def sequence_kl_from_logits(logits_BxTxV: Array, ref_logits_BxTxV: Array,
-                            mask_BxT: Array) -> KLEstimate:
+                            mask_BxT: Array, samples_per_prompt: int = 1) -> KLEstimate:
     """Sequence KL with exact per-token KLs summed over valid positions of sampled prefixes.
 
     Along prefixes sampled from pi this is an unbiased, lower-variance (Rao-Blackwellised)
-    estimate of the sequence-level KL(pi||pi_ref).
+    estimate of the sequence-level KL(pi||pi_ref). `samples_per_prompt` as in `sequence_kl`.
     """
     per_token_BxT = kl_from_logits(logits_BxTxV, ref_logits_BxTxV, mask_BxT)
-    return summarise_sequences(jnp.sum(per_token_BxT, axis=-1))
+    return summarise_sequences(jnp.sum(per_token_BxT, axis=-1), samples_per_prompt)
 
 
 # --------------------------------------------------------------------------- bounds (numpy)

@@ -152,6 +152,28 @@ def _check_inputs(fns: DecoderFns, prompt_BxP: Any, prompt_mask_BxP: Any, cfg: A
         if empty.size:
             raise ValueError(f"sample: prompt_mask_BxP rows {empty[:10].tolist()} have no real "
                              "token (all padding); every prompt needs at least one")
+    check_padding("sample", prompt_mask_BxP)
+
+
+def check_padding(what: str, prompt_mask_BxP: Any, response_mask_RxL: Any = None) -> None:
+    """Host check (concrete masks only; a traced one passes): prompts left-padded (a row's real
+    tokens end at its last column, where the decoders read the prompt's end) and responses
+    right-padded (real tokens from column 0 on, as the samplers produce them)."""
+    def rows_where(mask, ok):
+        m = np.asarray(mask).astype(bool)
+        return np.flatnonzero(~ok(m))
+
+    if _is_concrete(prompt_mask_BxP):
+        bad = rows_where(prompt_mask_BxP, lambda m: np.all(m[:, 1:] >= m[:, :-1], axis=1))
+        if bad.size:
+            raise ValueError(f"{what}: prompt_mask_BxP rows {bad[:10].tolist()} are not "
+                             f"left-padded (padding after a real token): the decoder reads each "
+                             f"prompt's last column as its end; pad on the left")
+    if response_mask_RxL is not None and _is_concrete(response_mask_RxL):
+        bad = rows_where(response_mask_RxL, lambda m: np.all(m[:, 1:] <= m[:, :-1], axis=1))
+        if bad.size:
+            raise ValueError(f"{what}: response mask rows {bad[:10].tolist()} are not a run of "
+                             f"real tokens from the first column (right padding only)")
 
 
 def _check_vocab(cfg: SamplingConfig, vocab: int, prompt_BxP: Any = None,
@@ -292,6 +314,8 @@ def sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt
     positions and one vocabulary chunk at a time (`core.vocab_chunks`, forward and backward);
     otherwise from `fns.logits`."""
     chex.assert_rank([prompt_BxP, response_BxL], 2)
+    _check_response_mask("sequence_logprobs", response_BxL, response_mask_BxL)
+    check_padding("sequence_logprobs", prompt_mask_BxP, response_mask_BxL)
     targets_BxL = response_BxL.astype(jnp.int32)
     if fns.hidden is not None and fns.lm_kernel is not None:
         hidden_BxLxD = response_hidden(fns, params, prompt_BxP, prompt_mask_BxP, response_BxL,
@@ -313,10 +337,18 @@ def shared_sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array,
     if fns.shared_hidden is None or fns.lm_kernel is None:
         raise ValueError("shared_sequence_logprobs needs a decoder with a linear lm head "
                          "(DecoderFns.shared_hidden and lm_kernel)")
+    _check_response_mask("shared_sequence_logprobs", response_RxL, response_mask_RxL)
+    check_padding("shared_sequence_logprobs", prompt_mask_BxP, response_mask_RxL)
     targets_RxL = response_RxL.astype(jnp.int32)
     hidden = fns.shared_hidden(params, prompt_BxP, prompt_mask_BxP, targets_RxL)
     logp = vocab_chunks.token_logprobs(hidden, fns.lm_kernel(params), targets_RxL)
     return jnp.where(response_mask_RxL.astype(bool), logp, 0.0)
+
+
+def _check_response_mask(what: str, response_RxL: Any, response_mask_RxL: Any) -> None:
+    if np.shape(response_mask_RxL) != np.shape(response_RxL):
+        raise ValueError(f"{what}: the response mask must have the responses' shape "
+                         f"{np.shape(response_RxL)}, got {np.shape(response_mask_RxL)}")
 
 
 def response_hidden(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,

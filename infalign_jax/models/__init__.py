@@ -72,6 +72,13 @@ def _mask_or_ones(mask_BxT: Array | None, tokens_BxT: Array) -> Array:
     return jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else mask_BxT.astype(bool)
 
 
+def _real_tokens(tokens_BxT: Array, mask_BxT: Array) -> Array:
+    """Token ids with padding replaced by 0: a pad id outside the vocabulary (a tokenizer's added
+    pad token) would gather NaN from the embedding, and NaN values stay NaN under a zero attention
+    weight. Padding never reaches a real position's output either way."""
+    return jnp.where(mask_BxT, tokens_BxT, jnp.zeros((), tokens_BxT.dtype))
+
+
 def _causal_mask(mask_BxT: Array) -> Array:
     t = mask_BxT.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
@@ -84,7 +91,8 @@ def apply(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     """Teacher-forced forward pass over whole sequences (no cache)."""
     mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
     positions = default_positions(mask) if positions_BxT is None else positions_BxT
-    out = Transformer(cfg).apply(variables(params), tokens_BxT, positions, _causal_mask(mask))
+    out = Transformer(cfg).apply(variables(params), _real_tokens(tokens_BxT, mask), positions,
+                                 _causal_mask(mask))
     reward = None
     if "reward" in out:   # the head is linear: its mean over tokens is the head of the mean
         reward = pool_sequence(out["reward"], mask, cfg.reward_pool)
@@ -127,8 +135,8 @@ def hidden_states(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     logits of any positions are hidden @ kernel, so callers can compute them only where needed
     (and over vocabulary chunks)."""
     mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
-    out = Transformer(cfg).apply(variables(params), tokens_BxT, default_positions(mask),
-                                 _causal_mask(mask), heads=())
+    out = Transformer(cfg).apply(variables(params), _real_tokens(tokens_BxT, mask),
+                                 default_positions(mask), _causal_mask(mask), heads=())
     return out["hidden"]
 
 
@@ -183,8 +191,8 @@ def prefill(params: Params, tokens_BxP: Array, cfg: ModelConfig,
     With dynamic rope, prompt + `max_new_tokens` must fit in `cfg.max_len`."""
     _check_cached_len(cfg, tokens_BxP.shape[1], max_new_tokens, "prefill")
     mask = _mask_or_ones(attention_mask_BxP, tokens_BxP)
-    out = Transformer(cfg).apply(variables(params), tokens_BxP, default_positions(mask),
-                                 _causal_mask(mask), return_kv=True,
+    out = Transformer(cfg).apply(variables(params), _real_tokens(tokens_BxP, mask),
+                                 default_positions(mask), _causal_mask(mask), return_kv=True,
                                  last_logits_only=last_logits_only)
     pk, pv = out["kv"]
     batch = tokens_BxP.shape[0]
@@ -241,8 +249,9 @@ def shared_prompt_hidden(params: Params, tokens_BxP: Array, mask_BxP: Array,
     With dynamic rope, prompt + response must fit in `cfg.max_len`."""
     _check_cached_len(cfg, tokens_BxP.shape[1], response_RxL.shape[1], "shared_prompt_hidden")
     mask = _mask_or_ones(mask_BxP, tokens_BxP)
-    prompt = Transformer(cfg).apply(variables(params), tokens_BxP, default_positions(mask),
-                                    _causal_mask(mask), return_kv=True, heads=())
+    prompt = Transformer(cfg).apply(variables(params), _real_tokens(tokens_BxP, mask),
+                                    default_positions(mask), _causal_mask(mask), return_kv=True,
+                                    heads=())
     pk, pv = prompt["kv"]
     batch, (rows, length) = tokens_BxP.shape[0], response_RxL.shape
     n = rows // batch
