@@ -103,6 +103,20 @@ def test_step_metrics_match_independent_rollout_scoring():
                                                                      rel=1e-5)
 
 
+def test_a_prompt_index_past_the_reference_table_calibrates_to_nan():
+    """Two prompts' references; index 2 (past the table) and -3 were clamped by the gather to
+    rows 1 and 0, calibrating against another prompt's references (C = [0, 1], no error). Such
+    a row now gets count 0, which `calibrate` makes NaN (the guarded step then skips)."""
+    from infalign_jax.core.calibration import calibrate
+    from infalign_jax.rl.step import reference_rows
+    frozen = rl.Frozen(None, None, jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([2, 2]))
+    rows, counts = reference_rows(frozen, jnp.array([0, 1, 2, -3]))
+    np.testing.assert_array_equal(counts, [2, 2, 0, 0])
+    cal = np.asarray(calibrate(jnp.full((4, 1), 2.5), rows, counts))
+    np.testing.assert_allclose(cal[:2, 0], [1.0, 0.0])
+    assert np.all(np.isnan(cal[2:]))
+
+
 def test_score_rollout_hand_made():
     ref_1x4 = jnp.array([[1.0, 2.0, 2.0, 5.0]])
     rewards_1x3 = jnp.array([[2.0, 0.0, 9.0]])

@@ -54,7 +54,7 @@ from infalign_jax.core.types import DecoderFns, RewardFn
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import SET_BY, UNUSED_OPTION_RULES
 from infalign_jax.models import lora
-from infalign_jax.rl.step import check_shared_prompt, path_terms_metrics
+from infalign_jax.rl.step import check_shared_prompt, path_terms_metrics, reference_rows
 
 Array = jax.Array
 DATA_MODES = ("online", "offline")
@@ -240,7 +240,7 @@ def _monitor(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn, params: An
     rmask_RxL, logp_RxL = rollout[3], s.logp_BxNxL.reshape(b * m, -1)
     rewards_BxM = reward_fn(frozen.reward_params, jnp.repeat(idx_B, m), rollout[2],
                             rmask_RxL).reshape(b, m)
-    cal_BxM = calibrate(rewards_BxM, frozen.ref_sorted_XxK[idx_B], frozen.ref_count_X[idx_B])
+    cal_BxM = calibrate(rewards_BxM, *reference_rows(frozen, idx_B))
     out = {"reward": jnp.mean(rewards_BxM), "calibrated_reward": jnp.mean(cal_BxM),
            "response_length": jnp.mean(jnp.sum(rmask_RxL, -1))}
     if cfg.full_kl and cfg.shared_prompt:      # pi_ref's log-probs come with the KL terms

@@ -316,6 +316,14 @@ def host_rollout_rewards(reward: HostReward, ro: Rollout) -> np.ndarray:
     return np.asarray(reward.host(idx_R, resp_RxL, mask_RxL), np.float32)
 
 
+def reference_rows(frozen: Frozen, prompt_idx_B: Array) -> tuple[Array, Array]:
+    """The reference table's rows of the batch's prompts: (sorted rewards, counts). An index
+    past the table gets count 0, which `calibrate` turns into NaN; a plain gather would clamp it
+    to the last row and calibrate against another prompt's references."""
+    count_B = jnp.take(frozen.ref_count_X, prompt_idx_B, axis=0, mode="fill", fill_value=0)
+    return frozen.ref_sorted_XxK[prompt_idx_B], count_B
+
+
 def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, ro: Rollout,
           rewards_R: Array) -> Scores:
     """Phases 2b-3: calibrate each response's reward against its prompt's reference table and
@@ -323,8 +331,7 @@ def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, 
     b, m = ro.prompt_idx_B.shape[0], cfg.samples_per_prompt
     rmask_RxL = ro.mask_RxL
     rewards_BxM = jnp.asarray(rewards_R, jnp.float32).reshape(b, m)
-    ref_sorted_BxK = frozen.ref_sorted_XxK[ro.prompt_idx_B]
-    ref_count_B = frozen.ref_count_X[ro.prompt_idx_B]
+    ref_sorted_BxK, ref_count_B = reference_rows(frozen, ro.prompt_idx_B)
     cal_BxM, phi_BxM = score_rollout(cfg, transform, rewards_BxM, ref_sorted_BxK, ref_count_B)
     if transform.smoothed:   # Phi reads the smoothed C; the metric is C itself (spec Eq. 12)
         cal_BxM = calibrate(rewards_BxM, ref_sorted_BxK, ref_count_B)
