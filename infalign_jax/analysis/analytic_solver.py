@@ -180,8 +180,7 @@ def solve_optimal(procedure: str, n: int, beta: float, *, against: str = "transf
         phi = np.asarray(phi - jnp.max(phi))
         return OptimalSolution(beta=beta, u=u, g=np.asarray(p_U) * m, phi=phi, kl=float(kl),
                                win_rate=float(A.as_probability(win)), method=method,
-                               iterations=iters,
-                               residual=residual)
+                               iterations=iters, residual=residual)
 
 
 def optimal_at_kl(kl: float, procedure: str, n: int = 1, *, against: str = "transformed",

@@ -86,14 +86,20 @@ def _finite(name: str, value: Any) -> float:
     return value
 
 
+def _floor(transform: str, floor: float) -> float:
+    """The floor below which log-type transforms clamp u: finite and in (0, 1)."""
+    floor = _finite("floor", floor)
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"transform {transform!r}: floor must be in (0, 1), got {floor}")
+    return floor
+
+
 def _identity() -> Transform:
     return Transform("identity", {}, lambda u: u, sup_abs=1.0)
 
 
 def _log(floor: float = EPS) -> Transform:
-    floor = _finite("floor", floor)
-    if not 0.0 < floor < 1.0:
-        raise ValueError(f"transform 'log': floor must be in (0, 1), got {floor}")
+    floor = _floor("log", floor)
     return Transform("log", {"floor": floor}, lambda u: jnp.log(jnp.maximum(u, floor)),
                      smoothed=True, sup_abs=-math.log(floor))
 
@@ -114,16 +120,14 @@ def _exp(t: float = 1.0) -> Transform:
 
 def _power(p: float = 0.5, floor: float = EPS) -> Transform:
     p = _finite("p", p)
-    floor = _finite("floor", floor)
-    if not 0.0 < floor < 1.0:
-        raise ValueError(f"transform 'power': floor must be in (0, 1), got {floor}")
+    floor = _floor("power", floor)
     if abs(p) < LIMIT_BELOW:
         return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)),
                          smoothed=True, sup_abs=-math.log(floor))
     # Every p reads the smoothed calibration, as its p -> 0 limit log does: for p < 0 the
     # transform diverges at u = 0, and for small p > 0 the lowest rank's value would be the
-    # floor's (p = 1e-7: -13.8 against -1.6 at p = -1e-7), so a sweep over p jumped at 0. For
-    # p >= 1 it is an affine map of C's, the same policy at another beta.
+    # floor's (p = 1e-7: -13.8 against -1.6 at p = -1e-7), so a sweep over p jumped at 0. At
+    # p = 1 it is an affine map of C, the same policy at another beta.
     # expm1(p log u) / p, not (u^p - 1) / p: for small p, u^p is within a few float32 steps of 1
     # and the subtraction would lose every digit (p = 1e-6: Phi(0.99) = 0, ties between ranks).
     log_floor = math.log(floor)

@@ -159,18 +159,18 @@ def check_padding(what: str, prompt_mask_BxP: Any, response_mask_RxL: Any = None
     """Host check (concrete masks only; a traced one passes): prompts left-padded (a row's real
     tokens end at its last column, where the decoders read the prompt's end) and responses
     right-padded (real tokens from column 0 on, as the samplers produce them)."""
-    def rows_where(mask, ok):
+    def rows_with(first, then, mask):   # rows where a `first` token is followed by a `then` one
         m = np.asarray(mask).astype(bool)
-        return np.flatnonzero(~ok(m))
+        return np.flatnonzero(np.any((m[:, :-1] == first) & (m[:, 1:] == then), axis=1))
 
     if _is_concrete(prompt_mask_BxP):
-        bad = rows_where(prompt_mask_BxP, lambda m: np.all(m[:, 1:] >= m[:, :-1], axis=1))
+        bad = rows_with(True, False, prompt_mask_BxP)   # padding after a real token
         if bad.size:
             raise ValueError(f"{what}: prompt_mask_BxP rows {bad[:10].tolist()} are not "
                              f"left-padded (padding after a real token): the decoder reads each "
                              f"prompt's last column as its end; pad on the left")
     if response_mask_RxL is not None and _is_concrete(response_mask_RxL):
-        bad = rows_where(response_mask_RxL, lambda m: np.all(m[:, 1:] <= m[:, :-1], axis=1))
+        bad = rows_with(False, True, response_mask_RxL)   # a real token after padding
         if bad.size:
             raise ValueError(f"{what}: response mask rows {bad[:10].tolist()} are not a run of "
                              f"real tokens from the first column (right padding only)")

@@ -263,9 +263,9 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         manifest["started"] = previous.get("started") or manifest.get("started")
         here = {"git": provenance.git_state(), "packages": provenance.package_versions()}
         # The manifest was last written by the segment that made the checkpoint.
-        manifest["started_with"] = previous.get("started_with") or {
-            k: previous.get(k) for k in here}
-        changed = code_changes({k: previous.get(k) for k in here}, here)
+        before = {k: previous.get(k) for k in here}
+        manifest["started_with"] = previous.get("started_with") or before
+        changed = code_changes(before, here)
         if changed:
             log(f"resuming under other code than step {start} was trained with: "
                 f"{'; '.join(changed)} (each segment's is in manifest.json's resumes)")

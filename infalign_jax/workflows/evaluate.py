@@ -306,8 +306,8 @@ def refuse_unscored(name: str, unscored_R, scorer: dict) -> None:
     if rows:
         raise ValueError(
             f"evaluate: {name}: the prefix scorer's values (NaN or infinite) could not rank the "
-            f"candidates at "
-            f"{int(unscored_R.sum())} decoding steps of {rows} of {unscored_R.size} sequences "
+            f"candidates at {int(unscored_R.sum())} decoding steps of {rows} of "
+            f"{unscored_R.size} sequences "
             f"(the scorer's training ended at loss {scorer.get('last_loss')}); nothing is "
             f"reported for a decoder that could not rank its candidates")
 
