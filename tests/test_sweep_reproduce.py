@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import ml_collections
@@ -271,6 +272,20 @@ def test_convergence_stage_smoke_table_and_unreachable_budgets(tmp_path):
                                                       "samples": 2})
     assert "BoN_3 trained − target | WoN_3 trained − target |" in three
     assert "| +0.1000 | -0.0500 |" in three
+
+
+def test_convergence_transforms_select_rows_by_label_and_refuse_unknown_ones(tmp_path):
+    assert reproduce.select_transforms("all") == reproduce.CONVERGENCE_TRANSFORMS
+    assert reproduce.select_transforms(" log , exp t=-5,optimal won") == (
+        ("exp", {"t": -5.0}), ("log", {}), ("optimal", {"procedure": "won"}))
+    for bad, named in (("log,exp t=-4", "'exp t=-4'"), (" , ", "[]"), ("Log", "'Log'")):
+        with pytest.raises(ValueError, match=r"config.convergence_transforms: unknown "
+                                             r"transforms .*" + re.escape(named)):
+            reproduce.select_transforms(bad)
+    cfg = ml_collections.ConfigDict({"stages": "analytic", "size": "tiny", "seed": 0,
+                                     "convergence_transforms": "exp t=3"})
+    with pytest.raises(ValueError, match=r"unknown transforms \['exp t=3'\]"):
+        reproduce.run(cfg, str(tmp_path))
 
 
 def test_seed_summary_mean_sd_and_convergence_count():

@@ -235,6 +235,26 @@ CONVERGENCE_TRANSFORMS = (("exp", {"t": -10.0}), ("exp", {"t": -5.0}), ("exp", {
                           ("optimal", {"procedure": "bon"}), ("optimal", {"procedure": "won"}))
 
 
+def convergence_label(name: str, params: dict) -> str:
+    """A convergence row's transform label, e.g. "exp t=-5", "log", "optimal bon"."""
+    return name + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {v}"
+                          for k, v in params.items())
+
+
+def select_transforms(labels: str) -> tuple[tuple[str, dict], ...]:
+    """CONVERGENCE_TRANSFORMS, or those whose labels are in the comma-separated `labels`
+    ("all" for every one); an unknown label is refused with the known ones."""
+    if str(labels).strip() == "all":
+        return CONVERGENCE_TRANSFORMS
+    wanted = [s.strip() for s in str(labels).split(",") if s.strip()]
+    known = [convergence_label(*t) for t in CONVERGENCE_TRANSFORMS]
+    unknown = [w for w in wanted if w not in known]
+    if not wanted or unknown:
+        raise ValueError(f"config.convergence_transforms: unknown transforms {unknown or wanted}"
+                         f"; known: {known} (comma-separated, or 'all')")
+    return tuple(t for t in CONVERGENCE_TRANSFORMS if convergence_label(*t) in wanted)
+
+
 def convergence_markdown(rows: list[dict[str, Any]], n: int, knobs: dict[str, Any]) -> str:
     """The convergence table of `run_convergence_stage` as markdown."""
     head = ["KL budget", "transform", "β", "range(Φ)/β", "converged", "KL(π‖π*) mean / max",
@@ -271,8 +291,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
     rows = []
     for kl in kls:
         for name, params in transforms:
-            label = name + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {v}"
-                                   for k, v in params.items())
+            label = convergence_label(name, params)
             spec = {"name": name, **params}
             section = _transform_section(spec, kl, n, workdir)
             overrides = {"task.kl_budget": float(kl), **transform_overrides(**section)}
@@ -324,6 +343,7 @@ class ReproduceConfig:
     stages: str = "analytic,exact"  # comma-separated, of STAGES
     methods: str = "all"           # "all" or comma-separated keys of `methods`
     convergence_kls: tuple[float, ...] = (0.25, 1.0, 2.0)
+    convergence_transforms: str = "all"   # "all" or comma-separated labels, e.g. "log,exp t=-5"
 
     def __post_init__(self):
         check.choice(self, "size", tuple(SIZES))
@@ -334,6 +354,7 @@ class ReproduceConfig:
         if unknown:
             raise ValueError(f"config.stages: unknown stages {unknown}; known: {list(STAGES)}")
         object.__setattr__(self, "convergence_kls", tuple(float(k) for k in self.convergence_kls))
+        select_transforms(self.convergence_transforms)
 
     @property
     def stage_list(self) -> list[str]:
@@ -378,7 +399,9 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
     if "convergence" in stages:
         out = os.path.join(workdir, "convergence")
         run_convergence_stage(exact_config, out, kls=config.convergence_kls, size=config.size,
-                              n=config.n, first_seed=config.seed, log=log)
+                              n=config.n,
+                              transforms=select_transforms(config.convergence_transforms),
+                              first_seed=config.seed, log=log)
         with open(os.path.join(out, "convergence_table.md")) as f:
             parts.append("## Exact task: convergence of every transform\n\n" + f.read())
     if "real" in stages:
