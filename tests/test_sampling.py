@@ -836,3 +836,38 @@ def test_a_pad_id_outside_the_vocabulary_changes_nothing():
                       jnp.repeat(mask, 2, 0))):
         np.testing.assert_allclose(fn(fns, params, p, m, resp, rmask),
                                    a.logp_BxNxL.reshape(4, -1), atol=1e-5)
+
+
+def test_a_response_id_outside_the_vocabulary_is_nan_on_every_path():
+    """A response id -1 (or V) at an unmasked position: the linear-head path scored it
+    -logsumexp (a finite log-prob of no token) while the full-logits path wrapped -1 to token
+    V - 1. Every path now gives NaN there (so a guarded step skips it), and a masked position
+    holding such an id still gives 0 with finite gradients."""
+    models, cfg, params = _tiny_model()
+    fns = models.decoder_fns(cfg)
+    full = fns._replace(hidden=None, lm_kernel=None)
+    v = cfg.vocab_size
+    prompt = jnp.array([[0, 5, 6, 7], [4, 5, 6, 7]], jnp.int32)
+    pmask = jnp.array([[False, True, True, True], [True, True, True, True]])
+    resp = jnp.array([[3, -1, 5], [v, 4, 2]], jnp.int32)
+    rmask = jnp.ones((2, 3), bool)
+    outs = [np.asarray(sampling.sequence_logprobs(f, params, prompt, pmask, resp, rmask))
+            for f in (fns, full)]
+    outs.append(np.asarray(sampling.shared_sequence_logprobs(fns, params, prompt, pmask, resp,
+                                                             rmask)))
+    for got in outs:
+        assert np.isnan(got[0, 1]) and np.isnan(got[1, 0]) and np.isfinite(got[0, 0])
+        assert np.isnan(got.sum(-1)).all()           # neither sequence passes as scored
+        np.testing.assert_allclose(got, outs[0], atol=1e-5)   # NaN where the first has NaN
+    # The single-token log-prob of the sampler and the teacher-forced KL pass follow it too.
+    logits = jax.random.normal(jax.random.key(0), (3, v))
+    lp = np.asarray(sampling._token_logprob(logits, jnp.array([-1, v, 2])))
+    assert np.isnan(lp[:2]).all()
+    np.testing.assert_allclose(lp[2], jax.nn.log_softmax(logits[2])[2], atol=1e-6)
+    # Masked: 0, and the gradient stays finite on both paths.
+    masked = rmask.at[0, 1:].set(False).at[1, :].set(False)
+    for f in (fns, full):
+        loss = lambda p: jnp.sum(sampling.sequence_logprobs(f, p, prompt, pmask, resp, masked))
+        value, grad = jax.value_and_grad(loss)(params)
+        assert np.isfinite(float(value))
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))

@@ -124,13 +124,21 @@ def test_token_logprobs_bfloat16_gradients():
                                rtol=2e-2, atol=2e-2)
 
 
-def test_token_logprobs_out_of_range_target_is_finite():
+def test_token_logprobs_out_of_range_target_is_nan_as_from_logits():
+    """An id outside [0, V) was scored -logsumexp here (a log-prob of no token) and wrapped to
+    V - 1 by the full-logits gather; both now give NaN, the rest unchanged."""
     hidden, kernel, targets = _head(5)
     targets = targets.at[0, 0].set(V).at[0, 1].set(-1)
-    got = VC.token_logprobs(hidden, kernel, targets, chunk=64)
-    lse = np.log(np.exp(_np_logits(hidden, kernel)).sum(-1))
-    np.testing.assert_allclose(np.asarray(got[0, :2]), -lse[0, :2], rtol=0, atol=1e-5)
-    assert np.isfinite(np.asarray(got)).all()
+    got = np.asarray(VC.token_logprobs(hidden, kernel, targets, chunk=64))
+    logits = _np_logits(hidden, kernel)
+    full = np.asarray(VC.token_logprobs_from_logits(jnp.asarray(logits), targets))
+    assert np.isnan(got[0, :2]).all() and np.isnan(full[0, :2]).all()
+    np.testing.assert_allclose(got[0, 2:], full[0, 2:], atol=1e-5)
+    np.testing.assert_allclose(got[1:], full[1:], atol=1e-5)
+    valid = (targets >= 0) & (targets < V)     # masked out: finite gradients
+    grads = jax.grad(lambda h: jnp.sum(jnp.where(
+        valid, VC.token_logprobs(h, kernel, targets, chunk=64), 0.0)))(hidden)
+    assert np.isfinite(np.asarray(grads)).all()
 
 
 def test_bad_arguments_raise():

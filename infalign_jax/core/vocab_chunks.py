@@ -195,8 +195,9 @@ def token_logprobs(hidden_NxD: Array, kernel_DxV: Array, targets_N: Array, *,
     Args:
       hidden_NxD: [..., D] final hidden states (any float dtype).
       kernel_DxV: [D, V] lm-head kernel (for tied embeddings, `embedding.T`).
-      targets_N: [...] integer token ids in [0, V); one outside that range has target logit 0,
-        i.e. logp = -logsumexp (finite, zero gradient through the target term).
+      targets_N: [...] integer token ids in [0, V); one outside that range gets logp NaN (as
+        `token_logprobs_from_logits`), so an invalid id at a scored position cannot pass for a
+        finite log-prob; mask such positions with `jnp.where` (their gradients stay 0).
       chunk: vocabulary columns per step (a Python int); >= V is the full computation in one step.
 
     Returns: logp of shape [...] (the leading shape of `hidden_NxD`), float32.
@@ -213,7 +214,23 @@ def token_logprobs(hidden_NxD: Array, kernel_DxV: Array, targets_N: Array, *,
     flat_NxD = hidden_NxD.reshape(-1, hidden_NxD.shape[-1])
     logp_N = _token_logprobs_flat(flat_NxD, kernel_DxV, targets_N.reshape(-1).astype(jnp.int32),
                                   chunk)
-    return logp_N.reshape(lead)
+    return nan_outside_vocab(logp_N.reshape(lead), targets_N, kernel_DxV.shape[1])
+
+
+def token_logprobs_from_logits(logits_BxTxV: Array, targets_BxT: Array) -> Array:
+    """log softmax(logits)[target] per position, float32 whatever the logits' dtype; the full-
+    logits counterpart of `token_logprobs`, with the same contract: an id outside [0, V) gets NaN
+    (a plain gather would wrap -1 to V - 1)."""
+    logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    targets = jnp.asarray(targets_BxT).astype(jnp.int32)
+    picked = jnp.take_along_axis(logp, jnp.clip(targets, 0, logp.shape[-1] - 1)[..., None],
+                                 axis=-1)[..., 0]
+    return nan_outside_vocab(picked, targets, logp.shape[-1])
+
+
+def nan_outside_vocab(logp: Array, targets: Array, vocab: int) -> Array:
+    """logp where the target id is in [0, vocab), NaN elsewhere (the token log-probs' contract)."""
+    return jnp.where((targets >= 0) & (targets < vocab), logp, jnp.nan)
 
 
 # --------------------------------------------------------------------------- KL and entropy

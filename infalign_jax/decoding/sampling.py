@@ -107,11 +107,14 @@ def _repeat_batch(tree: Any, n: int) -> Any:
 
 
 def _token_logprob(logits_BxV: Array, token_B: Array) -> Array:
-    """log_softmax(logits)[token], computed like `jax.nn.log_softmax` without the B x V output."""
+    """log_softmax(logits)[token], computed like `jax.nn.log_softmax` without the B x V output;
+    NaN for a token outside [0, V) (`vocab_chunks.nan_outside_vocab`)."""
     top = jax.lax.stop_gradient(jnp.max(logits_BxV, axis=-1, keepdims=True))
     shifted = logits_BxV - top
-    picked = jnp.take_along_axis(shifted, token_B[:, None], axis=1)[:, 0]
-    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    vocab = logits_BxV.shape[-1]
+    picked = jnp.take_along_axis(shifted, jnp.clip(token_B, 0, vocab - 1)[:, None], axis=1)[:, 0]
+    return vocab_chunks.nan_outside_vocab(
+        picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)), token_B, vocab)
 
 
 def _is_concrete(x: Any) -> bool:
@@ -308,7 +311,8 @@ def response_logits(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_m
 
 def sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: Array,
                       response_BxL: Array, response_mask_BxL: Array) -> Array:
-    """Teacher-forced float32 log-probs of each response token (0 where masked): logp_BxL.
+    """Teacher-forced float32 log-probs of each response token (0 where masked; NaN for an id
+    outside [0, V) at an unmasked position, on both paths): logp_BxL.
 
     With a linear head (`fns.hidden` and `fns.lm_kernel`) the logits exist only at the response
     positions and one vocabulary chunk at a time (`core.vocab_chunks`, forward and backward);
@@ -324,8 +328,7 @@ def sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt
     else:
         pred = response_logits(fns, params, prompt_BxP, prompt_mask_BxP, response_BxL,
                                response_mask_BxL)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(pred, axis=-1), targets_BxL[..., None],
-                                   axis=-1)[..., 0]
+        logp = vocab_chunks.token_logprobs_from_logits(pred, targets_BxL)
     return jnp.where(response_mask_BxL.astype(bool), logp, 0.0)
 
 

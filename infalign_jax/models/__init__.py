@@ -6,7 +6,7 @@
   apply(params, tokens_BxT, cfg, ...)          -> ModelOutput(logits, hidden, reward, values)
   pool_sequence(x_BxTx..., mask_BxT, pool)     where the reward head reads a sequence
   first_layers(cfg, params, n)                 the model cut to its first n decoder layers
-  token_logprobs(logits_BxTxV, targets_BxT)    -> float32 log-probs
+  token_logprobs(logits_BxTxV, targets_BxT)    -> float32 log-probs (NaN for ids outside [0, V))
   hidden_states / lm_head_kernel               the trunk alone, and the head's (D, V) kernel
   prefill / expand_cache / decode_step         KV-cache decoding (prompt KV shared by N samples)
   decoder_fns(cfg)                             the functions the sampler and trainer need
@@ -25,6 +25,7 @@ from infalign_jax.models.config import ModelConfig
 from infalign_jax.models.transformer import LORA, Transformer, default_positions
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.core.losses import last_valid_index
+from infalign_jax.core.vocab_chunks import token_logprobs_from_logits as token_logprobs
 
 Array = jax.Array
 Params = Any
@@ -149,12 +150,6 @@ def lm_head_kernel(params: Params, cfg: ModelConfig) -> Array:
         raise ValueError("lm_head_kernel: the logits are soft-capped (ModelConfig.final_softcap="
                          f"{cfg.final_softcap}), not hidden @ kernel; use apply(...).logits")
     return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-
-
-def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
-    """log p(target) from logits, in float32 whatever the activation dtype."""
-    logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 # ------------------------------------------------------------------------------- KV cache
