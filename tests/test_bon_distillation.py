@@ -153,6 +153,25 @@ def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_offline_data_drawn_for_another_n_is_refused():
+    """An offline set with n' != bonbon.n responses per prompt was re-cut by the step's reshape
+    into b * n rows of other lengths (n' = 2, L = 3 under n = 4: rows of 1.5 responses' tokens)
+    and trained on; it is refused at trace time, as is a mask of another shape."""
+    task, cfg, fns, step, state, frozen, batch = _setup(data="offline")
+    two = bd.BoNBoNConfig(n=2, max_new_tokens=4, learning_rate=1e-3)
+    data = bd.sample_reference_responses(two, fns, task.ref_params, batch["prompt_BxP"],
+                                         batch["prompt_mask_BxP"], jax.random.key(5))
+    bad = dict(batch, response_BxNxL=data.tokens_BxNxL, response_mask_BxNxL=data.mask_BxNxL)
+    with pytest.raises(ValueError, match=r"must hold bonbon.n=4 responses for each of the "
+                                         r"batch's 4 prompts, shape \(4, 4, L\); got \(4, 2, 4\)"):
+        jax.jit(step)(state, frozen, bad, jax.random.key(0))
+    data = bd.sample_reference_responses(cfg, fns, task.ref_params, batch["prompt_BxP"],
+                                         batch["prompt_mask_BxP"], jax.random.key(5))
+    bad = dict(batch, response_BxNxL=data.tokens_BxNxL, response_mask_BxNxL=data.mask_BxNxL[:, :, :-1])
+    with pytest.raises(ValueError, match=r"response_mask_BxNxL must have response_BxNxL's shape"):
+        jax.jit(step)(state, frozen, bad, jax.random.key(0))
+
+
 def test_bonbon_step_with_lora_adapters():
     """With LoRA the state holds only adapters and the loss is the merged policy's: at step 0
     (B = 0, merged = pi_ref) it equals the full-parameter step's loss on the same draws, and

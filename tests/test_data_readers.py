@@ -385,3 +385,23 @@ def test_hh_dialogues_that_differ_before_the_last_turn_are_refused(tmp_path):
     examples, report = read_preferences(path, skip_bad=True)
     assert [(e.prompt, e.chosen, e.rejected) for e in examples] == HH_EXPECTED
     assert report.counts == {"mismatched_prefix": 2} and "'rejected' has a" in report.examples[1][3]
+
+
+def test_hh_transcripts_ending_in_a_human_turn_are_refused(tmp_path):
+    """With both prompts equal, a transcript whose last turn is a Human one was kept with that
+    turn inside its "response" ('hello there\\n\\nHuman: thanks, bye'): the reward model learnt
+    to prefer responses holding a Human turn. Refused, and counted under skip_bad."""
+    rows = [HH[0],
+            {"chosen": "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: thanks, bye",
+             "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
+            {"chosen": "\n\nHuman: q\n\nAssistant: a1\n\nHuman: ok",
+             "rejected": "\n\nHuman: q\n\nAssistant: a2\n\nHuman: ok"},
+            HH[1]]
+    path = write_lines(tmp_path / "hh.jsonl", rows)
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: 'chosen' ends with a '\\n\\nHuman:' "
+                                        r"turn after its last Assistant turn") as info:
+        read_preferences(path, format="hh")
+    assert info.value.reason == "human_turn_in_response"
+    examples, report = read_preferences(path, skip_bad=True)
+    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == HH_EXPECTED
+    assert report.counts == {"human_turn_in_response": 2}

@@ -199,6 +199,12 @@ def test_bad_inputs_raise_value_errors():
         P.bradley_terry_loss(x, x, np.zeros(4))
     with pytest.raises(ValueError, match="label_smoothing"):
         P.dpo_loss(x, x, x, x, 0.1, label_smoothing=0.7)
+    # At 0.5 a label says nothing: the loss is the same for either label order (1.0546 and
+    # 0.7241 in the review's case) and pulls every gap to 0, so it is refused like label_noise.
+    for loss in (lambda: P.dpo_loss(x, x, x, x, 0.1, label_smoothing=0.5),
+                 lambda: P.bradley_terry_loss(x, x, label_smoothing=0.5)):
+        with pytest.raises(ValueError, match=r"label_smoothing must be < 0.5, got 0.5"):
+            loss()
     with pytest.raises(ValueError, match="beta"):
         P.ipo_loss(x, x, x, x, 0.0)
     with pytest.raises(ValueError, match="ref_rejected_logp_B"):

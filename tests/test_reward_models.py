@@ -333,6 +333,7 @@ def test_sharded_step_matches_single_device():
 @pytest.mark.parametrize("field,value", [
     ("learning_rate", 0.0), ("learning_rate", float("nan")), ("weight_decay", -0.1),
     ("max_grad_norm", -1.0), ("margin", -0.5), ("label_smoothing", 0.6),
+    ("label_smoothing", 0.5),
     ("warmup_steps", -1), ("total_steps", 2.5), ("warmup_steps", 50)])
 def test_bad_config_names_field(field, value):
     kwargs = {"learning_rate": 1e-3, "total_steps": 10, field: value}

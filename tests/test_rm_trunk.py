@@ -268,6 +268,28 @@ def test_data_paths_switch_synthetic_pairs_off(tmp_path):
     with pytest.raises(ValueError, match=r"config.data.train_path is set but config.data."
                                          r"synthetic='vader' makes the pairs"):
         data(synthetic="vader", train_path="a.jsonl", eval_path="b.jsonl")
+    # The training file as the held-out one: training accuracy reported as held-out.
+    with pytest.raises(ValueError, match=r"config.data.eval_path names the training file"):
+        data(train_path="a.jsonl", eval_path="./a.jsonl")
+
+
+def test_pairs_in_both_counts_held_out_pairs_seen_in_training():
+    def arrays(rows):     # rows of (prompt, chosen, rejected) token lists, right-padded to 3
+        out = {}
+        for i, k in enumerate(("prompt_BxP", "chosen_BxL", "rejected_BxL")):
+            toks = np.zeros((len(rows), 3), np.int32)
+            for j, row in enumerate(rows):
+                toks[j, :len(row[i])] = row[i]
+            out[k] = toks
+            out[f"{k[:-4]}_mask{k[-4:]}"] = toks > 0
+        return out
+    train = arrays([([1], [2, 3], [4]), ([1], [5], [6])])
+    held = arrays([([1], [4], [2, 3]),      # the same pair, labels swapped
+                   ([1], [2, 3], [4]),      # the same pair
+                   ([7], [2, 3], [4]),      # another prompt
+                   ([1], [5], [6, 6])])     # another response
+    assert rm_data.pairs_in_both(train, held) == 2
+    assert rm_data.pairs_in_both(train, arrays([([1], [9], [8])])) == 0
 
 
 # ---------------------------------------------------------------------- kind = "trained"

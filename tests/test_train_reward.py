@@ -64,6 +64,12 @@ def test_learns_rule_and_writes_outputs(tmp_path):
                                   devices=ONE)
     assert summary["eval"]["eval_pairs"] == 64
     assert summary["eval"]["eval_accuracy"] > 0.9, summary["eval"]
+    # This rule's pairs come from 6 response pairs: the held-out file repeats training pairs,
+    # which the summary counts (the text-level count from the files themselves).
+    key = lambda r: (r["prompt"], frozenset((r["chosen"], r["rejected"])))   # noqa: E731
+    seen = {key(json.loads(line)) for line in open(train)}
+    both = sum(key(json.loads(line)) in seen for line in open(ev))
+    assert both > 0 and summary["eval_data"]["also_in_train"] == both
     info = json.load(open(tmp_path / "run" / "reward_model.json"))
     assert info["reward_model_id"] == summary["reward_model_id"]
     assert info["reward_model_id"].startswith("rm[1x32,bytes-v1]:")

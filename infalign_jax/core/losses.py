@@ -51,7 +51,8 @@ def check_same_shape(arrays: list[Array], names: str) -> None:
 
 
 def check_scalar(value: float | Array, name: str, low: float | None = None,
-                 high: float | None = None, low_open: bool = False) -> Array:
+                 high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> Array:
     """A float32 scalar; range-checked only when it is a concrete Python/NumPy number."""
     arr = jnp.asarray(value, jnp.float32)
     if arr.ndim != 0:
@@ -62,8 +63,8 @@ def check_scalar(value: float | Array, name: str, low: float | None = None,
             raise ValueError(f"{name} must be finite, got {v}")
         if low is not None and (v < low or (low_open and v == low)):
             raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
-        if high is not None and v > high:
-            raise ValueError(f"{name} must be <= {high}, got {v}")
+        if high is not None and (v > high or (high_open and v == high)):
+            raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v}")
     return arr
 
 

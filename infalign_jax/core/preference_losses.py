@@ -73,7 +73,8 @@ def bradley_terry_loss(r_chosen_B: Array, r_rejected_B: Array, margin: float | A
     for more clearly preferred pairs. Metrics: accuracy (P[r_w > r_l], ties 1/2), mean gap.
     """
     r_chosen_B, r_rejected_B = _pairs(("r_chosen_B", "r_rejected_B"), r_chosen_B, r_rejected_B)
-    label_smoothing = check_scalar(label_smoothing, "label_smoothing", low=0.0, high=0.5)
+    label_smoothing = check_scalar(label_smoothing, "label_smoothing", low=0.0, high=0.5,
+                                   high_open=True)
     margin = jnp.asarray(margin, jnp.float32)
     if margin.ndim not in (0, 1) or (margin.ndim == 1 and margin.shape != r_chosen_B.shape):
         raise ValueError(f"margin must be a scalar or of shape {r_chosen_B.shape}, "
@@ -122,7 +123,8 @@ def dpo_loss(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array,
     loss and metrics are means over the pairs it keeps (0 when it keeps none).
     """
     beta = check_scalar(beta, "beta", low=0.0, low_open=True)
-    label_smoothing = check_scalar(label_smoothing, "label_smoothing", low=0.0, high=0.5)
+    label_smoothing = check_scalar(label_smoothing, "label_smoothing", low=0.0, high=0.5,
+                                   high_open=True)
     h_B = preference_log_ratio(policy_chosen_logp_B, policy_rejected_logp_B,
                                ref_chosen_logp_B, ref_rejected_logp_B)
     mask_B = _pair_mask(pair_mask_B, h_B)

@@ -6,7 +6,8 @@ Formats:
   up to and including the final "\\n\\nAssistant:"; the responses are the final assistant turns.
   A response that itself contains "\\n\\nAssistant:" is kept: the prompt then ends at the last
   marker the two transcripts share, and the pair is refused ("mismatched_prefix") when a
-  "\\n\\nHuman:" turn follows that marker (the two dialogues differ before their last turn).
+  "\\n\\nHuman:" turn follows that marker (the two dialogues differ before their last turn);
+  a transcript whose last turn is a Human one is refused too ("human_turn_in_response").
 * TL;DR comparisons (Stiennon et al. 2020, summarize-from-feedback): `{"info": {"post", "title",
   "subreddit", ...}, "summaries": [{"text"}, {"text"}], "choice": 0|1}`.
 * generic `{"prompt", "chosen", "rejected"}`.
@@ -341,6 +342,12 @@ def _parse_hh(obj: dict, path: Path, line: int) -> PreferenceExample:
                                 f"differ before their last Assistant turn ({name!r} has a "
                                 f"{HH_HUMAN!r} turn after the shared dialogue; expected the "
                                 "same dialogue up to the final responses)")
+    else:   # one dialogue: a Human turn after its last Assistant turn is no response
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if HH_HUMAN in text:
+                raise DataError(path, line, "human_turn_in_response", f"{name!r} ends with a "
+                                f"{HH_HUMAN!r} turn after its last Assistant turn (expected the "
+                                "transcript to end with the Assistant's response)")
     return _check_pair(prompt, chosen, rejected, path, line)
 
 

@@ -75,6 +75,10 @@ class RMDataConfig:
                 if not getattr(self, key):
                     raise ValueError(f"config.data.{key} must name a preference file (with "
                                      f"config.data.{other}) when no synthetic pairs are made")
+            if os.path.realpath(self.train_path) == os.path.realpath(self.eval_path):
+                raise ValueError(f"config.data.eval_path names the training file "
+                                 f"{self.train_path!r}: its accuracy would be training accuracy "
+                                 f"reported as held-out; give a held-out file")
 
 
 def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
@@ -144,6 +148,20 @@ def load_pairs(data: RMDataConfig, split: str, model: RMModel, log: Callable[[st
     arrays = {k: v for k, v in packed.as_dict().items() if k in rt.BATCH_KEYS}
     # What was read, what reached training ("pairs"), what was dropped (per reason) or cut.
     return arrays, {"path": path, "pairs": len(packed), **report.as_dict()}
+
+
+def pairs_in_both(train: dict[str, np.ndarray], held_out: dict[str, np.ndarray]) -> int:
+    """How many held-out pairs are also training pairs (same prompt and responses after
+    tokenization, in either order: a swapped label is the same pair judged both ways)."""
+    def keys(arrays: dict[str, np.ndarray]) -> list[bytes]:
+        rows = []
+        for i in range(len(arrays["prompt_BxP"])):
+            parts = [arrays[k][i][arrays[f"{k[:-4]}_mask{k[-4:]}"][i].astype(bool)].tobytes()
+                     for k in ("prompt_BxP", "chosen_BxL", "rejected_BxL")]
+            rows.append(b"|".join([parts[0], *sorted(parts[1:])]))
+        return rows
+    seen = set(keys(train))
+    return sum(k in seen for k in keys(held_out))
 
 
 def trunk_digest(params: Any, model_cfg: models.ModelConfig) -> str:

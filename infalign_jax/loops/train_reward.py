@@ -61,7 +61,7 @@ from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import dataclass_from, section
 from infalign_jax.infra.files import no_empty_dirs_left, write_json
 from infalign_jax.loops.rm_data import (RMDataConfig, cached_features, ensure_synthetic_data,
-                                        load_pairs, trunk_digest)
+                                        load_pairs, pairs_in_both, trunk_digest)
 from infalign_jax.loops.rm_model import (build_model, freeze_optimizer, parse_trainable,
                                          trainable_mask, trunk_ensemble)
 from infalign_jax.loops.skeleton import LoopContext, run_loop
@@ -149,6 +149,10 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     data = ensure_synthetic_data(data, workdir, seed, log)
     train_arrays, train_info = load_pairs(data, "train", model, log)
     eval_arrays, eval_info = load_pairs(data, "eval", model, log)
+    eval_info["also_in_train"] = pairs_in_both(train_arrays, eval_arrays)
+    if eval_info["also_in_train"]:
+        log(f"eval: {eval_info['also_in_train']} of {eval_info['pairs']} pairs are also training "
+            f"pairs (same prompt and responses): the held-out accuracy counts them")
     n = train_info["pairs"]
     loader_cfg = LoaderConfig(batch_size=tcfg.batch_size, seed=seed,
                               process_index=jax.process_index(), process_count=jax.process_count())

@@ -68,8 +68,11 @@ class RMConfig:
     def __post_init__(self):
         check.numbers(self, ("learning_rate",), strict=True)
         check.numbers(self, ("weight_decay", "max_grad_norm", "margin"))
-        # label_smoothing is the probability that the label is flipped.
-        check.numbers(self, ("label_smoothing",), high=0.5)
+        # label_smoothing is the probability that the label is flipped: at 0.5 the loss is the
+        # same for either label and pulls every reward gap to 0.
+        if not (check.is_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5):
+            check.fail(self, "label_smoothing", "a number in [0, 0.5) (at 0.5 a label says "
+                                                "nothing)")
         check.ints(self, ("warmup_steps", "total_steps"), low=0)
         if self.total_steps and self.warmup_steps > self.total_steps:
             check.fail(self, "warmup_steps", f"<= total_steps={self.total_steps}")

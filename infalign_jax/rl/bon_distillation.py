@@ -146,6 +146,18 @@ def sample_reference_responses(cfg: BoNBoNConfig, fns: DecoderFns, ref_params: A
     return sample(fns, ref_params, prompt_BxP, prompt_mask_BxP, rng, cfg.sampling())
 
 
+def _check_offline(tokens_BxNxL: Array, mask_BxNxL: Array, b: int, n: int) -> None:
+    """Offline responses must hold bonbon.n per prompt (a set drawn for another n was re-cut by the
+    reshape into rows of other lengths) and a mask of their shape (static shapes: at trace)."""
+    if tokens_BxNxL.ndim != 3 or tokens_BxNxL.shape[:2] != (b, n):
+        raise ValueError(f"offline BoNBoN data: response_BxNxL must hold bonbon.n={n} responses "
+                         f"for each of the batch's {b} prompts, shape ({b}, {n}, L); got "
+                         f"{tokens_BxNxL.shape}")
+    if mask_BxNxL.shape != tokens_BxNxL.shape:
+        raise ValueError(f"offline BoNBoN data: response_mask_BxNxL must have response_BxNxL's "
+                         f"shape {tokens_BxNxL.shape}, got {mask_BxNxL.shape}")
+
+
 def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
                      optimizer: optax.GradientTransformation,
                      lora_cfg: lora.LoraConfig | None = None
@@ -171,6 +183,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
         data_key, monitor_key = jax.random.split(rng)
         if cfg.data == "offline":
             tokens_BxNxL, mask_BxNxL = batch["response_BxNxL"], batch["response_mask_BxNxL"]
+            _check_offline(tokens_BxNxL, mask_BxNxL, b, n)
         else:
             s = sample_reference_responses(cfg, fns, frozen.ref_params, prompt_BxP, pmask_BxP,
                                            data_key)
