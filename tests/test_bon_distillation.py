@@ -167,7 +167,8 @@ def test_offline_data_drawn_for_another_n_is_refused():
         jax.jit(step)(state, frozen, bad, jax.random.key(0))
     data = bd.sample_reference_responses(cfg, fns, task.ref_params, batch["prompt_BxP"],
                                          batch["prompt_mask_BxP"], jax.random.key(5))
-    bad = dict(batch, response_BxNxL=data.tokens_BxNxL, response_mask_BxNxL=data.mask_BxNxL[:, :, :-1])
+    bad = dict(batch, response_BxNxL=data.tokens_BxNxL,
+               response_mask_BxNxL=data.mask_BxNxL[:, :, :-1])
     with pytest.raises(ValueError, match=r"response_mask_BxNxL must have response_BxNxL's shape"):
         jax.jit(step)(state, frozen, bad, jax.random.key(0))
 
