@@ -124,6 +124,25 @@ def test_loader_batches_and_random_access_rows_match(tmp_path):
 
 
 @needs_tfds
+def test_the_row_source_counts_pairs_cut_at_the_length_limits(tmp_path):
+    """PackedPairsSource threw away the packing's report: rows cut at the length limits (a
+    42-token response cut to 8, its EOS gone) were counted by load_as_packed only."""
+    rows = [{"prompt": "short", "chosen": "good", "rejected": "bad"},
+            {"prompt": "x" * 50, "chosen": "y" * 40 + "!", "rejected": "z"},
+            {"prompt": "p", "chosen": "c", "rejected": "r" * 30}]
+    build_tfds(TfdsConfig({"train": write_jsonl(tmp_path / "p.jsonl", rows)}), tmp_path / "t")
+    _, report = load_as_packed(tmp_path / "t", "train", TOK, TCFG)
+    source = PackedPairsSource(tmp_path / "t", "train", TOK, TCFG)
+    assert source.truncated == {} and source.rows_read == 0
+    for i in (1, 1, 0):                      # a row read twice counts once
+        source[i]
+    assert source.rows_read == 2
+    assert source.truncated == {k: 1 for k in ("prompt", "chosen")}
+    source[2]
+    assert source.truncated == report.truncated and sum(report.truncated.values()) == 3
+
+
+@needs_tfds
 def test_build_and_read_do_not_import_tensorflow(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", JSONL)
     code = (

@@ -237,18 +237,35 @@ class PackedPairsSource:
 
     Row i equals row i of `load_as_packed(...)`; use with `grain.MapDataset.source(...)`. A pair
     that fails packing raises `DataError` when read (there is no `skip_bad` here: skipping
-    would shift the row numbering).
+    would shift the row numbering). Pairs cut at the length limits are counted as they are read:
+    `truncated` holds, per part, the distinct rows read so far that were cut (what
+    `load_as_packed`'s report counts over the whole split), and `rows_read` how many distinct
+    rows that is. Each process (a grain worker) counts the rows it read.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, tokenizer: Any,
                  cfg: TokenizeConfig, name: str = "default"):
         self._source = tfds_source(data_dir, split, name)
         self._tokenizer, self._cfg = tokenizer, cfg
+        self._cut: dict[int, tuple[str, ...]] = {}   # row -> parts cut, for every row read
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        packed, _ = tokenize_preferences([record_to_example(self._source[i])], self._tokenizer,
-                                         self._cfg)
+        packed, report = tokenize_preferences([record_to_example(self._source[i])],
+                                              self._tokenizer, self._cfg)
+        self._cut[int(i)] = tuple(report.truncated)
         return {key: value[0] for key, value in packed.as_dict().items()}
+
+    @property
+    def rows_read(self) -> int:
+        return len(self._cut)
+
+    @property
+    def truncated(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for parts in self._cut.values():
+            for part in parts:
+                counts[part] = counts.get(part, 0) + 1
+        return counts
