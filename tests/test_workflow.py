@@ -24,7 +24,7 @@ from infalign_jax.rewards import hf_reward, judges
 from infalign_jax.rl.tasks import real, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from workflow_files import WORDS, transformers_scores
+from workflow_files import WORDS, real_task_config, transformers_scores
 
 # ------------------------------------------------------------------------------------ policy
 def test_policy_from_a_transformers_directory(dirs):
@@ -302,7 +302,7 @@ def _recording(records: list):
             records.append((np.asarray(idx), np.asarray(resp), np.asarray(mask), scores))
             return scores
 
-        return HostReward(host=host, in_graph=inner.in_graph)
+        return HostReward(host=host, in_graph=inner.in_graph, cut=inner.cut)
 
     return text_reward_fn
 
@@ -341,6 +341,7 @@ def test_ctrl_on_the_researchers_policy_reward_model_and_prompts(dirs, tmp_path,
 
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2] and summary["skipped_steps"] == 0
+    assert summary["reward_texts_cut"] == 0 and [r["reward_texts_cut"] for r in rows] == [0, 0]
     assert summary["train_data"]["prompts"] == 4 and "est_standard" in summary["eval"]
     # The last two reward calls are the two RL steps (calibration came first): the trainer's
     # mean reward is theirs, and each score is the reward model's, recomputed independently in
@@ -367,3 +368,21 @@ def test_ctrl_on_the_researchers_policy_reward_model_and_prompts(dirs, tmp_path,
     assert trained.source == f"{tmp_path}@2" and trained.tokenizer("w3")["input_ids"] == [3]
     for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(jax.device_get(state.params))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_texts_the_reward_model_cuts_are_counted_per_step_and_in_the_summary(dirs, tmp_path):
+    """A reward model cuts texts past its max_len and scores the kept part; nothing said so
+    (the judge's own count was read by nobody). At max_len 2 every training text (a prompt of 3+
+    words, a newline and the response) is cut: 2 prompts x 2 samples = 4 a step."""
+    from infalign_jax.loops import train
+    c = real_task_config(dirs, extra={"task.reward.max_len": 2})
+    lines: list[str] = []
+    _, summary = train.run(c, str(tmp_path), log=lines.append, devices=jax.devices()[:1])
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [r["reward_texts_cut"] for r in rows] == [4, 4]
+    assert summary["reward_texts_cut"] == 8
+    assert sum("the reward model cut 4 scored texts at its length limit" in line
+               for line in lines) == 1
+    # the reference table's K = 4 samples of each of the 4 training prompts, every one cut
+    assert any("reference table: the reward model cut 16 scored texts" in line for line in lines)

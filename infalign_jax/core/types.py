@@ -24,10 +24,13 @@ class HostReward:
     """A `RewardFn` computed on the host (a text judge). Called like any `RewardFn` it runs inside
     jitted code through a host callback (`in_graph`); `host(prompt_idx_R, response_RxL, mask_RxL)`
     takes and returns numpy arrays, for loops that run it between jitted programs instead
-    (a program with a host callback is never stored in JAX's persistent compilation cache)."""
+    (a program with a host callback is never stored in JAX's persistent compilation cache).
+    `cut()`, when given, is the judge's running count of texts it cut at its length limit (a
+    reward model's `max_len`): the training loop counts the cuts of each step."""
 
     host: Callable[..., Any]
     in_graph: Callable[..., Any]
+    cut: Callable[[], int] | None = None
 
     def __call__(self, reward_params: Any, prompt_idx_R: Any, response_RxL: Any,
                  response_mask_RxL: Any) -> Any:

@@ -577,15 +577,20 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                                                 bonbon is not None, mesh_cfg.rollout)
         log(f"{method} step on mesh {dict(mesh.shape)}: the first step compiles it ...")
 
+        cut = getattr(task.reward_fn, "cut", None)   # a judge that cuts long texts
+
         def one_step(state: rl.RLState, step: int, context: LoopContext):
             batch = step_batch(task.prompts_XxP, task.prompt_mask_XxP, loader_cfg, mesh, step)
             t0 = time.perf_counter()
+            cut_before = cut() if cut else 0
             state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(root, step))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
             if metrics.pop("skipped"):
                 _handle_nonfinite(tcfg, step + 1, metrics, context, log)
             metrics.update(step_time_s=dt, skipped_total=context.counters["skips"])
+            if cut:
+                _count_reward_cuts(cut() - cut_before, step + 1, metrics, context, log)
             if "response_length" in metrics:  # BoNBoN without monitor samples has none
                 metrics["tokens_per_s"] = (metrics["response_length"] * tcfg.batch_size
                                            * per_prompt / dt)
@@ -605,7 +610,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                           progress_keys=("transformed_reward", "calibrated_reward", "kl_k1",
                                          "kl_full_vocab", "step_time_s"),
                           evaluate=None if task.evaluate is None else evaluate,
-                          counters=("skips",),
+                          counters=("skips", "reward_cuts"),
                           # the solved beta depends on num_steps while a warm-up outlasts the
                           # run: a resume with more steps would train its rest at another beta
                           derived={"rl.beta": float(f"{cfg.beta:.10g}")} if _kl_budget(config) > 0
@@ -617,6 +622,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                "train_data": {"prompts": len(task.prompt_ids), "dropped_per_epoch": dropped,
                               "prompt_tokens": int(task.prompts_XxP.shape[1])},
                "skipped_steps": result.counters["skips"],
+               "reward_texts_cut": result.counters["reward_cuts"],
                "last_train_metrics": result.last_metrics, "eval": result.last_eval}
     summary.update(convergence_report(task, result.last_eval, log,
                                       None if bonbon is None else bonbon.n))
@@ -635,6 +641,18 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     log(f"done: results in {workdir} (summary.json, metrics.jsonl, eval.jsonl, tb/, "
         f"training_curves.png)")
     return result.state, summary
+
+
+def _count_reward_cuts(cuts: int, done: int, metrics: dict[str, float], context: LoopContext,
+                       log: Callable[[str], None]) -> None:
+    """The texts the judge cut at its length limit in this step: a metric, a counter kept in the
+    checkpoints (summary `reward_texts_cut`), and a log line the first time a run sees one."""
+    if cuts and not context.counters["reward_cuts"]:
+        log(f"step {done}: the reward model cut {cuts} scored texts at its length limit (it "
+            f"scores only the kept part); counted per step as reward_texts_cut and in the "
+            f"summary")
+    context.counters["reward_cuts"] += cuts
+    metrics["reward_texts_cut"] = float(cuts)
 
 
 def _handle_nonfinite(tcfg: TrainConfig, done: int, metrics: dict[str, float],

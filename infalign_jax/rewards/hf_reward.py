@@ -228,6 +228,12 @@ class EnsembleJudge:
         return "ensemble(" + ",".join(getattr(m, "id", m.name) for m in self.members) + \
             f")-{self.k:g}std"
 
+    @property
+    def truncated(self) -> int:
+        """Texts cut by any member (each member sees every text; counted once per text only when
+        the members share their length limits, as an ensemble run's do: the largest count)."""
+        return max(int(getattr(m, "truncated", 0)) for m in self.members)
+
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         scores_MxR = np.stack([np.asarray(m(prompts, responses), np.float32)
                                for m in self.members])

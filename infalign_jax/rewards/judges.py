@@ -156,7 +156,8 @@ def text_reward_fn(judge: Judge, detokenize: Callable[[np.ndarray], str],
     sharded jit XLA gathers the batch to one device for the call (it warns "Involuntary full
     rematerialization"; harmless at these sizes); in a multi-process run every process would
     need the judge, which is not tested here. `.host(prompt_idx_R, response_RxL, mask_RxL)` is
-    the same scoring on numpy arrays, outside any jitted program.
+    the same scoring on numpy arrays, outside any jitted program. A judge with a `truncated`
+    count (a reward model cutting long texts) gives `.cut`, read by the training loop.
     """
     prompts = list(prompts_text)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -188,4 +189,5 @@ def text_reward_fn(judge: Judge, detokenize: Callable[[np.ndarray], str],
         return jax.pure_callback(host, out, prompt_idx_R, response_RxL, response_mask_RxL,
                                  vmap_method="broadcast_all")
 
-    return HostReward(host=host, in_graph=reward_fn)
+    cut = (lambda: int(judge.truncated)) if hasattr(judge, "truncated") else None
+    return HostReward(host=host, in_graph=reward_fn, cut=cut)

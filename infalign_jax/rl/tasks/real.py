@@ -406,11 +406,16 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
                         progress: Any = print) -> ReferenceTable:
         scfg = SamplingConfig(n=min(s.calib_chunk, k), max_new_tokens=s.max_new_tokens,
                               temperature=float(s.temperature), eos_id=eos_id, pad_id=pad_id)
-        return calibration_pass.run_calibration(
+        before = reward.cut() if reward.cut else 0
+        table = calibration_pass.run_calibration(
             fns, policy.params, prompt_BxP, mask_BxP, split.train_ids, host_reward_fn,
             k=int(k), batch_prompts=s.calib_batch_prompts, sampling_cfg=scfg, seed=int(seed),
             base_model_id=base_id, reward_model_id=judge.id, require_eos=s.require_eos,
             partial_path=partial_path, progress=progress)
+        if reward.cut and reward.cut() > before:   # the samples this call scored (not resumed)
+            progress(f"reference table: the reward model cut {reward.cut() - before} scored "
+                     f"texts at its length limit (it scores only the kept part)")
+        return table
 
     def evaluate(params: Any, transform: Any, beta: float, table: ReferenceTable,
                  bon_n: int | None = None) -> dict[str, float]:
