@@ -287,6 +287,20 @@ def test_bootstrap_covers_the_truth_and_shrinks_with_more_prompts():
     assert 0.35 < width_160 / width_40 < 0.65, (width_40, width_160)  # ~ 1/2 for 4x prompts
 
 
+def test_one_prompt_has_no_interval():
+    """Resampling one prompt gave point = lower = upper (stderr 3e-15): a zero-width interval
+    read as certainty. Its bounds and stderr are NaN; the point stays; win_rate follows."""
+    est = ev.bootstrap_mean(np.array([[0.25, 0.75]]), num_resamples=100, seed=0)
+    np.testing.assert_array_equal(est.point, [0.25, 0.75])
+    assert np.isnan(est.lower).all() and np.isnan(est.upper).all() and np.isnan(est.stderr).all()
+    assert est.num_prompts == 1
+    w = ev.win_rate(np.array([[1.0, 2.0, 3.0]]), np.array([[0.0, 2.0, 5.0]]), [1, 2],
+                    estimator="unbiased", num_resamples=50)
+    assert np.isfinite(w.point).all() and np.isnan(w.lower).all() and np.isnan(w.stderr).all()
+    two = ev.bootstrap_mean(np.array([0.0, 1.0]), num_resamples=200, seed=0)
+    assert np.isfinite(two.stderr) and two.lower < two.upper
+
+
 def test_bootstrap_stderr_matches_the_standard_error_of_the_mean():
     values = np.random.default_rng(3).normal(size=(200, 2)) * [1.0, 3.0]
     est = ev.bootstrap_mean(values, num_resamples=4000, seed=0)

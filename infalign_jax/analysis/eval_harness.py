@@ -46,6 +46,7 @@ from infalign_jax.core import kl
 from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns, Judge, TokenJudge
+from infalign_jax.infra import validate as check
 from infalign_jax.infra.files import atomic_open, save_figure, write_json
 
 Array = jax.Array
@@ -81,17 +82,13 @@ def _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_contex
     if empty.any():
         raise ValueError(f"prompt rows {np.flatnonzero(empty)[:10].tolist()} are empty (no real "
                          f"token in prompt_mask)")
-    if not isinstance(m, int) or m < 1:
-        raise ValueError(f"m (samples per prompt) must be an integer >= 1, got {m!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    m = int(check.int_arg("m (samples per prompt)", m))       # numpy integers too
+    max_new_tokens = int(check.int_arg("max_new_tokens", max_new_tokens))
     total = prompt_BxP.shape[1] + max_new_tokens
     if max_context is not None and total > max_context:
         raise ValueError(f"prompt length {prompt_BxP.shape[1]} + max_new_tokens {max_new_tokens} "
                          f"= {total} exceeds the context max_context={max_context}")
-    ns_G = [int(n) for n in np.atleast_1d(ns)]
-    if not ns_G or min(ns_G) < 1:
-        raise ValueError(f"ns must be a non-empty list of integers >= 1, got {ns!r}")
+    ns_G = [int(n) for n in evaluation._ns(ns)]     # 2.7 is refused, not read as 2
     if max(ns_G) > m:
         raise ValueError(f"ns has N={max(ns_G)} > m={m} samples per prompt: the BoN/WoN "
                          f"estimate needs m >= N (preferably a few times N)")
@@ -133,7 +130,8 @@ def sample_scored(fns: DecoderFns, params: Params, prompt_BxP, prompt_mask_BxP,
 
 def _estimate(est: evaluation.Estimate, i: int) -> dict[str, float]:
     return {"point": float(est.point[i]), "lower": float(est.lower[i]),
-            "upper": float(est.upper[i]), "stderr": float(est.stderr[i])}
+            "upper": float(est.upper[i]), "stderr": float(est.stderr[i]),
+            "prompts": int(est.num_prompts)}
 
 
 def _base_record(name, batch, m, ns_G, max_new_tokens, seed) -> dict[str, Any]:
@@ -145,7 +143,10 @@ def _base_record(name, batch, m, ns_G, max_new_tokens, seed) -> dict[str, Any]:
 def _win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, estimator
                ) -> dict[str, Any]:
     """Standard, BoN_N and WoN_N win rates (vs the same procedure on pi_ref) with bootstrap CIs,
-    by `estimator` ("unbiased" / "plugin")."""
+    by `estimator` ("unbiased" / "plugin"). Each N is estimated on the prompts with N valid
+    samples a side (under "skip"; its "prompts"), not on those with max(ns): one call over
+    every N dropped a prompt with 2 valid samples from BoN_1 too, so BoN_1 differed from the
+    standard win rate and the record's skipped_prompts (the standard's) undercounted."""
     if nan_policy == "raise":
         for what, s in (("policy", pol_BxM), ("reference", ref_BxM)):
             if np.isnan(s).any():
@@ -156,10 +157,11 @@ def _win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, estimato
                               num_resamples=num_resamples, seed=seed)
     win["standard"] = _estimate(std, 0)
     for proc in ("bon", "won"):
-        est = evaluation.win_rate(pol_BxM, ref_BxM, ns_G, proc, nan_policy=nan_policy,
-                                  num_resamples=num_resamples, seed=seed, estimator=estimator)
-        for i, n in enumerate(ns_G):
-            win[f"{proc}_{n}"] = _estimate(est, i)
+        for n in ns_G:
+            est = evaluation.win_rate(pol_BxM, ref_BxM, n, proc, nan_policy=nan_policy,
+                                      num_resamples=num_resamples, seed=seed,
+                                      estimator=estimator)
+            win[f"{proc}_{n}"] = _estimate(est, 0)
     return {"win_rate": win, "win_rate_estimator": estimator,
             "skipped_samples": int(std.skipped_samples),
             "skipped_prompts": int(std.skipped_prompts),
@@ -179,7 +181,9 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     """Win rates (standard, BoN_N, WoN_N vs the same procedure on pi_ref) and KL(pi||pi_ref).
 
     nan_policy="raise": a NaN judge score raises ValueError; "skip": NaN samples are dropped from
-    the win rates and counted in the record ("skipped_samples", "skipped_prompts").
+    the win rates and counted in the record ("skipped_samples"; "skipped_prompts", the prompts
+    the standard win rate dropped); each estimate says how many prompts it averages ("prompts":
+    BoN_N / WoN_N keep those with N valid samples a side).
     `on_scored(side, response_RxL, mask_RxL, scores_R)` ("policy", then "reference"; row b*M + j
     is sample j of prompt b) sees every scored sample, e.g. to save the texts.
     Returns a JSON-serialisable dict; see the module docstring.

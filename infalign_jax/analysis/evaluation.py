@@ -301,7 +301,9 @@ def bootstrap_mean(values_B, num_resamples: int = 1000, seed: int | np.random.Ge
                    level: float = 0.95) -> Estimate:
     """Mean over prompts (axis 0) with a percentile bootstrap CI, resampling prompts.
 
-    stderr is the standard deviation of the bootstrap means (~ s / sqrt(B)).
+    stderr is the standard deviation of the bootstrap means (~ s / sqrt(B)). One prompt has no
+    spread over prompts to resample: its bounds and stderr are NaN (not the point itself, a
+    zero-width interval).
     """
     values_B = np.asarray(values_B, np.float64)
     if values_B.ndim < 1 or values_B.shape[0] < 1:
@@ -310,6 +312,9 @@ def bootstrap_mean(values_B, num_resamples: int = 1000, seed: int | np.random.Ge
         raise ValueError("values_B contains non-finite values")
     rng = _bootstrap_rng(level, num_resamples, seed)
     num = values_B.shape[0]
+    if num == 1:
+        nan = np.full(values_B.shape[1:], np.nan)
+        return Estimate(values_B.mean(0), nan, nan, nan, num)
     idx_RxB = rng.integers(0, num, size=(num_resamples, num))
     means_R = values_B[idx_RxB].mean(axis=1)
     lower, upper = np.quantile(means_R, [(1 - level) / 2, (1 + level) / 2], axis=0)
