@@ -498,6 +498,13 @@ def test_claims_are_oriented_to_their_claimed_side():
         "unresolved (KL not matched)"}
     assert not any(c["claim"] == "c" for c in report._claims({**result, "same_judge": True},
                                                               diffs, {}, 4))
+    # A single seed of a method (or of identity) leaves its claims unresolved: the interval
+    # holds the prompts' variance only (one_seed_claims in the review: coverage 0.68).
+    for seeds in ({"exp": 1, "identity": 3, "raw": 3}, {"exp": 3, "identity": 1, "raw": 3}):
+        got = {c["difference"]: c["verdict"] for c in report._claims(result, diffs, {}, 4,
+                                                                      seeds)}
+        assert got["exp - identity"] == "unresolved (one seed: no seed spread)"
+        assert (got["identity - raw"] == "holds") == (seeds["identity"] > 1)
 
 
 def test_kl_matching_is_checked_per_seed_and_on_the_mean():
