@@ -231,6 +231,53 @@ def test_export_refuses_a_mix_no_transformers_family_has():
         hf_config.config_to_hf(gemma3)
 
 
+def test_rope_per_layer_type_outside_gemma3_is_refused_both_ways():
+    """transformers reads a rope per layer type (full_attention / sliding_attention) for Gemma 3
+    only: a llama / mistral config.json holding one imported with the sliding layers' base and
+    linear x4 while transformers ran default rope (max logit gap 6.41 / 3.81), and a mistral /
+    qwen export with rope_local_theta loaded with base 10000 everywhere (gap 0.51) or not at
+    all. Both directions are refused; Gemma 3 keeps its local base."""
+    nested = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+    for model_type, extra in (("llama", {}), ("mistral", {"sliding_window": 4})):
+        config = {**_hf_config(model_type, **extra).to_dict(), "rope_parameters": nested}
+        with pytest.raises(CheckpointError, match=r"rope_parameters=.* rope per layer type "
+                                                  r".*gemma3_text only; '" + model_type):
+            hf_config.config_from_hf(config)
+    for kw in (dict(sliding_window=4), dict(qkv_bias=True, sliding_window=4,
+                                            layer_types=("full", "sliding"))):
+        cfg = models.ModelConfig(**kw, rope_local_theta=100.0)
+        with pytest.raises(CheckpointError, match=r"these fields would change: "
+                                                  r"\['rope_local_theta'\]"):
+            hf_config.config_to_hf(cfg)
+    # Read only by sliding layers: without any, the export drops it and loses nothing.
+    plain = models.ModelConfig(rope_local_theta=100.0)
+    assert "sliding_attention" not in json.dumps(hf_config.config_to_hf(plain))
+    gemma3 = models.ModelConfig(post_norms=True, qk_norm=True, embed_scale=True,
+                                rmsnorm_unit_offset=True, sliding_window=4,
+                                layer_types=("sliding", "full"), rope_local_theta=100.0)
+    hf = hf_config.config_to_hf(gemma3)
+    assert hf["rope_parameters"]["sliding_attention"]["rope_theta"] == 100.0
+    assert hf_config.config_from_hf(hf).rope_local_theta == 100.0
+
+
+def test_a_window_on_every_layer_exports_as_it_is_written_out(tmp_path):
+    """layer_types=() with a window means every layer slides; the export compared the raw tuple
+    and refused it ('these fields would change: [layer_types]') while the same model written
+    ('sliding', 'sliding') exported. Both export now, with transformers' logits."""
+    kw = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+              d_ff=48, max_len=64, qkv_bias=True, sliding_window=4, init_std=0.3)
+    implicit = models.ModelConfig(**kw)
+    explicit = models.ModelConfig(**kw, layer_types=("sliding", "sliding"))
+    assert hf_config.hf_model_type(implicit) == hf_config.hf_model_type(explicit) == "qwen2"
+    params = models.init_params(implicit, jax.random.key(0))
+    hf_import.save_hf_checkpoint(str(tmp_path), implicit, params)
+    tokens, mask, positions = _batch()
+    got = _hf_logits(_reload(tmp_path), tokens, mask, positions)
+    ours = np.asarray(_our_logits(implicit, params, tokens, mask))
+    assert np.abs(got - ours)[mask].max() < 1e-4
+
+
 # ------------------------------------------------------------------ reward models, tokenizer
 
 

@@ -167,6 +167,10 @@ def _rope_fields(r: _Reader, default_theta: float) -> dict[str, Any]:
     top_theta = r.get("rope_theta")
     out: dict[str, Any] = {}
     if "full_attention" in params or "sliding_attention" in params:   # per layer type (Gemma 3)
+        if r.model_type != "gemma3_text":   # the others' rotary embedding reads one rope
+            raise r.refuse("rope_parameters", f"rope per layer type (full_attention / "
+                           f"sliding_attention) is read by transformers for gemma3_text only; "
+                           f"{r.model_type!r} applies one rope to every layer")
         local = _set_keys(params.get("sliding_attention") or {})
         params = _set_keys(params.get("full_attention") or {})
         if local.get("rope_type", "default") != "default":
@@ -339,11 +343,19 @@ def hf_model_type(cfg: ModelConfig) -> str:
     def scale(c):   # 0 means head_dim
         return c.query_pre_attn_scalar or c.head_dim
 
+    def sliding(c):   # layer_types=() with a window means every layer slides
+        return [c.layer_is_sliding(i) for i in range(c.n_layers)]
+
     differs = [f for f in cfg.__dataclass_fields__
                if f not in ("param_dtype", "dtype", "heads", "init_std", "remat",
-                            "query_pre_attn_scalar") and getattr(back, f) != getattr(cfg, f)]
+                            "query_pre_attn_scalar", "layer_types", "rope_local_theta")
+               and getattr(back, f) != getattr(cfg, f)]
     if scale(back) != scale(cfg):
         differs.append("query_pre_attn_scalar")
+    if sliding(back) != sliding(cfg):
+        differs.append("layer_types")
+    if any(sliding(cfg)) and back.rope_local_theta != cfg.rope_local_theta:   # read if sliding
+        differs.append("rope_local_theta")
     if differs:
         raise CheckpointError(f"no transformers model_type reproduces this ModelConfig (as {t!r} "
                               f"these fields would change: {differs})")
@@ -387,7 +399,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
            "rope_parameters": rope}
     out["hidden_activation" if t in ("gemma2", "gemma3_text") else "hidden_act"] = act
-    if cfg.rope_local_theta:
+    if cfg.rope_local_theta and t == "gemma3_text":   # the one family with a rope per layer type
         out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
             "rope_type": "default", "rope_theta": cfg.rope_local_theta}}
     if t in ("llama", "qwen3", "gemma", "gemma2", "gemma3_text"):
