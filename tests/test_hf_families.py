@@ -477,3 +477,27 @@ def test_a_rope_key_set_to_null_reads_as_left_out():
     assert float(hf_config.config_from_hf(config).rope_theta) == theta
     config["rope_parameters"] = {"rope_type": "linear", "rope_theta": 1e4, "factor": None}
     assert float(hf_config.config_from_hf(config).rope_factor) == 1.0
+
+
+def test_tensors_the_config_never_reads_are_refused_by_name(tmp_path):
+    """A checkpoint whose tensors hold biases its config.json switches off loaded without a word
+    and computed another model (logits 2.64 off the writer's); an unrelated tensor was dropped
+    too. Both are refused naming the tensors; buffers transformers recomputes are not."""
+    from safetensors.numpy import load_file, save_file
+    path = _save(tmp_path / "biased", "llama", dict(attention_bias=True, mlp_bias=True))
+    config = json.load(open(path / "config.json"))
+    json.dump({**config, "attention_bias": False, "mlp_bias": False},
+              open(path / "config.json", "w"))
+    with pytest.raises(CheckpointError, match=r"21 tensors this config never reads .*"
+                                              r"'model.layers.0.mlp.down_proj.bias'"):
+        hf_import.load_hf_checkpoint(str(path))
+    json.dump(config, open(path / "config.json", "w"))
+    cfg, _ = hf_import.load_hf_checkpoint(str(path))          # as written: loads
+    state = load_file(str(path / "model.safetensors"))
+    inv = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
+    save_file({**state, **inv}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    hf_import.load_hf_checkpoint(str(path))                   # a recomputed buffer: fine
+    extra = {"model.layers.1.self_attn.extra_scale": np.ones(4, np.float32)}
+    save_file({**state, **extra}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1 tensors .*extra_scale"):
+        hf_import.load_hf_checkpoint(str(path))

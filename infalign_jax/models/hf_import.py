@@ -124,6 +124,7 @@ def params_from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndar
     target = jnp.bfloat16 if (dtype or cfg.param_dtype) == "bfloat16" else jnp.float32
     out: dict[str, Any] = {}
     tensor_map = _tensor_map(cfg)
+    _refuse_unread(cfg, state, {name for name, _ in tensor_map.values()}, source)
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         keys = tuple(p.key for p in path)
         if keys not in tensor_map:
@@ -153,6 +154,28 @@ def params_from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndar
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return jax.tree.map(lambda x: jnp.asarray(x, target), stack_layers(out, cfg.n_layers))
+
+
+def _refuse_unread(cfg: ModelConfig, state: Mapping[str, Any], read: set[str], source: str
+                   ) -> None:
+    """A tensor the mapping never reads is part of another model (attention biases the
+    config.json says are off: logits 2.64 off the writer's); refused by name, as the GGUF reader
+    does, but for buffers transformers itself recomputes and heads this config does not build."""
+    def unused(name: str) -> bool:
+        if name in read or name.endswith(("rotary_emb.inv_freq", "attn.masked_bias")):
+            return False
+        if cfg.family == "gpt2" and name.endswith(".attn.bias"):   # the causal-mask buffer
+            return False
+        # lm head: tied (transformers ties it too) or not built; score: the reward head's, read
+        # when this config builds one
+        return name not in ("lm_head.weight", "score.weight")
+
+    left = sorted(n for n in state if unused(n))
+    if left:
+        raise CheckpointError(f"{source}: {len(left)} tensors this config never reads (they would "
+                              f"be dropped, and the model with them is another model): "
+                              f"{left[:6]}{' ...' if len(left) > 6 else ''}; check config.json's "
+                              f"switches (e.g. attention_bias, mlp_bias)")
 
 
 def hf_state_dict_from_params(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
