@@ -246,7 +246,14 @@ def test_sampler_logprobs_equal_teacher_forced(model):
 
 @pytest.mark.parametrize("field,value", [("family", "mamba"), ("n_kv_heads", 3), ("head_dim", 7),
                                          ("heads", ("lm", "critic")), ("dtype", "float16"),
-                                         ("vocab_size", 0), ("norm_eps", 0.0)])
+                                         ("vocab_size", 0), ("norm_eps", 0.0),
+                                         # read as True before: any non-empty string is truthy
+                                         ("tie_embeddings", "false"), ("qkv_bias", "false"),
+                                         ("embed_scale", "false"),
+                                         ("rmsnorm_unit_offset", "false"),
+                                         # accepted before, and changed no logit
+                                         ("rope_factor", 8.0), ("rope_low_freq_factor", 2.0),
+                                         ("rope_original_max_len", 64)])
 def test_config_errors_name_field(field, value):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
         dataclasses.replace(LLAMA, **{field: value})
@@ -278,3 +285,27 @@ def test_remat_policies_give_the_same_gradients_and_save_memory():
     assert temp["full"] < 0.8 * temp["none"], temp
     with pytest.raises(ValueError, match="remat"):
         ModelConfig(remat="some")
+
+
+def test_gpt2_past_its_position_table_is_refused_on_every_path():
+    """A GPT-2 sequence longer than max_len read past the learned position table: NaN at every
+    position of the row (also those below max_len), no error. Refused on the static length by
+    apply, hidden_states, prefill and the shared-prompt path; within max_len nothing changes."""
+    cfg = dataclasses.replace(GPT2, max_len=8)
+    params = models.init_params(cfg, jax.random.key(0))
+    long = jnp.ones((1, 12), jnp.int32)
+    for call, where in ((lambda: models.apply(params, long, cfg), "apply"),
+                        (lambda: models.hidden_states(params, long, cfg), "hidden_states"),
+                        (lambda: models.prefill(params, long[:, :6], cfg, max_new_tokens=3),
+                         "prefill"),
+                        (lambda: models.shared_prompt_hidden(params, long[:, :6], long[:, :6] > 0,
+                                                             long[:, :4], cfg),
+                         "shared_prompt_hidden")):
+        with pytest.raises(ValueError, match=rf"{where}: \d+ positions exceed ModelConfig.max_len"
+                                             rf" 8"):
+            call()
+    out = models.apply(params, long[:, :8], cfg)
+    assert np.isfinite(np.asarray(out.logits)).all()
+    llama = dataclasses.replace(LLAMA, max_len=8)   # rotary positions have no table: allowed
+    assert np.isfinite(np.asarray(models.apply(models.init_params(llama, jax.random.key(0)),
+                                               long, llama).logits)).all()

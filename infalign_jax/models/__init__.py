@@ -90,6 +90,8 @@ def apply(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
           attention_mask_BxT: Array | None = None, positions_BxT: Array | None = None
           ) -> ModelOutput:
     """Teacher-forced forward pass over whole sequences (no cache)."""
+    if positions_BxT is None:
+        _check_learned_positions(cfg, tokens_BxT.shape[1], "apply")
     mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
     positions = default_positions(mask) if positions_BxT is None else positions_BxT
     out = Transformer(cfg).apply(variables(params), _real_tokens(tokens_BxT, mask), positions,
@@ -135,6 +137,7 @@ def hidden_states(params: Params, tokens_BxT: Array, cfg: ModelConfig, *,
     """The final-norm hidden states (B, T, D), no head computed: with `lm_head_kernel` the lm
     logits of any positions are hidden @ kernel, so callers can compute them only where needed
     (and over vocabulary chunks)."""
+    _check_learned_positions(cfg, tokens_BxT.shape[1], "hidden_states")
     mask = _mask_or_ones(attention_mask_BxT, tokens_BxT)
     out = Transformer(cfg).apply(variables(params), _real_tokens(tokens_BxT, mask),
                                  default_positions(mask), _causal_mask(mask), heads=())
@@ -164,10 +167,22 @@ def lm_head_kernel(params: Params, cfg: ModelConfig) -> Array:
 #   next_pos (R,)                      the position of each row's next token
 
 
+def _check_learned_positions(cfg: ModelConfig, length: int, where: str) -> None:
+    """GPT-2's learned position table has `max_len` rows: a longer sequence read past it (NaN
+    rows, which zero attention weights spread over every position of the row). Refused on the
+    static length, as transformers refuses it."""
+    if cfg.family == "gpt2" and length > cfg.max_len:
+        raise ValueError(f"{where}: {length} positions exceed ModelConfig.max_len {cfg.max_len}, "
+                         f"the rows of GPT-2's learned position table; shorten the sequence "
+                         f"(or its padding)")
+
+
 def _check_cached_len(cfg: ModelConfig, prompt_len: int, new_tokens: int, where: str) -> None:
     """Dynamic NTK rope past `max_len` has no cached forward equal to the full one (the base
     depends on the longest position of each call; `rotary` module docstring): refused, so that
-    sampled / shared-prompt log-probs always equal the teacher-forced `apply`."""
+    sampled / shared-prompt log-probs always equal the teacher-forced `apply`. Learned positions
+    (GPT-2) end at `max_len`."""
+    _check_learned_positions(cfg, prompt_len + new_tokens, where)
     if cfg.rope_type == "dynamic" and prompt_len + new_tokens > cfg.max_len:
         raise ValueError(
             f"{where}: prompt length {prompt_len} + {new_tokens} new tokens = "

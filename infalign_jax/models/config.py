@@ -115,13 +115,23 @@ class ModelConfig:
         if self.family == "gpt2" and self.n_kv_heads != self.n_heads:
             fail("n_kv_heads", "equal to n_heads (GPT-2 has no grouped-query attention)")
         check.bools(self, ("o_bias", "mlp_bias", "qk_norm", "post_norms", "attn_scale_weights",
-                           "attn_scale_inverse_layer"))
+                           "attn_scale_inverse_layer", "tie_embeddings", "qkv_bias",
+                           "embed_scale", "rmsnorm_unit_offset"))
         check.numbers(self, ("attn_softcap", "final_softcap", "query_pre_attn_scalar",
                              "rope_local_theta"))
         check.numbers(self, ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"),
                       strict=True)
         check.ints(self, ("rope_original_max_len", "sliding_window"), low=0)
         check.choice(self, "rope_type", ROPE_TYPES)
+        # Scaling parameters another rope_type reads would be accepted and change nothing.
+        if self.rope_type == "default" and self.rope_factor != 1.0:
+            fail("rope_factor", "1.0 with rope_type='default' (set rope_type to scale)")
+        if self.rope_type != "llama3":
+            for name in ("rope_low_freq_factor", "rope_high_freq_factor",
+                         "rope_original_max_len"):
+                if getattr(self, name) != ModelConfig.__dataclass_fields__[name].default:
+                    fail(name, f"its default with rope_type={self.rope_type!r} (read by "
+                               f"rope_type='llama3' only)")
         if self.rope_type == "llama3":
             if self.rope_original_max_len < 1:
                 fail("rope_original_max_len", "a positive int for rope_type='llama3'")
