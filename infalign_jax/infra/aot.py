@@ -155,8 +155,11 @@ class CollectiveBytes:
     """Bytes produced by the collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
     collective-permute) of one device's partitioned program, read from the optimised HLO.
 
-    Each collective counts the bytes of its result; a loop counts its body (and condition) times
-    its trip count, read from the condition's `counter < constant` compare. A loop whose
+    Each collective counts the bytes of its result (an async start: its output operand); a loop
+    counts its body (and condition) times its trip count: the `known_trip_count` XLA records on
+    the while, else the condition's `counter < constant` compare (a count XLA proved has no early
+    exit; a compare fused out of sight counted the body once: 6x too few bytes for a 6-layer
+    scan). A loop whose
     condition has other terms stops early (the sampler's decode loop stops when every row has
     emitted EOS) and counts at its bound: `total` and `decode` are upper bounds. `decode` is the
     part inside such early-exit loops, `decode_per_token` one iteration of them."""
@@ -179,9 +182,11 @@ _CALLS = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_co
                     r"%([\w.\-]+)")
 
 
-def _array_bytes(type_text: str, last_only: bool = False) -> float:
+def _array_bytes(type_text: str, last_only: bool = False, second: bool = False) -> float:
     arrays = [(t, d) for t, d in _ARRAY.findall(type_text) if t in _DTYPE_BYTES]
-    if last_only and arrays:
+    if second and len(arrays) > 1:   # (input, output, context...): a permute-start's output
+        arrays = arrays[1:2]
+    elif last_only and arrays:
         arrays = arrays[-1:]
     return sum(_DTYPE_BYTES[t] * math.prod(int(x) for x in d.split(",") if x) for t, d in arrays)
 
@@ -226,13 +231,17 @@ def collective_bytes(hlo_text: str) -> CollectiveBytes:
         ops = 0
         for _, type_text, op, rest in comps.get(name, []):
             if op in _COLLECTIVE_OPS:
-                total += _array_bytes(type_text, last_only=op.endswith("-start"))
+                total += _array_bytes(type_text, last_only=op.endswith("-start"),
+                                      second=op == "collective-permute-start")
                 ops += 1
             called = _CALLS.findall(rest)
             if op == "while":
                 body = re.search(r"body=%([\w.\-]+)", rest).group(1)
                 cond = re.search(r"condition=%([\w.\-]+)", rest).group(1)
                 n, early = trips(cond)
+                known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+                if known:   # XLA proved the count: no early exit
+                    n, early = int(known.group(1)), False
                 parts = [walk(body), walk(cond)]
                 one = sum(p[0] for p in parts)
                 total += n * one
