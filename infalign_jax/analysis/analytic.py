@@ -357,10 +357,12 @@ def best_t(procedure: str, n: int, kl: float, t_grid: Any = None, *, against: st
            grid_size: int = DEFAULT_GRID, refine: int = 2) -> tuple[float, float]:
     """(t, win rate) of the best exp-t transform (exp(t u) - 1) / t at KL budget kl.
 
-    A coarse t grid (default -30..30 step 1, then step 10 out to +-300: BoN_32 wants t > 100),
-    extended geometrically while the best t is on its edge and |t| < grid_size / 10 (a warning
-    says when that limit binds), then `refine` rounds of a 21-point grid spanning the
-    neighbours of the current best, each 10x finer.
+    A coarse t grid (default -30..30 step 1, then step 10 out to +-300: BoN_32 wants t > 100,
+    cut at |t| <= grid_size / 10, beyond which the tilt's action lies inside ~10 bins of the
+    grid), extended geometrically while the best t is on its edge and below that limit (a
+    warning says when the limit binds, or when a given t_grid's best t lies beyond it), then
+    `refine` rounds of a 21-point grid spanning the neighbours of the current best, each 10x
+    finer.
     """
     n = check_procedure(procedure, n, against)
     kl = check_kl(kl)
@@ -370,6 +372,8 @@ def best_t(procedure: str, n: int, kl: float, t_grid: Any = None, *, against: st
     t_B = np.unique(t_B)
     names = {"procedure": procedure, "n": n, "against": against, "unreachable": "nan"}
     t_max = grid_size / 10.0  # |t| beyond this puts the reward's action inside ~10 bins
+    if t_grid is None:   # the default grid's +-300 is past the limit of grids below 3000
+        t_B = t_B[np.abs(t_B) <= t_max]
 
     def evaluate(ts):
         _, wins = solve_rows_at_kl(exp_family_table(ts, grid_size), kl, **names)
@@ -386,9 +390,10 @@ def best_t(procedure: str, n: int, kl: float, t_grid: Any = None, *, against: st
         t_B = np.unique(np.concatenate([t_B, extra]))
         wins = evaluate(t_B)
         k = int(np.nanargmax(wins))
-    if t_grid is None and k in (0, t_B.size - 1):
-        warnings.warn(f"best_t({procedure}, n={n}, kl={kl}): best t={t_B[k]:g} is at the edge "
-                      f"that grid {grid_size} resolves; use a larger grid_size", stacklevel=2)
+    if (t_grid is None and k in (0, t_B.size - 1)) or abs(t_B[k]) > t_max:
+        warnings.warn(f"best_t({procedure}, n={n}, kl={kl}): best t={t_B[k]:g} is at or past "
+                      f"|t| = {t_max:g}, the edge that grid {grid_size} resolves; use a larger "
+                      f"grid_size", stacklevel=2)
     for _ in range(refine):
         lo, hi = t_B[max(k - 1, 0)], t_B[min(k + 1, t_B.size - 1)]
         t_B = np.linspace(lo, hi, 21)

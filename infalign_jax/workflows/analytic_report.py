@@ -143,7 +143,7 @@ class AnalyticConfig:
     _config_owner = "config"
     ns: tuple[int, ...] = (1, 2, 4, 8, 32)
     kls: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
-    grid: int = 2000
+    grid: int = 8000               # |t| <= grid / 10 resolved: BoN_32 wants t of 200-400
     against: str = "transformed"
 
     def __post_init__(self):
