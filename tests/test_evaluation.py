@@ -235,7 +235,8 @@ def test_bad_inputs_raise_naming_the_argument():
 def test_nan_skip_policy_counts_what_it_drops():
     pol = np.array([[1.0, np.nan], [np.nan, np.nan], [0.0, 2.0]])
     ref = np.array([[0.0, 1.0], [0.0, 1.0], [np.nan, 1.0]])
-    est = ev.win_rate(pol, ref, ns=[1, 2], nan_policy="skip", num_resamples=50)
+    est = ev.win_rate(pol, ref, ns=[1, 2], nan_policy="skip", num_resamples=50,
+                      estimator="plugin")
     assert (est.skipped_samples, est.skipped_prompts, est.num_prompts) == (4, 1, 2)
     # Remaining: prompt 0 = {1} vs {0, 1}; prompt 2 = {0, 2} vs {1}.
     want = [np.mean([_brute_force([1.0], [0.0, 1.0], n, "bon", "transformed"),
@@ -243,7 +244,7 @@ def test_nan_skip_policy_counts_what_it_drops():
     np.testing.assert_allclose(est.point, want, atol=1e-12)
     with pytest.raises(ValueError, match="nan_policy"):
         ev.win_rate(pol, ref, nan_policy="ignore")
-    with pytest.raises(ValueError, match="no prompt has a valid"):
+    with pytest.raises(ValueError, match="no prompt has 1 valid, non-NaN score on both sides"):
         ev.win_rate(pol[1:2], ref[1:2], nan_policy="skip")
     with pytest.raises(ValueError, match="same number of prompts"):
         ev.win_rate(pol, ref[:2], nan_policy="skip")
@@ -259,6 +260,10 @@ def test_nan_skip_policy_counts_what_it_drops():
     est = ev.win_rate(pol4, ref4, ns=3, nan_policy="skip", num_resamples=50,
                       estimator="unbiased")
     assert (est.skipped_prompts, est.num_prompts) == (2, 1)
+    # The default is the unbiased estimator (docs/reliability.md said so while it was the
+    # plug-in): N = 2 needs 2 valid samples a side, which no prompt here has.
+    with pytest.raises(ValueError, match="no prompt has 2 valid, non-NaN scores on both sides"):
+        ev.win_rate(pol, ref, ns=[1, 2], nan_policy="skip", num_resamples=50)
     with pytest.raises(ValueError, match=r"estimator must be one of \('plugin', 'unbiased'\)"):
         ev.win_rate(pol4, ref4, estimator="subset")
 
@@ -512,6 +517,13 @@ def test_paired_difference_one_seed_is_the_t_interval_of_the_differences():
     assert est.stderr == pytest.approx(d.std(ddof=1) / np.sqrt(400), rel=1e-12)
     assert est.upper - est.point == pytest.approx(stats.t.ppf(0.975, 399) * est.stderr, rel=1e-9)
     assert est.stderr < 0.5 * np.sqrt(a.var() / 400 + b.var() / 400)
+    # a NaN names the quantity when the caller says what it is (the comparison names method
+    # and metric; the message said only "non-finite values")
+    bad = a.copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match=r"paired_difference of exp - identity, gold_bon4: "
+                                         r"non-finite values \(a: 1, b: 0\)"):
+        ev.paired_difference(bad, b, what="exp - identity, gold_bon4")
 
 
 @pytest.mark.parametrize("seeds, seed_sd, noise_sd, se_ratio", [

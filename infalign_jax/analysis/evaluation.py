@@ -324,11 +324,11 @@ def bootstrap_mean(values_B, num_resamples: int = 1000, seed: int | np.random.Ge
 def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bon",
              against: str = "transformed", pol_valid_BxM=None, ref_valid_BxK=None,
              nan_policy: str = "raise", num_resamples: int = 1000, seed=0,
-             level: float = 0.95, estimator: str = "plugin") -> Estimate:
+             level: float = 0.95, estimator: str = "unbiased") -> Estimate:
     """Win rate averaged over prompts, with a bootstrap CI; arrays over the ns grid.
 
-    `estimator` (`WIN_RATE_ESTIMATORS`): "plugin" (`plugin_win_rates`) or "unbiased"
-    (`subset_win_rates`, which needs N valid samples a side). The plug-in's bias does not shrink
+    `estimator` (`WIN_RATE_ESTIMATORS`): "unbiased" (the default; `subset_win_rates`, which
+    needs N valid samples a side) or "plugin" (`plugin_win_rates`). The plug-in's bias does not shrink
     with more prompts, so its intervals lose coverage as prompts are added when N is close to
     the samples per prompt (WoN_16 from 16 samples on 256 prompts: 0.21, simulated); at N = 1
     both are the same.
@@ -358,7 +358,8 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
         keep_B = (pol_valid.sum(1) >= need) & (ref_valid.sum(1) >= need)
         skipped_prompts = int((~keep_B).sum())
         if not keep_B.any():
-            raise ValueError("win_rate: no prompt has a valid, non-NaN score on both sides")
+            raise ValueError(f"win_rate: no prompt has {need} valid, non-NaN score"
+                             f"{'s' if need > 1 else ''} on both sides")
         pol, ref = pol[keep_B], ref[keep_B]
         pol_valid_BxM, ref_valid_BxK = pol_valid[keep_B], ref_valid[keep_B]
     per_prompt_BxG = WIN_RATE_ESTIMATORS[estimator](pol, ref, ns, procedure, against,
@@ -370,7 +371,7 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
 
 
 
-def paired_difference(a_SxB, b_SxB, level: float = 0.95) -> Estimate:
+def paired_difference(a_SxB, b_SxB, level: float = 0.95, what: str = "") -> Estimate:
     """Mean over prompts of method a minus method b, each trained with several seeds, with a
     confidence interval that carries the prompt sampling and the seed-to-seed spread (the
     reproduction's "difference against calibrated identity").
@@ -390,7 +391,8 @@ def paired_difference(a_SxB, b_SxB, level: float = 0.95) -> Estimate:
     was too large (a gain over a constant 1/2, 3 seeds, seed sd 0.3, residual 0.2: coverage
     0.918, now 0.939; 2 seeds: 0.871, now 0.881, simulated over 2000 trials).
     (Resampling seeds and prompts together counts the residual twice: 1.48x the true standard
-    error with residual noise alone.) point = mean(a) - mean(b); stderr = sqrt(Var).
+    error with residual noise alone.) point = mean(a) - mean(b); stderr = sqrt(Var). `what`
+    names the quantity in errors.
     """
     from scipy import stats
     a = np.asarray(a_SxB, np.float64)
@@ -399,7 +401,8 @@ def paired_difference(a_SxB, b_SxB, level: float = 0.95) -> Estimate:
         raise ValueError(f"a_SxB and b_SxB must be [seeds, prompts] over the same prompts (at "
                          f"least 2), got {a.shape} and {b.shape}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("paired_difference: non-finite values")
+        raise ValueError(f"paired_difference{' of ' + what if what else ''}: non-finite values "
+                         f"(a: {int((~np.isfinite(a)).sum())}, b: {int((~np.isfinite(b)).sum())})")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     num = a.shape[1]

@@ -122,7 +122,8 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
         rows.append(row)
     # Win rates are against pi_ref's samples: 1/2 is pi_ref itself.
     gains = {method: {key[:-2]: _interval(evaluation.paired_difference(
-        np.stack([r[key] for r in runs]), np.full((1, runs[0][key].shape[0]), 0.5)))
+        np.stack([r[key] for r in runs]), np.full((1, runs[0][key].shape[0]), 0.5),
+        what=f"{method}'s {key[:-2]} - 1/2"))
         for key in metrics} for method, runs in evals.items()}
     diffs = {}
     if "identity" in evals:
@@ -131,7 +132,8 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
             if method == "identity":
                 continue
             diffs[method] = {key[:-2]: _interval(evaluation.paired_difference(
-                np.stack([r[key] for r in runs]), np.stack([r[key] for r in base])))
+                np.stack([r[key] for r in runs]), np.stack([r[key] for r in base]),
+                what=f"{method} - identity, {key[:-2]}"))
                 for key in metrics}
     claims = _claims(result, diffs, flagged, n, {m: len(runs) for m, runs in evals.items()})
     return {"task": result["task"], "procedure": result["procedure"], "kl_target": target,
