@@ -354,3 +354,26 @@ def test_best_t_stays_where_the_grid_resolves_and_says_when_that_binds():
     # a grid the caller gives is kept, and a best t past the limit is said
     with pytest.warns(UserWarning, match=r"best t=150 is at or past \|t\| = 50"):
         A.best_t("bon", 32, 0.25, t_grid=[10.0, 150.0], grid_size=500, refine=0)
+
+
+def test_a_beta_past_what_the_grid_resolves_is_refused_and_a_curve_says_so():
+    """kl_and_win_rate / curve had no resolution check while win_rate_at_kl refused the same
+    regime: identity at beta 1e-6 read KL 8.29 (= log 4000) for the closed form's 12.82 on grid
+    4000, so a beta sweep drew a curve flattening at log(grid)."""
+    import warnings
+    lam = 1e4     # identity tilt exp(lam u): KL = lam E[u] - log Z in closed form
+    eu = 1 / (-np.expm1(-lam)) - 1 / lam
+    kl_true = lam * eu - (lam + np.log(-np.expm1(-lam)) - np.log(lam))
+    assert kl_true > A.max_resolved_kl(4000)
+    with pytest.raises(ValueError, match=r"beta=0.0001: KL .* past what grid 4000 resolves"):
+        A.kl_and_win_rate("identity", 1 / lam, grid_size=4000)
+    with pytest.warns(UserWarning, match=r"curve: 2 of 3 betas \(\[1e-06, 0.0001\]\)"):
+        c = A.curve("identity", [1e-6, 1e-4, 0.1], grid_size=4000)
+    assert np.isnan(c["kl"][:2]).all() and np.isnan(c["win_rate"][:2]).all()
+    lam = 10.0
+    eu = 1 / (-np.expm1(-lam)) - 1 / lam
+    assert c["kl"][2] == pytest.approx(lam * eu - (lam + np.log(-np.expm1(-lam)) - np.log(lam)),
+                                       abs=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A.curve("identity", [0.1, 1.0], grid_size=4000)

@@ -288,7 +288,9 @@ def tilted_density(transform: str | Transform, beta: float, *, grid_size: int = 
 def kl_and_win_rate(transform: str | Transform, beta: float, procedure: str = "standard",
                     n: int = 1, *, against: str = "transformed", grid_size: int = DEFAULT_GRID,
                     **params: Any) -> tuple[float, float]:
-    """(KL, win rate) of the tilt g proportional to exp(Phi / beta)."""
+    """(KL, win rate) of the tilt g proportional to exp(Phi / beta). A beta whose KL is past what
+    the grid resolves (`max_resolved_kl`: the tilt within ~MIN_BINS bins, where the grid's KL
+    flattens towards log(grid_size)) is refused, as `win_rate_at_kl` refuses such a KL."""
     n = check_procedure(procedure, n, against)
     beta = _check_beta(beta)
     phi_U = phi_table(transform, grid_size, **params)
@@ -296,15 +298,33 @@ def kl_and_win_rate(transform: str | Transform, beta: float, procedure: str = "s
         logp_U = tilted_log_masses(jnp.asarray(phi_U), beta)
         w = win_rate_from_masses(jnp.exp(logp_U), jnp.asarray(grid(grid_size)), procedure, n,
                                  against)
-        return float(kl_from_log_masses(logp_U)), float(as_probability(w))
+        kl = float(kl_from_log_masses(logp_U))
+    if not kl <= max_resolved_kl(grid_size):   # NaN too
+        raise ValueError(f"beta={beta:g}: KL {kl:.3f} is past what grid {grid_size} resolves "
+                         f"(max resolved KL {max_resolved_kl(grid_size):.2f}); raise the grid")
+    return kl, float(as_probability(w))
 
 
 def curve(transform: str | Transform, betas: Any, procedure: str = "standard", n: int = 1, *,
           against: str = "transformed", grid_size: int = DEFAULT_GRID, **params: Any) -> dict:
-    """KL and win rate along a beta sweep: {"beta", "kl", "win_rate"} arrays."""
+    """KL and win rate along a beta sweep: {"beta", "kl", "win_rate"} arrays; NaN at the betas
+    whose KL is past what the grid resolves (a warning names them: the curve used to flatten
+    there at KL ~ log(grid_size))."""
     betas = np.asarray(betas, np.float64).reshape(-1)
-    pts = [kl_and_win_rate(transform, b, procedure, n, against=against, grid_size=grid_size,
-                           **params) for b in betas]
+    pts, past = [], []
+    for b in betas:
+        try:
+            pts.append(kl_and_win_rate(transform, b, procedure, n, against=against,
+                                       grid_size=grid_size, **params))
+        except ValueError as e:
+            if "past what grid" not in str(e):
+                raise
+            pts.append((math.nan, math.nan))
+            past.append(float(b))
+    if past:
+        warnings.warn(f"curve: {len(past)} of {betas.size} betas ({past[:5]}) give a KL past "
+                      f"what grid {grid_size} resolves (max {max_resolved_kl(grid_size):.2f}): "
+                      f"NaN there; raise grid_size", stacklevel=2)
     return {"beta": betas, "kl": np.array([p[0] for p in pts]),
             "win_rate": np.array([p[1] for p in pts])}
 
