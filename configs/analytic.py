@@ -1,6 +1,6 @@
 """Analytic tool report: win rate vs KL of identity / log / best exp-t / optimal transforms.
 
-Command (about 3.5 minutes at grid 8000 for N = 1, 4, 32 on 2 CPU cores; seconds on a GPU):
+Command (4 min 23 s measured at grid 8000 on 2 CPU cores; seconds on a GPU):
     .venv/bin/python experiments/analytic.py --config=configs/analytic.py --workdir=runs/analytic
 Variants: `--config=configs/analytic.py:grid=4000,against=base`, or flags such as
 `--config.kls="(0.5,1.0)"`.
