@@ -377,3 +377,15 @@ def test_a_beta_past_what_the_grid_resolves_is_refused_and_a_curve_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         A.curve("identity", [0.1, 1.0], grid_size=4000)
+
+
+def test_a_kl_below_what_the_quadrature_resolves_is_refused():
+    """beta_at_kl('identity', kl) tracks the closed form beta = 1 / sqrt(24 kl) to 0.3% down to
+    kl = 1e-15, is off 2x at 1e-16 and pins to the bisection's end below 1e-17 (257115067 for
+    every kl): a KL under 1e-12 is refused instead."""
+    import math
+    for kl in (1e-12, 1e-8):
+        assert A.beta_at_kl("identity", kl) == pytest.approx(1 / math.sqrt(24 * kl), rel=5e-3)
+    for kl in (1e-13, 1e-22):
+        with pytest.raises(ValueError, match=r"kl must be >= 1e-12"):
+            A.beta_at_kl("identity", kl)

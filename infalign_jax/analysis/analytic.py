@@ -98,8 +98,17 @@ def _positive_finite(name: str, value: Any) -> float:
     return value
 
 
+# Below this the quadrature's KL is float64 noise (identity's beta off by 2x at KL 1e-16 and
+# pinned to the bracket's end below 1e-17); a KL budget that small is no budget.
+MIN_KL = 1e-12
+
+
 def check_kl(kl: Any) -> float:
-    return _positive_finite("kl", kl)
+    kl = _positive_finite("kl", kl)
+    if kl < MIN_KL:
+        raise ValueError(f"kl must be >= {MIN_KL:g} (below it the KL integral is rounding noise), "
+                         f"got {kl!r}")
+    return kl
 
 
 def check_grid(m: Any) -> int:

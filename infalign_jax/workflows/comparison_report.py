@@ -72,7 +72,7 @@ def optimum(method: str, procedure: str, n: int, t: float, kl: float) -> dict[st
     policy would reach at its KL if training had converged. None for the methods without a
     calibrated transform (raw, BoNBoN, BoN sampling)."""
     spec = calibrated_transform(method, procedure, t)
-    if spec is None or not 0 < kl < analytic.max_resolved_kl(analytic.DEFAULT_GRID):
+    if spec is None or not analytic.MIN_KL <= kl < analytic.max_resolved_kl(analytic.DEFAULT_GRID):
         return None
     name, params = spec
     return {"standard": analytic.win_rate_at_kl(name, kl, "standard", 1, **params),
