@@ -25,6 +25,10 @@ update count included, so the learning-rate decay (`rl.decay_steps`, a function 
 falls one step behind per skip, as under `optax.apply_if_finite`; the step counter, and with it
 the batch, the rollout key and the beta schedule, moves on.
 
+A reward model that cuts texts past its length limit (`HostReward.cut`) has its cuts counted:
+`reward_texts_cut` per step in the metrics, the run's total in the summary, a log line the first
+time; the checkpoints keep the count, so a resumed run's total is the whole run's.
+
 Outputs in the work dir: `manifest.json` (config, seeds, packages, devices, mesh, git, input hashes),
 `reference_table.npz`, `checkpoints/`, `metrics.jsonl` + `tb/` (TensorBoard) every step,
 `eval.jsonl` every `eval_every` steps, `summary.json` and `training_curves.png` at the end; with
