@@ -386,3 +386,27 @@ def test_texts_the_reward_model_cuts_are_counted_per_step_and_in_the_summary(dir
                for line in lines) == 1
     # the reference table's K = 4 samples of each of the 4 training prompts, every one cut
     assert any("reference table: the reward model cut 16 scored texts" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_a_lora_run_refuses_a_base_replaced_in_place(dirs, tmp_path):
+    """A LoRA run's checkpoints hold adapters; loading the run (evaluate, export, a next run's
+    policy) merges them into the base its manifest names. A base re-saved in place with other
+    parameters of the same shape was merged without a word (parameters 0.31 off the trained
+    policy); the manifest's digest of the base is now compared."""
+    from infalign_jax.loops import train
+    from hf_tiny import save_tiny
+    from workflow_files import policy_tokenizer, TINY
+    base = str(tmp_path / "base")
+    shutil.copytree(dirs["policy"], base)
+    c = real_task_config({**dirs, "policy": base}, lora_rank=2)
+    train.run(c, str(tmp_path / "run"), log=lambda _: None, devices=jax.devices()[:1])
+    assert sources.load_policy(sources.PolicyConfig(str(tmp_path / "run"))).source.endswith("@2")
+    tok = policy_tokenizer()
+    shutil.rmtree(base)
+    save_tiny(base, transformers.LlamaConfig(vocab_size=len(tok), pad_token_id=0, eos_token_id=1,
+                                             tie_word_embeddings=False, **TINY), seed=3)
+    tok.save_pretrained(base)
+    with pytest.raises(ValueError, match=r"config.task.policy.checkpoint: the LoRA run's base "
+                                         r".* now holds other parameters"):
+        sources.load_policy(sources.PolicyConfig(str(tmp_path / "run")))

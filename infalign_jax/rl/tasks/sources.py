@@ -180,7 +180,8 @@ def load_run_policy(path: str, manifest_path: str) -> Policy:
     from infalign_jax.infra import checkpointing
     from infalign_jax.models import lora
     with open(manifest_path, encoding="utf-8") as f:
-        config = json.load(f).get("config") or {}
+        manifest = json.load(f)
+    config = manifest.get("config") or {}
     task = config.get("task") or {}
     if "name" not in task or "num_prompts" not in task:
         raise ValueError(f"config.task.policy.checkpoint: the run {path!r} is not a real-task "
@@ -198,8 +199,22 @@ def load_run_policy(path: str, manifest_path: str) -> Policy:
         raise ValueError(str(e).replace("config.train.init_from",
                                         "config.task.policy.checkpoint")) from e
     if lora_cfg.rank:
+        _check_lora_base(manifest, base, base_path)
         params = lora.merge(base.params, params, lora_cfg)
     return Policy(base.model_cfg, jax.device_get(params), base.tokenizer, f"{path}@{step}")
+
+
+def _check_lora_base(manifest: dict, base: "Policy", base_path: str) -> None:
+    """A LoRA run's adapters belong to the parameters they trained on: a base replaced in place
+    since (a re-fine-tuned model at the same path) would be merged with them without a word."""
+    from infalign_jax.infra import provenance
+    recorded = ((manifest.get("extra") or {}).get("lora") or {}).get("base", "")
+    want = recorded.split("#", 1)[1].split("|", 1)[0] if "#" in recorded else ""
+    have = provenance.params_digest(base.params)[:16]
+    if want and want != have:
+        raise ValueError(f"config.task.policy.checkpoint: the LoRA run's base {base_path!r} now "
+                         f"holds other parameters (digest {have}; the run trained its adapters "
+                         f"on {want}): its adapters belong to that model, not this one")
 
 
 def load_policy(p: PolicyConfig) -> Policy:
