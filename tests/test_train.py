@@ -466,6 +466,23 @@ def test_an_adaptive_horizon_that_could_make_beta_negative_is_refused_before_the
     assert not os.path.exists(tmp_path / "reference_table.npz")
 
 
+def test_steps_that_leave_an_accumulation_window_open_are_refused(tmp_path):
+    """grad_accum_steps = 2 with 3 steps: step 3's gradient waited in the accumulator and was
+    never applied (the parameters bit-equal to a 2-step run's) while the evaluation's target
+    took step 3's beta; refused at start, CTRL and BoNBoN alike."""
+    cfg = _config(**{"rl.grad_accum_steps": 2, "train.num_steps": 3})
+    with pytest.raises(ValueError, match=r"config.train.num_steps=3 is not a multiple of "
+                                         r"config.rl.grad_accum_steps=2: the last 1 steps'"):
+        train.run(cfg, str(tmp_path / "a"), log=_quiet, devices=ONE)
+    cfg = _config(**{"bonbon.grad_accum_steps": 4, "train.num_steps": 6})
+    cfg.unlock()
+    cfg.method = "bonbon"
+    cfg.lock()
+    with pytest.raises(ValueError, match=r"config.bonbon.grad_accum_steps=4"):
+        train.run(cfg, str(tmp_path / "b"), log=_quiet, devices=ONE)
+    assert not os.path.exists(tmp_path / "a" / "reference_table.npz")
+
+
 def test_bonbon_offline_data_is_refused_at_start(tmp_path):
     cfg = _config(**{"bonbon.data": "offline"})
     cfg.unlock()

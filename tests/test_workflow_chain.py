@@ -88,6 +88,10 @@ def test_calibrate_train_evaluate_export(dirs, tmp_path):
     # e.g. --config.task.max_new_tokens=8 alone: configs/ctrl_real.py set rl's from the default
     ({"task.max_new_tokens": 8}, r"config.rl.max_new_tokens=5 but task 'helpfulness' scores "
                                  r"responses of exactly length 8"),
+    # The table would keep only pi_ref's samples that emitted EOS while every rollout is
+    # scored: with 90% truncated at the budget, mean C of pi_ref's samples was 0.86, not 1/2.
+    ({"task.require_eos": True}, r"config.task.require_eos=True: the reference table would "
+                                 r"keep only pi_ref's samples that emitted EOS"),
 ])
 def test_training_refuses_a_table_drawn_unlike_the_rollouts(dirs, tmp_path, extra, message):
     c = real_task_config(dirs, extra=extra)

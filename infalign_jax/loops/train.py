@@ -435,6 +435,18 @@ def _check_run(task: rl_tasks.RLTask, cfg: rl.RLConfig, tcfg: TrainConfig,
                          f"table would calibrate pi_ref's samples at that temperature, but the "
                          f"rollouts sample at temperature 1; train with 1.0 (other temperatures "
                          f"are for experiments/calibrate.py and evaluate.py)")
+    if task.reference_require_eos:
+        raise ValueError("config.task.require_eos=True: the reference table would keep only "
+                         "pi_ref's samples that emitted EOS, while the rollouts are scored "
+                         "truncated or not, so C would not be uniform under pi_ref; train with "
+                         "False (True is for experiments/calibrate.py and evaluate.py)")
+    accum = bonbon.grad_accum_steps if bonbon is not None else cfg.grad_accum_steps
+    if tcfg.num_steps % accum:
+        key = "bonbon" if bonbon is not None else "rl"
+        raise ValueError(f"config.train.num_steps={tcfg.num_steps} is not a multiple of "
+                         f"config.{key}.grad_accum_steps={accum}: the last "
+                         f"{tcfg.num_steps % accum} steps' gradients would wait in the "
+                         f"accumulator and never be applied")
     if bonbon is None and cfg.beta_anneal_steps > tcfg.num_steps:
         log(f"warning: config.rl.beta_anneal_steps={cfg.beta_anneal_steps} > "
             f"config.train.num_steps={tcfg.num_steps}: the run ends before beta reaches "

@@ -60,6 +60,9 @@ class RLTask:
     # The temperature the reference table samples pi_ref at; rollouts sample at 1, so training
     # needs 1 (other temperatures serve calibrate/evaluate runs).
     reference_temperature: float = 1.0
+    # Whether the reference table keeps only pi_ref's samples that emitted EOS; the RL step
+    # scores every rollout, truncated or not, so training needs False.
+    reference_require_eos: bool = False
     # beta_for_kl(kl, transform, ref_table) -> the beta whose exact target has this KL (tasks
     # with an exact target only; `config.task.kl_budget`)
     beta_for_kl: Callable[..., float] | None = None

@@ -437,7 +437,8 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
         base_model_id=base_id, eos_id=eos_id, pad_id=pad_id, reference_table=reference_table,
         evaluate=evaluate if s.eval_samples > 0 else None,
         # The reference table was drawn with this budget; rollouts must use the same one.
-        response_length=int(s.max_new_tokens), reference_temperature=float(s.temperature))
+        response_length=int(s.max_new_tokens), reference_temperature=float(s.temperature),
+        reference_require_eos=bool(s.require_eos))
 
 
 def sample_judged_pairs(task_name: str, *, num_prompts: int, samples_per_prompt: int,
