@@ -88,7 +88,9 @@ def test_a_flag_is_checked_against_each_points_config():
 
 def test_bonbon_refuses_rl_overrides_it_does_not_read():
     """method="bonbon" reads only rl.max_new_tokens / learning_rate / decay_steps /
-    shared_prompt / lora / beta (test_train.py checks that the others change nothing)."""
+    shared_prompt / lora (test_train.py checks that the others change nothing): not rl.beta or
+    the transform, since its target is BoN_n(pi_ref) (t = 3 against 8 gave bit-identical runs);
+    CTRL reads no bonbon option."""
     bonbon = sweep.apply_overrides(_base(), {"method": "bonbon"})
     with pytest.raises(ValueError, match=r"sweep override rl.max_grad_norm is not used by this "
                                          r"run: it is read only with method='ctrl' \(this config "
@@ -99,9 +101,24 @@ def test_bonbon_refuses_rl_overrides_it_does_not_read():
                                          r"'rloo'\) and method='ctrl' .*; set those too"):
         sweep.apply_overrides(bonbon, {"rl.ppo_clip": 0.1})
     for option, value in (("rl.learning_rate", 1e-2), ("rl.max_new_tokens", 3),
-                          ("rl.decay_steps", 5), ("rl.shared_prompt", True), ("rl.beta", 2.0),
+                          ("rl.decay_steps", 5), ("rl.shared_prompt", True),
                           ("rl.lora.rank", 2), ("bonbon.max_grad_norm", 1.0)):
         assert sweep.apply_overrides(bonbon, {option: value}) is not None
+    for option, value, reader in (("rl.beta", 2.0, "method='ctrl'"),
+                                  ("transform.t", 8.0, "method='ctrl'")):
+        with pytest.raises(ValueError, match=rf"sweep override {option} is not used by this run: "
+                                             rf"it is read only with {reader}"):
+            sweep.apply_overrides(bonbon, {option: value})
+    with pytest.raises(ValueError, match=r"sweep override bonbon.n is not used by this run: it "
+                                         r"is read only with method='bonbon' \(this config has "
+                                         r"'ctrl'\)"):
+        sweep.apply_overrides(_base(), {"bonbon.n": 8})
+    # the adapters' settings without adapters, and with them
+    with pytest.raises(ValueError, match=r"rl.lora.alpha is not used by this run: it is read "
+                                         r"only with rl.lora.rank > 0"):
+        sweep.apply_overrides(_base(), {"rl.lora.alpha": 64.0})
+    assert sweep.apply_overrides(_base(), {"rl.lora.rank": 2, "rl.lora.alpha": 64.0}
+                                 ).rl.lora.alpha == 64.0
     # the same override is read under CTRL, and under BoNBoN set after the method is switched
     assert sweep.apply_overrides(_base(), {"rl.max_grad_norm": 1.0}).rl.max_grad_norm == 1.0
     assert sweep.apply_overrides(bonbon, {"method": "ctrl", "rl.max_grad_norm": 1.0}
@@ -113,7 +130,8 @@ def test_an_override_inside_an_unread_option_is_refused_with_it():
     with pytest.raises(ValueError, match=r"^--config.rl.value_model.d_model is not used by this "
                                          r"run: it is read only with rl.advantage='gae'"):
         refuse_unused_overrides(_base(), ["rl.value_model.d_model"], "--config.")
-    refuse_unused_overrides(_base(), ["rl.lora.rank", "rl.beta"], "--config.")   # read: no error
+    refuse_unused_overrides(_base(), ["rl.lora.rank", "rl.beta", "transform.t"],
+                            "--config.")   # read: no error
 
 
 def test_rl_unused_options_cover_every_option_of_a_setting():

@@ -500,7 +500,7 @@ BONBON_UNREAD = {
     "beta_final": 0.5, "beta_steps": 3, "kl_target": 0.3, "kl_horizon": 50.0,
     "beta_anneal_steps": 1, "beta_anneal_factor": 3.0, "advantage": "gae", "gamma": 0.9,
     "gae_lambda": 0.5, "whiten_advantages": False, "value_learning_rate": 1e-2,
-    "value_clip": 0.0, "grad_accum_steps": 2,
+    "value_clip": 0.0, "grad_accum_steps": 2, "beta": 0.01,
     "value_model": dict(vocab_size=4, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
                         head_dim=8, d_ff=32, max_len=32)}
 

@@ -567,7 +567,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     transform = cfg.get_transform()
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
                     inputs={"reference_table": table_path}, mesh=mesh, started=started,
-                    extra={"beta": cfg.beta})
+                    extra={} if bonbon is not None else {"beta": cfg.beta})   # BoNBoN: none
     if bonbon is None and transform.params.get("path"):   # an optimal transform's table
         manifest["inputs"]["transform_table"] = transform.params["path"]
     if bonbon is None and cfg.beta_schedule != "adaptive":   # the beta of the evaluation's pi*

@@ -116,8 +116,8 @@ class BoNBoNConfig:
 
 
 # The rl section's options a method="bonbon" run reads besides those above marked SET_BY
-# "rl section": the adapters' settings and the beta of the evaluation's target pi*.
-RL_OPTIONS_READ = ("lora", "beta")
+# "rl section": the adapters' settings. (Not rl.beta: the evaluation's target is BoN_n(pi_ref).)
+RL_OPTIONS_READ = ("lora",)
 # The rl options that have a BoNBoN counterpart in the bonbon section.
 OWN_OPTIONS = {"samples_per_prompt": "bonbon.n / bonbon.monitor_samples",
                "max_grad_norm": "bonbon.max_grad_norm",
@@ -136,7 +136,18 @@ def unused_rl_options(config: Mapping[str, Any]) -> dict[str, str]:
             for name in config["rl"] if name not in read}
 
 
+def unused_method_sections(config: Mapping[str, Any]) -> dict[str, str]:
+    """The bonbon section is read under method="bonbon" only, the transform under "ctrl" only
+    (a sweep over transform.t under BoNBoN gave identical points under different labels)."""
+    method = config.get("method", "ctrl")
+    unread = "transform" if method == "bonbon" else "bonbon"
+    other = "ctrl" if method == "bonbon" else "bonbon"
+    return {f"{unread}.{name}": f"method={other!r} (this config has {method!r})"
+            for name in (config.get(unread) or {})}
+
+
 UNUSED_OPTION_RULES.append(unused_rl_options)
+UNUSED_OPTION_RULES.append(unused_method_sections)
 
 
 def sample_reference_responses(cfg: BoNBoNConfig, fns: DecoderFns, ref_params: Any,

@@ -164,6 +164,10 @@ def unused_options(rl: Mapping[str, Any]) -> dict[str, str]:
               if get(switch) != value for name in options}
     if not get("beta_anneal_steps"):
         unused["beta_anneal_factor"] = "rl.beta_anneal_steps > 0 (this config has 0)"
+    lora_section = rl.get("lora") or {}
+    if not lora_section.get("rank", 0):   # the adapters' settings, without adapters
+        unused.update({f"lora.{name}": "rl.lora.rank > 0 (this config has 0)"
+                       for name in lora_section if name != "rank"})
     return unused
 
 
