@@ -174,6 +174,13 @@ def test_model_ids_tell_apart_checkpoints_in_folders_of_one_name(dirs, tmp_path)
     ({"kidn": "hf"}, r"config.task.reward: unknown keys \['kidn'\]"),
     ({"checkpoint": "/rm"}, r"config.task.reward.checkpoint is set but config.task.reward.kind="
                             r"'judge' does not use it"),
+    # settings a kind does not read (accepted before: the judge's scores were unchanged)
+    ({"std_penalty": 5.0}, r"config.task.reward.std_penalty=5.0 is set but kind='judge' does "
+                           r"not read it"),
+    ({"template": "chat"}, r"config.task.reward.template='chat' is set but kind='judge'"),
+    ({"batch_size": 1}, r"config.task.reward.batch_size=1 is set but kind='judge'"),
+    ({"kind": "hf", "checkpoint": "/rm", "std_penalty": 2.0},
+     r"config.task.reward.std_penalty=2.0 is set but kind='hf' does not read it"),
 ])
 def test_bad_reward_section_names_the_key(change, message):
     with pytest.raises(ValueError, match=message):

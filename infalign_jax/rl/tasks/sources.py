@@ -89,14 +89,18 @@ class RewardConfig:
                 raise ValueError(f"config.task.reward.{key} is set but config.task.reward.kind="
                                  f"{self.kind!r} does not use it (kinds: judge -> judge, hf and "
                                  f"trained -> checkpoint, ensemble -> checkpoints)")
+        # Settings a kind does not read, refused away from their defaults (a built-in judge
+        # scores text itself; one model has no spread; a run fixes its layout and limits).
+        unread = {"judge": ("template", "max_len", "batch_size", "padding", "std_penalty"),
+                  "hf": ("std_penalty",), "trained": ("template", "max_len")}.get(self.kind, ())
+        for key in unread:
+            default = RewardConfig.__dataclass_fields__[key].default
+            if getattr(self, key) != default:
+                why = ("scores text as its run trained (its config.data limits)"
+                       if self.kind == "trained" else "does not read it")
+                raise ValueError(f"config.task.reward.{key}={getattr(self, key)!r} is set but "
+                                 f"kind={self.kind!r} {why}; remove it")
         if self.kind == "trained":
-            # The run fixes the text layout and the length limits it trained with.
-            for key in ("template", "max_len"):
-                default = RewardConfig.__dataclass_fields__[key].default
-                if getattr(self, key) != default:
-                    raise ValueError(f"config.task.reward.{key}={getattr(self, key)!r} is set "
-                                     f"but kind='trained' scores text as its run trained "
-                                     f"(its config.data limits); remove it")
             if not (self.checkpoint and os.path.isdir(self.checkpoint)):
                 raise ValueError(f"config.task.reward.checkpoint must name a train_reward.py "
                                  f"run directory when config.task.reward.kind='trained', got "
