@@ -299,6 +299,9 @@ def test_rerunning_a_finished_run_adds_no_rows_and_keeps_its_start_time(uninterr
     evals = read_jsonl(str(tmp_path / "run" / "eval.jsonl"))
     _, again = train.run(_config(), str(tmp_path / "run"), log=_quiet, devices=ONE)
     assert again["resumed_from"] == 6 and again["eval"] == summary["eval"]
+    # the summary's train metrics are the last step's, as the run logged them (they were {}:
+    # the sweep table's train.* columns of a rerun point came out empty)
+    assert again["last_train_metrics"] == summary["last_train_metrics"] != {}
     assert read_jsonl(str(tmp_path / "run" / "eval.jsonl")) == evals
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert after["started"] == before["started"]

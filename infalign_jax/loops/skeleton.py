@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 from infalign_jax.core.transforms import is_set, known_transforms, transform_param_names
 from infalign_jax.infra import checkpointing, distributed, provenance
-from infalign_jax.infra.metrics_io import MetricsWriter, Progress, truncate_stream
+from infalign_jax.infra.metrics_io import MetricsWriter, Progress, read_jsonl, truncate_stream
 
 
 class LoopSettings(Protocol):
@@ -321,4 +321,15 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         ckpt.close()
         writer.close()
         eval_writer.close()
+    if not last_metrics:   # resumed at the end: the last step's row, as its run logged it
+        last_metrics = _logged_metrics(workdir, settings.num_steps)
     return LoopResult(state, start, last_metrics, last_eval, count)
+
+
+def _logged_metrics(workdir: str, step: int) -> dict[str, float]:
+    """The metrics row of `step` in workdir/metrics.jsonl ({} if absent): a run resumed at its
+    last step trains nothing, and its summary's last_train_metrics (the sweep table's train.*
+    columns) were left empty."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = [r for r in read_jsonl(path) if r.get("step") == step] if os.path.exists(path) else []
+    return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
