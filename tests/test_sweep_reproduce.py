@@ -187,6 +187,11 @@ def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
     other = sweep.apply_overrides(_base(), {"rl.learning_rate": 1e-4})
     sweep.run(other, points[1:], str(tmp_path), runner, log=lambda s: None)
     assert len(calls) == 4
+    # A resumable key that changes what a finished run reports (another eval_ns: the runner
+    # re-evaluates on resume) sends the point back; it was reused with the column empty.
+    more = sweep.apply_overrides(_base(), {"task.eval_ns": (1, 2, 4, 8)})
+    sweep.run(more, points[:1], str(tmp_path), runner, log=lambda s: None)
+    assert len(calls) == 5
 
 
 def test_a_finished_point_whose_input_file_changed_is_not_reused(tmp_path):

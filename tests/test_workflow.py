@@ -364,7 +364,12 @@ def test_ctrl_on_the_researchers_policy_reward_model_and_prompts(dirs, tmp_path,
     used = np.concatenate([s for *_, s in records[-2:]])
     assert np.ptp(used) > 0 and any(m.any() for _, _, m, _ in records[-2:])  # not degenerate
     with open(tmp_path / "manifest.json") as f:
-        task = json.load(f)["config"]["task"]
+        manifest = json.load(f)
+    task = manifest["config"]["task"]
+    # the prompt file by content among the inputs, where a sweep checks a finished point's files
+    from infalign_jax.infra import provenance
+    assert manifest["inputs"]["task.data.prompts"]["sha256"] == \
+        provenance.file_sha256(dirs["prompts"])
     assert task["data"] == {"prompts": dirs["prompts"], "format": "auto", "split_seed": 5,
                             "chat_template": "auto"}
     assert (task["num_prompts"], task["eval_prompts"]) == (4, 2)

@@ -233,6 +233,14 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
     start, count = 0, {name: 0 for name in counters}
     record = config_record(manifest.get("config"))
     record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
+    # The data files by content among the manifest's inputs, where a sweep's reuse of a finished
+    # point looks (the config record's digests are recomputed from the files named).
+    inputs = manifest.setdefault("inputs", {})
+    named = {os.path.abspath(p) for p in inputs.values()}
+    for key in DATA_FILE_KEYS:
+        path = record.get(key)
+        if isinstance(path, str) and os.path.isfile(path) and os.path.abspath(path) not in named:
+            inputs[key] = path
     if restored is not None:
         try:
             if restored.meta.get("seed") != seed:

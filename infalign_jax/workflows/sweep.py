@@ -17,7 +17,10 @@ import shlex
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
-from infalign_jax.loops.skeleton import config_record
+from infalign_jax.loops.skeleton import config_record, flat_record
+
+# Keys a resume may change (skeleton.RESUMABLE_KEYS) that change a finished run's outputs.
+OUTPUT_KEYS = ("task.eval_ns", "export.hf", "export.dir")
 from infalign_jax.infra.config_utils import refuse_unused_overrides
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open
@@ -124,6 +127,11 @@ def _finished(summary_path: str, cfg: ml_collections.ConfigDict) -> dict[str, An
         manifest = json.load(f)
     if summary.get("final_step") != cfg.train.num_steps or \
             config_record(manifest.get("config")) != config_record(cfg):
+        return None
+    # Resumable keys that change what a finished run reports: the runner re-evaluates (or
+    # exports) on resume, so such a point goes back to it.
+    was, now = flat_record(manifest.get("config")), flat_record(cfg)
+    if any(was.get(k) != now.get(k) for k in OUTPUT_KEYS):
         return None
     for recorded in (manifest.get("inputs") or {}).values():
         if os.path.isfile(recorded["path"]) and \
