@@ -3,7 +3,6 @@
 All the work is in infalign_jax.workflows.real_comparison.
 """
 
-import sys
 
 from absl import flags
 
@@ -16,7 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/compare_real", "Output directory
 
 def main(argv):
     cli.start(argv)
-    cli.refuse_overrides(sys.argv, "config", real_comparison.KEYS_SET,
+    cli.refuse_overrides("config", real_comparison.KEYS_SET,
                          "the comparison sets it per run (or, for size, in --config=...:size=)")
     config = _CONFIG.value
     real_comparison.refuse_unread_base_overrides(config, cli.config_overrides("config"))

@@ -5,7 +5,8 @@ All the work is in infalign_jax.workflows.demo.
 
 from absl import flags
 
-from infalign_jax.workflows import demo
+from infalign_jax.infra.config_utils import as_dict, dataclass_from
+from infalign_jax.workflows import demo, reproduce
 from infalign_jax.infra import cli
 
 _CONFIG = cli.define_config("config", "configs/demo.py", "Experiment config.")
@@ -16,6 +17,14 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where results and the ma
 
 def main(argv):
     cli.start(argv)
+    # Step 6 trains reproduce's exact-stage runs, which set these keys themselves; without
+    # methods to train, no --ctrl_config flag is read.
+    cli.refuse_overrides("ctrl_config", reproduce.EXACT_KEYS_SET,
+                         "each of step 6's runs sets it from the size and its method")
+    if not dataclass_from(demo.DemoConfig, as_dict(_CONFIG.value), "demo").methods and \
+            cli.config_overrides("ctrl_config"):
+        raise ValueError(f"--ctrl_config.{cli.config_overrides('ctrl_config')[0]} is not used: "
+                         f"config.train_methods is empty, so step 6 trains nothing")
     demo.run(_CONFIG.value, _WORKDIR.value, ctrl_config=_CTRL.value,
              log=lambda s: print(s, flush=True))
 

@@ -7,7 +7,6 @@ is configs/compare_real.py's comparison (`--real_config`, e.g.
 infalign_jax.workflows.reproduce.
 """
 
-import sys
 
 from absl import flags
 
@@ -24,9 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Output directory.")
 
 def main(argv):
     cli.start(argv)
-    cli.refuse_overrides(sys.argv, "exact_config", reproduce.EXACT_KEYS_SET,
+    cli.refuse_overrides("exact_config", reproduce.EXACT_KEYS_SET,
                          "each exact-stage run sets it from the size and its method")
-    cli.refuse_overrides(sys.argv, "real_config", real_comparison.KEYS_SET,
+    cli.refuse_overrides("real_config", real_comparison.KEYS_SET,
                          "the comparison sets it per run (or, for size, in "
                          "--real_config=...:size=)")
     real_comparison.refuse_unread_base_overrides(_REAL.value, cli.config_overrides("real_config"),

@@ -9,7 +9,6 @@ option flag a point's config does not read is refused (a point may set its setti
 Results: <workdir>/sweep_results.{csv,md}, one row per point.
 """
 
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -34,7 +33,7 @@ def main(argv):
     flag_keys = cli.config_overrides("config")
     if _MODE.value == "print":
         sweep.point_configs(_CONFIG.value, points, flag_keys)   # errors before any command
-        shared = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        shared = sweep.shared_flags(_CONFIG.value, flag_keys)   # -config.x, --flagfile too
         print("\n".join(sweep.command_lines("experiments/train_policy.py", path, _WORKDIR.value,
                                             points, shared)))
         return

@@ -124,6 +124,15 @@ def test_sweep_print_mode_lists_one_command_per_point(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all("--config.train.num_steps=7" in line for line in lines)
     assert "--config.transform.t=-5.0" in lines[0] and "--config.transform.t=5.0" in lines[1]
+    # a single-dash flag and a --flagfile's flag apply to the points as well: the printed
+    # commands carry them (they were left out, and the cluster trained the default)
+    (tmp_path / "flags").write_text("--config.rl.learning_rate=0.002\n")
+    proc = _run("sweep.py", "--config=configs/ctrl_exact.py", f"--workdir={tmp_path}",
+                "--sweep=print", "--sweep_arg=ts=-5;5", "-config.train.num_steps=7",
+                f"--flagfile={tmp_path / 'flags'}", tmp_path=tmp_path)
+    lines = proc.stdout.strip().splitlines()
+    assert all("--config.train.num_steps=7" in line and "--config.rl.learning_rate=0.002" in line
+               for line in lines), lines
     # a flag no point's config reads is refused before any command is printed
     env = dict(os.environ, XLA_FLAGS=xla_flags())
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),

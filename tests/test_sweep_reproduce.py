@@ -349,6 +349,12 @@ def test_reproduce_refuses_an_exact_stage_without_its_config(tmp_path):
      r"rl.algorithm='ppo' .*\(under every trained method of the comparison: raw, identity"),
     ("reproduce.py", "--real_config.base.rl.gae_lambda=0.5",
      r"--real_config.base.rl.gae_lambda is not used by this run: .*rl.advantage='gae'"),
+    # absl reads a single-dash flag and a --flagfile's flags too: both got past the refusal
+    ("compare_real.py", "-config.base.seed=5", r"--config.base.seed is not used"),
+    ("reproduce.py", "flagfile:--exact_config.rl.beta=0.3", r"--exact_config.rl.beta is not used"),
+    # the demo's step 6 trains the exact stage's runs: the same keys are set per run
+    ("demo.py", "--ctrl_config.rl.beta=0.3",
+     r"--ctrl_config.rl.beta is not used: each of step 6's runs sets it"),
 ])
 def test_commands_refuse_overrides_of_keys_they_set_per_run(tmp_path, command, flag, message):
     """A key the command sets for every run was accepted, recorded, then replaced (the exact
@@ -357,6 +363,9 @@ def test_commands_refuse_overrides_of_keys_they_set_per_run(tmp_path, command, f
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if flag.startswith("flagfile:"):
+        (tmp_path / "flags").write_text(flag[len("flagfile:"):] + "\n")
+        flag = f"--flagfile={tmp_path / 'flags'}"
     out = subprocess.run([sys.executable, os.path.join("experiments", command), flag,
                           f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True,
                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -108,11 +108,12 @@ def _overrides(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
     return out
 
 
-def refuse_overrides(argv: Sequence[str], name: str, keys: Sequence[str], why: str) -> None:
+def refuse_overrides(name: str, keys: Sequence[str], why: str) -> None:
     """Refuses a ``--<name>.<key>`` flag for a key the command sets itself (it would be accepted
     and then replaced): `keys` are dotted keys, or sections ending in "."; `why` says who sets
-    them."""
-    for _, key in _overrides(argv, name):
+    them. The keys are absl's parsed overrides (`config_overrides`), so a single-dash flag or
+    one from a --flagfile is checked too (a scan of sys.argv for "--" missed both)."""
+    for key in config_overrides(name):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys):
             raise ValueError(f"--{name}.{key} is not used: {why}, so the value given would be "
                              f"replaced; leave it out")

@@ -80,6 +80,18 @@ def command_lines(entrypoint: str, config_path: str, workdir: str,
     return lines
 
 
+def shared_flags(config: ml_collections.ConfigDict, keys: Iterable[str]) -> list[str]:
+    """``--config.<key>=<value>`` for each overridden key, its value read from the resolved
+    config: what every printed command must carry, however the flag was given (a single dash
+    or a --flagfile, which a scan of the command line for "--config." missed)."""
+    def value(key: str) -> Any:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        return node
+    return [f"--config.{k}={value(k)}" for k in keys]
+
+
 def point_configs(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
                   flag_keys: Iterable[str] = ()) -> list[ml_collections.ConfigDict]:
     """Each point's config (`apply_overrides`), all errors before any training. `flag_keys`:
