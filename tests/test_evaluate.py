@@ -276,3 +276,31 @@ def test_a_plain_bon_selection_against_bon_of_pi_ref_is_one_half():
         assert row["against"] == "BoN_N(pi_ref)"
         est = row["win_rate"]
         assert abs(est["point"] - 0.5) <= 4 * est["stderr"], (n, est)
+
+
+def test_overrides_of_options_no_chosen_procedure_reads_are_refused():
+    """--config.select.rbon_kl_beta=5, --config.cd.lam=30, --config.cd.scorer_steps=999 with
+    eval.procedures=('bon',) gave results.json identical to the run without them, and the
+    manifest recorded them as used; refused, naming the procedure that would read each."""
+    import dataclasses
+    from infalign_jax.infra.config_utils import load_config_module, refuse_unused_overrides
+    from infalign_jax.workflows import evaluate_config as ec
+    fields = {f"select.{f.name}" for f in dataclasses.fields(ec.SelectConfig)} | \
+        {f"cd.{f.name}" for f in dataclasses.fields(ec.CDConfig)}
+    assert set(ec.OPTION_READERS) == fields            # every option has its readers
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config_module(os.path.join(root, "configs", "evaluate.py")).get_config()
+    config.unlock()
+    config.eval.procedures = ("bon",)
+    for key, reader in (("select.rbon_kl_beta", "'rbon_kl'"), ("cd.lam", "'cd_tokenwise'"),
+                        ("cd.scorer_steps", "'cd_tokenwise' or 'cd_blockwise'"),
+                        ("select.uncertainty_k", "'uncertainty_bon'")):
+        with pytest.raises(ValueError, match=rf"--config.{key} is not used by this run: it is "
+                                             rf"read only with config.eval.procedures holding "
+                                             rf"{reader}"):
+            refuse_unused_overrides(config, [key], "--config.")
+    config.eval.procedures = ("bon", "rbon_kl", "cd_blockwise")
+    refuse_unused_overrides(config, ["select.rbon_kl_beta", "cd.scorer_steps",
+                                     "cd.block_size"], "--config.")
+    with pytest.raises(ValueError, match=r"--config.cd.lam is not used"):
+        refuse_unused_overrides(config, ["cd.lam"], "--config.")

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from infalign_jax.core import selection
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import as_dict, dataclass_from
+from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, as_dict, dataclass_from
 from infalign_jax.rewards import prefix_scorers
 from infalign_jax.rl.tasks import real, sources
 
@@ -137,3 +137,28 @@ def parse_config(config: Any) -> dict[str, Any]:
         with renamed_errors(**{owner.replace(".", "__"): f"config.{name}"}):
             out[name] = dataclass_from(cls, values, name)
     return out
+
+
+# The select / cd options and the procedures that read them (any of several).
+OPTION_READERS = {
+    "select.rbon_kl_beta": ("rbon_kl",), "select.rbon_wd_beta": ("rbon_wd",),
+    "select.uncertainty_k": ("uncertainty_bon",),
+    "select.uncertainty_penalty": ("uncertainty_bon",),
+    "cd.lam": ("cd_tokenwise",), "cd.num_candidates": ("cd_blockwise",),
+    "cd.block_size": ("cd_blockwise",),
+    **{f"cd.{k}": DECODERS for k in ("top_k", "scorer_method", "scorer_prompts",
+                                     "scorer_samples", "scorer_steps", "scorer_learning_rate",
+                                     "scorer_d_model", "scorer_layers")}}
+
+
+def unused_procedure_options(config: Any) -> dict[str, str]:
+    """An evaluate config's select / cd options that no chosen procedure reads (an override of
+    one gave results identical to the run without it, recorded as if used)."""
+    if not {"eval", "select", "cd"} <= set(config):
+        return {}
+    procedures = set((config["eval"] or {}).get("procedures") or ())
+    return {option: f"config.eval.procedures holding {' or '.join(map(repr, readers))}"
+            for option, readers in OPTION_READERS.items() if not procedures & set(readers)}
+
+
+UNUSED_OPTION_RULES.append(unused_procedure_options)
