@@ -19,3 +19,19 @@ enable_compilation_cache(os.environ.get("INFALIGN_JAX_CACHE",
 
 # `dirs`: the tiny policy / reward-model / prompt files of the workflow tests (module scope).
 from workflow_files import dirs  # noqa: E402, F401
+
+import gc  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Every compiled XLA:CPU program keeps memory mappings while JAX caches it: a test worker
+    that kept every program of the suite passed 35,000 mappings and, near the kernel's 65,530
+    (vm.max_map_count), crashed inside a compile (SIGSEGV / SIGABRT). The caches are dropped
+    after each module (the persistent compilation cache on disk stays)."""
+    yield
+    jax.clear_caches()
+    gc.collect()

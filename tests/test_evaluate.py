@@ -246,7 +246,8 @@ def test_bad_procedure_names_are_refused(dirs, tmp_path):
     assert not (tmp_path / "w").exists()
     # uncertainty-penalised BoN needs an ensemble, named before any sampling
     config = tiny_config(dirs, ("uncertainty_bon",), reward__kind="hf",
-                         reward__checkpoint=dirs["rm1"], reward__checkpoints=())
+                         reward__checkpoint=dirs["rm1"], reward__checkpoints=(),
+                         reward__std_penalty=1.0)   # the default: one model reads none
     with pytest.raises(ValueError, match=r"'uncertainty_bon' needs a reward with ensemble "
                                          r"members .*kind='hf'"):
         evaluate.run(config, str(tmp_path / "u"))

@@ -156,14 +156,14 @@ def test_bad_data_line_is_named_or_skipped(tmp_path):
     ("train", "epochs", 3, r"config.train: unknown keys \['epochs'\]"),
 ])
 def test_bad_config_is_named(tmp_path, section, key, value, match):
-    cfg = _config("unused", "unused")
+    cfg = _config("unused_train.jsonl", "unused_eval.jsonl")
     cfg[section][key] = value
     with pytest.raises(ValueError, match=match):
         train_reward.run(cfg, str(tmp_path), log=lambda s: None, devices=ONE)
 
 
 def test_negative_seed_is_refused_naming_config_seed(tmp_path):
-    cfg = _config("unused", "unused")
+    cfg = _config("unused_train.jsonl", "unused_eval.jsonl")
     cfg.seed = -1
     with pytest.raises(ValueError, match=r"config.seed must be an integer >= 0, got -1"):
         train_reward.run(cfg, str(tmp_path / "run"), log=lambda s: None, devices=ONE)

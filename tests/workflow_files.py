@@ -98,7 +98,8 @@ def real_task_overrides(dirs, *, lora_rank: int = 0, export_hf: bool = False) ->
             "task.num_prompts": 4, "task.eval_prompts": 2, "task.eval_samples": 0,
             "task.max_new_tokens": 5, "rl.max_new_tokens": 5, "reference.k": 4,
             "rl.samples_per_prompt": 2, "rl.learning_rate": 1e-2, "rl.lora.rank": lora_rank,
-            "rl.lora.alpha": 8.0, "train.num_steps": 2, "train.batch_size": 2,
+            **({"rl.lora.alpha": 8.0} if lora_rank else {}),   # read with adapters only
+            "train.num_steps": 2, "train.batch_size": 2,
             "train.tensorboard": False, "export.hf": export_hf}
 
 
