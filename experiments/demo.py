@@ -21,10 +21,10 @@ def main(argv):
     # methods to train, no --ctrl_config flag is read.
     cli.refuse_overrides("ctrl_config", reproduce.EXACT_KEYS_SET,
                          "each of step 6's runs sets it from the size and its method")
-    if not dataclass_from(demo.DemoConfig, as_dict(_CONFIG.value), "demo").methods and \
-            cli.config_overrides("ctrl_config"):
-        raise ValueError(f"--ctrl_config.{cli.config_overrides('ctrl_config')[0]} is not used: "
-                         f"config.train_methods is empty, so step 6 trains nothing")
+    given = cli.config_overrides("ctrl_config")
+    if given and not dataclass_from(demo.DemoConfig, as_dict(_CONFIG.value), "demo").methods:
+        raise ValueError(f"--ctrl_config.{given[0]} is not used: config.train_methods is empty, "
+                         f"so step 6 trains nothing")
     demo.run(_CONFIG.value, _WORKDIR.value, ctrl_config=_CTRL.value,
              log=lambda s: print(s, flush=True))
 

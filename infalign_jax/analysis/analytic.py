@@ -300,18 +300,24 @@ def kl_and_win_rate(transform: str | Transform, beta: float, procedure: str = "s
     """(KL, win rate) of the tilt g proportional to exp(Phi / beta). A beta whose KL is past what
     the grid resolves (`max_resolved_kl`: the tilt within ~MIN_BINS bins, where the grid's KL
     flattens towards log(grid_size)) is refused, as `win_rate_at_kl` refuses such a KL."""
-    n = check_procedure(procedure, n, against)
     beta = _check_beta(beta)
+    kl, w = _tilt_kl_and_win_rate(transform, beta, procedure, n, against, grid_size, params)
+    if not kl <= max_resolved_kl(grid_size):   # NaN too
+        raise ValueError(f"beta={beta:g}: KL {kl:.3f} is past what grid {grid_size} resolves "
+                         f"(max resolved KL {max_resolved_kl(grid_size):.2f}); raise the grid")
+    return kl, w
+
+
+def _tilt_kl_and_win_rate(transform: str | Transform, beta: float, procedure: str, n: int,
+                          against: str, grid_size: int, params: dict) -> tuple[float, float]:
+    """(KL, win rate) of the tilt on the grid, whether or not the grid resolves it."""
+    n = check_procedure(procedure, n, against)
     phi_U = phi_table(transform, grid_size, **params)
     with jax.enable_x64(True):
         logp_U = tilted_log_masses(jnp.asarray(phi_U), beta)
         w = win_rate_from_masses(jnp.exp(logp_U), jnp.asarray(grid(grid_size)), procedure, n,
                                  against)
-        kl = float(kl_from_log_masses(logp_U))
-    if not kl <= max_resolved_kl(grid_size):   # NaN too
-        raise ValueError(f"beta={beta:g}: KL {kl:.3f} is past what grid {grid_size} resolves "
-                         f"(max resolved KL {max_resolved_kl(grid_size):.2f}); raise the grid")
-    return kl, float(as_probability(w))
+        return float(kl_from_log_masses(logp_U)), float(as_probability(w))
 
 
 def curve(transform: str | Transform, betas: Any, procedure: str = "standard", n: int = 1, *,
@@ -320,16 +326,11 @@ def curve(transform: str | Transform, betas: Any, procedure: str = "standard", n
     whose KL is past what the grid resolves (a warning names them: the curve used to flatten
     there at KL ~ log(grid_size))."""
     betas = np.asarray(betas, np.float64).reshape(-1)
-    pts, past = [], []
-    for b in betas:
-        try:
-            pts.append(kl_and_win_rate(transform, b, procedure, n, against=against,
-                                       grid_size=grid_size, **params))
-        except ValueError as e:
-            if "past what grid" not in str(e):
-                raise
-            pts.append((math.nan, math.nan))
-            past.append(float(b))
+    pts = [_tilt_kl_and_win_rate(transform, _check_beta(b), procedure, n, against, grid_size,
+                                 params) for b in betas]
+    resolved = [kl <= max_resolved_kl(grid_size) for kl, _ in pts]   # NaN too
+    pts = [p if ok else (math.nan, math.nan) for p, ok in zip(pts, resolved)]
+    past = [float(b) for b, ok in zip(betas, resolved) if not ok]
     if past:
         warnings.warn(f"curve: {len(past)} of {betas.size} betas ({past[:5]}) give a KL past "
                       f"what grid {grid_size} resolves (max {max_resolved_kl(grid_size):.2f}): "

@@ -326,7 +326,8 @@ def _parse_hh(obj: dict, path: Path, line: int) -> PreferenceExample:
     rejected_t = _field(obj, "rejected", str, path, line)
     prompt, chosen = _split_hh(chosen_t, "chosen", path, line)
     prompt_r, rejected = _split_hh(rejected_t, "rejected", path, line)
-    if prompt != prompt_r:   # a role marker inside a response: split at the shared prefix
+    two_dialogues = prompt != prompt_r
+    if two_dialogues:   # a role marker inside a response: split at the shared prefix
         cut = _shared_prompt_end(chosen_t, rejected_t)
         if cut < 0:
             raise DataError(path, line, "mismatched_prefix", "'chosen' and 'rejected' share no "
@@ -334,20 +335,19 @@ def _parse_hh(obj: dict, path: Path, line: int) -> PreferenceExample:
         prompt = chosen_t[:cut]
         chosen = _strip_leading_space(chosen_t[cut:])
         rejected = _strip_leading_space(rejected_t[cut:])
-        # A response may hold an Assistant marker, but a Human turn after the shared prefix
-        # means the dialogues differ before their last turn: no single prompt fits both.
-        for name, text in (("chosen", chosen), ("rejected", rejected)):
-            if HH_HUMAN in text:
-                raise DataError(path, line, "mismatched_prefix", f"'chosen' and 'rejected' "
-                                f"differ before their last Assistant turn ({name!r} has a "
-                                f"{HH_HUMAN!r} turn after the shared dialogue; expected the "
-                                "same dialogue up to the final responses)")
-    else:   # one dialogue: a Human turn after its last Assistant turn is no response
-        for name, text in (("chosen", chosen), ("rejected", rejected)):
-            if HH_HUMAN in text:
-                raise DataError(path, line, "human_turn_in_response", f"{name!r} ends with a "
-                                f"{HH_HUMAN!r} turn after its last Assistant turn (expected the "
-                                "transcript to end with the Assistant's response)")
+    # A response may hold an Assistant marker, but not a Human turn: after a shared prefix it
+    # means the dialogues differ before their last turn (no single prompt fits both); in one
+    # dialogue, that the transcript goes on past its last Assistant turn.
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if HH_HUMAN in text and two_dialogues:
+            raise DataError(path, line, "mismatched_prefix", f"'chosen' and 'rejected' "
+                            f"differ before their last Assistant turn ({name!r} has a "
+                            f"{HH_HUMAN!r} turn after the shared dialogue; expected the "
+                            "same dialogue up to the final responses)")
+        if HH_HUMAN in text:
+            raise DataError(path, line, "human_turn_in_response", f"{name!r} ends with a "
+                            f"{HH_HUMAN!r} turn after its last Assistant turn (expected the "
+                            "transcript to end with the Assistant's response)")
     return _check_pair(prompt, chosen, rejected, path, line)
 
 

@@ -18,6 +18,7 @@ it, and using it without the extra fails with an ImportError that names the extr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -264,8 +265,4 @@ class PackedPairsSource:
 
     @property
     def truncated(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for parts in self._cut.values():
-            for part in parts:
-                counts[part] = counts.get(part, 0) + 1
-        return counts
+        return dict(collections.Counter(p for parts in self._cut.values() for p in parts))

@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 from infalign_jax.loops.skeleton import config_record, flat_record
-
-# Keys a resume may change (skeleton.RESUMABLE_KEYS) that change a finished run's outputs.
-OUTPUT_KEYS = ("task.eval_ns", "export.hf", "export.dir")
 from infalign_jax.infra.config_utils import refuse_unused_overrides
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open
+
+# Keys a resume may change (skeleton.RESUMABLE_KEYS) that change a finished run's outputs.
+OUTPUT_KEYS = ("task.eval_ns", "export.hf", "export.dir")
 
 
 def sweep_points(module: Any, arg: str | None = None) -> list[dict[str, Any]]:
