@@ -105,7 +105,8 @@ def test_bonbon_refuses_rl_overrides_it_does_not_read():
                           ("rl.lora.rank", 2), ("bonbon.max_grad_norm", 1.0)):
         assert sweep.apply_overrides(bonbon, {option: value}) is not None
     for option, value, reader in (("rl.beta", 2.0, "method='ctrl'"),
-                                  ("transform.t", 8.0, "method='ctrl'")):
+                                  ("transform.t", 8.0, "method='ctrl'"),
+                                  ("mesh.rollout", "serve", "method='ctrl'")):
         with pytest.raises(ValueError, match=rf"sweep override {option} is not used by this run: "
                                              rf"it is read only with {reader}"):
             sweep.apply_overrides(bonbon, {option: value})
@@ -121,6 +122,7 @@ def test_bonbon_refuses_rl_overrides_it_does_not_read():
                                  ).rl.lora.alpha == 64.0
     # the same override is read under CTRL, and under BoNBoN set after the method is switched
     assert sweep.apply_overrides(_base(), {"rl.max_grad_norm": 1.0}).rl.max_grad_norm == 1.0
+    assert sweep.apply_overrides(_base(), {"mesh.rollout": "serve"}).mesh.rollout == "serve"
     assert sweep.apply_overrides(bonbon, {"method": "ctrl", "rl.max_grad_norm": 1.0}
                                  ).method == "ctrl"
 

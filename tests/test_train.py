@@ -168,6 +168,23 @@ def test_nan_reward_skip_mode_counts_and_keeps_state(tmp_path, monkeypatch):
     assert all(np.isfinite(x).all() for x in _leaves(state))
 
 
+def test_skip_under_accumulation_counts_the_open_window(tmp_path, monkeypatch):
+    """grad_accum_steps = 2, two steps, the second skipped: the first step's gradient waits in
+    the accumulator when the run ends; the summary counts it (it was silently dropped)."""
+    monkeypatch.setitem(rl_tasks._BUILDERS, "exact_nan", _poisoned_exact(1))
+    bad_steps = [s for s in range(2) if pipeline.batch_indices(pipeline.LoaderConfig(1, 0), 2, s)[0] == 1]
+    assert len(bad_steps) == 1
+    lines: list[str] = []
+    cfg = _config(**{"task.name": "exact_nan", "train.batch_size": 1, "train.nan_policy": "skip",
+                     "train.num_steps": 2, "rl.grad_accum_steps": 2})
+    state, summary = train.run(cfg, str(tmp_path / "skip"), log=lines.append, devices=ONE)
+    assert summary["skipped_steps"] == 1 and summary["unapplied_micro_steps"] == 1
+    assert any("1 micro-steps' gradients wait in the accumulator" in line for line in lines)
+    clean = _config(**{"train.num_steps": 2, "rl.grad_accum_steps": 2, "train.batch_size": 1})
+    _, summary = train.run(clean, str(tmp_path / "clean"), log=_quiet, devices=ONE)
+    assert summary["unapplied_micro_steps"] == 0
+
+
 def test_guard_keeps_state_bitwise_on_nonfinite_step():
     from infalign_jax import rl
 

@@ -23,7 +23,10 @@ the step and the offending metrics named; the last checkpoint is the last good s
 "skip" the loop counts the skip and goes on. A skipped step keeps the optimiser state whole, its
 update count included, so the learning-rate decay (`rl.decay_steps`, a function of that count)
 falls one step behind per skip, as under `optax.apply_if_finite`; the step counter, and with it
-the batch, the rollout key and the beta schedule, moves on.
+the batch, the rollout key and the beta schedule, moves on. Under gradient accumulation a skip
+leaves the accumulator where it was, so later windows close one step later; micro-steps still
+waiting in the last window when the run ends are logged and counted (summary
+`unapplied_micro_steps`).
 
 A reward model that cuts texts past its length limit (`HostReward.cut`) has its cuts counted:
 `reward_texts_cut` per step in the metrics, the run's total in the summary, a log line the first
@@ -632,12 +635,19 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                           derived={"rl.beta": float(f"{cfg.beta:.10g}")} if _kl_budget(config) > 0
                           else None)
 
+    # A skipped step leaves the accumulator where it was: the last window may still be open.
+    pending = rl.pending_micro_steps(result.state.opt_state)
+    if pending:
+        log(f"warning: the last {pending} micro-steps' gradients wait in the accumulator and "
+            f"were not applied (config.train.nan_policy='skip' skipped "
+            f"{result.counters['skips']} steps, so the accumulation windows closed later); "
+            f"counted in the summary as unapplied_micro_steps")
     # The task's prompts reach training whole (padded to the longest, never cut); those that fit
     # no batch of an epoch are counted.
     summary = {"final_step": tcfg.num_steps, "resumed_from": result.resumed_from,
                "train_data": {"prompts": len(task.prompt_ids), "dropped_per_epoch": dropped,
                               "prompt_tokens": int(task.prompts_XxP.shape[1])},
-               "skipped_steps": result.counters["skips"],
+               "skipped_steps": result.counters["skips"], "unapplied_micro_steps": pending,
                "reward_texts_cut": result.counters["reward_cuts"],
                "last_train_metrics": result.last_metrics, "eval": result.last_eval}
     summary.update(convergence_report(task, result.last_eval, log,

@@ -138,12 +138,17 @@ def unused_rl_options(config: Mapping[str, Any]) -> dict[str, str]:
 
 def unused_method_sections(config: Mapping[str, Any]) -> dict[str, str]:
     """The bonbon section is read under method="bonbon" only, the transform under "ctrl" only
-    (a sweep over transform.t under BoNBoN gave identical points under different labels)."""
+    (a sweep over transform.t under BoNBoN gave identical points under different labels); so is
+    mesh.rollout, the CTRL rollout's layout (BoNBoN's monitor samples decode from the training
+    layout)."""
     method = config.get("method", "ctrl")
     unread = "transform" if method == "bonbon" else "bonbon"
     other = "ctrl" if method == "bonbon" else "bonbon"
-    return {f"{unread}.{name}": f"method={other!r} (this config has {method!r})"
-            for name in (config.get(unread) or {})}
+    rules = {f"{unread}.{name}": f"method={other!r} (this config has {method!r})"
+             for name in (config.get(unread) or {})}
+    if method == "bonbon" and "rollout" in (config.get("mesh") or {}):
+        rules["mesh.rollout"] = "method='ctrl' (this config has 'bonbon')"
+    return rules
 
 
 UNUSED_OPTION_RULES.append(unused_rl_options)

@@ -214,6 +214,17 @@ def make_optimizer(cfg: Any) -> optax.GradientTransformation:
     return _adam(cfg, cfg.learning_rate)
 
 
+def pending_micro_steps(opt_state: Any) -> int:
+    """How many micro-steps' gradients wait in `optax.MultiSteps` accumulators of `opt_state`
+    (the largest over them; 0 without accumulation). A run whose steps were all applied ends at 0;
+    a step the non-finite guard skipped leaves the accumulator where it was, so later windows
+    close one step later and the last one may still be open when the run ends."""
+    found = [int(jax.device_get(s.mini_step)) for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+        if isinstance(s, optax.MultiStepsState)]
+    return max(found, default=0)
+
+
 def make_value_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
     return _adam(cfg, cfg.value_learning_rate)
 
