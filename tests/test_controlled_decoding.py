@@ -301,3 +301,68 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="block_size"):
         cd.blockwise_decode(tab_fns(), table, count_target, prompt, mask, jax.random.key(0),
                             num_candidates=2, block_size=0, max_new_tokens=2)
+
+
+def test_blockwise_runs_eagerly_after_a_row_stops():
+    """Un-jitted, a row that accepted EOS before the last block gave the sampler a prefix with
+    padding after real tokens, which it refused; eager and jitted now agree."""
+    table = _table(7)
+    prompt = jnp.tile(jnp.array([[1, 3]], jnp.int32), (16, 1))
+    mask = jnp.ones_like(prompt, bool)
+    kw = dict(num_candidates=4, block_size=2, max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+    run = lambda r: cd.blockwise_decode(tab_fns(), table, count_target, prompt, mask, r, **kw)  # noqa: E731
+    jitted, eager = jax.jit(run)(jax.random.key(0)), run(jax.random.key(0))
+    early = np.any(np.asarray(jitted.tokens_BxL)[:, :4] == EOS, 1)
+    assert early.any()
+    for a, b in zip(jitted, eager):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tokenwise_lambda_zero_with_an_infinite_value_is_pi_ref():
+    """lambda = 0 is pi_ref over the candidates whatever the scorer says: 0 * -inf was NaN, every
+    step unscored with KL 0."""
+    table = _table(3)
+    prompt, mask = _prompt(4)
+
+    def forbid_target(tokens_BxT, mask_BxT):
+        return jnp.where(jnp.any((tokens_BxT == TARGET) & mask_BxT, 1), -jnp.inf, 0.0)
+
+    top = jnp.arange(V)[None]
+    np.testing.assert_allclose(
+        cd.tokenwise_logits(table[2, 3][None], jnp.where(top == TARGET, -jnp.inf, 0.0), top, 0.0),
+        jax.nn.log_softmax(table[2, 3])[None], rtol=1e-6)
+    out = cd.tokenwise_decode(tab_fns(), table, forbid_target, prompt, mask, jax.random.key(0),
+                              lam=0.0, top_k=V, max_new_tokens=3)
+    np.testing.assert_array_equal(out.unscored_B, 0)
+    np.testing.assert_allclose(out.kl_B, 0.0, atol=1e-6)
+    np.testing.assert_allclose(out.logp_BxL, out.ref_logp_BxL, atol=1e-6)
+
+
+def test_tokenwise_refuses_what_the_sampler_refuses_and_an_unscored_step_has_no_kl():
+    """tokenwise_decode took right-padded prompts, ids outside the vocabulary, an eos_id past it
+    and a length past max_len, all refused by `sample`; a step with no distribution over the
+    candidates added KL 0."""
+    cfg = models.ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_len=24, init_std=0.5)
+    params, fns = models.init_params(cfg, jax.random.key(0)), models.decoder_fns(cfg)
+    zero = lambda t, m: jnp.zeros(t.shape[0], jnp.float32)  # noqa: E731
+    left = jnp.array([[False, True, True, True]])
+
+    def decode(prompt, mask, scorer=zero, **kw):
+        return cd.tokenwise_decode(fns, params, scorer, jnp.asarray(prompt, jnp.int32), mask,
+                                   jax.random.key(0), **{"lam": 1.0, "top_k": 4,
+                                                         "max_new_tokens": 4, **kw})
+
+    for prompt, mask, kw, match in (
+            ([[5, 6, 7, 0]], left[:, ::-1], {}, r"tokenwise_decode: prompt_mask_BxP rows \[0\] "
+                                                 r"are not left-padded"),
+            ([[0, 5, 6, 70]], left, {}, r"tokenwise_decode: prompt_BxP holds token ids outside "
+                                        r"the decoder's vocabulary \[0, 32\): \[70\]"),
+            ([[0, 5, 6, 7]], left, {"eos_id": 99}, r"SamplingConfig.eos_id must be a token id"),
+            ([[0, 5, 6, 7]], left, {"max_new_tokens": 30}, r"exceeds the decoder's max_len 24"),
+            ([[0, 5, 6, 7]], jnp.zeros((1, 4), bool), {}, r"rows \[0\] have no real token")):
+        with pytest.raises(ValueError, match=match):
+            decode(prompt, mask, **kw)
+    nan_values = lambda t, m: jnp.full(t.shape[0], jnp.nan)  # noqa: E731
+    out = decode([[0, 5, 6, 7]], left, nan_values)
+    assert int(out.unscored_B[0]) == 4 and np.isnan(out.kl_B[0])

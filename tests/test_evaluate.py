@@ -305,3 +305,49 @@ def test_overrides_of_options_no_chosen_procedure_reads_are_refused():
                                      "cd.block_size"], "--config.")
     with pytest.raises(ValueError, match=r"--config.cd.lam is not used"):
         refuse_unused_overrides(config, ["cd.lam"], "--config.")
+    # cd.top_k: the blockwise decoder reads it only through a CD-Q scorer's training
+    config.cd.scorer_method = "fudge"
+    with pytest.raises(ValueError, match=r"--config.cd.top_k is not used by this run: it is read "
+                                         r"only with config.eval.procedures holding "
+                                         r"'cd_tokenwise', or a CD procedure with "
+                                         r"cd.scorer_method='cdq'"):
+        refuse_unused_overrides(config, ["cd.top_k"], "--config.")
+    config.cd.scorer_method = "cdq"
+    refuse_unused_overrides(config, ["cd.top_k"], "--config.")
+    config.cd.scorer_method = "fudge"
+    config.eval.procedures = ("cd_tokenwise",)
+    refuse_unused_overrides(config, ["cd.top_k"], "--config.")
+
+
+def test_selections_refuse_nan_candidate_scores():
+    """A NaN judge score among pi_ref's selection candidates: select_by_score passes over it, so
+    a group of N was a best-of-(N - 1) reported as N; refused, naming the prompts."""
+    from types import SimpleNamespace
+
+    import jax
+    from infalign_jax import models
+    from infalign_jax.decoding.sampling import SamplingConfig
+    from infalign_jax.workflows.evaluate_config import EvalConfig, SelectConfig
+    cfg = models.ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_len=24, init_std=0.5)
+    prompt = np.tile(np.array([[3, 4, 5]], np.int32), (3, 1)) + np.arange(3)[:, None]
+
+    def judge(prompts, texts):   # NaN on every third text
+        out = np.array([float(len(t)) for t in texts])
+        out[::3] = np.nan
+        return out
+
+    detok = lambda ids: " ".join(map(str, np.asarray(ids).tolist()))  # noqa: E731
+    ctx = SimpleNamespace(
+        ref_fns=models.decoder_fns(cfg),
+        reference=SimpleNamespace(params=models.init_params(cfg, jax.random.key(0))),
+        eval_BxP=prompt, eval_mask=np.ones_like(prompt, bool), judge=judge, detokenize=detok,
+        eval_ids=["p0", "p1", "p2"], eval_texts=["a", "b", "c"], members=None,
+        scfg=lambda n, temperature=None: SamplingConfig(n=n, max_new_tokens=4, eos_id=1))
+    s = {"eval": EvalConfig(procedures=("rbon_kl",), samples=4, ns=(2, 4), num_resamples=50),
+         "select": SelectConfig()}
+    log = evaluate.SampleLog(detok, ctx.eval_ids, ctx.eval_texts)
+    log.scores["pi_ref"] = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"the judge gave NaN for 4 of pi_ref's 12 selection "
+                                         r"candidates \(prompts \['p0', 'p1', 'p2'\]\)"):
+        evaluate.run_selections(s, ctx, log, print)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from infalign_jax import models
 from infalign_jax.decoding import sampling, sampling_head as head
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns
@@ -269,7 +270,6 @@ _BAD_INPUT = [
     ("float_prompt", r"prompt_BxP must hold integer token ids, got dtype float32"),
     ("float_mask", r"prompt_mask_BxP must be bool .* got dtype float32"),
     ("eos_outside_vocab", r"SamplingConfig.eos_id must be a token id in \[0, 5\) .* got 5"),
-    ("pad_outside_vocab", r"SamplingConfig.pad_id must be a token id in \[0, 5\) .* got 7"),
 ]
 
 
@@ -294,11 +294,42 @@ def test_sample_bad_input_raises_at_trace_time(case, match, jit):
         mask = mask.astype(jnp.float32)
     elif case == "eos_outside_vocab":
         cfg = SamplingConfig(max_new_tokens=4, eos_id=V)
-    elif case == "pad_outside_vocab":
-        cfg = SamplingConfig(max_new_tokens=4, pad_id=7)
     run = lambda p, m: sampling.sample(fns, _table(), p, m, jax.random.key(0), cfg)  # noqa: E731
     with pytest.raises(ValueError, match=match):
         (jax.jit(run) if jit else run)(prompt, mask)
+
+
+def test_pad_id_past_the_vocabulary_is_only_written_at_masked_positions():
+    """A tokenizer's added pad token (id V) as SamplingConfig.pad_id: it was refused, while the
+    same id as prompt padding was accepted. The real tokens and log-probs equal a run with pad 0,
+    teacher forcing (full and shared-prompt paths) gives the sampler's log-probs, and the path
+    terms are finite (a masked id V put NaN into the shared path's valid positions)."""
+    cfg = models.ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_len=24, init_std=0.5)
+    params, fns = models.init_params(cfg, jax.random.key(0)), models.decoder_fns(cfg)
+    prompt = jnp.array([[32, 32, 5, 6], [4, 5, 6, 7]], jnp.int32)
+    mask = jnp.array([[False, False, True, True], [True, True, True, True]])
+    draw = lambda pad: sampling.sample(fns, params, prompt, mask, jax.random.key(1),  # noqa: E731
+                                       SamplingConfig(n=3, max_new_tokens=8, eos_id=3, pad_id=pad))
+    ok, past = draw(0), draw(32)
+    real = np.asarray(past.mask_BxNxL)
+    assert (~real).any() and (np.asarray(past.tokens_BxNxL)[~real] == 32).all()
+    np.testing.assert_array_equal(real, np.asarray(ok.mask_BxNxL))
+    np.testing.assert_array_equal(np.asarray(past.tokens_BxNxL)[real],
+                                  np.asarray(ok.tokens_BxNxL)[real])
+    np.testing.assert_array_equal(np.asarray(past.logp_BxNxL), np.asarray(ok.logp_BxNxL))
+    p_rep, m_rep, resp, rmask = sampling.flatten_samples(prompt, mask, past)
+    full = sampling.sequence_logprobs(fns, params, p_rep, m_rep, resp, rmask)
+    shared = sampling.shared_sequence_logprobs(fns, params, prompt, mask, resp, rmask)
+    for got in (full, shared):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(past.logp_BxNxL).reshape(6, -1),
+                                   atol=1e-5)
+    ref_params = models.init_params(cfg, jax.random.key(2))
+    terms = sampling.shared_prompt_path_terms(fns, params, fns, ref_params, prompt, mask, past)
+    ref = sampling.shared_prompt_path_terms(fns, params, fns, ref_params, prompt, mask, ok)
+    for a, b in zip(terms, ref):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_max_len_boundary_is_allowed():

@@ -79,6 +79,11 @@ def test_first_n_candidates_and_bad_n():
         inf.rbon_kl(jnp.asarray(rewards), jnp.asarray(rewards), -0.1)
     with pytest.raises(ValueError, match="beta must be >= 0"):
         inf.rbon_wd(jnp.asarray(rewards), jnp.ones((B, N, D)), float("nan"))
+    # numpy and jax scalars too (they passed, and a negative beta rewarded a low log pi_ref)
+    for negative in (np.float32(-1.0), jnp.float32(-1.0), np.array(-0.5)):
+        with pytest.raises(ValueError, match="beta must be >= 0"):
+            inf.rbon_kl(jnp.asarray(rewards), jnp.asarray(rewards), negative)
+    jax.jit(lambda b: inf.rbon_kl(jnp.asarray(rewards), jnp.asarray(rewards), b).index_B)(-1.0)
     with pytest.raises(ValueError, match="exceeds"):
         inf.rbon_wd(jnp.asarray(rewards), jnp.ones((B, N, D)), 0.1, n=N + 1)
 

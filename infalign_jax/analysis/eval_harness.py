@@ -88,7 +88,7 @@ def _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_contex
     if max_context is not None and total > max_context:
         raise ValueError(f"prompt length {prompt_BxP.shape[1]} + max_new_tokens {max_new_tokens} "
                          f"= {total} exceeds the context max_context={max_context}")
-    ns_G = [int(n) for n in evaluation._ns(ns)]     # 2.7 is refused, not read as 2
+    ns_G = [int(n) for n in evaluation.check_ns(ns)]     # 2.7 is refused, not read as 2
     if max(ns_G) > m:
         raise ValueError(f"ns has N={max(ns_G)} > m={m} samples per prompt: the BoN/WoN "
                          f"estimate needs m >= N (preferably a few times N)")

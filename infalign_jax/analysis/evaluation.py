@@ -76,7 +76,9 @@ def _scores(name: str, scores, valid) -> tuple[np.ndarray, np.ndarray]:
     return scores, valid
 
 
-def _ns(ns) -> np.ndarray:
+def check_ns(ns) -> np.ndarray:
+    """The procedure sizes `ns` (an int or a 1-D sequence of ints, each >= 1) as a float64 array;
+    anything else (2.7, a nested list, 0) is refused."""
     ns_G = np.atleast_1d(np.asarray(ns))
     if ns_G.ndim != 1 or ns_G.size == 0 or not np.issubdtype(ns_G.dtype, np.integer):
         raise ValueError(f"ns must be an int or a 1-D sequence of ints, got {ns!r}")
@@ -146,7 +148,7 @@ def plugin_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: st
         pol_BxM, ref_BxK, pol_valid_BxM, ref_valid_BxK, procedure, against)
     pol_w_BxM = _weights("pol_BxM", pol_valid_BxM, pol_weights_BxM)
     ref_w_BxK = _weights("ref_BxK", ref_valid_BxK, ref_weights_BxK)
-    n_G = _ns(ns)
+    n_G = check_ns(ns)
     m_G = n_G if against == "transformed" else np.ones_like(n_G)
 
     f_le, f_lt = _fractions_le_lt(pol_BxM, pol_w_BxM, pol_BxM)
@@ -186,7 +188,7 @@ def selected_probs(scores_BxM, n: int, procedure: str = "bon", weights_BxM=None,
     scores_BxM, valid_BxM = _scores("scores_BxM", scores_BxM, valid_BxM)
     w_BxM = _weights("scores_BxM", valid_BxM, weights_BxM)
     f_le, f_lt = _fractions_le_lt(scores_BxM, w_BxM, scores_BxM)
-    return _selected_shares(f_le, f_lt, w_BxM, _ns(n), procedure)[..., 0]
+    return _selected_shares(f_le, f_lt, w_BxM, check_ns(n), procedure)[..., 0]
 
 
 _LGAMMA = np.frompyfunc(math.lgamma, 1, 1)
@@ -240,7 +242,7 @@ def subset_win_rates(pol_BxM, ref_BxK, ns=1, procedure: str = "bon", against: st
     """
     pol_BxM, pol_valid_BxM, ref_BxK, ref_valid_BxK = _pair(
         pol_BxM, ref_BxK, pol_valid_BxM, ref_valid_BxK, procedure, against)
-    n_G = _ns(ns)
+    n_G = check_ns(ns)
     m_G = n_G if against == "transformed" else np.ones_like(n_G)
     p_BxMxG = _subset_extreme_weights("pol_BxM", pol_BxM, pol_valid_BxM, n_G, procedure)
     q_BxKxG = _subset_extreme_weights("ref_BxK", ref_BxK, ref_valid_BxK, m_G, procedure)

@@ -74,8 +74,10 @@ def _first_n(n: int | None, total: int, name: str) -> int:
 
 
 def _non_negative(name: str, value) -> None:
-    # Traced values cannot be checked here; concrete Python numbers can.
-    if isinstance(value, (int, float)) and not value >= 0:
+    # Traced values cannot be checked here; concrete scalars (Python, numpy or jax) can.
+    if isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:
+        return
+    if not float(value) >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 

@@ -104,8 +104,10 @@ def tokenwise_logits(ref_logits_BxV: Array, values_BxJ: Array, top_idx_BxJ: Arra
     chex.assert_rank([ref_logits_BxV, values_BxJ, top_idx_BxJ], 2)
     chex.assert_equal_shape([values_BxJ, top_idx_BxJ])
     logp_BxV = jax.nn.log_softmax(ref_logits_BxV.astype(jnp.float32), axis=-1)
-    return (jnp.take_along_axis(logp_BxV, top_idx_BxJ, axis=1)
-            + jnp.asarray(lam, jnp.float32) * values_BxJ.astype(jnp.float32))
+    lam = jnp.asarray(lam, jnp.float32)
+    # lambda = 0 is pi_ref whatever the values, an infinite one included (0 * inf is NaN)
+    guided = jnp.where(lam == 0, 0.0, lam * values_BxJ.astype(jnp.float32))
+    return jnp.take_along_axis(logp_BxV, top_idx_BxJ, axis=1) + guided
 
 
 def _check_ints(**kwargs: int) -> None:
@@ -118,15 +120,18 @@ def tokenwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
                      max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0
                      ) -> TokenwiseOutput:
     """Tokenwise CD (CD Eq. 6) over the top-k candidates of pi_ref; see the module docstring."""
-    chex.assert_rank([prompt_BxP, prompt_mask_BxP], 2)
-    chex.assert_equal_shape([prompt_BxP, prompt_mask_BxP])
     _check_ints(top_k=top_k, max_new_tokens=max_new_tokens)
+    # the sampler's checks: shapes, left padding, no empty prompt, max_len, ids in the vocabulary
+    as_sampler = SamplingConfig(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+    sampling.check_inputs(fns, prompt_BxP, prompt_mask_BxP, as_sampler, "tokenwise_decode")
     batch, plen = prompt_BxP.shape
     eos = -1 if eos_id is None else eos_id
     tokens0 = jnp.concatenate(
         [prompt_BxP.astype(jnp.int32), jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], 1)
     mask0 = jnp.concatenate(
         [prompt_mask_BxP.astype(bool), jnp.zeros((batch, max_new_tokens), bool)], 1)
+    vocab = jax.eval_shape(fns.logits, params, tokens0, mask0).shape[-1]
+    sampling.check_vocab(as_sampler, vocab, prompt_BxP, prompt_mask_BxP, "tokenwise_decode")
 
     def step(t, carry):
         tokens, mask, done, logp, ref_logp, kl, unscored, key = carry
@@ -145,6 +150,8 @@ def tokenwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         # q = 0 entries (lambda * V underflow) contribute 0, not 0 * -inf.
         q_BxJ = jnp.exp(log_q_BxJ)
         step_kl_B = jnp.sum(jnp.where(q_BxJ > 0, q_BxJ * (log_q_BxJ - log_p_BxJ), 0.0), -1)
+        # no distribution over the candidates (counted in unscored_B): no KL either
+        step_kl_B = jnp.where(jnp.any(jnp.isnan(log_q_BxJ), -1), jnp.nan, step_kl_B)
         choice_B = jax.random.categorical(sub, cd_logits_BxJ, axis=-1)
         valid = ~done
         token = jnp.where(valid, jnp.take_along_axis(top_idx_BxJ, choice_B[:, None], 1)[:, 0],
@@ -231,7 +238,10 @@ def blockwise_decode(fns: DecoderFns, params: Params, scorer: PrefixScorer, prom
         resp = jnp.concatenate([resp, block], 1)
         resp_mask = jnp.concatenate([resp_mask, block_mask], 1)
         ref_logp = jnp.concatenate([ref_logp, block_logp], 1)
-        prefix = jnp.concatenate([prefix, block], 1)
-        prefix_mask = jnp.concatenate([prefix_mask, block_mask], 1)
+        # The next blocks' prefix: a finished row's padding is read as token 0, so the prefix
+        # stays left-padded for the sampler (and a pad id outside the vocabulary never reaches
+        # it); what it then samples is never accepted.
+        prefix = jnp.concatenate([prefix, jnp.where(block_mask, block, 0)], 1)
+        prefix_mask = jnp.concatenate([prefix_mask, block_mask | done[:, None]], 1)
     return BlockwiseOutput(resp, resp_mask, ref_logp, score_B, blocks_B * float(bon_kl_bound(kk)),
                            unscored_B)

@@ -121,41 +121,43 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_inputs(fns: DecoderFns, prompt_BxP: Any, prompt_mask_BxP: Any, cfg: Any) -> None:
-    """Trace-time checks on static shapes and dtypes (plus a host check when not traced)."""
+def check_inputs(fns: DecoderFns, prompt_BxP: Any, prompt_mask_BxP: Any, cfg: Any,
+                 what: str = "sample") -> None:
+    """Trace-time checks on static shapes and dtypes (plus a host check when not traced), for
+    `sample` and the decoders that share its inputs (`what` names the caller)."""
     if not isinstance(fns, DecoderFns):
-        raise ValueError(f"sample: fns must be a DecoderFns, got {type(fns).__name__}")
+        raise ValueError(f"{what}: fns must be a DecoderFns, got {type(fns).__name__}")
     if not isinstance(cfg, SamplingConfig):
-        raise ValueError(f"sample: cfg must be a SamplingConfig, got {type(cfg).__name__}")
+        raise ValueError(f"{what}: cfg must be a SamplingConfig, got {type(cfg).__name__}")
     shape, mask_shape = np.shape(prompt_BxP), np.shape(prompt_mask_BxP)
     if len(shape) != 2:
-        raise ValueError(f"sample: prompt_BxP must have rank 2 (batch, prompt_len), got shape "
+        raise ValueError(f"{what}: prompt_BxP must have rank 2 (batch, prompt_len), got shape "
                          f"{shape}")
     if mask_shape != shape:
-        raise ValueError(f"sample: prompt_mask_BxP must have the prompt's shape {shape}, got "
+        raise ValueError(f"{what}: prompt_mask_BxP must have the prompt's shape {shape}, got "
                          f"{mask_shape}")
     if 0 in shape:
-        raise ValueError(f"sample: prompt_BxP must have at least one row and one column, got "
+        raise ValueError(f"{what}: prompt_BxP must have at least one row and one column, got "
                          f"shape {shape}")
     dtype = jnp.result_type(prompt_BxP)
     if not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"sample: prompt_BxP must hold integer token ids, got dtype {dtype}")
+        raise ValueError(f"{what}: prompt_BxP must hold integer token ids, got dtype {dtype}")
     mask_dtype = jnp.result_type(prompt_mask_BxP)
     if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
-        raise ValueError(f"sample: prompt_mask_BxP must be bool (or 0/1 integers), got dtype "
+        raise ValueError(f"{what}: prompt_mask_BxP must be bool (or 0/1 integers), got dtype "
                          f"{mask_dtype}")
     total = shape[1] + cfg.max_new_tokens
     if fns.max_len is not None and total > fns.max_len:
         raise ValueError(
-            f"sample: prompt length {shape[1]} (prompt_BxP.shape[1]) + max_new_tokens "
+            f"{what}: prompt length {shape[1]} (prompt_BxP.shape[1]) + max_new_tokens "
             f"{cfg.max_new_tokens} = {total} exceeds the decoder's max_len {fns.max_len}; "
             "shorten the prompt padding or max_new_tokens")
     if _is_concrete(prompt_mask_BxP):
         empty = np.flatnonzero(~np.asarray(prompt_mask_BxP).astype(bool).any(axis=1))
         if empty.size:
-            raise ValueError(f"sample: prompt_mask_BxP rows {empty[:10].tolist()} have no real "
+            raise ValueError(f"{what}: prompt_mask_BxP rows {empty[:10].tolist()} have no real "
                              "token (all padding); every prompt needs at least one")
-    check_padding("sample", prompt_mask_BxP)
+    check_padding(what, prompt_mask_BxP)
 
 
 def check_padding(what: str, prompt_mask_BxP: Any, response_mask_RxL: Any = None) -> None:
@@ -179,24 +181,31 @@ def check_padding(what: str, prompt_mask_BxP: Any, response_mask_RxL: Any = None
                              f"real tokens from the first column (right padding only)")
 
 
-def _check_vocab(cfg: SamplingConfig, vocab: int, prompt_BxP: Any = None,
-                 prompt_mask_BxP: Any = None) -> None:
+def check_vocab(cfg: SamplingConfig, vocab: int, prompt_BxP: Any = None,
+                prompt_mask_BxP: Any = None, what: str = "sample") -> None:
+    """The prompt's real ids and `cfg.eos_id` in [0, vocab). `cfg.pad_id` may lie past the
+    vocabulary (a tokenizer's added pad token): it is only ever written at masked positions,
+    which no decoder reads as a token."""
     if prompt_BxP is not None and _is_concrete(prompt_BxP) and _is_concrete(prompt_mask_BxP):
         # A tokenizer of another model gives ids the embedding gather would silently clamp.
         ids = np.asarray(prompt_BxP)[np.asarray(prompt_mask_BxP).astype(bool)]
         bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:
-            raise ValueError(f"sample: prompt_BxP holds token ids outside the decoder's vocabulary "
+            raise ValueError(f"{what}: prompt_BxP holds token ids outside the decoder's vocabulary "
                              f"[0, {vocab}): {np.unique(bad)[:10].tolist()} (a tokenizer of "
                              f"another model?)")
-    for field in ("eos_id", "pad_id"):
-        value = getattr(cfg, field)
-        if value is not None and value >= vocab:
-            raise ValueError(f"SamplingConfig.{field} must be a token id in [0, {vocab}) (the "
-                             f"decoder's vocabulary), got {value}")
+    if cfg.eos_id is not None and cfg.eos_id >= vocab:
+        raise ValueError(f"{what}: SamplingConfig.eos_id must be a token id in [0, {vocab}) (the "
+                         f"decoder's vocabulary), got {cfg.eos_id}")
 
 
 FIRST_WINDOW = 16
+
+
+def _fed(token_R: Array, valid_R: Array) -> Array:
+    """The token a finished row feeds back: 0, not its pad id (which may lie past the
+    vocabulary); what the row then decodes is never kept."""
+    return jnp.where(valid_R, token_R, 0)
 
 
 def decode_windows(steps: int, first: int = FIRST_WINDOW) -> list[int]:
@@ -220,7 +229,7 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
     Pure and jittable (close over `fns` and `cfg`, which are static). Raises ValueError on bad
     input (see the module docstring) while tracing.
     """
-    _check_inputs(fns, prompt_BxP, prompt_mask_BxP, cfg)
+    check_inputs(fns, prompt_BxP, prompt_mask_BxP, cfg)
     batch, prompt_len = np.shape(prompt_BxP)
     n, steps = cfg.n, cfg.max_new_tokens
     # Attention windows over the response cache, one decoding phase each; without
@@ -229,7 +238,7 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
     phases = decode_windows(steps, FIRST_WINDOW) if windowed else [steps]
     logits_BxV, cache = fns.prefill(params, prompt_BxP, prompt_mask_BxP, prompt_len + steps)
     chex.assert_rank(logits_BxV, 2)
-    _check_vocab(cfg, logits_BxV.shape[-1], prompt_BxP, prompt_mask_BxP)
+    check_vocab(cfg, logits_BxV.shape[-1], prompt_BxP, prompt_mask_BxP)
     logits = _repeat_batch(logits_BxV, n)                  # (B*N, V), row b*N + j
     cache = _repeat_batch(cache, n) if fns.expand is None else fns.expand(cache, n)
     eos = -1 if cfg.eos_id is None else cfg.eos_id
@@ -259,16 +268,16 @@ def sample(fns: DecoderFns, params: Params, prompt_BxP: Array, prompt_mask_BxP: 
     logp_LxR = jnp.zeros((steps, rows), jnp.float32).at[0].set(logp)
 
     def body(carry, window):
-        t, token, done, cache, tokens_LxR, valid_LxR, logp_LxR = carry
+        t, fed, done, cache, tokens_LxR, valid_LxR, logp_LxR = carry
         if windowed:
-            logits, cache = fns.decode_window(params, token, cache, window)
+            logits, cache = fns.decode_window(params, fed, cache, window)
         else:
-            logits, cache = fns.decode(params, token, cache)
+            logits, cache = fns.decode(params, fed, cache)
         token, valid, logp, done = pick(logits, keys[t], done)
-        return (t + 1, token, done, cache, tokens_LxR.at[t].set(token),
+        return (t + 1, _fed(token, valid), done, cache, tokens_LxR.at[t].set(token),
                 valid_LxR.at[t].set(valid), logp_LxR.at[t].set(logp))
 
-    carry = (jnp.int32(1), token, done, cache, tokens_LxR, valid_LxR, logp_LxR)
+    carry = (jnp.int32(1), _fed(token, valid), done, cache, tokens_LxR, valid_LxR, logp_LxR)
     for window in phases:
         def more(carry, end=min(window + 1, steps)):
             # Step t writes response slot t - 1, so a window of w slots serves steps up to w.
@@ -343,7 +352,8 @@ def shared_sequence_logprobs(fns: DecoderFns, params: Params, prompt_BxP: Array,
     _check_response_mask("shared_sequence_logprobs", response_RxL, response_mask_RxL)
     check_padding("shared_sequence_logprobs", prompt_mask_BxP, response_mask_RxL)
     targets_RxL = response_RxL.astype(jnp.int32)
-    hidden = fns.shared_hidden(params, prompt_BxP, prompt_mask_BxP, targets_RxL)
+    hidden = fns.shared_hidden(params, prompt_BxP, prompt_mask_BxP,
+                               _fed(targets_RxL, response_mask_RxL.astype(bool)))
     logp = vocab_chunks.token_logprobs(hidden, fns.lm_kernel(params), targets_RxL)
     return jnp.where(response_mask_RxL.astype(bool), logp, 0.0)
 
@@ -409,8 +419,10 @@ def shared_prompt_path_terms(fns: DecoderFns, params: Params, ref_fns: DecoderFn
     `shared_hidden` and a linear head run the responses as one chunk over the prompt's KV and
     compute the terms over vocabulary chunks; others go token by token through `decode`."""
     batch, n, length = samples.tokens_BxNxL.shape
-    tokens_RxL = samples.tokens_BxNxL.reshape(batch * n, length).astype(jnp.int32)
     mask_RxL = samples.mask_BxNxL.reshape(batch * n, length).astype(bool)
+    # padding read as token 0: a pad id past the vocabulary would put NaN in the responses' keys
+    tokens_RxL = _fed(samples.tokens_BxNxL.reshape(batch * n, length).astype(jnp.int32),
+                      mask_RxL)
     if all(f.shared_hidden is not None and f.lm_kernel is not None for f in (fns, ref_fns)):
         hidden = fns.shared_hidden(params, prompt_BxP, prompt_mask_BxP, tokens_RxL)
         ref_hidden = ref_fns.shared_hidden(ref_params, prompt_BxP, prompt_mask_BxP, tokens_RxL)

@@ -221,6 +221,14 @@ def run_selections(s, ctx, log: SampleLog, progress) -> list[dict[str, Any]]:
     resp, rmask, scores_BxM = eval_harness.sample_scored(
         ctx.ref_fns, ctx.reference.params, ctx.eval_BxP, ctx.eval_mask, ctx.judge,
         ctx.scfg(m), e.seed + 1, ctx.detokenize)
+    if np.isnan(scores_BxM).any():
+        # select_by_score passes NaN over: a group of N with one would be a best-of-(N - 1)
+        # reported as N (the policy rows' win rates refuse NaN scores too)
+        bad = np.flatnonzero(np.isnan(scores_BxM).any(1))
+        raise ValueError(f"evaluate: the judge gave NaN for {int(np.isnan(scores_BxM).sum())} "
+                         f"of pi_ref's {scores_BxM.size} selection candidates (prompts "
+                         f"{[ctx.eval_ids[i] for i in bad[:10]]}); a selection needs every "
+                         f"candidate scored")
     logp_BxM, emb_BxMxD = _candidate_features(ctx.ref_fns, ctx.reference.params, ctx.eval_BxP,
                                               ctx.eval_mask, resp, rmask, m)
     texts = log.add("pi_ref_candidates", resp, rmask, scores_BxM,

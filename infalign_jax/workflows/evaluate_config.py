@@ -157,8 +157,15 @@ def unused_procedure_options(config: Any) -> dict[str, str]:
     if not {"eval", "select", "cd"} <= set(config):
         return {}
     procedures = set((config["eval"] or {}).get("procedures") or ())
-    return {option: f"config.eval.procedures holding {' or '.join(map(repr, readers))}"
-            for option, readers in OPTION_READERS.items() if not procedures & set(readers)}
+    unread = {option: f"config.eval.procedures holding {' or '.join(map(repr, readers))}"
+              for option, readers in OPTION_READERS.items() if not procedures & set(readers)}
+    # cd.top_k (listed above under both decoders): the tokenwise decoder's candidates, and the
+    # targets of a CD-Q scorer's training (CD-FUDGE's reads none)
+    cdq = (config["cd"] or {}).get("scorer_method") == "cdq" and procedures & set(DECODERS)
+    if "cd_tokenwise" not in procedures and not cdq:
+        unread["cd.top_k"] = ("config.eval.procedures holding 'cd_tokenwise', or a CD "
+                              "procedure with cd.scorer_method='cdq'")
+    return unread
 
 
 UNUSED_OPTION_RULES.append(unused_procedure_options)
