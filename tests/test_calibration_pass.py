@@ -154,6 +154,40 @@ def test_bad_arguments_fail_clearly():
         _run(judge=lambda p, r: np.zeros(len(r)))
 
 
+def test_bad_prompts_and_table_arguments_are_refused_before_any_sample():
+    """The jitted sampler sees traced prompts, so its padding and vocabulary checks passed:
+    right-padded prompts and ids outside the vocabulary were drawn from (pi_ref conditioned on
+    a pad position or a clamped id). Duplicate ids, an empty model id and min_count > k were
+    refused only after every sample was drawn and scored."""
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return count_reward(*args)
+
+    right = np.array([[1, 2, 0, 0], [3, 4, 1, 0], [2, 2, 6, 7]], np.int32)
+    oov = PROMPTS.copy()
+    oov[0, 3] = 99
+    for kw, match in (
+            (dict(prompts=right, mask=right != 0), r"run_calibration: prompt_mask_BxP rows "
+                                                   r"\[0, 1\] are not left-padded"),
+            (dict(prompts=oov), r"run_calibration: prompt_BxP holds token ids outside the "
+                                r"decoder's vocabulary \[0, 8\): \[99\]"),
+            (dict(ids=["a", "b", "a"]), r"duplicate prompt ids: 'a'"),
+            (dict(reward_model_id=""), r"reward_model_id must be a non-empty string"),
+            (dict(min_count=8), r"min_count=8 exceeds k=7"),
+            (dict(min_count=1.5), r"min_count must be a positive integer"),
+            (dict(on_empty="keep"), r"on_empty must be 'raise' or 'drop'")):
+        prompts, mask = kw.pop("prompts", PROMPTS), kw.pop("mask", MASK)
+        ids = kw.pop("ids", IDS)
+        args = dict(k=7, batch_prompts=2, seed=3, base_model_id="tiny-base",
+                    reward_model_id="count-3", progress=None, reward_fn=counted,
+                    sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS))
+        with pytest.raises(ValueError, match=match):
+            cp.run_calibration(FNS, PARAMS, prompts, mask, ids, **{**args, **kw})
+    assert not calls
+
+
 def test_rows_split_over_local_devices_give_the_one_device_table():
     """A batch's prompts split over the local devices (the most that divide the batch: 3 of 4
     for 3 prompts) draw the very samples one device draws."""

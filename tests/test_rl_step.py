@@ -110,9 +110,10 @@ def test_a_prompt_index_past_the_reference_table_calibrates_to_nan():
     from infalign_jax.core.calibration import calibrate
     from infalign_jax.rl.step import reference_rows
     frozen = rl.Frozen(None, None, jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([2, 2]))
-    rows, counts = reference_rows(frozen, jnp.array([0, 1, 2, -3]))
-    np.testing.assert_array_equal(counts, [2, 2, 0, 0])
-    cal = np.asarray(calibrate(jnp.full((4, 1), 2.5), rows, counts))
+    # -1 and -2 were wrapped to rows 1 and 0 even by a "fill" gather
+    rows, counts = reference_rows(frozen, jnp.array([0, 1, 2, -3, -1, -2]))
+    np.testing.assert_array_equal(counts, [2, 2, 0, 0, 0, 0])
+    cal = np.asarray(calibrate(jnp.full((6, 1), 2.5), rows, counts))
     np.testing.assert_allclose(cal[:2, 0], [1.0, 0.0])
     assert np.all(np.isnan(cal[2:]))
 

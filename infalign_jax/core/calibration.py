@@ -56,6 +56,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from infalign_jax.infra import validate as check
 from infalign_jax.infra.files import atomic_open
 
 Array = jax.Array
@@ -281,6 +282,30 @@ class ReferenceTable:
         return path
 
 
+def check_table_arguments(prompt_ids: Sequence[Any], *, base_model_id: str,
+                          reward_model_id: str, min_count: int = 1, on_empty: str = "raise",
+                          k: int | None = None) -> np.ndarray:
+    """The checks of `build_reference_table`'s arguments other than the rewards (the ids as an
+    array): a pass that draws the rewards first (`rl.calibration_pass`) runs them before it
+    samples anything. With `k`, min_count may not exceed it."""
+    if on_empty not in ("raise", "drop"):
+        raise ValueError(f"on_empty must be 'raise' or 'drop', got {on_empty!r}")
+    check.int_arg("min_count", min_count)
+    if k is not None and min_count > k:
+        raise ValueError(f"min_count={min_count} exceeds k={k}, the samples drawn per prompt: "
+                         f"every prompt would be short")
+    for name, value in (("base_model_id", base_model_id), ("reward_model_id", reward_model_id)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    ids = _ids_array(prompt_ids)
+    if ids.shape[0] == 0:
+        raise ValueError("prompt_ids is empty: a reference table needs at least one prompt")
+    uniq, n = np.unique(ids, return_counts=True)
+    if (n > 1).any():
+        raise ReferenceTableError(f"duplicate prompt ids: {_preview(uniq[n > 1].tolist())}")
+    return ids
+
+
 def build_reference_table(prompt_ids: Sequence[Any], rewards_BxK: Any, valid_BxK: Any = None, *,
                           base_model_id: str, reward_model_id: str, min_count: int = 1,
                           on_empty: str = "raise") -> ReferenceTable:
@@ -296,16 +321,9 @@ def build_reference_table(prompt_ids: Sequence[Any], rewards_BxK: Any, valid_BxK
         or removed (on_empty="drop", listed in `table.dropped_prompt_ids`). They are never kept
         with an uninformative calibration.
     """
-    if on_empty not in ("raise", "drop"):
-        raise ValueError(f"on_empty must be 'raise' or 'drop', got {on_empty!r}")
-    if int(min_count) < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
-    for name, value in (("base_model_id", base_model_id), ("reward_model_id", reward_model_id)):
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    ids = _ids_array(prompt_ids)
-    if ids.shape[0] == 0:
-        raise ValueError("prompt_ids is empty: a reference table needs at least one prompt")
+    ids = check_table_arguments(prompt_ids, base_model_id=base_model_id,
+                                reward_model_id=reward_model_id, min_count=min_count,
+                                on_empty=on_empty)
     rewards = np.asarray(rewards_BxK, np.float64)
     if rewards.ndim != 2 or rewards.shape[0] != ids.shape[0]:
         raise ValueError(f"rewards_BxK must be [B={ids.shape[0]}, K], got shape {rewards.shape}")

@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax.decoding import sampling
-from infalign_jax.core.calibration import ReferenceTable, build_reference_table
+from infalign_jax.core.calibration import (ReferenceTable, build_reference_table,
+                                           check_table_arguments)
 from infalign_jax.core.types import RewardFn
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns
@@ -171,17 +172,26 @@ def _fingerprint(prompt_ids: Sequence[Any], prompt_BxP: np.ndarray, prompt_mask_
             "base_model_id": base_model_id, "reward_model_id": reward_model_id}
 
 
-def _checked_inputs(prompt_BxP: np.ndarray, prompt_mask_BxP: np.ndarray, ids: list,
-                    k: int, batch_prompts: int, reward_fn: RewardFn | None, judge: Any,
-                    detokenize: Callable | None, prompts_text: Sequence[str] | None,
-                    require_eos: bool, sampling_cfg: SamplingConfig) -> RewardFn:
-    """Refuses inconsistent arguments; returns the reward function (a judge's, wrapped)."""
+def _checked_inputs(fns: DecoderFns, params: Any, prompt_BxP: np.ndarray,
+                    prompt_mask_BxP: np.ndarray, ids: list, k: int, batch_prompts: int,
+                    reward_fn: RewardFn | None, judge: Any, detokenize: Callable | None,
+                    prompts_text: Sequence[str] | None, require_eos: bool,
+                    sampling_cfg: SamplingConfig, table_args: dict[str, Any]) -> RewardFn:
+    """Refuses inconsistent arguments before anything is drawn (the jitted sampler sees traced
+    prompts, so its own padding and vocabulary checks cannot); returns the reward function (a
+    judge's, wrapped)."""
     if prompt_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_BxP.shape or \
             len(ids) != prompt_BxP.shape[0]:
         raise ValueError(f"prompts {prompt_BxP.shape}, mask {prompt_mask_BxP.shape} and "
                          f"{len(ids)} prompt_ids must agree on [B, P]")
     check.int_arg("k", k)
     check.int_arg("batch_prompts", batch_prompts)
+    check_table_arguments(ids, k=k, **table_args)
+    sampling.check_inputs(fns, prompt_BxP, prompt_mask_BxP, sampling_cfg, "run_calibration")
+    length = prompt_BxP.shape[1] + sampling_cfg.max_new_tokens
+    vocab = jax.eval_shape(lambda p, t, m: fns.prefill(p, t, m, length)[0], params,
+                           prompt_BxP[:1], prompt_mask_BxP[:1]).shape[-1]
+    sampling.check_vocab(sampling_cfg, vocab, prompt_BxP, prompt_mask_BxP, "run_calibration")
     if (reward_fn is None) == (judge is None):
         raise ValueError("pass exactly one of reward_fn or judge (with detokenize, prompts_text)")
     if require_eos and sampling_cfg.eos_id is None:
@@ -249,8 +259,11 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
     prompt_mask_BxP = np.asarray(prompt_mask_BxP, bool)
     ids = list(prompt_ids)
     num = prompt_BxP.shape[0]
-    reward_fn = _checked_inputs(prompt_BxP, prompt_mask_BxP, ids, k, batch_prompts, reward_fn,
-                                judge, detokenize, prompts_text, require_eos, sampling_cfg)
+    reward_fn = _checked_inputs(fns, params, prompt_BxP, prompt_mask_BxP, ids, k, batch_prompts,
+                                reward_fn, judge, detokenize, prompts_text, require_eos,
+                                sampling_cfg, dict(base_model_id=base_model_id,
+                                                   reward_model_id=reward_model_id,
+                                                   min_count=min_count, on_empty=on_empty))
 
     cfg, chunk = sampling_cfg, sampling_cfg.n
     batch_prompts = min(batch_prompts, num)

@@ -318,10 +318,14 @@ def host_rollout_rewards(reward: HostReward, ro: Rollout) -> np.ndarray:
 
 def reference_rows(frozen: Frozen, prompt_idx_B: Array) -> tuple[Array, Array]:
     """The reference table's rows of the batch's prompts: (sorted rewards, counts). An index
-    past the table gets count 0, which `calibrate` turns into NaN; a plain gather would clamp it
-    to the last row and calibrate against another prompt's references."""
-    count_B = jnp.take(frozen.ref_count_X, prompt_idx_B, axis=0, mode="fill", fill_value=0)
-    return frozen.ref_sorted_XxK[prompt_idx_B], count_B
+    outside [0, X) gets count 0, which `calibrate` turns into NaN; a plain gather would clamp
+    it (or wrap a negative one, as `mode="fill"` still does from -X to -1) and calibrate against
+    another prompt's references."""
+    num = frozen.ref_count_X.shape[0]
+    inside_B = (prompt_idx_B >= 0) & (prompt_idx_B < num)
+    idx_B = jnp.clip(prompt_idx_B, 0, num - 1)
+    count_B = jnp.where(inside_B, frozen.ref_count_X[idx_B], 0)
+    return frozen.ref_sorted_XxK[idx_B], count_B
 
 
 def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, ro: Rollout,
