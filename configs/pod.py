@@ -70,11 +70,8 @@ def get_config(arg=None):
     # Full FSDP over the slice (docs/scaling.md section 2).
     c.mesh = config_section(MeshConfig, data=1, fsdp=-1, tensor=1)
     # What to compile: programs among rl, calibration, reward; rollout layouts among train, serve.
-    # A calibration call and a reward call default to the shapes of the step's rollout.
-    c.check = config_section(CheckConfig, programs="rl", layouts="train",
-                             calibration_prompts=c.batch_size,
-                             calibration_chunk=c.rl.samples_per_prompt,
-                             reward_batch=c.batch_size * c.rl.samples_per_prompt,
-                             reward_len=c.prompt_len + c.rl.max_new_tokens)
+    # A calibration call and a reward call take the shapes of the step's rollout where their
+    # check.* shape is 0 (resolved after the flags: --config.batch_size reaches them).
+    c.check = config_section(CheckConfig, programs="rl", layouts="train")
     c.lock()
     return c

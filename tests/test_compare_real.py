@@ -437,6 +437,39 @@ def test_a_rerun_of_another_config_is_refused(tmp_path):
     longer.train.num_steps = 5
     with pytest.raises(ValueError, match=r"train.num_steps: saved 1, now 5"):
         rc.check_resume(task_dir, longer, cc)
+    # the KL tolerance is also the band new runs are matched within: saved runs matched in
+    # another band would share rows with them
+    with pytest.raises(ValueError, match=r"comparison.kl_tolerance: saved 0.1, now 4"):
+        rc.check_resume(task_dir, base, rc.parse_comparison({**cc.__dict__, "kl_tolerance": 4.0}))
+
+
+def test_the_shipped_prompts_without_a_held_out_split_are_refused():
+    """data.prompts='' evaluated on the first training prompts, reported as held out."""
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke,tasks=helpfulness")
+    config.base.task.data.prompts = ""
+    with pytest.raises(ValueError, match=r"config.base.task.data.prompts is empty .* no split"):
+        rc.task_configs(config)
+
+
+def test_a_rerun_with_its_prompt_file_edited_in_place_is_refused(tmp_path):
+    """Prompts rewritten behind the same path: the rerun was accepted, and its new seeds'
+    evaluations (of the new texts) were reported beside the saved ones (of the old texts)."""
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke,tasks=helpfulness")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"w{i} w{i + 1}"}) + "\n"
+                               for i in range(12)))
+    config.base.task.data.prompts = str(prompts)
+    (base,) = rc.task_configs(config)
+    cc = rc.parse_comparison(config.comparison)
+    task_dir = str(tmp_path / "helpfulness")
+    rc.check_resume(task_dir, base, cc)
+    open(os.path.join(task_dir, "reference_table.npz"), "wb").close()
+    rc.check_resume(task_dir, base, cc)
+    prompts.write_text(prompts.read_text().replace("w3 w4", "w9 w9"))
+    with pytest.raises(ValueError, match=r"task.data.prompts.sha256: saved '[0-9a-f]{64}', now"):
+        rc.check_resume(task_dir, base, cc)
 
 
 def _identity_tilt_at_kl(kl):

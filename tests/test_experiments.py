@@ -165,3 +165,18 @@ def test_calibrate_entrypoint_builds_the_table_train_policy_reuses(tmp_path):
     table = load_reference_table(str(out / "reference_table.npz"), expected_reward_model_id="vader")
     assert table.num_prompts == 2 and table.sorted_rewards_BxK.shape[1] == 2
     assert list(table.prompt_ids) == ["help-000", "help-001"]
+
+
+def test_pod_check_shapes_follow_the_rollout_flags():
+    """configs/pod.py computed the reward and calibration programs' shapes inside get_config, so
+    --config.batch_size / rl.* flags left them at the file's workload (the headroom verdict was
+    then for other shapes). They are now resolved after the flags; a check.* flag still wins."""
+    from infalign_jax.workflows import compile_check
+    config = load_config_module(os.path.join(ROOT, "configs", "pod.py")).get_config("model=tiny")
+    for key, value in (("batch_size", 32), ("rl.samples_per_prompt", 4),
+                       ("rl.max_new_tokens", 64), ("check.calibration_chunk", 3)):
+        config.update_from_flattened_dict({key: value})   # what a --config.<key> flag does
+    _, _, _, work = compile_check.configs(config)
+    cc = compile_check.check_config(config)
+    assert (cc.calibration_prompts, cc.calibration_chunk) == (32, 3)
+    assert (cc.reward_batch, cc.reward_len) == (32 * 4, work.prompt_len + 64)

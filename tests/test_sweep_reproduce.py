@@ -329,6 +329,24 @@ def test_reproduce_rejects_unknown_stage(tmp_path):
     assert len(jax.devices()) == 8
 
 
+def test_method_names_and_sizes_are_refused_before_any_stage():
+    """A misspelt method (reproduce's config.methods, the demo's train_methods) or an unknown
+    demo train_size was refused by the exact stage, after the analytic stage or the demo's steps
+    1-5; config.methods without the exact stage was ignored."""
+    from infalign_jax.workflows.demo import DemoConfig
+    with pytest.raises(ValueError, match=r"config.methods must name a non-empty subset of "
+                                         r"\['raw', 'identity', 'vbon'.*got \('exp', 'vbonn'\)"):
+        reproduce.ReproduceConfig(methods="exp,vbonn")
+    with pytest.raises(ValueError, match=r"config.methods='vbon' is read by the exact stage only"):
+        reproduce.ReproduceConfig(methods="vbon", stages="analytic")
+    assert reproduce.ReproduceConfig(methods="vbon,exp_bon").methods == "vbon,exp_bon"
+    with pytest.raises(ValueError, match=r"config.train_methods must name a non-empty subset"):
+        DemoConfig(train_methods="identity,exp")
+    with pytest.raises(ValueError, match=r"train_size"):
+        DemoConfig(train_size="huge")
+    assert DemoConfig(train_methods="").methods == ()
+
+
 def test_reproduce_refuses_an_exact_stage_without_its_config(tmp_path):
     cfg = ml_collections.ConfigDict({"stages": "exact", "size": "tiny", "seed": 0})
     with pytest.raises(ValueError, match="stage 'exact' needs exact_config"):

@@ -306,7 +306,8 @@ def plot_win_rate_vs_kl(records: Sequence[dict[str, Any]], path: str,
         missing = [r.get("name") for r in records if metric not in r["win_rate"]]
         if missing:
             raise ValueError(f"metric {metric!r} missing from records {missing}")
-        rows = sorted((r["kl"][kl]["mean"], r["win_rate"][metric]) for r in records)
+        rows = sorted(((r["kl"][kl]["mean"], r["win_rate"][metric]) for r in records),
+                      key=lambda row: row[0])   # records at one KL: the dicts are not ordered
         x = [k for k, _ in rows]
         y = [e["point"] for _, e in rows]
         err = [[e["point"] - e["lower"] for _, e in rows], [e["upper"] - e["point"] for _, e in rows]]

@@ -96,7 +96,13 @@ def config_record(config: Any) -> dict[str, Any]:
     {dotted key: value}, without the RESUMABLE_KEYS (`canonical_record`); an `optimal`
     transform's table (TABLE_DIGEST_KEY) and the data files (DATA_FILE_KEYS) are recorded by
     their sha256 as well as their path."""
-    record = canonical_record(flat_record(config))
+    return with_input_digests(canonical_record(flat_record(config)))
+
+
+def with_input_digests(record: dict[str, Any]) -> dict[str, Any]:
+    """A flat config record with the sha256 of the files it names that hold numbers the run
+    reads (an `optimal` transform's table, the DATA_FILE_KEYS), so that a file rewritten behind
+    its path makes the record differ."""
     path = record.get("transform.path")
     if record.get("transform.name") == "optimal" and isinstance(path, str) and path \
             and os.path.isfile(path):

@@ -76,14 +76,16 @@ class CheckConfig:
 
     programs: str = "rl"              # comma-separated among PROGRAMS
     layouts: str = "train"            # rollout layouts for rl / calibration (ROLLOUT_LAYOUTS)
-    calibration_prompts: int = 512    # prompts per calibration call (its `batch_prompts`)
-    calibration_chunk: int = 4        # samples per prompt per call (its `sampling.n`)
-    reward_batch: int = 2048          # sequences per reward-model call
-    reward_len: int = 768             # tokens per scored sequence, [prompt | response]
+    # The shapes of a calibration call and a reward call; 0 (the default) takes the step's
+    # rollout's, resolved by `check_config` from the config's other flags.
+    calibration_prompts: int = 0      # prompts per calibration call (its `batch_prompts`)
+    calibration_chunk: int = 0        # samples per prompt per call (its `sampling.n`)
+    reward_batch: int = 0             # sequences per reward-model call
+    reward_len: int = 0               # tokens per scored sequence, [prompt | response]
 
     def __post_init__(self):
         check.ints(self, ("calibration_prompts", "calibration_chunk", "reward_batch",
-                          "reward_len"))
+                          "reward_len"), low=0)
         _names("programs", self.programs, PROGRAMS)
         _names("layouts", self.layouts, sharding.ROLLOUT_LAYOUTS)
 
@@ -159,8 +161,17 @@ def configs(config: Any) -> tuple[models.ModelConfig, rl.RLConfig, sharding.Mesh
 
 
 def check_config(config: Any) -> CheckConfig:
-    """The validated `config.check` section."""
-    return dataclass_from(CheckConfig, section(config, "check"), "check")
+    """The validated `config.check` section, its 0 shapes those of the step's rollout: B prompts
+    x M samples per prompt, B * M sequences of P + L tokens (so `--config.batch_size` and the rl
+    flags reach them; computed in configs/pod.py, they kept the file's values)."""
+    cc = dataclass_from(CheckConfig, section(config, "check"), "check")
+    _, rl_cfg, _, work = configs(config)
+    m = rl_cfg.samples_per_prompt
+    return dataclasses.replace(
+        cc, calibration_prompts=cc.calibration_prompts or work.batch_size,
+        calibration_chunk=cc.calibration_chunk or m,
+        reward_batch=cc.reward_batch or work.batch_size * m,
+        reward_len=cc.reward_len or work.prompt_len + rl_cfg.max_new_tokens)
 
 
 def _abstract_params(cfg: models.ModelConfig, mesh: Any, dtype: Any = None,

@@ -44,7 +44,8 @@ THINGS = ("pizza place", "science museum", "mountain hike", "jazz concert", "boo
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """configs/demo.py: the demo's sizes (prompts, reference and fresh samples, tokens), the KL of
-    the analytic prediction and of step 6's training, which methods step 6 trains and how long."""
+    step 5's analytic prediction, which methods step 6 trains and how long. Step 6 is the exact
+    stage of `workflows.reproduce`: its methods train at the KL budget vBoN sets, not at `kl`."""
 
     _config_owner = "config"
     prompts: int = 4
@@ -61,6 +62,10 @@ class DemoConfig:
         check.ints(self, ("n",), low=2)
         check.ints(self, ("seed",), low=0)
         check.numbers(self, ("kl",), strict=True)
+        from infalign_jax.workflows import reproduce   # refused here, not after steps 1-5
+        if self.methods:
+            reproduce.check_method_keys(self.methods, "config.train_methods")
+        check.choice(self, "train_size", tuple(reproduce.SIZES))
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -400,12 +400,12 @@ def _load_eval(path: str) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------ the run
 # What a rerun into the same work dir may change: which methods and seeds are compared (each has
-# its own files), how the report resamples and flags, and the base run keys that change neither
-# the samples nor the trained parameters (logging, checkpointing, the device layout). Anything
-# else (the steps, the learning rate, the evaluation samples...) would mix its evaluations with
-# the saved ones.
-COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds",
-                        "comparison.kl_tolerance", "comparison.win_rates") + tuple(
+# its own files), the win-rate estimator (the saved scores are re-estimated), and the base run
+# keys that change neither the samples nor the trained parameters (logging, checkpointing, the
+# device layout). Anything else (the steps, the learning rate, the evaluation samples, the KL
+# tolerance, which is also the band new runs are matched within...) would mix its evaluations
+# with the saved ones.
+COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds", "comparison.win_rates") + tuple(
     k for k in skeleton.RESUMABLE_KEYS if k not in ("train.num_steps", "train.init_from"))
 
 
@@ -414,7 +414,9 @@ def check_resume(task_dir: str, base: Any, cc: ComparisonConfig) -> None:
     settings, flat) on the first run; on a rerun, refuses a config that differs from it in any key
     outside COMPARISON_RESUMABLE, naming the keys, unless the record is all the directory holds
     (a first run that stopped before any output, e.g. on a bad value: it is rewritten)."""
-    now = {**skeleton.flat_record(base),
+    # the files the base config names, by content too: prompts edited in place were evaluated
+    # beside the saved evaluations of the old ones
+    now = {**skeleton.with_input_digests(skeleton.flat_record(base)),
            **skeleton.flat_record({"comparison": dataclasses.asdict(cc)})}
     now = {k: v for k, v in now.items() if k not in COMPARISON_RESUMABLE}
     path = os.path.join(task_dir, "comparison_config.json")
@@ -600,6 +602,12 @@ def task_configs(config: Any) -> list[Any]:
         raise ValueError(f"config.base.task.temperature={temperature}: the comparison estimates "
                          f"KL(pi || pi_ref) on its evaluation samples, which must be drawn at "
                          f"temperature 1")
+    if not config.base.task.data.get("prompts"):
+        # a task's shipped prompts have no held-out split: the evaluation took the first
+        # training prompts, reported as held out
+        raise ValueError("config.base.task.data.prompts is empty (the task's shipped prompts): "
+                         "the comparison evaluates on held-out prompts and these have no split "
+                         "from the training prompts; use 'generated' or a prompt file")
     out = []
     for name in names:
         cfg = ml_collections.ConfigDict(config.base.to_dict())

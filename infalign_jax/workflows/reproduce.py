@@ -23,7 +23,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -111,6 +111,22 @@ def _transform_section(spec: dict[str, Any], kl: float, n: int, workdir: str) ->
     return {"name": "optimal", "path": path}
 
 
+def method_keys(spec: str) -> tuple[str, ...] | None:
+    """The method keys of a comma-separated `spec` ("all": None, every method)."""
+    if str(spec).strip() == "all":
+        return None
+    return tuple(k.strip() for k in str(spec).split(",") if k.strip())
+
+
+def check_method_keys(keys: Sequence[str], what: str) -> None:
+    """Refuses keys that name no method of `methods` (or none at all), naming `what` and the
+    known keys, before any training (they were refused at the exact stage, after the others)."""
+    known = [m["key"] for m in methods(2, 1.0)]   # the keys do not depend on n or t
+    if not keys or set(keys) - set(known):
+        raise ValueError(f"{what} must name a non-empty subset of {known}, got "
+                         f"{tuple(keys)}")
+
+
 def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.0,
                     size: str = "tiny", keys: tuple[str, ...] | None = None,
                     first_seed: int = 0, log: Callable[[str], None] = print,
@@ -120,9 +136,8 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
     Writes exact_table.{md,json}, exact_methods.png and a manifest into `workdir`.
     """
     base = sized_config(base_config, size, n)
-    known = [m["key"] for m in methods(n, t)]
-    if keys is not None and (not keys or set(keys) - set(known)):
-        raise ValueError(f"keys must be a non-empty subset of {known}, got {keys}")
+    if keys is not None:
+        check_method_keys(keys, "keys")
     chosen = [m for m in methods(n, t) if keys is None or m["key"] in keys]
     os.makedirs(workdir, exist_ok=True)
     task = et.task_from_section(base.task)
@@ -355,6 +370,12 @@ class ReproduceConfig:
             raise ValueError(f"config.stages: unknown stages {unknown}; known: {list(STAGES)}")
         object.__setattr__(self, "convergence_kls", tuple(float(k) for k in self.convergence_kls))
         select_transforms(self.convergence_transforms)
+        keys = method_keys(self.methods)
+        if keys is not None:
+            check_method_keys(keys, "config.methods")
+            if "exact" not in self.stage_list:
+                raise ValueError(f"config.methods={self.methods!r} is read by the exact stage "
+                                 f"only, and config.stages={self.stages!r} does not run it")
 
     @property
     def stage_list(self) -> list[str]:
@@ -389,8 +410,7 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
                          f.read().replace("# Analytic tool", "### Analytic tool"))
     if "exact" in stages:
         out = os.path.join(workdir, "exact")
-        keys = None if config.methods == "all" else tuple(
-            k.strip() for k in config.methods.split(",") if k.strip())
+        keys = method_keys(config.methods)
         run_exact_stage(exact_config, out, n=config.n, t=config.t, size=config.size,
                         keys=keys, first_seed=config.seed, log=log)
         with open(os.path.join(out, "exact_table.md")) as f:
