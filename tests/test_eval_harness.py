@@ -155,7 +155,7 @@ def test_policy_equal_to_base(params, tmp_path):
     assert {r["metric"] for r in rows} >= {"win_rate/standard", "win_rate/won_4", "kl/k1",
                                            "bon_kl_bound/4"}
     # two records at one KL with other win rates (sorting compared their dicts: TypeError)
-    other = dict(rec, name="b", win_rate={k: dict(e, point=e["point"] / 2)
+    other = dict(rec, name="b", win_rate={k: {b: e[b] / 2 for b in ("point", "lower", "upper")}
                                           for k, e in rec["win_rate"].items()})
     png = eval_harness.plot_win_rate_vs_kl(
         [rec, other], str(tmp_path / "w.png"), metrics=["standard", "bon_4"],
