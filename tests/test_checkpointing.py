@@ -222,6 +222,16 @@ def test_no_restorable_step_is_a_clear_error_and_renames_nothing(tmp_path):
         assert ckpt.all_steps() == [1, 2]
 
 
+def test_a_field_the_restoring_state_lacks_is_named(tmp_path):
+    """Orbax's "tree structures do not match:" was cut at its colon: the field was not named."""
+    with Checkpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(1, {"params": jnp.ones(3), "critic": jnp.full(2, 7.0)}, force=True)
+    with Checkpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        with pytest.raises(CheckpointRestoreError, match=r"do not match: critic: - Source: "
+                                                         r"MISSING"):
+            ckpt.restore_latest(jax.eval_shape(lambda: {"params": jnp.zeros(3)}))
+
+
 def test_nonfinite_state_is_refused_and_previous_checkpoint_survives(tmp_path):
     good = _example_state()
     bad = jax.tree.map(lambda x: x, good)

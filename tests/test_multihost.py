@@ -101,6 +101,12 @@ def test_from_env():
                        "JAX_PROCESS_ID": "2"})
     with pytest.raises(ValueError, match="DistributedConfig.coordinator_address"):
         dist.from_env({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+    # an address alone ran every host as process 0 of 1
+    with pytest.raises(ValueError, match=r"JAX_COORDINATOR_ADDRESS='h:1' is set without "
+                                         r"JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+        dist.from_env({"JAX_COORDINATOR_ADDRESS": "h:1"})
+    with pytest.raises(ValueError, match=r"without JAX_PROCESS_ID"):
+        dist.from_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
 
 
 def test_initialize_and_barrier_single_process_are_no_ops():

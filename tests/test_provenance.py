@@ -139,3 +139,30 @@ def test_params_digest_is_content_and_layout():
     assert skip_b == params_digest({"a": tree["a"]}) != d
     assert params_digest({"s": np.float32(2.0)}) != params_digest({"s": np.asarray([2.0],
                                                                                     np.float32)})
+
+
+def test_untracked_sources_make_the_git_state_dirty(tmp_path):
+    """An untracked module the run imports was not counted (`--untracked-files=no`): a run of
+    code the revision lacks was recorded clean."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "infalign_jax").mkdir()
+    (tmp_path / "infalign_jax" / "a.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("runs/\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "out.py").write_text("")        # ignored
+    (tmp_path / "notes.py").write_text("")               # outside the source dirs
+    assert provenance.git_state(str(tmp_path))["dirty"] is False
+    (tmp_path / "infalign_jax" / "new_module.py").write_text("y = 2\n")
+    state = provenance.git_state(str(tmp_path / "infalign_jax"))
+    assert state["dirty"] is True and state["untracked_sources"] == ["infalign_jax/new_module.py"]
+
+
+def test_a_manifest_written_at_the_start_does_not_say_it_finished(tmp_path):
+    m = provenance.build_manifest({"a": 1}, with_devices=False, finished=False)
+    assert m["finished"] is None
+    assert provenance.build_manifest({"a": 1}, with_devices=False)["finished"] is not None

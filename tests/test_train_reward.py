@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import ml_collections
@@ -13,6 +14,8 @@ from infalign_jax.loops import train_reward
 from infalign_jax.data import DataError
 from infalign_jax.data.byte_tokenizer import ByteTokenizer
 from infalign_jax.data.synthetic import make_judged_pairs, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ONE = jax.devices()[:1]
 
@@ -263,3 +266,25 @@ def test_ensemble_members_are_spread_over_the_mesh_and_train_as_on_one_device(tm
     for a, b in zip(_leaves(one), _leaves(spread)):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
     assert 0 <= summary["eval"]["eval_accuracy"] <= 1
+
+
+def test_overrides_the_pairs_source_does_not_read_are_refused():
+    """train.bootstrap with one model, the task-sampling options without task pairs and the
+    synthetic pair counts with files: accepted and ignored (bit-identical parameters), each
+    recorded in the manifest as if used."""
+    from infalign_jax.infra.config_utils import load_config_module, refuse_unused_overrides
+    config = load_config_module(os.path.join(ROOT, "configs", "reward_model.py")).get_config()
+    for key, reader in (("train.bootstrap", "config.train.ensemble_size > 1"),
+                        ("data.pairs_per_prompt", "config.data.synthetic='task:<name>'"),
+                        ("data.eval_first_prompt", "config.data.synthetic='task:<name>'")):
+        with pytest.raises(ValueError, match=rf"--config.{key} is not used by this run: it is "
+                                             rf"read only with {re.escape(reader)}"):
+            refuse_unused_overrides(config, [key], "--config.")
+    refuse_unused_overrides(config, ["data.synthetic_train_pairs"], "--config.")   # vader pairs
+    config.train.ensemble_size = 3
+    refuse_unused_overrides(config, ["train.bootstrap"], "--config.")
+    config.data.synthetic = "task:helpfulness"
+    refuse_unused_overrides(config, ["data.pairs_per_prompt"], "--config.")
+    config.data.synthetic, config.data.train_path = "auto", "pairs.jsonl"
+    with pytest.raises(ValueError, match=r"data.synthetic_eval_pairs is not used by this run"):
+        refuse_unused_overrides(config, ["data.synthetic_eval_pairs"], "--config.")

@@ -422,5 +422,11 @@ def restore_params(path: str, abstract_params: PyTree) -> tuple[PyTree, int, dic
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
+    """The error's first line; when it ends in ':' (Orbax's "tree structures do not match:"), the
+    few lines that say what (the field names) joined to it."""
+    lines = [line.strip() for line in str(e).strip().splitlines()]
+    if not lines:
+        return ""
+    if lines[0].endswith(":"):
+        return " ".join(lines[:6])[:500]
+    return lines[0][:300]

@@ -157,6 +157,14 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Dist
             kwargs[field] = int(text)
         except ValueError:
             raise ValueError(f"environment variable {var}={text!r}: expected an integer") from None
+    if address and address != AUTO:
+        # without a count every host ran as a lone process 0 of 1, all into one work dir
+        missing = [var for var in (ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+                   if not env.get(var, "").strip()]
+        if missing:
+            raise ValueError(f"environment variable {ENV_COORDINATOR}={address!r} is set without "
+                             f"{' and '.join(missing)}: set both with the address (or "
+                             f"{ENV_COORDINATOR}={AUTO!r} for cluster detection)")
     kwargs.update(overrides)
     return DistributedConfig(**kwargs)
 

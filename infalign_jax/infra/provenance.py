@@ -34,16 +34,30 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
     return out
 
 
+# Where a run's code comes from: an untracked source file there is code the revision lacks.
+SOURCE_DIRS = ("infalign_jax", "experiments", "configs")
+
+
 def git_state(path: str | None = None) -> dict[str, Any]:
-    """Git revision and dirty flag of the repository holding `path` (None outside git)."""
+    """Git revision and dirty flag of the repository holding `path` (None outside git): dirty
+    when a tracked file changed or an untracked, not ignored .py file sits in SOURCE_DIRS
+    (listed, up to 20, in `untracked_sources`; the revision lacks them)."""
     cwd = path or os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10,
-                               check=True).stdout.strip() != ""
-        return {"revision": rev, "dirty": dirty}
+        rev = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no") != ""
+        untracked = [f for f in git("ls-files", "--others", "--exclude-standard", "--full-name", "--",
+                                    *(f":(top){d}" for d in SOURCE_DIRS)).splitlines()
+                     if f.endswith(".py")]
+        state = {"revision": rev, "dirty": changed or bool(untracked)}
+        if untracked:
+            state["untracked_sources"] = untracked[:20]
+        return state
     except (OSError, subprocess.SubprocessError):
         return {"revision": None, "dirty": None}
 
@@ -104,8 +118,10 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
                    started: str | None = None, extra: Mapping[str, Any] | None = None,
                    with_devices: bool = True, resumes: Sequence[Mapping[str, Any]] | None = None,
                    init_from: Mapping[str, Any] | None = None,
-                   started_with: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest dict. `inputs` maps a role (e.g. "reference_table") to a file path, hashed.
+                   started_with: Mapping[str, Any] | None = None, finished: bool = True
+                   ) -> dict[str, Any]:
+    """The manifest dict (`finished`: the time now, or None for a run's manifest written at its
+    start, so that a killed run's does not say it finished). `inputs` maps a role (e.g. "reference_table") to a file path, hashed.
     `resumes`: [{time, step, git, packages}] of each resume of the run (`started` is its first
     start); `started_with`: the git state and packages of its first start (with `resumes`; the
     top-level "git" and "packages" are this process's); `init_from`: the checkpoint whose
@@ -119,7 +135,7 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
         "git": git_state(),
         "argv": list(sys.argv),
         "started": started,
-        "finished": now(),
+        "finished": now() if finished else None,
         "inputs": {role: {"path": os.path.abspath(p), "sha256": file_sha256(p)}
                    for role, p in (inputs or {}).items() if os.path.isfile(p)},
     }

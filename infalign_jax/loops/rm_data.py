@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import numpy as np
 from infalign_jax import models
 from infalign_jax.data import TokenizeConfig, read_preferences, tokenize_preferences
 from infalign_jax.infra import provenance, validate as check
+from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES
 from infalign_jax.infra.files import write_npz
 from infalign_jax.loops.rm_model import RMModel
 from infalign_jax.rewards import reward_models as rt
@@ -79,6 +80,37 @@ class RMDataConfig:
                 raise ValueError(f"config.data.eval_path names the training file "
                                  f"{self.train_path!r}: its accuracy would be training accuracy "
                                  f"reported as held-out; give a held-out file")
+
+
+# The data options read only when pairs are made here: by a judge or from a task's samples.
+TASK_SAMPLE_OPTIONS = ("samples_per_prompt", "pairs_per_prompt", "sample_new_tokens",
+                       "eval_first_prompt")
+
+
+def unused_data_options(config: Mapping[str, Any]) -> dict[str, str]:
+    """The reward-model config's data options its pairs' source leaves unread: the synthetic
+    pair counts when files are read, the sampling options unless pairs come from a task's
+    samples (an override of one gave a run bit-identical to the one without)."""
+    data, train = config.get("data"), config.get("train")
+    if not isinstance(data, Mapping) or "synthetic" not in data or \
+            not isinstance(train, Mapping) or "ensemble_size" not in train:
+        return {}   # not a reward-model config
+    source = data["synthetic"]
+    if source == "auto":
+        source = "" if data.get("train_path") or data.get("eval_path") else "vader"
+    unread = {}
+    if not source:
+        unread.update({f"data.{k}": "config.data.synthetic naming a judge or 'task:<name>'"
+                       for k in ("synthetic_train_pairs", "synthetic_eval_pairs")})
+    if not str(source).startswith("task:"):
+        unread.update({f"data.{k}": "config.data.synthetic='task:<name>'"
+                       for k in TASK_SAMPLE_OPTIONS})
+    if not train["ensemble_size"] > 1:
+        unread["train.bootstrap"] = "config.train.ensemble_size > 1"
+    return unread
+
+
+UNUSED_OPTION_RULES.append(unused_data_options)
 
 
 def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,

@@ -297,7 +297,7 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
                 raise
     # Only now: a refused resume must not overwrite the manifest of the run in workdir.
     if distributed.is_primary():   # one writer: the manifest records process 0's view
-        provenance.write_manifest(workdir, **manifest)
+        provenance.write_manifest(workdir, **manifest, finished=False)
     truncate_stream(workdir, "metrics", start + 1)
     # The final evaluation always runs again (a finished run rerun rewrites its last row once).
     truncate_stream(workdir, "eval", min(start + 1, settings.num_steps))
