@@ -445,6 +445,26 @@ def test_every_mesh_layout_gets_the_global_batch_across_processes(tmp_path):
 
 CALIBRATION_WORKER = REPO / "tests" / "_multihost_calibration_worker.py"
 LOAD_WORKER = REPO / "tests" / "_multihost_load_worker.py"
+RESTORE_WORKER = REPO / "tests" / "_multihost_restore_worker.py"
+
+
+@pytest.mark.slow
+def test_processes_restore_one_step_when_one_host_cannot_read_the_newest(tmp_path):
+    """Process 1 cannot read step 2 (a host-local read error): each process chose its step
+    alone, so process 1 restored step 1 while process 0 kept step 2 (its restore released by
+    process 1's at Orbax's one shared barrier name). Now both retry together and, when the
+    error lasts, both restore step 1 (step 2 set aside once). Config records that differ between
+    the processes are refused on both."""
+    _worker_on_two_processes(RESTORE_WORKER, tmp_path, "restore", devices=1)
+    for i in range(2):
+        got = json.loads((tmp_path / f"restored_p{i}.json").read_text())
+        assert got["passing"]["step"] == 2 and got["passing"]["sum"] == 8.0, (i, got)
+        assert got["lasting"]["step"] == 1 and got["lasting"]["sum"] == 4.0, (i, got)
+        assert "2.corrupt" in got["lasting"]["dirs"], got
+        # hosts with their own copies of a data file: the run started, fed from both
+        assert got["disagree"] == ("process 1 resolved another config than process 0 ("
+                                   "data.train_path.sha256: process 0 'a', process 1 'b'): every "
+                                   "process must read the same config and data files")
 
 
 @pytest.mark.slow
@@ -666,6 +686,30 @@ def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_pat
     assert out.returncode == 2
     assert "analytic.py runs as one process, but the environment asks for several " \
            "(JAX_COORDINATOR_ADDRESS='127.0.0.1:1', JAX_NUM_PROCESSES=2)" in out.stderr
+
+
+@pytest.mark.slow
+def test_head_only_reward_training_runs_with_the_trunk_split_over_two_processes(tmp_path):
+    """`trainable=head` with the trunk split over both processes (mesh fsdp=2): the trunk's digest
+    and the cached features fetched parameters another process held, and the run crashed at
+    its first step. It now gives the loss of one process on two devices."""
+    from infalign_jax.infra.metrics_io import read_jsonl
+    flags_ = ["--config.train.num_steps=2", "--config.train.log_every=1",
+              "--config.mesh.fsdp=2", "--config.mesh.data=1",
+              "--config.data.synthetic_train_pairs=32", "--config.data.synthetic_eval_pairs=8",
+              "--config.train.tensorboard=false"]
+    args = ["experiments/train_reward.py", "--config=configs/reward_model.py:trainable=head",
+            *flags_]
+    _command_on_two_processes(args + [f"--workdir={tmp_path / 'run'}"], tmp_path, "head")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu", INFALIGN_JAX_CACHE="off")
+    subprocess.run([sys.executable, *args, f"--workdir={tmp_path / 'one'}"], env=env, cwd=REPO,
+                   check=True, capture_output=True, timeout=WORKER_TIMEOUT_S)
+    two = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    one = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=RTOL, abs=ATOL)
+    assert len(os.listdir(tmp_path / "run" / "features")) == 2   # written once, by process 0
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from infalign_jax.infra import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -253,13 +254,25 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore(self, step: int, abstract: PyTree) -> Restored:
-        """Restores ``step``; leaves take shape, dtype and sharding from ``abstract``'s leaves."""
+    def restore(self, step: int, abstract: PyTree, barrier_prefix: str | None = None
+                ) -> Restored:
+        """Restores ``step``; leaves take shape, dtype and sharding from ``abstract``'s leaves.
+        `barrier_prefix` names the barrier Orbax's restore ends in (several processes meet
+        there), so that one attempt's barrier cannot be met by another attempt's
+        (`restore_latest`); None: the manager's."""
         self._manager.wait_until_finished()
-        out = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                    meta=ocp.args.JsonRestore()))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                  meta=ocp.args.JsonRestore())
+        if barrier_prefix is None:
+            out = self._manager.restore(int(step), args=args)
+        else:
+            reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
+                                      multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                          barrier_sync_key_prefix=barrier_prefix))
+            try:
+                out = reader.restore(self.directory / str(int(step)), args=args)
+            finally:
+                reader.close()
         return Restored(int(step), out.state, out.meta)
 
     def restore_latest(self, abstract: PyTree) -> Restored | None:
@@ -296,22 +309,40 @@ class Checkpointer:
 
     def _restore_twice(self, step: int, abstract: PyTree
                        ) -> tuple[Restored | None, Exception | None]:
-        """(the restored step, None), or (None, the second try's error)."""
+        """(the restored step, None), or (None, the second try's error).
+
+        With several processes every attempt is collective: a step counts as restored only if
+        every process read it, and all retry or fall back together (a read error on one host
+        sent that process alone to an older step while its peers trained on, their restores
+        released by its own at Orbax's shared barrier). Each attempt's Orbax barrier has a name
+        of its own, and a process whose read failed still meets it, so no peer waits there."""
+        multi = jax.process_count() > 1
         for attempt in (1, 2):
+            prefix = distributed.numbered(f"infalign_restore_{step}") if multi else None
             try:
-                restored = self.restore(step, abstract)
+                restored = (self.restore(step, abstract) if prefix is None
+                            else self.restore(step, abstract, barrier_prefix=prefix))
+                error = None
             except Exception as e:  # noqa: BLE001  (Orbax/TensorStore/JSON raise many types)
                 if _out_of_memory(e):
                     raise
+                restored, error = None, e
+                if multi:
+                    _meet_restore_barrier(prefix)
+            failed = [i for i, ok in enumerate(distributed.from_every_process(
+                f"{prefix}_read", error is None)) if not ok] if multi else []
+            if error is None and failed:
+                restored, error = None, RuntimeError(
+                    f"process(es) {failed} could not restore step {step}")
+            if error is None:
                 if attempt == 2:
-                    return None, e
-                logger.warning("checkpoint step %d failed to restore (%s: %s); trying once more",
-                               step, type(e).__name__, _first_line(e))
-                time.sleep(RETRY_PAUSE_S)
-                continue
+                    logger.warning("checkpoint step %d restored on a second try", step)
+                return restored, None
             if attempt == 2:
-                logger.warning("checkpoint step %d restored on a second try", step)
-            return restored, None
+                return None, error
+            logger.warning("checkpoint step %d failed to restore (%s: %s); trying once more",
+                           step, type(error).__name__, _first_line(error))
+            time.sleep(RETRY_PAUSE_S)
         raise AssertionError("unreachable")
 
     def _quarantine(self, steps: list[int]) -> None:
@@ -331,6 +362,16 @@ class Checkpointer:
 
 
 RETRY_PAUSE_S = 1.0   # before a failed step's second try
+
+
+def _meet_restore_barrier(prefix: str) -> None:
+    """The barrier an Orbax restore with `prefix` ends in, met by a process whose restore failed
+    before it (its peers that read the step wait there)."""
+    try:
+        ocp.multihost.sync_global_processes(
+            ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix))
+    except Exception as e:  # noqa: BLE001  (a peer that failed too never comes: a timeout)
+        logger.warning("restore barrier %s: %s", prefix, _first_line(e))
 
 
 def _out_of_memory(e: BaseException) -> bool:

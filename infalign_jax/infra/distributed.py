@@ -392,6 +392,21 @@ def from_primary(name: str, fn: Callable[[], Any], timeout_s: float = 600.0) -> 
     return got["value"]
 
 
+def from_every_process(name: str, value: Any, timeout_s: float = 600.0) -> list[Any]:
+    """Every process's `value` (JSON), in process order; one process: [value]. Through the
+    coordination service's key-value store (no device computation): each process posts its own,
+    meets the others at a `barrier`, then reads them all. A collective: every process calls it
+    with the same `name` (`numbered`)."""
+    if jax.process_count() == 1:
+        return [value]
+    where = f"infalign_every/{name}/"
+    _client().key_value_set(f"{where}{jax.process_index()}", json.dumps(value))
+    barrier(f"every_{name}", timeout_s)
+    got = {int(k.rsplit("/", 1)[-1]): json.loads(v)
+           for k, v in _client().key_value_dir_get(where)}
+    return [got[i] for i in range(jax.process_count())]
+
+
 _BARRIERS = itertools.count()
 
 

@@ -14,12 +14,11 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from infalign_jax import models
 from infalign_jax.data import TokenizeConfig, read_preferences, tokenize_preferences
-from infalign_jax.infra import provenance, validate as check
+from infalign_jax.infra import distributed, provenance, validate as check
 from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES
 from infalign_jax.infra.files import write_npz
 from infalign_jax.loops.rm_model import RMModel
@@ -198,10 +197,11 @@ def pairs_in_both(train: dict[str, np.ndarray], held_out: dict[str, np.ndarray])
 
 def trunk_digest(params: Any, model_cfg: models.ModelConfig) -> str:
     """sha256 over the model config and every parameter but the reward head
-    (`provenance.params_digest`): what the cached features depend on."""
+    (`provenance.params_digest`): what the cached features depend on. A collective: the
+    parameters may be spread over the devices of several processes."""
     h = hashlib.sha256(repr(sorted(dataclasses.asdict(model_cfg).items())).encode())
-    h.update(provenance.params_digest(params, skip=lambda path: path[0].key in rt.HEAD_KEYS)
-             .encode())
+    trunk = {k: v for k, v in params.items() if k not in rt.HEAD_KEYS}
+    h.update(provenance.params_digest(distributed.gather_to_host(trunk)).encode())
     return h.hexdigest()
 
 
@@ -217,7 +217,10 @@ def cached_features(workdir: str, split: str, digest: str, arrays: dict[str, np.
         h.update(np.ascontiguousarray(arrays[k]).tobytes())
     path = os.path.join(workdir, "features", f"{split}-{h.hexdigest()[:20]}.npz")
     n = len(next(iter(arrays.values())))
-    if os.path.exists(path):
+    # One answer for every process (`feature_fn` is a collective: a process that found the
+    # file process 0 had just written would leave the others waiting in it).
+    if distributed.from_primary(distributed.numbered("features_cached"),
+                                lambda: os.path.exists(path)):
         with np.load(path) as f:
             out = {k: f[k] for k in rt.FEATURE_KEYS}
         log(f"features {split}: {n} pairs read from {path}")
@@ -227,7 +230,7 @@ def cached_features(workdir: str, split: str, digest: str, arrays: dict[str, np.
     t0 = last = time.perf_counter()
     parts = []
     for start in range(0, n, batch):
-        rows = {k: jnp.asarray(v[start:start + batch]) for k, v in arrays.items()}
+        rows = {k: v[start:start + batch] for k, v in arrays.items()}
         parts.append(jax.device_get(feature_fn(rows)))
         done, now = min(start + batch, n), time.perf_counter()
         if done == n or now - last >= 30:
@@ -235,5 +238,6 @@ def cached_features(workdir: str, split: str, digest: str, arrays: dict[str, np.
                 f"{now - t0:.0f} s")
             last = now
     out = {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(rt.FEATURE_KEYS)}
-    write_npz(path, **out)
+    if distributed.is_primary():   # one writer
+        write_npz(path, **out)
     return out, path

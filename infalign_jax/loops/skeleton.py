@@ -159,6 +159,20 @@ def describe_differences(keys: Sequence[str], saved: dict[str, Any], now: dict[s
     return diff + ("; ..." if len(keys) > 8 else "")
 
 
+def check_processes_agree(record: dict[str, Any]) -> None:
+    """Refuses a run whose processes resolved different config records (data files by content
+    included: a host with another copy of the training file fed its rows from it, and the
+    manifest recorded process 0's), naming the keys. A collective; one process: nothing."""
+    records = distributed.from_every_process(distributed.numbered("config_record"),
+                                             json.loads(json.dumps(record, default=str)))
+    for index, other in enumerate(records[1:], 1):
+        keys = differing_keys(records[0], other)
+        if keys:
+            diff = describe_differences(keys, records[0], other, "process 0", f"process {index}")
+            raise ValueError(f"process {index} resolved another config than process 0 ({diff}): "
+                             f"every process must read the same config and data files")
+
+
 def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     """Refuses to resume a checkpoint written under another config, naming the keys."""
     if saved is None:
@@ -231,14 +245,15 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
     Its length is the loop's order (resume, manifest, steps, checkpoints, final evaluation), the
     one thing the trainers share.
     """
+    record = config_record(manifest.get("config"))
+    record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
+    check_processes_agree(record)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=settings.keep_checkpoints,
                                       save_interval_steps=settings.checkpoint_every,
                                       async_save=settings.async_checkpoint)
     restored = ckpt.restore_latest(checkpointing.abstract_state(state))
     start, count = 0, {name: 0 for name in counters}
-    record = config_record(manifest.get("config"))
-    record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
     # The data files by content among the manifest's inputs, where a sweep's reuse of a finished
     # point looks (the config record's digests are recomputed from the files named).
     inputs = manifest.setdefault("inputs", {})

@@ -194,7 +194,13 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                                                      rewards=rt.head_pair_rewards),
                                      head_state, mesh)
             pair_fn = jax.jit(rt.head_pair_rewards)
-            feature_fn = jax.jit(lambda p, b: rt.pair_features(model_cfg, p, b))
+            features_of = jax.jit(lambda p, b: rt.pair_features(model_cfg, p, b))
+
+            def feature_fn(p: Any, rows: dict[str, np.ndarray]) -> Any:
+                # rows held alike by every process, as one global array beside a trunk that
+                # may span them; the features come back whole on each (a collective)
+                return distributed.gather_to_host(features_of(p, distributed.global_from_host(
+                    rows, sharding.replicated(mesh))))
         else:
             state = rt.init_rm_state(params, optimizer, mesh)
             step_fn = rt.jit_rm_step(rt.make_rm_step(model_cfg, rcfg, optimizer, trainable),
