@@ -204,6 +204,25 @@ def test_bad_records_fail_or_are_skipped_like_the_reader(tmp_path):
 
 
 @needs_tfds
+def test_a_build_killed_before_its_read_report_is_mended_by_building_again(tmp_path):
+    """TFDS finished, the process died before read_report.json: building again (as the load's
+    error says) reused the build and wrote no report, so the load refused every time. The
+    report is read again from the same files, with the skips of the first build."""
+    from infalign_jax.data.tfds_builder import READ_REPORT
+    path = write_jsonl(tmp_path / "bad.jsonl", [JSONL[0], "{not json", JSONL[1]])
+    cfg = TfdsConfig({"train": path}, skip_bad=True)
+    out = build_tfds(cfg, tmp_path / "tfds")
+    whole = json.loads((out / READ_REPORT).read_text())
+    (out / READ_REPORT).unlink()
+    with pytest.raises(ValueError, match=r"built without its read_report.json"):
+        load_as_packed(tmp_path / "tfds", "train", TOK, TCFG)
+    build_tfds(cfg, tmp_path / "tfds")
+    assert json.loads((out / READ_REPORT).read_text()) == whole
+    _, report = load_as_packed(tmp_path / "tfds", "train", TOK, TCFG)
+    assert report.total == 1 and report.kept == 2
+
+
+@needs_tfds
 def test_reading_an_unbuilt_dataset_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no built dataset"):
         tfds_source(tmp_path, "train", "nothing_here")

@@ -185,11 +185,25 @@ def build_tfds(cfg: TfdsConfig, data_dir: str | os.PathLike) -> Path:
                              f"now {wanted!r}); use another TfdsConfig.name or delete the folder")
     builder = _builder_class()(cfg=cfg, data_dir=os.fspath(data_dir))
     builder.download_and_prepare(file_format="array_record")
-    if builder.read_reports:   # generated now (a reused build keeps its report)
+    reports = builder.read_reports   # generated now (a reused build keeps its report) ...
+    if not reports and not (out / READ_REPORT).is_file():
+        # ... unless the build that finished was killed before writing it: read the same files
+        # again (the fingerprint above says they are the ones built from) for what they skip
+        reports = {split: _read_report(cfg, paths) for split, paths in cfg.files.items()}
+    if reports:
         files.write_json(os.fspath(out / READ_REPORT), {
-            split: dataclasses.asdict(report) for split, report in builder.read_reports.items()},
+            split: dataclasses.asdict(report) for split, report in reports.items()},
             sort_keys=True)
     return out
+
+
+def _read_report(cfg: TfdsConfig, paths: Sequence[str]) -> SkipReport:
+    """What reading a split's files skips (`read_preferences`), as a build records it."""
+    report = None
+    for path in paths:
+        got = read_preferences(path, cfg.format, skip_bad=cfg.skip_bad)[1]
+        report = got if report is None else report.plus(got)
+    return report
 
 
 def tfds_source(data_dir: str | os.PathLike, split: str, name: str = "default"
