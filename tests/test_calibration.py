@@ -122,6 +122,10 @@ def test_kernel_argument_errors():
         cal.calibrate(ok, ok, np.array([1, 4]))
     with pytest.raises(ValueError, match="ref_count_B"):
         cal.calibrate(ok, ok, np.array([1, 2, 3]))
+    # a concrete jax array too (it was clipped to [0, K] without a word); traced ones are
+    with pytest.raises(ValueError, match=r"ref_count_B must lie in \[0, K=3\]"):
+        cal.calibrate(ok, ok, jnp.array([1, 4]))
+    jax.jit(lambda c: cal.calibrate(ok, ok, c))(jnp.array([1, 4]))
 
 
 # --------------------------------------------------------------------------------- properties

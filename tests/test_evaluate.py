@@ -258,6 +258,15 @@ def test_bad_procedure_names_are_refused(dirs, tmp_path):
     with pytest.raises(ValueError, match=r"config.eval.ns must be a non-empty list of integers "
                                          r"in \[1, eval.samples=4\]"):
         evaluate.parse_config(tiny_config(dirs, ("bon",), eval__ns=(1, 8)))
+    # a repeated N wrote its rows twice into win_rates.csv
+    with pytest.raises(ValueError, match=r"config.eval.ns must be a list without repeats"):
+        evaluate.parse_config(tiny_config(dirs, ("bon",), eval__ns=(2, 2)))
+    # selections and controlled decoding read pi_ref's samples at temperature 1 (their KL bounds)
+    with pytest.raises(ValueError, match=r"config.eval.temperature=0.7: the procedures "
+                                         r"\['rbon_kl', 'cd_blockwise'\]"):
+        evaluate.parse_config(tiny_config(dirs, ("bon", "rbon_kl", "cd_blockwise"),
+                                          eval__temperature=0.7))
+    assert evaluate.parse_config(tiny_config(dirs, ("bon",), eval__temperature=0.7))
 
 
 def test_a_plain_bon_selection_against_bon_of_pi_ref_is_one_half():

@@ -253,6 +253,23 @@ def test_a_mean_pool_reward_model_is_not_exported_as_a_last_token_classifier(tru
                                      tokenizer=model.tokenizer)
 
 
+def test_fewer_task_pairs_than_asked_for_are_counted(tmp_path, monkeypatch):
+    """`task:<name>` pairs leave out ties and equal texts, then keep the first n: fewer pairs than
+    synthetic_train_pairs were written without a word."""
+    from infalign_jax.rl.tasks import real
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    monkeypatch.setattr(real, "sample_judged_pairs", lambda *a, **k: [pair] * 3)
+    lines = []
+    made = rm_data.ensure_synthetic_data(
+        rm_data.RMDataConfig(synthetic="task:helpfulness", synthetic_train_pairs=8,
+                             synthetic_eval_pairs=2, pairs_per_prompt=4, eval_first_prompt=2),
+        str(tmp_path), 0, lines.append)
+    assert len(open(made.train_path).readlines()) == 3
+    assert any(line.startswith("warning: config.data: 3 train pairs of the 8 asked for")
+               for line in lines), lines
+    assert not any("eval pairs of the" in line for line in lines)
+
+
 def test_data_paths_switch_synthetic_pairs_off(tmp_path):
     data = rm_data.RMDataConfig
     assert data().synthetic == "vader"

@@ -123,6 +123,12 @@ def test_bonbon_refuses_rl_overrides_it_does_not_read():
     # the same override is read under CTRL, and under BoNBoN set after the method is switched
     assert sweep.apply_overrides(_base(), {"rl.max_grad_norm": 1.0}).rl.max_grad_norm == 1.0
     assert sweep.apply_overrides(_base(), {"mesh.rollout": "serve"}).mesh.rollout == "serve"
+    # bonbon.full_kl is the monitor samples' KL: none without them
+    quiet = sweep.apply_overrides(bonbon, {"bonbon.monitor_samples": 0})
+    with pytest.raises(ValueError, match=r"sweep override bonbon.full_kl is not used by this run: "
+                                         r"it is read only with config.bonbon.monitor_samples > 0"):
+        sweep.apply_overrides(quiet, {"bonbon.full_kl": False})
+    assert not sweep.apply_overrides(bonbon, {"bonbon.full_kl": False}).bonbon.full_kl
     assert sweep.apply_overrides(bonbon, {"method": "ctrl", "rl.max_grad_norm": 1.0}
                                  ).method == "ctrl"
 

@@ -127,7 +127,8 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
       ref_sorted_BxK: row b holds prompt b's reference rewards sorted ascending in its first K_b
         entries; later entries are padding and never count (any value, NaN included).
       ref_count_B: K_b per prompt (int); None means every row is fully valid (K_b = K). Values
-        outside [0, K] are an error for concrete numpy input and are clipped when traced.
+        outside [0, K] are an error for concrete input (numpy or jax) and are clipped when
+        traced.
       smoothed: use (K C_hat + 1) / (K + 1), never 0 (for the log transform); vBoN's
         (#{ref < r} + 1) / (K + 1) where r ties no reference (see the module docstring).
       method: "search" (O(M log K)), "compare" (O(M K), fast for small K) or "auto"
@@ -153,7 +154,9 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
     if full:
         count_B = jnp.full((b,), k, jnp.int32)
     else:
-        if isinstance(ref_count_B, (np.ndarray, list, tuple)):
+        if isinstance(ref_count_B, (np.ndarray, list, tuple)) or (
+                isinstance(ref_count_B, jax.Array)
+                and not isinstance(ref_count_B, jax.core.Tracer)):
             host = np.asarray(ref_count_B)
             if host.shape == (b,) and (np.any(host < 0) or np.any(host > k)):
                 raise ValueError(f"ref_count_B must lie in [0, K={k}], got min {host.min()} "

@@ -250,7 +250,9 @@ def blockwise_cd_kl_bound(num_tokens, block_size, num_candidates,
                           ceil_blocks: bool = False) -> np.ndarray:
     """CD blockwise best-of-k bound (tokens / block) * (log k - (k-1)/k) per sequence (Mudgal et
     al. 2024, section 4). CD reports E_x of this over prompts; take the mean of the returned array.
-    ceil_blocks=True counts the ceil(tokens / block) blocks actually decoded (slightly looser)."""
+    ceil_blocks=True counts the ceil(tokens / block) blocks actually decoded (slightly looser).
+    The fractional count (the default, CD's) can fall below the exact KL when a block is longer
+    than the response; `controlled_decoding.blockwise_decode` reports the ceil count."""
     num_tokens = np.asarray(num_tokens, np.float64)
     if not np.isfinite(num_tokens).all() or (num_tokens < 0).any():
         raise ValueError(f"num_tokens must be finite and >= 0, got {num_tokens.tolist()}")

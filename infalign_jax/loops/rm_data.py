@@ -154,6 +154,11 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
                     pairs_per_prompt=per_prompt, max_new_tokens=data.sample_new_tokens,
                     seed=seed * 1000 + offset, first_prompt=first, progress=log,
                     label_noise=noise)[:n]
+                if len(rows) < n:
+                    log(f"warning: config.data: {len(rows)} {split} pairs of the {n} asked for "
+                        f"(pairs whose gold scores differ by 1e-3 or less, or whose texts are "
+                        f"equal or empty, are left out); raise samples_per_prompt or "
+                        f"pairs_per_prompt for more")
             else:
                 from infalign_jax.rewards.judges import get_judge
                 rows = synthetic.make_judged_pairs(get_judge(name), n, seed=seed * 1000 + offset,

@@ -148,6 +148,8 @@ def unused_method_sections(config: Mapping[str, Any]) -> dict[str, str]:
              for name in (config.get(unread) or {})}
     if method == "bonbon" and "rollout" in (config.get("mesh") or {}):
         rules["mesh.rollout"] = "method='ctrl' (this config has 'bonbon')"
+    if method == "bonbon" and not (config.get("bonbon") or {}).get("monitor_samples", 1):
+        rules["bonbon.full_kl"] = "config.bonbon.monitor_samples > 0 (the KL of monitor samples)"
     return rules
 
 

@@ -62,6 +62,16 @@ class EvalConfig:
                                     f"{self.samples}]", high=self.samples)
         if self.num_resamples < 2:
             check.fail(self, "num_resamples", "an integer >= 2")
+        at_one = [p for p in procs if p in SELECTIONS + DECODERS]
+        if self.temperature != 1.0 and at_one:
+            # their pool / blocks / candidates are pi_ref's own samples, so their KL bounds (log
+            # N, the BoN bound) and the pi_ref rows they are compared with hold at temperature 1
+            raise ValueError(f"config.eval.temperature={self.temperature}: the procedures "
+                             f"{at_one} select among or decode from pi_ref's samples at "
+                             f"temperature 1 (their KL bounds hold there); evaluate them at 1, "
+                             f"or leave them out of config.eval.procedures")
+        if len(set(self.ns)) != len(self.ns):
+            check.fail(self, "ns", "a list without repeats (each N is one row per procedure)")
 
 
 @dataclasses.dataclass(frozen=True)
