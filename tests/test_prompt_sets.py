@@ -79,3 +79,18 @@ def test_task_config_reads_the_generated_set():
     # shipped prompts: evaluation is a prefix of training, so it cannot be the larger
     with pytest.raises(ValueError, match="eval_prompts=12 exceeds"):
         real.parse_section({"name": "harmlessness", "num_prompts": 8, "eval_prompts": 12})
+
+
+def test_prompt_options_the_source_does_not_read_are_refused():
+    """split_seed and format with the shipped prompts (taken in order), format with the generated
+    sets: accepted and ignored (a sweep over split_seed gave identical points)."""
+    for data, key in (({"split_seed": 7}, "split_seed"), ({"format": "hh"}, "format"),
+                      ({"prompts": "generated", "format": "tldr"}, "format")):
+        s = real.parse_section({"name": "helpfulness", "num_prompts": 8, "eval_prompts": 4,
+                                "data": data})
+        with pytest.raises(ValueError, match=rf"config.task.data.{key}=.* is not read with "
+                                             rf"config.task.data.prompts="):
+            real._task_prompts(s)
+    s = real.parse_section({"name": "helpfulness", "num_prompts": 8, "eval_prompts": 4,
+                            "data": {"prompts": "generated", "split_seed": 3}})
+    assert len(real._task_prompts(s).train_texts) == 8

@@ -342,6 +342,11 @@ def test_trained_kind_scores_the_newest_checkpoint_on_reencoded_text(trunk, tmp_
     # Prompts of 6 and 5 words exceed 4 tokens; a response of 7 words + EOS exceeds 6.
     assert judge.truncated == 3
     assert judge.id.startswith(f"rm:{run_dir}@2")
+    # a std penalty on one model: accepted and ignored (scores and id unchanged) before
+    with pytest.raises(ValueError, match=r"config.task.reward.std_penalty=5.0 is set, but the "
+                                         r"run at .* trained one model"):
+        sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(run_dir),
+                                                std_penalty=5.0), "vader")
 
 
 def test_trained_kind_of_an_ensemble_run_is_mean_minus_k_std(trunk, tmp_path):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import transformers
+import torch
 
 from infalign_jax.core.calibration import load_reference_table
 from infalign_jax.core.types import HostReward
@@ -130,6 +131,56 @@ def test_hf_reward_truncates_on_the_left_and_counts(dirs):
                                           where="config.task.reward")
 
 
+def test_a_chat_template_is_scored_as_transformers_applies_it(dirs, tmp_path):
+    """A chat template that writes the BOS itself (Llama 3, Gemma): the rendered text was encoded
+    with tokenizer(text), which added the BOS a second time (scores -0.0513 / 0.3331 for
+    transformers' -0.1070 / 0.3526). The template also enters the reward's id, so a reference
+    table scored under another template is not reused."""
+    path = str(tmp_path / "rm_chat")
+    shutil.copytree(dirs["rm"], path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok.bos_token = "[CLS]"
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(path)
+    judge = hf_reward.SequenceClassifierJudge(path)   # template "auto": the chat template
+    assert judge.template == "chat"
+    prompts, responses = ["w3 w4 w5", "w6"], ["w7 w8", "w9 w10 w11"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+    want = []
+    for p, r in zip(prompts, responses):
+        ids = tok.apply_chat_template([{"role": "user", "content": p},
+                                       {"role": "assistant", "content": r}], tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert judge.encode([p], [r])[0] == [int(i) for i in ids]
+        with torch.no_grad():
+            want.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
+    np.testing.assert_allclose(judge(prompts, responses), want, atol=2e-5)
+    plain = hf_reward.SequenceClassifierJudge(path, template=hf_reward.DEFAULT_TEMPLATE)
+    other = hf_reward.SequenceClassifierJudge(path, template="Q {prompt} A {response}")
+    assert len({judge.id, plain.id, other.id}) == 3 and "template=" not in plain.id
+
+
+def test_reward_templates_and_lengths_the_model_cannot_take_are_refused(tmp_path):
+    """A template field other than prompt / response raised a bare KeyError at the first reward
+    call; a max_len past a learned-position model's context failed on the first long text."""
+    from hf_tiny import save_tiny
+    from workflow_files import rm_tokenizer
+    tok = rm_tokenizer()
+    path = save_tiny(str(tmp_path / "rm_gpt2"), transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=16, pad_token_id=0,
+        num_labels=1), seed=4, auto=transformers.AutoModelForSequenceClassification)
+    tok.save_pretrained(path)
+    with pytest.raises(ValueError, match=r"config.task.reward.max_len=512 exceeds the 16 "
+                                         r"positions of hf:rm_gpt2"):
+        hf_reward.SequenceClassifierJudge(path, where="config.task.reward")
+    judge = hf_reward.SequenceClassifierJudge(path, max_len=16)
+    assert np.isfinite(judge(["w3"], [" ".join(["w4"] * 30)])).all() and judge.truncated == 1
+    for template in ("{prompt} -> {response} {score}", "{prompt} {response} {", "{prompt}"):
+        with pytest.raises(ValueError, match=r"reward.template must be .* the fields \{prompt\} "
+                                             r"and \{response\} \(and no others\)"):
+            hf_reward.SequenceClassifierJudge(path, max_len=16, template=template)
+
+
 def test_ensemble_is_mean_minus_k_std(dirs):
     a, b = (hf_reward.SequenceClassifierJudge(dirs[k]) for k in ("rm", "rm2"))
     ens = sources.make_judge(sources.RewardConfig(kind="ensemble", std_penalty=2.0,
@@ -139,6 +190,10 @@ def test_ensemble_is_mean_minus_k_std(dirs):
     want = (sa + sb) / 2 - 2.0 * np.abs(sa - sb) / 2
     np.testing.assert_allclose(ens(prompts, responses), want, atol=1e-6)
     assert ens.id == f"ensemble({a.id},{b.id})-2std"
+    # one directory twice: std 0, a plain mean that read as an ensemble
+    with pytest.raises(ValueError, match=r"config.task.reward.checkpoints lists a directory "
+                                         r"twice"):
+        sources.RewardConfig(kind="ensemble", checkpoints=(dirs["rm"], dirs["rm"] + "/"))
 
 
 def test_model_ids_tell_apart_checkpoints_in_folders_of_one_name(dirs, tmp_path):
@@ -388,12 +443,14 @@ def test_texts_the_reward_model_cuts_are_counted_per_step_and_in_the_summary(dir
     (the judge's own count was read by nobody). At max_len 2 every training text (a prompt of 3+
     words, a newline and the response) is cut: 2 prompts x 2 samples = 4 a step."""
     from infalign_jax.loops import train
-    c = real_task_config(dirs, extra={"task.reward.max_len": 2})
+    c = real_task_config(dirs, extra={"task.reward.max_len": 2, "task.eval_samples": 2})
     lines: list[str] = []
     _, summary = train.run(c, str(tmp_path), log=lines.append, devices=jax.devices()[:1])
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [r["reward_texts_cut"] for r in rows] == [4, 4]
     assert summary["reward_texts_cut"] == 8
+    # the evaluation's: 2 held-out prompts x 2 samples, of the policy and of pi_ref
+    assert summary["eval"]["est_reward_texts_cut"] == 8
     assert sum("the reward model cut 4 scored texts at its length limit" in line
                for line in lines) == 1
     # the reference table's K = 4 samples of each of the 4 training prompts, every one cut

@@ -25,9 +25,11 @@ mitigate overoptimization", the UWO objective).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
+import string
 from typing import Any, Sequence
 
 import jax
@@ -49,6 +51,15 @@ def _bucket(n: int, max_len: int, smallest: int = 16) -> int:
     while width < n:
         width *= 2
     return min(width, max_len)
+
+
+def _template_fields(template: str) -> set[str]:
+    """The replacement fields of a format string; a malformed one has none we accept."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template)
+                if field is not None}
+    except ValueError:
+        return set()
 
 
 def render(tokenizer: Any, template: str, prompt: str, response: str) -> str:
@@ -84,9 +95,12 @@ class ModelJudge:
     batches (see the module docstring).
 
     `template`: "auto" (the tokenizer's chat template when it has one, else `DEFAULT_TEMPLATE`),
-    "chat", or a format string with `{prompt}` and `{response}`. Texts are encoded with the
-    tokenizer's defaults (special tokens such as BOS included), as `tokenizer(text)` encodes them
-    for transformers. Subclasses may encode otherwise (`encode`).
+    "chat", or a format string with `{prompt}` and `{response}`. A format string's text is
+    encoded with the tokenizer's defaults (special tokens such as BOS included), as
+    `tokenizer(text)` encodes it for transformers; a chat text as `apply_chat_template(...,
+    tokenize=True)` does, without added special tokens (the template writes its own BOS: Llama 3,
+    Gemma). Subclasses may encode otherwise (`encode`). `max_len` may not exceed the context of
+    a model with learned positions.
     """
 
     def __init__(self, cfg: models.ModelConfig, params: Any, tokenizer: Any, *, name: str,
@@ -96,9 +110,14 @@ class ModelJudge:
             raise ValueError(f"{where}: {name} has no reward head (heads {cfg.heads})")
         if template == "auto":
             template = "chat" if getattr(tokenizer, "chat_template", None) else DEFAULT_TEMPLATE
-        elif template != "chat" and ("{prompt}" not in template or "{response}" not in template):
+        elif template != "chat" and _template_fields(template) != {"prompt", "response"}:
             raise ValueError(f"{where}.template must be 'auto', 'chat' or a format string with "
-                             f"{{prompt}} and {{response}}, got {template!r}")
+                             f"the fields {{prompt}} and {{response}} (and no others), got "
+                             f"{template!r}")
+        if cfg.family == "gpt2" and int(max_len) > cfg.max_len:
+            raise ValueError(f"{where}.max_len={max_len} exceeds the {cfg.max_len} positions of "
+                             f"{name} (learned positions): a longer text would fail mid-run; "
+                             f"set it <= {cfg.max_len}")
         if padding not in PADDING_SIDES:
             raise ValueError(f"{where}.padding must be one of {PADDING_SIDES}, got {padding!r}")
         self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
@@ -118,7 +137,16 @@ class ModelJudge:
         parameters, so two checkpoints in folders of one name never share a table) and what
         changes the score."""
         return (f"{self.name}#{provenance.params_digest(self.params)[:16]}|max_len={self.max_len}"
-                + self._id_suffix())
+                + self._template_id() + self._id_suffix())
+
+    def _template_id(self) -> str:
+        """The rendering, when it is not the default (tables scored under another template are
+        not this reward's; an id without it is the default's, as tables before it recorded)."""
+        text = (getattr(self.tokenizer, "chat_template", None) or ""
+                if self.template == "chat" else self.template)
+        if self.template == DEFAULT_TEMPLATE:
+            return ""
+        return f"|template={hashlib.sha256(f'{self.template}:{text}'.encode()).hexdigest()[:12]}"
 
     def _id_suffix(self) -> str:
         return ""
@@ -126,9 +154,11 @@ class ModelJudge:
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of the rendered texts, cut on the left to `max_len` (cuts counted)."""
         rows = []
+        # a chat template writes the special tokens itself (apply_chat_template(tokenize=True))
+        specials = {"add_special_tokens": False} if self.template == "chat" else {}
         for p, r in zip(prompts, responses, strict=True):
-            ids = [int(i) for i in self.tokenizer(render(self.tokenizer, self.template, p, r))
-                   ["input_ids"]]
+            ids = [int(i) for i in self.tokenizer(render(self.tokenizer, self.template, p, r),
+                                                  **specials)["input_ids"]]
             if len(ids) > self.max_len:
                 self.truncated += 1
                 ids = ids[-self.max_len:]

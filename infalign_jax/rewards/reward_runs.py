@@ -72,10 +72,11 @@ def load_run(path: str, where: str = "config.task.reward.checkpoint") -> RewardR
     return RewardRun(cfg, params, tok, info, step, os.path.abspath(path))
 
 
-def run_judge(path: str, *, std_penalty: float = 1.0, batch_size: int = 16,
+def run_judge(path: str, *, std_penalty: float | None = None, batch_size: int = 16,
               padding: str = "right", where: str = "config.task.reward.checkpoint") -> Any:
     """A text judge (`hf_reward.PairLayoutJudge`) of a run's newest checkpoint; for an ensemble
-    run, mean - std_penalty * std over its members (`hf_reward.EnsembleJudge`)."""
+    run, mean - std_penalty * std over its members (`hf_reward.EnsembleJudge`; None: 1). A
+    std_penalty given for a one-model run is refused (there is no spread to penalise)."""
     from infalign_jax.rewards import hf_reward
     run = load_run(path, where)
     info = run.info
@@ -89,7 +90,11 @@ def run_judge(path: str, *, std_penalty: float = 1.0, batch_size: int = 16,
     name = f"rm:{run.path}@{run.step}"
     size = int(info["ensemble_size"])
     if size == 1:
+        if std_penalty is not None:
+            raise ValueError(f"{where.rsplit('.', 1)[0]}.std_penalty={std_penalty} is set, but "
+                             f"the run at {path} trained one model (ensemble_size 1): its "
+                             f"scores have no spread to penalise; remove it")
         return member(run.params, name)
     return hf_reward.EnsembleJudge(
         [member(jax.tree.map(lambda x, e=e: x[e], run.params), f"{name}#{e}")
-         for e in range(size)], std_penalty)
+         for e in range(size)], 1.0 if std_penalty is None else std_penalty)

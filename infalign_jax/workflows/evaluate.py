@@ -151,6 +151,7 @@ def _load(p: sources.PolicyConfig, key: str) -> sources.Policy:
 def _split(s: dict[str, Any], num_train: int, exclude: Collection[str] = ()
            ) -> tuple[str, sources.Split]:
     d, e = s["data"], s["eval"]
+    sources.refuse_unread_prompt_options(d, shipped_as_file=True, where="config.data")
     if d.prompts == getattr(sources, "GENERATED", None):
         from infalign_jax.rl.tasks import prompt_sets
         train, evals = prompt_sets.split(e.task, num_train, e.num_prompts, d.split_seed, exclude)

@@ -319,6 +319,7 @@ def task_split(name: str, num_prompts: int, eval_prompts: int, data: sources.Pro
     """The training and evaluation prompts of a real task's config (`_task_prompts`); `say`
     (None: quiet) gets where they come from."""
     say = say or (lambda _: None)
+    sources.refuse_unread_prompt_options(data, shipped_as_file=False)
     if data.prompts == sources.GENERATED:
         train, evals = prompt_sets.split(name, num_prompts, eval_prompts, data.split_seed)
         say(f"config.task.data.prompts=generated: {len(train)} training and {len(evals)} "
@@ -422,13 +423,17 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
         # estimated from fresh samples and the judge, not the table; no exact target
         del transform, beta, table, bon_n
         m = s.eval_samples
+        before = reward.cut() if reward.cut else 0
         record = eval_harness.evaluate_policy(
             fns, params, fns, policy.params, eval_BxP, eval_mask_BxP, eval_judge, m=m,
             ns=tuple(n for n in (1, 2, 4, 8) if n <= m), seed=s.eval_seed,
             max_new_tokens=s.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
             temperature=float(s.temperature), detokenize=detokenize, num_resamples=200,
             name=f"{s.name}_policy")
-        return _estimate_keys(record)
+        out = _estimate_keys(record)
+        if reward.cut:   # texts of both sides the reward model cut at its length limit
+            out["est_reward_texts_cut"] = float(reward.cut() - before)
+        return out
 
     return RLTask(
         name=s.name, model_cfg=policy.model_cfg, ref_params=policy.params,

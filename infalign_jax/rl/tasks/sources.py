@@ -114,6 +114,10 @@ class RewardConfig:
         if self.kind == "ensemble" and len(dirs) < 2:
             raise ValueError(f"config.task.reward.checkpoints must list at least 2 directories "
                              f"when config.task.reward.kind='ensemble', got {self.checkpoints!r}")
+        if len({os.path.realpath(str(d)) for d in dirs}) < len(dirs):
+            # the std term would be 0: a plain mean that reads as an ensemble
+            raise ValueError(f"config.task.reward.checkpoints lists a directory twice: "
+                             f"{self.checkpoints!r}")
         for d in dirs:
             if not (isinstance(d, str) and os.path.isfile(os.path.join(d, "config.json"))):
                 raise ValueError(f"config.task.reward.{key}: {d!r} is not a transformers "
@@ -134,6 +138,25 @@ class PromptsConfig:
         check.choice(self, "format", PROMPT_FORMATS)
         check.ints(self, ("split_seed",), low=0)
         check.choice(self, "chat_template", CHAT_TEMPLATE)
+
+
+def refuse_unread_prompt_options(data: PromptsConfig, shipped_as_file: bool,
+                                 where: str = "config.task.data") -> None:
+    """Refuses `format` / `split_seed` away from their defaults where the prompts' source does
+    not read them (a sweep over split_seed gave identical points): the generated sets read no
+    format; the task's shipped prompts read neither where they are taken in order
+    (`shipped_as_file=False`: a CTRL run's training split) rather than split as a file."""
+    unread = []
+    if data.prompts == GENERATED or (not data.prompts and not shipped_as_file):
+        unread.append("format")
+    if not data.prompts and not shipped_as_file:
+        unread.append("split_seed")
+    defaults = {"format": "auto", "split_seed": 0}
+    for key in unread:
+        if getattr(data, key) != defaults[key]:
+            source = "'generated'" if data.prompts else "'' (the task's shipped prompts, in order)"
+            raise ValueError(f"{where}.{key}={getattr(data, key)!r} is not read with "
+                             f"{where}.prompts={source}; leave it out, or name a prompt file")
 
 
 SECTIONS = {"policy": PolicyConfig, "reward": RewardConfig, "data": PromptsConfig}
@@ -253,8 +276,11 @@ def make_judge(r: RewardConfig, task_judge: str) -> Any:
         return judges.get_judge(r.judge or task_judge)
     if r.kind == "trained":
         from infalign_jax.rewards import reward_runs
-        return reward_runs.run_judge(r.checkpoint, std_penalty=r.std_penalty,
-                                      batch_size=r.batch_size, padding=r.padding)
+        # the default is no choice: a one-model run refuses only a std_penalty set
+        default = RewardConfig.__dataclass_fields__["std_penalty"].default
+        return reward_runs.run_judge(
+            r.checkpoint, std_penalty=None if r.std_penalty == default else r.std_penalty,
+            batch_size=r.batch_size, padding=r.padding)
     from infalign_jax.rewards import hf_reward
     kw = dict(template=r.template, max_len=r.max_len, batch_size=r.batch_size, padding=r.padding)
     if r.kind == "hf":
