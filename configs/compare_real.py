@@ -1,6 +1,7 @@
 """Every method of the paper's comparison on the real tasks, at matched KL, with several seeds.
 
-Command (smoke: plumbing only, a few minutes; small: the CPU size; medium: a GPU):
+Command (smoke: plumbing only, about 20 minutes per task on 2 CPU cores; small: the CPU size;
+medium: a GPU):
     .venv/bin/python experiments/compare_real.py \\
         --config=configs/compare_real.py:size=small,tasks=helpfulness --workdir=runs/compare_real
 Training on a proxy reward model and judging with the gold judge (claim (c)):

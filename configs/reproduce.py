@@ -4,7 +4,8 @@ Command (tiny: 18 minutes measured on 2 quiet CPU cores, analytic and exact stag
 seeds: about 5/3 of that; full: GPU):
     .venv/bin/python experiments/reproduce.py --config=configs/reproduce.py:size=tiny \
         --workdir=runs/reproduce
-Sizes: smoke (plumbing, seconds), tiny (3 seeds per method), small (5 seeds), full. Stages:
+Sizes: smoke (plumbing: seconds per exact run, but the analytic stage keeps its grid of 8000,
+about 4 minutes), tiny (3 seeds per method), small (5 seeds), full. Stages:
 `--config.stages="analytic,exact,convergence,real"` (comma-separated; "convergence" trains every
 transform at config.convergence_kls with each seed: 56 minutes per budget measured at tiny on a
 shared machine; `--config.convergence_transforms="log,exp t=-5"` trains only those rows; "real"

@@ -103,7 +103,7 @@ def get_config(arg=None):
         learning_rate = 1e-3
     else:  # a pretrained trunk fixes the model; contexts of 512 tokens unless data= says less
         source = smollm2_gguf_path() if a.trunk == "smollm2" else a.trunk
-        c.model = parse_arg(None, source=source, remat="none",
+        c.model = parse_arg(None, source=source, remat="none", dtype="float32",
                             reward_pool=a.pool or default_pool(source), trunk_layers=a.trunk_layers)
         if not real:
             c.data.update(max_prompt_len=384, max_response_len=128)

@@ -529,3 +529,16 @@ def test_feature_cache_is_reused_on_resume_and_rerun_and_keyed_by_the_data(trunk
     train_reward.run(other, str(tmp_path / "other"), log=logs.append, devices=ONE)
     assert not any("pairs read from" in line for line in logs)
     assert len(list((tmp_path / "other" / "features").iterdir())) == 4
+
+
+def test_a_pretrained_trunks_section_takes_the_dtype_its_docstring_offers():
+    """configs/reward_model.py's docstring offers `dtype` for a pretrained trunk, but the section
+    had no such key: `--config.model.dtype=bfloat16` failed as an unknown key."""
+    import os
+    from infalign_jax.infra.config_utils import load_config_module
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config_module(os.path.join(root, "configs", "reward_model.py")).get_config(
+        "trunk=smollm2")
+    config.update_from_flattened_dict({"model.dtype": "bfloat16"})
+    assert config.model.dtype == "bfloat16"
+    assert set(config.model) <= set(rm_model.TRUNK_KEYS) | {"source", rm_model.TRUNK_LAYERS}

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import shlex
+import sys
 
 import jax
 import ml_collections
@@ -161,7 +163,8 @@ def test_point_names_and_command_lines():
     assert sweep.point_name(points[0]) == "t=-5,beta=1.5"
     lines = sweep.command_lines("experiments/train_policy.py", "configs/ctrl_exact.py", "runs/s",
                                 points, ["--config.train.num_steps=50"])
-    assert lines[1] == ("python experiments/train_policy.py --config=configs/ctrl_exact.py "
+    assert lines[1] == (f"{shlex.quote(sys.executable)} experiments/train_policy.py "
+                        "--config=configs/ctrl_exact.py "
                         "--workdir=runs/s/t=10,beta=0.25 --config.train.num_steps=50 "
                         "--config.transform.t=10.0 --config.rl.beta=0.25")
 

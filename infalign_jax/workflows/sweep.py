@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import shlex
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -70,13 +71,14 @@ def point_name(overrides: Mapping[str, Any]) -> str:
 
 def command_lines(entrypoint: str, config_path: str, workdir: str,
                   points: Sequence[Mapping[str, Any]], shared: Sequence[str] = ()) -> list[str]:
-    """One shell command per point (for a cluster scheduler); `shared` flags go to every point."""
+    """One shell command per point (for a cluster scheduler); `shared` flags go to every point.
+    Each starts with this interpreter (the virtualenv's: a bare `python` lacks the packages)."""
     lines = []
     for p in points:
         args = [f"--config={config_path}", f"--workdir={os.path.join(workdir, point_name(p))}",
                 *shared]
         args += [f"--config.{k}={v}" for k, v in p.items()]
-        lines.append(" ".join(shlex.quote(a) for a in ["python", entrypoint, *args]))
+        lines.append(" ".join(shlex.quote(a) for a in [sys.executable, entrypoint, *args]))
     return lines
 
 
