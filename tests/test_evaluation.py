@@ -244,7 +244,8 @@ def test_nan_skip_policy_counts_what_it_drops():
     np.testing.assert_allclose(est.point, want, atol=1e-12)
     with pytest.raises(ValueError, match="nan_policy"):
         ev.win_rate(pol, ref, nan_policy="ignore")
-    with pytest.raises(ValueError, match="no prompt has 1 valid, non-NaN score on both sides"):
+    with pytest.raises(ValueError, match="no prompt has 1 valid, non-NaN score for the policy "
+                                         "and 1 for pi_ref"):
         ev.win_rate(pol[1:2], ref[1:2], nan_policy="skip")
     with pytest.raises(ValueError, match="same number of prompts"):
         ev.win_rate(pol, ref[:2], nan_policy="skip")
@@ -262,8 +263,18 @@ def test_nan_skip_policy_counts_what_it_drops():
     assert (est.skipped_prompts, est.num_prompts) == (2, 1)
     # The default is the unbiased estimator (docs/reliability.md said so while it was the
     # plug-in): N = 2 needs 2 valid samples a side, which no prompt here has.
-    with pytest.raises(ValueError, match="no prompt has 2 valid, non-NaN scores on both sides"):
+    with pytest.raises(ValueError, match="no prompt has 2 valid, non-NaN scores for the policy "
+                                         "and 2 for pi_ref"):
         ev.win_rate(pol, ref, ns=[1, 2], nan_policy="skip", num_resamples=50)
+    # against="base": pi_ref's side is single samples; one valid one keeps the prompt (it was
+    # dropped for lack of N, a prompt it could score)
+    ref1 = ref4.copy()
+    ref1[0, 1:] = np.nan
+    est = ev.win_rate(pol4, ref1, ns=2, against="base", nan_policy="skip", num_resamples=50)
+    assert est.skipped_prompts == 0 and est.num_prompts == 3
+    want = np.mean([ev.subset_win_rates(p[~np.isnan(p)][None], r[~np.isnan(r)][None], 2, "bon",
+                                        "base")[0, 0] for p, r in zip(pol4, ref1)])
+    assert float(est.point[0]) == pytest.approx(want, abs=1e-12)
     with pytest.raises(ValueError, match=r"estimator must be one of \('plugin', 'unbiased'\)"):
         ev.win_rate(pol4, ref4, estimator="subset")
 

@@ -336,8 +336,8 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
     both are the same.
     nan_policy="raise": a NaN judge score raises ValueError naming pol_BxM / ref_BxK.
     nan_policy="skip": NaN scores are dropped (counted in skipped_samples) and prompts left
-    without enough valid samples on either side (1; N under "unbiased") are dropped (counted in
-    skipped_prompts).
+    without enough valid samples on either side (1; N under "unbiased", on pi_ref's side only
+    against="transformed") are dropped (counted in skipped_prompts).
     """
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
@@ -345,6 +345,8 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
         raise ValueError(f"estimator must be one of {tuple(WIN_RATE_ESTIMATORS)}, got "
                          f"{estimator!r}")
     need = max(np.atleast_1d(ns)) if estimator == "unbiased" else 1
+    # against="base": pi_ref's side is single samples, so one valid one is enough
+    need_ref = need if against == "transformed" else 1
     pol = np.asarray(pol_BxM, np.float64)
     ref = np.asarray(ref_BxK, np.float64)
     skipped_samples = skipped_prompts = 0
@@ -357,11 +359,12 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
         if pol.shape[0] != ref.shape[0]:
             raise ValueError(f"pol_BxM and ref_BxK must have the same number of prompts, got "
                              f"{pol.shape[0]} and {ref.shape[0]}")
-        keep_B = (pol_valid.sum(1) >= need) & (ref_valid.sum(1) >= need)
+        keep_B = (pol_valid.sum(1) >= need) & (ref_valid.sum(1) >= need_ref)
         skipped_prompts = int((~keep_B).sum())
         if not keep_B.any():
             raise ValueError(f"win_rate: no prompt has {need} valid, non-NaN score"
-                             f"{'s' if need > 1 else ''} on both sides")
+                             f"{'s' if need > 1 else ''} for the policy and {need_ref} for "
+                             f"pi_ref")
         pol, ref = pol[keep_B], ref[keep_B]
         pol_valid_BxM, ref_valid_BxK = pol_valid[keep_B], ref_valid[keep_B]
     per_prompt_BxG = WIN_RATE_ESTIMATORS[estimator](pol, ref, ns, procedure, against,
