@@ -224,11 +224,14 @@ def test_policy_against_itself_is_one_half_through_the_command(dirs, tmp_path):
            f"--config.reference.checkpoint={dirs['policy']}",
            f"--config.data.prompts={dirs['prompts']}", "--config.reward.kind=hf",
            f"--config.reward.checkpoint={dirs['rm1']}", "--config.eval.procedures=('bon','won')",
-           "--config.eval.max_new_tokens=4"]
+           "--config.eval.max_new_tokens=4", "--config.reward.max_len=6"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "INFALIGN_JAX_CACHE": "off"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((workdir / "results.json").read_text())
+    # texts the reward model cut at max_len 6 are counted (they were counted nowhere)
+    assert 0 < res["reward_texts_cut"] <= 2 * 16 * 8
+    assert f"the reward model cut {res['reward_texts_cut']} scored texts" in proc.stdout
     assert res["records"]["policy"]["kl"]["full_vocab"]["mean"] == pytest.approx(0.0, abs=1e-5)
     for r in res["rows"]:
         w = r["win_rate"]

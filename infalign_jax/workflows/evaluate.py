@@ -400,6 +400,7 @@ class _Context:
         # The judge sees the raw prompt texts, not the chat-formatted ones the sampler decodes.
         raw = {self.detokenize(row[m]): t for row, m, t in zip(all_BxP, all_mask, texts)}
         self.judge = real.PromptTextJudge(judge, raw)
+        self.cut = (lambda: int(judge.truncated)) if hasattr(judge, "truncated") else None
         self.members = getattr(judge, "members", None)   # an ensemble's reward models
         self.judge_id = getattr(judge, "id", judge.name)
         self.temperature, self.max_new_tokens = e.temperature, e.max_new_tokens
@@ -496,7 +497,12 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
             rows += cd_rows
             records.update(cd_records)
         paths = _write_outputs(workdir, rows, records, log)
+        cut = ctx.cut() if ctx.cut else 0   # every text this evaluation scored
+        if cut:
+            say(f"evaluate: the reward model cut {cut} scored texts at its length limit (it "
+                f"scores only the kept part); results.json: reward_texts_cut")
         results = {"rows": rows, "records": records, "scorer": scorer, "judge": ctx.judge_id,
+                   "reward_texts_cut": cut,
                    "policy": ctx.policy.source, "reference": ctx.reference.source,
                    "prompts": {"source": prompts_path, "eval_ids": split.eval_ids,
                                "scorer_train_ids": split.train_ids, "held_out": held_out}}
