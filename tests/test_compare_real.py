@@ -357,6 +357,13 @@ def test_base_overrides_no_trained_method_reads_are_refused():
                                         ["base.rl.kl_horizon"], "real_config")
     assert rc.refuse_unread_base_overrides(config(methods="vbon", kl_target=0.5),
                                            ["base.rl.kl_horizon"]) is None
+    # no trained method (bon_ref alone): only the task section is read (any override passed)
+    ref_only = config(methods="bon_ref")
+    with pytest.raises(ValueError, match=r"^--config.base.rl.learning_rate is not used by this "
+                                         r"run: config.comparison.methods='bon_ref' trains no "
+                                         r"method"):
+        rc.refuse_unread_base_overrides(ref_only, ["base.rl.learning_rate"])
+    rc.refuse_unread_base_overrides(ref_only, ["base.task.max_new_tokens", "base.reference.k"])
 
 
 def test_run_configs_of_every_method():

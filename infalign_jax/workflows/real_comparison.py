@@ -262,6 +262,13 @@ def refuse_unread_base_overrides(config: Any, keys: Sequence[str], flag: str = "
     base_keys = [k[len("base."):] for k in keys if k.startswith("base.")]
     if not base_keys:
         return
+    if not methods:   # pi_ref's evaluation reads the task; the shared table, reference.*
+        unread = [k for k in base_keys if not k.startswith(("task.", "reference."))]
+        if unread:
+            raise ValueError(f"--{flag}.base.{unread[0]} is not used by this run: "
+                             f"config.comparison.methods={cc.methods!r} trains no method, and "
+                             f"the rest reads only base.task.* and base.reference.*")
+        return
     base = task_configs(config)[0]
     run_cfgs = [sweep.apply_overrides(*_method_config(base, method, cc.n, cc.t, cc.kl_target))
                 for method in methods]
