@@ -121,6 +121,10 @@ def measure(args) -> dict:
     import jax
     import jax.numpy as jnp
     from infalign_jax.infra.cli import enable_compilation_cache
+    if jax.default_backend() != "cpu" and args.dtype == "float32":
+        # f32 at full precision, as the f32 peak the MFU divides by is measured (JAX would run
+        # the update's f32 matmuls as TF32 on a GPU and the MFU would be inflated)
+        jax.config.update("jax_default_matmul_precision", "highest")
     enable_compilation_cache(args.cache)
     s = _setup(args)
     key = jax.random.key(0)

@@ -30,6 +30,9 @@ step() {   # step NAME COMMAND...: run COMMAND if NAME is in STEPS
   fi
 }
 mkdir -p "$OUT"
+# On a GPU JAX takes 75% of its memory at start by default: the RL-step bench's rerun process
+# and PyTorch's baseline share the GPU with it (bench/device_run.sh sets the same)
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 "$PY" -c "import jax; print('devices:', jax.devices())"
 step peak_suite "$PY" bench/run_benchmarks.py ${QUICK:+--quick} --out "$OUT/run_benchmarks.json"
 step rl_iteration "$PY" bench/rl_iteration.py ${QUICK:+--quick} --out "$OUT/rl_iteration.json"

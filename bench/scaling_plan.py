@@ -215,8 +215,9 @@ def decode_time(m: Model, hw: Hardware, rows: int, tensor: int, prompt_len: int,
                 steps: int, share: int = 1) -> float:
     """Seconds for `steps` decode steps of `rows` sequences on one tensor group of `tensor`
     devices: per step max(bytes / HBM bw, FLOPs / peak) plus two all-reduces per layer.
-    `share` rows read one copy of their common prompt's KV (1 = our sampler, which repeats the
-    prefilled cache to every sample)."""
+    `share` rows read one copy of their common prompt's KV (1: each row its own copy, the
+    sampler before it kept the prompt's KV once per prompt; the tables keep 1, an upper bound
+    on the rollout's KV reads: the sampler now shares it among a prompt's samples)."""
     kv_shard = tensor if m.kv_heads % tensor == 0 else 1      # MQA: the cache is replicated
     total = 0.0
     for s in range(steps):
@@ -237,7 +238,7 @@ def rollout_memory(m: Model, hw: Hardware, rows: int, tensor: int, seq: int,
                    with_train_state: bool, prompt_len: int = 0,
                    share: int = 1) -> dict[str, float]:
     """Per-device memory while sampling: a bf16 serving copy of the policy split `tensor` ways,
-    the repeated KV cache of `rows` sequences, and the step's f32 logits (x3: raw, filtered,
+    the KV cache of `rows` sequences (`share` as in `decode_time`: 1, the tables' upper bound), and the step's f32 logits (x3: raw, filtered,
     log-softmax); plus the persistent training state when sampling inside the RL step."""
     kv_shard = tensor if m.kv_heads % tensor == 0 else 1
     out = {"serving weights bf16": 2 * m.n_params / tensor,

@@ -186,7 +186,7 @@ def test_serving_layout_rules():
     ("programs", "rl,decode", r"config.check.programs: \['decode'\] not among"),
     ("programs", "rl,rl", "names one twice"),
     ("layouts", "serving", r"config.check.layouts: \['serving'\] not among"),
-    ("reward_batch", 0, "reward_batch must be a positive integer"),
+    ("reward_batch", -1, "reward_batch must be an integer >= 0"),
 ])
 def test_unknown_or_bad_check_options_are_refused(key, value, match):
     with pytest.raises(ValueError, match=match):
