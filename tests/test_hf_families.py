@@ -9,6 +9,7 @@ Sliding windows are shorter than the sequences, and soft-caps small enough to bi
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +260,59 @@ def test_rope_per_layer_type_outside_gemma3_is_refused_both_ways():
     hf = hf_config.config_to_hf(gemma3)
     assert hf["rope_parameters"]["sliding_attention"]["rope_theta"] == 100.0
     assert hf_config.config_from_hf(hf).rope_local_theta == 100.0
+
+
+def test_gpt2_exports_are_checked_like_the_others():
+    """GPT-2's export returned its model_type before the round-trip check: a window, softcaps, a
+    query scalar, a mean-pooled reward or a head width other than d_model / n_heads exported
+    without a word, and transformers loaded another model (logit gaps 2.7-10)."""
+    base = dict(family="gpt2", vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                head_dim=8, d_ff=32, max_len=16, activation="gelu_tanh")
+    assert hf_config.hf_model_type(models.ModelConfig(**base)) == "gpt2"
+    for change, field in ((dict(sliding_window=3), "sliding_window"),
+                          (dict(final_softcap=2.0), "final_softcap"),
+                          (dict(attn_softcap=1.0), "attn_softcap"),
+                          (dict(query_pre_attn_scalar=2.0), "query_pre_attn_scalar"),
+                          (dict(heads=("reward",), reward_pool="mean"), "reward_pool"),
+                          (dict(head_dim=4), "head_dim")):
+        with pytest.raises(CheckpointError, match=rf"as 'gpt2' these fields would change: "
+                                                  rf"\[.*'{field}'"):
+            hf_config.config_to_hf(models.ModelConfig(**{**base, **change}))
+
+
+def test_gemma3_rope_is_written_and_read_per_layer_type_only():
+    """transformers' Gemma 3 reads the full_attention / sliding_attention dicts only: a Gemma 3
+    without sliding layers exported a flat rope_parameters (transformers ran base 1e6: logit gap
+    1.31), and a flat one was imported as written (0.48)."""
+    gemma3 = models.ModelConfig(post_norms=True, qk_norm=True, embed_scale=True,
+                                rmsnorm_unit_offset=True)
+    rope = hf_config.config_to_hf(gemma3)["rope_parameters"]
+    assert set(rope) == {"full_attention", "sliding_attention"}
+    assert rope["full_attention"]["rope_theta"] == gemma3.rope_theta
+    flat = {**_hf_config("gemma3_text").to_dict(),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}
+    with pytest.raises(CheckpointError, match=r"gemma3_text reads rope_parameters per layer type"):
+        hf_config.config_from_hf(flat)
+
+
+def test_rope_scaling_and_rope_parameters_that_disagree_are_refused():
+    """transformers reads rope_scaling alone when both are set; we merged them with
+    rope_parameters winning (a default rope where transformers ran linear x4: gap 0.12)."""
+    plain = _hf_config("llama").to_dict()
+    for params, scaling, clash in (
+            ({"rope_type": "default", "rope_theta": 10000.0},
+             {"rope_type": "linear", "factor": 4.0}, "['factor', 'rope_type']"),
+            ({"rope_type": "linear", "factor": 4.0, "rope_theta": 5000.0},
+             {"rope_type": "linear", "factor": 2.0}, "['factor', 'rope_theta']")):
+        config = {**plain, "rope_theta": 10000.0, "rope_parameters": params,
+                  "rope_scaling": scaling}
+        with pytest.raises(CheckpointError, match=r"rope_scaling and rope_parameters disagree on "
+                                                  + re.escape(clash)):
+            hf_config.config_from_hf(config)
+    same = {**plain, "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0},
+            "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}
+    cfg = hf_config.config_from_hf(same)
+    assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
 
 
 def test_a_window_on_every_layer_exports_as_it_is_written_out(tmp_path):

@@ -132,6 +132,13 @@ def test_config_refuses_unknown_and_missing_targets():
         rl.RLConfig(lora={"rnak": 2})
     with pytest.raises(ValueError, match=r"config.rl.lora.rank must be"):
         rl.RLConfig(lora={"rank": -1})
+    # a string was read as its characters ("up": ['u', 'p'] unknown; "o" worked by luck)
+    for targets in ("up", "o"):
+        with pytest.raises(ValueError, match=r"config.rl.lora.targets must be a list of names "
+                                             r".*not a string"):
+            rl.RLConfig(lora={"rank": 2, "targets": targets})
+    with pytest.raises(ValueError, match=r"config.rl.lora.targets must be a list without repeats"):
+        rl.RLConfig(lora={"rank": 2, "targets": ("q", "q")})
     gpt2 = models.ModelConfig(family="gpt2", vocab_size=16, d_model=16, n_layers=1, n_heads=2,
                               n_kv_heads=2, head_dim=8, d_ff=32, activation="gelu")
     params = models.init_params(gpt2, jax.random.key(0))

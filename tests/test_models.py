@@ -253,7 +253,9 @@ def test_sampler_logprobs_equal_teacher_forced(model):
                                          ("rmsnorm_unit_offset", "false"),
                                          # accepted before, and changed no logit
                                          ("rope_factor", 8.0), ("rope_low_freq_factor", 2.0),
-                                         ("rope_original_max_len", 64)])
+                                         ("rope_original_max_len", 64),
+                                         # NaN / negative initialisation scales were accepted
+                                         ("init_std", float("nan")), ("init_std", -0.1)])
 def test_config_errors_name_field(field, value):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
         dataclasses.replace(LLAMA, **{field: value})

@@ -103,6 +103,8 @@ class ModelConfig:
         if self.family == "llama" and self.head_dim % 2:
             fail("head_dim", "even for rotary embeddings")
         check.numbers(self, ("norm_eps", "rope_theta"), strict=True)
+        if not (check.is_number(self.init_std) and self.init_std >= 0):
+            fail("init_std", "a finite number >= 0")
         check.choice(self, "activation", ACTIVATIONS)
         check.choice(self, "dtype", DTYPES)
         check.choice(self, "param_dtype", DTYPES)

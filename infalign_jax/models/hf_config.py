@@ -177,7 +177,24 @@ def _rope_fields(r: _Reader, default_theta: float) -> dict[str, Any]:
             raise r.refuse("rope_parameters", "sliding layers' rope must be the default one")
         out["rope_local_theta"] = float(local.get("rope_theta", 10000.0))
     elif r.model_type == "gemma3_text":
+        if params:   # transformers' Gemma 3 reads the per-layer-type dicts only
+            raise r.refuse("rope_parameters", "gemma3_text reads rope_parameters per layer type "
+                           "(full_attention / sliding_attention); transformers ignores a flat "
+                           "dict's keys")
         out["rope_local_theta"] = float(r.get("rope_local_base_freq", 10000.0))
+    if legacy and params:
+        # transformers reads rope_scaling alone then; we merged them, rope_parameters winning
+        said = {("rope_type" if k == "type" else k): v for k, v in legacy.items()}
+        defaults = {"rope_type": "default"}
+        clash = sorted(k for k, v in said.items() if params.get(k, defaults.get(k)) != v)
+        clash += sorted(k for k in set(params) - set(said) - {"rope_theta"})
+        # rope_scaling's theta is the top-level one (or the family's default)
+        theta = top_theta if top_theta is not None else default_theta
+        if "rope_theta" not in said and float(params.get("rope_theta", theta)) != float(theta):
+            clash.append("rope_theta")
+        if clash:
+            raise r.refuse("rope_scaling", f"rope_scaling and rope_parameters disagree on "
+                           f"{clash}: transformers reads rope_scaling alone; keep one")
     rope = {**legacy, **params}
     src = "rope_parameters" if params or not legacy else "rope_scaling"   # named in refusals
     unknown = sorted(set(rope) - _ROPE_KEYS)
@@ -324,9 +341,9 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json",
 def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers model_type whose forward pass these switches are; refuses a mix no
     transformers family has. (A Phi-3 checkpoint exports as the Llama / Mistral it equals.)"""
-    if cfg.family == "gpt2":
-        return "gpt2"
-    if cfg.post_norms:
+    if cfg.family == "gpt2":   # checked as the others: GPT-2 has no window, softcap, ...
+        t = "gpt2"
+    elif cfg.post_norms:
         t = "gemma3_text" if cfg.qk_norm else "gemma2"
     elif cfg.embed_scale:
         t = "gemma"
@@ -399,9 +416,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
            "rope_parameters": rope}
     out["hidden_activation" if t in ("gemma2", "gemma3_text") else "hidden_act"] = act
-    if cfg.rope_local_theta and t == "gemma3_text":   # the one family with a rope per layer type
+    if t == "gemma3_text":   # the one family with a rope per layer type, read nested only
         out["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
-            "rope_type": "default", "rope_theta": cfg.rope_local_theta}}
+            "rope_type": "default", "rope_theta": cfg.rope_local_theta or 10000.0}}
     if t in ("llama", "qwen3", "gemma", "gemma2", "gemma3_text"):
         out["attention_bias"] = cfg.o_bias
     if t == "llama":

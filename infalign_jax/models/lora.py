@@ -53,10 +53,14 @@ class LoraConfig:
     def __post_init__(self):
         check.ints(self, ("rank",), low=0)
         check.numbers(self, ("alpha",), strict=True)
+        if isinstance(self.targets, str):   # "up" was read as ('u', 'p'), "o" as ('o',)
+            check.fail(self, "targets", f"a list of names from {tuple(TARGETS)}, not a string")
         object.__setattr__(self, "targets", tuple(self.targets or ()))
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
             check.fail(self, "targets", f"a subset of {tuple(TARGETS)} (unknown: {unknown})")
+        if len(set(self.targets)) != len(self.targets):
+            check.fail(self, "targets", "a list without repeats")
 
     @property
     def scale(self) -> float:

@@ -92,8 +92,8 @@ class RLConfig:
 
         if not isinstance(self.lora, LoraConfig):
             values = as_dict(self.lora)
-            if "targets" in values:
-                values["targets"] = tuple(values["targets"] or ())
+            if "targets" in values and not isinstance(values["targets"], str):
+                values["targets"] = tuple(values["targets"] or ())   # a string: LoraConfig refuses
             object.__setattr__(self, "lora", dataclass_from(LoraConfig, values, "rl.lora"))
 
         check.choice(self, "algorithm", ALGORITHMS)
