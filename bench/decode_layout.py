@@ -98,11 +98,14 @@ class CarriedCache:
 
     def __init__(self, cfg, params, tokens, cache):
         self.step = jax.jit(lambda p, t, c: models.decode_step(p, t, cfg, c), donate_argnums=2)
-        self.params, self.tokens, self.cache, self.index = params, tokens, cache, cache["index"]
+        # a buffer of its own per leaf (the prefill's cache shares some; donated twice fails)
+        cache = jax.tree.map(jnp.copy, cache)
+        self.params, self.tokens, self.cache = params, tokens, cache
+        self.index = int(cache["index"])
 
     def __call__(self):
         logits, cache = self.step(self.params, self.tokens, self.cache)
-        self.cache = {**cache, "index": self.index}
+        self.cache = {**cache, "index": jnp.asarray(self.index, jnp.int32)}
         return logits
 
 
