@@ -233,7 +233,8 @@ def test_reward_model_config_pools_an_lm_trunk_and_reads_a_classifier_at_its_las
     rm_config = load_config_module("configs/reward_model.py").get_config
     assert rm_config(f"trunk={trunk['gguf']}").model.reward_pool == "mean"
     assert rm_config(f"trunk={trunk['hf']},pool=last,trunk_layers=1").model.to_dict() == {
-        "source": trunk["hf"], "remat": "none", "reward_pool": "last", "trunk_layers": 1}
+        "source": trunk["hf"], "remat": "none", "dtype": "float32", "reward_pool": "last",
+        "trunk_layers": 1}
     classifier = save_reward_model(tmp_path / "cls", seed=4)
     assert rm_config(f"trunk={classifier}").model.reward_pool == "last"
     assert rm_config("").model.reward_pool == "last"       # the tiny byte model
