@@ -474,6 +474,16 @@ def test_a_rerun_with_its_prompt_file_edited_in_place_is_refused(tmp_path):
     rc.check_resume(task_dir, base, cc)
     open(os.path.join(task_dir, "reference_table.npz"), "wb").close()
     rc.check_resume(task_dir, base, cc)
+    record = os.path.join(task_dir, "comparison_config.json")
+    # a record written before the digest and the tolerance's check reruns as it did
+    saved = json.loads(open(record).read())
+    old = {k: v for k, v in saved.items()
+           if k not in ("task.data.prompts.sha256", "comparison.kl_tolerance")}
+    with open(record, "w") as f:
+        json.dump(old, f)
+    rc.check_resume(task_dir, base, cc)
+    with open(record, "w") as f:
+        json.dump(saved, f)
     prompts.write_text(prompts.read_text().replace("w3 w4", "w9 w9"))
     with pytest.raises(ValueError, match=r"task.data.prompts.sha256: saved '[0-9a-f]{64}', now"):
         rc.check_resume(task_dir, base, cc)

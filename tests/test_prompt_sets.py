@@ -82,15 +82,22 @@ def test_task_config_reads_the_generated_set():
 
 
 def test_prompt_options_the_source_does_not_read_are_refused():
-    """split_seed and format with the shipped prompts (taken in order), format with the generated
-    sets: accepted and ignored (a sweep over split_seed gave identical points)."""
-    for data, key in (({"split_seed": 7}, "split_seed"), ({"format": "hh"}, "format"),
-                      ({"prompts": "generated", "format": "tldr"}, "format")):
-        s = real.parse_section({"name": "helpfulness", "num_prompts": 8, "eval_prompts": 4,
-                                "data": data})
-        with pytest.raises(ValueError, match=rf"config.task.data.{key}=.* is not read with "
-                                             rf"config.task.data.prompts="):
-            real._task_prompts(s)
+    """split_seed and format overridden with the shipped prompts (taken in order), format with
+    the generated sets: accepted and ignored (a sweep over split_seed gave identical points).
+    Refused as overrides; a config (or a finished run's record) holding them is still read."""
+    import os
+    from infalign_jax.infra.config_utils import load_config_module, refuse_unused_overrides
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config_module(os.path.join(root, "configs", "ctrl_real.py")).get_config(
+        "task=helpfulness,size=tiny")
+    config.unlock()
+    for prompts, key in (("", "split_seed"), ("", "format"), ("generated", "format")):
+        config.task.data.prompts = prompts
+        with pytest.raises(ValueError, match=rf"--config.task.data.{key} is not used by this "
+                                             rf"run: it is read only with task.data.prompts"):
+            refuse_unused_overrides(config, [f"task.data.{key}"], "--config.")
+    config.task.data.prompts = "generated"
+    refuse_unused_overrides(config, ["task.data.split_seed"], "--config.")
     s = real.parse_section({"name": "helpfulness", "num_prompts": 8, "eval_prompts": 4,
-                            "data": {"prompts": "generated", "split_seed": 3}})
-    assert len(real._task_prompts(s).train_texts) == 8
+                            "data": {"split_seed": 7}})
+    assert len(real._task_prompts(s).train_texts) == 8   # a recorded run's config is read

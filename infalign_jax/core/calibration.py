@@ -187,6 +187,12 @@ def _ids_array(prompt_ids: Sequence[Any], name: str = "prompt_ids") -> np.ndarra
     return ids
 
 
+def _refuse_duplicate_ids(ids: np.ndarray) -> None:
+    uniq, n = np.unique(ids, return_counts=True)
+    if (n > 1).any():
+        raise ReferenceTableError(f"duplicate prompt ids: {_preview(uniq[n > 1].tolist())}")
+
+
 def _preview(ids: Sequence[Any], limit: int = 20) -> str:
     ids = list(ids)
     more = f" ... and {len(ids) - limit} more" if len(ids) > limit else ""
@@ -241,10 +247,8 @@ class ReferenceTable:
             raise ReferenceTableError(
                 f"sorted_rewards_BxK rows must be finite and ascending in their valid part; "
                 f"bad prompts: {_preview(ids[bad].tolist())}")
+        _refuse_duplicate_ids(ids)
         index = {key: i for i, key in enumerate(ids.tolist())}
-        if len(index) != ids.shape[0]:
-            uniq, n = np.unique(ids, return_counts=True)
-            raise ReferenceTableError(f"duplicate prompt ids: {_preview(uniq[n > 1].tolist())}")
         for name, value in (("prompt_ids", ids), ("sorted_rewards_BxK", rewards),
                             ("counts_B", counts), ("_index", index),
                             ("dropped_prompt_ids", tuple(self.dropped_prompt_ids)),
@@ -303,9 +307,7 @@ def check_table_arguments(prompt_ids: Sequence[Any], *, base_model_id: str,
     ids = _ids_array(prompt_ids)
     if ids.shape[0] == 0:
         raise ValueError("prompt_ids is empty: a reference table needs at least one prompt")
-    uniq, n = np.unique(ids, return_counts=True)
-    if (n > 1).any():
-        raise ReferenceTableError(f"duplicate prompt ids: {_preview(uniq[n > 1].tolist())}")
+    _refuse_duplicate_ids(ids)
     return ids
 
 

@@ -206,7 +206,9 @@ def trunk_digest(params: Any, model_cfg: models.ModelConfig) -> str:
     parameters may be spread over the devices of several processes."""
     h = hashlib.sha256(repr(sorted(dataclasses.asdict(model_cfg).items())).encode())
     trunk = {k: v for k, v in params.items() if k not in rt.HEAD_KEYS}
-    h.update(provenance.params_digest(distributed.gather_to_host(trunk)).encode())
+    if jax.process_count() > 1:   # one leaf at a time: never the whole trunk on every device
+        trunk = jax.tree.map(distributed.gather_to_host, trunk)
+    h.update(provenance.params_digest(trunk).encode())
     return h.hexdigest()
 
 

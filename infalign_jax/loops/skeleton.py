@@ -173,6 +173,15 @@ def check_processes_agree(record: dict[str, Any]) -> None:
                              f"every process must read the same config and data files")
 
 
+def without_keys_added_since(saved: Mapping[str, Any], now: dict[str, Any],
+                             also: Sequence[str] = ()) -> dict[str, Any]:
+    """`now` without the keys a record written before them lacks: the data digests, the derived
+    values and `also` (keys a caller's records gained later); such a record is compared
+    without them."""
+    return {k: v for k, v in now.items() if k in saved or not (
+        k.removesuffix(".sha256") in DATA_FILE_KEYS or k.startswith(DERIVED) or k in also)}
+
+
 def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     """Refuses to resume a checkpoint written under another config, naming the keys."""
     if saved is None:
@@ -181,11 +190,7 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
                          f"not resumed: use another work dir (--config.train.init_from={workdir} "
                          f"starts a fresh run from its parameters)")
     saved = canonical_record(saved)
-    # a record from before the data digests and the derived values is compared without them
-    added_since = [k for k in now if k not in saved and (
-        k.removesuffix(".sha256") in DATA_FILE_KEYS or k.startswith(DERIVED))]
-    now = {k: v for k, v in now.items() if k not in added_since}
-    keys = differing_keys(saved, now)
+    keys = differing_keys(saved, without_keys_added_since(saved, now))
     if keys:
         diff = describe_differences(keys, saved, now, "checkpoint", "config")
         raise ValueError(f"{workdir} holds a run of another config ({diff}); use another "

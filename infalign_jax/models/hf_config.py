@@ -182,6 +182,9 @@ def _rope_fields(r: _Reader, default_theta: float) -> dict[str, Any]:
                            "(full_attention / sliding_attention); transformers ignores a flat "
                            "dict's keys")
         out["rope_local_theta"] = float(r.get("rope_local_base_freq", 10000.0))
+    if legacy and params and r.model_type == "gemma3_text":
+        # transformers' Gemma 3 updates full_attention with rope_scaling: rope_scaling wins
+        params, legacy = {**params, **legacy}, {}
     if legacy and params:
         # transformers reads rope_scaling alone then; we merged them, rope_parameters winning
         said = {("rope_type" if k == "type" else k): v for k, v in legacy.items()}

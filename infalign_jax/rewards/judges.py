@@ -189,5 +189,10 @@ def text_reward_fn(judge: Judge, detokenize: Callable[[np.ndarray], str],
         return jax.pure_callback(host, out, prompt_idx_R, response_RxL, response_mask_RxL,
                                  vmap_method="broadcast_all")
 
-    cut = (lambda: int(judge.truncated)) if hasattr(judge, "truncated") else None
-    return HostReward(host=host, in_graph=reward_fn, cut=cut)
+    return HostReward(host=host, in_graph=reward_fn, cut=cut_counter(judge))
+
+
+def cut_counter(judge: Any) -> Callable[[], int] | None:
+    """The count of texts `judge` has cut at its length limit so far (a reward model's
+    `truncated`), as a function; None for a judge that cuts nothing."""
+    return (lambda: int(judge.truncated)) if hasattr(judge, "truncated") else None

@@ -63,7 +63,7 @@ from infalign_jax.decoding import controlled_decoding as cd_lib
 from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import files, provenance
-from infalign_jax.rewards import prefix_scorers
+from infalign_jax.rewards import judges, prefix_scorers
 from infalign_jax.rl.tasks import real, sources
 
 from infalign_jax.workflows.evaluate_config import (  # noqa: F401  (configs/evaluate.py)
@@ -151,7 +151,6 @@ def _load(p: sources.PolicyConfig, key: str) -> sources.Policy:
 def _split(s: dict[str, Any], num_train: int, exclude: Collection[str] = ()
            ) -> tuple[str, sources.Split]:
     d, e = s["data"], s["eval"]
-    sources.refuse_unread_prompt_options(d, shipped_as_file=True, where="config.data")
     if d.prompts == getattr(sources, "GENERATED", None):
         from infalign_jax.rl.tasks import prompt_sets
         train, evals = prompt_sets.split(e.task, num_train, e.num_prompts, d.split_seed, exclude)
@@ -400,7 +399,7 @@ class _Context:
         # The judge sees the raw prompt texts, not the chat-formatted ones the sampler decodes.
         raw = {self.detokenize(row[m]): t for row, m, t in zip(all_BxP, all_mask, texts)}
         self.judge = real.PromptTextJudge(judge, raw)
-        self.cut = (lambda: int(judge.truncated)) if hasattr(judge, "truncated") else None
+        self.cut = judges.cut_counter(judge)
         self.members = getattr(judge, "members", None)   # an ensemble's reward models
         self.judge_id = getattr(judge, "id", judge.name)
         self.temperature, self.max_new_tokens = e.temperature, e.max_new_tokens

@@ -319,7 +319,6 @@ def task_split(name: str, num_prompts: int, eval_prompts: int, data: sources.Pro
     """The training and evaluation prompts of a real task's config (`_task_prompts`); `say`
     (None: quiet) gets where they come from."""
     say = say or (lambda _: None)
-    sources.refuse_unread_prompt_options(data, shipped_as_file=False)
     if data.prompts == sources.GENERATED:
         train, evals = prompt_sets.split(name, num_prompts, eval_prompts, data.split_seed)
         say(f"config.task.data.prompts=generated: {len(train)} training and {len(evals)} "

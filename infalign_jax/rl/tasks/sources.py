@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection, Mapping, NamedTuple
 
 import numpy as np
 
 from infalign_jax.data import readers
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import as_dict, config_section, dataclass_from
+from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, config_section,
+                                            dataclass_from)
 from infalign_jax.rewards import judges
 
 REWARD_KINDS = ("judge", "hf", "trained", "ensemble")
@@ -140,23 +141,29 @@ class PromptsConfig:
         check.choice(self, "chat_template", CHAT_TEMPLATE)
 
 
-def refuse_unread_prompt_options(data: PromptsConfig, shipped_as_file: bool,
-                                 where: str = "config.task.data") -> None:
-    """Refuses `format` / `split_seed` away from their defaults where the prompts' source does
-    not read them (a sweep over split_seed gave identical points): the generated sets read no
-    format; the task's shipped prompts read neither where they are taken in order
-    (`shipped_as_file=False`: a CTRL run's training split) rather than split as a file."""
-    unread = []
-    if data.prompts == GENERATED or (not data.prompts and not shipped_as_file):
-        unread.append("format")
-    if not data.prompts and not shipped_as_file:
-        unread.append("split_seed")
-    defaults = {"format": "auto", "split_seed": 0}
-    for key in unread:
-        if getattr(data, key) != defaults[key]:
-            source = "'generated'" if data.prompts else "'' (the task's shipped prompts, in order)"
-            raise ValueError(f"{where}.{key}={getattr(data, key)!r} is not read with "
-                             f"{where}.prompts={source}; leave it out, or name a prompt file")
+def unused_prompt_options(config: Mapping[str, Any]) -> dict[str, str]:
+    """`format` / `split_seed` where the prompts' source does not read them (a sweep over
+    split_seed gave identical points), for `config_utils.refuse_unused_overrides`: the generated
+    sets read no format; a CTRL run's shipped prompts (`task.data.prompts=""`, taken in order)
+    read neither. (`experiments/evaluate.py` splits the shipped file, reading both.)"""
+    out = {}
+    task = config.get("task")
+    sections = [("task.data", (task or {}).get("data") if isinstance(task, Mapping) else None,
+                 False)]
+    if "eval" in config and "policy" in config:   # an evaluate config's data section
+        sections.append(("data", config.get("data"), True))
+    for where, data, shipped_as_file in sections:
+        if not isinstance(data, Mapping) or "split_seed" not in data:
+            continue
+        source = data.get("prompts") or ""
+        if source == GENERATED or (not source and not shipped_as_file):
+            out[f"{where}.format"] = f"{where}.prompts naming a prompt file"
+        if not source and not shipped_as_file:
+            out[f"{where}.split_seed"] = f"{where}.prompts naming a prompt file or 'generated'"
+    return out
+
+
+UNUSED_OPTION_RULES.append(unused_prompt_options)
 
 
 SECTIONS = {"policy": PolicyConfig, "reward": RewardConfig, "data": PromptsConfig}
