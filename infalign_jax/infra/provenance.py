@@ -51,9 +51,9 @@ def git_state(path: str | None = None) -> dict[str, Any]:
     try:
         rev = git("rev-parse", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no") != ""
-        untracked = [f for f in git("ls-files", "--others", "--exclude-standard", "--full-name", "--",
-                                    *(f":(top){d}" for d in SOURCE_DIRS)).splitlines()
-                     if f.endswith(".py")]
+        listed = git("ls-files", "--others", "--exclude-standard", "--full-name", "--",
+                     *(f":(top){d}" for d in SOURCE_DIRS))
+        untracked = [f for f in listed.splitlines() if f.endswith(".py")]
         state = {"revision": rev, "dirty": changed or bool(untracked)}
         if untracked:
             state["untracked_sources"] = untracked[:20]
@@ -121,7 +121,8 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
                    started_with: Mapping[str, Any] | None = None, finished: bool = True
                    ) -> dict[str, Any]:
     """The manifest dict (`finished`: the time now, or None for a run's manifest written at its
-    start, so that a killed run's does not say it finished). `inputs` maps a role (e.g. "reference_table") to a file path, hashed.
+    start, so that a killed run's does not say it finished). `inputs` maps a role (e.g.
+    "reference_table") to a file path, hashed.
     `resumes`: [{time, step, git, packages}] of each resume of the run (`started` is its first
     start); `started_with`: the git state and packages of its first start (with `resumes`; the
     top-level "git" and "packages" are this process's); `init_from`: the checkpoint whose

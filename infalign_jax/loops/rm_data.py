@@ -51,7 +51,7 @@ class RMDataConfig:
     def __post_init__(self):
         paths = self.train_path or self.eval_path
         if self.synthetic == "auto":
-            object.__setattr__(self, "synthetic", "" if paths else "vader")
+            object.__setattr__(self, "synthetic", pairs_source("auto", paths))
         elif self.synthetic and paths:
             given = "train_path" if self.train_path else "eval_path"
             raise ValueError(f"config.data.{given} is set but config.data.synthetic="
@@ -86,6 +86,14 @@ TASK_SAMPLE_OPTIONS = ("samples_per_prompt", "pairs_per_prompt", "sample_new_tok
                        "eval_first_prompt")
 
 
+def pairs_source(synthetic: str, paths: Any) -> str:
+    """`data.synthetic` resolved: "auto" reads the files when `paths` names any, else makes
+    VADER-labelled pairs ("vader"); any other value as it is."""
+    if synthetic == "auto":
+        return "" if paths else "vader"
+    return synthetic
+
+
 def unused_data_options(config: Mapping[str, Any]) -> dict[str, str]:
     """The reward-model config's data options its pairs' source leaves unread: the synthetic
     pair counts when files are read, the sampling options unless pairs come from a task's
@@ -94,9 +102,7 @@ def unused_data_options(config: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(data, Mapping) or "synthetic" not in data or \
             not isinstance(train, Mapping) or "ensemble_size" not in train:
         return {}   # not a reward-model config
-    source = data["synthetic"]
-    if source == "auto":
-        source = "" if data.get("train_path") or data.get("eval_path") else "vader"
+    source = pairs_source(data["synthetic"], data.get("train_path") or data.get("eval_path"))
     unread = {}
     if not source:
         unread.update({f"data.{k}": "config.data.synthetic naming a judge or 'task:<name>'"
@@ -133,8 +139,7 @@ def ensure_synthetic_data(data: RMDataConfig, workdir: str, seed: int,
     for split, n, offset in (("train", data.synthetic_train_pairs, 0),
                              ("eval", data.synthetic_eval_pairs, 1)):
         noise = data.label_noise if split == "train" else 0.0
-        makes = [n, seed, noise] + ([data.samples_per_prompt, data.pairs_per_prompt,
-                                     data.sample_new_tokens, data.eval_first_prompt]
+        makes = [n, seed, noise] + ([getattr(data, k) for k in TASK_SAMPLE_OPTIONS]
                                     if name.startswith("task:") else [])
         digest = hashlib.sha256(json.dumps(makes).encode()).hexdigest()[:12]
         path = os.path.join(workdir, "data", f"{name.replace(':', '_')}_{split}"

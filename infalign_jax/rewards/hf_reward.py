@@ -142,10 +142,10 @@ class ModelJudge:
     def _template_id(self) -> str:
         """The rendering, when it is not the default (tables scored under another template are
         not this reward's; an id without it is the default's, as tables before it recorded)."""
-        text = (getattr(self.tokenizer, "chat_template", None) or ""
-                if self.template == "chat" else self.template)
         if self.template == DEFAULT_TEMPLATE:
             return ""
+        text = (getattr(self.tokenizer, "chat_template", None) or ""
+                if self.template == "chat" else self.template)
         return f"|template={hashlib.sha256(f'{self.template}:{text}'.encode()).hexdigest()[:12]}"
 
     def _id_suffix(self) -> str:
