@@ -592,3 +592,34 @@ def test_kl_matching_is_checked_per_seed_and_on_the_mean():
     assert rows["exp"]["kl_matched"].startswith("no (seed 0")
     (claim,) = [c for c in summary["claims"] if c["difference"] == "exp - identity"]
     assert claim["verdict"] == "unresolved (KL not matched)"
+
+
+def test_texts_a_judge_cuts_are_counted_in_each_saved_evaluation(tmp_path):
+    """compare_real's evaluations scored texts the proxy reward model cut at its max_len and said
+    nothing (the training loop and `evaluate` count theirs). At max_len 2 every text is cut: pi_ref's
+    4 prompts x 2 samples, and bon_ref's N M = 4 samples of each of the 4 prompts."""
+    root = tmp_path
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke,tasks=harmlessness")
+    config.base.task.policy.checkpoint = save_policy(root / "policy")
+    config.base.task.reward.kind = "hf"
+    config.base.task.reward.checkpoint = save_reward_model(root / "rm", seed=3)
+    config.base.task.reward.max_len = 2
+    config.comparison.methods = "bon_ref"
+    config.comparison.kl_target = 0.5
+    lines = []
+    rc.run(rc.task_configs(config), config.comparison, str(root / "out"), log=lines.append,
+           devices=jax.devices()[:1])
+    ev = root / "out" / "harmlessness" / "evaluation"
+    ref = rc._load_eval(str(ev / "pi_ref.npz"))
+    assert (int(ref["proxy_texts_cut"]), int(ref["gold_texts_cut"])) == (4 * 2, 0)
+    for seed in (0, 1):
+        got = rc._load_eval(str(ev / f"bon_ref_seed{seed}.npz"))
+        assert (int(got["proxy_texts_cut"]), int(got["gold_texts_cut"])) == (4 * 2 * 2, 0)
+    said = [x for x in lines if "texts cut at a judge's length limit" in x]
+    assert len(said) == 3 and all(x.endswith("proxy 8)") or x.endswith("proxy 16)")
+                                  for x in said), said
+    summary = json.load(open(root / "out" / "comparison.json"))
+    assert [s["texts_cut"] for s in summary] == [{"gold": 0, "proxy": 8 + 2 * 16}]
+    assert "over pi_ref's and every method's evaluations: proxy 40." in open(
+        root / "out" / "comparison.md").read()

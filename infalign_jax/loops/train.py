@@ -62,6 +62,7 @@ from infalign_jax.infra import checkpointing, distributed, provenance, sharding
 from infalign_jax.infra import validate as check
 from infalign_jax import models, rl
 from infalign_jax.models import lora
+from infalign_jax.rewards import judges
 from infalign_jax.rl.step import policy_params
 from infalign_jax.rl.config import check_kl_horizon
 from infalign_jax.data import pipeline
@@ -601,7 +602,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
         def one_step(state: rl.RLState, step: int, context: LoopContext):
             batch = step_batch(task.prompts_XxP, task.prompt_mask_XxP, loader_cfg, mesh, step)
             t0 = time.perf_counter()
-            cut_before = cut() if cut else 0
+            cuts = judges.cuts_since(cut)
             state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(root, step))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.perf_counter() - t0
@@ -609,7 +610,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                 _handle_nonfinite(tcfg, step + 1, metrics, context, log)
             metrics.update(step_time_s=dt, skipped_total=context.counters["skips"])
             if cut:
-                _count_reward_cuts(cut() - cut_before, step + 1, metrics, context, log)
+                _count_reward_cuts(cuts(), step + 1, metrics, context, log)
             if "response_length" in metrics:  # BoNBoN without monitor samples has none
                 metrics["tokens_per_s"] = (metrics["response_length"] * tcfg.batch_size
                                            * per_prompt / dt)

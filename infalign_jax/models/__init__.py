@@ -171,7 +171,7 @@ def _check_learned_positions(cfg: ModelConfig, length: int, where: str) -> None:
     """GPT-2's learned position table has `max_len` rows: a longer sequence read past it (NaN
     rows, which zero attention weights spread over every position of the row). Refused on the
     static length, as transformers refuses it."""
-    if cfg.family == "gpt2" and length > cfg.max_len:
+    if cfg.learned_positions and length > cfg.max_len:
         raise ValueError(f"{where}: {length} positions exceed ModelConfig.max_len {cfg.max_len}, "
                          f"the rows of GPT-2's learned position table; shorten the sequence "
                          f"(or its padding)")

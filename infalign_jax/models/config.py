@@ -168,6 +168,12 @@ class ModelConfig:
         return not self.layer_types or self.layer_types[i] == "sliding"
 
     @property
+    def learned_positions(self) -> bool:
+        """Whether positions come from a learned table of `max_len` rows (GPT-2), so that no
+        sequence may be longer than `max_len`; rotary positions (llama) have no such limit."""
+        return self.family == "gpt2"
+
+    @property
     def n_params(self) -> int:
         """Number of parameters (trunk and lm head), for FLOP and memory estimates."""
         d, f, v = self.d_model, self.d_ff, self.vocab_size
@@ -175,6 +181,6 @@ class ModelConfig:
         mlp = (3 if self.family == "llama" else 2) * d * f
         per_layer = attn + mlp
         total = v * d + self.n_layers * per_layer + (0 if self.tie_embeddings else v * d)
-        if self.family == "gpt2":
+        if self.learned_positions:
             total += self.max_len * d
         return total

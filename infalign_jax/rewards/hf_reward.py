@@ -114,7 +114,7 @@ class ModelJudge:
             raise ValueError(f"{where}.template must be 'auto', 'chat' or a format string with "
                              f"the fields {{prompt}} and {{response}} (and no others), got "
                              f"{template!r}")
-        if cfg.family == "gpt2" and int(max_len) > cfg.max_len:
+        if cfg.learned_positions and int(max_len) > cfg.max_len:
             raise ValueError(f"{where}.max_len={max_len} exceeds the {cfg.max_len} positions of "
                              f"{name} (learned positions): a longer text would fail mid-run; "
                              f"set it <= {cfg.max_len}")

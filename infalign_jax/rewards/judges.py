@@ -196,3 +196,9 @@ def cut_counter(judge: Any) -> Callable[[], int] | None:
     """The count of texts `judge` has cut at its length limit so far (a reward model's
     `truncated`), as a function; None for a judge that cuts nothing."""
     return (lambda: int(judge.truncated)) if hasattr(judge, "truncated") else None
+
+
+def cuts_since(count: Callable[[], int] | None) -> Callable[[], int]:
+    """The cuts `count` (a `cut_counter`, or None) has counted since this call, as a function."""
+    start = count() if count else 0
+    return (lambda: count() - start) if count else (lambda: 0)

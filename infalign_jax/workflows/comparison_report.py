@@ -138,8 +138,16 @@ def summarise(result: dict[str, Any], cc: Any) -> dict[str, Any]:
     claims = _claims(result, diffs, flagged, n, {m: len(runs) for m, runs in evals.items()})
     return {"task": result["task"], "procedure": result["procedure"], "kl_target": target,
             "rows": rows, "gain_over_ref": gains, "differences_vs_identity": diffs,
-            "claims": claims, "win_rates": cc.win_rates,
+            "claims": claims, "win_rates": cc.win_rates, "texts_cut": texts_cut(result),
             "gold": result["gold"], "proxy": result["proxy"], "same_judge": result["same_judge"]}
+
+
+def texts_cut(result: dict[str, Any]) -> dict[str, int]:
+    """Per judge ("gold", "proxy"), the texts it cut at its length limit over pi_ref's and every
+    method's evaluations (a reward model scores only the kept part); evaluations saved before
+    the count was kept add 0."""
+    runs = [result.get("ref_cuts", {})] + [r for rs in result["evals"].values() for r in rs]
+    return {j: sum(int(r.get(f"{j}_texts_cut", 0)) for r in runs) for j in ("gold", "proxy")}
 
 
 def _claims(result: dict[str, Any], diffs: dict[str, Any], flagged: dict[str, bool], n: int,
@@ -207,6 +215,11 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
              f"full-vocabulary KL(pi || pi_ref) per response; alpha = mean weight of the trained "
              f"policy on its line from pi_ref (1: as trained).",
              "", sweep.markdown_table(rows, cols), ""]
+    cut = {j: c for j, c in summary.get("texts_cut", {}).items() if c}
+    if cut:
+        lines += ["Texts cut at a judge's length limit and scored on their kept part only, over "
+                  "pi_ref's and every method's evaluations: "
+                  + ", ".join(f"{j} {c}" for j, c in cut.items()) + ".", ""]
     proc = f"{summary['procedure']}{n}"
     conv = [r for r in summary["rows"] if r.get("optimum")]
     if conv:

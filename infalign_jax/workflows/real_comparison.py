@@ -287,6 +287,16 @@ def refuse_unread_base_overrides(config: Any, keys: Sequence[str], flag: str = "
 
 
 # ------------------------------------------------------------------------------ evaluation
+CUT_KEYS = ("gold_texts_cut", "proxy_texts_cut")   # texts a judge cut, per saved evaluation
+
+
+def cuts_said(ev: dict[str, Any]) -> str:
+    """The texts an evaluation's judges cut at their length limits, for its log line ("" when
+    none, or for an evaluation saved before they were counted)."""
+    said = [f"{k.split('_')[0]} {int(ev[k])}" for k in CUT_KEYS if int(ev.get(k, 0))]
+    return f"; texts cut at a judge's length limit: {', '.join(said)}" if said else ""
+
+
 class Evaluator:
     """pi_ref's samples on the evaluation prompts, scored once by both judges; then any policy's.
 
@@ -312,8 +322,10 @@ class Evaluator:
         if saved_ref is None:
             ref = self.sample_and_score(self.ref_params, cc.eval_seed, self.scfg)
             self.ref_texts = ref["texts"]
+            self.ref_cuts = {k: ref[k] for k in CUT_KEYS}
         else:   # an earlier run's (`saved_ref`: its evaluation/pi_ref.npz), scored already
             ref, self.ref_texts = saved_ref, None
+            self.ref_cuts = {k: ref[k] for k in CUT_KEYS if k in ref}
             want = (len(self.texts), cc.eval_samples)
             for key in ("gold_BxM", "proxy_BxM"):
                 if ref[key].shape != want:
@@ -325,10 +337,13 @@ class Evaluator:
     def sample_and_score(self, params: Any, seed: int, scfg: SamplingConfig,
                          kl: bool = False) -> dict[str, np.ndarray]:
         """M samples per evaluation prompt; their gold and proxy scores (B x M), response texts,
-        and with `kl` the full-vocabulary KL(pi || pi_ref) of each sample (B x M)."""
+        with `kl` the full-vocabulary KL(pi || pi_ref) of each sample (B x M), and the count of
+        texts each judge cut at its length limit (`gold_texts_cut`, `proxy_texts_cut`: a reward
+        model scores only the kept part)."""
         inp, m = self.inputs, scfg.n
         step = self.cc.eval_batch_prompts
         out: dict[str, list] = {"gold_BxM": [], "proxy_BxM": [], "kl_BxM": [], "texts": []}
+        cut = {"gold": 0, "proxy": 0}
         for start in range(0, len(self.texts), step):
             rows = slice(start, start + step)
             x, xm = jnp.asarray(inp.eval_BxP[rows]), jnp.asarray(inp.eval_mask_BxP[rows])
@@ -340,13 +355,16 @@ class Evaluator:
             prompts = [t for t in self.texts[rows] for _ in range(m)]
             b = x.shape[0]
             out["texts"] += texts
-            out["gold_BxM"].append(np.asarray(self.gold(prompts, texts), np.float64).reshape(b, m))
-            out["proxy_BxM"].append(np.asarray(self.proxy(prompts, texts),
-                                               np.float64).reshape(b, m))
+            for name, judge in (("gold", self.gold), ("proxy", self.proxy)):
+                cuts = judges.cuts_since(judges.cut_counter(judge))
+                out[f"{name}_BxM"].append(np.asarray(judge(prompts, texts),
+                                                     np.float64).reshape(b, m))
+                cut[name] += cuts()
             if kl:
                 out["kl_BxM"].append(np.asarray(self._kl(params, self.ref_params, x, xm, smp),
                                                 np.float64).reshape(b, m))
-        return {k: (np.concatenate(v) if v and k != "texts" else v) for k, v in out.items()}
+        return {**{k: (np.concatenate(v) if v and k != "texts" else v) for k, v in out.items()},
+                **{f"{name}_texts_cut": np.asarray(n) for name, n in cut.items()}}
 
     def win_rates(self, gold_BxM: np.ndarray, proxy_BxM: np.ndarray) -> dict[str, np.ndarray]:
         """Per-prompt win rates against the shared pi_ref samples, under each judge, by the
@@ -364,7 +382,7 @@ class Evaluator:
     def evaluate_policy(self, params: Any, seed: int) -> dict[str, Any]:
         got = self.sample_and_score(params, seed, self.scfg, kl=True)
         return {**self.win_rates(got["gold_BxM"], got["proxy_BxM"]), "kl_B": got["kl_BxM"].mean(1),
-                "gold_BxM": got["gold_BxM"], "proxy_BxM": got["proxy_BxM"], "texts": got["texts"]}
+                **{k: got[k] for k in ("gold_BxM", "proxy_BxM", "texts") + CUT_KEYS}}
 
     def evaluate_bon_ref(self, seed: int) -> dict[str, Any]:
         """Best-of-N sampling from pi_ref: N M samples per prompt, the best of each N by the
@@ -381,7 +399,8 @@ class Evaluator:
         texts = np.asarray(got["texts"], object).reshape(b, m, n)
         chosen = np.take_along_axis(texts, pick, -1)[..., 0].reshape(-1).tolist()
         return {**self.win_rates(gold, proxy), "kl_B": np.full(b, float(kl_lib.bon_kl_bound(n))),
-                "gold_BxM": gold, "proxy_BxM": proxy, "texts": chosen}
+                "gold_BxM": gold, "proxy_BxM": proxy, "texts": chosen,
+                **{k: got[k] for k in CUT_KEYS}}   # of all N M samples scored
 
 
 def _save_eval(path: str, ev: dict[str, Any], prompt_ids: Sequence[str], prompts: Sequence[str],
@@ -478,10 +497,10 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     ids, prompts, m = inputs.split.eval_ids, inputs.split.eval_texts, cc.eval_samples
     if saved_ref is None:
         log(f"  pi_ref sampled and scored on the evaluation prompts ({_elapsed(clock)} into the "
-            f"task)")
+            f"task{cuts_said(evaluator.ref_cuts)})")
         _save_eval(ref_path, {"gold_BxM": evaluator.ref_gold_BxM,
                               "proxy_BxM": evaluator.ref_proxy_BxM,
-                              "texts": evaluator.ref_texts}, ids, prompts, m)
+                              "texts": evaluator.ref_texts, **evaluator.ref_cuts}, ids, prompts, m)
     else:
         log(f"  pi_ref's saved evaluation samples loaded from {ref_path}")
     evals: dict[str, list[dict[str, Any]]] = {}
@@ -535,7 +554,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
             f"{got[f'gold_won{cc.n}_B'].mean():.3f}, standard "
             f"{got['gold_standard_B'].mean():.3f} ({time.perf_counter() - started:.0f} s; "
-            f"{_elapsed(clock)} into the task)")
+            f"{_elapsed(clock)} into the task{cuts_said(got)})")
         return got
 
     order = [mth for mth in cc.method_list if report.sets_kl_target(mth, cc.kl_target)]
@@ -547,7 +566,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             kl_target = _kl_target(workdir, measured, kl_target, log)
     return {"task": task_name, "procedure": inputs.task.procedure, "kl_target": kl_target,
             "evals": evals, "same_judge": evaluator.same_judge, "gold": gold.id,
-            "proxy": inputs.judge.id}
+            "proxy": inputs.judge.id, "ref_cuts": evaluator.ref_cuts}
 
 
 def _saved_kl_target(workdir: str, log: Callable[[str], None]) -> float:

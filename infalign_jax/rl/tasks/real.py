@@ -406,14 +406,14 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
                         progress: Any = print) -> ReferenceTable:
         scfg = SamplingConfig(n=min(s.calib_chunk, k), max_new_tokens=s.max_new_tokens,
                               temperature=float(s.temperature), eos_id=eos_id, pad_id=pad_id)
-        before = reward.cut() if reward.cut else 0
+        cuts = judges.cuts_since(reward.cut)
         table = calibration_pass.run_calibration(
             fns, policy.params, prompt_BxP, mask_BxP, split.train_ids, host_reward_fn,
             k=int(k), batch_prompts=s.calib_batch_prompts, sampling_cfg=scfg, seed=int(seed),
             base_model_id=base_id, reward_model_id=judge.id, require_eos=s.require_eos,
             partial_path=partial_path, progress=progress)
-        if reward.cut and reward.cut() > before:   # the samples this call scored (not resumed)
-            progress(f"reference table: the reward model cut {reward.cut() - before} scored "
+        if cuts():   # the samples this call scored (not resumed)
+            progress(f"reference table: the reward model cut {cuts()} scored "
                      f"texts at its length limit (it scores only the kept part)")
         return table
 
@@ -422,7 +422,7 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
         # estimated from fresh samples and the judge, not the table; no exact target
         del transform, beta, table, bon_n
         m = s.eval_samples
-        before = reward.cut() if reward.cut else 0
+        cuts = judges.cuts_since(reward.cut)
         record = eval_harness.evaluate_policy(
             fns, params, fns, policy.params, eval_BxP, eval_mask_BxP, eval_judge, m=m,
             ns=tuple(n for n in (1, 2, 4, 8) if n <= m), seed=s.eval_seed,
@@ -431,7 +431,7 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
             name=f"{s.name}_policy")
         out = _estimate_keys(record)
         if reward.cut:   # texts of both sides the reward model cut at its length limit
-            out["est_reward_texts_cut"] = float(reward.cut() - before)
+            out["est_reward_texts_cut"] = float(cuts())
         return out
 
     return RLTask(
