@@ -26,8 +26,8 @@ Cases (random prompt ids from the real vocabulary, i.e. no special tokens; every
      and response per row (`sampling.response_kl_entropy`, the baseline); same numbers checked
 
 On a GPU the PyTorch model runs on the GPU too, both sides in full float32 (no TF32).
-Timing: ours best of 3 after a warm-up run, HF best of 2 after a short warm-up generate (HF is
-slow on CPU: tens of seconds a call). `--quick` uses 16 new tokens and one timed repeat each.
+Timing: best of 3 on both sides, each after a warm-up call at the timed shapes (HF is slow on
+CPU: tens of seconds a call). `--quick` uses 16 new tokens and one timed repeat each.
 """
 
 from __future__ import annotations
