@@ -176,7 +176,7 @@ def test_a_rerun_with_more_seeds_keeps_the_kl_target_the_saved_runs_matched(comp
     # saved pi_ref samples of another shape are refused, not compared with
     ref_path = os.path.join(task_dir, "evaluation", "pi_ref.npz")
     ref = dict(np.load(ref_path))
-    np.savez(ref_path, **{k: v[:, :1] for k, v in ref.items()})
+    np.savez(ref_path, **{k: v[:, :1] if v.ndim == 2 else v for k, v in ref.items()})
     with pytest.raises(ValueError, match=r"saved pi_ref evaluation's gold_BxM has shape \(4, 1\)"):
         rc.run(rc.task_configs(config), config.comparison, workdir, log=lines.append,
                devices=jax.devices()[:1])
@@ -487,6 +487,30 @@ def test_a_rerun_with_its_prompt_file_edited_in_place_is_refused(tmp_path):
     prompts.write_text(prompts.read_text().replace("w3 w4", "w9 w9"))
     with pytest.raises(ValueError, match=r"task.data.prompts.sha256: saved '[0-9a-f]{64}', now"):
         rc.check_resume(task_dir, base, cc)
+
+
+def test_a_rerun_whose_prompt_texts_changed_is_refused(tmp_path):
+    """The generated prompt sets are code: a revision that rewords a held-out topic reran into
+    a work dir beside the saved pi_ref evaluation of the old texts (the training prompts are
+    checked by the reference table, the evaluation prompts were not). The split is recorded."""
+    from infalign_jax.rl.tasks import sources
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke,tasks=helpfulness")
+    (base,) = rc.task_configs(config)
+    cc = rc.parse_comparison(config.comparison)
+    split = sources.Split(["t0", "t1"], ["a", "b"], ["e0", "e1"], ["c", "d"])
+    task_dir = str(tmp_path / "helpfulness")
+    rc.check_resume(task_dir, base, cc, split)
+    open(os.path.join(task_dir, "reference_table.npz"), "wb").close()
+    rc.check_resume(task_dir, base, cc, split)
+    with pytest.raises(ValueError, match=r"prompts.split.sha256: saved '[0-9a-f]{64}', now"):
+        rc.check_resume(task_dir, base, cc, split._replace(eval_texts=["c", "d reworded"]))
+    # a record written before the split was recorded reruns as it did
+    record = os.path.join(task_dir, "comparison_config.json")
+    saved = json.loads(open(record).read())
+    with open(record, "w") as f:
+        json.dump({k: v for k, v in saved.items() if k != rc.SPLIT_DIGEST_KEY}, f)
+    rc.check_resume(task_dir, base, cc, split._replace(eval_texts=["c", "d reworded"]))
 
 
 def _identity_tilt_at_kl(kl):

@@ -184,6 +184,44 @@ def test_prompt_errors(tmp_path):
     assert report.counts == {"duplicate_id": 1, "empty_prompt": 1, "wrong_type": 1}
 
 
+def test_a_key_written_twice_is_a_counted_bad_record(tmp_path):
+    """json.loads keeps the last of two equal keys: a pair whose 'chosen' was written twice was
+    read with the second value (here the worse answer: the label inverted), without a count."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "Q1", "chosen": "good", "rejected": "bad", "chosen": "bad 2"}\n'
+                    '{"prompt": "Q2", "chosen": "a", "rejected": "b", "meta": {"x": 1, "x": 2}}\n'
+                    '{"prompt": "Q3", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: key 'chosen' appears twice") as e:
+        read_preferences(path)
+    assert e.value.reason == "duplicate_key"
+    examples, report = read_preferences(path, skip_bad=True)
+    assert [ex.line for ex in examples] == [3] and report.counts == {"duplicate_key": 2}
+    prompts = write_lines(tmp_path / "p.jsonl", ['{"id": "a", "prompt": "one", "prompt": "two"}',
+                                                 {"id": "b", "prompt": "three"}])
+    examples, report = read_prompts(prompts, skip_bad=True)
+    assert [e.prompt for e in examples] == ["three"] and report.counts == {"duplicate_key": 1}
+
+
+def test_text_of_invisible_characters_only_is_empty(tmp_path):
+    """A zero-width space, a byte-order mark, a soft hyphen or a word joiner survive
+    `str.strip`: such a prompt or response was kept as text, and an id of "" as an id."""
+    path = write_lines(tmp_path / "d.jsonl", [
+        {"prompt": "\u200b", "chosen": "A real answer.", "rejected": "\u200b\u2060"},
+        {"prompt": "Say hi", "chosen": "\ufeff", "rejected": "hi"},
+        {"prompt": "Say hi", "chosen": "hi", "rejected": " \u00ad\n"},
+        {"prompt": "Say\u200bhi", "chosen": "hi\u00ad", "rejected": "hey"}])
+    examples, report = read_preferences(path, skip_bad=True)
+    assert [ex.line for ex in examples] == [4]   # visible text around them is kept as it is
+    assert report.counts == {"empty_response": 3}
+    prompts = write_lines(tmp_path / "p.jsonl", [{"prompt": "\ufeff\u200b"},
+                                                 {"id": "", "prompt": "fine"},
+                                                 {"id": "\u2060", "prompt": "fine too"},
+                                                 {"id": "ok", "prompt": "kept"}])
+    examples, report = read_prompts(prompts, skip_bad=True)
+    assert [e.prompt_id for e in examples] == ["ok"]
+    assert report.counts == {"empty_prompt": 1, "empty_id": 2}
+
+
 # ---------------------------------------------------------------- tokenisation and packing
 VOCAB = {w: i for i, w in enumerate("<pad> <eos> <bos> a b c d e f g h".split())}
 

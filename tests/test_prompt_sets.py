@@ -30,6 +30,26 @@ def test_enough_distinct_prompts_for_the_reproduction(task):
     assert all("{" not in t and "}" not in t and t.strip() == t for t in texts)
 
 
+_FUNCTION_WORDS = {"a", "an", "the", "my", "our", "who", "of", "at", "in", "on", "to", "for",
+                   "and", "with", "me", "i", "his", "her", "their", "is", "are"}
+
+
+@pytest.mark.parametrize("task", sorted(prompt_sets.TEMPLATES))
+def test_no_two_topics_are_the_same_topic_in_other_words(task):
+    """The split holds out fillers group by group, so one topic written as two fillers crossed
+    it: "sister who passed her driving test" (group 1) was trained on while "my driving test"
+    (group 5) was held out, 3-6 of 240 helpfulness evaluation prompts a seed. No two fillers
+    of several content words may share three quarters of the shorter one's."""
+    def words(text):
+        return {w for w in re.findall(r"[a-z']+", text.lower()) if w not in _FUNCTION_WORDS}
+    fillers = [(g, f) for g, (_, group) in enumerate(prompt_sets.TEMPLATES[task]) for f in group]
+    close = [(a, b) for i, a in enumerate(fillers) for b in fillers[i + 1:]
+             if min(len(words(a[1])), len(words(b[1]))) >= 2
+             and len(words(a[1]) & words(b[1])) >= 0.75 * min(len(words(a[1])),
+                                                                len(words(b[1])))]
+    assert not close
+
+
 @pytest.mark.parametrize("task", sorted(prompt_sets.TEMPLATES))
 def test_split_is_disjoint_by_topic_and_seeded(task):
     train, evals = prompt_sets.split(task, 256, 128, seed=3)

@@ -246,6 +246,26 @@ def test_config_validation_names_the_field(tmp_path):
                                                                                "a.jsonl"),)}
 
 
+@needs_tfds
+def test_a_file_fed_to_two_splits_or_twice_to_one_is_refused(tmp_path, monkeypatch):
+    """One file listed twice in train built 2x its rows (5 distinct of 10); one file in train and
+    test put every test row among the training rows; both read as 'kept 10', nothing skipped."""
+    a = write_jsonl(tmp_path / "a.jsonl", JSONL)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"the same file is listed twice in split 'train' "
+                                         r"\('.*a.jsonl', './a.jsonl'\)"):
+        TfdsConfig({"train": [str(a), "./a.jsonl"]})
+    with pytest.raises(ValueError, match=r"the same file is listed in splits 'train' and 'test'"):
+        TfdsConfig({"train": str(a), "test": "a.jsonl"})
+    copy = write_jsonl(tmp_path / "copy.jsonl", JSONL)   # same rows under another name
+    with pytest.raises(ValueError, match=r"one content \(two copies of a file\) is listed in "
+                                         r"splits 'train' and 'test'"):
+        build_tfds(TfdsConfig({"train": str(a), "test": str(copy)}), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    other = write_jsonl(tmp_path / "b.jsonl", HH)
+    build_tfds(TfdsConfig({"train": str(a), "test": str(other)}), tmp_path / "data")
+
+
 def test_without_the_extra_the_error_names_it(tmp_path):
     # sys.modules[name] = None makes `import name` fail, as if the package were not installed.
     code = ("import sys\nsys.modules['tensorflow_datasets'] = None\n"

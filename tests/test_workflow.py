@@ -265,6 +265,37 @@ def test_prompt_split_is_seeded_disjoint_and_groups_duplicates(dirs):
         real.parse_section({"data": {"prompts": "/nonexistent.jsonl"}})
 
 
+def test_prompts_spelled_differently_are_one_prompt_on_one_side_of_the_split(tmp_path):
+    """A training prompt returned as an evaluation prompt in another spelling (a trailing
+    space, a doubled space, another case, NFD against NFC): split by exact text, 2-3 of 12
+    evaluation prompts were training prompts for every seed 0-4, and nothing was counted."""
+    import unicodedata
+    base = [f"Question number {i} about topic {chr(65 + i)}?" for i in range(10)]
+    variants = [base[0] + " ", base[1].replace(" ", "  ", 1), base[2].lower(),
+                "\n" + base[3], base[4].upper()]
+    nfc = "Is the café open?"
+    rows = ([{"id": f"p{i}", "prompt": t} for i, t in enumerate(base)]
+            + [{"id": f"v{i}", "prompt": t} for i, t in enumerate(variants)]
+            + [{"id": "nfc", "prompt": nfc},
+               {"id": "nfd", "prompt": unicodedata.normalize("NFD", nfc)}])
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for seed in range(5):
+        split = sources.split_prompts(str(path), 7, 4, seed=seed)
+        keys = [{sources.prompt_key(t) for t in side}
+                for side in (split.train_texts, split.eval_texts)]
+        assert not keys[0] & keys[1] and len(keys[0]) == 7 and len(keys[1]) == 4
+        assert split.merged == 6
+        # each prompt keeps the text and id of its first record
+        assert set(split.train_ids + split.eval_ids) <= {f"p{i}" for i in range(10)} | {"nfc"}
+        assert set(split.train_texts + split.eval_texts) <= set(base) | {nfc}
+    with pytest.raises(ValueError, match=r"has 11 distinct prompts"):
+        sources.split_prompts(str(path), 8, 4, seed=0)
+    # a policy's training prompts are passed over in any spelling
+    split = sources.split_prompts(str(path), 5, 4, seed=0, exclude=[base[5].upper() + " "])
+    assert base[5] not in split.train_texts + split.eval_texts
+
+
 def test_prompt_split_passes_over_excluded_prompts_in_its_order(dirs):
     """`exclude` (a policy's training prompts) never enters either side; a split the excluded
     texts do not reach is the split without them."""
@@ -296,8 +327,10 @@ def test_evaluate_passes_over_a_runs_training_prompts_or_says_it_cannot_tell(dir
     _, split, check = evaluate._held_out_split(evaluate.parse_config(e), 0, said.append)
     trained = sources.split_prompts(dirs["prompts"], 4, 2, seed=0).train_texts
     assert not set(split.eval_texts) & set(trained) and len(split.eval_texts) == 3
-    assert check == {"policy_training_prompts": 4, "left_out": 1}
-    assert said == [f"evaluate: passed over 1 prompts of {dirs['prompts']} that the policy's run "
+    assert check == {"policy_training_prompts": 4, "left_out": 1, "merged": 1}   # "dup"
+    assert said == [f"evaluate: 1 records of {dirs['prompts']} repeat an earlier prompt (up to "
+                    f"spacing and case) and were merged into it",
+                    f"evaluate: passed over 1 prompts of {dirs['prompts']} that the policy's run "
                     f"trained on (4 training prompts)"]
     # a run whose prompt file is gone: evaluated all the same, with a warning and the reason
     task["data"]["prompts"] = str(tmp_path / "gone.jsonl")
@@ -307,8 +340,9 @@ def test_evaluate_passes_over_a_runs_training_prompts_or_says_it_cannot_tell(dir
     assert len(split.eval_texts) == 3
     assert check["policy_training_prompts"].startswith("unknown (config.task.data.prompts: no "
                                                        "such file")
-    assert len(said) == 1 and said[0].startswith(f"evaluate: warning: cannot tell which prompts "
+    assert len(said) == 2 and said[0].startswith(f"evaluate: warning: cannot tell which prompts "
                                                  f"{run} trained on")
+    assert said[1].startswith("evaluate: 1 records of")
 
 
 def test_prompts_from_preference_files(tmp_path):

@@ -64,7 +64,8 @@ def test_calibrate_train_evaluate_export(dirs, tmp_path):
     assert len(trained_on) == 4 and not {r["prompt"] for r in policy_rows} & set(trained_on)
     assert len(set(sources.split_prompts(dirs["prompts"], 0, 3, seed=0).eval_texts)
                & set(trained_on)) == 1
-    assert results["prompts"]["held_out"] == {"policy_training_prompts": 4, "left_out": 1}
+    assert results["prompts"]["held_out"] == {"policy_training_prompts": 4, "left_out": 1,
+                                              "merged": 1}
     record = json.load(open(tmp_path / "eval" / "policy.json"))
     assert record["kl"]["full_vocab"]["mean"] > 1e-4    # the trained policy is not its base
 

@@ -17,7 +17,10 @@ Nothing is dropped silently: the first bad record raises `DataError` naming file
 was expected, or, with `skip_bad=True`, is counted in a `SkipReport`. Blank lines are not records
 and are ignored; a UTF-8 byte-order mark before a line (Windows editors write one) is ignored. A
 string that is not valid Unicode (a lone surrogate escape such as "\\ud83d", half an emoji) is
-a bad record ("bad_encoding"): no tokenizer can encode it. A Git LFS pointer in place of the
+a bad record ("bad_encoding"): no tokenizer can encode it. An object with a key written twice is
+a bad record ("duplicate_key": JSON readers differ on which value wins, so the record is
+ambiguous). Text made only of whitespace and invisible format characters (zero-width space,
+byte-order mark, soft hyphen, word joiner: Unicode category Cf) is empty. A Git LFS pointer in place of the
 data is named as such; a `.gz` file cut short names the line reached (with `skip_bad`, the records
 before the cut are kept and the cut counted).
 """
@@ -29,6 +32,7 @@ import dataclasses
 import gzip
 import json
 import os
+import unicodedata
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -203,7 +207,12 @@ def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[i
                                   f"line is not valid UTF-8 ({e.reason})"), skip_bad, report)
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, object_pairs_hook=_object_without_repeats)
+            except _RepeatedKey as e:
+                _handle(DataError(path, lineno, "duplicate_key",
+                                  f"key {e.args[0]!r} appears twice in one object (expected each "
+                                  f"key once: which value counts is ambiguous)"), skip_bad, report)
+                continue
             except json.JSONDecodeError as e:
                 _handle(DataError(path, lineno, "malformed_json",
                                   f"malformed JSON ({_json_problem(e)}); expected one JSON "
@@ -229,6 +238,26 @@ def _records(path: Path, skip_bad: bool, report: SkipReport) -> Iterator[tuple[i
         raise DataError(path, None, "unreadable", f"cannot read file: {e}") from e
     if not seen_any:
         raise DataError(path, None, "empty_file", "file holds no records (expected JSON lines)")
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object with a key written twice (`json.loads` keeps the last value silently)."""
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict:
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _RepeatedKey(key)
+        obj[key] = value
+    return obj
+
+
+def blank(text: str) -> bool:
+    """Whether `text` holds nothing visible: only whitespace and Unicode format characters
+    (category Cf: zero-width space, byte-order mark, soft hyphen, word joiner, ...), which
+    `str.strip` keeps."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 def _not_unicode(value: Any, where: str = "") -> str | None:
@@ -291,10 +320,10 @@ def _strip_leading_space(text: str) -> str:
 def _check_pair(prompt: str, chosen: str, rejected: str, path: Path, line: int
                 ) -> PreferenceExample:
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
+        if blank(text):
             raise DataError(path, line, "empty_response",
                             f"response {name!r} is empty (expected non-blank text)")
-    if not prompt.strip():
+    if blank(prompt):
         raise DataError(path, line, "empty_prompt", "prompt is empty (expected non-blank text)")
     if chosen == rejected:
         raise DataError(path, line, "identical_responses",
@@ -434,7 +463,7 @@ def read_prompts(path: str | os.PathLike, *, skip_bad: bool = False
     for line, obj in _records(path, skip_bad, report):
         try:
             prompt = _field(obj, "prompt", str, path, line)
-            if not prompt.strip():
+            if blank(prompt):
                 raise DataError(path, line, "empty_prompt",
                                 "prompt is empty (expected non-blank text)")
             prompt_id = obj.get("id", f"{_stem(path)}:{line}")
@@ -442,6 +471,9 @@ def read_prompts(path: str | os.PathLike, *, skip_bad: bool = False
                 raise DataError(path, line, "wrong_type", f"field 'id' is "
                                 f"{type(prompt_id).__name__} (expected a string or integer)")
             prompt_id = str(prompt_id)
+            if blank(prompt_id):
+                raise DataError(path, line, "empty_id", f"field 'id' is {prompt_id!r} (expected "
+                                f"a non-blank id, or no 'id' for the default)")
             if prompt_id in first_line:
                 raise DataError(path, line, "duplicate_id", f"prompt id {prompt_id!r} already "
                                 f"used on line {first_line[prompt_id]} (expected unique ids)")

@@ -27,7 +27,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -79,6 +79,7 @@ class TfdsConfig:
                 raise ValueError(f"TfdsConfig.files[{split!r}] must be a path or a non-empty "
                                  f"list of paths, got {self.files[split]!r}")
             normalised[split] = tuple(str(p) for p in paths)
+        _refuse_repeated_files(normalised, os.path.realpath, "the same file")
         object.__setattr__(self, "files", normalised)
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             raise ValueError(f"TfdsConfig.name must match [a-z0-9_]+, got {self.name!r}")
@@ -88,15 +89,39 @@ class TfdsConfig:
             raise ValueError(f"TfdsConfig.skip_bad must be a bool, got {self.skip_bad!r}")
 
 
+def _refuse_repeated_files(files: Mapping[str, Sequence[str]], key: Callable[[str], str],
+                           what: str) -> None:
+    """A file listed twice in a split would duplicate its rows; one in two splits would put
+    training rows in the evaluation split. `key` identifies a file (its real path, or its
+    content's digest)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for split in files:
+        for path in files[split]:
+            k = key(path)
+            if k in seen:
+                was_split, was_path = seen[k]
+                where = (f"twice in split {split!r}" if was_split == split
+                         else f"in splits {was_split!r} and {split!r}")
+                raise ValueError(f"TfdsConfig.files: {what} is listed {where} ({was_path!r}, "
+                                 f"{path!r}); each file may feed one split once")
+            seen[k] = (split, path)
+
+
 def _fingerprint(cfg: TfdsConfig) -> str:
     """Hash of the reading options and of each input file's bytes, file by file (split, path,
     sha256), so records moved from one file of a split to the next change it too (their source
     and line do); a stale build is refused."""
     h = hashlib.sha256(json.dumps([cfg.format, cfg.skip_bad, cfg.files], sort_keys=True).encode())
+    digests = {}
     for split in sorted(cfg.files):
         for path in cfg.files[split]:
             if os.path.isfile(path):   # a missing file fails in read_preferences with its name
-                h.update(json.dumps([split, path, provenance.file_sha256(path)]).encode())
+                digests[path] = provenance.file_sha256(path)
+                h.update(json.dumps([split, path, digests[path]]).encode())
+    # two copies of one file under two names (the config refused one name given twice)
+    _refuse_repeated_files({split: [p for p in paths if p in digests]
+                            for split, paths in cfg.files.items()}, digests.__getitem__,
+                           "one content (two copies of a file)")
     return h.hexdigest()
 
 

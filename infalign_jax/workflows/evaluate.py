@@ -181,9 +181,14 @@ def _held_out_split(s: dict[str, Any], num_train: int, say: Callable[[str], None
             say(f"evaluate: warning: cannot tell which prompts {path} trained on ({err}); the "
                 f"evaluation prompts may include some of them")
     prompts_path, split = _split(s, num_train, trained)
+    check["merged"] = split.merged
+    if split.merged:
+        say(f"evaluate: {split.merged} records of {prompts_path} repeat an earlier prompt (up to "
+            f"spacing and case) and were merged into it")
     if trained:
         _, plain = _split(s, num_train)
-        check["left_out"] = len(set(plain.eval_texts + plain.train_texts) & set(trained))
+        check["left_out"] = len({sources.prompt_key(t) for t in plain.eval_texts
+                                 + plain.train_texts} & {sources.prompt_key(t) for t in trained})
         if check["left_out"]:
             say(f"evaluate: passed over {check['left_out']} prompts of {prompts_path} that the "
                 f"policy's run trained on ({len(trained)} training prompts)")

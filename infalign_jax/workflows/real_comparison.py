@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -435,15 +436,29 @@ COMPARISON_RESUMABLE = ("comparison.methods", "comparison.seeds", "comparison.wi
     k for k in skeleton.RESUMABLE_KEYS if k not in ("train.num_steps", "train.init_from"))
 
 
-def check_resume(task_dir: str, base: Any, cc: ComparisonConfig) -> None:
+SPLIT_DIGEST_KEY = "prompts.split.sha256"
+
+
+def split_digest(split: Any) -> str:
+    """sha256 of a task's prompt split (`sources.Split`): its training and evaluation ids and
+    texts, in order."""
+    return hashlib.sha256(json.dumps([list(split.train_ids), list(split.train_texts),
+                                      list(split.eval_ids), list(split.eval_texts)]).encode()
+                          ).hexdigest()
+
+
+def check_resume(task_dir: str, base: Any, cc: ComparisonConfig, split: Any = None) -> None:
     """Writes `<task_dir>/comparison_config.json` (the base run config and the comparison
     settings, flat) on the first run; on a rerun, refuses a config that differs from it in any key
     outside COMPARISON_RESUMABLE, naming the keys, unless the record is all the directory holds
-    (a first run that stopped before any output, e.g. on a bad value: it is rewritten)."""
+    (a first run that stopped before any output, e.g. on a bad value: it is rewritten). With
+    `split` (the task's `sources.Split`), the prompts' texts are recorded too (SPLIT_DIGEST_KEY):
+    the generated sets are code, which another revision may word differently."""
     # the files the base config names, by content too: prompts edited in place were evaluated
     # beside the saved evaluations of the old ones
     now = {**skeleton.with_input_digests(skeleton.flat_record(base)),
-           **skeleton.flat_record({"comparison": dataclasses.asdict(cc)})}
+           **skeleton.flat_record({"comparison": dataclasses.asdict(cc)}),
+           **({SPLIT_DIGEST_KEY: split_digest(split)} if split is not None else {})}
     now = {k: v for k, v in now.items() if k not in COMPARISON_RESUMABLE}
     path = os.path.join(task_dir, "comparison_config.json")
     if not os.path.exists(path) or os.listdir(task_dir) == ["comparison_config.json"]:
@@ -453,7 +468,8 @@ def check_resume(task_dir: str, base: Any, cc: ComparisonConfig) -> None:
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     # a record from before the data digests and the tolerance's check is compared without them
-    now = skeleton.without_keys_added_since(saved, now, also=("comparison.kl_tolerance",))
+    now = skeleton.without_keys_added_since(saved, now, also=("comparison.kl_tolerance",
+                                                              SPLIT_DIGEST_KEY))
     keys = skeleton.differing_keys(saved, now)
     if keys:
         diff = skeleton.describe_differences(keys, saved, now, "saved", "now")
@@ -484,7 +500,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     gold = judges.get_judge(inputs.task.judge)
     log(f"{task_name}: {len(inputs.split.train_ids)} training / {len(inputs.split.eval_ids)} "
         f"evaluation prompts; reward {inputs.judge.id!r}, gold judge {gold.id!r}")
-    check_resume(workdir, base, cc)
+    check_resume(workdir, base, cc, inputs.split)
     # One reference table for every run (it depends on the task, reward, K and seed only).
     table_path = os.path.join(workdir, "reference_table.npz")
     rl_task = real.rl_task_from(inputs)   # the same loaded policy and reward, not a second load

@@ -328,9 +328,11 @@ def task_split(name: str, num_prompts: int, eval_prompts: int, data: sources.Pro
     if data.prompts:
         split = sources.split_prompts(data.prompts, num_prompts, eval_prompts, data.split_seed,
                                       data.format)
+        merged = (f"; {split.merged} records repeating an earlier prompt (up to spacing and "
+                  f"case) merged into it" if split.merged else "")
         say(f"config.task.data.prompts: {len(split.train_ids)} training and "
             f"{len(split.eval_ids)} evaluation prompts (disjoint; split_seed={data.split_seed}) "
-            f"from {data.prompts}")
+            f"from {data.prompts}{merged}")
         return split
     ids, texts = task_prompts(name, num_prompts, "config.task.num_prompts")
     return sources.Split(ids, texts, ids[:eval_prompts], texts[:eval_prompts])
