@@ -268,6 +268,53 @@ def test_beta_schedules_hold_each_accumulation_window_at_its_first_steps_value()
     assert float(rl.scheduled_beta(cfg, 3)) == pytest.approx(0.6 * 2.0 ** 0.5, rel=1e-6)
 
 
+def test_after_a_skipped_step_each_applied_update_still_has_one_beta():
+    """The guard skips a step by keeping the old state (the accumulator included) but advancing
+    `step`: windows keyed on step - step % k no longer matched the accumulator's, so every later
+    update averaged micro-batches at two betas ([1.0, 0.55], then [0.55, 0.1]). The window is
+    now the accumulator's (step - mini_step), its beta the schedule at its first step."""
+    from infalign_jax.loops.train import guard_nonfinite
+    cfg, _, step, state, frozen, batch = _step_with(
+        grad_accum_steps=2, beta_schedule="linear", beta=1.0, beta_final=0.1, beta_steps=4)
+    bad = frozen._replace(reward_params=jnp.full_like(frozen.reward_params, jnp.nan))
+    jstep = jax.jit(guard_nonfinite(step))
+
+    def mini(s):
+        return int(s.opt_state.mini_step)
+
+    windows, window = [], []
+    for i in range(6):
+        before = mini(state)
+        state, met = jstep(state, bad if i == 0 else frozen, batch, jax.random.key(i))
+        if int(met["skipped"]):
+            assert i == 0 and mini(state) == before == 0
+            continue
+        window.append(float(met["beta"]))
+        if mini(state) == 0:   # this step closed the window: the update is applied
+            windows.append(window)
+            window = []
+    linear = lambda t: 1.0 + (0.1 - 1.0) * min(t / 4, 1.0)   # noqa: E731
+    assert windows == [pytest.approx([linear(1)] * 2), pytest.approx([linear(3)] * 2)]
+    assert window == pytest.approx([linear(5)])   # the last window is still open
+    assert rl.pending_micro_steps(state.opt_state) == 1
+
+
+def test_a_critic_with_a_smaller_vocabulary_than_the_policy_is_refused():
+    """A critic of vocab 2 under a policy of vocab 4 gave NaN values at every step (the guard
+    skipped them all, naming value_loss, not the cause)."""
+    for vocab, ok in ((4, True), (8, True), (2, False)):
+        _, _, step, state, frozen, batch = _step_with(
+            algorithm="ppo", advantage="gae", value_model=dict(VALUE_MODEL, vocab_size=vocab),
+            ppo_epochs=1)
+        if ok:
+            _, met = jax.jit(step)(state, frozen, batch, jax.random.key(0))
+            assert np.isfinite(float(met["value_loss"]))
+        else:
+            with pytest.raises(ValueError, match=r"value_model vocab_size=2 is smaller than the "
+                                                 r"policy's vocabulary \(4 embedding rows\)"):
+                jax.jit(step)(state, frozen, batch, jax.random.key(0))
+
+
 def _np_gae_path(score, logp, ref, values, mask, beta, gamma, lam, whiten=True):
     """Independent numpy: KL-shaped rewards, GAE over valid tokens, whitening."""
     R, L = logp.shape

@@ -219,21 +219,41 @@ def pending_micro_steps(opt_state: Any) -> int:
     (the largest over them; 0 without accumulation). A run whose steps were all applied ends at 0;
     a step the non-finite guard skipped leaves the accumulator where it was, so later windows
     close one step later and the last one may still be open when the run ends."""
-    found = [int(jax.device_get(s.mini_step)) for s in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
-        if isinstance(s, optax.MultiStepsState)]
-    return max(found, default=0)
+    return max((int(jax.device_get(s.mini_step)) for s in _accumulators(opt_state)), default=0)
+
+
+def _accumulators(opt_state: Any) -> list[optax.MultiStepsState]:
+    """The `optax.MultiSteps` states inside `opt_state` (none without accumulation)."""
+    return [s for s in jax.tree.leaves(opt_state,
+                                       is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+            if isinstance(s, optax.MultiStepsState)]
 
 
 def make_value_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
     return _adam(cfg, cfg.value_learning_rate)
 
 
-def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
+def accumulation_start(cfg: RLConfig, step: Array, opt_state: Any = None) -> Array:
+    """The first step of the accumulation window that `step` (0-based) falls in: `step` itself
+    without accumulation. With `opt_state` (holding `optax.MultiSteps` state) it is read from the
+    accumulator, step - mini_step: a step the non-finite guard skipped advances `step` but leaves
+    the accumulator where it was, so every later window starts one step later than a multiple of
+    k. Without it, step - step % k (no step skipped)."""
+    step = jnp.asarray(step)
+    if cfg.grad_accum_steps == 1:
+        return step
+    found = _accumulators(opt_state) if opt_state is not None else []
+    return (step - found[0].mini_step.astype(step.dtype) if found
+            else step - step % cfg.grad_accum_steps)
+
+
+def scheduled_beta(cfg: RLConfig, step: Array, opt_state: Any = None) -> Array:
     """beta at `step` (0-based) of the "constant" / "linear" schedules, times the warm-up factor.
     Under gradient accumulation (`grad_accum_steps` = k > 1) every step of an accumulation window
-    uses the value at the window's first step, so the k micro-batches whose mean gradient makes
-    one update are one batch at one beta (as the learning rate, `_step_schedule`).
+    uses the value at the window's first step (`accumulation_start`; pass the policy's
+    `opt_state` so that the windows are the accumulator's after a skipped step), so the k
+    micro-batches whose mean gradient makes one update are one batch at one beta (as the
+    learning rate, `_step_schedule`).
 
     Why the warm-up: with an autoregressive softmax policy, E[Phi] - beta KL has traps. Early on,
     while the continuations after a prefix are still those of pi_ref, a prefix whose *optimal*
@@ -245,8 +265,7 @@ def scheduled_beta(cfg: RLConfig, step: Array) -> Array:
     Large beta keeps pi near pi_ref while the continuations learn, and the optimum moves slowly
     along pi*_beta as beta falls (a homotopy), so the policy stays in its basin.
     """
-    step = jnp.asarray(step)
-    step_f = (step - step % cfg.grad_accum_steps).astype(jnp.float32)
+    step_f = accumulation_start(cfg, step, opt_state).astype(jnp.float32)
     if cfg.beta_schedule == "linear":
         frac = jnp.minimum(step_f / cfg.beta_steps, 1.0)
         beta = jnp.float32(cfg.beta) + (cfg.beta_final - cfg.beta) * frac

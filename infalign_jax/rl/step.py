@@ -151,6 +151,18 @@ def policy_params(cfg: RLConfig, params: Params, frozen: Frozen | None,
     return lora.attach(layout(frozen.ref_params), params, cfg.lora)
 
 
+def check_critic_vocab(cfg: RLConfig, ref_params: Params) -> None:
+    """Refuses a critic (`value_model`) whose vocabulary is smaller than the policy's (the rows of
+    pi_ref's embedding): it would embed the policy's larger ids past its table, NaN values that
+    the guard skips at every step without naming the cause."""
+    embed = ref_params.get("embed") if isinstance(ref_params, Mapping) else None
+    vocab = cfg.value_model_config().vocab_size
+    if embed is not None and vocab < embed.shape[0]:
+        raise ValueError(f"RLConfig.value_model vocab_size={vocab} is smaller than the policy's "
+                         f"vocabulary ({embed.shape[0]} embedding rows): the critic reads the "
+                         f"policy's tokens; set value_model vocab_size={embed.shape[0]}")
+
+
 def current_beta(cfg: RLConfig, state: RLState) -> Array:
     if cfg.beta_schedule == "adaptive":
         if state.beta is None:
@@ -158,7 +170,7 @@ def current_beta(cfg: RLConfig, state: RLState) -> Array:
                              "build the state with rl.init_state(params, optimizer, cfg) or pass "
                              "**rl.init_extra_state(cfg, rng) to RLState")
         return state.beta.astype(jnp.float32)
-    return scheduled_beta(cfg, state.step)
+    return scheduled_beta(cfg, state.step, state.opt_state)
 
 
 def score_rollout(cfg: RLConfig, transform: Transform, rewards_BxM: Array, ref_sorted_BxK: Array,
@@ -431,16 +443,18 @@ def update(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformati
     return jax.lax.scan(epoch, carry, None, length=epochs)
 
 
-def next_beta(cfg: RLConfig, state: RLState, beta: Array, k1_R: Array) -> Array | None:
+def next_beta(cfg: RLConfig, state: RLState, beta: Array, k1_R: Array,
+              opt_state: Any = None) -> Array | None:
     """The beta the next step uses: the adaptive controller's update from this batch's mean KL,
-    or the schedule's value at step + 1 (None when the state keeps no beta)."""
+    or the schedule's value at step + 1 with `opt_state` this step's new optimiser state (None
+    when the state keeps no beta)."""
     if state.beta is None:
         return None
     if cfg.beta_schedule == "adaptive":
         new = adaptive_beta_update(beta, jnp.mean(k1_R), cfg.kl_target, cfg.kl_horizon,
                                    k1_R.shape[0])
     else:
-        new = scheduled_beta(cfg, state.step + 1)
+        new = scheduled_beta(cfg, state.step + 1, opt_state)
     return jax.lax.stop_gradient(new).astype(jnp.float32)
 
 
@@ -494,6 +508,8 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
         return rollout(cfg, fns, params, batch, rng)
 
     def learn(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
+        if cfg.advantage == "gae":
+            check_critic_vocab(cfg, frozen.ref_params)
         beta = current_beta(cfg, state)
         sc = score(cfg, fns, transform, frozen, ro, rewards_R)
         av, metrics = advantages(cfg, state, beta, ro, sc)
@@ -503,7 +519,8 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
         if cfg.full_kl:
             metrics.update(jax.lax.stop_gradient(rollout_full_vocab_metrics(
                 cfg, fns, policy_params(cfg, state.params, frozen), frozen.ref_params, ro)))
-        new_state = RLState(params, opt_state, state.step + 1, next_beta(cfg, state, beta, sc.k1_R),
+        new_state = RLState(params, opt_state, state.step + 1,
+                            next_beta(cfg, state, beta, sc.k1_R, opt_state),
                             value_params, value_opt_state)
         return new_state, metrics
 
