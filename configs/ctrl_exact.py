@@ -3,7 +3,8 @@
 Command (about 1.5 minutes on 2 CPU cores):
     .venv/bin/python experiments/train_policy.py --config=configs/ctrl_exact.py --workdir=runs/ctrl_exact
 Variants: `--config=configs/ctrl_exact.py:transform=identity,beta=0.15,steps=3000` (steps also
-sets the lr decay and the beta warm-up, 2/3 of it) or flags such as
+sets the lr decay and the beta warm-up, 2/3 of it; a `--config.train.num_steps` flag alone is
+refused, as it would leave them at 1500 steps) or flags such as
 `--config.transform.t=4 --config.rl.beta=1.5`;
 `--config.task.kl_budget=1.0` solves beta so that the exact target has that KL(pi* || pi_ref);
 `--config.task.eos=true` uses responses of length 1..3 ending with EOS.
@@ -25,6 +26,10 @@ from infalign_jax.rl import RLConfig
 from infalign_jax.rl.bon_distillation import BoNBoNConfig
 from infalign_jax.rl.tasks import ReferenceConfig
 from infalign_jax.rl.tasks.exact import ExactTaskConfig
+
+
+# Keys a flag may not change alone: get_config derives the decay and warm-up from `steps`.
+FLAG_DERIVED = {"train.num_steps": ("steps", ("rl.decay_steps", "rl.beta_anneal_steps"))}
 
 
 def get_config(arg=None):

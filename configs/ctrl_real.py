@@ -64,6 +64,10 @@ TASK_KEYS = ("num_prompts", "max_new_tokens", "eval_samples", "eval_prompts", "c
              "calib_batch_prompts")
 
 
+# Keys a flag may not change alone: get_config picks t's sign from the `task` argument.
+FLAG_DERIVED = {"task.name": ("task", ("transform.t",))}
+
+
 def get_config(arg=None):
     a = parse_arg(arg, task="helpfulness", size="tiny", transform="exp", t=0.0, beta=0.1,
                   algorithm="rloo", learning_rate=1e-5, seed=0, reference_seed=1)

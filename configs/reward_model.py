@@ -9,7 +9,8 @@ the synthetic pairs off; naming a judge in `data.synthetic` as well is refused):
 Variants: `--config=configs/reward_model.py:ensemble=4` (an ensemble for uncertainty-penalised
 rewards), `:data=helpfulness` / `:data=harmlessness` (pairs of SmolLM2 base samples of the real
 task's prompts, labelled by its gold judge, held-out prompts for eval; `label_noise=0.1` flips 10%
-of the training labels), `--config.train.num_steps=1000`.
+of the training labels), `:steps=1000` (also the learning-rate warm-up and decay; a
+`--config.train.num_steps` flag alone is refused, as it would leave them at 300 steps).
 Default data (no paths): `synthetic="vader"` writes VADER-labelled review pairs (data/synthetic.py)
 into the work dir, so the run is offline; the model is a fresh byte-level 2-layer decoder.
 Expected result (measured, seed 0): held-out pairwise accuracy of the proxy against the VADER
@@ -82,6 +83,10 @@ from infalign_jax.loops.train_reward import RMTrainConfig
 from infalign_jax.models import ModelConfig
 from infalign_jax.models.gguf_import import smollm2_gguf_path
 from infalign_jax.rewards.reward_models import RMConfig
+
+
+# Keys a flag may not change alone: get_config derives the schedule from the `steps` argument.
+FLAG_DERIVED = {"train.num_steps": ("steps", ("rm.total_steps", "rm.warmup_steps"))}
 
 
 def get_config(arg=None):

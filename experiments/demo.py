@@ -16,11 +16,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where results and the ma
 
 
 def main(argv):
-    cli.start(argv)
     # Step 6 trains reproduce's exact-stage runs, which set these keys themselves; without
     # methods to train, no --ctrl_config flag is read.
     cli.refuse_overrides("ctrl_config", reproduce.EXACT_KEYS_SET,
                          "each of step 6's runs sets it from the size and its method")
+    cli.start(argv)
     given = cli.config_overrides("ctrl_config")
     if given and not dataclass_from(demo.DemoConfig, as_dict(_CONFIG.value), "demo").methods:
         raise ValueError(f"--ctrl_config.{given[0]} is not used: config.train_methods is empty, "

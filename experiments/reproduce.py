@@ -22,12 +22,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Output directory.")
 
 
 def main(argv):
-    cli.start(argv)
     cli.refuse_overrides("exact_config", reproduce.EXACT_KEYS_SET,
                          "each exact-stage run sets it from the size and its method")
     cli.refuse_overrides("real_config", real_comparison.KEYS_SET,
                          "the comparison sets it per run (or, for size, in "
                          "--real_config=...:size=)")
+    cli.start(argv)
     real_comparison.refuse_unread_base_overrides(_REAL.value, cli.config_overrides("real_config"),
                                                  "real_config")
     reproduce.run(_CONFIG.value, _WORKDIR.value, exact_config=_EXACT.value, real_config=_REAL.value,

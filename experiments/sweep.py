@@ -1,8 +1,8 @@
 """Runs a config's `get_sweep()` points one after another, or prints one command per point.
 
     .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py --workdir=runs/sweep
-    .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py --workdir=runs/sweep \
-        --sweep=print --sweep_arg="ts=-5;5" --config.train.num_steps=200
+    .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py:steps=200 \
+        --workdir=runs/sweep --sweep=print --sweep_arg="ts=-5;5"
 
 Flags on the config (--config.x=...) apply to every point; the point's overrides come last. An RL
 option flag a point's config does not read is refused (a point may set its setting itself).

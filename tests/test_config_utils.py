@@ -12,7 +12,10 @@ def test_parse_arg_types_and_defaults():
 
 @pytest.mark.parametrize("arg,match", [("m=4", "unknown config arg 'm'"),
                                        ("n=four", "'n': expected an integer"),
-                                       ("n", "not key=value")])
+                                       ("n", "not key=value"),
+                                       # "size=small,size=tiny" ran the tiny config, silently
+                                       ("n=3000,n=30", r"config arg 'n' is given twice \('3000' "
+                                                       r"and '30'")])
 def test_parse_arg_errors(arg, match):
     with pytest.raises(ValueError, match=match):
         parse_arg(arg, n=1)

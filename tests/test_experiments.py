@@ -53,6 +53,37 @@ def test_entrypoint_rejects_unknown_override(tmp_path):
     assert proc.returncode != 0 and "no_such" in proc.stderr
 
 
+def _refused(script, *args):
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_a_flag_that_get_config_derived_other_keys_from_is_refused_alone(tmp_path):
+    """`--config.train.num_steps=3000` on ctrl_exact left the lr decay and the beta warm-up at
+    the file's 1500 / 1000 steps (the lr at its floor for half the run); `--config.task.name=
+    harmlessness` on ctrl_real kept t = +4, the Best-of-N sign, for the Worst-of-N task."""
+    err = _refused("train_policy.py", "--config=configs/ctrl_exact.py", f"--workdir={tmp_path}",
+                   "--config.train.num_steps=3000")
+    assert ("--config.train.num_steps changes a value that ctrl_exact.py's get_config derived "
+            "rl.decay_steps, rl.beta_anneal_steps from (its config-string argument 'steps')") in err
+    assert "--config=configs/ctrl_exact.py:steps=VALUE" in err
+    err = _refused("train_policy.py", "--config=configs/ctrl_real.py", f"--workdir={tmp_path}",
+                   "--config.task.name=harmlessness")
+    assert "derived transform.t from (its config-string argument 'task')" in err
+    # with every derived key set as well, the flag is taken: the run gets as far as the work dir
+    # (a path under a file: one line and exit status 2, as for every bad work dir)
+    (tmp_path / "file").write_text("")
+    err = _refused("train_policy.py", "--config=configs/ctrl_exact.py",
+                   f"--workdir={tmp_path / 'file' / 'run'}", "--config.train.num_steps=30",
+                   "--config.rl.decay_steps=30", "--config.rl.beta_anneal_steps=20")
+    assert "error (NotADirectoryError)" in err or "error (WorkdirError)" in err
+    err = _refused("analytic.py", f"--workdir={tmp_path / 'file' / 'run'}", "--config.grid=500")
+    assert "error (NotADirectoryError)" in err
+
+
 @pytest.mark.slow
 def test_demo_entrypoint(tmp_path):
     out = tmp_path / "demo"
@@ -95,13 +126,13 @@ def _metrics(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,config,flags", [
-    ("train_policy.py", "configs/ctrl_exact.py",
-     ["--config.train.num_steps=2", "--config.reference.k=64", "--config.rl.samples_per_prompt=8"]),
+    ("train_policy.py", "configs/ctrl_exact.py:steps=2",
+     ["--config.reference.k=64", "--config.rl.samples_per_prompt=8"]),
     # (BoNBoN draws bonbon.n samples a prompt: rl.samples_per_prompt would be refused, unused)
-    ("train_policy.py", "configs/ctrl_exact.py:transform=log,beta=0.333",
-     ["--config.train.num_steps=2", "--config.reference.k=64", "--config.method=bonbon"]),
-    ("train_reward.py", "configs/reward_model.py",
-     ["--config.train.num_steps=2", "--config.data.synthetic_train_pairs=64",
+    ("train_policy.py", "configs/ctrl_exact.py:transform=log,beta=0.333,steps=2",
+     ["--config.reference.k=64", "--config.method=bonbon"]),
+    ("train_reward.py", "configs/reward_model.py:steps=2",
+     ["--config.data.synthetic_train_pairs=64",
       "--config.data.synthetic_eval_pairs=16", "--config.train.batch_size=8"]),
 ], ids=["ctrl_exact", "bonbon", "reward_model"])
 def test_training_config_runs_two_steps_and_same_seed_reproduces(tmp_path, script, config, flags):
@@ -119,19 +150,19 @@ def test_training_config_runs_two_steps_and_same_seed_reproduces(tmp_path, scrip
 
 def test_sweep_print_mode_lists_one_command_per_point(tmp_path):
     proc = _run("sweep.py", "--config=configs/ctrl_exact.py", f"--workdir={tmp_path}",
-                "--sweep=print", "--sweep_arg=ts=-5;5", "--config.train.num_steps=7",
+                "--sweep=print", "--sweep_arg=ts=-5;5", "--config.reference.k=32",
                 tmp_path=tmp_path)
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 2 and all("--config.train.num_steps=7" in line for line in lines)
+    assert len(lines) == 2 and all("--config.reference.k=32" in line for line in lines)
     assert "--config.transform.t=-5.0" in lines[0] and "--config.transform.t=5.0" in lines[1]
     # a single-dash flag and a --flagfile's flag apply to the points as well: the printed
     # commands carry them (they were left out, and the cluster trained the default)
     (tmp_path / "flags").write_text("--config.rl.learning_rate=0.002\n")
     proc = _run("sweep.py", "--config=configs/ctrl_exact.py", f"--workdir={tmp_path}",
-                "--sweep=print", "--sweep_arg=ts=-5;5", "-config.train.num_steps=7",
+                "--sweep=print", "--sweep_arg=ts=-5;5", "-config.reference.k=32",
                 f"--flagfile={tmp_path / 'flags'}", tmp_path=tmp_path)
     lines = proc.stdout.strip().splitlines()
-    assert all("--config.train.num_steps=7" in line and "--config.rl.learning_rate=0.002" in line
+    assert all("--config.reference.k=32" in line and "--config.rl.learning_rate=0.002" in line
                for line in lines), lines
     # a flag no point's config reads is refused before any command is printed
     env = dict(os.environ, XLA_FLAGS=xla_flags())

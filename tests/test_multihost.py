@@ -694,11 +694,11 @@ def test_head_only_reward_training_runs_with_the_trunk_split_over_two_processes(
     and the cached features fetched parameters another process held, and the run crashed at
     its first step. It now gives the loss of one process on two devices."""
     from infalign_jax.infra.metrics_io import read_jsonl
-    flags_ = ["--config.train.num_steps=2", "--config.train.log_every=1",
+    flags_ = ["--config.train.log_every=1",
               "--config.mesh.fsdp=2", "--config.mesh.data=1",
               "--config.data.synthetic_train_pairs=32", "--config.data.synthetic_eval_pairs=8",
               "--config.train.tensorboard=false"]
-    args = ["experiments/train_reward.py", "--config=configs/reward_model.py:trainable=head",
+    args = ["experiments/train_reward.py", "--config=configs/reward_model.py:trainable=head,steps=2",
             *flags_]
     _command_on_two_processes(args + [f"--workdir={tmp_path / 'run'}"], tmp_path, "head")
     env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu", INFALIGN_JAX_CACHE="off")
@@ -719,14 +719,15 @@ def test_the_reward_command_runs_an_ensemble_on_two_processes(tmp_path):
     from infalign_jax.infra.config_utils import load_config_module
     from infalign_jax.infra.metrics_io import read_jsonl
     from infalign_jax.loops import train_reward
-    flags_ = ["--config.train.num_steps=3", "--config.train.log_every=1",
+    flags_ = ["--config.train.log_every=1",
               "--config.train.eval_every=3", "--config.mesh.data=2",
               "--config.data.synthetic_train_pairs=64", "--config.data.synthetic_eval_pairs=16",
               "--config.train.tensorboard=false"]
     _command_on_two_processes(
-        ["experiments/train_reward.py", "--config=configs/reward_model.py:ensemble=2", *flags_,
-         f"--workdir={tmp_path / 'run'}"], tmp_path, "rm")
-    config = load_config_module(str(REPO / "configs" / "reward_model.py")).get_config("ensemble=2")
+        ["experiments/train_reward.py", "--config=configs/reward_model.py:ensemble=2,steps=3",
+         *flags_, f"--workdir={tmp_path / 'run'}"], tmp_path, "rm")
+    config = load_config_module(str(REPO / "configs" / "reward_model.py")).get_config(
+        "ensemble=2,steps=3")
     config.unlock()
     for flag in flags_:
         key, value = flag[len("--config."):].split("=")

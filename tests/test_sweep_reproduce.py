@@ -169,6 +169,28 @@ def test_point_names_and_command_lines():
                         "--config.transform.t=10.0 --config.rl.beta=0.25")
 
 
+def test_points_that_share_a_work_dir_or_a_flag_every_point_replaces_are_refused():
+    """t = 2.0000001 and 2.0000004 were both named "t=2" (one work dir for two runs on a
+    cluster); repeated sweep values made repeated points; a --config flag for a key every point
+    sets was printed into every command and replaced there; rl.beta under a KL budget, which
+    solves beta, was accepted and logged as unused."""
+    assert sweep.point_name({"transform.t": 2.0}) == "t=2"   # names of earlier sweeps kept
+    names = [sweep.point_name({"transform.t": t}) for t in (2.0000001, 2.0000004, 1e-7, 0.1)]
+    assert len(set(names)) == 4 and names[2:] == ["t=1e-07", "t=0.1"]
+    base = _base()
+    with pytest.raises(ValueError, match=r"sweep points \['t=2'\] occur more than once"):
+        sweep.point_configs(base, [{"transform.t": 2.0}, {"transform.t": 2.0}])
+    points = [{"transform.t": t, "task.kl_budget": 0.5} for t in (-5.0, 5.0)]
+    with pytest.raises(ValueError, match=r"^--config.transform.t is set by every sweep point"):
+        sweep.point_configs(base, points, flag_keys=["transform.t"])
+    with pytest.raises(ValueError, match=r"^--config.rl.beta is not used by this run: it is read "
+                                         r"only with task.kl_budget=0"):
+        sweep.point_configs(base, points, flag_keys=["rl.beta"])
+    assert len(sweep.point_configs(base, points, flag_keys=["rl.learning_rate"])) == 2
+    assert len(sweep.point_configs(base, points[:1] + [{"rl.learning_rate": 0.01}],
+                                   flag_keys=["transform.t"])) == 2   # one point keeps the flag
+
+
 def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
     calls = []
 

@@ -14,7 +14,7 @@ from infalign_jax.infra.checkpointing import WorkdirError
 from infalign_jax.infra.config_utils import refuse_unused_overrides
 
 # Errors that describe bad input (a config value, a data file, a work dir): reported in one line.
-INPUT_ERRORS = (ValueError, WorkdirError, FileNotFoundError)
+INPUT_ERRORS = (ValueError, WorkdirError, FileNotFoundError, NotADirectoryError)
 
 
 CACHE_ENV = "INFALIGN_JAX_CACHE"
@@ -43,9 +43,13 @@ def start(argv: Sequence[str], *, processes: bool = False) -> None:
     (`distributed.from_env`: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) before
     any JAX computation, with `distributed.watch_peers` stopping this process when another one
     fails. An entrypoint that does not run on several processes (`processes` False) refuses an
-    environment that asks for them, naming the variables."""
+    environment that asks for them, naming the variables. Config flags that `get_config` derived
+    other keys from are refused alone (`refuse_stale_derived_flags`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    # after a command's own refusals of keys it sets per run (`refuse_overrides`, called before
+    # `start`), whose message says more
+    refuse_stale_derived_flags()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
@@ -197,6 +201,44 @@ def refuse_unused_flags(skip: Sequence[str] = ()) -> None:
         keys = config_overrides(name)
         if keys and flags.FLAGS[name].value is not None and name not in skip:
             refuse_unused_overrides(flags.FLAGS[name].value, keys, f"--{name}.")
+
+
+def refuse_stale_derived_flags() -> None:
+    """Refuses a ``--<name>.<key>`` flag for a key from which the config file's `get_config`
+    derived others (its module's ``FLAG_DERIVED``: key -> (the config-string argument that sets
+    it, the keys derived from that argument)), unless every derived key is set by a flag too:
+    the flag changes the key after `get_config` ran, so the derived values would stay those of
+    the argument (e.g. ``--config.train.num_steps`` leaving a learning-rate decay over the
+    file's default steps)."""
+    from infalign_jax.infra.config_utils import load_config_module
+    for name in list(flags.FLAGS):
+        keys = set(config_overrides(name))
+        spec = getattr(flags.FLAGS[name], "config_filename", None) if keys else None
+        if not isinstance(spec, str) or flags.FLAGS[name].value is None:
+            continue
+        path = spec.partition(":")[0]
+        try:
+            module = load_config_module(path)
+        except Exception:  # noqa: BLE001  (the flag's own loading reports the file's problems)
+            continue
+        config = flags.FLAGS[name].value
+        for key, (arg, derived) in getattr(module, "FLAG_DERIVED", {}).items():
+            left = [d for d in derived if d not in keys and _holds(config, d)]
+            if key in keys and left:
+                raise ValueError(
+                    f"--{name}.{key} changes a value that {os.path.basename(path)}'s get_config "
+                    f"derived {', '.join(left)} from (its config-string argument {arg!r}), after "
+                    f"it ran, so they would keep the argument's values; write "
+                    f"--{name}={path}:{arg}=VALUE instead (or set {', '.join(left)} too)")
+
+
+def _holds(config: Any, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node.keys():
+            return False
+        node = node[part]
+    return True
 
 
 def run(main: Callable[[Sequence[str]], Any], *, overrides_checked_by_main: Sequence[str] = ()

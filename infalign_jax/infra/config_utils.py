@@ -49,7 +49,7 @@ def _coerce(key: str, text: str, default: Any) -> Any:
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses "key=val,key=val" against `defaults`; tuples are written "a;b;c"."""
-    values = dict(defaults)
+    values, given = dict(defaults), {}
     for item in (arg or "").split(","):
         item = item.strip()
         if not item:
@@ -59,6 +59,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         key, text = (s.strip() for s in item.split("=", 1))
         if key not in defaults:
             raise ValueError(f"unknown config arg {key!r}; known: {', '.join(sorted(defaults))}")
+        if key in given:
+            raise ValueError(f"config arg {key!r} is given twice ({given[key]!r} and {text!r} "
+                             f"in {arg!r}); give it once")
+        given[key] = text
         values[key] = _coerce(key, text, defaults[key])
     return ml_collections.ConfigDict(values)
 

@@ -67,7 +67,7 @@ from infalign_jax.rl.step import policy_params
 from infalign_jax.rl.config import check_kl_horizon
 from infalign_jax.data import pipeline
 from infalign_jax.core.calibration import ReferenceTable, ReferenceTableError, load_reference_table
-from infalign_jax.infra.config_utils import dataclass_from, section
+from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, dataclass_from, section
 from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 from infalign_jax.core.transforms import transform_from_config
@@ -319,6 +319,12 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
 
 def _kl_budget(config: Any) -> float:
     return float(config.task.get("kl_budget", 0.0) or 0.0)
+
+
+# A KL budget solves beta (`_beta_for_budget`): an rl.beta override would be logged as unused.
+UNUSED_OPTION_RULES.append(
+    lambda config: {"rl.beta": "task.kl_budget=0 (a budget > 0 solves beta)"}
+    if float((config.get("task") or {}).get("kl_budget", 0.0) or 0.0) > 0 else {})
 
 
 def _check_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, bonbon: bool) -> None:

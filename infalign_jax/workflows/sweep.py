@@ -64,7 +64,9 @@ def point_name(overrides: Mapping[str, Any]) -> str:
     """A directory name for a point: ``t=4,beta=1.5`` (last part of each dotted key)."""
     parts = []
     for dotted, value in overrides.items():
-        text = f"{value:g}" if isinstance(value, float) else str(value)
+        text = str(value)
+        if isinstance(value, float):   # short where that loses nothing (2.0 -> "2")
+            text = f"{value:g}" if float(f"{value:g}") == value else repr(value)
         parts.append(f"{dotted.rsplit('.', 1)[-1]}={text}")
     return ",".join(parts).replace("/", "_")
 
@@ -100,6 +102,17 @@ def point_configs(config: ml_collections.ConfigDict, points: Sequence[Mapping[st
     the keys the command line set on `config` for every point (``--config.<key>``), refused when
     a point's config does not read them (`config_utils.refuse_unused_overrides`): checked per
     point, since a point may set the option's setting (``rl.beta_schedule``) itself."""
+    names = [point_name(p) for p in points]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"sweep points {repeated} occur more than once (or differ only in what "
+                         f"their work dir's name keeps): each would train into one work dir")
+    flag_keys = list(flag_keys)
+    replaced = [k for k in flag_keys if all(k in p for p in points)]
+    if replaced:
+        raise ValueError(f"--config.{replaced[0]} is set by every sweep point (get_sweep), so "
+                         f"the value given would be replaced; leave it out (or sweep it with "
+                         f"--sweep_arg)")
     configs = [apply_overrides(config, p) for p in points]
     for cfg in configs:
         refuse_unused_overrides(cfg, flag_keys, "--config.")
