@@ -27,6 +27,14 @@ def main(argv):
     cli.refuse_overrides("real_config", real_comparison.KEYS_SET,
                          "the comparison sets it per run (or, for size, in "
                          "--real_config=...:size=)")
+    stages = set(_CONFIG.value.stages.replace(" ", "").split(","))
+    for name, readers in (("exact_config", ("exact", "convergence")), ("real_config", ("real",))):
+        given = [f"--{name}.{k}" for k in cli.config_overrides(name)] + (
+            [f"--{name}"] if flags.FLAGS[name].present else [])
+        if given and not stages & set(readers):
+            raise ValueError(f"{given[0]} is not used: it is read by the "
+                             f"{' and '.join(readers)} stages only, and config.stages="
+                             f"{_CONFIG.value.stages!r} runs neither")
     cli.start(argv)
     real_comparison.refuse_unread_base_overrides(_REAL.value, cli.config_overrides("real_config"),
                                                  "real_config")

@@ -325,6 +325,35 @@ def test_bad_comparison_keys_are_refused_by_name(tmp_path):
         rc.task_configs(config)
 
 
+def test_comparison_options_no_method_reads_and_repeats_are_refused():
+    """--config.comparison.t=8 under methods without exp made the same runs as t=4;
+    kl_match_tries under kl_match='none' matched nothing; a method or task listed twice ran
+    twice into one work dir."""
+    from infalign_jax.infra.config_utils import refuse_unused_overrides
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke")
+    config.unlock()
+    config.comparison.methods = "vbon,identity"
+    config.comparison.kl_match = "none"
+    with pytest.raises(ValueError, match=r"^--config.comparison.t is not used by this run: it is "
+                                         r"read only with comparison.methods including one that "
+                                         r"reads t \('exp'\)"):
+        refuse_unused_overrides(config, ["comparison.t"], "--config.")
+    with pytest.raises(ValueError, match=r"comparison.kl_match_tries is not used .* "
+                                         r"comparison.kl_match='interpolate'"):
+        refuse_unused_overrides(config, ["comparison.kl_match_tries"], "--config.")
+    config.comparison.methods = "vbon,exp"
+    config.comparison.kl_match = "interpolate"
+    refuse_unused_overrides(config, ["comparison.t", "comparison.kl_match_tries",
+                                     "comparison.n"], "--config.")
+    with pytest.raises(ValueError, match=r"comparison.methods must be a list without repeats "
+                                         r"\(given twice: \['vbon'\]\)"):
+        rc.parse_comparison({"methods": "vbon,identity,vbon"})
+    config.tasks = "helpfulness,helpfulness"
+    with pytest.raises(ValueError, match=r"config.tasks must be .* without repeats"):
+        rc.task_configs(config)
+
+
 def test_base_overrides_no_trained_method_reads_are_refused():
     """`--config.base.<key>` is checked against each trained method's run config; one method
     reading it is enough (kl_horizon: the KL-controlled methods), none is refused."""

@@ -84,6 +84,16 @@ def test_a_flag_that_get_config_derived_other_keys_from_is_refused_alone(tmp_pat
     assert "error (NotADirectoryError)" in err
 
 
+def test_calibrate_refuses_flags_outside_the_sections_it_reads(tmp_path):
+    """calibrate.py accepted --config.transform.t / rl.beta / train.num_steps and recorded them
+    in its manifest as if they had shaped the table."""
+    err = _refused("calibrate.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+                   f"--workdir={tmp_path}", "--config.reference.k=4", "--config.rl.beta=5")
+    assert ("--config.rl.beta is not used: calibrate.py reads only the config's task and "
+            "reference sections") in err
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.slow
 def test_demo_entrypoint(tmp_path):
     out = tmp_path / "demo"
@@ -211,3 +221,21 @@ def test_pod_check_shapes_follow_the_rollout_flags():
     cc = compile_check.check_config(config)
     assert (cc.calibration_prompts, cc.calibration_chunk) == (32, 3)
     assert (cc.reward_batch, cc.reward_len) == (32 * 4, work.prompt_len + 64)
+
+
+def test_pod_check_refuses_shapes_of_programs_it_does_not_compile():
+    """--config.check.reward_len=100000 (past max_len) with check.programs=rl was accepted: only
+    the reward program reads it, and it was not compiled."""
+    from infalign_jax.infra.config_utils import refuse_unused_overrides
+    from infalign_jax.workflows import compile_check  # noqa: F401  (registers the rule)
+    config = load_config_module(os.path.join(ROOT, "configs", "pod.py")).get_config("model=tiny")
+    for key, reader in (("check.reward_len", "'reward'"), ("check.calibration_chunk",
+                                                             "'calibration'")):
+        with pytest.raises(ValueError, match=rf"^--config.{key} is not used by this run: it is "
+                                             rf"read only with check.programs including {reader}"):
+            refuse_unused_overrides(config, [key], "--config.")
+    refuse_unused_overrides(config, ["check.layouts"], "--config.")
+    config.update_from_flattened_dict({"check.programs": "reward"})
+    refuse_unused_overrides(config, ["check.reward_len", "check.reward_batch"], "--config.")
+    with pytest.raises(ValueError, match=r"check.layouts is not used .* 'rl' or 'calibration'"):
+        refuse_unused_overrides(config, ["check.layouts"], "--config.")

@@ -384,6 +384,37 @@ def test_reproduce_refuses_an_exact_stage_without_its_config(tmp_path):
         reproduce.run(cfg, str(tmp_path))
 
 
+def test_reproduce_refuses_keys_no_stage_it_runs_reads(tmp_path):
+    """--config.stages=analytic with --config.t, --config.convergence_kls, --exact_config.* or
+    --real_config ran the analytic stage and recorded the others in the manifest as if used."""
+    import subprocess
+    import sys
+    from infalign_jax.infra.config_utils import load_config_module, refuse_unused_overrides
+    config = load_config_module(os.path.join(os.path.dirname(CTRL_EXACT), "reproduce.py")
+                                ).get_config()
+    config.unlock()
+    config.stages = "analytic"
+    for key, readers in (("t", "'exact'"), ("convergence_kls", "'convergence'"),
+                         ("seed", "'exact' or 'convergence'")):
+        with pytest.raises(ValueError, match=rf"^--config.{key} is not used by this run: it is "
+                                             rf"read only with config.stages including {readers}"):
+            refuse_unused_overrides(config, [key], "--config.")
+    refuse_unused_overrides(config, ["analytic.grid"], "--config.")
+    config.stages = "exact"
+    refuse_unused_overrides(config, ["t", "seed"], "--config.")
+    with pytest.raises(ValueError, match=r"^--config.analytic.grid is not used"):
+        refuse_unused_overrides(config, ["analytic.grid"], "--config.")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for flag in ("--exact_config.rl.learning_rate=0.5",
+                 "--real_config=configs/compare_real.py:size=medium"):
+        out = subprocess.run([sys.executable, "experiments/reproduce.py", "--config.stages=analytic",
+                              flag, f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True,
+                             text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert f"{flag.split('=')[0]} is not used: it is read by the" in out.stderr, out.stderr
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow   # a command start each
 @pytest.mark.parametrize("command,flag,message", [
     ("reproduce.py", "--exact_config.train.num_steps=7",

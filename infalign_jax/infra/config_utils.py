@@ -110,7 +110,7 @@ def refuse_unused_overrides(config: Any, keys: Iterable[str], source: str) -> No
             readers.setdefault(option, []).append(reader)
     for key in keys:
         parts = key.split(".")
-        for option in (".".join(parts[:i]) for i in range(2, len(parts) + 1)):
+        for option in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
             if option in readers:
                 raise ValueError(
                     f"{source}{key} is not used by this run: it is read only with "

@@ -12,6 +12,9 @@ from infalign_jax.loops import train
 from infalign_jax.rl.tasks import real
 
 
+READS = ("task.", "reference.")   # the config sections the calibration pass reads
+
+
 def run(config: Any, workdir: str, progress: Any = print) -> str:
     """Builds the reference table of `config.task` into `workdir/reference_table.npz`.
 

@@ -50,7 +50,7 @@ from infalign_jax import models, rl
 from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.infra import aot, sharding
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import dataclass_from, section
+from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, dataclass_from, section
 from infalign_jax.decoding.sampling import sample
 from infalign_jax.rewards.reward_models import reward_fn_with_prompt_table, sequence_rewards
 
@@ -96,6 +96,25 @@ class CheckConfig:
     @property
     def layout_list(self) -> tuple[str, ...]:
         return _names("layouts", self.layouts, sharding.ROLLOUT_LAYOUTS)
+
+
+# The check options each program reads; an override of one whose programs are all left out
+# of check.programs is refused (`UNUSED_OPTION_RULES`).
+CHECK_READERS = {"calibration_prompts": ("calibration",), "calibration_chunk": ("calibration",),
+                 "reward_batch": ("reward",), "reward_len": ("reward",),
+                 "layouts": ("rl", "calibration")}
+
+
+def unused_check_options(config: Any) -> dict[str, str]:
+    check_section = config.get("check")
+    if not isinstance(check_section, dict) or "programs" not in check_section:
+        return {}
+    programs = {n.strip() for n in str(check_section["programs"]).split(",")}
+    return {f"check.{key}": f"check.programs including {' or '.join(map(repr, readers))}"
+            for key, readers in CHECK_READERS.items() if not programs & set(readers)}
+
+
+UNUSED_OPTION_RULES.append(unused_check_options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,7 +61,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,7 @@ from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import as_dict, dataclass_from
+from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, as_dict, dataclass_from
 from infalign_jax.infra.files import atomic_open, atomic_path, write_json, write_npz
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
@@ -112,6 +112,9 @@ class ComparisonConfig:
         if unknown or not self.method_list:
             check.fail(self, "methods", f"'all' or a comma-separated subset of {METHODS} "
                                         f"(unknown: {unknown})")
+        repeated = sorted({m for m in self.method_list if self.method_list.count(m) > 1})
+        if repeated:
+            check.fail(self, "methods", f"a list without repeats (given twice: {repeated})")
         check.int_tuple(self, "seeds", "a non-empty tuple of distinct integers >= 0", low=0,
                         distinct=True)
         check.ints(self, ("n",), low=2)
@@ -139,6 +142,29 @@ def parse_comparison(section: Any) -> ComparisonConfig:
     if "seeds" in values:
         values["seeds"] = tuple(values["seeds"])
     return dataclass_from(ComparisonConfig, values, "comparison")
+
+
+def unused_comparison_options(config: Mapping[str, Any]) -> dict[str, str]:
+    """The `comparison` options its settings leave unread (`UNUSED_OPTION_RULES`): `t` when no
+    compared method's run depends on it (only CTRL exp's does), `kl_match_tries` without
+    matching."""
+    c = config.get("comparison")
+    if not isinstance(c, Mapping):
+        return {}
+    try:
+        cc = parse_comparison(c)
+    except ValueError:
+        return {}   # refused with its own message where it is read
+    unused = {}
+    if not any(method_overrides(m, "bon", cc.n, 1.0) != method_overrides(m, "bon", cc.n, 2.0)
+               for m in cc.method_list):
+        unused["comparison.t"] = "comparison.methods including one that reads t ('exp')"
+    if cc.kl_match == "none":
+        unused["comparison.kl_match_tries"] = "comparison.kl_match='interpolate'"
+    return unused
+
+
+UNUSED_OPTION_RULES.append(unused_comparison_options)
 
 
 def method_overrides(method: str, procedure: str, n: int, t: float) -> dict[str, Any]:
@@ -636,9 +662,9 @@ def task_configs(config: Any) -> list[Any]:
     import ml_collections
     names = [t.strip() for t in str(config.tasks).split(",") if t.strip()]
     unknown = sorted(set(names) - set(real.known_tasks()))
-    if unknown or not names:
-        raise ValueError(f"config.tasks must be a comma-separated list of {real.known_tasks()}, "
-                         f"got {config.tasks!r}")
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"config.tasks must be a comma-separated list of {real.known_tasks()} "
+                         f"without repeats, got {config.tasks!r}")
     temperature = float(config.base.task.get("temperature", 1.0))
     if temperature != 1.0:
         # The evaluation samples carry the KL(pi || pi_ref) each run is matched at: they must be

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from infalign_jax.workflows import sweep
 from infalign_jax.loops import train
 from infalign_jax.core.transforms import get_transform, transform_overrides
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import as_dict, dataclass_from
+from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, as_dict, dataclass_from
 
 SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumbing only
          # one seed, 64 samples per prompt: the `make demo` step (about a minute a method)
@@ -380,6 +380,30 @@ class ReproduceConfig:
     @property
     def stage_list(self) -> list[str]:
         return [s.strip() for s in str(self.stages).split(",") if s.strip()]
+
+
+# Which stages read each key of configs/reproduce.py's config (the analytic section: its own).
+STAGE_READS = {"n": ("exact", "convergence"), "t": ("exact",), "seed": ("exact", "convergence"),
+               "convergence_kls": ("convergence",), "convergence_transforms": ("convergence",),
+               "analytic": ("analytic",)}
+
+
+def unused_stage_options(config: Mapping[str, Any]) -> dict[str, str]:
+    """The keys of a reproduce config that none of its `stages` reads (`UNUSED_OPTION_RULES`)."""
+    if not {"stages", "convergence_kls"} <= set(config):
+        return {}
+    stages = {s.strip() for s in str(config["stages"]).split(",")}
+    unused = {}
+    for key, readers in STAGE_READS.items():
+        if not stages & set(readers):
+            why = f"config.stages including {' or '.join(repr(s) for s in readers)}"
+            inner = config.get(key)
+            for name in ([f"{key}.{k}" for k in inner] if isinstance(inner, Mapping) else [key]):
+                unused[name] = why
+    return unused
+
+
+UNUSED_OPTION_RULES.append(unused_stage_options)
 def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any = None,
         log: Callable[[str], None] = print) -> str:
     """Runs the configured stages into `workdir` and writes `workdir/results.md`; returns its path.
