@@ -10,6 +10,8 @@ import pytest
 
 from infalign_jax.analysis import analytic as A
 from infalign_jax.analysis import analytic_solver as S
+from infalign_jax.analysis import evaluation
+from infalign_jax.workflows import analytic_report
 from infalign_jax.core.transforms import get_transform
 
 SPEC_TABLE = {2: (0.1931, 0.6667), 4: (0.6363, 0.8000), 8: (1.2044, 0.8889),
@@ -126,7 +128,9 @@ def test_optimal_dominates_exp_family(procedure):
     w_opt = S.optimal_win_rate_at_kl(kl, procedure, n, grid_size=2000)
     _, w_exp_T = A.solve_rows_at_kl(A.exp_family_table(np.linspace(-30, 30, 25), 2000), kl,
                                     procedure, n)
-    w_others = [A.win_rate_at_kl(name, kl, procedure, n, grid_size=2000)
+    # on the same grid as the optimum (logit's and probit's values are not resolved at 2000
+    # bins, which `win_rate_at_kl` refuses; the optimum dominates them on the grid all the same)
+    w_others = [A.solve_rows_at_kl(A.phi_table(name, 2000)[None], kl, procedure, n)[1][0]
                 for name in ("identity", "log", "logit", "probit")]
     assert np.all(w_opt >= w_exp_T - 1e-9)
     assert w_opt >= max(w_others) - 1e-9
@@ -332,6 +336,11 @@ def test_optimal_table_round_trip(tmp_path):
     (lambda: S.optimal_win_rate_at_kl(-0.5, "bon", 2), "kl"),
     (lambda: S.optimal_win_rate_at_kl(0.5, "bon", 1.5), "n must"),
     (lambda: A.kl_and_win_rate("identity", 0.0), "beta"),
+    # a list for n was accepted and its first entry used
+    (lambda: evaluation.selected_probs(np.arange(4.0)[None], [2, 8]), "n must be one int"),
+    # a KL past the grid's resolution was refused only at its row, after the others had run
+    (lambda: analytic_report.AnalyticConfig(kls=(0.5, 6.0), grid=8000),
+     r"config.kls must be <= 4.99.*got \[6.0\]"),
 ])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
@@ -377,6 +386,30 @@ def test_a_beta_past_what_the_grid_resolves_is_refused_and_a_curve_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         A.curve("identity", [0.1, 1.0], grid_size=4000)
+
+
+def test_a_result_the_grid_does_not_resolve_is_refused():
+    """probit's tilt at KL 2 read a standard win rate 3.1e-3 above its closed form Phi(sqrt(KL)),
+    logit's at beta 1 a KL of 3.22 for 5.16, and BoN_1024 of the log tilt (whose BoN-vs-BoN win
+    rate is (a + 1) / (a + 2) for every N) 0.9500 for 0.9817 at KL 3: each was returned as if
+    right. A result that moves by more than RESOLUTION_TOL on a grid twice as fine is refused."""
+    from statistics import NormalDist
+    _, raw = A.solve_rows_at_kl(A.phi_table("probit", 4000)[None], 2.0, "standard")
+    assert raw[0] - NormalDist().cdf(math.sqrt(2.0)) > 2e-3        # what was returned
+    with pytest.raises(ValueError, match=r"transform 'probit' at KL 2, standard: grid 4000 does "
+                                         r"not resolve it"):
+        A.win_rate_at_kl("probit", 2.0)
+    with pytest.raises(ValueError, match=r"transform 'logit' at beta=1, standard: grid 4000"):
+        A.kl_and_win_rate("logit", 1.0)
+    with pytest.raises(ValueError, match=r"transform 'log' at KL 2, bon1024: grid 4000"):
+        A.win_rate_at_kl("log", 2.0, "bon", 1024)
+    # the log tilt u^a at KL 2 (KL = log(a + 1) - a / (a + 1)), BoN_4: resolved and right
+    a = A.beta_at_kl("log", 2.0) ** -1
+    assert math.log(a + 1) - a / (a + 1) == pytest.approx(2.0, abs=1e-4)
+    assert A.win_rate_at_kl("log", 2.0, "bon", 4) == pytest.approx((a + 1) / (a + 2), abs=1e-5)
+    with pytest.warns(UserWarning, match=r"moves by more than 0.0001 on a grid twice as fine"):
+        c = A.curve("logit", [1.0, 50.0])
+    assert np.isnan(c["win_rate"][0]) and np.isfinite(c["win_rate"][1])
 
 
 def test_a_kl_below_what_the_quadrature_resolves_is_refused():

@@ -54,6 +54,12 @@ Array = jax.Array
 
 DEFAULT_GRID = 4000
 MIN_BINS = 20
+# The largest change of a reported win rate (or of a KL, relative to max(1, KL)) between the grid
+# and one twice as fine that the single-transform functions accept: identity, log and exp tilts
+# move by < 5e-6 (1/U^2 convergence); logit and probit, whose tilts pile their mass into the last
+# bins below u = 1, and BoN_N at N ~ 1000, whose selected density lies inside a few bins, moved
+# by 1e-4 to 4e-3 while being 1e-3 to 3e-2 off the truth.
+RESOLUTION_TOL = 1e-4
 # Bisection bracket on log(theta) for Phi normalised to a unit range.
 # The top is large because steep exp-t (t = -400, the far end of `best_t`'s grid) needs
 # theta ~ exp(|t| u0) to cut below u0; theta * Phi stays finite in float64 up to log theta ~709.
@@ -305,7 +311,26 @@ def kl_and_win_rate(transform: str | Transform, beta: float, procedure: str = "s
     if not kl <= max_resolved_kl(grid_size):   # NaN too
         raise ValueError(f"beta={beta:g}: KL {kl:.3f} is past what grid {grid_size} resolves "
                          f"(max resolved KL {max_resolved_kl(grid_size):.2f}); raise the grid")
+    kl2, w2 = _tilt_kl_and_win_rate(transform, beta, procedure, n, against, 2 * grid_size,
+                                    params)
+    _check_resolved(transform, f"at beta={beta:g}", procedure, n, grid_size, (kl, kl2), (w, w2))
     return kl, w
+
+
+def _check_resolved(transform: str | Transform, where: str, procedure: str, n: int,
+                    grid_size: int, kls: tuple[float, float], wins: tuple[float, float]) -> None:
+    """Refuses a result that moves by more than RESOLUTION_TOL on a grid twice as fine."""
+    name = transform if isinstance(transform, str) else transform.name
+    moved_w = abs(wins[0] - wins[1])
+    moved_kl = abs(kls[0] - kls[1]) / max(1.0, abs(kls[0]))
+    if not max(moved_w, moved_kl) <= RESOLUTION_TOL:
+        raise ValueError(
+            f"transform {name!r} {where}, {procedure}{n if procedure != 'standard' else ''}: "
+            f"grid {grid_size} does not resolve it (KL {kls[0]:.5f} / {kls[1]:.5f}, win rate "
+            f"{wins[0]:.5f} / {wins[1]:.5f} on grids {grid_size} / {2 * grid_size}: moved by more "
+            f"than {RESOLUTION_TOL:g}); the tilt or the selected density lies within a few bins "
+            f"(near u = 1 for logit and probit, or at a large N): a larger grid_size may resolve "
+            f"it")
 
 
 def _tilt_kl_and_win_rate(transform: str | Transform, beta: float, procedure: str, n: int,
@@ -324,17 +349,22 @@ def curve(transform: str | Transform, betas: Any, procedure: str = "standard", n
           against: str = "transformed", grid_size: int = DEFAULT_GRID, **params: Any) -> dict:
     """KL and win rate along a beta sweep: {"beta", "kl", "win_rate"} arrays; NaN at the betas
     whose KL is past what the grid resolves (a warning names them: the curve used to flatten
-    there at KL ~ log(grid_size))."""
+    there at KL ~ log(grid_size)), or whose KL or win rate moves by more than RESOLUTION_TOL on a
+    grid twice as fine."""
     betas = np.asarray(betas, np.float64).reshape(-1)
-    pts = [_tilt_kl_and_win_rate(transform, _check_beta(b), procedure, n, against, grid_size,
-                                 params) for b in betas]
-    resolved = [kl <= max_resolved_kl(grid_size) for kl, _ in pts]   # NaN too
+    pts, fine = ([_tilt_kl_and_win_rate(transform, _check_beta(b), procedure, n, against, m,
+                                        params) for b in betas]
+                 for m in (grid_size, 2 * grid_size))
+    resolved = [kl <= max_resolved_kl(grid_size) and abs(w - w2) <= RESOLUTION_TOL
+                and abs(kl - kl2) <= RESOLUTION_TOL * max(1.0, abs(kl))
+                for (kl, w), (kl2, w2) in zip(pts, fine)]   # NaN too
     pts = [p if ok else (math.nan, math.nan) for p, ok in zip(pts, resolved)]
     past = [float(b) for b, ok in zip(betas, resolved) if not ok]
     if past:
         warnings.warn(f"curve: {len(past)} of {betas.size} betas ({past[:5]}) give a KL past "
-                      f"what grid {grid_size} resolves (max {max_resolved_kl(grid_size):.2f}): "
-                      f"NaN there; raise grid_size", stacklevel=2)
+                      f"what grid {grid_size} resolves (max {max_resolved_kl(grid_size):.2f}), "
+                      f"or a KL or win rate that moves by more than {RESOLUTION_TOL:g} on a grid "
+                      f"twice as fine: NaN there; raise grid_size", stacklevel=2)
     return {"beta": betas, "kl": np.array([p[0] for p in pts]),
             "win_rate": np.array([p[1] for p in pts])}
 
@@ -351,12 +381,15 @@ def beta_at_kl(transform: str | Transform, kl: float, *, grid_size: int = DEFAUL
 def win_rate_at_kl(transform: str | Transform, kl: float, procedure: str = "standard",
                    n: int = 1, *, against: str = "transformed", grid_size: int = DEFAULT_GRID,
                    **params: Any) -> float:
-    """Win rate of the Phi-tilt whose KL(pi || pi_ref) equals kl (beta solved by bisection)."""
+    """Win rate of the Phi-tilt whose KL(pi || pi_ref) equals kl (beta solved by bisection);
+    refused when it moves by more than RESOLUTION_TOL on a grid twice as fine."""
     n = check_procedure(procedure, n, against)
     name = transform if isinstance(transform, str) else transform.name
-    _, wins = solve_rows_at_kl(phi_table(transform, grid_size, **params)[None], kl, procedure,
-                               n, against, names=[name])
-    return float(wins[0])
+    wins = [float(solve_rows_at_kl(phi_table(transform, m, **params)[None], kl, procedure, n,
+                                   against, names=[name])[1][0])
+            for m in (grid_size, 2 * grid_size)]
+    _check_resolved(transform, f"at KL {kl:g}", procedure, n, grid_size, (kl, kl), tuple(wins))
+    return wins[0]
 
 
 def exp_family_table(t_B: Any, m: int = DEFAULT_GRID) -> np.ndarray:

@@ -185,6 +185,8 @@ def selected_probs(scores_BxM, n: int, procedure: str = "bon", weights_BxM=None,
     distillation targets (spec 4, 5). Rows sum to 1."""
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
+    if np.ndim(n) != 0:   # a list was accepted and its first entry used
+        raise ValueError(f"selected_probs: n must be one int (one procedure size), got {n!r}")
     scores_BxM, valid_BxM = _scores("scores_BxM", scores_BxM, valid_BxM)
     w_BxM = _weights("scores_BxM", valid_BxM, weights_BxM)
     f_le, f_lt = _fractions_le_lt(scores_BxM, w_BxM, scores_BxM)

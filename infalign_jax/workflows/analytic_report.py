@@ -150,6 +150,10 @@ class AnalyticConfig:
         object.__setattr__(self, "ns", tuple(A.check_n(n) for n in self.ns))
         object.__setattr__(self, "kls", tuple(A.check_kl(k) for k in self.kls))
         A.check_grid(self.grid)
+        past = [k for k in self.kls if k > A.max_resolved_kl(self.grid)]
+        if past:   # refused here, not at the first such row after the others were computed
+            check.fail(self, "kls", f"<= {A.max_resolved_kl(self.grid):.2f}, the largest KL grid "
+                                    f"{self.grid} resolves (got {past}; raise config.grid)")
         check.choice(self, "against", AGAINST)
 
 
