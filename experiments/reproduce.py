@@ -33,8 +33,9 @@ def main(argv):
             [f"--{name}"] if flags.FLAGS[name].present else [])
         if given and not stages & set(readers):
             raise ValueError(f"{given[0]} is not used: it is read by the "
-                             f"{' and '.join(readers)} stages only, and config.stages="
-                             f"{_CONFIG.value.stages!r} runs neither")
+                             f"{' and '.join(readers)} stage{'s' * (len(readers) > 1)} only, and "
+                             f"config.stages={_CONFIG.value.stages!r} does not run "
+                             f"{'either' if len(readers) > 1 else 'it'}")
     cli.start(argv)
     real_comparison.refuse_unread_base_overrides(_REAL.value, cli.config_overrides("real_config"),
                                                  "real_config")

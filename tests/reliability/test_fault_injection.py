@@ -46,8 +46,10 @@ WORKER = REPO / "tests" / "reliability" / "_train_worker.py"
 CLI = REPO / "experiments" / "train_policy.py"
 TIMING_KEYS = {"step_time_s", "tokens_per_s"}
 NUM_STEPS = 12
-FLAGS = ["--config=configs/ctrl_exact.py", "--config.rl.samples_per_prompt=8",
-         "--config.reference.k=64", f"--config.train.num_steps={NUM_STEPS}",
+# steps in the config string: it also sets the lr decay and the beta warm-up, which a
+# --config.train.num_steps flag alone would leave at the file's 1500 steps (refused)
+FLAGS = [f"--config=configs/ctrl_exact.py:steps={NUM_STEPS}", "--config.rl.samples_per_prompt=8",
+         "--config.reference.k=64",
          "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=20",
          "--config.train.eval_every=0", "--config.train.log_every=1",
          "--config.train.tensorboard=False"]
@@ -84,10 +86,9 @@ def _load_config(**overrides):
     spec = importlib.util.spec_from_file_location("ctrl_exact", REPO / "configs" / "ctrl_exact.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    c = mod.get_config("samples=8")
+    c = mod.get_config(f"samples=8,steps={NUM_STEPS}")
     c.unlock()
     c.reference.k = 64
-    c.train.num_steps = NUM_STEPS
     c.train.checkpoint_every = 1
     c.train.keep_checkpoints = 20
     c.train.eval_every = 0
