@@ -146,13 +146,7 @@ def _unresolved_override(argv: Sequence[str], name: str, default: str) -> str | 
         config = module.get_config(arg) if arg else module.get_config()
     except Exception:  # noqa: BLE001  (the flag's own loading reports the file's problems)
         return None
-    for arg, key in _overrides(argv, name):
-        node = config
-        for part in key.split("."):
-            if not hasattr(node, "keys") or part not in node.keys():
-                return arg
-            node = node[part]
-    return None
+    return next((arg for arg, key in _overrides(argv, name) if not _holds(config, key)), None)
 
 
 def define_config(name: str, default: str, help_string: str) -> Any:
@@ -233,6 +227,7 @@ def refuse_stale_derived_flags() -> None:
 
 
 def _holds(config: Any, dotted: str) -> bool:
+    """Whether `config` holds the dotted key (every part a key of the section above it)."""
     node = config
     for part in dotted.split("."):
         if not hasattr(node, "keys") or part not in node.keys():
