@@ -29,7 +29,8 @@ from infalign_jax.rl.tasks.exact import ExactTaskConfig
 
 
 # Keys a flag may not change alone: get_config derives the decay and warm-up from `steps`.
-FLAG_DERIVED = {"train.num_steps": ("steps", ("rl.decay_steps", "rl.beta_anneal_steps"))}
+FLAG_DERIVED = {"train.num_steps": ("steps", {"rl.decay_steps": None,
+                                               "rl.beta_anneal_steps": None})}
 
 
 def get_config(arg=None):

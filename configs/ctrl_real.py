@@ -64,8 +64,9 @@ TASK_KEYS = ("num_prompts", "max_new_tokens", "eval_samples", "eval_prompts", "c
              "calib_batch_prompts")
 
 
-# Keys a flag may not change alone: get_config picks t's sign from the `task` argument.
-FLAG_DERIVED = {"task.name": ("task", ("transform.t",))}
+# Keys a flag may not change alone: get_config picks t's sign from the `task` argument (unless
+# the `t` argument gives t).
+FLAG_DERIVED = {"task.name": ("task", {"transform.t": "t"})}
 
 
 def get_config(arg=None):

@@ -85,8 +85,10 @@ from infalign_jax.models.gguf_import import smollm2_gguf_path
 from infalign_jax.rewards.reward_models import RMConfig
 
 
-# Keys a flag may not change alone: get_config derives the schedule from the `steps` argument.
-FLAG_DERIVED = {"train.num_steps": ("steps", ("rm.total_steps", "rm.warmup_steps"))}
+# Keys a flag may not change alone: get_config derives the schedule from the `steps` argument
+# and the bootstrap from `ensemble`.
+FLAG_DERIVED = {"train.num_steps": ("steps", {"rm.total_steps": None, "rm.warmup_steps": None}),
+                "train.ensemble_size": ("ensemble", {"train.bootstrap": None})}
 
 
 def get_config(arg=None):

@@ -23,7 +23,7 @@ def main(argv):
         raise ValueError(f"--config.{unread[0]} is not used: calibrate.py reads only the config's "
                          f"{' and '.join(s.rstrip('.') for s in calibrate.READS)} sections (give "
                          f"the other flags to train_policy.py)")
-    cli.start(argv, processes=True)
+    cli.start(argv, processes=True, reads=calibrate.READS)
     path = calibrate.run(_CONFIG.value, _WORKDIR.value,
                                           progress=lambda s: print(s, flush=True))
     print(f"reference table: {path}", flush=True)

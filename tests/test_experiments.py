@@ -70,16 +70,25 @@ def test_a_flag_that_get_config_derived_other_keys_from_is_refused_alone(tmp_pat
     assert ("--config.train.num_steps changes a value that ctrl_exact.py's get_config derived "
             "rl.decay_steps, rl.beta_anneal_steps from (its config-string argument 'steps')") in err
     assert "--config=configs/ctrl_exact.py:steps=VALUE" in err
+    # the suggestion keeps the arguments given
+    err = _refused("train_policy.py", "--config=configs/ctrl_exact.py:transform=log,beta=0.333",
+                   f"--workdir={tmp_path}", "--config.train.num_steps=30")
+    assert "--config=configs/ctrl_exact.py:transform=log,beta=0.333,steps=VALUE instead" in err
     err = _refused("train_policy.py", "--config=configs/ctrl_real.py", f"--workdir={tmp_path}",
                    "--config.task.name=harmlessness")
     assert "derived transform.t from (its config-string argument 'task')" in err
-    # with every derived key set as well, the flag is taken: the run gets as far as the work dir
-    # (a path under a file: one line and exit status 2, as for every bad work dir)
+    # taken when every derived key is set as well, by a flag or by its own argument, or is not
+    # read by the command: each run then gets as far as the work dir (a path under a file: one
+    # line and exit status 2, as for every bad work dir)
     (tmp_path / "file").write_text("")
-    err = _refused("train_policy.py", "--config=configs/ctrl_exact.py",
-                   f"--workdir={tmp_path / 'file' / 'run'}", "--config.train.num_steps=30",
-                   "--config.rl.decay_steps=30", "--config.rl.beta_anneal_steps=20")
-    assert "error (NotADirectoryError)" in err or "error (WorkdirError)" in err
+    bad_dir = f"--workdir={tmp_path / 'file' / 'run'}"
+    for script, config, *flags in (
+            ("train_policy.py", "configs/ctrl_exact.py", "--config.train.num_steps=30",
+             "--config.rl.decay_steps=30", "--config.rl.beta_anneal_steps=20"),
+            ("train_policy.py", "configs/ctrl_real.py:t=-4", "--config.task.name=harmlessness"),
+            ("calibrate.py", "configs/ctrl_real.py", "--config.task.name=harmlessness")):
+        err = _refused(script, f"--config={config}", bad_dir, *flags)
+        assert "error (NotADirectoryError)" in err or "error (WorkdirError)" in err, err
     err = _refused("analytic.py", f"--workdir={tmp_path / 'file' / 'run'}", "--config.grid=500")
     assert "error (NotADirectoryError)" in err
 

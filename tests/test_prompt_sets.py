@@ -75,6 +75,9 @@ def test_split_passes_over_excluded_prompts():
     assert len(train2) == 20 and len(evals2) == 10
     assert not set(hit) & {p.text for p in train2 + evals2}
     assert [p.id for p in evals2[:9]] == [p.id for p in evals[1:]]   # the same order, one on
+    # in another spelling too (`readers.prompt_key`), as `sources.split_prompts` passes them over
+    respelt = [f"  {evals[0].text.upper()} ", train[0].text.lower()]
+    assert prompt_sets.split("helpfulness", 20, 10, seed=1, exclude=respelt) == (train2, evals2)
     everything = [p.text for p in prompt_sets.generate("helpfulness")]
     with pytest.raises(ValueError, match=r"has 0 training and 0 held-out-topic evaluation "
                                          r"prompts \(leaving out the prompts the policy trained"):

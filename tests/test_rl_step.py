@@ -271,32 +271,30 @@ def test_beta_schedules_hold_each_accumulation_window_at_its_first_steps_value()
 def test_after_a_skipped_step_each_applied_update_still_has_one_beta():
     """The guard skips a step by keeping the old state (the accumulator included) but advancing
     `step`: windows keyed on step - step % k no longer matched the accumulator's, so every later
-    update averaged micro-batches at two betas ([1.0, 0.55], then [0.55, 0.1]). The window is
-    now the accumulator's (step - mini_step), its beta the schedule at its first step."""
+    update averaged micro-batches at two betas ([1.0, 0.55], then [0.55, 0.1]). A window is now
+    the accumulator's, its beta the schedule at k times its index (as the learning rate), so a
+    skip at a window's start or in its middle leaves one beta per applied update."""
     from infalign_jax.loops.train import guard_nonfinite
-    cfg, _, step, state, frozen, batch = _step_with(
-        grad_accum_steps=2, beta_schedule="linear", beta=1.0, beta_final=0.1, beta_steps=4)
-    bad = frozen._replace(reward_params=jnp.full_like(frozen.reward_params, jnp.nan))
-    jstep = jax.jit(guard_nonfinite(step))
-
-    def mini(s):
-        return int(s.opt_state.mini_step)
-
-    windows, window = [], []
-    for i in range(6):
-        before = mini(state)
-        state, met = jstep(state, bad if i == 0 else frozen, batch, jax.random.key(i))
-        if int(met["skipped"]):
-            assert i == 0 and mini(state) == before == 0
-            continue
-        window.append(float(met["beta"]))
-        if mini(state) == 0:   # this step closed the window: the update is applied
-            windows.append(window)
-            window = []
     linear = lambda t: 1.0 + (0.1 - 1.0) * min(t / 4, 1.0)   # noqa: E731
-    assert windows == [pytest.approx([linear(1)] * 2), pytest.approx([linear(3)] * 2)]
-    assert window == pytest.approx([linear(5)])   # the last window is still open
-    assert rl.pending_micro_steps(state.opt_state) == 1
+    for skipped in (0, 1):
+        cfg, _, step, state, frozen, batch = _step_with(
+            grad_accum_steps=2, beta_schedule="linear", beta=1.0, beta_final=0.1, beta_steps=4)
+        bad = frozen._replace(reward_params=jnp.full_like(frozen.reward_params, jnp.nan))
+        jstep = jax.jit(guard_nonfinite(step))
+        windows, window = [], []
+        for i in range(6):
+            before = int(state.opt_state.mini_step)
+            state, met = jstep(state, bad if i == skipped else frozen, batch, jax.random.key(i))
+            if int(met["skipped"]):
+                assert i == skipped and int(state.opt_state.mini_step) == before
+                continue
+            window.append(float(met["beta"]))
+            if int(state.opt_state.mini_step) == 0:   # this step closed the window: applied
+                windows.append(window)
+                window = []
+        assert windows == [pytest.approx([linear(0)] * 2), pytest.approx([linear(2)] * 2)], skipped
+        assert window == pytest.approx([linear(4)])   # the last window is still open
+        assert rl.pending_micro_steps(state.opt_state) == 1
 
 
 def test_a_critic_with_a_smaller_vocabulary_than_the_policy_is_refused():

@@ -177,6 +177,8 @@ def test_points_that_share_a_work_dir_or_a_flag_every_point_replaces_are_refused
     assert sweep.point_name({"transform.t": 2.0}) == "t=2"   # names of earlier sweeps kept
     names = [sweep.point_name({"transform.t": t}) for t in (2.0000001, 2.0000004, 1e-7, 0.1)]
     assert len(set(names)) == 4 and names[2:] == ["t=1e-07", "t=0.1"]
+    # a numpy float (np.linspace in a get_sweep) is named by its value, not its repr
+    assert sweep.point_name({"transform.t": np.float64(-1 / 3)}) == f"t={-1 / 3!r}"
     base = _base()
     with pytest.raises(ValueError, match=r"sweep points \['t=2'\] occur more than once"):
         sweep.point_configs(base, [{"transform.t": 2.0}, {"transform.t": 2.0}])

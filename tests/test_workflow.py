@@ -19,6 +19,7 @@ import torch
 
 from infalign_jax.core.calibration import load_reference_table
 from infalign_jax.core.types import HostReward
+from infalign_jax.data import readers
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.rewards import hf_reward, judges
@@ -282,7 +283,7 @@ def test_prompts_spelled_differently_are_one_prompt_on_one_side_of_the_split(tmp
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     for seed in range(5):
         split = sources.split_prompts(str(path), 7, 4, seed=seed)
-        keys = [{sources.prompt_key(t) for t in side}
+        keys = [{readers.prompt_key(t) for t in side}
                 for side in (split.train_texts, split.eval_texts)]
         assert not keys[0] & keys[1] and len(keys[0]) == 7 and len(keys[1]) == 4
         assert split.merged == 6

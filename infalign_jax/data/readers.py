@@ -260,6 +260,14 @@ def blank(text: str) -> bool:
     return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
+def prompt_key(text: str) -> str:
+    """What makes two prompt texts one prompt: equal after Unicode NFC normalisation, with runs
+    of whitespace made one space, the ends stripped, and case folded ("Café? " and "cafe\u0301?"
+    are one prompt), so that a training prompt cannot return as an evaluation prompt in another
+    spelling (`sources.split_prompts`, `prompt_sets.split`)."""
+    return " ".join(unicodedata.normalize("NFC", text).split()).casefold()
+
+
 def _not_unicode(value: Any, where: str = "") -> str | None:
     """Where the first string that UTF-8 cannot encode sits in a JSON value ("field 'a.b[0]'"),
     or None. `json.loads` accepts lone surrogate escapes; every tokenizer then fails on them."""

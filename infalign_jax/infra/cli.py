@@ -36,7 +36,8 @@ def enable_compilation_cache(path: str | None = None, min_compile_s: float = 1.0
     return path
 
 
-def start(argv: Sequence[str], *, processes: bool = False) -> None:
+def start(argv: Sequence[str], *, processes: bool = False,
+          reads: Sequence[str] | None = None) -> None:
     """No positional arguments (a mistyped flag would land there); absl logging at WARNING unless
     --verbosity is given (Orbax logs every checkpoint save at INFO); the persistent compilation
     cache on (`enable_compilation_cache`); `jax.distributed` started from the environment
@@ -44,12 +45,13 @@ def start(argv: Sequence[str], *, processes: bool = False) -> None:
     any JAX computation, with `distributed.watch_peers` stopping this process when another one
     fails. An entrypoint that does not run on several processes (`processes` False) refuses an
     environment that asks for them, naming the variables. Config flags that `get_config` derived
-    other keys from are refused alone (`refuse_stale_derived_flags`)."""
+    other keys from are refused alone (`refuse_stale_derived_flags`; `reads`: the key prefixes a
+    command reads, when it reads only part of its config)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     # after a command's own refusals of keys it sets per run (`refuse_overrides`, called before
     # `start`), whose message says more
-    refuse_stale_derived_flags()
+    refuse_stale_derived_flags(reads)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
@@ -197,33 +199,37 @@ def refuse_unused_flags(skip: Sequence[str] = ()) -> None:
             refuse_unused_overrides(flags.FLAGS[name].value, keys, f"--{name}.")
 
 
-def refuse_stale_derived_flags() -> None:
+def refuse_stale_derived_flags(reads: Sequence[str] | None = None) -> None:
     """Refuses a ``--<name>.<key>`` flag for a key from which the config file's `get_config`
     derived others (its module's ``FLAG_DERIVED``: key -> (the config-string argument that sets
-    it, the keys derived from that argument)), unless every derived key is set by a flag too:
-    the flag changes the key after `get_config` ran, so the derived values would stay those of
-    the argument (e.g. ``--config.train.num_steps`` leaving a learning-rate decay over the
-    file's default steps)."""
-    from infalign_jax.infra.config_utils import load_config_module
+    it, {derived key: the argument that sets that key itself, or None})), unless each derived
+    key is set by a flag too, by its own argument, or (`reads`: the key prefixes the command
+    reads) not read: the flag changes the key after `get_config` ran, so the derived values would
+    stay those of the argument (e.g. ``--config.train.num_steps`` leaving a learning-rate decay
+    over the file's default steps)."""
+    from infalign_jax.infra.config_utils import arg_keys, load_config_module
     for name in list(flags.FLAGS):
         keys = set(config_overrides(name))
         spec = getattr(flags.FLAGS[name], "config_filename", None) if keys else None
         if not isinstance(spec, str) or flags.FLAGS[name].value is None:
             continue
-        path = spec.partition(":")[0]
+        path, _, given = spec.partition(":")
         try:
             module = load_config_module(path)
         except Exception:  # noqa: BLE001  (the flag's own loading reports the file's problems)
             continue
         config = flags.FLAGS[name].value
         for key, (arg, derived) in getattr(module, "FLAG_DERIVED", {}).items():
-            left = [d for d in derived if d not in keys and _holds(config, d)]
+            left = [d for d, own in derived.items()
+                    if d not in keys and own not in arg_keys(given) and _holds(config, d)
+                    and (reads is None or d.startswith(tuple(reads)))]
             if key in keys and left:
                 raise ValueError(
                     f"--{name}.{key} changes a value that {os.path.basename(path)}'s get_config "
                     f"derived {', '.join(left)} from (its config-string argument {arg!r}), after "
                     f"it ran, so they would keep the argument's values; write "
-                    f"--{name}={path}:{arg}=VALUE instead (or set {', '.join(left)} too)")
+                    f"--{name}={spec}{',' if given else ':'}{arg}=VALUE instead (or set "
+                    f"{', '.join(left)} too)")
 
 
 def _holds(config: Any, dotted: str) -> bool:

@@ -234,24 +234,27 @@ def make_value_optimizer(cfg: RLConfig) -> optax.GradientTransformation:
 
 
 def accumulation_start(cfg: RLConfig, step: Array, opt_state: Any = None) -> Array:
-    """The first step of the accumulation window that `step` (0-based) falls in: `step` itself
-    without accumulation. With `opt_state` (holding `optax.MultiSteps` state) it is read from the
-    accumulator, step - mini_step: a step the non-finite guard skipped advances `step` but leaves
-    the accumulator where it was, so every later window starts one step later than a multiple of
-    k. Without it, step - step % k (no step skipped)."""
+    """Where the schedules read the accumulation window that `step` (0-based) falls in: `step`
+    itself without accumulation; with k = `grad_accum_steps` > 1, k times the window's index.
+    With `opt_state` (holding `optax.MultiSteps` state) the index is the accumulator's count of
+    applied updates (`gradient_step`), which is what the learning rate follows (`_step_schedule`):
+    a step the non-finite guard skipped advances `step` but leaves the accumulator where it was,
+    so a window whose micro-step was skipped still has one value for all its micro-batches, and
+    the schedules then run behind `step` by the steps skipped. Without it, step - step % k (no
+    step skipped)."""
     step = jnp.asarray(step)
     if cfg.grad_accum_steps == 1:
         return step
     found = _accumulators(opt_state) if opt_state is not None else []
-    return (step - found[0].mini_step.astype(step.dtype) if found
+    return (found[0].gradient_step.astype(step.dtype) * cfg.grad_accum_steps if found
             else step - step % cfg.grad_accum_steps)
 
 
 def scheduled_beta(cfg: RLConfig, step: Array, opt_state: Any = None) -> Array:
     """beta at `step` (0-based) of the "constant" / "linear" schedules, times the warm-up factor.
     Under gradient accumulation (`grad_accum_steps` = k > 1) every step of an accumulation window
-    uses the value at the window's first step (`accumulation_start`; pass the policy's
-    `opt_state` so that the windows are the accumulator's after a skipped step), so the k
+    uses one value, the schedule's at k times the window's index (`accumulation_start`; pass the
+    policy's `opt_state` so that the windows are the accumulator's after a skipped step), so the k
     micro-batches whose mean gradient makes one update are one batch at one beta (as the
     learning rate, `_step_schedule`).
 

@@ -58,6 +58,7 @@ from infalign_jax import models
 from infalign_jax.analysis import eval_harness, evaluation
 from infalign_jax.core import kl, selection
 from infalign_jax.core.types import init_train_state
+from infalign_jax.data import readers
 from infalign_jax.data.tokenize import detokenizer, encode_prompts, special_ids
 from infalign_jax.decoding import controlled_decoding as cd_lib
 from infalign_jax.decoding import sampling
@@ -187,8 +188,8 @@ def _held_out_split(s: dict[str, Any], num_train: int, say: Callable[[str], None
             f"spacing and case) and were merged into it")
     if trained:
         _, plain = _split(s, num_train)
-        check["left_out"] = len({sources.prompt_key(t) for t in plain.eval_texts
-                                 + plain.train_texts} & {sources.prompt_key(t) for t in trained})
+        check["left_out"] = len({readers.prompt_key(t) for t in plain.eval_texts
+                                 + plain.train_texts} & {readers.prompt_key(t) for t in trained})
         if check["left_out"]:
             say(f"evaluate: passed over {check['left_out']} prompts of {prompts_path} that the "
                 f"policy's run trained on ({len(trained)} training prompts)")

@@ -66,7 +66,7 @@ def point_name(overrides: Mapping[str, Any]) -> str:
     for dotted, value in overrides.items():
         text = str(value)
         if isinstance(value, float):   # short where that loses nothing (2.0 -> "2")
-            text = f"{value:g}" if float(f"{value:g}") == value else repr(value)
+            text = f"{value:g}" if float(f"{value:g}") == value else repr(float(value))
         parts.append(f"{dotted.rsplit('.', 1)[-1]}={text}")
     return ",".join(parts).replace("/", "_")
 

@@ -18,6 +18,8 @@ from typing import Collection, NamedTuple
 
 import numpy as np
 
+from infalign_jax.data.readers import prompt_key
+
 # (phrasings, fillers): each phrasing's `{}` takes one filler; a filler is one topic.
 _HELPFULNESS = (
     (("Can you suggest a fun way to {}?", "What is a nice way to {}?", "Any ideas for how to {}?"), (
@@ -243,19 +245,20 @@ def split(task: str, num_train: int, num_eval: int, seed: int, exclude: Collecti
     (`HELD_OUT`) held out: every phrasing of a held-out filler is an evaluation prompt, every
     phrasing of the others a training prompt. The two pools are then shuffled and their first
     `num_train` / `num_eval` taken, passing over texts in `exclude` (the prompts a policy under
-    evaluation trained on; a split they do not reach is unchanged). More prompts than a pool
-    holds are refused with its size.
+    evaluation trained on, in any spelling: `readers.prompt_key`; a split they do not reach is
+    unchanged). More prompts than a pool holds are refused with its size.
     """
     rng = np.random.default_rng(seed)
     held: set[tuple[int, int]] = set()
     for g, (_, fillers) in enumerate(_groups(task)):
         order = rng.permutation(len(fillers))
         held.update((g, int(f)) for f in order[:int(round(HELD_OUT * len(fillers)))])
-    excluded = set(exclude)
+    excluded = {prompt_key(t) for t in exclude}   # in any spelling
     prompts = generate(task)
     eval_pool = [p for p in prompts if (p.group, p.filler) in held]
     train_pool = [p for p in prompts if (p.group, p.filler) not in held]
-    sizes = [sum(p.text not in excluded for p in pool) for pool in (train_pool, eval_pool)]
+    sizes = [sum(prompt_key(p.text) not in excluded for p in pool)
+             for pool in (train_pool, eval_pool)]
     if num_train > sizes[0] or num_eval > sizes[1]:
         left_out = (" (leaving out the prompts the policy trained on)"
                     if sizes != [len(train_pool), len(eval_pool)] else "")
@@ -265,7 +268,8 @@ def split(task: str, num_train: int, num_eval: int, seed: int, exclude: Collecti
                          f"config.task.eval_prompts={num_eval} asked for more")
 
     def draw(pool: list[Prompt], n: int) -> list[Prompt]:
-        return [pool[i] for i in rng.permutation(len(pool)) if pool[i].text not in excluded][:n]
+        return [pool[i] for i in rng.permutation(len(pool))
+                if prompt_key(pool[i].text) not in excluded][:n]
 
     train = draw(train_pool, num_train)   # drawn first, as always
     evals = draw(eval_pool, num_eval)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import unicodedata
 from typing import Any, Collection, Mapping, NamedTuple
 
 import numpy as np
@@ -309,15 +308,7 @@ class Split(NamedTuple):
     train_texts: list[str]
     eval_ids: list[str]
     eval_texts: list[str]
-    merged: int = 0   # records that repeat an earlier prompt (`prompt_key`), merged into it
-
-
-def prompt_key(text: str) -> str:
-    """What makes two prompt texts one prompt: equal after Unicode NFC normalisation, with runs
-    of whitespace made one space, the ends stripped, and case folded ("Café? " and "cafe\u0301?"
-    are one prompt), so that a training prompt cannot return as an evaluation prompt in another
-    spelling."""
-    return " ".join(unicodedata.normalize("NFC", text).split()).casefold()
+    merged: int = 0   # records that repeat an earlier prompt (`readers.prompt_key`)
 
 
 def read_prompt_file(path: str, format: str = "auto") -> list[tuple[str, str]]:
@@ -340,20 +331,20 @@ def split_prompts(path: str, num_train: int, num_eval: int, seed: int,
                   format: str = "auto", exclude: Collection[str] = ()) -> Split:
     """`num_train` training and `num_eval` evaluation prompts of a file, disjoint by text.
 
-    Prompt texts equal up to spelling (`prompt_key`: under different ids, the several pairs of
+    Prompt texts equal up to spelling (`readers.prompt_key`: under different ids, the several pairs of
     one HH prompt, a trailing space, another case) are one prompt, counted in `Split.merged`:
     the distinct prompts are shuffled with `seed` (numpy PCG64) and the first `num_eval` go
     to evaluation, the next `num_train` to training; each keeps the first text and id it appears
     under. Texts in `exclude` (the prompts a policy under evaluation trained on, compared by
-    `prompt_key` too) are passed over in that order, so a split they do not reach is unchanged.
+    `readers.prompt_key` too) are passed over in that order, so a split they do not reach is unchanged.
     A file with too few distinct prompts is refused rather than split smaller.
     """
     first: dict[str, tuple[str, str]] = {}   # prompt_key -> (id, text) of its first record
     records = read_prompt_file(path, format)
     for pid, text in records:
-        first.setdefault(prompt_key(text), (pid, text))
+        first.setdefault(readers.prompt_key(text), (pid, text))
     keys = list(first)
-    excluded = {prompt_key(t) for t in exclude} & set(keys)
+    excluded = {readers.prompt_key(t) for t in exclude} & set(keys)
     if len(keys) - len(excluded) < num_train + num_eval:
         left_out = (f" (leaving out the {len(excluded)} the policy trained on)" if excluded
                     else "")
