@@ -239,7 +239,8 @@ def rollout_memory(m: Model, hw: Hardware, rows: int, tensor: int, seq: int,
                    share: int = 1) -> dict[str, float]:
     """Per-device memory while sampling: a bf16 serving copy of the policy split `tensor` ways,
     the KV cache of `rows` sequences (`share` as in `decode_time`: 1, the tables' upper
-    bound), and the step's f32 logits (x3: raw, filtered, log-softmax); plus the persistent training state when sampling inside the RL step."""
+    bound), and the step's f32 logits (x3: raw, filtered, log-softmax); plus the persistent
+    training state when sampling inside the RL step."""
     kv_shard = tensor if m.kv_heads % tensor == 0 else 1
     out = {"serving weights bf16": 2 * m.n_params / tensor,
            "KV cache": rows * (seq - prompt_len + prompt_len / share)

@@ -18,11 +18,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (reference_table.
 
 
 def main(argv):
-    unread = [k for k in cli.config_overrides("config") if not k.startswith(calibrate.READS)]
-    if unread:
-        raise ValueError(f"--config.{unread[0]} is not used: calibrate.py reads only the config's "
-                         f"{' and '.join(s.rstrip('.') for s in calibrate.READS)} sections (give "
-                         f"the other flags to train_policy.py)")
     cli.start(argv, processes=True, reads=calibrate.READS)
     path = calibrate.run(_CONFIG.value, _WORKDIR.value,
                                           progress=lambda s: print(s, flush=True))

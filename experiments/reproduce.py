@@ -27,8 +27,8 @@ def main(argv):
     cli.refuse_overrides("real_config", real_comparison.KEYS_SET,
                          "the comparison sets it per run (or, for size, in "
                          "--real_config=...:size=)")
-    stages = set(_CONFIG.value.stages.replace(" ", "").split(","))
-    for name, readers in (("exact_config", ("exact", "convergence")), ("real_config", ("real",))):
+    stages = set(reproduce.stage_names(_CONFIG.value.stages))
+    for name, readers in reproduce.CONFIG_READS.items():
         given = [f"--{name}.{k}" for k in cli.config_overrides(name)] + (
             [f"--{name}"] if flags.FLAGS[name].present else [])
         if given and not stages & set(readers):

@@ -649,8 +649,8 @@ def test_kl_matching_is_checked_per_seed_and_on_the_mean():
 
 def test_texts_a_judge_cuts_are_counted_in_each_saved_evaluation(tmp_path):
     """compare_real's evaluations scored texts the proxy reward model cut at its max_len and said
-    nothing (the training loop and `evaluate` count theirs). At max_len 2 every text is cut: pi_ref's
-    4 prompts x 2 samples, and bon_ref's N M = 4 samples of each of the 4 prompts."""
+    nothing (the training loop and `evaluate` count theirs). At max_len 2 every text is cut:
+    pi_ref's 4 prompts x 2 samples, and bon_ref's N M = 4 samples of each of the 4 prompts."""
     root = tmp_path
     config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
         "size=smoke,tasks=harmlessness")

@@ -698,8 +698,8 @@ def test_head_only_reward_training_runs_with_the_trunk_split_over_two_processes(
               "--config.mesh.fsdp=2", "--config.mesh.data=1",
               "--config.data.synthetic_train_pairs=32", "--config.data.synthetic_eval_pairs=8",
               "--config.train.tensorboard=false"]
-    args = ["experiments/train_reward.py", "--config=configs/reward_model.py:trainable=head,steps=2",
-            *flags_]
+    args = ["experiments/train_reward.py",
+            "--config=configs/reward_model.py:trainable=head,steps=2", *flags_]
     _command_on_two_processes(args + [f"--workdir={tmp_path / 'run'}"], tmp_path, "head")
     env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu", INFALIGN_JAX_CACHE="off")
     subprocess.run([sys.executable, *args, f"--workdir={tmp_path / 'one'}"], env=env, cwd=REPO,

@@ -409,9 +409,10 @@ def test_reproduce_refuses_keys_no_stage_it_runs_reads(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for flag in ("--exact_config.rl.learning_rate=0.5",
                  "--real_config=configs/compare_real.py:size=medium"):
-        out = subprocess.run([sys.executable, "experiments/reproduce.py", "--config.stages=analytic",
-                              flag, f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True,
-                             text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        out = subprocess.run([sys.executable, "experiments/reproduce.py",
+                              "--config.stages=analytic", flag, f"--workdir={tmp_path / 'run'}"],
+                             cwd=root, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
         assert out.returncode == 2, out.stderr[-2000:]
         assert f"{flag.split('=')[0]} is not used: it is read by the" in out.stderr, out.stderr
         assert not (tmp_path / "run").exists()

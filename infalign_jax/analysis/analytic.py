@@ -317,13 +317,18 @@ def kl_and_win_rate(transform: str | Transform, beta: float, procedure: str = "s
     return kl, w
 
 
+def _resolved(kls: tuple[float, float], wins: tuple[float, float]) -> bool:
+    """Whether a (KL, win rate) moves by at most RESOLUTION_TOL (the KL relative to max(1, KL))
+    from a grid to one twice as fine; False for NaN."""
+    return bool(abs(wins[0] - wins[1]) <= RESOLUTION_TOL
+                and abs(kls[0] - kls[1]) <= RESOLUTION_TOL * max(1.0, abs(kls[0])))
+
+
 def _check_resolved(transform: str | Transform, where: str, procedure: str, n: int,
                     grid_size: int, kls: tuple[float, float], wins: tuple[float, float]) -> None:
     """Refuses a result that moves by more than RESOLUTION_TOL on a grid twice as fine."""
     name = transform if isinstance(transform, str) else transform.name
-    moved_w = abs(wins[0] - wins[1])
-    moved_kl = abs(kls[0] - kls[1]) / max(1.0, abs(kls[0]))
-    if not max(moved_w, moved_kl) <= RESOLUTION_TOL:
+    if not _resolved(kls, wins):
         raise ValueError(
             f"transform {name!r} {where}, {procedure}{n if procedure != 'standard' else ''}: "
             f"grid {grid_size} does not resolve it (KL {kls[0]:.5f} / {kls[1]:.5f}, win rate "
@@ -355,8 +360,7 @@ def curve(transform: str | Transform, betas: Any, procedure: str = "standard", n
     pts, fine = ([_tilt_kl_and_win_rate(transform, _check_beta(b), procedure, n, against, m,
                                         params) for b in betas]
                  for m in (grid_size, 2 * grid_size))
-    resolved = [kl <= max_resolved_kl(grid_size) and abs(w - w2) <= RESOLUTION_TOL
-                and abs(kl - kl2) <= RESOLUTION_TOL * max(1.0, abs(kl))
+    resolved = [kl <= max_resolved_kl(grid_size) and _resolved((kl, kl2), (w, w2))
                 for (kl, w), (kl2, w2) in zip(pts, fine)]   # NaN too
     pts = [p if ok else (math.nan, math.nan) for p, ok in zip(pts, resolved)]
     past = [float(b) for b, ok in zip(betas, resolved) if not ok]

@@ -20,9 +20,9 @@ string that is not valid Unicode (a lone surrogate escape such as "\\ud83d", hal
 a bad record ("bad_encoding"): no tokenizer can encode it. An object with a key written twice is
 a bad record ("duplicate_key": JSON readers differ on which value wins, so the record is
 ambiguous). Text made only of whitespace and invisible format characters (zero-width space,
-byte-order mark, soft hyphen, word joiner: Unicode category Cf) is empty. A Git LFS pointer in place of the
-data is named as such; a `.gz` file cut short names the line reached (with `skip_bad`, the records
-before the cut are kept and the cut counted).
+byte-order mark, soft hyphen, word joiner: Unicode category Cf) is empty. A Git LFS pointer in
+place of the data is named as such; a `.gz` file cut short names the line reached (with
+`skip_bad`, the records before the cut are kept and the cut counted).
 """
 
 from __future__ import annotations

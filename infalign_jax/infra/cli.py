@@ -44,11 +44,20 @@ def start(argv: Sequence[str], *, processes: bool = False,
     (`distributed.from_env`: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) before
     any JAX computation, with `distributed.watch_peers` stopping this process when another one
     fails. An entrypoint that does not run on several processes (`processes` False) refuses an
-    environment that asks for them, naming the variables. Config flags that `get_config` derived
-    other keys from are refused alone (`refuse_stale_derived_flags`; `reads`: the key prefixes a
-    command reads, when it reads only part of its config)."""
+    environment that asks for them, naming the variables. `reads`: the config sections (key
+    prefixes such as "task.") a command reads when it reads only part of its config; a flag
+    outside them is refused. Config flags that `get_config` derived other keys from are refused
+    alone (`refuse_stale_derived_flags`, which leaves out derived keys outside `reads`)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    if reads is not None:
+        for name in list(flags.FLAGS):
+            unread = [k for k in config_overrides(name) if not k.startswith(tuple(reads))]
+            if unread:
+                raise ValueError(
+                    f"--{name}.{unread[0]} is not used: {os.path.basename(sys.argv[0])} reads "
+                    f"only the config's {' and '.join(s.rstrip('.') for s in reads)} sections "
+                    f"(give the other flags to the command that reads them)")
     # after a command's own refusals of keys it sets per run (`refuse_overrides`, called before
     # `start`), whose message says more
     refuse_stale_derived_flags(reads)
@@ -218,10 +227,10 @@ def refuse_stale_derived_flags(reads: Sequence[str] | None = None) -> None:
             module = load_config_module(path)
         except Exception:  # noqa: BLE001  (the flag's own loading reports the file's problems)
             continue
-        config = flags.FLAGS[name].value
+        config, written = flags.FLAGS[name].value, arg_keys(given)
         for key, (arg, derived) in getattr(module, "FLAG_DERIVED", {}).items():
             left = [d for d, own in derived.items()
-                    if d not in keys and own not in arg_keys(given) and _holds(config, d)
+                    if d not in keys and own not in written and _holds(config, d)
                     and (reads is None or d.startswith(tuple(reads)))]
             if key in keys and left:
                 raise ValueError(

@@ -379,20 +379,27 @@ class ReproduceConfig:
 
     @property
     def stage_list(self) -> list[str]:
-        return [s.strip() for s in str(self.stages).split(",") if s.strip()]
+        return stage_names(self.stages)
 
 
-# Which stages read each key of configs/reproduce.py's config (the analytic section: its own).
+def stage_names(stages: Any) -> list[str]:
+    """The stages of a comma-separated `config.stages`."""
+    return [s.strip() for s in str(stages).split(",") if s.strip()]
+
+
+# Which stages read each key of configs/reproduce.py's config (the analytic section: its own),
+# and each of the other configs `run` takes.
 STAGE_READS = {"n": ("exact", "convergence"), "t": ("exact",), "seed": ("exact", "convergence"),
                "convergence_kls": ("convergence",), "convergence_transforms": ("convergence",),
                "analytic": ("analytic",)}
+CONFIG_READS = {"exact_config": ("exact", "convergence"), "real_config": ("real",)}
 
 
 def unused_stage_options(config: Mapping[str, Any]) -> dict[str, str]:
     """The keys of a reproduce config that none of its `stages` reads (`UNUSED_OPTION_RULES`)."""
     if not {"stages", "convergence_kls"} <= set(config):
         return {}
-    stages = {s.strip() for s in str(config["stages"]).split(",")}
+    stages = set(stage_names(config["stages"]))
     unused = {}
     for key, readers in STAGE_READS.items():
         if not stages & set(readers):
@@ -418,11 +425,11 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
     analytic_section = values.pop("analytic", {})
     config = dataclass_from(ReproduceConfig, values, "reproduce")
     stages = config.stage_list
-    for stage, given, name in (("exact", exact_config, "exact_config"),
-                               ("convergence", exact_config, "exact_config"),
-                               ("real", real_config, "real_config")):
-        if stage in stages and given is None:
-            raise ValueError(f"stage {stage!r} needs {name}")
+    given = {"exact_config": exact_config, "real_config": real_config}
+    for name, readers in CONFIG_READS.items():
+        needing = [s for s in readers if s in stages]
+        if needing and given[name] is None:
+            raise ValueError(f"stage {needing[0]!r} needs {name}")
     started = provenance.now()
     parts = [f"# Reproduction (size {config.size})\n"]
     if "analytic" in stages:

@@ -331,13 +331,14 @@ def split_prompts(path: str, num_train: int, num_eval: int, seed: int,
                   format: str = "auto", exclude: Collection[str] = ()) -> Split:
     """`num_train` training and `num_eval` evaluation prompts of a file, disjoint by text.
 
-    Prompt texts equal up to spelling (`readers.prompt_key`: under different ids, the several pairs of
-    one HH prompt, a trailing space, another case) are one prompt, counted in `Split.merged`:
-    the distinct prompts are shuffled with `seed` (numpy PCG64) and the first `num_eval` go
-    to evaluation, the next `num_train` to training; each keeps the first text and id it appears
-    under. Texts in `exclude` (the prompts a policy under evaluation trained on, compared by
-    `readers.prompt_key` too) are passed over in that order, so a split they do not reach is unchanged.
-    A file with too few distinct prompts is refused rather than split smaller.
+    Prompt texts equal up to spelling (`readers.prompt_key`: under different ids, the several
+    pairs of one HH prompt, a trailing space, another case) are one prompt, counted in
+    `Split.merged`: the distinct prompts are shuffled with `seed` (numpy PCG64) and the first
+    `num_eval` go to evaluation, the next `num_train` to training; each keeps the first text and
+    id it appears under. Texts in `exclude` (the prompts a policy under evaluation trained on,
+    compared by `readers.prompt_key` too) are passed over in that order, so a split they do not
+    reach is unchanged. A file with too few distinct prompts is refused rather than split
+    smaller.
     """
     first: dict[str, tuple[str, str]] = {}   # prompt_key -> (id, text) of its first record
     records = read_prompt_file(path, format)
