@@ -152,6 +152,16 @@ def test_optimal_at_kl_steps_up_from_a_first_guess_where_the_solver_fails():
     assert sol.win_rate >= w_t - 1e-9 and sol.win_rate < 1.0
 
 
+def test_optimal_at_kl_refuses_an_optimum_its_grid_does_not_resolve():
+    """Best-of-16 at KL 0.25 on 1000 bins: the optimum's mass lies within a few bins of u = 1 and
+    its win rate read 0.92419 where a grid twice as fine gives 0.92436; it was returned as right."""
+    with pytest.raises(S.UnresolvedOptimum, match="grid 1000 does not resolve .* bon n=16"):
+        S.optimal_at_kl(0.25, "bon", 16, grid_size=1000)
+    coarse, fine = (S.optimal_at_kl(0.25, "bon", 16, grid_size=m) for m in (4000, 8000))
+    assert coarse.kl == pytest.approx(0.25, rel=1e-6)
+    assert abs(coarse.win_rate - fine.win_rate) <= A.RESOLUTION_TOL
+
+
 def test_reported_win_rates_stay_in_the_unit_interval_at_a_saturated_win_rate():
     """Worst-of-32 at KL 2 and 4: the best exp-t transform wins with probability within 1e-12
     of 1, where the quadrature's rounding gave 1 + 2.3e-14 and 1 + 6.7e-15."""

@@ -47,6 +47,12 @@ def _coerce(key: str, text: str, default: Any) -> Any:
     return text
 
 
+def comma_list(text: Any) -> tuple[str, ...]:
+    """The names of a comma-separated option ("bon, won," -> ("bon", "won")): each stripped,
+    empty ones dropped."""
+    return tuple(part.strip() for part in str(text).split(",") if part.strip())
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses "key=val,key=val" against `defaults`; tuples are written "a;b;c"."""
     values, given = dict(defaults), {}

@@ -50,7 +50,8 @@ from infalign_jax import models, rl
 from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.infra import aot, sharding
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, dataclass_from, section
+from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, comma_list, dataclass_from,
+                                             section)
 from infalign_jax.decoding.sampling import sample
 from infalign_jax.rewards.reward_models import reward_fn_with_prompt_table, sequence_rewards
 
@@ -60,7 +61,7 @@ MODULES = {"rl": "rl_step", "calibration": "calibration_chunk", "reward": "rewar
 
 
 def _names(where: str, text: str, known: Any) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in str(text).split(",") if n.strip())
+    names = comma_list(text)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"config.check.{where}: {unknown or text!r} not among {sorted(known)} "
@@ -109,7 +110,7 @@ def unused_check_options(config: Any) -> dict[str, str]:
     check_section = config.get("check")
     if not isinstance(check_section, dict) or "programs" not in check_section:
         return {}
-    programs = {n.strip() for n in str(check_section["programs"]).split(",")}
+    programs = set(comma_list(check_section["programs"]))
     return {f"check.{key}": f"check.programs including {' or '.join(map(repr, readers))}"
             for key, readers in CHECK_READERS.items() if not programs & set(readers)}
 

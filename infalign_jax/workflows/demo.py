@@ -35,7 +35,7 @@ from infalign_jax.core.transforms import get_transform
 from infalign_jax.data.tokenize import detokenizer, encode_prompts, special_ids
 from infalign_jax.rewards import judges
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import as_dict, dataclass_from
+from infalign_jax.infra.config_utils import as_dict, comma_list, dataclass_from
 from infalign_jax.infra.files import write_json
 
 THINGS = ("pizza place", "science museum", "mountain hike", "jazz concert", "bookshop", "train ride")
@@ -69,7 +69,7 @@ class DemoConfig:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return tuple(m.strip() for m in self.train_methods.split(",") if m.strip())
+        return comma_list(self.train_methods)
 
 
 def chosen_texts(texts_BxN: list[list[str]], choice: Selection) -> list[str | None]:

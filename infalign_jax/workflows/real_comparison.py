@@ -76,7 +76,8 @@ from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, as_dict, dataclass_from
+from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, comma_list,
+                                             dataclass_from)
 from infalign_jax.infra.files import atomic_open, atomic_path, write_json, write_npz
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
@@ -134,7 +135,7 @@ class ComparisonConfig:
     def method_list(self) -> list[str]:
         if self.methods == "all":
             return list(METHODS)
-        return [m.strip() for m in str(self.methods).split(",") if m.strip()]
+        return list(comma_list(self.methods))
 
 
 def parse_comparison(section: Any) -> ComparisonConfig:
@@ -660,7 +661,7 @@ def _elapsed(since: float) -> str:
 def task_configs(config: Any) -> list[Any]:
     """configs/compare_real.py's `base` run config once per task of `config.tasks`."""
     import ml_collections
-    names = [t.strip() for t in str(config.tasks).split(",") if t.strip()]
+    names = list(comma_list(config.tasks))
     unknown = sorted(set(names) - set(real.known_tasks()))
     if unknown or not names or len(set(names)) != len(names):
         raise ValueError(f"config.tasks must be a comma-separated list of {real.known_tasks()} "

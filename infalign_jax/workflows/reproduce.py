@@ -36,7 +36,8 @@ from infalign_jax.workflows import sweep
 from infalign_jax.loops import train
 from infalign_jax.core.transforms import get_transform, transform_overrides
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, as_dict, dataclass_from
+from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, comma_list,
+                                             dataclass_from)
 
 SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumbing only
          # one seed, 64 samples per prompt: the `make demo` step (about a minute a method)
@@ -115,7 +116,7 @@ def method_keys(spec: str) -> tuple[str, ...] | None:
     """The method keys of a comma-separated `spec` ("all": None, every method)."""
     if str(spec).strip() == "all":
         return None
-    return tuple(k.strip() for k in str(spec).split(",") if k.strip())
+    return comma_list(spec)
 
 
 def check_method_keys(keys: Sequence[str], what: str) -> None:
@@ -261,7 +262,7 @@ def select_transforms(labels: str) -> tuple[tuple[str, dict], ...]:
     ("all" for every one); an unknown label is refused with the known ones."""
     if str(labels).strip() == "all":
         return CONVERGENCE_TRANSFORMS
-    wanted = [s.strip() for s in str(labels).split(",") if s.strip()]
+    wanted = list(comma_list(labels))
     known = [convergence_label(*t) for t in CONVERGENCE_TRANSFORMS]
     unknown = [w for w in wanted if w not in known]
     if not wanted or unknown:
@@ -384,7 +385,7 @@ class ReproduceConfig:
 
 def stage_names(stages: Any) -> list[str]:
     """The stages of a comma-separated `config.stages`."""
-    return [s.strip() for s in str(stages).split(",") if s.strip()]
+    return list(comma_list(stages))
 
 
 # Which stages read each key of configs/reproduce.py's config (the analytic section: its own),
