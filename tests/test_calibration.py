@@ -126,6 +126,14 @@ def test_kernel_argument_errors():
     with pytest.raises(ValueError, match=r"ref_count_B must lie in \[0, K=3\]"):
         cal.calibrate(ok, ok, jnp.array([1, 4]))
     jax.jit(lambda c: cal.calibrate(ok, ok, c))(jnp.array([1, 4]))
+    # counts that are not integers were truncated: 3.9 read as K = 3 (C = 1.0 for 0.75 at K = 4)
+    table = np.array([[0.0, 1.0, 2.0, 3.0]], np.float32)
+    for counts in (np.array([3.9]), [2.5], np.array([True]), jnp.array([3.9])):
+        with pytest.raises(ValueError, match="integer counts"):
+            cal.calibrate(np.array([[2.5]], np.float32), table, counts)
+    with pytest.raises(ValueError, match="integer counts"):
+        jax.jit(lambda c: cal.calibrate(ok, ok, c))(jnp.array([1.0, 2.0]))
+    assert float(cal.calibrate(np.array([[2.5]], np.float32), table, np.array([4]))[0, 0]) == 0.75
 
 
 # --------------------------------------------------------------------------------- properties

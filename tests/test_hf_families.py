@@ -196,6 +196,12 @@ def test_every_field_of_the_transformers_config_class_is_handled_or_inert(model_
     ("qwen2", "layer_types", ["full_attention", "chunked_attention", "full_attention"],
      "layer_types"),
     ("gpt2", "activation_function", "gelu_10", "activation_function='gelu_10'"),
+    # transformers' Phi3Config takes longrope alone: linear / dynamic loaded here as a model
+    # transformers refuses
+    ("phi3", "rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+     "rope_type 'linear' for phi3"),
+    ("phi3", "rope_parameters", {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+     "rope_type 'dynamic' for phi3"),
     # transformers' Gemma 3 keeps the field but never caps: capping would be another model
     ("gemma3_text", "attn_logit_softcapping", 2.0,
      "attn_logit_softcapping=2.0 is not supported: transformers' Gemma 3 does not apply it"),

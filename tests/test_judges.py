@@ -137,3 +137,21 @@ def test_text_reward_fn_bad_input():
         jax.block_until_ready(jax.jit(reward_fn)(None, idx_R, resp_RxL, mask_RxL))
     with pytest.raises(ValueError, match="expected prompt_idx"):
         reward_fn(None, idx_R[:3], resp_RxL, mask_RxL)
+
+
+@pytest.mark.parametrize("k", [-1.0, float("nan"), float("inf")])
+def test_ensemble_judge_refuses_a_penalty_that_is_not_finite_and_non_negative(k):
+    """k = -1 rewarded disagreement ([0, 1] and [0, 3] scored [0, 3]); NaN and inf gave NaN."""
+    from infalign_jax.rewards.hf_reward import EnsembleJudge
+
+    class Member:
+        def __init__(self, name, scores):
+            self.name, self.scores = name, scores
+
+        def __call__(self, prompts, responses):
+            return np.asarray(self.scores, np.float32)
+
+    members = [Member("a", [0.0, 1.0]), Member("b", [0.0, 3.0])]
+    with pytest.raises(ValueError, match="std penalty k must be finite and >= 0"):
+        EnsembleJudge(members, k)
+    np.testing.assert_allclose(EnsembleJudge(members, 1.0)(["p", "q"], ["x", "y"]), [0.0, 1.0])

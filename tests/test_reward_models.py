@@ -390,3 +390,9 @@ def test_each_member_trains_on_its_own_fixed_bootstrap_resample():
     # a member holding none of a batch's examples draws its rows uniformly
     idx = np.asarray(rt.bootstrap_indices(jax.random.key(1), np.zeros((1, b), np.int32)))
     assert idx.shape == (1, b) and idx.max() < b
+
+
+def test_pairwise_accuracy_is_nan_when_a_reward_is_nan():
+    """A NaN reward counted as a lost pair: [1, NaN] vs [0, 0] read 0.5."""
+    assert np.isnan(float(rt.pairwise_accuracy(jnp.array([1.0, jnp.nan]), jnp.array([0.0, 0.0]))))
+    assert float(rt.pairwise_accuracy(jnp.array([1.0, 0.0, -1.0]), jnp.zeros(3))) == 0.5

@@ -254,3 +254,38 @@ def test_mean_pool_matches_numpy_and_ignores_padding():
         h2 = h.copy(); h2[~m] = pad
         np.testing.assert_allclose(np.asarray(mean_pool(jnp.asarray(h2), jnp.asarray(m))), want,
                                    rtol=1e-5)
+
+
+def test_rbon_wd_leaves_out_only_the_candidate_whose_embedding_is_not_finite():
+    """One NaN (or inf) embedding made every candidate's mean cosine NaN: the whole prompt had
+    no valid candidate (index -1), even at beta = 0, which is plain BoN."""
+    rewards = jnp.array([[0.0, 5.0, 1.0]])
+    emb = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], np.float32)
+    for bad in ([np.nan, 0.0], [np.inf, 0.0]):
+        broken = emb.copy()
+        broken[0, 0] = bad
+        assert int(inf.rbon_wd(rewards, jnp.asarray(broken), 0.0).index_B[0]) == 1
+        # beta > 0: candidate 0 is out; 1 and 2 are scored against each other alone
+        beta = 10.0
+        e = broken[0, 1:] / np.linalg.norm(broken[0, 1:], axis=-1, keepdims=True)
+        scores = np.asarray(rewards)[0, 1:] + beta * (e @ e.T).mean(-1)
+        sel = inf.rbon_wd(rewards, jnp.asarray(broken), beta)
+        assert int(sel.index_B[0]) == 1 + int(np.argmax(scores)) and bool(sel.has_valid_B[0])
+    assert int(inf.rbon_wd(rewards, jnp.asarray(emb), 30.0).index_B[0]) == 2   # uses closeness
+
+
+def test_best_and_worst_of_n_keep_integer_rewards_exact():
+    """int32 rewards were merged with a float -inf (2^24 and 2^24 + 1 tied) and negated for
+    Worst-of-N (the int32 minimum overflowed to itself)."""
+    big = jnp.array([[16777216, 16777217]], jnp.int32)
+    assert int(inf.best_of_n(big).index_B[0]) == 1
+    low = jnp.array([[np.iinfo(np.int32).min, 0]], jnp.int32)
+    assert int(inf.worst_of_n(low).index_B[0]) == 0
+    assert int(inf.best_of_n(low).index_B[0]) == 1
+    r = np.random.default_rng(0).integers(-5, 5, (B, N)).astype(np.int32)
+    valid = np.random.default_rng(1).random((B, N)) > 0.3
+    np.testing.assert_array_equal(inf.best_of_n(jnp.asarray(r), jnp.asarray(valid)).index_B,
+                                  _loop_argmax(r.astype(float), valid))
+    np.testing.assert_array_equal(inf.worst_of_n(jnp.asarray(r), jnp.asarray(valid)).index_B,
+                                  _loop_argmax(-r.astype(float), valid))
+    assert int(inf.best_of_n(jnp.array([[False, True, True]])).index_B[0]) == 1

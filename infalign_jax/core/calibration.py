@@ -162,6 +162,8 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
                 raise ValueError(f"ref_count_B must lie in [0, K={k}], got min {host.min()} "
                                  f"max {host.max()}")
         count_B = jnp.asarray(ref_count_B)
+        if not jnp.issubdtype(count_B.dtype, jnp.integer):
+            raise ValueError(f"ref_count_B must hold integer counts, got dtype {count_B.dtype}")
         chex.assert_shape(count_B, (b,), custom_message="ref_count_B", exception_type=ValueError)
         count_B = jnp.clip(count_B.astype(jnp.int32), 0, k)
     dtype = jnp.promote_types(jnp.result_type(rewards_BxM, ref_sorted_BxK), jnp.float32)

@@ -95,7 +95,12 @@ def select_by_score(scores_BxN: Array, valid_BxN: Array | None = None, n: int | 
     n = _first_n(n, scores_BxN.shape[1], "select_by_score")
     scores_BxN, valid_BxN = scores_BxN[:, :n], valid_BxN[:, :n]
     valid_BxN = valid_BxN.astype(bool) & ~jnp.isnan(scores_BxN)
-    masked_BxN = jnp.where(valid_BxN, scores_BxN, -jnp.inf)
+    if jnp.issubdtype(scores_BxN.dtype, jnp.floating):
+        lowest = -jnp.inf
+    else:   # integer (or bool) scores stay exact: a float fill would round ints past 2^24
+        scores_BxN = scores_BxN.astype(jnp.promote_types(scores_BxN.dtype, jnp.int32))
+        lowest = jnp.iinfo(scores_BxN.dtype).min
+    masked_BxN = jnp.where(valid_BxN, scores_BxN, lowest)
     index_B = jnp.argmax(masked_BxN, axis=1)
     # If every valid score is -inf the argmax may land on an invalid -inf; the first valid
     # candidate is then the correct (lowest-index) maximiser.
@@ -115,6 +120,11 @@ def worst_of_n(rewards_BxN: Array, valid_BxN: Array | None = None, n: int | None
                ) -> Selection:
     """Worst-of-N (best-of-N jailbreaking, InfAlign 1.2): the lowest reward, lowest index on ties."""
     chex.assert_rank(rewards_BxN, 2)
+    rewards_BxN = jnp.asarray(rewards_BxN)
+    if not jnp.issubdtype(rewards_BxN.dtype, jnp.floating):
+        # ~r = -r - 1 reverses the order of integers without -r's overflow at the type's minimum
+        return select_by_score(~rewards_BxN.astype(jnp.promote_types(rewards_BxN.dtype,
+                                                                      jnp.int32)), valid_BxN, n)
     return select_by_score(-rewards_BxN, valid_BxN, n)
 
 
@@ -188,8 +198,14 @@ def rbon_wd(rewards_BxN: Array, embeddings_BxNxD: Array, beta: float | Array,
     _non_negative("beta", beta)
     beta = jnp.asarray(beta, jnp.float32)
     chex.assert_rank(beta, 0)
-    closeness_BxN = mean_cosine_similarity(embeddings_BxNxD, valid_BxN)
-    return select_by_score(rewards_BxN + beta * closeness_BxN, valid_BxN)
+    # A candidate whose embedding is not finite is left out of the others' reference mean, and
+    # its own closeness is NaN (it is disqualified) unless beta = 0, which is plain BoN.
+    finite_BxN = jnp.all(jnp.isfinite(embeddings_BxNxD), axis=-1)
+    reference_BxN = finite_BxN if valid_BxN is None else valid_BxN & finite_BxN
+    closeness_BxN = jnp.where(finite_BxN,
+                              mean_cosine_similarity(embeddings_BxNxD, reference_BxN), jnp.nan)
+    penalty_BxN = jnp.where(beta == 0, 0.0, beta * closeness_BxN)
+    return select_by_score(rewards_BxN + penalty_BxN, valid_BxN)
 
 
 def uncertainty_penalised_scores(mean_BxN: Array, std_BxN: Array, k: float | Array,

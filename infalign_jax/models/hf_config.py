@@ -207,6 +207,11 @@ def _rope_fields(r: _Reader, default_theta: float) -> dict[str, Any]:
     if kind not in ("default", "linear", "dynamic", "llama3"):
         raise r.refuse(src, f"rope_type {kind!r}; supported: default, linear, "
                        "dynamic, llama3")
+    if r.model_type == "phi3" and kind != "default":
+        # transformers' Phi3Config accepts longrope alone (not read here): a linear or dynamic
+        # phi3 would load here as a model transformers refuses, and export as a Llama
+        raise r.refuse(src, f"rope_type {kind!r} for phi3; transformers' phi3 takes only "
+                       "longrope scaling, which is not supported here")
     if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
         raise r.refuse(src, "partial_rotary_factor != 1")
     theta = rope.get("rope_theta", top_theta if top_theta is not None else default_theta)

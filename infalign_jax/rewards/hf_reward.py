@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import string
 from typing import Any, Sequence
@@ -250,6 +251,8 @@ class EnsembleJudge:
     def __init__(self, members: Sequence[Any], k: float):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 reward models, got {len(members)}")
+        if not (math.isfinite(float(k)) and float(k) >= 0):
+            raise ValueError(f"an ensemble's std penalty k must be finite and >= 0, got {k}")
         self.members, self.k = list(members), float(k)
         self.name = "ensemble(" + ",".join(m.name for m in self.members) + f")-{self.k:g}std"
 

@@ -200,9 +200,11 @@ def _gap(r_chosen_B: Array, r_rejected_B: Array) -> Array:
 
 
 def pairwise_accuracy(r_chosen_B: Array, r_rejected_B: Array) -> Array:
-    """mean_i ( 1[r_c,i > r_r,i] + 1/2 * 1[r_c,i = r_r,i] ): ties count 1/2 (spec 0)."""
+    """mean_i ( 1[r_c,i > r_r,i] + 1/2 * 1[r_c,i = r_r,i] ): ties count 1/2 (spec 0); NaN
+    where a reward is NaN (not a lost pair)."""
     gap_B = _gap(r_chosen_B, r_rejected_B)
-    return jnp.mean(jnp.where(gap_B > 0, 1.0, jnp.where(gap_B == 0, 0.5, 0.0)))
+    return jnp.mean(jnp.where(gap_B > 0, 1.0, jnp.where(gap_B == 0, 0.5,
+                                                        jnp.where(jnp.isnan(gap_B), jnp.nan, 0.0))))
 
 
 def expected_calibration_error(r_chosen_B: Array, r_rejected_B: Array, num_bins: int = 10
