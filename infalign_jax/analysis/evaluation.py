@@ -302,9 +302,15 @@ class Estimate:
 
 
 def bootstrap_mean(values_B, num_resamples: int = 1000, seed: int | np.random.Generator = 0,
-                   level: float = 0.95) -> Estimate:
-    """Mean over prompts (axis 0) with a percentile bootstrap CI, resampling prompts.
+                   level: float = 0.95, value_range: tuple[float, float] | None = None
+                   ) -> Estimate:
+    """Mean over prompts (axis 0) with a bootstrap CI, resampling prompts.
 
+    The bounds are the wider of the percentile bootstrap interval and the Student-t interval
+    mean +- t_{B-1} s / sqrt(B): the percentile interval alone is too narrow over few prompts
+    (simulated coverage at a nominal 0.95: 0.46-0.49 at 2 prompts, 0.71-0.87 at 3 to 5, 0.89 at
+    10; with the t bound 0.88-0.95), and the two agree over many prompts. `value_range` (lo, hi),
+    where every value lies, clips the bounds (a win rate's interval stays in [0, 1]).
     stderr is the standard deviation of the bootstrap means (~ s / sqrt(B)). One prompt has no
     spread over prompts to resample: its bounds and stderr are NaN (not the point itself, a
     zero-width interval).
@@ -322,7 +328,13 @@ def bootstrap_mean(values_B, num_resamples: int = 1000, seed: int | np.random.Ge
     idx_RxB = rng.integers(0, num, size=(num_resamples, num))
     means_R = values_B[idx_RxB].mean(axis=1)
     lower, upper = np.quantile(means_R, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return Estimate(values_B.mean(0), lower, upper, means_R.std(0, ddof=1), num)
+    from scipy import stats
+    mean = values_B.mean(0)
+    half = stats.t.ppf((1 + level) / 2, num - 1) * values_B.std(0, ddof=1) / math.sqrt(num)
+    lower, upper = np.minimum(lower, mean - half), np.maximum(upper, mean + half)
+    if value_range is not None:
+        lower, upper = np.clip(lower, *value_range), np.clip(upper, *value_range)
+    return Estimate(mean, lower, upper, means_R.std(0, ddof=1), num)
 
 
 def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bon",
@@ -371,7 +383,7 @@ def win_rate(pol_BxM, ref_BxK, ns: int | Sequence[int] = 1, procedure: str = "bo
         pol_valid_BxM, ref_valid_BxK = pol_valid[keep_B], ref_valid[keep_B]
     per_prompt_BxG = WIN_RATE_ESTIMATORS[estimator](pol, ref, ns, procedure, against,
                                                     pol_valid_BxM, ref_valid_BxK)
-    est = bootstrap_mean(per_prompt_BxG, num_resamples, seed, level)
+    est = bootstrap_mean(per_prompt_BxG, num_resamples, seed, level, value_range=(0.0, 1.0))
     return dataclasses.replace(est, skipped_prompts=skipped_prompts,
                                skipped_samples=skipped_samples)
 

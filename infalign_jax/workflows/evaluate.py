@@ -136,7 +136,7 @@ def _selection_rows(name: str, n: int, chosen_BxR: np.ndarray, ref_BxM: np.ndarr
     # plug-in's draws with replacement weaken it, and a plain BoN selection scored 0.61 at N = M = 8
     # where the truth is 1/2.
     per_prompt = 1.0 - evaluation.subset_win_rates(ref_BxM, chosen_BxR, n, "bon", "base")
-    vs_bon = evaluation.bootstrap_mean(per_prompt, e.num_resamples, e.seed)
+    vs_bon = evaluation.bootstrap_mean(per_prompt, e.num_resamples, e.seed, value_range=(0.0, 1.0))
     bound = (("bon_bound", float(kl.bon_kl_bound(n))) if name == "bon_selection"
              else ("selection_bound", float(np.log(n))))
     return [_row(name, n, "pi_ref", vs_ref, bound[0], bound[1]),
