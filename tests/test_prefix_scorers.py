@@ -282,6 +282,35 @@ def test_next_token_values_and_cdq_step_match_brute_force():
     assert int(state.step) == 1
 
 
+def test_a_pad_id_past_the_vocabulary_changes_no_value_and_no_step():
+    """The sampler may write a pad id past the vocabulary (a tokenizer's added pad token) into
+    the responses a CD-Q batch is built from; the tree forward embedded it raw: NaN values in
+    the padded row, a NaN loss, and NaN parameters after one step."""
+    cfg, params = _perturbed_value_model(5)
+    prompt, pmask, resp, rmask = _padded_batch()
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 5, (2, 4, 3)), jnp.int32)
+    batch = dict(prompt_BxP=prompt, prompt_mask_BxP=pmask, response_BxL=resp,
+                 response_mask_BxL=rmask, final_reward_B=jnp.array([0.7, -0.2]),
+                 next_ids_BxLxJ=ids,
+                 ref_next_logprobs_BxLxJ=jnp.asarray(np.random.RandomState(1).randn(2, 4, 3),
+                                                     jnp.float32))
+    out = {}
+    for pad in (0, cfg.vocab_size):
+        b = dict(batch, prompt_BxP=jnp.where(pmask, prompt, pad),
+                 response_BxL=jnp.where(rmask, resp, pad))
+        values = ps.next_token_values(cfg, params, b["prompt_BxP"], pmask, b["response_BxL"],
+                                      rmask, ids)
+        step = ps.make_scorer_step(cfg, "cdq", optax.sgd(0.1))
+        state, metrics = jax.jit(step)(init_train_state(params, optax.sgd(0.1)), b)
+        out[pad] = (np.asarray(values)[np.asarray(rmask)], float(metrics["loss"]), state.params)
+    (v0, l0, p0), (v1, l1, p1) = out.values()
+    assert np.isfinite(v1).all() and np.isfinite(l1)
+    np.testing.assert_allclose(v1, v0, atol=1e-6)
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
 def test_ref_next_token_logprobs_top_k():
     task = et.make_task(0)
     prompt, pmask = jnp.asarray(task.prompts_XxP), jnp.ones(task.prompts_XxP.shape, bool)

@@ -179,6 +179,7 @@ def _tree_forward(cfg: ModelConfig, params: Params, prompt_BxP: Array, prompt_ma
                             "next_ids_BxLxJ vs response_BxL")
     tokens, mask = concat_prompt_response(prompt_BxP, prompt_mask_BxP, response_BxL,
                                           response_mask_BxL)
+    tokens = models._real_tokens(tokens, mask)   # a pad id past the vocabulary would embed NaN
     n = plen + length
     base_pos_BxT = models.default_positions(mask)
     # Candidate (t, k) sits right after response token t: position of y_t plus one.
