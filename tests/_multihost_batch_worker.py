@@ -51,6 +51,10 @@ def main() -> None:
         out[name] = {"shape": list(batch["prompt_BxP"].shape), "sum": float(total),
                      "prompt_idx": host["prompt_idx_B"].tolist(),
                      "first_tokens": host["prompt_BxP"][:, 0].tolist()}
+    # leaves each process holds whole: returned as they are (they were joined across processes)
+    whole = dist.gather_to_host({"one_device": jnp.arange(3.0), "numpy": np.arange(4),
+                                 "scalar": 2.5})
+    out["whole_leaves"] = {k: np.asarray(v).tolist() for k, v in whole.items()}
     if jax.process_index() == 0:
         with open(os.path.join(args.out, "batch.json"), "w") as f:
             json.dump(out, f)

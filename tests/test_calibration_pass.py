@@ -82,6 +82,11 @@ def test_judge_path_matches_reward_fn():
     table = _run(judge=judge, detokenize=detok, prompts_text=["p0", "p1", "p2"])
     rewards, _ = _hand(7, 2, sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS), 3)
     np.testing.assert_array_equal(table.sorted_rewards_BxK, np.sort(rewards, axis=1))
+    # one text per prompt, refused before anything is drawn (2 texts: a callback error after
+    # the first batch was drawn and scored; 4 texts were accepted)
+    for texts in (["p0", "p1"], ["p0", "p1", "p2", "p3"]):
+        with pytest.raises(ValueError, match=f"prompts_text has {len(texts)} texts for 3"):
+            _run(judge=judge, detokenize=detok, prompts_text=texts)
 
 
 def test_invalid_samples_without_eos_are_masked():

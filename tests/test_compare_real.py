@@ -647,6 +647,32 @@ def test_kl_matching_is_checked_per_seed_and_on_the_mean():
     assert claim["verdict"] == "unresolved (KL not matched)"
 
 
+def test_interval_tables_say_when_a_method_has_one_seed():
+    """With one seed paired_difference has no seed term: the gain and difference tables printed
+    its interval under "over prompts and seeds" (coverage 0.82 at a seed sd of 0.04, simulated).
+    Such a row now says its interval is over prompts only."""
+    from infalign_jax.workflows import comparison_report as report
+    rng = np.random.default_rng(0)
+
+    def run():
+        ev = {"kl_B": np.full(6, 1.0)}
+        for key in ("gold_standard_B", "gold_bon4_B", "gold_won4_B", "proxy_standard_B",
+                    "proxy_bon4_B", "proxy_won4_B"):
+            ev[key] = np.clip(0.6 + 0.01 * rng.standard_normal(6), 0, 1)
+        return ev
+
+    cc = rc.parse_comparison({"methods": "identity,exp,raw", "kl_target": 1.0, "n": 4})
+    summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
+                                "evals": {"identity": [run() for _ in range(3)],
+                                          "exp": [run()], "raw": [run() for _ in range(3)]},
+                                "same_judge": True, "gold": "g", "proxy": "p"}, cc)
+    text = report.markdown(summary, cc)
+    one = " (1 seed: interval over prompts only)"
+    assert text.count(f"| exp{one} |") == 2        # its gain row and its difference row
+    assert f"| raw{one}" not in text and f"| identity{one}" not in text
+    assert "| raw |" in text and "| identity |" in text
+
+
 def test_texts_a_judge_cuts_are_counted_in_each_saved_evaluation(tmp_path):
     """compare_real's evaluations scored texts the proxy reward model cut at its max_len and said
     nothing (the training loop and `evaluate` count theirs). At max_len 2 every text is cut:

@@ -435,6 +435,9 @@ def test_every_mesh_layout_gets_the_global_batch_across_processes(tmp_path):
     got = json.loads((tmp_path / "batch.json").read_text())
     rows = got.pop("rows")
     assert len(rows) == 8 and len(set(rows)) == 8
+    # a leaf a process holds whole came back joined with the other's copy: (3,) -> (6,)
+    assert got.pop("whole_leaves") == {"one_device": [0.0, 1.0, 2.0], "numpy": [0, 1, 2, 3],
+                                       "scalar": 2.5}
     prompts = np.arange(16 * 3).reshape(16, 3)
     for layout, out in got.items():
         assert out["shape"] == [8, 3], layout

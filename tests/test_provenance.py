@@ -33,6 +33,24 @@ def test_manifest_contents(tmp_path):
     assert not (tmp_path / "out" / "manifest.json.tmp").exists()
 
 
+def test_manifest_records_numpy_numbers_as_numbers(tmp_path):
+    """The validators take numpy scalars, but the manifest wrote them as "np.int64(64)" strings,
+    and a numpy seed raised TypeError (no manifest written)."""
+    cfg = ml_collections.ConfigDict({"batch_size": np.int64(64), "lr": np.float32(1e-3),
+                                     "flag": np.bool_(True), "name": "x"})
+    path = provenance.write_manifest(str(tmp_path / "out"), cfg, seeds={"seed": np.int64(0)})
+    m = json.loads(open(path).read())
+    assert m["config"]["batch_size"] == 64 and isinstance(m["config"]["batch_size"], int)
+    assert m["config"]["lr"] == pytest.approx(1e-3) and m["config"]["flag"] is True
+    assert m["seeds"] == {"seed": 0}
+
+
+def test_is_number_refuses_an_int_past_float_range():
+    from infalign_jax.infra import validate
+    assert not validate.is_number(10 ** 400)      # raised OverflowError, not a named refusal
+    assert validate.is_number(10 ** 300) and validate.is_number(np.float32(2.0))
+
+
 def test_atomic_writes_leave_the_old_file_when_interrupted(tmp_path):
     from infalign_jax.infra.files import atomic_open, write_json
     path = tmp_path / "summary.json"

@@ -657,6 +657,10 @@ def test_exact_table_of_another_d_model_is_refused(tmp_path):
     other = exact_tasks.rl_task(_config(**{"task.d_model": 16}).task)
     with pytest.raises(ReferenceTableError, match=r"d_model=32.*d_model=16"):
         train.prepare_reference_table(other, path, 64, 0)
+    # floats in full: init_std 0.2 and 0.2000004 (another pi_ref) shared the tag "0.2"
+    near = [exact_tasks.table_tag(exact_tasks.exact_task_config(
+        _config(**{"task.init_std": v}).task)) for v in (0.2, 0.2000004)]
+    assert near[0] != near[1] and "init_std=0.2," in near[0] + ","
 
 
 def test_guard_skips_an_infinite_optimiser_moment_beside_finite_params():

@@ -490,6 +490,10 @@ def test_texts_the_reward_model_cuts_are_counted_per_step_and_in_the_summary(dir
                for line in lines) == 1
     # the reference table's K = 4 samples of each of the 4 training prompts, every one cut
     assert any("reference table: the reward model cut 16 scored texts" in line for line in lines)
+    # progress=None (allowed by RLTask) raised TypeError on that message, after the whole pass
+    from infalign_jax.rl import tasks as rl_tasks
+    table = rl_tasks.build_task(c.task).reference_table(4, 0, progress=None)
+    assert table.sorted_rewards_BxK.shape == (4, 4)
 
 
 @pytest.mark.slow

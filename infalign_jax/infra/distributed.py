@@ -512,7 +512,10 @@ def gather_to_host(tree: Any) -> Any:
 
     A collective: all processes must call it with the same tree. Leaves with a `NamedSharding`
     are replicated by one jitted identity for the whole tree (one compilation, not one per
-    leaf as with `multihost_utils.process_allgather`); other leaves go through the latter.
+    leaf as with `multihost_utils.process_allgather`). Leaves this process holds whole (numpy
+    arrays, scalars, a jax.Array on its own devices) are returned as they are: all-gathering
+    them joined the processes' copies (a (3,) leaf came back (6,) on two processes). Other
+    leaves go through `process_allgather`.
     """
     leaves, treedef = jax.tree.flatten(tree)
     named = [i for i, x in enumerate(leaves)
@@ -523,7 +526,13 @@ def gather_to_host(tree: Any) -> Any:
         copies = jax.jit(lambda xs: xs, out_shardings=shardings)([leaves[i] for i in named])
         for i, x in zip(named, copies):
             out[i] = np.asarray(x.addressable_data(0))
-    rest = [i for i in range(len(leaves)) if i not in set(named)]
+    rest = []
+    for i in sorted(set(range(len(leaves))) - set(named)):
+        x = leaves[i]
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            out[i] = np.asarray(x)
+        else:
+            rest.append(i)
     if rest:
         gathered = multihost_utils.process_allgather([leaves[i] for i in rest], tiled=True)
         for i, x in zip(rest, gathered):

@@ -106,6 +106,8 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, (np.generic, np.ndarray)) and value.dtype.kind in "biuf":
+        return jsonable(value.tolist())   # numbers, not "np.int64(64)"
     return repr(value)
 
 
@@ -129,7 +131,7 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
     parameters it started from."""
     manifest = {
         "config": jsonable(config),
-        "seeds": dict(seeds or {}),
+        "seeds": jsonable(dict(seeds or {})),
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -19,8 +19,12 @@ def is_int(x: Any) -> bool:
 
 def is_number(x: Any) -> bool:
     """A finite real number (bools are not numbers here)."""
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) \
-        and math.isfinite(x)
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:   # an int past float's range (10**400)
+        return False
 
 
 def owner_of(obj: Any) -> str:

@@ -200,6 +200,9 @@ def _checked_inputs(fns: DecoderFns, params: Any, prompt_BxP: np.ndarray,
         return reward_fn
     if detokenize is None or prompts_text is None:
         raise ValueError("a judge needs detokenize and prompts_text (one text per prompt)")
+    if len(prompts_text) != prompt_BxP.shape[0]:
+        raise ValueError(f"prompts_text has {len(prompts_text)} texts for "
+                         f"{prompt_BxP.shape[0]} prompts: one text per prompt")
     from infalign_jax.rewards.judges import text_reward_fn
     return text_reward_fn(judge, detokenize, prompts_text)
 

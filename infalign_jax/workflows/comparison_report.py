@@ -239,8 +239,13 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
                   sweep.markdown_table(crows, ccols), ""]
     gcols = ["method", "gold_standard", f"gold_{proc}"] + (
         [] if summary["same_judge"] else ["proxy_standard", f"proxy_{proc}"])
-    grows = [{"method": m, **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**g[c])
-                              for c in gcols[1:]}}
+    seeds = {r["method"]: r["seeds"] for r in summary["rows"]}
+
+    def label(*methods):   # one seed: paired_difference has no seed term, prompts alone
+        return methods[0] + (" (1 seed: interval over prompts only)"
+                             if min(seeds.get(m, 2) for m in methods) < 2 else "")
+    grows = [{"method": label(m), **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**g[c])
+                                     for c in gcols[1:]}}
              for m, g in summary["gain_over_ref"].items()]
     if grows:
         lines += ["Gain over pi_ref (win rate - 1/2, 95% interval over prompts and seeds"
@@ -251,8 +256,9 @@ def markdown(summary: dict[str, Any], cc: Any) -> str:
     if summary["differences_vs_identity"]:
         dcols = ["method", "gold_standard", f"gold_{summary['procedure']}{n}",
                  f"proxy_{summary['procedure']}{n}"]
-        drows = [{"method": m, **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**d[c])
-                                  for c in dcols[1:]}}
+        drows = [{"method": label(m, "identity"),
+                  **{c: "{point:+.3f} [{lower:+.3f}, {upper:+.3f}]".format(**d[c])
+                     for c in dcols[1:]}}
                  for m, d in summary["differences_vs_identity"].items()]
         lines += ["Difference against calibrated identity (95% interval over prompts and seeds):",
                   "", sweep.markdown_table(drows, dcols), ""]

@@ -360,8 +360,10 @@ _NOT_IN_TABLE = ("name", "kl_budget", "eval_ns")
 
 def table_tag(c: ExactTaskConfig) -> str:
     """The reward and base model ids' tag: every field that changes pi_ref or the reward table
-    (all but `_NOT_IN_TABLE`), so a work dir's table of another task is refused, never reused."""
-    return ",".join(f"{f.name}={getattr(c, f.name):g}" if isinstance(getattr(c, f.name), float)
+    (all but `_NOT_IN_TABLE`), so a work dir's table of another task is refused, never reused.
+    Floats are written in full (repr): `:g`'s six digits gave init_std 0.2 and 0.2000004 one tag."""
+    return ",".join(f"{f.name}={float(getattr(c, f.name))!r}"
+                    if isinstance(getattr(c, f.name), float)
                     else f"{f.name}={getattr(c, f.name)}"
                     for f in dataclasses.fields(c) if f.name not in _NOT_IN_TABLE)
 

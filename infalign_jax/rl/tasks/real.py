@@ -414,7 +414,7 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
             k=int(k), batch_prompts=s.calib_batch_prompts, sampling_cfg=scfg, seed=int(seed),
             base_model_id=base_id, reward_model_id=judge.id, require_eos=s.require_eos,
             partial_path=partial_path, progress=progress)
-        if cuts():   # the samples this call scored (not resumed)
+        if cuts() and progress is not None:   # the samples this call scored (not resumed)
             progress(f"reference table: the reward model cut {cuts()} scored "
                      f"texts at its length limit (it scores only the kept part)")
         return table
