@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,6 +121,22 @@ def test_demo_entrypoint(tmp_path):
     assert [r["method"].split(" ")[0] for r in rows] == ["calibrated", "CTRL"]
     assert all(0 < r["exact_bon1"] < 1 and r["exact_kl"] >= 0 for r in rows)
     assert (out / "ctrl" / "exact_table.md").exists() and (out / "ctrl" / "exact_methods.png").exists()
+
+
+def test_the_demo_reports_an_unresolved_optimum_as_nan_with_its_reason(monkeypatch):
+    """`--config.n=32` asks the optimal solver for an optimum grid 4000 does not resolve; the
+    demo stopped there with a traceback. It now prints the reason and NaN, as the report does."""
+    from infalign_jax.analysis import analytic_solver
+    from infalign_jax.workflows import demo
+
+    def unresolved(*args, **kwargs):
+        raise analytic_solver.UnresolvedOptimum("grid 4000 does not resolve the optimum")
+
+    monkeypatch.setattr(analytic_solver, "optimal_win_rate_at_kl", unresolved)
+    lines = []
+    row = demo.analytic_prediction("bon", 2, 0.5, lines.append)
+    assert math.isnan(row["optimal"]) and 0.5 < row["best_exp_t"] < 1.0
+    assert any("does not resolve the optimum" in line for line in lines)
 
 
 def test_the_demo_reports_no_best_or_worst_text_for_a_prompt_without_a_valid_sample():

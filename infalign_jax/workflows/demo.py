@@ -84,11 +84,15 @@ def analytic_prediction(procedure: str, n: int, kl: float, log: Callable[[str], 
     """Step 5: the analytic tool's win rates of identity, log, the best exp(t) and the optimal
     transform for `procedure` at the KL budget."""
     t_best, w_best = analytic.best_t(procedure, n, kl)
+    try:
+        optimal = analytic_solver.optimal_win_rate_at_kl(kl, procedure, n)
+    except RuntimeError as err:   # unresolved by the grid, or a saturated frontier
+        optimal = float("nan")
+        log(f"  optimal transform: {err}")
     row = {"procedure": f"{procedure}_{n}", "kl": kl,
            "identity": analytic.win_rate_at_kl("identity", kl, procedure, n),
            "log": analytic.win_rate_at_kl("log", kl, procedure, n),
-           "best_t": float(t_best), "best_exp_t": float(w_best),
-           "optimal": analytic_solver.optimal_win_rate_at_kl(kl, procedure, n)}
+           "best_t": float(t_best), "best_exp_t": float(w_best), "optimal": optimal}
     log(f"  {procedure.upper()}_{n}: identity {row['identity']:.4f}  log {row['log']:.4f}  "
         f"exp(t={row['best_t']:.2f}) {row['best_exp_t']:.4f}  optimal {row['optimal']:.4f}")
     return row
