@@ -47,11 +47,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import smollm2_weights  # noqa: E402
-from run_benchmarks import bench_bandwidth, bench_peak, hardware, interleaved, timeit  # noqa: E402
+from run_benchmarks import bench_bandwidth, bench_peak, hardware, interleaved_times, timeit  # noqa: E402,E501
 
 CASES = "abcdefg"
 PARITY_TOL = 1e-3
 TARGETS = {"a": 1.8, "b": 4.0, "c": 0.9}  # c: ours(top_p=0.9) / ours(unfiltered) >= 0.9
+C_ROUNDS = 9   # case c: alternating rounds of unfiltered and top-p sampling
 
 
 # ----------------------------------------------------------------------------------- set-up
@@ -110,18 +111,21 @@ def run_hf(model, prompt: np.ndarray, n: int, new: int, top_p: float, repeat: in
     import torch
     ids = torch.tensor(prompt, dtype=torch.long, device=model.device)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    # EOS never ends a row early: min_new_tokens == max_new_tokens makes generate suppress the
-    # EOS logit (-inf) at every step, so each row gets exactly `new` tokens (checked below). Ours
-    # runs with eos_id=None (EOS may be drawn but ends nothing), so both do `new` decode steps.
+    # EOS never ends a row early: generate is given no EOS id (eos_token_id=None), so each row
+    # gets exactly `new` tokens (checked below), as ours with eos_id=None (EOS may be drawn but
+    # ends nothing). min_new_tokens would suppress the EOS logit instead, a pass over every
+    # row's logits per step (4.5-12 ms here) that ours does not do.
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=top_p,
-              temperature=1.0, num_return_sequences=n, pad_token_id=model.config.pad_token_id or 0)
+              temperature=1.0, num_return_sequences=n, pad_token_id=model.config.pad_token_id or 0,
+              eos_token_id=None)
+    model.generation_config.eos_token_id = None
     with torch.no_grad():  # warm-up at the timed shapes (per-shape first-call costs), as ours
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        model.generate(ids, max_new_tokens=new, **kw)
         best = float("inf")
         for _ in range(repeat):
             sync()
             t = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            out = model.generate(ids, max_new_tokens=new, **kw)
             sync()
             best = min(best, time.perf_counter() - t)
     expect = (prompt.shape[0] * n, prompt.shape[1] + new)
@@ -223,8 +227,12 @@ def table(res: dict) -> str:
         ratio_s = ("n/a" if hf is None else
                    "refused (parity)" if ratio is None else f"{ratio:.2f}x")
         if c == "c":
-            own = r["ours_vs_unfiltered"]
-            target = f"ours >= 0.9x unfiltered: {own:.2f}x, {verdict(own, TARGETS['c'])}"
+            own, rounds = r["ours_vs_unfiltered"], r["round_ratios"]
+            lo, hi = min(rounds), max(rounds)
+            said = ("met" if lo >= TARGETS["c"] else "not met" if hi < TARGETS["c"]
+                    else "unresolved: the rounds' spread straddles it")
+            target = (f"ours >= 0.9x unfiltered: median {own:.2f}x of {len(rounds)} alternating "
+                      f"rounds (range {lo:.2f}-{hi:.2f}), {said}")
         elif ratio is None:
             target = f">= {TARGETS[c]}x HF: n/a"
         else:
@@ -365,11 +373,14 @@ def main():
         ours_c = run_ours(fns, params, prompt_a, SamplingConfig(n=1, max_new_tokens=new,
                                                                  top_p=0.9, eos_id=None), rep_ours,
                           calls, "c")
-        # The target compares ours with ours: time both again in alternation (a vs c).
-        alt = interleaved({k: calls[k] for k in ("a", "c")}, max(rep_ours, 5))
+        # The target compares ours with ours: time both again in alternation (a vs c), and
+        # judge the ratio of each round (a slow spell moves both), by its median and spread.
+        times = interleaved_times({k: calls[k] for k in ("a", "c")}, C_ROUNDS)
+        per_round = [a / c for a, c in zip(times["a"], times["c"])]
         hf = run_hf(model, prompt_a, 1, new, 0.9, rep_hf)
         cases["c"] = {"ours": ours_c, "hf": hf, "ratio_vs_hf": ratio(ours_c, hf),
-                      "interleaved_best_s": alt, "ours_vs_unfiltered": alt["a"] / alt["c"]}
+                      "interleaved_s": times, "round_ratios": per_round,
+                      "ours_vs_unfiltered": float(np.median(per_round))}
         print("case c", cases["c"], flush=True)
     if "d" in only:
         peak = bench_peak(args.quick)["matmul_gflops"]["float32"]

@@ -40,16 +40,21 @@ def timeit(fn, *, repeat: int = 5, warmup: int = 1) -> float:
     return best
 
 
-def interleaved(calls: dict, rounds: int) -> dict:
-    """Best wall time of each call over `rounds` rounds that run every call once in turn, so a
-    slow spell of the machine hits all of them alike (the ratio of two is what is reported)."""
-    best = {name: float("inf") for name in calls}
+def interleaved_times(calls: dict, rounds: int) -> dict:
+    """Every call's wall time in each of `rounds` rounds that run every call once in turn, so a
+    slow spell of the machine hits all of them alike: {name: [seconds per round]}."""
+    times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
             t = time.perf_counter()
             jax.block_until_ready(fn())
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def interleaved(calls: dict, rounds: int) -> dict:
+    """Best wall time of each call over `interleaved_times`' rounds."""
+    return {name: min(t) for name, t in interleaved_times(calls, rounds).items()}
 
 
 def hardware() -> dict:
@@ -103,7 +108,7 @@ def bench_calibrate(quick: bool, bandwidth_gb_s: float) -> dict:
             c[i] = (lo + hi) / (2 * k)
         return c
 
-    t = time.perf_counter(); numpy_loop(); out["numpy_loop_s"] = time.perf_counter() - t
+    out["numpy_loop_s"] = timeit(numpy_loop)   # best of 5 after a warm-up, as ours
     bytes_moved = ref.nbytes + r.nbytes * 2  # read table and rewards, write C
     out["bound_s"] = bytes_moved / (bandwidth_gb_s * 1e9)
     best = min(out["search_s"], out["compare_s"])

@@ -58,6 +58,12 @@ class Model:
         but with tied embeddings the same matrix is the lm head)."""
         return self.n_params - (0 if self.tied else self.vocab * self.d_model)
 
+    @property
+    def n_head(self) -> int:
+        """The lm head's parameters (vocab x d, tied or not): the library computes logits only
+        where they are read (a prefill's last position, the response positions)."""
+        return self.vocab * self.d_model
+
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """K and V for every layer: layers * 2 * kv_heads * head_dim * bytes."""
         return self.layers * 2 * self.kv_heads * self.head_dim * dtype_bytes
@@ -275,15 +281,25 @@ def fwd_flops(m: Model, n_matmul: int, tokens: float, ctx: int) -> float:
     return tokens * (2 * n_matmul + m.attn_flops_per_token(ctx))
 
 
+def policy_fwd_flops(m: Model, tokens: float, head_tokens: float, ctx: int) -> float:
+    """A policy forward over `tokens` whose lm head runs at `head_tokens` of them only."""
+    return fwd_flops(m, m.n_matmul - m.n_head, tokens, ctx) + 2 * m.n_head * head_tokens
+
+
 def rl_step_times(m: Model, hw: Hardware, step: Step) -> dict[str, float]:
     n = hw.devices
     g, decode, _ = best_rollout(m, hw, step)
     pool = n * hw.peak
-    prefill = fwd_flops(m, m.n_matmul, step.prompts * step.prompt_len, step.prompt_len)
+    # logits at each prompt's last position (prefill) and at the response positions (the
+    # teacher-forced passes), as `models.prefill(last_logits_only=True)` and the step compute them
+    prefill = policy_fwd_flops(m, step.prompts * step.prompt_len, step.prompts, step.prompt_len)
     tokens = step.rows * step.seq
+    head_tokens = step.rows * step.response_len
     rm_matmul = m.n_rm_params - m.vocab * m.d_model   # reward model: no lm head at all
-    fwd = fwd_flops(m, m.n_matmul, tokens, step.seq)
-    train = tokens * (6 * m.n_matmul + m.attn_flops_per_token(step.seq, backward=True))
+    fwd = policy_fwd_flops(m, tokens, head_tokens, step.seq)
+    train = (tokens * (6 * (m.n_matmul - m.n_head) + m.attn_flops_per_token(step.seq,
+                                                                           backward=True))
+             + 6 * m.n_head * head_tokens)
     # Gathering the FSDP-sharded f32 policy into the bf16 serving layout: each device receives
     # about its serving shard (2N/g bytes).
     reshard = 2 * m.n_params / g / (hw.link_bw * A.link_eff)
@@ -332,8 +348,9 @@ def calib_pass(m: Model, hw: Hardware, ds: Dataset, k: int,
         prefills_per_prompt = math.ceil(k / min(rows, k))
         dec = decode_time(m, hw, rows, g, ds.prompt_len, ds.response_len, min(share, rows))
         waves = math.ceil(ds.train_prompts * k / (groups * rows))
-        pre_total = fwd_flops(m, m.n_matmul, ds.train_prompts * prefills_per_prompt
-                              * ds.prompt_len, ds.prompt_len) / (hw.devices * hw.peak * A.mfu_fwd)
+        prefills = ds.train_prompts * prefills_per_prompt
+        pre_total = policy_fwd_flops(m, prefills * ds.prompt_len, prefills, ds.prompt_len) / (
+            hw.devices * hw.peak * A.mfu_fwd)
         t = waves * dec + pre_total
         if best is None or t < best["sample_s"]:
             best = {"g": g, "rows_per_group": rows, "sample_s": t, "waves": waves,
@@ -344,8 +361,8 @@ def calib_pass(m: Model, hw: Hardware, ds: Dataset, k: int,
     score_tokens = (ds.train_prompts * (ds.prompt_len + k * ds.response_len) if shared_prefix
                     else samples * seq)
     score_flops = fwd_flops(m, rm_matmul, score_tokens, seq)
-    gen_flops = samples * ds.response_len * (2 * m.n_matmul) + fwd_flops(
-        m, m.n_matmul, ds.train_prompts * ds.prompt_len, ds.prompt_len)
+    gen_flops = samples * ds.response_len * (2 * m.n_matmul) + policy_fwd_flops(
+        m, ds.train_prompts * ds.prompt_len, ds.train_prompts, ds.prompt_len)
     best.update({"gen_flops": gen_flops, "score_flops": score_flops,
                  "score_s": score_flops / (hw.devices * hw.peak * A.mfu_fwd),
                  "table_bytes": ds.train_prompts * k * 4})
