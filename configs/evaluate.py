@@ -9,7 +9,8 @@ On the researcher's files:
         --config.policy.checkpoint=RUN_DIR_OR_HF_DIR_OR_GGUF \
         --config.reference.checkpoint=HF_DIR_OR_GGUF --config.data.prompts=prompts.jsonl \
         --config.reward.kind=hf --config.reward.checkpoint=RM_DIR
-    (or --config.reward.kind=ensemble --config.reward.checkpoints="('rm1','rm2')" and
+    (or --config.reward.kind=ensemble --config.reward.checkpoints="('rm1','rm2')" of hf
+    sequence-classifier directories (a train_reward.py ensemble run is one kind=trained dir), and
     --config.eval.procedures="('bon','won','uncertainty_bon')"; the judge's ensemble score is
     mean - reward.std_penalty * std, the uncertainty-penalised selection uses select.uncertainty_k).
 Procedures (`config.eval.procedures`): bon, won, rbon_kl, rbon_wd, uncertainty_bon, cd_tokenwise,

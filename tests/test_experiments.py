@@ -78,6 +78,11 @@ def test_a_flag_that_get_config_derived_other_keys_from_is_refused_alone(tmp_pat
     err = _refused("train_policy.py", "--config=configs/ctrl_real.py", f"--workdir={tmp_path}",
                    "--config.task.name=harmlessness")
     assert "derived transform.t from (its config-string argument 'task')" in err
+    # an argument the string gives already is replaced in the suggestion: appended, it was
+    # given twice, which the config string refuses
+    err = _refused("train_policy.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+                   f"--workdir={tmp_path}", "--config.task.name=harmlessness")
+    assert "--config=configs/ctrl_real.py:task=VALUE,size=tiny instead" in err
     # taken when every derived key is set as well, by a flag or by its own argument, or is not
     # read by the command: each run then gets as far as the work dir (a path under a file: one
     # line and exit status 2, as for every bad work dir)

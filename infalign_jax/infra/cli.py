@@ -233,12 +233,16 @@ def refuse_stale_derived_flags(reads: Sequence[str] | None = None) -> None:
                     if d not in keys and own not in written and _holds(config, d)
                     and (reads is None or d.startswith(tuple(reads)))]
             if key in keys and left:
+                # the argument's value replaced where the string gives it (twice is refused)
+                items = [f"{arg}=VALUE" if item.split("=", 1)[0].strip() == arg else item
+                         for item in given.split(",") if item.strip()]
+                if arg not in written:
+                    items.append(f"{arg}=VALUE")
                 raise ValueError(
                     f"--{name}.{key} changes a value that {os.path.basename(path)}'s get_config "
                     f"derived {', '.join(left)} from (its config-string argument {arg!r}), after "
                     f"it ran, so they would keep the argument's values; write "
-                    f"--{name}={spec}{',' if given else ':'}{arg}=VALUE instead (or set "
-                    f"{', '.join(left)} too)")
+                    f"--{name}={path}:{','.join(items)} instead (or set {', '.join(left)} too)")
 
 
 def _holds(config: Any, dotted: str) -> bool:

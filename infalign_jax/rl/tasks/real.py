@@ -264,8 +264,9 @@ class RealTaskConfig:
             if self.policy.checkpoint:
                 raise ValueError("config.task.gguf_path is deprecated and conflicts with "
                                  "config.task.policy.checkpoint; set only the latter")
+            # FutureWarning: shown by default (Python hides DeprecationWarning outside __main__)
             warnings.warn("config.task.gguf_path is deprecated; use "
-                          "config.task.policy.checkpoint", DeprecationWarning, stacklevel=2)
+                          "config.task.policy.checkpoint", FutureWarning, stacklevel=2)
             object.__setattr__(self, "policy", sources.PolicyConfig(self.gguf_path))
 
 
