@@ -31,6 +31,11 @@ from infalign_jax.rl.tasks.sources import PolicyConfig, PromptsConfig, RewardCon
 from infalign_jax.workflows.evaluate import CDConfig, EvalConfig, SelectConfig
 
 
+# `--config.eval.samples` alone would keep the N grid derived from the argument's samples
+# (`cli.refuse_stale_derived_flags`): write `:samples=16`, or set eval.ns too.
+FLAG_DERIVED = {"eval.samples": ("samples", {"eval.ns": None})}
+
+
 def get_config(arg=None):
     a = parse_arg(arg, prompts=4, samples=8, max_new_tokens=8)
     c = parse_arg(None)

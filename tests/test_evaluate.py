@@ -363,3 +363,42 @@ def test_selections_refuse_nan_candidate_scores():
     with pytest.raises(ValueError, match=r"the judge gave NaN for 4 of pi_ref's 12 selection "
                                          r"candidates \(prompts \['p0', 'p1', 'p2'\]\)"):
         evaluate.run_selections(s, ctx, log, print)
+
+
+def test_rbon_wd_embeds_the_response_tokens_themselves(dirs):
+    """The embedding pooled the states predicting each response token: the prompt's last state
+    (alike for every candidate) and not the response's last token, so [10, 11, 12] and
+    [10, 11, 13] had cosine 1. It pools the states at the response tokens, which a transformers
+    forward pass gives independently."""
+    import torch
+    from infalign_jax.rl.tasks import sources
+    from infalign_jax import models
+    ref = sources.load_policy(sources.PolicyConfig(dirs["reference"]))
+    fns = models.decoder_fns(ref.model_cfg)
+    prompt = np.array([[3, 4, 5]], np.int32)
+    pmask = np.ones_like(prompt, bool)
+    resp = np.array([[10, 11, 12, 0], [10, 11, 13, 0]], np.int32)
+    rmask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
+    _, emb = evaluate._candidate_features(fns, ref.params, prompt, pmask, resp, rmask, 2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dirs["reference"]).eval()
+    want = []
+    for row in resp:
+        ids = torch.tensor(np.concatenate([prompt[0], row[:3]])[None], dtype=torch.long)
+        with torch.no_grad():
+            h = hf(ids, output_hidden_states=True).hidden_states[-1][0, 3:].numpy()
+        want.append(h.mean(0))
+    np.testing.assert_allclose(emb[0], np.stack(want), atol=2e-5)
+    cos = emb[0, 0] @ emb[0, 1] / np.linalg.norm(emb[0, 0]) / np.linalg.norm(emb[0, 1])
+    assert cos < 0.9999
+
+
+@pytest.mark.slow
+def test_texts_cut_are_counted_once_when_the_members_score_the_candidates_again(dirs, tmp_path):
+    """uncertainty_bon scores the candidate pool with each ensemble member again: their cuts
+    were counted a second time (27 texts cut read 36)."""
+    got = {}
+    for procs in (("rbon_kl",), ("rbon_kl", "uncertainty_bon")):
+        config = tiny_config(dirs, procs, reward__max_len=6)
+        res = evaluate.run(config, str(tmp_path / "_".join(procs)), progress=lambda s: None)
+        got[procs] = res["reward_texts_cut"]
+    assert got[("rbon_kl",)] > 0 and len(set(got.values())) == 1, got

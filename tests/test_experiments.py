@@ -83,6 +83,10 @@ def test_a_flag_that_get_config_derived_other_keys_from_is_refused_alone(tmp_pat
     err = _refused("train_policy.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
                    f"--workdir={tmp_path}", "--config.task.name=harmlessness")
     assert "--config=configs/ctrl_real.py:task=VALUE,size=tiny instead" in err
+    # evaluate's N grid follows its samples argument (a flag kept the old grid: no N = 16 rows)
+    err = _refused("evaluate.py", "--config=configs/evaluate.py", f"--workdir={tmp_path}",
+                   "--config.eval.samples=16")
+    assert "derived eval.ns from (its config-string argument 'samples')" in err
     # taken when every derived key is set as well, by a flag or by its own argument, or is not
     # read by the command: each run then gets as far as the work dir (a path under a file: one
     # line and exit status 2, as for every bad work dir)

@@ -197,11 +197,16 @@ def _held_out_split(s: dict[str, Any], num_train: int, say: Callable[[str], None
 
 
 def _candidate_features(ref_fns, ref_params, prompt_BxP, mask_BxP, resp, rmask, m: int):
-    """(log pi_ref(y) per candidate [B, M], mean-pooled response hidden states [B, M, D])."""
+    """(log pi_ref(y) per candidate [B, M], mean-pooled response hidden states [B, M, D]).
+
+    The embedding pools the final hidden states at the response tokens themselves (not at the
+    positions predicting them, which hold the prompt's last state, alike for every candidate,
+    and leave out the response's last token: two responses differing in it had cosine 1)."""
     @jax.jit
     def features(params, p, pm, r, rm):
         logp = sampling.sequence_logprobs(ref_fns, params, p, pm, r, rm).sum(-1)
-        hidden = sampling.response_hidden(ref_fns, params, p, pm, r, rm)
+        tokens, mask = sampling.concat_prompt_response(p, pm, r, rm)
+        hidden = ref_fns.hidden(params, tokens, mask)[:, p.shape[1]:]
         return logp, selection.mean_pool(hidden, rm)
     p_rep, pm_rep = np.repeat(prompt_BxP, m, 0), np.repeat(mask_BxP, m, 0)
     logp, emb = features(ref_params, p_rep, pm_rep, resp, rmask)
@@ -242,8 +247,11 @@ def run_selections(s, ctx, log: SampleLog, progress) -> list[dict[str, Any]]:
     members_ExBxM = None
     if "uncertainty_bon" in names:
         prompts = [ctx.eval_texts[r // m] for r in range(batch * m)]
+        before = ctx.cut() if ctx.cut else 0
         members_ExBxM = np.stack([np.asarray(j(prompts, texts), np.float64).reshape(batch, m)
                                   for j in ctx.members])
+        # the members score again texts the ensemble scored above: their cuts count once
+        ctx.rescored_cuts += (ctx.cut() if ctx.cut else 0) - before
     ref_BxM = log.scores["pi_ref"]
     rows = []
     for n in e.ns:
@@ -406,6 +414,7 @@ class _Context:
         raw = {self.detokenize(row[m]): t for row, m, t in zip(all_BxP, all_mask, texts)}
         self.judge = real.PromptTextJudge(judge, raw)
         self.cut = judges.cut_counter(judge)
+        self.rescored_cuts = 0   # cuts of texts scored a second time (counted once)
         self.members = getattr(judge, "members", None)   # an ensemble's reward models
         self.judge_id = getattr(judge, "id", judge.name)
         self.temperature, self.max_new_tokens = e.temperature, e.max_new_tokens
@@ -502,7 +511,7 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
             rows += cd_rows
             records.update(cd_records)
         paths = _write_outputs(workdir, rows, records, log)
-        cut = ctx.cut() if ctx.cut else 0   # every text this evaluation scored
+        cut = ctx.cut() - ctx.rescored_cuts if ctx.cut else 0   # every text scored, once
         if cut:
             say(f"evaluate: the reward model cut {cut} scored texts at its length limit (it "
                 f"scores only the kept part); results.json: reward_texts_cut")
