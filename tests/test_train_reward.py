@@ -77,6 +77,18 @@ def test_learns_rule_and_writes_outputs(tmp_path):
     assert info["reward_model_id"] == summary["reward_model_id"]
     assert info["reward_model_id"].startswith("rm[1x32,bytes-v1]:")
     assert (tmp_path / "run" / "manifest.json").exists()
+    # loaded as a judge: a finished run quietly, one whose manifest records no finish (killed
+    # before its last step) with a warning naming the step it scores with
+    import warnings
+    from infalign_jax.rewards import reward_runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = reward_runs.load_run(str(tmp_path / "run"))
+    manifest = json.load(open(tmp_path / "run" / "manifest.json"))
+    manifest["finished"] = None
+    json.dump(manifest, open(tmp_path / "run" / "manifest.json", "w"))
+    with pytest.warns(UserWarning, match=f"has not finished .* newest checkpoint, step {run.step}"):
+        reward_runs.load_run(str(tmp_path / "run"))
 
 
 def test_resume_is_exact(tmp_path):

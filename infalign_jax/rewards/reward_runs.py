@@ -11,6 +11,7 @@ tokenizer of a pretrained trunk (transformers directory or GGUF file) with its E
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -53,7 +54,8 @@ def load_run(path: str, where: str = "config.task.reward.checkpoint") -> RewardR
                          f"checkpoints/ written by experiments/train_reward.py)")
     try:
         with open(manifest_path, encoding="utf-8") as f:
-            info = (json.load(f).get("extra") or {}).get("reward_model")
+            manifest = json.load(f)
+        info = (manifest.get("extra") or {}).get("reward_model")
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{where}: cannot read {manifest_path} ({e})") from e
     if not isinstance(info, dict):
@@ -69,6 +71,9 @@ def load_run(path: str, where: str = "config.task.reward.checkpoint") -> RewardR
         params, step, _ = checkpointing.restore_params(path, checkpointing.local_abstract(shapes))
     except ValueError as e:
         raise ValueError(str(e).replace("config.train.init_from", where)) from e
+    if not manifest.get("finished"):   # a run killed (or still running) before its last step
+        warnings.warn(f"{where}: the run {path!r} has not finished (its manifest records no "
+                      f"finish); scoring with its newest checkpoint, step {step}", stacklevel=2)
     return RewardRun(cfg, params, tok, info, step, os.path.abspath(path))
 
 
