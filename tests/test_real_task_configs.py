@@ -60,15 +60,6 @@ def test_bad_task_section_names_the_field(change, message):
         real.parse_section(change)
 
 
-def test_the_deprecated_gguf_path_says_so_where_users_see_it(tmp_path):
-    """It warned with a DeprecationWarning, which Python does not show a command's user."""
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"")
-    with pytest.warns(FutureWarning, match="gguf_path is deprecated"):
-        section = real.parse_section({"gguf_path": str(path)})
-    assert section.policy.checkpoint == str(path)
-
-
 def test_config_has_the_policy_reward_and_data_subsections():
     from infalign_jax.infra.config_utils import config_fields
     from infalign_jax.rl.tasks import sources

@@ -77,7 +77,8 @@ def test_policy_and_gguf_path_keys(dirs, tmp_path):
         real.parse_section({"policy": {"checkpoint": str(tmp_path)}})
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.warns(DeprecationWarning, match="config.task.policy.checkpoint"):
+    # a FutureWarning: a DeprecationWarning is not shown to a command's user
+    with pytest.warns(FutureWarning, match="config.task.policy.checkpoint"):
         s = real.parse_section({"gguf_path": str(gguf)})
     assert s.policy.checkpoint == str(gguf)
     with pytest.raises(ValueError, match="config.task.gguf_path is deprecated and conflicts"):
