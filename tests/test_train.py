@@ -661,6 +661,10 @@ def test_exact_table_of_another_d_model_is_refused(tmp_path):
     near = [exact_tasks.table_tag(exact_tasks.exact_task_config(
         _config(**{"task.init_std": v}).task)) for v in (0.2, 0.2000004)]
     assert near[0] != near[1] and "init_std=0.2," in near[0] + ","
+    # a value :g writes without loss keeps the tag it had (a table built before is still found)
+    whole = exact_tasks.table_tag(exact_tasks.exact_task_config(
+        _config(**{"task.init_std": 1.0}).task))
+    assert "init_std=1," in whole + ","
 
 
 def test_guard_skips_an_infinite_optimiser_moment_beside_finite_params():

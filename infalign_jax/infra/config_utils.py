@@ -47,6 +47,13 @@ def _coerce(key: str, text: str, default: Any) -> Any:
     return text
 
 
+def float_text(value: float) -> str:
+    """A float as text for a name or an id: `:g` where that loses nothing (2.0 -> "2", 0.2 ->
+    "0.2"), else in full (repr: 2.0000001 stays itself), so two values never share one text."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def comma_list(text: Any) -> tuple[str, ...]:
     """The names of a comma-separated option ("bon, won," -> ("bon", "won")): each stripped,
     empty ones dropped."""

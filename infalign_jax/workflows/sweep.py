@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 from infalign_jax.loops.skeleton import config_record, flat_record
-from infalign_jax.infra.config_utils import refuse_unused_overrides
+from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open
 
@@ -64,9 +64,7 @@ def point_name(overrides: Mapping[str, Any]) -> str:
     """A directory name for a point: ``t=4,beta=1.5`` (last part of each dotted key)."""
     parts = []
     for dotted, value in overrides.items():
-        text = str(value)
-        if isinstance(value, float):   # short where that loses nothing (2.0 -> "2")
-            text = f"{value:g}" if float(f"{value:g}") == value else repr(float(value))
+        text = float_text(value) if isinstance(value, float) else str(value)
         parts.append(f"{dotted.rsplit('.', 1)[-1]}={text}")
     return ",".join(parts).replace("/", "_")
 

@@ -49,7 +49,7 @@ from infalign_jax.core.transforms import Transform
 from infalign_jax.core.types import Params
 from infalign_jax.rl.tasks.base import RLTask
 from infalign_jax.infra import validate as check
-from infalign_jax.infra.config_utils import as_dict, dataclass_from
+from infalign_jax.infra.config_utils import as_dict, dataclass_from, float_text
 
 Array = jax.Array
 
@@ -361,8 +361,9 @@ _NOT_IN_TABLE = ("name", "kl_budget", "eval_ns")
 def table_tag(c: ExactTaskConfig) -> str:
     """The reward and base model ids' tag: every field that changes pi_ref or the reward table
     (all but `_NOT_IN_TABLE`), so a work dir's table of another task is refused, never reused.
-    Floats are written in full (repr): `:g`'s six digits gave init_std 0.2 and 0.2000004 one tag."""
-    return ",".join(f"{f.name}={float(getattr(c, f.name))!r}"
+    Floats are written without loss (`config_utils.float_text`): `:g`'s six digits gave init_std
+    0.2 and 0.2000004 one tag."""
+    return ",".join(f"{f.name}={float_text(getattr(c, f.name))}"
                     if isinstance(getattr(c, f.name), float)
                     else f"{f.name}={getattr(c, f.name)}"
                     for f in dataclasses.fields(c) if f.name not in _NOT_IN_TABLE)
