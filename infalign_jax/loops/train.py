@@ -318,13 +318,14 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
 
 
 def _kl_budget(config: Any) -> float:
-    return float(config.task.get("kl_budget", 0.0) or 0.0)
+    """`config.task.kl_budget` (0 when unset) of a ConfigDict or a plain dict."""
+    return float((config.get("task") or {}).get("kl_budget", 0.0) or 0.0)
 
 
 # A KL budget solves beta (`_beta_for_budget`): an rl.beta override would be logged as unused.
 UNUSED_OPTION_RULES.append(
     lambda config: {"rl.beta": "task.kl_budget=0 (a budget > 0 solves beta)"}
-    if float((config.get("task") or {}).get("kl_budget", 0.0) or 0.0) > 0 else {})
+    if _kl_budget(config) > 0 else {})
 
 
 def _check_budget(config: Any, task: rl_tasks.RLTask, cfg: rl.RLConfig, bonbon: bool) -> None:
