@@ -66,27 +66,29 @@ def test_a_flag_that_get_config_derived_other_keys_from_is_refused_alone(tmp_pat
     """`--config.train.num_steps=3000` on ctrl_exact left the lr decay and the beta warm-up at
     the file's 1500 / 1000 steps (the lr at its floor for half the run); `--config.task.name=
     harmlessness` on ctrl_real kept t = +4, the Best-of-N sign, for the Worst-of-N task."""
-    err = _refused("train_policy.py", "--config=configs/ctrl_exact.py", f"--workdir={tmp_path}",
-                   "--config.train.num_steps=3000")
-    assert ("--config.train.num_steps changes a value that ctrl_exact.py's get_config derived "
-            "rl.decay_steps, rl.beta_anneal_steps from (its config-string argument 'steps')") in err
-    assert "--config=configs/ctrl_exact.py:steps=VALUE" in err
-    # the suggestion keeps the arguments given
-    err = _refused("train_policy.py", "--config=configs/ctrl_exact.py:transform=log,beta=0.333",
-                   f"--workdir={tmp_path}", "--config.train.num_steps=30")
-    assert "--config=configs/ctrl_exact.py:transform=log,beta=0.333,steps=VALUE instead" in err
-    err = _refused("train_policy.py", "--config=configs/ctrl_real.py", f"--workdir={tmp_path}",
-                   "--config.task.name=harmlessness")
-    assert "derived transform.t from (its config-string argument 'task')" in err
-    # an argument the string gives already is replaced in the suggestion: appended, it was
-    # given twice, which the config string refuses
-    err = _refused("train_policy.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
-                   f"--workdir={tmp_path}", "--config.task.name=harmlessness")
-    assert "--config=configs/ctrl_real.py:task=VALUE,size=tiny instead" in err
-    # evaluate's N grid follows its samples argument (a flag kept the old grid: no N = 16 rows)
-    err = _refused("evaluate.py", "--config=configs/evaluate.py", f"--workdir={tmp_path}",
-                   "--config.eval.samples=16")
-    assert "derived eval.ns from (its config-string argument 'samples')" in err
+    for script, config, flag, wanted in (
+            ("train_policy.py", "configs/ctrl_exact.py", "--config.train.num_steps=3000",
+             ("--config.train.num_steps changes a value that ctrl_exact.py's get_config derived "
+              "rl.decay_steps, rl.beta_anneal_steps from (its config-string argument 'steps')",
+              "--config=configs/ctrl_exact.py:steps=VALUE")),
+            # the suggestion keeps the arguments given
+            ("train_policy.py", "configs/ctrl_exact.py:transform=log,beta=0.333",
+             "--config.train.num_steps=30",
+             ("--config=configs/ctrl_exact.py:transform=log,beta=0.333,steps=VALUE instead",)),
+            ("train_policy.py", "configs/ctrl_real.py", "--config.task.name=harmlessness",
+             ("derived transform.t from (its config-string argument 'task')",)),
+            # an argument the string gives already is replaced in the suggestion: appended, it
+            # was given twice, which the config string refuses
+            ("train_policy.py", "configs/ctrl_real.py:task=helpfulness,size=tiny",
+             "--config.task.name=harmlessness",
+             ("--config=configs/ctrl_real.py:task=VALUE,size=tiny instead",)),
+            # evaluate's N grid follows its samples argument (a flag kept the old grid: no
+            # N = 16 rows)
+            ("evaluate.py", "configs/evaluate.py", "--config.eval.samples=16",
+             ("derived eval.ns from (its config-string argument 'samples')",))):
+        err = _refused(script, f"--config={config}", f"--workdir={tmp_path}", flag)
+        for text in wanted:
+            assert text in err, (config, flag, text)
     # taken when every derived key is set as well, by a flag or by its own argument, or is not
     # read by the command: each run then gets as far as the work dir (a path under a file: one
     # line and exit status 2, as for every bad work dir)
