@@ -247,11 +247,11 @@ def run_selections(s, ctx, log: SampleLog, progress) -> list[dict[str, Any]]:
     members_ExBxM = None
     if "uncertainty_bon" in names:
         prompts = [ctx.eval_texts[r // m] for r in range(batch * m)]
-        before = ctx.cut() if ctx.cut else 0
+        before = ctx.cut()
         members_ExBxM = np.stack([np.asarray(j(prompts, texts), np.float64).reshape(batch, m)
                                   for j in ctx.members])
         # the members score again texts the ensemble scored above: their cuts count once
-        ctx.rescored_cuts += (ctx.cut() if ctx.cut else 0) - before
+        ctx.rescored_cuts += ctx.cut() - before
     ref_BxM = log.scores["pi_ref"]
     rows = []
     for n in e.ns:
@@ -413,7 +413,7 @@ class _Context:
         # The judge sees the raw prompt texts, not the chat-formatted ones the sampler decodes.
         raw = {self.detokenize(row[m]): t for row, m, t in zip(all_BxP, all_mask, texts)}
         self.judge = real.PromptTextJudge(judge, raw)
-        self.cut = judges.cut_counter(judge)
+        self.cut = judges.cuts_since(judges.cut_counter(judge))   # 0 for a judge that cuts none
         self.rescored_cuts = 0   # cuts of texts scored a second time (counted once)
         self.members = getattr(judge, "members", None)   # an ensemble's reward models
         self.judge_id = getattr(judge, "id", judge.name)
@@ -511,7 +511,7 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
             rows += cd_rows
             records.update(cd_records)
         paths = _write_outputs(workdir, rows, records, log)
-        cut = ctx.cut() - ctx.rescored_cuts if ctx.cut else 0   # every text scored, once
+        cut = ctx.cut() - ctx.rescored_cuts   # every text this evaluation scored, once
         if cut:
             say(f"evaluate: the reward model cut {cut} scored texts at its length limit (it "
                 f"scores only the kept part); results.json: reward_texts_cut")
