@@ -78,7 +78,7 @@ def weight_parity(cfg, params, model, ids: np.ndarray) -> float:
 def run_ours(fns, params, prompt: np.ndarray, scfg, repeat: int, calls: dict | None = None,
              name: str = "") -> dict:
     """Compile (lower / compile timed apart), first run (the warm-up), best of `repeat`; the
-    compiled call is kept in `calls[name]` (for `interleaved`)."""
+    compiled call is kept in `calls[name]` (for `interleaved_times`)."""
     from infalign_jax.decoding import sampling
     f = jax.jit(lambda p, x, m, r: sampling.sample(fns, p, x, m, r, scfg))
     x, m, key = jnp.asarray(prompt), jnp.ones(prompt.shape, bool), jax.random.key(0)

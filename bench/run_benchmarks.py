@@ -52,11 +52,6 @@ def interleaved_times(calls: dict, rounds: int) -> dict:
     return times
 
 
-def interleaved(calls: dict, rounds: int) -> dict:
-    """Best wall time of each call over `interleaved_times`' rounds."""
-    return {name: min(t) for name, t in interleaved_times(calls, rounds).items()}
-
-
 def hardware() -> dict:
     d = jax.devices()[0]
     return {"backend": jax.default_backend(), "device": d.device_kind, "devices": jax.device_count(),
