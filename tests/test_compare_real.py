@@ -610,6 +610,16 @@ def test_claims_are_oriented_to_their_claimed_side():
         assert (got["identity - raw"] == "holds") == (seeds["identity"] > 1)
 
 
+def _synthetic_eval(rng, kl, lift):
+    """One seed's saved evaluation of a method (6 prompts): KL `kl` everywhere, every win rate
+    near 1/2 + lift."""
+    ev = {"kl_B": np.full(6, kl)}
+    for key in ("gold_standard_B", "gold_bon4_B", "gold_won4_B", "proxy_standard_B",
+                "proxy_bon4_B", "proxy_won4_B"):
+        ev[key] = np.clip(0.5 + lift + 0.01 * rng.standard_normal(6), 0, 1)
+    return ev
+
+
 def test_kl_matching_is_checked_per_seed_and_on_the_mean():
     from infalign_jax.workflows import comparison_report as report
     seeds = (0, 1, 2)
@@ -627,15 +637,8 @@ def test_kl_matching_is_checked_per_seed_and_on_the_mean():
     # in the summary, a per-seed mismatch flags the row and leaves its claims unresolved
     rng = np.random.default_rng(0)
 
-    def run(kl, lift):
-        ev = {"kl_B": np.full(6, kl)}
-        for key in ("gold_standard_B", "gold_bon4_B", "gold_won4_B", "proxy_standard_B",
-                    "proxy_bon4_B", "proxy_won4_B"):
-            ev[key] = np.clip(0.5 + lift + 0.01 * rng.standard_normal(6), 0, 1)
-        return ev
-
-    evals = {"identity": [run(1.0, 0.05) for _ in seeds],
-             "exp": [run(kl, 0.2) for kl in (0.7, 1.0, 1.3)]}
+    evals = {"identity": [_synthetic_eval(rng, 1.0, 0.05) for _ in seeds],
+             "exp": [_synthetic_eval(rng, kl, 0.2) for kl in (0.7, 1.0, 1.3)]}
     cc = rc.parse_comparison({"methods": "identity,exp", "kl_target": 1.0, "n": 4})
     summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
                                 "evals": evals, "same_judge": True, "gold": "g", "proxy": "p"},
@@ -653,19 +656,12 @@ def test_interval_tables_say_when_a_method_has_one_seed():
     Such a row now says its interval is over prompts only."""
     from infalign_jax.workflows import comparison_report as report
     rng = np.random.default_rng(0)
-
-    def run():
-        ev = {"kl_B": np.full(6, 1.0)}
-        for key in ("gold_standard_B", "gold_bon4_B", "gold_won4_B", "proxy_standard_B",
-                    "proxy_bon4_B", "proxy_won4_B"):
-            ev[key] = np.clip(0.6 + 0.01 * rng.standard_normal(6), 0, 1)
-        return ev
-
+    evals = {method: [_synthetic_eval(rng, 1.0, 0.1) for _ in range(seeds)]
+             for method, seeds in (("identity", 3), ("exp", 1), ("raw", 3))}
     cc = rc.parse_comparison({"methods": "identity,exp,raw", "kl_target": 1.0, "n": 4})
     summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
-                                "evals": {"identity": [run() for _ in range(3)],
-                                          "exp": [run()], "raw": [run() for _ in range(3)]},
-                                "same_judge": True, "gold": "g", "proxy": "p"}, cc)
+                                "evals": evals, "same_judge": True, "gold": "g", "proxy": "p"},
+                               cc)
     text = report.markdown(summary, cc)
     one = " (1 seed: interval over prompts only)"
     assert text.count(f"| exp{one} |") == 2        # its gain row and its difference row
