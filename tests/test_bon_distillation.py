@@ -20,7 +20,7 @@ def test_vbon_config_is_log_transform_with_beta_one_over_n_minus_one():
     for n in (2, 4, 8):
         cfg = bd.vbon_rl_config(n, samples_per_prompt=4, learning_rate=1e-3)
         assert cfg.beta == pytest.approx(1.0 / (n - 1))
-        assert cfg.transform == "log" and cfg.get_transform().smoothed
+        assert cfg.transform == "log" and cfg.get_transform().smoothing == "add_one"
         assert cfg.samples_per_prompt == 4 and cfg.learning_rate == 1e-3
     # log of the smoothed calibration (#{ref < r} + 1)/(K + 1): vBoN's F estimate.
     cfg = bd.vbon_rl_config(4)

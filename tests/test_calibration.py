@@ -19,7 +19,11 @@ METHODS = ["search", "compare", "auto"]
 
 
 # ------------------------------------------------------------------------ independent reference
-def loop_calibrate(rewards_BxM, rows, smoothed=False):
+# the numerator's offset and the denominator's K + 1 of each smoothing, written out
+SMOOTHING_OFFSET = {"none": None, "add_one": 1.0, "centred": 0.5}
+
+
+def loop_calibrate(rewards_BxM, rows, smoothing="none"):
     """Plain-Python Eq. 12: for each prompt and reward, count by hand over that prompt's list."""
     out = np.zeros(np.shape(rewards_BxM), np.float64)
     for b, row in enumerate(rows):
@@ -27,8 +31,9 @@ def loop_calibrate(rewards_BxM, rows, smoothed=False):
         for m, r in enumerate(np.asarray(rewards_BxM)[b]):
             less = sum(1 for v in row if v < r)
             equal = sum(1 for v in row if v == r)
-            out[b, m] = ((less + 0.5 * equal + 1) / (len(row) + 1) if smoothed
-                         else (less + 0.5 * equal) / len(row))
+            a = SMOOTHING_OFFSET[smoothing]
+            out[b, m] = ((less + 0.5 * equal) / len(row) if a is None
+                         else (less + 0.5 * equal + a) / (len(row) + 1))
     return out
 
 
@@ -47,14 +52,14 @@ def padded_table(rng, b, k_max, low=0, high=6):
 
 # ---------------------------------------------------------------------- kernel against the loop
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("smoothed", [False, True])
+@pytest.mark.parametrize("smoothing", sorted(SMOOTHING_OFFSET))
 @pytest.mark.parametrize("k_max", [6, 40])  # below and above COMPARE_MAX_K
-def test_kernel_matches_loop_reference_with_ties_and_padding(method, smoothed, k_max):
+def test_kernel_matches_loop_reference_with_ties_and_padding(method, smoothing, k_max):
     rng = np.random.default_rng(k_max)
     rows, table, counts = padded_table(rng, 9, k_max)
     rewards = rng.integers(-1, 8, (9, 11)).astype(np.float32)  # ties and out-of-range values
-    want = loop_calibrate(rewards, rows, smoothed)
-    got = cal.calibrate(rewards, table, counts, smoothed=smoothed, method=method)
+    want = loop_calibrate(rewards, rows, smoothing)
+    got = cal.calibrate(rewards, table, counts, smoothing=smoothing, method=method)
     assert got.shape == (9, 11) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-7)
 
@@ -63,9 +68,9 @@ def test_search_and_compare_agree_exactly_on_continuous_and_tied_data():
     rng = np.random.default_rng(1)
     rows, table, counts = padded_table(rng, 16, 30, low=-3, high=3)
     rewards = np.concatenate([rng.integers(-4, 4, (16, 8)), rng.normal(0, 2, (16, 8))], 1)
-    for smoothed in (False, True):
-        a = cal.calibrate(rewards, table, counts, smoothed=smoothed, method="search")
-        b = cal.calibrate(rewards, table, counts, smoothed=smoothed, method="compare")
+    for smoothing in cal.SMOOTHINGS:
+        a = cal.calibrate(rewards, table, counts, smoothing=smoothing, method="search")
+        b = cal.calibrate(rewards, table, counts, smoothing=smoothing, method="compare")
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -93,8 +98,13 @@ def test_hand_computed_values(method):
     # Smoothed: (#{ref < r} + 1/2 #{ref = r} + 1) / (K + 1); r=2 -> (1 + 1 + 1)/5.
     want_s = np.array([[1 / 5, 1.5 / 5, 3 / 5, 4 / 5, 4.5 / 5, 1, 1 / 5],
                        [0.75, 1 / 2, 1, 1, 1 / 2, 0.75, 0.75]])
-    got_s = cal.calibrate(rewards, table, counts, smoothed=True, method=method)
+    got_s = cal.calibrate(rewards, table, counts, smoothing="add_one", method=method)
     np.testing.assert_allclose(np.asarray(got_s), want_s, rtol=1e-7)
+    # Centred: (#{ref < r} + 1/2 #{ref = r} + 1/2) / (K + 1); r=2 -> (1 + 1 + 1/2)/5.
+    want_c = np.array([[0.5 / 5, 1 / 5, 2.5 / 5, 3.5 / 5, 4 / 5, 4.5 / 5, 0.5 / 5],
+                       [0.5, 0.25, 0.75, 0.75, 0.25, 0.5, 0.5]])
+    got_c = cal.calibrate(rewards, table, counts, smoothing="centred", method=method)
+    np.testing.assert_allclose(np.asarray(got_c), want_c, rtol=1e-7)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -102,10 +112,11 @@ def test_non_finite_inside_kernel_gives_nan(method):
     table = np.array([[1, 2, 3, np.nan], [1, np.nan, 3, 4], [1, 2, 3, 4]], np.float32)
     counts = np.array([3, 4, 0], np.int32)
     rewards = np.array([[np.nan, 2.0], [2.0, 2.0], [2.0, 2.0]], np.float32)
-    for smoothed in (False, True):
-        got = np.asarray(cal.calibrate(rewards, table, counts, smoothed=smoothed, method=method))
-        # (1 + 1/2)/3 and (1 + 1/2 + 1)/4
-        assert np.isnan(got[0, 0]) and got[0, 1] == (0.625 if smoothed else 0.5)
+    for smoothing, want in (("none", 0.5), ("add_one", 0.625), ("centred", 0.5)):
+        got = np.asarray(cal.calibrate(rewards, table, counts, smoothing=smoothing,
+                                       method=method))
+        # (1 + 1/2)/3, (1 + 1/2 + 1)/4 and (1 + 1/2 + 1/2)/4
+        assert np.isnan(got[0, 0]) and got[0, 1] == want
         assert np.all(np.isnan(got[1]))  # NaN in the valid part poisons the whole row
         assert np.all(np.isnan(got[2]))  # K_b = 0 is never silently 1/2
 
@@ -149,8 +160,10 @@ def test_invariant_to_strictly_increasing_maps(method, fmap):
     mapped = cal.calibrate(fmap(rewards), mapped_table, counts, method=method)
     np.testing.assert_array_equal(np.asarray(mapped), np.asarray(base))
     np.testing.assert_allclose(np.asarray(base), loop_calibrate(rewards, rows), atol=1e-7)
-    mapped_s = cal.calibrate(fmap(rewards), mapped_table, counts, smoothed=True, method=method)
-    np.testing.assert_allclose(np.asarray(mapped_s), loop_calibrate(rewards, rows, True), atol=1e-7)
+    mapped_s = cal.calibrate(fmap(rewards), mapped_table, counts, smoothing="add_one",
+                             method=method)
+    np.testing.assert_allclose(np.asarray(mapped_s), loop_calibrate(rewards, rows, "add_one"),
+                               atol=1e-7)
 
 
 def test_calibrated_base_draws_are_uniform_and_a_better_policy_is_not():
@@ -240,9 +253,9 @@ def test_calibrate_with_table_matches_loop_reference():
     query_ids = ["p3", "p0", "p2", "p0"]
     queries = np.array([[5, 6.5, 9], [2, 0, 3], [4, 3, 5], [2.5, 1, 1]])
     rows = [rewards[ids.index(q)][valid[ids.index(q)]] for q in query_ids]
-    for smoothed in (False, True):
-        got = cal.calibrate_with_table(table, query_ids, queries, smoothed=smoothed)
-        np.testing.assert_allclose(np.asarray(got), loop_calibrate(queries, rows, smoothed),
+    for smoothing in cal.SMOOTHINGS:
+        got = cal.calibrate_with_table(table, query_ids, queries, smoothing=smoothing)
+        np.testing.assert_allclose(np.asarray(got), loop_calibrate(queries, rows, smoothing),
                                    atol=1e-7)
     one = cal.calibrate_with_table(table, ["p0"], [[2.0]])
     np.testing.assert_allclose(np.asarray(one), [[0.5]])  # ref [1, 2, 2, 3]
@@ -393,12 +406,34 @@ def test_smoothed_calibration_tells_a_tie_with_every_reference_from_a_loss():
     was scored as a failure; with Eq. 12's half count the successes get (4 + 1) / 9."""
     from infalign_jax.core.advantages import rloo_advantages
     got = np.asarray(cal.calibrate(jnp.array([[0.0, 0.0, 1.0, 1.0]]), jnp.ones((1, 8)),
-                                   smoothed=True))
+                                   smoothing="add_one"))
     np.testing.assert_allclose(got, [[1 / 9, 1 / 9, 5 / 9, 5 / 9]], rtol=1e-7)
     adv = np.asarray(rloo_advantages(jnp.log(jnp.asarray(got))))
     assert adv[0, 2] > 0 > adv[0, 0]
     # without ties it is vBoN's estimator (#{ref < r} + 1) / (K + 1)
     ref = jnp.arange(8.0)[None]
     np.testing.assert_allclose(np.asarray(cal.calibrate(jnp.array([[-1.0, 3.5, 9.0]]), ref,
-                                                        smoothed=True)),
+                                                        smoothing="add_one")),
                                [[1 / 9, 5 / 9, 1.0]], rtol=1e-7)
+
+
+def test_centred_calibration_is_symmetric_and_evenly_spaced():
+    """Reversing the reward's order maps the centred calibration to 1 minus itself, as it does
+    C_hat, and its values step by 1 / (2 (K + 1)) a half rank with the ends half a rank inside
+    (0, 1): (K C_hat + 1/2) / (K + 1) in {1/2, 1, ..., K + 1/2} / (K + 1). The add-one
+    smoothing is not symmetric (it reaches 1 but never 0)."""
+    ref = jnp.arange(16.0)[None]                        # K = 16
+    r = jnp.arange(-0.5, 16.0, 0.5)[None]              # below all, every tie and gap, above all
+    c = np.asarray(cal.calibrate(r, ref, smoothing="centred"), np.float64)
+    c_rev = np.asarray(cal.calibrate(-r, -ref[:, ::-1], smoothing="centred"), np.float64)
+    np.testing.assert_allclose(c + c_rev, 1.0, atol=1e-7)
+    np.testing.assert_allclose(np.diff(c[0]), 0.5 / 17, atol=1e-7)
+    assert c[0, 0] == pytest.approx(0.5 / 17) and c[0, -1] == pytest.approx(16.5 / 17)
+    a = np.asarray(cal.calibrate(r, ref, smoothing="add_one"), np.float64)
+    a_rev = np.asarray(cal.calibrate(-r, -ref[:, ::-1], smoothing="add_one"), np.float64)
+    assert a[0, -1] == 1.0 and np.abs(a + a_rev - 1.0).max() > 0.05
+
+
+def test_unknown_smoothing_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="smoothing must be one of.*'centred'.*got 'both'"):
+        cal.calibrate(jnp.zeros((1, 2)), jnp.zeros((1, 3)), smoothing="both")

@@ -151,7 +151,7 @@ def train_seeds(transform, params, *, eos=False, seeds=SEEDS, steps=STEPS, **rl_
     ref_logp = et.policy_logprobs(task, task.ref_params)
     table = et.sample_reference_table(task, K_REF, seed=1)
     tr = get_transform(transform, **params)
-    cal = et.calibrated_table(task, table, tr.smoothed)
+    cal = et.calibrated_table(task, table, tr.smoothing)
     beta = et.beta_for_kl(ref_logp, cal, task.rewards_XxY, tr, KL_BUDGET)
     cfg = rl.RLConfig(beta=beta, transform=transform, transform_params=params,
                       max_new_tokens=task.length, eos_id=task.eos_id, full_kl=False,

@@ -130,6 +130,11 @@ def test_score_rollout_hand_made():
     cal, phi = rl.score_rollout(cfg, get_transform("log"), rewards_1x3, ref_1x4, counts)
     np.testing.assert_allclose(np.asarray(cal), [[3 / 5, 1 / 5, 5 / 5]])
     np.testing.assert_allclose(np.asarray(phi), np.log([[3 / 5, 1 / 5, 1.0]]), rtol=1e-6)
+    # logit asks for the centred (... + 1/2) / (K + 1): a response above every reference gets
+    # logit(4.5 / 5) = log 9, half a rank past its neighbours, where the clipped C = 1 gave 13.8.
+    cal, phi = rl.score_rollout(cfg, get_transform("logit"), rewards_1x3, ref_1x4, counts)
+    np.testing.assert_allclose(np.asarray(cal), [[2.5 / 5, 0.5 / 5, 4.5 / 5]])
+    np.testing.assert_allclose(np.asarray(phi), [[0.0, -np.log(9.0), np.log(9.0)]], atol=1e-6)
     # Only the first K_b entries of a row count.
     cal, _ = rl.score_rollout(cfg, get_transform("identity"), rewards_1x3, ref_1x4,
                               jnp.array([2]))
@@ -503,7 +508,7 @@ def test_adaptive_beta_drives_exact_kl_to_target():
                                        learning_rate=3e-3, beta_schedule="adaptive",
                                        kl_target=target, kl_horizon=1000.0)
     ref = np.exp(et.policy_logprobs(task, task.ref_params))
-    cal = et.calibrated_table(task, table, smoothed=False)
+    cal = et.calibrated_table(task, table, smoothing="none")
     start_kl = et.exact_kl(et.target_policy(np.log(ref), cal, get_transform("identity"), 1.0), ref)
     got = et.trained_report(task, state.params, ns=(1,))
     print("adaptive: KL at beta0", start_kl, "trained", got, "beta", float(state.beta))

@@ -261,7 +261,7 @@ def test_beta_for_kl_hits_the_budget_and_is_monotone():
     ref_logp = et.policy_logprobs(task, task.ref_params)
     for name, params in (("identity", {}), ("exp", {"t": 5.0}), ("exp", {"t": -5.0})):
         tr = get_transform(name, **params)
-        cal = et.calibrated_table(task, table, tr.smoothed)
+        cal = et.calibrated_table(task, table, tr.smoothing)
         betas = [et.beta_for_kl(ref_logp, cal, task.rewards_XxY, tr, kl)
                  for kl in (0.2, 0.8)]
         assert betas[0] > betas[1]

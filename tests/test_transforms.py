@@ -75,13 +75,15 @@ def test_power_keeps_its_digits_and_its_order_for_small_p(p):
         abs(np.expm1(p * np.log(T.EPS)) / p), rel=1e-12)
 
 
-def test_smoothed_flags_mark_transforms_that_diverge_at_zero():
-    assert T.get_transform("log").smoothed and T.get_transform("power", p=0.0).smoothed
-    assert T.get_transform("power", p=-0.5).smoothed
+def test_smoothing_marks_transforms_that_diverge_at_an_end():
+    assert T.get_transform("log").smoothing == T.get_transform("power", p=0.0).smoothing == "add_one"
+    assert T.get_transform("power", p=-0.5).smoothing == "add_one"
     # every power reads it, as its limit log does (continuity in p at 0: below)
-    assert T.get_transform("power", p=0.5).smoothed
-    for name, params in (("identity", {}), ("exp", {"t": 3.0}), ("logit", {})):
-        assert not T.get_transform(name, **params).smoothed
+    assert T.get_transform("power", p=0.5).smoothing == "add_one"
+    # diverging at both ends: never 0 or 1
+    assert T.get_transform("logit").smoothing == T.get_transform("probit").smoothing == "centred"
+    for name, params in (("identity", {}), ("exp", {"t": 3.0}), ("logistic", {})):
+        assert T.get_transform(name, **params).smoothing == "none"
 
 
 # ------------------------------------------------------------------------------- monotonicity
@@ -265,7 +267,7 @@ def test_power_is_continuous_in_p_at_zero_on_the_calibration_it_reads():
 
     def phi(p):
         tr = T.get_transform("power", p=p)
-        return np.asarray(tr(calibrate(rewards, ref, smoothed=tr.smoothed)), np.float64)[0]
+        return np.asarray(tr(calibrate(rewards, ref, smoothing=tr.smoothing)), np.float64)[0]
 
     at_zero = phi(0.0)
     np.testing.assert_allclose(at_zero, np.log(np.arange(1, 6) / 5), rtol=1e-6)

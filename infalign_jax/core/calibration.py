@@ -8,12 +8,20 @@ estimated from K offline base-policy rollouts z_1..z_K per prompt (spec section 
 
     C_hat(x, y) = (#{k : r_k < r} + 1/2 #{k : r_k = r}) / K                         (Eq. 12)
     C_smooth(x, y) = (#{k : r_k < r} + 1/2 #{k : r_k = r} + 1) / (K + 1) = (K C_hat + 1) / (K + 1)
+    C_centred(x, y) = (K C_hat + 1/2) / (K + 1)
 
-C_smooth is never 0 (the log transform needs that). Without ties it is vBoN's estimator
-(#{r_k < r} + 1) / (K + 1), the spec's smoothing (section 1.5). With ties it keeps Eq. 12's half
-count, a deviation from the spec's literal formula: with #{r_k < r} alone, a response tied with
-every reference scores 1 / (K + 1), as one below them all, so a binary reward (all references
-1, responses [0, 0, 1, 1]) gave every response the same C_smooth and RLOO advantages of 0.
+C_smooth (`smoothing="add_one"`) is never 0 (the log transform needs that). Without ties it is
+vBoN's estimator (#{r_k < r} + 1) / (K + 1), the spec's smoothing (section 1.5). With ties it
+keeps Eq. 12's half count, a deviation from the spec's literal formula: with #{r_k < r} alone, a
+response tied with every reference scores 1 / (K + 1), as one below them all, so a binary reward
+(all references 1, responses [0, 0, 1, 1]) gave every response the same C_smooth and RLOO
+advantages of 0.
+
+C_centred (`smoothing="centred"`) is never 0 or 1 and, like C_hat, reverses under reversing the
+reward's order (C_centred(-r) = 1 - C_centred(r)); it is for transforms that diverge at both ends
+(logit, probit). Its values are evenly spaced, 1 / (2 (K + 1)) a half rank, ends included: on
+C_hat itself the clip into [1e-6, 1 - 1e-6] put logit(1) at 13.8 against 3.4 for the next value
+at K = 16, so beating all K references outweighed every other rank step together.
 
 This module holds two things:
 
@@ -97,7 +105,16 @@ def _counts_search(r_M: Array, ref_K: Array, valid_K: Array | None) -> tuple[Arr
     return jnp.minimum(left_M, count), jnp.minimum(right_M, count)
 
 
-def _calibrate_row(r_M: Array, ref_K: Array, count: Array, smoothed: bool, method: str,
+SMOOTHINGS = ("none", "add_one", "centred")
+
+
+def _check_smoothing(smoothing: str) -> str:
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+    return smoothing
+
+
+def _calibrate_row(r_M: Array, ref_K: Array, count: Array, smoothing: str, method: str,
                    full: bool = False) -> Array:
     valid_K = jnp.arange(ref_K.shape[0]) < count
     if method == "compare":
@@ -105,9 +122,11 @@ def _calibrate_row(r_M: Array, ref_K: Array, count: Array, smoothed: bool, metho
     else:
         lt_M, le_M = _counts_search(r_M, ref_K, None if full else valid_K)
     count_f = count.astype(jnp.float32)
-    if smoothed:
-        # (#{<} + #{=} / 2 + 1) / (K + 1), as (lt + le + 2) / (2 (K + 1)): exact in integers.
-        c_M = (lt_M + le_M + 2).astype(jnp.float32) / (2.0 * (count_f + 1.0))
+    if smoothing != "none":
+        # (#{<} + #{=} / 2 + a) / (K + 1) with a = 1 (add_one) or 1/2 (centred), as
+        # (lt + le + 2a) / (2 (K + 1)): exact in integers.
+        c_M = (lt_M + le_M + (2 if smoothing == "add_one" else 1)).astype(jnp.float32) / (
+            2.0 * (count_f + 1.0))
     else:
         # lt + le = 2 #{<} + #{=}: exact in integers, one rounding in the division.
         c_M = (lt_M + le_M).astype(jnp.float32) / (2.0 * count_f)
@@ -116,11 +135,12 @@ def _calibrate_row(r_M: Array, ref_K: Array, count: Array, smoothed: bool, metho
 
 
 def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | None = None, *,
-              smoothed: bool = False, method: str = "auto") -> Array:
+              smoothing: str = "none", method: str = "auto") -> Array:
     """Empirical calibrated reward C_hat (InfAlign Eq. 12, spec section 1.5), per prompt.
 
         C[b, m] = (#{k < K_b : ref[b, k] < r[b, m]} + 1/2 #{k < K_b : ref[b, k] = r[b, m]}) / K_b
-        smoothed: (#{k < K_b : ref[b, k] < r[b, m]} + 1/2 #{... = r[b, m]} + 1) / (K_b + 1)
+        add_one: (#{k < K_b : ref[b, k] < r[b, m]} + 1/2 #{... = r[b, m]} + 1) / (K_b + 1)
+        centred: (#{k < K_b : ref[b, k] < r[b, m]} + 1/2 #{... = r[b, m]} + 1/2) / (K_b + 1)
 
     Args:
       rewards_BxM: M rewards to calibrate for each of B prompts.
@@ -129,8 +149,9 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
       ref_count_B: K_b per prompt (int); None means every row is fully valid (K_b = K). Values
         outside [0, K] are an error for concrete input (numpy or jax) and are clipped when
         traced.
-      smoothed: use (K C_hat + 1) / (K + 1), never 0 (for the log transform); vBoN's
-        (#{ref < r} + 1) / (K + 1) where r ties no reference (see the module docstring).
+      smoothing: "none" (C_hat); "add_one", (K C_hat + 1) / (K + 1), never 0 (for the log
+        transform), vBoN's (#{ref < r} + 1) / (K + 1) where r ties no reference; "centred",
+        (K C_hat + 1/2) / (K + 1), never 0 or 1 (logit, probit; see the module docstring).
       method: "search" (O(M log K)), "compare" (O(M K), fast for small K) or "auto"
         (compare when K <= COMPARE_MAX_K).
 
@@ -140,6 +161,7 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_smoothing(smoothing)
     rewards_BxM = jnp.asarray(rewards_BxM)
     ref_sorted_BxK = jnp.asarray(ref_sorted_BxK)
     chex.assert_rank(rewards_BxM, 2, custom_message="rewards_BxM", exception_type=ValueError)
@@ -169,7 +191,7 @@ def calibrate(rewards_BxM: Array, ref_sorted_BxK: Array, ref_count_B: Array | No
     dtype = jnp.promote_types(jnp.result_type(rewards_BxM, ref_sorted_BxK), jnp.float32)
     if method == "auto":
         method = "compare" if k <= COMPARE_MAX_K else "search"
-    row = lambda r_M, ref_K, c: _calibrate_row(r_M, ref_K, c, smoothed, method, full)
+    row = lambda r_M, ref_K, c: _calibrate_row(r_M, ref_K, c, smoothing, method, full)
     return jax.vmap(row)(rewards_BxM.astype(dtype), ref_sorted_BxK.astype(dtype), count_B)
 
 
@@ -399,7 +421,7 @@ def load_reference_table(path: str, *, expected_reward_model_id: str | None = No
 
 
 def calibrate_with_table(table: ReferenceTable, prompt_ids: Sequence[Any], rewards_BxM: Any,
-                         smoothed: bool = False, method: str = "auto") -> Array:
+                         smoothing: str = "none", method: str = "auto") -> Array:
     """Checked host-side entry point: validates inputs, gathers the rows, runs `calibrate`."""
     rewards = np.asarray(rewards_BxM)
     if rewards.ndim != 2:
@@ -417,4 +439,4 @@ def calibrate_with_table(table: ReferenceTable, prompt_ids: Sequence[Any], rewar
     ref_BxK, counts_B = table.lookup(ids)
     # Round rewards exactly as the stored table was rounded, so equal rewards stay ties.
     rewards = rewards.astype(ref_BxK.dtype)
-    return calibrate(rewards, ref_BxK, counts_B, smoothed=smoothed, method=method)
+    return calibrate(rewards, ref_BxK, counts_B, smoothing=smoothing, method=method)

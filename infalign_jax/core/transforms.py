@@ -15,8 +15,8 @@ registry. An unknown name fails with the list of known names.
 | exp        | (exp(t u) - 1) / t, t=0 -> u        | InfAlign: t > 0 for BoN, t < 0 for WoN       |
 | power      | (u^p - 1) / p, p=0 -> log u (smoothed) | Box-Cox family between log and identity   |
 | logistic   | sigmoid(s (u - c))                  | soft threshold at quantile c                 |
-| logit      | log(u / (1 - u))                    | idealised Bradley-Terry raw reward           |
-| probit     | Gaussian quantile of u              | idealised Gaussian raw reward                |
+| logit      | log(u / (1 - u))   (centred calib.) | idealised Bradley-Terry raw reward           |
+| probit     | Gaussian quantile of u (centred)    | idealised Gaussian raw reward                |
 | raw        | the uncalibrated reward r(x, y)     | standard RLHF baseline                       |
 | optimal    | tabulated Phi*, linear interpolation| fixed point of the analytic solver           |
 
@@ -55,8 +55,10 @@ class Transform:
       params: the parameters it was built with (for logging and manifests).
       fn: pure function of the calibrated reward array (same shape out).
       uses_raw: if True, the transform ignores the calibration and returns the raw reward.
-      smoothed: if True, feed it the smoothed calibration (K C + 1) / (K + 1), which is never
-        0 (the log transform needs that; without ties it is vBoN's (#{ref < r} + 1) / (K + 1)).
+      smoothing: the calibration it reads (`calibration.calibrate`'s `smoothing`): "none",
+        C itself; "add_one", (K C + 1) / (K + 1), never 0 (the log transform needs that;
+        without ties it is vBoN's (#{ref < r} + 1) / (K + 1)); "centred", (K C + 1/2) / (K + 1),
+        never 0 or 1 (logit, probit, which diverge at both ends).
       sup_abs: max |Phi(u)| over u in [0, 1], worked out in float64 without JAX (so building a
         transform never starts a backend); None when unknown (raw, a hand-made transform).
     """
@@ -65,7 +67,7 @@ class Transform:
     params: Mapping[str, Any]
     fn: Callable[[Array], Array]
     uses_raw: bool = False
-    smoothed: bool = False
+    smoothing: str = "none"
     sup_abs: float | None = None
 
     def __call__(self, calibrated: Array, raw: Array | None = None) -> Array:
@@ -101,7 +103,7 @@ def _identity() -> Transform:
 def _log(floor: float = EPS) -> Transform:
     floor = _floor("log", floor)
     return Transform("log", {"floor": floor}, lambda u: jnp.log(jnp.maximum(u, floor)),
-                     smoothed=True, sup_abs=-math.log(floor))
+                     smoothing="add_one", sup_abs=-math.log(floor))
 
 
 # Below this |t| (or |p|) the exp (power) transform is its t -> 0 limit, the identity (log):
@@ -123,7 +125,7 @@ def _power(p: float = 0.5, floor: float = EPS) -> Transform:
     floor = _floor("power", floor)
     if abs(p) < LIMIT_BELOW:
         return Transform("power", {"p": p}, lambda u: jnp.log(jnp.maximum(u, floor)),
-                         smoothed=True, sup_abs=-math.log(floor))
+                         smoothing="add_one", sup_abs=-math.log(floor))
     # Every p reads the smoothed calibration, as its p -> 0 limit log does: for p < 0 the
     # transform diverges at u = 0, and for small p > 0 the lowest rank's value would be the
     # floor's (p = 1e-7: -13.8 against -1.6 at p = -1e-7), so a sweep over p jumped at 0. At
@@ -134,7 +136,7 @@ def _power(p: float = 0.5, floor: float = EPS) -> Transform:
     at_floor = _expm1(p * log_floor) / p if p * log_floor < 700 else math.inf
     return Transform("power", {"p": p},
                      lambda u: jnp.expm1(p * jnp.log(jnp.maximum(u, floor))) / p,
-                     smoothed=True, sup_abs=abs(at_floor))   # at u = 0 (0 at u = 1)
+                     smoothing="add_one", sup_abs=abs(at_floor))   # at u = 0 (0 at u = 1)
 
 
 def _logistic(s: float = 10.0, c: float = 0.5) -> Transform:
@@ -149,13 +151,13 @@ def _logit() -> Transform:
     def fn(u):
         u = jnp.clip(u, EPS, 1.0 - EPS)
         return jnp.log(u) - jnp.log1p(-u)
-    return Transform("logit", {}, fn, sup_abs=math.log((1.0 - EPS) / EPS))
+    return Transform("logit", {}, fn, smoothing="centred", sup_abs=math.log((1.0 - EPS) / EPS))
 
 
 def _probit() -> Transform:
     return Transform("probit", {},
                      lambda u: jax.scipy.special.ndtri(jnp.clip(u, EPS, 1.0 - EPS)),
-                     sup_abs=-statistics.NormalDist().inv_cdf(EPS))
+                     smoothing="centred", sup_abs=-statistics.NormalDist().inv_cdf(EPS))
 
 
 def _raw() -> Transform:

@@ -61,7 +61,7 @@ Design:
   and pi_ref stays the base. The rollout then needs `frozen` too (`RLPrograms.roll`'s 4th argument).
 
 Metrics: response_length, reward, calibrated_reward (the spec's Eq. 12 quantile, also where the
-transform reads the smoothed (K C + 1)/(K + 1): one meaning across transforms),
+transform reads a smoothed calibration, e.g. (K C + 1)/(K + 1): one meaning across transforms),
 transformed_reward, kl_k1, kl_k3 (sequence sums, batch means), loss, grad_norm (first epoch),
 clip_fraction, beta, and with `full_kl` kl_full_vocab, entropy; with advantage="gae" also
 value_loss (first epoch), value_clip_fraction, explained_variance (1 - Var(R - V) / Var(R) over
@@ -176,7 +176,7 @@ def current_beta(cfg: RLConfig, state: RLState) -> Array:
 def score_rollout(cfg: RLConfig, transform: Transform, rewards_BxM: Array, ref_sorted_BxK: Array,
                   ref_count_B: Array) -> tuple[Array, Array]:
     """(calibrated C_hat, transformed Phi(C_hat)), both BxM; the calibration the transform asks for."""
-    cal_BxM = calibrate(rewards_BxM, ref_sorted_BxK, ref_count_B, smoothed=transform.smoothed)
+    cal_BxM = calibrate(rewards_BxM, ref_sorted_BxK, ref_count_B, smoothing=transform.smoothing)
     return cal_BxM, transform(cal_BxM, raw=rewards_BxM)
 
 
@@ -349,7 +349,7 @@ def score(cfg: RLConfig, fns: DecoderFns, transform: Transform, frozen: Frozen, 
     rewards_BxM = jnp.asarray(rewards_R, jnp.float32).reshape(b, m)
     ref_sorted_BxK, ref_count_B = reference_rows(frozen, ro.prompt_idx_B)
     cal_BxM, phi_BxM = score_rollout(cfg, transform, rewards_BxM, ref_sorted_BxK, ref_count_B)
-    if transform.smoothed:   # Phi reads the smoothed C; the metric is C itself (spec Eq. 12)
+    if transform.smoothing != "none":   # Phi reads a smoothed C; the metric is C (spec Eq. 12)
         cal_BxM = calibrate(rewards_BxM, ref_sorted_BxK, ref_count_B)
     ref_logp_RxL = jax.lax.stop_gradient(rollout_logprobs(cfg, fns, frozen.ref_params, ro))
     k1_R = losses.masked_sum(kl.kl_k1(ro.old_logp_RxL, ref_logp_RxL, rmask_RxL), rmask_RxL, -1)

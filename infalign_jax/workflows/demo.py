@@ -155,12 +155,13 @@ def run(config: Any, out_dir: str, *, ctrl_config: Any = None,
     log("[4/6] calibrating the fresh samples, transforming, selecting Best-/Worst-of-N ...")
     fresh = rewards[:, k_ref:]
     calibrated = np.asarray(calibration.calibrate_with_table(table, list(range(num_prompts)), fresh))
+    log_phi = get_transform("log")
     smoothed = np.asarray(calibration.calibrate_with_table(table, list(range(num_prompts)), fresh,
-                                                           smoothed=True))
+                                                           smoothing=log_phi.smoothing))
     transformed = {"identity": get_transform("identity")(calibrated),
                    "exp(t=4)": get_transform("exp", t=4.0)(calibrated),
                    "exp(t=-4)": get_transform("exp", t=-4.0)(calibrated),
-                   "log": get_transform("log")(smoothed)}
+                   "log": log_phi(smoothed)}
     fresh_texts = [row[k_ref:] for row in texts]
     best = chosen_texts(fresh_texts, best_of_n(jnp.asarray(calibrated),
                                                jnp.asarray(valid[:, k_ref:])))

@@ -155,7 +155,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
         section = _transform_section(spec["transform"], budget, n, workdir)
         transform = get_transform(section["name"], **{k: v for k, v in section.items()
                                                       if k != "name"})
-        cal = et.calibrated_table(task, table, transform.smoothed)
+        cal = et.calibrated_table(task, table, transform.smoothing)
         beta = spec["beta"] or et.beta_for_kl(ref_logp, cal, task.rewards_XxY, transform, budget)
         overrides = {"rl.beta": float(beta), **transform_overrides(**section)}
         log(f"  {spec['method']}: beta={beta:.4g}")

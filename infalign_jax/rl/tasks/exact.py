@@ -208,10 +208,10 @@ def sample_reference_table(task: ExactTask, k: int, seed: int = 0) -> np.ndarray
     return np.stack(rows).astype(np.float32)
 
 
-def calibrated_table(task: ExactTask, ref_sorted_XxK: np.ndarray, smoothed: bool) -> np.ndarray:
-    """C_hat(x, y) for every response, with the same `calibrate` the trainer uses: PxY."""
+def calibrated_table(task: ExactTask, ref_sorted_XxK: np.ndarray, smoothing: str) -> np.ndarray:
+    """C_hat(x, y) (or its `smoothing`) for every response, with the trainer's `calibrate`: PxY."""
     return np.asarray(calibrate(jnp.asarray(task.rewards_XxY), jnp.asarray(ref_sorted_XxK),
-                                smoothed=smoothed), np.float64)
+                                smoothing=smoothing), np.float64)
 
 
 def target_logprobs(ref_logp_XxY: np.ndarray, calibrated_XxY: np.ndarray, transform: Transform,
@@ -387,7 +387,7 @@ def rl_task(section: Any) -> RLTask:
 
     def calibrated(transform, table: ReferenceTable) -> np.ndarray:
         sorted_XxK, _ = table.lookup(ids)
-        return calibrated_table(task, sorted_XxK, transform.smoothed)
+        return calibrated_table(task, sorted_XxK, transform.smoothing)
 
     def evaluate(params: Params, transform, beta: float, table: ReferenceTable,
                  ns: tuple[int, ...] = c.eval_ns, bon_n: int | None = None) -> dict[str, float]:
