@@ -15,7 +15,9 @@ On the researcher's files:
     mean - reward.std_penalty * std, the uncertainty-penalised selection uses select.uncertainty_k).
 Procedures (`config.eval.procedures`): bon, won, rbon_kl, rbon_wd, uncertainty_bon, cd_tokenwise,
 cd_blockwise (see infalign_jax/workflows/evaluate.py); unknown names are refused.
-Variants: `--config=configs/evaluate.py:prompts=16,samples=16` (ns follows: 1, 2, 4, ... samples).
+Variants: `--config=configs/evaluate.py:prompts=16,samples=16` (ns follows: 1, 2, 4, ... samples);
+`--config.eval.against=base` compares BoN_N / WoN_N of the policy (and of the decoders) with plain
+pi_ref samples (the spec's alternative reading) instead of BoN_N / WoN_N of pi_ref.
 Outputs in the work dir: manifest.json, results.json, win_rates.csv, samples.jsonl (every generated
 text with its score), policy.json/.csv and cd_*.json/.csv, win_rate_vs_n.png, win_rate_vs_kl.png.
 Expected result of the default: the policy is pi_ref, so its KL is 0 and its standard, BoN_N and

@@ -63,20 +63,22 @@ def _exact(pol_params, ref_params, prompt, temperature=1.0):
     pv = np.array([p[r == v].sum() for v in vals])
     qv = np.array([q[r == v].sum() for v in vals])
 
-    def win(n, proc):
+    def win(n, proc, n_ref):
+        """T_n(pi) against T_{n_ref}(pi_ref): n_ref = n is the main reading, 1 plain pi_ref."""
         f_le, f_lt = np.cumsum(pv), np.cumsum(pv) - pv
         h_le, h_lt = np.cumsum(qv), np.cumsum(qv) - qv
         if proc == "bon":
             x = f_le ** n - f_lt ** n
-            below = 0.5 * (h_lt ** n + h_le ** n)
+            below = 0.5 * (h_lt ** n_ref + h_le ** n_ref)
         else:
             x = (1 - f_lt) ** n - (1 - f_le) ** n
-            below = 1 - 0.5 * ((1 - h_lt) ** n + (1 - h_le) ** n)
+            below = 1 - 0.5 * ((1 - h_lt) ** n_ref + (1 - h_le) ** n_ref)
         return float(np.sum(x * below))
 
-    out = {"standard": win(1, "bon"), "kl": float(np.sum(p1 * np.log(p1 / q1)))}
+    out = {"standard": win(1, "bon", 1), "kl": float(np.sum(p1 * np.log(p1 / q1)))}
     for n in (2, 4):
-        out[f"bon_{n}"], out[f"won_{n}"] = win(n, "bon"), win(n, "won")
+        out[f"bon_{n}"], out[f"won_{n}"] = win(n, "bon", n), win(n, "won", n)
+        out[f"bon_{n}_base"], out[f"won_{n}_base"] = win(n, "bon", 1), win(n, "won", 1)
     return out
 
 
@@ -99,6 +101,44 @@ def test_matches_exact_enumeration(params):
     assert abs(rec["kl"]["k3"]["mean"] - truth["kl"]) <= 0.1 * truth["kl"] + 0.02
     assert rec["bon_kl_bound"]["4"] == pytest.approx(np.log(4) - 0.75)
     json.dumps(rec)
+
+
+def test_against_plain_pi_ref_matches_exact_enumeration(params):
+    """`against="base"` (the spec's alternative reading): BoN_N(pi) / WoN_N(pi) against one
+    sample of pi_ref, from the same samples, within 4 standard errors of the enumerated truth,
+    which is away from the main reading's; the decoder harness takes it too."""
+    pol, ref = params
+    prompts, mask = _prompts(8)
+    kw = dict(m=256, ns=[2, 4], seed=0, max_new_tokens=L, num_resamples=400)
+    rec = eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, against="base",
+                                       **kw)
+    assert rec["win_rate_against"] == "base"
+    exact = [_exact(pol, ref, pr) for pr in ([1, 2], [3, 0])]
+    truth = {k: np.mean([e[k] for e in exact]) for k in exact[0]}
+    main = eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, **kw)
+    for metric in ("bon_2", "bon_4", "won_2", "won_4"):
+        e = rec["win_rate"][metric]
+        assert abs(e["point"] - truth[f"{metric}_base"]) <= 4 * e["stderr"], (metric, e, truth)
+        # The readings differ by 2-4 standard errors of either estimate; on the same samples
+        # (same seed) the difference of the two estimates is much tighter, and matches.
+        gap = truth[f"{metric}_base"] - truth[metric]
+        assert abs(gap) > 0.05
+        assert e["point"] - main["win_rate"][metric]["point"] == pytest.approx(gap, abs=0.02)
+    assert abs(rec["win_rate"]["standard"]["point"] - truth["standard"]) <= 4 * e["stderr"]
+
+    @jax.jit
+    def decode(p, pm, rng):   # pi itself as a "decoder", with a zero KL column
+        s = sampling.sample(FNS, pol, p, pm, rng, sampling.SamplingConfig(max_new_tokens=L))
+        return s.tokens_BxNxL[:, 0], s.mask_BxNxL[:, 0], jnp.zeros(p.shape[0])
+
+    dec = eval_harness.evaluate_decoder(decode, FNS, ref, prompts, mask, judge, against="base",
+                                        **kw)
+    assert dec["win_rate_against"] == "base"
+    e = dec["win_rate"]["bon_4"]
+    assert abs(e["point"] - truth["bon_4_base"]) <= 4 * e["stderr"], (e, truth["bon_4_base"])
+    with pytest.raises(ValueError, match="against must be one of.*'base'.*got 'plain'"):
+        eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, against="plain",
+                                     **kw)
 
 
 def test_at_n_equal_m_the_default_estimator_is_unbiased_and_the_plug_in_is_not(params):
@@ -290,7 +330,7 @@ def test_each_n_is_estimated_on_the_prompts_with_n_valid_samples():
     pol[0, 1:] = np.nan                 # one valid policy sample
     pol[1, 2:] = np.nan                 # two
     ref[2, 3:] = np.nan                 # three valid reference samples
-    rec = eval_harness._win_rates(pol, ref, [1, 2, 4], "skip", 100, 0, "unbiased")
+    rec = eval_harness._win_rates(pol, ref, [1, 2, 4], "skip", 100, 0, "unbiased", "transformed")
     win = rec["win_rate"]
     assert win["bon_1"]["point"] == pytest.approx(win["standard"]["point"], abs=1e-12)
     assert win["won_1"]["point"] == pytest.approx(win["standard"]["point"], abs=1e-12)

@@ -216,6 +216,25 @@ def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path):
                "['cd_blockwise', 'cd_tokenwise']" in line for line in lines)
 
 
+def test_against_plain_pi_ref_is_the_alternative_reading(dirs, tmp_path):
+    """`eval.against="base"`: the policy's BoN_N / WoN_N rows are against one pi_ref sample
+    (labelled "pi_ref"), recomputed by enumerating every N-subset of the saved scores."""
+    res = evaluate.run(tiny_config(dirs, ("bon", "won"), eval__against="base"), str(tmp_path),
+                       progress=lambda _: None)
+    assert res["records"]["policy"]["win_rate_against"] == "base"
+    rows, ids, out = read_jsonl(str(tmp_path / "samples.jsonl")), res["prompts"]["eval_ids"], \
+        res["rows"]
+    pol, ref = scores_by_prompt(rows, "policy", ids), scores_by_prompt(rows, "pi_ref", ids)
+    for n in NS:
+        for proc, worst in (("bon", False), ("won", True)):
+            got = find(out, f"policy:{proc}", n, "pi_ref")["win_rate"]["point"]
+            brute = np.mean([beats(tuple_extremes(p, n, worst), r) for p, r in zip(pol, ref)])
+            assert got == pytest.approx(brute, abs=1e-9), (proc, n)
+    assert not [r for r in out if r["against"].endswith("_N(pi_ref)")]
+    with pytest.raises(ValueError, match="config.eval.against"):
+        evaluate.run(tiny_config(dirs, ("bon",), eval__against="plain"), str(tmp_path / "x"))
+
+
 def test_policy_against_itself_is_one_half_through_the_command(dirs, tmp_path):
     workdir = tmp_path / "self"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "evaluate.py"),

@@ -5,8 +5,10 @@
   2. score every (prompt, response) with a pluggable judge -- which may differ from the training
      reward (spec 1.5: the reward r itself or another judge);
   3. standard, BoN_N and WoN_N win rates over an N grid, ties 1/2, against T(pi_ref) (the
-     spec's main reading) with bootstrap 95% CIs over prompts (`evaluation.win_rate`), by the
-     unbiased subset estimator (`win_rates="unbiased"`, the default) or the plug-in;
+     spec's main reading, `against="transformed"`) or plain pi_ref (its alternative reading,
+     `against="base"`: BoN_N(pi_ref) itself then wins N / (N + 1)) with bootstrap 95% CIs over
+     prompts (`evaluation.win_rate`), by the unbiased subset estimator (`win_rates="unbiased"`,
+     the default) or the plug-in;
   4. KL(pi || pi_ref) along the policy's samples: k1, k3 and the exact per-token full-vocabulary
      KL summed along sampled prefixes (`kl.sequence_kl_from_logits`), each with its standard error
      over prompts, plus the BoN KL bound log N - (N - 1)/N for each N (what BoN_N(pi_ref) itself
@@ -43,6 +45,7 @@ import numpy as np
 
 from infalign_jax.analysis import evaluation
 from infalign_jax.core import kl
+from infalign_jax.core.selection import AGAINST
 from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns, Judge, TokenJudge
@@ -69,7 +72,9 @@ def _path_terms(fns, ref_fns, params, ref_params, prompt_BxP, mask_BxP, samples)
                                              mask_BxP, samples)
 
 
-def _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context):
+def _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context, against):
+    if against not in AGAINST:   # before any sampling
+        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
     prompt_BxP = np.asarray(prompt_BxP)
     prompt_mask_BxP = np.asarray(prompt_mask_BxP, bool)
     if prompt_BxP.ndim != 2 or prompt_BxP.shape[0] == 0 or prompt_BxP.shape[1] == 0:
@@ -140,10 +145,10 @@ def _base_record(name, batch, m, ns_G, max_new_tokens, seed) -> dict[str, Any]:
             "bon_kl_bound": {str(n): float(kl.bon_kl_bound(n)) for n in ns_G}}
 
 
-def _win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, estimator
-               ) -> dict[str, Any]:
-    """Standard, BoN_N and WoN_N win rates (vs the same procedure on pi_ref) with bootstrap CIs,
-    by `estimator` ("unbiased" / "plugin"). Each N is estimated on the prompts with N valid
+def _win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, estimator,
+               against) -> dict[str, Any]:
+    """Standard, BoN_N and WoN_N win rates (vs the same procedure on pi_ref, or vs pi_ref's
+    single samples: `against`) with bootstrap CIs, by `estimator` ("unbiased" / "plugin"). Each N is estimated on the prompts with N valid
     samples a side (under "skip"; its "prompts"), not on those with max(ns): one call over
     every N dropped a prompt with 2 valid samples from BoN_1 too, so BoN_1 differed from the
     standard win rate and the record's skipped_prompts (the standard's) undercounted."""
@@ -158,11 +163,11 @@ def _win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, estimato
     win["standard"] = _estimate(std, 0)
     for proc in ("bon", "won"):
         for n in ns_G:
-            est = evaluation.win_rate(pol_BxM, ref_BxM, n, proc, nan_policy=nan_policy,
-                                      num_resamples=num_resamples, seed=seed,
-                                      estimator=estimator)
+            est = evaluation.win_rate(pol_BxM, ref_BxM, n, proc, against,
+                                      nan_policy=nan_policy, num_resamples=num_resamples,
+                                      seed=seed, estimator=estimator)
             win[f"{proc}_{n}"] = _estimate(est, 0)
-    return {"win_rate": win, "win_rate_estimator": estimator,
+    return {"win_rate": win, "win_rate_estimator": estimator, "win_rate_against": against,
             "skipped_samples": int(std.skipped_samples),
             "skipped_prompts": int(std.skipped_prompts),
             "judge_mean": {"policy": float(np.nanmean(pol_BxM)),
@@ -177,8 +182,10 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
                     max_context: int | None = None, detokenize: Callable | None = None,
                     nan_policy: str = "raise", num_resamples: int = 1000,
                     name: str = "policy", on_scored: OnScored | None = None,
-                    win_rates: str = "unbiased") -> dict[str, Any]:
-    """Win rates (standard, BoN_N, WoN_N vs the same procedure on pi_ref) and KL(pi||pi_ref).
+                    win_rates: str = "unbiased", against: str = "transformed"
+                    ) -> dict[str, Any]:
+    """Win rates (standard, BoN_N, WoN_N vs the same procedure on pi_ref, or with
+    `against="base"` vs pi_ref's single samples) and KL(pi||pi_ref).
 
     nan_policy="raise": a NaN judge score raises ValueError; "skip": NaN samples are dropped from
     the win rates and counted in the record ("skipped_samples"; "skipped_prompts", the prompts
@@ -188,7 +195,8 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     is sample j of prompt b) sees every scored sample, e.g. to save the texts.
     Returns a JSON-serialisable dict; see the module docstring.
     """
-    ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context)
+    ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context,
+                         against)
     prompt = jnp.asarray(prompt_BxP, jnp.int32)
     pmask = jnp.asarray(prompt_mask_BxP, bool)
     batch = prompt.shape[0]
@@ -206,7 +214,8 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     pol_BxM, ref_BxM = pol_scores.reshape(batch, m), ref_scores.reshape(batch, m)
 
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
-    record.update(_win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, win_rates))
+    record.update(_win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, win_rates,
+                             against))
 
     # KL(pi || pi_ref) needs samples of pi itself (log-probs are untempered, see `sampling`).
     on_pi = pol if temperature == 1.0 else _sample(
@@ -234,16 +243,18 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
                      max_context: int | None = None, detokenize: Callable | None = None,
                      nan_policy: str = "raise", num_resamples: int = 1000, kl_kind: str = "exact",
                      name: str = "decoder", on_scored: OnScored | None = None,
-                     win_rates: str = "unbiased") -> dict[str, Any]:
+                     win_rates: str = "unbiased", against: str = "transformed"
+                     ) -> dict[str, Any]:
     """Like `evaluate_policy` for a decoder without logits of its own (controlled decoding).
 
     `decode(prompt_RxP, mask_RxP, rng) -> (tokens_RxL, mask_RxL, kl_R)` runs on the prompts
     repeated M times (row b*M + j); kl_R is the decoder's own per-sequence KL (tokenwise CD: the
     exact path KL, `kl_kind="exact"`; blockwise CD: CD's bound, `kl_kind="bound"`), reported as
     record["kl"][kl_kind] with its standard error over prompts. `on_scored` as in
-    `evaluate_policy` ("policy" is the decoder's side).
+    `evaluate_policy` ("policy" is the decoder's side); `against` as there.
     """
-    ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context)
+    ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context,
+                         against)
     prompt = jnp.asarray(prompt_BxP, jnp.int32)
     pmask = jnp.asarray(prompt_mask_BxP, bool)
     batch = prompt.shape[0]
@@ -260,7 +271,7 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
     _report(on_scored, (pol_resp, pol_rmask, pol_scores), (ref_resp, ref_rmask, ref_scores))
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
     record.update(_win_rates(pol_scores.reshape(batch, m), ref_scores.reshape(batch, m), ns_G,
-                             nan_policy, num_resamples, seed, win_rates))
+                             nan_policy, num_resamples, seed, win_rates, against))
     est = kl.summarise_sequences(jnp.asarray(kl_R), m)
     record["kl"] = {kl_kind: {"mean": float(kl_R.mean()), "stderr": float(est.stderr)}}
     record["mean_response_length"] = float(np.asarray(pol_rmask).sum(1).mean())

@@ -20,7 +20,9 @@ near M does not shrink with more prompts) with a bootstrap 95% CI over prompts, 
 (`analysis.evaluation`):
   * always, "policy": M samples of the policy and M of pi_ref per prompt; the standard win rate
     and KL(pi || pi_ref) (k1, k3, full-vocabulary) of `eval_harness.evaluate_policy`.
-  * "bon" / "won": BoN_N(pi) vs BoN_N(pi_ref) (WoN_N) for N in `eval.ns`, from those samples.
+  * "bon" / "won": BoN_N(pi) vs BoN_N(pi_ref) (WoN_N) for N in `eval.ns`, from those samples;
+    with `eval.against="base"` (the spec's alternative reading) BoN_N(pi) vs pi_ref, as are the
+    decoders' rows.
   * "rbon_kl", "rbon_wd", "uncertainty_bon": selections from a second pool of M pi_ref samples a
     prompt (seed `eval.seed + 1`), in M // N disjoint groups of N (`core.selection`): RBoN-KL
     (r + beta log pi_ref(y)), RBoN-WD (r + beta mean cosine of pi_ref's mean-pooled response
@@ -116,14 +118,16 @@ def _row(procedure: str, n: int, against: str, est: Any, kl_kind: str | None = N
 
 
 def _record_rows(record: dict[str, Any], name: str, procs: tuple, kl_kind: str) -> list[dict]:
-    """The standard win rate with its KL, then BoN_N / WoN_N of `procs` from a harness record."""
+    """The standard win rate with its KL, then BoN_N / WoN_N of `procs` from a harness record
+    (against the same procedure on pi_ref or plain pi_ref: its `win_rate_against`)."""
+    base = record["win_rate_against"] == "base"
     est = record["kl"][kl_kind]
     rows = [_row(name, 1, "pi_ref", record["win_rate"]["standard"], kl_kind, est["mean"],
                  est["stderr"])]
     for proc in procs:
         tag = {"bon": "BoN", "won": "WoN"}[proc]
-        rows += [_row(f"{name}:{proc}", n, f"{tag}_N(pi_ref)", record["win_rate"][f"{proc}_{n}"])
-                 for n in record["ns"]]
+        rows += [_row(f"{name}:{proc}", n, "pi_ref" if base else f"{tag}_N(pi_ref)",
+                      record["win_rate"][f"{proc}_{n}"]) for n in record["ns"]]
     return rows
 
 
@@ -365,7 +369,8 @@ def run_decoders(s, ctx, log: SampleLog, progress) -> tuple[list, dict, dict]:
             decode, ctx.ref_fns,
             ctx.reference.params, ctx.eval_BxP, ctx.eval_mask, ctx.judge, m=e.samples, ns=e.ns,
             seed=e.seed, detokenize=ctx.detokenize, num_resamples=e.num_resamples,
-            kl_kind=kl_kind, name=name, on_scored=log.hook(name, f"{name}/pi_ref"), **kw)
+            kl_kind=kl_kind, name=name, on_scored=log.hook(name, f"{name}/pi_ref"),
+            against=e.against, **kw)
         records[name] = record
         rows += _record_rows(record, name, ("bon", "won"), kl_kind)
         progress(f"evaluate: {name} standard win rate "
@@ -497,7 +502,8 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
             ctx.eval_mask, ctx.judge, m=e.samples, ns=e.ns, seed=e.seed,
             max_new_tokens=e.max_new_tokens, eos_id=ctx.eos_id, pad_id=ctx.pad_id,
             temperature=float(e.temperature), detokenize=ctx.detokenize,
-            num_resamples=e.num_resamples, name="policy", on_scored=log.hook("policy", "pi_ref"))
+            num_resamples=e.num_resamples, name="policy", on_scored=log.hook("policy", "pi_ref"),
+            against=e.against)
         records = {"policy": record}
         rows = _record_rows(record, "policy", tuple(p for p in ("bon", "won")
                                                    if p in e.procedures), "full_vocab")

@@ -19,8 +19,8 @@ from infalign_jax.rewards import prefix_scorers
 from infalign_jax.rl.tasks import real, sources
 
 PROCEDURES = {
-    "bon": "BoN_N(policy) vs BoN_N(pi_ref) over eval.ns",
-    "won": "WoN_N(policy) vs WoN_N(pi_ref) over eval.ns",
+    "bon": "BoN_N(policy) vs BoN_N(pi_ref) (eval.against=base: vs pi_ref) over eval.ns",
+    "won": "WoN_N(policy) vs WoN_N(pi_ref) (eval.against=base: vs pi_ref) over eval.ns",
     "rbon_kl": "RBoN-KL selection from pi_ref samples (select.rbon_kl_beta)",
     "rbon_wd": "RBoN-WD selection from pi_ref samples (select.rbon_wd_beta)",
     "uncertainty_bon": "mean - k std BoN selection over the reward ensemble (select.uncertainty_k)",
@@ -43,6 +43,9 @@ class EvalConfig:
     temperature: float = 1.0       # policy and pi_ref sampling (controlled decoding: 1; KL: 1)
     seed: int = 0
     num_resamples: int = 1000      # bootstrap resamples of the prompts
+    # BoN_N / WoN_N of the policy and the decoders against the same procedure on pi_ref (the
+    # spec's main reading) or against plain pi_ref ("base", its alternative reading)
+    against: str = "transformed"
 
     def __post_init__(self):
         if self.task not in real.known_tasks():
@@ -58,6 +61,7 @@ class EvalConfig:
         check.ints(self, ("num_prompts", "samples", "max_new_tokens", "num_resamples"))
         check.ints(self, ("seed",), low=0)
         check.numbers(self, ("temperature",), strict=True)
+        check.choice(self, "against", selection.AGAINST)
         check.int_tuple(self, "ns", f"a non-empty list of integers in [1, eval.samples="
                                     f"{self.samples}]", high=self.samples)
         if self.num_resamples < 2:
