@@ -432,3 +432,24 @@ def test_a_kl_below_what_the_quadrature_resolves_is_refused():
     for kl in (1e-13, 1e-22):
         with pytest.raises(ValueError, match=r"kl must be >= 1e-12"):
             A.beta_at_kl("identity", kl)
+
+
+def test_the_report_manifest_records_the_code_it_started_with(tmp_path, monkeypatch):
+    """The report's manifest, written at its end, read the git state then: a commit made while
+    the tables were computed was recorded as the code that computed them."""
+    import json
+    from infalign_jax.infra import provenance
+    at_start, committed = {"revision": "a" * 40, "dirty": True}, \
+        {"revision": "b" * 40, "dirty": False}
+    now = {"git": at_start}
+    monkeypatch.setattr(provenance, "git_state", lambda path=None: now["git"])
+    plot = analytic_report.plot_best_t
+
+    def committing(*args, **kwargs):   # the last plot: the tables are done
+        now["git"] = committed
+        return plot(*args, **kwargs)
+    monkeypatch.setattr(analytic_report, "plot_best_t", committing)
+    analytic_report.run(analytic_report.AnalyticConfig(ns=(1, 4), kls=(0.5,), grid=500),
+                        str(tmp_path), progress=lambda _: None)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert now["git"] == committed and manifest["git"] == at_start

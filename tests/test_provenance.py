@@ -33,6 +33,20 @@ def test_manifest_contents(tmp_path):
     assert not (tmp_path / "out" / "manifest.json.tmp").exists()
 
 
+
+def test_manifest_records_the_environment_that_changes_the_numbers(tmp_path, monkeypatch):
+    """XLA_FLAGS (e.g. --xla_backend_optimization_level=0) change a run's metrics bitwise (an
+    exact-task run: grad_norm 12.310634 against 12.310628 at step 1) while the manifests of the
+    two runs were equal in every field; the XLA_ / JAX_ variables are recorded."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    monkeypatch.setenv("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "not recorded")
+    m = json.loads(open(provenance.write_manifest(str(tmp_path), {"seed": 0})).read())
+    assert m["environment"]["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
+    assert m["environment"]["JAX_DEFAULT_MATMUL_PRECISION"] == "highest"
+    assert "HOME_OF_SOMETHING_ELSE" not in m["environment"]
+
+
 def test_manifest_records_numpy_numbers_as_numbers(tmp_path):
     """The validators take numpy scalars, but the manifest wrote them as "np.int64(64)" strings,
     and a numpy seed raised TypeError (no manifest written)."""

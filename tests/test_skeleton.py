@@ -122,3 +122,21 @@ def test_a_resume_under_other_code_is_said_and_each_segments_code_is_recorded(tm
     assert manifest["resumes"][0]["git"] == first_git and manifest["resumes"][1]["git"] == other
     assert manifest["resumes"][1]["packages"]["jax"] == "9.9.9"
     assert manifest["git"] == other
+
+
+
+def test_a_resume_under_other_xla_flags_is_said_and_recorded(tmp_path, monkeypatch):
+    """XLA_FLAGS change the numbers bitwise; a resume under other flags was taken without a word
+    and the segments' flags recorded nowhere."""
+    import json
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    _run(tmp_path, 2)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    lines = []
+    _run(tmp_path, 3, lines.append)
+    said = [line for line in lines if "other code" in line]
+    assert len(said) == 1 and ("XLA_FLAGS '--xla_cpu_enable_fast_math=false' -> "
+                               "'--xla_backend_optimization_level=0'") in said[0], lines
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["resumes"][0]["environment"]["XLA_FLAGS"] == \
+        "--xla_backend_optimization_level=0"

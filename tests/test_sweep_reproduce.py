@@ -229,6 +229,29 @@ def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
     assert len(calls) == 5
 
 
+
+def test_a_rerun_sweep_writes_the_table_it_wrote(tmp_path):
+    """A finished point's summary is read back from its summary.json, which train.run writes
+    with sorted keys, while a point run here gave its summary in the order it was built: a
+    rerun (or a resumed sweep) wrote the same numbers under other column orders."""
+    def runner(cfg, run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps,
+                   "eval": {"exact_kl": cfg.transform.t / 10, "exact_bon1": 0.5},
+                   "last_train_metrics": {"kl_k1": 0.5, "calibrated_reward": 0.25}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, sort_keys=True)   # as train.run writes it
+        provenance.write_manifest(run_dir, cfg, with_devices=False)
+        return summary
+
+    points = [{"transform.t": 1.0}, {"transform.t": 2.0}]
+    tables = []
+    for _ in range(2):   # every point run, then every point reused
+        sweep.run(_base(), points, str(tmp_path), runner, log=lambda s: None)
+        tables.append([(tmp_path / f"sweep_results.{ext}").read_text() for ext in ("csv", "md")])
+    assert tables[1] == tables[0]
+
+
 def test_a_finished_point_whose_input_file_changed_is_not_reused(tmp_path):
     """The manifest's input digests: a transform table rewritten behind its path sends the point
     back to the runner (whose resume then refuses it, naming transform_table.sha256)."""

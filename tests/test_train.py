@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -284,6 +285,34 @@ def test_resume_with_another_config_is_refused_naming_the_keys(uninterrupted, tm
     assert summary["resumed_from"] == 6 and summary["final_step"] == 8
 
 
+
+@pytest.mark.parametrize("key, value, named", [
+    ("rl.max_grad_norm", 1.0, "rl.max_grad_norm: checkpoint 0.0, config 1.0"),
+    ("rl.grad_accum_steps", 2, "rl.grad_accum_steps: checkpoint 1, config 2"),
+    ("rl.lora.rank", 2, "rl.lora.rank: checkpoint '<absent>', config 2"),
+])
+def test_resume_under_a_config_whose_state_is_shaped_otherwise_names_the_keys(
+        uninterrupted, tmp_path, key, value, named):
+    """Clipping, accumulation or LoRA adapters change the state's tree: a resume under them
+    failed in Orbax's restore (CheckpointRestoreError, a 74-190 line traceback through the CLI,
+    exit 1, naming tree paths such as opt_state[0].mu.down) before the config was compared."""
+    import shutil
+    workdir, _, _ = uninterrupted
+    shutil.copytree(workdir, tmp_path / "run")
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    changed = _config()
+    changed.unlock()
+    *parents, leaf = key.split(".")
+    section = changed
+    for part in parents:
+        section = section[part]
+    section[leaf] = value
+    changed.lock()
+    with pytest.raises(ValueError, match=r"holds a run of another config \(.*" + re.escape(named)):
+        train.run(changed, str(tmp_path / "run"), log=_quiet, devices=ONE)
+    assert (tmp_path / "run" / "manifest.json").read_text() == manifest
+
+
 def test_resume_with_another_optimal_table_behind_the_same_path_is_refused(tmp_path):
     """The optimal transform names its table by path; a run resumed after the file changed
     would train on another transform (found by a review: it resumed and its targets moved)."""
@@ -322,6 +351,34 @@ def test_rerunning_a_finished_run_adds_no_rows_and_keeps_its_start_time(uninterr
     assert read_jsonl(str(tmp_path / "run" / "eval.jsonl")) == evals
     after = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert after["started"] == before["started"]
+
+
+
+def test_the_manifest_records_the_code_the_run_started_with_not_a_commit_made_during_it(
+        tmp_path, monkeypatch):
+    """The manifest written at a run's end read the git state and package versions then: a
+    commit (or an install) made while the run went on was recorded as the code that ran, in
+    `git` / `packages` and in a fresh run's `started_with`. They are the run's start's."""
+    at_start, committed = {"revision": "a" * 40, "dirty": False}, \
+        {"revision": "b" * 40, "dirty": False}
+    now = {"git": at_start, "packages": provenance.package_versions()}
+    first_packages = dict(now["packages"])
+    monkeypatch.setattr(provenance, "git_state", lambda path=None: now["git"])
+    monkeypatch.setattr(provenance, "package_versions",
+                        lambda names=provenance.PACKAGES: now["packages"])
+    batch = train.step_batch
+
+    def committing_at_step_4(*args):
+        if args[-1] == 3:   # a commit and an upgrade while the run goes on
+            now.update(git=committed, packages={**first_packages, "jax": "9.9.9"})
+        return batch(*args)
+    monkeypatch.setattr(train, "step_batch", committing_at_step_4)
+    train.run(_config(), str(tmp_path), log=_quiet, devices=ONE)
+    assert now["git"] == committed   # the commit happened during the run
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["finished"] is not None
+    assert manifest["git"] == at_start and manifest["packages"] == first_packages
+    assert manifest["started_with"] == {"git": at_start, "packages": first_packages}
 
 
 def _seeded(seed):

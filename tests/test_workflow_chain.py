@@ -99,3 +99,26 @@ def test_training_refuses_a_table_drawn_unlike_the_rollouts(dirs, tmp_path, extr
     with pytest.raises(ValueError, match=message):
         train.run(c, str(tmp_path / "run"), log=lambda _: None, devices=jax.devices()[:1])
     assert not (tmp_path / "run" / "reference_table.npz").exists()
+
+
+def test_a_table_drawn_in_other_batches_or_chunks_is_refused(dirs, tmp_path):
+    """The calibration pass draws each chunk of a prompt batch with its own key, so one K and
+    seed drawn in chunks of 1 or of 2 are two tables. A finished table was reused under another
+    `calib_chunk` / `calib_batch_prompts` (a partial pass refused the change): the run's config
+    then named a split that did not draw its table. A split that draws the same (a batch past
+    the prompts) is kept."""
+    from infalign_jax.core.calibration import ReferenceTableError
+    run_dir = str(tmp_path / "run")
+    quiet = lambda _: None   # noqa: E731
+    path = calibrate.run(real_task_config(dirs, extra={"task.calib_chunk": 1}), run_dir,
+                         progress=quiet)
+    mtime = os.path.getmtime(path)
+    for extra, message in (
+            ({"task.calib_chunk": 2}, r"config.task.calib_chunk: table 1, config 2"),
+            ({"task.calib_chunk": 1, "task.calib_batch_prompts": 1},
+             r"config.task.calib_batch_prompts: table 4, config 1")):
+        with pytest.raises(ReferenceTableError, match=message):
+            calibrate.run(real_task_config(dirs, extra=extra), run_dir, progress=quiet)
+    same = real_task_config(dirs, extra={"task.calib_chunk": 1, "task.calib_batch_prompts": 16})
+    assert calibrate.run(same, run_dir, progress=quiet) == path
+    assert os.path.getmtime(path) == mtime

@@ -275,6 +275,28 @@ class Checkpointer:
                 reader.close()
         return Restored(int(step), out.state, out.meta)
 
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The JSON meta of the newest step whose meta reads (None: no step, or none reads), no
+        array read: what a run checks (its seed, its config) before restoring a state, which
+        another config's may not fit. Each process reads it alone (no barrier): a step whose meta
+        one process cannot read is left to `restore_latest`, which all call together."""
+        self._manager.wait_until_finished()
+        me = jax.process_index()
+        reader = ocp.Checkpointer(ocp.JsonCheckpointHandler(),
+                                  multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                      primary_host=me, active_processes={me},
+                                      barrier_sync_key_prefix=f"meta_p{me}"))
+        try:
+            for step in sorted(self._manager.all_steps(), reverse=True):
+                try:
+                    return dict(reader.restore(self.directory / str(step) / "meta",
+                                               args=ocp.args.JsonRestore()) or {})
+                except Exception:  # noqa: BLE001  (a damaged step: restore_latest reports it)
+                    continue
+            return None
+        finally:
+            reader.close()
+
     def restore_latest(self, abstract: PyTree) -> Restored | None:
         """Restores the newest step that restores cleanly; None if there is no step at all.
 

@@ -1,9 +1,10 @@
 """Run manifests: what is needed to reproduce the numbers next to which they are written.
 
 Every run writes `manifest.json` beside its outputs: the resolved config, seeds, package
-versions, devices, git revision and dirty state, start/end time (the first start of a resumed
-run, and each resume's time and step), what it started from, and hashes of the input files
-(reference tables, checkpoints) it used.
+versions, the environment variables that change XLA's numbers, devices, git revision and dirty
+state (all of the run's start), start/end time (the first start of a resumed run, and each
+resume's time and step), what it started from, and hashes of the input files (reference tables,
+checkpoints) it used.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def git_state(path: str | None = None) -> dict[str, Any]:
         return state
     except (OSError, subprocess.SubprocessError):
         return {"revision": None, "dirty": None}
+
+
+def code_state() -> dict[str, Any]:
+    """{"git": `git_state()`, "packages": `package_versions()`}: the code a run runs. A run takes
+    it when it starts and passes it to `build_manifest(code=...)`; read when a manifest is written
+    at the end, a commit, checkout or install made while the run went on was recorded as the code
+    that ran."""
+    return {"git": git_state(), "packages": package_versions()}
+
+
+def numeric_environment() -> dict[str, str]:
+    """The environment variables that change what XLA compiles or how JAX computes (XLA_FLAGS,
+    JAX_ENABLE_X64, JAX_DEFAULT_MATMUL_PRECISION, ...): under other values the same config and
+    code give other numbers (bitwise), and no config key holds them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("XLA_", "JAX_"))}
 
 
 def device_info() -> dict[str, Any]:
@@ -120,22 +136,25 @@ def build_manifest(config: Any = None, *, seeds: Mapping[str, int] | None = None
                    started: str | None = None, extra: Mapping[str, Any] | None = None,
                    with_devices: bool = True, resumes: Sequence[Mapping[str, Any]] | None = None,
                    init_from: Mapping[str, Any] | None = None,
-                   started_with: Mapping[str, Any] | None = None, finished: bool = True
-                   ) -> dict[str, Any]:
+                   started_with: Mapping[str, Any] | None = None, finished: bool = True,
+                   code: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest dict (`finished`: the time now, or None for a run's manifest written at its
     start, so that a killed run's does not say it finished). `inputs` maps a role (e.g.
     "reference_table") to a file path, hashed.
     `resumes`: [{time, step, git, packages}] of each resume of the run (`started` is its first
     start); `started_with`: the git state and packages of its first start (with `resumes`; the
     top-level "git" and "packages" are this process's); `init_from`: the checkpoint whose
-    parameters it started from."""
+    parameters it started from. `code`: the run's `code_state()` taken at its start (default: now,
+    which is right only for a manifest written at the start)."""
+    code = code_state() if code is None else code
     manifest = {
         "config": jsonable(config),
         "seeds": jsonable(dict(seeds or {})),
-        "packages": package_versions(),
+        "packages": code["packages"],
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "git": git_state(),
+        "git": code["git"],
+        "environment": numeric_environment(),
         "argv": list(sys.argv),
         "started": started,
         "finished": now() if finished else None,

@@ -13,7 +13,8 @@ checkpointing, device layout, how the same quantities are computed). Another exp
 from a run's parameters with `train.init_from` (a fresh run: its own optimiser state, step 0).
 The manifest keeps the run's first start time, what it started from, the git state and package
 versions of its first start (`started_with`) and a list of its resumes ({time, step, git,
-packages}); a resume under another git revision or package version says so in the log.
+packages, environment}); a resume under another git revision, package version or XLA_FLAGS
+(`provenance.numeric_environment`) says so in the log.
 """
 
 from __future__ import annotations
@@ -199,8 +200,9 @@ def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str,
 
 
 def code_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """What differs between two {git, packages} records (an unrecorded side counts as unknown,
-    not as a change): the git revision, its dirty flag, and each package's version."""
+    """What differs between two {git, packages, environment} records (an unrecorded side counts
+    as unknown, not as a change): the git revision, its dirty flag, each package's version and
+    each numeric environment variable (`provenance.numeric_environment`)."""
     out = []
     git_a, git_b = before.get("git") or {}, now.get("git") or {}
     if git_a.get("revision") and git_b.get("revision") and git_a != git_b:
@@ -209,6 +211,10 @@ def code_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
     pk_a, pk_b = before.get("packages") or {}, now.get("packages") or {}
     out += [f"{name} {pk_a[name]} -> {pk_b.get(name)}" for name in sorted(pk_a)
             if name in pk_b and pk_a[name] != pk_b[name]]
+    env_a, env_b = before.get("environment"), now.get("environment")
+    if env_a is not None and env_b is not None:   # XLA_FLAGS and the like: other numbers
+        out += [f"{k} {env_a.get(k)!r} -> {env_b.get(k)!r}" for k in sorted({*env_a, *env_b})
+                if env_a.get(k) != env_b.get(k)]
     return out
 
 
@@ -244,12 +250,16 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
              ) -> LoopResult:
     """Runs steps [resumed step, num_steps) of one training run in `workdir` (see the module doc).
     `derived`: values computed from the config that a resume must reproduce (recorded under
-    DERIVED with the config record).
+    DERIVED with the config record). `manifest["code"]`: the run's `provenance.code_state()` from
+    its start (taken here when absent).
 
     `state` is the fresh step-0 state (its structure and shardings are the restore target).
     Its length is the loop's order (resume, manifest, steps, checkpoints, final evaluation), the
     one thing the trainers share.
     """
+    # The code this run runs, as of its start (the trainers take it with `started`): the
+    # manifest is written again at the end, by when the work tree may hold other code.
+    code = manifest.setdefault("code", provenance.code_state())
     record = config_record(manifest.get("config"))
     record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
     check_processes_agree(record)
@@ -257,7 +267,23 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
                                       max_to_keep=settings.keep_checkpoints,
                                       save_interval_steps=settings.checkpoint_every,
                                       async_save=settings.async_checkpoint)
-    restored = ckpt.restore_latest(checkpointing.abstract_state(state))
+
+    def check_same_run(meta: Mapping[str, Any]) -> None:
+        if meta.get("seed") != seed:
+            raise ValueError(f"{workdir} holds a run with seed {meta.get('seed')}, the config "
+                             f"says {seed}; use another work dir")
+        check_same_config(workdir, meta.get("config"), record)
+
+    # Before any array is read: another config's state may not fit this one's (LoRA adapters,
+    # a clipped optimiser, an accumulator), and Orbax's refusal names tree paths, not the keys.
+    saved = ckpt.latest_meta()
+    try:
+        if saved is not None:
+            check_same_run(saved)
+        restored = ckpt.restore_latest(checkpointing.abstract_state(state))
+    except Exception:
+        ckpt.close()
+        raise
     start, count = 0, {name: 0 for name in counters}
     # The data files by content among the manifest's inputs, where a sweep's reuse of a finished
     # point looks (the config record's digests are recomputed from the files named).
@@ -269,10 +295,7 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
             inputs[key] = path
     if restored is not None:
         try:
-            if restored.meta.get("seed") != seed:
-                raise ValueError(f"{workdir} holds a run with seed {restored.meta.get('seed')}, "
-                                 f"the config says {seed}; use another work dir")
-            check_same_config(workdir, restored.meta.get("config"), record)
+            check_same_run(restored.meta)
             if restored.step > settings.num_steps:
                 # Nothing would be trained, and the final evaluation and summary would label the
                 # restored state with the smaller step.
@@ -295,7 +318,7 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         log(f"resumed from checkpoint step {start} in {ckpt.directory}")
         previous = _previous_manifest(workdir)
         manifest["started"] = previous.get("started") or manifest.get("started")
-        here = {"git": provenance.git_state(), "packages": provenance.package_versions()}
+        here = {**code, "environment": provenance.numeric_environment()}
         # The manifest was last written by the segment that made the checkpoint.
         before = {k: previous.get(k) for k in here}
         manifest["started_with"] = previous.get("started_with") or before

@@ -290,6 +290,12 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
                 f"config.reference.k={k}, config.reference.seed={seed}, or use another work dir")
         differ = [f"config.reference.{key}: table {built.get(key)}, config {want}"
                   for key, want in (("k", k), ("seed", seed)) if built.get(key) != want]
+        # the same K and seed drawn in other batches or chunks: other samples (tables recording
+        # no split are not compared)
+        draw = task.reference_draw(k) if task.reference_draw is not None else {}
+        differ += [f"{name}: table {table.created[key]}, config {want}"
+                   for name, (key, want) in draw.items()
+                   if key in table.created and table.created[key] != want]
         if differ:
             raise ReferenceTableError(
                 f"{path} was built with other reference settings ({'; '.join(differ)}); use "
@@ -547,7 +553,7 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
 
 def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any
          ) -> tuple[rl.RLState, dict[str, Any]]:
-    started = provenance.now()
+    started, code = provenance.now(), provenance.code_state()
     log = log or (lambda s: print(s, flush=True))
     seed = int(check.int_arg("config.seed", config.get("seed"), low=0))
     tcfg = train_config(config)
@@ -577,7 +583,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     cfg = _beta_for_budget(config, task, cfg, table, tcfg.num_steps, log)
     transform = cfg.get_transform()
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},
-                    inputs={"reference_table": table_path}, mesh=mesh, started=started,
+                    inputs={"reference_table": table_path}, mesh=mesh, started=started, code=code,
                     extra={} if bonbon is not None else {"beta": cfg.beta})   # BoNBoN: none
     if bonbon is None and transform.params.get("path"):   # an optimal transform's table
         manifest["inputs"]["transform_table"] = transform.params["path"]

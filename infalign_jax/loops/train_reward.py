@@ -129,7 +129,7 @@ def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
 
 def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any,
          cache_head_features: bool) -> tuple[rt.TrainState, dict[str, Any]]:
-    started = provenance.now()
+    started, code = provenance.now(), provenance.code_state()
     log = log or (lambda s: print(s, flush=True))
     seed = int(check.int_arg("config.seed", config.get("seed"), low=0))
     tcfg = dataclass_from(RMTrainConfig, section(config, "train"), "train")
@@ -213,7 +213,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
                 "max_prompt_len": data.max_prompt_len,
                 "max_response_len": data.max_response_len,
                 "ensemble_size": tcfg.ensemble_size}
-    manifest = dict(config=config, seeds={"seed": seed}, mesh=mesh, started=started,
+    manifest = dict(config=config, seeds={"seed": seed}, mesh=mesh, started=started, code=code,
                     inputs={"train": train_info["path"], "eval": eval_info["path"]},
                     extra={"reward_model": run_info})
 

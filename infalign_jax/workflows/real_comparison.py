@@ -708,7 +708,7 @@ def run(base_configs: Sequence[Any], comparison: Any, workdir: str,
         parse_comparison(comparison)
     for base in base_configs:   # before any task starts
         check_kl_target(cc, os.path.join(workdir, str(base.task.name)), log)
-    started = provenance.now()
+    started, code = provenance.now(), provenance.code_state()
     parts, summaries = [], []
     for base in base_configs:
         name = str(base.task.name)
@@ -723,7 +723,7 @@ def run(base_configs: Sequence[Any], comparison: Any, workdir: str,
         f.write("\n".join(parts))
     provenance.write_manifest(workdir, None, seeds={"seeds": list(cc.seeds),
                                                    "eval_seed": cc.eval_seed},
-                              started=started,
+                              started=started, code=code,
                               extra={"comparison": dataclasses.asdict(cc),
                                      "configs": [b.to_dict() for b in base_configs]})
     log(f"comparison: {path}")

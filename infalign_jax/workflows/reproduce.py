@@ -136,6 +136,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
 
     Writes exact_table.{md,json}, exact_methods.png and a manifest into `workdir`.
     """
+    code = provenance.code_state()   # of the run's start (the manifest is written at its end)
     base = sized_config(base_config, size, n)
     if keys is not None:
         check_method_keys(keys, "keys")
@@ -145,8 +146,9 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
     table = et.sample_reference_table(task, int(base.reference.k), seed=int(base.reference.seed))
     ref_logp = et.policy_logprobs(task, task.ref_params)
     vbon = get_transform("log")
-    budget = et.exact_kl(et.target_policy(ref_logp, et.calibrated_table(task, table, True), vbon,
-                                          1.0 / (n - 1)), np.exp(ref_logp))
+    vbon_cal = et.calibrated_table(task, table, vbon.smoothing)
+    budget = et.exact_kl(et.target_policy(ref_logp, vbon_cal, vbon, 1.0 / (n - 1)),
+                         np.exp(ref_logp))
     seeds = size_seeds(size, first_seed)
     log(f"exact stage: KL budget {budget:.4f} (vBoN's target at N={n}); {len(chosen)} methods x "
         f"{len(seeds)} seeds")
@@ -172,7 +174,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
                 .format(s=seed, n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], **ev))
         rows.append(seed_summary(spec["method"], beta, runs))
     write_exact_outputs(rows, workdir, n, budget)
-    provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)},
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)}, code=code,
                               extra={"stage": "exact", "size": size, "n": n, "t": t,
                                      "kl_budget": budget})
     return rows
@@ -301,6 +303,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
     """Trains each transform at each KL budget (beta solved from the exact target) for every
     seed of the size with the config's schedule; writes convergence_table.{md,json}: how many
     seeds reached KL(pi || pi*) <= et.CONVERGED_KL, with the target's range(Phi)/beta."""
+    code = provenance.code_state()   # of the run's start (the manifest is written at its end)
     base = sized_config(base_config, size, n)
     knobs, seeds = SIZES[size], size_seeds(size, first_seed)
     os.makedirs(workdir, exist_ok=True)
@@ -339,7 +342,7 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
     with atomic_open(os.path.join(workdir, "convergence_table.md")) as f:
         f.write(convergence_markdown(rows, n, {**knobs, "seeds": seeds}))
     write_json(os.path.join(workdir, "convergence_table.json"), rows)
-    provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)},
+    provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)}, code=code,
                               extra={"stage": "convergence", "size": size, "kls": list(kls)})
     return rows
 
@@ -431,7 +434,7 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
         needing = [s for s in readers if s in stages]
         if needing and given[name] is None:
             raise ValueError(f"stage {needing[0]!r} needs {name}")
-    started = provenance.now()
+    started, code = provenance.now(), provenance.code_state()
     parts = [f"# Reproduction (size {config.size})\n"]
     if "analytic" in stages:
         out = os.path.join(workdir, "analytic")
@@ -467,7 +470,7 @@ def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any
     with atomic_open(path) as f:
         f.write("\n\n".join(parts) + "\n")
     seeds = {"exact_and_convergence": list(size_seeds(config.size, config.seed))}
-    provenance.write_manifest(workdir, manifest_config, seeds=seeds, started=started,
+    provenance.write_manifest(workdir, manifest_config, seeds=seeds, started=started, code=code,
                               extra={"exact_config": None if exact_config is None
                                      else exact_config.to_dict(),
                                      "real_config": None if real_config is None

@@ -166,9 +166,12 @@ def _finished(summary_path: str, cfg: ml_collections.ConfigDict) -> dict[str, An
 
 
 def flat_row(point: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The point's table row; its eval and train columns sorted, as a finished point's
+    summary.json (written with sorted keys) reads back, so that the table of a sweep does not
+    depend on which of its points were reused."""
     row = {"point": point_name(point), **dict(point)}
-    row.update({f"eval.{k}": v for k, v in summary.get("eval", {}).items()})
-    row.update({f"train.{k}": v for k, v in summary.get("last_train_metrics", {}).items()
+    row.update({f"eval.{k}": v for k, v in sorted(summary.get("eval", {}).items())})
+    row.update({f"train.{k}": v for k, v in sorted(summary.get("last_train_metrics", {}).items())
                 if k in ("kl_k1", "kl_full_vocab", "calibrated_reward", "transformed_reward")})
     return row
 

@@ -63,6 +63,10 @@ class RLTask:
     # Whether the reference table keeps only pi_ref's samples that emitted EOS; the RL step
     # scores every rollout, truncated or not, so training needs False.
     reference_require_eos: bool = False
+    # reference_draw(k) -> {config key: (the key the table records in `created`, its value)}:
+    # how the calibration pass splits the draws (prompts per batch, samples per chunk), which
+    # picks the samples (each chunk its own key); a table drawn otherwise is another table.
+    reference_draw: Callable[[int], dict[str, tuple[str, int]]] | None = None
     # beta_for_kl(kl, transform, ref_table) -> the beta whose exact target has this KL (tasks
     # with an exact target only; `config.task.kl_budget`)
     beta_for_kl: Callable[..., float] | None = None

@@ -445,7 +445,12 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
         evaluate=evaluate if s.eval_samples > 0 else None,
         # The reference table was drawn with this budget; rollouts must use the same one.
         response_length=int(s.max_new_tokens), reference_temperature=float(s.temperature),
-        reference_require_eos=bool(s.require_eos))
+        reference_require_eos=bool(s.require_eos),
+        # what `run_calibration` records (it takes at most the prompts, chunks of at most K)
+        reference_draw=lambda k: {
+            "config.task.calib_batch_prompts": ("batch_prompts", min(s.calib_batch_prompts,
+                                                                     len(split.train_ids))),
+            "config.task.calib_chunk": ("chunk", min(s.calib_chunk, int(k)))})
 
 
 def sample_judged_pairs(task_name: str, *, num_prompts: int, samples_per_prompt: int,
