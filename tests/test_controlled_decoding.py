@@ -206,6 +206,71 @@ def test_tokenwise_counts_a_step_as_unscored_only_where_its_candidates_have_no_d
     assert np.all(np.asarray(broken.unscored_B) > 0)
 
 
+def _undefined_past_eos(score):
+    """`score`, but NaN for a prefix with a real token after a real EOS (a scorer defined on
+    responses up to their end only)."""
+    def scorer(tokens_BxT, mask_BxT):
+        real = mask_BxT.astype(bool)
+        eos = real & (tokens_BxT == EOS)
+        past = jnp.cumsum(eos, axis=1) - eos
+        return jnp.where(jnp.any(real & (past > 0), 1), jnp.nan, score(tokens_BxT, real))
+    return scorer
+
+
+def test_blockwise_stops_at_an_eos_inside_a_block_and_counts_no_step_after_it():
+    """Blocks of 3 scored by shortness, so that blocks ending at an EOS before their last token
+    are accepted: the row ends there (mask, padding, bound of the blocks accepted), and the
+    blocks after it, whose prefixes the scorer does not define, are not counted as unscored."""
+    table, m, k, length = _table(2), 3, 8, 9
+    prompt, mask = _prompt(32)
+    shortest = _undefined_past_eos(lambda t, real: -jnp.sum(real, 1).astype(jnp.float32))
+    run = lambda r: cd.blockwise_decode(  # noqa: E731
+        tab_fns(), table, shortest, prompt, mask, r, num_candidates=k, block_size=m,
+        max_new_tokens=length, eos_id=EOS, pad_id=PAD)
+    out = jax.jit(run)(jax.random.key(1))
+    tokens, real = np.asarray(out.tokens_BxL), np.asarray(out.mask_BxL)
+    ends = real.sum(1)
+    assert np.any((ends < length) & (ends % m != 0))   # an EOS before a block's last token
+    for row_t, n_real in zip(tokens, ends):
+        eos_at = np.flatnonzero(row_t == EOS)
+        assert eos_at.size == 0 and n_real == length or eos_at[0] == n_real - 1
+        assert (row_t[n_real:] == PAD).all()
+    np.testing.assert_array_equal(real, np.arange(length)[None] < ends[:, None])
+    np.testing.assert_array_equal(out.unscored_B, 0)
+    np.testing.assert_allclose(out.kl_bound_B, np.ceil(ends / m) * float(kl.bon_kl_bound(k)),
+                               rtol=1e-6)
+    eager = run(jax.random.key(1))   # the sampler's padding checks see every prefix
+    np.testing.assert_array_equal(np.asarray(eager.tokens_BxL), tokens)
+
+
+def test_tokenwise_kl_and_unscored_steps_stop_at_eos():
+    """A scorer defined on prefixes that end at EOS at the latest (NaN for a real token after
+    EOS, which only the steps after a row's EOS build): no step is unscored and the KL is the
+    sum over the steps up to EOS of KL(pi_lambda || pi_ref), enumerated with numpy."""
+    table, lam, top_k, length = _table(4), 1.5, 3, 6
+    prompt, mask = _prompt(64)
+
+    out = cd.tokenwise_decode(tab_fns(), table, _undefined_past_eos(count_target), prompt, mask,
+                              jax.random.key(6), lam=lam, top_k=top_k, max_new_tokens=length,
+                              eos_id=EOS, pad_id=PAD)
+    tokens, real = np.asarray(out.tokens_BxL), np.asarray(out.mask_BxL)
+    assert (real.sum(1) < length).sum() >= 10          # rows that stopped at EOS early
+    np.testing.assert_array_equal(out.unscored_B, 0)
+    t64 = np.asarray(table, np.float64)
+    want = np.zeros(len(tokens))
+    for b, (row, m) in enumerate(zip(tokens, real)):
+        last = 3
+        for t in range(int(m.sum())):
+            logits = t64[min(2 + t, C - 1), last]
+            logp = logits - np.log(np.exp(logits).sum())
+            top = np.argsort(-logits)[:top_k]
+            w = np.exp(logp[top] + lam * (top == TARGET))   # V = count + [z == TARGET]
+            q = w / w.sum()
+            want[b] += np.sum(q * np.log(q / np.exp(logp[top])))
+            last = row[t]
+    np.testing.assert_allclose(np.asarray(out.kl_B), want, rtol=1e-4, atol=1e-6)
+
+
 def last_token_id(tokens_BxT, mask_BxT):
     """Prefix scorer: the id of the last real token (distinct values, so no ties)."""
     last = jnp.max(jnp.where(mask_BxT.astype(bool), jnp.arange(tokens_BxT.shape[1]), -1), axis=1)

@@ -51,6 +51,17 @@ def test_hh_parses_prompt_and_final_turns(tmp_path, gz):
     assert report.total == 0 and report.kept == 2
 
 
+def test_hh_split_drops_only_the_space_after_the_marker(tmp_path):
+    """A response's own leading whitespace (a second space, a newline) is part of it: the
+    prompt, one space and the response rebuild each transcript."""
+    row = {"chosen": "\n\nHuman: List?\n\nAssistant:  two spaces",
+           "rejected": "\n\nHuman: List?\n\nAssistant: \n- a line"}
+    (ex,), _ = read_preferences(write_lines(tmp_path / "hh.jsonl", [row]))
+    assert (ex.chosen, ex.rejected) == (" two spaces", "\n- a line")
+    assert ex.prompt + " " + ex.chosen == row["chosen"]
+    assert ex.prompt + " " + ex.rejected == row["rejected"]
+
+
 def test_tldr_prompt_template_and_choice(tmp_path):
     path = write_lines(tmp_path / "tldr.jsonl", [tldr(choice=1), tldr(choice=0)])
     examples, _ = read_preferences(path, format="tldr")
@@ -292,6 +303,33 @@ def test_identical_after_truncation_is_an_error():
     with pytest.raises(DataError, match="identical after tokenisation") as info:
         tokenize_preferences(pairs(("a", "abc", "abd")), char_tokenizer, cfg)
     assert info.value.reason == "identical_responses"
+
+
+def test_tokenise_reports_keep_only_the_records_packed():
+    """A record dropped by tokenisation (identical after the cut, an empty prompt) is not kept:
+    `kept` is the number of rows packed, and read = kept + skipped."""
+    cfg = TokenizeConfig(4, 2, eos_id=1)
+    packed, report = tokenize_preferences(pairs(("a", "c", "d"), ("b", "abc", "abd"),
+                                                ("e", "f", "g")), char_tokenizer, cfg,
+                                          skip_bad=True)
+    assert len(packed) == 2 and list(packed.line_B) == [1, 3]
+    assert report.kept == 2 and report.counts == {"identical_responses": 1}
+    assert report.as_dict()["read"] == 3
+    prompts = [PromptExample(i, text, "p.jsonl", n + 1) for n, (i, text) in
+               enumerate([("x", "ab"), ("y", " "), ("z", "c")])]
+    packed, report = tokenize_prompts(prompts, char_tokenizer, cfg, skip_bad=True)
+    assert packed.prompt_ids == ("x", "z") and report.kept == 2
+    assert report.counts == {"empty_prompt": 1}
+
+
+def test_skip_reports_of_files_side_by_side_add_up():
+    """`plus` (the files of one split) keeps the records of both; `merge` (two stages) only
+    those of the second."""
+    a = SkipReport({"bad_json": 1}, kept=3, truncated={"prompt": 1})
+    b = SkipReport({"bad_json": 2, "empty_prompt": 1}, kept=4, truncated={"prompt": 2})
+    both = a.plus(b)
+    assert both.kept == 7 and both.counts == {"bad_json": 3, "empty_prompt": 1}
+    assert both.truncated == {"prompt": 3} and both.as_dict()["read"] == 11
 
 
 def test_tokenize_prompts_and_no_eos():

@@ -316,6 +316,18 @@ def test_llama3_parameters_of_released_models_are_recovered(rope, head_dim):
                     "high_freq_factor": 2.0}
 
 
+@pytest.mark.parametrize("model_type,layers", [("gemma2", 46), ("gemma3_text", 62)])
+def test_gemma_27b_depth_takes_llama_cpps_query_scale(model_type, layers, tmp_path):
+    """llama.cpp stores no query scale for Gemma 2/3: its 27B models (46 and 62 layers) scale
+    by d_model / n_heads (Gemma 2 27B's query_pre_attn_scalar is 144 = 4608 / 32, its head_dim
+    128), every other depth by head_dim. Here d_model / n_heads = 64 / 4 = 16, head_dim 8."""
+    directory = save_tiny(tmp_path / "hf", model_type, dict(num_hidden_layers=layers, head_dim=8,
+                                                          intermediate_size=8))
+    config, _ = read_gguf(write_gguf(directory, tmp_path / "m.gguf"))
+    assert (config["num_hidden_layers"], config["head_dim"]) == (layers, 8)
+    assert config["query_pre_attn_scalar"] == 16
+
+
 # -------------------------------------------------------------------------- refused by name
 
 

@@ -40,8 +40,9 @@ def toy_fns(calls=None):
     return DecoderFns(prefill, decode, logits)
 
 
-def exact_distribution(table, prompt, length):
-    """P(response) for every response of at most `length` tokens, stopping at EOS (numpy)."""
+def exact_distribution(table, prompt, length, top_k=0):
+    """P(response) for every response of at most `length` tokens, stopping at EOS (numpy); with
+    `top_k`, each step's distribution is restricted to its k largest logits and renormalised."""
     table = np.asarray(table, np.float64)
     probs = {}
     def rec(prefix, count, last, p):
@@ -49,6 +50,8 @@ def exact_distribution(table, prompt, length):
             probs[tuple(prefix)] = probs.get(tuple(prefix), 0.0) + p
             return
         logit = table[min(count, C - 1), last]
+        if top_k:
+            logit = np.where(logit >= np.sort(logit)[-top_k], logit, -np.inf)
         q = np.exp(logit - logit.max()); q /= q.sum()
         for tok in range(V):
             rec(prefix + [tok], count + 1, tok, p * q[tok])
@@ -73,6 +76,25 @@ def test_sample_distribution_matches_enumeration():
     expected = np.array([exact[k] for k in keys]) * cfg.n
     assert abs(expected.sum() - cfg.n) < 1e-6
     assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_top_k_alone_at_temperature_one_samples_the_renormalised_top_k():
+    """temperature 1 with top_k and nothing else (the one setting where only top_k asks for
+    filtering): every step draws from its k most likely tokens, renormalised (enumeration)."""
+    table = _table(3)
+    prompt = jnp.array([[1, 2]]); mask = jnp.ones_like(prompt, bool)
+    cfg = SamplingConfig(n=20000, max_new_tokens=2, eos_id=EOS, pad_id=PAD, top_k=2)
+    out = jax.jit(lambda r: sampling.sample(toy_fns(), table, prompt, mask, r, cfg))(
+        jax.random.key(4))
+    exact = {k: p for k, p in exact_distribution(table, [1, 2], 2, top_k=2).items() if p > 0}
+    seen = {}
+    for row, m in zip(np.asarray(out.tokens_BxNxL[0]), np.asarray(out.mask_BxNxL[0])):
+        key = tuple(row[m].tolist())
+        seen[key] = seen.get(key, 0) + 1
+    assert set(seen) <= set(exact)   # never a token outside a step's top 2
+    keys = sorted(exact)
+    observed = np.array([seen.get(k, 0) for k in keys], float)
+    assert stats.chisquare(observed, np.array([exact[k] for k in keys]) * cfg.n).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 4, 1.0), (1.0, 0, 0.8), (1.3, 3, 0.7),
@@ -152,9 +174,10 @@ def _no_tie_logits(seed, shape, scale):
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, 0, 1.0), (0.5, 3, 1.0), (1.0, 0, 0.6), (2.0, 5, 0.9), (1.0, 1, 1.0), (1.0, 11, 1.0),
     (1.0, 50, 1.0), (1.0, 10, 0.9999), (0.7, 0, 1e-6), (1.0, 1, 0.5), (1.0, 4, 1e-6),
-    (0.3, 0, 0.95)])
+    (0.3, 0, 0.95), (1e-3, 0, 1.0), (2e-4, 2, 1.0)])
 def test_filter_logits_matches_numpy(temperature, top_k, top_p):
-    # k >= V (11, 50) is off, p = 1 is off, k = 1 and a tiny p keep the arg-max only.
+    # k >= V (11, 50) is off, p = 1 is off, k = 1 and a tiny p keep the arg-max only; small
+    # temperatures from 1e-4 up are x / T itself (below, (x - max) / T).
     logits = _no_tie_logits(4, (6, 11), 2.0)
     logits[1, [2, 5, 7]] = -np.inf      # masked vocabulary
     logits[2, 1:] = -np.inf             # a single finite token
@@ -232,9 +255,37 @@ def test_filter_logits_keeps_boundary_ties_and_poisons_nan_rows():
     p = np.asarray(head.filter_logits(x, 1.0, 0, 0.3))
     np.testing.assert_array_equal(np.isfinite(p[1]), [1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(p[4], [-np.inf, np.inf, -np.inf, np.inf, -np.inf, -np.inf])
-    for out in (k2, p, np.asarray(head.filter_logits(x, 0.5))):
+    # also at temperatures that take (x - max) / T (1e-6) or the greedy limit (1e-40)
+    tempered = [np.asarray(head.filter_logits(x, t)) for t in (0.5, 1e-6, 1e-40)]
+    for out in (k2, p, *tempered):
         assert np.isnan(out[2]).all() and not np.isnan(out[[0, 1, 3, 4]]).any()
         assert np.isneginf(out[3]).all()
+        assert np.isposinf(out[4, [1, 3]]).all()
+
+
+def test_top_p_leaves_out_a_token_one_ulp_less_likely_than_the_boundary():
+    """p = exp(x - max) of tokens 1 and 2 are adjacent float32 numbers (0.5 and the next one
+    down): top_p = 0.6 needs tokens 0 and 1 only (mass 1.5 of 2.15), so token 2 is out on every
+    path (full vocabulary, pruned, after a pruned top-k) and for `in_nucleus`."""
+    x1 = np.float32(np.log(0.5))
+    p = lambda *xs: np.asarray(head._probs_below_max(  # noqa: E731
+        jnp.asarray([[0.0, *xs]], jnp.float32)))[0, 1:].view(np.int32)
+    x2 = x1
+    while p(x2)[0] == p(x1)[0]:
+        x2 = np.nextafter(x2, np.float32(-np.inf))
+    assert p(x2)[0] == p(x1)[0] - 1          # adjacent floats
+    x = np.full((3, 64), -6.0, np.float32)
+    x[:, :3] = [0.0, x1, x2]
+    x[1], x[2] = np.roll(x[1], 17), np.roll(x[2], 40)
+    want = np.isfinite(_np_filter(x, 1.0, 0, 0.6))
+    assert (want.sum(1) == 2).all()
+    for top_k, kw in ((0, {}), (0, dict(group=2, top_p_groups=4)), (3, dict(group=2))):
+        got = np.isfinite(np.asarray(head.filter_logits(jnp.asarray(x), 1.0, top_k, 0.6, **kw)))
+        np.testing.assert_array_equal(got, want, err_msg=f"top_k={top_k} {kw}")
+    pb, target = _nucleus_inputs(x, 1.0, 0.6)
+    for j in range(64):
+        got = head.in_nucleus(pb, target, jnp.full((3,), j, jnp.int32))
+        np.testing.assert_array_equal(np.asarray(got), want[:, j], err_msg=f"token {j}")
 
 
 @pytest.mark.parametrize("field,value", [("n", 0), ("max_new_tokens", 0), ("temperature", -1.0),
