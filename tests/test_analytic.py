@@ -137,6 +137,9 @@ def test_optimal_dominates_exp_family(procedure):
     t, w_t = A.best_t(procedure, n, kl, grid_size=2000)
     assert w_exp_T.max() - 1e-12 <= w_t <= w_opt + 1e-9
     assert (t > 0) == (procedure == "bon")  # InfAlign: positive exponent for BoN, negative for WoN
+    gap = S.exp_family_gap(procedure, n, kl, grid_size=2000)
+    assert gap["t"] == t and gap["win_rate_exp"] == w_t and gap["win_rate_optimal"] == w_opt
+    assert gap["gap"] == pytest.approx(w_opt - w_t, abs=1e-15)
 
 
 def test_optimal_at_kl_steps_up_from_a_first_guess_where_the_solver_fails():
@@ -150,6 +153,13 @@ def test_optimal_at_kl_steps_up_from_a_first_guess_where_the_solver_fails():
     assert sol.kl == pytest.approx(kl, rel=1e-6)
     _, w_t = A.best_t("won", 32, kl)
     assert sol.win_rate >= w_t - 1e-9 and sol.win_rate < 1.0
+
+
+def test_optimal_at_kl_says_when_the_frontier_saturates():
+    """Worst-of-32's optimum wins with probability within 1e-6 of 1 already at KL ~0.4: a KL
+    of 2 is refused as saturated, not searched for at ever smaller beta."""
+    with pytest.raises(RuntimeError, match="frontier saturated for won n=32"):
+        S.optimal_at_kl(2.0, "won", 32, grid_size=1000)
 
 
 def test_optimal_at_kl_refuses_an_optimum_its_grid_does_not_resolve():
@@ -221,6 +231,13 @@ def test_optimum_satisfies_closed_form_fixed_point(procedure, n, beta):
     phi = _closed_form_phi_bin_average(procedure, n, sol.g / m)
     logg_ref = phi / beta - np.log(np.sum(np.exp(phi / beta)) / m)
     assert np.max(np.abs(np.log(sol.g) - logg_ref)) < 1e-3
+
+
+def test_a_solve_stopped_short_of_the_fixed_point_is_refused():
+    """At most 30 iterations per method leave BoN_8 at beta 0.02 (grid 256) with a fixed-point
+    residual of ~4e-3: the result is refused, not returned as the optimum."""
+    with pytest.raises(RuntimeError, match="did not converge"):
+        S.solve_optimal("bon", 8, 0.02, grid_size=256, max_iter=30)
 
 
 def test_lbfgs_fallback_agrees_with_fixed_point():
@@ -322,6 +339,9 @@ def test_optimal_table_round_trip(tmp_path):
     for tr in (get_transform("optimal", u=u, phi=phi), get_transform("optimal", path=path)):
         assert A.win_rate_at_kl(tr, kl, proc, n, grid_size=2000) == pytest.approx(
             sol.win_rate, abs=1e-5)
+        # the table is Phi* / beta: at beta = 1 its tilt is the optimum itself
+        assert A.kl_and_win_rate(tr, 1.0, proc, n, grid_size=2000) == pytest.approx(
+            (kl, sol.win_rate), abs=1e-5)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -343,9 +363,13 @@ def test_optimal_table_round_trip(tmp_path):
     (lambda: A.solve_rows_at_kl(np.linspace(0, 1, 64)[None], 0.5, "bon", 2, unreachable="skip"),
      "unreachable must be"),
     (lambda: A.best_t("won", 0, 0.5), "n must"),
+    (lambda: A.solve_rows_at_kl(np.ones((1, 64)), 0.1, "standard"), "constant"),
     (lambda: S.optimal_win_rate_at_kl(-0.5, "bon", 2), "kl"),
     (lambda: S.optimal_win_rate_at_kl(0.5, "bon", 1.5), "n must"),
-    (lambda: A.kl_and_win_rate("identity", 0.0), "beta"),
+    (lambda: A.kl_and_win_rate("identity", 0.0), "beta must be a positive finite number"),
+    (lambda: A.grid(8), "grid must be an integer >= 16"),
+    # Phi / beta overflows float64 (a subnormal beta): KL NaN is refused as past the grid
+    (lambda: A.kl_and_win_rate("identity", 1e-320), "KL nan is past what grid"),
     # a list for n was accepted and its first entry used
     (lambda: evaluation.selected_probs(np.arange(4.0)[None], [2, 8]), "n must be one int"),
     # a KL past the grid's resolution was refused only at its row, after the others had run
@@ -355,6 +379,45 @@ def test_optimal_table_round_trip(tmp_path):
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_phi_table_is_float64():
+    """Phi on the float64 midpoint grid, evaluated in float64 (not on a float32 grid)."""
+    u = (np.arange(4000) + 0.5) / 4000
+    np.testing.assert_array_equal(A.phi_table("identity", 4000), u)
+    np.testing.assert_allclose(A.phi_table("exp", 4000, t=3.0), np.expm1(3.0 * u) / 3.0,
+                               rtol=1e-14, atol=0)
+
+
+def test_resolution_tolerance_is_relative_for_a_kl_above_one():
+    """A KL is resolved within RESOLUTION_TOL * max(1, KL), a win rate within RESOLUTION_TOL."""
+    tol = A.RESOLUTION_TOL
+    assert A._resolved((3.0, 3.0 + 2.5 * tol), (0.5, 0.5))
+    assert not A._resolved((3.0, 3.0 + 3.5 * tol), (0.5, 0.5))
+    assert not A._resolved((0.5, 0.5 + 1.5 * tol), (0.5, 0.5))
+    assert not A._resolved((0.5, 0.5), (0.5, 0.5 + 1.5 * tol))
+    assert not A._resolved((math.nan, math.nan), (0.5, 0.5))
+
+
+def test_a_kl_just_past_a_flat_tops_saturation_is_unreachable():
+    """Phi flat on the top half of [0, 1]: as beta -> 0 the tilt is uniform there, so its KL
+    saturates at log 2. A KL 1e-6 above that is unreachable; 1e-6 below, it is met (W -> 3/4,
+    the mean of the top half)."""
+    phi = np.minimum(A.grid(4000), 0.5)[None]
+    with pytest.raises(ValueError, match="unreachable"):
+        A.solve_rows_at_kl(phi, math.log(2.0) * (1 + 1e-6), "standard")
+    beta, wins = A.solve_rows_at_kl(phi, math.log(2.0) * (1 - 1e-6), "standard")
+    assert beta[0] > 0 and wins[0] == pytest.approx(0.75, abs=1e-3)
+
+
+def test_best_t_extends_its_grid_past_the_default_edge():
+    """WoN_4 at KL 4.2 on grid 4000 is best at a t beyond the default grid's -300 (the edge, were
+    it not extended) and inside the limit |t| <= 400 that the grid resolves: no warning."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t, _ = A.best_t("won", 4, 4.2, refine=0)
+    assert -400.0 < t < -300.0
 
 
 def test_best_t_stays_where_the_grid_resolves_and_says_when_that_binds():
@@ -396,6 +459,14 @@ def test_a_beta_past_what_the_grid_resolves_is_refused_and_a_curve_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         A.curve("identity", [0.1, 1.0], grid_size=4000)
+    # Just past the limit, at lam = 210 (KL 4.35 > 4.30), the grid doubling alone would pass it
+    # (the KL moves by 9e-5): the limit itself refuses it
+    lam = 210.0
+    eu = 1 / (-np.expm1(-lam)) - 1 / lam
+    assert lam * eu - (lam + np.log(-np.expm1(-lam)) - np.log(lam)) > A.max_resolved_kl(4000)
+    with pytest.warns(UserWarning, match=r"curve: 1 of 1 betas"):
+        c = A.curve("identity", [1 / lam], grid_size=4000)
+    assert np.isnan(c["kl"]).all() and np.isnan(c["win_rate"]).all()
 
 
 def test_a_result_the_grid_does_not_resolve_is_refused():

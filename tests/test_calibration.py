@@ -137,6 +137,11 @@ def test_kernel_argument_errors():
     with pytest.raises(ValueError, match=r"ref_count_B must lie in \[0, K=3\]"):
         cal.calibrate(ok, ok, jnp.array([1, 4]))
     jax.jit(lambda c: cal.calibrate(ok, ok, c))(jnp.array([1, 4]))
+    # ... clipped: K + 2 counts as K (1.5 is above 2 of the 3 references), -1 as 0 (NaN)
+    got = jax.jit(lambda c: cal.calibrate(np.full((2, 1), 1.5, np.float32),
+                                          np.array([[0.0, 1.0, 2.0]] * 2, np.float32), c))(
+        jnp.array([5, -1]))
+    assert float(got[0, 0]) == pytest.approx(2 / 3, rel=1e-6) and np.isnan(float(got[1, 0]))
     # counts that are not integers were truncated: 3.9 read as K = 3 (C = 1.0 for 0.75 at K = 4)
     table = np.array([[0.0, 1.0, 2.0, 3.0]], np.float32)
     for counts in (np.array([3.9]), [2.5], np.array([True]), jnp.array([3.9])):
@@ -432,6 +437,19 @@ def test_centred_calibration_is_symmetric_and_evenly_spaced():
     a = np.asarray(cal.calibrate(r, ref, smoothing="add_one"), np.float64)
     a_rev = np.asarray(cal.calibrate(-r, -ref[:, ::-1], smoothing="add_one"), np.float64)
     assert a[0, -1] == 1.0 and np.abs(a + a_rev - 1.0).max() > 0.05
+
+
+def test_rewards_and_table_are_compared_in_their_common_dtype_under_x64():
+    """With x64 on, float64 rewards and references are compared in float64 (a gap of 1e-12 is
+    an order, not a tie), while `calibrate_with_table` first rounds the rewards to its stored
+    table's float32, so a reward equal to a stored one before rounding stays a tie."""
+    with jax.enable_x64(True):
+        got = cal.calibrate(np.array([[1.0 + 1e-12, 1.0]]), np.array([[1.0]]))
+        np.testing.assert_array_equal(np.asarray(got), [[1.0, 0.5]])
+        table = cal.build_reference_table(["p"], np.array([[0.1, 0.3]]), base_model_id="base",
+                                          reward_model_id="rm")
+        got = cal.calibrate_with_table(table, ["p"], np.array([[0.1, 0.3]]))
+        np.testing.assert_array_equal(np.asarray(got), [[0.25, 0.75]])
 
 
 def test_unknown_smoothing_is_refused_with_the_choices():

@@ -43,6 +43,8 @@ def test_transform_section_carries_every_family_parameter():
     s = transform_section("exp", t=-4.0)
     assert s["name"] == "exp" and s["t"] == -4.0 and s["path"] == "" and "p" in s and "s" in s
     assert transform_from_config(s) == ("exp", {"t": -4.0})
+    # the unset parameters of the other families (None, "" for optimal's path) pass a run's check
+    assert transform_from_config(s, strict=True) == ("exp", {"t": -4.0})
     assert transform_from_config({**s, "name": "power", "p": 0.25})[1]["p"] == 0.25
     with pytest.raises(ValueError, match=r"unknown parameters \['q'\]"):
         transform_section("exp", q=1.0)

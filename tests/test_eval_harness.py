@@ -85,8 +85,10 @@ def _exact(pol_params, ref_params, prompt, temperature=1.0):
 def test_matches_exact_enumeration(params):
     pol, ref = params
     prompts, mask = _prompts(8)
+    seen = {}
     rec = eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, m=256,
-                                       ns=[2, 4], seed=0, max_new_tokens=L, num_resamples=400)
+                                       ns=[2, 4], seed=0, max_new_tokens=L, num_resamples=400,
+                                       on_scored=lambda side, r, rm, s: seen.update({side: r}))
     exact = [_exact(pol, ref, pr) for pr in ([1, 2], [3, 0])]
     truth = {k: np.mean([e[k] for e in exact]) for k in exact[0]}
     assert abs(truth["standard"] - 0.5) > 0.1 and truth["kl"] > 1.0  # a non-trivial pair
@@ -99,6 +101,27 @@ def test_matches_exact_enumeration(params):
         kl = rec["kl"][est]
         assert abs(kl["mean"] - truth["kl"]) <= 4 * kl["stderr"] + 1e-3, (est, kl, truth["kl"])
     assert abs(rec["kl"]["k3"]["mean"] - truth["kl"]) <= 0.1 * truth["kl"] + 0.02
+    # Standard errors are over prompts: 8 replicates each of two prompts whose exact KLs differ
+    # (3.00, 0.52), so the 16 per-prompt means spread as those two values do (over sequences,
+    # it was 9x smaller)
+    se = abs(exact[0]["kl"] - exact[1]["kl"]) / 2 * np.sqrt(16 / 15) / 4
+    for est in ("k1", "k3", "full_vocab"):
+        assert rec["kl"][est]["stderr"] == pytest.approx(se, rel=0.1), (est, rec["kl"][est], se)
+    assert rec["mean_response_length"] == L   # no EOS: every response is L tokens long
+    # k1 and k3 of the policy's own samples (at temperature 1, the scored ones), from their
+    # teacher-forced log-probs under both models: d summed, and e^-d - 1 + d summed
+    resp = jnp.asarray(seen["policy"])
+    rep = jnp.repeat(prompts, 256, axis=0)
+
+    def logp(p):
+        logits = sampling.response_logits(FNS, p, rep, jnp.ones(rep.shape, bool), resp,
+                                          jnp.ones(resp.shape, bool))
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), resp[..., None], -1)[..., 0]
+        return np.asarray(lp, np.float64)
+
+    d = logp(pol) - logp(ref)
+    assert rec["kl"]["k1"]["mean"] == pytest.approx(d.sum(1).mean(), abs=1e-4)
+    assert rec["kl"]["k3"]["mean"] == pytest.approx((np.expm1(-d) + d).sum(1).mean(), abs=1e-4)
     assert rec["bon_kl_bound"]["4"] == pytest.approx(np.log(4) - 0.75)
     json.dumps(rec)
 
@@ -136,9 +159,16 @@ def test_against_plain_pi_ref_matches_exact_enumeration(params):
     assert dec["win_rate_against"] == "base"
     e = dec["win_rate"]["bon_4"]
     assert abs(e["point"] - truth["bon_4_base"]) <= 4 * e["stderr"], (e, truth["bon_4_base"])
+    judged = []   # refused before anything is sampled or judged
+
+    def spy(*args):
+        judged.append(1)
+        return judge(*args)
+
     with pytest.raises(ValueError, match="against must be one of.*'base'.*got 'plain'"):
-        eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, against="plain",
+        eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, spy, against="plain",
                                      **kw)
+    assert not judged
 
 
 def test_at_n_equal_m_the_default_estimator_is_unbiased_and_the_plug_in_is_not(params):
@@ -178,6 +208,14 @@ def test_at_another_temperature_win_rates_are_tempered_and_kl_is_the_policys(par
     for est in ("k1", "full_vocab"):
         kl = rec["kl"][est]
         assert abs(kl["mean"] - truth["kl"]) <= 4 * kl["stderr"] + 1e-3, (est, kl, truth["kl"])
+    # The first prompt alone, where paths sampled at 0.5 are furthest from the KL's own
+    one = jnp.asarray(np.tile([[1, 2]], (16, 1)), jnp.int32)
+    rec = eval_harness.evaluate_policy(FNS, pol, FNS, ref, one, jnp.ones(one.shape, bool), judge,
+                                       m=256, ns=[1], seed=0, max_new_tokens=L,
+                                       num_resamples=20, temperature=0.5)
+    for est in ("k1", "full_vocab"):
+        kl = rec["kl"][est]
+        assert abs(kl["mean"] - exact[0]["kl"]) <= 4 * kl["stderr"] + 1e-3, (est, kl, exact[0])
 
 
 def test_policy_equal_to_base(params, tmp_path):
@@ -226,6 +264,9 @@ def test_bad_inputs(params):
     with pytest.raises(ValueError, match="empty"):
         eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask.at[0].set(False), judge,
                                      **kw)
+    # a left-padded prompt (its first position masked) is not empty
+    eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask.at[0, 0].set(False), judge,
+                                 num_resamples=20, **kw)
     with pytest.raises(ValueError, match="max_context"):
         eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, max_context=4, **kw)
     # ns=(2.7,) was read as N = 2 (recorded as bon_2) and ns=(True,) as 1; m=np.int64(4) was
@@ -241,8 +282,8 @@ def test_bad_inputs(params):
     with pytest.raises(ValueError, match=r"m \(samples per prompt\) must be a positive "):
         eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, m=4.0, ns=[2],
                                      max_new_tokens=L)
-    with pytest.raises(ValueError, match="N=8 > m=4"):
-        eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, m=4, ns=[8],
+    with pytest.raises(ValueError, match="N=5 > m=4"):   # the first N past m
+        eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, judge, m=4, ns=[5],
                                      max_new_tokens=L)
 
     def nan_judge(p, pm, r, rm):

@@ -230,6 +230,22 @@ def test_bad_inputs_raise_naming_the_argument():
         ev.plugin_win_rates(good, good, ref_valid_BxK=np.array([[0, 0, 0], [1, 1, 1]], bool))
     with pytest.raises(ValueError, match="pol_BxM must be"):
         ev.plugin_win_rates(np.zeros(3), good)
+    for weights in (np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]),   # no weight on row 1
+                    np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 5.0]])):  # only on a masked sample
+        with pytest.raises(ValueError, match=r"pol_BxM: prompt rows \[1\] have no weight"):
+            ev.plugin_win_rates(good, good, pol_weights_BxM=weights,
+                                pol_valid_BxM=np.array([[1, 1, 1], [1, 1, 0]], bool))
+
+
+def test_sample_weights_are_the_policy_probabilities():
+    """pi puts the given weights on its samples (0 allowed: an outcome of probability 0)."""
+    pol, ref = np.array([[1.0, 3.0]]), np.array([[2.0, 0.0]])
+    # pi = (1, 0) on (1, 3): always 1, which beats 0 and loses to 2
+    got = ev.plugin_win_rates(pol, ref, [1, 2], pol_weights_BxM=[[1.0, 0.0]])
+    np.testing.assert_allclose(got, [[0.5, 0.25]], atol=1e-15)   # BoN_2(ref) = 2 w.p. 3/4
+    # pi_ref = (3/4, 1/4) on (2, 0): 3 always wins, 1 wins w.p. 1/4; pi uniform
+    got = ev.plugin_win_rates(pol, ref, 1, ref_weights_BxK=[[3.0, 1.0]])
+    np.testing.assert_allclose(got, [[(1.0 + 0.25) / 2]], atol=1e-15)
 
 
 def test_nan_skip_policy_counts_what_it_drops():
@@ -329,6 +345,22 @@ def test_bootstrap_stderr_matches_the_standard_error_of_the_mean():
     np.testing.assert_array_equal(same.lower, est.lower)  # the seed fixes the interval
     with pytest.raises(ValueError, match="level"):
         ev.bootstrap_mean(values, level=1.5)
+    with pytest.raises(ValueError, match="num_resamples must be >= 2"):   # no spread of one
+        ev.bootstrap_mean(values, num_resamples=1)
+
+
+def test_bootstrap_lower_bound_is_the_lower_tail_quantile_when_it_is_the_wider():
+    """18 values 1 and 2 values -20: a bootstrap mean with k outliers is 1 - 21 k / 20, k ~
+    Binomial(20, 1/10), which puts 4.3% on k >= 5 and 1.1% on k >= 6: its 2.5% quantile is -4.25
+    (k = 5), below the t bound mean - t_19 s / sqrt(20) = -4.125 (the 5% quantile, -3.2, is not)."""
+    from scipy import stats
+    values = np.array([-20.0] * 2 + [1.0] * 18)
+    half = stats.t.ppf(0.975, 19) * values.std(ddof=1) / np.sqrt(20)
+    assert values.mean() - half == pytest.approx(-4.125, abs=1e-3)
+    for seed in range(3):
+        est = ev.bootstrap_mean(values, num_resamples=4000, seed=seed)
+        assert float(est.lower) == -4.25
+        assert float(est.upper) == pytest.approx(values.mean() + half, rel=1e-12)
     with pytest.raises(ValueError, match="non-finite"):
         ev.bootstrap_mean([1.0, np.nan])
 
@@ -497,6 +529,7 @@ def test_kl_bounds_match_the_spec_table():
     got = K.blockwise_cd_kl_bound(np.array([64, 40]), 16, 6)
     np.testing.assert_allclose(got, [4 * 0.95842614, 2.5 * 0.95842614], rtol=1e-7)
     np.testing.assert_allclose(K.blockwise_cd_kl_bound(40, 16, 6, ceil_blocks=True), 3 * 0.95842614)
+    assert K.blockwise_cd_kl_bound(0, 16, 6) == 0.0   # an empty response: no block, no KL
     with pytest.raises(ValueError, match="n must be"):
         K.bon_kl_bound(0)
     with pytest.raises(ValueError, match="num_candidates"):
@@ -535,6 +568,23 @@ def test_paired_difference_one_seed_is_the_t_interval_of_the_differences():
     with pytest.raises(ValueError, match=r"paired_difference of exp - identity, gold_bon4: "
                                          r"non-finite values \(a: 1, b: 0\)"):
         ev.paired_difference(bad, b, what="exp - identity, gold_bon4")
+
+
+def test_paired_difference_with_dominant_seed_terms_takes_the_seeds_degrees_of_freedom():
+    """Two seeds a method over 3 prompts. a = seed offset + prompt effect + a residual +-0.3 whose
+    rows and columns sum to 0: MS_residual = 4 (0.09) / ((2 - 1)(3 - 1)) = 0.18, so a's seed
+    term is (Var_s(row means) - MS_residual / 3) / 2 = (0.5 - 0.06) / 2 = 0.22; b has no
+    residual, 0.5 / 2 = 0.25. Every per-prompt difference is 1: the prompt term is 0.
+    Satterthwaite counts ~2 degrees of freedom; the seed terms hold all of Var, so the interval
+    takes their S - 1 = 1: point +- t_{0.975, 1} sqrt(0.47)."""
+    from scipy import stats
+    a = np.array([[0.3, 0.7, 2.0], [0.7, 2.3, 3.0]])
+    b = np.array([[0.0, 1.0, 2.0], [-1.0, 0.0, 1.0]])
+    est = ev.paired_difference(a, b)
+    assert float(est.point) == pytest.approx(1.0, abs=1e-12)
+    assert float(est.stderr) == pytest.approx(np.sqrt(0.47), rel=1e-12)
+    assert float(est.upper - est.point) == pytest.approx(stats.t.ppf(0.975, 1) * np.sqrt(0.47),
+                                                         rel=1e-9)
 
 
 @pytest.mark.parametrize("seeds, seed_sd, noise_sd, se_ratio", [

@@ -230,6 +230,18 @@ def test_ppo_ignores_tokens_after_eos():
     assert np.all(np.asarray(base_grad)[~mask] == 0)
 
 
+def test_ppo_reduces_over_tokens_by_default_and_advantages_get_no_gradient():
+    rng, old, _, mask = _logps(11)
+    logp = (old + rng.normal(0, 0.3, old.shape)).astype(np.float32)
+    adv = rng.normal(size=(B, T)).astype(np.float32)
+    loss, _ = L.ppo_policy_loss(logp, old, adv, mask)
+    assert float(loss) == pytest.approx(_np_ppo(logp, old, adv, mask, 0.2, "token"), rel=1e-5)
+    # Advantages are targets (a critic's or a reward's output): no gradient flows into them.
+    for a in (adv, adv[:, 0]):
+        g = jax.grad(lambda a_: L.ppo_policy_loss(logp, old, a_, mask)[0])(a)
+        assert np.all(np.asarray(g) == 0)
+
+
 # ----------------------------------------------------------------------------- value, REINFORCE, KL
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_value_loss_matches_numpy(variant):
@@ -245,6 +257,15 @@ def test_value_loss_matches_numpy(variant):
     assert float(metrics["clip_fraction"]) == pytest.approx(_np_masked_mean(clipped > plain, mask))
     loss, _ = variant(functools.partial(L.value_loss, clip_eps=None))(values, old, returns, mask)
     assert float(loss) == pytest.approx(_np_masked_mean(plain, mask), 1e-5)
+    # Masked positions' values (a critic's output after EOS, even NaN / inf) change neither the
+    # loss nor its gradient.
+    grad = jax.value_and_grad(lambda v, o, r: L.value_loss(v, o, r, mask, 0.2)[0])
+    base, base_grad = grad(values, old, returns)
+    for junk in (np.nan, np.inf):
+        bad = [np.where(mask, x, np.float32(junk)) for x in (values, old, returns)]
+        val, g = grad(*bad)
+        assert float(val) == float(base)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(base_grad))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -371,11 +392,32 @@ def test_kl_score_function_loss_has_the_sequence_kl_gradient():
     for baseline in (None, 0.7):
         got = expected_grad(surrogate(baseline))
         np.testing.assert_allclose(got, want, atol=2e-5)
+    # Any constant baseline leaves the expectation alone; the sign convention shows in the value:
+    # at old = current (rho = 1) it is mean_b sum_t m_bt (G_bt - b_b), G the KL-to-go.
+    lp, msk = np.asarray(old), np.asarray(mask)
+    d = np.where(msk, lp - np.asarray(ref_lp), 0.0)
+    to_go = np.cumsum(d[:, ::-1], 1)[:, ::-1]
+    b = np.linspace(-1.0, 1.0, lp.shape[0]).astype(np.float32)
+    got = K.kl_score_function_loss(lp, lp, ref_lp, msk, b)
+    assert float(got) == pytest.approx(np.sum(msk * (to_go - b[:, None])) / lp.shape[0], rel=1e-5)
     # Per-token penalties are not the sequence-KL gradient (the bug this replaces).
     for est in ("k3", "k2"):
         per_tok = expected_grad(lambda th: jnp.sum(
             K.kl_per_token(est, logps(th), ref_lp, mask), -1))
         assert np.max(np.abs(per_tok - want)) > 1e-2, est
+
+
+def test_kl_score_function_loss_ignores_masked_positions():
+    """Garbage after EOS (NaN, inf) changes neither the surrogate nor its gradient."""
+    rng, logp, ref, mask = _logps(12)
+    old = (logp + rng.normal(0, 0.2, logp.shape)).astype(np.float32)
+    loss = jax.value_and_grad(lambda lp, o, r: K.kl_score_function_loss(lp, o, r, mask))
+    base, base_grad = loss(logp, old, ref)
+    assert np.isfinite(float(base)) and np.all(np.asarray(base_grad)[~mask] == 0)
+    for junk in (np.nan, np.inf, -np.inf):
+        val, g = loss(*[np.where(mask, x, np.float32(junk)) for x in (logp, old, ref)])
+        assert float(val) == float(base)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(base_grad))
 
 
 def test_ppo_approx_kl_is_kl_of_the_old_policy_from_the_new_under_the_old_samples():

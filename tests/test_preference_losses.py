@@ -78,6 +78,7 @@ def test_dpo_and_ipo_hand_values(variant):
     assert float(loss) == pytest.approx(np.mean([_log1pexp(-beta * x) for x in h_hand]), 1e-6)
     assert float(m["accuracy"]) == pytest.approx(2 / 3)
     assert float(m["h_mean"]) == pytest.approx(2 / 3, 1e-6)
+    assert float(m["implicit_reward_margin"]) == pytest.approx(beta * 2 / 3, 1e-6)
     loss, _ = variant(functools.partial(P.dpo_loss, beta=beta, label_smoothing=0.2))(pw, pl, rw, rl)
     want = np.mean([0.8 * _log1pexp(-beta * x) + 0.2 * _log1pexp(beta * x) for x in h_hand])
     assert float(loss) == pytest.approx(want, 1e-6)
@@ -205,8 +206,9 @@ def test_bad_inputs_raise_value_errors():
                  lambda: P.bradley_terry_loss(x, x, label_smoothing=0.5)):
         with pytest.raises(ValueError, match=r"label_smoothing must be < 0.5, got 0.5"):
             loss()
-    with pytest.raises(ValueError, match="beta"):
-        P.ipo_loss(x, x, x, x, 0.0)
+    for loss_fn in (P.ipo_loss, P.dpo_loss):   # beta = 0: no KL anchor (DPO's loss is flat)
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            loss_fn(x, x, x, x, 0.0)
     with pytest.raises(ValueError, match="ref_rejected_logp_B"):
         P.dpo_loss(x, x, x, np.zeros(2), 0.1)
     with pytest.raises(ValueError, match="variant"):

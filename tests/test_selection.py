@@ -57,11 +57,13 @@ def test_nan_and_infinite_scores():
     scores = jnp.array([[1.0, jnp.nan, 2.0],           # NaN never wins
                         [-jnp.inf, -jnp.inf, 5.0],     # valid -inf beats invalid 5
                         [jnp.nan, jnp.nan, jnp.nan],   # no usable candidate
-                        [0.0, jnp.inf, jnp.inf]])      # +inf wins, first of the ties
-    valid = jnp.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]], bool)
+                        [0.0, jnp.inf, jnp.inf],       # +inf wins, first of the ties
+                        [7.0, -jnp.inf, -jnp.inf],     # every valid one -inf, invalid first
+                        [-jnp.inf, -1e38, 3.0]])       # the lowest finite float beats -inf
+    valid = jnp.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 0]], bool)
     sel = inf.select_by_score(scores, valid)
-    np.testing.assert_array_equal(sel.index_B, [2, 0, -1, 1])
-    np.testing.assert_array_equal(sel.has_valid_B, [True, True, False, True])
+    np.testing.assert_array_equal(sel.index_B, [2, 0, -1, 1, 1, 1])
+    np.testing.assert_array_equal(sel.has_valid_B, [True, True, False, True, True, True])
     with pytest.raises(ValueError, match=r"scores_BxN: 1 prompt row.*\[2\]"):
         inf.checked(sel)
     assert inf.checked(inf.best_of_n(jnp.ones((2, 3)))).index_B.tolist() == [0, 0]
@@ -72,8 +74,8 @@ def test_first_n_candidates_and_bad_n():
     for n in (1, 4, N):
         sel = inf.best_of_n(jnp.asarray(rewards), jnp.asarray(valid), n=n)
         np.testing.assert_array_equal(sel.index_B, _loop_argmax(rewards[:, :n], valid[:, :n]))
-    for bad in (0, -1, N + 1):
-        with pytest.raises(ValueError, match="n"):
+    for bad, why in ((0, "n must be >= 1"), (-1, "n must be >= 1"), (N + 1, f"n={N + 1} exceeds")):
+        with pytest.raises(ValueError, match=why):
             inf.best_of_n(jnp.asarray(rewards), n=bad)
     with pytest.raises(ValueError, match="beta must be >= 0"):
         inf.rbon_kl(jnp.asarray(rewards), jnp.asarray(rewards), -0.1)
@@ -162,6 +164,12 @@ def test_rbon_wd_includes_self_similarity():
     # Two orthogonal embeddings: mean over {self (1), other (0)} = 1/2 each, not 0.
     emb = jnp.array([[[1.0, 0.0], [0.0, 2.0]]])
     np.testing.assert_allclose(inf.mean_cosine_similarity(emb), [[0.5, 0.5]], atol=1e-7)
+    # An all-zero embedding has cosine 0 with everything (itself included), not NaN; a row
+    # without a valid candidate has no reference, and its mean is 0.
+    emb = jnp.array([[[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]]])
+    np.testing.assert_allclose(inf.mean_cosine_similarity(emb), [[2 / 3, 0.0, 2 / 3]], atol=1e-7)
+    np.testing.assert_array_equal(inf.mean_cosine_similarity(emb, jnp.zeros((1, 3), bool)),
+                                  [[0.0, 0.0, 0.0]])
     # A near-duplicate pair outweighs a slightly higher-reward outlier once beta is large.
     emb = jnp.array([[[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]])
     rewards = jnp.array([[0.0, 0.0, 0.1]])
@@ -212,6 +220,9 @@ def test_select_gathers_with_trailing_dims_and_fill():
         np.testing.assert_array_equal(got[b], want)
     flat = np.asarray(inf.select(jnp.asarray(tokens[..., 0, 0]), jnp.asarray(index)))
     assert flat.shape == (B,) and flat[2] == 0
+    # index 0 is a candidate like any other (only -1 means none)
+    np.testing.assert_array_equal(inf.select(jnp.asarray(tokens), jnp.zeros(B, jnp.int32), -7),
+                                  tokens[:, 0])
     with pytest.raises(ValueError, match="samples"):
         inf.select(jnp.zeros((B + 1, N)), jnp.asarray(index))
 
@@ -254,6 +265,10 @@ def test_mean_pool_matches_numpy_and_ignores_padding():
         h2 = h.copy(); h2[~m] = pad
         np.testing.assert_allclose(np.asarray(mean_pool(jnp.asarray(h2), jnp.asarray(m))), want,
                                    rtol=1e-5)
+    # A response without a token (EOS at once) pools to 0, a finite embedding, not 0 / 0.
+    m[1] = False
+    np.testing.assert_array_equal(np.asarray(mean_pool(jnp.asarray(h), jnp.asarray(m)))[1],
+                                  np.zeros(4))
 
 
 def test_rbon_wd_leaves_out_only_the_candidate_whose_embedding_is_not_finite():
@@ -265,6 +280,9 @@ def test_rbon_wd_leaves_out_only_the_candidate_whose_embedding_is_not_finite():
         broken = emb.copy()
         broken[0, 0] = bad
         assert int(inf.rbon_wd(rewards, jnp.asarray(broken), 0.0).index_B[0]) == 1
+        # beta = 0 is plain BoN even for the best candidate's own non-finite embedding
+        best_first = jnp.array([[5.0, 0.0, 1.0]])
+        assert int(inf.rbon_wd(best_first, jnp.asarray(broken), 0.0).index_B[0]) == 0
         # beta > 0: candidate 0 is out; 1 and 2 are scored against each other alone
         beta = 10.0
         e = broken[0, 1:] / np.linalg.norm(broken[0, 1:], axis=-1, keepdims=True)

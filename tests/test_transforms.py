@@ -130,6 +130,8 @@ def test_optimal_rejects_bad_tables():
         T.get_transform("optimal", u=[0.0, 1.0], phi=[0.0, np.nan])
     with pytest.raises(ValueError, match="equal length"):
         T.get_transform("optimal", u=[0.0, 0.5, 1.0], phi=[0.0, 1.0])
+    with pytest.raises(ValueError, match="length >= 2"):   # one point: a constant, no transform
+        T.get_transform("optimal", u=[0.5], phi=[1.0])
 
 
 # ------------------------------------------------------------------------------ raw and errors
@@ -255,6 +257,10 @@ def test_every_transforms_range_is_its_values_on_the_unit_interval():
         with jax.enable_x64(True):
             values = np.asarray(tr.fn(jnp.asarray(u, jnp.float64)), np.float64)
         assert tr.sup_abs == pytest.approx(np.abs(values).max(), rel=1e-6), (name, kw)
+    # past float32 RL's range (the analytic tool's float64 use): still the exact maximum,
+    # (floor^p - 1) / p at u = 0, not an overflow guard's inf
+    tr = T.get_transform("power", p=-6.0, float32_range=False)
+    assert tr.sup_abs == pytest.approx((1e-6 ** -6.0 - 1.0) / 6.0, rel=1e-12)
 
 
 def test_power_is_continuous_in_p_at_zero_on_the_calibration_it_reads():

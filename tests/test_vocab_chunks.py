@@ -108,6 +108,32 @@ def test_token_logprobs_gradients_match_full(chunk):
                                np.asarray(hidden).reshape(B * L, D).T @ dz, rtol=0, atol=1e-5)
 
 
+def _shifted(hidden, kernel, shift):
+    """The same head with every logit moved by `shift` (a constant feature of weight shift)."""
+    hidden = jnp.concatenate([hidden, jnp.ones(hidden.shape[:-1] + (1,), hidden.dtype)], -1)
+    return hidden, jnp.concatenate([kernel, jnp.full((1, kernel.shape[1]), shift)], 0)
+
+
+@pytest.mark.parametrize("chunk", [64, 7])
+def test_logits_far_below_zero(chunk):
+    """Logits near -200 everywhere (exp underflows float32 from any reference point near 0):
+    every result is shift-invariant, so the running max must come from real logits alone, also
+    in the last chunk, whose columns the previous chunk covered are masked out."""
+    hidden, kernel, targets = _head(14)
+    hidden, kernel = _shifted(hidden, kernel, -200.0)
+    ref = _np_log_softmax(_np_logits(hidden, kernel))
+    got = VC.token_logprobs(hidden, kernel, targets, chunk=chunk)
+    want = np.take_along_axis(ref, np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4)
+    _, logp = VC.top_k_logprobs(hidden, kernel, 3, chunk=chunk)
+    np.testing.assert_allclose(np.asarray(logp), -np.sort(-ref, axis=-1)[..., :3], atol=1e-4)
+    hidden_q, kernel_q = _shifted(*_head(15)[:2], -200.0)
+    kl, ent = VC.kl_and_entropy(hidden, kernel, hidden_q, kernel_q, chunk=chunk)
+    want_kl, want_ent = _np_kl_entropy(_np_logits(hidden, kernel), _np_logits(hidden_q, kernel_q))
+    np.testing.assert_allclose(np.asarray(kl), want_kl, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-4, atol=1e-4)
+
+
 def test_token_logprobs_bfloat16_gradients():
     """Gradients come back in the inputs' dtypes and agree with autodiff of the full head (which
     rounds the kernel's gradient through bfloat16; ours stays float32 until the end)."""
@@ -118,6 +144,19 @@ def test_token_logprobs_bfloat16_gradients():
     want_h, want_k = jax.grad(_weighted(_full_token_logprobs, weights), (0, 1))(hidden, kernel,
                                                                                targets)
     assert got_h.dtype == jnp.bfloat16 and got_k.dtype == jnp.float32
+    # a bfloat16 kernel gets a bfloat16 gradient
+    g = jax.grad(_weighted(lambda h, k, t: VC.token_logprobs(h, k, t, chunk=64), weights), 1)(
+        hidden, kernel.astype(jnp.bfloat16), targets)
+    assert g.dtype == jnp.bfloat16
+    # d hidden through the kernel as the forward saw it (rounded to bfloat16): a kernel row of
+    # 1 + noise in [0, half a bfloat16 step above 1) is a row of ones there, so its hidden unit
+    # shifts every logit alike and log-probs do not depend on it (derivative 0; through the
+    # float32 row it was ~1e-3)
+    noise = np.random.default_rng(5).uniform(0.0, 3e-3, V).astype(np.float32)
+    flat = kernel.at[0].set(1.0 + noise)
+    g = jax.grad(_weighted(lambda h, k, t: VC.token_logprobs(h, k, t, chunk=64), weights))(
+        hidden, flat, targets)
+    assert np.abs(np.asarray(g[..., 0], np.float32)).max() < 1e-4
     np.testing.assert_allclose(np.asarray(got_h, np.float32), np.asarray(want_h, np.float32),
                                rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(np.asarray(got_k), np.asarray(want_k, np.float32),
@@ -286,6 +325,11 @@ def test_top_k_logprobs_memory_and_bad_k():
         h, kern).compile().memory_analysis().temp_size_in_bytes
     assert temp < n * v * 4 / 3, temp
     hidden, kernel, _ = _head(0)
+    ids, logp = VC.top_k_logprobs(hidden, kernel, V, chunk=64)   # k = V: every id, sorted
+    ref = _np_log_softmax(_np_logits(hidden, kernel))
+    np.testing.assert_array_equal(np.sort(np.asarray(ids), -1), np.broadcast_to(np.arange(V),
+                                                                                 (B, L, V)))
+    np.testing.assert_allclose(np.asarray(logp), -np.sort(-ref, axis=-1), atol=2e-5)
     for bad in (0, V + 1, 2.0):
         with pytest.raises(ValueError, match="k must be a Python int"):
             VC.top_k_logprobs(hidden, kernel, bad)
