@@ -153,6 +153,68 @@ def test_bonbon_step_loss_matches_hand_computation_and_offline_data_path():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_bonbon_monitor_metrics_are_the_policys_samples_scored_by_hand():
+    """The monitor's reward, calibrated reward and sequence KL estimates of a policy away from
+    pi_ref, recomputed in numpy from its samples (the step's second key): k1 = sum_t d_t and
+    k3 = sum_t (e^-d_t - 1 + d_t), d_t = log pi(y_t) - log pi_ref(y_t) exact per token from the
+    enumeration's prefix marginals."""
+    from infalign_jax.decoding.sampling import sample
+    task, cfg, fns, step, state, frozen, batch = _setup(full_kl=False)
+    params = jax.tree.map(lambda x: x * 1.3, task.ref_params)
+    key = jax.random.key(3)
+    _, met = jax.jit(step)(rl.init_state(params, rl.make_optimizer(cfg)), frozen, batch, key)
+    m = cfg.monitor_samples
+    s = sample(fns, params, batch["prompt_BxP"], batch["prompt_mask_BxP"],
+               jax.random.split(key)[1], cfg.sampling(m))
+    toks, idx = np.asarray(s.tokens_BxNxL), np.asarray(batch["prompt_idx_B"])
+
+    def token_logp(p):   # B x m x 3
+        probs = np.exp(et.policy_logprobs(task, p)).reshape(2, 4, 4, 4)[idx]
+        p1, p2 = probs.sum((2, 3)), probs.sum(3)
+        rows = np.arange(len(idx))[:, None]
+        a, c, e = toks[..., 0], toks[..., 1], toks[..., 2]
+        return np.log(np.stack([p1[rows, a], p2[rows, a, c] / p1[rows, a],
+                                probs[rows, a, c, e] / p2[rows, a, c]], -1))
+
+    d = token_logp(params) - token_logp(task.ref_params)
+    assert float(met["kl_k1"]) == pytest.approx(d.sum(-1).mean(), rel=1e-4)
+    assert float(met["kl_k3"]) == pytest.approx((np.expm1(-d) + d).sum(-1).mean(), rel=1e-4)
+    assert d.sum(-1).mean() > 0.05
+    r = task.rewards_XxY[idx[:, None], (toks * np.array([16, 4, 1])).sum(-1)]
+    ref = np.asarray(frozen.ref_sorted_XxK)[idx]
+    cal = (np.sum(ref[:, None, :] < r[..., None], -1)
+           + 0.5 * np.sum(ref[:, None, :] == r[..., None], -1)) / ref.shape[1]
+    assert float(met["reward"]) == pytest.approx(r.mean(), rel=1e-5)
+    assert float(met["calibrated_reward"]) == pytest.approx(cal.mean(), rel=1e-5)
+
+
+def test_without_monitor_samples_response_length_is_the_best_responses():
+    """monitor_samples=0 keeps one response_length: of the trained-on best of the n pi_ref
+    draws (EOS task: lengths differ), by hand from the draws and the task's reward table."""
+    task = et.make_task(0, eos=True)
+    table = et.sample_reference_table(task, 64, seed=1)
+    frozen = rl.Frozen(task.ref_params, jnp.asarray(task.rewards_XxY), jnp.asarray(table),
+                       jnp.full((2,), 64, jnp.int32))
+    batch = {"prompt_BxP": jnp.asarray(np.tile(task.prompts_XxP, (4, 1))),
+             "prompt_mask_BxP": jnp.ones((8, 2), bool), "prompt_idx_B": jnp.tile(jnp.arange(2), 4)}
+    cfg = bd.BoNBoNConfig(n=4, max_new_tokens=3, eos_id=task.eos_id, monitor_samples=0)
+    fns = models.decoder_fns(task.model_cfg)
+    reward = et.reward_fn(task)
+    step = bd.make_bonbon_step(cfg, fns, reward, rl.make_optimizer(cfg))
+    key = jax.random.key(2)
+    _, met = jax.jit(step)(rl.init_state(task.ref_params, rl.make_optimizer(cfg)), frozen, batch,
+                           key)
+    data = bd.sample_reference_responses(cfg, fns, task.ref_params, batch["prompt_BxP"],
+                                         batch["prompt_mask_BxP"], jax.random.split(key)[0])
+    lengths = np.asarray(data.mask_BxNxL).sum(-1)                            # B x n
+    r = np.asarray(reward(frozen.reward_params, jnp.repeat(batch["prompt_idx_B"], 4),
+                          data.tokens_BxNxL.reshape(32, 3),
+                          data.mask_BxNxL.reshape(32, 3))).reshape(8, 4)
+    best = lengths[np.arange(8), r.argmax(1)]
+    assert best.mean() != lengths[np.arange(8), r.argmin(1)].mean()
+    assert float(met["response_length"]) == pytest.approx(best.mean())
+
+
 def test_offline_data_drawn_for_another_n_is_refused():
     """An offline set with n' != bonbon.n responses per prompt was re-cut by the step's reshape
     into b * n rows of other lengths (n' = 2, L = 3 under n = 4: rows of 1.5 responses' tokens)

@@ -75,6 +75,23 @@ def test_table_equals_hand_sampling_with_same_keys(tmp_path):
     assert loaded.created["seed"] == 3 and loaded.created["num_invalid"] == 0
 
 
+def test_each_sample_is_scored_with_its_own_prompt_index():
+    """The reward function gets each sample's own prompt index (a prompt-aware reward: the
+    count plus 10 x the index), in batches of 2 prompts x chunks of 3 samples; and the chunk
+    keys are the documented fold_in(fold_in(key(seed), batch), chunk)."""
+    def indexed_reward(reward_params, idx_R, resp_RxL, mask_RxL):
+        return count_reward(reward_params, idx_R, resp_RxL, mask_RxL) + 10.0 * idx_R
+
+    table = _run(reward_fn=indexed_reward)
+    rewards, _ = _hand(7, 2, sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=EOS), 3)
+    want = np.sort(rewards + 10.0 * np.arange(3)[:, None], axis=1)
+    np.testing.assert_array_equal(table.sorted_rewards_BxK, want)
+    for b, c in ((0, 1), (1, 0), (1, 2)):
+        want_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), b), c)
+        np.testing.assert_array_equal(jax.random.key_data(cp.chunk_key(3, b, c)),
+                                      jax.random.key_data(want_key))
+
+
 def test_judge_path_matches_reward_fn():
     # A text judge (text length) through detokenize gives the hand count of non-pad characters.
     detok = lambda ids: "".join("x" if int(t) == TOKEN else "" for t in ids)

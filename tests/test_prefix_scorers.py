@@ -46,6 +46,13 @@ def test_cdq_targets_hand_case():
                                np.asarray(t), rtol=1e-6)
     assert float(ps.cdq_loss(jnp.array([[2.5, 5.0, 0.0]]), nv, logp, mask, jnp.array([7.0]))) \
         == pytest.approx(0.5 * 4.0 / 2)
+    # A candidate of log-prob -inf (weight 0) counts 0 whatever its value: no 0 * inf = NaN.
+    for bad in (np.inf, np.nan):
+        nv_bad = nv.at[0, 0, 0].set(bad)
+        logp_bad = logp.at[0, 0, 0].set(-jnp.inf)
+        np.testing.assert_allclose(np.asarray(ps.cdq_targets(nv_bad, logp_bad, mask,
+                                                              jnp.array([7.0]))),
+                                   [[3.0, 7.0, 0.0]], rtol=1e-6)
     # The target is a constant (CD Eq. 5's stop-gradient): no gradient flows into next values.
     g = jax.grad(lambda n: ps.cdq_loss(jnp.zeros((1, 3)), n, logp, mask, jnp.array([7.0])))(
         jnp.nan_to_num(nv))
@@ -330,6 +337,17 @@ def test_ref_next_token_logprobs_top_k():
                           task.model_cfg).logits
     np.testing.assert_allclose(np.asarray(full), np.asarray(jax.nn.log_softmax(logits[:, 2:])),
                                atol=1e-6)
+    # A decoder without a linear lm head (logits only) gives the same, whole and top-k.
+    plain = fns._replace(lm_kernel=None)
+    want = np.asarray(jax.nn.log_softmax(logits[:, 2:]))
+    _, whole = ps.ref_next_token_logprobs(plain, task.ref_params, prompt, pmask, resp,
+                                          jnp.ones(resp.shape, bool))
+    np.testing.assert_allclose(np.asarray(whole), want, atol=1e-6)
+    ids, top = ps.ref_next_token_logprobs(plain, task.ref_params, prompt, pmask, resp,
+                                          jnp.ones(resp.shape, bool), top_k=2)
+    want_ids = np.argsort(-want, -1)[..., :2]
+    np.testing.assert_array_equal(np.asarray(ids), want_ids)
+    np.testing.assert_allclose(np.asarray(top), np.take_along_axis(want, want_ids, -1), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ (c) training

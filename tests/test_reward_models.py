@@ -125,6 +125,22 @@ def test_one_pass_equals_rows_alone_with_padding():
     assert np.std(np.asarray(rc)) > 0.1  # the rewards really differ between rows
 
 
+def test_rm_eval_is_the_plain_bt_loss_and_metrics_of_the_pair_rewards():
+    """`make_rm_eval` (no margin or smoothing, whatever the training used) against numpy on the
+    rewards of each row."""
+    cfg = _model_cfg(init_std=0.5, n_layers=2)
+    params = _random_params(cfg, 2)
+    batch = _padded_batch(3, b=8)
+    out = jax.jit(rt.make_rm_eval(cfg, num_bins=4))(params, batch)
+    rc, rr = (np.asarray(x, np.float64) for x in rt.pair_rewards(cfg, params, batch))
+    d = rc - rr
+    assert np.std(d) > 0.1
+    assert float(out["loss"]) == pytest.approx(_np_bt_loss(rc, rr, 0.0, 0.0), rel=1e-5)
+    assert float(out["accuracy"]) == pytest.approx(np.mean((d > 0) + 0.5 * (d == 0)))
+    assert float(out["reward_gap"]) == pytest.approx(d.mean(), rel=1e-5, abs=1e-6)
+    assert float(out["ece"]) == pytest.approx(_np_ece(rc, rr, 4), abs=1e-5)
+
+
 def test_rm_step_loss_grads_and_update_match_independent_computation():
     cfg = _model_cfg(init_std=0.5)
     params = _random_params(cfg, 1)
@@ -390,6 +406,16 @@ def test_each_member_trains_on_its_own_fixed_bootstrap_resample():
     # a member holding none of a batch's examples draws its rows uniformly
     idx = np.asarray(rt.bootstrap_indices(jax.random.key(1), np.zeros((1, b), np.int32)))
     assert idx.shape == (1, b) and idx.max() < b
+    # uniformly: every row about 1/b of the draws (not all on row 0, which an all -inf
+    # categorical returns), while the other member keeps to its rows
+    counts_2xB = np.stack([np.zeros(b, np.int32), np.arange(b) % 2])
+    hits = np.zeros((2, b))
+    for step in range(200):
+        idx_2xB = np.asarray(rt.bootstrap_indices(jax.random.key(step), counts_2xB))
+        for m in range(2):
+            np.add.at(hits[m], idx_2xB[m], 1)
+    assert (hits[0] > 0.5 * 200).all() and (hits[0] < 1.5 * 200).all()   # expected 200 each
+    assert (hits[1][counts_2xB[1] == 0] == 0).all() and (hits[1][1::2] > 0.5 * 400).all()
 
 
 def test_pairwise_accuracy_is_nan_when_a_reward_is_nan():

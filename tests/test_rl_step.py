@@ -103,6 +103,82 @@ def test_step_metrics_match_independent_rollout_scoring():
                                                                      rel=1e-5)
 
 
+def _exact_token_logprobs(task, params, tokens_BxMx3):
+    """log pi(y_t | x, y_<t) of length-3 responses over vocabulary 4, from the exact sequence
+    probabilities of the enumeration (prefix marginals), B x M x 3."""
+    p = np.exp(et.policy_logprobs(task, params)).reshape(-1, 4, 4, 4)
+    p1, p2 = p.sum((2, 3)), p.sum(3)
+    rows = np.arange(p.shape[0])[:, None]
+    a, c, e = (tokens_BxMx3[..., i] for i in range(3))
+    return np.log(np.stack([p1[rows, a], p2[rows, a, c] / p1[rows, a],
+                            p[rows, a, c, e] / p2[rows, a, c]], -1))
+
+
+@pytest.mark.parametrize("kl_mode", ["reward", "loss"])
+def test_rloo_step_loss_is_the_leave_one_out_estimator_by_hand(kl_mode):
+    """The step's loss on one rollout, recomputed in numpy: scores Phi(C) - beta * sum_t k1
+    (kl_mode="reward") or Phi(C) (kl_mode="loss"), leave-one-out advantages
+    A_i = s_i - mean_{j != i} s_j, loss mean_i -A_i log pi(y_i); in kl_mode="loss" plus
+    beta mean_i sum_t (KL-to-go_t - mean_{j != i} KL_j). Log-probs from the exact enumeration."""
+    from infalign_jax.decoding.sampling import sample
+    m, beta, t = 8, 0.2, 2.0
+    step, state, frozen, batch = _setup("rloo", kl_mode, "exp", {"t": t}, m=m)
+    key = jax.random.key(7)
+    _, metrics = step(state, frozen, batch, key)
+    task = et.make_task(0, vocab=4, length=3, d_model=32)
+    s = sample(models.decoder_fns(task.model_cfg), state.params, batch["prompt_BxP"],
+               batch["prompt_mask_BxP"], key,
+               rl.RLConfig(samples_per_prompt=m, max_new_tokens=3).sampling())
+    toks = np.asarray(s.tokens_BxNxL)
+    rewards = np.asarray(frozen.reward_params)[np.arange(2)[:, None],
+                                                (toks * np.array([16, 4, 1])).sum(-1)]
+    ref = np.asarray(frozen.ref_sorted_XxK)
+    cal = np.array([[(np.sum(ref[b] < r) + 0.5 * np.sum(ref[b] == r)) / ref.shape[1]
+                     for r in rewards[b]] for b in range(2)])
+    phi = np.expm1(t * cal) / t
+    logp = _exact_token_logprobs(task, state.params, toks)
+    d = logp - _exact_token_logprobs(task, task.ref_params, toks)
+    k1 = d.sum(-1)
+    score = phi - beta * k1 if kl_mode == "reward" else phi
+    adv = score - (score.sum(1, keepdims=True) - score) / (m - 1)
+    want = np.mean(-adv * logp.sum(-1))
+    if kl_mode == "loss":
+        to_go = np.flip(np.cumsum(np.flip(d, -1), -1), -1)
+        others = (k1.sum(1, keepdims=True) - k1) / (m - 1)
+        want += beta * np.mean((to_go - others[..., None]).sum(-1))
+    assert float(metrics["kl_k1"]) == pytest.approx(k1.mean(), rel=1e-4)
+    assert abs(want) > 1e-2
+    assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_ppo_policy_loss_clips_the_ratio_to_the_sampling_policy_by_hand():
+    """PPO's loss on pi_ref's rollout under a policy away from it (as in a later epoch), in
+    numpy: mean_r sum_t max(-A_r rho_t, -A_r clip(rho_t, 1 - eps, 1 + eps)) with
+    rho_t = pi(y_t) / pi_ref(y_t) per token (exact, from the enumeration), and the share of
+    tokens with |rho - 1| > eps."""
+    from infalign_jax.rl import step as rl_step
+    task = et.make_task(0, vocab=4, length=3, d_model=32)
+    fns = models.decoder_fns(task.model_cfg)
+    frozen, batch = _frozen_and_batch(task)
+    m, eps = 8, 0.2
+    cfg = rl.RLConfig(algorithm="ppo", ppo_clip=eps, samples_per_prompt=m, max_new_tokens=3)
+    ro = rl_step.rollout(cfg, fns, task.ref_params, batch, jax.random.key(5))
+    params = jax.tree.map(lambda x: x * 1.3, task.ref_params)
+    adv = np.random.default_rng(0).normal(size=2 * m)
+    av = rl_step.Advantages(jnp.asarray(adv, jnp.float32), jnp.float32(1.0),
+                            jnp.zeros(2 * m), None, None)
+    loss, aux = rl_step.policy_loss(cfg, fns, params, jnp.float32(0.2), ro, None, av)
+    toks = np.asarray(ro.tokens[2]).reshape(2, m, 3)
+    rho = np.exp(_exact_token_logprobs(task, params, toks)
+                 - _exact_token_logprobs(task, task.ref_params, toks)).reshape(2 * m, 3)
+    a = adv[:, None]
+    want = np.mean(np.maximum(-a * rho, -a * np.clip(rho, 1 - eps, 1 + eps)).sum(-1))
+    clipped = np.abs(rho - 1) > eps
+    assert 0.2 < clipped.mean() < 0.8 and (np.abs(rho - 1) > 2 * eps).mean() < clipped.mean()
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert float(aux["clip_fraction"]) == pytest.approx(clipped.mean())
+
+
 def test_a_prompt_index_past_the_reference_table_calibrates_to_nan():
     """Two prompts' references; index 2 (past the table) and -3 were clamped by the gather to
     rows 1 and 0, calibrating against another prompt's references (C = [0, 1], no error). Such
@@ -193,6 +269,21 @@ def test_adaptive_controller_hand_computed():
         assert float(beta) == pytest.approx(w, rel=1e-6)
 
 
+def test_next_beta_reads_the_signed_mean_k1_of_every_rollout():
+    """The controller's KL is the batch mean of the summed k1, signed (an unbiased estimate;
+    a sequence's k1 can be negative), with n the rollouts (not prompts): k1 = [0.5, -0.3, 0.2,
+    0.3], mean 0.175, target 0.2: error -0.125, beta 0.1 (1 - 0.125 * 4 / 100) = 0.0995. The
+    state's first beta is the schedule's at step 0 (warm-up included)."""
+    from infalign_jax.rl import step as rl_step
+    cfg = rl.RLConfig(beta_schedule="adaptive", kl_target=0.2, kl_horizon=100.0,
+                      samples_per_prompt=2)
+    state = rl.RLState(None, None, jnp.int32(0), jnp.float32(0.1))
+    got = rl_step.next_beta(cfg, state, jnp.float32(0.1), jnp.array([0.5, -0.3, 0.2, 0.3]))
+    assert float(got) == pytest.approx(0.0995, rel=1e-6)
+    warm = rl.RLConfig(beta=0.3, beta_anneal_steps=10, beta_anneal_factor=4.0)
+    assert float(rl.init_extra_state(warm)["beta"]) == pytest.approx(1.2, rel=1e-6)
+
+
 def test_adaptive_controller_refuses_a_horizon_that_could_make_beta_negative():
     """Horizon 100 with 1024 rollouts an update: at KL below 0.8 x target the factor
     1 + (-0.2) * 1024 / 100 = -1.05 made beta -0.105 from 0.1, rewarding KL. The controller
@@ -213,6 +304,11 @@ def test_linear_schedule_values():
     got = [float(rl.scheduled_beta(cfg, jnp.int32(s))) for s in (0, 1, 5, 10, 25)]
     np.testing.assert_allclose(got, [1.0, 0.95, 0.75, 0.5, 0.5], rtol=1e-6)
     assert float(rl.scheduled_beta(rl.RLConfig(beta=0.3), jnp.int32(7))) == pytest.approx(0.3)
+    # The warm-up: factor ** (1 - step / steps) over its steps, then the schedule's beta itself.
+    warm = rl.RLConfig(beta=0.3, beta_anneal_steps=4, beta_anneal_factor=10.0)
+    got = [float(rl.scheduled_beta(warm, jnp.int32(s))) for s in (0, 1, 2, 4, 6, 100)]
+    np.testing.assert_allclose(got, [3.0, 0.3 * 10 ** 0.75, 0.3 * 10 ** 0.5, 0.3, 0.3, 0.3],
+                               rtol=1e-6)
 
 
 def _step_with(**kw):
@@ -385,6 +481,39 @@ def test_gae_path_matches_numpy_on_a_rollout():
     want_vloss = 0.5 * np.mean((v - want_ret)[mask_np] ** 2)
     assert float(met["value_loss"]) == pytest.approx(want_vloss, rel=1e-4)
     assert {"value_loss", "value_clip_fraction", "explained_variance", "beta"} <= set(met)
+    # kl_mode="loss": the score's advantages alone, whitened, plus the sequence-KL term
+    # beta / scale * mean_r sum_t (KL-to-go_t - mean KL of the prompt's other samples), with
+    # scale what whitening divided the advantages by.
+    # The score is Phi(C): exp with t = 2 here, (e^{2C} - 1) / 2 of the identity's C above.
+    _, _, loss_step, *_ = _step_with(
+        algorithm="ppo", advantage="gae", value_model=VALUE_MODEL, gamma=0.9, gae_lambda=0.8,
+        ppo_epochs=1, eos_id=1, samples_per_prompt=8, kl_mode="loss", transform="exp",
+        transform_params={"t": 2.0})
+    lp, rp = np.asarray(logp, np.float64), np.asarray(ref, np.float64)
+    phi = np.expm1(2.0 * score) / 2.0
+    white0, _ = _np_gae_path(phi, lp, rp, v, mask_np, 0.0, 0.9, 0.8)
+    raw0, _ = _np_gae_path(phi, lp, rp, v, mask_np, 0.0, 0.9, 0.8, whiten=False)
+    scale0 = np.sqrt(raw0[mask_np].var() + 1e-8)
+    d = np.where(mask_np, lp - rp, 0.0)
+    to_go = np.flip(np.cumsum(np.flip(d, -1), -1), -1)
+    k1 = d.sum(-1).reshape(2, 8)
+    others = ((k1.sum(1, keepdims=True) - k1) / 7).reshape(-1)
+    kl_term = np.mean(np.where(mask_np, to_go - others[:, None], 0.0).sum(-1))
+    assert abs(kl_term) > 0.01 and abs(np.log(scale0)) > 0.2
+    want = -(white0 * mask_np).sum() / 16 + 0.2 / scale0 * kl_term
+    assert float(loss_step(state, frozen, batch, key)[1]["loss"]) == pytest.approx(want, abs=1e-4)
+    # explained_variance = 1 - Var(R - V) / Var(R) over valid tokens, with a critic whose values
+    # are far from 0 (a fresh critic's are near 0, where R - V and R + V look alike)
+    head = state.value_params["value_head_kernel"]   # zero at initialisation
+    loud = state._replace(value_params=dict(state.value_params, value_head_kernel=jax.random.normal(
+        jax.random.key(12), head.shape, head.dtype)))
+    v2 = np.asarray(rl.response_values(cfg.value_model_config(), loud.value_params, prompt, pmask,
+                                       resp, mask), np.float64)
+    _, ret2 = _np_gae_path(score, lp, rp, v2, mask_np, 0.2, 0.9, 0.8)
+    assert np.std(v2[mask_np]) > 0.1
+    want_ev = 1 - np.var((ret2 - v2)[mask_np]) / np.var(ret2[mask_np])
+    assert float(step(loud, frozen, batch, key)[1]["explained_variance"]) == pytest.approx(
+        want_ev, rel=1e-3, abs=1e-4)
 
 
 def test_value_loss_decreases():
@@ -403,6 +532,20 @@ def test_value_loss_decreases():
     assert np.mean(vl[-5:]) < 0.5 * np.mean(vl[:2])
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in
                zip(jax.tree.leaves(value_before), jax.tree.leaves(state.value_params)))
+
+
+def test_value_clip_bounds_the_critics_later_epochs():
+    """rl.value_clip reaches the critic's loss: in the second PPO epoch (values moved by a large
+    critic step) a clip of 1e-3 is active on some tokens, while the first epoch (values = old
+    values) never clips; value_clip=0 (plain squared error) never clips. The clip fractions are
+    the epochs' mean (the first epoch's, at ratio 1, is always 0)."""
+    for clip, active in ((1e-3, True), (0.0, False)):
+        _, _, step, state, frozen, batch = _step_with(
+            algorithm="ppo", advantage="gae", value_model=VALUE_MODEL, ppo_epochs=2,
+            value_learning_rate=3e-2, value_clip=clip, learning_rate=0.1)
+        _, met = jax.jit(step)(state, frozen, batch, jax.random.key(0))
+        assert (float(met["value_clip_fraction"]) > 0.1) == active, clip
+        assert float(met["clip_fraction"]) > 0
 
 
 def test_grad_accumulation_equals_full_batch():
@@ -622,6 +765,17 @@ def test_shared_prompt_needs_a_linear_head():
     cfg = rl.RLConfig(samples_per_prompt=4, max_new_tokens=3, shared_prompt=True)
     with pytest.raises(ValueError, match="shared_prompt=True needs a decoder with a linear"):
         rl.make_rl_programs(cfg, fns, rl.make_optimizer(cfg))
+
+
+def test_max_grad_norm_clips_the_gradient_before_adam():
+    """Adam's first moment after one update is (1 - 0.9) times the clipped gradient: g of norm 5
+    at max_grad_norm 1 enters as g / 5 (not the update clipped after Adam)."""
+    opt = rl.make_optimizer(rl.RLConfig(max_grad_norm=1.0, learning_rate=1e-3))
+    params = {"w": jnp.zeros(4)}
+    g = {"w": jnp.array([3.0, 4.0, 0.0, 0.0])}
+    _, state = opt.update(g, opt.init(params), params)
+    mu, = jax.tree.leaves(optax.tree_utils.tree_get(state, "mu"))
+    np.testing.assert_allclose(np.asarray(mu), 0.1 * np.array([0.6, 0.8, 0.0, 0.0]), rtol=1e-6)
 
 
 def _applied_lr(opt, opt_state, params):

@@ -254,6 +254,25 @@ def test_a_mean_pool_reward_model_is_not_exported_as_a_last_token_classifier(tru
                                      tokenizer=model.tokenizer)
 
 
+def test_an_ensemble_over_one_trunk_gives_each_member_its_own_head():
+    """`trunk_ensemble`: every member is the trunk, its reward head the trunk's plus its own
+    N(0, init_std^2) noise (without it the members of a trunk ensemble trained alike)."""
+    cfg = models.ModelConfig(vocab_size=16, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2,
+                             head_dim=8, d_ff=32, max_len=16, heads=("reward",), init_std=0.05)
+    params = models.init_params(cfg, jax.random.key(0))
+    stacked = rm_model.trunk_ensemble(cfg, params, jax.random.key(1), 3)
+    rest = [k for k in params if k != "reward_head_kernel"]
+    for a, b in zip(jax.tree.leaves({k: params[k] for k in rest}),
+                    jax.tree.leaves({k: stacked[k] for k in rest}), strict=True):
+        for e in range(3):
+            np.testing.assert_array_equal(np.asarray(b[e]), np.asarray(a))
+    noise = np.asarray(stacked["reward_head_kernel"]) - np.asarray(params["reward_head_kernel"])
+    assert noise.shape == (3, 64, 1)
+    for e in range(3):
+        assert 0.6 * 0.05 < noise[e].std() < 1.4 * 0.05
+    assert not np.allclose(noise[0], noise[1])
+
+
 def test_fewer_task_pairs_than_asked_for_are_counted(tmp_path, monkeypatch):
     """`task:<name>` pairs leave out ties and equal texts, then keep the first n: fewer pairs than
     synthetic_train_pairs were written without a word."""
@@ -269,6 +288,14 @@ def test_fewer_task_pairs_than_asked_for_are_counted(tmp_path, monkeypatch):
     assert any(line.startswith("warning: config.data: 3 train pairs of the 8 asked for")
                for line in lines), lines
     assert not any("eval pairs of the" in line for line in lines)
+    # 9 pairs at 4 a prompt need 3 prompts: the third is eval_first_prompt=2's, refused before
+    # anything is sampled (the eval accuracy would count prompts trained on)
+    with pytest.raises(ValueError, match=r"9 training pairs at 4 per prompt need 3 prompts, "
+                                         r"which overlap the eval prompts from eval_first_prompt=2"):
+        rm_data.ensure_synthetic_data(
+            rm_data.RMDataConfig(synthetic="task:helpfulness", synthetic_train_pairs=9,
+                                 synthetic_eval_pairs=2, pairs_per_prompt=4, eval_first_prompt=2),
+            str(tmp_path / "overlap"), 0, lines.append)
 
 
 def test_data_paths_switch_synthetic_pairs_off(tmp_path):
@@ -348,6 +375,12 @@ def test_trained_kind_scores_the_newest_checkpoint_on_reencoded_text(trunk, tmp_
                                          r"run at .* trained one model"):
         sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(run_dir),
                                                 std_penalty=5.0), "vader")
+    # a run whose manifest records no finish (killed, or still running) is scored with a warning
+    manifest = run_dir / "manifest.json"
+    record = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**record, "finished": None}))
+    with pytest.warns(UserWarning, match=r"has not finished .* newest checkpoint, step 2"):
+        sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(run_dir)), "vader")
 
 
 def test_trained_kind_of_an_ensemble_run_is_mean_minus_k_std(trunk, tmp_path):
@@ -365,6 +398,16 @@ def test_trained_kind_of_an_ensemble_run_is_mean_minus_k_std(trunk, tmp_path):
     assert np.all(np.abs(members[0] - members[1]) > 0)  # members differ (heads, bootstrap)
     np.testing.assert_allclose(judge(prompts, responses),
                                members.mean(0) - 0.5 * members.std(0), atol=1e-5)
+    # the texts past the limits (prompt 4, response + EOS 6 tokens) are counted once, not once
+    # per member
+    enc = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    cut = sum(len(enc(p)) > 4 or len(enc(r)) + 1 > 6 for p, r in zip(prompts, responses))
+    assert cut > 0 and judge.truncated == cut
+    # std_penalty left at its default: mean - 1 * std
+    default = sources.make_judge(sources.RewardConfig(kind="trained", checkpoint=str(run_dir)),
+                                 "vader")
+    np.testing.assert_allclose(default(prompts, responses), members.mean(0) - members.std(0),
+                               atol=1e-5)
 
 
 def test_trained_kind_refuses_what_is_not_a_reward_model_run(trunk, tmp_path):

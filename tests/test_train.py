@@ -78,6 +78,33 @@ def test_resume_gives_identical_parameters_and_metrics(uninterrupted, tmp_path):
             {k: v for k, v in g.items() if k not in TIMING_KEYS}
 
 
+def test_each_step_gets_its_own_key_and_batch(tmp_path, monkeypatch):
+    """Step i's rollout key is fold_in(key(seed), i) and its prompts are the pipeline's global
+    batch i (4 prompts, batches of 2): what the exact resume rests on, and a key or batch fixed
+    over the run would pass the resume test all the same."""
+    calls = []
+    real_start = train._sharded_start
+
+    def spy(*args, **kwargs):
+        state, frozen, step_fn = real_start(*args, **kwargs)
+
+        def recorded(state, frozen, batch, rng):
+            calls.append((np.asarray(jax.random.key_data(rng)),
+                          np.asarray(batch["prompt_idx_B"])))
+            return step_fn(state, frozen, batch, rng)
+        return state, frozen, recorded
+    monkeypatch.setattr(train, "_sharded_start", spy)
+    c = _config(**{"task.num_prompts": 4, "train.num_steps": 4})
+    train.run(c, str(tmp_path), log=_quiet, devices=ONE)
+    loader = pipeline.LoaderConfig(batch_size=2, seed=c.seed)
+    assert len(calls) == 4
+    for i, (key, idx) in enumerate(calls):
+        np.testing.assert_array_equal(
+            key, jax.random.key_data(jax.random.fold_in(jax.random.key(c.seed), i)))
+        np.testing.assert_array_equal(idx, pipeline.global_batch_indices(loader, 4, i))
+    assert len({tuple(idx) for _, idx in calls}) > 1
+
+
 def test_outputs_metrics_tensorboard_manifest(uninterrupted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     workdir, _, summary = uninterrupted
@@ -167,6 +194,14 @@ def test_nan_reward_skip_mode_counts_and_keeps_state(tmp_path, monkeypatch):
     assert [r["skipped_total"] for r in rows] == list(np.cumsum(
         [s in bad_steps for s in range(4)]))
     assert all(np.isfinite(x).all() for x in _leaves(state))
+    # Resumed to 6 steps: the count goes on from the checkpoint's (it restarted at 0).
+    bad6 = [s for s in range(6) if pipeline.batch_indices(pipeline.LoaderConfig(1, 0), 2, s)[0] == 1]
+    _, summary = train.run(_config(**{"task.name": "exact_nan", "train.batch_size": 1,
+                                      "train.nan_policy": "skip", "train.num_steps": 6}),
+                           str(tmp_path), log=_quiet, devices=ONE)
+    assert summary["resumed_from"] == 4 and summary["skipped_steps"] == len(bad6) > len(bad_steps) - 1
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [r["skipped_total"] for r in rows] == list(np.cumsum([s in bad6 for s in range(6)]))
 
 
 def test_skip_under_accumulation_counts_the_open_window(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -105,6 +106,27 @@ def test_resume_is_exact(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_non_finite_metrics_stop_the_run_with_the_step_named(tmp_path, monkeypatch):
+    """A step whose loss is NaN (here from step 3 on) stops the run naming the step; the
+    checkpoints stop at the last finite step."""
+    make_step = train_reward.rt.make_rm_step
+
+    def poisoned(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def nan_from_step_3(state, batch):
+            new, metrics = step(state, batch)
+            return new, dict(metrics, loss=jnp.where(state.step >= 2, jnp.nan, metrics["loss"]))
+        return nan_from_step_3
+    monkeypatch.setattr(train_reward.rt, "make_rm_step", poisoned)
+    train, ev = _write_rule_data(tmp_path, 64, 16)
+    with pytest.raises(FloatingPointError, match=r"step 3: non-finite metrics"):
+        train_reward.run(_config(train, ev, num_steps=6, checkpoint_every=1),
+                         str(tmp_path / "r"), log=lambda s: None, devices=ONE)
+    assert sorted(int(d) for d in os.listdir(tmp_path / "r" / "checkpoints")
+                  if d.isdigit())[-1] == 2
+
+
 def test_resume_after_the_data_file_changed_is_refused(tmp_path):
     """The data files are named by path: a resume after the training pairs were replaced would
     have trained its two parts on different data (found by a review)."""
@@ -129,7 +151,29 @@ def test_resume_after_the_data_file_changed_is_refused(tmp_path):
         skeleton.check_same_config("run", {**old, "data.eval_path": "other.jsonl"}, now)
 
 
-def test_ensemble_with_bootstrap_trains_members_differently(tmp_path):
+def test_ensemble_evaluation_scores_the_members_mean_reward():
+    """Held-out metrics of an ensemble are those of its prediction, the members' mean reward
+    (batch by batch): member 0 alone wins both pairs, the mean loses both."""
+    rc_ExN = np.array([[1.0, 1.0], [0.0, 0.0]])
+    rr_ExN = np.array([[0.0, 0.0], [3.0, 3.0]])
+
+    def eval_fn(params, rows):
+        i = np.asarray(rows["i"])
+        return rc_ExN[:, i], rr_ExN[:, i]
+
+    out = train_reward._eval(eval_fn, None, {"i": np.arange(2)}, 1, ensemble=True)
+    assert out["eval_accuracy"] == 0.0 and out["eval_pairs"] == 2
+    assert out["eval_reward_gap"] == pytest.approx(-1.0)
+
+
+def test_ensemble_with_bootstrap_trains_members_differently(tmp_path, monkeypatch):
+    keys = []
+    draw = train_reward.rt.bootstrap_indices
+
+    def recorded(rng, counts_ExB):
+        keys.append(tuple(np.asarray(jax.random.key_data(rng)).ravel()))
+        return draw(rng, counts_ExB)
+    monkeypatch.setattr(train_reward.rt, "bootstrap_indices", recorded)
     train, ev = _write_rule_data(tmp_path, 64, 16)
     state, summary = train_reward.run(
         _config(train, ev, num_steps=4, ensemble_size=3, bootstrap=True),
@@ -137,6 +181,8 @@ def test_ensemble_with_bootstrap_trains_members_differently(tmp_path):
     emb = np.asarray(state.params["embed"])
     assert emb.shape[0] == 3 and not np.allclose(emb[0], emb[1])
     assert 0 <= summary["eval"]["eval_accuracy"] <= 1
+    # each step draws its rows of the members' resamples with a key of its own
+    assert len(keys) == 4 and len(set(keys)) == 4
 
 
 def test_bad_data_line_is_named_or_skipped(tmp_path):

@@ -128,6 +128,10 @@ def test_hf_reward_truncates_on_the_left_and_counts(dirs):
     assert len(ids) == 5 and judge.truncated == 1
     tok = transformers.AutoTokenizer.from_pretrained(dirs["rm"])
     assert ids == tok(long_text)["input_ids"][-5:]   # the end (the response) is kept
+    # a text of exactly max_len ids is whole: neither cut nor counted
+    exact = tok("Q w3 A w7")["input_ids"]
+    assert len(exact) == 5
+    assert judge.encode(["w3"], ["w7"])[0] == exact and judge.truncated == 1
     with pytest.raises(ValueError, match=r"config.task.reward.template must be"):
         hf_reward.SequenceClassifierJudge(dirs["rm"], template="{prompt}",
                                           where="config.task.reward")
