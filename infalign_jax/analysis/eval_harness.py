@@ -148,10 +148,11 @@ def _base_record(name, batch, m, ns_G, max_new_tokens, seed) -> dict[str, Any]:
 def _win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, estimator,
                against) -> dict[str, Any]:
     """Standard, BoN_N and WoN_N win rates (vs the same procedure on pi_ref, or vs pi_ref's
-    single samples: `against`) with bootstrap CIs, by `estimator` ("unbiased" / "plugin"). Each N is estimated on the prompts with N valid
-    samples a side (under "skip"; its "prompts"), not on those with max(ns): one call over
-    every N dropped a prompt with 2 valid samples from BoN_1 too, so BoN_1 differed from the
-    standard win rate and the record's skipped_prompts (the standard's) undercounted."""
+    single samples: `against`) with bootstrap CIs, by `estimator` ("unbiased" / "plugin").
+    Each N is estimated on the prompts with N valid samples a side (under "skip"; its
+    "prompts"), not on those with max(ns): one call over every N dropped a prompt with 2 valid
+    samples from BoN_1 too, so BoN_1 differed from the standard win rate and the record's
+    skipped_prompts (the standard's) undercounted."""
     if nan_policy == "raise":
         for what, s in (("policy", pol_BxM), ("reference", ref_BxM)):
             if np.isnan(s).any():
