@@ -45,7 +45,6 @@ import numpy as np
 
 from infalign_jax.analysis import evaluation
 from infalign_jax.core import kl
-from infalign_jax.core.selection import AGAINST
 from infalign_jax.decoding import sampling
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns, Judge, TokenJudge
@@ -73,8 +72,7 @@ def _path_terms(fns, ref_fns, params, ref_params, prompt_BxP, mask_BxP, samples)
 
 
 def _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context, against):
-    if against not in AGAINST:   # before any sampling
-        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
+    evaluation.check_against(against)   # before any sampling
     prompt_BxP = np.asarray(prompt_BxP)
     prompt_mask_BxP = np.asarray(prompt_mask_BxP, bool)
     if prompt_BxP.ndim != 2 or prompt_BxP.shape[0] == 0 or prompt_BxP.shape[1] == 0:

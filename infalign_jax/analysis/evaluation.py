@@ -119,12 +119,17 @@ def _weights(name: str, valid_BxM: np.ndarray, weights) -> np.ndarray:
     return w / total
 
 
+def check_against(against: str) -> None:
+    """Refuses a win-rate reading other than `AGAINST`'s, naming them."""
+    if against not in AGAINST:
+        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
+
+
 def _pair(pol_BxM, ref_BxK, pol_valid_BxM, ref_valid_BxK, procedure: str, against: str):
     """The checked inputs of a per-prompt win rate: scores as float64 and their valid masks."""
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
-    if against not in AGAINST:
-        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
+    check_against(against)
     pol_BxM, pol_valid_BxM = _scores("pol_BxM", pol_BxM, pol_valid_BxM)
     ref_BxK, ref_valid_BxK = _scores("ref_BxK", ref_BxK, ref_valid_BxK)
     if pol_BxM.shape[0] != ref_BxK.shape[0]:
