@@ -14,6 +14,7 @@ import pytest
 from infalign_jax.rl.tasks import exact as et
 from infalign_jax.infra import provenance
 from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.loops import skeleton, train
 from infalign_jax.workflows import reproduce, sweep
 from infalign_jax.core.transforms import get_transform
 
@@ -228,6 +229,41 @@ def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
     sweep.run(more, points[:1], str(tmp_path), runner, log=lambda s: None)
     assert len(calls) == 5
 
+
+def test_a_sweep_or_reproduction_over_another_configs_runs_is_refused_with_its_own_flags(
+        tmp_path):
+    """A point's work dir holding another config's run was refused with train's advice,
+    `--config.train.init_from=<point dir>`: a flag reproduce does not have, and one that a sweep
+    applies to every point."""
+    smoke = reproduce.sized_config(_base(), "smoke")
+
+    def runner(cfg, run_dir):
+        return train.run(cfg, run_dir, log=lambda line: None, devices=jax.devices()[:1])[1]
+
+    points = [{"transform.t": 1.0}]
+    sweep.run(smoke, points, str(tmp_path / "sweep"), runner, log=lambda s: None)
+    other = sweep.apply_overrides(smoke, {"rl.learning_rate": 1e-4})
+    with pytest.raises(skeleton.ConfigMismatchError) as e:
+        sweep.run(other, points, str(tmp_path / "sweep"), runner, log=lambda s: None)
+    assert re.search(r"sweep/t=1 holds a run of another config \(rl.learning_rate: checkpoint "
+                     r".*, config 0.0001\); this sweep's point t=1 was run under another base "
+                     r"config: .* or use another --workdir$", str(e.value)), str(e.value)
+    assert "init_from" not in str(e.value)
+    # The train command itself still points to init_from.
+    with pytest.raises(skeleton.ConfigMismatchError, match=r"--config.train.init_from="):
+        runner(other, str(tmp_path / "sweep" / "t=1"))
+
+    def exact(base):
+        reproduce.run_exact_stage(base, str(tmp_path / "exact"), size="smoke", keys=("vbon",),
+                                  log=lambda s: None, devices=jax.devices()[:1])
+
+    exact(_base())
+    with pytest.raises(skeleton.ConfigMismatchError) as e:
+        exact(sweep.apply_overrides(_base(), {"rl.learning_rate": 1e-4}))
+    assert re.search(r"exact/m=vBoN.*/seed=0 holds a run of another config \(rl.learning_rate: "
+                     r".*; this reproduction's work dir was filled under other options "
+                     r"\(--exact_config, .* or use another --workdir$", str(e.value)), str(e.value)
+    assert "init_from" not in str(e.value)
 
 
 def test_a_rerun_sweep_writes_the_table_it_wrote(tmp_path):

@@ -183,20 +183,35 @@ def without_keys_added_since(saved: Mapping[str, Any], now: dict[str, Any],
         k.removesuffix(".sha256") in DATA_FILE_KEYS or k.startswith(DERIVED) or k in also)}
 
 
+class ConfigMismatchError(ValueError):
+    """A work dir holds a run this config may not resume. `workdir` and `what` (the run it
+    holds, with the differing keys) let a command that runs the loop under its own flags (a
+    sweep, a reproduction) give its own advice: `with_advice`."""
+
+    def __init__(self, workdir: str, what: str, advice: str):
+        super().__init__(f"{workdir} holds {what}; {advice}")
+        self.workdir, self.what = workdir, what
+
+    def with_advice(self, advice: str) -> "ConfigMismatchError":
+        return ConfigMismatchError(self.workdir, self.what, advice)
+
+
 def check_same_config(workdir: str, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     """Refuses to resume a checkpoint written under another config, naming the keys."""
     if saved is None:
-        raise ValueError(f"{workdir} holds a checkpoint without a config record (written by an "
-                         f"older version); it cannot be checked against this config, so it is "
-                         f"not resumed: use another work dir (--config.train.init_from={workdir} "
-                         f"starts a fresh run from its parameters)")
+        raise ConfigMismatchError(
+            workdir, "a checkpoint without a config record (written by an older version); it "
+            "cannot be checked against this config, so it is not resumed",
+            f"use another work dir (--config.train.init_from={workdir} starts a fresh run from "
+            f"its parameters)")
     saved = canonical_record(saved)
     keys = differing_keys(saved, without_keys_added_since(saved, now))
     if keys:
         diff = describe_differences(keys, saved, now, "checkpoint", "config")
-        raise ValueError(f"{workdir} holds a run of another config ({diff}); use another "
-                         f"work dir, with --config.train.init_from={workdir} to start a fresh run "
-                         f"from its parameters (only {', '.join(RESUMABLE_KEYS)} may change on resume)")
+        raise ConfigMismatchError(
+            workdir, f"a run of another config ({diff})",
+            f"use another work dir, with --config.train.init_from={workdir} to start a fresh run "
+            f"from its parameters (only {', '.join(RESUMABLE_KEYS)} may change on resume)")
 
 
 def code_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:

@@ -33,7 +33,7 @@ from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open, save_figure, write_json
 
 from infalign_jax.workflows import sweep
-from infalign_jax.loops import train
+from infalign_jax.loops import skeleton, train
 from infalign_jax.core.transforms import get_transform, transform_overrides
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, comma_list,
@@ -165,8 +165,8 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
         for seed in seeds:
             run_dir = os.path.join(workdir, sweep.point_name({"m": spec["method"]}).replace(
                 " ", "_"), f"seed={seed}")
-            _, summary = train.run(sweep.apply_overrides(base, {**overrides, "seed": seed}),
-                                   run_dir, log=lambda line: None, devices=devices)
+            _, summary = _train(sweep.apply_overrides(base, {**overrides, "seed": seed}),
+                                run_dir, devices)
             runs.append(summary["eval"])
             ev = summary["eval"]
             log("    seed {s}: KL {exact_kl:.3f} (target {target_kl:.3f}) KL(pi||pi*) "
@@ -178,6 +178,18 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
                               extra={"stage": "exact", "size": size, "n": n, "t": t,
                                      "kl_budget": budget})
     return rows
+
+
+def _train(cfg: Any, run_dir: str, devices: Any) -> tuple[Any, dict[str, Any]]:
+    """One stage run (`train.run`). A work dir whose run was trained under another config is
+    refused with this command's flags: `train.init_from` is not one of them."""
+    try:
+        return train.run(cfg, run_dir, log=lambda line: None, devices=devices)
+    except skeleton.ConfigMismatchError as e:
+        raise e.with_advice(
+            "this reproduction's work dir was filled under other options (--exact_config, or "
+            "--config.size / n / t): rerun with the options it recorded (that run's "
+            "manifest.json) or use another --workdir") from None
 
 
 def seed_summary(method: str, beta: float, runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -319,9 +331,9 @@ def run_convergence_stage(base_config: Any, workdir: str, *, kls: tuple[float, .
                 run_dir = os.path.join(workdir, f"kl={kl:g}", label.replace(" ", "_"),
                                        f"seed={seed}")
                 try:
-                    _, summary = train.run(sweep.apply_overrides(base, {**overrides,
-                                                                        "seed": seed}),
-                                           run_dir, log=lambda line: None, devices=devices)
+                    _, summary = _train(sweep.apply_overrides(base, {**overrides,
+                                                                     "seed": seed}),
+                                        run_dir, devices)
                 except ValueError as e:
                     if "outside the reachable range" not in str(e):
                         raise

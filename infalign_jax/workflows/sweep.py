@@ -18,7 +18,7 @@ import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
-from infalign_jax.loops.skeleton import config_record, flat_record
+from infalign_jax.loops.skeleton import ConfigMismatchError, config_record, flat_record
 from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open
@@ -130,7 +130,12 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
         summary_path = os.path.join(run_dir, "summary.json")
         done = _finished(summary_path, cfg)
         log(f"[sweep {i + 1}/{len(points)}] {point_name(p)}" + (" (done, reusing)" if done else ""))
-        summary = done or runner(cfg, run_dir)
+        try:
+            summary = done or runner(cfg, run_dir)
+        except ConfigMismatchError as e:   # train.init_from would apply to every point
+            raise e.with_advice(f"this sweep's point {point_name(p)} was run under another base "
+                                f"config: rerun with the flags it ran with (its manifest.json) "
+                                f"or use another --workdir") from None
         rows.append(flat_row(p, summary))
     write_table(rows, workdir)
     return rows
