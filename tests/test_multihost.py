@@ -692,6 +692,43 @@ def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_job_resumes(tmp_path):
+    """A SIGTERM to one process of two (a preempted host): JAX's preemption service picks one
+    step for both, Orbax saved it, and the loop trained on past it to the end or the SIGKILL.
+    Both now stop after that step with status 143, and the same command resumes from it."""
+    from infalign_jax.infra.metrics_io import read_jsonl
+    steps = 40
+    args = ["experiments/train_policy.py", f"--config=configs/ctrl_exact.py:samples=8,steps={steps}",
+            "--config.mesh.data=2", "--config.train.tensorboard=false",
+            "--config.train.checkpoint_every=100", "--config.train.log_every=1",
+            "--config.train.eval_every=0", f"--workdir={tmp_path / 'run'}"]
+    metrics, ckpts = tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "checkpoints"
+    procs = _start_on_two_processes(args, tmp_path, "term")
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while time.monotonic() < deadline and all(p.poll() is None for p, _ in procs.values()) \
+            and not (metrics.exists() and len(read_jsonl(str(metrics))) >= 2):
+        time.sleep(0.005)
+    procs["process 1"][0].send_signal(signal.SIGTERM)
+    waiting, logs = _finish(procs, WORKER_TIMEOUT_S)
+    assert not waiting, logs
+    codes = [p.returncode for p, _ in procs.values()]
+    assert codes == [143, 143], (codes, {n: t[-2000:] for n, t in logs.items()})
+    stopped = len(read_jsonl(str(metrics)))
+    assert 2 <= stopped < steps
+    committed = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    assert committed == [1, stopped]   # 1: Orbax's first save; the stop is no interval step
+    for name, text in logs.items():
+        assert f"SIGTERM: stopped after step {stopped} of {steps}" in text, (name, text[-2000:])
+        assert "Traceback" not in text, (name, text[-3000:])
+    assert not (tmp_path / "run" / "summary.json").exists()
+    _command_on_two_processes(args, tmp_path, "resume")
+    resumed = (tmp_path / "resume0.log").read_text()
+    assert f"resumed from checkpoint step {stopped}" in resumed, resumed[-2000:]
+    assert [r["step"] for r in read_jsonl(str(metrics))] == list(range(1, steps + 1))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == steps
+
+
+@pytest.mark.slow
 def test_head_only_reward_training_runs_with_the_trunk_split_over_two_processes(tmp_path):
     """`trainable=head` with the trunk split over both processes (mesh fsdp=2): the trunk's digest
     and the cached features fetched parameters another process held, and the run crashed at

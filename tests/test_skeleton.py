@@ -140,3 +140,58 @@ def test_a_resume_under_other_xla_flags_is_said_and_recorded(tmp_path, monkeypat
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["resumes"][0]["environment"]["XLA_FLAGS"] == \
         "--xla_backend_optimization_level=0"
+
+
+def test_sigterm_during_the_steps_saves_that_step_and_a_rerun_resumes_it(tmp_path):
+    """A scheduler's SIGTERM (preemption, scancel) ended the process at once, losing the steps
+    since the last checkpoint (every 2 steps here): the loop now finishes the step, saves it,
+    and raises Preempted (exit status 143); the same call resumes from that step."""
+    import signal
+
+    from infalign_jax.infra import preemption
+    from infalign_jax.infra.checkpointing import Checkpointer
+
+    lines = []
+
+    def step_fn(state, step, context):
+        if step == 2:   # during the third step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"count": state["count"] + 1}, {"loss": 0.0}
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(preemption.Preempted) as e:
+        run_loop(str(tmp_path), {"count": jnp.zeros((), jnp.int32)}, step_fn, _Settings(6),
+                 seed=0, manifest={"config": {"seed": 0}}, log=lines.append,
+                 progress_keys=("loss",))
+    assert e.value.code == 128 + signal.SIGTERM and e.value.step == 3
+    assert signal.getsignal(signal.SIGTERM) == before   # the handler is put back
+    assert any(line.startswith("SIGTERM: stopped after step 3 of 6") for line in lines), lines
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() == 3   # not an interval step (checkpoint_every = 2)
+    ckpt.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert len(f.read().splitlines()) == 3
+    resumed = _run(tmp_path, 6)
+    assert resumed.resumed_from == 3 and resumed.last_eval == {"count": 6.0}
+
+
+def test_a_second_sigterm_ends_the_process_at_once(tmp_path):
+    """The first SIGTERM is noted; a second one (a scheduler that will not wait) takes the default
+    action, and the process ends by the signal."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\n"
+              "from infalign_jax.infra import preemption\n"
+              "with preemption.sigterm_noted() as sigterm:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(0.1)\n"
+              "    print('noted', sigterm(), flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(5)\n"
+              "print('not reached', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["noted", "True"]

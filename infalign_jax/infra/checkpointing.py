@@ -205,6 +205,12 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self._manager.should_save(int(step))
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process of a multi-process job has reached the step JAX's preemption
+        service chose after a SIGTERM (Orbax saves that step whatever the interval); False in a
+        single-process job (`preemption.sigterm_noted` covers that)."""
+        return bool(self._manager.reached_preemption(int(step)))
+
     def save(self, step: int, state: PyTree, meta: Mapping[str, Any] | None = None, *,
              force: bool = False, check_finite: bool = True) -> bool:
         """Saves ``state`` and JSON ``meta`` as ``step`` if the interval (or ``force``) says so.

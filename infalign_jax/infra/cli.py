@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
-from infalign_jax.infra import distributed
+from infalign_jax.infra import distributed, preemption
 from infalign_jax.infra.checkpointing import WorkdirError
 from infalign_jax.infra.config_utils import refuse_unused_overrides
 
@@ -269,7 +269,9 @@ def run(main: Callable[[Sequence[str]], Any], *, overrides_checked_by_main: Sequ
             return main(argv)
         except BaseException as e:
             # on several processes, peers waiting for this one stop at once, naming the error
-            if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            # (a preempted job's processes all stop at the step they agreed on)
+            if not (isinstance(e, SystemExit) and e.code in (0, None)
+                    or isinstance(e, preemption.Preempted)):
                 distributed.report_failure(e)
             if not isinstance(e, INPUT_ERRORS) or flags.FLAGS["verbosity"].present:
                 raise

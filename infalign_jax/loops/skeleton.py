@@ -2,7 +2,8 @@
 
     resume (refusing another seed or config, or num_steps below the checkpoint's step) or start
     (from `train.init_from`'s parameters if set) -> manifest -> for each step: step_fn,
-    metrics.jsonl, progress, periodic evaluation (eval.jsonl), checkpoint -> final evaluation
+    metrics.jsonl, progress, periodic evaluation (eval.jsonl), checkpoint -> final evaluation;
+    a SIGTERM during the steps: that step's checkpoint, then `preemption.Preempted` (status 143)
 
 What a trainer brings is its state, its `step_fn(state, step, context) -> (state, metrics)` (the
 batch of `step` is a pure function of the seed and the step, so a resumed run sees the same data)
@@ -24,7 +25,7 @@ import os
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 from infalign_jax.core.transforms import is_set, known_transforms, transform_param_names
-from infalign_jax.infra import checkpointing, distributed, provenance
+from infalign_jax.infra import checkpointing, distributed, preemption, provenance
 from infalign_jax.infra.metrics_io import MetricsWriter, Progress, read_jsonl, truncate_stream
 
 
@@ -373,19 +374,26 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         return scalars
 
     try:
-        for step in range(start, settings.num_steps):
-            state, metrics = step_fn(state, step, context)
-            done = step + 1
-            writer.write(done, metrics)
-            if done % settings.log_every == 0 or done in (settings.num_steps, start + 1):
-                progress.update(done, {k: metrics[k] for k in progress_keys if k in metrics})
-            if (evaluate is not None and settings.eval_every and done % settings.eval_every == 0
-                    and done != settings.num_steps):
-                last_eval = run_eval(done)
-            ckpt.save(done, state, {"seed": seed, "step": done, "data_position": done,
-                                    "config": record, **count},
-                      force=done == settings.num_steps)
-            last_metrics = metrics
+        with preemption.sigterm_noted() as sigterm:
+            for step in range(start, settings.num_steps):
+                state, metrics = step_fn(state, step, context)
+                done = step + 1
+                writer.write(done, metrics)
+                if done % settings.log_every == 0 or done in (settings.num_steps, start + 1):
+                    progress.update(done, {k: metrics[k] for k in progress_keys if k in metrics})
+                if (evaluate is not None and settings.eval_every
+                        and done % settings.eval_every == 0 and done != settings.num_steps):
+                    last_eval = run_eval(done)
+                stop = sigterm() and done < settings.num_steps
+                ckpt.save(done, state, {"seed": seed, "step": done, "data_position": done,
+                                        "config": record, **count},
+                          force=done == settings.num_steps or stop)
+                last_metrics = metrics
+                if stop or (done < settings.num_steps and ckpt.reached_preemption(done)):
+                    ckpt.wait()
+                    log(f"SIGTERM: stopped after step {done} of {settings.num_steps}, whose "
+                        f"checkpoint is saved in {ckpt.directory}; the same command resumes it")
+                    raise preemption.Preempted(done)
         ckpt.wait()
         if evaluate is not None:
             last_eval = run_eval(settings.num_steps)

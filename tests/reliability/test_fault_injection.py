@@ -192,6 +192,42 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(uninterrupted, tmp_p
     assert summary["resumed_from"] == last and summary["final_step"] == NUM_STEPS
 
 
+@pytest.mark.slow
+def test_sigterm_stops_after_its_step_with_that_checkpoint_then_resumes_bit_exact(uninterrupted,
+                                                                                  tmp_path):
+    """A scheduler's SIGTERM (preemption, scancel): the run finishes the step it is in, saves
+    it although it is no checkpoint step, says so and exits with status 143; the same command
+    resumes from that step and ends equal to an uninterrupted run."""
+    workdir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    metrics, log = workdir / "metrics.jsonl", tmp_path / "term.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(CLI), f"--workdir={workdir}", *FLAGS,
+                                 "--config.train.checkpoint_every=100"],
+                                cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                metrics.exists() and len(read_jsonl(str(metrics))) >= 2):
+            time.sleep(0.002)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 143, text[-3000:]
+    stopped = len(read_jsonl(str(metrics)))
+    assert 2 <= stopped < NUM_STEPS, text[-2000:]
+    # step 1 is Orbax's first save; `stopped` is no checkpoint step (every 100)
+    assert _committed(ckpts) == [1, stopped] and not _uncommitted(ckpts)
+    assert f"SIGTERM: stopped after step {stopped} of {NUM_STEPS}" in text
+    assert "Traceback" not in text and not (workdir / "summary.json").exists()
+    proc = _cli(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from checkpoint step {stopped}" in proc.stdout + proc.stderr
+    got, _ = _restore(workdir, NUM_STEPS)
+    want, _ = _restore(uninterrupted, NUM_STEPS)
+    _assert_states_equal(got, want, "final state after a SIGTERM")
+    assert _rows(workdir / "metrics.jsonl") == _rows(uninterrupted / "metrics.jsonl")
+
+
 def _truncate_newest(ckpts: Path) -> int:
     newest = _committed(ckpts)[-1]
     files = [p for p in (ckpts / str(newest) / "state").rglob("*")
