@@ -232,6 +232,38 @@ def test_a_field_the_restoring_state_lacks_is_named(tmp_path):
             ckpt.restore_latest(jax.eval_shape(lambda: {"params": jnp.zeros(3)}))
 
 
+def test_a_nonfinite_numpy_scalar_leaf_is_refused_too(tmp_path):
+    """A numpy float32 scalar (np.generic: no ndarray, no Python float) was not looked at, and a
+    state holding NaN there was saved."""
+    assert nonfinite_leaves({"a": np.float32("nan"), "b": np.float16(1.0),
+                             "c": np.array(np.inf, np.float32), "i": np.int32(3)}) == \
+        ["['a']", "['c']"]
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(NonFiniteError, match=r"\['loss_scale'\]"):
+            ckpt.save(1, {"w": jnp.ones(2), "loss_scale": np.float32("inf")})
+        assert ckpt.all_steps() == []
+
+
+def test_restore_params_refuses_a_parameter_the_checkpoint_lacks(tmp_path):
+    """A model parameter the checkpoint does not hold (another architecture, or a LoRA run's
+    adapters read as a whole model) came back as its ShapeDtypeStruct, so `init_from` and
+    `task.policy.checkpoint` failed later and elsewhere; it is refused here, naming it."""
+    with Checkpointer(tmp_path / "run" / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(1, {"params": {"w": jnp.ones((4, 8))}, "opt": jnp.zeros(3)}, {"step": 1})
+    spec = jax.ShapeDtypeStruct
+    want = checkpointing.local_abstract({"w": spec((4, 8), jnp.float32),
+                                         "extra_bias": spec((8,), jnp.float32)})
+    with pytest.raises(ValueError, match=r"step 1 holds no params\['extra_bias'\] \(it does not "
+                                         r"hold parameters of this run's model\)"):
+        checkpointing.restore_params(str(tmp_path / "run"), want)
+    three = checkpointing.local_abstract({k: spec((2,), jnp.float32) for k in "abc"})
+    with pytest.raises(ValueError, match=r"holds no params\['a'\] \(nor 2 more of this run's 3\)"):
+        checkpointing.restore_params(str(tmp_path / "run"), three)
+    params, step, _ = checkpointing.restore_params(
+        str(tmp_path / "run"), checkpointing.local_abstract({"w": spec((4, 8), jnp.float32)}))
+    assert step == 1 and np.asarray(params["w"]).tolist() == np.ones((4, 8)).tolist()
+
+
 def test_nonfinite_state_is_refused_and_previous_checkpoint_survives(tmp_path):
     good = _example_state()
     bad = jax.tree.map(lambda x: x, good)
@@ -383,3 +415,70 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     logs = "".join((tmp_path / f"stderr{i}.txt").read_text() for i in range(1, len(plan)))
     logs += (tmp_path / "stderr_final.txt").read_text()
     assert "uncommitted checkpoint left by an interrupted save" in logs
+
+
+@pytest.mark.parametrize("kwargs,match", [({"max_to_keep": 0}, "max_to_keep must be >= 1"),
+                                          ({"save_interval_steps": 0},
+                                           "save_interval_steps must be >= 1")])
+def test_a_checkpointer_that_would_keep_or_save_nothing_is_refused(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Checkpointer(tmp_path / "ckpt", **kwargs)
+
+
+def test_latest_meta_reads_the_newest_step_that_reads(tmp_path):
+    """What a resume checks (seed, config) before reading any array: the newest step's, and a
+    step whose meta is damaged is passed over for the next older one."""
+    _, _, root = _three_saved_steps(tmp_path)
+    with Checkpointer(root, max_to_keep=3) as ckpt:
+        assert ckpt.latest_meta() == {"step": 3}
+    _garble_meta(root / "3")
+    with Checkpointer(root, max_to_keep=3) as ckpt:
+        assert ckpt.latest_meta() == {"step": 2}
+    with Checkpointer(tmp_path / "empty") as ckpt:
+        assert ckpt.latest_meta() is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_step_damaged_again_after_its_replay_is_moved_aside_beside_the_first(tmp_path):
+    """`<step>.corrupt` already held the first bad copy: the second rename must not fail on it
+    (or overwrite it)."""
+    states, abstract, root = _three_saved_steps(tmp_path)
+    for attempt in range(2):
+        _truncate_array_data(root / "3")
+        with Checkpointer(root, max_to_keep=3) as ckpt:
+            assert ckpt.restore_latest(abstract).step == 2
+            assert ckpt.all_steps() == [1, 2]
+            ckpt.save(3, states[3], {"step": 3})
+            ckpt.wait()
+    assert sorted(p.name for p in root.iterdir() if "corrupt" in p.name) == \
+        ["3.corrupt", "3.corrupt1"]
+    with Checkpointer(root, max_to_keep=3) as ckpt:
+        assert ckpt.restore_latest(abstract).step == 3
+
+
+def test_a_leftover_temporary_directory_of_a_step_not_saved_again_is_removed(tmp_path):
+    """Orbax replaces an uncommitted directory of a step it saves again; the leftover of a step
+    the resumed run does not reach again (a run resumed with fewer steps, a newer step saved
+    after it) is removed all the same, by the clean-up the Checkpointer asks Orbax for."""
+    state = _example_state()
+    root = tmp_path / "ckpt"
+    with Checkpointer(root) as ckpt:
+        ckpt.save(5, state)
+        ckpt.wait()
+    leftover = root / "9.orbax-checkpoint-tmp"
+    (leftover / "state").mkdir(parents=True)
+    (leftover / "state" / "half_written").write_bytes(b"\0" * 100)
+    with Checkpointer(root) as ckpt:
+        assert ckpt.all_steps() == [5]
+        ckpt.save(6, state)
+        ckpt.wait()
+        assert ckpt.all_steps() == [5, 6]
+    assert not leftover.exists()
+
+
+def test_meta_must_be_a_mapping(tmp_path):
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        for meta in ([("step", 1)], "step=1"):
+            with pytest.raises(ValueError, match="meta must be a mapping"):
+                ckpt.save(1, {"x": jnp.zeros(2)}, meta)
+        assert ckpt.all_steps() == []

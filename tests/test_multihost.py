@@ -59,6 +59,7 @@ STEPS = 3
      "coordinator_address"),
     ({"coordinator_address": "h:0"}, "coordinator_address"),
     ({"coordinator_address": "h:70000"}, "coordinator_address"),
+    ({"coordinator_address": "h:65536"}, "coordinator_address"),
     ({"coordinator_address": ":1234"}, "coordinator_address"),
     ({"coordinator_address": "auto", "num_processes": 4}, "num_processes"),
     ({"local_device_count": 0}, "local_device_count"),
@@ -868,3 +869,70 @@ def _load_on_two_processes(tmp_path: Path, **request: str) -> list[dict]:
     assert got[0]["failed"] == "OSError: disk full\nsecond line"
     assert got[1]["failed"] == "RuntimeError: failing: process 0 failed (OSError: disk full)"
     return got
+
+
+def test_from_every_process_returns_each_value_in_process_order(two_process_client, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    kv = two_process_client.kv
+    kv["infalign_every/agree_0/0"] = json.dumps({"seed": 0})          # process 0 came first
+    kv["infalign_barrier/every_agree_0/arrived/0"] = "1"
+    two_process_client.counters["infalign_barrier/every_agree_0/count"] = 1
+    assert dist.from_every_process("agree_0", {"seed": 7}) == [{"seed": 0}, {"seed": 7}]
+
+
+def test_from_primary_gives_process_0s_result_or_its_error(two_process_client, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    ran = []
+    two_process_client.kv["infalign_from_primary/table_0"] = json.dumps({"value": [1, 2]})
+    assert dist.from_primary("table_0", lambda: ran.append(1)) == [1, 2] and ran == []
+    two_process_client.kv["infalign_from_primary/table_1"] = json.dumps(
+        {"error": "OSError: disk full"})
+    with pytest.raises(RuntimeError, match=r"table_1: process 0 failed \(OSError: disk full\)"):
+        dist.from_primary("table_1", lambda: ran.append(1))
+    assert ran == []
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    assert dist.from_primary("table_2", lambda: {"rows": 3}) == {"rows": 3}
+    assert json.loads(two_process_client.kv["infalign_from_primary/table_2"]) == \
+        {"value": {"rows": 3}}
+    with pytest.raises(OSError, match="disk full"):
+        dist.from_primary("table_3", lambda: (_ for _ in ()).throw(OSError("disk full")))
+    assert json.loads(two_process_client.kv["infalign_from_primary/table_3"]) == \
+        {"error": "OSError: disk full"}
+
+
+def test_a_barrier_passes_only_once_every_process_arrived(two_process_client, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    two_process_client.kv["infalign_barrier/b/arrived/0"] = "1"
+    two_process_client.counters["infalign_barrier/b/count"] = 1
+    with pytest.raises(TimeoutError, match=r"barrier b: not done after .*process\(es\) \[2\] "
+                                           r"did not arrive"):
+        dist.barrier("b", timeout_s=0.05)
+    assert "infalign_barrier/b/done" not in two_process_client.kv
+
+
+def test_watch_peers_stands_down_when_this_process_exits_during_the_grace(two_process_client,
+                                                                          monkeypatch):
+    """A peer's failure seen just before this process's own exit (its report, or the interpreter
+    ending): after the grace it is on its way out and must not be stopped with
+    EXIT_PEER_FAILED (which would replace its own status)."""
+    exits, grace_s = [], 0.25
+    _as_process(monkeypatch, 0)
+    dist.report_failure(ValueError("out of memory"))
+    _as_process(monkeypatch, 1)
+    exiting = dist.threading.Event()
+    monkeypatch.setattr(dist, "_EXITING", exiting)
+    real_sleep = time.sleep
+
+    def sleep(seconds):
+        if seconds == grace_s:   # the failure was seen: this process's own exit begins now
+            exiting.set()
+        real_sleep(0.001)
+
+    monkeypatch.setattr(dist.time, "sleep", sleep)
+    thread = dist.watch_peers(poll_s=0.01, grace_s=grace_s, exit_fn=exits.append)
+    thread.join(10)
+    assert not thread.is_alive() and exiting.is_set()
+    assert exits == [] and not two_process_client.shut_down

@@ -124,7 +124,7 @@ def nonfinite_leaves(tree: PyTree) -> list[str]:
         if isinstance(leaf, float):
             paths.append(path)
             flags.append(math.isfinite(leaf))
-        elif isinstance(leaf, np.ndarray) and np.issubdtype(leaf.dtype, np.inexact):
+        elif isinstance(leaf, (np.ndarray, np.generic)) and np.issubdtype(leaf.dtype, np.inexact):
             paths.append(path)
             flags.append(bool(np.all(np.isfinite(leaf))))
         elif isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -475,6 +475,16 @@ def restore_params(path: str, abstract_params: PyTree) -> tuple[PyTree, int, dic
     finally:
         manager.close()
     params = out.state["params"]
+    # A partial restore gives a parameter the checkpoint lacks back as its abstract struct.
+    missing = [jax.tree_util.keystr(key)
+               for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise ValueError(f"config.train.init_from={path!r}: checkpoint step {step} holds no "
+                         f"params{missing[0]}" + (f" (nor {len(missing) - 1} more of this run's "
+                                                   f"{len(jax.tree.leaves(abstract_params))})"
+                                                   if len(missing) > 1 else "")
+                         + " (it does not hold parameters of this run's model)")
     # Orbax restores a stored array of another shape as stored: refuse it here.
     got = jax.tree_util.tree_flatten_with_path(params)[0]
     want = jax.tree.leaves(abstract_params)
