@@ -524,3 +524,40 @@ def test_the_report_manifest_records_the_code_it_started_with(tmp_path, monkeypa
                         str(tmp_path), progress=lambda _: None)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert now["git"] == committed and manifest["git"] == at_start
+
+
+def _log_win_at_kl(kl):
+    """The log transform's optimum at N = 1: pi(u) = (a + 1) u^a, KL = log(a + 1) - a / (a + 1),
+    standard win rate E[u] = (a + 1) / (a + 2); a by bisection."""
+    lo, hi = 1e-9, 1e6
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if math.log(mid + 1) - mid / (mid + 1) < kl else (lo, mid)
+    a = math.sqrt(lo * hi)
+    return (a + 1) / (a + 2)
+
+
+def test_report_rows_are_each_transforms_win_rate_at_the_kl():
+    one, four = analytic_report.frontier_rows([1, 4], [0.5], procedures=("bon",), grid_size=2000,
+                                              progress=lambda s: None)
+    assert (one["n"], one["kl"], four["n"]) == (1, 0.5, 4)
+    # N = 1 is the standard win rate: identity's optimum is the exponential tilt, log's u^a
+    assert one["w_identity"] == pytest.approx(_identity_win_at_kl(0.5), abs=1e-4)
+    assert one["w_log"] == pytest.approx(_log_win_at_kl(0.5), abs=1e-4)
+    for row in (one, four):
+        assert row["gap_optimal_minus_exp"] == pytest.approx(row["w_optimal"] - row["w_best_exp"])
+        assert row["gap_optimal_minus_exp"] > -1e-6 and row["optimal_method"] != "failed"
+    # the reading is passed on: BoN_4 of pi against plain pi_ref
+    (base,) = analytic_report.frontier_rows([4], [0.5], procedures=("bon",), against="base",
+                                            grid_size=2000, progress=lambda s: None)
+    assert base["w_identity"] == pytest.approx(
+        A.win_rate_at_kl("identity", 0.5, "bon", 4, against="base", grid_size=2000))
+    assert base["w_identity"] > four["w_identity"] + 0.05
+
+
+def test_bonbon_rows_compare_the_tilt_with_bon_of_pi_ref_at_its_kl():
+    (row,) = analytic_report.bonbon_rows([1, 4], grid_size=2000)   # N = 1: no row
+    assert row["n"] == 4 and row["kl"] == pytest.approx(math.log(4) - 3 / 4)
+    assert row["w_bon_ref"] == pytest.approx(4 / 5, abs=1e-5)
+    assert row["w_exp_tilt"] == pytest.approx(_identity_win_at_kl(math.log(4) - 3 / 4), abs=1e-4)
+    assert row["difference"] == pytest.approx(row["w_exp_tilt"] - row["w_bon_ref"])

@@ -131,7 +131,7 @@ def test_a_rerun_with_the_unbiased_estimator_re_reports_the_saved_scores(compari
 
 
 def test_a_rerun_with_more_seeds_keeps_the_kl_target_the_saved_runs_matched(comparison,
-                                                                            tmp_path):
+                                                                            tmp_path, monkeypatch):
     """A third seed of vBoN moves its mean KL; the new identity seed is still controlled towards
     the first run's target, which the saved identity seeds were matched to."""
     workdir = str(tmp_path / "out")
@@ -141,6 +141,14 @@ def test_a_rerun_with_more_seeds_keeps_the_kl_target_the_saved_runs_matched(comp
     config = comparison["config"]
     config.comparison.seeds, config.comparison.methods = (0, 1, 2), "vbon,identity"
     lines = []
+    matched = []
+    match_kl = kl_match.match_kl
+
+    def recording(evaluate, ref_params, params, target, band, *args, **kwargs):
+        matched.append((target, band))
+        return match_kl(evaluate, ref_params, params, target, band, *args, **kwargs)
+
+    monkeypatch.setattr(kl_match, "match_kl", recording)
     try:
         rc.run(rc.task_configs(config), config.comparison, workdir, log=lines.append,
                devices=jax.devices()[:1])
@@ -156,6 +164,11 @@ def test_a_rerun_with_more_seeds_keeps_the_kl_target_the_saved_runs_matched(comp
     # the new vBoN seed still trains at its own beta 1 / (N - 1), not under the controller
     rl = json.load(open(os.path.join(task_dir, "vbon", "seed=2", "manifest.json")))["config"]["rl"]
     assert rl["beta_schedule"] != "adaptive" and rl["beta"] == pytest.approx(1.0)
+    # ... and is evaluated as trained; only the new identity seed is moved to the target KL,
+    # within half the tolerance that flags a row
+    assert "alpha" not in np.load(os.path.join(ev, "vbon_seed2.npz"))
+    cc = rc.parse_comparison(config.comparison)
+    assert matched == [(pytest.approx(first, abs=1e-12), cc.kl_tolerance / 2)]
     summary = json.load(open(os.path.join(workdir, "comparison.json")))[0]
     assert summary["kl_target"] == pytest.approx(first, abs=1e-12)
     # without vBoN among the methods the saved target still applies (BoNBoN's new runs would be
@@ -384,6 +397,9 @@ def test_base_overrides_no_trained_method_reads_are_refused():
                                          r"config has 'constant'\)"):
         rc.refuse_unread_base_overrides(config(methods="vbon", kl_target=0.0),
                                         ["base.rl.kl_horizon"], "real_config")
+    # ... while identity, controlled towards vBoN's KL, reads it (after vBoN, which does not)
+    rc.refuse_unread_base_overrides(config(methods="vbon,identity", kl_target=0.0),
+                                    ["base.rl.kl_horizon"], "real_config")
     assert rc.refuse_unread_base_overrides(config(methods="vbon", kl_target=0.5),
                                            ["base.rl.kl_horizon"]) is None
     # no trained method (bon_ref alone): only the task section is read (any override passed)
@@ -698,3 +714,196 @@ def test_texts_a_judge_cuts_are_counted_in_each_saved_evaluation(tmp_path):
     assert [s["texts_cut"] for s in summary] == [{"gold": 0, "proxy": 8 + 2 * 16}]
     assert "over pi_ref's and every method's evaluations: proxy 40." in open(
         root / "out" / "comparison.md").read()
+
+
+def test_a_claim_holds_only_when_its_interval_excludes_zero():
+    def iv(lo, hi):
+        return {"point": (lo + hi) / 2, "lower": lo, "upper": hi}
+
+    # intervals that touch 0: neither side is established
+    diffs = {"exp": {"gold_bon4": iv(0.0, 0.04)}, "raw": {"gold_bon4": iv(-0.06, 0.0),
+                                                          "gold_standard": iv(0.0, 0.06)}}
+    got = {(c["claim"], c["difference"]): c["verdict"]
+           for c in report._claims({"procedure": "bon", "same_judge": True}, diffs, {}, 4)}
+    assert got == {("a", "exp - identity"): "unresolved", ("a", "identity - raw"): "unresolved",
+                   ("d", "identity - raw"): "unresolved"}
+
+
+def test_a_flagged_identity_leaves_every_claim_unresolved():
+    def iv(lo, hi):
+        return {"point": (lo + hi) / 2, "lower": lo, "upper": hi}
+
+    diffs = {"exp": {"gold_bon4": iv(0.01, 0.03)},
+             "raw": {"gold_bon4": iv(-0.10, -0.05), "gold_standard": iv(-0.06, -0.02)}}
+    claims = report._claims({"procedure": "bon", "same_judge": False}, diffs,
+                            {"identity": True, "exp": False, "raw": False}, 4)
+    assert len(claims) == 4
+    assert {c["verdict"] for c in claims} == {"unresolved (KL not matched)"}
+    # a flagged method with a single seed: the KL mismatch is what is said
+    claims = report._claims({"procedure": "bon", "same_judge": True}, diffs, {"exp": True}, 4,
+                            {"exp": 1, "identity": 3, "raw": 3})
+    assert [c["verdict"] for c in claims if c["difference"] == "exp - identity"] == [
+        "unresolved (KL not matched)"]
+
+
+def test_won_claims_are_exp_against_identity_on_won():
+    def iv(lo, hi):
+        return {"point": (lo + hi) / 2, "lower": lo, "upper": hi}
+
+    diffs = {"exp": {"gold_won4": iv(0.01, 0.03), "gold_bon4": iv(-0.2, -0.1)},
+             "raw": {"gold_won4": iv(0.02, 0.04), "gold_bon4": iv(-0.2, -0.1),
+                     "gold_standard": iv(-0.06, -0.02)}}
+    claims = report._claims({"procedure": "won", "same_judge": False}, diffs, {}, 4)
+    got = {(c["claim"], c["difference"]): c for c in claims}
+    assert sorted(got) == [("b", "exp - identity"), ("c", "identity - raw"),
+                           ("d", "identity - raw")]
+    assert got[("b", "exp - identity")]["verdict"] == "holds"
+    assert "WoN_4" in got[("b", "exp - identity")]["statement"]
+    # (c) on a WoN task: identity - raw on WoN_4, raw above identity there
+    assert got[("c", "identity - raw")]["verdict"] == "does not hold"
+    assert got[("c", "identity - raw")]["interval"] == pytest.approx(
+        {"point": -0.03, "lower": -0.04, "upper": -0.02})
+    assert got[("c", "identity - raw")]["note"] == ""
+    assert got[("d", "identity - raw")]["verdict"] == "holds"
+
+
+def test_kl_matching_band_is_relative_and_a_nan_kl_is_off_the_target():
+    seeds = (0, 1, 2)
+    # tolerance 0.1 of a target of 0.5 is 0.05
+    assert report.kl_match_status(np.array([0.56, 0.5, 0.5]), 0.5, 0.1, seeds) == \
+        "no (seed 0: 0.560)"
+    assert report.kl_match_status(np.array([0.54, 0.5, 0.5]), 0.5, 0.1, seeds) == "yes"
+    nan = float("nan")
+    assert report.kl_match_status(np.array([1.0, nan]), 1.0, 0.1, seeds) == \
+        "no (mean; seed 1: nan)"
+    assert report.kl_match_status(np.array([1.0, nan]), 1.0, 0.1, seeds, per_seed=False) == \
+        "no (mean)"
+
+
+def test_the_convergence_table_gives_the_gain_fraction_of_the_optimum():
+    rng = np.random.default_rng(0)
+    evals = {"identity": [_synthetic_eval(rng, 1.0, 0.1) for _ in range(3)]}
+    cc = rc.parse_comparison({"methods": "identity", "kl_target": 1.0, "n": 4})
+    summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
+                                "evals": evals, "same_judge": True, "gold": "g", "proxy": "p"},
+                               cc)
+    (row,) = summary["rows"]
+    row.update(proxy_standard=0.6, proxy_bon4=0.74, optimum={"standard": 0.7, "bon4": 0.8})
+    text = report.markdown(summary, cc)
+    # (0.6 - 1/2) / (0.7 - 1/2) = 0.50 and (0.74 - 1/2) / (0.8 - 1/2) = 0.80
+    assert "| identity | 1.000 | 0.600 | 0.700 | 0.50 | 0.740 | 0.800 | 0.80 |" in text
+    # one judge: the gain table has no proxy columns
+    assert "| method | gold_standard | gold_bon4 |\n" in text
+
+
+def test_the_optimum_is_reported_only_where_the_grid_resolves_it():
+    from infalign_jax.analysis import analytic
+    top = analytic.max_resolved_kl(analytic.DEFAULT_GRID)
+    assert report.optimum("identity", "bon", 4, 4.0, 0.99 * top) is not None
+    assert report.optimum("identity", "bon", 4, 4.0, top) is None
+    assert report.optimum("identity", "bon", 4, 4.0, 2 * top) is None
+
+
+def test_a_rows_alpha_is_the_mean_over_its_seeds_and_absent_unless_every_seed_has_one():
+    rng = np.random.default_rng(2)
+    evals = {"identity": [{**_synthetic_eval(rng, 1.0, 0.05), "alpha": np.float64(a)}
+                          for a in (0.5, 1.0, 1.8)],
+             "exp": [_synthetic_eval(rng, 1.0, 0.1),
+                     {**_synthetic_eval(rng, 1.0, 0.1), "alpha": np.float64(0.7)}]}
+    cc = rc.parse_comparison({"methods": "identity,exp", "kl_target": 1.0, "n": 4})
+    summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
+                                "evals": evals, "same_judge": True, "gold": "g", "proxy": "p"},
+                               cc)
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert rows["identity"]["alpha"] == pytest.approx(1.1) and rows["exp"]["alpha"] is None
+
+
+def test_vbon_setting_the_target_is_matched_on_its_mean_and_bon_ref_is_not_matched():
+    rng = np.random.default_rng(0)
+    evals = {"vbon": [_synthetic_eval(rng, kl, 0.1) for kl in (0.7, 1.0, 1.3)],
+             "identity": [_synthetic_eval(rng, kl, 0.1) for kl in (0.7, 1.0, 1.3)],
+             "bon_ref": [_synthetic_eval(rng, 0.64, 0.1) for _ in range(3)]}
+    cc = rc.parse_comparison({"methods": "vbon,identity,bon_ref", "n": 4})   # vBoN's target
+    summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
+                                "evals": evals, "same_judge": True, "gold": "g", "proxy": "p"},
+                               cc)
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert rows["vbon"]["kl_matched"] == "yes"   # its seeds' spread is the target's
+    assert rows["identity"]["kl_matched"] == "no (seed 0: 0.700, seed 2: 1.300)"
+    assert rows["bon_ref"]["kl_matched"] == "n/a"
+    # mean and sample sd (ddof 1) over seeds
+    assert rows["vbon"]["kl"] == pytest.approx(1.0) and rows["vbon"]["kl_sd"] == pytest.approx(0.3)
+    per_seed = [e["gold_bon4_B"].mean() for e in evals["identity"]]
+    assert rows["identity"]["gold_bon4"] == pytest.approx(sum(per_seed) / 3)
+    assert rows["identity"]["gold_bon4_sd"] == pytest.approx(
+        math.sqrt(sum((x - sum(per_seed) / 3) ** 2 for x in per_seed) / 2))
+
+
+def test_differences_are_each_method_minus_identity():
+    rng = np.random.default_rng(1)
+    evals = {"identity": [_synthetic_eval(rng, 1.0, 0.05) for _ in range(3)],
+             "exp": [_synthetic_eval(rng, 1.0, 0.2) for _ in range(3)]}
+    cc = rc.parse_comparison({"methods": "identity,exp", "kl_target": 1.0, "n": 4})
+    summary = report.summarise({"task": "helpfulness", "procedure": "bon", "kl_target": 1.0,
+                                "evals": evals, "same_judge": True, "gold": "g", "proxy": "p"},
+                               cc)
+    assert list(summary["differences_vs_identity"]) == ["exp"]
+    d = summary["differences_vs_identity"]["exp"]["gold_bon4"]
+    want = np.mean([e["gold_bon4_B"] for e in evals["exp"]]) - np.mean(
+        [e["gold_bon4_B"] for e in evals["identity"]])
+    assert want > 0.1 and d["point"] == pytest.approx(want) and d["lower"] > 0
+    (claim,) = [c for c in summary["claims"] if c["claim"] == "a"]
+    assert claim["difference"] == "exp - identity" and claim["verdict"] == "holds"
+
+
+def test_bon_sampling_from_pi_ref_keeps_the_best_of_each_n_by_the_training_reward():
+    from infalign_jax.decoding.sampling import SamplingConfig
+    ev = rc.Evaluator.__new__(rc.Evaluator)   # pi_ref's samples given here, no models
+    ev.cc = rc.parse_comparison({"methods": "bon_ref", "kl_target": 0.5, "n": 2,
+                                 "eval_samples": 2})
+    ev.scfg, ev.ref_params = SamplingConfig(n=2, max_new_tokens=4), None
+    ev.ref_gold_BxM, ev.ref_proxy_BxM = np.array([[2.5, 2.5]]), np.array([[0.5, 0.5]])
+    drawn = []
+
+    def sample_and_score(params, seed, scfg):
+        drawn.append(scfg.n)
+        # N M = 4 samples of one prompt: groups (a, b) and (c, d); the proxy prefers b and c,
+        # the gold judge b and d
+        return {"gold_BxM": np.array([[1.0, 2.0, 3.0, 4.0]]),
+                "proxy_BxM": np.array([[0.1, 0.9, 0.7, 0.3]]), "texts": ["a", "b", "c", "d"],
+                "gold_texts_cut": np.asarray(0), "proxy_texts_cut": np.asarray(1)}
+
+    ev.sample_and_score = sample_and_score
+    got = ev.evaluate_bon_ref(seed=7)
+    assert drawn == [4] and got["texts"] == ["b", "c"]
+    np.testing.assert_array_equal(got["proxy_BxM"], [[0.9, 0.7]])
+    np.testing.assert_array_equal(got["gold_BxM"], [[2.0, 3.0]])
+    np.testing.assert_allclose(got["kl_B"], [math.log(2) - 1 / 2])
+    assert got["gold_standard_B"].tolist() == [0.5] and got["proxy_standard_B"].tolist() == [1.0]
+    assert int(got["proxy_texts_cut"]) == 1
+
+
+def test_vbon_sets_the_target_first_and_bonbon_alone_is_not_matched(tmp_path):
+    """vBoN listed after identity is still trained first (its KL is identity's target); BoNBoN
+    alone, with no target (no KL-controlled method), is evaluated as trained."""
+    config = load_config_module(os.path.join(ROOT, "configs/compare_real.py")).get_config(
+        "size=smoke,tasks=harmlessness")
+    config.base.task.policy.checkpoint = save_policy(tmp_path / "policy")
+    config.base.task.reward.kind = "hf"
+    config.base.task.reward.checkpoint = save_reward_model(tmp_path / "rm", seed=3)
+    config.comparison.seeds = (0,)
+    config.comparison.methods = "identity,vbon"
+    lines = []
+    rc.run(rc.task_configs(config), config.comparison, str(tmp_path / "a"), log=lines.append,
+           devices=jax.devices()[:1])
+    task = tmp_path / "a" / "harmlessness"
+    trained = [x.split()[0] for x in lines if x.endswith("steps) ...")]
+    assert trained == ["vbon", "identity"], lines
+    vbon_kl = np.load(task / "evaluation" / "vbon_seed0.npz")["kl_B"].mean()
+    rl = json.load(open(task / "identity" / "seed=0" / "manifest.json"))["config"]["rl"]
+    assert rl["beta_schedule"] == "adaptive" and rl["kl_target"] == pytest.approx(vbon_kl)
+    config.comparison.methods = "bonbon"
+    rc.run(rc.task_configs(config), config.comparison, str(tmp_path / "b"), log=lines.append,
+           devices=jax.devices()[:1])
+    got = np.load(tmp_path / "b" / "harmlessness" / "evaluation" / "bonbon_seed0.npz")
+    assert "alpha" not in got and np.isfinite(got["kl_B"]).all()

@@ -291,6 +291,20 @@ def test_bad_procedure_names_are_refused(dirs, tmp_path):
     assert evaluate.parse_config(tiny_config(dirs, ("bon",), eval__temperature=0.7))
 
 
+def test_repeated_procedures_and_missing_or_unknown_sections_are_refused():
+    from infalign_jax.workflows.evaluate_config import EvalConfig
+    with pytest.raises(ValueError, match=r"config.eval.procedures must be a list without repeats"):
+        EvalConfig(procedures=("bon", "won", "bon"))
+    config = load_config_module(os.path.join(ROOT, "configs", "evaluate.py")).get_config()
+    config.unlock()
+    del config["cd"]
+    with pytest.raises(ValueError, match=r"unknown \[\], missing \['cd'\]"):
+        evaluate.parse_config(config)
+    config.cd, config.extra = {}, {}
+    with pytest.raises(ValueError, match=r"unknown \['extra'\], missing \[\]"):
+        evaluate.parse_config(config)
+
+
 def test_a_plain_bon_selection_against_bon_of_pi_ref_is_one_half():
     """BoN_N over N fresh pi_ref samples against BoN_N(pi_ref) from the M evaluation samples is
     exactly 1/2 in expectation; the plug-in (N of M drawn with replacement) scored 0.61 at

@@ -105,3 +105,44 @@ def test_match_kl_keeps_a_policy_already_in_band_and_one_with_no_direction():
     assert float(got["alpha"]) == 1.0 and "no direction" in lines[0]
     with pytest.raises(ValueError, match="target > 0"):
         kl_match.match_kl(evaluate, ref, pol, 0.0, band=0.05)
+
+
+def test_next_alpha_clips_the_fitted_exponent_to_one_to_four():
+    # KL = alpha^8 seen at alpha 1 and 0.9, target below both: the fit (p = 8) is clipped to 4
+    steep = [(1.0, 1.0), (0.9, 0.9 ** 8)]
+    assert kl_match.next_alpha(steep, 0.1) == pytest.approx(0.9 * (0.1 / 0.9 ** 8) ** (1 / 4))
+    # KL = alpha^0.5: the fit (p = 0.5) is clipped to 1
+    flat = [(1.0, 1.0), (0.5, 0.5 ** 0.5)]
+    assert kl_match.next_alpha(flat, 0.1) == pytest.approx(0.5 * 0.1 / 0.5 ** 0.5)
+
+
+def test_next_alpha_interpolates_inside_the_tightest_bracket():
+    # KL is not a power law here: the widest bracket (0.2, 1) gives another alpha, outside the
+    # tightest one (0.3, 0.45)
+    kl = lambda a: a ** 2 * np.exp(3 * a)
+    history = [(1.0, kl(1.0)), (0.2, kl(0.2)), (0.45, kl(0.45)), (0.3, kl(0.3))]
+    a = kl_match.next_alpha(history, 0.3)
+    assert 0.3 < a < 0.45
+    p = np.log(kl(0.45) / kl(0.3)) / np.log(0.45 / 0.3)
+    assert a == pytest.approx(0.3 * (0.3 / kl(0.3)) ** (1 / p))
+
+
+def test_match_kl_stops_once_the_step_is_capped_at_max_alpha():
+    calls = []
+
+    def evaluate(params):
+        calls.append(params)
+        return {"kl_B": np.array([0.01 * params["w"][0] ** 2])}
+
+    got = kl_match.match_kl(evaluate, {"w": np.zeros(1)}, {"w": np.ones(1)}, 10.0, band=0.05,
+                            tries=3, max_alpha=2.0)
+    # alpha 1 (KL 0.01), then alpha 2 (KL 0.04); the next step is capped at 2 again: no third
+    # evaluation of the same policy
+    assert len(calls) == 2 and float(got["alpha"]) == 2.0
+    assert got["alpha_history_Ax2"].tolist() == [[1.0, 0.01], [2.0, 0.04]]
+
+
+def test_match_kl_refuses_a_band_that_is_not_positive():
+    evaluate = lambda params: {"kl_B": np.array([1.0])}
+    with pytest.raises(ValueError, match=r"band > 0, got 0.5, 0.0"):
+        kl_match.match_kl(evaluate, {"w": np.zeros(1)}, {"w": np.ones(1)}, 0.5, band=0.0)

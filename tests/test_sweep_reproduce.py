@@ -35,6 +35,16 @@ def test_get_sweep_is_the_t_grid_at_matched_kl_budgets():
     assert [p["transform.t"] for p in default] == [-10, -5, -1, 0, 1, 5, 10]
 
 
+def test_get_sweep_must_give_points_that_each_override_something():
+    import types
+    for points in ([], [{"transform.t": 1.0}, {}], [{"transform.t": 1.0}, "t=2"]):
+        module = types.SimpleNamespace(__name__="cfg", get_sweep=lambda arg=None, p=points: p)
+        with pytest.raises(ValueError, match=r"cfg.get_sweep\(\) must return a non-empty list"):
+            sweep.sweep_points(module)
+    with pytest.raises(ValueError, match="defines no get_sweep"):
+        sweep.sweep_points(types.SimpleNamespace(__name__="cfg"))
+
+
 def test_apply_overrides_copies_and_refuses_unknown_or_mistyped():
     base = _base()
     cfg = sweep.apply_overrides(base, {"transform.t": 4, "rl.beta": 0.05})
@@ -314,6 +324,80 @@ def test_a_finished_point_whose_input_file_changed_is_not_reused(tmp_path):
     assert len(calls) == 2
 
 
+def test_a_finished_point_rerun_with_other_outputs_goes_back_to_the_runner(tmp_path):
+    """task.eval_ns and export.* may change on a resume, so the config record leaves them out;
+    a finished point whose run reported other evaluations or exported elsewhere is not reused."""
+    calls = []
+
+    def runner(cfg, run_dir):
+        calls.append(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps, "eval": {}, "last_train_metrics": {}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        provenance.write_manifest(run_dir, cfg, with_devices=False)
+        return summary
+
+    base = ml_collections.ConfigDict(_base().to_dict())
+    base.export = ml_collections.ConfigDict({"hf": False, "dir": ""})
+    points, workdir = [{"transform.t": 1.0}], str(tmp_path)
+    sweep.run(base, points, workdir, runner, log=lambda s: None)
+    sweep.run(base, points, workdir, runner, log=lambda s: None)
+    assert len(calls) == 1
+    more = sweep.apply_overrides(base, {"task.eval_ns": (1, 2, 4, 8)})
+    sweep.run(more, points, workdir, runner, log=lambda s: None)
+    assert len(calls) == 2
+    exported = sweep.apply_overrides(more, {"export.hf": True})
+    sweep.run(exported, points, workdir, runner, log=lambda s: None)
+    sweep.run(exported, points, workdir, runner, log=lambda s: None)
+    assert len(calls) == 3
+    elsewhere = sweep.apply_overrides(exported, {"export.dir": str(tmp_path / "hf")})
+    sweep.run(elsewhere, points, workdir, runner, log=lambda s: None)
+    assert len(calls) == 4
+
+
+def test_a_point_whose_input_file_is_gone_or_whose_manifest_is_missing(tmp_path):
+    """A recorded input file deleted since is not a changed one: the point is reused. A summary
+    without the run's manifest.json (which train.run writes beside it) cannot say what it ran,
+    so the point goes back to the runner."""
+    table = tmp_path / "phi.npz"
+    table.write_bytes(b"a table")
+    calls = []
+
+    def runner(cfg, run_dir, manifest=True):
+        calls.append(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps, "eval": {}, "last_train_metrics": {}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        if manifest:
+            provenance.write_manifest(run_dir, cfg, inputs={"transform_table": str(table)},
+                                      with_devices=False)
+        return summary
+
+    points = [{"transform.t": 1.0}]
+    sweep.run(_base(), points, str(tmp_path / "s"), runner, log=lambda s: None)
+    table.unlink()
+    sweep.run(_base(), points, str(tmp_path / "s"), runner, log=lambda s: None)
+    assert len(calls) == 1
+    bare = lambda cfg, run_dir: runner(cfg, run_dir, manifest=False)
+    sweep.run(_base(), points, str(tmp_path / "bare"), bare, log=lambda s: None)
+    sweep.run(_base(), points, str(tmp_path / "bare"), bare, log=lambda s: None)
+    assert len(calls) == 3
+
+
+def test_sweep_rows_keep_the_training_reward_columns_and_names_without_slashes():
+    summary = {"eval": {"exact_kl": 0.1},
+               "last_train_metrics": {"kl_k1": 0.5, "kl_full_vocab": 0.4, "loss": 1.0,
+                                      "calibrated_reward": 0.6, "transformed_reward": 0.7}}
+    row = sweep.flat_row({"transform.t": 1.0}, summary)
+    assert row == {"point": "t=1", "transform.t": 1.0, "eval.exact_kl": 0.1,
+                   "train.calibrated_reward": 0.6, "train.kl_full_vocab": 0.4,
+                   "train.kl_k1": 0.5, "train.transformed_reward": 0.7}
+    # a path in a value does not make a nested work dir
+    assert sweep.point_name({"transform.path": "tables/phi.npz"}) == "path=tables_phi.npz"
+
+
 def test_beta_for_kl_hits_the_budget_and_is_monotone():
     task = et.make_task(0)
     table = et.sample_reference_table(task, 256, seed=1)
@@ -443,6 +527,70 @@ def test_reproduce_refuses_an_exact_stage_without_its_config(tmp_path):
     cfg = ml_collections.ConfigDict({"stages": "exact", "size": "tiny", "seed": 0})
     with pytest.raises(ValueError, match="stage 'exact' needs exact_config"):
         reproduce.run(cfg, str(tmp_path))
+
+
+def test_an_empty_method_list_and_a_convergence_stage_without_its_config_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"keys must name a non-empty subset .* got \(\)"):
+        reproduce.check_method_keys((), "keys")
+    with pytest.raises(ValueError, match=r"config.methods must name a non-empty subset"):
+        reproduce.ReproduceConfig(methods=" , ")
+    cfg = ml_collections.ConfigDict({"stages": "convergence", "size": "tiny", "seed": 0})
+    with pytest.raises(ValueError, match="stage 'convergence' needs exact_config"):
+        reproduce.run(cfg, str(tmp_path))
+
+
+def test_the_stages_train_from_the_reproductions_seed(tmp_path, monkeypatch):
+    got = {}
+
+    def exact_stage(base, out, **kw):
+        got["exact"] = kw["first_seed"]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "exact_table.md"), "w") as f:
+            f.write("table\n")
+
+    def convergence_stage(base, out, **kw):
+        got["convergence"] = kw["first_seed"]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "convergence_table.md"), "w") as f:
+            f.write("table\n")
+
+    monkeypatch.setattr(reproduce, "run_exact_stage", exact_stage)
+    monkeypatch.setattr(reproduce, "run_convergence_stage", convergence_stage)
+    cfg = ml_collections.ConfigDict({"stages": "exact,convergence", "size": "tiny", "seed": 4})
+    reproduce.run(cfg, str(tmp_path), exact_config=_base(), log=lambda s: None)
+    assert got == {"exact": 4, "convergence": 4}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["seeds"] == {"exact_and_convergence": [4, 5, 6]}   # tiny: three seeds
+
+
+def test_the_convergence_stage_passes_on_errors_other_than_an_unreachable_budget(tmp_path,
+                                                                                 monkeypatch):
+    def broken(cfg, run_dir, devices):
+        raise ValueError("a table of another task")
+
+    monkeypatch.setattr(reproduce, "_train", broken)
+    with pytest.raises(ValueError, match="a table of another task"):
+        reproduce.run_convergence_stage(_base(), str(tmp_path), kls=(0.5,), size="smoke",
+                                        transforms=(("identity", {}),), log=lambda s: None)
+
+
+def test_a_convergence_row_reports_the_beta_its_runs_ended_at(tmp_path, monkeypatch):
+    """The run's pi* is at the beta its schedule ends at (manifest extra.end_beta), which under
+    a linear schedule or a warm-up is not the configured start (extra.beta)."""
+    ev = {"exact_kl": 0.5, "target_kl": 0.5, "exact_kl_to_target": 0.01,
+          "range_phi_over_beta": 2.0, "exact_bon4": 0.6, "target_bon4": 0.6, "exact_won4": 0.4,
+          "target_won4": 0.4}
+
+    def fake_train(cfg, run_dir, devices):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "manifest.json"), "w") as f:
+            json.dump({"extra": {"beta": 0.8, "end_beta": 0.2}}, f)
+        return None, {"eval": ev}
+
+    monkeypatch.setattr(reproduce, "_train", fake_train)
+    (row,) = reproduce.run_convergence_stage(_base(), str(tmp_path), kls=(0.5,), size="smoke",
+                                             transforms=(("identity", {}),), log=lambda s: None)
+    assert row["beta"] == 0.2
 
 
 def test_reproduce_refuses_keys_no_stage_it_runs_reads(tmp_path):
