@@ -206,9 +206,12 @@ def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path):
     assert len(csv_rows) == 1 + len(out)
 
     # The same work dir again with fewer procedures: the decoders' records of the first run are
-    # removed (they would sit beside this run's manifest as its own), the policy's rewritten.
+    # removed (they would sit beside this run's manifest as its own), the policy's rewritten,
+    # with the procedures asked for only.
     lines = []
-    evaluate.run(tiny_config(dirs, ("bon", "won")), str(tmp_path), progress=lines.append)
+    again = evaluate.run(tiny_config(dirs, ("bon",)), str(tmp_path), progress=lines.append)
+    procedures = {r["procedure"] for r in again["rows"]}
+    assert "policy:bon" in procedures and not [p for p in procedures if p.endswith("won")]
     assert not any((tmp_path / f"{d}.{ext}").exists() for d in ("cd_tokenwise", "cd_blockwise")
                    for ext in ("json", "csv"))
     assert (tmp_path / "policy.json").is_file() and (tmp_path / "policy.csv").is_file()
