@@ -494,9 +494,6 @@ def restore_params(path: str, abstract_params: PyTree) -> tuple[PyTree, int, dic
                              f"params{jax.tree_util.keystr(key)} of shape {leaf.shape} "
                              f"{leaf.dtype}, this run's model needs {spec.shape} {spec.dtype} "
                              f"(it does not hold parameters of this run's model)")
-    if len(got) != len(want):
-        raise ValueError(f"config.train.init_from={path!r}: checkpoint step {step} holds "
-                         f"{len(got)} parameter arrays, this run's model has {len(want)}")
     return params, int(step), dict(out.meta or {})
 
 
