@@ -320,15 +320,22 @@ def test_read_only_directory_is_reported(tmp_path):
         read_only.chmod(0o700)
 
 
-def test_leftover_temporary_directory_is_ignored_and_removed(tmp_path, caplog):
-    state = _example_state()
-    root = tmp_path / "ckpt"
+def _step_5_and_a_leftover(root, state, leftover_step: int) -> Path:
+    """Step 5 of `state` committed under `root`, and the half-written temporary directory of
+    `leftover_step` an interrupted save leaves (returned)."""
     with Checkpointer(root) as ckpt:
         ckpt.save(5, state)
         ckpt.wait()
-    leftover = root / "6.orbax-checkpoint-tmp"
+    leftover = root / f"{leftover_step}.orbax-checkpoint-tmp"
     (leftover / "state").mkdir(parents=True)
     (leftover / "state" / "half_written").write_bytes(b"\0" * 100)
+    return leftover
+
+
+def test_leftover_temporary_directory_is_ignored_and_removed(tmp_path, caplog):
+    state = _example_state()
+    root = tmp_path / "ckpt"
+    leftover = _step_5_and_a_leftover(root, state, 6)
     with caplog.at_level(logging.WARNING, LOGGER), Checkpointer(root) as ckpt:
         assert any("6.orbax-checkpoint-tmp" in r.getMessage() for r in caplog.records)
         assert ckpt.latest_step() == 5
@@ -462,12 +469,7 @@ def test_a_leftover_temporary_directory_of_a_step_not_saved_again_is_removed(tmp
     after it) is removed all the same, by the clean-up the Checkpointer asks Orbax for."""
     state = _example_state()
     root = tmp_path / "ckpt"
-    with Checkpointer(root) as ckpt:
-        ckpt.save(5, state)
-        ckpt.wait()
-    leftover = root / "9.orbax-checkpoint-tmp"
-    (leftover / "state").mkdir(parents=True)
-    (leftover / "state" / "half_written").write_bytes(b"\0" * 100)
+    leftover = _step_5_and_a_leftover(root, state, 9)
     with Checkpointer(root) as ckpt:
         assert ckpt.all_steps() == [5]
         ckpt.save(6, state)

@@ -173,18 +173,24 @@ def test_params_digest_is_content_and_layout():
                                                                                     np.float32)})
 
 
+def _committed_repo(path, ignore: str) -> None:
+    """A git repository at `path` with one commit: infalign_jax/a.py and a .gitignore of
+    `ignore`."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (path / "infalign_jax").mkdir()
+    (path / "infalign_jax" / "a.py").write_text("x = 1\n")
+    (path / ".gitignore").write_text(ignore + "\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+
+
 def test_untracked_sources_make_the_git_state_dirty(tmp_path):
     """An untracked module the run imports was not counted (`--untracked-files=no`): a run of
     code the revision lacks was recorded clean."""
-    def git(*args):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
-
-    git("init", "-q")
-    (tmp_path / "infalign_jax").mkdir()
-    (tmp_path / "infalign_jax" / "a.py").write_text("x = 1\n")
-    (tmp_path / ".gitignore").write_text("runs/\n")
-    git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    _committed_repo(tmp_path, ignore="runs/")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "out.py").write_text("")        # ignored
     (tmp_path / "notes.py").write_text("")               # outside the source dirs
@@ -293,15 +299,7 @@ def test_git_state_outside_a_repository_is_unknown(tmp_path, monkeypatch):
 
 
 def test_a_changed_tracked_file_makes_the_git_state_dirty_other_untracked_files_do_not(tmp_path):
-    def git(*args):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
-
-    git("init", "-q")
-    (tmp_path / "infalign_jax").mkdir()
-    (tmp_path / "infalign_jax" / "a.py").write_text("x = 1\n")
-    (tmp_path / ".gitignore").write_text("infalign_jax/generated_*.py\n")
-    git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    _committed_repo(tmp_path, ignore="infalign_jax/generated_*.py")
     (tmp_path / "infalign_jax" / "notes.txt").write_text("")            # not a source file
     (tmp_path / "infalign_jax" / "generated_table.py").write_text("")   # ignored
     assert provenance.git_state(str(tmp_path)) == {

@@ -298,22 +298,27 @@ def test_a_rerun_sweep_writes_the_table_it_wrote(tmp_path):
     assert tables[1] == tables[0]
 
 
-def test_a_finished_point_whose_input_file_changed_is_not_reused(tmp_path):
-    """The manifest's input digests: a transform table rewritten behind its path sends the point
-    back to the runner (whose resume then refuses it, naming transform_table.sha256)."""
-    table = tmp_path / "phi.npz"
-    table.write_bytes(b"first table")
-    calls = []
-
+def _finishing_runner(calls, inputs=None):
+    """A sweep runner that finishes a point at once as train.run would leave it (summary.json,
+    a manifest with its config and `inputs`), recording each run dir in `calls`."""
     def runner(cfg, run_dir):
         calls.append(run_dir)
         os.makedirs(run_dir, exist_ok=True)
         summary = {"final_step": cfg.train.num_steps, "eval": {}, "last_train_metrics": {}}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f)
-        provenance.write_manifest(run_dir, cfg, inputs={"transform_table": str(table)},
-                                  with_devices=False)
+        provenance.write_manifest(run_dir, cfg, inputs=inputs, with_devices=False)
         return summary
+    return runner
+
+
+def test_a_finished_point_whose_input_file_changed_is_not_reused(tmp_path):
+    """The manifest's input digests: a transform table rewritten behind its path sends the point
+    back to the runner (whose resume then refuses it, naming transform_table.sha256)."""
+    table = tmp_path / "phi.npz"
+    table.write_bytes(b"first table")
+    calls = []
+    runner = _finishing_runner(calls, inputs={"transform_table": str(table)})
 
     points = [{"transform.t": 1.0}]
     sweep.run(_base(), points, str(tmp_path / "s"), runner, log=lambda s: None)
@@ -328,16 +333,7 @@ def test_a_finished_point_rerun_with_other_outputs_goes_back_to_the_runner(tmp_p
     """task.eval_ns and export.* may change on a resume, so the config record leaves them out;
     a finished point whose run reported other evaluations or exported elsewhere is not reused."""
     calls = []
-
-    def runner(cfg, run_dir):
-        calls.append(run_dir)
-        os.makedirs(run_dir, exist_ok=True)
-        summary = {"final_step": cfg.train.num_steps, "eval": {}, "last_train_metrics": {}}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f)
-        provenance.write_manifest(run_dir, cfg, with_devices=False)
-        return summary
-
+    runner = _finishing_runner(calls)
     base = ml_collections.ConfigDict(_base().to_dict())
     base.export = ml_collections.ConfigDict({"hf": False, "dir": ""})
     points, workdir = [{"transform.t": 1.0}], str(tmp_path)

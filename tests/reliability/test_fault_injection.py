@@ -140,13 +140,16 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 # ---- SIGKILL and resume ----------------------------------------------------------------------
 
-def _run_until_killed(workdir: Path, how: str, when: int, log: Path) -> None:
-    """Starts the CLI and SIGKILLs it: ("row", k) once metrics.jsonl has k rows; ("tmp", k) at
-    the first uncommitted checkpoint directory seen after k rows."""
+def _run_until_signalled(workdir: Path, how: str, when: int, log: Path,
+                         sig: int = signal.SIGKILL, extra: tuple[str, ...] = ()) -> int:
+    """Starts the CLI (FLAGS, then `extra`) and sends it `sig`: ("row", k) once metrics.jsonl has
+    k rows; ("tmp", k) at the first uncommitted checkpoint directory seen after k rows. Returns
+    its exit status."""
     metrics, ckpts = workdir / "metrics.jsonl", workdir / "checkpoints"
     start_rows = len(read_jsonl(str(metrics))) if metrics.exists() else 0
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(CLI), f"--workdir={workdir}", *FLAGS],
+        proc = subprocess.Popen([sys.executable, str(CLI), f"--workdir={workdir}", *FLAGS,
+                                 *extra],
                                 cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         try:
@@ -158,9 +161,9 @@ def _run_until_killed(workdir: Path, how: str, when: int, log: Path) -> None:
             assert proc.poll() is None, f"run ended before kill point {how} {when}: " \
                                         f"{log.read_text()[-2000:]}"
         finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+            proc.send_signal(sig)
+            proc.wait(timeout=120)   # a SIGTERM lets the run finish its step and save it
+    return proc.returncode
 
 
 @pytest.mark.slow
@@ -170,7 +173,8 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(uninterrupted, tmp_p
     seen_tmp, history = [], []
     for i, (how, when) in enumerate(plan):
         before = _committed(ckpts)
-        _run_until_killed(workdir, how, when, tmp_path / f"kill{i}.log")
+        assert _run_until_signalled(workdir, how, when, tmp_path / f"kill{i}.log") == \
+            -signal.SIGKILL
         after, tmp = _committed(ckpts), _uncommitted(ckpts)
         seen_tmp += tmp
         history.append((how, when, after[-1] if after else 0, tmp))
@@ -200,19 +204,10 @@ def test_sigterm_stops_after_its_step_with_that_checkpoint_then_resumes_bit_exac
     resumes from that step and ends equal to an uninterrupted run."""
     workdir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     metrics, log = workdir / "metrics.jsonl", tmp_path / "term.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(CLI), f"--workdir={workdir}", *FLAGS,
-                                 "--config.train.checkpoint_every=100"],
-                                cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None and not (
-                metrics.exists() and len(read_jsonl(str(metrics))) >= 2):
-            time.sleep(0.002)
-        assert proc.poll() is None, log.read_text()[-2000:]
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+    status = _run_until_signalled(workdir, "row", 2, log, signal.SIGTERM,
+                                  ("--config.train.checkpoint_every=100",))
     text = log.read_text()
-    assert proc.returncode == 143, text[-3000:]
+    assert status == 143, text[-3000:]
     stopped = len(read_jsonl(str(metrics)))
     assert 2 <= stopped < NUM_STEPS, text[-2000:]
     # step 1 is Orbax's first save; `stopped` is no checkpoint step (every 100)
