@@ -264,6 +264,31 @@ def test_restore_params_refuses_a_parameter_the_checkpoint_lacks(tmp_path):
     assert step == 1 and np.asarray(params["w"]).tolist() == np.ones((4, 8)).tolist()
 
 
+def test_restore_params_counts_the_checkpoints_parameters_it_does_not_read(tmp_path, caplog):
+    """Parameters the checkpoint holds beyond the model's (a value head read by a run without
+    one) are left unread, as intended, but no longer without a word: a warning counts and names
+    them. A checkpoint holding exactly the model's parameters reads without one."""
+    spec = jax.ShapeDtypeStruct
+    with Checkpointer(tmp_path / "run" / "checkpoints", async_save=False) as ckpt:
+        ckpt.save(1, {"params": {"w": jnp.ones((4, 8)), "head": {"v": jnp.ones(3), "b": jnp.ones(1)},
+                                 "layers": [jnp.ones(2), jnp.ones(2)]},
+                      "opt": jnp.zeros(3)}, {"step": 1})
+    want = {"w": spec((4, 8), jnp.float32), "layers": [spec((2,), jnp.float32)] * 2}
+    with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+        params, step, _ = checkpointing.restore_params(str(tmp_path / "run"),
+                                                       checkpointing.local_abstract(want))
+    assert step == 1 and sorted(params) == ["layers", "w"]
+    warned = [r.getMessage() for r in caplog.records if r.name == checkpointing.__name__]
+    assert len(warned) == 1, warned
+    assert ("checkpoint step 1 holds 2 parameter(s) this run's model does not have, not read: "
+            "params['head']['b'], params['head']['v']") in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+        checkpointing.restore_params(str(tmp_path / "run"), checkpointing.local_abstract(
+            {**want, "head": {"v": spec((3,), jnp.float32), "b": spec((1,), jnp.float32)}}))
+    assert [r.getMessage() for r in caplog.records if r.name == checkpointing.__name__] == []
+
+
 def test_nonfinite_state_is_refused_and_previous_checkpoint_survives(tmp_path):
     good = _example_state()
     bad = jax.tree.map(lambda x: x, good)

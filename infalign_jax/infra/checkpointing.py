@@ -485,6 +485,12 @@ def restore_params(path: str, abstract_params: PyTree) -> tuple[PyTree, int, dic
                                                    f"{len(jax.tree.leaves(abstract_params))})"
                                                    if len(missing) > 1 else "")
                          + " (it does not hold parameters of this run's model)")
+    unread = _unread_params(root / str(step) / "state", abstract_params)
+    if unread:   # intended (e.g. a value head a run without one does not use), but counted
+        logger.warning("%s: checkpoint step %d holds %d parameter(s) this run's model does not "
+                       "have, not read: %s", path, step, len(unread),
+                       ", ".join(f"params{k}" for k in unread[:5])
+                       + (f" and {len(unread) - 5} more" if len(unread) > 5 else ""))
     # Orbax restores a stored array of another shape as stored: refuse it here.
     got = jax.tree_util.tree_flatten_with_path(params)[0]
     want = jax.tree.leaves(abstract_params)
@@ -495,6 +501,25 @@ def restore_params(path: str, abstract_params: PyTree) -> tuple[PyTree, int, dic
                              f"{leaf.dtype}, this run's model needs {spec.shape} {spec.dtype} "
                              f"(it does not hold parameters of this run's model)")
     return params, int(step), dict(out.meta or {})
+
+
+def _unread_params(state_dir: epath.Path, abstract_params: PyTree) -> list[str]:
+    """The key paths of the parameters stored under `state_dir` (a step's state item) that
+    `abstract_params` does not have: a partial restore leaves them unread. Read from the
+    checkpoint's tree metadata (no array is read)."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        stored = handler.metadata(epath.Path(state_dir)).tree["params"]
+    finally:
+        handler.close()
+    wanted = {_key_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(stored)[0]
+            if _key_path(k) not in wanted]
+
+
+def _key_path(path: tuple) -> tuple[str, ...]:
+    """A tree key path as strings (the stored metadata names a sequence index as a dict key)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _first_line(e: BaseException) -> str:
