@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from infalign_jax.infra import preemption
 from infalign_jax.rl import calibration_pass as cp
 from infalign_jax import models
 from infalign_jax.decoding import sampling
@@ -162,6 +164,69 @@ def test_resume_reuses_finished_chunks(tmp_path):
         _run(reward_fn=dies_after_two, partial_path=partial)
     with pytest.raises(ValueError, match=r"other settings \(seed: file 3 vs now 4\)"):
         _run(reward_fn=count_reward, partial_path=partial, seed=4)
+
+
+def test_a_sigterm_stops_the_pass_after_its_chunk_and_the_same_call_resumes(tmp_path):
+    """A scheduler's SIGTERM during the pass (one process, with a partial file) lets the chunk it
+    came in finish and be written, then ends the pass with Preempted (exit status 143) instead of
+    killing it mid-chunk; the same call resumes from there and builds the uninterrupted table.
+    Without a partial file there is nothing to keep, and SIGTERM keeps its default action."""
+    partial = str(tmp_path / "table.partial.npz")
+    calls = []
+
+    def signalled_in_the_second_chunk(rp, idx, resp, mask):
+        calls.append(idx)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return count_reward(rp, idx, resp, mask)
+
+    lines = []
+    with pytest.raises(preemption.Preempted) as stopped:
+        _run(reward_fn=signalled_in_the_second_chunk, partial_path=partial,
+             progress=lines.append)
+    assert stopped.value.code == 143 and stopped.value.step is None
+    assert len(calls) == 2 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert lines[-1].startswith("SIGTERM: calibration stopped after batch 1, chunk 2 (2/6 chunks)")
+    with np.load(partial) as kept:
+        assert kept["done_BxC"].tolist() == [[True, True, False], [False, False, False]]
+
+    scored = []
+
+    def counting(rp, idx, resp, mask):
+        scored.append(idx)
+        return count_reward(rp, idx, resp, mask)
+
+    resumed = _run(reward_fn=counting, partial_path=partial)
+    assert len(scored) == 6 - 2 and not os.path.exists(partial)
+    np.testing.assert_array_equal(resumed.sorted_rewards_BxK,
+                                  _run(reward_fn=count_reward).sorted_rewards_BxK)
+
+    # in the last chunk: stopped all the same; the rerun draws nothing and builds the table
+    calls.clear()
+
+    def signalled_in_the_last_chunk(rp, idx, resp, mask):
+        calls.append(idx)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return count_reward(rp, idx, resp, mask)
+
+    with pytest.raises(preemption.Preempted):
+        _run(reward_fn=signalled_in_the_last_chunk, partial_path=partial)
+    scored.clear()
+    again = _run(reward_fn=counting, partial_path=partial)
+    assert scored == [] and not os.path.exists(partial)
+    np.testing.assert_array_equal(again.sorted_rewards_BxK, resumed.sorted_rewards_BxK)
+
+    # no partial file: the default action (the handler is not installed during the pass)
+    seen = []
+
+    def handler_during_the_pass(rp, idx, resp, mask):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return count_reward(rp, idx, resp, mask)
+
+    _run(reward_fn=handler_during_the_pass, partial_path=partial)
+    _run(reward_fn=handler_during_the_pass)
+    assert seen[0] not in (signal.SIG_DFL, None) and set(seen[6:]) == {signal.SIG_DFL}
 
 
 def test_bad_arguments_fail_clearly():

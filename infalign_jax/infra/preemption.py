@@ -13,7 +13,9 @@ steps since the last checkpoint are lost. Inside `sigterm_noted()` (the run loop
   `Checkpointer.reached_preemption` asks); the loop stops after that save. No handler is
   installed here then: it would replace JAX's.
 
-Outside it (loading, the reference table's pass, the final evaluation) SIGTERM acts as always.
+The reference table's pass uses it too, between its chunks, when it keeps a partial file
+(`calibration_pass.run_calibration`, one process only; `Preempted(None)`: no training step).
+Elsewhere (loading, the final evaluation) SIGTERM acts as always.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ EXIT_STATUS = 128 + signal.SIGTERM
 
 
 class Preempted(SystemExit):
-    """A run stopped by SIGTERM after saving the checkpoint of `step`; exit status 143."""
+    """A run stopped by SIGTERM after saving the checkpoint of `step` (None: stopped before its
+    steps, in the reference table's pass, whose partial file holds what it drew); exit status
+    143."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int | None):
         super().__init__(EXIT_STATUS)
         self.step = step
 

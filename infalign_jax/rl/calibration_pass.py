@@ -36,11 +36,14 @@ Resuming. With `partial_path`, the rewards and validity of every finished chunk 
 atomically (one small `.npz`) after each chunk, together with a fingerprint of the settings; a
 re-run with the same settings skips the finished chunks (same keys, so the same table results),
 a re-run with other settings fails naming what differs. The file is removed once the table is
-built (and saved to `out_path`, if given).
+built (and saved to `out_path`, if given). With it, a SIGTERM to a one-process pass (a
+scheduler's preemption) ends the pass after the chunk it is in, once that chunk is written, with
+`preemption.Preempted` (exit status 143); the same call resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -62,7 +65,7 @@ from infalign_jax.core.types import RewardFn
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.infra.files import write_npz
-from infalign_jax.infra import distributed, validate as check
+from infalign_jax.infra import distributed, preemption, validate as check
 
 Params = Any
 
@@ -305,33 +308,43 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
     mine = sum(min(batch_prompts, num - i * batch_prompts) for i in np.flatnonzero(mine_B))
     whose = f" (process {index}'s share)" if count > 1 else ""
     start, drawn = time.perf_counter(), 0
-    for b in range(num_batches):
-        if done_BxC[b].all() or not mine_B[b]:
-            continue
-        rows = np.minimum(np.arange(b * batch_prompts, (b + 1) * batch_prompts), num - 1)
-        real = rows[: min(batch_prompts, num - b * batch_prompts)]
-        tokens, mask = jax.device_put((prompt_BxP[rows], prompt_mask_BxP[rows]), place)
-        logits_BxV, cache = prefill(params, tokens, mask)
-        for c in range(num_chunks):
-            if done_BxC[b, c]:
+    # A SIGTERM (a scheduler's preemption) ends the pass after the chunk it is in, once that
+    # chunk is in the partial file; without one there is nothing to keep, and it acts at once.
+    noted = preemption.sigterm_noted() if partial_path else contextlib.nullcontext(lambda: False)
+    with noted as sigterm:
+        for b in range(num_batches):
+            if done_BxC[b].all() or not mine_B[b]:
                 continue
-            out = jax.device_get(decode_chunk(params, tokens, mask, logits_BxV, cache,
-                                              chunk_key(seed, b, c)))
-            lo, hi = c * chunk, min((c + 1) * chunk, k)
-            scores, ok = _score_chunk(out, real, hi - lo, reward_fn, reward_params, cfg,
-                                      require_eos)
-            rewards_XxK[real, lo:hi], valid_XxK[real, lo:hi] = scores, ok
-            done_BxC[b, c] = True
-            if partial_path:
-                write_npz(partial_path, rewards_XxK=rewards_XxK, valid_XxK=valid_XxK,
-                          done_BxC=done_BxC, fingerprint=np.asarray(json.dumps(fingerprint)))
-            drawn += samples_in(b, c)
-            elapsed = time.perf_counter() - start
-            prompts_done = sum(min(batch_prompts, num - i * batch_prompts)
-                               for i in range(num_batches) if done_BxC[i].all() and mine_B[i])
-            say(f"calibration: prompts {prompts_done}/{mine}{whose} (batch {b + 1}/{num_batches}, "
-                f"chunk {c + 1}/{num_chunks}), {drawn / elapsed:.1f} samples/s, elapsed "
-                f"{_fmt_s(elapsed)}, ETA {_fmt_s((total - drawn) * elapsed / drawn)}")
+            rows = np.minimum(np.arange(b * batch_prompts, (b + 1) * batch_prompts), num - 1)
+            real = rows[: min(batch_prompts, num - b * batch_prompts)]
+            tokens, mask = jax.device_put((prompt_BxP[rows], prompt_mask_BxP[rows]), place)
+            logits_BxV, cache = prefill(params, tokens, mask)
+            for c in range(num_chunks):
+                if done_BxC[b, c]:
+                    continue
+                out = jax.device_get(decode_chunk(params, tokens, mask, logits_BxV, cache,
+                                                  chunk_key(seed, b, c)))
+                lo, hi = c * chunk, min((c + 1) * chunk, k)
+                scores, ok = _score_chunk(out, real, hi - lo, reward_fn, reward_params, cfg,
+                                          require_eos)
+                rewards_XxK[real, lo:hi], valid_XxK[real, lo:hi] = scores, ok
+                done_BxC[b, c] = True
+                if partial_path:
+                    write_npz(partial_path, rewards_XxK=rewards_XxK, valid_XxK=valid_XxK,
+                              done_BxC=done_BxC, fingerprint=np.asarray(json.dumps(fingerprint)))
+                drawn += samples_in(b, c)
+                elapsed = time.perf_counter() - start
+                prompts_done = sum(min(batch_prompts, num - i * batch_prompts)
+                                   for i in range(num_batches) if done_BxC[i].all() and mine_B[i])
+                say(f"calibration: prompts {prompts_done}/{mine}{whose} (batch {b + 1}/"
+                    f"{num_batches}, chunk {c + 1}/{num_chunks}), {drawn / elapsed:.1f} "
+                    f"samples/s, elapsed {_fmt_s(elapsed)}, ETA "
+                    f"{_fmt_s((total - drawn) * elapsed / drawn)}")
+                if sigterm():   # the last chunk too: a rerun then builds the table at once
+                    say(f"SIGTERM: calibration stopped after batch {b + 1}, chunk {c + 1} "
+                        f"({int(done_BxC.sum())}/{done_BxC.size} chunks), saved in "
+                        f"{partial_path}; the same command resumes it")
+                    raise preemption.Preempted(None)
 
     if count > 1:
         rewards_XxK, valid_XxK = _combine(rewards_XxK, valid_XxK, done_BxC, mine_B,
