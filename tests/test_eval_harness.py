@@ -342,6 +342,77 @@ def test_decoder_blockwise_single_block_is_bon(params):
     assert rec["kl"]["bound"]["mean"] == pytest.approx(np.log(k) - (k - 1) / k, rel=1e-5)
 
 
+def test_pi_refs_samples_drawn_once_serve_every_evaluation_against_them(params):
+    """`reference_samples` draws and judges pi_ref's side once (with the key the evaluations
+    use: the second half of key(seed)'s split); `evaluate_policy` / `evaluate_decoder` given it
+    return the records they return drawing it themselves, judging only their own side, and refuse
+    samples drawn with other settings or from another pi_ref tree, naming what differs."""
+    pol, ref = params
+    prompts, mask = _prompts(2)                       # 4 prompts
+    judged = []
+
+    def counting(p, pm, r, rm):
+        judged.append(r.shape[0])
+        return judge(p, pm, r, rm)
+
+    kw = dict(m=8, ns=[2], seed=4, max_new_tokens=L, num_resamples=50)
+    fresh = eval_harness.evaluate_policy(FNS, pol, FNS, ref, prompts, mask, counting, **kw)
+    assert judged == [32, 32]
+    judged.clear()
+    shared = eval_harness.reference_samples(FNS, ref, prompts, mask, counting, m=8, seed=4,
+                                            max_new_tokens=L)
+    assert judged == [32]
+    direct = sampling.sample(FNS, ref, prompts, mask, jax.random.split(jax.random.key(4))[1],
+                             sampling.SamplingConfig(n=8, max_new_tokens=L))
+    np.testing.assert_array_equal(shared.resp_RxL, np.asarray(direct.tokens_BxNxL).reshape(32, L))
+    np.testing.assert_array_equal(shared.scores_R, np.asarray(judge(
+        None, None, shared.resp_RxL, shared.mask_RxL)))
+    judged.clear()
+    seen = {}
+    again = eval_harness.evaluate_policy(
+        FNS, pol, FNS, ref, prompts, mask, counting, reference=shared,
+        on_scored=lambda side, r, m, sc: seen.setdefault(side, sc), **kw)
+    assert judged == [32] and again == fresh
+    np.testing.assert_array_equal(seen["reference"], shared.scores_R)
+
+    def run(p, pm, r):
+        return jnp.full((p.shape[0], L), 1, jnp.int32), jnp.ones((p.shape[0], L), bool), \
+            jnp.zeros(p.shape[0])
+
+    alone = eval_harness.evaluate_decoder(run, FNS, ref, prompts, mask, counting, **kw)
+    judged.clear()
+    assert eval_harness.evaluate_decoder(run, FNS, ref, prompts, mask, counting,
+                                         reference=shared, **kw) == alone
+    assert judged == [32]
+    # every response "111" scores 3 (weights 1 + 2 + 0): its standard win rate is the fraction
+    # of pi_ref samples below 3, plus half the ties, read off the shared scores
+    below = (shared.scores_R < 3).mean() + 0.5 * (shared.scores_R == 3).mean()
+    assert alone["win_rate"]["standard"]["point"] == pytest.approx(below)
+
+    for what, call in [
+            ("seed", lambda: eval_harness.evaluate_policy(
+                FNS, pol, FNS, ref, prompts, mask, counting, reference=shared,
+                **{**kw, "seed": 5})),
+            ("prompts", lambda: eval_harness.evaluate_policy(
+                FNS, pol, FNS, ref, prompts[::-1], mask, counting, reference=shared, **kw)),
+            ("judge", lambda: eval_harness.evaluate_policy(
+                FNS, pol, FNS, ref, prompts, mask, judge, reference=shared, **kw)),
+            ("temperature", lambda: eval_harness.evaluate_policy(
+                FNS, pol, FNS, ref, prompts, mask, counting, reference=shared, temperature=0.7,
+                **kw)),
+            ("ref_params", lambda: eval_harness.evaluate_decoder(
+                run, FNS, jax.tree.map(jnp.copy, ref), prompts, mask, counting,
+                reference=shared, **kw))]:
+        with pytest.raises(ValueError, match=rf"reference: pi_ref's samples were drawn with "
+                                             rf"other {what} than this evaluation's"):
+            call()
+    hot = eval_harness.reference_samples(FNS, ref, prompts, mask, counting, m=8, seed=4,
+                                         max_new_tokens=L, temperature=0.7)
+    with pytest.raises(ValueError, match="other temperature"):   # a decoder samples at 1
+        eval_harness.evaluate_decoder(run, FNS, ref, prompts, mask, counting, reference=hot,
+                                      **kw)
+
+
 def test_decoder_kl_standard_error_is_over_prompts(params):
     """`evaluate_decoder` reads kl_R's rows b*M + j as prompt b's M samples: its standard error
     is that of the per-prompt means, not of B*M independent sequences."""

@@ -478,19 +478,30 @@ def test_ctrl_on_the_researchers_policy_reward_model_and_prompts(dirs, tmp_path,
 
 
 @pytest.mark.slow
-def test_texts_the_reward_model_cuts_are_counted_per_step_and_in_the_summary(dirs, tmp_path):
+def test_texts_the_reward_model_cuts_are_counted_per_step_and_in_the_summary(dirs, tmp_path,
+                                                                            monkeypatch):
     """A reward model cuts texts past its max_len and scores the kept part; nothing said so
     (the judge's own count was read by nobody). At max_len 2 every training text (a prompt of 3+
-    words, a newline and the response) is cut: 2 prompts x 2 samples = 4 a step."""
+    words, a newline and the response) is cut: 2 prompts x 2 samples = 4 a step. pi_ref's
+    evaluation samples are drawn and judged once, at the first evaluation, and their cut texts
+    count in every evaluation's figure."""
+    from infalign_jax.analysis import eval_harness
     from infalign_jax.loops import train
-    c = real_task_config(dirs, extra={"task.reward.max_len": 2, "task.eval_samples": 2})
+    drawn = []
+    real_reference = eval_harness.reference_samples
+    monkeypatch.setattr(eval_harness, "reference_samples",
+                        lambda *a, **k: drawn.append(1) or real_reference(*a, **k))
+    c = real_task_config(dirs, extra={"task.reward.max_len": 2, "task.eval_samples": 2,
+                                      "train.eval_every": 1})
     lines: list[str] = []
     _, summary = train.run(c, str(tmp_path), log=lines.append, devices=jax.devices()[:1])
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [r["reward_texts_cut"] for r in rows] == [4, 4]
     assert summary["reward_texts_cut"] == 8
-    # the evaluation's: 2 held-out prompts x 2 samples, of the policy and of pi_ref
-    assert summary["eval"]["est_reward_texts_cut"] == 8
+    # the evaluation's: 2 held-out prompts x 2 samples, of the policy and of pi_ref, at step 1
+    # and at the end; pi_ref's drawn once
+    assert summary["eval"]["est_reward_texts_cut"] == 8 and len(drawn) == 1
+    assert [r["est_reward_texts_cut"] for r in read_jsonl(str(tmp_path / "eval.jsonl"))] == [8, 8]
     assert sum("the reward model cut 4 scored texts at its length limit" in line
                for line in lines) == 1
     # the reference table's K = 4 samples of each of the 4 training prompts, every one cut

@@ -36,8 +36,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,69 @@ def sample_scored(fns: DecoderFns, params: Params, prompt_BxP, prompt_mask_BxP,
     return np.asarray(resp), np.asarray(rmask, bool), scores.reshape(prompt.shape[0], cfg.n)
 
 
+class ReferenceSamples(NamedTuple):
+    """pi_ref's side of an evaluation, drawn and judged once (`reference_samples`) and shared by
+    every evaluation against it: of several checkpoints of one run, or of a policy and decoders.
+    `settings` holds what the samples depend on; an evaluation with other settings, or another
+    pi_ref parameter tree (`ref_params`, compared by identity), refuses them."""
+    resp_RxL: np.ndarray
+    mask_RxL: np.ndarray
+    scores_R: np.ndarray
+    settings: dict[str, Any]
+    ref_params: Any
+
+
+def _reference_settings(prompt_BxP, prompt_mask_BxP, *, m, seed, max_new_tokens, eos_id, pad_id,
+                        temperature, judge, detokenize) -> dict[str, Any]:
+    digest = hashlib.sha256(np.ascontiguousarray(np.asarray(prompt_BxP, np.int32)).tobytes()
+                            + np.packbits(np.asarray(prompt_mask_BxP, bool)).tobytes())
+    return dict(prompts=digest.hexdigest()[:16], m=int(m), seed=int(seed),
+                max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=int(pad_id),
+                temperature=float(temperature), judge=id(judge), detokenize=id(detokenize))
+
+
+def reference_samples(ref_fns: DecoderFns, ref_params: Params, prompt_BxP, prompt_mask_BxP,
+                      judge: TokenJudge | Judge, *, m: int, seed: int = 0,
+                      max_new_tokens: int = 16, eos_id: int | None = None, pad_id: int = 0,
+                      temperature: float = 1.0, detokenize: Callable | None = None
+                      ) -> ReferenceSamples:
+    """pi_ref's M samples per prompt as `evaluate_policy` / `evaluate_decoder` with these
+    arguments draw them (the second half of `key(seed)`'s split), judged: pass them to each as
+    `reference=` to draw and judge them once."""
+    prompt = jnp.asarray(prompt_BxP, jnp.int32)
+    pmask = jnp.asarray(prompt_mask_BxP, bool)
+    cfg = SamplingConfig(n=m, max_new_tokens=max_new_tokens, temperature=temperature,
+                         eos_id=eos_id, pad_id=pad_id)
+    _, key_ref = jax.random.split(jax.random.key(seed))
+    out = _sample(ref_fns, ref_params, prompt, pmask, key_ref, cfg)
+    p_rep, pm_rep, resp, rmask = sampling.flatten_samples(prompt, pmask, out)
+    scores = _judge_scores(judge, detokenize, p_rep, pm_rep, resp, rmask)
+    return ReferenceSamples(np.asarray(resp), np.asarray(rmask, bool), scores,
+                            _reference_settings(prompt_BxP, prompt_mask_BxP, m=m, seed=seed,
+                                                max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                                pad_id=pad_id, temperature=temperature,
+                                                judge=judge, detokenize=detokenize),
+                            ref_params)
+
+
+def _reference(reference: ReferenceSamples | None, ref_fns, ref_params, prompt_BxP,
+               prompt_mask_BxP, judge, **settings) -> ReferenceSamples:
+    """`reference` if it was drawn with these settings (else refused, naming what differs);
+    drawn and judged now when None."""
+    if reference is None:
+        return reference_samples(ref_fns, ref_params, prompt_BxP, prompt_mask_BxP, judge,
+                                 **settings)
+    want = _reference_settings(prompt_BxP, prompt_mask_BxP, judge=judge, **settings)
+    differ = [k for k in want if reference.settings.get(k) != want[k]]
+    if reference.ref_params is not ref_params:
+        differ.insert(0, "ref_params")
+    if differ:
+        raise ValueError(f"reference: pi_ref's samples were drawn with other {', '.join(differ)} "
+                         f"than this evaluation's (draw them with `reference_samples` and the "
+                         f"same arguments)")
+    return reference
+
+
 def _estimate(est: evaluation.Estimate, i: int) -> dict[str, float]:
     return {"point": float(est.point[i]), "lower": float(est.lower[i]),
             "upper": float(est.upper[i]), "stderr": float(est.stderr[i]),
@@ -181,8 +245,8 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
                     max_context: int | None = None, detokenize: Callable | None = None,
                     nan_policy: str = "raise", num_resamples: int = 1000,
                     name: str = "policy", on_scored: OnScored | None = None,
-                    win_rates: str = "unbiased", against: str = "transformed"
-                    ) -> dict[str, Any]:
+                    win_rates: str = "unbiased", against: str = "transformed",
+                    reference: ReferenceSamples | None = None) -> dict[str, Any]:
     """Win rates (standard, BoN_N, WoN_N vs the same procedure on pi_ref, or with
     `against="base"` vs pi_ref's single samples) and KL(pi||pi_ref).
 
@@ -192,6 +256,8 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     BoN_N / WoN_N keep those with N valid samples a side).
     `on_scored(side, response_RxL, mask_RxL, scores_R)` ("policy", then "reference"; row b*M + j
     is sample j of prompt b) sees every scored sample, e.g. to save the texts.
+    `reference`: pi_ref's samples and scores from `reference_samples` with the same arguments,
+    drawn once for several evaluations (None: drawn here, the same samples).
     Returns a JSON-serialisable dict; see the module docstring.
     """
     ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context,
@@ -201,16 +267,16 @@ def evaluate_policy(policy_fns: DecoderFns, policy_params: Params, ref_fns: Deco
     batch = prompt.shape[0]
     cfg = SamplingConfig(n=m, max_new_tokens=max_new_tokens, temperature=temperature,
                          eos_id=eos_id, pad_id=pad_id)
-    key_pol, key_ref = jax.random.split(jax.random.key(seed))
+    key_pol, _ = jax.random.split(jax.random.key(seed))
+    ref = _reference(reference, ref_fns, ref_params, prompt_BxP, prompt_mask_BxP, judge, m=m,
+                     seed=seed, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                     temperature=temperature, detokenize=detokenize)
     pol = _sample(policy_fns, policy_params, prompt, pmask, key_pol, cfg)
-    ref = _sample(ref_fns, ref_params, prompt, pmask, key_ref, cfg)
     p_rep, pm_rep, pol_resp, pol_rmask = sampling.flatten_samples(prompt, pmask, pol)
-    _, _, ref_resp, ref_rmask = sampling.flatten_samples(prompt, pmask, ref)
 
     pol_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, pol_resp, pol_rmask)
-    ref_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, ref_resp, ref_rmask)
-    _report(on_scored, (pol_resp, pol_rmask, pol_scores), (ref_resp, ref_rmask, ref_scores))
-    pol_BxM, ref_BxM = pol_scores.reshape(batch, m), ref_scores.reshape(batch, m)
+    _report(on_scored, (pol_resp, pol_rmask, pol_scores), ref[:3])
+    pol_BxM, ref_BxM = pol_scores.reshape(batch, m), ref.scores_R.reshape(batch, m)
 
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
     record.update(_win_rates(pol_BxM, ref_BxM, ns_G, nan_policy, num_resamples, seed, win_rates,
@@ -242,34 +308,36 @@ def evaluate_decoder(decode: Callable[[Array, Array, Array], tuple[Array, Array,
                      max_context: int | None = None, detokenize: Callable | None = None,
                      nan_policy: str = "raise", num_resamples: int = 1000, kl_kind: str = "exact",
                      name: str = "decoder", on_scored: OnScored | None = None,
-                     win_rates: str = "unbiased", against: str = "transformed"
-                     ) -> dict[str, Any]:
+                     win_rates: str = "unbiased", against: str = "transformed",
+                     reference: ReferenceSamples | None = None) -> dict[str, Any]:
     """Like `evaluate_policy` for a decoder without logits of its own (controlled decoding).
 
     `decode(prompt_RxP, mask_RxP, rng) -> (tokens_RxL, mask_RxL, kl_R)` runs on the prompts
     repeated M times (row b*M + j); kl_R is the decoder's own per-sequence KL (tokenwise CD: the
     exact path KL, `kl_kind="exact"`; blockwise CD: CD's bound, `kl_kind="bound"`), reported as
     record["kl"][kl_kind] with its standard error over prompts. `on_scored` as in
-    `evaluate_policy` ("policy" is the decoder's side); `against` as there.
+    `evaluate_policy` ("policy" is the decoder's side); `against` and `reference` (at
+    temperature 1) as there.
     """
     ns_G = _check_inputs(prompt_BxP, prompt_mask_BxP, m, ns, max_new_tokens, max_context,
                          against)
     prompt = jnp.asarray(prompt_BxP, jnp.int32)
     pmask = jnp.asarray(prompt_mask_BxP, bool)
     batch = prompt.shape[0]
-    key_pol, key_ref = jax.random.split(jax.random.key(seed))
-    cfg = SamplingConfig(n=m, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-    ref = _sample(ref_fns, ref_params, prompt, pmask, key_ref, cfg)
-    p_rep, pm_rep, ref_resp, ref_rmask = sampling.flatten_samples(prompt, pmask, ref)
+    key_pol, _ = jax.random.split(jax.random.key(seed))
+    ref = _reference(reference, ref_fns, ref_params, prompt_BxP, prompt_mask_BxP, judge, m=m,
+                     seed=seed, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                     temperature=1.0, detokenize=detokenize)
+    p_rep = jnp.repeat(prompt, m, axis=0)
+    pm_rep = jnp.repeat(pmask, m, axis=0)
     pol_resp, pol_rmask, kl_R = decode(p_rep, pm_rep, key_pol)
     kl_R = np.asarray(kl_R, np.float64)
     if kl_R.shape != (batch * m,):
         raise ValueError(f"decode must return kl_R of shape ({batch * m},), got {kl_R.shape}")
     pol_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, pol_resp, pol_rmask)
-    ref_scores = _judge_scores(judge, detokenize, p_rep, pm_rep, ref_resp, ref_rmask)
-    _report(on_scored, (pol_resp, pol_rmask, pol_scores), (ref_resp, ref_rmask, ref_scores))
+    _report(on_scored, (pol_resp, pol_rmask, pol_scores), ref[:3])
     record = _base_record(name, batch, m, ns_G, max_new_tokens, seed)
-    record.update(_win_rates(pol_scores.reshape(batch, m), ref_scores.reshape(batch, m), ns_G,
+    record.update(_win_rates(pol_scores.reshape(batch, m), ref.scores_R.reshape(batch, m), ns_G,
                              nan_policy, num_resamples, seed, win_rates, against))
     est = kl.summarise_sequences(jnp.asarray(kl_R), m)
     record["kl"] = {kl_kind: {"mean": float(kl_R.mean()), "stderr": float(est.stderr)}}

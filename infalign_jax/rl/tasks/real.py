@@ -420,21 +420,28 @@ def rl_task_from(inputs: TaskInputs) -> RLTask:
                      f"texts at its length limit (it scores only the kept part)")
         return table
 
+    reference: list = []   # pi_ref's evaluation samples and the texts of them the judge cut
+
     def evaluate(params: Any, transform: Any, beta: float, table: ReferenceTable,
                  bon_n: int | None = None) -> dict[str, float]:
         # estimated from fresh samples and the judge, not the table; no exact target
         del transform, beta, table, bon_n
         m = s.eval_samples
+        settings = dict(m=m, seed=s.eval_seed, max_new_tokens=s.max_new_tokens, eos_id=eos_id,
+                        pad_id=pad_id, temperature=float(s.temperature), detokenize=detokenize)
+        if not reference:   # pi_ref's side is the same at every evaluation: drawn once
+            ref_cuts = judges.cuts_since(reward.cut)
+            reference.append(eval_harness.reference_samples(
+                fns, policy.params, eval_BxP, eval_mask_BxP, eval_judge, **settings))
+            reference.append(ref_cuts())
         cuts = judges.cuts_since(reward.cut)
         record = eval_harness.evaluate_policy(
-            fns, params, fns, policy.params, eval_BxP, eval_mask_BxP, eval_judge, m=m,
-            ns=tuple(n for n in (1, 2, 4, 8) if n <= m), seed=s.eval_seed,
-            max_new_tokens=s.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-            temperature=float(s.temperature), detokenize=detokenize, num_resamples=200,
-            name=f"{s.name}_policy")
+            fns, params, fns, policy.params, eval_BxP, eval_mask_BxP, eval_judge,
+            ns=tuple(n for n in (1, 2, 4, 8) if n <= m), num_resamples=200,
+            name=f"{s.name}_policy", reference=reference[0], **settings)
         out = _estimate_keys(record)
         if reward.cut:   # texts of both sides the reward model cut at its length limit
-            out["est_reward_texts_cut"] = float(cuts())
+            out["est_reward_texts_cut"] = float(cuts() + reference[1])
         return out
 
     return RLTask(
