@@ -135,8 +135,9 @@ def sample_scored(fns: DecoderFns, params: Params, prompt_BxP, prompt_mask_BxP,
 class ReferenceSamples(NamedTuple):
     """pi_ref's side of an evaluation, drawn and judged once (`reference_samples`) and shared by
     every evaluation against it: of several checkpoints of one run, or of a policy and decoders.
-    `settings` holds what the samples depend on; an evaluation with other settings, or another
-    pi_ref parameter tree (`ref_params`, compared by identity), refuses them."""
+    `settings` holds what the samples depend on; an evaluation with other settings, another
+    judge or detokenizer, or another pi_ref parameter tree (`ref_params`; these three compared
+    by identity), refuses them."""
     resp_RxL: np.ndarray
     mask_RxL: np.ndarray
     scores_R: np.ndarray
@@ -150,7 +151,7 @@ def _reference_settings(prompt_BxP, prompt_mask_BxP, *, m, seed, max_new_tokens,
                             + np.packbits(np.asarray(prompt_mask_BxP, bool)).tobytes())
     return dict(prompts=digest.hexdigest()[:16], m=int(m), seed=int(seed),
                 max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=int(pad_id),
-                temperature=float(temperature), judge=id(judge), detokenize=id(detokenize))
+                temperature=float(temperature), judge=judge, detokenize=detokenize)
 
 
 def reference_samples(ref_fns: DecoderFns, ref_params: Params, prompt_BxP, prompt_mask_BxP,
@@ -185,7 +186,9 @@ def _reference(reference: ReferenceSamples | None, ref_fns, ref_params, prompt_B
         return reference_samples(ref_fns, ref_params, prompt_BxP, prompt_mask_BxP, judge,
                                  **settings)
     want = _reference_settings(prompt_BxP, prompt_mask_BxP, judge=judge, **settings)
-    differ = [k for k in want if reference.settings.get(k) != want[k]]
+    differ = [k for k in want if (reference.settings.get(k) is not want[k]
+                                  if k in ("judge", "detokenize")   # by identity
+                                  else reference.settings.get(k) != want[k])]
     if reference.ref_params is not ref_params:
         differ.insert(0, "ref_params")
     if differ:
