@@ -722,9 +722,28 @@ def test_a_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_job_resum
         assert f"SIGTERM: stopped after step {stopped} of {steps}" in text, (name, text[-2000:])
         assert "Traceback" not in text, (name, text[-3000:])
     assert not (tmp_path / "run" / "summary.json").exists()
+
+    # A SIGTERM to the resumed job before its first step (while it loads or compiles): JAX's
+    # service counts steps from 0 there, so its stop step was 1, which a job resumed at step s
+    # never calls again, and the job trained to the end. It stops after step s + 1.
+    procs = _start_on_two_processes(args, tmp_path, "early")
+    early = tmp_path / "early1.log"
+    while time.monotonic() < deadline and all(p.poll() is None for p, _ in procs.values()) \
+            and f"resumed from checkpoint step {stopped}" not in early.read_text():
+        time.sleep(0.005)
+    procs["process 1"][0].send_signal(signal.SIGTERM)
+    waiting, logs = _finish(procs, WORKER_TIMEOUT_S)
+    assert not waiting, logs
+    codes = [p.returncode for p, _ in procs.values()]
+    assert codes == [143, 143], (codes, {n: t[-2000:] for n, t in logs.items()})
+    for name, text in logs.items():
+        assert f"SIGTERM: stopped after step {stopped + 1} of {steps}" in text, \
+            (name, text[-2000:])
+    assert len(read_jsonl(str(metrics))) == stopped + 1
+
     _command_on_two_processes(args, tmp_path, "resume")
     resumed = (tmp_path / "resume0.log").read_text()
-    assert f"resumed from checkpoint step {stopped}" in resumed, resumed[-2000:]
+    assert f"resumed from checkpoint step {stopped + 1}" in resumed, resumed[-2000:]
     assert [r["step"] for r in read_jsonl(str(metrics))] == list(range(1, steps + 1))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == steps
 

@@ -164,6 +164,17 @@ def local_abstract(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager with JAX's preemption steps counted from `preemption_origin`
+    (`Checkpointer.count_preemption_from`): Orbax asks `reached_preemption` in its own
+    `should_save` and `save` too, so every count goes through here."""
+
+    preemption_origin = 0
+
+    def reached_preemption(self, step: int) -> bool:
+        return super().reached_preemption(int(step) - self.preemption_origin)
+
+
 class Checkpointer:
     """Saves and restores ``(step, state, meta)`` under ``directory`` with Orbax.
 
@@ -198,7 +209,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = _Manager(self.directory, options=options)
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -210,6 +221,15 @@ class Checkpointer:
         service chose after a SIGTERM (Orbax saves that step whatever the interval); False in a
         single-process job (`preemption.sigterm_noted` covers that)."""
         return bool(self._manager.reached_preemption(int(step)))
+
+    def count_preemption_from(self, step: int) -> None:
+        """Steps count for JAX's preemption service from `step`, where the run (every process of
+        it) resumed. The service stops a job at one past the highest count its processes had
+        given it when the notice came, and a process that has not given one counts 0; counted
+        from step 0, a job resumed at step s that got its SIGTERM before its first step (loading,
+        compiling) was stopped at step 1, which it never reaches again: it trained on to the end
+        or the SIGKILL. Counted from s, it stops after step s + 1."""
+        self._manager.preemption_origin = int(step)
 
     def save(self, step: int, state: PyTree, meta: Mapping[str, Any] | None = None, *,
              force: bool = False, check_finite: bool = True) -> bool:

@@ -373,6 +373,7 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
         log(f"eval @ {step}: " + " ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
         return scalars
 
+    ckpt.count_preemption_from(start)   # a SIGTERM before the first step stops after it
     try:
         with preemption.sigterm_noted() as sigterm:
             for step in range(start, settings.num_steps):
