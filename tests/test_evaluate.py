@@ -21,6 +21,7 @@ import transformers
 from hf_tiny import save_tiny
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.infra.metrics_io import read_jsonl
+from infalign_jax.analysis import eval_harness
 from infalign_jax.workflows import evaluate
 from workflow_files import TINY, WORDS, policy_tokenizer, rm_tokenizer, transformers_scores
 
@@ -103,12 +104,17 @@ def find(result_rows, procedure, n, against):
     return row
 
 
-def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path):
+def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path, monkeypatch):
     procs = ("bon", "won", "rbon_kl", "rbon_wd", "uncertainty_bon", "cd_tokenwise",
              "cd_blockwise")
     config = tiny_config(dirs, procs)
     lines = []
+    drawn = []   # pi_ref's evaluation samples: drawn and judged once for the policy and decoders
+    real_reference = eval_harness.reference_samples
+    monkeypatch.setattr(eval_harness, "reference_samples",
+                        lambda *a, **k: drawn.append(k["temperature"]) or real_reference(*a, **k))
     res = evaluate.run(config, str(tmp_path), progress=lines.append)
+    assert drawn == [1.0]
     assert any("prefix scorer" in s for s in lines) and any("selections at N=4" in s for s in lines)
     for name in ("manifest.json", "results.json", "win_rates.csv", "samples.jsonl", "policy.json",
                  "cd_tokenwise.csv", "win_rate_vs_n.png", "win_rate_vs_kl.png"):

@@ -370,7 +370,7 @@ def run_decoders(s, ctx, log: SampleLog, progress) -> tuple[list, dict, dict]:
             ctx.reference.params, ctx.eval_BxP, ctx.eval_mask, ctx.judge, m=e.samples, ns=e.ns,
             seed=e.seed, detokenize=ctx.detokenize, num_resamples=e.num_resamples,
             kl_kind=kl_kind, name=name, on_scored=log.hook(name, f"{name}/pi_ref"),
-            against=e.against, **kw)
+            against=e.against, reference=ctx.reference_samples(e, 1.0), **kw)
         records[name] = record
         rows += _record_rows(record, name, ("bon", "won"), kl_kind)
         progress(f"evaluate: {name} standard win rate "
@@ -423,6 +423,17 @@ class _Context:
         self.members = getattr(judge, "members", None)   # an ensemble's reward models
         self.judge_id = getattr(judge, "id", judge.name)
         self.temperature, self.max_new_tokens = e.temperature, e.max_new_tokens
+        self._references: dict[float, eval_harness.ReferenceSamples] = {}
+
+    def reference_samples(self, e: Any, temperature: float) -> eval_harness.ReferenceSamples:
+        """pi_ref's evaluation samples at `temperature`, drawn and judged once for the policy's
+        evaluation and the decoders' (which sample at 1)."""
+        if temperature not in self._references:
+            self._references[temperature] = eval_harness.reference_samples(
+                self.ref_fns, self.reference.params, self.eval_BxP, self.eval_mask, self.judge,
+                m=e.samples, seed=e.seed, max_new_tokens=e.max_new_tokens, eos_id=self.eos_id,
+                pad_id=self.pad_id, temperature=temperature, detokenize=self.detokenize)
+        return self._references[temperature]
 
     def scfg(self, n: int, temperature: float | None = None) -> SamplingConfig:
         return SamplingConfig(n=n, max_new_tokens=self.max_new_tokens,
@@ -503,7 +514,7 @@ def run(config: Any, workdir: str, progress: Callable[[str], None] = print) -> d
             max_new_tokens=e.max_new_tokens, eos_id=ctx.eos_id, pad_id=ctx.pad_id,
             temperature=float(e.temperature), detokenize=ctx.detokenize,
             num_resamples=e.num_resamples, name="policy", on_scored=log.hook("policy", "pi_ref"),
-            against=e.against)
+            against=e.against, reference=ctx.reference_samples(e, float(e.temperature)))
         records = {"policy": record}
         rows = _record_rows(record, "policy", tuple(p for p in ("bon", "won")
                                                    if p in e.procedures), "full_vocab")
