@@ -161,8 +161,11 @@ class CollectiveBytes:
     exit; a compare fused out of sight counted the body once: 6x too few bytes for a 6-layer
     scan). A loop whose
     condition has other terms stops early (the sampler's decode loop stops when every row has
-    emitted EOS) and counts at its bound: `total` and `decode` are upper bounds. `decode` is the
-    part inside such early-exit loops, `decode_per_token` one iteration of them."""
+    emitted EOS) and counts at its bound: `total` and `decode` are upper bounds. The sampler
+    decodes in phases, one loop per attention window, over one step counter: consecutive
+    early-exit loops of one computation whose bounds grow count from the previous bound (the
+    phases of 256 tokens, bounds 17, 33, 65, 129, 256, are 256 steps, not 500). `decode` is the
+    part inside early-exit loops, `decode_per_token` its mean over their iterations."""
 
     total: float
     decode: float
@@ -223,12 +226,13 @@ def collective_bytes(hlo_text: str) -> CollectiveBytes:
     memo: dict[str, tuple[float, float, float, int]] = {}
 
     def walk(name: str) -> tuple[float, float, float, int]:
-        """(bytes, bytes in early-exit loops, one iteration of those, collective ops)."""
+        """(bytes, bytes in early-exit loops, their iterations, collective ops)."""
         if name in memo:
             return memo[name]
         memo[name] = (0.0, 0.0, 0.0, 0)   # recursion guard
-        total = decode = per_token = 0.0
+        total = decode = tokens = 0.0
         ops = 0
+        chain = 0   # the bound of the last early-exit loop here, while bounds keep growing
         for _, type_text, op, rest in comps.get(name, []):
             if op in _COLLECTIVE_OPS:
                 total += _array_bytes(type_text, last_only=op.endswith("-start"),
@@ -244,30 +248,34 @@ def collective_bytes(hlo_text: str) -> CollectiveBytes:
                     n, early = int(known.group(1)), False
                 parts = [walk(body), walk(cond)]
                 one = sum(p[0] for p in parts)
-                total += n * one
                 ops += sum(p[3] for p in parts)
                 if early:
+                    # The sampler's decode phases (one per attention window) are consecutive
+                    # loops over one step counter, each bounded by its phase's end: a loop whose
+                    # bound exceeds the last one's runs from there.
+                    n, chain = (n - chain if n > chain else n), n
                     decode += n * one
-                    per_token += one
+                    tokens += n
                 else:
                     decode += n * sum(p[1] for p in parts)
-                    per_token += n * sum(p[2] for p in parts)
+                    tokens += n * sum(p[2] for p in parts)
+                total += n * one
                 continue
             for child in called:
-                t, d, p, o = walk(child)
-                total, decode, per_token, ops = total + t, decode + d, per_token + p, ops + o
+                t, d, k, o = walk(child)
+                total, decode, tokens, ops = total + t, decode + d, tokens + k, ops + o
             for child in re.findall(r"branch_computations=\{([^}]*)\}", rest):
                 branches = [walk(b) for b in re.findall(r"%([\w.\-]+)", child)]
                 if branches:
-                    t, d, p, o = max(branches)
-                    total, decode, per_token, ops = total + t, decode + d, per_token + p, ops + o
-        memo[name] = (total, decode, per_token, ops)
+                    t, d, k, o = max(branches)
+                    total, decode, tokens, ops = total + t, decode + d, tokens + k, ops + o
+        memo[name] = (total, decode, tokens, ops)
         return memo[name]
 
     if entry is None:
         raise ValueError("collective_bytes: no ENTRY computation in the HLO text")
-    total, decode, per_token, ops = walk(entry)
-    return CollectiveBytes(total, decode, per_token, ops)
+    total, decode, tokens, ops = walk(entry)
+    return CollectiveBytes(total, decode, decode / tokens if tokens else 0.0, ops)
 
 
 @dataclasses.dataclass(frozen=True)
