@@ -139,6 +139,11 @@ def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path, monkeypatch):
                for side in ("", "/pi_ref")},
             **{f"{s}@N={n}": B * (M // n) for s in sel_names for n in NS}}
     assert count == want
+    # a method's rows of a prompt are its samples 0, 1, ... in order
+    for method in count:
+        for pid in ids + train_ids:
+            got = [r["sample"] for r in rows if r["method"] == method and r["prompt_id"] == pid]
+            assert got == list(range(len(got))), (method, pid)
     prompt_of = {json.loads(x)["id"]: json.loads(x)["prompt"]
                  for x in open(dirs["prompts"], encoding="utf-8")}
     assert all(r["prompt"] == prompt_of[r["prompt_id"]] for r in rows)
@@ -153,6 +158,25 @@ def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path, monkeypatch):
                                (s1 + s2) / 2 - 0.5 * np.abs(s1 - s2) / 2, atol=3e-5)
 
     out = res["rows"]
+    for r in out:
+        w = r["win_rate"]
+        assert 0.0 <= w["lower"] <= w["point"] <= w["upper"] <= 1.0, r
+        assert r["win_rate"]["stderr"] > 0 or r["win_rate"]["lower"] == r["win_rate"]["upper"], r
+    # each decoder's standard row carries the KL its record holds: the policy's full-vocabulary
+    # KL, tokenwise CD's exact KL, blockwise CD's bound
+    for name, kind in (("policy", "full_vocab"), ("cd_tokenwise", "exact"),
+                       ("cd_blockwise", "bound")):
+        kl = res["records"][name]["kl"][kind]
+        assert find(out, name, 1, "pi_ref")["kl"] == {"kind": kind, "mean": kl["mean"],
+                                                       "stderr": kl["stderr"]}
+    # the prefix scorer's summary: its training prompts, samples and their scores
+    scored = [r["score"] for r in rows if r["method"] == "scorer_training/pi_ref"]
+    scorer = res["scorer"]
+    assert (scorer["train_prompts"], scorer["samples_per_prompt"], scorer["steps"]) == (TRAIN, 4, 3)
+    assert scorer["reward_mean"] == pytest.approx(np.mean(scored), rel=1e-6)
+    assert scorer["reward_std"] == pytest.approx(np.std(scored), rel=1e-5)
+    assert manifest["seeds"] == {"eval": 0, "candidates": 1, "scorer_samples": 2,
+                                 "scorer_init": 3, "split": 0}
     # The policy against pi_ref: standard, BoN_N, WoN_N by enumeration of N-subsets.
     for pol_m, ref_m, name in (("policy", "pi_ref", "policy"),
                                ("cd_tokenwise", "cd_tokenwise/pi_ref", "cd_tokenwise"),
@@ -204,12 +228,29 @@ def test_evaluate_end_to_end_matches_recomputation(dirs, tmp_path, monkeypatch):
             sel = [np.array([r["score"] for r in chosen[pid]]) for pid in ids]
             assert find(out, name, n, "pi_ref")["win_rate"]["point"] == pytest.approx(
                 np.mean([beats(s, r) for s, r in zip(sel, ref)]), abs=1e-9)
+            # its spread over the B prompts: the bootstrap's stderr ~ std / sqrt(B), an interval
+            # at least the Student-t one, clipped to [0, 1]
+            per_prompt = np.array([beats(s, r) for s, r in zip(sel, ref)])
+            w = find(out, name, n, "pi_ref")["win_rate"]
+            if per_prompt.std() > 0:
+                assert w["stderr"] == pytest.approx(per_prompt.std() / np.sqrt(B), rel=0.3)
+                half = 4.302653 * per_prompt.std(ddof=1) / np.sqrt(B)   # t_{0.975, 2}
+                assert w["lower"] <= max(0.0, w["point"] - half) + 1e-9
+                assert w["upper"] >= min(1.0, w["point"] + half) - 1e-9
             assert find(out, name, n, "BoN_N(pi_ref)")["win_rate"]["point"] == pytest.approx(
                 np.mean([beats(s, subset_extremes(r, n)) for s, r in zip(sel, ref)]), abs=1e-9)
             assert find(out, name, n, "pi_ref")["kl"]["mean"] == pytest.approx(
                 np.log(n) - ((n - 1) / n if name == "bon_selection" else 0.0))
-    csv_rows = (tmp_path / "win_rates.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + len(out)
+    import csv
+    with open(tmp_path / "win_rates.csv", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(out)
+    for c, r in zip(table, out):
+        assert (c["procedure"], int(c["n"]), c["against"]) == (r["procedure"], r["n"], r["against"])
+        assert [float(c[k]) for k in ("point", "lower", "upper", "stderr")] == \
+            [r["win_rate"][k] for k in ("point", "lower", "upper", "stderr")]
+        kl = r["kl"] or {}
+        assert (c["kl_kind"], c["kl"]) == (kl.get("kind", ""), str(kl.get("mean", ""))), (c, r)
 
     # The same work dir again with fewer procedures: the decoders' records of the first run are
     # removed (they would sit beside this run's manifest as its own), the policy's rewritten,
@@ -240,6 +281,7 @@ def test_against_plain_pi_ref_is_the_alternative_reading(dirs, tmp_path):
             brute = np.mean([beats(tuple_extremes(p, n, worst), r) for p, r in zip(pol, ref)])
             assert got == pytest.approx(brute, abs=1e-9), (proc, n)
     assert not [r for r in out if r["against"].endswith("_N(pi_ref)")]
+    assert res["prompts"]["scorer_train_ids"] == []   # no decoder: no prompts held for a scorer
     with pytest.raises(ValueError, match="config.eval.against"):
         evaluate.run(tiny_config(dirs, ("bon",), eval__against="plain"), str(tmp_path / "x"))
 
@@ -444,3 +486,50 @@ def test_texts_cut_are_counted_once_when_the_members_score_the_candidates_again(
         res = evaluate.run(config, str(tmp_path / "_".join(procs)), progress=lambda s: None)
         got[procs] = res["reward_texts_cut"]
     assert got[("rbon_kl",)] > 0 and len(set(got.values())) == 1, got
+
+
+def test_each_selection_is_its_procedures_argmax_within_a_group():
+    """`_select` on hand-made groups: each procedure picks the argmax of its own score with its
+    own option (RBoN-KL r + beta_kl log pi_ref, RBoN-WD r + beta_wd x mean cosine over the group,
+    self included, uncertainty BoN mean - k std over the members), recomputed in numpy."""
+    import jax.numpy as jnp
+    from infalign_jax.workflows.evaluate_config import SelectConfig
+    rng = np.random.default_rng(3)
+    g, n, d, e = 64, 4, 5, 3
+    sc, logp = rng.normal(size=(g, n)), rng.normal(-8, 4, size=(g, n))
+    emb, members = rng.normal(size=(g, n, d)), rng.normal(size=(e, g, n))
+    sel = SelectConfig(rbon_kl_beta=0.3, rbon_wd_beta=2.0, uncertainty_k=1.5)
+    unit = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    cos = np.einsum("gid,gjd->gij", unit, unit).mean(-1)
+    want = {"bon_selection": sc, "rbon_kl": sc + 0.3 * logp, "rbon_wd": sc + 2.0 * cos,
+            "uncertainty_bon": members.mean(0) - 1.5 * members.std(0)}
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    for name, key in want.items():
+        choice = evaluate._select(name, f32(sc), f32(logp), f32(emb), f32(members), sel)
+        np.testing.assert_array_equal(np.asarray(choice.index_B), key.argmax(1), err_msg=name)
+
+
+def test_candidate_log_probs_are_pi_refs_of_each_prompts_own_responses(dirs):
+    """log pi_ref(y | x) of each candidate (RBoN-KL's regulariser, samples.jsonl's ref_logprob):
+    the sum over the response tokens of transformers' log-softmax, each response after its own
+    prompt (two prompts of different lengths, two candidates each)."""
+    import torch
+    from infalign_jax.rl.tasks import sources
+    from infalign_jax import models
+    ref = sources.load_policy(sources.PolicyConfig(dirs["reference"]))
+    fns = models.decoder_fns(ref.model_cfg)
+    prompt = np.array([[0, 3, 4], [5, 6, 7]], np.int32)     # left-padded: prompt 0 is [3, 4]
+    pmask = prompt != 0
+    resp = np.array([[10, 11, 12, 0], [10, 13, 0, 0], [20, 21, 22, 23], [9, 1, 0, 0]], np.int32)
+    rmask = resp != 0
+    logp, _ = evaluate._candidate_features(fns, ref.params, prompt, pmask, resp, rmask, 2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dirs["reference"]).eval()
+    want = np.zeros((2, 2))
+    for b in range(2):
+        for j in range(2):
+            x, y = prompt[b][pmask[b]], resp[2 * b + j][rmask[2 * b + j]]
+            ids = torch.tensor(np.concatenate([x, y])[None], dtype=torch.long)
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(ids).logits[0].double(), -1).numpy()
+            want[b, j] = sum(lp[len(x) - 1 + t, y[t]] for t in range(len(y)))
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-4)

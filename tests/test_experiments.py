@@ -276,3 +276,398 @@ def test_pod_check_refuses_shapes_of_programs_it_does_not_compile():
     refuse_unused_overrides(config, ["check.reward_len", "check.reward_batch"], "--config.")
     with pytest.raises(ValueError, match=r"check.layouts is not used .* 'rl' or 'calibration'"):
         refuse_unused_overrides(config, ["check.layouts"], "--config.")
+
+
+# ---------------------------------------------------------------- compile_check without libtpu
+# tests_tpu/ compiles these programs with the TPU compiler; here the same `check_one` runs on a
+# stand-in slice (4 or 8 of the fake CPU devices laid out as configs/pod.py's mesh) with the
+# compile itself recorded instead of run, so its shapes, FLOPs, argument bytes, calls and
+# refusals are checked against closed forms at no compile cost.
+def _pod(arg="model=tiny,topology=v5e:2x2", **flat):
+    config = load_config_module(os.path.join(ROOT, "configs", "pod.py")).get_config(arg)
+    config.update_from_flattened_dict(flat)   # what --config.<key> flags do
+    return config
+
+
+def _param_counts(cfg):
+    """(every parameter's element count, that of the "embed"-dimensioned ones FSDP splits), from
+    the initialiser's shapes."""
+    import jax
+    from infalign_jax import models
+    shapes = jax.tree.leaves(jax.eval_shape(lambda r: models.init_params(cfg, r),
+                                            jax.random.key(0)))
+    specs = jax.tree.leaves(models.param_logical_axes(cfg),
+                            is_leaf=lambda x: isinstance(x, tuple) or x is None)
+    assert len(shapes) == len(specs)
+    total = sum(math.prod(x.shape) for x in shapes)
+    split = sum(math.prod(x.shape) for x, s in zip(shapes, specs)
+                if s is not None and "embed" in tuple(s))
+    return total, split
+
+
+def _kernel_count(cfg):
+    """Elements of the trunk's matmul weights (the "*_kernel" leaves: no norm scales, no
+    embedding table, which a lookup reads)."""
+    import jax
+    from infalign_jax import models
+    shapes = jax.eval_shape(lambda r: models.init_params(cfg, r), jax.random.key(0))
+    return sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(shapes)
+               if jax.tree_util.keystr(path).endswith("_kernel']"))
+
+
+@pytest.fixture(scope="module")
+def stand_in_checks():
+    """check_one of each program of model=tiny on v5e:2x2 (and the reward on v4:2x2x1, 8
+    devices for 4 chips), the mesh over fake CPU devices, `_compile` recording what it was
+    given: {(program, layout, topology): (CompileCheck, (fn, inputs, jit kwargs), mesh)}."""
+    import jax
+    from infalign_jax.infra import aot, sharding
+    from infalign_jax.workflows import compile_check
+    seen, out = {}, {}
+
+    def mesh_of(topology, mesh_cfg):
+        return sharding.make_mesh(mesh_cfg, jax.devices()[:8 if topology.startswith("v4") else 4])
+
+    def record(fn, inputs, mesh, program, **kwargs):
+        seen["last"] = (fn, inputs, kwargs)
+        return None, 0.0
+
+    def report(compiled, topology, num_devices, compile_s=0.0):
+        return aot.CompileReport(topology, aot.chip_of(topology), aot.chips_in(topology),
+                                 num_devices, 0, 0, 0, 0, 0, 0.0, 0.0, compile_s)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(aot, "topology_mesh", mesh_of)
+        mp.setattr(aot, "compile_report", report)
+        mp.setattr(compile_check, "_compile", record)
+        config = _pod(**{"check.calibration_prompts": 12, "check.calibration_chunk": 3})
+        for program, layout in (("rl", "train"), ("calibration", "train"),
+                                ("calibration", "serve"), ("reward", "train")):
+            check = compile_check.check_one(config, program, layout)
+            out[(program, layout, "v5e:2x2")] = (check, seen.pop("last"),
+                                                 mesh_of("v5e:2x2", compile_check.configs(config)[2]))
+        v4 = _pod("model=tiny,topology=v4:2x2x1")
+        out[("reward", "train", "v4:2x2x1")] = (compile_check.check_one(v4, "reward"),
+                                                seen.pop("last"), None)
+    return out
+
+
+def test_pod_check_flops_calls_and_workload_are_the_closed_forms(stand_in_checks):
+    """model=tiny (tied embeddings, remat="full", rloo, full_kl): B=8 prompts x M=2 samples,
+    P=16, L=8, X=16 prompts x K=8 references; a calibration call of 12 prompts x 3 samples."""
+    from infalign_jax.workflows import compile_check
+    model_cfg = compile_check.configs(_pod())[0]
+    trunk = _kernel_count(model_cfg)
+    head = model_cfg.d_model * model_cfg.vocab_size       # the tied embedding as the lm head
+    assert model_cfg.tie_embeddings and trunk == 2 * (4 * 256 * 256 + 3 * 256 * 512)
+    b, p, m, l = 8, 16, 2, 8
+    r, t = b * m, p + l
+    rollout = 2 * trunk * b * p + 2 * head * b + 2 * (trunk + head) * b * m * l
+    forward = 2 * trunk * r * t + 2 * head * r * l
+    step = rollout + forward + 2 * trunk * r * t + 4 * forward + 2 * forward
+    rl_check = stand_in_checks[("rl", "train", "v5e:2x2")][0]
+    assert rl_check.flops_estimate == pytest.approx(step / 4, rel=1e-12)
+    assert rl_check.calls == 1 and rl_check.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
+    # remat "none" drops the recompute, PPO runs its epochs, no full-vocabulary KL passes
+    import dataclasses
+    rl_cfg, work = rl_check.rl_cfg, compile_check.configs(_pod())[3]
+    for model_change, rl_change, want in (
+            ({"remat": "none"}, {}, step - forward),
+            ({}, {"algorithm": "ppo", "ppo_epochs": 2}, step + 4 * forward),
+            ({}, {"full_kl": False}, step - 2 * forward)):
+        got = compile_check.step_flops(dataclasses.replace(model_cfg, **model_change),
+                                       dataclasses.replace(rl_cfg, **rl_change), work)
+        assert got == pytest.approx(want, rel=1e-12), (model_change, rl_change)
+    cb, n = 12, 3
+    calib = (2 * trunk * cb * p + 2 * head * cb + 2 * (trunk + head) * cb * n * l
+             + 2 * trunk * cb * n * (p + l))
+    for layout in ("train", "serve"):
+        check = stand_in_checks[("calibration", layout, "v5e:2x2")][0]
+        assert check.flops_estimate == pytest.approx(calib / 4, rel=1e-12)
+        assert check.calls == 2 * 3     # ceil(16 / 12) prompt batches x ceil(8 / 3) chunks
+        assert "12 prompts x 3 samples a call" in check.workload
+        assert "X=16 prompts x K=8 = 6 calls" in check.workload
+    reward = stand_in_checks[("reward", "train", "v5e:2x2")][0]
+    assert reward.flops_estimate == pytest.approx(2 * trunk * r * t / 4, rel=1e-12)
+    assert reward.workload.startswith(f"{r} sequences x T={t} tokens")
+    # v4 shows each chip as 2 devices: the FLOPs are per device (8), not per chip (4)
+    v4 = stand_in_checks[("reward", "train", "v4:2x2x1")][0]
+    assert v4.report.num_devices == 8 and v4.mesh_shape["fsdp"] == 8
+    assert v4.flops_estimate == pytest.approx(2 * trunk * r * t / 8, rel=1e-12)
+    # one call: no whole-pass line; a calibration pass of 6 calls has one
+    assert "whole pass" not in compile_check.summary(reward)
+    calib_text = compile_check.summary(stand_in_checks[("calibration", "train", "v5e:2x2")][0])
+    assert "whole pass, roofline" in calib_text and "6 calls:" in calib_text
+
+
+def test_pod_check_inputs_are_the_programs_shapes_and_shardings(stand_in_checks):
+    """The abstract inputs: per-device bytes as the shardings imply them (train splits the
+    "embed"-dimensioned weights 4 ways, serve splits none: tensor=1), the batch and reference
+    table shapes, and each program's output shape traced from those inputs."""
+    import dataclasses
+    import jax
+    from infalign_jax.infra import sharding
+    from infalign_jax.workflows import compile_check
+    model_cfg = compile_check.configs(_pod())[0]
+    rm_cfg = dataclasses.replace(model_cfg, heads=("reward",))
+
+    def per_device(cfg, layout):   # bf16 parameters
+        total, split = _param_counts(cfg)
+        return 2 * (total - split * 3 / 4 if layout == "train" else total)
+
+    x, p = 16, 16
+    table = x * p * (4 + 1)           # the reward model's prompt table, replicated
+    for layout in ("train", "serve"):
+        check, (fn, inputs, kwargs), mesh = stand_in_checks[("calibration", layout, "v5e:2x2")]
+        batch = 12 * (p * (4 + 1) + 4) / 4
+        closed = per_device(model_cfg, layout) + per_device(rm_cfg, "train") + table + batch + 8
+        assert check.expected_argument_bytes == pytest.approx(closed, abs=64), layout
+        assert inputs[2]["prompt_BxP"].shape == (12, p)
+        assert inputs[1]["prompts_XxP"].shape == (x, p)
+        with sharding.axis_rules(mesh):
+            out = jax.eval_shape(fn, *inputs)
+        assert out.shape == (12, 3) and out.dtype == jax.numpy.float32
+    check, (fn, inputs, kwargs), mesh = stand_in_checks[("reward", "train", "v5e:2x2")]
+    closed = per_device(rm_cfg, "train") + 16 * 24 * (4 + 1) / 4
+    assert check.expected_argument_bytes == pytest.approx(closed, abs=64)
+    assert [a.shape for a in inputs[1:]] == [(16, 16), (16, 16), (16, 8), (16, 8)]
+    with sharding.axis_rules(mesh):
+        assert jax.eval_shape(fn, *inputs).shape == (16,)
+    _, (_, (state, frozen, batch, rng), _), _ = stand_in_checks[("rl", "train", "v5e:2x2")]
+    assert frozen.ref_sorted_XxK.shape == (16, 8) and frozen.ref_count_X.shape == (16,)
+    assert batch["prompt_BxP"].shape == (8, p)
+
+
+def test_pod_check_refuses_shapes_the_slice_or_model_cannot_take(monkeypatch):
+    """Refused before any compile: a calibration batch the 4 batch shards do not divide, a
+    reward length not past the prompt or past max_len, a GAE step, a rollout past max_len (the
+    boundary itself is taken); the plan compiles "reward" once; bad program lists."""
+    import dataclasses
+    import jax
+    from infalign_jax.infra import aot, sharding
+    from infalign_jax.infra.config_utils import refuse_unused_overrides
+    from infalign_jax.workflows import compile_check
+    monkeypatch.setattr(aot, "topology_mesh",
+                        lambda topology, mesh_cfg: sharding.make_mesh(mesh_cfg, jax.devices()[:4]))
+    monkeypatch.setattr(compile_check, "_compile",
+                        lambda *a, **k: pytest.fail("compiled a refused program"))
+    for flat, program, match in (
+            ({"check.calibration_prompts": 6}, "calibration",
+             r"config.check.calibration_prompts=6 is not divisible by the 4 batch shards"),
+            ({"check.reward_len": 16}, "reward", r"config.check.reward_len=16 must exceed "
+                                                 r"config.prompt_len=16"),
+            ({"check.reward_len": 257}, "reward", r"config.check.reward_len=257 exceeds "
+                                                  r"config.model.max_len=256")):
+        with pytest.raises(ValueError, match=match):
+            compile_check.check_one(_pod(**flat), program)
+    with pytest.raises(ValueError, match=r"config.rl.advantage='gae'"):
+        compile_check.configs(_pod(**{"rl.advantage": "gae", "rl.algorithm": "ppo",
+                                      "rl.value_model": {"vocab_size": 1024}}))
+    with pytest.raises(ValueError, match=r"= 257 exceeds config.model.max_len=256"):
+        compile_check.configs(_pod(**{"prompt_len": 249}))
+    assert compile_check.configs(_pod(**{"prompt_len": 248}))[3].prompt_len == 248
+    # the calibration chunk defaults to the rollout's M samples a prompt
+    cc = compile_check.check_config(_pod(**{"rl.samples_per_prompt": 4}))
+    assert (cc.calibration_prompts, cc.calibration_chunk) == (8, 4)
+    plan = compile_check.plan(_pod(**{"check.programs": "reward,rl",
+                                      "check.layouts": "serve,train"}))
+    assert plan == [("reward", "train"), ("rl", "serve"), ("rl", "train")]
+    for programs, match in ((",", r"config.check.programs: ',' not among"),
+                            ("rl,rl", r"names one twice")):
+        with pytest.raises(ValueError, match=match):
+            compile_check.plan(_pod(**{"check.programs": programs}))
+    with pytest.raises(ValueError, match=r"reward_batch must be an integer >= 0"):
+        compile_check.plan(_pod(**{"check.reward_batch": -1}))
+    # check.layouts is read by the calibration program too
+    refuse_unused_overrides(_pod(**{"check.programs": "calibration"}), ["check.layouts"],
+                            "--config.")
+    assert dataclasses.is_dataclass(cc)
+
+
+def test_pod_check_names_an_out_of_memory_compile_does_not_fit(monkeypatch):
+    """The compiler's refusal for lack of HBM (RESOURCE_EXHAUSTED, or libtpu's HbmOom) is
+    `DoesNotFit` naming the program; any other compiler error is raised as it is."""
+    import types
+    import jax
+    from infalign_jax.workflows import compile_check
+
+    def jit_failing_with(message):
+        def compile_():
+            raise jax.errors.JaxRuntimeError(message)
+        lowered = types.SimpleNamespace(compile=compile_)
+        return types.SimpleNamespace(
+            errors=jax.errors, jit=lambda fn, **kw: types.SimpleNamespace(lower=lambda *a: lowered))
+
+    from infalign_jax.infra import sharding
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    for message in ("RESOURCE_EXHAUSTED: 20G of 16G\nmore", "INTERNAL: HbmOom: 20G of 16G"):
+        monkeypatch.setattr(compile_check, "jax", jit_failing_with(message))
+        with pytest.raises(compile_check.DoesNotFit, match=rf"^reward: {message.splitlines()[0]}$"):
+            compile_check._compile(None, (), mesh, "reward")
+    monkeypatch.setattr(compile_check, "jax", jit_failing_with("INTERNAL: RET_CHECK failure"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RET_CHECK"):
+        compile_check._compile(None, (), mesh, "reward")
+
+
+def test_the_calibration_program_sorts_each_prompts_rewards_of_its_own_samples():
+    """The compiled calibration call, run on a tiny model: row b is the sorted rewards of the N
+    continuations sampled for batch prompt b, each scored by the reward model on the prompt
+    table's row prompt_idx[b] (not another prompt's), recomputed one sequence at a time."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from infalign_jax import models
+    from infalign_jax.decoding.sampling import SamplingConfig, sample
+    from infalign_jax.rewards.reward_models import sequence_rewards
+    from infalign_jax.workflows import compile_check
+    import dataclasses
+    cfg = models.ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_len=16, init_std=0.5)
+    rm_cfg = dataclasses.replace(cfg, heads=("reward",))
+    ref_params = models.init_params(cfg, jax.random.key(0))
+    rm_params = models.init_params(rm_cfg, jax.random.key(1))
+    rm_params["reward_head_kernel"] = jax.random.normal(jax.random.key(2), (32, 1))   # zero at init
+    table = np.array([[3, 4, 5], [6, 7, 8], [9, 10, 11]], np.int32)
+    table_mask = np.ones_like(table, bool)
+    idx = np.array([2, 0], np.int32)
+    batch = {"prompt_BxP": table[idx], "prompt_mask_BxP": table_mask[idx], "prompt_idx_B": idx}
+    scfg = SamplingConfig(n=3, max_new_tokens=4, eos_id=1)
+    rng = jax.random.key(5)
+    got = np.asarray(jax.jit(compile_check.calibration_program(cfg, scfg))(
+        ref_params, {"params": rm_params, "prompts_XxP": table, "prompt_mask_XxP": table_mask},
+        batch, rng))
+    out = jax.jit(lambda params, p, m: sample(models.decoder_fns(cfg), params, p, m, rng, scfg))(
+        ref_params, jnp.asarray(table[idx]), jnp.asarray(table_mask[idx]))
+    pairs = [(b, j) for b in range(2) for j in range(3)]   # sample j of batch prompt b
+    scores = jax.jit(lambda *a: sequence_rewards(rm_cfg, rm_params, *a))(table[[idx[b] for b, _ in pairs]],
+                              table_mask[[idx[b] for b, _ in pairs]],
+                              np.stack([out.tokens_BxNxL[b, j] for b, j in pairs]),
+                              np.stack([out.mask_BxNxL[b, j] for b, j in pairs]))
+    want = np.asarray(scores, np.float64).reshape(2, 3)
+    assert got.shape == (2, 3)
+    assert not np.array_equal(np.sort(want, 1), want)   # the sort is seen
+    np.testing.assert_allclose(got, np.sort(want, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_demo_calibrates_transforms_and_selects_the_fresh_samples_against_the_references(
+        tmp_path, monkeypatch):
+    """Steps 1-6 of `workflows.demo.run` with its heavy parts stood in for (a tiny random Llama
+    and the workflow tests' word tokenizer for SmolLM2, a deterministic judge for VADER, a stub
+    analytic tool and exact stage that echo their arguments), everything else recomputed from the
+    sampler's own output: the first k_ref samples of a prompt are its references, the next n its
+    fresh samples; C = (#{ref < r} + 1/2 #{ref = r}) / K over the non-empty references."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from infalign_jax import models
+    from infalign_jax.analysis import analytic, analytic_solver
+    from infalign_jax.data.tokenize import detokenizer, encode_prompts, special_ids
+    from infalign_jax.decoding import sampling
+    from infalign_jax.models import gguf_import
+    from infalign_jax.rewards import judges
+    from infalign_jax.workflows import demo, reproduce
+    from workflow_files import policy_tokenizer
+    tok = policy_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"   # SmolLM2's has one
+    cfg = models.ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=4,
+                             n_kv_heads=2, head_dim=8, d_ff=64, max_len=64, init_std=0.5)
+    params = models.init_params(cfg, jax.random.key(0))
+    weights = tmp_path / "tiny.gguf"
+    weights.write_bytes(b"stand-in")
+
+    def judge(prompts, texts):   # depends on the prompt and the text; ties happen
+        return [len(p) / 100 + sum(map(ord, t)) % 7 for p, t in zip(prompts, texts)]
+
+    monkeypatch.setattr(gguf_import, "smollm2_gguf_path", lambda: str(weights))
+    monkeypatch.setattr(gguf_import, "load_gguf_checkpoint", lambda path: (cfg, params))
+    monkeypatch.setattr(gguf_import, "load_gguf_tokenizer", lambda path: tok)
+    monkeypatch.setattr(judges, "get_judge", lambda name: judge)
+    rates = {"identity": 0.61, "log": 0.62}
+    monkeypatch.setattr(analytic, "win_rate_at_kl",
+                        lambda name, kl, proc, n: rates[name] + (proc == "won") / 10 + n / 1e3
+                        + kl / 1e4)
+    monkeypatch.setattr(analytic, "best_t",
+                        lambda proc, n, kl: (4.5 if proc == "bon" else -4.5, 0.7 + n / 1e3))
+    monkeypatch.setattr(analytic_solver, "optimal_win_rate_at_kl",
+                        lambda kl, proc, n: 0.8 + (proc == "won") / 10)
+    trained = []
+
+    def exact_stage(base_config, workdir, *, n, size, keys, log):
+        trained.append((base_config, workdir, n, size, keys))
+        os.makedirs(workdir, exist_ok=True)
+        (tmp_path / "out" / "ctrl" / "exact_table.md").write_text("| table |")
+        return [{"method": "CTRL identity"}]
+
+    monkeypatch.setattr(reproduce, "run_exact_stage", exact_stage)
+    k, n, new, seed, kl = 5, 3, 4, 3, 0.25
+    config = demo.DemoConfig(prompts=3, k_ref=k, n=n, max_new_tokens=new, seed=seed, kl=kl,
+                             train_methods="identity", train_size="smoke")
+    res = demo.run(config, str(tmp_path / "out"), ctrl_config="ctrl", log=lambda s: None)
+
+    prompts = [f"Write one sentence reviewing the {thing} you visited."
+               for thing in ("pizza place", "science museum", "mountain hike")]
+    p_BxP, m_BxP = encode_prompts(tok, prompts)
+    eos, pad = special_ids(tok)
+    scfg = sampling.SamplingConfig(n=k + n, max_new_tokens=new, eos_id=eos, pad_id=pad)
+    out = jax.device_get(jax.jit(lambda p, r: sampling.sample(
+        models.decoder_fns(cfg), p, jnp.asarray(p_BxP), jnp.asarray(m_BxP), r, scfg))(
+        params, jax.random.key(seed)))
+    detok = detokenizer(tok)
+    texts = [[detok(out.tokens_BxNxL[b, j][out.mask_BxNxL[b, j]]) for j in range(k + n)]
+             for b in range(3)]
+    assert res["new_tokens"] == int(out.mask_BxNxL.sum())
+    all_c, some_empty = [], False
+    for b, row in enumerate(res["prompts"]):
+        assert row["prompt"] == prompts[b]
+        refs = np.array([r for t, r in zip(texts[b][:k], judge([prompts[b]] * k, texts[b][:k]))
+                         if t], np.float32)
+        np.testing.assert_allclose(row["ref_rewards_sorted"], np.sort(refs), rtol=1e-6)
+        calibrated = {}
+        for j, s in enumerate(row["fresh"]):
+            text = texts[b][k + j]
+            r = np.float32(judge([prompts[b]], [text])[0])
+            c = (np.sum(refs < r) + 0.5 * np.sum(refs == r)) / refs.size
+            assert s["text"] == text and s["reward"] == pytest.approx(float(r), rel=1e-6)
+            assert s["calibrated"] == pytest.approx(c, abs=1e-6)
+            assert s["identity"] == pytest.approx(c, abs=1e-6)
+            assert s["exp(t=4)"] == pytest.approx(math.expm1(4 * c) / 4, rel=1e-5, abs=1e-6)
+            assert s["exp(t=-4)"] == pytest.approx(math.expm1(-4 * c) / -4, rel=1e-5, abs=1e-6)
+            assert s["log"] == pytest.approx(math.log((refs.size * c + 1) / (refs.size + 1)),
+                                             rel=1e-5)
+            if text:
+                calibrated[text] = c
+                all_c.append(c)
+            some_empty |= not text
+        if calibrated:
+            assert calibrated[row["best_of_n"]] == max(calibrated.values())
+            assert calibrated[row["worst_of_n"]] == min(calibrated.values())
+        else:
+            assert row["best_of_n"] is None and row["worst_of_n"] is None
+    assert res["mean_calibrated_fresh"] == pytest.approx(np.mean(all_c), abs=1e-6)
+    assert [r["procedure"] for r in res["analytic"]] == ["bon_3", "won_3"]
+    for r, proc in zip(res["analytic"], ("bon", "won")):
+        won = proc == "won"
+        assert r["identity"] == pytest.approx(0.61 + won / 10 + 0.003 + 0.25e-4)
+        assert r["log"] == pytest.approx(0.62 + won / 10 + 0.003 + 0.25e-4)
+        assert (r["best_t"], r["best_exp_t"]) == (-4.5 if won else 4.5, pytest.approx(0.703))
+        assert r["optimal"] == pytest.approx(0.8 + won / 10) and r["kl"] == kl
+    assert trained == [("ctrl", str(tmp_path / "out" / "ctrl"), n, "smoke", ("identity",))]
+    assert res["ctrl_exact"] == [{"method": "CTRL identity"}]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["seeds"] == {"sampling": seed}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["prompts"] == res["prompts"]
+    # Best-/Worst-of-N needs two candidates; the analytic KL budget is positive
+    with pytest.raises(ValueError, match=r"config.n must be an integer >= 2, got 1"):
+        dataclasses_replace(config, n=1)
+    with pytest.raises(ValueError, match=r"config.kl must be a finite number > 0, got 0.0"):
+        dataclasses_replace(config, kl=0.0)
+    # no methods: step 6 trains nothing, even with its config given
+    trained.clear()
+    again = demo.run(dataclasses_replace(config, train_methods=""), str(tmp_path / "none"),
+                     ctrl_config="ctrl", log=lambda s: None)
+    assert trained == [] and again["ctrl_exact"] == []
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)

@@ -730,6 +730,20 @@ def test_calibrate_refuses_an_existing_table_of_other_settings(tmp_path, monkeyp
     monkeypatch.setattr(real, "rl_task", exact_tasks.rl_task)
     c = _config()
     path = calibrate.run(c, str(tmp_path), progress=_quiet)
+    # its manifest, in workdir/calibration: the table's seed, the table hashed, its metadata
+    assert path == str(tmp_path / "reference_table.npz")
+    import hashlib
+    import json
+    from infalign_jax.core.calibration import load_reference_table
+    manifest = json.loads((tmp_path / "calibration" / "manifest.json").read_text())
+    assert not (tmp_path / "manifest.json").exists()
+    assert manifest["seeds"] == {"reference": 1} and manifest["config"]["reference"]["k"] == 64
+    assert manifest["inputs"] == {"reference_table": {
+        "path": path, "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}}
+    table = load_reference_table(path)
+    assert manifest["extra"]["table"]["base_model_id"] == table.base_model_id
+    assert manifest["extra"]["table"]["reward_model_id"] == table.reward_model_id
+    assert manifest["started"] <= manifest["finished"]
     with pytest.raises(ReferenceTableError, match=r"config.reference.k: table 64, config 128; "
                                                   r"config.reference.seed: table 1, config 7"):
         calibrate.run(_config(**{"reference.k": 128, "reference.seed": 7}), str(tmp_path),
