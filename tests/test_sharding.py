@@ -347,3 +347,87 @@ def test_divisibility_fallbacks_are_reported_once(mesh222, caplog):
         sh.logical_to_shardings({"w": P("embed", "mlp")},
                                 {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32)}, mesh222, rules)
     assert not caplog.records
+
+
+# ---------------------------------------------------------------- checks, reports and layouts
+
+
+def test_mesh_config_rollout_layout_is_checked_and_read_from_a_dict():
+    layouts = r"\['serve', 'train'\]"
+    with pytest.raises(ValueError, match=r"config.mesh.rollout must be one of " + layouts):
+        sh.MeshConfig(rollout="decode")
+    assert sh.mesh_config_from_dict({"data": 2, "fsdp": 4, "rollout": "serve"}) == \
+        sh.MeshConfig(data=2, fsdp=4, tensor=1, rollout="serve")
+    with pytest.raises(ValueError, match="mesh config must be a mapping or ConfigDict, got list"):
+        sh.mesh_config_from_dict([("data", 2)])
+    with pytest.raises(ValueError, match=r"rollout layout 'decode' is not one of " + layouts):
+        sh.rollout_rules("decode")
+
+
+def test_malformed_rules_are_refused_by_name(mesh222):
+    for rules in ((("embed",),), ((3, "fsdp"),), (("embed", "fsdp", "tensor"),)):
+        with pytest.raises(ValueError, match=r"each rule must be \(logical_name, mesh_axes\)"):
+            sh.logical_to_shardings({"w": P("embed")}, {"w": jnp.zeros(4)}, mesh222, rules)
+    with pytest.raises(ValueError, match="mesh axis 'model'"):
+        with sh.axis_rules(mesh222, (("embed", "model"),)):
+            pass
+
+
+def test_the_first_rule_that_splits_a_name_wins_over_later_ones(mesh222):
+    rules = (("mlp", "tensor"), ("mlp", "fsdp"))
+    assert sh.logical_to_mesh_spec(("mlp",), (8,), mesh222, rules) == P("tensor")
+    assert sh.logical_to_mesh_spec(("embed", "mlp"), (8, 8), mesh222,
+                                   (("embed", "fsdp"),) + rules) == P("fsdp", "tensor")
+
+
+def test_ensemble_shardings_split_the_member_axis_and_replicate_scalars(mesh222):
+    tree = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32),
+            "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    out = sh.ensemble_shardings(tree, mesh222)
+    assert out["w"].spec == P(("data", "fsdp"), None)
+    assert out["step"].spec == P() and out["step"].mesh == mesh222
+
+
+def test_fallback_report_sizes_the_arrays_by_dtype_and_lists_three_paths(mesh222, caplog):
+    sh._REPORTED.clear()
+    shape = (16, 1, 65536)   # 1 KV head over tensor=2: held whole
+    specs = {k: P("embed", "kv_heads", "head_dim") for k in "abcd"}
+    shapes = {"a": jax.ShapeDtypeStruct(shape, jnp.float32),
+              "b": jax.ShapeDtypeStruct(shape, jnp.float32),
+              "c": jax.ShapeDtypeStruct(shape, jnp.bfloat16),
+              "d": jax.ShapeDtypeStruct(shape, jnp.bfloat16)}
+    with caplog.at_level("WARNING", logger=sh.__name__):
+        sh.logical_to_shardings(specs, shapes, mesh222)
+    (line,) = [ln for ln in caplog.text.splitlines() if "kv_heads" in ln]
+    # 2 x 4 MiB (f32) + 2 x 2 MiB (bf16)
+    assert "4 arrays (12.0 MiB) replicated along that dimension (['a'], ['b'], ['c'], ...)" in line
+
+
+def test_no_mesh_leaves_the_mesh_inside_axis_rules(mesh222):
+    def f(x_BxF):
+        return nn.with_logical_constraint(x_BxF * 2.0, ("batch", "act_mlp"))
+
+    with sh.axis_rules(mesh222):
+        with sh.no_mesh():
+            y = jax.jit(f)(jnp.ones((8, 4)))
+        inside = jax.jit(f)(jnp.ones((8, 4)))
+    assert len(y.sharding.device_set) == 1
+    assert inside.sharding.spec == P(("data", "fsdp"), "tensor")
+
+
+def test_rollout_resharder_serve_splits_over_tensor_only_and_train_is_the_identity(mesh222):
+    specs = {"w": P("embed", "mlp"), "emb": P("vocab", "embed"), "ln": P("norm")}
+    shapes = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32),
+              "emb": jax.ShapeDtypeStruct((32, 8), jnp.float32),
+              "ln": jax.ShapeDtypeStruct((8,), jnp.float32)}
+    params = sh.sharded_init(lambda _: {k: jnp.ones(s.shape) for k, s in shapes.items()},
+                             jax.random.key(0), mesh222, specs)
+    assert params["w"].sharding.spec == P("fsdp", "tensor")   # the training layout
+    train = sh.rollout_resharder("train", specs, mesh222)
+    assert train(params) is params
+    served = jax.jit(sh.rollout_resharder("serve", specs, mesh222))(params)
+    for name, spec in (("w", P(None, "tensor")), ("emb", P("tensor", None)), ("ln", P(None))):
+        ndim = len(shapes[name].shape)
+        assert served[name].sharding.is_equivalent_to(NamedSharding(mesh222, spec), ndim), \
+            (name, served[name].sharding)
+        np.testing.assert_array_equal(np.asarray(served[name]), np.ones(shapes[name].shape))

@@ -195,3 +195,57 @@ def test_a_second_sigterm_ends_the_process_at_once(tmp_path):
                           timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
     assert proc.stdout.split() == ["noted", "True"]
+
+
+def test_sigterm_noted_puts_back_a_python_handler_that_was_there_before():
+    """The handler in place before (here a Python function, not SIG_DFL) is the one put back on
+    exit, also when the block raises; a SIGTERM inside is noted, not passed to it."""
+    import signal
+
+    from infalign_jax.infra import preemption
+
+    seen = []
+
+    def mine(signum, frame):
+        seen.append(signum)
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(KeyError):
+            with preemption.sigterm_noted() as sigterm:
+                assert signal.getsignal(signal.SIGTERM) is not mine
+                assert not sigterm()
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert sigterm()
+                raise KeyError("the block fails")
+        assert signal.getsignal(signal.SIGTERM) is mine and seen == []
+        os.kill(os.getpid(), signal.SIGTERM)   # the restored handler is the one that runs
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_noted_outside_the_main_thread_installs_nothing_and_never_reports():
+    """Python installs signal handlers only from the main thread: elsewhere the block runs with
+    `requested()` always False and the process's handler untouched."""
+    import signal
+    import threading
+
+    from infalign_jax.infra import preemption
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def worker():
+        try:
+            with preemption.sigterm_noted() as sigterm:
+                seen.append(("inside", sigterm(), signal.getsignal(signal.SIGTERM)))
+            seen.append(("after", sigterm()))
+        except BaseException as e:   # noqa: BLE001  (reported to the main thread)
+            seen.append(("error", repr(e)))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(30)
+    assert seen == [("inside", False, before), ("after", False)]
+    assert signal.getsignal(signal.SIGTERM) == before

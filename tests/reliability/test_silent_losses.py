@@ -410,3 +410,151 @@ def test_a_typo_is_named_among_valid_overrides_of_the_same_name(tmp_path, entryp
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[0].startswith(f"error: {name} key {bad} does not exist"), \
         proc.stderr[-2000:]
+
+
+def test_config_key_message_without_a_matching_argument_names_the_missing_key():
+    """No argument overrides the key ml_collections names (a typo in a config file's own
+    override): the key alone, not the quoted message with its hint."""
+    typo = KeyError('\'bta\'\nDid you mean "beta" instead of "bta"?')
+    assert cli.config_key_message(["train_policy.py", "--config.rl.beta=1"], typo) == \
+        "config key bta does not exist"
+
+
+def test_compilation_cache_directory_from_the_argument_then_the_environment_then_home(
+        monkeypatch, tmp_path):
+    updates = []
+    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.CACHE_ENV, raising=False)
+    default = str(home / ".cache" / "infalign_jax" / "xla")
+    assert cli.enable_compilation_cache() == default
+    assert updates == [("jax_compilation_cache_dir", default),
+                       ("jax_persistent_cache_min_compile_time_secs", 1.0)]
+    monkeypatch.setenv(cli.CACHE_ENV, "~/env")
+    updates.clear()
+    assert cli.enable_compilation_cache(min_compile_s=0.25) == str(home / "env")
+    assert updates == [("jax_compilation_cache_dir", str(home / "env")),
+                       ("jax_persistent_cache_min_compile_time_secs", 0.25)]
+    assert cli.enable_compilation_cache("rel") == str(tmp_path / "rel")   # the argument first
+    updates.clear()
+    assert cli.enable_compilation_cache("off") is None
+    monkeypatch.setenv(cli.CACHE_ENV, "off")
+    assert cli.enable_compilation_cache() is None and updates == []
+
+
+def _flags_of(monkeypatch, *args: str):
+    """`cli`'s view of absl's flags: a fresh set holding absl's --verbosity, parsed from args."""
+    from absl import flags as absl_flags
+    values = absl_flags.FlagValues()
+    absl_flags.DEFINE_integer("verbosity", -1, "absl's logging verbosity", flag_values=values)
+    values(["prog", *args])
+    monkeypatch.setattr(cli, "flags", type("Flags", (), {"FLAGS": values}))
+
+
+def test_start_refuses_stray_arguments_and_a_multi_process_environment(monkeypatch):
+    from absl import app
+    from absl import logging as absl_logging
+    from infalign_jax.infra import distributed
+    caches, started = [], []
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: caches.append("on"))
+    monkeypatch.setattr(distributed, "initialize", started.append)
+    for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+                distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    before = absl_logging.get_verbosity()
+    try:
+        _flags_of(monkeypatch)
+        with pytest.raises(app.UsageError, match=r"^unexpected arguments: \['stray'\]$"):
+            cli.start(["prog.py", "stray"])
+        assert caches == [] and started == []
+        absl_logging.set_verbosity(absl_logging.INFO)
+        cli.start(["prog.py"])
+        assert absl_logging.get_verbosity() == absl_logging.WARNING   # quiet by default
+        assert caches == ["on"] and len(started) == 1 and not started[0].is_multi_process
+        _flags_of(monkeypatch, "--verbosity=1")
+        absl_logging.set_verbosity(absl_logging.INFO)
+        cli.start(["prog.py"])
+        assert absl_logging.get_verbosity() == absl_logging.INFO      # as given
+        monkeypatch.setenv(distributed.ENV_COORDINATOR, "127.0.0.1:1")
+        monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "2")
+        monkeypatch.setenv(distributed.ENV_PROCESS_ID, "0")
+        monkeypatch.setattr(sys, "argv", ["/somewhere/lone.py"])
+        with pytest.raises(ValueError, match=r"^lone.py runs as one process, but the environment "
+                                             r"asks for several \(JAX_COORDINATOR_ADDRESS="
+                                             r"'127.0.0.1:1', JAX_NUM_PROCESSES=2\)"):
+            cli.start(["lone.py"])
+        assert len(started) == 2   # refused before jax.distributed starts
+    finally:
+        absl_logging.set_verbosity(before)
+
+
+_ENTRYPOINT = """
+from absl import flags
+
+from infalign_jax.infra import cli
+
+flags.DEFINE_string("fail", "", "the error main raises")
+CONFIG = cli.define_config("config", "configs/analytic.py", "a config file")
+
+
+def main(argv):
+    cli.start(argv)
+    raise {"missing": FileNotFoundError("no such file: prompts.jsonl"),
+           "bug": RuntimeError("a bug")}[flags.FLAGS.fail]
+
+
+if __name__ == "__main__":
+    cli.run(main)
+"""
+
+
+def test_run_reports_bad_input_in_one_line_and_keeps_tracebacks_when_verbose(tmp_path):
+    """A missing file is bad input: one line, exit status 2; --verbosity keeps the traceback
+    (also of a config key typo, where -v=1 asks for it too), as it does for any other error."""
+    script = tmp_path / "entry.py"
+    script.write_text(_ENTRYPOINT)
+
+    def entry(*args):
+        return subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    proc = entry("--fail=missing")
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error (FileNotFoundError): no such file: prompts.jsonl",
+        "(run with --verbosity=1 for the traceback)"], proc.stderr[-2000:]
+    proc = entry("--fail=missing", "--verbosity=1")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.rstrip().endswith("FileNotFoundError: no such file: prompts.jsonl")
+    proc = entry("--config=configs/analytic.py", "--config.no_such=1", "-v=1")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+    assert "error: config key" not in proc.stderr
+
+
+def test_a_typo_is_looked_for_in_the_config_file_given_not_the_default():
+    """--config names another file than the entrypoint's default: its keys decide which override
+    is the typo (the default file has no rl section, so rl.beta was named)."""
+    argv = ["prog.py", f"--config={REPO / 'configs' / 'ctrl_exact.py'}", "--config.rl.beta=1",
+            "--config.rl.bta=1"]
+    assert cli._unresolved_override(argv, "config", str(REPO / "configs" / "analytic.py")) == \
+        "--config.rl.bta=1"
+
+
+def test_refuse_overrides_matches_whole_keys_and_sections_ending_in_a_dot(monkeypatch):
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+    argv = ["prog", "--config.seed2=1", "--config.trainer.steps=2"]
+    monkeypatch.setattr(sys, "argv", argv)   # ml_collections reads the overrides' names here
+    values = absl_flags.FlagValues()
+    config_flags.DEFINE_config_dict(
+        "config", ml_collections.ConfigDict({"seed": 0, "seed2": 0, "train": {"steps": 1},
+                                             "trainer": {"steps": 1}}), flag_values=values)
+    values(argv)
+    monkeypatch.setattr(cli, "flags", type("Flags", (), {"FLAGS": values}))
+    cli.refuse_overrides("config", ["seed", "train."], "the command sets them")
+    with pytest.raises(ValueError, match=r"^--config.seed2 is not used: the command sets them, "
+                                         r"so the value given would be replaced; leave it out$"):
+        cli.refuse_overrides("config", ["seed2"], "the command sets them")
+    with pytest.raises(ValueError, match=r"^--config.trainer.steps is not used"):
+        cli.refuse_overrides("config", ["trainer."], "the command sets them")
