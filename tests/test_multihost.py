@@ -28,6 +28,7 @@ import sys
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -693,6 +694,22 @@ def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_pat
 
 
 @pytest.mark.slow
+def _sigterm_to_process_1_once(procs: dict[str, tuple[subprocess.Popen, Path]],
+                               ready: Callable[[], bool]) -> dict[str, str]:
+    """Sends process 1 a SIGTERM once `ready()` (or a process has ended), waits for both and
+    checks that both stopped with status 143; returns their logs."""
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while time.monotonic() < deadline and all(p.poll() is None for p, _ in procs.values()) \
+            and not ready():
+        time.sleep(0.005)
+    procs["process 1"][0].send_signal(signal.SIGTERM)
+    waiting, logs = _finish(procs, WORKER_TIMEOUT_S)
+    assert not waiting, logs
+    codes = [p.returncode for p, _ in procs.values()]
+    assert codes == [143, 143], (codes, {n: t[-2000:] for n, t in logs.items()})
+    return logs
+
+
 def test_a_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_job_resumes(tmp_path):
     """A SIGTERM to one process of two (a preempted host): JAX's preemption service picks one
     step for both, Orbax saved it, and the loop trained on past it to the end or the SIGKILL.
@@ -704,16 +721,9 @@ def test_a_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_job_resum
             "--config.train.checkpoint_every=100", "--config.train.log_every=1",
             "--config.train.eval_every=0", f"--workdir={tmp_path / 'run'}"]
     metrics, ckpts = tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "checkpoints"
-    procs = _start_on_two_processes(args, tmp_path, "term")
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    while time.monotonic() < deadline and all(p.poll() is None for p, _ in procs.values()) \
-            and not (metrics.exists() and len(read_jsonl(str(metrics))) >= 2):
-        time.sleep(0.005)
-    procs["process 1"][0].send_signal(signal.SIGTERM)
-    waiting, logs = _finish(procs, WORKER_TIMEOUT_S)
-    assert not waiting, logs
-    codes = [p.returncode for p, _ in procs.values()]
-    assert codes == [143, 143], (codes, {n: t[-2000:] for n, t in logs.items()})
+    logs = _sigterm_to_process_1_once(
+        _start_on_two_processes(args, tmp_path, "term"),
+        lambda: metrics.exists() and len(read_jsonl(str(metrics))) >= 2)
     stopped = len(read_jsonl(str(metrics)))
     assert 2 <= stopped < steps
     committed = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
@@ -726,16 +736,10 @@ def test_a_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_job_resum
     # A SIGTERM to the resumed job before its first step (while it loads or compiles): JAX's
     # service counts steps from 0 there, so its stop step was 1, which a job resumed at step s
     # never calls again, and the job trained to the end. It stops after step s + 1.
-    procs = _start_on_two_processes(args, tmp_path, "early")
     early = tmp_path / "early1.log"
-    while time.monotonic() < deadline and all(p.poll() is None for p, _ in procs.values()) \
-            and f"resumed from checkpoint step {stopped}" not in early.read_text():
-        time.sleep(0.005)
-    procs["process 1"][0].send_signal(signal.SIGTERM)
-    waiting, logs = _finish(procs, WORKER_TIMEOUT_S)
-    assert not waiting, logs
-    codes = [p.returncode for p, _ in procs.values()]
-    assert codes == [143, 143], (codes, {n: t[-2000:] for n, t in logs.items()})
+    logs = _sigterm_to_process_1_once(
+        _start_on_two_processes(args, tmp_path, "early"),
+        lambda: f"resumed from checkpoint step {stopped}" in early.read_text())
     for name, text in logs.items():
         assert f"SIGTERM: stopped after step {stopped + 1} of {steps}" in text, \
             (name, text[-2000:])
