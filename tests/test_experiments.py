@@ -221,6 +221,27 @@ def test_sweep_print_mode_lists_one_command_per_point(tmp_path):
     assert "--config.rl.ppo_clip is not used by this run" in bad.stderr, bad.stderr
 
 
+def test_a_sweep_leaves_a_flag_a_point_reads_to_the_points(tmp_path):
+    """`--config.rl.kl_horizon` with a base config whose beta is constant: the base alone does
+    not read it, but the sweep's points switch the adaptive schedule on, which does. The sweep
+    checks the flag against each point (`cli.run(overrides_checked_by_main=("config",))`)
+    instead of refusing it against the base."""
+    config = tmp_path / "adaptive_sweep.py"
+    config.write_text(
+        "from infalign_jax.infra.config_utils import load_config_module\n"
+        f"_BASE = load_config_module({os.path.join(ROOT, 'configs', 'ctrl_exact.py')!r})\n"
+        "get_config = _BASE.get_config\n"
+        "def get_sweep(arg=None):\n"
+        "    return [{'rl.beta_schedule': 'adaptive', 'rl.kl_target': 0.5, 'transform.t': t}\n"
+        "            for t in (1.0, 2.0)]\n")
+    proc = _run("sweep.py", f"--config={config}", f"--workdir={tmp_path / 'sweep'}",
+                "--sweep=print", "--config.rl.kl_horizon=50", tmp_path=tmp_path)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("--config.rl.kl_horizon=50" in line and
+                                   "--config.rl.beta_schedule=adaptive" in line
+                                   for line in lines), lines
+
+
 @pytest.mark.slow
 def test_reproduce_entrypoint_exact_stage_smoke(tmp_path):
     out = tmp_path / "repro"
