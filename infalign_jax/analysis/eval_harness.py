@@ -27,7 +27,10 @@ miss: WoN_4 / 8 / 16 from M = 16 samples on 256 prompts covered the truth 0.67 /
 of the time (simulated; 0.95-0.97 unbiased). At N = M the unbiased estimate is one comparison a
 prompt: use M a few times N.
 `evaluate_decoder` does the same for a decoder given as a sampling function (tokenwise or
-blockwise CD), whose KL is the decoder's own exact path KL or bound.
+blockwise CD), whose KL is the decoder's own exact path KL or bound. pi_ref's side depends only
+on the prompts, the seed and the sampler settings: `reference_samples` draws and judges it once,
+and each evaluation against it takes it as `reference=` (the checkpoints of one run, a policy
+and its decoders).
 Host-side orchestration (numpy, Python); the model calls are jitted once per (fns, shapes).
 """
 
