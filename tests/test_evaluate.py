@@ -476,6 +476,23 @@ def test_rbon_wd_embeds_the_response_tokens_themselves(dirs):
     assert cos < 0.9999
 
 
+@pytest.mark.parametrize("decoder", ["cd_blockwise", "cd_tokenwise"])
+def test_a_decoder_whose_scorer_cannot_rank_its_candidates_is_refused(dirs, tmp_path,
+                                                                       monkeypatch, decoder):
+    """A prefix scorer whose values are NaN leaves blockwise CD keeping unguided pi_ref blocks
+    and tokenwise CD with no distribution to sample from; the run refuses to report that decoder
+    (`run_decoders` checks each decoder's unscored counts) and writes no results."""
+    import jax
+    trained = evaluate.train_scorer
+    monkeypatch.setattr(evaluate, "train_scorer", lambda *a: (
+        lambda cfg, params, summary: (cfg, jax.tree.map(lambda x: x * np.nan, params),
+                                      summary))(*trained(*a)))
+    with pytest.raises(ValueError, match=rf"evaluate: {decoder}: the prefix scorer's values "
+                                         r"\(NaN or infinite\) could not rank the candidates"):
+        evaluate.run(tiny_config(dirs, ("bon", decoder)), str(tmp_path), progress=lambda s: None)
+    assert not (tmp_path / "results.json").exists()
+
+
 @pytest.mark.slow
 def test_texts_cut_are_counted_once_when_the_members_score_the_candidates_again(dirs, tmp_path):
     """uncertainty_bon scores the candidate pool with each ensemble member again: their cuts
