@@ -109,9 +109,31 @@ _ADD = """%add (a: f32[], b: f32[]) -> f32[] {
 }
 """
 
-# a counted loop (5 trips of a 256-byte all-reduce) and a decode loop (`counter < 7 and not
-# done`: 128 bytes an iteration, an upper bound of 7), the second also run with a count XLA
-# proved (3: no early exit; its own copy of the computations, as XLA writes each loop's)
+# a decode loop's body and condition (`counter < 7 and not done`, a 128-byte all-gather an
+# iteration), NAME their prefix: XLA writes each loop its own copy
+_DECODE_LOOP = """%NAMEbody (q: (s32[], f32[16], pred[])) -> (s32[], f32[16], pred[]) {
+  %q = (s32[], f32[16]{0}, pred[]) parameter(0)
+  %i = s32[] get-tuple-element(%q), index=0
+  %x = f32[16]{0} get-tuple-element(%q), index=1
+  %g = f32[32]{0} all-gather(%x), channel_id=2, replica_groups={{0,1}}, dimensions={0}
+  %h = f32[16]{0} slice(%g), slice={[0:16]}
+  %d = pred[] get-tuple-element(%q), index=2
+  ROOT %t = (s32[], f32[16]{0}, pred[]) tuple(%i, %h, %d)
+}
+
+%NAMEcond (q: (s32[], f32[16], pred[])) -> pred[] {
+  %q = (s32[], f32[16]{0}, pred[]) parameter(0)
+  %i = s32[] get-tuple-element(%q), index=0
+  %m = s32[] constant(7)
+  %lt = pred[] compare(%i, %m), direction=LT
+  %go = pred[] get-tuple-element(%q), index=2
+  ROOT %both = pred[] and(%lt, %go)
+}
+
+"""
+
+# a counted loop (5 trips of a 256-byte all-reduce) and a decode loop (an upper bound of 7
+# iterations), the second also run with a count XLA proved (3: no early exit)
 _LOOPS = _ADD + """
 %body (p: (s32[], f32[64])) -> (s32[], f32[64]) {
   %p = (s32[], f32[64]{0}) parameter(0)
@@ -130,45 +152,7 @@ _LOOPS = _ADD + """
   ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
-%dbody (q: (s32[], f32[16], pred[])) -> (s32[], f32[16], pred[]) {
-  %q = (s32[], f32[16]{0}, pred[]) parameter(0)
-  %i = s32[] get-tuple-element(%q), index=0
-  %x = f32[16]{0} get-tuple-element(%q), index=1
-  %g = f32[32]{0} all-gather(%x), channel_id=2, replica_groups={{0,1}}, dimensions={0}
-  %h = f32[16]{0} slice(%g), slice={[0:16]}
-  %d = pred[] get-tuple-element(%q), index=2
-  ROOT %t = (s32[], f32[16]{0}, pred[]) tuple(%i, %h, %d)
-}
-
-%dcond (q: (s32[], f32[16], pred[])) -> pred[] {
-  %q = (s32[], f32[16]{0}, pred[]) parameter(0)
-  %i = s32[] get-tuple-element(%q), index=0
-  %m = s32[] constant(7)
-  %lt = pred[] compare(%i, %m), direction=LT
-  %go = pred[] get-tuple-element(%q), index=2
-  ROOT %both = pred[] and(%lt, %go)
-}
-
-%kbody (q: (s32[], f32[16], pred[])) -> (s32[], f32[16], pred[]) {
-  %q = (s32[], f32[16]{0}, pred[]) parameter(0)
-  %i = s32[] get-tuple-element(%q), index=0
-  %x = f32[16]{0} get-tuple-element(%q), index=1
-  %g = f32[32]{0} all-gather(%x), channel_id=2, replica_groups={{0,1}}, dimensions={0}
-  %h = f32[16]{0} slice(%g), slice={[0:16]}
-  %d = pred[] get-tuple-element(%q), index=2
-  ROOT %t = (s32[], f32[16]{0}, pred[]) tuple(%i, %h, %d)
-}
-
-%kcond (q: (s32[], f32[16], pred[])) -> pred[] {
-  %q = (s32[], f32[16]{0}, pred[]) parameter(0)
-  %i = s32[] get-tuple-element(%q), index=0
-  %m = s32[] constant(7)
-  %lt = pred[] compare(%i, %m), direction=LT
-  %go = pred[] get-tuple-element(%q), index=2
-  ROOT %both = pred[] and(%lt, %go)
-}
-
-ENTRY %main (x: f32[64], y: f32[16], go: pred[], s: f32[], b: bf16[4,4]) -> f32[] {
+""" + _DECODE_LOOP.replace("NAME", "d") + _DECODE_LOOP.replace("NAME", "k") + """ENTRY %main (x: f32[64], y: f32[16], go: pred[], s: f32[], b: bf16[4,4]) -> f32[] {
   %x = f32[64]{0} parameter(0)
   %y = f32[16]{0} parameter(1)
   %go = pred[] parameter(2)
