@@ -532,14 +532,11 @@ def _unread_params(state_dir: epath.Path, abstract_params: PyTree) -> list[str]:
         stored = handler.metadata(epath.Path(state_dir)).tree["params"]
     finally:
         handler.close()
-    wanted = {_key_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    # compared as plain names: the stored metadata names a sequence index as a dict key
+    plain = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")  # noqa: E731
+    wanted = {plain(k) for k, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
     return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(stored)[0]
-            if _key_path(k) not in wanted]
-
-
-def _key_path(path: tuple) -> tuple[str, ...]:
-    """A tree key path as strings (the stored metadata names a sequence index as a dict key)."""
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            if plain(k) not in wanted]
 
 
 def _first_line(e: BaseException) -> str:
