@@ -127,12 +127,21 @@ def sample_scored(fns: DecoderFns, params: Params, prompt_BxP, prompt_mask_BxP,
                   detokenize: Callable | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`cfg.n` samples per prompt and their judge scores, on the host: (response_RxL, mask_RxL,
     scores_BxN); row b*N + j of the responses is sample j of prompt b."""
+    resp, rmask, scores = _sampled_and_judged(fns, params, prompt_BxP, prompt_mask_BxP, judge,
+                                              cfg, jax.random.key(seed), detokenize)
+    return resp, rmask, scores.reshape(np.shape(prompt_BxP)[0], cfg.n)
+
+
+def _sampled_and_judged(fns, params, prompt_BxP, prompt_mask_BxP, judge, cfg, key, detokenize
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`cfg.n` samples per prompt drawn with `key`, flattened (row b*N + j), and their judge
+    scores: (response_RxL, mask_RxL, scores_R) on the host."""
     prompt = jnp.asarray(prompt_BxP, jnp.int32)
     pmask = jnp.asarray(prompt_mask_BxP, bool)
-    out = _sample(fns, params, prompt, pmask, jax.random.key(seed), cfg)
+    out = _sample(fns, params, prompt, pmask, key, cfg)
     p_rep, pm_rep, resp, rmask = sampling.flatten_samples(prompt, pmask, out)
     scores = _judge_scores(judge, detokenize, p_rep, pm_rep, resp, rmask)
-    return np.asarray(resp), np.asarray(rmask, bool), scores.reshape(prompt.shape[0], cfg.n)
+    return np.asarray(resp), np.asarray(rmask, bool), scores
 
 
 class ReferenceSamples(NamedTuple):
@@ -165,15 +174,11 @@ def reference_samples(ref_fns: DecoderFns, ref_params: Params, prompt_BxP, promp
     """pi_ref's M samples per prompt as `evaluate_policy` / `evaluate_decoder` with these
     arguments draw them (the second half of `key(seed)`'s split), judged: pass them to each as
     `reference=` to draw and judge them once."""
-    prompt = jnp.asarray(prompt_BxP, jnp.int32)
-    pmask = jnp.asarray(prompt_mask_BxP, bool)
     cfg = SamplingConfig(n=m, max_new_tokens=max_new_tokens, temperature=temperature,
                          eos_id=eos_id, pad_id=pad_id)
     _, key_ref = jax.random.split(jax.random.key(seed))
-    out = _sample(ref_fns, ref_params, prompt, pmask, key_ref, cfg)
-    p_rep, pm_rep, resp, rmask = sampling.flatten_samples(prompt, pmask, out)
-    scores = _judge_scores(judge, detokenize, p_rep, pm_rep, resp, rmask)
-    return ReferenceSamples(np.asarray(resp), np.asarray(rmask, bool), scores,
+    return ReferenceSamples(*_sampled_and_judged(ref_fns, ref_params, prompt_BxP,
+                                                 prompt_mask_BxP, judge, cfg, key_ref, detokenize),
                             _reference_settings(prompt_BxP, prompt_mask_BxP, m=m, seed=seed,
                                                 max_new_tokens=max_new_tokens, eos_id=eos_id,
                                                 pad_id=pad_id, temperature=temperature,
