@@ -62,6 +62,39 @@ def _refused(script, *args):
     return proc.stderr
 
 
+def test_a_config_file_that_cannot_be_loaded_is_refused_in_one_line(tmp_path):
+    """ml_collections keeps a missing config file's error until the config is first read: the run
+    started and failed deep inside with a traceback (with an override of it: a traceback from the
+    flag parsing)."""
+    for args in (["--config=configs/no_such.py"],
+                 ["--config=configs/no_such.py", "--config.rl.beta=1"]):
+        err = _refused("train_policy.py", *args, f"--workdir={tmp_path / 'run'}")
+        assert ("--config=configs/no_such.py: the config file could not be loaded" in err
+                and "No such file or directory" in err), err
+        assert not (tmp_path / "run").exists()
+    err = _refused("demo.py", "--ctrl_config=configs/no_such.py", f"--workdir={tmp_path}")
+    assert "--ctrl_config=configs/no_such.py: the config file could not be loaded" in err, err
+
+
+def test_a_config_flag_without_a_default_runs_without_it_and_reads_it_when_given(tmp_path):
+    """`cli.define_config(name, None, ...)`: the run's flag checks read the overrides of an
+    unparsed flag, which raised (ml_collections' UnparsedFlagError) before `main` ran."""
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "from infalign_jax.infra import cli\n"
+        "C = cli.define_config('config', None, 'x')\n"
+        "def main(argv):\n"
+        "    print('value', None if C.value is None else C.value.rl.beta)\n"
+        "cli.run(main)\n")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), PYTHONPATH=ROOT)
+    for args, wanted in (([], "value None"),
+                         (["--config=configs/ctrl_exact.py", "--config.rl.beta=0.25"],
+                          "value 0.25")):
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == wanted, proc.stdout + proc.stderr
+
+
 def test_a_flag_that_get_config_derived_other_keys_from_is_refused_alone(tmp_path):
     """`--config.train.num_steps=3000` on ctrl_exact left the lr decay and the beta warm-up at
     the file's 1500 / 1000 steps (the lr at its floor for half the run); `--config.task.name=

@@ -179,6 +179,18 @@ def parse_flags(argv: Sequence[str]) -> Any:
     ``--config.rl.bta=1``) reported in one line, exit status 2 (`config_key_message`)."""
     try:
         return app.parse_flags_with_usage(list(argv))
+    except OSError as e:
+        # an override of a config whose file could not be loaded (`refuse_unloaded_configs`
+        # reports the file when no override reads it)
+        if _verbose(argv):
+            raise
+        given = [a for a in argv[1:] if a.startswith("--") and "=" in a
+                 and "." not in a.partition("=")[0]]
+        flag = next((a for a in given if any(o.startswith(a.partition("=")[0] + ".")
+                                             for o in argv[1:])), "a config flag")
+        print(f"error: {_unloaded_message(flag, e)}\n(run with --verbosity=1 for the "
+              f"traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
     except (AttributeError, KeyError) as e:
         if _verbose(argv):
             raise
@@ -193,8 +205,30 @@ def parse_flags(argv: Sequence[str]) -> Any:
 
 
 def config_overrides(name: str) -> list[str]:
-    """The keys ``--<name>.<key>=...`` flags set on config flag `name`."""
+    """The keys ``--<name>.<key>=...`` flags set on config flag `name` (none when the flag has no
+    value: a config flag whose default is None and that was not given)."""
+    if flags.FLAGS[name].value is None:
+        return []
     return list(getattr(flags.FLAGS[name], "override_values", None) or ())
+
+
+def refuse_unloaded_configs() -> None:
+    """Refuses a config flag whose file could not be loaded (``--config=configs/typo.py``), naming
+    the flag and the reason. ml_collections keeps such a flag's error until the config is first
+    read, deep inside the run, as an OSError with a traceback."""
+    for name in list(flags.FLAGS):
+        if not hasattr(type(flags.FLAGS[name]), "config_filename") or flags.FLAGS[name].value is None:
+            continue
+        spec = flags.FLAGS[name].config_filename
+        try:
+            getattr(flags.FLAGS[name].value, "keys", None)
+        except OSError as e:
+            raise FileNotFoundError(_unloaded_message(f"--{name}={spec}", e)) from e
+
+
+def _unloaded_message(flag: str, err: OSError) -> str:
+    cause = " ".join(str(err.__cause__ or err).split())
+    return f"{flag}: the config file could not be loaded ({cause})"
 
 
 def refuse_unused_flags(skip: Sequence[str] = ()) -> None:
@@ -265,6 +299,7 @@ def run(main: Callable[[Sequence[str]], Any], *, overrides_checked_by_main: Sequ
     `overrides_checked_by_main`: config flags whose overrides `main` checks itself."""
     def guarded(argv: Sequence[str]) -> Any:
         try:
+            refuse_unloaded_configs()
             refuse_unused_flags(skip=overrides_checked_by_main)
             return main(argv)
         except BaseException as e:
