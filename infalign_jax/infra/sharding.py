@@ -494,16 +494,18 @@ def sharded_optimizer_init(
 
     A plain `jit(tx.init)` leaves scalars such as Adam's step count on one device, which a jit
     over the whole mesh then rejects; here every copy of the parameter tree inside the state
-    takes the parameters' shardings and every other leaf is replicated.
+    takes the parameters' shardings and every other leaf is replicated. A masked copy
+    (`optax.masked`, `multi_transform`) keeps its `MaskedNode`s, which hold no array.
     """
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     abstract = jax.eval_shape(tx.init, params)
     shardings = optax.tree_map_params(
         tx,
-        lambda _, sharding: sharding,
+        lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
         abstract,
         param_shardings,
         transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda leaf: isinstance(leaf, optax.MaskedNode),
     )
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
