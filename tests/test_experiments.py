@@ -70,7 +70,8 @@ def test_a_config_file_that_cannot_be_loaded_is_refused_in_one_line(tmp_path):
                  ["--config=configs/no_such.py", "--config.rl.beta=1"]):
         err = _refused("train_policy.py", *args, f"--workdir={tmp_path / 'run'}")
         assert ("--config=configs/no_such.py: the config file could not be loaded" in err
-                and "No such file or directory" in err), err
+                and "No such file or directory" in err
+                and f"a relative path is read from the working directory, {ROOT}" in err), err
         assert not (tmp_path / "run").exists()
     err = _refused("demo.py", "--ctrl_config=configs/no_such.py", f"--workdir={tmp_path}")
     assert "--ctrl_config=configs/no_such.py: the config file could not be loaded" in err, err

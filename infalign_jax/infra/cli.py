@@ -228,7 +228,10 @@ def refuse_unloaded_configs() -> None:
 
 def _unloaded_message(flag: str, err: OSError) -> str:
     cause = " ".join(str(err.__cause__ or err).split())
-    return f"{flag}: the config file could not be loaded ({cause})"
+    path = flag.partition("=")[2].partition(":")[0]
+    where = (f"; a relative path is read from the working directory, {os.getcwd()}"
+             if path and not os.path.isabs(path) else "")
+    return f"{flag}: the config file could not be loaded ({cause}){where}"
 
 
 def refuse_unused_flags(skip: Sequence[str] = ()) -> None:
