@@ -6,7 +6,8 @@
 
 Flags on the config (--config.x=...) apply to every point; the point's overrides come last. An RL
 option flag a point's config does not read is refused (a point may set its setting itself).
-Results: <workdir>/sweep_results.{csv,md}, one row per point.
+Results: <workdir>/sweep_results.{csv,md}, one row per point, and sweep_results.png (each evaluated
+metric against the swept value).
 """
 
 

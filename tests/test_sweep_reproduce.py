@@ -15,7 +15,7 @@ from infalign_jax.rl.tasks import exact as et
 from infalign_jax.infra import provenance
 from infalign_jax.infra.config_utils import load_config_module
 from infalign_jax.loops import skeleton, train
-from infalign_jax.workflows import reproduce, sweep
+from infalign_jax.workflows import reproduce, sweep, sweep_plot
 from infalign_jax.core.transforms import get_transform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,6 +238,72 @@ def test_run_sweep_skips_finished_points_and_writes_table(tmp_path):
     more = sweep.apply_overrides(_base(), {"task.eval_ns": (1, 2, 4, 8)})
     sweep.run(more, points[:1], str(tmp_path), runner, log=lambda s: None)
     assert len(calls) == 5
+
+
+def test_the_sweep_figure_puts_the_most_varied_numeric_key_on_x_and_lines_per_other_key():
+    """`sweep_plot.panels` against a layout written out by hand: x = transform.t (three values
+    against kl_budget's two), one line per kl_budget sorted by t, pi*'s target_* and the
+    *_stderr columns joined to their metric, a point without a value left out of its line (not
+    drawn as 0), a NaN kept, counts of cut texts and non-numeric columns left out."""
+    rows = []
+    for kl, t in ((0.5, 5.0), (0.5, -5.0), (1.0, 0.0), (0.5, 0.0), (1.0, 5.0), (1.0, -5.0)):
+        rows.append({"point": f"t={t},kl_budget={kl}", "transform.name": "exp",
+                     "transform.t": t, "task.kl_budget": kl,
+                     "eval.exact_bon4": 0.5 + t / 100 + kl, "eval.target_bon4": 0.9 + t / 100,
+                     "eval.est_bon_4": t * kl, "eval.est_bon_4_stderr": kl / 10,
+                     "eval.est_reward_texts_cut": 3.0, "eval.note": "x",
+                     "train.kl_k1": 9.0})
+    del rows[4]["eval.exact_bon4"]                 # t=5, kl=1: no value
+    rows[2]["eval.est_bon_4"] = float("nan")      # t=0, kl=1
+    keys = ["transform.name", "transform.t", "task.kl_budget"]
+    assert sweep_plot.x_key(rows, keys) == "transform.t"
+    layout = sweep_plot.panels(rows, keys)
+    assert [p.metric for p in layout] == ["eval.exact_bon4", "eval.est_bon_4"]
+    bon = {line.label: line for line in layout[0].lines}
+    assert list(bon) == ["kl_budget=0.5", "kl_budget=1"]
+    half, one = bon["kl_budget=0.5"], bon["kl_budget=1"]
+    assert half.x == [-5.0, 0.0, 5.0] and one.x == [-5.0, 0.0]
+    np.testing.assert_allclose(half.y, [0.45 + 0.5, 0.5 + 0.5, 0.55 + 0.5])
+    np.testing.assert_allclose(half.target, [0.85, 0.9, 0.95])
+    np.testing.assert_allclose(one.target, [0.85, 0.9])
+    assert half.stderr is None
+    est = {line.label: line for line in layout[1].lines}
+    assert est["kl_budget=1"].x == [-5.0, 0.0, 5.0] and est["kl_budget=1"].target is None
+    np.testing.assert_allclose(est["kl_budget=1"].y, [-5.0, np.nan, 5.0])
+    np.testing.assert_allclose(est["kl_budget=0.5"].stderr, [0.05] * 3)
+    # a sweep over strings only: a categorical axis; one point: nothing to plot
+    names = [{"point": n, "transform.name": n, "eval.exact_kl": k}
+             for n, k in (("exp", 0.2), ("log", 0.3))]
+    (panel,) = sweep_plot.panels(names, ["transform.name"])
+    assert panel.lines == [sweep_plot.Line("", ["exp", "log"], [0.2, 0.3], None, None)]
+    assert sweep_plot.panels(rows[:1], keys) == []
+    # without eval columns the train metrics are drawn
+    (panel,) = sweep_plot.panels([{k: v for k, v in r.items() if not k.startswith("eval.")}
+                                  for r in rows], keys)
+    assert panel.metric == "train.kl_k1"
+
+
+def test_a_sweep_draws_its_figure(tmp_path):
+    from PIL import Image
+
+    def runner(cfg, run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps,
+                   "eval": {"exact_kl": cfg.transform.t / 10, "target_kl": 0.5}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        provenance.write_manifest(run_dir, cfg, with_devices=False)
+        return summary
+
+    said = []
+    sweep.run(_base(), [{"transform.t": 1.0}, {"transform.t": 2.0}], str(tmp_path), runner,
+              log=said.append)
+    assert said[-1].endswith("and sweep_results.png (each metric against transform.t)")
+    with Image.open(tmp_path / "sweep_results.png") as image:
+        assert image.size[0] > 100 and image.size[1] > 100
+    sweep.run(_base(), [{"transform.t": 1.0}], str(tmp_path / "one"), runner, log=said.append)
+    assert said[-1].endswith("(no plot: no swept key varies)")
+    assert not (tmp_path / "one" / "sweep_results.png").exists()
 
 
 def test_a_sweep_or_reproduction_over_another_configs_runs_is_refused_with_its_own_flags(

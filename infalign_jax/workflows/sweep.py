@@ -3,7 +3,8 @@
 A config module may define ``get_sweep(arg=None) -> list[dict]``, each dict a point of dotted
 overrides, e.g. ``{"transform.t": 4.0, "rl.beta": 1.5}`` (big_vision's habit: the sweep lives next
 to the config). `run` trains every point one after another in ``<workdir>/<point name>`` and
-gathers each run's `summary.json` into one table; `command_lines` prints one command per point for
+gathers each run's `summary.json` into one table and one figure (`sweep_plot`: every evaluated
+metric against the swept value); `command_lines` prints one command per point for
 a cluster scheduler instead. Points already finished are skipped on a re-run (their summary is
 read back), and an unfinished one resumes from its checkpoints, so a killed sweep just restarts.
 """
@@ -22,6 +23,7 @@ from infalign_jax.loops.skeleton import ConfigMismatchError, config_record, flat
 from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open
+from infalign_jax.workflows import sweep_plot
 
 # Keys a resume may change (skeleton.RESUMABLE_KEYS) that change a finished run's outputs.
 OUTPUT_KEYS = ("task.eval_ns", "export.hf", "export.dir")
@@ -138,6 +140,11 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
                                 f"or use another --workdir") from None
         rows.append(flat_row(p, summary))
     write_table(rows, workdir)
+    keys = list(dict.fromkeys(k for p in points for k in p))
+    figure = sweep_plot.plot(rows, keys, os.path.join(workdir, "sweep_results.png"))
+    log(f"[sweep] {os.path.join(workdir, 'sweep_results.csv')}, .md"
+        + (f" and {os.path.basename(figure)} (each metric against {sweep_plot.x_key(rows, keys)})"
+           if figure else " (no plot: no swept key varies)"))
     return rows
 
 
