@@ -3,6 +3,9 @@
     .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py --workdir=runs/sweep
     .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py:steps=200 \
         --workdir=runs/sweep --sweep=print --sweep_arg="ts=-5;5"
+    # once the printed commands have run (on a cluster): their table and figure, training nothing
+    .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py:steps=200 \
+        --workdir=runs/sweep --sweep=collect --sweep_arg="ts=-5;5"
 
 Flags on the config (--config.x=...) apply to every point; the point's overrides come last. An RL
 option flag a point's config does not read is refused (a point may set its setting itself).
@@ -10,6 +13,8 @@ Results: <workdir>/sweep_results.{csv,md}, one row per point, and sweep_results.
 metric against the swept value).
 """
 
+
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -22,8 +27,10 @@ from infalign_jax.infra import cli
 _CONFIG = cli.define_config("config", "configs/ctrl_exact.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one run dir per point).",
                                required=True)
-_MODE = flags.DEFINE_enum("sweep", "local", ["local", "print"],
-                          "local: run the points here; print: one command line per point.")
+_MODE = flags.DEFINE_enum("sweep", "local", ["local", "print", "collect"],
+                          "local: run the points here; print: one command line per point; "
+                          "collect: the table and figure of the points finished in --workdir, "
+                          "training nothing.")
 _ARG = flags.DEFINE_string("sweep_arg", None, "Argument passed to the config's get_sweep().")
 
 
@@ -37,9 +44,15 @@ def main(argv):
         shared = sweep.shared_flags(_CONFIG.value, flag_keys)   # -config.x, --flagfile too
         print("\n".join(sweep.command_lines("experiments/train_policy.py", path, _WORKDIR.value,
                                             points, shared)))
+        print("(once they have run: the same command with --sweep=collect writes their table "
+              "and figure)", file=sys.stderr)
         return
-    rows = sweep.run(_CONFIG.value, points, _WORKDIR.value,
-                     lambda config, workdir: train.run(config, workdir)[1], flag_keys=flag_keys)
+    if _MODE.value == "collect":
+        rows = sweep.collect(_CONFIG.value, points, _WORKDIR.value, flag_keys=flag_keys)
+    else:
+        rows = sweep.run(_CONFIG.value, points, _WORKDIR.value,
+                         lambda config, workdir: train.run(config, workdir)[1],
+                         flag_keys=flag_keys)
     print(sweep.markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
 
 

@@ -1,9 +1,11 @@
 """Every config loads, is locked, and its entrypoint runs end to end on a tiny setting."""
 
+import csv
 import glob
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -253,6 +255,30 @@ def test_sweep_print_mode_lists_one_command_per_point(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and not bad.stdout.strip(), bad.stdout + bad.stderr
     assert "--config.rl.ppo_clip is not used by this run" in bad.stderr, bad.stderr
+
+
+def test_the_printed_commands_run_elsewhere_are_collected(tmp_path):
+    """`--sweep=print`, one of its two commands run as printed (as a cluster would), then
+    `--sweep=collect`: the run is recognised as the sweep's point (its config is the point's),
+    tabled with its own summary's numbers, and the point not run is counted."""
+    args = ["--config=configs/ctrl_exact.py:steps=4", f"--workdir={tmp_path}",
+            "--sweep_arg=ts=-5;5", "--config.reference.k=32"]
+    printed = _run("sweep.py", *args, "--sweep=print", tmp_path=tmp_path)
+    assert "--sweep=collect" in printed.stderr
+    first = shlex.split(printed.stdout.strip().splitlines()[0])
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
+    subprocess.run(first, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    proc = _run("sweep.py", *args, "--sweep=collect", tmp_path=tmp_path)
+    assert "1 of 2 points not finished (left out): name=exp,t=5,kl_budget=0.5" in proc.stdout
+    assert not (tmp_path / "name=exp,t=5,kl_budget=0.5").exists()
+    summary = json.loads((tmp_path / "name=exp,t=-5,kl_budget=0.5" / "summary.json").read_text())
+    with open(tmp_path / "sweep_results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["point"] == "name=exp,t=-5,kl_budget=0.5"
+    assert float(row["eval.exact_bon4"]) == summary["eval"]["exact_bon4"]
+    # one point: nothing varies, so no figure
+    assert "(no plot: no swept key varies)" in proc.stdout
+    assert not (tmp_path / "sweep_results.png").exists()
 
 
 def test_a_sweep_leaves_a_flag_a_point_reads_to_the_points(tmp_path):

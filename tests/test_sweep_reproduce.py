@@ -306,6 +306,32 @@ def test_a_sweep_draws_its_figure(tmp_path):
     assert not (tmp_path / "one" / "sweep_results.png").exists()
 
 
+def test_collect_gathers_the_finished_points_and_counts_the_others(tmp_path):
+    """`--sweep=collect`: the points run elsewhere (the printed commands) gathered without
+    training; a point not run, or run under another config, is counted and named, not tabled."""
+    def runner(cfg, run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps, "eval": {"exact_kl": cfg.transform.t / 10}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        provenance.write_manifest(run_dir, cfg, with_devices=False)
+        return summary
+
+    points = [{"transform.t": 1.0}, {"transform.t": 2.0}, {"transform.t": 3.0}]
+    with pytest.raises(ValueError, match="no point of this sweep has finished in"):
+        sweep.collect(_base(), points, str(tmp_path), log=lambda s: None)
+    sweep.run(_base(), points[:1], str(tmp_path), runner, log=lambda s: None)
+    other = sweep.apply_overrides(_base(), {"rl.learning_rate": 1e-4})
+    sweep.run(other, points[2:], str(tmp_path), runner, log=lambda s: None)
+    said = []
+    rows = sweep.collect(_base(), points, str(tmp_path), log=said.append)
+    assert [r["point"] for r in rows] == ["t=1"] and rows[0]["eval.exact_kl"] == 0.1
+    assert said[0] == "[sweep] 2 of 3 points not finished (left out): t=2, t=3"
+    assert "| t=1 |" in (tmp_path / "sweep_results.md").read_text()
+    assert "t=3" not in (tmp_path / "sweep_results.md").read_text()
+    assert not (tmp_path / "t=2").exists()   # nothing trained
+
+
 def test_a_sweep_or_reproduction_over_another_configs_runs_is_refused_with_its_own_flags(
         tmp_path):
     """A point's work dir holding another config's run was refused with train's advice,

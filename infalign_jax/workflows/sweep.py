@@ -5,7 +5,7 @@ overrides, e.g. ``{"transform.t": 4.0, "rl.beta": 1.5}`` (big_vision's habit: th
 to the config). `run` trains every point one after another in ``<workdir>/<point name>`` and
 gathers each run's `summary.json` into one table and one figure (`sweep_plot`: every evaluated
 metric against the swept value); `command_lines` prints one command per point for
-a cluster scheduler instead. Points already finished are skipped on a re-run (their summary is
+a cluster scheduler instead, and `collect` gathers the points that finished there. Points already finished are skipped on a re-run (their summary is
 read back), and an unfinished one resumes from its checkpoints, so a killed sweep just restarts.
 """
 
@@ -139,13 +139,43 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
                                 f"config: rerun with the flags it ran with (its manifest.json) "
                                 f"or use another --workdir") from None
         rows.append(flat_row(p, summary))
+    write_results(rows, points, workdir, log)
+    return rows
+
+
+def collect(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
+            workdir: str, log: Callable[[str], None] = print, flag_keys: Iterable[str] = ()
+            ) -> list[dict[str, Any]]:
+    """The table and figure of the points that have finished (`run`'s test: this config's
+    steps, on the same input files), training nothing: for a sweep whose points ran elsewhere
+    (`command_lines` on a cluster). The points left out are counted and named; ValueError when
+    none has finished."""
+    configs = point_configs(config, points, flag_keys)
+    rows, done, missing = [], [], []
+    for p, cfg in zip(points, configs):
+        summary = _finished(os.path.join(workdir, point_name(p), "summary.json"), cfg)
+        (missing if summary is None else done).append(p)
+        if summary is not None:
+            rows.append(flat_row(p, summary))
+    if not rows:
+        raise ValueError(f"no point of this sweep has finished in {workdir} (each point's run "
+                         f"dir is <workdir>/<point name>, e.g. {point_name(points[0])})")
+    if missing:
+        log(f"[sweep] {len(missing)} of {len(points)} points not finished (left out): "
+            + ", ".join(point_name(p) for p in missing))
+    write_results(rows, done, workdir, log)
+    return rows
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], points: Sequence[Mapping[str, Any]],
+                  workdir: str, log: Callable[[str], None] = print) -> None:
+    """`sweep_results.csv` / `.md` (`write_table`) and `sweep_results.png` (`sweep_plot`)."""
     write_table(rows, workdir)
     keys = list(dict.fromkeys(k for p in points for k in p))
     figure = sweep_plot.plot(rows, keys, os.path.join(workdir, "sweep_results.png"))
     log(f"[sweep] {os.path.join(workdir, 'sweep_results.csv')}, .md"
         + (f" and {os.path.basename(figure)} (each metric against {sweep_plot.x_key(rows, keys)})"
            if figure else " (no plot: no swept key varies)"))
-    return rows
 
 
 def _finished(summary_path: str, cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
