@@ -129,8 +129,9 @@ def plot(rows: Sequence[Mapping[str, Any]], point_keys: Sequence[str], path: str
             ax.errorbar(line.x, line.y, yerr=line.stderr, color=color, marker="o", ms=3, lw=1,
                         capsize=2, label=label)
             if line.target is not None:
-                ax.plot(line.x, line.target, color=color, ls="--", lw=1,
-                        label="pi* (target)" if i == 0 else None)
+                ax.plot(line.x, line.target, color=color, ls="--", lw=1)
+        if any(line.target is not None for line in panel.lines):
+            ax.plot([], [], color="0.4", ls="--", lw=1, label="pi* of its beta (dashed)")
         ax.set_title(panel.metric, fontsize=9)
         ax.set_xlabel(xk, fontsize=8)
         ax.tick_params(labelsize=7)
