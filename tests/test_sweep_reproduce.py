@@ -304,6 +304,9 @@ def test_a_sweep_draws_its_figure(tmp_path):
     sweep.run(_base(), [{"transform.t": 1.0}], str(tmp_path / "one"), runner, log=said.append)
     assert said[-1].endswith("(no plot: no swept key varies)")
     assert not (tmp_path / "one" / "sweep_results.png").exists()
+    # a rerun over one of the points removes the figure of both, which the table no longer holds
+    sweep.run(_base(), [{"transform.t": 1.0}], str(tmp_path), runner, log=said.append)
+    assert not (tmp_path / "sweep_results.png").exists()
 
 
 def test_collect_gathers_the_finished_points_and_counts_the_others(tmp_path):

@@ -217,11 +217,12 @@ def refuse_unloaded_configs() -> None:
     the flag and the reason. ml_collections keeps such a flag's error until the config is first
     read, deep inside the run, as an OSError with a traceback."""
     for name in list(flags.FLAGS):
-        if not hasattr(type(flags.FLAGS[name]), "config_filename") or flags.FLAGS[name].value is None:
+        flag = flags.FLAGS[name]
+        if not hasattr(type(flag), "config_filename") or flag.value is None:
             continue
-        spec = flags.FLAGS[name].config_filename
+        spec = flag.config_filename
         try:
-            getattr(flags.FLAGS[name].value, "keys", None)
+            getattr(flag.value, "keys", None)
         except OSError as e:
             raise FileNotFoundError(_unloaded_message(f"--{name}={spec}", e)) from e
 

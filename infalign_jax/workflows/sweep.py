@@ -4,9 +4,10 @@ A config module may define ``get_sweep(arg=None) -> list[dict]``, each dict a po
 overrides, e.g. ``{"transform.t": 4.0, "rl.beta": 1.5}`` (big_vision's habit: the sweep lives next
 to the config). `run` trains every point one after another in ``<workdir>/<point name>`` and
 gathers each run's `summary.json` into one table and one figure (`sweep_plot`: every evaluated
-metric against the swept value); `command_lines` prints one command per point for
-a cluster scheduler instead, and `collect` gathers the points that finished there. Points already finished are skipped on a re-run (their summary is
-read back), and an unfinished one resumes from its checkpoints, so a killed sweep just restarts.
+metric against the swept value); `command_lines` prints one command per point for a cluster
+scheduler instead, and `collect` gathers the points that finished there. Points already finished
+are skipped on a re-run (their summary is read back), and an unfinished one resumes from its
+checkpoints, so a killed sweep just restarts.
 """
 
 from __future__ import annotations
@@ -169,10 +170,14 @@ def collect(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any
 
 def write_results(rows: Sequence[Mapping[str, Any]], points: Sequence[Mapping[str, Any]],
                   workdir: str, log: Callable[[str], None] = print) -> None:
-    """`sweep_results.csv` / `.md` (`write_table`) and `sweep_results.png` (`sweep_plot`)."""
+    """`sweep_results.csv` / `.md` (`write_table`) and `sweep_results.png` (`sweep_plot`; an
+    earlier figure is removed when these rows draw none, so it never shows other points)."""
     write_table(rows, workdir)
     keys = list(dict.fromkeys(k for p in points for k in p))
-    figure = sweep_plot.plot(rows, keys, os.path.join(workdir, "sweep_results.png"))
+    path = os.path.join(workdir, "sweep_results.png")
+    figure = sweep_plot.plot(rows, keys, path)
+    if figure is None and os.path.exists(path):
+        os.remove(path)
     log(f"[sweep] {os.path.join(workdir, 'sweep_results.csv')}, .md"
         + (f" and {os.path.basename(figure)} (each metric against {sweep_plot.x_key(rows, keys)})"
            if figure else " (no plot: no swept key varies)"))
