@@ -11,7 +11,9 @@ docs/benchmarks.md):
         --config=configs/ctrl_real.py:task=helpfulness,size=tiny \
         --workdir=runs/ctrl_real_help_tiny
 Variants: `task=harmlessness`, `size=small|full`, `transform=identity`, `beta=0.5`, `t=-4`, or
-flags such as `--config.rl.learning_rate=1e-5 --config.train.num_steps=20`.
+flags such as `--config.rl.learning_rate=1e-5 --config.train.num_steps=20`. A sweep over t at one
+beta (`get_sweep` below): `experiments/sweep.py --config=configs/ctrl_real.py:size=small
+--workdir=runs/real_t --sweep_arg="ts=1;4;8"`.
 Your own policy, reward model and prompts (README "Your policy, your reward model, your prompts"):
     --config.task.policy.checkpoint=DIR_OR_GGUF --config.task.reward.kind=hf \
     --config.task.reward.checkpoint=RM_DIR --config.task.data.prompts=PROMPTS.jsonl
@@ -95,3 +97,14 @@ def get_config(arg=None):
     c.export = config_section(ExportConfig)
     c.lock()
     return c
+
+
+def get_sweep(arg=None):
+    """exp(t C) over `ts` at the config's beta (experiments/sweep.py; `--sweep_arg="ts=1;4"`).
+    The defaults have the Best-of-N task's sign (helpfulness); for harmlessness' Worst-of-N give
+    negative ones (`--sweep_arg="ts=-1;-2;-4;-8"`). The points share beta, not KL: each row of
+    the sweep's table carries its est_kl_k1, and `experiments/compare_real.py` compares methods
+    at matched KL."""
+    a = parse_arg(arg, ts=(1.0, 2.0, 4.0, 8.0))
+    return [{"transform.name": "exp", "transform.t": float(t)} for t in a.ts]
+

@@ -14,6 +14,7 @@ import pytest
 from infalign_jax.rl.tasks import exact as et
 from infalign_jax.infra import provenance
 from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.core.calibration import load_reference_table
 from infalign_jax.loops import skeleton, train
 from infalign_jax.workflows import reproduce, sweep, sweep_plot
 from infalign_jax.core.transforms import get_transform
@@ -333,6 +334,42 @@ def test_collect_gathers_the_finished_points_and_counts_the_others(tmp_path):
     assert "| t=1 |" in (tmp_path / "sweep_results.md").read_text()
     assert "t=3" not in (tmp_path / "sweep_results.md").read_text()
     assert not (tmp_path / "t=2").exists()   # nothing trained
+
+
+def test_points_with_one_tasks_reference_settings_share_one_table_and_their_numbers(tmp_path):
+    """A t sweep draws its reference table once: the first point's run draws it, the next point
+    of the same task and reference settings gets a copy (its run reuses it), and its results
+    equal that point run alone, drawing its own; a point with another K draws its own."""
+    smoke = reproduce.sized_config(_base(), "smoke")
+    assert smoke.reference.k == 64
+    logs = {}
+
+    def runner(cfg, run_dir):
+        lines = logs.setdefault(os.path.basename(run_dir), [])
+        return train.run(cfg, run_dir, log=lines.append, devices=jax.devices()[:1])[1]
+
+    points = [{"transform.t": 1.0}, {"transform.t": 4.0},
+              {"transform.t": 2.0, "reference.k": 32}]
+    said = []
+    rows = sweep.run(smoke, points, str(tmp_path / "sweep"), runner, log=said.append)
+    first, second, other = (tmp_path / "sweep" / d / "reference_table.npz"
+                            for d in ("t=1", "t=4", "t=2,k=32"))
+    assert first.read_bytes() == second.read_bytes()
+    assert "[sweep] reference table copied from t=1/reference_table.npz (the same task and " \
+           "reference settings: drawn once for the sweep)" in said
+    assert any(line.startswith("reusing reference table") for line in logs["t=4"])
+    assert not any(line.startswith("reusing reference table") for line in logs["t=2,k=32"])
+    assert load_reference_table(str(other)).sorted_rewards_BxK.shape[1] == 32
+    alone = runner(sweep.apply_overrides(smoke, points[1]), str(tmp_path / "alone"))
+    assert not any(line.startswith("reusing reference table") for line in logs["alone"])
+    mine, shared = (load_reference_table(str(path)) for path in
+                    (tmp_path / "alone" / "reference_table.npz", second))
+    np.testing.assert_array_equal(mine.sorted_rewards_BxK, shared.sorted_rewards_BxK)
+    assert list(mine.prompt_ids) == list(shared.prompt_ids) and mine.created["reference"]["k"] == 64
+    assert {k: v for k, v in rows[1].items() if k.startswith("eval.")} == \
+        {f"eval.{k}": v for k, v in sorted(alone["eval"].items())}
+    assert sweep.reference_key(sweep.apply_overrides(smoke, points[0])) != \
+        sweep.reference_key(sweep.apply_overrides(smoke, {"task.kl_budget": 1.0}))
 
 
 def test_a_sweep_or_reproduction_over_another_configs_runs_is_refused_with_its_own_flags(

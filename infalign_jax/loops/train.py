@@ -226,6 +226,9 @@ def guard_nonfinite(step_fn: Callable) -> Callable:
     return guarded
 
 
+REFERENCE_TABLE = "reference_table.npz"   # a run dir's reference table (`prepare_reference_table`)
+
+
 def reference_settings(config: Any) -> tuple[int, int]:
     """(K, seed) of `config.reference`, validated."""
     c = dataclass_from(rl_tasks.ReferenceConfig, section(config, "reference"), "reference")
@@ -578,7 +581,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     mesh = sharding.make_mesh(mesh_cfg, devices)
     _check_run(task, cfg, tcfg, bonbon, mesh, log)
     _check_budget(config, task, cfg, bonbon is not None)
-    table_path = os.path.join(workdir, "reference_table.npz")
+    table_path = os.path.join(workdir, REFERENCE_TABLE)
     table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
     cfg = _beta_for_budget(config, task, cfg, table, tcfg.num_steps, log)
     transform = cfg.get_transform()

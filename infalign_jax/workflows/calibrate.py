@@ -26,7 +26,7 @@ def run(config: Any, workdir: str, progress: Any = print) -> str:
     """
     started, code = provenance.now(), provenance.code_state()
     task = real.rl_task(config.task)
-    path = os.path.join(workdir, "reference_table.npz")
+    path = os.path.join(workdir, train.REFERENCE_TABLE)
     k, seed = train.reference_settings(config)
     table = train.prepare_reference_table(task, path, k, seed, progress)
     if distributed.is_primary():   # one writer

@@ -529,7 +529,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
         f"evaluation prompts; reward {inputs.judge.id!r}, gold judge {gold.id!r}")
     check_resume(workdir, base, cc, inputs.split)
     # One reference table for every run (it depends on the task, reward, K and seed only).
-    table_path = os.path.join(workdir, "reference_table.npz")
+    table_path = os.path.join(workdir, train.REFERENCE_TABLE)
     rl_task = real.rl_task_from(inputs)   # the same loaded policy and reward, not a second load
     k, ref_seed = train.reference_settings(base)
     table = train.prepare_reference_table(rl_task, table_path, k, ref_seed, log)

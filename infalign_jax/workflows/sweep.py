@@ -7,7 +7,9 @@ gathers each run's `summary.json` into one table and one figure (`sweep_plot`: e
 metric against the swept value); `command_lines` prints one command per point for a cluster
 scheduler instead, and `collect` gathers the points that finished there. Points already finished
 are skipped on a re-run (their summary is read back), and an unfinished one resumes from its
-checkpoints, so a killed sweep just restarts.
+checkpoints, so a killed sweep just restarts. Points whose task and reference settings agree (a
+t sweep) share one reference table: `run` draws it in the first point's run and copies it into
+the others', so the K base samples per prompt are drawn once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -23,7 +26,8 @@ import ml_collections
 from infalign_jax.loops.skeleton import ConfigMismatchError, config_record, flat_record
 from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
-from infalign_jax.infra.files import atomic_open
+from infalign_jax.infra.files import atomic_open, atomic_path
+from infalign_jax.loops.train import REFERENCE_TABLE
 from infalign_jax.workflows import sweep_plot
 
 # Keys a resume may change (skeleton.RESUMABLE_KEYS) that change a finished run's outputs.
@@ -128,11 +132,19 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
     see `point_configs`."""
     rows = []
     configs = point_configs(config, points, flag_keys)  # all errors before any training
+    tables: dict[str, str] = {}   # reference settings -> a point's table drawn with them
     for i, (p, cfg) in enumerate(zip(points, configs)):
         run_dir = os.path.join(workdir, point_name(p))
         summary_path = os.path.join(run_dir, "summary.json")
         done = _finished(summary_path, cfg)
         log(f"[sweep {i + 1}/{len(points)}] {point_name(p)}" + (" (done, reusing)" if done else ""))
+        key, table = reference_key(cfg), os.path.join(run_dir, REFERENCE_TABLE)
+        if not done and key in tables and not os.path.exists(table):
+            os.makedirs(run_dir, exist_ok=True)
+            with atomic_path(table) as tmp:
+                shutil.copyfile(tables[key], tmp)
+            log(f"[sweep] reference table copied from {os.path.relpath(tables[key], workdir)} "
+                f"(the same task and reference settings: drawn once for the sweep)")
         try:
             summary = done or runner(cfg, run_dir)
         except ConfigMismatchError as e:   # train.init_from would apply to every point
@@ -140,8 +152,19 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
                                 f"config: rerun with the flags it ran with (its manifest.json) "
                                 f"or use another --workdir") from None
         rows.append(flat_row(p, summary))
+        if os.path.exists(table):
+            tables.setdefault(key, table)
     write_results(rows, points, workdir, log)
     return rows
+
+
+def reference_key(cfg: ml_collections.ConfigDict) -> str:
+    """What a run's reference table depends on: its config's `task` and `reference` sections
+    (with the digests of the data files they name). Points of one key share one table (the
+    trainer still checks a copied table against its own task, K and seed)."""
+    record = config_record(cfg)
+    return json.dumps({k: v for k, v in record.items() if k.startswith(("task.", "reference."))},
+                      sort_keys=True, default=str)
 
 
 def collect(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
