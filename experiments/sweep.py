@@ -44,8 +44,11 @@ def main(argv):
         shared = sweep.shared_flags(_CONFIG.value, flag_keys)   # -config.x, --flagfile too
         print("\n".join(sweep.command_lines("experiments/train_policy.py", path, _WORKDIR.value,
                                             points, shared)))
-        print("(once they have run: the same command with --sweep=collect writes their table "
-              "and figure)", file=sys.stderr)
+        print("(each command draws its own reference table unless its work dir holds one; "
+              "for a real task, experiments/calibrate.py with the same --config file draws it "
+              "once, into <its --workdir>/reference_table.npz, to copy into each point's dir "
+              "first. Once they have run, the same sweep command with --sweep=collect writes "
+              "their table and figure)", file=sys.stderr)
         return
     if _MODE.value == "collect":
         rows = sweep.collect(_CONFIG.value, points, _WORKDIR.value, flag_keys=flag_keys)
