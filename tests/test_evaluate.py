@@ -550,3 +550,240 @@ def test_candidate_log_probs_are_pi_refs_of_each_prompts_own_responses(dirs):
                 lp = torch.log_softmax(hf(ids).logits[0].double(), -1).numpy()
             want[b, j] = sum(lp[len(x) - 1 + t, y[t]] for t in range(len(y)))
     np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- steps on hand-made contexts
+def _selection_ctx(judge, members=None):
+    """The parts of `_Context` that `run_selections` reads: three prompts [3, 4, 5] + b of a
+    random one-layer model (vocabulary 32), token ids joined by spaces as their text."""
+    from types import SimpleNamespace
+
+    import jax
+    from infalign_jax import models
+    from infalign_jax.decoding.sampling import SamplingConfig
+    cfg = models.ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_len=24, init_std=0.5)
+    prompt = np.tile(np.array([[3, 4, 5]], np.int32), (3, 1)) + np.arange(3)[:, None]
+    detok = lambda ids: " ".join(map(str, np.asarray(ids).tolist()))  # noqa: E731
+    return SimpleNamespace(
+        ref_fns=models.decoder_fns(cfg),
+        reference=SimpleNamespace(params=models.init_params(cfg, jax.random.key(0))),
+        eval_BxP=prompt, eval_mask=np.ones_like(prompt, bool), judge=judge, detokenize=detok,
+        eval_ids=["p0", "p1", "p2"], eval_texts=["first one", "second one", "third one"],
+        members=members, cut=lambda: 0, rescored_cuts=0,
+        scfg=lambda n, temperature=None: SamplingConfig(n=n, max_new_tokens=4, eos_id=1))
+
+
+def _hashed_judge(salt):
+    """judge(prompts, texts): a hash of (salt, prompt, text) in [0, 1), so a text scored after
+    another prompt gets another score."""
+    import zlib
+    return lambda prompts, texts: np.array([zlib.crc32(f"{salt}|{p}|{t}".encode()) / 2 ** 32
+                                            for p, t in zip(prompts, texts)])
+
+
+def _text_length(prompts, texts):
+    return np.array([float(len(t)) for t in texts])
+
+
+def test_uncertainty_bon_members_score_each_candidate_after_its_own_prompt():
+    """uncertainty BoN's members score the candidate pool again: candidate j of prompt b with
+    prompt b's text. Members given prompt r % B for candidate r (not r // M) ranked the
+    candidates by their scores after other prompts. The choice of every group is recomputed
+    here from samples' prompt and response with members that hash (prompt, text)."""
+    from infalign_jax.workflows.evaluate_config import EvalConfig, SelectConfig
+    members = [_hashed_judge(0), _hashed_judge(1)]
+    ctx = _selection_ctx(_text_length, members)
+    m, ns, k = 8, (2, 4), 1.0
+    s = {"eval": EvalConfig(procedures=("uncertainty_bon",), samples=m, ns=ns,
+                            num_resamples=20), "select": SelectConfig(uncertainty_k=k)}
+    log = evaluate.SampleLog(ctx.detokenize, ctx.eval_ids, ctx.eval_texts)
+    log.scores["pi_ref"] = np.zeros((3, m))
+    evaluate.run_selections(s, ctx, log, lambda _: None)
+    cands = [r for r in log.rows if r["method"] == "pi_ref_candidates"]
+    assert [(r["prompt_id"], r["sample"]) for r in cands] == \
+        [(pid, j) for pid in ctx.eval_ids for j in range(m)]
+    scores = np.array([[j([r["prompt"]], [r["response"]])[0] for r in cands] for j in members])
+    key = (scores.mean(0) - k * scores.std(0)).reshape(3, m)
+    for n in ns:
+        chosen = [r for r in log.rows if r["method"] == f"uncertainty_bon@N={n}"]
+        assert len(chosen) == 3 * (m // n)
+        for r in chosen:
+            b, g = ctx.eval_ids.index(r["prompt_id"]), r["sample"]
+            group = key[b, n * g:n * (g + 1)]
+            assert n * g <= r["candidate"] < n * (g + 1)
+            assert group[r["candidate"] - n * g] >= group.max() - 1e-5, (n, r, group)
+
+
+def test_a_selection_that_leaves_a_group_no_valid_candidate_is_refused(monkeypatch):
+    """RBoN-WD disqualifies a candidate whose embedding is not finite. A group with none left
+    selects index -1, which was reported as candidate N g - 1 of the group (another group's; for
+    a prompt's first group, the score of its last candidate with the previous prompt's last
+    response in samples.jsonl); refused instead, naming the procedure."""
+    from infalign_jax.workflows.evaluate_config import EvalConfig, SelectConfig
+    features = evaluate._candidate_features
+
+    def infinite_embeddings_for_prompt_1(*args):
+        logp, emb = features(*args)
+        emb = np.array(emb)
+        emb[1] = np.inf
+        return logp, emb
+
+    monkeypatch.setattr(evaluate, "_candidate_features", infinite_embeddings_for_prompt_1)
+    ctx = _selection_ctx(_text_length)
+    s = {"eval": EvalConfig(procedures=("rbon_wd",), samples=4, ns=(2,), num_resamples=20),
+         "select": SelectConfig(rbon_wd_beta=1.0)}
+    log = evaluate.SampleLog(ctx.detokenize, ctx.eval_ids, ctx.eval_texts)
+    log.scores["pi_ref"] = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"^rbon_wd at N=2: 2 prompt row\(s\) have no valid, "
+                                         r"non-NaN candidate \(rows \['p1 candidates 0-1', "
+                                         r"'p1 candidates 2-3'\]\)"):
+        evaluate.run_selections(s, ctx, log, lambda _: None)
+
+
+def test_the_prefix_scorer_trains_on_each_response_with_its_own_prompt_score_and_next_tokens(
+        dirs, monkeypatch):
+    """The scorer's training batch, row i = sample i % N of training prompt i // N: its prompt
+    and its own judge score (scores laid out sample-major gave each response another's), and for
+    CD-Q pi_ref's top-k next tokens after each response prefix (no test ran CD-Q's branch).
+    Checked against the judge and transformers; the summary counts the 3 training prompts (not
+    the 2 evaluation prompts)."""
+    from types import SimpleNamespace
+
+    import jax
+    import torch
+    from infalign_jax import models
+    from infalign_jax.data.tokenize import detokenizer, encode_prompts, special_ids
+    from infalign_jax.decoding.sampling import SamplingConfig
+    from infalign_jax.rewards import prefix_scorers
+    from infalign_jax.rl.tasks import sources
+    from infalign_jax.workflows.evaluate_config import CDConfig, EvalConfig
+    ref = sources.load_policy(sources.PolicyConfig(dirs["reference"]))
+    texts = ["w3 w4", "w5 w6 w7", "w8"]
+    prompt, pmask = encode_prompts(ref.tokenizer, texts, False)
+    eos, pad = special_ids(ref.tokenizer)
+    judge, detok = _hashed_judge(0), detokenizer(ref.tokenizer)
+    ctx = SimpleNamespace(
+        ref_fns=models.decoder_fns(ref.model_cfg), reference=ref, judge=judge, detokenize=detok,
+        train_BxP=prompt, train_mask=pmask, train_ids=["t0", "t1", "t2"], train_texts=texts,
+        eval_ids=["e0", "e1"], eval_texts=texts[:2], eval_BxP=prompt[:2],
+        scfg=lambda n, temperature=None: SamplingConfig(n=n, max_new_tokens=4,
+                                                        temperature=temperature, eos_id=eos,
+                                                        pad_id=pad))
+    seen = []
+    make_step = prefix_scorers.make_scorer_step
+
+    def recording_step(*args):
+        step = make_step(*args)
+
+        def record_then_step(state, batch):
+            jax.debug.callback(lambda b: seen.append(jax.tree.map(np.asarray, b)), batch)
+            return step(state, batch)
+        return record_then_step
+
+    monkeypatch.setattr(prefix_scorers, "make_scorer_step", recording_step)
+    n, top_k = 2, 3
+    s = {"eval": EvalConfig(procedures=("cd_blockwise",), max_new_tokens=4, samples=4,
+                            ns=(1,)),
+         "cd": CDConfig(scorer_method="cdq", scorer_samples=n, scorer_steps=1, top_k=top_k,
+                        scorer_d_model=8, scorer_layers=1)}
+    log = evaluate.SampleLog(detok, ctx.eval_ids, ctx.eval_texts)
+    _, _, summary = evaluate.train_scorer(s, ctx, log, lambda _: None)
+    jax.effects_barrier()
+    (batch,) = seen
+    assert (summary["method"], summary["train_prompts"], summary["samples_per_prompt"]) == \
+        ("cdq", 3, n)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dirs["reference"]).eval()
+    resp, rmask = batch["response_BxL"], batch["response_mask_BxL"].astype(bool)
+    assert resp.shape[0] == 3 * n and rmask.sum(1).min() > 0
+    for i in range(3 * n):
+        np.testing.assert_array_equal(batch["prompt_BxP"][i], prompt[i // n])
+        np.testing.assert_array_equal(batch["prompt_mask_BxP"][i], pmask[i // n])
+        x, y = prompt[i // n][pmask[i // n]], resp[i][rmask[i]]
+        assert batch["final_reward_B"][i] == np.float32(judge([detok(x)], [detok(y)])[0]), i
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor(np.concatenate([x, y])[None],
+                                                   dtype=torch.long)).logits[0].double(), -1)
+        for t in range(len(y)):     # after response token t: sequence position len(x) + t
+            want_lp, want_ids = torch.topk(lp[len(x) + t], top_k)
+            np.testing.assert_array_equal(batch["next_ids_BxLxJ"][i, t], want_ids.numpy())
+            np.testing.assert_allclose(batch["ref_next_logprobs_BxLxJ"][i, t], want_lp.numpy(),
+                                       atol=1e-4)
+    assert summary["reward_mean"] == pytest.approx(batch["final_reward_B"].mean(), rel=1e-6)
+
+
+def _reference_dir(path, vocab, **changes):
+    """A tiny causal LM like the `dirs` ones with a word-level tokenizer over `vocab` and
+    `changes` to its Llama config."""
+    from workflow_files import _tokenizer
+    tok = _tokenizer(vocab, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    save_tiny(str(path), transformers.LlamaConfig(
+        vocab_size=len(tok), pad_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+        **{**TINY, **changes}), seed=9)
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def _policy_vocab():
+    return {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+
+
+def test_a_reference_with_another_tokenizer_or_vocabulary_is_refused(dirs, tmp_path):
+    """pi_ref must encode the prompts as the policy does. A reference whose tokenizer maps the
+    same words to other ids, in a vocabulary of the same size, was evaluated: the win rates on
+    other prompts, the KL between unrelated token ids. Refused before any sampling, as is one
+    with a larger vocabulary (same ids for the words)."""
+    perm = np.random.default_rng(1).permutation(len(WORDS))
+    permuted = {"<pad>": 0, "<eos>": 1, "<unk>": 2,
+                **{WORDS[j]: 3 + i for i, j in enumerate(perm)}}
+    larger = {**_policy_vocab(), "w_extra": 3 + len(WORDS)}
+    for name, vocab in (("permuted", permuted), ("larger", larger)):
+        ref = _reference_dir(tmp_path / name, vocab)
+        with pytest.raises(ValueError, match=r"config.reference.checkpoint: its tokenizer or "
+                                             r"vocabulary differs"):
+            evaluate.run(tiny_config(dirs, ("bon",), reference__checkpoint=ref),
+                         str(tmp_path / f"run_{name}"), progress=lambda _: None)
+        assert not (tmp_path / f"run_{name}").exists()
+
+
+def test_pi_ref_of_another_architecture_is_run_with_its_own_config(dirs, tmp_path):
+    """pi_ref's model functions come from its own config: a reference with 2 attention heads of
+    16 (the policy: 4 of 8, the same 32 x 32 query projection) run with the policy's functions
+    fails on the per-head weight shapes, and where the shapes agree computes another model. The
+    run's pi_ref logits on the evaluation prompts are the reference's in transformers."""
+    import torch
+    ref = _reference_dir(tmp_path / "ref", _policy_vocab(), num_attention_heads=2,
+                         num_key_value_heads=1)
+    s = evaluate.parse_config(tiny_config(dirs, ("bon",), reference__checkpoint=ref))
+    ctx = evaluate._Context(s, evaluate._split(s, 0)[1])
+    logits = np.asarray(ctx.ref_fns.logits(ctx.reference.params, ctx.eval_BxP, ctx.eval_mask))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref).eval()
+    for row, mask, got in zip(ctx.eval_BxP, ctx.eval_mask, logits):
+        with torch.no_grad():
+            want = hf(torch.tensor(row[mask][None], dtype=torch.long)).logits[0].numpy()
+        np.testing.assert_allclose(got[mask], want, atol=2e-4)
+
+
+def test_prompts_a_run_trained_on_are_counted_in_the_scorer_prompts_too(dirs, tmp_path):
+    """A real-task CTRL run's training prompts are passed over for the evaluation prompts and
+    the prefix scorer's training prompts alike; `prompts.held_out.left_out` counted only those
+    that would have been evaluation prompts. Here the run trained on 2 prompts: one the plain
+    split would evaluate on, one it would train the scorer on."""
+    from infalign_jax.rl.tasks import sources
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    task = {"name": "helpfulness", "num_prompts": 2, "eval_prompts": 2,
+            "data": {"prompts": dirs["prompts"]}}
+    (run / "manifest.json").write_text(json.dumps({"config": {"task": task}}))
+    trained = set(sources.split_prompts(dirs["prompts"], 2, 2, seed=0).train_texts)
+    plain = sources.split_prompts(dirs["prompts"], TRAIN, B, seed=0)
+    assert len(trained & set(plain.eval_texts)) == 1 and len(trained & set(plain.train_texts)) == 1
+    said = []
+    s = evaluate.parse_config(tiny_config(dirs, ("bon", "cd_tokenwise"),
+                                          policy__checkpoint=str(run)))
+    _, split, check = evaluate._held_out_split(s, TRAIN, said.append)
+    assert (len(split.eval_texts), len(split.train_texts)) == (B, TRAIN)
+    assert not trained & set(split.eval_texts + split.train_texts)
+    assert check == {"policy_training_prompts": 2, "left_out": 2, "merged": 0}
+    assert said == [f"evaluate: passed over 2 prompts of {dirs['prompts']} that the policy's run "
+                    f"trained on (2 training prompts)"]

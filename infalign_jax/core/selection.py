@@ -29,7 +29,7 @@ No `jax.jit` inside: callers jit and vmap (all functions are vmap-safe).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import chex
 import jax
@@ -255,11 +255,14 @@ def select(samples_BxNx: Array, index_B: Array, fill_value: float | int = 0) -> 
     return jnp.where(ok_Bx, picked_Bx, jnp.asarray(fill_value, samples_BxNx.dtype))
 
 
-def checked(selection: Selection, what: str = "scores_BxN") -> Selection:
-    """Host-side check: raises ValueError naming the rows that had no valid candidate."""
+def checked(selection: Selection, what: str = "scores_BxN",
+            row_names: Sequence[str] | None = None) -> Selection:
+    """Host-side check: raises ValueError naming the rows that had no valid candidate (by
+    `row_names[row]` when given, e.g. a prompt and a group of its candidates)."""
     has_valid_B = np.asarray(selection.has_valid_B)
     if not has_valid_B.all():
         rows = np.flatnonzero(~has_valid_B)
+        named = rows[:10].tolist() if row_names is None else [row_names[i] for i in rows[:10]]
         raise ValueError(f"{what}: {rows.size} prompt row(s) have no valid, non-NaN candidate "
-                         f"(rows {rows[:10].tolist()}{' ...' if rows.size > 10 else ''})")
+                         f"(rows {named}{' ...' if rows.size > 10 else ''})")
     return selection

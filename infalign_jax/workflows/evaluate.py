@@ -263,9 +263,12 @@ def run_selections(s, ctx, log: SampleLog, progress) -> list[dict[str, Any]]:
         cut = lambda a: jnp.asarray(a[:, :g * n].reshape((batch * g, n) + a.shape[2:]))
         members = None if members_ExBxM is None else jnp.asarray(
             members_ExBxM[:, :, :g * n].reshape(-1, batch * g, n))
+        groups = [f"{pid} candidates {n * j}-{n * j + n - 1}" for pid in ctx.eval_ids
+                  for j in range(g)]
         for name in names:
             choice = selection.checked(_select(name, cut(scores_BxM), cut(logp_BxM),
-                                               cut(emb_BxMxD), members, sel), name)
+                                               cut(emb_BxMxD), members, sel),
+                                       f"{name} at N={n}", groups)
             index_BxG = np.asarray(choice.index_B).reshape(batch, g)
             cand_BxG = index_BxG + n * np.arange(g)[None]
             chosen = np.take_along_axis(scores_BxM, cand_BxG, 1)
