@@ -132,7 +132,8 @@ def plot(rows: Sequence[Mapping[str, Any]], point_keys: Sequence[str], path: str
                 ax.plot(line.x, line.target, color=color, ls="--", lw=1)
         if any(line.target is not None for line in panel.lines):
             ax.plot([], [], color="0.4", ls="--", lw=1, label="pi* of its beta (dashed)")
-        ax.set_title(panel.metric, fontsize=9)
+        bars = any(line.stderr is not None for line in panel.lines)
+        ax.set_title(panel.metric + (" (bars: +-1 s.e.)" if bars else ""), fontsize=9)
         ax.set_xlabel(xk, fontsize=8)
         ax.tick_params(labelsize=7)
         if any(line.label or line.target is not None for line in panel.lines):
