@@ -36,6 +36,22 @@ def test_get_sweep_is_the_t_grid_at_matched_kl_budgets():
     assert [p["transform.t"] for p in default] == [-10, -5, -1, 0, 1, 5, 10]
 
 
+def test_the_real_tasks_sweep_is_exp_t_at_one_beta_and_each_point_is_a_valid_config():
+    """configs/ctrl_real.py's get_sweep: exp(t C) over the given ts (the Best-of-N task's signs
+    by default), each point a config the sweep accepts for either task, beta left as given."""
+    module = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py"))
+    assert sweep.sweep_points(module) == [{"transform.name": "exp", "transform.t": t}
+                                          for t in (1.0, 2.0, 4.0, 8.0)]
+    points = sweep.sweep_points(module, "ts=-1;-4")
+    assert [p["transform.t"] for p in points] == [-1.0, -4.0]
+    base = module.get_config("task=harmlessness,beta=0.3")
+    configs = sweep.point_configs(base, points)
+    assert [(c.transform.name, c.transform.t, c.rl.beta) for c in configs] == \
+        [("exp", -1.0, 0.3), ("exp", -4.0, 0.3)]
+    # one task and reference: one table for the sweep
+    assert len({sweep.reference_key(c) for c in configs}) == 1
+
+
 def test_get_sweep_must_give_points_that_each_override_something():
     import types
     for points in ([], [{"transform.t": 1.0}, {}], [{"transform.t": 1.0}, "t=2"]):
