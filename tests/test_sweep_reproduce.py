@@ -300,6 +300,31 @@ def test_the_sweep_figure_puts_the_most_varied_numeric_key_on_x_and_lines_per_ot
     assert panel.metric == "train.kl_k1"
 
 
+def test_a_sweep_says_how_long_its_points_left_to_train_will_take(tmp_path, monkeypatch):
+    """From the second point trained on, a sweep's progress line gives the points left to train
+    and the time they will take at the mean of the points trained so far (finished points read
+    back count as neither)."""
+    clock = iter(range(0, 10_000, 30))   # each point trains for one tick: 30 s
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: float(next(clock)))
+
+    def runner(cfg, run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        summary = {"final_step": cfg.train.num_steps, "eval": {"exact_kl": 0.1}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        provenance.write_manifest(run_dir, cfg, with_devices=False)
+        return summary
+
+    points = [{"transform.t": float(t)} for t in range(1, 5)]
+    sweep.run(_base(), points[1:2], str(tmp_path), runner, log=lambda s: None)   # t=2 done
+    said = []
+    sweep.run(_base(), points, str(tmp_path), runner, log=said.append)
+    progress = [line for line in said if line.startswith("[sweep ") and "/4]" in line]
+    assert progress == ["[sweep 1/4] t=1", "[sweep 2/4] t=2 (done, reusing)",
+                        "[sweep 3/4] t=3; 2 to train, about 1m00s left at 0m30s a point",
+                        "[sweep 4/4] t=4; 1 to train, about 0m30s left at 0m30s a point"]
+
+
 def test_a_sweep_draws_its_figure(tmp_path):
     from PIL import Image
 

@@ -170,7 +170,11 @@ class MetricsWriter:
         self.close()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A duration for progress lines: "4m07s", "2h13m" from an hour on, "?" when not finite
+    (an ETA before any rate is known)."""
+    if not math.isfinite(seconds):
+        return "?"
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -203,7 +207,7 @@ class Progress:
         filled = int(self.width * step / max(self.total, 1))
         bar = "#" * filled + "." * (self.width - filled)
         keys = " ".join(f"{k}={float(v):.4g}" for k, v in scalars.items() if np.ndim(v) == 0)
-        eta_s = _duration(eta) if math.isfinite(eta) else "?"
+        eta_s = duration(eta)
         speed = f"{rate:.2f} it/s" if rate > 0 else \
             f"{now - self.t0:.1f}s to step {step} (compiling)"
         return f"[{bar}] {step}/{self.total} {speed} eta {eta_s} | {keys}"

@@ -65,6 +65,7 @@ from infalign_jax.core.types import RewardFn
 from infalign_jax.decoding.sampling import SamplingConfig
 from infalign_jax.core.types import DecoderFns
 from infalign_jax.infra.files import write_npz
+from infalign_jax.infra.metrics_io import duration
 from infalign_jax.infra import distributed, preemption, validate as check
 
 Params = Any
@@ -128,14 +129,6 @@ def _combine(rewards_XxK: np.ndarray, valid_XxK: np.ndarray, done_BxC: np.ndarra
     if not all(got["done"][owner_B[b], b].all() for b in range(done_BxC.shape[0])):
         raise RuntimeError("calibration: a process returned its share with chunks undrawn")
     return got["rewards"][owner_X, rows], got["valid"][owner_X, rows]
-
-
-def _fmt_s(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _load_partial(path: str, fingerprint: dict[str, Any], shape: tuple[int, int, int, int]
@@ -338,8 +331,8 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
                                    for i in range(num_batches) if done_BxC[i].all() and mine_B[i])
                 say(f"calibration: prompts {prompts_done}/{mine}{whose} (batch {b + 1}/"
                     f"{num_batches}, chunk {c + 1}/{num_chunks}), {drawn / elapsed:.1f} "
-                    f"samples/s, elapsed {_fmt_s(elapsed)}, ETA "
-                    f"{_fmt_s((total - drawn) * elapsed / drawn)}")
+                    f"samples/s, elapsed {duration(elapsed)}, ETA "
+                    f"{duration((total - drawn) * elapsed / drawn)}")
                 if sigterm():   # the last chunk too: a rerun then builds the table at once
                     say(f"SIGTERM: calibration stopped after batch {b + 1}, chunk {c + 1} "
                         f"({int(done_BxC.sum())}/{done_BxC.size} chunks), saved in "
@@ -365,6 +358,6 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
             distributed.barrier(distributed.numbered("calibration_table_saved"))
     if partial_path and os.path.exists(partial_path):
         os.remove(partial_path)
-    say(f"calibration: done, {num} prompts x K={k} in {_fmt_s(seconds)} "
+    say(f"calibration: done, {num} prompts x K={k} in {duration(seconds)} "
         f"({int((~valid_XxK).sum())} invalid samples masked)")
     return table

@@ -79,6 +79,7 @@ from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, comma_list,
                                              dataclass_from)
 from infalign_jax.infra.files import atomic_open, atomic_path, write_json, write_npz
+from infalign_jax.infra.metrics_io import duration
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
 from infalign_jax.rl.tasks import real, sources
@@ -539,7 +540,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     evaluator = Evaluator(inputs, gold, cc, log, saved_ref)
     ids, prompts, m = inputs.split.eval_ids, inputs.split.eval_texts, cc.eval_samples
     if saved_ref is None:
-        log(f"  pi_ref sampled and scored on the evaluation prompts ({_elapsed(clock)} into the "
+        log(f"  pi_ref sampled and scored on the evaluation prompts ({duration(time.perf_counter() - clock)} into the "
             f"task{cuts_said(evaluator.ref_cuts)})")
         _save_eval(ref_path, {"gold_BxM": evaluator.ref_gold_BxM,
                               "proxy_BxM": evaluator.ref_proxy_BxM,
@@ -597,7 +598,7 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
             f"{got[f'gold_bon{cc.n}_B'].mean():.3f}, WoN_{cc.n} "
             f"{got[f'gold_won{cc.n}_B'].mean():.3f}, standard "
             f"{got['gold_standard_B'].mean():.3f} ({time.perf_counter() - started:.0f} s; "
-            f"{_elapsed(clock)} into the task{cuts_said(got)})")
+            f"{duration(time.perf_counter() - clock)} into the task{cuts_said(got)})")
         return got
 
     order = [mth for mth in cc.method_list if report.sets_kl_target(mth, cc.kl_target)]
@@ -651,11 +652,6 @@ def _kl_target(workdir: str, measured: float, saved: float,
                    {"kl_target": measured, "source": "vbon mean held-out KL"})
     log(f"  KL target for the controlled methods: {measured:.4f} (vBoN's, held out)")
     return measured
-
-
-def _elapsed(since: float) -> str:
-    minutes, seconds = divmod(int(time.perf_counter() - since), 60)
-    return f"{minutes}m{seconds:02d}s"
 
 
 def task_configs(config: Any) -> list[Any]:

@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -27,6 +28,7 @@ from infalign_jax.loops.skeleton import ConfigMismatchError, config_record, flat
 from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open, atomic_path
+from infalign_jax.infra.metrics_io import duration
 from infalign_jax.loops.train import REFERENCE_TABLE
 from infalign_jax.workflows import sweep_plot
 
@@ -133,11 +135,17 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
     rows = []
     configs = point_configs(config, points, flag_keys)  # all errors before any training
     tables: dict[str, str] = {}   # reference settings -> a point's table drawn with them
-    for i, (p, cfg) in enumerate(zip(points, configs)):
+    dones = [_finished(os.path.join(workdir, point_name(p), "summary.json"), cfg)
+             for p, cfg in zip(points, configs)]
+    trained: list[float] = []     # seconds each point trained here took
+    for i, (p, cfg, done) in enumerate(zip(points, configs, dones)):
         run_dir = os.path.join(workdir, point_name(p))
-        summary_path = os.path.join(run_dir, "summary.json")
-        done = _finished(summary_path, cfg)
-        log(f"[sweep {i + 1}/{len(points)}] {point_name(p)}" + (" (done, reusing)" if done else ""))
+        left = sum(d is None for d in dones[i:])
+        eta = (f"; {left} to train, about {duration(left * sum(trained) / len(trained))} left "
+               f"at {duration(sum(trained) / len(trained))} a point" if trained and not done
+               else "")
+        log(f"[sweep {i + 1}/{len(points)}] {point_name(p)}"
+            + (" (done, reusing)" if done else eta))
         key, table = reference_key(cfg), os.path.join(run_dir, REFERENCE_TABLE)
         if not done and key in tables and not os.path.exists(table):
             os.makedirs(run_dir, exist_ok=True)
@@ -145,12 +153,15 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
                 shutil.copyfile(tables[key], tmp)
             log(f"[sweep] reference table copied from {os.path.relpath(tables[key], workdir)} "
                 f"(the same task and reference settings: drawn once for the sweep)")
+        started = time.perf_counter()
         try:
             summary = done or runner(cfg, run_dir)
         except ConfigMismatchError as e:   # train.init_from would apply to every point
             raise e.with_advice(f"this sweep's point {point_name(p)} was run under another base "
                                 f"config: rerun with the flags it ran with (its manifest.json) "
                                 f"or use another --workdir") from None
+        if not done:
+            trained.append(time.perf_counter() - started)
         rows.append(flat_row(p, summary))
         if os.path.exists(table):
             tables.setdefault(key, table)
