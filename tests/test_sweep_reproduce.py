@@ -375,6 +375,11 @@ def test_collect_gathers_the_finished_points_and_counts_the_others(tmp_path):
     assert "| t=1 |" in (tmp_path / "sweep_results.md").read_text()
     assert "t=3" not in (tmp_path / "sweep_results.md").read_text()
     assert not (tmp_path / "t=2").exists()   # nothing trained
+    manifest = json.loads((tmp_path / "sweep_manifest.json").read_text())
+    assert manifest["extra"] == {"points": [{"transform.t": 1.0}],
+                                 "left_out": [{"transform.t": 2.0}, {"transform.t": 3.0}]}
+    assert manifest["config"]["transform"]["name"] == _base().transform.name
+    assert "git" in manifest and "packages" in manifest and "devices" not in manifest
 
 
 def test_points_with_one_tasks_reference_settings_share_one_table_and_their_numbers(tmp_path):

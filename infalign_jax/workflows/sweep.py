@@ -27,7 +27,7 @@ import ml_collections
 from infalign_jax.loops.skeleton import ConfigMismatchError, config_record, flat_record
 from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
-from infalign_jax.infra.files import atomic_open, atomic_path
+from infalign_jax.infra.files import atomic_open, atomic_path, write_json
 from infalign_jax.infra.metrics_io import duration
 from infalign_jax.loops.train import REFERENCE_TABLE
 from infalign_jax.workflows import sweep_plot
@@ -165,7 +165,7 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
         rows.append(flat_row(p, summary))
         if os.path.exists(table):
             tables.setdefault(key, table)
-    write_results(rows, points, workdir, log)
+    write_results(rows, points, workdir, log, config)
     return rows
 
 
@@ -198,14 +198,23 @@ def collect(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any
     if missing:
         log(f"[sweep] {len(missing)} of {len(points)} points not finished (left out): "
             + ", ".join(point_name(p) for p in missing))
-    write_results(rows, done, workdir, log)
+    write_results(rows, done, workdir, log, config, missing)
     return rows
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], points: Sequence[Mapping[str, Any]],
-                  workdir: str, log: Callable[[str], None] = print) -> None:
-    """`sweep_results.csv` / `.md` (`write_table`) and `sweep_results.png` (`sweep_plot`; an
-    earlier figure is removed when these rows draw none, so it never shows other points)."""
+                  workdir: str, log: Callable[[str], None] = print,
+                  config: ml_collections.ConfigDict | None = None,
+                  left_out: Sequence[Mapping[str, Any]] = ()) -> None:
+    """`sweep_results.csv` / `.md` (`write_table`), `sweep_results.png` (`sweep_plot`; an
+    earlier figure is removed when these rows draw none, so it never shows other points) and
+    `sweep_manifest.json`: the base `config`, the points tabled and those `left_out`, with the
+    provenance every run records (git revision, packages, command line; each point's run dir
+    has its own manifest with its devices)."""
+    write_json(os.path.join(workdir, "sweep_manifest.json"), provenance.build_manifest(
+        config, with_devices=False, extra={"points": [dict(p) for p in points],
+                                           "left_out": [dict(p) for p in left_out]}),
+               sort_keys=True)
     write_table(rows, workdir)
     keys = list(dict.fromkeys(k for p in points for k in p))
     path = os.path.join(workdir, "sweep_results.png")
