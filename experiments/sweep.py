@@ -9,9 +9,8 @@
 
 Flags on the config (--config.x=...) apply to every point; the point's overrides come last. An RL
 option flag a point's config does not read is refused (a point may set its setting itself).
-Results: <workdir>/sweep_results.{csv,md}, one row per point, sweep_manifest.json (the base config,
-the points, provenance) and sweep_results.png (each evaluated
-metric against the swept value).
+Results: <workdir>/sweep_results.{csv,md}, one row per point, sweep_results.png (each evaluated
+metric against the swept value) and sweep_manifest.json (the base config, the points, provenance).
 """
 
 
