@@ -307,3 +307,16 @@ def test_best_and_worst_of_n_keep_integer_rewards_exact():
     np.testing.assert_array_equal(inf.worst_of_n(jnp.asarray(r), jnp.asarray(valid)).index_B,
                                   _loop_argmax(-r.astype(float), valid))
     assert int(inf.best_of_n(jnp.array([[False, True, True]])).index_B[0]) == 1
+
+
+@pytest.mark.parametrize("bad,wanted_tail", [(10, ""), (12, " ...")])
+def test_checked_names_the_first_ten_failed_rows_by_their_names(bad, wanted_tail):
+    """`selection.checked(row_names=)`: the first ten rows without a valid candidate, by their
+    names (each row its own name, not its neighbour's), then " ..." only when more failed."""
+    scores = jnp.where(jnp.arange(15)[:, None] < bad, jnp.nan, 1.0) * jnp.ones((15, 3))
+    names = [f"p{i} candidates 0-2" for i in range(15)]
+    wanted = [f"p{i} candidates 0-2" for i in range(10)]
+    with pytest.raises(ValueError) as info:
+        inf.checked(inf.best_of_n(scores), "bon at N=3", names)
+    assert str(info.value) == (f"bon at N=3: {bad} prompt row(s) have no valid, non-NaN "
+                               f"candidate (rows {wanted}{wanted_tail})")

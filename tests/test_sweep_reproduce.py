@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 
 import jax
@@ -839,3 +840,137 @@ def test_commands_refuse_overrides_of_keys_they_set_per_run(tmp_path, command, f
     assert out.returncode == 2, out.stderr[-2000:]
     assert re.search(message, out.stderr), out.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+# ---- the results, figure and shared table of a sweep --------------------------------------
+def _runner(table_bytes=None, calls=None):
+    """A runner as `train.run` leaves a run dir: summary, manifest and (`table_bytes`: drawn
+    only when the dir holds none, as `prepare_reference_table` does) reference_table.npz."""
+    def run(cfg, run_dir):
+        if calls is not None:
+            calls.append(os.path.basename(run_dir))
+        os.makedirs(run_dir, exist_ok=True)
+        table = os.path.join(run_dir, "reference_table.npz")
+        if table_bytes is not None and not os.path.exists(table):
+            with open(table, "wb") as f:
+                f.write(table_bytes(run_dir))
+        summary = {"final_step": cfg.train.num_steps,
+                   "eval": {"exact_kl": cfg.transform.t * 10 + cfg.task.kl_budget}}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        provenance.write_manifest(run_dir, cfg, with_devices=False)
+        return summary
+    return run
+
+
+def test_equal_counts_of_values_put_the_first_swept_key_on_x_and_bools_are_not_numbers():
+    """`sweep_plot.x_key`: of two numeric keys with as many values each, the first given is x
+    (not the last); a bool key (`export.hf`) is a category, never the numeric axis: with it
+    counted as a number it took x from transform.t, its two values as many as t's."""
+    rows = [{"task.kl_budget": kl, "transform.t": t} for kl in (0.5, 1.0) for t in (-5.0, 5.0)]
+    assert sweep_plot.x_key(rows, ["task.kl_budget", "transform.t"]) == "task.kl_budget"
+    assert sweep_plot.x_key(rows, ["transform.t", "task.kl_budget"]) == "transform.t"
+    flags = [{"export.hf": hf, "transform.t": t, "eval.exact_kl": t + hf}
+             for hf in (True, False) for t in (1.0, 2.0)]
+    assert sweep_plot.x_key(flags, ["export.hf", "transform.t"]) == "transform.t"
+    (panel,) = sweep_plot.panels(flags, ["export.hf", "transform.t"])
+    assert [(line.label, line.x, line.y) for line in panel.lines] == [
+        ("hf=True", [1.0, 2.0], [2.0, 3.0]), ("hf=False", [1.0, 2.0], [1.0, 2.0])]
+
+
+def test_a_key_some_points_leave_unset_names_lines_and_is_never_the_numeric_axis():
+    """`rl.beta` set by three of four points: not every value a number, so not a candidate for
+    the numeric x axis (counted as one, its values were read as r[key], a KeyError for the
+    point without it); it names the lines, "beta=None" for the point without it."""
+    rows = [{"transform.t": t, "rl.beta": b, "eval.exact_kl": i}
+            for i, (t, b) in enumerate(((1.0, 0.1), (2.0, 0.2), (1.0, 0.3)))]
+    rows.append({"transform.t": 2.0, "eval.exact_kl": 3})
+    keys = ["transform.t", "rl.beta"]
+    assert sweep_plot.x_key(rows, keys) == "transform.t"
+    (panel,) = sweep_plot.panels(rows, keys)
+    assert [(line.label, line.x, line.y) for line in panel.lines] == [
+        ("beta=0.1", [1.0], [0.0]), ("beta=0.2", [2.0], [1.0]), ("beta=0.3", [1.0], [2.0]),
+        ("beta=None", [2.0], [3.0])]
+
+
+def test_cells_without_a_number_are_left_out_and_partial_error_columns_are_nan_there():
+    """A metric's null cell (a summary's `null`) is left out of its line, not drawn (float(None)
+    raised); a line of a group with no value at all is not drawn; a `_stderr` or `target_`
+    column some points lack is NaN at those points (not 0, and not dropped for the whole line);
+    a `_stderr` / `target_` column whose metric no row has gets its own panel."""
+    rows = [
+        {"transform.t": 1.0, "task.kl_budget": 0.5, "eval.exact_kl": 0.1,
+         "eval.target_kl": 0.9, "eval.est": 1.0, "eval.est_stderr": 0.01,
+         "eval.orphan_stderr": 0.5, "eval.target_lone": 7.0},
+        {"transform.t": 2.0, "task.kl_budget": 0.5, "eval.exact_kl": None,
+         "eval.est": 2.0, "eval.orphan_stderr": 0.6, "eval.target_lone": 8.0},
+        {"transform.t": 3.0, "task.kl_budget": 0.5, "eval.exact_kl": 0.3, "eval.est": 3.0},
+        {"transform.t": 1.0, "task.kl_budget": 1.0, "eval.exact_kl": None, "eval.est": 4.0},
+    ]
+    layout = {p.metric: p.lines for p in sweep_plot.panels(rows, ["transform.t",
+                                                                   "task.kl_budget"])}
+    assert list(layout) == ["eval.exact_kl", "eval.est", "eval.orphan_stderr",
+                            "eval.target_lone"]
+    (exact,) = layout["eval.exact_kl"]          # kl_budget=1 has no exact_kl: no line
+    assert exact.label == "kl_budget=0.5" and exact.x == [1.0, 3.0] and exact.y == [0.1, 0.3]
+    np.testing.assert_array_equal(exact.target, [0.9, np.nan])
+    half, one = layout["eval.est"]
+    assert (half.label, half.x, half.y) == ("kl_budget=0.5", [1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(half.stderr, [0.01, np.nan, np.nan])
+    assert (one.label, one.stderr) == ("kl_budget=1", None)
+    assert layout["eval.orphan_stderr"][0].y == [0.5, 0.6]
+    assert layout["eval.target_lone"][0].y == [7.0, 8.0]
+
+
+def test_the_sweeps_figure_is_drawn_against_the_swept_key_not_a_metric(tmp_path):
+    """`write_results` chooses x among the points' keys: from the rows' columns it put a metric
+    with more distinct values (one per point) than transform.t's on the x axis."""
+    points = [{"transform.t": t, "task.kl_budget": kl} for t in (-5.0, 5.0) for kl in (0.5, 1.0)]
+    said = []
+    sweep.run(_base(), points, str(tmp_path), _runner(), log=said.append)
+    assert said[-1].endswith("and sweep_results.png (each metric against transform.t)"), said[-1]
+    assert (tmp_path / "sweep_results.png").exists()
+
+
+def test_a_copy_cut_short_leaves_no_table_and_a_rerun_copies_it_whole(tmp_path, monkeypatch):
+    """The table shared with the next point is copied beside its path and renamed: a sweep
+    killed mid-copy left a partial reference_table.npz in the point's dir, which the rerun
+    kept (it copies only into a dir without a table) and the trainer then failed to read."""
+    table = b"table drawn once " * 1000
+    real_copy = shutil.copyfile
+
+    def killed_half_way(src, dst):
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", killed_half_way)
+    points = [{"transform.t": 1.0}, {"transform.t": 2.0}]
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(_base(), points, str(tmp_path), _runner(lambda d: table), log=lambda s: None)
+    assert not (tmp_path / "t=2" / "reference_table.npz").exists()
+    assert not [n for n in os.listdir(tmp_path / "t=2") if "tmp" in n]
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    calls = []
+    sweep.run(_base(), points, str(tmp_path), _runner(lambda d: b"drawn again", calls),
+              log=lambda s: None)
+    assert calls == ["t=2"]
+    assert (tmp_path / "t=2" / "reference_table.npz").read_bytes() == table
+
+
+def test_a_table_a_points_dir_holds_and_a_finished_points_dir_are_left_as_they_are(tmp_path):
+    """The first point's table is copied only into a dir that holds none and whose point still
+    has to run: a table the point's dir already holds (its own earlier, interrupted run's) is
+    the trainer's to check, not replaced; a finished point reused gets nothing copied in."""
+    runner = _runner(lambda d: os.path.basename(d).encode())
+    points = [{"transform.t": 1.0}, {"transform.t": 2.0}, {"transform.t": 3.0}]
+    sweep.run(_base(), points[1:2], str(tmp_path), runner, log=lambda s: None)   # t=2 finished
+    os.remove(tmp_path / "t=2" / "reference_table.npz")
+    (tmp_path / "t=3").mkdir()
+    (tmp_path / "t=3" / "reference_table.npz").write_bytes(b"own")
+    said = []
+    sweep.run(_base(), points, str(tmp_path), runner, log=said.append)
+    assert (tmp_path / "t=1" / "reference_table.npz").read_bytes() == b"t=1"
+    assert not (tmp_path / "t=2" / "reference_table.npz").exists()
+    assert (tmp_path / "t=3" / "reference_table.npz").read_bytes() == b"own"
+    assert not any("copied" in line for line in said), said

@@ -1,0 +1,52 @@
+"""`infra.cli`: a config file that cannot be loaded, refused in one line naming its flag."""
+
+import os
+import subprocess
+import sys
+
+from infalign_jax.infra import cli
+
+from xla_env import xla_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_an_unloaded_config_is_named_by_the_flag_its_override_belongs_to(tmp_path):
+    """With an override, the refusal comes from the flag parsing, which names the `--x=...` flag
+    that an override `--x.key=...` reads, not another flag given before it (--workdir)."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "train_policy.py"),
+         f"--workdir={tmp_path / 'run'}", "--config=configs/no_such.py", "--config.rl.beta=1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: --config=configs/no_such.py: the config file could not be loaded (" \
+        in proc.stderr, proc.stderr
+    assert "--workdir" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_unloaded_config_message_gives_the_cause_and_the_working_directory_of_a_relative_path(
+        monkeypatch, tmp_path):
+    """`_unloaded_message`: the cause is the error ml_collections kept (the `__cause__` of the
+    "Configuration is not available" error raised when the config is read), not that wrapper;
+    the working directory is named for a relative path only (with or without a `:arg`), where
+    it tells the user where the file was looked for; an absolute path needs no such hint."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        try:
+            raise FileNotFoundError("no such file: configs/typo.py")
+        except FileNotFoundError as inner:
+            raise OSError("Configuration is not available: wrapper") from inner
+    except OSError as e:
+        err = e
+    hint = f"; a relative path is read from the working directory, {tmp_path}"
+    assert cli._unloaded_message("--config=configs/typo.py:size=tiny", err) == (
+        "--config=configs/typo.py:size=tiny: the config file could not be loaded "
+        "(no such file: configs/typo.py)" + hint)
+    assert cli._unloaded_message("--config=/abs/typo.py:size=tiny", err) == (
+        "--config=/abs/typo.py:size=tiny: the config file could not be loaded "
+        "(no such file: configs/typo.py)")
+    # an error without a cause is reported itself, its lines joined into one
+    assert cli._unloaded_message("--config=/abs/typo.py", OSError("first\n  second")) == (
+        "--config=/abs/typo.py: the config file could not be loaded (first second)")
