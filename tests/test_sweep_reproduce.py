@@ -881,7 +881,8 @@ def test_equal_counts_of_values_put_the_first_swept_key_on_x_and_bools_are_not_n
 def test_a_key_some_points_leave_unset_names_lines_and_is_never_the_numeric_axis():
     """`rl.beta` set by three of four points: not every value a number, so not a candidate for
     the numeric x axis (counted as one, its values were read as r[key], a KeyError for the
-    point without it); it names the lines, "beta=None" for the point without it."""
+    point without it); it names the lines, "beta=base" for the point without it (the base
+    config's value)."""
     rows = [{"transform.t": t, "rl.beta": b, "eval.exact_kl": i}
             for i, (t, b) in enumerate(((1.0, 0.1), (2.0, 0.2), (1.0, 0.3)))]
     rows.append({"transform.t": 2.0, "eval.exact_kl": 3})
@@ -890,7 +891,21 @@ def test_a_key_some_points_leave_unset_names_lines_and_is_never_the_numeric_axis
     (panel,) = sweep_plot.panels(rows, keys)
     assert [(line.label, line.x, line.y) for line in panel.lines] == [
         ("beta=0.1", [1.0], [0.0]), ("beta=0.2", [2.0], [1.0]), ("beta=0.3", [1.0], [2.0]),
-        ("beta=None", [2.0], [3.0])]
+        ("beta=base", [2.0], [3.0])]
+
+
+def test_points_that_set_different_keys_get_their_table_and_figure():
+    """Points need not set the same keys ({t=1}, {t=2}, {learning_rate=0.01}): no key is numeric
+    in every row, so the first varying key is a categorical axis, "base" where a point leaves it
+    to the base config. The figure read r[key] for it: a KeyError after every point had trained,
+    for `run` and `collect` alike."""
+    rows = [{"transform.t": 1.0, "eval.exact_kl": 0.1}, {"transform.t": 2.0, "eval.exact_kl": 0.2},
+            {"rl.learning_rate": 0.01, "eval.exact_kl": 0.3}]
+    keys = ["transform.t", "rl.learning_rate"]
+    assert sweep_plot.x_key(rows, keys) == "transform.t"
+    (panel,) = sweep_plot.panels(rows, keys)
+    assert [(line.label, line.x, line.y) for line in panel.lines] == [
+        ("learning_rate=base", ["1", "2"], [0.1, 0.2]), ("learning_rate=0.01", ["base"], [0.3])]
 
 
 def test_cells_without_a_number_are_left_out_and_partial_error_columns_are_nan_there():

@@ -5,7 +5,8 @@
 * x is the swept key with the most distinct numeric values (`transform.t` in the paper's t
   sweep); a sweep of strings only (`transform.name`) puts its first varying key on a categorical
   axis. Every other key that varies between the points names a line (e.g. one line per
-  `task.kl_budget`), labelled like a point's directory (`kl_budget=0.5`).
+  `task.kl_budget`), labelled like a point's directory (`kl_budget=0.5`; `beta=base` for a
+  point that does not set the key and keeps the base config's value).
 * one panel per numeric `eval.*` column (the runs' final evaluation; the train metrics when
   there is none), in the table's order. Two kinds of column join another's panel instead:
   `target_<m>`, the exact task's optimum pi* of the same beta, drawn dashed beside the trained
@@ -44,6 +45,10 @@ def _number(v: Any) -> bool:
 
 
 def _text(v: Any) -> str:
+    """A value in a label or on a categorical axis; "base" for a key a point does not set (it
+    keeps the base config's value)."""
+    if v is None:
+        return "base"
     return float_text(v) if isinstance(v, float) else str(v)
 
 
@@ -100,7 +105,7 @@ def panels(rows: Sequence[Mapping[str, Any]], point_keys: Sequence[str]) -> list
                     return None
                 return [float(r[col]) if _number(r.get(col)) else math.nan for r in members]
 
-            lines.append(Line(label, [r[xk] if numeric_x else _text(r[xk]) for r in members],
+            lines.append(Line(label, [r[xk] if numeric_x else _text(r.get(xk)) for r in members],
                               [float(r[metric]) for r in members], column(err_col),
                               column(target_col)))
         if lines:
