@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from infalign_jax.infra import cli
 
 from xla_env import xla_flags
@@ -50,3 +52,21 @@ def test_the_unloaded_config_message_gives_the_cause_and_the_working_directory_o
     # an error without a cause is reported itself, its lines joined into one
     assert cli._unloaded_message("--config=/abs/typo.py", OSError("first\n  second")) == (
         "--config=/abs/typo.py: the config file could not be loaded (first second)")
+
+
+@pytest.mark.parametrize("args,wanted", [
+    (["--config=a.py", "--config.rl.beta=1"], "--config=a.py"),
+    # absl keeps the last of a flag given twice; the space and one-dash forms are flags too
+    (["--config=a.py", "--config=b.py", "--config.rl.beta=1"], "--config=b.py"),
+    (["--config", "b.py", "--config.rl.beta=1"], "--config=b.py"),
+    (["-config=b.py", "-config.rl.beta=1"], "--config=b.py"),
+    # the flag an override reads, not another config flag or another flag with a value
+    (["--workdir=w", "--ctrl_config=c.py", "--config=b.py", "--config.rl.beta=1"],
+     "--config=b.py"),
+    (["--config.rl.beta=1"], "a config flag"),
+])
+def test_the_config_flag_an_override_reads_is_found_as_absl_reads_it(args, wanted):
+    """The flag named when a config file fails to load under an override (`parse_flags`): the
+    first `--x=` flag an override reads was named, so a repeated flag named the file absl did
+    not read, and `--config FILE` or `-config=FILE` were "a config flag" with no hint."""
+    assert cli._overridden_config_flag(["prog", *args]) == wanted

@@ -184,12 +184,8 @@ def parse_flags(argv: Sequence[str]) -> Any:
         # reports the file when no override reads it)
         if _verbose(argv):
             raise
-        given = [a for a in argv[1:] if a.startswith("--") and "=" in a
-                 and "." not in a.partition("=")[0]]
-        flag = next((a for a in given if any(o.startswith(a.partition("=")[0] + ".")
-                                             for o in argv[1:])), "a config flag")
-        print(f"error: {_unloaded_message(flag, e)}\n(run with --verbosity=1 for the "
-              f"traceback)", file=sys.stderr, flush=True)
+        print(f"error: {_unloaded_message(_overridden_config_flag(argv), e)}\n(run with "
+              f"--verbosity=1 for the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
     except (AttributeError, KeyError) as e:
         if _verbose(argv):
@@ -225,6 +221,24 @@ def refuse_unloaded_configs() -> None:
             getattr(flag.value, "keys", None)
         except OSError as e:
             raise FileNotFoundError(_unloaded_message(f"--{name}={spec}", e)) from e
+
+
+def _overridden_config_flag(argv: Sequence[str]) -> str:
+    """``--name=file`` of the last config flag given (``--name=file``, ``--name file`` or one
+    dash, as absl reads them; the last one given is the one absl keeps) among those an override
+    ``--name.key=...`` reads; "a config flag" when none is found."""
+    names = {a.lstrip("-").split("=", 1)[0].split(".", 1)[0] for a in argv[1:]
+             if a.startswith("-") and "." in a.lstrip("-").split("=", 1)[0]}
+    found = None
+    for i, a in enumerate(argv[1:], start=1):
+        name, eq, value = a.lstrip("-").partition("=")
+        if not a.startswith("-") or name not in names:
+            continue
+        if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value, eq = argv[i + 1], "="
+        if eq:
+            found = f"--{name}={value}"
+    return found or "a config flag"
 
 
 def _unloaded_message(flag: str, err: OSError) -> str:
