@@ -99,12 +99,17 @@ def get_config(arg=None):
     return c
 
 
-def get_sweep(arg=None):
+def get_sweep(arg=None, config=None):
     """exp(t C) over `ts` at the config's beta (experiments/sweep.py; `--sweep_arg="ts=1;4"`).
-    The defaults have the Best-of-N task's sign (helpfulness); for harmlessness' Worst-of-N give
-    negative ones (`--sweep_arg="ts=-1;-2;-4;-8"`). The points share beta, not KL: each row of
-    the sweep's table carries its est_kl_k1, and `experiments/compare_real.py` compares methods
-    at matched KL."""
+    The default ts, 1, 2, 4 and 8, take the sign InfAlign prescribes for the base config's task
+    (`config`, which experiments/sweep.py passes): + for a Best-of-N task (helpfulness), - for a
+    Worst-of-N one (harmlessness); ts given are taken as written. The points share beta, not KL:
+    each row of the sweep's table carries its est_kl_k1, and `experiments/compare_real.py`
+    compares methods at matched KL."""
     a = parse_arg(arg, ts=(1.0, 2.0, 4.0, 8.0))
-    return [{"transform.name": "exp", "transform.t": float(t)} for t in a.ts]
+    ts = [float(t) for t in a.ts]
+    if "ts" not in arg_keys(arg) and config is not None and \
+            get_real_task(config.task.name).procedure == "won":
+        ts = [-t for t in ts]
+    return [{"transform.name": "exp", "transform.t": t} for t in ts]
 

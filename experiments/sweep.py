@@ -37,7 +37,7 @@ _ARG = flags.DEFINE_string("sweep_arg", None, "Argument passed to the config's g
 def main(argv):
     cli.start(argv)
     path = config_flags.get_config_filename(flags.FLAGS["config"])
-    points = sweep.sweep_points(load_config_module(path), _ARG.value)
+    points = sweep.sweep_points(load_config_module(path), _ARG.value, _CONFIG.value)
     flag_keys = cli.config_overrides("config")
     if _MODE.value == "print":
         sweep.point_configs(_CONFIG.value, points, flag_keys)   # errors before any command

@@ -269,7 +269,7 @@ def test_the_printed_commands_run_elsewhere_are_collected(tmp_path):
     env = dict(os.environ, XLA_FLAGS=xla_flags())
     subprocess.run(first, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     proc = _run("sweep.py", *args, "--sweep=collect", tmp_path=tmp_path)
-    assert "1 of 2 points not finished (left out): name=exp,t=5,kl_budget=0.5" in proc.stdout
+    assert "1 of 2 points not finished under this config (left out): name=exp,t=5,kl_budget=0.5" in proc.stdout
     assert not (tmp_path / "name=exp,t=5,kl_budget=0.5").exists()
     summary = json.loads((tmp_path / "name=exp,t=-5,kl_budget=0.5" / "summary.json").read_text())
     with open(tmp_path / "sweep_results.csv") as f:

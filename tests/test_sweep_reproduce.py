@@ -38,11 +38,17 @@ def test_get_sweep_is_the_t_grid_at_matched_kl_budgets():
 
 
 def test_the_real_tasks_sweep_is_exp_t_at_one_beta_and_each_point_is_a_valid_config():
-    """configs/ctrl_real.py's get_sweep: exp(t C) over the given ts (the Best-of-N task's signs
-    by default), each point a config the sweep accepts for either task, beta left as given."""
+    """configs/ctrl_real.py's get_sweep: exp(t C) over the given ts, by default 1, 2, 4, 8 with
+    the sign of the base config's task (it gave the Best-of-N sign to the Worst-of-N task), each
+    point a config the sweep accepts, beta left as given."""
     module = load_config_module(os.path.join(ROOT, "configs", "ctrl_real.py"))
-    assert sweep.sweep_points(module) == [{"transform.name": "exp", "transform.t": t}
-                                          for t in (1.0, 2.0, 4.0, 8.0)]
+    for task, sign in (("helpfulness", 1.0), ("harmlessness", -1.0)):
+        points = sweep.sweep_points(module, None, module.get_config(f"task={task}"))
+        assert points == [{"transform.name": "exp", "transform.t": sign * t}
+                          for t in (1.0, 2.0, 4.0, 8.0)], task
+    # ts given are taken as written, whatever the task
+    assert [p["transform.t"] for p in sweep.sweep_points(
+        module, "ts=1;-2", module.get_config("task=harmlessness"))] == [1.0, -2.0]
     points = sweep.sweep_points(module, "ts=-1;-4")
     assert [p["transform.t"] for p in points] == [-1.0, -4.0]
     base = module.get_config("task=harmlessness,beta=0.3")
@@ -372,7 +378,7 @@ def test_collect_gathers_the_finished_points_and_counts_the_others(tmp_path):
     said = []
     rows = sweep.collect(_base(), points, str(tmp_path), log=said.append)
     assert [r["point"] for r in rows] == ["t=1"] and rows[0]["eval.exact_kl"] == 0.1
-    assert said[0] == "[sweep] 2 of 3 points not finished (left out): t=2, t=3"
+    assert said[0] == "[sweep] 2 of 3 points not finished under this config (left out): t=2, t=3"
     assert "| t=1 |" in (tmp_path / "sweep_results.md").read_text()
     assert "t=3" not in (tmp_path / "sweep_results.md").read_text()
     assert not (tmp_path / "t=2").exists()   # nothing trained

@@ -15,6 +15,7 @@ the others', so the K base samples per prompt are drawn once.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 import shlex
@@ -36,10 +37,15 @@ from infalign_jax.workflows import sweep_plot
 OUTPUT_KEYS = ("task.eval_ns", "export.hf", "export.dir")
 
 
-def sweep_points(module: Any, arg: str | None = None) -> list[dict[str, Any]]:
+def sweep_points(module: Any, arg: str | None = None,
+                 config: ml_collections.ConfigDict | None = None) -> list[dict[str, Any]]:
+    """The config module's `get_sweep(arg)` points; a `get_sweep` that takes a `config`
+    parameter also gets the resolved base `config` (e.g. to give a default the task's sign)."""
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"config {module.__name__} defines no get_sweep(); nothing to sweep")
-    points = list(module.get_sweep(arg) if arg else module.get_sweep())
+    kwargs = {"config": config} if config is not None and \
+        "config" in inspect.signature(module.get_sweep).parameters else {}
+    points = list(module.get_sweep(arg, **kwargs) if arg else module.get_sweep(**kwargs))
     if not points or not all(isinstance(p, Mapping) and p for p in points):
         raise ValueError(f"{module.__name__}.get_sweep() must return a non-empty list of non-empty "
                          f"dicts of overrides, got {points!r}")
@@ -196,7 +202,7 @@ def collect(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any
         raise ValueError(f"no point of this sweep has finished in {workdir} (each point's run "
                          f"dir is <workdir>/<point name>, e.g. {point_name(points[0])})")
     if missing:
-        log(f"[sweep] {len(missing)} of {len(points)} points not finished (left out): "
+        log(f"[sweep] {len(missing)} of {len(points)} points not finished under this config (left out): "
             + ", ".join(point_name(p) for p in missing))
     write_results(rows, done, workdir, log, config, missing)
     return rows
