@@ -202,8 +202,8 @@ def collect(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any
         raise ValueError(f"no point of this sweep has finished in {workdir} (each point's run "
                          f"dir is <workdir>/<point name>, e.g. {point_name(points[0])})")
     if missing:
-        log(f"[sweep] {len(missing)} of {len(points)} points not finished under this config (left out): "
-            + ", ".join(point_name(p) for p in missing))
+        log(f"[sweep] {len(missing)} of {len(points)} points not finished under this config "
+            f"(left out): " + ", ".join(point_name(p) for p in missing))
     write_results(rows, done, workdir, log, config, missing)
     return rows
 
