@@ -79,6 +79,7 @@ from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, comma_list,
                                              dataclass_from)
 from infalign_jax.infra.files import atomic_open, atomic_path, write_json, write_npz
+from infalign_jax.infra.memory import release_freed_memory
 from infalign_jax.infra.metrics_io import duration
 from infalign_jax.loops import skeleton, train
 from infalign_jax.rewards import judges
@@ -585,6 +586,8 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
                         log=lambda line: log(f"  {method} seed {seed}: {line}"))
                 else:
                     got = evaluator.evaluate_policy(params, eval_seed)
+                del params
+                release_freed_memory()   # the next run's training starts from a trimmed heap
             got["win_rate_estimator"] = np.asarray(cc.win_rates)
             _save_eval(path, got, ids, prompts, m)
         elif str(got.get("win_rate_estimator", "plugin")) != cc.win_rates:

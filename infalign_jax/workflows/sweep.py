@@ -29,6 +29,7 @@ from infalign_jax.loops.skeleton import ConfigMismatchError, config_record, flat
 from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open, atomic_path, write_json
+from infalign_jax.infra.memory import release_freed_memory
 from infalign_jax.infra.metrics_io import duration
 from infalign_jax.loops.train import REFERENCE_TABLE
 from infalign_jax.workflows import sweep_plot
@@ -168,6 +169,7 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
                                 f"or use another --workdir") from None
         if not done:
             trained.append(time.perf_counter() - started)
+            release_freed_memory()   # before the next point: the process would grow run by run
         rows.append(flat_row(p, summary))
         if os.path.exists(table):
             tables.setdefault(key, table)
