@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -72,7 +73,7 @@ from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.core.types import HostReward
-from infalign_jax.infra.files import no_empty_dirs_left, save_figure, write_json
+from infalign_jax.infra.files import atomic_path, no_empty_dirs_left, save_figure, write_json
 
 logger = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
@@ -227,6 +228,19 @@ def guard_nonfinite(step_fn: Callable) -> Callable:
 
 
 REFERENCE_TABLE = "reference_table.npz"   # a run dir's reference table (`prepare_reference_table`)
+
+
+def share_reference_table(table_path: str, run_dir: str) -> bool:
+    """Copies a drawn reference table into `run_dir` (as its REFERENCE_TABLE) for a run of the
+    same task and reference settings to reuse, unless the dir holds one: the copy is whole or
+    absent, and the run's `prepare_reference_table` checks whatever is there. Returns whether it
+    copied."""
+    dst = os.path.join(run_dir, REFERENCE_TABLE)
+    if os.path.exists(dst):
+        return False
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(table_path, tmp)
+    return True
 
 
 def reference_settings(config: Any) -> tuple[int, int]:

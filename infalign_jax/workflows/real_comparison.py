@@ -59,7 +59,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -78,7 +77,7 @@ from infalign_jax.infra import provenance
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, comma_list,
                                              dataclass_from)
-from infalign_jax.infra.files import atomic_open, atomic_path, write_json, write_npz
+from infalign_jax.infra.files import atomic_open, write_json, write_npz
 from infalign_jax.infra.memory import release_freed_memory
 from infalign_jax.infra.metrics_io import duration
 from infalign_jax.loops import skeleton, train
@@ -509,10 +508,7 @@ def check_resume(task_dir: str, base: Any, cc: ComparisonConfig, split: Any = No
 def _train(cfg: Any, run_dir: str, table_path: str, devices: Any = None) -> Any:
     """Trains (or resumes) one run on the shared reference table; returns its policy params."""
     os.makedirs(run_dir, exist_ok=True)
-    dst = os.path.join(run_dir, os.path.basename(table_path))
-    if not os.path.exists(dst):   # whole or absent: a rerun trusts a table that is there
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(table_path, tmp)
+    train.share_reference_table(table_path, run_dir)   # a rerun trusts a table that is there
     state, _ = train.run(cfg, run_dir, log=lambda line: None, devices=devices)
     if not cfg.rl.get("lora", {}).get("rank", 0):
         return jax.device_get(state.params)   # the policy itself (LoRA: adapters, merged below)
@@ -541,7 +537,8 @@ def run_task(base: Any, cc: ComparisonConfig, workdir: str,
     evaluator = Evaluator(inputs, gold, cc, log, saved_ref)
     ids, prompts, m = inputs.split.eval_ids, inputs.split.eval_texts, cc.eval_samples
     if saved_ref is None:
-        log(f"  pi_ref sampled and scored on the evaluation prompts ({duration(time.perf_counter() - clock)} into the "
+        log(f"  pi_ref sampled and scored on the evaluation prompts "
+            f"({duration(time.perf_counter() - clock)} into the "
             f"task{cuts_said(evaluator.ref_cuts)})")
         _save_eval(ref_path, {"gold_BxM": evaluator.ref_gold_BxM,
                               "proxy_BxM": evaluator.ref_proxy_BxM,

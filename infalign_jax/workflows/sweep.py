@@ -19,7 +19,6 @@ import inspect
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -28,10 +27,10 @@ import ml_collections
 from infalign_jax.loops.skeleton import ConfigMismatchError, config_record, flat_record
 from infalign_jax.infra.config_utils import float_text, refuse_unused_overrides
 from infalign_jax.infra import provenance
-from infalign_jax.infra.files import atomic_open, atomic_path, write_json
+from infalign_jax.infra.files import atomic_open, write_json
 from infalign_jax.infra.memory import release_freed_memory
 from infalign_jax.infra.metrics_io import duration
-from infalign_jax.loops.train import REFERENCE_TABLE
+from infalign_jax.loops.train import REFERENCE_TABLE, share_reference_table
 from infalign_jax.workflows import sweep_plot
 
 # Keys a resume may change (skeleton.RESUMABLE_KEYS) that change a finished run's outputs.
@@ -154,10 +153,7 @@ def run(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]],
         log(f"[sweep {i + 1}/{len(points)}] {point_name(p)}"
             + (" (done, reusing)" if done else eta))
         key, table = reference_key(cfg), os.path.join(run_dir, REFERENCE_TABLE)
-        if not done and key in tables and not os.path.exists(table):
-            os.makedirs(run_dir, exist_ok=True)
-            with atomic_path(table) as tmp:
-                shutil.copyfile(tables[key], tmp)
+        if not done and key in tables and share_reference_table(tables[key], run_dir):
             log(f"[sweep] reference table copied from {os.path.relpath(tables[key], workdir)} "
                 f"(the same task and reference settings: drawn once for the sweep)")
         started = time.perf_counter()
