@@ -46,8 +46,8 @@ def main(argv):
                                             points, shared)))
         print("(each command draws its own reference table unless its work dir holds one; "
               "for a real task, experiments/calibrate.py with the same --config file draws it "
-              "once, into <its --workdir>/reference_table.npz, to copy into each point's dir "
-              "first. Once they have run, the same sweep command with --sweep=collect writes "
+              f"once, into <its --workdir>/{train.REFERENCE_TABLE}, to copy into each point's "
+              "dir first. Once they have run, the same sweep command with --sweep=collect writes "
               "their table and figure)", file=sys.stderr)
         return
     if _MODE.value == "collect":
