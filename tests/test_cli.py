@@ -70,3 +70,30 @@ def test_the_config_flag_an_override_reads_is_found_as_absl_reads_it(args, wante
     first `--x=` flag an override reads was named, so a repeated flag named the file absl did
     not read, and `--config FILE` or `-config=FILE` were "a config flag" with no hint."""
     assert cli._overridden_config_flag(["prog", *args]) == wanted
+
+
+def test_a_config_file_that_fails_while_loading_is_not_reported_missing(monkeypatch, tmp_path):
+    """A config file that exists but whose `get_config` raises an OSError (it opens a missing
+    data file) is reported as failing while loading, with the error's own file name, and
+    without the working-directory hint meant for a file that was not found; a missing file
+    still gets it. Through absl and ml_collections as a run reads them (an import error in the
+    file is raised by the flag parsing itself, with its traceback)."""
+    from absl import flags
+    from ml_collections import config_flags
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "opens.py").write_text(
+        "def get_config():\n    open('/no/such/dir/data.json')\n")
+    got = {}
+    for name in ("opens.py", "missing.py"):
+        holder = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=holder)
+        holder(["prog", f"--config={name}"])
+        with pytest.raises(OSError) as e:
+            holder.config.keys()
+        got[name] = cli._unloaded_message(f"--config={name}", e.value)
+    hint = f"a relative path is read from the working directory, {tmp_path}"
+    assert got["opens.py"].startswith("--config=opens.py: the config file failed while loading (")
+    assert "/no/such/dir/data.json" in got["opens.py"] and hint not in got["opens.py"]
+    assert got["missing.py"].startswith("--config=missing.py: the config file could not be "
+                                        "loaded (") and got["missing.py"].endswith(hint)
+    assert "missing.py" in got["missing.py"].partition("(")[2]

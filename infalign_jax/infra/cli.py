@@ -220,7 +220,9 @@ def refuse_unloaded_configs() -> None:
         try:
             getattr(flag.value, "keys", None)
         except OSError as e:
-            raise FileNotFoundError(_unloaded_message(f"--{name}={spec}", e)) from e
+            # the kept error's own kind (a get_config that hit a PermissionError), else "not found"
+            kind = type(e.__cause__) if isinstance(e.__cause__, OSError) else FileNotFoundError
+            raise kind(_unloaded_message(f"--{name}={spec}", e)) from e
 
 
 def _overridden_config_flag(argv: Sequence[str]) -> str:
@@ -241,9 +243,20 @@ def _overridden_config_flag(argv: Sequence[str]) -> str:
     return found or "a config flag"
 
 
+LOAD_FAILURE = "earlier failure to load: "   # ml_collections' words before the kept error
+
+
 def _unloaded_message(flag: str, err: OSError) -> str:
-    cause = " ".join(str(err.__cause__ or err).split())
+    """One line for a config flag whose file did not load: the error ml_collections kept (from
+    its "not available" message, which names the file an OSError was about, else the error's
+    cause); for a file that exists, that it failed while loading (its `get_config` or an import
+    raised), else where a relative path was looked for."""
+    text = " ".join(str(err).split())
+    kept = text.partition(LOAD_FAILURE)[2] if LOAD_FAILURE in text else ""
+    cause = kept or " ".join(str(err.__cause__ or err).split())
     path = flag.partition("=")[2].partition(":")[0]
+    if path and os.path.isfile(path):
+        return f"{flag}: the config file failed while loading ({cause})"
     where = (f"; a relative path is read from the working directory, {os.getcwd()}"
              if path and not os.path.isabs(path) else "")
     return f"{flag}: the config file could not be loaded ({cause}){where}"
