@@ -7,7 +7,10 @@
     .venv/bin/python experiments/sweep.py --config=configs/ctrl_exact.py:steps=200 \
         --workdir=runs/sweep --sweep=collect --sweep_arg="ts=-5;5"
 
-Flags on the config (--config.x=...) apply to every point; the point's overrides come last. An RL
+Printed commands of a real task start with one experiments/calibrate.py line per set of reference
+settings, which draws the table once; run it first: the training lines copy it
+(--reference_table). Flags on the config (--config.x=...) apply to every point; the point's
+overrides come last. An RL
 option flag a point's config does not read is refused (a point may set its setting itself).
 Results: <workdir>/sweep_results.{csv,md}, one row per point, sweep_results.png (each evaluated
 metric against the swept value) and sweep_manifest.json (the base config, the points, provenance).
@@ -20,6 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from infalign_jax.infra.config_utils import load_config_module
+from infalign_jax.rl.tasks import real
 from infalign_jax.workflows import sweep
 from infalign_jax.loops import train
 from infalign_jax.infra import cli
@@ -40,15 +44,21 @@ def main(argv):
     points = sweep.sweep_points(load_config_module(path), _ARG.value, _CONFIG.value)
     flag_keys = cli.config_overrides("config")
     if _MODE.value == "print":
-        sweep.point_configs(_CONFIG.value, points, flag_keys)   # errors before any command
+        configs = sweep.point_configs(_CONFIG.value, points, flag_keys)   # errors first
         shared = sweep.shared_flags(_CONFIG.value, flag_keys)   # -config.x, --flagfile too
-        print("\n".join(sweep.command_lines("experiments/train_policy.py", path, _WORKDIR.value,
-                                            points, shared)))
-        print("(each command draws its own reference table unless its work dir holds one; "
-              "for a real task, experiments/calibrate.py with the same --config file draws it "
-              f"once, into <its --workdir>/{train.REFERENCE_TABLE}, to copy into each point's "
-              "dir first. Once they have run, the same sweep command with --sweep=collect writes "
-              "their table and figure)", file=sys.stderr)
+        calibration, extra = [], []
+        if _CONFIG.value.task.name in real.known_tasks():   # K base samples a prompt: draw once
+            calibration, extra = sweep.reference_commands(path, _WORKDIR.value, configs, points,
+                                                          shared)
+        print("\n".join(calibration + sweep.command_lines(
+            "experiments/train_policy.py", path, _WORKDIR.value, points, shared, extra)))
+        first = (f"run the first {len(calibration)} line(s) first: each draws the reference "
+                 f"table of its points once, and the {len(points)} training commands after "
+                 f"them copy it (--reference_table)" if calibration else
+                 "each command draws its own reference table (the exact task's takes "
+                 "milliseconds)")
+        print(f"({first}. Once they have run, the same sweep command with --sweep=collect "
+              f"writes their table and figure)", file=sys.stderr)
         return
     if _MODE.value == "collect":
         rows = sweep.collect(_CONFIG.value, points, _WORKDIR.value, flag_keys=flag_keys)

@@ -649,6 +649,22 @@ def test_a_small_seed_spread_with_three_seeds_still_covers_at_the_level(one_side
     assert covered / trials >= 0.95, covered / trials
 
 
+def test_methods_with_different_seed_counts_take_the_smaller_seeds_degrees_of_freedom():
+    """3 seeds against 5: the interval's t is at 2 degrees of freedom (the smaller S - 1),
+    whatever the seed terms' estimates (Satterthwaite's count is at least 2 here)."""
+    from scipy import stats
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        a = rng.normal(0, 0.05, (3, 1)) + rng.normal(0, 0.2, (3, 64))
+        b = rng.normal(0, 0.05, (5, 1)) + rng.normal(0, 0.2, (5, 64))
+        est = ev.paired_difference(a, b)
+        assert float(est.upper - est.point) == pytest.approx(
+            stats.t.ppf(0.975, 2) * float(est.stderr), rel=1e-12)
+        est = ev.paired_difference(b, a[:1])   # one seed holds no seed spread: 5 - 1
+        assert float(est.upper - est.point) == pytest.approx(
+            stats.t.ppf(0.975, 4) * float(est.stderr), rel=1e-12)
+
+
 def test_paired_difference_refuses_mismatched_prompts():
     with pytest.raises(ValueError, match="same prompts"):
         ev.paired_difference(np.zeros((3, 4)), np.zeros((3, 5)))

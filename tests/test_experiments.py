@@ -752,3 +752,25 @@ def test_the_demo_calibrates_transforms_and_selects_the_fresh_samples_against_th
 def dataclasses_replace(obj, **changes):
     import dataclasses
     return dataclasses.replace(obj, **changes)
+
+
+def test_a_real_task_sweep_prints_its_reference_table_command_once(tmp_path):
+    """`--sweep=print` of a real task (its table costs K base samples a prompt): first one
+    `experiments/calibrate.py` command, with the task and reference flags only (calibrate.py
+    refuses the others), drawing the table into <workdir>/reference; every training command
+    then copies it (`--reference_table`), so a cluster draws it once, not once a point."""
+    proc = _run("sweep.py", "--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+                f"--workdir={tmp_path}", "--sweep=print", "--sweep_arg=ts=1;2",
+                "--config.reference.k=8", "--config.rl.learning_rate=2e-05", tmp_path=tmp_path)
+    lines = [shlex.split(line) for line in proc.stdout.strip().splitlines()]
+    assert len(lines) == 3, proc.stdout
+    calibrate, *points = lines
+    assert calibrate[1] == "experiments/calibrate.py"
+    assert calibrate[2:] == ["--config=configs/ctrl_real.py:task=helpfulness,size=tiny",
+                             f"--workdir={tmp_path / 'reference'}", "--config.reference.k=8"]
+    table = f"--reference_table={tmp_path / 'reference' / 'reference_table.npz'}"
+    for line, t in zip(points, ("1.0", "2.0")):
+        assert line[1] == "experiments/train_policy.py" and line[-1] == table
+        assert f"--config.transform.t={t}" in line and "--config.reference.k=8" in line
+        assert "--config.rl.learning_rate=2e-05" in line
+    assert "run the first 1 line(s) first" in proc.stderr

@@ -995,3 +995,32 @@ def test_a_table_a_points_dir_holds_and_a_finished_points_dir_are_left_as_they_a
     assert not (tmp_path / "t=2" / "reference_table.npz").exists()
     assert (tmp_path / "t=3" / "reference_table.npz").read_bytes() == b"own"
     assert not any("copied" in line for line in said), said
+
+
+def test_reference_commands_draw_one_table_per_group_of_equal_reference_settings(tmp_path):
+    """Points that differ in a task key need tables of their own: one calibration command per
+    group (reference_0, reference_1, in the order the groups first occur), each with its
+    group's task and reference overrides and the shared task / reference flags (not the RL
+    ones), and each point's --reference_table names its group's table."""
+    base = ml_collections.ConfigDict({"task": {"name": "helpfulness", "num_prompts": 4},
+                                      "reference": {"k": 8}, "transform": {"t": 0.0},
+                                      "rl": {"learning_rate": 1e-3}})
+    points = [{"task.num_prompts": 4, "transform.t": 1.0},
+              {"task.num_prompts": 8, "transform.t": 1.0},
+              {"task.num_prompts": 4, "transform.t": 2.0}]
+    configs = [sweep.apply_overrides(base, p) for p in points]
+    shared = ["--config.reference.k=8", "--config.rl.learning_rate=0.002"]
+    lines, extra = sweep.reference_commands("c.py", str(tmp_path), configs, points, shared)
+    dirs = [tmp_path / "reference_0", tmp_path / "reference_1"]
+    assert [shlex.split(line)[2:] for line in lines] == [
+        ["--config=c.py", f"--workdir={dirs[0]}", "--config.reference.k=8",
+         "--config.task.num_prompts=4"],
+        ["--config=c.py", f"--workdir={dirs[1]}", "--config.reference.k=8",
+         "--config.task.num_prompts=8"]]
+    assert extra == [[f"--reference_table={d / train.REFERENCE_TABLE}"]
+                     for d in (dirs[0], dirs[1], dirs[0])]
+    commands = sweep.command_lines("train.py", "c.py", str(tmp_path), points, shared, extra)
+    assert all(shlex.split(c)[-1] == e[0] for c, e in zip(commands, extra))
+    # one group: <workdir>/reference
+    lines, extra = sweep.reference_commands("c.py", str(tmp_path), configs[::2], points[::2])
+    assert len(lines) == 1 and f"--workdir={tmp_path / 'reference'}" in shlex.split(lines[0])

@@ -830,3 +830,37 @@ def test_a_global_batch_the_mesh_cannot_split_is_refused_at_start_on_several_pro
                                          r"batch shards"):
         train.run(cfg, str(tmp_path), log=_quiet)
     assert not os.path.exists(tmp_path / "reference_table.npz")
+
+
+def test_a_reference_table_drawn_elsewhere_is_copied_in_checked_and_reused(uninterrupted,
+                                                                          tmp_path):
+    """`train.run(reference_table=)` (`train_policy.py --reference_table`, a printed sweep's
+    commands): the table is copied into the work dir and reused (the run's numbers are the run
+    that drew it), a dir that holds a table keeps its own, a table of other reference settings
+    is refused and its copy removed (a rerun with the right one is not blocked by it), and a
+    missing file is refused before anything runs."""
+    from infalign_jax.core.calibration import ReferenceTableError
+    workdir, state, _ = uninterrupted
+    drawn = os.path.join(workdir, train.REFERENCE_TABLE)
+    lines = []
+    got, _ = train.run(_config(), str(tmp_path / "b"), log=lines.append, devices=ONE,
+                       reference_table=drawn)
+    assert any("copied into the work dir" in line for line in lines)
+    assert any("reusing reference table" in line for line in lines)
+    with open(drawn, "rb") as a, open(tmp_path / "b" / train.REFERENCE_TABLE, "rb") as b:
+        assert a.read() == b.read()
+    for x, y in zip(_leaves(state), _leaves(got)):
+        np.testing.assert_array_equal(x, y)
+    lines.clear()
+    train.run(_config(), str(tmp_path / "b"), log=lines.append, devices=ONE,
+              reference_table=drawn)
+    assert any("holds a reference table already" in line for line in lines)
+    # other reference settings: refused by the check, the copy removed
+    with pytest.raises(ReferenceTableError, match="config.reference.k: table 64, config 32"):
+        train.run(_config(**{"reference.k": 32}), str(tmp_path / "c"), log=_quiet,
+                  devices=ONE, reference_table=drawn)
+    assert not (tmp_path / "c" / train.REFERENCE_TABLE).exists()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        train.run(_config(), str(tmp_path / "d"), log=_quiet, devices=ONE,
+                  reference_table=str(tmp_path / "none.npz"))
+    assert not (tmp_path / "d").exists()

@@ -340,6 +340,26 @@ def prepare_reference_table(task: rl_tasks.RLTask, path: str, k: int, seed: int,
     return table
 
 
+def _given_reference_table(task: rl_tasks.RLTask, given: str | None, table_path: str, k: int,
+                           seed: int, log: Callable[[str], None]) -> ReferenceTable:
+    """`prepare_reference_table` of the run dir's table, after copying `given` there when the
+    dir holds none; the copy is removed again when it is refused (a rerun then copies the right
+    one, instead of finding a wrong table in its dir)."""
+    copied = False
+    if given:
+        if distributed.is_primary():
+            copied = share_reference_table(given, os.path.dirname(table_path))
+        distributed.barrier(distributed.numbered("reference_table_given"))
+        log(f"reference table {given} copied into the work dir" if copied else
+            f"the work dir holds a reference table already; {given} not copied")
+    try:
+        return prepare_reference_table(task, table_path, k, seed, log)
+    except ReferenceTableError:
+        if copied:
+            os.remove(table_path)
+        raise
+
+
 def _kl_budget(config: Any) -> float:
     """`config.task.kl_budget` (0 when unset) of a ConfigDict or a plain dict."""
     return float((config.get("task") or {}).get("kl_budget", 0.0) or 0.0)
@@ -556,26 +576,33 @@ def _host_reward_step(cfg: rl.RLConfig, fns: Any, reward: HostReward, optimizer:
 
 
 def run(config: Any, workdir: str, *, log: Callable[[str], None] | None = None,
-        devices: Any = None) -> tuple[rl.RLState, dict[str, Any]]:
+        devices: Any = None, reference_table: str | None = None
+        ) -> tuple[rl.RLState, dict[str, Any]]:
     """Runs (or resumes) the CTRL run of `config` in `workdir`; returns the final state and the
     summary. `devices` restricts the mesh. A run that fails leaves no empty work dir behind.
+    `reference_table`: a table drawn elsewhere (`experiments/calibrate.py`, once for the points
+    of a sweep), copied into `workdir` unless it holds one (`share_reference_table`) and checked
+    there like any; a copy the run refuses is removed again.
 
     The order is the contract (and why `_run` is one function): every config and mesh check
     before any expensive work, the reference table before the state, the manifest only once the
     resume is accepted (`loops.skeleton`), the summary and plots after the last checkpoint.
     """
     with no_empty_dirs_left(workdir):
-        return _run(config, workdir, log, devices)
+        return _run(config, workdir, log, devices, reference_table)
 
 
-def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any
-         ) -> tuple[rl.RLState, dict[str, Any]]:
+def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: Any,
+         reference_table: str | None = None) -> tuple[rl.RLState, dict[str, Any]]:
     started, code = provenance.now(), provenance.code_state()
     log = log or (lambda s: print(s, flush=True))
     seed = int(check.int_arg("config.seed", config.get("seed"), low=0))
     tcfg = train_config(config)
     checkpointing.check_writable(workdir)          # before any expensive work
     export = export_config(config)
+    if reference_table and not os.path.isfile(reference_table):
+        raise FileNotFoundError(f"reference table {reference_table!r}: no such file (draw it "
+                                f"first: experiments/calibrate.py with this --config)")
     if export.hf and "policy" not in config.task:
         raise ValueError(f"config.export.hf=True: task {config.task.name!r} has no transformers "
                          f"policy and tokenizer to export (only the real tasks' "
@@ -596,7 +623,7 @@ def _run(config: Any, workdir: str, log: Callable[[str], None] | None, devices: 
     _check_run(task, cfg, tcfg, bonbon, mesh, log)
     _check_budget(config, task, cfg, bonbon is not None)
     table_path = os.path.join(workdir, REFERENCE_TABLE)
-    table = prepare_reference_table(task, table_path, ref_k, ref_seed, log)
+    table = _given_reference_table(task, reference_table, table_path, ref_k, ref_seed, log)
     cfg = _beta_for_budget(config, task, cfg, table, tcfg.num_steps, log)
     transform = cfg.get_transform()
     manifest = dict(config=config, seeds={"seed": seed, "reference": ref_seed},

@@ -9,7 +9,9 @@ scheduler instead, and `collect` gathers the points that finished there. Points 
 are skipped on a re-run (their summary is read back), and an unfinished one resumes from its
 checkpoints, so a killed sweep just restarts. Points whose task and reference settings agree (a
 t sweep) share one reference table: `run` draws it in the first point's run and copies it into
-the others', so the K base samples per prompt are drawn once.
+the others', so the K base samples per prompt are drawn once; printed commands of a real task
+do the same through `reference_commands` (a calibration command first, then each point copies its
+table).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from infalign_jax.infra.memory import release_freed_memory
 from infalign_jax.infra.metrics_io import duration
 from infalign_jax.loops.train import REFERENCE_TABLE, share_reference_table
 from infalign_jax.workflows import sweep_plot
+from infalign_jax.workflows.calibrate import READS as CALIBRATION_READS
 
 # Keys a resume may change (skeleton.RESUMABLE_KEYS) that change a finished run's outputs.
 OUTPUT_KEYS = ("task.eval_ns", "export.hf", "export.dir")
@@ -85,16 +88,44 @@ def point_name(overrides: Mapping[str, Any]) -> str:
 
 
 def command_lines(entrypoint: str, config_path: str, workdir: str,
-                  points: Sequence[Mapping[str, Any]], shared: Sequence[str] = ()) -> list[str]:
-    """One shell command per point (for a cluster scheduler); `shared` flags go to every point.
-    Each starts with this interpreter (the virtualenv's: a bare `python` lacks the packages)."""
+                  points: Sequence[Mapping[str, Any]], shared: Sequence[str] = (),
+                  extra: Sequence[Sequence[str]] = ()) -> list[str]:
+    """One shell command per point (for a cluster scheduler); `shared` flags go to every point,
+    `extra[i]` to point i's. Each starts with this interpreter (the virtualenv's: a bare `python`
+    lacks the packages)."""
     lines = []
-    for p in points:
+    for i, p in enumerate(points):
         args = [f"--config={config_path}", f"--workdir={os.path.join(workdir, point_name(p))}",
                 *shared]
         args += [f"--config.{k}={v}" for k, v in p.items()]
+        args += list(extra[i]) if extra else []
         lines.append(" ".join(shlex.quote(a) for a in [sys.executable, entrypoint, *args]))
     return lines
+
+
+def reference_commands(config_path: str, workdir: str, configs: Sequence[Any],
+                       points: Sequence[Mapping[str, Any]], shared: Sequence[str] = ()
+                       ) -> tuple[list[str], list[list[str]]]:
+    """For printed commands of a real task, whose reference table costs K base samples a prompt:
+    one `experiments/calibrate.py` command per group of points with equal reference settings
+    (`reference_key`), drawing that table once into ``<workdir>/reference`` (``reference_<i>``
+    for several groups), and each point's ``--reference_table`` flag, which copies it into the
+    point's dir. The calibration gets only the task and reference flags (the others it
+    refuses). Returns (the calibration commands, each point's extra flags)."""
+    keys = [reference_key(cfg) for cfg in configs]
+    groups = list(dict.fromkeys(keys))
+    dirs = {k: os.path.join(workdir, "reference" if len(groups) == 1 else f"reference_{i}")
+            for i, k in enumerate(groups)}
+    lines = []
+    for key in groups:
+        p = points[keys.index(key)]
+        args = [f"--config={config_path}", f"--workdir={dirs[key]}"]
+        args += [f for f in shared if f.startswith(tuple(f"--config.{r}"
+                                                         for r in CALIBRATION_READS))]
+        args += [f"--config.{k}={v}" for k, v in p.items() if k.startswith(CALIBRATION_READS)]
+        lines.append(" ".join(shlex.quote(a) for a in
+                              [sys.executable, "experiments/calibrate.py", *args]))
+    return lines, [[f"--reference_table={os.path.join(dirs[k], REFERENCE_TABLE)}"] for k in keys]
 
 
 def shared_flags(config: ml_collections.ConfigDict, keys: Iterable[str]) -> list[str]:
