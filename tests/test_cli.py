@@ -97,3 +97,49 @@ def test_a_config_file_that_fails_while_loading_is_not_reported_missing(monkeypa
     assert got["missing.py"].startswith("--config=missing.py: the config file could not be "
                                         "loaded (") and got["missing.py"].endswith(hint)
     assert "missing.py" in got["missing.py"].partition("(")[2]
+
+
+def _refusal(monkeypatch, spec):
+    """What `refuse_unloaded_configs` raises for `--config=<spec>` (parsed as a run parses it)."""
+    from absl import flags
+    from ml_collections import config_flags
+    holder = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=holder)
+    holder(["prog", f"--config={spec}"])
+    monkeypatch.setattr(flags, "FLAGS", holder)
+    with pytest.raises(OSError) as e:
+        cli.refuse_unloaded_configs()
+    return e.value
+
+
+def test_a_config_file_that_fails_while_loading_is_a_config_file_error_found_without_its_arg(
+        monkeypatch, tmp_path):
+    """`refuse_unloaded_configs`: a get_config that hit a PermissionError is refused as a
+    `ConfigFileError` (one of INPUT_ERRORS) naming the file it could not read, and a file given
+    with a config-string argument (`file.py:arg`) that exists is still "failed while loading",
+    found by its path without the argument."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "denied.py").write_text(
+        "def get_config(arg=None):\n"
+        "    raise PermissionError(13, 'Permission denied', '/no/access/data.json')\n")
+    err = _refusal(monkeypatch, "denied.py")
+    assert type(err) is cli.ConfigFileError, type(err)
+    assert str(err).startswith("--config=denied.py: the config file failed while loading (")
+    assert "/no/access/data.json" in str(err)
+    (tmp_path / "sized.py").write_text(
+        "def get_config(arg=None):\n"
+        "    open(f'/no/such/dir/{arg}.json')\n")
+    err = _refusal(monkeypatch, "sized.py:size=tiny")
+    assert str(err).startswith("--config=sized.py:size=tiny: the config file failed while "
+                               "loading ("), str(err)
+    assert "/no/such/dir/size=tiny.json" in str(err) and "working directory" not in str(err)
+
+
+@pytest.mark.parametrize("name", ["missing.py", "denied.py"])
+def test_an_unloaded_config_is_refused_as_an_input_error(monkeypatch, tmp_path, name):
+    """`cli.run` reports the refusal in one line, exit status 2, only for an INPUT_ERRORS kind:
+    840f86d raised ml_collections' plain OSError for a file not found (a traceback, exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "denied.py").write_text(
+        "def get_config():\n    raise PermissionError(13, 'Permission denied', '/x.json')\n")
+    assert isinstance(_refusal(monkeypatch, name), cli.INPUT_ERRORS)

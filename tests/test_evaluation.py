@@ -684,3 +684,21 @@ def test_bootstrap_interval_covers_over_few_prompts():
                     num_resamples=100)
     assert 0.0 <= float(w.lower[0]) < float(w.point[0]) < float(w.upper[0]) <= 1.0
     assert float(w.lower[0]) == 0.0 and float(w.upper[0]) == 1.0   # 2 prompts: 1.0 and 0.0
+
+
+def test_paired_difference_with_fewer_prompts_than_seeds_keeps_the_smaller_count():
+    """The seeds' S - 1 caps Satterthwaite's count, never raises it: 5 seeds with no seed
+    spread over 3 prompts leave the prompt term alone, on B - 1 = 2 degrees of freedom. And the
+    cap is the smaller S - 1 whichever method has it (the second one here: 5 seeds against 3)."""
+    from scipy import stats
+    a = np.tile([0.9, 0.4, 0.7], (5, 1))
+    b = np.tile([0.5, 0.5, 0.2], (5, 1))
+    est = ev.paired_difference(a, b)
+    assert float(est.upper - est.point) == pytest.approx(
+        stats.t.ppf(0.975, 2) * float(est.stderr), rel=1e-12)
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 0.05, (5, 1)) + rng.normal(0, 0.2, (5, 64))
+    b = rng.normal(0, 0.05, (3, 1)) + rng.normal(0, 0.2, (3, 64))
+    est = ev.paired_difference(a, b)
+    assert float(est.upper - est.point) == pytest.approx(
+        stats.t.ppf(0.975, 2) * float(est.stderr), rel=1e-12)

@@ -774,3 +774,35 @@ def test_a_real_task_sweep_prints_its_reference_table_command_once(tmp_path):
         assert f"--config.transform.t={t}" in line and "--config.reference.k=8" in line
         assert "--config.rl.learning_rate=2e-05" in line
     assert "run the first 1 line(s) first" in proc.stderr
+
+
+def test_a_real_task_sweep_over_a_task_key_prints_one_reference_command_per_table(tmp_path):
+    """Points that differ in a task key (num_prompts) need tables of their own: the printed
+    sweep groups the points by their own configs, one calibration command per group, and each
+    training command copies its group's table."""
+    config = tmp_path / "prompts_sweep.py"
+    config.write_text(
+        "from infalign_jax.infra.config_utils import load_config_module\n"
+        f"_BASE = load_config_module({os.path.join(ROOT, 'configs', 'ctrl_real.py')!r})\n"
+        "get_config = _BASE.get_config\n"
+        "def get_sweep(arg=None, config=None):\n"
+        "    return [{'task.num_prompts': n, 'transform.t': t} for n in (4, 8) for t in (1.0, 2.0)]\n")
+    proc = _run("sweep.py", f"--config={config}", f"--workdir={tmp_path / 'w'}",
+                "--sweep=print", tmp_path=tmp_path)
+    lines = [shlex.split(line) for line in proc.stdout.strip().splitlines()]
+    assert [line[1] for line in lines] == ["experiments/calibrate.py"] * 2 + [
+        "experiments/train_policy.py"] * 4, proc.stdout
+    for line, n in zip(lines[:2], (4, 8)):
+        assert line[-1] == f"--config.task.num_prompts={n}", line
+    groups = [line[-1].split("/")[-2] for line in lines[2:]]
+    assert groups == ["reference_0", "reference_0", "reference_1", "reference_1"], groups
+
+
+def test_train_policy_passes_its_reference_table_flag_to_the_run(tmp_path):
+    """`train_policy.py --reference_table=PATH` reaches `train.run`: a missing table is refused
+    in one line before anything runs (a run that ignored the flag would train its 4 steps),
+    and no work dir is left."""
+    err = _refused("train_policy.py", "--config=configs/ctrl_exact.py:steps=4",
+                   f"--workdir={tmp_path / 'run'}", f"--reference_table={tmp_path / 'none.npz'}")
+    assert f"reference table '{tmp_path / 'none.npz'}': no such file" in err, err
+    assert not (tmp_path / "run").exists()

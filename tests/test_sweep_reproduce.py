@@ -1024,3 +1024,21 @@ def test_reference_commands_draw_one_table_per_group_of_equal_reference_settings
     # one group: <workdir>/reference
     lines, extra = sweep.reference_commands("c.py", str(tmp_path), configs[::2], points[::2])
     assert len(lines) == 1 and f"--workdir={tmp_path / 'reference'}" in shlex.split(lines[0])
+
+
+def test_reference_commands_carry_a_points_reference_overrides_in_the_order_groups_occur(
+        tmp_path):
+    """A sweep of reference.seed: each group's calibration command gets its point's
+    `--config.reference.*` override (not only the task ones), groups numbered in the order
+    they first occur (not sorted), and each point copies its own group's table."""
+    base = ml_collections.ConfigDict({"task": {"name": "helpfulness", "num_prompts": 4},
+                                      "reference": {"k": 8, "seed": 0}, "transform": {"t": 0.0}})
+    points = [{"reference.seed": 5, "transform.t": 1.0}, {"reference.seed": 2, "transform.t": 1.0},
+              {"reference.seed": 5, "transform.t": 2.0}]
+    configs = [sweep.apply_overrides(base, p) for p in points]
+    lines, extra = sweep.reference_commands("c.py", str(tmp_path), configs, points)
+    assert [shlex.split(line)[2:] for line in lines] == [
+        ["--config=c.py", f"--workdir={tmp_path / 'reference_0'}", "--config.reference.seed=5"],
+        ["--config=c.py", f"--workdir={tmp_path / 'reference_1'}", "--config.reference.seed=2"]]
+    assert [e[0].rpartition("/")[0].rpartition("/")[2] for e in extra] == [
+        "reference_0", "reference_1", "reference_0"]

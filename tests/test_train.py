@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -864,3 +865,20 @@ def test_a_reference_table_drawn_elsewhere_is_copied_in_checked_and_reused(unint
         train.run(_config(), str(tmp_path / "d"), log=_quiet, devices=ONE,
                   reference_table=str(tmp_path / "none.npz"))
     assert not (tmp_path / "d").exists()
+
+
+def test_a_refused_table_the_work_dir_held_is_kept_not_removed_drawn_elsewhere(uninterrupted,
+                                                                               tmp_path):
+    """`train.run(reference_table=)` removes a refused table only when it copied it: a table
+    the work dir held already (its own draw, K base samples a prompt) is refused for other
+    reference settings and left where it was, not deleted with the given one's copy."""
+    from infalign_jax.core.calibration import ReferenceTableError
+    workdir, _, _ = uninterrupted
+    drawn = os.path.join(workdir, train.REFERENCE_TABLE)
+    own = tmp_path / "e" / train.REFERENCE_TABLE
+    own.parent.mkdir()
+    shutil.copyfile(drawn, own)
+    with pytest.raises(ReferenceTableError, match="config.reference.k: table 64, config 32"):
+        train.run(_config(**{"reference.k": 32}), str(tmp_path / "e"), log=_quiet,
+                  devices=ONE, reference_table=drawn)
+    assert own.exists()

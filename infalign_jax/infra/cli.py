@@ -14,7 +14,11 @@ from infalign_jax.infra.checkpointing import WorkdirError
 from infalign_jax.infra.config_utils import refuse_unused_overrides
 
 # Errors that describe bad input (a config value, a data file, a work dir): reported in one line.
-INPUT_ERRORS = (ValueError, WorkdirError, FileNotFoundError, NotADirectoryError)
+class ConfigFileError(OSError):
+    """A config file that exists but failed while loading (its `get_config` raised an OSError)."""
+
+
+INPUT_ERRORS = (ValueError, WorkdirError, FileNotFoundError, NotADirectoryError, ConfigFileError)
 
 
 CACHE_ENV = "INFALIGN_JAX_CACHE"
@@ -220,8 +224,10 @@ def refuse_unloaded_configs() -> None:
         try:
             getattr(flag.value, "keys", None)
         except OSError as e:
-            # the kept error's own kind (a get_config that hit a PermissionError), else "not found"
-            kind = type(e.__cause__) if isinstance(e.__cause__, OSError) else FileNotFoundError
+            # one of INPUT_ERRORS, so that cli.run reports it in one line (ml_collections keeps
+            # a plain OSError for a file not found, and a get_config may raise any OSError)
+            kind = ConfigFileError if _config_path(spec) and os.path.isfile(
+                _config_path(spec)) else FileNotFoundError
             raise kind(_unloaded_message(f"--{name}={spec}", e)) from e
 
 
@@ -246,6 +252,11 @@ def _overridden_config_flag(argv: Sequence[str]) -> str:
 LOAD_FAILURE = "earlier failure to load: "   # ml_collections' words before the kept error
 
 
+def _config_path(spec: str) -> str:
+    """The file of a config flag's value (``file.py:arg`` -> ``file.py``)."""
+    return spec.partition(":")[0]
+
+
 def _unloaded_message(flag: str, err: OSError) -> str:
     """One line for a config flag whose file did not load: the error ml_collections kept (from
     its "not available" message, which names the file an OSError was about, else the error's
@@ -254,7 +265,7 @@ def _unloaded_message(flag: str, err: OSError) -> str:
     text = " ".join(str(err).split())
     kept = text.partition(LOAD_FAILURE)[2] if LOAD_FAILURE in text else ""
     cause = kept or " ".join(str(err.__cause__ or err).split())
-    path = flag.partition("=")[2].partition(":")[0]
+    path = _config_path(flag.partition("=")[2])
     if path and os.path.isfile(path):
         return f"{flag}: the config file failed while loading ({cause})"
     where = (f"; a relative path is read from the working directory, {os.getcwd()}"

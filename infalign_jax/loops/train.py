@@ -350,8 +350,9 @@ def _given_reference_table(task: rl_tasks.RLTask, given: str | None, table_path:
         if distributed.is_primary():
             copied = share_reference_table(given, os.path.dirname(table_path))
         distributed.barrier(distributed.numbered("reference_table_given"))
-        log(f"reference table {given} copied into the work dir" if copied else
-            f"the work dir holds a reference table already; {given} not copied")
+        if distributed.is_primary():   # the one that copied knows whether it did
+            log(f"reference table {given} copied into the work dir" if copied else
+                f"the work dir holds a reference table already; {given} not copied")
     try:
         return prepare_reference_table(task, table_path, k, seed, log)
     except ReferenceTableError:
