@@ -281,7 +281,10 @@ def test_vmapped_ensemble_equals_members_trained_alone(bootstrap):
             assert float(metrics_E["loss"][m]) == pytest.approx(float(metrics["loss"]), abs=1e-5)
     for m in range(e):
         for a, b in zip(jax.tree.leaves(alone[m].params), jax.tree.leaves(state_E.params)):
-            np.testing.assert_allclose(np.asarray(b[m]), np.asarray(a), atol=1e-5)
+            # float32 summation order of the vmapped and the single member's products, through
+            # 3 Adam steps at lr 1e-2: up to 1.01e-5 seen on an AMD EPYC host (a member read from
+            # another's data or init differs by ~1e-2)
+            np.testing.assert_allclose(np.asarray(b[m]), np.asarray(a), atol=5e-5)
     assert np.asarray(state_E.step).tolist() == [steps] * e
 
     # Ensemble statistics equal numpy over the members' own rewards.

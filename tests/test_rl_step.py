@@ -146,7 +146,9 @@ def test_rloo_step_loss_is_the_leave_one_out_estimator_by_hand(kl_mode):
         to_go = np.flip(np.cumsum(np.flip(d, -1), -1), -1)
         others = (k1.sum(1, keepdims=True) - k1) / (m - 1)
         want += beta * np.mean((to_go - others[..., None]).sum(-1))
-    assert float(metrics["kl_k1"]) == pytest.approx(k1.mean(), rel=1e-4)
+    # kl_k1 (-0.0022 here) is a difference of float32 log-probs of magnitude ~1: its rounding
+    # is absolute (3.6e-7 measured on an AMD EPYC host, 1.6e-4 relative), not relative
+    assert float(metrics["kl_k1"]) == pytest.approx(k1.mean(), rel=1e-4, abs=2e-6)
     assert abs(want) > 1e-2
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4)
 
