@@ -54,20 +54,17 @@ def intervals(a, b, rule):
     for v, k in zip((sa, sb), dfs):
         den = den + (v ** 2 / k if k else 0.0)
     dof = var ** 2 / np.where(den > 0, den, 1.0)
-    seeded = [k for k in dfs if k > 0]
-    if rule == "now":
+    if rule == "now":   # S - 1 of the smaller seeded method, whatever the estimates
+        seeded = [k for k in dfs if k > 0]
         if seeded:
             dof = np.minimum(dof, min(seeded))
-    else:
+    else:   # S - 1 of the positive seed terms, where they hold half of Var or more
+        kmin = np.full(len(var), np.inf)
+        for v, k in zip((sa, sb), dfs):
+            if k > 0:
+                kmin = np.where(v > 0, np.minimum(kmin, k), kmin)
         share = (sa + sb) / np.where(var > 0, var, 1.0)
-        pos = (sa > 0) | (sb > 0)
-        capped = [k for v, k in zip((sa, sb), dfs) if k > 0]
-        if capped:
-            kmin = np.full(len(var), np.inf)
-            for v, k in zip((sa, sb), dfs):
-                if k > 0:
-                    kmin = np.where(v > 0, np.minimum(kmin, k), kmin)
-            dof = np.where(pos & (share >= 0.5), np.minimum(dof, kmin), dof)
+        dof = np.where(share >= 0.5, np.minimum(dof, kmin), dof)
     return point, stats.t.ppf(0.975, dof) * np.sqrt(var)
 
 

@@ -10,8 +10,8 @@
 Printed commands of a real task start with one experiments/calibrate.py line per set of reference
 settings, which draws the table once; run it first: the training lines copy it
 (--reference_table). Flags on the config (--config.x=...) apply to every point; the point's
-overrides come last. An RL
-option flag a point's config does not read is refused (a point may set its setting itself).
+overrides come last. An RL option flag a point's config does not read is refused (a point may set
+its setting itself).
 Results: <workdir>/sweep_results.{csv,md}, one row per point, sweep_results.png (each evaluated
 metric against the swept value) and sweep_manifest.json (the base config, the points, provenance).
 """

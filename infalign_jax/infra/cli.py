@@ -226,8 +226,7 @@ def refuse_unloaded_configs() -> None:
         except OSError as e:
             # one of INPUT_ERRORS, so that cli.run reports it in one line (ml_collections keeps
             # a plain OSError for a file not found, and a get_config may raise any OSError)
-            kind = ConfigFileError if _config_path(spec) and os.path.isfile(
-                _config_path(spec)) else FileNotFoundError
+            kind = ConfigFileError if _config_file_exists(spec) else FileNotFoundError
             raise kind(_unloaded_message(f"--{name}={spec}", e)) from e
 
 
@@ -249,25 +248,23 @@ def _overridden_config_flag(argv: Sequence[str]) -> str:
     return found or "a config flag"
 
 
-LOAD_FAILURE = "earlier failure to load: "   # ml_collections' words before the kept error
-
-
-def _config_path(spec: str) -> str:
-    """The file of a config flag's value (``file.py:arg`` -> ``file.py``)."""
-    return spec.partition(":")[0]
+def _config_file_exists(spec: str) -> bool:
+    """Whether a config flag's value (``file.py`` or ``file.py:arg``) names a file that exists:
+    then it failed while loading, rather than not being found."""
+    path = spec.partition(":")[0]
+    return bool(path) and os.path.isfile(path)
 
 
 def _unloaded_message(flag: str, err: OSError) -> str:
-    """One line for a config flag whose file did not load: the error ml_collections kept (from
-    its "not available" message, which names the file an OSError was about, else the error's
-    cause); for a file that exists, that it failed while loading (its `get_config` or an import
-    raised), else where a relative path was looked for."""
-    text = " ".join(str(err).split())
-    kept = text.partition(LOAD_FAILURE)[2] if LOAD_FAILURE in text else ""
-    cause = kept or " ".join(str(err.__cause__ or err).split())
-    path = _config_path(flag.partition("=")[2])
-    if path and os.path.isfile(path):
+    """One line for a config flag whose file did not load: the error ml_collections kept (the
+    cause of its "not available" error; an OSError's text names the file it was about); for a
+    file that exists, that it failed while loading (its `get_config` raised), else where a
+    relative path was looked for."""
+    cause = " ".join(str(err.__cause__ or err).split())
+    spec = flag.partition("=")[2]
+    if _config_file_exists(spec):
         return f"{flag}: the config file failed while loading ({cause})"
+    path = spec.partition(":")[0]
     where = (f"; a relative path is read from the working directory, {os.getcwd()}"
              if path and not os.path.isabs(path) else "")
     return f"{flag}: the config file could not be loaded ({cause}){where}"

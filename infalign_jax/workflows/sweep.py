@@ -116,12 +116,11 @@ def reference_commands(config_path: str, workdir: str, configs: Sequence[Any],
     groups = list(dict.fromkeys(keys))
     dirs = {k: os.path.join(workdir, "reference" if len(groups) == 1 else f"reference_{i}")
             for i, k in enumerate(groups)}
+    read = [f for f in shared if f.startswith(tuple(f"--config.{r}" for r in CALIBRATION_READS))]
     lines = []
     for key in groups:
         p = points[keys.index(key)]
-        args = [f"--config={config_path}", f"--workdir={dirs[key]}"]
-        args += [f for f in shared if f.startswith(tuple(f"--config.{r}"
-                                                         for r in CALIBRATION_READS))]
+        args = [f"--config={config_path}", f"--workdir={dirs[key]}", *read]
         args += [f"--config.{k}={v}" for k, v in p.items() if k.startswith(CALIBRATION_READS)]
         lines.append(" ".join(shlex.quote(a) for a in
                               [sys.executable, "experiments/calibrate.py", *args]))
