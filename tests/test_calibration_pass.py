@@ -288,3 +288,57 @@ def test_rows_split_over_local_devices_give_the_one_device_table():
     np.testing.assert_array_equal(split.sorted_rewards_BxK, np.sort(rewards, axis=1))
     with pytest.raises(ValueError, match="local_devices must name at least one device"):
         _run(reward_fn=count_reward, local_devices=[])
+
+
+def test_on_several_processes_every_chunk_of_every_round_gives_the_service_a_count(
+        tmp_path, monkeypatch):
+    """On several processes JAX's preemption service picks the count where all stop, so each
+    process must give it the same counts: one per chunk of every round, drawn, resumed or with
+    no batch (process 1 of 2 draws batch 1 of 3, then nothing in round 2). The pass stops after
+    the chunk whose count the service picked, with that chunk written; the counts rise from
+    those given before, and a finished pass gives all 6."""
+    asked, stop_at = [], []
+    monkeypatch.setattr(preemption, "_ask_service",
+                        lambda count: asked.append(count) or count in stop_at)
+    partial = str(tmp_path / "table.partial.npz")
+    kept = str(tmp_path / "table.partial.process1of2.npz")
+    scored = []
+
+    def counting(rp, idx, resp, mask):
+        scored.append(np.asarray(idx).tolist())
+        return count_reward(rp, idx, resp, mask)
+
+    def run(lines):
+        return _run(reward_fn=counting, batch_prompts=1, partial_path=partial,
+                    progress=lines.append, process_index=1, process_count=2)
+
+    origin, lines = preemption.counts_given(), []
+    stop_at.append(origin + 2)
+    with pytest.raises(preemption.Preempted):
+        run(lines)
+    assert asked == [origin + 1, origin + 2] and scored == [[1, 1, 1]] * 2
+    assert lines[-1].startswith("SIGTERM: calibration stopped after round 1/2, chunk 2/3, where "
+                                "every process stops (2/3 of this process's chunks), saved in")
+    with np.load(kept) as got:
+        assert got["done_BxC"].tolist() == [[False] * 3, [True, True, False], [False] * 3]
+
+    origin, lines = preemption.counts_given(), []
+    assert origin == stop_at[-1]
+    asked.clear(), scored.clear(), stop_at.append(origin + 5)   # round 2, no batch of its own
+    with pytest.raises(preemption.Preempted):
+        run(lines)
+    assert asked == [origin + c for c in range(1, 6)] and scored == [[1]]   # K = 7: 3 + 3 + 1
+    assert lines[-1].startswith("SIGTERM: calibration stopped after round 2/2, chunk 2/3, where "
+                                "every process stops (3/3 of this process's chunks)")
+
+    origin = preemption.counts_given()
+    asked.clear(), scored.clear()
+    with pytest.raises(ValueError, match="process_count=2, but 1 processes took part"):
+        run([])   # the rows are exchanged after the rounds; one process cannot make them up
+    assert asked == [origin + c for c in range(1, 7)] and scored == []
+    assert preemption.counts_given() == origin + 6
+
+    # one process: the service is never asked (SIGTERM is this process's own)
+    asked.clear()
+    _run(reward_fn=count_reward, partial_path=partial)
+    assert asked == []

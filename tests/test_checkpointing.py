@@ -509,3 +509,27 @@ def test_meta_must_be_a_mapping(tmp_path):
             with pytest.raises(ValueError, match="meta must be a mapping"):
                 ckpt.save(1, {"x": jnp.zeros(2)}, meta)
         assert ckpt.all_steps() == []
+
+
+def test_the_steps_count_for_the_preemption_service_after_the_counts_a_pass_gave(
+        tmp_path, monkeypatch):
+    """JAX's preemption service stops every process one past the highest count given when a
+    SIGTERM came. A calibration pass gives counts before the steps; counted from 1 again, the
+    steps of a job whose notice came during the pass's last round would have stopped at the
+    pass's count, far past the first step. They go on from the pass's counts."""
+    from jax.experimental import multihost_utils
+    from infalign_jax.infra import preemption
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda count: asked.append(count) or False)
+    monkeypatch.setattr(preemption, "_ask_service", lambda count: False)
+    for count in range(preemption.counts_given() + 1, preemption.counts_given() + 7):
+        preemption.reached_sync_point(count)   # a pass's six chunks
+    given = preemption.counts_given()
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    try:
+        ckpt.count_preemption_from(4)   # resumed at step 4
+        assert not ckpt.reached_preemption(5)
+        assert asked == [given + 1] and preemption.counts_given() == given + 1
+    finally:
+        ckpt.close()

@@ -414,6 +414,12 @@ BATCH_WORKER = REPO / "tests" / "_multihost_batch_worker.py"
 def _worker_on_two_processes(worker: Path, tmp_path: Path, name: str, devices: int) -> None:
     """Runs a worker script (`_multihost_pair.start`'s arguments) as the two processes of one
     job, `devices` CPU devices each, writing to tmp_path; logs in tmp_path/<name><i>.log."""
+    _wait_all(_start_worker_on_two_processes(worker, tmp_path, name, devices), WORKER_TIMEOUT_S)
+
+
+def _start_worker_on_two_processes(worker: Path, tmp_path: Path, name: str, devices: int
+                                   ) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """`_worker_on_two_processes`' two processes, started and not waited for."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     procs = {}
@@ -424,7 +430,7 @@ def _worker_on_two_processes(worker: Path, tmp_path: Path, name: str, devices: i
                 [sys.executable, str(worker), "--process_id", str(i), "--port", str(port),
                  "--out", str(tmp_path)], env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT),
                 log)
-    _wait_all(procs, WORKER_TIMEOUT_S)
+    return procs
 
 
 @pytest.mark.slow
@@ -693,7 +699,6 @@ def test_the_training_command_runs_on_two_processes_from_the_environment(tmp_pat
            "(JAX_COORDINATOR_ADDRESS='127.0.0.1:1', JAX_NUM_PROCESSES=2)" in out.stderr
 
 
-@pytest.mark.slow
 def _sigterm_to_process_1_once(procs: dict[str, tuple[subprocess.Popen, Path]],
                                ready: Callable[[], bool]) -> dict[str, str]:
     """Sends process 1 a SIGTERM once `ready()` (or a process has ended), waits for both and
@@ -710,6 +715,7 @@ def _sigterm_to_process_1_once(procs: dict[str, tuple[subprocess.Popen, Path]],
     return logs
 
 
+@pytest.mark.slow
 def test_a_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_job_resumes(tmp_path):
     """A SIGTERM to one process of two (a preempted host): JAX's preemption service picks one
     step for both, Orbax saved it, and the loop trained on past it to the end or the SIGKILL.
@@ -750,6 +756,48 @@ def test_a_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_job_resum
     assert f"resumed from checkpoint step {stopped + 1}" in resumed, resumed[-2000:]
     assert [r["step"] for r in read_jsonl(str(metrics))] == list(range(1, steps + 1))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == steps
+
+
+CALIBRATION_SIGTERM_WORKER = REPO / "tests" / "_multihost_calibration_sigterm_worker.py"
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_both_processes_of_a_calibration_pass_at_one_chunk(tmp_path):
+    """A SIGTERM to one process of a two-process calibration pass with a partial file: JAX's
+    preemption service holds the signal, and the pass ran on to its end or the SIGKILL. Both
+    processes now stop after one chunk of one round, the chunks drawn kept in their partial
+    files, with status 143; the same command resumes both and returns the table one process
+    draws alone (process 0 draws batches 0 and 2, process 1 batch 1, then nothing)."""
+    import test_calibration_pass as tc
+    from infalign_jax.decoding import sampling
+    from infalign_jax.rl import calibration_pass as cp
+    first = tmp_path / "term0.log"
+    logs = _sigterm_to_process_1_once(
+        _start_worker_on_two_processes(CALIBRATION_SIGTERM_WORKER, tmp_path, "term", 1),
+        lambda: first.read_text().count("calibration: prompts") >= 2)
+    stops = [next(line for line in text.splitlines() if line.startswith("SIGTERM"))
+             for text in logs.values()]
+    where = [line.split(", where")[0] for line in stops]
+    assert where[0] == where[1] and where[0].startswith("SIGTERM: calibration stopped after "
+                                                        "round 1/2, chunk "), stops
+    for i in range(2):
+        with np.load(tmp_path / f"partial.process{i}of2.npz") as kept:
+            done = kept["done_BxC"]
+        assert 2 <= done.sum() < 6 and done[i].sum() == done.sum(), done   # round 1: batch i
+        assert f"({int(done.sum())}/{6 * (2 - i)} of this process's chunks)" in stops[i]
+    assert not list(tmp_path.glob("table_p*"))
+
+    _worker_on_two_processes(CALIBRATION_SIGTERM_WORKER, tmp_path, "resume", 1)
+    alone = cp.run_calibration(
+        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=12, batch_prompts=1,
+        seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+        sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+        progress=None)
+    for i in range(2):
+        assert "calibration: resuming from" in (tmp_path / f"resume{i}.log").read_text()
+        with np.load(tmp_path / f"table_p{i}.npz") as got:
+            np.testing.assert_array_equal(got["sorted_rewards_BxK"], alone.sorted_rewards_BxK)
+    assert not list(tmp_path.glob("partial*"))
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from infalign_jax.infra import distributed
+from infalign_jax.infra import distributed, preemption
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class _Manager(ocp.CheckpointManager):
     preemption_origin = 0
 
     def reached_preemption(self, step: int) -> bool:
-        return super().reached_preemption(int(step) - self.preemption_origin)
+        return preemption.reached_sync_point(int(step) - self.preemption_origin,
+                                             ask=super().reached_preemption)
 
 
 class Checkpointer:
@@ -228,8 +229,9 @@ class Checkpointer:
         given it when the notice came, and a process that has not given one counts 0; counted
         from step 0, a job resumed at step s that got its SIGTERM before its first step (loading,
         compiling) was stopped at step 1, which it never reaches again: it trained on to the end
-        or the SIGKILL. Counted from s, it stops after step s + 1."""
-        self._manager.preemption_origin = int(step)
+        or the SIGKILL. Counted from s, it stops after step s + 1. The counts go on from those
+        this process gave already (`preemption.counts_given`: a calibration pass's rounds)."""
+        self._manager.preemption_origin = int(step) - preemption.counts_given()
 
     def save(self, step: int, state: PyTree, meta: Mapping[str, Any] | None = None, *,
              force: bool = False, check_finite: bool = True) -> bool:

@@ -13,9 +13,16 @@ steps since the last checkpoint are lost. Inside `sigterm_noted()` (the run loop
   `Checkpointer.reached_preemption` asks); the loop stops after that save. No handler is
   installed here then: it would replace JAX's.
 
-The reference table's pass uses it too, between its chunks, when it keeps a partial file
-(`calibration_pass.run_calibration`, one process only; `Preempted(None)`: no training step).
-Elsewhere (loading, the final evaluation) SIGTERM acts as always.
+The reference table's pass stops between its chunks too, when it keeps a partial file
+(`calibration_pass.run_calibration`; `Preempted(None)`: no training step): one process through
+`sigterm_noted`, several through JAX's service, its chunk rounds counted like steps. Elsewhere
+(loading, the final evaluation) SIGTERM acts as always.
+
+JAX's service agrees on a count, not a step: every process gives it a count at each point where
+it could stop (`reached_sync_point`), and after a SIGTERM to any of them it picks one past the
+highest count given so far, where all stop. The counts must therefore rise through the whole
+process, the same on every process: the pass's rounds take the first ones, and the training
+steps go on from there (`counts_given`, which `Checkpointer.count_preemption_from` starts at).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import threading
 from typing import Callable, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 
 EXIT_STATUS = 128 + signal.SIGTERM
 
@@ -64,3 +72,30 @@ def sigterm_noted() -> Iterator[Callable[[], bool]]:
     finally:
         # None: a handler installed outside Python, which cannot be put back from here
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+_GIVEN = [0]   # the highest count this process has given JAX's preemption service
+
+
+def counts_given() -> int:
+    """The highest count this process has given JAX's preemption service (0: none yet)."""
+    return _GIVEN[0]
+
+
+def _ask_service(count: int) -> bool:
+    if jax.process_count() == 1:
+        return False
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(count))
+    except RuntimeError:   # the service is off (jax_enable_preemption_service=False)
+        return False
+
+
+def reached_sync_point(count: int, ask: Callable[[int], bool] | None = None) -> bool:
+    """Whether `count` is where every process of a multi-process job stops after a SIGTERM to
+    any of them (JAX's preemption service: one past the highest count any process had given when
+    the notice came); always False on one process. Every process must give the same counts in
+    the same order, rising. `ask` replaces the service's own question (Orbax's manager asks it
+    its own way); the count is recorded either way (`counts_given`)."""
+    _GIVEN[0] = max(_GIVEN[0], int(count))
+    return bool((ask or _ask_service)(int(count)))

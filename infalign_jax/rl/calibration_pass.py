@@ -38,7 +38,10 @@ re-run with the same settings skips the finished chunks (same keys, so the same 
 a re-run with other settings fails naming what differs. The file is removed once the table is
 built (and saved to `out_path`, if given). With it, a SIGTERM to a one-process pass (a
 scheduler's preemption) ends the pass after the chunk it is in, once that chunk is written, with
-`preemption.Preempted` (exit status 143); the same call resumes it.
+`preemption.Preempted` (exit status 143); the same call resumes it. On several processes JAX's
+preemption service catches the SIGTERM (to any of them) and picks a chunk of a round where
+every process stops, each with its chunks written; a process ahead of the others sets it, and
+the others draw on to it (one with no batch left in the last round is ahead by that round).
 """
 
 from __future__ import annotations
@@ -303,37 +306,53 @@ def run_calibration(fns: DecoderFns, params: Params, prompt_BxP: Any, prompt_mas
     start, drawn = time.perf_counter(), 0
     # A SIGTERM (a scheduler's preemption) ends the pass after the chunk it is in, once that
     # chunk is in the partial file; without one there is nothing to keep, and it acts at once.
+    # On several processes JAX's service holds SIGTERM and picks the chunk all stop after: each
+    # process goes through the same rounds (process i draws batch round * count + i of each),
+    # giving the service a count at every chunk of every round, its own batch or none.
     noted = preemption.sigterm_noted() if partial_path else contextlib.nullcontext(lambda: False)
+    rounds, origin = math.ceil(num_batches / count), preemption.counts_given()
     with noted as sigterm:
-        for b in range(num_batches):
-            if done_BxC[b].all() or not mine_B[b]:
-                continue
-            rows = np.minimum(np.arange(b * batch_prompts, (b + 1) * batch_prompts), num - 1)
-            real = rows[: min(batch_prompts, num - b * batch_prompts)]
-            tokens, mask = jax.device_put((prompt_BxP[rows], prompt_mask_BxP[rows]), place)
-            logits_BxV, cache = prefill(params, tokens, mask)
+        for r in range(rounds):
+            b = r * count + index
+            todo = b < num_batches and not done_BxC[b].all()
+            if todo:
+                rows = np.minimum(np.arange(b * batch_prompts, (b + 1) * batch_prompts), num - 1)
+                real = rows[: min(batch_prompts, num - b * batch_prompts)]
+                tokens, mask = jax.device_put((prompt_BxP[rows], prompt_mask_BxP[rows]), place)
+                logits_BxV, cache = prefill(params, tokens, mask)
             for c in range(num_chunks):
-                if done_BxC[b, c]:
-                    continue
-                out = jax.device_get(decode_chunk(params, tokens, mask, logits_BxV, cache,
-                                                  chunk_key(seed, b, c)))
-                lo, hi = c * chunk, min((c + 1) * chunk, k)
-                scores, ok = _score_chunk(out, real, hi - lo, reward_fn, reward_params, cfg,
-                                          require_eos)
-                rewards_XxK[real, lo:hi], valid_XxK[real, lo:hi] = scores, ok
-                done_BxC[b, c] = True
-                if partial_path:
-                    write_npz(partial_path, rewards_XxK=rewards_XxK, valid_XxK=valid_XxK,
-                              done_BxC=done_BxC, fingerprint=np.asarray(json.dumps(fingerprint)))
-                drawn += samples_in(b, c)
-                elapsed = time.perf_counter() - start
-                prompts_done = sum(min(batch_prompts, num - i * batch_prompts)
-                                   for i in range(num_batches) if done_BxC[i].all() and mine_B[i])
-                say(f"calibration: prompts {prompts_done}/{mine}{whose} (batch {b + 1}/"
-                    f"{num_batches}, chunk {c + 1}/{num_chunks}), {drawn / elapsed:.1f} "
-                    f"samples/s, elapsed {duration(elapsed)}, ETA "
-                    f"{duration((total - drawn) * elapsed / drawn)}")
-                if sigterm():   # the last chunk too: a rerun then builds the table at once
+                if todo and not done_BxC[b, c]:
+                    out = jax.device_get(decode_chunk(params, tokens, mask, logits_BxV, cache,
+                                                      chunk_key(seed, b, c)))
+                    lo, hi = c * chunk, min((c + 1) * chunk, k)
+                    scores, ok = _score_chunk(out, real, hi - lo, reward_fn, reward_params, cfg,
+                                              require_eos)
+                    rewards_XxK[real, lo:hi], valid_XxK[real, lo:hi] = scores, ok
+                    done_BxC[b, c] = True
+                    if partial_path:
+                        write_npz(partial_path, rewards_XxK=rewards_XxK, valid_XxK=valid_XxK,
+                                  done_BxC=done_BxC,
+                                  fingerprint=np.asarray(json.dumps(fingerprint)))
+                    drawn += samples_in(b, c)
+                    elapsed = time.perf_counter() - start
+                    prompts_done = sum(min(batch_prompts, num - i * batch_prompts)
+                                       for i in range(num_batches)
+                                       if done_BxC[i].all() and mine_B[i])
+                    say(f"calibration: prompts {prompts_done}/{mine}{whose} (batch {b + 1}/"
+                        f"{num_batches}, chunk {c + 1}/{num_chunks}), {drawn / elapsed:.1f} "
+                        f"samples/s, elapsed {duration(elapsed)}, ETA "
+                        f"{duration((total - drawn) * elapsed / drawn)}")
+                    stop = sigterm()   # the last chunk too: a rerun then builds the table at once
+                else:
+                    stop = False
+                step = r * num_chunks + c + 1
+                if partial_path and count > 1 and preemption.reached_sync_point(origin + step):
+                    say(f"SIGTERM: calibration stopped after round {r + 1}/{rounds}, chunk "
+                        f"{c + 1}/{num_chunks}, where every process stops ({int(done_BxC.sum())}"
+                        f"/{int(done_BxC[mine_B].size)} of this process's chunks), saved in "
+                        f"{partial_path}; the same command resumes it")
+                    raise preemption.Preempted(None)
+                if stop:
                     say(f"SIGTERM: calibration stopped after batch {b + 1}, chunk {c + 1} "
                         f"({int(done_BxC.sum())}/{done_BxC.size} chunks), saved in "
                         f"{partial_path}; the same command resumes it")

@@ -1,0 +1,52 @@
+"""One process of a two-process calibration pass that may get a SIGTERM; driven by
+`tests/test_multihost.py::test_a_sigterm_stops_both_processes_of_a_calibration_pass_at_one_chunk`.
+
+Usage::
+
+    python tests/_multihost_calibration_sigterm_worker.py --process_id I --port P --out DIR
+
+Each process draws its share of `tests/test_calibration_pass.py`'s prompts (one a batch, so
+process 0 draws two batches and process 1 one) with a partial file in DIR, scoring each chunk
+slowly enough for a SIGTERM to come mid-pass, and prints its progress. A SIGTERM ends it with
+`preemption.Preempted` (exit status 143); a finished pass writes DIR/table_p<I>.npz.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import _multihost_pair  # noqa: E402
+
+SECONDS_A_CHUNK = 0.3
+
+
+def main() -> None:
+    args = _multihost_pair.start()
+    import numpy as np
+
+    import test_calibration_pass as tc
+    from infalign_jax.decoding import sampling
+    from infalign_jax.rl import calibration_pass as cp
+
+    def slow_reward(rp, idx, resp, mask):
+        time.sleep(SECONDS_A_CHUNK)
+        return tc.count_reward(rp, idx, resp, mask)
+
+    table = cp.run_calibration(
+        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, slow_reward, k=12, batch_prompts=1,
+        seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+        sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+        partial_path=os.path.join(args.out, "partial.npz"),
+        progress=lambda line: print(line, flush=True))
+    np.savez(os.path.join(args.out, f"table_p{args.process_id}.npz"),
+             sorted_rewards_BxK=table.sorted_rewards_BxK, counts_B=table.counts_B)
+
+
+if __name__ == "__main__":
+    main()
