@@ -342,3 +342,14 @@ def test_on_several_processes_every_chunk_of_every_round_gives_the_service_a_cou
     asked.clear()
     _run(reward_fn=count_reward, partial_path=partial)
     assert asked == []
+
+
+def test_on_several_processes_without_a_partial_file_the_service_is_never_asked(monkeypatch):
+    """Without a partial file there is nothing to stop at (no chunk is kept): the pass gives
+    JAX's service no counts, so the training steps' counts start where they would have."""
+    asked = []
+    monkeypatch.setattr(preemption, "_ask_service", lambda count: asked.append(count) or True)
+    given = preemption.counts_given()
+    with pytest.raises(ValueError, match="process_count=2, but 1 processes took part"):
+        _run(reward_fn=count_reward, batch_prompts=1, process_index=1, process_count=2)
+    assert asked == [] and preemption.counts_given() == given

@@ -533,3 +533,47 @@ def test_the_steps_count_for_the_preemption_service_after_the_counts_a_pass_gave
         assert asked == [given + 1] and preemption.counts_given() == given + 1
     finally:
         ckpt.close()
+
+
+def test_the_service_is_asked_each_count_only_on_several_processes_and_off_is_no_stop(
+        monkeypatch):
+    """`reached_sync_point` without `ask` asks JAX's service the count it is given and returns
+    its answer, on several processes only; a service that is off (JAX's RuntimeError) is no
+    stop, not a crash. The highest count given is kept, whatever the order."""
+    from jax.experimental import multihost_utils
+    from infalign_jax.infra import preemption
+    given = preemption.counts_given()
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda count: asked.append(count) or count == given + 2)
+    assert not preemption.reached_sync_point(given + 2) and asked == []   # one process
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    answers = [preemption.reached_sync_point(given + c) for c in (1, 2, 3)]
+    assert answers == [False, True, False] and asked == [given + 1, given + 2, given + 3]
+
+    def off(count):
+        raise RuntimeError("Preemption sync manager has not been initialized")
+
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", off)
+    assert preemption.reached_sync_point(given + 4) is False
+    assert preemption.reached_sync_point(given + 1, ask=lambda count: True) is True
+    assert preemption.counts_given() == given + 4   # a lower count does not lower it
+
+
+def test_the_checkpointer_stops_at_the_step_of_the_count_the_service_picks(tmp_path,
+                                                                           monkeypatch):
+    """Resumed at step 4 after a pass that gave counts, the service's pick (one past the
+    highest count given) is the step the Checkpointer reports as reached, and no other."""
+    from jax.experimental import multihost_utils
+    from infalign_jax.infra import preemption
+    for count in range(preemption.counts_given() + 1, preemption.counts_given() + 4):
+        preemption.reached_sync_point(count, ask=lambda c: False)   # a pass's chunks
+    pick = preemption.counts_given() + 2
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda count: count == pick)
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    try:
+        ckpt.count_preemption_from(4)
+        assert [ckpt.reached_preemption(s) for s in (5, 6, 7)] == [False, True, False]
+    finally:
+        ckpt.close()
