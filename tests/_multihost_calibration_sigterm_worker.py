@@ -6,9 +6,10 @@ Usage::
     python tests/_multihost_calibration_sigterm_worker.py --process_id I --port P --out DIR
 
 Each process draws its share of `tests/test_calibration_pass.py`'s prompts (one a batch, so
-process 0 draws two batches and process 1 one) with a partial file in DIR, scoring each chunk
-slowly enough for a SIGTERM to come mid-pass, and prints its progress. A SIGTERM ends it with
-`preemption.Preempted` (exit status 143); a finished pass writes DIR/table_p<I>.npz.
+process 0 draws two batches and process 1 one) with a partial file in DIR and prints its
+progress. A first run (no partial file in DIR yet) scores each chunk slowly, so that a SIGTERM
+comes mid-pass; a resumed run at full speed. A SIGTERM ends it with `preemption.Preempted` (exit
+status 143); a finished pass writes DIR/table_p<I>.npz.
 """
 
 from __future__ import annotations
@@ -24,6 +25,24 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 import _multihost_pair  # noqa: E402
 
 SECONDS_A_CHUNK = 0.3
+# A SIGTERM sent after process 0's second chunk stops both some chunks later: with 6 chunks a
+# batch, 2 runs of 4 on a 2-core machine stopped only at the first batch's end (or past it),
+# where the test cannot tell a stop mid-pass from one at a batch's end. 18 leave room.
+CHUNKS = 18
+
+
+def the_pass(reward=None, **kwargs):
+    """`tests/test_calibration_pass.py`'s tiny pass as each process runs it here (one prompt a
+    batch, 2 samples a chunk, CHUNKS chunks a batch), scored by `reward` (its count reward when
+    None); on one process, the table the two must both return."""
+    import test_calibration_pass as tc
+    from infalign_jax.decoding import sampling
+    from infalign_jax.rl import calibration_pass as cp
+    return cp.run_calibration(
+        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, reward or tc.count_reward,
+        k=2 * CHUNKS, batch_prompts=1, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+        sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+        **kwargs)
 
 
 def main() -> None:
@@ -31,19 +50,15 @@ def main() -> None:
     import numpy as np
 
     import test_calibration_pass as tc
-    from infalign_jax.decoding import sampling
-    from infalign_jax.rl import calibration_pass as cp
 
     def slow_reward(rp, idx, resp, mask):
         time.sleep(SECONDS_A_CHUNK)
         return tc.count_reward(rp, idx, resp, mask)
 
-    table = cp.run_calibration(
-        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, slow_reward, k=12, batch_prompts=1,
-        seed=3, base_model_id="tiny-base", reward_model_id="count-3",
-        sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
-        partial_path=os.path.join(args.out, "partial.npz"),
-        progress=lambda line: print(line, flush=True))
+    resumed = any(name.startswith("partial") for name in os.listdir(args.out))
+    table = the_pass(None if resumed else slow_reward,
+                     partial_path=os.path.join(args.out, "partial.npz"),
+                     progress=lambda line: print(line, flush=True))
     np.savez(os.path.join(args.out, f"table_p{args.process_id}.npz"),
              sorted_rewards_BxK=table.sorted_rewards_BxK, counts_B=table.counts_B)
 

@@ -25,24 +25,32 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 import _multihost_pair  # noqa: E402
 
 
+def the_pass(batch_prompts: int, **kwargs):
+    """`tests/test_calibration_pass.py`'s tiny pass as each process runs it here (k = 7, 3
+    samples a chunk); on one process, the table the two must both return."""
+    import test_calibration_pass as tc
+    from infalign_jax.decoding import sampling
+    from infalign_jax.rl import calibration_pass as cp
+    return cp.run_calibration(
+        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
+        batch_prompts=batch_prompts, seed=3, base_model_id="tiny-base",
+        reward_model_id="count-3",
+        sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
+        **kwargs)
+
+
 def main() -> None:
     args = _multihost_pair.start()
     import numpy as np
 
-    import test_calibration_pass as tc
-    from infalign_jax.decoding import sampling
     from infalign_jax.infra.config_utils import load_config_module
     from infalign_jax.loops import train
-    from infalign_jax.rl import calibration_pass as cp
     from infalign_jax.rl.tasks import exact as exact_tasks
 
     pid, lines = args.process_id, []
     for bp in (1, 2):
-        table = cp.run_calibration(
-            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
-            batch_prompts=bp, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
-            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
-            partial_path=os.path.join(args.out, f"partial_bp{bp}.npz"), progress=lines.append)
+        table = the_pass(bp, partial_path=os.path.join(args.out, f"partial_bp{bp}.npz"),
+                         progress=lines.append)
         np.savez(os.path.join(args.out, f"table_p{pid}_bp{bp}.npz"),
                  sorted_rewards_BxK=table.sorted_rewards_BxK, counts_B=table.counts_B,
                  processes=table.created["processes"])

@@ -484,16 +484,10 @@ def test_two_processes_share_the_calibration_pass(tmp_path):
     over its own devices when the batch has 2 prompts; both return the table one process draws
     alone (the same keys per batch and chunk), and the pass's progress counts only each
     process's share. The shared table is written once, by process 0, and reused by both."""
-    import test_calibration_pass as tc
-    from infalign_jax.decoding import sampling
-    from infalign_jax.rl import calibration_pass as cp
+    from _multihost_calibration_worker import the_pass
     _worker_on_two_processes(CALIBRATION_WORKER, tmp_path, "calibration", devices=2)
     for bp in (1, 2):
-        alone = cp.run_calibration(
-            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
-            batch_prompts=bp, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
-            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
-            progress=None)
+        alone = the_pass(bp, progress=None)
         for i in range(2):
             with np.load(tmp_path / f"table_p{i}_bp{bp}.npz") as got:
                 np.testing.assert_array_equal(got["sorted_rewards_BxK"], alone.sorted_rewards_BxK)
@@ -518,21 +512,11 @@ def test_two_processes_share_the_calibration_pass(tmp_path):
 
 def test_combining_shares_needs_every_process():
     """One process told that two share the pass cannot make up the other's rows."""
-    import test_calibration_pass as tc
-    from infalign_jax.decoding import sampling
-    from infalign_jax.rl import calibration_pass as cp
+    from _multihost_calibration_worker import the_pass
     with pytest.raises(ValueError, match="process_count=2, but 1 processes took part"):
-        cp.run_calibration(
-            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
-            batch_prompts=1, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
-            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
-            progress=None, process_index=0, process_count=2)
+        the_pass(1, progress=None, process_index=0, process_count=2)
     with pytest.raises(ValueError, match=r"process_index=2 is not in \[0, process_count=2\)"):
-        cp.run_calibration(
-            tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
-            batch_prompts=1, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
-            sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
-            progress=None, process_index=2, process_count=2)
+        the_pass(1, progress=None, process_index=2, process_count=2)
 
 
 def _command_on_two_processes(args: list, tmp_path: Path, name: str) -> None:
@@ -768,9 +752,7 @@ def test_a_sigterm_stops_both_processes_of_a_calibration_pass_at_one_chunk(tmp_p
     processes now stop after one chunk of one round, the chunks drawn kept in their partial
     files, with status 143; the same command resumes both and returns the table one process
     draws alone (process 0 draws batches 0 and 2, process 1 batch 1, then nothing)."""
-    import test_calibration_pass as tc
-    from infalign_jax.decoding import sampling
-    from infalign_jax.rl import calibration_pass as cp
+    from _multihost_calibration_sigterm_worker import CHUNKS, the_pass
     first = tmp_path / "term0.log"
     logs = _sigterm_to_process_1_once(
         _start_worker_on_two_processes(CALIBRATION_SIGTERM_WORKER, tmp_path, "term", 1),
@@ -783,16 +765,12 @@ def test_a_sigterm_stops_both_processes_of_a_calibration_pass_at_one_chunk(tmp_p
     for i in range(2):
         with np.load(tmp_path / f"partial.process{i}of2.npz") as kept:
             done = kept["done_BxC"]
-        assert 2 <= done.sum() < 6 and done[i].sum() == done.sum(), done   # round 1: batch i
-        assert f"({int(done.sum())}/{6 * (2 - i)} of this process's chunks)" in stops[i]
+        assert 2 <= done.sum() < CHUNKS and done[i].sum() == done.sum(), done   # round 1: batch i
+        assert f"({int(done.sum())}/{CHUNKS * (2 - i)} of this process's chunks)" in stops[i]
     assert not list(tmp_path.glob("table_p*"))
 
     _worker_on_two_processes(CALIBRATION_SIGTERM_WORKER, tmp_path, "resume", 1)
-    alone = cp.run_calibration(
-        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=12, batch_prompts=1,
-        seed=3, base_model_id="tiny-base", reward_model_id="count-3",
-        sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
-        progress=None)
+    alone = the_pass(progress=None)
     for i in range(2):
         assert "calibration: resuming from" in (tmp_path / f"resume{i}.log").read_text()
         with np.load(tmp_path / f"table_p{i}.npz") as got:
