@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 import _multihost_pair  # noqa: E402
 
 SECONDS_A_CHUNK = 0.3
-# A SIGTERM sent after process 0's second chunk stops both some chunks later: with 6 chunks a
-# batch, 2 runs of 4 on a 2-core machine stopped only at the first batch's end (or past it),
-# where the test cannot tell a stop mid-pass from one at a batch's end. 18 leave room.
+# A SIGTERM sent after process 0's second chunk stops both some chunks later (after chunk 3 to
+# 7 in five logged runs on 2 cores): with 6 chunks a batch, 2 runs of 5 stopped only at the first
+# batch's end, where the test cannot tell a stop mid-pass from a batch's end. 18 leave room.
 CHUNKS = 18
 
 

@@ -10,12 +10,13 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The persistent compilation cache roughly halves compile time across runs (jax is imported
-# here, after XLA_FLAGS).
-from infalign_jax.infra.cli import enable_compilation_cache  # noqa: E402
+# here, after XLA_FLAGS). Set in the environment, so that the commands the tests start share it
+# (they wrote to the user's ~/.cache/infalign_jax, whose state then decided their compile times).
+from infalign_jax.infra.cli import CACHE_ENV, enable_compilation_cache  # noqa: E402
 
-enable_compilation_cache(os.environ.get("INFALIGN_JAX_CACHE",
-                                        os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
-                         min_compile_s=0.5)
+os.environ.setdefault(CACHE_ENV, os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+enable_compilation_cache(os.environ[CACHE_ENV], min_compile_s=0.5)
 
 # `dirs`: the tiny policy / reward-model / prompt files of the workflow tests (module scope).
 from workflow_files import dirs  # noqa: E402, F401

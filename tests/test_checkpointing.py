@@ -387,7 +387,6 @@ def _load_worker():
 def _start_worker(workdir: Path, out: Path, stderr_path: Path) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     env["XLA_FLAGS"] = xla_flags()  # one device is enough; keeps start-up short
-    env.setdefault("INFALIGN_JAX_CACHE", str(REPO / ".jax_cache"))
     return subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "_ckpt_worker.py"), str(workdir), str(NUM_STEPS),
          str(out), str(BALLAST_FLOATS)],

@@ -316,7 +316,6 @@ def _launch(process_id: int, num_processes: int, devices: int, port: int, out: P
     # Replaces conftest's 8-device flag: the device count per process is the point here.
     env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
-    env.setdefault("INFALIGN_JAX_CACHE", str(REPO / ".jax_cache"))
     log = out / f"worker{process_id}.log"
     cmd = [sys.executable, str(WORKER), "--process_id", str(process_id), "--num_processes",
            str(num_processes), "--port", str(port), "--out", str(out), "--steps", str(STEPS)]
