@@ -46,6 +46,10 @@ def the_pass(reward=None, **kwargs):
 
 
 def main() -> None:
+    # looked at before joining the job, which the other process's first partial file follows:
+    # after it, a process slow to start could take the other's new file for a resume's
+    out = _multihost_pair.arguments().out
+    resumed = any(name.startswith("partial") for name in os.listdir(out))
     args = _multihost_pair.start()
     import numpy as np
 
@@ -55,7 +59,6 @@ def main() -> None:
         time.sleep(SECONDS_A_CHUNK)
         return tc.count_reward(rp, idx, resp, mask)
 
-    resumed = any(name.startswith("partial") for name in os.listdir(args.out))
     table = the_pass(None if resumed else slow_reward,
                      partial_path=os.path.join(args.out, "partial.npz"),
                      progress=lambda line: print(line, flush=True))

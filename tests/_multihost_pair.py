@@ -9,13 +9,19 @@ import argparse
 from infalign_jax.infra import distributed as dist
 
 
-def start() -> argparse.Namespace:
-    """Parses --process_id, --port and --out and joins the two-process job at 127.0.0.1:port."""
+def arguments() -> argparse.Namespace:
+    """--process_id, --port and --out, parsed."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--process_id", type=int, required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def start() -> argparse.Namespace:
+    """Parses --process_id, --port and --out and joins the two-process job at 127.0.0.1:port
+    (returning once both processes have joined)."""
+    args = arguments()
     dist.initialize(dist.DistributedConfig(coordinator_address=f"127.0.0.1:{args.port}",
                                            num_processes=2, process_id=args.process_id,
                                            initialization_timeout=60))
