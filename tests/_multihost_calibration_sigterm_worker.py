@@ -32,15 +32,13 @@ CHUNKS = 18
 
 
 def the_pass(reward=None, **kwargs):
-    """`tests/test_calibration_pass.py`'s tiny pass as each process runs it here (one prompt a
-    batch, 2 samples a chunk, CHUNKS chunks a batch), scored by `reward` (its count reward when
-    None); on one process, the table the two must both return."""
+    """`tests/test_calibration_pass.py`'s tiny pass (its `_run`) as each process runs it here
+    (one prompt a batch, 2 samples a chunk, CHUNKS chunks a batch), scored by `reward` (its count
+    reward when None); on one process, the table the two must both return."""
     import test_calibration_pass as tc
     from infalign_jax.decoding import sampling
-    from infalign_jax.rl import calibration_pass as cp
-    return cp.run_calibration(
-        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, reward or tc.count_reward,
-        k=2 * CHUNKS, batch_prompts=1, seed=3, base_model_id="tiny-base", reward_model_id="count-3",
+    return tc._run(
+        reward_fn=reward or tc.count_reward, k=2 * CHUNKS, batch_prompts=1,
         sampling_cfg=sampling.SamplingConfig(n=2, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
         **kwargs)
 
@@ -48,9 +46,9 @@ def the_pass(reward=None, **kwargs):
 def main() -> None:
     # looked at before joining the job, which the other process's first partial file follows:
     # after it, a process slow to start could take the other's new file for a resume's
-    out = _multihost_pair.arguments().out
-    resumed = any(name.startswith("partial") for name in os.listdir(out))
-    args = _multihost_pair.start()
+    args = _multihost_pair.arguments()
+    resumed = any(name.startswith("partial") for name in os.listdir(args.out))
+    _multihost_pair.start(args)
     import numpy as np
 
     import test_calibration_pass as tc

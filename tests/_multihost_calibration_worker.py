@@ -26,17 +26,11 @@ import _multihost_pair  # noqa: E402
 
 
 def the_pass(batch_prompts: int, **kwargs):
-    """`tests/test_calibration_pass.py`'s tiny pass as each process runs it here (k = 7, 3
-    samples a chunk); on one process, the table the two must both return."""
+    """`tests/test_calibration_pass.py`'s tiny pass (its `_run`: k = 7, 3 samples a chunk) with
+    its count reward, as each process runs it here; on one process, the table the two must both
+    return."""
     import test_calibration_pass as tc
-    from infalign_jax.decoding import sampling
-    from infalign_jax.rl import calibration_pass as cp
-    return cp.run_calibration(
-        tc.FNS, tc.PARAMS, tc.PROMPTS, tc.MASK, tc.IDS, tc.count_reward, k=7,
-        batch_prompts=batch_prompts, seed=3, base_model_id="tiny-base",
-        reward_model_id="count-3",
-        sampling_cfg=sampling.SamplingConfig(n=3, max_new_tokens=6, eos_id=tc.EOS, pad_id=0),
-        **kwargs)
+    return tc._run(reward_fn=tc.count_reward, batch_prompts=batch_prompts, **kwargs)
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ def arguments() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def start() -> argparse.Namespace:
-    """Parses --process_id, --port and --out and joins the two-process job at 127.0.0.1:port
-    (returning once both processes have joined)."""
-    args = arguments()
+def start(args: argparse.Namespace | None = None) -> argparse.Namespace:
+    """Joins the two-process job at 127.0.0.1:port (returning once both processes have joined),
+    with `args` (`arguments()`, parsed here when None); returns them."""
+    args = args or arguments()
     dist.initialize(dist.DistributedConfig(coordinator_address=f"127.0.0.1:{args.port}",
                                            num_processes=2, process_id=args.process_id,
                                            initialization_timeout=60))
