@@ -56,11 +56,10 @@ FLAGS = [f"--config=configs/ctrl_exact.py:steps={NUM_STEPS}", "--config.rl.sampl
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["INFALIGN_JAX_CACHE"])   # conftest
-    env.update(extra)
-    return env
+    """The commands' environment: one device; their compilation cache is conftest's
+    INFALIGN_JAX_CACHE, which `cli.start` reads."""
+    return dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                **extra)
 
 
 def _cli(workdir: Path, *extra: str, script: Path = CLI, env: dict | None = None,
