@@ -28,7 +28,8 @@ table it builds is the one training reuses):
   32-53 s, evaluation ~2 min, 15.5 min in all. A smoke run: the numbers move little, and its
   evaluation (4 prompts x 4 samples) cannot tell a policy from pi_ref: pi_ref evaluated against
   itself scores est_standard 0.27 (bootstrap stderr 0.06) at eval_seed 0, measured at 380de88.
-  Peak RSS 9.1 GB (checkpoints every step, asynchronous; docs/benchmarks.md).
+  Peak RSS 4.6 GB (a checkpoint every step, each written before the next step on the CPU;
+  8.8 GB with `--config.train.async_checkpoint=true`; docs/benchmarks.md, stop 59).
 * small: 16 prompts, K=64, 4 x 8 samples a step, 32 new tokens, 50 steps, eval 8 x 16. Estimated
   (not measured) for this CPU when idle: calibration 3-5 min (32k new tokens at ~150-200 tokens/s),
   ~40 s a step, about 45 min in all; 2-3x that when the machine is shared.

@@ -576,3 +576,39 @@ def test_the_checkpointer_stops_at_the_step_of_the_count_the_service_picks(tmp_p
         assert [ckpt.reached_preemption(s) for s in (5, 6, 7)] == [False, True, False]
     finally:
         ckpt.close()
+
+
+def test_async_checkpoint_auto_is_asynchronous_except_on_the_cpu_and_bad_values_are_named():
+    from infalign_jax.loops.train import TrainConfig
+    from infalign_jax.loops.train_reward import RMTrainConfig
+    assert [checkpointing.saves_asynchronously("auto", b) for b in ("cpu", "gpu", "tpu")] == \
+        [False, True, True]
+    for setting, want in ((True, True), ("TRUE", True), (False, False), ("false", False)):
+        assert [checkpointing.saves_asynchronously(setting, b) for b in ("cpu", "gpu")] == \
+            [want, want], setting
+    with pytest.raises(ValueError, match=r"train.async_checkpoint must be one of .* got 'yes'"):
+        checkpointing.saves_asynchronously("yes", "gpu")
+    # both trainers' config sections: a flag's string (any case) or a bool, kept normalised
+    for cls in (TrainConfig, RMTrainConfig):
+        assert cls().async_checkpoint == "auto"
+        assert [cls(async_checkpoint=v).async_checkpoint for v in ("False", True, "AUTO")] == \
+            ["false", "true", "auto"]
+        for bad in ("yes", 1, None):
+            with pytest.raises(ValueError, match=r"^config.train.async_checkpoint must be one "
+                                                 r"of \('auto', 'true', 'false'\) or a bool"):
+                cls(async_checkpoint=bad)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_synchronous_save_hands_the_memory_it_freed_back(tmp_path, monkeypatch, async_save):
+    """glibc kept a synchronous save's freed host copies: the SmolLM2 tiny run's peak grew step by
+    step (infra/memory.py). A synchronous save trims after it commits; a background save, whose
+    copies are still in use when `save` returns, does not."""
+    from infalign_jax.infra import memory
+    trims = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(
+        sorted(p.name for p in (tmp_path / "ckpt").iterdir())))
+    with Checkpointer(tmp_path / "ckpt", async_save=async_save, save_interval_steps=2) as ckpt:
+        for step in (1, 2, 3, 4):
+            ckpt.save(step, _example_state(step))
+    assert trims == ([] if async_save else [["1"], ["1", "2"], ["1", "2", "4"]])

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import pytest
 
+from infalign_jax.infra import checkpointing
 from infalign_jax.loops.skeleton import run_loop
 
 
@@ -17,7 +18,7 @@ class _Settings:
     eval_every: int = 0
     checkpoint_every: int = 2
     keep_checkpoints: int = 3
-    async_checkpoint: bool = False
+    async_checkpoint: str = "false"
     tensorboard: bool = False
     init_from: str = ""
 
@@ -249,3 +250,34 @@ def test_sigterm_noted_outside_the_main_thread_installs_nothing_and_never_report
     thread.join(30)
     assert seen == [("inside", False, before), ("after", False)]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("setting,background", [("auto", False), ("false", False),
+                                                ("true", True)])
+def test_auto_writes_each_checkpoint_before_the_next_step_on_the_cpu(tmp_path, monkeypatch,
+                                                                     setting, background):
+    """"auto" is synchronous on the CPU backend: the step after a save finds it committed."""
+    made, real = [], checkpointing.Checkpointer
+
+    def checkpointer(*args, **kwargs):
+        made.append(kwargs["async_save"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "Checkpointer", checkpointer)
+    listed, lines = {}, []
+
+    def step_fn(state, step, context):
+        listed[step] = sorted(os.listdir(tmp_path / "checkpoints"))
+        return {"count": state["count"] + 1}, {"loss": 0.0}
+
+    run_loop(str(tmp_path), {"count": jnp.zeros((), jnp.int32)}, step_fn,
+             _Settings(4, checkpoint_every=1, async_checkpoint=setting), seed=0,
+             manifest={"config": {"seed": 0}}, log=lines.append, progress_keys=("loss",))
+    assert made == [background]
+    where = "in the background" if background else "before the next step"
+    assert (f"checkpoints every 1 steps, each written {where} (train.async_checkpoint="
+            f"{setting}, cpu backend)") in lines
+    assert sorted(listed) == [0, 1, 2, 3] and listed[0] == []
+    if not background:   # step s (from 0) starts after step s's save (from 1) is committed
+        for step in (1, 2, 3):
+            assert listed[step] == [str(s) for s in range(1, step + 1)], listed

@@ -276,6 +276,8 @@ def test_batch_not_divisible_by_mesh_fails_at_start(tmp_path):
     ("task.name", "nope", r"config.task.name: unknown task 'nope'"),
     ("train.batch_size", 3, r"batch_size=3 exceeds the task's 2 prompts"),
     ("train.nan_policy", "ignore", r"nan_policy must be one of"),
+    ("train.async_checkpoint", "sometimes", r"config.train.async_checkpoint must be one of "
+                                            r"\('auto', 'true', 'false'\) or a bool, got 'sometimes'"),
     ("train.num_steps", 0, r"num_steps must be a positive integer"),
     ("rl.samples_per_prompt", 1, r"samples_per_prompt must be >= 2 for RLOO"),
     ("rl.kl_mode", "both", r"kl_mode"),

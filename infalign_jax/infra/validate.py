@@ -79,6 +79,15 @@ def choice(obj: Any, field: str, options: Iterable[Any]) -> None:
         fail(obj, field, f"one of {options}")
 
 
+def normalized(obj: Any, field: str, normalize: Any, expected: str) -> None:
+    """Sets `field` of frozen dataclass `obj` to `normalize(value)`, failing with `expected` where
+    that is None."""
+    value = normalize(getattr(obj, field))
+    if value is None:
+        fail(obj, field, expected)
+    object.__setattr__(obj, field, value)
+
+
 def bools(obj: Any, fields: Iterable[str]) -> None:
     for field in fields:
         if not isinstance(getattr(obj, field), bool):

@@ -24,6 +24,8 @@ import json
 import os
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
+import jax
+
 from infalign_jax.core.transforms import is_set, known_transforms, transform_param_names
 from infalign_jax.infra import checkpointing, distributed, preemption, provenance
 from infalign_jax.infra.metrics_io import MetricsWriter, Progress, read_jsonl, truncate_stream
@@ -37,7 +39,7 @@ class LoopSettings(Protocol):
     eval_every: int
     checkpoint_every: int
     keep_checkpoints: int
-    async_checkpoint: bool
+    async_checkpoint: str      # checkpointing.ASYNC_CHECKPOINT
     tensorboard: bool
     init_from: str
 
@@ -279,10 +281,14 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
     record = config_record(manifest.get("config"))
     record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
     check_processes_agree(record)
+    in_background = checkpointing.saves_asynchronously(settings.async_checkpoint)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=settings.keep_checkpoints,
                                       save_interval_steps=settings.checkpoint_every,
-                                      async_save=settings.async_checkpoint)
+                                      async_save=in_background)
+    log(f"checkpoints every {settings.checkpoint_every} steps, each written "
+        f"{'in the background' if in_background else 'before the next step'} "
+        f"(train.async_checkpoint={settings.async_checkpoint}, {jax.default_backend()} backend)")
 
     def check_same_run(meta: Mapping[str, Any]) -> None:
         if meta.get("seed") != seed:

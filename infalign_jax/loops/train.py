@@ -94,7 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     nan_policy: str = "stop"
-    async_checkpoint: bool = True
+    async_checkpoint: str = "auto"   # "true" | "false" | "auto": checkpointing.ASYNC_CHECKPOINT
     tensorboard: bool = True
     # A run dir, its checkpoints/ dir or a step dir: a fresh run starts from those parameters
     # (e.g. another config's run, which cannot be resumed under this one).
@@ -105,6 +105,8 @@ class TrainConfig:
                           "keep_checkpoints"))
         check.ints(self, ("eval_every",), low=0)
         check.choice(self, "nan_policy", NAN_POLICIES)
+        check.normalized(self, "async_checkpoint", checkpointing.async_checkpoint_setting,
+                         f"one of {checkpointing.ASYNC_CHECKPOINT} or a bool")
         if not isinstance(self.init_from, str):
             check.fail(self, "init_from", "a directory path or ''")
 

@@ -79,7 +79,7 @@ class RMTrainConfig:
     keep_checkpoints: int = 3
     ensemble_size: int = 1
     bootstrap: bool = False        # each member on its own bootstrap resample of the pairs
-    async_checkpoint: bool = True
+    async_checkpoint: str = "auto"   # "true" | "false" | "auto": checkpointing.ASYNC_CHECKPOINT
     tensorboard: bool = True
     init_from: str = ""            # a run / checkpoint dir whose parameters a fresh run starts from
     trainable: str = "all"         # "all" | "head" | "last:<n>" (see the module docstring)
@@ -89,6 +89,8 @@ class RMTrainConfig:
         check.ints(self, ("num_steps", "batch_size", "log_every", "checkpoint_every",
                           "keep_checkpoints", "ensemble_size"))
         check.ints(self, ("eval_every",), low=0)
+        check.normalized(self, "async_checkpoint", checkpointing.async_checkpoint_setting,
+                         f"one of {checkpointing.ASYNC_CHECKPOINT} or a bool")
         if not isinstance(self.init_from, str):
             check.fail(self, "init_from", "a directory path or ''")
 

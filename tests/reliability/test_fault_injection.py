@@ -52,7 +52,10 @@ FLAGS = [f"--config=configs/ctrl_exact.py:steps={NUM_STEPS}", "--config.rl.sampl
          "--config.reference.k=64",
          "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=20",
          "--config.train.eval_every=0", "--config.train.log_every=1",
-         "--config.train.tensorboard=False"]
+         "--config.train.tensorboard=False",
+         # asynchronous, as on an accelerator ("auto" writes synchronously on the CPU): the kills
+         # and the SIGTERM land while a save is written in the background
+         "--config.train.async_checkpoint=true"]
 
 
 def _env(**extra: str) -> dict[str, str]:
