@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from infalign_jax.infra.cli import CACHE_ENV, enable_compilation_cache
+
 DIM = 8
 NUM_ROWS = 5
 LEARNING_RATE = 0.1
@@ -88,8 +90,7 @@ def main(workdir: str, num_steps: int, out_path: str, ballast_floats: int) -> No
 
 
 if __name__ == "__main__":
-    cache = os.environ.get("INFALIGN_JAX_CACHE")
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
+    # the tests' cache (conftest's INFALIGN_JAX_CACHE); none when run by hand without it
+    enable_compilation_cache(os.environ.get(CACHE_ENV) or "off")
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3],
          int(sys.argv[4]) if len(sys.argv) > 4 else 0)

@@ -177,11 +177,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cache = os.environ.get("INFALIGN_JAX_CACHE")
-    if cache:
-        import jax
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # the tests' cache (conftest's INFALIGN_JAX_CACHE); none when run by hand without it
+    from infalign_jax.infra.cli import CACHE_ENV, enable_compilation_cache
+    enable_compilation_cache(os.environ.get(CACHE_ENV) or "off", min_compile_s=0.5)
     try:
         main()
     except BaseException:
