@@ -275,7 +275,7 @@ def test_auto_writes_each_checkpoint_before_the_next_step_on_the_cpu(tmp_path, m
              manifest={"config": {"seed": 0}}, log=lines.append, progress_keys=("loss",))
     assert made == [background]
     where = "in the background" if background else "before the next step"
-    assert (f"checkpoints every 1 steps, each written {where} (train.async_checkpoint="
+    assert (f"checkpoints every step, each written {where} (train.async_checkpoint="
             f"{setting}, cpu backend)") in lines
     assert sorted(listed) == [0, 1, 2, 3] and listed[0] == []
     if not background:   # step s (from 0) starts after step s's save (from 1) is committed

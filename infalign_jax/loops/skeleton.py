@@ -286,7 +286,8 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
                                       max_to_keep=settings.keep_checkpoints,
                                       save_interval_steps=settings.checkpoint_every,
                                       async_save=in_background)
-    log(f"checkpoints every {settings.checkpoint_every} steps, each written "
+    every = "step" if settings.checkpoint_every == 1 else f"{settings.checkpoint_every} steps"
+    log(f"checkpoints every {every}, each written "
         f"{'in the background' if in_background else 'before the next step'} "
         f"(train.async_checkpoint={settings.async_checkpoint}, {jax.default_backend()} backend)")
 

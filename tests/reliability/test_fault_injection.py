@@ -95,6 +95,7 @@ def _load_config(**overrides):
     c.train.eval_every = 0
     c.train.log_every = 1
     c.train.tensorboard = False
+    c.train.async_checkpoint = "true"
     for key, value in overrides.items():
         section, name = key.split(".")
         c[section][name] = value
