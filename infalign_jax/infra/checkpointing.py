@@ -53,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from infalign_jax.infra import distributed, memory, preemption
+from infalign_jax.infra import validate as check
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ class _Manager(ocp.CheckpointManager):
 # at 8.84 GB asynchronous against 4.72 GB synchronous, in the same wall time (2:21 each;
 # docs/benchmarks.md, stop 59).
 ASYNC_CHECKPOINT = ("auto", "true", "false")
+_ASYNC_EXPECTED = f"one of {ASYNC_CHECKPOINT} or a bool"
 
 
 def async_checkpoint_setting(value: Any) -> str | None:
@@ -197,13 +199,17 @@ def async_checkpoint_setting(value: Any) -> str | None:
     return None
 
 
+def check_async_checkpoint(config: Any) -> None:
+    """Normalises a trainer config's (frozen dataclass) `async_checkpoint`, or fails naming it."""
+    check.normalized(config, "async_checkpoint", async_checkpoint_setting, _ASYNC_EXPECTED)
+
+
 def saves_asynchronously(setting: str, backend: str | None = None) -> bool:
     """Whether checkpoints of `train.async_checkpoint` = `setting` are written in the background
     on `backend` (default: JAX's default backend); see ASYNC_CHECKPOINT's comment."""
     value = async_checkpoint_setting(setting)
     if value is None:
-        raise ValueError(f"train.async_checkpoint must be one of {ASYNC_CHECKPOINT} or a bool, "
-                         f"got {setting!r}")
+        raise ValueError(f"train.async_checkpoint must be {_ASYNC_EXPECTED}, got {setting!r}")
     if value == "auto":
         return (backend or jax.default_backend()) != "cpu"
     return value == "true"

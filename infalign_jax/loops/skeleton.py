@@ -281,7 +281,8 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
     record = config_record(manifest.get("config"))
     record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
     check_processes_agree(record)
-    in_background = checkpointing.saves_asynchronously(settings.async_checkpoint)
+    backend = jax.default_backend()
+    in_background = checkpointing.saves_asynchronously(settings.async_checkpoint, backend)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=settings.keep_checkpoints,
                                       save_interval_steps=settings.checkpoint_every,
@@ -289,7 +290,7 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
     every = "step" if settings.checkpoint_every == 1 else f"{settings.checkpoint_every} steps"
     log(f"checkpoints every {every}, each written "
         f"{'in the background' if in_background else 'before the next step'} "
-        f"(train.async_checkpoint={settings.async_checkpoint}, {jax.default_backend()} backend)")
+        f"(train.async_checkpoint={settings.async_checkpoint}, {backend} backend)")
 
     def check_same_run(meta: Mapping[str, Any]) -> None:
         if meta.get("seed") != seed:

@@ -105,8 +105,7 @@ class TrainConfig:
                           "keep_checkpoints"))
         check.ints(self, ("eval_every",), low=0)
         check.choice(self, "nan_policy", NAN_POLICIES)
-        check.normalized(self, "async_checkpoint", checkpointing.async_checkpoint_setting,
-                         f"one of {checkpointing.ASYNC_CHECKPOINT} or a bool")
+        checkpointing.check_async_checkpoint(self)
         if not isinstance(self.init_from, str):
             check.fail(self, "init_from", "a directory path or ''")
 

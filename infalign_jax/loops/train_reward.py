@@ -89,8 +89,7 @@ class RMTrainConfig:
         check.ints(self, ("num_steps", "batch_size", "log_every", "checkpoint_every",
                           "keep_checkpoints", "ensemble_size"))
         check.ints(self, ("eval_every",), low=0)
-        check.normalized(self, "async_checkpoint", checkpointing.async_checkpoint_setting,
-                         f"one of {checkpointing.ASYNC_CHECKPOINT} or a bool")
+        checkpointing.check_async_checkpoint(self)
         if not isinstance(self.init_from, str):
             check.fail(self, "init_from", "a directory path or ''")
 
