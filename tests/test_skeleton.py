@@ -4,10 +4,12 @@ import dataclasses
 import os
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from infalign_jax.infra import checkpointing
+from infalign_jax.loops import skeleton
 from infalign_jax.loops.skeleton import run_loop
 
 
@@ -250,6 +252,31 @@ def test_sigterm_noted_outside_the_main_thread_installs_nothing_and_never_report
     thread.join(30)
     assert seen == [("inside", False, before), ("after", False)]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_auto_reads_the_platform_the_state_is_on_not_the_default_backend(tmp_path,
+                                                                        monkeypatch):
+    """A state placed on CPU devices saves synchronously under "auto" even where JAX's default
+    backend is an accelerator (a GPU host running on its CPU), and names the CPU in its log."""
+    made, real = [], checkpointing.Checkpointer
+
+    def checkpointer(*args, **kwargs):
+        made.append(kwargs["async_save"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "Checkpointer", checkpointer)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    lines = []
+    state = {"count": jax.device_put(jnp.zeros((), jnp.int32), jax.devices("cpu")[0])}
+    run_loop(str(tmp_path), state, lambda st, step, ctx: ({"count": st["count"] + 1},
+                                                          {"loss": 0.0}),
+             _Settings(2, checkpoint_every=1, async_checkpoint="auto"), seed=0,
+             manifest={"config": {"seed": 0}}, log=lines.append, progress_keys=("loss",))
+    assert made == [False]
+    assert ("checkpoints every step, each written before the next step "
+            "(train.async_checkpoint=auto, cpu backend)") in lines
+    # a state holding no array falls back to the default backend
+    assert skeleton.state_platform({"step": 3}) == "gpu"
 
 
 @pytest.mark.parametrize("setting,background", [("auto", False), ("false", False),

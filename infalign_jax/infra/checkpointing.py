@@ -179,7 +179,8 @@ class _Manager(ocp.CheckpointManager):
 
 # `train.async_checkpoint` of both trainers: "true" writes each checkpoint in the background
 # (`save` returns once the arrays are copied to host), "false" writes it before the next step,
-# "auto" (the default) is asynchronous unless JAX's backend is the CPU. With accelerators the
+# "auto" (the default) is asynchronous unless the state is on the CPU (the devices the run is
+# placed on, not JAX's default backend: `loops.skeleton.state_platform`). With accelerators the
 # host copy is host memory beside device memory and the write overlaps device compute. On the CPU
 # the copy is a second copy of the state in the memory the step uses, and the writer threads take
 # the cores the step runs on: the SmolLM2 tiny real run (a checkpoint every step, 2 cores) peaked

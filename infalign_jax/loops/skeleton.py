@@ -246,6 +246,18 @@ def _previous_manifest(workdir: str) -> dict[str, Any]:
         return {}
 
 
+def state_platform(state: Any) -> str:
+    """The platform ("cpu", "gpu", "tpu") the arrays of `state` live on: where its checkpoints
+    are copied from, which need not be JAX's default backend (a run placed on the CPU devices of
+    a GPU host); "cpu" if any array is there. JAX's default backend when `state` holds no placed
+    array."""
+    platforms = {d.platform for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
+                 for d in x.devices()}
+    if "cpu" in platforms or not platforms:
+        return "cpu" if platforms else jax.default_backend()
+    return sorted(platforms)[0]
+
+
 def _init_from(path: str, state: Any, record: dict[str, Any], log: Callable[[str], None]
                ) -> tuple[Any, dict[str, Any]]:
     """`state` with the parameters of the newest checkpoint under `path`, and what the manifest
@@ -281,7 +293,7 @@ def run_loop(workdir: str, state: Any, step_fn: StepFn, settings: LoopSettings, 
     record = config_record(manifest.get("config"))
     record.update({f"{DERIVED}{k}": v for k, v in (derived or {}).items()})
     check_processes_agree(record)
-    backend = jax.default_backend()
+    backend = state_platform(state)
     in_background = checkpointing.saves_asynchronously(settings.async_checkpoint, backend)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       max_to_keep=settings.keep_checkpoints,
