@@ -821,3 +821,78 @@ def test_lr_decay_counts_rl_steps(kw, steps, window):
     if state.value_params is not None:
         got = _applied_lr(rl.make_value_optimizer(cfg), state.value_opt_state, state.value_params)
         assert got == pytest.approx(vlr * cosine, rel=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(grad_accum_steps=2, beta_schedule="adaptive",
+                                             kl_target=0.05, kl_horizon=40.0),
+                                dict(algorithm="ppo", advantage="gae", value_model=VALUE_MODEL,
+                                     ppo_epochs=1)])
+def test_the_split_step_guarded_gives_the_steps_states_and_skips_the_same_steps(kw):
+    """`make_rl_split_step` (prepare, apply) under the guard: the same states and metrics as the
+    whole step under the guard, a non-finite step skipped alike (old state kept, step advanced),
+    for RLOO, accumulation with the adaptive beta, and PPO of one epoch with a critic."""
+    from infalign_jax.loops.train import guard_nonfinite
+    cfg, fns, step, state, frozen, batch = _step_with(**kw)
+    opt = rl.make_optimizer(cfg)
+    reward = functools.partial(et.table_reward_fn, vocab=4)
+    split = rl.make_rl_split_step(cfg, fns, reward, opt)
+    whole_step, split_step = jax.jit(guard_nonfinite(step)), jax.jit(guard_nonfinite(split))
+    bad = frozen._replace(reward_params=jnp.full_like(frozen.reward_params, jnp.nan))
+    a = b = state
+    for i in range(4):
+        fz = bad if i == 1 else frozen
+        a, ma = whole_step(a, fz, batch, jax.random.key(i))
+        b, mb = split_step(b, fz, batch, jax.random.key(i))
+        assert int(ma["skipped"]) == int(mb["skipped"]) == (i == 1)
+        assert int(a.step) == int(b.step) == i + 1
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+        np.testing.assert_equal({k: np.isnan(np.asarray(v)) for k, v in ma.items()},
+                                {k: np.isnan(np.asarray(v)) for k, v in mb.items()})
+        for k in ma:
+            np.testing.assert_allclose(np.asarray(ma[k]), np.asarray(mb[k]), rtol=1e-5, atol=1e-6,
+                                       err_msg=k)
+    assert not jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), state, a))
+    # PPO with several epochs has no split: each epoch's gradients depend on the one before
+    cfg2, fns2, *_ = _step_with(algorithm="ppo", ppo_epochs=2)
+    assert rl.make_rl_split_step(cfg2, fns2, reward, rl.make_optimizer(cfg2)) is None
+    assert rl.make_rl_programs(cfg2, fns2, rl.make_optimizer(cfg2)).learn_split is None
+
+
+def test_a_guarded_split_step_does_not_hold_the_old_and_the_new_state_together():
+    """The guard of a plain step holds the new state beside the old one until its branch (XLA's
+    temporaries hold the new state); a SplitStep's guard applies the update in place. Adam on
+    4 MiB of parameters (12 MiB of state with the moments), compiled with the state donated:
+    the plain step's temporaries hold the new state (12 MiB); the split step's hold the
+    gradients (4 MiB) for the update's two applications, which a real step's backward pass
+    materialises anyway, so they are at least 8 MiB smaller."""
+    from infalign_jax.core.types import SplitStep
+    from infalign_jax.loops.train import guard_nonfinite
+    opt = optax.adam(1e-3)
+    params = {"w": jnp.full((512, 1024), 0.01), "v": jnp.full((512, 1024), 0.02)}
+    state = rl.RLState(params, opt.init(params), jnp.zeros((), jnp.int32))
+
+    def prepare(st, x):
+        return jax.tree.map(lambda a: jnp.sin(a + x), st.params), {"m": x}
+
+    def apply(st, g):
+        u, o = opt.update(g, st.opt_state, st.params)
+        return rl.RLState(optax.apply_updates(st.params, u), o, st.step + 1)
+
+    def whole(st, x):
+        g, metrics = prepare(st, x)
+        return apply(st, g), metrics
+
+    def temp(fn):
+        compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, jnp.float32(1.0)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    params_bytes = 2 * 512 * 1024 * 4
+    split, plain = guard_nonfinite(SplitStep(prepare, apply)), guard_nonfinite(whole)
+    assert temp(plain) >= 3 * params_bytes, temp(plain)
+    assert temp(split) <= temp(plain) - 2 * params_bytes, (temp(split), temp(plain))
+    # and it guards: a NaN gradient keeps the old state and advances the step
+    kept, met = jax.jit(split)(state, jnp.float32(jnp.nan))
+    assert int(met["skipped"]) == 1 and int(kept.step) == 1
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(kept.params),
+                                                           jax.tree.leaves(params)))

@@ -52,7 +52,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ from infalign_jax.infra.config_utils import UNUSED_OPTION_RULES, dataclass_from,
 from infalign_jax.infra.metrics_io import read_jsonl
 from infalign_jax.loops.skeleton import LoopContext, run_loop
 from infalign_jax.core.transforms import transform_from_config
-from infalign_jax.core.types import HostReward
+from infalign_jax.core.types import HostReward, SplitStep
 from infalign_jax.infra.files import atomic_path, no_empty_dirs_left, save_figure, write_json
 
 logger = logging.getLogger(__name__)
@@ -201,26 +201,47 @@ def batch_shards(mesh: jax.sharding.Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def guard_nonfinite(step_fn: Callable) -> Callable:
-    """Wraps a step: if a metric or any floating leaf of the new state (params, optimiser states,
-    critic, beta) is non-finite, keep the old state (counted)."""
+def all_finite(state: Any, metrics: Mapping[str, jax.Array]) -> jax.Array:
+    """Whether every metric and every floating leaf of `state` is finite (a bool scalar)."""
+    finite = [jnp.all(jnp.isfinite(v)) for v in metrics.values()]
+    # Leaves of one shape and dtype share one reduction (x * 0 is 0, or NaN where x is not
+    # finite; fused elementwise, no copy): a reduction per leaf would triple the check's
+    # reductions at SmolLM2's size and its compile time.
+    zeros: dict[Any, jax.Array] = {}
+    for x in jax.tree.leaves(state):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            key = (x.shape, x.dtype)
+            zeros[key] = zeros[key] + x * 0 if key in zeros else x * 0
+    finite += [jnp.all(jnp.isfinite(z)) for z in zeros.values()]
+    return jnp.all(jnp.stack(finite))
 
-    def guarded(state: rl.RLState, *args: Any):
+
+def guard_nonfinite(step_fn: Callable | SplitStep) -> Callable:
+    """Wraps a step: if a metric or any floating leaf of the new state (params, optimiser states,
+    critic, beta) is non-finite, keep the old state (counted).
+
+    The whole state, not only the policy: a NaN critic, Adam moment or accumulated gradient kept
+    here poisons every later step. One branch over the whole state, not a select per leaf (a
+    per-leaf `where` copies the flag into every parameter's fusion). A SplitStep is guarded
+    without holding two states: its `apply` runs once for the check (fused into the reductions)
+    and again inside the branch that keeps it, in place of the donated state. A plain step's new
+    state is held beside the old one until the branch: at SmolLM2-135M's shapes the update's
+    temporaries are 0.60 GiB this way against 1.60 GiB (`bench/guard_memory.py`)."""
+    if isinstance(step_fn, SplitStep):
+        prepare, apply = step_fn
+
+        def guarded(state: Any, *args: Any):
+            pending, metrics = prepare(state, *args)
+            ok = all_finite(apply(state, pending), metrics)
+            kept = jax.lax.cond(ok, apply, lambda old, _: old, state, pending)
+            return kept._replace(step=state.step + 1), {**metrics,
+                                                        "skipped": (~ok).astype(jnp.int32)}
+
+        return guarded
+
+    def guarded(state: Any, *args: Any):
         new_state, metrics = step_fn(state, *args)
-        finite = [jnp.all(jnp.isfinite(v)) for v in metrics.values()]
-        # The whole state, not only the policy: a NaN critic, Adam moment or accumulated gradient
-        # kept here poisons every later step. Leaves of one shape and dtype share one reduction
-        # (x * 0 is 0, or NaN where x is not finite; fused elementwise, no copy): a reduction per
-        # leaf would triple the params-only check's ~800 at SmolLM2's size and its compile time.
-        zeros: dict[Any, jax.Array] = {}
-        for x in jax.tree.leaves(new_state):
-            if jnp.issubdtype(x.dtype, jnp.inexact):
-                key = (x.shape, x.dtype)
-                zeros[key] = zeros[key] + x * 0 if key in zeros else x * 0
-        finite += [jnp.all(jnp.isfinite(z)) for z in zeros.values()]
-        ok = jnp.all(jnp.stack(finite))
-        # One branch over the whole state, not a select per leaf: a per-leaf `where` copies the
-        # flag into every parameter's fusion (~800 at SmolLM2's size) and quadruples the compile.
+        ok = all_finite(new_state, metrics)
         kept = jax.lax.cond(ok, lambda: new_state, lambda: state)
         kept = kept._replace(step=state.step + 1)
         return kept, {**metrics, "skipped": (~ok).astype(jnp.int32)}
@@ -553,7 +574,8 @@ def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table
         step = bon_distillation.make_bonbon_step(step_cfg, fns, task.reward_fn, optimizer,
                                                  cfg.lora)
     else:
-        step = rl.make_rl_step(step_cfg, fns, task.reward_fn, optimizer, reshard)
+        step = (rl.make_rl_split_step(step_cfg, fns, task.reward_fn, optimizer, reshard)
+                or rl.make_rl_step(step_cfg, fns, task.reward_fn, optimizer, reshard))
     step_fn = jax.jit(guard_nonfinite(step), in_shardings=(state_sh, frozen_sh, None, rep),
                       out_shardings=(state_sh, rep), donate_argnums=(0,))
     return state, frozen, step_fn
@@ -567,7 +589,7 @@ def _host_reward_step(cfg: rl.RLConfig, fns: Any, reward: HostReward, optimizer:
     so a second run of the same config loads both from JAX's persistent compilation cache."""
     programs = rl.make_rl_programs(cfg, fns, optimizer, reshard)
     roll = jax.jit(programs.roll, in_shardings=(state_sh, None, rep, frozen_sh))
-    learn = jax.jit(guard_nonfinite(programs.learn), in_shardings=(state_sh, frozen_sh, None, rep),
+    learn = jax.jit(guard_nonfinite(programs.learn_split or programs.learn), in_shardings=(state_sh, frozen_sh, None, rep),
                     out_shardings=(state_sh, rep), donate_argnums=(0,))
 
     def step_fn(state: rl.RLState, frozen: rl.Frozen, batch: Any, rng: jax.Array):

@@ -92,7 +92,7 @@ from infalign_jax.rl.config import (ADVANTAGES, ALGORITHMS, BETA_SCHEDULES, KL_M
 from infalign_jax.core.transforms import Transform
 from infalign_jax.models import lora
 
-from infalign_jax.core.types import Array, HostReward, Params, RewardFn
+from infalign_jax.core.types import Array, HostReward, Params, RewardFn, SplitStep
 
 class RLState(NamedTuple):
     """Trainable state. The fields after `step` default to None (a plain constant-beta RLOO/PPO
@@ -412,35 +412,57 @@ def update(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformati
     """Phase 5: one (RLOO) or `ppo_epochs` (PPO) full-batch updates of the policy, and of the
     critic with GAE; returns the new (params, opt_state, value_params, value_opt_state) and the
     per-epoch metrics. With LoRA `frozen` holds the base the adapters are attached to."""
-    gae = cfg.advantage == "gae"
-    value_cfg = cfg.value_model_config() if gae else None
-    value_opt = make_value_optimizer(cfg) if gae else None
-    value_clip = cfg.value_clip if cfg.value_clip > 0 else None
-
-    def value_loss_fn(value_params):
-        values_RxL = response_values(value_cfg, value_params, *ro.tokens)
-        return losses.value_loss(values_RxL, av.old_values_RxL, av.returns_RxL, ro.mask_RxL,
-                                 value_clip)
-
     def epoch(carry, _):
-        params, opt_state, value_params, value_opt_state = carry
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: policy_loss(cfg, fns, policy_params(cfg, p, frozen), beta, ro, sc, av),
-            has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "clip_fraction": aux["clip_fraction"]}
-        if gae:
-            (vloss, vaux), vgrads = jax.value_and_grad(value_loss_fn, has_aux=True)(value_params)
-            vupdates, value_opt_state = value_opt.update(vgrads, value_opt_state, value_params)
-            value_params = optax.apply_updates(value_params, vupdates)
-            out.update(value_loss=vloss, value_clip_fraction=vaux["clip_fraction"])
-        return (params, opt_state, value_params, value_opt_state), out
+        grads, out = gradients(cfg, fns, beta, ro, sc, av, frozen, carry[0], carry[2])
+        return apply_gradients(cfg, optimizer, carry, grads), out
 
-    epochs = 1 if cfg.algorithm == "rloo" else cfg.ppo_epochs
     carry = (state.params, state.opt_state, state.value_params, state.value_opt_state)
-    return jax.lax.scan(epoch, carry, None, length=epochs)
+    return jax.lax.scan(epoch, carry, None, length=update_epochs(cfg))
+
+
+def update_epochs(cfg: RLConfig) -> int:
+    """How many optimiser updates a step makes: 1 for RLOO, `ppo_epochs` for PPO."""
+    return 1 if cfg.algorithm == "rloo" else cfg.ppo_epochs
+
+
+def gradients(cfg: RLConfig, fns: DecoderFns, beta: Array, ro: Rollout, sc: Scores,
+              av: Advantages, frozen: Frozen | None, params: Params, value_params: Params | None
+              ) -> tuple[tuple[Params, Params | None], dict[str, Array]]:
+    """One epoch's gradients of the policy loss (and of the critic's loss with GAE) at `params`
+    (`value_params`), and its metrics."""
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: policy_loss(cfg, fns, policy_params(cfg, p, frozen), beta, ro, sc, av),
+        has_aux=True)(params)
+    out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+           "clip_fraction": aux["clip_fraction"]}
+    vgrads = None
+    if cfg.advantage == "gae":
+        value_cfg = cfg.value_model_config()
+        value_clip = cfg.value_clip if cfg.value_clip > 0 else None
+
+        def value_loss_fn(vp):
+            values_RxL = response_values(value_cfg, vp, *ro.tokens)
+            return losses.value_loss(values_RxL, av.old_values_RxL, av.returns_RxL, ro.mask_RxL,
+                                     value_clip)
+
+        (vloss, vaux), vgrads = jax.value_and_grad(value_loss_fn, has_aux=True)(value_params)
+        out.update(value_loss=vloss, value_clip_fraction=vaux["clip_fraction"])
+    return (grads, vgrads), out
+
+
+def apply_gradients(cfg: RLConfig, optimizer: optax.GradientTransformation,
+                    carry: tuple[Params, Any, Params, Any], grads: tuple[Params, Params | None]
+                    ) -> tuple[Params, Any, Params, Any]:
+    """The optimisers' update of (params, opt_state, value_params, value_opt_state) by one
+    epoch's `gradients`."""
+    params, opt_state, value_params, value_opt_state = carry
+    updates, opt_state = optimizer.update(grads[0], opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if cfg.advantage == "gae":
+        vupdates, value_opt_state = make_value_optimizer(cfg).update(
+            grads[1], value_opt_state, value_params)
+        value_params = optax.apply_updates(value_params, vupdates)
+    return params, opt_state, value_params, value_opt_state
 
 
 def next_beta(cfg: RLConfig, state: RLState, beta: Array, k1_R: Array,
@@ -491,6 +513,10 @@ class RLPrograms(NamedTuple):
 
     roll: Callable[..., Rollout]
     learn: Callable[..., tuple[RLState, dict[str, Array]]]
+    # `learn` as a SplitStep (prepare: the gradients and metrics; apply: the optimiser update and
+    # the next beta), for a guard that keeps only one state (None for PPO with several epochs,
+    # whose every epoch's gradients depend on the one before)
+    learn_split: SplitStep | None = None
 
 
 def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTransformation,
@@ -507,24 +533,47 @@ def make_rl_programs(cfg: RLConfig, fns: DecoderFns, optimizer: optax.GradientTr
         params = policy_params(cfg, state.params, frozen, rollout_params)
         return rollout(cfg, fns, params, batch, rng)
 
-    def learn(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
+    def scored(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
         if cfg.advantage == "gae":
             check_critic_vocab(cfg, frozen.ref_params)
         beta = current_beta(cfg, state)
         sc = score(cfg, fns, transform, frozen, ro, rewards_R)
         av, metrics = advantages(cfg, state, beta, ro, sc)
-        (params, opt_state, value_params, value_opt_state), per_epoch = update(
-            cfg, fns, optimizer, state, beta, ro, sc, av, frozen)
+        return beta, sc, av, metrics
+
+    def all_metrics(metrics, state, frozen, ro, sc, beta, per_epoch):
         metrics.update(step_metrics(cfg, ro, sc, beta, per_epoch))
         if cfg.full_kl:
             metrics.update(jax.lax.stop_gradient(rollout_full_vocab_metrics(
                 cfg, fns, policy_params(cfg, state.params, frozen), frozen.ref_params, ro)))
-        new_state = RLState(params, opt_state, state.step + 1,
-                            next_beta(cfg, state, beta, sc.k1_R, opt_state),
-                            value_params, value_opt_state)
-        return new_state, metrics
+        return metrics
 
-    return RLPrograms(roll, learn)
+    def next_state(state: RLState, carry: tuple, beta: Array, k1_R: Array) -> RLState:
+        params, opt_state, value_params, value_opt_state = carry
+        return RLState(params, opt_state, state.step + 1,
+                       next_beta(cfg, state, beta, k1_R, opt_state), value_params,
+                       value_opt_state)
+
+    def learn(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
+        beta, sc, av, metrics = scored(state, frozen, ro, rewards_R)
+        carry, per_epoch = update(cfg, fns, optimizer, state, beta, ro, sc, av, frozen)
+        return (next_state(state, carry, beta, sc.k1_R),
+                all_metrics(metrics, state, frozen, ro, sc, beta, per_epoch))
+
+    def prepare(state: RLState, frozen: Frozen, ro: Rollout, rewards_R: Array):
+        beta, sc, av, metrics = scored(state, frozen, ro, rewards_R)
+        grads, out = gradients(cfg, fns, beta, ro, sc, av, frozen, state.params,
+                               state.value_params)
+        per_epoch = {k: v[None] for k, v in out.items()}
+        return (grads, beta, sc.k1_R), all_metrics(metrics, state, frozen, ro, sc, beta,
+                                                   per_epoch)
+
+    def apply(state: RLState, pending: Any) -> RLState:
+        grads, beta, k1_R = pending
+        carry = (state.params, state.opt_state, state.value_params, state.value_opt_state)
+        return next_state(state, apply_gradients(cfg, optimizer, carry, grads), beta, k1_R)
+
+    return RLPrograms(roll, learn, SplitStep(prepare, apply) if update_epochs(cfg) == 1 else None)
 
 
 def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
@@ -545,3 +594,21 @@ def make_rl_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
         return programs.learn(state, frozen, ro, rollout_rewards(reward_fn, frozen, ro))
 
     return rl_step
+
+
+def make_rl_split_step(cfg: RLConfig, fns: DecoderFns, reward_fn: RewardFn,
+                       optimizer: optax.GradientTransformation,
+                       rollout_params: Callable[[Params], Params] | None = None
+                       ) -> SplitStep | None:
+    """`make_rl_step` as a SplitStep (prepare: rollout, reward, score, advantages, gradients;
+    apply: the update), or None where the update is not one optimiser step (PPO's epochs)."""
+    programs = make_rl_programs(cfg, fns, optimizer, rollout_params)
+    if programs.learn_split is None:
+        return None
+    split = programs.learn_split
+
+    def prepare(state: RLState, frozen: Frozen, batch: Mapping[str, Array], rng: Array):
+        ro = programs.roll(state, batch, rng, frozen)
+        return split.prepare(state, frozen, ro, rollout_rewards(reward_fn, frozen, ro))
+
+    return SplitStep(prepare, split.apply)

@@ -5,7 +5,8 @@
     run(config) -> [CompileCheck]                   for experiments/compile_check.py (configs/pod.py)
 
 Programs (`config.check.programs`, comma-separated; `PROGRAMS`):
-* "rl": the real step, `rl.make_rl_step` with the model's `decoder_fns`: rollout with the
+* "rl": the real step, `rl.make_rl_step` with the model's `decoder_fns`, under the trainer's
+  non-finite guard (`loops.train.guard_nonfinite`): rollout with the
   KV-cache sampler (M samples per prompt), the reward-model forward, calibration against the
   reference table + the transform, pi_ref log-probs, the update (Adam), the full-vocabulary KL
   metric when `rl.full_kl`.
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from infalign_jax import models, rl
+from infalign_jax.loops import train
 from infalign_jax.core.transforms import transform_from_config
 from infalign_jax.infra import aot, sharding
 from infalign_jax.infra import validate as check
@@ -313,11 +315,17 @@ def compile_step(model_cfg: models.ModelConfig, rl_cfg: rl.RLConfig, work: Workl
     inputs = abstract_inputs(model_cfg, rl_cfg, work, mesh, frozen_dtype, optimizer)
     rm_cfg = dataclasses.replace(model_cfg, heads=("reward",))
     reshard = sharding.rollout_resharder(layout, models.param_logical_axes(model_cfg), mesh)
-    step = rl.make_rl_step(rl_cfg, models.decoder_fns(model_cfg),
-                           reward_fn_with_prompt_table(rm_cfg), optimizer,
-                           rollout_params=None if layout == "train" else reshard)
+    args = (rl_cfg, models.decoder_fns(model_cfg), reward_fn_with_prompt_table(rm_cfg),
+            optimizer, None if layout == "train" else reshard)
+    # guarded as the trainer runs it (`loops.train.guard_nonfinite`; the split step where there
+    # is one, so the guard holds one state), which is what has to fit
+    guarded = train.guard_nonfinite(rl.make_rl_split_step(*args) or rl.make_rl_step(*args))
+
+    def rl_step(state, frozen, batch, rng):   # the compiler's module is named for it (MODULES)
+        return guarded(state, frozen, batch, rng)
+
     state_sh = jax.tree.map(lambda x: x.sharding, inputs[0])
-    compiled, seconds = _compile(step, inputs, mesh, "rl", donate_argnums=(0,),
+    compiled, seconds = _compile(rl_step, inputs, mesh, "rl", donate_argnums=(0,),
                                  out_shardings=(state_sh, sharding.replicated(mesh)))
     return compiled, inputs, seconds
 
