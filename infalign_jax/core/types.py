@@ -81,11 +81,12 @@ class SplitStep(NamedTuple):
     """A train step as its two halves, for a guard that checks the update before it lands:
 
       prepare(state, *args) -> (pending, metrics)   everything up to the gradients
-      apply(state, pending) -> new state            the optimiser's update, cheap and elementwise
+      apply(state, pending) -> new state            the optimisers' update (and what follows it)
 
-    `apply(state, prepare(state, *args)[0])` is the step's new state. A guard can compute `apply`
-    once to check it and again inside a `lax.cond` that keeps the old state, so the old and the
-    new state are never both held (`loops.train.guard_nonfinite`)."""
+    `apply(state, prepare(state, *args)[0])` is the step's new state. `apply` costs little next
+    to `prepare` (elementwise, with a global-norm reduction), so a guard can compute it once to
+    check it and again inside a `lax.cond` that keeps the old state, and the old and the new
+    state are never both held (`loops.train.guard_nonfinite`)."""
 
     prepare: Callable[..., tuple[Any, dict[str, Array]]]
     apply: Callable[[Any, Any], Any]

@@ -3,9 +3,10 @@
     run(config, workdir) -> (final state, summary dict)
 
 `config` is the `ConfigDict` of `configs/ctrl_*.py` (sections task, reference, transform, rl, train,
-mesh; optionally method and bonbon). Every step is the pure `rl.rl_step` — or, with
-`method="bonbon"`, `bon_distillation.make_bonbon_step`, same signature — wrapped by
-`guard_nonfinite` and jitted once with explicit in/out shardings and the state donated.
+mesh; optionally method and bonbon). Every step is the pure step of `rl.make_rl_split_step`
+(RLOO, or PPO of one epoch; `rl.make_rl_step` for PPO of several) — or, with `method="bonbon"`,
+`bon_distillation.make_bonbon_step`, same signature — wrapped by `guard_nonfinite` and jitted
+once with explicit in/out shardings and the state donated.
 
 Exact resume. Everything a step depends on is a function of what the checkpoint holds:
 * params, optimiser state and the step counter are the checkpointed `RLState`;
@@ -225,8 +226,8 @@ def guard_nonfinite(step_fn: Callable | SplitStep) -> Callable:
     per-leaf `where` copies the flag into every parameter's fusion). A SplitStep is guarded
     without holding two states: its `apply` runs once for the check (fused into the reductions)
     and again inside the branch that keeps it, in place of the donated state. A plain step's new
-    state is held beside the old one until the branch: at SmolLM2-135M's shapes the update's
-    temporaries are 0.60 GiB this way against 1.60 GiB (`bench/guard_memory.py`)."""
+    state is held beside the old one until the branch. For one Adam update at SmolLM2-135M's
+    shapes the temporaries are 0.60 GiB split against 1.60 GiB plain (`bench/guard_memory.py`)."""
     if isinstance(step_fn, SplitStep):
         prepare, apply = step_fn
 
@@ -589,8 +590,9 @@ def _host_reward_step(cfg: rl.RLConfig, fns: Any, reward: HostReward, optimizer:
     so a second run of the same config loads both from JAX's persistent compilation cache."""
     programs = rl.make_rl_programs(cfg, fns, optimizer, reshard)
     roll = jax.jit(programs.roll, in_shardings=(state_sh, None, rep, frozen_sh))
-    learn = jax.jit(guard_nonfinite(programs.learn_split or programs.learn), in_shardings=(state_sh, frozen_sh, None, rep),
-                    out_shardings=(state_sh, rep), donate_argnums=(0,))
+    learn = jax.jit(guard_nonfinite(programs.learn_split or programs.learn),
+                    in_shardings=(state_sh, frozen_sh, None, rep), out_shardings=(state_sh, rep),
+                    donate_argnums=(0,))
 
     def step_fn(state: rl.RLState, frozen: rl.Frozen, batch: Any, rng: jax.Array):
         ro = roll(state, batch, rng, frozen)

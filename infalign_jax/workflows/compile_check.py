@@ -5,8 +5,9 @@
     run(config) -> [CompileCheck]                   for experiments/compile_check.py (configs/pod.py)
 
 Programs (`config.check.programs`, comma-separated; `PROGRAMS`):
-* "rl": the real step, `rl.make_rl_step` with the model's `decoder_fns`, under the trainer's
-  non-finite guard (`loops.train.guard_nonfinite`): rollout with the
+* "rl": the real step as the trainer runs it, `rl.make_rl_split_step` (`rl.make_rl_step` for
+  PPO of several epochs) with the model's `decoder_fns` under the non-finite guard
+  (`loops.train.guard_nonfinite`): rollout with the
   KV-cache sampler (M samples per prompt), the reward-model forward, calibration against the
   reference table + the transform, pi_ref log-probs, the update (Adam), the full-vocabulary KL
   metric when `rl.full_kl`.
