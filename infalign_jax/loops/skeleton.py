@@ -253,9 +253,9 @@ def state_platform(state: Any) -> str:
     array."""
     platforms = {d.platform for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
                  for d in x.devices()}
-    if "cpu" in platforms or not platforms:
-        return "cpu" if platforms else jax.default_backend()
-    return sorted(platforms)[0]
+    if not platforms:
+        return jax.default_backend()
+    return "cpu" if "cpu" in platforms else sorted(platforms)[0]
 
 
 def _init_from(path: str, state: Any, record: dict[str, Any], log: Callable[[str], None]

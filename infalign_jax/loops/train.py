@@ -3,10 +3,10 @@
     run(config, workdir) -> (final state, summary dict)
 
 `config` is the `ConfigDict` of `configs/ctrl_*.py` (sections task, reference, transform, rl, train,
-mesh; optionally method and bonbon). Every step is the pure step of `rl.make_rl_split_step`
-(RLOO, or PPO of one epoch; `rl.make_rl_step` for PPO of several) — or, with `method="bonbon"`,
-`bon_distillation.make_bonbon_step`, same signature — wrapped by `guard_nonfinite` and jitted
-once with explicit in/out shardings and the state donated.
+mesh; optionally method and bonbon). Every step is `guarded_rl_step` (the pure step of
+`rl.make_rl_split_step` for RLOO or PPO of one epoch, `rl.make_rl_step` for PPO of several) — or,
+with `method="bonbon"`, `bon_distillation.make_bonbon_step`, same signature — wrapped by
+`guard_nonfinite` and jitted once with explicit in/out shardings and the state donated.
 
 Exact resume. Everything a step depends on is a function of what the checkpoint holds:
 * params, optimiser state and the step counter are the checkpointed `RLState`;
@@ -228,26 +228,26 @@ def guard_nonfinite(step_fn: Callable | SplitStep) -> Callable:
     and again inside the branch that keeps it, in place of the donated state. A plain step's new
     state is held beside the old one until the branch. For one Adam update at SmolLM2-135M's
     shapes the temporaries are 0.60 GiB split against 1.60 GiB plain (`bench/guard_memory.py`)."""
-    if isinstance(step_fn, SplitStep):
-        prepare, apply = step_fn
-
-        def guarded(state: Any, *args: Any):
-            pending, metrics = prepare(state, *args)
-            ok = all_finite(apply(state, pending), metrics)
-            kept = jax.lax.cond(ok, apply, lambda old, _: old, state, pending)
-            return kept._replace(step=state.step + 1), {**metrics,
-                                                        "skipped": (~ok).astype(jnp.int32)}
-
-        return guarded
+    if not isinstance(step_fn, SplitStep):   # a whole step: its new state is what it applies
+        step_fn = SplitStep(step_fn, lambda state, new_state: new_state)
+    prepare, apply = step_fn
 
     def guarded(state: Any, *args: Any):
-        new_state, metrics = step_fn(state, *args)
-        ok = all_finite(new_state, metrics)
-        kept = jax.lax.cond(ok, lambda: new_state, lambda: state)
-        kept = kept._replace(step=state.step + 1)
-        return kept, {**metrics, "skipped": (~ok).astype(jnp.int32)}
+        pending, metrics = prepare(state, *args)
+        ok = all_finite(apply(state, pending), metrics)
+        kept = jax.lax.cond(ok, apply, lambda old, _: old, state, pending)
+        return kept._replace(step=state.step + 1), {**metrics, "skipped": (~ok).astype(jnp.int32)}
 
     return guarded
+
+
+def guarded_rl_step(cfg: rl.RLConfig, fns: Any, reward_fn: Any, optimizer: Any,
+                    rollout_params: Callable | None = None) -> Callable:
+    """The CTRL step as the trainer runs it, under `guard_nonfinite`: `rl.make_rl_split_step`
+    where the update is one optimiser step (the guard then holds one state), else the whole
+    `rl.make_rl_step` (PPO of several epochs). `workflows.compile_check` compiles this."""
+    args = (cfg, fns, reward_fn, optimizer, rollout_params)
+    return guard_nonfinite(rl.make_rl_split_step(*args) or rl.make_rl_step(*args))
 
 
 REFERENCE_TABLE = "reference_table.npz"   # a run dir's reference table (`prepare_reference_table`)
@@ -572,12 +572,11 @@ def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table
         return state, frozen, _host_reward_step(step_cfg, fns, task.reward_fn, optimizer,
                                                 state_sh, frozen_sh, rep, reshard)
     if bonbon:
-        step = bon_distillation.make_bonbon_step(step_cfg, fns, task.reward_fn, optimizer,
-                                                 cfg.lora)
+        step = guard_nonfinite(bon_distillation.make_bonbon_step(step_cfg, fns, task.reward_fn,
+                                                                 optimizer, cfg.lora))
     else:
-        step = (rl.make_rl_split_step(step_cfg, fns, task.reward_fn, optimizer, reshard)
-                or rl.make_rl_step(step_cfg, fns, task.reward_fn, optimizer, reshard))
-    step_fn = jax.jit(guard_nonfinite(step), in_shardings=(state_sh, frozen_sh, None, rep),
+        step = guarded_rl_step(step_cfg, fns, task.reward_fn, optimizer, reshard)
+    step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, None, rep),
                       out_shardings=(state_sh, rep), donate_argnums=(0,))
     return state, frozen, step_fn
 

@@ -5,9 +5,8 @@
     run(config) -> [CompileCheck]                   for experiments/compile_check.py (configs/pod.py)
 
 Programs (`config.check.programs`, comma-separated; `PROGRAMS`):
-* "rl": the real step as the trainer runs it, `rl.make_rl_split_step` (`rl.make_rl_step` for
-  PPO of several epochs) with the model's `decoder_fns` under the non-finite guard
-  (`loops.train.guard_nonfinite`): rollout with the
+* "rl": the real step as the trainer runs it (`loops.train.guarded_rl_step`, under the
+  non-finite guard) with the model's `decoder_fns`: rollout with the
   KV-cache sampler (M samples per prompt), the reward-model forward, calibration against the
   reference table + the transform, pi_ref log-probs, the update (Adam), the full-vocabulary KL
   metric when `rl.full_kl`.
@@ -316,11 +315,10 @@ def compile_step(model_cfg: models.ModelConfig, rl_cfg: rl.RLConfig, work: Workl
     inputs = abstract_inputs(model_cfg, rl_cfg, work, mesh, frozen_dtype, optimizer)
     rm_cfg = dataclasses.replace(model_cfg, heads=("reward",))
     reshard = sharding.rollout_resharder(layout, models.param_logical_axes(model_cfg), mesh)
-    args = (rl_cfg, models.decoder_fns(model_cfg), reward_fn_with_prompt_table(rm_cfg),
-            optimizer, None if layout == "train" else reshard)
-    # guarded as the trainer runs it (`loops.train.guard_nonfinite`; the split step where there
-    # is one, so the guard holds one state), which is what has to fit
-    guarded = train.guard_nonfinite(rl.make_rl_split_step(*args) or rl.make_rl_step(*args))
+    # the step as the trainer runs it (guarded), which is what has to fit
+    guarded = train.guarded_rl_step(rl_cfg, models.decoder_fns(model_cfg),
+                                    reward_fn_with_prompt_table(rm_cfg), optimizer,
+                                    None if layout == "train" else reshard)
 
     def rl_step(state, frozen, batch, rng):   # the compiler's module is named for it (MODULES)
         return guarded(state, frozen, batch, rng)
