@@ -5,7 +5,7 @@
 `config` is the `ConfigDict` of `configs/ctrl_*.py` (sections task, reference, transform, rl, train,
 mesh; optionally method and bonbon). Every step is `guarded_rl_step` (the pure step of
 `rl.make_rl_split_step` for RLOO or PPO of one epoch, `rl.make_rl_step` for PPO of several) — or,
-with `method="bonbon"`, `bon_distillation.make_bonbon_step`, same signature — wrapped by
+with `method="bonbon"`, `bon_distillation.make_bonbon_split_step` (the same state) — wrapped by
 `guard_nonfinite` and jitted once with explicit in/out shardings and the state donated.
 
 Exact resume. Everything a step depends on is a function of what the checkpoint holds:
@@ -572,8 +572,8 @@ def _sharded_start(task: rl_tasks.RLTask, step_cfg: Any, cfg: rl.RLConfig, table
         return state, frozen, _host_reward_step(step_cfg, fns, task.reward_fn, optimizer,
                                                 state_sh, frozen_sh, rep, reshard)
     if bonbon:
-        step = guard_nonfinite(bon_distillation.make_bonbon_step(step_cfg, fns, task.reward_fn,
-                                                                 optimizer, cfg.lora))
+        step = guard_nonfinite(bon_distillation.make_bonbon_split_step(
+            step_cfg, fns, task.reward_fn, optimizer, cfg.lora))
     else:
         step = guarded_rl_step(step_cfg, fns, task.reward_fn, optimizer, reshard)
     step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, None, rep),

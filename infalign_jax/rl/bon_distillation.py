@@ -15,7 +15,8 @@
 `make_bonbon_step(cfg, fns, reward_fn, optimizer)` returns a pure
 `step(state, frozen, batch, rng) -> (state, metrics)` with the signature and state (`rl.RLState`,
 `rl.Frozen`) of `rl.make_rl_step`, so the run loop can use either; `rl.make_optimizer(cfg)` accepts a
-`BoNBoNConfig`. Data: `data="online"` draws fresh pi_ref samples inside the step (an unbounded
+`BoNBoNConfig`. `make_bonbon_split_step` is the same step as a `SplitStep` (gradients, then the
+update), which the run loop's non-finite guard checks without holding two states. Data: `data="online"` draws fresh pi_ref samples inside the step (an unbounded
 offline data set, same distribution); `data="offline"` reads them from the batch
 (`response_BxNxL`, `response_mask_BxNxL`, e.g. made once by `sample_reference_responses`).
 Ties in reward are broken by the first index (argmax / argmin); a prompt whose n rewards all
@@ -50,7 +51,7 @@ from infalign_jax.core.selection import best_of_n, select, worst_of_n
 from infalign_jax.decoding.sampling import (Samples, SamplingConfig, flatten_samples, sample,
                                             sequence_logprobs, shared_prompt_path_terms,
                                             shared_sequence_logprobs)
-from infalign_jax.core.types import DecoderFns, RewardFn
+from infalign_jax.core.types import DecoderFns, RewardFn, SplitStep
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import SET_BY, UNUSED_OPTION_RULES
 from infalign_jax.models import lora
@@ -185,7 +186,22 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
     With `lora_cfg` of rank > 0 the state's params are LoRA adapters on pi_ref's parameters
     (`lora.attach`), as in the CTRL step. With `cfg.shared_prompt` each prompt is run once for its
     best/worst pair and for the monitor's samples (a decoder without a linear lm head is refused,
-    ValueError)."""
+    ValueError). `make_bonbon_split_step` is the same step in its two halves."""
+    prepare, apply = make_bonbon_split_step(cfg, fns, reward_fn, optimizer, lora_cfg)
+
+    def step(state: rl.RLState, frozen: rl.Frozen, batch: Mapping[str, Array], rng: Array):
+        grads, metrics = prepare(state, frozen, batch, rng)
+        return apply(state, grads), metrics
+
+    return step
+
+
+def make_bonbon_split_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
+                           optimizer: optax.GradientTransformation,
+                           lora_cfg: lora.LoraConfig | None = None) -> SplitStep:
+    """`make_bonbon_step` as a SplitStep (prepare: pi_ref's draws, their rewards, the pair's
+    gradients and the metrics; apply: the optimiser's update), for the run loop's guard to hold
+    one state (`loops.train.guard_nonfinite`)."""
     n, beta = cfg.n, cfg.pref_beta
     check_shared_prompt(cfg.shared_prompt, fns)
 
@@ -194,7 +210,7 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
             return params
         return lora.attach(frozen.ref_params, params, lora_cfg)
 
-    def step(state: rl.RLState, frozen: rl.Frozen, batch: Mapping[str, Array], rng: Array):
+    def prepare(state: rl.RLState, frozen: rl.Frozen, batch: Mapping[str, Array], rng: Array):
         prompt_BxP, pmask_BxP = batch["prompt_BxP"], batch["prompt_mask_BxP"]
         idx_B = batch["prompt_idx_B"]
         b = prompt_BxP.shape[0]
@@ -228,8 +244,6 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
                                cfg.alpha, beta, cfg.variant, pair_mask_B=best_B != worst_B)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # A NaN reward would otherwise leave the selection quietly (a row without any finite
         # one trains on an empty "tied" pair): the draws' reward metrics carry it, so the guarded
         # step is skipped, as a CTRL step with a NaN reward is.
@@ -244,9 +258,14 @@ def make_bonbon_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: RewardFn,
         if cfg.monitor_samples:
             metrics.update(_monitor(cfg, fns, reward_fn, policy(state.params, frozen), frozen,
                                     prompt_BxP, pmask_BxP, idx_B, monitor_key))
-        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        return grads, metrics
 
-    return step
+    def apply(state: rl.RLState, grads: Any) -> rl.RLState:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return state._replace(params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, step=state.step + 1)
+
+    return SplitStep(prepare, apply)
 
 
 def _logprobs(cfg: BoNBoNConfig, fns: DecoderFns, params: Any, prompt_BxP: Array,
