@@ -37,6 +37,8 @@ def main(argv):
                              f"config.stages={_CONFIG.value.stages!r} does not run "
                              f"{'either' if len(readers) > 1 else 'it'}")
     cli.start(argv)
+    reproduce.refuse_unread_exact_overrides(_CONFIG.value, _EXACT.value,
+                                            cli.config_overrides("exact_config"))
     real_comparison.refuse_unread_base_overrides(_REAL.value, cli.config_overrides("real_config"),
                                                  "real_config")
     reproduce.run(_CONFIG.value, _WORKDIR.value, exact_config=_EXACT.value, real_config=_REAL.value,
@@ -44,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, overrides_checked_by_main=("exact_config",))

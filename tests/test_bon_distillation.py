@@ -38,11 +38,51 @@ def test_vbon_config_is_log_transform_with_beta_one_over_n_minus_one():
 @pytest.mark.parametrize("field,value", [
     ("n", 1), ("alpha", 1.5), ("variant", "kto"), ("beta", -1.0), ("data", "cached"),
     ("learning_rate", 0.0), ("monitor_samples", -1), ("max_new_tokens", 0),
-    ("grad_accum_steps", 0),
+    ("grad_accum_steps", 0), ("pairs_per_prompt", 0),
 ])
 def test_bonbon_config_names_field(field, value):
     with pytest.raises(ValueError, match=f"BoNBoNConfig.{field}"):
         bd.BoNBoNConfig(**{field: value})
+
+
+def test_several_pairs_per_prompt_are_the_prompt_repeated_and_need_online_data():
+    """`pairs_per_prompt=G` trains on G independent (best, worst) pairs of each prompt, each from
+    its own n draws: the step equals the one-pair step on the batch with every prompt repeated G
+    times (same key: the same draws), and its monitor samples the batch's own prompts."""
+    g = 3
+    _, cfg, fns, _, state, frozen, batch = _setup(reps=1, pairs_per_prompt=g, monitor_samples=0)
+    _, cfg1, _, step1, _, _, _ = _setup(reps=1, monitor_samples=0)
+    reward = functools.partial(et.table_reward_fn, vocab=4)
+    step = bd.make_bonbon_step(cfg, fns, reward, rl.make_optimizer(cfg))
+    repeated = {k: jnp.repeat(v, g, 0) for k, v in batch.items()}
+    key = jax.random.key(7)
+    a, ma = jax.jit(step)(state, frozen, batch, key)
+    b, mb = jax.jit(step1)(state, frozen, repeated, key)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        np.testing.assert_allclose(float(ma[k]), float(mb[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+    # the G pairs of a prompt are drawn apart, not copied
+    data = bd.sample_reference_responses(cfg1, fns, frozen.ref_params, repeated["prompt_BxP"],
+                                         repeated["prompt_mask_BxP"], jax.random.split(key)[0])
+    codes = np.asarray(et.response_codes(data.tokens_BxNxL, 4)).reshape(2, g, -1)
+    assert all(len({tuple(c) for c in codes[p]}) > 1 for p in range(2))
+    # with the monitor on, it samples the 2 prompts of the batch, not their 6 copies
+    _, cfgm, *_ = _setup(reps=1, pairs_per_prompt=g, monitor_samples=4)
+    seen = []
+    monitor = bd._monitor
+
+    def spy(cfg_, fns_, reward_fn, params, frozen_, prompt_BxP, *rest):
+        seen.append(prompt_BxP.shape[0])
+        return monitor(cfg_, fns_, reward_fn, params, frozen_, prompt_BxP, *rest)
+
+    import unittest.mock
+    with unittest.mock.patch.object(bd, "_monitor", spy):
+        bd.make_bonbon_step(cfgm, fns, reward, rl.make_optimizer(cfgm))(state, frozen, batch, key)
+    assert seen == [2]
+    with pytest.raises(ValueError, match="pairs_per_prompt=2 .* needs data='online'"):
+        bd.BoNBoNConfig(pairs_per_prompt=2, data="offline")
 
 
 def test_bonbon_default_beta_is_beta_star():

@@ -635,6 +635,83 @@ def test_exact_stage_smoke_writes_table_plot_manifest(tmp_path):
         reproduce.run_exact_stage(_base(), str(tmp_path), size="huge")
 
 
+def test_the_exact_stage_trains_bonbon_against_bon_n_of_pi_ref(tmp_path):
+    """BoNBoN's row: the exact config's bonbon section at N, samples_per_prompt / N independent
+    pairs per prompt a step (each step draws as many responses as a CTRL step), its preference
+    beta beta*_N, and a target that is BoN_N(pi_ref), enumerated here in reward order
+    (P[y] = F(<= y)^N - F(< y)^N), with no range(Phi)/beta (no tilt to be sharp)."""
+    from infalign_jax.core.preference_losses import bonbon_beta
+    base = _base()
+    base.bonbon.alpha = 0.25   # as --exact_config.bonbon.alpha=0.25 gives it
+    rows = reproduce.run_exact_stage(base, str(tmp_path), size="smoke", keys=("bonbon",),
+                                     log=lambda s: None, devices=jax.devices()[:1])
+    (row,) = rows
+    assert row["method"] == "BoNBoN (ipo, alpha=0.25, N=4)"
+    assert row["beta"] == pytest.approx(bonbon_beta(4))
+    task = et.make_task(0)
+    ref = np.exp(et.policy_logprobs(task, task.ref_params)).astype(np.float64)
+    bon = np.zeros_like(ref)
+    for x, r in enumerate(np.asarray(task.rewards_XxY)):
+        order = np.argsort(r)
+        le = np.cumsum(ref[x, order])
+        bon[x, order] = le ** 4 - np.concatenate([[0.0], le[:-1]]) ** 4
+    assert row["target_kl"] == pytest.approx(
+        float((bon * (np.log(bon) - np.log(ref))).sum(1).mean()), rel=1e-5)
+    assert "range_phi_over_beta" not in row
+    (run,) = tmp_path.glob("m=BoNBoN*/seed=0")
+    config = json.loads((run / "manifest.json").read_text())["config"]
+    assert config["method"] == "bonbon"
+    assert config["bonbon"]["pairs_per_prompt"] == reproduce.SIZES["smoke"]["samples"] // 4
+    assert config["bonbon"]["alpha"] == 0.25
+    table = (tmp_path / "exact_table.md").read_text()
+    assert "| BoNBoN (ipo, alpha=0.25, N=4) | 0.09091 | – |" in table
+    assert "its π* is BoN_4(π_ref)" in table
+
+
+def test_bonbon_flags_are_taken_where_the_exact_stage_trains_bonbon_and_refused_elsewhere():
+    """The bonbon section is read by the exact stage's BoNBoN row only: the command's generic
+    check (the base config has method='ctrl') refused --exact_config.bonbon.alpha even where that
+    row trains. It is taken there, checked against the row's own config, and refused by name where
+    no BoNBoN row trains; other keys are checked as before."""
+    def load(**changes):   # as --config.methods=... and --config.stages=... give them
+        c = load_config_module(os.path.join(ROOT, "configs", "reproduce.py")).get_config()
+        for key, value in changes.items():
+            c[key] = value
+        return c
+
+    refuse = reproduce.refuse_unread_exact_overrides
+    refuse(load(), _base(), ["bonbon.alpha", "bonbon.variant", "rl.learning_rate"])
+    refuse(load(methods="vbon,bonbon"), _base(), ["bonbon.alpha"])
+    for changes in (dict(methods="vbon"), dict(stages="analytic,convergence")):
+        with pytest.raises(ValueError, match=r"--exact_config.bonbon.alpha is not used: the "
+                                             r"bonbon section is read by the exact stage's BoNBoN "
+                                             r"row only"):
+            refuse(load(**changes), _base(), ["rl.learning_rate", "bonbon.alpha"])
+    quiet = _base()
+    quiet.bonbon.monitor_samples = 0
+    with pytest.raises(ValueError, match=r"--exact_config.bonbon.full_kl is not used by this run: "
+                                         r"it is read only with config.bonbon.monitor_samples > 0"):
+        refuse(load(), quiet, ["bonbon.full_kl"])
+    with pytest.raises(ValueError, match=r"--exact_config.rl.ppo_clip is not used by this run"):
+        refuse(load(), _base(), ["rl.ppo_clip"])
+
+
+@pytest.mark.slow   # a command start
+def test_the_reproduce_command_checks_bonbon_flags_itself(tmp_path):
+    """The command leaves --exact_config's overrides to `refuse_unread_exact_overrides` (the
+    generic check, which ran first, refused every bonbon flag as read under method='bonbon'
+    only): its message, not the generic one, names the BoNBoN row."""
+    import subprocess
+    out = subprocess.run([sys.executable, os.path.join("experiments", "reproduce.py"),
+                          "--config.methods=vbon", "--exact_config.bonbon.alpha=0.3",
+                          f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert ("--exact_config.bonbon.alpha is not used: the bonbon section is read by the exact "
+            "stage's BoNBoN row only" in out.stderr), out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_convergence_stage_smoke_table_and_unreachable_budgets(tmp_path):
     rows = reproduce.run_convergence_stage(
         _base(), str(tmp_path), kls=(0.5, 50.0), size="smoke",
@@ -812,6 +889,9 @@ def test_reproduce_refuses_keys_no_stage_it_runs_reads(tmp_path):
      r"--exact_config.train.num_steps is not used: each exact-stage run sets it from the size"),
     ("reproduce.py", "--exact_config.task.kl_budget=1.0", r"--exact_config.task.kl_budget is "),
     ("reproduce.py", "--exact_config.transform.t=2", r"--exact_config.transform.t is not used"),
+    # the BoNBoN row sets its N and pairs; the method is each row's own
+    ("reproduce.py", "--exact_config.bonbon.pairs_per_prompt=3",
+     r"--exact_config.bonbon.pairs_per_prompt is not used: each exact-stage run sets it"),
     ("reproduce.py", "--real_config.base.seed=7", r"--real_config.base.seed is not used"),
     ("compare_real.py", "--config.base.rl.beta=0.5",
      r"--config.base.rl.beta is not used: the comparison sets it per run"),

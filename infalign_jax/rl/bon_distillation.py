@@ -16,9 +16,11 @@
 `step(state, frozen, batch, rng) -> (state, metrics)` with the signature and state (`rl.RLState`,
 `rl.Frozen`) of `rl.make_rl_step`, so the run loop can use either; `rl.make_optimizer(cfg)` accepts a
 `BoNBoNConfig`. `make_bonbon_split_step` is the same step as a `SplitStep` (gradients, then the
-update), which the run loop's non-finite guard checks without holding two states. Data: `data="online"` draws fresh pi_ref samples inside the step (an unbounded
-offline data set, same distribution); `data="offline"` reads them from the batch
-(`response_BxNxL`, `response_mask_BxNxL`, e.g. made once by `sample_reference_responses`).
+update), which the run loop's non-finite guard checks without holding two states.
+Data: `data="online"` draws fresh pi_ref samples inside the step (an unbounded offline data set,
+same distribution), `pairs_per_prompt` independent sets of n for each prompt (each its own
+best/worst pair); `data="offline"` reads one set a prompt from the batch (`response_BxNxL`,
+`response_mask_BxNxL`, e.g. made once by `sample_reference_responses`).
 Ties in reward are broken by the first index (argmax / argmin); a prompt whose n rewards all
 tie has one response as both best and worst, so no preference pair: it is left out of L_pref
 (metric `tied`, the share of such prompts) and its best response still enters the NLL.
@@ -93,17 +95,23 @@ class BoNBoNConfig:
     shared_prompt: bool = dataclasses.field(default=False, metadata={SET_BY: "rl section"})
     max_grad_norm: float = 0.0
     grad_accum_steps: int = 1
+    # independent (best, worst) pairs per prompt a step, each from its own n draws (online data)
+    pairs_per_prompt: int = 1
     monitor_samples: int = 4    # policy samples per prompt for the KL / reward metrics
     full_kl: bool = True
 
     def __post_init__(self):
         check.ints(self, ("n",), low=2)
-        check.ints(self, ("max_new_tokens", "grad_accum_steps"))
+        check.ints(self, ("max_new_tokens", "grad_accum_steps", "pairs_per_prompt"))
         check.ints(self, ("decay_steps", "monitor_samples"), low=0)
         check.numbers(self, ("alpha",), high=1.0)
         check.choice(self, "variant", BONBON_VARIANTS)
         check.numbers(self, ("beta", "max_grad_norm"))   # beta 0 = beta*_n
         check.choice(self, "data", DATA_MODES)
+        if self.pairs_per_prompt > 1 and self.data != "online":
+            raise ValueError(f"BoNBoNConfig.pairs_per_prompt={self.pairs_per_prompt} draws each "
+                             f"pair's n responses in the step: it needs data='online' (offline "
+                             f"responses hold one pair's n per prompt)")
         check.bools(self, ("shared_prompt", "full_kl"))
         check.numbers(self, ("learning_rate",), strict=True)
 
@@ -211,10 +219,12 @@ def make_bonbon_split_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: Reward
         return lora.attach(frozen.ref_params, params, lora_cfg)
 
     def prepare(state: rl.RLState, frozen: rl.Frozen, batch: Mapping[str, Array], rng: Array):
-        prompt_BxP, pmask_BxP = batch["prompt_BxP"], batch["prompt_mask_BxP"]
-        idx_B = batch["prompt_idx_B"]
-        b = prompt_BxP.shape[0]
         data_key, monitor_key = jax.random.split(rng)
+        # Each prompt's `pairs_per_prompt` pairs are its row repeated (rows b*G .. b*G + G-1),
+        # so below B counts pairs; the monitor samples the batch's own prompts.
+        prompt_BxP, pmask_BxP, idx_B = (jnp.repeat(batch[k], cfg.pairs_per_prompt, 0) for k in
+                                        ("prompt_BxP", "prompt_mask_BxP", "prompt_idx_B"))
+        b = prompt_BxP.shape[0]
         if cfg.data == "offline":
             tokens_BxNxL, mask_BxNxL = batch["response_BxNxL"], batch["response_mask_BxNxL"]
             _check_offline(tokens_BxNxL, mask_BxNxL, b, n)
@@ -257,7 +267,8 @@ def make_bonbon_split_step(cfg: BoNBoNConfig, fns: DecoderFns, reward_fn: Reward
                    **{k: aux[k] for k in ("nll", "pref", "h_mean", "accuracy", "beta", "tied")}}
         if cfg.monitor_samples:
             metrics.update(_monitor(cfg, fns, reward_fn, policy(state.params, frozen), frozen,
-                                    prompt_BxP, pmask_BxP, idx_B, monitor_key))
+                                    batch["prompt_BxP"], batch["prompt_mask_BxP"],
+                                    batch["prompt_idx_B"], monitor_key))
         return grads, metrics
 
     def apply(state: rl.RLState, grads: Any) -> rl.RLState:

@@ -13,8 +13,11 @@ Every method is trained with several seeds (`SIZES`); the table gives mean ± sd
 distance KL(pi || pi*) of each trained policy to its target, so "reaches its optimum" is measured.
 
 Methods (name -> transform, beta rule): raw-reward RLHF (`raw`), calibrated RLHF (`identity`),
-vBoN (`log`, beta = 1/(N-1)), CTRL exp t>0 (BoN) and t<0 (WoN), and CTRL with the analytic
-solver's optimal transform for BoN_N and WoN_N at the budget.
+vBoN (`log`, beta = 1/(N-1)), CTRL exp t>0 (BoN) and t<0 (WoN), CTRL with the analytic
+solver's optimal transform for BoN_N and WoN_N at the budget, and BoNBoN (`bonbon`: the exact
+config's bonbon section at N, with samples_per_prompt / N pairs per prompt a step). BoNBoN has no
+beta to match: its target is BoN_N(pi_ref), whose KL is close to vBoN's budget (vBoN's target is
+BoN_N too in continuous calibrated space) but not equal to it on the discrete task.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from infalign_jax.analysis import analytic_solver
+from infalign_jax.rl.bon_distillation import BoNBoNConfig
 from infalign_jax.rl.tasks import exact as et
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open, save_figure, write_json
@@ -37,7 +41,7 @@ from infalign_jax.loops import skeleton, train
 from infalign_jax.core.transforms import get_transform, transform_overrides
 from infalign_jax.infra import validate as check
 from infalign_jax.infra.config_utils import (UNUSED_OPTION_RULES, as_dict, comma_list,
-                                             dataclass_from)
+                                             dataclass_from, refuse_unused_overrides)
 
 SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumbing only
          # one seed, 64 samples per prompt: the `make demo` step (about a minute a method)
@@ -51,7 +55,8 @@ SIZES = {"smoke": dict(steps=2, anneal=1, samples=8, k=64, seeds=(0,)),  # plumb
 # (`sized_config`), and per method its beta, KL budget and transform.
 EXACT_KEYS_SET = ("train.num_steps", "rl.decay_steps", "rl.beta_anneal_steps",
                   "rl.samples_per_prompt", "reference.k", "train.eval_every", "rl.beta",
-                  "task.kl_budget", "task.eval_ns", "transform.")
+                  "task.kl_budget", "task.eval_ns", "transform.", "method", "bonbon.n",
+                  "bonbon.pairs_per_prompt")
 
 
 def sized_config(base_config: Any, size: str, n: int = 4) -> Any:
@@ -99,7 +104,21 @@ def methods(n: int, t: float) -> list[dict[str, Any]]:
          "transform": {"name": "optimal", "procedure": "bon"}, "beta": None},
         {"key": "optimal_won", "method": f"CTRL optimal (WoN_{n})",
          "transform": {"name": "optimal", "procedure": "won"}, "beta": None},
+        # BoN distillation: its target is BoN_N(pi_ref) itself, no beta to solve (`bonbon_run`)
+        {"key": "bonbon", "method": f"BoNBoN (N={n})", "transform": None, "beta": None},
     ]
+
+
+def bonbon_run(base: Any, n: int) -> tuple[dict[str, Any], str, float]:
+    """The overrides, the table label and the preference beta of the exact stage's BoNBoN run:
+    the base config's bonbon section (variant, alpha, ...) at N = n, with as many independent
+    (best, worst) pairs per prompt as the CTRL runs' samples per prompt allow (samples / n), so
+    that each step draws as many pi_ref responses as a CTRL step draws policy ones."""
+    cfg = dataclass_from(BoNBoNConfig, {**as_dict(base.bonbon), "n": n}, "bonbon")
+    pairs = max(1, int(base.rl.samples_per_prompt) // n)
+    overrides = {"method": "bonbon", "bonbon.n": n, "bonbon.pairs_per_prompt": pairs}
+    label = f"BoNBoN ({cfg.variant}, alpha={cfg.alpha:g}, N={n})"
+    return overrides, label, cfg.pref_beta
 
 
 def _transform_section(spec: dict[str, Any], kl: float, n: int, workdir: str) -> dict[str, Any]:
@@ -154,13 +173,20 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
         f"{len(seeds)} seeds")
     rows = []
     for spec in chosen:
-        section = _transform_section(spec["transform"], budget, n, workdir)
-        transform = get_transform(section["name"], **{k: v for k, v in section.items()
-                                                      if k != "name"})
-        cal = et.calibrated_table(task, table, transform.smoothing)
-        beta = spec["beta"] or et.beta_for_kl(ref_logp, cal, task.rewards_XxY, transform, budget)
-        overrides = {"rl.beta": float(beta), **transform_overrides(**section)}
-        log(f"  {spec['method']}: beta={beta:.4g}")
+        name = spec["method"]
+        if spec["key"] == "bonbon":
+            overrides, name, beta = bonbon_run(base, n)
+            log(f"  {name}: preference beta={beta:.4g}, {overrides['bonbon.pairs_per_prompt']} "
+                f"pairs per prompt a step; its target is BoN_{n}(pi_ref)")
+        else:
+            section = _transform_section(spec["transform"], budget, n, workdir)
+            transform = get_transform(section["name"], **{k: v for k, v in section.items()
+                                                          if k != "name"})
+            cal = et.calibrated_table(task, table, transform.smoothing)
+            beta = spec["beta"] or et.beta_for_kl(ref_logp, cal, task.rewards_XxY, transform,
+                                                  budget)
+            overrides = {"rl.beta": float(beta), **transform_overrides(**section)}
+            log(f"  {name}: beta={beta:.4g}")
         runs = []
         for seed in seeds:
             run_dir = os.path.join(workdir, sweep.point_name({"m": spec["method"]}).replace(
@@ -172,7 +198,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
             log("    seed {s}: KL {exact_kl:.3f} (target {target_kl:.3f}) KL(pi||pi*) "
                 "{exact_kl_to_target:.4f} std {exact_bon1:.3f} BoN_{n} {b:.3f} WoN_{n} {w:.3f}"
                 .format(s=seed, n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], **ev))
-        rows.append(seed_summary(spec["method"], beta, runs))
+        rows.append(seed_summary(name, beta, runs))
     write_exact_outputs(rows, workdir, n, budget)
     provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)}, code=code,
                               extra={"stage": "exact", "size": size, "n": n, "t": t,
@@ -220,7 +246,8 @@ def write_exact_outputs(rows: list[dict[str, Any]], workdir: str, n: int, budget
             f"WoN_{n} target", f"WoN_{n} trained"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], f"{r['beta']:.4g}", f"{r['range_phi_over_beta']:.1f}",
+        sharp = r.get("range_phi_over_beta")   # none for BoNBoN: its target is no tilt by Phi
+        cells = [r["method"], f"{r['beta']:.4g}", "–" if sharp is None else f"{sharp:.1f}",
                  f"{r['target_kl']:.3f}", _pm(r, "exact_kl"),
                  f"{r['exact_kl_to_target']:.4f} / {r['max_kl_to_target']:.4f}", r["converged"],
                  f"{r['target_bon1']:.3f}", _pm(r, "exact_bon1"), f"{r[f'target_bon{n}']:.3f}",
@@ -229,9 +256,12 @@ def write_exact_outputs(rows: list[dict[str, Any]], workdir: str, n: int, budget
     path = os.path.join(workdir, "exact_table.md")
     seeds = rows[0]["seeds"] if rows else 0
     with atomic_open(path) as f:
+        bonbon = ("; BoNBoN's β is its preference loss's and its π* is BoN_" + str(n)
+                  + "(π_ref), which has a KL of its own" if any(
+                      r["method"].startswith("BoNBoN") for r in rows) else "")
         f.write(f"KL budget {budget:.4f}; win rates against pi_ref by enumeration (exact); trained "
                 f"columns are mean ± sd over {seeds} seeds; converged: KL(pi || pi*) <= "
-                f"{et.CONVERGED_KL}.\n\n" + "\n".join(lines) + "\n")
+                f"{et.CONVERGED_KL}{bonbon}.\n\n" + "\n".join(lines) + "\n")
     write_json(os.path.join(workdir, "exact_table.json"), {"kl_budget": budget, "n": n,
                                                           "rows": rows})
     _plot(rows, os.path.join(workdir, "exact_methods.png"), n)
@@ -427,6 +457,29 @@ def unused_stage_options(config: Mapping[str, Any]) -> dict[str, str]:
 
 
 UNUSED_OPTION_RULES.append(unused_stage_options)
+
+
+def refuse_unread_exact_overrides(config: Any, exact_config: Any, keys: Sequence[str],
+                                  source: str = "--exact_config.") -> None:
+    """Refuses overrides of the exact stages' base config that no run of this reproduction reads
+    (`config_utils.refuse_unused_overrides`). The bonbon section is read by the exact stage's
+    BoNBoN row, under method="bonbon", so its keys are checked against that run's config, and
+    refused when `config` (the reproduce config) trains no such row."""
+    keys = list(keys)
+    config = dataclass_from(ReproduceConfig, {k: v for k, v in as_dict(config).items()
+                                              if k != "analytic"}, "reproduce")
+    own = [k for k in keys if k.split(".")[0] == "bonbon"]
+    if own:
+        chosen = method_keys(config.methods)
+        if "exact" not in config.stage_list or chosen is not None and "bonbon" not in chosen:
+            raise ValueError(
+                f"{source}{own[0]} is not used: the bonbon section is read by the exact stage's "
+                f"BoNBoN row only (config.stages including 'exact' and config.methods including "
+                f"'bonbon'; this reproduction has stages={config.stages!r}, "
+                f"methods={config.methods!r})")
+        refuse_unused_overrides(sweep.apply_overrides(exact_config, {"method": "bonbon"}), own,
+                                source)
+    refuse_unused_overrides(exact_config, [k for k in keys if k not in own], source)
 def run(config: Any, workdir: str, *, exact_config: Any = None, real_config: Any = None,
         log: Callable[[str], None] = print) -> str:
     """Runs the configured stages into `workdir` and writes `workdir/results.md`; returns its path.
