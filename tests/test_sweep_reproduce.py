@@ -645,7 +645,7 @@ def test_the_exact_stage_trains_bonbon_against_bon_n_of_pi_ref(tmp_path):
     base.bonbon.alpha = 0.25   # as --exact_config.bonbon.alpha=0.25 gives it
     rows = reproduce.run_exact_stage(base, str(tmp_path), size="smoke", keys=("bonbon",),
                                      log=lambda s: None, devices=jax.devices()[:1])
-    (row,) = rows
+    row, moved = rows
     assert row["method"] == "BoNBoN (ipo, alpha=0.25, N=4)"
     assert row["beta"] == pytest.approx(bonbon_beta(4))
     task = et.make_task(0)
@@ -666,6 +666,41 @@ def test_the_exact_stage_trains_bonbon_against_bon_n_of_pi_ref(tmp_path):
     table = (tmp_path / "exact_table.md").read_text()
     assert "| BoNBoN (ipo, alpha=0.25, N=4) | 0.09091 | – |" in table
     assert "its π* is BoN_4(π_ref)" in table
+    # and the same run moved along its line from pi_ref to the stage's KL budget (no beta of its
+    # own to match it): exactly at the budget, against the same target
+    budget = json.loads((tmp_path / "exact_table.json").read_text())["kl_budget"]
+    assert moved["method"].startswith("BoNBoN (ipo, alpha=0.25, N=4), moved to the budget (weight")
+    assert moved["exact_kl"] == pytest.approx(budget, rel=1e-5)
+    assert abs(row["exact_kl"] / budget - 1) > 1e-3
+    assert moved["target_kl"] == row["target_kl"] and 0 < moved["weight"] <= 2
+
+
+def test_alpha_at_kl_bisects_an_exact_kl_along_the_line():
+    """KL = c w^2 (the quadratic of a line from pi_ref): w = sqrt(target / c), from below 1 and
+    beyond it; None where even w = MAX_ALPHA stays below; a non-monotone KL still lands on a
+    root; and moved_to_kl on a policy a random step away from pi_ref lands on the exact KL."""
+    from infalign_jax.workflows import kl_match
+    for c in (4.0, 0.3):
+        w = kl_match.alpha_at_kl(lambda a: c * a * a, 0.5, rtol=1e-9)
+        assert w == pytest.approx(np.sqrt(0.5 / c), rel=1e-8)
+    assert kl_match.alpha_at_kl(lambda a: 0.01 * a * a, 0.5) is None
+    wavy = lambda a: a * (1.0 + 0.5 * np.sin(8 * a))
+    w = kl_match.alpha_at_kl(wavy, 0.9, rtol=1e-9)
+    assert wavy(w) == pytest.approx(0.9, rel=1e-8)
+    with pytest.raises(ValueError, match="target > 0"):
+        kl_match.alpha_at_kl(lambda a: a, 0.0)
+    section = _base().task
+    task = et.make_task(0)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.5 * rng.standard_normal(x.shape)
+                          .astype(np.asarray(x).dtype), task.ref_params)
+    got = reproduce.moved_to_kl(section, params, 0.3, 4)
+    probs = np.exp(et.policy_logprobs(task, kl_match.interpolate(task.ref_params, params,
+                                                                  got["weight"])))
+    ref = np.exp(et.policy_logprobs(task, task.ref_params))
+    assert float((probs * (np.log(probs) - np.log(ref))).sum(1).mean()) == pytest.approx(0.3,
+                                                                                         rel=1e-5)
+    assert got["exact_kl"] == pytest.approx(0.3, rel=1e-5) and got["weight"] < 1
 
 
 def test_bonbon_flags_are_taken_where_the_exact_stage_trains_bonbon_and_refused_elsewhere():

@@ -13,7 +13,7 @@ alpha = sqrt(target / KL(1)); after that the exponent is fitted to the last two 
 alpha = 0 is pi_ref itself, alpha = 1 the trained policy; alpha > 1 extrapolates along the
 training direction (capped at `max_alpha`). The same move towards the initialisation trades KL for
 reward in WARP's LITI (Rame et al., 2024, "WARP: On the Benefits of Weight Averaged Rewarded
-Policies").
+Policies"). Where the KL is exact (no sampling), `alpha_at_kl` bisects for it instead.
 """
 
 from __future__ import annotations
@@ -62,6 +62,35 @@ def next_alpha(history: list[tuple[float, float]], target: float, max_alpha: flo
             p = math.log(k1 / k0) / math.log(a1 / a0)
             p = min(max(p, 1.0), 4.0) if math.isfinite(p) else 2.0
     return float(min(a1 * (target / k1) ** (1.0 / p), max_alpha))
+
+
+def alpha_at_kl(kl_of: Callable[[float], float], target: float, rtol: float = 1e-6,
+                max_alpha: float = MAX_ALPHA, max_evaluations: int = 80) -> float | None:
+    """The alpha in (0, max_alpha] at which an *exact* KL along the line (`kl_of(alpha)`, 0 at
+    alpha = 0) equals `target` to `rtol`, by bisection between 0 and the first of 1, max_alpha
+    whose KL exceeds the target; None when KL(max_alpha) does not reach it. For KLs computed
+    without sampling noise (the exact task's enumeration); sampled ones are `match_kl`'s."""
+    if not target > 0:
+        raise ValueError(f"alpha_at_kl needs target > 0, got {target}")
+    lo, hi = 0.0, None
+    for end in (1.0, max_alpha):
+        kl = kl_of(end)
+        if abs(kl / target - 1) <= rtol:
+            return end
+        if kl > target:
+            hi = end
+            break
+        lo = end
+    if hi is None:
+        return None
+    for _ in range(max_evaluations):
+        mid = 0.5 * (lo + hi)
+        kl = kl_of(mid)
+        if abs(kl / target - 1) <= rtol:
+            return mid
+        lo, hi = (mid, hi) if kl < target else (lo, mid)
+    raise RuntimeError(f"alpha_at_kl: KL {target} not reached to rtol {rtol} in "
+                       f"{max_evaluations} bisections (bracket [{lo}, {hi}])")
 
 
 def match_kl(evaluate: Callable[[Any], dict[str, Any]], ref_params: Any, params: Any,

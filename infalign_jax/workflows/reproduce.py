@@ -17,7 +17,9 @@ vBoN (`log`, beta = 1/(N-1)), CTRL exp t>0 (BoN) and t<0 (WoN), CTRL with the an
 solver's optimal transform for BoN_N and WoN_N at the budget, and BoNBoN (`bonbon`: the exact
 config's bonbon section at N, with samples_per_prompt / N pairs per prompt a step). BoNBoN has no
 beta to match: its target is BoN_N(pi_ref), whose KL is close to vBoN's budget (vBoN's target is
-BoN_N too in continuous calibrated space) but not equal to it on the discrete task.
+BoN_N too in continuous calibrated space) but not equal to it on the discrete task, and the run's
+own KL is where its loss takes it; a second row moves each BoNBoN run along its line from pi_ref
+to the budget (`moved_to_kl`), as the real-task comparison matches KL.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from infalign_jax.analysis import analytic_solver
@@ -36,7 +39,7 @@ from infalign_jax.rl.tasks import exact as et
 from infalign_jax.infra import provenance
 from infalign_jax.infra.files import atomic_open, save_figure, write_json
 
-from infalign_jax.workflows import sweep
+from infalign_jax.workflows import kl_match, sweep
 from infalign_jax.loops import skeleton, train
 from infalign_jax.core.transforms import get_transform, transform_overrides
 from infalign_jax.infra import validate as check
@@ -187,23 +190,61 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
                                                   budget)
             overrides = {"rl.beta": float(beta), **transform_overrides(**section)}
             log(f"  {name}: beta={beta:.4g}")
-        runs = []
+        runs, moved = [], []
         for seed in seeds:
             run_dir = os.path.join(workdir, sweep.point_name({"m": spec["method"]}).replace(
                 " ", "_"), f"seed={seed}")
-            _, summary = _train(sweep.apply_overrides(base, {**overrides, "seed": seed}),
-                                run_dir, devices)
+            state, summary = _train(sweep.apply_overrides(base, {**overrides, "seed": seed}),
+                                    run_dir, devices)
             runs.append(summary["eval"])
-            ev = summary["eval"]
-            log("    seed {s}: KL {exact_kl:.3f} (target {target_kl:.3f}) KL(pi||pi*) "
-                "{exact_kl_to_target:.4f} std {exact_bon1:.3f} BoN_{n} {b:.3f} WoN_{n} {w:.3f}"
-                .format(s=seed, n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], **ev))
+            _log_seed(log, seed, n, summary["eval"])
+            if spec["key"] == "bonbon":
+                moved.append(moved_to_kl(base.task, jax.device_get(state.params), budget, n))
+                if moved[-1] is not None:
+                    _log_seed(log, seed, n, moved[-1], f" at weight {moved[-1]['weight']:.4f}")
         rows.append(seed_summary(name, beta, runs))
+        if moved and all(m is not None for m in moved):
+            w = np.array([m["weight"] for m in moved])
+            rows.append(seed_summary(
+                f"{name}, moved to the budget (weight {w.mean():.3f} ± "
+                f"{w.std(ddof=1) if len(w) > 1 else 0.0:.3f})", beta, moved))
+        elif moved:
+            log(f"  {name}: not moved to the budget: a seed's KL stays below it up to weight "
+                f"{kl_match.MAX_ALPHA:g}")
     write_exact_outputs(rows, workdir, n, budget)
     provenance.write_manifest(workdir, base, seeds={"seeds": list(seeds)}, code=code,
                               extra={"stage": "exact", "size": size, "n": n, "t": t,
                                      "kl_budget": budget})
     return rows
+
+
+def _log_seed(log: Callable[[str], None], seed: int, n: int, ev: Mapping[str, float],
+              extra: str = "") -> None:
+    log("    seed {s}{x}: KL {exact_kl:.3f} (target {target_kl:.3f}) KL(pi||pi*) "
+        "{exact_kl_to_target:.4f} std {exact_bon1:.3f} BoN_{n} {b:.3f} WoN_{n} {w:.3f}"
+        .format(s=seed, x=extra, n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], **ev))
+
+
+def moved_to_kl(task_section: Any, params: Any, budget: float, n: int
+                ) -> dict[str, float] | None:
+    """The exact evaluation (against BoN_n(pi_ref), a BoNBoN run's target) of the trained
+    `params` moved along their line from pi_ref, theta_ref + w (theta - theta_ref), to the weight
+    w whose exact KL(pi || pi_ref) is `budget` (`kl_match.alpha_at_kl`), with "weight" added;
+    None when no w up to kl_match.MAX_ALPHA reaches it. This is how the real-task comparison
+    matches KL (`kl_match`), here without sampling noise."""
+    task = et.task_from_section(task_section)
+    ref, ref_probs = task.ref_params, np.exp(et.policy_logprobs(task, task.ref_params))
+
+    def kl_of(w: float) -> float:
+        logp = et.policy_logprobs(task, kl_match.interpolate(ref, params, w))
+        return et.exact_kl(np.exp(logp), ref_probs)
+
+    w = kl_match.alpha_at_kl(kl_of, budget)
+    if w is None:
+        return None
+    out = et.rl_task(task_section).evaluate(kl_match.interpolate(ref, params, w), None, 0.0,
+                                            None, bon_n=n)
+    return {**out, "weight": w}
 
 
 def _train(cfg: Any, run_dir: str, devices: Any) -> tuple[Any, dict[str, Any]]:
