@@ -16,7 +16,7 @@ identity and log for BoN_N / WoN_N at matched KL, exp-t within 0.0020 of the opt
 exact-task table: every method trained with 3 seeds to the exact target of its transform at
 vBoN(N=4)'s KL budget, KL(pi || pi*) <= 0.01 for 20 of 21 runs (one vBoN seed at 0.0101
 measured), and the target ranking kept by the trained policies (CTRL exp t>0 highest in BoN_4
-and t<0 in WoN_4 among exp/identity/log); BoNBoN's row (3 more runs, about 4 minutes) ends
+and t<0 in WoN_4 among exp/identity/log); BoNBoN's row (3 more runs, 228 s of CPU; 7.7 min wall on shared cores) ends
 0.05 from its target BoN_4 at KL 0.84, not at the budget (at alpha=0.5; 0.015 and KL 0.62 with
 --exact_config.bonbon.alpha=1), and a second row moves those runs along their line from pi_ref
 to the budget; see docs/results.md for a recorded run and which claims hold at this scale.
