@@ -694,7 +694,7 @@ def test_alpha_at_kl_bisects_an_exact_kl_along_the_line():
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.5 * rng.standard_normal(x.shape)
                           .astype(np.asarray(x).dtype), task.ref_params)
-    got = reproduce.moved_to_kl(section, params, 0.3, 4)
+    got = reproduce.moved_to_kl(et.rl_task(section), params, 0.3, 4)
     probs = np.exp(et.policy_logprobs(task, kl_match.interpolate(task.ref_params, params,
                                                                   got["weight"])))
     ref = np.exp(et.policy_logprobs(task, task.ref_params))

@@ -179,6 +179,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
         name = spec["method"]
         if spec["key"] == "bonbon":
             overrides, name, beta = bonbon_run(base, n)
+            exact_task = et.rl_task(base.task)   # its exact evaluation, for the moved runs
             log(f"  {name}: preference beta={beta:.4g}, {overrides['bonbon.pairs_per_prompt']} "
                 f"pairs per prompt a step; its target is BoN_{n}(pi_ref)")
         else:
@@ -199,7 +200,7 @@ def run_exact_stage(base_config: Any, workdir: str, *, n: int = 4, t: float = 5.
             runs.append(summary["eval"])
             _log_seed(log, seed, n, summary["eval"])
             if spec["key"] == "bonbon":
-                moved.append(moved_to_kl(base.task, jax.device_get(state.params), budget, n))
+                moved.append(moved_to_kl(exact_task, jax.device_get(state.params), budget, n))
                 if moved[-1] is not None:
                     _log_seed(log, seed, n, moved[-1], f" at weight {moved[-1]['weight']:.4f}")
         rows.append(seed_summary(name, beta, runs))
@@ -225,26 +226,21 @@ def _log_seed(log: Callable[[str], None], seed: int, n: int, ev: Mapping[str, fl
         .format(s=seed, x=extra, n=n, b=ev[f"exact_bon{n}"], w=ev[f"exact_won{n}"], **ev))
 
 
-def moved_to_kl(task_section: Any, params: Any, budget: float, n: int
-                ) -> dict[str, float] | None:
-    """The exact evaluation (against BoN_n(pi_ref), a BoNBoN run's target) of the trained
-    `params` moved along their line from pi_ref, theta_ref + w (theta - theta_ref), to the weight
-    w whose exact KL(pi || pi_ref) is `budget` (`kl_match.alpha_at_kl`), with "weight" added;
-    None when no w up to kl_match.MAX_ALPHA reaches it. This is how the real-task comparison
-    matches KL (`kl_match`), here without sampling noise."""
-    task = et.task_from_section(task_section)
-    ref, ref_probs = task.ref_params, np.exp(et.policy_logprobs(task, task.ref_params))
+def moved_to_kl(rl_task: Any, params: Any, budget: float, n: int) -> dict[str, float] | None:
+    """The exact evaluation (`rl_task.evaluate` of the exact task, against BoN_n(pi_ref), a
+    BoNBoN run's target) of the trained `params` moved along their line from pi_ref,
+    theta_ref + w (theta - theta_ref), to the weight w whose exact KL(pi || pi_ref) is `budget`
+    (`kl_match.alpha_at_kl`), with "weight" added; None when no w up to kl_match.MAX_ALPHA
+    reaches it. This is how the real-task comparison matches KL (`kl_match`), here without
+    sampling noise."""
+    def moved(w: float) -> Any:
+        return kl_match.interpolate(rl_task.ref_params, params, w)
 
-    def kl_of(w: float) -> float:
-        logp = et.policy_logprobs(task, kl_match.interpolate(ref, params, w))
-        return et.exact_kl(np.exp(logp), ref_probs)
-
-    w = kl_match.alpha_at_kl(kl_of, budget)
+    w = kl_match.alpha_at_kl(lambda w: rl_task.evaluate(moved(w), None, 0.0, None, ns=(1,),
+                                                        bon_n=n)["exact_kl"], budget)
     if w is None:
         return None
-    out = et.rl_task(task_section).evaluate(kl_match.interpolate(ref, params, w), None, 0.0,
-                                            None, bon_n=n)
-    return {**out, "weight": w}
+    return {**rl_task.evaluate(moved(w), None, 0.0, None, bon_n=n), "weight": w}
 
 
 def _train(cfg: Any, run_dir: str, devices: Any) -> tuple[Any, dict[str, Any]]:
